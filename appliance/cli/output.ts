@@ -1,0 +1,86 @@
+/**
+ * Shared plumbing for CLI subcommands: global options, `--json` output, errors and exit codes.
+ *
+ * Contract for every subcommand (see DESIGN.md, "The user's surface"):
+ * - `--json`: exactly one JSON document on stdout, nothing else there; progress/logs on stderr.
+ * - exit 0 done, 1 failed (the message says what to do next), 2 bad usage.
+ * - Errors are TandemErrors from common/errors.ts; anything else is reported as ERR_INTERNAL.
+ */
+import type { Command } from 'commander';
+import { TandemError } from '../../common/errors.js';
+
+export interface GlobalOptions {
+  /** Resolved home directory (--home, else $TANDEM_HOME, else /var/lib/tandem). */
+  readonly home: string;
+  readonly json: boolean;
+}
+
+export const DEFAULT_HOME = '/var/lib/tandem';
+
+export function resolveHome(flag: string | undefined): string {
+  return flag ?? process.env.TANDEM_HOME ?? DEFAULT_HOME;
+}
+
+/** What a subcommand returns: the JSON document for --json and the human text otherwise. */
+export interface CommandResult {
+  readonly json: unknown;
+  readonly text: string;
+  /** Exit code when the command ran but found a failure to report (e.g. verify found problems). */
+  readonly exitCode?: 0 | 1;
+}
+
+/** Options of the root program (global flags) merged for a subcommand. */
+export function globalOptions(cmd: Command): GlobalOptions {
+  const all = cmd.optsWithGlobals() as { home?: string; json?: boolean };
+  return { home: resolveHome(all.home), json: all.json === true };
+}
+
+/** True when progress bars may be drawn: stderr is a TTY and --json is off. */
+export function interactive(g: GlobalOptions): boolean {
+  return !g.json && process.stderr.isTTY === true && process.env.CI !== 'true';
+}
+
+/**
+ * Wrap a subcommand body: prints the result, maps errors to exit codes.
+ * Usage: `.action(run(async (g, cmd) => ({ json, text })))`; the last commander arg is the Command.
+ */
+export function run(body: (g: GlobalOptions, cmd: Command, args: unknown[]) => Promise<CommandResult>) {
+  return async (...args: unknown[]): Promise<void> => {
+    const cmd = args[args.length - 1] as Command;
+    const g = globalOptions(cmd);
+    try {
+      const r = await body(g, cmd, args.slice(0, -2));
+      if (g.json) process.stdout.write(JSON.stringify(r.json, null, 2) + '\n');
+      else if (r.text) process.stdout.write(r.text.endsWith('\n') ? r.text : r.text + '\n');
+      process.exitCode = r.exitCode ?? 0;
+    } catch (e) {
+      reportError(e, g.json);
+    }
+  };
+}
+
+export function reportError(e: unknown, json: boolean): void {
+  const err = e instanceof TandemError
+    ? e
+    : new TandemError('ERR_INTERNAL', `unexpected error: ${(e as Error)?.stack ?? String(e)}`, { cause: e });
+  if (json) process.stdout.write(JSON.stringify({ error: err.toJSON() }, null, 2) + '\n');
+  process.stderr.write(`error ${err.code}: ${err.message}\n`);
+  process.exitCode = err.exitCode;
+}
+
+/** Parse a size such as 512KiB, 4MiB, 1048576. */
+export function parseSize(s: string): number {
+  const m = /^(\d+)\s*(B|KiB|MiB|GiB|TiB|K|M|G|T)?$/i.exec(s.trim());
+  if (!m) throw new TandemError('ERR_USAGE', `not a size: "${s}"; write e.g. 512KiB, 4MiB or a byte count`);
+  const unit = (m[2] ?? 'B').toUpperCase().replace('IB', '');
+  const mult: Record<string, number> = { B: 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 };
+  return Number(m[1]) * mult[unit]!;
+}
+
+export function formatBytes(n: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  let v = n;
+  while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+  return `${i === 0 ? v : v.toFixed(v >= 100 ? 0 : 1)} ${units[i]}`;
+}

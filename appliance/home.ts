@@ -1,0 +1,152 @@
+/**
+ * The appliance home directory: everything one appliance owns.
+ *
+ * ```
+ * HOME/appliance.json   identity: {name, id, created}; written last by `init` (its presence = initialized)
+ * HOME/config.yaml      operator configuration (policies, groups, hooks, recovery plans, prices)
+ * HOME/token            API bearer token (0600)
+ * HOME/tls/key.pem      TLS private key (0600), tls/cert.pem self-signed certificate
+ * HOME/store/           the block store (store/README.md)
+ * HOME/locks/           per-volume lock files (appliance/locks.ts)
+ * HOME/run/             runtime files of a running server (server.json: pid, url)
+ * ```
+ */
+import { randomBytes, randomUUID, X509Certificate } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, writeFileSync, renameSync, openSync, fsyncSync, closeSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { TandemError } from '../common/errors.js';
+import { acquireVolumeLock } from './locks.js';
+import type { Store } from '../store/index.js';
+
+export interface Identity {
+  readonly name: string;
+  readonly id: string;
+  readonly created: string;
+}
+
+export interface HomePaths {
+  readonly identity: string;
+  readonly config: string;
+  readonly token: string;
+  readonly tlsKey: string;
+  readonly tlsCert: string;
+  readonly store: string;
+  readonly locks: string;
+  readonly run: string;
+}
+
+export function homePaths(dir: string): HomePaths {
+  return {
+    identity: join(dir, 'appliance.json'),
+    config: join(dir, 'config.yaml'),
+    token: join(dir, 'token'),
+    tlsKey: join(dir, 'tls', 'key.pem'),
+    tlsCert: join(dir, 'tls', 'cert.pem'),
+    store: join(dir, 'store'),
+    locks: join(dir, 'locks'),
+    run: join(dir, 'run'),
+  };
+}
+
+/** Write a file atomically: temp file, fsync, rename. */
+export function writeFileAtomic(path: string, data: string | Buffer, mode = 0o644): void {
+  const tmp = `${path}.tmp-${process.pid}`;
+  writeFileSync(tmp, data, { mode });
+  const fd = openSync(tmp, 'r');
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(tmp, path);
+}
+
+/** SHA-256 fingerprint of a PEM certificate as colon-separated uppercase hex (what `peer add --fingerprint` takes). */
+export function certFingerprint(certPem: string): string {
+  return new X509Certificate(certPem).fingerprint256;
+}
+
+export class Home {
+  readonly dir: string;
+  readonly paths: HomePaths;
+  readonly identity: Identity;
+
+  private constructor(dir: string, identity: Identity) {
+    this.dir = dir;
+    this.paths = homePaths(dir);
+    this.identity = identity;
+  }
+
+  /** Open an initialized home; ERR_NOT_INITIALIZED otherwise. */
+  static load(dir: string): Home {
+    const abs = resolve(dir);
+    const p = homePaths(abs);
+    if (!existsSync(p.identity)) {
+      throw new TandemError('ERR_NOT_INITIALIZED', `no appliance in ${abs}; run \`appliance init --home ${abs}\` first (or set TANDEM_HOME)`);
+    }
+    const identity = JSON.parse(readFileSync(p.identity, 'utf8')) as Identity;
+    return new Home(abs, identity);
+  }
+
+  /**
+   * Create a new appliance home: directories, TLS key + self-signed certificate, API token,
+   * a default config, and last the identity file. Refuses an initialized home.
+   */
+  static async init(dir: string, name: string): Promise<Home> {
+    const abs = resolve(dir);
+    const p = homePaths(abs);
+    if (existsSync(p.identity)) {
+      throw new TandemError('ERR_ALREADY_INITIALIZED', `${abs} already holds appliance "${(JSON.parse(readFileSync(p.identity, 'utf8')) as Identity).name}"; use another --home or remove it`);
+    }
+    if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/.test(name)) {
+      throw new TandemError('ERR_USAGE', `appliance name "${name}" is not valid; use letters, digits, '.', '_' and '-' (up to 63)`);
+    }
+    for (const d of [abs, join(abs, 'tls'), p.store, p.locks, p.run]) mkdirSync(d, { recursive: true, mode: 0o750 });
+    const { default: selfsigned } = await import('selfsigned');
+    const pems = await selfsigned.generate([{ name: 'commonName', value: `tandem-${name}` }], {
+      keyType: 'ec',
+      curve: 'P-256',
+      days: 3650,
+      algorithm: 'sha256',
+      extensions: [{ name: 'subjectAltName', altNames: [{ type: 2, value: 'localhost' }, { type: 7, ip: '127.0.0.1' }] }],
+    } as Parameters<typeof selfsigned.generate>[1]);
+    writeFileAtomic(p.tlsKey, pems.private, 0o600);
+    writeFileAtomic(p.tlsCert, pems.cert, 0o644);
+    writeFileAtomic(p.token, randomBytes(32).toString('base64url') + '\n', 0o600);
+    if (!existsSync(p.config)) writeFileAtomic(p.config, defaultConfig(name));
+    const identity: Identity = { name, id: randomUUID(), created: new Date().toISOString() };
+    writeFileAtomic(p.identity, JSON.stringify(identity, null, 2) + '\n');
+    return new Home(abs, identity);
+  }
+
+  token(): string {
+    return readFileSync(this.paths.token, 'utf8').trim();
+  }
+
+  tls(): { key: string; cert: string } {
+    return { key: readFileSync(this.paths.tlsKey, 'utf8'), cert: readFileSync(this.paths.tlsCert, 'utf8') };
+  }
+
+  fingerprint(): string {
+    return certFingerprint(readFileSync(this.paths.tlsCert, 'utf8'));
+  }
+
+  /** Open this home's store (ERR_STORE_BUSY when another process holds it). */
+  async openStore(): Promise<Store> {
+    const { Store } = await import('../store/index.js');
+    return Store.open(this.paths.store);
+  }
+
+  /** Take the per-volume lock; returns the release function (appliance/locks.ts). */
+  lockVolume(volume: string, op: string): () => void {
+    return acquireVolumeLock(this.paths.locks, volume, op);
+  }
+}
+
+function defaultConfig(name: string): string {
+  return `# Tandem appliance configuration (validated by \`appliance config check\`).
+# See README.md, "Configuration", for every key.
+appliance:
+  name: ${name}
+`;
+}

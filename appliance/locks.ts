@@ -1,0 +1,110 @@
+/**
+ * Per-volume locks: one snapshot, sync or materialize per volume at a time, across every
+ * process that shares a home directory (CLI commands, `serve`, `daemon`).
+ *
+ * A lock is a file `locks/<volume>.lock` created with O_EXCL holding {pid, op, since}.
+ * A lock whose process is gone (kill -9) is stale and is taken over. Within one process a
+ * second acquire of the same volume fails too (the server handles concurrent requests).
+ *
+ * Contract: acquire() either returns a release function or throws ERR_VOLUME_LOCKED naming
+ * the holder; release() is idempotent. Safe to call concurrently.
+ */
+import { mkdirSync, openSync, writeSync, closeSync, readFileSync, unlinkSync, renameSync } from 'node:fs';
+import { join } from 'node:path';
+import { TandemError } from '../common/errors.js';
+
+export interface LockInfo {
+  readonly pid: number;
+  readonly op: string;
+  readonly since: string;
+}
+
+const heldHere = new Map<string, LockInfo>();
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+function readInfo(file: string): LockInfo | null {
+  try {
+    return JSON.parse(readFileSync(file, 'utf8')) as LockInfo;
+  } catch {
+    return null; // vanished, or torn by a crash between create and write: treat as stale
+  }
+}
+
+/** File name safe for any volume name (names are validated elsewhere; this is belt and braces). */
+function lockFile(dir: string, volume: string): string {
+  return join(dir, `${encodeURIComponent(volume)}.lock`);
+}
+
+/**
+ * Take the lock of `volume` for `op` (a word such as "snapshot", "sync", "restore").
+ * @param dir the home's locks directory
+ */
+export function acquireVolumeLock(dir: string, volume: string, op: string): () => void {
+  mkdirSync(dir, { recursive: true });
+  const file = lockFile(dir, volume);
+  const key = file;
+  const mine = heldHere.get(key);
+  if (mine) throw locked(volume, mine);
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const info: LockInfo = { pid: process.pid, op, since: new Date().toISOString() };
+    try {
+      const fd = openSync(file, 'wx', 0o644);
+      try {
+        writeSync(fd, JSON.stringify(info));
+      } finally {
+        closeSync(fd);
+      }
+      heldHere.set(key, info);
+      let released = false;
+      return () => {
+        if (released) return;
+        released = true;
+        heldHere.delete(key);
+        try {
+          unlinkSync(file);
+        } catch {
+          /* already gone */
+        }
+      };
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      const holder = readInfo(file);
+      if (holder && holder.pid !== process.pid && pidAlive(holder.pid)) throw locked(volume, holder);
+      // Stale: move it aside atomically so two processes cannot both "take over" the same file.
+      try {
+        renameSync(file, `${file}.stale-${process.pid}`);
+        unlinkSync(`${file}.stale-${process.pid}`);
+      } catch {
+        /* someone else took it over first; loop and try again */
+      }
+    }
+  }
+  const holder = readInfo(file);
+  throw locked(volume, holder ?? { pid: -1, op: 'unknown', since: '' });
+}
+
+function locked(volume: string, h: LockInfo): TandemError {
+  return new TandemError(
+    'ERR_VOLUME_LOCKED',
+    `volume "${volume}" is busy: ${h.op} by pid ${h.pid} since ${h.since}; wait for it to finish and retry`,
+    { details: { volume, holder: h } },
+  );
+}
+
+/** Run `fn` holding the lock of `volume`. */
+export async function withVolumeLock<T>(dir: string, volume: string, op: string, fn: () => Promise<T>): Promise<T> {
+  const release = acquireVolumeLock(dir, volume, op);
+  try {
+    return await fn();
+  } finally {
+    release();
+  }
+}

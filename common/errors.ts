@@ -1,0 +1,146 @@
+/**
+ * The one error catalog of Tandem.
+ *
+ * Every error a user, an operator or a peer can see is a {@link TandemError} with a stable
+ * `code` from {@link CATALOG}. The catalog says which HTTP status the API answers with and
+ * which exit code the CLI returns, so those mappings live in exactly one place.
+ *
+ * Messages are written for the operator: they say what happened and what to do next.
+ *
+ * To add a code, add one line in the section of your area. Codes are never renamed or
+ * reused: scripts and peers match on them.
+ */
+
+export interface CatalogEntry {
+  /** HTTP status the API answers with. */
+  readonly http: number;
+  /** Exit code of the CLI: 1 failed, 2 bad usage. */
+  readonly exit: 1 | 2;
+  /** One line on what it means, for docs and `--help`. */
+  readonly summary: string;
+}
+
+export const CATALOG = {
+  // --- general --------------------------------------------------------------------------
+  ERR_USAGE: { http: 400, exit: 2, summary: 'the command line is malformed' },
+  ERR_BAD_REQUEST: { http: 400, exit: 2, summary: 'a request or argument failed validation' },
+  ERR_INTERNAL: { http: 500, exit: 1, summary: 'an unexpected failure; report it with the log' },
+  ERR_NOT_INITIALIZED: { http: 409, exit: 1, summary: 'the home directory has no appliance; run `appliance init`' },
+  ERR_ALREADY_INITIALIZED: { http: 409, exit: 1, summary: 'the home directory already holds an appliance' },
+  ERR_CONFIG_INVALID: { http: 400, exit: 1, summary: 'the configuration file does not validate' },
+  ERR_DISK_FULL: { http: 507, exit: 1, summary: 'no space left on the store or target device' },
+  ERR_IO: { http: 500, exit: 1, summary: 'an I/O operation failed' },
+
+  // --- store ----------------------------------------------------------------------------
+  ERR_STORE_BUSY: { http: 409, exit: 1, summary: 'another appliance process holds the store open' },
+  ERR_STORE_CORRUPT: { http: 500, exit: 1, summary: 'the store failed an integrity check' },
+  ERR_BLOCK_CORRUPT: { http: 422, exit: 1, summary: 'a block does not match its hash' },
+  ERR_BLOCK_MISSING: { http: 404, exit: 1, summary: 'a block is not in the store' },
+  ERR_NODE_CORRUPT: { http: 422, exit: 1, summary: 'a tree node does not match its hash or is malformed' },
+  ERR_NODE_MISSING: { http: 404, exit: 1, summary: 'a tree node is not in the store' },
+  ERR_SNAPSHOT_NOT_FOUND: { http: 404, exit: 1, summary: 'no such snapshot' },
+  ERR_SNAPSHOT_INCOMPLETE: { http: 409, exit: 1, summary: 'a snapshot references nodes or blocks the store lacks' },
+  ERR_VERIFY_FAILED: { http: 500, exit: 1, summary: '`verify` found bad blocks or nodes' },
+
+  // --- volumes --------------------------------------------------------------------------
+  ERR_VOLUME_NOT_FOUND: { http: 404, exit: 1, summary: 'no such volume' },
+  ERR_VOLUME_EXISTS: { http: 409, exit: 1, summary: 'a volume with that name exists' },
+  ERR_VOLUME_LOCKED: { http: 409, exit: 1, summary: 'another snapshot, sync or restore of this volume is running' },
+  ERR_VOLUME_UNREADABLE: { http: 400, exit: 1, summary: 'the volume path is missing or cannot be opened' },
+  ERR_VOLUME_EMPTY: { http: 400, exit: 1, summary: 'the volume has size 0' },
+  ERR_VOLUME_SIZE_MISMATCH: { http: 409, exit: 1, summary: 'the target has another size than the snapshot' },
+  ERR_VOLUME_MATERIALIZING: { http: 409, exit: 1, summary: 'the volume is being written and cannot be a sync source' },
+  ERR_CHANGED_BLOCKS_INVALID: { http: 400, exit: 2, summary: 'the changed-blocks file is malformed' },
+  ERR_BLOCK_SIZE_INVALID: { http: 400, exit: 2, summary: 'the block size is not a supported value' },
+
+  // --- peers, sync, API -----------------------------------------------------------------
+  ERR_UNAUTHORIZED: { http: 401, exit: 1, summary: 'missing or wrong API token' },
+  ERR_NOT_FOUND: { http: 404, exit: 1, summary: 'no such route' },
+  ERR_PAYLOAD_TOO_LARGE: { http: 413, exit: 1, summary: 'a request body exceeds the limit' },
+  ERR_PEER_NOT_FOUND: { http: 404, exit: 1, summary: 'no such peer' },
+  ERR_PEER_EXISTS: { http: 409, exit: 1, summary: 'a peer with that name exists' },
+  ERR_PEER_UNREACHABLE: { http: 502, exit: 1, summary: 'the peer did not answer' },
+  ERR_PEER_FINGERPRINT: { http: 502, exit: 1, summary: "the peer's certificate does not match the pinned fingerprint" },
+  ERR_PEER_PROTOCOL: { http: 502, exit: 1, summary: 'the peer answered something the protocol does not allow' },
+  ERR_PEER_REJECTED: { http: 502, exit: 1, summary: 'the peer refused the request' },
+  ERR_NOTHING_TO_SYNC: { http: 404, exit: 1, summary: 'the source has no snapshot of the volume' },
+
+  // --- AWS / EBS / EC2 ------------------------------------------------------------------
+  ERR_AWS_CREDENTIALS: { http: 500, exit: 1, summary: 'no AWS credentials or region could be found' },
+  ERR_AWS_ACCESS_DENIED: { http: 403, exit: 1, summary: 'AWS refused the request for lack of permission' },
+  ERR_AWS_VALIDATION: { http: 400, exit: 1, summary: 'AWS rejected a request as invalid' },
+  ERR_AWS_NOT_FOUND: { http: 404, exit: 1, summary: 'the AWS resource does not exist' },
+  ERR_AWS_THROTTLED: { http: 503, exit: 1, summary: 'AWS kept throttling after every retry' },
+  ERR_AWS_FAILED: { http: 502, exit: 1, summary: 'an AWS call failed' },
+  ERR_EBS_CHECKSUM: { http: 502, exit: 1, summary: 'a block from EBS does not match its checksum' },
+  ERR_EBS_NOT_EXPORTED: { http: 409, exit: 1, summary: 'the volume has no EBS export to work from' },
+
+  // --- DR workflows ---------------------------------------------------------------------
+  ERR_HOOK_FAILED: { http: 500, exit: 1, summary: 'a pre- or post-snapshot hook failed' },
+  ERR_POLICY_NOT_FOUND: { http: 404, exit: 1, summary: 'no such policy' },
+  ERR_PLAN_INVALID: { http: 400, exit: 1, summary: 'the recovery plan in the config is incomplete' },
+  ERR_FAILOVER_FAILED: { http: 500, exit: 1, summary: 'failover could not launch the recovery instances' },
+  ERR_DRILL_FAILED: { http: 500, exit: 1, summary: 'the drill did not pass its checks' },
+} as const satisfies Record<string, CatalogEntry>;
+
+export type ErrorCode = keyof typeof CATALOG;
+
+export interface TandemErrorOptions {
+  cause?: unknown;
+  /** Machine-readable facts (volume, block index, hash, ...). Serialized in API answers and `--json`. */
+  details?: Record<string, unknown>;
+}
+
+/** An error with a stable code from {@link CATALOG}. */
+export class TandemError extends Error {
+  readonly code: ErrorCode;
+  readonly details: Record<string, unknown>;
+
+  constructor(code: ErrorCode, message: string, options: TandemErrorOptions = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'TandemError';
+    this.code = code;
+    this.details = options.details ?? {};
+  }
+
+  get http(): number {
+    return CATALOG[this.code].http;
+  }
+
+  get exitCode(): 1 | 2 {
+    return CATALOG[this.code].exit;
+  }
+
+  toJSON(): { code: ErrorCode; message: string; details: Record<string, unknown> } {
+    return { code: this.code, message: this.message, details: this.details };
+  }
+}
+
+export function isTandemError(e: unknown, code?: ErrorCode): e is TandemError {
+  return e instanceof TandemError && (code === undefined || e.code === code);
+}
+
+export function isErrorCode(s: unknown): s is ErrorCode {
+  return typeof s === 'string' && Object.prototype.hasOwnProperty.call(CATALOG, s);
+}
+
+/**
+ * Turn a system error (ENOSPC, EACCES, ...) into a TandemError with advice; anything already
+ * a TandemError passes through. Used at the boundaries where file I/O happens.
+ */
+export function fromSystemError(e: unknown, what: string): TandemError {
+  if (e instanceof TandemError) return e;
+  const code = (e as NodeJS.ErrnoException | undefined)?.code;
+  switch (code) {
+    case 'ENOSPC':
+    case 'EDQUOT':
+      return new TandemError('ERR_DISK_FULL', `${what}: no space left on device; free space or move the store, then rerun (nothing was committed)`, { cause: e });
+    case 'ENOENT':
+      return new TandemError('ERR_VOLUME_UNREADABLE', `${what}: no such file or directory; check the path`, { cause: e });
+    case 'EACCES':
+    case 'EPERM':
+      return new TandemError('ERR_VOLUME_UNREADABLE', `${what}: permission denied; run as a user that can read it`, { cause: e });
+    default:
+      return new TandemError('ERR_IO', `${what}: ${(e as Error)?.message ?? String(e)}`, { cause: e });
+  }
+}

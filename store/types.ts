@@ -1,0 +1,185 @@
+/**
+ * Types-only module: the store's records and the role interfaces other folders code against.
+ *
+ * Vocabulary (see ../shared/DESIGN.md and store/README.md):
+ * - block: a fixed-size piece of a volume; the last block of a volume may be short.
+ * - block hash: BLAKE3-256 of the block's bytes; its address in the store.
+ * - ZERO_HASH (32 zero bytes) stands in a tree for a block of all zeros of any length:
+ *   such a block is never stored and never sent.
+ * - node: a tree node; level 1 nodes list block hashes, level k > 1 nodes list level k-1
+ *   node hashes. Nodes are content-addressed and shared between snapshots.
+ * - snapshot: a tree root plus metadata ({@link SnapshotRecord}).
+ */
+
+/** A 32-byte BLAKE3-256 digest. Keys and wire formats use the raw bytes; JSON uses lowercase hex. */
+export type Hash = Buffer;
+
+export interface TreeNode {
+  /** Hash of the node (see store/README.md for the exact encoding that is hashed). */
+  readonly hash: Hash;
+  /** 1 = children are block hashes; k > 1 = children are level k-1 node hashes. */
+  readonly level: number;
+  /** 1..FANOUT child hashes, in volume order. */
+  readonly children: readonly Hash[];
+}
+
+export interface SnapshotRecord {
+  /** Time-sortable id, unique per store, kept unchanged when a snapshot is copied to a peer. */
+  readonly id: string;
+  readonly volume: string;
+  /** Volume size in bytes (need not be a multiple of blockSize). */
+  readonly size: number;
+  readonly blockSize: number;
+  /** Root node hash, lowercase hex. */
+  readonly root: string;
+  /** Height of the tree: the level of the root node. */
+  readonly height: number;
+  /** ISO-8601 time at which the volume was read (the recovery point). */
+  readonly created: string;
+  /** Id of the snapshot this one was built from, or null. */
+  readonly parent: string | null;
+  /** Where it came from: 'scan', 'changed-blocks', 'peer:NAME', 'ebs:snap-...'. */
+  readonly origin: string;
+  /** Number of non-zero blocks (for status, cost and progress estimates). */
+  readonly nonZeroBlocks: number;
+  /** Free-form labels (e.g. group id, drill marker). */
+  readonly labels?: Readonly<Record<string, string>>;
+}
+
+export interface VolumeRecord {
+  readonly name: string;
+  /** Device or image path on this appliance; absent for a volume that only exists as replicas. */
+  readonly path?: string;
+  readonly blockSize: number;
+  /** Last known size in bytes. */
+  readonly size: number;
+  /** Explicit policy name; policies may also match by name glob or tag (config). */
+  readonly policy?: string;
+  readonly tags?: readonly string[];
+  readonly created: string;
+  /** Set while a restore/apply is writing the volume; such a volume is not a sync source. */
+  readonly materializing?: { readonly snapshot: string; readonly since: string };
+}
+
+/** Read side of blocks. */
+export interface BlockSource {
+  /** For each hash, whether the store holds that block. ZERO_HASH is always "held". */
+  hasBlocks(hashes: readonly Hash[]): Promise<boolean[]>;
+  /** The block's bytes, verified against the hash. Throws ERR_BLOCK_MISSING / ERR_BLOCK_CORRUPT. */
+  getBlock(hash: Hash): Promise<Buffer>;
+}
+
+/** Write side of blocks. */
+export interface BlockSink {
+  /**
+   * Verify BLAKE3(data) === hash (ERR_BLOCK_CORRUPT otherwise, nothing stored) and store the block
+   * unless present. Idempotent. Durable only after {@link flush} resolves.
+   */
+  putBlock(hash: Hash, data: Buffer): Promise<void>;
+  /** Make every block put so far durable (fsync packs, write index entries). */
+  flush(): Promise<void>;
+}
+
+export interface NodeSource {
+  hasNodes(hashes: readonly Hash[]): Promise<boolean[]>;
+  /** Nodes in the order asked; throws ERR_NODE_MISSING for an absent one. */
+  getNodes(hashes: readonly Hash[]): Promise<TreeNode[]>;
+}
+
+export interface NodeSink {
+  /**
+   * Store nodes (verified: the hash must match the encoding). A node is only stored when every
+   * child it names is present (blocks for level 1, nodes above): "a node present implies its
+   * whole subtree is present". Nodes in one call may reference each other (children first or not).
+   * Throws ERR_SNAPSHOT_INCOMPLETE naming the missing children otherwise, storing nothing.
+   */
+  putNodes(nodes: readonly TreeNode[]): Promise<void>;
+}
+
+/** One block on its way between stores. */
+export interface BlockFrame {
+  readonly hash: Hash;
+  readonly data: Buffer;
+}
+
+/**
+ * What the sync engine needs of either side. The local store implements it; so does the HTTP
+ * client of a peer (api/client). "A peer is just another store."
+ */
+export interface ReplicaStore extends NodeSource, NodeSink {
+  hasBlocks(hashes: readonly Hash[]): Promise<boolean[]>;
+  /** Verified blocks in the order asked. Must not buffer more than a bounded window. */
+  getBlocks(hashes: readonly Hash[]): AsyncIterable<BlockFrame>;
+  /** Store a stream of blocks (each verified on arrival) durably; returns what was new. */
+  putBlocks(frames: AsyncIterable<BlockFrame>): Promise<{ stored: number; bytes: number }>;
+  /** The latest snapshot of a volume, or null. */
+  latestSnapshot(volume: string): Promise<SnapshotRecord | null>;
+  getSnapshot(volume: string, id: string): Promise<SnapshotRecord | null>;
+  /**
+   * Commit a snapshot whose root node (and so its whole tree) is present; registers the volume
+   * if new. Idempotent for the same record. ERR_SNAPSHOT_INCOMPLETE if the root is absent.
+   */
+  commitSnapshot(record: SnapshotRecord): Promise<void>;
+}
+
+/** A volume being read (image file, block device, EBS snapshot). */
+export interface VolumeReader {
+  readonly size: number;
+  /** Fill buf from byte offset `position`; returns bytes read (short only at end of volume). */
+  read(buf: Buffer, position: number): Promise<number>;
+  close(): Promise<void>;
+}
+
+/** A volume being written (restore / materialize target). */
+export interface VolumeWriter extends VolumeReader {
+  write(buf: Buffer, position: number): Promise<void>;
+  /** Make a range read back as zeros (punch a hole or write zeros). */
+  zero(position: number, length: number): Promise<void>;
+  sync(): Promise<void>;
+}
+
+export interface ScanProgress {
+  readonly blocksDone: number;
+  readonly blocksTotal: number;
+  readonly bytesRead: number;
+  readonly blocksStored: number;
+}
+
+export interface SnapshotOptions {
+  readonly volume: string;
+  readonly blockSize: number;
+  /** Snapshot to build from (reuse subtrees; required with changedBlocks). */
+  readonly parent?: SnapshotRecord | null;
+  /** Only these block indices changed since parent; read only them. */
+  readonly changedBlocks?: readonly number[];
+  readonly origin?: string;
+  readonly labels?: Record<string, string>;
+  readonly onProgress?: (p: ScanProgress) => void;
+  readonly signal?: AbortSignal;
+}
+
+export interface VerifyProblem {
+  readonly kind: 'block' | 'node';
+  readonly code: 'ERR_BLOCK_CORRUPT' | 'ERR_BLOCK_MISSING' | 'ERR_NODE_CORRUPT' | 'ERR_NODE_MISSING';
+  readonly hash: string;
+  readonly volume: string;
+  readonly snapshot: string;
+  /** Block index for blocks; first block index covered for nodes. */
+  readonly blockIndex: number;
+}
+
+export interface VerifyReport {
+  readonly snapshots: number;
+  readonly nodes: number;
+  readonly blocks: number;
+  readonly bytes: number;
+  readonly problems: readonly VerifyProblem[];
+}
+
+export interface GcReport {
+  readonly blocksKept: number;
+  readonly blocksRemoved: number;
+  readonly bytesReclaimed: number;
+  readonly nodesRemoved: number;
+  readonly packsRewritten: number;
+}
