@@ -18,6 +18,9 @@ import { TandemError } from '../common/errors.js';
 import { acquireVolumeLock } from './locks.js';
 import type { Store } from '../store/index.js';
 
+/** Stores held open by a server in this process, by store directory. */
+const sharedStores = new Map<string, Store>();
+
 export interface Identity {
   readonly name: string;
   readonly id: string;
@@ -131,10 +134,36 @@ export class Home {
     return certFingerprint(readFileSync(this.paths.tlsCert, 'utf8'));
   }
 
-  /** Open this home's store (ERR_STORE_BUSY when another process holds it). */
+  /**
+   * Open this home's store (ERR_STORE_BUSY when another process holds it). In a process that
+   * serves this home (see {@link Home.shareStore}) it returns the server's open store, whose
+   * close() is then a no-op: commands can always `try { ... } finally { await store.close() }`.
+   */
   async openStore(): Promise<Store> {
+    const shared = sharedStores.get(this.paths.store);
+    if (shared) return shared;
     const { Store } = await import('../store/index.js');
     return Store.open(this.paths.store);
+  }
+
+  /**
+   * Make `store` (open for this home) the one every `openStore()` in this process returns,
+   * until the returned function is called. Used by `serve`/`daemon`, which hold the store for
+   * their lifetime and execute forwarded CLI commands (appliance/cli/forward.ts).
+   */
+  shareStore(store: Store): () => void {
+    const key = this.paths.store;
+    const view = new Proxy(store, {
+      get(target, prop) {
+        if (prop === 'close') return async () => {};
+        const v = Reflect.get(target, prop, target) as unknown;
+        return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(target) : v;
+      },
+    });
+    sharedStores.set(key, view);
+    return () => {
+      if (sharedStores.get(key) === view) sharedStores.delete(key);
+    };
   }
 
   /** Take the per-volume lock; returns the release function (appliance/locks.ts). */

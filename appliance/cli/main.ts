@@ -10,7 +10,9 @@
  * and add it to COMMANDS below.
  */
 import { Command, CommanderError } from 'commander';
-import { reportError } from './output.js';
+import { realpathSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { currentIO, reportError } from './output.js';
 
 type Define = (program: Command) => void;
 
@@ -18,11 +20,18 @@ type Define = (program: Command) => void;
 const COMMANDS: Array<() => Promise<{ define: Define }>> = [
 ];
 
-async function main(argv: string[]): Promise<void> {
+/**
+ * Run one command line (argv as process.argv: [node, script, ...args]) with the current
+ * command IO (output.ts). Used by the binary below and by a running server that executes a
+ * command forwarded from a CLI on the same home (appliance/cli/forward.ts).
+ */
+export async function runCli(argv: string[]): Promise<void> {
+  const io = currentIO();
   const program = new Command('appliance')
     .description('Tandem disaster-recovery appliance')
     .option('--home <dir>', 'appliance home directory (default: $TANDEM_HOME, else /var/lib/tandem)')
     .option('--json', 'print one JSON document on stdout (progress and logs go to stderr)')
+    .configureOutput({ writeOut: (s) => io.out(s), writeErr: (s) => io.err(s) })
     .showHelpAfterError()
     .exitOverride();
   for (const load of COMMANDS) (await load()).define(program);
@@ -31,11 +40,19 @@ async function main(argv: string[]): Promise<void> {
   } catch (e) {
     if (e instanceof CommanderError) {
       // --help and --version exit 0; usage errors exit 2 (DESIGN.md).
-      process.exitCode = e.exitCode === 0 ? 0 : 2;
+      io.setExit(e.exitCode === 0 ? 0 : 2);
       return;
     }
     reportError(e, argv.includes('--json'));
   }
 }
 
-await main(process.argv);
+async function main(argv: string[]): Promise<void> {
+  // When a server or daemon of this home is running it holds the store: hand the command to it.
+  const { forwardIfServed } = await import('./forward.js');
+  if (await forwardIfServed(argv)) return;
+  await runCli(argv);
+}
+
+const entry = process.argv[1];
+if (entry !== undefined && realpathSync(entry) === fileURLToPath(import.meta.url)) await main(process.argv);

@@ -6,8 +6,42 @@
  * - exit 0 done, 1 failed (the message says what to do next), 2 bad usage.
  * - Errors are TandemErrors from common/errors.ts; anything else is reported as ERR_INTERNAL.
  */
+import { AsyncLocalStorage } from 'node:async_hooks';
 import type { Command } from 'commander';
 import { TandemError } from '../../common/errors.js';
+
+/**
+ * Where a command's output goes. In the CLI process it is the process's own streams; when a
+ * running server executes a command forwarded from a CLI on the same home (appliance/cli/forward.ts),
+ * each command runs with its own captured IO, so concurrent commands never mix output.
+ */
+export interface CommandIO {
+  out(s: string): void;
+  err(s: string): void;
+  setExit(code: number): void;
+  readonly isTTY: boolean;
+}
+
+const processIO: CommandIO = {
+  out: (s) => void process.stdout.write(s),
+  err: (s) => void process.stderr.write(s),
+  setExit: (code) => void (process.exitCode = code),
+  get isTTY() {
+    return process.stderr.isTTY === true;
+  },
+};
+
+const ioContext = new AsyncLocalStorage<CommandIO>();
+
+/** The IO of the command running in this async context. */
+export function currentIO(): CommandIO {
+  return ioContext.getStore() ?? processIO;
+}
+
+/** Run `fn` with `io` as the current command IO. */
+export function withIO<T>(io: CommandIO, fn: () => Promise<T>): Promise<T> {
+  return ioContext.run(io, fn);
+}
 
 export interface GlobalOptions {
   /** Resolved home directory (--home, else $TANDEM_HOME, else /var/lib/tandem). */
@@ -37,7 +71,7 @@ export function globalOptions(cmd: Command): GlobalOptions {
 
 /** True when progress bars may be drawn: stderr is a TTY and --json is off. */
 export function interactive(g: GlobalOptions): boolean {
-  return !g.json && process.stderr.isTTY === true && process.env.CI !== 'true';
+  return !g.json && currentIO().isTTY && process.env.CI !== 'true';
 }
 
 /**
@@ -48,11 +82,12 @@ export function run(body: (g: GlobalOptions, cmd: Command, args: unknown[]) => P
   return async (...args: unknown[]): Promise<void> => {
     const cmd = args[args.length - 1] as Command;
     const g = globalOptions(cmd);
+    const io = currentIO();
     try {
       const r = await body(g, cmd, args.slice(0, -2));
-      if (g.json) process.stdout.write(JSON.stringify(r.json, null, 2) + '\n');
-      else if (r.text) process.stdout.write(r.text.endsWith('\n') ? r.text : r.text + '\n');
-      process.exitCode = r.exitCode ?? 0;
+      if (g.json) io.out(JSON.stringify(r.json, null, 2) + '\n');
+      else if (r.text) io.out(r.text.endsWith('\n') ? r.text : r.text + '\n');
+      io.setExit(r.exitCode ?? 0);
     } catch (e) {
       reportError(e, g.json);
     }
@@ -63,9 +98,10 @@ export function reportError(e: unknown, json: boolean): void {
   const err = e instanceof TandemError
     ? e
     : new TandemError('ERR_INTERNAL', `unexpected error: ${(e as Error)?.stack ?? String(e)}`, { cause: e });
-  if (json) process.stdout.write(JSON.stringify({ error: err.toJSON() }, null, 2) + '\n');
-  process.stderr.write(`error ${err.code}: ${err.message}\n`);
-  process.exitCode = err.exitCode;
+  const io = currentIO();
+  if (json) io.out(JSON.stringify({ error: err.toJSON() }, null, 2) + '\n');
+  io.err(`error ${err.code}: ${err.message}\n`);
+  io.setExit(err.exitCode);
 }
 
 /** Parse a size such as 512KiB, 4MiB, 1048576. */
