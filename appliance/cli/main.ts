@@ -6,19 +6,29 @@
  * files import only commander and small local modules. Each command's body lazily imports
  * what it needs (store, fastify, AWS SDK, ...) inside its action.
  *
- * To add a subcommand: create appliance/cli/commands/NAME.ts exporting `define(program)`,
- * and add it to COMMANDS below.
+ * To add a subcommand: create appliance/cli/commands/NAME.ts exporting `define(program)` and,
+ * optionally, `order` (a number: lower comes first in `--help`; default 100). Every module in
+ * that folder is a command: there is no list to keep in sync.
  */
 import { Command, CommanderError } from 'commander';
-import { realpathSync } from 'node:fs';
+import { readdirSync, realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { currentIO, reportError } from './output.js';
 
-type Define = (program: Command) => void;
+interface CommandModule {
+  define(program: Command): void;
+  order?: number;
+}
 
-// One entry per command file; order is the order of `--help`.
-const COMMANDS: Array<() => Promise<{ define: Define }>> = [
-];
+const COMMANDS_DIR = new URL('./commands/', import.meta.url);
+
+/** Every command module, in `--help` order (by `order`, then by file name). */
+async function loadCommands(): Promise<CommandModule[]> {
+  // .js when compiled (dist/); .ts when run from source through tsx.
+  const files = readdirSync(COMMANDS_DIR).filter((f) => /\.(js|ts)$/.test(f) && !f.endsWith('.d.ts')).sort();
+  const mods = await Promise.all(files.map((f) => import(new URL(f, COMMANDS_DIR).href) as Promise<CommandModule>));
+  return mods.sort((a, b) => (a.order ?? 100) - (b.order ?? 100));
+}
 
 /**
  * Run one command line (argv as process.argv: [node, script, ...args]) with the current
@@ -34,7 +44,7 @@ export async function runCli(argv: string[]): Promise<void> {
     .configureOutput({ writeOut: (s) => io.out(s), writeErr: (s) => io.err(s) })
     .showHelpAfterError()
     .exitOverride();
-  for (const load of COMMANDS) (await load()).define(program);
+  for (const mod of await loadCommands()) mod.define(program);
   try {
     await program.parseAsync(argv);
   } catch (e) {

@@ -1,0 +1,107 @@
+/**
+ * The schema of HOME/config.yaml (typebox). Every object is closed (`additionalProperties:
+ * false`) so a misspelt key is an error, not a silently ignored setting. Keys are documented in
+ * appliance/config/README.md; semantic checks that a schema cannot express (durations, names,
+ * cross references) live in ./index.ts.
+ */
+import { Type, type Static } from '@sinclair/typebox';
+
+const closed = { additionalProperties: false } as const;
+
+/** A duration string such as 15m, 1h, 2h30m (parsed by ./duration.ts). */
+const Duration = Type.String({ minLength: 2, description: 'duration: 30s, 15m, 1h, 2h30m, 1d, 1w' });
+const Count = Type.Integer({ minimum: 0 });
+
+export const RetentionSchema = Type.Object({
+  last: Type.Optional(Count),
+  hourly: Type.Optional(Count),
+  daily: Type.Optional(Count),
+  weekly: Type.Optional(Count),
+  monthly: Type.Optional(Count),
+}, closed);
+
+export const PolicySchema = Type.Object({
+  rpo: Duration,
+  rto: Type.Optional(Duration),
+  retention: Type.Optional(RetentionSchema),
+  export: Type.Optional(Type.Literal('ebs')),
+  volumes: Type.Optional(Type.Array(Type.String({ minLength: 1 }))),
+}, closed);
+
+export const HooksSchema = Type.Object({
+  pre: Type.Optional(Type.String({ minLength: 1 })),
+  post: Type.Optional(Type.String({ minLength: 1 })),
+  timeout: Type.Optional(Duration),
+}, closed);
+
+export const GroupSchema = Type.Object({
+  volumes: Type.Array(Type.String({ minLength: 1 }), { minItems: 1 }),
+  hooks: Type.Optional(HooksSchema),
+}, closed);
+
+const DeviceName = Type.String({ pattern: '^/dev/[a-z0-9/]+$' });
+
+export const DiskMappingSchema = Type.Object({
+  volume: Type.String({ minLength: 1 }),
+  device: DeviceName,
+}, closed);
+
+export const DrillSchema = Type.Object({
+  subnet: Type.String({ pattern: '^subnet-[0-9a-zA-Z]+$' }),
+  securityGroups: Type.Array(Type.String({ pattern: '^sg-[0-9a-zA-Z]+$' }), { minItems: 1 }),
+  keepMinutes: Type.Optional(Type.Integer({ minimum: 0 })),
+}, closed);
+
+export const RecoveryPlanSchema = Type.Object({
+  instanceType: Type.String({ pattern: '^[a-z0-9-]+\\.[a-z0-9]+$' }),
+  architecture: Type.Optional(Type.Union([Type.Literal('x86_64'), Type.Literal('arm64')])),
+  subnet: Type.String({ pattern: '^subnet-[0-9a-zA-Z]+$' }),
+  securityGroups: Type.Array(Type.String({ pattern: '^sg-[0-9a-zA-Z]+$' }), { minItems: 1 }),
+  privateIp: Type.Optional(Type.String({ pattern: '^\\d{1,3}(\\.\\d{1,3}){3}$' })),
+  userData: Type.Optional(Type.String()),
+  keyName: Type.Optional(Type.String({ minLength: 1 })),
+  tags: Type.Optional(Type.Record(Type.String(), Type.String())),
+  rootVolume: DiskMappingSchema,
+  dataVolumes: Type.Optional(Type.Array(DiskMappingSchema)),
+  drill: Type.Optional(DrillSchema),
+}, closed);
+
+const Price = Type.Number({ minimum: 0 });
+
+export const PricesSchema = Type.Object({
+  region: Type.Optional(Type.String({ minLength: 1 })),
+  date: Type.Optional(Type.String({ pattern: '^\\d{4}-\\d{2}-\\d{2}$' })),
+  snapshotGbMonth: Type.Optional(Price),
+  ebsPutPer1000: Type.Optional(Price),
+  ebsGetPer1000: Type.Optional(Price),
+  ebsListPer1000: Type.Optional(Price),
+  applianceInstance: Type.Optional(Type.Object({
+    type: Type.String({ minLength: 1 }),
+    hourly: Price,
+  }, closed)),
+  instances: Type.Optional(Type.Record(Type.String(), Price)),
+  gp3GbMonth: Type.Optional(Price),
+}, closed);
+
+export const ConfigSchema = Type.Object({
+  appliance: Type.Object({ name: Type.String({ minLength: 1 }) }, closed),
+  policies: Type.Optional(Type.Record(Type.String(), PolicySchema)),
+  groups: Type.Optional(Type.Record(Type.String(), GroupSchema)),
+  replication: Type.Optional(Type.Object({
+    peer: Type.String({ minLength: 1 }),
+    bwlimit: Type.Optional(Type.String({ minLength: 1 })),
+  }, closed)),
+  alerts: Type.Optional(Type.Object({ webhook: Type.String({ pattern: '^https?://' }) }, closed)),
+  discovery: Type.Optional(Type.Object({
+    paths: Type.Optional(Type.Array(Type.String({ minLength: 1 }))),
+    lvm: Type.Optional(Type.Boolean()),
+    libvirt: Type.Optional(Type.Boolean()),
+  }, closed)),
+  prices: Type.Optional(PricesSchema),
+  recovery: Type.Optional(Type.Record(Type.String(), RecoveryPlanSchema)),
+}, closed);
+
+/** The config file as written (after schema validation, before defaults and parsing). */
+export type RawConfig = Static<typeof ConfigSchema>;
+export type RawPolicy = Static<typeof PolicySchema>;
+export type RawRecoveryPlan = Static<typeof RecoveryPlanSchema>;

@@ -1,0 +1,196 @@
+/**
+ * The EC2 calls the DR workflows make, one small function per API call (like the EBS code).
+ *
+ * The client comes from the SDK's standard chain (AWS_REGION, credentials, and
+ * AWS_ENDPOINT_URL_EC2 for another endpoint such as the emulator); nothing here reads
+ * settings of its own. Every AWS failure is turned into a TandemError with advice.
+ */
+import {
+  EC2Client,
+  RegisterImageCommand,
+  DeregisterImageCommand,
+  RunInstancesCommand,
+  DescribeInstancesCommand,
+  TerminateInstancesCommand,
+  CreateSnapshotCommand,
+  DescribeSnapshotsCommand,
+  waitUntilInstanceRunning,
+  waitUntilInstanceTerminated,
+  waitUntilSnapshotCompleted,
+  type BlockDeviceMapping,
+  type Instance,
+  type Tag,
+} from '@aws-sdk/client-ec2';
+import { TandemError } from '../../common/errors.js';
+
+/** How long to wait for instances to reach `running`: EC2 usually takes 30-90 s; 10 min covers slow AMIs. */
+export const RUNNING_WAIT_SECONDS = 600;
+/** Terminations complete within a few minutes; a drill teardown waits at most this long. */
+export const TERMINATED_WAIT_SECONDS = 600;
+/** CreateSnapshot of a volume changed in EC2 completes in minutes for incremental data. */
+export const SNAPSHOT_WAIT_SECONDS = 1800;
+
+export function ec2Client(): EC2Client {
+  return new EC2Client({});
+}
+
+/** Map an SDK failure to a TandemError that says what to do. */
+export function awsError(e: unknown, what: string): TandemError {
+  if (e instanceof TandemError) return e;
+  const err = e as { name?: string; Code?: string; message?: string; $metadata?: { httpStatusCode?: number } };
+  const name = err.name ?? err.Code ?? 'Error';
+  const msg = `${what}: ${name}: ${err.message ?? String(e)}`;
+  if (name === 'CredentialsProviderError' || /Region is missing|credential/i.test(err.message ?? '')) {
+    return new TandemError('ERR_AWS_CREDENTIALS', `${msg}; set AWS_REGION and credentials (environment, profile or instance role)`, { cause: e });
+  }
+  if (name === 'UnauthorizedOperation' || name === 'AuthFailure' || name === 'AccessDeniedException') {
+    return new TandemError('ERR_AWS_ACCESS_DENIED', `${msg}; grant the appliance's IAM role this action (README: IAM policy)`, { cause: e });
+  }
+  if (/NotFound|Malformed/.test(name)) return new TandemError('ERR_AWS_NOT_FOUND', `${msg}; check the id`, { cause: e });
+  if (/^Invalid|Validation|MissingParameter|Unsupported/.test(name)) {
+    return new TandemError('ERR_AWS_VALIDATION', `${msg}; check the recovery plan in config.yaml`, { cause: e });
+  }
+  if (/Throttl|RequestLimitExceeded/.test(name)) return new TandemError('ERR_AWS_THROTTLED', `${msg}; retry later`, { cause: e });
+  return new TandemError('ERR_AWS_FAILED', msg, { cause: e });
+}
+
+export function tags(t: Record<string, string>): Tag[] {
+  return Object.entries(t).map(([Key, Value]) => ({ Key, Value }));
+}
+
+export interface ImageDisk {
+  readonly device: string;
+  readonly snapshotId: string;
+  readonly sizeGiB: number;
+}
+
+/** RegisterImage from EBS snapshots: the first disk is the root device. Returns the AMI id. */
+export async function registerImage(
+  ec2: EC2Client,
+  p: { name: string; description: string; disks: readonly ImageDisk[]; architecture: 'x86_64' | 'arm64'; tags: Record<string, string> },
+): Promise<string> {
+  const mappings: BlockDeviceMapping[] = p.disks.map((d) => ({
+    DeviceName: d.device,
+    Ebs: { SnapshotId: d.snapshotId, VolumeSize: d.sizeGiB, VolumeType: 'gp3', DeleteOnTermination: true },
+  }));
+  try {
+    const r = await ec2.send(new RegisterImageCommand({
+      Name: p.name,
+      Description: p.description,
+      Architecture: p.architecture,
+      RootDeviceName: p.disks[0]!.device,
+      BlockDeviceMappings: mappings,
+      VirtualizationType: 'hvm',
+      EnaSupport: true,
+      TagSpecifications: [{ ResourceType: 'image', Tags: tags(p.tags) }],
+    }));
+    if (!r.ImageId) throw new TandemError('ERR_AWS_FAILED', 'RegisterImage returned no ImageId');
+    return r.ImageId;
+  } catch (e) {
+    throw awsError(e, 'RegisterImage');
+  }
+}
+
+export async function deregisterImage(ec2: EC2Client, imageId: string): Promise<void> {
+  try {
+    await ec2.send(new DeregisterImageCommand({ ImageId: imageId }));
+  } catch (e) {
+    throw awsError(e, `DeregisterImage ${imageId}`);
+  }
+}
+
+export interface LaunchSpec {
+  readonly imageId: string;
+  readonly instanceType: string;
+  readonly subnetId?: string;
+  readonly securityGroupIds?: readonly string[];
+  readonly privateIp?: string;
+  readonly userData?: string;
+  readonly keyName?: string;
+  readonly tags: Record<string, string>;
+  /** Idempotency token: a retried launch does not start a second instance. */
+  readonly clientToken: string;
+}
+
+/** RunInstances for one recovered server. Returns the instance id. */
+export async function runInstance(ec2: EC2Client, s: LaunchSpec): Promise<string> {
+  try {
+    const r = await ec2.send(new RunInstancesCommand({
+      ImageId: s.imageId,
+      InstanceType: s.instanceType as never,
+      MinCount: 1,
+      MaxCount: 1,
+      SubnetId: s.subnetId,
+      SecurityGroupIds: s.securityGroupIds ? [...s.securityGroupIds] : undefined,
+      PrivateIpAddress: s.privateIp,
+      UserData: s.userData === undefined ? undefined : Buffer.from(s.userData).toString('base64'),
+      KeyName: s.keyName,
+      ClientToken: s.clientToken,
+      TagSpecifications: [
+        { ResourceType: 'instance', Tags: tags(s.tags) },
+        { ResourceType: 'volume', Tags: tags(s.tags) },
+      ],
+    }));
+    const id = r.Instances?.[0]?.InstanceId;
+    if (!id) throw new TandemError('ERR_AWS_FAILED', 'RunInstances returned no instance');
+    return id;
+  } catch (e) {
+    throw awsError(e, 'RunInstances');
+  }
+}
+
+export async function waitRunning(ec2: EC2Client, ids: readonly string[]): Promise<void> {
+  try {
+    await waitUntilInstanceRunning({ client: ec2, maxWaitTime: RUNNING_WAIT_SECONDS, minDelay: 1, maxDelay: 5 }, { InstanceIds: [...ids] });
+  } catch (e) {
+    throw awsError(e, `waiting for ${ids.join(', ')} to run`);
+  }
+}
+
+export async function describeInstances(ec2: EC2Client, ids: readonly string[]): Promise<Instance[]> {
+  try {
+    const r = await ec2.send(new DescribeInstancesCommand({ InstanceIds: [...ids] }));
+    return (r.Reservations ?? []).flatMap((res) => res.Instances ?? []);
+  } catch (e) {
+    throw awsError(e, 'DescribeInstances');
+  }
+}
+
+export async function terminateInstances(ec2: EC2Client, ids: readonly string[], wait: boolean): Promise<void> {
+  if (ids.length === 0) return;
+  try {
+    await ec2.send(new TerminateInstancesCommand({ InstanceIds: [...ids] }));
+    if (wait) {
+      await waitUntilInstanceTerminated({ client: ec2, maxWaitTime: TERMINATED_WAIT_SECONDS, minDelay: 1, maxDelay: 5 }, { InstanceIds: [...ids] });
+    }
+  } catch (e) {
+    throw awsError(e, `TerminateInstances ${ids.join(', ')}`);
+  }
+}
+
+/** CreateSnapshot of an EC2 volume and wait until it is completed. Returns the snapshot id. */
+export async function snapshotVolume(ec2: EC2Client, volumeId: string, description: string, t: Record<string, string>): Promise<string> {
+  try {
+    const r = await ec2.send(new CreateSnapshotCommand({
+      VolumeId: volumeId,
+      Description: description,
+      TagSpecifications: [{ ResourceType: 'snapshot', Tags: tags(t) }],
+    }));
+    if (!r.SnapshotId) throw new TandemError('ERR_AWS_FAILED', 'CreateSnapshot returned no SnapshotId');
+    await waitUntilSnapshotCompleted({ client: ec2, maxWaitTime: SNAPSHOT_WAIT_SECONDS, minDelay: 1, maxDelay: 10 }, { SnapshotIds: [r.SnapshotId] });
+    return r.SnapshotId;
+  } catch (e) {
+    throw awsError(e, `CreateSnapshot of ${volumeId}`);
+  }
+}
+
+export async function snapshotExists(ec2: EC2Client, snapshotId: string): Promise<boolean> {
+  try {
+    const r = await ec2.send(new DescribeSnapshotsCommand({ SnapshotIds: [snapshotId] }));
+    return (r.Snapshots ?? []).some((s) => s.SnapshotId === snapshotId);
+  } catch (e) {
+    const t = awsError(e, 'DescribeSnapshots');
+    if (t.code === 'ERR_AWS_NOT_FOUND') return false;
+    throw t;
+  }
+}
