@@ -24,8 +24,15 @@ export const PolicySchema = Type.Object({
   rpo: Duration,
   rto: Type.Optional(Duration),
   retention: Type.Optional(RetentionSchema),
+  /** `ebs`: the cloud appliance turns every replicated snapshot into an EBS snapshot. */
   export: Type.Optional(Type.Literal('ebs')),
-  volumes: Type.Optional(Type.Array(Type.String({ minLength: 1 }))),
+}, closed);
+
+/** One rule of `assign`: a volume matching `match` (name glob) or carrying `tag` gets `policy`. */
+export const AssignRuleSchema = Type.Object({
+  match: Type.Optional(Type.String({ minLength: 1 })),
+  tag: Type.Optional(Type.String({ minLength: 1 })),
+  policy: Type.String({ minLength: 1 }),
 }, closed);
 
 export const HooksSchema = Type.Object({
@@ -86,6 +93,7 @@ export const PricesSchema = Type.Object({
 export const ConfigSchema = Type.Object({
   appliance: Type.Object({ name: Type.String({ minLength: 1 }) }, closed),
   policies: Type.Optional(Type.Record(Type.String(), PolicySchema)),
+  assign: Type.Optional(Type.Array(AssignRuleSchema)),
   groups: Type.Optional(Type.Record(Type.String(), GroupSchema)),
   replication: Type.Optional(Type.Object({
     peer: Type.String({ minLength: 1 }),
@@ -104,4 +112,8 @@ export const ConfigSchema = Type.Object({
 /** The config file as written (after schema validation, before defaults and parsing). */
 export type RawConfig = Static<typeof ConfigSchema>;
 export type RawPolicy = Static<typeof PolicySchema>;
+export type RawRetention = Static<typeof RetentionSchema>;
+export type RawAssignRule = Static<typeof AssignRuleSchema>;
+export type RawHooks = Static<typeof HooksSchema>;
+export type RawPrices = Static<typeof PricesSchema>;
 export type RawRecoveryPlan = Static<typeof RecoveryPlanSchema>;
