@@ -1,0 +1,57 @@
+/**
+ * `appliance failover` and `appliance drill` (cloud appliance): launch recovery plans in EC2
+ * from EBS exports. The steps are in appliance/recovery/launch.ts.
+ */
+import type { Command } from 'commander';
+import { run, currentIO, type GlobalOptions } from '../output.js';
+
+export const order = 60;
+
+interface Opts { group?: string; plan?: string; point?: string; keep?: string }
+
+function selector(volume: string | undefined, o: Opts) {
+  return { volume, group: o.group, plan: o.plan };
+}
+
+async function execute(g: GlobalOptions, mode: 'failover' | 'drill', volume: string | undefined, o: Opts) {
+  const { Home } = await import('../../home.js');
+  const { TandemError } = await import('../../../common/errors.js');
+  const { recover, parsePoint } = await import('../../recovery/index.js');
+  let keepMinutes: number | undefined;
+  if (o.keep !== undefined) {
+    keepMinutes = Number(o.keep);
+    if (!Number.isInteger(keepMinutes) || keepMinutes < 0 || keepMinutes > 7 * 24 * 60) {
+      throw new TandemError('ERR_USAGE', `--keep "${o.keep}" is not a number of minutes between 0 and 10080`);
+    }
+  }
+  const home = Home.load(g.home);
+  const store = await home.openStore();
+  const io = currentIO();
+  try {
+    const r = await recover(home, store, { mode, ...selector(volume, o), point: parsePoint(o.point), keepMinutes }, (line) => io.err(`${mode}: ${line}\n`));
+    const lines = [`${mode} ${r.id}: ${r.status}${r.rtoSeconds !== null ? `, every instance running after ${r.rtoSeconds} s (measured RTO)` : ''}`];
+    for (const p of r.points) lines.push(`  ${p.volume}: point ${p.pointTime} from ${p.ebsSnapshotId}${p.exportedNow ? ' (exported now)' : ''}`);
+    for (const s of r.servers) {
+      lines.push(`  ${s.plan}: ${s.instanceId} ${s.state} in ${s.subnetId ?? '-'} ip ${s.privateIp ?? '-'} (image ${s.imageId})`);
+    }
+    for (const c of r.checks) lines.push(`  check ${c.ok ? 'ok  ' : 'FAIL'} ${c.name}: ${c.detail}`);
+    if (r.tornDown) lines.push(`  torn down at ${r.tornDown}`);
+    return { json: r, text: lines.join('\n') };
+  } finally {
+    await store.close();
+  }
+}
+
+export function define(program: Command): void {
+  const common = (c: Command) => c
+    .option('--group <group>', 'every plan that involves a volume of this group (config `groups`)')
+    .option('--plan <plan>', 'one recovery plan by name (config `recovery`)')
+    .option('--point <time>', 'recover from the newest export at or before this ISO time (default: the newest data)');
+  common(program.command('failover [volume]')
+    .description('launch the recovery plans of VOLUME (or --group/--plan) in EC2 from EBS snapshots; prints the measured RTO'))
+    .action(run(async (g, cmd, [volume]) => execute(g, 'failover', volume as string | undefined, cmd.opts() as Opts)));
+  common(program.command('drill [volume]')
+    .description('launch a copy in the isolated drill subnet from a point in time, check it, tear it down; production and replication are untouched'))
+    .option('--keep <minutes>', 'keep the drill instances this many minutes before teardown')
+    .action(run(async (g, cmd, [volume]) => execute(g, 'drill', volume as string | undefined, cmd.opts() as Opts)));
+}

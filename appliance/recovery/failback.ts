@@ -1,0 +1,119 @@
+/**
+ * Failback: after a failover, bring the changes made in EC2 home, moving only what changed.
+ *
+ * It runs in three steps across the two appliances; the on-prem `appliance failback VOL`
+ * drives them:
+ *
+ * 1. **prepare** (cloud appliance, {@link prepareFailback}): CreateSnapshot of the EC2 volume
+ *    the failover launched for VOL, then import it into the cloud store incrementally:
+ *    ListChangedBlocks against the EBS snapshot the instance was launched from, GetSnapshotBlock
+ *    of those blocks only (appliance/ebs importSnapshot). The result is a Tandem snapshot of VOL.
+ * 2. **apply** (on-prem): `sync VOL --reverse --apply`: pull that snapshot (only the blocks the
+ *    on-prem store lacks travel), rescan the local volume, write only the differing blocks,
+ *    rescan and check the root, and record it as the common base (appliance/replicate.ts).
+ * 3. **complete** (cloud, {@link completeFailback}): mark the volume failed back in the run; with
+ *    `terminate`, terminate the failover instances once every disk of a server is home.
+ *
+ * Each step is idempotent: rerunning a failed failback repeats prepare (a new EC2 snapshot,
+ * still incremental), resumes the pull, and re-applies (only differing blocks are written).
+ */
+import type { EC2Client } from '@aws-sdk/client-ec2';
+import { TandemError } from '../../common/errors.js';
+import type { Store, SnapshotRecord } from '../../store/index.js';
+import * as ec2 from './ec2.js';
+import { activeFailover, listRuns, RUNS_NS, type RecoveryRun } from './launch.js';
+
+export interface PrepareResult {
+  readonly volume: string;
+  readonly run: string;
+  readonly instanceId: string;
+  readonly ec2VolumeId: string;
+  readonly ec2SnapshotId: string;
+  readonly baseEbsSnapshotId: string;
+  readonly snapshot: SnapshotRecord;
+  readonly blocksFetched: number;
+  readonly bytesFetched: number;
+  readonly seconds: number;
+}
+
+export interface ImportFn {
+  (ebsSnapshotId: string, volume: string, baseEbsSnapshotId: string): Promise<{ snapshot: SnapshotRecord; blocksFetched: number; bytesFetched: number }>;
+}
+
+export interface FailbackState {
+  readonly volume: string;
+  readonly snapshot: string;
+  readonly ec2SnapshotId: string;
+  readonly prepared: string;
+  completed?: string;
+}
+
+/** Cloud side, step 1. */
+export async function prepareFailback(deps: { store: Store; ec2: EC2Client; importSnapshot: ImportFn; applianceName: string }, volume: string): Promise<PrepareResult> {
+  const t0 = performance.now();
+  const active = await activeFailover(deps.store, volume);
+  if (!active) {
+    throw new TandemError('ERR_NOTHING_TO_SYNC', `no active failover runs volume "${volume}" on this appliance; failback brings back changes made by a failover (see \`appliance failover\`)`, { details: { volume } });
+  }
+  const { run, server, disk } = active;
+  if (!disk.ec2VolumeId) {
+    throw new TandemError('ERR_FAILOVER_FAILED', `failover ${run.id} recorded no EC2 volume for ${volume} (${disk.device} of ${server.instanceId}); check the instance's block devices`);
+  }
+  const ec2SnapshotId = await ec2.snapshotVolume(deps.ec2, disk.ec2VolumeId, `Tandem failback of ${volume} from ${server.instanceId}`, {
+    'tandem:appliance': deps.applianceName,
+    'tandem:run': run.id,
+    'tandem:volume': volume,
+  });
+  const imported = await deps.importSnapshot(ec2SnapshotId, volume, disk.ebsSnapshotId);
+  const state: FailbackState = { volume, snapshot: imported.snapshot.id, ec2SnapshotId, prepared: new Date().toISOString() };
+  await deps.store.putMeta('failbacks', `${run.id}/${volume}`, state);
+  return {
+    volume,
+    run: run.id,
+    instanceId: server.instanceId,
+    ec2VolumeId: disk.ec2VolumeId,
+    ec2SnapshotId,
+    baseEbsSnapshotId: disk.ebsSnapshotId,
+    snapshot: imported.snapshot,
+    blocksFetched: imported.blocksFetched,
+    bytesFetched: imported.bytesFetched,
+    seconds: Math.round((performance.now() - t0) / 10) / 100,
+  };
+}
+
+/** Cloud side, step 3. Returns the instances terminated. */
+export async function completeFailback(
+  deps: { store: Store; ec2: EC2Client },
+  volume: string,
+  snapshot: string,
+  terminate: boolean,
+): Promise<{ run: string; terminated: string[]; runStatus: RecoveryRun['status'] }> {
+  const active = await activeFailover(deps.store, volume);
+  if (!active) throw new TandemError('ERR_NOTHING_TO_SYNC', `no active failover runs volume "${volume}"; nothing to complete`);
+  const { run } = active;
+  const key = `${run.id}/${volume}`;
+  const state = await deps.store.getMeta<FailbackState>('failbacks', key);
+  if (!state || state.snapshot !== snapshot) {
+    throw new TandemError('ERR_USAGE', `failback of "${volume}" was not prepared for snapshot ${snapshot}; run \`appliance failback ${volume}\` again from the start`);
+  }
+  state.completed = new Date().toISOString();
+  await deps.store.putMeta('failbacks', key, state);
+
+  // A server is home when every one of its disks is failed back.
+  const done = new Set<string>();
+  for (const [k, s] of await deps.store.listMeta<FailbackState>('failbacks')) if (k.startsWith(`${run.id}/`) && s.completed) done.add(s.volume);
+  const terminated: string[] = [];
+  const allHome = run.servers.every((s) => s.disks.every((d) => done.has(d.volume)));
+  if (terminate) {
+    for (const s of run.servers) {
+      if (s.disks.every((d) => done.has(d.volume))) terminated.push(s.instanceId);
+    }
+    await ec2.terminateInstances(deps.ec2, terminated, false);
+    for (const s of run.servers) if (terminated.includes(s.instanceId)) await ec2.deregisterImage(deps.ec2, s.imageId).catch(() => {});
+  }
+  if (allHome) run.status = 'failed-back';
+  await deps.store.putMeta(RUNS_NS, run.id, run);
+  return { run: run.id, terminated, runStatus: run.status };
+}
+
+export { listRuns };

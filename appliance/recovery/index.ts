@@ -1,0 +1,66 @@
+/**
+ * DR workflows: failover, drill and failback (see launch.ts and failback.ts for the steps).
+ *
+ * This module wires them to the rest of the appliance: recovery plans from config.yaml, EBS
+ * exports and imports from appliance/ebs, EC2 from the SDK's standard chain.
+ */
+import type { Home } from '../home.js';
+import type { Store } from '../../store/index.js';
+import { loadConfig } from '../config/index.js';
+import { ec2Client } from './ec2.js';
+import { launch, type LaunchDeps, type RecoveryRun, type RunMode } from './launch.js';
+import { prepareFailback, completeFailback, type PrepareResult } from './failback.js';
+import { selectPlans, type PlanSelector } from './plan.js';
+
+export { listRuns, activeFailover, RUNS_NS, RTO_NS, DRILLS_NS, type RecoveryRun, type LaunchedServer } from './launch.js';
+export { selectPlans, type RecoveryPlan, type PlanSelector } from './plan.js';
+export { parsePoint } from './points.js';
+export type { PrepareResult } from './failback.js';
+
+async function launchDeps(home: Home, store: Store, step?: (line: string) => void): Promise<LaunchDeps> {
+  const ebs = await import('../ebs/index.js');
+  return {
+    store,
+    ec2: ec2Client(),
+    applianceName: home.identity.name,
+    step,
+    listExports: (volume) => ebs.listExports(store, volume),
+    exportNow: async (snap) => {
+      const r = await ebs.exportSnapshot(store, snap);
+      return { ebsSnapshotId: r.ebsSnapshotId, tandemSnapshot: r.tandemSnapshot, created: new Date().toISOString() };
+    },
+  };
+}
+
+export interface RecoverRequest extends PlanSelector {
+  readonly mode: RunMode;
+  readonly point?: Date;
+  readonly keepMinutes?: number;
+  readonly signal?: AbortSignal;
+}
+
+/** Failover or drill per the plans in config.yaml (run on the cloud appliance). */
+export async function recover(home: Home, store: Store, req: RecoverRequest, step?: (line: string) => void): Promise<RecoveryRun> {
+  const config = await loadConfig(home);
+  const plans = selectPlans(config, req);
+  return launch(await launchDeps(home, store, step), { mode: req.mode, plans, point: req.point, keepMinutes: req.keepMinutes, signal: req.signal });
+}
+
+/** Failback step 1 on the cloud appliance: snapshot the EC2 volume and import it incrementally. */
+export async function prepare(home: Home, store: Store, volume: string): Promise<PrepareResult> {
+  const ebs = await import('../ebs/index.js');
+  return prepareFailback({
+    store,
+    ec2: ec2Client(),
+    applianceName: home.identity.name,
+    importSnapshot: async (snapId, vol, base) => {
+      const r = await ebs.importSnapshot(store, snapId, vol, { baseEbsSnapshotId: base });
+      return { snapshot: r.snapshot, blocksFetched: r.blocksFetched, bytesFetched: r.bytesFetched };
+    },
+  }, volume);
+}
+
+/** Failback step 3 on the cloud appliance. */
+export async function complete(store: Store, volume: string, snapshot: string, terminate: boolean) {
+  return completeFailback({ store, ec2: ec2Client() }, volume, snapshot, terminate);
+}

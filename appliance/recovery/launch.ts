@@ -1,0 +1,328 @@
+/**
+ * Failover and drill: bring recovery plans up in EC2 from EBS exports.
+ *
+ * Both run the same steps; a drill differs in where and for how long:
+ *
+ * | step | failover | drill |
+ * | --- | --- | --- |
+ * | point | newest replicated data (exported now if needed) or --point | --point or the newest export; never exports |
+ * | network | the plan's subnet, security groups, private IP | the plan's `drill` subnet and groups, no fixed IP (no clash with production) |
+ * | afterwards | instances keep running; the run is recorded as active | checks, then terminate + deregister (after --keep minutes) |
+ *
+ * Steps: resolve one recovery point per volume → RegisterImage (root snapshot + data volumes as
+ * block-device mappings) → RunInstances with an idempotency token → wait until running →
+ * record the run (store meta `recovery-runs`), the measured RTO per volume (meta `rto`) and,
+ * for a drill, its report (meta `drills`).
+ *
+ * A drill reads exports only: it takes no volume lock, writes no snapshot, and so leaves
+ * production and replication untouched (tested by hashing both before and after).
+ */
+import { randomBytes } from 'node:crypto';
+import type { EC2Client } from '@aws-sdk/client-ec2';
+import { TandemError } from '../../common/errors.js';
+import type { Store, SnapshotRecord } from '../../store/index.js';
+import * as ec2 from './ec2.js';
+import { choosePoint, sizeGiB, type ExportEntry, type RecoveryPoint } from './points.js';
+import type { RecoveryPlan } from './plan.js';
+
+export type RunMode = 'failover' | 'drill';
+
+export interface LaunchedDisk {
+  readonly device: string;
+  readonly volume: string;
+  readonly ebsSnapshotId: string;
+  readonly tandemSnapshot: string;
+  /** The EC2 volume the instance got for this disk (what failback snapshots). */
+  readonly ec2VolumeId: string | null;
+}
+
+export interface LaunchedServer {
+  readonly plan: string;
+  readonly imageId: string;
+  readonly instanceId: string;
+  readonly state: string;
+  readonly subnetId: string | null;
+  readonly privateIp: string | null;
+  readonly disks: readonly LaunchedDisk[];
+}
+
+export interface DrillCheck {
+  readonly name: string;
+  readonly ok: boolean;
+  readonly detail: string;
+}
+
+export interface RecoveryRun {
+  readonly id: string;
+  readonly mode: RunMode;
+  /** active: instances up (failover) · torn-down: drill cleaned up · failed-back: on-prem again · failed */
+  status: 'active' | 'torn-down' | 'failed-back' | 'failed';
+  readonly started: string;
+  /** The point in time asked for, or null for "newest". */
+  readonly requestedPoint: string | null;
+  readonly points: readonly RecoveryPoint[];
+  servers: LaunchedServer[];
+  /** Seconds from the start of the command until every instance ran: the measured RTO. */
+  rtoSeconds: number | null;
+  /** Seconds spent waiting for EC2 to report `running` (the launch part of the RTO). */
+  launchSeconds: number | null;
+  checks: DrillCheck[];
+  tornDown: string | null;
+  error: string | null;
+}
+
+export const RUNS_NS = 'recovery-runs';
+export const RTO_NS = 'rto';
+export const DRILLS_NS = 'drills';
+
+/** What a launch needs from the rest of the appliance (EBS exports live in appliance/ebs). */
+export interface LaunchDeps {
+  readonly store: Store;
+  readonly ec2: EC2Client;
+  readonly applianceName: string;
+  listExports(volume: string): Promise<readonly ExportEntry[]>;
+  /** Export a snapshot now (failover only). */
+  exportNow(snap: SnapshotRecord): Promise<ExportEntry>;
+  /** Progress lines for the operator ("registering image ...") on stderr. */
+  step?(line: string): void;
+}
+
+export interface LaunchOptions {
+  readonly mode: RunMode;
+  readonly plans: readonly RecoveryPlan[];
+  readonly point?: Date;
+  /** Drill: minutes to keep the instances before teardown. */
+  readonly keepMinutes?: number;
+  readonly signal?: AbortSignal;
+}
+
+function runId(mode: RunMode): string {
+  const t = new Date().toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
+  return `${mode}-${t}-${randomBytes(3).toString('hex')}`;
+}
+
+async function save(store: Store, run: RecoveryRun): Promise<void> {
+  await store.putMeta(RUNS_NS, run.id, run);
+  if (run.mode === 'drill') await store.putMeta(DRILLS_NS, run.id, drillReport(run));
+}
+
+/** The drill report kept in meta `drills` (status reads the newest per volume). */
+export function drillReport(run: RecoveryRun): Record<string, unknown> {
+  return {
+    id: run.id,
+    at: run.started,
+    volumes: run.points.map((p) => p.volume),
+    points: run.points.map((p) => ({ volume: p.volume, pointTime: p.pointTime, ebsSnapshotId: p.ebsSnapshotId })),
+    passed: run.error === null && run.checks.length > 0 && run.checks.every((c) => c.ok),
+    rtoSeconds: run.rtoSeconds,
+    checks: run.checks,
+    tornDown: run.tornDown,
+    error: run.error,
+  };
+}
+
+/**
+ * Failover or drill of `opts.plans`. Returns the recorded run. A drill that fails its checks
+ * still tears down and then throws ERR_DRILL_FAILED; a failover that cannot launch throws
+ * ERR_FAILOVER_FAILED naming what it created, so the operator can see and clean up.
+ */
+export async function launch(deps: LaunchDeps, opts: LaunchOptions): Promise<RecoveryRun> {
+  const { store, step = () => {} } = deps;
+  const t0 = performance.now();
+  const run: RecoveryRun = {
+    id: runId(opts.mode),
+    mode: opts.mode,
+    status: 'active',
+    started: new Date().toISOString(),
+    requestedPoint: opts.point?.toISOString() ?? null,
+    points: [],
+    servers: [],
+    rtoSeconds: null,
+    launchSeconds: null,
+    checks: [],
+    tornDown: null,
+    error: null,
+  };
+
+  // 1. One recovery point per volume, all against the same moment.
+  const volumes = [...new Set(opts.plans.flatMap((p) => p.disks.map((d) => d.volume)))];
+  const points = new Map<string, RecoveryPoint>();
+  for (const volume of volumes) {
+    const exports = await deps.listExports(volume);
+    const exportNow = opts.mode === 'failover' ? async (snap: SnapshotRecord) => {
+      step(`exporting the newest snapshot of ${volume} (${snap.id}) to EBS`);
+      return deps.exportNow(snap);
+    } : null;
+    const p = await choosePoint(store, volume, exports, opts.point, exportNow);
+    points.set(volume, p);
+    step(`${volume}: recovery point ${p.pointTime} (${p.ebsSnapshotId})`);
+  }
+  (run as { points: RecoveryPoint[] }).points = [...points.values()];
+
+  const images: string[] = [];
+  const instances: string[] = [];
+  try {
+    // 2. One AMI and one instance per plan.
+    const baseTags = { 'tandem:appliance': deps.applianceName, 'tandem:run': run.id, 'tandem:mode': opts.mode };
+    const launched: Array<{ plan: RecoveryPlan; imageId: string; instanceId: string }> = [];
+    for (const plan of opts.plans) {
+      if (opts.signal?.aborted) throw new TandemError('ERR_FAILOVER_FAILED', `${opts.mode} interrupted`);
+      const arch = plan.raw.architecture ?? 'x86_64';
+      const imageId = await ec2.registerImage(deps.ec2, {
+        name: `tandem-${plan.name}-${run.id}`,
+        description: `Tandem ${opts.mode} of ${plan.name} at ${points.get(plan.disks[0]!.volume)!.pointTime}`,
+        architecture: arch,
+        disks: plan.disks.map((d) => {
+          const p = points.get(d.volume)!;
+          return { device: d.device, snapshotId: p.ebsSnapshotId, sizeGiB: sizeGiB(p.size) };
+        }),
+        tags: { ...baseTags, 'tandem:plan': plan.name },
+      });
+      images.push(imageId);
+      step(`${plan.name}: registered image ${imageId}`);
+      const drill = opts.mode === 'drill';
+      if (drill && !plan.raw.drill) {
+        throw new TandemError('ERR_PLAN_INVALID', `recovery plan "${plan.name}" has no \`drill\` section; add drill.subnet (an isolated subnet) and drill.securityGroups so a drill cannot reach production`);
+      }
+      const instanceId = await ec2.runInstance(deps.ec2, {
+        imageId,
+        instanceType: plan.raw.instanceType,
+        subnetId: drill ? plan.raw.drill!.subnet : plan.raw.subnet,
+        securityGroupIds: drill ? plan.raw.drill!.securityGroups : plan.raw.securityGroups,
+        privateIp: drill ? undefined : plan.raw.privateIp,
+        userData: plan.raw.userData,
+        keyName: plan.raw.keyName,
+        tags: { ...(plan.raw.tags ?? {}), ...baseTags, 'tandem:plan': plan.name, Name: `${plan.name}${drill ? ' (drill)' : ''}` },
+        clientToken: `${run.id}-${plan.name}`.slice(0, 64),
+      });
+      instances.push(instanceId);
+      launched.push({ plan, imageId, instanceId });
+      step(`${plan.name}: launched ${instanceId}`);
+    }
+    await save(store, run);
+
+    // 3. Wait until every instance runs: that moment is the recovery time.
+    const tWait = performance.now();
+    await ec2.waitRunning(deps.ec2, instances);
+    run.launchSeconds = round((performance.now() - tWait) / 1000);
+    run.rtoSeconds = round((performance.now() - t0) / 1000);
+    const described = new Map((await ec2.describeInstances(deps.ec2, instances)).map((i) => [i.InstanceId!, i]));
+    run.servers = launched.map(({ plan, imageId, instanceId }) => {
+      const inst = described.get(instanceId);
+      const byDevice = new Map((inst?.BlockDeviceMappings ?? []).map((m) => [m.DeviceName, m.Ebs?.VolumeId ?? null]));
+      return {
+        plan: plan.name,
+        imageId,
+        instanceId,
+        state: inst?.State?.Name ?? 'unknown',
+        subnetId: inst?.SubnetId ?? null,
+        privateIp: inst?.PrivateIpAddress ?? null,
+        disks: plan.disks.map((d) => ({
+          device: d.device,
+          volume: d.volume,
+          ebsSnapshotId: points.get(d.volume)!.ebsSnapshotId,
+          tandemSnapshot: points.get(d.volume)!.tandemSnapshot,
+          ec2VolumeId: byDevice.get(d.device) ?? null,
+        })),
+      };
+    });
+    step(`all ${instances.length} instance(s) running after ${run.rtoSeconds} s`);
+    for (const v of volumes) {
+      await store.putMeta(RTO_NS, v, { mode: opts.mode, run: run.id, at: new Date().toISOString(), rtoSeconds: run.rtoSeconds, launchSeconds: run.launchSeconds });
+    }
+
+    if (opts.mode === 'drill') {
+      run.checks = drillChecks(opts.plans, run.servers);
+      for (const c of run.checks) step(`check ${c.ok ? 'passed' : 'FAILED'}: ${c.name}: ${c.detail}`);
+    }
+    await save(store, run);
+  } catch (e) {
+    run.status = 'failed';
+    run.error = e instanceof TandemError ? `${e.code}: ${e.message}` : String((e as Error)?.message ?? e);
+    if (opts.mode === 'drill') {
+      await teardown(deps, run, instances, images).catch(() => {});
+      await save(store, run);
+      throw new TandemError('ERR_DRILL_FAILED', `drill ${run.id} failed and was torn down: ${run.error}`, { cause: e, details: { run: run.id } });
+    }
+    await save(store, run);
+    throw new TandemError(
+      'ERR_FAILOVER_FAILED',
+      `failover ${run.id} failed: ${run.error}; created so far: images [${images.join(', ')}], instances [${instances.join(', ')}] (tagged tandem:run=${run.id}); fix the cause and rerun, or terminate them`,
+      { cause: e, details: { run: run.id, images, instances } },
+    );
+  }
+
+  if (opts.mode === 'drill') {
+    if (opts.keepMinutes && opts.keepMinutes > 0) {
+      step(`keeping the drill instances for ${opts.keepMinutes} min`);
+      await sleep(opts.keepMinutes * 60_000, opts.signal);
+    }
+    await teardown(deps, run, instances, images);
+    await save(store, run);
+    const report = drillReport(run);
+    if (!report.passed) {
+      throw new TandemError('ERR_DRILL_FAILED', `drill ${run.id} failed its checks: ${run.checks.filter((c) => !c.ok).map((c) => c.name).join(', ')}`, { details: { run: run.id, report } });
+    }
+  }
+  return run;
+}
+
+/** What a drill checks once its instances report running. */
+export function drillChecks(plans: readonly RecoveryPlan[], servers: readonly LaunchedServer[]): DrillCheck[] {
+  const checks: DrillCheck[] = [];
+  for (const plan of plans) {
+    const s = servers.find((x) => x.plan === plan.name);
+    if (!s) {
+      checks.push({ name: `${plan.name} launched`, ok: false, detail: 'no instance' });
+      continue;
+    }
+    checks.push({ name: `${plan.name} running`, ok: s.state === 'running', detail: `${s.instanceId} is ${s.state}` });
+    const want = plan.raw.drill?.subnet;
+    checks.push({ name: `${plan.name} isolated`, ok: s.subnetId === want, detail: `in ${s.subnetId ?? 'no subnet'}, drill subnet ${want}` });
+    const attached = s.disks.filter((d) => d.ec2VolumeId !== null).length;
+    checks.push({ name: `${plan.name} disks attached`, ok: attached === plan.disks.length, detail: `${attached} of ${plan.disks.length} disks` });
+  }
+  return checks;
+}
+
+/** Terminate the run's instances (waiting for it) and deregister its images. */
+export async function teardown(deps: LaunchDeps, run: RecoveryRun, instances: readonly string[], images: readonly string[]): Promise<void> {
+  const step = deps.step ?? (() => {});
+  await ec2.terminateInstances(deps.ec2, instances, true);
+  for (const img of images) await ec2.deregisterImage(deps.ec2, img);
+  step(`torn down: terminated ${instances.length} instance(s), deregistered ${images.length} image(s)`);
+  run.tornDown = new Date().toISOString();
+  if (run.status !== 'failed') run.status = 'torn-down';
+}
+
+function round(x: number): number {
+  return Math.round(x * 100) / 100;
+}
+
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const t = setTimeout(resolve, ms);
+    signal?.addEventListener('abort', () => {
+      clearTimeout(t);
+      resolve();
+    }, { once: true });
+  });
+}
+
+/** Recorded runs, newest first. */
+export async function listRuns(store: Store): Promise<RecoveryRun[]> {
+  const runs = (await store.listMeta<RecoveryRun>(RUNS_NS)).map(([, r]) => r);
+  return runs.sort((a, b) => b.started.localeCompare(a.started));
+}
+
+/** The active failover that runs `volume`, if any (failback starts from it). */
+export async function activeFailover(store: Store, volume: string): Promise<{ run: RecoveryRun; server: LaunchedServer; disk: LaunchedDisk } | null> {
+  for (const run of await listRuns(store)) {
+    if (run.mode !== 'failover' || run.status !== 'active') continue;
+    for (const server of run.servers) {
+      const disk = server.disks.find((d) => d.volume === volume);
+      if (disk) return { run, server, disk };
+    }
+  }
+  return null;
+}
