@@ -182,6 +182,20 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
   } catch (e) {
     throw fromSystemError(e, `opening ${path} for writing`);
   }
+  const write = async (buf: Buffer, position: number): Promise<void> => {
+    if (position < 0 || position + buf.length > size) {
+      throw new TandemError('ERR_INTERNAL', `write of ${buf.length} bytes at ${position} is outside ${path} (${size} bytes)`);
+    }
+    try {
+      let done = 0;
+      while (done < buf.length) {
+        const { bytesWritten } = await fh.write(buf, done, buf.length - done, position + done);
+        done += bytesWritten;
+      }
+    } catch (e) {
+      throw fromSystemError(e, `writing ${path} at byte ${position}`);
+    }
+  };
   return {
     path,
     kind,
@@ -195,28 +209,17 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
         throw fromSystemError(e, `reading ${path} at byte ${position}`);
       }
     },
-    async write(buf, position) {
-      if (position < 0 || position + buf.length > size) {
-        throw new TandemError('ERR_INTERNAL', `write of ${buf.length} bytes at ${position} is outside ${path} (${size} bytes)`);
-      }
-      try {
-        let done = 0;
-        while (done < buf.length) {
-          const { bytesWritten } = await fh.write(buf, done, buf.length - done, position + done);
-          done += bytesWritten;
-        }
-      } catch (e) {
-        throw fromSystemError(e, `writing ${path} at byte ${position}`);
-      }
-    },
+    write,
     async zero(position, length) {
-      // Node cannot punch holes (no fallocate); data already there is overwritten with zeros.
-      // A range never written in a freshly created file is a hole already: callers skip it.
+      // Node cannot punch holes (no fallocate binding): data already there is overwritten with
+      // zeros, so the range reads as zeros but stays allocated. A range never written in a
+      // freshly created file is a hole already: materialize skips zero blocks there.
       const end = Math.min(size, position + length);
-      const zeros = Buffer.alloc(Math.min(ZERO_CHUNK, Math.max(0, end - position)));
+      if (end <= position) return;
+      const zeros = Buffer.alloc(Math.min(ZERO_CHUNK, end - position));
       for (let p = position; p < end; p += zeros.length) {
         const n = Math.min(zeros.length, end - p);
-        await this.write(n === zeros.length ? zeros : zeros.subarray(0, n), p);
+        await write(n === zeros.length ? zeros : zeros.subarray(0, n), p);
       }
     },
     async sync() {

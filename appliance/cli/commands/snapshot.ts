@@ -1,0 +1,51 @@
+/** `appliance snapshot VOL [--changed-blocks FILE]`: scan a volume and commit a snapshot. */
+import type { Command } from 'commander';
+import { run } from '../output.js';
+
+export const order = 30;
+
+export function define(program: Command): void {
+  program
+    .command('snapshot <vol>')
+    .description('read VOL (all of it, or only the blocks in --changed-blocks) and commit a snapshot; prints its id')
+    .option('--changed-blocks <file>', 'read only the blocks listed in FILE (format: appliance/volumes/README.md)')
+    .action(run(async (g, cmd, [name]) => {
+      const o = cmd.opts<{ changedBlocks?: string }>();
+      const { withHomeStore, snapshotVolumeLocked } = await import('../../ops.js');
+      const { startProgress } = await import('../progress.js');
+      const { currentIO, formatBytes } = await import('../output.js');
+      const io = currentIO();
+      const notices: string[] = [];
+      let last = { blocksDone: 0, blocksTotal: 0, bytesRead: 0, blocksStored: 0 };
+      let bar: ReturnType<typeof startProgress> | null = null;
+      const started = process.hrtime.bigint();
+      const rec = await withHomeStore(g.home, async (_home, store) => {
+        try {
+          return await snapshotVolumeLocked(store, name as string, {
+            ...(o.changedBlocks !== undefined ? { changedBlocksFile: o.changedBlocks } : {}),
+            onNotice: (m) => {
+              notices.push(m);
+              io.err(`note: ${m}\n`);
+            },
+            onProgress: (p) => {
+              last = p;
+              bar ??= startProgress(g, { total: p.blocksTotal, unit: 'blocks', label: `snapshot ${name as string}` });
+              bar.update(p.blocksDone, { read: formatBytes(p.bytesRead), stored: p.blocksStored });
+            },
+          });
+        } finally {
+          bar?.stop();
+        }
+      }, { volume: name as string, op: 'snapshot' });
+      const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+      const figures = {
+        bytesRead: last.bytesRead,
+        blocksRead: last.blocksDone,
+        blocksStored: last.blocksStored,
+        seconds: Math.round(seconds * 1000) / 1000,
+        mbPerSecond: seconds > 0 ? Math.round((last.bytesRead / 1e6 / seconds) * 10) / 10 : 0,
+      };
+      io.err(`snapshot ${rec.volume}@${rec.id}: read ${formatBytes(figures.bytesRead)} in ${figures.seconds}s (${figures.mbPerSecond} MB/s), stored ${figures.blocksStored} new blocks\n`);
+      return { json: { snapshot: rec, ...figures, notices }, text: rec.id };
+    }));
+}

@@ -1,0 +1,65 @@
+/** `appliance volume add|list|remove`: register local devices and image files. */
+import type { Command } from 'commander';
+import { run, parseSize } from '../output.js';
+
+export const order = 20;
+
+export function define(program: Command): void {
+  const volume = program.command('volume').description('register, list and remove volumes (devices or image files)');
+
+  volume
+    .command('add <vol>')
+    .description('register a block device or image file as volume VOL')
+    .requiredOption('--path <path>', 'device or image file to protect')
+    .option('--block-size <size>', 'block size, a power of two from 4KiB to 16MiB', '512KiB')
+    .option('--policy <name>', 'protection policy from the config')
+    .option('--tag <tag...>', 'tags (policies may match on them)')
+    .action(run(async (g, cmd, [name]) => {
+      const o = cmd.opts<{ path: string; blockSize: string; policy?: string; tag?: string[] }>();
+      const blockSize = parseSize(o.blockSize);
+      const { withHomeStore, addVolume } = await import('../../ops.js');
+      const { formatBytes } = await import('../output.js');
+      const rec = await withHomeStore(g.home, (_home, store) =>
+        addVolume(store, {
+          name: name as string,
+          path: o.path,
+          blockSize,
+          ...(o.policy !== undefined ? { policy: o.policy } : {}),
+          ...(o.tag !== undefined ? { tags: o.tag } : {}),
+        }));
+      return { json: rec, text: `added volume "${rec.name}": ${rec.path}, ${formatBytes(rec.size)}, blocks of ${formatBytes(rec.blockSize)}` };
+    }));
+
+  volume
+    .command('list')
+    .description('list volumes: size, block size, snapshots, age of the last one, path')
+    .action(run(async (g) => {
+      const { withHomeStore } = await import('../../ops.js');
+      const { formatBytes } = await import('../output.js');
+      const { formatTable, formatAge } = await import('../table.js');
+      const rows = await withHomeStore(g.home, async (_home, store) => {
+        const out = [];
+        for (const v of await store.listVolumes()) {
+          const snaps = await store.listSnapshots(v.name);
+          out.push({ ...v, snapshots: snaps.length, lastSnapshot: snaps.at(-1)?.created ?? null });
+        }
+        return out;
+      });
+      const text = rows.length === 0
+        ? 'no volumes; add one with `appliance volume add VOL --path PATH`'
+        : formatTable(
+          ['NAME', 'SIZE', 'BLOCK', 'SNAPSHOTS', 'LAST', 'PATH'],
+          rows.map((r) => [r.name, formatBytes(r.size), formatBytes(r.blockSize), r.snapshots, formatAge(r.lastSnapshot ?? undefined) + (r.materializing ? ' (restoring)' : ''), r.path ?? '-']),
+        );
+      return { json: rows, text };
+    }));
+
+  volume
+    .command('remove <vol>')
+    .description('unregister VOL and delete its snapshots (space is reclaimed by `appliance gc`)')
+    .action(run(async (g, _cmd, [name]) => {
+      const { withHomeStore, removeVolume } = await import('../../ops.js');
+      const rec = await withHomeStore(g.home, (home, store) => removeVolume(home, store, name as string));
+      return { json: { removed: rec.name }, text: `removed volume "${rec.name}" and its snapshots; run \`appliance gc\` to reclaim their space` };
+    }));
+}

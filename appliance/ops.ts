@@ -1,0 +1,311 @@
+/**
+ * Volume operations shared by the CLI, the API server and the scheduler: register and remove
+ * volumes, snapshot a local volume, restore a snapshot onto a path.
+ *
+ * Locking: {@link snapshotVolume} and {@link restoreVolume} take the per-volume lock
+ * (appliance/locks.ts) themselves. A CLI process, which must also open the store (one process
+ * at a time), takes the lock first and calls the `...Locked` variants, so that a second
+ * snapshot of the same volume fails with ERR_VOLUME_LOCKED rather than ERR_STORE_BUSY.
+ */
+import { rename, rm, open } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
+import { existsSync } from 'node:fs';
+import { TandemError, fromSystemError } from '../common/errors.js';
+import type { Home } from './home.js';
+import type { Store, SnapshotRecord, VolumeRecord, ScanProgress } from '../store/index.js';
+import { inspectVolume, openVolumeReader, openVolumeWriter, readChangedBlocksFile } from './volumes/index.js';
+import { materialize, type MaterializeProgress, type MaterializeResult } from '../sync/materialize.js';
+
+/** Volume names end up in file names, URLs and EBS tags: keep them to a safe alphabet. */
+export const VOLUME_NAME = /^[A-Za-z0-9._-]{1,64}$/;
+/** The EBS direct API block size; also a good read size for disks. */
+export const DEFAULT_VOLUME_BLOCK_SIZE = 512 * 1024;
+/** Below 4 KiB the tree and index outgrow the data; above 16 MiB one changed byte costs too much. */
+export const MIN_BLOCK_SIZE = 4 * 1024;
+export const MAX_BLOCK_SIZE = 16 * 1024 * 1024;
+/** Suffix of the file a restore to a new path writes before renaming it into place. */
+export const PARTIAL_SUFFIX = '.tandem-partial';
+
+export function checkVolumeName(name: string): void {
+  if (!VOLUME_NAME.test(name) || name === '.' || name === '..') {
+    throw new TandemError('ERR_BAD_REQUEST', `volume name "${name}" is not valid; use 1 to 64 letters, digits, '.', '_' or '-'`, { details: { volume: name } });
+  }
+}
+
+export function checkBlockSize(blockSize: number): void {
+  if (!Number.isSafeInteger(blockSize) || blockSize < MIN_BLOCK_SIZE || blockSize > MAX_BLOCK_SIZE || (blockSize & (blockSize - 1)) !== 0) {
+    throw new TandemError('ERR_BLOCK_SIZE_INVALID', `block size ${blockSize} is not supported; use a power of two from 4KiB to 16MiB (default 512KiB, the EBS block size)`, {
+      details: { blockSize },
+    });
+  }
+}
+
+async function requireVolume(store: Store, name: string): Promise<VolumeRecord> {
+  const vol = await store.getVolume(name);
+  if (!vol) {
+    throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${name}"; see \`appliance volume list\`, or register it with \`appliance volume add ${name} --path PATH\``, {
+      details: { volume: name },
+    });
+  }
+  return vol;
+}
+
+export interface AddVolumeOptions {
+  readonly name: string;
+  readonly path: string;
+  readonly blockSize?: number;
+  readonly policy?: string;
+  readonly tags?: readonly string[];
+}
+
+/**
+ * Register a local device or image file. Checks everything before writing anything: the name,
+ * the block size, that the path is readable (its size is recorded), that the name is free.
+ */
+export async function addVolume(store: Store, opts: AddVolumeOptions): Promise<VolumeRecord> {
+  checkVolumeName(opts.name);
+  const blockSize = opts.blockSize ?? DEFAULT_VOLUME_BLOCK_SIZE;
+  checkBlockSize(blockSize);
+  const path = resolve(opts.path);
+  const info = await inspectVolume(path);
+  // Opening proves the appliance can read it (stat alone does not check permissions).
+  const reader = await openVolumeReader(path);
+  await reader.close();
+  if (await store.getVolume(opts.name)) {
+    throw new TandemError('ERR_VOLUME_EXISTS', `volume "${opts.name}" is already registered; pick another name or \`appliance volume remove ${opts.name}\` first`, {
+      details: { volume: opts.name },
+    });
+  }
+  const record: VolumeRecord = {
+    name: opts.name,
+    path,
+    blockSize,
+    size: info.size,
+    ...(opts.policy !== undefined ? { policy: opts.policy } : {}),
+    ...(opts.tags !== undefined && opts.tags.length > 0 ? { tags: [...opts.tags] } : {}),
+    created: new Date().toISOString(),
+  };
+  await store.putVolume(record);
+  return record;
+}
+
+/**
+ * Unregister a volume and delete its snapshots (their space comes back at `appliance gc`).
+ * Takes the volume lock so it cannot pull a volume from under a running snapshot or restore.
+ */
+export async function removeVolume(home: Home, store: Store, name: string): Promise<VolumeRecord> {
+  const vol = await requireVolume(store, name);
+  const release = home.lockVolume(name, 'remove');
+  try {
+    await store.removeVolume(name);
+  } finally {
+    release();
+  }
+  return vol;
+}
+
+export interface SnapshotVolumeOptions {
+  /** Read only the blocks listed in this file (appliance/volumes/README.md). */
+  readonly changedBlocksFile?: string;
+  readonly onProgress?: (p: ScanProgress) => void;
+  readonly labels?: Record<string, string>;
+  readonly signal?: AbortSignal;
+  /** Told when the snapshot cannot do what was asked and does something safe instead. */
+  readonly onNotice?: (message: string) => void;
+}
+
+/** Snapshot a registered local volume, taking its lock. */
+export async function snapshotVolume(home: Home, store: Store, name: string, opts: SnapshotVolumeOptions = {}): Promise<SnapshotRecord> {
+  await requireVolume(store, name);
+  const release = home.lockVolume(name, 'snapshot');
+  try {
+    return await snapshotVolumeLocked(store, name, opts);
+  } finally {
+    release();
+  }
+}
+
+/**
+ * Snapshot a registered local volume; the caller holds its lock. A full scan reuses the
+ * parent's unchanged subtrees; with a changed-blocks file only the listed blocks are read.
+ * Falls back to a full scan (and says so through `onNotice`) when there is no parent or the
+ * volume changed size since the last snapshot. The size found is recorded on the volume.
+ * Crash-safe: the snapshot is committed last by the store, or not at all.
+ */
+export async function snapshotVolumeLocked(store: Store, name: string, opts: SnapshotVolumeOptions = {}): Promise<SnapshotRecord> {
+  let vol = await requireVolume(store, name);
+  if (vol.materializing) {
+    throw new TandemError(
+      'ERR_VOLUME_MATERIALIZING',
+      `volume "${name}" is being written with snapshot ${vol.materializing.snapshot} since ${vol.materializing.since}; finish that restore (rerun it) before snapshotting`,
+      { details: { volume: name, ...vol.materializing } },
+    );
+  }
+  if (vol.path === undefined) {
+    throw new TandemError('ERR_VOLUME_UNREADABLE', `volume "${name}" has no local path on this appliance (it only holds replicas); restore it to a path instead`, {
+      details: { volume: name },
+    });
+  }
+  const reader = await openVolumeReader(vol.path);
+  try {
+    let parent = await store.latestSnapshot(name);
+    if (reader.size !== vol.size) {
+      vol = { ...vol, size: reader.size };
+      await store.putVolume(vol);
+    }
+    if (parent && (parent.size !== reader.size || parent.blockSize !== vol.blockSize)) {
+      opts.onNotice?.(`volume "${name}" changed size (${parent.size} -> ${reader.size} bytes): reading it all`);
+      parent = null;
+    }
+    let changedBlocks: number[] | undefined;
+    if (opts.changedBlocksFile !== undefined) {
+      // Parse first: a malformed file must change nothing.
+      const listed = await readChangedBlocksFile(opts.changedBlocksFile, reader.size, vol.blockSize);
+      if (parent) changedBlocks = listed;
+      else opts.onNotice?.(`volume "${name}" has no snapshot to apply changed blocks to: reading it all`);
+    }
+    return await store.scanVolume(reader, {
+      volume: name,
+      blockSize: vol.blockSize,
+      parent,
+      ...(changedBlocks !== undefined ? { changedBlocks, origin: 'changed-blocks' } : { origin: 'scan' }),
+      ...(opts.labels ? { labels: opts.labels } : {}),
+      ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
+      ...(opts.signal ? { signal: opts.signal } : {}),
+    });
+  } finally {
+    await reader.close();
+  }
+}
+
+export interface RestoreOptions {
+  /** Resize an existing image of another size, or write onto a larger device. */
+  readonly force?: boolean;
+  readonly onProgress?: (p: MaterializeProgress) => void;
+  readonly signal?: AbortSignal;
+}
+
+export interface RestoreResult extends MaterializeResult {
+  readonly snapshot: SnapshotRecord;
+  readonly path: string;
+  /** True when PATH did not exist and was written from scratch. */
+  readonly created: boolean;
+}
+
+/** Split "VOL" / "VOL@SNAP". */
+export function parseSnapshotSpec(spec: string): { volume: string; snapshot?: string } {
+  const at = spec.indexOf('@');
+  const volume = at < 0 ? spec : spec.slice(0, at);
+  const snapshot = at < 0 ? undefined : spec.slice(at + 1);
+  if (volume === '' || snapshot === '') {
+    throw new TandemError('ERR_USAGE', `"${spec}" is not a snapshot; write VOL for the latest or VOL@SNAPSHOT_ID (see \`appliance snapshots VOL\`)`);
+  }
+  return snapshot === undefined ? { volume } : { volume, snapshot };
+}
+
+/** Restore `spec` (VOL or VOL@SNAP) onto `to`, taking the volume's lock. */
+export async function restoreVolume(home: Home, store: Store, spec: string, to: string, opts: RestoreOptions = {}): Promise<RestoreResult> {
+  const { volume } = parseSnapshotSpec(spec);
+  const release = home.lockVolume(volume, 'restore');
+  try {
+    return await restoreVolumeLocked(store, spec, to, opts);
+  } finally {
+    release();
+  }
+}
+
+/**
+ * Write a snapshot onto `to`; the caller holds the volume's lock.
+ *
+ * - `to` absent: the image is written to `to.tandem-partial` (sparse: zero blocks are holes)
+ *   and renamed to `to` only once complete and fsync'd, so a failed or killed restore never
+ *   leaves a half-written file under the final name.
+ * - `to` present (same size, or any size with `force`): it is read and hashed, and only the
+ *   differing blocks are written in place. On a failure (e.g. a corrupt block in the store,
+ *   ERR_BLOCK_CORRUPT) the blocks before the failing one are written, the rest are as they were.
+ * - `to` is the volume's own registered path: the volume is marked materializing for the
+ *   duration (no snapshot or sync from it); a failed restore leaves the mark, and a rerun clears it.
+ */
+export async function restoreVolumeLocked(store: Store, spec: string, to: string, opts: RestoreOptions = {}): Promise<RestoreResult> {
+  const snap = await store.resolveSnapshot(spec);
+  const path = resolve(to);
+  const vol = await store.getVolume(snap.volume);
+  const ownPath = vol?.path !== undefined && resolve(vol.path) === path;
+  const exists = existsSync(path);
+  const target = exists ? path : path + PARTIAL_SUFFIX;
+  if (!exists) {
+    if (!existsSync(dirname(path))) {
+      throw new TandemError('ERR_VOLUME_UNREADABLE', `cannot restore to ${path}: directory ${dirname(path)} does not exist; create it or choose another path`, { details: { path } });
+    }
+    // A partial file is only ever left by an earlier failed restore to the same path.
+    await rm(target, { force: true });
+  }
+  const writer = await openVolumeWriter(target, snap.size, opts.force ? { force: true } : {});
+  let ok = false;
+  try {
+    if (ownPath && vol) {
+      await store.putVolume({ ...vol, materializing: { snapshot: snap.id, since: new Date().toISOString() } });
+    }
+    const result = await materialize(store, snap, writer, {
+      assumeZero: writer.created,
+      ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
+      ...(opts.signal ? { signal: opts.signal } : {}),
+    });
+    await writer.close();
+    if (!exists) {
+      try {
+        await rename(target, path);
+        await fsyncDir(dirname(path));
+      } catch (e) {
+        throw fromSystemError(e, `renaming ${target} to ${path}`);
+      }
+    }
+    if (ownPath && vol) {
+      const { materializing: _done, ...rest } = vol;
+      await store.putVolume(rest);
+    }
+    ok = true;
+    return { ...result, snapshot: snap, path, created: !exists };
+  } finally {
+    if (!ok) {
+      await writer.close().catch(() => undefined);
+      if (!exists) await rm(target, { force: true }).catch(() => undefined);
+    }
+  }
+}
+
+/** Make a rename durable: fsync the directory holding the entry. */
+async function fsyncDir(dir: string): Promise<void> {
+  const fh = await open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Run `fn` with the home at `homeDir` and its store open, closing the store afterwards.
+ * With `lock`, the volume lock is taken before the store is opened (see the module comment)
+ * and released after it is closed.
+ */
+export async function withHomeStore<T>(
+  homeDir: string,
+  fn: (home: Home, store: Store) => Promise<T>,
+  lock?: { readonly volume: string; readonly op: string },
+): Promise<T> {
+  const { Home } = await import('./home.js');
+  const home = Home.load(homeDir);
+  if (lock) checkVolumeName(lock.volume);
+  const release = lock ? home.lockVolume(lock.volume, lock.op) : () => undefined;
+  try {
+    const store = await home.openStore();
+    try {
+      return await fn(home, store);
+    } finally {
+      await store.close();
+    }
+  } finally {
+    release();
+  }
+}
