@@ -1,0 +1,71 @@
+/**
+ * Applying retention to a store: delete the snapshots a policy does not keep. Space comes back
+ * at the next `gc()` (the daemon runs it after retention).
+ */
+import type { SnapshotRecord } from '../../store/types.js';
+import type { Policy } from '../config/index.js';
+import { selectRetained } from './retention.js';
+
+/** The narrow store surface retention needs. */
+export interface RetentionStore {
+  listSnapshots(volume: string): Promise<SnapshotRecord[]>;
+  deleteSnapshot(volume: string, id: string): Promise<void>;
+  listMeta<T>(ns: string): Promise<Array<[string, T]>>;
+}
+
+export interface RetentionResult {
+  readonly volume: string;
+  readonly kept: string[];
+  readonly deleted: string[];
+}
+
+/**
+ * Meta namespaces whose records name snapshots that incremental transfers build on: the base
+ * of the last sync with a peer, the last EBS export, and the scheduler's last replicated point.
+ */
+const PIN_NAMESPACES = ['sync-base', 'replication', 'ebs-exports', 'scheduler'] as const;
+/** Record fields that hold a snapshot id in those namespaces. */
+const PIN_FIELD = /^(snapshot|snapshotId|base|baseSnapshot|lastSnapshot|lastReplicated|lastExported|sourceSnapshot|parent)$/;
+
+function collectIds(v: unknown, out: Set<string>, depth = 0): void {
+  if (depth > 4 || v === null || typeof v !== 'object') return;
+  for (const [k, x] of Object.entries(v as Record<string, unknown>)) {
+    if (typeof x === 'string' && PIN_FIELD.test(k)) out.add(x);
+    else if (typeof x === 'object') collectIds(x, out, depth + 1);
+  }
+}
+
+/**
+ * Snapshot ids of `volume` that other modules build on (see PIN_NAMESPACES). Records are keyed
+ * by volume name, optionally followed by `:`, `/` or `@` and a peer or export name.
+ */
+export async function pinnedSnapshots(store: Pick<RetentionStore, 'listMeta'>, volume: string): Promise<Set<string>> {
+  const out = new Set<string>();
+  for (const ns of PIN_NAMESPACES) {
+    for (const [key, value] of await store.listMeta<unknown>(ns)) {
+      const owner = key.split(/[:/@]/)[0];
+      if (key === volume || owner === volume) {
+        if (typeof value === 'string') out.add(value);
+        else collectIds(value, out);
+      }
+    }
+  }
+  return out;
+}
+
+/**
+ * Delete the snapshots of `volume` that `policy` does not keep (never a pinned one, never the
+ * newest). Idempotent; a crash part-way leaves some snapshots to delete on the next run.
+ */
+export async function applyRetention(store: RetentionStore, volume: string, policy: Policy, pinned?: ReadonlySet<string>, now = Date.now()): Promise<RetentionResult> {
+  const snaps = await store.listSnapshots(volume);
+  const pins = pinned ?? await pinnedSnapshots(store, volume);
+  const keep = selectRetained(snaps, policy.retention, now, pins);
+  const deleted: string[] = [];
+  for (const s of snaps) {
+    if (keep.has(s.id)) continue;
+    await store.deleteSnapshot(volume, s.id);
+    deleted.push(s.id);
+  }
+  return { volume, kept: snaps.filter((s) => keep.has(s.id)).map((s) => s.id), deleted };
+}
