@@ -1,0 +1,77 @@
+/**
+ * Run the real `appliance` CLI as a child process in tests.
+ *
+ * It runs the compiled binary (dist/appliance/cli/main.js: `npm run build` first, as `npm test`
+ * does). Set TANDEM_TEST_CLI=source to run appliance/cli/main.ts through tsx instead (slower start).
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = resolve(fileURLToPath(new URL('../..', import.meta.url)));
+const DIST_MAIN = join(ROOT, 'dist', 'appliance', 'cli', 'main.js');
+const SOURCE_MAIN = join(ROOT, 'appliance', 'cli', 'main.ts');
+
+/** node arguments that start the CLI. */
+export function cliCommand(): string[] {
+  if (process.env.TANDEM_TEST_CLI === 'source') return ['--import', 'tsx', SOURCE_MAIN];
+  if (!existsSync(DIST_MAIN)) throw new Error(`${DIST_MAIN} is missing: run \`npm run build\` before the CLI tests`);
+  return [DIST_MAIN];
+}
+
+export interface CliResult {
+  readonly code: number | null;
+  readonly signal: NodeJS.Signals | null;
+  readonly stdout: string;
+  readonly stderr: string;
+}
+
+export interface CliOptions {
+  readonly env?: Record<string, string>;
+  readonly cwd?: string;
+}
+
+/** Start the CLI without waiting (for kill -9 tests). CI=true keeps progress bars off. */
+export function spawnCli(args: readonly string[], opts: CliOptions = {}): ChildProcess {
+  return spawn(process.execPath, [...cliCommand(), ...args], {
+    cwd: opts.cwd ?? ROOT,
+    env: { ...process.env, CI: 'true', ...opts.env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+}
+
+/** Wait for a started CLI to end and collect its output. */
+export function collect(child: ChildProcess): Promise<CliResult> {
+  let stdout = '';
+  let stderr = '';
+  child.stdout?.on('data', (d: Buffer) => void (stdout += d.toString()));
+  child.stderr?.on('data', (d: Buffer) => void (stderr += d.toString()));
+  return new Promise((resolvePromise, reject) => {
+    child.on('error', reject);
+    child.on('close', (code, signal) => resolvePromise({ code, signal, stdout, stderr }));
+  });
+}
+
+/** Run the CLI to completion. */
+export function cli(args: readonly string[], opts: CliOptions = {}): Promise<CliResult> {
+  return collect(spawnCli(args, opts));
+}
+
+/** Run the CLI with --json and parse stdout (throws with the output if it is not JSON). */
+export async function cliJson<T = any>(args: readonly string[], opts: CliOptions = {}): Promise<CliResult & { json: T }> {
+  const r = await cli([...args, '--json'], opts);
+  try {
+    return { ...r, json: JSON.parse(r.stdout) as T };
+  } catch {
+    throw new Error(`not JSON (exit ${r.code}): stdout=${r.stdout} stderr=${r.stderr}`);
+  }
+}
+
+/** A temp directory removed when the test (or suite) ends. */
+export function tempDir(t: { after(fn: () => void): void }, prefix = 'tandem-test-'): string {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
