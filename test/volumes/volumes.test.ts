@@ -1,0 +1,146 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { writeFileSync, statSync, readFileSync, mkdirSync, truncateSync } from 'node:fs';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { execFileSync } from 'node:child_process';
+import { inspectVolume, openVolumeReader, openVolumeWriter, parseChangedBlocks, readChangedBlocksFile } from '../../appliance/volumes/index.js';
+import { tempDir } from '../helpers/cli.js';
+
+const KiB = 1024;
+
+async function rejectsWith(p: Promise<unknown>, code: string): Promise<void> {
+  await assert.rejects(p, (e: any) => {
+    assert.equal(e.code, code, `expected ${code}, got ${e.code}: ${e.message}`);
+    return true;
+  });
+}
+
+test('reader: size of an image whose size is not a multiple of the block size; short read at the end', async (t) => {
+  const dir = tempDir(t);
+  const path = join(dir, 'img');
+  const data = randomBytes(3 * 64 * KiB + 1000);
+  writeFileSync(path, data);
+  const info = await inspectVolume(path);
+  assert.deepEqual(info, { path, kind: 'file', size: data.length });
+  const r = await openVolumeReader(path);
+  t.after(() => r.close());
+  const buf = Buffer.alloc(64 * KiB);
+  assert.equal(await r.read(buf, 3 * 64 * KiB), 1000);
+  assert.deepEqual(buf.subarray(0, 1000), data.subarray(3 * 64 * KiB));
+  assert.equal(await r.read(buf, 64 * KiB), 64 * KiB);
+  assert.deepEqual(buf, data.subarray(64 * KiB, 128 * KiB));
+  assert.equal(await r.read(buf, data.length), 0);
+});
+
+test('reader: a missing path, a directory and an empty file are refused with clear codes', async (t) => {
+  const dir = tempDir(t);
+  await rejectsWith(inspectVolume(join(dir, 'nope')), 'ERR_VOLUME_UNREADABLE');
+  await rejectsWith(openVolumeReader(join(dir, 'nope')), 'ERR_VOLUME_UNREADABLE');
+  await rejectsWith(inspectVolume(dir), 'ERR_VOLUME_UNREADABLE');
+  writeFileSync(join(dir, 'empty'), '');
+  await rejectsWith(inspectVolume(join(dir, 'empty')), 'ERR_VOLUME_EMPTY');
+});
+
+test('writer: a new file is created sparse at its size and reads as zeros', async (t) => {
+  const dir = tempDir(t);
+  const path = join(dir, 'new.img');
+  const size = 64 * 1024 * KiB + 123;
+  const w = await openVolumeWriter(path, size);
+  assert.equal(w.created, true);
+  const block = randomBytes(4 * KiB);
+  await w.write(block, 8 * 1024 * KiB);
+  await w.sync();
+  await w.close();
+  const st = statSync(path);
+  assert.equal(st.size, size);
+  assert.ok(st.blocks * 512 < 1024 * KiB, `allocated ${st.blocks * 512} bytes for one 4 KiB write`);
+  const back = readFileSync(path);
+  assert.deepEqual(back.subarray(8 * 1024 * KiB, 8 * 1024 * KiB + 4 * KiB), block);
+  assert.equal(back.subarray(0, 8 * 1024 * KiB).some((b) => b !== 0), false);
+});
+
+test('writer: an existing image of another size needs force; zero() clears a range; writes outside are refused', async (t) => {
+  const dir = tempDir(t);
+  const path = join(dir, 'old.img');
+  const data = randomBytes(256 * KiB);
+  writeFileSync(path, data);
+  await rejectsWith(openVolumeWriter(path, 512 * KiB), 'ERR_VOLUME_SIZE_MISMATCH');
+  assert.deepEqual(readFileSync(path), data, 'a refused open changes nothing');
+  const same = await openVolumeWriter(path, 256 * KiB);
+  assert.equal(same.created, false);
+  await same.zero(10 * KiB, 20 * KiB);
+  await rejectsWith(same.write(Buffer.alloc(10), 256 * KiB - 5), 'ERR_INTERNAL');
+  await same.close();
+  const after = readFileSync(path);
+  assert.equal(after.subarray(10 * KiB, 30 * KiB).every((b) => b === 0), true);
+  assert.deepEqual(after.subarray(0, 10 * KiB), data.subarray(0, 10 * KiB));
+  assert.deepEqual(after.subarray(30 * KiB), data.subarray(30 * KiB));
+  const grown = await openVolumeWriter(path, 512 * KiB, { force: true });
+  await grown.close();
+  assert.equal(statSync(path).size, 512 * KiB);
+  await rejectsWith(openVolumeWriter(join(dir, 'no-such-dir', 'x.img'), 4096), 'ERR_VOLUME_UNREADABLE');
+});
+
+test('block device: size found from /sys, opened read-only for reading', { skip: process.getuid?.() !== 0 ? 'needs root for losetup' : false }, async (t) => {
+  const dir = tempDir(t);
+  const img = join(dir, 'backing.img');
+  const data = randomBytes(3 * 1024 * KiB);
+  writeFileSync(img, data);
+  let dev: string;
+  try {
+    dev = execFileSync('losetup', ['--find', '--show', img], { encoding: 'utf8' }).trim();
+  } catch (e) {
+    t.skip(`losetup refused (${(e as Error).message.split('\n')[0]}): no loop devices in this environment`);
+    return;
+  }
+  t.after(() => execFileSync('losetup', ['-d', dev]));
+  const info = await inspectVolume(dev);
+  assert.deepEqual(info, { path: dev, kind: 'device', size: data.length });
+  const r = await openVolumeReader(dev);
+  const buf = Buffer.alloc(64 * KiB);
+  assert.equal(await r.read(buf, 1024 * KiB), 64 * KiB);
+  assert.deepEqual(buf, data.subarray(1024 * KiB, 1088 * KiB));
+  await r.close();
+  await rejectsWith(openVolumeWriter(dev, data.length + 4096), 'ERR_VOLUME_SIZE_MISMATCH');
+});
+
+test('changed-blocks: indices, ranges, byte ranges, comments; sorted and deduplicated', () => {
+  const bs = 64 * KiB;
+  const size = 10 * bs + 100; // 11 blocks, the last one short
+  const text = [
+    '# exported by a tracker',
+    '7',
+    '2-4   # inclusive',
+    '',
+    `bytes ${bs - 1}+2`, // touches blocks 0 and 1
+    `bytes ${10 * bs}-${10 * bs + 99}`, // the short last block
+    '3',
+  ].join('\n');
+  assert.deepEqual(parseChangedBlocks(text, size, bs), [0, 1, 2, 3, 4, 7, 10]);
+  assert.deepEqual(parseChangedBlocks('\r\n# nothing\r\n', size, bs), []);
+});
+
+test('changed-blocks: malformed or out-of-range entries name the line', async (t) => {
+  const bs = 64 * KiB;
+  const size = 4 * bs;
+  const bad: Array<[string, RegExp]> = [
+    ['1\nx', /line 2/],
+    ['4', /past the last block/],
+    ['3-1', /ends before it starts/],
+    [`bytes ${4 * bs - 1}+2`, /past the end/],
+    ['bytes 0+0', /length 0/],
+    ['-1', /line 1/],
+    ['1.5', /not a non-negative integer/],
+  ];
+  for (const [text, re] of bad) {
+    assert.throws(() => parseChangedBlocks(text, size, bs, 'cb.txt'), (e: any) => e.code === 'ERR_CHANGED_BLOCKS_INVALID' && re.test(e.message), text);
+  }
+  const dir = tempDir(t);
+  await rejectsWith(readChangedBlocksFile(join(dir, 'missing.txt'), size, bs), 'ERR_CHANGED_BLOCKS_INVALID');
+  mkdirSync(join(dir, 'd'));
+  writeFileSync(join(dir, 'ok.txt'), '0\n2\n');
+  assert.deepEqual(await readChangedBlocksFile(join(dir, 'ok.txt'), size, bs), [0, 2]);
+  truncateSync(join(dir, 'ok.txt'), 0);
+  assert.deepEqual(await readChangedBlocksFile(join(dir, 'ok.txt'), size, bs), []);
+});
