@@ -1,0 +1,107 @@
+/** The CLI's surface: init, volume add|list|remove, exit codes and errors for bad input. */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { writeFileSync, chmodSync } from 'node:fs';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { cli, cliJson, tempDir } from '../helpers/cli.js';
+
+test('init prints name, token and fingerprint; a second init is refused', async (t) => {
+  const home = join(tempDir(t), 'home');
+  const r = await cliJson(['init', '--name', 'site-a', '--home', home]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.json.name, 'site-a');
+  assert.equal(r.json.home, home);
+  assert.match(r.json.token, /^[A-Za-z0-9_-]{40,}$/);
+  assert.match(r.json.fingerprint, /^([0-9A-F]{2}:){31}[0-9A-F]{2}$/);
+  const again = await cliJson(['init', '--home', home]);
+  assert.equal(again.code, 1);
+  assert.equal(again.json.error.code, 'ERR_ALREADY_INITIALIZED');
+  const text = await cli(['init', '--home', join(tempDir(t), 'h2'), '--name', 'b']);
+  assert.equal(text.code, 0, text.stderr);
+  assert.match(text.stdout, /token: +\S+/);
+  assert.match(text.stdout, /fingerprint: +[0-9A-F:]+/);
+});
+
+test('commands on an uninitialized home say to run init', async (t) => {
+  const r = await cliJson(['volume', 'list', '--home', tempDir(t)]);
+  assert.equal(r.code, 1);
+  assert.equal(r.json.error.code, 'ERR_NOT_INITIALIZED');
+  assert.match(r.stderr, /appliance init/);
+});
+
+test('volume add, list and remove; duplicates, unknown volumes and bad input change nothing', async (t) => {
+  const dir = tempDir(t);
+  const home = join(dir, 'home');
+  assert.equal((await cli(['init', '--home', home])).code, 0);
+  const img = join(dir, 'disk.img');
+  writeFileSync(img, randomBytes(1024 * 1024 + 5));
+
+  const add = await cliJson(['volume', 'add', 'db', '--path', img, '--block-size', '64KiB', '--tag', 'prod', 'sql', '--home', home]);
+  assert.equal(add.code, 0, add.stderr);
+  assert.equal(add.json.size, 1024 * 1024 + 5);
+  assert.equal(add.json.blockSize, 65536);
+  assert.deepEqual(add.json.tags, ['prod', 'sql']);
+
+  const dup = await cliJson(['volume', 'add', 'db', '--path', img, '--home', home]);
+  assert.equal(dup.code, 1);
+  assert.equal(dup.json.error.code, 'ERR_VOLUME_EXISTS');
+
+  const cases: Array<[string[], string, number]> = [
+    [['volume', 'add', 'x', '--path', join(dir, 'missing.img')], 'ERR_VOLUME_UNREADABLE', 1],
+    [['volume', 'add', 'x', '--path', dir], 'ERR_VOLUME_UNREADABLE', 1],
+    [['volume', 'add', 'bad/name', '--path', img], 'ERR_BAD_REQUEST', 2],
+    [['volume', 'add', 'x', '--path', img, '--block-size', '3000'], 'ERR_BLOCK_SIZE_INVALID', 2],
+    [['volume', 'add', 'x', '--path', img, '--block-size', '32MiB'], 'ERR_BLOCK_SIZE_INVALID', 2],
+    [['volume', 'add', 'x', '--path', img, '--block-size', 'lots'], 'ERR_USAGE', 2],
+    [['volume', 'remove', 'nope'], 'ERR_VOLUME_NOT_FOUND', 1],
+    [['snapshot', 'nope'], 'ERR_VOLUME_NOT_FOUND', 1],
+    [['snapshots', 'nope'], 'ERR_VOLUME_NOT_FOUND', 1],
+    [['restore', 'nope', '--to', join(dir, 'out.img')], 'ERR_VOLUME_NOT_FOUND', 1],
+    [['verify', 'nope'], 'ERR_VOLUME_NOT_FOUND', 1],
+  ];
+  for (const [args, code, exit] of cases) {
+    const r = await cliJson([...args, '--home', home]);
+    assert.equal(r.json.error?.code, code, `${args.join(' ')}: ${r.stdout}`);
+    assert.equal(r.code, exit, args.join(' '));
+    assert.ok(r.stderr.includes(code), 'the error is on stderr too');
+  }
+  // Usage errors from commander: exit 2.
+  assert.equal((await cli(['volume', 'add', 'x', '--home', home])).code, 2, 'missing --path');
+  assert.equal((await cli(['restore', 'db', '--home', home])).code, 2, 'missing --to');
+  assert.equal((await cli(['no-such-command', '--home', home])).code, 2);
+
+  const list = await cliJson(['volume', 'list', '--home', home]);
+  assert.equal(list.code, 0);
+  assert.deepEqual(list.json.map((v: any) => v.name), ['db'], 'failed adds registered nothing');
+  assert.equal(list.json[0].snapshots, 0);
+  const listText = await cli(['volume', 'list', '--home', home]);
+  assert.match(listText.stdout, /^NAME\s+SIZE\s+BLOCK\s+SNAPSHOTS\s+LAST\s+PATH\n/);
+  assert.match(listText.stdout, /db\s+1\.0 MiB\s+64\.0 KiB\s+0\s+never\s+\S+disk\.img/);
+
+  const rm = await cliJson(['volume', 'remove', 'db', '--home', home]);
+  assert.equal(rm.code, 0, rm.stderr);
+  assert.deepEqual((await cliJson(['volume', 'list', '--home', home])).json, []);
+});
+
+test('an unreadable volume path is refused (permission)', { skip: process.getuid?.() === 0 ? 'root reads any file' : false }, async (t) => {
+  const dir = tempDir(t);
+  const home = join(dir, 'home');
+  assert.equal((await cli(['init', '--home', home])).code, 0);
+  const img = join(dir, 'secret.img');
+  writeFileSync(img, randomBytes(4096));
+  chmodSync(img, 0);
+  const r = await cliJson(['volume', 'add', 'x', '--path', img, '--home', home]);
+  assert.equal(r.json.error.code, 'ERR_VOLUME_UNREADABLE');
+  assert.equal(r.code, 1);
+});
+
+test('--help is fast and lists the commands', async () => {
+  const started = process.hrtime.bigint();
+  const r = await cli(['--help']);
+  const ms = Number(process.hrtime.bigint() - started) / 1e6;
+  assert.equal(r.code, 0);
+  for (const c of ['init', 'volume', 'snapshot', 'snapshots', 'restore', 'verify', 'gc']) assert.match(r.stdout, new RegExp(`\\n  ${c}\\b`));
+  // The budget is 200 ms on an idle machine; allow for a loaded test machine.
+  assert.ok(ms < 2000, `--help took ${ms} ms`);
+});

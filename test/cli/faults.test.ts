@@ -1,0 +1,244 @@
+/**
+ * Faults through the real CLI: kill -9 at random moments, flipped bytes in a pack, a held
+ * volume lock, a full disk. After each, the store opens, verify passes (or names the damage),
+ * no snapshot is half-present and a rerun succeeds.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { writeFileSync, readFileSync, openSync, writeSync, closeSync, existsSync, readdirSync, statSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { randomBytes, randomInt } from 'node:crypto';
+import { execFileSync } from 'node:child_process';
+import { cli, cliJson, collect, spawnCli, tempDir } from '../helpers/cli.js';
+import { hashBlock } from '../../store/index.js';
+import { acquireVolumeLock } from '../../appliance/locks.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const BS = 512 * KiB;
+/** Trials per kill -9 loop: enough to land in different phases, cheap enough for CI. */
+const TRIALS = 6;
+
+function scribble(path: string, pos: number, len: number): void {
+  const fd = openSync(path, 'r+');
+  try {
+    writeSync(fd, randomBytes(len), 0, len, pos);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+async function initHome(t: { after(fn: () => void): void }) {
+  const dir = tempDir(t);
+  const home = join(dir, 'home');
+  const r = await cli(['init', '--home', home]);
+  assert.equal(r.code, 0, r.stderr);
+  return { dir, home };
+}
+
+/** Every snapshot listed restores and the whole store verifies. */
+async function assertConsistent(home: string, dir: string, volume: string): Promise<number> {
+  const v = await cliJson(['verify', '--home', home]);
+  assert.equal(v.code, 0, `verify after a crash: ${v.stdout} ${v.stderr}`);
+  const snaps = await cliJson(['snapshots', volume, '--home', home]);
+  assert.equal(snaps.code, 0, snaps.stderr);
+  return snaps.json.length;
+}
+
+/** Run `args`, SIGKILL it after a random delay up to `maxMs`; returns whether it was killed before finishing. */
+async function killAtRandom(args: string[], maxMs: number): Promise<boolean> {
+  const child = spawnCli(args);
+  const done = collect(child);
+  // The delay is the experiment (a random crash point), not a synchronization.
+  const timer = setTimeout(() => child.kill('SIGKILL'), randomInt(0, Math.max(1, maxMs)));
+  const r = await done;
+  clearTimeout(timer);
+  return r.signal === 'SIGKILL';
+}
+
+test('kill -9 during snapshot, many times: the store stays consistent and a rerun succeeds', async (t) => {
+  const { dir, home } = await initHome(t);
+  const img = join(dir, 'vol.img');
+  writeFileSync(img, randomBytes(48 * MiB));
+  assert.equal((await cli(['volume', 'add', 'vol', '--path', img, '--home', home])).code, 0);
+  const started = Date.now();
+  assert.equal((await cli(['snapshot', 'vol', '--home', home])).code, 0);
+  const fullMs = Date.now() - started;
+  let killed = 0;
+  for (let i = 0; i < TRIALS; i++) {
+    // New data each trial so the killed snapshot has blocks to write.
+    for (let k = 0; k < 8; k++) scribble(img, randomInt(0, 48 * MiB - 4096), 4096);
+    if (await killAtRandom(['snapshot', 'vol', '--home', home], fullMs)) killed++;
+    const before = await assertConsistent(home, dir, 'vol');
+    const rerun = await cliJson(['snapshot', 'vol', '--home', home]);
+    assert.equal(rerun.code, 0, `rerun after a kill: ${rerun.stderr}`);
+    const after = await assertConsistent(home, dir, 'vol');
+    assert.equal(after, before + 1);
+  }
+  assert.ok(killed >= 1, 'at least one trial killed a running snapshot');
+  const out = join(dir, 'out.img');
+  assert.equal((await cli(['restore', 'vol', '--to', out, '--home', home])).code, 0);
+  assert.ok(readFileSync(out).equals(readFileSync(img)));
+});
+
+test('kill -9 during gc, many times: retained snapshots stay whole and a rerun succeeds', async (t) => {
+  const { dir, home } = await initHome(t);
+  const img = join(dir, 'keep.img');
+  writeFileSync(img, randomBytes(16 * MiB));
+  assert.equal((await cli(['volume', 'add', 'keep', '--path', img, '--home', home])).code, 0);
+  assert.equal((await cli(['snapshot', 'keep', '--home', home])).code, 0);
+  const want = readFileSync(img);
+  const junk = join(dir, 'junk.img');
+  let gcMs = 500;
+  let killed = 0;
+  for (let i = 0; i < TRIALS; i++) {
+    // Garbage interleaved with retained blocks in the packs: a removed volume's snapshot.
+    writeFileSync(junk, randomBytes(24 * MiB));
+    assert.equal((await cli(['volume', 'add', 'junk', '--path', junk, '--home', home])).code, 0);
+    assert.equal((await cli(['snapshot', 'junk', '--home', home])).code, 0);
+    scribble(img, randomInt(0, 16 * MiB - 4096), 4096);
+    assert.equal((await cli(['snapshot', 'keep', '--home', home])).code, 0);
+    assert.equal((await cli(['volume', 'remove', 'junk', '--home', home])).code, 0);
+    if (await killAtRandom(['gc', '--home', home], gcMs)) killed++;
+    await assertConsistent(home, dir, 'keep');
+    const started = Date.now();
+    const rerun = await cliJson(['gc', '--home', home]);
+    gcMs = Math.max(gcMs, Date.now() - started);
+    assert.equal(rerun.code, 0, `gc rerun: ${rerun.stderr}`);
+    await assertConsistent(home, dir, 'keep');
+  }
+  assert.ok(killed >= 1, 'at least one trial killed a running gc');
+  const snaps = (await cliJson(['snapshots', 'keep', '--home', home])).json as Array<{ id: string }>;
+  const out = join(dir, 'first.img');
+  assert.equal((await cli(['restore', `keep@${snaps[0]!.id}`, '--to', out, '--home', home])).code, 0);
+  assert.ok(readFileSync(out).equals(want), 'the first snapshot survives every gc');
+});
+
+/** Pack files under the store, largest first. */
+function packFiles(dir: string): string[] {
+  const out: string[] = [];
+  const walk = (d: string) => {
+    for (const name of readdirSync(d)) {
+      const p = join(d, name);
+      if (statSync(p).isDirectory()) walk(p);
+      else if (name.endsWith('.pack')) out.push(p);
+    }
+  };
+  walk(dir);
+  return out;
+}
+
+test('bytes flipped in a pack: verify names the block and exits 1; restore refuses to write it', async (t) => {
+  const { dir, home } = await initHome(t);
+  const img = join(dir, 'vol.img');
+  const data = randomBytes(6 * BS);
+  writeFileSync(img, data);
+  assert.equal((await cli(['volume', 'add', 'vol', '--path', img, '--home', home])).code, 0);
+  const snap = await cliJson(['snapshot', 'vol', '--home', home]);
+  assert.equal(snap.code, 0, snap.stderr);
+  const victim = 3;
+  const hash = hashBlock(data.subarray(victim * BS, (victim + 1) * BS));
+  let flipped = false;
+  for (const pack of packFiles(join(home, 'store'))) {
+    const buf = readFileSync(pack);
+    const at = buf.indexOf(hash);
+    if (at < 0) continue;
+    const fd = openSync(pack, 'r+');
+    const pos = at + 32 + 1000; // inside the payload that follows the hash
+    writeSync(fd, Buffer.from([buf[pos]! ^ 0xff]), 0, 1, pos);
+    closeSync(fd);
+    flipped = true;
+    break;
+  }
+  assert.ok(flipped, 'found the block in a pack');
+
+  const v = await cliJson(['verify', '--home', home]);
+  assert.equal(v.code, 1);
+  assert.equal(v.json.ok, false);
+  assert.deepEqual(v.json.problems.map((p: any) => [p.code, p.hash, p.blockIndex, p.volume]), [['ERR_BLOCK_CORRUPT', hash.toString('hex'), victim, 'vol']]);
+  const vt = await cli(['verify', 'vol', '--home', home]);
+  assert.equal(vt.code, 1);
+  assert.ok(vt.stdout.includes(hash.toString('hex')) && /block index 3/.test(vt.stdout), vt.stdout);
+
+  // A new file: refused, and nothing left under the final name (nor a partial file).
+  const out = join(dir, 'out.img');
+  const r = await cliJson(['restore', 'vol', '--to', out, '--home', home]);
+  assert.equal(r.code, 1);
+  assert.equal(r.json.error.code, 'ERR_BLOCK_CORRUPT');
+  assert.equal(existsSync(out), false);
+  assert.deepEqual(readdirSync(dir).filter((n) => n.includes('partial')), []);
+  // An existing file that differs in the corrupt block: that block is never overwritten with bad data.
+  const existing = join(dir, 'existing.img');
+  const old = Buffer.alloc(6 * BS, 7);
+  writeFileSync(existing, old);
+  const r2 = await cliJson(['restore', 'vol', '--to', existing, '--home', home]);
+  assert.equal(r2.json.error.code, 'ERR_BLOCK_CORRUPT');
+  const after = readFileSync(existing);
+  const block = (b: Buffer, i: number) => b.subarray(i * BS, (i + 1) * BS);
+  assert.ok(block(after, victim).equals(block(old, victim)), 'the corrupt block is left as it was');
+  for (let i = 0; i < 6; i++) {
+    assert.ok(block(after, i).equals(block(old, i)) || block(after, i).equals(block(data, i)), `block ${i} is either as it was or restored`);
+  }
+});
+
+test('a second snapshot of a locked volume fails with ERR_VOLUME_LOCKED and changes nothing', async (t) => {
+  const { dir, home } = await initHome(t);
+  const img = join(dir, 'vol.img');
+  writeFileSync(img, randomBytes(2 * BS));
+  assert.equal((await cli(['volume', 'add', 'vol', '--path', img, '--home', home])).code, 0);
+  // This test process stands for the first, still running snapshot: it holds the real lock.
+  const release = acquireVolumeLock(join(home, 'locks'), 'vol', 'snapshot');
+  try {
+    const r = await cliJson(['snapshot', 'vol', '--home', home]);
+    assert.equal(r.code, 1);
+    assert.equal(r.json.error.code, 'ERR_VOLUME_LOCKED');
+    assert.match(r.json.error.message, new RegExp(`pid ${process.pid}`));
+    const rr = await cliJson(['restore', 'vol', '--to', join(dir, 'x.img'), '--home', home]);
+    assert.equal(rr.json.error.code, 'ERR_VOLUME_LOCKED');
+  } finally {
+    release();
+  }
+  assert.equal((await cliJson(['snapshots', 'vol', '--home', home])).json.length, 0);
+  assert.equal((await cli(['snapshot', 'vol', '--home', home])).code, 0, 'free again once released');
+
+  // Two real CLI processes at once: exactly one snapshot wins, the other gets a clear error.
+  writeFileSync(img, randomBytes(2 * BS));
+  const [a, b] = await Promise.all([cliJson(['snapshot', 'vol', '--home', home]), cliJson(['snapshot', 'vol', '--home', home])]);
+  const codes = [a, b].map((r) => (r.code === 0 ? 'ok' : r.json.error.code)).sort();
+  assert.ok(codes.includes('ok') || codes.every((c) => c === 'ERR_VOLUME_LOCKED' || c === 'ERR_STORE_BUSY'), codes.join());
+  for (const c of codes) assert.ok(['ok', 'ERR_VOLUME_LOCKED', 'ERR_STORE_BUSY'].includes(c), c);
+  await assertConsistent(home, dir, 'vol');
+});
+
+test('a full disk: ERR_DISK_FULL, an intact store, and a rerun succeeds once there is space', async (t) => {
+  const dir = tempDir(t);
+  const mnt = mkdtempSync(join(tmpdir(), 'tandem-full-'));
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', mnt], { stdio: 'pipe' });
+  } catch (e) {
+    rmSync(mnt, { recursive: true, force: true });
+    t.skip(`cannot mount a small tmpfs here (${(e as Error).message.split('\n')[0]}); run as root to test a full disk`);
+    return;
+  }
+  t.after(() => {
+    execFileSync('umount', ['-l', mnt]);
+    rmSync(mnt, { recursive: true, force: true });
+  });
+  const home = join(mnt, 'home');
+  assert.equal((await cli(['init', '--home', home])).code, 0);
+  const img = join(dir, 'vol.img');
+  writeFileSync(img, randomBytes(24 * MiB));
+  assert.equal((await cli(['volume', 'add', 'vol', '--path', img, '--home', home])).code, 0);
+  const r = await cliJson(['snapshot', 'vol', '--home', home]);
+  assert.equal(r.code, 1, r.stdout);
+  assert.equal(r.json.error.code, 'ERR_DISK_FULL');
+  assert.match(r.json.error.message, /free space/);
+  execFileSync('mount', ['-o', 'remount,size=64m', mnt]);
+  assert.equal(await assertConsistent(home, dir, 'vol'), 0, 'no snapshot half-present');
+  const again = await cliJson(['snapshot', 'vol', '--home', home]);
+  assert.equal(again.code, 0, again.stderr);
+  const out = join(dir, 'out.img');
+  assert.equal((await cli(['restore', 'vol', '--to', out, '--home', home])).code, 0);
+  assert.ok(readFileSync(out).equals(readFileSync(img)));
+});

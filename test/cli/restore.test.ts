@@ -1,0 +1,211 @@
+/** Snapshot and restore through the real CLI: byte-exact, sparse, incremental in both directions. */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { writeFileSync, readFileSync, openSync, writeSync, closeSync, statSync, existsSync, truncateSync, readSync, readdirSync, lstatSync } from 'node:fs';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { cli, cliJson, tempDir } from '../helpers/cli.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const BS = 512 * KiB;
+
+/** Overwrite `len` random bytes at `pos` in a file. */
+function scribble(path: string, pos: number, len: number): void {
+  const fd = openSync(path, 'r+');
+  try {
+    writeSync(fd, randomBytes(len), 0, len, pos);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+async function setup(t: { after(fn: () => void): void }, size: number) {
+  const dir = tempDir(t);
+  const home = join(dir, 'home');
+  assert.equal((await cli(['init', '--home', home])).code, 0);
+  const img = join(dir, 'vol.img');
+  const data = randomBytes(size);
+  // A zero region in the middle: zero blocks are never stored and restore as holes.
+  data.fill(0, 2 * BS, 4 * BS);
+  writeFileSync(img, data);
+  const add = await cli(['volume', 'add', 'vol', '--path', img, '--home', home]);
+  assert.equal(add.code, 0, add.stderr);
+  return { dir, home, img };
+}
+
+test('snapshot then restore is byte-exact (size not a multiple of the block size); old snapshots restore exactly after newer ones and after gc', async (t) => {
+  const { dir, home, img } = await setup(t, 6 * BS + 12345);
+  const s1 = await cliJson(['snapshot', 'vol', '--home', home]);
+  assert.equal(s1.code, 0, s1.stderr);
+  assert.equal(s1.json.snapshot.size, 6 * BS + 12345);
+  assert.equal(s1.json.blocksStored, 5, '7 blocks, 2 of them zero');
+  const v1 = readFileSync(img);
+
+  scribble(img, BS + 100, 4096);
+  scribble(img, 6 * BS + 10, 100); // the short last block
+  const s2 = await cliJson(['snapshot', 'vol', '--home', home]);
+  assert.equal(s2.code, 0, s2.stderr);
+  assert.equal(s2.json.snapshot.parent, s1.json.snapshot.id);
+  assert.equal(s2.json.blocksStored, 2);
+  const v2 = readFileSync(img);
+
+  // A text snapshot prints just the id on stdout.
+  scribble(img, 0, 10);
+  const s3 = await cli(['snapshot', 'vol', '--home', home]);
+  assert.equal(s3.code, 0, s3.stderr);
+  const id3 = s3.stdout.trim();
+  assert.match(id3, /^\S+$/);
+  const v3 = readFileSync(img);
+
+  const list = await cliJson(['snapshots', 'vol', '--home', home]);
+  assert.deepEqual(list.json.map((s: any) => s.id), [s1.json.snapshot.id, s2.json.snapshot.id, id3]);
+
+  // Garbage from another volume, then gc: the retained snapshots must not lose a block.
+  const other = join(dir, 'other.img');
+  writeFileSync(other, randomBytes(3 * BS));
+  assert.equal((await cli(['volume', 'add', 'other', '--path', other, '--home', home])).code, 0);
+  assert.equal((await cli(['snapshot', 'other', '--home', home])).code, 0);
+  assert.equal((await cli(['volume', 'remove', 'other', '--home', home])).code, 0);
+  const gc = await cliJson(['gc', '--home', home]);
+  assert.equal(gc.code, 0, gc.stderr);
+  assert.equal(gc.json.blocksRemoved, 3);
+
+  for (const [spec, want] of [[`vol@${s1.json.snapshot.id}`, v1], [`vol@${s2.json.snapshot.id}`, v2], ['vol', v3]] as const) {
+    const out = join(dir, `out-${spec.replace('@', '-')}.img`);
+    const r = await cliJson(['restore', spec, '--to', out, '--home', home]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.json.blocksCompared, 0, 'a new file is not read');
+    assert.ok(readFileSync(out).equals(want), `${spec} restores byte-exact`);
+    assert.ok(statSync(out).blocks * 512 <= want.length - 2 * BS + 64 * KiB, 'zero blocks are holes');
+  }
+  const verify = await cliJson(['verify', '--home', home]);
+  assert.equal(verify.code, 0, verify.stdout);
+  assert.equal(verify.json.problems.length, 0);
+});
+
+test('restore onto an existing file writes only the differing blocks; other sizes need --force', async (t) => {
+  const { dir, home, img } = await setup(t, 8 * BS);
+  assert.equal((await cli(['snapshot', 'vol', '--home', home])).code, 0);
+  const want = readFileSync(img);
+  const out = join(dir, 'copy.img');
+  writeFileSync(out, want);
+  scribble(out, 0, 1);
+  scribble(out, 5 * BS + 7, 4096);
+  scribble(out, 2 * BS + 1, 10); // a block that must be zero again
+  const r = await cliJson(['restore', 'vol', '--to', out, '--home', home]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.json.blocksCompared, 8);
+  assert.equal(r.json.blocksWritten, 2);
+  assert.equal(r.json.blocksZeroed, 1);
+  assert.ok(readFileSync(out).equals(want));
+  const again = await cliJson(['restore', 'vol', '--to', out, '--home', home]);
+  assert.equal(again.json.blocksWritten + again.json.blocksZeroed, 0, 'nothing differs any more');
+
+  truncateSync(out, 3 * BS);
+  const refused = await cliJson(['restore', 'vol', '--to', out, '--home', home]);
+  assert.equal(refused.code, 1);
+  assert.equal(refused.json.error.code, 'ERR_VOLUME_SIZE_MISMATCH');
+  assert.equal(statSync(out).size, 3 * BS, 'a refused restore changes nothing');
+  const forced = await cliJson(['restore', 'vol', '--to', out, '--force', '--home', home]);
+  assert.equal(forced.code, 0, forced.stderr);
+  assert.ok(readFileSync(out).equals(want));
+
+  const missingDir = await cliJson(['restore', 'vol', '--to', join(dir, 'nope', 'x.img'), '--home', home]);
+  assert.equal(missingDir.json.error.code, 'ERR_VOLUME_UNREADABLE');
+  const badSnap = await cliJson(['restore', 'vol@nope', '--to', join(dir, 'y.img'), '--home', home]);
+  assert.equal(badSnap.json.error.code, 'ERR_SNAPSHOT_NOT_FOUND');
+  assert.equal(existsSync(join(dir, 'y.img')), false);
+});
+
+test('--changed-blocks reads only the listed blocks; a malformed file changes nothing', async (t) => {
+  const { dir, home, img } = await setup(t, 10 * BS);
+  const cb = join(dir, 'changed.txt');
+  writeFileSync(cb, '1\n');
+  const first = await cliJson(['snapshot', 'vol', '--changed-blocks', cb, '--home', home]);
+  assert.equal(first.code, 0, first.stderr);
+  assert.equal(first.json.snapshot.origin, 'scan', 'no parent: a full scan');
+  assert.match(first.stderr, /reading it all/);
+
+  scribble(img, 7 * BS + 3, 4096);
+  scribble(img, 9 * BS - 2, 4); // straddles blocks 8 and 9
+  writeFileSync(cb, `# from the tracker\n7\nbytes ${9 * BS - 2}+4\n`);
+  const inc = await cliJson(['snapshot', 'vol', '--changed-blocks', cb, '--home', home]);
+  assert.equal(inc.code, 0, inc.stderr);
+  assert.equal(inc.json.snapshot.origin, 'changed-blocks');
+  assert.equal(inc.json.bytesRead, 3 * BS, 'only blocks 7, 8 and 9 were read');
+  const out = join(dir, 'out.img');
+  assert.equal((await cli(['restore', 'vol', '--to', out, '--home', home])).code, 0);
+  assert.ok(readFileSync(out).equals(readFileSync(img)));
+
+  writeFileSync(cb, '3\n10\n');
+  const bad = await cliJson(['snapshot', 'vol', '--changed-blocks', cb, '--home', home]);
+  assert.equal(bad.code, 2);
+  assert.equal(bad.json.error.code, 'ERR_CHANGED_BLOCKS_INVALID');
+  assert.match(bad.json.error.message, /line 2/);
+  assert.equal((await cliJson(['snapshots', 'vol', '--home', home])).json.length, 2, 'no snapshot was added');
+});
+
+test('a 64 GiB sparse volume with a few non-zero blocks snapshots fast, stores only those blocks and restores sparse', async (t) => {
+  const dir = tempDir(t);
+  const home = join(dir, 'home');
+  assert.equal((await cli(['init', '--home', home])).code, 0);
+  const img = join(dir, 'big.img');
+  const size = 64 * 1024 * MiB;
+  writeFileSync(img, '');
+  truncateSync(img, size);
+  const spots = [0, 1234 * BS + 17, size - 100];
+  for (const p of spots) scribble(img, p, 50);
+  assert.equal((await cli(['volume', 'add', 'big', '--path', img, '--home', home])).code, 0);
+  const started = Date.now();
+  const s = await cliJson(['snapshot', 'big', '--home', home]);
+  const secs = (Date.now() - started) / 1000;
+  assert.equal(s.code, 0, s.stderr);
+  assert.equal(s.json.blocksStored, 3);
+  assert.equal(s.json.snapshot.nonZeroBlocks, 3);
+  assert.ok(secs < 120, `64 GiB sparse snapshot took ${secs}s`);
+  const storeBytes = duBytes(join(home, 'store'));
+  assert.ok(storeBytes < 32 * MiB, `store holds ${storeBytes} bytes for 3 blocks`);
+
+  const out = join(dir, 'out.img');
+  const r = await cliJson(['restore', 'big', '--to', out, '--home', home]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.json.blocksWritten, 3);
+  assert.equal(statSync(out).size, size);
+  assert.ok(statSync(out).blocks * 512 <= 3 * BS + 64 * KiB, 'restored as a sparse file');
+  const a = openSync(out, 'r');
+  const b = openSync(img, 'r');
+  try {
+    for (const p of spots) {
+      const start = Math.floor(p / BS) * BS;
+      const x = Buffer.alloc(Math.min(BS, size - start));
+      const y = Buffer.alloc(x.length);
+      readSyncAll(a, x, start);
+      readSyncAll(b, y, start);
+      assert.ok(x.equals(y), `block at ${start}`);
+    }
+  } finally {
+    closeSync(a);
+    closeSync(b);
+  }
+});
+
+function readSyncAll(fd: number, buf: Buffer, pos: number): void {
+  let done = 0;
+  while (done < buf.length) {
+    const n = readSync(fd, buf, done, buf.length - done, pos + done);
+    if (n === 0) break;
+    done += n;
+  }
+}
+
+/** Bytes allocated under a directory (like du). */
+function duBytes(dir: string): number {
+  let total = 0;
+  for (const name of readdirSync(dir)) {
+    const p = join(dir, name);
+    const st = lstatSync(p);
+    total += st.isDirectory() ? duBytes(p) : st.blocks * 512;
+  }
+  return total;
+}
