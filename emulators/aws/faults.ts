@@ -1,0 +1,118 @@
+/**
+ * Fault injection and request statistics, switched at runtime through /_emulator/faults and
+ * /_emulator/stats. Faults apply to AWS requests only (never to the control routes), after the
+ * request is authenticated and its body read, before the operation runs: a throttled or failed
+ * request changes nothing, as with AWS.
+ */
+
+export interface FaultSettings {
+  /** Percent (0-100) of requests answered with the service's throttling error. */
+  throttlePercent: number;
+  /** Milliseconds added before every request is handled. */
+  latencyMs: number;
+  /** Percent (0-100) of requests answered with an internal server error (5xx). */
+  errorPercent: number;
+  /** Seed of the pseudo-random choice, so a fault run can be replayed. */
+  seed: number;
+}
+
+export const NO_FAULTS: FaultSettings = { throttlePercent: 0, latencyMs: 0, errorPercent: 0, seed: 1 };
+
+/** What the injector decided for one request. */
+export type FaultDecision = { kind: 'none' } | { kind: 'throttle'; n: number } | { kind: 'error'; n: number };
+
+/** mulberry32: a tiny seeded PRNG; quality is ample for picking which requests fail. */
+function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+export class Faults {
+  #settings: FaultSettings = { ...NO_FAULTS };
+  #rand = mulberry32(NO_FAULTS.seed);
+  /** Counts injected faults so the kinds of throttling error rotate. */
+  #injected = 0;
+
+  get settings(): FaultSettings {
+    return { ...this.#settings };
+  }
+
+  /** Replace the settings (missing fields keep their defaults: no fault). Validates first: bad input changes nothing. */
+  configure(input: Partial<Record<keyof FaultSettings, unknown>>): FaultSettings {
+    const next: FaultSettings = { ...NO_FAULTS };
+    for (const key of ['throttlePercent', 'errorPercent'] as const) {
+      const v = input[key];
+      if (v === undefined) continue;
+      if (typeof v !== 'number' || !(v >= 0 && v <= 100)) throw new RangeError(`${key} must be a number from 0 to 100`);
+      next[key] = v;
+    }
+    if (input.latencyMs !== undefined) {
+      const v = input.latencyMs;
+      if (typeof v !== 'number' || !(v >= 0 && v <= 60_000)) throw new RangeError('latencyMs must be a number from 0 to 60000');
+      next.latencyMs = v;
+    }
+    if (input.seed !== undefined) {
+      if (typeof input.seed !== 'number' || !Number.isInteger(input.seed)) throw new RangeError('seed must be an integer');
+      next.seed = input.seed;
+    }
+    this.#settings = next;
+    this.#rand = mulberry32(next.seed);
+    this.#injected = 0;
+    return this.settings;
+  }
+
+  decide(): FaultDecision {
+    const { throttlePercent, errorPercent } = this.#settings;
+    if (throttlePercent === 0 && errorPercent === 0) return { kind: 'none' };
+    const r = this.#rand() * 100;
+    if (r < throttlePercent) return { kind: 'throttle', n: this.#injected++ };
+    if (r < throttlePercent + errorPercent) return { kind: 'error', n: this.#injected++ };
+    return { kind: 'none' };
+  }
+}
+
+/**
+ * Per-operation counts of answered requests. `operations` counts successful answers (2xx),
+ * `errors` the others (including injected faults); block bytes are the payloads of
+ * PutSnapshotBlock (in) and GetSnapshotBlock (out).
+ */
+export class Stats {
+  operations: Record<string, number> = {};
+  errors: Record<string, number> = {};
+  throttled = 0;
+  injectedErrors = 0;
+  blockBytesIn = 0;
+  blockBytesOut = 0;
+
+  record(op: string, status: number): void {
+    const table = status < 300 ? this.operations : this.errors;
+    table[op] = (table[op] ?? 0) + 1;
+  }
+
+  reset(): void {
+    this.operations = {};
+    this.errors = {};
+    this.throttled = 0;
+    this.injectedErrors = 0;
+    this.blockBytesIn = 0;
+    this.blockBytesOut = 0;
+  }
+
+  toJSON(): Record<string, unknown> {
+    return {
+      ...this.operations,
+      operations: { ...this.operations },
+      errors: { ...this.errors },
+      throttled: this.throttled,
+      injectedErrors: this.injectedErrors,
+      blockBytesIn: this.blockBytesIn,
+      blockBytesOut: this.blockBytesOut,
+    };
+  }
+}
