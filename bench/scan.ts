@@ -1,0 +1,178 @@
+/**
+ * bench/scan: snapshot, re-snapshot and restore of a local image, side by side with b3sum and cp
+ * on the same file in the same run, plus the CLI's peak RSS.
+ *
+ *   npm run build && node --import tsx bench/scan.ts [--size 4GiB] [--dir DIR] [--sparse 64GiB]
+ *
+ * Steps (each a real `appliance` process from dist/, timed wall-clock):
+ * 1. a random image of --size (every 512 KiB block distinct), page cache warm for every tool;
+ * 2. `b3sum --num-threads 2 IMG` and `cp IMG DIR/copy && sync copy` (the store's disk);
+ * 3. first snapshot; then 1 % of the blocks changed by one 4 KiB write each; re-snapshot (a full
+ *    re-scan); another 1 % changed; snapshot with --changed-blocks listing them;
+ * 4. restore to a new file on the same disk (fsync'd, like cp + sync);
+ * 5. a sparse volume of --sparse with a few non-zero blocks: snapshot and restore.
+ * Peak RSS is VmHWM of the CLI process, read by /usr/bin/time -v.
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync, openSync, writeSync, closeSync, writeFileSync, statSync, existsSync, ftruncateSync, fsyncSync } from 'node:fs';
+import { randomFillSync, randomInt } from 'node:crypto';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const ROOT = resolve(fileURLToPath(new URL('..', import.meta.url)));
+const CLI = join(ROOT, 'dist', 'appliance', 'cli', 'main.js');
+const BS = 512 * 1024;
+/** Image writes go out in 64 MiB pieces: fast to fill, small next to the image. */
+const FILL_CHUNK = 64 * 1024 * 1024;
+/** The targets of the issue (re-snapshot vs b3sum, first snapshot vs cp, restore vs cp, RSS). */
+const TARGETS = { rescanVsB3sum: 1.5, firstVsCp: 1.3, restoreVsCp: 0.8, rssMB: 256 };
+
+function arg(name: string, dflt: string): string {
+  const i = process.argv.indexOf(`--${name}`);
+  return i > 0 && process.argv[i + 1] !== undefined ? process.argv[i + 1]! : dflt;
+}
+function parseSize(s: string): number {
+  const m = /^(\d+)(KiB|MiB|GiB)?$/.exec(s);
+  if (!m) throw new Error(`bad size ${s}`);
+  const mult: Record<string, number> = { '': 1, KiB: 1024, MiB: 1024 ** 2, GiB: 1024 ** 3 };
+  return Number(m[1]) * mult[m[2] ?? '']!;
+}
+
+interface Run {
+  seconds: number;
+  rssMB: number | null;
+  stdout: string;
+}
+
+/** Run a command under /usr/bin/time -v; wall time measured here, peak RSS from time's report. */
+function timed(cmd: string, args: string[], env: Record<string, string> = {}): Promise<Run> {
+  const useTime = existsSync('/usr/bin/time');
+  const started = process.hrtime.bigint();
+  const child = spawn(useTime ? '/usr/bin/time' : cmd, useTime ? ['-v', cmd, ...args] : args, {
+    env: { ...process.env, CI: 'true', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  return new Promise((res, rej) => {
+    child.on('close', (code) => {
+      const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+      if (code !== 0) return rej(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${stderr}`));
+      const m = /Maximum resident set size \(kbytes\): (\d+)/.exec(stderr);
+      res({ seconds, rssMB: m ? Number(m[1]) / 1024 : null, stdout });
+    });
+  });
+}
+
+const appliance = (args: string[]) => timed(process.execPath, [CLI, ...args]);
+
+function makeImage(path: string, size: number): void {
+  const fd = openSync(path, 'w');
+  const buf = Buffer.allocUnsafe(FILL_CHUNK);
+  for (let pos = 0; pos < size; pos += FILL_CHUNK) {
+    const n = Math.min(FILL_CHUNK, size - pos);
+    randomFillSync(buf, 0, n);
+    writeSync(fd, buf, 0, n, pos);
+  }
+  fsyncSync(fd);
+  closeSync(fd);
+}
+
+/** Change `count` distinct random blocks with one 4 KiB write each; returns their indices. */
+function changeBlocks(path: string, size: number, count: number): number[] {
+  const blocks = Math.floor(size / BS);
+  const chosen = new Set<number>();
+  while (chosen.size < Math.min(count, blocks)) chosen.add(randomInt(0, blocks));
+  const fd = openSync(path, 'r+');
+  const w = Buffer.allocUnsafe(4096);
+  for (const b of chosen) {
+    randomFillSync(w);
+    writeSync(fd, w, 0, w.length, b * BS + randomInt(0, BS / 4096) * 4096);
+  }
+  fsyncSync(fd);
+  closeSync(fd);
+  return [...chosen].sort((a, b) => a - b);
+}
+
+/** Read the file once so every tool starts with a warm page cache. */
+function warm(path: string): void {
+  spawnSync('cat', [path], { stdio: ['ignore', 'ignore', 'inherit'] });
+}
+
+const rows: Array<[string, string, string, string, string]> = [];
+const fmt = (n: number, d = 2) => n.toFixed(d);
+function row(what: string, r: Run, bytes: number, note = ''): void {
+  rows.push([what, fmt(r.seconds), fmt(bytes / 1e6 / r.seconds, 0), r.rssMB === null ? '-' : fmt(r.rssMB, 0), note]);
+}
+
+async function main(): Promise<void> {
+  if (!existsSync(CLI)) throw new Error('run `npm run build` first');
+  const size = parseSize(arg('size', '4GiB'));
+  const sparseSize = parseSize(arg('sparse', '64GiB'));
+  const dir = mkdtempSync(join(arg('dir', tmpdir()), 'tandem-bench-'));
+  const home = join(dir, 'home');
+  const img = join(dir, 'vol.img');
+  try {
+    console.error(`bench/scan: ${size} byte image in ${dir}`);
+    makeImage(img, size);
+    warm(img);
+    const hasB3 = spawnSync('b3sum', ['--version']).status === 0;
+    const b3 = hasB3 ? await timed('b3sum', ['--num-threads', '2', img]) : null;
+    if (b3) row('b3sum --num-threads 2', b3, size);
+    const cp = await timed('sh', ['-c', `cp "${img}" "${dir}/copy.img" && sync "${dir}/copy.img"`]);
+    row('cp + sync (store disk)', cp, size);
+    rmSync(join(dir, 'copy.img'));
+
+    await appliance(['init', '--home', home, '--name', 'bench']);
+    await appliance(['volume', 'add', 'vol', '--path', img, '--home', home]);
+    warm(img);
+    const first = await appliance(['snapshot', 'vol', '--home', home]);
+    row('first snapshot', first, size, `${fmt(first.seconds / cp.seconds)}x cp (target <= ${TARGETS.firstVsCp})`);
+
+    const pct = Math.max(1, Math.round(size / BS / 100));
+    changeBlocks(img, size, pct);
+    warm(img);
+    const rescan = await appliance(['snapshot', 'vol', '--home', home]);
+    row(`re-snapshot, full scan (${pct} blocks changed)`, rescan, size, b3 ? `${fmt(rescan.seconds / b3.seconds)}x b3sum (target <= ${TARGETS.rescanVsB3sum})` : 'b3sum not installed');
+
+    const changed = changeBlocks(img, size, pct);
+    const cbFile = join(dir, 'changed.txt');
+    writeFileSync(cbFile, changed.join('\n') + '\n');
+    const inc = await appliance(['snapshot', 'vol', '--changed-blocks', cbFile, '--home', home]);
+    row(`snapshot --changed-blocks (${changed.length} blocks)`, inc, changed.length * BS, 'MB/s of the listed blocks');
+
+    const out = join(dir, 'restored.img');
+    const restore = await appliance(['restore', 'vol', '--to', out, '--home', home]);
+    row('restore to a new file', restore, size, `${fmt(cp.seconds / restore.seconds)}x cp speed (target >= ${TARGETS.restoreVsCp})`);
+    const same = spawnSync('cmp', [img, out]).status === 0;
+    rmSync(out);
+
+    const sparse = join(dir, 'sparse.img');
+    const fd = openSync(sparse, 'w');
+    ftruncateSync(fd, sparseSize);
+    const w = Buffer.allocUnsafe(4096);
+    for (let i = 0; i < 4; i++) writeSync(fd, randomFillSync(w), 0, 4096, randomInt(0, Math.floor(sparseSize / 4096)) * 4096);
+    closeSync(fd);
+    await appliance(['volume', 'add', 'sparse', '--path', sparse, '--home', home]);
+    const ss = await appliance(['snapshot', 'sparse', '--home', home]);
+    row(`snapshot, ${sparseSize / 1024 ** 3} GiB sparse volume`, ss, sparseSize, 'MB/s of volume size');
+    const sr = await appliance(['restore', 'sparse', '--to', join(dir, 'sparse-out.img'), '--home', home]);
+    row(`restore, ${sparseSize / 1024 ** 3} GiB sparse volume`, sr, sparseSize, `allocated ${statSync(join(dir, 'sparse-out.img')).blocks * 512} bytes`);
+
+    const header: [string, string, string, string, string] = ['step', 'seconds', 'MB/s', 'peak RSS MB', 'vs target'];
+    const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+    const line = (r: string[]) => r.map((c, i) => (i === 0 || i === 4 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ');
+    console.log(`image ${fmt(size / 1024 ** 3, 1)} GiB, blocks of 512 KiB, page cache warm; restored image identical: ${same}`);
+    console.log(line(header));
+    for (const r of rows) console.log(line(r));
+    const peak = Math.max(...[first, rescan, inc, restore, ss, sr].map((r) => r.rssMB ?? 0));
+    console.log(`peak RSS of the CLI: ${fmt(peak, 0)} MB (target <= ${TARGETS.rssMB})`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+await main();
