@@ -23,12 +23,14 @@ export interface RetentionResult {
  * Meta namespaces whose records name snapshots that incremental transfers build on: the base
  * of the last sync with a peer, the last EBS export, and the scheduler's last replicated point.
  */
-const PIN_NAMESPACES = ['sync-base', 'replication', 'ebs-exports', 'scheduler'] as const;
+const PIN_NAMESPACES = ['sync-base', 'replication', 'ebs-exports', 'ebs-pending', 'scheduler'] as const;
 /** Record fields that hold a snapshot id in those namespaces. */
-const PIN_FIELD = /^(snapshot|snapshotId|base|baseSnapshot|lastSnapshot|lastReplicated|lastExported|sourceSnapshot|parent)$/;
+const PIN_FIELD = /^(snapshot|snapshotId|base|baseSnapshot|tandemSnapshot|baseTandemSnapshot|lastReplicated|lastExported)$/;
 
 function collectIds(v: unknown, out: Set<string>, depth = 0): void {
   if (depth > 4 || v === null || typeof v !== 'object') return;
+  // A history list (e.g. ebs-exports, oldest first): only its newest entry is a base.
+  if (Array.isArray(v)) return collectIds(v[v.length - 1], out, depth + 1);
   for (const [k, x] of Object.entries(v as Record<string, unknown>)) {
     if (typeof x === 'string' && PIN_FIELD.test(k)) out.add(x);
     else if (typeof x === 'object') collectIds(x, out, depth + 1);

@@ -2,4 +2,4 @@
 export { selectRetained } from './retention.js';
 export type { Dated } from './retention.js';
 export { applyRetention, pinnedSnapshots } from './apply.js';
-export type { RetentionResult } from './apply.js';
+export type { RetentionResult, RetentionStore } from './apply.js';

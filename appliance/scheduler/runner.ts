@@ -1,0 +1,413 @@
+/**
+ * The scheduler: runs each protected volume's job early enough to meet its RPO.
+ *
+ * A *unit* is what one job protects: a volume group (snapshotted together, between its hooks)
+ * or a single volume. On the appliance that owns the volumes (they have a local path) a
+ * `protect` job snapshots the unit, replicates each snapshot to the peer (config
+ * `replication.peer`), then applies retention. On the appliance that receives replicas (no
+ * local path) a `replica` job runs when a new replica arrives: export to EBS when the policy
+ * says `export: ebs`, then retention. `gc()` runs after retention deleted something.
+ *
+ * Guarantees:
+ * - at most one job per volume (units are disjoint; the volume lock also stops a CLI snapshot);
+ * - jobs are ordered by deadline (earliest deadline first) with at most `maxParallel` at once;
+ * - each step is checkpointed in meta `scheduler` (state.ts); after a restart the job resumes
+ *   from its step (a snapshot step is redone: a recovery point must be taken between its hooks;
+ *   a replication continues with the same snapshots, and the sync itself resumes where it stopped);
+ * - `stop()` stops scheduling, lets running jobs finish for a bounded time, then aborts them:
+ *   their checkpoint stays and the next start resumes them.
+ */
+import { randomBytes } from 'node:crypto';
+import { performance } from 'node:perf_hooks';
+import { isTandemError, TandemError } from '../../common/errors.js';
+import type { GcReport, SnapshotRecord, VolumeRecord } from '../../store/types.js';
+import { groupOf, policyFor, type Config, type Hooks, type Policy } from '../config/index.js';
+import { withHooks } from '../hooks.js';
+import { applyRetention, type RetentionStore } from '../policy/index.js';
+import type { Clock } from './clock.js';
+import { expectedDurationMs, nextStart, updateRates } from './deadline.js';
+import {
+  clearCheckpoint, listCheckpoints, readRates, readVolumeState, saveCheckpoint, updateVolumeState, RATES_NS,
+  type JobCheckpoint, type MetaStore,
+} from './state.js';
+
+/** What a job does to a volume; the daemon wires these to ops, replicate and ebs (steps.ts). */
+export interface JobSteps {
+  /** Take a snapshot of a local volume (takes the volume lock). */
+  snapshot(volume: string, opts: { labels: Record<string, string>; signal: AbortSignal }): Promise<SnapshotRecord>;
+  /** Push `snapshot` to the peer; null when no replication is configured. Returns the bytes sent. */
+  replicate: ((volume: string, snapshot: SnapshotRecord, signal: AbortSignal) => Promise<{ bytesSent: number }>) | null;
+  /** Export a replica to EBS; null where EBS is not available. */
+  exportEbs: ((volume: string, snapshot: SnapshotRecord, signal: AbortSignal) => Promise<{ ebsSnapshotId: string }>) | null;
+}
+
+export interface SchedulerStore extends MetaStore, RetentionStore {
+  listVolumes(): Promise<VolumeRecord[]>;
+  latestSnapshot(volume: string): Promise<SnapshotRecord | null>;
+  getSnapshot(volume: string, id: string): Promise<SnapshotRecord | null>;
+  gc(): Promise<GcReport>;
+}
+
+/** Structured log sink (pino's logger fits). */
+export interface Log {
+  info(obj: object, msg: string): void;
+  warn(obj: object, msg: string): void;
+  error(obj: object, msg: string): void;
+}
+
+export interface SchedulerOptions {
+  readonly store: SchedulerStore;
+  readonly steps: JobSteps;
+  /** Called every round: the daemon re-reads config.yaml so edits apply without a restart. */
+  readonly loadConfig: () => Promise<Config>;
+  readonly clock: Clock;
+  readonly log: Log;
+  /** Jobs at once (on different volumes). */
+  readonly maxParallel?: number;
+  /** Longest sleep between rounds: how soon new volumes, replicas and config edits are noticed. */
+  readonly rescanMs?: number;
+  /** Called after each job (tests and the daemon's alerting wait on this instead of sleeping). */
+  readonly onJobEnd?: (unit: string, outcome: { ok: boolean; error?: unknown }) => void;
+}
+
+export interface Unit {
+  readonly key: string;
+  readonly kind: 'protect' | 'replica';
+  readonly group: string | null;
+  readonly volumes: readonly VolumeRecord[];
+  /** The strictest policy among the unit's volumes (smallest RPO). */
+  readonly policy: Policy;
+  readonly hooks: Hooks | null;
+}
+
+/** Two jobs at once keep a slow replication from starving other volumes on a 2-core appliance. */
+export const DEFAULT_MAX_PARALLEL = 2;
+/** Config edits, new volumes and arriving replicas are noticed within a minute. */
+export const DEFAULT_RESCAN_MS = 60_000;
+/** After a failed job: retry after 30 s, doubling up to 10 min (never hammer a dead peer). */
+export const RETRY_BASE_MS = 30_000;
+export const RETRY_MAX_MS = 600_000;
+
+/** The units to schedule: groups and single volumes with a policy (pure). */
+export function planUnits(config: Config, volumes: readonly VolumeRecord[]): Unit[] {
+  const units: Unit[] = [];
+  const byName = new Map(volumes.map((v) => [v.name, v]));
+  const grouped = new Set<string>();
+  for (const g of Object.values(config.groups)) {
+    const members = g.volumes.map((n) => byName.get(n)).filter((v): v is VolumeRecord => v !== undefined && v.path !== undefined);
+    members.forEach((v) => grouped.add(v.name));
+    const policies = members.map((v) => policyFor(config, v)).filter((p): p is Policy => p !== null);
+    if (members.length === 0 || policies.length === 0) continue;
+    const policy = policies.reduce((a, b) => (b.rpoMs < a.rpoMs ? b : a));
+    units.push({ key: `group:${g.name}`, kind: 'protect', group: g.name, volumes: members, policy, hooks: g.hooks });
+  }
+  for (const v of volumes) {
+    if (grouped.has(v.name)) continue;
+    const policy = policyFor(config, v);
+    if (policy === null) continue;
+    const kind = v.path !== undefined ? 'protect' : 'replica';
+    units.push({ key: `volume:${v.name}`, kind, group: null, volumes: [v], policy, hooks: kind === 'protect' ? groupOf(config, v.name)?.hooks ?? null : null });
+  }
+  return units;
+}
+
+function newJobId(now: number): string {
+  return `job-${new Date(now).toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z')}-${randomBytes(3).toString('hex')}`;
+}
+
+function errorInfo(e: unknown): { code: string; message: string } {
+  return isTandemError(e) ? { code: e.code, message: e.message } : { code: 'ERR_INTERNAL', message: (e as Error)?.message ?? String(e) };
+}
+
+interface Running {
+  readonly promise: Promise<void>;
+  readonly abort: AbortController;
+  readonly volumes: readonly string[];
+}
+
+export class Scheduler {
+  private readonly o: Required<Omit<SchedulerOptions, 'onJobEnd'>> & Pick<SchedulerOptions, 'onJobEnd'>;
+  private readonly running = new Map<string, Running>();
+  private readonly failures = new Map<string, { count: number; retryAt: number }>();
+  private stopping = false;
+  private wake = new AbortController();
+  private loopDone: Promise<void> | null = null;
+  private lastConfig: Config | null = null;
+
+  constructor(opts: SchedulerOptions) {
+    this.o = { maxParallel: DEFAULT_MAX_PARALLEL, rescanMs: DEFAULT_RESCAN_MS, ...opts };
+  }
+
+  /** Start: resume checkpointed jobs, then schedule. Returns at once; `stop()` ends it. */
+  start(): void {
+    if (this.loopDone) return;
+    this.loopDone = this.loop();
+  }
+
+  /** Jobs running now, by unit key. */
+  runningUnits(): string[] {
+    return [...this.running.keys()];
+  }
+
+  /**
+   * Stop scheduling; wait up to `graceMs` (real time) for running jobs, then abort them (their
+   * checkpoints stay for the next start) and wait for them to unwind.
+   */
+  async stop(graceMs = 30_000): Promise<void> {
+    this.stopping = true;
+    this.wake.abort();
+    const all = () => Promise.allSettled([...this.running.values()].map((r) => r.promise));
+    let timer: NodeJS.Timeout | undefined;
+    const graceOver = new Promise<'timeout'>((r) => { timer = setTimeout(() => r('timeout'), graceMs); });
+    const first = await Promise.race([all().then(() => 'done' as const), graceOver]);
+    clearTimeout(timer);
+    if (first === 'timeout') {
+      for (const [unit, r] of this.running) {
+        this.o.log.warn({ unit }, 'stopping: aborting the running job; it resumes from its checkpoint at the next start');
+        r.abort.abort(new TandemError('ERR_INTERNAL', 'the daemon is stopping'));
+      }
+      await all();
+    }
+    await this.loopDone;
+  }
+
+  private async loadConfig(): Promise<Config | null> {
+    try {
+      this.lastConfig = await this.o.loadConfig();
+    } catch (e) {
+      this.o.log.error({ err: errorInfo(e) }, 'config.yaml is invalid: keeping the last valid configuration');
+    }
+    return this.lastConfig;
+  }
+
+  private async loop(): Promise<void> {
+    const { store, clock, log } = this.o;
+    // Resume what a previous run left half done, before anything new.
+    const config0 = await this.loadConfig();
+    for (const cp of await listCheckpoints(store)) {
+      const unit = config0 ? planUnits(config0, await store.listVolumes()).find((u) => u.key === cp.unit) : undefined;
+      if (!unit) {
+        log.warn({ unit: cp.unit, job: cp.id }, 'a checkpointed job belongs to a unit no longer configured: dropping it');
+        await clearCheckpoint(store, cp.unit);
+        continue;
+      }
+      log.info({ unit: cp.unit, job: cp.id, step: cp.step }, 'resuming a job interrupted by a restart');
+      this.launch(unit, { ...cp, resumes: cp.resumes + 1 });
+    }
+    while (!this.stopping) {
+      const config = await this.loadConfig();
+      let sleepMs = this.o.rescanMs;
+      if (config) {
+        const now = clock.now();
+        const due: Array<{ unit: Unit; at: number }> = [];
+        for (const unit of planUnits(config, await store.listVolumes())) {
+          if (this.running.has(unit.key)) continue;
+          const at = Math.max(await this.dueAt(unit, config, now), this.failures.get(unit.key)?.retryAt ?? -Infinity);
+          due.push({ unit, at });
+        }
+        due.sort((a, b) => a.at - b.at);
+        for (const d of due) {
+          if (d.at > now) {
+            sleepMs = Math.min(sleepMs, d.at - now);
+            break;
+          }
+          if (this.running.size >= this.o.maxParallel) break;
+          if (d.unit.volumes.some((v) => this.busy(v.name))) continue;
+          this.launch(d.unit, null);
+        }
+      }
+      if (this.stopping) break;
+      await clock.sleep(sleepMs, this.wake.signal);
+      if (this.wake.signal.aborted) this.wake = new AbortController();
+    }
+  }
+
+  private busy(volume: string): boolean {
+    for (const r of this.running.values()) if (r.volumes.includes(volume)) return true;
+    return false;
+  }
+
+  /** When `unit` should start next (ms since epoch). */
+  private async dueAt(unit: Unit, config: Config, now: number): Promise<number> {
+    const { store } = this.o;
+    if (unit.kind === 'replica') {
+      const v = unit.volumes[0]!;
+      const latest = await store.latestSnapshot(v.name);
+      const st = await readVolumeState(store, v.name);
+      return latest !== null && latest.id !== st.lastSeen ? now : Infinity;
+    }
+    let lastGood: number | null = Infinity;
+    let expected = 0;
+    for (const v of unit.volumes) {
+      const st = await readVolumeState(store, v.name);
+      const t = st.lastGood === null ? null : Date.parse(st.lastGood);
+      lastGood = t === null || lastGood === null ? null : Math.min(lastGood, t);
+      expected += expectedDurationMs(await readRates(store, v.name), v.size, config.replication !== null && this.o.steps.replicate !== null);
+    }
+    return nextStart(lastGood, unit.policy.rpoMs, expected, now);
+  }
+
+  private launch(unit: Unit, checkpoint: JobCheckpoint | null): void {
+    const abort = new AbortController();
+    const promise = this.runJob(unit, checkpoint, abort.signal).then(
+      () => {
+        this.failures.delete(unit.key);
+        this.o.onJobEnd?.(unit.key, { ok: true });
+      },
+      (e) => {
+        if (abort.signal.aborted) {
+          this.o.log.warn({ unit: unit.key }, 'job interrupted; checkpoint kept');
+        } else {
+          const count = (this.failures.get(unit.key)?.count ?? 0) + 1;
+          const delay = Math.min(RETRY_MAX_MS, RETRY_BASE_MS * 2 ** (count - 1));
+          this.failures.set(unit.key, { count, retryAt: this.o.clock.now() + delay });
+          this.o.log.error({ unit: unit.key, err: errorInfo(e), retryInMs: delay }, 'job failed');
+        }
+        this.o.onJobEnd?.(unit.key, { ok: false, error: e });
+      },
+    ).finally(() => {
+      this.running.delete(unit.key);
+      this.wake.abort();
+    });
+    this.running.set(unit.key, { promise, abort, volumes: unit.volumes.map((v) => v.name) });
+  }
+
+  private async runJob(unit: Unit, resume: JobCheckpoint | null, signal: AbortSignal): Promise<void> {
+    const { store, clock, log } = this.o;
+    const now = clock.now();
+    let cp: JobCheckpoint = resume ?? {
+      id: newJobId(now),
+      unit: unit.key,
+      kind: unit.kind,
+      volumes: unit.volumes.map((v) => v.name),
+      step: unit.kind === 'protect' ? 'snapshot' : 'export',
+      snapshots: {},
+      done: [],
+      pointTime: null,
+      started: new Date(now).toISOString(),
+      resumes: 0,
+    };
+    await saveCheckpoint(store, cp);
+    log.info({ unit: unit.key, job: cp.id, step: cp.step }, resume ? 'job resumed' : 'job started');
+    let warning: string | undefined;
+    try {
+      if (cp.step === 'snapshot') {
+        const r = await this.snapshotStep(unit, cp, signal);
+        cp = r.cp;
+        warning = r.warning;
+      }
+      if (cp.step === 'replicate') cp = await this.replicateStep(unit, cp, signal);
+      if (cp.step === 'export') cp = await this.exportStep(unit, cp, signal);
+      if (cp.step === 'retention') await this.retentionStep(unit);
+    } catch (e) {
+      if (!signal.aborted) {
+        // A failed job starts over next time (a fresh snapshot); an aborted one resumes.
+        await clearCheckpoint(store, unit.key);
+        for (const v of cp.volumes) await updateVolumeState(store, v, { lastJob: { id: cp.id, ended: new Date(clock.now()).toISOString(), ok: false, error: errorInfo(e) } });
+      }
+      throw e;
+    }
+    for (const v of cp.volumes) {
+      await updateVolumeState(store, v, { lastJob: { id: cp.id, ended: new Date(clock.now()).toISOString(), ok: true, ...(warning ? { warning } : {}) } });
+    }
+    await clearCheckpoint(store, unit.key);
+    log.info({ unit: unit.key, job: cp.id, ...(warning ? { warning } : {}) }, 'job done');
+  }
+
+  private async snapshotStep(unit: Unit, cp: JobCheckpoint, signal: AbortSignal): Promise<{ cp: JobCheckpoint; warning?: string }> {
+    const { store, steps, clock } = this.o;
+    const pointTime = new Date(clock.now()).toISOString();
+    const labels: Record<string, string> = unit.group ? { group: unit.group, groupRun: cp.id } : {};
+    const take = async () => {
+      const snaps: Record<string, string> = {};
+      for (const v of unit.volumes) {
+        const t0 = performance.now();
+        const snap = await steps.snapshot(v.name, { labels, signal });
+        const secs = Math.max(0.001, (performance.now() - t0) / 1000);
+        await store.putMeta(RATES_NS, v.name, updateRates(await readRates(store, v.name), { scanBytesPerSec: snap.size / secs }, new Date()));
+        snaps[v.name] = snap.id;
+      }
+      return snaps;
+    };
+    let snaps: Record<string, string>;
+    let warning: string | undefined;
+    try {
+      snaps = await withHooks(unit.hooks, take, { env: { TANDEM_GROUP: unit.group ?? '', TANDEM_VOLUMES: unit.volumes.map((v) => v.name).join(' ') } });
+    } catch (e) {
+      // A post hook that failed after the snapshots were taken: the snapshots stand.
+      if (isTandemError(e, 'ERR_HOOK_FAILED') && e.details.snapshotTaken === true) {
+        snaps = e.details.result as Record<string, string>;
+        warning = e.message;
+        this.o.log.warn({ unit: unit.key, err: errorInfo(e) }, 'post hook failed; the snapshots are kept');
+      } else throw e;
+    }
+    const replicate = this.lastConfig?.replication != null && steps.replicate !== null;
+    for (const [v, id] of Object.entries(snaps)) {
+      await updateVolumeState(store, v, { lastSnapshot: id, ...(replicate ? {} : { lastGood: pointTime }) });
+    }
+    const next: JobCheckpoint = { ...cp, step: replicate ? 'replicate' : 'retention', snapshots: snaps, done: [], pointTime };
+    await saveCheckpoint(store, next);
+    return { cp: next, ...(warning ? { warning } : {}) };
+  }
+
+  private async replicateStep(unit: Unit, cp: JobCheckpoint, signal: AbortSignal): Promise<JobCheckpoint> {
+    const { store, steps } = this.o;
+    let cur = cp;
+    for (const v of unit.volumes) {
+      if (cur.done.includes(v.name) || steps.replicate === null) continue;
+      const id = cur.snapshots[v.name];
+      const snap = id === undefined ? null : await store.getSnapshot(v.name, id);
+      if (snap === null) {
+        throw new TandemError('ERR_SNAPSHOT_NOT_FOUND', `snapshot ${id ?? '(none)'} of "${v.name}" taken by job ${cp.id} is gone; the next job takes a fresh one`, { details: { volume: v.name, snapshot: id } });
+      }
+      const t0 = performance.now();
+      const r = await steps.replicate(v.name, snap, signal);
+      const secs = Math.max(0.001, (performance.now() - t0) / 1000);
+      await store.putMeta(RATES_NS, v.name, updateRates(await readRates(store, v.name), { syncBytesPerSec: r.bytesSent > 0 ? r.bytesSent / secs : undefined, changedBytes: r.bytesSent }, new Date()));
+      await updateVolumeState(store, v.name, { lastGood: cur.pointTime, lastReplicated: snap.id });
+      cur = { ...cur, done: [...cur.done, v.name] };
+      await saveCheckpoint(store, cur);
+    }
+    cur = { ...cur, step: 'retention', done: [] };
+    await saveCheckpoint(store, cur);
+    return cur;
+  }
+
+  private async exportStep(unit: Unit, cp: JobCheckpoint, signal: AbortSignal): Promise<JobCheckpoint> {
+    const { store, steps, log } = this.o;
+    const v = unit.volumes[0]!;
+    const snap = await store.latestSnapshot(v.name);
+    let cur: JobCheckpoint = { ...cp, snapshots: snap ? { [v.name]: snap.id } : {} };
+    if (snap && unit.policy.export === 'ebs') {
+      if (steps.exportEbs === null) {
+        log.warn({ volume: v.name }, 'the policy asks for an EBS export but this appliance has no AWS access configured');
+      } else {
+        const r = await steps.exportEbs(v.name, snap, signal);
+        await updateVolumeState(store, v.name, { lastExported: snap.id });
+        log.info({ volume: v.name, snapshot: snap.id, ebsSnapshotId: r.ebsSnapshotId }, 'exported to EBS');
+      }
+    }
+    // The replica's recovery point is the time it was taken on the other side.
+    if (snap) await updateVolumeState(store, v.name, { lastSeen: snap.id, lastGood: snap.created, lastSnapshot: snap.id });
+    cur = { ...cur, step: 'retention' };
+    await saveCheckpoint(store, cur);
+    return cur;
+  }
+
+  private async retentionStep(unit: Unit): Promise<void> {
+    const { store, log, clock } = this.o;
+    const config = this.lastConfig;
+    let deleted = 0;
+    for (const v of unit.volumes) {
+      const policy = config ? policyFor(config, v) : null;
+      if (policy === null || policy.retention === null) continue;
+      const r = await applyRetention(store, v.name, policy, undefined, clock.now());
+      deleted += r.deleted.length;
+      if (r.deleted.length > 0) log.info({ volume: v.name, deleted: r.deleted, kept: r.kept.length }, 'retention applied');
+    }
+    if (deleted > 0) {
+      const gc = await store.gc();
+      log.info({ ...gc }, 'gc done');
+    }
+  }
+}

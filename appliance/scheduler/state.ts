@@ -1,0 +1,97 @@
+/**
+ * The scheduler's durable state, in the store's meta namespace `scheduler` (so it survives
+ * restarts and is as crash-safe as the store):
+ *
+ * | key            | value |
+ * | ---            | --- |
+ * | `VOLUME`       | {@link VolumeState}: last good point, last snapshot/replication/export, last job |
+ * | `#job/UNIT`    | {@link JobCheckpoint}: the job running on a unit (`volume:NAME` or `group:NAME`) and how far it got |
+ *
+ * Rates measured per volume live in namespace `rates` (key VOLUME, {@link Rates}).
+ * Volume names cannot contain `#` or `/`, so the two kinds of keys never collide.
+ */
+import type { Rates } from './deadline.js';
+import { DEFAULT_RATES } from './deadline.js';
+
+export const STATE_NS = 'scheduler';
+export const RATES_NS = 'rates';
+export const JOB_PREFIX = '#job/';
+
+export interface JobOutcome {
+  readonly id: string;
+  readonly ended: string;
+  readonly ok: boolean;
+  readonly error?: { readonly code: string; readonly message: string };
+  /** A problem that did not fail the job (e.g. a post hook that failed after the snapshot). */
+  readonly warning?: string;
+}
+
+export interface VolumeState {
+  /** Time of the last good recovery point (the start of the snapshot that was replicated), ISO. */
+  readonly lastGood: string | null;
+  readonly lastSnapshot: string | null;
+  /** Snapshot id last pushed to the peer (kept by retention: the next sync builds on it). */
+  readonly lastReplicated: string | null;
+  /** Cloud side: the snapshot last exported to EBS, and the latest replica handled. */
+  readonly lastExported: string | null;
+  readonly lastSeen: string | null;
+  readonly lastJob: JobOutcome | null;
+}
+
+export const EMPTY_VOLUME_STATE: VolumeState = {
+  lastGood: null, lastSnapshot: null, lastReplicated: null, lastExported: null, lastSeen: null, lastJob: null,
+};
+
+export type JobStep = 'snapshot' | 'replicate' | 'export' | 'retention';
+
+export interface JobCheckpoint {
+  readonly id: string;
+  readonly unit: string;
+  /** protect: snapshot + replicate local volumes; replica: export + retention of received replicas. */
+  readonly kind: 'protect' | 'replica';
+  readonly volumes: readonly string[];
+  readonly step: JobStep;
+  /** Snapshot taken (protect) or handled (replica) per volume. */
+  readonly snapshots: Readonly<Record<string, string>>;
+  /** Volumes whose current step is done (replicate: pushed). */
+  readonly done: readonly string[];
+  /** The recovery point of this job (scheduler clock), ISO; null before the snapshot. */
+  readonly pointTime: string | null;
+  readonly started: string;
+  /** Times this job was resumed after a restart. */
+  readonly resumes: number;
+}
+
+/** The meta surface the scheduler uses. */
+export interface MetaStore {
+  getMeta<T>(ns: string, key: string): Promise<T | undefined>;
+  putMeta(ns: string, key: string, value: unknown): Promise<void>;
+  deleteMeta(ns: string, key: string): Promise<void>;
+  listMeta<T>(ns: string): Promise<Array<[string, T]>>;
+}
+
+export async function readVolumeState(store: MetaStore, volume: string): Promise<VolumeState> {
+  return { ...EMPTY_VOLUME_STATE, ...(await store.getMeta<VolumeState>(STATE_NS, volume)) };
+}
+
+export async function updateVolumeState(store: MetaStore, volume: string, patch: Partial<VolumeState>): Promise<VolumeState> {
+  const next = { ...(await readVolumeState(store, volume)), ...patch };
+  await store.putMeta(STATE_NS, volume, next);
+  return next;
+}
+
+export async function readRates(store: MetaStore, volume: string): Promise<Rates> {
+  return (await store.getMeta<Rates>(RATES_NS, volume)) ?? DEFAULT_RATES;
+}
+
+export async function listCheckpoints(store: MetaStore): Promise<JobCheckpoint[]> {
+  return (await store.listMeta<JobCheckpoint>(STATE_NS)).filter(([k]) => k.startsWith(JOB_PREFIX)).map(([, v]) => v);
+}
+
+export function saveCheckpoint(store: MetaStore, cp: JobCheckpoint): Promise<void> {
+  return store.putMeta(STATE_NS, JOB_PREFIX + cp.unit, cp);
+}
+
+export function clearCheckpoint(store: MetaStore, unit: string): Promise<void> {
+  return store.deleteMeta(STATE_NS, JOB_PREFIX + unit);
+}
