@@ -1,0 +1,137 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseConfig, loadConfig, policyFor, hooksForVolume, groupOf, globMatch } from '../../appliance/config/index.js';
+import { isTandemError, type TandemError } from '../../common/errors.js';
+
+const GOOD = `# comment
+appliance:
+  name: onprem
+policies:
+  gold:
+    rpo: 15m
+    rto: 1h
+    retention: { hourly: 24, daily: 7, weekly: 4 }
+    export: ebs
+  bronze:
+    rpo: 1d
+assign:
+  - match: "db-*"
+    policy: gold
+  - tag: prod
+    policy: gold
+  - match: "*"
+    policy: bronze
+groups:
+  erp:
+    volumes: [db-root, db-data]
+    hooks: { pre: "true", post: "true", timeout: 30s }
+replication: { peer: cloud }
+alerts: { webhook: "http://127.0.0.1:9/hook" }
+recovery:
+  erp:
+    instanceType: m6i.large
+    subnet: subnet-0abc
+    securityGroups: [sg-0abc]
+    rootVolume: { volume: db-root, device: /dev/sda1 }
+`;
+
+function invalid(text: string): TandemError {
+  try {
+    parseConfig(text, '/home/x/config.yaml');
+  } catch (e) {
+    assert.ok(isTandemError(e, 'ERR_CONFIG_INVALID'), String(e));
+    return e;
+  }
+  assert.fail('expected ERR_CONFIG_INVALID');
+}
+
+test('a valid config normalizes durations, policies, groups and keeps recovery plans as written', () => {
+  const c = parseConfig(GOOD, 'config.yaml');
+  assert.equal(c.policies.gold!.rpoMs, 15 * 60_000);
+  assert.equal(c.policies.gold!.rtoMs, 3_600_000);
+  assert.deepEqual(c.policies.gold!.retention, { hourly: 24, daily: 7, weekly: 4 });
+  assert.equal(c.policies.gold!.export, 'ebs');
+  assert.equal(c.policies.bronze!.rtoMs, null);
+  assert.equal(c.groups.erp!.hooks!.timeoutMs, 30_000);
+  assert.equal(c.replication!.peer, 'cloud');
+  assert.equal(c.recovery.erp!.instanceType, 'm6i.large');
+  assert.equal(c.recovery.erp!.rootVolume.volume, 'db-root');
+});
+
+test('config errors name the file, line and key', () => {
+  const e = invalid(GOOD.replace('rpo: 15m', 'rpo: 5x'));
+  assert.match(e.message, /^config\.yaml:6: policies\.gold\.rpo: "5x" is not a duration \(write e\.g\. 15m, 1h\)/);
+  assert.deepEqual([e.details.file, e.details.line, e.details.key], ['/home/x/config.yaml', 6, 'policies.gold.rpo']);
+
+  const typo = invalid(GOOD.replace('    rto: 1h', '    rtoo: 1h'));
+  assert.equal(typo.details.line, 7);
+  assert.equal(typo.details.key, 'policies.gold.rtoo');
+  assert.match(typo.message, /unknown key "rtoo"/);
+
+  const badPlan = invalid(GOOD.replace('subnet: subnet-0abc', 'subnet: net-1'));
+  assert.equal(badPlan.details.key, 'recovery.erp.subnet');
+  assert.equal(badPlan.details.line, 28);
+
+  const missing = invalid('appliance: {}\n');
+  assert.equal(missing.details.key, 'appliance.name');
+  assert.match(missing.message, /is required/);
+
+  const syntax = invalid('appliance:\n  name: [x\n');
+  assert.match(syntax.message, /^config\.yaml:\d+: YAML syntax/);
+});
+
+test('cross references are checked: unknown policy, volume in two groups, assign rule shape', () => {
+  const e = invalid(GOOD.replace('policy: bronze', 'policy: silver'));
+  assert.equal(e.details.key, 'assign.2.policy');
+  assert.equal(e.details.line, 18);
+  assert.match(e.message, /policy "silver" is not defined/);
+
+  const two = invalid(GOOD.replace('replication:', '  other:\n    volumes: [db-data]\nreplication:'));
+  assert.equal(two.details.key, 'groups.other.volumes.0');
+  assert.match(two.message, /already in group "erp"/);
+
+  const shape = invalid(GOOD.replace('  - tag: prod\n', '  - tag: prod\n    match: "x"\n'));
+  assert.equal(shape.details.key, 'assign.1');
+  assert.match(shape.message, /exactly one of `match`/);
+
+  const hook = invalid(GOOD.replace('timeout: 30s', 'timeout: soon'));
+  assert.equal(hook.details.key, 'groups.erp.hooks.timeout');
+});
+
+test('every problem is reported in one pass, in line order', () => {
+  const e = invalid(GOOD.replace('rpo: 15m', 'rpo: 15').replace('rpo: 1d', 'rpoo: 1d'));
+  const problems = e.details.problems as Array<{ line: number; key: string }>;
+  assert.ok(problems.length >= 2);
+  assert.deepEqual(problems.map((p) => p.line), [...problems.map((p) => p.line)].sort((a, b) => a - b));
+});
+
+test('policyFor: explicit policy, then assign rules by glob or tag, in order', () => {
+  const c = parseConfig(GOOD, 'config.yaml');
+  const vol = (name: string, extra: { policy?: string; tags?: string[] } = {}) => ({ name, ...extra });
+  assert.equal(policyFor(c, vol('db-root'))!.name, 'gold');
+  assert.equal(policyFor(c, vol('web', { tags: ['prod'] }))!.name, 'gold');
+  assert.equal(policyFor(c, vol('web'))!.name, 'bronze');
+  assert.equal(policyFor(c, vol('db-x', { policy: 'bronze' }))!.name, 'bronze');
+  assert.equal(policyFor(c, vol('db-x', { policy: 'nope' })), null);
+  const none = parseConfig('appliance: { name: a }\n', 'config.yaml');
+  assert.equal(policyFor(none, vol('db-root')), null);
+  assert.equal(groupOf(c, 'db-data')!.name, 'erp');
+  assert.equal(hooksForVolume(c, 'db-data')!.pre, 'true');
+  assert.equal(hooksForVolume(c, 'web'), null);
+  assert.ok(globMatch('db-?', 'db-1') && !globMatch('db-?', 'db-12') && globMatch('a.b*', 'a.bc') && !globMatch('a.b', 'axb'));
+});
+
+test('loadConfig reads HOME/config.yaml; the default config written by init validates', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'tandem-cfg-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const { Home } = await import('../../appliance/home.js');
+  const home = await Home.init(join(dir, 'h'), 'onprem');
+  const c = await loadConfig(home);
+  assert.equal(c.appliance.name, 'onprem');
+  writeFileSync(home.paths.config, GOOD);
+  assert.equal((await loadConfig(home.dir)).policies.gold!.rpoMs, 900_000);
+  await assert.rejects(loadConfig(join(dir, 'absent')), (e: unknown) => isTandemError(e, 'ERR_CONFIG_INVALID'));
+});
