@@ -1,0 +1,10 @@
+/**
+ * The block store's public surface (see store/README.md for the on-disk format).
+ */
+export * from './types.js';
+export { hashBlock, isZeroBlock, ZERO_HASH, HASH_LENGTH, toHex, parseHex } from './hash.js';
+export { newSnapshotId, isValidVolumeName, isValidSnapshotId } from './ids.js';
+export { FANOUT, treeHeight, blockCount, nodeHash, makeNode } from './tree.js';
+export type { BlockChange } from './tree.js';
+export { Store, DEFAULT_BLOCK_SIZE } from './store.js';
+export type { BuildSnapshotOptions } from './store.js';

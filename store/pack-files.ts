@@ -1,0 +1,221 @@
+/**
+ * The pack files of a store: STORE_DIR/packs/NNNNNNNN.pack, append-only.
+ *
+ * Durability protocol: bytes are appended without fsync; {@link PackFiles.sync} fsyncs every pack
+ * written since the last sync (and the directory when a file was created) and returns their new
+ * lengths, which the store then records in the index ('p' keys) in the same batch as the block
+ * entries pointing into them. So the index never points at bytes that are not durable.
+ *
+ * Recovery on open (see store/README.md): a pack without a 'p' entry is unreferenced (a crashed
+ * first write, or a gc leftover) and deleted; a pack longer than its durable length has a torn
+ * or unindexed tail, which is truncated away (nothing refers to it); a pack shorter than its
+ * durable length lost acknowledged data: it is kept, and reads of the missing records fail with
+ * ERR_STORE_CORRUPT so `verify` can name the blocks.
+ */
+import { mkdir, open, readdir, stat, truncate, unlink, type FileHandle } from 'node:fs/promises';
+import { join } from 'node:path';
+import { TandemError, fromSystemError } from '../common/errors.js';
+import type { Hash } from './types.js';
+import type { BlockLocation } from './keys.js';
+import { encodeRecordParts, packFileName, parsePackFileName, PACK_TARGET_SIZE, recordLength } from './pack.js';
+
+export const PACKS_DIR = 'packs';
+
+export interface RecoveryReport {
+  readonly removed: number[];
+  readonly truncated: Array<{ pack: number; from: number; to: number }>;
+  readonly short: Array<{ pack: number; size: number; durable: number }>;
+}
+
+export async function fsyncDir(dir: string): Promise<void> {
+  const fh = await open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+export class PackFiles {
+  readonly dir: string;
+  /** Durable length of every live pack (mirror of the index 'p' entries). */
+  readonly durable: Map<number, number>;
+  private readonly readers = new Map<number, FileHandle>();
+  private writer: { id: number; fh: FileHandle; size: number } | undefined;
+  /** Packs appended to (or created) since the last sync, with their current size. */
+  private readonly dirty = new Map<number, { fh: FileHandle; size: number; created: boolean }>();
+  private nextId: number;
+
+  private constructor(dir: string, durable: Map<number, number>, nextId: number) {
+    this.dir = dir;
+    this.durable = durable;
+    this.nextId = nextId;
+  }
+
+  /** Open the packs directory and recover it against the durable lengths from the index. */
+  static async open(storeDir: string, durable: Map<number, number>): Promise<{ packs: PackFiles; recovery: RecoveryReport }> {
+    const dir = join(storeDir, PACKS_DIR);
+    await mkdir(dir, { recursive: true });
+    const recovery: RecoveryReport = { removed: [], truncated: [], short: [] };
+    let maxId = 0;
+    for (const name of await readdir(dir)) {
+      const id = parsePackFileName(name);
+      if (id === undefined) {
+        if (name.endsWith('.pack.tmp')) await unlink(join(dir, name)).catch(() => undefined);
+        continue;
+      }
+      maxId = Math.max(maxId, id);
+      const path = join(dir, name);
+      const want = durable.get(id);
+      if (want === undefined) {
+        await unlink(path);
+        recovery.removed.push(id);
+        continue;
+      }
+      const size = (await stat(path)).size;
+      if (size > want) {
+        await truncate(path, want);
+        recovery.truncated.push({ pack: id, from: size, to: want });
+      } else if (size < want) {
+        recovery.short.push({ pack: id, size, durable: want });
+      }
+    }
+    for (const id of durable.keys()) maxId = Math.max(maxId, id);
+    if (recovery.removed.length > 0 || recovery.truncated.length > 0) await fsyncDir(dir);
+    const packs = new PackFiles(dir, durable, maxId + 1);
+    // Keep appending to the newest pack when it is intact and not full (fewer small files).
+    const last = Math.max(0, ...durable.keys());
+    if (last > 0 && !recovery.short.some((s) => s.pack === last) && durable.get(last)! < PACK_TARGET_SIZE) {
+      const fh = await open(join(dir, packFileName(last)), 'r+');
+      packs.writer = { id: last, fh, size: durable.get(last)! };
+    }
+    return { packs, recovery };
+  }
+
+  path(id: number): string {
+    return join(this.dir, packFileName(id));
+  }
+
+  /** A fresh pack id that no file uses (gc writes its new packs under such ids). */
+  allocateId(): number {
+    return this.nextId++;
+  }
+
+  /** Append one record to the current pack (callers serialize). Not durable until {@link sync}. */
+  async append(hash: Hash, codec: number, payload: Buffer): Promise<BlockLocation> {
+    const total = recordLength(payload.length);
+    if (this.writer && this.writer.size > 0 && this.writer.size + total > PACK_TARGET_SIZE) await this.rollover();
+    if (!this.writer) {
+      const id = this.allocateId();
+      const fh = await open(this.path(id), 'wx', 0o640).catch((e) => {
+        throw fromSystemError(e, `cannot create pack ${this.path(id)}`);
+      });
+      this.writer = { id, fh, size: 0 };
+      this.dirty.set(id, { fh, size: 0, created: true });
+    }
+    const w = this.writer;
+    const { header, trailer } = encodeRecordParts(hash, codec, payload);
+    const offset = w.size;
+    try {
+      const { bytesWritten } = await w.fh.writev([header, payload, trailer], offset);
+      if (bytesWritten !== total) throw new Error(`short write (${bytesWritten} of ${total} bytes)`);
+    } catch (e) {
+      throw fromSystemError(e, `cannot write pack ${this.path(w.id)}`);
+    }
+    w.size += total;
+    const d = this.dirty.get(w.id);
+    if (d) d.size = w.size;
+    else this.dirty.set(w.id, { fh: w.fh, size: w.size, created: false });
+    return { pack: w.id, offset, length: payload.length, codec };
+  }
+
+  /**
+   * fsync every pack written since the last call; returns their new durable lengths, which the
+   * caller must record in the index (then call {@link markDurable}).
+   */
+  async sync(): Promise<Map<number, number>> {
+    const out = new Map<number, number>();
+    let created = false;
+    for (const [id, d] of this.dirty) {
+      try {
+        await d.fh.sync();
+      } catch (e) {
+        throw fromSystemError(e, `cannot fsync pack ${this.path(id)}`);
+      }
+      created ||= d.created;
+      out.set(id, d.size);
+      if (this.writer?.id !== id) await d.fh.close();
+    }
+    if (created) await fsyncDir(this.dir);
+    this.dirty.clear();
+    return out;
+  }
+
+  markDurable(lengths: Map<number, number>): void {
+    for (const [id, n] of lengths) this.durable.set(id, n);
+  }
+
+  /** Read `length` bytes at `offset` of a pack; short at a truncated pack. */
+  async read(id: number, offset: number, length: number): Promise<Buffer> {
+    let fh = this.readers.get(id);
+    if (!fh) {
+      try {
+        fh = await open(this.path(id), 'r');
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code === 'ENOENT') {
+          throw new TandemError('ERR_STORE_CORRUPT', `pack ${this.path(id)} is missing; run \`appliance verify\` to list the damaged snapshots`, { details: { pack: id } });
+        }
+        throw fromSystemError(e, `cannot open pack ${this.path(id)}`);
+      }
+      const raced = this.readers.get(id);
+      if (raced) {
+        await fh.close();
+        fh = raced;
+      } else {
+        this.readers.set(id, fh);
+      }
+    }
+    const buf = Buffer.allocUnsafe(length);
+    let done = 0;
+    while (done < length) {
+      const { bytesRead } = await fh.read(buf, done, length - done, offset + done);
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+    return done === length ? buf : buf.subarray(0, done);
+  }
+
+  /** Forget a pack (gc): close its handles and delete the file. */
+  async remove(id: number): Promise<void> {
+    const fh = this.readers.get(id);
+    this.readers.delete(id);
+    if (this.writer?.id === id) {
+      await this.writer.fh.close();
+      this.writer = undefined;
+    }
+    this.durable.delete(id);
+    await fh?.close().catch(() => undefined);
+    await unlink(this.path(id)).catch((e) => {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw fromSystemError(e, `cannot delete pack ${this.path(id)}`);
+    });
+  }
+
+  /** Stop appending to the current pack (gc starts fresh packs). */
+  async rollover(): Promise<void> {
+    if (this.writer && !this.dirty.has(this.writer.id)) await this.writer.fh.close();
+    this.writer = undefined;
+  }
+
+  ids(): number[] {
+    return [...this.durable.keys()].sort((a, b) => a - b);
+  }
+
+  async close(): Promise<void> {
+    for (const fh of this.readers.values()) await fh.close().catch(() => undefined);
+    this.readers.clear();
+    for (const d of this.dirty.values()) await d.fh.close().catch(() => undefined);
+    if (this.writer && !this.dirty.has(this.writer.id)) await this.writer.fh.close().catch(() => undefined);
+    this.dirty.clear();
+    this.writer = undefined;
+  }
+}

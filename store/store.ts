@@ -1,0 +1,684 @@
+/**
+ * The local block store: pack files for block data, a classic-level index for everything else.
+ * store/README.md documents the on-disk format and the crash-safety arguments.
+ *
+ * Concurrency: one process holds a store (lock file + LevelDB lock). Inside it, every method may
+ * be called concurrently: pack appends and index batches are serialized by a mutex, and gc runs
+ * alone (snapshot builds share a lock that gc takes exclusively).
+ */
+import { mkdir } from 'node:fs/promises';
+import { ClassicLevel } from 'classic-level';
+import { TandemError, fromSystemError, isTandemError } from '../common/errors.js';
+import { blake3, hashBlock, HASH_LENGTH, isHash, isZeroBlock, isZeroHash, parseHex, toHex, ZERO_HASH } from './hash.js';
+import { checkSnapshotId, checkVolumeName, isValidSnapshotId, isValidVolumeName, newSnapshotId } from './ids.js';
+import {
+  blockKey, decodeLocation, encodeLocation, encodeU64, decodeU64, metaKey, metaRange, namespaceRange, nodeKey, NS,
+  packKey, snapshotKey, snapshotRange, volumeKey, type BlockLocation,
+} from './keys.js';
+import { busyError, acquireStoreLock } from './lock.js';
+import { Mutex, SharedLock } from './mutex.js';
+import { CODEC_RAW, decodePayload, decodeRecordHeader, RECORD_HEADER_LENGTH } from './pack.js';
+import { PackFiles, type RecoveryReport } from './pack-files.js';
+import { checkBlockSize, checkSize, normalizeSnapshot, normalizeVolume, sameJson } from './records.js';
+import { blockCount, buildTree, checkNode, decodeNode, diffTrees, encodeNode, walkBlocks, type BlockChange, type TreeShape } from './tree.js';
+import { scanVolume } from './scan.js';
+import { verifyStore } from './verify.js';
+import { collectGarbage } from './gc.js';
+import type {
+  BlockFrame, GcReport, Hash, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyReport, VolumeReader, VolumeRecord,
+} from './types.js';
+
+/** 512 KiB: the EBS direct API block size, so EBS import/export maps blocks one to one. */
+export const DEFAULT_BLOCK_SIZE = 524288;
+
+/** Blocks read ahead by getBlocks: 8 x 512 KiB = 4 MiB in memory per stream. */
+const READ_AHEAD = 8;
+
+/** New nodes are written in batches of this many (each batch is one LevelDB write). */
+const NODE_BATCH = 512;
+
+/** Store format written in the 'f' key; a store of another format is refused. */
+const FORMAT = 1;
+
+type Db = ClassicLevel<Buffer, Buffer>;
+
+export interface BuildSnapshotOptions {
+  readonly volume: string;
+  readonly size: number;
+  readonly blockSize: number;
+  readonly parent: SnapshotRecord | null;
+  /** Ascending; the blocks are already put and flushed (or at least put: the build flushes). */
+  readonly changes: Iterable<BlockChange> | AsyncIterable<BlockChange>;
+  readonly origin: string;
+  readonly labels?: Record<string, string>;
+  readonly created?: string;
+  readonly id?: string;
+}
+
+export class Store implements ReplicaStore {
+  readonly dir: string;
+  /** What recovery did when the store was opened (for logs and tests). */
+  readonly recovery: RecoveryReport;
+  /** @internal */ readonly db: Db;
+  /** @internal */ readonly packs: PackFiles;
+  /** @internal serializes pack appends and index writes. */ readonly writeLock = new Mutex();
+  /** @internal shared by snapshot builds, exclusive for gc. */ readonly gcLock = new SharedLock();
+  /** Blocks appended but not yet durable, by hash (latin1 string of the 32 bytes). */
+  private readonly pending = new Map<string, BlockLocation>();
+  private readonly release: () => Promise<void>;
+  private closed = false;
+
+  private constructor(dir: string, db: Db, packs: PackFiles, recovery: RecoveryReport, release: () => Promise<void>) {
+    this.dir = dir;
+    this.db = db;
+    this.packs = packs;
+    this.recovery = recovery;
+    this.release = release;
+  }
+
+  /**
+   * Open (creating when absent) the store in `dir`, recovering packs from a crash (torn tails
+   * dropped, gc leftovers removed). ERR_STORE_BUSY when another process holds it.
+   */
+  static async open(dir: string): Promise<Store> {
+    try {
+      await mkdir(dir, { recursive: true, mode: 0o750 });
+    } catch (e) {
+      throw fromSystemError(e, `cannot create the store directory ${dir}`);
+    }
+    const release = await acquireStoreLock(dir);
+    let db: Db | undefined;
+    try {
+      db = new ClassicLevel<Buffer, Buffer>(`${dir}/index`, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+      try {
+        await db.open();
+      } catch (e) {
+        const code = (e as { cause?: { code?: string } }).cause?.code;
+        if (code === 'LEVEL_LOCKED') throw busyError(dir, undefined);
+        throw new TandemError('ERR_STORE_CORRUPT', `cannot open the store index ${dir}/index: ${(e as Error).message}; restore the home from backup or re-initialize`, { cause: e });
+      }
+      const format = await db.get(Buffer.from([NS.format]));
+      if (format === undefined) {
+        await db.put(Buffer.from([NS.format]), Buffer.from(JSON.stringify({ format: FORMAT })), { sync: true });
+      } else if ((JSON.parse(format.toString('utf8')) as { format?: number }).format !== FORMAT) {
+        throw new TandemError('ERR_STORE_CORRUPT', `the store ${dir} has format ${format.toString('utf8')}, this version reads format ${FORMAT}; use a matching appliance version`);
+      }
+      const durable = new Map<number, number>();
+      for await (const [k, v] of db.iterator(namespaceRange(NS.pack))) durable.set(k.readUInt32BE(1), decodeU64(v));
+      const { packs, recovery } = await PackFiles.open(dir, durable);
+      return new Store(dir, db, packs, recovery, release);
+    } catch (e) {
+      await db?.close().catch(() => undefined);
+      await release();
+      throw isTandemError(e) ? e : fromSystemError(e, `cannot open the store ${dir}`);
+    }
+  }
+
+  /** Flush pending blocks and release the store. Idempotent. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    try {
+      await this.flush();
+    } finally {
+      this.closed = true;
+      await this.packs.close();
+      await this.db.close();
+      await this.release();
+    }
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw new TandemError('ERR_INTERNAL', `the store ${this.dir} is closed`);
+  }
+
+  // --- blocks ------------------------------------------------------------------------------
+
+  /** For each hash, whether the block is held (pending blocks count: they become durable at flush). */
+  async hasBlocks(hashes: readonly Hash[]): Promise<boolean[]> {
+    this.checkOpen();
+    for (const h of hashes) checkHash(h);
+    const out = hashes.map((h) => isZeroHash(h) || this.pending.has(h.toString('latin1')));
+    const ask = hashes.map((h, i) => (out[i] ? -1 : i)).filter((i) => i >= 0);
+    if (ask.length > 0) {
+      const vals = await this.db.getMany(ask.map((i) => blockKey(hashes[i]!)));
+      ask.forEach((i, n) => (out[i] = vals[n] !== undefined));
+    }
+    return out;
+  }
+
+  /** @internal Location of a block, or undefined. */
+  async locate(hash: Hash): Promise<BlockLocation | undefined> {
+    const p = this.pending.get(hash.toString('latin1'));
+    if (p) return p;
+    const v = await this.db.get(blockKey(hash));
+    return v === undefined ? undefined : decodeLocation(v);
+  }
+
+  /**
+   * The block's bytes, verified against its hash (ERR_BLOCK_CORRUPT with details.hash otherwise;
+   * ERR_BLOCK_MISSING when absent). ZERO_HASH gives `length` zeros (default block size).
+   */
+  async getBlock(hash: Hash, length = DEFAULT_BLOCK_SIZE): Promise<Buffer> {
+    this.checkOpen();
+    checkHash(hash);
+    if (isZeroHash(hash)) return Buffer.alloc(length);
+    const loc = await this.locate(hash);
+    if (!loc) throw new TandemError('ERR_BLOCK_MISSING', `block ${toHex(hash)} is not in the store; sync or snapshot the volume again`, { details: { hash: toHex(hash) } });
+    return this.readBlockAt(hash, loc);
+  }
+
+  /** @internal Read and verify the record at `loc`. */
+  async readBlockAt(hash: Hash, loc: BlockLocation): Promise<Buffer> {
+    const rec = await this.packs.read(loc.pack, loc.offset, RECORD_HEADER_LENGTH + loc.length);
+    const header = decodeRecordHeader(rec);
+    if (rec.length < RECORD_HEADER_LENGTH + loc.length || !header || header.length !== loc.length || !header.hash.equals(hash)) {
+      throw new TandemError('ERR_STORE_CORRUPT', `the record of block ${toHex(hash)} in pack ${loc.pack} at offset ${loc.offset} is damaged or truncated; run \`appliance verify\``, {
+        details: { hash: toHex(hash), pack: loc.pack, offset: loc.offset },
+      });
+    }
+    const data = decodePayload(header.codec, rec.subarray(RECORD_HEADER_LENGTH));
+    if (!data || !blake3(data).equals(hash)) {
+      throw new TandemError('ERR_BLOCK_CORRUPT', `block ${toHex(hash)} in pack ${loc.pack} does not match its hash (disk corruption); run \`appliance verify\` and resync the affected volumes`, {
+        details: { hash: toHex(hash), pack: loc.pack, offset: loc.offset },
+      });
+    }
+    return data;
+  }
+
+  /** Verified blocks in the order asked, at most {@link READ_AHEAD} read ahead. */
+  async *getBlocks(hashes: readonly Hash[]): AsyncGenerator<BlockFrame> {
+    for (const h of hashes) checkHash(h);
+    const inflight: Promise<Buffer>[] = [];
+    let next = 0;
+    const start = () => {
+      const h = hashes[next++]!;
+      const p = this.getBlock(h);
+      p.catch(() => undefined); // observed when its turn comes
+      inflight.push(p);
+    };
+    while (next < hashes.length && inflight.length < READ_AHEAD) start();
+    for (let i = 0; i < hashes.length; i++) {
+      const data = await inflight.shift()!;
+      if (next < hashes.length) start();
+      yield { hash: hashes[i]!, data };
+    }
+  }
+
+  /**
+   * Verify BLAKE3(data) = hash (ERR_BLOCK_CORRUPT, nothing stored) and append the block unless
+   * held. Returns true when it was new. Durable after {@link flush}. Idempotent.
+   * A zero block is accepted under ZERO_HASH only and never stored.
+   */
+  async putBlock(hash: Hash, data: Buffer): Promise<boolean> {
+    this.checkOpen();
+    checkHash(hash);
+    if (!Buffer.isBuffer(data) || data.length === 0 || data.length > 16 * 1024 * 1024) {
+      throw new TandemError('ERR_BAD_REQUEST', `block ${toHex(hash)}: data must be 1 byte to 16 MiB`, { details: { hash: toHex(hash) } });
+    }
+    const actual = hashBlock(data);
+    if (!actual.equals(hash)) {
+      throw new TandemError('ERR_BLOCK_CORRUPT', `block ${toHex(hash)} does not match its hash (got ${toHex(actual)}); it was damaged on the way, retry`, { details: { hash: toHex(hash), actual: toHex(actual) } });
+    }
+    if (isZeroHash(hash)) return false;
+    return this.putVerified(hash, data);
+  }
+
+  /** @internal Append a block whose hash the caller computed from `data` itself. */
+  putVerified(hash: Hash, data: Buffer): Promise<boolean> {
+    return this.writeLock.run(async () => {
+      const key = hash.toString('latin1');
+      if (this.pending.has(key)) return false;
+      if ((await this.db.get(blockKey(hash))) !== undefined) return false;
+      const loc = await this.packs.append(Buffer.from(hash), CODEC_RAW, data);
+      this.pending.set(key, loc);
+      return true;
+    });
+  }
+
+  /** Verify and store a stream of blocks, then flush. Returns what was new. */
+  async putBlocks(frames: AsyncIterable<BlockFrame>): Promise<{ stored: number; bytes: number }> {
+    let stored = 0;
+    let bytes = 0;
+    try {
+      for await (const f of frames) {
+        if (await this.putBlock(f?.hash, f?.data)) {
+          stored++;
+          bytes += f.data.length;
+        }
+      }
+    } finally {
+      await this.flush();
+    }
+    return { stored, bytes };
+  }
+
+  /** Make every block put so far durable: fsync packs, then write their index entries (one batch). */
+  flush(): Promise<void> {
+    return this.writeLock.run(() => this.flushLocked());
+  }
+
+  /** @internal flush() for a caller that holds the write lock. */
+  async flushLocked(): Promise<void> {
+    if (this.pending.size === 0) return;
+    const lengths = await this.packs.sync();
+    const batch = this.db.batch();
+    for (const [k, loc] of this.pending) batch.put(blockKey(Buffer.from(k, 'latin1')), encodeLocation(loc));
+    for (const [id, n] of lengths) batch.put(packKey(id), encodeU64(n));
+    await batch.write({ sync: true });
+    this.packs.markDurable(lengths);
+    this.pending.clear();
+  }
+
+  // --- nodes -------------------------------------------------------------------------------
+
+  async hasNodes(hashes: readonly Hash[]): Promise<boolean[]> {
+    this.checkOpen();
+    for (const h of hashes) checkHash(h);
+    const vals = await this.db.getMany(hashes.map(nodeKey));
+    return hashes.map((h, i) => isZeroHash(h) || vals[i] !== undefined);
+  }
+
+  /**
+   * Nodes in the order asked, verified. ERR_NODE_MISSING for an absent one, including ZERO_HASH,
+   * which names an all-zero subtree rather than a node (walkers treat it as such).
+   */
+  async getNodes(hashes: readonly Hash[]): Promise<TreeNode[]> {
+    this.checkOpen();
+    for (const h of hashes) checkHash(h);
+    const vals = await this.db.getMany(hashes.map(nodeKey));
+    return hashes.map((h, i) => {
+      const v = vals[i];
+      if (v === undefined) {
+        throw new TandemError('ERR_NODE_MISSING', isZeroHash(h)
+          ? 'ZERO_HASH names an all-zero subtree, not a stored node'
+          : `tree node ${toHex(h)} is not in the store`, { details: { hash: toHex(h) } });
+      }
+      const node = decodeNode(h, v);
+      if (!node) throw new TandemError('ERR_NODE_CORRUPT', `tree node ${toHex(h)} is damaged in the index; run \`appliance verify\``, { details: { hash: toHex(h) } });
+      return node;
+    });
+  }
+
+  /** @internal One node, verified. */
+  getNode = async (hash: Hash): Promise<TreeNode> => (await this.getNodes([hash]))[0]!;
+
+  /**
+   * Store verified nodes whose children are all present (blocks for level 1, nodes of the level
+   * below otherwise; nodes in the same call count). Throws ERR_SNAPSHOT_INCOMPLETE naming the
+   * missing children, storing nothing. Idempotent.
+   */
+  async putNodes(nodes: readonly TreeNode[]): Promise<void> {
+    this.checkOpen();
+    if (!Array.isArray(nodes)) throw new TandemError('ERR_BAD_REQUEST', 'putNodes takes an array of nodes');
+    for (const n of nodes) checkNode(n);
+    if (nodes.length === 0) return;
+    await this.gcLock.shared(() => this.writeLock.run(async () => {
+      await this.flushLocked();
+      const batchLevels = new Map<string, number>();
+      for (const n of nodes) batchLevels.set(n.hash.toString('latin1'), n.level);
+      const blockAsk: Hash[] = [];
+      const nodeAsk: Array<{ hash: Hash; level: number }> = [];
+      const seen = new Set<string>();
+      for (const n of nodes) {
+        for (const c of n.children) {
+          if (isZeroHash(c)) continue;
+          const k = c.toString('latin1');
+          if (seen.has(k)) continue;
+          seen.add(k);
+          if (n.level === 1) blockAsk.push(c);
+          else if (batchLevels.get(k) === n.level - 1) continue;
+          else nodeAsk.push({ hash: c, level: n.level - 1 });
+        }
+      }
+      const missing: string[] = [];
+      const bvals = await this.db.getMany(blockAsk.map(blockKey));
+      blockAsk.forEach((h, i) => bvals[i] === undefined && missing.push(toHex(h)));
+      const nvals = await this.db.getMany(nodeAsk.map((x) => nodeKey(x.hash)));
+      nodeAsk.forEach((x, i) => (nvals[i] === undefined || nvals[i]![0] !== x.level) && missing.push(toHex(x.hash)));
+      if (missing.length > 0) {
+        throw new TandemError('ERR_SNAPSHOT_INCOMPLETE', `${missing.length} children of the nodes are not in the store (first ${missing[0]}); send them first`, {
+          details: { missing: missing.slice(0, 16), count: missing.length },
+        });
+      }
+      const batch = this.db.batch();
+      for (const n of nodes) batch.put(nodeKey(n.hash), encodeNode(n));
+      await batch.write();
+    }));
+  }
+
+  // --- snapshots ---------------------------------------------------------------------------
+
+  /** Snapshots of a volume, oldest first (ids are time-sortable). Empty for an unknown volume. */
+  async listSnapshots(volume: string): Promise<SnapshotRecord[]> {
+    this.checkOpen();
+    checkVolumeName(volume);
+    const out: SnapshotRecord[] = [];
+    for await (const v of this.db.values(snapshotRange(volume))) out.push(parseJson<SnapshotRecord>(v));
+    return out;
+  }
+
+  async latestSnapshot(volume: string): Promise<SnapshotRecord | null> {
+    this.checkOpen();
+    if (!isValidVolumeName(volume)) return null;
+    for await (const v of this.db.values({ ...snapshotRange(volume), reverse: true, limit: 1 })) return parseJson<SnapshotRecord>(v);
+    return null;
+  }
+
+  async getSnapshot(volume: string, id: string): Promise<SnapshotRecord | null> {
+    this.checkOpen();
+    if (!isValidVolumeName(volume) || !isValidSnapshotId(id)) return null;
+    const v = await this.db.get(snapshotKey(volume, id));
+    return v === undefined ? null : parseJson<SnapshotRecord>(v);
+  }
+
+  /** "VOL" = its latest snapshot, "VOL@ID" = that one. ERR_VOLUME_NOT_FOUND / ERR_SNAPSHOT_NOT_FOUND. */
+  async resolveSnapshot(spec: string): Promise<SnapshotRecord> {
+    this.checkOpen();
+    if (typeof spec !== 'string' || spec.length === 0) throw new TandemError('ERR_BAD_REQUEST', 'a snapshot is named VOL or VOL@SNAPSHOT_ID');
+    const at = spec.indexOf('@');
+    const volume = at < 0 ? spec : spec.slice(0, at);
+    const id = at < 0 ? undefined : spec.slice(at + 1);
+    checkVolumeName(volume);
+    if (id !== undefined) checkSnapshotId(id);
+    const snap = id === undefined ? await this.latestSnapshot(volume) : await this.getSnapshot(volume, id);
+    if (snap) return snap;
+    if (!(await this.getVolume(volume))) {
+      throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume named ${volume}; see \`appliance volume list\``, { details: { volume } });
+    }
+    throw new TandemError('ERR_SNAPSHOT_NOT_FOUND', id === undefined
+      ? `volume ${volume} has no snapshot yet; run \`appliance snapshot ${volume}\``
+      : `volume ${volume} has no snapshot ${id}; see \`appliance snapshots ${volume}\``, { details: { volume, snapshot: id } });
+  }
+
+  /**
+   * Commit a snapshot whose root (and so whole tree) is present: flushes pending blocks, then
+   * writes the record (and the volume record when the volume is new) in one synced batch.
+   * Idempotent for an identical record; ERR_SNAPSHOT_INCOMPLETE when the root is absent.
+   */
+  async commitSnapshot(record: SnapshotRecord): Promise<void> {
+    this.checkOpen();
+    const r = normalizeSnapshot(record);
+    await this.gcLock.shared(() => this.commitUnderGcLock(r));
+  }
+
+  /** @internal commitSnapshot for a caller that already holds the shared gc lock. */
+  commitUnderGcLock(r: SnapshotRecord): Promise<void> {
+    return this.writeLock.run(async () => {
+      await this.flushLocked();
+      const root = parseHex(r.root)!;
+      if (!isZeroHash(root)) {
+        const v = await this.db.get(nodeKey(root));
+        if (v === undefined) {
+          throw new TandemError('ERR_SNAPSHOT_INCOMPLETE', `snapshot ${r.volume}@${r.id}: its root node ${r.root} is not in the store; send the tree first`, { details: { volume: r.volume, snapshot: r.id, missing: [r.root] } });
+        }
+        if (v[0] !== r.height) throw new TandemError('ERR_BAD_REQUEST', `snapshot ${r.volume}@${r.id}: the root node has level ${v[0]}, not the height ${r.height}`, { details: { volume: r.volume, snapshot: r.id } });
+      }
+      const existing = await this.db.get(snapshotKey(r.volume, r.id));
+      if (existing !== undefined) {
+        if (sameJson(parseJson(existing), r)) return;
+        throw new TandemError('ERR_BAD_REQUEST', `snapshot ${r.volume}@${r.id} exists with other contents; snapshot ids are never reused`, { details: { volume: r.volume, snapshot: r.id } });
+      }
+      const batch = this.db.batch();
+      const vol = await this.getVolume(r.volume);
+      if (!vol) {
+        batch.put(volumeKey(r.volume), json({ name: r.volume, blockSize: r.blockSize, size: r.size, created: new Date().toISOString() } satisfies VolumeRecord));
+      } else if (vol.blockSize !== r.blockSize) {
+        throw new TandemError('ERR_BLOCK_SIZE_INVALID', `snapshot ${r.volume}@${r.id} has block size ${r.blockSize} but volume ${r.volume} uses ${vol.blockSize}; use the same block size on both appliances`, { details: { volume: r.volume, snapshot: r.id } });
+      } else if (vol.size !== r.size) {
+        const latest = await this.latestSnapshot(r.volume);
+        if (!latest || latest.id < r.id) batch.put(volumeKey(r.volume), json({ ...vol, size: r.size }));
+      }
+      batch.put(snapshotKey(r.volume, r.id), json(r));
+      await batch.write({ sync: true });
+    });
+  }
+
+  /** Delete a snapshot record; its blocks and nodes come back at gc(). ERR_SNAPSHOT_NOT_FOUND. */
+  async deleteSnapshot(volume: string, id: string): Promise<void> {
+    this.checkOpen();
+    checkVolumeName(volume);
+    checkSnapshotId(id);
+    await this.writeLock.run(async () => {
+      const key = snapshotKey(volume, id);
+      if ((await this.db.get(key)) === undefined) {
+        throw new TandemError('ERR_SNAPSHOT_NOT_FOUND', `volume ${volume} has no snapshot ${id}; see \`appliance snapshots ${volume}\``, { details: { volume, snapshot: id } });
+      }
+      await this.db.del(key, { sync: true });
+    });
+  }
+
+  /**
+   * Build and commit a snapshot from a parent plus ascending block changes (blocks already put):
+   * subtrees without changes are reused from the parent; memory is one node per level.
+   * Blocks beyond the parent's end that are not listed are zeros.
+   */
+  async buildSnapshot(opts: BuildSnapshotOptions): Promise<SnapshotRecord> {
+    this.checkOpen();
+    return this.gcLock.shared(() => this.buildUnderGcLock(opts));
+  }
+
+  /** @internal buildSnapshot for a caller that already holds the shared gc lock. */
+  async buildUnderGcLock(opts: BuildSnapshotOptions, treeParent?: SnapshotRecord | null): Promise<SnapshotRecord> {
+    const volume = checkVolumeName(opts.volume);
+    const size = checkSize(opts.size);
+    const blockSize = checkBlockSize(opts.blockSize);
+    const parent = opts.parent ? normalizeSnapshot(opts.parent) : null;
+    if (parent && parent.blockSize !== blockSize) {
+      throw new TandemError('ERR_BLOCK_SIZE_INVALID', `the parent snapshot ${parent.volume}@${parent.id} has block size ${parent.blockSize}, not ${blockSize}`, { details: { volume } });
+    }
+    const id = opts.id === undefined ? undefined : checkSnapshotId(opts.id);
+    const created = opts.created ?? new Date().toISOString();
+    // The tree is built on `treeParent` when given (a full scan passes null: every block is
+    // listed), while the record names opts.parent as its parent either way.
+    const base = treeParent === undefined ? parent : treeParent;
+    {
+      const blocks = blockCount(size, blockSize);
+      const batch: TreeNode[] = [];
+      const writeNodes = async () => {
+        if (batch.length === 0) return;
+        const nodes = batch.splice(0);
+        await this.writeLock.run(async () => {
+          // Blocks first: a durable node implies its blocks are durable.
+          await this.flushLocked();
+          const present = await this.db.getMany(nodes.map((n) => nodeKey(n.hash)));
+          const b = this.db.batch();
+          nodes.forEach((n, i) => present[i] === undefined && b.put(nodeKey(n.hash), encodeNode(n)));
+          await b.write();
+        });
+      };
+      const checked = this.checkChanges(opts.changes);
+      const tree = await buildTree({
+        blocks,
+        parent: base ? { ...shapeOf(base), nonZeroBlocks: base.nonZeroBlocks } : null,
+        changes: checked,
+        get: this.getNode,
+        emit: async (n) => {
+          batch.push(n);
+          if (batch.length >= NODE_BATCH) await writeNodes();
+        },
+      });
+      await writeNodes();
+      const record: SnapshotRecord = {
+        id: id ?? newSnapshotId(new Date(created)),
+        volume, size, blockSize, root: toHex(tree.root), height: tree.height, created,
+        parent: parent ? parent.id : null, origin: opts.origin, nonZeroBlocks: tree.nonZeroBlocks,
+        ...(opts.labels ? { labels: opts.labels } : {}),
+      };
+      const r = normalizeSnapshot(record);
+      await this.commitUnderGcLock(r);
+      return r;
+    }
+  }
+
+  /** Pass changes through, checking in batches that their blocks are held (node invariant). */
+  private async *checkChanges(src: Iterable<BlockChange> | AsyncIterable<BlockChange>): AsyncGenerator<BlockChange> {
+    const CHECK_BATCH = 256;
+    let buf: BlockChange[] = [];
+    const check = async () => {
+      const nz = buf.filter((c) => isHash(c?.hash) && !isZeroHash(c.hash));
+      const has = await this.hasBlocks(nz.map((c) => c.hash));
+      const missing = nz.filter((_, i) => !has[i]);
+      if (missing.length > 0) {
+        throw new TandemError('ERR_SNAPSHOT_INCOMPLETE', `${missing.length} changed blocks are not in the store (first: block ${missing[0]!.index}, ${toHex(missing[0]!.hash)}); put them first`, {
+          details: { missing: missing.slice(0, 16).map((c) => toHex(c.hash)) },
+        });
+      }
+    };
+    for await (const c of src as AsyncIterable<BlockChange>) {
+      buf.push(c);
+      if (buf.length >= CHECK_BATCH) {
+        await check();
+        yield* buf;
+        buf = [];
+      }
+    }
+    await check();
+    yield* buf;
+  }
+
+  /**
+   * Snapshot a volume: read it (or only opts.changedBlocks, with opts.parent), hash on worker
+   * threads, store missing blocks, build the tree and commit. `created` is the time the scan started.
+   */
+  async scanVolume(reader: VolumeReader, opts: SnapshotOptions): Promise<SnapshotRecord> {
+    this.checkOpen();
+    return scanVolume(this, reader, opts);
+  }
+
+  /** Every block index of a snapshot in order, with its hash (ZERO_HASH for zero blocks). */
+  async *blockHashes(snap: SnapshotRecord): AsyncGenerator<BlockChange> {
+    this.checkOpen();
+    yield* walkBlocks(shapeOf(normalizeSnapshot(snap)), this.getNode);
+  }
+
+  /**
+   * Indices of `target` whose hash differs from `base` (base null: every non-zero block), in
+   * order with the target's hash; equal subtrees are skipped without reading them.
+   */
+  async *diffSnapshots(base: SnapshotRecord | null, target: SnapshotRecord): AsyncGenerator<BlockChange> {
+    this.checkOpen();
+    const t = normalizeSnapshot(target);
+    const b = base ? normalizeSnapshot(base) : null;
+    if (b && b.blockSize !== t.blockSize) {
+      throw new TandemError('ERR_BLOCK_SIZE_INVALID', `cannot compare snapshots of block sizes ${b.blockSize} and ${t.blockSize}`, { details: { base: b.id, target: t.id } });
+    }
+    yield* diffTrees(b ? shapeOf(b) : null, shapeOf(t), this.getNode);
+  }
+
+  // --- volumes -----------------------------------------------------------------------------
+
+  async getVolume(name: string): Promise<VolumeRecord | null> {
+    this.checkOpen();
+    if (!isValidVolumeName(name)) return null;
+    const v = await this.db.get(volumeKey(name));
+    return v === undefined ? null : parseJson<VolumeRecord>(v);
+  }
+
+  async listVolumes(): Promise<VolumeRecord[]> {
+    this.checkOpen();
+    const out: VolumeRecord[] = [];
+    for await (const v of this.db.values(namespaceRange(NS.volume))) out.push(parseJson<VolumeRecord>(v));
+    return out;
+  }
+
+  /** Create or replace a volume record (validated). */
+  async putVolume(v: VolumeRecord): Promise<void> {
+    this.checkOpen();
+    const r = normalizeVolume(v);
+    await this.writeLock.run(() => this.db.put(volumeKey(r.name), json(r), { sync: true }));
+  }
+
+  /** Remove a volume and all its snapshots in one batch (space comes back at gc()). */
+  async removeVolume(name: string): Promise<void> {
+    this.checkOpen();
+    checkVolumeName(name);
+    await this.writeLock.run(async () => {
+      const batch = this.db.batch();
+      let n = 0;
+      for await (const k of this.db.keys(snapshotRange(name))) {
+        batch.del(k);
+        n++;
+      }
+      const had = (await this.db.get(volumeKey(name))) !== undefined;
+      if (!had && n === 0) {
+        await batch.close();
+        throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume named ${name}; see \`appliance volume list\``, { details: { volume: name } });
+      }
+      batch.del(volumeKey(name));
+      await batch.write({ sync: true });
+    });
+  }
+
+  // --- meta --------------------------------------------------------------------------------
+
+  async getMeta<T>(ns: string, key: string): Promise<T | undefined> {
+    this.checkOpen();
+    checkMetaName(ns, key);
+    const v = await this.db.get(metaKey(ns, key));
+    return v === undefined ? undefined : parseJson<T>(v);
+  }
+
+  /** Durable (synced) JSON value; `undefined` is refused (use deleteMeta). */
+  async putMeta(ns: string, key: string, value: unknown): Promise<void> {
+    this.checkOpen();
+    checkMetaName(ns, key);
+    if (value === undefined) throw new TandemError('ERR_BAD_REQUEST', `meta ${ns}/${key}: value is undefined; use deleteMeta`);
+    const buf = json(value);
+    await this.writeLock.run(() => this.db.put(metaKey(ns, key), buf, { sync: true }));
+  }
+
+  async deleteMeta(ns: string, key: string): Promise<void> {
+    this.checkOpen();
+    checkMetaName(ns, key);
+    await this.writeLock.run(() => this.db.del(metaKey(ns, key), { sync: true }));
+  }
+
+  /** Every [key, value] of a namespace in key order. */
+  async listMeta<T>(ns: string): Promise<Array<[string, T]>> {
+    this.checkOpen();
+    checkMetaName(ns, 'x');
+    const out: Array<[string, T]> = [];
+    const prefix = Buffer.byteLength(ns) + 2;
+    for await (const [k, v] of this.db.iterator(metaRange(ns))) out.push([k.subarray(prefix).toString('utf8'), parseJson<T>(v)]);
+    return out;
+  }
+
+  // --- integrity ---------------------------------------------------------------------------
+
+  /** Re-hash every block and node reachable from the (filtered) snapshots; see store/verify.ts. */
+  async verify(filter?: { volume?: string; snapshot?: string }): Promise<VerifyReport> {
+    this.checkOpen();
+    return verifyStore(this, filter);
+  }
+
+  /** Reclaim blocks and nodes no snapshot reaches, by repacking; crash-safe (store/gc.ts). */
+  async gc(): Promise<GcReport> {
+    this.checkOpen();
+    return collectGarbage(this);
+  }
+}
+
+export function shapeOf(s: SnapshotRecord): TreeShape {
+  return { root: parseHex(s.root)!, height: s.height, blocks: blockCount(s.size, s.blockSize) };
+}
+
+function checkHash(h: unknown): asserts h is Hash {
+  if (!isHash(h)) throw new TandemError('ERR_BAD_REQUEST', `a hash must be a 32-byte Buffer (got ${Buffer.isBuffer(h) ? `${h.length} bytes` : typeof h})`);
+}
+
+function checkMetaName(ns: string, key: string): void {
+  const ok = (s: unknown) => typeof s === 'string' && s.length > 0 && s.length <= 512 && !s.includes('\0');
+  if (!ok(ns) || !ok(key)) throw new TandemError('ERR_BAD_REQUEST', 'meta namespace and key must be non-empty strings without NUL', { details: { ns, key } });
+}
+
+function json(v: unknown): Buffer {
+  return Buffer.from(JSON.stringify(v), 'utf8');
+}
+
+function parseJson<T>(b: Buffer): T {
+  try {
+    return JSON.parse(b.toString('utf8')) as T;
+  } catch (e) {
+    throw new TandemError('ERR_STORE_CORRUPT', 'an index record is not valid JSON; run `appliance verify`', { cause: e });
+  }
+}

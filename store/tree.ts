@@ -1,0 +1,314 @@
+/**
+ * Merkle trees over a volume's block hashes.
+ *
+ * Shape: a volume of N blocks has height h = the smallest h >= 1 with FANOUT^h >= N. The node at
+ * level k and position j covers blocks [j * FANOUT^k, min(N, (j+1) * FANOUT^k)); its children are
+ * the level k-1 nodes (block hashes for k = 1) it covers, so only the last node of a level is
+ * partial. Both sides of a sync derive the same shape from (size, blockSize) alone.
+ *
+ * Zero subtrees: a subtree whose blocks are all zero is ZERO_HASH at any level, never a stored
+ * node. A 64 GiB sparse volume therefore costs one small node per non-zero region.
+ *
+ * Node hash = BLAKE3("tandem-node\0" || level (1 byte) || children (32 bytes each)). Block hashes
+ * are plain BLAKE3 of the data, so a node can never be mistaken for a block or vice versa.
+ */
+import { TandemError } from '../common/errors.js';
+import { blake3, HASH_LENGTH, isZeroHash, toHex, ZERO_HASH } from './hash.js';
+import type { Hash, TreeNode } from './types.js';
+
+/**
+ * Children per node. With 512 KiB blocks a level-1 node covers 128 MiB, level 2 covers 32 GiB
+ * and level 3 covers 8 TiB, so any real volume has depth <= 3 (sync round trips = depth), and
+ * a full node (256 x 32 B = 8 KiB) is one comfortable LevelDB value.
+ */
+export const FANOUT = 256;
+
+/** Domain-separation prefix of node hashes. */
+export const NODE_DOMAIN = Buffer.from('tandem-node\0', 'latin1');
+
+/** Highest level a tree may have: FANOUT^7 blocks exceeds any size a Number can hold. */
+export const MAX_HEIGHT = 7;
+
+export function blockCount(size: number, blockSize: number): number {
+  return Math.ceil(size / blockSize);
+}
+
+/** Height of the tree over `blocks` blocks (1 for 0 or 1 block). */
+export function treeHeight(blocks: number): number {
+  let h = 1;
+  while (FANOUT ** h < blocks) h++;
+  return h;
+}
+
+/** Blocks covered by one full node of `level`. */
+export function span(level: number): number {
+  return FANOUT ** level;
+}
+
+export function nodeHash(level: number, children: readonly Hash[]): Hash {
+  const buf = Buffer.allocUnsafe(NODE_DOMAIN.length + 1 + children.length * HASH_LENGTH);
+  NODE_DOMAIN.copy(buf, 0);
+  buf[NODE_DOMAIN.length] = level;
+  let off = NODE_DOMAIN.length + 1;
+  for (const c of children) {
+    c.copy(buf, off);
+    off += HASH_LENGTH;
+  }
+  return blake3(buf);
+}
+
+export function makeNode(level: number, children: readonly Hash[]): TreeNode {
+  return { hash: nodeHash(level, children), level, children };
+}
+
+/** Index value of a node: level (1 byte) then the children. */
+export function encodeNode(node: TreeNode): Buffer {
+  const buf = Buffer.allocUnsafe(1 + node.children.length * HASH_LENGTH);
+  buf[0] = node.level;
+  let off = 1;
+  for (const c of node.children) {
+    c.copy(buf, off);
+    off += HASH_LENGTH;
+  }
+  return buf;
+}
+
+/** Decode an index value; undefined when malformed or when it does not hash to `hash`. */
+export function decodeNode(hash: Hash, value: Buffer): TreeNode | undefined {
+  const n = (value.length - 1) / HASH_LENGTH;
+  if (!Number.isInteger(n) || n < 1 || n > FANOUT) return undefined;
+  const level = value[0]!;
+  if (level < 1 || level > MAX_HEIGHT) return undefined;
+  const children: Hash[] = [];
+  for (let i = 0; i < n; i++) children.push(Buffer.from(value.subarray(1 + i * HASH_LENGTH, 1 + (i + 1) * HASH_LENGTH)));
+  const node: TreeNode = { hash, level, children };
+  return nodeHash(level, children).equals(hash) ? node : undefined;
+}
+
+/** Structural check of a node received from elsewhere (hash, level, child count and sizes). */
+export function checkNode(node: TreeNode): void {
+  const ok =
+    node && Buffer.isBuffer(node.hash) && node.hash.length === HASH_LENGTH &&
+    Number.isInteger(node.level) && node.level >= 1 && node.level <= MAX_HEIGHT &&
+    Array.isArray(node.children) && node.children.length >= 1 && node.children.length <= FANOUT &&
+    node.children.every((c) => Buffer.isBuffer(c) && c.length === HASH_LENGTH);
+  if (!ok) throw new TandemError('ERR_NODE_CORRUPT', 'a tree node is malformed (level 1-7, 1-256 children of 32 bytes); the sender is faulty', { details: { hash: Buffer.isBuffer(node?.hash) ? toHex(node.hash) : undefined } });
+  if (!nodeHash(node.level, node.children).equals(node.hash)) {
+    throw new TandemError('ERR_NODE_CORRUPT', `tree node ${toHex(node.hash)} does not match its hash; it was damaged on the way, retry`, { details: { hash: toHex(node.hash) } });
+  }
+  if (node.children.every(isZeroHash)) {
+    throw new TandemError('ERR_NODE_CORRUPT', `tree node ${toHex(node.hash)} has only zero children; such a subtree must be ZERO_HASH`, { details: { hash: toHex(node.hash) } });
+  }
+}
+
+/** Reads a node by hash (throws ERR_NODE_MISSING / ERR_NODE_CORRUPT). */
+export type NodeGetter = (hash: Hash) => Promise<TreeNode>;
+
+/** The shape of an existing tree. */
+export interface TreeShape {
+  readonly root: Hash;
+  readonly height: number;
+  readonly blocks: number;
+}
+
+/**
+ * A position in an old tree, seen from a new tree of possibly other height: a real hash (maybe
+ * ZERO_HASH, also for "beyond the old end"), or VIRTUAL for a node above the old root whose
+ * first descendant is the old root.
+ */
+const VIRTUAL = Symbol('virtual');
+type OldRef = Hash | typeof VIRTUAL;
+
+/** Reference into `old` for the node at (level, 0) of a tree of height `height`. */
+async function topRef(old: TreeShape | null, level: number, get: NodeGetter): Promise<OldRef> {
+  if (!old || old.blocks === 0) return ZERO_HASH;
+  if (level > old.height) return VIRTUAL;
+  let h: Hash = old.root;
+  for (let k = old.height; k > level; k--) {
+    if (isZeroHash(h)) return ZERO_HASH;
+    h = (await getLevel(get, h, k)).children[0]!;
+  }
+  return h;
+}
+
+async function getLevel(get: NodeGetter, h: Hash, level: number): Promise<TreeNode> {
+  const n = await get(h);
+  if (n.level !== level) {
+    throw new TandemError('ERR_NODE_CORRUPT', `tree node ${toHex(h)} has level ${n.level} where level ${level} was expected; run \`appliance verify\``, { details: { hash: toHex(h) } });
+  }
+  return n;
+}
+
+/** Children refs of an old node at `level` (>= 2); missing entries are zero. */
+async function oldChildren(ref: OldRef, level: number, old: TreeShape | null, get: NodeGetter): Promise<readonly OldRef[]> {
+  if (ref === VIRTUAL) return [level - 1 === old!.height ? old!.root : VIRTUAL];
+  if (isZeroHash(ref)) return [];
+  return (await getLevel(get, ref, level)).children;
+}
+
+/** One change for {@link buildTree}: block `index` now has `hash`. */
+export interface BlockChange {
+  readonly index: number;
+  readonly hash: Hash;
+}
+
+export interface BuildTreeInput {
+  readonly blocks: number;
+  /** The tree to build from; blocks not in `changes` keep its hashes (zero beyond its end). */
+  readonly parent: (TreeShape & { readonly nonZeroBlocks: number }) | null;
+  /** Strictly ascending block indices < blocks. */
+  readonly changes: Iterable<BlockChange> | AsyncIterable<BlockChange>;
+  readonly get: NodeGetter;
+  /** Called for each new node, children before parents. */
+  readonly emit: (node: TreeNode) => Promise<void> | void;
+}
+
+export interface BuiltTree {
+  readonly root: Hash;
+  readonly height: number;
+  readonly nonZeroBlocks: number;
+}
+
+class ChangeCursor {
+  private readonly it: Iterator<BlockChange> | AsyncIterator<BlockChange>;
+  private head: BlockChange | undefined;
+  private done = false;
+  private last = -1;
+  constructor(src: Iterable<BlockChange> | AsyncIterable<BlockChange>, private readonly blocks: number) {
+    this.it = Symbol.asyncIterator in src ? (src as AsyncIterable<BlockChange>)[Symbol.asyncIterator]() : (src as Iterable<BlockChange>)[Symbol.iterator]();
+  }
+  async peek(): Promise<BlockChange | undefined> {
+    if (this.head || this.done) return this.head;
+    const r = await this.it.next();
+    if (r.done) {
+      this.done = true;
+      return undefined;
+    }
+    const c = r.value;
+    if (!c || !Number.isInteger(c.index) || c.index <= this.last || c.index >= this.blocks || !Buffer.isBuffer(c.hash) || c.hash.length !== HASH_LENGTH) {
+      throw new TandemError('ERR_BAD_REQUEST', `block changes must have strictly ascending integer indices below ${this.blocks} and 32-byte hashes (got index ${c?.index} after ${this.last})`, { details: { index: c?.index } });
+    }
+    this.last = c.index;
+    this.head = c;
+    return c;
+  }
+  take(): void {
+    this.head = undefined;
+  }
+}
+
+/**
+ * Build a tree of `blocks` blocks from a parent tree plus changes, streaming: memory is one node
+ * per level, and subtrees without changes whose coverage equals the parent's are reused as is.
+ * Work is proportional to the number of changes (times the height), not to the volume size.
+ */
+export async function buildTree(input: BuildTreeInput): Promise<BuiltTree> {
+  const { blocks: N, parent, get, emit } = input;
+  const cursor = new ChangeCursor(input.changes, N);
+  const height = treeHeight(N);
+  const Np = parent ? parent.blocks : 0;
+  let delta = 0;
+
+  const finish = async (level: number, children: Hash[]): Promise<Hash> => {
+    if (children.every(isZeroHash)) return ZERO_HASH;
+    const node = makeNode(level, children);
+    await emit(node);
+    return node.hash;
+  };
+
+  const build = async (k: number, j: number, ref: OldRef): Promise<Hash> => {
+    const a = j * span(k);
+    const end = (j + 1) * span(k);
+    const b = Math.min(N, end);
+    const next = await cursor.peek();
+    const changed = next !== undefined && next.index < end;
+    if (!changed && ref !== VIRTUAL) {
+      if (isZeroHash(ref)) return ZERO_HASH;
+      if (Math.min(Np, end) === b) return ref;
+    }
+    if (k === 1) {
+      const base = ref === VIRTUAL || isZeroHash(ref) ? [] : (await getLevel(get, ref, 1)).children;
+      const children: Hash[] = [];
+      for (let i = 0; i < b - a; i++) children.push(base[i] ?? ZERO_HASH);
+      for (let c = await cursor.peek(); c !== undefined && c.index < b; c = await cursor.peek()) {
+        const old = children[c.index - a]!;
+        delta += (isZeroHash(c.hash) ? 0 : 1) - (isZeroHash(old) ? 0 : 1);
+        children[c.index - a] = c.hash;
+        cursor.take();
+      }
+      return finish(1, children);
+    }
+    const olds = await oldChildren(ref, k, parent, get);
+    const count = Math.ceil((b - a) / span(k - 1));
+    const children: Hash[] = [];
+    for (let c = 0; c < count; c++) children.push(await build(k - 1, j * FANOUT + c, olds[c] ?? ZERO_HASH));
+    return finish(k, children);
+  };
+
+  const root = await build(height, 0, await topRef(parent, height, get));
+  let nonZeroBlocks = (parent?.nonZeroBlocks ?? 0) + delta;
+  if (N < Np) nonZeroBlocks = await countNonZero(root, height, get);
+  return { root, height, nonZeroBlocks };
+}
+
+/** Number of non-zero leaves under `root` (walks every level-1 node). */
+export async function countNonZero(root: Hash, height: number, get: NodeGetter): Promise<number> {
+  if (isZeroHash(root)) return 0;
+  const node = await getLevel(get, root, height);
+  if (height === 1) return node.children.filter((c) => !isZeroHash(c)).length;
+  let n = 0;
+  for (const c of node.children) n += await countNonZero(c, height - 1, get);
+  return n;
+}
+
+/** Every block hash of a tree in index order (ZERO_HASH for zero blocks). */
+export async function* walkBlocks(tree: TreeShape, get: NodeGetter): AsyncGenerator<BlockChange> {
+  async function* walk(h: Hash, k: number, j: number): AsyncGenerator<BlockChange> {
+    const a = j * span(k);
+    const b = Math.min(tree.blocks, (j + 1) * span(k));
+    if (isZeroHash(h)) {
+      for (let i = a; i < b; i++) yield { index: i, hash: ZERO_HASH };
+      return;
+    }
+    const node = await getLevel(get, h, k);
+    if (k === 1) {
+      for (let i = 0; i < b - a; i++) yield { index: a + i, hash: node.children[i] ?? ZERO_HASH };
+      return;
+    }
+    for (let c = 0; c < Math.ceil((b - a) / span(k - 1)); c++) yield* walk(node.children[c] ?? ZERO_HASH, k - 1, j * FANOUT + c);
+  }
+  yield* walk(tree.root, tree.height, 0);
+}
+
+/**
+ * Indices of `target` whose block hash differs from `base` (null: every non-zero block), in
+ * order, with the target's hash. Subtrees equal in hash and coverage are skipped without reading.
+ */
+export async function* diffTrees(base: TreeShape | null, target: TreeShape, get: NodeGetter): AsyncGenerator<BlockChange> {
+  const N = target.blocks;
+  const Nb = base ? base.blocks : 0;
+  async function* walk(k: number, j: number, th: Hash, ref: OldRef): AsyncGenerator<BlockChange> {
+    const a = j * span(k);
+    const end = (j + 1) * span(k);
+    const b = Math.min(N, end);
+    if (ref !== VIRTUAL) {
+      if (isZeroHash(th) && isZeroHash(ref)) return;
+      if (th.equals(ref) && Math.min(Nb, end) === b) return;
+    }
+    const tn = isZeroHash(th) ? undefined : await getLevel(get, th, k);
+    if (k === 1) {
+      const bc = ref === VIRTUAL || isZeroHash(ref) ? [] : (await getLevel(get, ref, 1)).children;
+      for (let i = 0; i < b - a; i++) {
+        const t = tn?.children[i] ?? ZERO_HASH;
+        const o = a + i < Nb ? bc[i] ?? ZERO_HASH : ZERO_HASH;
+        if (!t.equals(o)) yield { index: a + i, hash: t };
+      }
+      return;
+    }
+    const olds = await oldChildren(ref, k, base, get);
+    for (let c = 0; c < Math.ceil((b - a) / span(k - 1)); c++) {
+      yield* walk(k - 1, j * FANOUT + c, tn?.children[c] ?? ZERO_HASH, olds[c] ?? ZERO_HASH);
+    }
+  }
+  yield* walk(target.height, 0, target.root, await topRef(base, target.height, get));
+}
