@@ -1,0 +1,75 @@
+/**
+ * `appliance failback VOL [--peer NAME] [--terminate]` (on-prem): bring the changes made in EC2
+ * after a failover home. Steps (appliance/recovery/failback.ts):
+ *
+ * 1. ask the cloud appliance to snapshot the EC2 volume and import it incrementally
+ *    (POST /v1/recovery/failback/prepare),
+ * 2. `sync VOL --reverse --apply`: pull that snapshot, rescan the local volume, write only the
+ *    differing blocks, verify the written tree, record the common base,
+ * 3. tell the cloud appliance the volume is home (POST /v1/recovery/failback/complete), which
+ *    terminates the failover instances with --terminate.
+ *
+ * Replication then resumes incrementally from the applied snapshot.
+ */
+import type { Command } from 'commander';
+import { run, currentIO, formatBytes } from '../output.js';
+
+export const order = 62;
+
+interface Opts { peer?: string; terminate?: boolean }
+
+export function define(program: Command): void {
+  program.command('failback <volume>')
+    .description('after a failover: import the EC2 volume incrementally on the cloud appliance, pull and apply only the changed blocks here, verify, resume replication')
+    .option('--peer <name>', 'the cloud appliance (default: config `replication.peer`)')
+    .option('--terminate', 'terminate the failover instances once the volume is home')
+    .action(run(async (g, cmd, [volume]) => {
+      const o = cmd.opts() as Opts;
+      const vol = volume as string;
+      const { Home } = await import('../../home.js');
+      const { TandemError } = await import('../../../common/errors.js');
+      const { loadConfig } = await import('../../config/index.js');
+      const { getPeer, connectPeer } = await import('../../peers.js');
+      const { syncVolume } = await import('../../replicate.js');
+      const io = currentIO();
+      const home = Home.load(g.home);
+      const peerName = o.peer ?? (await loadConfig(home)).replication?.peer;
+      if (!peerName) throw new TandemError('ERR_USAGE', 'which appliance ran the failover? pass --peer NAME or set `replication.peer` in config.yaml');
+      const store = await home.openStore();
+      try {
+        const peer = await getPeer(store, peerName);
+        const remote = connectPeer(peer);
+        let prepare: any;
+        try {
+          io.err(`failback: ${peerName} snapshots the EC2 volume of ${vol} and imports the changes\n`);
+          prepare = await remote.request('POST', '/v1/recovery/failback/prepare', { volume: vol }, false);
+          io.err(`failback: ${prepare.blocksFetched} changed block(s) read from EBS into snapshot ${prepare.snapshot.id}\n`);
+        } finally {
+          await remote.close();
+        }
+        io.err(`failback: pulling and applying ${prepare.snapshot.id} onto the local volume\n`);
+        const sync = await syncVolume(home, store, vol, peerName, { reverse: true, apply: true, onNotice: (m) => io.err(`failback: ${m}\n`) });
+        if (sync.snapshot !== prepare.snapshot.id) {
+          throw new TandemError('ERR_PEER_PROTOCOL', `the peer's latest snapshot of ${vol} is ${sync.snapshot}, not the failback snapshot ${prepare.snapshot.id}; something replicated to it meanwhile: rerun \`appliance failback ${vol}\``);
+        }
+        const remote2 = connectPeer(peer);
+        let complete: any;
+        try {
+          complete = await remote2.request('POST', '/v1/recovery/failback/complete', { volume: vol, snapshot: prepare.snapshot.id, terminate: o.terminate === true }, false);
+        } finally {
+          await remote2.close();
+        }
+        const a = sync.applied;
+        const text = [
+          `failback of ${vol} from ${peerName}: done, verified`,
+          `  EC2 snapshot ${prepare.ec2SnapshotId} of ${prepare.ec2VolumeId}: ${prepare.blocksFetched} changed block(s) (${formatBytes(prepare.bytesFetched)}) read from EBS`,
+          `  pulled ${sync.blocksSent} block(s) (${formatBytes(sync.bytesSent)}); wrote ${a?.blocksWritten ?? 0} block(s) (${formatBytes(a?.bytesWritten ?? 0)}) of ${a?.blocksCompared ?? 0} compared`,
+          complete.terminated.length ? `  terminated ${complete.terminated.join(', ')}` : `  failover instances left running (pass --terminate to stop them)`,
+          `  replication resumes incrementally from ${prepare.snapshot.id}`,
+        ].join('\n');
+        return { json: { volume: vol, peer: peerName, prepare, sync, complete }, text };
+      } finally {
+        await store.close();
+      }
+    }));
+}

@@ -1,0 +1,182 @@
+/**
+ * Failover, drill and failback end to end: two real appliance processes on loopback, the
+ * cloud one talking to the AWS emulator through the real SDK clients.
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import type { ChildProcess } from 'node:child_process';
+import { cliJson, spawnCli } from '../helpers/cli.js';
+import { startAwsEmulator } from '../../emulators/aws/index.js';
+
+const MiB = 1024 * 1024;
+const BLOCK = 512 * 1024;
+const SIZE = 16 * MiB;
+const VOL = 'app-root';
+
+let work: string;
+let aws: Awaited<ReturnType<typeof startAwsEmulator>>;
+let cloudEnv: Record<string, string>;
+const servers: ChildProcess[] = [];
+let onprem: string;
+let cloud: string;
+let image: string;
+
+function sha(buf: Buffer): string {
+  return createHash('sha256').update(buf).digest('hex');
+}
+
+async function serve(home: string, env: Record<string, string> = {}): Promise<string> {
+  const child = spawnCli(['--home', home, 'serve', '--listen', '127.0.0.1:0'], { env });
+  servers.push(child);
+  let err = '';
+  child.stderr!.on('data', (d) => (err += d));
+  const lines = createInterface({ input: child.stdout! });
+  return new Promise((resolve, reject) => {
+    child.on('exit', (c) => reject(new Error(`serve exited ${c}: ${err}`)));
+    lines.on('line', (l) => {
+      const m = /(https:\/\/\S+)/.exec(l);
+      if (m) resolve(m[1]!);
+    });
+  });
+}
+
+async function ok(home: string, args: string[], env: Record<string, string> = {}): Promise<any> {
+  const r = await cliJson(['--home', home, ...args], { env });
+  assert.equal(r.code, 0, `appliance ${args.join(' ')} failed: ${r.stderr}`);
+  return r.json;
+}
+
+async function emulator(path: string, body?: unknown): Promise<any> {
+  const r = await fetch(`${aws.url}${path}`, body === undefined ? {} : { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+  assert.ok(r.ok, `${path}: ${r.status} ${await r.clone().text()}`);
+  const type = r.headers.get('content-type') ?? '';
+  return type.includes('json') ? r.json() : Buffer.from(await r.arrayBuffer());
+}
+
+async function readEc2Volume(id: string): Promise<Buffer> {
+  const r = await emulator(`/_emulator/volumes/${id}/read?offset=0&length=${SIZE}`);
+  return Buffer.isBuffer(r) ? r : Buffer.from(r.dataBase64 ?? r.data, 'base64');
+}
+
+before(async () => {
+  work = mkdtempSync(join(tmpdir(), 'tandem-recovery-'));
+  aws = await startAwsEmulator({ host: '127.0.0.1', port: 0 });
+  cloudEnv = { AWS_REGION: 'us-east-1', AWS_ACCESS_KEY_ID: 'test', AWS_SECRET_ACCESS_KEY: 'test', AWS_ENDPOINT_URL_EBS: aws.url, AWS_ENDPOINT_URL_EC2: aws.url };
+  image = join(work, 'app-root.img');
+  const fd = openSync(image, 'w');
+  writeSync(fd, randomBytes(10 * MiB), 0, 10 * MiB, 0);
+  closeSync(fd);
+  truncateSync(image, SIZE);
+  onprem = join(work, 'onprem');
+  cloud = join(work, 'cloud');
+  const on = await ok(onprem, ['init', '--name', 'onprem']);
+  const cl = await ok(cloud, ['init', '--name', 'cloud']);
+  writeFileSync(join(cloud, 'config.yaml'), `appliance:
+  name: cloud
+recovery:
+  app:
+    instanceType: t3.small
+    subnet: subnet-0a1b2c3d
+    securityGroups: [sg-0a1b2c3d]
+    privateIp: 10.0.1.30
+    rootVolume: { volume: ${VOL}, device: /dev/xvda }
+    tags: { Role: app }
+    drill: { subnet: subnet-0d1e2f3a, securityGroups: [sg-0d1e2f3a] }
+`);
+  const onUrl = await serve(onprem);
+  const clUrl = await serve(cloud, cloudEnv);
+  await ok(onprem, ['peer', 'add', 'cloud', '--url', clUrl, '--token', cl.token, '--fingerprint', cl.fingerprint]);
+  await ok(cloud, ['peer', 'add', 'onprem', '--url', onUrl, '--token', on.token, '--fingerprint', on.fingerprint]);
+  await ok(onprem, ['volume', 'add', VOL, '--path', image]);
+  await ok(onprem, ['sync', VOL, '--peer', 'cloud']);
+  await ok(cloud, ['ebs', 'export', VOL], cloudEnv);
+});
+
+after(async () => {
+  for (const s of servers) s.kill('SIGKILL');
+  await aws?.close();
+  rmSync(work, { recursive: true, force: true });
+});
+
+test('a drill launches in the isolated subnet, passes, tears down, and leaves production and replication untouched', async () => {
+  const volumeBefore = sha(readFileSync(image));
+  const cloudSnapsBefore = await ok(cloud, ['snapshots', VOL]);
+  const onSnapsBefore = await ok(onprem, ['snapshots', VOL]);
+
+  const drill = await ok(cloud, ['drill', VOL], cloudEnv);
+  assert.equal(drill.mode, 'drill');
+  assert.equal(drill.status, 'torn-down');
+  assert.ok(drill.checks.length >= 3 && drill.checks.every((c: { ok: boolean }) => c.ok), JSON.stringify(drill.checks));
+  assert.equal(drill.servers[0].subnetId, 'subnet-0d1e2f3a');
+  assert.notEqual(drill.servers[0].privateIp, '10.0.1.30', 'a drill must not take the production IP');
+
+  // Torn down: the instance is terminated and the image is gone.
+  const state = await emulator('/_emulator/state');
+  const text = JSON.stringify(state);
+  assert.ok(text.includes(drill.servers[0].instanceId), 'the emulator knows the drill instance');
+  const inst = (state.instances ?? []).find((i: any) => (i.instanceId ?? i.InstanceId ?? i.id) === drill.servers[0].instanceId);
+  if (inst) assert.match(JSON.stringify(inst), /terminated|shutting-down/);
+
+  // Production and replication untouched.
+  assert.equal(sha(readFileSync(image)), volumeBefore);
+  assert.deepEqual(await ok(cloud, ['snapshots', VOL]), cloudSnapsBefore);
+  assert.deepEqual(await ok(onprem, ['snapshots', VOL]), onSnapsBefore);
+  const again = await ok(onprem, ['sync', VOL, '--peer', 'cloud']);
+  assert.equal(again.blocksSent, 0, 'nothing changed, nothing to send after the drill');
+
+  // The drill report is kept for status.
+  const status = await ok(cloud, ['status', VOL]);
+  assert.match(JSON.stringify(status), new RegExp(drill.id));
+});
+
+test('failover launches the plan with its IP, records the RTO; failback brings back only what changed in EC2, byte-exact', async () => {
+  const fo = await ok(cloud, ['failover', VOL], cloudEnv);
+  assert.equal(fo.status, 'active');
+  const server = fo.servers[0];
+  assert.equal(server.state, 'running');
+  assert.equal(server.subnetId, 'subnet-0a1b2c3d');
+  assert.equal(server.privateIp, '10.0.1.30');
+  assert.ok(fo.rtoSeconds > 0 && fo.rtoSeconds < 120, `rto ${fo.rtoSeconds}`);
+  const ec2Volume: string = server.disks[0].ec2VolumeId;
+  assert.match(ec2Volume, /^vol-/);
+
+  // The server runs in EC2; two blocks change there. Meanwhile the on-prem copy diverged too.
+  await emulator(`/_emulator/volumes/${ec2Volume}/write`, { offset: 2 * BLOCK + 100, dataBase64: randomBytes(4096).toString('base64') });
+  await emulator(`/_emulator/volumes/${ec2Volume}/write`, { offset: 12 * BLOCK, dataBase64: randomBytes(BLOCK).toString('base64') });
+  {
+    const fd = openSync(image, 'r+');
+    writeSync(fd, randomBytes(4096), 0, 4096, 7 * BLOCK);
+    closeSync(fd);
+  }
+  await emulator('/_emulator/stats/reset', {});
+
+  const fb = await ok(onprem, ['failback', VOL, '--peer', 'cloud', '--terminate']);
+  const stats = await emulator('/_emulator/stats');
+  const gets = stats.GetSnapshotBlock ?? stats.operations?.GetSnapshotBlock ?? 0;
+  assert.equal(gets, 2, `only the 2 blocks changed in EC2 are read from EBS (stats ${JSON.stringify(stats)})`);
+  assert.equal(fb.prepare.blocksFetched, 2);
+
+  const home = readFileSync(image);
+  const inCloud = await readEc2Volume(ec2Volume);
+  assert.equal(sha(home), sha(inCloud.subarray(0, SIZE)), 'on-prem equals the EC2 volume after failback');
+
+  // Back into normal replication: the next sync is incremental (nothing to send).
+  const next = await ok(onprem, ['sync', VOL, '--peer', 'cloud']);
+  assert.equal(next.blocksSent, 0);
+});
+
+test('failover without a plan or without an export fails clearly and launches nothing', async () => {
+  const r = await cliJson(['--home', cloud, 'failover', 'no-such-volume'], { env: cloudEnv });
+  assert.equal(r.code, 1);
+  assert.equal(r.json.error.code, 'ERR_PLAN_INVALID');
+  const r2 = await cliJson(['--home', cloud, 'drill', VOL, '--point', '2001-01-01T00:00:00Z'], { env: cloudEnv });
+  assert.equal(r2.code, 1);
+  assert.equal(r2.json.error.code, 'ERR_EBS_NOT_EXPORTED');
+  const r3 = await cliJson(['--home', cloud, 'drill', VOL, '--keep', 'soon'], { env: cloudEnv });
+  assert.equal(r3.code, 2);
+});
