@@ -1,0 +1,345 @@
+/**
+ * RemotePeer: a peer appliance seen as a {@link ReplicaStore} over HTTPS ("a peer is just
+ * another store"), so the sync engine copies to and from it exactly as between local stores.
+ *
+ * - TLS pinning: peers use self-signed certificates, so the certificate chain is not checked;
+ *   instead the SHA-256 fingerprint of the certificate the peer presents must equal the pinned
+ *   one. The check runs in the TLS connect callback, before any request is written: a wrong
+ *   fingerprint sends no token and no data (ERR_PEER_FINGERPRINT).
+ * - undici Pool: keep-alive, at most {@link DEFAULT_CONNECTIONS} connections.
+ * - Retries with exponential backoff and jitter, honouring Retry-After, only for requests whose
+ *   body is a small JSON document and whose effect is idempotent (has/get/latest, nodes/put and
+ *   commit, which are idempotent by contract). A block stream (blocks/put) is never replayed:
+ *   the engine recovers at a higher level by asking again which blocks are missing.
+ * - `bwlimit` caps the block streams in both directions (sync/bwlimit.ts).
+ */
+import { Readable } from 'node:stream';
+import type { TLSSocket } from 'node:tls';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Pool, buildConnector, type Dispatcher } from 'undici';
+import { TandemError, isErrorCode, isTandemError } from '../common/errors.js';
+import type { BlockFrame, Hash, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
+import { throttle } from '../sync/bwlimit.js';
+import { decodeFrames, encodeFrames } from '../sync/framing.js';
+import { LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, fromHex, toHex } from '../sync/protocol.js';
+import type { ServerStats } from './stats.js';
+
+/** Parallel connections to one peer: enough to overlap a block stream with tree requests, few enough for a small appliance. */
+const DEFAULT_CONNECTIONS = 4;
+/** Attempts of an idempotent request before giving up (1 + 4 retries: ~6 s of backoff in all). */
+const MAX_ATTEMPTS = 5;
+/** First backoff delay; doubles each attempt, with full jitter. */
+const BACKOFF_BASE_MS = 200;
+/** Never wait longer than this between attempts, even if Retry-After asks for more. */
+const BACKOFF_MAX_MS = 10_000;
+/** A peer that does not complete a TCP+TLS handshake in this time is unreachable. */
+const CONNECT_TIMEOUT_MS = 10_000;
+/** Statuses that mean "try again later" rather than "no". */
+const RETRYABLE_STATUS = new Set([429, 502, 503, 504]);
+/** Socket-level failures worth a retry (the request may not have reached the peer). */
+const RETRYABLE_CODES = new Set(['ECONNRESET', 'ECONNREFUSED', 'EPIPE', 'ETIMEDOUT', 'UND_ERR_SOCKET', 'UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_CLOSED']);
+
+/** `AB:CD:...` (64 hex digits, any case, colons optional) → uppercase colon-separated, as Home.fingerprint() prints. */
+export function normalizeFingerprint(f: string): string {
+  const hex = f.trim().replace(/:/g, '').toUpperCase();
+  if (!/^[0-9A-F]{64}$/.test(hex)) {
+    throw new TandemError('ERR_USAGE', `"${f}" is not a SHA-256 certificate fingerprint; copy the one \`appliance init\` or \`serve\` printed on the peer (64 hex digits, colons optional)`);
+  }
+  return hex.match(/../g)!.join(':');
+}
+
+export interface RemotePeerOptions {
+  /** https://HOST:PORT of the peer. */
+  readonly url: string;
+  readonly token: string;
+  /** SHA-256 fingerprint of the peer's certificate. */
+  readonly fingerprint: string;
+  /** Name used in messages. */
+  readonly name?: string;
+  /** Cap on block stream bytes per second, each direction; 0 or absent: none. */
+  readonly bwlimit?: number;
+  readonly connections?: number;
+}
+
+export interface PeerHealth {
+  readonly status: string;
+  readonly name: string;
+  readonly id: string;
+  readonly protocol: number;
+}
+
+export interface LockAnswer {
+  readonly upToDate: boolean;
+  readonly lease: string | null;
+  readonly latest: SnapshotRecord | null;
+}
+
+interface WireNode {
+  hash: string;
+  level: number;
+  children: string[];
+}
+
+/** Bytes counted on the way through. */
+async function* meter(src: AsyncIterable<Buffer>, add: (n: number) => void): AsyncGenerator<Buffer> {
+  for await (const c of src) {
+    add(c.length);
+    yield c;
+  }
+}
+
+export class RemotePeer implements ReplicaStore {
+  readonly name: string;
+  readonly url: string;
+  /** Requests sent (each attempt counts). */
+  requests = 0;
+  /** Block stream bytes on the wire (framed, compressed), up and down. */
+  wireBytesSent = 0;
+  wireBytesReceived = 0;
+  private readonly pool: Pool;
+  private readonly token: string;
+  private readonly bwlimit: number;
+  private lease: string | null = null;
+  private leaseVolume: string | null = null;
+
+  constructor(opts: RemotePeerOptions) {
+    let u: URL;
+    try {
+      u = new URL(opts.url);
+    } catch {
+      throw new TandemError('ERR_USAGE', `peer URL "${opts.url}" is not a URL; write https://HOST:PORT`);
+    }
+    if (u.protocol !== 'https:') throw new TandemError('ERR_USAGE', `peer URL "${opts.url}" must be https://HOST:PORT (peers talk over TLS only)`);
+    this.url = u.origin;
+    this.name = opts.name ?? u.host;
+    this.token = opts.token;
+    this.bwlimit = opts.bwlimit ?? 0;
+    const pinned = normalizeFingerprint(opts.fingerprint);
+    const name = this.name;
+    // Chain validation is off on purpose: the fingerprint check below is stricter (exactly one certificate).
+    const base = buildConnector({ rejectUnauthorized: false, timeout: CONNECT_TIMEOUT_MS });
+    const connect: buildConnector.connector = (o, cb) => {
+      base(o, (err, socket) => {
+        if (err || !socket) return cb(err ?? new Error('connect failed'), null);
+        const cert = (socket as TLSSocket).getPeerCertificate?.();
+        const got = cert?.fingerprint256 ? normalizeFingerprint(cert.fingerprint256) : '(none)';
+        if (got !== pinned) {
+          socket.destroy();
+          return cb(new TandemError('ERR_PEER_FINGERPRINT', `peer ${name} at ${u.origin} presented certificate ${got}, not the pinned ${pinned}; nothing was sent. If the peer was re-initialized, pair again with \`appliance peer add\``, {
+            details: { expected: pinned, got },
+          }), null);
+        }
+        cb(null, socket);
+      });
+    };
+    this.pool = new Pool(this.url, { connect, connections: opts.connections ?? DEFAULT_CONNECTIONS, keepAliveTimeout: 60_000, pipelining: 1 });
+  }
+
+  async close(): Promise<void> {
+    await this.pool.close().catch(() => {});
+  }
+
+  private headers(extra: Record<string, string> = {}): Record<string, string> {
+    const h: Record<string, string> = { authorization: `Bearer ${this.token}`, ...extra };
+    if (this.lease) h[LEASE_HEADER] = this.lease;
+    return h;
+  }
+
+  /** Map a transport failure to a catalog error. */
+  private transportError(e: unknown, what: string): TandemError {
+    if (isTandemError(e)) return e;
+    const cause = (e as { cause?: unknown })?.cause;
+    if (isTandemError(cause)) return cause;
+    const code = (e as NodeJS.ErrnoException)?.code ?? '';
+    return new TandemError('ERR_PEER_UNREACHABLE', `peer ${this.name} (${this.url}) failed during ${what}: ${(e as Error)?.message ?? String(e)} [${code}]; check that it runs (\`appliance serve\`) and the network, then rerun`, { cause: e, details: { code } });
+  }
+
+  /** Turn an error answer into the peer's catalog error. */
+  private async answerError(res: Dispatcher.ResponseData, what: string): Promise<TandemError> {
+    let body: { error?: { code?: unknown; message?: unknown; details?: unknown } } = {};
+    try {
+      body = (await res.body.json()) as typeof body;
+    } catch {
+      /* not JSON */
+    }
+    const code = body.error?.code;
+    const msg = typeof body.error?.message === 'string' ? body.error.message : `HTTP ${res.statusCode}`;
+    const details = (typeof body.error?.details === 'object' && body.error?.details !== null ? body.error.details : {}) as Record<string, unknown>;
+    if (res.statusCode === 401) {
+      return new TandemError('ERR_UNAUTHORIZED', `peer ${this.name} refused our token (${what}); pair again with the token \`appliance init\` printed there: \`appliance peer add ${this.name} --url ... --token T --fingerprint F\``, { details });
+    }
+    if (isErrorCode(code)) return new TandemError(code, `peer ${this.name}: ${msg}`, { details: { ...details, status: res.statusCode } });
+    return new TandemError('ERR_PEER_PROTOCOL', `peer ${this.name} answered ${what} with HTTP ${res.statusCode} and no error code; is it a Tandem appliance of a compatible version?`, { details: { status: res.statusCode } });
+  }
+
+  /** One request with JSON in and out; retried when `idempotent`. */
+  private async json<T>(method: 'GET' | 'POST' | 'DELETE', path: string, body: unknown, idempotent: boolean): Promise<T> {
+    const res = await this.send(method, path, body, idempotent);
+    try {
+      return (await res.body.json()) as T;
+    } catch (e) {
+      throw new TandemError('ERR_PEER_PROTOCOL', `peer ${this.name} sent a malformed answer to ${method} ${path}`, { cause: e });
+    }
+  }
+
+  /** Send a request with a JSON body (or none); returns a 2xx response whose body the caller consumes. */
+  private async send(method: 'GET' | 'POST' | 'DELETE', path: string, body: unknown, idempotent: boolean): Promise<Dispatcher.ResponseData> {
+    const what = `${method} ${path}`;
+    const payload = body === undefined ? undefined : JSON.stringify(body);
+    for (let attempt = 1; ; attempt++) {
+      let wait: number | null = null;
+      try {
+        this.requests++;
+        const res = await this.pool.request({
+          method,
+          path,
+          headers: this.headers(payload === undefined ? {} : { 'content-type': 'application/json' }),
+          ...(payload === undefined ? {} : { body: payload }),
+        });
+        if (res.statusCode < 300) return res;
+        const err = await this.answerError(res, what);
+        if (!(idempotent && RETRYABLE_STATUS.has(res.statusCode) && attempt < MAX_ATTEMPTS)) throw err;
+        const ra = Number(res.headers['retry-after']);
+        wait = Number.isFinite(ra) && ra >= 0 ? Math.min(BACKOFF_MAX_MS, ra * 1000) : null;
+      } catch (e) {
+        if (isTandemError(e) && e.code !== 'ERR_PEER_UNREACHABLE') throw e;
+        const err = this.transportError(e, what);
+        if (err.code !== 'ERR_PEER_UNREACHABLE' || !idempotent || attempt >= MAX_ATTEMPTS || !RETRYABLE_CODES.has(String(err.details.code))) throw err;
+      }
+      await sleep(wait ?? Math.random() * Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** (attempt - 1)));
+    }
+  }
+
+  // --- identity, leases, counters (not part of ReplicaStore) ------------------------------
+
+  /** GET /v1/health (pinned TLS, no token needed). */
+  async health(): Promise<PeerHealth> {
+    return this.json<PeerHealth>('GET', '/v1/health', undefined, true);
+  }
+
+  /** The peer's receiving-side counters. */
+  async stats(): Promise<ServerStats> {
+    return this.json<ServerStats>('GET', '/v1/stats', undefined, true);
+  }
+
+  /**
+   * Take the peer's lock of `volume` for this sync (sent with every later request and released
+   * by commit or {@link releaseVolume}). With `ifRoot` equal to the peer's latest root the peer
+   * answers upToDate and takes no lease: a no-op sync is this one request.
+   */
+  async lockVolume(volume: string, holder: string, ifRoot?: string): Promise<LockAnswer> {
+    const a = await this.json<LockAnswer>('POST', `/v1/volumes/${encodeURIComponent(volume)}/lock`, { holder, ...(ifRoot ? { ifRoot } : {}) }, false);
+    if (a.lease) {
+      this.lease = a.lease;
+      this.leaseVolume = volume;
+    }
+    return a;
+  }
+
+  /** Release the lease, if any (idempotent; errors ignored: the lease times out anyway). */
+  async releaseVolume(): Promise<void> {
+    const lease = this.lease;
+    const vol = this.leaseVolume;
+    this.lease = null;
+    this.leaseVolume = null;
+    if (!lease || !vol) return;
+    await this.json('DELETE', `/v1/volumes/${encodeURIComponent(vol)}/lock/${lease}`, undefined, true).catch(() => {});
+  }
+
+  // --- ReplicaStore -----------------------------------------------------------------------
+
+  async latestSnapshot(volume: string): Promise<SnapshotRecord | null> {
+    const a = await this.json<{ snapshot: SnapshotRecord | null }>('GET', `/v1/volumes/${encodeURIComponent(volume)}/snapshots/latest`, undefined, true);
+    return a.snapshot ?? null;
+  }
+
+  async getSnapshot(volume: string, id: string): Promise<SnapshotRecord | null> {
+    const a = await this.json<{ snapshot: SnapshotRecord | null }>('GET', `/v1/volumes/${encodeURIComponent(volume)}/snapshots/${encodeURIComponent(id)}`, undefined, true);
+    return a.snapshot ?? null;
+  }
+
+  async commitSnapshot(record: SnapshotRecord): Promise<void> {
+    const hadLease = this.lease !== null && this.leaseVolume === record.volume;
+    await this.json('POST', '/v1/snapshots/commit', { snapshot: record }, true);
+    if (hadLease) {
+      // The peer released the lease with the commit.
+      this.lease = null;
+      this.leaseVolume = null;
+    }
+  }
+
+  async hasNodes(hashes: readonly Hash[]): Promise<boolean[]> {
+    return this.presence('/v1/nodes/has', hashes, MAX_HASHES_PER_REQUEST);
+  }
+
+  async hasBlocks(hashes: readonly Hash[]): Promise<boolean[]> {
+    return this.presence('/v1/blocks/has', hashes, MAX_HASHES_PER_REQUEST);
+  }
+
+  private async presence(path: string, hashes: readonly Hash[], max: number): Promise<boolean[]> {
+    const out: boolean[] = [];
+    for (const part of batches(hashes, max)) {
+      const a = await this.json<{ present: boolean[] }>('POST', path, { hashes: part.map(toHex) }, true);
+      if (!Array.isArray(a.present) || a.present.length !== part.length) {
+        throw new TandemError('ERR_PEER_PROTOCOL', `peer ${this.name} answered ${path} with ${a.present?.length} flags for ${part.length} hashes`);
+      }
+      out.push(...a.present.map((x) => x === true));
+    }
+    return out;
+  }
+
+  async getNodes(hashes: readonly Hash[]): Promise<TreeNode[]> {
+    const out: TreeNode[] = [];
+    for (const part of batches(hashes, MAX_NODES_PER_REQUEST)) {
+      const a = await this.json<{ nodes: WireNode[] }>('POST', '/v1/nodes/get', { hashes: part.map(toHex) }, true);
+      if (!Array.isArray(a.nodes) || a.nodes.length !== part.length) throw new TandemError('ERR_PEER_PROTOCOL', `peer ${this.name} answered nodes/get with the wrong number of nodes`);
+      a.nodes.forEach((n, i) => {
+        const node = { hash: fromHex(n.hash), level: n.level, children: n.children.map(fromHex) };
+        if (!node.hash.equals(part[i]!) || !Number.isInteger(node.level) || node.children.length === 0) {
+          throw new TandemError('ERR_NODE_CORRUPT', `peer ${this.name} answered nodes/get with a node other than the one asked (${n.hash})`);
+        }
+        out.push(node);
+      });
+    }
+    return out;
+  }
+
+  async putNodes(nodes: readonly TreeNode[]): Promise<void> {
+    for (const part of batches(nodes, MAX_NODES_PER_REQUEST)) {
+      await this.json('POST', '/v1/nodes/put', { nodes: part.map((n) => ({ hash: toHex(n.hash), level: n.level, children: n.children.map(toHex) })) }, true);
+    }
+  }
+
+  /** Verified blocks in the order asked; one request per {@link MAX_HASHES_PER_REQUEST}, streamed. */
+  async *getBlocks(hashes: readonly Hash[]): AsyncIterable<BlockFrame> {
+    for (const part of batches(hashes, MAX_HASHES_PER_REQUEST)) {
+      const res = await this.send('POST', '/v1/blocks/get', { hashes: part.map(toHex) }, true);
+      let src: AsyncIterable<Buffer> = meter(res.body as AsyncIterable<Buffer>, (n) => (this.wireBytesReceived += n));
+      if (this.bwlimit > 0) src = throttle(src, this.bwlimit);
+      try {
+        yield* decodeFrames(src, { verify: true, expect: part });
+      } catch (e) {
+        throw isTandemError(e) ? e : this.transportError(e, 'POST /v1/blocks/get');
+      } finally {
+        if (!res.body.destroyed) res.body.destroy();
+      }
+    }
+  }
+
+  /** Stream blocks to the peer (one request, never replayed). The peer verifies each. */
+  async putBlocks(frames: AsyncIterable<BlockFrame>): Promise<{ stored: number; bytes: number }> {
+    let src: AsyncIterable<Buffer> = meter(encodeFrames(frames), (n) => (this.wireBytesSent += n));
+    if (this.bwlimit > 0) src = throttle(src, this.bwlimit);
+    const body = Readable.from(src, { objectMode: false });
+    let res: Dispatcher.ResponseData;
+    try {
+      this.requests++;
+      res = await this.pool.request({ method: 'POST', path: '/v1/blocks/put', headers: this.headers({ 'content-type': 'application/octet-stream' }), body });
+    } catch (e) {
+      throw this.transportError(e, 'POST /v1/blocks/put');
+    }
+    if (res.statusCode >= 300) throw await this.answerError(res, 'POST /v1/blocks/put');
+    const a = (await res.body.json()) as { stored: number; bytes: number };
+    return { stored: a.stored, bytes: a.bytes };
+  }
+}

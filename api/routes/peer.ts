@@ -1,0 +1,168 @@
+/**
+ * The peer protocol routes (sync/README.md, "Routes"): content-addressed reads and writes of
+ * nodes and blocks, snapshot lookup and commit, volume leases and the receiving-side counters.
+ * Every route is stateless except the lease, so a walk can be resumed from any point.
+ */
+import { Readable } from 'node:stream';
+import type { FastifyInstance } from 'fastify';
+import { TandemError } from '../../common/errors.js';
+import type { Store } from '../../store/index.js';
+import type { SnapshotRecord, TreeNode } from '../../store/types.js';
+import { decodeFrames, encodeFrames } from '../../sync/framing.js';
+import { LEASE_HEADER, PROTOCOL_VERSION, fromHex, toHex } from '../../sync/protocol.js';
+import type { Home } from '../../appliance/home.js';
+import type { LeaseTable } from '../leases.js';
+import type { ServerStats } from '../stats.js';
+import * as S from '../schemas.js';
+
+export interface PeerRouteDeps {
+  readonly home: Home;
+  readonly store: Store;
+  readonly leases: LeaseTable;
+  readonly stats: ServerStats;
+}
+
+export function nodeToWire(n: TreeNode): S.WireNodeT {
+  return { hash: toHex(n.hash), level: n.level, children: n.children.map(toHex) };
+}
+
+export function nodeFromWire(n: S.WireNodeT): TreeNode {
+  return { hash: fromHex(n.hash), level: n.level, children: n.children.map(fromHex) };
+}
+
+function leaseOf(headers: Record<string, unknown>): string | undefined {
+  const v = headers[LEASE_HEADER];
+  return typeof v === 'string' && v.length <= 64 ? v : undefined;
+}
+
+export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
+  const { home, store, leases, stats } = deps;
+
+  app.get('/v1/health', { schema: { summary: 'liveness and identity (no authentication)', security: [] } }, async () => ({
+    status: 'ok',
+    name: home.identity.name,
+    id: home.identity.id,
+    protocol: PROTOCOL_VERSION,
+  }));
+
+  app.get('/v1/stats', { schema: { summary: 'receiving-side counters since the server started' } }, async () => stats);
+
+  app.get('/v1/volumes/:vol/snapshots/latest', { schema: { params: S.VolumeParams, summary: 'the latest snapshot of a volume, or null' } }, async (req) => {
+    const { vol } = req.params as { vol: string };
+    return { snapshot: await store.latestSnapshot(vol) };
+  });
+
+  app.get('/v1/volumes/:vol/snapshots/:id', { schema: { params: S.SnapshotParams, summary: 'one snapshot, or null' } }, async (req) => {
+    const { vol, id } = req.params as { vol: string; id: string };
+    return { snapshot: await store.getSnapshot(vol, id) };
+  });
+
+  app.post('/v1/volumes/:vol/lock', { schema: { params: S.VolumeParams, body: S.LockBody, summary: 'take a lease on the volume for a sync' } }, async (req) => {
+    const { vol } = req.params as { vol: string };
+    const body = req.body as S.LockBodyT;
+    const latest = await store.latestSnapshot(vol);
+    if (body.ifRoot && latest && latest.root === body.ifRoot) return { upToDate: true, lease: null, expiresInMs: 0, latest };
+    const v = await store.getVolume(vol);
+    if (v?.materializing) {
+      throw new TandemError('ERR_VOLUME_MATERIALIZING', `volume "${vol}" is being written on ${home.identity.name} (snapshot ${v.materializing.snapshot}); finish that restore first`, { details: { volume: vol } });
+    }
+    const { lease, expiresInMs } = leases.acquire(vol, body.holder);
+    return { upToDate: false, lease, expiresInMs, latest };
+  });
+
+  app.delete('/v1/volumes/:vol/lock/:lease', { schema: { params: S.LeaseParams, summary: 'release a lease' } }, async (req) => {
+    const { vol, lease } = req.params as { vol: string; lease: string };
+    return { released: leases.volumeOf(lease) === vol && leases.release(lease) };
+  });
+
+  app.post('/v1/nodes/has', { schema: { body: S.HashList, summary: 'which nodes are present (a present node implies its whole subtree)' } }, async (req) => {
+    const { hashes } = req.body as S.HashListBody;
+    return { present: await store.hasNodes(hashes.map(fromHex)) };
+  });
+
+  app.post('/v1/nodes/get', { schema: { body: S.NodeHashList, summary: 'nodes in the order asked; 404 ERR_NODE_MISSING if one is absent' } }, async (req) => {
+    const { hashes } = req.body as S.HashListBody;
+    const nodes = await store.getNodes(hashes.map(fromHex));
+    stats.nodesSent += nodes.length;
+    return { nodes: nodes.map(nodeToWire) };
+  });
+
+  app.post('/v1/nodes/put', { schema: { body: S.NodeList, summary: 'store nodes whose children are all present (else 409 ERR_SNAPSHOT_INCOMPLETE, nothing stored)' } }, async (req) => {
+    const { nodes } = req.body as S.NodeListBody;
+    await store.putNodes(nodes.map(nodeFromWire));
+    stats.nodesReceived += nodes.length;
+    return { stored: nodes.length };
+  });
+
+  app.post('/v1/blocks/has', { schema: { body: S.HashList, summary: 'which blocks are present (the zero hash always is)' } }, async (req) => {
+    const { hashes } = req.body as S.HashListBody;
+    return { present: await store.hasBlocks(hashes.map(fromHex)) };
+  });
+
+  app.post('/v1/blocks/get', { schema: { body: S.HashList, summary: 'blocks as a framed application/octet-stream (sync/README.md, "Framing")' } }, async (req, reply) => {
+    const hashes = (req.body as S.HashListBody).hashes.map(fromHex);
+    const present = await store.hasBlocks(hashes);
+    const absent = hashes.filter((_, i) => !present[i]);
+    if (absent.length > 0) {
+      throw new TandemError('ERR_BLOCK_MISSING', `${absent.length} of the blocks asked are not in the store of ${home.identity.name}`, {
+        details: { missing: absent.slice(0, 16).map(toHex), count: absent.length },
+      });
+    }
+    const body = Readable.from(encodeFrames(store.getBlocks(hashes), {
+      errorFrames: true,
+      onBlock: (n) => {
+        stats.blocksSent++;
+        stats.bytesSent += n;
+      },
+    }), { objectMode: false });
+    return reply.type('application/octet-stream').send(body);
+  });
+
+  app.post('/v1/blocks/put', { schema: { summary: 'store a framed application/octet-stream of blocks, each verified; nothing partial is committed' } }, async (req, reply) => {
+    const body = req.body as Readable | undefined;
+    if (!(body instanceof Readable)) throw new TandemError('ERR_BAD_REQUEST', 'send the blocks as Content-Type: application/octet-stream in the framing of sync/README.md');
+    let received = 0;
+    let bytes = 0;
+    // Not destroying the request stream on a decode error lets the 422 answer reach the client.
+    const source = body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>;
+    async function* counted() {
+      for await (const f of decodeFrames(source)) {
+        received++;
+        bytes += f.data.length;
+        stats.blocksReceived++;
+        stats.bytesReceived += f.data.length;
+        yield f;
+      }
+    }
+    try {
+      const r = await store.putBlocks(counted());
+      stats.blocksStored += r.stored;
+      return { received, stored: r.stored, bytes };
+    } catch (e) {
+      reply.header('connection', 'close');
+      body.resume();
+      throw e;
+    }
+  });
+
+  app.post('/v1/snapshots/commit', { schema: { body: S.CommitBody, summary: 'commit a snapshot whose root is present; releases the lease sent with it' } }, async (req) => {
+    const snap = (req.body as S.CommitBodyT).snapshot as SnapshotRecord;
+    const lease = leaseOf(req.headers);
+    if (leases.heldByOther(snap.volume, lease)) {
+      throw new TandemError('ERR_VOLUME_LOCKED', `volume "${snap.volume}" is leased by another sync; wait for it to finish and retry`, { details: { volume: snap.volume } });
+    }
+    const v = await store.getVolume(snap.volume);
+    if (v?.materializing) {
+      throw new TandemError('ERR_VOLUME_MATERIALIZING', `volume "${snap.volume}" is being written on ${home.identity.name}; finish that restore first`, { details: { volume: snap.volume } });
+    }
+    const owned = lease !== undefined && leases.volumeOf(lease) === snap.volume;
+    const release = owned ? () => leases.release(lease) : home.lockVolume(snap.volume, 'commit');
+    try {
+      await store.commitSnapshot(snap);
+    } finally {
+      release();
+    }
+    stats.snapshotsCommitted++;
+    return { committed: true };
+  });
+}

@@ -1,0 +1,99 @@
+/**
+ * Request and answer schemas of the peer protocol (TypeBox → JSON Schema). Fastify validates
+ * every request against them, so a malformed request gets 400 ERR_BAD_REQUEST and changes
+ * nothing; @fastify/swagger publishes them at /docs.
+ */
+import { Type, type Static } from '@sinclair/typebox';
+import {
+  HEX_HASH_PATTERN,
+  MAX_CHILDREN,
+  MAX_HASHES_PER_REQUEST,
+  MAX_HEIGHT,
+  MAX_NODES_PER_REQUEST,
+  SNAPSHOT_ID_PATTERN,
+  VOLUME_PATTERN,
+} from '../sync/protocol.js';
+
+/** Largest block size a snapshot may declare (16 MiB, as appliance/ops.ts MAX_BLOCK_SIZE). */
+const MAX_BLOCK_SIZE = 16 * 1024 * 1024;
+/** Smallest block size (4 KiB, as appliance/ops.ts MIN_BLOCK_SIZE). */
+const MIN_BLOCK_SIZE = 4096;
+
+export const HexHash = Type.String({ pattern: HEX_HASH_PATTERN, description: 'BLAKE3-256, 64 lowercase hex digits' });
+export const VolumeName = Type.String({ pattern: VOLUME_PATTERN, maxLength: 128 });
+export const SnapshotId = Type.String({ pattern: SNAPSHOT_ID_PATTERN, maxLength: 128 });
+
+export const HashList = Type.Object(
+  { hashes: Type.Array(HexHash, { maxItems: MAX_HASHES_PER_REQUEST }) },
+  { additionalProperties: false },
+);
+export type HashListBody = Static<typeof HashList>;
+
+export const NodeHashList = Type.Object(
+  { hashes: Type.Array(HexHash, { maxItems: MAX_NODES_PER_REQUEST }) },
+  { additionalProperties: false },
+);
+
+export const PresentAnswer = Type.Object({ present: Type.Array(Type.Boolean()) });
+
+export const WireNode = Type.Object(
+  {
+    hash: HexHash,
+    level: Type.Integer({ minimum: 1, maximum: MAX_HEIGHT }),
+    children: Type.Array(HexHash, { minItems: 1, maxItems: MAX_CHILDREN }),
+  },
+  { additionalProperties: false },
+);
+export type WireNodeT = Static<typeof WireNode>;
+
+export const NodeList = Type.Object({ nodes: Type.Array(WireNode, { maxItems: MAX_NODES_PER_REQUEST }) }, { additionalProperties: false });
+export type NodeListBody = Static<typeof NodeList>;
+
+export const Snapshot = Type.Object(
+  {
+    id: SnapshotId,
+    volume: VolumeName,
+    size: Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER }),
+    blockSize: Type.Integer({ minimum: MIN_BLOCK_SIZE, maximum: MAX_BLOCK_SIZE }),
+    root: HexHash,
+    height: Type.Integer({ minimum: 1, maximum: MAX_HEIGHT }),
+    created: Type.String({ format: 'date-time', maxLength: 64 }),
+    parent: Type.Union([SnapshotId, Type.Null()]),
+    origin: Type.String({ minLength: 1, maxLength: 256 }),
+    nonZeroBlocks: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER }),
+    labels: Type.Optional(Type.Record(Type.String({ maxLength: 128 }), Type.String({ maxLength: 1024 }), { maxProperties: 64 })),
+  },
+  { additionalProperties: false },
+);
+
+export const SnapshotAnswer = Type.Object({ snapshot: Type.Union([Snapshot, Type.Null()]) });
+export const CommitBody = Type.Object({ snapshot: Snapshot }, { additionalProperties: false });
+export type CommitBodyT = Static<typeof CommitBody>;
+
+export const VolumeParams = Type.Object({ vol: VolumeName });
+export const SnapshotParams = Type.Object({ vol: VolumeName, id: SnapshotId });
+export const LeaseParams = Type.Object({ vol: VolumeName, lease: Type.String({ format: 'uuid' }) });
+
+export const LockBody = Type.Object(
+  {
+    holder: Type.String({ minLength: 1, maxLength: 128, description: 'id of the appliance that syncs (its identity id)' }),
+    ifRoot: Type.Optional(Type.Union([HexHash, Type.Null()], { description: 'when the latest snapshot has this root, answer upToDate and take no lease' })),
+  },
+  { additionalProperties: false },
+);
+export type LockBodyT = Static<typeof LockBody>;
+export const LockAnswer = Type.Object({
+  upToDate: Type.Boolean(),
+  lease: Type.Union([Type.String(), Type.Null()]),
+  expiresInMs: Type.Integer(),
+  latest: Type.Union([Snapshot, Type.Null()]),
+});
+
+export const CliBody = Type.Object(
+  { argv: Type.Array(Type.String({ maxLength: 4096 }), { minItems: 2, maxItems: 256 }) },
+  { additionalProperties: false },
+);
+
+export const ErrorSchema = Type.Object({
+  error: Type.Object({ code: Type.String(), message: Type.String(), details: Type.Record(Type.String(), Type.Unknown()) }),
+});

@@ -1,0 +1,153 @@
+/**
+ * The appliance's HTTPS API: the peer protocol (sync/README.md), the management routes other
+ * modules add through `extraRoutes`, `POST /v1/cli` for forwarded CLI commands, and OpenAPI
+ * docs at /docs.
+ *
+ * {@link buildServer} builds the app without listening (tests use `app.inject()`);
+ * {@link startServer} listens with the home's TLS key and certificate. Every route but
+ * GET /v1/health and the /docs pages requires `Authorization: Bearer <token>` (the docs
+ * describe the API, they hold no data).
+ */
+import { createHash, timingSafeEqual } from 'node:crypto';
+import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import { TandemError } from '../common/errors.js';
+import type { Home } from '../appliance/home.js';
+import type { Store } from '../store/index.js';
+import { LEASE_HEADER, MAX_JSON_BODY, PROTOCOL_VERSION } from '../sync/protocol.js';
+import { errorAnswer, handleError } from './errors.js';
+import { LeaseTable } from './leases.js';
+import { peerRoutes } from './routes/peer.js';
+import { cliRoutes } from './routes/cli.js';
+import { newStats, type ServerStats } from './stats.js';
+
+/** Routes anyone may call: liveness for load balancers and peers, and the API description. */
+const PUBLIC_PREFIXES = ['/v1/health', '/docs'];
+/** Idle keep-alive connections are kept this long: a sync makes bursts of requests seconds apart. */
+const KEEP_ALIVE_MS = 65_000;
+/** A request must be fully received within this; block streams of a big sync can take hours, so 0 (off) there. */
+const REQUEST_TIMEOUT_MS = 0;
+
+export interface BuildServerOptions {
+  readonly home: Home;
+  readonly store: Store;
+  /** Management routes of other modules, registered after the built-in ones (same auth, errors, docs). */
+  readonly extraRoutes?: (app: FastifyInstance) => void | Promise<void>;
+  /** Fastify/pino logger options; default: warnings and errors only. */
+  readonly logger?: FastifyServerOptions['logger'];
+  /** TLS key and certificate; buildServer without them serves plain HTTP (app.inject in tests). */
+  readonly https?: { key: string; cert: string };
+}
+
+export interface ServerContext {
+  readonly stats: ServerStats;
+  readonly leases: LeaseTable;
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    tandem: ServerContext;
+  }
+}
+
+function digest(s: string): Buffer {
+  return createHash('sha256').update(s).digest();
+}
+
+/** Build the API (not listening). */
+export function buildServer(opts: BuildServerOptions): FastifyInstance {
+  const app = Fastify({
+    logger: opts.logger ?? { level: 'warn' },
+    bodyLimit: MAX_JSON_BODY,
+    keepAliveTimeout: KEEP_ALIVE_MS,
+    requestTimeout: REQUEST_TIMEOUT_MS,
+    ...(opts.https ? { https: { key: opts.https.key, cert: opts.https.cert } } : {}),
+    ajv: { customOptions: { allErrors: false, coerceTypes: false, removeAdditional: false } },
+  } as FastifyServerOptions) as unknown as FastifyInstance;
+  const stats = newStats();
+  const leases = new LeaseTable(opts.home);
+  app.decorate('tandem', { stats, leases });
+  const token = digest(opts.home.token());
+
+  // Block streams are consumed as streams by their route (bounded memory), never buffered.
+  app.addContentTypeParser('application/octet-stream', (_req, payload, done) => done(null, payload));
+  app.setErrorHandler(handleError);
+  app.setNotFoundHandler((req, reply) => {
+    const err = new TandemError('ERR_NOT_FOUND', `no route ${req.method} ${req.url.split('?')[0]}; see /docs for the API`);
+    void reply.status(404).send(errorAnswer(err));
+  });
+
+  app.addHook('onRequest', async (req, reply) => {
+    const path = req.url.split('?')[0]!;
+    if (!(req.method === 'GET' && path === '/v1/stats')) {
+      stats.requests++;
+      const key = `${req.method} ${req.routeOptions.url ?? '(unknown)'}`;
+      stats.routes[key] = (stats.routes[key] ?? 0) + 1;
+    }
+    if (PUBLIC_PREFIXES.some((p) => path === p || path.startsWith(p + '/'))) return;
+    const auth = req.headers.authorization;
+    const m = typeof auth === 'string' ? /^Bearer ([\x21-\x7e]{1,512})$/.exec(auth) : null;
+    if (!m || !timingSafeEqual(digest(m[1]!), token)) {
+      const err = new TandemError('ERR_UNAUTHORIZED', 'missing or wrong API token; send "Authorization: Bearer <token>" with the token `appliance init` printed for this appliance');
+      return reply.status(401).send(errorAnswer(err));
+    }
+    const lease = req.headers[LEASE_HEADER];
+    if (typeof lease === 'string') leases.touch(lease);
+  });
+  app.addHook('onClose', async () => leases.releaseAll());
+
+  void app.register(import('@fastify/swagger'), {
+    openapi: {
+      info: {
+        title: 'Tandem appliance API',
+        version: String(PROTOCOL_VERSION),
+        description: 'Peer protocol and management API of a Tandem appliance. Every route but /v1/health and /docs needs a bearer token. See sync/README.md.',
+      },
+      components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer' } } },
+      security: [{ bearer: [] }],
+    },
+  });
+  void app.register(import('@fastify/swagger-ui'), { routePrefix: '/docs' });
+  void app.register(async (child) => {
+    peerRoutes(child, { home: opts.home, store: opts.store, leases, stats });
+    cliRoutes(child);
+    if (opts.extraRoutes) await opts.extraRoutes(child);
+  });
+  return app;
+}
+
+export interface StartServerOptions extends Omit<BuildServerOptions, 'https'> {
+  /** HOST:PORT, [IPv6]:PORT or :PORT; port 0 picks a free port. */
+  readonly listen: string;
+}
+
+export interface RunningServer {
+  /** https://HOST:PORT actually bound. */
+  readonly url: string;
+  readonly app: FastifyInstance;
+  close(): Promise<void>;
+}
+
+/** Parse HOST:PORT (ERR_USAGE when malformed). */
+export function parseListen(s: string): { host: string; port: number } {
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:\s]*)):(\d{1,5})$/.exec(s.trim());
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || port > 65535) throw new TandemError('ERR_USAGE', `--listen "${s}" is not HOST:PORT; write e.g. 0.0.0.0:7443, 127.0.0.1:0 or [::]:7443`);
+  return { host: m[1] ?? (m[2] || '0.0.0.0'), port };
+}
+
+/** Build and listen with the home's TLS key and certificate. */
+export async function startServer(opts: StartServerOptions): Promise<RunningServer> {
+  const { host, port } = parseListen(opts.listen);
+  const app = buildServer({ ...opts, https: opts.home.tls() });
+  try {
+    await app.listen({ host, port });
+  } catch (e) {
+    await app.close().catch(() => {});
+    const code = (e as NodeJS.ErrnoException).code;
+    throw new TandemError('ERR_USAGE', `cannot listen on ${opts.listen}: ${code === 'EADDRINUSE' ? 'the port is in use; pick another with --listen' : (e as Error).message}`, { cause: e });
+  }
+  const addr = app.server.address();
+  const bound = typeof addr === 'object' && addr ? addr : { address: host, port };
+  const h = bound.address.includes(':') ? `[${bound.address}]` : bound.address;
+  return { url: `https://${h}:${bound.port}`, app, close: () => app.close() };
+}

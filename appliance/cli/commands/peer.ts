@@ -1,0 +1,80 @@
+/** `appliance peer add|list|remove`: pair with the other appliance. */
+import type { Command } from 'commander';
+import { run } from '../output.js';
+
+export const order = 75;
+
+export function define(program: Command): void {
+  const peer = program.command('peer').description('pair with other appliances (add, list, remove)');
+  peer
+    .command('add <name>')
+    .description("pair with a peer: its URL, API token and certificate fingerprint (as its init/serve printed them); checks it answers unless --no-check")
+    .requiredOption('--url <url>', 'https://HOST:PORT of the peer')
+    .requiredOption('--token <token>', "the peer's API token")
+    .requiredOption('--fingerprint <sha256>', "SHA-256 fingerprint of the peer's certificate")
+    .option('--no-check', 'do not contact the peer now')
+    .action(run(async (g, cmd, args) => {
+      const name = args[0] as string;
+      const o = cmd.opts<{ url: string; token: string; fingerprint: string; check: boolean }>();
+      const { validatePeer, addPeer, assertNoPeer, connectPeer, redactPeer } = await import('../../peers.js');
+      const { Home } = await import('../../home.js');
+      const rec = validatePeer({ name, url: o.url, token: o.token, fingerprint: o.fingerprint });
+      const home = Home.load(g.home);
+      const store = await home.openStore();
+      try {
+        await assertNoPeer(store, name); // before contacting the peer: bad input changes nothing
+        let remote: { name: string; id: string } | null = null;
+        if (o.check) {
+          const client = connectPeer(rec);
+          try {
+            const h = await client.health();
+            // The token is checked too: stats needs it.
+            await client.stats();
+            remote = { name: h.name, id: h.id };
+          } finally {
+            await client.close();
+          }
+        }
+        await addPeer(store, rec);
+        const shown = redactPeer(rec);
+        return {
+          json: { peer: shown, checked: o.check, remote },
+          text: `added peer "${name}" at ${rec.url}${remote ? ` (appliance "${remote.name}", reachable, token accepted)` : ' (not contacted: --no-check)'}`,
+        };
+      } finally {
+        await store.close();
+      }
+    }));
+  peer
+    .command('list')
+    .description('list peers (tokens are never shown in full)')
+    .action(run(async (g) => {
+      const { listPeers, redactPeer } = await import('../../peers.js');
+      const { Home } = await import('../../home.js');
+      const store = await Home.load(g.home).openStore();
+      try {
+        const peers = (await listPeers(store)).map(redactPeer);
+        const text = peers.length === 0
+          ? 'no peers; pair with `appliance peer add NAME --url URL --token T --fingerprint F`'
+          : peers.map((p) => `${p.name}\t${p.url}\t${p.fingerprint}\ttoken ${p.token}\tadded ${p.added}`).join('\n');
+        return { json: { peers }, text };
+      } finally {
+        await store.close();
+      }
+    }));
+  peer
+    .command('remove <name>')
+    .description('forget a peer')
+    .action(run(async (g, _cmd, args) => {
+      const name = args[0] as string;
+      const { removePeer } = await import('../../peers.js');
+      const { Home } = await import('../../home.js');
+      const store = await Home.load(g.home).openStore();
+      try {
+        await removePeer(store, name);
+        return { json: { removed: name }, text: `removed peer "${name}"` };
+      } finally {
+        await store.close();
+      }
+    }));
+}

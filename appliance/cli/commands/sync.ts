@@ -1,0 +1,70 @@
+/**
+ * `appliance sync VOL --peer NAME [--reverse] [--apply] [--dry-run] [--changed-blocks FILE] [--bwlimit RATE]`:
+ * push a fresh snapshot of VOL to a peer, or pull the peer's latest (--reverse) and write it onto
+ * the local volume (--apply, failback). See appliance/replicate.ts and sync/README.md.
+ */
+import type { Command } from 'commander';
+import { formatBytes, parseSize, run } from '../output.js';
+
+export const order = 80;
+
+export function define(program: Command): void {
+  program
+    .command('sync <volume>')
+    .description("push a fresh snapshot of VOL to a peer, sending only the blocks it lacks; --reverse pulls the peer's latest, --apply writes it onto the local volume (failback)")
+    .requiredOption('--peer <name>', 'the peer (see `appliance peer list`)')
+    .option('--reverse', "pull the peer's latest snapshot of VOL instead of pushing")
+    .option('--apply', 'with --reverse: write the pulled snapshot onto the local volume, then verify it by rescanning')
+    .option('--dry-run', 'report what would be sent; change nothing on the receiving side')
+    .option('--changed-blocks <file>', 'read only the blocks listed in FILE for the fresh snapshot (no full rescan)')
+    .option('--bwlimit <rate>', 'cap block traffic at RATE bytes per second, e.g. 10MiB')
+    .action(run(async (g, cmd, args) => {
+      const volume = args[0] as string;
+      const o = cmd.opts<{ peer: string; reverse?: boolean; apply?: boolean; dryRun?: boolean; changedBlocks?: string; bwlimit?: string }>();
+      const bwlimit = o.bwlimit === undefined ? 0 : parseSize(o.bwlimit);
+      const { Home } = await import('../../home.js');
+      const { syncVolume } = await import('../../replicate.js');
+      const { startProgress } = await import('../progress.js');
+      const { currentIO } = await import('../output.js');
+      const home = Home.load(g.home);
+      const store = await home.openStore();
+      let bar: ReturnType<typeof startProgress> | null = null;
+      let phase = '';
+      try {
+        const r = await syncVolume(home, store, volume, o.peer, {
+          reverse: o.reverse === true,
+          apply: o.apply === true,
+          dryRun: o.dryRun === true,
+          ...(o.changedBlocks !== undefined ? { changedBlocksFile: o.changedBlocks } : {}),
+          ...(bwlimit > 0 ? { bwlimit } : {}),
+          onNotice: (m) => currentIO().err(`note: ${m}\n`),
+          onProgress: (p) => {
+            if (p.phase !== phase || bar === null) {
+              bar?.stop();
+              phase = p.phase;
+              bar = startProgress(g, { total: Math.max(1, p.total), unit: 'bytes', label: p.phase });
+            }
+            bar.update(p.done, { blocks: p.blocks });
+          },
+        });
+        (bar as ReturnType<typeof startProgress> | null)?.stop();
+        const rate = r.seconds > 0 ? r.bytesSent / r.seconds : 0;
+        const dir = r.direction === 'push' ? `${volume} -> ${r.peer}` : `${r.peer} -> ${volume}`;
+        const lines = [
+          r.dryRun
+            ? `dry run ${dir}: would send ${r.blocksSent} blocks (${formatBytes(r.bytesSent)} at most) and ${r.nodesSent} nodes of snapshot ${r.snapshot}`
+            : r.upToDate
+              ? `${dir}: up to date (snapshot ${r.snapshot}, root ${r.root.slice(0, 16)}...)`
+              : `${dir}: sent ${r.blocksSent} blocks (${formatBytes(r.bytesSent)}, ${formatBytes(r.wireBytes)} on the wire) and ${r.nodesSent} nodes of snapshot ${r.snapshot}`,
+          `${r.requests} requests in ${r.seconds.toFixed(2)} s (${formatBytes(rate)}/s)`,
+        ];
+        if (r.applied) {
+          lines.push(`applied onto the local volume: ${r.applied.blocksCompared} blocks compared, ${r.applied.blocksWritten} written, ${r.applied.blocksZeroed} zeroed (${formatBytes(r.applied.bytesWritten)}); verified: the volume's tree equals the snapshot`);
+        }
+        return { json: r, text: lines.join('\n') };
+      } finally {
+        (bar as ReturnType<typeof startProgress> | null)?.stop();
+        await store.close();
+      }
+    }));
+}

@@ -1,0 +1,231 @@
+/**
+ * `appliance sync`: replicate a volume to a peer (push) or fail back from it (pull + apply).
+ *
+ * Push: under the local volume lock, take a fresh snapshot (a full rescan, or only the blocks of
+ * a changed-blocks file), take the peer's lease on the volume (one request that also answers
+ * "already up to date" when the peer's latest snapshot has the same root), then
+ * {@link copySnapshot} local → peer.
+ *
+ * Pull (`reverse`): the same engine peer → local, for the peer's latest snapshot. With `apply`
+ * (failback) the snapshot is then written onto the local volume: the volume is marked
+ * materializing, read and compared block by block (it may have changed or been replaced since
+ * the disaster), only differing blocks are written, and the written volume is rescanned: its
+ * tree root must equal the snapshot's (ERR_VERIFY_FAILED otherwise, and the mark stays). The mark
+ * is then cleared.
+ *
+ * Either way the snapshot both sides now hold is recorded in meta 'sync-base' under
+ * `VOLUME@PEER` ({snapshot, root, direction, at}); retention never deletes it
+ * (appliance/policy/apply.ts), so the next sync in either direction is incremental.
+ */
+import { TandemError } from '../common/errors.js';
+import type { Store } from '../store/index.js';
+import type { SnapshotRecord, VolumeRecord } from '../store/types.js';
+import { copySnapshot, type CopyResult } from '../sync/engine.js';
+import type { RemotePeer } from '../api/client.js';
+import type { Home } from './home.js';
+import { connectPeer, getPeer } from './peers.js';
+
+export const SYNC_BASE_NS = 'sync-base';
+
+export interface SyncBase {
+  readonly snapshot: string;
+  readonly root: string;
+  readonly direction: 'push' | 'pull';
+  readonly at: string;
+}
+
+export interface SyncProgress {
+  readonly phase: 'scan' | 'transfer' | 'apply' | 'verify';
+  /** Bytes done in this phase. */
+  readonly done: number;
+  /** Bytes expected in this phase (an estimate during transfer). */
+  readonly total: number;
+  readonly blocks: number;
+}
+
+export interface SyncOptions {
+  readonly reverse?: boolean;
+  readonly apply?: boolean;
+  readonly dryRun?: boolean;
+  readonly changedBlocksFile?: string;
+  /** Block stream bytes per second; 0/absent: unlimited. */
+  readonly bwlimit?: number;
+  readonly onProgress?: (p: SyncProgress) => void;
+  readonly onNotice?: (message: string) => void;
+  readonly signal?: AbortSignal;
+}
+
+export interface ApplyResult {
+  readonly blocksCompared: number;
+  readonly blocksWritten: number;
+  readonly blocksZeroed: number;
+  readonly bytesWritten: number;
+  /** The written volume's rescanned root equals the snapshot's. */
+  readonly verified: boolean;
+}
+
+export interface SyncResult {
+  readonly volume: string;
+  readonly peer: string;
+  readonly direction: 'push' | 'pull';
+  readonly dryRun: boolean;
+  /** The snapshot synced. */
+  readonly snapshot: string;
+  readonly root: string;
+  /** Nothing had to move: the other side had this tree already. */
+  readonly upToDate: boolean;
+  readonly nodesSent: number;
+  readonly blocksSent: number;
+  /** Uncompressed bytes of the blocks sent (dry run: an upper bound). */
+  readonly bytesSent: number;
+  /** Block stream bytes on the wire (after compression), both directions. */
+  readonly wireBytes: number;
+  /** HTTP requests made to the peer. */
+  readonly requests: number;
+  readonly seconds: number;
+  readonly applied?: ApplyResult;
+}
+
+function baseKey(volume: string, peer: string): string {
+  return `${volume}@${peer}`;
+}
+
+export async function getSyncBase(store: Pick<Store, 'getMeta'>, volume: string, peer: string): Promise<SyncBase | undefined> {
+  return store.getMeta<SyncBase>(SYNC_BASE_NS, baseKey(volume, peer));
+}
+
+async function recordBase(store: Store, volume: string, peer: string, snap: SnapshotRecord, direction: 'push' | 'pull'): Promise<void> {
+  const base: SyncBase = { snapshot: snap.id, root: snap.root, direction, at: new Date().toISOString() };
+  await store.putMeta(SYNC_BASE_NS, baseKey(volume, peer), base);
+}
+
+/** Sync `volume` with peer `peerName`, taking the local volume lock (ERR_VOLUME_LOCKED if busy). */
+export async function syncVolume(home: Home, store: Store, volume: string, peerName: string, opts: SyncOptions = {}): Promise<SyncResult> {
+  if (opts.apply && !opts.reverse) throw new TandemError('ERR_USAGE', '--apply writes a pulled snapshot onto the local volume: use it with --reverse');
+  if (opts.changedBlocksFile !== undefined && opts.reverse) throw new TandemError('ERR_USAGE', '--changed-blocks describes the local volume: it applies to a push, not to --reverse');
+  if (opts.apply && opts.dryRun) throw new TandemError('ERR_USAGE', '--apply and --dry-run cannot be combined; run --reverse --dry-run to see what would be pulled');
+  const peer = await getPeer(store, peerName);
+  const release = home.lockVolume(volume, opts.reverse ? 'sync --reverse' : 'sync');
+  const started = performance.now();
+  const remote = connectPeer(peer, opts.bwlimit ? { bwlimit: opts.bwlimit } : {});
+  try {
+    const r = opts.reverse ? await pull(home, store, remote, volume, peer.name, opts) : await push(home, store, remote, volume, peer.name, opts);
+    return { ...r, seconds: (performance.now() - started) / 1000, requests: remote.requests, wireBytes: remote.wireBytesSent + remote.wireBytesReceived };
+  } finally {
+    await remote.releaseVolume();
+    await remote.close();
+    release();
+  }
+}
+
+type Partial = Omit<SyncResult, 'seconds' | 'requests' | 'wireBytes'>;
+
+function summary(volume: string, peer: string, direction: 'push' | 'pull', snap: SnapshotRecord, copy: CopyResult | null, dryRun: boolean): Partial {
+  return {
+    volume,
+    peer,
+    direction,
+    dryRun,
+    snapshot: snap.id,
+    root: snap.root,
+    upToDate: copy === null || copy.alreadyPresent || (copy.blocksSent === 0 && copy.nodesSent === 0),
+    nodesSent: copy?.nodesSent ?? 0,
+    blocksSent: copy?.blocksSent ?? 0,
+    bytesSent: copy?.bytesSent ?? 0,
+  };
+}
+
+function transferProgress(opts: SyncOptions) {
+  return (p: { bytesSent: number; bytesTotal: number; blocksSent: number }) =>
+    opts.onProgress?.({ phase: 'transfer', done: p.bytesSent, total: Math.max(p.bytesTotal, p.bytesSent), blocks: p.blocksSent });
+}
+
+async function push(home: Home, store: Store, remote: RemotePeer, volume: string, peer: string, opts: SyncOptions): Promise<Partial> {
+  const vol = await store.getVolume(volume);
+  if (!vol) throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${volume}" on this appliance; register it with \`appliance volume add ${volume} --path PATH\``, { details: { volume } });
+  const { snapshotVolumeLocked } = await import('./ops.js');
+  const snap = await snapshotVolumeLocked(store, volume, {
+    ...(opts.changedBlocksFile !== undefined ? { changedBlocksFile: opts.changedBlocksFile } : {}),
+    ...(opts.onNotice ? { onNotice: opts.onNotice } : {}),
+    ...(opts.signal ? { signal: opts.signal } : {}),
+    onProgress: (p) => opts.onProgress?.({ phase: 'scan', done: p.blocksDone * vol.blockSize, total: p.blocksTotal * vol.blockSize, blocks: p.blocksDone }),
+  });
+  const copyOpts = { onProgress: transferProgress(opts), ...(opts.signal ? { signal: opts.signal } : {}) };
+  if (opts.dryRun) {
+    const latest = await remote.latestSnapshot(volume);
+    if (latest?.root === snap.root) return summary(volume, peer, 'push', snap, null, true);
+    return summary(volume, peer, 'push', snap, await copySnapshot(store, remote, snap, { ...copyOpts, dryRun: true }), true);
+  }
+  const lock = await remote.lockVolume(volume, home.identity.id, snap.root);
+  if (lock.upToDate && lock.latest) {
+    await recordBase(store, volume, peer, lock.latest, 'push');
+    return summary(volume, peer, 'push', snap, null, false);
+  }
+  const copy = await copySnapshot(store, remote, snap, copyOpts);
+  await recordBase(store, volume, peer, snap, 'push');
+  return summary(volume, peer, 'push', snap, copy, false);
+}
+
+async function pull(home: Home, store: Store, remote: RemotePeer, volume: string, peer: string, opts: SyncOptions): Promise<Partial> {
+  const local = await store.getVolume(volume);
+  if (opts.apply && local?.path === undefined) {
+    throw new TandemError('ERR_VOLUME_NOT_FOUND', `--apply needs the local volume "${volume}" registered with its device or image: \`appliance volume add ${volume} --path PATH\``, { details: { volume } });
+  }
+  const latest = opts.dryRun ? await remote.latestSnapshot(volume) : (await remote.lockVolume(volume, home.identity.id)).latest;
+  if (!latest) {
+    throw new TandemError('ERR_NOTHING_TO_SYNC', `peer ${peer} has no snapshot of "${volume}"; sync it there first`, { details: { volume, peer } });
+  }
+  const copy = await copySnapshot(remote, store, latest, { onProgress: transferProgress(opts), dryRun: opts.dryRun === true, ...(opts.signal ? { signal: opts.signal } : {}) });
+  await remote.releaseVolume();
+  if (opts.dryRun) return summary(volume, peer, 'pull', latest, copy, true);
+  let applied: ApplyResult | undefined;
+  if (opts.apply) applied = await applySnapshot(store, local!, latest, opts);
+  await recordBase(store, volume, peer, latest, 'pull');
+  return { ...summary(volume, peer, 'pull', latest, copy, false), ...(applied ? { applied } : {}) };
+}
+
+/**
+ * Write `snap` onto the volume's own device or image (the caller holds the volume lock), then
+ * prove it: rescan and compare roots.
+ */
+async function applySnapshot(store: Store, vol: VolumeRecord, snap: SnapshotRecord, opts: SyncOptions): Promise<ApplyResult> {
+  const { materialize } = await import('../sync/materialize.js');
+  const { openVolumeReader, openVolumeWriter } = await import('./volumes/index.js');
+  const path = vol.path!;
+  const { materializing: _previous, ...clean } = vol;
+  await store.putVolume({ ...clean, materializing: { snapshot: snap.id, since: new Date().toISOString() } });
+  const writer = await openVolumeWriter(path, snap.size);
+  let m;
+  try {
+    m = await materialize(store, snap, writer, {
+      assumeZero: writer.created,
+      ...(opts.signal ? { signal: opts.signal } : {}),
+      onProgress: (p) => opts.onProgress?.({ phase: 'apply', done: p.blocksDone * snap.blockSize, total: p.blocksTotal * snap.blockSize, blocks: p.blocksWritten }),
+    });
+    await writer.sync();
+  } finally {
+    await writer.close();
+  }
+  // Correctness before speed: read back what is on the volume now and compare trees.
+  const reader = await openVolumeReader(path);
+  let check: SnapshotRecord;
+  try {
+    check = await store.scanVolume(reader, {
+      volume: vol.name,
+      blockSize: snap.blockSize,
+      parent: snap,
+      origin: 'apply-verify',
+      ...(opts.signal ? { signal: opts.signal } : {}),
+      onProgress: (p) => opts.onProgress?.({ phase: 'verify', done: p.blocksDone * snap.blockSize, total: p.blocksTotal * snap.blockSize, blocks: p.blocksDone }),
+    });
+  } finally {
+    await reader.close();
+  }
+  if (check.root !== snap.root) {
+    throw new TandemError('ERR_VERIFY_FAILED', `after writing snapshot ${snap.id} onto ${path}, the volume reads back with root ${check.root}, not ${snap.root}; the volume stays marked materializing: check the device and rerun the sync --reverse --apply`, {
+      details: { volume: vol.name, expected: snap.root, got: check.root },
+    });
+  }
+  await store.putVolume({ ...clean, size: snap.size, blockSize: snap.blockSize });
+  return { blocksCompared: m.blocksCompared, blocksWritten: m.blocksWritten, blocksZeroed: m.blocksZeroed, bytesWritten: m.bytesWritten, verified: true };
+}

@@ -1,0 +1,200 @@
+/**
+ * The sync engine: copy one snapshot from a source store to a target store, moving only what the
+ * target lacks. Both sides are {@link ReplicaStore}s (the local Store, or a peer through
+ * api/client's RemotePeer), so push and pull are the same code with the roles swapped.
+ *
+ * Steps (sync/README.md, "Engine"):
+ * 1. target already has the snapshot → done.
+ * 2. target has the root node → its whole tree is there: commit only.
+ * 3. Walk the source tree level by level from the root. For each level, ask the target which
+ *    child nodes it lacks (all of a level in batched requests) and descend only into those.
+ * 4. Level-1 nodes are handled in windows: ask which of their blocks the target lacks, stream
+ *    exactly those (source.getBlocks → target.putBlocks, both bounded), then put the window's
+ *    level-1 nodes. Upper nodes go last, bottom-up, then the snapshot is committed.
+ *
+ * Crash safety and resumption come from the target's invariant "a node is present only when its
+ * whole subtree is": a rerun skips every complete subtree and every block already stored, so
+ * nothing stored is sent twice. Memory is bounded by the window, not by the volume.
+ */
+import { TandemError } from '../common/errors.js';
+import { ZERO_HASH } from '../store/index.js';
+import type { BlockFrame, Hash, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
+import { MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, fromHex, toHex } from './protocol.js';
+
+/** Level-1 nodes per window: with a 256 fanout that is up to 256 Ki block hashes (8 MiB) in memory. */
+const WINDOW_NODES = 1024;
+
+export interface CopyProgress {
+  readonly phase: 'walk' | 'blocks' | 'nodes' | 'commit' | 'done';
+  /** Blocks streamed so far. */
+  readonly blocksSent: number;
+  /** Uncompressed bytes of those blocks. */
+  readonly bytesSent: number;
+  /** Best estimate of the blocks to send (grows exact as windows are resolved). */
+  readonly blocksTotal: number;
+  /** Best estimate of the bytes to send. */
+  readonly bytesTotal: number;
+}
+
+export interface CopyOptions {
+  /** Walk and count, but put and commit nothing. */
+  readonly dryRun?: boolean;
+  readonly onProgress?: (p: CopyProgress) => void;
+  readonly signal?: AbortSignal;
+}
+
+export interface CopyResult {
+  readonly nodesSent: number;
+  readonly blocksSent: number;
+  /** Uncompressed bytes of the blocks sent (the wire may carry fewer). */
+  readonly bytesSent: number;
+  /** Calls made to either store (each is one request when that store is a peer). */
+  readonly requests: number;
+  /** The target had the snapshot already: nothing was done. */
+  readonly alreadyPresent: boolean;
+}
+
+function isZero(h: Hash): boolean {
+  return h.equals(ZERO_HASH);
+}
+
+/**
+ * Copy `snap` from `source` to `target`. Idempotent and resumable; safe to rerun after a crash of
+ * either side. Not safe to run twice at once for the same volume (callers hold the volume lock).
+ */
+export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, snap: SnapshotRecord, opts: CopyOptions = {}): Promise<CopyResult> {
+  let requests = 0;
+  let nodesSent = 0;
+  let blocksSent = 0;
+  let bytesSent = 0;
+  let blocksTotal = 0;
+  const blockSize = snap.blockSize;
+  const check = () => {
+    if (opts.signal?.aborted) throw new TandemError('ERR_INTERNAL', 'sync cancelled; rerun it to resume', { cause: opts.signal.reason });
+  };
+  const progress = (phase: CopyProgress['phase']) =>
+    opts.onProgress?.({ phase, blocksSent, bytesSent, blocksTotal, bytesTotal: blocksTotal * blockSize });
+  const result = (alreadyPresent: boolean): CopyResult => {
+    progress('done');
+    return { nodesSent, blocksSent, bytesSent, requests, alreadyPresent };
+  };
+
+  requests++;
+  if (await target.getSnapshot(snap.volume, snap.id)) return result(true);
+  const root = fromHex(snap.root);
+  requests++;
+  const [rootPresent] = await target.hasNodes([root]);
+
+  if (!rootPresent) {
+    /** Nodes above level 1 that the target lacks, by level, fetched on the way down and put on the way up. */
+    const upper: TreeNode[][] = [];
+    let frontier: Hash[] = [root];
+    let level = snap.height;
+    progress('walk');
+    while (level > 1 && frontier.length > 0) {
+      check();
+      const nodes = await getNodes(source, frontier, () => requests++);
+      upper.push(nodes);
+      const children = unique(nodes.flatMap((n) => n.children).filter((h) => !isZero(h)));
+      frontier = await missing(children, (b) => target.hasNodes(b), () => requests++);
+      level--;
+    }
+    // frontier: level-1 nodes the target lacks. A rough total for the progress bar until windows resolve.
+    const fanoutGuess = upper.length > 0 ? Math.max(...upper[upper.length - 1]!.map((n) => n.children.length)) : 1;
+    let unresolved = frontier.length;
+    blocksTotal = unresolved * fanoutGuess;
+    if (level === 1) {
+      for (const window of batches(frontier, WINDOW_NODES)) {
+        check();
+        const nodes = await getNodes(source, window, () => requests++);
+        const blocks = unique(nodes.flatMap((n) => n.children).filter((h) => !isZero(h)));
+        const lacking = await missing(blocks, (b) => target.hasBlocks(b), () => requests++);
+        unresolved -= window.length;
+        blocksTotal = blocksSent + lacking.length + unresolved * fanoutGuess;
+        progress('blocks');
+        if (opts.dryRun) {
+          blocksSent += lacking.length;
+          bytesSent += lacking.length * blockSize; // the last block may be short: an upper bound
+        } else if (lacking.length > 0) {
+          for (const part of batches(lacking, MAX_HASHES_PER_REQUEST)) {
+            check();
+            requests += 2;
+            await target.putBlocks(counted(source.getBlocks(part), (f) => {
+              blocksSent++;
+              bytesSent += f.data.length;
+              if (blocksSent % 16 === 0) progress('blocks');
+            }));
+          }
+        }
+        if (!opts.dryRun) {
+          progress('nodes');
+          for (const part of batches(nodes, MAX_NODES_PER_REQUEST)) {
+            requests++;
+            await target.putNodes(part);
+          }
+        }
+        nodesSent += nodes.length;
+      }
+      blocksTotal = blocksSent;
+    }
+    // Upper nodes bottom-up: each level's children are present once the level below is put.
+    for (let i = upper.length - 1; i >= 0; i--) {
+      const nodes = upper[i]!;
+      if (!opts.dryRun) {
+        for (const part of batches(nodes, MAX_NODES_PER_REQUEST)) {
+          requests++;
+          await target.putNodes(part);
+        }
+      }
+      nodesSent += nodes.length;
+    }
+  }
+  if (!opts.dryRun) {
+    check();
+    progress('commit');
+    requests++;
+    await target.commitSnapshot(snap);
+  }
+  return result(false);
+}
+
+function unique(hashes: Hash[]): Hash[] {
+  const seen = new Set<string>();
+  const out: Hash[] = [];
+  for (const h of hashes) {
+    const k = toHex(h);
+    if (!seen.has(k)) {
+      seen.add(k);
+      out.push(h);
+    }
+  }
+  return out;
+}
+
+async function getNodes(source: ReplicaStore, hashes: Hash[], count: () => void): Promise<TreeNode[]> {
+  const out: TreeNode[] = [];
+  for (const part of batches(hashes, MAX_NODES_PER_REQUEST)) {
+    count();
+    out.push(...(await source.getNodes(part)));
+  }
+  return out;
+}
+
+async function missing(hashes: Hash[], has: (b: Hash[]) => Promise<boolean[]>, count: () => void): Promise<Hash[]> {
+  const out: Hash[] = [];
+  for (const part of batches(hashes, MAX_HASHES_PER_REQUEST)) {
+    count();
+    const present = await has(part);
+    part.forEach((h, i) => {
+      if (!present[i]) out.push(h);
+    });
+  }
+  return out;
+}
+
+async function* counted(frames: AsyncIterable<BlockFrame>, each: (f: BlockFrame) => void): AsyncGenerator<BlockFrame> {
+  for await (const f of frames) {
+    each(f);
+    yield f;
+  }
+}

@@ -1,0 +1,42 @@
+/**
+ * Limits and helpers of the peer protocol shared by the engine, the server and the client.
+ * sync/README.md documents every route; these numbers are part of the protocol.
+ */
+import { TandemError } from '../common/errors.js';
+import type { Hash } from '../store/types.js';
+
+export const PROTOCOL_VERSION = 1;
+/**
+ * Hashes per has/get request: 4096 hashes are ~270 KiB of JSON, a few ms to check, and a 4 GiB
+ * volume's level-1 frontier fits in one request, so round trips stay at tree depth.
+ */
+export const MAX_HASHES_PER_REQUEST = 4096;
+/** Nodes per nodes/get or nodes/put request: with FANOUT children in hex each, ~1-2 MiB of JSON. */
+export const MAX_NODES_PER_REQUEST = 64;
+/** Body limit of JSON requests (the largest is a nodes/put of MAX_NODES_PER_REQUEST full nodes). */
+export const MAX_JSON_BODY = 8 * 1024 * 1024;
+/** Most children a node may have on the wire (a store's FANOUT is far below). */
+export const MAX_CHILDREN = 4096;
+/** Deepest tree accepted (FANOUT^32 blocks is more than any volume). */
+export const MAX_HEIGHT = 32;
+/** Request header that carries a volume lease (see POST /v1/volumes/:vol/lock). */
+export const LEASE_HEADER = 'x-tandem-lease';
+
+export const HEX_HASH_PATTERN = '^[0-9a-f]{64}$';
+export const VOLUME_PATTERN = '^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$';
+export const SNAPSHOT_ID_PATTERN = '^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$';
+
+export function toHex(h: Hash): string {
+  return h.toString('hex');
+}
+
+/** Parse a lowercase hex hash (callers validated the format; this re-checks as belt and braces). */
+export function fromHex(s: string): Hash {
+  if (!/^[0-9a-f]{64}$/.test(s)) throw new TandemError('ERR_BAD_REQUEST', `"${s.slice(0, 80)}" is not a 64-digit lowercase hex hash`);
+  return Buffer.from(s, 'hex');
+}
+
+/** Split `items` into consecutive batches of at most `size`. */
+export function* batches<T>(items: readonly T[], size: number): Generator<T[]> {
+  for (let i = 0; i < items.length; i += size) yield items.slice(i, i + size);
+}
