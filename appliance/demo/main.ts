@@ -153,13 +153,13 @@ async function main(): Promise<void> {
 recovery:
   web:
     instanceType: t3.medium
-    subnet: subnet-0a1b2c3d
+    subnet: subnet-0a1b2c3d4e5f60001
     securityGroups: [sg-0a1b2c3d]
     privateIp: 10.0.1.20
     rootVolume: { volume: ${VOLUME}, device: /dev/xvda }
     tags: { Role: web }
     drill:
-      subnet: subnet-0d1e2f3a
+      subnet: subnet-0a1b2c3d4e5f60002
       securityGroups: [sg-0d1e2f3a]
 `);
   await appliance(cloud, ['config', 'check']);

@@ -60,7 +60,7 @@ export interface RecoveryRun {
   readonly started: string;
   /** The point in time asked for, or null for "newest". */
   readonly requestedPoint: string | null;
-  readonly points: readonly RecoveryPoint[];
+  points: RecoveryPoint[];
   servers: LaunchedServer[];
   /** Seconds from the start of the command until every instance ran: the measured RTO. */
   rtoSeconds: number | null;
@@ -157,7 +157,7 @@ export async function launch(deps: LaunchDeps, opts: LaunchOptions): Promise<Rec
     points.set(volume, p);
     step(`${volume}: recovery point ${p.pointTime} (${p.ebsSnapshotId})`);
   }
-  (run as { points: RecoveryPoint[] }).points = [...points.values()];
+  run.points = [...points.values()];
 
   const images: string[] = [];
   const instances: string[] = [];

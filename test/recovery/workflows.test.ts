@@ -81,12 +81,12 @@ before(async () => {
 recovery:
   app:
     instanceType: t3.small
-    subnet: subnet-0a1b2c3d
+    subnet: subnet-0a1b2c3d4e5f60001
     securityGroups: [sg-0a1b2c3d]
     privateIp: 10.0.1.30
     rootVolume: { volume: ${VOL}, device: /dev/xvda }
     tags: { Role: app }
-    drill: { subnet: subnet-0d1e2f3a, securityGroups: [sg-0d1e2f3a] }
+    drill: { subnet: subnet-0a1b2c3d4e5f60002, securityGroups: [sg-0d1e2f3a] }
 `);
   const onUrl = await serve(onprem);
   const clUrl = await serve(cloud, cloudEnv);
@@ -112,7 +112,7 @@ test('a drill launches in the isolated subnet, passes, tears down, and leaves pr
   assert.equal(drill.mode, 'drill');
   assert.equal(drill.status, 'torn-down');
   assert.ok(drill.checks.length >= 3 && drill.checks.every((c: { ok: boolean }) => c.ok), JSON.stringify(drill.checks));
-  assert.equal(drill.servers[0].subnetId, 'subnet-0d1e2f3a');
+  assert.equal(drill.servers[0].subnetId, 'subnet-0a1b2c3d4e5f60002');
   assert.notEqual(drill.servers[0].privateIp, '10.0.1.30', 'a drill must not take the production IP');
 
   // Torn down: the instance is terminated and the image is gone.
@@ -139,7 +139,7 @@ test('failover launches the plan with its IP, records the RTO; failback brings b
   assert.equal(fo.status, 'active');
   const server = fo.servers[0];
   assert.equal(server.state, 'running');
-  assert.equal(server.subnetId, 'subnet-0a1b2c3d');
+  assert.equal(server.subnetId, 'subnet-0a1b2c3d4e5f60001');
   assert.equal(server.privateIp, '10.0.1.30');
   assert.ok(fo.rtoSeconds > 0 && fo.rtoSeconds < 120, `rto ${fo.rtoSeconds}`);
   const ec2Volume: string = server.disks[0].ec2VolumeId;
