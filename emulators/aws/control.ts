@@ -1,19 +1,81 @@
 /**
- * Control routes (not AWS; no authentication): fault injection, statistics, a look at the
- * state, and reads/writes of EC2 volumes that stand for changes made on a recovered instance.
+ * Control routes (not AWS; no authentication; JSON): fault injection, statistics, a summary of
+ * the state, and reads/writes of EC2 volumes that stand for changes made on a recovered
+ * instance. Bad input is answered with 400 {error} and changes nothing.
  */
 import type { FastifyInstance } from 'fastify';
+import { EBS_BLOCK_SIZE } from './blobs.js';
 import type { EmulatorContext } from './context.js';
+import { readVolume, writeVolume } from './volumes.js';
 
 export function registerControl(app: FastifyInstance, ctx: EmulatorContext): void {
-  app.post('/_emulator/faults', async (req) => {
-    const body = (req.body ?? {}) as Record<string, unknown>;
-    return ctx.faults.configure(body);
-  });
+  const { state } = ctx;
+
+  app.post('/_emulator/faults', async (req) => ctx.faults.configure((req.body ?? {}) as Record<string, unknown>));
   app.get('/_emulator/faults', async () => ctx.faults.settings);
+
   app.get('/_emulator/stats', async () => ctx.stats.toJSON());
   app.post('/_emulator/stats/reset', async () => {
     ctx.stats.reset();
     return ctx.stats.toJSON();
+  });
+
+  function volume(id: string) {
+    const v = state.volumes.get(id);
+    if (!v || v.state === 'deleted') throw Object.assign(new Error(`no volume ${id}`), { statusCode: 404 });
+    return v;
+  }
+
+  app.post<{ Params: { volumeId: string } }>('/_emulator/volumes/:volumeId/write', async (req) => {
+    const v = volume(req.params.volumeId);
+    const { offset, dataBase64 } = (req.body ?? {}) as { offset?: unknown; dataBase64?: unknown };
+    if (typeof offset !== 'number' || typeof dataBase64 !== 'string') {
+      throw Object.assign(new Error('body must be {offset: number, dataBase64: string}'), { statusCode: 400 });
+    }
+    const data = Buffer.from(dataBase64, 'base64');
+    try {
+      const r = await writeVolume(state, v, offset, data);
+      return { volumeId: v.id, offset, length: data.length, blocksChanged: r.blocksChanged };
+    } catch (e) {
+      throw e instanceof RangeError ? Object.assign(e, { statusCode: 400 }) : e;
+    }
+  });
+
+  app.get<{ Params: { volumeId: string }; Querystring: { offset?: string; length?: string; format?: string } }>(
+    '/_emulator/volumes/:volumeId/read',
+    async (req, reply) => {
+      const v = volume(req.params.volumeId);
+      const offset = Number(req.query.offset ?? 0);
+      const length = Number(req.query.length ?? EBS_BLOCK_SIZE);
+      let data: Buffer;
+      try {
+        data = await readVolume(state, v, offset, length);
+      } catch (e) {
+        throw e instanceof RangeError ? Object.assign(e, { statusCode: 400 }) : e;
+      }
+      if (req.query.format === 'raw') return reply.header('content-type', 'application/octet-stream').send(data);
+      return { volumeId: v.id, offset, length, dataBase64: data.toString('base64') };
+    },
+  );
+
+  app.get('/_emulator/state', async () => {
+    state.tickInstances();
+    const snapshots = [...state.snapshots.keys()].map((id) => state.snapshot(id)!);
+    return {
+      region: state.region,
+      snapshots: snapshots.map((s) => ({
+        id: s.id,
+        status: s.status,
+        parentId: s.parentId,
+        volumeSizeGiB: s.volumeSizeGiB,
+        blocksWritten: s.blocks.size,
+        volumeId: s.volumeId,
+        tags: s.tags,
+      })),
+      volumes: [...state.volumes.values()].map((v) => ({ id: v.id, state: v.state, sizeGiB: v.sizeGiB, snapshotId: v.snapshotId, attachedTo: v.attachedTo, device: v.device })),
+      images: [...state.images.values()].map((i) => ({ id: i.id, name: i.name, state: i.state, snapshots: i.mappings.map((m) => m.snapshotId) })),
+      instances: [...state.instances.values()].map((i) => ({ id: i.id, state: i.state, imageId: i.imageId, subnetId: i.subnetId, privateIp: i.privateIp, volumes: i.volumes.map((v) => v.volumeId), tags: i.tags })),
+      subnets: [...state.subnets.values()].map((s) => ({ id: s.id, cidr: s.cidr, tags: s.tags })),
+    };
   });
 }

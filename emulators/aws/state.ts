@@ -304,6 +304,9 @@ export class EmulatorState {
       if (inst.state === 'pending') {
         inst.state = 'running';
         this.changed();
+      } else if (inst.state === 'stopping') {
+        inst.state = 'stopped';
+        this.changed();
       } else if (inst.state === 'shutting-down') {
         inst.state = 'terminated';
         for (const v of inst.volumes) {
