@@ -13,6 +13,8 @@ export interface Rates {
   readonly scanBytesPerSec: number;
   /** Bytes per second sent to the peer by a replication. */
   readonly syncBytesPerSec: number;
+  /** Bytes per second uploaded by EBS exports (cloud side; absent until measured). */
+  readonly exportBytesPerSec?: number;
   /** Bytes the last replication sent (the change since the previous one). */
   readonly lastChangedBytes: number;
   /** Number of measurements folded in (0 = defaults). */
@@ -60,12 +62,14 @@ export function nextStart(lastGood: number | null, rpoMs: number, expectedMs: nu
 }
 
 /** Fold one measurement into the running rates (exponential smoothing; the first one replaces the defaults). */
-export function updateRates(prev: Rates, m: { scanBytesPerSec?: number; syncBytesPerSec?: number; changedBytes?: number }, at: Date): Rates {
+export function updateRates(prev: Rates, m: { scanBytesPerSec?: number; syncBytesPerSec?: number; exportBytesPerSec?: number; changedBytes?: number }, at: Date): Rates {
   const mix = (old: number, x: number | undefined) =>
     x === undefined || !Number.isFinite(x) || x <= 0 ? old : prev.samples === 0 ? x : old * (1 - RATE_SMOOTHING) + x * RATE_SMOOTHING;
+  const exportRate = prev.exportBytesPerSec === undefined ? m.exportBytesPerSec : mix(prev.exportBytesPerSec, m.exportBytesPerSec);
   return {
     scanBytesPerSec: mix(prev.scanBytesPerSec, m.scanBytesPerSec),
     syncBytesPerSec: mix(prev.syncBytesPerSec, m.syncBytesPerSec),
+    ...(exportRate !== undefined && Number.isFinite(exportRate) && exportRate > 0 ? { exportBytesPerSec: exportRate } : {}),
     lastChangedBytes: m.changedBytes ?? prev.lastChangedBytes,
     samples: prev.samples + 1,
     updated: at.toISOString(),

@@ -3,3 +3,4 @@ export { realClock, FakeClock, type Clock } from './clock.js';
 export { nextStart, expectedDurationMs, updateRates, DEFAULT_RATES, JOB_OVERHEAD_MS, SAFETY_FACTOR, type Rates } from './deadline.js';
 export { Scheduler, planUnits, type JobSteps, type SchedulerStore, type SchedulerOptions, type Unit, type Log } from './runner.js';
 export { readVolumeState, readRates, listCheckpoints, STATE_NS, RATES_NS, type VolumeState, type JobCheckpoint } from './state.js';
+export { applianceSteps, pushSnapshot } from './steps.js';

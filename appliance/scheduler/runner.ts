@@ -35,10 +35,10 @@ import {
 export interface JobSteps {
   /** Take a snapshot of a local volume (takes the volume lock). */
   snapshot(volume: string, opts: { labels: Record<string, string>; signal: AbortSignal }): Promise<SnapshotRecord>;
-  /** Push `snapshot` to the peer; null when no replication is configured. Returns the bytes sent. */
-  replicate: ((volume: string, snapshot: SnapshotRecord, signal: AbortSignal) => Promise<{ bytesSent: number }>) | null;
+  /** Push `snapshot` to peer `peer` (config `replication.peer`); null: this appliance does not replicate. Returns the bytes sent. */
+  replicate: ((volume: string, snapshot: SnapshotRecord, peer: string, signal: AbortSignal) => Promise<{ bytesSent: number }>) | null;
   /** Export a replica to EBS; null where EBS is not available. */
-  exportEbs: ((volume: string, snapshot: SnapshotRecord, signal: AbortSignal) => Promise<{ ebsSnapshotId: string }>) | null;
+  exportEbs: ((volume: string, snapshot: SnapshotRecord, signal: AbortSignal) => Promise<{ ebsSnapshotId: string; bytesUploaded: number; seconds: number }>) | null;
 }
 
 export interface SchedulerStore extends MetaStore, RetentionStore {
@@ -354,14 +354,15 @@ export class Scheduler {
     const { store, steps } = this.o;
     let cur = cp;
     for (const v of unit.volumes) {
-      if (cur.done.includes(v.name) || steps.replicate === null) continue;
+      const peer = this.lastConfig?.replication?.peer;
+      if (cur.done.includes(v.name) || steps.replicate === null || peer === undefined) continue;
       const id = cur.snapshots[v.name];
       const snap = id === undefined ? null : await store.getSnapshot(v.name, id);
       if (snap === null) {
         throw new TandemError('ERR_SNAPSHOT_NOT_FOUND', `snapshot ${id ?? '(none)'} of "${v.name}" taken by job ${cp.id} is gone; the next job takes a fresh one`, { details: { volume: v.name, snapshot: id } });
       }
       const t0 = performance.now();
-      const r = await steps.replicate(v.name, snap, signal);
+      const r = await steps.replicate(v.name, snap, peer, signal);
       const secs = Math.max(0.001, (performance.now() - t0) / 1000);
       await store.putMeta(RATES_NS, v.name, updateRates(await readRates(store, v.name), { syncBytesPerSec: r.bytesSent > 0 ? r.bytesSent / secs : undefined, changedBytes: r.bytesSent }, new Date()));
       await updateVolumeState(store, v.name, { lastGood: cur.pointTime, lastReplicated: snap.id });
@@ -383,6 +384,9 @@ export class Scheduler {
         log.warn({ volume: v.name }, 'the policy asks for an EBS export but this appliance has no AWS access configured');
       } else {
         const r = await steps.exportEbs(v.name, snap, signal);
+        if (r.bytesUploaded > 0 && r.seconds > 0) {
+          await store.putMeta(RATES_NS, v.name, updateRates(await readRates(store, v.name), { exportBytesPerSec: r.bytesUploaded / r.seconds }, new Date()));
+        }
         await updateVolumeState(store, v.name, { lastExported: snap.id });
         log.info({ volume: v.name, snapshot: snap.id, ebsSnapshotId: r.ebsSnapshotId }, 'exported to EBS');
       }

@@ -70,7 +70,7 @@ export interface MetaStore {
   listMeta<T>(ns: string): Promise<Array<[string, T]>>;
 }
 
-export async function readVolumeState(store: MetaStore, volume: string): Promise<VolumeState> {
+export async function readVolumeState(store: Pick<MetaStore, 'getMeta'>, volume: string): Promise<VolumeState> {
   return { ...EMPTY_VOLUME_STATE, ...(await store.getMeta<VolumeState>(STATE_NS, volume)) };
 }
 
@@ -80,7 +80,7 @@ export async function updateVolumeState(store: MetaStore, volume: string, patch:
   return next;
 }
 
-export async function readRates(store: MetaStore, volume: string): Promise<Rates> {
+export async function readRates(store: Pick<MetaStore, 'getMeta'>, volume: string): Promise<Rates> {
   return (await store.getMeta<Rates>(RATES_NS, volume)) ?? DEFAULT_RATES;
 }
 

@@ -1,0 +1,49 @@
+/**
+ * `appliance status [VOL] [--json]`: per volume, RPO compliance (age of the last replicated
+ * point against the policy: OK / AT_RISK / BREACHED), the last snapshot, EBS export and drill,
+ * and the estimated RTO against the policy. Read-only. Exit 0 even when something is breached
+ * (the state is the answer); exit 1 only when the status cannot be computed.
+ */
+import type { Command } from 'commander';
+import { run } from '../output.js';
+
+export const order = 80;
+
+export function define(program: Command): void {
+  program
+    .command('status [volume]')
+    .description('RPO compliance, last replicated point, last export and drill, estimated RTO, per volume')
+    .action(run(async (g, _cmd, args) => {
+      const only = args[0] as string | undefined;
+      const { withHomeStore } = await import('../../ops.js');
+      const { loadConfig, formatDuration } = await import('../../config/index.js');
+      const { computeStatus } = await import('../../status.js');
+      const { formatTable, formatAge } = await import('../table.js');
+      const { TandemError } = await import('../../../common/errors.js');
+      return withHomeStore(g.home, async (home, store) => {
+        const config = await loadConfig(home);
+        const now = Date.now();
+        const volumes = await computeStatus(store, config, now, only);
+        if (only !== undefined && volumes.length === 0) {
+          throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${only}" on this appliance; \`appliance volume list\` shows the volumes`, { details: { volume: only } });
+        }
+        const dur = (ms: number | null) => (ms === null ? '-' : formatDuration(ms));
+        const state = (s: string) => s.replace('_', ' ');
+        const rows = volumes.map((v) => [
+          v.volume,
+          v.policy ?? '-',
+          formatAge(v.lastSnapshot?.created, now),
+          formatAge(v.lastReplicated?.at, now),
+          v.rpoState === 'NONE' ? '-' : `${state(v.rpoState)} (${dur(v.rpoAgeMs)}/${dur(v.rpoMs)})`,
+          v.lastExport ? formatAge(v.lastExport.created, now) : 'never',
+          v.rtoState === 'NONE' ? dur(v.rtoEstimateMs) : `${state(v.rtoState)} (${dur(v.rtoEstimateMs)}/${dur(v.rtoMs)})`,
+          v.lastDrill ? `${v.lastDrill.passed ? 'passed' : 'FAILED'} ${formatAge(v.lastDrill.at, now)}` : 'never',
+          v.lastJob ? (v.lastJob.ok ? 'ok' : `FAILED: ${v.lastJob.error?.code ?? ''}`) : '-',
+        ]);
+        const text = volumes.length === 0
+          ? 'no volumes; register one with `appliance volume add NAME --path PATH`'
+          : formatTable(['VOLUME', 'POLICY', 'SNAPSHOT', 'REPLICATED', 'RPO (age/objective)', 'EBS EXPORT', 'RTO (estimate/objective)', 'DRILL', 'LAST JOB'], rows);
+        return { json: { appliance: home.identity.name, at: new Date(now).toISOString(), volumes }, text };
+      });
+    }));
+}

@@ -1,0 +1,72 @@
+/**
+ * Prometheus metrics of the daemon (GET /metrics, behind the API token like every route but the
+ * health check: configure the scrape job with `authorization: { credentials: <token> }`).
+ *
+ * The per-volume gauges carry the same numbers as `appliance status`, computed at scrape time;
+ * job counters are incremented by the scheduler. Names use the `tandem_` prefix and base units
+ * (seconds, bytes).
+ */
+import { Counter, Gauge, Registry } from 'prom-client';
+import type { ObjectiveState, VolumeStatus } from './status.js';
+
+const STATES: readonly ObjectiveState[] = ['OK', 'AT_RISK', 'BREACHED', 'NONE'];
+
+export interface DaemonMetrics {
+  readonly registry: Registry;
+  /** Count a finished job. */
+  jobEnded(unit: string, ok: boolean): void;
+  /** The body and content type for GET /metrics. */
+  render(): Promise<{ body: string; contentType: string }>;
+}
+
+const seconds = (ms: number | null) => (ms === null ? NaN : ms / 1000);
+const epoch = (iso: string | null | undefined) => (iso ? Date.parse(iso) / 1000 : NaN);
+
+/** A registry whose gauges are filled from `statuses()` at each scrape. */
+export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, running: () => readonly string[]): DaemonMetrics {
+  const registry = new Registry();
+  const labelNames = ['volume', 'policy'] as const;
+  const g = (name: string, help: string, extra: readonly string[] = []) =>
+    new Gauge({ name, help, labelNames: [...labelNames, ...extra], registers: [registry] });
+  const rpoAge = g('tandem_rpo_age_seconds', 'Age of the recovery point that counts against the RPO (NaN: none yet)');
+  const rpo = g('tandem_rpo_objective_seconds', 'RPO of the volume policy');
+  const rpoState = g('tandem_rpo_state', '1 for the current RPO state of the volume (OK, AT_RISK, BREACHED, NONE)', ['state']);
+  const rtoEst = g('tandem_rto_estimate_seconds', 'Estimated recovery time (launch + pending export)');
+  const rto = g('tandem_rto_objective_seconds', 'RTO of the volume policy (NaN: none)');
+  const rtoState = g('tandem_rto_state', '1 for the current RTO state of the volume', ['state']);
+  const lastSnap = g('tandem_last_snapshot_timestamp_seconds', 'Creation time of the newest local snapshot');
+  const lastRepl = g('tandem_last_replicated_timestamp_seconds', 'Time of the last replicated recovery point');
+  const lastExport = g('tandem_last_ebs_export_timestamp_seconds', 'Completion time of the last EBS export');
+  const drillPassed = g('tandem_last_drill_passed', '1 when the last drill involving the volume passed, 0 when it failed');
+  const jobRunning = new Gauge({ name: 'tandem_jobs_running', help: 'Scheduler jobs running now', registers: [registry], collect() { this.set(running().length); } });
+  const jobs = new Counter({ name: 'tandem_jobs_total', help: 'Scheduler jobs finished, by result', labelNames: ['unit', 'result'], registers: [registry] });
+  void jobRunning;
+
+  const fill = async () => {
+    for (const m of [rpoAge, rpo, rpoState, rtoEst, rto, rtoState, lastSnap, lastRepl, lastExport, drillPassed]) m.reset();
+    for (const s of await statuses()) {
+      const l = { volume: s.volume, policy: s.policy ?? '' };
+      rpoAge.set(l, seconds(s.rpoAgeMs));
+      rpo.set(l, seconds(s.rpoMs));
+      rtoEst.set(l, seconds(s.rtoEstimateMs));
+      rto.set(l, seconds(s.rtoMs));
+      for (const st of STATES) {
+        rpoState.set({ ...l, state: st }, s.rpoState === st ? 1 : 0);
+        rtoState.set({ ...l, state: st }, s.rtoState === st ? 1 : 0);
+      }
+      lastSnap.set(l, epoch(s.lastSnapshot?.created));
+      lastRepl.set(l, epoch(s.lastReplicated?.at));
+      lastExport.set(l, epoch(s.lastExport?.created));
+      if (s.lastDrill) drillPassed.set(l, s.lastDrill.passed ? 1 : 0);
+    }
+  };
+
+  return {
+    registry,
+    jobEnded: (unit, ok) => jobs.inc({ unit, result: ok ? 'ok' : 'failed' }),
+    render: async () => {
+      await fill();
+      return { body: await registry.metrics(), contentType: registry.contentType };
+    },
+  };
+}

@@ -1,0 +1,105 @@
+/**
+ * `appliance daemon`: the API server (peer protocol, management routes, forwarded CLI
+ * commands) plus the scheduler, the breach webhook and Prometheus metrics, in one process that
+ * holds the store.
+ *
+ * Adds to the API (behind the bearer token): GET /metrics (Prometheus text) and
+ * GET /v1/status[?volume=NAME] (the same document as `appliance status --json`).
+ * Logs are pino JSON lines on stderr. SIGTERM/SIGINT: stop scheduling, give the running job
+ * {@link STOP_GRACE_MS} to finish, else abort it (its checkpoint makes the next start resume it),
+ * close the server, flush and close the store, remove run/server.json.
+ */
+import { rmSync } from 'node:fs';
+import { join } from 'node:path';
+import type { FastifyInstance } from 'fastify';
+import { pino } from 'pino';
+import { Home, writeFileAtomic } from '../home.js';
+import { loadConfig, type Config } from '../config/index.js';
+import { computeStatus, BreachNotifier } from '../status.js';
+import { createMetrics } from '../metrics.js';
+import { Scheduler } from './runner.js';
+import { realClock } from './clock.js';
+import { applianceSteps } from './steps.js';
+
+/** A running job gets this long to finish after SIGTERM (systemd's default stop timeout is 90 s). */
+export const STOP_GRACE_MS = 30_000;
+/** How often RPO/RTO states are recomputed for the breach webhook. */
+export const ALERT_INTERVAL_MS = 30_000;
+
+export interface DaemonOptions {
+  readonly home: string;
+  readonly listen: string;
+  readonly json: boolean;
+  readonly out: (s: string) => void;
+  /** Resolves when the daemon should stop (the command passes a signal listener). */
+  readonly stopped: Promise<string>;
+}
+
+export async function runDaemon(opts: DaemonOptions): Promise<void> {
+  const log = pino({ name: 'tandem', base: { pid: process.pid } }, pino.destination(2));
+  const home = Home.load(opts.home);
+  // Validate the config before binding anything: a daemon with a broken config is an error.
+  let config: Config = await loadConfig(home);
+  const store = await home.openStore();
+  const unshare = home.shareStore(store);
+  const scheduler: { current: Scheduler | null } = { current: null };
+  const metrics = createMetrics(async () => computeStatus(store, config, Date.now()), () => scheduler.current?.runningUnits() ?? []);
+  const extraRoutes = (app: FastifyInstance) => {
+    app.get('/metrics', async (_req, reply) => {
+      const m = await metrics.render();
+      return reply.type(m.contentType).send(m.body);
+    });
+    app.get<{ Querystring: { volume?: string } }>('/v1/status', async (req) => {
+      const volumes = await computeStatus(store, config, Date.now(), req.query.volume);
+      return { appliance: home.identity.name, at: new Date().toISOString(), running: scheduler.current?.runningUnits() ?? [], volumes };
+    });
+  };
+  const { startServer } = await import('../../api/server.js');
+  let server;
+  try {
+    server = await startServer({ home, store, listen: opts.listen, extraRoutes, logger: { level: 'warn' } });
+  } catch (e) {
+    unshare();
+    await store.close();
+    throw e;
+  }
+  const runFile = join(home.paths.run, 'server.json');
+  writeFileAtomic(runFile, JSON.stringify({ pid: process.pid, url: server.url }) + '\n');
+
+  const sched = new Scheduler({
+    store,
+    clock: realClock,
+    log,
+    steps: applianceSteps(home, store, () => config),
+    loadConfig: async () => (config = await loadConfig(home)),
+    onJobEnd: (unit, o) => metrics.jobEnded(unit, o.ok),
+  });
+  scheduler.current = sched;
+  sched.start();
+
+  const notifier = new BreachNotifier(home.identity.name);
+  const alerts = setInterval(() => {
+    void (async () => {
+      const r = await notifier.check(await computeStatus(store, config, Date.now()), config.alerts.webhook, Date.now());
+      for (const a of r.sent) log.warn({ volume: a.volume, event: a.event }, 'breach alert sent');
+      for (const e of r.errors) log.error({}, e);
+    })().catch((e: unknown) => log.error({ err: String(e) }, 'status check failed'));
+  }, ALERT_INTERVAL_MS);
+
+  const fingerprint = home.fingerprint();
+  if (opts.json) opts.out(JSON.stringify({ url: server.url, fingerprint, pid: process.pid, name: home.identity.name }) + '\n');
+  else opts.out(`daemon listening on ${server.url}\nfingerprint ${fingerprint}\n`);
+  log.info({ url: server.url }, 'daemon started');
+
+  const why = await opts.stopped;
+  log.info({ signal: why }, 'stopping: no new jobs; waiting for the running one');
+  clearInterval(alerts);
+  await sched.stop(STOP_GRACE_MS);
+  rmSync(runFile, { force: true });
+  await server.close();
+  unshare();
+  await store.flush();
+  await store.close();
+  log.info({}, 'daemon stopped');
+  log.flush();
+}

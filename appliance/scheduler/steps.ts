@@ -1,0 +1,60 @@
+/**
+ * The real job steps: snapshot through appliance/ops, push through the sync engine to the
+ * configured peer, export through appliance/ebs. Kept apart from the runner so the runner can
+ * be driven with any implementation of the same contract.
+ */
+import type { Store } from '../../store/index.js';
+import type { SnapshotRecord } from '../../store/types.js';
+import type { Home } from '../home.js';
+import type { Config } from '../config/index.js';
+import type { JobSteps } from './runner.js';
+
+/** Meta namespace and key format of the sync base (appliance/replicate.ts). */
+const SYNC_BASE_NS = 'sync-base';
+
+/**
+ * Push an existing snapshot to a peer, under the volume lock and the peer's lease, recording
+ * the sync base like `appliance sync` does. Unlike `syncVolume` it does not take a snapshot of
+ * its own: a group's snapshots must be the ones taken between the group's hooks.
+ */
+export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecord, peerName: string, opts: { bwlimit?: number; signal?: AbortSignal } = {}): Promise<{ bytesSent: number; upToDate: boolean }> {
+  const { getPeer, connectPeer } = await import('../peers.js');
+  const { copySnapshot } = await import('../../sync/engine.js');
+  const peer = await getPeer(store, peerName);
+  const release = home.lockVolume(snap.volume, 'sync');
+  const remote = connectPeer(peer, opts.bwlimit ? { bwlimit: opts.bwlimit } : {});
+  try {
+    const lock = await remote.lockVolume(snap.volume, home.identity.id, snap.root);
+    let bytesSent = 0;
+    let base = snap;
+    if (lock.upToDate && lock.latest) base = lock.latest;
+    else bytesSent = (await copySnapshot(store, remote, snap, opts.signal ? { signal: opts.signal } : {})).bytesSent;
+    await store.putMeta(SYNC_BASE_NS, `${snap.volume}@${peer.name}`, { snapshot: base.id, root: base.root, direction: 'push', at: new Date().toISOString() });
+    return { bytesSent, upToDate: base !== snap };
+  } finally {
+    await remote.releaseVolume().catch(() => {});
+    await remote.close();
+    release();
+  }
+}
+
+/** Job steps wired to this appliance. `config()` is the scheduler's current configuration. */
+export function applianceSteps(home: Home, store: Store, config: () => Config | null): JobSteps {
+  return {
+    snapshot: async (volume, { labels, signal }) => {
+      const { snapshotVolume } = await import('../ops.js');
+      return snapshotVolume(home, store, volume, { labels, signal });
+    },
+    replicate: async (_volume, snap, peer, signal) => {
+      const bw = config()?.replication?.bwlimit;
+      const { parseSize } = await import('../cli/output.js');
+      const r = await pushSnapshot(home, store, snap, peer, { signal, ...(bw ? { bwlimit: parseSize(bw) } : {}) });
+      return { bytesSent: r.bytesSent };
+    },
+    exportEbs: async (_volume, snap, signal) => {
+      const { exportSnapshot } = await import('../ebs/index.js');
+      const r = await exportSnapshot(store, snap, { signal });
+      return { ebsSnapshotId: r.ebsSnapshotId, bytesUploaded: r.bytesUploaded, seconds: r.seconds };
+    },
+  };
+}

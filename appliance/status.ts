@@ -1,0 +1,193 @@
+/**
+ * Status: per volume, is its recovery point objective met, how long would a recovery take,
+ * and when was it last proven (drill)? Read-only over the store's records; `appliance status`,
+ * GET /v1/status, /metrics and the breach webhook all use {@link computeStatus}.
+ *
+ * Sources:
+ * - last local snapshot: the store; last replicated point: meta `scheduler` (the daemon's jobs)
+ *   or meta `sync-base` (`appliance sync`); on the receiving appliance, the replica itself;
+ * - last EBS export: meta `ebs-exports`; last drill: meta `drills`; measured failover/drill
+ *   time: meta `rto`; measured rates: meta `rates`.
+ */
+import type { SnapshotRecord, VolumeRecord } from '../store/types.js';
+import { policyFor, type Config } from './config/index.js';
+import { readRates, readVolumeState, type VolumeState } from './scheduler/index.js';
+
+/** AT RISK from this fraction of the objective on: time to look before it is breached. */
+export const AT_RISK_FRACTION = 0.8;
+/**
+ * Launching an instance from EBS snapshots and booting it, until a failover or drill measured
+ * it: a typical EC2 launch plus OS boot is 2-5 minutes; 5 minutes is the cautious end.
+ */
+export const DEFAULT_LAUNCH_MS = 5 * 60_000;
+/** EBS direct API upload rate assumed until exports are measured (PutSnapshotBlock, bounded concurrency). */
+export const DEFAULT_EXPORT_BYTES_PER_SEC = 50 * 1024 * 1024;
+
+export type ObjectiveState = 'OK' | 'AT_RISK' | 'BREACHED' | 'NONE';
+
+export interface PointInfo {
+  readonly snapshot: string | null;
+  /** ISO time of the recovery point. */
+  readonly at: string;
+}
+
+export interface VolumeStatus {
+  readonly volume: string;
+  readonly policy: string | null;
+  readonly rpoMs: number | null;
+  readonly rtoMs: number | null;
+  readonly lastSnapshot: { readonly id: string; readonly created: string; readonly origin: string } | null;
+  readonly lastReplicated: PointInfo | null;
+  /** Age of the point that counts against the RPO (the replicated one when this appliance replicates). */
+  readonly rpoAgeMs: number | null;
+  /** OK, AT_RISK (age > 80 % of RPO), BREACHED (age > RPO or never protected), NONE (no policy). */
+  readonly rpoState: ObjectiveState;
+  readonly lastExport: { readonly ebsSnapshotId: string; readonly tandemSnapshot: string; readonly created: string } | null;
+  readonly rtoEstimateMs: number | null;
+  /** How the estimate was made, for the operator. */
+  readonly rtoBasis: string;
+  readonly rtoState: ObjectiveState;
+  readonly lastDrill: { readonly id: string; readonly at: string; readonly passed: boolean; readonly rtoSeconds: number | null } | null;
+  readonly lastJob: VolumeState['lastJob'];
+}
+
+/** The store surface status reads. */
+export interface StatusStore {
+  listVolumes(): Promise<VolumeRecord[]>;
+  latestSnapshot(volume: string): Promise<SnapshotRecord | null>;
+  getSnapshot(volume: string, id: string): Promise<SnapshotRecord | null>;
+  getMeta<T>(ns: string, key: string): Promise<T | undefined>;
+  listMeta<T>(ns: string): Promise<Array<[string, T]>>;
+}
+
+export function objectiveState(valueMs: number | null, objectiveMs: number | null): ObjectiveState {
+  if (objectiveMs === null) return 'NONE';
+  if (valueMs === null || valueMs > objectiveMs) return 'BREACHED';
+  return valueMs > AT_RISK_FRACTION * objectiveMs ? 'AT_RISK' : 'OK';
+}
+
+interface DrillRecord { id: string; at: string; volumes: string[]; passed: boolean; rtoSeconds: number | null }
+interface RtoRecord { at: string; rtoSeconds: number | null; launchSeconds?: number | null }
+interface ExportRecord { ebsSnapshotId: string; tandemSnapshot: string; created: string }
+interface SyncBase { snapshot: string; at: string; direction: string }
+
+/** Status of every volume (or only `only`), at time `now`. */
+export async function computeStatus(store: StatusStore, config: Config, now: number, only?: string): Promise<VolumeStatus[]> {
+  const volumes = (await store.listVolumes()).filter((v) => only === undefined || v.name === only);
+  const drills = (await store.listMeta<DrillRecord>('drills')).map(([, d]) => d).sort((a, b) => (a.at < b.at ? 1 : -1));
+  const bases = await store.listMeta<SyncBase>('sync-base');
+  const out: VolumeStatus[] = [];
+  for (const v of volumes) {
+    const policy = policyFor(config, v);
+    const st = await readVolumeState(store, v.name);
+    const latest = await store.latestSnapshot(v.name);
+    const replicates = config.replication !== null && v.path !== undefined;
+    // The recovery point that counts: what the other site has (or, without replication, what this one has).
+    let replicated: PointInfo | null = null;
+    if (v.path === undefined) {
+      replicated = latest ? { snapshot: latest.id, at: latest.created } : null;
+    } else if (st.lastReplicated !== null && st.lastGood !== null) {
+      replicated = { snapshot: st.lastReplicated, at: st.lastGood };
+    } else {
+      const pushes = bases.filter(([k, b]) => k.startsWith(`${v.name}@`) && b.direction === 'push').map(([, b]) => b);
+      const newest = pushes.sort((a, b) => (a.at < b.at ? 1 : -1))[0];
+      if (newest) {
+        const snap = await store.getSnapshot(v.name, newest.snapshot);
+        replicated = { snapshot: newest.snapshot, at: snap?.created ?? newest.at };
+      }
+    }
+    const point = replicates || v.path === undefined ? replicated?.at ?? null : st.lastGood ?? latest?.created ?? null;
+    const rpoAgeMs = point === null ? null : Math.max(0, now - Date.parse(point));
+    const exports = (await store.getMeta<ExportRecord[]>('ebs-exports', v.name)) ?? [];
+    const lastExport = exports.length > 0 ? exports[exports.length - 1]! : null;
+    const rto = await estimateRto(store, v, latest, lastExport);
+    const drill = drills.find((d) => Array.isArray(d.volumes) && d.volumes.includes(v.name));
+    out.push({
+      volume: v.name,
+      policy: policy?.name ?? null,
+      rpoMs: policy?.rpoMs ?? null,
+      rtoMs: policy?.rtoMs ?? null,
+      lastSnapshot: latest ? { id: latest.id, created: latest.created, origin: latest.origin } : null,
+      lastReplicated: replicated,
+      rpoAgeMs,
+      rpoState: policy === null ? 'NONE' : objectiveState(rpoAgeMs, policy.rpoMs),
+      lastExport: lastExport ? { ebsSnapshotId: lastExport.ebsSnapshotId, tandemSnapshot: lastExport.tandemSnapshot, created: lastExport.created } : null,
+      rtoEstimateMs: rto.ms,
+      rtoBasis: rto.basis,
+      rtoState: policy === null ? 'NONE' : objectiveState(rto.ms, policy.rtoMs),
+      lastDrill: drill ? { id: drill.id, at: drill.at, passed: drill.passed === true, rtoSeconds: drill.rtoSeconds ?? null } : null,
+      lastJob: st.lastJob,
+    });
+  }
+  return out;
+}
+
+/**
+ * RTO estimate: a failover launches instances from the volume's EBS snapshot (EBS volumes are
+ * usable while they load lazily), so it is the launch time (measured by the last failover or
+ * drill, else {@link DEFAULT_LAUNCH_MS}) plus, when the newest recovery point is not yet
+ * exported, the time to export what changed since (measured export rate, else the default).
+ */
+async function estimateRto(store: StatusStore, v: VolumeRecord, latest: SnapshotRecord | null, lastExport: ExportRecord | null): Promise<{ ms: number | null; basis: string }> {
+  if (latest === null && lastExport === null) return { ms: null, basis: 'no recovery point yet' };
+  const measured = await store.getMeta<RtoRecord>('rto', v.name);
+  const launchMs = measured?.rtoSeconds != null ? measured.rtoSeconds * 1000 : DEFAULT_LAUNCH_MS;
+  const launchBasis = measured?.rtoSeconds != null ? `launch ${measured.rtoSeconds}s measured ${measured.at}` : `launch ${DEFAULT_LAUNCH_MS / 1000}s (default until a drill measures it)`;
+  const pending = latest !== null && (lastExport === null || lastExport.tandemSnapshot !== latest.id);
+  if (!pending) return { ms: launchMs, basis: `${launchBasis}; newest point already exported` };
+  const rates = await readRates(store, v.name);
+  const exportRate = rates.exportBytesPerSec ?? DEFAULT_EXPORT_BYTES_PER_SEC;
+  // First export uploads every non-zero block; later ones the change since the last.
+  const bytes = lastExport === null ? latest!.nonZeroBlocks * latest!.blockSize : rates.samples > 0 ? rates.lastChangedBytes : latest!.nonZeroBlocks * latest!.blockSize;
+  const exportMs = Math.ceil((bytes / exportRate) * 1000);
+  return { ms: launchMs + exportMs, basis: `${launchBasis} + export of ${bytes} bytes at ${Math.round(exportRate / 1048576)} MiB/s${rates.exportBytesPerSec ? ' (measured)' : ' (default)'}` };
+}
+
+export interface BreachAlert {
+  readonly event: 'rpo_breached' | 'rto_breached';
+  readonly appliance: string;
+  readonly volume: string;
+  readonly policy: string | null;
+  readonly at: string;
+  readonly status: VolumeStatus;
+}
+
+/**
+ * Tracks states between rounds and POSTs the webhook when a volume's RPO or RTO state
+ * becomes BREACHED (once per transition, not on every round). Delivery is best effort with a
+ * timeout; failures are returned for the log, never thrown.
+ */
+export class BreachNotifier {
+  private readonly last = new Map<string, ObjectiveState>();
+
+  constructor(private readonly appliance: string, private readonly timeoutMs = 10_000) {}
+
+  /** Compare with the previous round; POST each new breach. Returns the alerts sent and errors. */
+  async check(statuses: readonly VolumeStatus[], webhook: string | null, now: number): Promise<{ sent: BreachAlert[]; errors: string[] }> {
+    const fresh: BreachAlert[] = [];
+    for (const s of statuses) {
+      for (const [kind, state] of [['rpo', s.rpoState], ['rto', s.rtoState]] as const) {
+        const key = `${kind}:${s.volume}`;
+        const before = this.last.get(key);
+        this.last.set(key, state);
+        if (state === 'BREACHED' && before !== 'BREACHED') {
+          fresh.push({ event: `${kind}_breached`, appliance: this.appliance, volume: s.volume, policy: s.policy, at: new Date(now).toISOString(), status: s });
+        }
+      }
+    }
+    const errors: string[] = [];
+    if (webhook === null) return { sent: [], errors };
+    const sent: BreachAlert[] = [];
+    for (const alert of fresh) {
+      try {
+        const res = await fetch(webhook, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(alert), signal: AbortSignal.timeout(this.timeoutMs) });
+        if (!res.ok) errors.push(`webhook ${webhook} answered ${res.status} for ${alert.event} of ${alert.volume}`);
+        else sent.push(alert);
+        await res.body?.cancel();
+      } catch (e) {
+        errors.push(`webhook ${webhook} failed for ${alert.event} of ${alert.volume}: ${(e as Error).message}`);
+      }
+    }
+    return { sent, errors };
+  }
+}
