@@ -648,7 +648,7 @@ export class Store implements ReplicaStore {
   /** Re-hash every block and node reachable from the (filtered) snapshots; see store/verify.ts. */
   async verify(filter?: { volume?: string; snapshot?: string }): Promise<VerifyReport> {
     this.checkOpen();
-    return verifyStore(this, filter);
+    return this.gcLock.shared(() => verifyStore(this, filter));
   }
 
   /** Reclaim blocks and nodes no snapshot reaches, by repacking; crash-safe (store/gc.ts). */

@@ -1,0 +1,168 @@
+/**
+ * The ReplicaStore contract, runnable against any implementation: the local Store, and the HTTP
+ * client of a peer (api/). Usage:
+ *
+ *   blockStoreSuite('Store', async () => { const s = await Store.open(dir); return { store: s, close: () => s.close() }; });
+ *
+ * Each test gets a fresh, empty store from the factory.
+ */
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { hashBlock, makeNode, ZERO_HASH, newSnapshotId, type ReplicaStore, type SnapshotRecord, type TreeNode, type BlockFrame } from '../../store/index.js';
+
+export interface SuiteStore {
+  readonly store: ReplicaStore;
+  close(): Promise<void>;
+}
+
+/** Block size used by the suite: small so a test moves kilobytes, not megabytes. */
+export const SUITE_BLOCK_SIZE = 4096;
+
+function block(seed?: number): { hash: Buffer; data: Buffer } {
+  const data = seed === undefined ? randomBytes(SUITE_BLOCK_SIZE) : Buffer.alloc(SUITE_BLOCK_SIZE, seed);
+  return { hash: hashBlock(data), data };
+}
+
+async function* frames(list: readonly BlockFrame[]): AsyncGenerator<BlockFrame> {
+  for (const f of list) yield f;
+}
+
+async function collect<T>(it: AsyncIterable<T>): Promise<T[]> {
+  const out: T[] = [];
+  for await (const x of it) out.push(x);
+  return out;
+}
+
+function codeOf(e: unknown): unknown {
+  return (e as { code?: unknown })?.code;
+}
+
+async function rejectsWith(p: Promise<unknown>, code: string): Promise<void> {
+  await assert.rejects(p, (e) => {
+    assert.equal(codeOf(e), code, `expected ${code}, got ${codeOf(e)}: ${(e as Error)?.message}`);
+    return true;
+  });
+}
+
+/** A one-level snapshot record over `blocks` (volume size = blocks x SUITE_BLOCK_SIZE). */
+function snapshotOf(volume: string, root: TreeNode, blocks: number, at = new Date()): SnapshotRecord {
+  return {
+    id: newSnapshotId(at), volume, size: blocks * SUITE_BLOCK_SIZE, blockSize: SUITE_BLOCK_SIZE, root: root.hash.toString('hex'),
+    height: 1, created: at.toISOString(), parent: null, origin: 'test', nonZeroBlocks: root.children.filter((c) => !c.equals(ZERO_HASH)).length,
+  };
+}
+
+export function blockStoreSuite(name: string, factory: () => Promise<SuiteStore>): void {
+  describe(`ReplicaStore contract: ${name}`, () => {
+    const withStore = (fn: (s: ReplicaStore) => Promise<void>) => async () => {
+      const h = await factory();
+      try {
+        await fn(h.store);
+      } finally {
+        await h.close();
+      }
+    };
+
+    it('stores verified blocks, reports them held, and streams them back in order', withStore(async (s) => {
+      const bs = [block(), block(), block()];
+      assert.deepEqual(await s.hasBlocks(bs.map((b) => b.hash)), [false, false, false]);
+      assert.deepEqual(await s.putBlocks(frames(bs)), { stored: 3, bytes: 3 * SUITE_BLOCK_SIZE });
+      assert.deepEqual(await s.hasBlocks([bs[2]!.hash, ZERO_HASH, block().hash, bs[0]!.hash]), [true, true, false, true]);
+      const back = await collect(s.getBlocks([bs[1]!.hash, bs[0]!.hash, bs[2]!.hash, bs[1]!.hash]));
+      assert.deepEqual(back.map((f) => f.data), [bs[1]!.data, bs[0]!.data, bs[2]!.data, bs[1]!.data]);
+      assert.ok(back.every((f, i) => f.hash.equals([bs[1], bs[0], bs[2], bs[1]][i]!.hash)));
+    }));
+
+    it('putBlocks is idempotent: a second put stores nothing', withStore(async (s) => {
+      const bs = [block(), block()];
+      await s.putBlocks(frames(bs));
+      assert.deepEqual(await s.putBlocks(frames([...bs, bs[0]!])), { stored: 0, bytes: 0 });
+    }));
+
+    it('rejects a block that does not match its hash and stores nothing under that hash', withStore(async (s) => {
+      const good = block();
+      const bad = block();
+      const flipped = Buffer.from(bad.data);
+      flipped[100]! ^= 1;
+      await rejectsWith(s.putBlocks(frames([good, { hash: bad.hash, data: flipped }])), 'ERR_BLOCK_CORRUPT');
+      assert.deepEqual(await s.hasBlocks([bad.hash]), [false]);
+      const truncated = block();
+      await rejectsWith(s.putBlocks(frames([{ hash: truncated.hash, data: truncated.data.subarray(0, 1000) }])), 'ERR_BLOCK_CORRUPT');
+      assert.deepEqual(await s.hasBlocks([truncated.hash]), [false]);
+    }));
+
+    it('getBlocks fails with ERR_BLOCK_MISSING for an absent block', withStore(async (s) => {
+      await rejectsWith(collect(s.getBlocks([block().hash])), 'ERR_BLOCK_MISSING');
+    }));
+
+    it('putNodes stores nodes whose children are present, and getNodes returns them', withStore(async (s) => {
+      const bs = [block(), block()];
+      await s.putBlocks(frames(bs));
+      const leaf = makeNode(1, [bs[0]!.hash, ZERO_HASH, bs[1]!.hash]);
+      const top = makeNode(2, [leaf.hash, ZERO_HASH]);
+      // Parent before child in one call is allowed.
+      await s.putNodes([top, leaf]);
+      assert.deepEqual(await s.hasNodes([leaf.hash, top.hash, makeNode(1, [block().hash]).hash]), [true, true, false]);
+      const [a, b] = await s.getNodes([top.hash, leaf.hash]);
+      assert.equal(a!.level, 2);
+      assert.deepEqual(a!.children, top.children);
+      assert.deepEqual(b!.children, leaf.children);
+      await s.putNodes([leaf]); // idempotent
+    }));
+
+    it('putNodes refuses nodes with absent children and stores none of the batch', withStore(async (s) => {
+      const present = block();
+      await s.putBlocks(frames([present]));
+      const absent = block();
+      const ok = makeNode(1, [present.hash]);
+      const broken = makeNode(1, [present.hash, absent.hash]);
+      await rejectsWith(s.putNodes([ok, broken]), 'ERR_SNAPSHOT_INCOMPLETE');
+      assert.deepEqual(await s.hasNodes([ok.hash, broken.hash]), [false, false]);
+      const orphan = makeNode(2, [makeNode(1, [present.hash, present.hash]).hash]);
+      await rejectsWith(s.putNodes([orphan]), 'ERR_SNAPSHOT_INCOMPLETE');
+    }));
+
+    it('putNodes refuses a node that does not match its hash', withStore(async (s) => {
+      const b = block();
+      await s.putBlocks(frames([b]));
+      const n = makeNode(1, [b.hash]);
+      await rejectsWith(s.putNodes([{ ...n, level: 2 }]), 'ERR_NODE_CORRUPT');
+      await rejectsWith(s.putNodes([{ ...n, hash: randomBytes(32) }]), 'ERR_NODE_CORRUPT');
+      assert.deepEqual(await s.hasNodes([n.hash]), [false]);
+    }));
+
+    it('getNodes fails with ERR_NODE_MISSING for an absent node', withStore(async (s) => {
+      await rejectsWith(s.getNodes([randomBytes(32)]), 'ERR_NODE_MISSING');
+    }));
+
+    it('commits a snapshot only when its root is present; idempotent; latest is the newest', withStore(async (s) => {
+      const bs = [block(1), block(2)];
+      await s.putBlocks(frames(bs));
+      const root = makeNode(1, bs.map((b) => b.hash));
+      const first = snapshotOf('suite-vol', root, 2, new Date(Date.now() - 60_000));
+      await rejectsWith(s.commitSnapshot(first), 'ERR_SNAPSHOT_INCOMPLETE');
+      assert.equal(await s.getSnapshot('suite-vol', first.id), null);
+      assert.equal(await s.latestSnapshot('suite-vol'), null);
+      await s.putNodes([root]);
+      await s.commitSnapshot(first);
+      await s.commitSnapshot(first);
+      assert.deepEqual(await s.getSnapshot('suite-vol', first.id), first);
+      const root2 = makeNode(1, [bs[1]!.hash, bs[0]!.hash]);
+      await s.putNodes([root2]);
+      const second = { ...snapshotOf('suite-vol', root2, 2), parent: first.id };
+      await s.commitSnapshot(second);
+      assert.deepEqual(await s.latestSnapshot('suite-vol'), second);
+      assert.equal(await s.latestSnapshot('other-vol'), null);
+    }));
+
+    it('commits the snapshot of an all-zero volume (root ZERO_HASH) without nodes', withStore(async (s) => {
+      const snap: SnapshotRecord = {
+        id: newSnapshotId(), volume: 'zeros', size: 10 * SUITE_BLOCK_SIZE, blockSize: SUITE_BLOCK_SIZE, root: ZERO_HASH.toString('hex'),
+        height: 1, created: new Date().toISOString(), parent: null, origin: 'test', nonZeroBlocks: 0,
+      };
+      await s.commitSnapshot(snap);
+      assert.deepEqual(await s.latestSnapshot('zeros'), snap);
+    }));
+  });
+}
