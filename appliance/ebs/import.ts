@@ -21,7 +21,7 @@
  * exactly the original byte count; otherwise VolumeSize GiB.
  */
 import { TandemError } from '../../common/errors.js';
-import { hashBlock, isZeroBlock } from '../../store/hash.js';
+import { hashBlock, isZeroBlock } from '../../store/index.js';
 import type { Hash, SnapshotRecord } from '../../store/types.js';
 import { EBS_BLOCK_SIZE, GiB, getSnapshotBlock, listPage, MIN_LIST_PAGE_SIZE, type CallContext, type ListPage, type ListedBlock } from './api.js';
 import { checkClient, ebsClient } from './client.js';
