@@ -80,13 +80,17 @@ function wildcard(pattern: string): RegExp {
  * name (tag:KEY and tag-key are handled here); an unknown filter name is an error, as on EC2.
  */
 function applyFilters<T extends { tags: Tag[] }>(items: T[], filters: Array<{ name: string; values: string[] }>, fields: Record<string, (x: T) => Array<string | null | undefined>>): T[] {
+  for (const { name } of filters) {
+    if (!name.startsWith('tag:') && name !== 'tag-key' && !Object.prototype.hasOwnProperty.call(fields, name)) {
+      throw new Ec2Error('InvalidParameterValue', `The filter '${name}' is invalid`);
+    }
+  }
   return items.filter((item) =>
     filters.every(({ name, values }) => {
       let have: Array<string | null | undefined>;
       if (name.startsWith('tag:')) have = item.tags.filter((t) => t.Key === name.slice(4)).map((t) => t.Value);
       else if (name === 'tag-key') have = item.tags.map((t) => t.Key);
-      else if (fields[name]) have = fields[name]!(item);
-      else throw new Ec2Error('InvalidParameterValue', `The filter '${name}' is invalid`);
+      else have = fields[name]!(item);
       const res = values.map(wildcard);
       return have.some((h) => h != null && res.some((re) => re.test(h)));
     }),
