@@ -183,9 +183,57 @@ export class Scheduler {
   private async loop(): Promise<void> {
     const { store, clock, log } = this.o;
     // Resume what a previous run left half done, before anything new.
-    const config0 = await this.loadConfig();
+    try {
+      await this.resumeCheckpoints();
+    } catch (e) {
+      log.error({ err: errorInfo(e) }, 'could not read checkpointed jobs');
+    }
+    while (!this.stopping) {
+      let sleepMs = this.o.rescanMs;
+      try {
+        sleepMs = await this.round();
+      } catch (e) {
+        // A store or config read failed: log, and try again after the rescan interval.
+        log.error({ err: errorInfo(e) }, 'scheduling round failed');
+      }
+      if (this.stopping) break;
+      await clock.sleep(sleepMs, this.wake.signal);
+      if (this.wake.signal.aborted) this.wake = new AbortController();
+    }
+  }
+
+  /** One scheduling round: launch what is due (earliest deadline first); returns how long to sleep. */
+  private async round(): Promise<number> {
+    const { store, clock } = this.o;
+    const config = await this.loadConfig();
+    if (!config) return this.o.rescanMs;
+    let sleepMs = this.o.rescanMs;
+    const now = clock.now();
+    const due: Array<{ unit: Unit; at: number }> = [];
+    for (const unit of planUnits(config, await store.listVolumes())) {
+      if (this.running.has(unit.key)) continue;
+      const at = Math.max(await this.dueAt(unit, config, now), this.failures.get(unit.key)?.retryAt ?? -Infinity);
+      due.push({ unit, at });
+    }
+    due.sort((a, b) => a.at - b.at);
+    for (const d of due) {
+      if (d.at > now) {
+        sleepMs = Math.min(sleepMs, d.at - now);
+        break;
+      }
+      if (this.running.size >= this.o.maxParallel) break;
+      if (d.unit.volumes.some((v) => this.busy(v.name))) continue;
+      this.launch(d.unit, null);
+    }
+    return sleepMs;
+  }
+
+  /** Relaunch the jobs a previous process left checkpointed. */
+  private async resumeCheckpoints(): Promise<void> {
+    const { store, log } = this.o;
+    const config = await this.loadConfig();
     for (const cp of await listCheckpoints(store)) {
-      const unit = config0 ? planUnits(config0, await store.listVolumes()).find((u) => u.key === cp.unit) : undefined;
+      const unit = config ? planUnits(config, await store.listVolumes()).find((u) => u.key === cp.unit) : undefined;
       if (!unit) {
         log.warn({ unit: cp.unit, job: cp.id }, 'a checkpointed job belongs to a unit no longer configured: dropping it');
         await clearCheckpoint(store, cp.unit);
@@ -193,32 +241,6 @@ export class Scheduler {
       }
       log.info({ unit: cp.unit, job: cp.id, step: cp.step }, 'resuming a job interrupted by a restart');
       this.launch(unit, { ...cp, resumes: cp.resumes + 1 });
-    }
-    while (!this.stopping) {
-      const config = await this.loadConfig();
-      let sleepMs = this.o.rescanMs;
-      if (config) {
-        const now = clock.now();
-        const due: Array<{ unit: Unit; at: number }> = [];
-        for (const unit of planUnits(config, await store.listVolumes())) {
-          if (this.running.has(unit.key)) continue;
-          const at = Math.max(await this.dueAt(unit, config, now), this.failures.get(unit.key)?.retryAt ?? -Infinity);
-          due.push({ unit, at });
-        }
-        due.sort((a, b) => a.at - b.at);
-        for (const d of due) {
-          if (d.at > now) {
-            sleepMs = Math.min(sleepMs, d.at - now);
-            break;
-          }
-          if (this.running.size >= this.o.maxParallel) break;
-          if (d.unit.volumes.some((v) => this.busy(v.name))) continue;
-          this.launch(d.unit, null);
-        }
-      }
-      if (this.stopping) break;
-      await clock.sleep(sleepMs, this.wake.signal);
-      if (this.wake.signal.aborted) this.wake = new AbortController();
     }
   }
 
@@ -332,7 +354,7 @@ export class Scheduler {
     let snaps: Record<string, string>;
     let warning: string | undefined;
     try {
-      snaps = await withHooks(unit.hooks, take, { env: { TANDEM_GROUP: unit.group ?? '', TANDEM_VOLUMES: unit.volumes.map((v) => v.name).join(' ') } });
+      snaps = await withHooks(unit.hooks, take, { env: { TANDEM_GROUP: unit.group ?? '', TANDEM_VOLUMES: unit.volumes.map((v) => v.name).join(' '), TANDEM_JOB: cp.id } });
     } catch (e) {
       // A post hook that failed after the snapshots were taken: the snapshots stand.
       if (isTandemError(e, 'ERR_HOOK_FAILED') && e.details.snapshotTaken === true) {

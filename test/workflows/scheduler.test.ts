@@ -1,0 +1,145 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync, existsSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Home } from '../../appliance/home.js';
+import { addVolume } from '../../appliance/ops.js';
+import { loadConfig, type Config } from '../../appliance/config/index.js';
+import { FakeClock, Scheduler, applianceSteps, expectedDurationMs, nextStart, readRates, readVolumeState, listCheckpoints, type Log } from '../../appliance/scheduler/index.js';
+import { computeStatus } from '../../appliance/status.js';
+
+const MiB = 1024 * 1024;
+const H = 3_600_000;
+/** Now, so snapshot times (wall clock) and the fake clock agree for retention. */
+const START = Date.now();
+
+const quietLog = (lines: string[]): Log => ({
+  info: (o, m) => void lines.push(`info ${m} ${JSON.stringify(o)}`),
+  warn: (o, m) => void lines.push(`warn ${m} ${JSON.stringify(o)}`),
+  error: (o, m) => void lines.push(`error ${m} ${JSON.stringify(o)}`),
+});
+
+async function setup(t: { after(fn: () => unknown): void }, configTail: string) {
+  const dir = mkdtempSync(join(tmpdir(), 'tandem-sched-'));
+  const home = await Home.init(join(dir, 'home'), 'onprem');
+  writeFileSync(home.paths.config, `appliance:\n  name: onprem\n${configTail}`);
+  const store = await home.openStore();
+  t.after(async () => {
+    await store.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  return { dir, home, store };
+}
+
+function image(dir: string, name: string, size: number): string {
+  const p = join(dir, name);
+  writeFileSync(p, randomBytes(size));
+  return p;
+}
+
+test('scheduler with a fake clock: snapshots at once, then before each RPO deadline, and applies retention', async (t) => {
+  const { dir, home, store } = await setup(t, `policies:
+  hourly:
+    rpo: 1h
+    retention: { last: 2 }
+assign:
+  - match: "db-*"
+    policy: hourly
+`);
+  await addVolume(store, { name: 'db-a', path: image(dir, 'a.img', 2 * MiB) });
+  await addVolume(store, { name: 'scratch', path: image(dir, 's.img', MiB) }); // no policy: never scheduled
+  const clock = new FakeClock(START);
+  let config: Config | null = null;
+  const lines: string[] = [];
+  const ends: string[] = [];
+  const sched = new Scheduler({
+    store, clock, log: quietLog(lines), steps: applianceSteps(home, store, () => config),
+    loadConfig: async () => (config = await loadConfig(home)), rescanMs: 24 * H,
+    onJobEnd: (unit, o) => void ends.push(`${unit}:${o.ok}`),
+  });
+  /** Wait until the scheduler sleeps with no job running; returns its wake time. */
+  const idle = async (): Promise<number> => {
+    for (let i = 0; i < 20; i++) {
+      const until = await clock.nextSleep();
+      if (sched.runningUnits().length === 0) return until;
+    }
+    throw new Error(`scheduler never went idle: ${lines.join('\n')}`);
+  };
+  const first = idle();
+  sched.start();
+  let wake = await first;
+  assert.deepEqual(ends, ['volume:db-a:true'], lines.join('\n'));
+  assert.equal((await store.listSnapshots('db-a')).length, 1);
+  assert.equal((await store.listSnapshots('scratch')).length, 0);
+  let st = await readVolumeState(store, 'db-a');
+  assert.equal(st.lastGood, new Date(START).toISOString());
+  const rates = await readRates(store, 'db-a');
+  assert.equal(rates.samples, 1, 'the scan rate was measured');
+  const expected = expectedDurationMs(rates, 2 * MiB, false);
+  assert.equal(wake, nextStart(START, H, expected, START), 'sleeps until lastGood + RPO - expected duration');
+  assert.ok(wake < START + H && wake > START + H / 2);
+
+  for (let round = 2; round <= 4; round++) {
+    const next = idle();
+    clock.advanceTo(wake);
+    const at = clock.now();
+    wake = await next;
+    st = await readVolumeState(store, 'db-a');
+    assert.equal(st.lastGood, new Date(at).toISOString(), `round ${round}`);
+    assert.ok(wake <= at + H);
+  }
+  assert.equal(ends.length, 4);
+  const left = await store.listSnapshots('db-a');
+  assert.equal(left.length, 2, 'retention last: 2');
+  assert.equal(left[1]!.id, st.lastSnapshot, 'the newest is kept');
+  // Status on the same clock: the point is fresh.
+  const [s] = await computeStatus(store, config!, clock.now(), 'db-a');
+  assert.equal(s!.rpoState, 'OK');
+  assert.equal(s!.policy, 'hourly');
+  await sched.stop(1000);
+});
+
+test('a failing group pre hook aborts the job cleanly: no snapshot, post hook ran, error recorded', async (t) => {
+  const { dir, home, store } = await setup(t, `policies:
+  p: { rpo: 1h }
+groups:
+  erp:
+    volumes: [db-root, db-data]
+    hooks: { pre: "echo freeze failed >&2; exit 4", post: "touch ${'$'}{HOOKDIR}/thawed", timeout: 5s }
+assign:
+  - match: "db-*"
+    policy: p
+`);
+  process.env.HOOKDIR = dir;
+  t.after(() => { delete process.env.HOOKDIR; });
+  await addVolume(store, { name: 'db-root', path: image(dir, 'r.img', MiB) });
+  await addVolume(store, { name: 'db-data', path: image(dir, 'd.img', MiB) });
+  const clock = new FakeClock(START);
+  let config: Config | null = null;
+  const ends: Array<{ unit: string; ok: boolean; error?: unknown }> = [];
+  let sched: Scheduler | undefined;
+  const jobEnded = new Promise<void>((resolve) => {
+    sched = new Scheduler({
+      store, clock, log: quietLog([]), steps: applianceSteps(home, store, () => config),
+      loadConfig: async () => (config = await loadConfig(home)),
+      onJobEnd: (unit, o) => { ends.push({ unit, ...o }); resolve(); },
+    });
+    sched.start();
+  });
+  await jobEnded;
+  await sched!.stop(1000);
+  assert.equal(ends[0]!.unit, 'group:erp');
+  assert.equal(ends[0]!.ok, false);
+  assert.equal((ends[0]!.error as { code?: string }).code, 'ERR_HOOK_FAILED');
+  assert.ok(existsSync(join(dir, 'thawed')), 'post hook ran');
+  assert.equal((await store.listSnapshots('db-root')).length, 0);
+  assert.equal((await store.listSnapshots('db-data')).length, 0);
+  const st = await readVolumeState(store, 'db-root');
+  assert.equal(st.lastJob?.ok, false);
+  assert.equal(st.lastJob?.error?.code, 'ERR_HOOK_FAILED');
+  assert.match(st.lastJob!.error!.message, /freeze failed/);
+  assert.equal(st.lastGood, null);
+  assert.deepEqual(await listCheckpoints(store), [], 'a failed job leaves no checkpoint');
+});
