@@ -25,9 +25,10 @@ const MAX_RESULTS = 10000;
 /**
  * Block indices a listing page scans at most. A page whose range holds no written block is
  * empty yet carries a NextToken, as real pages can be: clients must loop on NextToken, not on
- * an empty page. 4096 indices = 2 GiB of volume per page.
+ * an empty page. 16384 indices = 8 GiB of volume per page: more than MAX_RESULTS, so a dense
+ * volume still fills whole pages of 10,000 blocks.
  */
-export const PAGE_SCAN_SPAN = 4096;
+export const PAGE_SCAN_SPAN = 16384;
 /** Checksum text limits of the service model. */
 const CHECKSUM_PATTERN = /^[A-Za-z0-9+/=]{1,64}$/;
 

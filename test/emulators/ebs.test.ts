@@ -145,12 +145,13 @@ test('CompleteSnapshot with a wrong aggregate or count fails and leaves the snap
 
 test('pagination with small MaxResults, including an empty page that carries a NextToken', async (t) => {
   const { ebs } = await emulator(t);
-  // Identical data is stored once; 101 blocks at the start and one far away (8 GiB volume).
+  // Identical data is stored once; 101 blocks at the start and one far away (64 GiB volume:
+  // the pages over the 8 GiB ranges in between hold no block).
   const same = block(7);
   const blocks = new Map<number, Buffer>();
   for (let i = 0; i <= 100; i++) blocks.set(i, same);
-  blocks.set(9000, block(8));
-  const snap = await writeSnapshot(ebs, 8, blocks);
+  blocks.set(100000, block(8));
+  const snap = await writeSnapshot(ebs, 64, blocks);
   const seen: number[] = [];
   let pages = 0;
   let emptyWithToken = 0;
@@ -176,10 +177,10 @@ test('pagination with small MaxResults, including an empty page that carries a N
 
 test('block tokens and page tokens expire', async (t) => {
   const { ebs } = await emulator(t, { blockTokenTtlMs: 1, nextTokenTtlMs: 1 });
-  const blocks = new Map([[0, block(1)], [5000, block(2)]]);
-  const snap = await writeSnapshot(ebs, 4, blocks);
+  const blocks = new Map([[0, block(1)], [20000, block(2)]]);
+  const snap = await writeSnapshot(ebs, 16, blocks);
   const r = await ebs.send(new ListSnapshotBlocksCommand({ SnapshotId: snap, MaxResults: 100 }));
-  assert.ok(r.NextToken, 'block 5000 lies beyond the first page');
+  assert.ok(r.NextToken, 'block 20000 lies beyond the first page');
   // The tokens live 1 ms; wait for that time to pass.
   await new Promise((resolve) => setTimeout(resolve, 20));
   const e = await rejects(ebs.send(new GetSnapshotBlockCommand({ SnapshotId: snap, BlockIndex: 0, BlockToken: r.Blocks![0]!.BlockToken! })));
