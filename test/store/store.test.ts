@@ -1,0 +1,264 @@
+/** The local Store beyond the shared contract: scans, records, recovery, busy lock, verify, gc. */
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { appendFile, open, readdir, stat, truncate, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Store, ZERO_HASH, hashBlock, type SnapshotRecord, type ScanProgress } from '../../store/index.js';
+import { fileReader, makeImage, spawnFixture, tempDir, waitExit, writeImage } from './helpers.js';
+
+const BS = 65536;
+
+async function scanFile(store: Store, path: string, volume: string, opts: { parent?: SnapshotRecord | null; changedBlocks?: number[]; onProgress?: (p: ScanProgress) => void } = {}) {
+  const reader = await fileReader(path);
+  try {
+    return await store.scanVolume(reader, { volume, blockSize: BS, ...opts });
+  } finally {
+    await reader.close();
+  }
+}
+
+/** Read a snapshot back through blockHashes + getBlock. */
+async function readBack(store: Store, snap: SnapshotRecord): Promise<Buffer> {
+  const out = Buffer.alloc(snap.size);
+  let next = 0;
+  for await (const { index, hash } of store.blockHashes(snap)) {
+    assert.equal(index, next++);
+    const len = Math.min(snap.blockSize, snap.size - index * snap.blockSize);
+    const data = await store.getBlock(hash, len);
+    assert.equal(data.length, len);
+    data.copy(out, index * snap.blockSize);
+  }
+  return out;
+}
+
+async function packFiles(storeDir: string): Promise<string[]> {
+  return (await readdir(join(storeDir, 'packs'))).filter((n) => n.endsWith('.pack')).sort().map((n) => join(storeDir, 'packs', n));
+}
+
+describe('Store', () => {
+  it('scans an image with zero blocks and a short tail, reads it back exactly, stores only non-zero blocks', async (t) => {
+    const dir = await tempDir(t);
+    const img = makeImage(300, BS, { zeroEvery: 3, tail: 1000 });
+    await writeImage(join(dir, 'img'), img);
+    const store = await Store.open(join(dir, 'store'));
+    t.after(() => store.close());
+    let last: ScanProgress | undefined;
+    const snap = await scanFile(store, join(dir, 'img'), 'vol', { onProgress: (p) => (last = p) });
+    assert.equal(snap.size, img.length);
+    assert.equal(snap.nonZeroBlocks, 301 - 100);
+    assert.equal(snap.origin, 'scan');
+    assert.equal(snap.parent, null);
+    assert.equal(snap.height, 2);
+    assert.deepEqual(last, { blocksDone: 301, blocksTotal: 301, bytesRead: img.length, blocksStored: 201 });
+    assert.ok((await readBack(store, snap)).equals(img));
+    const report = await store.verify();
+    assert.deepEqual({ ...report, problems: report.problems.length }, { snapshots: 1, nodes: 3, blocks: 201, bytes: 200 * BS + 1000, problems: 0 });
+    // A rescan of the unchanged image stores nothing and has the same root.
+    const again = await scanFile(store, join(dir, 'img'), 'vol', { parent: snap, onProgress: (p) => (last = p) });
+    assert.equal(again.root, snap.root);
+    assert.equal(again.parent, snap.id);
+    assert.equal(last!.blocksStored, 0);
+    assert.deepEqual((await store.listSnapshots('vol')).map((s) => s.id), [snap.id, again.id]);
+  });
+
+  it('a changed-blocks scan reads only the listed blocks and equals a full rescan', async (t) => {
+    const dir = await tempDir(t);
+    const img = makeImage(600, BS, { zeroEvery: 5 });
+    const path = join(dir, 'img');
+    await writeImage(path, img);
+    const store = await Store.open(join(dir, 'store'));
+    t.after(() => store.close());
+    const s1 = await scanFile(store, path, 'vol');
+    img.fill(7, 10 * BS, 11 * BS); // zero block -> data
+    img.fill(0, 11 * BS, 12 * BS); // data -> zero
+    img.fill(9, 599 * BS, 599 * BS + 5); // last block
+    await writeImage(path, img);
+    let last: ScanProgress | undefined;
+    const s2 = await scanFile(store, path, 'vol', { parent: s1, changedBlocks: [599, 10, 11, 10], onProgress: (p) => (last = p) });
+    assert.equal(s2.origin, 'changed-blocks');
+    assert.deepEqual(last, { blocksDone: 3, blocksTotal: 3, bytesRead: 3 * BS, blocksStored: 2 });
+    const full = await scanFile(store, path, 'vol', { parent: s2 });
+    assert.equal(s2.root, full.root);
+    assert.equal(s2.nonZeroBlocks, full.nonZeroBlocks);
+    const diff = [];
+    for await (const c of store.diffSnapshots(s1, s2)) diff.push([c.index, c.hash.equals(ZERO_HASH)]);
+    assert.deepEqual(diff, [[10, false], [11, true], [599, false]]);
+    assert.ok((await readBack(store, s2)).equals(img));
+    await assert.rejects(scanFile(store, path, 'vol', { changedBlocks: [1] }), { code: 'ERR_CHANGED_BLOCKS_INVALID' });
+    await assert.rejects(scanFile(store, path, 'vol', { parent: s2, changedBlocks: [600] }), { code: 'ERR_CHANGED_BLOCKS_INVALID' });
+  });
+
+  it('scans a 64 GiB sparse image in seconds and stores only its few non-zero blocks', async (t) => {
+    const dir = await tempDir(t);
+    const path = join(dir, 'sparse');
+    const size = 64 * 1024 ** 3;
+    const fh = await open(path, 'w');
+    await fh.truncate(size);
+    const marks = [0, 70_000, 131_071].map((i, n) => ({ i, data: Buffer.alloc(524288, n + 1) }));
+    for (const m of marks) await fh.write(m.data, 0, m.data.length, m.i * 524288);
+    await fh.close();
+    const store = await Store.open(join(dir, 'store'));
+    t.after(() => store.close());
+    const reader = await fileReader(path);
+    const started = Date.now();
+    const snap = await store.scanVolume(reader, { volume: 'big', blockSize: 524288 });
+    const seconds = (Date.now() - started) / 1000;
+    await reader.close();
+    t.diagnostic(`64 GiB sparse scan: ${seconds.toFixed(1)} s`);
+    assert.equal(snap.nonZeroBlocks, 3);
+    assert.equal(snap.height, 3);
+    const found = [];
+    for await (const c of store.diffSnapshots(null, snap)) found.push(c.index);
+    assert.deepEqual(found, marks.map((m) => m.i));
+    const v = await store.verify({ volume: 'big' });
+    assert.equal(v.blocks, 3);
+    assert.equal(v.problems.length, 0);
+    assert.ok(seconds < 60, `took ${seconds} s`);
+  });
+
+  it('snapshot, volume and meta records: resolve, delete, remove, validation', async (t) => {
+    const dir = await tempDir(t);
+    const store = await Store.open(join(dir, 'store'));
+    t.after(() => store.close());
+    await assert.rejects(store.resolveSnapshot('nope'), { code: 'ERR_VOLUME_NOT_FOUND' });
+    await store.putVolume({ name: 'db1', path: '/dev/null', blockSize: BS, size: 10 * BS, created: new Date().toISOString() });
+    await assert.rejects(store.resolveSnapshot('db1'), { code: 'ERR_SNAPSHOT_NOT_FOUND' });
+    const a = await store.buildSnapshot({ volume: 'db1', size: 10 * BS, blockSize: BS, parent: null, changes: [], origin: 'test', created: '2026-01-01T00:00:00.000Z' });
+    const b = await store.buildSnapshot({ volume: 'db1', size: 10 * BS, blockSize: BS, parent: a, changes: [], origin: 'test', labels: { drill: 'yes' } });
+    assert.equal(a.root, ZERO_HASH.toString('hex'));
+    assert.equal((await store.resolveSnapshot('db1')).id, b.id);
+    assert.deepEqual(await store.resolveSnapshot(`db1@${a.id}`), a);
+    await assert.rejects(store.resolveSnapshot('db1@20200101T000000.000Z-000000'), { code: 'ERR_SNAPSHOT_NOT_FOUND' });
+    await assert.rejects(store.resolveSnapshot('bad name'), { code: 'ERR_BAD_REQUEST' });
+    await store.deleteSnapshot('db1', b.id);
+    await assert.rejects(store.deleteSnapshot('db1', b.id), { code: 'ERR_SNAPSHOT_NOT_FOUND' });
+    assert.equal((await store.latestSnapshot('db1'))!.id, a.id);
+    assert.equal((await store.getVolume('db1'))!.path, '/dev/null');
+    await assert.rejects(store.putVolume({ name: 'x', blockSize: 1000, size: 0, created: new Date().toISOString() }), { code: 'ERR_BLOCK_SIZE_INVALID' });
+    await assert.rejects(store.commitSnapshot({ ...a, height: 3 }), { code: 'ERR_BAD_REQUEST' });
+    await store.removeVolume('db1');
+    assert.equal(await store.getVolume('db1'), null);
+    assert.deepEqual(await store.listSnapshots('db1'), []);
+    await assert.rejects(store.removeVolume('db1'), { code: 'ERR_VOLUME_NOT_FOUND' });
+    await store.putMeta('peers', 'cloud', { url: 'https://x' });
+    await store.putMeta('peers', 'b', 1);
+    await store.putMeta('peersx', 'c', 2);
+    assert.deepEqual(await store.getMeta('peers', 'cloud'), { url: 'https://x' });
+    assert.deepEqual(await store.listMeta('peers'), [['b', 1], ['cloud', { url: 'https://x' }]]);
+    await store.deleteMeta('peers', 'b');
+    assert.equal(await store.getMeta('peers', 'b'), undefined);
+  });
+
+  it('a second process gets ERR_STORE_BUSY naming the pid; a killed holder is taken over', async (t) => {
+    const dir = await tempDir(t);
+    const storeDir = join(dir, 'store');
+    const holder = await spawnFixture('hold-store.ts', [storeDir], 'open');
+    t.after(() => void holder.child.kill('SIGKILL'));
+    await assert.rejects(Store.open(storeDir), (e: { code?: string; details?: { pid?: number } }) => {
+      assert.equal(e.code, 'ERR_STORE_BUSY');
+      assert.equal(e.details?.pid, holder.child.pid);
+      return true;
+    });
+    holder.child.kill('SIGKILL');
+    await waitExit(holder.child);
+    const store = await Store.open(storeDir);
+    const other = await spawnFixture('hold-store.ts', [storeDir], 'failed').catch((e: Error) => e);
+    assert.ok(!(other instanceof Error) && other.output().includes('failed ERR_STORE_BUSY'), String(other instanceof Error ? other.message : other.output()));
+    await assert.rejects(Store.open(storeDir), { code: 'ERR_STORE_BUSY' });
+    await store.close();
+  });
+
+  it('recovers a torn pack tail on open; a record truncated below the durable length is reported', async (t) => {
+    const dir = await tempDir(t);
+    const storeDir = join(dir, 'store');
+    const blocks = [1, 2, 3].map((i) => Buffer.alloc(BS, i));
+    let store = await Store.open(storeDir);
+    for (const b of blocks) await store.putBlock(hashBlock(b), b);
+    await store.close();
+    const [pack] = await packFiles(storeDir);
+    const durable = (await stat(pack!)).size;
+    // A torn append: half a record of garbage after the durable length.
+    await appendFile(pack!, Buffer.concat([Buffer.from('TBLK'), Buffer.alloc(5000, 0xab)]));
+    store = await Store.open(storeDir);
+    assert.deepEqual(store.recovery.truncated, [{ pack: 1, from: durable + 5004, to: durable }]);
+    for (const b of blocks) assert.ok((await store.getBlock(hashBlock(b), BS)).equals(b));
+    const more = Buffer.alloc(BS, 4);
+    await store.putBlock(hashBlock(more), more);
+    await store.close();
+    // Damage below the durable length (the disk lost acknowledged bytes): only the last block suffers.
+    await truncate(pack!, (await stat(pack!)).size - 100);
+    store = await Store.open(storeDir);
+    t.after(() => store.close());
+    assert.deepEqual(store.recovery.short.map((s) => s.pack), [1]);
+    for (const b of blocks) assert.ok((await store.getBlock(hashBlock(b), BS)).equals(b));
+    await assert.rejects(store.getBlock(hashBlock(more)), { code: 'ERR_STORE_CORRUPT' });
+  });
+
+  it('a pack file never indexed (crash before the first flush) is removed on open', async (t) => {
+    const dir = await tempDir(t);
+    const storeDir = join(dir, 'store');
+    let store = await Store.open(storeDir);
+    await store.close();
+    await writeFile(join(storeDir, 'packs', '00000007.pack'), Buffer.alloc(1000, 1));
+    store = await Store.open(storeDir);
+    t.after(() => store.close());
+    assert.deepEqual(store.recovery.removed, [7]);
+    assert.deepEqual(await packFiles(storeDir), []);
+  });
+
+  it('verify names the volume, snapshot and block index of a flipped block', async (t) => {
+    const dir = await tempDir(t);
+    const storeDir = join(dir, 'store');
+    const img = makeImage(40, BS);
+    await writeImage(join(dir, 'img'), img);
+    let store = await Store.open(storeDir);
+    const snap = await scanFile(store, join(dir, 'img'), 'vol');
+    await store.close();
+    // Flip one payload byte of block 17 in the pack.
+    const [pack] = await packFiles(storeDir);
+    const raw = Buffer.from(await (await import('node:fs/promises')).readFile(pack!));
+    const at = raw.indexOf(img.subarray(17 * BS, 17 * BS + BS));
+    assert.ok(at > 0);
+    const fh = await open(pack!, 'r+');
+    await fh.write(Buffer.from([raw[at + 1000]! ^ 0x10]), 0, 1, at + 1000);
+    await fh.close();
+    store = await Store.open(storeDir);
+    t.after(() => store.close());
+    const report = await store.verify();
+    assert.equal(report.blocks, 40);
+    assert.deepEqual(report.problems, [{ kind: 'block', code: 'ERR_BLOCK_CORRUPT', hash: hashBlock(img.subarray(17 * BS, 18 * BS)).toString('hex'), volume: 'vol', snapshot: snap.id, blockIndex: 17 }]);
+    await assert.rejects(store.getBlock(hashBlock(img.subarray(17 * BS, 18 * BS))), { code: 'ERR_BLOCK_CORRUPT' });
+    assert.equal((await store.verify({ volume: 'vol', snapshot: snap.id })).problems.length, 1);
+  });
+
+  it("gc reclaims a deleted snapshot's unique blocks; kept snapshots read back exactly", async (t) => {
+    const dir = await tempDir(t);
+    const storeDir = join(dir, 'store');
+    const path = join(dir, 'img');
+    const img = makeImage(64, BS);
+    await writeImage(path, img);
+    const store = await Store.open(storeDir);
+    t.after(() => store.close());
+    const s1 = await scanFile(store, path, 'vol');
+    const img2 = Buffer.from(img);
+    for (const i of [3, 4, 50]) img2.fill(i, i * BS, (i + 1) * BS);
+    await writeImage(path, img2);
+    const s2 = await scanFile(store, path, 'vol', { parent: s1 });
+    const before = (await Promise.all((await packFiles(storeDir)).map((p) => stat(p)))).reduce((n, s) => n + s.size, 0);
+    assert.deepEqual(await store.gc().then((r) => r.blocksRemoved), 0);
+    await store.deleteSnapshot('vol', s1.id);
+    const report = await store.gc();
+    assert.equal(report.blocksRemoved, 3);
+    assert.equal(report.blocksKept, 64);
+    assert.equal(report.nodesRemoved, 1);
+    assert.ok(report.bytesReclaimed >= 3 * BS, `reclaimed ${report.bytesReclaimed}`);
+    const after = (await Promise.all((await packFiles(storeDir)).map((p) => stat(p)))).reduce((n, s) => n + s.size, 0);
+    assert.ok(before - after >= 3 * BS);
+    assert.deepEqual(await store.hasBlocks([3, 4, 50].map((i) => hashBlock(img.subarray(i * BS, (i + 1) * BS)))), [false, false, false]);
+    assert.ok((await readBack(store, s2)).equals(img2));
+    assert.equal((await store.verify()).problems.length, 0);
+    // New writes after gc land in a fresh pack and survive a reopen.
+    const s3 = await scanFile(store, path, 'vol2');
+    assert.ok((await readBack(store, s3)).equals(img2));
+  });
+});

@@ -1,0 +1,154 @@
+/**
+ * Properties of the Merkle tree builder and diff (store/tree.ts), over random block-hash vectors:
+ * building from a parent plus changes equals building from scratch, diff returns exactly the
+ * changed indices, and walking a tree gives back the vector.
+ */
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { buildTree, diffTrees, walkBlocks, treeHeight, type BlockChange, type TreeShape } from '../../store/tree.js';
+import { ZERO_HASH, blake3 } from '../../store/hash.js';
+import type { Hash, TreeNode } from '../../store/types.js';
+import { TandemError } from '../../common/errors.js';
+
+/** A few distinct block hashes; value 0 stands for the zero block. */
+const POOL = [ZERO_HASH, ...[1, 2, 3, 4].map((i) => blake3(Buffer.from([i])))];
+
+/** A sparse vector: length and non-zero entries (index -> pool value). */
+interface Vec {
+  readonly n: number;
+  readonly at: ReadonlyMap<number, number>;
+}
+
+function nodeStore() {
+  const nodes = new Map<string, TreeNode>();
+  return {
+    nodes,
+    get: async (h: Hash) => {
+      const n = nodes.get(h.toString('hex'));
+      if (!n) throw new TandemError('ERR_NODE_MISSING', 'missing');
+      return n;
+    },
+    emit: (n: TreeNode) => void nodes.set(n.hash.toString('hex'), n),
+  };
+}
+
+function changesOf(v: Vec): BlockChange[] {
+  return [...v.at].filter(([, x]) => x !== 0).sort((a, b) => a[0] - b[0]).map(([index, x]) => ({ index, hash: POOL[x]! }));
+}
+
+function valueAt(v: Vec, i: number): number {
+  return i < v.n ? v.at.get(i) ?? 0 : 0;
+}
+
+function vecArb(maxN: number): fc.Arbitrary<Vec> {
+  return fc.integer({ min: 0, max: maxN }).chain((n) =>
+    fc.array(fc.tuple(fc.integer({ min: 0, max: Math.max(0, n - 1) }), fc.integer({ min: 0, max: 4 })), { maxLength: n === 0 ? 0 : 300 })
+      .map((entries) => ({ n, at: new Map(n === 0 ? [] : entries) })),
+  );
+}
+
+/** A new vector derived from `v`: new size, and random changes (some back to zero). */
+function nextArb(v: Vec, maxN: number): fc.Arbitrary<{ next: Vec; changes: BlockChange[] }> {
+  return fc.integer({ min: 0, max: maxN }).chain((n) =>
+    fc.array(fc.tuple(fc.integer({ min: 0, max: Math.max(0, n - 1) }), fc.integer({ min: 0, max: 4 })), { maxLength: n === 0 ? 0 : 200 }).map((entries) => {
+      const changed = new Map(n === 0 ? [] : entries);
+      const at = new Map<number, number>();
+      for (let i = 0; i < n; i++) {
+        const x = changed.has(i) ? changed.get(i)! : valueAt(v, i);
+        if (x !== 0) at.set(i, x);
+      }
+      const changes = [...changed].sort((a, b) => a[0] - b[0]).map(([index, x]) => ({ index, hash: POOL[x]! }));
+      return { next: { n, at }, changes };
+    }),
+  );
+}
+
+async function build(v: Vec, s: ReturnType<typeof nodeStore>, parent: (TreeShape & { nonZeroBlocks: number }) | null = null, changes = changesOf(v)) {
+  const t = await buildTree({ blocks: v.n, parent, changes, get: s.get, emit: s.emit });
+  return { ...t, blocks: v.n };
+}
+
+async function collect<T>(it: AsyncIterable<T>): Promise<T[]> {
+  const out: T[] = [];
+  for await (const x of it) out.push(x);
+  return out;
+}
+
+const nonZero = (v: Vec) => [...v.at.values()].filter((x) => x !== 0).length;
+
+describe('tree properties', () => {
+  it('building from parent + changes equals building from scratch (sizes across levels)', async () => {
+    await fc.assert(
+      fc.asyncProperty(vecArb(1500).chain((v) => nextArb(v, 1500).map((n) => ({ v, ...n }))), async ({ v, next, changes }) => {
+        const s = nodeStore();
+        const t1 = await build(v, s);
+        assert.equal(t1.height, treeHeight(v.n));
+        assert.equal(t1.nonZeroBlocks, nonZero(v));
+        const incremental = await build(next, s, t1, changes);
+        const scratch = await build(next, nodeStore());
+        assert.equal(incremental.root.toString('hex'), scratch.root.toString('hex'));
+        assert.equal(incremental.height, scratch.height);
+        assert.equal(incremental.nonZeroBlocks, nonZero(next));
+      }),
+      { numRuns: 150 },
+    );
+  });
+
+  it('diff returns exactly the indices whose hash changed; walk returns the vector', async () => {
+    await fc.assert(
+      fc.asyncProperty(vecArb(1500).chain((v) => nextArb(v, 1500).map((n) => ({ v, ...n }))), fc.boolean(), async ({ v, next }, nullBase) => {
+        const s = nodeStore();
+        const t1 = await build(v, s);
+        const t2 = await build(next, s);
+        const base = nullBase ? null : t1;
+        const got = await collect(diffTrees(base, t2, s.get));
+        const want: BlockChange[] = [];
+        for (let i = 0; i < next.n; i++) {
+          const before = nullBase ? 0 : valueAt(v, i);
+          if (valueAt(next, i) !== before) want.push({ index: i, hash: POOL[valueAt(next, i)]! });
+        }
+        assert.deepEqual(got.map((c) => [c.index, c.hash.toString('hex')]), want.map((c) => [c.index, c.hash.toString('hex')]));
+        const walked = await collect(walkBlocks(t2, s.get));
+        assert.equal(walked.length, next.n);
+        walked.forEach((c, i) => assert.ok(c.index === i && c.hash.equals(POOL[valueAt(next, i)]!)));
+      }),
+      { numRuns: 150 },
+    );
+  });
+
+  it('three-level trees (more than 65536 blocks): incremental equals scratch and diff is exact', async () => {
+    const big = fc.integer({ min: 65_000, max: 140_000 }).chain((n) =>
+      fc.array(fc.tuple(fc.integer({ min: 0, max: n - 1 }), fc.integer({ min: 1, max: 4 })), { maxLength: 40 }).map((e) => ({ n, at: new Map(e) })),
+    );
+    await fc.assert(
+      fc.asyncProperty(big.chain((v) => nextArb(v, 140_000).map((n) => ({ v, ...n }))), async ({ v, next, changes }) => {
+        const s = nodeStore();
+        const t1 = await build(v, s);
+        const inc = await build(next, s, t1, changes);
+        const scratch = await build(next, nodeStore());
+        assert.equal(inc.root.toString('hex'), scratch.root.toString('hex'));
+        const got = (await collect(diffTrees(t1, inc, s.get))).map((c) => c.index);
+        const want: number[] = [];
+        for (const i of new Set([...v.at.keys(), ...next.at.keys()])) if (i < next.n && valueAt(next, i) !== valueAt(v, i)) want.push(i);
+        assert.deepEqual(got, want.sort((a, b) => a - b));
+      }),
+      { numRuns: 8 },
+    );
+  });
+
+  it('an all-zero volume has root ZERO_HASH and no nodes, whatever its size', async () => {
+    const s = nodeStore();
+    const t = await build({ n: 131072, at: new Map() }, s);
+    assert.ok(t.root.equals(ZERO_HASH));
+    assert.equal(t.height, 3);
+    assert.equal(s.nodes.size, 0);
+  });
+
+  it('refuses changes that are not strictly ascending or out of range', async () => {
+    const s = nodeStore();
+    for (const changes of [[{ index: 3, hash: POOL[1]! }, { index: 3, hash: POOL[2]! }], [{ index: 5, hash: POOL[1]! }, { index: 2, hash: POOL[1]! }], [{ index: 10, hash: POOL[1]! }]]) {
+      await assert.rejects(buildTree({ blocks: 10, parent: null, changes, get: s.get, emit: s.emit }), { code: 'ERR_BAD_REQUEST' });
+    }
+  });
+});
