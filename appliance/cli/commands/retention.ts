@@ -1,0 +1,50 @@
+/**
+ * `appliance retention [VOL] [--dry-run]`: apply each volume's retention policy now (what the
+ * daemon does after every job), then reclaim space with gc. Pinned snapshots (sync bases, the
+ * last EBS export) and the newest snapshot are always kept. `--dry-run` lists what would go.
+ */
+import type { Command } from 'commander';
+import { formatBytes, run } from '../output.js';
+
+export const order = 62;
+
+export function define(program: Command): void {
+  program
+    .command('retention [volume]')
+    .description('delete the snapshots the policy does not keep (then gc); --dry-run shows them')
+    .option('--dry-run', 'list what would be deleted; delete nothing')
+    .action(run(async (g, cmd, args) => {
+      const only = args[0] as string | undefined;
+      const dryRun = (cmd.opts() as { dryRun?: boolean }).dryRun === true;
+      const { withHomeStore } = await import('../../ops.js');
+      const { loadConfig, policyFor } = await import('../../config/index.js');
+      const { applyRetention, selectRetained, pinnedSnapshots } = await import('../../policy/index.js');
+      const { TandemError } = await import('../../../common/errors.js');
+      return withHomeStore(g.home, async (home, store) => {
+        const config = await loadConfig(home);
+        const volumes = (await store.listVolumes()).filter((v) => only === undefined || v.name === only);
+        if (only !== undefined && volumes.length === 0) throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${only}"; \`appliance volume list\` shows the volumes`, { details: { volume: only } });
+        const results: Array<{ volume: string; policy: string | null; kept: string[]; deleted: string[] }> = [];
+        for (const v of volumes) {
+          const policy = policyFor(config, v);
+          const snaps = await store.listSnapshots(v.name);
+          if (policy === null || policy.retention === null) {
+            results.push({ volume: v.name, policy: policy?.name ?? null, kept: snaps.map((s) => s.id), deleted: [] });
+            continue;
+          }
+          if (dryRun) {
+            const keep = selectRetained(snaps, policy.retention, Date.now(), await pinnedSnapshots(store, v.name));
+            results.push({ volume: v.name, policy: policy.name, kept: snaps.filter((s) => keep.has(s.id)).map((s) => s.id), deleted: snaps.filter((s) => !keep.has(s.id)).map((s) => s.id) });
+          } else {
+            const r = await applyRetention(store, v.name, policy);
+            results.push({ volume: v.name, policy: policy.name, kept: r.kept, deleted: r.deleted });
+          }
+        }
+        const deleted = results.reduce((a, r) => a + r.deleted.length, 0);
+        const gc = !dryRun && deleted > 0 ? await store.gc() : null;
+        const lines = results.map((r) => `${r.volume}: ${r.policy === null ? 'no policy, all kept' : `${r.deleted.length} ${dryRun ? 'would be deleted' : 'deleted'}, ${r.kept.length} kept (policy ${r.policy})`}${r.deleted.length > 0 ? `\n  ${r.deleted.join('\n  ')}` : ''}`);
+        if (gc) lines.push(`gc: ${formatBytes(gc.bytesReclaimed)} reclaimed`);
+        return { json: { dryRun, volumes: results, ...(gc ? { gc } : {}) }, text: lines.join('\n') || 'no volumes' };
+      });
+    }));
+}

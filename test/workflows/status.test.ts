@@ -1,0 +1,115 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createServer } from 'node:http';
+import { once } from 'node:events';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Home } from '../../appliance/home.js';
+import { addVolume, snapshotVolume } from '../../appliance/ops.js';
+import { loadConfig } from '../../appliance/config/index.js';
+import { computeStatus, objectiveState, BreachNotifier, DEFAULT_LAUNCH_MS, type VolumeStatus } from '../../appliance/status.js';
+import { createMetrics } from '../../appliance/metrics.js';
+
+const MIN = 60_000;
+const MiB = 1024 * 1024;
+
+test('objective states: OK up to 80 %, AT RISK above, BREACHED past the objective or with no point', () => {
+  assert.equal(objectiveState(48 * MIN, 60 * MIN), 'OK');
+  assert.equal(objectiveState(48 * MIN + 1, 60 * MIN), 'AT_RISK');
+  assert.equal(objectiveState(60 * MIN, 60 * MIN), 'AT_RISK');
+  assert.equal(objectiveState(60 * MIN + 1, 60 * MIN), 'BREACHED');
+  assert.equal(objectiveState(null, 60 * MIN), 'BREACHED');
+  assert.equal(objectiveState(5, null), 'NONE');
+});
+
+test('status per volume: RPO age and state over time, RTO estimate from measurements, last drill; metrics and breach webhook', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'tandem-status-'));
+  const home = await Home.init(join(dir, 'home'), 'onprem');
+  writeFileSync(home.paths.config, `appliance: { name: onprem }
+policies:
+  gold: { rpo: 1h, rto: 10m }
+assign:
+  - match: "db*"
+    policy: gold
+`);
+  const store = await home.openStore();
+  t.after(async () => {
+    await store.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  for (const name of ['db', 'db2', 'misc']) {
+    const p = join(dir, `${name}.img`);
+    writeFileSync(p, randomBytes(MiB));
+    await addVolume(store, { name, path: p });
+  }
+  const snap = await snapshotVolume(home, store, 'db');
+  await snapshotVolume(home, store, 'misc');
+  const config = await loadConfig(home);
+  const t0 = Date.parse(snap.created);
+  const at = async (ms: number) => new Map((await computeStatus(store, config, t0 + ms)).map((s) => [s.volume, s]));
+
+  let s = await at(10 * MIN);
+  assert.equal(s.get('db')!.rpoState, 'OK');
+  assert.equal(s.get('db')!.rpoAgeMs, 10 * MIN);
+  assert.equal(s.get('db')!.lastSnapshot!.id, snap.id);
+  assert.equal(s.get('db2')!.rpoState, 'BREACHED', 'protected by a policy but never snapshotted');
+  assert.equal(s.get('db2')!.rpoAgeMs, null);
+  assert.equal(s.get('misc')!.rpoState, 'NONE');
+  assert.equal(s.get('misc')!.policy, null);
+  assert.equal((await at(50 * MIN)).get('db')!.rpoState, 'AT_RISK');
+  assert.equal((await at(61 * MIN)).get('db')!.rpoState, 'BREACHED');
+
+  // RTO: default launch time + export of the 1 MiB of data (never exported): well within 10 m.
+  const db = s.get('db')!;
+  assert.ok(db.rtoEstimateMs! > DEFAULT_LAUNCH_MS && db.rtoEstimateMs! < DEFAULT_LAUNCH_MS + 1000, String(db.rtoEstimateMs));
+  assert.equal(db.rtoState, 'OK');
+  assert.match(db.rtoBasis, /default until a drill measures it/);
+  assert.equal(db.lastDrill, null);
+  // A drill measured 9.5 minutes: AT RISK; the drill is reported.
+  await store.putMeta('rto', 'db', { mode: 'drill', run: 'drill-1', at: new Date(t0).toISOString(), rtoSeconds: 570, launchSeconds: 500 });
+  await store.putMeta('drills', 'drill-1', { id: 'drill-1', at: new Date(t0).toISOString(), volumes: ['db'], passed: true, rtoSeconds: 570 });
+  await store.putMeta('ebs-exports', 'db', [{ ebsSnapshotId: 'snap-0abc', tandemSnapshot: snap.id, created: new Date(t0).toISOString(), parentEbsSnapshotId: null, size: MiB, volumeSizeGiB: 1 }]);
+  s = await at(10 * MIN);
+  assert.equal(s.get('db')!.rtoEstimateMs, 570_000, 'newest point already exported: launch only');
+  assert.equal(s.get('db')!.rtoState, 'AT_RISK');
+  assert.deepEqual(s.get('db')!.lastDrill, { id: 'drill-1', at: new Date(t0).toISOString(), passed: true, rtoSeconds: 570 });
+  assert.equal(s.get('db')!.lastExport!.ebsSnapshotId, 'snap-0abc');
+
+  // Metrics carry the same numbers.
+  const metrics = createMetrics(async () => [...s.values()], () => []);
+  const { body } = await metrics.render();
+  assert.match(body, /tandem_rpo_age_seconds\{volume="db",policy="gold"\} 600\n/);
+  assert.match(body, /tandem_rpo_state\{volume="db2",policy="gold",state="BREACHED"\} 1\n/);
+  assert.match(body, /tandem_rto_estimate_seconds\{volume="db",policy="gold"\} 570\n/);
+  assert.match(body, /tandem_last_drill_passed\{volume="db",policy="gold"\} 1\n/);
+
+  // Webhook: one POST per transition to BREACHED.
+  const received: Array<{ event: string; volume: string }> = [];
+  const hook = createServer((req, res) => {
+    let body = '';
+    req.on('data', (c) => (body += c));
+    req.on('end', () => {
+      received.push(JSON.parse(body));
+      res.end('ok');
+    });
+  });
+  hook.listen(0, '127.0.0.1');
+  await once(hook, 'listening');
+  t.after(() => hook.close());
+  const url = `http://127.0.0.1:${(hook.address() as { port: number }).port}/alert`;
+  const notifier = new BreachNotifier('onprem');
+  const round = async (ms: number) => notifier.check([...(await at(ms)).values()] as VolumeStatus[], url, t0 + ms);
+  let r = await round(10 * MIN);
+  assert.deepEqual(r.sent.map((a) => `${a.event}:${a.volume}`), ['rpo_breached:db2', 'rto_breached:db2']);
+  r = await round(20 * MIN);
+  assert.deepEqual(r.sent, [], 'still breached: no repeat');
+  r = await round(61 * MIN);
+  assert.deepEqual(r.sent.map((a) => `${a.event}:${a.volume}`), ['rpo_breached:db']);
+  assert.equal(received.length, 3);
+  assert.equal(received[2]!.volume, 'db');
+  const down = await new BreachNotifier('onprem').check([...(await at(61 * MIN)).values()], 'http://127.0.0.1:9/closed', t0);
+  assert.equal(down.sent.length, 0);
+  assert.equal(down.errors.length, 3, 'delivery failures are reported, not thrown');
+});
