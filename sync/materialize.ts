@@ -18,7 +18,9 @@
  *   differs.
  */
 import { TandemError } from '../common/errors.js';
-import { ZERO_HASH, hashBlock } from '../store/index.js';
+import { availableParallelism } from 'node:os';
+import { ZERO_HASH } from '../store/index.js';
+import { HashPool } from '../store/hash-pool.js';
 import type { BlockFrame, Hash, SnapshotRecord, VolumeWriter } from '../store/types.js';
 
 /** What materialize needs of a store: the snapshot's block hashes and verified blocks. */
@@ -56,6 +58,9 @@ export interface MaterializeResult {
 
 /** Target reads of 16 blocks (8 MiB at the default block size): large sequential I/O. */
 const READ_CHUNK_BLOCKS = 16;
+/** Hash workers for the target: BLAKE3 runs at ~1-2 GB/s per core, so two keep up with most disks. */
+const HASH_THREADS_MAX = 4;
+const HASH_BYTES = 32;
 /** Differing blocks are fetched and written in batches of at most this many bytes (bounds memory). */
 const WRITE_BATCH_BYTES = 32 * 1024 * 1024;
 
@@ -144,46 +149,64 @@ export async function materialize(
     await flushPending();
     blocksDone = blocksTotal;
   } else {
-    // Read the target in large chunks, one chunk ahead of the comparison, and compare each
-    // block's hash with the snapshot's.
+    // Read the target in large chunks into a shared buffer of two slots and hash each chunk on
+    // worker threads while the next one is read; compare with the snapshot's hashes in order.
     const chunkBytes = READ_CHUNK_BLOCKS * bs;
-    const readChunk = async (firstBlock: number): Promise<{ first: number; buf: Buffer; length: number } | null> => {
-      const pos = firstBlock * bs;
-      if (pos >= snap.size) return null;
-      const buf = Buffer.allocUnsafe(Math.min(chunkBytes, snap.size - pos));
-      const n = await writer.read(buf, pos);
-      if (n !== buf.length) {
-        throw new TandemError('ERR_IO', `the target returned ${n} bytes at ${pos} where ${buf.length} were expected; check the device`);
+    const sab = new SharedArrayBuffer(2 * chunkBytes);
+    const threads = Math.max(1, Math.min(HASH_THREADS_MAX, availableParallelism()));
+    const pool = new HashPool(sab, bs, threads);
+    try {
+      /** Read chunk k into slot k % 2 and hash it; the slot is free again once this resolves. */
+      const load = async (k: number): Promise<{ first: number; hashes: Buffer } | null> => {
+        const pos = k * chunkBytes;
+        if (pos >= snap.size) return null;
+        const length = Math.min(chunkBytes, snap.size - pos);
+        const base = (k % 2) * chunkBytes;
+        const n = await writer.read(Buffer.from(sab, base, length), pos);
+        if (n !== length) {
+          throw new TandemError('ERR_IO', `the target returned ${n} bytes at ${pos} where ${length} were expected; check the device`);
+        }
+        // Split the chunk between the workers on block boundaries.
+        const blocks = Math.ceil(length / bs);
+        const per = Math.ceil(blocks / threads);
+        const parts: Array<Promise<Buffer>> = [];
+        for (let b = 0; b < blocks; b += per) {
+          parts.push(pool.hash(base + b * bs, Math.min(per * bs, length - b * bs), bs));
+        }
+        return { first: k * READ_CHUNK_BLOCKS, hashes: Buffer.concat(await Promise.all(parts)) };
+      };
+      // A load that fails is reported when awaited; the no-op handler only keeps Node from
+      // calling it unhandled while the comparison is still busy with the chunk before.
+      const ahead = (k: number) => {
+        const p = load(k);
+        p.catch(() => undefined);
+        return p;
+      };
+      let k = 0;
+      let chunk = await load(0);
+      let next = ahead(1);
+      for await (const { index, hash } of store.blockHashes(snap)) {
+        opts.signal?.throwIfAborted();
+        while (chunk && index >= chunk.first + READ_CHUNK_BLOCKS) {
+          chunk = await next;
+          k++;
+          next = ahead(k + 1);
+        }
+        if (!chunk || index < chunk.first) {
+          throw new TandemError('ERR_STORE_CORRUPT', `snapshot ${snap.volume}@${snap.id} lists block ${index} out of order or past its size; run \`appliance verify\``);
+        }
+        const i = index - chunk.first;
+        const current = chunk.hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES);
+        blocksCompared++;
+        blocksDone = index + 1;
+        if (!current.equals(hash)) await enqueue(index, hash);
+        if (blocksDone % READ_CHUNK_BLOCKS === 0) report();
       }
-      return { first: firstBlock, buf, length: n };
-    };
-    // A read ahead that fails is reported when awaited; the no-op handler only keeps Node
-    // from calling it unhandled while the comparison is still busy with the chunk before.
-    const ahead = (firstBlock: number) => {
-      const p = readChunk(firstBlock);
-      p.catch(() => undefined);
-      return p;
-    };
-    let chunk = await readChunk(0);
-    let next = chunk ? ahead(READ_CHUNK_BLOCKS) : Promise.resolve(null);
-    for await (const { index, hash } of store.blockHashes(snap)) {
-      opts.signal?.throwIfAborted();
-      while (chunk && index >= chunk.first + READ_CHUNK_BLOCKS) {
-        chunk = await next;
-        next = chunk ? ahead(chunk.first + READ_CHUNK_BLOCKS) : Promise.resolve(null);
-      }
-      if (!chunk || index < chunk.first) {
-        throw new TandemError('ERR_STORE_CORRUPT', `snapshot ${snap.volume}@${snap.id} lists block ${index} out of order or past its size; run \`appliance verify\``);
-      }
-      const off = (index - chunk.first) * bs;
-      const data = chunk.buf.subarray(off, Math.min(off + bs, chunk.length));
-      const current = hashBlock(data); // ZERO_HASH for an all-zero block, as in snapshots
-      blocksCompared++;
-      blocksDone = index + 1;
-      if (!current.equals(hash)) await enqueue(index, hash);
-      if (blocksDone % READ_CHUNK_BLOCKS === 0) report();
+      await next;
+      await flushPending();
+    } finally {
+      await pool.close();
     }
-    await flushPending();
   }
   await writer.sync();
   report();

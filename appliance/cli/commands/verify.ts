@@ -11,11 +11,13 @@ export function define(program: Command): void {
     .action(run(async (g, _cmd, [spec]) => {
       const { withHomeStore, parseSnapshotSpec } = await import('../../ops.js');
       const { formatBytes } = await import('../output.js');
+      const { TandemError } = await import('../../../common/errors.js');
       const filter: { volume?: string; snapshot?: string } = spec === undefined ? {} : parseSnapshotSpec(spec as string);
       const report = await withHomeStore(g.home, async (_home, store) => {
-        if (filter.volume !== undefined) {
-          // Name an unknown volume or snapshot rather than "verifying" nothing.
-          await store.resolveSnapshot(spec as string);
+        // Name an unknown volume or snapshot rather than "verifying" nothing.
+        if (filter.snapshot !== undefined) await store.resolveSnapshot(spec as string);
+        else if (filter.volume !== undefined && !(await store.getVolume(filter.volume))) {
+          throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${filter.volume}"; see \`appliance volume list\``, { details: { volume: filter.volume } });
         }
         return store.verify(filter);
       });
