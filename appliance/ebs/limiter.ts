@@ -46,6 +46,8 @@ export class AdaptiveLimiter {
   private successes = 0;
   private throttles = 0;
   private peak = 0;
+  /** Bumped at every decrease; a throttle of a request admitted before it is the same congestion event. */
+  private epoch = 0;
   private readonly waiters: Array<() => void> = [];
 
   constructor(opts: LimiterOptions = {}) {
@@ -73,23 +75,31 @@ export class AdaptiveLimiter {
     return { limit: this.current, inFlight: this.active, throttles: this.throttles, peakInFlight: this.peak };
   }
 
-  /** Wait for a free slot. */
-  acquire(): Promise<void> {
+  /**
+   * Wait for a free slot. Resolves to a ticket (the decrease epoch at admission); passing it
+   * back to {@link release} makes the limit halve at most once per congestion event, as TCP
+   * decreases once per round trip: the requests already in flight when the limit was halved
+   * were sent at the old rate, so their throttles say nothing new.
+   */
+  acquire(): Promise<number> {
     if (this.active < this.current && this.waiters.length === 0) {
       this.take();
-      return Promise.resolve();
+      return Promise.resolve(this.epoch);
     }
-    return new Promise((resolve) => this.waiters.push(() => { this.take(); resolve(); }));
+    return new Promise((resolve) => this.waiters.push(() => { this.take(); resolve(this.epoch); }));
   }
 
   /** Give the slot back and adapt: halve on a throttle, grow by one every `increaseEvery` successes. */
-  release(outcome: Outcome): void {
+  release(outcome: Outcome, ticket?: number): void {
     if (this.active <= 0) throw new Error('AdaptiveLimiter.release() without acquire()');
     this.active--;
     if (outcome === 'throttled') {
       this.throttles++;
       this.successes = 0;
-      this.current = Math.max(this.min, Math.floor(this.current / 2));
+      if (ticket === undefined || ticket === this.epoch) {
+        this.current = Math.max(this.min, Math.floor(this.current / 2));
+        this.epoch++;
+      }
     } else if (outcome === 'ok') {
       if (++this.successes >= this.increaseEvery) {
         this.successes = 0;
@@ -101,7 +111,7 @@ export class AdaptiveLimiter {
 
   /** Run `fn` inside a slot; `classify` tells how the attempt went (default: ok or error). */
   async run<T>(fn: () => Promise<T>, classify: (e: unknown) => Outcome = () => 'error'): Promise<T> {
-    await this.acquire();
+    const ticket = await this.acquire();
     let outcome: Outcome = 'ok';
     try {
       return await fn();
@@ -109,7 +119,7 @@ export class AdaptiveLimiter {
       outcome = classify(e);
       throw e;
     } finally {
-      this.release(outcome);
+      this.release(outcome, ticket);
     }
   }
 

@@ -64,7 +64,7 @@ export async function withRetry<T>(what: string, call: () => Promise<T>, opts: R
   const started = Date.now();
   for (let attempt = 0; ; attempt++) {
     if (opts.signal?.aborted) throw aborted(opts.signal);
-    await opts.limiter.acquire();
+    const ticket = await opts.limiter.acquire();
     let outcome: 'ok' | 'throttled' | 'error' = 'ok';
     let failure: unknown;
     let result: T | undefined;
@@ -75,7 +75,7 @@ export async function withRetry<T>(what: string, call: () => Promise<T>, opts: R
       failure = e;
       outcome = classify(e) === 'throttle' ? 'throttled' : 'error';
     } finally {
-      opts.limiter.release(outcome);
+      opts.limiter.release(outcome, ticket);
     }
     if (outcome === 'ok') return result as T;
     if (passThrough?.(failure)) throw failure;

@@ -76,6 +76,16 @@ test('limiter after a throttle admits no new request until in-flight drops below
   assert.equal(admitted, 3);
 });
 
+test('throttles of requests admitted before a decrease halve the limit only once', async () => {
+  const l = new AdaptiveLimiter({ initial: 8 });
+  const tickets = await Promise.all([0, 1, 2, 3].map(() => l.acquire()));
+  for (const t of tickets) l.release('throttled', t);
+  assert.equal(l.limit, 4, 'one congestion event, one halving');
+  const t2 = await l.acquire();
+  l.release('throttled', t2);
+  assert.equal(l.limit, 2, 'a request admitted after the decrease halves again');
+});
+
 test('release without acquire is a programming error', () => {
   assert.throws(() => new AdaptiveLimiter().release('ok'), /without acquire/);
 });
