@@ -7,7 +7,7 @@
  * at a time), takes the lock first and calls the `...Locked` variants, so that a second
  * snapshot of the same volume fails with ERR_VOLUME_LOCKED rather than ERR_STORE_BUSY.
  */
-import { rename, rm, open } from 'node:fs/promises';
+import { rename, rm, open, statfs } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { existsSync } from 'node:fs';
 import { TandemError, fromSystemError } from '../common/errors.js';
@@ -389,9 +389,41 @@ export async function withHomeStore<T>(
     try {
       return await fn(home, store);
     } finally {
-      await store.close();
+      await store.close().catch(() => undefined);
     }
+  } catch (e) {
+    throw diskFullError(e, home.paths.store) ?? (await lowSpaceError(e, home.paths.store)) ?? e;
   } finally {
     release();
   }
+}
+
+/** After an I/O failure, a store disk with less free space than this is taken as full. */
+const LOW_SPACE_BYTES = 32 * 1024 * 1024;
+
+/**
+ * A full disk also shows as a short write (the kernel accepts part of a write, then nothing):
+ * an I/O failure while the store's disk has almost no free space is reported as ERR_DISK_FULL.
+ */
+async function lowSpaceError(e: unknown, storeDir: string): Promise<TandemError | undefined> {
+  if (e instanceof TandemError && e.code !== 'ERR_IO' && e.code !== 'ERR_INTERNAL') return undefined;
+  try {
+    const st = await statfs(storeDir);
+    if (st.bavail * st.bsize >= LOW_SPACE_BYTES) return undefined;
+  } catch {
+    return undefined;
+  }
+  return new TandemError('ERR_DISK_FULL', `the store's disk is full (${storeDir}): ${(e as Error)?.message ?? String(e)}; free space or move the store, then rerun (nothing was committed)`, { cause: e });
+}
+
+/**
+ * The index (LevelDB) reports a full disk as a plain "IO error: ... No space left on device"
+ * without an errno code: recognise it, like ENOSPC from our own writes, as ERR_DISK_FULL.
+ */
+export function diskFullError(e: unknown, storeDir: string): TandemError | undefined {
+  if (e instanceof TandemError) return undefined;
+  const err = e as (Error & { code?: string; cause?: { message?: string; code?: string } }) | undefined;
+  const text = `${err?.code ?? ''} ${err?.message ?? String(e)} ${err?.cause?.code ?? ''} ${err?.cause?.message ?? ''}`;
+  if (!/ENOSPC|EDQUOT|No space left on device|Disk quota exceeded/i.test(text)) return undefined;
+  return new TandemError('ERR_DISK_FULL', `no space left on the disk of the store ${storeDir}; free space or move the store, then rerun (nothing was committed)`, { cause: e });
 }

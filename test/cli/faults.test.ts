@@ -60,7 +60,7 @@ async function killAtRandom(args: string[], maxMs: number): Promise<boolean> {
 test('kill -9 during snapshot, many times: the store stays consistent and a rerun succeeds', async (t) => {
   const { dir, home } = await initHome(t);
   const img = join(dir, 'vol.img');
-  writeFileSync(img, randomBytes(48 * MiB));
+  writeFileSync(img, randomBytes(32 * MiB));
   assert.equal((await cli(['volume', 'add', 'vol', '--path', img, '--home', home])).code, 0);
   const started = Date.now();
   assert.equal((await cli(['snapshot', 'vol', '--home', home])).code, 0);
@@ -68,14 +68,14 @@ test('kill -9 during snapshot, many times: the store stays consistent and a reru
   let killed = 0;
   for (let i = 0; i < TRIALS; i++) {
     // New data each trial so the killed snapshot has blocks to write.
-    for (let k = 0; k < 8; k++) scribble(img, randomInt(0, 48 * MiB - 4096), 4096);
+    for (let k = 0; k < 8; k++) scribble(img, randomInt(0, 32 * MiB - 4096), 4096);
     if (await killAtRandom(['snapshot', 'vol', '--home', home], fullMs)) killed++;
     const before = await assertConsistent(home, dir, 'vol');
     const rerun = await cliJson(['snapshot', 'vol', '--home', home]);
     assert.equal(rerun.code, 0, `rerun after a kill: ${rerun.stderr}`);
-    const after = await assertConsistent(home, dir, 'vol');
-    assert.equal(after, before + 1);
+    assert.equal((await cliJson(['snapshots', 'vol', '--home', home])).json.length, before + 1);
   }
+  await assertConsistent(home, dir, 'vol');
   assert.ok(killed >= 1, 'at least one trial killed a running snapshot');
   const out = join(dir, 'out.img');
   assert.equal((await cli(['restore', 'vol', '--to', out, '--home', home])).code, 0);
@@ -94,7 +94,7 @@ test('kill -9 during gc, many times: retained snapshots stay whole and a rerun s
   let killed = 0;
   for (let i = 0; i < TRIALS; i++) {
     // Garbage interleaved with retained blocks in the packs: a removed volume's snapshot.
-    writeFileSync(junk, randomBytes(24 * MiB));
+    writeFileSync(junk, randomBytes(16 * MiB));
     assert.equal((await cli(['volume', 'add', 'junk', '--path', junk, '--home', home])).code, 0);
     assert.equal((await cli(['snapshot', 'junk', '--home', home])).code, 0);
     scribble(img, randomInt(0, 16 * MiB - 4096), 4096);
@@ -106,8 +106,8 @@ test('kill -9 during gc, many times: retained snapshots stay whole and a rerun s
     const rerun = await cliJson(['gc', '--home', home]);
     gcMs = Math.max(gcMs, Date.now() - started);
     assert.equal(rerun.code, 0, `gc rerun: ${rerun.stderr}`);
-    await assertConsistent(home, dir, 'keep');
   }
+  await assertConsistent(home, dir, 'keep');
   assert.ok(killed >= 1, 'at least one trial killed a running gc');
   const snaps = (await cliJson(['snapshots', 'keep', '--home', home])).json as Array<{ id: string }>;
   const out = join(dir, 'first.img');
