@@ -58,8 +58,8 @@ export interface MaterializeResult {
 
 /** Target reads of 16 blocks (8 MiB at the default block size): large sequential I/O. */
 const READ_CHUNK_BLOCKS = 16;
-/** Hash workers for the target: BLAKE3 runs at ~1-2 GB/s per core, so two keep up with most disks. */
-const HASH_THREADS_MAX = 4;
+/** Block writes in flight at once (8 x 512 KiB = 4 MiB held): overlaps writing with verifying. */
+const WRITES_IN_FLIGHT = 8;
 const HASH_BYTES = 32;
 /** Differing blocks are fetched and written in batches of at most this many bytes (bounds memory). */
 const WRITE_BATCH_BYTES = 32 * 1024 * 1024;
@@ -108,23 +108,34 @@ export async function materialize(
     }
     if (data.length > 0) {
       let i = 0;
-      for await (const frame of store.getBlocks(data.map((p) => p.hash))) {
-        const p = data[i++]!;
-        if (!frame.hash.equals(p.hash)) {
-          throw new TandemError('ERR_BLOCK_CORRUPT', `the store returned block ${frame.hash.toString('hex')} where ${p.hash.toString('hex')} was asked (block ${p.index}); run \`appliance verify\``, {
-            details: { index: p.index, hash: p.hash.toString('hex') },
-          });
+      const writes: Array<Promise<void>> = [];
+      try {
+        for await (const frame of store.getBlocks(data.map((p) => p.hash))) {
+          const p = data[i++]!;
+          if (!frame.hash.equals(p.hash)) {
+            throw new TandemError('ERR_BLOCK_CORRUPT', `the store returned block ${frame.hash.toString('hex')} where ${p.hash.toString('hex')} was asked (block ${p.index}); run \`appliance verify\``, {
+              details: { index: p.index, hash: p.hash.toString('hex') },
+            });
+          }
+          const len = blockLength(p.index);
+          if (frame.data.length !== len) {
+            throw new TandemError('ERR_BLOCK_CORRUPT', `block ${p.index} of ${snap.volume}@${snap.id} has ${frame.data.length} bytes where ${len} are expected; run \`appliance verify\``, {
+              details: { index: p.index, hash: p.hash.toString('hex') },
+            });
+          }
+          // Writes run on the I/O threads while the next blocks are read and verified here.
+          const w = writer.write(frame.data, p.index * bs);
+          w.catch(() => undefined); // observed below, in order
+          writes.push(w);
+          if (writes.length >= WRITES_IN_FLIGHT) await writes.shift();
+          blocksWritten++;
+          bytesWritten += len;
         }
-        const len = blockLength(p.index);
-        if (frame.data.length !== len) {
-          throw new TandemError('ERR_BLOCK_CORRUPT', `block ${p.index} of ${snap.volume}@${snap.id} has ${frame.data.length} bytes where ${len} are expected; run \`appliance verify\``, {
-            details: { index: p.index, hash: p.hash.toString('hex') },
-          });
-        }
-        await writer.write(frame.data, p.index * bs);
-        blocksWritten++;
-        bytesWritten += len;
+      } finally {
+        // On a failure, let the writes already issued land before the caller closes the target.
+        await Promise.allSettled(writes);
       }
+      while (writes.length > 0) await writes.shift();
       if (i !== data.length) {
         throw new TandemError('ERR_BLOCK_MISSING', `the store returned ${i} of ${data.length} blocks asked for ${snap.volume}@${snap.id}; run \`appliance verify\``);
       }
@@ -153,8 +164,9 @@ export async function materialize(
     // worker threads while the next one is read; compare with the snapshot's hashes in order.
     const chunkBytes = READ_CHUNK_BLOCKS * bs;
     const sab = new SharedArrayBuffer(2 * chunkBytes);
-    const threads = Math.max(1, Math.min(HASH_THREADS_MAX, availableParallelism()));
-    const pool = new HashPool(sab, bs, threads);
+    // The pool starts one worker per core this process may use; split each chunk as many ways.
+    const threads = Math.max(1, availableParallelism());
+    const pool = new HashPool(sab, bs);
     try {
       /** Read chunk k into slot k % 2 and hash it; the slot is free again once this resolves. */
       const load = async (k: number): Promise<{ first: number; hashes: Buffer } | null> => {
