@@ -9,15 +9,44 @@
  */
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
-import { TandemError } from '../common/errors.js';
+import { TandemError, fromSystemError } from '../common/errors.js';
 import { BLAKE3_MODULE_PATH, HASH_LENGTH } from './hash.js';
 
 const WORKER_SOURCE = `
 const { parentPort, workerData } = require('node:worker_threads');
+const fs = require('node:fs');
 const native = require(workerData.modulePath);
 const sab = workerData.sab;
-const zeros = Buffer.alloc(workerData.maxBlock);
+const zeros = Buffer.alloc(1048576);
+function isZero(v) {
+  for (let off = 0; off < v.length; off += zeros.length) {
+    const end = Math.min(v.length, off + zeros.length);
+    if (!v.subarray(off, end).equals(zeros.subarray(0, end - off))) return false;
+  }
+  return true;
+}
+let fd;
+let fdPath;
+function release() {
+  if (fd !== undefined) fs.closeSync(fd);
+  fd = undefined;
+  fdPath = undefined;
+}
+function readFully(v, path, position) {
+  if (fdPath !== path) {
+    release();
+    fd = fs.openSync(path, 'r');
+    fdPath = path;
+  }
+  let done = 0;
+  while (done < v.length) {
+    const n = fs.readSync(fd, v, done, v.length - done, position + done);
+    if (n === 0) throw Object.assign(new Error('the volume ended at byte ' + (position + done)), { short: position + done });
+    done += n;
+  }
+}
 parentPort.on('message', (m) => {
+  if (m.release) return release();
   const n = Math.ceil(m.length / m.blockSize);
   const out = Buffer.alloc(n * ${HASH_LENGTH});
   try {
@@ -25,14 +54,16 @@ parentPort.on('message', (m) => {
       const off = m.offset + i * m.blockSize;
       const len = Math.min(m.blockSize, m.offset + m.length - off);
       const v = Buffer.from(sab, off, len);
-      if (v.equals(zeros.subarray(0, len))) continue;
+      if (m.path !== undefined) readFully(v, m.path, m.position + i * m.blockSize);
+      if (isZero(v)) continue;
       native.blake3(v).copy(out, i * ${HASH_LENGTH});
     }
     parentPort.postMessage({ id: m.id, hashes: out });
   } catch (e) {
-    parentPort.postMessage({ id: m.id, error: String(e && e.stack || e) });
+    parentPort.postMessage({ id: m.id, error: String(e && e.message || e), code: e && e.code, short: e && e.short });
   }
 });
+process.on('exit', release);
 `;
 
 interface Pending {
@@ -53,19 +84,25 @@ export class HashPool {
 
   /**
    * @param sab the shared buffer blocks are read into
-   * @param maxBlock largest block size that will be asked (size of the zero buffer)
-   * @param threads number of workers; default one per core the process may use
+   * @param opts.threads number of workers; default one per core the process may use
    */
-  constructor(readonly sab: SharedArrayBuffer, maxBlock: number, threads = availableParallelism()) {
+  constructor(readonly sab: SharedArrayBuffer, opts: { threads?: number } = {}) {
+    const threads = opts.threads ?? availableParallelism();
     for (let i = 0; i < Math.max(1, threads); i++) {
-      const worker = new Worker(WORKER_SOURCE, { eval: true, workerData: { sab, maxBlock, modulePath: BLAKE3_MODULE_PATH } });
+      // execArgv [] : the worker is plain JavaScript, so loaders the parent runs under (tsx in
+      // tests) need not start again in every worker, which cost ~0.3 s per scan.
+      const worker = new Worker(WORKER_SOURCE, { eval: true, execArgv: [], workerData: { sab, modulePath: BLAKE3_MODULE_PATH } });
       const slot: Slot = { worker, outstanding: 0 };
-      worker.on('message', (m: { id: number; hashes?: Uint8Array; error?: string }) => {
+      worker.on('message', (m: { id: number; hashes?: Uint8Array; error?: string; code?: string; short?: number }) => {
         slot.outstanding--;
         const p = this.pending.get(m.id);
         if (!p) return;
         this.pending.delete(m.id);
-        if (m.error !== undefined || !m.hashes) p.reject(new TandemError('ERR_INTERNAL', `a hash worker failed: ${m.error}`));
+        if (m.short !== undefined) {
+          p.reject(new TandemError('ERR_VOLUME_UNREADABLE', `the volume ended at byte ${m.short}, before its size; it shrank during the snapshot, retry`, { details: { offset: m.short } }));
+        } else if (m.code !== undefined) {
+          p.reject(fromSystemError(Object.assign(new Error(m.error), { code: m.code }), 'reading the volume'));
+        } else if (m.error !== undefined || !m.hashes) p.reject(new TandemError('ERR_INTERNAL', `a hash worker failed: ${m.error}`));
         else p.resolve(Buffer.from(m.hashes.buffer, m.hashes.byteOffset, m.hashes.byteLength));
       });
       worker.on('error', (e) => this.fail(e));
@@ -84,20 +121,88 @@ export class HashPool {
     this.pending.clear();
   }
 
-  /** Hashes of the blocks in sab[offset, offset+length), 32 bytes each (ZERO_HASH for zeros). */
-  hash(offset: number, length: number, blockSize: number): Promise<Buffer> {
+  /**
+   * Hashes of the blocks in sab[offset, offset+length), 32 bytes each (ZERO_HASH for zeros).
+   * With `read`, the worker first reads those bytes from `read.path` at `read.position`.
+   */
+  hash(offset: number, length: number, blockSize: number, read?: { path: string; position: number }): Promise<Buffer> {
     if (this.failure) return Promise.reject(this.failure);
     const slot = this.slots.reduce((a, b) => (b.outstanding < a.outstanding ? b : a));
     const id = this.nextId++;
     slot.outstanding++;
     return new Promise<Buffer>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      slot.worker.postMessage({ id, offset, length, blockSize });
+      slot.worker.postMessage({ id, offset, length, blockSize, path: read?.path, position: read?.position });
     });
+  }
+
+  /** Workers keep the process alive only while the pool is in use. */
+  setActive(active: boolean): void {
+    for (const s of this.slots) {
+      if (active) s.worker.ref();
+      else {
+        s.worker.postMessage({ release: true }); // close the volume's descriptor
+        s.worker.unref();
+      }
+    }
+  }
+
+  get failed(): boolean {
+    return this.failure !== undefined;
   }
 
   async close(): Promise<void> {
     this.closing = true;
     await Promise.all(this.slots.map((s) => s.worker.terminate()));
+  }
+}
+
+/**
+ * Idle pools kept for the next scan: starting workers costs 50-300 ms, which would dominate a
+ * small or incremental snapshot. An idle pool is terminated after {@link POOL_IDLE_MS}, so a
+ * long-running daemon does not hold the buffers and threads between scheduled snapshots.
+ */
+const POOL_IDLE_MS = 30_000;
+
+/** At most this many idle pools are kept (concurrent scans each need their own). */
+const MAX_IDLE_POOLS = 2;
+
+export class HashPools {
+  private readonly idle: Array<{ pool: HashPool; timer: NodeJS.Timeout }> = [];
+  private closed = false;
+
+  /** A pool whose shared buffer has exactly `bytes` bytes, for the caller's exclusive use. */
+  borrow(bytes: number): HashPool {
+    const i = this.idle.findIndex((e) => e.pool.sab.byteLength === bytes);
+    let pool: HashPool;
+    if (i >= 0) {
+      const [e] = this.idle.splice(i, 1);
+      clearTimeout(e!.timer);
+      pool = e!.pool;
+    } else {
+      pool = new HashPool(new SharedArrayBuffer(bytes));
+    }
+    pool.setActive(true);
+    return pool;
+  }
+
+  /** Give a pool back (a failed one is terminated). */
+  async giveBack(pool: HashPool): Promise<void> {
+    if (this.closed || pool.failed || this.idle.length >= MAX_IDLE_POOLS) return pool.close();
+    pool.setActive(false);
+    const timer = setTimeout(() => {
+      const i = this.idle.findIndex((e) => e.pool === pool);
+      if (i >= 0) this.idle.splice(i, 1);
+      void pool.close();
+    }, POOL_IDLE_MS);
+    timer.unref();
+    this.idle.push({ pool, timer });
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    const all = this.idle.splice(0);
+    for (const e of all) clearTimeout(e.timer);
+    await Promise.all(all.map((e) => e.pool.close()));
   }
 }

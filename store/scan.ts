@@ -1,16 +1,17 @@
 /**
  * scanVolume: snapshot a volume by reading it.
  *
- * Pipeline: the main thread reads large aligned chunks into slots of one SharedArrayBuffer
- * (several reads in flight), a {@link HashPool} hashes each chunk's blocks on worker threads
- * (zero blocks found by memcmp, not hashed), then, chunk by chunk in volume order, the store is
+ * Pipeline: large aligned chunks are read into slots of one SharedArrayBuffer (several in
+ * flight) and a {@link HashPool} hashes each chunk's blocks on worker threads (zero blocks found
+ * by memcmp, not hashed). A local file or device (reader.path and reader.kind set) is read by
+ * the workers themselves, each block hashed right after its read while it is in the CPU cache;
+ * other readers are read on the main thread. Then, chunk by chunk in volume order, the store is
  * asked which non-zero blocks it lacks (one batched lookup), those are appended to the pack
  * straight from the shared buffer, and the (index, hash) changes stream into the tree builder.
  * Memory: SLOTS x CHUNK_BYTES of buffers plus one node per tree level, whatever the volume size.
  */
 import { TandemError } from '../common/errors.js';
 import { isZeroHash, HASH_LENGTH, ZERO_HASH } from './hash.js';
-import { HashPool } from './hash-pool.js';
 import { checkVolumeName } from './ids.js';
 import { checkBlockSize, checkSize, normalizeSnapshot } from './records.js';
 import { blockCount, type BlockChange } from './tree.js';
@@ -78,8 +79,10 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
 
   const chunkBlocks = Math.max(1, Math.floor(CHUNK_BYTES / blockSize));
   const slotBytes = chunkBlocks * blockSize;
-  const sab = new SharedArrayBuffer(slotBytes * SLOTS);
-  const pool = new HashPool(sab, blockSize);
+  // A local file or device is read by the hash workers themselves (see HashPool).
+  const localPath = typeof reader.path === 'string' && (reader.kind === 'file' || reader.kind === 'device') ? reader.path : undefined;
+  const pool = store.hashPools.borrow(slotBytes * SLOTS);
+  const sab = pool.sab;
   const jobs = changed ? runs(changed, chunkBlocks) : all(blocks, chunkBlocks);
   const total = changed ? changed.length : blocks;
   const progress = { blocksDone: 0, blocksTotal: total, bytesRead: 0, blocksStored: 0 };
@@ -96,6 +99,10 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
   const readJob = async (job: Job, slot: number): Promise<Done> => {
     const start = job.first * blockSize;
     const length = Math.min(job.count * blockSize, size - start);
+    if (localPath !== undefined) {
+      const hashes = await pool.hash(slot * slotBytes, length, blockSize, { path: localPath, position: start });
+      return { ...job, slot, length, hashes };
+    }
     const buf = Buffer.from(sab, slot * slotBytes, length);
     let done = 0;
     while (done < length) {
@@ -166,6 +173,6 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
     });
   } finally {
     await Promise.allSettled(inflight);
-    await pool.close();
+    await store.hashPools.giveBack(pool);
   }
 }

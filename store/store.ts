@@ -22,6 +22,7 @@ import { PackFiles, type RecoveryReport } from './pack-files.js';
 import { checkBlockSize, checkSize, normalizeSnapshot, normalizeVolume, sameJson } from './records.js';
 import { blockCount, buildTree, checkNode, decodeNode, diffTrees, encodeNode, walkBlocks, type BlockChange, type TreeShape } from './tree.js';
 import { scanVolume } from './scan.js';
+import { HashPools } from './hash-pool.js';
 import { verifyStore } from './verify.js';
 import { collectGarbage } from './gc.js';
 import type {
@@ -63,6 +64,7 @@ export class Store implements ReplicaStore {
   /** @internal */ readonly packs: PackFiles;
   /** @internal serializes pack appends and index writes. */ readonly writeLock = new Mutex();
   /** @internal shared by snapshot builds, exclusive for gc. */ readonly gcLock = new SharedLock();
+  /** @internal hash workers kept between scans. */ readonly hashPools = new HashPools();
   /** Blocks appended but not yet durable, by hash (latin1 string of the 32 bytes). */
   private readonly pending = new Map<string, BlockLocation>();
   private readonly release: () => Promise<void>;
@@ -121,6 +123,7 @@ export class Store implements ReplicaStore {
       await this.flush();
     } finally {
       this.closed = true;
+      await this.hashPools.close();
       await this.packs.close();
       await this.db.close();
       await this.release();

@@ -125,6 +125,14 @@ export interface ReplicaStore extends NodeSource, NodeSink {
 /** A volume being read (image file, block device, EBS snapshot). */
 export interface VolumeReader {
   readonly size: number;
+  /**
+   * Set by readers of a local regular file or block device ({@link kind} set too) whose read()
+   * returns exactly the bytes of that path: scanVolume then has its hash workers read the path
+   * themselves (each block read and hashed on one thread while it is in cache) instead of
+   * calling read(). A reader that transforms or fakes the data must not set them.
+   */
+  readonly path?: string;
+  readonly kind?: 'file' | 'device';
   /** Fill buf from byte offset `position`; returns bytes read (short only at end of volume). */
   read(buf: Buffer, position: number): Promise<number>;
   close(): Promise<void>;

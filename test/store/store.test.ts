@@ -61,6 +61,41 @@ describe('Store', () => {
     assert.deepEqual((await store.listSnapshots('vol')).map((s) => s.id), [snap.id, again.id]);
   });
 
+  it('a local file reader (path + kind) is read by the hash workers with the same result; a file shorter than its size is refused', async (t) => {
+    const dir = await tempDir(t);
+    const img = makeImage(100, BS, { zeroEvery: 7, tail: 4097 });
+    const path = join(dir, 'img');
+    await writeImage(path, img);
+    const store = await Store.open(join(dir, 'store'));
+    t.after(() => store.close());
+    const viaMain = await scanFile(store, path, 'a');
+    let reads = 0;
+    const local = { path, kind: 'file' as const, size: img.length, read: async () => { reads++; return 0; }, close: async () => undefined };
+    const viaWorkers = await store.scanVolume(local, { volume: 'b', blockSize: BS });
+    assert.equal(reads, 0);
+    assert.equal(viaWorkers.root, viaMain.root);
+    assert.ok((await readBack(store, viaWorkers)).equals(img));
+    await assert.rejects(store.scanVolume({ ...local, size: img.length + BS }, { volume: 'c', blockSize: BS }), { code: 'ERR_VOLUME_UNREADABLE' });
+    assert.equal(await store.latestSnapshot('c'), null);
+  });
+
+  it('an aborted scan commits nothing', async (t) => {
+    const dir = await tempDir(t);
+    const path = join(dir, 'img');
+    await writeImage(path, makeImage(400, BS));
+    const store = await Store.open(join(dir, 'store'));
+    const ac = new AbortController();
+    const reader = await fileReader(path);
+    try {
+      await assert.rejects(store.scanVolume(reader, { volume: 'v', blockSize: BS, signal: ac.signal, onProgress: () => ac.abort() }), { name: 'AbortError' });
+      assert.equal(await store.latestSnapshot('v'), null);
+      assert.equal(await store.getVolume('v'), null);
+    } finally {
+      await reader.close();
+      await store.close();
+    }
+  });
+
   it('a changed-blocks scan reads only the listed blocks and equals a full rescan', async (t) => {
     const dir = await tempDir(t);
     const img = makeImage(600, BS, { zeroEvery: 5 });
