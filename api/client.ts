@@ -116,8 +116,10 @@ export class RemotePeer implements ReplicaStore {
     this.bwlimit = opts.bwlimit ?? 0;
     const pinned = normalizeFingerprint(opts.fingerprint);
     const name = this.name;
-    // Chain validation is off on purpose: the fingerprint check below is stricter (exactly one certificate).
-    const base = buildConnector({ rejectUnauthorized: false, timeout: CONNECT_TIMEOUT_MS });
+    // Chain validation is off on purpose: the fingerprint check below is stricter (exactly one
+    // certificate). TLS session resumption is off because a resumed session shows no peer
+    // certificate to check; a full handshake per connection is cheap next to a sync.
+    const base = buildConnector({ rejectUnauthorized: false, timeout: CONNECT_TIMEOUT_MS, maxCachedSessions: 0 });
     const connect: buildConnector.connector = (o, cb) => {
       base(o, (err, socket) => {
         if (err || !socket) return cb(err ?? new Error('connect failed'), null);
@@ -210,7 +212,16 @@ export class RemotePeer implements ReplicaStore {
     }
   }
 
-  // --- identity, leases, counters (not part of ReplicaStore) ------------------------------
+  // --- identity, leases, counters, management (not part of ReplicaStore) ------------------
+
+  /**
+   * Call any JSON route of the peer (management routes of other modules, e.g. recovery):
+   * bearer token, pinned TLS, catalog errors; retried only when `idempotent`.
+   */
+  async request<T = any>(method: 'GET' | 'POST' | 'DELETE', path: string, body?: unknown, idempotent = false): Promise<T> {
+    if (!path.startsWith('/v1/')) throw new TandemError('ERR_USAGE', `peer route "${path}" must start with /v1/`);
+    return this.json<T>(method, path, body, idempotent);
+  }
 
   /** GET /v1/health (pinned TLS, no token needed). */
   async health(): Promise<PeerHealth> {

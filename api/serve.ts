@@ -8,7 +8,13 @@ import { startServer } from './server.js';
 import { Home, writeFileAtomic } from '../appliance/home.js';
 import type { GlobalOptions } from '../appliance/cli/output.js';
 
-/** Serve until SIGTERM/SIGINT. `out` gets the one line (or JSON document) announcing the URL. */
+/**
+ * Start serving and return once listening; the process then lives on the server's handles.
+ * It must return (not wait for the signal): the CLI entry module is still evaluating until the
+ * command's action ends, and forwarded commands import it (appliance/cli/forward.ts), so a
+ * command that never returns would block every forwarded command. On SIGTERM/SIGINT: close the
+ * server, flush and close the store, remove server.json, exit 0.
+ */
 export async function serve(g: GlobalOptions, listen: string, out: (s: string) => void, err: (s: string) => void): Promise<void> {
   const home = Home.load(g.home);
   const store = await home.openStore();
@@ -26,14 +32,24 @@ export async function serve(g: GlobalOptions, listen: string, out: (s: string) =
   const fingerprint = home.fingerprint();
   if (g.json) out(JSON.stringify({ url: server.url, fingerprint, pid: process.pid, name: home.identity.name }) + '\n');
   else out(`listening on ${server.url}\nfingerprint ${fingerprint}\n`);
-  const signal = await new Promise<NodeJS.Signals>((resolve) => {
-    process.once('SIGTERM', () => resolve('SIGTERM'));
-    process.once('SIGINT', () => resolve('SIGINT'));
-  });
-  err(`${signal}: shutting down\n`);
-  rmSync(runFile, { force: true });
-  await server.close();
-  unshare();
-  await store.flush();
-  await store.close();
+  let stopping = false;
+  const shutdown = async (signal: NodeJS.Signals) => {
+    if (stopping) return;
+    stopping = true;
+    err(`${signal}: shutting down\n`);
+    let code = 0;
+    try {
+      rmSync(runFile, { force: true });
+      await server.close();
+      unshare();
+      await store.flush();
+      await store.close();
+    } catch (e) {
+      err(`error during shutdown: ${(e as Error).message}\n`);
+      code = 1;
+    }
+    process.exit(code);
+  };
+  process.once('SIGTERM', (s) => void shutdown(s));
+  process.once('SIGINT', (s) => void shutdown(s));
 }
