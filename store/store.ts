@@ -167,7 +167,15 @@ export class Store implements ReplicaStore {
     if (isZeroHash(hash)) return Buffer.alloc(length);
     const loc = await this.locate(hash);
     if (!loc) throw new TandemError('ERR_BLOCK_MISSING', `block ${toHex(hash)} is not in the store; sync or snapshot the volume again`, { details: { hash: toHex(hash) } });
-    return this.readBlockAt(hash, loc);
+    try {
+      return await this.readBlockAt(hash, loc);
+    } catch (e) {
+      // A concurrent gc may have moved the block and deleted the pack we were reading: read
+      // again from the new location. Anything else is a real failure.
+      const now = await this.locate(hash);
+      if (!now || (now.pack === loc.pack && now.offset === loc.offset)) throw e;
+      return this.readBlockAt(hash, now);
+    }
   }
 
   /** @internal Read and verify the record at `loc`. */
