@@ -166,7 +166,7 @@ export async function materialize(
     const sab = new SharedArrayBuffer(2 * chunkBytes);
     // The pool starts one worker per core this process may use; split each chunk as many ways.
     const threads = Math.max(1, availableParallelism());
-    const pool = new HashPool(sab, bs);
+    const pool = new HashPool(sab);
     try {
       /** Read chunk k into slot k % 2 and hash it; the slot is free again once this resolves. */
       const load = async (k: number): Promise<{ first: number; hashes: Buffer } | null> => {

@@ -65,16 +65,32 @@ async function withStore<T>(homeDir: string, fn: (store: Store, home: Home) => P
 /**
  * Run `args` and SIGKILL it at a random moment between `fromMs` (about when the process has
  * started and opened the store) and `toMs` (about when it would finish). Returns whether it was
- * killed before finishing.
+ * killed, and how long it ran.
  */
-async function killAtRandom(args: string[], fromMs: number, toMs: number): Promise<boolean> {
+async function killAtRandom(args: string[], fromMs: number, toMs: number): Promise<{ killed: boolean; ms: number }> {
+  const started = Date.now();
   const child = spawnCli(args);
   const done = collect(child);
   // The delay is the experiment (a random crash point), not a synchronization.
   const timer = setTimeout(() => child.kill('SIGKILL'), randomInt(Math.floor(fromMs), Math.max(Math.floor(fromMs) + 1, Math.ceil(toMs))));
   const r = await done;
   clearTimeout(timer);
-  return r.signal === 'SIGKILL';
+  return { killed: r.signal === 'SIGKILL', ms: Date.now() - started };
+}
+
+/**
+ * Crash points for a loop of trials: uniform between start-up and the end of the operation;
+ * when a run finished before its kill, later kills come earlier (so most trials hit work).
+ */
+function crashWindow(startup: number, full: number) {
+  let to = full;
+  return {
+    from: () => Math.min(startup * 0.8, to * 0.5),
+    to: () => to,
+    finished(ms: number) {
+      to = Math.max(1, Math.min(to, ms) * 0.9);
+    },
+  };
 }
 
 /** Wall time of a CLI command that opens the store and does almost nothing. */
@@ -92,12 +108,14 @@ test('kill -9 during snapshot, many times: the store stays consistent and a reru
   const started = Date.now();
   assert.equal((await cli(['snapshot', 'vol', '--home', home])).code, 0);
   const fullMs = Date.now() - started;
-  const startup = await startupMs(home);
+  const win = crashWindow(await startupMs(home), fullMs);
   let killed = 0;
   for (let i = 0; i < TRIALS; i++) {
     // New data each trial so the killed snapshot has blocks to write.
     for (let k = 0; k < 8; k++) scribble(img, randomInt(0, 32 * MiB - 4096), 4096);
-    if (await killAtRandom(['snapshot', 'vol', '--home', home], startup * 0.8, fullMs)) killed++;
+    const k = await killAtRandom(['snapshot', 'vol', '--home', home], win.from(), win.to());
+    if (k.killed) killed++;
+    else win.finished(k.ms);
     const before = await assertConsistent(home, 'vol');
     const rerun = await cliJson(['snapshot', 'vol', '--home', home]);
     assert.equal(rerun.code, 0, `rerun after a kill: ${rerun.stderr}`);
@@ -117,12 +135,21 @@ test('kill -9 during gc, many times: retained snapshots stay whole and a rerun s
   assert.equal((await cli(['snapshot', 'keep', '--home', home])).code, 0);
   const want = readFileSync(img);
   const junk = join(dir, 'junk.img');
+  // A gc with garbage, to time one: the first window ends there.
   const startup = await startupMs(home);
-  let gcMs = startup * 2;
+  writeFileSync(junk, randomBytes(32 * MiB));
+  await withStore(home, async (store, h) => {
+    await addVolume(store, { name: 'junk', path: junk });
+    await snapshotVolume(h, store, 'junk');
+    await removeVolume(h, store, 'junk');
+  });
+  const started = Date.now();
+  assert.equal((await cli(['gc', '--home', home])).code, 0);
+  const win = crashWindow(startup, Date.now() - started);
   let killed = 0;
   for (let i = 0; i < TRIALS; i++) {
     // Garbage interleaved with retained blocks in the packs: a removed volume's snapshot.
-    writeFileSync(junk, randomBytes(16 * MiB));
+    writeFileSync(junk, randomBytes(32 * MiB));
     scribble(img, randomInt(0, 16 * MiB - 4096), 4096);
     await withStore(home, async (store, h) => {
       await addVolume(store, { name: 'junk', path: junk });
@@ -130,11 +157,11 @@ test('kill -9 during gc, many times: retained snapshots stay whole and a rerun s
       await snapshotVolume(h, store, 'keep');
       await removeVolume(h, store, 'junk');
     });
-    if (await killAtRandom(['gc', '--home', home], startup * 0.8, gcMs)) killed++;
+    const k = await killAtRandom(['gc', '--home', home], win.from(), win.to());
+    if (k.killed) killed++;
+    else win.finished(k.ms);
     await assertConsistent(home, 'keep');
-    const started = Date.now();
     const rerun = await cliJson(['gc', '--home', home]);
-    gcMs = Math.max(gcMs, Date.now() - started);
     assert.equal(rerun.code, 0, `gc rerun: ${rerun.stderr}`);
   }
   await assertConsistent(home, 'keep');
