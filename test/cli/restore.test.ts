@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { writeFileSync, readFileSync, openSync, writeSync, closeSync, statSync, existsSync, truncateSync, readSync, readdirSync, lstatSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
+import { execFileSync } from 'node:child_process';
 import { cli, cliJson, tempDir } from '../helpers/cli.js';
 
 const KiB = 1024;
@@ -209,3 +210,41 @@ function duBytes(dir: string): number {
   }
   return total;
 }
+
+test('a block device: snapshot reads it read-only with its real size; restore writes back only the changed blocks', { skip: process.getuid?.() !== 0 ? 'needs root for losetup' : false }, async (t) => {
+  const dir = tempDir(t);
+  const home = join(dir, 'home');
+  assert.equal((await cli(['init', '--home', home])).code, 0);
+  const backing = join(dir, 'backing.img');
+  const data = randomBytes(6 * BS);
+  writeFileSync(backing, data);
+  let dev: string;
+  try {
+    dev = execFileSync('losetup', ['--find', '--show', backing], { encoding: 'utf8' }).trim();
+  } catch (e) {
+    t.skip(`losetup refused (${(e as Error).message.split('\n')[0]}): no loop devices here`);
+    return;
+  }
+  t.after(() => execFileSync('losetup', ['-d', dev]));
+  const add = await cliJson(['volume', 'add', 'disk', '--path', dev, '--home', home]);
+  assert.equal(add.code, 0, add.stderr);
+  assert.equal(add.json.size, data.length);
+  const s = await cliJson(['snapshot', 'disk', '--home', home]);
+  assert.equal(s.code, 0, s.stderr);
+  const out = join(dir, 'out.img');
+  assert.equal((await cli(['restore', 'disk', '--to', out, '--home', home])).code, 0);
+  assert.ok(readFileSync(out).equals(data));
+
+  // Damage two blocks on the device, then restore the snapshot onto the device itself.
+  const fd = openSync(dev, 'r+');
+  writeSync(fd, randomBytes(4096), 0, 4096, BS);
+  writeSync(fd, randomBytes(4096), 0, 4096, 4 * BS);
+  closeSync(fd);
+  const r = await cliJson(['restore', 'disk', '--to', dev, '--home', home]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.json.blocksCompared, 6);
+  assert.equal(r.json.blocksWritten, 2);
+  assert.ok(readFileSync(dev).equals(data));
+  const list = await cliJson(['volume', 'list', '--home', home]);
+  assert.equal(list.json[0].materializing, undefined, 'the device is a sync source again');
+});
