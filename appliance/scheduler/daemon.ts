@@ -5,9 +5,14 @@
  *
  * Adds to the API (behind the bearer token): GET /metrics (Prometheus text) and
  * GET /v1/status[?volume=NAME] (the same document as `appliance status --json`).
- * Logs are pino JSON lines on stderr. SIGTERM/SIGINT: stop scheduling, give the running job
- * {@link STOP_GRACE_MS} to finish, else abort it (its checkpoint makes the next start resume it),
- * close the server, flush and close the store, remove run/server.json.
+ * Logs are pino JSON lines on stderr. `stop()` (the command calls it on SIGTERM/SIGINT): stop
+ * scheduling, give the running job {@link STOP_GRACE_MS} to finish, else abort it (its
+ * checkpoint makes the next start resume it), close the server, flush and close the store,
+ * remove run/server.json.
+ *
+ * {@link runDaemon} returns once listening, and the process lives on its handles: the CLI entry
+ * module is still evaluating until a command's action returns, and forwarded commands import
+ * it (appliance/cli/forward.ts), so an action that never returned would block them all.
  */
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
@@ -31,11 +36,15 @@ export interface DaemonOptions {
   readonly listen: string;
   readonly json: boolean;
   readonly out: (s: string) => void;
-  /** Resolves when the daemon should stop (the command passes a signal listener). */
-  readonly stopped: Promise<string>;
 }
 
-export async function runDaemon(opts: DaemonOptions): Promise<void> {
+export interface RunningDaemon {
+  readonly url: string;
+  /** Graceful stop (see the module comment); `why` is logged. Idempotent. */
+  stop(why: string): Promise<void>;
+}
+
+export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   const log = pino({ name: 'tandem', base: { pid: process.pid } }, pino.destination(2));
   const home = Home.load(opts.home);
   // Validate the config before binding anything: a daemon with a broken config is an error.
@@ -91,15 +100,21 @@ export async function runDaemon(opts: DaemonOptions): Promise<void> {
   else opts.out(`daemon listening on ${server.url}\nfingerprint ${fingerprint}\n`);
   log.info({ url: server.url }, 'daemon started');
 
-  const why = await opts.stopped;
-  log.info({ signal: why }, 'stopping: no new jobs; waiting for the running one');
-  clearInterval(alerts);
-  await sched.stop(STOP_GRACE_MS);
-  rmSync(runFile, { force: true });
-  await server.close();
-  unshare();
-  await store.flush();
-  await store.close();
-  log.info({}, 'daemon stopped');
-  log.flush();
+  let stopping: Promise<void> | null = null;
+  const stop = (why: string): Promise<void> => {
+    stopping ??= (async () => {
+      log.info({ signal: why }, 'stopping: no new jobs; waiting for the running one');
+      clearInterval(alerts);
+      await sched.stop(STOP_GRACE_MS);
+      rmSync(runFile, { force: true });
+      await server.close();
+      unshare();
+      await store.flush();
+      await store.close();
+      log.info({}, 'daemon stopped');
+      log.flush();
+    })();
+    return stopping;
+  };
+  return { url: server.url, stop };
 }

@@ -21,11 +21,16 @@ export function define(program: Command): void {
       const io = currentIO();
       try {
         const { runDaemon } = await import('../../scheduler/daemon.js');
-        const stopped = new Promise<string>((resolve) => {
-          process.once('SIGTERM', () => resolve('SIGTERM'));
-          process.once('SIGINT', () => resolve('SIGINT'));
-        });
-        await runDaemon({ home: g.home, listen: cmd.opts<{ listen: string }>().listen, json: g.json, out: (s) => io.out(s), stopped });
+        const daemon = await runDaemon({ home: g.home, listen: cmd.opts<{ listen: string }>().listen, json: g.json, out: (s) => io.out(s) });
+        // Return now (forwarded commands import the entry module, see daemon.ts); the signal ends the process.
+        const onSignal = (signal: NodeJS.Signals) => {
+          daemon.stop(signal).then(() => process.exit(0), (e: unknown) => {
+            io.err(`error during shutdown: ${(e as Error).message}\n`);
+            process.exit(1);
+          });
+        };
+        process.once('SIGTERM', onSignal);
+        process.once('SIGINT', onSignal);
         io.setExit(0);
       } catch (e) {
         reportError(e, g.json);

@@ -1,0 +1,173 @@
+/**
+ * The daemon as a real process: snapshots a group between its hooks, survives
+ * kill -9 in the middle of a job (the restarted daemon resumes the same job), serves /v1/status
+ * and /metrics behind the token, and stops cleanly on SIGTERM. Runs dist/ (`npm run build`).
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { request } from 'node:https';
+import { once } from 'node:events';
+import { readFileSync, writeFileSync, existsSync, watch } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { join } from 'node:path';
+import type { ChildProcess } from 'node:child_process';
+import { initHome, cli, tempDir, type TestHome } from '../helpers/appliance.js';
+import { spawnCli } from '../helpers/cli.js';
+
+const MiB = 1024 * 1024;
+/** Upper bound for any one wait below (cold starts on a loaded 2-core machine). */
+const WAIT_MS = 60_000;
+
+interface Daemon {
+  readonly child: ChildProcess;
+  readonly url: string;
+  /** Resolves when a stderr (pino JSON) line satisfies `pred`. */
+  logLine(pred: (o: Record<string, unknown>) => boolean): Promise<Record<string, unknown>>;
+  stderr(): string;
+  readonly exited: Promise<[number | null, NodeJS.Signals | null]>;
+}
+
+async function startDaemon(t: { after(fn: () => unknown): void }, home: TestHome): Promise<Daemon> {
+  const child = spawnCli(['--home', home.dir, '--json', 'daemon', '--listen', '127.0.0.1:0']);
+  let err = '';
+  const waiters: Array<{ pred: (o: Record<string, unknown>) => boolean; resolve: (o: Record<string, unknown>) => void }> = [];
+  const seen: Record<string, unknown>[] = [];
+  let partial = '';
+  child.stderr!.on('data', (d: Buffer) => {
+    err += d.toString();
+    partial += d.toString();
+    let nl;
+    while ((nl = partial.indexOf('\n')) >= 0) {
+      const line = partial.slice(0, nl);
+      partial = partial.slice(nl + 1);
+      try {
+        const o = JSON.parse(line) as Record<string, unknown>;
+        seen.push(o);
+        for (const w of [...waiters]) if (w.pred(o)) { waiters.splice(waiters.indexOf(w), 1); w.resolve(o); }
+      } catch { /* not a log line */ }
+    }
+  });
+  const exited = once(child, 'exit') as Promise<[number | null, NodeJS.Signals | null]>;
+  t.after(() => { if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL'); });
+  const [line] = await Promise.race([
+    once(child.stdout!, 'data') as Promise<[Buffer]>,
+    exited.then(() => { throw new Error(`daemon exited early: ${err}`); }),
+  ]);
+  const url = (JSON.parse(line.toString()) as { url: string }).url;
+  return {
+    child, url, exited, stderr: () => err,
+    logLine: (pred) => {
+      const hit = seen.find(pred);
+      if (hit) return Promise.resolve(hit);
+      return new Promise((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`no such log line within ${WAIT_MS} ms:\n${err}`)), WAIT_MS);
+        waiters.push({ pred, resolve: (o) => { clearTimeout(timer); resolve(o); } });
+      });
+    },
+  };
+}
+
+function get(home: TestHome, url: string, path: string, token: string | null): Promise<{ status: number; body: string }> {
+  const cert = readFileSync(join(home.dir, 'tls', 'cert.pem'), 'utf8');
+  return new Promise((resolve, reject) => {
+    const req = request(new URL(path, url), { ca: cert, checkServerIdentity: () => undefined, headers: token ? { authorization: `Bearer ${token}` } : {} }, (res) => {
+      let body = '';
+      res.on('data', (c) => (body += c));
+      res.on('end', () => resolve({ status: res.statusCode!, body }));
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+/** Resolves when `file` exists and has `lines` non-empty lines (watching its directory). */
+function fileLines(dir: string, file: string, lines: number): Promise<string[]> {
+  const read = () => (existsSync(join(dir, file)) ? readFileSync(join(dir, file), 'utf8').split('\n').filter(Boolean) : []);
+  return new Promise((resolve, reject) => {
+    const check = () => {
+      const l = read();
+      if (l.length >= lines) { w.close(); clearTimeout(timer); resolve(l); }
+    };
+    const w = watch(dir, check);
+    const timer = setTimeout(() => { w.close(); reject(new Error(`${file} never reached ${lines} line(s)`)); }, WAIT_MS);
+    check();
+  });
+}
+
+test('daemon: group snapshotted between hooks, kill -9 mid-job resumes the same job, status and metrics, clean SIGTERM', async (t) => {
+  const work = tempDir(t, 'tandem-daemon-');
+  const a = await initHome(t, 'onprem');
+  const img = join(work, 'db-data.img');
+  writeFileSync(img, randomBytes(4 * MiB));
+  assert.equal((await cli(a, 'volume', 'add', 'db-data', '--path', img)).code, 0);
+  // The pre hook records the job id and its process group, then blocks until `go` exists.
+  const pre = `echo $TANDEM_JOB >> ${work}/pre.log; echo $$ > ${work}/hook.pid; [ -f ${work}/go ] || sleep 30`;
+  writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
+policies:
+  gold:
+    rpo: 1h
+    rto: 30m
+    retention: { last: 3 }
+assign:
+  - match: "db-*"
+    policy: gold
+groups:
+  erp:
+    volumes: [db-data]
+    hooks:
+      pre: '${pre}'
+      post: 'echo $TANDEM_JOB >> ${work}/post.log'
+      timeout: 45s
+`);
+  assert.equal((await cli(a, 'config', 'check')).code, 0);
+
+  // 1. The first daemon starts the job (never protected: due now) and is killed inside the pre hook.
+  const d1 = await startDaemon(t, a);
+  const [jobId] = await fileLines(work, 'pre.log', 1);
+  assert.match(jobId!, /^job-/);
+  d1.child.kill('SIGKILL');
+  await d1.exited;
+  const hookPid = Number(readFileSync(join(work, 'hook.pid'), 'utf8'));
+  try { process.kill(-hookPid, 'SIGKILL'); } catch { /* already gone */ }
+  assert.equal(existsSync(join(work, 'post.log')), false, 'killed before the post hook');
+
+  // 2. The restarted daemon resumes the same job and finishes it.
+  writeFileSync(join(work, 'go'), '');
+  const d2 = await startDaemon(t, a);
+  const resumed = await d2.logLine((o) => o.msg === 'resuming a job interrupted by a restart');
+  assert.equal(resumed.job, jobId);
+  const done = await d2.logLine((o) => o.msg === 'job done' || o.msg === 'job failed');
+  assert.equal(done.msg, 'job done', d2.stderr());
+  assert.equal(done.job, jobId);
+  const preLines = readFileSync(join(work, 'pre.log'), 'utf8').split('\n').filter(Boolean);
+  assert.deepEqual(preLines, [jobId, jobId], 'same job, run again from its snapshot step');
+  assert.deepEqual(readFileSync(join(work, 'post.log'), 'utf8').split('\n').filter(Boolean), [jobId]);
+
+  // 3. Status and metrics over the API (token required), and the CLI forwarded to the daemon.
+  assert.equal((await get(a, d2.url, '/metrics', null)).status, 401);
+  const status = JSON.parse((await get(a, d2.url, '/v1/status', a.token)).body);
+  const vol = status.volumes.find((v: { volume: string }) => v.volume === 'db-data');
+  assert.equal(vol.rpoState, 'OK');
+  assert.equal(vol.lastJob.id, jobId);
+  assert.equal(vol.lastJob.ok, true);
+  assert.ok(vol.lastSnapshot.id);
+  const metrics = await get(a, d2.url, '/metrics', a.token);
+  assert.equal(metrics.status, 200);
+  assert.match(metrics.body, /tandem_rpo_state\{volume="db-data",policy="gold",state="OK"\} 1/);
+  const viaCli = await cli(a, 'status', 'db-data');
+  assert.equal(viaCli.code, 0, viaCli.stderr);
+  assert.equal(viaCli.json.volumes[0].lastSnapshot.id, vol.lastSnapshot.id);
+
+  // The snapshot is labelled with its group run (CLI forwarded to the daemon, which holds the store).
+  const listed = await cli(a, 'snapshots', 'db-data');
+  assert.equal(listed.code, 0, listed.stderr);
+  const snaps = (Array.isArray(listed.json) ? listed.json : listed.json.snapshots) as Array<{ id: string; labels?: Record<string, string> }>;
+  assert.equal(snaps.length, 1, 'the killed attempt committed nothing');
+  assert.deepEqual(snaps[0]!.labels, { group: 'erp', groupRun: jobId });
+
+  // 4. SIGTERM: exits 0 and removes run/server.json.
+  d2.child.kill('SIGTERM');
+  const [code] = await d2.exited;
+  assert.equal(code, 0, d2.stderr());
+  assert.equal(existsSync(join(a.dir, 'run', 'server.json')), false);
+});
