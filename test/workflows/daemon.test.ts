@@ -11,7 +11,7 @@ import { readFileSync, writeFileSync, existsSync, watch } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
-import { initHome, cli, tempDir, type TestHome } from '../helpers/appliance.js';
+import { initHome, startServe, pair, cli, tempDir, type TestHome } from '../helpers/appliance.js';
 import { spawnCli } from '../helpers/cli.js';
 
 const MiB = 1024 * 1024;
@@ -170,4 +170,37 @@ groups:
   const [code] = await d2.exited;
   assert.equal(code, 0, d2.stderr());
   assert.equal(existsSync(join(a.dir, 'run', 'server.json')), false);
+});
+
+test('daemon replicates to its peer before the RPO; the peer holds the snapshot', async (t) => {
+  const work = tempDir(t, 'tandem-daemon-repl-');
+  const a = await initHome(t, 'onprem');
+  const b = await initHome(t, 'cloud');
+  const served = await startServe(t, b);
+  await pair(a, 'cloud', b, served);
+  const img = join(work, 'web.img');
+  writeFileSync(img, randomBytes(3 * MiB));
+  assert.equal((await cli(a, 'volume', 'add', 'web', '--path', img)).code, 0);
+  writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
+policies:
+  silver: { rpo: 2h, retention: { last: 1 } }
+assign:
+  - match: "*"
+    policy: silver
+replication: { peer: cloud }
+`);
+  const d = await startDaemon(t, a);
+  const done = await d.logLine((o) => o.msg === 'job done' || o.msg === 'job failed');
+  assert.equal(done.msg, 'job done', d.stderr());
+  const status = JSON.parse((await get(a, d.url, '/v1/status', a.token)).body);
+  const vol = status.volumes[0];
+  assert.equal(vol.volume, 'web');
+  assert.equal(vol.rpoState, 'OK');
+  assert.equal(vol.lastReplicated.snapshot, vol.lastSnapshot.id);
+  const remote = await cli(b, 'snapshots', 'web');
+  assert.equal(remote.code, 0, remote.stderr);
+  const ids = ((Array.isArray(remote.json) ? remote.json : remote.json.snapshots) as Array<{ id: string }>).map((s) => s.id);
+  assert.deepEqual(ids, [vol.lastSnapshot.id], 'the peer holds the replicated snapshot');
+  d.child.kill('SIGTERM');
+  assert.equal((await d.exited)[0], 0);
 });

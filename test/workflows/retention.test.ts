@@ -68,3 +68,37 @@ test('property: the newest and the pinned are always kept; more retention never 
     },
   ), { numRuns: 200 });
 });
+
+test('applyRetention on a real store deletes what the policy drops and never the sync base or the last EBS export', async (t) => {
+  const { mkdtempSync, rmSync, writeFileSync } = await import('node:fs');
+  const { tmpdir } = await import('node:os');
+  const { join } = await import('node:path');
+  const { randomBytes } = await import('node:crypto');
+  const { Home } = await import('../../appliance/home.js');
+  const { addVolume, snapshotVolume } = await import('../../appliance/ops.js');
+  const { applyRetention, pinnedSnapshots } = await import('../../appliance/policy/index.js');
+  const dir = mkdtempSync(join(tmpdir(), 'tandem-ret-'));
+  const home = await Home.init(join(dir, 'home'), 'onprem');
+  const store = await home.openStore();
+  t.after(async () => {
+    await store.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const img = join(dir, 'v.img');
+  const ids: string[] = [];
+  for (let i = 0; i < 5; i++) {
+    writeFileSync(img, randomBytes(256 * 1024));
+    if (i === 0) await addVolume(store, { name: 'v', path: img });
+    ids.push((await snapshotVolume(home, store, 'v')).id);
+  }
+  // Formats written by appliance/replicate.ts and appliance/ebs (newest export last).
+  await store.putMeta('sync-base', 'v@cloud', { snapshot: ids[1], root: 'x', direction: 'push', at: new Date().toISOString() });
+  await store.putMeta('ebs-exports', 'v', [{ ebsSnapshotId: 'snap-1', tandemSnapshot: ids[0] }, { ebsSnapshotId: 'snap-2', tandemSnapshot: ids[2] }]);
+  await store.putMeta('sync-base', 'vx@cloud', { snapshot: ids[3], root: 'y', direction: 'push', at: new Date().toISOString() });
+  assert.deepEqual([...await pinnedSnapshots(store, 'v')].sort(), [ids[1], ids[2]].sort(), 'only v, only the newest export');
+  const policy = { name: 'p', rpoMs: 3_600_000, rtoMs: null, retention: { last: 1 }, export: null };
+  const r = await applyRetention(store, 'v', policy);
+  assert.deepEqual(r.deleted.sort(), [ids[0], ids[3]].sort());
+  assert.deepEqual((await store.listSnapshots('v')).map((s) => s.id), [ids[1], ids[2], ids[4]]);
+  assert.deepEqual((await applyRetention(store, 'v', policy)).deleted, [], 'idempotent');
+});
