@@ -96,9 +96,25 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
     opts.onProgress({ ...progress });
   };
 
+  const holes = reader.holes ?? [];
+  /** True when [start, end) lies inside one hole (binary search: holes are sorted). */
+  const inHole = (start: number, end: number): boolean => {
+    let lo = 0;
+    let hi = holes.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      const h = holes[mid]!;
+      if (h.end <= start) lo = mid + 1;
+      else if (h.start > start) hi = mid - 1;
+      else return end <= h.end;
+    }
+    return false;
+  };
+
   const readJob = async (job: Job, slot: number): Promise<Done> => {
     const start = job.first * blockSize;
     const length = Math.min(job.count * blockSize, size - start);
+    if (inHole(start, start + length)) return { ...job, slot, length, hashes: Buffer.alloc(job.count * HASH_LENGTH) };
     if (localPath !== undefined) {
       const hashes = await pool.hash(slot * slotBytes, length, blockSize, { path: localPath, position: start });
       return { ...job, slot, length, hashes };

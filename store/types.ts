@@ -133,6 +133,12 @@ export interface VolumeReader {
    */
   readonly path?: string;
   readonly kind?: 'file' | 'device';
+  /**
+   * Byte ranges [start, end) known to read as zeros (the holes of a sparse file), ascending and
+   * disjoint. scanVolume does not read a chunk that lies inside one: reading holes through the
+   * page cache is slow (the kernel fills the cache with zero pages).
+   */
+  readonly holes?: ReadonlyArray<{ readonly start: number; readonly end: number }>;
   /** Fill buf from byte offset `position`; returns bytes read (short only at end of volume). */
   read(buf: Buffer, position: number): Promise<number>;
   close(): Promise<void>;

@@ -79,6 +79,26 @@ describe('Store', () => {
     assert.equal(await store.latestSnapshot('c'), null);
   });
 
+  it('chunks inside the reader\'s holes are not read', async (t) => {
+    const dir = await tempDir(t);
+    const img = Buffer.alloc(300 * BS);
+    img.fill(5, 5 * BS, 6 * BS);
+    const path = join(dir, 'img');
+    await writeImage(path, img);
+    const store = await Store.open(join(dir, 'store'));
+    t.after(() => store.close());
+    const full = await scanFile(store, path, 'a');
+    const inner = await fileReader(path);
+    t.after(() => inner.close());
+    const positions: number[] = [];
+    // 8 MiB chunks of 64 KiB blocks: chunk 0 = blocks 0-127 (has data), chunks 1 and 2 are holes.
+    const holes = [{ start: 100 * BS, end: 300 * BS }];
+    const reader = { size: img.length, holes, read: (b: Buffer, p: number) => (positions.push(p), inner.read(b, p)), close: async () => undefined };
+    const sparse = await store.scanVolume(reader, { volume: 'b', blockSize: BS });
+    assert.equal(sparse.root, full.root);
+    assert.deepEqual(positions, [0]);
+  });
+
   it('an aborted scan commits nothing', async (t) => {
     const dir = await tempDir(t);
     const path = join(dir, 'img');
