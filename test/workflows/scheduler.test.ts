@@ -143,3 +143,66 @@ assign:
   assert.equal(st.lastGood, null);
   assert.deepEqual(await listCheckpoints(store), [], 'a failed job leaves no checkpoint');
 });
+
+test('receiving side: each new replica is exported to EBS (incrementally) when the policy says so, then retention', async (t) => {
+  const { emulator, makeImage } = await import('../ebs/helpers.js');
+  const { openVolumeReader } = await import('../../appliance/volumes/index.js');
+  const before = { ...process.env };
+  const emu = await emulator(); // points this process's AWS SDK environment at the emulator
+  t.after(async () => {
+    await emu.close();
+    for (const k of Object.keys(process.env)) if (!(k in before)) delete process.env[k];
+  });
+  const { dir, home, store } = await setup(t, `policies:
+  gold: { rpo: 15m, retention: { last: 1 }, export: ebs }
+assign:
+  - match: "*"
+    policy: gold
+`);
+  const BS = 524288;
+  const img = join(dir, 'db.img');
+  const replica = async (seed: number) => {
+    writeFileSync(img, makeImage(8, { seed, zeroEvery: 4 }));
+    const reader = await openVolumeReader(img);
+    try {
+      return await store.scanVolume(reader, { volume: 'db', blockSize: BS, parent: await store.latestSnapshot('db'), origin: 'peer:onprem' });
+    } finally {
+      await reader.close();
+    }
+  };
+  const first = await replica(1);
+  assert.equal((await store.getVolume('db'))!.path, undefined, 'a replica: no local path');
+  const clock = new FakeClock(START);
+  let config: Config | null = null;
+  const lines: string[] = [];
+  const sched = new Scheduler({
+    store, clock, log: quietLog(lines), steps: applianceSteps(home, store, () => config),
+    loadConfig: async () => (config = await loadConfig(home)), rescanMs: 60_000,
+  });
+  const idle = async (): Promise<number> => {
+    for (let i = 0; i < 20; i++) {
+      const until = await clock.nextSleep();
+      if (sched.runningUnits().length === 0) return until;
+    }
+    throw new Error(`scheduler never went idle: ${lines.join('\n')}`);
+  };
+  const p1 = idle();
+  sched.start();
+  const wake = await p1;
+  let st = await readVolumeState(store, 'db');
+  assert.equal(st.lastExported, first.id, lines.join('\n'));
+  assert.equal(st.lastGood, first.created, 'the replica point is when it was taken');
+  const second = await replica(2);
+  const p2 = idle();
+  clock.advanceTo(wake);
+  await p2;
+  st = await readVolumeState(store, 'db');
+  assert.equal(st.lastExported, second.id, lines.join('\n'));
+  const exports = (await store.getMeta<Array<{ tandemSnapshot: string; parentEbsSnapshotId: string | null }>>('ebs-exports', 'db'))!;
+  assert.deepEqual(exports.map((e) => e.tandemSnapshot), [first.id, second.id]);
+  assert.ok(exports[1]!.parentEbsSnapshotId, 'incremental: the second export has the first as parent');
+  assert.deepEqual((await store.listSnapshots('db')).map((s) => s.id), [second.id], 'retention last: 1 after the export');
+  const rates = await readRates(store, 'db');
+  assert.ok((rates.exportBytesPerSec ?? 0) > 0, 'export rate measured');
+  await sched.stop(1000);
+});
