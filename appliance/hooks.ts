@@ -34,10 +34,12 @@ export interface HookOptions {
   readonly env?: Record<string, string>;
   /** Called after each hook ran (for logs). */
   readonly onHook?: (run: HookRun) => void;
+  /** Aborting kills a running pre hook (the daemon is stopping) and skips the snapshot; post still runs. */
+  readonly signal?: AbortSignal;
 }
 
 /** Run one hook command to completion (never throws: the outcome is in the result). */
-export function runHook(phase: 'pre' | 'post', command: string, timeoutMs: number, env: Record<string, string> = {}): Promise<HookRun> {
+export function runHook(phase: 'pre' | 'post', command: string, timeoutMs: number, env: Record<string, string> = {}, signal?: AbortSignal): Promise<HookRun> {
   const started = Date.now();
   return new Promise((resolve) => {
     // Own process group, so a timeout kills the whole pipeline the shell started.
@@ -58,15 +60,21 @@ export function runHook(phase: 'pre' | 'post', command: string, timeoutMs: numbe
         // already gone
       }
     };
+    const stop = () => {
+      kill('SIGTERM');
+      killTimer ??= setTimeout(() => kill('SIGKILL'), KILL_GRACE_MS);
+    };
     const timer = setTimeout(() => {
       timedOut = true;
-      kill('SIGTERM');
-      killTimer = setTimeout(() => kill('SIGKILL'), KILL_GRACE_MS);
+      stop();
     }, timeoutMs);
-    const finish = (exitCode: number | null, signal: string | null) => {
+    signal?.addEventListener('abort', stop, { once: true });
+    if (signal?.aborted) stop();
+    const finish = (exitCode: number | null, sig: string | null) => {
       clearTimeout(timer);
       if (killTimer) clearTimeout(killTimer);
-      resolve({ phase, command, exitCode, signal, timedOut, output: output.toString('utf8').trim(), durationMs: Date.now() - started });
+      signal?.removeEventListener('abort', stop);
+      resolve({ phase, command, exitCode, signal: sig, timedOut, output: output.toString('utf8').trim(), durationMs: Date.now() - started });
     };
     child.on('error', (e) => {
       collect(Buffer.from(String(e.message)));
@@ -97,7 +105,7 @@ export async function withHooks<T>(hooks: Hooks | null, fn: () => Promise<T>, op
     return r;
   };
   if (hooks.pre !== null) {
-    const pre = await runHook('pre', hooks.pre, hooks.timeoutMs, opts.env);
+    const pre = await runHook('pre', hooks.pre, hooks.timeoutMs, opts.env, opts.signal);
     opts.onHook?.(pre);
     if (failed(pre)) {
       const post = await runPost();

@@ -354,7 +354,7 @@ export class Scheduler {
     let snaps: Record<string, string>;
     let warning: string | undefined;
     try {
-      snaps = await withHooks(unit.hooks, take, { env: { TANDEM_GROUP: unit.group ?? '', TANDEM_VOLUMES: unit.volumes.map((v) => v.name).join(' '), TANDEM_JOB: cp.id } });
+      snaps = await withHooks(unit.hooks, take, { env: { TANDEM_GROUP: unit.group ?? '', TANDEM_VOLUMES: unit.volumes.map((v) => v.name).join(' '), TANDEM_JOB: cp.id }, signal });
     } catch (e) {
       // A post hook that failed after the snapshots were taken: the snapshots stand.
       if (isTandemError(e, 'ERR_HOOK_FAILED') && e.details.snapshotTaken === true) {

@@ -206,3 +206,44 @@ assign:
   assert.ok((rates.exportBytesPerSec ?? 0) > 0, 'export rate measured');
   await sched.stop(1000);
 });
+
+test('stop() with a job blocked in its pre hook: bounded wait, hook killed, checkpoint kept for the next start', async (t) => {
+  const { dir, home, store } = await setup(t, `policies:
+  p: { rpo: 1h }
+groups:
+  g:
+    volumes: [v]
+    hooks: { pre: "echo started > ${'$'}{HOOKDIR2}/pre; sleep 30", post: "true", timeout: 60s }
+assign:
+  - match: "*"
+    policy: p
+`);
+  process.env.HOOKDIR2 = dir;
+  t.after(() => { delete process.env.HOOKDIR2; });
+  await addVolume(store, { name: 'v', path: image(dir, 'v.img', MiB) });
+  const clock = new FakeClock(START);
+  let config: Config | null = null;
+  const lines: string[] = [];
+  const ended = new Promise<{ ok: boolean }>((resolve) => {
+    const sched = new Scheduler({
+      store, clock, log: quietLog(lines), steps: applianceSteps(home, store, () => config),
+      loadConfig: async () => (config = await loadConfig(home)),
+      onJobEnd: (_u, o) => resolve(o),
+    });
+    sched.start();
+    // Stop once the job is inside its hook (the first sleep starts after the launch).
+    void clock.nextSleep().then(async () => {
+      const t0 = Date.now();
+      await sched.stop(200);
+      lines.push(`stopped after ${Date.now() - t0} ms`);
+    });
+  });
+  const o = await ended;
+  assert.equal(o.ok, false);
+  const cps = await listCheckpoints(store);
+  assert.equal(cps.length, 1, lines.join('\n'));
+  assert.equal(cps[0]!.unit, 'group:g');
+  assert.equal(cps[0]!.step, 'snapshot');
+  assert.equal((await store.listSnapshots('v')).length, 0);
+  assert.ok(lines.some((l) => l.includes('job interrupted; checkpoint kept')), lines.join('\n'));
+});
