@@ -9,7 +9,7 @@
 import { mkdir } from 'node:fs/promises';
 import { ClassicLevel } from 'classic-level';
 import { TandemError, fromSystemError, isTandemError } from '../common/errors.js';
-import { blake3, hashBlock, HASH_LENGTH, isHash, isZeroBlock, isZeroHash, parseHex, toHex, ZERO_HASH } from './hash.js';
+import { blake3, hashBlock, isHash, isZeroHash, MAX_BLOCK_SIZE, parseHex, toHex } from './hash.js';
 import { checkSnapshotId, checkVolumeName, isValidSnapshotId, isValidVolumeName, newSnapshotId } from './ids.js';
 import {
   blockKey, decodeLocation, encodeLocation, encodeU64, decodeU64, metaKey, metaRange, namespaceRange, nodeKey, NS,
@@ -141,7 +141,7 @@ export class Store implements ReplicaStore {
     this.checkOpen();
     for (const h of hashes) checkHash(h);
     const out = hashes.map((h) => isZeroHash(h) || this.pending.has(h.toString('latin1')));
-    const ask = hashes.map((h, i) => (out[i] ? -1 : i)).filter((i) => i >= 0);
+    const ask = hashes.map((_, i) => (out[i] ? -1 : i)).filter((i) => i >= 0);
     if (ask.length > 0) {
       const vals = await this.db.getMany(ask.map((i) => blockKey(hashes[i]!)));
       ask.forEach((i, n) => (out[i] = vals[n] !== undefined));
@@ -223,7 +223,7 @@ export class Store implements ReplicaStore {
   async putBlock(hash: Hash, data: Buffer): Promise<boolean> {
     this.checkOpen();
     checkHash(hash);
-    if (!Buffer.isBuffer(data) || data.length === 0 || data.length > 16 * 1024 * 1024) {
+    if (!Buffer.isBuffer(data) || data.length === 0 || data.length > MAX_BLOCK_SIZE) {
       throw new TandemError('ERR_BAD_REQUEST', `block ${toHex(hash)}: data must be 1 byte to 16 MiB`, { details: { hash: toHex(hash) } });
     }
     const actual = hashBlock(data);
