@@ -13,8 +13,7 @@ import { existsSync } from 'node:fs';
 import { TandemError, fromSystemError } from '../common/errors.js';
 import type { Home } from './home.js';
 import type { Store, SnapshotRecord, VolumeRecord, ScanProgress } from '../store/index.js';
-import { inspectVolume, openVolumeReader, openVolumeWriter, readChangedBlocksFile, type Hole, type LocalVolumeReader } from './volumes/index.js';
-import { ZERO_HASH, hashBlock } from '../store/index.js';
+import { inspectVolume, openVolumeReader, openVolumeWriter, readChangedBlocksFile } from './volumes/index.js';
 import { materialize, type MaterializeProgress, type MaterializeResult } from '../sync/materialize.js';
 
 /** Volume names end up in file names, URLs and EBS tags: keep them to a safe alphabet. */
@@ -173,95 +172,11 @@ export async function snapshotVolumeLocked(store: Store, name: string, opts: Sna
       ...(opts.signal ? { signal: opts.signal } : {}),
     };
     if (changedBlocks !== undefined) return await store.scanVolume(reader, { ...common, parent, changedBlocks, origin: 'changed-blocks' });
-    const holeBytes = reader.holes.reduce((n, h) => n + (h.end - h.start), 0);
-    if (holeBytes * 2 >= reader.size) {
-      // Mostly holes: read only the blocks that hold data (and, against a parent, the blocks
-      // that held data before and are holes now). The result is what a full scan would give.
-      const dataBlocks = blocksWithData(reader.size, vol.blockSize, reader.holes);
-      if (!parent) return await snapshotSparse(store, reader, dataBlocks, common);
-      const listed = new Set(dataBlocks);
-      for await (const { index } of store.diffSnapshots(null, parent)) listed.add(index);
-      return await store.scanVolume(reader, { ...common, parent, changedBlocks: [...listed].sort((a, b) => a - b), origin: 'scan' });
-    }
+    // A sparse image's holes (reader.holes) are not read: the scan takes them as zero blocks.
     return await store.scanVolume(reader, { ...common, parent, origin: 'scan' });
   } finally {
     await reader.close();
   }
-}
-
-/** Indices of the blocks that overlap data (not holes), ascending. */
-function blocksWithData(size: number, blockSize: number, holes: readonly Hole[]): number[] {
-  const out: number[] = [];
-  let pos = 0;
-  const addRange = (start: number, end: number) => {
-    if (end <= start) return;
-    const first = Math.max(Math.floor(start / blockSize), out.length > 0 ? out[out.length - 1]! + 1 : 0);
-    for (let b = first; b <= Math.floor((end - 1) / blockSize); b++) out.push(b);
-  };
-  for (const h of holes) {
-    addRange(pos, Math.min(h.start, size));
-    pos = Math.max(pos, h.end);
-  }
-  addRange(pos, size);
-  return out;
-}
-
-/** The store is flushed (and the blocks offered to the tree build) every this many bytes. */
-const SPARSE_FLUSH_BYTES = 256 * 1024 * 1024;
-
-/**
- * First snapshot of a mostly-sparse image: read, hash and store only the blocks that hold data,
- * then build the tree (every other block is a zero block). Hashing stays on this thread: the
- * data is a small part of the volume by construction.
- */
-async function snapshotSparse(
-  store: Store,
-  reader: LocalVolumeReader,
-  dataBlocks: readonly number[],
-  common: { volume: string; blockSize: number; labels?: Record<string, string>; onProgress?: (p: ScanProgress) => void; signal?: AbortSignal },
-): Promise<SnapshotRecord> {
-  const { blockSize: bs, volume } = common;
-  const created = new Date().toISOString();
-  const progress = { blocksDone: 0, blocksTotal: dataBlocks.length, bytesRead: 0, blocksStored: 0 };
-  async function* changes(): AsyncGenerator<{ index: number; hash: Buffer }> {
-    let batch: Array<{ index: number; hash: Buffer }> = [];
-    let unflushed = 0;
-    for (const index of dataBlocks) {
-      common.signal?.throwIfAborted();
-      const buf = Buffer.allocUnsafe(Math.min(bs, reader.size - index * bs));
-      const n = await reader.read(buf, index * bs);
-      if (n !== buf.length) {
-        throw new TandemError('ERR_VOLUME_UNREADABLE', `volume ${volume} ended at byte ${index * bs + n}, before its size ${reader.size}; it shrank during the snapshot, retry`, { details: { volume } });
-      }
-      progress.blocksDone++;
-      progress.bytesRead += n;
-      const hash = hashBlock(buf);
-      if (!hash.equals(ZERO_HASH)) {
-        if (await store.putBlock(hash, buf)) progress.blocksStored++;
-        batch.push({ index, hash });
-        unflushed += n;
-      }
-      if (unflushed >= SPARSE_FLUSH_BYTES) {
-        await store.flush();
-        yield* batch;
-        batch = [];
-        unflushed = 0;
-      }
-      common.onProgress?.({ ...progress });
-    }
-    await store.flush();
-    yield* batch;
-  }
-  return store.buildSnapshot({
-    volume,
-    size: reader.size,
-    blockSize: bs,
-    parent: null,
-    changes: changes(),
-    origin: 'scan',
-    created,
-    ...(common.labels ? { labels: common.labels } : {}),
-  });
 }
 
 export interface RestoreOptions {
