@@ -10,7 +10,7 @@ export interface ServerStats {
   blocksReceived: number;
   /** Uncompressed bytes of the blocks received. */
   bytesReceived: number;
-  /** Blocks received that the store did not hold yet. */
+  /** Blocks received that the store did not hold yet, counted when an upload completes (an aborted upload's blocks are stored but not counted here). */
   blocksStored: number;
   blocksSent: number;
   bytesSent: number;

@@ -99,13 +99,30 @@ async function recordBase(store: Store, volume: string, peer: string, snap: Snap
   await store.putMeta(SYNC_BASE_NS, baseKey(volume, peer), base);
 }
 
+/** The lock operation name a sync takes (appliance/locks.ts). */
+export function syncLockOp(opts: Pick<SyncOptions, 'reverse'>): string {
+  return opts.reverse ? 'sync --reverse' : 'sync';
+}
+
 /** Sync `volume` with peer `peerName`, taking the local volume lock (ERR_VOLUME_LOCKED if busy). */
 export async function syncVolume(home: Home, store: Store, volume: string, peerName: string, opts: SyncOptions = {}): Promise<SyncResult> {
+  const release = home.lockVolume(volume, syncLockOp(opts));
+  try {
+    return await syncVolumeLocked(home, store, volume, peerName, opts);
+  } finally {
+    release();
+  }
+}
+
+/**
+ * {@link syncVolume} for a caller that holds the volume lock (the CLI takes it before opening
+ * the store, so a second sync meets ERR_VOLUME_LOCKED rather than ERR_STORE_BUSY).
+ */
+export async function syncVolumeLocked(home: Home, store: Store, volume: string, peerName: string, opts: SyncOptions = {}): Promise<SyncResult> {
   if (opts.apply && !opts.reverse) throw new TandemError('ERR_USAGE', '--apply writes a pulled snapshot onto the local volume: use it with --reverse');
   if (opts.changedBlocksFile !== undefined && opts.reverse) throw new TandemError('ERR_USAGE', '--changed-blocks describes the local volume: it applies to a push, not to --reverse');
   if (opts.apply && opts.dryRun) throw new TandemError('ERR_USAGE', '--apply and --dry-run cannot be combined; run --reverse --dry-run to see what would be pulled');
   const peer = await getPeer(store, peerName);
-  const release = home.lockVolume(volume, opts.reverse ? 'sync --reverse' : 'sync');
   const started = performance.now();
   const remote = connectPeer(peer, opts.bwlimit ? { bwlimit: opts.bwlimit } : {});
   try {
@@ -114,7 +131,6 @@ export async function syncVolume(home: Home, store: Store, volume: string, peerN
   } finally {
     await remote.releaseVolume();
     await remote.close();
-    release();
   }
 }
 

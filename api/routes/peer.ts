@@ -30,6 +30,25 @@ export function nodeFromWire(n: S.WireNodeT): TreeNode {
   return { hash: fromHex(n.hash), level: n.level, children: n.children.map(fromHex) };
 }
 
+/**
+ * After a bad frame the rest of an upload is read and dropped, up to this much, so the sender
+ * sees the 422 answer; past it the connection is reset (the sender then reports the peer as
+ * unreachable, and a rerun resends only what is missing).
+ */
+const DRAIN_LIMIT_BYTES = 64 * 1024 * 1024;
+
+async function drain(stream: Readable, limit: number): Promise<void> {
+  let n = 0;
+  try {
+    for await (const c of stream.iterator({ destroyOnReturn: true })) {
+      n += (c as Buffer).length;
+      if (n > limit) break;
+    }
+  } catch {
+    /* the client went away: nothing to answer */
+  }
+}
+
 function leaseOf(headers: Record<string, unknown>): string | undefined {
   const v = headers[LEASE_HEADER];
   return typeof v === 'string' && v.length <= 64 ? v : undefined;
@@ -139,8 +158,9 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
       stats.blocksStored += r.stored;
       return { received, stored: r.stored, bytes };
     } catch (e) {
+      // Read on (bounded) so the client, still sending, gets this answer rather than a reset.
+      await drain(body, DRAIN_LIMIT_BYTES);
       reply.header('connection', 'close');
-      body.resume();
       throw e;
     }
   });

@@ -23,15 +23,20 @@ export function define(program: Command): void {
       const o = cmd.opts<{ peer: string; reverse?: boolean; apply?: boolean; dryRun?: boolean; changedBlocks?: string; bwlimit?: string }>();
       const bwlimit = o.bwlimit === undefined ? 0 : parseSize(o.bwlimit);
       const { Home } = await import('../../home.js');
-      const { syncVolume } = await import('../../replicate.js');
+      const { syncVolumeLocked, syncLockOp } = await import('../../replicate.js');
       const { startProgress } = await import('../progress.js');
       const { currentIO } = await import('../output.js');
       const home = Home.load(g.home);
-      const store = await home.openStore();
+      // The volume lock first: a second sync of the volume gets ERR_VOLUME_LOCKED, not ERR_STORE_BUSY.
+      const release = home.lockVolume(volume, syncLockOp({ reverse: o.reverse === true }));
+      const store = await home.openStore().catch((e: unknown) => {
+        release();
+        throw e;
+      });
       let bar: ReturnType<typeof startProgress> | null = null;
       let phase = '';
       try {
-        const r = await syncVolume(home, store, volume, o.peer, {
+        const r = await syncVolumeLocked(home, store, volume, o.peer, {
           reverse: o.reverse === true,
           apply: o.apply === true,
           dryRun: o.dryRun === true,
@@ -65,6 +70,7 @@ export function define(program: Command): void {
       } finally {
         (bar as ReturnType<typeof startProgress> | null)?.stop();
         await store.close();
+        release();
       }
     }));
 }

@@ -1,0 +1,206 @@
+/**
+ * Faults between two real appliances: wrong token, wrong fingerprint, concurrent syncs of one
+ * volume, kill -9 of either side at random moments, and a proxy that corrupts or truncates the
+ * block stream.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes, randomInt } from 'node:crypto';
+import { once } from 'node:events';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { createServer, request as httpsRequest, type Server } from 'node:https';
+import type { AddressInfo } from 'node:net';
+import { join } from 'node:path';
+import { Transform } from 'node:stream';
+import { setTimeout as delay } from 'node:timers/promises';
+import { RemotePeer } from '../../api/client.js';
+import { HEADER_BYTES } from '../../sync/framing.js';
+import { cli, initHome, pair, startCli, startServe, tempDir, type Served, type TestHome } from '../helpers/appliance.js';
+
+const BS = 64 * 1024;
+
+async function setup(t: Parameters<typeof tempDir>[0], blocks: number) {
+  const [a, b] = await Promise.all([initHome(t, 'onprem'), initHome(t, 'cloud')]);
+  const sb = await startServe(t, b);
+  await pair(a, 'cloud', b, sb);
+  const dir = tempDir(t, 'tandem-faults-');
+  const img = join(dir, 'disk.img');
+  writeFileSync(img, randomBytes(blocks * BS));
+  const add = await cli(a, 'volume', 'add', 'vol', '--path', img, '--block-size', '64KiB');
+  assert.equal(add.code, 0, add.stderr);
+  return { a, b, sb, dir, img };
+}
+
+function client(b: TestHome, s: Served): RemotePeer {
+  return new RemotePeer({ url: s.url, token: b.token, fingerprint: b.fingerprint, name: 'cloud' });
+}
+
+/** Wait (bounded) until `cond` holds, checking every `everyMs`. */
+async function until(cond: () => boolean | Promise<boolean>, what: string, limitMs = 20_000, everyMs = 25): Promise<void> {
+  const end = Date.now() + limitMs;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await delay(everyMs);
+  }
+}
+
+async function restoredOnB(b: TestHome, dir: string, name: string): Promise<Buffer> {
+  const r = await cli(b, 'restore', 'vol', '--to', join(dir, name));
+  assert.equal(r.code, 0, r.stderr);
+  return readFileSync(join(dir, name));
+}
+
+test('wrong token gets 401 and changes nothing; a wrong fingerprint is refused before any request is sent', async (t) => {
+  const { a, b, sb } = await setup(t, 4);
+  const status = (path: string, token?: string) =>
+    new Promise<{ code: number; body: any }>((resolve, reject) => {
+      const req = httpsRequest(new URL(path, sb.url), { rejectUnauthorized: false, headers: token ? { authorization: `Bearer ${token}` } : {} }, (res) => {
+        let s = '';
+        res.on('data', (d) => (s += d));
+        res.on('end', () => resolve({ code: res.statusCode!, body: JSON.parse(s) }));
+      });
+      req.on('error', reject);
+      req.end();
+    });
+  assert.equal((await status('/v1/health')).code, 200);
+  const none = await status('/v1/volumes/vol/snapshots/latest');
+  assert.equal(none.code, 401);
+  assert.equal(none.body.error.code, 'ERR_UNAUTHORIZED');
+  assert.equal((await status('/v1/stats', 'x'.repeat(43))).code, 401);
+  assert.equal((await status('/v1/stats', b.token)).code, 200);
+
+  const bad = await cli(a, 'peer', 'add', 'other', '--url', sb.url, '--token', 'y'.repeat(43), '--fingerprint', b.fingerprint);
+  assert.equal(bad.code, 1);
+  assert.equal(bad.json.error.code, 'ERR_UNAUTHORIZED');
+  const list = await cli(a, 'peer', 'list');
+  assert.deepEqual(list.json.peers.map((p: { name: string }) => p.name), ['cloud'], 'a refused peer add stores nothing');
+  assert.ok(!list.stdout.includes(b.token), 'peer list never prints a token');
+
+  const wrongFp = a.fingerprint; // another appliance's certificate
+  assert.equal((await cli(a, 'peer', 'add', 'impostor', '--url', sb.url, '--token', b.token, '--fingerprint', wrongFp, '--no-check')).code, 0);
+  const peerB = client(b, sb);
+  t.after(() => peerB.close());
+  const before = await peerB.stats();
+  const r = await cli(a, 'sync', 'vol', '--peer', 'impostor');
+  assert.equal(r.code, 1);
+  assert.equal(r.json.error.code, 'ERR_PEER_FINGERPRINT');
+  const after = await peerB.stats();
+  assert.equal(after.requests, before.requests, 'no request reached the server');
+});
+
+test('two concurrent syncs of one volume: the second gets ERR_VOLUME_LOCKED, locally and on the peer', async (t) => {
+  const { a, b, sb, dir } = await setup(t, 64);
+  const peerB = client(b, sb);
+  t.after(() => peerB.close());
+  // Another appliance with a volume of the same name, paired with the same peer.
+  const c = await initHome(t, 'branch');
+  await pair(c, 'cloud', b, sb);
+  const img = join(dir, 'other.img');
+  writeFileSync(img, randomBytes(2 * BS));
+  assert.equal((await cli(c, 'volume', 'add', 'vol', '--path', img, '--block-size', '64KiB')).code, 0);
+  // A slow first sync (1 MiB/s for 4 MiB) holds both locks for a few seconds.
+  const first = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '1MiB');
+  await until(async () => (await peerB.stats()).blocksReceived > 0, 'the first sync to stream blocks');
+  const [second, third] = await Promise.all([cli(a, 'sync', 'vol', '--peer', 'cloud'), cli(c, 'sync', 'vol', '--peer', 'cloud')]);
+  assert.equal(second.code, 1, second.stderr);
+  assert.equal(second.json.error.code, 'ERR_VOLUME_LOCKED', 'locally');
+  assert.equal(third.code, 1, third.stderr);
+  assert.equal(third.json.error.code, 'ERR_VOLUME_LOCKED', 'on the peer (its lease)');
+  const done = await first.done;
+  assert.equal(done.code, 0, done.stderr);
+  assert.ok(!existsSync(join(a.dir, 'locks', 'vol.lock')), 'the lock is released');
+});
+
+test('kill -9 of the client at random moments: the rerun completes, resends nothing stored, both stores verify', async (t) => {
+  const blocks = 96;
+  const { a, b, sb, dir, img } = await setup(t, blocks);
+  const peerB = client(b, sb);
+  t.after(() => peerB.close());
+  for (let trial = 0; trial < 5; trial++) {
+    const run = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '2MiB');
+    await delay(randomInt(200, 2500));
+    run.child.kill('SIGKILL');
+    await run.done;
+  }
+  const last = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(last.code, 0, last.stderr);
+  const s = await peerB.stats();
+  assert.equal(s.blocksReceived, blocks, 'over all runs every block arrived exactly once: none the receiver had stored was sent again');
+  assert.equal((await cli(a, 'verify')).code, 0);
+  assert.equal((await cli(b, 'verify')).code, 0);
+  assert.ok((await restoredOnB(b, dir, 'r.img')).equals(readFileSync(img)));
+});
+
+test('kill -9 of the server at random moments: the rerun completes and the store verifies', async (t) => {
+  const blocks = 96;
+  const { a, b, sb: first, dir, img } = await setup(t, blocks);
+  const port = new URL(first.url).port;
+  let sb = first;
+  for (let trial = 0; trial < 4; trial++) {
+    const run = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '2MiB');
+    await delay(randomInt(300, 2500));
+    await sb.kill('SIGKILL');
+    const r = await run.done;
+    if (r.code !== 0) assert.match(r.json?.error?.code ?? '', /^ERR_PEER_(UNREACHABLE|PROTOCOL)$|^ERR_BLOCK_CORRUPT$/, r.stderr);
+    sb = await startServe(t, b, `127.0.0.1:${port}`);
+  }
+  const last = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(last.code, 0, last.stderr);
+  assert.equal((await cli(b, 'verify')).code, 0);
+  assert.ok((await restoredOnB(b, dir, 'r.img')).equals(readFileSync(img)));
+});
+
+/** A TLS-terminating proxy (with the peer's own key, so pinning passes) that damages block uploads. */
+async function damagingProxy(t: Parameters<typeof tempDir>[0], b: TestHome, upstream: string, mode: 'corrupt' | 'truncate'): Promise<string> {
+  const tls = { key: readFileSync(join(b.dir, 'tls', 'key.pem')), cert: readFileSync(join(b.dir, 'tls', 'cert.pem')) };
+  const server: Server = createServer(tls, (req, res) => {
+    const up = httpsRequest(new URL(req.url!, upstream), { method: req.method, headers: { ...req.headers, host: new URL(upstream).host }, rejectUnauthorized: false }, (ur) => {
+      res.writeHead(ur.statusCode!, ur.headers);
+      ur.pipe(res);
+    });
+    up.on('error', () => res.destroy());
+    if (req.url === '/v1/blocks/put') {
+      delete (up as unknown as { _headers?: unknown })._headers;
+      let seen = 0;
+      const cut = HEADER_BYTES + 1000;
+      const damage = new Transform({
+        transform(chunk: Buffer, _enc, cb) {
+          const c = Buffer.from(chunk);
+          if (mode === 'corrupt' && seen <= HEADER_BYTES + 100 && seen + c.length > HEADER_BYTES + 100) c[HEADER_BYTES + 100 - seen]! ^= 0xff;
+          if (mode === 'truncate') {
+            if (seen >= cut) return cb();
+            const keep = c.subarray(0, Math.max(0, cut - seen));
+            seen += c.length;
+            return cb(null, keep);
+          }
+          seen += c.length;
+          cb(null, c);
+        },
+      });
+      req.pipe(damage).pipe(up);
+    } else req.pipe(up);
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  t.after(() => new Promise<void>((r) => { server.closeAllConnections(); server.close(() => r()); }));
+  return `https://127.0.0.1:${(server.address() as AddressInfo).port}`;
+}
+
+for (const mode of ['corrupt', 'truncate'] as const) {
+  test(`a proxy that ${mode}s the block stream: ERR_BLOCK_CORRUPT, nothing stored`, async (t) => {
+    const { a, b, sb } = await setup(t, 8);
+    const proxy = await damagingProxy(t, b, sb.url, mode);
+    assert.equal((await cli(a, 'peer', 'add', 'evil', '--url', proxy, '--token', b.token, '--fingerprint', b.fingerprint)).code, 0);
+    const peerB = client(b, sb);
+    t.after(() => peerB.close());
+    const before = await peerB.stats();
+    const r = await cli(a, 'sync', 'vol', '--peer', 'evil');
+    assert.equal(r.code, 1, r.stdout);
+    assert.equal(r.json.error.code, 'ERR_BLOCK_CORRUPT', r.stderr);
+    const after = await peerB.stats();
+    assert.equal(after.blocksStored, before.blocksStored, 'no block stored');
+    assert.equal(after.snapshotsCommitted, before.snapshotsCommitted);
+    assert.equal(await peerB.latestSnapshot('vol'), null);
+    assert.equal((await cli(b, 'verify')).code, 0);
+  });
+}
