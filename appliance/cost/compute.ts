@@ -65,6 +65,8 @@ export interface CostReport {
 const round = (x: number, digits = 2) => Math.round(x * 10 ** digits) / 10 ** digits;
 const gib = (b: number) => b / GB;
 const fmt = (x: number, d = 1) => x.toLocaleString('en-US', { maximumFractionDigits: d });
+/** Bytes in the unit that keeps the number readable (GiB, MiB or KiB). */
+const size = (b: number) => (b >= GB ? `${fmt(b / GB, 2)} GiB` : b >= 1024 ** 2 ? `${fmt(b / 1024 ** 2, 1)} MiB` : `${fmt(b / 1024, 0)} KiB`);
 
 function line(item: string, quantity: number, unit: string, unitPrice: number, explain: string, per = 1): CostLine {
   return { item, quantity: round(quantity, 3), unit, unitPrice, cost: round((quantity / per) * unitPrice, 4), explain };
@@ -85,12 +87,12 @@ export function computeCost(input: CostInput): CostReport {
     const days = v.retentionDays ?? UNBOUNDED_RETENTION_DAYS;
     const storedGb = gib(v.dataBytes + history);
     const keep = v.retentionDays === null ? `no retention (keeps every snapshot: grows; ${UNBOUNDED_RETENTION_DAYS} days counted)` : `retention keeps ${fmt(days)} days`;
-    const how = `${fmt(gib(v.dataBytes), 2)} GiB of data + ${fmt(gib(v.changedBytesPerDay), 3)} GiB/day changed (${v.changeBasis}) x ${keep}`;
+    const how = `${size(v.dataBytes)} of data + ${size(v.changedBytesPerDay)}/day changed (${v.changeBasis}) x ${keep}`;
     if (v.exportEbs) {
       dr.push(line(`${v.name}: EBS snapshot storage`, storedGb, 'GB-month', p.snapshotGbMonth, `incremental EBS snapshots: ${how}`));
       const blocksPerMonth = (v.changedBytesPerDay * DAYS_PER_MONTH) / EBS_BLOCK_BYTES;
       const exportsPerMonth = v.rpoMs ? (HOURS_PER_MONTH * 3_600_000) / v.rpoMs : 0;
-      dr.push(line(`${v.name}: EBS PutSnapshotBlock`, blocksPerMonth, 'requests', p.ebsPutPer1000, `one request per changed 512 KiB block: ${fmt(gib(v.changedBytesPerDay), 3)} GiB/day x ${fmt(DAYS_PER_MONTH)} days / 512 KiB, spread over ~${fmt(exportsPerMonth, 0)} exports (one per RPO)`, 1000));
+      dr.push(line(`${v.name}: EBS PutSnapshotBlock`, blocksPerMonth, 'requests', p.ebsPutPer1000, `one request per changed 512 KiB block: ${size(v.changedBytesPerDay)}/day x ${fmt(DAYS_PER_MONTH)} days / 512 KiB, spread over ~${fmt(exportsPerMonth, 0)} exports (one per RPO)`, 1000));
       oneOff.push(line(`${v.name}: first full EBS export`, v.dataBytes / EBS_BLOCK_BYTES, 'requests', p.ebsPutPer1000, 'every non-zero block once (zero blocks are never sent)', 1000));
     }
     // The cloud appliance keeps the replicas in its own store, on gp3.
