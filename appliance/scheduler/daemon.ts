@@ -87,13 +87,17 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   sched.start();
 
   const notifier = new BreachNotifier(home.identity.name);
-  const alerts = setInterval(() => {
-    void (async () => {
+  let checking: Promise<void> | null = null;
+  const checkBreaches = () => {
+    if (checking) return; // a slow webhook must not pile up checks
+    checking = (async () => {
       const r = await notifier.check(await computeStatus(store, config, Date.now()), config.alerts.webhook, Date.now());
       for (const a of r.sent) log.warn({ volume: a.volume, event: a.event }, 'breach alert sent');
       for (const e of r.errors) log.error({}, e);
-    })().catch((e: unknown) => log.error({ err: String(e) }, 'status check failed'));
-  }, ALERT_INTERVAL_MS);
+    })().catch((e: unknown) => log.error({ err: String(e) }, 'status check failed')).finally(() => { checking = null; });
+  };
+  const alerts = setInterval(checkBreaches, ALERT_INTERVAL_MS);
+  checkBreaches();
 
   const fingerprint = home.fingerprint();
   if (opts.json) opts.out(JSON.stringify({ url: server.url, fingerprint, pid: process.pid, name: home.identity.name }) + '\n');
@@ -105,6 +109,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
     stopping ??= (async () => {
       log.info({ signal: why }, 'stopping: no new jobs; waiting for the running one');
       clearInterval(alerts);
+      await checking;
       await sched.stop(STOP_GRACE_MS);
       rmSync(runFile, { force: true });
       await server.close();
