@@ -10,7 +10,7 @@
 import { rename, rm, open, statfs } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { existsSync } from 'node:fs';
-import { TandemError, fromSystemError } from '../common/errors.js';
+import { TandemError, fromSystemError, isTandemError } from '../common/errors.js';
 import type { Home } from './home.js';
 import type { Store, SnapshotRecord, VolumeRecord, ScanProgress } from '../store/index.js';
 import { inspectVolume, openVolumeReader, openVolumeWriter, readChangedBlocksFile } from './volumes/index.js';
@@ -267,6 +267,14 @@ export async function restoreVolumeLocked(store: Store, spec: string, to: string
     }
     ok = true;
     return { ...result, snapshot: snap, path, created: !exists };
+  } catch (e) {
+    if (isTandemError(e, 'ERR_BLOCK_CORRUPT') || isTandemError(e, 'ERR_BLOCK_MISSING')) {
+      const where = exists
+        ? `${path} is partly restored: the blocks before block ${String(e.details.index ?? '?')} hold the snapshot, the rest are as they were`
+        : `nothing was written to ${path}`;
+      throw new TandemError(e.code, `${e.message}; ${where}. Repair the store (\`appliance verify\`, then sync the volume back from the peer) or restore another snapshot`, { cause: e, details: e.details });
+    }
+    throw e;
   } finally {
     if (!ok) {
       await writer.close().catch(() => undefined);

@@ -17,7 +17,7 @@
  * - Not idempotent in effect, but safe to rerun: a rerun after a crash writes only what still
  *   differs.
  */
-import { TandemError } from '../common/errors.js';
+import { TandemError, isTandemError } from '../common/errors.js';
 import { availableParallelism } from 'node:os';
 import { ZERO_HASH } from '../store/index.js';
 import { HashPool } from '../store/hash-pool.js';
@@ -131,6 +131,14 @@ export async function materialize(
           blocksWritten++;
           bytesWritten += len;
         }
+      } catch (e) {
+        // Name the block of the volume that could not be had: the operator's next step
+        // (verify, sync from the peer) starts from it.
+        const p = data[i];
+        if (isTandemError(e) && (e.code === 'ERR_BLOCK_CORRUPT' || e.code === 'ERR_BLOCK_MISSING') && p && e.details.index === undefined) {
+          throw new TandemError(e.code, `block ${p.index} of ${snap.volume}@${snap.id}: ${e.message}`, { cause: e, details: { ...e.details, index: p.index } });
+        }
+        throw e;
       } finally {
         // On a failure, let the writes already issued land before the caller closes the target.
         await Promise.allSettled(writes);
