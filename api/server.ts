@@ -14,7 +14,7 @@ import { TandemError } from '../common/errors.js';
 import type { Home } from '../appliance/home.js';
 import type { Store } from '../store/index.js';
 import { LEASE_HEADER, MAX_JSON_BODY, PROTOCOL_VERSION } from '../sync/protocol.js';
-import { errorAnswer, handleError } from './errors.js';
+import { errorAnswer, handleError, toTandemError } from './errors.js';
 import { LeaseTable } from './leases.js';
 import { peerRoutes } from './routes/peer.js';
 import { cliRoutes } from './routes/cli.js';
@@ -62,6 +62,11 @@ export function buildServer(opts: BuildServerOptions): FastifyInstance {
     requestTimeout: REQUEST_TIMEOUT_MS,
     ...(opts.https ? { https: { key: opts.https.key, cert: opts.https.cert } } : {}),
     ajv: { customOptions: { allErrors: false, coerceTypes: false, removeAdditional: false } },
+    // Router-level failures (bad URL encoding, over-long parameters) answer in the catalog's shape too.
+    frameworkErrors: (error: unknown, _req: unknown, reply: { status(n: number): { send(b: unknown): void } }) => {
+      const err = toTandemError(error);
+      reply.status(err.http).send(errorAnswer(err));
+    },
   } as FastifyServerOptions) as unknown as FastifyInstance;
   const stats = newStats();
   const leases = new LeaseTable(opts.home);

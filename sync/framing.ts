@@ -191,6 +191,7 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
       const rawLen = h.readUInt32BE(34);
       const payLen = h.readUInt32BE(38);
       if (type === FRAME_END) {
+        if (codec !== CODEC_RAW || h.subarray(2, 34).some((b) => b !== 0)) throw corrupt('malformed end frame in block stream');
         if (rawLen !== index || payLen !== 0) throw corrupt(`block stream end frame says ${rawLen} blocks but ${index} arrived`, { blocks: index, claimed: rawLen });
         if (opts.expect && opts.expect.length !== index) throw corrupt(`block stream ended after ${index} of ${opts.expect.length} blocks asked`);
         if (!(await r.atEnd())) throw corrupt('bytes after the end frame of a block stream');

@@ -156,7 +156,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     try {
       const r = await store.putBlocks(counted());
       stats.blocksStored += r.stored;
-      return { received, stored: r.stored, bytes };
+      return { received, bytesReceived: bytes, stored: r.stored, bytes: r.bytes };
     } catch (e) {
       // Read on (bounded) so the client, still sending, gets this answer rather than a reset.
       await drain(body, DRAIN_LIMIT_BYTES);

@@ -1,0 +1,136 @@
+/**
+ * The API server in-process (app.inject): authentication, the error catalog, schemas, the docs,
+ * and fast-check fuzzing of every route (random methods, paths, headers, bodies, hashes, sizes):
+ * never a 5xx, never a crash.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import fc from 'fast-check';
+import type { FastifyInstance } from 'fastify';
+import { Home } from '../../appliance/home.js';
+import { buildServer, parseListen } from '../../api/index.js';
+import { Store, hashBlock } from '../../store/index.js';
+
+async function server(t: { after(fn: () => Promise<void>): void }): Promise<{ app: FastifyInstance; token: string; store: Store }> {
+  const dir = await mkdtemp(join(tmpdir(), 'tandem-api-'));
+  const home = await Home.init(join(dir, 'home'), 'api');
+  const store = await Store.open(home.paths.store);
+  const app = buildServer({ home, store, logger: false });
+  await app.ready();
+  t.after(async () => {
+    await app.close();
+    await store.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+  return { app, token: home.token(), store };
+}
+
+test('health and docs need no token; every other route answers 401 ERR_UNAUTHORIZED without one', async (t) => {
+  const { app, token } = await server(t);
+  const health = await app.inject({ method: 'GET', url: '/v1/health' });
+  assert.equal(health.statusCode, 200);
+  assert.equal(health.json().name, 'api');
+  const docs = await app.inject({ method: 'GET', url: '/docs/json' });
+  assert.equal(docs.statusCode, 200);
+  assert.ok(docs.json().paths['/v1/blocks/has'], 'the OpenAPI document lists the protocol routes');
+  for (const [method, url] of [['GET', '/v1/stats'], ['POST', '/v1/blocks/has'], ['POST', '/v1/cli'], ['GET', '/v1/nowhere']] as const) {
+    const r = await app.inject({ method, url, payload: method === 'POST' ? {} : undefined });
+    assert.equal(r.statusCode, 401, url);
+    assert.equal(r.json().error.code, 'ERR_UNAUTHORIZED');
+    const wrong = await app.inject({ method, url, headers: { authorization: `Bearer ${token}x` } });
+    assert.equal(wrong.statusCode, 401);
+  }
+  const nf = await app.inject({ method: 'GET', url: '/v1/nowhere', headers: { authorization: `Bearer ${token}` } });
+  assert.equal(nf.statusCode, 404);
+  assert.equal(nf.json().error.code, 'ERR_NOT_FOUND');
+});
+
+test('bad requests get 400 ERR_BAD_REQUEST with a message; catalog errors keep their status', async (t) => {
+  const { app, token } = await server(t);
+  const auth = { authorization: `Bearer ${token}` };
+  const bad = await app.inject({ method: 'POST', url: '/v1/blocks/has', headers: auth, payload: { hashes: ['nothex'] } });
+  assert.equal(bad.statusCode, 400);
+  assert.equal(bad.json().error.code, 'ERR_BAD_REQUEST');
+  assert.match(bad.json().error.message, /hashes/);
+  const tooMany = await app.inject({ method: 'POST', url: '/v1/blocks/has', headers: auth, payload: { hashes: Array(5000).fill('0'.repeat(64)) } });
+  assert.equal(tooMany.statusCode, 400);
+  const missing = await app.inject({ method: 'POST', url: '/v1/nodes/get', headers: auth, payload: { hashes: ['1'.repeat(64)] } });
+  assert.equal(missing.statusCode, 404);
+  assert.equal(missing.json().error.code, 'ERR_NODE_MISSING');
+  const h = hashBlock(Buffer.alloc(4096, 7)).toString('hex');
+  const incomplete = await app.inject({
+    method: 'POST', url: '/v1/snapshots/commit', headers: auth,
+    payload: { snapshot: { id: '20260101T000000.000Z-abcdef', volume: 'v', size: 4096, blockSize: 4096, root: h, height: 1, created: '2026-01-01T00:00:00.000Z', parent: null, origin: 'test', nonZeroBlocks: 1 } },
+  });
+  assert.equal(incomplete.statusCode, 409);
+  assert.equal(incomplete.json().error.code, 'ERR_SNAPSHOT_INCOMPLETE');
+  const huge = await app.inject({ method: 'POST', url: '/v1/nodes/put', headers: { ...auth, 'content-type': 'application/json' }, payload: 'x'.repeat(9 * 1024 * 1024) });
+  assert.equal(huge.statusCode, 413);
+  assert.equal(huge.json().error.code, 'ERR_PAYLOAD_TOO_LARGE');
+  const garbage = await app.inject({ method: 'POST', url: '/v1/blocks/put', headers: { ...auth, 'content-type': 'application/octet-stream' }, payload: Buffer.from('not frames at all, definitely not') });
+  assert.equal(garbage.statusCode, 422);
+  assert.equal(garbage.json().error.code, 'ERR_BLOCK_CORRUPT');
+});
+
+test('parseListen takes HOST:PORT, [IPv6]:PORT and :PORT and refuses the rest', () => {
+  assert.deepEqual(parseListen('127.0.0.1:0'), { host: '127.0.0.1', port: 0 });
+  assert.deepEqual(parseListen('[::1]:7443'), { host: '::1', port: 7443 });
+  assert.deepEqual(parseListen(':7443'), { host: '0.0.0.0', port: 7443 });
+  for (const bad of ['7443', 'host:99999', 'a b:1', '']) assert.throws(() => parseListen(bad), { code: 'ERR_USAGE' });
+});
+
+const ROUTES = [
+  ['GET', '/v1/health'], ['GET', '/v1/stats'], ['GET', '/v1/volumes/{v}/snapshots/latest'], ['GET', '/v1/volumes/{v}/snapshots/{s}'],
+  ['POST', '/v1/volumes/{v}/lock'], ['DELETE', '/v1/volumes/{v}/lock/{s}'], ['POST', '/v1/nodes/has'], ['POST', '/v1/nodes/get'],
+  ['POST', '/v1/nodes/put'], ['POST', '/v1/blocks/has'], ['POST', '/v1/blocks/get'], ['POST', '/v1/blocks/put'], ['POST', '/v1/snapshots/commit'],
+  ['POST', '/v1/cli'], ['PUT', '/v1/blocks/has'], ['GET', '/docs/json'],
+] as const;
+
+test('fuzzing every route with random bodies, headers, hashes and sizes never gives a 5xx', async (t) => {
+  const { app, token } = await server(t);
+  const hex = fc.stringMatching(/^[0-9a-f]{64}$/);
+  const segment = fc.oneof(fc.string({ maxLength: 40 }), fc.constantFrom('vol', '..', '%00', 'a'.repeat(300), '20260101T000000.000Z-abcdef'));
+  const anyHash = fc.oneof(hex, fc.string({ maxLength: 70 }), fc.integer(), fc.constant(null));
+  const body = fc.oneof(
+    fc.constant(undefined),
+    fc.json({ maxDepth: 3 }),
+    fc.record({ hashes: fc.array(anyHash, { maxLength: 20 }) }),
+    fc.record({ nodes: fc.array(fc.record({ hash: anyHash, level: fc.integer({ min: -2, max: 40 }), children: fc.array(anyHash, { maxLength: 4 }) }), { maxLength: 3 }) }),
+    fc.record({ holder: fc.string({ maxLength: 200 }), ifRoot: anyHash }),
+    fc.record({ snapshot: fc.record({ id: fc.string(), volume: fc.string(), size: fc.oneof(fc.integer(), fc.double()), blockSize: fc.integer(), root: anyHash, height: fc.integer(), created: fc.string(), parent: fc.constant(null), origin: fc.string(), nonZeroBlocks: fc.integer() }) }),
+    fc.record({ argv: fc.array(fc.string({ maxLength: 20 }), { maxLength: 5 }) }),
+    fc.uint8Array({ maxLength: 300 }).map((a) => Buffer.from(a)),
+  );
+  const headers = fc.record({
+    auth: fc.constantFrom('good', 'none', 'wrong', 'garbage'),
+    type: fc.constantFrom('application/json', 'application/octet-stream', 'text/plain', 'multipart/form-data', undefined),
+  });
+  let n = 0;
+  await fc.assert(
+    fc.asyncProperty(fc.constantFrom(...ROUTES), segment, segment, body, headers, async ([method, pattern], v, s, payload, h) => {
+      const url = pattern.replace('{v}', encodeURIComponent(v)).replace('{s}', encodeURIComponent(s));
+      const hdr: Record<string, string> = {};
+      if (h.auth === 'good') hdr.authorization = `Bearer ${token}`;
+      if (h.auth === 'wrong') hdr.authorization = 'Bearer nope';
+      if (h.auth === 'garbage') hdr.authorization = '\u00ff\u00fe';
+      if (h.type) hdr['content-type'] = h.type;
+      // A forwarded CLI command line is real work (it runs the command): keep to harmless words.
+      const safe = url === '/v1/cli' && payload && typeof payload === 'object' && 'argv' in payload ? { argv: ['node', 'appliance', '--help'] } : payload;
+      const r = await app.inject({
+        method,
+        url,
+        headers: hdr,
+        ...(safe === undefined ? {} : { payload: Buffer.isBuffer(safe) ? safe : typeof safe === 'string' ? safe : JSON.stringify(safe) }),
+      });
+      n++;
+      assert.ok(r.statusCode < 500, `${method} ${url} -> ${r.statusCode} ${r.body.slice(0, 300)}`);
+      if (r.statusCode >= 400) assert.ok(r.json().error?.code, `error answers carry a catalog code: ${r.body.slice(0, 200)}`);
+    }),
+    { numRuns: 400 },
+  );
+  assert.equal(n, 400);
+  assert.equal((await app.inject({ method: 'GET', url: '/v1/health' })).statusCode, 200, 'still alive');
+});

@@ -1,0 +1,87 @@
+/** Property tests of the block stream framing: round trip, and every corruption or truncation refused. */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import fc from 'fast-check';
+import { hashBlock } from '../../store/index.js';
+import type { BlockFrame } from '../../store/types.js';
+import { decodeFrames, encodeFrames, CODEC_DEFLATE, HEADER_BYTES } from '../../sync/framing.js';
+import { throttle } from '../../sync/bwlimit.js';
+
+async function* from<T>(xs: readonly T[]): AsyncGenerator<T> {
+  for (const x of xs) yield x;
+}
+
+async function encode(blocks: Buffer[]): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for await (const c of encodeFrames(from(blocks.map((data) => ({ hash: hashBlock(data), data }))))) parts.push(c);
+  return Buffer.concat(parts);
+}
+
+async function decode(wire: Buffer, chunk = 1000): Promise<BlockFrame[]> {
+  const pieces: Buffer[] = [];
+  for (let i = 0; i < wire.length; i += chunk) pieces.push(wire.subarray(i, i + chunk));
+  const out: BlockFrame[] = [];
+  for await (const f of decodeFrames(from(pieces), { verify: true })) out.push(f);
+  return out;
+}
+
+const blockArb = fc.oneof(
+  fc.integer({ min: 1, max: 40000 }).map((n) => randomBytes(n)),
+  fc.tuple(fc.integer({ min: 1, max: 40000 }), fc.integer({ min: 0, max: 255 })).map(([n, v]) => Buffer.alloc(n, v)),
+  fc.integer({ min: 1, max: 30000 }).map((n) => Buffer.from('tandem '.repeat(n))),
+);
+
+test('frames round-trip in any chunking; compressible blocks are deflated, random ones are not', async () => {
+  await fc.assert(
+    fc.asyncProperty(fc.array(blockArb, { maxLength: 6 }), fc.integer({ min: 1, max: 5000 }), async (blocks, chunk) => {
+      const wire = await encode(blocks);
+      const got = await decode(wire, chunk);
+      assert.equal(got.length, blocks.length);
+      got.forEach((f, i) => assert.ok(f.data.equals(blocks[i]!)));
+    }),
+    { numRuns: 60 },
+  );
+  const text = Buffer.from('x'.repeat(100000));
+  const wire = await encode([text]);
+  assert.equal(wire[1], CODEC_DEFLATE);
+  assert.ok(wire.length < 5000);
+  const rnd = await encode([randomBytes(100000)]);
+  assert.equal(rnd[1], 0, 'incompressible blocks go raw');
+});
+
+test('any flipped byte or any truncation of a stream is refused with ERR_BLOCK_CORRUPT', async () => {
+  const blocks = [randomBytes(3000), Buffer.from('abc'.repeat(3000)), randomBytes(10)];
+  const wire = await encode(blocks);
+  await fc.assert(
+    fc.asyncProperty(fc.integer({ min: 0, max: wire.length - 1 }), fc.boolean(), async (pos, truncate) => {
+      const bad = truncate ? wire.subarray(0, pos) : Buffer.from(wire);
+      if (!truncate) bad[pos]! ^= 0xff;
+      await assert.rejects(decode(bad), (e: { code?: string }) => e.code === 'ERR_BLOCK_CORRUPT');
+    }),
+    { numRuns: 300 },
+  );
+});
+
+test('an error frame from the sender is raised with its code', async () => {
+  async function* failing(): AsyncGenerator<BlockFrame> {
+    const d = randomBytes(100);
+    yield { hash: hashBlock(d), data: d };
+    throw Object.assign(new Error('disk gone'), { code: 'EIO' });
+  }
+  const parts: Buffer[] = [];
+  for await (const c of encodeFrames(failing(), { errorFrames: true })) parts.push(c);
+  await assert.rejects(decode(Buffer.concat(parts)), (e: { code?: string; message: string }) => e.code === 'ERR_INTERNAL' && /disk gone/.test(e.message));
+  assert.equal(HEADER_BYTES, 42);
+});
+
+test('throttle keeps a stream near its rate', async () => {
+  const rate = 4 * 1024 * 1024;
+  const started = performance.now();
+  let n = 0;
+  for await (const c of throttle(from(Array.from({ length: 16 }, () => Buffer.alloc(128 * 1024))), rate)) n += c.length;
+  const secs = (performance.now() - started) / 1000;
+  assert.equal(n, 2 * 1024 * 1024);
+  // 2 MiB at 4 MiB/s with a 1 MiB burst: at least ~0.25 s, and not much more than 0.5 s.
+  assert.ok(secs >= 0.2 && secs < 2, `took ${secs} s`);
+});
