@@ -7,7 +7,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { request } from 'node:https';
 import { once } from 'node:events';
-import { readFileSync, writeFileSync, existsSync, watch } from 'node:fs';
+import { readFileSync, writeFileSync, existsSync, watch, rmSync } from 'node:fs';
+import { createServer } from 'node:http';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
@@ -172,7 +173,7 @@ groups:
   assert.equal(existsSync(join(a.dir, 'run', 'server.json')), false);
 });
 
-test('daemon replicates to its peer before the RPO; the peer holds the snapshot', async (t) => {
+test('daemon replicates to its peer before the RPO; the peer holds the snapshot; a breach calls the webhook', async (t) => {
   const work = tempDir(t, 'tandem-daemon-repl-');
   const a = await initHome(t, 'onprem');
   const b = await initHome(t, 'cloud');
@@ -181,6 +182,22 @@ test('daemon replicates to its peer before the RPO; the peer holds the snapshot'
   const img = join(work, 'web.img');
   writeFileSync(img, randomBytes(3 * MiB));
   assert.equal((await cli(a, 'volume', 'add', 'web', '--path', img)).code, 0);
+  // A volume whose image disappeared: its jobs fail, its RPO is breached, the webhook is called.
+  const lost = join(work, 'lost.img');
+  writeFileSync(lost, randomBytes(MiB));
+  assert.equal((await cli(a, 'volume', 'add', 'lost', '--path', lost)).code, 0);
+  rmSync(lost);
+  const hook = createServer();
+  hook.listen(0, '127.0.0.1');
+  await once(hook, 'listening');
+  t.after(() => hook.close());
+  const alert = new Promise<{ event: string; volume: string; appliance: string }>((resolve) => {
+    hook.on('request', (req, res) => {
+      let body = '';
+      req.on('data', (c) => (body += c));
+      req.on('end', () => { res.end(); resolve(JSON.parse(body)); });
+    });
+  });
   writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
 policies:
   silver: { rpo: 2h, retention: { last: 1 } }
@@ -188,12 +205,16 @@ assign:
   - match: "*"
     policy: silver
 replication: { peer: cloud }
+alerts: { webhook: "http://127.0.0.1:${(hook.address() as { port: number }).port}/tandem" }
 `);
   const d = await startDaemon(t, a);
-  const done = await d.logLine((o) => o.msg === 'job done' || o.msg === 'job failed');
+  const done = await d.logLine((o) => o.unit === 'volume:web' && (o.msg === 'job done' || o.msg === 'job failed'));
   assert.equal(done.msg, 'job done', d.stderr());
+  assert.deepEqual(await alert.then((x) => [x.event, x.volume, x.appliance]), ['rpo_breached', 'lost', 'onprem']);
   const status = JSON.parse((await get(a, d.url, '/v1/status', a.token)).body);
-  const vol = status.volumes[0];
+  const vol = status.volumes.find((v: { volume: string }) => v.volume === 'web');
+  const lostJob = await d.logLine((o) => o.unit === 'volume:lost' && o.msg === 'job failed');
+  assert.equal((lostJob.err as { code: string }).code, 'ERR_VOLUME_UNREADABLE');
   assert.equal(vol.volume, 'web');
   assert.equal(vol.rpoState, 'OK');
   assert.equal(vol.lastReplicated.snapshot, vol.lastSnapshot.id);
