@@ -1,0 +1,282 @@
+/**
+ * Sync benchmark: two appliances on loopback against rsync and socat, on one image.
+ *
+ *   npm run build && node --import tsx bench/sync.ts [--size 4GiB] [--change 1] [--no-wan] [--dir DIR]
+ *
+ * Steps (each timed; figures printed as a table at the end):
+ * 1. socat pipes the image over loopback into a file: the raw throughput reference.
+ * 2. First full sync (scan + transfer) of the image from appliance A to appliance B.
+ * 3. Change --change % of the 512 KiB blocks with one 4 KiB write each. rsync daemon delta
+ *    (`rsync --inplace --no-whole-file` into an rsync:// module holding the original), then
+ *    the incremental sync with a full rescan, over a counting TCP proxy (bytes on the wire).
+ * 4. Another change of the same size, synced from a change list (--changed-blocks: no rescan).
+ * 5. A no-op sync (empty change list).
+ * 6. WAN: another change synced through a proxy adding 50 ms round-trip time and a 100 Mbit/s cap.
+ * Peak RSS of both appliance processes is read from /proc (VmHWM).
+ *
+ * Needs rsync and socat on the PATH (apt-get install -y rsync socat).
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { randomFillSync, randomInt } from 'node:crypto';
+import { once } from 'node:events';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync, copyFileSync } from 'node:fs';
+import { createServer, connect, type Socket, type AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseSize, formatBytes } from '../appliance/cli/output.js';
+
+const ROOT = resolve(fileURLToPath(new URL('..', import.meta.url)));
+const MAIN = join(ROOT, 'dist', 'appliance', 'cli', 'main.js');
+const BLOCK = 512 * 1024;
+const WRITE = 4096;
+/** WAN emulation: 50 ms round trip (25 ms each way) and 100 Mbit/s each way. */
+const WAN_ONE_WAY_MS = 25;
+const WAN_BYTES_PER_SEC = 100e6 / 8;
+
+function arg(name: string, def?: string): string | undefined {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 ? process.argv[i + 1] : def;
+}
+const SIZE = parseSize(arg('size', '4GiB')!);
+const CHANGE_PCT = Number(arg('change', '1'));
+const WAN = !process.argv.includes('--no-wan');
+const base = arg('dir') ?? tmpdir();
+const dir = mkdtempSync(join(base, 'tandem-bench-'));
+
+const rows: Array<[string, string, string]> = [];
+function row(what: string, value: string, note = ''): void {
+  rows.push([what, value, note]);
+  process.stderr.write(`  ${what}: ${value} ${note}\n`);
+}
+
+function now(): number {
+  return performance.now();
+}
+
+/** Peak RSS (VmHWM) of a live process, in bytes. */
+function peakRss(pid: number): number {
+  try {
+    const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) * 1024 : 0;
+  } catch {
+    return 0;
+  }
+}
+
+/** Run the CLI; returns parsed JSON, wall seconds and the peak RSS seen (polled until exit). */
+async function appliance(home: string, args: string[]): Promise<{ json: any; secs: number; rss: number }> {
+  const t0 = now();
+  const child = spawn(process.execPath, [MAIN, '--home', home, '--json', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, CI: 'true' } });
+  let out = '';
+  let err = '';
+  child.stdout!.on('data', (d) => (out += d));
+  child.stderr!.on('data', (d) => (err += d));
+  let rss = 0;
+  const poll = setInterval(() => (rss = Math.max(rss, peakRss(child.pid!))), 20);
+  const [code] = (await once(child, 'close')) as [number];
+  clearInterval(poll);
+  const secs = (now() - t0) / 1000;
+  if (code !== 0) throw new Error(`appliance ${args.join(' ')} failed (${code}): ${err}`);
+  return { json: JSON.parse(out), secs, rss };
+}
+
+/** A TCP proxy counting bytes, optionally delaying and rate-limiting each direction (WAN). */
+async function proxy(target: number, wan: boolean): Promise<{ port: number; bytes: () => number; reset: () => void; close: () => void }> {
+  let bytes = 0;
+  const sockets = new Set<Socket>();
+  function pipe(from: Socket, to: Socket): void {
+    if (!wan) {
+      from.on('data', (c: Buffer) => {
+        bytes += c.length;
+        if (!to.write(c)) from.pause();
+      });
+      to.on('drain', () => from.resume());
+      return;
+    }
+    // Each chunk leaves at max(arrival + one-way delay, previous departure + its serialization time).
+    let lastDeparture = 0;
+    let queued = 0;
+    from.on('data', (c: Buffer) => {
+      bytes += c.length;
+      const departure = Math.max(now() + WAN_ONE_WAY_MS, lastDeparture + (c.length / WAN_BYTES_PER_SEC) * 1000);
+      lastDeparture = departure;
+      queued += c.length;
+      if (queued > 4 * 1024 * 1024) from.pause();
+      setTimeout(() => {
+        queued -= c.length;
+        to.write(c);
+        if (queued < 1024 * 1024) from.resume();
+      }, Math.max(0, departure - now()));
+    });
+  }
+  const server = createServer((client) => {
+    const upstream = connect(target, '127.0.0.1');
+    sockets.add(client).add(upstream);
+    pipe(client, upstream);
+    pipe(upstream, client);
+    const end = () => {
+      client.destroy();
+      upstream.destroy();
+    };
+    client.on('error', end).on('close', end);
+    upstream.on('error', end).on('close', end);
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return {
+    port: (server.address() as AddressInfo).port,
+    bytes: () => bytes,
+    reset: () => void (bytes = 0),
+    close: () => {
+      for (const s of sockets) s.destroy();
+      server.close();
+    },
+  };
+}
+
+/** Overwrite 4 KiB at a random offset inside `n` distinct random blocks; returns their indices. */
+function change(img: string, n: number, blocks: number): number[] {
+  const picked = new Set<number>();
+  while (picked.size < n) picked.add(randomInt(0, blocks));
+  const fd = openSync(img, 'r+');
+  const buf = Buffer.alloc(WRITE);
+  for (const b of picked) {
+    randomFillSync(buf);
+    writeSync(fd, buf, 0, WRITE, b * BLOCK + randomInt(0, BLOCK / WRITE) * WRITE);
+  }
+  closeSync(fd);
+  return [...picked].sort((x, y) => x - y);
+}
+
+function loopbackBytes(): number {
+  const line = readFileSync('/proc/net/dev', 'utf8').split('\n').find((l) => l.trim().startsWith('lo:'));
+  return line ? Number(line.trim().split(/\s+/)[1]) : 0;
+}
+
+async function main(): Promise<void> {
+  if (!existsSync(MAIN)) throw new Error('run `npm run build` first');
+  for (const tool of ['rsync', 'socat']) if (spawnSync('which', [tool]).status !== 0) throw new Error(`${tool} is not installed: apt-get install -y rsync socat`);
+  const blocks = Math.ceil(SIZE / BLOCK);
+  const nChange = Math.max(1, Math.round((blocks * CHANGE_PCT) / 100));
+  process.stderr.write(`bench: ${formatBytes(SIZE)} image, ${blocks} blocks of 512 KiB, ${nChange} changed per step, in ${dir}\n`);
+
+  // The image: random data (incompressible, the worst case for the sync and for rsync).
+  const img = join(dir, 'disk.img');
+  const fd = openSync(img, 'w');
+  const chunk = Buffer.alloc(8 * 1024 * 1024);
+  for (let off = 0; off < SIZE; off += chunk.length) {
+    randomFillSync(chunk);
+    writeSync(fd, chunk, 0, Math.min(chunk.length, SIZE - off));
+  }
+  closeSync(fd);
+
+  // 1. socat over loopback.
+  const sock = join(dir, 'socat.out');
+  const lport = 20000 + randomInt(0, 20000);
+  const rx = spawn('socat', ['-u', `TCP-LISTEN:${lport},bind=127.0.0.1,reuseaddr`, `OPEN:${sock},creat,trunc`]);
+  await new Promise((r) => setTimeout(r, 300));
+  let t0 = now();
+  spawnSync('socat', ['-u', `FILE:${img}`, `TCP:127.0.0.1:${lport}`]);
+  await once(rx, 'close');
+  const socatSecs = (now() - t0) / 1000;
+  rmSync(sock);
+  row('socat image over loopback', `${socatSecs.toFixed(2)} s`, `${formatBytes(SIZE / socatSecs)}/s`);
+
+  // Two appliances; B serves, A reaches it through a counting proxy.
+  const homeA = join(dir, 'a');
+  const homeB = join(dir, 'b');
+  await appliance(homeA, ['init', '--name', 'onprem']);
+  const b = (await appliance(homeB, ['init', '--name', 'cloud'])).json;
+  const serve = spawn(process.execPath, [MAIN, '--home', homeB, '--json', 'serve', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const [line] = (await once(serve.stdout!, 'data')) as [Buffer];
+  const url = JSON.parse(line.toString()).url as string;
+  const bPort = Number(new URL(url).port);
+  const lan = await proxy(bPort, false);
+  const wan = await proxy(bPort, true);
+  await appliance(homeA, ['peer', 'add', 'cloud', '--url', `https://127.0.0.1:${lan.port}`, '--token', b.token, '--fingerprint', b.fingerprint]);
+  await appliance(homeA, ['peer', 'add', 'cloud-wan', '--url', `https://127.0.0.1:${wan.port}`, '--token', b.token, '--fingerprint', b.fingerprint, '--no-check']);
+  await appliance(homeA, ['volume', 'add', 'vol', '--path', img]);
+  let rssA = 0;
+
+  // 2. First full sync.
+  lan.reset();
+  const full = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud']);
+  rssA = Math.max(rssA, full.rss);
+  row('first full sync (scan + transfer)', `${full.secs.toFixed(2)} s`, `${formatBytes(SIZE / full.secs)}/s = ${(socatSecs / full.secs).toFixed(2)}x socat's throughput (target >= 0.8)`);
+  row('  of which transfer (sync command, after the scan)', `${full.json.seconds.toFixed(2)} s`, `${full.json.blocksSent} blocks, ${formatBytes(lan.bytes())} on the wire`);
+
+  // 3. rsync baseline and incremental sync with rescan, same change.
+  const mod = join(dir, 'rsync-module');
+  mkdirSync(mod);
+  copyFileSync(img, join(mod, 'disk.img'));
+  const rport = 20000 + randomInt(20000, 40000);
+  writeFileSync(join(dir, 'rsyncd.conf'), `use chroot = no\n[mod]\n  path = ${mod}\n  read only = no\n  uid = root\n  gid = root\n`);
+  const rsyncd = spawn('rsync', ['--daemon', '--no-detach', `--config=${join(dir, 'rsyncd.conf')}`, `--port=${rport}`, '--address=127.0.0.1'], { stdio: 'ignore' });
+  await new Promise((r) => setTimeout(r, 500));
+  const changed1 = change(img, nChange, blocks);
+  const payload = changed1.length * BLOCK;
+  t0 = now();
+  const rs = spawnSync('rsync', ['--inplace', '--no-whole-file', '--stats', img, `rsync://127.0.0.1:${rport}/mod/disk.img`], { encoding: 'utf8' });
+  const rsyncSecs = (now() - t0) / 1000;
+  if (rs.status !== 0) throw new Error(`rsync failed: ${rs.stderr}`);
+  const rsSent = /Total bytes sent: ([\d,.]+)/.exec(rs.stdout)?.[1] ?? '?';
+  row('rsync --inplace --no-whole-file to rsync://', `${rsyncSecs.toFixed(2)} s`, `bytes sent ${rsSent}`);
+  rsyncd.kill();
+
+  lan.reset();
+  const lo0 = loopbackBytes();
+  const inc = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud']);
+  const lo1 = loopbackBytes();
+  rssA = Math.max(rssA, inc.rss);
+  row('incremental sync with rescan', `${inc.secs.toFixed(2)} s`, `${(inc.secs / rsyncSecs).toFixed(3)}x rsync (target <= 0.5); ${inc.json.blocksSent} blocks sent`);
+  const wire = lan.bytes();
+  row('  bytes on the wire (proxy count, both directions)', formatBytes(wire), `${(wire / (payload + 1024 * 1024)).toFixed(3)}x (changed payload ${formatBytes(payload)} + 1 MiB) (target <= 1.05); /proc/net/dev lo delta ${formatBytes(lo1 - lo0)} (shared machine: includes others' traffic, each byte counted twice through the proxy)`);
+
+  // 4. From a change list.
+  const changed2 = change(img, nChange, blocks);
+  const list = join(dir, 'changed.txt');
+  writeFileSync(list, changed2.join('\n') + '\n');
+  const fromList = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud', '--changed-blocks', list]);
+  rssA = Math.max(rssA, fromList.rss);
+  row('incremental sync from a change list (no rescan)', `${fromList.secs.toFixed(2)} s`, `${(fromList.secs / rsyncSecs).toFixed(3)}x rsync (target <= 0.05); ${fromList.json.blocksSent} blocks`);
+
+  // 5. No-op.
+  writeFileSync(list, '');
+  const noop = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud', '--changed-blocks', list]);
+  row('no-op sync (empty change list)', `${(noop.json.seconds * 1000).toFixed(0)} ms in the command`, `${noop.json.requests} request(s); ${(noop.secs * 1000).toFixed(0)} ms with CLI process start (target < 100 ms)`);
+
+  // 6. WAN.
+  if (WAN) {
+    const changed3 = change(img, nChange, blocks);
+    writeFileSync(list, changed3.join('\n') + '\n');
+    wan.reset();
+    const w = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud-wan', '--changed-blocks', list]);
+    const ideal = (changed3.length * BLOCK) / WAN_BYTES_PER_SEC + 10 * (2 * WAN_ONE_WAY_MS) / 1000;
+    row('WAN sync (50 ms RTT, 100 Mbit/s), change list', `${w.json.seconds.toFixed(2)} s`, `${(w.json.seconds / ideal).toFixed(2)}x (changed bytes at 100 Mbit/s + 10 RTT = ${ideal.toFixed(2)} s) (target <= 1.5); ${w.json.requests} requests; ${formatBytes(wan.bytes())} on the wire`);
+  }
+
+  const rssB = peakRss(serve.pid!);
+  row('peak RSS appliance A (sync client)', formatBytes(rssA), '(target <= 256 MiB)');
+  row('peak RSS appliance B (server)', formatBytes(rssB), '(target <= 256 MiB)');
+  serve.kill('SIGTERM');
+  await once(serve, 'close');
+  lan.close();
+  wan.close();
+
+  const w0 = Math.max(...rows.map((r) => r[0].length));
+  const w1 = Math.max(...rows.map((r) => r[1].length));
+  console.log(`\nTandem sync benchmark: ${formatBytes(SIZE)} image, ${CHANGE_PCT} % of 512 KiB blocks changed by 4 KiB writes per step\n`);
+  for (const [a, v, n] of rows) console.log(`${a.padEnd(w0)}  ${v.padStart(w1)}  ${n}`);
+}
+
+function cleanup(children: ChildProcess[] = []): void {
+  for (const c of children) c.kill();
+  rmSync(dir, { recursive: true, force: true });
+}
+
+try {
+  await main();
+} finally {
+  cleanup();
+}
