@@ -112,13 +112,13 @@ test('two concurrent syncs of one volume: the second gets ERR_VOLUME_LOCKED, loc
 });
 
 test('kill -9 of the client at random moments: the rerun completes, resends nothing stored, both stores verify', async (t) => {
-  const blocks = 96;
+  const blocks = 64;
   const { a, b, sb, dir, img } = await setup(t, blocks);
   const peerB = client(b, sb);
   t.after(() => peerB.close());
   for (let trial = 0; trial < 5; trial++) {
     const run = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '2MiB');
-    await delay(randomInt(200, 2500));
+    await delay(randomInt(200, 2000));
     run.child.kill('SIGKILL');
     await run.done;
   }
@@ -132,13 +132,13 @@ test('kill -9 of the client at random moments: the rerun completes, resends noth
 });
 
 test('kill -9 of the server at random moments: the rerun completes and the store verifies', async (t) => {
-  const blocks = 96;
+  const blocks = 64;
   const { a, b, sb: first, dir, img } = await setup(t, blocks);
   const port = new URL(first.url).port;
   let sb = first;
-  for (let trial = 0; trial < 4; trial++) {
+  for (let trial = 0; trial < 3; trial++) {
     const run = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '2MiB');
-    await delay(randomInt(300, 2500));
+    await delay(randomInt(300, 2000));
     await sb.kill('SIGKILL');
     const r = await run.done;
     if (r.code !== 0) assert.match(r.json?.error?.code ?? '', /^ERR_PEER_(UNREACHABLE|PROTOCOL)$|^ERR_BLOCK_CORRUPT$/, r.stderr);
@@ -186,21 +186,21 @@ async function damagingProxy(t: Parameters<typeof tempDir>[0], b: TestHome, upst
   return `https://127.0.0.1:${(server.address() as AddressInfo).port}`;
 }
 
-for (const mode of ['corrupt', 'truncate'] as const) {
-  test(`a proxy that ${mode}s the block stream: ERR_BLOCK_CORRUPT, nothing stored`, async (t) => {
-    const { a, b, sb } = await setup(t, 8);
+test('a proxy that corrupts or truncates the block stream: ERR_BLOCK_CORRUPT, nothing stored', async (t) => {
+  const { a, b, sb } = await setup(t, 8);
+  const peerB = client(b, sb);
+  t.after(() => peerB.close());
+  for (const mode of ['corrupt', 'truncate'] as const) {
     const proxy = await damagingProxy(t, b, sb.url, mode);
-    assert.equal((await cli(a, 'peer', 'add', 'evil', '--url', proxy, '--token', b.token, '--fingerprint', b.fingerprint)).code, 0);
-    const peerB = client(b, sb);
-    t.after(() => peerB.close());
+    assert.equal((await cli(a, 'peer', 'add', mode, '--url', proxy, '--token', b.token, '--fingerprint', b.fingerprint)).code, 0);
     const before = await peerB.stats();
-    const r = await cli(a, 'sync', 'vol', '--peer', 'evil');
+    const r = await cli(a, 'sync', 'vol', '--peer', mode);
     assert.equal(r.code, 1, r.stdout);
-    assert.equal(r.json.error.code, 'ERR_BLOCK_CORRUPT', r.stderr);
+    assert.equal(r.json.error.code, 'ERR_BLOCK_CORRUPT', `${mode}: ${r.stderr}`);
     const after = await peerB.stats();
-    assert.equal(after.blocksStored, before.blocksStored, 'no block stored');
+    assert.equal(after.blocksStored, before.blocksStored, `${mode}: no block stored`);
     assert.equal(after.snapshotsCommitted, before.snapshotsCommitted);
     assert.equal(await peerB.latestSnapshot('vol'), null);
-    assert.equal((await cli(b, 'verify')).code, 0);
-  });
-}
+  }
+  assert.equal((await cli(b, 'verify')).code, 0);
+});
