@@ -274,6 +274,10 @@ export async function restoreVolumeLocked(store: Store, spec: string, to: string
         : `nothing was written to ${path}`;
       throw new TandemError(e.code, `${e.message}; ${where}. Repair the store (\`appliance verify\`, then sync the volume back from the peer) or restore another snapshot`, { cause: e, details: e.details });
     }
+    if (isTandemError(e, 'ERR_DISK_FULL')) {
+      const where = exists ? `${path} is partly restored; rerun once there is space (it writes only what still differs)` : `nothing was left at ${path}`;
+      throw new TandemError('ERR_DISK_FULL', `no space left on the disk of ${path} for ${snap.volume}@${snap.id} (${snap.size} bytes, fewer where it has zero blocks); ${where}. Free space there or restore to another disk`, { cause: e, details: { path } });
+    }
     throw e;
   } finally {
     if (!ok) {

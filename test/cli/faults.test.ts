@@ -302,4 +302,17 @@ test('a full disk: ERR_DISK_FULL, an intact store, and a rerun succeeds once the
   const out = join(dir, 'out.img');
   assert.equal((await cli(['restore', 'vol', '--to', out, '--home', home])).code, 0);
   assert.ok(readFileSync(out).equals(readFileSync(img)));
+
+  // A restore target on a full disk: a clear error, and no file left behind under any name.
+  const targetDir = mkdtempSync(join(tmpdir(), 'tandem-full-target-'));
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', targetDir]);
+  t.after(() => {
+    execFileSync('umount', ['-l', targetDir]);
+    rmSync(targetDir, { recursive: true, force: true });
+  });
+  const full = await cliJson(['restore', 'vol', '--to', join(targetDir, 'out.img'), '--home', home]);
+  assert.equal(full.code, 1, full.stdout);
+  assert.equal(full.json.error.code, 'ERR_DISK_FULL');
+  assert.match(full.json.error.message, /nothing was left at/);
+  assert.deepEqual(readdirSync(targetDir), []);
 });
