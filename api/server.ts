@@ -32,7 +32,7 @@ export interface BuildServerOptions {
   readonly store: Store;
   /** Management routes of other modules, registered after the built-in ones (same auth, errors, docs). */
   readonly extraRoutes?: (app: FastifyInstance) => void | Promise<void>;
-  /** Fastify/pino logger options; default: warnings and errors only. */
+  /** Fastify/pino logger options; default: warnings and errors only, on stderr (stdout belongs to `--json`). */
   readonly logger?: FastifyServerOptions['logger'];
   /** TLS key and certificate; buildServer without them serves plain HTTP (app.inject in tests). */
   readonly https?: { key: string; cert: string };
@@ -56,7 +56,7 @@ function digest(s: string): Buffer {
 /** Build the API (not listening). */
 export function buildServer(opts: BuildServerOptions): FastifyInstance {
   const app = Fastify({
-    logger: opts.logger ?? { level: 'warn' },
+    logger: opts.logger ?? { level: 'warn', stream: process.stderr },
     bodyLimit: MAX_JSON_BODY,
     keepAliveTimeout: KEEP_ALIVE_MS,
     requestTimeout: REQUEST_TIMEOUT_MS,
