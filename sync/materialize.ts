@@ -58,6 +58,8 @@ export interface MaterializeResult {
 
 /** Target reads of 16 blocks (8 MiB at the default block size): large sequential I/O. */
 const READ_CHUNK_BLOCKS = 16;
+/** Written data is flushed in the background every this many bytes (the page cache would hold it all). */
+const WRITEBACK_BYTES = 256 * 1024 * 1024;
 /** Block writes in flight at once (8 x 512 KiB = 4 MiB held): overlaps writing with verifying. */
 const WRITES_IN_FLIGHT = 8;
 const HASH_BYTES = 32;
@@ -90,6 +92,20 @@ export async function materialize(
   let bytesWritten = 0;
   let pending: Pending[] = [];
 
+  // Block writes in flight, across batches; and one background flush of what they wrote.
+  const writes: Array<Promise<void>> = [];
+  let writeback: Promise<void> = Promise.resolve();
+  let writebackRunning = false;
+  let sinceWriteback = 0;
+  /** Start flushing written data while the restore goes on, so the final sync finds little to do. */
+  const startWriteback = (len: number) => {
+    sinceWriteback += len;
+    if (sinceWriteback < WRITEBACK_BYTES || writebackRunning) return;
+    sinceWriteback = 0;
+    writebackRunning = true;
+    writeback = writer.sync().finally(() => void (writebackRunning = false));
+    writeback.catch(() => undefined); // observed at the end
+  };
   const blockLength = (index: number) => Math.min(bs, snap.size - index * bs);
   const report = () => opts.onProgress?.({ blocksDone, blocksTotal, blocksWritten, bytesWritten });
 
@@ -108,7 +124,6 @@ export async function materialize(
     }
     if (data.length > 0) {
       let i = 0;
-      const writes: Array<Promise<void>> = [];
       try {
         for await (const frame of store.getBlocks(data.map((p) => p.hash))) {
           const p = data[i++]!;
@@ -130,8 +145,11 @@ export async function materialize(
           if (writes.length >= WRITES_IN_FLIGHT) await writes.shift();
           blocksWritten++;
           bytesWritten += len;
+          startWriteback(len);
         }
       } catch (e) {
+        // On a failure, let the writes already issued land before the caller closes the target.
+        await Promise.allSettled([...writes, writeback]);
         // Name the block of the volume that could not be had: the operator's next step
         // (verify, sync from the peer) starts from it.
         const p = data[i];
@@ -139,11 +157,7 @@ export async function materialize(
           throw new TandemError(e.code, `block ${p.index} of ${snap.volume}@${snap.id}: ${e.message}`, { cause: e, details: { ...e.details, index: p.index } });
         }
         throw e;
-      } finally {
-        // On a failure, let the writes already issued land before the caller closes the target.
-        await Promise.allSettled(writes);
       }
-      while (writes.length > 0) await writes.shift();
       if (i !== data.length) {
         throw new TandemError('ERR_BLOCK_MISSING', `the store returned ${i} of ${data.length} blocks asked for ${snap.volume}@${snap.id}; run \`appliance verify\``);
       }
@@ -228,6 +242,8 @@ export async function materialize(
       await pool.close();
     }
   }
+  while (writes.length > 0) await writes.shift();
+  await writeback;
   await writer.sync();
   report();
   return { blocksCompared, blocksWritten, blocksZeroed, bytesWritten };
