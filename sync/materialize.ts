@@ -12,8 +12,10 @@
  *   the blocks from it on are left as they were.
  * - Zero blocks are never fetched: on a new target they are simply not written (holes); on an
  *   existing one `writer.zero()` makes them read as zeros.
- * - Memory is bounded by {@link READ_CHUNK_BLOCKS} and {@link WRITE_BATCH_BYTES}, whatever the
- *   volume size. `writer.sync()` is called once at the end; the caller closes the writer.
+ * - Memory is bounded by {@link READ_CHUNK_BLOCKS}, {@link WRITE_BATCH_BYTES} (hashes only) and
+ *   {@link WRITES_IN_FLIGHT} blocks, whatever the volume size. Written data is flushed in the
+ *   background as it goes and `writer.sync()` is awaited at the end: when materialize resolves,
+ *   the target is durable. The caller closes the writer.
  * - Not idempotent in effect, but safe to rerun: a rerun after a crash writes only what still
  *   differs.
  */
