@@ -20,7 +20,7 @@ import { Pool, buildConnector, type Dispatcher } from 'undici';
 import { TandemError, isErrorCode, isTandemError } from '../common/errors.js';
 import type { BlockFrame, Hash, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
 import { throttle } from '../sync/bwlimit.js';
-import { decodeFrames, encodeFrames } from '../sync/framing.js';
+import { decodeFrames, encodeFrames, readAhead } from '../sync/framing.js';
 import { LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, fromHex, toHex } from '../sync/protocol.js';
 import type { ServerStats } from './stats.js';
 
@@ -34,6 +34,8 @@ const BACKOFF_BASE_MS = 200;
 const BACKOFF_MAX_MS = 10_000;
 /** A peer that does not complete a TCP+TLS handshake in this time is unreachable. */
 const CONNECT_TIMEOUT_MS = 10_000;
+/** Encoded chunks (a header or a payload each) prepared ahead of the socket: 8 blocks' worth. */
+const SEND_AHEAD_CHUNKS = 16;
 /** Statuses that mean "try again later" rather than "no". */
 const RETRYABLE_STATUS = new Set([429, 502, 503, 504]);
 /** Socket-level failures worth a retry (the request may not have reached the peer). */
@@ -339,7 +341,8 @@ export class RemotePeer implements ReplicaStore {
 
   /** Stream blocks to the peer (one request, never replayed). The peer verifies each. */
   async putBlocks(frames: AsyncIterable<BlockFrame>): Promise<{ stored: number; bytes: number }> {
-    let src: AsyncIterable<Buffer> = meter(encodeFrames(frames), (n) => (this.wireBytesSent += n));
+    // Frames are encoded (and compressed) ahead of the socket so reading, deflating and sending overlap.
+    let src: AsyncIterable<Buffer> = meter(readAhead(encodeFrames(frames), SEND_AHEAD_CHUNKS), (n) => (this.wireBytesSent += n));
     if (this.bwlimit > 0) src = throttle(src, this.bwlimit);
     const body = Readable.from(src, { objectMode: false });
     let res: Dispatcher.ResponseData;

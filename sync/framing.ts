@@ -238,3 +238,28 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
     await r.cancel();
   }
 }
+
+/**
+ * Pull up to `depth` items of `source` ahead of the consumer, so producing (reading a socket,
+ * inflating, reading packs) overlaps with consuming (writing a store, a socket). Memory: `depth`
+ * items. Errors surface in order; items left when the consumer stops are dropped.
+ */
+export async function* readAhead<T>(source: AsyncIterable<T>, depth: number): AsyncGenerator<T> {
+  const it = source[Symbol.asyncIterator]();
+  const queue: Array<Promise<IteratorResult<T>>> = [];
+  let ended = false;
+  try {
+    for (;;) {
+      while (!ended && queue.length < depth) {
+        const p = it.next();
+        p.then((r) => void (r.done && (ended = true)), () => void (ended = true)); // also marks the rejection handled
+        queue.push(p);
+      }
+      const r = await queue.shift()!;
+      if (r.done) return;
+      yield r.value;
+    }
+  } finally {
+    await it.return?.(undefined as never).catch(() => {});
+  }
+}

@@ -8,7 +8,7 @@ import type { FastifyInstance } from 'fastify';
 import { TandemError } from '../../common/errors.js';
 import type { Store } from '../../store/index.js';
 import type { SnapshotRecord, TreeNode } from '../../store/types.js';
-import { decodeFrames, encodeFrames } from '../../sync/framing.js';
+import { decodeFrames, encodeFrames, readAhead } from '../../sync/framing.js';
 import { LEASE_HEADER, PROTOCOL_VERSION, fromHex, toHex } from '../../sync/protocol.js';
 import type { Home } from '../../appliance/home.js';
 import type { LeaseTable } from '../leases.js';
@@ -36,6 +36,9 @@ export function nodeFromWire(n: S.WireNodeT): TreeNode {
  * unreachable, and a rerun resends only what is missing).
  */
 const DRAIN_LIMIT_BYTES = 64 * 1024 * 1024;
+
+/** Frames decoded ahead of the store's writes (8 x 512 KiB = 4 MiB per upload): the network keeps flowing while a block is written. */
+const RECEIVE_AHEAD_FRAMES = 8;
 
 async function drain(stream: Readable, limit: number): Promise<void> {
   let n = 0;
@@ -145,7 +148,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     // Not destroying the request stream on a decode error lets the 422 answer reach the client.
     const source = body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>;
     async function* counted() {
-      for await (const f of decodeFrames(source)) {
+      for await (const f of readAhead(decodeFrames(source), RECEIVE_AHEAD_FRAMES)) {
         received++;
         bytes += f.data.length;
         stats.blocksReceived++;

@@ -85,3 +85,30 @@ test('throttle keeps a stream near its rate', async () => {
   // 2 MiB at 4 MiB/s with a 1 MiB burst: at least ~0.25 s, and not much more than 0.5 s.
   assert.ok(secs >= 0.2 && secs < 2, `took ${secs} s`);
 });
+
+test('readAhead keeps order, surfaces errors in place, and stops its source when the consumer stops', async () => {
+  const { readAhead } = await import('../../sync/framing.js');
+  const got: number[] = [];
+  for await (const x of readAhead(from([1, 2, 3, 4, 5]), 3)) got.push(x);
+  assert.deepEqual(got, [1, 2, 3, 4, 5]);
+  async function* failing(): AsyncGenerator<number> {
+    yield 1;
+    yield 2;
+    throw new Error('boom');
+  }
+  const seen: number[] = [];
+  await assert.rejects(async () => {
+    for await (const x of readAhead(failing(), 4)) seen.push(x);
+  }, /boom/);
+  assert.deepEqual(seen, [1, 2]);
+  let finished = false;
+  async function* endless(): AsyncGenerator<number> {
+    try {
+      for (let i = 0; ; i++) yield i;
+    } finally {
+      finished = true;
+    }
+  }
+  for await (const x of readAhead(endless(), 2)) if (x === 3) break;
+  assert.equal(finished, true);
+});
