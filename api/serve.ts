@@ -21,7 +21,8 @@ export async function serve(g: GlobalOptions, listen: string, out: (s: string) =
   const unshare = home.shareStore(store);
   let server;
   try {
-    server = await startServer({ home, store, listen });
+    const { applianceRoutes } = await import('../appliance/routes.js');
+    server = await startServer({ home, store, listen, extraRoutes: applianceRoutes(home, store) });
   } catch (e) {
     unshare();
     await store.close();

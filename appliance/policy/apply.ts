@@ -21,9 +21,10 @@ export interface RetentionResult {
 
 /**
  * Meta namespaces whose records name snapshots that incremental transfers build on: the base
- * of the last sync with a peer, the last EBS export, and the scheduler's last replicated point.
+ * of the last sync with a peer, the last EBS export and import (failback lineage), and the
+ * scheduler's last replicated point.
  */
-const PIN_NAMESPACES = ['sync-base', 'replication', 'ebs-exports', 'ebs-pending', 'scheduler'] as const;
+const PIN_NAMESPACES = ['sync-base', 'replication', 'ebs-exports', 'ebs-pending', 'ebs-imports', 'scheduler'] as const;
 /** Record fields that hold a snapshot id in those namespaces. */
 const PIN_FIELD = /^(snapshot|snapshotId|base|baseSnapshot|tandemSnapshot|baseTandemSnapshot|lastReplicated|lastExported)$/;
 

@@ -53,7 +53,10 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   const unshare = home.shareStore(store);
   const scheduler: { current: Scheduler | null } = { current: null };
   const metrics = createMetrics(async () => computeStatus(store, config, Date.now()), () => scheduler.current?.runningUnits() ?? []);
-  const extraRoutes = (app: FastifyInstance) => {
+  const { applianceRoutes } = await import('../routes.js');
+  const recoveryAndManagement = applianceRoutes(home, store);
+  const extraRoutes = async (app: FastifyInstance) => {
+    await recoveryAndManagement(app);
     app.get('/metrics', async (_req, reply) => {
       const m = await metrics.render();
       return reply.type(m.contentType).send(m.body);
