@@ -200,6 +200,7 @@ async function main(): Promise<void> {
   await appliance(homeA, ['init', '--name', 'onprem']);
   const b = (await appliance(homeB, ['init', '--name', 'cloud'])).json;
   const serve = spawn(process.execPath, [MAIN, '--home', homeB, '--json', 'serve', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  started.push(serve);
   const [line] = (await once(serve.stdout!, 'data')) as [Buffer];
   const url = JSON.parse(line.toString()).url as string;
   const bPort = Number(new URL(url).port);
@@ -224,6 +225,7 @@ async function main(): Promise<void> {
   const rport = 20000 + randomInt(20000, 40000);
   writeFileSync(join(dir, 'rsyncd.conf'), `use chroot = no\n[mod]\n  path = ${mod}\n  read only = no\n  uid = root\n  gid = root\n`);
   const rsyncd = spawn('rsync', ['--daemon', '--no-detach', `--config=${join(dir, 'rsyncd.conf')}`, `--port=${rport}`, '--address=127.0.0.1'], { stdio: 'ignore' });
+  started.push(rsyncd);
   await new Promise((r) => setTimeout(r, 500));
   const changed1 = change(img, nChange, blocks);
   const payload = changed1.length * BLOCK;
@@ -281,13 +283,16 @@ async function main(): Promise<void> {
   for (const [a, v, n] of rows) console.log(`${a.padEnd(w0)}  ${v.padStart(w1)}  ${n}`);
 }
 
-function cleanup(children: ChildProcess[] = []): void {
-  for (const c of children) c.kill();
+/** Child processes to stop whatever happens (a failed step must not leave a server running). */
+const started: ChildProcess[] = [];
+
+function cleanup(children: ChildProcess[]): void {
+  for (const c of children) if (c.exitCode === null) c.kill();
   rmSync(dir, { recursive: true, force: true });
 }
 
 try {
   await main();
 } finally {
-  cleanup();
+  cleanup(started);
 }
