@@ -69,7 +69,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   const { startServer } = await import('../../api/server.js');
   let server;
   try {
-    server = await startServer({ home, store, listen: opts.listen, extraRoutes, logger: { level: 'warn' } });
+    server = await startServer({ home, store, listen: opts.listen, extraRoutes, logger: { level: 'warn', stream: process.stderr } });
   } catch (e) {
     unshare();
     await store.close();
