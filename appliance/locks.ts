@@ -21,7 +21,8 @@ export interface LockInfo {
 
 const heldHere = new Map<string, LockInfo>();
 
-function pidAlive(pid: number): boolean {
+/** Whether a process with this pid exists (EPERM: it exists but belongs to another user). */
+export function pidAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;

@@ -14,6 +14,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { resolveHome } from './output.js';
+import { pidAlive } from '../locks.js';
 
 /** Commands that must run in the calling process. */
 const LOCAL_ONLY = new Set(['init', 'serve', 'daemon', 'help']);
@@ -51,14 +52,6 @@ function inspect(args: string[]): { home: string | undefined; command: string | 
   return { home, command };
 }
 
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 /** The running server of a home, if any (HOME/run/server.json with a live pid). */
 export function runningServer(homeDir: string): ServerInfo | null {
