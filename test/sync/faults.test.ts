@@ -99,8 +99,9 @@ test('two concurrent syncs of one volume: the second gets ERR_VOLUME_LOCKED, loc
   const img = join(dir, 'other.img');
   writeFileSync(img, randomBytes(2 * BS));
   assert.equal((await cli(c, 'volume', 'add', 'vol', '--path', img, '--block-size', '64KiB')).code, 0);
-  // A slow first sync (1 MiB/s for 4 MiB) holds both locks for a few seconds.
-  const first = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '1MiB');
+  // A slow first sync (256 KiB/s for 4 MiB) holds both locks for ~16 s: long enough for two more
+  // CLI processes to start on a loaded machine before it ends.
+  const first = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '256KiB');
   await until(async () => (await peerB.stats()).blocksReceived > 0, 'the first sync to stream blocks');
   const [second, third] = await Promise.all([cli(a, 'sync', 'vol', '--peer', 'cloud'), cli(c, 'sync', 'vol', '--peer', 'cloud')]);
   assert.equal(second.code, 1, second.stderr);
