@@ -23,6 +23,7 @@ import { throttle } from '../sync/bwlimit.js';
 import { decodeFrames, encodeFrames, readAhead } from '../sync/framing.js';
 import { LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, fromHex, toHex } from '../sync/protocol.js';
 import type { ServerStats } from './stats.js';
+import { trace, tracing } from '../sync/trace.js';
 
 /** Parallel connections to one peer: enough to overlap a block stream with tree requests, few enough for a small appliance. */
 const DEFAULT_CONNECTIONS = 4;
@@ -90,6 +91,17 @@ async function* meter(src: AsyncIterable<Buffer>, add: (n: number) => void): Asy
   }
 }
 
+function ignore(): void {}
+
+async function* traced(frames: AsyncIterable<BlockFrame>): AsyncGenerator<BlockFrame> {
+  let n = 0;
+  for await (const f of frames) {
+    if (n++ === 0) trace('client: first block frame read');
+    yield f;
+  }
+  trace(`client: last of ${n} block frames read`);
+}
+
 export class RemotePeer implements ReplicaStore {
   readonly name: string;
   readonly url: string;
@@ -103,6 +115,10 @@ export class RemotePeer implements ReplicaStore {
   private readonly bwlimit: number;
   private lease: string | null = null;
   private leaseVolume: string | null = null;
+  /** A connection opened ahead of the first request ({@link warmUp}), until the pool takes it. */
+  private warm: Promise<TLSSocket | null> | null = null;
+  private readonly warmConnect: () => void;
+  private closed = false;
 
   constructor(opts: RemotePeerOptions) {
     let u: URL;
@@ -122,24 +138,73 @@ export class RemotePeer implements ReplicaStore {
     // certificate). TLS session resumption is off because a resumed session shows no peer
     // certificate to check; a full handshake per connection is cheap next to a sync.
     const base = buildConnector({ rejectUnauthorized: false, timeout: CONNECT_TIMEOUT_MS, maxCachedSessions: 0 });
+    const check = (socket: { destroy(): unknown }): TandemError | null => {
+      const cert = (socket as TLSSocket).getPeerCertificate?.();
+      const got = cert?.fingerprint256 ? normalizeFingerprint(cert.fingerprint256) : '(none)';
+      if (got === pinned) return null;
+      socket.destroy();
+      return new TandemError('ERR_PEER_FINGERPRINT', `peer ${name} at ${u.origin} presented certificate ${got}, not the pinned ${pinned}; nothing was sent. If the peer was re-initialized, pair again with \`appliance peer add\``, {
+        details: { expected: pinned, got },
+      });
+    };
     const connect: buildConnector.connector = (o, cb) => {
-      base(o, (err, socket) => {
-        if (err || !socket) return cb(err ?? new Error('connect failed'), null);
-        const cert = (socket as TLSSocket).getPeerCertificate?.();
-        const got = cert?.fingerprint256 ? normalizeFingerprint(cert.fingerprint256) : '(none)';
-        if (got !== pinned) {
-          socket.destroy();
-          return cb(new TandemError('ERR_PEER_FINGERPRINT', `peer ${name} at ${u.origin} presented certificate ${got}, not the pinned ${pinned}; nothing was sent. If the peer was re-initialized, pair again with \`appliance peer add\``, {
-            details: { expected: pinned, got },
-          }), null);
+      const warm = this.warm;
+      this.warm = null;
+      const fresh = () =>
+        base(o, (err, socket) => {
+          if (err || !socket) return cb(err ?? new Error('connect failed'), null);
+          const bad = check(socket);
+          if (bad) return cb(bad, null);
+          cb(null, socket);
+        });
+      if (!warm) return fresh();
+      // A connection opened ahead by warmUp(): use it if its handshake worked and it is still open.
+      void warm.then((socket) => {
+        if (!socket || socket.destroyed || socket.readyState !== 'open') {
+          socket?.destroy();
+          return fresh();
         }
+        socket.removeListener('error', ignore);
+        trace('client: first request takes the warm connection');
+        const bad = check(socket);
+        if (bad) return cb(bad, null);
         cb(null, socket);
+      });
+    };
+    this.warmConnect = () => {
+      if (this.warm || this.closed) return;
+      const port = u.port || '443';
+      this.warm = new Promise((resolve) => {
+        base({ hostname: u.hostname, host: u.host, protocol: u.protocol, port, servername: null as unknown as string, localAddress: null, httpSocket: undefined } as unknown as buildConnector.Options, (err, socket) => {
+          if (err || !socket) return resolve(null);
+          socket.on('error', ignore);
+          trace('client: warm connection ready');
+          if (this.closed) {
+            socket.destroy();
+            return resolve(null);
+          }
+          resolve(socket as TLSSocket);
+        });
       });
     };
     this.pool = new Pool(this.url, { connect, connections: opts.connections ?? DEFAULT_CONNECTIONS, keepAliveTimeout: 60_000, pipelining: 1 });
   }
 
+  /**
+   * Open one connection (TCP + TLS handshake) in the background, so the first request finds it
+   * ready: a caller with local work to do first (a snapshot) overlaps the handshake with it. No
+   * request is sent; the pinned-fingerprint check runs when the first request takes the
+   * connection, before anything is written. Harmless when unused (closed by {@link close}).
+   */
+  warmUp(): void {
+    this.warmConnect();
+  }
+
   async close(): Promise<void> {
+    this.closed = true;
+    const warm = this.warm;
+    this.warm = null;
+    if (warm) void warm.then((s) => s?.destroy());
     await this.pool.close().catch(() => {});
   }
 
@@ -341,6 +406,7 @@ export class RemotePeer implements ReplicaStore {
 
   /** Stream blocks to the peer (one request, never replayed). The peer verifies each. */
   async putBlocks(frames: AsyncIterable<BlockFrame>): Promise<{ stored: number; bytes: number }> {
+    if (tracing) frames = traced(frames);
     // Frames are encoded (and compressed) ahead of the socket so reading, deflating and sending overlap.
     let src: AsyncIterable<Buffer> = meter(readAhead(encodeFrames(frames), SEND_AHEAD_CHUNKS), (n) => (this.wireBytesSent += n));
     if (this.bwlimit > 0) src = throttle(src, this.bwlimit);
@@ -354,6 +420,7 @@ export class RemotePeer implements ReplicaStore {
     }
     if (res.statusCode >= 300) throw await this.answerError(res, 'POST /v1/blocks/put');
     const a = (await res.body.json()) as { stored: number; bytes: number };
+    trace('client: blocks/put answered');
     return { stored: a.stored, bytes: a.bytes };
   }
 }

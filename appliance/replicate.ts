@@ -24,6 +24,7 @@ import { copySnapshot, type CopyResult } from '../sync/engine.js';
 import type { RemotePeer } from '../api/client.js';
 import type { Home } from './home.js';
 import { connectPeer, getPeer } from './peers.js';
+import { trace } from '../sync/trace.js';
 
 export const SYNC_BASE_NS = 'sync-base';
 
@@ -125,12 +126,15 @@ export async function syncVolumeLocked(home: Home, store: Store, volume: string,
   const peer = await getPeer(store, peerName);
   const started = performance.now();
   const remote = connectPeer(peer, opts.bwlimit ? { bwlimit: opts.bwlimit } : {});
+  trace('peer connected (lazy)');
   try {
     const r = opts.reverse ? await pull(home, store, remote, volume, peer.name, opts) : await push(home, store, remote, volume, peer.name, opts);
     return { ...r, seconds: (performance.now() - started) / 1000, requests: remote.requests, wireBytes: remote.wireBytesSent + remote.wireBytesReceived };
   } finally {
     await remote.releaseVolume();
+    trace('lease released');
     await remote.close();
+    trace('peer closed');
   }
 }
 
@@ -159,6 +163,8 @@ function transferProgress(opts: SyncOptions) {
 async function push(home: Home, store: Store, remote: RemotePeer, volume: string, peer: string, opts: SyncOptions): Promise<Partial> {
   const vol = await store.getVolume(volume);
   if (!vol) throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${volume}" on this appliance; register it with \`appliance volume add ${volume} --path PATH\``, { details: { volume } });
+  // The TCP + TLS handshake with the peer runs while the local snapshot is taken.
+  if (!opts.dryRun) remote.warmUp();
   const { snapshotVolumeLocked } = await import('./ops.js');
   const snap = await snapshotVolumeLocked(store, volume, {
     ...(opts.changedBlocksFile !== undefined ? { changedBlocksFile: opts.changedBlocksFile } : {}),
@@ -166,6 +172,7 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
     ...(opts.signal ? { signal: opts.signal } : {}),
     onProgress: (p) => opts.onProgress?.({ phase: 'scan', done: p.blocksDone * vol.blockSize, total: p.blocksTotal * vol.blockSize, blocks: p.blocksDone }),
   });
+  trace('local snapshot taken');
   const copyOpts = { onProgress: transferProgress(opts), ...(opts.signal ? { signal: opts.signal } : {}) };
   if (opts.dryRun) {
     const latest = await remote.latestSnapshot(volume);
@@ -173,12 +180,16 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
     return summary(volume, peer, 'push', snap, await copySnapshot(store, remote, snap, { ...copyOpts, dryRun: true }), true);
   }
   const lock = await remote.lockVolume(volume, home.identity.id, snap.root);
+  trace(`peer lock answered (upToDate=${lock.upToDate})`);
   if (lock.upToDate && lock.latest) {
     await recordBase(store, volume, peer, lock.latest, 'push');
+    trace('sync base recorded');
     return summary(volume, peer, 'push', snap, null, false);
   }
   const copy = await copySnapshot(store, remote, snap, copyOpts);
+  trace('copy done');
   await recordBase(store, volume, peer, snap, 'push');
+  trace('sync base recorded');
   return summary(volume, peer, 'push', snap, copy, false);
 }
 

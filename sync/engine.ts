@@ -20,6 +20,7 @@ import { TandemError } from '../common/errors.js';
 import { ZERO_HASH } from '../store/index.js';
 import type { BlockFrame, Hash, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
 import { MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, fromHex, toHex } from './protocol.js';
+import { trace } from './trace.js';
 
 /** Level-1 nodes per window: with a 256 fanout that is up to 256 Ki block hashes (8 MiB) in memory. */
 const WINDOW_NODES = 1024;
@@ -79,11 +80,12 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
     return { nodesSent, blocksSent, bytesSent, requests, alreadyPresent };
   };
 
-  requests++;
-  if (await target.getSnapshot(snap.volume, snap.id)) return result(true);
+  // Both questions at once: one round trip instead of two (a peer serves them in parallel).
   const root = fromHex(snap.root);
-  requests++;
-  const [rootPresent] = await target.hasNodes([root]);
+  requests += 2;
+  const [existing, [rootPresent]] = await Promise.all([target.getSnapshot(snap.volume, snap.id), target.hasNodes([root])]);
+  if (existing) return result(true);
+  trace(`engine: snapshot absent, root present=${rootPresent}`);
 
   if (!rootPresent) {
     /** Nodes above level 1 that the target lacks, by level, fetched on the way down and put on the way up. */
@@ -98,6 +100,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
       const children = unique(nodes.flatMap((n) => n.children).filter((h) => !isZero(h)));
       frontier = await missing(children, (b) => target.hasNodes(b), () => requests++);
       level--;
+      trace(`engine: walked to level ${level}: ${frontier.length} nodes missing`);
     }
     // frontier: level-1 nodes the target lacks. A rough total for the progress bar until windows resolve.
     const fanoutGuess = upper.length > 0 ? Math.max(...upper[upper.length - 1]!.map((n) => n.children.length)) : 1;
@@ -109,6 +112,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
         const nodes = await getNodes(source, window, () => requests++);
         const blocks = unique(nodes.flatMap((n) => n.children).filter((h) => !isZero(h)));
         const lacking = await missing(blocks, (b) => target.hasBlocks(b), () => requests++);
+        trace(`engine: window of ${window.length} level-1 nodes: ${lacking.length} of ${blocks.length} blocks lacking`);
         unresolved -= window.length;
         blocksTotal = blocksSent + lacking.length + unresolved * fanoutGuess;
         progress('blocks');
@@ -126,6 +130,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
             }));
           }
         }
+        trace(`engine: blocks sent (${blocksSent})`);
         if (!opts.dryRun) {
           progress('nodes');
           for (const part of batches(nodes, MAX_NODES_PER_REQUEST)) {
@@ -134,6 +139,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
           }
         }
         nodesSent += nodes.length;
+        trace('engine: level-1 nodes put');
       }
       blocksTotal = blocksSent;
     }
@@ -152,8 +158,10 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
   if (!opts.dryRun) {
     check();
     progress('commit');
+    trace('engine: upper nodes put');
     requests++;
     await target.commitSnapshot(snap);
+    trace('engine: committed');
   }
   return result(false);
 }

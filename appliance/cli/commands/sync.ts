@@ -26,13 +26,17 @@ export function define(program: Command): void {
       const { syncVolumeLocked, syncLockOp } = await import('../../replicate.js');
       const { startProgress } = await import('../progress.js');
       const { currentIO } = await import('../output.js');
+      const { trace } = await import('../../../sync/trace.js');
+      trace('sync command: modules loaded');
       const home = Home.load(g.home);
       // The volume lock first: a second sync of the volume gets ERR_VOLUME_LOCKED, not ERR_STORE_BUSY.
       const release = home.lockVolume(volume, syncLockOp({ reverse: o.reverse === true }));
+      trace('home loaded, volume locked');
       const store = await home.openStore().catch((e: unknown) => {
         release();
         throw e;
       });
+      trace('store open');
       let bar: ReturnType<typeof startProgress> | null = null;
       let phase = '';
       try {
@@ -71,6 +75,7 @@ export function define(program: Command): void {
         (bar as ReturnType<typeof startProgress> | null)?.stop();
         await store.close();
         release();
+        trace('store closed');
       }
     }));
 }
