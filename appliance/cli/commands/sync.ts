@@ -23,20 +23,33 @@ export function define(program: Command): void {
       const o = cmd.opts<{ peer: string; reverse?: boolean; apply?: boolean; dryRun?: boolean; changedBlocks?: string; bwlimit?: string }>();
       const bwlimit = o.bwlimit === undefined ? 0 : parseSize(o.bwlimit);
       const { Home } = await import('../../home.js');
-      const { syncVolumeLocked, syncLockOp } = await import('../../replicate.js');
-      const { startProgress } = await import('../progress.js');
       const { currentIO } = await import('../output.js');
       const { trace } = await import('../../../sync/trace.js');
-      trace('sync command: modules loaded');
+      trace('sync command: home module loaded');
+      // The engine, the peer client (undici) and the progress bar load while the store opens
+      // (LevelDB opens on the I/O threads): module compile time overlaps the open.
+      const modules = Promise.all([import('../../replicate.js'), import('../progress.js')]);
+      modules.catch(() => undefined);
       const home = Home.load(g.home);
       // The volume lock first: a second sync of the volume gets ERR_VOLUME_LOCKED, not ERR_STORE_BUSY.
-      const release = home.lockVolume(volume, syncLockOp({ reverse: o.reverse === true }));
+      // The op name is replicate.ts's syncLockOp (inlined: replicate.js is still loading).
+      const release = home.lockVolume(volume, o.reverse === true ? 'sync --reverse' : 'sync');
       trace('home loaded, volume locked');
       const store = await home.openStore().catch((e: unknown) => {
         release();
         throw e;
       });
       trace('store open');
+      let syncVolumeLocked: typeof import('../../replicate.js').syncVolumeLocked;
+      let startProgress: typeof import('../progress.js').startProgress;
+      try {
+        [{ syncVolumeLocked }, { startProgress }] = await modules;
+      } catch (e) {
+        await store.close();
+        release();
+        throw e;
+      }
+      trace('sync modules loaded');
       let bar: ReturnType<typeof startProgress> | null = null;
       let phase = '';
       try {
