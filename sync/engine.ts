@@ -87,6 +87,16 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
   if (existing) return result(true);
   trace(`engine: snapshot absent, root present=${rootPresent}`);
 
+  /** Nodes whose subtrees are stored on the target, in bottom-up order, waiting to fill a putNodes request. */
+  const queued: TreeNode[] = [];
+  const putQueued = async (all: boolean) => {
+    while (queued.length >= MAX_NODES_PER_REQUEST || (all && queued.length > 0)) {
+      check();
+      requests++;
+      await target.putNodes(queued.splice(0, MAX_NODES_PER_REQUEST));
+    }
+  };
+
   if (!rootPresent) {
     /** Nodes above level 1 that the target lacks, by level, fetched on the way down and put on the way up. */
     const upper: TreeNode[][] = [];
@@ -133,27 +143,25 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
         trace(`engine: blocks sent (${blocksSent})`);
         if (!opts.dryRun) {
           progress('nodes');
-          for (const part of batches(nodes, MAX_NODES_PER_REQUEST)) {
-            requests++;
-            await target.putNodes(part);
-          }
+          // The window's blocks are stored: its level-1 nodes may go. Only full requests go now;
+          // the rest travels with the next window's nodes or with the upper nodes below.
+          queued.push(...nodes);
+          await putQueued(false);
         }
         nodesSent += nodes.length;
         trace('engine: level-1 nodes put');
       }
       blocksTotal = blocksSent;
     }
-    // Upper nodes bottom-up: each level's children are present once the level below is put.
+    // Upper nodes bottom-up, after the level-1 nodes still queued: every node's children are
+    // stored by an earlier request or travel in the same one (putNodes accepts nodes of one call
+    // that reference each other), so a small change's nodes take one request, not one per level.
     for (let i = upper.length - 1; i >= 0; i--) {
       const nodes = upper[i]!;
-      if (!opts.dryRun) {
-        for (const part of batches(nodes, MAX_NODES_PER_REQUEST)) {
-          requests++;
-          await target.putNodes(part);
-        }
-      }
+      if (!opts.dryRun) queued.push(...nodes);
       nodesSent += nodes.length;
     }
+    await putQueued(true);
   }
   if (!opts.dryRun) {
     check();
