@@ -7,7 +7,7 @@
  * 1. socat pipes the image over loopback into a file: the raw throughput reference.
  * 2. First full sync (scan + transfer) of the image from appliance A to appliance B.
  * 3. Change --change % of the 512 KiB blocks with one 4 KiB write each. rsync daemon delta
- *    (`rsync --inplace --no-whole-file` into an rsync:// module holding the original), then
+ *    (`rsync --inplace --no-whole-file --ignore-times` into an rsync:// module holding the original), then
  *    the incremental sync with a full rescan, over a counting TCP proxy (bytes on the wire).
  * 4. Another change of the same size, synced from a change list (--changed-blocks: no rescan).
  * 5. A no-op sync (empty change list).
@@ -230,7 +230,7 @@ async function main(): Promise<void> {
   const changed1 = change(img, nChange, blocks);
   const payload = changed1.length * BLOCK;
   t0 = now();
-  const rs = spawnSync('rsync', ['--inplace', '--no-whole-file', '--stats', img, `rsync://127.0.0.1:${rport}/mod/disk.img`], { encoding: 'utf8' });
+  const rs = spawnSync('rsync', ['--inplace', '--no-whole-file', '--ignore-times', '--stats', img, `rsync://127.0.0.1:${rport}/mod/disk.img`], { encoding: 'utf8' });
   const rsyncSecs = (now() - t0) / 1000;
   if (rs.status !== 0) throw new Error(`rsync failed: ${rs.stderr}`);
   const rsSent = /Total bytes sent: ([\d,.]+)/.exec(rs.stdout)?.[1] ?? '?';
