@@ -53,7 +53,7 @@ parentPort.on('message', (m) => {
     for (let i = 0; i < n; i++) {
       const off = m.offset + i * m.blockSize;
       const len = Math.min(m.blockSize, m.offset + m.length - off);
-      const v = Buffer.from(m.buf || sab, off, len);
+      const v = Buffer.from(sab, off, len);
       if (m.path !== undefined) readFully(v, m.path, m.position + i * m.blockSize);
       if (isZero(v)) continue;
       native.blake3(v).copy(out, i * ${HASH_LENGTH});
@@ -126,25 +126,13 @@ export class HashPool {
    * With `read`, the worker first reads those bytes from `read.path` at `read.position`.
    */
   hash(offset: number, length: number, blockSize: number, read?: { path: string; position: number }): Promise<Buffer> {
-    return this.post({ offset, length, blockSize, path: read?.path, position: read?.position });
-  }
-
-  /**
-   * Hashes of the blocks in buf[offset, offset+length) of another shared buffer (not the
-   * pool's), 32 bytes each (ZERO_HASH for zeros). Several callers may use one pool at once.
-   */
-  hashIn(buf: SharedArrayBuffer, offset: number, length: number, blockSize: number): Promise<Buffer> {
-    return this.post({ buf, offset, length, blockSize });
-  }
-
-  private post(m: { buf?: SharedArrayBuffer; offset: number; length: number; blockSize: number; path?: string; position?: number }): Promise<Buffer> {
     if (this.failure) return Promise.reject(this.failure);
     const slot = this.slots.reduce((a, b) => (b.outstanding < a.outstanding ? b : a));
     const id = this.nextId++;
     slot.outstanding++;
     return new Promise<Buffer>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      slot.worker.postMessage({ id, ...m });
+      slot.worker.postMessage({ id, offset, length, blockSize, path: read?.path, position: read?.position });
     });
   }
 
@@ -182,41 +170,6 @@ const MAX_IDLE_POOLS = 2;
 export class HashPools {
   private readonly idle: Array<{ pool: HashPool; timer: NodeJS.Timeout }> = [];
   private closed = false;
-  /** The pool every block read shares (it hashes buffers of its callers, not its own). */
-  private verifier: { pool: HashPool; users: number; timer?: NodeJS.Timeout } | undefined;
-
-  /**
-   * The shared verification pool (started on first use), for {@link HashPool.hashIn} calls;
-   * give it back with {@link releaseShared}. Terminated after {@link POOL_IDLE_MS} unused.
-   */
-  acquireShared(): HashPool {
-    if (this.verifier?.pool.failed) this.verifier = undefined;
-    const v = (this.verifier ??= { pool: new HashPool(new SharedArrayBuffer(8)), users: 0 });
-    if (v.timer) clearTimeout(v.timer);
-    v.timer = undefined;
-    if (v.users++ === 0) v.pool.setActive(true);
-    return v.pool;
-  }
-
-  releaseShared(pool: HashPool): void {
-    const v = this.verifier;
-    if (!v || v.pool !== pool) {
-      void pool.close();
-      return;
-    }
-    if (--v.users > 0) return;
-    if (this.closed || pool.failed) {
-      this.verifier = undefined;
-      void pool.close();
-      return;
-    }
-    pool.setActive(false);
-    v.timer = setTimeout(() => {
-      if (this.verifier === v && v.users === 0) this.verifier = undefined;
-      void pool.close();
-    }, POOL_IDLE_MS);
-    v.timer.unref();
-  }
 
   /** A pool whose shared buffer has exactly `bytes` bytes, for the caller's exclusive use. */
   borrow(bytes: number): HashPool {
@@ -248,12 +201,6 @@ export class HashPools {
 
   async close(): Promise<void> {
     this.closed = true;
-    const v = this.verifier;
-    if (v && v.users === 0) {
-      if (v.timer) clearTimeout(v.timer);
-      this.verifier = undefined;
-      await v.pool.close();
-    }
     const all = this.idle.splice(0);
     for (const e of all) clearTimeout(e.timer);
     await Promise.all(all.map((e) => e.pool.close()));

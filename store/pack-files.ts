@@ -155,8 +155,8 @@ export class PackFiles {
     for (const [id, n] of lengths) this.durable.set(id, n);
   }
 
-  /** Read `length` bytes at `offset` of a pack (into `into` when given); short at a truncated pack. */
-  async read(id: number, offset: number, length: number, into?: Buffer): Promise<Buffer> {
+  /** Read `length` bytes at `offset` of a pack; short at a truncated pack. */
+  async read(id: number, offset: number, length: number): Promise<Buffer> {
     let fh = this.readers.get(id);
     if (!fh) {
       try {
@@ -175,7 +175,7 @@ export class PackFiles {
         this.readers.set(id, fh);
       }
     }
-    const buf = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
+    const buf = Buffer.allocUnsafe(length);
     let done = 0;
     while (done < length) {
       const { bytesRead } = await fh.read(buf, done, length - done, offset + done);

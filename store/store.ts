@@ -22,7 +22,7 @@ import { PackFiles, type RecoveryReport } from './pack-files.js';
 import { checkBlockSize, checkSize, normalizeSnapshot, normalizeVolume, sameJson } from './records.js';
 import { blockCount, buildTree, checkNode, decodeNode, diffTrees, encodeNode, walkBlocks, type BlockChange, type TreeShape } from './tree.js';
 import { scanVolume } from './scan.js';
-import { HashPools, type HashPool } from './hash-pool.js';
+import { HashPools } from './hash-pool.js';
 import { verifyStore } from './verify.js';
 import { collectGarbage } from './gc.js';
 import type {
@@ -32,19 +32,8 @@ import type {
 /** 512 KiB: the EBS direct API block size, so EBS import/export maps blocks one to one. */
 export const DEFAULT_BLOCK_SIZE = 524288;
 
-/**
- * Blocks read ahead by getBlocks: 16 x 512 KiB = 8 MiB in memory per stream, enough to keep
- * the I/O threads and every hash worker busy.
- */
-const READ_AHEAD = 16;
-
-/**
- * getBlocks of fewer blocks than this hashes on the main thread (no worker round trips). Starting
- * the worker pool costs 0.3-0.5 s (threads + native module load), while BLAKE3 on the main thread
- * runs at ~4 GB/s: 256 blocks of 512 KiB hash there in ~35 ms. So a small read (a change-list
- * sync, a restore of a few blocks) never pays for the pool; large streams still use it.
- */
-const POOL_MIN_BLOCKS = 256;
+/** Blocks read ahead by getBlocks: 8 x 512 KiB = 4 MiB in memory per stream. */
+const READ_AHEAD = 8;
 
 /** New nodes are written in batches of this many (each batch is one LevelDB write). */
 const NODE_BATCH = 512;
@@ -189,78 +178,40 @@ export class Store implements ReplicaStore {
     }
   }
 
-  /**
-   * @internal Read and verify the record at `loc`. With `pool`, the record is read into a
-   * buffer of its own (shared memory, so no copy) and its hash is checked on the pool's workers,
-   * keeping the main thread free; without, it is hashed here.
-   */
-  async readBlockAt(hash: Hash, loc: BlockLocation, pool?: HashPool): Promise<Buffer> {
-    const total = RECORD_HEADER_LENGTH + loc.length;
-    const shared = pool ? new SharedArrayBuffer(total) : undefined;
-    const rec = await this.packs.read(loc.pack, loc.offset, total, shared ? Buffer.from(shared) : undefined);
+  /** @internal Read and verify the record at `loc`. */
+  async readBlockAt(hash: Hash, loc: BlockLocation): Promise<Buffer> {
+    const rec = await this.packs.read(loc.pack, loc.offset, RECORD_HEADER_LENGTH + loc.length);
     const header = decodeRecordHeader(rec);
-    if (rec.length < total || !header || header.length !== loc.length || !header.hash.equals(hash)) {
+    if (rec.length < RECORD_HEADER_LENGTH + loc.length || !header || header.length !== loc.length || !header.hash.equals(hash)) {
       throw new TandemError('ERR_STORE_CORRUPT', `the record of block ${toHex(hash)} in pack ${loc.pack} at offset ${loc.offset} is damaged or truncated; run \`appliance verify\``, {
         details: { hash: toHex(hash), pack: loc.pack, offset: loc.offset },
       });
     }
     const data = decodePayload(header.codec, rec.subarray(RECORD_HEADER_LENGTH));
-    // A zero payload hashes to ZERO_HASH on the pool, which no stored block is named: a
-    // mismatch, as with blake3 here.
-    const ok = data !== undefined && (shared && header.codec === CODEC_RAW && pool
-      ? (await pool.hashIn(shared, RECORD_HEADER_LENGTH, loc.length, loc.length)).equals(hash)
-      : blake3(data).equals(hash));
-    if (!ok) {
+    if (!data || !blake3(data).equals(hash)) {
       throw new TandemError('ERR_BLOCK_CORRUPT', `block ${toHex(hash)} in pack ${loc.pack} does not match its hash (disk corruption); run \`appliance verify\` and resync the affected volumes`, {
         details: { hash: toHex(hash), pack: loc.pack, offset: loc.offset },
       });
     }
-    return data!;
+    return data;
   }
 
-  /** getBlock, its hash checked on `pool`. */
-  private async getBlockPooled(hash: Hash, pool: HashPool): Promise<Buffer> {
-    if (isZeroHash(hash)) return Buffer.alloc(DEFAULT_BLOCK_SIZE);
-    const loc = await this.locate(hash);
-    if (!loc) throw new TandemError('ERR_BLOCK_MISSING', `block ${toHex(hash)} is not in the store; sync or snapshot the volume again`, { details: { hash: toHex(hash) } });
-    try {
-      return await this.readBlockAt(hash, loc, pool);
-    } catch (e) {
-      // A concurrent gc may have moved the block (see getBlock).
-      const now = await this.locate(hash);
-      if (!now || (now.pack === loc.pack && now.offset === loc.offset)) throw e;
-      return this.readBlockAt(hash, now, pool);
-    }
-  }
-
-  /**
-   * Verified blocks in the order asked, at most {@link READ_AHEAD} read ahead. Reads run on the
-   * I/O threads and hashes are checked on the store's shared worker pool, several at once, so a
-   * restore or a push is not held back by one thread hashing.
-   */
+  /** Verified blocks in the order asked, at most {@link READ_AHEAD} read ahead. */
   async *getBlocks(hashes: readonly Hash[]): AsyncGenerator<BlockFrame> {
-    this.checkOpen();
     for (const h of hashes) checkHash(h);
-    // A few blocks are not worth waking (or starting) the workers for.
-    const pool = hashes.length >= POOL_MIN_BLOCKS ? this.hashPools.acquireShared() : undefined;
     const inflight: Promise<Buffer>[] = [];
     let next = 0;
     const start = () => {
       const h = hashes[next++]!;
-      const p = pool ? this.getBlockPooled(h, pool) : this.getBlock(h);
+      const p = this.getBlock(h);
       p.catch(() => undefined); // observed when its turn comes
       inflight.push(p);
     };
-    try {
-      while (next < hashes.length && inflight.length < READ_AHEAD) start();
-      for (let i = 0; i < hashes.length; i++) {
-        const data = await inflight.shift()!;
-        if (next < hashes.length) start();
-        yield { hash: hashes[i]!, data };
-      }
-    } finally {
-      await Promise.allSettled(inflight);
-      if (pool) this.hashPools.releaseShared(pool);
+    while (next < hashes.length && inflight.length < READ_AHEAD) start();
+    for (let i = 0; i < hashes.length; i++) {
+      const data = await inflight.shift()!;
+      if (next < hashes.length) start();
+      yield { hash: hashes[i]!, data };
     }
   }
 
