@@ -126,6 +126,24 @@ export async function snapshotVolume(home: Home, store: Store, name: string, opt
 }
 
 /**
+ * {@link snapshotVolumeLocked} between the pre/post hooks config.yaml gives the volume (its
+ * group's `hooks`, e.g. fsfreeze): what an operator's `appliance snapshot` and `appliance sync`
+ * run, so a manual snapshot is as consistent as a scheduled one. A failing pre hook aborts with
+ * ERR_HOOK_FAILED and no snapshot; the post hook always runs. (The scheduler runs a group's
+ * hooks once around all of the group's volumes itself, and calls snapshotVolumeLocked.)
+ */
+export async function snapshotVolumeHooked(home: Home, store: Store, name: string, opts: SnapshotVolumeOptions = {}): Promise<SnapshotRecord> {
+  const { loadConfig, hooksForVolume } = await import('./config/index.js');
+  const { withHooks } = await import('./hooks.js');
+  const hooks = hooksForVolume(await loadConfig(home), name);
+  return withHooks(hooks, () => snapshotVolumeLocked(store, name, opts), {
+    env: { TANDEM_VOLUME: name, TANDEM_VOLUMES: name },
+    ...(opts.onNotice ? { onHook: (r) => opts.onNotice!(`${r.phase} hook \`${r.command}\` exited ${r.exitCode ?? r.signal} in ${r.durationMs} ms`) } : {}),
+    ...(opts.signal ? { signal: opts.signal } : {}),
+  });
+}
+
+/**
  * Snapshot a registered local volume; the caller holds its lock. A full scan reuses the
  * parent's unchanged subtrees; with a changed-blocks file only the listed blocks are read.
  * Falls back to a full scan (and says so through `onNotice`) when there is no parent or the

@@ -165,8 +165,8 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   if (!vol) throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${volume}" on this appliance; register it with \`appliance volume add ${volume} --path PATH\``, { details: { volume } });
   // The TCP + TLS handshake with the peer runs while the local snapshot is taken.
   if (!opts.dryRun) remote.warmUp();
-  const { snapshotVolumeLocked } = await import('./ops.js');
-  const snap = await snapshotVolumeLocked(store, volume, {
+  const { snapshotVolumeHooked } = await import('./ops.js');
+  const snap = await snapshotVolumeHooked(home, store, volume, {
     ...(opts.changedBlocksFile !== undefined ? { changedBlocksFile: opts.changedBlocksFile } : {}),
     ...(opts.onNotice ? { onNotice: opts.onNotice } : {}),
     ...(opts.signal ? { signal: opts.signal } : {}),

@@ -11,7 +11,7 @@ export function define(program: Command): void {
     .option('--changed-blocks <file>', 'read only the blocks listed in FILE (format: appliance/volumes/README.md)')
     .action(run(async (g, cmd, [name]) => {
       const o = cmd.opts<{ changedBlocks?: string }>();
-      const { withHomeStore, snapshotVolumeLocked } = await import('../../ops.js');
+      const { withHomeStore, snapshotVolumeHooked } = await import('../../ops.js');
       const { startProgress } = await import('../progress.js');
       const { currentIO, formatBytes } = await import('../output.js');
       const io = currentIO();
@@ -19,9 +19,9 @@ export function define(program: Command): void {
       let last = { blocksDone: 0, blocksTotal: 0, bytesRead: 0, blocksStored: 0 };
       let bar: ReturnType<typeof startProgress> | null = null;
       const started = process.hrtime.bigint();
-      const rec = await withHomeStore(g.home, async (_home, store) => {
+      const rec = await withHomeStore(g.home, async (home, store) => {
         try {
-          return await snapshotVolumeLocked(store, name as string, {
+          return await snapshotVolumeHooked(home, store, name as string, {
             ...(o.changedBlocks !== undefined ? { changedBlocksFile: o.changedBlocks } : {}),
             onNotice: (m) => {
               notices.push(m);
