@@ -11,7 +11,7 @@
  * Memory: SLOTS x CHUNK_BYTES of buffers plus one node per tree level, whatever the volume size.
  */
 import { TandemError } from '../common/errors.js';
-import { isZeroHash, HASH_LENGTH, ZERO_HASH } from './hash.js';
+import { hashBlock, isZeroHash, HASH_LENGTH, ZERO_HASH } from './hash.js';
 import { checkVolumeName } from './ids.js';
 import { checkBlockSize, checkSize, normalizeSnapshot } from './records.js';
 import { blockCount, type BlockChange } from './tree.js';
@@ -29,6 +29,11 @@ const FLUSH_BYTES = 1024 * 1024 * 1024;
 
 /** onProgress is called at most this often (plus once at the end). */
 const PROGRESS_INTERVAL_MS = 100;
+/**
+ * A change list this short (32 MiB at 512 KiB blocks) is read and hashed on the calling thread:
+ * starting the worker pool (0.3-0.5 s) would cost more than hashing the blocks (~10 ms).
+ */
+const MAIN_THREAD_MAX_BLOCKS = 64;
 
 interface Job {
   readonly first: number;
@@ -81,8 +86,9 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
   const slotBytes = chunkBlocks * blockSize;
   // A local file or device is read by the hash workers themselves (see HashPool).
   const localPath = typeof reader.path === 'string' && (reader.kind === 'file' || reader.kind === 'device') ? reader.path : undefined;
-  const pool = store.hashPools.borrow(slotBytes * SLOTS);
-  const sab = pool.sab;
+  const onMainThread = changed !== undefined && changed.length <= MAIN_THREAD_MAX_BLOCKS;
+  const pool = onMainThread ? null : store.hashPools.borrow(slotBytes * SLOTS);
+  const sab: ArrayBufferLike = pool ? pool.sab : new ArrayBuffer(slotBytes * SLOTS);
   const jobs = changed ? runs(changed, chunkBlocks) : all(blocks, chunkBlocks);
   const total = changed ? changed.length : blocks;
   const progress = { blocksDone: 0, blocksTotal: total, bytesRead: 0, blocksStored: 0 };
@@ -115,7 +121,7 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
     const start = job.first * blockSize;
     const length = Math.min(job.count * blockSize, size - start);
     if (inHole(start, start + length)) return { ...job, slot, length, hashes: Buffer.alloc(job.count * HASH_LENGTH) };
-    if (localPath !== undefined) {
+    if (localPath !== undefined && pool) {
       const hashes = await pool.hash(slot * slotBytes, length, blockSize, { path: localPath, position: start });
       return { ...job, slot, length, hashes };
     }
@@ -127,6 +133,13 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
         throw new TandemError('ERR_VOLUME_UNREADABLE', `volume ${volume} ended at byte ${start + done}, before its size ${size}; it shrank during the snapshot, retry`, { details: { volume, offset: start + done } });
       }
       done += n;
+    }
+    if (!pool) {
+      const hashes = Buffer.alloc(job.count * HASH_LENGTH);
+      for (let i = 0; i < job.count; i++) {
+        hashBlock(buf.subarray(i * blockSize, Math.min(length, (i + 1) * blockSize))).copy(hashes, i * HASH_LENGTH);
+      }
+      return { ...job, slot, length, hashes };
     }
     const hashes = await pool.hash(slot * slotBytes, length, blockSize);
     return { ...job, slot, length, hashes };
@@ -189,6 +202,6 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
     });
   } finally {
     await Promise.allSettled(inflight);
-    await store.hashPools.giveBack(pool);
+    if (pool) await store.hashPools.giveBack(pool);
   }
 }
