@@ -7,7 +7,7 @@
  * at a time), takes the lock first and calls the `...Locked` variants, so that a second
  * snapshot of the same volume fails with ERR_VOLUME_LOCKED rather than ERR_STORE_BUSY.
  */
-import { rename, rm, open, statfs } from 'node:fs/promises';
+import { rename, rm, open, statfs, readFile } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { existsSync } from 'node:fs';
 import { TandemError, fromSystemError, isTandemError } from '../common/errors.js';
@@ -133,6 +133,11 @@ export async function snapshotVolume(home: Home, store: Store, name: string, opt
  * hooks once around all of the group's volumes itself, and calls snapshotVolumeLocked.)
  */
 export async function snapshotVolumeHooked(home: Home, store: Store, name: string, opts: SnapshotVolumeOptions = {}): Promise<SnapshotRecord> {
+  // Loading the config modules (YAML parser, schema compiler) costs ~200 ms, as much as a whole
+  // no-op sync: a config that names no `hooks:` key at all cannot give the volume any, so only
+  // such a file is loaded and validated in full.
+  const text = await readFile(home.paths.config, 'utf8').catch(() => '');
+  if (!/\bhooks\s*:/.test(text)) return snapshotVolumeLocked(store, name, opts);
   const { loadConfig, hooksForVolume } = await import('./config/index.js');
   const { withHooks } = await import('./hooks.js');
   const hooks = hooksForVolume(await loadConfig(home), name);
