@@ -4,9 +4,77 @@
  */
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
+import type { FastifyInstance, FastifyServerOptions } from 'fastify';
 import { startServer } from './server.js';
 import { Home, writeFileAtomic } from '../appliance/home.js';
 import type { GlobalOptions } from '../appliance/cli/output.js';
+import type { Store } from '../store/index.js';
+
+/** A home being served: its store held open for the process, the server, run/server.json. */
+export interface Served {
+  readonly store: Store;
+  readonly url: string;
+  /** One line (or JSON document) announcing the URL and certificate fingerprint. */
+  announcement(json: boolean, label: string): string;
+  /** Remove server.json, close the server, stop sharing, flush and close the store. */
+  close(): Promise<void>;
+}
+
+export interface ServedOptions {
+  /** Routes beyond the peer protocol and the appliance's management routes (the daemon's). */
+  readonly routes?: (store: Store) => (app: FastifyInstance) => void | Promise<void>;
+  readonly logger?: FastifyServerOptions['logger'];
+}
+
+/**
+ * What `serve` and `daemon` share: open and share the home's store (forwarded CLI commands use
+ * it), listen with the peer protocol and the appliance's management routes (appliance/routes.ts),
+ * and publish HOME/run/server.json, which appliance/cli/forward.ts reads.
+ */
+export async function startServed(home: Home, listen: string, opts: ServedOptions = {}): Promise<Served> {
+  const store = await home.openStore();
+  const unshare = home.shareStore(store);
+  let server;
+  try {
+    const { applianceRoutes } = await import('../appliance/routes.js');
+    const management = applianceRoutes(home, store);
+    const more = opts.routes?.(store);
+    server = await startServer({
+      home,
+      store,
+      listen,
+      extraRoutes: async (app) => {
+        await management(app);
+        await more?.(app);
+      },
+      ...(opts.logger !== undefined ? { logger: opts.logger } : {}),
+    });
+  } catch (e) {
+    unshare();
+    await store.close();
+    throw e;
+  }
+  const runFile = join(home.paths.run, 'server.json');
+  writeFileAtomic(runFile, JSON.stringify({ pid: process.pid, url: server.url }) + '\n');
+  const running = server;
+  return {
+    store,
+    url: running.url,
+    announcement(json, label) {
+      const fingerprint = home.fingerprint();
+      return json
+        ? JSON.stringify({ url: running.url, fingerprint, pid: process.pid, name: home.identity.name }) + '\n'
+        : `${label} ${running.url}\nfingerprint ${fingerprint}\n`;
+    },
+    async close() {
+      rmSync(runFile, { force: true });
+      await running.close();
+      unshare();
+      await store.flush();
+      await store.close();
+    },
+  };
+}
 
 /**
  * Start serving and return once listening; the process then lives on the server's handles.
@@ -16,23 +84,8 @@ import type { GlobalOptions } from '../appliance/cli/output.js';
  * server, flush and close the store, remove server.json, exit 0.
  */
 export async function serve(g: GlobalOptions, listen: string, out: (s: string) => void, err: (s: string) => void): Promise<void> {
-  const home = Home.load(g.home);
-  const store = await home.openStore();
-  const unshare = home.shareStore(store);
-  let server;
-  try {
-    const { applianceRoutes } = await import('../appliance/routes.js');
-    server = await startServer({ home, store, listen, extraRoutes: applianceRoutes(home, store) });
-  } catch (e) {
-    unshare();
-    await store.close();
-    throw e;
-  }
-  const runFile = join(home.paths.run, 'server.json');
-  writeFileAtomic(runFile, JSON.stringify({ pid: process.pid, url: server.url }) + '\n');
-  const fingerprint = home.fingerprint();
-  if (g.json) out(JSON.stringify({ url: server.url, fingerprint, pid: process.pid, name: home.identity.name }) + '\n');
-  else out(`listening on ${server.url}\nfingerprint ${fingerprint}\n`);
+  const served = await startServed(Home.load(g.home), listen);
+  out(served.announcement(g.json, 'listening on'));
   let stopping = false;
   const shutdown = async (signal: NodeJS.Signals) => {
     if (stopping) return;
@@ -40,11 +93,7 @@ export async function serve(g: GlobalOptions, listen: string, out: (s: string) =
     err(`${signal}: shutting down\n`);
     let code = 0;
     try {
-      rmSync(runFile, { force: true });
-      await server.close();
-      unshare();
-      await store.flush();
-      await store.close();
+      await served.close();
     } catch (e) {
       err(`error during shutdown: ${(e as Error).message}\n`);
       code = 1;

@@ -14,11 +14,9 @@
  * module is still evaluating until a command's action returns, and forwarded commands import
  * it (appliance/cli/forward.ts), so an action that never returned would block them all.
  */
-import { rmSync } from 'node:fs';
-import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import { pino } from 'pino';
-import { Home, writeFileAtomic } from '../home.js';
+import { Home } from '../home.js';
 import { loadConfig, type Config } from '../config/index.js';
 import { computeStatus, BreachNotifier } from '../status.js';
 import { createMetrics } from '../metrics.js';
@@ -49,34 +47,26 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   const home = Home.load(opts.home);
   // Validate the config before binding anything: a daemon with a broken config is an error.
   let config: Config = await loadConfig(home);
-  const store = await home.openStore();
-  const unshare = home.shareStore(store);
   const scheduler: { current: Scheduler | null } = { current: null };
-  const metrics = createMetrics(async () => computeStatus(store, config, Date.now()), () => scheduler.current?.runningUnits() ?? []);
-  const { applianceRoutes } = await import('../routes.js');
-  const recoveryAndManagement = applianceRoutes(home, store);
-  const extraRoutes = async (app: FastifyInstance) => {
-    await recoveryAndManagement(app);
-    app.get('/metrics', async (_req, reply) => {
-      const m = await metrics.render();
-      return reply.type(m.contentType).send(m.body);
-    });
-    app.get<{ Querystring: { volume?: string } }>('/v1/status', async (req) => {
-      const volumes = await computeStatus(store, config, Date.now(), req.query.volume);
-      return { appliance: home.identity.name, at: new Date().toISOString(), running: scheduler.current?.runningUnits() ?? [], volumes };
-    });
-  };
-  const { startServer } = await import('../../api/server.js');
-  let server;
-  try {
-    server = await startServer({ home, store, listen: opts.listen, extraRoutes, logger: { level: 'warn', stream: process.stderr } });
-  } catch (e) {
-    unshare();
-    await store.close();
-    throw e;
-  }
-  const runFile = join(home.paths.run, 'server.json');
-  writeFileAtomic(runFile, JSON.stringify({ pid: process.pid, url: server.url }) + '\n');
+  let metrics!: ReturnType<typeof createMetrics>;
+  const { startServed } = await import('../../api/serve.js');
+  const served = await startServed(home, opts.listen, {
+    logger: { level: 'warn', stream: process.stderr },
+    routes: (store) => {
+      metrics = createMetrics(async () => computeStatus(store, config, Date.now()), () => scheduler.current?.runningUnits() ?? []);
+      return (app: FastifyInstance) => {
+        app.get('/metrics', async (_req, reply) => {
+          const m = await metrics.render();
+          return reply.type(m.contentType).send(m.body);
+        });
+        app.get<{ Querystring: { volume?: string } }>('/v1/status', async (req) => {
+          const volumes = await computeStatus(store, config, Date.now(), req.query.volume);
+          return { appliance: home.identity.name, at: new Date().toISOString(), running: scheduler.current?.runningUnits() ?? [], volumes };
+        });
+      };
+    },
+  });
+  const store = served.store;
 
   const sched = new Scheduler({
     store,
@@ -102,10 +92,8 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   const alerts = setInterval(checkBreaches, ALERT_INTERVAL_MS);
   checkBreaches();
 
-  const fingerprint = home.fingerprint();
-  if (opts.json) opts.out(JSON.stringify({ url: server.url, fingerprint, pid: process.pid, name: home.identity.name }) + '\n');
-  else opts.out(`daemon listening on ${server.url}\nfingerprint ${fingerprint}\n`);
-  log.info({ url: server.url }, 'daemon started');
+  opts.out(served.announcement(opts.json, 'daemon listening on'));
+  log.info({ url: served.url }, 'daemon started');
 
   let stopping: Promise<void> | null = null;
   const stop = (why: string): Promise<void> => {
@@ -114,15 +102,11 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
       clearInterval(alerts);
       await checking;
       await sched.stop(STOP_GRACE_MS);
-      rmSync(runFile, { force: true });
-      await server.close();
-      unshare();
-      await store.flush();
-      await store.close();
+      await served.close();
       log.info({}, 'daemon stopped');
       log.flush();
     })();
     return stopping;
   };
-  return { url: server.url, stop };
+  return { url: served.url, stop };
 }
