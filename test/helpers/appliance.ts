@@ -10,8 +10,12 @@
  * ```
  */
 import type { ChildProcess } from 'node:child_process';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { once } from 'node:events';
+import { RemotePeer } from '../../api/client.js';
 import { spawnCli, collect, tempDir } from './cli.js';
 
 export { tempDir } from './cli.js';
@@ -133,4 +137,25 @@ export async function startServe(t: TestCtx, home: TestHome | string, listen = '
 export async function pair(home: TestHome, name: string, peer: TestHome, served: Served): Promise<void> {
   const r = await cli(home, 'peer', 'add', name, '--url', served.url, '--token', peer.token, '--fingerprint', peer.fingerprint);
   if (r.code !== 0) throw new Error(`peer add failed (${r.code}): ${r.stderr}`);
+}
+
+/**
+ * The usual two-appliance setup of the sync fault tests: `onprem` (a) paired with a served
+ * `cloud` (b), and a volume "vol" of `blocks` random 64 KiB blocks registered on a.
+ */
+export async function pairedWithVolume(t: TestCtx, blocks: number, blockSize = 64 * 1024) {
+  const [a, b] = await Promise.all([initHome(t, 'onprem'), initHome(t, 'cloud')]);
+  const sb = await startServe(t, b);
+  await pair(a, 'cloud', b, sb);
+  const dir = tempDir(t, 'tandem-faults-');
+  const img = join(dir, 'disk.img');
+  writeFileSync(img, randomBytes(blocks * blockSize));
+  const add = await cli(a, 'volume', 'add', 'vol', '--path', img, '--block-size', `${blockSize / 1024}KiB`);
+  assert.equal(add.code, 0, add.stderr);
+  return { a, b, sb, dir, img };
+}
+
+/** A pinned client of a served home (to read its receiving-side counters). */
+export function peerClient(b: TestHome, s: Served): RemotePeer {
+  return new RemotePeer({ url: s.url, token: b.token, fingerprint: b.fingerprint, name: 'cloud' });
 }

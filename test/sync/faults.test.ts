@@ -12,27 +12,11 @@ import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { Transform } from 'node:stream';
 import { setTimeout as delay } from 'node:timers/promises';
-import { RemotePeer } from '../../api/client.js';
 import { HEADER_BYTES } from '../../sync/framing.js';
-import { cli, initHome, pair, startCli, startServe, tempDir, type Served, type TestHome } from '../helpers/appliance.js';
+import { cli, initHome, pair, pairedWithVolume, peerClient, startCli, tempDir, type TestHome } from '../helpers/appliance.js';
 
 const BS = 64 * 1024;
 
-async function setup(t: Parameters<typeof tempDir>[0], blocks: number) {
-  const [a, b] = await Promise.all([initHome(t, 'onprem'), initHome(t, 'cloud')]);
-  const sb = await startServe(t, b);
-  await pair(a, 'cloud', b, sb);
-  const dir = tempDir(t, 'tandem-faults-');
-  const img = join(dir, 'disk.img');
-  writeFileSync(img, randomBytes(blocks * BS));
-  const add = await cli(a, 'volume', 'add', 'vol', '--path', img, '--block-size', '64KiB');
-  assert.equal(add.code, 0, add.stderr);
-  return { a, b, sb, dir, img };
-}
-
-function client(b: TestHome, s: Served): RemotePeer {
-  return new RemotePeer({ url: s.url, token: b.token, fingerprint: b.fingerprint, name: 'cloud' });
-}
 
 /** Wait (bounded) until `cond` holds, checking every `everyMs`. */
 async function until(cond: () => boolean | Promise<boolean>, what: string, limitMs = 20_000, everyMs = 25): Promise<void> {
@@ -44,7 +28,7 @@ async function until(cond: () => boolean | Promise<boolean>, what: string, limit
 }
 
 test('wrong token gets 401 and changes nothing; a wrong fingerprint is refused before any request is sent', async (t) => {
-  const { a, b, sb } = await setup(t, 4);
+  const { a, b, sb } = await pairedWithVolume(t, 4);
   const status = (path: string, token?: string) =>
     new Promise<{ code: number; body: any }>((resolve, reject) => {
       const req = httpsRequest(new URL(path, sb.url), { rejectUnauthorized: false, headers: token ? { authorization: `Bearer ${token}` } : {} }, (res) => {
@@ -71,7 +55,7 @@ test('wrong token gets 401 and changes nothing; a wrong fingerprint is refused b
 
   const wrongFp = a.fingerprint; // another appliance's certificate
   assert.equal((await cli(a, 'peer', 'add', 'impostor', '--url', sb.url, '--token', b.token, '--fingerprint', wrongFp, '--no-check')).code, 0);
-  const peerB = client(b, sb);
+  const peerB = peerClient(b, sb);
   t.after(() => peerB.close());
   const before = await peerB.stats();
   const r = await cli(a, 'sync', 'vol', '--peer', 'impostor');
@@ -90,8 +74,8 @@ test('wrong token gets 401 and changes nothing; a wrong fingerprint is refused b
 });
 
 test('two concurrent syncs of one volume: the second gets ERR_VOLUME_LOCKED, locally and on the peer', async (t) => {
-  const { a, b, sb, dir } = await setup(t, 64);
-  const peerB = client(b, sb);
+  const { a, b, sb, dir } = await pairedWithVolume(t, 64);
+  const peerB = peerClient(b, sb);
   t.after(() => peerB.close());
   // Another appliance with a volume of the same name, paired with the same peer.
   const c = await initHome(t, 'branch');
@@ -150,8 +134,8 @@ async function damagingProxy(t: Parameters<typeof tempDir>[0], b: TestHome, upst
 }
 
 test('a proxy that corrupts or truncates the block stream: ERR_BLOCK_CORRUPT, nothing stored', async (t) => {
-  const { a, b, sb } = await setup(t, 8);
-  const peerB = client(b, sb);
+  const { a, b, sb } = await pairedWithVolume(t, 8);
+  const peerB = peerClient(b, sb);
   t.after(() => peerB.close());
   for (const mode of ['corrupt', 'truncate'] as const) {
     const proxy = await damagingProxy(t, b, sb.url, mode);

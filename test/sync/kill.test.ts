@@ -4,30 +4,13 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { randomBytes, randomInt } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { randomInt } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
-import { RemotePeer } from '../../api/client.js';
-import { cli, initHome, pair, startCli, startServe, tempDir, type Served, type TestHome } from '../helpers/appliance.js';
+import { cli, pairedWithVolume, peerClient, startCli, startServe, type TestHome } from '../helpers/appliance.js';
 
-const BS = 64 * 1024;
 
-async function setup(t: Parameters<typeof tempDir>[0], blocks: number) {
-  const [a, b] = await Promise.all([initHome(t, 'onprem'), initHome(t, 'cloud')]);
-  const sb = await startServe(t, b);
-  await pair(a, 'cloud', b, sb);
-  const dir = tempDir(t, 'tandem-faults-');
-  const img = join(dir, 'disk.img');
-  writeFileSync(img, randomBytes(blocks * BS));
-  const add = await cli(a, 'volume', 'add', 'vol', '--path', img, '--block-size', '64KiB');
-  assert.equal(add.code, 0, add.stderr);
-  return { a, b, sb, dir, img };
-}
-
-function client(b: TestHome, s: Served): RemotePeer {
-  return new RemotePeer({ url: s.url, token: b.token, fingerprint: b.fingerprint, name: 'cloud' });
-}
 
 async function restoredOnB(b: TestHome, dir: string, name: string): Promise<Buffer> {
   const r = await cli(b, 'restore', 'vol', '--to', join(dir, name));
@@ -37,8 +20,8 @@ async function restoredOnB(b: TestHome, dir: string, name: string): Promise<Buff
 
 test('kill -9 of the client at random moments: the rerun completes, resends nothing stored, both stores verify', async (t) => {
   const blocks = 64;
-  const { a, b, sb, dir, img } = await setup(t, blocks);
-  const peerB = client(b, sb);
+  const { a, b, sb, dir, img } = await pairedWithVolume(t, blocks);
+  const peerB = peerClient(b, sb);
   t.after(() => peerB.close());
   for (let trial = 0; trial < 5; trial++) {
     const run = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '2MiB');
@@ -57,7 +40,7 @@ test('kill -9 of the client at random moments: the rerun completes, resends noth
 
 test('kill -9 of the server at random moments: the rerun completes and the store verifies', async (t) => {
   const blocks = 64;
-  const { a, b, sb: first, dir, img } = await setup(t, blocks);
+  const { a, b, sb: first, dir, img } = await pairedWithVolume(t, blocks);
   const port = new URL(first.url).port;
   let sb = first;
   for (let trial = 0; trial < 3; trial++) {
