@@ -13,7 +13,6 @@ import {
   DescribeInstancesCommand,
   TerminateInstancesCommand,
   CreateSnapshotCommand,
-  DescribeSnapshotsCommand,
   waitUntilInstanceRunning,
   waitUntilInstanceTerminated,
   waitUntilSnapshotCompleted,
@@ -181,16 +180,5 @@ export async function snapshotVolume(ec2: EC2Client, volumeId: string, descripti
     return r.SnapshotId;
   } catch (e) {
     throw awsError(e, `CreateSnapshot of ${volumeId}`);
-  }
-}
-
-export async function snapshotExists(ec2: EC2Client, snapshotId: string): Promise<boolean> {
-  try {
-    const r = await ec2.send(new DescribeSnapshotsCommand({ SnapshotIds: [snapshotId] }));
-    return (r.Snapshots ?? []).some((s) => s.SnapshotId === snapshotId);
-  } catch (e) {
-    const t = awsError(e, 'DescribeSnapshots');
-    if (t.code === 'ERR_AWS_NOT_FOUND') return false;
-    throw t;
   }
 }

@@ -21,7 +21,7 @@ import type { EC2Client } from '@aws-sdk/client-ec2';
 import { TandemError } from '../../common/errors.js';
 import type { Store, SnapshotRecord } from '../../store/index.js';
 import * as ec2 from './ec2.js';
-import { activeFailover, listRuns, RUNS_NS, type RecoveryRun } from './launch.js';
+import { activeFailover, RUNS_NS, type RecoveryRun } from './launch.js';
 
 export interface PrepareResult {
   readonly volume: string;
@@ -116,4 +116,3 @@ export async function completeFailback(
   return { run: run.id, terminated, runStatus: run.status };
 }
 
-export { listRuns };
