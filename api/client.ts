@@ -11,7 +11,7 @@
  *   body is a small JSON document and whose effect is idempotent (has/get/latest, nodes/put and
  *   commit, which are idempotent by contract). A block stream (blocks/put) is never replayed:
  *   the engine recovers at a higher level by asking again which blocks are missing.
- * - `bwlimit` caps the block streams in both directions (sync/bwlimit.ts).
+ * - `bwlimit` caps the block streams in each direction, all parallel streams together (sync/bwlimit.ts).
  */
 import { Readable } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
@@ -19,7 +19,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { Pool, buildConnector, type Dispatcher } from 'undici';
 import { TandemError, isErrorCode, isTandemError } from '../common/errors.js';
 import type { BlockFrame, Hash, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
-import { throttle } from '../sync/bwlimit.js';
+import { throttle, TokenBucket } from '../sync/bwlimit.js';
 import { decodeFrames, encodeFrames, readAhead } from '../sync/framing.js';
 import { LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, fromHex, toHex } from '../sync/protocol.js';
 import type { ServerStats } from './stats.js';
@@ -113,6 +113,9 @@ export class RemotePeer implements ReplicaStore {
   private readonly pool: Pool;
   private readonly token: string;
   private readonly bwlimit: number;
+  /** One bucket per direction, shared by parallel streams (null: no cap). */
+  private readonly upBucket: TokenBucket | null;
+  private readonly downBucket: TokenBucket | null;
   private lease: string | null = null;
   private leaseVolume: string | null = null;
   /** A connection opened ahead of the first request ({@link warmUp}), until the pool takes it. */
@@ -132,6 +135,8 @@ export class RemotePeer implements ReplicaStore {
     this.name = opts.name ?? u.host;
     this.token = opts.token;
     this.bwlimit = opts.bwlimit ?? 0;
+    this.upBucket = this.bwlimit > 0 ? new TokenBucket(this.bwlimit) : null;
+    this.downBucket = this.bwlimit > 0 ? new TokenBucket(this.bwlimit) : null;
     const pinned = normalizeFingerprint(opts.fingerprint);
     const name = this.name;
     // Chain validation is off on purpose: the fingerprint check below is stricter (exactly one
@@ -393,7 +398,7 @@ export class RemotePeer implements ReplicaStore {
     for (const part of batches(hashes, MAX_HASHES_PER_REQUEST)) {
       const res = await this.send('POST', '/v1/blocks/get', { hashes: part.map(toHex) }, true);
       let src: AsyncIterable<Buffer> = meter(res.body as AsyncIterable<Buffer>, (n) => (this.wireBytesReceived += n));
-      if (this.bwlimit > 0) src = throttle(src, this.bwlimit);
+      if (this.downBucket) src = throttle(src, this.downBucket);
       try {
         yield* decodeFrames(src, { verify: true, expect: part });
       } catch (e) {
@@ -409,7 +414,7 @@ export class RemotePeer implements ReplicaStore {
     if (tracing) frames = traced(frames);
     // Frames are encoded (and compressed) ahead of the socket so reading, deflating and sending overlap.
     let src: AsyncIterable<Buffer> = meter(readAhead(encodeFrames(frames), SEND_AHEAD_CHUNKS), (n) => (this.wireBytesSent += n));
-    if (this.bwlimit > 0) src = throttle(src, this.bwlimit);
+    if (this.upBucket) src = throttle(src, this.upBucket);
     const body = Readable.from(src, { objectMode: false });
     let res: Dispatcher.ResponseData;
     try {

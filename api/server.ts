@@ -19,6 +19,7 @@ import { LeaseTable } from './leases.js';
 import { peerRoutes } from './routes/peer.js';
 import { cliRoutes } from './routes/cli.js';
 import { newStats, type ServerStats } from './stats.js';
+import { trace, tracing } from '../sync/trace.js';
 
 /** Routes anyone may call: liveness for load balancers and peers, and the API description. */
 const PUBLIC_PREFIXES = ['/v1/health', '/docs'];
@@ -98,6 +99,10 @@ export function buildServer(opts: BuildServerOptions): FastifyInstance {
     const lease = req.headers[LEASE_HEADER];
     if (typeof lease === 'string') leases.touch(lease);
   });
+  if (tracing) {
+    app.addHook('onRequest', async (req) => trace(`server: ${req.method} ${req.url} arrived`));
+    app.addHook('onResponse', async (req, reply) => trace(`server: ${req.method} ${req.url} answered ${reply.statusCode} in ${reply.elapsedTime.toFixed(1)} ms`));
+  }
   app.addHook('onClose', async () => leases.releaseAll());
 
   void app.register(import('@fastify/swagger'), {

@@ -7,7 +7,7 @@
  * the workers themselves, each block hashed right after its read while it is in the CPU cache;
  * other readers are read on the main thread. Then, chunk by chunk in volume order, the store is
  * asked which non-zero blocks it lacks (one batched lookup), those are appended to the pack
- * straight from the shared buffer, and the (index, hash) changes stream into the tree builder.
+ * straight from the shared buffer (one writev per chunk), and the (index, hash) changes stream into the tree builder.
  * Memory: SLOTS x CHUNK_BYTES of buffers plus one node per tree level, whatever the volume size.
  */
 import { TandemError } from '../common/errors.js';
@@ -165,17 +165,14 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
       const items: BlockChange[] = [];
       for (let i = 0; i < d.count; i++) items.push({ index: d.first + i, hash: Buffer.from(d.hashes.subarray(i * HASH_LENGTH, (i + 1) * HASH_LENGTH)) });
       const nonZero = items.filter((c) => !isZeroHash(c.hash));
-      const has = await store.hasBlocks(nonZero.map((c) => c.hash));
-      for (let i = 0; i < nonZero.length; i++) {
-        if (has[i]) continue;
-        const c = nonZero[i]!;
-        const off = d.slot * slotBytes + (c.index - d.first) * blockSize;
-        const len = Math.min(blockSize, size - c.index * blockSize);
-        if (await store.putVerified(c.hash, Buffer.from(sab, off, len))) {
-          progress.blocksStored++;
-          unflushed += len;
-        }
-      }
+      // One index lookup and one pack write for the chunk's blocks the store lacks.
+      const frames = nonZero.map((c) => ({ hash: c.hash, data: Buffer.from(sab, d.slot * slotBytes + (c.index - d.first) * blockSize, Math.min(blockSize, size - c.index * blockSize)) }));
+      const stored = await store.putVerifiedMany(frames);
+      stored.forEach((isNew, i) => {
+        if (!isNew) return;
+        progress.blocksStored++;
+        unflushed += frames[i]!.data.length;
+      });
       progress.blocksDone += d.count;
       progress.bytesRead += d.length;
       free.push(d.slot);

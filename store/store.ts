@@ -35,6 +35,12 @@ export const DEFAULT_BLOCK_SIZE = 524288;
 /** Blocks read ahead by getBlocks: 8 x 512 KiB = 4 MiB in memory per stream. */
 const READ_AHEAD = 8;
 
+/** getBlocks looks up block locations this many at a time. */
+const LOCATE_BATCH = 32;
+
+/** putBlocks writes verified blocks in batches of about this many bytes (8 blocks of 512 KiB). */
+const PUT_BATCH_BYTES = 4 * 1024 * 1024;
+
 /** New nodes are written in batches of this many (each batch is one LevelDB write). */
 const NODE_BATCH = 512;
 
@@ -196,21 +202,58 @@ export class Store implements ReplicaStore {
     return data;
   }
 
-  /** Verified blocks in the order asked, at most {@link READ_AHEAD} read ahead. */
+  /**
+   * Verified blocks in the order asked, at most {@link READ_AHEAD} read ahead. Locations are
+   * looked up {@link LOCATE_BATCH} at a time (one index request each), not one by one.
+   */
   async *getBlocks(hashes: readonly Hash[]): AsyncGenerator<BlockFrame> {
+    this.checkOpen();
     for (const h of hashes) checkHash(h);
+    const locations = new Map<number, BlockLocation | undefined>();
+    let located = 0;
+    const locateUpTo = async (end: number) => {
+      while (located < end) {
+        const from = located;
+        const to = Math.min(hashes.length, from + LOCATE_BATCH);
+        located = to;
+        const ask: number[] = [];
+        for (let i = from; i < to; i++) {
+          const h = hashes[i]!;
+          const p = isZeroHash(h) ? undefined : this.pending.get(h.toString('latin1'));
+          if (p || isZeroHash(h)) locations.set(i, p);
+          else ask.push(i);
+        }
+        if (ask.length > 0) {
+          const vals = await this.db.getMany(ask.map((i) => blockKey(hashes[i]!)));
+          ask.forEach((i, n) => locations.set(i, vals[n] === undefined ? undefined : decodeLocation(vals[n]!)));
+        }
+      }
+    };
+    const read = async (i: number): Promise<Buffer> => {
+      const h = hashes[i]!;
+      const loc = locations.get(i);
+      locations.delete(i);
+      if (isZeroHash(h) || !loc) return this.getBlock(h); // zeros, or absent: getBlock answers (or throws ERR_BLOCK_MISSING)
+      try {
+        return await this.readBlockAt(h, loc);
+      } catch {
+        return this.getBlock(h); // moved by a concurrent gc: look it up again (a real failure throws there)
+      }
+    };
     const inflight: Promise<Buffer>[] = [];
     let next = 0;
-    const start = () => {
-      const h = hashes[next++]!;
-      const p = this.getBlock(h);
-      p.catch(() => undefined); // observed when its turn comes
-      inflight.push(p);
+    const fill = async () => {
+      while (next < hashes.length && inflight.length < READ_AHEAD) {
+        if (next >= located) await locateUpTo(next + 1);
+        const p = read(next++);
+        p.catch(() => undefined); // observed when its turn comes
+        inflight.push(p);
+      }
     };
-    while (next < hashes.length && inflight.length < READ_AHEAD) start();
+    await fill();
     for (let i = 0; i < hashes.length; i++) {
       const data = await inflight.shift()!;
-      if (next < hashes.length) start();
+      await fill();
       yield { hash: hashes[i]!, data };
     }
   }
@@ -222,6 +265,105 @@ export class Store implements ReplicaStore {
    */
   async putBlock(hash: Hash, data: Buffer): Promise<boolean> {
     this.checkOpen();
+    this.checkBlock(hash, data);
+    if (isZeroHash(hash)) return false;
+    return this.putVerified(hash, data);
+  }
+
+  /** @internal Append a block whose hash the caller computed from `data` itself. */
+  async putVerified(hash: Hash, data: Buffer): Promise<boolean> {
+    return (await this.putVerifiedMany([{ hash, data }]))[0]!;
+  }
+
+  /**
+   * @internal Append blocks whose hashes the caller computed from their data itself, skipping
+   * those held (and repeats within the batch): one index lookup and one pack write for the whole
+   * batch. Returns, per item, whether it was new. Durable after {@link flush}.
+   */
+  putVerifiedMany(items: readonly BlockFrame[]): Promise<boolean[]> {
+    return this.writeLock.run(async () => {
+      this.checkOpen();
+      const out = items.map(() => false);
+      const ask: number[] = [];
+      const seen = new Set<string>();
+      items.forEach((it, i) => {
+        const key = it.hash.toString('latin1');
+        if (isZeroHash(it.hash) || this.pending.has(key) || seen.has(key)) return;
+        seen.add(key);
+        ask.push(i);
+      });
+      if (ask.length === 0) return out;
+      const vals = await this.db.getMany(ask.map((i) => blockKey(items[i]!.hash)));
+      const fresh = ask.filter((_, n) => vals[n] === undefined);
+      if (fresh.length === 0) return out;
+      const locs = await this.packs.appendMany(fresh.map((i) => ({ hash: Buffer.from(items[i]!.hash), codec: CODEC_RAW, payload: items[i]!.data })));
+      fresh.forEach((i, n) => {
+        this.pending.set(items[i]!.hash.toString('latin1'), locs[n]!);
+        out[i] = true;
+      });
+      return out;
+    });
+  }
+
+  /**
+   * Verify and store a stream of blocks, then flush. Returns what was new. Blocks are verified as
+   * they arrive and written in batches of about {@link PUT_BATCH_BYTES}; while one batch is being
+   * written the next is verified, so hashing and disk writes overlap. A block that fails its
+   * hash stops the stream with ERR_BLOCK_CORRUPT; the blocks before it are kept (flushed).
+   */
+  async putBlocks(frames: AsyncIterable<BlockFrame>): Promise<{ stored: number; bytes: number }> {
+    this.checkOpen();
+    let stored = 0;
+    let bytes = 0;
+    let writing: Promise<void> = Promise.resolve();
+    /** Hand a batch to the writer (writes stay in order); returns the write of the batch before. */
+    const write = (batch: BlockFrame[]): Promise<void> => {
+      const prev = writing;
+      writing = (async () => {
+        const news = await this.putVerifiedMany(batch);
+        news.forEach((isNew, i) => {
+          if (!isNew) return;
+          stored++;
+          bytes += batch[i]!.data.length;
+        });
+        await prev;
+      })();
+      writing.catch(() => undefined); // observed below
+      return prev;
+    };
+    let batch: BlockFrame[] = [];
+    let batchBytes = 0;
+    let failure: unknown = null;
+    try {
+      for await (const f of frames) {
+        this.checkBlock(f?.hash, f?.data);
+        batch.push(f);
+        batchBytes += f.data.length;
+        if (batchBytes >= PUT_BATCH_BYTES) {
+          // At most two batches in memory: wait for the one before the batch just handed over.
+          const older = write(batch);
+          batch = [];
+          batchBytes = 0;
+          await older;
+        }
+      }
+    } catch (e) {
+      failure = e;
+    }
+    // Blocks verified before a failure (a cut stream, a corrupt block) are kept: a rerun skips them.
+    if (batch.length > 0) write(batch);
+    try {
+      await writing;
+    } catch (e) {
+      failure ??= e;
+    }
+    await this.flush();
+    if (failure !== null) throw failure;
+    return { stored, bytes };
+  }
+
+  /** Throw ERR_BAD_REQUEST / ERR_BLOCK_CORRUPT unless `data` is a block whose BLAKE3 is `hash`. */
+  private checkBlock(hash: Hash, data: Buffer): void {
     checkHash(hash);
     if (!Buffer.isBuffer(data) || data.length === 0 || data.length > MAX_BLOCK_SIZE) {
       throw new TandemError('ERR_BAD_REQUEST', `block ${toHex(hash)}: data must be 1 byte to 16 MiB`, { details: { hash: toHex(hash) } });
@@ -230,37 +372,6 @@ export class Store implements ReplicaStore {
     if (!actual.equals(hash)) {
       throw new TandemError('ERR_BLOCK_CORRUPT', `block ${toHex(hash)} does not match its hash (got ${toHex(actual)}); it was damaged on the way, retry`, { details: { hash: toHex(hash), actual: toHex(actual) } });
     }
-    if (isZeroHash(hash)) return false;
-    return this.putVerified(hash, data);
-  }
-
-  /** @internal Append a block whose hash the caller computed from `data` itself. */
-  putVerified(hash: Hash, data: Buffer): Promise<boolean> {
-    return this.writeLock.run(async () => {
-      const key = hash.toString('latin1');
-      if (this.pending.has(key)) return false;
-      if ((await this.db.get(blockKey(hash))) !== undefined) return false;
-      const loc = await this.packs.append(Buffer.from(hash), CODEC_RAW, data);
-      this.pending.set(key, loc);
-      return true;
-    });
-  }
-
-  /** Verify and store a stream of blocks, then flush. Returns what was new. */
-  async putBlocks(frames: AsyncIterable<BlockFrame>): Promise<{ stored: number; bytes: number }> {
-    let stored = 0;
-    let bytes = 0;
-    try {
-      for await (const f of frames) {
-        if (await this.putBlock(f?.hash, f?.data)) {
-          stored++;
-          bytes += f.data.length;
-        }
-      }
-    } finally {
-      await this.flush();
-    }
-    return { stored, bytes };
   }
 
   /** Make every block put so far durable: fsync packs, then write their index entries (one batch). */

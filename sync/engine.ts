@@ -24,6 +24,13 @@ import { trace } from './trace.js';
 
 /** Level-1 nodes per window: with a 256 fanout that is up to 256 Ki block hashes (8 MiB) in memory. */
 const WINDOW_NODES = 1024;
+/**
+ * Block streams run at once. Three keep both cores of a small appliance busy on either side and
+ * fill a long fat pipe better than one TCP window; more only adds contention.
+ */
+const BLOCK_STREAMS = 3;
+/** A stream is worth its own request (and fsync on the receiver) from this many blocks. */
+const MIN_BLOCKS_PER_STREAM = 8;
 
 export interface CopyProgress {
   readonly phase: 'walk' | 'blocks' | 'nodes' | 'commit' | 'done';
@@ -130,15 +137,19 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
           blocksSent += lacking.length;
           bytesSent += lacking.length * blockSize; // the last block may be short: an upper bound
         } else if (lacking.length > 0) {
-          for (const part of batches(lacking, MAX_HASHES_PER_REQUEST)) {
-            check();
-            requests += 2;
-            await target.putBlocks(counted(source.getBlocks(part), (f) => {
-              blocksSent++;
-              bytesSent += f.data.length;
-              if (blocksSent % 16 === 0) progress('blocks');
-            }));
-          }
+          // Parallel streams, each a contiguous slice of the lacking blocks: one stream leaves
+          // each side idle while the other works (reading packs, TLS, verifying, writing).
+          await allOrFirstError(slices(lacking, BLOCK_STREAMS, MIN_BLOCKS_PER_STREAM).map(async (slice) => {
+            for (const part of batches(slice, MAX_HASHES_PER_REQUEST)) {
+              check();
+              requests += 2;
+              await target.putBlocks(counted(source.getBlocks(part), (f) => {
+                blocksSent++;
+                bytesSent += f.data.length;
+                if (blocksSent % 16 === 0) progress('blocks');
+              }));
+            }
+          }));
         }
         trace(`engine: blocks sent (${blocksSent})`);
         if (!opts.dryRun) {
@@ -172,6 +183,22 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
     trace('engine: committed');
   }
   return result(false);
+}
+
+/** `items` cut into at most `n` contiguous slices of at least `min` items (one slice when few). */
+function slices<T>(items: readonly T[], n: number, min: number): T[][] {
+  const count = Math.max(1, Math.min(n, Math.floor(items.length / min)));
+  const size = Math.ceil(items.length / count);
+  const out: T[][] = [];
+  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
+  return out;
+}
+
+/** Wait for every task (none is left running behind the caller's back), then throw the first failure. */
+async function allOrFirstError(tasks: Promise<void>[]): Promise<void> {
+  const results = await Promise.allSettled(tasks);
+  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
 }
 
 function unique(hashes: Hash[]): Hash[] {

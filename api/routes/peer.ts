@@ -9,6 +9,7 @@ import { TandemError } from '../../common/errors.js';
 import type { Store } from '../../store/index.js';
 import type { SnapshotRecord, TreeNode } from '../../store/types.js';
 import { decodeFrames, encodeFrames, readAhead } from '../../sync/framing.js';
+import { trace } from '../../sync/trace.js';
 import { LEASE_HEADER, PROTOCOL_VERSION, fromHex, toHex } from '../../sync/protocol.js';
 import type { Home } from '../../appliance/home.js';
 import type { LeaseTable } from '../leases.js';
@@ -149,6 +150,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     const source = body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>;
     async function* counted() {
       for await (const f of readAhead(decodeFrames(source), RECEIVE_AHEAD_FRAMES)) {
+        if (received === 0) trace('server: first block frame decoded');
         received++;
         bytes += f.data.length;
         stats.blocksReceived++;
@@ -158,6 +160,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     }
     try {
       const r = await store.putBlocks(counted());
+      trace(`server: ${received} blocks stored and flushed`);
       stats.blocksStored += r.stored;
       return { received, bytesReceived: bytes, stored: r.stored, bytes: r.bytes };
     } catch (e) {
