@@ -17,7 +17,7 @@ import { join } from 'node:path';
 import { TandemError, fromSystemError } from '../common/errors.js';
 import type { Hash } from './types.js';
 import type { BlockLocation } from './keys.js';
-import { encodeRecordParts, packFileName, parsePackFileName, PACK_TARGET_SIZE, recordLength } from './pack.js';
+import { encodeRecordParts, packFileName, type RecordParts, parsePackFileName, PACK_TARGET_SIZE, recordLength } from './pack.js';
 
 export const PACKS_DIR = 'packs';
 
@@ -112,7 +112,7 @@ export class PackFiles {
    * Not durable until {@link sync}. On a failed write, nothing of the batch is counted: the
    * pack's logical size stays where it was, so the next append overwrites the torn bytes.
    */
-  async appendMany(records: ReadonlyArray<{ hash: Hash; codec: number; payload: Buffer }>): Promise<BlockLocation[]> {
+  async appendMany(records: ReadonlyArray<{ hash: Hash; codec: number; payload: Buffer; parts?: RecordParts }>): Promise<BlockLocation[]> {
     const out: BlockLocation[] = [];
     let i = 0;
     while (i < records.length) {
@@ -136,7 +136,7 @@ export class PackFiles {
         const r = records[i]!;
         const total = recordLength(r.payload.length);
         if (locs.length > 0 && size + total > PACK_TARGET_SIZE) break;
-        const { header, trailer } = encodeRecordParts(r.hash, r.codec, r.payload);
+        const { header, trailer } = r.parts ?? encodeRecordParts(r.hash, r.codec, r.payload);
         iov.push(header, r.payload, trailer);
         locs.push({ pack: w.id, offset: size, length: r.payload.length, codec: r.codec });
         size += total;

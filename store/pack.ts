@@ -45,8 +45,17 @@ export function recordLength(payloadLength: number): number {
   return RECORD_OVERHEAD + payloadLength;
 }
 
-/** Header and trailer of a record; the payload is written between them without copying. */
-export function encodeRecordParts(hash: Hash, codec: number, payload: Buffer): { header: Buffer; trailer: Buffer } {
+export interface RecordParts {
+  readonly header: Buffer;
+  readonly trailer: Buffer;
+}
+
+/**
+ * Header and trailer of a record; the payload is written between them without copying. They do
+ * not depend on where the record goes, so callers may encode (and checksum) before taking the
+ * pack's write lock.
+ */
+export function encodeRecordParts(hash: Hash, codec: number, payload: Buffer): RecordParts {
   const header = Buffer.alloc(RECORD_HEADER_LENGTH);
   RECORD_MAGIC.copy(header, 0);
   header[4] = RECORD_VERSION;

@@ -17,7 +17,7 @@ import {
 } from './keys.js';
 import { busyError, acquireStoreLock } from './lock.js';
 import { Mutex, SharedLock } from './mutex.js';
-import { CODEC_RAW, decodePayload, decodeRecordHeader, RECORD_HEADER_LENGTH } from './pack.js';
+import { CODEC_RAW, decodePayload, decodeRecordHeader, encodeRecordParts, RECORD_HEADER_LENGTH } from './pack.js';
 import { PackFiles, type RecoveryReport } from './pack-files.js';
 import { checkBlockSize, checkSize, normalizeSnapshot, normalizeVolume, sameJson } from './records.js';
 import { blockCount, buildTree, checkNode, decodeNode, diffTrees, encodeNode, walkBlocks, type BlockChange, type TreeShape } from './tree.js';
@@ -280,10 +280,14 @@ export class Store implements ReplicaStore {
    * those held (and repeats within the batch): one index lookup and one pack write for the whole
    * batch. Returns, per item, whether it was new. Durable after {@link flush}.
    */
-  putVerifiedMany(items: readonly BlockFrame[]): Promise<boolean[]> {
-    return this.writeLock.run(async () => {
-      this.checkOpen();
-      const out = items.map(() => false);
+  async putVerifiedMany(items: readonly BlockFrame[]): Promise<boolean[]> {
+    this.checkOpen();
+    const out = items.map(() => false);
+    // The index lookup and the record checksums happen before the write lock, so that parallel
+    // streams overlap them with each other's pack writes. A block another stream indexes in
+    // between is caught by the pending check under the lock (or, if it was flushed in that
+    // instant, stored twice: harmless, gc reclaims the unreferenced copy).
+    const candidates = (): number[] => {
       const ask: number[] = [];
       const seen = new Set<string>();
       items.forEach((it, i) => {
@@ -292,11 +296,19 @@ export class Store implements ReplicaStore {
         seen.add(key);
         ask.push(i);
       });
-      if (ask.length === 0) return out;
-      const vals = await this.db.getMany(ask.map((i) => blockKey(items[i]!.hash)));
-      const fresh = ask.filter((_, n) => vals[n] === undefined);
+      return ask;
+    };
+    const ask = candidates();
+    if (ask.length === 0) return out;
+    const vals = await this.db.getMany(ask.map((i) => blockKey(items[i]!.hash)));
+    const absent = ask.filter((_, n) => vals[n] === undefined);
+    if (absent.length === 0) return out;
+    const parts = new Map(absent.map((i) => [i, encodeRecordParts(items[i]!.hash, CODEC_RAW, items[i]!.data)]));
+    return this.writeLock.run(async () => {
+      this.checkOpen();
+      const fresh = absent.filter((i) => !this.pending.has(items[i]!.hash.toString('latin1')));
       if (fresh.length === 0) return out;
-      const locs = await this.packs.appendMany(fresh.map((i) => ({ hash: Buffer.from(items[i]!.hash), codec: CODEC_RAW, payload: items[i]!.data })));
+      const locs = await this.packs.appendMany(fresh.map((i) => ({ hash: items[i]!.hash, codec: CODEC_RAW, payload: items[i]!.data, parts: parts.get(i)! })));
       fresh.forEach((i, n) => {
         this.pending.set(items[i]!.hash.toString('latin1'), locs[n]!);
         out[i] = true;
@@ -320,12 +332,16 @@ export class Store implements ReplicaStore {
     const write = (batch: BlockFrame[]): Promise<void> => {
       const prev = writing;
       writing = (async () => {
-        const news = await this.putVerifiedMany(batch);
-        news.forEach((isNew, i) => {
-          if (!isNew) return;
-          stored++;
-          bytes += batch[i]!.data.length;
-        });
+        try {
+          const news = await this.putVerifiedMany(batch);
+          news.forEach((isNew, i) => {
+            if (!isNew) return;
+            stored++;
+            bytes += batch[i]!.data.length;
+          });
+        } finally {
+          for (const f of batch) f.release?.(); // written (or failed): the bytes are no longer needed
+        }
         await prev;
       })();
       writing.catch(() => undefined); // observed below
@@ -336,7 +352,12 @@ export class Store implements ReplicaStore {
     let failure: unknown = null;
     try {
       for await (const f of frames) {
-        this.checkBlock(f?.hash, f?.data);
+        try {
+          this.checkBlock(f?.hash, f?.data);
+        } catch (e) {
+          f?.release?.();
+          throw e;
+        }
         batch.push(f);
         batchBytes += f.data.length;
         if (batchBytes >= PUT_BATCH_BYTES) {

@@ -100,6 +100,12 @@ export interface NodeSink {
 export interface BlockFrame {
   readonly hash: Hash;
   readonly data: Buffer;
+  /**
+   * Set when `data` lives in a reusable buffer (sync/framing's BufferPool): the consumer that is
+   * done with the bytes calls it once, and must not touch `data` afterwards. A consumer that never
+   * calls it only costs an allocation.
+   */
+  readonly release?: () => void;
 }
 
 /**

@@ -129,6 +129,36 @@ export async function* encodeFrames(frames: AsyncIterable<BlockFrame>, opts: Enc
   yield header(FRAME_END, CODEC_RAW, null, count, 0);
 }
 
+/**
+ * Reusable payload buffers for a decoder whose consumer releases each frame's data when done
+ * (BlockFrame.release; Store.putBlocks does, after the write). Receiving a volume otherwise
+ * allocates one fresh block-sized buffer per frame: gigabytes of short-lived external memory
+ * that trigger a full garbage collection every few dozen blocks and fresh page faults for each.
+ * Buffers of one size only (the common block size); other sizes are allocated as usual.
+ */
+export class BufferPool {
+  private readonly free: Buffer[] = [];
+  constructor(
+    readonly size: number,
+    private readonly keep = 32,
+  ) {}
+
+  /** A buffer of exactly `size` bytes and its release function (null when not pooled). */
+  take(n: number): { buf: Buffer; release: (() => void) | undefined } {
+    if (n !== this.size) return { buf: Buffer.allocUnsafe(n), release: undefined };
+    const buf = this.free.pop() ?? Buffer.allocUnsafeSlow(n);
+    let released = false;
+    return {
+      buf,
+      release: () => {
+        if (released) return;
+        released = true;
+        if (this.free.length < this.keep) this.free.push(buf);
+      },
+    };
+  }
+}
+
 /** Reads exact byte counts out of a chunk stream without copying more than it must. */
 class ByteReader {
   private chunks: Buffer[] = [];
@@ -140,8 +170,12 @@ class ByteReader {
     this.it = source[Symbol.asyncIterator]();
   }
 
-  /** Exactly n bytes, or null when the stream ends first. */
-  async read(n: number): Promise<Buffer | null> {
+  /**
+   * Exactly n bytes, or null when the stream ends first. With `into` (n bytes long), bytes that
+   * span chunks are copied there instead of into a fresh buffer; the result is `into` or a view
+   * of one chunk.
+   */
+  async read(n: number, into?: Buffer): Promise<Buffer | null> {
     while (this.have < n && !this.done) {
       const r = await this.it.next();
       if (r.done) {
@@ -161,7 +195,7 @@ class ByteReader {
       if (this.chunks[0]!.length === n) this.chunks.shift();
       else this.chunks[0] = this.chunks[0]!.subarray(n);
     } else {
-      out = Buffer.allocUnsafe(n);
+      out = into ?? Buffer.allocUnsafe(n);
       let off = 0;
       while (off < n) {
         const c = this.chunks[0]!;
@@ -198,6 +232,8 @@ export interface DecodeOptions {
   readonly verify?: boolean;
   /** When set, the frames must carry exactly these hashes in this order (answers to blocks/get). */
   readonly expect?: readonly Hash[];
+  /** Read raw payloads into buffers of this pool; each frame then carries `release`. */
+  readonly pool?: BufferPool;
 }
 
 /**
@@ -242,9 +278,15 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
       if (opts.expect && !(index < opts.expect.length && opts.expect[index]!.equals(hash))) {
         throw corrupt(`block ${index} of the stream is not the block asked for`, { index, hash: hash.toString('hex') });
       }
-      const payload = await r.read(payLen);
+      const pooled = codec === CODEC_RAW && opts.pool ? opts.pool.take(payLen) : undefined;
+      const payload = await r.read(payLen, pooled?.buf);
       if (!payload) throw corrupt(`block stream truncated inside block ${index}`, { index, hash: hash.toString('hex') });
       let data: Buffer;
+      let release: (() => void) | undefined;
+      if (pooled) {
+        if (payload === pooled.buf) release = pooled.release;
+        else pooled.release?.(); // the payload came as a view of one chunk: the buffer went unused
+      }
       if (codec === CODEC_RAW) data = payload;
       else if (codec === CODEC_DEFLATE) {
         try {
@@ -258,7 +300,7 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
         throw new TandemError('ERR_BLOCK_CORRUPT', `block ${hash.toString('hex')} (frame ${index}) does not match its hash; nothing was committed, rerun the sync`, { details: { index, hash: hash.toString('hex') } });
       }
       index++;
-      yield { hash, data };
+      yield release ? { hash, data, release } : { hash, data };
     }
   } finally {
     await r.cancel();

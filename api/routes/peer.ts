@@ -6,9 +6,9 @@
 import { Readable } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
 import { TandemError } from '../../common/errors.js';
-import type { Store } from '../../store/index.js';
+import { DEFAULT_BLOCK_SIZE, type Store } from '../../store/index.js';
 import type { SnapshotRecord, TreeNode } from '../../store/types.js';
-import { decodeFrames, encodeFrames, readAhead } from '../../sync/framing.js';
+import { BufferPool, decodeFrames, encodeFrames, readAhead } from '../../sync/framing.js';
 import { trace } from '../../sync/trace.js';
 import { LEASE_HEADER, PROTOCOL_VERSION, fromHex, toHex } from '../../sync/protocol.js';
 import type { Home } from '../../appliance/home.js';
@@ -40,6 +40,12 @@ const DRAIN_LIMIT_BYTES = 64 * 1024 * 1024;
 
 /** Frames decoded ahead of the store's writes (8 x 512 KiB = 4 MiB per upload): the network keeps flowing while a block is written. */
 const RECEIVE_AHEAD_FRAMES = 8;
+/**
+ * Payload buffers of the default block size reused by every block stream this server receives
+ * (the store releases each after writing it). 64 cover three parallel streams in flight
+ * (read ahead plus two write batches each); at most 32 MiB stays allocated between syncs.
+ */
+const receivePool = new BufferPool(DEFAULT_BLOCK_SIZE, 64);
 
 async function drain(stream: Readable, limit: number): Promise<void> {
   let n = 0;
@@ -149,7 +155,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     // Not destroying the request stream on a decode error lets the 422 answer reach the client.
     const source = body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>;
     async function* counted() {
-      for await (const f of readAhead(decodeFrames(source), RECEIVE_AHEAD_FRAMES)) {
+      for await (const f of readAhead(decodeFrames(source, { pool: receivePool }), RECEIVE_AHEAD_FRAMES)) {
         if (received === 0) trace('server: first block frame decoded');
         received++;
         bytes += f.data.length;
