@@ -186,7 +186,11 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
     trace('sync base recorded');
     return summary(volume, peer, 'push', snap, null, false);
   }
-  const copy = await copySnapshot(store, remote, snap, copyOpts);
+  // The peer's latest snapshot, when this store has it too, is a base the peer holds in full:
+  // the engine then asks only about what differs from it.
+  const theirs = lock.latest ? await store.getSnapshot(volume, lock.latest.id) : null;
+  const base = theirs && theirs.root === lock.latest?.root ? theirs : null;
+  const copy = await copySnapshot(store, remote, snap, { ...copyOpts, base });
   trace('copy done');
   await recordBase(store, volume, peer, snap, 'push');
   trace('sync base recorded');

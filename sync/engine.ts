@@ -8,6 +8,8 @@
  * 2. target has the root node → its whole tree is there: commit only.
  * 3. Walk the source tree level by level from the root. For each level, ask the target which
  *    child nodes it lacks (all of a level in batched requests) and descend only into those.
+ *    With a base (a snapshot the target holds in full, usually the last one synced), children
+ *    equal to the base's at the same position are known present and not asked about.
  * 4. Level-1 nodes are handled in windows: ask which of their blocks the target lacks, stream
  *    exactly those (source.getBlocks → target.putBlocks, both bounded), then put the window's
  *    level-1 nodes. Upper nodes go last, bottom-up, then the snapshot is committed.
@@ -45,6 +47,13 @@ export interface CopyProgress {
 }
 
 export interface CopyOptions {
+  /**
+   * A snapshot of the same volume that the target is known to hold in full and the source can
+   * read (the last one synced): subtrees and blocks equal to the base's at the same position are
+   * not asked about, so a small change asks the target about the changed blocks only, not every
+   * block under a changed level-1 node. Ignored unless its tree has the same shape.
+   */
+  readonly base?: SnapshotRecord | null;
   /** Walk and count, but put and commit nothing. */
   readonly dryRun?: boolean;
   readonly onProgress?: (p: CopyProgress) => void;
@@ -109,12 +118,37 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
     const upper: TreeNode[][] = [];
     let frontier: Hash[] = [root];
     let level = snap.height;
+    const base = opts.base && sameShape(opts.base, snap) ? opts.base : null;
+    /** For a node of the frontier, the base's node at the same position (hex of the node → base node hash). */
+    let pairs = new Map<string, Hash>();
+    if (base) pairs.set(toHex(root), fromHex(base.root));
+    /** The children of `nodes` that are not the base's child at the same position, and their new pairs. */
+    const changedChildren = async (nodes: TreeNode[]): Promise<{ children: Hash[]; next: Map<string, Hash> }> => {
+      const baseHashes = unique(nodes.map((n) => pairs.get(toHex(n.hash))).filter((h): h is Hash => h !== undefined && !isZero(h)));
+      const baseNodes = new Map<string, TreeNode>();
+      if (baseHashes.length > 0) for (const b of await getNodes(source, baseHashes, () => requests++)) baseNodes.set(toHex(b.hash), b);
+      const children: Hash[] = [];
+      const next = new Map<string, Hash>();
+      for (const n of nodes) {
+        const paired = pairs.get(toHex(n.hash));
+        const b = paired ? baseNodes.get(toHex(paired)) : undefined;
+        n.children.forEach((c, i) => {
+          if (isZero(c)) return;
+          const bc = b?.children[i];
+          if (bc?.equals(c)) return; // part of the base, which the target holds in full
+          children.push(c);
+          if (bc && !isZero(bc)) next.set(toHex(c), bc);
+        });
+      }
+      return { children: unique(children), next };
+    };
     progress('walk');
     while (level > 1 && frontier.length > 0) {
       check();
       const nodes = await getNodes(source, frontier, () => requests++);
       upper.push(nodes);
-      const children = unique(nodes.flatMap((n) => n.children).filter((h) => !isZero(h)));
+      const { children, next } = await changedChildren(nodes);
+      pairs = next;
       frontier = await missing(children, (b) => target.hasNodes(b), () => requests++);
       level--;
       trace(`engine: walked to level ${level}: ${frontier.length} nodes missing`);
@@ -127,7 +161,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
       for (const window of batches(frontier, WINDOW_NODES)) {
         check();
         const nodes = await getNodes(source, window, () => requests++);
-        const blocks = unique(nodes.flatMap((n) => n.children).filter((h) => !isZero(h)));
+        const { children: blocks } = await changedChildren(nodes);
         const lacking = await missing(blocks, (b) => target.hasBlocks(b), () => requests++);
         trace(`engine: window of ${window.length} level-1 nodes: ${lacking.length} of ${blocks.length} blocks lacking`);
         unresolved -= window.length;
@@ -199,6 +233,11 @@ async function allOrFirstError(tasks: Promise<void>[]): Promise<void> {
   const results = await Promise.allSettled(tasks);
   const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
   if (failed) throw failed.reason;
+}
+
+/** Trees of the same height and block size pair up position by position. */
+function sameShape(a: SnapshotRecord, b: SnapshotRecord): boolean {
+  return a.volume === b.volume && a.height === b.height && a.blockSize === b.blockSize && a.size === b.size;
 }
 
 function unique(hashes: Hash[]): Hash[] {

@@ -162,3 +162,32 @@ test('pull is the same engine with the roles swapped', async (t) => {
   assert.ok((await readAll(a, s)).equals(data));
   assert.equal((await a.latestSnapshot('p'))?.root, s.root);
 });
+
+test('with a base the target holds, only blocks that differ from it are asked about; the result is the same', async (t) => {
+  const [a, b] = await stores(t);
+  const data = randomBytes(3000 * BS); // height 2 with fanout 256: 12 level-1 nodes
+  const s1 = await a.scanVolume(memReader(data), { volume: 'v', blockSize: BS });
+  await copySnapshot(a, b, s1);
+  for (const i of [5, 700, 2999]) randomBytes(BS).copy(data, i * BS);
+  const s2 = await a.scanVolume(memReader(data), { volume: 'v', blockSize: BS, parent: s1 });
+  const asked: number[] = [];
+  const watched: ReplicaStore = Object.create(b) as ReplicaStore;
+  watched.hasBlocks = (h) => (asked.push(h.length), b.hasBlocks(h));
+  watched.hasNodes = (h) => b.hasNodes(h);
+  watched.getSnapshot = (v, id) => b.getSnapshot(v, id);
+  watched.putBlocks = (f) => b.putBlocks(f);
+  watched.putNodes = (n) => b.putNodes(n);
+  watched.commitSnapshot = (r) => b.commitSnapshot(r);
+  const r = await copySnapshot(a, watched, s2, { base: s1 });
+  assert.equal(r.blocksSent, 3);
+  assert.deepEqual(asked, [3], 'one question, about the three changed blocks only (without a base: every block under the three changed level-1 nodes)');
+  assert.ok((await readAll(b, s2)).equals(data));
+  // A base of another shape is ignored, not trusted.
+  const [c, d] = await stores(t);
+  const small = await c.scanVolume(memReader(data.subarray(0, 10 * BS)), { volume: 'v', blockSize: BS });
+  const full = await c.scanVolume(memReader(data), { volume: 'v', blockSize: BS });
+  await copySnapshot(c, d, small);
+  const r2 = await copySnapshot(c, d, full, { base: small });
+  assert.equal(r2.blocksSent, 3000 - 10);
+  assert.ok((await readAll(d, full)).equals(data));
+});
