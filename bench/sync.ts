@@ -5,7 +5,8 @@
  *
  * Steps (each timed; figures printed as a table at the end):
  * 1. socat pipes the image over loopback into a file: the raw throughput reference.
- * 2. First full sync (scan + transfer) of the image from appliance A to appliance B.
+ * 2. First full sync (scan + transfer) of the image from appliance A to appliance B; then the
+ *    transfer alone (the snapshot already taken) to a third appliance C.
  * 3. Change --change % of the 512 KiB blocks with one 4 KiB write each. rsync daemon delta
  *    (`rsync --inplace --no-whole-file --ignore-times` into an rsync:// module holding the original), then
  *    the incremental sync with a full rescan, over a counting TCP proxy (bytes on the wire).
@@ -81,11 +82,14 @@ async function appliance(home: string, args: string[]): Promise<{ json: any; sec
   return { json: JSON.parse(out), secs, rss };
 }
 
-/** A TCP proxy counting bytes, optionally delaying and rate-limiting each direction (WAN). */
+/** A TCP proxy counting bytes, optionally delaying and rate-limiting each direction of the whole link (WAN). */
 async function proxy(target: number, wan: boolean): Promise<{ port: number; bytes: () => number; reset: () => void; close: () => void }> {
   let bytes = 0;
   const sockets = new Set<Socket>();
-  function pipe(from: Socket, to: Socket): void {
+  // One link: the rate cap holds for all connections together, per direction (parallel block
+  // streams share the 100 Mbit/s as they would share a real WAN link).
+  const link = { up: { lastDeparture: 0 }, down: { lastDeparture: 0 } };
+  function pipe(from: Socket, to: Socket, dir: { lastDeparture: number }): void {
     if (!wan) {
       from.on('data', (c: Buffer) => {
         bytes += c.length;
@@ -97,7 +101,6 @@ async function proxy(target: number, wan: boolean): Promise<{ port: number; byte
     // Each chunk leaves at max(arrival + one-way delay, previous departure + its serialization
     // time), strictly in order: one FIFO and one timer per direction (separate timers could
     // reorder chunks whose delays round to the same millisecond).
-    let lastDeparture = 0;
     let queued = 0;
     const fifo: Array<{ at: number; c: Buffer }> = [];
     let timer: NodeJS.Timeout | null = null;
@@ -113,8 +116,8 @@ async function proxy(target: number, wan: boolean): Promise<{ port: number; byte
     };
     from.on('data', (c: Buffer) => {
       bytes += c.length;
-      const departure = Math.max(now() + WAN_ONE_WAY_MS, lastDeparture + (c.length / WAN_BYTES_PER_SEC) * 1000);
-      lastDeparture = departure;
+      const departure = Math.max(now() + WAN_ONE_WAY_MS, dir.lastDeparture + (c.length / WAN_BYTES_PER_SEC) * 1000);
+      dir.lastDeparture = departure;
       queued += c.length;
       fifo.push({ at: departure, c });
       if (queued > 4 * 1024 * 1024) from.pause();
@@ -124,8 +127,8 @@ async function proxy(target: number, wan: boolean): Promise<{ port: number; byte
   const server = createServer((client) => {
     const upstream = connect(target, '127.0.0.1');
     sockets.add(client).add(upstream);
-    pipe(client, upstream);
-    pipe(upstream, client);
+    pipe(client, upstream, link.up);
+    pipe(upstream, client, link.down);
     const end = () => {
       client.destroy();
       upstream.destroy();
@@ -160,6 +163,14 @@ function change(img: string, n: number, blocks: number): number[] {
   return [...picked].sort((x, y) => x - y);
 }
 
+/**
+ * Write back dirty pages before a timed step, so that no step pays for the previous one's
+ * writes (the image just created, a store just filled): the disk is shared by every tool here.
+ */
+function settle(): void {
+  spawnSync('sync');
+}
+
 function loopbackBytes(): number {
   const line = readFileSync('/proc/net/dev', 'utf8').split('\n').find((l) => l.trim().startsWith('lo:'));
   return line ? Number(line.trim().split(/\s+/)[1]) : 0;
@@ -187,6 +198,7 @@ async function main(): Promise<void> {
   const lport = 20000 + randomInt(0, 20000);
   const rx = spawn('socat', ['-u', `TCP-LISTEN:${lport},bind=127.0.0.1,reuseaddr`, `OPEN:${sock},creat,trunc`]);
   await new Promise((r) => setTimeout(r, 300));
+  settle();
   let t0 = now();
   spawnSync('socat', ['-u', `FILE:${img}`, `TCP:127.0.0.1:${lport}`]);
   await once(rx, 'close');
@@ -213,10 +225,31 @@ async function main(): Promise<void> {
 
   // 2. First full sync, straight to B (as socat: no proxy in the path).
   await appliance(homeA, ['peer', 'add', 'cloud-direct', '--url', url, '--token', b.token, '--fingerprint', b.fingerprint]);
+  settle();
   const full = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud-direct']);
   rssA = Math.max(rssA, full.rss);
   row('first full sync (scan + transfer)', `${full.secs.toFixed(2)} s`, `${formatBytes(SIZE / full.secs)}/s = ${(socatSecs / full.secs).toFixed(2)}x socat's throughput (target >= 0.8)`);
   row('  of which in the sync command (scan + transfer, no process start)', `${full.json.seconds.toFixed(2)} s`, `${full.json.blocksSent} blocks, ${formatBytes(full.json.wireBytes)} of block streams`);
+
+  // 2b. The transfer alone, to a third appliance C: the snapshot is taken first, then synced
+  // with an empty change list (no rescan). On this one machine both appliances write their
+  // store to the same disk, so the combined figure above writes the image twice to socat's once.
+  const homeC = join(dir, 'c');
+  const c = (await appliance(homeC, ['init', '--name', 'cloud2'])).json;
+  const serveC = spawn(process.execPath, [MAIN, '--home', homeC, '--json', 'serve', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  started.push(serveC);
+  const [lineC] = (await once(serveC.stdout!, 'data')) as [Buffer];
+  await appliance(homeA, ['peer', 'add', 'cloud2', '--url', JSON.parse(lineC.toString()).url as string, '--token', c.token, '--fingerprint', c.fingerprint]);
+  const emptyList = join(dir, 'empty.txt');
+  writeFileSync(emptyList, '');
+  settle();
+  const xfer = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud2', '--changed-blocks', emptyList]);
+  rssA = Math.max(rssA, xfer.rss);
+  row('first full sync, transfer only (snapshot already taken)', `${xfer.secs.toFixed(2)} s`, `${formatBytes(SIZE / xfer.secs)}/s = ${(socatSecs / xfer.secs).toFixed(2)}x socat's throughput; ${xfer.json.blocksSent} blocks`);
+  const rssC = peakRss(serveC.pid!);
+  serveC.kill('SIGTERM');
+  await once(serveC, 'close');
+  rmSync(homeC, { recursive: true, force: true });
 
   // 3. rsync baseline and incremental sync with rescan, same change.
   const mod = join(dir, 'rsync-module');
@@ -229,6 +262,7 @@ async function main(): Promise<void> {
   await new Promise((r) => setTimeout(r, 500));
   const changed1 = change(img, nChange, blocks);
   const payload = changed1.length * BLOCK;
+  settle();
   t0 = now();
   const rs = spawnSync('rsync', ['--inplace', '--no-whole-file', '--ignore-times', '--stats', img, `rsync://127.0.0.1:${rport}/mod/disk.img`], { encoding: 'utf8' });
   const rsyncSecs = (now() - t0) / 1000;
@@ -238,6 +272,7 @@ async function main(): Promise<void> {
   rsyncd.kill();
 
   lan.reset();
+  settle();
   const lo0 = loopbackBytes();
   const inc = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud']);
   const lo1 = loopbackBytes();
@@ -250,6 +285,7 @@ async function main(): Promise<void> {
   const changed2 = change(img, nChange, blocks);
   const list = join(dir, 'changed.txt');
   writeFileSync(list, changed2.join('\n') + '\n');
+  settle();
   const fromList = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud', '--changed-blocks', list]);
   rssA = Math.max(rssA, fromList.rss);
   row('incremental sync from a change list (no rescan)', `${fromList.secs.toFixed(2)} s`, `${(fromList.secs / rsyncSecs).toFixed(3)}x rsync (target <= 0.05); ${fromList.json.blocksSent} blocks; ${fromList.json.seconds.toFixed(2)} s in the command`);
@@ -272,6 +308,7 @@ async function main(): Promise<void> {
   const rssB = peakRss(serve.pid!);
   row('peak RSS appliance A (sync client)', formatBytes(rssA), '(target <= 256 MiB)');
   row('peak RSS appliance B (server)', formatBytes(rssB), '(target <= 256 MiB)');
+  row('peak RSS appliance C (server, transfer only)', formatBytes(rssC), '(target <= 256 MiB)');
   serve.kill('SIGTERM');
   await once(serve, 'close');
   lan.close();
