@@ -12,7 +12,7 @@ import { dirname, resolve } from 'node:path';
 import { existsSync } from 'node:fs';
 import { TandemError, fromSystemError, isTandemError } from '../common/errors.js';
 import type { Home } from './home.js';
-import type { Store, SnapshotRecord, VolumeRecord, ScanProgress } from '../store/index.js';
+import type { Hash, Store, SnapshotRecord, VolumeRecord, ScanProgress } from '../store/index.js';
 import { inspectVolume, openVolumeReader, openVolumeWriter, readChangedBlocksFile } from './volumes/index.js';
 import { materialize, type MaterializeProgress, type MaterializeResult } from '../sync/materialize.js';
 
@@ -108,6 +108,8 @@ export interface SnapshotVolumeOptions {
   /** Read only the blocks listed in this file (appliance/volumes/README.md). */
   readonly changedBlocksFile?: string;
   readonly onProgress?: (p: ScanProgress) => void;
+  /** Told the hashes of blocks new to the store as the scan appends them (see SnapshotOptions). */
+  readonly onNewBlocks?: (hashes: Hash[]) => void;
   readonly labels?: Record<string, string>;
   readonly signal?: AbortSignal;
   /** Told when the snapshot cannot do what was asked and does something safe instead. */
@@ -192,6 +194,7 @@ export async function snapshotVolumeLocked(store: Store, name: string, opts: Sna
       blockSize: vol.blockSize,
       ...(opts.labels ? { labels: opts.labels } : {}),
       ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
+      ...(opts.onNewBlocks ? { onNewBlocks: opts.onNewBlocks } : {}),
       ...(opts.signal ? { signal: opts.signal } : {}),
     };
     if (changedBlocks !== undefined) return await store.scanVolume(reader, { ...common, parent, changedBlocks, origin: 'changed-blocks' });

@@ -19,8 +19,9 @@
  */
 import { TandemError } from '../common/errors.js';
 import type { Store } from '../store/index.js';
-import type { SnapshotRecord, VolumeRecord } from '../store/types.js';
+import type { Hash, SnapshotRecord, VolumeRecord } from '../store/types.js';
 import { copySnapshot, type CopyResult } from '../sync/engine.js';
+import { EarlySender } from '../sync/early.js';
 import type { RemotePeer } from '../api/client.js';
 import type { Home } from './home.js';
 import { connectPeer, getPeer } from './peers.js';
@@ -166,13 +167,24 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   // The TCP + TLS handshake with the peer runs while the local snapshot is taken.
   if (!opts.dryRun) remote.warmUp();
   const { snapshotVolumeHooked } = await import('./ops.js');
-  const snap = await snapshotVolumeHooked(home, store, volume, {
-    ...(opts.changedBlocksFile !== undefined ? { changedBlocksFile: opts.changedBlocksFile } : {}),
-    ...(opts.onNotice ? { onNotice: opts.onNotice } : {}),
-    ...(opts.signal ? { signal: opts.signal } : {}),
-    onProgress: (p) => opts.onProgress?.({ phase: 'scan', done: p.blocksDone * vol.blockSize, total: p.blocksTotal * vol.blockSize, blocks: p.blocksDone }),
-  });
+  // Blocks new to the local store start travelling while the scan goes on (sync/early.ts).
+  const early = opts.dryRun ? null : new EarlySender(store, remote);
+  let snap: SnapshotRecord;
+  try {
+    snap = await snapshotVolumeHooked(home, store, volume, {
+      ...(opts.changedBlocksFile !== undefined ? { changedBlocksFile: opts.changedBlocksFile } : {}),
+      ...(opts.onNotice ? { onNotice: opts.onNotice } : {}),
+      ...(opts.signal ? { signal: opts.signal } : {}),
+      ...(early ? { onNewBlocks: (h: Hash[]) => early.add(h) } : {}),
+      onProgress: (p) => opts.onProgress?.({ phase: 'scan', done: p.blocksDone * vol.blockSize, total: p.blocksTotal * vol.blockSize, blocks: p.blocksDone }),
+    });
+  } catch (e) {
+    await early?.finish();
+    throw e;
+  }
   trace('local snapshot taken');
+  await early?.finish();
+  trace('early sending ended');
   const copyOpts = { onProgress: transferProgress(opts), ...(opts.signal ? { signal: opts.signal } : {}) };
   if (opts.dryRun) {
     const latest = await remote.latestSnapshot(volume);
@@ -190,10 +202,11 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   // the engine then asks only about what differs from it.
   const theirs = lock.latest ? await store.getSnapshot(volume, lock.latest.id) : null;
   const base = theirs && theirs.root === lock.latest?.root ? theirs : null;
-  const copy = await copySnapshot(store, remote, snap, { ...copyOpts, base });
+  const engine = await copySnapshot(store, remote, snap, { ...copyOpts, base });
   trace('copy done');
   await recordBase(store, volume, peer, snap, 'push');
   trace('sync base recorded');
+  const copy = early ? { ...engine, blocksSent: engine.blocksSent + early.blocks, bytesSent: engine.bytesSent + early.bytes } : engine;
   return summary(volume, peer, 'push', snap, copy, false);
 }
 

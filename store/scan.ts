@@ -16,7 +16,7 @@ import { checkVolumeName } from './ids.js';
 import { checkBlockSize, checkSize, normalizeSnapshot } from './records.js';
 import { blockCount, type BlockChange } from './tree.js';
 import type { Store } from './store.js';
-import type { SnapshotOptions, SnapshotRecord, VolumeReader } from './types.js';
+import type { Hash, SnapshotOptions, SnapshotRecord, VolumeReader } from './types.js';
 
 /** Bytes per read: large sequential reads keep disks and page cache streaming. */
 const CHUNK_BYTES = 8 * 1024 * 1024;
@@ -168,11 +168,14 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
       // One index lookup and one pack write for the chunk's blocks the store lacks.
       const frames = nonZero.map((c) => ({ hash: c.hash, data: Buffer.from(sab, d.slot * slotBytes + (c.index - d.first) * blockSize, Math.min(blockSize, size - c.index * blockSize)) }));
       const stored = await store.putVerifiedMany(frames);
+      const fresh: Hash[] = [];
       stored.forEach((isNew, i) => {
         if (!isNew) return;
         progress.blocksStored++;
         unflushed += frames[i]!.data.length;
+        fresh.push(frames[i]!.hash);
       });
+      if (fresh.length > 0) opts.onNewBlocks?.(fresh);
       progress.blocksDone += d.count;
       progress.bytesRead += d.length;
       free.push(d.slot);

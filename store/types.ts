@@ -175,6 +175,12 @@ export interface SnapshotOptions {
   readonly origin?: string;
   readonly labels?: Record<string, string>;
   readonly onProgress?: (p: ScanProgress) => void;
+  /**
+   * Told the hashes of blocks the store did not hold, as soon as they are appended (not yet
+   * durable, but readable through getBlocks). A sync uses it to start sending them to the peer
+   * while the scan goes on.
+   */
+  readonly onNewBlocks?: (hashes: Hash[]) => void;
   readonly signal?: AbortSignal;
 }
 

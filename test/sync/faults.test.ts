@@ -86,7 +86,12 @@ test('two concurrent syncs of one volume: the second gets ERR_VOLUME_LOCKED, loc
   // A slow first sync (256 KiB/s for 4 MiB) holds both locks for ~16 s: long enough for two more
   // CLI processes to start on a loaded machine before it ends.
   const first = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '256KiB');
-  await until(async () => (await peerB.stats()).blocksReceived > 0, 'the first sync to stream blocks');
+  // Blocks may travel while the first sync still scans (early sending, before any lease): wait
+  // until it holds the peer's lease and streams blocks under it.
+  await until(async () => {
+    const s = await peerB.stats();
+    return (s.routes['POST /v1/volumes/:vol/lock'] ?? 0) > 0 && s.blocksReceived > 0;
+  }, 'the first sync to take the lease and stream blocks');
   const [second, third] = await Promise.all([cli(a, 'sync', 'vol', '--peer', 'cloud'), cli(c, 'sync', 'vol', '--peer', 'cloud')]);
   assert.equal(second.code, 1, second.stderr);
   assert.equal(second.json.error.code, 'ERR_VOLUME_LOCKED', 'locally');

@@ -1,0 +1,141 @@
+/**
+ * Early sending: stream blocks to the target while the snapshot that contains them is still
+ * being scanned, so that the scan and the transfer overlap instead of running one after the
+ * other (sync/README.md, "Early blocks").
+ *
+ * The scan tells {@link EarlySender.add} the hashes of blocks new to the local store; a few
+ * long-lived block streams ask the target which of each batch it lacks and send those. This is
+ * only an optimization: nothing depends on it for correctness. The engine runs afterwards as
+ * always and finds these blocks present (one hasBlocks answer), so nothing is sent twice. A
+ * block the target stores early is unreferenced until the snapshot commits; a target gc in
+ * between may drop it, and the engine then sends it again.
+ *
+ * Early sending lasts as long as the scan and no longer: when the scan ends, the streams end
+ * after the frame they are sending, and what is left goes through the engine, under the peer's
+ * lease. (Blocks need no lease: they are content-addressed and change nothing until a snapshot
+ * that references them commits.)
+ *
+ * Failures never fail the sync: the first error stops early sending (it is kept for the trace)
+ * and the engine sends whatever is left. Memory is bounded: past {@link MAX_QUEUED} queued
+ * hashes, early sending stops and leaves the rest to the engine.
+ */
+import type { BlockFrame, Hash, ReplicaStore } from '../store/types.js';
+import { trace } from './trace.js';
+
+/** Hashes per target question and per read batch: 64 blocks of 512 KiB are 32 MiB of data. */
+const BATCH = 64;
+/** A batch not yet full goes anyway once its first hash has waited this long. */
+const LINGER_MS = 100;
+/** Parallel block streams (as the engine's: both sides' cores stay busy). */
+const STREAMS = 2;
+/** Hashes waiting at most (~1.5 MiB with the objects around them); beyond, the engine sends the rest. */
+const MAX_QUEUED = 16384;
+
+export class EarlySender {
+  /** Blocks and uncompressed bytes sent so far. */
+  blocks = 0;
+  bytes = 0;
+  /** The first failure, if early sending stopped because of one. */
+  failure: unknown = null;
+  private readonly queue: Hash[] = [];
+  /** When the oldest queued hash was queued (or the last batch was taken). */
+  private since = performance.now();
+  private waiters: Array<() => void> = [];
+  private finished = false;
+  private stopped = false;
+  private readonly streams: Promise<void>[] = [];
+
+  constructor(
+    private readonly source: ReplicaStore,
+    private readonly target: ReplicaStore,
+  ) {}
+
+  /** Queue new blocks' hashes; starts the streams on the first call. */
+  add(hashes: readonly Hash[]): void {
+    if (this.stopped || this.finished) return;
+    if (this.queue.length + hashes.length > MAX_QUEUED) {
+      trace(`early: over ${MAX_QUEUED} hashes queued; the engine sends the rest`);
+      this.stop();
+      return;
+    }
+    if (this.queue.length === 0) this.since = performance.now();
+    this.queue.push(...hashes);
+    if (this.streams.length === 0) for (let i = 0; i < STREAMS; i++) this.streams.push(this.run());
+    this.wake();
+  }
+
+  /**
+   * The scan is over: the streams end after the frame they are sending, and what is queued is
+   * left to the engine. Resolves when they have ended (never rejects).
+   */
+  async finish(): Promise<void> {
+    this.finished = true;
+    this.stop();
+    await Promise.all(this.streams);
+    trace(`early: ${this.blocks} blocks sent during the scan${this.failure ? ` (stopped: ${String((this.failure as Error)?.message ?? this.failure)})` : ''}`);
+  }
+
+  private stop(): void {
+    this.stopped = true;
+    this.queue.length = 0;
+    this.wake();
+  }
+
+  private wake(): void {
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+  }
+
+  /**
+   * The next batch of hashes, or null when finished (or stopped) and nothing is left. A batch is
+   * full, or the last one, or has lingered {@link LINGER_MS}: a few new blocks spread over a long
+   * scan go in a handful of questions, not one each.
+   */
+  private async next(): Promise<Hash[] | null> {
+    for (;;) {
+      if (this.stopped) return null;
+      const waited = performance.now() - this.since;
+      if (this.queue.length >= BATCH || (this.queue.length > 0 && (this.finished || waited >= LINGER_MS))) {
+        const batch = this.queue.splice(0, BATCH);
+        this.since = performance.now();
+        return batch;
+      }
+      if (this.finished) return null;
+      await new Promise<void>((r) => {
+        this.waiters.push(r);
+        if (this.queue.length > 0) setTimeout(r, LINGER_MS - waited);
+      });
+    }
+  }
+
+  private async run(): Promise<void> {
+    const self = this;
+    async function* frames(): AsyncGenerator<BlockFrame> {
+      for (;;) {
+        const batch = await self.next();
+        if (!batch) return;
+        const present = await self.target.hasBlocks(batch);
+        const lacking = batch.filter((_, i) => !present[i]);
+        if (lacking.length === 0) continue;
+        for await (const f of self.source.getBlocks(lacking)) {
+          if (self.stopped) return;
+          self.blocks++;
+          self.bytes += f.data.length;
+          yield f;
+        }
+      }
+    }
+    try {
+      // Wait for the first batch before opening the request: a sync with nothing new sends nothing.
+      const first = await this.next();
+      if (!first) return;
+      this.queue.unshift(...first);
+      this.since = 0; // it waited already
+      await this.target.putBlocks(frames());
+    } catch (e) {
+      this.failure ??= e;
+      this.stop();
+    }
+  }
+}
