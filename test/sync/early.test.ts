@@ -1,0 +1,146 @@
+/**
+ * Early sending (sync/early.ts) between two real local stores: blocks travel while the scan
+ * goes on, the engine afterwards sends only the rest, a failing target never fails the sync, and
+ * early sending ends with the scan.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Store } from '../../store/index.js';
+import type { BlockFrame, ReplicaStore, VolumeReader } from '../../store/types.js';
+import { copySnapshot } from '../../sync/engine.js';
+import { EarlySender } from '../../sync/early.js';
+
+const BS = 4096;
+/** The scan reads 8 MiB at a time: 2048 blocks of 4 KiB. */
+const CHUNK_BLOCKS = 2048;
+
+/** A volume in memory whose reads after the first wait `delayMs`: a scan that takes a while. */
+function slowReader(data: Buffer, delayMs: number): VolumeReader {
+  let reads = 0;
+  return {
+    size: data.length,
+    async read(buf, pos) {
+      if (reads++ > 0) await sleep(delayMs);
+      return data.copy(buf, 0, pos, Math.min(data.length, pos + buf.length));
+    },
+    async close() {},
+  };
+}
+
+async function stores(t: { after(fn: () => Promise<void> | void): void }): Promise<[Store, Store]> {
+  const dir = mkdtempSync(join(tmpdir(), 'tandem-early-'));
+  const a = await Store.open(join(dir, 'a'));
+  const b = await Store.open(join(dir, 'b'));
+  t.after(async () => {
+    await a.close();
+    await b.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  return [a, b];
+}
+
+/** The target as a ReplicaStore that counts the block frames it really receives, each one by hash. */
+function receiving(inner: Store, opts: { frameDelayMs?: number; failPut?: boolean } = {}) {
+  const seen = new Map<string, number>();
+  const target: ReplicaStore = {
+    hasBlocks: (h) => inner.hasBlocks(h),
+    getBlocks: (h) => inner.getBlocks(h),
+    putBlocks: async (frames) => {
+      if (opts.failPut) throw new Error('the peer is unreachable');
+      async function* each(): AsyncGenerator<BlockFrame> {
+        for await (const f of frames) {
+          if (opts.frameDelayMs) await sleep(opts.frameDelayMs);
+          const k = f.hash.toString('hex');
+          seen.set(k, (seen.get(k) ?? 0) + 1);
+          yield f;
+        }
+      }
+      return inner.putBlocks(each());
+    },
+    hasNodes: (h) => inner.hasNodes(h),
+    getNodes: (h) => inner.getNodes(h),
+    putNodes: (n) => inner.putNodes(n),
+    latestSnapshot: (v) => inner.latestSnapshot(v),
+    getSnapshot: (v, id) => inner.getSnapshot(v, id),
+    commitSnapshot: (r) => inner.commitSnapshot(r),
+  };
+  const total = () => [...seen.values()].reduce((s, n) => s + n, 0);
+  return { target, seen, total };
+}
+
+test('blocks sent during the scan are not sent again by the engine; the copy is exact', async (t) => {
+  const [a, b] = await stores(t);
+  const blocks = 2 * CHUNK_BLOCKS + 100;
+  const data = randomBytes(blocks * BS);
+  const r = receiving(b);
+  const early = new EarlySender(a, r.target);
+  // The scan waits 500 ms before each later chunk: the first chunk's blocks go meanwhile.
+  const snap = await a.scanVolume(slowReader(data, 500), { volume: 'v', blockSize: BS, onNewBlocks: (h) => early.add(h) });
+  await early.finish();
+  assert.equal(early.failure, null);
+  assert.ok(early.blocks > 0, 'blocks went during the scan');
+  assert.equal(early.bytes, early.blocks * BS);
+  const copy = await copySnapshot(a, r.target, snap);
+  assert.equal(copy.blocksSent + early.blocks, blocks, 'early and engine together sent each block once');
+  assert.equal(r.seen.size, blocks);
+  assert.equal(r.total(), blocks, 'no block arrived twice');
+  const back = Buffer.alloc(data.length);
+  for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, BS)).copy(back, index * BS);
+  assert.ok(back.equals(data));
+  assert.equal((await b.verify()).problems.length, 0);
+});
+
+test('a target that fails block uploads stops early sending, not the sync', async (t) => {
+  const [a, b] = await stores(t);
+  const data = randomBytes(300 * BS);
+  const failing = receiving(b, { failPut: true });
+  const early = new EarlySender(a, failing.target);
+  const snap = await a.scanVolume(slowReader(data, 0), { volume: 'v', blockSize: BS, onNewBlocks: (h) => early.add(h) });
+  await early.finish();
+  assert.match(String((early.failure as Error)?.message), /unreachable/);
+  assert.equal(early.blocks, 0);
+  const r = receiving(b);
+  const copy = await copySnapshot(a, r.target, snap);
+  assert.equal(copy.blocksSent, 300, 'the engine sends everything');
+  assert.deepEqual(await b.getSnapshot('v', snap.id), snap);
+});
+
+test('early sending ends with the scan: the frame in flight completes, the engine sends the rest', async (t) => {
+  const [a, b] = await stores(t);
+  const blocks = 400;
+  const data = randomBytes(blocks * BS);
+  // A slow link: 20 ms a block, 8 s for the whole volume; the scan takes a few milliseconds.
+  const r = receiving(b, { frameDelayMs: 20 });
+  const early = new EarlySender(a, r.target);
+  const snap = await a.scanVolume(slowReader(data, 0), { volume: 'v', blockSize: BS, onNewBlocks: (h) => early.add(h) });
+  const t0 = performance.now();
+  await early.finish();
+  const waited = performance.now() - t0;
+  assert.ok(waited < 2000, `finish waited ${waited.toFixed(0)} ms, not for the whole queue`);
+  assert.ok(early.blocks < blocks / 2, `${early.blocks} blocks went early`);
+  // Every block early sending yielded was stored by the target: the engine skips them.
+  const fast = receiving(b);
+  const copy = await copySnapshot(a, fast.target, snap);
+  assert.equal(copy.blocksSent, blocks - early.blocks);
+  assert.equal(r.seen.size + fast.seen.size, blocks);
+  assert.deepEqual(await b.getSnapshot('v', snap.id), snap);
+});
+
+test('nothing new, nothing sent: no block upload is opened', async (t) => {
+  const [a, b] = await stores(t);
+  const data = randomBytes(100 * BS);
+  const s1 = await a.scanVolume(slowReader(data, 0), { volume: 'v', blockSize: BS });
+  let uploads = 0;
+  const r = receiving(b);
+  const target: ReplicaStore = { ...r.target, putBlocks: (f) => (uploads++, r.target.putBlocks(f)) };
+  const early = new EarlySender(a, target);
+  await a.scanVolume(slowReader(data, 0), { volume: 'v', blockSize: BS, parent: s1, onNewBlocks: (h) => early.add(h) });
+  await early.finish();
+  assert.equal(uploads, 0);
+  assert.equal(early.blocks, 0);
+});
