@@ -45,6 +45,10 @@ export class PackFiles {
   /** Packs appended to (or created) since the last sync, with their current size. */
   private readonly dirty = new Map<number, { fh: FileHandle; size: number; created: boolean }>();
   private nextId: number;
+  /** Bytes appended since the last background writeback started. */
+  private sinceWriteback = 0;
+  /** The background writeback running, if any. */
+  private writeback: Promise<void> | null = null;
 
   private constructor(dir: string, durable: Map<number, number>, nextId: number) {
     this.dir = dir;
@@ -158,9 +162,24 @@ export class PackFiles {
       const d = this.dirty.get(w.id);
       if (d) d.size = w.size;
       else this.dirty.set(w.id, { fh: w.fh, size: w.size, created: false });
+      this.sinceWriteback += want;
+      if (this.sinceWriteback >= WRITEBACK_BYTES) this.startWriteback(w.fh);
       out.push(...locs);
     }
     return out;
+  }
+
+  /**
+   * Start writing a pack's dirty pages to disk without waiting for it (one at a time). This is
+   * not durability, which only {@link sync} gives; it keeps a long run of appends (a first
+   * snapshot, a full sync received) streaming to the disk instead of piling gigabytes into the
+   * page cache for the next sync to write while everything waits. A failure here is ignored:
+   * the sync that follows meets it again and reports it.
+   */
+  private startWriteback(fh: FileHandle): void {
+    if (this.writeback) return;
+    this.sinceWriteback = 0;
+    this.writeback = fh.datasync().catch(() => undefined).finally(() => void (this.writeback = null));
   }
 
   /**
@@ -253,6 +272,9 @@ export class PackFiles {
     this.writer = undefined;
   }
 }
+
+/** Appended bytes between background writebacks ({@link PackFiles.startWriteback}). */
+const WRITEBACK_BYTES = 128 * 1024 * 1024;
 
 /** Buffers per writev call: under Linux's IOV_MAX of 1024, a multiple of a record's three parts. */
 const WRITEV_MAX_BUFFERS = 768;
