@@ -50,11 +50,12 @@ parentPort.on('message', (m) => {
   const n = Math.ceil(m.length / m.blockSize);
   const out = Buffer.alloc(n * ${HASH_LENGTH});
   try {
+    // One read for the whole range: a syscall per block cost ~7 % of a warm-cache scan.
+    if (m.path !== undefined) readFully(Buffer.from(sab, m.offset, m.length), m.path, m.position);
     for (let i = 0; i < n; i++) {
       const off = m.offset + i * m.blockSize;
       const len = Math.min(m.blockSize, m.offset + m.length - off);
       const v = Buffer.from(sab, off, len);
-      if (m.path !== undefined) readFully(v, m.path, m.position + i * m.blockSize);
       if (isZero(v)) continue;
       native.blake3(v).copy(out, i * ${HASH_LENGTH});
     }
