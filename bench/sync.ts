@@ -13,7 +13,8 @@
  * 4. Another change of the same size, synced from a change list (--changed-blocks: no rescan).
  * 5. A no-op sync (empty change list).
  * 6. WAN: another change synced through a proxy adding 50 ms round-trip time and a 100 Mbit/s cap.
- * Peak RSS of both appliance processes is read from /proc (VmHWM).
+ * Peak RSS of both appliance processes is read from /proc (VmHWM); the machine's CPU use during
+ * each heavy step from /proc/stat (busy, kernel, I/O wait), to tell CPU-bound from disk-bound.
  *
  * Needs rsync and socat on the PATH (apt-get install -y rsync socat).
  */
@@ -171,6 +172,21 @@ function settle(): void {
   spawnSync('sync');
 }
 
+/** The machine's CPU counters (/proc/stat, all cores): what a step used, busy or waiting on the disk. */
+function cpuMark(): number[] {
+  const line = readFileSync('/proc/stat', 'utf8').split('\n')[0]!;
+  return line.trim().split(/\s+/).slice(1, 9).map(Number);
+}
+
+/** Since `mark`: the share of all cores' time busy, and the share idle waiting on I/O. */
+function cpuSince(mark: number[]): string {
+  const d = cpuMark().map((v, i) => v - mark[i]!);
+  const total = d.reduce((a, b) => a + b, 0) || 1;
+  const [user, nice, system, idle, iowait, irq, softirq, steal] = d as [number, number, number, number, number, number, number, number];
+  const busy = user + nice + system + irq + softirq;
+  return `machine CPU ${((100 * busy) / total).toFixed(0)} % busy (${((100 * system) / total).toFixed(0)} % kernel), ${((100 * iowait) / total).toFixed(0)} % I/O wait${steal > 0 ? `, ${((100 * steal) / total).toFixed(0)} % stolen` : ''}`;
+}
+
 function loopbackBytes(): number {
   const line = readFileSync('/proc/net/dev', 'utf8').split('\n').find((l) => l.trim().startsWith('lo:'));
   return line ? Number(line.trim().split(/\s+/)[1]) : 0;
@@ -199,12 +215,14 @@ async function main(): Promise<void> {
   const rx = spawn('socat', ['-u', `TCP-LISTEN:${lport},bind=127.0.0.1,reuseaddr`, `OPEN:${sock},creat,trunc`]);
   await new Promise((r) => setTimeout(r, 300));
   settle();
+  let cpu = cpuMark();
   let t0 = now();
   spawnSync('socat', ['-u', `FILE:${img}`, `TCP:127.0.0.1:${lport}`]);
   await once(rx, 'close');
   const socatSecs = (now() - t0) / 1000;
+  const socatCpu = cpuSince(cpu);
   rmSync(sock);
-  row('socat image over loopback', `${socatSecs.toFixed(2)} s`, `${formatBytes(SIZE / socatSecs)}/s`);
+  row('socat image over loopback', `${socatSecs.toFixed(2)} s`, `${formatBytes(SIZE / socatSecs)}/s; ${socatCpu}`);
 
   // Two appliances; B serves, A reaches it through a counting proxy.
   const homeA = join(dir, 'a');
@@ -226,9 +244,10 @@ async function main(): Promise<void> {
   // 2. First full sync, straight to B (as socat: no proxy in the path).
   await appliance(homeA, ['peer', 'add', 'cloud-direct', '--url', url, '--token', b.token, '--fingerprint', b.fingerprint]);
   settle();
+  cpu = cpuMark();
   const full = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud-direct']);
   rssA = Math.max(rssA, full.rss);
-  row('first full sync (scan + transfer)', `${full.secs.toFixed(2)} s`, `${formatBytes(SIZE / full.secs)}/s = ${(socatSecs / full.secs).toFixed(2)}x socat's throughput (target >= 0.8)`);
+  row('first full sync (scan + transfer)', `${full.secs.toFixed(2)} s`, `${formatBytes(SIZE / full.secs)}/s = ${(socatSecs / full.secs).toFixed(2)}x socat's throughput (target >= 0.8); ${cpuSince(cpu)}`);
   row('  of which in the sync command (scan + transfer, no process start)', `${full.json.seconds.toFixed(2)} s`, `${full.json.blocksSent} blocks, ${formatBytes(full.json.wireBytes)} of block streams`);
 
   // 2b. The transfer alone, to a third appliance C: the snapshot is taken first, then synced
@@ -243,9 +262,10 @@ async function main(): Promise<void> {
   const emptyList = join(dir, 'empty.txt');
   writeFileSync(emptyList, '');
   settle();
+  cpu = cpuMark();
   const xfer = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud2', '--changed-blocks', emptyList]);
   rssA = Math.max(rssA, xfer.rss);
-  row('first full sync, transfer only (snapshot already taken)', `${xfer.secs.toFixed(2)} s`, `${formatBytes(SIZE / xfer.secs)}/s = ${(socatSecs / xfer.secs).toFixed(2)}x socat's throughput; ${xfer.json.blocksSent} blocks`);
+  row('first full sync, transfer only (snapshot already taken)', `${xfer.secs.toFixed(2)} s`, `${formatBytes(SIZE / xfer.secs)}/s = ${(socatSecs / xfer.secs).toFixed(2)}x socat's throughput; ${xfer.json.blocksSent} blocks; ${cpuSince(cpu)}`);
   const rssC = peakRss(serveC.pid!);
   serveC.kill('SIGTERM');
   await once(serveC, 'close');
@@ -263,21 +283,24 @@ async function main(): Promise<void> {
   const changed1 = change(img, nChange, blocks);
   const payload = changed1.length * BLOCK;
   settle();
+  cpu = cpuMark();
   t0 = now();
   const rs = spawnSync('rsync', ['--inplace', '--no-whole-file', '--ignore-times', '--stats', img, `rsync://127.0.0.1:${rport}/mod/disk.img`], { encoding: 'utf8' });
   const rsyncSecs = (now() - t0) / 1000;
   if (rs.status !== 0) throw new Error(`rsync failed: ${rs.stderr}`);
   const rsSent = /Total bytes sent: ([\d,.]+)/.exec(rs.stdout)?.[1] ?? '?';
-  row('rsync --inplace --no-whole-file to rsync://', `${rsyncSecs.toFixed(2)} s`, `bytes sent ${rsSent}`);
+  row('rsync --inplace --no-whole-file to rsync://', `${rsyncSecs.toFixed(2)} s`, `bytes sent ${rsSent}; ${cpuSince(cpu)}`);
   rsyncd.kill();
 
   lan.reset();
   settle();
   const lo0 = loopbackBytes();
+  cpu = cpuMark();
   const inc = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud']);
+  const incCpu = cpuSince(cpu);
   const lo1 = loopbackBytes();
   rssA = Math.max(rssA, inc.rss);
-  row('incremental sync with rescan', `${inc.secs.toFixed(2)} s`, `${(inc.secs / rsyncSecs).toFixed(3)}x rsync (target <= 0.5); ${inc.json.blocksSent} blocks sent; ${inc.json.seconds.toFixed(2)} s in the command`);
+  row('incremental sync with rescan', `${inc.secs.toFixed(2)} s`, `${(inc.secs / rsyncSecs).toFixed(3)}x rsync (target <= 0.5); ${inc.json.blocksSent} blocks sent; ${inc.json.seconds.toFixed(2)} s in the command; ${incCpu}`);
   const wire = lan.bytes();
   row('  bytes on the wire (proxy count, both directions)', formatBytes(wire), `${(wire / (payload + 1024 * 1024)).toFixed(3)}x (changed payload ${formatBytes(payload)} + 1 MiB) (target <= 1.05); /proc/net/dev lo delta ${formatBytes(lo1 - lo0)} (shared machine: includes others' traffic, each byte counted twice through the proxy)`);
 
