@@ -13,6 +13,8 @@
  * 4. Another change of the same size, synced from a change list (--changed-blocks: no rescan).
  * 5. A no-op sync (empty change list).
  * 6. WAN: another change synced through a proxy adding 50 ms round-trip time and a 100 Mbit/s cap.
+ * 7. The same kinds of sync in a running appliance (`serve` on A's home: store open, modules
+ *    loaded, workers warm), as the daemon runs them: no-op, change list, rescan.
  * Peak RSS of both appliance processes is read from /proc (VmHWM); the machine's CPU use during
  * each heavy step from /proc/stat (busy, kernel, I/O wait), to tell CPU-bound from disk-bound.
  *
@@ -23,6 +25,7 @@ import { randomFillSync, randomInt } from 'node:crypto';
 import { once } from 'node:events';
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync, copyFileSync } from 'node:fs';
 import { createServer, connect, type Socket, type AddressInfo } from 'node:net';
+import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -328,8 +331,58 @@ async function main(): Promise<void> {
     row('WAN sync (50 ms RTT, 100 Mbit/s), change list', `${w.json.seconds.toFixed(2)} s`, `${(w.json.seconds / ideal).toFixed(2)}x (changed bytes at 100 Mbit/s + 10 RTT = ${ideal.toFixed(2)} s) (target <= 1.5); ${w.json.requests} requests; ${formatBytes(wan.bytes())} on the wire`);
   }
 
+  // 7. In a running appliance: with `serve` (or `daemon`) on A's home, A's store is open, its
+  // modules loaded and its hash workers warm; CLI commands are forwarded to it (POST /v1/cli)
+  // and the daemon's scheduled syncs run there with no process start at all. Timed here as the
+  // HTTPS request from this process, and as the CLI run that forwards (with its process start).
+  const serveA = spawn(process.execPath, [MAIN, '--home', homeA, '--json', 'serve', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  started.push(serveA);
+  const [lineA] = (await once(serveA.stdout!, 'data')) as [Buffer];
+  const aUrl = new URL('/v1/cli', JSON.parse(lineA.toString()).url as string);
+  const tokenA = readFileSync(join(homeA, 'token'), 'utf8').trim();
+  const certA = readFileSync(join(homeA, 'tls', 'cert.pem'), 'utf8');
+  const agent = new HttpsAgent({ keepAlive: true, ca: certA, checkServerIdentity: () => undefined });
+  const inAppliance = async (args: string[]): Promise<{ json: any; secs: number }> => {
+    const body = JSON.stringify({ argv: ['node', 'appliance', '--home', homeA, '--json', ...args] });
+    const start = now();
+    const res = await new Promise<{ status: number; text: string }>((resolvePromise, reject) => {
+      const req = httpsRequest(aUrl, { method: 'POST', agent, headers: { 'content-type': 'application/json', authorization: `Bearer ${tokenA}`, 'content-length': Buffer.byteLength(body) } }, (r) => {
+        let text = '';
+        r.setEncoding('utf8');
+        r.on('data', (c: string) => (text += c));
+        r.on('end', () => resolvePromise({ status: r.statusCode!, text }));
+      });
+      req.on('error', reject);
+      req.end(body);
+    });
+    const secs = (now() - start) / 1000;
+    const out = JSON.parse(res.text) as { exitCode: number; stdout: string; stderr: string };
+    if (res.status !== 200 || out.exitCode !== 0) throw new Error(`appliance ${args.join(' ')} in the running appliance failed: ${res.text}`);
+    return { json: JSON.parse(out.stdout), secs };
+  };
+  writeFileSync(list, '');
+  await inAppliance(['sync', 'vol', '--peer', 'cloud', '--changed-blocks', list]); // warms the server's peer client and workers
+  const warmNoop = await inAppliance(['sync', 'vol', '--peer', 'cloud', '--changed-blocks', list]);
+  row('no-op sync in a running appliance', `${(warmNoop.secs * 1000).toFixed(0)} ms`, `(target < 100 ms) one HTTPS request to it (the daemon's own syncs need none); ${(warmNoop.json.seconds * 1000).toFixed(0)} ms in the command, ${warmNoop.json.requests} request(s) to the peer`);
+  const viaCli = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud', '--changed-blocks', list]);
+  row('  the same from the CLI, forwarded to it', `${(viaCli.secs * 1000).toFixed(0)} ms`, 'with the CLI process start');
+  const changed4 = change(img, nChange, blocks);
+  writeFileSync(list, changed4.join('\n') + '\n');
+  settle();
+  const warmList = await inAppliance(['sync', 'vol', '--peer', 'cloud', '--changed-blocks', list]);
+  row('change-list sync in a running appliance', `${warmList.secs.toFixed(2)} s`, `${(warmList.secs / rsyncSecs).toFixed(3)}x rsync (target <= 0.05); ${warmList.json.blocksSent} blocks`);
+  change(img, nChange, blocks);
+  settle();
+  const warmInc = await inAppliance(['sync', 'vol', '--peer', 'cloud']);
+  row('incremental sync with rescan in a running appliance', `${warmInc.secs.toFixed(2)} s`, `${(warmInc.secs / rsyncSecs).toFixed(3)}x rsync (target <= 0.5); ${warmInc.json.blocksSent} blocks`);
+  agent.destroy();
+  const rssA2 = peakRss(serveA.pid!);
+  serveA.kill('SIGTERM');
+  await once(serveA, 'close');
+  rssA = Math.max(rssA, rssA2);
+
   const rssB = peakRss(serve.pid!);
-  row('peak RSS appliance A (sync client)', formatBytes(rssA), '(target <= 256 MiB)');
+  row('peak RSS appliance A (sync client, CLI and running)', formatBytes(rssA), '(target <= 256 MiB)');
   row('peak RSS appliance B (server)', formatBytes(rssB), '(target <= 256 MiB)');
   row('peak RSS appliance C (server, transfer only)', formatBytes(rssC), '(target <= 256 MiB)');
   serve.kill('SIGTERM');
