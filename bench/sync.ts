@@ -26,7 +26,7 @@ import { once } from 'node:events';
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync, copyFileSync } from 'node:fs';
 import { createServer, connect, type Socket, type AddressInfo } from 'node:net';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseSize, formatBytes } from '../appliance/cli/output.js';
@@ -69,8 +69,19 @@ function peakRss(pid: number): number {
   }
 }
 
-/** Run the CLI; returns parsed JSON, wall seconds and the peak RSS seen (polled until exit). */
-async function appliance(home: string, args: string[]): Promise<{ json: any; secs: number; rss: number }> {
+/** CPU seconds (user + kernel) a live process has used so far, from /proc (0 once it is gone). */
+function cpuSecs(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / 100; // utime, stime in clock ticks (USER_HZ = 100)
+  } catch {
+    return 0;
+  }
+}
+
+/** Run the CLI; returns parsed JSON, wall seconds, the peak RSS and CPU seconds seen (polled until exit). */
+async function appliance(home: string, args: string[]): Promise<{ json: any; secs: number; rss: number; cpu: number }> {
   const t0 = now();
   const child = spawn(process.execPath, [MAIN, '--home', home, '--json', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, CI: 'true' } });
   let out = '';
@@ -78,12 +89,16 @@ async function appliance(home: string, args: string[]): Promise<{ json: any; sec
   child.stdout!.on('data', (d) => (out += d));
   child.stderr!.on('data', (d) => (err += d));
   let rss = 0;
-  const poll = setInterval(() => (rss = Math.max(rss, peakRss(child.pid!))), 20);
+  let cpu = 0;
+  const poll = setInterval(() => {
+    rss = Math.max(rss, peakRss(child.pid!));
+    cpu = Math.max(cpu, cpuSecs(child.pid!));
+  }, 20);
   const [code] = (await once(child, 'close')) as [number];
   clearInterval(poll);
   const secs = (now() - t0) / 1000;
   if (code !== 0) throw new Error(`appliance ${args.join(' ')} failed (${code}): ${err}`);
-  return { json: JSON.parse(out), secs, rss };
+  return { json: JSON.parse(out), secs, rss, cpu };
 }
 
 /** A TCP proxy counting bytes, optionally delaying and rate-limiting each direction of the whole link (WAN). */
@@ -248,10 +263,13 @@ async function main(): Promise<void> {
   await appliance(homeA, ['peer', 'add', 'cloud-direct', '--url', url, '--token', b.token, '--fingerprint', b.fingerprint]);
   settle();
   cpu = cpuMark();
+  const cpuB0 = cpuSecs(serve.pid!);
   const full = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud-direct']);
+  const cpuB = cpuSecs(serve.pid!) - cpuB0;
   rssA = Math.max(rssA, full.rss);
   row('first full sync (scan + transfer)', `${full.secs.toFixed(2)} s`, `${formatBytes(SIZE / full.secs)}/s = ${(socatSecs / full.secs).toFixed(2)}x socat's throughput (target >= 0.8); ${cpuSince(cpu)}`);
   row('  of which in the sync command (scan + transfer, no process start)', `${full.json.seconds.toFixed(2)} s`, `${full.json.blocksSent} blocks, ${formatBytes(full.json.wireBytes)} of block streams`);
+  row('  CPU used by each appliance', `${full.cpu.toFixed(1)} s + ${cpuB.toFixed(1)} s`, `A (scan, send) + B (receive, verify, store), over ${full.secs.toFixed(1)} s on ${availableParallelism()} cores shared by both`);
 
   // 2b. The transfer alone, to a third appliance C: the snapshot is taken first, then synced
   // with an empty change list (no rescan). On this one machine both appliances write their
@@ -266,9 +284,12 @@ async function main(): Promise<void> {
   writeFileSync(emptyList, '');
   settle();
   cpu = cpuMark();
+  const cpuC0 = cpuSecs(serveC.pid!);
   const xfer = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud2', '--changed-blocks', emptyList]);
+  const cpuC = cpuSecs(serveC.pid!) - cpuC0;
   rssA = Math.max(rssA, xfer.rss);
   row('first full sync, transfer only (snapshot already taken)', `${xfer.secs.toFixed(2)} s`, `${formatBytes(SIZE / xfer.secs)}/s = ${(socatSecs / xfer.secs).toFixed(2)}x socat's throughput; ${xfer.json.blocksSent} blocks; ${cpuSince(cpu)}`);
+  row('  CPU used by each appliance', `${xfer.cpu.toFixed(1)} s + ${cpuC.toFixed(1)} s`, `A (read, verify, send) + C (receive, verify, store): ${(xfer.cpu / (SIZE / 2 ** 30)).toFixed(2)} s and ${(cpuC / (SIZE / 2 ** 30)).toFixed(2)} s per GiB`);
   const rssC = peakRss(serveC.pid!);
   serveC.kill('SIGTERM');
   await once(serveC, 'close');
