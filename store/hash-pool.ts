@@ -50,8 +50,15 @@ parentPort.on('message', (m) => {
   const n = Math.ceil(m.length / m.blockSize);
   const out = Buffer.alloc(n * ${HASH_LENGTH});
   try {
-    // One read for the whole range: a syscall per block cost ~7 % of a warm-cache scan.
-    if (m.path !== undefined) readFully(Buffer.from(sab, m.offset, m.length), m.path, m.position);
+    // One read for the whole range: a syscall per block cost ~7 % of a warm-cache scan. Blocks
+    // scattered over the volume (a change list) are read one by one, each to its place.
+    if (m.path !== undefined && m.positions === undefined) readFully(Buffer.from(sab, m.offset, m.length), m.path, m.position);
+    if (m.path !== undefined && m.positions !== undefined) {
+      for (let i = 0; i < n; i++) {
+        const off = m.offset + i * m.blockSize;
+        readFully(Buffer.from(sab, off, Math.min(m.blockSize, m.offset + m.length - off)), m.path, m.positions[i]);
+      }
+    }
     for (let i = 0; i < n; i++) {
       const off = m.offset + i * m.blockSize;
       const len = Math.min(m.blockSize, m.offset + m.length - off);
@@ -124,16 +131,17 @@ export class HashPool {
 
   /**
    * Hashes of the blocks in sab[offset, offset+length), 32 bytes each (ZERO_HASH for zeros).
-   * With `read`, the worker first reads those bytes from `read.path` at `read.position`.
+   * With `read`, the worker first reads those bytes from `read.path` at `read.position`, or,
+   * with `read.positions`, block i of the range from `read.positions[i]`.
    */
-  hash(offset: number, length: number, blockSize: number, read?: { path: string; position: number }): Promise<Buffer> {
+  hash(offset: number, length: number, blockSize: number, read?: { path: string; position: number; positions?: readonly number[] }): Promise<Buffer> {
     if (this.failure) return Promise.reject(this.failure);
     const slot = this.slots.reduce((a, b) => (b.outstanding < a.outstanding ? b : a));
     const id = this.nextId++;
     slot.outstanding++;
     return new Promise<Buffer>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      slot.worker.postMessage({ id, offset, length, blockSize, path: read?.path, position: read?.position });
+      slot.worker.postMessage({ id, offset, length, blockSize, path: read?.path, position: read?.position, positions: read?.positions });
     });
   }
 

@@ -38,6 +38,8 @@ const MAIN_THREAD_MAX_BLOCKS = 64;
 interface Job {
   readonly first: number;
   readonly count: number;
+  /** Scattered blocks (a change list): block i of the job is block indices[i] of the volume. */
+  readonly indices?: readonly number[];
 }
 
 interface Done extends Job {
@@ -46,16 +48,23 @@ interface Done extends Job {
   readonly hashes: Buffer;
 }
 
-/** Consecutive runs of the sorted indices, cut at `max` blocks. */
-function* runs(indices: readonly number[], max: number): Generator<Job> {
-  let i = 0;
-  while (i < indices.length) {
-    const first = indices[i]!;
-    let count = 1;
-    while (i + count < indices.length && count < max && indices[i + count] === first + count) count++;
-    yield { first, count };
-    i += count;
+/**
+ * The sorted indices, `max` at a time: a run of consecutive blocks is one read, scattered ones
+ * are read one by one but still hashed, looked up and stored as one job (a change list of 82
+ * blocks spread over a volume is 6 jobs, not 82).
+ */
+function* groups(indices: readonly number[], max: number): Generator<Job> {
+  for (let i = 0; i < indices.length; i += max) {
+    const part = indices.slice(i, i + max);
+    const first = part[0]!;
+    const contiguous = part[part.length - 1]! - first === part.length - 1;
+    yield contiguous ? { first, count: part.length } : { first, count: part.length, indices: part };
   }
+}
+
+/** The volume's index of block i of a job. */
+function blockOf(job: Job, i: number): number {
+  return job.indices ? job.indices[i]! : job.first + i;
 }
 
 function* all(blocks: number, max: number): Generator<Job> {
@@ -89,7 +98,7 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
   const onMainThread = changed !== undefined && changed.length <= MAIN_THREAD_MAX_BLOCKS;
   const pool = onMainThread ? null : store.hashPools.borrow(slotBytes * SLOTS);
   const sab: ArrayBufferLike = pool ? pool.sab : new ArrayBuffer(slotBytes * SLOTS);
-  const jobs = changed ? runs(changed, chunkBlocks) : all(blocks, chunkBlocks);
+  const jobs = changed ? groups(changed, chunkBlocks) : all(blocks, chunkBlocks);
   const total = changed ? changed.length : blocks;
   const progress = { blocksDone: 0, blocksTotal: total, bytesRead: 0, blocksStored: 0 };
   let lastProgress = 0;
@@ -119,20 +128,29 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
 
   const readJob = async (job: Job, slot: number): Promise<Done> => {
     const start = job.first * blockSize;
-    const length = Math.min(job.count * blockSize, size - start);
-    if (inHole(start, start + length)) return { ...job, slot, length, hashes: Buffer.alloc(job.count * HASH_LENGTH) };
+    // Blocks sit one after the other in the slot; only the volume's last block may be short.
+    const last = blockOf(job, job.count - 1);
+    const length = (job.count - 1) * blockSize + Math.min(blockSize, size - last * blockSize);
+    if (!job.indices && inHole(start, start + length)) return { ...job, slot, length, hashes: Buffer.alloc(job.count * HASH_LENGTH) };
     if (localPath !== undefined && pool) {
-      const hashes = await pool.hash(slot * slotBytes, length, blockSize, { path: localPath, position: start });
+      const positions = job.indices?.map((i) => i * blockSize);
+      const hashes = await pool.hash(slot * slotBytes, length, blockSize, { path: localPath, position: start, ...(positions ? { positions } : {}) });
       return { ...job, slot, length, hashes };
     }
     const buf = Buffer.from(sab, slot * slotBytes, length);
-    let done = 0;
-    while (done < length) {
-      const n = await reader.read(buf.subarray(done), start + done);
-      if (n <= 0) {
-        throw new TandemError('ERR_VOLUME_UNREADABLE', `volume ${volume} ended at byte ${start + done}, before its size ${size}; it shrank during the snapshot, retry`, { details: { volume, offset: start + done } });
+    // A contiguous job is one range; a scattered one is a range per block.
+    const ranges = job.indices
+      ? job.indices.map((b, i) => ({ at: i * blockSize, pos: b * blockSize, len: Math.min(blockSize, size - b * blockSize) }))
+      : [{ at: 0, pos: start, len: length }];
+    for (const r of ranges) {
+      let done = 0;
+      while (done < r.len) {
+        const n = await reader.read(buf.subarray(r.at + done, r.at + r.len), r.pos + done);
+        if (n <= 0) {
+          throw new TandemError('ERR_VOLUME_UNREADABLE', `volume ${volume} ended at byte ${r.pos + done}, before its size ${size}; it shrank during the snapshot, retry`, { details: { volume, offset: r.pos + done } });
+        }
+        done += n;
       }
-      done += n;
     }
     if (!pool) {
       const hashes = Buffer.alloc(job.count * HASH_LENGTH);
@@ -162,11 +180,11 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
     while (inflight.length > 0) {
       opts.signal?.throwIfAborted();
       const d = await inflight.shift()!;
-      const items: BlockChange[] = [];
-      for (let i = 0; i < d.count; i++) items.push({ index: d.first + i, hash: Buffer.from(d.hashes.subarray(i * HASH_LENGTH, (i + 1) * HASH_LENGTH)) });
+      const items: Array<BlockChange & { at: number }> = [];
+      for (let i = 0; i < d.count; i++) items.push({ index: blockOf(d, i), hash: Buffer.from(d.hashes.subarray(i * HASH_LENGTH, (i + 1) * HASH_LENGTH)), at: i * blockSize });
       const nonZero = items.filter((c) => !isZeroHash(c.hash));
       // One index lookup and one pack write for the chunk's blocks the store lacks.
-      const frames = nonZero.map((c) => ({ hash: c.hash, data: Buffer.from(sab, d.slot * slotBytes + (c.index - d.first) * blockSize, Math.min(blockSize, size - c.index * blockSize)) }));
+      const frames = nonZero.map((c) => ({ hash: c.hash, data: Buffer.from(sab, d.slot * slotBytes + c.at, Math.min(blockSize, size - c.index * blockSize)) }));
       const stored = await store.putVerifiedMany(frames);
       const fresh: Hash[] = [];
       stored.forEach((isNew, i) => {
@@ -187,7 +205,7 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
       report(false);
       // A full scan rebuilds from scratch, so only non-zero blocks matter; a changed-blocks
       // scan builds on the parent, so a block that became zero must be listed too.
-      yield* changed ? items.map((c) => (isZeroHash(c.hash) ? { index: c.index, hash: ZERO_HASH } : c)) : nonZero;
+      yield* (changed ? items : nonZero).map((c) => ({ index: c.index, hash: isZeroHash(c.hash) ? ZERO_HASH : c.hash }));
     }
   }
 

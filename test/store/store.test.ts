@@ -143,6 +143,38 @@ describe('Store', () => {
     await assert.rejects(scanFile(store, path, 'vol', { parent: s2, changedBlocks: [600] }), { code: 'ERR_CHANGED_BLOCKS_INVALID' });
   });
 
+  it('a long scattered change list (read by the hash workers, or through the reader) equals a full rescan', async (t) => {
+    const dir = await tempDir(t);
+    // 700 blocks and a short tail block; every third block changes, some to zeros, and the tail.
+    const img = makeImage(700, BS, { zeroEvery: 7, tail: 1000 });
+    const path = join(dir, 'img');
+    await writeImage(path, img);
+    const store = await Store.open(join(dir, 'store'));
+    t.after(() => store.close());
+    const s1 = await scanFile(store, path, 'vol');
+    const changed: number[] = [];
+    for (let i = 1; i < 700; i += 3) {
+      if (i % 10 === 0) img.fill(0, i * BS, (i + 1) * BS);
+      else img.fill(i % 251, i * BS + 100, i * BS + 200);
+      changed.push(i);
+    }
+    changed.push(700); // the short tail block
+    img.fill(3, 700 * BS, 700 * BS + 10);
+    changed.push(30, 31, 32, 33); // and a run of consecutive blocks among them
+    for (const i of [31, 32]) img.fill(5, i * BS, i * BS + 7);
+    await writeImage(path, img);
+    const plain = await fileReader(path);
+    const byPath: typeof plain = { ...plain, path, kind: 'file' };
+    const viaWorkers = await store.scanVolume(byPath, { volume: 'vol', blockSize: BS, parent: s1, changedBlocks: changed });
+    await plain.close();
+    const viaReader = await scanFile(store, path, 'vol', { parent: s1, changedBlocks: changed });
+    const full = await scanFile(store, path, 'vol', { parent: s1 });
+    assert.equal(viaWorkers.root, full.root);
+    assert.equal(viaReader.root, full.root);
+    assert.equal(viaWorkers.nonZeroBlocks, full.nonZeroBlocks);
+    assert.ok((await readBack(store, viaWorkers)).equals(img));
+  });
+
   it('scans a 64 GiB sparse image in seconds and stores only its few non-zero blocks', async (t) => {
     const dir = await tempDir(t);
     const path = join(dir, 'sparse');
