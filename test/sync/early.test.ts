@@ -6,11 +6,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Store } from '../../store/index.js';
+import type { Store } from '../../store/index.js';
+import { twoStores } from '../helpers/stores.js';
 import type { BlockFrame, ReplicaStore, VolumeReader } from '../../store/types.js';
 import { copySnapshot } from '../../sync/engine.js';
 import { EarlySender } from '../../sync/early.js';
@@ -32,16 +30,8 @@ function slowReader(data: Buffer, delayMs: number): VolumeReader {
   };
 }
 
-async function stores(t: { after(fn: () => Promise<void> | void): void }): Promise<[Store, Store]> {
-  const dir = mkdtempSync(join(tmpdir(), 'tandem-early-'));
-  const a = await Store.open(join(dir, 'a'));
-  const b = await Store.open(join(dir, 'b'));
-  t.after(async () => {
-    await a.close();
-    await b.close();
-    rmSync(dir, { recursive: true, force: true });
-  });
-  return [a, b];
+function stores(t: { after(fn: () => Promise<void> | void): void }): Promise<[Store, Store]> {
+  return twoStores(t, 'tandem-early-');
 }
 
 /** The target as a ReplicaStore that counts the block frames it really receives, each one by hash. */

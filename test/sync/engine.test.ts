@@ -5,10 +5,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { Store } from '../../store/index.js';
+import type { Store } from '../../store/index.js';
+import { twoStores } from '../helpers/stores.js';
 import type { BlockFrame, Hash, ReplicaStore, SnapshotRecord, VolumeReader } from '../../store/types.js';
 import { copySnapshot } from '../../sync/engine.js';
 
@@ -24,16 +22,8 @@ function memReader(data: Buffer): VolumeReader {
   };
 }
 
-async function stores(t: { after(fn: () => Promise<void> | void): void }): Promise<[Store, Store]> {
-  const dir = mkdtempSync(join(tmpdir(), 'tandem-engine-'));
-  const a = await Store.open(join(dir, 'a'));
-  const b = await Store.open(join(dir, 'b'));
-  t.after(async () => {
-    await a.close();
-    await b.close();
-    rmSync(dir, { recursive: true, force: true });
-  });
-  return [a, b];
+function stores(t: { after(fn: () => Promise<void> | void): void }): Promise<[Store, Store]> {
+  return twoStores(t, 'tandem-engine-');
 }
 
 /** A ReplicaStore wrapper that counts what the target really receives (tests count on the receiving side). */
