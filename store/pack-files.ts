@@ -274,7 +274,7 @@ export class PackFiles {
 }
 
 /** Appended bytes between background writebacks ({@link PackFiles.startWriteback}). */
-const WRITEBACK_BYTES = 128 * 1024 * 1024;
+const WRITEBACK_BYTES = 32 * 1024 * 1024;
 
 /** Buffers per writev call: under Linux's IOV_MAX of 1024, a multiple of a record's three parts. */
 const WRITEV_MAX_BUFFERS = 768;
