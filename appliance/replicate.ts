@@ -178,12 +178,10 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
       ...(early ? { onNewBlocks: (h: Hash[]) => early.add(h) } : {}),
       onProgress: (p) => opts.onProgress?.({ phase: 'scan', done: p.blocksDone * vol.blockSize, total: p.blocksTotal * vol.blockSize, blocks: p.blocksDone }),
     });
-  } catch (e) {
+    trace('local snapshot taken');
+  } finally {
     await early?.finish();
-    throw e;
   }
-  trace('local snapshot taken');
-  await early?.finish();
   trace('early sending ended');
   const copyOpts = { onProgress: transferProgress(opts), ...(opts.signal ? { signal: opts.signal } : {}) };
   if (opts.dryRun) {

@@ -53,7 +53,7 @@ parentPort.on('message', (m) => {
     // One read for the whole range: a syscall per block cost ~7 % of a warm-cache scan. Blocks
     // scattered over the volume (a change list) are read one by one, each to its place.
     if (m.path !== undefined && m.positions === undefined) readFully(Buffer.from(sab, m.offset, m.length), m.path, m.position);
-    if (m.path !== undefined && m.positions !== undefined) {
+    else if (m.path !== undefined) {
       for (let i = 0; i < n; i++) {
         const off = m.offset + i * m.blockSize;
         readFully(Buffer.from(sab, off, Math.min(m.blockSize, m.offset + m.length - off)), m.path, m.positions[i]);

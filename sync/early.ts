@@ -41,7 +41,6 @@ export class EarlySender {
   /** When the oldest queued hash was queued (or the last batch was taken). */
   private since = performance.now();
   private waiters: Array<() => void> = [];
-  private finished = false;
   private stopped = false;
   private readonly streams: Promise<void>[] = [];
 
@@ -52,7 +51,7 @@ export class EarlySender {
 
   /** Queue new blocks' hashes; starts the streams on the first call. */
   add(hashes: readonly Hash[]): void {
-    if (this.stopped || this.finished) return;
+    if (this.stopped) return;
     if (this.queue.length + hashes.length > MAX_QUEUED) {
       trace(`early: over ${MAX_QUEUED} hashes queued; the engine sends the rest`);
       this.stop();
@@ -69,7 +68,6 @@ export class EarlySender {
    * left to the engine. Resolves when they have ended (never rejects).
    */
   async finish(): Promise<void> {
-    this.finished = true;
     this.stop();
     await Promise.all(this.streams);
     trace(`early: ${this.blocks} blocks sent during the scan${this.failure ? ` (stopped: ${String((this.failure as Error)?.message ?? this.failure)})` : ''}`);
@@ -88,20 +86,19 @@ export class EarlySender {
   }
 
   /**
-   * The next batch of hashes, or null when finished (or stopped) and nothing is left. A batch is
-   * full, or the last one, or has lingered {@link LINGER_MS}: a few new blocks spread over a long
-   * scan go in a handful of questions, not one each.
+   * The next batch of hashes, or null once stopped (the scan is over, or a failure). A batch is
+   * full or has lingered {@link LINGER_MS}: a few new blocks spread over a long scan go in a
+   * handful of questions, not one each.
    */
   private async next(): Promise<Hash[] | null> {
     for (;;) {
       if (this.stopped) return null;
       const waited = performance.now() - this.since;
-      if (this.queue.length >= BATCH || (this.queue.length > 0 && (this.finished || waited >= LINGER_MS))) {
+      if (this.queue.length >= BATCH || (this.queue.length > 0 && waited >= LINGER_MS)) {
         const batch = this.queue.splice(0, BATCH);
         this.since = performance.now();
         return batch;
       }
-      if (this.finished) return null;
       await new Promise<void>((r) => {
         this.waiters.push(r);
         if (this.queue.length > 0) setTimeout(r, LINGER_MS - waited);
@@ -111,10 +108,8 @@ export class EarlySender {
 
   private async run(): Promise<void> {
     const self = this;
-    async function* frames(): AsyncGenerator<BlockFrame> {
-      for (;;) {
-        const batch = await self.next();
-        if (!batch) return;
+    async function* frames(first: Hash[]): AsyncGenerator<BlockFrame> {
+      for (let batch: Hash[] | null = first; batch; batch = await self.next()) {
         const present = await self.target.hasBlocks(batch);
         const lacking = batch.filter((_, i) => !present[i]);
         if (lacking.length === 0) continue;
@@ -130,9 +125,7 @@ export class EarlySender {
       // Wait for the first batch before opening the request: a sync with nothing new sends nothing.
       const first = await this.next();
       if (!first) return;
-      this.queue.unshift(...first);
-      this.since = 0; // it waited already
-      await this.target.putBlocks(frames());
+      await this.target.putBlocks(frames(first));
     } catch (e) {
       this.failure ??= e;
       this.stop();
