@@ -15,6 +15,7 @@
 import { mkdir, open, readdir, stat, truncate, unlink, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TandemError, fromSystemError } from '../common/errors.js';
+import { ioBuffer } from '../common/io-buffers.js';
 import type { Hash } from './types.js';
 import type { BlockLocation } from './keys.js';
 import { encodeRecordParts, packFileName, type RecordParts, parsePackFileName, PACK_TARGET_SIZE, recordLength } from './pack.js';
@@ -228,7 +229,7 @@ export class PackFiles {
         this.readers.set(id, fh);
       }
     }
-    const buf = Buffer.allocUnsafe(length);
+    const buf = ioBuffer(length);
     let done = 0;
     while (done < length) {
       const { bytesRead } = await fh.read(buf, done, length - done, offset + done);

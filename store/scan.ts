@@ -11,6 +11,7 @@
  * Memory: SLOTS x CHUNK_BYTES of buffers plus one node per tree level, whatever the volume size.
  */
 import { TandemError } from '../common/errors.js';
+import { IO_SKEW } from '../common/io-buffers.js';
 import { hashBlock, isZeroHash, HASH_LENGTH, ZERO_HASH } from './hash.js';
 import { checkVolumeName } from './ids.js';
 import { checkBlockSize, checkSize, normalizeSnapshot } from './records.js';
@@ -96,8 +97,10 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
   // A local file or device is read by the hash workers themselves (see HashPool).
   const localPath = typeof reader.path === 'string' && (reader.kind === 'file' || reader.kind === 'device') ? reader.path : undefined;
   const onMainThread = changed !== undefined && changed.length <= MAIN_THREAD_MAX_BLOCKS;
-  const pool = onMainThread ? null : store.hashPools.borrow(slotBytes * SLOTS);
-  const sab: ArrayBufferLike = pool ? pool.sab : new ArrayBuffer(slotBytes * SLOTS);
+  const pool = onMainThread ? null : store.hashPools.borrow(IO_SKEW + slotBytes * SLOTS);
+  const sab: ArrayBufferLike = pool ? pool.sab : new ArrayBuffer(IO_SKEW + slotBytes * SLOTS);
+  /** Where a slot starts in `sab`: slots are skewed off page boundaries (see common/io-buffers.ts). */
+  const slotAt = (slot: number): number => IO_SKEW + slot * slotBytes;
   const jobs = changed ? groups(changed, chunkBlocks) : all(blocks, chunkBlocks);
   const total = changed ? changed.length : blocks;
   const progress = { blocksDone: 0, blocksTotal: total, bytesRead: 0, blocksStored: 0 };
@@ -134,10 +137,10 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
     if (!job.indices && inHole(start, start + length)) return { ...job, slot, length, hashes: Buffer.alloc(job.count * HASH_LENGTH) };
     if (localPath !== undefined && pool) {
       const positions = job.indices?.map((i) => i * blockSize);
-      const hashes = await pool.hash(slot * slotBytes, length, blockSize, { path: localPath, position: start, ...(positions ? { positions } : {}) });
+      const hashes = await pool.hash(slotAt(slot), length, blockSize, { path: localPath, position: start, ...(positions ? { positions } : {}) });
       return { ...job, slot, length, hashes };
     }
-    const buf = Buffer.from(sab, slot * slotBytes, length);
+    const buf = Buffer.from(sab, slotAt(slot), length);
     // A contiguous job is one range; a scattered one is a range per block.
     const ranges = job.indices
       ? job.indices.map((b, i) => ({ at: i * blockSize, pos: b * blockSize, len: Math.min(blockSize, size - b * blockSize) }))
@@ -159,7 +162,7 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
       }
       return { ...job, slot, length, hashes };
     }
-    const hashes = await pool.hash(slot * slotBytes, length, blockSize);
+    const hashes = await pool.hash(slotAt(slot), length, blockSize);
     return { ...job, slot, length, hashes };
   };
 
@@ -184,7 +187,7 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
       for (let i = 0; i < d.count; i++) items.push({ index: blockOf(d, i), hash: Buffer.from(d.hashes.subarray(i * HASH_LENGTH, (i + 1) * HASH_LENGTH)), at: i * blockSize });
       const nonZero = items.filter((c) => !isZeroHash(c.hash));
       // One index lookup and one pack write for the chunk's blocks the store lacks.
-      const frames = nonZero.map((c) => ({ hash: c.hash, data: Buffer.from(sab, d.slot * slotBytes + c.at, Math.min(blockSize, size - c.index * blockSize)) }));
+      const frames = nonZero.map((c) => ({ hash: c.hash, data: Buffer.from(sab, slotAt(d.slot) + c.at, Math.min(blockSize, size - c.index * blockSize)) }));
       const stored = await store.putVerifiedMany(frames);
       const fresh: Hash[] = [];
       stored.forEach((isNew, i) => {

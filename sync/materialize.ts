@@ -20,6 +20,7 @@
  *   differs.
  */
 import { TandemError, isTandemError } from '../common/errors.js';
+import { IO_SKEW } from '../common/io-buffers.js';
 import { availableParallelism } from 'node:os';
 import { ZERO_HASH } from '../store/index.js';
 import { HashPool } from '../store/hash-pool.js';
@@ -187,7 +188,7 @@ export async function materialize(
     // Read the target in large chunks into a shared buffer of two slots and hash each chunk on
     // worker threads while the next one is read; compare with the snapshot's hashes in order.
     const chunkBytes = READ_CHUNK_BLOCKS * bs;
-    const sab = new SharedArrayBuffer(2 * chunkBytes);
+    const sab = new SharedArrayBuffer(IO_SKEW + 2 * chunkBytes);
     // The pool starts one worker per core this process may use; split each chunk as many ways.
     const threads = Math.max(1, availableParallelism());
     const pool = new HashPool(sab);
@@ -197,7 +198,7 @@ export async function materialize(
         const pos = k * chunkBytes;
         if (pos >= snap.size) return null;
         const length = Math.min(chunkBytes, snap.size - pos);
-        const base = (k % 2) * chunkBytes;
+        const base = IO_SKEW + (k % 2) * chunkBytes;
         const n = await writer.read(Buffer.from(sab, base, length), pos);
         if (n !== length) {
           throw new TandemError('ERR_IO', `the target returned ${n} bytes at ${pos} where ${length} were expected; check the device`);
