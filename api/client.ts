@@ -16,7 +16,8 @@
 import { Readable } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Pool, buildConnector, type Dispatcher } from 'undici';
+import type { Pool as PoolType, buildConnector as BuildConnectorType, Dispatcher } from 'undici';
+import { createRequire } from 'node:module';
 import { TandemError, isErrorCode, isTandemError } from '../common/errors.js';
 import type { BlockFrame, Hash, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
 import { throttle, TokenBucket } from '../sync/bwlimit.js';
@@ -33,6 +34,16 @@ import { setFlagsFromString } from 'node:v8';
 // time (9.0-9.7 s either way) and a no-op sync ended 0.72 s -> 0.56 s after its start. Set before
 // the first connection compiles the module; it affects WebAssembly only.
 setFlagsFromString('--liftoff-only');
+
+// undici's entry point loads all of undici (fetch, WebSocket, mock agents, caches, proxies):
+// 90-100 ms of every CLI start on this hardware (require('undici') 136-170 ms, the three modules
+// below 45-67 ms). The client needs only the connection pool, the TLS connector and the request
+// API, which the entry point adds to Dispatcher.prototype; we do the same. The paths are those of
+// undici 7 (package-lock.json pins the version; every sync test goes through them).
+const undici = createRequire(import.meta.url);
+const Pool = undici('undici/lib/dispatcher/pool') as typeof PoolType;
+const buildConnector = undici('undici/lib/core/connect') as typeof BuildConnectorType;
+Object.assign((undici('undici/lib/dispatcher/dispatcher') as { prototype: object }).prototype, undici('undici/lib/api'));
 
 /** Parallel connections to one peer: enough to overlap a block stream with tree requests, few enough for a small appliance. */
 const DEFAULT_CONNECTIONS = 4;
@@ -119,7 +130,7 @@ export class RemotePeer implements ReplicaStore {
   /** Block stream bytes on the wire (framed, compressed), up and down. */
   wireBytesSent = 0;
   wireBytesReceived = 0;
-  private readonly pool: Pool;
+  private readonly pool: PoolType;
   private readonly token: string;
   private readonly bwlimit: number;
   /** One bucket per direction, shared by parallel streams (null: no cap). */
@@ -161,7 +172,7 @@ export class RemotePeer implements ReplicaStore {
         details: { expected: pinned, got },
       });
     };
-    const connect: buildConnector.connector = (o, cb) => {
+    const connect: BuildConnectorType.connector = (o, cb) => {
       const warm = this.warm;
       this.warm = null;
       const fresh = () =>
@@ -189,7 +200,7 @@ export class RemotePeer implements ReplicaStore {
       if (this.warm || this.closed) return;
       const port = u.port || '443';
       this.warm = new Promise((resolve) => {
-        base({ hostname: u.hostname, host: u.host, protocol: u.protocol, port, servername: null as unknown as string, localAddress: null, httpSocket: undefined } as unknown as buildConnector.Options, (err, socket) => {
+        base({ hostname: u.hostname, host: u.host, protocol: u.protocol, port, servername: null as unknown as string, localAddress: null, httpSocket: undefined } as unknown as BuildConnectorType.Options, (err, socket) => {
           if (err || !socket) return resolve(null);
           socket.on('error', ignore);
           trace('client: warm connection ready');

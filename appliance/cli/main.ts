@@ -22,12 +22,44 @@ interface CommandModule {
 
 const COMMANDS_DIR = new URL('./commands/', import.meta.url);
 
-/** Every command module, in `--help` order (by `order`, then by file name). */
-async function loadCommands(): Promise<CommandModule[]> {
-  // .js when compiled (dist/); .ts when run from source through tsx.
-  const files = readdirSync(COMMANDS_DIR).filter((f) => /\.(js|ts)$/.test(f) && !f.endsWith('.d.ts')).sort();
-  const mods = await Promise.all(files.map((f) => import(new URL(f, COMMANDS_DIR).href) as Promise<CommandModule>));
-  return mods.sort((a, b) => (a.order ?? 100) - (b.order ?? 100));
+/** Command module files: .js when compiled (dist/); .ts when run from source through tsx. */
+function commandFiles(): string[] {
+  return readdirSync(COMMANDS_DIR).filter((f) => /\.(js|ts)$/.test(f) && !f.endsWith('.d.ts')).sort();
+}
+
+function importCommand(file: string): Promise<CommandModule> {
+  return import(new URL(file, COMMANDS_DIR).href) as Promise<CommandModule>;
+}
+
+/** The command word of a command line: its first argument that is not a global option. */
+function commandWord(argv: readonly string[]): string | undefined {
+  for (let i = 2; i < argv.length; i++) {
+    const a = argv[i]!;
+    if (a === '--home') i++;
+    else if (!a.startsWith('-')) return a;
+  }
+  return undefined;
+}
+
+/**
+ * Define the commands on `program`. A command line whose command has a module of its own name
+ * loads that module only: loading all of them costs ~40 ms of every start, and a sync or
+ * snapshot needs one. Otherwise (`--help`, `help`, a command defined in another module such as
+ * `drill`, a typo commander suggests a fix for) every module is loaded, in `--help` order (by
+ * `order`, then by file name).
+ */
+async function defineCommands(program: Command, argv: readonly string[]): Promise<void> {
+  const files = commandFiles();
+  const word = commandWord(argv);
+  const own = word === undefined ? undefined : files.find((f) => f.replace(/\.(js|ts)$/, '') === word);
+  if (own !== undefined) {
+    const mod = await importCommand(own);
+    const probe = new Command();
+    mod.define(probe);
+    if (probe.commands.some((c) => c.name() === word)) return mod.define(program);
+  }
+  const mods = await Promise.all(files.map(importCommand));
+  for (const mod of mods.sort((a, b) => (a.order ?? 100) - (b.order ?? 100))) mod.define(program);
 }
 
 /**
@@ -44,7 +76,7 @@ export async function runCli(argv: string[]): Promise<void> {
     .configureOutput({ writeOut: (s) => io.out(s), writeErr: (s) => io.err(s) })
     .showHelpAfterError()
     .exitOverride();
-  for (const mod of await loadCommands()) mod.define(program);
+  await defineCommands(program, argv);
   try {
     await program.parseAsync(argv);
   } catch (e) {
