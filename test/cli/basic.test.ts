@@ -105,3 +105,17 @@ test('--help is fast and lists the commands', async () => {
   // The budget is 200 ms on an idle machine; allow for a loaded test machine.
   assert.ok(ms < 2000, `--help took ${ms} ms`);
 });
+
+test('a command found without loading every module: its own help, one defined elsewhere, a typo', async () => {
+  const sync = await cli(['--home', '/nonexistent', 'sync', '--help']);
+  assert.equal(sync.code, 0, sync.stderr);
+  assert.match(sync.stdout, /Usage: appliance sync \[options\] <volume>/);
+  assert.match(sync.stdout, /--reverse/);
+  // `drill` is defined by the failover module: found by loading them all.
+  const drill = await cli(['drill', '--help']);
+  assert.equal(drill.code, 0, drill.stderr);
+  assert.match(drill.stdout, /Usage: appliance drill/);
+  const typo = await cli(['snapshto', 'vol']);
+  assert.equal(typo.code, 2);
+  assert.match(typo.stderr, /unknown command 'snapshto'[\s\S]*Did you mean snapshot\?/);
+});
