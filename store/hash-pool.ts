@@ -176,6 +176,11 @@ export class HashPools {
   private readonly idle: Array<{ pool: HashPool; timer: NodeJS.Timeout }> = [];
   private closed = false;
 
+  /** Whether {@link borrow} of `bytes` would get a started pool rather than start one. */
+  hasIdle(bytes: number): boolean {
+    return this.idle.some((e) => e.pool.sab.byteLength === bytes);
+  }
+
   /** A pool whose shared buffer has exactly `bytes` bytes, for the caller's exclusive use. */
   borrow(bytes: number): HashPool {
     const i = this.idle.findIndex((e) => e.pool.sab.byteLength === bytes);
