@@ -2,6 +2,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { crc32 } from 'node:zlib';
 import { decodeRecord, encodeRecord, RECORD_OVERHEAD } from '../../store/pack.js';
 import { blake3 } from '../../store/hash.js';
 
@@ -19,6 +20,17 @@ describe('pack record properties', () => {
         assert.ok(d.hash.equals(hash) && d.payload.equals(payload));
         assert.equal(d.codec, codec);
         assert.equal(d.size, rec.length);
+      }),
+      { numRuns: 300 },
+    );
+  });
+
+  it('the trailer is the CRC-32 of zlib (store/README.md) of the bytes before it', () => {
+    fc.assert(
+      fc.property(recordArb, ({ payload, codec }) => {
+        const rec = encodeRecord(blake3(payload), codec, payload);
+        const body = rec.subarray(0, rec.length - 4);
+        assert.equal(rec.readUInt32BE(rec.length - 4), crc32(body) >>> 0);
       }),
       { numRuns: 300 },
     );
