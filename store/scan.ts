@@ -8,7 +8,8 @@
  * other readers are read on the main thread. Then, chunk by chunk in volume order, the store is
  * asked which non-zero blocks it lacks (one batched lookup), those are appended to the pack
  * straight from the shared buffer (one writev per chunk), and the (index, hash) changes stream into the tree builder.
- * Memory: SLOTS x CHUNK_BYTES of buffers plus one node per tree level, whatever the volume size.
+ * Memory: SLOTS x CHUNK_BYTES of buffers (2 on the calling thread) plus one node per tree level,
+ * whatever the volume size.
  */
 import { TandemError } from '../common/errors.js';
 import { IO_SKEW } from '../common/io-buffers.js';
@@ -102,7 +103,9 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
   const poolBytes = IO_SKEW + slotBytes * SLOTS;
   const onMainThread = changed !== undefined && changed.length <= MAIN_THREAD_MAX_BLOCKS && !store.hashPools.hasIdle(poolBytes);
   const pool = onMainThread ? null : store.hashPools.borrow(poolBytes);
-  const sab: ArrayBufferLike = pool ? pool.sab : new ArrayBuffer(IO_SKEW + slotBytes * SLOTS);
+  // On the calling thread, reads (libuv) overlap hashing with two slots; more would only hold memory.
+  const slots = pool ? SLOTS : Math.min(2, Math.ceil((changed?.length ?? 0) / chunkBlocks));
+  const sab: ArrayBufferLike = pool ? pool.sab : new ArrayBuffer(IO_SKEW + slotBytes * slots);
   /** Where a slot starts in `sab`: slots are skewed off page boundaries (see common/io-buffers.ts). */
   const slotAt = (slot: number): number => IO_SKEW + slot * slotBytes;
   const jobs = changed ? groups(changed, chunkBlocks) : all(blocks, chunkBlocks);
@@ -171,7 +174,7 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
   };
 
   const inflight: Promise<Done>[] = [];
-  const free = Array.from({ length: SLOTS }, (_, i) => SLOTS - 1 - i);
+  const free = Array.from({ length: slots }, (_, i) => slots - 1 - i);
   const fill = () => {
     while (free.length > 0) {
       const next = jobs.next();
