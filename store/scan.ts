@@ -109,8 +109,12 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
   // On the calling thread, reads (libuv) overlap hashing with two slots; more would only hold memory.
   const slots = pool ? SLOTS : Math.min(2, Math.ceil((changed?.length ?? 0) / chunkBlocks));
   const sab: ArrayBufferLike = pool ? pool.sab : new ArrayBuffer(IO_SKEW + slotBytes * slots);
-  /** Where a slot starts in `sab`: slots are skewed off page boundaries (see common/io-buffers.ts). */
-  const slotAt = (slot: number): number => IO_SKEW + slot * slotBytes;
+  // A local file or device is read through the page cache (pread): its slots start IO_SKEW bytes
+  // past a page boundary (common/io-buffers.ts). Other readers get page-aligned slots, which they
+  // may read with O_DIRECT (a sparse image read that way needs no zero pages in the cache).
+  const skew = localPath !== undefined ? IO_SKEW : 0;
+  /** Where a slot starts in `sab`. */
+  const slotAt = (slot: number): number => skew + slot * slotBytes;
   const jobs = changed ? groups(changed, chunkBlocks) : all(blocks, chunkBlocks);
   const total = changed ? changed.length : blocks;
   const progress = { blocksDone: 0, blocksTotal: total, bytesRead: 0, blocksStored: 0 };
