@@ -11,7 +11,11 @@
  */
 export const IO_SKEW = 64;
 
-/** A buffer of `length` bytes for reading or writing files, starting {@link IO_SKEW} bytes into its memory. */
+/**
+ * An uninitialized buffer of `length` bytes for reading or writing files, starting
+ * {@link IO_SKEW} bytes into its memory. Not zero-filled: `new ArrayBuffer` clears its memory,
+ * which cost a 4 GiB restore 0.6 s of its main thread.
+ */
 export function ioBuffer(length: number): Buffer {
-  return Buffer.from(new ArrayBuffer(length + IO_SKEW), IO_SKEW, length);
+  return Buffer.allocUnsafeSlow(length + IO_SKEW).subarray(IO_SKEW);
 }
