@@ -1,9 +1,13 @@
 /**
- * The store's process lock: STORE_DIR/store.lock created with O_EXCL holding the owner's pid.
- * A lock whose pid is no longer running is stale (the owner was killed) and is taken over.
- * classic-level additionally locks index/, which catches the rare race of two takeovers.
+ * The store's process lock: STORE_DIR/store.lock holding the owner's pid. It appears with its
+ * contents: the pid is written to a file of this process's own and hard-linked to the lock's
+ * name, which fails when the lock exists. (Created with O_EXCL and then written, a lock of a
+ * process killed in between was empty, and an empty lock must be taken as held for a while: a
+ * command run right after such a kill got ERR_STORE_BUSY.) A lock whose pid is no longer running
+ * is stale (the owner was killed) and is taken over. classic-level additionally locks index/,
+ * which catches the rare race of two takeovers.
  */
-import { open, readFile, stat, unlink } from 'node:fs/promises';
+import { link, open, readFile, readdir, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TandemError, fromSystemError } from '../common/errors.js';
 
@@ -32,23 +36,62 @@ export function busyError(dir: string, pid: number | undefined): TandemError {
   );
 }
 
+/** Write `pid` to `path` (created or replaced) and make it durable. */
+async function writePid(path: string, flags: string): Promise<void> {
+  const fh = await open(path, flags, 0o640);
+  try {
+    await fh.writeFile(`${process.pid}\n`);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** File systems without hard links: the lock is then created with O_EXCL and written. */
+const NO_LINKS = new Set(['EPERM', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS', 'EXDEV']);
+
+/**
+ * Create the lock with this process's pid in it, atomically; false when it exists. Leftovers of
+ * processes killed before removing their own pid file are removed on the way.
+ */
+async function createLock(dir: string, path: string): Promise<boolean> {
+  const own = `${path}.${process.pid}.tmp`;
+  for (const f of await readdir(dir).catch(() => [] as string[])) {
+    const m = /^store\.lock\.(\d+)\.tmp$/.exec(f);
+    if (m && Number(m[1]) !== process.pid && !alive(Number(m[1]))) await unlink(join(dir, f)).catch(() => undefined);
+  }
+  await writePid(own, 'w');
+  try {
+    await link(own, path);
+    return true;
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code ?? '';
+    if (code === 'EEXIST') return false;
+    if (!NO_LINKS.has(code)) throw e;
+  } finally {
+    await unlink(own).catch(() => undefined);
+  }
+  try {
+    await writePid(path, 'wx');
+    return true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false;
+    throw e;
+  }
+}
+
 /** Take the lock; returns the function that releases it. */
 export async function acquireStoreLock(dir: string): Promise<() => Promise<void>> {
   const path = join(dir, LOCK_FILE);
   for (let attempt = 0; attempt < TAKEOVER_ATTEMPTS; attempt++) {
     try {
-      const fh = await open(path, 'wx', 0o640);
-      try {
-        await fh.writeFile(`${process.pid}\n`);
-        await fh.sync();
-      } finally {
-        await fh.close();
+      if (await createLock(dir, path)) {
+        return async () => {
+          await unlink(path).catch(() => undefined);
+        };
       }
-      return async () => {
-        await unlink(path).catch(() => undefined);
-      };
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(e, `cannot create the store lock ${path}`);
+      throw fromSystemError(e, `cannot create the store lock ${path}`);
     }
     let pid: number | undefined;
     try {
@@ -58,7 +101,8 @@ export async function acquireStoreLock(dir: string): Promise<() => Promise<void>
       throw fromSystemError(e, `cannot read the store lock ${path}`);
     }
     if (!Number.isInteger(pid) || pid! <= 0) {
-      // A lock file being written right now is still empty: held, unless it is old.
+      // Empty: written right now by a process on a file system without hard links (createLock),
+      // so held, unless it is old.
       const age = Date.now() - (await stat(path).then((s) => s.mtimeMs, () => Date.now()));
       if (age < EMPTY_LOCK_STALE_MS) throw busyError(dir, undefined);
     } else if (alive(pid!)) {

@@ -1,7 +1,7 @@
 /** The local Store beyond the shared contract: scans, records, recovery, busy lock, verify, gc. */
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { appendFile, open, readdir, stat, truncate, writeFile } from 'node:fs/promises';
+import { appendFile, open, readFile, readdir, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Store, ZERO_HASH, hashBlock, type SnapshotRecord, type ScanProgress } from '../../store/index.js';
 import { fileReader, makeImage, spawnFixture, tempDir, waitExit, writeImage } from './helpers.js';
@@ -253,6 +253,21 @@ describe('Store', () => {
     assert.ok(!(other instanceof Error) && other.output().includes('failed ERR_STORE_BUSY'), String(other instanceof Error ? other.message : other.output()));
     await assert.rejects(Store.open(storeDir), { code: 'ERR_STORE_BUSY' });
     await store.close();
+  });
+
+  it('the lock appears with its pid; leftovers of a holder killed while taking it are cleared', async (t) => {
+    const dir = await tempDir(t);
+    const storeDir = join(dir, 'store');
+    await (await Store.open(storeDir)).close();
+    // A process killed after writing its pid file and before linking it: a dead pid's leftover.
+    const dead = await spawnFixture('hold-store.ts', [join(dir, 'other')], 'open');
+    dead.child.kill('SIGKILL');
+    await waitExit(dead.child);
+    await writeFile(join(storeDir, `store.lock.${dead.child.pid}.tmp`), `${dead.child.pid}\n`);
+    const store = await Store.open(storeDir);
+    t.after(() => store.close());
+    assert.equal((await readFile(join(storeDir, 'store.lock'), 'utf8')).trim(), String(process.pid));
+    assert.deepEqual((await readdir(storeDir)).filter((f) => f.startsWith('store.lock')), ['store.lock']);
   });
 
   it('recovers a torn pack tail on open; a record truncated below the durable length is reported', async (t) => {
