@@ -11,7 +11,7 @@
  * that folder is a command: there is no list to keep in sync.
  */
 import { Command, CommanderError } from 'commander';
-import { readdirSync, realpathSync } from 'node:fs';
+import { readFileSync, readdirSync, realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { currentIO, reportError } from './output.js';
 
@@ -21,6 +21,19 @@ interface CommandModule {
 }
 
 const COMMANDS_DIR = new URL('./commands/', import.meta.url);
+
+/** The package's version: package.json is two levels up from the sources, three from dist/. */
+function version(): string {
+  for (const up of ['../../package.json', '../../../package.json']) {
+    try {
+      const p = JSON.parse(readFileSync(new URL(up, import.meta.url), 'utf8')) as { name?: string; version?: string };
+      if (p.name === 'tandem' && typeof p.version === 'string') return p.version;
+    } catch {
+      // not at this depth
+    }
+  }
+  return 'unknown';
+}
 
 /** Command module files: .js when compiled (dist/); .ts when run from source through tsx. */
 function commandFiles(): string[] {
@@ -73,6 +86,7 @@ export async function runCli(argv: string[]): Promise<void> {
     .description('Tandem disaster-recovery appliance')
     .option('--home <dir>', 'appliance home directory (default: $TANDEM_HOME, else /var/lib/tandem)')
     .option('--json', 'print one JSON document on stdout (progress and logs go to stderr)')
+    .version(version(), '-V, --version', 'print the version of Tandem')
     .configureOutput({ writeOut: (s) => io.out(s), writeErr: (s) => io.err(s) })
     .showHelpAfterError()
     .exitOverride();

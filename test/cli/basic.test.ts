@@ -1,7 +1,7 @@
 /** The CLI's surface: init, volume add|list|remove, exit codes and errors for bad input. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { writeFileSync, chmodSync } from 'node:fs';
+import { readFileSync, writeFileSync, chmodSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { cli, cliJson, tempDir } from '../helpers/cli.js';
@@ -104,6 +104,13 @@ test('--help is fast and lists the commands', async () => {
   for (const c of ['init', 'volume', 'snapshot', 'snapshots', 'restore', 'verify', 'gc']) assert.match(r.stdout, new RegExp(`\\n  ${c}\\b`));
   // The budget is 200 ms on an idle machine; allow for a loaded test machine.
   assert.ok(ms < 2000, `--help took ${ms} ms`);
+});
+
+test('--version prints the package version and exits 0', async () => {
+  const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+  const r = await cli(['--version']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.stdout.trim(), pkg.version);
 });
 
 test('a command found without loading every module: its own help, one defined elsewhere, a typo', async () => {
