@@ -57,8 +57,9 @@ const NO_LINKS = new Set(['EPERM', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS', 'EXDEV']);
 async function createLock(dir: string, path: string): Promise<boolean> {
   const own = `${path}.${process.pid}.tmp`;
   for (const f of await readdir(dir).catch(() => [] as string[])) {
-    const m = /^store\.lock\.(\d+)\.tmp$/.exec(f);
-    if (m && Number(m[1]) !== process.pid && !alive(Number(m[1]))) await unlink(join(dir, f)).catch(() => undefined);
+    if (!f.startsWith(`${LOCK_FILE}.`) || !f.endsWith('.tmp')) continue;
+    const pid = Number(f.slice(LOCK_FILE.length + 1, -'.tmp'.length));
+    if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && !alive(pid)) await unlink(join(dir, f)).catch(() => undefined);
   }
   await writePid(own, 'w');
   try {
