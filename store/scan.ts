@@ -50,6 +50,16 @@ const PROGRESS_INTERVAL_MS = 100;
  */
 const MAIN_THREAD_MAX_BLOCKS = 256;
 
+/**
+ * The calling thread's slots, kept for the next scan in this process (a running appliance's
+ * change-list syncs): fresh memory costs a page fault per 4 KiB on its first read, 9 ms of every
+ * 12 ms spent reading 16 cached blocks into a new 8 MiB buffer, against 3 ms into a used one.
+ */
+let spareSlots: ArrayBuffer | null = null;
+
+/** Reads of one scattered job in flight at once (libuv's pool has 4 threads). */
+const SCATTERED_READS = 4;
+
 interface Job {
   readonly first: number;
   readonly count: number;
@@ -115,7 +125,13 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
   const pool = onMainThread ? null : store.hashPools.borrow(poolBytes);
   // On the calling thread, reads (libuv) overlap hashing with two slots; more would only hold memory.
   const slots = pool ? SLOTS : Math.min(2, Math.ceil((changed?.length ?? 0) / chunkBlocks));
-  const sab: ArrayBufferLike = pool ? pool.sab : new ArrayBuffer(IO_SKEW + slotBytes * slots);
+  const mainBytes = IO_SKEW + slotBytes * 2;
+  let own: ArrayBuffer | null = null;
+  if (!pool) {
+    own = spareSlots?.byteLength === mainBytes ? spareSlots : new ArrayBuffer(mainBytes);
+    if (own === spareSlots) spareSlots = null;
+  }
+  const sab: ArrayBufferLike = pool ? pool.sab : own!;
   // A local file or device is read through the page cache (pread): its slots start IO_SKEW bytes
   // past a page boundary (common/io-buffers.ts). Other readers get page-aligned slots, which they
   // may read with O_DIRECT (a sparse image read that way needs no zero pages in the cache).
@@ -166,7 +182,7 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
     const ranges = job.indices
       ? job.indices.map((b, i) => ({ at: i * blockSize, pos: b * blockSize, len: Math.min(blockSize, size - b * blockSize) }))
       : [{ at: 0, pos: start, len: length }];
-    for (const r of ranges) {
+    const readRange = async (r: (typeof ranges)[number]): Promise<void> => {
       let done = 0;
       while (done < r.len) {
         const n = await reader.read(buf.subarray(r.at + done, r.at + r.len), r.pos + done);
@@ -175,7 +191,15 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
         }
         done += n;
       }
-    }
+    };
+    // Scattered blocks are read a few at a time (each read is a thread-pool round trip); every
+    // read has ended before the job settles, since the slot is reused after it.
+    let next = 0;
+    const readers = Array.from({ length: Math.min(SCATTERED_READS, ranges.length) }, async () => {
+      while (next < ranges.length) await readRange(ranges[next++]!);
+    });
+    const failed = (await Promise.allSettled(readers)).find((r) => r.status === 'rejected');
+    if (failed) throw (failed as PromiseRejectedResult).reason;
     if (!pool) {
       const hashes = Buffer.alloc(job.count * HASH_LENGTH);
       for (let i = 0; i < job.count; i++) {
@@ -267,5 +291,6 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
     // Pack writes read from the slots: they end before the buffer can go to another scan.
     await Promise.allSettled([...inflight, ...puts.map((p) => p.stored)]);
     if (pool) await store.hashPools.giveBack(pool);
+    else spareSlots = own;
   }
 }
