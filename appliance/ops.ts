@@ -110,6 +110,8 @@ export interface SnapshotVolumeOptions {
   readonly onProgress?: (p: ScanProgress) => void;
   /** Told the hashes of blocks new to the store as the scan appends them (see SnapshotOptions). */
   readonly onNewBlocks?: (hashes: Hash[]) => void;
+  /** Told when every block is read and appended, before the flush and commit (see SnapshotOptions). */
+  readonly onScanned?: () => void;
   readonly labels?: Record<string, string>;
   readonly signal?: AbortSignal;
   /** Told when the snapshot cannot do what was asked and does something safe instead. */
@@ -195,6 +197,7 @@ export async function snapshotVolumeLocked(store: Store, name: string, opts: Sna
       ...(opts.labels ? { labels: opts.labels } : {}),
       ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
       ...(opts.onNewBlocks ? { onNewBlocks: opts.onNewBlocks } : {}),
+      ...(opts.onScanned ? { onScanned: opts.onScanned } : {}),
       ...(opts.signal ? { signal: opts.signal } : {}),
     };
     if (changedBlocks !== undefined) return await store.scanVolume(reader, { ...common, parent, changedBlocks, origin: 'changed-blocks' });

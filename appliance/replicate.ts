@@ -175,13 +175,15 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
       ...(opts.changedBlocksFile !== undefined ? { changedBlocksFile: opts.changedBlocksFile } : {}),
       ...(opts.onNotice ? { onNotice: opts.onNotice } : {}),
       ...(opts.signal ? { signal: opts.signal } : {}),
-      ...(early ? { onNewBlocks: (h: Hash[]) => early.add(h) } : {}),
+      ...(early ? { onNewBlocks: (h: Hash[]) => early.add(h), onScanned: () => early.scanned() } : {}),
       onProgress: (p) => opts.onProgress?.({ phase: 'scan', done: p.blocksDone * vol.blockSize, total: p.blocksTotal * vol.blockSize, blocks: p.blocksDone }),
     });
     trace('local snapshot taken');
-  } finally {
-    await early?.finish();
+  } catch (e) {
+    await early?.finish(false);
+    throw e;
   }
+  await early?.finish();
   trace('early sending ended');
   const copyOpts = { onProgress: transferProgress(opts), ...(opts.signal ? { signal: opts.signal } : {}) };
   if (opts.dryRun) {

@@ -276,6 +276,7 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
       // changes are yielded once its blocks are stored: the tree builder checks they are held.
       yield* (changed ? items : nonZero).map((c) => ({ index: c.index, hash: isZeroHash(c.hash) ? ZERO_HASH : c.hash }));
     }
+    opts.onScanned?.();
   }
 
   try {

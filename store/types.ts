@@ -181,6 +181,11 @@ export interface SnapshotOptions {
    * while the scan goes on.
    */
   readonly onNewBlocks?: (hashes: Hash[]) => void;
+  /**
+   * Told once every block has been read and appended, before the flush and the commit (which
+   * take a while: the new blocks are made durable). A sync then sends its last new blocks at once.
+   */
+  readonly onScanned?: () => void;
   readonly signal?: AbortSignal;
 }
 

@@ -10,10 +10,13 @@
  * block the target stores early is unreferenced until the snapshot commits; a target gc in
  * between may drop it, and the engine then sends it again.
  *
- * Early sending lasts as long as the scan and no longer: when the scan ends, the streams end
- * after the frame they are sending, and what is left goes through the engine, under the peer's
- * lease. (Blocks need no lease: they are content-addressed and change nothing until a snapshot
- * that references them commits.)
+ * When the scan has read everything ({@link EarlySender.scanned}), a batch not yet full goes at
+ * once. When the snapshot is taken ({@link EarlySender.finish}), a tail of at most
+ * {@link TAIL_BLOCKS} blocks still to send is sent before the engine starts (an incremental sync's
+ * last blocks: the engine would otherwise ask and send them again, a few round trips more);
+ * a longer one is cut after the frame in flight and left to the engine, which sends it under the
+ * peer's lease and shows it as transfer progress. (Blocks need no lease: they are
+ * content-addressed and change nothing until a snapshot that references them commits.)
  *
  * Failures never fail the sync: the first error stops early sending (it is kept for the trace)
  * and the engine sends whatever is left. Memory is bounded: past {@link MAX_QUEUED} queued
@@ -30,6 +33,8 @@ const LINGER_MS = 100;
 const STREAMS = 2;
 /** Hashes waiting at most (~1.5 MiB with the objects around them); beyond, the engine sends the rest. */
 const MAX_QUEUED = 16384;
+/** At the end of the scan, this many blocks still to send are sent early rather than by the engine (32 MiB of 512 KiB blocks). */
+const TAIL_BLOCKS = 64;
 
 export class EarlySender {
   /** Blocks and uncompressed bytes sent so far. */
@@ -42,6 +47,10 @@ export class EarlySender {
   private since = performance.now();
   private waiters: Array<() => void> = [];
   private stopped = false;
+  /** The scan has read everything: no batch waits to fill. */
+  private inputDone = false;
+  /** Hashes taken in batches and not yet sent or found present at the target. */
+  private taken = 0;
   private readonly streams: Promise<void>[] = [];
 
   constructor(
@@ -63,12 +72,20 @@ export class EarlySender {
     this.wake();
   }
 
+  /** The scan has read every block: what is queued goes without waiting for a full batch. */
+  scanned(): void {
+    this.inputDone = true;
+    this.wake();
+  }
+
   /**
-   * The scan is over: the streams end after the frame they are sending, and what is queued is
-   * left to the engine. Resolves when they have ended (never rejects).
+   * The snapshot is taken (`ok`) or failed. A tail of at most {@link TAIL_BLOCKS} blocks still to
+   * send is sent; a longer one, or any after a failure, is left to the engine: the streams end
+   * after the frame they are sending. Resolves when they have ended (never rejects).
    */
-  async finish(): Promise<void> {
-    this.stop();
+  async finish(ok = true): Promise<void> {
+    if (ok && this.queue.length + this.taken <= TAIL_BLOCKS) this.scanned();
+    else this.stop();
     await Promise.all(this.streams);
     trace(`early: ${this.blocks} blocks sent during the scan${this.failure ? ` (stopped: ${String((this.failure as Error)?.message ?? this.failure)})` : ''}`);
   }
@@ -94,11 +111,13 @@ export class EarlySender {
     for (;;) {
       if (this.stopped) return null;
       const waited = performance.now() - this.since;
-      if (this.queue.length >= BATCH || (this.queue.length > 0 && waited >= LINGER_MS)) {
+      if (this.queue.length >= BATCH || (this.queue.length > 0 && (waited >= LINGER_MS || this.inputDone))) {
         const batch = this.queue.splice(0, BATCH);
+        this.taken += batch.length;
         this.since = performance.now();
         return batch;
       }
+      if (this.inputDone) return null;
       await new Promise<void>((r) => {
         this.waiters.push(r);
         if (this.queue.length > 0) setTimeout(r, LINGER_MS - waited);
@@ -112,9 +131,11 @@ export class EarlySender {
       for (let batch: Hash[] | null = first; batch; batch = await self.next()) {
         const present = await self.target.hasBlocks(batch);
         const lacking = batch.filter((_, i) => !present[i]);
+        self.taken -= batch.length - lacking.length;
         if (lacking.length === 0) continue;
         for await (const f of self.source.getBlocks(lacking)) {
           if (self.stopped) return;
+          self.taken--;
           self.blocks++;
           self.bytes += f.data.length;
           yield f;

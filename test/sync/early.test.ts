@@ -134,3 +134,44 @@ test('nothing new, nothing sent: no block upload is opened', async (t) => {
   assert.equal(uploads, 0);
   assert.equal(early.blocks, 0);
 });
+
+test('a short tail is sent early: the scan says it has read everything, finish sends the rest, the engine sends nothing', async (t) => {
+  const [a, b] = await stores(t);
+  const blocks = 40; // fewer than one batch: it goes when the scan has read everything, not after the linger
+  const data = randomBytes(blocks * BS);
+  const r = receiving(b, { frameDelayMs: 5 });
+  const early = new EarlySender(a, r.target);
+  let latestWhenScanned: Promise<unknown> | undefined;
+  const snap = await a.scanVolume(slowReader(data, 0), {
+    volume: 'v',
+    blockSize: BS,
+    onNewBlocks: (h) => early.add(h),
+    onScanned: () => {
+      latestWhenScanned = a.latestSnapshot('v');
+      early.scanned();
+    },
+  });
+  assert.ok(latestWhenScanned, 'onScanned was called');
+  assert.equal(await latestWhenScanned, null, 'onScanned comes before the commit');
+  await early.finish();
+  assert.equal(early.failure, null);
+  assert.equal(early.blocks, blocks, 'the whole tail went early');
+  const fast = receiving(b);
+  const copy = await copySnapshot(a, fast.target, snap);
+  assert.equal(copy.blocksSent, 0);
+  assert.equal(fast.total(), 0);
+  assert.equal(r.total(), blocks, 'no block arrived twice');
+  assert.deepEqual(await b.getSnapshot('v', snap.id), snap);
+});
+
+test('a failed snapshot sends no tail: finish(false) ends the streams after the frame in flight', async (t) => {
+  const [a, b] = await stores(t);
+  const blocks = 40;
+  const r = receiving(b, { frameDelayMs: 50 });
+  const early = new EarlySender(a, r.target);
+  await a.scanVolume(slowReader(randomBytes(blocks * BS), 0), { volume: 'v', blockSize: BS, onNewBlocks: (h) => early.add(h) });
+  early.scanned();
+  await sleep(120);
+  await early.finish(false);
+  assert.ok(early.blocks > 0 && early.blocks < blocks, `${early.blocks} of ${blocks} blocks went before the stop`);
+});
