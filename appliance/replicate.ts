@@ -183,16 +183,24 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
     await early?.finish(false);
     throw e;
   }
-  await early?.finish();
-  trace('early sending ended');
   const copyOpts = { onProgress: transferProgress(opts), ...(opts.signal ? { signal: opts.signal } : {}) };
   if (opts.dryRun) {
     const latest = await remote.latestSnapshot(volume);
     if (latest?.root === snap.root) return summary(volume, peer, 'push', snap, null, true);
     return summary(volume, peer, 'push', snap, await copySnapshot(store, remote, snap, { ...copyOpts, dryRun: true }), true);
   }
-  const lock = await remote.lockVolume(volume, home.identity.id, snap.root);
+  // The peer's lease first, while early sending goes on: its tail is then sent under the lease,
+  // as the engine's blocks are (a second sync of the volume meets ERR_VOLUME_LOCKED meanwhile).
+  let lock: Awaited<ReturnType<RemotePeer['lockVolume']>>;
+  try {
+    lock = await remote.lockVolume(volume, home.identity.id, snap.root);
+  } catch (e) {
+    await early?.finish(false);
+    throw e;
+  }
   trace(`peer lock answered (upToDate=${lock.upToDate})`);
+  await early?.finish();
+  trace('early sending ended');
   if (lock.upToDate && lock.latest) {
     await recordBase(store, volume, peer, lock.latest, 'push');
     trace('sync base recorded');
