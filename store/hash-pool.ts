@@ -10,6 +10,7 @@
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { TandemError, fromSystemError } from '../common/errors.js';
+import { IO_SKEW } from '../common/io-buffers.js';
 import { BLAKE3_MODULE_PATH, HASH_LENGTH } from './hash.js';
 
 const WORKER_SOURCE = `
@@ -45,6 +46,16 @@ function readFully(v, path, position) {
     done += n;
   }
 }
+// With the hashes a range is expected to have (its parent snapshot's), each block is read into
+// this one buffer, warm in the core's cache (and ${IO_SKEW} bytes past a page boundary, see
+// common/io-buffers.ts), and copied into the shared buffer only if its hash differs: a re-scan
+// then writes almost nothing to cold memory. 2 threads over a warm 4 GiB image: 1.23-1.29 s this
+// way, 1.44-1.57 s reading into the rotating shared slots (b3sum --num-threads 2: 1.1-1.2 s).
+let stage;
+function staging(len) {
+  if (stage === undefined || stage.length < len) stage = Buffer.from(new ArrayBuffer(len + ${IO_SKEW}), ${IO_SKEW}, len);
+  return stage.subarray(0, len);
+}
 parentPort.on('message', (m) => {
   if (m.release) return release();
   const n = Math.ceil(m.length / m.blockSize);
@@ -58,6 +69,14 @@ parentPort.on('message', (m) => {
       const off = m.offset + i * m.blockSize;
       const len = Math.min(m.blockSize, m.offset + m.length - off);
       const v = Buffer.from(sab, off, len);
+      if (m.path !== undefined && m.expect !== undefined) {
+        const s = staging(len);
+        readFully(s, m.path, m.position + i * m.blockSize);
+        const h = out.subarray(i * ${HASH_LENGTH}, (i + 1) * ${HASH_LENGTH});
+        if (!isZero(s)) native.blake3(s).copy(h);
+        if (!h.equals(m.expect.subarray(i * ${HASH_LENGTH}, (i + 1) * ${HASH_LENGTH}))) s.copy(v);
+        continue;
+      }
       if (m.path !== undefined) readFully(v, m.path, m.positions === undefined ? m.position + i * m.blockSize : m.positions[i]);
       if (isZero(v)) continue;
       native.blake3(v).copy(out, i * ${HASH_LENGTH});
@@ -128,16 +147,18 @@ export class HashPool {
   /**
    * Hashes of the blocks in sab[offset, offset+length), 32 bytes each (ZERO_HASH for zeros).
    * With `read`, the worker first reads those bytes from `read.path` at `read.position`, or,
-   * with `read.positions`, block i of the range from `read.positions[i]`.
+   * with `read.positions`, block i of the range from `read.positions[i]`. With `read.expect` (32
+   * bytes per block: the hashes the blocks had in the parent snapshot), only blocks whose hash
+   * differs are left in the shared buffer; the others' bytes there are undefined.
    */
-  hash(offset: number, length: number, blockSize: number, read?: { path: string; position: number; positions?: readonly number[] }): Promise<Buffer> {
+  hash(offset: number, length: number, blockSize: number, read?: { path: string; position: number; positions?: readonly number[]; expect?: Uint8Array }): Promise<Buffer> {
     if (this.failure) return Promise.reject(this.failure);
     const slot = this.slots.reduce((a, b) => (b.outstanding < a.outstanding ? b : a));
     const id = this.nextId++;
     slot.outstanding++;
     return new Promise<Buffer>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      slot.worker.postMessage({ id, offset, length, blockSize, path: read?.path, position: read?.position, positions: read?.positions });
+      slot.worker.postMessage({ id, offset, length, blockSize, path: read?.path, position: read?.position, positions: read?.positions, expect: read?.expect });
     });
   }
 

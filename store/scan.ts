@@ -71,6 +71,30 @@ interface Done extends Job {
   readonly slot: number;
   readonly length: number;
   readonly hashes: Buffer;
+  /** The parent's hashes of these blocks (a full scan with a parent of the same shape). */
+  readonly expect?: Buffer;
+}
+
+/**
+ * The parent snapshot's block hashes, `count` at a time from block `first`, for jobs asked in
+ * volume order (calls are chained, so concurrent jobs get consecutive ranges).
+ */
+function parentHashes(store: Store, parent: SnapshotRecord): (first: number, count: number) => Promise<Buffer> {
+  const it = store.blockHashes(parent)[Symbol.asyncIterator]();
+  let chain: Promise<unknown> = Promise.resolve();
+  return (first, count) => {
+    const p = chain.then(async () => {
+      const out = Buffer.alloc(count * HASH_LENGTH);
+      for (let i = 0; i < count; i++) {
+        const r = await it.next();
+        if (r.done || r.value.index !== first + i) throw new TandemError('ERR_INTERNAL', `the parent snapshot ${parent.id} has no block ${first + i} where the scan expected it`);
+        r.value.hash.copy(out, i * HASH_LENGTH);
+      }
+      return out;
+    });
+    chain = p.catch(() => undefined);
+    return p;
+  };
 }
 
 /**
@@ -115,6 +139,11 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
     changed = [...new Set(opts.changedBlocks)].sort((a, b) => a - b);
   }
   opts.signal?.throwIfAborted();
+  // A full scan with a parent of the same shape compares each block's hash with the parent's:
+  // only blocks that differ are looked up in the index, appended and given to the tree builder,
+  // which builds on the parent (a 1 % change then costs 1 % of the lookups and node writes).
+  // The parent is a committed snapshot, read under the shared gc lock: it holds its blocks.
+  const onParent = !changed && parent !== null && parent.blockSize === blockSize && parent.size === size;
 
   const chunkBlocks = Math.max(1, Math.floor(CHUNK_BYTES / blockSize));
   const slotBytes = chunkBlocks * blockSize;
@@ -166,16 +195,18 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
     return false;
   };
 
+  const expected = onParent ? parentHashes(store, parent) : null;
   const readJob = async (job: Job, slot: number): Promise<Done> => {
     const start = job.first * blockSize;
+    const expect = expected ? await expected(job.first, job.count) : undefined;
     // Blocks sit one after the other in the slot; only the volume's last block may be short.
     const last = blockOf(job, job.count - 1);
     const length = (job.count - 1) * blockSize + Math.min(blockSize, size - last * blockSize);
-    if (!job.indices && inHole(start, start + length)) return { ...job, slot, length, hashes: Buffer.alloc(job.count * HASH_LENGTH) };
+    if (!job.indices && inHole(start, start + length)) return { ...job, slot, length, hashes: Buffer.alloc(job.count * HASH_LENGTH), ...(expect ? { expect } : {}) };
     if (localPath !== undefined && pool) {
       const positions = job.indices?.map((i) => i * blockSize);
-      const hashes = await pool.hash(slotAt(slot), length, blockSize, { path: localPath, position: start, ...(positions ? { positions } : {}) });
-      return { ...job, slot, length, hashes };
+      const hashes = await pool.hash(slotAt(slot), length, blockSize, { path: localPath, position: start, ...(positions ? { positions } : {}), ...(expect ? { expect } : {}) });
+      return { ...job, slot, length, hashes, ...(expect ? { expect } : {}) };
     }
     const buf = Buffer.from(sab, slotAt(slot), length);
     // A contiguous job is one range; a scattered one is a range per block.
@@ -208,7 +239,7 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
       return { ...job, slot, length, hashes };
     }
     const hashes = await pool.hash(slotAt(slot), length, blockSize);
-    return { ...job, slot, length, hashes };
+    return { ...job, slot, length, hashes, ...(expect ? { expect } : {}) };
   };
 
   const inflight: Promise<Done>[] = [];
@@ -236,7 +267,11 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
   const startPut = async (): Promise<void> => {
     const d = await inflight.shift()!;
     const items: Array<BlockChange & { at: number }> = [];
-    for (let i = 0; i < d.count; i++) items.push({ index: blockOf(d, i), hash: Buffer.from(d.hashes.subarray(i * HASH_LENGTH, (i + 1) * HASH_LENGTH)), at: i * blockSize });
+    for (let i = 0; i < d.count; i++) {
+      const hash = d.hashes.subarray(i * HASH_LENGTH, (i + 1) * HASH_LENGTH);
+      if (d.expect?.subarray(i * HASH_LENGTH, (i + 1) * HASH_LENGTH).equals(hash)) continue; // as in the parent
+      items.push({ index: blockOf(d, i), hash: Buffer.from(hash), at: i * blockSize });
+    }
     // One index lookup and one pack write for the chunk's blocks the store lacks.
     const nonZero = items.filter((c) => !isZeroHash(c.hash));
     const frames = nonZero.map((c) => ({ hash: c.hash, data: Buffer.from(sab, slotAt(d.slot) + c.at, Math.min(blockSize, size - c.index * blockSize)) }));
@@ -271,10 +306,11 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
       }
       fill();
       report(false);
-      // A full scan rebuilds from scratch, so only non-zero blocks matter; a changed-blocks
-      // scan builds on the parent, so a block that became zero must be listed too. A chunk's
-      // changes are yielded once its blocks are stored: the tree builder checks they are held.
-      yield* (changed ? items : nonZero).map((c) => ({ index: c.index, hash: isZeroHash(c.hash) ? ZERO_HASH : c.hash }));
+      // A full scan without a parent rebuilds from scratch, so only non-zero blocks matter; a
+      // scan that builds on the parent lists what differs, so a block that became zero must be
+      // listed too. A chunk's changes are yielded once its blocks are stored: the tree builder
+      // checks they are held.
+      yield* (changed || onParent ? items : nonZero).map((c) => ({ index: c.index, hash: isZeroHash(c.hash) ? ZERO_HASH : c.hash }));
     }
     opts.onScanned?.();
   }
@@ -283,7 +319,7 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
     return await store.gcLock.shared(async () => {
       const snap = await store.buildUnderGcLock(
         { volume, size, blockSize, parent, changes: changes(), origin: opts.origin ?? (changed ? 'changed-blocks' : 'scan'), labels: opts.labels, created },
-        changed ? parent : null,
+        changed || onParent ? parent : null,
       );
       report(true);
       return snap;

@@ -175,6 +175,44 @@ describe('Store', () => {
     assert.ok((await readBack(store, viaWorkers)).equals(img));
   });
 
+  it('a full rescan compares with its parent: the same tree as a scan from scratch, by the hash workers and through the reader', async (t) => {
+    const dir = await tempDir(t);
+    const img = makeImage(400, BS, { zeroEvery: 6, tail: 777 });
+    const path = join(dir, 'img');
+    await writeImage(path, img);
+    const store = await Store.open(join(dir, 'store'));
+    t.after(() => store.close());
+    const plain = await fileReader(path);
+    const local: typeof plain = { ...plain, path, kind: 'file' };
+    const s1 = await store.scanVolume(local, { volume: 'vol', blockSize: BS });
+    img.fill(7, 6 * BS, 7 * BS); // zero block -> data
+    img.fill(0, 7 * BS, 8 * BS); // data -> zero
+    img.fill(9, 130 * BS + 3, 130 * BS + 9); // a change in the second chunk
+    img.fill(4, 400 * BS, 400 * BS + 5); // the short tail block
+    img.copy(img, 300 * BS, 200 * BS, 201 * BS); // block 300 becomes a copy of block 200: held already
+    await writeImage(path, img);
+    let last: ScanProgress | undefined;
+    const viaWorkers = await store.scanVolume(local, { volume: 'vol', blockSize: BS, parent: s1, onProgress: (p) => (last = p) });
+    await plain.close();
+    assert.equal(viaWorkers.parent, s1.id);
+    assert.equal(last!.blocksDone, 401);
+    assert.equal(last!.blocksStored, 3, 'blocks 6, 130 and the tail are new; 7 is zero and 300 is held');
+    const viaReader = await scanFile(store, path, 'vol', { parent: s1 });
+    const fresh = await Store.open(join(dir, 'fresh'));
+    t.after(() => fresh.close());
+    const scratch = await scanFile(fresh, path, 'vol');
+    for (const s of [viaWorkers, viaReader]) {
+      assert.equal(s.root, scratch.root);
+      assert.equal(s.nonZeroBlocks, scratch.nonZeroBlocks);
+      assert.equal(s.height, scratch.height);
+    }
+    assert.ok((await readBack(store, viaWorkers)).equals(img));
+    const diff = [];
+    for await (const c of store.diffSnapshots(s1, viaWorkers)) diff.push(c.index);
+    assert.deepEqual(diff, [6, 7, 130, 300, 400]);
+    assert.equal((await store.verify()).problems.length, 0);
+  });
+
   it('scans a 64 GiB sparse image in seconds and stores only its few non-zero blocks', async (t) => {
     const dir = await tempDir(t);
     const path = join(dir, 'sparse');
