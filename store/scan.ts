@@ -144,6 +144,8 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
   // which builds on the parent (a 1 % change then costs 1 % of the lookups and node writes).
   // The parent is a committed snapshot, read under the shared gc lock: it holds its blocks.
   const onParent = !changed && parent !== null && parent.blockSize === blockSize && parent.size === size;
+  /** The tree is built on the parent's, from the blocks that differ (else from scratch, from every non-zero block). */
+  const treeParent = changed || onParent ? parent : null;
 
   const chunkBlocks = Math.max(1, Math.floor(CHUNK_BYTES / blockSize));
   const slotBytes = chunkBlocks * blockSize;
@@ -198,15 +200,15 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
   const expected = onParent ? parentHashes(store, parent) : null;
   const readJob = async (job: Job, slot: number): Promise<Done> => {
     const start = job.first * blockSize;
-    const expect = expected ? await expected(job.first, job.count) : undefined;
+    const expect = expected ? { expect: await expected(job.first, job.count) } : {};
     // Blocks sit one after the other in the slot; only the volume's last block may be short.
     const last = blockOf(job, job.count - 1);
     const length = (job.count - 1) * blockSize + Math.min(blockSize, size - last * blockSize);
-    if (!job.indices && inHole(start, start + length)) return { ...job, slot, length, hashes: Buffer.alloc(job.count * HASH_LENGTH), ...(expect ? { expect } : {}) };
+    const base = { ...job, slot, length, ...expect };
+    if (!job.indices && inHole(start, start + length)) return { ...base, hashes: Buffer.alloc(job.count * HASH_LENGTH) };
     if (localPath !== undefined && pool) {
       const positions = job.indices?.map((i) => i * blockSize);
-      const hashes = await pool.hash(slotAt(slot), length, blockSize, { path: localPath, position: start, ...(positions ? { positions } : {}), ...(expect ? { expect } : {}) });
-      return { ...job, slot, length, hashes, ...(expect ? { expect } : {}) };
+      return { ...base, hashes: await pool.hash(slotAt(slot), length, blockSize, { path: localPath, position: start, ...(positions ? { positions } : {}), ...expect }) };
     }
     const buf = Buffer.from(sab, slotAt(slot), length);
     // A contiguous job is one range; a scattered one is a range per block.
@@ -236,10 +238,9 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
       for (let i = 0; i < job.count; i++) {
         hashBlock(buf.subarray(i * blockSize, Math.min(length, (i + 1) * blockSize))).copy(hashes, i * HASH_LENGTH);
       }
-      return { ...job, slot, length, hashes };
+      return { ...base, hashes };
     }
-    const hashes = await pool.hash(slotAt(slot), length, blockSize);
-    return { ...job, slot, length, hashes, ...(expect ? { expect } : {}) };
+    return { ...base, hashes: await pool.hash(slotAt(slot), length, blockSize) };
   };
 
   const inflight: Promise<Done>[] = [];
@@ -310,7 +311,7 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
       // scan that builds on the parent lists what differs, so a block that became zero must be
       // listed too. A chunk's changes are yielded once its blocks are stored: the tree builder
       // checks they are held.
-      yield* (changed || onParent ? items : nonZero).map((c) => ({ index: c.index, hash: isZeroHash(c.hash) ? ZERO_HASH : c.hash }));
+      yield* (treeParent ? items : nonZero).map((c) => ({ index: c.index, hash: isZeroHash(c.hash) ? ZERO_HASH : c.hash }));
     }
     opts.onScanned?.();
   }
@@ -319,7 +320,7 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
     return await store.gcLock.shared(async () => {
       const snap = await store.buildUnderGcLock(
         { volume, size, blockSize, parent, changes: changes(), origin: opts.origin ?? (changed ? 'changed-blocks' : 'scan'), labels: opts.labels, created },
-        changed || onParent ? parent : null,
+        treeParent,
       );
       report(true);
       return snap;
