@@ -198,6 +198,7 @@ export async function snapshotVolumeLocked(store: Store, name: string, opts: Sna
       ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
       ...(opts.onNewBlocks ? { onNewBlocks: opts.onNewBlocks } : {}),
       ...(opts.onScanned ? { onScanned: opts.onScanned } : {}),
+      ...(opts.onNotice ? { onNotice: opts.onNotice } : {}),
       ...(opts.signal ? { signal: opts.signal } : {}),
     };
     if (changedBlocks !== undefined) return await store.scanVolume(reader, { ...common, parent, changedBlocks, origin: 'changed-blocks' });

@@ -11,7 +11,7 @@
  * Memory: SLOTS x CHUNK_BYTES of buffers (2 on the calling thread) plus one node per tree level,
  * whatever the volume size.
  */
-import { TandemError } from '../common/errors.js';
+import { TandemError, isTandemError } from '../common/errors.js';
 import { IO_SKEW } from '../common/io-buffers.js';
 import { hashBlock, isZeroHash, HASH_LENGTH, ZERO_HASH } from './hash.js';
 import { checkVolumeName } from './ids.js';
@@ -121,6 +121,19 @@ function* all(blocks: number, max: number): Generator<Job> {
 }
 
 export async function scanVolume(store: Store, reader: VolumeReader, opts: SnapshotOptions): Promise<SnapshotRecord> {
+  try {
+    return await scanOnce(store, reader, opts, true);
+  } catch (e) {
+    // A damaged parent tree (a node missing or corrupt: `verify` names it) must not stop new
+    // snapshots of the volume: a full scan reads everything anyway, so it starts again from
+    // scratch, without comparing with the parent.
+    if (opts.changedBlocks || !opts.parent || !(isTandemError(e, 'ERR_NODE_MISSING') || isTandemError(e, 'ERR_NODE_CORRUPT'))) throw e;
+    opts.onNotice?.(`the tree of the parent snapshot ${opts.parent.volume}@${opts.parent.id} is damaged (${e.message}); scanned again without it. Run \`appliance verify\``);
+    return await scanOnce(store, reader, opts, false);
+  }
+}
+
+async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOptions, compareWithParent: boolean): Promise<SnapshotRecord> {
   const created = new Date().toISOString();
   const volume = checkVolumeName(opts.volume);
   const blockSize = checkBlockSize(opts.blockSize);
@@ -143,7 +156,7 @@ export async function scanVolume(store: Store, reader: VolumeReader, opts: Snaps
   // only blocks that differ are looked up in the index, appended and given to the tree builder,
   // which builds on the parent (a 1 % change then costs 1 % of the lookups and node writes).
   // The parent is a committed snapshot, read under the shared gc lock: it holds its blocks.
-  const onParent = !changed && parent !== null && parent.blockSize === blockSize && parent.size === size;
+  const onParent = compareWithParent && !changed && parent !== null && parent.blockSize === blockSize && parent.size === size;
   /** The tree is built on the parent's, from the blocks that differ (else from scratch, from every non-zero block). */
   const treeParent = changed || onParent ? parent : null;
 

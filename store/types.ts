@@ -186,6 +186,8 @@ export interface SnapshotOptions {
    * take a while: the new blocks are made durable). A sync then sends its last new blocks at once.
    */
   readonly onScanned?: () => void;
+  /** Told when the scan does something other than asked, safely (a damaged parent tree it scanned without). */
+  readonly onNotice?: (message: string) => void;
   readonly signal?: AbortSignal;
 }
 

@@ -213,6 +213,39 @@ describe('Store', () => {
     assert.equal((await store.verify()).problems.length, 0);
   });
 
+  it('a full rescan over a damaged parent tree scans again from scratch and says so; the new snapshot is whole and the parent healed', async (t) => {
+    const dir = await tempDir(t);
+    const storeDir = join(dir, 'store');
+    const img = makeImage(400, BS, { zeroEvery: 9 });
+    const path = join(dir, 'img');
+    await writeImage(path, img);
+    let store = await Store.open(storeDir);
+    const s1 = await scanFile(store, path, 'vol');
+    const [root] = await store.getNodes([Buffer.from(s1.root, 'hex')]);
+    await store.close();
+    // Remove one level-1 node of the parent from the index.
+    const { ClassicLevel } = await import('classic-level');
+    const db = new ClassicLevel<Buffer, Buffer>(join(storeDir, 'index'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+    await db.del(Buffer.concat([Buffer.from([0x6e]), root!.children[1]!]));
+    await db.close();
+    store = await Store.open(storeDir);
+    t.after(() => store.close());
+    const before = (await store.verify()).problems;
+    assert.ok(before.length > 0 && before.every((p) => p.snapshot === s1.id && p.code === 'ERR_NODE_MISSING'), JSON.stringify(before));
+    img.fill(3, 5 * BS, 5 * BS + 100);
+    await writeImage(path, img);
+    const notices: string[] = [];
+    const reader = await fileReader(path);
+    const s2 = await store.scanVolume({ ...reader, path, kind: 'file' }, { volume: 'vol', blockSize: BS, parent: s1, onNotice: (m) => notices.push(m) });
+    await reader.close();
+    assert.equal(notices.length, 1);
+    assert.match(notices[0]!, /parent snapshot vol@.* is damaged .*appliance verify/);
+    assert.equal(s2.parent, s1.id);
+    assert.ok((await readBack(store, s2)).equals(img));
+    // Blocks 256-399 did not change: the scan from scratch wrote their node again, which heals the parent.
+    assert.deepEqual((await store.verify()).problems, []);
+  });
+
   it('scans a 64 GiB sparse image in seconds and stores only its few non-zero blocks', async (t) => {
     const dir = await tempDir(t);
     const path = join(dir, 'sparse');
