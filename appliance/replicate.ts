@@ -156,9 +156,10 @@ function summary(volume: string, peer: string, direction: 'push' | 'pull', snap:
   };
 }
 
-function transferProgress(opts: SyncOptions) {
+/** The engine's transfer progress, counted on from what was sent before it (early sending's tail). */
+function transferProgress(opts: SyncOptions, before = { bytes: 0, blocks: 0 }) {
   return (p: { bytesSent: number; bytesTotal: number; blocksSent: number }) =>
-    opts.onProgress?.({ phase: 'transfer', done: p.bytesSent, total: Math.max(p.bytesTotal, p.bytesSent), blocks: p.blocksSent });
+    opts.onProgress?.({ phase: 'transfer', done: before.bytes + p.bytesSent, total: before.bytes + Math.max(p.bytesTotal, p.bytesSent), blocks: before.blocks + p.blocksSent });
 }
 
 async function push(home: Home, store: Store, remote: RemotePeer, volume: string, peer: string, opts: SyncOptions): Promise<Partial> {
@@ -168,7 +169,16 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   if (!opts.dryRun) remote.warmUp();
   const { snapshotVolumeHooked } = await import('./ops.js');
   // Blocks new to the local store start travelling while the scan goes on (sync/early.ts).
-  const early = opts.dryRun ? null : new EarlySender(store, remote);
+  // Once the scan is over, what early sending still sends (its tail) shows as transfer progress.
+  let tailFrom: { bytes: number; blocks: number } | null = null;
+  const tailSent = () => ({ bytes: early!.bytes - tailFrom!.bytes, blocks: early!.blocks - tailFrom!.blocks });
+  const early = opts.dryRun
+    ? null
+    : new EarlySender(store, remote, () => {
+        if (!tailFrom) return; // still scanning: the scan's progress is shown
+        const sent = tailSent();
+        opts.onProgress?.({ phase: 'transfer', done: sent.bytes, total: sent.bytes + early!.pending * vol.blockSize, blocks: sent.blocks });
+      });
   let snap: SnapshotRecord;
   try {
     snap = await snapshotVolumeHooked(home, store, volume, {
@@ -179,6 +189,7 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
       onProgress: (p) => opts.onProgress?.({ phase: 'scan', done: p.blocksDone * vol.blockSize, total: p.blocksTotal * vol.blockSize, blocks: p.blocksDone }),
     });
     trace('local snapshot taken');
+    if (early) tailFrom = { bytes: early.bytes, blocks: early.blocks };
   } catch (e) {
     await early?.finish(false);
     throw e;
@@ -210,7 +221,7 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   // the engine then asks only about what differs from it.
   const theirs = lock.latest ? await store.getSnapshot(volume, lock.latest.id) : null;
   const base = theirs && theirs.root === lock.latest?.root ? theirs : null;
-  const engine = await copySnapshot(store, remote, snap, { ...copyOpts, base });
+  const engine = await copySnapshot(store, remote, snap, { ...copyOpts, ...(early ? { onProgress: transferProgress(opts, tailSent()) } : {}), base });
   trace('copy done');
   await recordBase(store, volume, peer, snap, 'push');
   trace('sync base recorded');

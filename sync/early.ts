@@ -56,7 +56,14 @@ export class EarlySender {
   constructor(
     private readonly source: ReplicaStore,
     private readonly target: ReplicaStore,
+    /** Called after each block frame handed to the target (progress of the tail, say). */
+    private readonly onSent?: () => void,
   ) {}
+
+  /** Blocks queued or taken and not yet sent (nor found at the target). */
+  get pending(): number {
+    return this.queue.length + this.taken;
+  }
 
   /** Queue new blocks' hashes; starts the streams on the first call. */
   add(hashes: readonly Hash[]): void {
@@ -84,7 +91,7 @@ export class EarlySender {
    * after the frame they are sending. Resolves when they have ended (never rejects).
    */
   async finish(ok = true): Promise<void> {
-    if (ok && this.queue.length + this.taken <= TAIL_BLOCKS) this.scanned();
+    if (ok && this.pending <= TAIL_BLOCKS) this.scanned();
     else this.stop();
     await Promise.all(this.streams);
     trace(`early: ${this.blocks} blocks sent during the scan${this.failure ? ` (stopped: ${String((this.failure as Error)?.message ?? this.failure)})` : ''}`);
@@ -139,6 +146,7 @@ export class EarlySender {
           self.blocks++;
           self.bytes += f.data.length;
           yield f;
+          self.onSent?.();
         }
       }
     }

@@ -26,11 +26,13 @@ export interface ProgressOptions {
 export interface Progress {
   /** Set the current value; `extra` is shown after the bar as `key=value` pairs. */
   update(done: number, extra?: Readonly<Record<string, string | number>>): void;
+  /** Change the value at completion (work found along the way). */
+  setTotal(total: number): void;
   /** Finish the bar (idempotent). */
   stop(): void;
 }
 
-const SILENT: Progress = { update() {}, stop() {} };
+const SILENT: Progress = { update() {}, setTotal() {}, stop() {} };
 
 /** Redraws per second: smooth enough to read, cheap enough not to slow a scan. */
 const FPS = 5;
@@ -56,12 +58,18 @@ export function startProgress(g: GlobalOptions, opts: ProgressOptions): Progress
   const started = Date.now();
   bar.start(opts.total, 0, { doneF: fmt(0), totalF: fmt(opts.total), rate: fmt(0), extra: '' });
   let stopped = false;
+  let total = opts.total;
   return {
     update(done, extra) {
       if (stopped) return;
       const secs = Math.max(0.001, (Date.now() - started) / 1000);
       const tail = extra ? ' | ' + Object.entries(extra).map(([k, v]) => `${k}=${v}`).join(' ') : '';
-      bar.update(done, { doneF: fmt(done), totalF: fmt(opts.total), rate: fmt(done / secs), extra: tail });
+      bar.update(done, { doneF: fmt(done), totalF: fmt(total), rate: fmt(done / secs), extra: tail });
+    },
+    setTotal(t) {
+      if (stopped || t === total || t <= 0) return;
+      total = t;
+      bar.setTotal(t);
     },
     stop() {
       if (stopped) return;

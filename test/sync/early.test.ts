@@ -140,7 +140,8 @@ test('a short tail is sent early: the scan says it has read everything, finish s
   const blocks = 40; // fewer than one batch: it goes when the scan has read everything, not after the linger
   const data = randomBytes(blocks * BS);
   const r = receiving(b, { frameDelayMs: 5 });
-  const early = new EarlySender(a, r.target);
+  const seen: Array<{ blocks: number; pending: number }> = [];
+  const early: EarlySender = new EarlySender(a, r.target, () => seen.push({ blocks: early.blocks, pending: early.pending }));
   let latestWhenScanned: Promise<unknown> | undefined;
   const snap = await a.scanVolume(slowReader(data, 0), {
     volume: 'v',
@@ -156,6 +157,10 @@ test('a short tail is sent early: the scan says it has read everything, finish s
   await early.finish();
   assert.equal(early.failure, null);
   assert.equal(early.blocks, blocks, 'the whole tail went early');
+  // onSent follows every frame (what a sync shows as the tail's progress): counts up, pending down to 0.
+  assert.deepEqual(seen.map((x) => x.blocks), Array.from({ length: blocks }, (_, i) => i + 1));
+  assert.equal(seen.at(-1)!.pending, 0);
+  assert.ok(seen.every((x, i) => i === 0 || x.pending <= seen[i - 1]!.pending));
   const fast = receiving(b);
   const copy = await copySnapshot(a, fast.target, snap);
   assert.equal(copy.blocksSent, 0);

@@ -66,6 +66,7 @@ export function define(program: Command): void {
               phase = p.phase;
               bar = startProgress(g, { total: Math.max(1, p.total), unit: 'bytes', label: p.phase });
             }
+            bar.setTotal(p.total); // early sending's tail, then the engine's blocks
             bar.update(p.done, { blocks: p.blocks });
           },
         });
