@@ -13,7 +13,7 @@
  *   the engine recovers at a higher level by asking again which blocks are missing.
  * - `bwlimit` caps the block streams in each direction, all parallel streams together (sync/bwlimit.ts).
  */
-import { Readable } from 'node:stream';
+import type { Readable } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Pool as PoolType, buildConnector as BuildConnectorType, Dispatcher } from 'undici';
@@ -21,7 +21,7 @@ import { createRequire } from 'node:module';
 import { TandemError, isErrorCode, isTandemError } from '../common/errors.js';
 import type { BlockFrame, Hash, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
 import { throttle, TokenBucket } from '../sync/bwlimit.js';
-import { decodeFrames, encodeFrames, readAhead } from '../sync/framing.js';
+import { decodeFrames, encodeFrames, readAhead, takeRelease } from '../sync/framing.js';
 import { LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, fromHex, toHex } from '../sync/protocol.js';
 import type { ServerStats } from './stats.js';
 import { trace, tracing } from '../sync/trace.js';
@@ -104,6 +104,24 @@ interface WireNode {
 }
 
 /** Bytes counted on the way through. */
+/**
+ * A block upload's body as undici consumes it, giving each payload's pooled buffer back
+ * (sync/framing.ts takeRelease) once the socket has taken it. undici asks for the next chunk only
+ * after writing this one: it awaits 'drain' whenever the socket's write returns false, which it
+ * does for every chunk above the socket's high-water mark (16 KiB) until the TLS layer has
+ * consumed it, and pooled payloads are 256 KiB or more. After a failure the last chunk is not
+ * given back (it is collected).
+ */
+async function* releasing(src: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
+  let release: (() => void) | undefined;
+  for await (const chunk of src) {
+    release?.();
+    release = takeRelease(chunk);
+    yield chunk;
+  }
+  release?.();
+}
+
 async function* meter(src: AsyncIterable<Buffer>, add: (n: number) => void): AsyncGenerator<Buffer> {
   for await (const c of src) {
     add(c.length);
@@ -434,12 +452,12 @@ export class RemotePeer implements ReplicaStore {
     if (tracing) frames = traced(frames);
     // Frames are encoded (and compressed) ahead of the socket so reading, deflating and sending overlap.
     let src: AsyncIterable<Buffer> = meter(readAhead(encodeFrames(frames), SEND_AHEAD_CHUNKS), (n) => (this.wireBytesSent += n));
-    if (this.upBucket) src = throttle(src, this.upBucket);
-    const body = Readable.from(src, { objectMode: false });
+    // Under --bwlimit the chunks are sliced: their buffers are not given back (the rate is capped anyway).
+    const body = this.upBucket ? throttle(src, this.upBucket) : releasing(src);
     let res: Dispatcher.ResponseData;
     try {
       this.requests++;
-      res = await this.pool.request({ method: 'POST', path: '/v1/blocks/put', headers: this.headers({ 'content-type': 'application/octet-stream' }), body });
+      res = await this.pool.request({ method: 'POST', path: '/v1/blocks/put', headers: this.headers({ 'content-type': 'application/octet-stream' }), body: body as unknown as Readable }); // undici takes async iterables (writeIterable); its types omit them
     } catch (e) {
       throw this.transportError(e, 'POST /v1/blocks/put');
     }

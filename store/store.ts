@@ -186,7 +186,21 @@ export class Store implements ReplicaStore {
 
   /** @internal Read and verify the record at `loc`. */
   async readBlockAt(hash: Hash, loc: BlockLocation): Promise<Buffer> {
-    const rec = await this.packs.read(loc.pack, loc.offset, RECORD_HEADER_LENGTH + loc.length);
+    return this.checkRecord(hash, loc, await this.packs.read(loc.pack, loc.offset, RECORD_HEADER_LENGTH + loc.length));
+  }
+
+  /** {@link readBlockAt} into a pooled buffer (PackFiles.readPooled): `release` gives it back. */
+  private async readBlockPooled(hash: Hash, loc: BlockLocation): Promise<{ data: Buffer; release?: () => void }> {
+    const { buf: rec, release } = await this.packs.readPooled(loc.pack, loc.offset, RECORD_HEADER_LENGTH + loc.length);
+    try {
+      return { data: this.checkRecord(hash, loc, rec), ...(release ? { release } : {}) };
+    } catch (e) {
+      release?.();
+      throw e;
+    }
+  }
+
+  private checkRecord(hash: Hash, loc: BlockLocation, rec: Buffer): Buffer {
     const header = decodeRecordHeader(rec);
     if (rec.length < RECORD_HEADER_LENGTH + loc.length || !header || header.length !== loc.length || !header.hash.equals(hash)) {
       throw new TandemError('ERR_STORE_CORRUPT', `the record of block ${toHex(hash)} in pack ${loc.pack} at offset ${loc.offset} is damaged or truncated; run \`appliance verify\``, {
@@ -204,7 +218,9 @@ export class Store implements ReplicaStore {
 
   /**
    * Verified blocks in the order asked, at most {@link READ_AHEAD} read ahead. Locations are
-   * looked up {@link LOCATE_BATCH} at a time (one index request each), not one by one.
+   * looked up {@link LOCATE_BATCH} at a time (one index request each), not one by one. Frames
+   * read into pooled buffers carry `release` (BlockFrame.release): a consumer done with the
+   * bytes gives the buffer back for the next read.
    */
   async *getBlocks(hashes: readonly Hash[]): AsyncGenerator<BlockFrame> {
     this.checkOpen();
@@ -229,18 +245,18 @@ export class Store implements ReplicaStore {
         }
       }
     };
-    const read = async (i: number): Promise<Buffer> => {
+    const read = async (i: number): Promise<{ data: Buffer; release?: () => void }> => {
       const h = hashes[i]!;
       const loc = locations.get(i);
       locations.delete(i);
-      if (isZeroHash(h) || !loc) return this.getBlock(h); // zeros, or absent: getBlock answers (or throws ERR_BLOCK_MISSING)
+      if (isZeroHash(h) || !loc) return { data: await this.getBlock(h) }; // zeros, or absent: getBlock answers (or throws ERR_BLOCK_MISSING)
       try {
-        return await this.readBlockAt(h, loc);
+        return await this.readBlockPooled(h, loc);
       } catch {
-        return this.getBlock(h); // moved by a concurrent gc: look it up again (a real failure throws there)
+        return { data: await this.getBlock(h) }; // moved by a concurrent gc: look it up again (a real failure throws there)
       }
     };
-    const inflight: Promise<Buffer>[] = [];
+    const inflight: Promise<{ data: Buffer; release?: () => void }>[] = [];
     let next = 0;
     const fill = async () => {
       while (next < hashes.length && inflight.length < READ_AHEAD) {
@@ -251,10 +267,15 @@ export class Store implements ReplicaStore {
       }
     };
     await fill();
-    for (let i = 0; i < hashes.length; i++) {
-      const data = await inflight.shift()!;
-      await fill();
-      yield { hash: hashes[i]!, data };
+    try {
+      for (let i = 0; i < hashes.length; i++) {
+        const { data, release } = await inflight.shift()!;
+        await fill();
+        yield { hash: hashes[i]!, data, ...(release ? { release } : {}) };
+      }
+    } finally {
+      // Blocks read ahead and never handed out (the consumer stopped early) go back to the pool.
+      for (const p of inflight.splice(0)) void p.then((r) => r.release?.(), () => undefined);
     }
   }
 

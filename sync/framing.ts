@@ -105,6 +105,20 @@ export interface EncodeOptions {
   readonly onBlock?: (rawBytes: number) => void;
 }
 
+/**
+ * The release function of a payload chunk that encodeFrames yielded (the frame's own buffer,
+ * BlockFrame.release). The consumer that writes the chunk out calls it once the bytes are
+ * consumed (api/client.ts: when the socket has taken them); else the buffer is simply collected.
+ */
+const payloadRelease = new WeakMap<Buffer, () => void>();
+
+/** Take the release function of a chunk encodeFrames yielded, if it has one (at most once). */
+export function takeRelease(chunk: Buffer): (() => void) | undefined {
+  const r = payloadRelease.get(chunk);
+  if (r) payloadRelease.delete(chunk);
+  return r;
+}
+
 /** Encode block frames into the wire framing (header and payload as separate chunks). */
 export async function* encodeFrames(frames: AsyncIterable<BlockFrame>, opts: EncodeOptions = {}): AsyncGenerator<Buffer> {
   let count = 0;
@@ -113,6 +127,8 @@ export async function* encodeFrames(frames: AsyncIterable<BlockFrame>, opts: Enc
       if (f.data.length > MAX_BLOCK_BYTES) throw new TandemError('ERR_BAD_REQUEST', `block of ${f.data.length} bytes exceeds the ${MAX_BLOCK_BYTES}-byte frame limit`);
       const packed = opts.compress === false ? null : await maybeCompress(f.data);
       const payload = packed ?? f.data;
+      if (packed) f.release?.(); // the compressed copy is sent
+      else if (f.release) payloadRelease.set(payload, f.release);
       yield header(FRAME_BLOCK, packed ? CODEC_DEFLATE : CODEC_RAW, f.hash, f.data.length, payload.length);
       yield payload;
       count++;

@@ -141,8 +141,10 @@ export async function materialize(
               details: { index: p.index, hash: p.hash.toString('hex') },
             });
           }
-          // Writes run on the I/O threads while the next blocks are read and verified here.
+          // Writes run on the I/O threads while the next blocks are read and verified here; a
+          // written block's buffer goes back to the store's pool for the next read.
           const w = writer.write(frame.data, p.index * bs);
+          if (frame.release) void w.then(frame.release, () => undefined); // after a failed write it is collected
           w.catch(() => undefined); // observed below, in order
           writes.push(w);
           if (writes.length >= WRITES_IN_FLIGHT) await writes.shift();

@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import fc from 'fast-check';
 import { hashBlock } from '../../store/index.js';
 import type { BlockFrame } from '../../store/types.js';
-import { BufferPool, decodeFrames, encodeFrames, sampleEntropy, CODEC_DEFLATE, HEADER_BYTES } from '../../sync/framing.js';
+import { BufferPool, decodeFrames, encodeFrames, sampleEntropy, takeRelease, CODEC_DEFLATE, HEADER_BYTES } from '../../sync/framing.js';
 import { Store } from '../../store/index.js';
 import { tempDir } from '../store/helpers.js';
 import { throttle } from '../../sync/bwlimit.js';
@@ -144,4 +144,44 @@ test('sampleEntropy tells random bytes from compressible ones', () => {
   assert.ok(sampleEntropy(randomBytes(512 * 1024)) > 7.9);
   assert.ok(sampleEntropy(Buffer.from('tandem replicates volumes '.repeat(20000))) < 5);
   assert.equal(sampleEntropy(Buffer.alloc(4096)), 0);
+});
+
+test('pooled pack reads: getBlocks frames carry release; a buffer is read into again only after its release', async (t) => {
+  const size = 512 * 1024;
+  const blocks = Array.from({ length: 24 }, () => randomBytes(size));
+  const store = await Store.open(await tempDir(t));
+  t.after(() => store.close());
+  await store.putBlocks((async function* () {
+    for (const b of blocks) yield { hash: hashBlock(b), data: b };
+  })());
+  await store.flush();
+  const hashes = blocks.map((b) => hashBlock(b));
+  // Held, never released: every frame keeps its own bytes, all intact to the end.
+  const held: BlockFrame[] = [];
+  for await (const f of store.getBlocks(hashes)) {
+    assert.ok(f.release, 'a block-sized frame read from a pack carries release');
+    held.push(f);
+  }
+  held.forEach((f, i) => assert.ok(f.data.equals(blocks[i]!), `held block ${i} intact`));
+  assert.equal(new Set(held.map((f) => f.data.buffer)).size, blocks.length);
+  // Released after use: the next reads reuse those buffers, and read correctly into them.
+  for (const f of held) f.release!();
+  const reused = new Set(held.map((f) => f.data.buffer));
+  let again = 0;
+  for await (const f of store.getBlocks(hashes)) {
+    assert.ok(f.data.equals(blocks[again]!), `block ${again} read again intact`);
+    assert.ok(reused.has(f.data.buffer), 'read into a released buffer');
+    again++;
+    f.release!();
+  }
+  assert.equal(again, blocks.length);
+  // Encoded for the wire, a raw payload hands its release to whoever writes it out.
+  let given = 0;
+  const chunks: Buffer[] = [];
+  for await (const c of encodeFrames((async function* () { yield { ...held[0]!, release: () => given++ }; })())) chunks.push(c);
+  assert.equal(given, 0, 'not released by the encoder: the payload is still to be written');
+  const r = chunks.map((c) => takeRelease(c)).filter((x) => x !== undefined);
+  assert.equal(r.length, 1, 'exactly the payload chunk carries it');
+  r[0]!();
+  assert.equal(given, 1);
 });
