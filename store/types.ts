@@ -152,6 +152,7 @@ export interface VolumeReader {
 
 /** A volume being written (restore / materialize target). */
 export interface VolumeWriter extends VolumeReader {
+  /** Write `buf` at `position`; once it resolves the writer holds no reference to `buf` (materialize reuses it). */
   write(buf: Buffer, position: number): Promise<void>;
   /** Make a range read back as zeros (punch a hole or write zeros). */
   zero(position: number, length: number): Promise<void>;
