@@ -103,13 +103,12 @@ interface WireNode {
   children: string[];
 }
 
-/** Bytes counted on the way through. */
 /**
  * A block upload's body as undici consumes it, giving each payload's pooled buffer back
  * (sync/framing.ts takeRelease) once the socket has taken it. undici asks for the next chunk only
  * after writing this one: it awaits 'drain' whenever the socket's write returns false, which it
- * does for every chunk above the socket's high-water mark (16 KiB) until the TLS layer has
- * consumed it, and pooled payloads are 256 KiB or more. After a failure the last chunk is not
+ * does for every chunk above the socket's high-water mark (16 KiB; 64 KiB from Node 22) until the
+ * TLS layer has consumed it, and pooled payloads are 256 KiB or more. After a failure the last chunk is not
  * given back (it is collected).
  */
 async function* releasing(src: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
@@ -122,6 +121,7 @@ async function* releasing(src: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
   release?.();
 }
 
+/** Bytes counted on the way through. */
 async function* meter(src: AsyncIterable<Buffer>, add: (n: number) => void): AsyncGenerator<Buffer> {
   for await (const c of src) {
     add(c.length);
