@@ -3,12 +3,13 @@
  * nodes and blocks, snapshot lookup and commit, volume leases and the receiving-side counters.
  * Every route is stateless except the lease, so a walk can be resumed from any point.
  */
+import type { ServerResponse } from 'node:http';
 import { Readable } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
 import { TandemError } from '../../common/errors.js';
 import { DEFAULT_BLOCK_SIZE, type Store } from '../../store/index.js';
 import type { SnapshotRecord, TreeNode } from '../../store/types.js';
-import { BufferPool, decodeFrames, encodeFrames, readAhead } from '../../sync/framing.js';
+import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '../../sync/framing.js';
 import { trace } from '../../sync/trace.js';
 import { LEASE_HEADER, PROTOCOL_VERSION, fromHex, toHex } from '../../sync/protocol.js';
 import type { Home } from '../../appliance/home.js';
@@ -56,6 +57,35 @@ async function drain(stream: Readable, limit: number): Promise<void> {
     }
   } catch {
     /* the client went away: nothing to answer */
+  }
+}
+
+/**
+ * Write a stream's chunks to a response, giving each payload's pooled buffer back (takeRelease)
+ * in the write's callback, once the socket has taken it; waits for 'drain' when the response
+ * says so; stops when the client goes away.
+ */
+async function writeChunks(res: ServerResponse, chunks: AsyncIterable<Buffer>): Promise<void> {
+  const waitDrain = () =>
+    new Promise<void>((resolve) => {
+      const done = () => {
+        res.off('drain', done);
+        res.off('close', done);
+        resolve();
+      };
+      res.on('drain', done);
+      res.on('close', done);
+    });
+  try {
+    for await (const chunk of chunks) {
+      if (res.destroyed) return;
+      const release = takeRelease(chunk);
+      const more = res.write(chunk, release ? (err) => void (err ?? release()) : undefined);
+      if (!more) await waitDrain();
+    }
+    if (!res.destroyed) res.end();
+  } catch {
+    res.destroy(); // a socket error: the client sees the stream cut short (its end frame missing)
   }
 }
 
@@ -137,14 +167,20 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
         details: { missing: absent.slice(0, 16).map(toHex), count: absent.length },
       });
     }
-    const body = Readable.from(encodeFrames(store.getBlocks(hashes), {
+    const frames = encodeFrames(store.getBlocks(hashes), {
       errorFrames: true,
       onBlock: (n) => {
         stats.blocksSent++;
         stats.bytesSent += n;
       },
-    }), { objectMode: false });
-    return reply.type('application/octet-stream').send(body);
+    });
+    // Written here, not through reply.send(stream): a stream piped into the response is read ahead
+    // with no sign of when the socket has taken a chunk, so its pooled buffers could not go back
+    // (a 1 GiB pull spent ~27 % of the sender's CPU in garbage collection that way).
+    reply.hijack();
+    reply.raw.writeHead(200, { 'content-type': 'application/octet-stream' });
+    await writeChunks(reply.raw, frames);
+    trace('server: blocks/get answered');
   });
 
   app.post('/v1/blocks/put', { schema: { summary: 'store a framed application/octet-stream of blocks, each verified; nothing partial is committed' } }, async (req, reply) => {
