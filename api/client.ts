@@ -21,7 +21,8 @@ import { createRequire } from 'node:module';
 import { TandemError, isErrorCode, isTandemError } from '../common/errors.js';
 import type { BlockFrame, Hash, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
 import { throttle, TokenBucket } from '../sync/bwlimit.js';
-import { decodeFrames, encodeFrames, readAhead, takeRelease } from '../sync/framing.js';
+import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '../sync/framing.js';
+import { DEFAULT_BLOCK_SIZE } from '../store/index.js';
 import { LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, fromHex, toHex } from '../sync/protocol.js';
 import type { ServerStats } from './stats.js';
 import { trace, tracing } from '../sync/trace.js';
@@ -57,6 +58,11 @@ const BACKOFF_MAX_MS = 10_000;
 const CONNECT_TIMEOUT_MS = 10_000;
 /** Encoded chunks (a header or a payload each) prepared ahead of the socket: 8 blocks' worth. */
 const SEND_AHEAD_CHUNKS = 16;
+/**
+ * Payload buffers of the default block size for blocks this process pulls, as the server has
+ * for blocks it receives: the store they go to releases each after writing it.
+ */
+const receivePool = new BufferPool(DEFAULT_BLOCK_SIZE, 32);
 /** Statuses that mean "try again later" rather than "no". */
 const RETRYABLE_STATUS = new Set([429, 502, 503, 504]);
 /** Socket-level failures worth a retry (the request may not have reached the peer). */
@@ -438,7 +444,7 @@ export class RemotePeer implements ReplicaStore {
       let src: AsyncIterable<Buffer> = meter(res.body as AsyncIterable<Buffer>, (n) => (this.wireBytesReceived += n));
       if (this.downBucket) src = throttle(src, this.downBucket);
       try {
-        yield* decodeFrames(src, { verify: true, expect: part });
+        yield* decodeFrames(src, { verify: true, expect: part, pool: receivePool });
       } catch (e) {
         throw isTandemError(e) ? e : this.transportError(e, 'POST /v1/blocks/get');
       } finally {
