@@ -57,6 +57,13 @@ const MAIN_THREAD_MAX_BLOCKS = 256;
  */
 let spareSlots: ArrayBuffer | null = null;
 
+/** The spare slots when they have this size, else new ones. */
+function takeSpareSlots(bytes: number): ArrayBuffer {
+  const spare = spareSlots?.byteLength === bytes ? spareSlots : null;
+  if (spare) spareSlots = null;
+  return spare ?? new ArrayBuffer(bytes);
+}
+
 /** Reads of one scattered job in flight at once (libuv's pool has 4 threads). */
 const SCATTERED_READS = 4;
 
@@ -169,12 +176,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   const pool = onMainThread ? null : store.hashPools.borrow(poolBytes);
   // On the calling thread, reads (libuv) overlap hashing with two slots; more would only hold memory.
   const slots = pool ? SLOTS : Math.min(2, Math.ceil((changed?.length ?? 0) / chunkBlocks));
-  const mainBytes = IO_SKEW + slotBytes * 2;
-  let own: ArrayBuffer | null = null;
-  if (!pool) {
-    own = spareSlots?.byteLength === mainBytes ? spareSlots : new ArrayBuffer(mainBytes);
-    if (own === spareSlots) spareSlots = null;
-  }
+  const own = pool ? null : takeSpareSlots(IO_SKEW + slotBytes * 2);
   const sab: ArrayBufferLike = pool ? pool.sab : own!;
   // A local file or device is read through the page cache (pread): its slots start IO_SKEW bytes
   // past a page boundary (common/io-buffers.ts). Other readers get page-aligned slots, which they

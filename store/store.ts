@@ -29,6 +29,9 @@ import type {
   BlockFrame, GcReport, Hash, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyReport, VolumeReader, VolumeRecord,
 } from './types.js';
 
+/** A block read from a pack, with the function that gives its pooled buffer back (if pooled). */
+type ReadBlock = Omit<BlockFrame, 'hash'>;
+
 /** 512 KiB: the EBS direct API block size, so EBS import/export maps blocks one to one. */
 export const DEFAULT_BLOCK_SIZE = 524288;
 
@@ -190,7 +193,7 @@ export class Store implements ReplicaStore {
   }
 
   /** {@link readBlockAt} into a pooled buffer (PackFiles.readPooled): `release` gives it back. */
-  private async readBlockPooled(hash: Hash, loc: BlockLocation): Promise<{ data: Buffer; release?: () => void }> {
+  private async readBlockPooled(hash: Hash, loc: BlockLocation): Promise<ReadBlock> {
     const { buf: rec, release } = await this.packs.readPooled(loc.pack, loc.offset, RECORD_HEADER_LENGTH + loc.length);
     try {
       return { data: this.checkRecord(hash, loc, rec), ...(release ? { release } : {}) };
@@ -245,7 +248,7 @@ export class Store implements ReplicaStore {
         }
       }
     };
-    const read = async (i: number): Promise<{ data: Buffer; release?: () => void }> => {
+    const read = async (i: number): Promise<ReadBlock> => {
       const h = hashes[i]!;
       const loc = locations.get(i);
       locations.delete(i);
@@ -256,7 +259,7 @@ export class Store implements ReplicaStore {
         return { data: await this.getBlock(h) }; // moved by a concurrent gc: look it up again (a real failure throws there)
       }
     };
-    const inflight: Promise<{ data: Buffer; release?: () => void }>[] = [];
+    const inflight: Promise<ReadBlock>[] = [];
     let next = 0;
     const fill = async () => {
       while (next < hashes.length && inflight.length < READ_AHEAD) {

@@ -80,3 +80,8 @@ export async function waitExit(child: ChildProcess): Promise<number | null> {
   const [code] = await once(child, 'exit');
   return code as number | null;
 }
+
+/** {@link fileReader} naming its path as a local file: the store's hash workers read it themselves. */
+export async function localFileReader(path: string): Promise<VolumeReader> {
+  return { ...(await fileReader(path)), path, kind: 'file' };
+}

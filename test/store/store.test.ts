@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { appendFile, open, readFile, readdir, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Store, ZERO_HASH, hashBlock, type SnapshotRecord, type ScanProgress } from '../../store/index.js';
-import { fileReader, makeImage, spawnFixture, tempDir, waitExit, writeImage } from './helpers.js';
+import { fileReader, localFileReader, makeImage, spawnFixture, tempDir, waitExit, writeImage } from './helpers.js';
 
 const BS = 65536;
 
@@ -163,10 +163,9 @@ describe('Store', () => {
     changed.push(30, 31, 32, 33); // and a run of consecutive blocks among them
     for (const i of [31, 32]) img.fill(5, i * BS, i * BS + 7);
     await writeImage(path, img);
-    const plain = await fileReader(path);
-    const byPath: typeof plain = { ...plain, path, kind: 'file' };
+    const byPath = await localFileReader(path);
     const viaWorkers = await store.scanVolume(byPath, { volume: 'vol', blockSize: BS, parent: s1, changedBlocks: changed });
-    await plain.close();
+    await byPath.close();
     const viaReader = await scanFile(store, path, 'vol', { parent: s1, changedBlocks: changed });
     const full = await scanFile(store, path, 'vol', { parent: s1 });
     assert.equal(viaWorkers.root, full.root);
@@ -182,8 +181,7 @@ describe('Store', () => {
     await writeImage(path, img);
     const store = await Store.open(join(dir, 'store'));
     t.after(() => store.close());
-    const plain = await fileReader(path);
-    const local: typeof plain = { ...plain, path, kind: 'file' };
+    const local = await localFileReader(path);
     const s1 = await store.scanVolume(local, { volume: 'vol', blockSize: BS });
     img.fill(7, 6 * BS, 7 * BS); // zero block -> data
     img.fill(0, 7 * BS, 8 * BS); // data -> zero
@@ -193,7 +191,7 @@ describe('Store', () => {
     await writeImage(path, img);
     let last: ScanProgress | undefined;
     const viaWorkers = await store.scanVolume(local, { volume: 'vol', blockSize: BS, parent: s1, onProgress: (p) => (last = p) });
-    await plain.close();
+    await local.close();
     assert.equal(viaWorkers.parent, s1.id);
     assert.equal(last!.blocksDone, 401);
     assert.equal(last!.blocksStored, 3, 'blocks 6, 130 and the tail are new; 7 is zero and 300 is held');
@@ -235,8 +233,8 @@ describe('Store', () => {
     img.fill(3, 5 * BS, 5 * BS + 100);
     await writeImage(path, img);
     const notices: string[] = [];
-    const reader = await fileReader(path);
-    const s2 = await store.scanVolume({ ...reader, path, kind: 'file' }, { volume: 'vol', blockSize: BS, parent: s1, onNotice: (m) => notices.push(m) });
+    const reader = await localFileReader(path);
+    const s2 = await store.scanVolume(reader, { volume: 'vol', blockSize: BS, parent: s1, onNotice: (m) => notices.push(m) });
     await reader.close();
     assert.equal(notices.length, 1);
     assert.match(notices[0]!, /parent snapshot vol@.* is damaged .*appliance verify/);
