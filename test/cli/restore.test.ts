@@ -11,11 +11,16 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 const BS = 512 * KiB;
 
-/** Overwrite `len` random bytes at `pos` in a file. */
+/**
+ * Change `len` bytes at `pos` in a file: each is inverted, so every one of them differs (random
+ * bytes would leave a 1-byte change the same one time in 256).
+ */
 function scribble(path: string, pos: number, len: number): void {
   const fd = openSync(path, 'r+');
   try {
-    writeSync(fd, randomBytes(len), 0, len, pos);
+    const old = Buffer.alloc(len);
+    readSync(fd, old, 0, len, pos);
+    writeSync(fd, old.map((b) => ~b & 0xff), 0, len, pos);
   } finally {
     closeSync(fd);
   }
