@@ -254,7 +254,7 @@ export class RemotePeer implements ReplicaStore {
     const warm = this.warm;
     this.warm = null;
     if (warm) void warm.then((s) => s?.destroy());
-    await this.pool.close().catch(() => {});
+    await this.pool.destroy().catch(() => {});
   }
 
   private headers(extra: Record<string, string> = {}): Record<string, string> {

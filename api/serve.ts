@@ -5,7 +5,7 @@
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { FastifyInstance, FastifyServerOptions } from 'fastify';
-import { startServer } from './server.js';
+import { listenLocal, startServer } from './server.js';
 import { Home, writeFileAtomic } from '../appliance/home.js';
 import type { GlobalOptions } from '../appliance/cli/output.js';
 import type { Store } from '../store/index.js';
@@ -29,7 +29,8 @@ export interface ServedOptions {
 /**
  * What `serve` and `daemon` share: open and share the home's store (forwarded CLI commands use
  * it), listen with the peer protocol and the appliance's management routes (appliance/routes.ts),
- * and publish HOME/run/server.json, which appliance/cli/forward.ts reads.
+ * also on the Unix socket HOME/run/cli.sock, and publish HOME/run/server.json, which
+ * appliance/cli/forward.ts reads.
  */
 export async function startServed(home: Home, listen: string, opts: ServedOptions = {}): Promise<Served> {
   const store = await home.openStore();
@@ -54,8 +55,9 @@ export async function startServed(home: Home, listen: string, opts: ServedOption
     await store.close();
     throw e;
   }
+  const local = await listenLocal(server.app, join(home.paths.run, 'cli.sock'));
   const runFile = join(home.paths.run, 'server.json');
-  writeFileAtomic(runFile, JSON.stringify({ pid: process.pid, url: server.url }) + '\n');
+  writeFileAtomic(runFile, JSON.stringify({ pid: process.pid, url: server.url, ...(local ? { socket: local.path } : {}) }) + '\n');
   const running = server;
   return {
     store,
@@ -68,6 +70,7 @@ export async function startServed(home: Home, listen: string, opts: ServedOption
     },
     async close() {
       rmSync(runFile, { force: true });
+      await local?.close();
       await running.close();
       unshare();
       await store.flush();

@@ -4,11 +4,14 @@
  * docs at /docs.
  *
  * {@link buildServer} builds the app without listening (tests use `app.inject()`);
- * {@link startServer} listens with the home's TLS key and certificate. Every route but
+ * {@link startServer} listens with the home's TLS key and certificate; {@link listenLocal} also
+ * serves the same app on a Unix socket for CLI commands of this machine. Every route but
  * GET /v1/health and the /docs pages requires `Authorization: Bearer <token>` (the docs
  * describe the API, they hold no data).
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
+import { chmodSync, rmSync } from 'node:fs';
+import { createServer } from 'node:http';
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
 import { TandemError } from '../common/errors.js';
 import type { Home } from '../appliance/home.js';
@@ -160,4 +163,40 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
   const bound = typeof addr === 'object' && addr ? addr : { address: host, port };
   const h = bound.address.includes(':') ? `[${bound.address}]` : bound.address;
   return { url: `https://${h}:${bound.port}`, app, close: () => app.close() };
+}
+
+/**
+ * Serve `app` on a Unix socket as well (plain HTTP, the same routes, token check and hooks): a
+ * CLI command forwarded on this machine (appliance/cli/forward.ts) then skips the TCP and TLS
+ * handshakes, ~20 ms of a short command. The socket is made owner-only (0600) and the bearer
+ * token is required as on the network. A file left at `path` by a server that died is replaced:
+ * the caller holds the home, so no live server owns it. Resolves with null when the socket
+ * cannot be made (a path over the 107-byte limit, a read-only run directory): the HTTPS
+ * listener serves every command anyway.
+ */
+export async function listenLocal(app: FastifyInstance, path: string): Promise<{ readonly path: string; close(): Promise<void> } | null> {
+  const server = createServer({ keepAliveTimeout: KEEP_ALIVE_MS, requestTimeout: REQUEST_TIMEOUT_MS }, (req, res) => app.routing(req, res));
+  try {
+    rmSync(path, { force: true });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(path, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    chmodSync(path, 0o600);
+  } catch {
+    server.close();
+    return null;
+  }
+  return {
+    path,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        server.closeAllConnections();
+        rmSync(path, { force: true });
+      }),
+  };
 }

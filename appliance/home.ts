@@ -8,7 +8,7 @@
  * HOME/tls/key.pem      TLS private key (0600), tls/cert.pem self-signed certificate
  * HOME/store/           the block store (store/README.md)
  * HOME/locks/           per-volume lock files (appliance/locks.ts)
- * HOME/run/             runtime files of a running server (server.json: pid, url)
+ * HOME/run/             runtime files of a running server (server.json: pid, url, socket; cli.sock)
  * ```
  */
 import { randomBytes, randomUUID, X509Certificate } from 'node:crypto';

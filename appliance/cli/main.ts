@@ -4,13 +4,15 @@
  *
  * Start-up must stay well under 200 ms for `--help`: this file and the command *definition*
  * files import only commander and small local modules. Each command's body lazily imports
- * what it needs (store, fastify, AWS SDK, ...) inside its action.
+ * what it needs (store, fastify, AWS SDK, ...) inside its action. Commander itself (~12 ms) is
+ * loaded only once the command is known to run here: a command forwarded to a running server
+ * of the home (forward.ts) needs none of it.
  *
  * To add a subcommand: create appliance/cli/commands/NAME.ts exporting `define(program)` and,
  * optionally, `order` (a number: lower comes first in `--help`; default 100). Every module in
  * that folder is a command: there is no list to keep in sync.
  */
-import { Command, CommanderError } from 'commander';
+import type { Command } from 'commander';
 import { readFileSync, readdirSync, realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { currentIO, reportError } from './output.js';
@@ -62,6 +64,7 @@ function commandWord(argv: readonly string[]): string | undefined {
  * `order`, then by file name).
  */
 async function defineCommands(program: Command, argv: readonly string[]): Promise<void> {
+  const { Command } = await import('commander');
   const files = commandFiles();
   const word = commandWord(argv);
   const own = word === undefined ? undefined : files.find((f) => f.replace(/\.(js|ts)$/, '') === word);
@@ -82,6 +85,7 @@ async function defineCommands(program: Command, argv: readonly string[]): Promis
  */
 export async function runCli(argv: string[]): Promise<void> {
   const io = currentIO();
+  const { Command, CommanderError } = await import('commander');
   const program = new Command('appliance')
     .description('Tandem disaster-recovery appliance')
     .option('--home <dir>', 'appliance home directory (default: $TANDEM_HOME, else /var/lib/tandem)')

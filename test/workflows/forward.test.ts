@@ -1,0 +1,110 @@
+/**
+ * CLI commands on a served home are forwarded to the server that holds its store: over the
+ * server's owner-only Unix socket (HOME/run/cli.sock), else over its HTTPS listener. Real `serve`
+ * processes, real CLI processes.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { connect } from 'node:net';
+import { join } from 'node:path';
+import { cli, initHome, startServe } from '../helpers/appliance.js';
+import { parseAnswer } from '../../appliance/cli/forward.js';
+
+function serverInfo(home: string): { pid: number; url: string; socket?: string } {
+  return JSON.parse(readFileSync(join(home, 'run', 'server.json'), 'utf8'));
+}
+
+/** One raw HTTP/1.1 exchange on a Unix socket: the status line of the answer. */
+function rawStatus(socket: string, request: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    const conn = connect(socket);
+    conn.on('data', (c: Buffer) => chunks.push(c));
+    conn.on('error', reject);
+    conn.on('end', () => resolve(Buffer.concat(chunks).toString('latin1').split('\r\n')[0]!));
+    conn.write(request);
+  });
+}
+
+test('forwarded commands go over the owner-only socket, else HTTPS; the socket needs the token; it goes with the server', async (t) => {
+  const a = await initHome(t, 'fwd');
+  const img = join(a.dir, '..', 'disk.img');
+  writeFileSync(img, Buffer.alloc(256 * 1024, 7));
+  const served = await startServe(t, a);
+  const info = serverInfo(a.dir);
+  assert.equal(info.socket, join(a.dir, 'run', 'cli.sock'));
+  assert.equal(statSync(info.socket!).mode & 0o777, 0o600, 'only the owner may connect');
+
+  // The socket alone: the HTTPS address in server.json leads nowhere, the command still runs in the server.
+  writeFileSync(join(a.dir, 'run', 'server.json'), JSON.stringify({ ...info, url: 'https://127.0.0.1:1' }));
+  const added = await cli(a, 'volume', 'add', 'disk', '--path', img);
+  assert.equal(added.code, 0, added.stderr);
+  const listed = await cli(a, 'volume', 'list');
+  assert.equal(listed.code, 0, listed.stderr);
+  assert.deepEqual(listed.json.map((v: { name: string }) => v.name), ['disk']);
+
+  // No socket: HTTPS. A socket path that cannot be connected to falls back to HTTPS too.
+  for (const socket of [undefined, join(a.dir, 'run', 'gone.sock')]) {
+    writeFileSync(join(a.dir, 'run', 'server.json'), JSON.stringify({ pid: info.pid, url: info.url, ...(socket ? { socket } : {}) }));
+    const snap = await cli(a, 'snapshot', 'disk');
+    assert.equal(snap.code, 0, snap.stderr);
+  }
+  // Run locally, each of these would meet the store held by the server (ERR_STORE_BUSY):
+  // two snapshots taken means both were forwarded.
+  const snaps = await cli(a, 'snapshots', 'disk');
+  assert.equal(snaps.code, 0, snaps.stderr);
+  assert.equal(snaps.json.length, 2);
+  // A command's failure comes back as it is, exit code included, and is not run again elsewhere.
+  writeFileSync(join(a.dir, 'run', 'server.json'), JSON.stringify(info));
+  const missing = await cli(a, 'snapshot', 'nope');
+  assert.equal(missing.code, 1);
+  assert.equal(missing.json.error.code, 'ERR_VOLUME_NOT_FOUND');
+
+  // The socket asks for the token like the network does.
+  const body = JSON.stringify({ argv: ['node', 'appliance', '--home', a.dir, 'volume', 'list'] });
+  const req = (auth: string) => `POST /v1/cli HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-type: application/json\r\n${auth}content-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`;
+  assert.match(await rawStatus(info.socket!, req('')), /^HTTP\/1\.1 401 /);
+  assert.match(await rawStatus(info.socket!, req('authorization: Bearer wrong\r\n')), /^HTTP\/1\.1 401 /);
+  assert.match(await rawStatus(info.socket!, req(`authorization: Bearer ${a.token}\r\n`)), /^HTTP\/1\.1 200 /);
+
+  assert.equal(await served.stop(), 0);
+  assert.equal(existsSync(info.socket!), false, 'the socket goes with the server');
+  assert.equal(existsSync(join(a.dir, 'run', 'server.json')), false);
+  const local = await cli(a, 'snapshots', 'disk');
+  assert.equal(local.code, 0, 'no server: the command runs here');
+});
+
+test('a server killed with -9 leaves its socket; the next one replaces it and commands reach it', async (t) => {
+  const a = await initHome(t, 'fwd-kill');
+  const first = await startServe(t, a);
+  const sock = serverInfo(a.dir).socket!;
+  await first.kill('SIGKILL');
+  assert.ok(existsSync(sock), 'a killed server cannot clean up');
+  const stale = await cli(a, 'volume', 'list');
+  assert.equal(stale.code, 0, `a dead server's files are ignored: ${stale.stderr}`);
+  await startServe(t, a);
+  assert.equal(serverInfo(a.dir).socket, sock);
+  const r = await cli(a, 'peer', 'list');
+  assert.equal(r.code, 0, r.stderr);
+});
+
+test('parseAnswer: a body by length, by chunks or to the end; anything else is no answer', () => {
+  const result = { exitCode: 3, stdout: 'out\n', stderr: 'é' };
+  const json = JSON.stringify(result);
+  const len = Buffer.byteLength(json);
+  assert.deepEqual(parseAnswer(Buffer.from(`HTTP/1.1 200 OK\r\nContent-Length: ${len}\r\n\r\n${json}`)), result);
+  assert.deepEqual(parseAnswer(Buffer.from(`HTTP/1.1 200 OK\r\n\r\n${json}`)), result);
+  const half = Math.floor(json.length / 2);
+  const chunked = `${half.toString(16)}\r\n${json.slice(0, half)}\r\n${(Buffer.byteLength(json) - Buffer.byteLength(json.slice(0, half))).toString(16)}\r\n${json.slice(half)}\r\n0\r\n\r\n`;
+  assert.deepEqual(parseAnswer(Buffer.from(`HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n${chunked}`)), result);
+  for (const bad of [
+    `HTTP/1.1 401 Unauthorized\r\nContent-Length: ${len}\r\n\r\n${json}`,
+    `HTTP/1.1 200 OK\r\nContent-Length: ${len + 1}\r\n\r\n${json}`, // cut short
+    `HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nff\r\n${json}`, // cut short
+    `HTTP/1.1 200 OK\r\nContent-Length: ${len}\r\n`, // no end of headers
+    'HTTP/1.1 200 OK\r\n\r\n{"exitCode":"0","stdout":"","stderr":""}',
+    'HTTP/1.1 200 OK\r\n\r\nnot json',
+    '',
+  ]) assert.equal(parseAnswer(Buffer.from(bad)), null, bad);
+});
