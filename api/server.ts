@@ -38,6 +38,8 @@ export interface BuildServerOptions {
   readonly extraRoutes?: (app: FastifyInstance) => void | Promise<void>;
   /** Fastify/pino logger options; default: warnings and errors only, on stderr (stdout belongs to `--json`). */
   readonly logger?: FastifyServerOptions['logger'];
+  /** A sync's lease on a volume expires after this long without a request or a block (default 120 s). */
+  readonly leaseIdleMs?: number;
   /** TLS key and certificate; buildServer without them serves plain HTTP (app.inject in tests). */
   readonly https?: { key: string; cert: string };
 }
@@ -73,7 +75,7 @@ export function buildServer(opts: BuildServerOptions): FastifyInstance {
     },
   } as FastifyServerOptions) as unknown as FastifyInstance;
   const stats = newStats();
-  const leases = new LeaseTable(opts.home);
+  const leases = new LeaseTable(opts.home, opts.leaseIdleMs);
   app.decorate('tandem', { stats, leases });
   const token = digest(opts.home.token());
 

@@ -167,11 +167,14 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
         details: { missing: absent.slice(0, 16).map(toHex), count: absent.length },
       });
     }
+    const lease = leaseOf(req.headers);
     const frames = encodeFrames(store.getBlocks(hashes), {
       errorFrames: true,
       onBlock: (n) => {
         stats.blocksSent++;
         stats.bytesSent += n;
+        // A stream that moves keeps its sync's lease alive: under --bwlimit one can outlast the idle time.
+        if (lease) leases.touch(lease);
       },
     });
     // Written here, not through reply.send(stream): a stream piped into the response is read ahead
@@ -190,9 +193,12 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     let bytes = 0;
     // Not destroying the request stream on a decode error lets the 422 answer reach the client.
     const source = body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>;
+    const lease = leaseOf(req.headers);
     async function* counted() {
       for await (const f of readAhead(decodeFrames(source, { pool: receivePool }), RECEIVE_AHEAD_FRAMES)) {
         if (received === 0) trace('server: first block frame decoded');
+        // Each block keeps the sender's lease alive: a long upload (--bwlimit) must not lose it midway.
+        if (lease) leases.touch(lease);
         received++;
         bytes += f.data.length;
         stats.blocksReceived++;

@@ -96,10 +96,8 @@ export async function forwardIfServed(argv: string[]): Promise<boolean> {
   const server = runningServer(homeDir);
   if (!server) return false;
   let token: string;
-  let cert: string;
   try {
     token = readFileSync(join(homeDir, 'token'), 'utf8').trim();
-    cert = readFileSync(join(homeDir, 'tls', 'cert.pem'), 'utf8');
   } catch {
     return false;
   }
@@ -108,14 +106,8 @@ export async function forwardIfServed(argv: string[]): Promise<boolean> {
   // The Unix socket first (no TCP or TLS handshake); the HTTPS listener only if the socket
   // cannot be connected to (a request that reached the server is never sent twice).
   let result = server.socket !== undefined ? await postLocal(server.socket, headers, body) : 'unreachable';
-  if (result === 'unreachable') {
-    const url = new URL('/v1/cli', server.url);
-    if (url.hostname === '0.0.0.0' || url.hostname === '::') url.hostname = '127.0.0.1';
-    const https = await import('node:https');
-    // The server presents this home's own certificate: trusting exactly it is the pin.
-    result = await post(https, { hostname: url.hostname, port: url.port, path: url.pathname, ca: cert, checkServerIdentity: () => undefined }, headers, body);
-  }
-  if (result === null || result === 'unreachable') return false;
+  if (result === 'unreachable') result = await postHttps(homeDir, server.url, headers, body);
+  if (result === null) return false;
   process.stderr.write(result.stderr);
   process.stdout.write(result.stdout);
   process.exitCode = result.exitCode;
@@ -123,9 +115,11 @@ export async function forwardIfServed(argv: string[]): Promise<boolean> {
 }
 
 /**
- * {@link post} over the server's Unix socket, as one HTTP/1.1 exchange written by hand on a
+ * POST a forwarded command over the server's Unix socket, as one HTTP/1.1 exchange written by hand on a
  * `node:net` connection (`Connection: close`: the answer ends with the stream). node:http's
  * client costs ~10 ms of a forwarded command's start here, for one request and one answer.
+ * 'unreachable' when no connection could be made; null when it failed later or the answer is
+ * not a result with status 200.
  */
 async function postLocal(socket: string, headers: Record<string, string>, body: string): Promise<ForwardResult | 'unreachable' | null> {
   const { connect } = await import('node:net');
@@ -176,19 +170,20 @@ export function parseAnswer(raw: Buffer): ForwardResult | null {
   }
 }
 
-/**
- * POST a forwarded command: its result; 'unreachable' when no connection could be made; null
- * when the connection failed later or the answer is not a result with status 200.
- */
-function post(
-  lib: typeof import('node:https'),
-  where: import('node:https').RequestOptions,
-  headers: Record<string, string>,
-  body: string,
-): Promise<ForwardResult | 'unreachable' | null> {
-  return new Promise<ForwardResult | 'unreachable' | null>((resolvePromise) => {
-    let connected = false;
-    const req = lib.request({ ...where, method: 'POST', headers, timeout: FORWARD_TIMEOUT_MS }, (res) => {
+/** POST a forwarded command to the server's HTTPS listener: its result, or null. */
+async function postHttps(homeDir: string, serverUrl: string, headers: Record<string, string>, body: string): Promise<ForwardResult | null> {
+  let cert: string;
+  try {
+    cert = readFileSync(join(homeDir, 'tls', 'cert.pem'), 'utf8');
+  } catch {
+    return null;
+  }
+  const url = new URL('/v1/cli', serverUrl);
+  if (url.hostname === '0.0.0.0' || url.hostname === '::') url.hostname = '127.0.0.1';
+  const { request } = await import('node:https');
+  return new Promise((resolvePromise) => {
+    // The server presents this home's own certificate: trusting exactly it is the pin.
+    const req = request(url, { method: 'POST', headers, ca: cert, checkServerIdentity: () => undefined, timeout: FORWARD_TIMEOUT_MS }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('end', () => {
@@ -201,8 +196,7 @@ function post(
       });
       res.on('error', () => resolvePromise(null));
     });
-    req.on('socket', (sock) => sock.once('connect', () => (connected = true)));
-    req.on('error', () => resolvePromise(connected ? null : 'unreachable'));
+    req.on('error', () => resolvePromise(null));
     req.end(body);
   });
 }
