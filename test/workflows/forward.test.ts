@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { join } from 'node:path';
-import { cli, initHome, startServe } from '../helpers/appliance.js';
+import { cli, initHome, startServe, tempDir } from '../helpers/appliance.js';
 import { parseAnswer } from '../../appliance/cli/forward.js';
 
 function serverInfo(home: string): { pid: number; url: string; socket?: string } {
@@ -87,6 +87,21 @@ test('a server killed with -9 leaves its socket; the next one replaces it and co
   assert.equal(serverInfo(a.dir).socket, sock);
   const r = await cli(a, 'peer', 'list');
   assert.equal(r.code, 0, r.stderr);
+});
+
+test('a home whose socket path would pass the 107-byte limit is served without one; commands go over HTTPS', async (t) => {
+  const base = tempDir(t, 'tandem-fwd-long-');
+  const dir = join(base, 'x'.repeat(Math.max(1, 110 - base.length)), 'home');
+  assert.ok(join(dir, 'run', 'cli.sock').length > 107);
+  assert.equal((await cli(dir, 'init', '--name', 'long')).code, 0);
+  await startServe(t, dir);
+  assert.equal(serverInfo(dir).socket, undefined);
+  const r = await cli(dir, 'peer', 'list');
+  assert.equal(r.code, 0, r.stderr);
+  assert.deepEqual(r.json, { peers: [] });
+  // Forwarded, not run here: run here, it would meet the server's store (ERR_STORE_BUSY).
+  const verified = await cli(dir, 'verify');
+  assert.equal(verified.code, 0, verified.stderr);
 });
 
 test('parseAnswer: a body by length, by chunks or to the end; anything else is no answer', () => {
