@@ -63,7 +63,11 @@ export interface MaterializeResult {
 const READ_CHUNK_BLOCKS = 16;
 /** Written data is flushed in the background every this many bytes (the page cache would hold it all). */
 const WRITEBACK_BYTES = 256 * 1024 * 1024;
-/** Block writes in flight at once (8 x 512 KiB = 4 MiB held): overlaps writing with verifying. */
+/**
+ * Block writes queued at once (8 x 512 KiB = 4 MiB held): writing overlaps verifying. They run
+ * one after the other: buffered writes to one file take its inode lock, and concurrent ones only
+ * spin on it (17 % of a 4 GiB restore's CPU samples, most in the kernel, with 8 at once).
+ */
 const WRITES_IN_FLIGHT = 8;
 const HASH_BYTES = 32;
 /** Differing blocks are fetched and written in batches of at most this many bytes (bounds memory). */
@@ -95,8 +99,17 @@ export async function materialize(
   let bytesWritten = 0;
   let pending: Pending[] = [];
 
-  // Block writes in flight, across batches; and one background flush of what they wrote.
+  // Block writes queued, across batches, each starting when the one before has ended (`tail`);
+  // and one background flush of what they wrote.
   const writes: Array<Promise<void>> = [];
+  let tail: Promise<void> = Promise.resolve();
+  /** Queue a write behind the others; a failed one fails every write queued after it. */
+  const queue = (write: () => Promise<void>): Promise<void> => {
+    const w = tail.then(write);
+    w.catch(() => undefined); // observed by whoever awaits it, in order
+    tail = w;
+    return w;
+  };
   let writeback: Promise<void> = Promise.resolve();
   let writebackRunning = false;
   let sinceWriteback = 0;
@@ -121,7 +134,7 @@ export async function materialize(
     for (const p of batch) {
       if (!p.hash.equals(ZERO_HASH)) continue;
       const len = blockLength(p.index);
-      await writer.zero(p.index * bs, len);
+      await queue(() => writer.zero(p.index * bs, len));
       blocksZeroed++;
       bytesWritten += len;
     }
@@ -143,9 +156,8 @@ export async function materialize(
           }
           // Writes run on the I/O threads while the next blocks are read and verified here; a
           // written block's buffer goes back to the store's pool for the next read.
-          const w = writer.write(frame.data, p.index * bs);
+          const w = queue(() => writer.write(frame.data, p.index * bs));
           if (frame.release) void w.then(frame.release, () => undefined); // after a failed write it is collected
-          w.catch(() => undefined); // observed below, in order
           writes.push(w);
           if (writes.length >= WRITES_IN_FLIGHT) await writes.shift();
           blocksWritten++;
