@@ -5,10 +5,10 @@
  * snapshots, syncs and restores take) on behalf of a holder (the calling appliance's id) and
  * returns a lease id. Requests carrying the lease header keep it alive, and so does each block of
  * a block stream carrying it (a stream under --bwlimit can run for hours); commit or DELETE
- * releases it; a lease idle for {@link LEASE_IDLE_MS} expires. A new lease request from the same holder
- * takes an existing lease over: that holder's previous sync died (its own local volume lock
- * keeps two of its syncs of one volume from running at once), and the rerun must not wait for
- * the timeout. Any other holder gets ERR_VOLUME_LOCKED.
+ * releases it; a lease idle for {@link LEASE_IDLE_MS} expires. A new lease request from the
+ * same holder takes an existing lease over: that holder's previous sync died (its own local
+ * volume lock keeps two of its syncs of one volume from running at once), and the rerun must not
+ * wait for the timeout. Any other holder gets ERR_VOLUME_LOCKED.
  */
 import { randomUUID } from 'node:crypto';
 import { TandemError } from '../common/errors.js';

@@ -173,8 +173,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
       onBlock: (n) => {
         stats.blocksSent++;
         stats.bytesSent += n;
-        // A stream that moves keeps its sync's lease alive: under --bwlimit one can outlast the idle time.
-        if (lease) leases.touch(lease);
+        if (lease) leases.touch(lease); // a moving stream keeps its sync's lease (api/leases.ts)
       },
     });
     // Written here, not through reply.send(stream): a stream piped into the response is read ahead
@@ -197,8 +196,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     async function* counted() {
       for await (const f of readAhead(decodeFrames(source, { pool: receivePool }), RECEIVE_AHEAD_FRAMES)) {
         if (received === 0) trace('server: first block frame decoded');
-        // Each block keeps the sender's lease alive: a long upload (--bwlimit) must not lose it midway.
-        if (lease) leases.touch(lease);
+        if (lease) leases.touch(lease); // a moving stream keeps its sync's lease (api/leases.ts)
         received++;
         bytes += f.data.length;
         stats.blocksReceived++;

@@ -115,11 +115,11 @@ export async function forwardIfServed(argv: string[]): Promise<boolean> {
 }
 
 /**
- * POST a forwarded command over the server's Unix socket, as one HTTP/1.1 exchange written by hand on a
- * `node:net` connection (`Connection: close`: the answer ends with the stream). node:http's
- * client costs ~10 ms of a forwarded command's start here, for one request and one answer.
- * 'unreachable' when no connection could be made; null when it failed later or the answer is
- * not a result with status 200.
+ * POST a forwarded command over the server's Unix socket, as one HTTP/1.1 exchange written by
+ * hand on a `node:net` connection (`Connection: close`: the answer ends with the stream).
+ * node:http's client costs ~10 ms of a forwarded command's start here, for one request and one
+ * answer. 'unreachable' when no connection could be made; null when it failed later or the
+ * answer is not a result with status 200.
  */
 async function postLocal(socket: string, headers: Record<string, string>, body: string): Promise<ForwardResult | 'unreachable' | null> {
   const { connect } = await import('node:net');
