@@ -12,7 +12,7 @@
  *    the incremental sync with a full rescan, over a counting TCP proxy (bytes on the wire).
  * 4. Another change of the same size, synced from a change list (--changed-blocks: no rescan),
  *    straight to B like rsync to its daemon: the counting proxy of step 3 is a third process
- *    relaying every byte on the same 2 cores (through it, a change-list sync took 0.1-0.3 s more).
+ *    relaying every byte on the same 2 cores, which rsync's transfer does not pay for.
  * 5. A no-op sync (empty change list), straight to B as well.
  * 6. WAN: another change synced through a proxy adding 50 ms round-trip time and a 100 Mbit/s cap.
  * 7. The same kinds of sync, straight to B, in a running appliance (`serve` on A's home: store open, modules
