@@ -8,8 +8,9 @@
  * 1. a random image of --size (every 512 KiB block distinct), page cache warm for every tool;
  * 2. `b3sum --num-threads 2 IMG`; the same reading and hashing in Node alone (two worker
  *    threads, no store: the floor of a re-scan in Node); `cp IMG DIR/copy && sync copy`;
- * 3. first snapshot; then three times: 1 % of the blocks changed by one 4 KiB write each and a
- *    re-snapshot (a full re-scan; the median is reported); another 1 % changed; snapshot with --changed-blocks listing them;
+ * 3. first snapshot; then RESCANS (5) times: 1 % of the blocks changed by one 4 KiB write each,
+ *    b3sum, and a re-snapshot (a full re-scan; the median ratio is reported); another 1 %
+ *    changed; snapshot with --changed-blocks listing them;
  * 4. restore to a new file on the same disk (fsync'd, like cp + sync). The disk may be shared
  *    and its speed changes from minute to minute, so the first snapshot and the restore are each
  *    compared with the mean of a cp timed right before and one right after them;

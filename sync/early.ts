@@ -11,11 +11,11 @@
  * between may drop it, and the engine then sends it again.
  *
  * When the scan has read everything ({@link EarlySender.scanned}), a batch not yet full goes at
- * once. When the snapshot is taken and the peer's lease held ({@link EarlySender.finish}), a tail of at most
- * {@link TAIL_BLOCKS} blocks still to send is sent before the engine starts (an incremental sync's
- * last blocks: the engine would otherwise ask and send them again, a few round trips more);
- * a longer one is cut after the frame in flight and left to the engine, which sends it under the
- * peer's lease and shows it as transfer progress. (Blocks need no lease: they are
+ * once. When the snapshot is taken and the peer's lease held ({@link EarlySender.finish}), a
+ * tail of at most {@link TAIL_BLOCKS} blocks still to send is sent before the engine starts (an
+ * incremental sync's last blocks: the engine would otherwise ask and send them again, a few
+ * round trips more); a longer one is cut after the frame in flight and left to the engine, which
+ * sends it under the peer's lease and shows it as transfer progress. (Blocks need no lease: they are
  * content-addressed and change nothing until a snapshot that references them commits.)
  *
  * Failures never fail the sync: the first error stops early sending (it is kept for the trace)

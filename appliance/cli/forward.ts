@@ -162,8 +162,13 @@ export function parseAnswer(raw: Buffer): ForwardResult | null {
       payload = payload.subarray(0, Number(length));
     }
   }
+  return resultOf(payload);
+}
+
+/** A forwarded command's result from an answer's body, or null when it is not one. */
+function resultOf(body: Buffer): ForwardResult | null {
   try {
-    const r = JSON.parse(payload.toString('utf8')) as ForwardResult;
+    const r = JSON.parse(body.toString('utf8')) as ForwardResult;
     return typeof r.exitCode === 'number' && typeof r.stdout === 'string' && typeof r.stderr === 'string' ? r : null;
   } catch {
     return null;
@@ -186,14 +191,7 @@ async function postHttps(homeDir: string, serverUrl: string, headers: Record<str
     const req = request(url, { method: 'POST', headers, ca: cert, checkServerIdentity: () => undefined, timeout: FORWARD_TIMEOUT_MS }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () => {
-        try {
-          const r = JSON.parse(Buffer.concat(chunks).toString('utf8')) as ForwardResult;
-          resolvePromise(res.statusCode === 200 && typeof r.exitCode === 'number' ? r : null);
-        } catch {
-          resolvePromise(null);
-        }
-      });
+      res.on('end', () => resolvePromise(res.statusCode === 200 ? resultOf(Buffer.concat(chunks)) : null));
       res.on('error', () => resolvePromise(null));
     });
     req.on('error', () => resolvePromise(null));

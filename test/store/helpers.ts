@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import type { TestContext } from 'node:test';
-import type { VolumeReader } from '../../store/index.js';
+import { Store, type VolumeReader } from '../../store/index.js';
 
 export async function tempDir(t: TestContext): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), 'tandem-store-test-'));
@@ -58,6 +58,16 @@ export async function fileReader(path: string): Promise<VolumeReader> {
 
 export async function writeImage(path: string, img: Buffer): Promise<void> {
   await writeFile(path, img);
+}
+
+/** A temp dir holding `img` as the file `path` and an open store (closed after the test). */
+export async function storeWithImage(t: TestContext, img: Buffer): Promise<{ dir: string; path: string; store: Store }> {
+  const dir = await tempDir(t);
+  const path = join(dir, 'img');
+  await writeImage(path, img);
+  const store = await Store.open(join(dir, 'store'));
+  t.after(() => store.close());
+  return { dir, path, store };
 }
 
 /** Spawn a fixture script under test/store/fixtures with tsx; resolves once it printed `word`. */

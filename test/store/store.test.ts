@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { appendFile, open, readFile, readdir, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Store, ZERO_HASH, hashBlock, type SnapshotRecord, type ScanProgress } from '../../store/index.js';
-import { fileReader, localFileReader, makeImage, spawnFixture, tempDir, waitExit, writeImage } from './helpers.js';
+import { fileReader, localFileReader, makeImage, spawnFixture, storeWithImage, tempDir, waitExit, writeImage } from './helpers.js';
 
 const BS = 65536;
 
@@ -37,13 +37,10 @@ async function packFiles(storeDir: string): Promise<string[]> {
 
 describe('Store', () => {
   it('scans an image with zero blocks and a short tail, reads it back exactly, stores only non-zero blocks', async (t) => {
-    const dir = await tempDir(t);
     const img = makeImage(300, BS, { zeroEvery: 3, tail: 1000 });
-    await writeImage(join(dir, 'img'), img);
-    const store = await Store.open(join(dir, 'store'));
-    t.after(() => store.close());
+    const { path, store } = await storeWithImage(t, img);
     let last: ScanProgress | undefined;
-    const snap = await scanFile(store, join(dir, 'img'), 'vol', { onProgress: (p) => (last = p) });
+    const snap = await scanFile(store, path, 'vol', { onProgress: (p) => (last = p) });
     assert.equal(snap.size, img.length);
     assert.equal(snap.nonZeroBlocks, 301 - 100);
     assert.equal(snap.origin, 'scan');
@@ -54,7 +51,7 @@ describe('Store', () => {
     const report = await store.verify();
     assert.deepEqual({ ...report, problems: report.problems.length }, { snapshots: 1, nodes: 3, blocks: 201, bytes: 200 * BS + 1000, problems: 0 });
     // A rescan of the unchanged image stores nothing and has the same root.
-    const again = await scanFile(store, join(dir, 'img'), 'vol', { parent: snap, onProgress: (p) => (last = p) });
+    const again = await scanFile(store, path, 'vol', { parent: snap, onProgress: (p) => (last = p) });
     assert.equal(again.root, snap.root);
     assert.equal(again.parent, snap.id);
     assert.equal(last!.blocksStored, 0);
@@ -62,12 +59,8 @@ describe('Store', () => {
   });
 
   it('a local file reader (path + kind) is read by the hash workers with the same result; a file shorter than its size is refused', async (t) => {
-    const dir = await tempDir(t);
     const img = makeImage(100, BS, { zeroEvery: 7, tail: 4097 });
-    const path = join(dir, 'img');
-    await writeImage(path, img);
-    const store = await Store.open(join(dir, 'store'));
-    t.after(() => store.close());
+    const { path, store } = await storeWithImage(t, img);
     const viaMain = await scanFile(store, path, 'a');
     let reads = 0;
     const local = { path, kind: 'file' as const, size: img.length, read: async () => { reads++; return 0; }, close: async () => undefined };
@@ -80,13 +73,9 @@ describe('Store', () => {
   });
 
   it('chunks inside the reader\'s holes are not read', async (t) => {
-    const dir = await tempDir(t);
     const img = Buffer.alloc(300 * BS);
     img.fill(5, 5 * BS, 6 * BS);
-    const path = join(dir, 'img');
-    await writeImage(path, img);
-    const store = await Store.open(join(dir, 'store'));
-    t.after(() => store.close());
+    const { path, store } = await storeWithImage(t, img);
     const full = await scanFile(store, path, 'a');
     const inner = await fileReader(path);
     t.after(() => inner.close());
@@ -117,12 +106,8 @@ describe('Store', () => {
   });
 
   it('a changed-blocks scan reads only the listed blocks and equals a full rescan', async (t) => {
-    const dir = await tempDir(t);
     const img = makeImage(600, BS, { zeroEvery: 5 });
-    const path = join(dir, 'img');
-    await writeImage(path, img);
-    const store = await Store.open(join(dir, 'store'));
-    t.after(() => store.close());
+    const { path, store } = await storeWithImage(t, img);
     const s1 = await scanFile(store, path, 'vol');
     img.fill(7, 10 * BS, 11 * BS); // zero block -> data
     img.fill(0, 11 * BS, 12 * BS); // data -> zero
@@ -144,13 +129,9 @@ describe('Store', () => {
   });
 
   it('a long scattered change list (read by the hash workers, or through the reader) equals a full rescan', async (t) => {
-    const dir = await tempDir(t);
     // 700 blocks and a short tail block; every other block changes (more than the 256 a calling thread hashes), some to zeros, and the tail.
     const img = makeImage(700, BS, { zeroEvery: 7, tail: 1000 });
-    const path = join(dir, 'img');
-    await writeImage(path, img);
-    const store = await Store.open(join(dir, 'store'));
-    t.after(() => store.close());
+    const { path, store } = await storeWithImage(t, img);
     const s1 = await scanFile(store, path, 'vol');
     const changed: number[] = [];
     for (let i = 1; i < 700; i += 2) {
@@ -175,12 +156,8 @@ describe('Store', () => {
   });
 
   it('a full rescan compares with its parent: the same tree as a scan from scratch, by the hash workers and through the reader', async (t) => {
-    const dir = await tempDir(t);
     const img = makeImage(400, BS, { zeroEvery: 6, tail: 777 });
-    const path = join(dir, 'img');
-    await writeImage(path, img);
-    const store = await Store.open(join(dir, 'store'));
-    t.after(() => store.close());
+    const { dir, path, store } = await storeWithImage(t, img);
     const local = await localFileReader(path);
     const s1 = await store.scanVolume(local, { volume: 'vol', blockSize: BS });
     img.fill(7, 6 * BS, 7 * BS); // zero block -> data
