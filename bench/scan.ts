@@ -25,6 +25,7 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BLAKE3_MODULE_PATH } from '../store/hash.js';
 import { IO_SKEW } from '../common/io-buffers.js';
+import { EXTRA_CA_VAR, childEnv, describeNodeStart, extraCaSet, nodeStart } from './node-start.js';
 
 const ROOT = resolve(fileURLToPath(new URL('..', import.meta.url)));
 const CLI = join(ROOT, 'dist', 'appliance', 'cli', 'main.js');
@@ -54,12 +55,15 @@ interface Run {
   stdout: string;
 }
 
-/** Run a command under /usr/bin/time -v; wall time measured here, peak RSS from time's report. */
-function timed(cmd: string, args: string[], env: Record<string, string> = {}): Promise<Run> {
+/**
+ * Run a command under /usr/bin/time -v; wall time measured here, peak RSS from time's report.
+ * `withoutExtraCa` runs it without NODE_EXTRA_CA_CERTS (bench/node-start.ts).
+ */
+function timed(cmd: string, args: string[], withoutExtraCa = false): Promise<Run> {
   const useTime = existsSync('/usr/bin/time');
   const started = process.hrtime.bigint();
   const child = spawn(useTime ? '/usr/bin/time' : cmd, useTime ? ['-v', cmd, ...args] : args, {
-    env: { ...process.env, CI: 'true', ...env },
+    env: childEnv(withoutExtraCa),
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stdout = '';
@@ -84,7 +88,7 @@ async function copyImage(img: string, dir: string): Promise<Run> {
   return r;
 }
 
-const appliance = (args: string[]) => timed(process.execPath, [CLI, ...args]);
+const appliance = (args: string[], withoutExtraCa = false) => timed(process.execPath, [CLI, ...args], withoutExtraCa);
 
 /**
  * What Node itself can do on this machine, with nothing of Tandem: two worker threads each read
@@ -181,6 +185,7 @@ async function main(): Promise<void> {
     row(`node: read + BLAKE3, buffer +${IO_SKEW} bytes`, floor, size, b3 ? `${fmt(floor.seconds / b3.seconds)}x b3sum: the floor of a re-scan in Node here` : '');
     const cp = await copyImage(img, dir);
     row('cp + sync (store disk)', cp, size);
+    const start = nodeStart();
 
     await appliance(['init', '--home', home, '--name', 'bench']);
     await appliance(['volume', 'add', 'vol', '--path', img, '--home', home]);
@@ -196,24 +201,36 @@ async function main(): Promise<void> {
     // A re-scan takes 2-4 s, where a busy neighbour on the machine shows: the median of a few.
     const pct = Math.max(1, Math.round(size / BS / 100));
     // b3sum runs right before each re-snapshot, on the same warm file: each re-snapshot is
-    // compared with its own b3sum (b3sum alone varied 0.8-1.4 s from run to run here).
-    const rescans: Array<{ snap: Run; b3: Run | null }> = [];
-    for (let i = 0; i < RESCANS; i++) {
+    // compared with its own b3sum (b3sum alone varied 0.8-1.4 s from run to run here). When
+    // NODE_EXTRA_CA_CERTS is set, each round also re-snapshots without it (bench/node-start.ts).
+    type Rescan = { snap: Run; b3: Run | null };
+    const rescans: Rescan[] = [];
+    const rescansWithoutCa: Rescan[] = [];
+    const rescanRound = async (withoutExtraCa: boolean): Promise<Rescan> => {
       changeBlocks(img, size, pct);
       warm(img);
       const b3i = hasB3 ? await timed('b3sum', ['--num-threads', '2', img]) : null;
-      rescans.push({ b3: b3i, snap: await appliance(['snapshot', 'vol', '--home', home]) });
+      return { b3: b3i, snap: await appliance(['snapshot', 'vol', '--home', home], withoutExtraCa) };
+    };
+    for (let i = 0; i < RESCANS; i++) {
+      rescans.push(await rescanRound(false));
+      if (extraCaSet) rescansWithoutCa.push(await rescanRound(true));
     }
     const median = <T>(xs: T[], key: (x: T) => number): T => [...xs].sort((a, b) => key(a) - key(b))[Math.floor(xs.length / 2)]!;
     const rescan = median(rescans, (r) => r.snap.seconds).snap;
-    const each = rescans.map((r) => fmt(r.snap.seconds)).join(', ');
-    if (hasB3) {
-      const ratio = (r: (typeof rescans)[number]) => r.snap.seconds / r.b3!.seconds;
-      const pairs = rescans.map((r) => `${fmt(r.snap.seconds)}/${fmt(r.b3!.seconds)}`).join(', ');
-      row(`re-snapshot, full scan (${pct} blocks changed)`, rescan, size, `${fmt(ratio(median(rescans, ratio)))}x b3sum (target <= ${TARGETS.rescanVsB3sum}): median of ${pairs} s (re-snapshot/b3sum right before it); ${fmt(rescan.seconds / floor.seconds)}x the Node floor`);
-    } else {
-      row(`re-snapshot, full scan (${pct} blocks changed)`, rescan, size, `b3sum not installed; median of ${each} s`);
-    }
+    const rescanRow = (what: string, runs: Rescan[]): Run => {
+      const mid = median(runs, (r) => r.snap.seconds).snap;
+      if (!hasB3) {
+        row(what, mid, size, `b3sum not installed; median of ${runs.map((r) => fmt(r.snap.seconds)).join(', ')} s`);
+        return mid;
+      }
+      const ratio = (r: Rescan) => r.snap.seconds / r.b3!.seconds;
+      const pairs = runs.map((r) => `${fmt(r.snap.seconds)}/${fmt(r.b3!.seconds)}`).join(', ');
+      row(what, mid, size, `${fmt(ratio(median(runs, ratio)))}x b3sum (target <= ${TARGETS.rescanVsB3sum}): median of ${pairs} s (re-snapshot/b3sum right before it); ${fmt(mid.seconds / floor.seconds)}x the Node floor`);
+      return mid;
+    };
+    rescanRow(`re-snapshot, full scan (${pct} blocks changed)`, rescans);
+    if (extraCaSet) rescanRow(`  the same without ${EXTRA_CA_VAR}`, rescansWithoutCa);
 
     const changed = changeBlocks(img, size, pct);
     const cbFile = join(dir, 'changed.txt');
@@ -250,6 +267,7 @@ async function main(): Promise<void> {
     console.log(`image ${fmt(size / 1024 ** 3, 1)} GiB, blocks of 512 KiB, page cache warm; restored image identical: ${same}`);
     console.log(line(header));
     for (const r of rows) console.log(line(r));
+    console.log(`Node's own start, in every CLI figure above: ${describeNodeStart(start)}`);
     const peak = Math.max(...[first, rescan, inc, restore, ss, sr].map((r) => r.rssMB ?? 0));
     console.log(`peak RSS of the CLI: ${fmt(peak, 0)} MB (target <= ${TARGETS.rssMB})`);
   } finally {

@@ -33,6 +33,7 @@ import { availableParallelism, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseSize, formatBytes } from '../appliance/cli/output.js';
+import { EXTRA_CA_VAR, childEnv, describeNodeStart, extraCaSet, nodeStart } from './node-start.js';
 
 const ROOT = resolve(fileURLToPath(new URL('..', import.meta.url)));
 const MAIN = join(ROOT, 'dist', 'appliance', 'cli', 'main.js');
@@ -83,10 +84,13 @@ function cpuSecs(pid: number): number {
   }
 }
 
-/** Run the CLI; returns parsed JSON, wall seconds, the peak RSS and CPU seconds seen (polled until exit). */
-async function appliance(home: string, args: string[]): Promise<{ json: any; secs: number; rss: number; cpu: number }> {
+/**
+ * Run the CLI; returns parsed JSON, wall seconds, the peak RSS and CPU seconds seen (polled until
+ * exit). `withoutExtraCa` runs it without NODE_EXTRA_CA_CERTS (bench/node-start.ts).
+ */
+async function appliance(home: string, args: string[], withoutExtraCa = false): Promise<{ json: any; secs: number; rss: number; cpu: number }> {
   const t0 = now();
-  const child = spawn(process.execPath, [MAIN, '--home', home, '--json', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, CI: 'true' } });
+  const child = spawn(process.execPath, [MAIN, '--home', home, '--json', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: childEnv(withoutExtraCa) });
   let out = '';
   let err = '';
   child.stdout!.on('data', (d) => (out += d));
@@ -273,6 +277,20 @@ async function main(): Promise<void> {
   row('first full sync (scan + transfer)', `${full.secs.toFixed(2)} s`, `${formatBytes(SIZE / full.secs)}/s = ${(socatSecs / full.secs).toFixed(2)}x socat's throughput (target >= 0.8); ${cpuSince(cpu)}`);
   row('  of which in the sync command (scan + transfer, no process start)', `${full.json.seconds.toFixed(2)} s`, `${full.json.blocksSent} blocks, ${formatBytes(full.json.wireBytes)} of block streams`);
   row('  CPU used by each appliance', `${full.cpu.toFixed(1)} s + ${cpuB.toFixed(1)} s`, `A (scan, send) + B (receive, verify, store), over ${full.secs.toFixed(1)} s on ${availableParallelism()} cores shared by both`);
+  // What the disk allows: both appliances store the image on this one disk, durably, at the
+  // same time; two `cp + sync` of it running together do the same writes and nothing else.
+  settle();
+  t0 = now();
+  await Promise.all(
+    ['copy1.img', 'copy2.img'].map(async (name) => {
+      const copy = spawn('sh', ['-c', `cp "${img}" "${join(dir, name)}" && sync "${join(dir, name)}"`], { stdio: 'ignore' });
+      const [code] = (await once(copy, 'close')) as [number];
+      if (code !== 0) throw new Error(`cp + sync of the image exited ${code}`);
+    }),
+  );
+  const twice = (now() - t0) / 1000;
+  for (const name of ['copy1.img', 'copy2.img']) rmSync(join(dir, name));
+  row('  the image written twice at once, durably (two cp + sync)', `${twice.toFixed(2)} s`, `${(socatSecs / twice).toFixed(2)}x socat's throughput: the disk's bound for a first sync between two stores on it; the sync took ${(full.secs / twice).toFixed(2)}x this`);
 
   // 2b. The transfer alone, to a third appliance C: the snapshot is taken first, then synced
   // with an empty change list (no rescan). On this one machine both appliances write their
@@ -344,6 +362,10 @@ async function main(): Promise<void> {
   writeFileSync(list, '');
   const noop = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud-direct', '--changed-blocks', list]);
   row('no-op sync (empty change list)', `${(noop.json.seconds * 1000).toFixed(0)} ms in the command`, `${noop.json.requests} request(s); ${(noop.secs * 1000).toFixed(0)} ms with CLI process start (target < 100 ms)`);
+  if (extraCaSet) {
+    const bare = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud-direct', '--changed-blocks', list], true);
+    row(`  the same without ${EXTRA_CA_VAR}`, `${(bare.json.seconds * 1000).toFixed(0)} ms in the command`, `${(bare.secs * 1000).toFixed(0)} ms with CLI process start`);
+  }
 
   // 6. WAN.
   if (WAN) {
@@ -390,6 +412,12 @@ async function main(): Promise<void> {
   row('no-op sync in a running appliance', `${(warmNoop.secs * 1000).toFixed(0)} ms`, `(target < 100 ms) one HTTPS request to it (the daemon's own syncs need none); ${(warmNoop.json.seconds * 1000).toFixed(0)} ms in the command, ${warmNoop.json.requests} request(s) to the peer`);
   const viaCli = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud-direct', '--changed-blocks', list]);
   row('  the same from the CLI, forwarded to it', `${(viaCli.secs * 1000).toFixed(0)} ms`, 'with the CLI process start');
+  if (extraCaSet) {
+    const bare = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud-direct', '--changed-blocks', list], true);
+    row(`  the same without ${EXTRA_CA_VAR}`, `${(bare.secs * 1000).toFixed(0)} ms`, 'with the CLI process start');
+  }
+  const start = nodeStart();
+  row("  Node's own start, in every CLI figure", `${start.ms.toFixed(0)} ms`, describeNodeStart(start));
   // Five change-list syncs in a row, as a daemon runs them (each a new change of the same size):
   // the first after the start, and the median of all (the appliance's steady state).
   const listRuns: Array<{ secs: number; blocks: number }> = [];
