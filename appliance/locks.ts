@@ -12,6 +12,7 @@
 import { mkdirSync, openSync, writeSync, closeSync, readFileSync, unlinkSync, renameSync } from 'node:fs';
 import { join } from 'node:path';
 import { TandemError } from '../common/errors.js';
+import { pidAlive } from './cli/forward-client.cjs';
 
 export interface LockInfo {
   readonly pid: number;
@@ -20,16 +21,6 @@ export interface LockInfo {
 }
 
 const heldHere = new Map<string, LockInfo>();
-
-/** Whether a process with this pid exists (EPERM: it exists but belongs to another user). */
-export function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 function readInfo(file: string): LockInfo | null {
   try {

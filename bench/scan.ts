@@ -28,7 +28,7 @@ import { IO_SKEW } from '../common/io-buffers.js';
 import { EXTRA_CA_VAR, childEnv, describeNodeStart, extraCaSet, nodeStart } from './node-start.js';
 
 const ROOT = resolve(fileURLToPath(new URL('..', import.meta.url)));
-const CLI = join(ROOT, 'dist', 'appliance', 'cli', 'main.js');
+const CLI = join(ROOT, 'dist', 'appliance', 'cli', 'bin.cjs');
 const BS = 512 * 1024;
 /** Image writes go out in 64 MiB pieces: fast to fill, small next to the image. */
 const FILL_CHUNK = 64 * 1024 * 1024;

@@ -36,7 +36,7 @@ import { parseSize, formatBytes } from '../appliance/cli/output.js';
 import { EXTRA_CA_VAR, childEnv, describeNodeStart, extraCaSet, nodeStart } from './node-start.js';
 
 const ROOT = resolve(fileURLToPath(new URL('..', import.meta.url)));
-const MAIN = join(ROOT, 'dist', 'appliance', 'cli', 'main.js');
+const MAIN = join(ROOT, 'dist', 'appliance', 'cli', 'bin.cjs');
 const BLOCK = 512 * 1024;
 const WRITE = 4096;
 /** WAN emulation: 50 ms round trip (25 ms each way) and 100 Mbit/s each way. */

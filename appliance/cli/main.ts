@@ -1,12 +1,13 @@
 #!/usr/bin/env node
 /**
- * `appliance`: the one binary of Tandem.
+ * `appliance`: the one binary of Tandem (started through bin.cts, which hands commands to a
+ * running server before loading this; running this file directly does the same, later).
  *
  * Start-up must stay well under 200 ms for `--help`: this file and the command *definition*
  * files import only commander and small local modules. Each command's body lazily imports
  * what it needs (store, fastify, AWS SDK, ...) inside its action. Commander itself (~12 ms) is
  * loaded only once the command is known to run here: a command forwarded to a running server
- * of the home (forward.ts) needs none of it.
+ * of the home (forward-client.cts) needs none of it.
  *
  * To add a subcommand: create appliance/cli/commands/NAME.ts exporting `define(program)` and,
  * optionally, `order` (a number: lower comes first in `--help`; default 100). Every module in
@@ -107,9 +108,10 @@ export async function runCli(argv: string[]): Promise<void> {
   }
 }
 
-async function main(argv: string[]): Promise<void> {
+/** A command line run as the binary does: handed to a running server of its home, else run here. */
+export async function main(argv: string[]): Promise<void> {
   // When a server or daemon of this home is running it holds the store: hand the command to it.
-  const { forwardIfServed } = await import('./forward.js');
+  const { forwardIfServed } = await import('./forward-client.cjs');
   if (await forwardIfServed(argv)) return;
   await runCli(argv);
 }

@@ -9,6 +9,7 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type { Command } from 'commander';
 import { TandemError } from '../../common/errors.js';
+import { DEFAULT_HOME, resolveHome } from './forward-client.cjs';
 
 /**
  * Where a command's output goes. In the CLI process it is the process's own streams; when a
@@ -49,11 +50,7 @@ export interface GlobalOptions {
   readonly json: boolean;
 }
 
-export const DEFAULT_HOME = '/var/lib/tandem';
-
-export function resolveHome(flag: string | undefined): string {
-  return flag ?? process.env.TANDEM_HOME ?? DEFAULT_HOME;
-}
+export { DEFAULT_HOME, resolveHome };
 
 /** What a subcommand returns: the JSON document for --json and the human text otherwise. */
 export interface CommandResult {

@@ -17,7 +17,7 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createInterface } from 'node:readline';
 
-const CLI = resolve(fileURLToPath(import.meta.url), '../../cli/main.js');
+const CLI = resolve(fileURLToPath(import.meta.url), '../../cli/bin.cjs');
 const MiB = 1024 * 1024;
 const BLOCK = 512 * 1024;
 /** Small enough to run in seconds, large enough that "only what changed travels" shows. */

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync, chmodSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { cli, cliJson, tempDir } from '../helpers/cli.js';
+import { BIN, cli, cliCommand, cliJson, tempDir } from '../helpers/cli.js';
 
 test('init prints name, token and fingerprint; a second init is refused', async (t) => {
   const home = join(tempDir(t), 'home');
@@ -104,6 +104,12 @@ test('--help is fast and lists the commands', async () => {
   for (const c of ['init', 'volume', 'snapshot', 'snapshots', 'restore', 'verify', 'gc']) assert.match(r.stdout, new RegExp(`\\n  ${c}\\b`));
   // The budget is 200 ms on an idle machine; allow for a loaded test machine.
   assert.ok(ms < 2000, `--help took ${ms} ms`);
+});
+
+test('the binary package.json names is a node script, and the one these tests run', async () => {
+  assert.ok(BIN.endsWith(join('dist', 'appliance', 'cli', 'bin.cjs')), BIN);
+  assert.match(readFileSync(BIN, 'utf8'), /^#!\/usr\/bin\/env node\n/);
+  if (process.env.TANDEM_TEST_CLI !== 'source') assert.deepEqual(cliCommand(), [BIN]);
 });
 
 test('--version prints the package version and exits 0', async () => {

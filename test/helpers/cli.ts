@@ -1,17 +1,20 @@
 /**
  * Run the real `appliance` CLI as a child process in tests.
  *
- * It runs the compiled binary (dist/appliance/cli/main.js: `npm run build` first, as `npm test`
- * does). Set TANDEM_TEST_CLI=source to run appliance/cli/main.ts through tsx instead (slower start).
+ * It runs the compiled binary that package.json's "bin" names (dist/appliance/cli/bin.cjs:
+ * `npm run build` first, as `npm test` does). Set TANDEM_TEST_CLI=source to run
+ * appliance/cli/main.ts through tsx instead (slower start).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const ROOT = resolve(fileURLToPath(new URL('../..', import.meta.url)));
-const DIST_MAIN = join(ROOT, 'dist', 'appliance', 'cli', 'main.js');
+/** The binary package.json's "bin" names: what `npx appliance` and an installed package run. */
+export const BIN = join(ROOT, (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { bin: { appliance: string } }).bin.appliance);
+const DIST_MAIN = BIN;
 const SOURCE_MAIN = join(ROOT, 'appliance', 'cli', 'main.ts');
 
 /** node arguments that start the CLI. */

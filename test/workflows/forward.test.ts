@@ -9,7 +9,7 @@ import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { cli, initHome, startServe, tempDir } from '../helpers/appliance.js';
-import { parseAnswer } from '../../appliance/cli/forward.js';
+import { parseAnswer } from '../../appliance/cli/forward-client.cjs';
 
 function serverInfo(home: string): { pid: number; url: string; socket?: string } {
   return JSON.parse(readFileSync(join(home, 'run', 'server.json'), 'utf8'));
