@@ -5,8 +5,9 @@
  *
  * Steps (each timed; figures printed as a table at the end):
  * 1. socat pipes the image over loopback into a file: the raw throughput reference.
- * 2. First full sync (scan + transfer) of the image from appliance A to appliance B; then the
- *    transfer alone (the snapshot already taken) to a third appliance C.
+ * 2. First full sync (scan + transfer) of the image from appliance A to appliance B; two cp + sync
+ *    of the image at once (the writes of both stores, nothing else); then the transfer alone
+ *    (the snapshot already taken) to a third appliance C.
  * 3. Change --change % of the 512 KiB blocks with one 4 KiB write each. rsync daemon delta
  *    (`rsync --inplace --no-whole-file --ignore-times` into an rsync:// module holding the original), then
  *    the incremental sync with a full rescan, over a counting TCP proxy (bytes on the wire).
@@ -18,6 +19,8 @@
  * 7. The same kinds of sync, straight to B, in a running appliance (`serve` on A's home: store open, modules
  *    loaded, workers warm), as the daemon runs them: no-op, change list (five in a row: the
  *    first and the median), rescan.
+ * Node's own start (`node -e 0`) is printed, and the CLI no-op syncs are also timed without
+ * NODE_EXTRA_CA_CERTS when it is set (bench/node-start.ts).
  * Peak RSS of both appliance processes is read from /proc (VmHWM); the machine's CPU use during
  * each heavy step from /proc/stat (busy, kernel, I/O wait), to tell CPU-bound from disk-bound.
  *
