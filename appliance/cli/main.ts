@@ -109,7 +109,7 @@ export async function runCli(argv: string[]): Promise<void> {
 }
 
 /** A command line run as the binary does: handed to a running server of its home, else run here. */
-export async function main(argv: string[]): Promise<void> {
+async function main(argv: string[]): Promise<void> {
   // When a server or daemon of this home is running it holds the store: hand the command to it.
   const { forwardIfServed } = await import('./forward-client.cjs');
   if (await forwardIfServed(argv)) return;

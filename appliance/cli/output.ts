@@ -9,7 +9,7 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type { Command } from 'commander';
 import { TandemError } from '../../common/errors.js';
-import { DEFAULT_HOME, resolveHome } from './forward-client.cjs';
+import { resolveHome } from './forward-client.cjs';
 
 /**
  * Where a command's output goes. In the CLI process it is the process's own streams; when a
@@ -49,8 +49,6 @@ export interface GlobalOptions {
   readonly home: string;
   readonly json: boolean;
 }
-
-export { DEFAULT_HOME, resolveHome };
 
 /** What a subcommand returns: the JSON document for --json and the human text otherwise. */
 export interface CommandResult {
