@@ -12,7 +12,7 @@
 import { mkdirSync, openSync, writeSync, closeSync, readFileSync, unlinkSync, renameSync } from 'node:fs';
 import { join } from 'node:path';
 import { TandemError } from '../common/errors.js';
-import { pidAlive } from './cli/forward-client.cjs';
+import { pidAlive } from '../common/pid.cjs';
 
 export interface LockInfo {
   readonly pid: number;
