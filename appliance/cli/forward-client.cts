@@ -8,9 +8,10 @@
  *
  * This module is CommonJS on purpose, as is the one module of ours it needs (common/pid.cts):
  * the binary (bin.cts) loads it first, and a forwarded command then finishes without starting
- * Node's ES module loader or loading any other module of ours. A forwarded no-op sync took 92.7 ms through
- * the ES module entry and 73.6 ms this way (median of 15 runs each, `node -e 0`: 32 ms); with
- * NODE_EXTRA_CA_CERTS set, as on the development machine, 128 and 105 ms.
+ * Node's ES module loader or loading any other module of ours. A forwarded no-op sync took
+ * 92.7 ms through the ES module entry and 73.6 ms this way (median of 15 runs each, `node -e 0`:
+ * 32 ms); with NODE_EXTRA_CA_CERTS set, as on the development machine, 122-128 ms against
+ * 105-121 ms.
  *
  * Relative paths in path-valued options are resolved against the CLI's working directory before
  * forwarding, because the server runs in another one. Progress bars are not relayed (the server
