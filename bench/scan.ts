@@ -217,7 +217,7 @@ async function main(): Promise<void> {
       if (extraCaSet) rescansWithoutCa.push(await rescanRound(true));
     }
     const median = <T>(xs: T[], key: (x: T) => number): T => [...xs].sort((a, b) => key(a) - key(b))[Math.floor(xs.length / 2)]!;
-    const rescan = median(rescans, (r) => r.snap.seconds).snap;
+    /** A row for these rounds; returns the median re-snapshot. */
     const rescanRow = (what: string, runs: Rescan[]): Run => {
       const mid = median(runs, (r) => r.snap.seconds).snap;
       if (!hasB3) {
@@ -229,7 +229,7 @@ async function main(): Promise<void> {
       row(what, mid, size, `${fmt(ratio(median(runs, ratio)))}x b3sum (target <= ${TARGETS.rescanVsB3sum}): median of ${pairs} s (re-snapshot/b3sum right before it); ${fmt(mid.seconds / floor.seconds)}x the Node floor`);
       return mid;
     };
-    rescanRow(`re-snapshot, full scan (${pct} blocks changed)`, rescans);
+    const rescan = rescanRow(`re-snapshot, full scan (${pct} blocks changed)`, rescans);
     if (extraCaSet) rescanRow(`  the same without ${EXTRA_CA_VAR}`, rescansWithoutCa);
 
     const changed = changeBlocks(img, size, pct);

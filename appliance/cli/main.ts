@@ -1,7 +1,6 @@
-#!/usr/bin/env node
 /**
- * `appliance`: the one binary of Tandem (started through bin.cts, which hands commands to a
- * running server before loading this; running this file directly does the same, later).
+ * `appliance`: the command line of Tandem. The binary is bin.cts, which hands a command to a
+ * running server of its home before loading this, and otherwise calls {@link runCli}.
  *
  * Start-up must stay well under 200 ms for `--help`: this file and the command *definition*
  * files import only commander and small local modules. Each command's body lazily imports
@@ -14,8 +13,7 @@
  * that folder is a command: there is no list to keep in sync.
  */
 import type { Command } from 'commander';
-import { readFileSync, readdirSync, realpathSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
+import { readFileSync, readdirSync } from 'node:fs';
 import { currentIO, reportError } from './output.js';
 
 interface CommandModule {
@@ -107,14 +105,3 @@ export async function runCli(argv: string[]): Promise<void> {
     reportError(e, argv.includes('--json'));
   }
 }
-
-/** A command line run as the binary does: handed to a running server of its home, else run here. */
-async function main(argv: string[]): Promise<void> {
-  // When a server or daemon of this home is running it holds the store: hand the command to it.
-  const { forwardIfServed } = await import('./forward-client.cjs');
-  if (await forwardIfServed(argv)) return;
-  await runCli(argv);
-}
-
-const entry = process.argv[1];
-if (entry !== undefined && realpathSync(entry) === fileURLToPath(import.meta.url)) await main(process.argv);

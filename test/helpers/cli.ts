@@ -3,7 +3,7 @@
  *
  * It runs the compiled binary that package.json's "bin" names (dist/appliance/cli/bin.cjs:
  * `npm run build` first, as `npm test` does). Set TANDEM_TEST_CLI=source to run
- * appliance/cli/main.ts through tsx instead (slower start).
+ * appliance/cli/bin.cts from the sources through tsx instead (slower start).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -15,7 +15,7 @@ export const ROOT = resolve(fileURLToPath(new URL('../..', import.meta.url)));
 /** The binary package.json's "bin" names: what `npx appliance` and an installed package run. */
 export const BIN = join(ROOT, (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { bin: { appliance: string } }).bin.appliance);
 const DIST_MAIN = BIN;
-const SOURCE_MAIN = join(ROOT, 'appliance', 'cli', 'main.ts');
+const SOURCE_MAIN = join(ROOT, 'appliance', 'cli', 'bin.cts');
 
 /** node arguments that start the CLI. */
 export function cliCommand(): string[] {
