@@ -25,9 +25,15 @@
 import type { BlockFrame, Hash, ReplicaStore } from '../store/types.js';
 import { trace } from './trace.js';
 
-/** Hashes per target question and per read batch: 64 blocks of 512 KiB are 32 MiB of data. */
+/** Hashes per target question and per read batch at most: 64 blocks of 512 KiB are 32 MiB of data. */
 const BATCH = 64;
-/** A batch not yet full goes anyway once its first hash has waited this long. */
+/**
+ * A batch goes as soon as this many hashes wait (a scan chunk: 16 blocks of 512 KiB, 8 MiB of
+ * data, against one question's round trip), so the transfer starts with the scan's first chunk
+ * rather than its fourth; behind a transfer that lags the scan, batches are full anyway.
+ */
+const MIN_BATCH = 16;
+/** A smaller batch goes anyway once its first hash has waited this long. */
 const LINGER_MS = 100;
 /** Parallel block streams (as the engine's: both sides' cores stay busy). */
 const STREAMS = 2;
@@ -110,15 +116,15 @@ export class EarlySender {
   }
 
   /**
-   * The next batch of hashes, or null once stopped (the scan is over, or a failure). A batch is
-   * full or has lingered {@link LINGER_MS}: a few new blocks spread over a long scan go in a
-   * handful of questions, not one each.
+   * The next batch of hashes, or null once stopped (the scan is over, or a failure). A batch has
+   * {@link MIN_BATCH} hashes or more, or has lingered {@link LINGER_MS}: a few new blocks spread
+   * over a long scan go in a handful of questions, not one each.
    */
   private async next(): Promise<Hash[] | null> {
     for (;;) {
       if (this.stopped) return null;
       const waited = performance.now() - this.since;
-      if (this.queue.length >= BATCH || (this.queue.length > 0 && (waited >= LINGER_MS || this.inputDone))) {
+      if (this.queue.length >= MIN_BATCH || (this.queue.length > 0 && (waited >= LINGER_MS || this.inputDone))) {
         const batch = this.queue.splice(0, BATCH);
         this.taken += batch.length;
         this.since = performance.now();
