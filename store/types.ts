@@ -157,6 +157,11 @@ export interface VolumeWriter extends VolumeReader {
   /** Make a range read back as zeros (punch a hole or write zeros). */
   zero(position: number, length: number): Promise<void>;
   sync(): Promise<void>;
+  /**
+   * Optional: start writing back what went through the page cache, so that the final sync()
+   * finds little to do; not a durability point. A writer without it gets sync() instead.
+   */
+  writeback?(): Promise<void>;
 }
 
 export interface ScanProgress {

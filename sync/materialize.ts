@@ -61,7 +61,12 @@ export interface MaterializeResult {
 
 /** Target reads of 16 blocks (8 MiB at the default block size): large sequential I/O. */
 const READ_CHUNK_BLOCKS = 16;
-/** Written data is flushed in the background every this many bytes (the page cache would hold it all). */
+/**
+ * Written data is flushed in the background every this many bytes (the page cache would hold it
+ * all): `writer.writeback()`, which for a file written directly (appliance/volumes/direct.ts) has
+ * nothing to flush. A 4 GiB restore written directly took 13.7-19.6 s with an fsync every
+ * 256 MiB, 8.8-11.9 s without (cp + sync: 8.2-9.6 s).
+ */
 const WRITEBACK_BYTES = 256 * 1024 * 1024;
 /** Block writes queued at once (8 x 512 KiB = 4 MiB held): writing overlaps verifying. */
 const WRITES_IN_FLIGHT = 8;
@@ -125,7 +130,7 @@ export async function materialize(
     if (sinceWriteback < WRITEBACK_BYTES || writebackRunning) return;
     sinceWriteback = 0;
     writebackRunning = true;
-    writeback = writer.sync().finally(() => void (writebackRunning = false));
+    writeback = (writer.writeback ? writer.writeback() : writer.sync()).finally(() => void (writebackRunning = false));
     writeback.catch(() => undefined); // observed at the end
   };
   const blockLength = (index: number) => Math.min(bs, snap.size - index * bs);

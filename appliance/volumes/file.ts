@@ -7,6 +7,9 @@
  *   have the snapshot's size unless `force` (then it is truncated or extended); a block device
  *   cannot be resized: it must be at least as large with `force`, exactly as large without.
  *
+ * Writes of whole aligned blocks bypass the page cache (O_DIRECT, direct.ts) where the
+ * filesystem allows; `sync()` (fsync) covers them and the buffered ones alike.
+ *
  * Sizes: a regular file's size is its stat size; a block device's size comes from
  * /sys/dev/block/MAJ:MIN/size (512-byte sectors), else `blockdev --getsize64`.
  */
@@ -14,6 +17,7 @@ import { open, stat, readFile, type FileHandle } from 'node:fs/promises';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { TandemError, fromSystemError } from '../../common/errors.js';
+import { openDirect } from './direct.js';
 import type { VolumeReader, VolumeWriter } from '../../store/types.js';
 
 /** Zero writes go out in pieces of this size so zeroing a huge range needs bounded memory. */
@@ -257,15 +261,24 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
   } catch (e) {
     throw fromSystemError(e, `opening ${path} for writing`);
   }
+  // Whole blocks go to the disk directly (direct.ts); the rest through the page cache.
+  const direct = await openDirect(path);
+  /** Bytes written through the page cache since the last writeback or sync. */
+  let cached = 0;
   const write = async (buf: Buffer, position: number): Promise<void> => {
     if (position < 0 || position + buf.length > size) {
       throw new TandemError('ERR_INTERNAL', `write of ${buf.length} bytes at ${position} is outside ${path} (${size} bytes)`);
     }
     try {
       let done = 0;
+      if (direct) {
+        done = await direct.write(buf, position);
+        if (done < buf.length && direct.overlaps(position + done, buf.length - done)) await direct.settle();
+      }
       while (done < buf.length) {
         const { bytesWritten } = await fh.write(buf, done, buf.length - done, position + done);
         done += bytesWritten;
+        cached += bytesWritten;
       }
     } catch (e) {
       throw fromSystemError(e, `writing ${path} at byte ${position}`);
@@ -278,6 +291,7 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
     created,
     async read(buf, position) {
       const want = Math.max(0, Math.min(buf.length, size - position));
+      if (direct?.overlaps(position, want)) await direct.settle().catch(() => undefined); // a failed write is thrown by the next write or sync
       try {
         return await readFull(fh, want === buf.length ? buf : buf.subarray(0, want), position);
       } catch (e) {
@@ -297,13 +311,29 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
         await write(n === zeros.length ? zeros : zeros.subarray(0, n), p);
       }
     },
-    async sync() {
+    async writeback() {
+      if (cached === 0) return; // everything went directly
+      cached = 0;
       try {
+        await fh.datasync();
+      } catch (e) {
+        throw fromSystemError(e, `flushing ${path}`);
+      }
+    },
+    async sync() {
+      cached = 0;
+      try {
+        await direct?.settle();
         await fh.sync();
       } catch (e) {
         throw fromSystemError(e, `flushing ${path}`);
       }
     },
-    close: () => fh.close(),
+    async close() {
+      // What is staged goes to the disk first (after a failure, the blocks before it are written);
+      // a write failing now was thrown by sync() already, or an earlier error is on its way.
+      await direct?.close().catch(() => undefined);
+      await fh.close();
+    },
   };
 }
