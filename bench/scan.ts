@@ -22,7 +22,7 @@
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync, openSync, writeSync, closeSync, writeFileSync, statSync, existsSync, ftruncateSync, fsyncSync, readFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, openSync, writeSync, closeSync, writeFileSync, statSync, existsSync, ftruncateSync, fsyncSync, readFileSync, statfsSync } from 'node:fs';
 import { randomFillSync, randomInt } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -196,6 +196,9 @@ async function main(): Promise<void> {
   const home = join(dir, 'home');
   const img = join(dir, 'vol.img');
   try {
+    // The image, the store, a copy and a restored image: 4 images' worth at the peak.
+    const { bavail, bsize } = statfsSync(dir);
+    if (bavail * bsize < 4.5 * size) throw new Error(`bench/scan needs about ${fmt((4.5 * size) / 1024 ** 3, 1)} GiB free in ${dir}, and it has ${fmt((bavail * bsize) / 1024 ** 3, 1)} GiB: free space, or pass --dir DIR on a larger disk (or a smaller --size)`);
     console.error(`bench/scan: ${size} byte image in ${dir}`);
     makeImage(img, size);
     warm(img);

@@ -29,7 +29,7 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomFillSync, randomInt } from 'node:crypto';
 import { once } from 'node:events';
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync, copyFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync, copyFileSync, statfsSync } from 'node:fs';
 import { createServer, connect, type Socket, type AddressInfo } from 'node:net';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { availableParallelism, tmpdir } from 'node:os';
@@ -225,6 +225,10 @@ function loopbackBytes(): number {
 async function main(): Promise<void> {
   if (!existsSync(MAIN)) throw new Error('run `npm run build` first');
   for (const tool of ['rsync', 'socat']) if (spawnSync('which', [tool]).status !== 0) throw new Error(`${tool} is not installed: apt-get install -y rsync socat`);
+  // At its peak (the image written twice next to the image and two stores) the bench holds 5
+  // images' worth on this disk; a full disk would fail a step half-way with a bare exit code.
+  const { bavail, bsize } = statfsSync(dir);
+  if (bavail * bsize < 5.5 * SIZE) throw new Error(`bench/sync needs about ${formatBytes(5.5 * SIZE)} free in ${base}, and it has ${formatBytes(bavail * bsize)}: free space, or pass --dir DIR on a larger disk (or a smaller --size)`);
   const blocks = Math.ceil(SIZE / BLOCK);
   const nChange = Math.max(1, Math.round((blocks * CHANGE_PCT) / 100));
   process.stderr.write(`bench: ${formatBytes(SIZE)} image, ${blocks} blocks of 512 KiB, ${nChange} changed per step, in ${dir}\n`);
