@@ -114,8 +114,7 @@ export async function openDirect(path: string): Promise<DirectWriter | null> {
   };
   /** Submit the slot being filled and wait for every write (inside a write() call). */
   const settleNow = async (): Promise<void> => {
-    if (current !== null && current.length > 0) submit(current);
-    else if (current !== null) give(current.buf);
+    if (current !== null) submit(current); // never empty: a slot is filled as soon as it is taken
     current = null;
     await Promise.all(busy);
     throwFailure();
