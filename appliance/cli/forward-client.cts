@@ -22,7 +22,7 @@ import { join, resolve } from 'node:path';
 import { pidAlive } from '../../common/pid.cjs';
 
 /** Home directory when neither --home nor $TANDEM_HOME names one. */
-export const DEFAULT_HOME = '/var/lib/tandem';
+const DEFAULT_HOME = '/var/lib/tandem';
 
 /** The home a command line works on: --home, else $TANDEM_HOME, else {@link DEFAULT_HOME}. */
 export function resolveHome(flag: string | undefined): string {
@@ -36,7 +36,7 @@ const PATH_OPTIONS = new Set(['--path', '--to', '--changed-blocks', '--home', '-
 /** Forwarded commands can run long (a full sync, an EBS export): no client-side timeout but this cap. */
 const FORWARD_TIMEOUT_MS = 24 * 3600 * 1000;
 
-export interface ServerInfo {
+interface ServerInfo {
   readonly pid: number;
   readonly url: string;
   /** Its Unix socket for this machine's CLI (api/server.ts listenLocal), when it has one. */
@@ -67,9 +67,8 @@ export function inspect(args: string[]): { home: string | undefined; command: st
   return { home, command };
 }
 
-
 /** The running server of a home, if any (HOME/run/server.json with a live pid). */
-export function runningServer(homeDir: string): ServerInfo | null {
+function runningServer(homeDir: string): ServerInfo | null {
   const file = join(homeDir, 'run', 'server.json');
   if (!existsSync(file)) return null;
   try {
@@ -83,7 +82,7 @@ export function runningServer(homeDir: string): ServerInfo | null {
 }
 
 /** Make path-valued option values absolute so they mean the same thing in the server. */
-export function absolutize(args: string[], cwd: string): string[] {
+function absolutize(args: string[], cwd: string): string[] {
   const out: string[] = [];
   for (let i = 0; i < args.length; i++) {
     const a = args[i]!;

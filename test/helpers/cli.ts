@@ -14,14 +14,13 @@ import { fileURLToPath } from 'node:url';
 export const ROOT = resolve(fileURLToPath(new URL('../..', import.meta.url)));
 /** The binary package.json's "bin" names: what `npx appliance` and an installed package run. */
 export const BIN = join(ROOT, (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { bin: { appliance: string } }).bin.appliance);
-const DIST_MAIN = BIN;
 const SOURCE_MAIN = join(ROOT, 'appliance', 'cli', 'bin.cts');
 
 /** node arguments that start the CLI. */
 export function cliCommand(): string[] {
   if (process.env.TANDEM_TEST_CLI === 'source') return ['--import', 'tsx', SOURCE_MAIN];
-  if (!existsSync(DIST_MAIN)) throw new Error(`${DIST_MAIN} is missing: run \`npm run build\` before the CLI tests`);
-  return [DIST_MAIN];
+  if (!existsSync(BIN)) throw new Error(`${BIN} is missing: run \`npm run build\` before the CLI tests`);
+  return [BIN];
 }
 
 export interface CliResult {

@@ -5,24 +5,18 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { openVolumeWriter } from '../../appliance/volumes/index.js';
 import { openDirect } from '../../appliance/volumes/direct.js';
+import { tempDir } from '../store/helpers.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 
-function tempDir(t: { after(fn: () => void): void }): string {
-  const dir = mkdtempSync(join(tmpdir(), 'tandem-direct-'));
-  t.after(() => rmSync(dir, { recursive: true, force: true }));
-  return dir;
-}
-
 test('writes from several lanes at once, out of order, land where they belong', async (t) => {
-  const path = join(tempDir(t), 'img');
+  const path = join(await tempDir(t), 'img');
   const bs = 512 * KiB;
   const blocks = 64; // 32 MiB: 8 staging slots' worth, so slots are reused
   const size = blocks * bs + 1000; // and a short last block
@@ -52,7 +46,7 @@ test('writes from several lanes at once, out of order, land where they belong', 
 });
 
 test('a range written again, a read of staged data, zero() and 16 MiB blocks: the file holds the last data written', async (t) => {
-  const path = join(tempDir(t), 'img');
+  const path = join(await tempDir(t), 'img');
   const size = 40 * MiB;
   const expect = Buffer.alloc(size);
   const w = await openVolumeWriter(path, size);
@@ -75,7 +69,7 @@ test('a range written again, a read of staged data, zero() and 16 MiB blocks: th
 });
 
 test('direct writes leave unaligned pieces to the caller and refuse none of an aligned one', async (t) => {
-  const path = join(tempDir(t), 'img');
+  const path = join(await tempDir(t), 'img');
   const w = await openVolumeWriter(path, 1 * MiB); // creates the file
   await w.close();
   const d = await openDirect(path);
