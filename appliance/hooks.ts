@@ -11,6 +11,7 @@
  *   stays committed: the error says so and carries the snapshot result in `details.result`.
  */
 import { spawn } from 'node:child_process';
+import { childEnv } from '../common/ca.js';
 import { TandemError } from '../common/errors.js';
 import type { Hooks } from './config/index.js';
 
@@ -43,7 +44,7 @@ export function runHook(phase: 'pre' | 'post', command: string, timeoutMs: numbe
   const started = Date.now();
   return new Promise((resolve) => {
     // Own process group, so a timeout kills the whole pipeline the shell started.
-    const child = spawn('sh', ['-c', command], { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env, TANDEM_HOOK: phase } });
+    const child = spawn('sh', ['-c', command], { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env: childEnv({ ...process.env, ...env, TANDEM_HOOK: phase }) });
     let output = Buffer.alloc(0);
     const collect = (c: Buffer) => {
       output = Buffer.concat([output, c]);

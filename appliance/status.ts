@@ -9,6 +9,8 @@
  * - last EBS export: meta `ebs-exports`; last drill: meta `drills`; measured failover/drill
  *   time: meta `rto`; measured rates: meta `rates`.
  */
+import { fetch } from 'undici';
+import { extraCaDispatcher } from '../common/ca.js';
 import type { SnapshotRecord, VolumeRecord } from '../store/types.js';
 import { policyFor, type Config } from './config/index.js';
 import { readRates, readVolumeState, type VolumeState } from './scheduler/index.js';
@@ -180,7 +182,7 @@ export class BreachNotifier {
     const sent: BreachAlert[] = [];
     for (const alert of fresh) {
       try {
-        const res = await fetch(webhook, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(alert), signal: AbortSignal.timeout(this.timeoutMs) });
+        const res = await fetch(webhook, { dispatcher: extraCaDispatcher(), method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(alert), signal: AbortSignal.timeout(this.timeoutMs) });
         if (!res.ok) errors.push(`webhook ${webhook} answered ${res.status} for ${alert.event} of ${alert.volume}`);
         else sent.push(alert);
         await res.body?.cancel();

@@ -1,22 +1,29 @@
 /**
- * What starting Node costs on this machine, apart from anything Tandem does.
+ * The `appliance` command the benches run, and what starting Node costs on this machine apart
+ * from anything Tandem does.
  *
+ * The benches run bin/appliance, the launcher package.json's "bin" names, as an operator does.
  * NODE_EXTRA_CA_CERTS, when set, makes Node 20 read and parse that certificate file at every
- * start, before any of our code runs (here it names the system bundle: 60-100 ms per process).
- * It is part of the environment, not of Tandem: an appliance run as a service has it only if
- * its unit sets it (the AWS SDK needs it only behind a TLS-intercepting proxy). The benches time
- * the CLI as this environment runs it and, when the variable is set, also without it, and say
- * which is which.
+ * start, before any JavaScript runs (here it names the system bundle: 80-95 ms per process). The
+ * launcher keeps it from Node's start, and the appliance loads it only where it checks servers
+ * against CAs (common/ca.ts). The Node-start line shows `node -e 0` with and without it.
  */
 import { spawnSync } from 'node:child_process';
+import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 export const EXTRA_CA_VAR = 'NODE_EXTRA_CA_CERTS';
+const ROOT = resolve(fileURLToPath(new URL('..', import.meta.url)));
+/** The `appliance` command (package.json "bin"). */
+export const APPLIANCE = join(ROOT, 'bin', 'appliance');
+/** What the launcher starts: it must be built (`npm run build`). */
+export const DIST_MAIN = join(ROOT, 'dist', 'appliance', 'cli', 'bin.cjs');
 
 /** Runs of `node -e 0` each way; the median is given. */
 const RUNS = 7;
 
 /** True when the variable is set here, so a figure without it means something. */
-export const extraCaSet = process.env[EXTRA_CA_VAR] !== undefined;
+const extraCaSet = process.env[EXTRA_CA_VAR] !== undefined;
 
 /** This process's environment with CI=true, optionally without the variable. */
 export function childEnv(withoutExtraCa = false): NodeJS.ProcessEnv {
@@ -44,5 +51,5 @@ export function nodeStart(): { ms: number; withoutExtraCaMs: number | null } {
 /** One line for a bench's table: the start cost and where it comes from. */
 export function describeNodeStart(s: { ms: number; withoutExtraCaMs: number | null }): string {
   if (s.withoutExtraCaMs === null) return `node -e 0: ${s.ms.toFixed(0)} ms (median of ${RUNS})`;
-  return `node -e 0 (median of ${RUNS}): ${s.ms.toFixed(0)} ms here, ${s.withoutExtraCaMs.toFixed(0)} ms without ${EXTRA_CA_VAR} (set in this environment: Node reads that file at every start)`;
+  return `node -e 0 (median of ${RUNS}): ${s.ms.toFixed(0)} ms here, ${s.withoutExtraCaMs.toFixed(0)} ms without ${EXTRA_CA_VAR} (set in this environment: Node reads that file at every start; bin/appliance keeps it from Node's start)`;
 }

@@ -29,10 +29,9 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BLAKE3_MODULE_PATH } from '../store/hash.js';
 import { IO_SKEW } from '../common/io-buffers.js';
-import { EXTRA_CA_VAR, childEnv, describeNodeStart, extraCaSet, nodeStart } from './node-start.js';
+import { APPLIANCE, DIST_MAIN, childEnv, describeNodeStart, nodeStart } from './node-start.js';
 
 const ROOT = resolve(fileURLToPath(new URL('..', import.meta.url)));
-const CLI = join(ROOT, 'dist', 'appliance', 'cli', 'bin.cjs');
 const BS = 512 * 1024;
 /** Image writes go out in 64 MiB pieces: fast to fill, small next to the image. */
 const FILL_CHUNK = 64 * 1024 * 1024;
@@ -59,15 +58,12 @@ interface Run {
   stdout: string;
 }
 
-/**
- * Run a command under /usr/bin/time -v; wall time measured here, peak RSS from time's report.
- * `withoutExtraCa` runs it without NODE_EXTRA_CA_CERTS (bench/node-start.ts).
- */
-function timed(cmd: string, args: string[], withoutExtraCa = false): Promise<Run> {
+/** Run a command under /usr/bin/time -v; wall time measured here, peak RSS from time's report. */
+function timed(cmd: string, args: string[]): Promise<Run> {
   const useTime = existsSync('/usr/bin/time');
   const started = process.hrtime.bigint();
   const child = spawn(useTime ? '/usr/bin/time' : cmd, useTime ? ['-v', cmd, ...args] : args, {
-    env: childEnv(withoutExtraCa),
+    env: childEnv(),
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stdout = '';
@@ -92,7 +88,7 @@ async function copyImage(img: string, dir: string): Promise<Run> {
   return r;
 }
 
-const appliance = (args: string[], withoutExtraCa = false) => timed(process.execPath, [CLI, ...args], withoutExtraCa);
+const appliance = (args: string[]) => timed(APPLIANCE, args);
 
 /**
  * What Node itself can do on this machine, with nothing of Tandem: two worker threads each read
@@ -134,7 +130,7 @@ Promise.all([[0, half], [half, size]].map(([start, end]) => new Promise((res, re
  * peak RSS in MB (VmHWM, read just before).
  */
 async function serve(home: string): Promise<{ stop(): Promise<number> }> {
-  const child = spawn(process.execPath, [CLI, '--home', home, '--json', 'serve', '--listen', '127.0.0.1:0'], { env: childEnv(false), stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(APPLIANCE, ['--home', home, '--json', 'serve', '--listen', '127.0.0.1:0'], { env: childEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
   const [line] = (await once(child.stdout, 'data')) as [Buffer];
@@ -189,7 +185,7 @@ function row(what: string, r: Run, bytes: number, note = ''): void {
 }
 
 async function main(): Promise<void> {
-  if (!existsSync(CLI)) throw new Error('run `npm run build` first');
+  if (!existsSync(DIST_MAIN)) throw new Error('run `npm run build` first');
   const size = parseSize(arg('size', '4GiB'));
   const sparseSize = parseSize(arg('sparse', '64GiB'));
   const dir = mkdtempSync(join(arg('dir', tmpdir()), 'tandem-bench-'));
@@ -228,21 +224,16 @@ async function main(): Promise<void> {
     // A re-scan takes 2-4 s, where a busy neighbour on the machine shows: the median of a few.
     const pct = Math.max(1, Math.round(size / BS / 100));
     // b3sum runs right before each re-snapshot, on the same warm file: each re-snapshot is
-    // compared with its own b3sum (b3sum alone varied 0.8-1.4 s from run to run here). When
-    // NODE_EXTRA_CA_CERTS is set, each round also re-snapshots without it (bench/node-start.ts).
+    // compared with its own b3sum (b3sum alone varied 0.8-1.4 s from run to run here).
     type Rescan = { snap: Run; b3: Run | null };
     const rescans: Rescan[] = [];
-    const rescansWithoutCa: Rescan[] = [];
-    const rescanRound = async (withoutExtraCa: boolean, flags: string[] = []): Promise<Rescan> => {
+    const rescanRound = async (flags: string[] = []): Promise<Rescan> => {
       changeBlocks(img, size, pct);
       warm(img);
       const b3i = hasB3 ? await timed('b3sum', ['--num-threads', '2', img]) : null;
-      return { b3: b3i, snap: await appliance(['snapshot', 'vol', '--home', home, ...flags], withoutExtraCa) };
+      return { b3: b3i, snap: await appliance(['snapshot', 'vol', '--home', home, ...flags]) };
     };
-    for (let i = 0; i < RESCANS; i++) {
-      rescans.push(await rescanRound(false));
-      if (extraCaSet) rescansWithoutCa.push(await rescanRound(true));
-    }
+    for (let i = 0; i < RESCANS; i++) rescans.push(await rescanRound());
     const median = <T>(xs: T[], key: (x: T) => number): T => [...xs].sort((a, b) => key(a) - key(b))[Math.floor(xs.length / 2)]!;
     /** A row for these rounds; returns the median re-snapshot. */
     const rescanRow = (what: string, runs: Rescan[]): Run => {
@@ -257,7 +248,6 @@ async function main(): Promise<void> {
       return mid;
     };
     const rescan = rescanRow(`re-snapshot, full scan (${pct} blocks changed)`, rescans);
-    if (extraCaSet) rescanRow(`  the same without ${EXTRA_CA_VAR}`, rescansWithoutCa);
 
     // The same rounds with the appliance running (`appliance serve`, as the service runs): the
     // CLI forwards the command to it, which has its modules loaded, its store open and its hash
@@ -267,7 +257,7 @@ async function main(): Promise<void> {
     const served: Rescan[] = [];
     const inAppliance: Rescan[] = [];
     for (let i = 0; i < RESCANS; i++) {
-      const r = await rescanRound(false, ['--json']);
+      const r = await rescanRound(['--json']);
       served.push(r);
       const seconds = (JSON.parse(r.snap.stdout) as { seconds: number }).seconds;
       inAppliance.push({ b3: r.b3, snap: { seconds, rssMB: null, stdout: '' } });

@@ -19,8 +19,8 @@
  * 7. The same kinds of sync, straight to B, in a running appliance (`serve` on A's home: store open, modules
  *    loaded, workers warm), as the daemon runs them: no-op, change list (five in a row: the
  *    first and the median), rescan.
- * Node's own start (`node -e 0`) is printed, and the CLI no-op syncs are also timed without
- * NODE_EXTRA_CA_CERTS when it is set (bench/node-start.ts).
+ * The CLI is bin/appliance, as operators run it; Node's own start (`node -e 0`) is printed
+ * (bench/node-start.ts).
  * Peak RSS of both appliance processes is read from /proc (VmHWM); the machine's CPU use during
  * each heavy step from /proc/stat (busy, kernel, I/O wait), to tell CPU-bound from disk-bound.
  *
@@ -36,10 +36,9 @@ import { availableParallelism, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseSize, formatBytes } from '../appliance/cli/output.js';
-import { EXTRA_CA_VAR, childEnv, describeNodeStart, extraCaSet, nodeStart } from './node-start.js';
+import { APPLIANCE, DIST_MAIN, childEnv, describeNodeStart, nodeStart } from './node-start.js';
 
 const ROOT = resolve(fileURLToPath(new URL('..', import.meta.url)));
-const MAIN = join(ROOT, 'dist', 'appliance', 'cli', 'bin.cjs');
 const BLOCK = 512 * 1024;
 const WRITE = 4096;
 /** WAN emulation: 50 ms round trip (25 ms each way) and 100 Mbit/s each way. */
@@ -89,13 +88,10 @@ function cpuSecs(pid: number): number {
   }
 }
 
-/**
- * Run the CLI; returns parsed JSON, wall seconds, the peak RSS and CPU seconds seen (polled until
- * exit). `withoutExtraCa` runs it without NODE_EXTRA_CA_CERTS (bench/node-start.ts).
- */
-async function appliance(home: string, args: string[], withoutExtraCa = false): Promise<{ json: any; secs: number; rss: number; cpu: number }> {
+/** Run the CLI; returns parsed JSON, wall seconds, the peak RSS and CPU seconds seen (polled until exit). */
+async function appliance(home: string, args: string[]): Promise<{ json: any; secs: number; rss: number; cpu: number }> {
   const t0 = now();
-  const child = spawn(process.execPath, [MAIN, '--home', home, '--json', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: childEnv(withoutExtraCa) });
+  const child = spawn(APPLIANCE, ['--home', home, '--json', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: childEnv() });
   let out = '';
   let err = '';
   child.stdout!.on('data', (d) => (out += d));
@@ -223,7 +219,7 @@ function loopbackBytes(): number {
 }
 
 async function main(): Promise<void> {
-  if (!existsSync(MAIN)) throw new Error('run `npm run build` first');
+  if (!existsSync(DIST_MAIN)) throw new Error('run `npm run build` first');
   for (const tool of ['rsync', 'socat']) if (spawnSync('which', [tool]).status !== 0) throw new Error(`${tool} is not installed: apt-get install -y rsync socat`);
   // At its peak (the image written twice next to the image and two stores) the bench holds 5
   // images' worth on this disk; a full disk would fail a step half-way with a bare exit code.
@@ -263,7 +259,7 @@ async function main(): Promise<void> {
   const homeB = join(dir, 'b');
   await appliance(homeA, ['init', '--name', 'onprem']);
   const b = (await appliance(homeB, ['init', '--name', 'cloud'])).json;
-  const serve = spawn(process.execPath, [MAIN, '--home', homeB, '--json', 'serve', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const serve = spawn(APPLIANCE, ['--home', homeB, '--json', 'serve', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'inherit'] });
   started.push(serve);
   const [line] = (await once(serve.stdout!, 'data')) as [Buffer];
   const url = JSON.parse(line.toString()).url as string;
@@ -306,7 +302,7 @@ async function main(): Promise<void> {
   // store to the same disk, so the combined figure above writes the image twice to socat's once.
   const homeC = join(dir, 'c');
   const c = (await appliance(homeC, ['init', '--name', 'cloud2'])).json;
-  const serveC = spawn(process.execPath, [MAIN, '--home', homeC, '--json', 'serve', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const serveC = spawn(APPLIANCE, ['--home', homeC, '--json', 'serve', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'inherit'] });
   started.push(serveC);
   const [lineC] = (await once(serveC.stdout!, 'data')) as [Buffer];
   await appliance(homeA, ['peer', 'add', 'cloud2', '--url', JSON.parse(lineC.toString()).url as string, '--token', c.token, '--fingerprint', c.fingerprint]);
@@ -371,10 +367,6 @@ async function main(): Promise<void> {
   writeFileSync(list, '');
   const noop = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud-direct', '--changed-blocks', list]);
   row('no-op sync (empty change list)', `${(noop.json.seconds * 1000).toFixed(0)} ms in the command`, `${noop.json.requests} request(s); ${(noop.secs * 1000).toFixed(0)} ms with CLI process start (target < 100 ms)`);
-  if (extraCaSet) {
-    const bare = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud-direct', '--changed-blocks', list], true);
-    row(`  the same without ${EXTRA_CA_VAR}`, `${(bare.json.seconds * 1000).toFixed(0)} ms in the command`, `${(bare.secs * 1000).toFixed(0)} ms with CLI process start`);
-  }
 
   // 6. WAN.
   if (WAN) {
@@ -390,7 +382,7 @@ async function main(): Promise<void> {
   // modules loaded and its hash workers warm; CLI commands are forwarded to it (POST /v1/cli)
   // and the daemon's scheduled syncs run there with no process start at all. Timed here as the
   // HTTPS request from this process, and as the CLI run that forwards (with its process start).
-  const serveA = spawn(process.execPath, [MAIN, '--home', homeA, '--json', 'serve', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const serveA = spawn(APPLIANCE, ['--home', homeA, '--json', 'serve', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'inherit'] });
   started.push(serveA);
   const [lineA] = (await once(serveA.stdout!, 'data')) as [Buffer];
   const aUrl = new URL('/v1/cli', JSON.parse(lineA.toString()).url as string);
@@ -420,17 +412,12 @@ async function main(): Promise<void> {
   const warmNoop = await inAppliance(['sync', 'vol', '--peer', 'cloud-direct', '--changed-blocks', list]);
   row('no-op sync in a running appliance', `${(warmNoop.secs * 1000).toFixed(0)} ms`, `(target < 100 ms) one HTTPS request to it (the daemon's own syncs need none); ${(warmNoop.json.seconds * 1000).toFixed(0)} ms in the command, ${warmNoop.json.requests} request(s) to the peer`);
   // A forwarded command takes ~0.1 s, where one busy moment of the machine shows: the median of
-  // FORWARDED_RUNS, each run alternating with and without NODE_EXTRA_CA_CERTS when it is set.
+  // FORWARDED_RUNS.
   const forwarded: number[] = [];
-  const forwardedBare: number[] = [];
-  for (let i = 0; i < FORWARDED_RUNS; i++) {
-    forwarded.push((await appliance(homeA, ['sync', 'vol', '--peer', 'cloud-direct', '--changed-blocks', list])).secs * 1000);
-    if (extraCaSet) forwardedBare.push((await appliance(homeA, ['sync', 'vol', '--peer', 'cloud-direct', '--changed-blocks', list], true)).secs * 1000);
-  }
+  for (let i = 0; i < FORWARDED_RUNS; i++) forwarded.push((await appliance(homeA, ['sync', 'vol', '--peer', 'cloud-direct', '--changed-blocks', list])).secs * 1000);
   const medianOf = (xs: number[]) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)]!;
   const runsOf = (xs: number[]) => `with the CLI process start (target < 100 ms): median of ${xs.map((x) => x.toFixed(0)).join(', ')} ms`;
   row('  the same from the CLI, forwarded to it', `${medianOf(forwarded).toFixed(0)} ms`, runsOf(forwarded));
-  if (extraCaSet) row(`  the same without ${EXTRA_CA_VAR}`, `${medianOf(forwardedBare).toFixed(0)} ms`, runsOf(forwardedBare));
   const start = nodeStart();
   row("  Node's own start, in every CLI figure", `${start.ms.toFixed(0)} ms`, describeNodeStart(start));
   // Five change-list syncs in a row, as a daemon runs them (each a new change of the same size):

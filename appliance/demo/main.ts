@@ -17,7 +17,8 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createInterface } from 'node:readline';
 
-const CLI = resolve(fileURLToPath(import.meta.url), '../../cli/bin.cjs');
+/** The `appliance` command as operators run it (bin/appliance, package.json's "bin"). */
+const CLI = resolve(fileURLToPath(import.meta.url), '../../../../bin/appliance');
 const MiB = 1024 * 1024;
 const BLOCK = 512 * 1024;
 /** Small enough to run in seconds, large enough that "only what changed travels" shows. */
@@ -58,7 +59,7 @@ const awsEnv = {
 
 /** Run `appliance ARGS --json` for a home; returns the parsed document (throws on exit != 0). */
 async function appliance(home: string, args: string[], env: Record<string, string> = {}): Promise<any> {
-  const child = spawn(process.execPath, [CLI, '--home', home, '--json', ...args], {
+  const child = spawn(CLI, ['--home', home, '--json', ...args], {
     env: { ...process.env, ...env, CI: 'true' },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -76,7 +77,7 @@ async function appliance(home: string, args: string[], env: Record<string, strin
 
 /** Start `appliance serve` and wait for the URL it prints. */
 async function serve(home: string, env: Record<string, string> = {}): Promise<string> {
-  const child = spawn(process.execPath, [CLI, '--home', home, 'serve', '--listen', '127.0.0.1:0'], {
+  const child = spawn(CLI, ['--home', home, 'serve', '--listen', '127.0.0.1:0'], {
     env: { ...process.env, ...env, CI: 'true' },
     stdio: ['ignore', 'pipe', 'pipe'],
   });

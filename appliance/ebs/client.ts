@@ -4,6 +4,7 @@
  * settings of its own, so the same binary talks to AWS and to the local emulator.
  */
 import { EBSClient } from '@aws-sdk/client-ebs';
+import { awsHttpOptions } from '../../common/ca.js';
 import { TandemError } from '../../common/errors.js';
 import { ebsError } from './errors.js';
 
@@ -11,9 +12,10 @@ import { ebsError } from './errors.js';
  * A client with the SDK's retries off: our retry loop (retry.ts) retries with jitter and feeds
  * throttles to the adaptive concurrency limit, which the SDK's retry strategy cannot do.
  * A missing region or credentials surfaces at the first call; {@link checkClient} finds it early.
+ * Extra CAs (NODE_EXTRA_CA_CERTS) are trusted through common/ca.ts.
  */
 export function ebsClient(): EBSClient {
-  return new EBSClient({ maxAttempts: 1 });
+  return new EBSClient({ maxAttempts: 1, ...awsHttpOptions() });
 }
 
 /**

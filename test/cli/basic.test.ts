@@ -1,10 +1,11 @@
 /** The CLI's surface: init, volume add|list|remove, exit codes and errors for bad input. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync, writeFileSync, chmodSync } from 'node:fs';
+import { readFileSync, writeFileSync, chmodSync, statSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { BIN, cli, cliCommand, cliJson, tempDir } from '../helpers/cli.js';
+import { spawnSync } from 'node:child_process';
+import { BIN, DIST_MAIN, cli, cliCommand, cliJson, tempDir } from '../helpers/cli.js';
 
 test('init prints name, token and fingerprint; a second init is refused', async (t) => {
   const home = join(tempDir(t), 'home');
@@ -106,10 +107,27 @@ test('--help is fast and lists the commands', async () => {
   assert.ok(ms < 2000, `--help took ${ms} ms`);
 });
 
-test('the binary package.json names is a node script, and the one these tests run', async () => {
-  assert.ok(BIN.endsWith(join('dist', 'appliance', 'cli', 'bin.cjs')), BIN);
-  assert.match(readFileSync(BIN, 'utf8'), /^#!\/usr\/bin\/env node\n/);
-  if (process.env.TANDEM_TEST_CLI !== 'source') assert.deepEqual(cliCommand(), [BIN]);
+test('the command package.json names is the launcher, and the one these tests run; it works through a symlink', async (t) => {
+  assert.ok(BIN.endsWith(join('bin', 'appliance')), BIN);
+  assert.match(readFileSync(BIN, 'utf8'), /^#!\/bin\/sh\n/);
+  assert.ok((statSync(BIN).mode & 0o111) !== 0, 'the launcher is executable (git keeps its mode)');
+  if (process.env.TANDEM_TEST_CLI !== 'source') assert.deepEqual(cliCommand(), { file: BIN, args: [] });
+  // npm installs the command as a symlink (node_modules/.bin/appliance).
+  const link = join(tempDir(t), 'appliance');
+  symlinkSync(BIN, link);
+  const r = spawnSync(link, ['--version'], { encoding: 'utf8' });
+  assert.equal(r.status, 0, r.stderr);
+  assert.match(r.stdout, /^\d+\.\d+\.\d+\n$/);
+});
+
+test('the launcher keeps NODE_EXTRA_CA_CERTS from Node\'s start and hands it to the appliance (common/ca.ts)', async (t) => {
+  // Node reads the file at start, and warns when it cannot; through the launcher it never reads it.
+  const missing = join(tempDir(t), 'no-such-ca.pem');
+  const direct = spawnSync(process.execPath, [DIST_MAIN, '--version'], { env: { ...process.env, NODE_EXTRA_CA_CERTS: missing }, encoding: 'utf8' });
+  assert.match(direct.stderr, /Ignoring extra certs/, 'node itself reads the variable at start');
+  const launched = spawnSync(BIN, ['--version'], { env: { ...process.env, NODE_EXTRA_CA_CERTS: missing }, encoding: 'utf8' });
+  assert.equal(launched.status, 0, launched.stderr);
+  assert.equal(launched.stderr, '');
 });
 
 test('--version prints the package version and exits 0', async () => {

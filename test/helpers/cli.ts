@@ -1,9 +1,10 @@
 /**
  * Run the real `appliance` CLI as a child process in tests.
  *
- * It runs the compiled binary that package.json's "bin" names (dist/appliance/cli/bin.cjs:
- * `npm run build` first, as `npm test` does). Set TANDEM_TEST_CLI=source to run
- * appliance/cli/bin.cts from the sources through tsx instead (slower start).
+ * It runs the command package.json's "bin" names (bin/appliance, the launcher that starts the
+ * compiled dist/appliance/cli/bin.cjs: `npm run build` first, as `npm test` does). Set
+ * TANDEM_TEST_CLI=source to run appliance/cli/bin.cts from the sources through tsx instead
+ * (slower start).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -12,15 +13,17 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const ROOT = resolve(fileURLToPath(new URL('../..', import.meta.url)));
-/** The binary package.json's "bin" names: what `npx appliance` and an installed package run. */
+/** The command package.json's "bin" names: what `npx appliance` and an installed package run. */
 export const BIN = join(ROOT, (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { bin: { appliance: string } }).bin.appliance);
+/** The compiled entry point the launcher starts. */
+export const DIST_MAIN = join(ROOT, 'dist', 'appliance', 'cli', 'bin.cjs');
 const SOURCE_MAIN = join(ROOT, 'appliance', 'cli', 'bin.cts');
 
-/** node arguments that start the CLI. */
-export function cliCommand(): string[] {
-  if (process.env.TANDEM_TEST_CLI === 'source') return ['--import', 'tsx', SOURCE_MAIN];
-  if (!existsSync(BIN)) throw new Error(`${BIN} is missing: run \`npm run build\` before the CLI tests`);
-  return [BIN];
+/** The program and arguments that start the CLI. */
+export function cliCommand(): { file: string; args: string[] } {
+  if (process.env.TANDEM_TEST_CLI === 'source') return { file: process.execPath, args: ['--import', 'tsx', SOURCE_MAIN] };
+  if (!existsSync(DIST_MAIN)) throw new Error(`${DIST_MAIN} is missing: run \`npm run build\` before the CLI tests`);
+  return { file: BIN, args: [] };
 }
 
 export interface CliResult {
@@ -37,7 +40,8 @@ export interface CliOptions {
 
 /** Start the CLI without waiting (for kill -9 tests). CI=true keeps progress bars off. */
 export function spawnCli(args: readonly string[], opts: CliOptions = {}): ChildProcess {
-  return spawn(process.execPath, [...cliCommand(), ...args], {
+  const { file, args: start } = cliCommand();
+  return spawn(file, [...start, ...args], {
     cwd: opts.cwd ?? ROOT,
     env: { ...process.env, CI: 'true', ...opts.env },
     stdio: ['ignore', 'pipe', 'pipe'],

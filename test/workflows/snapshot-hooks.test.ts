@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync, appendFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { rootCertificates } from 'node:tls';
 import { cliJson, tempDir } from '../helpers/cli.js';
 
 test('manual snapshots run the group hooks; a failing pre hook takes no snapshot and still runs post', async (t) => {
@@ -39,4 +40,25 @@ test('manual snapshots run the group hooks; a failing pre hook takes no snapshot
   const snaps = await cliJson(['--home', home, 'snapshots', 'db']);
   assert.equal(JSON.stringify(snaps.json).match(/"id"/g)?.length, 1, 'no second snapshot was taken');
   assert.ok(existsSync(flag));
+});
+
+test('hooks see NODE_EXTRA_CA_CERTS as the operator set it, though the launcher keeps it from Node', async (t) => {
+  const dir = tempDir(t);
+  const home = join(dir, 'home');
+  const img = join(dir, 'db.img');
+  writeFileSync(img, randomBytes(65536));
+  const log = join(dir, 'env.log');
+  const ca = join(dir, 'ca.pem');
+  writeFileSync(ca, rootCertificates[0]!);
+  assert.equal((await cliJson(['--home', home, 'init', '--name', 'h'])).code, 0);
+  assert.equal((await cliJson(['--home', home, 'volume', 'add', 'db', '--path', img, '--block-size', '64KiB'])).code, 0);
+  appendFileSync(join(home, 'config.yaml'), `groups:
+  erp:
+    volumes: [db]
+    hooks:
+      pre: 'echo "$NODE_EXTRA_CA_CERTS|\${TANDEM_EXTRA_CA_CERTS-unset}" >> ${log}'
+`);
+  const ok = await cliJson(['--home', home, 'snapshot', 'db'], { env: { NODE_EXTRA_CA_CERTS: ca } });
+  assert.equal(ok.code, 0, ok.stderr);
+  assert.equal(readFileSync(log, 'utf8'), `${ca}|unset\n`);
 });
