@@ -134,7 +134,8 @@ export async function forwardIfServed(argv: string[]): Promise<boolean> {
  * answer is not a result with status 200.
  */
 async function postLocal(socket: string, headers: Record<string, string>, body: string): Promise<ForwardResult | 'unreachable' | null> {
-  const { connect } = await import('node:net');
+  // require, not import(): a dynamic import() starts Node's ES module loader (7-12 ms against 3-5).
+  const { connect } = require('node:net') as typeof import('node:net');
   return new Promise((resolvePromise) => {
     let connected = false;
     const chunks: Buffer[] = [];
@@ -197,7 +198,7 @@ async function postHttps(homeDir: string, serverUrl: string, headers: Record<str
   }
   const url = new URL('/v1/cli', serverUrl);
   if (url.hostname === '0.0.0.0' || url.hostname === '::') url.hostname = '127.0.0.1';
-  const { request } = await import('node:https');
+  const { request } = require('node:https') as typeof import('node:https');
   return new Promise((resolvePromise) => {
     // The server presents this home's own certificate: trusting exactly it is the pin.
     const req = request(url, { method: 'POST', headers, ca: cert, checkServerIdentity: () => undefined, timeout: FORWARD_TIMEOUT_MS }, (res) => {
