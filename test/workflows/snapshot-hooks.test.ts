@@ -10,20 +10,22 @@ import { join } from 'node:path';
 import { rootCertificates } from 'node:tls';
 import { cliJson, tempDir } from '../helpers/cli.js';
 
-test('manual snapshots run the group hooks; a failing pre hook takes no snapshot and still runs post', async (t) => {
-  const dir = tempDir(t);
+/** A home in `dir` with volume db (a 192 KiB image) in group erp, whose hooks are `hooks` (YAML lines). */
+async function homeWithHooks(dir: string, hooks: string): Promise<string> {
   const home = join(dir, 'home');
   const img = join(dir, 'db.img');
   writeFileSync(img, randomBytes(3 * 65536));
-  const log = join(dir, 'hooks.log');
-  const flag = join(dir, 'fail-pre');
   assert.equal((await cliJson(['--home', home, 'init', '--name', 'h'])).code, 0);
   assert.equal((await cliJson(['--home', home, 'volume', 'add', 'db', '--path', img, '--block-size', '64KiB'])).code, 0);
-  appendFileSync(join(home, 'config.yaml'), `groups:
-  erp:
-    volumes: [db]
-    hooks:
-      pre: "test ! -e ${flag} && echo pre $TANDEM_VOLUME >> ${log}"
+  appendFileSync(join(home, 'config.yaml'), `groups:\n  erp:\n    volumes: [db]\n    hooks:\n${hooks}`);
+  return home;
+}
+
+test('manual snapshots run the group hooks; a failing pre hook takes no snapshot and still runs post', async (t) => {
+  const dir = tempDir(t);
+  const log = join(dir, 'hooks.log');
+  const flag = join(dir, 'fail-pre');
+  const home = await homeWithHooks(dir, `      pre: "test ! -e ${flag} && echo pre $TANDEM_VOLUME >> ${log}"
       post: "echo post $TANDEM_VOLUME >> ${log}"
       timeout: 10s
 `);
@@ -44,20 +46,10 @@ test('manual snapshots run the group hooks; a failing pre hook takes no snapshot
 
 test('hooks see NODE_EXTRA_CA_CERTS as the operator set it, though the launcher keeps it from Node', async (t) => {
   const dir = tempDir(t);
-  const home = join(dir, 'home');
-  const img = join(dir, 'db.img');
-  writeFileSync(img, randomBytes(65536));
   const log = join(dir, 'env.log');
   const ca = join(dir, 'ca.pem');
   writeFileSync(ca, rootCertificates[0]!);
-  assert.equal((await cliJson(['--home', home, 'init', '--name', 'h'])).code, 0);
-  assert.equal((await cliJson(['--home', home, 'volume', 'add', 'db', '--path', img, '--block-size', '64KiB'])).code, 0);
-  appendFileSync(join(home, 'config.yaml'), `groups:
-  erp:
-    volumes: [db]
-    hooks:
-      pre: 'echo "$NODE_EXTRA_CA_CERTS|\${TANDEM_EXTRA_CA_CERTS-unset}" >> ${log}'
-`);
+  const home = await homeWithHooks(dir, `      pre: 'echo "$NODE_EXTRA_CA_CERTS|\${TANDEM_EXTRA_CA_CERTS-unset}" >> ${log}'\n`);
   const ok = await cliJson(['--home', home, 'snapshot', 'db'], { env: { NODE_EXTRA_CA_CERTS: ca } });
   assert.equal(ok.code, 0, ok.stderr);
   assert.equal(readFileSync(log, 'utf8'), `${ca}|unset\n`);
