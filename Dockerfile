@@ -22,7 +22,8 @@ WORKDIR /opt/tandem
 COPY --from=build /src/package.json ./
 COPY --from=build /src/node_modules ./node_modules
 COPY --from=build /src/dist ./dist
-RUN ln -s /opt/tandem/dist/appliance/cli/bin.cjs /usr/local/bin/appliance && chmod +x dist/appliance/cli/bin.cjs
+COPY --from=build /src/bin ./bin
+RUN ln -s /opt/tandem/bin/appliance /usr/local/bin/appliance
 USER tandem
 ENV TANDEM_HOME=/var/lib/tandem NODE_ENV=production
 VOLUME ["/var/lib/tandem"]
