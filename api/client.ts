@@ -19,7 +19,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Pool as PoolType, buildConnector as BuildConnectorType, Dispatcher } from 'undici';
 import { createRequire } from 'node:module';
 import { TandemError, isErrorCode, isTandemError } from '../common/errors.js';
-import type { BlockFrame, Hash, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
+import type { BlockFrame, GetBlocksOptions, Hash, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
 import { throttle, TokenBucket } from '../sync/bwlimit.js';
 import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '../sync/framing.js';
 import { DEFAULT_BLOCK_SIZE } from '../store/index.js';
@@ -437,14 +437,18 @@ export class RemotePeer implements ReplicaStore {
     }
   }
 
-  /** Verified blocks in the order asked; one request per {@link MAX_HASHES_PER_REQUEST}, streamed. */
-  async *getBlocks(hashes: readonly Hash[]): AsyncIterable<BlockFrame> {
+  /**
+   * Blocks in the order asked; one request per {@link MAX_HASHES_PER_REQUEST}, streamed. Each is
+   * verified against its hash as it is decoded, unless the consumer verifies it itself
+   * (`consumerVerifies`: a pull into the local store, whose putBlocks hashes every block).
+   */
+  async *getBlocks(hashes: readonly Hash[], opts: GetBlocksOptions = {}): AsyncIterable<BlockFrame> {
     for (const part of batches(hashes, MAX_HASHES_PER_REQUEST)) {
       const res = await this.send('POST', '/v1/blocks/get', { hashes: part.map(toHex) }, true);
       let src: AsyncIterable<Buffer> = meter(res.body as AsyncIterable<Buffer>, (n) => (this.wireBytesReceived += n));
       if (this.downBucket) src = throttle(src, this.downBucket);
       try {
-        yield* decodeFrames(src, { verify: true, expect: part, pool: receivePool });
+        yield* decodeFrames(src, { verify: opts.consumerVerifies !== true, expect: part, pool: receivePool });
       } catch (e) {
         throw isTandemError(e) ? e : this.transportError(e, 'POST /v1/blocks/get');
       } finally {

@@ -108,14 +108,26 @@ export interface BlockFrame {
   readonly release?: () => void;
 }
 
+/** How {@link ReplicaStore.getBlocks} checks the blocks it hands out. */
+export interface GetBlocksOptions {
+  /**
+   * The consumer verifies every block against its BLAKE3 hash itself (a store's putBlocks does,
+   * and so does a peer's store behind a block upload), so hashing it here too is CPU spent twice:
+   * a local store then checks each pack record's CRC-32 and header instead (local damage is
+   * still reported as such), and a peer's stream is not re-hashed by the client. Default false:
+   * every block is verified against its hash before it is handed out.
+   */
+  readonly consumerVerifies?: boolean;
+}
+
 /**
  * What the sync engine needs of either side. The local store implements it; so does the HTTP
  * client of a peer (api/client). "A peer is just another store."
  */
 export interface ReplicaStore extends NodeSource, NodeSink {
   hasBlocks(hashes: readonly Hash[]): Promise<boolean[]>;
-  /** Verified blocks in the order asked. Must not buffer more than a bounded window. */
-  getBlocks(hashes: readonly Hash[]): AsyncIterable<BlockFrame>;
+  /** Verified blocks (see {@link GetBlocksOptions}) in the order asked. Must not buffer more than a bounded window. */
+  getBlocks(hashes: readonly Hash[], opts?: GetBlocksOptions): AsyncIterable<BlockFrame>;
   /** Store a stream of blocks (each verified on arrival) durably; returns what was new. */
   putBlocks(frames: AsyncIterable<BlockFrame>): Promise<{ stored: number; bytes: number }>;
   /** The latest snapshot of a volume, or null. */

@@ -146,7 +146,7 @@ export class EarlySender {
         const lacking = batch.filter((_, i) => !present[i]);
         self.taken -= batch.length - lacking.length;
         if (lacking.length === 0) continue;
-        for await (const f of self.source.getBlocks(lacking)) {
+        for await (const f of self.source.getBlocks(lacking, { consumerVerifies: true })) { // the target verifies each
           if (self.stopped) return;
           self.taken--;
           self.blocks++;

@@ -177,7 +177,8 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
             for (const part of batches(slice, MAX_HASHES_PER_REQUEST)) {
               check();
               requests += 2;
-              await target.putBlocks(counted(source.getBlocks(part), (f) => {
+              // The target verifies every block it stores: the source need not hash them too.
+              await target.putBlocks(counted(source.getBlocks(part, { consumerVerifies: true }), (f) => {
                 blocksSent++;
                 bytesSent += f.data.length;
                 if (blocksSent % 16 === 0) progress('blocks');

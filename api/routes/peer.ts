@@ -168,7 +168,8 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
       });
     }
     const lease = leaseOf(req.headers);
-    const frames = encodeFrames(store.getBlocks(hashes), {
+    // The client verifies every block (as it decodes the stream, or in the store it puts them in).
+    const frames = encodeFrames(store.getBlocks(hashes, { consumerVerifies: true }), {
       errorFrames: true,
       onBlock: (n) => {
         stats.blocksSent++;

@@ -377,6 +377,16 @@ describe('Store', () => {
     assert.deepEqual(report.problems, [{ kind: 'block', code: 'ERR_BLOCK_CORRUPT', hash: hashBlock(img.subarray(17 * BS, 18 * BS)).toString('hex'), volume: 'vol', snapshot: snap.id, blockIndex: 17 }]);
     await assert.rejects(store.getBlock(hashBlock(img.subarray(17 * BS, 18 * BS))), { code: 'ERR_BLOCK_CORRUPT' });
     assert.equal((await store.verify({ volume: 'vol', snapshot: snap.id })).problems.length, 1);
+    // A consumer that verifies blocks itself gets records checked by their CRC: intact blocks
+    // come back as stored, and the damaged one is still refused.
+    const read = async (from: number, to: number) => {
+      const out: Buffer[] = [];
+      const hashes = Array.from({ length: to - from }, (_, i) => hashBlock(img.subarray((from + i) * BS, (from + i + 1) * BS)));
+      for await (const f of store.getBlocks(hashes, { consumerVerifies: true })) out.push(Buffer.from(f.data));
+      return Buffer.concat(out);
+    };
+    assert.ok((await read(10, 17)).equals(img.subarray(10 * BS, 17 * BS)));
+    await assert.rejects(read(16, 18), { code: 'ERR_BLOCK_CORRUPT' });
   });
 
   it("gc reclaims a deleted snapshot's unique blocks; kept snapshots read back exactly", async (t) => {
