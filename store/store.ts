@@ -327,9 +327,11 @@ export class Store implements ReplicaStore {
   /**
    * @internal Append blocks whose hashes the caller computed from their data itself, skipping
    * those held (and repeats within the batch): one index lookup and one pack write for the whole
-   * batch. Returns, per item, whether it was new. Durable after {@link flush}.
+   * batch. Returns, per item, whether it was new. Durable after {@link flush}. With `direct`, the
+   * batch's whole pages bypass the page cache (PackFiles.appendMany): for blocks nobody will read
+   * soon, such as those a sync receives (a scan's new blocks stay cached: a push sends them next).
    */
-  async putVerifiedMany(items: readonly BlockFrame[]): Promise<boolean[]> {
+  async putVerifiedMany(items: readonly BlockFrame[], opts: { direct?: boolean } = {}): Promise<boolean[]> {
     this.checkOpen();
     const out = items.map(() => false);
     // The index lookup and the record checksums happen before the write lock, so that parallel
@@ -357,7 +359,7 @@ export class Store implements ReplicaStore {
       this.checkOpen();
       const fresh = absent.filter((i) => !this.pending.has(items[i]!.hash.toString('latin1')));
       if (fresh.length === 0) return out;
-      const locs = await this.packs.appendMany(fresh.map((i) => ({ hash: items[i]!.hash, codec: CODEC_RAW, payload: items[i]!.data, parts: parts.get(i)! })));
+      const locs = await this.packs.appendMany(fresh.map((i) => ({ hash: items[i]!.hash, codec: CODEC_RAW, payload: items[i]!.data, parts: parts.get(i)! })), opts);
       fresh.forEach((i, n) => {
         this.pending.set(items[i]!.hash.toString('latin1'), locs[n]!);
         out[i] = true;
@@ -382,7 +384,7 @@ export class Store implements ReplicaStore {
       const prev = writing;
       writing = (async () => {
         try {
-          const news = await this.putVerifiedMany(batch);
+          const news = await this.putVerifiedMany(batch, { direct: true });
           news.forEach((isNew, i) => {
             if (!isNew) return;
             stored++;
