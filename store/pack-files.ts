@@ -218,8 +218,8 @@ export class PackFiles {
    * bytes of a directly written page. {@link sync} waits for the direct writes before its fsync,
    * which covers both paths: durability is unchanged. Reads of a range being written wait for it
    * ({@link readInto}); a direct write drops cached copies of its range, so reads see the bytes.
-   * A failed direct write fails every later append and sync of this store (its records are
-   * counted in the pack's size already): reopening recovers the pack to its durable length.
+   * A failed direct write fails every later append and sync (its records are counted in the
+   * pack's size already) until the store calls {@link discardUnsynced}.
    */
   private async directAppend(w: { id: number; fh: FileHandle; size: number; direct?: FileHandle }, iov: readonly Buffer[], want: number): Promise<number> {
     const start = w.size;
@@ -293,6 +293,45 @@ export class PackFiles {
 
   private throwDirectFailure(): void {
     if (this.directFailure !== null) throw this.directFailure;
+  }
+
+  /** A direct write failed: appends and syncs throw until {@link discardUnsynced}. */
+  get failed(): boolean {
+    return this.directFailure !== null;
+  }
+
+  /**
+   * After a failed direct write, whose records were counted already: forget everything appended
+   * since the last sync. Each pack appended to is cut back to its durable length (one never made
+   * durable is deleted) and appends go on in a new pack; the caller forgets the blocks it placed
+   * there (Store). So a store that met a full disk goes on once there is space again, instead of
+   * failing until it is reopened. Returns the failure.
+   */
+  async discardUnsynced(): Promise<unknown> {
+    const failure = this.directFailure;
+    await Promise.all([...this.directWrites].map((d) => d.done));
+    if (this.writer) {
+      await this.writer.direct?.close().catch(() => undefined);
+      if (!this.dirty.has(this.writer.id)) await this.writer.fh.close().catch(() => undefined);
+      this.writer = undefined;
+    }
+    for (const [id, d] of this.dirty) {
+      await d.fh.close().catch(() => undefined);
+      const durable = this.durable.get(id);
+      try {
+        if (durable !== undefined) await truncate(this.path(id), durable);
+        else {
+          await this.readers.get(id)?.close().catch(() => undefined);
+          this.readers.delete(id);
+          await unlink(this.path(id));
+        }
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw fromSystemError(e, `cannot cut pack ${this.path(id)} back to its durable length`);
+      }
+    }
+    this.dirty.clear();
+    this.directFailure = null;
+    return failure;
   }
 
   /**

@@ -76,6 +76,9 @@ export class Store implements ReplicaStore {
   /** @internal hash workers kept between scans. */ readonly hashPools = new HashPools();
   /** Blocks appended but not yet durable, by hash (latin1 string of the 32 bytes). */
   private readonly pending = new Map<string, BlockLocation>();
+  /** Times unflushed blocks were discarded after a failed direct write, and the last failure ({@link discardFailedLocked}). */
+  private discards = 0;
+  private discardCause: unknown = null;
   private readonly release: () => Promise<void>;
   private closed = false;
 
@@ -357,9 +360,16 @@ export class Store implements ReplicaStore {
     const parts = new Map(absent.map((i) => [i, encodeRecordParts(items[i]!.hash, CODEC_RAW, items[i]!.data)]));
     return this.writeLock.run(async () => {
       this.checkOpen();
+      if (this.packs.failed) await this.discardFailedLocked();
       const fresh = absent.filter((i) => !this.pending.has(items[i]!.hash.toString('latin1')));
       if (fresh.length === 0) return out;
-      const locs = await this.packs.appendMany(fresh.map((i) => ({ hash: items[i]!.hash, codec: CODEC_RAW, payload: items[i]!.data, parts: parts.get(i)! })), opts);
+      let locs: BlockLocation[];
+      try {
+        locs = await this.packs.appendMany(fresh.map((i) => ({ hash: items[i]!.hash, codec: CODEC_RAW, payload: items[i]!.data, parts: parts.get(i)! })), opts);
+      } catch (e) {
+        if (this.packs.failed) await this.discardFailedLocked();
+        throw e;
+      }
       fresh.forEach((i, n) => {
         this.pending.set(items[i]!.hash.toString('latin1'), locs[n]!);
         out[i] = true;
@@ -376,6 +386,7 @@ export class Store implements ReplicaStore {
    */
   async putBlocks(frames: AsyncIterable<BlockFrame>): Promise<{ stored: number; bytes: number }> {
     this.checkOpen();
+    const discards = this.discards;
     let stored = 0;
     let bytes = 0;
     let writing: Promise<void> = Promise.resolve();
@@ -430,6 +441,9 @@ export class Store implements ReplicaStore {
       failure ??= e;
     }
     await this.flush();
+    // A failed direct write (of this stream or another) discarded what was not yet durable,
+    // which may include blocks of this stream: it must not be acknowledged as stored.
+    if (this.discards !== discards) failure ??= this.discardCause;
     if (failure !== null) throw failure;
     return { stored, bytes };
   }
@@ -452,9 +466,28 @@ export class Store implements ReplicaStore {
   }
 
   /** @internal flush() for a caller that holds the write lock. */
+  /**
+   * Under the write lock, after a failed direct write (PackFiles.discardUnsynced): forget the
+   * blocks appended since the last flush, whose bytes are gone, and throw the failure.
+   */
+  private async discardFailedLocked(): Promise<never> {
+    const failure = await this.packs.discardUnsynced();
+    this.pending.clear();
+    this.discards++;
+    this.discardCause = failure;
+    throw failure;
+  }
+
   async flushLocked(): Promise<void> {
+    if (this.packs.failed) await this.discardFailedLocked();
     if (this.pending.size === 0) return;
-    const lengths = await this.packs.sync();
+    let lengths: Map<number, number>;
+    try {
+      lengths = await this.packs.sync();
+    } catch (e) {
+      if (this.packs.failed) await this.discardFailedLocked();
+      throw e;
+    }
     const batch = this.db.batch();
     for (const [k, loc] of this.pending) batch.put(blockKey(Buffer.from(k, 'latin1')), encodeLocation(loc));
     for (const [id, n] of lengths) batch.put(packKey(id), encodeU64(n));

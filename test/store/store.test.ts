@@ -2,6 +2,9 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { appendFile, open, readFile, readdir, stat, truncate, writeFile } from 'node:fs/promises';
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Store, ZERO_HASH, hashBlock, type SnapshotRecord, type ScanProgress } from '../../store/index.js';
 import { fileReader, localFileReader, makeImage, spawnFixture, storeWithImage, tempDir, waitExit, writeImage } from './helpers.js';
@@ -29,6 +32,11 @@ async function readBack(store: Store, snap: SnapshotRecord): Promise<Buffer> {
     data.copy(out, index * snap.blockSize);
   }
   return out;
+}
+
+/** Blocks as a stream of frames (Store.putBlocks). */
+async function* frames(blocks: readonly Buffer[]) {
+  for (const b of blocks) yield { hash: hashBlock(b), data: b };
 }
 
 async function packFiles(storeDir: string): Promise<string[]> {
@@ -371,6 +379,40 @@ describe('Store', () => {
     const total = [lone, more, ...blocks].reduce((n, b) => n + b.length + 48, 0);
     assert.equal((await stat((await packFiles(storeDir))[0]!)).size, total);
     for (const b of [lone, more, ...blocks]) assert.ok((await store.getBlock(hashBlock(b), b.length)).equals(b));
+  });
+
+  it('a full disk met by a direct write in the background: the stream fails with ERR_DISK_FULL, and the same open store takes blocks again once there is space', async (t) => {
+    const mnt = mkdtempSync(join(tmpdir(), 'tandem-full-'));
+    try {
+      execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=6m', 'tmpfs', mnt], { stdio: 'pipe' });
+    } catch (e) {
+      rmSync(mnt, { recursive: true, force: true });
+      t.skip(`cannot mount a small tmpfs here (${(e as Error).message.split('\n')[0]}); run as root to test a full disk`);
+      return;
+    }
+    t.after(() => {
+      execFileSync('umount', ['-l', mnt]);
+      rmSync(mnt, { recursive: true, force: true });
+    });
+    const { randomBytes } = await import('node:crypto');
+    const storeDir = join(mnt, 'store');
+    const store = await Store.open(storeDir);
+    t.after(() => store.close());
+    const kept = randomBytes(100 * 1024);
+    assert.equal((await store.putBlocks(frames([kept]))).stored, 1);
+    // 12 MiB into 6: the first batch's direct write is waited for (it tells whether the
+    // filesystem takes direct writes at all), the later ones fail in the background.
+    const many = Array.from({ length: 24 }, () => randomBytes(512 * 1024));
+    await assert.rejects(store.putBlocks(frames(many)), { code: 'ERR_DISK_FULL' });
+    execFileSync('mount', ['-o', 'remount,size=64m', mnt]);
+    const after = await store.putBlocks(frames(many));
+    assert.ok(after.stored > 0 && after.stored <= many.length, `stored ${after.stored}`);
+    for (const b of [kept, ...many]) assert.ok((await store.getBlock(hashBlock(b), b.length)).equals(b));
+    await store.close();
+    const reopened = await Store.open(storeDir);
+    t.after(() => reopened.close());
+    assert.deepEqual(reopened.recovery, { removed: [], truncated: [], short: [] }, 'the discarded bytes were cut away at once');
+    for (const b of [kept, ...many]) assert.ok((await reopened.getBlock(hashBlock(b), b.length)).equals(b));
   });
 
   it('a pack file never indexed (crash before the first flush) is removed on open', async (t) => {
