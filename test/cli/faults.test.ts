@@ -5,12 +5,11 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { writeFileSync, readFileSync, openSync, writeSync, closeSync, existsSync, readdirSync, statSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync, readFileSync, openSync, writeSync, closeSync, existsSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes, randomInt } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
-import { cli, cliJson, collect, spawnCli, tempDir } from '../helpers/cli.js';
+import { cli, cliJson, collect, smallTmpfs, spawnCli, tempDir } from '../helpers/cli.js';
 import { hashBlock } from '../../store/index.js';
 import { acquireVolumeLock } from '../../appliance/locks.js';
 import { Home } from '../../appliance/home.js';
@@ -274,18 +273,8 @@ test('a second snapshot of a locked volume fails with ERR_VOLUME_LOCKED and chan
 
 test('a full disk: ERR_DISK_FULL, an intact store, and a rerun succeeds once there is space', async (t) => {
   const dir = tempDir(t);
-  const mnt = mkdtempSync(join(tmpdir(), 'tandem-full-'));
-  try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', mnt], { stdio: 'pipe' });
-  } catch (e) {
-    rmSync(mnt, { recursive: true, force: true });
-    t.skip(`cannot mount a small tmpfs here (${(e as Error).message.split('\n')[0]}); run as root to test a full disk`);
-    return;
-  }
-  t.after(() => {
-    execFileSync('umount', ['-l', mnt]);
-    rmSync(mnt, { recursive: true, force: true });
-  });
+  const mnt = smallTmpfs(t, '8m');
+  if (!mnt) return;
   const home = join(mnt, 'home');
   assert.equal((await cli(['init', '--home', home])).code, 0);
   const img = join(dir, 'vol.img');
@@ -304,12 +293,7 @@ test('a full disk: ERR_DISK_FULL, an intact store, and a rerun succeeds once the
   assert.ok(readFileSync(out).equals(readFileSync(img)));
 
   // A restore target on a full disk: a clear error, and no file left behind under any name.
-  const targetDir = mkdtempSync(join(tmpdir(), 'tandem-full-target-'));
-  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', targetDir]);
-  t.after(() => {
-    execFileSync('umount', ['-l', targetDir]);
-    rmSync(targetDir, { recursive: true, force: true });
-  });
+  const targetDir = smallTmpfs(t, '4m')!;
   const full = await cliJson(['restore', 'vol', '--to', join(targetDir, 'out.img'), '--home', home]);
   assert.equal(full.code, 1, full.stdout);
   assert.equal(full.json.error.code, 'ERR_DISK_FULL');

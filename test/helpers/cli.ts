@@ -6,7 +6,7 @@
  * TANDEM_TEST_CLI=source to run appliance/cli/bin.cts from the sources through tsx instead
  * (slower start).
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -79,5 +79,26 @@ export async function cliJson<T = any>(args: readonly string[], opts: CliOptions
 export function tempDir(t: { after(fn: () => void): void }, prefix = 'tandem-test-'): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));
   t.after(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/**
+ * A tmpfs of `size` (mount's syntax: 8m) mounted on a new directory, unmounted and removed when
+ * the test ends: a small disk to fill. Needs root; otherwise the test is skipped and null
+ * returned. Grow it with `mount -o remount,size=64m DIR`.
+ */
+export function smallTmpfs(t: { after(fn: () => void): void; skip(message?: string): void }, size: string): string | null {
+  const dir = mkdtempSync(join(tmpdir(), 'tandem-full-'));
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', dir], { stdio: 'pipe' });
+  } catch (e) {
+    rmSync(dir, { recursive: true, force: true });
+    t.skip(`cannot mount a small tmpfs here (${(e as Error).message.split('\n')[0]}); run as root to test a full disk`);
+    return null;
+  }
+  t.after(() => {
+    execFileSync('umount', ['-l', dir]);
+    rmSync(dir, { recursive: true, force: true });
+  });
   return dir;
 }

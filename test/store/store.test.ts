@@ -3,10 +3,9 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { appendFile, open, readFile, readdir, stat, truncate, writeFile } from 'node:fs/promises';
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Store, ZERO_HASH, hashBlock, type SnapshotRecord, type ScanProgress } from '../../store/index.js';
+import { smallTmpfs } from '../helpers/cli.js';
 import { fileReader, localFileReader, makeImage, spawnFixture, storeWithImage, tempDir, waitExit, writeImage } from './helpers.js';
 
 const BS = 65536;
@@ -382,18 +381,8 @@ describe('Store', () => {
   });
 
   it('a full disk met by a direct write in the background: the stream fails with ERR_DISK_FULL, and the same open store takes blocks again once there is space', async (t) => {
-    const mnt = mkdtempSync(join(tmpdir(), 'tandem-full-'));
-    try {
-      execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=6m', 'tmpfs', mnt], { stdio: 'pipe' });
-    } catch (e) {
-      rmSync(mnt, { recursive: true, force: true });
-      t.skip(`cannot mount a small tmpfs here (${(e as Error).message.split('\n')[0]}); run as root to test a full disk`);
-      return;
-    }
-    t.after(() => {
-      execFileSync('umount', ['-l', mnt]);
-      rmSync(mnt, { recursive: true, force: true });
-    });
+    const mnt = smallTmpfs(t, '6m');
+    if (!mnt) return;
     const { randomBytes } = await import('node:crypto');
     const storeDir = join(mnt, 'store');
     const store = await Store.open(storeDir);
