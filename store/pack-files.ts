@@ -73,7 +73,7 @@ export class PackFiles {
   private directProbed = false;
   /** Direct writes on their way to the disk. */
   private readonly directWrites = new Set<DirectWrite>();
-  /** The first failed direct write: every later append and sync throws it. */
+  /** The first failed direct write: every later append and sync throws it, until {@link discardUnsynced}. */
   private directFailure: unknown = null;
   /** Packs appended to (or created) since the last sync, with their current size. */
   private readonly dirty = new Map<number, { fh: FileHandle; size: number; created: boolean }>();
