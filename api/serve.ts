@@ -34,6 +34,7 @@ export interface ServedOptions {
  */
 export async function startServed(home: Home, listen: string, opts: ServedOptions = {}): Promise<Served> {
   const store = await home.openStore();
+  store.hashPools.keepWarm(); // scheduled and forwarded snapshots find the hash workers started
   const unshare = home.shareStore(store);
   let server;
   try {

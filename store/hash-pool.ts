@@ -194,8 +194,25 @@ const POOL_IDLE_MS = 30_000;
 const MAX_IDLE_POOLS = 2;
 
 export class HashPools {
-  private readonly idle: Array<{ pool: HashPool; timer: NodeJS.Timeout }> = [];
+  private readonly idle: Array<{ pool: HashPool; timer: NodeJS.Timeout | null }> = [];
   private closed = false;
+  /** Keep one idle pool without a time limit ({@link keepWarm}). */
+  private warm = false;
+
+  /** @param idleMs how long an idle pool is kept ({@link POOL_IDLE_MS}) */
+  constructor(private readonly idleMs = POOL_IDLE_MS) {}
+
+  /**
+   * Keep one idle pool for as long as the store is open, for a process that lives on (`serve`,
+   * `daemon`): its scheduled snapshots come minutes apart, and each found the pool gone. A warm
+   * re-snapshot of 4 GiB in a running appliance, 31 s after the one before (6 each, two builds
+   * alternated): 1.43-1.74 s, median 1.51, with the pool kept; 1.52-1.76 s, median 1.61, without.
+   * The pool holds its shared buffer (48 MiB for a scan) and two threads, which every scan needs
+   * at its peak anyway.
+   */
+  keepWarm(): void {
+    this.warm = true;
+  }
 
   /** Whether {@link borrow} of `bytes` would get a started pool rather than start one. */
   hasIdle(bytes: number): boolean {
@@ -208,7 +225,7 @@ export class HashPools {
     let pool: HashPool;
     if (i >= 0) {
       const [e] = this.idle.splice(i, 1);
-      clearTimeout(e!.timer);
+      if (e!.timer) clearTimeout(e!.timer);
       pool = e!.pool;
     } else {
       pool = new HashPool(new SharedArrayBuffer(bytes));
@@ -221,11 +238,15 @@ export class HashPools {
   async giveBack(pool: HashPool): Promise<void> {
     if (this.closed || pool.failed || this.idle.length >= MAX_IDLE_POOLS) return pool.close();
     pool.setActive(false);
+    if (this.warm && !this.idle.some((e) => e.timer === null)) {
+      this.idle.push({ pool, timer: null });
+      return;
+    }
     const timer = setTimeout(() => {
       const i = this.idle.findIndex((e) => e.pool === pool);
       if (i >= 0) this.idle.splice(i, 1);
       void pool.close();
-    }, POOL_IDLE_MS);
+    }, this.idleMs);
     timer.unref();
     this.idle.push({ pool, timer });
   }
@@ -233,7 +254,7 @@ export class HashPools {
   async close(): Promise<void> {
     this.closed = true;
     const all = this.idle.splice(0);
-    for (const e of all) clearTimeout(e.timer);
+    for (const e of all) if (e.timer) clearTimeout(e.timer);
     await Promise.all(all.map((e) => e.pool.close()));
   }
 }
