@@ -9,7 +9,6 @@
  * - last EBS export: meta `ebs-exports`; last drill: meta `drills`; measured failover/drill
  *   time: meta `rto`; measured rates: meta `rates`.
  */
-import { fetch } from 'undici';
 import { extraCaDispatcher } from '../common/ca.js';
 import type { SnapshotRecord, VolumeRecord } from '../store/types.js';
 import { policyFor, type Config } from './config/index.js';
@@ -178,11 +177,14 @@ export class BreachNotifier {
       }
     }
     const errors: string[] = [];
-    if (webhook === null) return { sent: [], errors };
+    if (webhook === null || fresh.length === 0) return { sent: [], errors };
+    // Loaded only to send: undici takes 120-170 ms to load, and `appliance status` needs none of it.
+    const { fetch } = await import('undici');
+    const dispatcher = await extraCaDispatcher();
     const sent: BreachAlert[] = [];
     for (const alert of fresh) {
       try {
-        const res = await fetch(webhook, { dispatcher: extraCaDispatcher(), method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(alert), signal: AbortSignal.timeout(this.timeoutMs) });
+        const res = await fetch(webhook, { dispatcher, method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(alert), signal: AbortSignal.timeout(this.timeoutMs) });
         if (!res.ok) errors.push(`webhook ${webhook} answered ${res.status} for ${alert.event} of ${alert.volume}`);
         else sent.push(alert);
         await res.body?.cancel();

@@ -20,7 +20,7 @@
 import { readFileSync } from 'node:fs';
 import type { AgentOptions } from 'node:https';
 import { createSecureContext, rootCertificates, type SecureContext } from 'node:tls';
-import { Agent, type Dispatcher } from 'undici';
+import type { Dispatcher } from 'undici';
 
 /** Where the launcher puts NODE_EXTRA_CA_CERTS's value. */
 export const EXTRA_CA_VAR = 'TANDEM_EXTRA_CA_CERTS';
@@ -56,11 +56,18 @@ export function awsHttpOptions(): { requestHandler?: { httpsAgent: AgentOptions 
 
 let dispatcher: Dispatcher | undefined;
 
-/** The dispatcher for `fetch` of an operator-given HTTPS URL (the webhook), trusting the extra CAs. */
-export function extraCaDispatcher(): Dispatcher | undefined {
+/**
+ * The dispatcher for undici's `fetch` of an operator-given HTTPS URL (the webhook), trusting the
+ * extra CAs; undefined without any. undici is loaded here, not with this module: it takes
+ * 120-170 ms, which the AWS clients importing this module need not pay.
+ */
+export async function extraCaDispatcher(): Promise<Dispatcher | undefined> {
   const secureContext = extraCaContext();
   if (!secureContext) return undefined;
-  dispatcher ??= new Agent({ connect: { secureContext } });
+  if (!dispatcher) {
+    const { Agent } = await import('undici');
+    dispatcher = new Agent({ connect: { secureContext } });
+  }
   return dispatcher;
 }
 
