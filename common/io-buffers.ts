@@ -19,3 +19,20 @@ export const IO_SKEW = 64;
 export function ioBuffer(length: number): Buffer {
   return Buffer.allocUnsafeSlow(length + IO_SKEW).subarray(IO_SKEW);
 }
+
+/** Direct (O_DIRECT) writes start and end on multiples of this, from memory aligned to it (4 KiB sectors as well as 512-byte ones). */
+export const DIRECT_ALIGN = 4096;
+
+/** WebAssembly memory grows in pages of this size. */
+const WASM_PAGE = 64 * 1024;
+
+/**
+ * `count` staging slots of `bytes` each for direct writes, page-aligned: carved from one
+ * WebAssembly memory, which V8 maps on a page boundary (Node's Buffers sit wherever malloc puts
+ * them: a direct write from `Buffer.allocUnsafeSlow` got EINVAL on ext4). `bytes` must be a
+ * multiple of {@link DIRECT_ALIGN}.
+ */
+export function alignedSlots(count: number, bytes: number): Buffer[] {
+  const memory = new WebAssembly.Memory({ initial: Math.ceil((count * bytes) / WASM_PAGE) });
+  return Array.from({ length: count }, (_, i) => Buffer.from(memory.buffer, i * bytes, bytes));
+}

@@ -16,7 +16,7 @@ import { constants } from 'node:fs';
 import { mkdir, open, readdir, stat, truncate, unlink, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TandemError, fromSystemError } from '../common/errors.js';
-import { ioBuffer } from '../common/io-buffers.js';
+import { DIRECT_ALIGN, alignedSlots, ioBuffer } from '../common/io-buffers.js';
 import type { Hash } from './types.js';
 import type { BlockLocation } from './keys.js';
 import { encodeRecordParts, packFileName, type RecordParts, parsePackFileName, PACK_TARGET_SIZE, recordLength } from './pack.js';
@@ -236,10 +236,7 @@ export class PackFiles {
         return 0;
       }
     }
-    if (this.slots === undefined) {
-      const memory = new WebAssembly.Memory({ initial: (SLOTS * SLOT_BYTES) / WASM_PAGE });
-      this.slots = Array.from({ length: SLOTS }, (_, i) => Buffer.from(memory.buffer, i * SLOT_BYTES, SLOT_BYTES));
-    }
+    this.slots ??= alignedSlots(SLOTS, SLOT_BYTES);
     while (this.slots.length === 0) await Promise.race([...this.directWrites].map((d) => d.done));
     this.throwDirectFailure();
     const slot = this.slots.pop()!;
@@ -476,8 +473,6 @@ export class PackFiles {
 /** Appended bytes between background writebacks ({@link PackFiles.startWriteback}). */
 const WRITEBACK_BYTES = 32 * 1024 * 1024;
 
-/** Direct writes start and end on multiples of this, from memory aligned to it (4 KiB sectors as well as 512-byte ones). */
-const DIRECT_ALIGN = 4096;
 /** Fewer whole pages than this in a batch go through the page cache with the rest (not worth a second write). */
 const DIRECT_MIN_BYTES = 64 * 1024;
 /** A staging slot of direct appends: a putBlocks batch (8 blocks of 512 KiB) with its records' headers and a page of lead. */
@@ -492,7 +487,6 @@ interface DirectWrite {
   readonly end: number;
   done: Promise<void>;
 }
-const WASM_PAGE = 64 * 1024;
 
 /** Write all of `iov` at `position`; a positioned write may be short (a signal, a nearly full disk): write the rest, or fail. */
 async function writeAll(fh: FileHandle, iov: readonly Buffer[], position: number): Promise<void> {

@@ -27,14 +27,11 @@
 import { constants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { fromSystemError } from '../../common/errors.js';
-
-/** Direct writes start and end on multiples of this, from memory aligned to it (4 KiB sectors as well as 512-byte ones). */
-export const DIRECT_ALIGN = 4096;
+import { DIRECT_ALIGN, alignedSlots } from '../../common/io-buffers.js';
 /** A staging slot: one write to the disk (8 blocks of 512 KiB). */
 const SLOT_BYTES = 4 * 1024 * 1024;
 /** Slots per writer (16 MiB): one being filled, the others on their way to the disk. */
 const SLOTS = 4;
-const WASM_PAGE = 64 * 1024;
 
 export interface DirectWriter {
   /**
@@ -67,8 +64,7 @@ export async function openDirect(path: string): Promise<DirectWriter | null> {
   } catch {
     return null; // EINVAL on a filesystem without direct I/O; anything else shows on the buffered path
   }
-  const memory = new WebAssembly.Memory({ initial: Math.ceil((SLOTS * SLOT_BYTES) / WASM_PAGE) });
-  const free: Buffer[] = Array.from({ length: SLOTS }, (_, i) => Buffer.from(memory.buffer, i * SLOT_BYTES, SLOT_BYTES));
+  const free = alignedSlots(SLOTS, SLOT_BYTES);
   const waiting: Array<() => void> = [];
   /** The slot being filled. */
   let current: Slot | null = null;
