@@ -19,7 +19,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Pool as PoolType, buildConnector as BuildConnectorType, Dispatcher } from 'undici';
 import { createRequire } from 'node:module';
 import { TandemError, isErrorCode, isTandemError } from '../common/errors.js';
-import type { BlockFrame, GetBlocksOptions, Hash, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
+import type { BlockFrame, GetBlocksOptions, Hash, NodeToPut, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
 import { throttle, TokenBucket } from '../sync/bwlimit.js';
 import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '../sync/framing.js';
 import { DEFAULT_BLOCK_SIZE } from '../store/index.js';
@@ -431,9 +431,10 @@ export class RemotePeer implements ReplicaStore {
     return out;
   }
 
-  async putNodes(nodes: readonly TreeNode[]): Promise<void> {
+  async putNodes(nodes: readonly NodeToPut[]): Promise<void> {
     for (const part of batches(nodes, MAX_NODES_PER_REQUEST)) {
-      await this.json('POST', '/v1/nodes/put', { nodes: part.map((n) => ({ hash: toHex(n.hash), level: n.level, children: n.children.map(toHex) })) }, true);
+      const wire = part.map((n) => ({ hash: toHex(n.hash), level: n.level, children: n.children.map(toHex), ...(n.base ? { base: toHex(n.base) } : {}) }));
+      await this.json('POST', '/v1/nodes/put', { nodes: wire }, true);
     }
   }
 

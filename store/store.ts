@@ -26,7 +26,7 @@ import { HashPools } from './hash-pool.js';
 import { verifyStore } from './verify.js';
 import { collectGarbage } from './gc.js';
 import type {
-  BlockFrame, GcReport, GetBlocksOptions, Hash, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyReport, VolumeReader, VolumeRecord,
+  BlockFrame, GcReport, GetBlocksOptions, Hash, NodeToPut, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyReport, VolumeReader, VolumeRecord,
 } from './types.js';
 
 /** A block read from a pack, with the function that gives its pooled buffer back (if pooled). */
@@ -530,25 +530,50 @@ export class Store implements ReplicaStore {
   getNode = async (hash: Hash): Promise<TreeNode> => (await this.getNodes([hash]))[0]!;
 
   /**
+   * For each node to put, its base as this store holds it at the node's level, verified; else
+   * undefined (absent, damaged or of another level: every child of that node is looked up).
+   */
+  private async baseNodes(nodes: readonly NodeToPut[]): Promise<Array<TreeNode | undefined>> {
+    const asked = nodes.map((n) => (n.base !== undefined && !isZeroHash(n.base) ? n.base : undefined));
+    const hashes = asked.filter((h): h is Hash => h !== undefined);
+    if (hashes.length === 0) return nodes.map(() => undefined);
+    const vals = await this.db.getMany(hashes.map(nodeKey));
+    let k = 0;
+    return nodes.map((n, i) => {
+      const h = asked[i];
+      if (h === undefined) return undefined;
+      const v = vals[k++];
+      const base = v === undefined ? null : decodeNode(h, v);
+      return base && base.level === n.level ? base : undefined;
+    });
+  }
+
+  /**
    * Store verified nodes whose children are all present (blocks for level 1, nodes of the level
    * below otherwise; nodes in the same call count). Throws ERR_SNAPSHOT_INCOMPLETE naming the
    * missing children, storing nothing. Idempotent.
    */
-  async putNodes(nodes: readonly TreeNode[]): Promise<void> {
+  async putNodes(nodes: readonly NodeToPut[]): Promise<void> {
     this.checkOpen();
     if (!Array.isArray(nodes)) throw new TandemError('ERR_BAD_REQUEST', 'putNodes takes an array of nodes');
-    for (const n of nodes) checkNode(n);
+    for (const n of nodes) {
+      checkNode(n);
+      if (n.base !== undefined && !isHash(n.base)) throw new TandemError('ERR_BAD_REQUEST', 'a node\'s base must be a 32-byte hash');
+    }
     if (nodes.length === 0) return;
     await this.gcLock.shared(() => this.writeLock.run(async () => {
       await this.flushLocked();
       const batchLevels = new Map<string, number>();
       for (const n of nodes) batchLevels.set(n.hash.toString('latin1'), n.level);
+      const bases = await this.baseNodes(nodes);
       const blockAsk: Hash[] = [];
       const nodeAsk: Array<{ hash: Hash; level: number }> = [];
       const seen = new Set<string>();
-      for (const n of nodes) {
-        for (const c of n.children) {
+      for (const [j, n] of nodes.entries()) {
+        const base = bases[j];
+        for (const [i, c] of n.children.entries()) {
           if (isZeroHash(c)) continue;
+          if (base?.children[i]?.equals(c)) continue; // in the base's subtree, which is here whole
           const k = c.toString('latin1');
           if (seen.has(k)) continue;
           seen.add(k);

@@ -86,14 +86,26 @@ export interface NodeSource {
   getNodes(hashes: readonly Hash[]): Promise<TreeNode[]>;
 }
 
+/**
+ * A node to store, with the node at its position in an earlier tree of the volume (the sync's
+ * base snapshot) when the sender knows one. A target that holds that base node knows its whole
+ * subtree is present, so the children the two share need no presence check there (a 1 % change
+ * of a 4 GiB volume puts 31 level-1 nodes naming ~7,400 blocks, of which 82 are new).
+ */
+export interface NodeToPut extends TreeNode {
+  readonly base?: Hash;
+}
+
 export interface NodeSink {
   /**
    * Store nodes (verified: the hash must match the encoding). A node is only stored when every
    * child it names is present (blocks for level 1, nodes above): "a node present implies its
    * whole subtree is present". Nodes in one call may reference each other (children first or not).
+   * A child equal to the child at the same index of the node's `base`, when this store holds
+   * that base at the same level, is present by that invariant and is not looked up.
    * Throws ERR_SNAPSHOT_INCOMPLETE naming the missing children otherwise, storing nothing.
    */
-  putNodes(nodes: readonly TreeNode[]): Promise<void>;
+  putNodes(nodes: readonly NodeToPut[]): Promise<void>;
 }
 
 /** One block on its way between stores. */

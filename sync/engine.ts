@@ -20,7 +20,7 @@
  */
 import { TandemError } from '../common/errors.js';
 import { ZERO_HASH } from '../store/index.js';
-import type { BlockFrame, Hash, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
+import type { BlockFrame, Hash, NodeToPut, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
 import { MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, fromHex, toHex } from './protocol.js';
 import { trace } from './trace.js';
 
@@ -104,7 +104,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
   trace(`engine: snapshot absent, root present=${rootPresent}`);
 
   /** Nodes whose subtrees are stored on the target, in bottom-up order, waiting to fill a putNodes request. */
-  const queued: TreeNode[] = [];
+  const queued: NodeToPut[] = [];
   const putQueued = async (all: boolean) => {
     while (queued.length >= MAX_NODES_PER_REQUEST || (all && queued.length > 0)) {
       check();
@@ -115,13 +115,21 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
 
   if (!rootPresent) {
     /** Nodes above level 1 that the target lacks, by level, fetched on the way down and put on the way up. */
-    const upper: TreeNode[][] = [];
+    const upper: NodeToPut[][] = [];
     let frontier: Hash[] = [root];
     let level = snap.height;
     const base = opts.base && sameShape(opts.base, snap) ? opts.base : null;
     /** For a node of the frontier, the base's node at the same position (hex of the node → base node hash). */
     let pairs = new Map<string, Hash>();
     if (base) pairs.set(toHex(root), fromHex(base.root));
+    /**
+     * Nodes with their base's node, which lets the target skip looking up the children the two
+     * share (its invariant: it holds the base node's whole subtree, when it holds the node).
+     */
+    const withBase = (nodes: TreeNode[]): NodeToPut[] => nodes.map((n) => {
+      const b = pairs.get(toHex(n.hash));
+      return b && !isZero(b) ? { ...n, base: b } : n;
+    });
     /** The children of `nodes` that are not the base's child at the same position, and their new pairs. */
     const changedChildren = async (nodes: TreeNode[]): Promise<{ children: Hash[]; next: Map<string, Hash> }> => {
       const baseHashes = unique(nodes.map((n) => pairs.get(toHex(n.hash))).filter((h): h is Hash => h !== undefined && !isZero(h)));
@@ -146,7 +154,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
     while (level > 1 && frontier.length > 0) {
       check();
       const nodes = await getNodes(source, frontier, () => requests++);
-      upper.push(nodes);
+      upper.push(withBase(nodes));
       const { children, next } = await changedChildren(nodes);
       pairs = next;
       frontier = await missing(children, (b) => target.hasNodes(b), () => requests++);
@@ -191,7 +199,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
           progress('nodes');
           // The window's blocks are stored: its level-1 nodes may go. Only full requests go now;
           // the rest travels with the next window's nodes or with the upper nodes below.
-          queued.push(...nodes);
+          queued.push(...withBase(nodes));
           await putQueued(false);
         }
         nodesSent += nodes.length;

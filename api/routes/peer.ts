@@ -148,7 +148,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
 
   app.post('/v1/nodes/put', { schema: { body: S.NodeList, summary: 'store nodes whose children are all present (else 409 ERR_SNAPSHOT_INCOMPLETE, nothing stored)' } }, async (req) => {
     const { nodes } = req.body as S.NodeListBody;
-    await store.putNodes(nodes.map(nodeFromWire));
+    await store.putNodes(nodes.map((n) => (n.base === undefined ? nodeFromWire(n) : { ...nodeFromWire(n), base: fromHex(n.base) })));
     stats.nodesReceived += nodes.length;
     return { stored: nodes.length };
   });

@@ -123,6 +123,33 @@ export function blockStoreSuite(name: string, factory: () => Promise<SuiteStore>
       await rejectsWith(s.putNodes([orphan]), 'ERR_SNAPSHOT_INCOMPLETE');
     }));
 
+    it('putNodes with a base: children shared with a held base node are known present, every other child is checked', withStore(async (s) => {
+      const [a, b, c] = [block(), block(), block()];
+      await s.putBlocks(frames([a, b, c]));
+      const base = makeNode(1, [a.hash, b.hash]);
+      const upper = makeNode(2, [base.hash]);
+      await s.putNodes([base, upper]);
+      // One child changed, to a block the store holds: stored.
+      const next = makeNode(1, [a.hash, c.hash]);
+      await s.putNodes([{ ...next, base: base.hash }]);
+      assert.deepEqual(await s.hasNodes([next.hash]), [true]);
+      // The changed child absent: refused, nothing of the batch stored.
+      const absent = block();
+      const lacking = makeNode(1, [a.hash, absent.hash]);
+      const lackingTop = makeNode(2, [lacking.hash]);
+      await rejectsWith(s.putNodes([{ ...lacking, base: base.hash }, { ...lackingTop, base: upper.hash }]), 'ERR_SNAPSHOT_INCOMPLETE');
+      assert.deepEqual(await s.hasNodes([lacking.hash, lackingTop.hash]), [false, false]);
+      // A base the store does not hold proves nothing: its "shared" children are checked.
+      const [x, y] = [block(), block()];
+      const unknownBase = makeNode(1, [x.hash, y.hash]);
+      const claims = makeNode(1, [x.hash, y.hash, a.hash]);
+      await rejectsWith(s.putNodes([{ ...claims, base: unknownBase.hash }]), 'ERR_SNAPSHOT_INCOMPLETE');
+      // Nor does a held node of another level: a level-2 node's children are nodes, not blocks.
+      const posing = makeNode(1, [base.hash]);
+      await rejectsWith(s.putNodes([{ ...posing, base: upper.hash }]), 'ERR_SNAPSHOT_INCOMPLETE');
+      assert.deepEqual(await s.hasNodes([claims.hash, posing.hash]), [false, false]);
+    }));
+
     it('putNodes refuses a node that does not match its hash', withStore(async (s) => {
       const b = block();
       await s.putBlocks(frames([b]));

@@ -4,7 +4,9 @@ import assert from 'node:assert/strict';
 import { appendFile, open, readFile, readdir, stat, truncate, writeFile } from 'node:fs/promises';
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
-import { Store, ZERO_HASH, hashBlock, type SnapshotRecord, type ScanProgress } from '../../store/index.js';
+import { randomBytes } from 'node:crypto';
+import { Store, ZERO_HASH, hashBlock, makeNode, type SnapshotRecord, type ScanProgress } from '../../store/index.js';
+import { blockKey } from '../../store/keys.js';
 import { smallTmpfs } from '../helpers/cli.js';
 import { fileReader, localFileReader, makeImage, spawnFixture, storeWithImage, tempDir, waitExit, writeImage } from './helpers.js';
 
@@ -352,7 +354,6 @@ describe('Store', () => {
   it('received blocks whose pages go to the disk directly read back exactly: during the stream, after it, mixed with buffered appends, and after reopening', async (t) => {
     const dir = await tempDir(t);
     const storeDir = join(dir, 'store');
-    const { randomBytes } = await import('node:crypto');
     // Odd sizes: records start and end anywhere within pages; batches of ~4 MiB hold several.
     const blocks = Array.from({ length: 40 }, (_, i) => randomBytes(300 * 1024 + i * 517));
     let store = await Store.open(storeDir);
@@ -414,6 +415,26 @@ describe('Store', () => {
     t.after(() => store.close());
     assert.deepEqual(store.recovery.removed, [7]);
     assert.deepEqual(await packFiles(storeDir), []);
+  });
+
+  it("putNodes looks up only the children a node does not share with its held base (the base's subtree is known whole)", async (t) => {
+    const store = await Store.open(join(await tempDir(t), 'store'));
+    t.after(() => store.close());
+    const blocks = [0, 1, 2].map(() => randomBytes(4096));
+    const [a, b, c] = blocks.map(hashBlock) as [Buffer, Buffer, Buffer];
+    await store.putBlocks(frames(blocks));
+    const base = makeNode(1, [a, b]);
+    await store.putNodes([base]);
+    // Take b's index entry away behind the store's back: only a lookup can notice.
+    await store.db.del(blockKey(b));
+    const next = makeNode(1, [c, b]);
+    await assert.rejects(store.putNodes([next]), (e: Error & { code?: string }) => e.code === 'ERR_SNAPSHOT_INCOMPLETE');
+    await store.putNodes([{ ...next, base: base.hash }]);
+    assert.deepEqual(await store.hasNodes([next.hash]), [true]);
+    // c, which differs from the base's child there, is still looked up.
+    await store.db.del(blockKey(c));
+    const again = makeNode(1, [c, b, a]);
+    await assert.rejects(store.putNodes([{ ...again, base: base.hash }]), (e: Error & { code?: string }) => e.code === 'ERR_SNAPSHOT_INCOMPLETE');
   });
 
   it('verify names the volume, snapshot and block index of a flipped block', async (t) => {
