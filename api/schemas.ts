@@ -47,15 +47,7 @@ export const WireNode = Type.Object(
 export type WireNodeT = Static<typeof WireNode>;
 
 /** A node to store, with the node at its position in the sync's base snapshot (store/types.ts NodeToPut). */
-export const WirePutNode = Type.Object(
-  {
-    hash: HexHash,
-    level: Type.Integer({ minimum: 1, maximum: MAX_HEIGHT }),
-    children: Type.Array(HexHash, { minItems: 1, maxItems: MAX_CHILDREN }),
-    base: Type.Optional(HexHash),
-  },
-  { additionalProperties: false },
-);
+export const WirePutNode = Type.Object({ ...WireNode.properties, base: Type.Optional(HexHash) }, { additionalProperties: false });
 export type WirePutNodeT = Static<typeof WirePutNode>;
 
 export const NodeList = Type.Object({ nodes: Type.Array(WirePutNode, { maxItems: MAX_NODES_PER_REQUEST }) }, { additionalProperties: false });

@@ -67,6 +67,9 @@ test('bad requests get 400 ERR_BAD_REQUEST with a message; catalog errors keep t
   });
   assert.equal(incomplete.statusCode, 409);
   assert.equal(incomplete.json().error.code, 'ERR_SNAPSHOT_INCOMPLETE');
+  const badBase = await app.inject({ method: 'POST', url: '/v1/nodes/put', headers: auth, payload: { nodes: [{ hash: h, level: 1, children: [h], base: 'nothex' }] } });
+  assert.equal(badBase.statusCode, 400);
+  assert.match(badBase.json().error.message, /base/);
   const huge = await app.inject({ method: 'POST', url: '/v1/nodes/put', headers: { ...auth, 'content-type': 'application/json' }, payload: 'x'.repeat(9 * 1024 * 1024) });
   assert.equal(huge.statusCode, 413);
   assert.equal(huge.json().error.code, 'ERR_PAYLOAD_TOO_LARGE');
