@@ -123,23 +123,23 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
     let pairs = new Map<string, Hash>();
     if (base) pairs.set(toHex(root), fromHex(base.root));
     /**
-     * Nodes with their base's node, which lets the target skip looking up the children the two
-     * share (its invariant: it holds the base node's whole subtree, when it holds the node).
+     * Nodes with their base's node: the walk compares their children with it, and the target
+     * skips looking up the children the two share (its invariant: it holds the base node's whole
+     * subtree, when it holds the node).
      */
     const withBase = (nodes: TreeNode[]): NodeToPut[] => nodes.map((n) => {
       const b = pairs.get(toHex(n.hash));
       return b && !isZero(b) ? { ...n, base: b } : n;
     });
     /** The children of `nodes` that are not the base's child at the same position, and their new pairs. */
-    const changedChildren = async (nodes: TreeNode[]): Promise<{ children: Hash[]; next: Map<string, Hash> }> => {
-      const baseHashes = unique(nodes.map((n) => pairs.get(toHex(n.hash))).filter((h): h is Hash => h !== undefined && !isZero(h)));
+    const changedChildren = async (nodes: NodeToPut[]): Promise<{ children: Hash[]; next: Map<string, Hash> }> => {
+      const baseHashes = unique(nodes.map((n) => n.base).filter((h): h is Hash => h !== undefined));
       const baseNodes = new Map<string, TreeNode>();
       if (baseHashes.length > 0) for (const b of await getNodes(source, baseHashes, () => requests++)) baseNodes.set(toHex(b.hash), b);
       const children: Hash[] = [];
       const next = new Map<string, Hash>();
       for (const n of nodes) {
-        const paired = pairs.get(toHex(n.hash));
-        const b = paired ? baseNodes.get(toHex(paired)) : undefined;
+        const b = n.base ? baseNodes.get(toHex(n.base)) : undefined;
         n.children.forEach((c, i) => {
           if (isZero(c)) return;
           const bc = b?.children[i];
@@ -153,8 +153,8 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
     progress('walk');
     while (level > 1 && frontier.length > 0) {
       check();
-      const nodes = await getNodes(source, frontier, () => requests++);
-      upper.push(withBase(nodes));
+      const nodes = withBase(await getNodes(source, frontier, () => requests++));
+      upper.push(nodes);
       const { children, next } = await changedChildren(nodes);
       pairs = next;
       frontier = await missing(children, (b) => target.hasNodes(b), () => requests++);
@@ -168,7 +168,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
     if (level === 1) {
       for (const window of batches(frontier, WINDOW_NODES)) {
         check();
-        const nodes = await getNodes(source, window, () => requests++);
+        const nodes = withBase(await getNodes(source, window, () => requests++));
         const { children: blocks } = await changedChildren(nodes);
         const lacking = await missing(blocks, (b) => target.hasBlocks(b), () => requests++);
         trace(`engine: window of ${window.length} level-1 nodes: ${lacking.length} of ${blocks.length} blocks lacking`);
@@ -199,7 +199,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
           progress('nodes');
           // The window's blocks are stored: its level-1 nodes may go. Only full requests go now;
           // the rest travels with the next window's nodes or with the upper nodes below.
-          queued.push(...withBase(nodes));
+          queued.push(...nodes);
           await putQueued(false);
         }
         nodesSent += nodes.length;
