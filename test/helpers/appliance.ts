@@ -40,15 +40,7 @@ type TestCtx = { after(fn: () => void | Promise<void>): void };
 
 /** Run `appliance --home HOME --json ...args` to completion. */
 export async function cli(home: TestHome | string, ...args: string[]): Promise<CliRun> {
-  const dir = typeof home === 'string' ? home : home.dir;
-  const r = await collect(spawnCli(['--home', dir, '--json', ...args]));
-  let json: unknown;
-  try {
-    json = JSON.parse(r.stdout);
-  } catch {
-    json = undefined;
-  }
-  return { ...r, json };
+  return startCli(home, ...args).done;
 }
 
 /** Start `appliance --home HOME --json ...args` without waiting (for kill tests). */
