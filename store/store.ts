@@ -200,9 +200,9 @@ export class Store implements ReplicaStore {
    * `crcOnly` the whole record is read and its CRC-32 checked instead of re-hashing the payload
    * (GetBlocksOptions.consumerVerifies).
    */
-  private async readBlockPooled(hash: Hash, loc: BlockLocation, crcOnly: boolean): Promise<ReadBlock> {
+  private async readBlockPooled(hash: Hash, loc: BlockLocation, crcOnly: boolean, direct: boolean): Promise<ReadBlock> {
     const length = RECORD_HEADER_LENGTH + loc.length + (crcOnly ? RECORD_TRAILER_LENGTH : 0);
-    const { buf: rec, release } = await this.packs.readPooled(loc.pack, loc.offset, length);
+    const { buf: rec, release } = await this.packs.readPooled(loc.pack, loc.offset, length, { direct });
     try {
       return { data: crcOnly ? this.checkRecordCrc(hash, loc, rec) : this.checkRecord(hash, loc, rec), ...(release ? { release } : {}) };
     } catch (e) {
@@ -254,6 +254,7 @@ export class Store implements ReplicaStore {
    */
   async *getBlocks(hashes: readonly Hash[], opts: GetBlocksOptions = {}): AsyncGenerator<BlockFrame> {
     const crcOnly = opts.consumerVerifies === true;
+    const direct = opts.direct === true;
     this.checkOpen();
     for (const h of hashes) checkHash(h);
     const locations = new Map<number, BlockLocation | undefined>();
@@ -282,7 +283,7 @@ export class Store implements ReplicaStore {
       locations.delete(i);
       if (isZeroHash(h) || !loc) return { data: await this.getBlock(h) }; // zeros, or absent: getBlock answers (or throws ERR_BLOCK_MISSING)
       try {
-        return await this.readBlockPooled(h, loc, crcOnly);
+        return await this.readBlockPooled(h, loc, crcOnly, direct);
       } catch {
         return { data: await this.getBlock(h) }; // moved by a concurrent gc: look it up again (a real failure throws there)
       }

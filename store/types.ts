@@ -130,6 +130,13 @@ export interface GetBlocksOptions {
    * every block is verified against its hash before it is handed out.
    */
   readonly consumerVerifies?: boolean;
+  /**
+   * Read the packs with O_DIRECT, past the page cache (where the filesystem allows it): for a
+   * reader of much data that is usually not cached and will not be read again soon, such as a
+   * restore. Default false: buffered reads, which find blocks written or read a moment ago in
+   * the cache (a sync sends the blocks its scan just stored).
+   */
+  readonly direct?: boolean;
 }
 
 /**
@@ -208,7 +215,8 @@ export interface SnapshotOptions {
   /**
    * Told the hashes of blocks the store did not hold, as soon as they are appended (not yet
    * durable, but readable through getBlocks). A sync uses it to start sending them to the peer
-   * while the scan goes on.
+   * while the scan goes on. With it the new blocks are written through the page cache, where
+   * those reads find them; without it they go to the disk directly (O_DIRECT).
    */
   readonly onNewBlocks?: (hashes: Hash[]) => void;
   /**

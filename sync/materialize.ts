@@ -24,13 +24,13 @@ import { IO_SKEW } from '../common/io-buffers.js';
 import { availableParallelism } from 'node:os';
 import { ZERO_HASH } from '../store/index.js';
 import { HashPool } from '../store/hash-pool.js';
-import type { BlockFrame, Hash, SnapshotRecord, VolumeWriter } from '../store/types.js';
+import type { BlockFrame, GetBlocksOptions, Hash, SnapshotRecord, VolumeWriter } from '../store/types.js';
 
 /** What materialize needs of a store: the snapshot's block hashes and verified blocks. */
 export interface MaterializeSource {
   blockHashes(snap: SnapshotRecord): AsyncIterable<{ index: number; hash: Hash }>;
   diffSnapshots(base: SnapshotRecord | null, target: SnapshotRecord): AsyncIterable<{ index: number; hash: Hash }>;
-  getBlocks(hashes: readonly Hash[]): AsyncIterable<BlockFrame>;
+  getBlocks(hashes: readonly Hash[], opts?: GetBlocksOptions): AsyncIterable<BlockFrame>;
 }
 
 export interface MaterializeProgress {
@@ -152,7 +152,8 @@ export async function materialize(
     if (data.length > 0) {
       let i = 0;
       try {
-        for await (const frame of store.getBlocks(data.map((p) => p.hash))) {
+        // Past the page cache: a restore reads far more than the cache holds, mostly not cached.
+        for await (const frame of store.getBlocks(data.map((p) => p.hash), { direct: true })) {
           const p = data[i++]!;
           if (!frame.hash.equals(p.hash)) {
             throw new TandemError('ERR_BLOCK_CORRUPT', `the store returned block ${frame.hash.toString('hex')} where ${p.hash.toString('hex')} was asked (block ${p.index}); run \`appliance verify\``, {
