@@ -132,9 +132,9 @@ export interface GetBlocksOptions {
   readonly consumerVerifies?: boolean;
   /**
    * Read the packs with O_DIRECT, past the page cache (where the filesystem allows it): for a
-   * reader of much data that is usually not cached and will not be read again soon, such as a
-   * restore. Default false: buffered reads, which find blocks written or read a moment ago in
-   * the cache (a sync sends the blocks its scan just stored).
+   * reader of much data that is usually not cached and will not be read again soon (a restore,
+   * the sync engine, a peer answering blocks/get). Default false: buffered reads, which find
+   * blocks written a moment ago in the cache (early sending of the blocks a scan just stored).
    */
   readonly direct?: boolean;
 }

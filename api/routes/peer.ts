@@ -169,7 +169,9 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     }
     const lease = leaseOf(req.headers);
     // The client verifies every block (as it decodes the stream, or in the store it puts them in).
-    const frames = encodeFrames(store.getBlocks(hashes, { consumerVerifies: true }), {
+    // Read past the page cache, as the engine's sends are (sync/engine.ts): received blocks went
+    // to the disk directly and a failback pulls what the cache no longer holds.
+    const frames = encodeFrames(store.getBlocks(hashes, { consumerVerifies: true, direct: true }), {
       errorFrames: true,
       onBlock: (n) => {
         stats.blocksSent++;
