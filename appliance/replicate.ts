@@ -185,7 +185,7 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
       ...(opts.changedBlocksFile !== undefined ? { changedBlocksFile: opts.changedBlocksFile } : {}),
       ...(opts.onNotice ? { onNotice: opts.onNotice } : {}),
       ...(opts.signal ? { signal: opts.signal } : {}),
-      ...(early ? { onNewBlocks: (h: Hash[]) => early.add(h), onScanned: () => early.scanned() } : {}),
+      ...(early ? { onNewBlocks: (h: Hash[], direct: boolean) => early.add(h, direct), onScanned: () => early.scanned() } : {}),
       onProgress: (p) => opts.onProgress?.({ phase: 'scan', done: p.blocksDone * vol.blockSize, total: p.blocksTotal * vol.blockSize, blocks: p.blocksDone }),
     });
     trace('local snapshot taken');

@@ -43,10 +43,11 @@ const FLUSH_BYTES = 1024 * 1024 * 1024;
  * A scan's new blocks past this many bytes go to the disk directly (O_DIRECT, PackFiles): the
  * kernel's copy into the page cache was half the CPU of a first snapshot here, and a snapshot
  * of a large volume would evict everything else from the cache. A 4 GiB first snapshot took
- * 5.4-6.9 s this way against 11.8-13.4 s buffered (3 alternated pairs; 6.0-7.0 CPU s against
+ * 5.4-7.0 s this way against 11.8-13.4 s buffered (6 alternated pairs; 6.0-7.1 CPU s against
  * 14.1-15.5). Below it they stay buffered: a small change is not worth the staging slots a
  * process allocates for its first direct write (a 4 GiB re-snapshot storing 82 blocks took a
- * median 1.19 s direct against 1.14 s buffered, 5 alternated pairs).
+ * median 1.19 s direct against 1.14 s buffered, 5 alternated pairs), and a sync's early
+ * sending finds them in the cache (it reads the direct ones directly: onNewBlocks says which).
  */
 const DIRECT_AFTER_BYTES = 64 * 1024 * 1024;
 
@@ -223,9 +224,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
     return false;
   };
 
-  // Past DIRECT_AFTER_BYTES of new blocks, the rest bypass the page cache (PackFiles direct
-  // appends) unless a sync reads them right back to send them (onNewBlocks).
-  const directAfter = opts.onNewBlocks === undefined ? DIRECT_AFTER_BYTES : Infinity;
+  /** New blocks stored so far: past DIRECT_AFTER_BYTES, the rest bypass the page cache. */
   let storedBytes = 0;
   const expected = onParent ? parentHashes(store, parent) : null;
   const readJob = async (job: Job, slot: number): Promise<Done> => {
@@ -293,6 +292,8 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
     readonly nonZero: Array<BlockChange & { at: number }>;
     readonly frames: Array<{ hash: Hash; data: Buffer }>;
     readonly stored: Promise<boolean[]>;
+    /** Written with O_DIRECT (past the page cache). */
+    readonly direct: boolean;
   }
   const puts: Put[] = [];
   const startPut = async (): Promise<void> => {
@@ -306,9 +307,10 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
     // One index lookup and one pack write for the chunk's blocks the store lacks.
     const nonZero = items.filter((c) => !isZeroHash(c.hash));
     const frames = nonZero.map((c) => ({ hash: c.hash, data: Buffer.from(sab, slotAt(d.slot) + c.at, Math.min(blockSize, size - c.index * blockSize)) }));
-    const stored = store.putVerifiedMany(frames, { direct: storedBytes >= directAfter });
+    const direct = storedBytes >= DIRECT_AFTER_BYTES;
+    const stored = store.putVerifiedMany(frames, { direct });
     stored.catch(() => undefined); // observed in order below
-    puts.push({ d, items, nonZero, frames, stored });
+    puts.push({ d, items, nonZero, frames, stored, direct });
   };
 
   async function* changes(): AsyncGenerator<BlockChange> {
@@ -319,7 +321,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
       // and record checksums overlap the pack write (a 2 GiB first snapshot spent 0.44 s in
       // lookups, 0.47 s in checksums and 1.86 s in writes, one after the other).
       while (puts.length < PUTS_AHEAD && inflight.length > 0) await startPut();
-      const { d, items, nonZero, frames, stored } = puts.shift()!;
+      const { d, items, nonZero, frames, stored, direct } = puts.shift()!;
       const fresh: Hash[] = [];
       (await stored).forEach((isNew, i) => {
         if (!isNew) return;
@@ -328,7 +330,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
         storedBytes += frames[i]!.data.length;
         fresh.push(frames[i]!.hash);
       });
-      if (fresh.length > 0) opts.onNewBlocks?.(fresh);
+      if (fresh.length > 0) opts.onNewBlocks?.(fresh, direct);
       progress.blocksDone += d.count;
       progress.bytesRead += d.length;
       free.push(d.slot);

@@ -215,10 +215,10 @@ export interface SnapshotOptions {
   /**
    * Told the hashes of blocks the store did not hold, as soon as they are appended (not yet
    * durable, but readable through getBlocks). A sync uses it to start sending them to the peer
-   * while the scan goes on. With it the new blocks are written through the page cache, where
-   * those reads find them; without it they go to the disk directly (O_DIRECT).
+   * while the scan goes on. `direct`: they were written past the page cache (O_DIRECT, as a
+   * scan's new blocks are past its first 64 MiB), so a reader should read them that way too.
    */
-  readonly onNewBlocks?: (hashes: Hash[]) => void;
+  readonly onNewBlocks?: (hashes: Hash[], direct: boolean) => void;
   /**
    * Told once every block has been read and appended, before the flush and the commit (which
    * take a while: the new blocks are made durable). A sync then sends its last new blocks at once.

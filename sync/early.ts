@@ -57,6 +57,10 @@ export class EarlySender {
   private inputDone = false;
   /** Hashes taken in batches and not yet sent or found present at the target. */
   private taken = 0;
+  /** Hashes added and taken in all; the first added as written directly (O_DIRECT), if any. */
+  private added = 0;
+  private takenInAll = 0;
+  private directFrom = Infinity;
   private readonly streams: Promise<void>[] = [];
 
   constructor(
@@ -71,9 +75,15 @@ export class EarlySender {
     return this.queue.length + this.taken;
   }
 
-  /** Queue new blocks' hashes; starts the streams on the first call. */
-  add(hashes: readonly Hash[]): void {
+  /**
+   * Queue new blocks' hashes; starts the streams on the first call. `direct`: the store wrote
+   * them past the page cache, so they are read that way (a scan writes its first 64 MiB of new
+   * blocks through the cache and the rest directly, store/scan.ts: once direct, always direct).
+   */
+  add(hashes: readonly Hash[], direct = false): void {
     if (this.stopped) return;
+    if (direct && this.directFrom === Infinity) this.directFrom = this.added;
+    this.added += hashes.length;
     if (this.queue.length + hashes.length > MAX_QUEUED) {
       trace(`early: over ${MAX_QUEUED} hashes queued; the engine sends the rest`);
       this.stop();
@@ -120,15 +130,18 @@ export class EarlySender {
    * {@link MIN_BATCH} hashes or more, or has lingered {@link LINGER_MS}: a few new blocks spread
    * over a long scan go in a handful of questions, not one each.
    */
-  private async next(): Promise<Hash[] | null> {
+  private async next(): Promise<{ hashes: Hash[]; direct: boolean } | null> {
     for (;;) {
       if (this.stopped) return null;
       const waited = performance.now() - this.since;
       if (this.queue.length >= MIN_BATCH || (this.queue.length > 0 && (waited >= LINGER_MS || this.inputDone))) {
-        const batch = this.queue.splice(0, BATCH);
+        // A batch is read one way: it ends where the directly written blocks begin.
+        const direct = this.takenInAll >= this.directFrom;
+        const batch = this.queue.splice(0, direct ? BATCH : Math.min(BATCH, this.directFrom - this.takenInAll));
+        this.takenInAll += batch.length;
         this.taken += batch.length;
         this.since = performance.now();
-        return batch;
+        return { hashes: batch, direct };
       }
       if (this.inputDone) return null;
       await new Promise<void>((r) => {
@@ -140,13 +153,13 @@ export class EarlySender {
 
   private async run(): Promise<void> {
     const self = this;
-    async function* frames(first: Hash[]): AsyncGenerator<BlockFrame> {
-      for (let batch: Hash[] | null = first; batch; batch = await self.next()) {
-        const present = await self.target.hasBlocks(batch);
-        const lacking = batch.filter((_, i) => !present[i]);
-        self.taken -= batch.length - lacking.length;
+    async function* frames(first: { hashes: Hash[]; direct: boolean }): AsyncGenerator<BlockFrame> {
+      for (let batch: { hashes: Hash[]; direct: boolean } | null = first; batch; batch = await self.next()) {
+        const present = await self.target.hasBlocks(batch.hashes);
+        const lacking = batch.hashes.filter((_, i) => !present[i]);
+        self.taken -= batch.hashes.length - lacking.length;
         if (lacking.length === 0) continue;
-        for await (const f of self.source.getBlocks(lacking, { consumerVerifies: true })) { // the target verifies each
+        for await (const f of self.source.getBlocks(lacking, { consumerVerifies: true, direct: batch.direct })) { // the target verifies each
           if (self.stopped) return;
           self.taken--;
           self.blocks++;

@@ -180,3 +180,45 @@ test('a failed snapshot sends no tail: finish(false) ends the streams after the 
   await early.finish(false);
   assert.ok(early.blocks > 0 && early.blocks < blocks, `${early.blocks} of ${blocks} blocks went before the stop`);
 });
+
+test("past a scan's first 64 MiB of new blocks, the store writes them directly and says so, and early sending reads those directly; the copy is exact", async (t) => {
+  const [a, b] = await stores(t);
+  const bs = 512 * 1024;
+  const blocks = 192; // 96 MiB
+  const data = randomBytes(blocks * bs);
+  const r = receiving(b);
+  // The source as early sending sees it: a's reads, with how each was asked for.
+  const reads: boolean[] = [];
+  const source: ReplicaStore = {
+    ...r.target,
+    getBlocks: (h, opts) => {
+      reads.push(opts?.direct === true);
+      return a.getBlocks(h, opts);
+    },
+  };
+  const early = new EarlySender(source, r.target);
+  const told: boolean[] = [];
+  const snap = await a.scanVolume(slowReader(data, 0), {
+    volume: 'v',
+    blockSize: bs,
+    onNewBlocks: (h, direct) => {
+      told.push(...h.map(() => direct));
+      early.add(h, direct);
+    },
+  });
+  await early.finish();
+  assert.equal(early.failure, null);
+  assert.equal(told.length, blocks);
+  // The first 64 MiB through the cache (and the chunks already on their way then), the rest directly.
+  const first = told.indexOf(true);
+  assert.ok(first >= 128 && first <= 160, `direct from block ${first}`);
+  assert.ok(told.slice(first).every(Boolean), 'once direct, always direct');
+  assert.ok(reads.includes(true) && reads.includes(false), `early sending read both ways (${reads.join(',')})`);
+  const copy = await copySnapshot(a, r.target, snap);
+  assert.equal(copy.blocksSent + early.blocks, blocks);
+  assert.equal(r.total(), blocks, 'no block arrived twice');
+  const back = Buffer.alloc(data.length);
+  for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, bs)).copy(back, index * bs);
+  assert.ok(back.equals(data));
+  assert.equal((await a.verify()).problems.length, 0);
+});
