@@ -68,9 +68,14 @@ const RETRYABLE_STATUS = new Set([429, 502, 503, 504]);
 /** Socket-level failures worth a retry (the request may not have reached the peer). */
 const RETRYABLE_CODES = new Set(['ECONNRESET', 'ECONNREFUSED', 'EPIPE', 'ETIMEDOUT', 'UND_ERR_SOCKET', 'UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_CLOSED']);
 
-/** `AB:CD:...` (64 hex digits, any case, colons optional) → uppercase colon-separated, as Home.fingerprint() prints. */
+/**
+ * `AB:CD:...` (64 hex digits, any case, colons optional) → uppercase colon-separated, as
+ * Home.fingerprint() prints. The forms an operator may have at hand for the same digest are
+ * taken too: `sha256:` before it, or `openssl x509 -noout -fingerprint -sha256`'s whole line
+ * (`sha256 Fingerprint=AB:...`).
+ */
 export function normalizeFingerprint(f: string): string {
-  const hex = f.trim().replace(/:/g, '').toUpperCase();
+  const hex = f.trim().replace(/^sha-?256(\s+fingerprint\s*=|:)\s*/i, '').replace(/:/g, '').toUpperCase();
   if (!/^[0-9A-F]{64}$/.test(hex)) {
     throw new TandemError('ERR_USAGE', `"${f}" is not a SHA-256 certificate fingerprint; copy the one \`appliance init\` or \`serve\` printed on the peer (64 hex digits, colons optional)`);
   }

@@ -72,6 +72,18 @@ test('wrong token gets 401 and changes nothing; a wrong fingerprint is refused b
   assert.equal(gone.json.error.code, 'ERR_PEER_NOT_FOUND');
   const badFp = await cli(a, 'peer', 'add', 'x', '--url', sb.url, '--token', b.token, '--fingerprint', 'AB:CD');
   assert.equal(badFp.code, 2, 'a malformed fingerprint is a usage error');
+  assert.equal(badFp.json.error.code, 'ERR_USAGE');
+  const base64 = await cli(a, 'peer', 'add', 'x', '--url', sb.url, '--token', b.token, '--fingerprint', `SHA256:${Buffer.from(b.fingerprint.replace(/:/g, ''), 'hex').toString('base64')}`);
+  assert.equal(base64.code, 2, 'a base64 digest is not taken for hex');
+  // The same digest as openssl prints it, and with a sha256: prefix, pairs as the plain form does.
+  const openssl = await cli(a, 'peer', 'add', 'x', '--url', sb.url, '--token', b.token, '--fingerprint', `sha256 Fingerprint=${b.fingerprint}`);
+  assert.equal(openssl.code, 0, openssl.stderr);
+  const prefixed = await cli(a, 'peer', 'add', 'y', '--url', sb.url, '--token', b.token, '--fingerprint', `sha256:${b.fingerprint.replace(/:/g, '').toLowerCase()}`);
+  assert.equal(prefixed.code, 0, prefixed.stderr);
+  const pinned = (await cli(a, 'peer', 'list')).json.peers.filter((p: { name: string }) => p.name === 'x' || p.name === 'y');
+  assert.deepEqual(pinned.map((p: { fingerprint: string }) => p.fingerprint), [b.fingerprint, b.fingerprint]);
+  assert.equal((await cli(a, 'peer', 'remove', 'x')).code, 0);
+  assert.equal((await cli(a, 'peer', 'remove', 'y')).code, 0);
   const http = await cli(a, 'peer', 'add', 'x', '--url', sb.url.replace('https', 'http'), '--token', b.token, '--fingerprint', b.fingerprint);
   assert.equal(http.code, 2, 'peers are reached over https only');
 });
