@@ -126,6 +126,33 @@ test('kill -9 during snapshot, many times: the store stays consistent and a reru
   assert.ok(readFileSync(out).equals(readFileSync(img)));
 });
 
+test('kill -9 during a snapshot whose new blocks go past the page cache (past its first 64 MiB): the store stays consistent and a rerun succeeds', async (t) => {
+  const { dir, home } = await initHome(t);
+  const img = join(dir, 'big.img');
+  const size = 96 * MiB; // 32 MiB of each snapshot's new blocks are written with O_DIRECT
+  writeFileSync(img, randomBytes(size));
+  assert.equal((await cli(['volume', 'add', 'big', '--path', img, '--home', home])).code, 0);
+  const started = Date.now();
+  assert.equal((await cli(['snapshot', 'big', '--home', home])).code, 0);
+  const fullMs = Date.now() - started;
+  const startup = await startupMs(home);
+  let killed = 0;
+  for (let i = 0; i < TRIALS; i++) {
+    writeFileSync(img, randomBytes(size)); // every block new again
+    // Crash points over the second half of the run, where the direct writes are.
+    const k = await killAtRandom(['snapshot', 'big', '--home', home], startup + (fullMs - startup) * 0.5, fullMs);
+    if (k.killed) killed++;
+    const before = await assertConsistent(home, 'big');
+    const rerun = await cliJson(['snapshot', 'big', '--home', home]);
+    assert.equal(rerun.code, 0, `rerun after a kill: ${rerun.stderr}`);
+    assert.equal(await assertConsistent(home, 'big'), before + 1);
+  }
+  assert.ok(killed >= 1, 'at least one trial killed a running snapshot');
+  const out = join(dir, 'out.img');
+  assert.equal((await cli(['restore', 'big', '--to', out, '--home', home])).code, 0);
+  assert.ok(readFileSync(out).equals(readFileSync(img)));
+});
+
 test('kill -9 during gc, many times: retained snapshots stay whole and a rerun succeeds', async (t) => {
   const { dir, home } = await initHome(t);
   const img = join(dir, 'keep.img');
