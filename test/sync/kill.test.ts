@@ -4,8 +4,8 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { randomInt } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { randomBytes, randomInt } from 'node:crypto';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { cli, pairedWithVolume, peerClient, startCli, startServe, type TestHome } from '../helpers/appliance.js';
@@ -57,3 +57,34 @@ test('kill -9 of the server at random moments: the rerun completes and the store
   assert.ok((await restoredOnB(b, dir, 'r.img')).equals(readFileSync(img)));
 });
 
+
+test("kill -9 of the client during first syncs of 96 MiB (the scan's new blocks past 64 MiB written and sent with O_DIRECT): each image's blocks arrive exactly once over the killed run and its rerun", async (t) => {
+  const bs = 512 * 1024;
+  const blocks = 192;
+  const { a, b, sb, dir, img } = await pairedWithVolume(t, blocks, bs);
+  const peerB = peerClient(b, sb);
+  t.after(() => peerB.close());
+  const started = Date.now();
+  const first = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(first.code, 0, first.stderr);
+  const fullMs = Date.now() - started;
+  let killed = 0;
+  let to = fullMs; // crash points before this; a run that ends sooner brings it earlier
+  for (let trial = 0; trial < 4; trial++) {
+    writeFileSync(img, randomBytes(blocks * bs)); // every block new again
+    const before = (await peerB.stats()).blocksReceived;
+    const run = startCli(a, 'sync', 'vol', '--peer', 'cloud');
+    const t0 = Date.now();
+    await delay(randomInt(Math.floor(to * 0.3), Math.max(Math.floor(to * 0.3) + 1, to))); // the random crash point is the experiment
+    run.child.kill('SIGKILL');
+    if ((await run.done).signal === 'SIGKILL') killed++;
+    else to = Math.max(1, Math.floor(Math.min(to, Date.now() - t0) * 0.9));
+    const rerun = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+    assert.equal(rerun.code, 0, rerun.stderr);
+    assert.equal((await peerB.stats()).blocksReceived - before, blocks, 'the killed run and its rerun together sent each block once');
+    assert.ok((await restoredOnB(b, dir, `r${trial}.img`)).equals(readFileSync(img)), `trial ${trial}: the peer's copy equals the image`);
+  }
+  assert.ok(killed >= 1, `at least one sync was killed while running (a full one took ${fullMs} ms)`);
+  assert.equal((await cli(a, 'verify')).code, 0);
+  assert.equal((await cli(b, 'verify')).code, 0);
+});
