@@ -11,7 +11,7 @@
  */
 import { mkdirSync, openSync, writeSync, closeSync, readFileSync, unlinkSync, renameSync } from 'node:fs';
 import { join } from 'node:path';
-import { TandemError } from '../common/errors.js';
+import { TandemError, fromSystemError } from '../common/errors.js';
 import { pidAlive } from '../common/pid.cjs';
 
 export interface LockInfo {
@@ -40,7 +40,11 @@ function lockFile(dir: string, volume: string): string {
  * @param dir the home's locks directory
  */
 export function acquireVolumeLock(dir: string, volume: string, op: string): () => void {
-  mkdirSync(dir, { recursive: true });
+  try {
+    mkdirSync(dir, { recursive: true });
+  } catch (e) {
+    throw fromSystemError(e, `cannot create the locks directory ${dir}`);
+  }
   const file = lockFile(dir, volume);
   const key = file;
   const mine = heldHere.get(key);
@@ -51,9 +55,17 @@ export function acquireVolumeLock(dir: string, volume: string, op: string): () =
       const fd = openSync(file, 'wx', 0o644);
       try {
         writeSync(fd, JSON.stringify(info));
-      } finally {
+      } catch (e) {
+        // A full disk takes the file but not its bytes: leave no empty lock behind.
         closeSync(fd);
+        try {
+          unlinkSync(file);
+        } catch {
+          /* gone already */
+        }
+        throw fromSystemError(e, `cannot write the lock of volume "${volume}" (${file})`);
       }
+      closeSync(fd);
       heldHere.set(key, info);
       let released = false;
       return () => {
@@ -67,7 +79,8 @@ export function acquireVolumeLock(dir: string, volume: string, op: string): () =
         }
       };
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      if (e instanceof TandemError) throw e;
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(e, `cannot create the lock of volume "${volume}" (${file})`);
       const holder = readInfo(file);
       if (holder && holder.pid !== process.pid && pidAlive(holder.pid)) throw locked(volume, holder);
       // Stale: move it aside atomically so two processes cannot both "take over" the same file.

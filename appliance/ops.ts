@@ -10,7 +10,7 @@
 import { rename, rm, open, statfs, readFile } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { existsSync } from 'node:fs';
-import { TandemError, fromSystemError, isTandemError } from '../common/errors.js';
+import { TandemError, fromSystemError, isDiskFull, isTandemError } from '../common/errors.js';
 import type { Home } from './home.js';
 import type { Hash, Store, SnapshotRecord, VolumeRecord, ScanProgress } from '../store/index.js';
 import { inspectVolume, openVolumeReader, openVolumeWriter, readChangedBlocksFile } from './volumes/index.js';
@@ -378,9 +378,6 @@ async function lowSpaceError(e: unknown, storeDir: string): Promise<TandemError 
  * without an errno code: recognise it, like ENOSPC from our own writes, as ERR_DISK_FULL.
  */
 export function diskFullError(e: unknown, storeDir: string): TandemError | undefined {
-  if (e instanceof TandemError) return undefined;
-  const err = e as (Error & { code?: string; cause?: { message?: string; code?: string } }) | undefined;
-  const text = `${err?.code ?? ''} ${err?.message ?? String(e)} ${err?.cause?.code ?? ''} ${err?.cause?.message ?? ''}`;
-  if (!/ENOSPC|EDQUOT|No space left on device|Disk quota exceeded/i.test(text)) return undefined;
+  if (e instanceof TandemError || !isDiskFull(e)) return undefined;
   return new TandemError('ERR_DISK_FULL', `no space left on the disk of the store ${storeDir}; free space or move the store, then rerun (nothing was committed)`, { cause: e });
 }

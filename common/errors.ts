@@ -125,6 +125,17 @@ export function isErrorCode(s: unknown): s is ErrorCode {
 }
 
 /**
+ * Whether `e` says the disk is full: ENOSPC / EDQUOT from our own writes, or the index
+ * (LevelDB), which reports it as a plain "IO error: ... No space left on device" without a code.
+ */
+export function isDiskFull(e: unknown): boolean {
+  if (e instanceof TandemError) return e.code === 'ERR_DISK_FULL';
+  const err = e as (Error & { code?: string; cause?: { message?: string; code?: string } }) | undefined;
+  const text = `${err?.code ?? ''} ${err?.message ?? String(e)} ${err?.cause?.code ?? ''} ${err?.cause?.message ?? ''}`;
+  return /ENOSPC|EDQUOT|No space left on device|Disk quota exceeded/i.test(text);
+}
+
+/**
  * Turn a system error (ENOSPC, EACCES, ...) into a TandemError with advice; anything already
  * a TandemError passes through. Used at the boundaries where file I/O happens.
  */

@@ -12,6 +12,7 @@ import fc from 'fast-check';
 import type { FastifyInstance } from 'fastify';
 import { Home } from '../../appliance/home.js';
 import { buildServer, parseListen } from '../../api/index.js';
+import { toTandemError } from '../../api/errors.js';
 import { Store, hashBlock } from '../../store/index.js';
 
 async function server(t: { after(fn: () => Promise<void>): void }): Promise<{ app: FastifyInstance; token: string; store: Store }> {
@@ -76,6 +77,18 @@ test('bad requests get 400 ERR_BAD_REQUEST with a message; catalog errors keep t
   const garbage = await app.inject({ method: 'POST', url: '/v1/blocks/put', headers: { ...auth, 'content-type': 'application/octet-stream' }, payload: Buffer.from('not frames at all, definitely not') });
   assert.equal(garbage.statusCode, 422);
   assert.equal(garbage.json().error.code, 'ERR_BLOCK_CORRUPT');
+});
+
+test('a full disk met anywhere in a route is ERR_DISK_FULL (507), not an internal error', () => {
+  const leveldb = Object.assign(new Error('IO error: /x/index/000012.log: No space left on device'), { code: 'LEVEL_IO_ERROR' });
+  const fs = Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC', syscall: 'write' });
+  for (const e of [leveldb, fs]) {
+    const t = toTandemError(e);
+    assert.equal(t.code, 'ERR_DISK_FULL', e.message);
+    assert.equal(t.http, 507);
+    assert.match(t.message, /free space/);
+  }
+  assert.equal(toTandemError(new Error('something else')).code, 'ERR_INTERNAL');
 });
 
 test('parseListen takes HOST:PORT, [IPv6]:PORT and :PORT and refuses the rest', () => {

@@ -298,6 +298,27 @@ test('a second snapshot of a locked volume fails with ERR_VOLUME_LOCKED and chan
   await assertConsistent(home, 'vol');
 });
 
+test('a volume lock on a full disk: ERR_DISK_FULL, no empty lock file left behind, and the lock is taken once there is space', (t) => {
+  const mnt = smallTmpfs(t, '1m');
+  if (!mnt) return;
+  const locks = join(mnt, 'locks');
+  const filler = join(mnt, 'filler');
+  const fd = openSync(filler, 'w');
+  try {
+    for (;;) writeSync(fd, Buffer.alloc(64 * KiB)); // until ENOSPC
+  } catch (e) {
+    assert.equal((e as NodeJS.ErrnoException).code, 'ENOSPC');
+  } finally {
+    closeSync(fd);
+  }
+  assert.throws(() => acquireVolumeLock(locks, 'vol', 'sync'), (e: { code?: string; message?: string }) => e.code === 'ERR_DISK_FULL' && /lock of volume "vol"/.test(e.message ?? ''));
+  assert.deepEqual(existsSync(locks) ? readdirSync(locks) : [], [], 'no lock file without its holder');
+  execFileSync('truncate', ['-s', '0', filler]);
+  const release = acquireVolumeLock(locks, 'vol', 'sync');
+  assert.deepEqual(readdirSync(locks), ['vol.lock']);
+  release();
+});
+
 test('a full disk: ERR_DISK_FULL, an intact store, and a rerun succeeds once there is space', async (t) => {
   const dir = tempDir(t);
   const mnt = smallTmpfs(t, '8m');
