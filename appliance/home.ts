@@ -12,9 +12,9 @@
  * ```
  */
 import { randomBytes, randomUUID, X509Certificate } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, writeFileSync, renameSync, openSync, fsyncSync, closeSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync, renameSync, openSync, fsyncSync, closeSync, rmSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { TandemError } from '../common/errors.js';
+import { TandemError, isDiskFull } from '../common/errors.js';
 import { acquireVolumeLock } from './locks.js';
 import type { Store } from '../store/index.js';
 
@@ -51,17 +51,26 @@ export function homePaths(dir: string): HomePaths {
   };
 }
 
-/** Write a file atomically: temp file, fsync, rename. */
+/**
+ * Write a file atomically: temp file, fsync, rename. On a failure (a full disk) the temp file is
+ * removed and `path` is as it was (a full disk is ERR_DISK_FULL).
+ */
 export function writeFileAtomic(path: string, data: string | Buffer, mode = 0o644): void {
   const tmp = `${path}.tmp-${process.pid}`;
-  writeFileSync(tmp, data, { mode });
-  const fd = openSync(tmp, 'r');
   try {
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
+    writeFileSync(tmp, data, { mode });
+    const fd = openSync(tmp, 'r');
+    try {
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(tmp, path);
+  } catch (e) {
+    rmSync(tmp, { force: true });
+    if (isDiskFull(e)) throw new TandemError('ERR_DISK_FULL', `cannot write ${path}: no space left on device; free space there, then rerun (the file is as it was)`, { cause: e });
+    throw e;
   }
-  renameSync(tmp, path);
 }
 
 /** SHA-256 fingerprint of a PEM certificate as colon-separated uppercase hex (what `peer add --fingerprint` takes). */

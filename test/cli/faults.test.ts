@@ -319,6 +319,30 @@ test('a volume lock on a full disk: ERR_DISK_FULL, no empty lock file left behin
   release();
 });
 
+test('init on a full disk: ERR_DISK_FULL, no temporary file left behind, and init succeeds once there is space', async (t) => {
+  const mnt = smallTmpfs(t, '1m');
+  if (!mnt) return;
+  const filler = join(mnt, 'filler');
+  const fd = openSync(filler, 'w');
+  try {
+    for (;;) writeSync(fd, Buffer.alloc(64 * KiB)); // until ENOSPC
+  } catch (e) {
+    assert.equal((e as NodeJS.ErrnoException).code, 'ENOSPC');
+  } finally {
+    closeSync(fd);
+  }
+  const home = join(mnt, 'home');
+  const full = await cliJson(['init', '--home', home]);
+  assert.equal(full.code, 1, full.stderr);
+  assert.equal(full.json.error.code, 'ERR_DISK_FULL');
+  const leftovers = (dir: string): string[] => readdirSync(dir, { recursive: true }).map(String).filter((f) => f.includes('.tmp-'));
+  assert.deepEqual(leftovers(home), [], 'no half-written file');
+  execFileSync('truncate', ['-s', '0', filler]);
+  const again = await cliJson(['init', '--home', home]);
+  assert.equal(again.code, 0, again.stderr);
+  assert.deepEqual(leftovers(home), []);
+});
+
 test('a full disk: ERR_DISK_FULL, an intact store, and a rerun succeeds once there is space', async (t) => {
   const dir = tempDir(t);
   const mnt = smallTmpfs(t, '8m');
