@@ -226,7 +226,11 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
   } catch (e) {
     const cause = (e as TandemError).cause as NodeJS.ErrnoException | undefined;
     if ((e as TandemError).code === 'ERR_VOLUME_EMPTY') existing = { path, kind: 'file', size: 0 };
-    else if (cause?.code !== 'ENOENT') throw e;
+    else if (cause?.code === 'ENOENT') existing = null;
+    else if ((e as TandemError).code === 'ERR_VOLUME_UNREADABLE' && cause === undefined) {
+      // Not a file or a device (a directory, a socket): there is nothing to write onto.
+      throw new TandemError('ERR_VOLUME_UNREADABLE', `cannot write a volume to ${path}: not a regular file or a block device; give the path of an image file (created if absent) or a device such as /dev/sdb`, { details: { path } });
+    } else throw e;
   }
   let fh: FileHandle;
   let created = false;

@@ -119,6 +119,9 @@ test('restore onto an existing file writes only the differing blocks; other size
 
   const missingDir = await cliJson(['restore', 'vol', '--to', join(dir, 'nope', 'x.img'), '--home', home]);
   assert.equal(missingDir.json.error.code, 'ERR_VOLUME_UNREADABLE');
+  const ontoDir = await cliJson(['restore', 'vol', '--to', dir, '--home', home]);
+  assert.equal(ontoDir.json.error.code, 'ERR_VOLUME_UNREADABLE');
+  assert.match(ontoDir.json.error.message, /cannot write a volume to .*not a regular file or a block device/);
   const badSnap = await cliJson(['restore', 'vol@nope', '--to', join(dir, 'y.img'), '--home', home]);
   assert.equal(badSnap.json.error.code, 'ERR_SNAPSHOT_NOT_FOUND');
   assert.equal(existsSync(join(dir, 'y.img')), false);
