@@ -42,6 +42,12 @@ const MAX_QUEUED = 16384;
 /** At the end of the scan, this many blocks still to send are sent early rather than by the engine (32 MiB of 512 KiB blocks). */
 const TAIL_BLOCKS = 64;
 
+/** Hashes asked about and sent together, read from the packs one way (`direct`: O_DIRECT). */
+interface Batch {
+  readonly hashes: Hash[];
+  readonly direct: boolean;
+}
+
 export class EarlySender {
   /** Blocks and uncompressed bytes sent so far. */
   blocks = 0;
@@ -130,7 +136,7 @@ export class EarlySender {
    * {@link MIN_BATCH} hashes or more, or has lingered {@link LINGER_MS}: a few new blocks spread
    * over a long scan go in a handful of questions, not one each.
    */
-  private async next(): Promise<{ hashes: Hash[]; direct: boolean } | null> {
+  private async next(): Promise<Batch | null> {
     for (;;) {
       if (this.stopped) return null;
       const waited = performance.now() - this.since;
@@ -153,8 +159,8 @@ export class EarlySender {
 
   private async run(): Promise<void> {
     const self = this;
-    async function* frames(first: { hashes: Hash[]; direct: boolean }): AsyncGenerator<BlockFrame> {
-      for (let batch: { hashes: Hash[]; direct: boolean } | null = first; batch; batch = await self.next()) {
+    async function* frames(first: Batch): AsyncGenerator<BlockFrame> {
+      for (let batch: Batch | null = first; batch; batch = await self.next()) {
         const present = await self.target.hasBlocks(batch.hashes);
         const lacking = batch.hashes.filter((_, i) => !present[i]);
         self.taken -= batch.hashes.length - lacking.length;
