@@ -291,19 +291,25 @@ test('a second snapshot of a locked volume fails with ERR_VOLUME_LOCKED and chan
   await assertConsistent(home, 'vol');
 });
 
-test('a volume lock on a full disk: ERR_DISK_FULL, no empty lock file left behind, and the lock is taken once there is space', (t) => {
-  const mnt = smallTmpfs(t, '1m');
-  if (!mnt) return;
-  const locks = join(mnt, 'locks');
+/** Fill the filesystem at `mnt` with one file, until ENOSPC; returns the file (truncate it for space). */
+function fillDisk(mnt: string): string {
   const filler = join(mnt, 'filler');
   const fd = openSync(filler, 'w');
   try {
-    for (;;) writeSync(fd, Buffer.alloc(64 * KiB)); // until ENOSPC
+    for (;;) writeSync(fd, Buffer.alloc(64 * KiB));
   } catch (e) {
     assert.equal((e as NodeJS.ErrnoException).code, 'ENOSPC');
   } finally {
     closeSync(fd);
   }
+  return filler;
+}
+
+test('a volume lock on a full disk: ERR_DISK_FULL, no empty lock file left behind, and the lock is taken once there is space', (t) => {
+  const mnt = smallTmpfs(t, '1m');
+  if (!mnt) return;
+  const locks = join(mnt, 'locks');
+  const filler = fillDisk(mnt);
   assert.throws(() => acquireVolumeLock(locks, 'vol', 'sync'), (e: { code?: string; message?: string }) => e.code === 'ERR_DISK_FULL' && /lock of volume "vol"/.test(e.message ?? ''));
   assert.deepEqual(existsSync(locks) ? readdirSync(locks) : [], [], 'no lock file without its holder');
   execFileSync('truncate', ['-s', '0', filler]);
@@ -315,15 +321,7 @@ test('a volume lock on a full disk: ERR_DISK_FULL, no empty lock file left behin
 test('init on a full disk: ERR_DISK_FULL, no temporary file left behind, and init succeeds once there is space', async (t) => {
   const mnt = smallTmpfs(t, '1m');
   if (!mnt) return;
-  const filler = join(mnt, 'filler');
-  const fd = openSync(filler, 'w');
-  try {
-    for (;;) writeSync(fd, Buffer.alloc(64 * KiB)); // until ENOSPC
-  } catch (e) {
-    assert.equal((e as NodeJS.ErrnoException).code, 'ENOSPC');
-  } finally {
-    closeSync(fd);
-  }
+  const filler = fillDisk(mnt);
   const home = join(mnt, 'home');
   const full = await cliJson(['init', '--home', home]);
   assert.equal(full.code, 1, full.stderr);
