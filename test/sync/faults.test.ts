@@ -159,11 +159,17 @@ test('a proxy that corrupts or truncates the block stream: ERR_BLOCK_CORRUPT, no
   t.after(() => peerB.close());
   for (const mode of ['corrupt', 'truncate'] as const) {
     const proxy = await damagingProxy(t, b, sb.url, mode);
-    assert.equal((await cli(a, 'peer', 'add', mode, '--url', proxy, '--token', b.token, '--fingerprint', b.fingerprint)).code, 0);
+    const added = await cli(a, 'peer', 'add', mode, '--url', proxy, '--token', b.token, '--fingerprint', b.fingerprint);
+    assert.equal(added.code, 0, added.stderr);
     const before = await peerB.stats();
     const r = await cli(a, 'sync', 'vol', '--peer', mode);
     assert.equal(r.code, 1, r.stdout);
-    assert.equal(r.json.error.code, 'ERR_BLOCK_CORRUPT', `${mode}: ${r.stderr}`);
+    if (r.json.error.code !== 'ERR_BLOCK_CORRUPT') {
+      // Seen once under a loaded full run (ERR_PEER_NOT_FOUND right after a successful peer
+      // add), not reproduced alone: keep what tells the two runs apart.
+      const list = await cli(a, 'peer', 'list');
+      assert.fail(`${mode}: ${r.stderr}\npeer add said: ${added.stdout}\npeer list now: ${list.stdout}`);
+    }
     const after = await peerB.stats();
     assert.equal(after.blocksStored, before.blocksStored, `${mode}: no block stored`);
     assert.equal(after.snapshotsCommitted, before.snapshotsCommitted);
