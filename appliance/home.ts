@@ -14,7 +14,7 @@
 import { randomBytes, randomUUID, X509Certificate } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync, renameSync, openSync, fsyncSync, closeSync, rmSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { TandemError, isDiskFull } from '../common/errors.js';
+import { TandemError, diskFullError } from '../common/errors.js';
 import { acquireVolumeLock } from './locks.js';
 import type { Store } from '../store/index.js';
 
@@ -68,8 +68,7 @@ export function writeFileAtomic(path: string, data: string | Buffer, mode = 0o64
     renameSync(tmp, path);
   } catch (e) {
     rmSync(tmp, { force: true });
-    if (isDiskFull(e)) throw new TandemError('ERR_DISK_FULL', `cannot write ${path}: no space left on device; free space there, then rerun (the file is as it was)`, { cause: e });
-    throw e;
+    throw diskFullError(e, `cannot write ${path}`, 'free space there, then rerun (the file is as it was)') ?? e;
   }
 }
 

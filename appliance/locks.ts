@@ -79,7 +79,6 @@ export function acquireVolumeLock(dir: string, volume: string, op: string): () =
         }
       };
     } catch (e) {
-      if (e instanceof TandemError) throw e;
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(e, `cannot create the lock of volume "${volume}" (${file})`);
       const holder = readInfo(file);
       if (holder && holder.pid !== process.pid && pidAlive(holder.pid)) throw locked(volume, holder);

@@ -10,7 +10,7 @@
 import { rename, rm, open, statfs, readFile } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { existsSync } from 'node:fs';
-import { TandemError, fromSystemError, isDiskFull, isTandemError } from '../common/errors.js';
+import { TandemError, diskFullError, fromSystemError, isTandemError } from '../common/errors.js';
 import type { Home } from './home.js';
 import type { Hash, Store, SnapshotRecord, VolumeRecord, ScanProgress } from '../store/index.js';
 import { inspectVolume, openVolumeReader, openVolumeWriter, readChangedBlocksFile } from './volumes/index.js';
@@ -349,7 +349,7 @@ export async function withHomeStore<T>(
       await store.close().catch(() => undefined);
     }
   } catch (e) {
-    throw diskFullError(e, home.paths.store) ?? (await lowSpaceError(e, home.paths.store)) ?? e;
+    throw diskFullError(e, `the disk of the store ${home.paths.store}`, 'free space or move the store, then rerun (nothing was committed)') ?? (await lowSpaceError(e, home.paths.store)) ?? e;
   } finally {
     release();
   }
@@ -373,11 +373,3 @@ async function lowSpaceError(e: unknown, storeDir: string): Promise<TandemError 
   return new TandemError('ERR_DISK_FULL', `the store's disk is full (${storeDir}): ${(e as Error)?.message ?? String(e)}; free space or move the store, then rerun (nothing was committed)`, { cause: e });
 }
 
-/**
- * The index (LevelDB) reports a full disk as a plain "IO error: ... No space left on device"
- * without an errno code: recognise it, like ENOSPC from our own writes, as ERR_DISK_FULL.
- */
-export function diskFullError(e: unknown, storeDir: string): TandemError | undefined {
-  if (e instanceof TandemError || !isDiskFull(e)) return undefined;
-  return new TandemError('ERR_DISK_FULL', `no space left on the disk of the store ${storeDir}; free space or move the store, then rerun (nothing was committed)`, { cause: e });
-}

@@ -125,14 +125,18 @@ export function isErrorCode(s: unknown): s is ErrorCode {
 }
 
 /**
- * Whether `e` says the disk is full: ENOSPC / EDQUOT from our own writes, or the index
- * (LevelDB), which reports it as a plain "IO error: ... No space left on device" without a code.
+ * ERR_DISK_FULL when `e` (not a TandemError) says the disk is full: ENOSPC / EDQUOT from our own
+ * writes, or the index (LevelDB), which reports it as a plain "IO error: ... No space left on
+ * device" without an errno code. The message is "WHAT: no space left on device (detail); NEXT".
+ * Undefined for anything else.
  */
-export function isDiskFull(e: unknown): boolean {
-  if (e instanceof TandemError) return e.code === 'ERR_DISK_FULL';
+export function diskFullError(e: unknown, what: string, next = 'free space, then rerun'): TandemError | undefined {
+  if (e instanceof TandemError) return undefined;
   const err = e as (Error & { code?: string; cause?: { message?: string; code?: string } }) | undefined;
-  const text = `${err?.code ?? ''} ${err?.message ?? String(e)} ${err?.cause?.code ?? ''} ${err?.cause?.message ?? ''}`;
-  return /ENOSPC|EDQUOT|No space left on device|Disk quota exceeded/i.test(text);
+  const detail = err?.message ?? String(e);
+  const text = `${err?.code ?? ''} ${detail} ${err?.cause?.code ?? ''} ${err?.cause?.message ?? ''}`;
+  if (!/ENOSPC|EDQUOT|No space left on device|Disk quota exceeded/i.test(text)) return undefined;
+  return new TandemError('ERR_DISK_FULL', `${what}: no space left on device (${detail}); ${next}`, { cause: e });
 }
 
 /**
@@ -141,11 +145,9 @@ export function isDiskFull(e: unknown): boolean {
  */
 export function fromSystemError(e: unknown, what: string): TandemError {
   if (e instanceof TandemError) return e;
-  const code = (e as NodeJS.ErrnoException | undefined)?.code;
-  switch (code) {
-    case 'ENOSPC':
-    case 'EDQUOT':
-      return new TandemError('ERR_DISK_FULL', `${what}: no space left on device; free space or move the store, then rerun (nothing was committed)`, { cause: e });
+  const full = diskFullError(e, what, 'free space or move the store, then rerun (nothing was committed)');
+  if (full) return full;
+  switch ((e as NodeJS.ErrnoException | undefined)?.code) {
     case 'ENOENT':
       return new TandemError('ERR_VOLUME_UNREADABLE', `${what}: no such file or directory; check the path`, { cause: e });
     case 'EACCES':

@@ -63,9 +63,8 @@ export class EarlySender {
   private inputDone = false;
   /** Hashes taken in batches and not yet sent or found present at the target. */
   private taken = 0;
-  /** Hashes added and taken in all; the first added as written directly (O_DIRECT), if any. */
+  /** Hashes added in all, and the count added before the first written directly (O_DIRECT), if any. */
   private added = 0;
-  private takenInAll = 0;
   private directFrom = Infinity;
   private readonly streams: Promise<void>[] = [];
 
@@ -88,14 +87,14 @@ export class EarlySender {
    */
   add(hashes: readonly Hash[], direct = false): void {
     if (this.stopped) return;
-    if (direct && this.directFrom === Infinity) this.directFrom = this.added;
-    this.added += hashes.length;
     if (this.queue.length + hashes.length > MAX_QUEUED) {
       trace(`early: over ${MAX_QUEUED} hashes queued; the engine sends the rest`);
       this.stop();
       return;
     }
     if (this.queue.length === 0) this.since = performance.now();
+    if (direct && this.directFrom === Infinity) this.directFrom = this.added;
+    this.added += hashes.length; // so added - queue.length hashes have been taken in batches
     this.queue.push(...hashes);
     if (this.streams.length === 0) for (let i = 0; i < STREAMS; i++) this.streams.push(this.run());
     this.wake();
@@ -142,9 +141,9 @@ export class EarlySender {
       const waited = performance.now() - this.since;
       if (this.queue.length >= MIN_BATCH || (this.queue.length > 0 && (waited >= LINGER_MS || this.inputDone))) {
         // A batch is read one way: it ends where the directly written blocks begin.
-        const direct = this.takenInAll >= this.directFrom;
-        const batch = this.queue.splice(0, direct ? BATCH : Math.min(BATCH, this.directFrom - this.takenInAll));
-        this.takenInAll += batch.length;
+        const takenBefore = this.added - this.queue.length;
+        const direct = takenBefore >= this.directFrom;
+        const batch = this.queue.splice(0, direct ? BATCH : Math.min(BATCH, this.directFrom - takenBefore));
         this.taken += batch.length;
         this.since = performance.now();
         return { hashes: batch, direct };

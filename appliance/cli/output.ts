@@ -8,7 +8,7 @@
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type { Command } from 'commander';
-import { TandemError, isDiskFull } from '../../common/errors.js';
+import { TandemError, diskFullError } from '../../common/errors.js';
 import { resolveHome } from './forward-client.cjs';
 
 /**
@@ -92,9 +92,8 @@ export function run(body: (g: GlobalOptions, cmd: Command, args: unknown[]) => P
 export function reportError(e: unknown, json: boolean): void {
   const err = e instanceof TandemError
     ? e
-    : isDiskFull(e) // met where no command expected it: still the operator's to fix, not a bug
-      ? new TandemError('ERR_DISK_FULL', `the disk is full (${(e as Error)?.message ?? String(e)}); free space, then rerun`, { cause: e })
-      : new TandemError('ERR_INTERNAL', `unexpected error: ${(e as Error)?.stack ?? String(e)}`, { cause: e });
+    // A full disk met where no command expected it is still the operator's to fix, not a bug.
+    : diskFullError(e, 'the disk') ?? new TandemError('ERR_INTERNAL', `unexpected error: ${(e as Error)?.stack ?? String(e)}`, { cause: e });
   const io = currentIO();
   if (json) io.out(JSON.stringify({ error: err.toJSON() }, null, 2) + '\n');
   io.err(`error ${err.code}: ${err.message}\n`);

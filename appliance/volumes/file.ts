@@ -52,8 +52,8 @@ export interface OpenWriterOptions {
   readonly force?: boolean;
 }
 
-function unreadable(path: string, why: string, cause?: unknown): TandemError {
-  return new TandemError('ERR_VOLUME_UNREADABLE', `cannot read volume ${path}: ${why}`, { cause, details: { path } });
+function unreadable(path: string, why: string, cause?: unknown, details: Record<string, unknown> = {}): TandemError {
+  return new TandemError('ERR_VOLUME_UNREADABLE', `cannot read volume ${path}: ${why}`, { cause, details: { path, ...details } });
 }
 
 /** Major and minor numbers of a Linux dev_t (glibc's gnu_dev_major/minor encoding). */
@@ -95,7 +95,7 @@ export async function inspectVolume(path: string): Promise<VolumeInfo> {
   let info: VolumeInfo;
   if (st.isFile()) info = { path, kind: 'file', size: Number(st.size) };
   else if (st.isBlockDevice()) info = { path, kind: 'device', size: await deviceSize(path, st.rdev) };
-  else throw unreadable(path, 'not a regular file or a block device; give an image file or a device such as /dev/sdb');
+  else throw unreadable(path, 'not a regular file or a block device; give an image file or a device such as /dev/sdb', undefined, { notAVolume: true });
   if (info.size === 0) {
     throw new TandemError('ERR_VOLUME_EMPTY', `volume ${path} has size 0; give a device or image with data`, { details: { path } });
   }
@@ -227,7 +227,7 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
     const cause = (e as TandemError).cause as NodeJS.ErrnoException | undefined;
     if ((e as TandemError).code === 'ERR_VOLUME_EMPTY') existing = { path, kind: 'file', size: 0 };
     else if (cause?.code === 'ENOENT') existing = null;
-    else if ((e as TandemError).code === 'ERR_VOLUME_UNREADABLE' && cause === undefined) {
+    else if ((e as TandemError).details?.notAVolume === true) {
       // Not a file or a device (a directory, a socket): there is nothing to write onto.
       throw new TandemError('ERR_VOLUME_UNREADABLE', `cannot write a volume to ${path}: not a regular file or a block device; give the path of an image file (created if absent) or a device such as /dev/sdb`, { details: { path } });
     } else throw e;
