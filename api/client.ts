@@ -170,6 +170,8 @@ export class RemotePeer implements ReplicaStore {
   /** A connection opened ahead of the first request ({@link warmUp}), until the pool takes it. */
   private warm: Promise<TLSSocket | null> | null = null;
   private readonly warmConnect: () => void;
+  /** Told when the connection {@link warmUp} opened shows a certificate other than the pinned one. */
+  private onWarmRefused: ((e: TandemError) => void) | undefined;
   private closed = false;
 
   constructor(opts: RemotePeerOptions) {
@@ -239,6 +241,13 @@ export class RemotePeer implements ReplicaStore {
             socket.destroy();
             return resolve(null);
           }
+          // A wrong certificate is known now: tell the caller, and let the first request meet it
+          // on a fresh connection of its own (it fails there the same way, before sending).
+          const bad = check(socket);
+          if (bad) {
+            this.onWarmRefused?.(bad);
+            return resolve(null);
+          }
           resolve(socket as TLSSocket);
         });
       });
@@ -249,10 +258,12 @@ export class RemotePeer implements ReplicaStore {
   /**
    * Open one connection (TCP + TLS handshake) in the background, so the first request finds it
    * ready: a caller with local work to do first (a snapshot) overlaps the handshake with it. No
-   * request is sent; the pinned-fingerprint check runs when the first request takes the
-   * connection, before anything is written. Harmless when unused (closed by {@link close}).
+   * request is sent. The pinned fingerprint is checked when the handshake ends: a mismatch goes
+   * to `onRefused` (ERR_PEER_FINGERPRINT; the first request then fails with it too, before
+   * anything is written). Harmless when unused (closed by {@link close}).
    */
-  warmUp(): void {
+  warmUp(onRefused?: (e: TandemError) => void): void {
+    this.onWarmRefused = onRefused;
     this.warmConnect();
   }
 

@@ -35,7 +35,7 @@ export interface HookOptions {
   readonly env?: Record<string, string>;
   /** Called after each hook ran (for logs). */
   readonly onHook?: (run: HookRun) => void;
-  /** Aborting kills a running pre hook (the daemon is stopping) and skips the snapshot; post still runs. */
+  /** Aborting kills a running pre hook (the daemon is stopping, a sync's peer refused it) and skips the snapshot; post still runs, and the abort's reason is what is thrown. */
   readonly signal?: AbortSignal;
 }
 
@@ -110,6 +110,9 @@ export async function withHooks<T>(hooks: Hooks | null, fn: () => Promise<T>, op
     opts.onHook?.(pre);
     if (failed(pre)) {
       const post = await runPost();
+      // Stopped from outside (the sync's peer refused it, the daemon stopping): that is the
+      // reason to report, not the hook killed by it.
+      if (opts.signal?.aborted) throw opts.signal.reason;
       const postNote = post === null ? '' : failed(post) ? `; the ${describe(post, hooks.timeoutMs)} as well` : '; the post hook ran';
       throw new TandemError('ERR_HOOK_FAILED', `${describe(pre, hooks.timeoutMs)}: no snapshot was taken${postNote}. Fix the command (or its timeout) in config.yaml and rerun`, {
         details: { phase: 'pre', command: pre.command, exitCode: pre.exitCode, timedOut: pre.timedOut, output: pre.output, snapshotTaken: false },

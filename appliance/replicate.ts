@@ -165,8 +165,11 @@ function transferProgress(opts: SyncOptions, before = { bytes: 0, blocks: 0 }) {
 async function push(home: Home, store: Store, remote: RemotePeer, volume: string, peer: string, opts: SyncOptions): Promise<Partial> {
   const vol = await store.getVolume(volume);
   if (!vol) throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${volume}" on this appliance; register it with \`appliance volume add ${volume} --path PATH\``, { details: { volume } });
+  // A peer that refuses this sync outright stops the scan as soon as that is known, rather than
+  // after minutes of reading a large volume (see refusalWatch).
+  const refusal = refusalWatch(remote, volume, opts.signal);
   // The TCP + TLS handshake with the peer runs while the local snapshot is taken.
-  if (!opts.dryRun) remote.warmUp();
+  if (!opts.dryRun) remote.warmUp(refusal.refused);
   const { snapshotVolumeHooked } = await import('./ops.js');
   // Blocks new to the local store start travelling while the scan goes on (sync/early.ts).
   // Once the scan is over, what early sending still sends (its tail) shows as transfer progress.
@@ -174,17 +177,22 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   const tailSent = () => ({ bytes: early!.bytes - tailFrom!.bytes, blocks: early!.blocks - tailFrom!.blocks });
   const early = opts.dryRun
     ? null
-    : new EarlySender(store, remote, () => {
-        if (!tailFrom) return; // still scanning: the scan's progress is shown
-        const sent = tailSent();
-        opts.onProgress?.({ phase: 'transfer', done: sent.bytes, total: sent.bytes + early!.pending * vol.blockSize, blocks: sent.blocks });
-      });
+    : new EarlySender(
+        store,
+        remote,
+        () => {
+          if (!tailFrom) return; // still scanning: the scan's progress is shown
+          const sent = tailSent();
+          opts.onProgress?.({ phase: 'transfer', done: sent.bytes, total: sent.bytes + early!.pending * vol.blockSize, blocks: sent.blocks });
+        },
+        refusal.refused,
+      );
   let snap: SnapshotRecord;
   try {
     snap = await snapshotVolumeHooked(home, store, volume, {
       ...(opts.changedBlocksFile !== undefined ? { changedBlocksFile: opts.changedBlocksFile } : {}),
       ...(opts.onNotice ? { onNotice: opts.onNotice } : {}),
-      ...(opts.signal ? { signal: opts.signal } : {}),
+      signal: refusal.signal,
       ...(early ? { onNewBlocks: (h: Hash[], direct: boolean) => early.add(h, direct), onScanned: () => early.scanned() } : {}),
       onProgress: (p) => opts.onProgress?.({ phase: 'scan', done: p.blocksDone * vol.blockSize, total: p.blocksTotal * vol.blockSize, blocks: p.blocksDone }),
     });
@@ -193,6 +201,8 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   } catch (e) {
     await early?.finish(false);
     throw e;
+  } finally {
+    refusal.end();
   }
   const copyOpts = { onProgress: transferProgress(opts), ...(opts.signal ? { signal: opts.signal } : {}) };
   if (opts.dryRun) {
@@ -227,6 +237,53 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   trace('sync base recorded');
   const copy = early ? { ...engine, blocksSent: engine.blocksSent + early.blocks, bytesSent: engine.bytesSent + early.bytes } : engine;
   return summary(volume, peer, 'push', snap, copy, false);
+}
+
+/**
+ * What the peer answers when it will refuse this sync however long the scan runs: our token is
+ * not its token, its certificate is not the pinned one, or it is no Tandem appliance of this
+ * protocol. Unreachable or busy is not among them: a peer can come back during a long scan.
+ */
+const REFUSALS: ReadonlySet<string> = new Set(['ERR_UNAUTHORIZED', 'ERR_PEER_FINGERPRINT', 'ERR_PEER_PROTOCOL']);
+
+/**
+ * A scan still running after this long asks the peer once (its latest snapshot of the volume)
+ * unless early sending has asked already, so that a refusal ends even a scan with nothing new
+ * to send. Short syncs (a change list, a no-op) are over before it: they make no extra request.
+ * `TANDEM_PEER_PROBE_MS` sets it (tests; a negative value turns the probe off).
+ */
+const PROBE_AFTER_MS = Number(process.env.TANDEM_PEER_PROBE_MS ?? 1000);
+
+/**
+ * While a push scans its volume, watch for the peer refusing the sync: told by the warm-up
+ * connection (a wrong certificate), early sending (its first question or block stream), or a
+ * probe (see {@link PROBE_AFTER_MS}). A refusal aborts the scan (`signal`, with the peer's error
+ * as the reason, which the scan throws): no local snapshot is taken, and the operator learns
+ * within a round trip what is wrong rather than after the whole scan. `end()` once the scan is
+ * over: later refusals are met by the sync's own requests.
+ */
+function refusalWatch(remote: RemotePeer, volume: string, outer?: AbortSignal) {
+  const ctl = new AbortController();
+  let scanning = true;
+  const refused = (e: unknown): void => {
+    if (!scanning || ctl.signal.aborted || !(e instanceof TandemError) || !REFUSALS.has(e.code)) return;
+    trace(`peer refused the sync during the scan: ${e.code}`);
+    ctl.abort(e);
+  };
+  const probe =
+    PROBE_AFTER_MS >= 0
+      ? setTimeout(() => {
+          if (scanning && remote.requests === 0) void remote.latestSnapshot(volume).then(() => undefined, refused);
+        }, PROBE_AFTER_MS)
+      : undefined;
+  return {
+    signal: outer ? AbortSignal.any([outer, ctl.signal]) : ctl.signal,
+    refused,
+    end(): void {
+      scanning = false;
+      clearTimeout(probe);
+    },
+  };
 }
 
 async function pull(home: Home, store: Store, remote: RemotePeer, volume: string, peer: string, opts: SyncOptions): Promise<Partial> {

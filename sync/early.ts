@@ -18,8 +18,9 @@
  * sends it under the peer's lease and shows it as transfer progress. (Blocks need no lease: they are
  * content-addressed and change nothing until a snapshot that references them commits.)
  *
- * Failures never fail the sync: the first error stops early sending (it is kept for the trace)
- * and the engine sends whatever is left. Memory is bounded: past {@link MAX_QUEUED} queued
+ * Failures never fail the sync by themselves: the first error stops early sending (it is kept
+ * for the trace, and told to `onFailure`: a sync stops when the peer refused it outright) and
+ * the engine sends whatever is left. Memory is bounded: past {@link MAX_QUEUED} queued
  * hashes, early sending stops and leaves the rest to the engine.
  */
 import type { BlockFrame, Hash, ReplicaStore } from '../store/types.js';
@@ -73,6 +74,8 @@ export class EarlySender {
     private readonly target: ReplicaStore,
     /** Called after each block frame handed to the target (progress of the tail, say). */
     private readonly onSent?: () => void,
+    /** Told the failure that stopped early sending (the sync may stop on it: appliance/replicate.ts). */
+    private readonly onFailure?: (e: unknown) => void,
   ) {}
 
   /** Blocks queued or taken and not yet sent (nor found at the target). */
@@ -182,6 +185,7 @@ export class EarlySender {
     } catch (e) {
       this.failure ??= e;
       this.stop();
+      this.onFailure?.(e);
     }
   }
 }

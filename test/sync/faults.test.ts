@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { execFileSync } from 'node:child_process';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer, request as httpsRequest, type Server } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -15,7 +15,7 @@ import { Transform } from 'node:stream';
 import { setTimeout as delay } from 'node:timers/promises';
 import { HEADER_BYTES } from '../../sync/framing.js';
 import { blake3 } from '../../store/hash.js';
-import { smallTmpfs } from '../helpers/cli.js';
+import { collect, smallTmpfs, spawnCli } from '../helpers/cli.js';
 import { cli, initHome, pair, pairedWithVolume, peerClient, startCli, startServe, tempDir, type TestHome } from '../helpers/appliance.js';
 
 const BS = 64 * 1024;
@@ -86,6 +86,49 @@ test('wrong token gets 401 and changes nothing; a wrong fingerprint is refused b
   assert.equal((await cli(a, 'peer', 'remove', 'y')).code, 0);
   const http = await cli(a, 'peer', 'add', 'x', '--url', sb.url.replace('https', 'http'), '--token', b.token, '--fingerprint', b.fingerprint);
   assert.equal(http.code, 2, 'peers are reached over https only');
+});
+
+test('a peer that refuses the sync (token, certificate) stops the scan at once: an error within a round trip, no local snapshot', async (t) => {
+  // 256 MiB of blocks new to the store: the scan writes them all, which takes far longer than a
+  // round trip to the peer (early sending asks about the first 16 blocks, 1 MiB, at once).
+  const { a, b, sb, dir } = await pairedWithVolume(t, 4096);
+  const snapshots = async () => ((await cli(a, 'snapshots', 'vol')).json as unknown[]).length;
+  const stale = 'y'.repeat(43);
+  assert.equal((await cli(a, 'peer', 'add', 'stale', '--url', sb.url, '--token', stale, '--fingerprint', b.fingerprint, '--no-check')).code, 0);
+  assert.equal((await cli(a, 'peer', 'add', 'impostor', '--url', sb.url, '--token', b.token, '--fingerprint', a.fingerprint, '--no-check')).code, 0);
+
+  const refused = await cli(a, 'sync', 'vol', '--peer', 'stale');
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.equal(refused.json.error.code, 'ERR_UNAUTHORIZED');
+  assert.match(refused.json.error.message, /refused our token/);
+  assert.equal(await snapshots(), 0, 'the scan stopped when early sending met the 401: no local snapshot');
+
+  // A wrong certificate is known when the warm-up handshake ends, before any request.
+  const impostor = await cli(a, 'sync', 'vol', '--peer', 'impostor');
+  assert.equal(impostor.code, 1, impostor.stderr);
+  assert.equal(impostor.json.error.code, 'ERR_PEER_FINGERPRINT');
+  assert.equal(await snapshots(), 0, 'the scan stopped at the handshake: no local snapshot');
+
+  // Nothing new to send (a pre hook holds the scan back, as a filesystem freeze can): early
+  // sending asks nothing, so the probe finds out. TANDEM_PEER_PROBE_MS=0 sends it at once.
+  const log = join(dir, 'hooks.log');
+  const config = join(a.dir, 'config.yaml');
+  const plain = readFileSync(config, 'utf8');
+  appendFileSync(config, `groups:\n  g:\n    volumes: [vol]\n    hooks:\n      pre: "echo pre >> ${log}; sleep 30"\n      post: "echo post >> ${log}"\n      timeout: 60s\n`);
+  const started = Date.now();
+  const probed = await collect(spawnCli(['--home', a.dir, '--json', 'sync', 'vol', '--peer', 'stale'], { env: { TANDEM_PEER_PROBE_MS: '0' } }));
+  const secs = (Date.now() - started) / 1000;
+  assert.equal(probed.code, 1, probed.stderr);
+  assert.equal(JSON.parse(probed.stdout).error.code, 'ERR_UNAUTHORIZED', 'the refusal is reported, not the pre hook it stopped');
+  assert.ok(secs < 20, `the 30 s pre hook was stopped by the refusal (${secs.toFixed(1)} s)`);
+  assert.equal(readFileSync(log, 'utf8'), 'pre\npost\n', 'the post hook ran after the stopped pre hook');
+  assert.equal(await snapshots(), 0);
+
+  // The same sync to the right peer goes through (the refusals changed nothing).
+  writeFileSync(config, plain);
+  const ok = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(ok.code, 0, ok.stderr);
+  assert.equal(await snapshots(), 1);
 });
 
 test('two concurrent syncs of one volume: the second gets ERR_VOLUME_LOCKED, locally and on the peer', async (t) => {
