@@ -170,8 +170,8 @@ export class RemotePeer implements ReplicaStore {
   /** A connection opened ahead of the first request ({@link warmUp}), until the pool takes it. */
   private warm: Promise<TLSSocket | null> | null = null;
   private readonly warmConnect: () => void;
-  /** Told when the connection {@link warmUp} opened shows a certificate other than the pinned one. */
-  private onWarmRefused: ((e: TandemError) => void) | undefined;
+  /** Told when the connection {@link warmUp} opens fails, or shows a certificate other than the pinned one. */
+  private onWarmFailure: ((e: TandemError) => void) | undefined;
   private closed = false;
 
   constructor(opts: RemotePeerOptions) {
@@ -234,7 +234,10 @@ export class RemotePeer implements ReplicaStore {
       const port = u.port || '443';
       this.warm = new Promise((resolve) => {
         base({ hostname: u.hostname, host: u.host, protocol: u.protocol, port, servername: null as unknown as string, localAddress: null, httpSocket: undefined } as unknown as BuildConnectorType.Options, (err, socket) => {
-          if (err || !socket) return resolve(null);
+          if (err || !socket) {
+            if (!this.closed) this.onWarmFailure?.(this.transportError(err ?? new Error('connect failed'), 'connect'));
+            return resolve(null);
+          }
           socket.on('error', ignore);
           trace('client: warm connection ready');
           if (this.closed) {
@@ -245,7 +248,7 @@ export class RemotePeer implements ReplicaStore {
           // on a fresh connection of its own (it fails there the same way, before sending).
           const bad = check(socket);
           if (bad) {
-            this.onWarmRefused?.(bad);
+            this.onWarmFailure?.(bad);
             return resolve(null);
           }
           resolve(socket as TLSSocket);
@@ -258,12 +261,13 @@ export class RemotePeer implements ReplicaStore {
   /**
    * Open one connection (TCP + TLS handshake) in the background, so the first request finds it
    * ready: a caller with local work to do first (a snapshot) overlaps the handshake with it. No
-   * request is sent. The pinned fingerprint is checked when the handshake ends: a mismatch goes
-   * to `onRefused` (ERR_PEER_FINGERPRINT; the first request then fails with it too, before
-   * anything is written). Harmless when unused (closed by {@link close}).
+   * request is sent. The pinned fingerprint is checked when the handshake ends. A mismatch
+   * (ERR_PEER_FINGERPRINT) or a failed connection (ERR_PEER_UNREACHABLE) goes to `onFailure`;
+   * the first request then opens a connection of its own and meets it again. Harmless when
+   * unused (closed by {@link close}).
    */
-  warmUp(onRefused?: (e: TandemError) => void): void {
-    this.onWarmRefused = onRefused;
+  warmUp(onFailure?: (e: TandemError) => void): void {
+    this.onWarmFailure = onFailure;
     this.warmConnect();
   }
 

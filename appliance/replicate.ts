@@ -167,7 +167,7 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   if (!vol) throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${volume}" on this appliance; register it with \`appliance volume add ${volume} --path PATH\``, { details: { volume } });
   // A peer that refuses this sync outright stops the scan as soon as that is known, rather than
   // after minutes of reading a large volume (see refusalWatch).
-  const refusal = refusalWatch(remote, volume, opts.signal);
+  const refusal = refusalWatch(remote, volume, peer, opts);
   // The TCP + TLS handshake with the peer runs while the local snapshot is taken.
   if (!opts.dryRun) remote.warmUp(refusal.refused);
   const { snapshotVolumeHooked } = await import('./ops.js');
@@ -255,18 +255,26 @@ const REFUSALS: ReadonlySet<string> = new Set(['ERR_UNAUTHORIZED', 'ERR_PEER_FIN
 const PROBE_AFTER_MS = Number(process.env.TANDEM_PEER_PROBE_MS ?? 1000);
 
 /**
- * While a push scans its volume, watch for the peer refusing the sync: told by the warm-up
- * connection (a wrong certificate), early sending (its first question or block stream), or a
+ * While a push scans its volume, watch what the peer answers: told by the warm-up connection (a
+ * wrong certificate, no connection), early sending (its first question or block stream), or a
  * probe (see {@link PROBE_AFTER_MS}). A refusal aborts the scan (`signal`, with the peer's error
  * as the reason, which the scan throws): no local snapshot is taken, and the operator learns
- * within a round trip what is wrong rather than after the whole scan. `end()` once the scan is
- * over: later refusals are met by the sync's own requests.
+ * within a round trip what is wrong rather than after the whole scan. An unreachable peer is
+ * only a notice: the scan goes on, and the sync tries the peer again when it ends. `end()` once
+ * the scan is over: later failures are met by the sync's own requests.
  */
-function refusalWatch(remote: RemotePeer, volume: string, outer?: AbortSignal) {
+function refusalWatch(remote: RemotePeer, volume: string, peer: string, opts: Pick<SyncOptions, 'signal' | 'onNotice'>) {
   const ctl = new AbortController();
   let scanning = true;
+  let told = false;
   const refused = (e: unknown): void => {
-    if (!scanning || ctl.signal.aborted || !(e instanceof TandemError) || !REFUSALS.has(e.code)) return;
+    if (!scanning || ctl.signal.aborted || !(e instanceof TandemError)) return;
+    if (e.code === 'ERR_PEER_UNREACHABLE' && !told) {
+      told = true;
+      const why = typeof e.details.code === 'string' && e.details.code !== '' ? ` (${e.details.code})` : '';
+      opts.onNotice?.(`peer ${peer} does not answer${why}: the scan goes on and the local snapshot will be taken; the sync tries the peer again when the scan ends`);
+    }
+    if (!REFUSALS.has(e.code)) return;
     trace(`peer refused the sync during the scan: ${e.code}`);
     ctl.abort(e);
   };
@@ -277,7 +285,7 @@ function refusalWatch(remote: RemotePeer, volume: string, outer?: AbortSignal) {
         }, PROBE_AFTER_MS)
       : undefined;
   return {
-    signal: outer ? AbortSignal.any([outer, ctl.signal]) : ctl.signal,
+    signal: opts.signal ? AbortSignal.any([opts.signal, ctl.signal]) : ctl.signal,
     refused,
     end(): void {
       scanning = false;

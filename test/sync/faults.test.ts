@@ -129,6 +129,20 @@ test('a peer that refuses the sync (token, certificate) stops the scan at once: 
   const ok = await cli(a, 'sync', 'vol', '--peer', 'cloud');
   assert.equal(ok.code, 0, ok.stderr);
   assert.equal(await snapshots(), 1);
+
+  // A peer that does not answer is no refusal: the operator is told at once, the scan goes on
+  // and its snapshot is kept (a local restore point), and the sync fails when it tries again.
+  const closed = createServer();
+  closed.listen(0, '127.0.0.1');
+  await once(closed, 'listening');
+  const port = (closed.address() as AddressInfo).port;
+  await new Promise<void>((r) => closed.close(() => r()));
+  assert.equal((await cli(a, 'peer', 'add', 'down', '--url', `https://127.0.0.1:${port}`, '--token', b.token, '--fingerprint', b.fingerprint, '--no-check')).code, 0);
+  const down = await cli(a, 'sync', 'vol', '--peer', 'down');
+  assert.equal(down.code, 1, down.stderr);
+  assert.equal(down.json.error.code, 'ERR_PEER_UNREACHABLE');
+  assert.match(down.stderr, /note: peer down does not answer \(ECONNREFUSED\): the scan goes on/);
+  assert.equal(await snapshots(), 2, 'the scan went on: its snapshot is kept');
 });
 
 test('two concurrent syncs of one volume: the second gets ERR_VOLUME_LOCKED, locally and on the peer', async (t) => {
