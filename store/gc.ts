@@ -21,10 +21,74 @@ import { TandemError } from '../common/errors.js';
 import { isZeroHash, toHex, blake3 } from './hash.js';
 import { blockKey, decodeLocation, encodeLocation, encodeU64, namespaceRange, nodeKey, NS, packKey, type BlockLocation } from './keys.js';
 import { decodePayload, decodeRecord, recordLength } from './pack.js';
-import { fsyncDir } from './pack-files.js';
+import { fsyncDir, type PackFiles, type PooledRead } from './pack-files.js';
 import { decodeNode } from './tree.js';
 import type { Store } from './store.js';
 import type { GcReport, Hash, SnapshotRecord } from './types.js';
+
+/** Live records read ahead of the one being checked (whole records, O_DIRECT). */
+const READ_AHEAD = 8;
+/** Payload bytes copied per pack write: a direct-append staging slot's worth (store/pack-files.ts). */
+const COPY_BATCH_BYTES = 8 * 1024 * 1024;
+
+type Live = { hash: Hash; loc: BlockLocation };
+
+/**
+ * Copy the live records `list` of pack `id` (sorted by offset) into the packs being written,
+ * each checked (CRC, then BLAKE3 of its payload) first. Null when one fails: the pack is then
+ * kept as it is, and what was copied of it stays unreferenced in the new packs.
+ *
+ * The old packs are mostly not in the page cache and the new ones will not be read soon, so
+ * both go past it (O_DIRECT reads into pooled buffers, direct appends), with up to
+ * {@link READ_AHEAD} reads in flight while a batch is checked and written: one record at a
+ * time through the cache, 1 GiB of live data took 5.0 s to repack where `cp` + `sync` of as
+ * much takes 1.3 s.
+ */
+async function copyLive(packs: PackFiles, id: number, list: readonly Live[]): Promise<Live[] | null> {
+  const reads: Array<Promise<PooledRead | undefined>> = [];
+  let next = 0;
+  const fill = () => {
+    for (; next < list.length && reads.length < READ_AHEAD; next++) {
+      const { loc } = list[next]!;
+      reads.push(packs.readPooled(id, loc.offset, recordLength(loc.length), { direct: true }).catch(() => undefined));
+    }
+  };
+  const copied: Live[] = [];
+  let batch: Array<{ hash: Hash; codec: number; payload: Buffer; release?: () => void }> = [];
+  let bytes = 0;
+  const release = () => {
+    for (const r of batch) r.release?.();
+    batch = [];
+    bytes = 0;
+  };
+  const write = async () => {
+    if (batch.length === 0) return;
+    // appendMany has copied or written the payloads when it returns: the buffers can go back.
+    const locs = await packs.appendMany(batch, { direct: true });
+    batch.forEach((r, i) => copied.push({ hash: r.hash, loc: locs[i]! }));
+    release();
+  };
+  try {
+    for (const { hash } of list) {
+      fill();
+      const r = await reads.shift()!;
+      const rec = r && decodeRecord(r.buf);
+      const data = rec && rec.hash.equals(hash) ? decodePayload(rec.codec, rec.payload) : undefined;
+      if (!rec || !data || !blake3(data).equals(hash)) {
+        r?.release?.();
+        return null;
+      }
+      if (bytes + rec.payload.length > COPY_BATCH_BYTES) await write();
+      batch.push({ hash, codec: rec.codec, payload: rec.payload, ...(r.release ? { release: r.release } : {}) });
+      bytes += rec.payload.length;
+    }
+    await write();
+    return copied;
+  } finally {
+    release();
+    for (const p of reads) void p.then((r) => r?.release?.());
+  }
+}
 
 interface PackStats {
   liveCount: number;
@@ -111,20 +175,9 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
     }
     for (const [id, list] of byPack) {
       list.sort((a, b) => a.loc.offset - b.loc.offset);
-      const copied: typeof moves = [];
-      let ok = true;
-      for (const { hash, loc } of list) {
-        const raw = await packs.read(id, loc.offset, recordLength(loc.length)).catch(() => undefined);
-        const rec = raw && decodeRecord(raw);
-        const data = rec && rec.hash.equals(hash) ? decodePayload(rec.codec, rec.payload) : undefined;
-        if (!data || !blake3(data).equals(hash)) {
-          ok = false; // keep this pack as it is: verify reports the damaged block
-          break;
-        }
-        copied.push({ hash, loc: await packs.append(hash, rec!.codec, rec!.payload) });
-      }
-      if (ok) moves.push(...copied);
-      else skipped.add(id);
+      const copied = await copyLive(packs, id, list);
+      if (copied) moves.push(...copied);
+      else skipped.add(id); // keep this pack as it is: verify reports the damaged block
     }
     const newLengths = await packs.sync();
 

@@ -568,4 +568,53 @@ describe('Store', () => {
     const s3 = await scanFile(store, path, 'vol2');
     assert.ok((await readBack(store, s3)).equals(img2));
   });
+
+  it('gc leaves a pack with a damaged live record as it is: verify still names the block, the other packs are repacked', async (t) => {
+    const dir = await tempDir(t);
+    const storeDir = join(dir, 'store');
+    const path = join(dir, 'img');
+    const store = await Store.open(storeDir);
+    t.after(() => store.close());
+    // Two volumes, each in a pack of its own (a rollover between them), each with dead records
+    // once the first snapshot of each is deleted.
+    const snaps: SnapshotRecord[] = [];
+    const images: Buffer[] = [];
+    for (const vol of ['a', 'b']) {
+      const img = makeImage(48, BS);
+      await writeImage(path, img);
+      const s1 = await scanFile(store, path, vol);
+      const img2 = Buffer.from(img);
+      for (const i of [3, 4, 40]) img2.fill(i + 1, i * BS, (i + 1) * BS);
+      await writeImage(path, img2);
+      snaps.push(await scanFile(store, path, vol, { parent: s1 }));
+      images.push(img2);
+      await store.deleteSnapshot(vol, s1.id);
+      await (store as unknown as { packs: PackFiles }).packs.rollover();
+    }
+    // Damage block 10 of volume a (live) inside its pack.
+    const hash = hashBlock(images[0]!.subarray(10 * BS, 11 * BS));
+    const packs = await packFiles(storeDir);
+    let damaged = '';
+    for (const p of packs) {
+      const bytes = await readFile(p);
+      const at = bytes.indexOf(hash);
+      if (at < 0) continue;
+      const f = await open(p, 'r+');
+      const one = Buffer.alloc(1);
+      const pos = at - 12 + 44 + 100; // the hash sits at byte 12 of the 44-byte record header
+      await f.read(one, 0, 1, pos);
+      one[0] = one[0]! ^ 0xff;
+      await f.write(one, 0, 1, pos);
+      await f.close();
+      damaged = p;
+    }
+    assert.notEqual(damaged, '', 'the block was found in a pack');
+    const report = await store.gc();
+    assert.equal(report.packsRewritten, 1, "only volume b's pack was repacked");
+    assert.equal(report.blocksRemoved, 3, "b's three dead blocks went; a's stay with their pack");
+    assert.ok((await packFiles(storeDir)).includes(damaged), 'the damaged pack is kept');
+    const problems = (await store.verify()).problems;
+    assert.deepEqual(problems.map((p) => [p.code, p.volume, p.blockIndex]), [['ERR_BLOCK_CORRUPT', 'a', 10]]);
+    assert.ok((await readBack(store, snaps[1]!)).equals(images[1]!), 'volume b reads back exactly from its new pack');
+  });
 });
