@@ -73,6 +73,8 @@ export class Store implements ReplicaStore {
   /** @internal */ readonly packs: PackFiles;
   /** @internal serializes pack appends and index writes. */ readonly writeLock = new Mutex();
   /** @internal shared by snapshot builds, exclusive for gc. */ readonly gcLock = new SharedLock();
+  /** @internal The old packs the last gc is deleting after its locks (store/gc.ts); close and the next gc wait for it. */
+  reclaiming: Promise<void> = Promise.resolve();
   /** @internal hash workers kept between scans. */ readonly hashPools = new HashPools();
   /** Blocks appended but not yet durable, by hash (latin1 string of the 32 bytes). */
   private readonly pending = new Map<string, BlockLocation>();
@@ -135,6 +137,7 @@ export class Store implements ReplicaStore {
       await this.flush();
     } finally {
       this.closed = true;
+      await this.reclaiming.catch(() => undefined);
       await this.hashPools.close();
       await this.packs.close();
       await this.db.close();

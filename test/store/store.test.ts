@@ -569,6 +569,36 @@ describe('Store', () => {
     assert.ok((await readBack(store, s3)).equals(img2));
   });
 
+  it('two gcs at once and a snapshot during them: all succeed, and only the packs the index names are left', async (t) => {
+    const dir = await tempDir(t);
+    const storeDir = join(dir, 'store');
+    const path = join(dir, 'img');
+    const store = await Store.open(storeDir);
+    t.after(() => store.close());
+    const img = makeImage(64, BS);
+    await writeImage(path, img);
+    const s1 = await scanFile(store, path, 'vol');
+    const img2 = Buffer.from(img);
+    for (let i = 0; i < 64; i += 2) img2.fill(i + 1, i * BS, (i + 1) * BS);
+    await writeImage(path, img2);
+    const s2 = await scanFile(store, path, 'vol', { parent: s1 });
+    await store.deleteSnapshot('vol', s1.id);
+    // The second gc waits for the first to have deleted its old packs; the snapshot runs
+    // between or after them.
+    const [r1, r2, s3] = await Promise.all([store.gc(), store.gc(), scanFile(store, path, 'other')]);
+    assert.equal(r1.blocksRemoved + r2.blocksRemoved, 32);
+    assert.equal((await store.verify()).problems.length, 0);
+    assert.ok((await readBack(store, s2)).equals(img2));
+    assert.ok((await readBack(store, s3)).equals(img2));
+    await store.close();
+    // A reopen deletes pack files the index does not name: there must be none.
+    const before = await packFiles(storeDir);
+    const again = await Store.open(storeDir);
+    t.after(() => again.close());
+    assert.deepEqual(await packFiles(storeDir), before, 'no pack was left behind by either gc');
+    assert.equal((await again.verify()).problems.length, 0);
+  });
+
   it('gc leaves a pack with a damaged live record as it is: verify still names the block, the other packs are repacked', async (t) => {
     const dir = await tempDir(t);
     const storeDir = join(dir, 'store');
