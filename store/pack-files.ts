@@ -419,12 +419,12 @@ export class PackFiles {
    * cached pages of the range out first, so the bytes read are those last written either way.
    * Null when direct I/O does not work here (then every later call goes buffered).
    */
-  private async readDirect(id: number, offset: number, length: number): Promise<PooledRead | null> {
+  private async readDirect(id: number, offset: number, length: number, into?: Buffer): Promise<PooledRead | null> {
     if (this.directWrites.size > 0) await this.settleDirect(id, offset, offset + length);
     const start = Math.floor(offset / DIRECT_ALIGN) * DIRECT_ALIGN;
     const lead = offset - start;
     const want = Math.ceil((lead + length) / DIRECT_ALIGN) * DIRECT_ALIGN;
-    let free = this.freeDirectReads.get(want);
+    let free = into ? [] : this.freeDirectReads.get(want);
     if (!free) {
       if (this.freeDirectReads.size >= POOLED_READ_LENGTHS) return null;
       this.freeDirectReads.set(want, (free = []));
@@ -446,7 +446,7 @@ export class PackFiles {
         this.directReaders.set(id, fh);
       }
     }
-    const whole = free.pop() ?? alignedSlots(1, want)[0]!;
+    const whole = into?.subarray(0, want) ?? free.pop() ?? alignedSlots(1, want)[0]!;
     const pool = free;
     let released = false;
     const release = () => {
@@ -470,6 +470,21 @@ export class PackFiles {
     }
     const got = Math.max(0, Math.min(length, done - lead));
     return { buf: whole.subarray(lead, lead + got), release };
+  }
+
+  /**
+   * Read `length` bytes at `offset` of a pack into `slot`, a page-aligned buffer of at least
+   * `length` + 2 pages (common/io-buffers.ts alignedSlots) that the caller reuses: with O_DIRECT
+   * when this filesystem takes it, else through the page cache. Returns the bytes, a view of
+   * `slot`; short at a truncated pack. For a reader of many spans of varied lengths (gc), which
+   * the pools of {@link readPooled} would not keep.
+   */
+  async readSpan(id: number, offset: number, length: number, slot: Buffer): Promise<Buffer> {
+    if (this.directReaders) {
+      const r = await this.readDirect(id, offset, length, slot);
+      if (r) return r.buf;
+    }
+    return this.readInto(id, offset, length, slot.subarray(0, length));
   }
 
   private async readInto(id: number, offset: number, length: number, buf: Buffer): Promise<Buffer> {
