@@ -46,6 +46,20 @@ async function packFiles(storeDir: string): Promise<string[]> {
   return (await readdir(join(storeDir, 'packs'))).filter((n) => n.endsWith('.pack')).sort().map((n) => join(storeDir, 'packs', n));
 }
 
+/** Bytes of all pack files. */
+async function packBytes(storeDir: string): Promise<number> {
+  return (await Promise.all((await packFiles(storeDir)).map((p) => stat(p)))).reduce((n, s) => n + s.size, 0);
+}
+
+/** A store in a fresh temp dir (closed after the test), and where its volume image goes. */
+async function openStore(t: Parameters<typeof tempDir>[0]): Promise<{ dir: string; storeDir: string; path: string; store: Store }> {
+  const dir = await tempDir(t);
+  const storeDir = join(dir, 'store');
+  const store = await Store.open(storeDir);
+  t.after(() => store.close());
+  return { dir, storeDir, path: join(dir, 'img'), store };
+}
+
 describe('Store', () => {
   it('scans an image with zero blocks and a short tail, reads it back exactly, stores only non-zero blocks', async (t) => {
     const img = makeImage(300, BS, { zeroEvery: 3, tail: 1000 });
@@ -550,7 +564,7 @@ describe('Store', () => {
     for (const i of [3, 4, 50]) img2.fill(i, i * BS, (i + 1) * BS);
     await writeImage(path, img2);
     const s2 = await scanFile(store, path, 'vol', { parent: s1 });
-    const before = (await Promise.all((await packFiles(storeDir)).map((p) => stat(p)))).reduce((n, s) => n + s.size, 0);
+    const before = await packBytes(storeDir);
     assert.deepEqual(await store.gc().then((r) => r.blocksRemoved), 0);
     await store.deleteSnapshot('vol', s1.id);
     // Reads running while gc moves blocks and deletes packs still succeed.
@@ -560,7 +574,7 @@ describe('Store', () => {
     assert.equal(report.blocksKept, 64);
     assert.equal(report.nodesRemoved, 1);
     assert.ok(report.bytesReclaimed >= 3 * BS, `reclaimed ${report.bytesReclaimed}`);
-    const after = (await Promise.all((await packFiles(storeDir)).map((p) => stat(p)))).reduce((n, s) => n + s.size, 0);
+    const after = await packBytes(storeDir);
     assert.ok(before - after >= 3 * BS);
     assert.deepEqual(await store.hasBlocks([3, 4, 50].map((i) => hashBlock(img.subarray(i * BS, (i + 1) * BS)))), [false, false, false]);
     assert.ok((await readBack(store, s2)).equals(img2));
@@ -571,11 +585,7 @@ describe('Store', () => {
   });
 
   it('gc reclaims a record no index entry points at (a block two writers stored at once)', async (t) => {
-    const dir = await tempDir(t);
-    const storeDir = join(dir, 'store');
-    const path = join(dir, 'img');
-    const store = await Store.open(storeDir);
-    t.after(() => store.close());
+    const { storeDir, path, store } = await openStore(t);
     const img = makeImage(8, BS);
     await writeImage(path, img);
     const snap = await scanFile(store, path, 'vol');
@@ -587,22 +597,17 @@ describe('Store', () => {
     const lengths = await packs.sync();
     for (const [id, n] of lengths) await store.db.put(packKey(id), encodeU64(n));
     packs.markDurable(lengths);
-    const size = async () => (await Promise.all((await packFiles(storeDir)).map((p) => stat(p)))).reduce((n, s) => n + s.size, 0);
-    assert.equal(await size(), 9 * recordLength(BS));
+    assert.equal(await packBytes(storeDir), 9 * recordLength(BS));
     const report = await store.gc();
     assert.equal(report.blocksRemoved, 0, 'no index entry was dead');
     assert.equal(report.bytesReclaimed, recordLength(BS), 'the extra copy went');
-    assert.equal(await size(), 8 * recordLength(BS));
+    assert.equal(await packBytes(storeDir), 8 * recordLength(BS));
     assert.equal((await store.verify()).problems.length, 0);
     assert.ok((await readBack(store, snap)).equals(img));
   });
 
   it('two gcs at once and a snapshot during them: all succeed, and only the packs the index names are left', async (t) => {
-    const dir = await tempDir(t);
-    const storeDir = join(dir, 'store');
-    const path = join(dir, 'img');
-    const store = await Store.open(storeDir);
-    t.after(() => store.close());
+    const { storeDir, path, store } = await openStore(t);
     const img = makeImage(64, BS);
     await writeImage(path, img);
     const s1 = await scanFile(store, path, 'vol');
@@ -628,11 +633,7 @@ describe('Store', () => {
   });
 
   it('gc keeps a pack with a damaged live record, whose entry stays with it: verify still names the block; everything else is repacked', async (t) => {
-    const dir = await tempDir(t);
-    const storeDir = join(dir, 'store');
-    const path = join(dir, 'img');
-    const store = await Store.open(storeDir);
-    t.after(() => store.close());
+    const { storeDir, path, store } = await openStore(t);
     // Two volumes, each in a pack of its own (a rollover between them), each with dead records
     // once the first snapshot of each is deleted.
     const snaps: SnapshotRecord[] = [];
