@@ -121,7 +121,8 @@ test('a peer that refuses the sync (token, certificate) stops the scan at once: 
   assert.equal(probed.code, 1, probed.stderr);
   assert.equal(JSON.parse(probed.stdout).error.code, 'ERR_UNAUTHORIZED', 'the refusal is reported, not the pre hook it stopped');
   assert.ok(secs < 20, `the 30 s pre hook was stopped by the refusal (${secs.toFixed(1)} s)`);
-  assert.equal(readFileSync(log, 'utf8'), 'pre\npost\n', 'the post hook ran after the stopped pre hook');
+  // Under load the refusal can come before the pre hook's shell has written anything.
+  assert.match(readFileSync(log, 'utf8'), /^(pre\n)?post\n$/, 'the post hook ran after the stopped pre hook');
   assert.equal(await snapshots(), 0);
 
   // The same sync to the right peer goes through (the refusals changed nothing).
