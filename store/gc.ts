@@ -31,7 +31,7 @@
  * again.
  */
 import { TandemError } from '../common/errors.js';
-import { alignedSlots } from '../common/io-buffers.js';
+import { DIRECT_ALIGN, alignedSlots } from '../common/io-buffers.js';
 import { isZeroHash, toHex, blake3 } from './hash.js';
 import { blockKey, decodeLocation, encodeLocation, encodeU64, namespaceRange, nodeKey, NS, packKey, type BlockLocation } from './keys.js';
 import { decodePayload, decodeRecord, recordLength } from './pack.js';
@@ -190,7 +190,7 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
     // 3. copy, round by round
     const roundEntries = Number(process.env.TANDEM_GC_ROUND_ENTRIES) || ROUND_ENTRIES;
     await packs.rollover();
-    const spans = alignedSlots(SPANS_AHEAD, SPAN_BYTES + 2 * 4096);
+    const spans = alignedSlots(SPANS_AHEAD, SPAN_BYTES + 2 * DIRECT_ALIGN);
     /** Packs kept as they are: one of their live records is damaged. */
     const kept = new Set<number>();
     const newLengths = new Map<number, number>();
@@ -292,7 +292,7 @@ async function copyLive(packs: PackFiles, id: number, list: readonly Entry[], sl
       const { start, end } = spans[next]!;
       // A record larger than a slot (blocks up to 16 MiB) is read into a buffer of its own.
       const slot = end - start <= SPAN_BYTES ? free.pop()! : null;
-      const into = slot ?? alignedSlots(1, end - start + 2 * 4096)[0]!;
+      const into = slot ?? alignedSlots(1, end - start + 2 * DIRECT_ALIGN)[0]!;
       reads.push(packs.readSpan(id, start, end - start, into).then((buf) => ({ buf, slot }), () => ({ buf: undefined, slot })));
     }
   };
