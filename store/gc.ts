@@ -38,7 +38,7 @@ import { decodePayload, decodeRecord, recordLength } from './pack.js';
 import { fsyncDir, type PackFiles } from './pack-files.js';
 import { decodeNode } from './tree.js';
 import type { Store } from './store.js';
-import type { GcReport, Hash, SnapshotRecord } from './types.js';
+import type { GcProgress, GcReport, Hash, SnapshotRecord } from './types.js';
 
 /**
  * Index entries (live and dead) of the packs being rewritten handled per round (~8 MiB of them).
@@ -112,7 +112,7 @@ interface PackStats {
   dead: number;
 }
 
-export async function collectGarbage(store: Store): Promise<GcReport> {
+export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) => void): Promise<GcReport> {
   const report = await store.gcLock.exclusive(() => store.writeLock.run(async () => {
     // The packs an earlier gc was still deleting are gone before their ids are looked at.
     await store.reclaiming.catch(() => undefined);
@@ -167,9 +167,13 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
       }
     }
     const rewrite = new Set<number>();
+    const progress = { entriesDone: 0, entriesTotal: 0, bytesCopied: 0 };
     for (const id of packs.ids()) {
       const s = stats.get(id);
-      if (!s || s.dead > 0 || s.liveBytes < (packs.durable.get(id) ?? 0)) rewrite.add(id);
+      if (!s || s.dead > 0 || s.liveBytes < (packs.durable.get(id) ?? 0)) {
+        rewrite.add(id);
+        progress.entriesTotal += s ? s.live + s.dead : 0;
+      }
     }
 
     // The dead nodes go first, in a synced batch of their own: a node in the index implies its
@@ -221,6 +225,9 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
       await batch.write({ sync: true });
       packs.markDurable(lengths);
       blocksRemoved += dead.length;
+      progress.entriesDone += moves.length + dead.length;
+      progress.bytesCopied += moved.reduce((n, m) => n + recordLength(m.loc.length), 0);
+      onProgress?.({ ...progress });
       moves = [];
       dead = [];
     };

@@ -26,7 +26,7 @@ import { HashPools } from './hash-pool.js';
 import { verifyStore } from './verify.js';
 import { collectGarbage } from './gc.js';
 import type {
-  BlockFrame, GcReport, GetBlocksOptions, Hash, NodeToPut, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyReport, VolumeReader, VolumeRecord,
+  BlockFrame, GcProgress, GcReport, GetBlocksOptions, Hash, NodeToPut, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyReport, VolumeReader, VolumeRecord,
 } from './types.js';
 
 /** A block read from a pack, with the function that gives its pooled buffer back (if pooled). */
@@ -908,9 +908,9 @@ export class Store implements ReplicaStore {
   }
 
   /** Reclaim blocks and nodes no snapshot reaches, by repacking; crash-safe (store/gc.ts). */
-  async gc(): Promise<GcReport> {
+  async gc(opts: { onProgress?: (p: GcProgress) => void } = {}): Promise<GcReport> {
     this.checkOpen();
-    return collectGarbage(this);
+    return collectGarbage(this, opts.onProgress);
   }
 }
 

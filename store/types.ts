@@ -247,6 +247,15 @@ export interface VerifyReport {
   readonly problems: readonly VerifyProblem[];
 }
 
+/** How far gc's copy has got (store/gc.ts): told after each round. */
+export interface GcProgress {
+  /** Index entries of the packs being rewritten handled so far (moved or deleted), and in all. */
+  readonly entriesDone: number;
+  readonly entriesTotal: number;
+  /** Bytes of live records copied into new packs so far. */
+  readonly bytesCopied: number;
+}
+
 export interface GcReport {
   readonly blocksKept: number;
   readonly blocksRemoved: number;

@@ -5,7 +5,7 @@ import { appendFile, open, readFile, readdir, stat, truncate, writeFile } from '
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { Store, ZERO_HASH, hashBlock, makeNode, type SnapshotRecord, type ScanProgress } from '../../store/index.js';
+import { Store, ZERO_HASH, hashBlock, makeNode, type GcProgress, type SnapshotRecord, type ScanProgress } from '../../store/index.js';
 import { blockKey, encodeU64, packKey } from '../../store/keys.js';
 import { CODEC_RAW, recordLength } from '../../store/pack.js';
 import type { PackFiles } from '../../store/pack-files.js';
@@ -604,6 +604,27 @@ describe('Store', () => {
     assert.equal(await packBytes(storeDir), 8 * recordLength(BS));
     assert.equal((await store.verify()).problems.length, 0);
     assert.ok((await readBack(store, snap)).equals(img));
+  });
+
+  it('gc tells its progress after each round: entries handled of those to handle, bytes copied', async (t) => {
+    const { path, store } = await openStore(t);
+    process.env.TANDEM_GC_ROUND_ENTRIES = '8';
+    t.after(() => void delete process.env.TANDEM_GC_ROUND_ENTRIES);
+    const img = makeImage(64, BS);
+    await writeImage(path, img);
+    const s1 = await scanFile(store, path, 'vol');
+    const img2 = Buffer.from(img);
+    for (let i = 0; i < 64; i += 2) img2.fill(i + 1, i * BS, (i + 1) * BS);
+    await writeImage(path, img2);
+    await scanFile(store, path, 'vol', { parent: s1 });
+    await store.deleteSnapshot('vol', s1.id);
+    const seen: GcProgress[] = [];
+    const report = await store.gc({ onProgress: (p) => seen.push(p) });
+    // One pack: 64 live entries (32 kept from the first snapshot, 32 new) and 32 dead.
+    assert.equal(report.blocksRemoved, 32);
+    assert.equal(seen.length, 12, 'rounds of 8 of the 96 entries');
+    assert.ok(seen.every((p, i) => p.entriesTotal === 96 && p.entriesDone === 8 * (i + 1)));
+    assert.equal(seen.at(-1)!.bytesCopied, 64 * recordLength(BS));
   });
 
   it('two gcs at once and a snapshot during them: all succeed, and only the packs the index names are left', async (t) => {

@@ -11,7 +11,21 @@ export function define(program: Command): void {
     .action(run(async (g) => {
       const { withHomeStore } = await import('../../ops.js');
       const { formatBytes } = await import('../output.js');
-      const r = await withHomeStore(g.home, (_home, store) => store.gc());
+      const { startProgress } = await import('../progress.js');
+      // The copy is what takes long on a large store: a bar of index entries handled (on a TTY).
+      let bar: ReturnType<typeof startProgress> | null = null;
+      const r = await withHomeStore(g.home, async (_home, store) => {
+        try {
+          return await store.gc({
+            onProgress: (p) => {
+              bar ??= startProgress(g, { total: p.entriesTotal, unit: 'blocks', label: 'gc' });
+              bar.update(p.entriesDone, { copied: formatBytes(p.bytesCopied) });
+            },
+          });
+        } finally {
+          bar?.stop();
+        }
+      });
       return {
         json: r,
         text: `removed ${r.blocksRemoved} blocks (${formatBytes(r.bytesReclaimed)}) and ${r.nodesRemoved} nodes, kept ${r.blocksKept} blocks, rewrote ${r.packsRewritten} packs`,
