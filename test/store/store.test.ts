@@ -51,6 +51,22 @@ async function packBytes(storeDir: string): Promise<number> {
   return (await Promise.all((await packFiles(storeDir)).map((p) => stat(p)))).reduce((n, s) => n + s.size, 0);
 }
 
+/**
+ * Volume "vol" of 64 blocks snapshotted, every other block rewritten and snapshotted again, the
+ * first snapshot deleted: one pack of 64 live and 32 dead records, for gc.
+ */
+async function halfRewritten(store: Store, path: string): Promise<{ img2: Buffer; s2: SnapshotRecord }> {
+  const img = makeImage(64, BS);
+  await writeImage(path, img);
+  const s1 = await scanFile(store, path, 'vol');
+  const img2 = Buffer.from(img);
+  for (let i = 0; i < 64; i += 2) img2.fill(i + 1, i * BS, (i + 1) * BS);
+  await writeImage(path, img2);
+  const s2 = await scanFile(store, path, 'vol', { parent: s1 });
+  await store.deleteSnapshot('vol', s1.id);
+  return { img2, s2 };
+}
+
 /** A store in a fresh temp dir (closed after the test), and where its volume image goes. */
 async function openStore(t: Parameters<typeof tempDir>[0]): Promise<{ dir: string; storeDir: string; path: string; store: Store }> {
   const dir = await tempDir(t);
@@ -610,14 +626,7 @@ describe('Store', () => {
     const { path, store } = await openStore(t);
     process.env.TANDEM_GC_ROUND_ENTRIES = '8';
     t.after(() => void delete process.env.TANDEM_GC_ROUND_ENTRIES);
-    const img = makeImage(64, BS);
-    await writeImage(path, img);
-    const s1 = await scanFile(store, path, 'vol');
-    const img2 = Buffer.from(img);
-    for (let i = 0; i < 64; i += 2) img2.fill(i + 1, i * BS, (i + 1) * BS);
-    await writeImage(path, img2);
-    await scanFile(store, path, 'vol', { parent: s1 });
-    await store.deleteSnapshot('vol', s1.id);
+    await halfRewritten(store, path);
     const seen: GcProgress[] = [];
     const report = await store.gc({ onProgress: (p) => seen.push(p) });
     // One pack: 64 live entries (32 kept from the first snapshot, 32 new) and 32 dead.
@@ -629,14 +638,7 @@ describe('Store', () => {
 
   it('two gcs at once and a snapshot during them: all succeed, and only the packs the index names are left', async (t) => {
     const { storeDir, path, store } = await openStore(t);
-    const img = makeImage(64, BS);
-    await writeImage(path, img);
-    const s1 = await scanFile(store, path, 'vol');
-    const img2 = Buffer.from(img);
-    for (let i = 0; i < 64; i += 2) img2.fill(i + 1, i * BS, (i + 1) * BS);
-    await writeImage(path, img2);
-    const s2 = await scanFile(store, path, 'vol', { parent: s1 });
-    await store.deleteSnapshot('vol', s1.id);
+    const { img2, s2 } = await halfRewritten(store, path);
     // The second gc waits for the first to have deleted its old packs; the snapshot runs
     // between or after them.
     const [r1, r2, s3] = await Promise.all([store.gc(), store.gc(), scanFile(store, path, 'other')]);
