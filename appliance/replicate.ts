@@ -278,6 +278,11 @@ function refusalWatch(remote: RemotePeer, volume: string, peer: string, opts: Pi
     trace(`peer refused the sync during the scan: ${e.code}`);
     ctl.abort(e);
   };
+  // The caller's signal (Ctrl-C, the daemon stopping) aborts the scan too, with its own reason.
+  const outer = opts.signal;
+  const follow = () => ctl.abort(outer!.reason);
+  if (outer?.aborted) follow();
+  else outer?.addEventListener('abort', follow, { once: true });
   const probe =
     PROBE_AFTER_MS >= 0
       ? setTimeout(() => {
@@ -285,11 +290,12 @@ function refusalWatch(remote: RemotePeer, volume: string, peer: string, opts: Pi
         }, PROBE_AFTER_MS)
       : undefined;
   return {
-    signal: opts.signal ? AbortSignal.any([opts.signal, ctl.signal]) : ctl.signal,
+    signal: ctl.signal,
     refused,
     end(): void {
       scanning = false;
       clearTimeout(probe);
+      outer?.removeEventListener('abort', follow);
     },
   };
 }
