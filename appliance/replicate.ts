@@ -169,7 +169,7 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   // after minutes of reading a large volume (see refusalWatch).
   const refusal = refusalWatch(remote, volume, peer, opts);
   // The TCP + TLS handshake with the peer runs while the local snapshot is taken.
-  if (!opts.dryRun) remote.warmUp(refusal.refused);
+  if (!opts.dryRun) remote.warmUp(refusal.peerError);
   const { snapshotVolumeHooked } = await import('./ops.js');
   // Blocks new to the local store start travelling while the scan goes on (sync/early.ts).
   // Once the scan is over, what early sending still sends (its tail) shows as transfer progress.
@@ -185,7 +185,7 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
           const sent = tailSent();
           opts.onProgress?.({ phase: 'transfer', done: sent.bytes, total: sent.bytes + early!.pending * vol.blockSize, blocks: sent.blocks });
         },
-        refusal.refused,
+        refusal.peerError,
       );
   let snap: SnapshotRecord;
   try {
@@ -267,7 +267,8 @@ function refusalWatch(remote: RemotePeer, volume: string, peer: string, opts: Pi
   const ctl = new AbortController();
   let scanning = true;
   let told = false;
-  const refused = (e: unknown): void => {
+  /** What the warm-up, early sending or the probe met: a refusal aborts the scan, unreachable is told once. */
+  const peerError = (e: unknown): void => {
     if (!scanning || ctl.signal.aborted || !(e instanceof TandemError)) return;
     if (e.code === 'ERR_PEER_UNREACHABLE' && !told) {
       told = true;
@@ -286,12 +287,12 @@ function refusalWatch(remote: RemotePeer, volume: string, peer: string, opts: Pi
   const probe =
     PROBE_AFTER_MS >= 0
       ? setTimeout(() => {
-          if (scanning && remote.requests === 0) void remote.latestSnapshot(volume).then(() => undefined, refused);
+          if (scanning && remote.requests === 0) void remote.latestSnapshot(volume).then(() => undefined, peerError);
         }, PROBE_AFTER_MS)
       : undefined;
   return {
     signal: ctl.signal,
-    refused,
+    peerError,
     end(): void {
       scanning = false;
       clearTimeout(probe);

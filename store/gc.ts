@@ -275,8 +275,8 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
  * The old packs are mostly not in the page cache and the new ones will not be read soon, so
  * both go past it: records close together are read in one span of up to {@link SPAN_BYTES}
  * with O_DIRECT, {@link SPANS_AHEAD} spans in flight while one is checked, and appended directly
- * in batches of up to {@link COPY_BATCH_BYTES}. One buffered record at a time, repacking 1 GiB
- * of live 512 KiB records took 4.1-5.7 s and 2.5-4.0 CPU s; 262,144 live 4 KiB ones, 9.6 s.
+ * in batches of up to {@link COPY_BATCH_BYTES}. With one buffered record at a time, a gc moving
+ * 1 GiB of live 512 KiB records took 4.1-5.7 s and 2.0-4.0 CPU s (store/README.md has the rest).
  */
 async function copyLive(packs: PackFiles, id: number, list: readonly Entry[], slots: readonly Buffer[], moved: Entry[]): Promise<boolean> {
   const spans: Array<{ start: number; end: number; items: Entry[] }> = [];
@@ -325,8 +325,7 @@ async function copyLive(packs: PackFiles, id: number, list: readonly Entry[], sl
       const { buf, slot } = await reads.shift()!;
       for (const { hash, loc } of span.items) {
         const at = loc.offset - span.start;
-        const raw = buf && buf.length >= at + recordLength(loc.length) ? buf.subarray(at, at + recordLength(loc.length)) : undefined;
-        const rec = raw && decodeRecord(raw);
+        const rec = buf && decodeRecord(buf.subarray(at, at + recordLength(loc.length))); // undefined when short (a truncated pack)
         const data = rec && rec.hash.equals(hash) ? decodePayload(rec.codec, rec.payload) : undefined;
         if (!rec || !data || !blake3(data).equals(hash)) {
           ok = false; // this block stays where it is: verify reports it

@@ -419,17 +419,54 @@ export class PackFiles {
    * cached pages of the range out first, so the bytes read are those last written either way.
    * Null when direct I/O does not work here (then every later call goes buffered).
    */
-  private async readDirect(id: number, offset: number, length: number, into?: Buffer): Promise<PooledRead | null> {
-    if (this.directWrites.size > 0) await this.settleDirect(id, offset, offset + length);
-    const start = Math.floor(offset / DIRECT_ALIGN) * DIRECT_ALIGN;
-    const lead = offset - start;
-    const want = Math.ceil((lead + length) / DIRECT_ALIGN) * DIRECT_ALIGN;
-    let free = into ? [] : this.freeDirectReads.get(want);
+  private async readDirect(id: number, offset: number, length: number): Promise<PooledRead | null> {
+    const want = directSpan(offset, length).want;
+    let free = this.freeDirectReads.get(want);
     if (!free) {
       if (this.freeDirectReads.size >= POOLED_READ_LENGTHS) return null;
       this.freeDirectReads.set(want, (free = []));
     }
-    let fh = this.directReaders!.get(id);
+    const pool = free;
+    const whole = pool.pop() ?? alignedSlots(1, want)[0]!;
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      if (pool.length < POOLED_READS_KEPT) pool.push(whole);
+    };
+    try {
+      const buf = await this.readDirectInto(id, offset, length, whole);
+      if (buf) return { buf, release };
+    } catch (e) {
+      release();
+      throw e;
+    }
+    release();
+    return null;
+  }
+
+  /**
+   * Read `length` bytes at `offset` of a pack into `slot`, a page-aligned buffer of at least
+   * `length` + 2 pages (common/io-buffers.ts alignedSlots) that the caller reuses: with O_DIRECT
+   * when this filesystem takes it, else through the page cache. Returns the bytes, a view of
+   * `slot`; short at a truncated pack. For a reader of many spans of varied lengths (gc), which
+   * the pools of {@link readPooled} would not keep.
+   */
+  async readSpan(id: number, offset: number, length: number, slot: Buffer): Promise<Buffer> {
+    return (await this.readDirectInto(id, offset, length, slot)) ?? this.readInto(id, offset, length, slot.subarray(0, length));
+  }
+
+  /**
+   * The whole pages around [offset, offset + length) of a pack read with O_DIRECT into `whole`
+   * (page-aligned, large enough: {@link directSpan}); returns the bytes asked for, a view of it,
+   * short at the end of the file. Null when direct I/O does not work here (then every later
+   * call goes buffered) or the pack cannot be opened this way (the buffered path reports why).
+   */
+  private async readDirectInto(id: number, offset: number, length: number, whole: Buffer): Promise<Buffer | null> {
+    if (!this.directReaders) return null;
+    if (this.directWrites.size > 0) await this.settleDirect(id, offset, offset + length);
+    const { start, lead, want } = directSpan(offset, length);
+    let fh = this.directReaders.get(id);
     if (!fh) {
       try {
         fh = await open(this.path(id), constants.O_RDONLY | constants.O_DIRECT);
@@ -446,14 +483,6 @@ export class PackFiles {
         this.directReaders.set(id, fh);
       }
     }
-    const whole = into?.subarray(0, want) ?? free.pop() ?? alignedSlots(1, want)[0]!;
-    const pool = free;
-    let released = false;
-    const release = () => {
-      if (released) return;
-      released = true;
-      if (pool.length < POOLED_READS_KEPT) pool.push(whole);
-    };
     let done = 0;
     try {
       while (done < want) {
@@ -463,28 +492,12 @@ export class PackFiles {
         if (done % DIRECT_ALIGN !== 0) break; // the end of the file
       }
     } catch (e) {
-      release();
       if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw fromSystemError(e, `cannot read pack ${this.path(id)}`);
       this.directReaders = null;
       return null;
     }
     const got = Math.max(0, Math.min(length, done - lead));
-    return { buf: whole.subarray(lead, lead + got), release };
-  }
-
-  /**
-   * Read `length` bytes at `offset` of a pack into `slot`, a page-aligned buffer of at least
-   * `length` + 2 pages (common/io-buffers.ts alignedSlots) that the caller reuses: with O_DIRECT
-   * when this filesystem takes it, else through the page cache. Returns the bytes, a view of
-   * `slot`; short at a truncated pack. For a reader of many spans of varied lengths (gc), which
-   * the pools of {@link readPooled} would not keep.
-   */
-  async readSpan(id: number, offset: number, length: number, slot: Buffer): Promise<Buffer> {
-    if (this.directReaders) {
-      const r = await this.readDirect(id, offset, length, slot);
-      if (r) return r.buf;
-    }
-    return this.readInto(id, offset, length, slot.subarray(0, length));
+    return whole.subarray(lead, lead + got);
   }
 
   private async readInto(id: number, offset: number, length: number, buf: Buffer): Promise<Buffer> {
@@ -573,6 +586,13 @@ const DIRECT_MIN_BYTES = 64 * 1024;
 const SLOT_BYTES = 9 * 1024 * 1024;
 /** Slots (27 MiB, allocated at the first direct append): one being filled while the batches before it go to the disk. */
 const SLOTS = 3;
+
+/** The whole pages around [offset, offset + length): where they start, the bytes before `offset` in them, and how many bytes they are. */
+function directSpan(offset: number, length: number): { start: number; lead: number; want: number } {
+  const start = Math.floor(offset / DIRECT_ALIGN) * DIRECT_ALIGN;
+  const lead = offset - start;
+  return { start, lead, want: Math.ceil((lead + length) / DIRECT_ALIGN) * DIRECT_ALIGN };
+}
 
 /** A direct write of [start, end) of a pack on its way to the disk. */
 interface DirectWrite {
