@@ -396,12 +396,7 @@ export class PackFiles {
     if (!free && (length < POOLED_READ_MIN || this.freeReads.size >= POOLED_READ_LENGTHS)) return { buf: await this.read(id, offset, length) };
     if (!free) this.freeReads.set(length, (free = []));
     const whole = free.pop() ?? ioBuffer(length);
-    let released = false;
-    const release = () => {
-      if (released) return;
-      released = true;
-      if (free.length < POOLED_READS_KEPT) free.push(whole);
-    };
+    const release = giveBack(free, whole);
     try {
       return { buf: await this.readInto(id, offset, length, whole), release };
     } catch (e) {
@@ -426,14 +421,8 @@ export class PackFiles {
       if (this.freeDirectReads.size >= POOLED_READ_LENGTHS) return null;
       this.freeDirectReads.set(want, (free = []));
     }
-    const pool = free;
-    const whole = pool.pop() ?? alignedSlots(1, want)[0]!;
-    let released = false;
-    const release = () => {
-      if (released) return;
-      released = true;
-      if (pool.length < POOLED_READS_KEPT) pool.push(whole);
-    };
+    const whole = free.pop() ?? alignedSlots(1, want)[0]!;
+    const release = giveBack(free, whole);
     try {
       const buf = await this.readDirectInto(id, offset, length, whole);
       if (buf) return { buf, release };
@@ -586,6 +575,16 @@ const DIRECT_MIN_BYTES = 64 * 1024;
 const SLOT_BYTES = 9 * 1024 * 1024;
 /** Slots (27 MiB, allocated at the first direct append): one being filled while the batches before it go to the disk. */
 const SLOTS = 3;
+
+/** The `release` of a pooled read: `whole` goes back to `pool` once (if the pool is not full). */
+function giveBack(pool: Buffer[], whole: Buffer): () => void {
+  let released = false;
+  return () => {
+    if (released) return;
+    released = true;
+    if (pool.length < POOLED_READS_KEPT) pool.push(whole);
+  };
+}
 
 /** The whole pages around [offset, offset + length): where they start, the bytes before `offset` in them, and how many bytes they are. */
 function directSpan(offset: number, length: number): { start: number; lead: number; want: number } {
