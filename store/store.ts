@@ -26,7 +26,7 @@ import { HashPools } from './hash-pool.js';
 import { verifyStore } from './verify.js';
 import { collectGarbage } from './gc.js';
 import type {
-  BlockFrame, GcProgress, GcReport, GetBlocksOptions, Hash, NodeToPut, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyReport, VolumeReader, VolumeRecord,
+  BlockFrame, GcProgress, GcReport, GetBlocksOptions, Hash, NodeToPut, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyProgress, VerifyReport, VolumeReader, VolumeRecord,
 } from './types.js';
 
 /** A block read from a pack, with the function that gives its pooled buffer back (if pooled). */
@@ -902,9 +902,9 @@ export class Store implements ReplicaStore {
   // --- integrity ---------------------------------------------------------------------------
 
   /** Re-hash every block and node reachable from the (filtered) snapshots; see store/verify.ts. */
-  async verify(filter?: { volume?: string; snapshot?: string }): Promise<VerifyReport> {
+  async verify(filter?: { volume?: string; snapshot?: string }, opts: { onProgress?: (p: VerifyProgress) => void } = {}): Promise<VerifyReport> {
     this.checkOpen();
-    return this.gcLock.shared(() => verifyStore(this, filter));
+    return this.gcLock.shared(() => verifyStore(this, filter, opts.onProgress));
   }
 
   /** Reclaim blocks and nodes no snapshot reaches, by repacking; crash-safe (store/gc.ts). */

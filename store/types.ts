@@ -247,6 +247,21 @@ export interface VerifyReport {
   readonly problems: readonly VerifyProblem[];
 }
 
+/** How far verify has got (store/verify.ts). */
+export interface VerifyProgress {
+  /** Blocks read and checked so far. */
+  readonly blocksDone: number;
+  /**
+   * About how many will be: each volume's first selected snapshot's non-zero blocks, plus those
+   * that changed from one of its snapshots to the next (exact at the last call).
+   */
+  readonly blocksTotal: number;
+  /** Bytes read from packs and re-hashed so far. */
+  readonly bytesRead: number;
+  /** Problems found so far. */
+  readonly problems: number;
+}
+
 /** How far gc's copy has got (store/gc.ts): told after each round. */
 export interface GcProgress {
   /** Index entries of the packs being rewritten handled so far (moved or deleted), and in all. */

@@ -5,7 +5,7 @@ import { appendFile, open, readFile, readdir, stat, truncate, writeFile } from '
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { Store, ZERO_HASH, hashBlock, makeNode, type GcProgress, type SnapshotRecord, type ScanProgress } from '../../store/index.js';
+import { Store, ZERO_HASH, hashBlock, makeNode, type GcProgress, type SnapshotRecord, type ScanProgress, type VerifyProgress } from '../../store/index.js';
 import { blockKey, encodeU64, packKey } from '../../store/keys.js';
 import { CODEC_RAW, recordLength } from '../../store/pack.js';
 import type { PackFiles } from '../../store/pack-files.js';
@@ -530,6 +530,48 @@ describe('Store', () => {
     await store.db.del(blockKey(c));
     const again = makeNode(1, [c, b, a]);
     await assert.rejects(store.putNodes([{ ...again, base: base.hash }]), (e: Error & { code?: string }) => e.code === 'ERR_SNAPSHOT_INCOMPLETE');
+  });
+
+  it('verify reads a shared block once and skips subtrees it found good, reports a damaged shared block for every snapshot reaching it, and tells its progress', async (t) => {
+    const dir = await tempDir(t);
+    const storeDir = join(dir, 'store');
+    const path = join(dir, 'img');
+    // 600 blocks: three level-1 nodes under a root. Each later snapshot changes one block.
+    const img = makeImage(600, BS);
+    await writeImage(path, img);
+    const store = await Store.open(storeDir);
+    t.after(() => store.close());
+    const s1 = await scanFile(store, path, 'vol');
+    randomBytes(BS).copy(img, 5 * BS);
+    await writeImage(path, img);
+    const s2 = await scanFile(store, path, 'vol', { parent: s1 });
+    randomBytes(BS).copy(img, 300 * BS);
+    await writeImage(path, img);
+    const s3 = await scanFile(store, path, 'vol', { parent: s2 });
+    const calls: VerifyProgress[] = [];
+    const report = await store.verify(undefined, { onProgress: (p) => calls.push(p) });
+    // 600 blocks + the 2 changed ones; 4 nodes of s1, then a new root and level-1 node each.
+    assert.deepEqual({ ...report, problems: report.problems.length }, { snapshots: 3, nodes: 8, blocks: 602, bytes: 602 * BS, problems: 0 });
+    assert.ok(calls.length >= 1);
+    for (const c of calls) assert.equal(c.blocksTotal, 602); // the estimate: s1's blocks, then one changed block per snapshot
+    assert.deepEqual(calls.at(-1), { blocksDone: 602, blocksTotal: 602, bytesRead: 602 * BS, problems: 0 });
+
+    // Block 400, in every snapshot (under a level-1 node s3 replaced), is damaged: read once,
+    // named three times.
+    const hash = hashBlock(img.subarray(400 * BS, 401 * BS));
+    const loc = (await store.locate(hash))!;
+    const [pack] = (await packFiles(storeDir)).filter((p) => p.endsWith(`${String(loc.pack).padStart(8, '0')}.pack`));
+    const fh = await open(pack!, 'r+');
+    const byte = Buffer.alloc(1);
+    await fh.read(byte, 0, 1, loc.offset + recordLength(loc.length) - 10);
+    await fh.write(Buffer.from([byte[0]! ^ 0x01]), 0, 1, loc.offset + recordLength(loc.length) - 10);
+    await fh.close();
+    const bad = await store.verify();
+    assert.equal(bad.blocks, 602);
+    assert.deepEqual(
+      bad.problems.map((p) => [p.snapshot, p.blockIndex, p.code, p.hash]),
+      [s1, s2, s3].map((s) => [s.id, 400, 'ERR_BLOCK_CORRUPT', hash.toString('hex')]),
+    );
   });
 
   it('verify names the volume, snapshot and block index of a flipped block', async (t) => {

@@ -11,15 +11,27 @@ export function define(program: Command): void {
     .action(run(async (g, _cmd, [spec]) => {
       const { withHomeStore, parseSnapshotSpec } = await import('../../ops.js');
       const { formatBytes } = await import('../output.js');
+      const { startProgress } = await import('../progress.js');
       const { TandemError } = await import('../../../common/errors.js');
       const filter: { volume?: string; snapshot?: string } = spec === undefined ? {} : parseSnapshotSpec(spec as string);
+      // Reading back a large store takes long: a bar of the snapshots' blocks covered (on a TTY).
+      let bar: ReturnType<typeof startProgress> | null = null;
       const report = await withHomeStore(g.home, async (_home, store) => {
         // Name an unknown volume or snapshot rather than "verifying" nothing.
         if (filter.snapshot !== undefined) await store.resolveSnapshot(spec as string);
         else if (filter.volume !== undefined && !(await store.getVolume(filter.volume))) {
           throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${filter.volume}"; see \`appliance volume list\``, { details: { volume: filter.volume } });
         }
-        return store.verify(filter);
+        try {
+          return await store.verify(filter, {
+            onProgress: (p) => {
+              bar ??= startProgress(g, { total: p.blocksTotal, unit: 'blocks', label: 'verify' });
+              bar.update(p.blocksDone, { read: formatBytes(p.bytesRead), problems: p.problems });
+            },
+          });
+        } finally {
+          bar?.stop();
+        }
       });
       const ok = report.problems.length === 0;
       const lines = [
