@@ -8,3 +8,4 @@ export { FANOUT, treeHeight, blockCount, nodeHash, makeNode } from './tree.js';
 export type { BlockChange } from './tree.js';
 export { Store, DEFAULT_BLOCK_SIZE } from './store.js';
 export type { BuildSnapshotOptions } from './store.js';
+export type { VerifyOptions } from './verify.js';

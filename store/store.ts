@@ -23,10 +23,10 @@ import { checkBlockSize, checkSize, normalizeSnapshot, normalizeVolume, sameJson
 import { blockCount, buildTree, checkNode, decodeNode, diffTrees, encodeNode, walkBlocks, type BlockChange, type TreeShape } from './tree.js';
 import { scanVolume } from './scan.js';
 import { HashPools } from './hash-pool.js';
-import { verifyStore } from './verify.js';
+import { verifyStore, type VerifyOptions } from './verify.js';
 import { collectGarbage } from './gc.js';
 import type {
-  BlockFrame, GcProgress, GcReport, GetBlocksOptions, Hash, NodeToPut, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyProgress, VerifyReport, VolumeReader, VolumeRecord,
+  BlockFrame, GcProgress, GcReport, GetBlocksOptions, Hash, NodeToPut, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyReport, VolumeReader, VolumeRecord,
 } from './types.js';
 
 /** A block read from a pack, with the function that gives its pooled buffer back (if pooled). */
@@ -901,10 +901,13 @@ export class Store implements ReplicaStore {
 
   // --- integrity ---------------------------------------------------------------------------
 
-  /** Re-hash every block and node reachable from the (filtered) snapshots; see store/verify.ts. */
-  async verify(filter?: { volume?: string; snapshot?: string }, opts: { onProgress?: (p: VerifyProgress) => void } = {}): Promise<VerifyReport> {
+  /**
+   * Re-hash every block and node reachable from the (filtered) snapshots; see store/verify.ts.
+   * Runs beside gc and snapshot builds: it takes the gc lock only to check again what failed.
+   */
+  async verify(filter?: { volume?: string; snapshot?: string }, opts: VerifyOptions = {}): Promise<VerifyReport> {
     this.checkOpen();
-    return this.gcLock.shared(() => verifyStore(this, filter, opts.onProgress));
+    return verifyStore(this, filter, opts);
   }
 
   /** Reclaim blocks and nodes no snapshot reaches, by repacking; crash-safe (store/gc.ts). */

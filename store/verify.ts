@@ -6,7 +6,14 @@
  * one is reported for every (volume, snapshot, block index) that reaches it, so the operator
  * sees exactly which restores it would break. Block records are checked end to end:
  * header, CRC-32 of the record, and BLAKE3 of the payload against the hash the index names.
+ *
+ * It runs without the gc lock, so gc (and the retention before it) need not wait hours for a
+ * large store's verify: a block that fails its check is checked again under the gc lock, at the
+ * place the index names then (gc may have moved it, and deleted the pack it was read from), and
+ * only a problem of a snapshot that still exists at the end is reported (one deleted during the
+ * run may have lost its nodes and blocks to gc; one that exists at the end kept them all).
  */
+import { setTimeout as sleep } from 'node:timers/promises';
 import { TandemError, isTandemError } from '../common/errors.js';
 import { isZeroHash, toHex, blake3 } from './hash.js';
 import { blockKey, nodeKey, namespaceRange, NS, decodeLocation } from './keys.js';
@@ -38,7 +45,16 @@ const PROGRESS_INTERVAL_MS = 200;
 
 type Code = VerifyProblem['code'];
 
-export async function verifyStore(store: Store, filter: { volume?: string; snapshot?: string } = {}, onProgress?: (p: VerifyProgress) => void): Promise<VerifyReport> {
+export interface VerifyOptions {
+  readonly onProgress?: (p: VerifyProgress) => void;
+  /** Stops the run (it throws the signal's reason). */
+  readonly signal?: AbortSignal;
+  /** Read at most this many bytes a second (a scheduled verify leaves the disk to replication). */
+  readonly bytesPerSecond?: number;
+}
+
+export async function verifyStore(store: Store, filter: { volume?: string; snapshot?: string } = {}, opts: VerifyOptions = {}): Promise<VerifyReport> {
+  const { onProgress, signal, bytesPerSecond } = opts;
   const snaps = await selectSnapshots(store, filter);
   /** Good blocks. */
   const goodBlocks = new HashTable(MAX_REMEMBERED_BLOCKS);
@@ -82,36 +98,48 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
     return { code };
   };
 
+  /** The block's problem, read at the place the index names now. */
+  const readBlock = async (h: Hash): Promise<Code | null> => {
+    const v = await store.db.get(blockKey(h));
+    if (v === undefined) return 'ERR_BLOCK_MISSING';
+    const loc = decodeLocation(v);
+    try {
+      // Past the page cache (PackFiles.readDirect): verify reads every block of the store once.
+      const { buf: raw, release } = await store.packs.readPooled(loc.pack, loc.offset, recordLength(loc.length), { direct: true });
+      try {
+        const rec = decodeRecord(raw);
+        const data = rec && rec.hash.equals(h) ? decodePayload(rec.codec, rec.payload) : undefined;
+        if (!data || !blake3(data).equals(h)) return 'ERR_BLOCK_CORRUPT';
+        bytes += data.length;
+        return null;
+      } finally {
+        release?.();
+      }
+    } catch (e) {
+      if (!isTandemError(e, 'ERR_STORE_CORRUPT')) throw e;
+      return 'ERR_BLOCK_CORRUPT';
+    }
+  };
+
+  const started = performance.now();
   const checkBlock = async (h: Hash): Promise<Code | null> => {
     if (goodBlocks.has(h)) return null;
     const key = h.toString('latin1');
     const bad = badBlocks.get(key);
     if (bad) return bad;
-    let code: Code | null = null;
-    const v = await store.db.get(blockKey(h));
-    if (v === undefined) code = 'ERR_BLOCK_MISSING';
-    else {
-      const loc = decodeLocation(v);
-      try {
-        // Past the page cache (PackFiles.readDirect): verify reads every block of the store once.
-        const { buf: raw, release } = await store.packs.readPooled(loc.pack, loc.offset, recordLength(loc.length), { direct: true });
-        try {
-          const rec = decodeRecord(raw);
-          const data = rec && rec.hash.equals(h) ? decodePayload(rec.codec, rec.payload) : undefined;
-          if (!data || !blake3(data).equals(h)) code = 'ERR_BLOCK_CORRUPT';
-          else bytes += data.length;
-        } finally {
-          release?.();
-        }
-      } catch (e) {
-        if (!isTandemError(e, 'ERR_STORE_CORRUPT')) throw e;
-        code = 'ERR_BLOCK_CORRUPT';
-      }
-    }
+    signal?.throwIfAborted();
+    // Without the gc lock, a failure may be gc's doing (the block moved, its pack deleted): it
+    // counts only if the block fails again under the lock.
+    const code = await readBlock(h).catch(() => 'retry' as const);
+    const confirmed = code === null ? null : await store.gcLock.shared(() => readBlock(h));
     blocks++;
-    if (code) badBlocks.set(key, code);
+    if (confirmed) badBlocks.set(key, confirmed);
     else goodBlocks.set(h);
-    return code;
+    if (bytesPerSecond !== undefined && bytesPerSecond > 0) {
+      const wait = started + (bytes / bytesPerSecond) * 1000 - performance.now();
+      if (wait > 1) await sleep(wait, undefined, { signal }).catch(() => signal?.throwIfAborted());
+    }
+    return confirmed;
   };
 
   for (const snap of snaps) {
@@ -121,6 +149,7 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
     /** Walk the subtree of node h (level k, j-th of its level): its non-zero blocks, and whether all is good under it. */
     const walk = async (h: Hash, k: number, j: number): Promise<{ nonZero: number; clean: boolean }> => {
       if (isZeroHash(h)) return { nonZero: 0, clean: true };
+      signal?.throwIfAborted();
       const remembered = cleanNodes.get(h);
       if (remembered !== undefined) return { nonZero: remembered, clean: true };
       const first = j * span(k);
@@ -159,8 +188,15 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
     };
     await walk(shape.root, shape.height, 0);
   }
+  // A snapshot deleted during the run may have lost its nodes and blocks to gc: its problems are
+  // not the store's. One that exists now existed all along, so gc kept everything it reaches.
+  const gone = new Set<string>();
+  for (const s of snaps) if (!(await store.getSnapshot(s.volume, s.id))) gone.add(`${s.volume}@${s.id}`);
+  const kept = problems.filter((p) => !gone.has(`${p.volume}@${p.snapshot}`));
+  problems.length = 0;
+  problems.push(...kept);
   report(true);
-  return { snapshots: snaps.length, nodes, blocks, bytes, problems };
+  return { snapshots: snaps.length - gone.size, nodes, blocks, bytes, problems };
 }
 
 /**

@@ -574,6 +574,60 @@ describe('Store', () => {
     );
   });
 
+  it('verify runs beside gc: a snapshot deleted and collected meanwhile is not reported, blocks gc moved are not either, a damaged one is; it keeps to its byte rate and stops when aborted', async (t) => {
+    const dir = await tempDir(t);
+    const storeDir = join(dir, 'store');
+    const path = join(dir, 'img');
+    const img = makeImage(600, BS);
+    await writeImage(path, img);
+    const store = await Store.open(storeDir);
+    t.after(() => store.close());
+    const s1 = await scanFile(store, path, 'vol');
+    for (let i = 0; i < 100; i++) randomBytes(BS).copy(img, i * BS);
+    await writeImage(path, img);
+    const s2 = await scanFile(store, path, 'vol', { parent: s1 });
+    for (let i = 100; i < 200; i++) randomBytes(BS).copy(img, i * BS);
+    await writeImage(path, img);
+    const s3 = await scanFile(store, path, 'vol', { parent: s2 });
+    // Another volume, in a pack of its own (gc ends the pack being written), has a damaged block.
+    await store.gc();
+    const otherImg = makeImage(40, BS);
+    await writeImage(join(dir, 'other'), otherImg);
+    const other = await scanFile(store, join(dir, 'other'), 'other');
+    const hash = hashBlock(otherImg.subarray(7 * BS, 8 * BS));
+    const loc = (await store.locate(hash))!;
+    const packsBefore = await packFiles(storeDir);
+    const [pack] = packsBefore.filter((p) => p.endsWith(`${String(loc.pack).padStart(8, '0')}.pack`));
+    const fh = await open(pack!, 'r+');
+    await fh.write(Buffer.from([0x5a]), 0, 1, loc.offset + recordLength(loc.length) - 100);
+    await fh.close();
+
+    // 840 blocks (52.5 MiB) at 20 MiB/s: ~2.6 s. 300 ms in, s1 is deleted and gc moves every live
+    // block of vol into a new pack and deletes the one they were read from.
+    const rate = 20 * 1024 * 1024;
+    const t0 = Date.now();
+    const running = store.verify(undefined, { bytesPerSecond: rate }).then((r) => ({ r, at: Date.now() }));
+    await new Promise((r) => setTimeout(r, 300));
+    await store.deleteSnapshot('vol', s1.id);
+    const gc = await store.gc();
+    const gcDone = Date.now();
+    assert.equal(gc.blocksRemoved, 100);
+    assert.equal(gc.packsRewritten, 1);
+    assert.ok(!(await packFiles(storeDir)).includes(packsBefore[0]!));
+    const { r: report, at } = await running;
+    assert.ok(gcDone < at, 'gc did not wait for verify');
+    assert.deepEqual(report.problems.map((p) => [p.snapshot, p.blockIndex, p.code, p.hash]), [[other.id, 7, 'ERR_BLOCK_CORRUPT', hash.toString('hex')]]);
+    assert.equal(report.snapshots, 3);
+    assert.ok(at - t0 >= (report.bytes / rate) * 1000 - 50, `${report.bytes} bytes in ${at - t0} ms`);
+
+    // A second run, unthrottled, agrees; an aborted one stops with the abort's reason.
+    assert.deepEqual((await store.verify()).problems, report.problems);
+    const ac = new AbortController();
+    const stopped = store.verify(undefined, { bytesPerSecond: 1024 * 1024, signal: ac.signal });
+    setTimeout(() => ac.abort(new Error('stop now')), 100);
+    await assert.rejects(stopped, /stop now/);
+  });
+
   it('verify names the volume, snapshot and block index of a flipped block', async (t) => {
     const dir = await tempDir(t);
     const storeDir = join(dir, 'store');
