@@ -8,6 +8,7 @@
  */
 import { Counter, Gauge, Registry } from 'prom-client';
 import type { ObjectiveState, VolumeStatus } from './status.js';
+import type { VerifySummary } from './scheduler/verify.js';
 
 const STATES: readonly ObjectiveState[] = ['OK', 'AT_RISK', 'BREACHED', 'NONE'];
 
@@ -23,7 +24,7 @@ const seconds = (ms: number | null) => (ms === null ? NaN : ms / 1000);
 const epoch = (iso: string | null | undefined) => (iso ? Date.parse(iso) / 1000 : NaN);
 
 /** A registry whose gauges are filled from `statuses()` at each scrape. */
-export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, running: () => readonly string[]): DaemonMetrics {
+export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, running: () => readonly string[], verify?: () => Promise<VerifySummary>): DaemonMetrics {
   const registry = new Registry();
   const labelNames = ['volume', 'policy'] as const;
   const g = (name: string, help: string, extra: readonly string[] = []) =>
@@ -41,8 +42,23 @@ export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, 
   const jobRunning = new Gauge({ name: 'tandem_jobs_running', help: 'Scheduler jobs running now', registers: [registry], collect() { this.set(running().length); } });
   const jobs = new Counter({ name: 'tandem_jobs_total', help: 'Scheduler jobs finished, by result', labelNames: ['unit', 'result'], registers: [registry] });
   void jobRunning;
+  const plain = (name: string, help: string) => new Gauge({ name, help, registers: [registry] });
+  const verifyLast = plain('tandem_verify_last_timestamp_seconds', 'End of the last finished scheduled verify of the store (NaN: none yet)');
+  const verifyProblems = plain('tandem_verify_problems', 'Problems the last finished scheduled verify found (0: the store is intact)');
+  const verifyFailed = plain('tandem_verify_failed', '1 when the last scheduled verify attempt failed to finish (an I/O error), else 0');
+  const verifyRunning = plain('tandem_verify_running', '1 while a scheduled verify runs');
+
+  const fillVerify = async () => {
+    if (!verify) return;
+    const v = await verify();
+    verifyLast.set(epoch(v.last?.ended));
+    verifyProblems.set(v.last ? v.last.problems : NaN);
+    verifyFailed.set(v.failed ? 1 : 0);
+    verifyRunning.set(v.running ? 1 : 0);
+  };
 
   const fill = async () => {
+    await fillVerify();
     for (const m of [rpoAge, rpo, rpoState, rtoEst, rto, rtoState, lastSnap, lastRepl, lastExport, drillPassed]) m.reset();
     for (const s of await statuses()) {
       const l = { volume: s.volume, policy: s.policy ?? '' };

@@ -178,20 +178,26 @@ export class BreachNotifier {
     }
     const errors: string[] = [];
     if (webhook === null || fresh.length === 0) return { sent: [], errors };
-    // Loaded only to send: undici takes 120-170 ms to load, and `appliance status` needs none of it.
-    const { fetch } = await import('undici');
-    const dispatcher = await extraCaDispatcher();
     const sent: BreachAlert[] = [];
     for (const alert of fresh) {
-      try {
-        const res = await fetch(webhook, { dispatcher, method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(alert), signal: AbortSignal.timeout(this.timeoutMs) });
-        if (!res.ok) errors.push(`webhook ${webhook} answered ${res.status} for ${alert.event} of ${alert.volume}`);
-        else sent.push(alert);
-        await res.body?.cancel();
-      } catch (e) {
-        errors.push(`webhook ${webhook} failed for ${alert.event} of ${alert.volume}: ${(e as Error).message}`);
-      }
+      const error = await postWebhook(webhook, alert, this.timeoutMs);
+      if (error) errors.push(`${error} (${alert.event} of ${alert.volume})`);
+      else sent.push(alert);
     }
     return { sent, errors };
+  }
+}
+
+/** POST `body` as JSON to the alert webhook: null when delivered, else what went wrong (for the log). */
+export async function postWebhook(webhook: string, body: unknown, timeoutMs = 10_000): Promise<string | null> {
+  // Loaded only to send: undici takes 120-170 ms to load, and `appliance status` needs none of it.
+  const { fetch } = await import('undici');
+  const dispatcher = await extraCaDispatcher();
+  try {
+    const res = await fetch(webhook, { dispatcher, method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body), signal: AbortSignal.timeout(timeoutMs) });
+    await res.body?.cancel();
+    return res.ok ? null : `webhook ${webhook} answered ${res.status}`;
+  } catch (e) {
+    return `webhook ${webhook} failed: ${(e as Error).message}`;
   }
 }

@@ -100,14 +100,7 @@ export function reportError(e: unknown, json: boolean): void {
   io.setExit(err.exitCode);
 }
 
-/** Parse a size such as 512KiB, 4MiB, 1048576. */
-export function parseSize(s: string): number {
-  const m = /^(\d+)\s*(B|KiB|MiB|GiB|TiB|K|M|G|T)?$/i.exec(s.trim());
-  if (!m) throw new TandemError('ERR_USAGE', `not a size: "${s}"; write e.g. 512KiB, 4MiB or a byte count`);
-  const unit = (m[2] ?? 'B').toUpperCase().replace('IB', '');
-  const mult: Record<string, number> = { B: 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 };
-  return Number(m[1]) * mult[unit]!;
-}
+export { parseSize } from '../config/size.js';
 
 export function formatBytes(n: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];

@@ -12,6 +12,7 @@ import { Value } from '@sinclair/typebox/value';
 import { LineCounter, parseDocument, isNode, type Document } from 'yaml';
 import { TandemError } from '../../common/errors.js';
 import { parseDuration } from './duration.js';
+import { parseSize } from './size.js';
 import { ConfigSchema, type RawConfig, type RawPrices, type RawRecoveryPlan, type RawRetention } from './schema.js';
 
 /** A named protection tier (normalized). */
@@ -53,6 +54,8 @@ export interface Config {
   readonly groups: Readonly<Record<string, Group>>;
   readonly replication: { readonly peer: string; readonly bwlimit?: string } | null;
   readonly alerts: { readonly webhook: string | null };
+  /** The daemon's scheduled verify: how often (null: never) and at most how fast it reads. */
+  readonly verify: { readonly everyMs: number | null; readonly bytesPerSecond: number };
   readonly discovery: { readonly paths: readonly string[]; readonly lvm: boolean; readonly libvirt: boolean };
   /** Price overrides as written (appliance/cost fills in the dated defaults). */
   readonly prices: RawPrices;
@@ -61,6 +64,14 @@ export interface Config {
   /** The validated document as written. */
   readonly raw: RawConfig;
 }
+
+/**
+ * The daemon verifies the whole store this often unless the config says otherwise: silent
+ * corruption of the DR copy is found within a week, not at failover.
+ */
+export const DEFAULT_VERIFY_EVERY_MS = 7 * 86_400_000;
+/** ... reading at most this fast, so replication keeps most of the disk. */
+export const DEFAULT_VERIFY_BYTES_PER_SEC = 100 * 1024 * 1024;
 
 /** A hook that hangs must not stall the schedule forever; operators raise it per group. */
 export const DEFAULT_HOOK_TIMEOUT_MS = 60_000;
@@ -150,6 +161,17 @@ function semanticChecks(raw: RawConfig, doc: Document, lc: LineCounter, problems
       at(path, `"${v}" is not a duration (write e.g. 15m, 1h)`);
     }
   };
+  const size = (path: (string | number)[], v: string | undefined) => {
+    if (v === undefined) return;
+    try {
+      if (parseSize(v) <= 0) throw new Error('zero');
+    } catch {
+      at(path, `"${v}" is not a rate (write e.g. 50MiB, a number of bytes a second)`);
+    }
+  };
+  size(['replication', 'bwlimit'], raw.replication?.bwlimit);
+  size(['verify', 'bwlimit'], raw.verify?.bwlimit);
+  if (raw.verify?.every !== undefined && raw.verify.every !== 'off') duration(['verify', 'every'], raw.verify.every);
   const policies = raw.policies ?? {};
   for (const [name, p] of Object.entries(policies)) {
     duration(['policies', name, 'rpo'], p.rpo);
@@ -201,6 +223,10 @@ function normalize(raw: RawConfig, file: string): Config {
     groups,
     replication: raw.replication ?? null,
     alerts: { webhook: raw.alerts?.webhook ?? null },
+    verify: {
+      everyMs: raw.verify?.every === 'off' ? null : raw.verify?.every === undefined ? DEFAULT_VERIFY_EVERY_MS : parseDuration(raw.verify.every),
+      bytesPerSecond: raw.verify?.bwlimit === undefined ? DEFAULT_VERIFY_BYTES_PER_SEC : parseSize(raw.verify.bwlimit),
+    },
     discovery: { paths: raw.discovery?.paths ?? [], lvm: raw.discovery?.lvm ?? true, libvirt: raw.discovery?.libvirt ?? true },
     prices: raw.prices ?? {},
     recovery: raw.recovery ?? {},

@@ -100,6 +100,13 @@ export const ConfigSchema = Type.Object({
     bwlimit: Type.Optional(Type.String({ minLength: 1 })),
   }, closed)),
   alerts: Type.Optional(Type.Object({ webhook: Type.String({ pattern: '^https?://' }) }, closed)),
+  /** The daemon's scheduled verify of the whole store. */
+  verify: Type.Optional(Type.Object({
+    /** How often (a duration), or `off`. */
+    every: Type.Optional(Type.String({ minLength: 2 })),
+    /** Read rate cap, e.g. 100MiB (a second). */
+    bwlimit: Type.Optional(Type.String({ minLength: 1 })),
+  }, closed)),
   discovery: Type.Optional(Type.Object({
     paths: Type.Optional(Type.Array(Type.String({ minLength: 1 }))),
     lvm: Type.Optional(Type.Boolean()),

@@ -1,7 +1,7 @@
 /**
  * `appliance daemon`: the API server (peer protocol, management routes, forwarded CLI
  * commands) plus the scheduler, the breach webhook and Prometheus metrics, in one process that
- * holds the store.
+ * holds the store; and the scheduled verify of the whole store (./verify.ts).
  *
  * Adds to the API (behind the bearer token): GET /metrics (Prometheus text) and
  * GET /v1/status[?volume=NAME] (the same document as `appliance status --json`).
@@ -18,11 +18,12 @@ import type { FastifyInstance } from 'fastify';
 import { pino } from 'pino';
 import { Home } from '../home.js';
 import { loadConfig, type Config } from '../config/index.js';
-import { computeStatus, BreachNotifier } from '../status.js';
+import { computeStatus, BreachNotifier, postWebhook } from '../status.js';
 import { createMetrics } from '../metrics.js';
 import { Scheduler } from './runner.js';
 import { realClock } from './clock.js';
 import { applianceSteps } from './steps.js';
+import { ScheduledVerify, verifySummary } from './verify.js';
 
 /** A running job gets this long to finish after SIGTERM (systemd's default stop timeout is 90 s). */
 export const STOP_GRACE_MS = 30_000;
@@ -48,12 +49,14 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   // Validate the config before binding anything: a daemon with a broken config is an error.
   let config: Config = await loadConfig(home);
   const scheduler: { current: Scheduler | null } = { current: null };
+  const verifier: { current: ScheduledVerify | null } = { current: null };
   let metrics!: ReturnType<typeof createMetrics>;
   const { startServed } = await import('../../api/serve.js');
   const served = await startServed(home, opts.listen, {
     logger: { level: 'warn', stream: process.stderr },
     routes: (store) => {
-      metrics = createMetrics(async () => computeStatus(store, config, Date.now()), () => scheduler.current?.runningUnits() ?? []);
+      const summary = () => verifySummary(store, config, verifier.current?.running ?? null);
+      metrics = createMetrics(async () => computeStatus(store, config, Date.now()), () => scheduler.current?.runningUnits() ?? [], summary);
       return (app: FastifyInstance) => {
         app.get('/metrics', async (_req, reply) => {
           const m = await metrics.render();
@@ -61,7 +64,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
         });
         app.get<{ Querystring: { volume?: string } }>('/v1/status', async (req) => {
           const volumes = await computeStatus(store, config, Date.now(), req.query.volume);
-          return { appliance: home.identity.name, at: new Date().toISOString(), running: scheduler.current?.runningUnits() ?? [], volumes };
+          return { appliance: home.identity.name, at: new Date().toISOString(), running: scheduler.current?.runningUnits() ?? [], volumes, verify: await summary() };
         });
       };
     },
@@ -78,6 +81,21 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   });
   scheduler.current = sched;
   sched.start();
+
+  const verify = new ScheduledVerify({
+    store,
+    config: () => config,
+    clock: realClock,
+    log,
+    alert: async (a) => {
+      const webhook = config.alerts.webhook;
+      const error = webhook === null ? null : await postWebhook(webhook, a);
+      if (error) log.error({}, `${error} (verify_failed)`);
+      else if (webhook !== null) log.warn({ event: a.event }, 'verify alert sent');
+    },
+  });
+  verifier.current = verify;
+  verify.start();
 
   const notifier = new BreachNotifier(home.identity.name);
   let checking: Promise<void> | null = null;
@@ -101,7 +119,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
       log.info({ signal: why }, 'stopping: no new jobs; waiting for the running one');
       clearInterval(alerts);
       await checking;
-      await sched.stop(STOP_GRACE_MS);
+      await Promise.all([sched.stop(STOP_GRACE_MS), verify.stop()]);
       await served.close();
       log.info({}, 'daemon stopped');
       log.flush();

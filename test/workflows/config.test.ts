@@ -101,6 +101,23 @@ test('cross references are checked: unknown policy, volume in two groups, assign
   assert.equal(hook.details.key, 'groups.erp.hooks.timeout');
 });
 
+test('verify: defaults to a weekly scheduled verify at 100 MiB/s; every, off and bwlimit are checked; so is replication.bwlimit', () => {
+  assert.deepEqual(parseConfig(GOOD, 'config.yaml').verify, { everyMs: 7 * 86_400_000, bytesPerSecond: 100 * 1024 * 1024 });
+  assert.deepEqual(parseConfig(`${GOOD}verify: { every: 1d, bwlimit: 20MiB }\n`, 'config.yaml').verify, { everyMs: 86_400_000, bytesPerSecond: 20 * 1024 * 1024 });
+  assert.equal(parseConfig(`${GOOD}verify: { every: "off" }\n`, 'config.yaml').verify.everyMs, null);
+  const every = invalid(`${GOOD}verify: { every: sometimes }\n`);
+  assert.equal(every.details.key, 'verify.every');
+  assert.match(every.message, /"sometimes" is not a duration/);
+  const rate = invalid(`${GOOD}verify: { bwlimit: fast }\n`);
+  assert.equal(rate.details.key, 'verify.bwlimit');
+  assert.match(rate.message, /"fast" is not a rate/);
+  const zero = invalid(`${GOOD}verify: { bwlimit: 0 }\n`);
+  assert.equal(zero.details.key, 'verify.bwlimit');
+  const repl = invalid(GOOD.replace('replication: { peer: cloud }', 'replication: { peer: cloud, bwlimit: 10 Mbit }'));
+  assert.equal(repl.details.key, 'replication.bwlimit');
+  assert.equal(repl.details.line, 23);
+});
+
 test('every problem is reported in one pass, in line order', () => {
   const e = invalid(GOOD.replace('rpo: 15m', 'rpo: 15').replace('rpo: 1d', 'rpoo: 1d'));
   const problems = e.details.problems as Array<{ line: number; key: string }>;

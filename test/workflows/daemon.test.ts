@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { request } from 'node:https';
 import { once } from 'node:events';
-import { readFileSync, writeFileSync, existsSync, watch, rmSync } from 'node:fs';
+import { readFileSync, writeFileSync, existsSync, watch, rmSync, readdirSync, openSync, readSync, writeSync, closeSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
@@ -225,3 +225,68 @@ alerts: { webhook: "http://127.0.0.1:${(hook.address() as { port: number }).port
   d.child.kill('SIGTERM');
   assert.equal((await d.exited)[0], 0);
 });
+
+test('daemon verifies the store on schedule, at its byte rate: a damaged block calls the webhook and shows in metrics and status; SIGTERM stops a running verify', async (t) => {
+  const work = tempDir(t, 'tandem-daemon-verify-');
+  const a = await initHome(t, 'onprem');
+  const img = join(work, 'v.img');
+  writeFileSync(img, randomBytes(8 * MiB));
+  assert.equal((await cli(a, 'volume', 'add', 'v', '--path', img)).code, 0);
+  const snap = await cli(a, 'snapshot', 'v');
+  assert.equal(snap.code, 0, snap.stderr);
+  // One byte flipped in the middle of the pack: the record of one of the 16 blocks.
+  const packs = join(a.dir, 'store', 'packs');
+  const pack = join(packs, readdirSync(packs).find((n) => n.endsWith('.pack'))!);
+  const fd = openSync(pack, 'r+');
+  const byte = Buffer.alloc(1);
+  readSync(fd, byte, 0, 1, 4 * MiB + 12345);
+  writeSync(fd, Buffer.from([byte[0]! ^ 0xff]), 0, 1, 4 * MiB + 12345);
+  closeSync(fd);
+  const hook = createServer();
+  hook.listen(0, '127.0.0.1');
+  await once(hook, 'listening');
+  t.after(() => hook.close());
+  const alert = new Promise<{ event: string; appliance: string; run: { ok: boolean; problems: number; bytes: number; seconds: number; firstProblems: Array<{ code: string; volume: string; snapshot: string }> } }>((resolve) => {
+    hook.on('request', (req, res) => {
+      let body = '';
+      req.on('data', (c) => (body += c));
+      req.on('end', () => { res.end(); resolve(JSON.parse(body)); });
+    });
+  });
+  // No policy: the scheduler has nothing to do; the store is verified 2 s after the daemon
+  // first started, then every 2 s, reading at most 4 MiB a second.
+  writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
+verify: { every: 2s, bwlimit: 4MiB }
+alerts: { webhook: "http://127.0.0.1:${(hook.address() as { port: number }).port}/tandem" }
+`);
+  const d = await startDaemon(t, a);
+  const got = await alert;
+  assert.equal(got.event, 'verify_failed');
+  assert.equal(got.appliance, 'onprem');
+  assert.equal(got.run.ok, false);
+  assert.equal(got.run.problems, 1);
+  assert.deepEqual([got.run.firstProblems[0]!.code, got.run.firstProblems[0]!.volume, got.run.firstProblems[0]!.snapshot], ['ERR_BLOCK_CORRUPT', 'v', snap.json.snapshot.id]);
+  // 15 good blocks (7.5 MiB) re-hashed at no more than 4 MiB a second.
+  assert.equal(got.run.bytes, 15 * 512 * 1024);
+  assert.ok(got.run.seconds >= 7.5 / 4 - 0.05, `read ${got.run.bytes} bytes in ${got.run.seconds} s`);
+  const metrics = (await get(a, d.url, '/metrics', a.token)).body;
+  assert.match(metrics, /^tandem_verify_problems 1$/m);
+  assert.match(metrics, /^tandem_verify_failed 0$/m);
+  assert.ok(Number(/^tandem_verify_last_timestamp_seconds (\S+)$/m.exec(metrics)![1]) > Date.now() / 1000 - 60);
+  const status = await cli(a, 'status');
+  assert.equal(status.code, 0, status.stderr);
+  assert.equal(status.json.verify.last.problems, 1);
+  assert.equal(status.json.verify.every, '2s');
+
+  // The next run starts 2 s after this one ended; SIGTERM while it runs stops it and the daemon.
+  await d.logLine((o) => o.msg === 'scheduled verify started' && seenStarts(d) >= 2);
+  d.child.kill('SIGTERM');
+  const [code] = await d.exited;
+  assert.equal(code, 0, d.stderr());
+  assert.match(d.stderr(), /scheduled verify stopped with the daemon/);
+});
+
+/** How many scheduled verifies the daemon has started so far (from its log). */
+function seenStarts(d: Daemon): number {
+  return d.stderr().split('\n').filter((l) => l.includes('"msg":"scheduled verify started"')).length;
+}

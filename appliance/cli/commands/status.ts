@@ -19,6 +19,8 @@ export function define(program: Command): void {
       const { loadConfig, formatDuration } = await import('../../config/index.js');
       const { computeStatus } = await import('../../status.js');
       const { formatTable, formatAge } = await import('../table.js');
+      const { formatBytes } = await import('../output.js');
+      const { verifySummary, verifyLine } = await import('../../scheduler/verify.js');
       const { TandemError } = await import('../../../common/errors.js');
       return withHomeStore(g.home, async (home, store) => {
         const config = await loadConfig(home);
@@ -40,10 +42,12 @@ export function define(program: Command): void {
           v.lastDrill ? `${v.lastDrill.passed ? 'passed' : 'FAILED'} ${formatAge(v.lastDrill.at, now)}` : 'never',
           v.lastJob ? (v.lastJob.ok ? 'ok' : `FAILED: ${v.lastJob.error?.code ?? ''}`) : '-',
         ]);
-        const text = volumes.length === 0
+        const table = volumes.length === 0
           ? 'no volumes; register one with `appliance volume add NAME --path PATH`'
           : formatTable(['VOLUME', 'POLICY', 'SNAPSHOT', 'REPLICATED', 'RPO (age/objective)', 'EBS EXPORT', 'RTO (estimate/objective)', 'DRILL', 'LAST JOB'], rows);
-        return { json: { appliance: home.identity.name, at: new Date(now).toISOString(), volumes }, text };
+        const verify = await verifySummary(store, config);
+        const text = only === undefined ? `${table}\n${verifyLine(verify, now, formatAge, formatBytes)}` : table;
+        return { json: { appliance: home.identity.name, at: new Date(now).toISOString(), volumes, verify }, text };
       });
     }));
 }

@@ -1,0 +1,227 @@
+/**
+ * The daemon's scheduled verify: every `verify.every` (config; default a week) it re-reads and
+ * re-hashes every snapshot of the store, at most `verify.bwlimit` a second (default 100 MiB), so
+ * silent corruption of the DR copy is found while a peer still holds a good one, not at failover.
+ *
+ * It runs beside the scheduler's jobs (store verify needs no lock they take: see
+ * store/verify.ts), outside their `maxParallel`, and is aborted by `stop()`; a run cut short
+ * starts again from the beginning at the next start. State in the store's meta namespace
+ * `verify`, key `state` ({@link VerifyState}): the first time the daemon ran (the first verify
+ * is due one period later) and the last run's outcome. A run that found problems, or failed,
+ * POSTs `{event: "verify_failed", ...}` to `alerts.webhook`; a failed run is retried after
+ * {@link VERIFY_RETRY_MS}.
+ */
+import type { VerifyOptions } from '../../store/verify.js';
+import type { VerifyProblem, VerifyProgress, VerifyReport } from '../../store/types.js';
+import { isTandemError } from '../../common/errors.js';
+import { formatDuration, type Config } from '../config/index.js';
+import type { Clock } from './clock.js';
+import type { Log } from './runner.js';
+
+export const VERIFY_NS = 'verify';
+export const VERIFY_KEY = 'state';
+/** Problems kept in the state and sent in the alert (the operator runs `appliance verify` for all). */
+export const MAX_PROBLEMS_KEPT = 20;
+/** A run that failed (an I/O error, not a problem found) is tried again after this long. */
+export const VERIFY_RETRY_MS = 3_600_000;
+/** How often the config is looked at again while no run is due (a shorter `every`, `off`). */
+const RECHECK_MS = 60_000;
+
+export interface VerifyRun {
+  readonly started: string;
+  readonly ended: string;
+  /** True when every selected snapshot verified; false when problems were found or the run failed. */
+  readonly ok: boolean;
+  readonly snapshots: number;
+  readonly blocks: number;
+  readonly bytes: number;
+  readonly seconds: number;
+  /** Number of problems found, and the first {@link MAX_PROBLEMS_KEPT} of them. */
+  readonly problems: number;
+  readonly firstProblems: readonly VerifyProblem[];
+  /** Why the run failed, when it did not finish. */
+  readonly error?: { readonly code: string; readonly message: string };
+}
+
+export interface VerifyState {
+  /** When the daemon first ran on this store (ISO): the first verify is due one period later. */
+  readonly since: string;
+  /** The last run that finished (it may have found problems): the next is due one period after its end. */
+  readonly last: VerifyRun | null;
+  /** The last run that failed (an I/O error, say) since then, retried after {@link VERIFY_RETRY_MS}. */
+  readonly failed?: VerifyRun | null;
+}
+
+export interface VerifyAlert {
+  readonly event: 'verify_failed';
+  readonly appliance: string;
+  readonly at: string;
+  readonly run: VerifyRun;
+}
+
+export interface ScheduledVerifyStore {
+  getMeta<T>(ns: string, key: string): Promise<T | undefined>;
+  putMeta(ns: string, key: string, value: unknown): Promise<void>;
+  verify(filter: undefined, opts: VerifyOptions): Promise<VerifyReport>;
+}
+
+export interface ScheduledVerifyOptions {
+  readonly store: ScheduledVerifyStore;
+  /** The configuration in force (the daemon re-reads config.yaml). */
+  readonly config: () => Config;
+  readonly clock: Clock;
+  readonly log: Log;
+  /** Deliver an alert (best effort; errors are the callee's to log). */
+  readonly alert: (a: VerifyAlert) => Promise<void>;
+}
+
+export async function readVerifyState(store: Pick<ScheduledVerifyStore, 'getMeta'>): Promise<VerifyState | null> {
+  return (await store.getMeta<VerifyState>(VERIFY_NS, VERIFY_KEY)) ?? null;
+}
+
+/** When the next run is due (ms since the epoch), or null when scheduled verify is off. */
+export function verifyDueAt(state: VerifyState, config: Config): number | null {
+  if (config.verify.everyMs === null) return null;
+  return Date.parse(state.last?.ended ?? state.since) + config.verify.everyMs;
+}
+
+/** What status reports of the scheduled verify (appliance status, GET /v1/status). */
+export interface VerifySummary {
+  /** Null when `verify.every` is `off`. */
+  readonly every: string | null;
+  readonly last: VerifyRun | null;
+  readonly failed: VerifyRun | null;
+  /** When the next run is due (ISO; null: off, or the daemon never ran on this store). */
+  readonly nextDue: string | null;
+  /** The running verify's progress (the daemon only). */
+  readonly running: VerifyProgress | null;
+}
+
+/** One line for `appliance status`. */
+export function verifyLine(v: VerifySummary, now: number, formatAge: (iso: string | undefined, now: number) => string, formatBytes: (n: number) => string): string {
+  const parts: string[] = [];
+  const l = v.last;
+  if (v.running) parts.push(`store verify running: ${v.running.blocksDone}/${v.running.blocksTotal} blocks`);
+  if (!l) parts.push(`store verify: none yet${v.every === null ? ' (scheduled verify is off: config verify.every)' : `; the daemon runs one every ${v.every}${v.nextDue ? `, the first at ${v.nextDue}` : ' once started'}`}`);
+  else if (l.ok) parts.push(`store verified ${formatAge(l.ended, now)}: ok (${l.snapshots} snapshots, ${l.blocks} blocks, ${formatBytes(l.bytes)} in ${formatDuration(l.seconds * 1000)})`);
+  else {
+    const p = l.firstProblems[0];
+    parts.push(`store verify ${formatAge(l.ended, now)}: ${l.problems} PROBLEMS${p ? `, e.g. ${p.code} ${p.kind} of ${p.volume}@${p.snapshot} block ${p.blockIndex}` : ''}; run \`appliance verify\` for the list, then sync the volumes back from the peer`);
+  }
+  if (l && v.every !== null && v.nextDue) {
+    const inMs = Date.parse(v.nextDue) - now;
+    parts.push(inMs > 0 ? `next in ${formatDuration(inMs)}` : 'next due now');
+  }
+  if (v.every === null && l) parts.push('scheduled verify is off');
+  if (v.failed) parts.push(`last attempt FAILED ${formatAge(v.failed.ended, now)} (${v.failed.error?.code ?? ''}: ${v.failed.error?.message ?? ''}); retried hourly`);
+  return parts.join('; ');
+}
+
+export async function verifySummary(store: Pick<ScheduledVerifyStore, 'getMeta'>, config: Config, running: VerifyProgress | null = null): Promise<VerifySummary> {
+  const state = await readVerifyState(store);
+  const due = state ? verifyDueAt(state, config) : null;
+  return {
+    every: config.verify.everyMs === null ? null : formatDuration(config.verify.everyMs),
+    last: state?.last ?? null,
+    failed: state?.failed ?? null,
+    nextDue: due === null ? null : new Date(due).toISOString(),
+    running,
+  };
+}
+
+export class ScheduledVerify {
+  private readonly abort = new AbortController();
+  private loopDone: Promise<void> | null = null;
+  private current: VerifyProgress | null = null;
+  private retryAt = -Infinity;
+
+  constructor(private readonly o: ScheduledVerifyOptions) {}
+
+  start(): void {
+    this.loopDone ??= this.loop();
+  }
+
+  /** The running verify's progress, or null when none runs. */
+  get running(): VerifyProgress | null {
+    return this.current;
+  }
+
+  /** Stop: abort a running verify (it starts over at the next start) and wait for the loop to end. */
+  async stop(): Promise<void> {
+    this.abort.abort(new Error('the daemon is stopping'));
+    await this.loopDone;
+  }
+
+  private async loop(): Promise<void> {
+    const { store, clock, log } = this.o;
+    while (!this.abort.signal.aborted) {
+      let sleepMs = RECHECK_MS;
+      try {
+        let state = await readVerifyState(store);
+        if (!state) {
+          state = { since: new Date(clock.now()).toISOString(), last: null };
+          await store.putMeta(VERIFY_NS, VERIFY_KEY, state);
+        }
+        const due = verifyDueAt(state, this.o.config());
+        const at = due === null ? null : Math.max(due, this.retryAt);
+        if (at !== null && at <= clock.now()) {
+          await this.runOnce(state);
+          continue; // the next one is due a period after this one's end
+        }
+        if (at !== null) sleepMs = Math.min(RECHECK_MS, at - clock.now());
+      } catch (e) {
+        if (this.abort.signal.aborted) break;
+        log.error({ err: { code: (e as { code?: string }).code ?? 'ERR_INTERNAL', message: (e as Error).message } }, 'scheduled verify: could not read or record its state');
+      }
+      await clock.sleep(sleepMs, this.abort.signal);
+    }
+  }
+
+  private async runOnce(state: VerifyState): Promise<void> {
+    const { store, clock, log } = this.o;
+    const config = this.o.config();
+    const started = clock.now();
+    log.info({ bytesPerSecond: config.verify.bytesPerSecond }, 'scheduled verify started');
+    this.current = { blocksDone: 0, blocksTotal: 0, bytesRead: 0, problems: 0 };
+    let run: VerifyRun;
+    try {
+      const r = await store.verify(undefined, {
+        signal: this.abort.signal,
+        bytesPerSecond: config.verify.bytesPerSecond,
+        onProgress: (p) => (this.current = p),
+      });
+      run = {
+        started: new Date(started).toISOString(), ended: new Date(clock.now()).toISOString(), ok: r.problems.length === 0,
+        snapshots: r.snapshots, blocks: r.blocks, bytes: r.bytes, seconds: (clock.now() - started) / 1000,
+        problems: r.problems.length, firstProblems: r.problems.slice(0, MAX_PROBLEMS_KEPT),
+      };
+      this.retryAt = -Infinity;
+    } catch (e) {
+      if (this.abort.signal.aborted) {
+        log.warn({}, 'scheduled verify stopped with the daemon; it starts over at the next start');
+        return;
+      }
+      const error = isTandemError(e) ? { code: e.code, message: e.message } : { code: 'ERR_INTERNAL', message: (e as Error)?.message ?? String(e) };
+      const p = this.current;
+      run = {
+        started: new Date(started).toISOString(), ended: new Date(clock.now()).toISOString(), ok: false,
+        snapshots: 0, blocks: p?.blocksDone ?? 0, bytes: p?.bytesRead ?? 0, seconds: (clock.now() - started) / 1000,
+        problems: 0, firstProblems: [], error,
+      };
+      this.retryAt = clock.now() + VERIFY_RETRY_MS;
+    } finally {
+      this.current = null;
+    }
+    // A finished run, found problems or not, starts the next period; a failed one is retried.
+    const next: VerifyState = run.error ? { ...state, failed: run } : { since: state.since, last: run, failed: null };
+    await store.putMeta(VERIFY_NS, VERIFY_KEY, next);
+    if (run.ok) {
+      log.info({ snapshots: run.snapshots, blocks: run.blocks, bytes: run.bytes, seconds: run.seconds }, 'scheduled verify passed');
+      return;
+    }
+    log.error({ problems: run.problems, firstProblems: run.firstProblems.slice(0, 3), err: run.error }, run.error
+      ? `scheduled verify failed (${run.error.code}); retried in ${VERIFY_RETRY_MS / 60_000} min`
+      : `scheduled verify found ${run.problems} problems: run \`appliance verify\` for the list, then sync the volumes back from the peer`);
+    await this.o.alert({ event: 'verify_failed', appliance: config.appliance.name, at: run.ended, run });
+  }
+}
