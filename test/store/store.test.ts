@@ -1,5 +1,5 @@
 /** The local Store beyond the shared contract: scans, records, recovery, busy lock, verify, gc. */
-import { describe, it } from 'node:test';
+import { describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { appendFile, open, readFile, readdir, stat, truncate, writeFile } from 'node:fs/promises';
 import { execFileSync } from 'node:child_process';
@@ -44,6 +44,38 @@ async function* frames(blocks: readonly Buffer[]) {
 
 async function packFiles(storeDir: string): Promise<string[]> {
   return (await readdir(join(storeDir, 'packs'))).filter((n) => n.endsWith('.pack')).sort().map((n) => join(storeDir, 'packs', n));
+}
+
+/**
+ * A store holding three snapshots of one 600-block volume (three level-1 nodes under a root):
+ * the second with blocks `second` changed, the third with blocks `third` changed.
+ */
+async function threeSnapshots(t: TestContext, second: readonly number[], third: readonly number[]) {
+  const dir = await tempDir(t);
+  const storeDir = join(dir, 'store');
+  const path = join(dir, 'img');
+  const img = makeImage(600, BS);
+  await writeImage(path, img);
+  const store = await Store.open(storeDir);
+  t.after(() => store.close());
+  const snaps = [await scanFile(store, path, 'vol')];
+  for (const changed of [second, third]) {
+    for (const i of changed) randomBytes(BS).copy(img, i * BS);
+    await writeImage(path, img);
+    snaps.push(await scanFile(store, path, 'vol', { parent: snaps.at(-1)! }));
+  }
+  return { dir, storeDir, img, store, snaps };
+}
+
+/** Flip one payload byte of the record of block `hash` in its pack. */
+async function damageBlock(store: Store, storeDir: string, hash: Buffer): Promise<void> {
+  const loc = (await store.locate(hash))!;
+  const at = loc.offset + recordLength(loc.length) - 10;
+  const fh = await open(join(storeDir, 'packs', `${String(loc.pack).padStart(8, '0')}.pack`), 'r+');
+  const byte = Buffer.alloc(1);
+  await fh.read(byte, 0, 1, at);
+  await fh.write(Buffer.from([byte[0]! ^ 0x01]), 0, 1, at);
+  await fh.close();
 }
 
 /** Bytes of all pack files. */
@@ -533,82 +565,43 @@ describe('Store', () => {
   });
 
   it('verify reads a shared block once and skips subtrees it found good, reports a damaged shared block for every snapshot reaching it, and tells its progress', async (t) => {
-    const dir = await tempDir(t);
-    const storeDir = join(dir, 'store');
-    const path = join(dir, 'img');
-    // 600 blocks: three level-1 nodes under a root. Each later snapshot changes one block.
-    const img = makeImage(600, BS);
-    await writeImage(path, img);
-    const store = await Store.open(storeDir);
-    t.after(() => store.close());
-    const s1 = await scanFile(store, path, 'vol');
-    randomBytes(BS).copy(img, 5 * BS);
-    await writeImage(path, img);
-    const s2 = await scanFile(store, path, 'vol', { parent: s1 });
-    randomBytes(BS).copy(img, 300 * BS);
-    await writeImage(path, img);
-    const s3 = await scanFile(store, path, 'vol', { parent: s2 });
+    const { storeDir, img, store, snaps } = await threeSnapshots(t, [5], [300]);
     const calls: VerifyProgress[] = [];
     const report = await store.verify(undefined, { onProgress: (p) => calls.push(p) });
-    // 600 blocks + the 2 changed ones; 4 nodes of s1, then a new root and level-1 node each.
+    // 600 blocks + the 2 changed ones; 4 nodes of the first snapshot, then a new root and level-1 node each.
     assert.deepEqual({ ...report, problems: report.problems.length }, { snapshots: 3, nodes: 8, blocks: 602, bytes: 602 * BS, problems: 0 });
     assert.ok(calls.length >= 1);
-    for (const c of calls) assert.equal(c.blocksTotal, 602); // the estimate: s1's blocks, then one changed block per snapshot
+    for (const c of calls) assert.equal(c.blocksTotal, 602); // the estimate: 600 blocks, then one changed block per snapshot
     assert.deepEqual(calls.at(-1), { blocksDone: 602, blocksTotal: 602, bytesRead: 602 * BS, problems: 0 });
 
-    // Block 400, in every snapshot (under a level-1 node s3 replaced), is damaged: read once,
-    // named three times.
+    // Block 400, in every snapshot (under a level-1 node the third replaced), is damaged: read
+    // once, named three times.
     const hash = hashBlock(img.subarray(400 * BS, 401 * BS));
-    const loc = (await store.locate(hash))!;
-    const [pack] = (await packFiles(storeDir)).filter((p) => p.endsWith(`${String(loc.pack).padStart(8, '0')}.pack`));
-    const fh = await open(pack!, 'r+');
-    const byte = Buffer.alloc(1);
-    await fh.read(byte, 0, 1, loc.offset + recordLength(loc.length) - 10);
-    await fh.write(Buffer.from([byte[0]! ^ 0x01]), 0, 1, loc.offset + recordLength(loc.length) - 10);
-    await fh.close();
+    await damageBlock(store, storeDir, hash);
     const bad = await store.verify();
     assert.equal(bad.blocks, 602);
-    assert.deepEqual(
-      bad.problems.map((p) => [p.snapshot, p.blockIndex, p.code, p.hash]),
-      [s1, s2, s3].map((s) => [s.id, 400, 'ERR_BLOCK_CORRUPT', hash.toString('hex')]),
-    );
+    assert.deepEqual(bad.problems.map((p) => [p.snapshot, p.blockIndex, p.code, p.hash]), snaps.map((s) => [s.id, 400, 'ERR_BLOCK_CORRUPT', hash.toString('hex')]));
   });
 
   it('verify runs beside gc: a snapshot deleted and collected meanwhile is not reported, blocks gc moved are not either, a damaged one is; it keeps to its byte rate and stops when aborted', async (t) => {
-    const dir = await tempDir(t);
-    const storeDir = join(dir, 'store');
-    const path = join(dir, 'img');
-    const img = makeImage(600, BS);
-    await writeImage(path, img);
-    const store = await Store.open(storeDir);
-    t.after(() => store.close());
-    const s1 = await scanFile(store, path, 'vol');
-    for (let i = 0; i < 100; i++) randomBytes(BS).copy(img, i * BS);
-    await writeImage(path, img);
-    const s2 = await scanFile(store, path, 'vol', { parent: s1 });
-    for (let i = 100; i < 200; i++) randomBytes(BS).copy(img, i * BS);
-    await writeImage(path, img);
-    const s3 = await scanFile(store, path, 'vol', { parent: s2 });
+    const range = (from: number) => Array.from({ length: 100 }, (_, i) => from + i);
+    const { dir, storeDir, store, snaps } = await threeSnapshots(t, range(0), range(100));
     // Another volume, in a pack of its own (gc ends the pack being written), has a damaged block.
     await store.gc();
     const otherImg = makeImage(40, BS);
     await writeImage(join(dir, 'other'), otherImg);
     const other = await scanFile(store, join(dir, 'other'), 'other');
     const hash = hashBlock(otherImg.subarray(7 * BS, 8 * BS));
-    const loc = (await store.locate(hash))!;
+    await damageBlock(store, storeDir, hash);
     const packsBefore = await packFiles(storeDir);
-    const [pack] = packsBefore.filter((p) => p.endsWith(`${String(loc.pack).padStart(8, '0')}.pack`));
-    const fh = await open(pack!, 'r+');
-    await fh.write(Buffer.from([0x5a]), 0, 1, loc.offset + recordLength(loc.length) - 100);
-    await fh.close();
 
-    // 840 blocks (52.5 MiB) at 20 MiB/s: ~2.6 s. 300 ms in, s1 is deleted and gc moves every live
-    // block of vol into a new pack and deletes the one they were read from.
+    // 840 blocks (52.5 MiB) at 20 MiB/s: ~2.6 s. 300 ms in, the first snapshot is deleted and gc
+    // moves every live block of vol into a new pack and deletes the one they were read from.
     const rate = 20 * 1024 * 1024;
     const t0 = Date.now();
     const running = store.verify(undefined, { bytesPerSecond: rate }).then((r) => ({ r, at: Date.now() }));
     await new Promise((r) => setTimeout(r, 300));
-    await store.deleteSnapshot('vol', s1.id);
+    await store.deleteSnapshot('vol', snaps[0]!.id);
     const gc = await store.gc();
     const gcDone = Date.now();
     assert.equal(gc.blocksRemoved, 100);

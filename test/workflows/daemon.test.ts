@@ -95,6 +95,22 @@ function fileLines(dir: string, file: string, lines: number): Promise<string[]> 
   });
 }
 
+/** A local webhook receiver: its URL and the first JSON body POSTed to it. */
+async function webhook<T>(t: { after(fn: () => unknown): void }): Promise<{ url: string; first: Promise<T> }> {
+  const hook = createServer();
+  hook.listen(0, '127.0.0.1');
+  await once(hook, 'listening');
+  t.after(() => hook.close());
+  const first = new Promise<T>((resolve) => {
+    hook.on('request', (req, res) => {
+      let body = '';
+      req.on('data', (c) => (body += c));
+      req.on('end', () => { res.end(); resolve(JSON.parse(body)); });
+    });
+  });
+  return { url: `http://127.0.0.1:${(hook.address() as { port: number }).port}/tandem`, first };
+}
+
 test('daemon: group snapshotted between hooks, kill -9 mid-job resumes the same job, status and metrics, clean SIGTERM', async (t) => {
   const work = tempDir(t, 'tandem-daemon-');
   const a = await initHome(t, 'onprem');
@@ -187,17 +203,7 @@ test('daemon replicates to its peer before the RPO; the peer holds the snapshot;
   writeFileSync(lost, randomBytes(MiB));
   assert.equal((await cli(a, 'volume', 'add', 'lost', '--path', lost)).code, 0);
   rmSync(lost);
-  const hook = createServer();
-  hook.listen(0, '127.0.0.1');
-  await once(hook, 'listening');
-  t.after(() => hook.close());
-  const alert = new Promise<{ event: string; volume: string; appliance: string }>((resolve) => {
-    hook.on('request', (req, res) => {
-      let body = '';
-      req.on('data', (c) => (body += c));
-      req.on('end', () => { res.end(); resolve(JSON.parse(body)); });
-    });
-  });
+  const { url: hookUrl, first: alert } = await webhook<{ event: string; volume: string; appliance: string }>(t);
   writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
 policies:
   silver: { rpo: 2h, retention: { last: 1 } }
@@ -205,7 +211,7 @@ assign:
   - match: "*"
     policy: silver
 replication: { peer: cloud }
-alerts: { webhook: "http://127.0.0.1:${(hook.address() as { port: number }).port}/tandem" }
+alerts: { webhook: "${hookUrl}" }
 `);
   const d = await startDaemon(t, a);
   const done = await d.logLine((o) => o.unit === 'volume:web' && (o.msg === 'job done' || o.msg === 'job failed'));
@@ -242,22 +248,12 @@ test('daemon verifies the store on schedule, at its byte rate: a damaged block c
   readSync(fd, byte, 0, 1, 4 * MiB + 12345);
   writeSync(fd, Buffer.from([byte[0]! ^ 0xff]), 0, 1, 4 * MiB + 12345);
   closeSync(fd);
-  const hook = createServer();
-  hook.listen(0, '127.0.0.1');
-  await once(hook, 'listening');
-  t.after(() => hook.close());
-  const alert = new Promise<{ event: string; appliance: string; run: { ok: boolean; problems: number; bytes: number; seconds: number; firstProblems: Array<{ code: string; volume: string; snapshot: string }> } }>((resolve) => {
-    hook.on('request', (req, res) => {
-      let body = '';
-      req.on('data', (c) => (body += c));
-      req.on('end', () => { res.end(); resolve(JSON.parse(body)); });
-    });
-  });
+  const { url: hookUrl, first: alert } = await webhook<{ event: string; appliance: string; run: { ok: boolean; problems: number; bytes: number; seconds: number; firstProblems: Array<{ code: string; volume: string; snapshot: string }> } }>(t);
   // No policy: the scheduler has nothing to do; the store is verified 2 s after the daemon
   // first started, then every 2 s, reading at most 4 MiB a second.
   writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
 verify: { every: 2s, bwlimit: 4MiB }
-alerts: { webhook: "http://127.0.0.1:${(hook.address() as { port: number }).port}/tandem" }
+alerts: { webhook: "${hookUrl}" }
 `);
   const d = await startDaemon(t, a);
   const got = await alert;
