@@ -97,23 +97,22 @@ export interface VerifySummary {
   readonly running: VerifyProgress | null;
 }
 
-/** One line for `appliance status`. */
+/** One line for `appliance status`, e.g. `store verified 2d ago: ok (...); next in 5d`. */
 export function verifyLine(v: VerifySummary, now: number, formatAge: (iso: string | undefined, now: number) => string, formatBytes: (n: number) => string): string {
-  const parts: string[] = [];
   const l = v.last;
-  if (v.running) parts.push(`store verify running: ${v.running.blocksDone}/${v.running.blocksTotal} blocks`);
-  if (!l) parts.push(`store verify: none yet${v.every === null ? ' (scheduled verify is off: config verify.every)' : `; the daemon runs one every ${v.every}${v.nextDue ? `, the first at ${v.nextDue}` : ' once started'}`}`);
-  else if (l.ok) parts.push(`store verified ${formatAge(l.ended, now)}: ok (${l.snapshots} snapshots, ${l.blocks} blocks, ${formatBytes(l.bytes)} in ${formatDuration(l.seconds * 1000)})`);
-  else {
-    const p = l.firstProblems[0];
-    parts.push(`store verify ${formatAge(l.ended, now)}: ${l.problems} PROBLEMS${p ? `, e.g. ${p.code} ${p.kind} of ${p.volume}@${p.snapshot} block ${p.blockIndex}` : ''}; run \`appliance verify\` for the list, then sync the volumes back from the peer`);
-  }
-  if (l && v.every !== null && v.nextDue) {
-    const inMs = Date.parse(v.nextDue) - now;
-    parts.push(inMs > 0 ? `next in ${formatDuration(inMs)}` : 'next due now');
-  }
-  if (v.every === null && l) parts.push('scheduled verify is off');
-  if (v.failed) parts.push(`last attempt FAILED ${formatAge(v.failed.ended, now)} (${v.failed.error?.code ?? ''}: ${v.failed.error?.message ?? ''}); retried hourly`);
+  const p = l?.firstProblems[0];
+  const schedule = v.every === null
+    ? 'scheduled verify is off (config verify.every)'
+    : v.nextDue === null
+      ? `the daemon verifies it every ${v.every} once started`
+      : Date.parse(v.nextDue) > now ? `next in ${formatDuration(Date.parse(v.nextDue) - now)}` : 'next due now';
+  const parts = [
+    !l ? 'store verify: none yet'
+      : l.ok ? `store verified ${formatAge(l.ended, now)}: ok (${l.snapshots} snapshots, ${l.blocks} blocks, ${formatBytes(l.bytes)} in ${formatDuration(l.seconds * 1000)})`
+        : `store verify ${formatAge(l.ended, now)}: ${l.problems} PROBLEMS${p ? `, e.g. ${p.code} ${p.kind} of ${p.volume}@${p.snapshot} block ${p.blockIndex}` : ''}; run \`appliance verify\` for the list, then sync the volumes back from the peer`,
+    v.running ? `running now: ${v.running.blocksDone}/${v.running.blocksTotal} blocks` : schedule,
+  ];
+  if (v.failed) parts.push(`the last attempt FAILED ${formatAge(v.failed.ended, now)} (${v.failed.error?.code}: ${v.failed.error?.message}), retried hourly`);
   return parts.join('; ');
 }
 

@@ -13,7 +13,7 @@ import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import { initHome, startServe, pair, cli, tempDir, type TestHome } from '../helpers/appliance.js';
-import { spawnCli } from '../helpers/cli.js';
+import { spawnCli, cli as cliText } from '../helpers/cli.js';
 
 const MiB = 1024 * 1024;
 /** Upper bound for any one wait below (cold starts on a loaded 2-core machine). */
@@ -273,6 +273,8 @@ alerts: { webhook: "${hookUrl}" }
   assert.equal(status.code, 0, status.stderr);
   assert.equal(status.json.verify.last.problems, 1);
   assert.equal(status.json.verify.every, '2s');
+  const text = await cliText(['--home', a.dir, 'status']);
+  assert.match(text.stdout, /store verify \d+s ago: 1 PROBLEMS, e\.g\. ERR_BLOCK_CORRUPT block of v@\S+ block \d+; run `appliance verify` for the list/);
 
   // The next run starts 2 s after this one ended; SIGTERM while it runs stops it and the daemon.
   await d.logLine((o) => o.msg === 'scheduled verify started' && seenStarts(d) >= 2);
