@@ -302,7 +302,7 @@ export async function restoreVolumeLocked(store: Store, spec: string, to: string
       const where = exists
         ? `${path} is partly restored: the blocks before block ${String(e.details.index ?? '?')} hold the snapshot, the rest are as they were`
         : `nothing was written to ${path}`;
-      throw new TandemError(e.code, `${e.message}; ${where}. Repair the store (\`appliance verify\`, then sync the volume back from the peer) or restore another snapshot`, { cause: e, details: e.details });
+      throw new TandemError(e.code, `${e.message}; ${where}. Heal the store with good copies from the paired appliance (\`appliance repair --peer NAME\`) or restore another snapshot`, { cause: e, details: e.details });
     }
     if (isTandemError(e, 'ERR_DISK_FULL')) {
       const where = exists ? `${path} is partly restored; rerun once there is space (it writes only what still differs)` : `nothing was left at ${path}`;

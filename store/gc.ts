@@ -129,7 +129,7 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
       const v = await db.get(nodeKey(h));
       const node = v === undefined ? undefined : decodeNode(h, v);
       if (!node || node.level !== level) {
-        throw new TandemError('ERR_STORE_CORRUPT', `gc stopped before changing anything: tree node ${toHex(h)} of snapshot ${snap.volume}@${snap.id} is missing or damaged; run \`appliance verify\` and resync or delete that snapshot`, {
+        throw new TandemError('ERR_STORE_CORRUPT', `gc stopped before changing anything: tree node ${toHex(h)} of snapshot ${snap.volume}@${snap.id} is missing or damaged; run \`appliance repair --peer NAME\` (it verifies, then fetches good copies from the peer) or delete that snapshot`, {
           details: { hash: toHex(h), volume: snap.volume, snapshot: snap.id },
         });
       }

@@ -240,7 +240,7 @@ export class Store implements ReplicaStore {
     }
     const data = decodePayload(header.codec, rec.subarray(RECORD_HEADER_LENGTH));
     if (!data || !blake3(data).equals(hash)) {
-      throw new TandemError('ERR_BLOCK_CORRUPT', `block ${toHex(hash)} in pack ${loc.pack} does not match its hash (disk corruption); run \`appliance verify\` and resync the affected volumes`, {
+      throw new TandemError('ERR_BLOCK_CORRUPT', `block ${toHex(hash)} in pack ${loc.pack} does not match its hash (disk corruption); run \`appliance repair --peer NAME\` to verify the store and fetch good copies from the peer`, {
         details: { hash: toHex(hash), pack: loc.pack, offset: loc.offset },
       });
     }
@@ -380,6 +380,36 @@ export class Store implements ReplicaStore {
       });
       return out;
     });
+  }
+
+  /**
+   * Store good copies of blocks whose record in the store is damaged or gone (`appliance repair`
+   * fetches them from a peer): each must hash to its hash (ERR_BLOCK_CORRUPT otherwise, and
+   * nothing is written). They are appended even though the index names their hashes, made
+   * durable, and then the index points at the new records, in one synced batch; the damaged
+   * records' bytes are no longer referenced, and gc reclaims them.
+   */
+  async repairBlocks(items: readonly BlockFrame[]): Promise<void> {
+    this.checkOpen();
+    for (const it of items) {
+      if (isZeroHash(it.hash) || !blake3(it.data).equals(it.hash)) {
+        throw new TandemError('ERR_BLOCK_CORRUPT', `the copy of block ${toHex(it.hash)} to repair with does not match its hash; nothing was written`, { details: { hash: toHex(it.hash) } });
+      }
+    }
+    if (items.length === 0) return;
+    await this.gcLock.shared(() => this.writeLock.run(async () => {
+      this.checkOpen();
+      await this.flushLocked();
+      let locs: BlockLocation[];
+      try {
+        locs = await this.packs.appendMany(items.map((it) => ({ hash: it.hash, codec: CODEC_RAW, payload: it.data })));
+      } catch (e) {
+        if (this.packs.failed) await this.discardFailedLocked();
+        throw e;
+      }
+      items.forEach((it, i) => this.pending.set(it.hash.toString('latin1'), locs[i]!));
+      await this.flushLocked();
+    }));
   }
 
   /**

@@ -109,7 +109,7 @@ export function verifyLine(v: VerifySummary, now: number, formatAge: (iso: strin
   const parts = [
     !l ? 'store verify: none yet'
       : l.ok ? `store verified ${formatAge(l.ended, now)}: ok (${l.snapshots} snapshots, ${l.blocks} blocks, ${formatBytes(l.bytes)} in ${formatDuration(l.seconds * 1000)})`
-        : `store verify ${formatAge(l.ended, now)}: ${l.problems} PROBLEMS${p ? `, e.g. ${p.code} ${p.kind} of ${p.volume}@${p.snapshot} block ${p.blockIndex}` : ''}; run \`appliance verify\` for the list, then sync the volumes back from the peer`,
+        : `store verify ${formatAge(l.ended, now)}: ${l.problems} PROBLEMS${p ? `, e.g. ${p.code} ${p.kind} of ${p.volume}@${p.snapshot} block ${p.blockIndex}` : ''}; heal them with \`appliance repair --peer NAME\``,
     v.running ? `running now: ${v.running.blocksDone}/${v.running.blocksTotal} blocks` : schedule,
   ];
   if (v.failed) parts.push(`the last attempt FAILED ${formatAge(v.failed.ended, now)} (${v.failed.error?.code}: ${v.failed.error?.message}), retried hourly`);
@@ -220,7 +220,7 @@ export class ScheduledVerify {
     }
     log.error({ problems: run.problems, firstProblems: run.firstProblems.slice(0, 3), err: run.error }, run.error
       ? `scheduled verify failed (${run.error.code}); retried in ${VERIFY_RETRY_MS / 60_000} min`
-      : `scheduled verify found ${run.problems} problems: run \`appliance verify\` for the list, then sync the volumes back from the peer`);
+      : `scheduled verify found ${run.problems} problems: heal them with \`appliance repair --peer NAME\``);
     await this.o.alert({ event: 'verify_failed', appliance: config.appliance.name, at: run.ended, run });
   }
 }

@@ -274,7 +274,7 @@ alerts: { webhook: "${hookUrl}" }
   assert.equal(status.json.verify.last.problems, 1);
   assert.equal(status.json.verify.every, '2s');
   const text = await cliText(['--home', a.dir, 'status']);
-  assert.match(text.stdout, /store verify \d+s ago: 1 PROBLEMS, e\.g\. ERR_BLOCK_CORRUPT block of v@\S+ block \d+; run `appliance verify` for the list/);
+  assert.match(text.stdout, /store verify \d+s ago: 1 PROBLEMS, e\.g\. ERR_BLOCK_CORRUPT block of v@\S+ block \d+; heal them with `appliance repair --peer NAME`/);
 
   // The next run starts 2 s after this one ended; SIGTERM while it runs stops it and the daemon.
   await d.logLine((o) => o.msg === 'scheduled verify started' && seenStarts(d) >= 2);

@@ -1,0 +1,37 @@
+/** `appliance repair [VOL[@SNAP]] --peer NAME`: heal what verify finds with good copies from the peer. */
+import type { Command } from 'commander';
+import { run } from '../output.js';
+
+export const order = 55;
+
+export function define(program: Command): void {
+  program
+    .command('repair [spec]')
+    .description('verify (all, VOL or VOL@SNAP), fetch a good copy of each damaged or missing block and tree node from the peer, put it back, verify again; exits 1 while problems are left')
+    .requiredOption('--peer <name>', 'the paired appliance to take good copies from (`appliance peer list`)')
+    .action(run(async (g, cmd, [spec]) => {
+      const { withHomeStore, parseSnapshotSpec } = await import('../../ops.js');
+      const { repairStore } = await import('../../repair.js');
+      const { currentIO } = await import('../output.js');
+      const { TandemError } = await import('../../../common/errors.js');
+      const { peer } = cmd.opts<{ peer: string }>();
+      const filter: { volume?: string; snapshot?: string } = spec === undefined ? {} : parseSnapshotSpec(spec as string);
+      const io = currentIO();
+      const r = await withHomeStore(g.home, async (_home, store) => {
+        if (filter.snapshot !== undefined) await store.resolveSnapshot(spec as string);
+        else if (filter.volume !== undefined && !(await store.getVolume(filter.volume))) {
+          throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${filter.volume}"; see \`appliance volume list\``, { details: { volume: filter.volume } });
+        }
+        return repairStore(store, peer, filter, { onNotice: (m) => io.err(`note: ${m}\n`) });
+      });
+      const ok = r.after.problems.length === 0;
+      const lines = [
+        `found ${r.before.problems.length} problems in ${r.before.snapshots} snapshots; repaired ${r.blocksRepaired} blocks and ${r.nodesRepaired} tree nodes from ${peer}`,
+        ...r.unrepaired.map((u) => `not repaired: ${u.kind} ${u.hash}: ${u.code}: ${u.message}`),
+        ...r.after.problems.map((p) => `${p.code}: ${p.kind} ${p.hash} of ${p.volume}@${p.snapshot}, block index ${p.blockIndex}`),
+        ok ? 'ok: verify finds nothing wrong'
+          : `FAILED: ${r.after.problems.length} problems left (ERR_VERIFY_FAILED); the peer lacks good copies of them: repair from another peer, or delete the affected snapshots (retention) and run \`appliance gc\``,
+      ];
+      return { json: { ok, ...r }, text: lines.join('\n'), exitCode: ok ? 0 : 1 };
+    }));
+}

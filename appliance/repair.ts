@@ -1,0 +1,117 @@
+/**
+ * `appliance repair [VOL[@SNAP]] --peer NAME`: heal what verify finds wrong in this store with
+ * good copies from the paired appliance.
+ *
+ * A sync cannot do it: the store still names a damaged block's hash, so a sync from the peer
+ * finds it "held" and sends nothing. Repair runs verify, then:
+ * - each damaged or missing block is fetched from the peer by its hash (verified on arrival,
+ *   and again by the store), appended anew, and the index is pointed at the good copy
+ *   (Store.repairBlocks; gc later reclaims the damaged record's bytes);
+ * - each damaged or missing tree node is fetched with the part of its subtree this store lacks
+ *   (nodes and blocks), and put back bottom-up (a node in the index implies its subtree is here);
+ * then verifies the same snapshots again and reports what is left. What the peer does not hold,
+ * or holds damaged too, stays listed: nothing is written for it.
+ */
+import { TandemError, isTandemError } from '../common/errors.js';
+import { isZeroHash, toHex } from '../store/hash.js';
+import type { Store } from '../store/store.js';
+import type { BlockFrame, Hash, TreeNode, VerifyProblem, VerifyReport } from '../store/types.js';
+import { connectPeer, getPeer } from './peers.js';
+
+/** Good copies written to the store at a time (bounds memory). */
+const REPAIR_BATCH_BYTES = 32 * 1024 * 1024;
+
+export interface RepairReport {
+  /** What verify found before the repair. */
+  readonly before: VerifyReport;
+  readonly blocksRepaired: number;
+  readonly nodesRepaired: number;
+  /** Hashes the peer could not give a good copy of, with why. */
+  readonly unrepaired: ReadonlyArray<{ readonly kind: 'block' | 'node'; readonly hash: string; readonly code: string; readonly message: string }>;
+  /** What verify finds after it. */
+  readonly after: VerifyReport;
+}
+
+export async function repairStore(store: Store, peerName: string, filter: { volume?: string; snapshot?: string }, opts: { onNotice?: (m: string) => void } = {}): Promise<RepairReport> {
+  const peerRecord = await getPeer(store, peerName);
+  const before = await store.verify(filter);
+  const unique = (kind: VerifyProblem['kind']) => [...new Map(before.problems.filter((p) => p.kind === kind).map((p) => [p.hash, Buffer.from(p.hash, 'hex')])).values()];
+  const blocks = unique('block');
+  const nodes = unique('node');
+  const unrepaired: Array<RepairReport['unrepaired'][number]> = [];
+  let blocksRepaired = 0;
+  let nodesRepaired = 0;
+  if (blocks.length + nodes.length > 0) {
+    const peer = connectPeer(peerRecord);
+    /** A good copy of block h from the peer, or null (listed as unrepaired). Peer failures other than a bad copy stop the repair. */
+    const fetchBlock = async (h: Hash): Promise<BlockFrame | null> => {
+      try {
+        for await (const f of peer.getBlocks([h])) return f;
+        throw new TandemError('ERR_PEER_PROTOCOL', `peer ${peerName} answered with no block for ${toHex(h)}`);
+      } catch (e) {
+        if (!isTandemError(e, 'ERR_BLOCK_MISSING') && !isTandemError(e, 'ERR_BLOCK_CORRUPT')) throw e;
+        unrepaired.push({ kind: 'block', hash: toHex(h), code: e.code, message: `peer ${peerName}: ${e.message}` });
+        return null;
+      }
+    };
+    try {
+      // Damaged or missing blocks: replaced in place (the index is pointed at the good copy).
+      let batch: BlockFrame[] = [];
+      let bytes = 0;
+      const write = async () => {
+        await store.repairBlocks(batch);
+        blocksRepaired += batch.length;
+        batch = [];
+        bytes = 0;
+      };
+      for (const h of blocks) {
+        const f = await fetchBlock(h);
+        if (!f) continue;
+        batch.push({ hash: h, data: Buffer.from(f.data) });
+        bytes += f.data.length;
+        if (bytes >= REPAIR_BATCH_BYTES) await write();
+      }
+      if (batch.length > 0) await write();
+
+      // Damaged or missing nodes: each with the part of its subtree this store lacks, bottom-up.
+      const restoreNode = async (h: Hash): Promise<boolean> => {
+        let node: TreeNode;
+        try {
+          [node] = (await peer.getNodes([h])) as [TreeNode];
+        } catch (e) {
+          if (!isTandemError(e) || !['ERR_NODE_MISSING', 'ERR_NODE_CORRUPT', 'ERR_NOT_FOUND'].includes(e.code)) throw e;
+          unrepaired.push({ kind: 'node', hash: toHex(h), code: e.code, message: `peer ${peerName}: ${e.message}` });
+          return false;
+        }
+        const children = node.children.filter((c) => !isZeroHash(c));
+        if (node.level === 1) {
+          const held = await store.hasBlocks(children);
+          const lacking = children.filter((_, i) => !held[i]);
+          const frames: BlockFrame[] = [];
+          for (const c of lacking) {
+            const f = await fetchBlock(c);
+            if (!f) return false;
+            frames.push({ hash: c, data: Buffer.from(f.data) });
+          }
+          if (frames.length > 0) await store.repairBlocks(frames);
+          blocksRepaired += frames.length;
+        } else {
+          const held = await store.hasNodes(children);
+          for (const [i, c] of children.entries()) if (!held[i] && !(await restoreNode(c))) return false;
+        }
+        await store.putNodes([{ hash: node.hash, level: node.level, children: node.children }]);
+        await store.flush();
+        nodesRepaired++;
+        return true;
+      };
+      for (const h of nodes) {
+        opts.onNotice?.(`fetching tree node ${toHex(h)} and what this store lacks under it from ${peerName}`);
+        await restoreNode(h);
+      }
+    } finally {
+      await peer.close();
+    }
+  }
+  const after = blocks.length + nodes.length > 0 ? await store.verify(filter) : before;
+  return { before, blocksRepaired, nodesRepaired, unrepaired, after };
+}

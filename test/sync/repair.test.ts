@@ -1,0 +1,87 @@
+/**
+ * `appliance repair --peer NAME` between two real appliances: a damaged block, a block whose
+ * index entry is gone and a missing tree node in one store are healed with the peer's copies
+ * (a sync could not: the store still names those hashes, so nothing would be sent); a block the
+ * peer holds damaged too is left, named, and the command exits 1.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { closeSync, openSync, readFileSync, readdirSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { Store } from '../../store/index.js';
+import { blockKey, nodeKey } from '../../store/keys.js';
+import { hashBlock } from '../../store/hash.js';
+import { cli, pairedWithVolume, type TestHome } from '../helpers/appliance.js';
+
+const BS = 64 * 1024;
+
+/** Flip a byte of block `data`'s record in the packs of `home` (found by its bytes: the store may be held by a server). */
+function damage(home: TestHome, data: Buffer): void {
+  const dir = join(home.dir, 'store', 'packs');
+  for (const name of readdirSync(dir).filter((n) => n.endsWith('.pack'))) {
+    const at = readFileSync(join(dir, name)).indexOf(data);
+    if (at < 0) continue;
+    const fd = openSync(join(dir, name), 'r+');
+    writeSync(fd, Buffer.from([data[1000]! ^ 0x80]), 0, 1, at + 1000);
+    closeSync(fd);
+    return;
+  }
+  assert.fail('block not found in the packs');
+}
+
+test('repair heals a damaged block, a lost block entry and a missing tree node with the peer\'s copies; what the peer holds damaged too is named and exits 1', async (t) => {
+  const { a, b, img } = await pairedWithVolume(t, 600);
+  const sync = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(sync.code, 0, sync.stderr);
+  const data = readFileSync(img);
+  const bytes = (i: number) => data.subarray(i * BS, (i + 1) * BS);
+  const block = (i: number) => hashBlock(bytes(i));
+
+  // On-prem: block 10 damaged on disk, block 550's index entry gone, level-1 node 1 (blocks
+  // 256-511) gone from the index.
+  damage(a, bytes(10));
+  const store = await Store.open(join(a.dir, 'store'));
+  const snap = (await store.latestSnapshot('vol'))!;
+  const root = await store.getNode(Buffer.from(snap.root, 'hex'));
+  await store.db.del(blockKey(block(550)));
+  await store.db.del(nodeKey(root.children[1]!));
+  await store.close();
+  const broken = await cli(a, 'verify');
+  assert.equal(broken.code, 1);
+  assert.deepEqual(
+    broken.json.problems.map((p: { kind: string; code: string; blockIndex: number }) => [p.kind, p.code, p.blockIndex]),
+    [['block', 'ERR_BLOCK_CORRUPT', 10], ['node', 'ERR_NODE_MISSING', 256], ['block', 'ERR_BLOCK_MISSING', 550]],
+  );
+  // A sync from the peer cannot heal it: the store still names these hashes.
+  const resync = await cli(a, 'sync', 'vol', '--peer', 'cloud', '--reverse');
+  assert.equal(resync.code, 0, resync.stderr);
+  assert.equal((await cli(a, 'verify')).code, 1);
+
+  const r = await cli(a, 'repair', '--peer', 'cloud');
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.json.ok, true);
+  assert.equal(r.json.before.problems.length, 3);
+  assert.equal(r.json.blocksRepaired, 2);
+  assert.equal(r.json.nodesRepaired, 1);
+  assert.deepEqual(r.json.unrepaired, []);
+  assert.deepEqual(r.json.after.problems, []);
+  assert.equal((await cli(a, 'verify')).code, 0);
+  const out = join(a.dir, 'restored.img');
+  assert.equal((await cli(a, 'restore', 'vol', '--to', out)).code, 0);
+  assert.ok(readFileSync(out).equals(data), 'restored byte-exact');
+
+  // Block 20 damaged on both sides: nothing is written for it; it is named; exit 1.
+  damage(a, bytes(20));
+  damage(b, bytes(20));
+  const left = await cli(a, 'repair', 'vol', '--peer', 'cloud');
+  assert.equal(left.code, 1);
+  assert.equal(left.json.blocksRepaired, 0);
+  assert.deepEqual(left.json.unrepaired.map((u: { kind: string; hash: string; code: string }) => [u.kind, u.hash, u.code]), [['block', block(20).toString('hex'), 'ERR_BLOCK_CORRUPT']]);
+  assert.deepEqual(left.json.after.problems.map((p: { blockIndex: number }) => p.blockIndex), [20]);
+  assert.match(left.stderr + JSON.stringify(left.json), /ERR_BLOCK_CORRUPT/);
+
+  // An unknown peer is refused before anything is read or written.
+  const unknown = await cli(a, 'repair', '--peer', 'nowhere');
+  assert.equal(unknown.code, 1);
+  assert.equal(unknown.json.error.code, 'ERR_PEER_NOT_FOUND');
+});
