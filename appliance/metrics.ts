@@ -8,7 +8,7 @@
  */
 import { Counter, Gauge, Registry } from 'prom-client';
 import type { ObjectiveState, VolumeStatus } from './status.js';
-import type { VerifySummary } from './scheduler/verify.js';
+import { unhealed, type VerifySummary } from './scheduler/verify.js';
 
 const STATES: readonly ObjectiveState[] = ['OK', 'AT_RISK', 'BREACHED', 'NONE'];
 
@@ -44,7 +44,8 @@ export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, 
   void jobRunning;
   const plain = (name: string, help: string) => new Gauge({ name, help, registers: [registry] });
   const verifyLast = plain('tandem_verify_last_timestamp_seconds', 'End of the last finished scheduled verify of the store (NaN: none yet)');
-  const verifyProblems = plain('tandem_verify_problems', 'Problems the last finished scheduled verify found (0: the store is intact)');
+  const verifyProblems = plain('tandem_verify_problems', 'Problems the last finished scheduled verify found');
+  const verifyUnhealed = plain('tandem_verify_unhealed', 'Damage the last finished scheduled verify left after healing from its repair peer (0: the store is intact)');
   const verifyFailed = plain('tandem_verify_failed', '1 when the last scheduled verify attempt failed to finish (an I/O error), else 0');
   const verifyRunning = plain('tandem_verify_running', '1 while a scheduled verify runs');
 
@@ -53,6 +54,7 @@ export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, 
     const v = await verify();
     verifyLast.set(epoch(v.last?.ended));
     verifyProblems.set(v.last ? v.last.problems : NaN);
+    verifyUnhealed.set(v.last ? unhealed(v.last) : NaN);
     verifyFailed.set(v.failed ? 1 : 0);
     verifyRunning.set(v.running ? 1 : 0);
   };

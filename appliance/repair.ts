@@ -33,9 +33,22 @@ export interface RepairReport {
 }
 
 export async function repairStore(store: Store, peerName: string, filter: { volume?: string; snapshot?: string }, opts: { onNotice?: (m: string) => void } = {}): Promise<RepairReport> {
-  const peerRecord = await getPeer(store, peerName);
+  await getPeer(store, peerName); // an unknown peer is refused before anything is read
   const before = await store.verify(filter);
-  const unique = (kind: VerifyProblem['kind']) => [...new Map(before.problems.filter((p) => p.kind === kind).map((p) => [p.hash, Buffer.from(p.hash, 'hex')])).values()];
+  const healed = await healProblems(store, peerName, before.problems, opts);
+  const after = healed.blocksRepaired + healed.nodesRepaired > 0 || healed.unrepaired.length > 0 ? await store.verify(filter) : before;
+  return { before, ...healed, after };
+}
+
+export type HealReport = Pick<RepairReport, 'blocksRepaired' | 'nodesRepaired' | 'unrepaired'>;
+
+/**
+ * Fetch good copies of what `problems` (a verify's) name from peer `peerName` and put them back.
+ * Each copy is verified before it is written (by the client as it arrives, and by the store).
+ */
+export async function healProblems(store: Store, peerName: string, problems: readonly VerifyProblem[], opts: { onNotice?: (m: string) => void } = {}): Promise<HealReport> {
+  const peerRecord = await getPeer(store, peerName);
+  const unique = (kind: VerifyProblem['kind']) => [...new Map(problems.filter((p) => p.kind === kind).map((p) => [p.hash, Buffer.from(p.hash, 'hex')])).values()];
   const blocks = unique('block');
   const nodes = unique('node');
   const unrepaired: Array<RepairReport['unrepaired'][number]> = [];
@@ -112,6 +125,5 @@ export async function repairStore(store: Store, peerName: string, filter: { volu
       await peer.close();
     }
   }
-  const after = blocks.length + nodes.length > 0 ? await store.verify(filter) : before;
-  return { before, blocksRepaired, nodesRepaired, unrepaired, after };
+  return { blocksRepaired, nodesRepaired, unrepaired };
 }

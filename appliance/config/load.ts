@@ -54,8 +54,11 @@ export interface Config {
   readonly groups: Readonly<Record<string, Group>>;
   readonly replication: { readonly peer: string; readonly bwlimit?: string } | null;
   readonly alerts: { readonly webhook: string | null };
-  /** The daemon's scheduled verify: how often (null: never) and at most how fast it reads. */
-  readonly verify: { readonly everyMs: number | null; readonly bytesPerSecond: number };
+  /**
+   * The daemon's scheduled verify: how often (null: never), at most how fast it reads, and the
+   * peer whose copies heal what it finds (null: none; default `replication.peer`).
+   */
+  readonly verify: { readonly everyMs: number | null; readonly bytesPerSecond: number; readonly repairPeer: string | null };
   readonly discovery: { readonly paths: readonly string[]; readonly lvm: boolean; readonly libvirt: boolean };
   /** Price overrides as written (appliance/cost fills in the dated defaults). */
   readonly prices: RawPrices;
@@ -226,6 +229,7 @@ function normalize(raw: RawConfig, file: string): Config {
     verify: {
       everyMs: raw.verify?.every === 'off' ? null : raw.verify?.every === undefined ? DEFAULT_VERIFY_EVERY_MS : parseDuration(raw.verify.every),
       bytesPerSecond: raw.verify?.bwlimit === undefined ? DEFAULT_VERIFY_BYTES_PER_SEC : parseSize(raw.verify.bwlimit),
+      repairPeer: raw.verify?.repair === 'off' ? null : raw.verify?.repair ?? raw.replication?.peer ?? null,
     },
     discovery: { paths: raw.discovery?.paths ?? [], lvm: raw.discovery?.lvm ?? true, libvirt: raw.discovery?.libvirt ?? true },
     prices: raw.prices ?? {},

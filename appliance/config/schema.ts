@@ -106,6 +106,8 @@ export const ConfigSchema = Type.Object({
     every: Type.Optional(Type.String({ minLength: 2 })),
     /** Read rate cap, e.g. 100MiB (a second). */
     bwlimit: Type.Optional(Type.String({ minLength: 1 })),
+    /** The peer whose copies heal what a run finds (default: replication.peer), or `off`. */
+    repair: Type.Optional(Type.String({ minLength: 1 })),
   }, closed)),
   discovery: Type.Optional(Type.Object({
     paths: Type.Optional(Type.Array(Type.String({ minLength: 1 }))),

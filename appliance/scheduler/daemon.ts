@@ -93,6 +93,11 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
       if (error) log.error({}, `${error} (verify_failed)`);
       else if (webhook !== null) log.warn({ event: a.event }, 'verify alert sent');
     },
+    heal: async (peer, problems) => {
+      const { healProblems } = await import('../repair.js');
+      const r = await healProblems(store, peer, problems);
+      return { blocksRepaired: r.blocksRepaired, nodesRepaired: r.nodesRepaired, unrepaired: r.unrepaired.length };
+    },
   });
   verifier.current = verify;
   verify.start();

@@ -41,6 +41,18 @@ export interface VerifyRun {
   readonly firstProblems: readonly VerifyProblem[];
   /** Why the run failed, when it did not finish. */
   readonly error?: { readonly code: string; readonly message: string };
+  /** What the repair peer's copies healed of the problems found (absent: no repair tried). */
+  readonly repair?: VerifyRepair;
+}
+
+export interface VerifyRepair {
+  readonly peer: string;
+  readonly blocksRepaired: number;
+  readonly nodesRepaired: number;
+  /** Problems (distinct damaged blocks and nodes) the peer could not heal. */
+  readonly unrepaired: number;
+  /** Why the repair stopped, when it did (the peer unreachable, say): nothing more was healed. */
+  readonly error?: { readonly code: string; readonly message: string };
 }
 
 export interface VerifyState {
@@ -73,6 +85,8 @@ export interface ScheduledVerifyOptions {
   readonly log: Log;
   /** Deliver an alert (best effort; errors are the callee's to log). */
   readonly alert: (a: VerifyAlert) => Promise<void>;
+  /** Heal what a run found with the copies of peer `peer` (appliance/repair.ts healProblems). */
+  readonly heal: (peer: string, problems: readonly VerifyProblem[]) => Promise<Omit<VerifyRepair, 'peer' | 'error'>>;
 }
 
 export async function readVerifyState(store: Pick<ScheduledVerifyStore, 'getMeta'>): Promise<VerifyState | null> {
@@ -97,6 +111,13 @@ export interface VerifySummary {
   readonly running: VerifyProgress | null;
 }
 
+/** Damage a finished run left: 0 when its repair healed everything, else the distinct damaged hashes left (the problems, without a repair). */
+export function unhealed(run: VerifyRun): number {
+  if (run.problems === 0) return 0;
+  if (!run.repair) return run.problems;
+  return run.repair.unrepaired;
+}
+
 /** One line for `appliance status`, e.g. `store verified 2d ago: ok (...); next in 5d`. */
 export function verifyLine(v: VerifySummary, now: number, formatAge: (iso: string | undefined, now: number) => string, formatBytes: (n: number) => string): string {
   const l = v.last;
@@ -109,7 +130,9 @@ export function verifyLine(v: VerifySummary, now: number, formatAge: (iso: strin
   const parts = [
     !l ? 'store verify: none yet'
       : l.ok ? `store verified ${formatAge(l.ended, now)}: ok (${l.snapshots} snapshots, ${l.blocks} blocks, ${formatBytes(l.bytes)} in ${formatDuration(l.seconds * 1000)})`
-        : `store verify ${formatAge(l.ended, now)}: ${l.problems} PROBLEMS${p ? `, e.g. ${p.code} ${p.kind} of ${p.volume}@${p.snapshot} block ${p.blockIndex}` : ''}; heal them with \`appliance repair --peer NAME\``,
+        : `store verify ${formatAge(l.ended, now)}: ${l.problems} PROBLEMS${p ? `, e.g. ${p.code} ${p.kind} of ${p.volume}@${p.snapshot} block ${p.blockIndex}` : ''}; ${
+          unhealed(l) === 0 ? `all healed with copies from ${l.repair!.peer}`
+            : `${l.repair ? `${l.repair.peer} could not heal ${unhealed(l)}${l.repair.error ? ` (${l.repair.error.code})` : ''}; ` : ''}heal them with \`appliance repair --peer NAME\``}`,
     v.running ? `running now: ${v.running.blocksDone}/${v.running.blocksTotal} blocks` : schedule,
   ];
   if (v.failed) parts.push(`the last attempt FAILED ${formatAge(v.failed.ended, now)} (${v.failed.error?.code}: ${v.failed.error?.message}), retried hourly`);
@@ -176,6 +199,17 @@ export class ScheduledVerify {
     }
   }
 
+  /** Heal with the repair peer's copies; a failure is recorded, not thrown (the run's findings stand). */
+  private async heal(peer: string, problems: readonly VerifyProblem[]): Promise<VerifyRepair> {
+    try {
+      return { peer, ...(await this.o.heal(peer, problems)) };
+    } catch (e) {
+      const error = isTandemError(e) ? { code: e.code, message: e.message } : { code: 'ERR_INTERNAL', message: (e as Error)?.message ?? String(e) };
+      const distinct = new Set(problems.map((p) => p.hash)).size;
+      return { peer, blocksRepaired: 0, nodesRepaired: 0, unrepaired: distinct, error };
+    }
+  }
+
   private async runOnce(state: VerifyState): Promise<void> {
     const { store, clock, log } = this.o;
     const config = this.o.config();
@@ -189,10 +223,13 @@ export class ScheduledVerify {
         bytesPerSecond: config.verify.bytesPerSecond,
         onProgress: (p) => (this.current = p),
       });
+      const ended = clock.now();
+      const repair = r.problems.length > 0 && config.verify.repairPeer !== null ? await this.heal(config.verify.repairPeer, r.problems) : undefined;
       run = {
-        started: new Date(started).toISOString(), ended: new Date(clock.now()).toISOString(), ok: r.problems.length === 0,
-        snapshots: r.snapshots, blocks: r.blocks, bytes: r.bytes, seconds: (clock.now() - started) / 1000,
+        started: new Date(started).toISOString(), ended: new Date(ended).toISOString(), ok: r.problems.length === 0,
+        snapshots: r.snapshots, blocks: r.blocks, bytes: r.bytes, seconds: (ended - started) / 1000,
         problems: r.problems.length, firstProblems: r.problems.slice(0, MAX_PROBLEMS_KEPT),
+        ...(repair ? { repair } : {}),
       };
       this.retryAt = -Infinity;
     } catch (e) {
@@ -218,9 +255,11 @@ export class ScheduledVerify {
       log.info({ snapshots: run.snapshots, blocks: run.blocks, bytes: run.bytes, seconds: run.seconds }, 'scheduled verify passed');
       return;
     }
-    log.error({ problems: run.problems, firstProblems: run.firstProblems.slice(0, 3), err: run.error }, run.error
+    const healed = run.repair && !run.repair.error && run.repair.unrepaired === 0;
+    log.error({ problems: run.problems, firstProblems: run.firstProblems.slice(0, 3), err: run.error, repair: run.repair }, run.error
       ? `scheduled verify failed (${run.error.code}); retried in ${VERIFY_RETRY_MS / 60_000} min`
-      : `scheduled verify found ${run.problems} problems: heal them with \`appliance repair --peer NAME\``);
+      : healed ? `scheduled verify found ${run.problems} problems; all healed with copies from ${run.repair!.peer} (the disk under the store may be failing)`
+        : `scheduled verify found ${run.problems} problems${run.repair ? `; ${run.repair.peer} could not heal them all` : ''}: \`appliance repair --peer NAME\` heals them from a peer that holds good copies`);
     await this.o.alert({ event: 'verify_failed', appliance: config.appliance.name, at: run.ended, run });
   }
 }

@@ -101,10 +101,13 @@ test('cross references are checked: unknown policy, volume in two groups, assign
   assert.equal(hook.details.key, 'groups.erp.hooks.timeout');
 });
 
-test('verify: defaults to a weekly scheduled verify at 100 MiB/s; every, off and bwlimit are checked; so is replication.bwlimit', () => {
-  assert.deepEqual(parseConfig(GOOD, 'config.yaml').verify, { everyMs: 7 * 86_400_000, bytesPerSecond: 100 * 1024 * 1024 });
-  assert.deepEqual(parseConfig(`${GOOD}verify: { every: 1d, bwlimit: 20MiB }\n`, 'config.yaml').verify, { everyMs: 86_400_000, bytesPerSecond: 20 * 1024 * 1024 });
-  assert.equal(parseConfig(`${GOOD}verify: { every: "off" }\n`, 'config.yaml').verify.everyMs, null);
+test('verify: defaults to a weekly scheduled verify at 100 MiB/s healing from the replication peer; every, off, bwlimit and repair are checked; so is replication.bwlimit', () => {
+  // It heals from the replication peer unless told otherwise.
+  assert.deepEqual(parseConfig(GOOD, 'config.yaml').verify, { everyMs: 7 * 86_400_000, bytesPerSecond: 100 * 1024 * 1024, repairPeer: 'cloud' });
+  assert.deepEqual(parseConfig(`${GOOD}verify: { every: 1d, bwlimit: 20MiB, repair: onprem }\n`, 'config.yaml').verify, { everyMs: 86_400_000, bytesPerSecond: 20 * 1024 * 1024, repairPeer: 'onprem' });
+  assert.equal(parseConfig(`${GOOD}verify: { every: "off", repair: "off" }\n`, 'config.yaml').verify.everyMs, null);
+  assert.equal(parseConfig(`${GOOD}verify: { repair: "off" }\n`, 'config.yaml').verify.repairPeer, null);
+  assert.equal(parseConfig('appliance: { name: a }\n', 'config.yaml').verify.repairPeer, null);
   const every = invalid(`${GOOD}verify: { every: sometimes }\n`);
   assert.equal(every.details.key, 'verify.every');
   assert.match(every.message, /"sometimes" is not a duration/);

@@ -12,7 +12,7 @@ import { createServer } from 'node:http';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
-import { initHome, startServe, pair, cli, tempDir, type TestHome } from '../helpers/appliance.js';
+import { initHome, startServe, pair, pairedWithVolume, cli, tempDir, type TestHome } from '../helpers/appliance.js';
 import { spawnCli, cli as cliText } from '../helpers/cli.js';
 
 const MiB = 1024 * 1024;
@@ -267,6 +267,7 @@ alerts: { webhook: "${hookUrl}" }
   assert.ok(got.run.seconds >= 7.5 / 4 - 0.05, `read ${got.run.bytes} bytes in ${got.run.seconds} s`);
   const metrics = (await get(a, d.url, '/metrics', a.token)).body;
   assert.match(metrics, /^tandem_verify_problems 1$/m);
+  assert.match(metrics, /^tandem_verify_unhealed 1$/m); // no peer to heal from
   assert.match(metrics, /^tandem_verify_failed 0$/m);
   assert.ok(Number(/^tandem_verify_last_timestamp_seconds (\S+)$/m.exec(metrics)![1]) > Date.now() / 1000 - 60);
   const status = await cli(a, 'status');
@@ -282,6 +283,39 @@ alerts: { webhook: "${hookUrl}" }
   const [code] = await d.exited;
   assert.equal(code, 0, d.stderr());
   assert.match(d.stderr(), /scheduled verify stopped with the daemon/);
+});
+
+test('daemon heals what its scheduled verify finds with copies from its replication peer', async (t) => {
+  const { a, img } = await pairedWithVolume(t, 64);
+  const sync = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(sync.code, 0, sync.stderr);
+  // Block 5's record damaged on this side only.
+  const block = readFileSync(img).subarray(5 * 65536, 6 * 65536);
+  const packs = join(a.dir, 'store', 'packs');
+  const name = readdirSync(packs).find((n) => readFileSync(join(packs, n)).includes(block))!;
+  const at = readFileSync(join(packs, name)).indexOf(block) + 100;
+  const fd = openSync(join(packs, name), 'r+');
+  writeSync(fd, Buffer.from([block[100]! ^ 0x01]), 0, 1, at);
+  closeSync(fd);
+  const { url: hookUrl, first: alert } = await webhook<{ event: string; run: { problems: number; repair: { peer: string; blocksRepaired: number; nodesRepaired: number; unrepaired: number } } }>(t);
+  writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
+replication: { peer: cloud }
+verify: { every: 2s }
+alerts: { webhook: "${hookUrl}" }
+`);
+  const d = await startDaemon(t, a);
+  const got = await alert;
+  assert.equal(got.event, 'verify_failed');
+  assert.equal(got.run.problems, 1);
+  assert.deepEqual(got.run.repair, { peer: 'cloud', blocksRepaired: 1, nodesRepaired: 0, unrepaired: 0 });
+  assert.match((await get(a, d.url, '/metrics', a.token)).body, /^tandem_verify_unhealed 0$/m);
+  const verify = await cli(a, 'verify');
+  assert.equal(verify.code, 0, verify.stderr);
+  const restored = join(a.dir, 'out.img');
+  assert.equal((await cli(a, 'restore', 'vol', '--to', restored)).code, 0);
+  assert.ok(readFileSync(restored).equals(readFileSync(img)));
+  d.child.kill('SIGTERM');
+  assert.equal((await d.exited)[0], 0);
 });
 
 /** How many scheduled verifies the daemon has started so far (from its log). */
