@@ -18,6 +18,9 @@ import type { Store } from '../store/store.js';
 import type { BlockFrame, Hash, TreeNode, VerifyProblem, VerifyReport } from '../store/types.js';
 import { connectPeer, getPeer } from './peers.js';
 
+/** Meta namespace of the last repair's outcome (key `last`: peer, time, counts). */
+export const REPAIR_NS = 'repair';
+
 /** Good copies written to the store at a time (bounds memory). */
 const REPAIR_BATCH_BYTES = 32 * 1024 * 1024;
 
@@ -54,76 +57,76 @@ export async function healProblems(store: Store, peerName: string, problems: rea
   const unrepaired: Array<RepairReport['unrepaired'][number]> = [];
   let blocksRepaired = 0;
   let nodesRepaired = 0;
-  if (blocks.length + nodes.length > 0) {
-    const peer = connectPeer(peerRecord);
-    /** A good copy of block h from the peer, or null (listed as unrepaired). Peer failures other than a bad copy stop the repair. */
-    const fetchBlock = async (h: Hash): Promise<BlockFrame | null> => {
-      try {
-        for await (const f of peer.getBlocks([h])) return f;
-        throw new TandemError('ERR_PEER_PROTOCOL', `peer ${peerName} answered with no block for ${toHex(h)}`);
-      } catch (e) {
-        if (!isTandemError(e, 'ERR_BLOCK_MISSING') && !isTandemError(e, 'ERR_BLOCK_CORRUPT')) throw e;
-        unrepaired.push({ kind: 'block', hash: toHex(h), code: e.code, message: `peer ${peerName}: ${e.message}` });
-        return null;
-      }
-    };
+  if (blocks.length + nodes.length === 0) return { blocksRepaired, nodesRepaired, unrepaired };
+  const peer = connectPeer(peerRecord);
+  /** A good copy of block h from the peer, or null (listed as unrepaired). Peer failures other than a bad copy stop the repair. */
+  const fetchBlock = async (h: Hash): Promise<BlockFrame | null> => {
     try {
-      // Damaged or missing blocks: replaced in place (the index is pointed at the good copy).
-      let batch: BlockFrame[] = [];
-      let bytes = 0;
-      const write = async () => {
-        await store.repairBlocks(batch);
-        blocksRepaired += batch.length;
-        batch = [];
-        bytes = 0;
-      };
-      for (const h of blocks) {
-        const f = await fetchBlock(h);
-        if (!f) continue;
-        batch.push({ hash: h, data: Buffer.from(f.data) });
-        bytes += f.data.length;
-        if (bytes >= REPAIR_BATCH_BYTES) await write();
-      }
-      if (batch.length > 0) await write();
-
-      // Damaged or missing nodes: each with the part of its subtree this store lacks, bottom-up.
-      const restoreNode = async (h: Hash): Promise<boolean> => {
-        let node: TreeNode;
-        try {
-          [node] = (await peer.getNodes([h])) as [TreeNode];
-        } catch (e) {
-          if (!isTandemError(e) || !['ERR_NODE_MISSING', 'ERR_NODE_CORRUPT', 'ERR_NOT_FOUND'].includes(e.code)) throw e;
-          unrepaired.push({ kind: 'node', hash: toHex(h), code: e.code, message: `peer ${peerName}: ${e.message}` });
-          return false;
-        }
-        const children = node.children.filter((c) => !isZeroHash(c));
-        if (node.level === 1) {
-          const held = await store.hasBlocks(children);
-          const lacking = children.filter((_, i) => !held[i]);
-          const frames: BlockFrame[] = [];
-          for (const c of lacking) {
-            const f = await fetchBlock(c);
-            if (!f) return false;
-            frames.push({ hash: c, data: Buffer.from(f.data) });
-          }
-          if (frames.length > 0) await store.repairBlocks(frames);
-          blocksRepaired += frames.length;
-        } else {
-          const held = await store.hasNodes(children);
-          for (const [i, c] of children.entries()) if (!held[i] && !(await restoreNode(c))) return false;
-        }
-        await store.putNodes([{ hash: node.hash, level: node.level, children: node.children }]);
-        await store.flush();
-        nodesRepaired++;
-        return true;
-      };
-      for (const h of nodes) {
-        opts.onNotice?.(`fetching tree node ${toHex(h)} and what this store lacks under it from ${peerName}`);
-        await restoreNode(h);
-      }
-    } finally {
-      await peer.close();
+      for await (const f of peer.getBlocks([h])) return f;
+      throw new TandemError('ERR_PEER_PROTOCOL', `peer ${peerName} answered with no block for ${toHex(h)}`);
+    } catch (e) {
+      if (!isTandemError(e, 'ERR_BLOCK_MISSING') && !isTandemError(e, 'ERR_BLOCK_CORRUPT')) throw e;
+      unrepaired.push({ kind: 'block', hash: toHex(h), code: e.code, message: `peer ${peerName}: ${e.message}` });
+      return null;
     }
+  };
+  try {
+    // Damaged or missing blocks: replaced in place (the index is pointed at the good copy).
+    let batch: BlockFrame[] = [];
+    let bytes = 0;
+    const write = async () => {
+      await store.repairBlocks(batch);
+      blocksRepaired += batch.length;
+      batch = [];
+      bytes = 0;
+    };
+    for (const h of blocks) {
+      const f = await fetchBlock(h);
+      if (!f) continue;
+      batch.push({ hash: h, data: Buffer.from(f.data) });
+      bytes += f.data.length;
+      if (bytes >= REPAIR_BATCH_BYTES) await write();
+    }
+    if (batch.length > 0) await write();
+
+    // Damaged or missing nodes: each with the part of its subtree this store lacks, bottom-up.
+    const restoreNode = async (h: Hash): Promise<boolean> => {
+      let node: TreeNode;
+      try {
+        [node] = (await peer.getNodes([h])) as [TreeNode];
+      } catch (e) {
+        if (!isTandemError(e) || !['ERR_NODE_MISSING', 'ERR_NODE_CORRUPT', 'ERR_NOT_FOUND'].includes(e.code)) throw e;
+        unrepaired.push({ kind: 'node', hash: toHex(h), code: e.code, message: `peer ${peerName}: ${e.message}` });
+        return false;
+      }
+      const children = node.children.filter((c) => !isZeroHash(c));
+      if (node.level === 1) {
+        const held = await store.hasBlocks(children);
+        const lacking = children.filter((_, i) => !held[i]);
+        const frames: BlockFrame[] = [];
+        for (const c of lacking) {
+          const f = await fetchBlock(c);
+          if (!f) return false;
+          frames.push({ hash: c, data: Buffer.from(f.data) });
+        }
+        if (frames.length > 0) await store.repairBlocks(frames);
+        blocksRepaired += frames.length;
+      } else {
+        const held = await store.hasNodes(children);
+        for (const [i, c] of children.entries()) if (!held[i] && !(await restoreNode(c))) return false;
+      }
+      await store.putNodes([{ hash: node.hash, level: node.level, children: node.children }]);
+      nodesRepaired++;
+      return true;
+    };
+    for (const h of nodes) {
+      opts.onNotice?.(`fetching tree node ${toHex(h)} and what this store lacks under it from ${peerName}`);
+      await restoreNode(h);
+    }
+  } finally {
+    await peer.close();
   }
+  // A synced write: it also makes the nodes put above durable (the index's log is written in order).
+  await store.putMeta(REPAIR_NS, 'last', { peer: peerName, at: new Date().toISOString(), blocksRepaired, nodesRepaired, unrepaired: unrepaired.length });
   return { blocksRepaired, nodesRepaired, unrepaired };
 }
