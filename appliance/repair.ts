@@ -15,7 +15,7 @@
 import { TandemError, isTandemError } from '../common/errors.js';
 import { isZeroHash, toHex } from '../store/hash.js';
 import type { Store } from '../store/store.js';
-import type { BlockFrame, Hash, TreeNode, VerifyProblem, VerifyReport } from '../store/types.js';
+import type { BlockFrame, Hash, TreeNode, VerifyProblem, VerifyProgress, VerifyReport } from '../store/types.js';
 import { connectPeer, getPeer } from './peers.js';
 
 /** Meta namespace of the last repair's outcome (key `last`: peer, time, counts). */
@@ -35,11 +35,17 @@ export interface RepairReport {
   readonly after: VerifyReport;
 }
 
-export async function repairStore(store: Store, peerName: string, filter: { volume?: string; snapshot?: string }, opts: { onNotice?: (m: string) => void } = {}): Promise<RepairReport> {
+export async function repairStore(
+  store: Store,
+  peerName: string,
+  filter: { volume?: string; snapshot?: string },
+  opts: { onNotice?: (m: string) => void; onVerifyProgress?: (pass: 'before' | 'after', p: VerifyProgress) => void } = {},
+): Promise<RepairReport> {
   await getPeer(store, peerName); // an unknown peer is refused before anything is read
-  const before = await store.verify(filter);
+  const verify = (pass: 'before' | 'after') => store.verify(filter, opts.onVerifyProgress ? { onProgress: (p) => opts.onVerifyProgress!(pass, p) } : {});
+  const before = await verify('before');
   const healed = await healProblems(store, peerName, before.problems, opts);
-  const after = healed.blocksRepaired + healed.nodesRepaired > 0 || healed.unrepaired.length > 0 ? await store.verify(filter) : before;
+  const after = healed.blocksRepaired + healed.nodesRepaired > 0 || healed.unrepaired.length > 0 ? await verify('after') : before;
   return { before, ...healed, after };
 }
 

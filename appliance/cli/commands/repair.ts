@@ -12,17 +12,36 @@ export function define(program: Command): void {
     .action(run(async (g, cmd, [spec]) => {
       const { withHomeStore, parseSnapshotSpec } = await import('../../ops.js');
       const { repairStore } = await import('../../repair.js');
-      const { currentIO } = await import('../output.js');
+      const { currentIO, formatBytes } = await import('../output.js');
+      const { startProgress } = await import('../progress.js');
       const { TandemError } = await import('../../../common/errors.js');
       const { peer } = cmd.opts<{ peer: string }>();
       const filter: { volume?: string; snapshot?: string } = spec === undefined ? {} : parseSnapshotSpec(spec as string);
       const io = currentIO();
+      // The verify before and after the repair read the store: a bar for each (on a TTY).
+      let bar: ReturnType<typeof startProgress> | null = null;
+      let barPass = '';
       const r = await withHomeStore(g.home, async (_home, store) => {
         if (filter.snapshot !== undefined) await store.resolveSnapshot(spec as string);
         else if (filter.volume !== undefined && !(await store.getVolume(filter.volume))) {
           throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${filter.volume}"; see \`appliance volume list\``, { details: { volume: filter.volume } });
         }
-        return repairStore(store, peer, filter, { onNotice: (m) => io.err(`note: ${m}\n`) });
+        try {
+          return await repairStore(store, peer, filter, {
+            onNotice: (m) => io.err(`note: ${m}\n`),
+            onVerifyProgress: (pass, p) => {
+              if (barPass !== pass) {
+                bar?.stop();
+                bar = startProgress(g, { total: p.blocksTotal, unit: 'blocks', label: pass === 'before' ? 'verify' : 'verify again' });
+                barPass = pass;
+              }
+              bar!.setTotal(p.blocksTotal);
+              bar!.update(p.blocksDone, { read: formatBytes(p.bytesRead), problems: p.problems });
+            },
+          });
+        } finally {
+          bar?.stop();
+        }
       });
       const ok = r.after.problems.length === 0;
       const lines = [

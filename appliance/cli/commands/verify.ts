@@ -26,6 +26,7 @@ export function define(program: Command): void {
           return await store.verify(filter, {
             onProgress: (p) => {
               bar ??= startProgress(g, { total: p.blocksTotal, unit: 'blocks', label: 'verify' });
+              bar.setTotal(p.blocksTotal); // an estimate until the end
               bar.update(p.blocksDone, { read: formatBytes(p.bytesRead), problems: p.problems });
             },
           });
