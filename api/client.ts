@@ -482,6 +482,26 @@ export class RemotePeer implements ReplicaStore {
 
   /** Stream blocks to the peer (one request, never replayed). The peer verifies each. */
   async putBlocks(frames: AsyncIterable<BlockFrame>): Promise<{ stored: number; bytes: number }> {
+    const a = await this.streamBlocks<{ stored: number; bytes: number }>('/v1/blocks/put', frames);
+    trace('client: blocks/put answered');
+    return { stored: a.stored, bytes: a.bytes };
+  }
+
+  /** What the peer's last verify found damaged or missing (GET /v1/damage). */
+  async damage(): Promise<{ at: string; blocks: string[]; nodes: string[] }> {
+    const d = await this.json<{ at: string; blocks: string[]; nodes: string[] }>('GET', '/v1/damage', undefined, true);
+    if (!Array.isArray(d.blocks) || !Array.isArray(d.nodes)) throw new TandemError('ERR_PEER_PROTOCOL', `peer ${this.name} answered /v1/damage without blocks and nodes lists`);
+    return d;
+  }
+
+  /** Stream good copies of blocks the peer holds damaged or lacks (one request, never replayed); the peer verifies and re-indexes each. */
+  async repairBlocks(frames: AsyncIterable<BlockFrame>): Promise<{ repaired: number }> {
+    const a = await this.streamBlocks<{ repaired: number }>('/v1/blocks/repair', frames);
+    return { repaired: a.repaired };
+  }
+
+  /** POST a framed block stream to `path` and parse the JSON answer. */
+  private async streamBlocks<T>(path: string, frames: AsyncIterable<BlockFrame>): Promise<T> {
     if (tracing) frames = traced(frames);
     // Frames are encoded (and compressed) ahead of the socket so reading, deflating and sending overlap.
     let src: AsyncIterable<Buffer> = meter(readAhead(encodeFrames(frames), SEND_AHEAD_CHUNKS), (n) => (this.wireBytesSent += n));
@@ -490,13 +510,11 @@ export class RemotePeer implements ReplicaStore {
     let res: Dispatcher.ResponseData;
     try {
       this.requests++;
-      res = await this.pool.request({ method: 'POST', path: '/v1/blocks/put', headers: this.headers({ 'content-type': 'application/octet-stream' }), body: body as unknown as Readable }); // undici takes async iterables (writeIterable); its types omit them
+      res = await this.pool.request({ method: 'POST', path, headers: this.headers({ 'content-type': 'application/octet-stream' }), body: body as unknown as Readable }); // undici takes async iterables (writeIterable); its types omit them
     } catch (e) {
-      throw this.transportError(e, 'POST /v1/blocks/put');
+      throw this.transportError(e, `POST ${path}`);
     }
-    if (res.statusCode >= 300) throw await this.answerError(res, 'POST /v1/blocks/put');
-    const a = (await res.body.json()) as { stored: number; bytes: number };
-    trace('client: blocks/put answered');
-    return { stored: a.stored, bytes: a.bytes };
+    if (res.statusCode >= 300) throw await this.answerError(res, `POST ${path}`);
+    return (await res.body.json()) as T;
   }
 }

@@ -17,6 +17,7 @@ import { isZeroHash, toHex } from '../store/hash.js';
 import type { Store } from '../store/store.js';
 import type { BlockFrame, Hash, TreeNode, VerifyProblem, VerifyProgress, VerifyReport } from '../store/types.js';
 import { connectPeer, getPeer } from './peers.js';
+import { recordDamage } from './damage.js';
 
 /** Meta namespace of the last repair's outcome (key `last`: peer, time, counts). */
 export const REPAIR_NS = 'repair';
@@ -46,6 +47,7 @@ export async function repairStore(
   const before = await verify('before');
   const healed = await healProblems(store, peerName, before.problems, opts);
   const after = healed.blocksRepaired + healed.nodesRepaired > 0 || healed.unrepaired.length > 0 ? await verify('after') : before;
+  await recordDamage(store, after, filter.volume === undefined);
   return { before, ...healed, after };
 }
 
@@ -135,4 +137,64 @@ export async function healProblems(store: Store, peerName: string, problems: rea
   // A synced write: it also makes the nodes put above durable (the index's log is written in order).
   await store.putMeta(REPAIR_NS, 'last', { peer: peerName, at: new Date().toISOString(), blocksRepaired, nodesRepaired, unrepaired: unrepaired.length });
   return { blocksRepaired, nodesRepaired, unrepaired };
+}
+
+export interface PushRepairReport {
+  /** When the peer's last verify ended, and what it found. */
+  readonly peerVerifiedAt: string;
+  readonly peerDamagedBlocks: number;
+  readonly peerDamagedNodes: number;
+  /** Good copies sent, and how many the peer wrote. */
+  readonly blocksSent: number;
+  readonly blocksRepaired: number;
+  /** Blocks this store does not hold, or holds damaged too (hex). */
+  readonly notHeld: readonly string[];
+  readonly damagedHere: readonly string[];
+}
+
+/**
+ * Heal the peer's store with this store's copies of the blocks its last verify found damaged or
+ * missing (GET /v1/damage, POST /v1/blocks/repair): the way to heal the cloud appliance's store
+ * from on-premises, which reaches it anyway. Each copy is read verified here and verified again
+ * there. Damaged tree nodes are the peer's to heal (`appliance repair --peer` there).
+ */
+export async function pushRepairs(store: Store, peerName: string): Promise<PushRepairReport> {
+  const peer = connectPeer(await getPeer(store, peerName));
+  try {
+    const damage = await peer.damage();
+    const hashes = damage.blocks.filter((h) => /^[0-9a-f]{64}$/.test(h)).map((h) => Buffer.from(h, 'hex'));
+    if (hashes.length !== damage.blocks.length) throw new TandemError('ERR_PEER_PROTOCOL', `peer ${peerName} listed damaged blocks that are not hashes`);
+    const held = hashes.length > 0 ? await store.hasBlocks(hashes) : [];
+    const notHeld = hashes.filter((_, i) => !held[i]).map(toHex);
+    const damagedHere: string[] = [];
+    let blocksSent = 0;
+    let blocksRepaired = 0;
+    let batch: BlockFrame[] = [];
+    let bytes = 0;
+    const send = async () => {
+      const frames = batch;
+      batch = [];
+      bytes = 0;
+      blocksRepaired += (await peer.repairBlocks((async function* () { yield* frames; })())).repaired;
+      blocksSent += frames.length;
+    };
+    for (const h of hashes.filter((_, i) => held[i])) {
+      try {
+        for await (const f of store.getBlocks([h])) {
+          batch.push({ hash: h, data: Buffer.from(f.data) });
+          bytes += f.data.length;
+          f.release?.();
+        }
+      } catch (e) {
+        if (!isTandemError(e, 'ERR_BLOCK_CORRUPT') && !isTandemError(e, 'ERR_BLOCK_MISSING')) throw e;
+        damagedHere.push(toHex(h));
+        continue;
+      }
+      if (bytes >= REPAIR_BATCH_BYTES) await send();
+    }
+    if (batch.length > 0) await send();
+    return { peerVerifiedAt: damage.at, peerDamagedBlocks: damage.blocks.length, peerDamagedNodes: damage.nodes.length, blocksSent, blocksRepaired, notHeld, damagedHere };
+  } finally {
+    await peer.close();
+  }
 }

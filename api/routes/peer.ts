@@ -13,6 +13,7 @@ import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '
 import { trace } from '../../sync/trace.js';
 import { LEASE_HEADER, PROTOCOL_VERSION, fromHex, toHex } from '../../sync/protocol.js';
 import type { Home } from '../../appliance/home.js';
+import { clearDamage, readDamage } from '../../appliance/damage.js';
 import type { LeaseTable } from '../leases.js';
 import type { ServerStats } from '../stats.js';
 import * as S from '../schemas.js';
@@ -38,6 +39,9 @@ export function nodeFromWire(n: S.WireNodeT): TreeNode {
  * unreachable, and a rerun resends only what is missing).
  */
 const DRAIN_LIMIT_BYTES = 64 * 1024 * 1024;
+
+/** Good copies written at a time by blocks/repair (bounds memory). */
+const REPAIR_BATCH_BYTES = 32 * 1024 * 1024;
 
 /** Frames decoded ahead of the store's writes (8 x 512 KiB = 4 MiB per upload): the network keeps flowing while a block is written. */
 const RECEIVE_AHEAD_FRAMES = 8;
@@ -218,6 +222,39 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
       reply.header('connection', 'close');
       throw e;
     }
+  });
+
+  app.get('/v1/damage', { schema: { summary: "what this store's last verify found damaged or missing: {at, blocks, nodes} (hashes, hex)" } }, async () => readDamage(store));
+
+  app.post('/v1/blocks/repair', { schema: { summary: 'good copies of blocks the store holds damaged or lacks (framed like blocks/put), each verified, written anew and indexed in place of the old record' } }, async (req, reply) => {
+    const body = req.body as Readable | undefined;
+    if (!(body instanceof Readable)) throw new TandemError('ERR_BAD_REQUEST', 'send the blocks as Content-Type: application/octet-stream in the framing of sync/README.md');
+    const source = body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>;
+    const healed: string[] = [];
+    let batch: Array<{ hash: Buffer; data: Buffer }> = [];
+    let bytes = 0;
+    const write = async () => {
+      await store.repairBlocks(batch);
+      healed.push(...batch.map((f) => toHex(f.hash)));
+      batch = [];
+      bytes = 0;
+    };
+    try {
+      // repairBlocks verifies each block against its hash before anything is written.
+      for await (const f of decodeFrames(source)) {
+        batch.push({ hash: Buffer.from(f.hash), data: Buffer.from(f.data) });
+        bytes += f.data.length;
+        if (bytes >= REPAIR_BATCH_BYTES) await write();
+      }
+      if (batch.length > 0) await write();
+    } catch (e) {
+      await drain(body, DRAIN_LIMIT_BYTES);
+      reply.header('connection', 'close');
+      await clearDamage(store, healed);
+      throw e;
+    }
+    await clearDamage(store, healed);
+    return { repaired: healed.length };
   });
 
   app.post('/v1/snapshots/commit', { schema: { body: S.CommitBody, summary: 'commit a snapshot whose root is present; releases the lease sent with it' } }, async (req) => {

@@ -96,6 +96,10 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
     heal: async (peer, problems) => {
       const { healProblems } = await import('../repair.js');
       const r = await healProblems(store, peer, problems);
+      // Healed here: nothing left for the peer to push.
+      const left = new Set(r.unrepaired.map((u) => u.hash));
+      const { clearDamage } = await import('../damage.js');
+      await clearDamage(store, [...new Set(problems.map((p) => p.hash))].filter((h) => !left.has(h)));
       return { blocksRepaired: r.blocksRepaired, nodesRepaired: r.nodesRepaired, unrepaired: r.unrepaired.length };
     },
   });

@@ -16,6 +16,7 @@ import type { VerifyProblem, VerifyProgress, VerifyReport } from '../../store/ty
 import { isTandemError } from '../../common/errors.js';
 import { formatDuration, type Config } from '../config/index.js';
 import type { Clock } from './clock.js';
+import { recordDamage } from '../damage.js';
 import type { Log } from './runner.js';
 
 export const VERIFY_NS = 'verify';
@@ -224,6 +225,7 @@ export class ScheduledVerify {
         onProgress: (p) => (this.current = p),
       });
       const ended = clock.now();
+      await recordDamage(store, r, true);
       const repair = r.problems.length > 0 && config.verify.repairPeer !== null ? await this.heal(config.verify.repairPeer, r.problems) : undefined;
       run = {
         started: new Date(started).toISOString(), ended: new Date(ended).toISOString(), ok: r.problems.length === 0,

@@ -77,6 +77,11 @@ test('bad requests get 400 ERR_BAD_REQUEST with a message; catalog errors keep t
   const garbage = await app.inject({ method: 'POST', url: '/v1/blocks/put', headers: { ...auth, 'content-type': 'application/octet-stream' }, payload: Buffer.from('not frames at all, definitely not') });
   assert.equal(garbage.statusCode, 422);
   assert.equal(garbage.json().error.code, 'ERR_BLOCK_CORRUPT');
+  const badRepair = await app.inject({ method: 'POST', url: '/v1/blocks/repair', headers: { ...auth, 'content-type': 'application/octet-stream' }, payload: Buffer.from('not frames at all, definitely not') });
+  assert.equal(badRepair.statusCode, 422);
+  assert.equal(badRepair.json().error.code, 'ERR_BLOCK_CORRUPT');
+  const damage = await app.inject({ method: 'GET', url: '/v1/damage', headers: auth });
+  assert.deepEqual({ ...damage.json(), at: undefined }, { at: undefined, blocks: [], nodes: [] });
 });
 
 test('a full disk met anywhere in a route is ERR_DISK_FULL (507), not an internal error', () => {
@@ -102,7 +107,7 @@ const ROUTES = [
   ['GET', '/v1/health'], ['GET', '/v1/stats'], ['GET', '/v1/volumes/{v}/snapshots/latest'], ['GET', '/v1/volumes/{v}/snapshots/{s}'],
   ['POST', '/v1/volumes/{v}/lock'], ['DELETE', '/v1/volumes/{v}/lock/{s}'], ['POST', '/v1/nodes/has'], ['POST', '/v1/nodes/get'],
   ['POST', '/v1/nodes/put'], ['POST', '/v1/blocks/has'], ['POST', '/v1/blocks/get'], ['POST', '/v1/blocks/put'], ['POST', '/v1/snapshots/commit'],
-  ['POST', '/v1/cli'], ['PUT', '/v1/blocks/has'], ['GET', '/docs/json'],
+  ['POST', '/v1/cli'], ['PUT', '/v1/blocks/has'], ['GET', '/docs/json'], ['GET', '/v1/damage'], ['POST', '/v1/blocks/repair'],
 ] as const;
 
 test('fuzzing every route with random bodies, headers, hashes and sizes never gives a 5xx', async (t) => {

@@ -85,3 +85,29 @@ test('repair heals a damaged block, a lost block entry and a missing tree node w
   assert.equal(unknown.code, 1);
   assert.equal(unknown.json.error.code, 'ERR_PEER_NOT_FOUND');
 });
+
+test('repair --push heals the peer\'s store with this store\'s copies of what the peer\'s last verify found; a block damaged on both sides is named and exits 1', async (t) => {
+  const { a, b, img } = await pairedWithVolume(t, 100);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const data = readFileSync(img);
+  const bytes = (i: number) => data.subarray(i * BS, (i + 1) * BS);
+  // The cloud's store (its server runs) has blocks 30 and 70 damaged; ours has 70 damaged too.
+  damage(b, bytes(30));
+  damage(b, bytes(70));
+  damage(a, bytes(70));
+  const found = await cli(b, 'verify'); // forwarded to b's server; records what it found
+  assert.equal(found.code, 1);
+  assert.equal(found.json.problems.length, 2);
+
+  const r = await cli(a, 'repair', '--peer', 'cloud', '--push');
+  assert.equal(r.code, 1, r.stderr);
+  assert.deepEqual([r.json.peerDamagedBlocks, r.json.blocksSent, r.json.blocksRepaired], [2, 1, 1]);
+  assert.deepEqual(r.json.damagedHere, [hashBlock(bytes(70)).toString('hex')]);
+  const after = await cli(b, 'verify');
+  assert.deepEqual(after.json.problems.map((p: { blockIndex: number }) => p.blockIndex), [70]);
+
+  // Nothing left that either side can heal: a second push sends nothing and still names block 70.
+  const again = await cli(a, 'repair', '--peer', 'cloud', '--push');
+  assert.equal(again.code, 1);
+  assert.deepEqual([again.json.peerDamagedBlocks, again.json.blocksSent], [1, 0]);
+});

@@ -9,13 +9,28 @@ export function define(program: Command): void {
     .command('repair [spec]')
     .description('verify (all, VOL or VOL@SNAP), fetch a good copy of each damaged or missing block and tree node from the peer, put it back, verify again; exits 1 while problems are left')
     .requiredOption('--peer <name>', 'the paired appliance to take good copies from (`appliance peer list`)')
+    .option('--push', "heal the peer's store instead: send it this store's copies of the blocks its last verify found damaged or missing")
     .action(run(async (g, cmd, [spec]) => {
       const { withHomeStore, parseSnapshotSpec } = await import('../../ops.js');
       const { repairStore } = await import('../../repair.js');
       const { currentIO, formatBytes } = await import('../output.js');
       const { startProgress } = await import('../progress.js');
       const { TandemError } = await import('../../../common/errors.js');
-      const { peer } = cmd.opts<{ peer: string }>();
+      const { peer, push } = cmd.opts<{ peer: string; push?: boolean }>();
+      if (push) {
+        if (spec !== undefined) throw new TandemError('ERR_USAGE', 'repair --push heals what the peer\'s last verify found; it takes no VOL[@SNAP]');
+        const { pushRepairs } = await import('../../repair.js');
+        const p = await withHomeStore(g.home, (_home, store) => pushRepairs(store, peer));
+        const left = p.peerDamagedBlocks - p.blocksRepaired;
+        const lines = [
+          `${peer}'s last verify (${p.peerVerifiedAt}) found ${p.peerDamagedBlocks} damaged blocks and ${p.peerDamagedNodes} damaged tree nodes; sent ${p.blocksSent} good copies, ${p.blocksRepaired} repaired there`,
+          ...p.notHeld.map((h) => `not held here: block ${h}`),
+          ...p.damagedHere.map((h) => `damaged here too: block ${h}`),
+          ...(p.peerDamagedNodes > 0 ? [`tree nodes are healed on ${peer} itself: \`appliance repair --peer NAME\` there`] : []),
+          left === 0 && p.peerDamagedNodes === 0 ? `ok: nothing left for ${peer} to heal (its next verify confirms it)` : `FAILED: ${left} blocks left on ${peer}`,
+        ];
+        return { json: { ok: left === 0 && p.peerDamagedNodes === 0, ...p }, text: lines.join('\n'), exitCode: left === 0 && p.peerDamagedNodes === 0 ? 0 : 1 };
+      }
       const filter: { volume?: string; snapshot?: string } = spec === undefined ? {} : parseSnapshotSpec(spec as string);
       const io = currentIO();
       // The verify before and after the repair read the store: a bar for each (on a TTY).

@@ -22,14 +22,18 @@ export function define(program: Command): void {
         else if (filter.volume !== undefined && !(await store.getVolume(filter.volume))) {
           throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${filter.volume}"; see \`appliance volume list\``, { details: { volume: filter.volume } });
         }
+        const { recordDamage } = await import('../../damage.js');
         try {
-          return await store.verify(filter, {
+          const r = await store.verify(filter, {
             onProgress: (p) => {
               bar ??= startProgress(g, { total: p.blocksTotal, unit: 'blocks', label: 'verify' });
               bar.setTotal(p.blocksTotal); // an estimate until the end
               bar.update(p.blocksDone, { read: formatBytes(p.bytesRead), problems: p.problems });
             },
           });
+          // What the paired appliance may heal by pushing good copies (appliance repair --push).
+          await recordDamage(store, r, spec === undefined);
+          return r;
         } finally {
           bar?.stop();
         }
