@@ -17,6 +17,7 @@ import { isZeroHash, toHex } from '../store/hash.js';
 import type { Store } from '../store/store.js';
 import type { BlockFrame, Hash, TreeNode, VerifyProblem, VerifyProgress, VerifyReport } from '../store/types.js';
 import { connectPeer, getPeer } from './peers.js';
+import type { RemotePeer } from '../api/client.js';
 import { recordDamage } from './damage.js';
 
 /** Meta namespace of the last repair's outcome (key `last`: peer, time, counts). */
@@ -161,40 +162,45 @@ export interface PushRepairReport {
 export async function pushRepairs(store: Store, peerName: string): Promise<PushRepairReport> {
   const peer = connectPeer(await getPeer(store, peerName));
   try {
-    const damage = await peer.damage();
-    const hashes = damage.blocks.filter((h) => /^[0-9a-f]{64}$/.test(h)).map((h) => Buffer.from(h, 'hex'));
-    if (hashes.length !== damage.blocks.length) throw new TandemError('ERR_PEER_PROTOCOL', `peer ${peerName} listed damaged blocks that are not hashes`);
-    const held = hashes.length > 0 ? await store.hasBlocks(hashes) : [];
-    const notHeld = hashes.filter((_, i) => !held[i]).map(toHex);
-    const damagedHere: string[] = [];
-    let blocksSent = 0;
-    let blocksRepaired = 0;
-    let batch: BlockFrame[] = [];
-    let bytes = 0;
-    const send = async () => {
-      const frames = batch;
-      batch = [];
-      bytes = 0;
-      blocksRepaired += (await peer.repairBlocks((async function* () { yield* frames; })())).repaired;
-      blocksSent += frames.length;
-    };
-    for (const h of hashes.filter((_, i) => held[i])) {
-      try {
-        for await (const f of store.getBlocks([h])) {
-          batch.push({ hash: h, data: Buffer.from(f.data) });
-          bytes += f.data.length;
-          f.release?.();
-        }
-      } catch (e) {
-        if (!isTandemError(e, 'ERR_BLOCK_CORRUPT') && !isTandemError(e, 'ERR_BLOCK_MISSING')) throw e;
-        damagedHere.push(toHex(h));
-        continue;
-      }
-      if (bytes >= REPAIR_BATCH_BYTES) await send();
-    }
-    if (batch.length > 0) await send();
-    return { peerVerifiedAt: damage.at, peerDamagedBlocks: damage.blocks.length, peerDamagedNodes: damage.nodes.length, blocksSent, blocksRepaired, notHeld, damagedHere };
+    return await pushRepairsTo(store, peer, peerName);
   } finally {
     await peer.close();
   }
+}
+
+/** {@link pushRepairs} over a connection already open (a scheduled sync's: appliance/scheduler/steps.ts). */
+export async function pushRepairsTo(store: Store, peer: RemotePeer, peerName: string): Promise<PushRepairReport> {
+  const damage = await peer.damage();
+  const hashes = damage.blocks.filter((h) => /^[0-9a-f]{64}$/.test(h)).map((h) => Buffer.from(h, 'hex'));
+  if (hashes.length !== damage.blocks.length) throw new TandemError('ERR_PEER_PROTOCOL', `peer ${peerName} listed damaged blocks that are not hashes`);
+  const held = hashes.length > 0 ? await store.hasBlocks(hashes) : [];
+  const notHeld = hashes.filter((_, i) => !held[i]).map(toHex);
+  const damagedHere: string[] = [];
+  let blocksSent = 0;
+  let blocksRepaired = 0;
+  let batch: BlockFrame[] = [];
+  let bytes = 0;
+  const send = async () => {
+    const frames = batch;
+    batch = [];
+    bytes = 0;
+    blocksRepaired += (await peer.repairBlocks((async function* () { yield* frames; })())).repaired;
+    blocksSent += frames.length;
+  };
+  for (const h of hashes.filter((_, i) => held[i])) {
+    try {
+      for await (const f of store.getBlocks([h])) {
+        batch.push({ hash: h, data: Buffer.from(f.data) });
+        bytes += f.data.length;
+        f.release?.();
+      }
+    } catch (e) {
+      if (!isTandemError(e, 'ERR_BLOCK_CORRUPT') && !isTandemError(e, 'ERR_BLOCK_MISSING')) throw e;
+      damagedHere.push(toHex(h));
+      continue;
+    }
+    if (bytes >= REPAIR_BATCH_BYTES) await send();
+  }
+  if (batch.length > 0) await send();
+  return { peerVerifiedAt: damage.at, peerDamagedBlocks: damage.blocks.length, peerDamagedNodes: damage.nodes.length, blocksSent, blocksRepaired, notHeld, damagedHere };
 }

@@ -36,7 +36,7 @@ export interface JobSteps {
   /** Take a snapshot of a local volume (takes the volume lock). */
   snapshot(volume: string, opts: { labels: Record<string, string>; signal: AbortSignal }): Promise<SnapshotRecord>;
   /** Push `snapshot` to peer `peer` (config `replication.peer`); null: this appliance does not replicate. Returns the bytes sent. */
-  replicate: ((volume: string, snapshot: SnapshotRecord, peer: string, signal: AbortSignal) => Promise<{ bytesSent: number }>) | null;
+  replicate: ((volume: string, snapshot: SnapshotRecord, peer: string, signal: AbortSignal) => Promise<{ bytesSent: number; peerRepaired?: number }>) | null;
   /** Export a replica to EBS; null where EBS is not available. */
   exportEbs: ((volume: string, snapshot: SnapshotRecord, signal: AbortSignal) => Promise<{ ebsSnapshotId: string; bytesUploaded: number; seconds: number }>) | null;
 }
@@ -387,6 +387,7 @@ export class Scheduler {
       const r = await steps.replicate(v.name, snap, peer, signal);
       const secs = Math.max(0.001, (performance.now() - t0) / 1000);
       await store.putMeta(RATES_NS, v.name, updateRates(await readRates(store, v.name), { syncBytesPerSec: r.bytesSent > 0 ? r.bytesSent / secs : undefined, changedBytes: r.bytesSent }, new Date()));
+      if (r.peerRepaired) this.o.log.warn({ volume: v.name, peer, blocksRepaired: r.peerRepaired }, "healed blocks the peer's verify found damaged, with this store's copies");
       await updateVolumeState(store, v.name, { lastGood: cur.pointTime, lastReplicated: snap.id });
       cur = { ...cur, done: [...cur.done, v.name] };
       await saveCheckpoint(store, cur);

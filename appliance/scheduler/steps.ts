@@ -17,7 +17,7 @@ const SYNC_BASE_NS = 'sync-base';
  * the sync base like `appliance sync` does. Unlike `syncVolume` it does not take a snapshot of
  * its own: a group's snapshots must be the ones taken between the group's hooks.
  */
-export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecord, peerName: string, opts: { bwlimit?: number; signal?: AbortSignal } = {}): Promise<{ bytesSent: number; upToDate: boolean }> {
+export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecord, peerName: string, opts: { bwlimit?: number; signal?: AbortSignal } = {}): Promise<{ bytesSent: number; upToDate: boolean; peerRepaired: number }> {
   const { getPeer, connectPeer } = await import('../peers.js');
   const { copySnapshot } = await import('../../sync/engine.js');
   const peer = await getPeer(store, peerName);
@@ -30,7 +30,17 @@ export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecor
     if (lock.upToDate && lock.latest) base = lock.latest;
     else bytesSent = (await copySnapshot(store, remote, snap, opts.signal ? { signal: opts.signal } : {})).bytesSent;
     await store.putMeta(SYNC_BASE_NS, `${snap.volume}@${peer.name}`, { snapshot: base.id, root: base.root, direction: 'push', at: new Date().toISOString() });
-    return { bytesSent, upToDate: base !== snap };
+    // What the peer's verify found damaged is healed with our copies on the same connection
+    // (appliance/repair.ts): one request when there is nothing to heal. A failure here is not
+    // the sync's: it is tried again with the next one.
+    let peerRepaired = 0;
+    try {
+      const { pushRepairsTo } = await import('../repair.js');
+      peerRepaired = (await pushRepairsTo(store, remote, peer.name)).blocksRepaired;
+    } catch {
+      /* an older peer without GET /v1/damage, or one that went away */
+    }
+    return { bytesSent, upToDate: base !== snap, peerRepaired };
   } finally {
     await remote.releaseVolume().catch(() => {});
     await remote.close();
@@ -49,7 +59,7 @@ export function applianceSteps(home: Home, store: Store, config: () => Config | 
       const bw = config()?.replication?.bwlimit;
       const { parseSize } = await import('../cli/output.js');
       const r = await pushSnapshot(home, store, snap, peer, { signal, ...(bw ? { bwlimit: parseSize(bw) } : {}) });
-      return { bytesSent: r.bytesSent };
+      return { bytesSent: r.bytesSent, peerRepaired: r.peerRepaired };
     },
     exportEbs: async (_volume, snap, signal) => {
       const { exportSnapshot } = await import('../ebs/index.js');

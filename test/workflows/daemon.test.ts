@@ -318,6 +318,35 @@ alerts: { webhook: "${hookUrl}" }
   assert.equal((await d.exited)[0], 0);
 });
 
+test("daemon's scheduled sync heals what the peer's verify found damaged, with this store's copies", async (t) => {
+  const { a, b, img } = await pairedWithVolume(t, 64);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  // Block 9's record damaged in the cloud's store; its verify (forwarded to its server) finds it.
+  const block = readFileSync(img).subarray(9 * 65536, 10 * 65536);
+  const packs = join(b.dir, 'store', 'packs');
+  const name = readdirSync(packs).find((n) => readFileSync(join(packs, n)).includes(block))!;
+  const fd = openSync(join(packs, name), 'r+');
+  writeSync(fd, Buffer.from([block[200]! ^ 0x01]), 0, 1, readFileSync(join(packs, name)).indexOf(block) + 200);
+  closeSync(fd);
+  assert.equal((await cli(b, 'verify')).code, 1);
+  writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
+policies:
+  silver: { rpo: 1h }
+assign:
+  - { match: "*", policy: silver }
+replication: { peer: cloud }
+`);
+  const d = await startDaemon(t, a);
+  const healed = await d.logLine((o) => o.msg === "healed blocks the peer's verify found damaged, with this store's copies");
+  assert.equal(healed.blocksRepaired, 1);
+  const done = await d.logLine((o) => o.msg === 'job done' || o.msg === 'job failed');
+  assert.equal(done.msg, 'job done', d.stderr());
+  const verify = await cli(b, 'verify');
+  assert.equal(verify.code, 0, verify.stdout);
+  d.child.kill('SIGTERM');
+  assert.equal((await d.exited)[0], 0);
+});
+
 /** How many scheduled verifies the daemon has started so far (from its log). */
 function seenStarts(d: Daemon): number {
   return d.stderr().split('\n').filter((l) => l.includes('"msg":"scheduled verify started"')).length;
