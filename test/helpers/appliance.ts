@@ -12,7 +12,7 @@
 import type { ChildProcess } from 'node:child_process';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readdirSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { once } from 'node:events';
 import { RemotePeer } from '../../api/client.js';
@@ -150,4 +150,21 @@ export async function pairedWithVolume(t: TestCtx, blocks: number, blockSize = 6
 /** A pinned client of a served home (to read its receiving-side counters). */
 export function peerClient(b: TestHome, s: Served): RemotePeer {
   return new RemotePeer({ url: s.url, token: b.token, fingerprint: b.fingerprint, name: 'cloud' });
+}
+
+/**
+ * Flip a byte of the record holding `data` (a whole block) in the packs of `home`, found by its
+ * bytes (the store may be held by a server): disk corruption under the store.
+ */
+export function damageBlock(home: TestHome, data: Buffer): void {
+  const dir = join(home.dir, 'store', 'packs');
+  for (const name of readdirSync(dir).filter((n) => n.endsWith('.pack'))) {
+    const at = readFileSync(join(dir, name)).indexOf(data);
+    if (at < 0) continue;
+    const fd = openSync(join(dir, name), 'r+');
+    writeSync(fd, Buffer.from([data[1000]! ^ 0x80]), 0, 1, at + 1000);
+    closeSync(fd);
+    return;
+  }
+  throw new Error('block not found in the packs');
 }

@@ -6,28 +6,14 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, openSync, readFileSync, readdirSync, writeSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Store } from '../../store/index.js';
 import { blockKey, nodeKey } from '../../store/keys.js';
 import { hashBlock } from '../../store/hash.js';
-import { cli, pairedWithVolume, type TestHome } from '../helpers/appliance.js';
+import { cli, damageBlock as damage, pairedWithVolume } from '../helpers/appliance.js';
 
 const BS = 64 * 1024;
-
-/** Flip a byte of block `data`'s record in the packs of `home` (found by its bytes: the store may be held by a server). */
-function damage(home: TestHome, data: Buffer): void {
-  const dir = join(home.dir, 'store', 'packs');
-  for (const name of readdirSync(dir).filter((n) => n.endsWith('.pack'))) {
-    const at = readFileSync(join(dir, name)).indexOf(data);
-    if (at < 0) continue;
-    const fd = openSync(join(dir, name), 'r+');
-    writeSync(fd, Buffer.from([data[1000]! ^ 0x80]), 0, 1, at + 1000);
-    closeSync(fd);
-    return;
-  }
-  assert.fail('block not found in the packs');
-}
 
 test('repair heals a damaged block, a lost block entry and a missing tree node with the peer\'s copies; what the peer holds damaged too is named and exits 1', async (t) => {
   const { a, b, img } = await pairedWithVolume(t, 600);

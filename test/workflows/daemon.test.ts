@@ -12,7 +12,7 @@ import { createServer } from 'node:http';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
-import { initHome, startServe, pair, pairedWithVolume, cli, tempDir, type TestHome } from '../helpers/appliance.js';
+import { initHome, startServe, pair, pairedWithVolume, cli, damageBlock, tempDir, type TestHome } from '../helpers/appliance.js';
 import { spawnCli, cli as cliText } from '../helpers/cli.js';
 
 const MiB = 1024 * 1024;
@@ -290,13 +290,7 @@ test('daemon heals what its scheduled verify finds with copies from its replicat
   const sync = await cli(a, 'sync', 'vol', '--peer', 'cloud');
   assert.equal(sync.code, 0, sync.stderr);
   // Block 5's record damaged on this side only.
-  const block = readFileSync(img).subarray(5 * 65536, 6 * 65536);
-  const packs = join(a.dir, 'store', 'packs');
-  const name = readdirSync(packs).find((n) => readFileSync(join(packs, n)).includes(block))!;
-  const at = readFileSync(join(packs, name)).indexOf(block) + 100;
-  const fd = openSync(join(packs, name), 'r+');
-  writeSync(fd, Buffer.from([block[100]! ^ 0x01]), 0, 1, at);
-  closeSync(fd);
+  damageBlock(a, readFileSync(img).subarray(5 * 65536, 6 * 65536));
   const { url: hookUrl, first: alert } = await webhook<{ event: string; run: { problems: number; repair: { peer: string; blocksRepaired: number; nodesRepaired: number; unrepaired: number } } }>(t);
   writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
 replication: { peer: cloud }
@@ -322,12 +316,7 @@ test("daemon's scheduled sync heals what the peer's verify found damaged, with t
   const { a, b, img } = await pairedWithVolume(t, 64);
   assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
   // Block 9's record damaged in the cloud's store; its verify (forwarded to its server) finds it.
-  const block = readFileSync(img).subarray(9 * 65536, 10 * 65536);
-  const packs = join(b.dir, 'store', 'packs');
-  const name = readdirSync(packs).find((n) => readFileSync(join(packs, n)).includes(block))!;
-  const fd = openSync(join(packs, name), 'r+');
-  writeSync(fd, Buffer.from([block[200]! ^ 0x01]), 0, 1, readFileSync(join(packs, name)).indexOf(block) + 200);
-  closeSync(fd);
+  damageBlock(b, readFileSync(img).subarray(9 * 65536, 10 * 65536));
   assert.equal((await cli(b, 'verify')).code, 1);
   writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
 policies:
