@@ -16,7 +16,8 @@ test('the demo runs the whole DR scenario and ends with equal volumes', () => {
     timeout: 180_000,
   });
   assert.equal(r.status, 0, `demo failed:\n${r.stdout}\n${r.stderr}`);
-  for (let i = 1; i <= 10; i++) assert.match(r.stdout, new RegExp(`\\[${i}/10\\]`));
+  for (let i = 1; i <= 11; i++) assert.match(r.stdout, new RegExp(`\\[${i}/11\\]`));
   assert.match(r.stdout, /the on-prem volume equals the cloud one/);
   assert.match(r.stdout, /measured RTO/);
+  assert.match(r.stdout, /on-prem sent 1 good copy; cloud verify again: 0 problems/);
 });
