@@ -504,7 +504,7 @@ export class RemotePeer implements ReplicaStore {
   private async streamBlocks<T>(path: string, frames: AsyncIterable<BlockFrame>): Promise<T> {
     if (tracing) frames = traced(frames);
     // Frames are encoded (and compressed) ahead of the socket so reading, deflating and sending overlap.
-    let src: AsyncIterable<Buffer> = meter(readAhead(encodeFrames(frames), SEND_AHEAD_CHUNKS), (n) => (this.wireBytesSent += n));
+    const src: AsyncIterable<Buffer> = meter(readAhead(encodeFrames(frames), SEND_AHEAD_CHUNKS), (n) => (this.wireBytesSent += n));
     // Under --bwlimit the chunks are sliced: their buffers are not given back (the rate is capped anyway).
     const body = this.upBucket ? throttle(src, this.upBucket) : releasing(src);
     let res: Dispatcher.ResponseData;
