@@ -16,7 +16,7 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { TandemError, isTandemError } from '../common/errors.js';
 import { isZeroHash, toHex, blake3 } from './hash.js';
-import { blockKey, nodeKey, namespaceRange, NS, decodeLocation } from './keys.js';
+import { blockKey, nodeKey, namespaceRange, NS, decodeLocation, snapshotKey } from './keys.js';
 import { decodePayload, decodeRecord, recordLength } from './pack.js';
 import { decodeNode, FANOUT, span } from './tree.js';
 import type { Store } from './store.js';
@@ -51,11 +51,19 @@ export interface VerifyOptions {
   readonly signal?: AbortSignal;
   /** Read at most this many bytes a second (a scheduled verify leaves the disk to replication). */
   readonly bytesPerSecond?: number;
+  /**
+   * Resume a run of the whole store: skip the snapshots up to and including this one, in the
+   * index's order (by volume, then id). The daemon's scheduled verify resumes this way after a
+   * restart, from what {@link onSnapshot} told it.
+   */
+  readonly after?: { readonly volume: string; readonly id: string };
+  /** Told after each snapshot is walked, with the run's report so far (problems not yet checked against deletions). */
+  readonly onSnapshot?: (snap: SnapshotRecord, soFar: VerifyReport) => void | Promise<void>;
 }
 
 export async function verifyStore(store: Store, filter: { volume?: string; snapshot?: string } = {}, opts: VerifyOptions = {}): Promise<VerifyReport> {
   const { onProgress, signal, bytesPerSecond } = opts;
-  const snaps = await selectSnapshots(store, filter);
+  const snaps = await selectSnapshots(store, filter, opts.after);
   /** Good blocks. */
   const goodBlocks = new HashTable(MAX_REMEMBERED_BLOCKS);
   /** Nodes whose subtree is all good, with the number of non-zero blocks under each. */
@@ -187,6 +195,7 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
       return { nonZero, clean };
     };
     await walk(shape.root, shape.height, 0);
+    await opts.onSnapshot?.(snap, { snapshots: snaps.indexOf(snap) + 1, nodes, blocks, bytes, problems: [...problems] });
   }
   // A snapshot deleted during the run may have lost its nodes and blocks to gc: its problems are
   // not the store's. One that exists now existed all along, so gc kept everything it reaches.
@@ -221,7 +230,7 @@ async function blocksToRead(store: Store, snaps: readonly SnapshotRecord[]): Pro
   return n;
 }
 
-async function selectSnapshots(store: Store, filter: { volume?: string; snapshot?: string }): Promise<SnapshotRecord[]> {
+async function selectSnapshots(store: Store, filter: { volume?: string; snapshot?: string }, after?: { volume: string; id: string }): Promise<SnapshotRecord[]> {
   if (filter.snapshot !== undefined && filter.volume === undefined) {
     throw new TandemError('ERR_BAD_REQUEST', 'verify: a snapshot filter needs its volume (VOL@SNAPSHOT)');
   }
@@ -231,7 +240,8 @@ async function selectSnapshots(store: Store, filter: { volume?: string; snapshot
     if (list.length === 0 && !(await store.getVolume(filter.volume))) await store.resolveSnapshot(filter.volume); // throws the right error
     return list;
   }
+  const range = namespaceRange(NS.snapshot);
   const out: SnapshotRecord[] = [];
-  for await (const v of store.db.values(namespaceRange(NS.snapshot))) out.push(JSON.parse(v.toString('utf8')) as SnapshotRecord);
+  for await (const v of store.db.values(after ? { gt: snapshotKey(after.volume, after.id), lt: range.lt } : range)) out.push(JSON.parse(v.toString('utf8')) as SnapshotRecord);
   return out;
 }

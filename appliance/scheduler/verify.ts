@@ -5,9 +5,10 @@
  *
  * It runs beside the scheduler's jobs (store verify needs no lock they take: see
  * store/verify.ts), outside their `maxParallel`, and is aborted by `stop()`; a run cut short
- * starts again from the beginning at the next start. State in the store's meta namespace
+ * (or failed) resumes after the last snapshot it finished, from a checkpoint written at most
+ * every {@link CHECKPOINT_MS} and when it is stopped. State in the store's meta namespace
  * `verify`, key `state` ({@link VerifyState}): the first time the daemon ran (the first verify
- * is due one period later) and the last run's outcome. A run that found problems, or failed,
+ * is due one period later), the last run's outcome and the checkpoint of the one in progress. A run that found problems, or failed,
  * POSTs `{event: "verify_failed", ...}` to `alerts.webhook`; a failed run is retried after
  * {@link VERIFY_RETRY_MS}.
  */
@@ -63,7 +64,29 @@ export interface VerifyState {
   readonly last: VerifyRun | null;
   /** The last run that failed (an I/O error, say) since then, retried after {@link VERIFY_RETRY_MS}. */
   readonly failed?: VerifyRun | null;
+  /** How far the run in progress got, so a run the daemon's stop cut short resumes there. */
+  readonly progress?: VerifyCheckpoint | null;
 }
+
+/** A run in progress: the snapshots up to `after` (index order) are verified, with these findings. */
+export interface VerifyCheckpoint {
+  readonly started: string;
+  readonly after: { readonly volume: string; readonly id: string };
+  readonly snapshots: number;
+  readonly nodes: number;
+  readonly blocks: number;
+  readonly bytes: number;
+  /** Seconds spent before this process took the run over. */
+  readonly seconds: number;
+  /** The problems found so far (at most {@link MAX_CHECKPOINT_PROBLEMS}), and how many. */
+  readonly problems: readonly VerifyProblem[];
+  readonly problemCount: number;
+}
+
+/** Problems a checkpoint keeps (a store with more damage than this needs a resync anyway). */
+const MAX_CHECKPOINT_PROBLEMS = 1000;
+/** A checkpoint is written at most this often while a run goes on (and once when it is stopped). */
+const CHECKPOINT_MS = 60_000;
 
 export interface VerifyAlert {
   readonly event: 'verify_failed';
@@ -169,7 +192,7 @@ export class ScheduledVerify {
     return this.current;
   }
 
-  /** Stop: abort a running verify (it starts over at the next start) and wait for the loop to end. */
+  /** Stop: abort a running verify (the next start resumes it) and wait for the loop to end. */
   async stop(): Promise<void> {
     this.abort.abort(new Error('the daemon is stopping'));
     await this.loopDone;
@@ -214,36 +237,60 @@ export class ScheduledVerify {
   private async runOnce(state: VerifyState): Promise<void> {
     const { store, clock, log } = this.o;
     const config = this.o.config();
-    const started = clock.now();
-    log.info({ bytesPerSecond: config.verify.bytesPerSecond }, 'scheduled verify started');
+    const cp = state.progress ?? null;
+    const t0 = clock.now();
+    const started = cp ? Date.parse(cp.started) : t0;
+    if (cp) log.info({ after: `${cp.after.volume}@${cp.after.id}`, snapshotsDone: cp.snapshots }, 'scheduled verify resumed where the daemon stopped it');
+    else log.info({ bytesPerSecond: config.verify.bytesPerSecond }, 'scheduled verify started');
     this.current = { blocksDone: 0, blocksTotal: 0, bytesRead: 0, problems: 0 };
+    /** What this run and the one it resumes found, up to the last snapshot walked. */
+    const merged = (r: VerifyReport, after: VerifyCheckpoint['after']): VerifyCheckpoint => ({
+      started: new Date(started).toISOString(), after,
+      snapshots: (cp?.snapshots ?? 0) + r.snapshots, nodes: (cp?.nodes ?? 0) + r.nodes, blocks: (cp?.blocks ?? 0) + r.blocks, bytes: (cp?.bytes ?? 0) + r.bytes,
+      seconds: (cp?.seconds ?? 0) + (clock.now() - t0) / 1000,
+      problems: [...(cp?.problems ?? []), ...r.problems].slice(0, MAX_CHECKPOINT_PROBLEMS), problemCount: (cp?.problemCount ?? 0) + r.problems.length,
+    });
+    let latest: VerifyCheckpoint | null = cp;
+    let saved = clock.now();
+    const checkpoint = async (c: VerifyCheckpoint) => store.putMeta(VERIFY_NS, VERIFY_KEY, { ...state, progress: c } satisfies VerifyState);
     let run: VerifyRun;
     try {
       const r = await store.verify(undefined, {
         signal: this.abort.signal,
         bytesPerSecond: config.verify.bytesPerSecond,
         onProgress: (p) => (this.current = p),
+        ...(cp ? { after: cp.after } : {}),
+        onSnapshot: async (snap, soFar) => {
+          latest = merged(soFar, { volume: snap.volume, id: snap.id });
+          if (clock.now() - saved < CHECKPOINT_MS) return;
+          saved = clock.now();
+          await checkpoint(latest);
+        },
       });
       const ended = clock.now();
-      await recordDamage(store, r, true);
-      const repair = r.problems.length > 0 && config.verify.repairPeer !== null ? await this.heal(config.verify.repairPeer, r.problems) : undefined;
+      const all = merged(r, latest?.after ?? { volume: '', id: '' });
+      const problems = [...(cp?.problems ?? []), ...r.problems];
+      await recordDamage(store, { snapshots: all.snapshots, nodes: all.nodes, blocks: all.blocks, bytes: all.bytes, problems }, true);
+      const repair = problems.length > 0 && config.verify.repairPeer !== null ? await this.heal(config.verify.repairPeer, problems) : undefined;
       run = {
-        started: new Date(started).toISOString(), ended: new Date(ended).toISOString(), ok: r.problems.length === 0,
-        snapshots: r.snapshots, blocks: r.blocks, bytes: r.bytes, seconds: (ended - started) / 1000,
-        problems: r.problems.length, firstProblems: r.problems.slice(0, MAX_PROBLEMS_KEPT),
+        started: new Date(started).toISOString(), ended: new Date(ended).toISOString(), ok: all.problemCount === 0,
+        snapshots: all.snapshots, blocks: all.blocks, bytes: all.bytes, seconds: all.seconds,
+        problems: all.problemCount, firstProblems: problems.slice(0, MAX_PROBLEMS_KEPT),
         ...(repair ? { repair } : {}),
       };
       this.retryAt = -Infinity;
     } catch (e) {
       if (this.abort.signal.aborted) {
-        log.warn({}, 'scheduled verify stopped with the daemon; it starts over at the next start');
+        // Where it got to is kept: the next start resumes after the last snapshot walked.
+        if (latest) await checkpoint(latest).catch(() => undefined);
+        log.warn({ snapshotsDone: latest?.snapshots ?? 0 }, 'scheduled verify stopped with the daemon; the next start resumes it');
         return;
       }
       const error = isTandemError(e) ? { code: e.code, message: e.message } : { code: 'ERR_INTERNAL', message: (e as Error)?.message ?? String(e) };
       const p = this.current;
       run = {
         started: new Date(started).toISOString(), ended: new Date(clock.now()).toISOString(), ok: false,
-        snapshots: 0, blocks: p?.blocksDone ?? 0, bytes: p?.bytesRead ?? 0, seconds: (clock.now() - started) / 1000,
+        snapshots: 0, blocks: p?.blocksDone ?? 0, bytes: p?.bytesRead ?? 0, seconds: (clock.now() - t0) / 1000,
         problems: 0, firstProblems: [], error,
       };
       this.retryAt = clock.now() + VERIFY_RETRY_MS;
@@ -251,10 +298,10 @@ export class ScheduledVerify {
       this.current = null;
     }
     // A finished run, found problems or not, starts the next period; a failed one is retried.
-    const next: VerifyState = run.error ? { ...state, failed: run } : { since: state.since, last: run, failed: null };
+    const next: VerifyState = run.error ? { ...state, failed: run, progress: latest } : { since: state.since, last: run, failed: null, progress: null };
     await store.putMeta(VERIFY_NS, VERIFY_KEY, next);
     if (run.ok) {
-      log.info({ snapshots: run.snapshots, blocks: run.blocks, bytes: run.bytes, seconds: run.seconds }, 'scheduled verify passed');
+      log.info({ snapshots: run.snapshots, blocks: run.blocks, bytes: run.bytes, seconds: run.seconds, resumedAfter: cp ? `${cp.after.volume}@${cp.after.id}` : null, bytesThisProcess: run.bytes - (cp?.bytes ?? 0) }, 'scheduled verify passed');
       return;
     }
     const healed = run.repair && !run.repair.error && run.repair.unrepaired === 0;

@@ -336,6 +336,42 @@ replication: { peer: cloud }
   assert.equal((await d.exited)[0], 0);
 });
 
+test('a scheduled verify the daemon\'s stop cut short resumes after the last snapshot it finished', async (t) => {
+  const work = tempDir(t, 'tandem-daemon-verify-resume-');
+  const a = await initHome(t, 'onprem');
+  for (const v of ['v1', 'v2', 'v3']) {
+    writeFileSync(join(work, `${v}.img`), randomBytes(4 * MiB));
+    assert.equal((await cli(a, 'volume', 'add', v, '--path', join(work, `${v}.img`))).code, 0);
+    assert.equal((await cli(a, 'snapshot', v)).code, 0);
+  }
+  // Three snapshots of 8 blocks each, read at 2 MiB/s: ~2 s each.
+  writeFileSync(join(a.dir, 'config.yaml'), 'appliance: { name: onprem }\nverify: { every: 1s, bwlimit: 2MiB }\n');
+  const d1 = await startDaemon(t, a);
+  await d1.logLine((o) => o.msg === 'scheduled verify started');
+  // Stopped once the first snapshot is done (its 8 blocks read and a 9th, of the second).
+  for (let i = 0; i < 600; i++) {
+    const s = JSON.parse((await get(a, d1.url, '/v1/status', a.token)).body);
+    if ((s.verify.running?.blocksDone ?? 0) >= 9) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  d1.child.kill('SIGTERM');
+  assert.equal((await d1.exited)[0], 0, d1.stderr());
+  const stopped = await d1.logLine((o) => o.msg === 'scheduled verify stopped with the daemon; the next start resumes it');
+  assert.ok((stopped.snapshotsDone as number) >= 1);
+
+  const d2 = await startDaemon(t, a);
+  const resumed = await d2.logLine((o) => o.msg === 'scheduled verify resumed where the daemon stopped it');
+  assert.equal(resumed.snapshotsDone, stopped.snapshotsDone);
+  const passed = await d2.logLine((o) => o.msg === 'scheduled verify passed');
+  assert.equal(passed.snapshots, 3);
+  assert.equal(passed.blocks, 24);
+  assert.equal(passed.resumedAfter, resumed.after);
+  // What the first daemon verified was not read again.
+  assert.equal(passed.bytesThisProcess, (24 - 8 * (stopped.snapshotsDone as number)) * 512 * 1024);
+  d2.child.kill('SIGTERM');
+  assert.equal((await d2.exited)[0], 0);
+});
+
 /** How many scheduled verifies the daemon has started so far (from its log). */
 function seenStarts(d: Daemon): number {
   return d.stderr().split('\n').filter((l) => l.includes('"msg":"scheduled verify started"')).length;
