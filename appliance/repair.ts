@@ -23,8 +23,11 @@ import { recordDamage } from './damage.js';
 /** Meta namespace of the last repair's outcome (key `last`: peer, time, counts). */
 export const REPAIR_NS = 'repair';
 
-/** Good copies written to the store at a time (bounds memory). */
-const REPAIR_BATCH_BYTES = 32 * 1024 * 1024;
+/**
+ * Good copies written to the store (or sent to the peer) at a time: bounds memory, and a repair
+ * stopped midway keeps what its batches wrote (one fsync and one synced index batch each).
+ */
+const REPAIR_BATCH_BYTES = 8 * 1024 * 1024;
 
 export interface RepairReport {
   /** What verify found before the repair. */

@@ -153,18 +153,22 @@ export function peerClient(b: TestHome, s: Served): RemotePeer {
 }
 
 /**
- * Flip a byte of the record holding `data` (a whole block) in the packs of `home`, found by its
- * bytes (the store may be held by a server): disk corruption under the store.
+ * Flip a byte of the record holding each block in `blocks` (whole blocks' bytes) in the packs of
+ * `home`, found by their bytes (the store may be held by a server): disk corruption under the store.
  */
-export function damageBlock(home: TestHome, data: Buffer): void {
+export function damageBlock(home: TestHome, ...blocks: Buffer[]): void {
   const dir = join(home.dir, 'store', 'packs');
+  const left = new Set(blocks);
   for (const name of readdirSync(dir).filter((n) => n.endsWith('.pack'))) {
-    const at = readFileSync(join(dir, name)).indexOf(data);
-    if (at < 0) continue;
+    const pack = readFileSync(join(dir, name));
     const fd = openSync(join(dir, name), 'r+');
-    writeSync(fd, Buffer.from([data[1000]! ^ 0x80]), 0, 1, at + 1000);
+    for (const data of [...left]) {
+      const at = pack.indexOf(data);
+      if (at < 0) continue;
+      writeSync(fd, Buffer.from([data[1000]! ^ 0x80]), 0, 1, at + 1000);
+      left.delete(data);
+    }
     closeSync(fd);
-    return;
   }
-  throw new Error('block not found in the packs');
+  if (left.size > 0) throw new Error(`${left.size} blocks not found in the packs`);
 }

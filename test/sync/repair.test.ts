@@ -11,7 +11,9 @@ import { join } from 'node:path';
 import { Store } from '../../store/index.js';
 import { blockKey, nodeKey } from '../../store/keys.js';
 import { hashBlock } from '../../store/hash.js';
-import { cli, damageBlock as damage, pairedWithVolume } from '../helpers/appliance.js';
+import { cli, damageBlock as damage, pairedWithVolume, startCli } from '../helpers/appliance.js';
+import { randomInt } from 'node:crypto';
+import { setTimeout as delay } from 'node:timers/promises';
 
 const BS = 64 * 1024;
 
@@ -96,4 +98,37 @@ test('repair --push heals the peer\'s store with this store\'s copies of what th
   const again = await cli(a, 'repair', '--peer', 'cloud', '--push');
   assert.equal(again.code, 1);
   assert.deepEqual([again.json.peerDamagedBlocks, again.json.blocksSent], [1, 0]);
+});
+
+test('kill -9 of repair at random moments: the store opens, verify finds nothing new, and the rerun heals everything', async (t) => {
+  const bs = 512 * 1024;
+  const { a, img, dir } = await pairedWithVolume(t, 160, bs);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const data = readFileSync(img);
+  // 100 of the 160 blocks damaged (50 MiB to heal: two batches of good copies).
+  const damaged = Array.from({ length: 160 }, (_, i) => i).filter((i) => i % 8 < 5);
+  damage(a, ...damaged.map((i) => data.subarray(i * bs, (i + 1) * bs)));
+  let left = damaged.length;
+  for (let trial = 0; trial < 4; trial++) {
+    const run = startCli(a, 'repair', '--peer', 'cloud');
+    await delay(randomInt(50, 700));
+    run.child.kill('SIGKILL');
+    await run.done;
+    const v = await cli(a, 'verify');
+    const indices = (v.json.problems as Array<{ blockIndex: number }>).map((p) => p.blockIndex);
+    assert.ok(indices.every((i) => damaged.includes(i)), `only blocks that were damaged may be reported: ${indices}`);
+    assert.ok(indices.length <= left);
+    left = indices.length;
+  }
+  const r = await cli(a, 'repair', '--peer', 'cloud');
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal((await cli(a, 'verify')).code, 0);
+  const out = join(dir, 'restored.img');
+  assert.equal((await cli(a, 'restore', 'vol', '--to', out)).code, 0);
+  assert.ok(readFileSync(out).equals(data));
+  // The damaged records' bytes are no longer referenced: gc reclaims them.
+  const gc = await cli(a, 'gc');
+  assert.equal(gc.code, 0, gc.stderr);
+  assert.ok(gc.json.bytesReclaimed >= damaged.length * bs, `reclaimed ${gc.json.bytesReclaimed}`);
+  assert.equal((await cli(a, 'verify')).code, 0);
 });
