@@ -74,7 +74,11 @@ export async function healProblems(store: Store, peerName: string, problems: rea
   /** A good copy of block h from the peer, or null (listed as unrepaired). Peer failures other than a bad copy stop the repair. */
   const fetchBlock = async (h: Hash): Promise<BlockFrame | null> => {
     try {
-      for await (const f of peer.getBlocks([h])) return f;
+      for await (const f of peer.getBlocks([h])) {
+        const copy = { hash: h, data: Buffer.from(f.data) };
+        f.release?.();
+        return copy;
+      }
       throw new TandemError('ERR_PEER_PROTOCOL', `peer ${peerName} answered with no block for ${toHex(h)}`);
     } catch (e) {
       if (!isTandemError(e, 'ERR_BLOCK_MISSING') && !isTandemError(e, 'ERR_BLOCK_CORRUPT')) throw e;
@@ -82,24 +86,29 @@ export async function healProblems(store: Store, peerName: string, problems: rea
       return null;
     }
   };
+  // Good copies go to the store in batches of REPAIR_BATCH_BYTES (replaced in place: the index
+  // is pointed at the good copy).
+  let batch: BlockFrame[] = [];
+  let bytes = 0;
+  const flush = async () => {
+    if (batch.length === 0) return;
+    await store.repairBlocks(batch);
+    blocksRepaired += batch.length;
+    batch = [];
+    bytes = 0;
+  };
+  /** Fetch and queue a good copy of block h; false when the peer has none. */
+  const heal = async (h: Hash): Promise<boolean> => {
+    const f = await fetchBlock(h);
+    if (!f) return false;
+    batch.push(f);
+    bytes += f.data.length;
+    if (bytes >= REPAIR_BATCH_BYTES) await flush();
+    return true;
+  };
   try {
-    // Damaged or missing blocks: replaced in place (the index is pointed at the good copy).
-    let batch: BlockFrame[] = [];
-    let bytes = 0;
-    const write = async () => {
-      await store.repairBlocks(batch);
-      blocksRepaired += batch.length;
-      batch = [];
-      bytes = 0;
-    };
-    for (const h of blocks) {
-      const f = await fetchBlock(h);
-      if (!f) continue;
-      batch.push({ hash: h, data: Buffer.from(f.data) });
-      bytes += f.data.length;
-      if (bytes >= REPAIR_BATCH_BYTES) await write();
-    }
-    if (batch.length > 0) await write();
+    for (const h of blocks) await heal(h);
+    await flush();
 
     // Damaged or missing nodes: each with the part of its subtree this store lacks, bottom-up.
     const restoreNode = async (h: Hash): Promise<boolean> => {
@@ -114,15 +123,8 @@ export async function healProblems(store: Store, peerName: string, problems: rea
       const children = node.children.filter((c) => !isZeroHash(c));
       if (node.level === 1) {
         const held = await store.hasBlocks(children);
-        const lacking = children.filter((_, i) => !held[i]);
-        const frames: BlockFrame[] = [];
-        for (const c of lacking) {
-          const f = await fetchBlock(c);
-          if (!f) return false;
-          frames.push({ hash: c, data: Buffer.from(f.data) });
-        }
-        if (frames.length > 0) await store.repairBlocks(frames);
-        blocksRepaired += frames.length;
+        for (const [i, c] of children.entries()) if (!held[i] && !(await heal(c))) return false;
+        await flush(); // the children are in the index before their node
       } else {
         const held = await store.hasNodes(children);
         for (const [i, c] of children.entries()) if (!held[i] && !(await restoreNode(c))) return false;
@@ -135,6 +137,7 @@ export async function healProblems(store: Store, peerName: string, problems: rea
       opts.onNotice?.(`fetching tree node ${toHex(h)} and what this store lacks under it from ${peerName}`);
       await restoreNode(h);
     }
+    await flush(); // blocks fetched for a node that could not be put back whole
   } finally {
     await peer.close();
   }
