@@ -60,6 +60,10 @@ test('volume add, list and remove; duplicates, unknown volumes and bad input cha
     [['snapshots', 'nope'], 'ERR_VOLUME_NOT_FOUND', 1],
     [['restore', 'nope', '--to', join(dir, 'out.img')], 'ERR_VOLUME_NOT_FOUND', 1],
     [['verify', 'nope'], 'ERR_VOLUME_NOT_FOUND', 1],
+    [['verify', '--bwlimit', 'fast'], 'ERR_USAGE', 2],
+    [['verify', '--bwlimit', '0'], 'ERR_USAGE', 2],
+    [['repair', '--peer', 'nowhere'], 'ERR_PEER_NOT_FOUND', 1],
+    [['repair', 'db', '--peer', 'nowhere', '--push'], 'ERR_USAGE', 2],
   ];
   for (const [args, code, exit] of cases) {
     const r = await cliJson([...args, '--home', home]);

@@ -88,6 +88,13 @@ test('snapshot then restore is byte-exact (size not a multiple of the block size
   const verify = await cliJson(['verify', '--home', home]);
   assert.equal(verify.code, 0, verify.stdout);
   assert.equal(verify.json.problems.length, 0);
+  // The same at a quarter of what it read a second: it takes about four seconds, not less.
+  const rate = Math.ceil(verify.json.bytes / 4);
+  const t0 = Date.now();
+  const slow = await cliJson(['verify', '--bwlimit', String(rate), '--home', home]);
+  assert.equal(slow.code, 0, slow.stderr);
+  assert.equal(slow.json.bytes, verify.json.bytes);
+  assert.ok(Date.now() - t0 >= 3900, `verify --bwlimit took ${Date.now() - t0} ms for ${slow.json.bytes} bytes at ${rate} B/s`);
 });
 
 test('restore onto an existing file writes only the differing blocks; other sizes need --force', async (t) => {

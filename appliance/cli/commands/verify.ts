@@ -8,12 +8,16 @@ export function define(program: Command): void {
   program
     .command('verify [spec]')
     .description('re-check every hash of every snapshot (or of VOL, or of VOL@SNAP); exits 1 and lists each problem')
-    .action(run(async (g, _cmd, [spec]) => {
+    .option('--bwlimit <rate>', 'read at most RATE a second (e.g. 100MiB), to leave the disk to replication')
+    .action(run(async (g, cmd, [spec]) => {
       const { withHomeStore, parseSnapshotSpec } = await import('../../ops.js');
-      const { formatBytes } = await import('../output.js');
+      const { formatBytes, parseSize } = await import('../output.js');
       const { startProgress } = await import('../progress.js');
       const { TandemError } = await import('../../../common/errors.js');
       const filter: { volume?: string; snapshot?: string } = spec === undefined ? {} : parseSnapshotSpec(spec as string);
+      const { bwlimit } = cmd.opts<{ bwlimit?: string }>();
+      const bytesPerSecond = bwlimit === undefined ? undefined : parseSize(bwlimit);
+      if (bytesPerSecond === 0) throw new TandemError('ERR_USAGE', '--bwlimit must be more than 0 bytes a second');
       // Reading back a large store takes long: a bar of the snapshots' blocks covered (on a TTY).
       let bar: ReturnType<typeof startProgress> | null = null;
       const report = await withHomeStore(g.home, async (_home, store) => {
@@ -25,6 +29,7 @@ export function define(program: Command): void {
         const { recordDamage } = await import('../../damage.js');
         try {
           const r = await store.verify(filter, {
+            ...(bytesPerSecond ? { bytesPerSecond } : {}),
             onProgress: (p) => {
               bar ??= startProgress(g, { total: p.blocksTotal, unit: 'blocks', label: 'verify' });
               bar.setTotal(p.blocksTotal); // an estimate until the end
