@@ -156,7 +156,7 @@ export function verifyLine(v: VerifySummary, now: number, formatAge: (iso: strin
       : l.ok ? `store verified ${formatAge(l.ended, now)}: ok (${l.snapshots} snapshots, ${l.blocks} blocks, ${formatBytes(l.bytes)} in ${formatDuration(l.seconds * 1000)})`
         : `store verify ${formatAge(l.ended, now)}: ${l.problems} PROBLEMS${p ? `, e.g. ${p.code} ${p.kind} of ${p.volume}@${p.snapshot} block ${p.blockIndex}` : ''}; ${
           unhealed(l) === 0 ? `all healed with copies from ${l.repair!.peer}`
-            : `${l.repair ? `${l.repair.peer} could not heal ${unhealed(l)}${l.repair.error ? ` (${l.repair.error.code})` : ''}; ` : ''}heal them with \`appliance repair --peer NAME\``}`,
+            : `${l.repair ? `${l.repair.peer} could not heal ${unhealed(l)}${l.repair.error ? ` (${l.repair.error.code})` : ''}; ` : ''}heal them with \`appliance repair --peer NAME\` here, or \`appliance repair --peer THIS --push\` on the appliance that replicates here (its daemon pushes them after each scheduled sync)`}`,
     v.running ? `running now: ${v.running.blocksDone}/${v.running.blocksTotal} blocks` : schedule,
   ];
   if (v.failed) parts.push(`the last attempt FAILED ${formatAge(v.failed.ended, now)} (${v.failed.error?.code}: ${v.failed.error?.message}), retried hourly`);

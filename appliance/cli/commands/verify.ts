@@ -47,7 +47,7 @@ export function define(program: Command): void {
       const lines = [
         `checked ${report.snapshots} snapshots, ${report.nodes} nodes, ${report.blocks} blocks (${formatBytes(report.bytes)})`,
         ...report.problems.map((p) => `${p.code}: ${p.kind} ${p.hash} of ${p.volume}@${p.snapshot}, block index ${p.blockIndex}`),
-        ok ? 'ok' : `FAILED: ${report.problems.length} problems (ERR_VERIFY_FAILED); heal them with good copies from the paired appliance: \`appliance repair${spec === undefined ? '' : ` ${spec as string}`} --peer NAME\``,
+        ok ? 'ok' : `FAILED: ${report.problems.length} problems (ERR_VERIFY_FAILED); heal them with good copies from the paired appliance: \`appliance repair${spec === undefined ? '' : ` ${spec as string}`} --peer NAME\` here, or \`appliance repair --peer THIS --push\` on the appliance that replicates here`,
       ];
       return { json: { ok, ...report }, text: lines.join('\n'), exitCode: ok ? 0 : 1 };
     }));
