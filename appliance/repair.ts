@@ -13,7 +13,7 @@
  * or holds damaged too, stays listed: nothing is written for it.
  */
 import { TandemError, isTandemError } from '../common/errors.js';
-import { isZeroHash, toHex } from '../store/hash.js';
+import { isZeroHash, parseHex, toHex } from '../store/hash.js';
 import type { Store } from '../store/store.js';
 import type { BlockFrame, Hash, TreeNode, VerifyProblem, VerifyProgress, VerifyReport } from '../store/types.js';
 import { connectPeer, getPeer } from './peers.js';
@@ -22,12 +22,6 @@ import { recordDamage } from './damage.js';
 
 /** Meta namespace of the last repair's outcome (key `last`: peer, time, counts). */
 export const REPAIR_NS = 'repair';
-
-/**
- * Good copies written to the store (or sent to the peer) at a time: bounds memory, and a repair
- * stopped midway keeps what its batches wrote (one fsync and one synced index batch each).
- */
-const REPAIR_BATCH_BYTES = 8 * 1024 * 1024;
 
 export interface RepairReport {
   /** What verify found before the repair. */
@@ -71,44 +65,25 @@ export async function healProblems(store: Store, peerName: string, problems: rea
   let nodesRepaired = 0;
   if (blocks.length + nodes.length === 0) return { blocksRepaired, nodesRepaired, unrepaired };
   const peer = connectPeer(peerRecord);
-  /** A good copy of block h from the peer, or null (listed as unrepaired). Peer failures other than a bad copy stop the repair. */
-  const fetchBlock = async (h: Hash): Promise<BlockFrame | null> => {
-    try {
-      for await (const f of peer.getBlocks([h])) {
-        const copy = { hash: h, data: Buffer.from(f.data) };
-        f.release?.();
-        return copy;
+  /** Good copies of `hashes` from the peer; one it has none of (or a damaged one) is listed as unrepaired. Other peer failures stop the repair. */
+  async function* goodCopies(hashes: readonly Hash[]): AsyncGenerator<BlockFrame> {
+    for (const h of hashes) {
+      try {
+        let got = false;
+        for await (const f of peer.getBlocks([h])) {
+          got = true;
+          yield f;
+        }
+        if (!got) throw new TandemError('ERR_PEER_PROTOCOL', `peer ${peerName} answered with no block for ${toHex(h)}`);
+      } catch (e) {
+        if (!isTandemError(e, 'ERR_BLOCK_MISSING') && !isTandemError(e, 'ERR_BLOCK_CORRUPT')) throw e;
+        unrepaired.push({ kind: 'block', hash: toHex(h), code: e.code, message: `peer ${peerName}: ${e.message}` });
       }
-      throw new TandemError('ERR_PEER_PROTOCOL', `peer ${peerName} answered with no block for ${toHex(h)}`);
-    } catch (e) {
-      if (!isTandemError(e, 'ERR_BLOCK_MISSING') && !isTandemError(e, 'ERR_BLOCK_CORRUPT')) throw e;
-      unrepaired.push({ kind: 'block', hash: toHex(h), code: e.code, message: `peer ${peerName}: ${e.message}` });
-      return null;
     }
-  };
-  // Good copies go to the store in batches of REPAIR_BATCH_BYTES (replaced in place: the index
-  // is pointed at the good copy).
-  let batch: BlockFrame[] = [];
-  let bytes = 0;
-  const flush = async () => {
-    if (batch.length === 0) return;
-    await store.repairBlocks(batch);
-    blocksRepaired += batch.length;
-    batch = [];
-    bytes = 0;
-  };
-  /** Fetch and queue a good copy of block h; false when the peer has none. */
-  const heal = async (h: Hash): Promise<boolean> => {
-    const f = await fetchBlock(h);
-    if (!f) return false;
-    batch.push(f);
-    bytes += f.data.length;
-    if (bytes >= REPAIR_BATCH_BYTES) await flush();
-    return true;
-  };
+  }
   try {
-    for (const h of blocks) await heal(h);
-    await flush();
+    // Damaged or missing blocks: replaced in place (Store.repairBlocks points the index at the good copy).
+    blocksRepaired += await store.repairBlocks(goodCopies(blocks));
 
     // Damaged or missing nodes: each with the part of its subtree this store lacks, bottom-up.
     const restoreNode = async (h: Hash): Promise<boolean> => {
@@ -122,9 +97,11 @@ export async function healProblems(store: Store, peerName: string, problems: rea
       }
       const children = node.children.filter((c) => !isZeroHash(c));
       if (node.level === 1) {
+        // The children are in the index before their node.
         const held = await store.hasBlocks(children);
-        for (const [i, c] of children.entries()) if (!held[i] && !(await heal(c))) return false;
-        await flush(); // the children are in the index before their node
+        const missing = unrepaired.length;
+        blocksRepaired += await store.repairBlocks(goodCopies(children.filter((_, i) => !held[i])));
+        if (unrepaired.length > missing) return false;
       } else {
         const held = await store.hasNodes(children);
         for (const [i, c] of children.entries()) if (!held[i] && !(await restoreNode(c))) return false;
@@ -137,7 +114,6 @@ export async function healProblems(store: Store, peerName: string, problems: rea
       opts.onNotice?.(`fetching tree node ${toHex(h)} and what this store lacks under it from ${peerName}`);
       await restoreNode(h);
     }
-    await flush(); // blocks fetched for a node that could not be put back whole
   } finally {
     await peer.close();
   }
@@ -177,36 +153,27 @@ export async function pushRepairs(store: Store, peerName: string): Promise<PushR
 /** {@link pushRepairs} over a connection already open (a scheduled sync's: appliance/scheduler/steps.ts). */
 export async function pushRepairsTo(store: Store, peer: RemotePeer, peerName: string): Promise<PushRepairReport> {
   const damage = await peer.damage();
-  const hashes = damage.blocks.filter((h) => /^[0-9a-f]{64}$/.test(h)).map((h) => Buffer.from(h, 'hex'));
-  if (hashes.length !== damage.blocks.length) throw new TandemError('ERR_PEER_PROTOCOL', `peer ${peerName} listed damaged blocks that are not hashes`);
-  const held = hashes.length > 0 ? await store.hasBlocks(hashes) : [];
-  const notHeld = hashes.filter((_, i) => !held[i]).map(toHex);
+  const hashes = damage.blocks.map(parseHex);
+  if (!hashes.every((h) => h !== undefined)) throw new TandemError('ERR_PEER_PROTOCOL', `peer ${peerName} listed damaged blocks that are not hashes`);
+  const held = hashes.length > 0 ? await store.hasBlocks(hashes as Hash[]) : [];
+  const notHeld = hashes.filter((_, i) => !held[i]).map((h) => toHex(h!));
   const damagedHere: string[] = [];
   let blocksSent = 0;
-  let blocksRepaired = 0;
-  let batch: BlockFrame[] = [];
-  let bytes = 0;
-  const send = async () => {
-    const frames = batch;
-    batch = [];
-    bytes = 0;
-    blocksRepaired += (await peer.repairBlocks((async function* () { yield* frames; })())).repaired;
-    blocksSent += frames.length;
-  };
-  for (const h of hashes.filter((_, i) => held[i])) {
-    try {
-      for await (const f of store.getBlocks([h])) {
-        batch.push({ hash: h, data: Buffer.from(f.data) });
-        bytes += f.data.length;
-        f.release?.();
+  /** This store's copies (read verified); one damaged here too is named, not sent. */
+  async function* localCopies(): AsyncGenerator<BlockFrame> {
+    for (const h of hashes.filter((_, i) => held[i]) as Hash[]) {
+      try {
+        for await (const f of store.getBlocks([h])) {
+          blocksSent++;
+          yield f;
+        }
+      } catch (e) {
+        if (!isTandemError(e, 'ERR_BLOCK_CORRUPT') && !isTandemError(e, 'ERR_BLOCK_MISSING')) throw e;
+        damagedHere.push(toHex(h));
       }
-    } catch (e) {
-      if (!isTandemError(e, 'ERR_BLOCK_CORRUPT') && !isTandemError(e, 'ERR_BLOCK_MISSING')) throw e;
-      damagedHere.push(toHex(h));
-      continue;
     }
-    if (bytes >= REPAIR_BATCH_BYTES) await send();
   }
-  if (batch.length > 0) await send();
+  // One stream; the peer writes it in batches (Store.repairBlocks).
+  const blocksRepaired = held.some(Boolean) ? (await peer.repairBlocks(localCopies())).repaired : 0;
   return { peerVerifiedAt: damage.at, peerDamagedBlocks: damage.blocks.length, peerDamagedNodes: damage.nodes.length, blocksSent, blocksRepaired, notHeld, damagedHere };
 }

@@ -41,6 +41,12 @@ const READ_AHEAD = 8;
 /** getBlocks looks up block locations this many at a time. */
 const LOCATE_BATCH = 32;
 
+/**
+ * Good copies written at a time by {@link Store.repairBlocks}: bounds memory, and a repair stopped
+ * midway keeps what its batches wrote (one fsync and one synced index batch each).
+ */
+const REPAIR_BATCH_BYTES = 8 * 1024 * 1024;
+
 /** putBlocks writes verified blocks in batches of about this many bytes (8 blocks of 512 KiB). */
 const PUT_BATCH_BYTES = 4 * 1024 * 1024;
 
@@ -384,32 +390,51 @@ export class Store implements ReplicaStore {
 
   /**
    * Store good copies of blocks whose record in the store is damaged or gone (`appliance repair`
-   * fetches them from a peer): each must hash to its hash (ERR_BLOCK_CORRUPT otherwise, and
-   * nothing is written). They are appended even though the index names their hashes, made
-   * durable, and then the index points at the new records, in one synced batch; the damaged
-   * records' bytes are no longer referenced, and gc reclaims them.
+   * fetches them from a peer, a peer pushes them with POST /v1/blocks/repair). Each must hash to
+   * its hash. They are appended even though the index names their hashes, in batches of
+   * {@link REPAIR_BATCH_BYTES}: each batch is made durable and then the index points at its new
+   * records, in one synced batch, so a repair stopped midway keeps what its batches wrote. The
+   * damaged records' bytes are no longer referenced, and gc reclaims them. A copy that does not
+   * match its hash stops the stream with ERR_BLOCK_CORRUPT; the batches before its own stay.
+   * `onRepaired` is told the hashes of each batch once it is durable.
    */
-  async repairBlocks(items: readonly BlockFrame[]): Promise<void> {
+  async repairBlocks(frames: Iterable<BlockFrame> | AsyncIterable<BlockFrame>, onRepaired?: (hashes: readonly Hash[]) => void | Promise<void>): Promise<number> {
     this.checkOpen();
-    for (const it of items) {
-      if (isZeroHash(it.hash) || !blake3(it.data).equals(it.hash)) {
-        throw new TandemError('ERR_BLOCK_CORRUPT', `the copy of block ${toHex(it.hash)} to repair with does not match its hash; nothing was written`, { details: { hash: toHex(it.hash) } });
+    let repaired = 0;
+    let batch: BlockFrame[] = [];
+    let bytes = 0;
+    const write = async () => {
+      const items = batch;
+      batch = [];
+      bytes = 0;
+      await this.gcLock.shared(() => this.writeLock.run(async () => {
+        this.checkOpen();
+        await this.flushLocked();
+        let locs: BlockLocation[];
+        try {
+          locs = await this.packs.appendMany(items.map((it) => ({ hash: it.hash, codec: CODEC_RAW, payload: it.data })));
+        } catch (e) {
+          if (this.packs.failed) await this.discardFailedLocked();
+          throw e;
+        }
+        items.forEach((it, i) => this.pending.set(it.hash.toString('latin1'), locs[i]!));
+        await this.flushLocked();
+      }));
+      repaired += items.length;
+      await onRepaired?.(items.map((it) => it.hash));
+    };
+    for await (const f of frames) {
+      if (!isHash(f.hash) || isZeroHash(f.hash) || !blake3(f.data).equals(f.hash)) {
+        throw new TandemError('ERR_BLOCK_CORRUPT', `the copy of block ${isHash(f.hash) ? toHex(f.hash) : '?'} to repair with does not match its hash; it was not written`, { details: { hash: isHash(f.hash) ? toHex(f.hash) : null } });
       }
+      // A copy of its own: the frame's buffer may be a pooled one the producer reuses.
+      batch.push({ hash: Buffer.from(f.hash), data: Buffer.from(f.data) });
+      bytes += f.data.length;
+      f.release?.();
+      if (bytes >= REPAIR_BATCH_BYTES) await write();
     }
-    if (items.length === 0) return;
-    await this.gcLock.shared(() => this.writeLock.run(async () => {
-      this.checkOpen();
-      await this.flushLocked();
-      let locs: BlockLocation[];
-      try {
-        locs = await this.packs.appendMany(items.map((it) => ({ hash: it.hash, codec: CODEC_RAW, payload: it.data })));
-      } catch (e) {
-        if (this.packs.failed) await this.discardFailedLocked();
-        throw e;
-      }
-      items.forEach((it, i) => this.pending.set(it.hash.toString('latin1'), locs[i]!));
-      await this.flushLocked();
-    }));
+    if (batch.length > 0) await write();
+    return repaired;
   }
 
   /**

@@ -40,9 +40,6 @@ export function nodeFromWire(n: S.WireNodeT): TreeNode {
  */
 const DRAIN_LIMIT_BYTES = 64 * 1024 * 1024;
 
-/** Good copies written at a time by blocks/repair (bounds memory). */
-const REPAIR_BATCH_BYTES = 32 * 1024 * 1024;
-
 /** Frames decoded ahead of the store's writes (8 x 512 KiB = 4 MiB per upload): the network keeps flowing while a block is written. */
 const RECEIVE_AHEAD_FRAMES = 8;
 /**
@@ -230,31 +227,15 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     const body = req.body as Readable | undefined;
     if (!(body instanceof Readable)) throw new TandemError('ERR_BAD_REQUEST', 'send the blocks as Content-Type: application/octet-stream in the framing of sync/README.md');
     const source = body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>;
-    const healed: string[] = [];
-    let batch: Array<{ hash: Buffer; data: Buffer }> = [];
-    let bytes = 0;
-    const write = async () => {
-      await store.repairBlocks(batch);
-      healed.push(...batch.map((f) => toHex(f.hash)));
-      batch = [];
-      bytes = 0;
-    };
     try {
-      // repairBlocks verifies each block against its hash before anything is written.
-      for await (const f of decodeFrames(source)) {
-        batch.push({ hash: Buffer.from(f.hash), data: Buffer.from(f.data) });
-        bytes += f.data.length;
-        if (bytes >= REPAIR_BATCH_BYTES) await write();
-      }
-      if (batch.length > 0) await write();
+      // Each batch, once durable, leaves the damage list.
+      const repaired = await store.repairBlocks(decodeFrames(source), (hashes) => clearDamage(store, hashes.map(toHex)));
+      return { repaired };
     } catch (e) {
       await drain(body, DRAIN_LIMIT_BYTES);
       reply.header('connection', 'close');
-      await clearDamage(store, healed);
       throw e;
     }
-    await clearDamage(store, healed);
-    return { repaired: healed.length };
   });
 
   app.post('/v1/snapshots/commit', { schema: { body: S.CommitBody, summary: 'commit a snapshot whose root is present; releases the lease sent with it' } }, async (req) => {

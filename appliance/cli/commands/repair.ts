@@ -37,10 +37,6 @@ export function define(program: Command): void {
       let bar: ReturnType<typeof startProgress> | null = null;
       let barPass = '';
       const r = await withHomeStore(g.home, async (_home, store) => {
-        if (filter.snapshot !== undefined) await store.resolveSnapshot(spec as string);
-        else if (filter.volume !== undefined && !(await store.getVolume(filter.volume))) {
-          throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${filter.volume}"; see \`appliance volume list\``, { details: { volume: filter.volume } });
-        }
         try {
           return await repairStore(store, peer, filter, {
             onNotice: (m) => io.err(`note: ${m}\n`),

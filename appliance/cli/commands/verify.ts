@@ -21,11 +21,6 @@ export function define(program: Command): void {
       // Reading back a large store takes long: a bar of the snapshots' blocks covered (on a TTY).
       let bar: ReturnType<typeof startProgress> | null = null;
       const report = await withHomeStore(g.home, async (_home, store) => {
-        // Name an unknown volume or snapshot rather than "verifying" nothing.
-        if (filter.snapshot !== undefined) await store.resolveSnapshot(spec as string);
-        else if (filter.volume !== undefined && !(await store.getVolume(filter.volume))) {
-          throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${filter.volume}"; see \`appliance volume list\``, { details: { volume: filter.volume } });
-        }
         const { recordDamage } = await import('../../damage.js');
         try {
           const r = await store.verify(filter, {
