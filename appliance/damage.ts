@@ -7,7 +7,8 @@
  */
 import type { VerifyReport } from '../store/types.js';
 
-export const DAMAGE_NS = 'verify';
+/** The meta namespace of verify's records: this one and the scheduled verify's state (scheduler/verify.ts). */
+export const VERIFY_NS = 'verify';
 export const DAMAGE_KEY = 'damage';
 /** Hashes kept at most (a store with more damage than this needs a resync, not a repair). */
 export const MAX_DAMAGE_KEPT = 100_000;
@@ -26,7 +27,7 @@ export interface DamageStore {
 }
 
 export async function readDamage(store: DamageStore): Promise<DamageRecord> {
-  return (await store.getMeta<DamageRecord>(DAMAGE_NS, DAMAGE_KEY)) ?? { at: new Date(0).toISOString(), blocks: [], nodes: [] };
+  return (await store.getMeta<DamageRecord>(VERIFY_NS, DAMAGE_KEY)) ?? { at: new Date(0).toISOString(), blocks: [], nodes: [] };
 }
 
 /** Record what `report` found; `whole`: it verified every snapshot of the store. */
@@ -35,7 +36,7 @@ export async function recordDamage(store: DamageStore, report: VerifyReport, who
   const pick = (kind: 'block' | 'node', old: readonly string[]) =>
     [...new Set([...old, ...report.problems.filter((p) => p.kind === kind).map((p) => p.hash)])].slice(0, MAX_DAMAGE_KEPT);
   const next: DamageRecord = { at: new Date().toISOString(), blocks: pick('block', before.blocks), nodes: pick('node', before.nodes) };
-  if (whole || next.blocks.length + next.nodes.length > 0) await store.putMeta(DAMAGE_NS, DAMAGE_KEY, next);
+  if (whole || next.blocks.length + next.nodes.length > 0) await store.putMeta(VERIFY_NS, DAMAGE_KEY, next);
 }
 
 /** Take healed blocks and nodes (hex hashes) off the record. */
@@ -43,5 +44,5 @@ export async function clearDamage(store: DamageStore, healed: readonly string[])
   if (healed.length === 0) return;
   const d = await readDamage(store);
   const gone = new Set(healed);
-  await store.putMeta(DAMAGE_NS, DAMAGE_KEY, { ...d, blocks: d.blocks.filter((h) => !gone.has(h)), nodes: d.nodes.filter((h) => !gone.has(h)) } satisfies DamageRecord);
+  await store.putMeta(VERIFY_NS, DAMAGE_KEY, { ...d, blocks: d.blocks.filter((h) => !gone.has(h)), nodes: d.nodes.filter((h) => !gone.has(h)) } satisfies DamageRecord);
 }

@@ -17,10 +17,9 @@ import type { VerifyProblem, VerifyProgress, VerifyReport } from '../../store/ty
 import { isTandemError } from '../../common/errors.js';
 import { formatDuration, type Config } from '../config/index.js';
 import type { Clock } from './clock.js';
-import { recordDamage } from '../damage.js';
+import { recordDamage, VERIFY_NS } from '../damage.js';
 import type { Log } from './runner.js';
 
-export const VERIFY_NS = 'verify';
 export const VERIFY_KEY = 'state';
 /** Problems kept in the state and sent in the alert (the operator runs `appliance verify` for all). */
 export const MAX_PROBLEMS_KEPT = 20;
