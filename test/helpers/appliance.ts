@@ -12,7 +12,8 @@
 import type { ChildProcess } from 'node:child_process';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { closeSync, openSync, readFileSync, readdirSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, cpSync, mkdtempSync, openSync, readFileSync, readdirSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { once } from 'node:events';
 import { RemotePeer } from '../../api/client.js';
@@ -145,6 +146,20 @@ export async function pairedWithVolume(t: TestCtx, blocks: number, blockSize = 6
   const add = await cli(a, 'volume', 'add', 'vol', '--path', img, '--block-size', `${blockSize / 1024}KiB`);
   assert.equal(add.code, 0, add.stderr);
   return { a, b, sb, dir, img };
+}
+
+/**
+ * For a failure seen only under a loaded full run: what the home holds now (peers, volumes, the
+ * index's files), and a copy of it kept outside the test's temp dirs (not removed) to inspect.
+ */
+export async function diagnose(home: TestHome): Promise<string> {
+  const kept = mkdtempSync(join(tmpdir(), 'tandem-kept-'));
+  cpSync(home.dir, kept, { recursive: true });
+  const index = join(home.dir, 'store', 'index');
+  const files = readdirSync(index).map((f) => `${f} ${statSync(join(index, f)).size}`).join(', ');
+  const peers = await cli(home, 'peer', 'list');
+  const volumes = await cli(home, 'volume', 'list');
+  return `home kept in ${kept}; peer list: ${peers.stdout.trim() || peers.stderr.trim()}; volume list: ${volumes.stdout.trim() || volumes.stderr.trim()}; index: ${files}`;
 }
 
 /** A pinned client of a served home (to read its receiving-side counters). */

@@ -8,7 +8,7 @@ import { randomBytes, randomInt } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
-import { cli, pairedWithVolume, peerClient, startCli, startServe, type TestHome } from '../helpers/appliance.js';
+import { cli, diagnose, pairedWithVolume, peerClient, startCli, startServe, type TestHome } from '../helpers/appliance.js';
 
 
 
@@ -30,7 +30,8 @@ test('kill -9 of the client at random moments: the rerun completes, resends noth
     await run.done;
   }
   const last = await cli(a, 'sync', 'vol', '--peer', 'cloud');
-  assert.equal(last.code, 0, last.stderr);
+  // ERR_PEER_NOT_FOUND was seen here once under a loaded full run, never alone: keep the home.
+  if (last.code !== 0) assert.fail(`${last.stderr}\n${await diagnose(a)}`);
   const s = await peerB.stats();
   assert.equal(s.blocksReceived, blocks, 'over all runs every block arrived exactly once: none the receiver had stored was sent again');
   assert.equal((await cli(a, 'verify')).code, 0);
