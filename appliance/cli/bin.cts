@@ -4,6 +4,7 @@
  * its home takes over (forward-client.cts) is sent and answered before Node's ES module loader
  * or any other module of ours is loaded. Any other command line runs here, through main.js.
  */
+import { writeSync } from 'node:fs';
 import { forwardIfServed } from './forward-client.cjs';
 
 async function run(argv: string[]): Promise<void> {
@@ -12,8 +13,26 @@ async function run(argv: string[]): Promise<void> {
   await runCli(argv);
 }
 
-run(process.argv).catch((e: unknown) => {
-  // runCli reports every error itself; this is only reached if loading it failed.
-  process.stderr.write(`error ERR_INTERNAL: ${(e as Error)?.stack ?? String(e)}\n`);
+/**
+ * Node ends a process whose event loop has nothing left to wait for, even while a promise of
+ * the command is still pending: an operation that lost its callback would end the command with
+ * exit code 0 and no output, as if it had succeeded. Such an end is reported as the failure it is.
+ */
+let finished = false;
+process.on('exit', () => {
+  if (finished || (process.exitCode !== undefined && process.exitCode !== 0)) return;
+  const message = 'the command stopped before it finished (an operation it waited for was dropped); nothing after that point was done. Run it again; if this repeats, report it with the command line';
+  if (process.argv.includes('--json')) writeSync(1, JSON.stringify({ error: { code: 'ERR_INTERNAL', message, details: {} } }, null, 2) + '\n');
+  writeSync(2, `error ERR_INTERNAL: ${message}\n`);
   process.exitCode = 1;
 });
+
+run(process.argv).then(
+  () => void (finished = true),
+  (e: unknown) => {
+    finished = true;
+    // runCli reports every error itself; this is only reached if loading it failed.
+    process.stderr.write(`error ERR_INTERNAL: ${(e as Error)?.stack ?? String(e)}\n`);
+    process.exitCode = 1;
+  },
+);

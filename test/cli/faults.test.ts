@@ -9,7 +9,7 @@ import { writeFileSync, readFileSync, openSync, writeSync, closeSync, existsSync
 import { join } from 'node:path';
 import { randomBytes, randomInt } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
-import { cli, cliJson, collect, smallTmpfs, spawnCli, tempDir } from '../helpers/cli.js';
+import { ROOT, cli, cliJson, collect, smallTmpfs, spawnCli, tempDir } from '../helpers/cli.js';
 import { hashBlock } from '../../store/index.js';
 import { acquireVolumeLock } from '../../appliance/locks.js';
 import { Home } from '../../appliance/home.js';
@@ -362,4 +362,15 @@ test('a full disk: ERR_DISK_FULL, an intact store, and a rerun succeeds once the
   assert.equal(full.json.error.code, 'ERR_DISK_FULL');
   assert.match(full.json.error.message, /nothing was left at/);
   assert.deepEqual(readdirSync(targetDir), []);
+});
+
+test('a command whose awaited operation is dropped (its promise never settles) exits 1 with ERR_INTERNAL, not 0 in silence', async (t) => {
+  const { home } = await initHome(t);
+  const preload = join(ROOT, 'test', 'fixtures', 'drop-readdir.cjs');
+  const r = await cli(['volume', 'list', '--home', home, '--json'], { env: { NODE_OPTIONS: `--require ${preload}` } });
+  assert.equal(r.code, 1, `stdout=${r.stdout} stderr=${r.stderr}`);
+  assert.equal(JSON.parse(r.stdout).error.code, 'ERR_INTERNAL');
+  assert.match(r.stderr, /error ERR_INTERNAL: the command stopped before it finished/);
+  // Unharmed, the same command succeeds.
+  assert.equal((await cli(['volume', 'list', '--home', home])).code, 0);
 });
