@@ -15,7 +15,10 @@
  *    1 % changed; snapshot with --changed-blocks listing them;
  * 4. restore to a new file on the same disk (fsync'd, like cp + sync). The disk may be shared
  *    and its speed changes from minute to minute, so the first snapshot and the restore are each
- *    compared with the mean of a cp timed right before and one right after them;
+ *    compared with the mean of a cp timed right before and one right after them. That cp reads
+ *    the image from the page cache, while the restore reads the store's packs from the disk
+ *    (written past the cache), so the restore is also compared with a cp of the image dropped
+ *    from the cache first (both read the disk);
  * 5. a sparse volume of --sparse with a few non-zero blocks: snapshot and restore.
  * Peak RSS is VmHWM of the CLI process, read by /usr/bin/time -v, and of the running appliance
  * (/proc/PID/status).
@@ -99,6 +102,15 @@ async function copyImage(img: string, dir: string): Promise<Run> {
   const r = await timed('sh', ['-c', `cp "${img}" "${copy}" && sync "${copy}"`]);
   removeSettled(copy);
   return r;
+}
+
+/**
+ * {@link copyImage} with the image's pages dropped from the page cache first (GNU dd's
+ * `iflag=nocache`), so cp reads it from the disk as a restore reads the store's packs.
+ */
+async function copyImageUncached(img: string, dir: string): Promise<Run> {
+  spawnSync('dd', [`if=${img}`, 'iflag=nocache', 'count=0', 'status=none']);
+  return copyImage(img, dir);
 }
 
 const appliance = (args: string[]) => timed(APPLIANCE, args);
@@ -292,6 +304,7 @@ async function main(): Promise<void> {
     row(`snapshot --changed-blocks (${changed.length} blocks)`, inc, changed.length * BS, 'MB/s of the listed blocks');
 
     // The disk may be shared: time cp again right before the restore, and compare with that.
+    const coldBefore = await copyImageUncached(img, dir);
     const cp2 = await copyImage(img, dir);
     row('cp + sync, again', cp2, size);
     const out = join(dir, 'restored.img');
@@ -304,6 +317,9 @@ async function main(): Promise<void> {
     const diskRead = restore.diskReadMB === null ? '' : `; read ${fmt(restore.diskReadMB, 0)} MB from the disk (cp: ${fmt(cp2.diskReadMB ?? 0, 0)} MB)`;
     row('restore to a new file', restore, size, `${fmt((cp2.seconds + cp3.seconds) / 2 / restore.seconds)}x cp speed (target >= ${TARGETS.restoreVsCp}; the mean of the cp before and after)${diskRead}`);
     row('cp + sync, right after', cp3, size);
+    const coldAfter = await copyImageUncached(img, dir);
+    // The same comparison with both reading the disk: cp of the image dropped from the page cache.
+    row('  restore vs cp of the image not in the page cache', restore, size, `${fmt((coldBefore.seconds + coldAfter.seconds) / 2 / restore.seconds)}x the speed of cp + sync reading the image from the disk (${fmt(coldBefore.seconds)} s before, ${fmt(coldAfter.seconds)} s after; read ${fmt(coldBefore.diskReadMB ?? 0, 0)} MB from the disk)`);
 
     const sparse = join(dir, 'sparse.img');
     const fd = openSync(sparse, 'w');

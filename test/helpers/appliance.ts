@@ -129,7 +129,7 @@ export async function startServe(t: TestCtx, home: TestHome | string, listen = '
 /** `peer add NAME` on `home` for the served appliance `peer`. */
 export async function pair(home: TestHome, name: string, peer: TestHome, served: Served): Promise<void> {
   const r = await cli(home, 'peer', 'add', name, '--url', served.url, '--token', peer.token, '--fingerprint', peer.fingerprint);
-  if (r.code !== 0) throw new Error(`peer add failed (${r.code}): ${r.stderr}`);
+  if (r.code !== 0 || r.json?.peer?.name !== name) throw new Error(`peer add failed (${r.code}): ${r.stderr} ${r.stdout}`);
 }
 
 /**
