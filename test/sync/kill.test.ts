@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes, randomInt } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { cli, diagnose, pairedWithVolume, peerClient, startCli, startServe, type TestHome } from '../helpers/appliance.js';
@@ -88,4 +88,60 @@ test("kill -9 of the client during first syncs of 96 MiB (the scan's new blocks 
   assert.ok(killed >= 1, `at least one sync was killed while running (a full one took ${fullMs} ms)`);
   assert.equal((await cli(a, 'verify')).code, 0);
   assert.equal((await cli(b, 'verify')).code, 0);
+});
+
+test('kill -9 during failback (sync --reverse --apply) while it writes the local volume: the volume stays marked, is neither snapshotted nor replicated half-written, and the rerun makes it the replica, byte for byte', async (t) => {
+  const bs = 512 * 1024;
+  const blocks = 256; // 128 MiB: the apply writes for a few hundred ms, long enough to kill it midway
+  const { a, b, sb, img } = await pairedWithVolume(t, blocks, bs);
+  const peerB = peerClient(b, sb);
+  t.after(() => peerB.close());
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const replica = readFileSync(img);
+  const before = await peerB.latestSnapshot('vol');
+  let landed = false;
+  for (let trial = 0; trial < 5 && !landed; trial++) {
+    writeFileSync(img, randomBytes(blocks * bs)); // the local volume diverged everywhere
+    const run = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
+    let exited = false;
+    void run.done.then(() => (exited = true));
+    // The apply writes in block order: once block 0 is the replica's, it has begun.
+    const first = Buffer.alloc(bs);
+    const fd = openSync(img, 'r');
+    try {
+      while (!exited) {
+        readSync(fd, first, 0, bs, 0);
+        if (first.equals(replica.subarray(0, bs))) break;
+        await delay(1);
+      }
+    } finally {
+      closeSync(fd);
+    }
+    run.child.kill('SIGKILL');
+    const r = await run.done;
+    if (r.signal !== 'SIGKILL') {
+      assert.equal(r.code, 0, r.stderr); // finished before the kill: try again from a new divergence
+      continue;
+    }
+    if (readFileSync(img).equals(replica)) continue; // killed after its last write: not half-written
+    landed = true;
+    const vols = await cli(a, 'volume', 'list');
+    assert.ok(vols.json.find((v: { name: string }) => v.name === 'vol').materializing, 'the half-written volume is marked');
+    const fwd = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+    assert.equal(fwd.code, 1, 'a forward sync of a half-written volume is refused');
+    assert.equal(fwd.json.error.code, 'ERR_VOLUME_MATERIALIZING', fwd.stderr);
+    assert.deepEqual(await peerB.latestSnapshot('vol'), before, 'the replica in the cloud is untouched');
+    assert.equal((await cli(a, 'snapshot', 'vol')).json.error.code, 'ERR_VOLUME_MATERIALIZING');
+  }
+  assert.ok(landed, 'one of the failbacks was killed while the volume was half-written');
+  const rerun = await cli(a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
+  assert.equal(rerun.code, 0, rerun.stderr);
+  assert.equal(rerun.json.applied.verified, true);
+  assert.ok(readFileSync(img).equals(replica), 'the rerun made the local volume the replica, byte for byte');
+  const vols = await cli(a, 'volume', 'list');
+  assert.equal(vols.json.find((v: { name: string }) => v.name === 'vol').materializing, undefined, 'the mark is cleared');
+  const fwd = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(fwd.code, 0, fwd.stderr);
+  assert.equal(fwd.json.upToDate, true, 'replication resumes from the common base');
+  assert.equal((await cli(a, 'verify')).code, 0);
 });
