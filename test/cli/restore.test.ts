@@ -5,7 +5,7 @@ import { writeFileSync, readFileSync, openSync, writeSync, closeSync, statSync, 
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
-import { cli, cliJson, tempDir } from '../helpers/cli.js';
+import { cli, cliJson, collect, spawnCli, tempDir } from '../helpers/cli.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -277,4 +277,54 @@ test('a block device: snapshot reads it read-only with its real size; restore wr
   assert.ok(readFileSync(dev).equals(data));
   const list = await cliJson(['volume', 'list', '--home', home]);
   assert.equal(list.json[0].materializing, undefined, 'the device is a sync source again');
+});
+
+test('kill -9 during a restore onto the volume itself: the half-written volume stays marked and is not snapshotted; the rerun completes it and clears the mark', async (t) => {
+  const { home, img } = await setup(t, 256 * BS); // 128 MiB: the restore writes for a few hundred ms
+  const s1 = await cliJson(['snapshot', 'vol', '--home', home]);
+  assert.equal(s1.code, 0, s1.stderr);
+  const want = readFileSync(img);
+  let landed = false;
+  for (let trial = 0; trial < 5 && !landed; trial++) {
+    writeFileSync(img, randomBytes(want.length)); // changed everywhere since s1: the restore rolls it back
+    const child = spawnCli(['restore', `vol@${s1.json.snapshot.id}`, '--to', img, '--home', home, '--json']);
+    const done = collect(child);
+    let exited = false;
+    void done.then(() => (exited = true));
+    // The restore writes in block order: once block 0 is s1's, it has begun.
+    const first = Buffer.alloc(BS);
+    const fd = openSync(img, 'r');
+    try {
+      while (!exited) {
+        readSync(fd, first, 0, BS, 0);
+        if (first.equals(want.subarray(0, BS))) break;
+        await new Promise((r) => setTimeout(r, 1));
+      }
+    } finally {
+      closeSync(fd);
+    }
+    child.kill('SIGKILL');
+    const r = await done;
+    if (r.signal !== 'SIGKILL') {
+      assert.equal(r.code, 0, r.stderr); // finished before the kill: try again
+      continue;
+    }
+    if (readFileSync(img).equals(want)) continue; // killed after its last write
+    landed = true;
+    const vols = await cliJson(['volume', 'list', '--home', home]);
+    assert.ok(vols.json.find((v: { name: string }) => v.name === 'vol').materializing, 'the half-written volume is marked');
+    const snap = await cliJson(['snapshot', 'vol', '--home', home]);
+    assert.equal(snap.code, 1, 'a half-written volume is not snapshotted');
+    assert.equal(snap.json.error.code, 'ERR_VOLUME_MATERIALIZING');
+  }
+  assert.ok(landed, 'one of the restores was killed while the volume was half-written');
+  const rerun = await cliJson(['restore', `vol@${s1.json.snapshot.id}`, '--to', img, '--home', home]);
+  assert.equal(rerun.code, 0, rerun.stderr);
+  assert.ok(readFileSync(img).equals(want), 'the rerun wrote the snapshot, byte for byte');
+  const vols = await cliJson(['volume', 'list', '--home', home]);
+  assert.equal(vols.json.find((v: { name: string }) => v.name === 'vol').materializing, undefined, 'the mark is cleared');
+  const again = await cliJson(['snapshot', 'vol', '--home', home]);
+  assert.equal(again.code, 0, again.stderr);
+  assert.equal(again.json.snapshot.root, s1.json.snapshot.root, 'the volume is s1 again');
+  assert.equal((await cli(['verify', '--home', home])).code, 0);
 });
