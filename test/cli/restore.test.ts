@@ -5,7 +5,7 @@ import { writeFileSync, readFileSync, openSync, writeSync, closeSync, statSync, 
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
-import { cli, cliJson, collect, spawnCli, tempDir } from '../helpers/cli.js';
+import { cli, cliJson, collect, spawnCli, tempDir, untilWritten } from '../helpers/cli.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -289,20 +289,7 @@ test('kill -9 during a restore onto the volume itself: the half-written volume s
     writeFileSync(img, randomBytes(want.length)); // changed everywhere since s1: the restore rolls it back
     const child = spawnCli(['restore', `vol@${s1.json.snapshot.id}`, '--to', img, '--home', home, '--json']);
     const done = collect(child);
-    let exited = false;
-    void done.then(() => (exited = true));
-    // The restore writes in block order: once block 0 is s1's, it has begun.
-    const first = Buffer.alloc(BS);
-    const fd = openSync(img, 'r');
-    try {
-      while (!exited) {
-        readSync(fd, first, 0, BS, 0);
-        if (first.equals(want.subarray(0, BS))) break;
-        await new Promise((r) => setTimeout(r, 1));
-      }
-    } finally {
-      closeSync(fd);
-    }
+    await untilWritten(img, want.subarray(0, BS), done); // the restore has begun
     child.kill('SIGKILL');
     const r = await done;
     if (r.signal !== 'SIGKILL') {

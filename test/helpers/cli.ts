@@ -7,7 +7,7 @@
  * (slower start).
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -72,6 +72,26 @@ export async function cliJson<T = any>(args: readonly string[], opts: CliOptions
     return { ...r, json: JSON.parse(r.stdout) as T };
   } catch {
     throw new Error(`not JSON (exit ${r.code}): stdout=${r.stdout} stderr=${r.stderr}`);
+  }
+}
+
+/**
+ * Poll `path` until its first `want.length` bytes are `want` (a restore or an apply, which write
+ * in block order, has begun writing), or until `done` settles (the process ended first).
+ */
+export async function untilWritten(path: string, want: Buffer, done: Promise<unknown>): Promise<void> {
+  let ended = false;
+  void done.then(() => (ended = true), () => (ended = true));
+  const head = Buffer.alloc(want.length);
+  const fd = openSync(path, 'r');
+  try {
+    while (!ended) {
+      readSync(fd, head, 0, head.length, 0);
+      if (head.equals(want)) return;
+      await new Promise((r) => setTimeout(r, 1));
+    }
+  } finally {
+    closeSync(fd);
   }
 }
 

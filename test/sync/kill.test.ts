@@ -5,9 +5,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes, randomInt } from 'node:crypto';
-import { closeSync, openSync, readFileSync, readSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
+import { untilWritten } from '../helpers/cli.js';
 import { cli, diagnose, pairedWithVolume, peerClient, startCli, startServe, type TestHome } from '../helpers/appliance.js';
 
 
@@ -103,20 +104,7 @@ test('kill -9 during failback (sync --reverse --apply) while it writes the local
   for (let trial = 0; trial < 5 && !landed; trial++) {
     writeFileSync(img, randomBytes(blocks * bs)); // the local volume diverged everywhere
     const run = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
-    let exited = false;
-    void run.done.then(() => (exited = true));
-    // The apply writes in block order: once block 0 is the replica's, it has begun.
-    const first = Buffer.alloc(bs);
-    const fd = openSync(img, 'r');
-    try {
-      while (!exited) {
-        readSync(fd, first, 0, bs, 0);
-        if (first.equals(replica.subarray(0, bs))) break;
-        await delay(1);
-      }
-    } finally {
-      closeSync(fd);
-    }
+    await untilWritten(img, replica.subarray(0, bs), run.done); // the apply has begun
     run.child.kill('SIGKILL');
     const r = await run.done;
     if (r.signal !== 'SIGKILL') {
