@@ -45,11 +45,22 @@ export function extraCaContext(): SecureContext | undefined {
   return context ?? undefined;
 }
 
+/** The AWS SDK's switch for its NodeVersionSupportWarning (@aws-sdk/core). */
+const SDK_NODE_WARNING_OFF = 'AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED';
+
 /**
- * Client options for an AWS SDK client: its HTTPS agent trusts the extra CAs when there are
- * any (the SDK's defaults otherwise; keep-alive and 50 sockets are the SDK's own defaults).
+ * Options every AWS SDK client of ours is made with: its HTTPS agent trusts the extra CAs when
+ * there are any (the SDK's defaults otherwise; keep-alive and 50 sockets are the SDK's own).
+ *
+ * It also turns off the SDK's NodeVersionSupportWarning, eight lines on stderr before the output
+ * of every EBS or EC2 command on Node 20 (and in the daemon's log) that the operator can do
+ * nothing about: it says the SDK's releases after the first week of January 2027 need Node 22.
+ * package-lock.json pins a release that runs on Node 20; moving the SDK past January 2027 means
+ * moving the appliance to Node 22 (README, "Quick start"). An operator's own value of the
+ * variable is kept.
  */
-export function awsHttpOptions(): { requestHandler?: { httpsAgent: AgentOptions } } {
+export function awsClientOptions(): { requestHandler?: { httpsAgent: AgentOptions } } {
+  process.env[SDK_NODE_WARNING_OFF] ??= 'true';
   const secureContext = extraCaContext();
   return secureContext ? { requestHandler: { httpsAgent: { keepAlive: true, maxSockets: 50, secureContext } } } : {};
 }

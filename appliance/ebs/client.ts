@@ -4,7 +4,7 @@
  * settings of its own, so the same binary talks to AWS and to the local emulator.
  */
 import { EBSClient } from '@aws-sdk/client-ebs';
-import { awsHttpOptions } from '../../common/ca.js';
+import { awsClientOptions } from '../../common/ca.js';
 import { TandemError } from '../../common/errors.js';
 import { ebsError } from './errors.js';
 
@@ -15,7 +15,7 @@ import { ebsError } from './errors.js';
  * Extra CAs (NODE_EXTRA_CA_CERTS) are trusted through common/ca.ts.
  */
 export function ebsClient(): EBSClient {
-  return new EBSClient({ maxAttempts: 1, ...awsHttpOptions() });
+  return new EBSClient({ maxAttempts: 1, ...awsClientOptions() });
 }
 
 /**

@@ -20,7 +20,7 @@ import {
   type Instance,
   type Tag,
 } from '@aws-sdk/client-ec2';
-import { awsHttpOptions } from '../../common/ca.js';
+import { awsClientOptions } from '../../common/ca.js';
 import { TandemError } from '../../common/errors.js';
 
 /** How long to wait for instances to reach `running`: EC2 usually takes 30-90 s; 10 min covers slow AMIs. */
@@ -31,7 +31,7 @@ export const TERMINATED_WAIT_SECONDS = 600;
 export const SNAPSHOT_WAIT_SECONDS = 1800;
 
 export function ec2Client(): EC2Client {
-  return new EC2Client(awsHttpOptions());
+  return new EC2Client(awsClientOptions());
 }
 
 /** Map an SDK failure to a TandemError that says what to do. */

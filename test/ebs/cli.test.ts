@@ -37,6 +37,7 @@ test('ebs export prints the EBS snapshot id, ebs list shows the mapping, ebs imp
   assert.equal(r.code, 0, r.stderr);
   const id = r.stdout.trim();
   assert.match(id, /^snap-[0-9a-f]+$/);
+  assert.doesNotMatch(r.stderr, /Warning/, "the SDK's Node version notice is not in the operator's output (common/ca.ts)");
   assert.equal((await emu.stats()).operations.PutSnapshotBlock, nonZeroBlocks(img));
   const list = await cliJson(['ebs', 'list', 'db', '--home', home]);
   assert.equal(list.code, 0);
