@@ -22,9 +22,13 @@ let finished = false;
 process.on('exit', () => {
   if (finished || (process.exitCode !== undefined && process.exitCode !== 0)) return;
   const message = 'the command stopped before it finished (an operation it waited for was dropped); nothing after that point was done. Run it again; if this repeats, report it with the command line';
-  if (process.argv.includes('--json')) writeSync(1, JSON.stringify({ error: { code: 'ERR_INTERNAL', message, details: {} } }, null, 2) + '\n');
-  writeSync(2, `error ERR_INTERNAL: ${message}\n`);
   process.exitCode = 1;
+  try {
+    if (process.argv.includes('--json')) writeSync(1, JSON.stringify({ error: { code: 'ERR_INTERNAL', message, details: {} } }, null, 2) + '\n');
+    writeSync(2, `error ERR_INTERNAL: ${message}\n`);
+  } catch {
+    // stdout or stderr is gone (a closed pipe): the exit code still says it.
+  }
 });
 
 run(process.argv).then(
