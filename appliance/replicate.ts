@@ -17,7 +17,7 @@
  * `VOLUME@PEER` ({snapshot, root, direction, at}); retention never deletes it
  * (appliance/policy/apply.ts), so the next sync in either direction is incremental.
  */
-import { TandemError } from '../common/errors.js';
+import { TandemError, isTandemError } from '../common/errors.js';
 import type { Store } from '../store/index.js';
 import type { Hash, SnapshotRecord, VolumeRecord } from '../store/types.js';
 import { copySnapshot, type CopyResult } from '../sync/engine.js';
@@ -50,6 +50,12 @@ export interface SyncOptions {
   readonly apply?: boolean;
   readonly dryRun?: boolean;
   readonly changedBlocksFile?: string;
+  /**
+   * With `apply`: write onto a local volume of another size than the pulled snapshot (an image is
+   * resized to it; a larger device gets the snapshot on its first bytes). Without it such an apply
+   * is refused before anything is written.
+   */
+  readonly force?: boolean;
   /** Block stream bytes per second; 0/absent: unlimited. */
   readonly bwlimit?: number;
   readonly onProgress?: (p: SyncProgress) => void;
@@ -124,6 +130,7 @@ export async function syncVolumeLocked(home: Home, store: Store, volume: string,
   if (opts.apply && !opts.reverse) throw new TandemError('ERR_USAGE', '--apply writes a pulled snapshot onto the local volume: use it with --reverse');
   if (opts.changedBlocksFile !== undefined && opts.reverse) throw new TandemError('ERR_USAGE', '--changed-blocks describes the local volume: it applies to a push, not to --reverse');
   if (opts.apply && opts.dryRun) throw new TandemError('ERR_USAGE', '--apply and --dry-run cannot be combined; run --reverse --dry-run to see what would be pulled');
+  if (opts.force && !opts.apply) throw new TandemError('ERR_USAGE', '--force lets --reverse --apply write onto a volume of another size: use it with --reverse --apply');
   const peer = await getPeer(store, peerName);
   const started = performance.now();
   const remote = connectPeer(peer, opts.bwlimit ? { bwlimit: opts.bwlimit } : {});
@@ -328,8 +335,15 @@ async function applySnapshot(store: Store, vol: VolumeRecord, snap: SnapshotReco
   const { openVolumeReader, openVolumeWriter } = await import('./volumes/index.js');
   const path = vol.path!;
   const { materializing: _previous, ...clean } = vol;
+  // Opened (and its size checked) before the volume is marked: a refused apply changes nothing.
+  let writer: Awaited<ReturnType<typeof openVolumeWriter>>;
+  try {
+    writer = await openVolumeWriter(path, snap.size, opts.force ? { force: true } : {});
+  } catch (e) {
+    if (!isTandemError(e, 'ERR_VOLUME_SIZE_MISMATCH')) throw e;
+    throw new TandemError(e.code, `cannot apply ${snap.volume}@${snap.id} (${snap.size} bytes, resized on the peer's side) onto volume "${vol.name}", nothing was written: ${e.message}`, { cause: e, details: { volume: vol.name, snapshot: snap.id, ...e.details } });
+  }
   await store.putVolume({ ...clean, materializing: { snapshot: snap.id, since: new Date().toISOString() } });
-  const writer = await openVolumeWriter(path, snap.size);
   let m;
   try {
     m = await materialize(store, snap, writer, {
@@ -342,7 +356,9 @@ async function applySnapshot(store: Store, vol: VolumeRecord, snap: SnapshotReco
     await writer.close();
   }
   // Correctness before speed: read back what is on the volume now and compare trees.
-  const reader = await openVolumeReader(path);
+  const whole = await openVolumeReader(path);
+  // A device larger than the snapshot (--force) holds it on its first snap.size bytes: those are checked.
+  const reader = whole.size === snap.size ? whole : { ...whole, size: snap.size, read: whole.read, close: whole.close };
   let check: SnapshotRecord;
   try {
     check = await store.scanVolume(reader, {

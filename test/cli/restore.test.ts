@@ -5,7 +5,7 @@ import { writeFileSync, readFileSync, openSync, writeSync, closeSync, statSync, 
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
-import { cli, cliJson, collect, spawnCli, tempDir, untilWritten } from '../helpers/cli.js';
+import { cli, cliJson, collect, loopDevice, spawnCli, tempDir, untilWritten } from '../helpers/cli.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -248,14 +248,8 @@ test('a block device: snapshot reads it read-only with its real size; restore wr
   const backing = join(dir, 'backing.img');
   const data = randomBytes(6 * BS);
   writeFileSync(backing, data);
-  let dev: string;
-  try {
-    dev = execFileSync('losetup', ['--find', '--show', backing], { encoding: 'utf8' }).trim();
-  } catch (e) {
-    t.skip(`losetup refused (${(e as Error).message.split('\n')[0]}): no loop devices here`);
-    return;
-  }
-  t.after(() => execFileSync('losetup', ['-d', dev]));
+  const dev = loopDevice(t, backing);
+  if (dev === null) return;
   const add = await cliJson(['volume', 'add', 'disk', '--path', dev, '--home', home]);
   assert.equal(add.code, 0, add.stderr);
   assert.equal(add.json.size, data.length);

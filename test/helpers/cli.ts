@@ -122,3 +122,19 @@ export function smallTmpfs(t: { after(fn: () => void): void; skip(message?: stri
   });
   return dir;
 }
+
+/**
+ * `backing` attached as a loop block device (losetup), detached when the test ends. Needs root
+ * and loop devices; otherwise the test is skipped and null returned.
+ */
+export function loopDevice(t: { after(fn: () => void): void; skip(message?: string): void }, backing: string): string | null {
+  let dev: string;
+  try {
+    dev = execFileSync('losetup', ['--find', '--show', backing], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
+  } catch (e) {
+    t.skip(`losetup refused (${(e as Error).message.split('\n')[0]}): no loop devices here`);
+    return null;
+  }
+  t.after(() => execFileSync('losetup', ['-d', dev]));
+  return dev;
+}

@@ -5,7 +5,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -179,4 +179,38 @@ test('failover without a plan or without an export fails clearly and launches no
   assert.equal(r2.json.error.code, 'ERR_EBS_NOT_EXPORTED');
   const r3 = await cliJson(['--home', cloud, 'drill', VOL, '--keep', 'soon'], { env: cloudEnv });
   assert.equal(r3.code, 2);
+});
+
+test('failback after the server in EC2 wrote past the protected size: refused and nothing written without --force; with --force the image grows to the EC2 volume', async () => {
+  await ok(cloud, ['ebs', 'export', VOL], cloudEnv);
+  const fo = await ok(cloud, ['failover', VOL], cloudEnv);
+  const ec2Volume: string = fo.servers[0].disks[0].ec2VolumeId;
+  // EBS volumes come in whole GiB: the server grew its filesystem into the space past SIZE.
+  const past = SIZE + 3 * BLOCK;
+  const written = randomBytes(BLOCK);
+  await emulator(`/_emulator/volumes/${ec2Volume}/write`, { offset: past, dataBase64: written.toString('base64') });
+  const before = readFileSync(image);
+
+  const refused = await cliJson(['--home', onprem, 'failback', VOL, '--peer', 'cloud', '--terminate']);
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.equal(refused.json.error.code, 'ERR_VOLUME_SIZE_MISMATCH');
+  assert.match(refused.json.error.message, /nothing was written.*--force/);
+  assert.ok(readFileSync(image).equals(before), 'the on-prem volume is untouched');
+  const vols = await ok(onprem, ['volume', 'list']);
+  assert.equal(vols.find((v: { name: string }) => v.name === VOL).materializing, undefined, 'and not marked materializing');
+
+  const fb = await ok(onprem, ['failback', VOL, '--peer', 'cloud', '--terminate', '--force']);
+  assert.equal(fb.sync.applied.verified, true);
+  const st = statSync(image);
+  assert.equal(st.size, 1024 * MiB, 'the image now has the EC2 volume size');
+  const home = Buffer.alloc(past + BLOCK);
+  const fd = openSync(image, 'r');
+  assert.equal(readSync(fd, home, 0, home.length, 0), home.length);
+  closeSync(fd);
+  const inCloud = await emulator(`/_emulator/volumes/${ec2Volume}/read?offset=0&length=${past + BLOCK}`);
+  assert.equal(sha(home), sha(Buffer.isBuffer(inCloud) ? inCloud : Buffer.from(inCloud.dataBase64 ?? inCloud.data, 'base64')));
+  assert.ok(home.subarray(past).equals(written));
+  assert.ok(st.blocks * 512 <= home.length, 'past that the grown image is a hole (reads as zeros), as the EC2 volume is');
+  const next = await ok(onprem, ['sync', VOL, '--peer', 'cloud']);
+  assert.equal(next.blocksSent, 0, 'replication resumes incrementally at the new size');
 });

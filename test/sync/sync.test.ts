@@ -6,10 +6,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { openSync, writeSync, closeSync, readFileSync, writeFileSync, rmSync, copyFileSync } from 'node:fs';
+import { openSync, writeSync, closeSync, readFileSync, writeFileSync, rmSync, copyFileSync, truncateSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { RemotePeer } from '../../api/client.js';
 import { cli, initHome, pair, startServe, tempDir, type Served, type TestHome } from '../helpers/appliance.js';
+import { loopDevice } from '../helpers/cli.js';
 
 const BS = 64 * 1024;
 const BLOCKS = 64;
@@ -134,4 +135,75 @@ test('reverse + apply is byte-exact after the local copy diverged or was replace
   assert.equal(fwd.json.upToDate, true);
   const s1 = await p.peerB.stats();
   assert.equal(s1.requests - s0.requests, 1, 'after failback the forward sync finds the common base at once');
+});
+
+/** The local volume's record as `volume list` shows it. */
+async function localVolume(p: Pair, name = 'vol'): Promise<Record<string, unknown>> {
+  const list = await cli(p.a, 'volume', 'list');
+  assert.equal(list.code, 0, list.stderr);
+  return (list.json as Array<Record<string, unknown>>).find((v) => v.name === name)!;
+}
+
+test('reverse + apply onto a volume of another size is refused before anything is written; --force resizes the image', async (t) => {
+  const p = await setup(t);
+  // The replica grows (the disk was enlarged where it ran): 16 more blocks, 4 of them written.
+  truncateSync(p.img, (BLOCKS + 16) * BS);
+  scribble(p.img, [BLOCKS + 2, BLOCKS + 3, BLOCKS + 9, BLOCKS + 15]);
+  assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const replica = readFileSync(p.img);
+  // Here the volume is back at its old size, with other data.
+  truncateSync(p.img, BLOCKS * BS);
+  scribble(p.img, [5]);
+  const local = readFileSync(p.img);
+
+  const refused = await cli(p.a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.equal(refused.json.error.code, 'ERR_VOLUME_SIZE_MISMATCH');
+  assert.match(refused.json.error.message, /nothing was written.*--force/);
+  assert.ok(readFileSync(p.img).equals(local), 'the volume is untouched');
+  assert.equal((await localVolume(p)).materializing, undefined, 'a refused apply leaves no materializing mark');
+  const usage = await cli(p.a, 'sync', 'vol', '--peer', 'cloud', '--force');
+  assert.equal(usage.code, 2, usage.stderr);
+  assert.equal(usage.json.error.code, 'ERR_USAGE');
+
+  const forced = await cli(p.a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply', '--force');
+  assert.equal(forced.code, 0, forced.stderr);
+  assert.equal(forced.json.applied.verified, true);
+  assert.ok(readFileSync(p.img).equals(replica), 'the image is resized and holds the replica, byte for byte');
+  const vol = await localVolume(p);
+  assert.equal(vol.size, replica.length, 'the volume is registered with its new size');
+  assert.equal(vol.materializing, undefined);
+  const fwd = await cli(p.a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(fwd.code, 0, fwd.stderr);
+  assert.equal(fwd.json.upToDate, true, 'replication resumes from the applied snapshot');
+});
+
+test('reverse + apply onto a block device larger than the snapshot: refused, then with --force written onto its first bytes and verified there', { skip: process.getuid?.() !== 0 ? 'needs root for losetup' : false }, async (t) => {
+  const p = await setup(t);
+  assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const replica = readFileSync(p.img);
+  // A replacement disk, larger than the old one, holding something else.
+  const backing = join(p.dir, 'new-disk.img');
+  const other = randomBytes(BLOCKS * BS + 8 * BS);
+  writeFileSync(backing, other);
+  const dev = loopDevice(t, backing);
+  if (dev === null) return;
+  // The volume now names the new disk.
+  assert.equal((await cli(p.a, 'volume', 'remove', 'vol')).code, 0);
+  const add = await cli(p.a, 'volume', 'add', 'vol', '--path', dev, '--block-size', '64KiB');
+  assert.equal(add.code, 0, add.stderr);
+
+  const refused = await cli(p.a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.equal(refused.json.error.code, 'ERR_VOLUME_SIZE_MISMATCH');
+  assert.ok(readFileSync(dev).equals(other), 'the device is untouched');
+  assert.equal((await localVolume(p)).materializing, undefined);
+
+  const forced = await cli(p.a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply', '--force');
+  assert.equal(forced.code, 0, forced.stderr);
+  assert.equal(forced.json.applied.verified, true);
+  const now = readFileSync(dev);
+  assert.ok(now.subarray(0, replica.length).equals(replica), 'the snapshot is on the first bytes of the device');
+  assert.ok(now.subarray(replica.length).equals(other.subarray(replica.length)), 'the bytes past it are untouched');
+  assert.equal(statSync(backing).size, other.length);
 });

@@ -3,9 +3,8 @@ import assert from 'node:assert/strict';
 import { writeFileSync, statSync, readFileSync, mkdirSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { execFileSync } from 'node:child_process';
 import { inspectVolume, openVolumeReader, openVolumeWriter, parseChangedBlocks, readChangedBlocksFile } from '../../appliance/volumes/index.js';
-import { tempDir } from '../helpers/cli.js';
+import { loopDevice, tempDir } from '../helpers/cli.js';
 
 const KiB = 1024;
 
@@ -87,14 +86,8 @@ test('block device: size found from /sys, opened read-only for reading', { skip:
   const img = join(dir, 'backing.img');
   const data = randomBytes(3 * 1024 * KiB);
   writeFileSync(img, data);
-  let dev: string;
-  try {
-    dev = execFileSync('losetup', ['--find', '--show', img], { encoding: 'utf8' }).trim();
-  } catch (e) {
-    t.skip(`losetup refused (${(e as Error).message.split('\n')[0]}): no loop devices in this environment`);
-    return;
-  }
-  t.after(() => execFileSync('losetup', ['-d', dev]));
+  const dev = loopDevice(t, img);
+  if (dev === null) return;
   const info = await inspectVolume(dev);
   assert.deepEqual(info, { path: dev, kind: 'device', size: data.length });
   const r = await openVolumeReader(dev);
