@@ -374,10 +374,11 @@ export class RemotePeer implements ReplicaStore {
   /**
    * Take the peer's lock of `volume` for this sync (sent with every later request and released
    * by commit or {@link releaseVolume}). With `ifRoot` equal to the peer's latest root the peer
-   * answers upToDate and takes no lease: a no-op sync is this one request.
+   * answers upToDate and takes no lease: a no-op sync is this one request. `intent` push: this
+   * sync will commit a snapshot there (refused while the volume is failed over to EC2).
    */
-  async lockVolume(volume: string, holder: string, ifRoot?: string): Promise<LockAnswer> {
-    const a = await this.json<LockAnswer>('POST', `/v1/volumes/${encodeURIComponent(volume)}/lock`, { holder, ...(ifRoot ? { ifRoot } : {}) }, false);
+  async lockVolume(volume: string, holder: string, intent: 'push' | 'pull', ifRoot?: string): Promise<LockAnswer> {
+    const a = await this.json<LockAnswer>('POST', `/v1/volumes/${encodeURIComponent(volume)}/lock`, { holder, intent, ...(ifRoot ? { ifRoot } : {}) }, false);
     if (a.lease) {
       this.lease = a.lease;
       this.leaseVolume = volume;

@@ -221,7 +221,7 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   // as the engine's blocks are (a second sync of the volume meets ERR_VOLUME_LOCKED meanwhile).
   let lock: Awaited<ReturnType<RemotePeer['lockVolume']>>;
   try {
-    lock = await remote.lockVolume(volume, home.identity.id, snap.root);
+    lock = await remote.lockVolume(volume, home.identity.id, 'push', snap.root);
   } catch (e) {
     await early?.finish(false);
     throw e;
@@ -313,7 +313,7 @@ async function pull(home: Home, store: Store, remote: RemotePeer, volume: string
   if (opts.apply && local?.path === undefined) {
     throw new TandemError('ERR_VOLUME_NOT_FOUND', `--apply needs the local volume "${volume}" registered with its device or image: \`appliance volume add ${volume} --path PATH\``, { details: { volume } });
   }
-  const latest = opts.dryRun ? await remote.latestSnapshot(volume) : (await remote.lockVolume(volume, home.identity.id)).latest;
+  const latest = opts.dryRun ? await remote.latestSnapshot(volume) : (await remote.lockVolume(volume, home.identity.id, 'pull')).latest;
   if (!latest) {
     throw new TandemError('ERR_NOTHING_TO_SYNC', `peer ${peer} has no snapshot of "${volume}"; sync it there first`, { details: { volume, peer } });
   }

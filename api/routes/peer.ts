@@ -14,6 +14,7 @@ import { trace } from '../../sync/trace.js';
 import { LEASE_HEADER, PROTOCOL_VERSION, fromHex, toHex } from '../../sync/protocol.js';
 import type { Home } from '../../appliance/home.js';
 import { clearDamage, readDamage } from '../../appliance/damage.js';
+import { failedOver } from '../../appliance/recovery/state.js';
 import type { LeaseTable } from '../leases.js';
 import type { ServerStats } from '../stats.js';
 import * as S from '../schemas.js';
@@ -107,6 +108,17 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
 
   app.get('/v1/stats', { schema: { summary: 'receiving-side counters since the server started' } }, async () => stats);
 
+  /** A push of a volume that runs in EC2 would replace the failover point with stale data (appliance/recovery/state.ts). */
+  const refuseIfFailedOver = async (vol: string): Promise<void> => {
+    const f = await failedOver(store, vol);
+    if (!f) return;
+    throw new TandemError(
+      'ERR_VOLUME_FAILED_OVER',
+      `volume "${vol}" runs in EC2 since ${f.since} (failover ${f.run}, instance ${f.instanceId}): ${home.identity.name} takes no push of it, so the copy there stays the newest. Bring the changes home with \`appliance failback ${vol}\` (replication then resumes), or give the failover up with \`appliance failover ${vol} --end\` on ${home.identity.name}`,
+      { details: { volume: vol, ...f } },
+    );
+  };
+
   app.get('/v1/volumes/:vol/snapshots/latest', { schema: { params: S.VolumeParams, summary: 'the latest snapshot of a volume, or null' } }, async (req) => {
     const { vol } = req.params as { vol: string };
     return { snapshot: await store.latestSnapshot(vol) };
@@ -120,6 +132,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
   app.post('/v1/volumes/:vol/lock', { schema: { params: S.VolumeParams, body: S.LockBody, summary: 'take a lease on the volume for a sync' } }, async (req) => {
     const { vol } = req.params as { vol: string };
     const body = req.body as S.LockBodyT;
+    if (body.intent === 'push') await refuseIfFailedOver(vol);
     const latest = await store.latestSnapshot(vol);
     if (body.ifRoot && latest && latest.root === body.ifRoot) return { upToDate: true, lease: null, expiresInMs: 0, latest };
     const v = await store.getVolume(vol);
@@ -248,6 +261,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     if (v?.materializing) {
       throw new TandemError('ERR_VOLUME_MATERIALIZING', `volume "${snap.volume}" is being written on ${home.identity.name}; finish that restore first`, { details: { volume: snap.volume } });
     }
+    await refuseIfFailedOver(snap.volume);
     const owned = lease !== undefined && leases.volumeOf(lease) === snap.volume;
     const release = owned ? () => leases.release(lease) : home.lockVolume(snap.volume, 'commit');
     try {

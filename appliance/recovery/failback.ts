@@ -22,6 +22,7 @@ import { TandemError } from '../../common/errors.js';
 import type { Store, SnapshotRecord } from '../../store/index.js';
 import * as ec2 from './ec2.js';
 import { activeFailover, RUNS_NS, type RecoveryRun } from './launch.js';
+import { FAILBACKS_NS } from './state.js';
 
 export interface PrepareResult {
   readonly volume: string;
@@ -66,7 +67,7 @@ export async function prepareFailback(deps: { store: Store; ec2: EC2Client; impo
   });
   const imported = await deps.importSnapshot(ec2SnapshotId, volume, disk.ebsSnapshotId);
   const state: FailbackState = { volume, snapshot: imported.snapshot.id, ec2SnapshotId, prepared: new Date().toISOString() };
-  await deps.store.putMeta('failbacks', `${run.id}/${volume}`, state);
+  await deps.store.putMeta(FAILBACKS_NS, `${run.id}/${volume}`, state);
   return {
     volume,
     run: run.id,
@@ -92,16 +93,16 @@ export async function completeFailback(
   if (!active) throw new TandemError('ERR_NOTHING_TO_SYNC', `no active failover runs volume "${volume}"; nothing to complete`);
   const { run } = active;
   const key = `${run.id}/${volume}`;
-  const state = await deps.store.getMeta<FailbackState>('failbacks', key);
+  const state = await deps.store.getMeta<FailbackState>(FAILBACKS_NS, key);
   if (!state || state.snapshot !== snapshot) {
     throw new TandemError('ERR_USAGE', `failback of "${volume}" was not prepared for snapshot ${snapshot}; run \`appliance failback ${volume}\` again from the start`);
   }
   state.completed = new Date().toISOString();
-  await deps.store.putMeta('failbacks', key, state);
+  await deps.store.putMeta(FAILBACKS_NS, key, state);
 
   // A server is home when every one of its disks is failed back.
   const done = new Set<string>();
-  for (const [k, s] of await deps.store.listMeta<FailbackState>('failbacks')) if (k.startsWith(`${run.id}/`) && s.completed) done.add(s.volume);
+  for (const [k, s] of await deps.store.listMeta<FailbackState>(FAILBACKS_NS)) if (k.startsWith(`${run.id}/`) && s.completed) done.add(s.volume);
   const terminated: string[] = [];
   const allHome = run.servers.every((s) => s.disks.every((d) => done.has(d.volume)));
   if (terminate) {
@@ -116,3 +117,27 @@ export async function completeFailback(
   return { run: run.id, terminated, runStatus: run.status };
 }
 
+
+/**
+ * Cloud side: give up the failover that runs `volume` without bringing its EC2 changes home
+ * (the failover was a mistake, or on-prem stays the primary after all). The whole run ends: its
+ * volumes take pushes again (appliance/recovery/state.ts), so on-prem replication resumes and
+ * its next push replaces what the failover point held as the newest snapshot. The EC2 changes
+ * stay only on the EC2 volumes (and in any EBS snapshot taken of them). With `terminate`, the
+ * run's instances are terminated and their images deregistered.
+ */
+export async function endFailover(deps: { store: Store; ec2: EC2Client }, volume: string, terminate: boolean): Promise<{ run: string; volumes: string[]; terminated: string[] }> {
+  const active = await activeFailover(deps.store, volume);
+  if (!active) throw new TandemError('ERR_NOTHING_TO_SYNC', `no active failover runs volume "${volume}"; nothing to end (see \`appliance status\`)`, { details: { volume } });
+  const { run } = active;
+  const terminated: string[] = [];
+  if (terminate) {
+    for (const s of run.servers) terminated.push(s.instanceId);
+    await ec2.terminateInstances(deps.ec2, terminated, false);
+    for (const s of run.servers) await ec2.deregisterImage(deps.ec2, s.imageId).catch(() => {});
+  }
+  run.status = 'ended';
+  run.tornDown = new Date().toISOString();
+  await deps.store.putMeta(RUNS_NS, run.id, run);
+  return { run: run.id, volumes: [...new Set(run.servers.flatMap((s) => s.disks.map((d) => d.volume)))], terminated };
+}

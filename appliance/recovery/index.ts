@@ -9,7 +9,7 @@ import type { Store } from '../../store/index.js';
 import { loadConfig } from '../config/index.js';
 import { ec2Client } from './ec2.js';
 import { launch, type LaunchDeps, type RecoveryRun, type RunMode } from './launch.js';
-import { prepareFailback, completeFailback, type PrepareResult } from './failback.js';
+import { prepareFailback, completeFailback, endFailover, type PrepareResult } from './failback.js';
 import { selectPlans, type PlanSelector } from './plan.js';
 
 export { listRuns, activeFailover, RUNS_NS, RTO_NS, DRILLS_NS, type RecoveryRun, type LaunchedServer } from './launch.js';
@@ -63,4 +63,9 @@ export async function prepare(home: Home, store: Store, volume: string): Promise
 /** Failback step 3 on the cloud appliance. */
 export async function complete(store: Store, volume: string, snapshot: string, terminate: boolean) {
   return completeFailback({ store, ec2: ec2Client() }, volume, snapshot, terminate);
+}
+
+/** `appliance failover VOL --end` on the cloud appliance: give up the failover without a failback. */
+export async function end(store: Store, volume: string, terminate: boolean) {
+  return endFailover({ store, ec2: ec2Client() }, volume, terminate);
 }

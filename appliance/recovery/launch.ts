@@ -23,6 +23,7 @@ import { TandemError } from '../../common/errors.js';
 import type { Store, SnapshotRecord } from '../../store/index.js';
 import * as ec2 from './ec2.js';
 import { choosePoint, sizeGiB, type ExportEntry, type RecoveryPoint } from './points.js';
+import { RUNS_NS } from './state.js';
 import type { RecoveryPlan } from './plan.js';
 
 export type RunMode = 'failover' | 'drill';
@@ -55,8 +56,11 @@ export interface DrillCheck {
 export interface RecoveryRun {
   readonly id: string;
   readonly mode: RunMode;
-  /** active: instances up (failover) · torn-down: drill cleaned up · failed-back: on-prem again · failed */
-  status: 'active' | 'torn-down' | 'failed-back' | 'failed';
+  /**
+   * active: instances up (failover) · torn-down: drill cleaned up · failed-back: on-prem again ·
+   * ended: a failover given up without failback (`failover VOL --end`) · failed
+   */
+  status: 'active' | 'torn-down' | 'failed-back' | 'ended' | 'failed';
   readonly started: string;
   /** The point in time asked for, or null for "newest". */
   readonly requestedPoint: string | null;
@@ -71,7 +75,7 @@ export interface RecoveryRun {
   error: string | null;
 }
 
-export const RUNS_NS = 'recovery-runs';
+export { RUNS_NS } from './state.js';
 export const RTO_NS = 'rto';
 export const DRILLS_NS = 'drills';
 

@@ -145,6 +145,14 @@ test('failover launches the plan with its IP, records the RTO; failback brings b
   const ec2Volume: string = server.disks[0].ec2VolumeId;
   assert.match(ec2Volume, /^vol-/);
 
+  // The on-prem appliance is back while production runs in EC2: its stale copy must not become the newest.
+  const cloudSnaps = await ok(cloud, ['snapshots', VOL]);
+  const stale = await cliJson(['--home', onprem, 'sync', VOL, '--peer', 'cloud']);
+  assert.equal(stale.code, 1, stale.stderr);
+  assert.equal(stale.json.error.code, 'ERR_VOLUME_FAILED_OVER');
+  assert.match(stale.json.error.message, /appliance failback app-root/);
+  assert.deepEqual(await ok(cloud, ['snapshots', VOL]), cloudSnaps, 'the cloud committed nothing');
+
   // The server runs in EC2; two blocks change there. Meanwhile the on-prem copy diverged too.
   await emulator(`/_emulator/volumes/${ec2Volume}/write`, { offset: 2 * BLOCK + 100, dataBase64: randomBytes(4096).toString('base64') });
   await emulator(`/_emulator/volumes/${ec2Volume}/write`, { offset: 12 * BLOCK, dataBase64: randomBytes(BLOCK).toString('base64') });
@@ -213,4 +221,37 @@ test('failback after the server in EC2 wrote past the protected size: refused an
   assert.ok(st.blocks * 512 <= home.length, 'past that the grown image is a hole (reads as zeros), as the EC2 volume is');
   const next = await ok(onprem, ['sync', VOL, '--peer', 'cloud']);
   assert.equal(next.blocksSent, 0, 'replication resumes incrementally at the new size');
+});
+
+test('a failover given up with --end: pushes are refused until then and taken again after; --terminate stops its instance', async () => {
+  await ok(cloud, ['ebs', 'export', VOL], cloudEnv);
+  const fo = await ok(cloud, ['failover', VOL], cloudEnv);
+  const instance: string = fo.servers[0].instanceId;
+  {
+    const fd = openSync(image, 'r+');
+    writeSync(fd, randomBytes(4096), 0, 4096, 3 * BLOCK);
+    closeSync(fd);
+  }
+  const refused = await cliJson(['--home', onprem, 'sync', VOL, '--peer', 'cloud']);
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.equal(refused.json.error.code, 'ERR_VOLUME_FAILED_OVER');
+
+  const usage = await cliJson(['--home', cloud, 'failover', '--end'], { env: cloudEnv });
+  assert.equal(usage.code, 2, usage.stderr);
+  const ended = await ok(cloud, ['failover', VOL, '--end', '--terminate'], cloudEnv);
+  assert.equal(ended.run, fo.id);
+  assert.deepEqual(ended.volumes, [VOL]);
+  assert.deepEqual(ended.terminated, [instance]);
+  const state = await emulator('/_emulator/state');
+  const inst = (state.instances ?? []).find((i: any) => (i.instanceId ?? i.InstanceId ?? i.id) === instance);
+  assert.match(JSON.stringify(inst), /terminated|shutting-down/);
+  const again = await cliJson(['--home', cloud, 'failover', VOL, '--end'], { env: cloudEnv });
+  assert.equal(again.code, 1, again.stderr);
+  assert.equal(again.json.error.code, 'ERR_NOTHING_TO_SYNC');
+
+  const push = await ok(onprem, ['sync', VOL, '--peer', 'cloud']);
+  assert.equal(push.upToDate, false, 'replication resumes with the block changed on-prem meanwhile');
+  assert.ok(push.blocksSent <= 1, 'only that block travels (the refused push may have sent it early)');
+  const latest = (await ok(cloud, ['snapshots', VOL])).at(-1);
+  assert.equal(latest.root, push.root);
 });

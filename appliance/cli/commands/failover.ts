@@ -1,21 +1,45 @@
 /**
  * `appliance failover` and `appliance drill` (cloud appliance): launch recovery plans in EC2
- * from EBS exports. The steps are in appliance/recovery/launch.ts.
+ * from EBS exports. The steps are in appliance/recovery/launch.ts. `failover VOL --end` gives an
+ * active failover up without a failback (appliance/recovery/failback.ts endFailover).
  */
 import type { Command } from 'commander';
 import { run, currentIO, type GlobalOptions } from '../output.js';
 
 export const order = 60;
 
-interface Opts { group?: string; plan?: string; point?: string; keep?: string }
+interface Opts { group?: string; plan?: string; point?: string; keep?: string; end?: boolean; terminate?: boolean }
 
 function selector(volume: string | undefined, o: Opts) {
   return { volume, group: o.group, plan: o.plan };
 }
 
+/** `failover VOL --end [--terminate]`: give the failover up without a failback (appliance/recovery/failback.ts endFailover). */
+async function end(g: GlobalOptions, volume: string | undefined, o: Opts) {
+  const { Home } = await import('../../home.js');
+  const { TandemError } = await import('../../../common/errors.js');
+  if (volume === undefined || o.group !== undefined || o.plan !== undefined || o.point !== undefined) {
+    throw new TandemError('ERR_USAGE', '--end takes the volume whose failover to end: `appliance failover VOL --end [--terminate]` (no --group, --plan or --point)');
+  }
+  const { end: endFailover } = await import('../../recovery/index.js');
+  const home = Home.load(g.home);
+  const store = await home.openStore();
+  try {
+    const r = await endFailover(store, volume, o.terminate === true);
+    const text = [
+      `failover ${r.run} ended without failback: ${r.volumes.join(', ')} take pushes again; their changes made in EC2 are not brought home`,
+      r.terminated.length ? `  terminated ${r.terminated.join(', ')}` : '  its instances are left running (pass --terminate to stop them)',
+    ].join('\n');
+    return { json: r, text };
+  } finally {
+    await store.close();
+  }
+}
+
 async function execute(g: GlobalOptions, mode: 'failover' | 'drill', volume: string | undefined, o: Opts) {
   const { Home } = await import('../../home.js');
   const { TandemError } = await import('../../../common/errors.js');
+  if (o.terminate) throw new TandemError('ERR_USAGE', '--terminate goes with `failover VOL --end` (a failback terminates with `appliance failback VOL --terminate`)');
   const { recover, parsePoint } = await import('../../recovery/index.js');
   let keepMinutes: number | undefined;
   if (o.keep !== undefined) {
@@ -48,8 +72,13 @@ export function define(program: Command): void {
     .option('--plan <plan>', 'one recovery plan by name (config `recovery`)')
     .option('--point <time>', 'recover from the newest export at or before this ISO time (default: the newest data)');
   common(program.command('failover [volume]')
-    .description('launch the recovery plans of VOLUME (or --group/--plan) in EC2 from EBS snapshots; prints the measured RTO'))
-    .action(run(async (g, cmd, [volume]) => execute(g, 'failover', volume as string | undefined, cmd.opts() as Opts)));
+    .description('launch the recovery plans of VOLUME (or --group/--plan) in EC2 from EBS snapshots; prints the measured RTO; --end gives an active failover up'))
+    .option('--end', "end VOLUME's active failover without a failback: pushes from on-prem are taken again, the EC2 changes are not brought home")
+    .option('--terminate', 'with --end: terminate the failover instances')
+    .action(run(async (g, cmd, [volume]) => {
+      const o = cmd.opts() as Opts;
+      return o.end ? end(g, volume as string | undefined, o) : execute(g, 'failover', volume as string | undefined, o);
+    }));
   common(program.command('drill [volume]')
     .description('launch a copy in the isolated drill subnet from a point in time, check it, tear it down; production and replication are untouched'))
     .option('--keep <minutes>', 'keep the drill instances this many minutes before teardown')

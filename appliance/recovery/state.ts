@@ -1,0 +1,47 @@
+/**
+ * Which volumes run in EC2 right now, read from the cloud appliance's records of its recovery
+ * runs (meta `recovery-runs`, appliance/recovery/launch.ts) and failbacks (meta `failbacks`,
+ * appliance/recovery/failback.ts). Kept free of the AWS SDK: the peer routes ask it on every
+ * push (api/routes/peer.ts).
+ *
+ * A volume is failed over from the failover that launched it until its failback completes or
+ * the failover is ended (`appliance failover VOL --end`). Meanwhile the copy in EC2 is the newest
+ * data, and the cloud appliance refuses pushes of the volume (ERR_VOLUME_FAILED_OVER): an
+ * on-prem appliance that comes back after the disaster would otherwise replicate its stale copy
+ * over the failover point, and report its RPO met while production runs elsewhere.
+ */
+import type { Store } from '../../store/index.js';
+
+export const RUNS_NS = 'recovery-runs';
+export const FAILBACKS_NS = 'failbacks';
+
+/** The parts of a recorded run (launch.ts RecoveryRun) this module reads. */
+interface RunRecord {
+  readonly id: string;
+  readonly mode: string;
+  readonly status: string;
+  readonly started: string;
+  readonly servers: ReadonlyArray<{ readonly instanceId: string; readonly disks: ReadonlyArray<{ readonly volume: string }> }>;
+}
+
+export interface FailedOver {
+  /** The failover run. */
+  readonly run: string;
+  /** When it started (ISO). */
+  readonly since: string;
+  /** The EC2 instance that runs the volume. */
+  readonly instanceId: string;
+}
+
+/** The failover `volume` runs in, if it is failed over and not yet back (see above). */
+export async function failedOver(store: Store, volume: string): Promise<FailedOver | null> {
+  for (const [, run] of await store.listMeta<RunRecord>(RUNS_NS)) {
+    if (run.mode !== 'failover' || run.status !== 'active') continue;
+    const server = run.servers.find((s) => s.disks.some((d) => d.volume === volume));
+    if (!server) continue;
+    const failback = await store.getMeta<{ completed?: string }>(FAILBACKS_NS, `${run.id}/${volume}`);
+    if (failback?.completed) continue;
+    return { run: run.id, since: run.started, instanceId: server.instanceId };
+  }
+  return null;
+}
