@@ -61,29 +61,51 @@ export interface AddVolumeOptions {
 /**
  * Register a local device or image file. Checks everything before writing anything: the name,
  * the block size, that the path is readable (its size is recorded), that the name is free.
+ *
+ * A name that exists only as replicas (snapshots pulled from or pushed by a peer, no path: an
+ * on-prem appliance rebuilt after a disaster that pulled its volumes back, say) is not free but
+ * adoptable: the path is attached to it and its snapshots stay, so `sync --reverse --apply`
+ * can write the latest onto it and replication resumes incrementally. Its block size is kept
+ * (`blockSize` must be absent or equal). The path may not exist yet, if its directory does: an
+ * image the apply (or a restore) then creates; until then the volume cannot be snapshotted.
  */
 export async function addVolume(store: Store, opts: AddVolumeOptions): Promise<VolumeRecord> {
   checkVolumeName(opts.name);
-  const blockSize = opts.blockSize ?? DEFAULT_VOLUME_BLOCK_SIZE;
-  checkBlockSize(blockSize);
-  const path = resolve(opts.path);
-  const info = await inspectVolume(path);
-  // Opening proves the appliance can read it (stat alone does not check permissions).
-  const reader = await openVolumeReader(path);
-  await reader.close();
-  if (await store.getVolume(opts.name)) {
-    throw new TandemError('ERR_VOLUME_EXISTS', `volume "${opts.name}" is already registered; pick another name or \`appliance volume remove ${opts.name}\` first`, {
-      details: { volume: opts.name },
+  const existing = await store.getVolume(opts.name);
+  if (existing?.path !== undefined) {
+    throw new TandemError('ERR_VOLUME_EXISTS', `volume "${opts.name}" is already registered (${existing.path}); pick another name or \`appliance volume remove ${opts.name}\` first`, {
+      details: { volume: opts.name, path: existing.path },
     });
   }
+  if (existing && opts.blockSize !== undefined && opts.blockSize !== existing.blockSize) {
+    throw new TandemError('ERR_USAGE', `volume "${opts.name}" exists as a replica with blocks of ${existing.blockSize} bytes, which its snapshots keep; omit --block-size to attach ${opts.path} to it`, {
+      details: { volume: opts.name, blockSize: existing.blockSize },
+    });
+  }
+  const blockSize = existing?.blockSize ?? opts.blockSize ?? DEFAULT_VOLUME_BLOCK_SIZE;
+  checkBlockSize(blockSize);
+  const path = resolve(opts.path);
+  let size: number;
+  if (existing && !existsSync(path)) {
+    if (!existsSync(dirname(path))) {
+      throw new TandemError('ERR_VOLUME_UNREADABLE', `cannot attach ${path} to volume "${opts.name}": directory ${dirname(path)} does not exist; create it or choose another path`, { details: { path } });
+    }
+    size = existing.size; // the image does not exist yet: the apply creates it at the snapshot's size
+  } else {
+    size = (await inspectVolume(path)).size;
+    // Opening proves the appliance can read it (stat alone does not check permissions).
+    const reader = await openVolumeReader(path);
+    await reader.close();
+  }
   const record: VolumeRecord = {
+    ...(existing ?? {}),
     name: opts.name,
     path,
     blockSize,
-    size: info.size,
+    size,
     ...(opts.policy !== undefined ? { policy: opts.policy } : {}),
     ...(opts.tags !== undefined && opts.tags.length > 0 ? { tags: [...opts.tags] } : {}),
-    created: new Date().toISOString(),
+    created: existing?.created ?? new Date().toISOString(),
   };
   await store.putVolume(record);
   return record;

@@ -311,7 +311,10 @@ function refusalWatch(remote: RemotePeer, volume: string, peer: string, opts: Pi
 async function pull(home: Home, store: Store, remote: RemotePeer, volume: string, peer: string, opts: SyncOptions): Promise<Partial> {
   const local = await store.getVolume(volume);
   if (opts.apply && local?.path === undefined) {
-    throw new TandemError('ERR_VOLUME_NOT_FOUND', `--apply needs the local volume "${volume}" registered with its device or image: \`appliance volume add ${volume} --path PATH\``, { details: { volume } });
+    const steps = local
+      ? `attach the device or image to write it onto with \`appliance volume add ${volume} --path PATH\` (an image may not exist yet), then rerun`
+      : `pull it first with \`appliance sync ${volume} --peer ${peer} --reverse\`, attach the device or image to write it onto with \`appliance volume add ${volume} --path PATH\` (an image may not exist yet), then rerun with --apply`;
+    throw new TandemError('ERR_VOLUME_NOT_FOUND', `--apply writes onto the local volume "${volume}", which has no device or image here: ${steps}`, { details: { volume } });
   }
   const latest = opts.dryRun ? await remote.latestSnapshot(volume) : (await remote.lockVolume(volume, home.identity.id, 'pull')).latest;
   if (!latest) {

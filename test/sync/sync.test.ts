@@ -207,3 +207,46 @@ test('reverse + apply onto a block device larger than the snapshot: refused, the
   assert.ok(now.subarray(replica.length).equals(other.subarray(replica.length)), 'the bytes past it are untouched');
   assert.equal(statSync(backing).size, other.length);
 });
+
+test('failback to a rebuilt appliance: pull the replica, attach a new image to it with volume add, apply creates it byte for byte; replication resumes incrementally', async (t) => {
+  const p = await setup(t);
+  assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const replica = readFileSync(p.img);
+  const c = await initHome(t, 'rebuilt');
+  await pair(c, 'cloud', p.b, p.sb);
+
+  const early = await cli(c, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
+  assert.equal(early.code, 1, early.stderr);
+  assert.equal(early.json.error.code, 'ERR_VOLUME_NOT_FOUND');
+  assert.match(early.json.error.message, /appliance sync vol --peer cloud --reverse`.*volume add vol --path/);
+  const pulled = await cli(c, 'sync', 'vol', '--peer', 'cloud', '--reverse');
+  assert.equal(pulled.code, 0, pulled.stderr);
+
+  const img = join(p.dir, 'rebuilt-disk.img'); // a new image: does not exist yet
+  const wrongBs = await cli(c, 'volume', 'add', 'vol', '--path', img, '--block-size', '4KiB');
+  assert.equal(wrongBs.code, 2, wrongBs.stderr);
+  assert.equal(wrongBs.json.error.code, 'ERR_USAGE');
+  const noDir = await cli(c, 'volume', 'add', 'vol', '--path', join(p.dir, 'no-such-dir', 'x.img'));
+  assert.equal(noDir.json.error.code, 'ERR_VOLUME_UNREADABLE');
+  const adopt = await cli(c, 'volume', 'add', 'vol', '--path', img);
+  assert.equal(adopt.code, 0, adopt.stderr);
+  assert.equal(adopt.json.snapshotsKept, 1);
+  assert.equal(adopt.json.blockSize, BS, 'the replica keeps its block size');
+  const twice = await cli(c, 'volume', 'add', 'vol', '--path', p.img);
+  assert.equal(twice.json.error.code, 'ERR_VOLUME_EXISTS', 'a volume with a path is not adopted again');
+
+  const applied = await cli(c, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
+  assert.equal(applied.code, 0, applied.stderr);
+  assert.equal(applied.json.applied.verified, true);
+  assert.ok(readFileSync(img).equals(replica), 'the new image holds the replica, byte for byte');
+
+  const noop = await cli(c, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(noop.code, 0, noop.stderr);
+  assert.equal(noop.json.upToDate, true);
+  scribble(img, [4, 40]);
+  const s0 = await p.peerB.stats();
+  const inc = await cli(c, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(inc.code, 0, inc.stderr);
+  const s1 = await p.peerB.stats();
+  assert.equal(s1.blocksReceived - s0.blocksReceived, 2, 'replication from the rebuilt appliance is incremental');
+});

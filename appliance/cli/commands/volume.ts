@@ -9,25 +9,39 @@ export function define(program: Command): void {
 
   volume
     .command('add <vol>')
-    .description('register a block device or image file as volume VOL')
+    .description('register a block device or image file as volume VOL (or attach one to VOL when it exists only as replicas pulled from a peer)')
     .requiredOption('--path <path>', 'device or image file to protect')
     .option('--block-size <size>', 'block size, a power of two from 4KiB to 16MiB', '512KiB')
     .option('--policy <name>', 'protection policy from the config')
     .option('--tag <tag...>', 'tags (policies may match on them)')
     .action(run(async (g, cmd, [name]) => {
       const o = cmd.opts<{ path: string; blockSize: string; policy?: string; tag?: string[] }>();
-      const blockSize = parseSize(o.blockSize);
+      // Given or defaulted: a replica being adopted keeps its own unless one is given.
+      const blockSize = cmd.getOptionValueSource('blockSize') === 'default' ? undefined : parseSize(o.blockSize);
       const { withHomeStore, addVolume } = await import('../../ops.js');
       const { formatBytes } = await import('../output.js');
-      const rec = await withHomeStore(g.home, (_home, store) =>
-        addVolume(store, {
+      const { existsSync } = await import('node:fs');
+      const { rec, snapshots } = await withHomeStore(g.home, async (_home, store) => {
+        const snaps = (await store.getVolume(name as string)) ? (await store.listSnapshots(name as string)).length : 0;
+        const added = await addVolume(store, {
           name: name as string,
           path: o.path,
-          blockSize,
+          ...(blockSize !== undefined ? { blockSize } : {}),
           ...(o.policy !== undefined ? { policy: o.policy } : {}),
           ...(o.tag !== undefined ? { tags: o.tag } : {}),
-        }));
-      return { json: rec, text: `added volume "${rec.name}": ${rec.path}, ${formatBytes(rec.size)}, blocks of ${formatBytes(rec.blockSize)}` };
+        });
+        return { rec: added, snapshots: snaps };
+      }, { volume: name as string, op: 'volume add' });
+      const path = rec.path!;
+      const text = snapshots === 0
+        ? `added volume "${rec.name}": ${path}, ${formatBytes(rec.size)}, blocks of ${formatBytes(rec.blockSize)}`
+        : [
+          `attached ${path} to volume "${rec.name}" (${snapshots} snapshot(s) kept, blocks of ${formatBytes(rec.blockSize)})`,
+          existsSync(path)
+            ? `  write its latest snapshot onto it with \`appliance sync ${rec.name} --peer PEER --reverse --apply\` (or \`appliance restore ${rec.name} --to ${path}\`)`
+            : `  ${path} does not exist yet: \`appliance sync ${rec.name} --peer PEER --reverse --apply\` (or \`appliance restore ${rec.name} --to ${path}\`) creates it`,
+        ].join('\n');
+      return { json: { ...rec, snapshotsKept: snapshots }, text };
     }));
 
   volume
