@@ -11,6 +11,8 @@ import { ec2Client } from './ec2.js';
 import { launch, type LaunchDeps, type RecoveryRun, type RunMode } from './launch.js';
 import { prepareFailback, completeFailback, endFailover, type PrepareResult } from './failback.js';
 import { selectPlans, type PlanSelector } from './plan.js';
+import { failedOver } from './state.js';
+import { TandemError } from '../../common/errors.js';
 
 export { listRuns, activeFailover, RUNS_NS, RTO_NS, DRILLS_NS, type RecoveryRun, type LaunchedServer } from './launch.js';
 export { selectPlans, type RecoveryPlan, type PlanSelector } from './plan.js';
@@ -43,6 +45,17 @@ export interface RecoverRequest extends PlanSelector {
 export async function recover(home: Home, store: Store, req: RecoverRequest, step?: (line: string) => void): Promise<RecoveryRun> {
   const config = await loadConfig(home);
   const plans = selectPlans(config, req);
+  if (req.mode === 'failover') {
+    // A second copy of a server that already runs in EC2 would be a split brain there.
+    for (const plan of plans) {
+      for (const disk of plan.disks) {
+        const f = await failedOver(store, disk.volume);
+        if (f) {
+          throw new TandemError('ERR_VOLUME_FAILED_OVER', `volume "${disk.volume}" (plan ${plan.name}) already runs in EC2 since ${f.since} (failover ${f.run}, instance ${f.instanceId}); nothing was launched. See \`appliance status ${disk.volume}\`; to launch it again, end that failover first with \`appliance failover ${disk.volume} --end --terminate\``, { details: { volume: disk.volume, plan: plan.name, ...f } });
+        }
+      }
+    }
+  }
   return launch(await launchDeps(home, store, step), { mode: req.mode, plans, point: req.point, keepMinutes: req.keepMinutes, signal: req.signal });
 }
 

@@ -8,7 +8,9 @@
  * the failover is ended (`appliance failover VOL --end`). Meanwhile the copy in EC2 is the newest
  * data, and the cloud appliance refuses pushes of the volume (ERR_VOLUME_FAILED_OVER): an
  * on-prem appliance that comes back after the disaster would otherwise replicate its stale copy
- * over the failover point, and report its RPO met while production runs elsewhere.
+ * over the failover point, and report its RPO met while production runs elsewhere. A second
+ * failover of the volume is refused too (appliance/recovery/index.ts recover): the same server
+ * would run twice in EC2.
  */
 import type { Store } from '../../store/index.js';
 

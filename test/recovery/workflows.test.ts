@@ -235,6 +235,12 @@ test('a failover given up with --end: pushes are refused until then and taken ag
   const refused = await cliJson(['--home', onprem, 'sync', VOL, '--peer', 'cloud']);
   assert.equal(refused.code, 1, refused.stderr);
   assert.equal(refused.json.error.code, 'ERR_VOLUME_FAILED_OVER');
+  const instancesBefore = JSON.stringify((await emulator('/_emulator/state')).instances);
+  assert.match(instancesBefore, new RegExp(fo.servers[0].instanceId));
+  const second = await cliJson(['--home', cloud, 'failover', VOL], { env: cloudEnv });
+  assert.equal(second.code, 1, second.stderr);
+  assert.equal(second.json.error.code, 'ERR_VOLUME_FAILED_OVER', 'a server that runs in EC2 is not launched twice');
+  assert.equal(JSON.stringify((await emulator('/_emulator/state')).instances), instancesBefore, 'nothing was launched');
 
   const usage = await cliJson(['--home', cloud, 'failover', '--end'], { env: cloudEnv });
   assert.equal(usage.code, 2, usage.stderr);
