@@ -9,6 +9,7 @@
  * - last EBS export: meta `ebs-exports`; last drill: meta `drills`; measured failover/drill
  *   time: meta `rto`; measured rates: meta `rates`.
  */
+import { failedOver, type FailedOver } from './recovery/state.js';
 import { extraCaDispatcher } from '../common/ca.js';
 import type { SnapshotRecord, VolumeRecord } from '../store/types.js';
 import { policyFor, type Config } from './config/index.js';
@@ -50,6 +51,8 @@ export interface VolumeStatus {
   readonly rtoState: ObjectiveState;
   readonly lastDrill: { readonly id: string; readonly at: string; readonly passed: boolean; readonly rtoSeconds: number | null } | null;
   readonly lastJob: VolumeState['lastJob'];
+  /** On the cloud appliance: the failover the volume runs in until its failback (appliance/recovery/state.ts). */
+  readonly failedOver: FailedOver | null;
 }
 
 /** The store surface status reads. */
@@ -118,6 +121,7 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
       rtoState: policy === null ? 'NONE' : objectiveState(rto.ms, policy.rtoMs),
       lastDrill: drill ? { id: drill.id, at: drill.at, passed: drill.passed === true, rtoSeconds: drill.rtoSeconds ?? null } : null,
       lastJob: st.lastJob,
+      failedOver: await failedOver(store, v.name),
     });
   }
   return out;

@@ -36,7 +36,7 @@ export interface FailedOver {
 }
 
 /** The failover `volume` runs in, if it is failed over and not yet back (see above). */
-export async function failedOver(store: Store, volume: string): Promise<FailedOver | null> {
+export async function failedOver(store: Pick<Store, 'listMeta' | 'getMeta'>, volume: string): Promise<FailedOver | null> {
   for (const [, run] of await store.listMeta<RunRecord>(RUNS_NS)) {
     if (run.mode !== 'failover' || run.status !== 'active') continue;
     const server = run.servers.find((s) => s.disks.some((d) => d.volume === volume));

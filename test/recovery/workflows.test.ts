@@ -242,6 +242,10 @@ test('a failover given up with --end: pushes are refused until then and taken ag
   assert.equal(second.json.error.code, 'ERR_VOLUME_FAILED_OVER', 'a server that runs in EC2 is not launched twice');
   assert.equal(JSON.stringify((await emulator('/_emulator/state')).instances), instancesBefore, 'nothing was launched');
 
+  const during = await ok(cloud, ['status', VOL]);
+  assert.equal(during.volumes[0].failedOver?.run, fo.id, 'the cloud status names the failover the volume runs in');
+  assert.equal(during.volumes[0].failedOver?.instanceId, instance);
+
   const usage = await cliJson(['--home', cloud, 'failover', '--end'], { env: cloudEnv });
   assert.equal(usage.code, 2, usage.stderr);
   const ended = await ok(cloud, ['failover', VOL, '--end', '--terminate'], cloudEnv);
@@ -251,6 +255,7 @@ test('a failover given up with --end: pushes are refused until then and taken ag
   const state = await emulator('/_emulator/state');
   const inst = (state.instances ?? []).find((i: any) => (i.instanceId ?? i.InstanceId ?? i.id) === instance);
   assert.match(JSON.stringify(inst), /terminated|shutting-down/);
+  assert.equal((await ok(cloud, ['status', VOL])).volumes[0].failedOver, null);
   const again = await cliJson(['--home', cloud, 'failover', VOL, '--end'], { env: cloudEnv });
   assert.equal(again.code, 1, again.stderr);
   assert.equal(again.json.error.code, 'ERR_NOTHING_TO_SYNC');

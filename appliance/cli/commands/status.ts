@@ -46,7 +46,10 @@ export function define(program: Command): void {
           ? 'no volumes; register one with `appliance volume add NAME --path PATH`'
           : formatTable(['VOLUME', 'POLICY', 'SNAPSHOT', 'REPLICATED', 'RPO (age/objective)', 'EBS EXPORT', 'RTO (estimate/objective)', 'DRILL', 'LAST JOB'], rows);
         const verify = await verifySummary(store, config);
-        const text = only === undefined ? `${table}\n${verifyLine(verify, now, formatAge, formatBytes)}` : table;
+        const failedOver = volumes.flatMap((v) => v.failedOver
+          ? [`${v.volume} runs in EC2 since ${v.failedOver.since} (failover ${v.failedOver.run}, instance ${v.failedOver.instanceId}): pushes of it are refused until \`appliance failback ${v.volume}\` on-prem, or \`appliance failover ${v.volume} --end\` here`]
+          : []);
+        const text = [table, ...failedOver, ...(only === undefined ? [verifyLine(verify, now, formatAge, formatBytes)] : [])].join('\n');
         return { json: { appliance: home.identity.name, at: new Date(now).toISOString(), volumes, verify }, text };
       });
     }));
