@@ -374,11 +374,12 @@ export class RemotePeer implements ReplicaStore {
   /**
    * Take the peer's lock of `volume` for this sync (sent with every later request and released
    * by commit or {@link releaseVolume}). With `ifRoot` equal to the peer's latest root the peer
-   * answers upToDate and takes no lease: a no-op sync is this one request. `intent` push: this
-   * sync will commit a snapshot there (refused while the volume is failed over to EC2).
+   * answers upToDate and takes no lease: a no-op sync is this one request. A push passes
+   * `ifRoot` (its snapshot's root) and a pull none: the peer refuses a push of a volume that runs
+   * in EC2 after a failover (ERR_VOLUME_FAILED_OVER).
    */
-  async lockVolume(volume: string, holder: string, intent: 'push' | 'pull', ifRoot?: string): Promise<LockAnswer> {
-    const a = await this.json<LockAnswer>('POST', `/v1/volumes/${encodeURIComponent(volume)}/lock`, { holder, intent, ...(ifRoot ? { ifRoot } : {}) }, false);
+  async lockVolume(volume: string, holder: string, push?: { readonly ifRoot: string }): Promise<LockAnswer> {
+    const a = await this.json<LockAnswer>('POST', `/v1/volumes/${encodeURIComponent(volume)}/lock`, { holder, ...(push ? { ifRoot: push.ifRoot } : {}) }, false);
     if (a.lease) {
       this.lease = a.lease;
       this.leaseVolume = volume;

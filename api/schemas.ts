@@ -81,8 +81,7 @@ export const LeaseParams = Type.Object({ vol: VolumeName, lease: Type.String({ f
 export const LockBody = Type.Object(
   {
     holder: Type.String({ minLength: 1, maxLength: 128, description: 'id of the appliance that syncs (its identity id)' }),
-    ifRoot: Type.Optional(Type.Union([HexHash, Type.Null()], { description: 'when the latest snapshot has this root, answer upToDate and take no lease' })),
-    intent: Type.Optional(Type.Union([Type.Literal('push'), Type.Literal('pull')], { description: 'push: the holder will commit a snapshot here (refused with ERR_VOLUME_FAILED_OVER while the volume runs in EC2); pull: it reads only. Absent: pull' })),
+    ifRoot: Type.Optional(Type.Union([HexHash, Type.Null()], { description: 'sent by a push (a pull sends none): when the latest snapshot has this root, answer upToDate and take no lease. A push of a volume that runs in EC2 after a failover is refused (ERR_VOLUME_FAILED_OVER)' })),
   },
   { additionalProperties: false },
 );

@@ -37,7 +37,7 @@ export interface SyncBase {
 }
 
 export interface SyncProgress {
-  readonly phase: 'scan' | 'transfer' | 'apply' | 'verify';
+  readonly phase: 'scan' | 'transfer' | 'keep' | 'apply' | 'verify';
   /** Bytes done in this phase. */
   readonly done: number;
   /** Bytes expected in this phase (an estimate during transfer). */
@@ -70,6 +70,12 @@ export interface ApplyResult {
   readonly bytesWritten: number;
   /** The written volume's rescanned root equals the snapshot's. */
   readonly verified: boolean;
+  /**
+   * The snapshot of the volume as it was before the apply wrote anything (origin `pre-apply`):
+   * what the failback replaced stays restorable. Null when the volume was new or half-written by
+   * an earlier apply.
+   */
+  readonly keptAs: string | null;
 }
 
 export interface SyncResult {
@@ -221,7 +227,7 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   // as the engine's blocks are (a second sync of the volume meets ERR_VOLUME_LOCKED meanwhile).
   let lock: Awaited<ReturnType<RemotePeer['lockVolume']>>;
   try {
-    lock = await remote.lockVolume(volume, home.identity.id, 'push', snap.root);
+    lock = await remote.lockVolume(volume, home.identity.id, { ifRoot: snap.root });
   } catch (e) {
     await early?.finish(false);
     throw e;
@@ -316,7 +322,7 @@ async function pull(home: Home, store: Store, remote: RemotePeer, volume: string
       : `pull it first with \`appliance sync ${volume} --peer ${peer} --reverse\`, attach the device or image to write it onto with \`appliance volume add ${volume} --path PATH\` (an image may not exist yet), then rerun with --apply`;
     throw new TandemError('ERR_VOLUME_NOT_FOUND', `--apply writes onto the local volume "${volume}", which has no device or image here: ${steps}`, { details: { volume } });
   }
-  const latest = opts.dryRun ? await remote.latestSnapshot(volume) : (await remote.lockVolume(volume, home.identity.id, 'pull')).latest;
+  const latest = opts.dryRun ? await remote.latestSnapshot(volume) : (await remote.lockVolume(volume, home.identity.id)).latest;
   if (!latest) {
     throw new TandemError('ERR_NOTHING_TO_SYNC', `peer ${peer} has no snapshot of "${volume}"; sync it there first`, { details: { volume, peer } });
   }
@@ -332,6 +338,13 @@ async function pull(home: Home, store: Store, remote: RemotePeer, volume: string
 /**
  * Write `snap` onto the volume's own device or image (the caller holds the volume lock), then
  * prove it: rescan and compare roots.
+ *
+ * Before anything is written, what the volume holds is snapshotted (origin `pre-apply`): a
+ * failback overwrites whatever changed on-premises after the failover, and an operator who finds
+ * out later that some of it mattered restores it from there. It costs little: the scan reads and
+ * hashes the volume, which the apply had to do anyway to find the differing blocks (it takes
+ * them from the two trees instead), and stores only the blocks the store lacks, those changed
+ * here since they were last replicated.
  */
 async function applySnapshot(store: Store, vol: VolumeRecord, snap: SnapshotRecord, opts: SyncOptions): Promise<ApplyResult> {
   const { materialize } = await import('../sync/materialize.js');
@@ -339,24 +352,32 @@ async function applySnapshot(store: Store, vol: VolumeRecord, snap: SnapshotReco
   const path = vol.path!;
   const { materializing: _previous, ...clean } = vol;
   // Opened (and its size checked) before the volume is marked: a refused apply changes nothing.
-  let writer: Awaited<ReturnType<typeof openVolumeWriter>>;
+  // A forced resize waits for the pre-apply snapshot: it would cut what lies past the new size.
+  let writer: Awaited<ReturnType<typeof openVolumeWriter>> | null = null;
   try {
-    writer = await openVolumeWriter(path, snap.size, opts.force ? { force: true } : {});
+    writer = await openVolumeWriter(path, snap.size);
   } catch (e) {
     if (!isTandemError(e, 'ERR_VOLUME_SIZE_MISMATCH')) throw e;
-    throw new TandemError(e.code, `cannot apply ${snap.volume}@${snap.id} (${snap.size} bytes, resized on the peer's side) onto volume "${vol.name}", nothing was written: ${e.message}`, { cause: e, details: { volume: vol.name, snapshot: snap.id, ...e.details } });
+    if (!opts.force) {
+      throw new TandemError(e.code, `cannot apply ${snap.volume}@${snap.id} (${snap.size} bytes, resized on the peer's side) onto volume "${vol.name}", nothing was written: ${e.message}`, { cause: e, details: { volume: vol.name, snapshot: snap.id, ...e.details } });
+    }
   }
-  await store.putVolume({ ...clean, materializing: { snapshot: snap.id, since: new Date().toISOString() } });
+  let kept: SnapshotRecord | null = null;
   let m;
   try {
+    // A volume still marked holds a half-written apply: the first attempt kept what it replaced.
+    if (!vol.materializing && !writer?.created) kept = await keepBeforeApply(store, vol, snap, opts);
+    writer ??= await openVolumeWriter(path, snap.size, { force: true });
+    await store.putVolume({ ...clean, materializing: { snapshot: snap.id, since: new Date().toISOString() } });
     m = await materialize(store, snap, writer, {
       assumeZero: writer.created,
+      ...(kept ? { targetIs: kept } : {}),
       ...(opts.signal ? { signal: opts.signal } : {}),
       onProgress: (p) => opts.onProgress?.({ phase: 'apply', done: p.blocksDone * snap.blockSize, total: p.blocksTotal * snap.blockSize, blocks: p.blocksWritten }),
     });
     await writer.sync();
   } finally {
-    await writer.close();
+    await writer?.close();
   }
   // Correctness before speed: read back what is on the volume now and compare trees.
   const whole = await openVolumeReader(path);
@@ -381,5 +402,26 @@ async function applySnapshot(store: Store, vol: VolumeRecord, snap: SnapshotReco
     });
   }
   await store.putVolume({ ...clean, size: snap.size, blockSize: snap.blockSize });
-  return { blocksCompared: m.blocksCompared, blocksWritten: m.blocksWritten, blocksZeroed: m.blocksZeroed, bytesWritten: m.bytesWritten, verified: true };
+  return { blocksCompared: m.blocksCompared, blocksWritten: m.blocksWritten, blocksZeroed: m.blocksZeroed, bytesWritten: m.bytesWritten, verified: true, keptAs: kept?.id ?? null };
+}
+
+/** Snapshot the volume as it is, before an apply overwrites it (see applySnapshot). */
+async function keepBeforeApply(store: Store, vol: VolumeRecord, snap: SnapshotRecord, opts: SyncOptions): Promise<SnapshotRecord> {
+  const { openVolumeReader } = await import('./volumes/index.js');
+  const reader = await openVolumeReader(vol.path!);
+  try {
+    // The pulled snapshot as parent: only blocks that differ from it are looked up and stored.
+    const parent = vol.blockSize === snap.blockSize ? snap : await store.latestSnapshot(vol.name);
+    return await store.scanVolume(reader, {
+      volume: vol.name,
+      blockSize: vol.blockSize,
+      parent: parent?.blockSize === vol.blockSize ? parent : null,
+      origin: 'pre-apply',
+      labels: { replacedBy: snap.id },
+      ...(opts.signal ? { signal: opts.signal } : {}),
+      onProgress: (p) => opts.onProgress?.({ phase: 'keep', done: p.blocksDone * vol.blockSize, total: p.blocksTotal * vol.blockSize, blocks: p.blocksStored }),
+    });
+  } finally {
+    await reader.close();
+  }
 }

@@ -3,9 +3,10 @@
  *
  * Contract:
  * - Only blocks whose content differs from the snapshot are written. Unless `assumeZero` (the
- *   target was just created and reads as zeros), the target is read and hashed first: its
- *   current content is the truth, whatever any tree says (a volume may have changed outside
- *   the appliance after a disaster).
+ *   target was just created and reads as zeros) or `targetIs` (a snapshot of the target taken
+ *   just before, under its lock), the target is read and hashed first: its current content is
+ *   the truth, whatever any tree says (a volume may have changed outside the appliance after a
+ *   disaster).
  * - Every block written comes from the store verified against its hash (the store's
  *   getBlocks/getBlock throw ERR_BLOCK_CORRUPT / ERR_BLOCK_MISSING); a corrupt block is
  *   never written. On such a failure the blocks before it in volume order have been written,
@@ -44,6 +45,12 @@ export interface MaterializeProgress {
 export interface MaterializeOptions {
   /** The target reads as zeros everywhere (freshly created sparse file): skip reading it. */
   readonly assumeZero?: boolean;
+  /**
+   * A snapshot of the target taken just before, under the volume's lock (failback's pre-apply
+   * snapshot): the blocks to write are those where the two trees differ, found without reading
+   * the target again. Ignored unless it has the snapshot's size and block size.
+   */
+  readonly targetIs?: SnapshotRecord;
   readonly onProgress?: (p: MaterializeProgress) => void;
   readonly signal?: AbortSignal;
 }
@@ -199,7 +206,18 @@ export async function materialize(
     if (pending.length >= batchBlocks) await flushPending();
   };
 
-  if (opts.assumeZero) {
+  const targetIs = opts.targetIs && opts.targetIs.size === snap.size && opts.targetIs.blockSize === bs ? opts.targetIs : null;
+  if (targetIs) {
+    // Where the trees differ, in order; equal subtrees are skipped without reading them.
+    for await (const { index, hash } of store.diffSnapshots(targetIs, snap)) {
+      opts.signal?.throwIfAborted();
+      blocksDone = index + 1;
+      await enqueue(index, hash);
+    }
+    await flushPending();
+    blocksDone = blocksTotal;
+    blocksCompared = blocksTotal; // read and hashed by the snapshot of the target
+  } else if (opts.assumeZero) {
     // Only non-zero blocks matter: the diff against "nothing" skips all-zero subtrees, so a
     // huge sparse snapshot costs time in proportion to its data only.
     for await (const { index, hash } of store.diffSnapshots(null, snap)) {

@@ -132,7 +132,8 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
   app.post('/v1/volumes/:vol/lock', { schema: { params: S.VolumeParams, body: S.LockBody, summary: 'take a lease on the volume for a sync' } }, async (req) => {
     const { vol } = req.params as { vol: string };
     const body = req.body as S.LockBodyT;
-    if (body.intent === 'push') await refuseIfFailedOver(vol);
+    // A push sends ifRoot, a pull does not (a request field of its own would break older peers).
+    if (body.ifRoot !== undefined) await refuseIfFailedOver(vol);
     const latest = await store.latestSnapshot(vol);
     if (body.ifRoot && latest && latest.root === body.ifRoot) return { upToDate: true, lease: null, expiresInMs: 0, latest };
     const v = await store.getVolume(vol);

@@ -24,7 +24,7 @@ export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecor
   const release = home.lockVolume(snap.volume, 'sync');
   const remote = connectPeer(peer, opts.bwlimit ? { bwlimit: opts.bwlimit } : {});
   try {
-    const lock = await remote.lockVolume(snap.volume, home.identity.id, 'push', snap.root);
+    const lock = await remote.lockVolume(snap.volume, home.identity.id, { ifRoot: snap.root });
     let bytesSent = 0;
     let base = snap;
     if (lock.upToDate && lock.latest) base = lock.latest;

@@ -31,7 +31,7 @@ test('a moving block stream keeps its lease past the idle time; an idle lease ex
     await rm(dir, { recursive: true, force: true });
   });
 
-  const taken = await a.lockVolume('vol', 'site-a', 'push');
+  const taken = await a.lockVolume('vol', 'site-a', );
   assert.ok(taken.lease);
   // Eight blocks, one every IDLE_MS / 3: the upload lasts over twice the idle time.
   const blocks = Array.from({ length: 8 }, () => randomBytes(64 * 1024));
@@ -42,11 +42,11 @@ test('a moving block stream keeps its lease past the idle time; an idle lease ex
     }
   })());
   await sleep(IDLE_MS * 1.75);
-  await assert.rejects(b.lockVolume('vol', 'site-b', 'push'), (e: { code?: string }) => e.code === 'ERR_VOLUME_LOCKED', 'the upload still holds the volume');
+  await assert.rejects(b.lockVolume('vol', 'site-b', ), (e: { code?: string }) => e.code === 'ERR_VOLUME_LOCKED', 'the upload still holds the volume');
   const put = await upload;
   assert.equal(put.stored, 8);
-  await assert.rejects(b.lockVolume('vol', 'site-b', 'push'), (e: { code?: string }) => e.code === 'ERR_VOLUME_LOCKED', 'right after the upload the lease is still fresh');
+  await assert.rejects(b.lockVolume('vol', 'site-b', ), (e: { code?: string }) => e.code === 'ERR_VOLUME_LOCKED', 'right after the upload the lease is still fresh');
   await sleep(IDLE_MS * 1.5);
-  const after = await b.lockVolume('vol', 'site-b', 'push');
+  const after = await b.lockVolume('vol', 'site-b', );
   assert.ok(after.lease, 'idle past the limit: the lease expired and another sync may take the volume');
 });

@@ -113,17 +113,28 @@ test('reverse + apply is byte-exact after the local copy diverged or was replace
   const replica = readFileSync(p.img);
 
   scribble(p.img, [1, 2, 50, 51, 52]);
+  const diverged = readFileSync(p.img);
   const back = await cli(p.a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
   assert.equal(back.code, 0, back.stderr);
   assert.equal(back.json.direction, 'pull');
   assert.equal(back.json.applied.verified, true);
   assert.equal(back.json.applied.blocksWritten, 5, 'only the diverged blocks are written');
   assert.ok(readFileSync(p.img).equals(replica), 'the local volume is the replica again, byte for byte');
+  // What the apply overwrote is kept: the volume as it was, restorable.
+  const kept = back.json.applied.keptAs as string;
+  assert.match(kept, /^\d{8}T/);
+  const keptOut = join(p.dir, 'kept.img');
+  const restored = await cli(p.a, 'restore', `vol@${kept}`, '--to', keptOut);
+  assert.equal(restored.code, 0, restored.stderr);
+  assert.ok(readFileSync(keptOut).equals(diverged), 'the pre-apply snapshot holds the diverged volume, byte for byte');
+  const snaps = await cli(p.a, 'snapshots', 'vol');
+  assert.equal((snaps.json as Array<{ id: string; origin: string }>).find((x) => x.id === kept)?.origin, 'pre-apply');
 
   rmSync(p.img);
   const again = await cli(p.a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
   assert.equal(again.code, 0, again.stderr);
   assert.ok(readFileSync(p.img).equals(replica), 'a replaced (missing) volume is recreated exactly');
+  assert.equal(again.json.applied.keptAs, null, 'a missing volume had nothing to keep');
 
   const vols = await cli(p.a, 'volume', 'list');
   assert.equal(vols.code, 0, vols.stderr);
@@ -170,6 +181,9 @@ test('reverse + apply onto a volume of another size is refused before anything i
   assert.equal(forced.code, 0, forced.stderr);
   assert.equal(forced.json.applied.verified, true);
   assert.ok(readFileSync(p.img).equals(replica), 'the image is resized and holds the replica, byte for byte');
+  const keptOut = join(p.dir, 'kept.img');
+  assert.equal((await cli(p.a, 'restore', `vol@${forced.json.applied.keptAs}`, '--to', keptOut)).code, 0);
+  assert.ok(readFileSync(keptOut).equals(local), 'the volume as it was before the resize is kept');
   const vol = await localVolume(p);
   assert.equal(vol.size, replica.length, 'the volume is registered with its new size');
   assert.equal(vol.materializing, undefined);

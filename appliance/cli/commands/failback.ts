@@ -65,6 +65,7 @@ export function define(program: Command): void {
           `failback of ${vol} from ${peerName}: done, verified`,
           `  EC2 snapshot ${prepare.ec2SnapshotId} of ${prepare.ec2VolumeId}: ${prepare.blocksFetched} changed block(s) (${formatBytes(prepare.bytesFetched)}) read from EBS`,
           `  pulled ${sync.blocksSent} block(s) (${formatBytes(sync.bytesSent)}); wrote ${a?.blocksWritten ?? 0} block(s) (${formatBytes(a?.bytesWritten ?? 0)}) of ${a?.blocksCompared ?? 0} compared`,
+          ...(a?.keptAs ? [`  what the on-prem volume held before is kept as snapshot ${vol}@${a.keptAs}`] : []),
           complete.terminated.length ? `  terminated ${complete.terminated.join(', ')}` : `  failover instances left running (pass --terminate to stop them)`,
           `  replication resumes incrementally from ${prepare.snapshot.id}`,
         ].join('\n');

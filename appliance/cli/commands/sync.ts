@@ -85,6 +85,7 @@ export function define(program: Command): void {
         ];
         if (r.applied) {
           lines.push(`applied onto the local volume: ${r.applied.blocksCompared} blocks compared, ${r.applied.blocksWritten} written, ${r.applied.blocksZeroed} zeroed (${formatBytes(r.applied.bytesWritten)}); verified: the volume's tree equals the snapshot`);
+          if (r.applied.keptAs) lines.push(`what the volume held before is kept as snapshot ${volume}@${r.applied.keptAs} (\`appliance restore ${volume}@${r.applied.keptAs} --to PATH\`)`);
         }
         return { json: r, text: lines.join('\n') };
       } finally {
