@@ -56,6 +56,11 @@ export interface SyncOptions {
    * is refused before anything is written.
    */
   readonly force?: boolean;
+  /**
+   * With `apply`: false skips the pre-apply snapshot of what the volume holds (applySnapshot),
+   * e.g. a replacement disk full of unrelated data that the store has no room to keep.
+   */
+  readonly keep?: boolean;
   /** Block stream bytes per second; 0/absent: unlimited. */
   readonly bwlimit?: number;
   readonly onProgress?: (p: SyncProgress) => void;
@@ -137,6 +142,7 @@ export async function syncVolumeLocked(home: Home, store: Store, volume: string,
   if (opts.changedBlocksFile !== undefined && opts.reverse) throw new TandemError('ERR_USAGE', '--changed-blocks describes the local volume: it applies to a push, not to --reverse');
   if (opts.apply && opts.dryRun) throw new TandemError('ERR_USAGE', '--apply and --dry-run cannot be combined; run --reverse --dry-run to see what would be pulled');
   if (opts.force && !opts.apply) throw new TandemError('ERR_USAGE', '--force lets --reverse --apply write onto a volume of another size: use it with --reverse --apply');
+  if (opts.keep === false && !opts.apply) throw new TandemError('ERR_USAGE', '--no-keep skips the snapshot --reverse --apply takes of what it overwrites: use it with --reverse --apply');
   const peer = await getPeer(store, peerName);
   const started = performance.now();
   const remote = connectPeer(peer, opts.bwlimit ? { bwlimit: opts.bwlimit } : {});
@@ -366,7 +372,7 @@ async function applySnapshot(store: Store, vol: VolumeRecord, snap: SnapshotReco
   let m;
   try {
     // A volume still marked holds a half-written apply: the first attempt kept what it replaced.
-    if (!vol.materializing && !writer?.created) kept = await keepBeforeApply(store, vol, snap, opts);
+    if (opts.keep !== false && !vol.materializing && !writer?.created) kept = await keepBeforeApply(store, vol, snap, opts);
     writer ??= await openVolumeWriter(path, snap.size, { force: true });
     await store.putVolume({ ...clean, materializing: { snapshot: snap.id, since: new Date().toISOString() } });
     m = await materialize(store, snap, writer, {
@@ -405,9 +411,25 @@ async function applySnapshot(store: Store, vol: VolumeRecord, snap: SnapshotReco
   return { blocksCompared: m.blocksCompared, blocksWritten: m.blocksWritten, blocksZeroed: m.blocksZeroed, bytesWritten: m.bytesWritten, verified: true, keptAs: kept?.id ?? null };
 }
 
+/**
+ * Room the pre-apply snapshot leaves on the store's disk: it stops when what it stores would eat
+ * into this, so that a volume full of unrelated data (a replacement disk) cannot fill the disk
+ * and leave the store unable to open, gc or take the next sync.
+ */
+const KEEP_MARGIN_BYTES = 256 * 1024 * 1024;
+
 /** Snapshot the volume as it is, before an apply overwrites it (see applySnapshot). */
 async function keepBeforeApply(store: Store, vol: VolumeRecord, snap: SnapshotRecord, opts: SyncOptions): Promise<SnapshotRecord> {
   const { openVolumeReader } = await import('./volumes/index.js');
+  const { statfs } = await import('node:fs/promises');
+  const fs = await statfs(store.dir);
+  const budget = fs.bavail * fs.bsize - Math.min(KEEP_MARGIN_BYTES, Math.floor((fs.blocks * fs.bsize) / 10));
+  const tooBig = () => new TandemError('ERR_DISK_FULL', `keeping volume "${vol.name}" as it was before the apply (its blocks that differ from ${snap.id}) would take more than the ${Math.max(0, budget)} bytes the store's disk can spare; nothing was written to ${vol.path!}. Free space (\`appliance retention\`, \`appliance gc\`) or rerun with --no-keep to overwrite it without keeping it`, { details: { volume: vol.name, budget } });
+  if (budget <= 0) throw tooBig();
+  let stored = 0;
+  const ctl = new AbortController();
+  const follow = () => ctl.abort(opts.signal?.reason);
+  opts.signal?.addEventListener('abort', follow, { once: true });
   const reader = await openVolumeReader(vol.path!);
   try {
     // The pulled snapshot as parent: only blocks that differ from it are looked up and stored.
@@ -418,10 +440,19 @@ async function keepBeforeApply(store: Store, vol: VolumeRecord, snap: SnapshotRe
       parent: parent?.blockSize === vol.blockSize ? parent : null,
       origin: 'pre-apply',
       labels: { replacedBy: snap.id },
-      ...(opts.signal ? { signal: opts.signal } : {}),
+      signal: ctl.signal,
+      onNewBlocks: (hashes) => {
+        stored += hashes.length * vol.blockSize;
+        if (stored > budget && !ctl.signal.aborted) ctl.abort(tooBig());
+      },
       onProgress: (p) => opts.onProgress?.({ phase: 'keep', done: p.blocksDone * vol.blockSize, total: p.blocksTotal * vol.blockSize, blocks: p.blocksStored }),
     });
+  } catch (e) {
+    if (ctl.signal.aborted && isTandemError(ctl.signal.reason, 'ERR_DISK_FULL')) throw ctl.signal.reason;
+    if (!isTandemError(e, 'ERR_DISK_FULL')) throw e;
+    throw new TandemError('ERR_DISK_FULL', `no space in the store to keep volume "${vol.name}" as it was before the apply (its blocks that differ from ${snap.id}); nothing was written to ${vol.path!}. Free space (\`appliance retention\`, \`appliance gc\`) or rerun with --no-keep to overwrite it without keeping it`, { cause: e, details: e.details });
   } finally {
+    opts.signal?.removeEventListener('abort', follow);
     await reader.close();
   }
 }

@@ -6,6 +6,6 @@ export { hashBlock, isZeroBlock, ZERO_HASH, HASH_LENGTH, toHex, parseHex } from 
 export { newSnapshotId, isValidVolumeName, isValidSnapshotId } from './ids.js';
 export { FANOUT, treeHeight, blockCount, nodeHash, makeNode } from './tree.js';
 export type { BlockChange } from './tree.js';
-export { Store, DEFAULT_BLOCK_SIZE } from './store.js';
+export { Store, DEFAULT_BLOCK_SIZE, RESERVE_BYTES } from './store.js';
 export type { BuildSnapshotOptions } from './store.js';
 export type { VerifyOptions } from './verify.js';

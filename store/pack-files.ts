@@ -77,7 +77,10 @@ export class PackFiles {
   private directProbed = false;
   /** Direct writes on their way to the disk. */
   private readonly directWrites = new Set<DirectWrite>();
-  /** The first failed direct write: every later append and sync throws it, until {@link discardUnsynced}. */
+  /**
+   * The first failed direct write, or a write that met a full disk: every later append and sync
+   * throws it, until {@link discardUnsynced}.
+   */
   private directFailure: unknown = null;
   /** Packs appended to (or created) since the last sync, with their current size. */
   private readonly dirty = new Map<number, { fh: FileHandle; size: number; created: boolean }>();
@@ -191,7 +194,16 @@ export class PackFiles {
         buffered -= direct;
         if (direct === 0) await writeAll(w.fh, iov, w.size);
       } catch (e) {
-        throw fromSystemError(e, `cannot write pack ${this.path(w.id)}`);
+        const err = fromSystemError(e, `cannot write pack ${this.path(w.id)}`);
+        // A full disk: everything appended since the last sync is given back (the store discards
+        // it, as after a failed direct write), so the operation that met it leaves the disk as it
+        // found it, and the index can still open there (LevelDB needs a few KiB to open).
+        if (err.code === 'ERR_DISK_FULL') {
+          this.directFailure ??= err;
+          // The torn bytes are past the durable length even when nothing was appended before.
+          if (!this.dirty.has(w.id)) this.dirty.set(w.id, { fh: w.fh, size: w.size, created: false });
+        }
+        throw err;
       }
       w.size = size;
       const d = this.dirty.get(w.id);

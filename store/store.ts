@@ -6,9 +6,11 @@
  * be called concurrently: pack appends and index batches are serialized by a mutex, and gc runs
  * alone (snapshot builds share a lock that gc takes exclusively).
  */
-import { mkdir } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, rename, statfs, unlink, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { ClassicLevel } from 'classic-level';
-import { TandemError, fromSystemError, isTandemError } from '../common/errors.js';
+import { TandemError, diskFullError, fromSystemError, isTandemError } from '../common/errors.js';
 import { blake3, hashBlock, isHash, isZeroHash, MAX_BLOCK_SIZE, parseHex, toHex } from './hash.js';
 import { checkSnapshotId, checkVolumeName, isValidSnapshotId, isValidVolumeName, newSnapshotId } from './ids.js';
 import {
@@ -75,6 +77,11 @@ export class Store implements ReplicaStore {
   readonly dir: string;
   /** What recovery did when the store was opened (for logs and tests). */
   readonly recovery: RecoveryReport;
+  /**
+   * The disk was too full for the index to open, and the store's reserve file was deleted to
+   * open it ({@link RESERVE_BYTES}): free space (retention, gc). A later open makes it again.
+   */
+  reserveReleased = false;
   /** @internal */ readonly db: Db;
   /** @internal */ readonly packs: PackFiles;
   /** @internal serializes pack appends and index writes. */ readonly writeLock = new Mutex();
@@ -108,16 +115,39 @@ export class Store implements ReplicaStore {
     } catch (e) {
       throw fromSystemError(e, `cannot create the store directory ${dir}`);
     }
-    const release = await acquireStoreLock(dir);
+    let reserveReleased = false;
+    let release: () => Promise<void>;
+    try {
+      release = await acquireStoreLock(dir);
+    } catch (e) {
+      // The lock file is written at every open: on a full disk, the reserve is given up for it.
+      if (!isTandemError(e, 'ERR_DISK_FULL') || !(await releaseReserve(dir))) throw e;
+      reserveReleased = true;
+      release = await acquireStoreLock(dir);
+    }
     let db: Db | undefined;
     try {
-      db = new ClassicLevel<Buffer, Buffer>(`${dir}/index`, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
-      try {
-        await db.open();
-      } catch (e) {
-        const code = (e as { cause?: { code?: string } }).cause?.code;
-        if (code === 'LEVEL_LOCKED') throw busyError(dir, undefined);
-        throw new TandemError('ERR_STORE_CORRUPT', `cannot open the store index ${dir}/index: ${(e as Error).message}; restore the home from backup or re-initialize`, { cause: e });
+      for (;;) {
+        db = new ClassicLevel<Buffer, Buffer>(`${dir}/index`, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+        try {
+          await db.open();
+          break;
+        } catch (e) {
+          const cause = (e as { cause?: { code?: string; message?: string } }).cause;
+          if (cause?.code === 'LEVEL_LOCKED') throw busyError(dir, undefined);
+          // LevelDB writes a new log and manifest when it opens: on a full disk it cannot, and
+          // the store is not damaged for that. The reserve is given up for it, once.
+          const full = diskFullError(e, `cannot open the store index ${dir}/index`, 'free space on that disk, then rerun: the store is not damaged by it');
+          if (full && !reserveReleased && (await releaseReserve(dir))) {
+            reserveReleased = true;
+            continue;
+          }
+          if (full) throw full;
+          if (cause?.code === 'LEVEL_IO_ERROR') {
+            throw new TandemError('ERR_IO', `cannot open the store index ${dir}/index: ${cause.message ?? (e as Error).message}; check the disk and its permissions, then rerun`, { cause: e });
+          }
+          throw new TandemError('ERR_STORE_CORRUPT', `cannot open the store index ${dir}/index: ${cause?.message ?? (e as Error).message}; restore the home from backup or re-initialize`, { cause: e });
+        }
       }
       const format = await db.get(Buffer.from([NS.format]));
       if (format === undefined) {
@@ -128,7 +158,10 @@ export class Store implements ReplicaStore {
       const durable = new Map<number, number>();
       for await (const [k, v] of db.iterator(namespaceRange(NS.pack))) durable.set(k.readUInt32BE(1), decodeU64(v));
       const { packs, recovery } = await PackFiles.open(dir, durable);
-      return new Store(dir, db, packs, recovery, release);
+      if (!reserveReleased) await keepReserve(dir);
+      const store = new Store(dir, db, packs, recovery, release);
+      store.reserveReleased = reserveReleased;
+      return store;
     } catch (e) {
       await db?.close().catch(() => undefined);
       await release();
@@ -994,5 +1027,40 @@ function parseJson<T>(b: Buffer): T {
     return JSON.parse(b.toString('utf8')) as T;
   } catch (e) {
     throw new TandemError('ERR_STORE_CORRUPT', 'an index record is not valid JSON; run `appliance verify`', { cause: e });
+  }
+}
+
+/**
+ * A store keeps this many bytes in a file of zeros, `reserve`, beside its index and packs: when
+ * its disk fills up (a sync or a snapshot that met a full disk keeps what it made durable, for a
+ * rerun), the index could not even open, and with it neither retention nor gc that free space.
+ * Store.open then deletes the reserve and opens; the next open with room to spare makes it again.
+ */
+export const RESERVE_BYTES = 8 * 1024 * 1024;
+const RESERVE_FILE = 'reserve';
+
+/** Delete the reserve; false when there was none. */
+async function releaseReserve(dir: string): Promise<boolean> {
+  try {
+    await unlink(join(dir, RESERVE_FILE));
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Make the reserve if it is missing and the disk has room to spare for it (best effort). */
+async function keepReserve(dir: string): Promise<void> {
+  const path = join(dir, RESERVE_FILE);
+  if (existsSync(path)) return;
+  try {
+    const st = await statfs(dir);
+    if (st.bavail * st.bsize < 8 * RESERVE_BYTES) return;
+    // Not fsync'd: the filesystem takes the space at write time; one lost in a crash is made again.
+    const tmp = `${path}.tmp`;
+    await writeFile(tmp, Buffer.alloc(RESERVE_BYTES), { mode: 0o640 });
+    await rename(tmp, path);
+  } catch {
+    // Without a reserve the store works as well; it only cannot open itself on a full disk.
   }
 }

@@ -10,7 +10,7 @@ import { openSync, writeSync, closeSync, readFileSync, writeFileSync, rmSync, co
 import { join } from 'node:path';
 import { RemotePeer } from '../../api/client.js';
 import { cli, initHome, pair, startServe, tempDir, type Served, type TestHome } from '../helpers/appliance.js';
-import { loopDevice } from '../helpers/cli.js';
+import { loopDevice, smallTmpfs } from '../helpers/cli.js';
 
 const BS = 64 * 1024;
 const BLOCKS = 64;
@@ -263,4 +263,40 @@ test('failback to a rebuilt appliance: pull the replica, attach a new image to i
   assert.equal(inc.code, 0, inc.stderr);
   const s1 = await p.peerB.stats();
   assert.equal(s1.blocksReceived - s0.blocksReceived, 2, 'replication from the rebuilt appliance is incremental');
+});
+
+test('failback onto a disk of unrelated data with no room to keep it: refused with ERR_DISK_FULL before anything is written; --no-keep overwrites it', async (t) => {
+  const mnt = smallTmpfs(t, '12m');
+  if (!mnt) return;
+  const b = await initHome(t, 'cloud');
+  const sb = await startServe(t, b);
+  const init = await cli(join(mnt, 'home'), 'init', '--name', 'onprem');
+  assert.equal(init.code, 0, init.stderr);
+  const a: TestHome = { dir: join(mnt, 'home'), name: 'onprem', token: init.json.token, fingerprint: init.json.fingerprint };
+  await pair(a, 'cloud', b, sb);
+  const img = join(tempDir(t, 'tandem-keep-'), 'disk.img');
+  const replica = randomBytes(128 * BS); // 8 MiB: the on-prem store on 12 MiB holds it once, not twice
+  writeFileSync(img, replica);
+  assert.equal((await cli(a, 'volume', 'add', 'vol', '--path', img, '--block-size', '64KiB')).code, 0);
+  const first = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(first.code, 0, first.stderr);
+  const other = randomBytes(replica.length); // the disk now holds something else entirely
+  writeFileSync(img, other);
+
+  const full = await cli(a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
+  assert.equal(full.code, 1, full.stderr);
+  assert.equal(full.json.error.code, 'ERR_DISK_FULL');
+  assert.match(full.json.error.message, /nothing was written.*--no-keep/);
+  assert.ok(readFileSync(img).equals(other), 'the volume is untouched');
+  const list = await cli(a, 'volume', 'list');
+  assert.equal(list.code, 0, `${list.stderr} ${list.stdout}`);
+  assert.equal((list.json as Array<{ materializing?: unknown }>)[0]!.materializing, undefined);
+  assert.equal((await cli(a, 'verify')).code, 0, 'the store is intact');
+
+  const noKeep = await cli(a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply', '--no-keep');
+  assert.equal(noKeep.code, 0, noKeep.stderr);
+  assert.equal(noKeep.json.applied.keptAs, null);
+  assert.ok(readFileSync(img).equals(replica), 'the replica is written over it, byte for byte');
+  const misuse = await cli(a, 'sync', 'vol', '--peer', 'cloud', '--no-keep');
+  assert.equal(misuse.json.error.code, 'ERR_USAGE');
 });

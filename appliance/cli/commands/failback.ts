@@ -1,5 +1,5 @@
 /**
- * `appliance failback VOL [--peer NAME] [--terminate] [--force]` (on-prem): bring the changes made in EC2
+ * `appliance failback VOL [--peer NAME] [--terminate] [--force] [--no-keep]` (on-prem): bring the changes made in EC2
  * after a failover home. Steps (appliance/recovery/failback.ts):
  *
  * 1. ask the cloud appliance to snapshot the EC2 volume and import it incrementally
@@ -16,7 +16,7 @@ import { run, currentIO, formatBytes } from '../output.js';
 
 export const order = 62;
 
-interface Opts { peer?: string; terminate?: boolean; force?: boolean }
+interface Opts { peer?: string; terminate?: boolean; force?: boolean; keep?: boolean }
 
 export function define(program: Command): void {
   program.command('failback <volume>')
@@ -24,6 +24,7 @@ export function define(program: Command): void {
     .option('--peer <name>', 'the cloud appliance (default: config `replication.peer`)')
     .option('--terminate', 'terminate the failover instances once the volume is home')
     .option('--force', 'the EC2 volume was resized: resize the local image to it (a larger device gets it on its first bytes)')
+    .option('--no-keep', 'do not snapshot what the on-prem volume holds before writing over it')
     .action(run(async (g, cmd, [volume]) => {
       const o = cmd.opts() as Opts;
       const vol = volume as string;
@@ -49,7 +50,7 @@ export function define(program: Command): void {
           await remote.close();
         }
         io.err(`failback: pulling and applying ${prepare.snapshot.id} onto the local volume\n`);
-        const sync = await syncVolume(home, store, vol, peerName, { reverse: true, apply: true, ...(o.force === true ? { force: true } : {}), onNotice: (m) => io.err(`failback: ${m}\n`) });
+        const sync = await syncVolume(home, store, vol, peerName, { reverse: true, apply: true, ...(o.force === true ? { force: true } : {}), ...(o.keep === false ? { keep: false } : {}), onNotice: (m) => io.err(`failback: ${m}\n`) });
         if (sync.snapshot !== prepare.snapshot.id) {
           throw new TandemError('ERR_PEER_PROTOCOL', `the peer's latest snapshot of ${vol} is ${sync.snapshot}, not the failback snapshot ${prepare.snapshot.id}; something replicated to it meanwhile: rerun \`appliance failback ${vol}\``);
         }

@@ -1,5 +1,5 @@
 /**
- * `appliance sync VOL --peer NAME [--reverse] [--apply [--force]] [--dry-run] [--changed-blocks FILE] [--bwlimit RATE]`:
+ * `appliance sync VOL --peer NAME [--reverse] [--apply [--force] [--no-keep]] [--dry-run] [--changed-blocks FILE] [--bwlimit RATE]`:
  * push a fresh snapshot of VOL to a peer, or pull the peer's latest (--reverse) and write it onto
  * the local volume (--apply, failback). See appliance/replicate.ts and sync/README.md.
  */
@@ -16,12 +16,13 @@ export function define(program: Command): void {
     .option('--reverse', "pull the peer's latest snapshot of VOL instead of pushing")
     .option('--apply', 'with --reverse: write the pulled snapshot onto the local volume, then verify it by rescanning')
     .option('--force', 'with --reverse --apply: write onto a local volume of another size (an image is resized to the snapshot; a larger device gets it on its first bytes)')
+    .option('--no-keep', 'with --reverse --apply: do not snapshot what the volume holds before writing over it')
     .option('--dry-run', 'report what would be sent; change nothing on the receiving side')
     .option('--changed-blocks <file>', 'read only the blocks listed in FILE for the fresh snapshot (no full rescan)')
     .option('--bwlimit <rate>', 'cap block traffic at RATE bytes per second, e.g. 10MiB')
     .action(run(async (g, cmd, args) => {
       const volume = args[0] as string;
-      const o = cmd.opts<{ peer: string; reverse?: boolean; apply?: boolean; force?: boolean; dryRun?: boolean; changedBlocks?: string; bwlimit?: string }>();
+      const o = cmd.opts<{ peer: string; reverse?: boolean; apply?: boolean; force?: boolean; keep?: boolean; dryRun?: boolean; changedBlocks?: string; bwlimit?: string }>();
       const bwlimit = o.bwlimit === undefined ? 0 : parseSize(o.bwlimit);
       const { Home } = await import('../../home.js');
       const { currentIO } = await import('../output.js');
@@ -58,6 +59,7 @@ export function define(program: Command): void {
           reverse: o.reverse === true,
           apply: o.apply === true,
           ...(o.force === true ? { force: true } : {}),
+          ...(o.keep === false ? { keep: false } : {}),
           dryRun: o.dryRun === true,
           ...(o.changedBlocks !== undefined ? { changedBlocksFile: o.changedBlocks } : {}),
           ...(bwlimit > 0 ? { bwlimit } : {}),
