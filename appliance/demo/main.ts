@@ -236,17 +236,29 @@ recovery:
   check(server.state === 'running', `the failover instance should be running, is ${server.state}`);
   const ec2Volume: string = server.disks[0].ec2VolumeId;
 
-  step('The server runs in EC2 for a while: its disk changes there');
+  step('The server runs in EC2 for a while; the on-prem site comes back with a stale disk');
   const changes = [5, 41, 100];
   for (const block of changes) await emulatorWrite(aws.url, ec2Volume, block * BLOCK + 77, randomBytes(8192));
   detail(`wrote to blocks ${changes.join(', ')} of ${ec2Volume}`);
+  {
+    // A last write on-prem that never reached the cloud before the site went down.
+    const fd = openSync(image, 'r+');
+    writeSync(fd, randomBytes(4096), 0, 4096, 60 * BLOCK + 512);
+    closeSync(fd);
+  }
+  const stale = await appliance(onprem, ['sync', VOLUME, '--peer', 'cloud'], {}, [1]);
+  detail(`on-prem replication is refused while the server runs in EC2: ${stale.error?.code}`);
+  check(stale.error?.code === 'ERR_VOLUME_FAILED_OVER', `a push during the failover should be refused, got ${JSON.stringify(stale)}`);
 
   step('Fail back: bring only the changes home, verify, resume replication');
   t = performance.now();
   const fb = await appliance(onprem, ['failback', VOLUME, '--peer', 'cloud', '--terminate']);
   detail(`EC2 snapshot ${fb.prepare.ec2SnapshotId}: ${fb.prepare.blocksFetched} changed blocks read from EBS`);
   detail(`pulled ${fb.sync.blocksSent} blocks, wrote ${fb.sync.applied?.blocksWritten ?? '?'} blocks on-prem in ${seconds(performance.now() - t)}`);
+  detail(`what on-prem held before (its late write too) is kept as snapshot ${fb.sync.applied?.keptAs}`);
   check(fb.prepare.blocksFetched === changes.length, `failback should read ${changes.length} changed blocks from EBS, read ${fb.prepare.blocksFetched}`);
+  check(fb.sync.applied?.blocksWritten === changes.length + 1, `failback should write the ${changes.length} blocks changed in EC2 and the one changed on-prem, wrote ${fb.sync.applied?.blocksWritten}`);
+  check(typeof fb.sync.applied?.keptAs === 'string', 'failback should keep what it overwrote as a snapshot');
   const cloudCopy = await emulatorRead(aws.url, ec2Volume, 0, VOLUME_SIZE);
   const cloudHash = createHash('sha256').update(cloudCopy).digest('hex');
   const homeHash = fileHash(image, VOLUME_SIZE);
