@@ -285,3 +285,16 @@ test("the receiver's disk fills up: ERR_DISK_FULL from the peer, its store intac
   assert.equal((await cli(b, 'restore', 'vol', '--to', out)).code, 0);
   assert.ok(readFileSync(out).equals(data), 'the peer restores the volume byte-exact');
 });
+
+test('peer add of the appliance itself is refused, with or without contacting it: it would report volumes replicated with no second copy', async (t) => {
+  const a = await initHome(t, 'onprem');
+  const sa = await startServe(t, a);
+  const checked = await cli(a, 'peer', 'add', 'self', '--url', sa.url, '--token', a.token, '--fingerprint', a.fingerprint);
+  assert.equal(checked.code, 2, checked.stderr);
+  assert.equal(checked.json.error.code, 'ERR_USAGE');
+  assert.match(checked.json.error.message, /this appliance itself/);
+  const unchecked = await cli(a, 'peer', 'add', 'self', '--url', sa.url, '--token', a.token, '--fingerprint', a.fingerprint.replace(/:/g, '').toLowerCase(), '--no-check');
+  assert.equal(unchecked.json.error.code, 'ERR_USAGE');
+  const list = await cli(a, 'peer', 'list');
+  assert.deepEqual(list.json.peers, [], 'nothing was added');
+});

@@ -20,6 +20,10 @@ export function define(program: Command): void {
       const { Home } = await import('../../home.js');
       const rec = validatePeer({ name, url: o.url, token: o.token, fingerprint: o.fingerprint });
       const home = Home.load(g.home);
+      // Paired with itself, an appliance would report every volume replicated with no second copy anywhere.
+      const { TandemError } = await import('../../../common/errors.js');
+      const self = () => new TandemError('ERR_USAGE', `the peer given is this appliance itself ("${home.identity.name}": ${rec.fingerprint === home.fingerprint() ? 'its own certificate fingerprint' : 'it answered with its own id'}); a peer is the other appliance: use the URL, token and fingerprint its \`init\` or \`serve\` printed`, { details: { peer: name } });
+      if (rec.fingerprint === home.fingerprint()) throw self();
       const store = await home.openStore();
       try {
         await assertNoPeer(store, name); // before contacting the peer: bad input changes nothing
@@ -31,6 +35,7 @@ export function define(program: Command): void {
             // The token is checked too: stats needs it.
             await client.stats();
             remote = { name: h.name, id: h.id };
+            if (h.id === home.identity.id) throw self();
           } finally {
             await client.close();
           }
