@@ -67,6 +67,11 @@ export class LeaseTable {
     return this.byId.get(id)?.volume;
   }
 
+  /** The holder of a live lease, or undefined. */
+  holderOf(id: string): string | undefined {
+    return this.byId.get(id)?.holder;
+  }
+
   /** True when a lease other than `id` holds `volume`. */
   heldByOther(volume: string, id: string | undefined): boolean {
     const cur = this.byVolume.get(volume);

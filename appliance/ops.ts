@@ -120,6 +120,9 @@ export async function removeVolume(home: Home, store: Store, name: string): Prom
   const release = home.lockVolume(name, 'remove');
   try {
     await store.removeVolume(name);
+    // A volume received from a peer: the next push of that name may come from any appliance.
+    const { SOURCES_NS } = await import('./sources.js');
+    await store.deleteMeta(SOURCES_NS, name);
   } finally {
     release();
   }

@@ -50,6 +50,7 @@ export const CATALOG = {
   ERR_VOLUME_EMPTY: { http: 400, exit: 1, summary: 'the volume has size 0' },
   ERR_VOLUME_SIZE_MISMATCH: { http: 409, exit: 1, summary: 'the target has another size than the snapshot' },
   ERR_VOLUME_MATERIALIZING: { http: 409, exit: 1, summary: 'the volume is being written and cannot be a sync source' },
+  ERR_VOLUME_NAME_TAKEN: { http: 409, exit: 1, summary: 'the peer replicates a volume of that name from another appliance' },
   ERR_VOLUME_FAILED_OVER: { http: 409, exit: 1, summary: 'the volume runs in EC2 after a failover: no push of it and no second failover until failback or `failover VOL --end`' },
   ERR_CHANGED_BLOCKS_INVALID: { http: 400, exit: 2, summary: 'the changed-blocks file is malformed' },
   ERR_BLOCK_SIZE_INVALID: { http: 400, exit: 2, summary: 'the block size is not a supported value' },

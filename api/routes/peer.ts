@@ -15,6 +15,7 @@ import { LEASE_HEADER, PROTOCOL_VERSION, fromHex, toHex } from '../../sync/proto
 import type { Home } from '../../appliance/home.js';
 import { clearDamage, readDamage } from '../../appliance/damage.js';
 import { failedOver } from '../../appliance/recovery/state.js';
+import { checkPushSource, recordPull, recordPushSource } from '../../appliance/sources.js';
 import type { LeaseTable } from '../leases.js';
 import type { ServerStats } from '../stats.js';
 import * as S from '../schemas.js';
@@ -132,9 +133,14 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
   app.post('/v1/volumes/:vol/lock', { schema: { params: S.VolumeParams, body: S.LockBody, summary: 'take a lease on the volume for a sync' } }, async (req) => {
     const { vol } = req.params as { vol: string };
     const body = req.body as S.LockBodyT;
-    // A push sends ifRoot, a pull does not (a request field of its own would break older peers).
-    if (body.ifRoot !== undefined) await refuseIfFailedOver(vol);
     const latest = await store.latestSnapshot(vol);
+    // A push sends ifRoot, a pull does not (a request field of its own would break older peers).
+    if (body.ifRoot !== undefined) {
+      await refuseIfFailedOver(vol);
+      await checkPushSource(store, vol, body.holder, latest);
+    } else if (latest) {
+      await recordPull(store, vol, body.holder, latest);
+    }
     if (body.ifRoot && latest && latest.root === body.ifRoot) return { upToDate: true, lease: null, expiresInMs: 0, latest };
     const v = await store.getVolume(vol);
     if (v?.materializing) {
@@ -264,9 +270,12 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     }
     await refuseIfFailedOver(snap.volume);
     const owned = lease !== undefined && leases.volumeOf(lease) === snap.volume;
+    const holder = owned ? leases.holderOf(lease) : undefined;
     const release = owned ? () => leases.release(lease) : home.lockVolume(snap.volume, 'commit');
     try {
+      if (holder !== undefined) await checkPushSource(store, snap.volume, holder, await store.latestSnapshot(snap.volume));
       await store.commitSnapshot(snap);
+      if (holder !== undefined) await recordPushSource(store, snap.volume, holder);
     } finally {
       release();
     }

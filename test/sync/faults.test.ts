@@ -21,6 +21,11 @@ import { cli, diagnose, initHome, pair, pairedWithVolume, peerClient, startCli, 
 const BS = 64 * 1024;
 
 
+/** A well-formed SHA-256 fingerprint of no appliance here (what a pinned peer that was replaced would show). */
+function otherFingerprint(): string {
+  return randomBytes(32).toString('hex').toUpperCase().match(/../g)!.join(':');
+}
+
 /** Wait (bounded) until `cond` holds, checking every `everyMs`. */
 async function until(cond: () => boolean | Promise<boolean>, what: string, limitMs = 20_000, everyMs = 25): Promise<void> {
   const end = Date.now() + limitMs;
@@ -56,7 +61,7 @@ test('wrong token gets 401 and changes nothing; a wrong fingerprint is refused b
   assert.deepEqual(list.json.peers.map((p: { name: string }) => p.name), ['cloud'], 'a refused peer add stores nothing');
   assert.ok(!list.stdout.includes(b.token), 'peer list never prints a token');
 
-  const wrongFp = a.fingerprint; // another appliance's certificate
+  const wrongFp = otherFingerprint(); // another certificate's
   assert.equal((await cli(a, 'peer', 'add', 'impostor', '--url', sb.url, '--token', b.token, '--fingerprint', wrongFp, '--no-check')).code, 0);
   const peerB = peerClient(b, sb);
   t.after(() => peerB.close());
@@ -95,7 +100,7 @@ test('a peer that refuses the sync (token, certificate) stops the scan at once: 
   const snapshots = async () => ((await cli(a, 'snapshots', 'vol')).json as unknown[]).length;
   const stale = 'y'.repeat(43);
   assert.equal((await cli(a, 'peer', 'add', 'stale', '--url', sb.url, '--token', stale, '--fingerprint', b.fingerprint, '--no-check')).code, 0);
-  assert.equal((await cli(a, 'peer', 'add', 'impostor', '--url', sb.url, '--token', b.token, '--fingerprint', a.fingerprint, '--no-check')).code, 0);
+  assert.equal((await cli(a, 'peer', 'add', 'impostor', '--url', sb.url, '--token', b.token, '--fingerprint', otherFingerprint(), '--no-check')).code, 0);
 
   const refused = await cli(a, 'sync', 'vol', '--peer', 'stale');
   assert.equal(refused.code, 1, refused.stderr);

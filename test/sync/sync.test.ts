@@ -263,6 +263,33 @@ test('failback to a rebuilt appliance: pull the replica, attach a new image to i
   assert.equal(inc.code, 0, inc.stderr);
   const s1 = await p.peerB.stats();
   assert.equal(s1.blocksReceived - s0.blocksReceived, 2, 'replication from the rebuilt appliance is incremental');
+  const old = await cli(p.a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(old.json?.error?.code, 'ERR_VOLUME_NAME_TAKEN', 'the rebuilt appliance is the source now: the old one may not push over it');
+});
+
+test('two appliances with volumes of the same name: the second one\'s push is refused before anything is committed; volume remove on the receiver frees the name', async (t) => {
+  const p = await setup(t);
+  assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const site2 = await initHome(t, 'site2');
+  await pair(site2, 'cloud', p.b, p.sb);
+  const img2 = join(p.dir, 'site2.img');
+  writeFileSync(img2, randomBytes(BLOCKS * BS));
+  assert.equal((await cli(site2, 'volume', 'add', 'vol', '--path', img2, '--block-size', '64KiB')).code, 0);
+  const before = await cli(p.b, 'snapshots', 'vol');
+  const taken = await cli(site2, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(taken.code, 1, taken.stderr);
+  assert.equal(taken.json.error.code, 'ERR_VOLUME_NAME_TAKEN');
+  assert.match(taken.json.error.message, /another name/);
+  assert.deepEqual((await cli(p.b, 'snapshots', 'vol')).json, before.json, 'nothing was committed');
+  assert.ok((await restoredOnB(p, 'still-a.img')).equals(readFileSync(p.img)), "the receiver's volume is still the first appliance's");
+  // The first appliance goes on as before.
+  scribble(p.img, [9]);
+  assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+
+  assert.equal((await cli(p.b, 'volume', 'remove', 'vol')).code, 0);
+  const now = await cli(site2, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(now.code, 0, now.stderr);
+  assert.ok((await restoredOnB(p, 'site2-r.img')).equals(readFileSync(img2)));
 });
 
 test('failback onto a disk of unrelated data with no room to keep it: refused with ERR_DISK_FULL before anything is written; --no-keep overwrites it', async (t) => {
