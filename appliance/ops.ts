@@ -12,6 +12,7 @@ import { dirname, resolve } from 'node:path';
 import { existsSync } from 'node:fs';
 import { TandemError, diskFullError, fromSystemError, isTandemError } from '../common/errors.js';
 import type { Home } from './home.js';
+import { SOURCES_NS } from './sources.js';
 import type { Hash, Store, SnapshotRecord, VolumeRecord, ScanProgress } from '../store/index.js';
 import { inspectVolume, openVolumeReader, openVolumeWriter, readChangedBlocksFile } from './volumes/index.js';
 import { materialize, type MaterializeProgress, type MaterializeResult } from '../sync/materialize.js';
@@ -121,7 +122,6 @@ export async function removeVolume(home: Home, store: Store, name: string): Prom
   try {
     await store.removeVolume(name);
     // A volume received from a peer: the next push of that name may come from any appliance.
-    const { SOURCES_NS } = await import('./sources.js');
     await store.deleteMeta(SOURCES_NS, name);
   } finally {
     release();

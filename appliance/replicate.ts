@@ -388,7 +388,7 @@ async function applySnapshot(store: Store, vol: VolumeRecord, snap: SnapshotReco
   // Correctness before speed: read back what is on the volume now and compare trees.
   const whole = await openVolumeReader(path);
   // A device larger than the snapshot (--force) holds it on its first snap.size bytes: those are checked.
-  const reader = whole.size === snap.size ? whole : { ...whole, size: snap.size, read: whole.read, close: whole.close };
+  const reader = whole.size === snap.size ? whole : { ...whole, size: snap.size };
   let check: SnapshotRecord;
   try {
     check = await store.scanVolume(reader, {
@@ -424,7 +424,8 @@ async function keepBeforeApply(store: Store, vol: VolumeRecord, snap: SnapshotRe
   const { statfs } = await import('node:fs/promises');
   const fs = await statfs(store.dir);
   const budget = fs.bavail * fs.bsize - Math.min(KEEP_MARGIN_BYTES, Math.floor((fs.blocks * fs.bsize) / 10));
-  const tooBig = () => new TandemError('ERR_DISK_FULL', `keeping volume "${vol.name}" as it was before the apply (its blocks that differ from ${snap.id}) would take more than the ${Math.max(0, budget)} bytes the store's disk can spare; nothing was written to ${vol.path!}. Free space (\`appliance retention\`, \`appliance gc\`) or rerun with --no-keep to overwrite it without keeping it`, { details: { volume: vol.name, budget } });
+  const refused = (why: string, cause?: unknown) => new TandemError('ERR_DISK_FULL', `${why} to keep volume "${vol.name}" as it was before the apply (its blocks that differ from ${snap.id}); nothing was written to ${vol.path!}. Free space (\`appliance retention\`, \`appliance gc\`) or rerun with --no-keep to overwrite it without keeping it`, { cause, details: { volume: vol.name, budget } });
+  const tooBig = () => refused(`the store's disk cannot spare more than ${Math.max(0, budget)} bytes`);
   if (budget <= 0) throw tooBig();
   let stored = 0;
   const ctl = new AbortController();
@@ -432,12 +433,11 @@ async function keepBeforeApply(store: Store, vol: VolumeRecord, snap: SnapshotRe
   opts.signal?.addEventListener('abort', follow, { once: true });
   const reader = await openVolumeReader(vol.path!);
   try {
-    // The pulled snapshot as parent: only blocks that differ from it are looked up and stored.
-    const parent = vol.blockSize === snap.blockSize ? snap : await store.latestSnapshot(vol.name);
     return await store.scanVolume(reader, {
       volume: vol.name,
       blockSize: vol.blockSize,
-      parent: parent?.blockSize === vol.blockSize ? parent : null,
+      // The pulled snapshot as parent: only blocks that differ from it are looked up and stored.
+      parent: snap.blockSize === vol.blockSize ? snap : null,
       origin: 'pre-apply',
       labels: { replacedBy: snap.id },
       signal: ctl.signal,
@@ -450,7 +450,7 @@ async function keepBeforeApply(store: Store, vol: VolumeRecord, snap: SnapshotRe
   } catch (e) {
     if (ctl.signal.aborted && isTandemError(ctl.signal.reason, 'ERR_DISK_FULL')) throw ctl.signal.reason;
     if (!isTandemError(e, 'ERR_DISK_FULL')) throw e;
-    throw new TandemError('ERR_DISK_FULL', `no space in the store to keep volume "${vol.name}" as it was before the apply (its blocks that differ from ${snap.id}); nothing was written to ${vol.path!}. Free space (\`appliance retention\`, \`appliance gc\`) or rerun with --no-keep to overwrite it without keeping it`, { cause: e, details: e.details });
+    throw refused('no space in the store', e);
   } finally {
     opts.signal?.removeEventListener('abort', follow);
     await reader.close();

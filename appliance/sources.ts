@@ -29,11 +29,14 @@ export interface VolumeSource {
 
 type MetaStore = Pick<Store, 'getMeta' | 'putMeta'>;
 
-/** Refuse a push of `volume` from `holder` unless it is the volume's source or took it over (above). */
-export async function checkPushSource(store: MetaStore, volume: string, holder: string, latest: SnapshotRecord | null): Promise<void> {
+/**
+ * Refuse a push of `volume` from `holder` unless it is the volume's source or took it over
+ * (above); returns the source record as it stands, for {@link recordPushSource}.
+ */
+export async function checkPushSource(store: MetaStore, volume: string, holder: string, latest: SnapshotRecord | null): Promise<VolumeSource | undefined> {
   const src = await store.getMeta<VolumeSource>(SOURCES_NS, volume);
-  if (!src || src.id === holder) return;
-  if (src.pulledBy?.id === holder && latest !== null && src.pulledBy.latest === latest.id) return;
+  if (!src || src.id === holder) return src;
+  if (src.pulledBy?.id === holder && latest !== null && src.pulledBy.latest === latest.id) return src;
   throw new TandemError(
     'ERR_VOLUME_NAME_TAKEN',
     `volume "${volume}" on this appliance is replicated from another appliance (id ${src.id}, since ${src.since}); a push from appliance ${holder} would mix two disks in one volume. Register the volume under another name on the appliance that pushes it (\`appliance volume add NAME --path PATH\`); if it replaces the other appliance, pull the volume first (\`appliance sync ${volume} --peer PEER --reverse\`)`,
@@ -41,9 +44,8 @@ export async function checkPushSource(store: MetaStore, volume: string, holder: 
   );
 }
 
-/** After a push from `holder` committed `volume`: it is the source from now on. */
-export async function recordPushSource(store: MetaStore, volume: string, holder: string): Promise<void> {
-  const src = await store.getMeta<VolumeSource>(SOURCES_NS, volume);
+/** After a push from `holder` committed `volume` (`src`: what {@link checkPushSource} returned): it is the source from now on. */
+export async function recordPushSource(store: MetaStore, volume: string, holder: string, src: VolumeSource | undefined): Promise<void> {
   if (src?.id === holder) return;
   await store.putMeta(SOURCES_NS, volume, { id: holder, since: new Date().toISOString() } satisfies VolumeSource);
 }

@@ -9,7 +9,7 @@
  * - last EBS export: meta `ebs-exports`; last drill: meta `drills`; measured failover/drill
  *   time: meta `rto`; measured rates: meta `rates`.
  */
-import { failedOver, type FailedOver } from './recovery/state.js';
+import { failedOverVolumes, type FailedOver } from './recovery/state.js';
 import { extraCaDispatcher } from '../common/ca.js';
 import type { SnapshotRecord, VolumeRecord } from '../store/types.js';
 import { policyFor, type Config } from './config/index.js';
@@ -80,6 +80,7 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
   const volumes = (await store.listVolumes()).filter((v) => only === undefined || v.name === only);
   const drills = (await store.listMeta<DrillRecord>('drills')).map(([, d]) => d).sort((a, b) => (a.at < b.at ? 1 : -1));
   const bases = await store.listMeta<SyncBase>('sync-base');
+  const inEc2 = await failedOverVolumes(store);
   const out: VolumeStatus[] = [];
   for (const v of volumes) {
     const policy = policyFor(config, v);
@@ -121,7 +122,7 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
       rtoState: policy === null ? 'NONE' : objectiveState(rto.ms, policy.rtoMs),
       lastDrill: drill ? { id: drill.id, at: drill.at, passed: drill.passed === true, rtoSeconds: drill.rtoSeconds ?? null } : null,
       lastJob: st.lastJob,
-      failedOver: await failedOver(store, v.name),
+      failedOver: inEc2.get(v.name) ?? null,
     });
   }
   return out;

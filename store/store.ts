@@ -115,14 +115,15 @@ export class Store implements ReplicaStore {
     } catch (e) {
       throw fromSystemError(e, `cannot create the store directory ${dir}`);
     }
+    // The lock file and LevelDB's log and manifest are written at every open: on a full disk the
+    // reserve is given up for them, once.
     let reserveReleased = false;
+    const giveUpReserve = async (): Promise<boolean> => !reserveReleased && (reserveReleased = await releaseReserve(dir));
     let release: () => Promise<void>;
     try {
       release = await acquireStoreLock(dir);
     } catch (e) {
-      // The lock file is written at every open: on a full disk, the reserve is given up for it.
-      if (!isTandemError(e, 'ERR_DISK_FULL') || !(await releaseReserve(dir))) throw e;
-      reserveReleased = true;
+      if (!isTandemError(e, 'ERR_DISK_FULL') || !(await giveUpReserve())) throw e;
       release = await acquireStoreLock(dir);
     }
     let db: Db | undefined;
@@ -135,13 +136,9 @@ export class Store implements ReplicaStore {
         } catch (e) {
           const cause = (e as { cause?: { code?: string; message?: string } }).cause;
           if (cause?.code === 'LEVEL_LOCKED') throw busyError(dir, undefined);
-          // LevelDB writes a new log and manifest when it opens: on a full disk it cannot, and
-          // the store is not damaged for that. The reserve is given up for it, once.
+          // A full disk does not damage the store.
           const full = diskFullError(e, `cannot open the store index ${dir}/index`, 'free space on that disk, then rerun: the store is not damaged by it');
-          if (full && !reserveReleased && (await releaseReserve(dir))) {
-            reserveReleased = true;
-            continue;
-          }
+          if (full && (await giveUpReserve())) continue;
           if (full) throw full;
           if (cause?.code === 'LEVEL_IO_ERROR') {
             throw new TandemError('ERR_IO', `cannot open the store index ${dir}/index: ${cause.message ?? (e as Error).message}; check the disk and its permissions, then rerun`, { cause: e });

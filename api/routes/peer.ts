@@ -273,9 +273,9 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     const holder = owned ? leases.holderOf(lease) : undefined;
     const release = owned ? () => leases.release(lease) : home.lockVolume(snap.volume, 'commit');
     try {
-      if (holder !== undefined) await checkPushSource(store, snap.volume, holder, await store.latestSnapshot(snap.volume));
+      const source = holder !== undefined ? await checkPushSource(store, snap.volume, holder, await store.latestSnapshot(snap.volume)) : undefined;
       await store.commitSnapshot(snap);
-      if (holder !== undefined) await recordPushSource(store, snap.volume, holder);
+      if (holder !== undefined) await recordPushSource(store, snap.volume, holder, source);
     } finally {
       release();
     }

@@ -11,7 +11,7 @@ import { ec2Client } from './ec2.js';
 import { launch, type LaunchDeps, type RecoveryRun, type RunMode } from './launch.js';
 import { prepareFailback, completeFailback, endFailover, type PrepareResult } from './failback.js';
 import { selectPlans, type PlanSelector } from './plan.js';
-import { failedOver } from './state.js';
+import { failedOverVolumes } from './state.js';
 import { TandemError } from '../../common/errors.js';
 
 export { listRuns, activeFailover, RUNS_NS, RTO_NS, DRILLS_NS, type RecoveryRun, type LaunchedServer } from './launch.js';
@@ -47,9 +47,10 @@ export async function recover(home: Home, store: Store, req: RecoverRequest, ste
   const plans = selectPlans(config, req);
   if (req.mode === 'failover') {
     // A second copy of a server that already runs in EC2 would be a split brain there.
+    const inEc2 = await failedOverVolumes(store);
     for (const plan of plans) {
       for (const disk of plan.disks) {
-        const f = await failedOver(store, disk.volume);
+        const f = inEc2.get(disk.volume);
         if (f) {
           throw new TandemError('ERR_VOLUME_FAILED_OVER', `volume "${disk.volume}" (plan ${plan.name}) already runs in EC2 since ${f.since} (failover ${f.run}, instance ${f.instanceId}); nothing was launched. See \`appliance status ${disk.volume}\`; to launch it again, end that failover first with \`appliance failover ${disk.volume} --end --terminate\``, { details: { volume: disk.volume, plan: plan.name, ...f } });
         }

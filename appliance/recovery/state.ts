@@ -35,15 +35,23 @@ export interface FailedOver {
   readonly instanceId: string;
 }
 
-/** The failover `volume` runs in, if it is failed over and not yet back (see above). */
-export async function failedOver(store: Pick<Store, 'listMeta' | 'getMeta'>, volume: string): Promise<FailedOver | null> {
+/** Every volume that is failed over and not yet back (see above), with its failover: one read of the runs. */
+export async function failedOverVolumes(store: Pick<Store, 'listMeta' | 'getMeta'>): Promise<Map<string, FailedOver>> {
+  const out = new Map<string, FailedOver>();
   for (const [, run] of await store.listMeta<RunRecord>(RUNS_NS)) {
     if (run.mode !== 'failover' || run.status !== 'active') continue;
-    const server = run.servers.find((s) => s.disks.some((d) => d.volume === volume));
-    if (!server) continue;
-    const failback = await store.getMeta<{ completed?: string }>(FAILBACKS_NS, `${run.id}/${volume}`);
-    if (failback?.completed) continue;
-    return { run: run.id, since: run.started, instanceId: server.instanceId };
+    for (const server of run.servers) {
+      for (const { volume } of server.disks) {
+        if (out.has(volume)) continue;
+        const failback = await store.getMeta<{ completed?: string }>(FAILBACKS_NS, `${run.id}/${volume}`);
+        if (!failback?.completed) out.set(volume, { run: run.id, since: run.started, instanceId: server.instanceId });
+      }
+    }
   }
-  return null;
+  return out;
+}
+
+/** The failover `volume` runs in, if it is failed over and not yet back (see above). */
+export async function failedOver(store: Pick<Store, 'listMeta' | 'getMeta'>, volume: string): Promise<FailedOver | null> {
+  return (await failedOverVolumes(store)).get(volume) ?? null;
 }
