@@ -14,8 +14,8 @@ const STATES: readonly ObjectiveState[] = ['OK', 'AT_RISK', 'BREACHED', 'NONE'];
 
 export interface DaemonMetrics {
   readonly registry: Registry;
-  /** Count a finished job. */
-  jobEnded(unit: string, ok: boolean): void;
+  /** Count a finished job (`held`: it only found the peer still refusing the unit's pushes). */
+  jobEnded(unit: string, result: 'ok' | 'failed' | 'held'): void;
   /** The body and content type for GET /metrics. */
   render(): Promise<{ body: string; contentType: string }>;
 }
@@ -39,6 +39,7 @@ export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, 
   const lastRepl = g('tandem_last_replicated_timestamp_seconds', 'Time of the last replicated recovery point');
   const lastExport = g('tandem_last_ebs_export_timestamp_seconds', 'Completion time of the last EBS export');
   const drillPassed = g('tandem_last_drill_passed', '1 when the last drill involving the volume passed, 0 when it failed');
+  const held = g('tandem_replication_held', '1 while the peer refuses pushes of the volume (failed over there, or another source): no job is scheduled for it');
   const jobRunning = new Gauge({ name: 'tandem_jobs_running', help: 'Scheduler jobs running now', registers: [registry], collect() { this.set(running().length); } });
   const jobs = new Counter({ name: 'tandem_jobs_total', help: 'Scheduler jobs finished, by result', labelNames: ['unit', 'result'], registers: [registry] });
   void jobRunning;
@@ -61,7 +62,7 @@ export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, 
 
   const fill = async () => {
     await fillVerify();
-    for (const m of [rpoAge, rpo, rpoState, rtoEst, rto, rtoState, lastSnap, lastRepl, lastExport, drillPassed]) m.reset();
+    for (const m of [rpoAge, rpo, rpoState, rtoEst, rto, rtoState, lastSnap, lastRepl, lastExport, drillPassed, held]) m.reset();
     for (const s of await statuses()) {
       const l = { volume: s.volume, policy: s.policy ?? '' };
       rpoAge.set(l, seconds(s.rpoAgeMs));
@@ -76,12 +77,13 @@ export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, 
       lastRepl.set(l, epoch(s.lastReplicated?.at));
       lastExport.set(l, epoch(s.lastExport?.created));
       if (s.lastDrill) drillPassed.set(l, s.lastDrill.passed ? 1 : 0);
+      held.set(l, s.replicationHeld ? 1 : 0);
     }
   };
 
   return {
     registry,
-    jobEnded: (unit, ok) => jobs.inc({ unit, result: ok ? 'ok' : 'failed' }),
+    jobEnded: (unit, result) => jobs.inc({ unit, result }),
     render: async () => {
       await fill();
       return { body: await registry.metrics(), contentType: registry.contentType };

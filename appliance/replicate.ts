@@ -26,6 +26,7 @@ import type { RemotePeer } from '../api/client.js';
 import type { Home } from './home.js';
 import { connectPeer, getPeer } from './peers.js';
 import { trace } from '../sync/trace.js';
+import { releaseHold } from './scheduler/state.js';
 
 export const SYNC_BASE_NS = 'sync-base';
 
@@ -116,6 +117,8 @@ export async function getSyncBase(store: Pick<Store, 'getMeta'>, volume: string,
 async function recordBase(store: Store, volume: string, peer: string, snap: SnapshotRecord, direction: 'push' | 'pull'): Promise<void> {
   const base: SyncBase = { snapshot: snap.id, root: snap.root, direction, at: new Date().toISOString() };
   await store.putMeta(SYNC_BASE_NS, baseKey(volume, peer), base);
+  // The peer took this push: the daemon's jobs of the volume are no longer held (scheduler/runner.ts).
+  if (direction === 'push') await releaseHold(store, volume, peer);
 }
 
 /** The lock operation name a sync takes (appliance/locks.ts). */

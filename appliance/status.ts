@@ -53,6 +53,8 @@ export interface VolumeStatus {
   readonly lastJob: VolumeState['lastJob'];
   /** On the cloud appliance: the failover the volume runs in until its failback (appliance/recovery/state.ts). */
   readonly failedOver: FailedOver | null;
+  /** The peer refuses pushes of the volume, so the daemon schedules no job for it (scheduler/runner.ts). */
+  readonly replicationHeld: VolumeState['held'];
 }
 
 /** The store surface status reads. */
@@ -123,6 +125,7 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
       lastDrill: drill ? { id: drill.id, at: drill.at, passed: drill.passed === true, rtoSeconds: drill.rtoSeconds ?? null } : null,
       lastJob: st.lastJob,
       failedOver: inEc2.get(v.name) ?? null,
+      replicationHeld: replicates ? st.held : null,
     });
   }
   return out;
@@ -150,7 +153,7 @@ async function estimateRto(store: StatusStore, v: VolumeRecord, latest: Snapshot
 }
 
 export interface BreachAlert {
-  readonly event: 'rpo_breached' | 'rto_breached';
+  readonly event: 'rpo_breached' | 'rto_breached' | 'replication_held';
   readonly appliance: string;
   readonly volume: string;
   readonly policy: string | null;
@@ -160,11 +163,12 @@ export interface BreachAlert {
 
 /**
  * Tracks states between rounds and POSTs the webhook when a volume's RPO or RTO state
- * becomes BREACHED (once per transition, not on every round). Delivery is best effort with a
- * timeout; failures are returned for the log, never thrown.
+ * becomes BREACHED, and when the peer starts refusing its pushes (`replication_held`: the
+ * alert's status says why and what to do), once per transition, not on every round. Delivery
+ * is best effort with a timeout; failures are returned for the log, never thrown.
  */
 export class BreachNotifier {
-  private readonly last = new Map<string, ObjectiveState>();
+  private readonly last = new Map<string, string>();
 
   constructor(private readonly appliance: string, private readonly timeoutMs = 10_000) {}
 
@@ -172,12 +176,13 @@ export class BreachNotifier {
   async check(statuses: readonly VolumeStatus[], webhook: string | null, now: number): Promise<{ sent: BreachAlert[]; errors: string[] }> {
     const fresh: BreachAlert[] = [];
     for (const s of statuses) {
-      for (const [kind, state] of [['rpo', s.rpoState], ['rto', s.rtoState]] as const) {
-        const key = `${kind}:${s.volume}`;
+      const held = s.replicationHeld ? 'HELD' : 'NONE';
+      for (const [event, state, alertOn] of [['rpo_breached', s.rpoState, 'BREACHED'], ['rto_breached', s.rtoState, 'BREACHED'], ['replication_held', held, 'HELD']] as const) {
+        const key = `${event}:${s.volume}`;
         const before = this.last.get(key);
         this.last.set(key, state);
-        if (state === 'BREACHED' && before !== 'BREACHED') {
-          fresh.push({ event: `${kind}_breached`, appliance: this.appliance, volume: s.volume, policy: s.policy, at: new Date(now).toISOString(), status: s });
+        if (state === alertOn && before !== alertOn) {
+          fresh.push({ event, appliance: this.appliance, volume: s.volume, policy: s.policy, at: new Date(now).toISOString(), status: s });
         }
       }
     }

@@ -16,6 +16,13 @@
  *   a replication continues with the same snapshots, and the sync itself resumes where it stopped);
  * - `stop()` stops scheduling, lets running jobs finish for a bounded time, then aborts them:
  *   their checkpoint stays and the next start resumes them.
+ *
+ * Held replication: when the peer refuses a push for a reason a retry does not change (a code
+ * of {@link HOLD_CODES}: the volume runs in EC2 after a failover, or another appliance is its
+ * source there), the unit is *held* (volume state `held`): no backoff and no further jobs, so a
+ * stale disk is not rescanned every few minutes for pushes that are refused anyway. Every
+ * {@link HOLD_PROBE_MS} one lock request asks the peer whether it takes pushes again (after the
+ * failback, or once the other source is gone); when it does, the job runs at once.
  */
 import { randomBytes } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
@@ -28,7 +35,7 @@ import type { Clock } from './clock.js';
 import { expectedDurationMs, nextStart, updateRates } from './deadline.js';
 import {
   clearCheckpoint, listCheckpoints, readRates, readVolumeState, saveCheckpoint, updateVolumeState, RATES_NS,
-  type JobCheckpoint, type MetaStore,
+  type HeldReplication, type JobCheckpoint, type MetaStore,
 } from './state.js';
 
 /** What a job does to a volume; the daemon wires these to ops, replicate and ebs (steps.ts). */
@@ -37,6 +44,11 @@ export interface JobSteps {
   snapshot(volume: string, opts: { labels: Record<string, string>; signal: AbortSignal }): Promise<SnapshotRecord>;
   /** Push `snapshot` to peer `peer` (config `replication.peer`); null: this appliance does not replicate. Returns the bytes sent. */
   replicate: ((volume: string, snapshot: SnapshotRecord, peer: string, signal: AbortSignal) => Promise<{ bytesSent: number; peerRepaired?: number }>) | null;
+  /**
+   * Would peer `peer` take a push of `volume` now? null if so, else its refusal (a code of
+   * {@link HOLD_CODES}); any other failure throws. Asked only of held volumes.
+   */
+  pushRefusal: ((volume: string, peer: string, signal: AbortSignal) => Promise<{ code: string; message: string } | null>) | null;
   /** Export a replica to EBS; null where EBS is not available. */
   exportEbs: ((volume: string, snapshot: SnapshotRecord, signal: AbortSignal) => Promise<{ ebsSnapshotId: string; bytesUploaded: number; seconds: number }>) | null;
 }
@@ -66,8 +78,11 @@ export interface SchedulerOptions {
   readonly maxParallel?: number;
   /** Longest sleep between rounds: how soon new volumes, replicas and config edits are noticed. */
   readonly rescanMs?: number;
-  /** Called after each job (tests and the daemon's alerting wait on this instead of sleeping). */
-  readonly onJobEnd?: (unit: string, outcome: { ok: boolean; error?: unknown }) => void;
+  /**
+   * Called after each job (tests and the daemon's alerting wait on this instead of sleeping).
+   * `held`: the job only checked a held unit, and the peer still refuses it.
+   */
+  readonly onJobEnd?: (unit: string, outcome: { ok: boolean; held?: boolean; error?: unknown }) => void;
 }
 
 export interface Unit {
@@ -87,6 +102,10 @@ export const DEFAULT_RESCAN_MS = 60_000;
 /** After a failed job: retry after 30 s, doubling up to 10 min (never hammer a dead peer). */
 export const RETRY_BASE_MS = 30_000;
 export const RETRY_MAX_MS = 600_000;
+/** Peer refusals that hold a unit until the peer takes pushes of the volume again. */
+export const HOLD_CODES: ReadonlySet<string> = new Set(['ERR_VOLUME_FAILED_OVER', 'ERR_VOLUME_NAME_TAKEN']);
+/** How often a held unit asks its peer again: replication resumes within a minute of the failback. */
+export const HOLD_PROBE_MS = 60_000;
 
 /** The units to schedule: groups and single volumes with a policy (pure). */
 export function planUnits(config: Config, volumes: readonly VolumeRecord[]): Unit[] {
@@ -258,6 +277,8 @@ export class Scheduler {
       const st = await readVolumeState(store, v.name);
       return latest !== null && latest.id !== st.lastSeen ? now : Infinity;
     }
+    const held = await this.heldStates(unit);
+    if (held.length > 0) return Math.min(...held.map((h) => Date.parse(h.checkedAt))) + HOLD_PROBE_MS;
     let lastGood: number | null = Infinity;
     let expected = 0;
     for (const v of unit.volumes) {
@@ -269,16 +290,31 @@ export class Scheduler {
     return nextStart(lastGood, unit.policy.rpoMs, expected, now);
   }
 
+  /** The held states of a protect unit's volumes that still apply (same peer, replication on). */
+  private async heldStates(unit: Unit): Promise<Array<HeldReplication & { volume: string }>> {
+    const peer = this.lastConfig?.replication?.peer;
+    if (unit.kind !== 'protect' || peer === undefined || this.o.steps.replicate === null) return [];
+    const out: Array<HeldReplication & { volume: string }> = [];
+    for (const v of unit.volumes) {
+      const h = (await readVolumeState(this.o.store, v.name)).held;
+      if (h !== null && h.peer === peer) out.push({ ...h, volume: v.name });
+    }
+    return out;
+  }
+
   private launch(unit: Unit, checkpoint: JobCheckpoint | null): void {
     const abort = new AbortController();
     const promise = this.runJob(unit, checkpoint, abort.signal).then(
-      () => {
+      (outcome) => {
         this.failures.delete(unit.key);
-        this.o.onJobEnd?.(unit.key, { ok: true });
+        this.o.onJobEnd?.(unit.key, outcome === 'held' ? { ok: false, held: true } : { ok: true });
       },
       (e) => {
         if (abort.signal.aborted) {
           this.o.log.warn({ unit: unit.key }, 'job interrupted; checkpoint kept');
+        } else if (isTandemError(e) && HOLD_CODES.has(e.code)) {
+          // Held (replicateStep recorded it): no backoff, the next check is HOLD_PROBE_MS away.
+          this.failures.delete(unit.key);
         } else {
           const count = (this.failures.get(unit.key)?.count ?? 0) + 1;
           const delay = Math.min(RETRY_MAX_MS, RETRY_BASE_MS * 2 ** (count - 1));
@@ -294,8 +330,9 @@ export class Scheduler {
     this.running.set(unit.key, { promise, abort, volumes: unit.volumes.map((v) => v.name) });
   }
 
-  private async runJob(unit: Unit, resume: JobCheckpoint | null, signal: AbortSignal): Promise<void> {
+  private async runJob(unit: Unit, resume: JobCheckpoint | null, signal: AbortSignal): Promise<'done' | 'held'> {
     const { store, clock, log } = this.o;
+    if (resume === null && (await this.stillHeld(unit, signal))) return 'held';
     const now = clock.now();
     let cp: JobCheckpoint = resume ?? {
       id: newJobId(now),
@@ -334,6 +371,29 @@ export class Scheduler {
     }
     await clearCheckpoint(store, unit.key);
     log.info({ unit: unit.key, job: cp.id, ...(warning ? { warning } : {}) }, 'job done');
+    return 'done';
+  }
+
+  /**
+   * Ask the peer about each held volume of `unit`: a volume it takes pushes of again is no
+   * longer held. True while one still is (the job then does nothing).
+   */
+  private async stillHeld(unit: Unit, signal: AbortSignal): Promise<boolean> {
+    const { store, steps, clock, log } = this.o;
+    if (steps.pushRefusal === null) return false;
+    let still = false;
+    for (const h of await this.heldStates(unit)) {
+      const { volume, ...held } = h;
+      const refusal = await steps.pushRefusal(volume, held.peer, signal);
+      if (refusal === null) {
+        await updateVolumeState(store, volume, { held: null });
+        log.info({ volume, peer: held.peer, heldSince: held.since }, 'the peer takes pushes of the volume again: replication resumes');
+      } else {
+        await updateVolumeState(store, volume, { held: { ...held, code: refusal.code, message: refusal.message, checkedAt: new Date(clock.now()).toISOString() } });
+        still = true;
+      }
+    }
+    return still;
   }
 
   private async snapshotStep(unit: Unit, cp: JobCheckpoint, signal: AbortSignal): Promise<{ cp: JobCheckpoint; warning?: string }> {
@@ -384,17 +444,33 @@ export class Scheduler {
         throw new TandemError('ERR_SNAPSHOT_NOT_FOUND', `snapshot ${id ?? '(none)'} of "${v.name}" taken by job ${cp.id} is gone; the next job takes a fresh one`, { details: { volume: v.name, snapshot: id } });
       }
       const t0 = performance.now();
-      const r = await steps.replicate(v.name, snap, peer, signal);
+      let r: Awaited<ReturnType<NonNullable<JobSteps['replicate']>>>;
+      try {
+        r = await steps.replicate(v.name, snap, peer, signal);
+      } catch (e) {
+        if (isTandemError(e) && HOLD_CODES.has(e.code)) await this.hold(v.name, peer, e);
+        throw e;
+      }
       const secs = Math.max(0.001, (performance.now() - t0) / 1000);
       await store.putMeta(RATES_NS, v.name, updateRates(await readRates(store, v.name), { syncBytesPerSec: r.bytesSent > 0 ? r.bytesSent / secs : undefined, changedBytes: r.bytesSent }, new Date()));
       if (r.peerRepaired) this.o.log.warn({ volume: v.name, peer, blocksRepaired: r.peerRepaired }, "healed blocks the peer's verify found damaged, with this store's copies");
-      await updateVolumeState(store, v.name, { lastGood: cur.pointTime, lastReplicated: snap.id });
+      await updateVolumeState(store, v.name, { lastGood: cur.pointTime, lastReplicated: snap.id, held: null });
       cur = { ...cur, done: [...cur.done, v.name] };
       await saveCheckpoint(store, cur);
     }
     cur = { ...cur, step: 'retention', done: [] };
     await saveCheckpoint(store, cur);
     return cur;
+  }
+
+  /** Record that `peer` refuses pushes of `volume` (see the module comment). */
+  private async hold(volume: string, peer: string, e: TandemError): Promise<void> {
+    const { store, clock, log } = this.o;
+    const now = new Date(clock.now()).toISOString();
+    const before = (await readVolumeState(store, volume)).held;
+    const since = before !== null && before.peer === peer ? before.since : now;
+    await updateVolumeState(store, volume, { held: { peer, code: e.code, message: e.message, since, checkedAt: now } });
+    log.warn({ volume, peer, err: errorInfo(e), checkEveryMs: HOLD_PROBE_MS }, 'replication held: the peer refuses pushes of the volume; no snapshot or push is scheduled until it takes them again');
   }
 
   private async exportStep(unit: Unit, cp: JobCheckpoint, signal: AbortSignal): Promise<JobCheckpoint> {

@@ -36,10 +36,27 @@ export interface VolumeState {
   readonly lastExported: string | null;
   readonly lastSeen: string | null;
   readonly lastJob: JobOutcome | null;
+  /** Set while the replication peer refuses pushes of the volume (runner.ts, "held"). */
+  readonly held: HeldReplication | null;
+}
+
+/**
+ * A volume whose pushes the peer refuses for a reason a retry does not change (the volume runs
+ * in EC2 after a failover, or another appliance is its source there): its scheduled jobs stop
+ * (no snapshot, no push) until a check finds the peer takes pushes of it again.
+ */
+export interface HeldReplication {
+  readonly peer: string;
+  /** The peer's refusal: ERR_VOLUME_FAILED_OVER or ERR_VOLUME_NAME_TAKEN, and what to do. */
+  readonly code: string;
+  readonly message: string;
+  /** First refusal and last check, ISO (scheduler clock). */
+  readonly since: string;
+  readonly checkedAt: string;
 }
 
 export const EMPTY_VOLUME_STATE: VolumeState = {
-  lastGood: null, lastSnapshot: null, lastReplicated: null, lastExported: null, lastSeen: null, lastJob: null,
+  lastGood: null, lastSnapshot: null, lastReplicated: null, lastExported: null, lastSeen: null, lastJob: null, held: null,
 };
 
 export type JobStep = 'snapshot' | 'replicate' | 'export' | 'retention';
@@ -78,6 +95,12 @@ export async function updateVolumeState(store: MetaStore, volume: string, patch:
   const next = { ...(await readVolumeState(store, volume)), ...patch };
   await store.putMeta(STATE_NS, volume, next);
   return next;
+}
+
+/** The peer took a push of `volume` (or its failback completed): it is no longer held for `peer`. */
+export async function releaseHold(store: MetaStore, volume: string, peer: string): Promise<void> {
+  const st = await readVolumeState(store, volume);
+  if (st.held !== null && st.held.peer === peer) await updateVolumeState(store, volume, { held: null });
 }
 
 export async function readRates(store: Pick<MetaStore, 'getMeta'>, volume: string): Promise<Rates> {

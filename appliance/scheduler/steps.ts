@@ -9,6 +9,9 @@ import type { Home } from '../home.js';
 import type { Config } from '../config/index.js';
 import type { JobSteps } from './runner.js';
 
+/** The root a push of a volume without snapshots asks about (matches no snapshot). */
+const ZERO_ROOT = '0'.repeat(64);
+
 /** Meta namespace and key format of the sync base (appliance/replicate.ts). */
 const SYNC_BASE_NS = 'sync-base';
 
@@ -60,6 +63,24 @@ export function applianceSteps(home: Home, store: Store, config: () => Config | 
       const { parseSize } = await import('../cli/output.js');
       const r = await pushSnapshot(home, store, snap, peer, { signal, ...(bw ? { bwlimit: parseSize(bw) } : {}) });
       return { bytesSent: r.bytesSent, peerRepaired: r.peerRepaired };
+    },
+    pushRefusal: async (volume, peerName) => {
+      const { getPeer, connectPeer } = await import('../peers.js');
+      const { HOLD_CODES } = await import('./runner.js');
+      const { isTandemError } = await import('../../common/errors.js');
+      const latest = await store.latestSnapshot(volume);
+      const remote = connectPeer(await getPeer(store, peerName));
+      try {
+        // The lock request a push starts with: the peer answers it with its refusal, if any.
+        await remote.lockVolume(volume, home.identity.id, { ifRoot: latest?.root ?? ZERO_ROOT });
+        return null;
+      } catch (e) {
+        if (isTandemError(e) && HOLD_CODES.has(e.code)) return { code: e.code, message: e.message };
+        throw e;
+      } finally {
+        await remote.releaseVolume().catch(() => {});
+        await remote.close();
+      }
     },
     exportEbs: async (_volume, snap, signal) => {
       const { exportSnapshot } = await import('../ebs/index.js');

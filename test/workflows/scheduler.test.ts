@@ -7,8 +7,13 @@ import { join } from 'node:path';
 import { Home } from '../../appliance/home.js';
 import { addVolume } from '../../appliance/ops.js';
 import { loadConfig, type Config } from '../../appliance/config/index.js';
-import { FakeClock, Scheduler, applianceSteps, expectedDurationMs, nextStart, readRates, readVolumeState, listCheckpoints, type Log } from '../../appliance/scheduler/index.js';
-import { computeStatus } from '../../appliance/status.js';
+import { FakeClock, Scheduler, applianceSteps, HOLD_PROBE_MS, expectedDurationMs, nextStart, readRates, readVolumeState, listCheckpoints, type Log } from '../../appliance/scheduler/index.js';
+import { computeStatus, BreachNotifier } from '../../appliance/status.js';
+import { createMetrics } from '../../appliance/metrics.js';
+import { cli, initHome, pair, startServe, tempDir } from '../helpers/appliance.js';
+import { createServer } from 'node:http';
+import { once } from 'node:events';
+import type { AddressInfo } from 'node:net';
 
 const MiB = 1024 * 1024;
 const H = 3_600_000;
@@ -246,4 +251,108 @@ assign:
   assert.equal(cps[0]!.step, 'snapshot');
   assert.equal((await store.listSnapshots('v')).length, 0);
   assert.ok(lines.some((l) => l.includes('job interrupted; checkpoint kept')), lines.join('\n'));
+});
+
+test('a peer that refuses pushes holds the volume: no snapshot or push until it takes them again (asked every minute); status, metrics and an alert say why', async (t) => {
+  const b = await initHome(t, 'cloud');
+  const sb = await startServe(t, b);
+  // Another site pushed a volume of the same name first: the cloud refuses ours (ERR_VOLUME_NAME_TAKEN).
+  const dir = tempDir(t, 'tandem-held-');
+  const site2 = await initHome(t, 'site2');
+  await pair(site2, 'cloud', b, sb);
+  assert.equal((await cli(site2, 'volume', 'add', 'db', '--path', image(dir, 'site2.img', MiB))).code, 0);
+  assert.equal((await cli(site2, 'sync', 'db', '--peer', 'cloud')).code, 0);
+
+  const a = await initHome(t, 'onprem');
+  await pair(a, 'cloud', b, sb);
+  assert.equal((await cli(a, 'volume', 'add', 'db', '--path', image(dir, 'db.img', 2 * MiB))).code, 0);
+  const home = Home.load(a.dir);
+  writeFileSync(home.paths.config, 'appliance:\n  name: onprem\npolicies:\n  p: { rpo: 1h }\nassign:\n  - match: "*"\n    policy: p\nreplication: { peer: cloud }\n');
+  const store = await home.openStore();
+  t.after(() => store.close());
+
+  const hooks: Array<{ event: string; status: { replicationHeld: { code: string } | null } }> = [];
+  const webhook = createServer((req, res) => {
+    let body = '';
+    req.on('data', (c) => (body += c));
+    req.on('end', () => { hooks.push(JSON.parse(body)); res.end(); });
+  }).listen(0, '127.0.0.1');
+  await once(webhook, 'listening');
+  t.after(() => webhook.close());
+  const hookUrl = `http://127.0.0.1:${(webhook.address() as AddressInfo).port}/hook`;
+  const notifier = new BreachNotifier('onprem');
+
+  const clock = new FakeClock(START);
+  let config: Config | null = null;
+  const lines: string[] = [];
+  const ends: string[] = [];
+  const sched = new Scheduler({
+    store, clock, log: quietLog(lines), steps: applianceSteps(home, store, () => config),
+    loadConfig: async () => (config = await loadConfig(home)), rescanMs: 24 * H,
+    onJobEnd: (unit, o) => void ends.push(`${unit}:${o.held ? 'held' : o.ok}`),
+  });
+  t.after(() => sched.stop(1000));
+  const idle = async (): Promise<number> => {
+    for (let i = 0; i < 20; i++) {
+      const until = await clock.nextSleep();
+      if (sched.runningUnits().length === 0) return until;
+    }
+    throw new Error(`scheduler never went idle: ${lines.join('\n')}`);
+  };
+
+  // 1. The job snapshots, the push is refused: held, no backoff, next check a minute later.
+  const first = idle();
+  sched.start();
+  let wake = await first;
+  assert.deepEqual(ends, ['volume:db:false'], lines.join('\n'));
+  let st = await readVolumeState(store, 'db');
+  assert.equal(st.held?.code, 'ERR_VOLUME_NAME_TAKEN', lines.join('\n'));
+  assert.equal(st.held?.peer, 'cloud');
+  assert.equal(st.held?.since, new Date(START).toISOString());
+  assert.equal(st.lastJob?.error?.code, 'ERR_VOLUME_NAME_TAKEN');
+  assert.equal(wake, START + HOLD_PROBE_MS, 'asked again after a minute, not after the failure backoff');
+  assert.ok(lines.some((l) => l.startsWith('warn replication held')), lines.join('\n'));
+  assert.equal((await store.listSnapshots('db')).length, 1);
+  let [s] = await computeStatus(store, config!, clock.now(), 'db');
+  assert.equal(s!.replicationHeld?.code, 'ERR_VOLUME_NAME_TAKEN');
+  const sent = await notifier.check([s!], hookUrl, clock.now());
+  assert.deepEqual(sent.errors, []);
+  assert.deepEqual(hooks.map((h) => h.event).sort(), ['replication_held', 'rpo_breached']);
+  assert.equal(hooks.find((h) => h.event === 'replication_held')!.status.replicationHeld?.code, 'ERR_VOLUME_NAME_TAKEN');
+  const m = createMetrics(async () => [s!], () => []);
+  assert.match((await m.render()).body, /tandem_replication_held\{volume="db",policy="p"\} 1/);
+
+  // 2. Still refused: the check is all that happens (no snapshot, no rescan of the volume).
+  for (let round = 1; round <= 3; round++) {
+    const next = idle();
+    clock.advanceTo(wake);
+    const at = clock.now();
+    wake = await next;
+    assert.equal(ends.at(-1), 'volume:db:held', lines.join('\n'));
+    assert.equal(wake, at + HOLD_PROBE_MS);
+    st = await readVolumeState(store, 'db');
+    assert.equal(st.held?.checkedAt, new Date(at).toISOString());
+    assert.equal(st.held?.since, new Date(START).toISOString());
+  }
+  assert.equal((await store.listSnapshots('db')).length, 1, 'no snapshot while held');
+  assert.deepEqual((await notifier.check(await computeStatus(store, config!, clock.now(), 'db'), hookUrl, clock.now())).sent, [], 'one alert per hold');
+
+  // 3. The cloud forgets the other site's volume: the next check finds pushes taken, the job runs.
+  assert.equal((await cli(b, 'volume', 'remove', 'db')).code, 0);
+  const next = idle();
+  clock.advanceTo(wake);
+  wake = await next;
+  assert.equal(ends.at(-1), 'volume:db:true', lines.join('\n'));
+  assert.ok(lines.some((l) => l.startsWith('info the peer takes pushes of the volume again')), lines.join('\n'));
+  st = await readVolumeState(store, 'db');
+  assert.equal(st.held, null);
+  const snaps = await store.listSnapshots('db');
+  assert.equal(snaps.length, 2);
+  assert.equal(st.lastReplicated, snaps[1]!.id);
+  const onCloud = await cli(b, 'snapshots', 'db');
+  assert.equal(onCloud.json.at(-1).root, snaps[1]!.root, 'the cloud holds our snapshot now');
+  assert.ok(wake > clock.now() + HOLD_PROBE_MS, 'back on the RPO schedule');
+  [s] = await computeStatus(store, config!, clock.now(), 'db');
+  assert.equal(s!.replicationHeld, null);
+  assert.equal(s!.rpoState, 'OK');
 });

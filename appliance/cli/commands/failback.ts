@@ -61,6 +61,9 @@ export function define(program: Command): void {
         } finally {
           await remote2.close();
         }
+        // The cloud takes pushes of the volume again: the daemon's replication of it resumes.
+        const { releaseHold } = await import('../../scheduler/state.js');
+        await releaseHold(store, vol, peerName);
         const a = sync.applied;
         const text = [
           `failback of ${vol} from ${peerName}: done, verified`,

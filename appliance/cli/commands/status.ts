@@ -49,7 +49,10 @@ export function define(program: Command): void {
         const failedOver = volumes.flatMap((v) => v.failedOver
           ? [`${v.volume} runs in EC2 since ${v.failedOver.since} (failover ${v.failedOver.run}, instance ${v.failedOver.instanceId}): pushes of it are refused until \`appliance failback ${v.volume}\` on-prem, or \`appliance failover ${v.volume} --end\` here`]
           : []);
-        const text = [table, ...failedOver, ...(only === undefined ? [verifyLine(verify, now, formatAge, formatBytes)] : [])].join('\n');
+        const held = volumes.flatMap((v) => v.replicationHeld
+          ? [`${v.volume}: replication to ${v.replicationHeld.peer} held since ${v.replicationHeld.since} (${v.replicationHeld.code}; asked again every minute, last ${formatAge(v.replicationHeld.checkedAt, now)}): ${v.replicationHeld.message}`]
+          : []);
+        const text = [table, ...failedOver, ...held, ...(only === undefined ? [verifyLine(verify, now, formatAge, formatBytes)] : [])].join('\n');
         return { json: { appliance: home.identity.name, at: new Date(now).toISOString(), volumes, verify }, text };
       });
     }));
