@@ -116,11 +116,15 @@ export async function addVolume(store: Store, opts: AddVolumeOptions): Promise<V
  * Unregister a volume and delete its snapshots (their space comes back at `appliance gc`).
  * Takes the volume lock so it cannot pull a volume from under a running snapshot or restore.
  */
-export async function removeVolume(home: Home, store: Store, name: string): Promise<VolumeRecord> {
+export async function removeVolume(home: Home, store: Store, name: string, opts: { force?: boolean } = {}): Promise<VolumeRecord> {
   const vol = await requireVolume(store, name);
   const release = home.lockVolume(name, 'remove');
   try {
+    // Held snapshots stay unless the operator says so (appliance/snapshot-admin.ts).
+    const { checkNoHolds, dropHolds } = await import('./snapshot-admin.js');
+    if (opts.force !== true) await checkNoHolds(store, name);
     await store.removeVolume(name);
+    await dropHolds(store, name);
     // A volume received from a peer: the next push of that name may come from any appliance.
     await store.deleteMeta(SOURCES_NS, name);
   } finally {

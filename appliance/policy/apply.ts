@@ -20,11 +20,20 @@ export interface RetentionResult {
 }
 
 /**
- * Meta namespaces whose records name snapshots that incremental transfers build on: the base
- * of the last sync with a peer, the last EBS export and import (failback lineage), and the
- * scheduler's last replicated point.
+ * Meta namespaces whose records name snapshots that must stay: those an operator holds
+ * (appliance/snapshot-admin.ts), and those incremental transfers build on: the base of the last
+ * sync with a peer, the last EBS export and import (failback lineage), and the scheduler's last
+ * replicated point. Each with what it means, for an operator told why a snapshot stays.
  */
-const PIN_NAMESPACES = ['sync-base', 'replication', 'ebs-exports', 'ebs-pending', 'ebs-imports', 'scheduler'] as const;
+const PIN_NAMESPACES = {
+  holds: 'held (release it with `appliance snapshots VOL --release ID`)',
+  'sync-base': 'the common base of the next incremental sync with a peer',
+  replication: 'the last replicated point',
+  'ebs-exports': 'the parent of the next incremental EBS export',
+  'ebs-pending': 'an EBS export in progress',
+  'ebs-imports': 'the base of the next incremental EBS import',
+  scheduler: "the daemon's last replicated or exported point",
+} as const;
 /** Record fields that hold a snapshot id in those namespaces. */
 const PIN_FIELD = /^(snapshot|snapshotId|base|baseSnapshot|tandemSnapshot|baseTandemSnapshot|lastReplicated|lastExported)$/;
 
@@ -39,21 +48,28 @@ function collectIds(v: unknown, out: Set<string>, depth = 0): void {
 }
 
 /**
- * Snapshot ids of `volume` that other modules build on (see PIN_NAMESPACES). Records are keyed
- * by volume name, optionally followed by `:`, `/` or `@` and a peer or export name.
+ * Snapshot ids of `volume` that must stay (see PIN_NAMESPACES), each with why. Records are keyed
+ * by volume name, optionally followed by `:`, `/` or `@` and a peer, export or snapshot name.
  */
-export async function pinnedSnapshots(store: Pick<RetentionStore, 'listMeta'>, volume: string): Promise<Set<string>> {
-  const out = new Set<string>();
-  for (const ns of PIN_NAMESPACES) {
+export async function snapshotPins(store: Pick<RetentionStore, 'listMeta'>, volume: string): Promise<Map<string, string[]>> {
+  const out = new Map<string, string[]>();
+  for (const [ns, why] of Object.entries(PIN_NAMESPACES)) {
+    const ids = new Set<string>();
     for (const [key, value] of await store.listMeta<unknown>(ns)) {
       const owner = key.split(/[:/@]/)[0];
       if (key === volume || owner === volume) {
-        if (typeof value === 'string') out.add(value);
-        else collectIds(value, out);
+        if (typeof value === 'string') ids.add(value);
+        else collectIds(value, ids);
       }
     }
+    for (const id of ids) out.set(id, [...(out.get(id) ?? []), why]);
   }
   return out;
+}
+
+/** The ids of {@link snapshotPins}. */
+export async function pinnedSnapshots(store: Pick<RetentionStore, 'listMeta'>, volume: string): Promise<Set<string>> {
+  return new Set((await snapshotPins(store, volume)).keys());
 }
 
 /**

@@ -4,8 +4,8 @@
  * For each period (hour, day, ISO week, month; UTC) the snapshots are grouped into buckets; the
  * newest snapshot of each of the newest N buckets that hold one is kept (N = the policy's count
  * for that period). `last: N` keeps the newest N snapshots. The union is kept, plus, always:
- * the newest snapshot, every pinned snapshot (a sync base or the last EBS export: deleting them
- * would force a full transfer), and any snapshot dated after `now` (clock skew between peers:
+ * the newest snapshot, every pinned snapshot (one an operator holds; a sync base or the last EBS
+ * export: deleting them would force a full transfer), and any snapshot dated after `now` (clock skew between peers:
  * it cannot be bucketed fairly yet).
  */
 import type { RawRetention } from '../config/schema.js';

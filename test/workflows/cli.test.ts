@@ -64,3 +64,87 @@ test('config check, status, retention, discover --write and cost from the comman
   assert.ok(cost.json.dr.monthly > 0);
   assert.ok(cost.json.dr.lines.every((l: { explain: string }) => l.explain.length > 0));
 });
+
+test('snapshots --hold keeps a snapshot from retention, --delete and volume remove until --release; --delete is all or none and spares the newest and bases unless --force', async (t) => {
+  const work = tempDir(t, 'tandem-wf-holds-');
+  const a = await initHome(t, 'onprem');
+  const img = join(work, 'app.img');
+  const contents: Buffer[] = [];
+  const ids: string[] = [];
+  for (let i = 0; i < 5; i++) {
+    contents.push(randomBytes(MiB));
+    writeFileSync(img, contents[i]!);
+    if (i === 0) assert.equal((await cli(a, 'volume', 'add', 'app', '--path', img)).code, 0);
+    const s = await cli(a, 'snapshot', 'app');
+    assert.equal(s.code, 0, s.stderr);
+    ids.push(s.json.snapshot.id);
+  }
+  const list = async () => (await cli(a, 'snapshots', 'app')).json.map((s: { id: string }) => s.id);
+
+  const held = await cli(a, 'snapshots', 'app', '--hold', ids[0]!, '--reason', 'last clean point before the incident');
+  assert.equal(held.code, 0, held.stderr);
+  assert.equal(held.json.held.reason, 'last clean point before the incident');
+  const listed = (await cli(a, 'snapshots', 'app')).json;
+  assert.deepEqual(listed.map((s: { held: { reason: string } | null }) => s.held?.reason ?? null), ['last clean point before the incident', null, null, null, null]);
+
+  // Retention keeps the held one and the newest.
+  const cfg = join(a.dir, 'config.yaml');
+  writeFileSync(cfg, `${readFileSync(cfg, 'utf8')}policies:\n  p:\n    rpo: 1h\n    retention: { last: 1 }\nassign:\n  - match: "*"\n    policy: p\n`);
+  const ret = await cli(a, 'retention', 'app');
+  assert.equal(ret.code, 0, ret.stderr);
+  assert.deepEqual(await list(), [ids[0], ids[4]]);
+
+  // Held: refused even with --force, and nothing else in the same command is deleted.
+  for (let i = 5; i < 7; i++) {
+    contents.push(randomBytes(MiB));
+    writeFileSync(img, contents[i]!);
+    const s = await cli(a, 'snapshot', 'app');
+    ids.push(s.json.snapshot.id);
+  }
+  const before = await list();
+  const refused = await cli(a, 'snapshots', 'app', '--delete', ids[4]!, ids[0]!, '--force');
+  assert.equal(refused.code, 1);
+  assert.equal(refused.json.error.code, 'ERR_SNAPSHOT_HELD');
+  assert.match(refused.json.error.message, /last clean point before the incident.*--release/);
+  assert.deepEqual(await list(), before, 'nothing was deleted');
+  // An unknown id: nothing deleted either.
+  const unknown = await cli(a, 'snapshots', 'app', '--delete', ids[4]!, '20260101T000000.000Z-000000');
+  assert.equal(unknown.json.error.code, 'ERR_SNAPSHOT_NOT_FOUND');
+  assert.deepEqual(await list(), before);
+  // The newest is the latest recovery point: only with --force.
+  const newest = await cli(a, 'snapshots', 'app', '--delete', ids[6]!);
+  assert.equal(newest.code, 1);
+  assert.equal(newest.json.error.code, 'ERR_SNAPSHOT_IN_USE');
+  assert.match(newest.json.error.message, /newest/);
+  const del = await cli(a, 'snapshots', 'app', '--delete', ids[4]!, ids[6]!, '--force');
+  assert.equal(del.code, 0, del.stderr);
+  assert.deepEqual(del.json.deleted, [ids[4], ids[6]]);
+  assert.deepEqual(await list(), [ids[0], ids[5]]);
+  assert.equal((await cli(a, 'gc')).code, 0);
+  const out = join(work, 'held.img');
+  assert.equal((await cli(a, 'restore', `app@${ids[0]}`, '--to', out)).code, 0);
+  assert.ok(readFileSync(out).equals(contents[0]!), 'the held snapshot restores exactly after gc');
+  assert.equal((await cli(a, 'verify')).code, 0);
+
+  // volume remove: refused while a snapshot is held; --force removes it with its holds.
+  const rm = await cli(a, 'volume', 'remove', 'app');
+  assert.equal(rm.code, 1);
+  assert.equal(rm.json.error.code, 'ERR_SNAPSHOT_HELD');
+  assert.deepEqual(await list(), [ids[0], ids[5]]);
+  const rel = await cli(a, 'snapshots', 'app', '--release', ids[0]!);
+  assert.equal(rel.json.released, true);
+  assert.equal((await cli(a, 'snapshots', 'app', '--release', ids[0]!)).json.released, false);
+  assert.equal((await cli(a, 'snapshots', 'app', '--hold', ids[5]!)).code, 0);
+  assert.equal((await cli(a, 'volume', 'remove', 'app', '--force')).code, 0);
+  assert.equal((await cli(a, 'volume', 'add', 'app', '--path', img)).code, 0);
+  assert.equal((await cli(a, 'snapshot', 'app')).code, 0);
+  assert.deepEqual((await cli(a, 'snapshots', 'app')).json.map((s: { held: unknown }) => s.held), [null], 'the removed volume\'s holds went with it');
+
+  // Usage errors: exit 2, nothing done.
+  for (const args of [['--hold', ids[5]!, '--release', ids[5]!], ['--reason', 'x'], ['--force'], ['--hold', ids[5]!, '--reason', 'a\nb']]) {
+    const u = await cli(a, 'snapshots', 'app', ...args);
+    assert.equal(u.code, 2, `${args.join(' ')}: ${u.stderr}`);
+  }
+  const missing = await cli(a, 'snapshots', 'app', '--hold', '20260101T000000.000Z-000000');
+  assert.equal(missing.json.error.code, 'ERR_SNAPSHOT_NOT_FOUND');
+});

@@ -76,7 +76,7 @@ test('applyRetention on a real store deletes what the policy drops and never the
   const { randomBytes } = await import('node:crypto');
   const { Home } = await import('../../appliance/home.js');
   const { addVolume, snapshotVolume } = await import('../../appliance/ops.js');
-  const { applyRetention, pinnedSnapshots } = await import('../../appliance/policy/index.js');
+  const { applyRetention, pinnedSnapshots, snapshotPins } = await import('../../appliance/policy/index.js');
   const dir = mkdtempSync(join(tmpdir(), 'tandem-ret-'));
   const home = await Home.init(join(dir, 'home'), 'onprem');
   const store = await home.openStore();
@@ -96,6 +96,9 @@ test('applyRetention on a real store deletes what the policy drops and never the
   await store.putMeta('ebs-exports', 'v', [{ ebsSnapshotId: 'snap-1', tandemSnapshot: ids[0] }, { ebsSnapshotId: 'snap-2', tandemSnapshot: ids[2] }]);
   await store.putMeta('sync-base', 'vx@cloud', { snapshot: ids[3], root: 'y', direction: 'push', at: new Date().toISOString() });
   assert.deepEqual([...await pinnedSnapshots(store, 'v')].sort(), [ids[1], ids[2]].sort(), 'only v, only the newest export');
+  const why = await snapshotPins(store, 'v');
+  assert.match(why.get(ids[1]!)!.join(), /next incremental sync/);
+  assert.match(why.get(ids[2]!)!.join(), /next incremental EBS export/);
   const policy = { name: 'p', rpoMs: 3_600_000, rtoMs: null, retention: { last: 1 }, export: null };
   const r = await applyRetention(store, 'v', policy);
   assert.deepEqual(r.deleted.sort(), [ids[0], ids[3]].sort());

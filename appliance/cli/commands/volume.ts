@@ -70,10 +70,12 @@ export function define(program: Command): void {
 
   volume
     .command('remove <vol>')
-    .description('unregister VOL and delete its snapshots (space is reclaimed by `appliance gc`)')
-    .action(run(async (g, _cmd, [name]) => {
+    .description('unregister VOL and delete its snapshots (space is reclaimed by `appliance gc`); refused while one is held')
+    .option('--force', 'remove it with its held snapshots too')
+    .action(run(async (g, cmd, [name]) => {
       const { withHomeStore, removeVolume } = await import('../../ops.js');
-      const rec = await withHomeStore(g.home, (home, store) => removeVolume(home, store, name as string));
+      const force = cmd.opts<{ force?: boolean }>().force === true;
+      const rec = await withHomeStore(g.home, (home, store) => removeVolume(home, store, name as string, { force }));
       return { json: { removed: rec.name }, text: `removed volume "${rec.name}" and its snapshots; run \`appliance gc\` to reclaim their space` };
     }));
 }
