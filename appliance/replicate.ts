@@ -22,7 +22,7 @@ import type { Store } from '../store/index.js';
 import type { Hash, SnapshotRecord, VolumeRecord } from '../store/types.js';
 import { copySnapshot, type CopyResult } from '../sync/engine.js';
 import { EarlySender } from '../sync/early.js';
-import type { RemotePeer } from '../api/client.js';
+import type { LockAnswer, RemotePeer } from '../api/client.js';
 import type { Home } from './home.js';
 import { connectPeer, getPeer } from './peers.js';
 import { trace } from '../sync/trace.js';
@@ -189,7 +189,7 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   if (!vol) throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${volume}" on this appliance; register it with \`appliance volume add ${volume} --path PATH\``, { details: { volume } });
   // A peer that refuses this sync outright stops the scan as soon as that is known, rather than
   // after minutes of reading a large volume (see refusalWatch).
-  const refusal = refusalWatch(remote, volume, peer, opts);
+  const refusal = refusalWatch(remote, vol, peer, home.identity.id, opts);
   // The TCP + TLS handshake with the peer runs while the local snapshot is taken.
   if (!opts.dryRun) remote.warmUp(refusal.peerError);
   const { snapshotVolumeHooked } = await import('./ops.js');
@@ -226,6 +226,8 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   } finally {
     refusal.end();
   }
+  // The probe's lease (if it took one) is gone before ours is taken: one holder, one lease.
+  await refusal.settled();
   const copyOpts = { onProgress: transferProgress(opts), ...(opts.signal ? { signal: opts.signal } : {}) };
   if (opts.dryRun) {
     const latest = await remote.latestSnapshot(volume);
@@ -242,6 +244,10 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
     throw e;
   }
   trace(`peer lock answered (upToDate=${lock.upToDate})`);
+  if (lock.latest && lock.latest.blockSize !== vol.blockSize) {
+    await early?.finish(false);
+    throw blockSizeMismatch(vol, peer, lock.latest);
+  }
   await early?.finish();
   trace('early sending ended');
   if (lock.upToDate && lock.latest) {
@@ -266,12 +272,29 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
  * not its token, its certificate is not the pinned one, or it is no Tandem appliance of this
  * protocol. Unreachable or busy is not among them: a peer can come back during a long scan.
  */
-const REFUSALS: ReadonlySet<string> = new Set(['ERR_UNAUTHORIZED', 'ERR_PEER_FINGERPRINT', 'ERR_PEER_PROTOCOL']);
+const REFUSALS: ReadonlySet<string> = new Set([
+  'ERR_UNAUTHORIZED', 'ERR_PEER_FINGERPRINT', 'ERR_PEER_PROTOCOL',
+  // Told by the probe's lock request: the peer takes no push of this volume.
+  'ERR_VOLUME_FAILED_OVER', 'ERR_VOLUME_NAME_TAKEN', 'ERR_BLOCK_SIZE_MISMATCH',
+]);
+
+/** The root a probe's lock request names: no snapshot has it, so the answer is never upToDate. */
+const NO_ROOT = '0'.repeat(64);
+
+function blockSizeMismatch(vol: VolumeRecord, peer: string, theirs: SnapshotRecord): TandemError {
+  return new TandemError(
+    'ERR_BLOCK_SIZE_MISMATCH',
+    `peer ${peer} holds "${vol.name}" in blocks of ${theirs.blockSize} bytes, this appliance in blocks of ${vol.blockSize}: the trees cannot be compared and the peer would refuse the snapshot; nothing was committed. Register the volume here with \`--block-size ${theirs.blockSize}\`, or remove it on ${peer} (\`appliance volume remove ${vol.name}\` there) to replicate it anew`,
+    { details: { volume: vol.name, peer, blockSize: vol.blockSize, peerBlockSize: theirs.blockSize } },
+  );
+}
 
 /**
- * A scan still running after this long asks the peer once (its latest snapshot of the volume)
- * unless early sending has asked already, so that a refusal ends even a scan with nothing new
- * to send. Short syncs (a change list, a no-op) are over before it: they make no extra request.
+ * A scan still running after this long asks the peer once whether it takes a push of the volume
+ * (the lock request a push starts with, and the release of the lease it got), so that a refusal
+ * ends the scan whatever early sending does: a token or certificate it does not take, a volume
+ * that runs in EC2 after a failover, another appliance's volume of that name, another block
+ * size. Short syncs (a change list, a no-op) are over before it: they make no extra request.
  * `TANDEM_PEER_PROBE_MS` sets it (tests; a negative value turns the probe off).
  */
 const PROBE_AFTER_MS = Number(process.env.TANDEM_PEER_PROBE_MS ?? 1000);
@@ -285,7 +308,7 @@ const PROBE_AFTER_MS = Number(process.env.TANDEM_PEER_PROBE_MS ?? 1000);
  * only a notice: the scan goes on, and the sync tries the peer again when it ends. `end()` once
  * the scan is over: later failures are met by the sync's own requests.
  */
-function refusalWatch(remote: RemotePeer, volume: string, peer: string, opts: Pick<SyncOptions, 'signal' | 'onNotice'>) {
+function refusalWatch(remote: RemotePeer, vol: VolumeRecord, peer: string, holder: string, opts: Pick<SyncOptions, 'signal' | 'onNotice' | 'dryRun'>) {
   const ctl = new AbortController();
   let scanning = true;
   let told = false;
@@ -306,10 +329,24 @@ function refusalWatch(remote: RemotePeer, volume: string, peer: string, opts: Pi
   const follow = () => ctl.abort(outer!.reason);
   if (outer?.aborted) follow();
   else outer?.addEventListener('abort', follow, { once: true });
+  let probing: Promise<void> = Promise.resolve();
+  const ask = async (): Promise<void> => {
+    let latest: SnapshotRecord | null;
+    if (opts.dryRun) {
+      latest = await remote.latestSnapshot(vol.name); // a dry run takes no lease, not even for a moment
+    } else {
+      // Not through lockVolume: this lease is not the sync's, and is released at once.
+      const path = `/v1/volumes/${encodeURIComponent(vol.name)}/lock`;
+      const a = await remote.request<LockAnswer>('POST', path, { holder, ifRoot: NO_ROOT });
+      if (a.lease) await remote.request('DELETE', `${path}/${a.lease}`, undefined, true).catch(() => undefined);
+      latest = a.latest;
+    }
+    if (latest && latest.blockSize !== vol.blockSize) throw blockSizeMismatch(vol, peer, latest);
+  };
   const probe =
     PROBE_AFTER_MS >= 0
       ? setTimeout(() => {
-          if (scanning && remote.requests === 0) void remote.latestSnapshot(volume).then(() => undefined, peerError);
+          if (scanning) probing = ask().catch(peerError);
         }, PROBE_AFTER_MS)
       : undefined;
   return {
@@ -320,6 +357,8 @@ function refusalWatch(remote: RemotePeer, volume: string, peer: string, opts: Pi
       clearTimeout(probe);
       outer?.removeEventListener('abort', follow);
     },
+    /** Resolves when the probe, if one was sent, has its answer (and its lease is released). */
+    settled: (): Promise<void> => probing,
   };
 }
 

@@ -56,6 +56,7 @@ export const CATALOG = {
   ERR_VOLUME_FAILED_OVER: { http: 409, exit: 1, summary: 'the volume runs in EC2 after a failover: no push of it and no second failover until failback or `failover VOL --end`' },
   ERR_CHANGED_BLOCKS_INVALID: { http: 400, exit: 2, summary: 'the changed-blocks file is malformed' },
   ERR_BLOCK_SIZE_INVALID: { http: 400, exit: 2, summary: 'the block size is not a supported value' },
+  ERR_BLOCK_SIZE_MISMATCH: { http: 409, exit: 1, summary: 'the two appliances hold the volume in blocks of different sizes' },
 
   // --- peers, sync, API -----------------------------------------------------------------
   ERR_UNAUTHORIZED: { http: 401, exit: 1, summary: 'missing or wrong API token' },

@@ -764,7 +764,7 @@ export class Store implements ReplicaStore {
       if (!vol) {
         batch.put(volumeKey(r.volume), json({ name: r.volume, blockSize: r.blockSize, size: r.size, created: new Date().toISOString() } satisfies VolumeRecord));
       } else if (vol.blockSize !== r.blockSize) {
-        throw new TandemError('ERR_BLOCK_SIZE_INVALID', `snapshot ${r.volume}@${r.id} has block size ${r.blockSize} but volume ${r.volume} uses ${vol.blockSize}; use the same block size on both appliances`, { details: { volume: r.volume, snapshot: r.id } });
+        throw new TandemError('ERR_BLOCK_SIZE_MISMATCH', `snapshot ${r.volume}@${r.id} has block size ${r.blockSize} but volume ${r.volume} uses ${vol.blockSize}; use the same block size on both appliances`, { details: { volume: r.volume, snapshot: r.id } });
       } else if (vol.size !== r.size) {
         const latest = await this.latestSnapshot(r.volume);
         if (!latest || latest.id < r.id) batch.put(volumeKey(r.volume), json({ ...vol, size: r.size }));

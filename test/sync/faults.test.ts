@@ -151,6 +151,47 @@ test('a peer that refuses the sync (token, certificate) stops the scan at once: 
   assert.equal(await snapshots(), 2, 'the scan went on: its snapshot is kept');
 });
 
+test('a push the peer would refuse for this volume (another appliance is its source, another block size) stops during the scan: the probe asks with the lock request', async (t) => {
+  const { a, b, sb, dir } = await pairedWithVolume(t, 4096);
+  const peerB = peerClient(b, sb);
+  t.after(() => peerB.close());
+  const snapshots = async () => ((await cli(a, 'snapshots', 'vol')).json as unknown[]).length;
+  const probeNow = { env: { TANDEM_PEER_PROBE_MS: '0' } };
+  // Another site replicates a volume of the same name to b first.
+  const site2 = await initHome(t, 'site2');
+  await pair(site2, 'cloud', b, sb);
+  const img2 = join(dir, 'site2.img');
+  writeFileSync(img2, randomBytes(16 * 64 * 1024));
+  assert.equal((await cli(site2, 'volume', 'add', 'vol', '--path', img2, '--block-size', '64KiB')).code, 0);
+  assert.equal((await cli(site2, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const before = await peerB.stats();
+  const taken = await collect(spawnCli(['--home', a.dir, '--json', 'sync', 'vol', '--peer', 'cloud'], probeNow));
+  assert.equal(taken.code, 1, taken.stderr);
+  assert.equal(JSON.parse(taken.stdout).error.code, 'ERR_VOLUME_NAME_TAKEN');
+  assert.equal(await snapshots(), 0, 'the scan stopped at the refusal: no local snapshot');
+  const after = await peerB.stats();
+  assert.ok(after.blocksReceived - before.blocksReceived < 4096 / 2, `far fewer blocks than the volume travelled (${after.blocksReceived - before.blocksReceived} of 4096)`);
+
+  // The name is free again; a replicates, then registers the volume anew with another block size.
+  assert.equal((await cli(b, 'volume', 'remove', 'vol')).code, 0);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const onB = (await cli(b, 'snapshots', 'vol')).json;
+  const img = (await cli(a, 'volume', 'list')).json.find((v: { name: string }) => v.name === 'vol').path as string;
+  assert.equal((await cli(a, 'volume', 'remove', 'vol')).code, 0);
+  assert.equal((await cli(a, 'volume', 'add', 'vol', '--path', img, '--block-size', '128KiB')).code, 0);
+  const other = await collect(spawnCli(['--home', a.dir, '--json', 'sync', 'vol', '--peer', 'cloud'], probeNow));
+  assert.equal(other.code, 1, other.stderr);
+  const err = JSON.parse(other.stdout).error;
+  assert.equal(err.code, 'ERR_BLOCK_SIZE_MISMATCH');
+  assert.match(err.message, /blocks of 65536 bytes.*--block-size 65536/);
+  assert.equal(await snapshots(), 0);
+  // Without the probe (a scan shorter than it), the lock's answer stops the push before the engine sends anything.
+  const late = await collect(spawnCli(['--home', a.dir, '--json', 'sync', 'vol', '--peer', 'cloud'], { env: { TANDEM_PEER_PROBE_MS: '-1' } }));
+  assert.equal(late.code, 1, late.stderr);
+  assert.equal(JSON.parse(late.stdout).error.code, 'ERR_BLOCK_SIZE_MISMATCH');
+  assert.deepEqual((await cli(b, 'snapshots', 'vol')).json, onB, 'the peer committed nothing');
+});
+
 test('two concurrent syncs of one volume: the second gets ERR_VOLUME_LOCKED, locally and on the peer', async (t) => {
   const { a, b, sb, dir } = await pairedWithVolume(t, 64);
   const peerB = peerClient(b, sb);
