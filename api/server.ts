@@ -10,7 +10,7 @@
  * describe the API, they hold no data).
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
-import { chmodSync, rmSync } from 'node:fs';
+import { chmodSync, rmSync, statSync } from 'node:fs';
 import { createServer } from 'node:http';
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
 import { TandemError } from '../common/errors.js';
@@ -59,6 +59,47 @@ function digest(s: string): Buffer {
   return createHash('sha256').update(s).digest();
 }
 
+/** How often the token files are looked at again: a rotation takes effect within this. */
+const TOKEN_RECHECK_MS = 1000;
+
+/**
+ * The API tokens a request may carry: HOME/token and, during its grace period, the one a
+ * rotation replaced (Home.acceptedTokens). The files are read again when they change, so
+ * `appliance token rotate` takes effect in a running server without a restart.
+ */
+class TokenCheck {
+  private digests: Buffer[] = [];
+  private stamp = '';
+  private checked = 0;
+  private until = Infinity;
+
+  constructor(private readonly home: Home) {
+    this.reload(Date.now());
+  }
+
+  private reload(now: number): void {
+    const stat = (p: string) => statSync(p, { throwIfNoEntry: false });
+    const files = [stat(this.home.paths.token), stat(this.home.paths.previousToken)];
+    const stamp = files.map((f) => (f ? `${f.mtimeMs}:${f.size}:${f.ino}` : '-')).join('/');
+    this.checked = now;
+    if (stamp === this.stamp && now < this.until) return;
+    const tokens = this.home.acceptedTokens(now);
+    this.digests = tokens.map(digest);
+    this.stamp = stamp;
+    // The previous token's end is when the set changes without a file changing.
+    this.until = tokens.length > 1 ? now + TOKEN_RECHECK_MS : Infinity;
+  }
+
+  accepts(token: string): boolean {
+    const now = Date.now();
+    if (now - this.checked >= TOKEN_RECHECK_MS) this.reload(now);
+    const d = digest(token);
+    let ok = false;
+    for (const t of this.digests) ok = timingSafeEqual(d, t) || ok; // every one compared: no timing tell
+    return ok;
+  }
+}
+
 /** Build the API (not listening). */
 export function buildServer(opts: BuildServerOptions): FastifyInstance {
   const app = Fastify({
@@ -77,7 +118,7 @@ export function buildServer(opts: BuildServerOptions): FastifyInstance {
   const stats = newStats();
   const leases = new LeaseTable(opts.home, opts.leaseIdleMs);
   app.decorate('tandem', { stats, leases });
-  const token = digest(opts.home.token());
+  const tokens = new TokenCheck(opts.home);
 
   // Block streams are consumed as streams by their route (bounded memory), never buffered.
   app.addContentTypeParser('application/octet-stream', (_req, payload, done) => done(null, payload));
@@ -97,7 +138,7 @@ export function buildServer(opts: BuildServerOptions): FastifyInstance {
     if (PUBLIC_PREFIXES.some((p) => path === p || path.startsWith(p + '/'))) return;
     const auth = req.headers.authorization;
     const m = typeof auth === 'string' ? /^Bearer ([\x21-\x7e]{1,512})$/.exec(auth) : null;
-    if (!m || !timingSafeEqual(digest(m[1]!), token)) {
+    if (!m || !tokens.accepts(m[1]!)) {
       const err = new TandemError('ERR_UNAUTHORIZED', 'missing or wrong API token; send "Authorization: Bearer <token>" with the token `appliance init` printed for this appliance');
       return reply.status(401).send(errorAnswer(err));
     }

@@ -5,6 +5,7 @@
  * HOME/appliance.json   identity: {name, id, created}; written last by `init` (its presence = initialized)
  * HOME/config.yaml      operator configuration (policies, groups, hooks, recovery plans, prices)
  * HOME/token            API bearer token (0600)
+ * HOME/token.previous   after `appliance token rotate --grace D`: {token, until}, the token it replaced, still taken until then (0600)
  * HOME/tls/key.pem      TLS private key (0600), tls/cert.pem self-signed certificate
  * HOME/store/           the block store (store/README.md)
  * HOME/locks/           per-volume lock files (appliance/locks.ts)
@@ -31,6 +32,7 @@ export interface HomePaths {
   readonly identity: string;
   readonly config: string;
   readonly token: string;
+  readonly previousToken: string;
   readonly tlsKey: string;
   readonly tlsCert: string;
   readonly store: string;
@@ -43,6 +45,7 @@ export function homePaths(dir: string): HomePaths {
     identity: join(dir, 'appliance.json'),
     config: join(dir, 'config.yaml'),
     token: join(dir, 'token'),
+    previousToken: join(dir, 'token.previous'),
     tlsKey: join(dir, 'tls', 'key.pem'),
     tlsCert: join(dir, 'tls', 'cert.pem'),
     store: join(dir, 'store'),
@@ -132,6 +135,37 @@ export class Home {
 
   token(): string {
     return readFileSync(this.paths.token, 'utf8').trim();
+  }
+
+  /**
+   * The tokens the API takes at `now`: the current one, and the one a rotation replaced until its
+   * grace period ends.
+   */
+  acceptedTokens(now = Date.now()): string[] {
+    const out = [this.token()];
+    try {
+      const prev = JSON.parse(readFileSync(this.paths.previousToken, 'utf8')) as { token?: unknown; until?: unknown };
+      if (typeof prev.token === 'string' && typeof prev.until === 'string' && Date.parse(prev.until) > now) out.push(prev.token);
+    } catch {
+      // none (or unreadable: no previous token is taken)
+    }
+    return out;
+  }
+
+  /**
+   * Replace the API token with a new one. The old one is still taken for `graceMs` (so the peer
+   * can be given the new one with `appliance peer update` without a failed sync meanwhile); 0
+   * revokes it at once (a token that leaked). The new token is written last: a crash leaves the
+   * old one in force. Returns it and when the old one stops being taken.
+   */
+  rotateToken(graceMs: number): { token: string; previousUntil: string | null } {
+    const old = this.token();
+    const token = randomBytes(32).toString('base64url');
+    const until = graceMs > 0 ? new Date(Date.now() + graceMs).toISOString() : null;
+    if (until !== null) writeFileAtomic(this.paths.previousToken, JSON.stringify({ token: old, until }) + '\n', 0o600);
+    else rmSync(this.paths.previousToken, { force: true });
+    writeFileAtomic(this.paths.token, token + '\n', 0o600);
+    return { token, previousUntil: until };
   }
 
   tls(): { key: string; cert: string } {

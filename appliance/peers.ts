@@ -52,6 +52,12 @@ export async function assertNoPeer(store: PeerStore, name: string): Promise<void
   }
 }
 
+/** Replace a registered peer's record (ERR_PEER_NOT_FOUND if there is none). */
+export async function updatePeer(store: PeerStore, peer: PeerRecord): Promise<void> {
+  await getPeer(store, peer.name);
+  await store.putMeta(PEERS_NS, peer.name, { ...peer, updated: new Date().toISOString() });
+}
+
 /** Register a peer; ERR_PEER_EXISTS if the name is taken. */
 export async function addPeer(store: PeerStore, peer: PeerRecord): Promise<void> {
   await assertNoPeer(store, peer.name);

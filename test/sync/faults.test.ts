@@ -93,6 +93,54 @@ test('wrong token gets 401 and changes nothing; a wrong fingerprint is refused b
   assert.equal(http.code, 2, 'peers are reached over https only');
 });
 
+test('token rotate: the old token is taken through its grace period, then refused; peer update gives the peer the new one, checked first; --grace 0 revokes at once', async (t) => {
+  const { a, b } = await pairedWithVolume(t, 16);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const syncCode = async () => {
+    const r = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+    return r.code === 0 ? 'ok' : r.json?.error?.code;
+  };
+
+  // Rotated in the running server (the command is forwarded to it): the old token still works.
+  const rot = await cli(b, 'token', 'rotate', '--grace', '1h');
+  assert.equal(rot.code, 0, rot.stderr);
+  assert.notEqual(rot.json.token, b.token);
+  assert.ok(Date.parse(rot.json.previousUntil) > Date.now() + 3_000_000);
+  assert.equal(await syncCode(), 'ok', 'the old token is taken during the grace period');
+  const shown = await cli(b, 'token', 'show');
+  assert.deepEqual([shown.json.token, shown.json.previousStillTaken], [rot.json.token, true]);
+
+  // A wrong token is refused by the check and changes nothing; the right one is recorded.
+  const before = (await cli(a, 'peer', 'list')).json.peers;
+  const bad = await cli(a, 'peer', 'update', 'cloud', '--token', 'z'.repeat(43));
+  assert.equal(bad.code, 1, bad.stderr);
+  assert.equal(bad.json.error.code, 'ERR_UNAUTHORIZED');
+  assert.deepEqual((await cli(a, 'peer', 'list')).json.peers, before, 'nothing changed');
+  const up = await cli(a, 'peer', 'update', 'cloud', '--token', rot.json.token);
+  assert.equal(up.code, 0, up.stderr);
+  assert.deepEqual(up.json.changed, ['token']);
+  assert.equal(await syncCode(), 'ok');
+  assert.equal((await cli(a, 'peer', 'update', 'nope', '--token', rot.json.token)).json.error.code, 'ERR_PEER_NOT_FOUND');
+  assert.equal((await cli(a, 'peer', 'update', 'cloud')).code, 2, 'nothing to change is a usage error');
+
+  // --grace 0 (a leaked token): refused within a second, whatever the grace of the one before.
+  const revoked = await cli(b, 'token', 'rotate', '--grace', '0');
+  assert.equal(revoked.json.previousUntil, null);
+  await delay(1100);
+  assert.equal(await syncCode(), 'ERR_UNAUTHORIZED');
+  assert.equal((await cli(a, 'peer', 'update', 'cloud', '--token', revoked.json.token)).code, 0);
+  assert.equal(await syncCode(), 'ok');
+
+  // A grace period ends by itself.
+  const short = await cli(b, 'token', 'rotate', '--grace', '2s');
+  assert.equal(await syncCode(), 'ok');
+  await delay(3100);
+  assert.equal(await syncCode(), 'ERR_UNAUTHORIZED', 'the grace period is over');
+  assert.equal((await cli(a, 'peer', 'update', 'cloud', '--token', short.json.token)).code, 0);
+  assert.equal(await syncCode(), 'ok');
+  assert.equal((await cli(b, 'token', 'rotate', '--grace', 'soon')).code, 2);
+});
+
 test('a peer that refuses the sync (token, certificate) stops the scan at once: an error within a round trip, no local snapshot', async (t) => {
   // 256 MiB of blocks new to the store: the scan writes them all, which takes far longer than a
   // round trip to the peer (early sending asks about the first 16 blocks, 1 MiB, at once).

@@ -1,11 +1,11 @@
-/** `appliance peer add|list|remove`: pair with the other appliance. */
+/** `appliance peer add|update|list|remove`: pair with the other appliance. */
 import type { Command } from 'commander';
 import { run } from '../output.js';
 
 export const order = 75;
 
 export function define(program: Command): void {
-  const peer = program.command('peer').description('pair with other appliances (add, list, remove)');
+  const peer = program.command('peer').description('pair with other appliances (add, update, list, remove)');
   peer
     .command('add <name>')
     .description("pair with a peer: its URL, API token and certificate fingerprint (as its init/serve printed them); checks it answers unless --no-check")
@@ -45,6 +45,53 @@ export function define(program: Command): void {
         return {
           json: { peer: shown, checked: o.check, remote },
           text: `added peer "${name}" at ${rec.url}${remote ? ` (appliance "${remote.name}", reachable, token accepted)` : ' (not contacted: --no-check)'}`,
+        };
+      } finally {
+        await store.close();
+      }
+    }));
+  peer
+    .command('update <name>')
+    .description("change a peer's URL, token or fingerprint (after it moved, or rotated its token or certificate); checks it answers with them unless --no-check")
+    .option('--url <url>', 'https://HOST:PORT of the peer')
+    .option('--token <token>', "the peer's API token")
+    .option('--fingerprint <sha256>', "SHA-256 fingerprint of the peer's certificate")
+    .option('--no-check', 'do not contact the peer now')
+    .action(run(async (g, cmd, args) => {
+      const name = args[0] as string;
+      const o = cmd.opts<{ url?: string; token?: string; fingerprint?: string; check: boolean }>();
+      const { TandemError } = await import('../../../common/errors.js');
+      if (o.url === undefined && o.token === undefined && o.fingerprint === undefined) {
+        throw new TandemError('ERR_USAGE', 'give what changed: --url, --token and/or --fingerprint');
+      }
+      const { validatePeer, getPeer, updatePeer, connectPeer, redactPeer } = await import('../../peers.js');
+      const { Home } = await import('../../home.js');
+      const home = Home.load(g.home);
+      const store = await home.openStore();
+      try {
+        const old = await getPeer(store, name);
+        const rec = { ...validatePeer({ name, url: o.url ?? old.url, token: o.token ?? old.token, fingerprint: o.fingerprint ?? old.fingerprint }), added: old.added };
+        if (rec.fingerprint === home.fingerprint()) {
+          throw new TandemError('ERR_USAGE', `the fingerprint given is this appliance's own; a peer is the other appliance: use the fingerprint its \`serve\` printed`, { details: { peer: name } });
+        }
+        let remote: { name: string; id: string } | null = null;
+        if (o.check) {
+          // Checked with the new values before anything is written: a wrong one changes nothing.
+          const client = connectPeer(rec);
+          try {
+            const h = await client.health();
+            await client.stats(); // the token is checked too
+            remote = { name: h.name, id: h.id };
+          } finally {
+            await client.close();
+          }
+          if (remote.id === home.identity.id) throw new TandemError('ERR_USAGE', `the peer given is this appliance itself ("${home.identity.name}"); nothing was changed`, { details: { peer: name } });
+        }
+        await updatePeer(store, rec);
+        const changed = (['url', 'token', 'fingerprint'] as const).filter((k) => rec[k] !== old[k]);
+        return {
+          json: { peer: redactPeer(rec), changed, checked: o.check, remote },
+          text: `updated peer "${name}": ${changed.length > 0 ? changed.join(', ') : 'nothing changed'}${remote ? ` (appliance "${remote.name}", reachable, token accepted)` : ' (not contacted: --no-check)'}`,
         };
       } finally {
         await store.close();

@@ -1,0 +1,55 @@
+/**
+ * `appliance token show|rotate`: this appliance's API token (peers and the forwarding CLI send
+ * it). `rotate` replaces it; the old one is still taken for `--grace` (default 24h) so the other
+ * appliance can be given the new one (`appliance peer update NAME --token T` there) with no
+ * failed sync meanwhile; `--grace 0` revokes it at once. A running server takes the change
+ * within a second (api/server.ts, TokenCheck).
+ */
+import type { Command } from 'commander';
+import { run } from '../output.js';
+
+export const order = 72;
+
+/** Without --grace: a day to update the other appliance. */
+const DEFAULT_GRACE = '24h';
+
+export function define(program: Command): void {
+  const token = program.command('token').description("show or rotate this appliance's API token (what peers and `peer add` use)");
+  token
+    .command('show')
+    .description('print the API token (as `init` printed it), and the replaced one while it is still taken')
+    .action(run(async (g) => {
+      const { Home } = await import('../../home.js');
+      const home = Home.load(g.home);
+      const [current, previous] = home.acceptedTokens();
+      return { json: { token: current, previousStillTaken: previous !== undefined }, text: current! };
+    }));
+  token
+    .command('rotate')
+    .description('replace the API token; the old one is still taken for --grace (then give the peer the new one: `appliance peer update NAME --token T` there)')
+    .option('--grace <duration>', 'how long the old token is still taken (0: revoke it at once, for a token that leaked)', DEFAULT_GRACE)
+    .action(run(async (g, cmd) => {
+      const o = cmd.opts<{ grace: string }>();
+      const { TandemError } = await import('../../../common/errors.js');
+      const { parseDuration } = await import('../../config/index.js');
+      let graceMs = 0;
+      if (o.grace.trim() !== '0') {
+        try {
+          graceMs = parseDuration(o.grace);
+        } catch {
+          throw new TandemError('ERR_USAGE', `--grace "${o.grace}" is not a duration; write e.g. 1h, 24h or 7d, or 0 to revoke the old token at once`);
+        }
+      }
+      const { Home } = await import('../../home.js');
+      const home = Home.load(g.home);
+      const r = home.rotateToken(graceMs);
+      const next = `give it to the other appliance: \`appliance peer update PEER --token ${r.token}\` there`;
+      const text = [
+        r.token,
+        r.previousUntil === null
+          ? `the old token is revoked: the other appliance's syncs fail with ERR_UNAUTHORIZED until you ${next}`
+          : `the old token is still taken until ${r.previousUntil}; ${next}`,
+      ].join('\n');
+      return { json: { token: r.token, previousUntil: r.previousUntil }, text };
+    }));
+}
