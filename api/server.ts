@@ -62,41 +62,61 @@ function digest(s: string): Buffer {
 /** How often the token files are looked at again: a rotation takes effect within this. */
 const TOKEN_RECHECK_MS = 1000;
 
+/** Routes that run commands on this appliance: the admin token only, never a peer's. */
+const ADMIN_ROUTES = new Set(['/v1/cli']);
+
 /**
  * The API tokens a request may carry: HOME/token and, during its grace period, the one a
- * rotation replaced (Home.acceptedTokens). The files are read again when they change, so
- * `appliance token rotate` takes effect in a running server without a restart.
+ * rotation replaced (Home.acceptedTokens), and the admin token (HOME/admin.token), which alone
+ * opens {@link ADMIN_ROUTES}. The files are read again when they change, so `appliance token
+ * rotate` takes effect in a running server without a restart.
  */
 class TokenCheck {
   private digests: Buffer[] = [];
+  private admin: Buffer;
   private stamp = '';
   private checked = 0;
   private until = Infinity;
 
   constructor(private readonly home: Home) {
+    this.admin = digest(home.adminToken());
     this.reload(Date.now());
   }
 
   private reload(now: number): void {
     const stat = (p: string) => statSync(p, { throwIfNoEntry: false });
-    const files = [stat(this.home.paths.token), stat(this.home.paths.previousToken)];
+    const files = [stat(this.home.paths.token), stat(this.home.paths.previousToken), stat(this.home.paths.adminToken)];
     const stamp = files.map((f) => (f ? `${f.mtimeMs}:${f.size}:${f.ino}` : '-')).join('/');
     this.checked = now;
     if (stamp === this.stamp && now < this.until) return;
     const tokens = this.home.acceptedTokens(now);
     this.digests = tokens.map(digest);
+    this.admin = digest(this.home.adminToken());
     this.stamp = stamp;
     // The previous token's end is when the set changes without a file changing.
     this.until = tokens.length > 1 ? now + TOKEN_RECHECK_MS : Infinity;
   }
 
-  accepts(token: string): boolean {
+  /** 'admin' for the admin token, 'peer' for a peer token, null for anything else. */
+  check(token: string): 'admin' | 'peer' | null {
     const now = Date.now();
     if (now - this.checked >= TOKEN_RECHECK_MS) this.reload(now);
     const d = digest(token);
-    let ok = false;
-    for (const t of this.digests) ok = timingSafeEqual(d, t) || ok; // every one compared: no timing tell
-    return ok;
+    let who = this.match(d);
+    // A token no file had when last read may be one rotated in since: look again, at most every
+    // 50 ms (wrong tokens cost a stat, not a read, in between).
+    if (who === null && now - this.checked >= 50) {
+      this.reload(now);
+      who = this.match(d);
+    }
+    return who;
+  }
+
+  private match(d: Buffer): 'admin' | 'peer' | null {
+    let peer = false;
+    for (const t of this.digests) peer = timingSafeEqual(d, t) || peer; // every one compared: no timing tell
+    const admin = timingSafeEqual(d, this.admin);
+    return admin ? 'admin' : peer ? 'peer' : null;
   }
 }
 
@@ -138,9 +158,14 @@ export function buildServer(opts: BuildServerOptions): FastifyInstance {
     if (PUBLIC_PREFIXES.some((p) => path === p || path.startsWith(p + '/'))) return;
     const auth = req.headers.authorization;
     const m = typeof auth === 'string' ? /^Bearer ([\x21-\x7e]{1,512})$/.exec(auth) : null;
-    if (!m || !tokens.accepts(m[1]!)) {
+    const who = m ? tokens.check(m[1]!) : null;
+    if (who === null) {
       const err = new TandemError('ERR_UNAUTHORIZED', 'missing or wrong API token; send "Authorization: Bearer <token>" with the token `appliance init` printed for this appliance');
       return reply.status(401).send(errorAnswer(err));
+    }
+    if (who === 'peer' && ADMIN_ROUTES.has(path)) {
+      const err = new TandemError('ERR_FORBIDDEN', `${path} runs commands on this appliance and takes its admin token (HOME/admin.token), which the \`appliance\` command on this machine sends; a peer's token opens the peer protocol only`);
+      return reply.status(403).send(errorAnswer(err));
     }
     const lease = req.headers[LEASE_HEADER];
     if (typeof lease === 'string') leases.touch(lease);

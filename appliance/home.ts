@@ -4,7 +4,9 @@
  * ```
  * HOME/appliance.json   identity: {name, id, created}; written last by `init` (its presence = initialized)
  * HOME/config.yaml      operator configuration (policies, groups, hooks, recovery plans, prices)
- * HOME/token            API bearer token (0600)
+ * HOME/token            API bearer token (0600): what peers send (the peer protocol, status, metrics)
+ * HOME/admin.token      admin bearer token (0600): what this machine's CLI sends to run commands in
+ *                       a running server (POST /v1/cli); never given to a peer
  * HOME/token.previous   after `appliance token rotate --grace D`: {token, until}, the token it replaced, still taken until then (0600)
  * HOME/tls/key.pem      TLS private key (0600), tls/cert.pem self-signed certificate
  * HOME/store/           the block store (store/README.md)
@@ -13,7 +15,7 @@
  * ```
  */
 import { randomBytes, randomUUID, X509Certificate } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, writeFileSync, renameSync, openSync, fsyncSync, closeSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync, renameSync, openSync, fsyncSync, closeSync, rmSync, linkSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { TandemError, diskFullError } from '../common/errors.js';
 import { acquireVolumeLock } from './locks.js';
@@ -33,6 +35,7 @@ export interface HomePaths {
   readonly config: string;
   readonly token: string;
   readonly previousToken: string;
+  readonly adminToken: string;
   readonly tlsKey: string;
   readonly tlsCert: string;
   readonly store: string;
@@ -46,6 +49,7 @@ export function homePaths(dir: string): HomePaths {
     config: join(dir, 'config.yaml'),
     token: join(dir, 'token'),
     previousToken: join(dir, 'token.previous'),
+    adminToken: join(dir, 'admin.token'),
     tlsKey: join(dir, 'tls', 'key.pem'),
     tlsCert: join(dir, 'tls', 'cert.pem'),
     store: join(dir, 'store'),
@@ -127,6 +131,7 @@ export class Home {
     writeFileAtomic(p.tlsKey, pems.private, 0o600);
     writeFileAtomic(p.tlsCert, pems.cert, 0o644);
     writeFileAtomic(p.token, randomBytes(32).toString('base64url') + '\n', 0o600);
+    writeFileAtomic(p.adminToken, randomBytes(32).toString('base64url') + '\n', 0o600);
     if (!existsSync(p.config)) writeFileAtomic(p.config, defaultConfig(name));
     const identity: Identity = { name, id: randomUUID(), created: new Date().toISOString() };
     writeFileAtomic(p.identity, JSON.stringify(identity, null, 2) + '\n');
@@ -135,6 +140,32 @@ export class Home {
 
   token(): string {
     return readFileSync(this.paths.token, 'utf8').trim();
+  }
+
+  /**
+   * The admin token: what runs commands in a running server of this home (POST /v1/cli). A home
+   * made before it existed gets one here, created exclusively (a file linked into place once
+   * complete), so two processes creating it at once agree on one.
+   */
+  adminToken(): string {
+    const path = this.paths.adminToken;
+    if (!existsSync(path)) {
+      const tmp = `${path}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
+      try {
+        writeFileAtomic(tmp, randomBytes(32).toString('base64url') + '\n', 0o600);
+        linkSync(tmp, path);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      } finally {
+        rmSync(tmp, { force: true });
+      }
+    }
+    return readFileSync(path, 'utf8').trim();
+  }
+
+  /** Replace the admin token (at once: only this machine's CLI uses it, and reads it each time). */
+  rotateAdminToken(): void {
+    writeFileAtomic(this.paths.adminToken, randomBytes(32).toString('base64url') + '\n', 0o600);
   }
 
   /**

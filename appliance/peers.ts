@@ -52,6 +52,18 @@ export async function assertNoPeer(store: PeerStore, name: string): Promise<void
   }
 }
 
+/** Contact a peer with `rec`'s URL, certificate pin and token: who answers (ERR_UNAUTHORIZED, ERR_PEER_FINGERPRINT, ERR_PEER_UNREACHABLE otherwise). */
+export async function contactPeer(rec: PeerRecord): Promise<{ name: string; id: string }> {
+  const client = connectPeer(rec);
+  try {
+    const h = await client.health();
+    await client.stats(); // the token is checked too: stats needs it
+    return { name: h.name, id: h.id };
+  } finally {
+    await client.close();
+  }
+}
+
 /** Replace a registered peer's record (ERR_PEER_NOT_FOUND if there is none). */
 export async function updatePeer(store: PeerStore, peer: PeerRecord): Promise<void> {
   await getPeer(store, peer.name);

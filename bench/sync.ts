@@ -386,7 +386,7 @@ async function main(): Promise<void> {
   started.push(serveA);
   const [lineA] = (await once(serveA.stdout!, 'data')) as [Buffer];
   const aUrl = new URL('/v1/cli', JSON.parse(lineA.toString()).url as string);
-  const tokenA = readFileSync(join(homeA, 'token'), 'utf8').trim();
+  const tokenA = readFileSync(join(homeA, 'admin.token'), 'utf8').trim(); // POST /v1/cli takes the admin token
   const certA = readFileSync(join(homeA, 'tls', 'cert.pem'), 'utf8');
   const agent = new HttpsAgent({ keepAlive: true, ca: certA, checkServerIdentity: () => undefined });
   const inAppliance = async (args: string[]): Promise<{ json: any; secs: number }> => {

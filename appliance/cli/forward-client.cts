@@ -3,8 +3,8 @@
  * LevelDB), so while `appliance serve` or `appliance daemon` runs on a home, a CLI command on
  * that same home is sent to that server and executed there, with its output and exit code
  * relayed back. Operators can run `appliance snapshot`, `sync`, `ebs export`, `failover`, ... at
- * any time. The server side is forward.ts (`POST /v1/cli`, behind the bearer token like every
- * route).
+ * any time. The server side is forward.ts (`POST /v1/cli`), which takes the home's admin token
+ * (HOME/admin.token) and refuses the peer token.
  *
  * This module is CommonJS on purpose, as is the one module of ours it needs (common/pid.cts):
  * the binary (bin.cts) loads it first, and a forwarded command then finishes without starting
@@ -107,9 +107,11 @@ export async function forwardIfServed(argv: string[]): Promise<boolean> {
   const homeDir = resolve(resolveHome(home));
   const server = runningServer(homeDir);
   if (!server) return false;
+  // The admin token (a running server made it if the home predates it); a peer's token does
+  // not run commands.
   let token: string;
   try {
-    token = readFileSync(join(homeDir, 'token'), 'utf8').trim();
+    token = readFileSync(join(homeDir, 'admin.token'), 'utf8').trim();
   } catch {
     return false;
   }

@@ -93,6 +93,20 @@ test('wrong token gets 401 and changes nothing; a wrong fingerprint is refused b
   assert.equal(http.code, 2, 'peers are reached over https only');
 });
 
+test("a peer's token opens the peer protocol, not the other appliance's commands: POST /v1/cli with it is 403 and runs nothing", async (t) => {
+  const { a, b, sb } = await pairedWithVolume(t, 16);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const peerB = peerClient(b, sb); // what the paired appliance holds: b's peer token
+  t.after(() => peerB.close());
+  await assert.rejects(
+    peerB.request('POST', '/v1/cli', { argv: ['node', 'appliance', '--home', b.dir, 'volume', 'remove', 'vol'] }),
+    (e: { code?: string; message?: string }) => e.code === 'ERR_FORBIDDEN' && /admin token/.test(e.message ?? ''),
+  );
+  const snaps = await cli(b, 'snapshots', 'vol'); // b's own CLI sends the admin token: forwarded as before
+  assert.equal(snaps.code, 0, snaps.stderr);
+  assert.equal(snaps.json.length, 1, 'the volume and its snapshot are still there');
+});
+
 test('token rotate: the old token is taken through its grace period, then refused; peer update gives the peer the new one, checked first; --grace 0 revokes at once', async (t) => {
   const { a, b } = await pairedWithVolume(t, 16);
   assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);

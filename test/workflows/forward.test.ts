@@ -61,12 +61,14 @@ test('forwarded commands go over the owner-only socket, else HTTPS; the socket n
   assert.equal(missing.code, 1);
   assert.equal(missing.json.error.code, 'ERR_VOLUME_NOT_FOUND');
 
-  // The socket asks for the token like the network does.
+  // The socket asks for the admin token like the network does; the peer token runs no command.
   const body = JSON.stringify({ argv: ['node', 'appliance', '--home', a.dir, 'volume', 'list'] });
   const req = (auth: string) => `POST /v1/cli HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-type: application/json\r\n${auth}content-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`;
   assert.match(await rawStatus(info.socket!, req('')), /^HTTP\/1\.1 401 /);
   assert.match(await rawStatus(info.socket!, req('authorization: Bearer wrong\r\n')), /^HTTP\/1\.1 401 /);
-  assert.match(await rawStatus(info.socket!, req(`authorization: Bearer ${a.token}\r\n`)), /^HTTP\/1\.1 200 /);
+  assert.match(await rawStatus(info.socket!, req(`authorization: Bearer ${a.token}\r\n`)), /^HTTP\/1\.1 403 /);
+  const admin = readFileSync(join(a.dir, 'admin.token'), 'utf8').trim();
+  assert.match(await rawStatus(info.socket!, req(`authorization: Bearer ${admin}\r\n`)), /^HTTP\/1\.1 200 /);
 
   assert.equal(await served.stop(), 0);
   assert.equal(existsSync(info.socket!), false, 'the socket goes with the server');

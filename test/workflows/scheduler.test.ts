@@ -44,6 +44,31 @@ function image(dir: string, name: string, size: number): string {
   return p;
 }
 
+/**
+ * A scheduler on a fake clock at START with the appliance's real job steps. `ends` gets
+ * `UNIT:true|false|held` per job; `idle()` waits until it sleeps with no job running and returns
+ * its wake time.
+ */
+function onFakeClock(home: Home, store: Awaited<ReturnType<Home['openStore']>>) {
+  const clock = new FakeClock(START);
+  let config: Config | null = null;
+  const lines: string[] = [];
+  const ends: string[] = [];
+  const sched = new Scheduler({
+    store, clock, log: quietLog(lines), steps: applianceSteps(home, store, () => config),
+    loadConfig: async () => (config = await loadConfig(home)), rescanMs: 24 * H,
+    onJobEnd: (unit, o) => void ends.push(`${unit}:${o.held ? 'held' : o.ok}`),
+  });
+  const idle = async (): Promise<number> => {
+    for (let i = 0; i < 20; i++) {
+      const until = await clock.nextSleep();
+      if (sched.runningUnits().length === 0) return until;
+    }
+    throw new Error(`scheduler never went idle: ${lines.join('\n')}`);
+  };
+  return { clock, lines, ends, sched, idle, config: () => config };
+}
+
 test('scheduler with a fake clock: snapshots at once, then before each RPO deadline, and applies retention', async (t) => {
   const { dir, home, store } = await setup(t, `policies:
   hourly:
@@ -55,23 +80,8 @@ assign:
 `);
   await addVolume(store, { name: 'db-a', path: image(dir, 'a.img', 2 * MiB) });
   await addVolume(store, { name: 'scratch', path: image(dir, 's.img', MiB) }); // no policy: never scheduled
-  const clock = new FakeClock(START);
-  let config: Config | null = null;
-  const lines: string[] = [];
-  const ends: string[] = [];
-  const sched = new Scheduler({
-    store, clock, log: quietLog(lines), steps: applianceSteps(home, store, () => config),
-    loadConfig: async () => (config = await loadConfig(home)), rescanMs: 24 * H,
-    onJobEnd: (unit, o) => void ends.push(`${unit}:${o.ok}`),
-  });
-  /** Wait until the scheduler sleeps with no job running; returns its wake time. */
-  const idle = async (): Promise<number> => {
-    for (let i = 0; i < 20; i++) {
-      const until = await clock.nextSleep();
-      if (sched.runningUnits().length === 0) return until;
-    }
-    throw new Error(`scheduler never went idle: ${lines.join('\n')}`);
-  };
+  const { clock, lines, ends, sched, idle, config: current } = onFakeClock(home, store);
+  const config = () => current()!;
   const first = idle();
   sched.start();
   let wake = await first;
@@ -100,7 +110,7 @@ assign:
   assert.equal(left.length, 2, 'retention last: 2');
   assert.equal(left[1]!.id, st.lastSnapshot, 'the newest is kept');
   // Status on the same clock: the point is fresh.
-  const [s] = await computeStatus(store, config!, clock.now(), 'db-a');
+  const [s] = await computeStatus(store, config(), clock.now(), 'db-a');
   assert.equal(s!.rpoState, 'OK');
   assert.equal(s!.policy, 'hourly');
   await sched.stop(1000);
@@ -282,23 +292,9 @@ test('a peer that refuses pushes holds the volume: no snapshot or push until it 
   const hookUrl = `http://127.0.0.1:${(webhook.address() as AddressInfo).port}/hook`;
   const notifier = new BreachNotifier('onprem');
 
-  const clock = new FakeClock(START);
-  let config: Config | null = null;
-  const lines: string[] = [];
-  const ends: string[] = [];
-  const sched = new Scheduler({
-    store, clock, log: quietLog(lines), steps: applianceSteps(home, store, () => config),
-    loadConfig: async () => (config = await loadConfig(home)), rescanMs: 24 * H,
-    onJobEnd: (unit, o) => void ends.push(`${unit}:${o.held ? 'held' : o.ok}`),
-  });
+  const { clock, lines, ends, sched, idle, config: current } = onFakeClock(home, store);
+  const config = () => current()!;
   t.after(() => sched.stop(1000));
-  const idle = async (): Promise<number> => {
-    for (let i = 0; i < 20; i++) {
-      const until = await clock.nextSleep();
-      if (sched.runningUnits().length === 0) return until;
-    }
-    throw new Error(`scheduler never went idle: ${lines.join('\n')}`);
-  };
 
   // 1. The job snapshots, the push is refused: held, no backoff, next check a minute later.
   const first = idle();
@@ -313,7 +309,7 @@ test('a peer that refuses pushes holds the volume: no snapshot or push until it 
   assert.equal(wake, START + HOLD_PROBE_MS, 'asked again after a minute, not after the failure backoff');
   assert.ok(lines.some((l) => l.startsWith('warn replication held')), lines.join('\n'));
   assert.equal((await store.listSnapshots('db')).length, 1);
-  let [s] = await computeStatus(store, config!, clock.now(), 'db');
+  let [s] = await computeStatus(store, config(), clock.now(), 'db');
   assert.equal(s!.replicationHeld?.code, 'ERR_VOLUME_NAME_TAKEN');
   const sent = await notifier.check([s!], hookUrl, clock.now());
   assert.deepEqual(sent.errors, []);
@@ -335,7 +331,7 @@ test('a peer that refuses pushes holds the volume: no snapshot or push until it 
     assert.equal(st.held?.since, new Date(START).toISOString());
   }
   assert.equal((await store.listSnapshots('db')).length, 1, 'no snapshot while held');
-  assert.deepEqual((await notifier.check(await computeStatus(store, config!, clock.now(), 'db'), hookUrl, clock.now())).sent, [], 'one alert per hold');
+  assert.deepEqual((await notifier.check(await computeStatus(store, config(), clock.now(), 'db'), hookUrl, clock.now())).sent, [], 'one alert per hold');
 
   // 3. The cloud forgets the other site's volume: the next check finds pushes taken, the job runs.
   assert.equal((await cli(b, 'volume', 'remove', 'db')).code, 0);
@@ -352,7 +348,7 @@ test('a peer that refuses pushes holds the volume: no snapshot or push until it 
   const onCloud = await cli(b, 'snapshots', 'db');
   assert.equal(onCloud.json.at(-1).root, snaps[1]!.root, 'the cloud holds our snapshot now');
   assert.ok(wake > clock.now() + HOLD_PROBE_MS, 'back on the RPO schedule');
-  [s] = await computeStatus(store, config!, clock.now(), 'db');
+  [s] = await computeStatus(store, config(), clock.now(), 'db');
   assert.equal(s!.replicationHeld, null);
   assert.equal(s!.rpoState, 'OK');
 });

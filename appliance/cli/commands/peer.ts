@@ -16,7 +16,7 @@ export function define(program: Command): void {
     .action(run(async (g, cmd, args) => {
       const name = args[0] as string;
       const o = cmd.opts<{ url: string; token: string; fingerprint: string; check: boolean }>();
-      const { validatePeer, addPeer, assertNoPeer, connectPeer, redactPeer } = await import('../../peers.js');
+      const { validatePeer, addPeer, assertNoPeer, contactPeer, redactPeer } = await import('../../peers.js');
       const { Home } = await import('../../home.js');
       const rec = validatePeer({ name, url: o.url, token: o.token, fingerprint: o.fingerprint });
       const home = Home.load(g.home);
@@ -27,19 +27,8 @@ export function define(program: Command): void {
       const store = await home.openStore();
       try {
         await assertNoPeer(store, name); // before contacting the peer: bad input changes nothing
-        let remote: { name: string; id: string } | null = null;
-        if (o.check) {
-          const client = connectPeer(rec);
-          try {
-            const h = await client.health();
-            // The token is checked too: stats needs it.
-            await client.stats();
-            remote = { name: h.name, id: h.id };
-            if (h.id === home.identity.id) throw self();
-          } finally {
-            await client.close();
-          }
-        }
+        const remote = o.check ? await contactPeer(rec) : null;
+        if (remote?.id === home.identity.id) throw self();
         await addPeer(store, rec);
         const shown = redactPeer(rec);
         return {
@@ -64,7 +53,7 @@ export function define(program: Command): void {
       if (o.url === undefined && o.token === undefined && o.fingerprint === undefined) {
         throw new TandemError('ERR_USAGE', 'give what changed: --url, --token and/or --fingerprint');
       }
-      const { validatePeer, getPeer, updatePeer, connectPeer, redactPeer } = await import('../../peers.js');
+      const { validatePeer, getPeer, updatePeer, contactPeer, redactPeer } = await import('../../peers.js');
       const { Home } = await import('../../home.js');
       const home = Home.load(g.home);
       const store = await home.openStore();
@@ -74,19 +63,9 @@ export function define(program: Command): void {
         if (rec.fingerprint === home.fingerprint()) {
           throw new TandemError('ERR_USAGE', `the fingerprint given is this appliance's own; a peer is the other appliance: use the fingerprint its \`serve\` printed`, { details: { peer: name } });
         }
-        let remote: { name: string; id: string } | null = null;
-        if (o.check) {
-          // Checked with the new values before anything is written: a wrong one changes nothing.
-          const client = connectPeer(rec);
-          try {
-            const h = await client.health();
-            await client.stats(); // the token is checked too
-            remote = { name: h.name, id: h.id };
-          } finally {
-            await client.close();
-          }
-          if (remote.id === home.identity.id) throw new TandemError('ERR_USAGE', `the peer given is this appliance itself ("${home.identity.name}"); nothing was changed`, { details: { peer: name } });
-        }
+        // Checked with the new values before anything is written: a wrong one changes nothing.
+        const remote = o.check ? await contactPeer(rec) : null;
+        if (remote?.id === home.identity.id) throw new TandemError('ERR_USAGE', `the peer given is this appliance itself ("${home.identity.name}"); nothing was changed`, { details: { peer: name } });
         await updatePeer(store, rec);
         const changed = (['url', 'token', 'fingerprint'] as const).filter((k) => rec[k] !== old[k]);
         return {

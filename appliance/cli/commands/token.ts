@@ -1,6 +1,6 @@
 /**
- * `appliance token show|rotate`: this appliance's API token (peers and the forwarding CLI send
- * it). `rotate` replaces it; the old one is still taken for `--grace` (default 24h) so the other
+ * `appliance token show|rotate`: this appliance's API token (what peers send; the admin token,
+ * HOME/admin.token, is what this machine's CLI sends to run commands in a running server). `rotate` replaces it; the old one is still taken for `--grace` (default 24h) so the other
  * appliance can be given the new one (`appliance peer update NAME --token T` there) with no
  * failed sync meanwhile; `--grace 0` revokes it at once. A running server takes the change
  * within a second (api/server.ts, TokenCheck).
@@ -28,9 +28,16 @@ export function define(program: Command): void {
     .command('rotate')
     .description('replace the API token; the old one is still taken for --grace (then give the peer the new one: `appliance peer update NAME --token T` there)')
     .option('--grace <duration>', 'how long the old token is still taken (0: revoke it at once, for a token that leaked)', DEFAULT_GRACE)
+    .option('--admin', "replace the admin token instead (HOME/admin.token: this machine's CLI sends it to a running server; no peer has it)")
     .action(run(async (g, cmd) => {
-      const o = cmd.opts<{ grace: string }>();
+      const o = cmd.opts<{ grace: string; admin?: boolean }>();
       const { TandemError } = await import('../../../common/errors.js');
+      if (o.admin === true) {
+        if (cmd.getOptionValueSource('grace') !== 'default') throw new TandemError('ERR_USAGE', '--admin replaces the admin token at once: --grace does not apply');
+        const { Home } = await import('../../home.js');
+        Home.load(g.home).rotateAdminToken();
+        return { json: { admin: true }, text: 'replaced the admin token (HOME/admin.token); the next `appliance` command uses it' };
+      }
       const { parseDuration } = await import('../../config/index.js');
       let graceMs = 0;
       if (o.grace.trim() !== '0') {
