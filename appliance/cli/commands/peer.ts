@@ -4,15 +4,20 @@ import { run } from '../output.js';
 
 export const order = 75;
 
+/** What identifies a peer: required by `add`, each optional for `update`. */
+function peerOptions(cmd: Command, required: boolean): Command {
+  const opt = (flags: string, text: string) => (required ? cmd.requiredOption(flags, text) : cmd.option(flags, text));
+  opt('--url <url>', 'https://HOST:PORT of the peer');
+  opt('--token <token>', "the peer's API token");
+  opt('--fingerprint <sha256>', "SHA-256 fingerprint of the peer's certificate");
+  return cmd.option('--no-check', 'do not contact the peer now');
+}
+
 export function define(program: Command): void {
   const peer = program.command('peer').description('pair with other appliances (add, update, list, remove)');
-  peer
+  peerOptions(peer
     .command('add <name>')
-    .description("pair with a peer: its URL, API token and certificate fingerprint (as its init/serve printed them); checks it answers unless --no-check")
-    .requiredOption('--url <url>', 'https://HOST:PORT of the peer')
-    .requiredOption('--token <token>', "the peer's API token")
-    .requiredOption('--fingerprint <sha256>', "SHA-256 fingerprint of the peer's certificate")
-    .option('--no-check', 'do not contact the peer now')
+    .description("pair with a peer: its URL, API token and certificate fingerprint (as its init/serve printed them); checks it answers unless --no-check"), true)
     .action(run(async (g, cmd, args) => {
       const name = args[0] as string;
       const o = cmd.opts<{ url: string; token: string; fingerprint: string; check: boolean }>();
@@ -39,13 +44,9 @@ export function define(program: Command): void {
         await store.close();
       }
     }));
-  peer
+  peerOptions(peer
     .command('update <name>')
-    .description("change a peer's URL, token or fingerprint (after it moved, or rotated its token or certificate); checks it answers with them unless --no-check")
-    .option('--url <url>', 'https://HOST:PORT of the peer')
-    .option('--token <token>', "the peer's API token")
-    .option('--fingerprint <sha256>', "SHA-256 fingerprint of the peer's certificate")
-    .option('--no-check', 'do not contact the peer now')
+    .description("change a peer's URL, token or fingerprint (after it moved, or rotated its token or certificate); checks it answers with them unless --no-check"), false)
     .action(run(async (g, cmd, args) => {
       const name = args[0] as string;
       const o = cmd.opts<{ url?: string; token?: string; fingerprint?: string; check: boolean }>();
