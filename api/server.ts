@@ -12,6 +12,7 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { chmodSync, rmSync, statSync } from 'node:fs';
 import { createServer } from 'node:http';
+import type { Server as TlsServer } from 'node:tls';
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
 import { TandemError } from '../common/errors.js';
 import type { Home } from '../appliance/home.js';
@@ -230,7 +231,37 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
   const addr = app.server.address();
   const bound = typeof addr === 'object' && addr ? addr : { address: host, port };
   const h = bound.address.includes(':') ? `[${bound.address}]` : bound.address;
-  return { url: `https://${h}:${bound.port}`, app, close: () => app.close() };
+  const reload = watchTls(opts.home, app.server as unknown as TlsServer);
+  return { url: `https://${h}:${bound.port}`, app, close: () => { clearInterval(reload); return app.close(); } };
+}
+
+/** How often a server looks for a new key and certificate (`appliance tls rotate`). */
+const TLS_RECHECK_MS = 1000;
+
+/**
+ * Serve the home's current key and certificate: after `appliance tls rotate` (forwarded to this
+ * server, or run while it was down and finished by Home.load) new connections get the new pair
+ * within {@link TLS_RECHECK_MS}; connections open before keep theirs. A pair caught between its
+ * two renames fails to load and is tried again at the next check.
+ */
+function watchTls(home: Home, server: TlsServer): NodeJS.Timeout {
+  const stamp = () => {
+    const st = statSync(home.paths.tlsCert, { throwIfNoEntry: false });
+    return st ? `${st.mtimeMs}:${st.ino}:${st.size}` : '';
+  };
+  let current = stamp();
+  const timer = setInterval(() => {
+    const now = stamp();
+    if (now === current || now === '') return;
+    try {
+      server.setSecureContext(home.tls());
+      current = now;
+    } catch {
+      // the key and the certificate do not match yet: the rotation is mid-rename
+    }
+  }, TLS_RECHECK_MS);
+  timer.unref();
+  return timer;
 }
 
 /**

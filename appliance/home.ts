@@ -8,7 +8,8 @@
  * HOME/admin.token      admin bearer token (0600): what this machine's CLI sends to run commands in
  *                       a running server (POST /v1/cli); never given to a peer
  * HOME/token.previous   after `appliance token rotate --grace D`: {token, until}, the token it replaced, still taken until then (0600)
- * HOME/tls/key.pem      TLS private key (0600), tls/cert.pem self-signed certificate
+ * HOME/tls/key.pem      TLS private key (0600), tls/cert.pem self-signed certificate; during
+ *                       `appliance tls rotate`, key.pem.next and cert.pem.next (Home.finishTlsRotation)
  * HOME/store/           the block store (store/README.md)
  * HOME/locks/           per-volume lock files (appliance/locks.ts)
  * HOME/run/             runtime files of a running server (server.json: pid, url, socket; cli.sock)
@@ -20,6 +21,33 @@ import { join, resolve } from 'node:path';
 import { TandemError, diskFullError } from '../common/errors.js';
 import { acquireVolumeLock } from './locks.js';
 import type { Store } from '../store/index.js';
+
+/** A P-256 key and a self-signed certificate for `localhost` and 127.0.0.1, valid ten years. */
+async function newKeyAndCertificate(name: string): Promise<{ key: string; cert: string }> {
+  const { default: selfsigned } = await import('selfsigned');
+  const pems = await selfsigned.generate([{ name: 'commonName', value: `tandem-${name}` }], {
+    keyType: 'ec',
+    curve: 'P-256',
+    days: 3650,
+    algorithm: 'sha256',
+    extensions: [{ name: 'subjectAltName', altNames: [{ type: 2, value: 'localhost' }, { type: 7, ip: '127.0.0.1' }] }],
+  } as Parameters<typeof selfsigned.generate>[1]);
+  return { key: pems.private, cert: pems.cert };
+}
+
+/** fsync a directory, so the renames in it are durable (best effort where it cannot be opened). */
+function syncDir(dir: string): void {
+  try {
+    const fd = openSync(dir, 'r');
+    try {
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+  } catch {
+    // a filesystem that does not let a directory be opened: the renames are done, not yet durable
+  }
+}
 
 /** Stores held open by a server in this process, by store directory. */
 const sharedStores = new Map<string, Store>();
@@ -103,7 +131,9 @@ export class Home {
       throw new TandemError('ERR_NOT_INITIALIZED', `no appliance in ${abs}; run \`appliance init --home ${abs}\` first (or set TANDEM_HOME)`);
     }
     const identity = JSON.parse(readFileSync(p.identity, 'utf8')) as Identity;
-    return new Home(abs, identity);
+    const home = new Home(abs, identity);
+    home.finishTlsRotation();
+    return home;
   }
 
   /**
@@ -120,15 +150,8 @@ export class Home {
       throw new TandemError('ERR_USAGE', `appliance name "${name}" is not valid; use letters, digits, '.', '_' and '-' (up to 63)`);
     }
     for (const d of [abs, join(abs, 'tls'), p.store, p.locks, p.run]) mkdirSync(d, { recursive: true, mode: 0o750 });
-    const { default: selfsigned } = await import('selfsigned');
-    const pems = await selfsigned.generate([{ name: 'commonName', value: `tandem-${name}` }], {
-      keyType: 'ec',
-      curve: 'P-256',
-      days: 3650,
-      algorithm: 'sha256',
-      extensions: [{ name: 'subjectAltName', altNames: [{ type: 2, value: 'localhost' }, { type: 7, ip: '127.0.0.1' }] }],
-    } as Parameters<typeof selfsigned.generate>[1]);
-    writeFileAtomic(p.tlsKey, pems.private, 0o600);
+    const pems = await newKeyAndCertificate(name);
+    writeFileAtomic(p.tlsKey, pems.key, 0o600);
     writeFileAtomic(p.tlsCert, pems.cert, 0o644);
     writeFileAtomic(p.token, randomBytes(32).toString('base64url') + '\n', 0o600);
     writeFileAtomic(p.adminToken, randomBytes(32).toString('base64url') + '\n', 0o600);
@@ -205,6 +228,35 @@ export class Home {
 
   fingerprint(): string {
     return certFingerprint(readFileSync(this.paths.tlsCert, 'utf8'));
+  }
+
+  /**
+   * First half of `appliance tls rotate`: a new key and self-signed certificate, written beside
+   * the ones in use (tls/key.pem.next, then tls/cert.pem.next). Returns the new fingerprint.
+   */
+  async prepareTlsRotation(): Promise<string> {
+    const pems = await newKeyAndCertificate(this.identity.name);
+    writeFileAtomic(`${this.paths.tlsKey}.next`, pems.key, 0o600);
+    writeFileAtomic(`${this.paths.tlsCert}.next`, pems.cert, 0o644);
+    return certFingerprint(pems.cert);
+  }
+
+  /**
+   * Second half: put the new pair in place, key first. A rotation cut short between the two
+   * renames is finished here by the next process that loads the home (the pair is complete on
+   * disk once cert.pem.next exists); a lone key.pem.next (cut short before that) is dropped.
+   * A running server takes the new pair within a second (api/server.ts).
+   */
+  finishTlsRotation(): void {
+    const key = `${this.paths.tlsKey}.next`;
+    const cert = `${this.paths.tlsCert}.next`;
+    if (existsSync(cert)) {
+      if (existsSync(key)) renameSync(key, this.paths.tlsKey);
+      renameSync(cert, this.paths.tlsCert);
+      syncDir(join(this.dir, 'tls'));
+    } else if (existsSync(key)) {
+      rmSync(key, { force: true });
+    }
   }
 
   /**

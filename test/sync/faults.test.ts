@@ -7,7 +7,9 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { execFileSync } from 'node:child_process';
-import { appendFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { createSecureContext } from 'node:tls';
+import { Home } from '../../appliance/home.js';
 import { createServer, request as httpsRequest, type Server } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -93,6 +95,45 @@ test('wrong token gets 401 and changes nothing; a wrong fingerprint is refused b
   assert.equal(http.code, 2, 'peers are reached over https only');
 });
 
+/** `appliance sync vol --peer cloud` on `a`: 'ok', or the error code. */
+async function syncOutcome(a: TestHome): Promise<string> {
+  const r = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  return r.code === 0 ? 'ok' : r.json?.error?.code;
+}
+
+test('tls rotate: a running server serves the new certificate within a second; the peer is refused before any data until peer update pins it', async (t) => {
+  const { a, b } = await pairedWithVolume(t, 16);
+  assert.equal(await syncOutcome(a), 'ok');
+  const rot = await cli(b, 'tls', 'rotate'); // forwarded to b's running server
+  assert.equal(rot.code, 0, rot.stderr);
+  assert.equal(rot.json.previous, b.fingerprint);
+  assert.notEqual(rot.json.fingerprint, b.fingerprint);
+  await delay(1300);
+  assert.equal(await syncOutcome(a), 'ERR_PEER_FINGERPRINT');
+  const stale = await cli(a, 'peer', 'update', 'cloud', '--fingerprint', b.fingerprint);
+  assert.equal(stale.json.error.code, 'ERR_PEER_FINGERPRINT', 'the old pin is checked and refused');
+  const up = await cli(a, 'peer', 'update', 'cloud', '--fingerprint', rot.json.fingerprint);
+  assert.equal(up.code, 0, up.stderr);
+  assert.deepEqual(up.json.changed, ['fingerprint']);
+  assert.equal(await syncOutcome(a), 'ok');
+  assert.equal((await cli(b, 'tls', 'show')).json.fingerprint, rot.json.fingerprint);
+  assert.equal((await cli(b, 'volume', 'list')).code, 0, "b's own commands still reach its server");
+});
+
+test('a TLS rotation cut short between its renames is finished by the next command; a lone new key is dropped', async (t) => {
+  const a = await initHome(t, 'tls-cut');
+  const home = Home.load(a.dir);
+  const fp = await home.prepareTlsRotation();
+  renameSync(`${home.paths.tlsKey}.next`, home.paths.tlsKey); // cut short: the new key in place, the old certificate
+  const shown = await cli(a, 'tls', 'show');
+  assert.equal(shown.json.fingerprint, fp);
+  assert.doesNotThrow(() => createSecureContext(Home.load(a.dir).tls()), 'the key and the certificate match');
+  assert.equal(existsSync(`${home.paths.tlsCert}.next`), false);
+  writeFileSync(`${home.paths.tlsKey}.next`, 'cut short before the certificate was written');
+  assert.equal((await cli(a, 'tls', 'show')).json.fingerprint, fp);
+  assert.equal(existsSync(`${home.paths.tlsKey}.next`), false);
+});
+
 test("a peer's token opens the peer protocol, not the other appliance's commands: POST /v1/cli with it is 403 and runs nothing", async (t) => {
   const { a, b, sb } = await pairedWithVolume(t, 16);
   assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
@@ -110,10 +151,7 @@ test("a peer's token opens the peer protocol, not the other appliance's commands
 test('token rotate: the old token is taken through its grace period, then refused; peer update gives the peer the new one, checked first; --grace 0 revokes at once', async (t) => {
   const { a, b } = await pairedWithVolume(t, 16);
   assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
-  const syncCode = async () => {
-    const r = await cli(a, 'sync', 'vol', '--peer', 'cloud');
-    return r.code === 0 ? 'ok' : r.json?.error?.code;
-  };
+  const syncCode = () => syncOutcome(a);
 
   // Rotated in the running server (the command is forwarded to it): the old token still works.
   const rot = await cli(b, 'token', 'rotate', '--grace', '1h');
