@@ -22,13 +22,22 @@ import { TandemError, diskFullError } from '../common/errors.js';
 import { acquireVolumeLock } from './locks.js';
 import type { Store } from '../store/index.js';
 
-/** A P-256 key and a self-signed certificate for `localhost` and 127.0.0.1, valid ten years. */
+/** How long a certificate made here is valid. */
+export const CERTIFICATE_DAYS = 3650;
+
+/**
+ * A P-256 key and a self-signed certificate for `localhost` and 127.0.0.1, valid ten years.
+ * (selfsigned 5 ignores a `days` option and makes it a year: the end is given as a date.)
+ */
 async function newKeyAndCertificate(name: string): Promise<{ key: string; cert: string }> {
   const { default: selfsigned } = await import('selfsigned');
+  const notBeforeDate = new Date();
+  const notAfterDate = new Date(notBeforeDate.getTime() + CERTIFICATE_DAYS * 86_400_000);
   const pems = await selfsigned.generate([{ name: 'commonName', value: `tandem-${name}` }], {
     keyType: 'ec',
     curve: 'P-256',
-    days: 3650,
+    notBeforeDate,
+    notAfterDate,
     algorithm: 'sha256',
     extensions: [{ name: 'subjectAltName', altNames: [{ type: 2, value: 'localhost' }, { type: 7, ip: '127.0.0.1' }] }],
   } as Parameters<typeof selfsigned.generate>[1]);
