@@ -1,10 +1,10 @@
 /** The workflow commands as an operator runs them (compiled CLI, `npm run build` first). */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { writeFileSync, readFileSync, mkdirSync } from 'node:fs';
+import { writeFileSync, readFileSync, mkdirSync, renameSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { initHome, cli, tempDir } from '../helpers/appliance.js';
+import { initHome, cli, tempDir, pairedWithVolume } from '../helpers/appliance.js';
 
 const MiB = 1024 * 1024;
 
@@ -147,4 +147,39 @@ test('snapshots --hold keeps a snapshot from retention, --delete and volume remo
   }
   const missing = await cli(a, 'snapshots', 'app', '--hold', '20260101T000000.000Z-000000');
   assert.equal(missing.json.error.code, 'ERR_SNAPSHOT_NOT_FOUND');
+});
+
+test('doctor: all good on a working pair; a missing image, a refused token, an unknown replication peer and a stopped peer each fail with what to do; it changes nothing', async (t) => {
+  const { a, b, sb, img } = await pairedWithVolume(t, 16);
+  const cfg = join(a.dir, 'config.yaml');
+  writeFileSync(cfg, `${readFileSync(cfg, 'utf8')}policies:\n  p: { rpo: 1h }\nassign:\n  - match: "*"\n    policy: p\nreplication: { peer: cloud }\n`);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const statusOf = (r: { json: { checks: Array<{ check: string; status: string; detail: string; fix?: string }> } }, name: string) => r.json.checks.find((c) => c.check === name);
+
+  const good = await cli(a, 'doctor');
+  assert.equal(good.code, 0, good.stdout);
+  assert.equal(good.json.failed, 0);
+  for (const name of ['config', 'certificate', 'store disk', 'volume vol', 'peer cloud', 'replication']) assert.equal(statusOf(good, name)?.status, 'ok', `${name}: ${JSON.stringify(statusOf(good, name))}`);
+  assert.match(statusOf(good, 'certificate')!.detail, /valid for 36\d\d more days/, 'init makes a certificate valid ten years');
+  assert.equal(statusOf(good, 'server')?.status, 'warn', 'policies, and no daemon to run them');
+
+  renameSync(img, `${img}.moved`);
+  assert.equal((await cli(b, 'token', 'rotate', '--grace', '0')).code, 0);
+  writeFileSync(cfg, readFileSync(cfg, 'utf8').replace('replication: { peer: cloud }', 'replication: { peer: nope }'));
+  await new Promise((r) => setTimeout(r, 1100)); // the running server takes the new token within a second
+  const bad = await cli(a, 'doctor');
+  assert.equal(bad.code, 1);
+  assert.equal(bad.json.ok, false);
+  assert.equal(statusOf(bad, 'volume vol')?.status, 'fail');
+  assert.match(statusOf(bad, 'volume vol')!.detail, /ERR_VOLUME_UNREADABLE/);
+  assert.equal(statusOf(bad, 'peer cloud')?.status, 'fail');
+  assert.match(statusOf(bad, 'peer cloud')!.fix!, /peer update cloud --token/);
+  assert.equal(statusOf(bad, 'replication')?.status, 'fail');
+  assert.equal(bad.json.failed, 3);
+
+  await sb.stop();
+  const down = await cli(a, 'doctor');
+  assert.match(statusOf(down, 'peer cloud')!.detail, /ERR_PEER_UNREACHABLE/);
+  renameSync(`${img}.moved`, img);
+  assert.equal(statusOf(await cli(a, 'doctor'), 'volume vol')?.status, 'ok', 'nothing was changed by the checks');
 });

@@ -1,0 +1,59 @@
+/**
+ * `appliance doctor`: check everything the appliance needs, in one pass, each with what to do
+ * next (appliance/doctor.ts). Read-only. Exit 1 when a check fails.
+ */
+import type { Command } from 'commander';
+import { run } from '../output.js';
+
+export const order = 79;
+
+export function define(program: Command): void {
+  program
+    .command('doctor')
+    .description('check the config, disk, certificate, server, volumes, peers, replication and last verify; say what to fix')
+    .action(run(async (g) => {
+      const { Home } = await import('../../home.js');
+      const { loadConfig } = await import('../../config/index.js');
+      const { homeChecks, storeChecks } = await import('../../doctor.js');
+      const { withHomeStore } = await import('../../ops.js');
+      const { formatTable } = await import('../table.js');
+      const { existsSync, readFileSync } = await import('node:fs');
+      const { join } = await import('node:path');
+      const { pidAlive } = await import('../../../common/pid.cjs');
+      const home = Home.load(g.home);
+      let config: Awaited<ReturnType<typeof loadConfig>> | null = null;
+      let configError: unknown = null;
+      try {
+        config = await loadConfig(home);
+      } catch (e) {
+        configError = e;
+      }
+      let server: { pid: number; url: string } | null = null;
+      const info = join(home.paths.run, 'server.json');
+      if (existsSync(info)) {
+        try {
+          const s = JSON.parse(readFileSync(info, 'utf8')) as { pid: number; url: string };
+          if (pidAlive(s.pid)) server = s;
+        } catch {
+          // a file being rewritten: as if no server ran
+        }
+      }
+      const checks = homeChecks(home, config, configError, server);
+      try {
+        checks.push(...(await withHomeStore(g.home, (_h, store) => storeChecks(home, store, config))));
+      } catch (e) {
+        const { isTandemError } = await import('../../../common/errors.js');
+        checks.push({ check: 'store', status: 'fail', detail: isTandemError(e) ? `${e.code}: ${e.message}` : String(e), fix: 'the message says what to do; the volume, peer and verify checks need the store' });
+      }
+      const failed = checks.filter((c) => c.status === 'fail').length;
+      const warned = checks.filter((c) => c.status === 'warn').length;
+      const fixes = checks.filter((c) => c.fix !== undefined).map((c) => `${c.status === 'fail' ? 'FAIL' : 'warn'} ${c.check}: ${c.fix}`);
+      const text = [
+        formatTable(['STATUS', 'CHECK', 'DETAIL'], checks.map((c) => [c.status === 'ok' ? 'ok' : c.status === 'warn' ? 'warn' : 'FAIL', c.check, c.detail])),
+        ...(fixes.length > 0 ? ['', ...fixes] : []),
+        '',
+        failed > 0 ? `${failed} check(s) failed, ${warned} to look at` : warned > 0 ? `nothing failed; ${warned} to look at` : 'all good',
+      ].join('\n');
+      return { json: { ok: failed === 0, failed, warnings: warned, checks }, text, exitCode: failed > 0 ? 1 : 0 };
+    }));
+}

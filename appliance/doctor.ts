@@ -1,0 +1,147 @@
+/**
+ * `appliance doctor`: everything an operator checks before trusting the appliance (after an
+ * install, a change, or at 3 a.m. before a failover), in one pass, each with what to do next:
+ * the configuration, the store's disk, the TLS certificate, the server, every volume's device or
+ * image, every peer (reachable, certificate pinned, token taken, same protocol), the replication
+ * peer, held replication, RPO state and the last scheduled verify. Read-only: it changes nothing.
+ *
+ * A check is `ok`, `warn` (works, but look at it) or `fail` (something the appliance needs is
+ * broken); the command exits 1 when one fails.
+ */
+import { X509Certificate } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { statfs } from 'node:fs/promises';
+import { isTandemError } from '../common/errors.js';
+import type { Store } from '../store/index.js';
+import type { Config } from './config/index.js';
+import type { Home } from './home.js';
+
+export type CheckStatus = 'ok' | 'warn' | 'fail';
+
+export interface Check {
+  /** What was checked, e.g. `peer cloud`, `volume db-data`. */
+  readonly check: string;
+  readonly status: CheckStatus;
+  readonly detail: string;
+  /** What to do about a warn or fail. */
+  readonly fix?: string;
+}
+
+/** A store disk with less free space than this fails (the failback's pre-apply budget, store/README.md). */
+const DISK_FAIL_BYTES = 256 * 1024 * 1024;
+/** ... and warns below this fraction free. */
+const DISK_WARN_FRACTION = 0.1;
+/** A certificate that ends within this many days warns. */
+const CERT_WARN_DAYS = 30;
+
+const GiB = 1024 ** 3;
+const size = (n: number) => (n >= GiB ? `${(n / GiB).toFixed(1)} GiB` : `${Math.round(n / 1024 / 1024)} MiB`);
+
+function failure(e: unknown): string {
+  return isTandemError(e) ? `${e.code}: ${e.message}` : (e as Error)?.message ?? String(e);
+}
+
+/** The checks that need no store: configuration, certificate, server. `config` null: it did not load (its error is `configError`). */
+export function homeChecks(home: Home, config: Config | null, configError: unknown, server: { pid: number; url: string } | null): Check[] {
+  const out: Check[] = [];
+  out.push(config
+    ? { check: 'config', status: 'ok', detail: `${home.paths.config} is valid` }
+    : { check: 'config', status: 'fail', detail: failure(configError), fix: 'fix the line named, then `appliance config check`' });
+  try {
+    const cert = new X509Certificate(readFileSync(home.paths.tlsCert));
+    const days = Math.floor((Date.parse(cert.validTo) - Date.now()) / 86_400_000);
+    const detail = `fingerprint ${home.fingerprint()}, valid ${days < 0 ? 'until' : 'for'} ${days < 0 ? cert.validTo : `${days} more days`}`;
+    out.push(days < 0
+      ? { check: 'certificate', status: 'fail', detail, fix: 'make a new one with `appliance tls rotate`, then `appliance peer update NAME --fingerprint F` on the peer' }
+      : days < CERT_WARN_DAYS
+        ? { check: 'certificate', status: 'warn', detail, fix: '`appliance tls rotate` before it ends, then `appliance peer update NAME --fingerprint F` on the peer' }
+        : { check: 'certificate', status: 'ok', detail });
+  } catch (e) {
+    out.push({ check: 'certificate', status: 'fail', detail: failure(e), fix: 'make a new one with `appliance tls rotate`' });
+  }
+  const scheduled = config !== null && Object.keys(config.policies).length > 0;
+  out.push(server
+    ? { check: 'server', status: 'ok', detail: `pid ${server.pid} serves ${server.url}` }
+    : { check: 'server', status: scheduled ? 'warn' : 'ok', detail: 'no `appliance daemon` or `serve` runs on this home', ...(scheduled ? { fix: 'policies are configured but nothing schedules them: start `appliance daemon` (deploy/ has a systemd unit)' } : {}) });
+  return out;
+}
+
+/** The checks that read the store: its disk, volumes, peers, replication, status and verify. */
+export async function storeChecks(home: Home, store: Store, config: Config | null): Promise<Check[]> {
+  const out: Check[] = [];
+  const fs = await statfs(home.paths.store);
+  const free = fs.bavail * fs.bsize;
+  const total = fs.blocks * fs.bsize;
+  const diskDetail = `${size(free)} free of ${size(total)} on the store's disk`;
+  out.push(free < DISK_FAIL_BYTES
+    ? { check: 'store disk', status: 'fail', detail: diskDetail, fix: 'free space or grow the disk; `appliance retention` then `appliance gc` reclaim old snapshots' }
+    : free < DISK_WARN_FRACTION * total
+      ? { check: 'store disk', status: 'warn', detail: diskDetail, fix: 'less than 10 % free: plan space, or tighten retention and run `appliance gc`' }
+      : { check: 'store disk', status: 'ok', detail: diskDetail });
+
+  const { openVolumeReader } = await import('./volumes/index.js');
+  for (const v of await store.listVolumes()) {
+    if (v.path === undefined) {
+      out.push({ check: `volume ${v.name}`, status: 'ok', detail: `a replica (${size(v.size)}), no device or image here` });
+      continue;
+    }
+    try {
+      const r = await openVolumeReader(v.path);
+      const actual = r.size;
+      await r.close();
+      out.push(actual === v.size
+        ? { check: `volume ${v.name}`, status: 'ok', detail: `${v.path}, ${size(actual)}, readable` }
+        : { check: `volume ${v.name}`, status: 'warn', detail: `${v.path} is ${size(actual)} now, ${size(v.size)} at its last snapshot`, fix: 'expected after a resize: the next snapshot records the new size' });
+    } catch (e) {
+      out.push({ check: `volume ${v.name}`, status: 'fail', detail: failure(e), fix: `attach the device or image again, or point the volume at it: \`appliance volume remove ${v.name}\` keeps nothing, so prefer fixing the path` });
+    }
+  }
+
+  const { listPeers, contactPeer } = await import('./peers.js');
+  const { PROTOCOL_VERSION } = await import('../sync/protocol.js');
+  const peers = await listPeers(store);
+  for (const p of peers) {
+    const t0 = performance.now();
+    try {
+      const remote = await contactPeer(p);
+      const ms = Math.round(performance.now() - t0);
+      const detail = `${p.url}: appliance "${remote.name}", certificate pinned, token taken, ${ms} ms`;
+      out.push({ check: `peer ${p.name}`, status: 'ok', detail });
+    } catch (e) {
+      const code = isTandemError(e) ? e.code : '';
+      const fix = code === 'ERR_UNAUTHORIZED'
+        ? `it refused our token: \`appliance token show\` there, then \`appliance peer update ${p.name} --token T\` here`
+        : code === 'ERR_PEER_FINGERPRINT'
+          ? `its certificate changed: \`appliance tls show\` there, then \`appliance peer update ${p.name} --fingerprint F\` here`
+          : code === 'ERR_PEER_PROTOCOL'
+            ? `it speaks another protocol than ${PROTOCOL_VERSION}: run the same Tandem version on both appliances`
+            : `check that its server runs and that ${p.url} is reachable from here (firewall, DNS); \`appliance peer update ${p.name} --url URL\` if it moved`;
+      out.push({ check: `peer ${p.name}`, status: 'fail', detail: failure(e), fix });
+    }
+  }
+  const replicationPeer = config?.replication?.peer;
+  if (replicationPeer !== undefined) {
+    out.push(peers.some((p) => p.name === replicationPeer)
+      ? { check: 'replication', status: 'ok', detail: `to peer ${replicationPeer}` }
+      : { check: 'replication', status: 'fail', detail: `config replication.peer is "${replicationPeer}", which is no peer of this appliance`, fix: `pair with it (\`appliance peer add ${replicationPeer} ...\`) or fix replication.peer in config.yaml` });
+  }
+
+  if (config !== null) {
+    const { computeStatus } = await import('./status.js');
+    for (const s of await computeStatus(store, config, Date.now())) {
+      if (s.replicationHeld) {
+        out.push({ check: `replication of ${s.volume}`, status: 'warn', detail: `held since ${s.replicationHeld.since}: ${s.replicationHeld.code}`, fix: s.replicationHeld.message });
+      } else if (s.rpoState === 'BREACHED') {
+        out.push({ check: `RPO of ${s.volume}`, status: 'warn', detail: s.lastReplicated ? `the last replicated point is from ${s.lastReplicated.at}, older than the policy's RPO` : 'never replicated', fix: s.lastJob && !s.lastJob.ok ? `the last job failed: ${s.lastJob.error?.code ?? ''} ${s.lastJob.error?.message ?? ''}` : 'see `appliance status`; the daemon replicates before the RPO when it runs' });
+      }
+    }
+    const { verifySummary, unhealed } = await import('./scheduler/verify.js');
+    const v = await verifySummary(store, config);
+    if (v.last && unhealed(v.last) > 0) {
+      out.push({ check: 'verify', status: 'fail', detail: `the last scheduled verify (${v.last.ended}) left ${unhealed(v.last)} damaged block(s) or node(s) unhealed`, fix: '`appliance verify` names them; `appliance repair --peer NAME` heals them from the peer' });
+    } else if (v.last) {
+      out.push({ check: 'verify', status: 'ok', detail: `the last scheduled verify (${v.last.ended}) left nothing damaged` });
+    }
+  }
+  return out;
+}
