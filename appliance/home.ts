@@ -16,11 +16,14 @@
  * ```
  */
 import { randomBytes, randomUUID, X509Certificate } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, writeFileSync, renameSync, openSync, fsyncSync, closeSync, rmSync, linkSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync, renameSync, openSync, fsyncSync, closeSync, rmSync, linkSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { TandemError, diskFullError } from '../common/errors.js';
 import { acquireVolumeLock } from './locks.js';
 import type { Store } from '../store/index.js';
+
+/** A new key without its certificate older than this is a rotation cut short (Home.finishTlsRotation). */
+const LONE_KEY_MS = 60_000;
 
 /** How long a certificate made here is valid. */
 export const CERTIFICATE_DAYS = 3650;
@@ -251,20 +254,31 @@ export class Home {
   }
 
   /**
-   * Second half: put the new pair in place, key first. A rotation cut short between the two
-   * renames is finished here by the next process that loads the home (the pair is complete on
-   * disk once cert.pem.next exists); a lone key.pem.next (cut short before that) is dropped.
-   * A running server takes the new pair within a second (api/server.ts).
+   * Second half: put the new pair in place, key first. Every process that loads the home calls
+   * this, so a rotation cut short between the two renames is finished by the next one:
+   * cert.pem.next exists only once key.pem.next is complete, and alone only once the key was
+   * renamed, so it is always rolled forward. Two processes finishing at once agree (a rename
+   * the other did first is skipped). A lone key.pem.next is a rotation still writing its
+   * certificate, or one cut short before it: it is dropped once older than a minute. A running
+   * server takes the new pair within a second (api/server.ts).
    */
   finishTlsRotation(): void {
     const key = `${this.paths.tlsKey}.next`;
     const cert = `${this.paths.tlsCert}.next`;
+    const moveIfThere = (from: string, to: string) => {
+      try {
+        renameSync(from, to);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+      }
+    };
     if (existsSync(cert)) {
-      if (existsSync(key)) renameSync(key, this.paths.tlsKey);
-      renameSync(cert, this.paths.tlsCert);
+      moveIfThere(key, this.paths.tlsKey);
+      moveIfThere(cert, this.paths.tlsCert);
       syncDir(join(this.dir, 'tls'));
-    } else if (existsSync(key)) {
-      rmSync(key, { force: true });
+    } else {
+      const st = statSync(key, { throwIfNoEntry: false });
+      if (st && Date.now() - st.mtimeMs > LONE_KEY_MS) rmSync(key, { force: true });
     }
   }
 

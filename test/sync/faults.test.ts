@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { execFileSync } from 'node:child_process';
-import { appendFileSync, existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, readFileSync, renameSync, utimesSync, writeFileSync } from 'node:fs';
 import { createSecureContext } from 'node:tls';
 import { Home } from '../../appliance/home.js';
 import { createServer, request as httpsRequest, type Server } from 'node:https';
@@ -120,7 +120,7 @@ test('tls rotate: a running server serves the new certificate within a second; t
   assert.equal((await cli(b, 'volume', 'list')).code, 0, "b's own commands still reach its server");
 });
 
-test('a TLS rotation cut short between its renames is finished by the next command; a lone new key is dropped', async (t) => {
+test('a TLS rotation cut short between its renames is finished by the next command; a lone new key is dropped once it is old', async (t) => {
   const a = await initHome(t, 'tls-cut');
   const home = Home.load(a.dir);
   const fp = await home.prepareTlsRotation();
@@ -129,9 +129,15 @@ test('a TLS rotation cut short between its renames is finished by the next comma
   assert.equal(shown.json.fingerprint, fp);
   assert.doesNotThrow(() => createSecureContext(Home.load(a.dir).tls()), 'the key and the certificate match');
   assert.equal(existsSync(`${home.paths.tlsCert}.next`), false);
-  writeFileSync(`${home.paths.tlsKey}.next`, 'cut short before the certificate was written');
+  // A new key alone: a rotation still writing its certificate is left alone; one cut short long ago is dropped.
+  const lone = `${home.paths.tlsKey}.next`;
+  writeFileSync(lone, 'a rotation writing its certificate now');
   assert.equal((await cli(a, 'tls', 'show')).json.fingerprint, fp);
-  assert.equal(existsSync(`${home.paths.tlsKey}.next`), false);
+  assert.equal(existsSync(lone), true);
+  const old = new Date(Date.now() - 120_000);
+  utimesSync(lone, old, old);
+  assert.equal((await cli(a, 'tls', 'show')).json.fingerprint, fp);
+  assert.equal(existsSync(lone), false);
 });
 
 test("a peer's token opens the peer protocol, not the other appliance's commands: POST /v1/cli with it is 403 and runs nothing", async (t) => {
