@@ -10,11 +10,11 @@
  */
 import { X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { statfs } from 'node:fs/promises';
 import { isTandemError } from '../common/errors.js';
 import type { Store } from '../store/index.js';
 import type { Config } from './config/index.js';
 import type { Home } from './home.js';
+import { applianceHealth, CERT_EXPIRING_DAYS, DISK_LOW_FRACTION } from './health.js';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail';
 
@@ -27,12 +27,6 @@ export interface Check {
   readonly fix?: string;
 }
 
-/** A store disk with less free space than this fails (the failback's pre-apply budget, store/README.md). */
-const DISK_FAIL_BYTES = 256 * 1024 * 1024;
-/** ... and warns below this fraction free. */
-const DISK_WARN_FRACTION = 0.1;
-/** A certificate that ends within this many days warns. */
-const CERT_WARN_DAYS = 30;
 
 const GiB = 1024 ** 3;
 const size = (n: number) => (n >= GiB ? `${(n / GiB).toFixed(1)} GiB` : `${Math.round(n / 1024 / 1024)} MiB`);
@@ -53,7 +47,7 @@ export function homeChecks(home: Home, config: Config | null, configError: unkno
     const detail = `fingerprint ${home.fingerprint()}, valid ${days < 0 ? 'until' : 'for'} ${days < 0 ? cert.validTo : `${days} more days`}`;
     out.push(days < 0
       ? { check: 'certificate', status: 'fail', detail, fix: 'make a new one with `appliance tls rotate`, then `appliance peer update NAME --fingerprint F` on the peer' }
-      : days < CERT_WARN_DAYS
+      : days < CERT_EXPIRING_DAYS
         ? { check: 'certificate', status: 'warn', detail, fix: '`appliance tls rotate` before it ends, then `appliance peer update NAME --fingerprint F` on the peer' }
         : { check: 'certificate', status: 'ok', detail });
   } catch (e) {
@@ -69,14 +63,12 @@ export function homeChecks(home: Home, config: Config | null, configError: unkno
 /** The checks that read the store: its disk, volumes, peers, replication, status and verify. */
 export async function storeChecks(home: Home, store: Store, config: Config | null): Promise<Check[]> {
   const out: Check[] = [];
-  const fs = await statfs(home.paths.store);
-  const free = fs.bavail * fs.bsize;
-  const total = fs.blocks * fs.bsize;
-  const diskDetail = `${size(free)} free of ${size(total)} on the store's disk`;
-  out.push(free < DISK_FAIL_BYTES
+  const health = await applianceHealth(home);
+  const diskDetail = `${size(health.storeFreeBytes)} free of ${size(health.storeDiskBytes)} on the store's disk`;
+  out.push(health.diskCritical
     ? { check: 'store disk', status: 'fail', detail: diskDetail, fix: 'free space or grow the disk; `appliance retention` then `appliance gc` reclaim old snapshots' }
-    : free < DISK_WARN_FRACTION * total
-      ? { check: 'store disk', status: 'warn', detail: diskDetail, fix: 'less than 10 % free: plan space, or tighten retention and run `appliance gc`' }
+    : health.diskLow
+      ? { check: 'store disk', status: 'warn', detail: diskDetail, fix: `less than ${DISK_LOW_FRACTION * 100} % free: plan space, or tighten retention and run \`appliance gc\`` }
       : { check: 'store disk', status: 'ok', detail: diskDetail });
 
   const { openVolumeReader } = await import('./volumes/index.js');

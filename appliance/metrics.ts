@@ -9,6 +9,7 @@
 import { Counter, Gauge, Registry } from 'prom-client';
 import type { ObjectiveState, VolumeStatus } from './status.js';
 import { unhealed, type VerifySummary } from './scheduler/verify.js';
+import type { ApplianceHealth } from './health.js';
 
 const STATES: readonly ObjectiveState[] = ['OK', 'AT_RISK', 'BREACHED', 'NONE'];
 
@@ -24,7 +25,7 @@ const seconds = (ms: number | null) => (ms === null ? NaN : ms / 1000);
 const epoch = (iso: string | null | undefined) => (iso ? Date.parse(iso) / 1000 : NaN);
 
 /** A registry whose gauges are filled from `statuses()` at each scrape. */
-export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, running: () => readonly string[], verify?: () => Promise<VerifySummary>): DaemonMetrics {
+export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, running: () => readonly string[], verify?: () => Promise<VerifySummary>, health?: () => Promise<ApplianceHealth>): DaemonMetrics {
   const registry = new Registry();
   const labelNames = ['volume', 'policy'] as const;
   const g = (name: string, help: string, extra: readonly string[] = []) =>
@@ -49,6 +50,17 @@ export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, 
   const verifyUnhealed = plain('tandem_verify_unhealed', 'Damage the last finished scheduled verify left after healing from its repair peer (0: the store is intact)');
   const verifyFailed = plain('tandem_verify_failed', '1 when the last scheduled verify attempt failed to finish (an I/O error), else 0');
   const verifyRunning = plain('tandem_verify_running', '1 while a scheduled verify runs');
+  const storeFree = plain('tandem_store_free_bytes', "Free space on the store's disk (for this user)");
+  const storeDisk = plain('tandem_store_disk_bytes', "Size of the store's disk");
+  const certEnd = plain('tandem_certificate_expiry_timestamp_seconds', "End of the TLS certificate's validity (NaN: unreadable)");
+
+  const fillHealth = async () => {
+    if (!health) return;
+    const h = await health();
+    storeFree.set(h.storeFreeBytes);
+    storeDisk.set(h.storeDiskBytes);
+    certEnd.set(epoch(h.certificateNotAfter));
+  };
 
   const fillVerify = async () => {
     if (!verify) return;
@@ -62,6 +74,7 @@ export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, 
 
   const fill = async () => {
     await fillVerify();
+    await fillHealth();
     for (const m of [rpoAge, rpo, rpoState, rtoEst, rto, rtoState, lastSnap, lastRepl, lastExport, drillPassed, held]) m.reset();
     for (const s of await statuses()) {
       const l = { volume: s.volume, policy: s.policy ?? '' };

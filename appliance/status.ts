@@ -13,6 +13,7 @@ import { failedOverVolumes, type FailedOver } from './recovery/state.js';
 import { extraCaDispatcher } from '../common/ca.js';
 import type { SnapshotRecord, VolumeRecord } from '../store/types.js';
 import { policyFor, type Config } from './config/index.js';
+import type { ApplianceHealth } from './health.js';
 import { readRates, readVolumeState, type VolumeState } from './scheduler/index.js';
 
 /** AT RISK from this fraction of the objective on: time to look before it is breached. */
@@ -161,6 +162,14 @@ export interface BreachAlert {
   readonly status: VolumeStatus;
 }
 
+/** An alert about the appliance itself (appliance/health.ts). */
+export interface HealthAlert {
+  readonly event: 'disk_low' | 'certificate_expiring';
+  readonly appliance: string;
+  readonly at: string;
+  readonly health: ApplianceHealth;
+}
+
 /**
  * Tracks states between rounds and POSTs the webhook when a volume's RPO or RTO state
  * becomes BREACHED, and when the peer starts refusing its pushes (`replication_held`: the
@@ -171,6 +180,17 @@ export class BreachNotifier {
   private readonly last = new Map<string, string>();
 
   constructor(private readonly appliance: string, private readonly timeoutMs = 10_000) {}
+
+  /** The appliance's own health: POST each new `disk_low` or `certificate_expiring`, like {@link check}. */
+  async checkHealth(health: ApplianceHealth, webhook: string | null, now: number): Promise<{ sent: HealthAlert[]; errors: string[] }> {
+    const fresh: HealthAlert[] = [];
+    for (const [event, on] of [['disk_low', health.diskLow], ['certificate_expiring', health.certificateExpiring]] as const) {
+      const before = this.last.get(event);
+      this.last.set(event, on ? 'ON' : 'OFF');
+      if (on && before !== 'ON') fresh.push({ event, appliance: this.appliance, at: new Date(now).toISOString(), health });
+    }
+    return this.post(fresh, webhook, (a) => a.event);
+  }
 
   /** Compare with the previous round; POST each new breach. Returns the alerts sent and errors. */
   async check(statuses: readonly VolumeStatus[], webhook: string | null, now: number): Promise<{ sent: BreachAlert[]; errors: string[] }> {
@@ -186,12 +206,16 @@ export class BreachNotifier {
         }
       }
     }
+    return this.post(fresh, webhook, (a) => `${a.event} of ${a.volume}`);
+  }
+
+  private async post<A>(fresh: A[], webhook: string | null, label: (a: A) => string): Promise<{ sent: A[]; errors: string[] }> {
     const errors: string[] = [];
     if (webhook === null || fresh.length === 0) return { sent: [], errors };
-    const sent: BreachAlert[] = [];
+    const sent: A[] = [];
     for (const alert of fresh) {
       const error = await postWebhook(webhook, alert, this.timeoutMs);
-      if (error) errors.push(`${error} (${alert.event} of ${alert.volume})`);
+      if (error) errors.push(`${error} (${label(alert)})`);
       else sent.push(alert);
     }
     return { sent, errors };

@@ -19,6 +19,7 @@ import { pino } from 'pino';
 import { Home } from '../home.js';
 import { loadConfig, type Config } from '../config/index.js';
 import { computeStatus, BreachNotifier, postWebhook } from '../status.js';
+import { applianceHealth } from '../health.js';
 import { createMetrics } from '../metrics.js';
 import { Scheduler } from './runner.js';
 import { realClock } from './clock.js';
@@ -56,7 +57,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
     logger: { level: 'warn', stream: process.stderr },
     routes: (store) => {
       const summary = () => verifySummary(store, config, verifier.current?.running ?? null);
-      metrics = createMetrics(async () => computeStatus(store, config, Date.now()), () => scheduler.current?.runningUnits() ?? [], summary);
+      metrics = createMetrics(async () => computeStatus(store, config, Date.now()), () => scheduler.current?.runningUnits() ?? [], summary, () => applianceHealth(home));
       return (app: FastifyInstance) => {
         app.get('/metrics', async (_req, reply) => {
           const m = await metrics.render();
@@ -64,7 +65,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
         });
         app.get<{ Querystring: { volume?: string } }>('/v1/status', async (req) => {
           const volumes = await computeStatus(store, config, Date.now(), req.query.volume);
-          return { appliance: home.identity.name, at: new Date().toISOString(), running: scheduler.current?.runningUnits() ?? [], volumes, verify: await summary() };
+          return { appliance: home.identity.name, at: new Date().toISOString(), running: scheduler.current?.runningUnits() ?? [], volumes, verify: await summary(), health: await applianceHealth(home) };
         });
       };
     },
@@ -114,6 +115,10 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
       const r = await notifier.check(await computeStatus(store, config, Date.now()), config.alerts.webhook, Date.now());
       for (const a of r.sent) log.warn({ volume: a.volume, event: a.event }, 'breach alert sent');
       for (const e of r.errors) log.error({}, e);
+      const health = await applianceHealth(home);
+      const h = await notifier.checkHealth(health, config.alerts.webhook, Date.now());
+      for (const a of h.sent) log.warn({ event: a.event, storeFreeBytes: health.storeFreeBytes, certificateNotAfter: health.certificateNotAfter }, 'appliance alert sent');
+      for (const e of h.errors) log.error({}, e);
     })().catch((e: unknown) => log.error({ err: String(e) }, 'status check failed')).finally(() => { checking = null; });
   };
   const alerts = setInterval(checkBreaches, ALERT_INTERVAL_MS);

@@ -13,7 +13,7 @@ import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import { initHome, startServe, pair, pairedWithVolume, cli, damageBlock, tempDir, type TestHome } from '../helpers/appliance.js';
-import { spawnCli, cli as cliText } from '../helpers/cli.js';
+import { spawnCli, cli as cliText, smallTmpfs } from '../helpers/cli.js';
 
 const MiB = 1024 * 1024;
 /** Upper bound for any one wait below (cold starts on a loaded 2-core machine). */
@@ -376,3 +376,35 @@ test('a scheduled verify the daemon\'s stop cut short resumes after the last sna
 function seenStarts(d: Daemon): number {
   return d.stderr().split('\n').filter((l) => l.includes('"msg":"scheduled verify started"')).length;
 }
+
+test("daemon watches the appliance itself: a low store disk calls the webhook once (disk_low), shows in /metrics, status and doctor", async (t) => {
+  const mnt = smallTmpfs(t, '64m');
+  if (!mnt) return;
+  const dir = join(mnt, 'home');
+  const init = await cli(dir, 'init', '--name', 'small');
+  assert.equal(init.code, 0, init.stderr);
+  const home: TestHome = { dir, name: 'small', token: init.json.token, fingerprint: init.json.fingerprint };
+  const hooks: Array<{ event: string; appliance: string; health: { diskLow: boolean; storeFreeBytes: number } }> = [];
+  const { url: hookUrl, first } = await webhook<(typeof hooks)[number]>(t);
+  writeFileSync(join(dir, 'config.yaml'), `appliance: { name: small }\nalerts: { webhook: "${hookUrl}" }\n`);
+  const d = await startDaemon(t, home);
+  const alert = await first;
+  assert.deepEqual([alert.event, alert.appliance, alert.health.diskLow], ['disk_low', 'small', true]);
+  assert.ok(alert.health.storeFreeBytes < 64 * MiB);
+  await d.logLine((o) => o.msg === 'appliance alert sent' && o.event === 'disk_low');
+
+  const metrics = (await get(home, d.url, '/metrics', home.token)).body;
+  const free = Number(/^tandem_store_free_bytes (\S+)$/m.exec(metrics)?.[1]);
+  assert.ok(free > 0 && free < 64 * MiB, metrics);
+  const certEnd = Number(/^tandem_certificate_expiry_timestamp_seconds (\S+)$/m.exec(metrics)?.[1]);
+  assert.ok(certEnd > Date.now() / 1000 + 9 * 365 * 86400, 'ten years ahead');
+  const status = JSON.parse((await get(home, d.url, '/v1/status', home.token)).body);
+  assert.equal(status.health.diskLow, true);
+  const text = await cliText(['--home', dir, 'status']);
+  assert.match(text.stdout, /the store's disk is low: .* free of .*appliance doctor/);
+  const doctor = await cli(home, 'doctor');
+  assert.equal(doctor.code, 1);
+  assert.equal(doctor.json.checks.find((c: { check: string }) => c.check === 'store disk').status, 'fail');
+  d.child.kill('SIGTERM');
+  assert.equal((await d.exited)[0], 0);
+});
