@@ -95,8 +95,11 @@ function fileLines(dir: string, file: string, lines: number): Promise<string[]> 
   });
 }
 
-/** A local webhook receiver: its URL and the first JSON body POSTed to it. */
-async function webhook<T>(t: { after(fn: () => unknown): void }): Promise<{ url: string; first: Promise<T> }> {
+/**
+ * A local webhook receiver: its URL and the first JSON body POSTed to it with event `event` (a
+ * machine whose disk is low also gets disk_low, whatever the test is about).
+ */
+async function webhook<T>(t: { after(fn: () => unknown): void }, event: string): Promise<{ url: string; first: Promise<T> }> {
   const hook = createServer();
   hook.listen(0, '127.0.0.1');
   await once(hook, 'listening');
@@ -105,7 +108,11 @@ async function webhook<T>(t: { after(fn: () => unknown): void }): Promise<{ url:
     hook.on('request', (req, res) => {
       let body = '';
       req.on('data', (c) => (body += c));
-      req.on('end', () => { res.end(); resolve(JSON.parse(body)); });
+      req.on('end', () => {
+        res.end();
+        const o = JSON.parse(body) as { event?: string };
+        if (o.event === event) resolve(o as T);
+      });
     });
   });
   return { url: `http://127.0.0.1:${(hook.address() as { port: number }).port}/tandem`, first };
@@ -203,7 +210,7 @@ test('daemon replicates to its peer before the RPO; the peer holds the snapshot;
   writeFileSync(lost, randomBytes(MiB));
   assert.equal((await cli(a, 'volume', 'add', 'lost', '--path', lost)).code, 0);
   rmSync(lost);
-  const { url: hookUrl, first: alert } = await webhook<{ event: string; volume: string; appliance: string }>(t);
+  const { url: hookUrl, first: alert } = await webhook<{ event: string; volume: string; appliance: string }>(t, 'rpo_breached');
   writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
 policies:
   silver: { rpo: 2h, retention: { last: 1 } }
@@ -248,7 +255,7 @@ test('daemon verifies the store on schedule, at its byte rate: a damaged block c
   readSync(fd, byte, 0, 1, 4 * MiB + 12345);
   writeSync(fd, Buffer.from([byte[0]! ^ 0xff]), 0, 1, 4 * MiB + 12345);
   closeSync(fd);
-  const { url: hookUrl, first: alert } = await webhook<{ event: string; appliance: string; run: { ok: boolean; problems: number; bytes: number; seconds: number; firstProblems: Array<{ code: string; volume: string; snapshot: string }> } }>(t);
+  const { url: hookUrl, first: alert } = await webhook<{ event: string; appliance: string; run: { ok: boolean; problems: number; bytes: number; seconds: number; firstProblems: Array<{ code: string; volume: string; snapshot: string }> } }>(t, 'verify_failed');
   // No policy: the scheduler has nothing to do; the store is verified 2 s after the daemon
   // first started, then every 2 s, reading at most 4 MiB a second.
   writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
@@ -291,7 +298,7 @@ test('daemon heals what its scheduled verify finds with copies from its replicat
   assert.equal(sync.code, 0, sync.stderr);
   // Block 5's record damaged on this side only.
   damageBlock(a, readFileSync(img).subarray(5 * 65536, 6 * 65536));
-  const { url: hookUrl, first: alert } = await webhook<{ event: string; run: { problems: number; repair: { peer: string; blocksRepaired: number; nodesRepaired: number; unrepaired: number } } }>(t);
+  const { url: hookUrl, first: alert } = await webhook<{ event: string; run: { problems: number; repair: { peer: string; blocksRepaired: number; nodesRepaired: number; unrepaired: number } } }>(t, 'verify_failed');
   writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
 replication: { peer: cloud }
 verify: { every: 2s }
@@ -385,7 +392,7 @@ test("daemon watches the appliance itself: a low store disk calls the webhook on
   assert.equal(init.code, 0, init.stderr);
   const home: TestHome = { dir, name: 'small', token: init.json.token, fingerprint: init.json.fingerprint };
   const hooks: Array<{ event: string; appliance: string; health: { diskLow: boolean; storeFreeBytes: number } }> = [];
-  const { url: hookUrl, first } = await webhook<(typeof hooks)[number]>(t);
+  const { url: hookUrl, first } = await webhook<(typeof hooks)[number]>(t, 'disk_low');
   writeFileSync(join(dir, 'config.yaml'), `appliance: { name: small }\nalerts: { webhook: "${hookUrl}" }\n`);
   const d = await startDaemon(t, home);
   const alert = await first;
