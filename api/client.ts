@@ -100,6 +100,8 @@ export interface PeerHealth {
   readonly name: string;
   readonly id: string;
   readonly protocol: number;
+  /** The peer's clock when it answered, ISO (absent from a peer of an older version). */
+  readonly time?: string;
 }
 
 export interface LockAnswer {

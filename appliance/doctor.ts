@@ -28,6 +28,9 @@ export interface Check {
 }
 
 
+/** Clocks further apart than this warn: RPO ages and retention buckets compare the two appliances' times. */
+const CLOCK_SKEW_WARN_MS = 30_000;
+
 const GiB = 1024 ** 3;
 const size = (n: number) => (n >= GiB ? `${(n / GiB).toFixed(1)} GiB` : `${Math.round(n / 1024 / 1024)} MiB`);
 
@@ -97,8 +100,11 @@ export async function storeChecks(home: Home, store: Store, config: Config | nul
     try {
       const remote = await contactPeer(p);
       const ms = Math.round(performance.now() - t0);
-      const detail = `${p.url}: appliance "${remote.name}", certificate pinned, token taken, ${ms} ms`;
-      out.push({ check: `peer ${p.name}`, status: 'ok', detail });
+      const skew = remote.clockSkewMs === null ? '' : `, clock ${remote.clockSkewMs >= 0 ? '+' : ''}${(remote.clockSkewMs / 1000).toFixed(1)} s from ours`;
+      const detail = `${p.url}: appliance "${remote.name}", certificate pinned, token taken, ${ms} ms${skew}`;
+      out.push(remote.clockSkewMs !== null && Math.abs(remote.clockSkewMs) > CLOCK_SKEW_WARN_MS
+        ? { check: `peer ${p.name}`, status: 'warn', detail, fix: 'the clocks differ: a replica\'s age against its RPO and retention\'s buckets compare times across the appliances; run NTP (chrony, systemd-timesyncd) on both' }
+        : { check: `peer ${p.name}`, status: 'ok', detail });
     } catch (e) {
       const code = isTandemError(e) ? e.code : '';
       const fix = code === 'ERR_UNAUTHORIZED'

@@ -52,13 +52,20 @@ export async function assertNoPeer(store: PeerStore, name: string): Promise<void
   }
 }
 
-/** Contact a peer with `rec`'s URL, certificate pin and token: who answers (ERR_UNAUTHORIZED, ERR_PEER_FINGERPRINT, ERR_PEER_UNREACHABLE otherwise). */
-export async function contactPeer(rec: PeerRecord): Promise<{ name: string; id: string }> {
+/**
+ * Contact a peer with `rec`'s URL, certificate pin and token: who answers (ERR_UNAUTHORIZED,
+ * ERR_PEER_FINGERPRINT, ERR_PEER_UNREACHABLE otherwise), and how far its clock is from ours
+ * (ms, positive when it is ahead; null from a peer that does not tell its time).
+ */
+export async function contactPeer(rec: PeerRecord): Promise<{ name: string; id: string; clockSkewMs: number | null }> {
   const client = connectPeer(rec);
   try {
+    const sent = Date.now();
     const h = await client.health();
+    const got = Date.now();
     await client.stats(); // the token is checked too: stats needs it
-    return { name: h.name, id: h.id };
+    const theirs = h.time === undefined ? NaN : Date.parse(h.time);
+    return { name: h.name, id: h.id, clockSkewMs: Number.isNaN(theirs) ? null : Math.round(theirs - (sent + got) / 2) };
   } finally {
     await client.close();
   }

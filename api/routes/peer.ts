@@ -105,6 +105,9 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     name: home.identity.name,
     id: home.identity.id,
     protocol: PROTOCOL_VERSION,
+    // The appliances compare times (a replica's age against its RPO, retention's buckets):
+    // `appliance doctor` measures the skew from this.
+    time: new Date().toISOString(),
   }));
 
   app.get('/v1/stats', { schema: { summary: 'receiving-side counters since the server started' } }, async () => stats);

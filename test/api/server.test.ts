@@ -34,6 +34,7 @@ test('health and docs need no token; every other route answers 401 ERR_UNAUTHORI
   const health = await app.inject({ method: 'GET', url: '/v1/health' });
   assert.equal(health.statusCode, 200);
   assert.equal(health.json().name, 'api');
+  assert.ok(Math.abs(Date.parse(health.json().time) - Date.now()) < 5000, 'it tells its clock');
   const docs = await app.inject({ method: 'GET', url: '/docs/json' });
   assert.equal(docs.statusCode, 200);
   assert.ok(docs.json().paths['/v1/blocks/has'], 'the OpenAPI document lists the protocol routes');

@@ -161,6 +161,7 @@ test('doctor: all good on a working pair; a missing image, a refused token, an u
   assert.equal(good.json.failed, 0);
   for (const name of ['config', 'certificate', 'store disk', 'volume vol', 'peer cloud', 'replication']) assert.equal(statusOf(good, name)?.status, 'ok', `${name}: ${JSON.stringify(statusOf(good, name))}`);
   assert.match(statusOf(good, 'certificate')!.detail, /valid for 36\d\d more days/, 'init makes a certificate valid ten years');
+  assert.match(statusOf(good, 'peer cloud')!.detail, /clock [+-]\d+\.\d s from ours/, 'the clocks are compared (one machine here: within the warning)');
   assert.equal(statusOf(good, 'server')?.status, 'warn', 'policies, and no daemon to run them');
 
   renameSync(img, `${img}.moved`);
