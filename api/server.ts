@@ -74,13 +74,12 @@ const ADMIN_ROUTES = new Set(['/v1/cli']);
  */
 class TokenCheck {
   private digests: Buffer[] = [];
-  private admin: Buffer;
+  private admin: Buffer = Buffer.alloc(0);
   private stamp = '';
   private checked = 0;
   private until = Infinity;
 
   constructor(private readonly home: Home) {
-    this.admin = digest(home.adminToken());
     this.reload(Date.now());
   }
 

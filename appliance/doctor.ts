@@ -8,13 +8,12 @@
  * A check is `ok`, `warn` (works, but look at it) or `fail` (something the appliance needs is
  * broken); the command exits 1 when one fails.
  */
-import { X509Certificate } from 'node:crypto';
-import { readFileSync } from 'node:fs';
 import { isTandemError } from '../common/errors.js';
 import type { Store } from '../store/index.js';
 import type { Config } from './config/index.js';
 import type { Home } from './home.js';
-import { applianceHealth, CERT_EXPIRING_DAYS, DISK_LOW_FRACTION } from './health.js';
+import { DISK_LOW_FRACTION, type ApplianceHealth } from './health.js';
+import { formatBytes } from './cli/output.js';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail';
 
@@ -31,53 +30,52 @@ export interface Check {
 /** Clocks further apart than this warn: RPO ages and retention buckets compare the two appliances' times. */
 const CLOCK_SKEW_WARN_MS = 30_000;
 
-const GiB = 1024 ** 3;
-const size = (n: number) => (n >= GiB ? `${(n / GiB).toFixed(1)} GiB` : `${Math.round(n / 1024 / 1024)} MiB`);
 
-function failure(e: unknown): string {
+/** An error as a check's detail: its code and message. */
+export function failure(e: unknown): string {
   return isTandemError(e) ? `${e.code}: ${e.message}` : (e as Error)?.message ?? String(e);
 }
 
-/** The checks that need no store: configuration, certificate, server. `config` null: it did not load (its error is `configError`). */
-export function homeChecks(home: Home, config: Config | null, configError: unknown, server: { pid: number; url: string } | null): Check[] {
+/**
+ * The checks that need no store: configuration, certificate, server, the store's disk.
+ * `config` null: it did not load (its error is `configError`).
+ */
+export function homeChecks(home: Home, config: Config | null, configError: unknown, server: { pid: number; url: string } | null, health: ApplianceHealth): Check[] {
   const out: Check[] = [];
   out.push(config
     ? { check: 'config', status: 'ok', detail: `${home.paths.config} is valid` }
     : { check: 'config', status: 'fail', detail: failure(configError), fix: 'fix the line named, then `appliance config check`' });
-  try {
-    const cert = new X509Certificate(readFileSync(home.paths.tlsCert));
-    const days = Math.floor((Date.parse(cert.validTo) - Date.now()) / 86_400_000);
-    const detail = `fingerprint ${home.fingerprint()}, valid ${days < 0 ? 'until' : 'for'} ${days < 0 ? cert.validTo : `${days} more days`}`;
+  if (health.certificateNotAfter === null) {
+    out.push({ check: 'certificate', status: 'fail', detail: `${home.paths.tlsCert} cannot be read`, fix: 'make a new one with `appliance tls rotate`' });
+  } else {
+    const days = Math.floor((Date.parse(health.certificateNotAfter) - Date.now()) / 86_400_000);
+    const detail = `fingerprint ${home.fingerprint()}, valid ${days < 0 ? `until ${health.certificateNotAfter}` : `for ${days} more days`}`;
     out.push(days < 0
       ? { check: 'certificate', status: 'fail', detail, fix: 'make a new one with `appliance tls rotate`, then `appliance peer update NAME --fingerprint F` on the peer' }
-      : days < CERT_EXPIRING_DAYS
+      : health.certificateExpiring
         ? { check: 'certificate', status: 'warn', detail, fix: '`appliance tls rotate` before it ends, then `appliance peer update NAME --fingerprint F` on the peer' }
         : { check: 'certificate', status: 'ok', detail });
-  } catch (e) {
-    out.push({ check: 'certificate', status: 'fail', detail: failure(e), fix: 'make a new one with `appliance tls rotate`' });
   }
   const scheduled = config !== null && Object.keys(config.policies).length > 0;
   out.push(server
     ? { check: 'server', status: 'ok', detail: `pid ${server.pid} serves ${server.url}` }
     : { check: 'server', status: scheduled ? 'warn' : 'ok', detail: 'no `appliance daemon` or `serve` runs on this home', ...(scheduled ? { fix: 'policies are configured but nothing schedules them: start `appliance daemon` (deploy/ has a systemd unit)' } : {}) });
-  return out;
-}
-
-/** The checks that read the store: its disk, volumes, peers, replication, status and verify. */
-export async function storeChecks(home: Home, store: Store, config: Config | null): Promise<Check[]> {
-  const out: Check[] = [];
-  const health = await applianceHealth(home);
-  const diskDetail = `${size(health.storeFreeBytes)} free of ${size(health.storeDiskBytes)} on the store's disk`;
+  const diskDetail = `${formatBytes(health.storeFreeBytes)} free of ${formatBytes(health.storeDiskBytes)} on the store's disk`;
   out.push(health.diskCritical
     ? { check: 'store disk', status: 'fail', detail: diskDetail, fix: 'free space or grow the disk; `appliance retention` then `appliance gc` reclaim old snapshots' }
     : health.diskLow
       ? { check: 'store disk', status: 'warn', detail: diskDetail, fix: `less than ${DISK_LOW_FRACTION * 100} % free: plan space, or tighten retention and run \`appliance gc\`` }
       : { check: 'store disk', status: 'ok', detail: diskDetail });
+  return out;
+}
 
+/** The checks that read the store: volumes, peers, replication, status and verify. */
+export async function storeChecks(store: Store, config: Config | null): Promise<Check[]> {
+  const out: Check[] = [];
   const { openVolumeReader } = await import('./volumes/index.js');
   for (const v of await store.listVolumes()) {
     if (v.path === undefined) {
-      out.push({ check: `volume ${v.name}`, status: 'ok', detail: `a replica (${size(v.size)}), no device or image here` });
+      out.push({ check: `volume ${v.name}`, status: 'ok', detail: `a replica (${formatBytes(v.size)}), no device or image here` });
       continue;
     }
     try {
@@ -85,8 +83,8 @@ export async function storeChecks(home: Home, store: Store, config: Config | nul
       const actual = r.size;
       await r.close();
       out.push(actual === v.size
-        ? { check: `volume ${v.name}`, status: 'ok', detail: `${v.path}, ${size(actual)}, readable` }
-        : { check: `volume ${v.name}`, status: 'warn', detail: `${v.path} is ${size(actual)} now, ${size(v.size)} at its last snapshot`, fix: 'expected after a resize: the next snapshot records the new size' });
+        ? { check: `volume ${v.name}`, status: 'ok', detail: `${v.path}, ${formatBytes(actual)}, readable` }
+        : { check: `volume ${v.name}`, status: 'warn', detail: `${v.path} is ${formatBytes(actual)} now, ${formatBytes(v.size)} at its last snapshot`, fix: 'expected after a resize: the next snapshot records the new size' });
     } catch (e) {
       out.push({ check: `volume ${v.name}`, status: 'fail', detail: failure(e), fix: `attach the device or image again, or point the volume at it: \`appliance volume remove ${v.name}\` keeps nothing, so prefer fixing the path` });
     }

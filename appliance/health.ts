@@ -30,16 +30,20 @@ export interface ApplianceHealth {
   readonly certificateExpiring: boolean;
 }
 
+/** The end of the home's TLS certificate, ISO; null when it cannot be read. */
+export function certificateEnd(home: Home): string | null {
+  try {
+    return new Date(new X509Certificate(readFileSync(home.paths.tlsCert)).validTo).toISOString();
+  } catch {
+    return null;
+  }
+}
+
 export async function applianceHealth(home: Home, now = Date.now()): Promise<ApplianceHealth> {
   const fs = await statfs(home.paths.store);
   const free = fs.bavail * fs.bsize;
   const total = fs.blocks * fs.bsize;
-  let notAfter: string | null = null;
-  try {
-    notAfter = new Date(new X509Certificate(readFileSync(home.paths.tlsCert)).validTo).toISOString();
-  } catch {
-    // unreadable: reported as null (doctor says what to do)
-  }
+  const notAfter = certificateEnd(home);
   return {
     storeFreeBytes: free,
     storeDiskBytes: total,

@@ -121,10 +121,9 @@ export async function removeVolume(home: Home, store: Store, name: string, opts:
   const release = home.lockVolume(name, 'remove');
   try {
     // Held snapshots stay unless the operator says so (appliance/snapshot-admin.ts).
-    const { checkNoHolds, dropHolds } = await import('./snapshot-admin.js');
-    if (opts.force !== true) await checkNoHolds(store, name);
+    const { releaseHoldsOfRemoved } = await import('./snapshot-admin.js');
+    await releaseHoldsOfRemoved(store, name, opts.force === true);
     await store.removeVolume(name);
-    await dropHolds(store, name);
     // A volume received from a peer: the next push of that name may come from any appliance.
     await store.deleteMeta(SOURCES_NS, name);
   } finally {

@@ -281,6 +281,18 @@ const REFUSALS: ReadonlySet<string> = new Set([
 /** The root a probe's lock request names: no snapshot has it, so the answer is never upToDate. */
 const NO_ROOT = '0'.repeat(64);
 
+/**
+ * Would `remote` take a push of `volume` from `holder` now? The lock request a push starts with,
+ * whose lease, if it gets one, is released at once (not through lockVolume: that lease is not a
+ * sync's). Throws the peer's refusal; returns its latest snapshot of the volume.
+ */
+export async function askPushLock(remote: RemotePeer, volume: string, holder: string): Promise<SnapshotRecord | null> {
+  const path = `/v1/volumes/${encodeURIComponent(volume)}/lock`;
+  const a = await remote.request<LockAnswer>('POST', path, { holder, ifRoot: NO_ROOT });
+  if (a.lease) await remote.request('DELETE', `${path}/${a.lease}`, undefined, true).catch(() => undefined);
+  return a.latest;
+}
+
 function blockSizeMismatch(vol: VolumeRecord, peer: string, theirs: SnapshotRecord): TandemError {
   return new TandemError(
     'ERR_BLOCK_SIZE_MISMATCH',
@@ -331,16 +343,8 @@ function refusalWatch(remote: RemotePeer, vol: VolumeRecord, peer: string, holde
   else outer?.addEventListener('abort', follow, { once: true });
   let probing: Promise<void> = Promise.resolve();
   const ask = async (): Promise<void> => {
-    let latest: SnapshotRecord | null;
-    if (opts.dryRun) {
-      latest = await remote.latestSnapshot(vol.name); // a dry run takes no lease, not even for a moment
-    } else {
-      // Not through lockVolume: this lease is not the sync's, and is released at once.
-      const path = `/v1/volumes/${encodeURIComponent(vol.name)}/lock`;
-      const a = await remote.request<LockAnswer>('POST', path, { holder, ifRoot: NO_ROOT });
-      if (a.lease) await remote.request('DELETE', `${path}/${a.lease}`, undefined, true).catch(() => undefined);
-      latest = a.latest;
-    }
+    // A dry run takes no lease, not even for a moment.
+    const latest = opts.dryRun ? await remote.latestSnapshot(vol.name) : await askPushLock(remote, vol.name, holder);
     if (latest && latest.blockSize !== vol.blockSize) throw blockSizeMismatch(vol, peer, latest);
   };
   const probe =

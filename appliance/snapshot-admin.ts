@@ -71,20 +71,21 @@ export async function releaseSnapshot(store: Store, volume: string, id: string):
   return true;
 }
 
-/** Forget the holds of a volume being removed (appliance/ops.ts removeVolume checks there are none first, unless forced). */
-export async function dropHolds(store: Store, volume: string): Promise<void> {
-  for (const id of (await listHolds(store, volume)).keys()) await store.deleteMeta(HOLDS_NS, holdKey(volume, id));
-}
-
-/** Refuse to remove a volume that has held snapshots. */
-export async function checkNoHolds(store: Store, volume: string): Promise<void> {
+/**
+ * For `volume remove`: refuse a volume that has held snapshots (ERR_SNAPSHOT_HELD), unless
+ * `force`, which forgets its holds.
+ */
+export async function releaseHoldsOfRemoved(store: Store, volume: string, force: boolean): Promise<void> {
   const holds = [...(await listHolds(store, volume)).values()];
   if (holds.length === 0) return;
-  throw new TandemError(
-    'ERR_SNAPSHOT_HELD',
-    `volume ${volume} has ${holds.length} held snapshot(s) (${holds.map((h) => h.snapshot + (h.reason ? ` "${h.reason}"` : '')).join(', ')}); nothing was removed. Release them with \`appliance snapshots ${volume} --release ID\` first, or remove the volume with its holds with \`appliance volume remove ${volume} --force\``,
-    { details: { volume, held: holds.map((h) => h.snapshot) } },
-  );
+  if (!force) {
+    throw new TandemError(
+      'ERR_SNAPSHOT_HELD',
+      `volume ${volume} has ${holds.length} held snapshot(s) (${holds.map((h) => h.snapshot + (h.reason ? ` "${h.reason}"` : '')).join(', ')}); nothing was removed. Release them with \`appliance snapshots ${volume} --release ID\` first, or remove the volume with its holds with \`appliance volume remove ${volume} --force\``,
+      { details: { volume, held: holds.map((h) => h.snapshot) } },
+    );
+  }
+  for (const h of holds) await store.deleteMeta(HOLDS_NS, holdKey(volume, h.snapshot));
 }
 
 export interface DeleteResult {

@@ -9,9 +9,6 @@ import type { Home } from '../home.js';
 import type { Config } from '../config/index.js';
 import type { JobSteps } from './runner.js';
 
-/** The root a push of a volume without snapshots asks about (matches no snapshot). */
-const ZERO_ROOT = '0'.repeat(64);
-
 /** Meta namespace and key format of the sync base (appliance/replicate.ts). */
 const SYNC_BASE_NS = 'sync-base';
 
@@ -66,19 +63,17 @@ export function applianceSteps(home: Home, store: Store, config: () => Config | 
     },
     pushRefusal: async (volume, peerName) => {
       const { getPeer, connectPeer } = await import('../peers.js');
+      const { askPushLock } = await import('../replicate.js');
       const { HOLD_CODES } = await import('./runner.js');
       const { isTandemError } = await import('../../common/errors.js');
-      const latest = await store.latestSnapshot(volume);
       const remote = connectPeer(await getPeer(store, peerName));
       try {
-        // The lock request a push starts with: the peer answers it with its refusal, if any.
-        await remote.lockVolume(volume, home.identity.id, { ifRoot: latest?.root ?? ZERO_ROOT });
+        await askPushLock(remote, volume, home.identity.id);
         return null;
       } catch (e) {
         if (isTandemError(e) && HOLD_CODES.has(e.code)) return { code: e.code, message: e.message };
         throw e;
       } finally {
-        await remote.releaseVolume().catch(() => {});
         await remote.close();
       }
     },

@@ -14,7 +14,8 @@ export function define(program: Command): void {
     .action(run(async (g) => {
       const { Home } = await import('../../home.js');
       const { loadConfig } = await import('../../config/index.js');
-      const { homeChecks, storeChecks } = await import('../../doctor.js');
+      const { homeChecks, storeChecks, failure } = await import('../../doctor.js');
+      const { applianceHealth } = await import('../../health.js');
       const { withHomeStore } = await import('../../ops.js');
       const { formatTable } = await import('../table.js');
       const { existsSync, readFileSync } = await import('node:fs');
@@ -38,12 +39,11 @@ export function define(program: Command): void {
           // a file being rewritten: as if no server ran
         }
       }
-      const checks = homeChecks(home, config, configError, server);
+      const checks = homeChecks(home, config, configError, server, await applianceHealth(home));
       try {
-        checks.push(...(await withHomeStore(g.home, (_h, store) => storeChecks(home, store, config))));
+        checks.push(...(await withHomeStore(g.home, (_h, store) => storeChecks(store, config))));
       } catch (e) {
-        const { isTandemError } = await import('../../../common/errors.js');
-        checks.push({ check: 'store', status: 'fail', detail: isTandemError(e) ? `${e.code}: ${e.message}` : String(e), fix: 'the message says what to do; the volume, peer and verify checks need the store' });
+        checks.push({ check: 'store', status: 'fail', detail: failure(e), fix: 'the message says what to do; the volume, peer and verify checks need the store' });
       }
       const failed = checks.filter((c) => c.status === 'fail').length;
       const warned = checks.filter((c) => c.status === 'warn').length;

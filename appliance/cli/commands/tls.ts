@@ -18,10 +18,8 @@ export function define(program: Command): void {
     .action(run(async (g) => {
       const { Home } = await import('../../home.js');
       const home = Home.load(g.home);
-      const { X509Certificate } = await import('node:crypto');
-      const { readFileSync } = await import('node:fs');
-      const cert = new X509Certificate(readFileSync(home.paths.tlsCert));
-      return { json: { fingerprint: home.fingerprint(), validTo: new Date(cert.validTo).toISOString() }, text: home.fingerprint() };
+      const { certificateEnd } = await import('../../health.js');
+      return { json: { fingerprint: home.fingerprint(), validTo: certificateEnd(home) }, text: home.fingerprint() };
     }));
   tls
     .command('rotate')
