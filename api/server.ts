@@ -65,16 +65,23 @@ const TOKEN_RECHECK_MS = 1000;
 
 /** Routes that run commands on this appliance: the admin token only, never a peer's. */
 const ADMIN_ROUTES = new Set(['/v1/cli']);
+/** What the monitor token reads (the daemon's routes): nothing else. */
+const MONITOR_ROUTES = new Set(['GET /metrics', 'GET /v1/status']);
+
+/** Who a request's token is: this machine's CLI, a peer, a monitoring system. */
+type Caller = 'admin' | 'peer' | 'monitor';
 
 /**
  * The API tokens a request may carry: HOME/token and, during its grace period, the one a
- * rotation replaced (Home.acceptedTokens), and the admin token (HOME/admin.token), which alone
- * opens {@link ADMIN_ROUTES}. The files are read again when they change, so `appliance token
+ * rotation replaced (Home.acceptedTokens), the admin token (HOME/admin.token), which alone
+ * opens {@link ADMIN_ROUTES}, and the monitor token (HOME/monitor.token), which opens
+ * {@link MONITOR_ROUTES} only. The files are read again when they change, so `appliance token
  * rotate` takes effect in a running server without a restart.
  */
 class TokenCheck {
   private digests: Buffer[] = [];
   private admin: Buffer = Buffer.alloc(0);
+  private monitor: Buffer = Buffer.alloc(0);
   private stamp = '';
   private checked = 0;
   private until = Infinity;
@@ -85,20 +92,22 @@ class TokenCheck {
 
   private reload(now: number): void {
     const stat = (p: string) => statSync(p, { throwIfNoEntry: false });
-    const files = [stat(this.home.paths.token), stat(this.home.paths.previousToken), stat(this.home.paths.adminToken)];
+    const p = this.home.paths;
+    const files = [stat(p.token), stat(p.previousToken), stat(p.adminToken), stat(p.monitorToken)];
     const stamp = files.map((f) => (f ? `${f.mtimeMs}:${f.size}:${f.ino}` : '-')).join('/');
     this.checked = now;
     if (stamp === this.stamp && now < this.until) return;
     const tokens = this.home.acceptedTokens(now);
     this.digests = tokens.map(digest);
     this.admin = digest(this.home.adminToken());
+    this.monitor = digest(this.home.monitorToken());
     this.stamp = stamp;
     // The previous token's end is when the set changes without a file changing.
     this.until = tokens.length > 1 ? now + TOKEN_RECHECK_MS : Infinity;
   }
 
-  /** 'admin' for the admin token, 'peer' for a peer token, null for anything else. */
-  check(token: string): 'admin' | 'peer' | null {
+  /** Whose token this is; null for a token that is none of them. */
+  check(token: string): Caller | null {
     const now = Date.now();
     if (now - this.checked >= TOKEN_RECHECK_MS) this.reload(now);
     const d = digest(token);
@@ -112,11 +121,12 @@ class TokenCheck {
     return who;
   }
 
-  private match(d: Buffer): 'admin' | 'peer' | null {
+  private match(d: Buffer): Caller | null {
     let peer = false;
     for (const t of this.digests) peer = timingSafeEqual(d, t) || peer; // every one compared: no timing tell
     const admin = timingSafeEqual(d, this.admin);
-    return admin ? 'admin' : peer ? 'peer' : null;
+    const monitor = timingSafeEqual(d, this.monitor);
+    return admin ? 'admin' : peer ? 'peer' : monitor ? 'monitor' : null;
   }
 }
 
@@ -165,6 +175,10 @@ export function buildServer(opts: BuildServerOptions): FastifyInstance {
     }
     if (who === 'peer' && ADMIN_ROUTES.has(path)) {
       const err = new TandemError('ERR_FORBIDDEN', `${path} runs commands on this appliance and takes its admin token (HOME/admin.token), which the \`appliance\` command on this machine sends; a peer's token opens the peer protocol only`);
+      return reply.status(403).send(errorAnswer(err));
+    }
+    if (who === 'monitor' && !MONITOR_ROUTES.has(`${req.method} ${path}`)) {
+      const err = new TandemError('ERR_FORBIDDEN', `the monitor token (HOME/monitor.token) reads GET /metrics and GET /v1/status only; ${req.method} ${path} takes the API token`);
       return reply.status(403).send(errorAnswer(err));
     }
     const lease = req.headers[LEASE_HEADER];

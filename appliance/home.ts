@@ -7,6 +7,8 @@
  * HOME/token            API bearer token (0600): what peers send (the peer protocol, status, metrics)
  * HOME/admin.token      admin bearer token (0600): what this machine's CLI sends to run commands in
  *                       a running server (POST /v1/cli); never given to a peer
+ * HOME/monitor.token    monitor bearer token (0600): reads GET /metrics and GET /v1/status only,
+ *                       for a monitoring system
  * HOME/token.previous   after `appliance token rotate --grace D`: {token, until}, the token it replaced, still taken until then (0600)
  * HOME/tls/key.pem      TLS private key (0600), tls/cert.pem self-signed certificate; during
  *                       `appliance tls rotate`, key.pem.next and cert.pem.next (Home.finishTlsRotation)
@@ -61,6 +63,26 @@ function syncDir(dir: string): void {
   }
 }
 
+/**
+ * A token file of this machine's own (admin.token, monitor.token), made here when missing: created
+ * exclusively (a file linked into place once complete), so two processes creating it at once
+ * agree on one.
+ */
+function localToken(path: string): string {
+  if (!existsSync(path)) {
+    const tmp = `${path}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
+    try {
+      writeFileAtomic(tmp, randomBytes(32).toString('base64url') + '\n', 0o600);
+      linkSync(tmp, path);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    } finally {
+      rmSync(tmp, { force: true });
+    }
+  }
+  return readFileSync(path, 'utf8').trim();
+}
+
 /** Stores held open by a server in this process, by store directory. */
 const sharedStores = new Map<string, Store>();
 
@@ -76,6 +98,7 @@ export interface HomePaths {
   readonly token: string;
   readonly previousToken: string;
   readonly adminToken: string;
+  readonly monitorToken: string;
   readonly tlsKey: string;
   readonly tlsCert: string;
   readonly store: string;
@@ -90,6 +113,7 @@ export function homePaths(dir: string): HomePaths {
     token: join(dir, 'token'),
     previousToken: join(dir, 'token.previous'),
     adminToken: join(dir, 'admin.token'),
+    monitorToken: join(dir, 'monitor.token'),
     tlsKey: join(dir, 'tls', 'key.pem'),
     tlsCert: join(dir, 'tls', 'cert.pem'),
     store: join(dir, 'store'),
@@ -167,6 +191,7 @@ export class Home {
     writeFileAtomic(p.tlsCert, pems.cert, 0o644);
     writeFileAtomic(p.token, randomBytes(32).toString('base64url') + '\n', 0o600);
     writeFileAtomic(p.adminToken, randomBytes(32).toString('base64url') + '\n', 0o600);
+    writeFileAtomic(p.monitorToken, randomBytes(32).toString('base64url') + '\n', 0o600);
     if (!existsSync(p.config)) writeFileAtomic(p.config, defaultConfig(name));
     const identity: Identity = { name, id: randomUUID(), created: new Date().toISOString() };
     writeFileAtomic(p.identity, JSON.stringify(identity, null, 2) + '\n');
@@ -179,28 +204,31 @@ export class Home {
 
   /**
    * The admin token: what runs commands in a running server of this home (POST /v1/cli). A home
-   * made before it existed gets one here, created exclusively (a file linked into place once
-   * complete), so two processes creating it at once agree on one.
+   * made before it existed gets one here (see {@link localToken}).
    */
   adminToken(): string {
-    const path = this.paths.adminToken;
-    if (!existsSync(path)) {
-      const tmp = `${path}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
-      try {
-        writeFileAtomic(tmp, randomBytes(32).toString('base64url') + '\n', 0o600);
-        linkSync(tmp, path);
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-      } finally {
-        rmSync(tmp, { force: true });
-      }
-    }
-    return readFileSync(path, 'utf8').trim();
+    return localToken(this.paths.adminToken);
   }
 
   /** Replace the admin token (at once: only this machine's CLI uses it, and reads it each time). */
   rotateAdminToken(): void {
     writeFileAtomic(this.paths.adminToken, randomBytes(32).toString('base64url') + '\n', 0o600);
+  }
+
+  /**
+   * The monitor token: reads GET /metrics and GET /v1/status and nothing else, for a monitoring
+   * system that must not hold the peer token (which can push snapshots). A home made before it
+   * existed gets one here (see {@link localToken}).
+   */
+  monitorToken(): string {
+    return localToken(this.paths.monitorToken);
+  }
+
+  /** Replace the monitor token (at once: the monitoring system's configuration is then given the new one). */
+  rotateMonitorToken(): string {
+    const token = randomBytes(32).toString('base64url');
+    writeFileAtomic(this.paths.monitorToken, token + '\n', 0o600);
+    return token;
   }
 
   /**

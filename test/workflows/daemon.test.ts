@@ -7,6 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { request } from 'node:https';
 import { once } from 'node:events';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { readFileSync, writeFileSync, existsSync, watch, rmSync, readdirSync, openSync, readSync, writeSync, closeSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { randomBytes } from 'node:crypto';
@@ -178,6 +179,28 @@ groups:
   const metrics = await get(a, d2.url, '/metrics', a.token);
   assert.equal(metrics.status, 200);
   assert.match(metrics.body, /tandem_rpo_state\{volume="db-data",policy="gold",state="OK"\} 1/);
+  // The monitor token reads /metrics and /v1/status, nothing else; rotated, the old one is refused at once.
+  const monitor = (await cli(a, 'token', 'show', '--monitor')).json.token as string;
+  assert.notEqual(monitor, a.token);
+  assert.equal((await get(a, d2.url, '/metrics', monitor)).status, 200);
+  assert.equal(JSON.parse((await get(a, d2.url, '/v1/status', monitor)).body).volumes.length, status.volumes.length);
+  for (const path of ['/v1/volumes/db-data/snapshots/latest', '/v1/stats', '/v1/recovery/runs']) {
+    const r = await get(a, d2.url, path, monitor);
+    assert.equal(r.status, 403, path);
+    assert.equal(JSON.parse(r.body).error.code, 'ERR_FORBIDDEN');
+  }
+  const rotated = await cli(a, 'token', 'rotate', '--monitor');
+  assert.equal(rotated.code, 0, rotated.stderr);
+  // A running server reads the token files again within a second (api/server.ts, TokenCheck).
+  let oldStatus = 0;
+  for (let i = 0; i < 40 && oldStatus !== 401; i++) {
+    if (i > 0) await sleep(100);
+    oldStatus = (await get(a, d2.url, '/metrics', monitor)).status;
+  }
+  assert.equal(oldStatus, 401, 'the replaced monitor token is refused within a second');
+  assert.equal((await get(a, d2.url, '/metrics', rotated.json.token)).status, 200);
+  assert.equal((await cli(a, 'token', 'rotate', '--monitor', '--admin')).code, 2);
+
   const viaCli = await cli(a, 'status', 'db-data');
   assert.equal(viaCli.code, 0, viaCli.stderr);
   assert.equal(viaCli.json.volumes[0].lastSnapshot.id, vol.lastSnapshot.id);

@@ -1,6 +1,7 @@
 /**
  * `appliance token show|rotate`: this appliance's API token (what peers send; the admin token,
- * HOME/admin.token, is what this machine's CLI sends to run commands in a running server). `rotate` replaces it; the old one is still taken for `--grace` (default 24h) so the other
+ * HOME/admin.token, is what this machine's CLI sends to run commands in a running server; the
+ * monitor token, HOME/monitor.token, reads /metrics and /v1/status only). `rotate` replaces it; the old one is still taken for `--grace` (default 24h) so the other
  * appliance can be given the new one (`appliance peer update NAME --token T` there) with no
  * failed sync meanwhile; `--grace 0` revokes it at once. A running server takes the change
  * within a second (api/server.ts, TokenCheck).
@@ -18,9 +19,14 @@ export function define(program: Command): void {
   token
     .command('show')
     .description('print the API token (as `init` printed it), and the replaced one while it is still taken')
-    .action(run(async (g) => {
+    .option('--monitor', 'print the monitor token instead (HOME/monitor.token: reads GET /metrics and GET /v1/status only; give it to the monitoring system)')
+    .action(run(async (g, cmd) => {
       const { Home } = await import('../../home.js');
       const home = Home.load(g.home);
+      if (cmd.opts<{ monitor?: boolean }>().monitor === true) {
+        const monitor = home.monitorToken();
+        return { json: { monitor: true, token: monitor }, text: monitor };
+      }
       const [current, previous] = home.acceptedTokens();
       return { json: { token: current, previousStillTaken: previous !== undefined }, text: current! };
     }));
@@ -29,9 +35,17 @@ export function define(program: Command): void {
     .description('replace the API token; the old one is still taken for --grace (then give the peer the new one: `appliance peer update NAME --token T` there)')
     .option('--grace <duration>', 'how long the old token is still taken (0: revoke it at once, for a token that leaked)', DEFAULT_GRACE)
     .option('--admin', "replace the admin token instead (HOME/admin.token: this machine's CLI sends it to a running server; no peer has it)")
+    .option('--monitor', 'replace the monitor token instead (HOME/monitor.token), at once; then give the monitoring system the new one')
     .action(run(async (g, cmd) => {
-      const o = cmd.opts<{ grace: string; admin?: boolean }>();
+      const o = cmd.opts<{ grace: string; admin?: boolean; monitor?: boolean }>();
       const { TandemError } = await import('../../../common/errors.js');
+      if (o.admin === true && o.monitor === true) throw new TandemError('ERR_USAGE', '--admin and --monitor name different tokens: replace one at a time');
+      if (o.monitor === true) {
+        if (cmd.getOptionValueSource('grace') !== 'default') throw new TandemError('ERR_USAGE', '--monitor replaces the monitor token at once: --grace does not apply');
+        const { Home } = await import('../../home.js');
+        const monitor = Home.load(g.home).rotateMonitorToken();
+        return { json: { monitor: true, token: monitor }, text: [monitor, 'the old monitor token is refused now: give the monitoring system this one'].join('\n') };
+      }
       if (o.admin === true) {
         if (cmd.getOptionValueSource('grace') !== 'default') throw new TandemError('ERR_USAGE', '--admin replaces the admin token at once: --grace does not apply');
         const { Home } = await import('../../home.js');
