@@ -88,6 +88,12 @@ export interface RemotePeerOptions {
   readonly token: string;
   /** SHA-256 fingerprint of the peer's certificate. */
   readonly fingerprint: string;
+  /**
+   * The fingerprint of a certificate the peer staged (`appliance tls rotate`), learned from its
+   * health answer over a connection pinned to {@link fingerprint}: taken as well, so the peer's
+   * `tls rotate --activate` breaks no sync.
+   */
+  readonly nextFingerprint?: string;
   /** Name used in messages. */
   readonly name?: string;
   /** Cap on block stream bytes per second, each direction; 0 or absent: none. */
@@ -102,6 +108,8 @@ export interface PeerHealth {
   readonly protocol: number;
   /** The peer's clock when it answered, ISO (absent from a peer of an older version). */
   readonly time?: string;
+  /** The fingerprint of the certificate the peer staged and will serve next (absent when none is). */
+  readonly nextFingerprint?: string;
 }
 
 export interface LockAnswer {
@@ -175,6 +183,8 @@ export class RemotePeer implements ReplicaStore {
   /** Told when the connection {@link warmUp} opens fails, or shows a certificate other than the pinned one. */
   private onWarmFailure: ((e: TandemError) => void) | undefined;
   private closed = false;
+  /** The fingerprint of the certificate the peer presented last (null before a connection). */
+  presentedFingerprint: string | null = null;
 
   constructor(opts: RemotePeerOptions) {
     let u: URL;
@@ -191,6 +201,7 @@ export class RemotePeer implements ReplicaStore {
     this.upBucket = this.bwlimit > 0 ? new TokenBucket(this.bwlimit) : null;
     this.downBucket = this.bwlimit > 0 ? new TokenBucket(this.bwlimit) : null;
     const pinned = normalizeFingerprint(opts.fingerprint);
+    const next = opts.nextFingerprint === undefined ? null : normalizeFingerprint(opts.nextFingerprint);
     const name = this.name;
     // Chain validation is off on purpose: the fingerprint check below is stricter (exactly one
     // certificate). TLS session resumption is off because a resumed session shows no peer
@@ -201,7 +212,10 @@ export class RemotePeer implements ReplicaStore {
     const check = (socket: { destroy(): unknown }): TandemError | null => {
       const cert = (socket as TLSSocket).getPeerCertificate?.();
       const got = cert?.fingerprint256 ? normalizeFingerprint(cert.fingerprint256) : '(none)';
-      if (got === pinned) return null;
+      if (got === pinned || got === next) {
+        this.presentedFingerprint = got;
+        return null;
+      }
       socket.destroy();
       return new TandemError('ERR_PEER_FINGERPRINT', `peer ${name} at ${u.origin} presented certificate ${got}, not the pinned ${pinned}; nothing was sent. If the peer was re-initialized, pair again with \`appliance peer add\``, {
         details: { expected: pinned, got },
@@ -366,6 +380,11 @@ export class RemotePeer implements ReplicaStore {
   /** GET /v1/health (pinned TLS, no token needed). */
   async health(): Promise<PeerHealth> {
     return this.json<PeerHealth>('GET', '/v1/health', undefined, true);
+  }
+
+  /** Tell the peer that this appliance ({id, name}) accepts its staged certificate `fingerprint`; false when that is no longer the one staged there. */
+  async ackStagedCertificate(fingerprint: string, me: { id: string; name: string }): Promise<boolean> {
+    return (await this.json<{ recorded: boolean }>('POST', '/v1/tls/ack', { fingerprint, id: me.id, name: me.name }, true)).recorded;
   }
 
   /** The peer's receiving-side counters. */

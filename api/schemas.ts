@@ -93,6 +93,16 @@ export const LockAnswer = Type.Object({
   latest: Type.Union([Snapshot, Type.Null()]),
 });
 
+export const TlsAckBody = Type.Object(
+  {
+    fingerprint: Type.String({ pattern: '^[0-9A-F]{2}(:[0-9A-F]{2}){31}$', description: 'the staged certificate the sender now accepts (from GET /v1/health nextFingerprint)' }),
+    id: Type.String({ minLength: 1, maxLength: 128, description: "the sender's identity id" }),
+    name: Type.String({ minLength: 1, maxLength: 128, description: "the sender's appliance name" }),
+  },
+  { additionalProperties: false },
+);
+export type TlsAckBodyT = Static<typeof TlsAckBody>;
+
 export const CliBody = Type.Object(
   { argv: Type.Array(Type.String({ maxLength: 4096 }), { minItems: 2, maxItems: 256 }) },
   { additionalProperties: false },

@@ -11,7 +11,9 @@
  *                       for a monitoring system
  * HOME/token.previous   after `appliance token rotate --grace D`: {token, until}, the token it replaced, still taken until then (0600)
  * HOME/tls/key.pem      TLS private key (0600), tls/cert.pem self-signed certificate; during
- *                       `appliance tls rotate`, key.pem.next and cert.pem.next (Home.finishTlsRotation)
+ *                       `appliance tls rotate`, key.pem.staged and cert.pem.staged (the pair peers
+ *                       learn before it is served; staged-acks.json: the peers that took it), and
+ *                       while it is put in place key.pem.next and cert.pem.next (Home.finishTlsRotation)
  * HOME/store/           the block store (store/README.md)
  * HOME/locks/           per-volume lock files (appliance/locks.ts)
  * HOME/run/             runtime files of a running server (server.json: pid, url, socket; cli.sock)
@@ -282,6 +284,73 @@ export class Home {
   }
 
   /**
+   * `appliance tls rotate` without --now: a new key and certificate kept beside the ones in use
+   * (tls/key.pem.staged, then tls/cert.pem.staged: the certificate last, so a staged certificate
+   * always has its key). The server goes on serving the current pair and names the staged one's
+   * fingerprint in GET /v1/health, so the peers that pin this appliance learn it over a
+   * connection pinned to the current one and accept both ({@link activateStagedTls} then breaks
+   * no sync). A second staging replaces the first. Returns the staged fingerprint.
+   */
+  async stageTlsRotation(): Promise<string> {
+    const pems = await newKeyAndCertificate(this.identity.name);
+    rmSync(this.tlsAcksPath(), { force: true });
+    writeFileAtomic(`${this.paths.tlsKey}.staged`, pems.key, 0o600);
+    writeFileAtomic(`${this.paths.tlsCert}.staged`, pems.cert, 0o644);
+    return certFingerprint(pems.cert);
+  }
+
+  /** The staged certificate's fingerprint and when it was staged; null when none is. */
+  stagedTls(): { fingerprint: string; since: string } | null {
+    const cert = `${this.paths.tlsCert}.staged`;
+    try {
+      const pem = readFileSync(cert, 'utf8');
+      if (!existsSync(`${this.paths.tlsKey}.staged`)) return null;
+      return { fingerprint: certFingerprint(pem), since: statSync(cert).mtime.toISOString() };
+    } catch {
+      return null;
+    }
+  }
+
+  /**
+   * Serve the staged pair (`appliance tls rotate --activate`): written as a rotation's new pair
+   * (key.pem.next, cert.pem.next) and put in place by {@link finishTlsRotation}; the staged files
+   * go last. ERR_TLS_NOT_STAGED when none is staged. Returns the new and the previous fingerprint.
+   */
+  activateStagedTls(): { fingerprint: string; previous: string } {
+    const staged = this.stagedTls();
+    if (!staged) throw new TandemError('ERR_TLS_NOT_STAGED', 'no certificate is staged; stage one with `appliance tls rotate` (the peers learn it), then activate it');
+    const previous = this.fingerprint();
+    writeFileAtomic(`${this.paths.tlsKey}.next`, readFileSync(`${this.paths.tlsKey}.staged`), 0o600);
+    writeFileAtomic(`${this.paths.tlsCert}.next`, readFileSync(`${this.paths.tlsCert}.staged`), 0o644);
+    this.finishTlsRotation();
+    return { fingerprint: staged.fingerprint, previous };
+  }
+
+  /** The peers that said they accept the staged certificate (POST /v1/tls/ack): {id, name, at}, one per appliance. */
+  tlsAcks(): Array<{ id: string; name: string; at: string }> {
+    const staged = this.stagedTls();
+    try {
+      const acks = JSON.parse(readFileSync(this.tlsAcksPath(), 'utf8')) as { fingerprint?: string; peers?: Array<{ id: string; name: string; at: string }> };
+      return staged && acks.fingerprint === staged.fingerprint && Array.isArray(acks.peers) ? acks.peers : [];
+    } catch {
+      return [];
+    }
+  }
+
+  /** Record that appliance {id, name} accepts the staged certificate `fingerprint`; false when that is not the one staged. */
+  ackStagedTls(fingerprint: string, peer: { id: string; name: string }): boolean {
+    const staged = this.stagedTls();
+    if (!staged || staged.fingerprint !== fingerprint) return false;
+    const others = this.tlsAcks().filter((a) => a.id !== peer.id);
+    writeFileAtomic(this.tlsAcksPath(), JSON.stringify({ fingerprint, peers: [...others, { ...peer, at: new Date().toISOString() }] }) + '\n');
+    return true;
+  }
+
+  private tlsAcksPath(): string {
+    return join(this.dir, 'tls', 'staged-acks.json');
+  }
+
+  /**
    * Second half: put the new pair in place, key first. Every process that loads the home calls
    * this, so a rotation cut short between the two renames is finished by the next one:
    * cert.pem.next exists only once key.pem.next is complete, and alone only once the key was
@@ -307,6 +376,13 @@ export class Home {
     } else {
       const st = statSync(key, { throwIfNoEntry: false });
       if (st && Date.now() - st.mtimeMs > LONE_KEY_MS) rmSync(key, { force: true });
+    }
+    // A staged pair now in use (`tls rotate --activate`, perhaps cut short here) is staged no
+    // more: its certificate goes first.
+    if (existsSync(`${this.paths.tlsCert}.staged`) && this.stagedTls()?.fingerprint === this.fingerprint()) {
+      rmSync(`${this.paths.tlsCert}.staged`, { force: true });
+      rmSync(`${this.paths.tlsKey}.staged`, { force: true });
+      rmSync(this.tlsAcksPath(), { force: true });
     }
   }
 

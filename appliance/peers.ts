@@ -17,8 +17,13 @@ export interface PeerRecord {
   readonly token: string;
   /** Uppercase colon-separated SHA-256 fingerprint of the peer's certificate. */
   readonly fingerprint: string;
+  /** A certificate the peer staged (`appliance tls rotate` there), taken as well until it serves it ({@link followCertificate}). */
+  readonly nextFingerprint?: string;
   readonly added: string;
 }
+
+/** What {@link followCertificate} did to a peer's pins. */
+export type PinChange = 'none' | 'learned' | 'moved' | 'dropped';
 
 /** The store surface peers need. */
 export interface PeerStore {
@@ -104,7 +109,65 @@ export function redactPeer(p: PeerRecord): Omit<PeerRecord, 'token'> & { token: 
   return { ...p, token: `${p.token.slice(0, TOKEN_SHOWN)}…` };
 }
 
-/** A client for a peer, pinned to its fingerprint. */
+/** A client for a peer, pinned to its fingerprint (and to the one it staged, when known). */
 export function connectPeer(p: PeerRecord, opts: { bwlimit?: number } = {}): RemotePeer {
-  return new RemotePeer({ url: p.url, token: p.token, fingerprint: p.fingerprint, name: p.name, ...(opts.bwlimit ? { bwlimit: opts.bwlimit } : {}) });
+  return new RemotePeer({
+    url: p.url,
+    token: p.token,
+    fingerprint: p.fingerprint,
+    ...(p.nextFingerprint ? { nextFingerprint: p.nextFingerprint } : {}),
+    name: p.name,
+    ...(opts.bwlimit ? { bwlimit: opts.bwlimit } : {}),
+  });
+}
+
+/**
+ * Follow a peer's certificate rotation (`appliance tls rotate` there, then `--activate`), so that
+ * it breaks no sync. Over a connection pinned as the record says, the peer's health answer names
+ * the certificate it staged: that fingerprint is kept as `nextFingerprint` and taken as well,
+ * and the peer is told (POST /v1/tls/ack; its `tls show` lists who has it). Once the peer serves
+ * that certificate, it becomes the only pin: the old one is taken no more. A staging the peer
+ * dropped is dropped here too. Learned only from the peer holding the pinned key, so nothing
+ * else can add a pin. The daemon calls this for every peer every 30 s; `appliance peer update
+ * NAME` does it at once. Errors (an unreachable peer) are thrown; nothing is changed then.
+ */
+export async function followCertificate(store: PeerStore, rec: PeerRecord, me: { id: string; name: string }): Promise<{ change: PinChange; peer: PeerRecord; acknowledged: boolean }> {
+  const client = connectPeer(rec);
+  try {
+    const h = await client.health();
+    const presented = client.presentedFingerprint;
+    let staged: string | undefined;
+    try {
+      staged = h.nextFingerprint === undefined ? undefined : normalizeFingerprint(h.nextFingerprint);
+    } catch {
+      staged = undefined; // not a fingerprint: nothing to learn
+    }
+    let change: PinChange = 'none';
+    let next: PeerRecord = rec;
+    const { nextFingerprint: _old, ...pinned } = rec;
+    if (presented !== null && presented === rec.nextFingerprint) {
+      next = { ...pinned, fingerprint: presented };
+      change = 'moved';
+    } else if (staged !== undefined && staged !== rec.fingerprint && staged !== rec.nextFingerprint) {
+      next = { ...rec, nextFingerprint: staged };
+      change = 'learned';
+    } else if (staged === undefined && rec.nextFingerprint !== undefined) {
+      next = pinned;
+      change = 'dropped';
+    }
+    if (change !== 'none') {
+      // Another process may have changed the record meanwhile (`peer update`): then leave it.
+      const now = await store.getMeta<PeerRecord>(PEERS_NS, rec.name);
+      if (!now || now.fingerprint !== rec.fingerprint || now.nextFingerprint !== rec.nextFingerprint || now.url !== rec.url) return { change: 'none', peer: now ?? rec, acknowledged: false };
+      await store.putMeta(PEERS_NS, rec.name, { ...next, updated: new Date().toISOString() });
+    }
+    let acknowledged = false;
+    if (next.nextFingerprint !== undefined) {
+      // Only informs the peer's operator (`tls show`): a peer that does not take it changes nothing here.
+      acknowledged = await client.ackStagedCertificate(next.nextFingerprint, me).catch(() => false);
+    }
+    return { change, peer: next, acknowledged };
+  } finally {
+    await client.close();
+  }
 }

@@ -60,7 +60,8 @@ export const CATALOG = {
 
   // --- peers, sync, API -----------------------------------------------------------------
   ERR_UNAUTHORIZED: { http: 401, exit: 1, summary: 'missing or wrong API token' },
-  ERR_FORBIDDEN: { http: 403, exit: 1, summary: "the route needs the appliance's admin token, not a peer token" },
+  ERR_FORBIDDEN: { http: 403, exit: 1, summary: "the token does not open this route: commands take the appliance's admin token; the monitor token reads /metrics and /v1/status only" },
+  ERR_TLS_NOT_STAGED: { http: 409, exit: 1, summary: 'no staged certificate to activate: stage one with `appliance tls rotate`' },
   ERR_NOT_FOUND: { http: 404, exit: 1, summary: 'no such route' },
   ERR_PAYLOAD_TOO_LARGE: { http: 413, exit: 1, summary: 'a request body exceeds the limit' },
   ERR_PEER_NOT_FOUND: { http: 404, exit: 1, summary: 'no such peer' },

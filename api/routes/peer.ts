@@ -108,7 +108,15 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     // The appliances compare times (a replica's age against its RPO, retention's buckets):
     // `appliance doctor` measures the skew from this.
     time: new Date().toISOString(),
+    // A certificate staged by `appliance tls rotate`: the peers that pin this appliance learn it
+    // here, over a connection pinned to the one in use, and accept both until it is served.
+    ...((staged) => (staged ? { nextFingerprint: staged.fingerprint } : {}))(home.stagedTls()),
   }));
+
+  app.post('/v1/tls/ack', { schema: { body: S.TlsAckBody, summary: 'the sender accepts the staged certificate (GET /v1/health nextFingerprint); `appliance tls show` lists who did' } }, async (req) => {
+    const body = req.body as S.TlsAckBodyT;
+    return { recorded: home.ackStagedTls(body.fingerprint, { id: body.id, name: body.name }) };
+  });
 
   app.get('/v1/stats', { schema: { summary: 'receiving-side counters since the server started' } }, async () => stats);
 

@@ -28,7 +28,7 @@ import { ScheduledVerify, verifySummary } from './verify.js';
 
 /** A running job gets this long to finish after SIGTERM (systemd's default stop timeout is 90 s). */
 export const STOP_GRACE_MS = 30_000;
-/** How often RPO/RTO states are recomputed for the breach webhook. */
+/** How often RPO/RTO states are recomputed for the breach webhook (and peers' certificates followed). */
 export const ALERT_INTERVAL_MS = 30_000;
 
 export interface DaemonOptions {
@@ -107,6 +107,28 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   verifier.current = verify;
   verify.start();
 
+  // A peer's certificate rotation (`appliance tls rotate` there) is followed so that it breaks no
+  // sync (appliance/peers.ts followCertificate). An unreachable peer is the replication's news.
+  // Apart from the checks above: a peer that does not answer takes seconds of retries, and a
+  // stop does not wait for it (the process exits; a pin half-followed is followed next time).
+  let following: Promise<void> | null = null;
+  let stopping: Promise<void> | null = null;
+  const followPeerCertificates = () => {
+    if (following || stopping) return;
+    following = (async () => {
+      const { listPeers, followCertificate } = await import('../peers.js');
+      for (const peer of await listPeers(store)) {
+        if (stopping) return;
+        try {
+          const r = await followCertificate(store, peer, home.identity);
+          if (r.change !== 'none') log.warn({ peer: peer.name, certificate: r.change, fingerprint: r.peer.fingerprint, nextFingerprint: r.peer.nextFingerprint ?? null }, 'peer certificate pins changed');
+        } catch (e) {
+          log.debug({ peer: peer.name, err: String(e) }, 'peer certificate not checked');
+        }
+      }
+    })().catch((e: unknown) => log.error({ err: String(e) }, 'peer certificates not followed')).finally(() => { following = null; });
+  };
+
   const notifier = new BreachNotifier(home.identity.name);
   let checking: Promise<void> | null = null;
   const checkBreaches = () => {
@@ -121,13 +143,13 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
       for (const e of h.errors) log.error({}, e);
     })().catch((e: unknown) => log.error({ err: String(e) }, 'status check failed')).finally(() => { checking = null; });
   };
-  const alerts = setInterval(checkBreaches, ALERT_INTERVAL_MS);
+  const alerts = setInterval(() => { checkBreaches(); followPeerCertificates(); }, ALERT_INTERVAL_MS);
   checkBreaches();
+  followPeerCertificates();
 
   opts.out(served.announcement(opts.json, 'daemon listening on'));
   log.info({ url: served.url }, 'daemon started');
 
-  let stopping: Promise<void> | null = null;
   const stop = (why: string): Promise<void> => {
     stopping ??= (async () => {
       log.info({ signal: why }, 'stopping: no new jobs; waiting for the running one');

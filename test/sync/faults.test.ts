@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { execFileSync } from 'node:child_process';
-import { appendFileSync, existsSync, readFileSync, renameSync, utimesSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, readFileSync, renameSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { createSecureContext } from 'node:tls';
 import { Home } from '../../appliance/home.js';
 import { createServer, request as httpsRequest, type Server } from 'node:https';
@@ -101,10 +101,10 @@ async function syncOutcome(a: TestHome): Promise<string> {
   return r.code === 0 ? 'ok' : r.json?.error?.code;
 }
 
-test('tls rotate: a running server serves the new certificate within a second; the peer is refused before any data until peer update pins it', async (t) => {
+test('tls rotate --now: a running server serves the new certificate within a second; the peer is refused before any data until peer update pins it', async (t) => {
   const { a, b } = await pairedWithVolume(t, 16);
   assert.equal(await syncOutcome(a), 'ok');
-  const rot = await cli(b, 'tls', 'rotate'); // forwarded to b's running server
+  const rot = await cli(b, 'tls', 'rotate', '--now'); // forwarded to b's running server
   assert.equal(rot.code, 0, rot.stderr);
   assert.equal(rot.json.previous, b.fingerprint);
   assert.notEqual(rot.json.fingerprint, b.fingerprint);
@@ -138,6 +138,79 @@ test('a TLS rotation cut short between its renames is finished by the next comma
   utimesSync(lone, old, old);
   assert.equal((await cli(a, 'tls', 'show')).json.fingerprint, fp);
   assert.equal(existsSync(lone), false);
+});
+
+test('tls rotate stages a certificate the peer learns and takes with the old one; --activate breaks no sync; the peer then pins the new one alone', async (t) => {
+  const { a, b } = await pairedWithVolume(t, 16);
+  assert.equal(await syncOutcome(a), 'ok');
+  const oldPair = Home.load(b.dir).tls();
+  const staged = await cli(b, 'tls', 'rotate'); // forwarded to b's running server
+  assert.equal(staged.code, 0, staged.stderr);
+  assert.equal(staged.json.activated, false);
+  assert.notEqual(staged.json.fingerprint, b.fingerprint);
+  await delay(1300);
+  assert.equal(await syncOutcome(a), 'ok', 'b still serves the certificate a pins');
+  let shown = (await cli(b, 'tls', 'show')).json;
+  assert.equal(shown.fingerprint, b.fingerprint);
+  assert.equal(shown.staged.fingerprint, staged.json.fingerprint);
+  assert.deepEqual(shown.staged.takenBy, []);
+
+  // a learns the staged certificate from b's health answer (pinned to the old one) and tells b.
+  const learned = await cli(a, 'peer', 'update', 'cloud');
+  assert.equal(learned.code, 0, learned.stderr);
+  assert.deepEqual([learned.json.certificate, learned.json.acknowledged], ['learned', true]);
+  let pins = (await cli(a, 'peer', 'list')).json.peers[0];
+  assert.deepEqual([pins.fingerprint, pins.nextFingerprint], [b.fingerprint, staged.json.fingerprint]);
+  shown = (await cli(b, 'tls', 'show')).json;
+  assert.deepEqual(shown.staged.takenBy.map((p: { name: string }) => p.name), ['onprem']);
+  assert.equal((await cli(a, 'peer', 'update', 'cloud')).json.certificate, 'none', 'learned once');
+
+  // b serves it: a's next sync is taken with no pin changed by hand.
+  const act = await cli(b, 'tls', 'rotate', '--activate');
+  assert.equal(act.code, 0, act.stderr);
+  assert.deepEqual([act.json.fingerprint, act.json.previous], [staged.json.fingerprint, b.fingerprint]);
+  await delay(1300);
+  assert.equal(await syncOutcome(a), 'ok', 'the staged certificate is taken');
+  shown = (await cli(b, 'tls', 'show')).json;
+  assert.deepEqual([shown.fingerprint, shown.staged], [staged.json.fingerprint, null]);
+  const again = await cli(b, 'tls', 'rotate', '--activate');
+  assert.equal(again.json.error.code, 'ERR_TLS_NOT_STAGED');
+  assert.equal((await cli(b, 'tls', 'rotate', '--activate', '--now')).code, 2);
+
+  // a pins the new certificate alone: the old pair served again is refused.
+  const moved = await cli(a, 'peer', 'update', 'cloud');
+  assert.equal(moved.json.certificate, 'moved');
+  pins = (await cli(a, 'peer', 'list')).json.peers[0];
+  assert.deepEqual([pins.fingerprint, pins.nextFingerprint], [staged.json.fingerprint, undefined]);
+  writeFileSync(join(b.dir, 'tls', 'key.pem'), oldPair.key);
+  writeFileSync(join(b.dir, 'tls', 'cert.pem'), oldPair.cert);
+  await delay(1300);
+  assert.equal(await syncOutcome(a), 'ERR_PEER_FINGERPRINT', 'the old certificate is no longer taken');
+});
+
+test('a staged certificate the peer replaced or dropped is followed; an activation cut short is finished by the next command', async (t) => {
+  const { a, b } = await pairedWithVolume(t, 16);
+  const first = (await cli(b, 'tls', 'rotate')).json.fingerprint;
+  assert.equal((await cli(a, 'peer', 'update', 'cloud')).json.certificate, 'learned');
+  const second = (await cli(b, 'tls', 'rotate')).json;
+  assert.equal(second.replacedStaged, first);
+  const relearned = await cli(a, 'peer', 'update', 'cloud');
+  assert.deepEqual([relearned.json.certificate, relearned.json.peer.nextFingerprint], ['learned', second.fingerprint]);
+  // The staged files removed by hand: b stages nothing; a drops the pin it learned.
+  const home = Home.load(b.dir);
+  rmSync(`${home.paths.tlsCert}.staged`);
+  const dropped = await cli(a, 'peer', 'update', 'cloud');
+  assert.deepEqual([dropped.json.certificate, dropped.json.peer.nextFingerprint], ['dropped', undefined]);
+  assert.equal(await syncOutcome(a), 'ok');
+
+  // Cut short after the new pair is in place, before the staged files went: the next load cleans up.
+  const third = (await cli(b, 'tls', 'rotate')).json.fingerprint;
+  const h = Home.load(b.dir);
+  writeFileSync(`${h.paths.tlsKey}.next`, readFileSync(`${h.paths.tlsKey}.staged`));
+  writeFileSync(`${h.paths.tlsCert}.next`, readFileSync(`${h.paths.tlsCert}.staged`));
+  const shown = (await cli(b, 'tls', 'show')).json;
+  assert.deepEqual([shown.fingerprint, shown.staged], [third, null]);
+  assert.equal(existsSync(`${h.paths.tlsKey}.staged`), false);
 });
 
 test("a peer's token opens the peer protocol, not the other appliance's commands: POST /v1/cli with it is 403 and runs nothing", async (t) => {

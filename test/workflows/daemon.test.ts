@@ -438,3 +438,23 @@ test("daemon watches the appliance itself: a low store disk calls the webhook on
   d.child.kill('SIGTERM');
   assert.equal((await d.exited)[0], 0);
 });
+
+test("daemon follows its peer's certificate rotation: a staged certificate is learned and acknowledged at start, no pin set by hand", async (t) => {
+  const { a, b } = await pairedWithVolume(t, 16);
+  const staged = await cli(b, 'tls', 'rotate');
+  assert.equal(staged.code, 0, staged.stderr);
+  const d = await startDaemon(t, a);
+  const logged = await d.logLine((o) => o.msg === 'peer certificate pins changed');
+  assert.deepEqual([logged.peer, logged.certificate, logged.nextFingerprint], ['cloud', 'learned', staged.json.fingerprint]);
+  const pins = (await cli(a, 'peer', 'list')).json.peers[0];
+  assert.deepEqual([pins.fingerprint, pins.nextFingerprint], [b.fingerprint, staged.json.fingerprint]);
+  // The acknowledgement follows the record's update: wait for it (bounded).
+  let takenBy: Array<{ name: string }> = [];
+  for (let i = 0; i < 50 && takenBy.length === 0; i++) {
+    if (i > 0) await sleep(100);
+    takenBy = (await cli(b, 'tls', 'show')).json.staged.takenBy;
+  }
+  assert.deepEqual(takenBy.map((p) => p.name), ['onprem']);
+  d.child.kill('SIGTERM');
+  assert.equal((await d.exited)[0], 0, d.stderr());
+});

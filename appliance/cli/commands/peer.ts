@@ -46,21 +46,40 @@ export function define(program: Command): void {
     }));
   peerOptions(peer
     .command('update <name>')
-    .description("change a peer's URL, token or fingerprint (after it moved, or rotated its token or certificate); checks it answers with them unless --no-check"), false)
+    .description("change a peer's URL, token or fingerprint (after it moved, or rotated its token or certificate); checks it answers with them unless --no-check. With none of them: follow a certificate the peer staged or now serves (`appliance tls rotate` there; the daemon does this every 30 s)"), false)
     .action(run(async (g, cmd, args) => {
       const name = args[0] as string;
       const o = cmd.opts<{ url?: string; token?: string; fingerprint?: string; check: boolean }>();
       const { TandemError } = await import('../../../common/errors.js');
-      if (o.url === undefined && o.token === undefined && o.fingerprint === undefined) {
-        throw new TandemError('ERR_USAGE', 'give what changed: --url, --token and/or --fingerprint');
-      }
-      const { validatePeer, getPeer, updatePeer, contactPeer, redactPeer } = await import('../../peers.js');
+      const { validatePeer, getPeer, updatePeer, contactPeer, redactPeer, followCertificate } = await import('../../peers.js');
       const { Home } = await import('../../home.js');
       const home = Home.load(g.home);
+      if (o.url === undefined && o.token === undefined && o.fingerprint === undefined) {
+        if (!o.check) throw new TandemError('ERR_USAGE', 'give what changed: --url, --token and/or --fingerprint (without them, update contacts the peer to follow its certificate: --no-check leaves nothing to do)');
+        const store = await home.openStore();
+        try {
+          const r = await followCertificate(store, await getPeer(store, name), home.identity);
+          const said: Record<typeof r.change, string> = {
+            none: r.peer.nextFingerprint ? `the peer has staged certificate ${r.peer.nextFingerprint}, taken as well` : `certificate ${r.peer.fingerprint} pinned; the peer has staged none`,
+            learned: `learned the certificate the peer staged: ${r.peer.nextFingerprint}, taken as well until it serves it${r.acknowledged ? ' (the peer was told)' : ''}`,
+            moved: `the peer serves its new certificate: ${r.peer.fingerprint} is now the only one pinned`,
+            dropped: `the peer dropped its staged certificate: only ${r.peer.fingerprint} is taken`,
+          };
+          return { json: { peer: redactPeer(r.peer), certificate: r.change, acknowledged: r.acknowledged }, text: `peer "${name}": ${said[r.change]}` };
+        } finally {
+          await store.close();
+        }
+      }
       const store = await home.openStore();
       try {
         const old = await getPeer(store, name);
-        const rec = { ...validatePeer({ name, url: o.url ?? old.url, token: o.token ?? old.token, fingerprint: o.fingerprint ?? old.fingerprint }), added: old.added };
+        const fingerprint = o.fingerprint ?? old.fingerprint;
+        const rec = {
+          ...validatePeer({ name, url: o.url ?? old.url, token: o.token ?? old.token, fingerprint }),
+          // A staged certificate learned from the peer stays taken unless the pin itself is replaced.
+          ...(old.nextFingerprint !== undefined && o.fingerprint === undefined ? { nextFingerprint: old.nextFingerprint } : {}),
+          added: old.added,
+        };
         if (rec.fingerprint === home.fingerprint()) {
           throw new TandemError('ERR_USAGE', `the fingerprint given is this appliance's own; a peer is the other appliance: use the fingerprint its \`serve\` printed`, { details: { peer: name } });
         }
@@ -88,7 +107,7 @@ export function define(program: Command): void {
         const peers = (await listPeers(store)).map(redactPeer);
         const text = peers.length === 0
           ? 'no peers; pair with `appliance peer add NAME --url URL --token T --fingerprint F`'
-          : peers.map((p) => `${p.name}\t${p.url}\t${p.fingerprint}\ttoken ${p.token}\tadded ${p.added}`).join('\n');
+          : peers.map((p) => `${p.name}\t${p.url}\t${p.fingerprint}${p.nextFingerprint ? ` (and staged ${p.nextFingerprint})` : ''}\ttoken ${p.token}\tadded ${p.added}`).join('\n');
         return { json: { peers }, text };
       } finally {
         await store.close();
