@@ -46,14 +46,16 @@ export function homeChecks(home: Home, config: Config | null, configError: unkno
     ? { check: 'config', status: 'ok', detail: `${home.paths.config} is valid` }
     : { check: 'config', status: 'fail', detail: failure(configError), fix: 'fix the line named, then `appliance config check`' });
   if (health.certificateNotAfter === null) {
-    out.push({ check: 'certificate', status: 'fail', detail: `${home.paths.tlsCert} cannot be read`, fix: 'make a new one with `appliance tls rotate`' });
+    out.push({ check: 'certificate', status: 'fail', detail: `${home.paths.tlsCert} cannot be read`, fix: 'make a new one with `appliance tls rotate --now`, then `appliance peer update NAME --fingerprint F` on the peer' });
   } else {
     const days = Math.floor((Date.parse(health.certificateNotAfter) - Date.now()) / 86_400_000);
-    const detail = `fingerprint ${home.fingerprint()}, valid ${days < 0 ? `until ${health.certificateNotAfter}` : `for ${days} more days`}`;
+    const staged = home.stagedTls();
+    const stagedDetail = staged ? `; staged ${staged.fingerprint}, taken by ${home.tlsAcks().length} peer(s): \`appliance tls rotate --activate\` serves it` : '';
+    const detail = `fingerprint ${home.fingerprint()}, valid ${days < 0 ? `until ${health.certificateNotAfter}` : `for ${days} more days`}${stagedDetail}`;
     out.push(days < 0
-      ? { check: 'certificate', status: 'fail', detail, fix: 'make a new one with `appliance tls rotate`, then `appliance peer update NAME --fingerprint F` on the peer' }
+      ? { check: 'certificate', status: 'fail', detail, fix: 'make a new one with `appliance tls rotate --now`, then `appliance peer update NAME --fingerprint F` on the peer' }
       : health.certificateExpiring
-        ? { check: 'certificate', status: 'warn', detail, fix: '`appliance tls rotate` before it ends, then `appliance peer update NAME --fingerprint F` on the peer' }
+        ? { check: 'certificate', status: 'warn', detail, fix: '`appliance tls rotate` before it ends (the peers learn the new certificate), then `appliance tls rotate --activate`' }
         : { check: 'certificate', status: 'ok', detail });
   }
   const scheduled = config !== null && Object.keys(config.policies).length > 0;

@@ -273,8 +273,8 @@ export class Home {
   }
 
   /**
-   * First half of `appliance tls rotate`: a new key and self-signed certificate, written beside
-   * the ones in use (tls/key.pem.next, then tls/cert.pem.next). Returns the new fingerprint.
+   * First half of `appliance tls rotate --now`: a new key and self-signed certificate, written
+   * beside the ones in use (tls/key.pem.next, then tls/cert.pem.next). Returns the new fingerprint.
    */
   async prepareTlsRotation(): Promise<string> {
     const pems = await newKeyAndCertificate(this.identity.name);
