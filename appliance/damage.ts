@@ -1,9 +1,9 @@
 /**
  * What the last verify of this store found damaged or missing, by hash (meta `verify` /
  * `damage`), so the paired appliance can heal it by pushing good copies
- * (`appliance repair --peer NAME --push`, GET /v1/damage and POST /v1/blocks/repair:
- * sync/README.md, Repair). A verify of the whole store replaces the record; a verify of part of
- * it adds what it found; a healed block leaves it.
+ * (`appliance repair --peer NAME --push`, GET /v1/damage, POST /v1/blocks/repair and
+ * POST /v1/nodes/put: sync/README.md, Repair). A verify of the whole store replaces the record; a
+ * verify of part of it adds what it found; a healed block or node leaves it.
  */
 import type { VerifyReport } from '../store/types.js';
 
@@ -44,5 +44,7 @@ export async function clearDamage(store: DamageStore, healed: readonly string[])
   if (healed.length === 0) return;
   const d = await readDamage(store);
   const gone = new Set(healed);
+  // Most calls heal nothing listed (every node a sync puts passes here): then nothing is written.
+  if (!d.blocks.some((h) => gone.has(h)) && !d.nodes.some((h) => gone.has(h))) return;
   await store.putMeta(VERIFY_NS, DAMAGE_KEY, { ...d, blocks: d.blocks.filter((h) => !gone.has(h)), nodes: d.nodes.filter((h) => !gone.has(h)) } satisfies DamageRecord);
 }

@@ -133,13 +133,17 @@ export interface PushRepairReport {
   /** Blocks this store does not hold, or holds damaged too (hex). */
   readonly notHeld: readonly string[];
   readonly damagedHere: readonly string[];
+  /** Tree nodes put back there (each with what the peer lacked under it), and those this store could not give (not held, or damaged here too; hex). */
+  readonly nodesRepaired: number;
+  readonly nodesNotRepaired: readonly string[];
 }
 
 /**
- * Heal the peer's store with this store's copies of the blocks its last verify found damaged or
- * missing (GET /v1/damage, POST /v1/blocks/repair): the way to heal the cloud appliance's store
- * from on-premises, which reaches it anyway. Each copy is read verified here and verified again
- * there. Damaged tree nodes are the peer's to heal (`appliance repair --peer` there).
+ * Heal the peer's store with this store's copies of the blocks and tree nodes its last verify
+ * found damaged or missing (GET /v1/damage, POST /v1/blocks/repair, POST /v1/nodes/put): the way
+ * to heal the cloud appliance's store from on-premises, which reaches it anyway. Each copy is
+ * read verified here and verified again there. A node goes after the blocks, lowest level first,
+ * each after what the peer lacks under it (a node in an index implies its whole subtree).
  */
 export async function pushRepairs(store: Store, peerName: string): Promise<PushRepairReport> {
   const peer = connectPeer(await getPeer(store, peerName));
@@ -160,8 +164,8 @@ export async function pushRepairsTo(store: Store, peer: RemotePeer, peerName: st
   const damagedHere: string[] = [];
   let blocksSent = 0;
   /** This store's copies (read verified); one damaged here too is named, not sent. */
-  async function* localCopies(): AsyncGenerator<BlockFrame> {
-    for (const h of hashes.filter((_, i) => held[i]) as Hash[]) {
+  async function* localCopies(of: readonly Hash[]): AsyncGenerator<BlockFrame> {
+    for (const h of of) {
       try {
         for await (const f of store.getBlocks([h])) {
           blocksSent++;
@@ -174,6 +178,61 @@ export async function pushRepairsTo(store: Store, peer: RemotePeer, peerName: st
     }
   }
   // One stream; the peer writes it in batches (Store.repairBlocks).
-  const blocksRepaired = held.some(Boolean) ? (await peer.repairBlocks(localCopies())).repaired : 0;
-  return { peerVerifiedAt: damage.at, peerDamagedBlocks: damage.blocks.length, peerDamagedNodes: damage.nodes.length, blocksSent, blocksRepaired, notHeld, damagedHere };
+  let blocksRepaired = held.some(Boolean) ? (await peer.repairBlocks(localCopies(hashes.filter((_, i) => held[i]) as Hash[]))).repaired : 0;
+
+  const nodeHashes = damage.nodes.map(parseHex);
+  if (!nodeHashes.every((h) => h !== undefined)) throw new TandemError('ERR_PEER_PROTOCOL', `peer ${peerName} listed damaged tree nodes that are not hashes`);
+  let nodesRepaired = 0;
+  const nodesNotRepaired: string[] = [];
+  /** This store's copy of a node; null (and named) when it has none, or a damaged one. */
+  const localNode = async (h: Hash): Promise<TreeNode | null> => {
+    try {
+      return (await store.getNodes([h]))[0]!;
+    } catch (e) {
+      if (!isTandemError(e, 'ERR_NODE_MISSING') && !isTandemError(e, 'ERR_NODE_CORRUPT')) throw e;
+      nodesNotRepaired.push(toHex(h));
+      return null;
+    }
+  };
+  /** Put `node` back on the peer after what it lacks under it; false when something under it could not be given. */
+  const pushNode = async (node: TreeNode): Promise<boolean> => {
+    const children = node.children.filter((c) => !isZeroHash(c));
+    if (node.level === 1) {
+      const there = await peer.hasBlocks(children);
+      const lacking = children.filter((_, i) => !there[i]);
+      if (lacking.length > 0) {
+        const mine = await store.hasBlocks(lacking);
+        if (!mine.every(Boolean)) {
+          nodesNotRepaired.push(toHex(node.hash));
+          return false;
+        }
+        const before = damagedHere.length;
+        blocksRepaired += (await peer.repairBlocks(localCopies(lacking))).repaired;
+        if (damagedHere.length > before) {
+          nodesNotRepaired.push(toHex(node.hash));
+          return false;
+        }
+      }
+    } else {
+      const there = await peer.hasNodes(children);
+      for (const [i, c] of children.entries()) {
+        if (there[i]) continue;
+        const child = await localNode(c);
+        if (!child || !(await pushNode(child))) {
+          nodesNotRepaired.push(toHex(node.hash));
+          return false;
+        }
+      }
+    }
+    await peer.putNodes([{ hash: node.hash, level: node.level, children: node.children }]); // the peer takes it off its damage list
+    nodesRepaired++;
+    return true;
+  };
+  const nodes: TreeNode[] = [];
+  for (const h of nodeHashes as Hash[]) {
+    const n = await localNode(h);
+    if (n) nodes.push(n);
+  }
+  for (const n of nodes.sort((x, y) => x.level - y.level)) await pushNode(n);
+  return { peerVerifiedAt: damage.at, peerDamagedBlocks: damage.blocks.length, peerDamagedNodes: damage.nodes.length, blocksSent, blocksRepaired, notHeld, damagedHere, nodesRepaired, nodesNotRepaired };
 }

@@ -182,6 +182,8 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     const { nodes } = req.body as S.NodeListBody;
     await store.putNodes(nodes.map((n) => (n.base === undefined ? nodeFromWire(n) : { ...nodeFromWire(n), base: fromHex(n.base) })));
     stats.nodesReceived += nodes.length;
+    // A node put again replaces a damaged copy (the peer's `repair --push`): it leaves the damage list.
+    await clearDamage(store, nodes.map((n) => n.hash));
     return { stored: nodes.length };
   });
 

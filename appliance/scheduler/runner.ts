@@ -43,7 +43,7 @@ export interface JobSteps {
   /** Take a snapshot of a local volume (takes the volume lock). */
   snapshot(volume: string, opts: { labels: Record<string, string>; signal: AbortSignal }): Promise<SnapshotRecord>;
   /** Push `snapshot` to peer `peer` (config `replication.peer`); null: this appliance does not replicate. Returns the bytes sent. */
-  replicate: ((volume: string, snapshot: SnapshotRecord, peer: string, signal: AbortSignal) => Promise<{ bytesSent: number; peerRepaired?: number }>) | null;
+  replicate: ((volume: string, snapshot: SnapshotRecord, peer: string, signal: AbortSignal) => Promise<{ bytesSent: number; peerRepaired?: number; peerNodesRepaired?: number }>) | null;
   /**
    * Would peer `peer` take a push of `volume` now? null if so, else its refusal (a code of
    * {@link HOLD_CODES}); any other failure throws. Asked only of held volumes.
@@ -453,7 +453,9 @@ export class Scheduler {
       }
       const secs = Math.max(0.001, (performance.now() - t0) / 1000);
       await store.putMeta(RATES_NS, v.name, updateRates(await readRates(store, v.name), { syncBytesPerSec: r.bytesSent > 0 ? r.bytesSent / secs : undefined, changedBytes: r.bytesSent }, new Date()));
-      if (r.peerRepaired) this.o.log.warn({ volume: v.name, peer, blocksRepaired: r.peerRepaired }, "healed blocks the peer's verify found damaged, with this store's copies");
+      if (r.peerRepaired || r.peerNodesRepaired) {
+        this.o.log.warn({ volume: v.name, peer, blocksRepaired: r.peerRepaired ?? 0, nodesRepaired: r.peerNodesRepaired ?? 0 }, "healed what the peer's verify found damaged, with this store's copies");
+      }
       await updateVolumeState(store, v.name, { lastGood: cur.pointTime, lastReplicated: snap.id, held: null });
       cur = { ...cur, done: [...cur.done, v.name] };
       await saveCheckpoint(store, cur);

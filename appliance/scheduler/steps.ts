@@ -17,7 +17,7 @@ const SYNC_BASE_NS = 'sync-base';
  * the sync base like `appliance sync` does. Unlike `syncVolume` it does not take a snapshot of
  * its own: a group's snapshots must be the ones taken between the group's hooks.
  */
-export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecord, peerName: string, opts: { bwlimit?: number; signal?: AbortSignal } = {}): Promise<{ bytesSent: number; upToDate: boolean; peerRepaired: number }> {
+export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecord, peerName: string, opts: { bwlimit?: number; signal?: AbortSignal } = {}): Promise<{ bytesSent: number; upToDate: boolean; peerRepaired: number; peerNodesRepaired: number }> {
   const { getPeer, connectPeer } = await import('../peers.js');
   const { copySnapshot } = await import('../../sync/engine.js');
   const peer = await getPeer(store, peerName);
@@ -34,13 +34,16 @@ export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecor
     // (appliance/repair.ts): one request when there is nothing to heal. A failure here is not
     // the sync's: it is tried again with the next one.
     let peerRepaired = 0;
+    let peerNodesRepaired = 0;
     try {
       const { pushRepairsTo } = await import('../repair.js');
-      peerRepaired = (await pushRepairsTo(store, remote, peer.name)).blocksRepaired;
+      const r = await pushRepairsTo(store, remote, peer.name);
+      peerRepaired = r.blocksRepaired;
+      peerNodesRepaired = r.nodesRepaired;
     } catch {
       /* an older peer without GET /v1/damage, or one that went away */
     }
-    return { bytesSent, upToDate: base !== snap, peerRepaired };
+    return { bytesSent, upToDate: base !== snap, peerRepaired, peerNodesRepaired };
   } finally {
     await remote.releaseVolume().catch(() => {});
     await remote.close();
@@ -59,7 +62,7 @@ export function applianceSteps(home: Home, store: Store, config: () => Config | 
       const bw = config()?.replication?.bwlimit;
       const { parseSize } = await import('../cli/output.js');
       const r = await pushSnapshot(home, store, snap, peer, { signal, ...(bw ? { bwlimit: parseSize(bw) } : {}) });
-      return { bytesSent: r.bytesSent, peerRepaired: r.peerRepaired };
+      return { bytesSent: r.bytesSent, peerRepaired: r.peerRepaired, peerNodesRepaired: r.peerNodesRepaired };
     },
     pushRefusal: async (volume, peerName) => {
       const { getPeer, connectPeer } = await import('../peers.js');

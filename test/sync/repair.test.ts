@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { Store } from '../../store/index.js';
 import { blockKey, nodeKey } from '../../store/keys.js';
 import { hashBlock } from '../../store/hash.js';
-import { cli, damageBlock as damage, pairedWithVolume, startCli } from '../helpers/appliance.js';
+import { cli, damageBlock as damage, pairedWithVolume, startCli, startServe } from '../helpers/appliance.js';
 import { randomInt } from 'node:crypto';
 import { setTimeout as delay } from 'node:timers/promises';
 
@@ -98,6 +98,42 @@ test('repair --push heals the peer\'s store with this store\'s copies of what th
   const again = await cli(a, 'repair', '--peer', 'cloud', '--push');
   assert.equal(again.code, 1);
   assert.deepEqual([again.json.peerDamagedBlocks, again.json.blocksSent], [1, 0]);
+});
+
+test("repair --push puts back the tree nodes the peer's verify found damaged or missing, after what the peer lacks under them", async (t) => {
+  const { a, b, sb, img } = await pairedWithVolume(t, 600);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const data = readFileSync(img);
+  // The cloud's store, damaged while its server is down: level-1 node 0 (blocks 0-255) corrupt
+  // in the index, node 2 (blocks 512-599) gone, and block 550 under it gone too (a verify cannot
+  // see under a missing node). Then served again on the same port.
+  const port = new URL(sb.url).port;
+  assert.equal(await sb.stop(), 0);
+  const store = await Store.open(join(b.dir, 'store'));
+  const snap = (await store.latestSnapshot('vol'))!;
+  const root = await store.getNode(Buffer.from(snap.root, 'hex'));
+  const raw = Buffer.from((await store.db.get(nodeKey(root.children[0]!)))!);
+  raw[5]! ^= 0xff;
+  await store.db.put(nodeKey(root.children[0]!), raw);
+  await store.db.del(nodeKey(root.children[2]!));
+  await store.db.del(blockKey(hashBlock(data.subarray(550 * BS, 551 * BS))));
+  await store.close();
+  await startServe(t, b, `127.0.0.1:${port}`);
+  const found = await cli(b, 'verify'); // forwarded to b's server; records what it found
+  assert.equal(found.code, 1);
+  assert.deepEqual(found.json.problems.map((p: { kind: string; code: string }) => [p.kind, p.code]), [['node', 'ERR_NODE_CORRUPT'], ['node', 'ERR_NODE_MISSING']]);
+
+  const r = await cli(a, 'repair', '--peer', 'cloud', '--push');
+  assert.equal(r.code, 0, r.stdout + r.stderr);
+  assert.deepEqual([r.json.peerDamagedNodes, r.json.nodesRepaired, r.json.blocksRepaired, r.json.nodesNotRepaired.length], [2, 2, 1, 0]);
+  const after = await cli(b, 'verify');
+  assert.equal(after.code, 0, after.stdout);
+  const out = join(b.dir, 'restored.img');
+  assert.equal((await cli(b, 'restore', 'vol', '--to', out)).code, 0);
+  assert.ok(readFileSync(out).equals(data), 'the cloud restores byte-exact');
+  // The damage list is empty: a second push has nothing to do.
+  const again = await cli(a, 'repair', '--peer', 'cloud', '--push');
+  assert.deepEqual([again.code, again.json.peerDamagedNodes, again.json.nodesRepaired], [0, 0, 0]);
 });
 
 test('kill -9 of repair at random moments: the store opens, verify finds nothing new, and the rerun heals everything', async (t) => {

@@ -356,7 +356,7 @@ assign:
 replication: { peer: cloud }
 `);
   const d = await startDaemon(t, a);
-  const healed = await d.logLine((o) => o.msg === "healed blocks the peer's verify found damaged, with this store's copies");
+  const healed = await d.logLine((o) => o.msg === "healed what the peer's verify found damaged, with this store's copies");
   assert.equal(healed.blocksRepaired, 1);
   const done = await d.logLine((o) => o.msg === 'job done' || o.msg === 'job failed');
   assert.equal(done.msg, 'job done', d.stderr());

@@ -21,15 +21,18 @@ export function define(program: Command): void {
         if (spec !== undefined) throw new TandemError('ERR_USAGE', 'repair --push heals what the peer\'s last verify found; it takes no VOL[@SNAP]');
         const { pushRepairs } = await import('../../repair.js');
         const p = await withHomeStore(g.home, (_home, store) => pushRepairs(store, peer));
-        const left = p.peerDamagedBlocks - p.blocksRepaired;
+        // Blocks repaired include those put back under a node; what is left is counted per list.
+        const left = p.notHeld.length + p.damagedHere.length;
+        const nodesLeft = p.peerDamagedNodes - p.nodesRepaired;
+        const ok = left === 0 && nodesLeft <= 0;
         const lines = [
-          `${peer}'s last verify (${p.peerVerifiedAt}) found ${p.peerDamagedBlocks} damaged blocks and ${p.peerDamagedNodes} damaged tree nodes; sent ${p.blocksSent} good copies, ${p.blocksRepaired} repaired there`,
+          `${peer}'s last verify (${p.peerVerifiedAt}) found ${p.peerDamagedBlocks} damaged blocks and ${p.peerDamagedNodes} damaged tree nodes; sent ${p.blocksSent} good copies of blocks, ${p.blocksRepaired} repaired there, and put back ${p.nodesRepaired} tree nodes`,
           ...p.notHeld.map((h) => `not held here: block ${h}`),
           ...p.damagedHere.map((h) => `damaged here too: block ${h}`),
-          ...(p.peerDamagedNodes > 0 ? [`tree nodes are healed on ${peer} itself: \`appliance repair --peer NAME\` there`] : []),
-          left === 0 && p.peerDamagedNodes === 0 ? `ok: nothing left for ${peer} to heal (its next verify confirms it)` : `FAILED: ${left} blocks left on ${peer}`,
+          ...[...new Set(p.nodesNotRepaired)].map((h) => `not healed: tree node ${h} (this store lacks it or something under it, or holds it damaged too)`),
+          ok ? `ok: nothing left for ${peer} to heal (its next verify confirms it)` : `FAILED: ${left} blocks and ${Math.max(0, nodesLeft)} tree nodes left on ${peer}`,
         ];
-        return { json: { ok: left === 0 && p.peerDamagedNodes === 0, ...p }, text: lines.join('\n'), exitCode: left === 0 && p.peerDamagedNodes === 0 ? 0 : 1 };
+        return { json: { ok, ...p }, text: lines.join('\n'), exitCode: ok ? 0 : 1 };
       }
       const filter: { volume?: string; snapshot?: string } = spec === undefined ? {} : parseSnapshotSpec(spec as string);
       const io = currentIO();
