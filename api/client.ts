@@ -20,7 +20,7 @@ import type { Pool as PoolType, buildConnector as BuildConnectorType, Dispatcher
 import { createRequire } from 'node:module';
 import { TandemError, isErrorCode, isTandemError } from '../common/errors.js';
 import type { BlockFrame, GetBlocksOptions, Hash, NodeToPut, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
-import { throttle, TokenBucket } from '../sync/bwlimit.js';
+import { throttle, TokenBucket, type Rate } from '../sync/bwlimit.js';
 import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '../sync/framing.js';
 import { DEFAULT_BLOCK_SIZE } from '../store/index.js';
 import { LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, fromHex, toHex } from '../sync/protocol.js';
@@ -96,8 +96,8 @@ export interface RemotePeerOptions {
   readonly nextFingerprint?: string;
   /** Name used in messages. */
   readonly name?: string;
-  /** Cap on block stream bytes per second, each direction; 0 or absent: none. */
-  readonly bwlimit?: number;
+  /** Cap on block stream bytes per second, each direction; 0 or absent: none. A function is a cap that changes as the sync runs (a schedule), asked every second. */
+  readonly bwlimit?: Rate;
   readonly connections?: number;
 }
 
@@ -171,7 +171,7 @@ export class RemotePeer implements ReplicaStore {
   wireBytesReceived = 0;
   private readonly pool: PoolType;
   private readonly token: string;
-  private readonly bwlimit: number;
+  private readonly bwlimit: Rate;
   /** One bucket per direction, shared by parallel streams (null: no cap). */
   private readonly upBucket: TokenBucket | null;
   private readonly downBucket: TokenBucket | null;
@@ -198,8 +198,9 @@ export class RemotePeer implements ReplicaStore {
     this.name = opts.name ?? u.host;
     this.token = opts.token;
     this.bwlimit = opts.bwlimit ?? 0;
-    this.upBucket = this.bwlimit > 0 ? new TokenBucket(this.bwlimit) : null;
-    this.downBucket = this.bwlimit > 0 ? new TokenBucket(this.bwlimit) : null;
+    const capped = typeof this.bwlimit === 'function' || this.bwlimit > 0;
+    this.upBucket = capped ? new TokenBucket(this.bwlimit) : null;
+    this.downBucket = capped ? new TokenBucket(this.bwlimit) : null;
     const pinned = normalizeFingerprint(opts.fingerprint);
     const next = opts.nextFingerprint === undefined ? null : normalizeFingerprint(opts.nextFingerprint);
     const name = this.name;

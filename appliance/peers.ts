@@ -5,6 +5,7 @@
  */
 import { TandemError } from '../common/errors.js';
 import { RemotePeer, normalizeFingerprint } from '../api/client.js';
+import type { Rate } from '../sync/bwlimit.js';
 
 export const PEERS_NS = 'peers';
 const PEER_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
@@ -110,7 +111,7 @@ export function redactPeer(p: PeerRecord): Omit<PeerRecord, 'token'> & { token: 
 }
 
 /** A client for a peer, pinned to its fingerprint (and to the one it staged, when known). */
-export function connectPeer(p: PeerRecord, opts: { bwlimit?: number } = {}): RemotePeer {
+export function connectPeer(p: PeerRecord, opts: { bwlimit?: Rate } = {}): RemotePeer {
   return new RemotePeer({
     url: p.url,
     token: p.token,

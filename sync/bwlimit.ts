@@ -9,42 +9,73 @@ const SLICE_BYTES = 64 * 1024;
 /** The bucket holds at most this many seconds of tokens: a short burst is fine, a long idle is not credit. */
 const BURST_SECONDS = 0.25;
 
+/** A cap in bytes a second (0: none), or a function giving the cap now (a schedule: appliance/config/bwlimit.ts). */
+export type Rate = number | (() => number);
+/** A rate given as a function is asked again this often: a running stream follows it within a second. */
+const RATE_RECHECK_MS = 1000;
+
 /**
  * A token bucket that several streams may share, so that parallel block streams to one peer
- * stay under one cap together.
+ * stay under one cap together. Its rate may change as it runs (a schedule); while it is 0 the
+ * bucket lets everything through.
  */
 export class TokenBucket {
-  readonly bytesPerSecond: number;
-  private readonly burst: number;
-  private tokens: number;
+  private readonly source: Rate;
+  private rate: number;
+  private checkedAt = -Infinity;
+  /** Tokens held; a new bucket starts full (NaN until its first take knows the rate). */
+  private tokens = Number.NaN;
   private last = performance.now();
 
-  constructor(bytesPerSecond: number) {
-    this.bytesPerSecond = bytesPerSecond;
-    this.burst = Math.max(SLICE_BYTES, bytesPerSecond * BURST_SECONDS);
-    this.tokens = this.burst;
+  constructor(rate: Rate) {
+    this.source = rate;
+    this.rate = typeof rate === 'number' ? rate : 0;
+  }
+
+  /** The cap now, in bytes a second (0: none). */
+  get bytesPerSecond(): number {
+    return this.current(performance.now());
+  }
+
+  private current(now: number): number {
+    if (typeof this.source === 'number') return this.source;
+    if (now - this.checkedAt >= RATE_RECHECK_MS) {
+      const r = this.source();
+      this.rate = Number.isFinite(r) && r > 0 ? r : 0;
+      this.checkedAt = now;
+    }
+    return this.rate;
   }
 
   /** Wait until `n` bytes (at most one slice) may pass, and take them. */
   async take(n: number): Promise<void> {
     for (;;) {
       const now = performance.now();
-      this.tokens = Math.min(this.burst, this.tokens + ((now - this.last) / 1000) * this.bytesPerSecond);
+      const rate = this.current(now);
+      const burst = Math.max(SLICE_BYTES, rate * BURST_SECONDS);
+      if (rate === 0) {
+        // No cap now: nothing to wait for; a cap that starts later starts with a full burst.
+        this.tokens = burst;
+        this.last = now;
+        return;
+      }
+      this.tokens = Number.isNaN(this.tokens) ? burst : Math.min(burst, this.tokens + ((now - this.last) / 1000) * rate);
       this.last = now;
       if (this.tokens >= n) break;
-      await sleep(Math.ceil(((n - this.tokens) / this.bytesPerSecond) * 1000));
+      // Waking at least every RATE_RECHECK_MS lets a rate that changed meanwhile take effect.
+      await sleep(Math.min(RATE_RECHECK_MS, Math.ceil(((n - this.tokens) / rate) * 1000)));
     }
     this.tokens -= n;
   }
 }
 
 /** Yield the chunks of `source` at no more than `limit` bytes per second on average (a rate, or a shared bucket). */
-export async function* throttle(source: AsyncIterable<Buffer>, limit: number | TokenBucket): AsyncGenerator<Buffer> {
+export async function* throttle(source: AsyncIterable<Buffer>, limit: Rate | TokenBucket): AsyncGenerator<Buffer> {
   if (typeof limit === 'number' && !(limit > 0)) {
     yield* source;
     return;
   }
-  const bucket = typeof limit === 'number' ? new TokenBucket(limit) : limit;
+  const bucket = limit instanceof TokenBucket ? limit : new TokenBucket(limit);
   for await (const chunk of source) {
     for (let off = 0; off < chunk.length; off += SLICE_BYTES) {
       const piece = chunk.subarray(off, Math.min(chunk.length, off + SLICE_BYTES));

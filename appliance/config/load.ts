@@ -13,6 +13,7 @@ import { LineCounter, parseDocument, isNode, type Document } from 'yaml';
 import { TandemError } from '../../common/errors.js';
 import { parseDuration } from './duration.js';
 import { parseSize } from './size.js';
+import { windowProblems, type RawWindow } from './bwlimit.js';
 import { ConfigSchema, type RawConfig, type RawPrices, type RawRecoveryPlan, type RawRetention } from './schema.js';
 
 /** A named protection tier (normalized). */
@@ -52,7 +53,7 @@ export interface Config {
   readonly policies: Readonly<Record<string, Policy>>;
   readonly assign: readonly AssignRule[];
   readonly groups: Readonly<Record<string, Group>>;
-  readonly replication: { readonly peer: string; readonly bwlimit?: string } | null;
+  readonly replication: { readonly peer: string; readonly bwlimit?: string; readonly schedule?: readonly RawWindow[] } | null;
   readonly alerts: { readonly webhook: string | null };
   /**
    * The daemon's scheduled verify: how often (null: never), at most how fast it reads, and the
@@ -173,6 +174,9 @@ function semanticChecks(raw: RawConfig, doc: Document, lc: LineCounter, problems
     }
   };
   size(['replication', 'bwlimit'], raw.replication?.bwlimit);
+  (raw.replication?.schedule ?? []).forEach((w, i) => {
+    for (const [key, message] of windowProblems(w)) at(['replication', 'schedule', i, key], message);
+  });
   size(['verify', 'bwlimit'], raw.verify?.bwlimit);
   if (raw.verify?.every !== undefined && raw.verify.every !== 'off') duration(['verify', 'every'], raw.verify.every);
   const policies = raw.policies ?? {};

@@ -98,6 +98,14 @@ export const ConfigSchema = Type.Object({
   replication: Type.Optional(Type.Object({
     peer: Type.String({ minLength: 1 }),
     bwlimit: Type.Optional(Type.String({ minLength: 1 })),
+    /** Windows of the week with their own cap (appliance/config/bwlimit.ts). */
+    schedule: Type.Optional(Type.Array(Type.Object({
+      days: Type.Optional(Type.Array(Type.String({ minLength: 1 }), { minItems: 1 })),
+      from: Type.Optional(Type.String({ minLength: 1 })),
+      to: Type.Optional(Type.String({ minLength: 1 })),
+      /** A rate, or 0 (written as a number too) for no cap. */
+      bwlimit: Type.Union([Type.String({ minLength: 1 }), Type.Integer({ minimum: 0 })]),
+    }, closed))),
   }, closed)),
   alerts: Type.Optional(Type.Object({ webhook: Type.String({ pattern: '^https?://' }) }, closed)),
   /** The daemon's scheduled verify of the whole store. */

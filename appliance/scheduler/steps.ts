@@ -8,6 +8,7 @@ import type { SnapshotRecord } from '../../store/types.js';
 import type { Home } from '../home.js';
 import type { Config } from '../config/index.js';
 import type { JobSteps } from './runner.js';
+import type { Rate } from '../../sync/bwlimit.js';
 
 /** Meta namespace and key format of the sync base (appliance/replicate.ts). */
 const SYNC_BASE_NS = 'sync-base';
@@ -17,7 +18,7 @@ const SYNC_BASE_NS = 'sync-base';
  * the sync base like `appliance sync` does. Unlike `syncVolume` it does not take a snapshot of
  * its own: a group's snapshots must be the ones taken between the group's hooks.
  */
-export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecord, peerName: string, opts: { bwlimit?: number; signal?: AbortSignal } = {}): Promise<{ bytesSent: number; upToDate: boolean; peerRepaired: number; peerNodesRepaired: number }> {
+export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecord, peerName: string, opts: { bwlimit?: Rate; signal?: AbortSignal } = {}): Promise<{ bytesSent: number; upToDate: boolean; peerRepaired: number; peerNodesRepaired: number }> {
   const { getPeer, connectPeer } = await import('../peers.js');
   const { copySnapshot } = await import('../../sync/engine.js');
   const peer = await getPeer(store, peerName);
@@ -59,9 +60,11 @@ export function applianceSteps(home: Home, store: Store, config: () => Config | 
       return snapshotVolume(home, store, volume, { labels, signal });
     },
     replicate: async (_volume, snap, peer, signal) => {
-      const bw = config()?.replication?.bwlimit;
-      const { parseSize } = await import('../cli/output.js');
-      const r = await pushSnapshot(home, store, snap, peer, { signal, ...(bw ? { bwlimit: parseSize(bw) } : {}) });
+      // The cap of config replication.bwlimit, or of its schedule's window (followed as the push runs).
+      const { replicationRate, hasSchedule } = await import('../config/bwlimit.js');
+      const replication = config()?.replication;
+      const bwlimit: Rate = hasSchedule(replication) ? () => replicationRate(config()?.replication, new Date()) : replicationRate(replication, new Date());
+      const r = await pushSnapshot(home, store, snap, peer, { signal, bwlimit });
       return { bytesSent: r.bytesSent, peerRepaired: r.peerRepaired, peerNodesRepaired: r.peerNodesRepaired };
     },
     pushRefusal: async (volume, peerName) => {

@@ -88,6 +88,27 @@ test('throttle keeps a stream near its rate', async () => {
   assert.ok(secs >= 0.2 && secs < 2, `took ${secs} s`);
 });
 
+test('a throttle whose rate is a schedule follows it as the stream runs: capped, then uncapped within a second', async () => {
+  let rate = 256 * 1024;
+  const started = performance.now();
+  let n = 0;
+  let switchedAt = 0;
+  // 8 MiB: 32 s at the first rate; the cap is lifted once 512 KiB went through.
+  for await (const c of throttle(from(Array.from({ length: 64 }, () => Buffer.alloc(128 * 1024))), () => rate)) {
+    n += c.length;
+    if (n >= 512 * 1024 && rate > 0) {
+      rate = 0;
+      switchedAt = performance.now();
+    }
+  }
+  const capped = (switchedAt - started) / 1000;
+  const after = (performance.now() - switchedAt) / 1000;
+  assert.equal(n, 8 * 1024 * 1024);
+  // 512 KiB at 256 KiB/s with a 64 KiB burst: about 1.75 s; then 7.5 MiB with no cap within the rate's next look.
+  assert.ok(capped >= 1.2 && capped < 5, `the capped part took ${capped} s`);
+  assert.ok(after < 2.5, `the uncapped part took ${after} s`);
+});
+
 test('readAhead keeps order, surfaces errors in place, and stops its source when the consumer stops', async () => {
   const { readAhead } = await import('../../sync/framing.js');
   const got: number[] = [];

@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseConfig, loadConfig, policyFor, hooksForVolume, groupOf, globMatch } from '../../appliance/config/index.js';
 import { isTandemError, type TandemError } from '../../common/errors.js';
+import { replicationRate, hasSchedule } from '../../appliance/config/bwlimit.js';
 
 const GOOD = `# comment
 appliance:
@@ -154,4 +155,41 @@ test('loadConfig reads HOME/config.yaml; the default config written by init vali
   writeFileSync(home.paths.config, GOOD);
   assert.equal((await loadConfig(home.dir)).policies.gold!.rpoMs, 900_000);
   await assert.rejects(loadConfig(join(dir, 'absent')), (e: unknown) => isTandemError(e, 'ERR_CONFIG_INVALID'));
+});
+
+test('replication.schedule: the first window holding the local time gives the cap, windows run past midnight, 0 lifts the cap; bad days, times and rates are named', () => {
+  const cfg = parseConfig(GOOD.replace('replication: { peer: cloud }', `replication:
+  peer: cloud
+  bwlimit: 100MiB
+  schedule:
+    - { days: [mon, tue, wed, thu, fri], from: "08:00", to: "18:00", bwlimit: 10MiB }
+    - { days: [Sat], bwlimit: 0 }
+    - { days: [sun], from: "22:00", to: "06:00", bwlimit: 1MiB }`), 'config.yaml');
+  const at = (iso: string) => replicationRate(cfg.replication, new Date(iso)); // local time: no Z
+  const MiB = 1024 * 1024;
+  assert.equal(at('2026-12-07T08:00:00'), 10 * MiB, 'Monday 08:00: business hours');
+  assert.equal(at('2026-12-07T17:59:00'), 10 * MiB);
+  assert.equal(at('2026-12-07T18:00:00'), 100 * MiB, 'Monday 18:00: the default');
+  assert.equal(at('2026-12-07T07:59:00'), 100 * MiB);
+  assert.equal(at('2026-12-05T12:00:00'), 0, 'Saturday: no cap');
+  assert.equal(at('2026-12-06T23:00:00'), 1 * MiB, 'Sunday evening');
+  assert.equal(at('2026-12-07T05:59:00'), 1 * MiB, 'the Monday morning after it');
+  assert.equal(at('2026-12-07T06:00:00'), 100 * MiB);
+  assert.equal(at('2026-12-08T05:00:00'), 100 * MiB, 'Tuesday morning: Monday is not one of its days');
+  assert.equal(hasSchedule(cfg.replication), true);
+  assert.equal(replicationRate(parseConfig(GOOD, 'config.yaml').replication, new Date()), 0, 'no bwlimit: no cap');
+
+  const bad = (w: string) => invalid(GOOD.replace('replication: { peer: cloud }', `replication:\n  peer: cloud\n  schedule:\n    - ${w}`));
+  const day = bad('{ days: [monday], bwlimit: 1MiB }');
+  assert.equal(day.details.key, 'replication.schedule.0.days');
+  assert.match(day.message, /"monday" is not a day/);
+  const time = bad('{ from: "8am", to: "18:00", bwlimit: 1MiB }');
+  assert.equal(time.details.key, 'replication.schedule.0.from');
+  assert.match(time.message, /"8am" is not a time of day/);
+  assert.equal(bad('{ from: "25:00", bwlimit: 1MiB }').details.key, 'replication.schedule.0.from');
+  assert.equal(bad('{ from: "08:00", to: "08:00", bwlimit: 1MiB }').details.key, 'replication.schedule.0.to');
+  const rate = bad('{ bwlimit: fast }');
+  assert.equal(rate.details.key, 'replication.schedule.0.bwlimit');
+  assert.match(rate.message, /"fast" is not a rate/);
+  assert.equal(bad('{ from: "08:00" }').details.key, 'replication.schedule.0.bwlimit');
 });

@@ -240,12 +240,18 @@ policies:
 assign:
   - match: "*"
     policy: silver
-replication: { peer: cloud }
+replication:
+  peer: cloud
+  schedule: [{ bwlimit: 1MiB }]   # a window of every day, all day
 alerts: { webhook: "${hookUrl}" }
 `);
   const d = await startDaemon(t, a);
   const done = await d.logLine((o) => o.unit === 'volume:web' && (o.msg === 'job done' || o.msg === 'job failed'));
   assert.equal(done.msg, 'job done', d.stderr());
+  // The schedule's cap held the push: 3 MiB at 1 MiB/s after a 256 KiB burst is 2.75 s at least.
+  const started = await d.logLine((o) => o.unit === 'volume:web' && o.msg === 'job started');
+  const took = ((done.time as number) - (started.time as number)) / 1000;
+  assert.ok(took >= 2.2, `the push took ${took} s: the scheduled cap was not applied`);
   assert.deepEqual(await alert.then((x) => [x.event, x.volume, x.appliance]), ['rpo_breached', 'lost', 'onprem']);
   const status = JSON.parse((await get(a, d.url, '/v1/status', a.token)).body);
   const vol = status.volumes.find((v: { volume: string }) => v.volume === 'web');
