@@ -29,7 +29,7 @@ export function define(program: Command): void {
         `  appliance ${cfg.appliance.name}`,
         ...policies.map((p) => `  policy ${p.name}: rpo ${formatDuration(p.rpoMs)}${p.rtoMs !== null ? `, rto ${formatDuration(p.rtoMs)}` : ''}${p.retention ? `, retention ${Object.entries(p.retention).map(([k, v]) => `${k} ${v}`).join(' ')}` : ', keep all'}${p.export ? `, export ${p.export}` : ''}`),
         `  ${cfg.assign.length} assign rule(s), ${Object.keys(cfg.groups).length} group(s), ${Object.keys(cfg.recovery).length} recovery plan(s)`,
-        `  replication: ${cfg.replication ? `to peer ${cfg.replication.peer}${capNow === null ? '' : `, capped now at ${capNow === 0 ? 'nothing (no cap)' : `${formatBytes(capNow)}/s`}${hasSchedule(cfg.replication) ? ` (schedule of ${cfg.replication.schedule!.length} window(s), local time ${now.toTimeString().slice(0, 5)} ${['Sun', 'Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat'][now.getDay()]})` : ''}`}` : 'none (snapshots stay local)'}`,
+        `  replication: ${cfg.replication ? `to peer ${cfg.replication.peer}${capNow === null ? '' : `, ${capNow === 0 ? 'no cap now' : `capped now at ${formatBytes(capNow)}/s`}${hasSchedule(cfg.replication) ? ` (schedule of ${cfg.replication.schedule!.length} window(s), local time ${now.toTimeString().slice(0, 5)} ${['Sun', 'Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat'][now.getDay()]})` : ''}`}` : 'none (snapshots stay local)'}`,
       ];
       return {
         json: { file: cfg.file, valid: true, policies: cfg.policies, assign: cfg.assign, groups: cfg.groups, replication: cfg.replication ? { ...cfg.replication, bytesPerSecondNow: capNow ?? 0 } : null, recoveryPlans: Object.keys(cfg.recovery) },
