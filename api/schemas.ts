@@ -104,7 +104,10 @@ export const TlsAckBody = Type.Object(
 export type TlsAckBodyT = Static<typeof TlsAckBody>;
 
 export const CliBody = Type.Object(
-  { argv: Type.Array(Type.String({ maxLength: 4096 }), { minItems: 2, maxItems: 256 }) },
+  {
+    argv: Type.Array(Type.String({ maxLength: 4096 }), { minItems: 2, maxItems: 256 }),
+    user: Type.Optional(Type.String({ minLength: 1, maxLength: 256, description: 'who runs the CLI, for the audit log' })),
+  },
   { additionalProperties: false },
 );
 

@@ -9,6 +9,7 @@
  *                       a running server (POST /v1/cli); never given to a peer
  * HOME/monitor.token    monitor bearer token (0600): reads GET /metrics and GET /v1/status only,
  *                       for a monitoring system
+ * HOME/audit.log       the commands that may change the appliance: who, when, how they ended (appliance/audit.ts)
  * HOME/token.previous   after `appliance token rotate --grace D`: {token, until}, the token it replaced, still taken until then (0600)
  * HOME/tls/key.pem      TLS private key (0600), tls/cert.pem self-signed certificate; during
  *                       `appliance tls rotate`, key.pem.staged and cert.pem.staged (the pair peers

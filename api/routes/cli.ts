@@ -8,6 +8,6 @@ import { CliBody } from '../schemas.js';
 export function cliRoutes(app: FastifyInstance): void {
   app.post('/v1/cli', { schema: { body: CliBody, summary: 'execute a forwarded CLI command line; answers {exitCode, stdout, stderr}' } }, async (req) => {
     const { executeForwarded } = await import('../../appliance/cli/forward.js');
-    return executeForwarded(req.body as { argv: string[] });
+    return executeForwarded(req.body as { argv: string[]; user?: string });
   });
 }

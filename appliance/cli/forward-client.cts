@@ -18,6 +18,7 @@
  * has no terminal); the final result is.
  */
 import { existsSync, readFileSync } from 'node:fs';
+import { userInfo } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pidAlive } from '../../common/pid.cjs';
 
@@ -45,6 +46,20 @@ interface ServerInfo {
 
 export interface ForwardRequest {
   readonly argv: string[];
+  /** Who runs the CLI ({@link localUser}), for the server's audit log (appliance/audit.ts). */
+  readonly user?: string;
+}
+
+/** Who runs this process: its login name, and under sudo who called it ("root (sudo: alice)"). */
+export function localUser(): string {
+  let name: string;
+  try {
+    name = userInfo().username;
+  } catch {
+    name = process.env.USER ?? `uid ${process.getuid?.() ?? '?'}`;
+  }
+  const sudo = process.env.SUDO_USER;
+  return sudo && sudo !== name ? `${name} (sudo: ${sudo})` : name;
 }
 
 export interface ForwardResult {
@@ -115,7 +130,7 @@ export async function forwardIfServed(argv: string[]): Promise<boolean> {
   } catch {
     return false;
   }
-  const body = JSON.stringify({ argv: ['node', 'appliance', ...absolutize(args, process.cwd())] } satisfies ForwardRequest);
+  const body = JSON.stringify({ argv: ['node', 'appliance', ...absolutize(args, process.cwd())], user: localUser() } satisfies ForwardRequest);
   const headers = { 'content-type': 'application/json', authorization: `Bearer ${token}`, 'content-length': String(Buffer.byteLength(body)) };
   // The Unix socket first (no TCP or TLS handshake); the HTTPS listener only if the socket
   // cannot be connected to (a request that reached the server is never sent twice).

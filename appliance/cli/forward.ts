@@ -26,6 +26,7 @@ export async function executeForwarded(req: ForwardRequest): Promise<ForwardResu
     err: (s) => void (stderr += s),
     setExit: (c) => void (exitCode = c),
     isTTY: false,
+    forwarded: { argv: req.argv, user: req.user ?? 'unknown' },
   }, () => runCli(req.argv));
   return { exitCode, stdout, stderr };
 }

@@ -9,7 +9,8 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type { Command } from 'commander';
 import { TandemError, diskFullError } from '../../common/errors.js';
-import { resolveHome } from './forward-client.cjs';
+import { localUser, resolveHome } from './forward-client.cjs';
+import { appendAudit, audited, redactArgs } from '../audit.js';
 
 /**
  * Where a command's output goes. In the CLI process it is the process's own streams; when a
@@ -21,6 +22,8 @@ export interface CommandIO {
   err(s: string): void;
   setExit(code: number): void;
   readonly isTTY: boolean;
+  /** A command forwarded from a CLI on the same home: its command line and who ran it (for the audit log). */
+  readonly forwarded?: { readonly argv: readonly string[]; readonly user: string };
 }
 
 const processIO: CommandIO = {
@@ -78,18 +81,44 @@ export function run(body: (g: GlobalOptions, cmd: Command, args: unknown[]) => P
     const cmd = args[args.length - 1] as Command;
     const g = globalOptions(cmd);
     const io = currentIO();
+    let exitCode = 0;
+    let error: string | undefined;
     try {
       const r = await body(g, cmd, args.slice(0, -2));
       if (g.json) io.out(JSON.stringify(r.json, null, 2) + '\n');
       else if (r.text) io.out(r.text.endsWith('\n') ? r.text : r.text + '\n');
-      io.setExit(r.exitCode ?? 0);
+      exitCode = r.exitCode ?? 0;
+      io.setExit(exitCode);
     } catch (e) {
-      reportError(e, g.json);
+      const err = reportError(e, g.json);
+      exitCode = err.exitCode;
+      error = err.code;
     }
+    audit(g, cmd, io, exitCode, error);
   };
 }
 
-export function reportError(e: unknown, json: boolean): void {
+/** Record the command in the home's audit log when it may have changed something (appliance/audit.ts). */
+function audit(g: GlobalOptions, cmd: Command, io: CommandIO, exitCode: number, error: string | undefined): void {
+  const words: string[] = [];
+  for (let c: Command | null = cmd; c?.parent; c = c.parent) words.unshift(c.name());
+  if (!audited(words.join(' '), cmd.opts())) return;
+  try {
+    appendAudit(g.home, {
+      at: new Date().toISOString(),
+      user: io.forwarded?.user ?? localUser(),
+      pid: process.pid,
+      ...(io.forwarded ? { forwarded: true as const } : {}),
+      command: redactArgs((io.forwarded?.argv ?? process.argv).slice(2)),
+      exitCode,
+      ...(error !== undefined ? { error } : {}),
+    });
+  } catch (e) {
+    io.err(`note: the audit log (${g.home}/audit.log) could not be written: ${(e as Error).message}\n`);
+  }
+}
+
+export function reportError(e: unknown, json: boolean): TandemError {
   const err = e instanceof TandemError
     ? e
     // A full disk met where no command expected it is still the operator's to fix, not a bug.
@@ -98,6 +127,7 @@ export function reportError(e: unknown, json: boolean): void {
   if (json) io.out(JSON.stringify({ error: err.toJSON() }, null, 2) + '\n');
   io.err(`error ${err.code}: ${err.message}\n`);
   io.setExit(err.exitCode);
+  return err;
 }
 
 export { parseSize } from '../config/size.js';

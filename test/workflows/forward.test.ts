@@ -7,6 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
+import { userInfo } from 'node:os';
 import { join } from 'node:path';
 import { cli, initHome, startServe, tempDir } from '../helpers/appliance.js';
 import { parseAnswer } from '../../appliance/cli/forward-client.cjs';
@@ -124,4 +125,42 @@ test('parseAnswer: a body by length, by chunks or to the end; anything else is n
     'HTTP/1.1 200 OK\r\n\r\nnot json',
     '',
   ]) assert.equal(parseAnswer(Buffer.from(bad)), null, bad);
+});
+
+test('the audit log records each command that may change the appliance, run here or forwarded: who, the command (no secret), how it ended; reads are not recorded', async (t) => {
+  const a = await initHome(t, 'audited');
+  const img = join(a.dir, '..', 'disk.img');
+  writeFileSync(img, Buffer.alloc(256 * 1024, 7));
+  const me = userInfo().username;
+  assert.equal((await cli(a, 'volume', 'add', 'vol', '--path', img, '--block-size', '64KiB')).code, 0);
+  assert.equal((await cli(a, 'status')).code, 0); // a read: not recorded
+  assert.equal((await cli(a, 'volume', 'remove', 'nope')).code, 1);
+  const served = await startServe(t, a);
+  assert.equal((await cli(a, 'snapshot', 'vol')).code, 0); // forwarded to the server
+  const snaps = await cli(a, 'snapshots', 'vol'); // a read, forwarded
+  assert.equal((await cli(a, 'snapshots', 'vol', '--hold', snaps.json[0].id, '--reason', 'before the upgrade')).code, 0);
+  assert.equal((await cli(a, 'peer', 'add', 'x', '--url', 'https://127.0.0.1:1', '--token', 's3cret-token-value-1234', '--fingerprint', 'AB'.repeat(32), '--no-check')).code, 0);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'x', '--dry-run')).code, 1); // a dry run: not recorded
+
+  const log = await cli(a, 'audit');
+  assert.equal(log.code, 0, log.stderr);
+  const entries = log.json.entries as Array<{ user: string; forwarded?: boolean; command: string[]; exitCode: number; error?: string }>;
+  const words = (c: string[]) => c.filter((w) => !w.startsWith('--home') && !w.startsWith('/') && w !== '--json').slice(0, 2).join(' ');
+  assert.deepEqual(entries.map((e) => [words(e.command), e.exitCode, e.error ?? null, e.forwarded === true]), [
+    ['init --name', 0, null, false],
+    ['volume add', 0, null, false],
+    ['volume remove', 1, 'ERR_VOLUME_NOT_FOUND', false],
+    ['snapshot vol', 0, null, true],
+    ['snapshots vol', 0, null, true],
+    ['peer add', 0, null, true],
+  ]);
+  assert.ok(entries.every((e) => e.user === me), 'the CLI user, also for forwarded commands');
+  assert.ok(!JSON.stringify(entries).includes('s3cret'), 'the token is not recorded');
+  assert.deepEqual(entries.at(-1)!.command.slice(entries.at(-1)!.command.indexOf('--token'), entries.at(-1)!.command.indexOf('--token') + 2), ['--token', '…']);
+  assert.equal(statSync(join(a.dir, 'audit.log')).mode & 0o777, 0o600);
+  // --since and --limit narrow it; bad values are usage errors.
+  assert.deepEqual((await cli(a, 'audit', '--limit', '2')).json.entries.map((e: { command: string[] }) => words(e.command)), ['snapshots vol', 'peer add']);
+  assert.equal((await cli(a, 'audit', '--limit', 'x')).code, 2);
+  assert.equal((await cli(a, 'audit', '--since', 'soon')).code, 2);
+  await served.stop();
 });

@@ -1,0 +1,101 @@
+/**
+ * The audit log: every `appliance` command that may change this appliance (a volume removed, a
+ * snapshot deleted or held, a token or certificate rotated, a failover, a sync, ...) is recorded
+ * in HOME/audit.log (mode 0600), one JSON line each, whether it succeeded or not:
+ *
+ * ```
+ * {"at":"2026-12-04T22:50:01.123Z","user":"alice","pid":4242,"forwarded":true,
+ *  "command":["snapshots","db","--delete","20261204T..."],"exitCode":0}
+ * ```
+ * `user` is who ran the `appliance` command: the login name of the CLI process (with `sudo`,
+ * "root (sudo: alice)"); a command forwarded to the running server carries the name its CLI sent
+ * (`forwarded: true`). `command` is the command line after `appliance`, with secrets (the value
+ * of `--token`) replaced by "…". `error` is the error code of a failed command. Commands that
+ * only read (status, doctor, list, show, verify, `--dry-run`, ...) are not recorded; nor are
+ * `serve` and `daemon`, whose start, stop and scheduled jobs are in their own log. At 16 MiB the log is renamed audit.log.1 (the one
+ * before that is dropped). Lines are appended without fsync: a power cut may lose the last few.
+ * `appliance audit` prints it.
+ */
+import { appendFileSync, existsSync, readFileSync, renameSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+
+export const AUDIT_FILE = 'audit.log';
+/** The log is rotated once it is this large. */
+export const AUDIT_ROTATE_BYTES = 16 * 1024 * 1024;
+
+export interface AuditRecord {
+  readonly at: string;
+  readonly user: string;
+  readonly pid: number;
+  readonly forwarded?: true;
+  readonly command: readonly string[];
+  readonly exitCode: number;
+  readonly error?: string;
+}
+
+/** Commands (their words before any operand) that only read: not recorded. */
+const READ_ONLY = new Set(['status', 'doctor', 'config check', 'volume list', 'peer list', 'token show', 'tls show', 'cost', 'verify', 'audit', 'help', 'ebs list']);
+/** Commands that only read unless given one of these options. */
+const WRITING_OPTIONS: Record<string, readonly string[]> = {
+  snapshots: ['hold', 'release', 'delete'],
+  discover: ['write'],
+};
+/** Options whose value is a secret. */
+const SECRET_OPTIONS = new Set(['--token']);
+
+/** Whether a command with these words and options is recorded (all but those that only read, and `--dry-run`s). */
+export function audited(words: string, opts: Record<string, unknown>): boolean {
+  if (opts.dryRun === true || READ_ONLY.has(words)) return false;
+  const writing = WRITING_OPTIONS[words];
+  return writing === undefined || writing.some((o) => opts[o] !== undefined && opts[o] !== false);
+}
+
+/** The command line after `appliance`, secrets replaced. */
+export function redactArgs(args: readonly string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    const eq = a.indexOf('=');
+    if (eq > 0 && SECRET_OPTIONS.has(a.slice(0, eq))) out.push(`${a.slice(0, eq)}=…`);
+    else if (SECRET_OPTIONS.has(a) && i + 1 < args.length) {
+      out.push(a, '…');
+      i++;
+    } else out.push(a);
+  }
+  return out;
+}
+
+/**
+ * Append `rec` to HOME/audit.log, rotating it first when it is full. Nothing is written for a
+ * directory that holds no appliance (a command that failed before `init`).
+ */
+export function appendAudit(homeDir: string, rec: AuditRecord): void {
+  if (!existsSync(join(homeDir, 'appliance.json'))) return;
+  const path = join(homeDir, AUDIT_FILE);
+  const size = statSync(path, { throwIfNoEntry: false })?.size ?? 0;
+  if (size >= AUDIT_ROTATE_BYTES) renameSync(path, `${path}.1`);
+  appendFileSync(path, JSON.stringify(rec) + '\n', { mode: 0o600 });
+}
+
+/** The records of HOME/audit.log.1 then audit.log, oldest first; a line that is not a record (torn by a crash) is skipped. */
+export function readAudit(homeDir: string): AuditRecord[] {
+  const out: AuditRecord[] = [];
+  for (const f of [`${AUDIT_FILE}.1`, AUDIT_FILE]) {
+    let text: string;
+    try {
+      text = readFileSync(join(homeDir, f), 'utf8');
+    } catch {
+      continue;
+    }
+    for (const line of text.split('\n')) {
+      if (line.trim() === '') continue;
+      try {
+        const r = JSON.parse(line) as AuditRecord;
+        if (typeof r.at === 'string' && Array.isArray(r.command)) out.push(r);
+      } catch {
+        /* a torn line */
+      }
+    }
+  }
+  return out;
+}
