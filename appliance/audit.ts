@@ -34,7 +34,7 @@ export interface AuditRecord {
 }
 
 /** Commands (their words before any operand) that only read: not recorded. */
-const READ_ONLY = new Set(['status', 'doctor', 'config check', 'volume list', 'peer list', 'token show', 'tls show', 'cost', 'verify', 'audit', 'help', 'ebs list']);
+const READ_ONLY = new Set(['status', 'doctor', 'config check', 'volume list', 'peer list', 'token show', 'tls show', 'cost', 'verify', 'audit', 'help', 'ebs list', 'support-bundle']);
 /** Commands that only read unless given one of these options. */
 const WRITING_OPTIONS: Record<string, readonly string[]> = {
   snapshots: ['hold', 'release', 'delete'],

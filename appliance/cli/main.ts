@@ -24,7 +24,7 @@ interface CommandModule {
 const COMMANDS_DIR = new URL('./commands/', import.meta.url);
 
 /** The package's version: package.json is two levels up from the sources, three from dist/. */
-function version(): string {
+export function version(): string {
   for (const up of ['../../package.json', '../../../package.json']) {
     try {
       const p = JSON.parse(readFileSync(new URL(up, import.meta.url), 'utf8')) as { name?: string; version?: string };

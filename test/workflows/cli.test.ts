@@ -1,7 +1,8 @@
 /** The workflow commands as an operator runs them (compiled CLI, `npm run build` first). */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { writeFileSync, readFileSync, mkdirSync, renameSync } from 'node:fs';
+import { writeFileSync, readFileSync, mkdirSync, renameSync, statSync, readdirSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { initHome, cli, tempDir, pairedWithVolume } from '../helpers/appliance.js';
@@ -183,4 +184,37 @@ test('doctor: all good on a working pair; a missing image, a refused token, an u
   assert.match(statusOf(down, 'peer cloud')!.detail, /ERR_PEER_UNREACHABLE/);
   renameSync(`${img}.moved`, img);
   assert.equal(statusOf(await cli(a, 'doctor'), 'volume vol')?.status, 'ok', 'nothing was changed by the checks');
+});
+
+test('support-bundle: a .tar.gz of doctor, status, volumes, snapshots, peers, config and audit log, with no token, key or URL secret; run here or forwarded to the server', async (t) => {
+  const { a, b, dir } = await pairedWithVolume(t, 16);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  writeFileSync(join(a.dir, 'config.yaml'), 'appliance: { name: onprem }\nalerts: { webhook: "https://ops:hunter2@hooks.example.com/hook/T0K3N?sig=abc" }\n');
+  const secrets = [a.token, b.token, readFileSync(join(a.dir, 'admin.token'), 'utf8').trim(), (await cli(a, 'token', 'show', '--monitor')).json.token, 'hunter2', 'T0K3N', 'sig=abc'];
+  const key = readFileSync(join(a.dir, 'tls', 'key.pem'), 'utf8').split('\n')[1]!;
+
+  const to = join(dir, 'bundle.tar.gz');
+  const r = await cli(a, 'support-bundle', '--to', to);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(statSync(to).mode & 0o777, 0o600);
+  const out = join(dir, 'extracted');
+  mkdirSync(out);
+  execFileSync('tar', ['-xzf', to, '-C', out]); // the system's tar reads it
+  const files = readdirSync(out).sort();
+  assert.deepEqual(files, ['audit.json', 'config-check.json', 'config.yaml', 'doctor.json', 'manifest.json', 'peer-list.json', 'snapshots-vol.json', 'status.json', 'tls-show.json', 'volume-list.json']);
+  const all = files.map((f) => readFileSync(join(out, f), 'utf8')).join('\n');
+  for (const s of [...secrets, key]) assert.ok(!all.includes(s), `the bundle holds a secret (${s.slice(0, 6)}…)`);
+  assert.match(readFileSync(join(out, 'config.yaml'), 'utf8'), /https:\/\/hooks\.example\.com\/…/);
+  assert.equal(JSON.parse(readFileSync(join(out, 'snapshots-vol.json'), 'utf8')).length, 1);
+  assert.equal(JSON.parse(readFileSync(join(out, 'peer-list.json'), 'utf8')).peers[0].name, 'cloud');
+  const manifest = JSON.parse(readFileSync(join(out, 'manifest.json'), 'utf8'));
+  assert.equal(manifest.appliance.name, 'onprem');
+  assert.ok(manifest.commands.every((c: { exitCode: number }) => c.exitCode === 0 || c.exitCode === 1));
+
+  // On the served appliance the command runs in its server; an existing file is not overwritten.
+  const served = join(dir, 'cloud.tar.gz');
+  assert.equal((await cli(b, 'support-bundle', '--to', served)).code, 0);
+  assert.ok(execFileSync('tar', ['-tzf', served], { encoding: 'utf8' }).includes('snapshots-vol.json'));
+  const again = await cli(b, 'support-bundle', '--to', served);
+  assert.equal(again.code, 2);
 });

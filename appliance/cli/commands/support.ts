@@ -1,0 +1,43 @@
+/**
+ * `appliance support-bundle [--to FILE]`: a .tar.gz of the appliance's state for a support
+ * request (doctor, status, volumes and snapshots, peers, config with URLs cut, certificate,
+ * audit log), with no token, key or data (appliance/support.ts). Read-only but for FILE.
+ */
+import type { Command } from 'commander';
+import { run } from '../output.js';
+
+export const order = 82;
+
+export function define(program: Command): void {
+  program
+    .command('support-bundle')
+    .description('write a .tar.gz of the appliance\'s state for a support request: doctor, status, volumes, snapshots, peers, config, audit log; no token, key or data')
+    .option('--to <file>', 'where to write it (default: ./tandem-support-NAME-TIME.tar.gz)')
+    .action(run(async (g, cmd) => {
+      const { Home } = await import('../../home.js');
+      const { writeSupportBundle } = await import('../../support.js');
+      const { withIO, formatBytes } = await import('../output.js');
+      const { runCli, version } = await import('../main.js');
+      const { resolve } = await import('node:path');
+      const { existsSync } = await import('node:fs');
+      const { TandemError } = await import('../../../common/errors.js');
+      const home = Home.load(g.home);
+      const stamp = new Date().toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
+      const to = resolve((cmd.opts() as { to?: string }).to ?? `tandem-support-${home.identity.name}-${stamp}.tar.gz`);
+      if (existsSync(to)) throw new TandemError('ERR_USAGE', `${to} exists; name another file with --to (nothing was written)`);
+      // Each command runs in this process (in the server when this one was forwarded to it), its output captured.
+      const runOne = async (args: string[]) => {
+        let stdout = '';
+        let stderr = '';
+        let exitCode = 0;
+        await withIO({ out: (s) => void (stdout += s), err: (s) => void (stderr += s), setExit: (c) => void (exitCode = c), isTTY: false }, () =>
+          runCli(['node', 'appliance', '--home', home.dir, '--json', ...args]));
+        return { exitCode, stdout, stderr };
+      };
+      const r = await writeSupportBundle(home, to, runOne, version());
+      return {
+        json: { file: to, bytes: r.bytes, files: r.files },
+        text: `wrote ${to} (${formatBytes(r.bytes)}: ${r.files.join(', ')}); it holds no token, key or block data`,
+      };
+    }));
+}
