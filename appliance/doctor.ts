@@ -101,7 +101,8 @@ export async function storeChecks(store: Store, config: Config | null): Promise<
       const remote = await contactPeer(p);
       const ms = Math.round(performance.now() - t0);
       const skew = remote.clockSkewMs === null ? '' : `, clock ${remote.clockSkewMs >= 0 ? '+' : ''}${(remote.clockSkewMs / 1000).toFixed(1)} s from ours`;
-      const detail = `${p.url}: appliance "${remote.name}", certificate pinned, token taken, ${ms} ms${skew}`;
+      const staged = p.nextFingerprint ? ` (and the certificate it staged, ${p.nextFingerprint}, taken too)` : '';
+      const detail = `${p.url}: appliance "${remote.name}", certificate pinned${staged}, token taken, ${ms} ms${skew}`;
       out.push(remote.clockSkewMs !== null && Math.abs(remote.clockSkewMs) > CLOCK_SKEW_WARN_MS
         ? { check: `peer ${p.name}`, status: 'warn', detail, fix: 'the clocks differ: a replica\'s age against its RPO and retention\'s buckets compare times across the appliances; run NTP (chrony, systemd-timesyncd) on both' }
         : { check: `peer ${p.name}`, status: 'ok', detail });
