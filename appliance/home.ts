@@ -30,6 +30,9 @@ import type { Store } from '../store/index.js';
 /** A new key without its certificate older than this is a rotation cut short (Home.finishTlsRotation). */
 const LONE_KEY_MS = 60_000;
 
+/** Acknowledgements of a staged certificate kept (Home.ackStagedTls). */
+const MAX_TLS_ACKS = 32;
+
 /** How long a certificate made here is valid. */
 export const CERTIFICATE_DAYS = 3650;
 
@@ -342,7 +345,8 @@ export class Home {
   ackStagedTls(fingerprint: string, peer: { id: string; name: string }): boolean {
     const staged = this.stagedTls();
     if (!staged || staged.fingerprint !== fingerprint) return false;
-    const others = this.tlsAcks().filter((a) => a.id !== peer.id);
+    // The newest few: a peer token holder cannot grow the file without bound.
+    const others = this.tlsAcks().filter((a) => a.id !== peer.id).slice(-(MAX_TLS_ACKS - 1));
     writeFileAtomic(this.tlsAcksPath(), JSON.stringify({ fingerprint, peers: [...others, { ...peer, at: new Date().toISOString() }] }) + '\n');
     return true;
   }
