@@ -78,6 +78,35 @@ async function defineCommands(program: Command, argv: readonly string[]): Promis
 }
 
 /**
+ * `--opt VALUE` as `--opt=VALUE` when VALUE starts with a dash and --opt takes a value. The root
+ * program parses its own flags wherever they are, not knowing a subcommand's options: a token
+ * such as "-Vx3..." (API tokens are base64url, 1 in 64 starts with "-") would be read as -V and
+ * print the version, and `peer add` would exit 0 having done nothing.
+ */
+function glueDashValues(program: Command, argv: string[]): string[] {
+  const takesValue = new Set<string>();
+  const walk = (c: Command) => {
+    for (const o of c.options) if ((o.required || o.optional) && o.long) takesValue.add(o.long);
+    c.commands.forEach(walk);
+  };
+  walk(program);
+  const out = argv.slice(0, 2);
+  for (let i = 2; i < argv.length; i++) {
+    const a = argv[i]!;
+    const v = argv[i + 1];
+    if (a === '--') {
+      out.push(...argv.slice(i));
+      break;
+    }
+    if (takesValue.has(a) && v !== undefined && v.startsWith('-') && v.length > 1) {
+      out.push(`${a}=${v}`);
+      i++;
+    } else out.push(a);
+  }
+  return out;
+}
+
+/**
  * Run one command line (argv as process.argv: [node, script, ...args]) with the current
  * command IO (output.ts). Used by the binary below and by a running server that executes a
  * command forwarded from a CLI on the same home (appliance/cli/forward.ts).
@@ -95,7 +124,7 @@ export async function runCli(argv: string[]): Promise<void> {
     .exitOverride();
   await defineCommands(program, argv);
   try {
-    await program.parseAsync(argv);
+    await program.parseAsync(glueDashValues(program, argv));
   } catch (e) {
     if (e instanceof CommanderError) {
       // --help and --version exit 0; usage errors exit 2 (DESIGN.md).

@@ -154,3 +154,19 @@ test('a command found without loading every module: its own help, one defined el
   assert.equal(typo.code, 2);
   assert.match(typo.stderr, /unknown command 'snapshto'[\s\S]*Did you mean snapshot\?/);
 });
+
+test('an option value that starts with a dash is the value, not a flag: a token "-V..." pairs the peer instead of printing the version', async (t) => {
+  const home = join(tempDir(t, 'tandem-dash-'), 'home');
+  assert.equal((await cliJson(['--home', home, 'init'])).code, 0);
+  const token = '-Vh' + 'x'.repeat(40); // base64url tokens start with "-" one time in 64
+  const fingerprint = Array.from({ length: 32 }, () => 'AB').join(':');
+  const added = await cliJson(['--home', home, 'peer', 'add', 'cloud', '--url', 'https://127.0.0.1:1', '--token', token, '--fingerprint', fingerprint, '--no-check']);
+  assert.equal(added.code, 0, added.stderr);
+  assert.equal(added.json.peer.name, 'cloud', added.stdout);
+  const listed = await cliJson(['--home', home, 'peer', 'list']);
+  assert.equal(listed.json.peers[0].token, '-Vhx…');
+  // The same after the command words, and for a free-text value; the version flag itself still works.
+  const held = await cliJson(['--home', home, 'snapshots', 'nope', '--hold', 'x', '--reason', '-h: before the upgrade']);
+  assert.equal(held.json.error.code, 'ERR_VOLUME_NOT_FOUND');
+  assert.match((await cli(['--version'])).stdout, /^\d+\.\d+\.\d+/);
+});
