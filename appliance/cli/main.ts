@@ -86,7 +86,7 @@ async function defineCommands(program: Command, argv: readonly string[]): Promis
 function glueDashValues(program: Command, argv: string[]): string[] {
   const takesValue = new Set<string>();
   const walk = (c: Command) => {
-    for (const o of c.options) if ((o.required || o.optional) && o.long) takesValue.add(o.long);
+    for (const o of c.options) if (o.required && o.long) takesValue.add(o.long); // an optional value is not taken from a dash word
     c.commands.forEach(walk);
   };
   walk(program);
