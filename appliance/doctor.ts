@@ -50,7 +50,7 @@ export function homeChecks(home: Home, config: Config | null, configError: unkno
   } else {
     const days = Math.floor((Date.parse(health.certificateNotAfter) - Date.now()) / 86_400_000);
     const staged = home.stagedTls();
-    const stagedDetail = staged ? `; staged ${staged.fingerprint}, taken by ${home.tlsAcks().length} peer(s): \`appliance tls rotate --activate\` serves it` : '';
+    const stagedDetail = staged ? `; staged ${staged.fingerprint}, taken by ${home.tlsAcks(staged).length} peer(s): \`appliance tls rotate --activate\` serves it` : '';
     const detail = `fingerprint ${home.fingerprint()}, valid ${days < 0 ? `until ${health.certificateNotAfter}` : `for ${days} more days`}${stagedDetail}`;
     out.push(days < 0
       ? { check: 'certificate', status: 'fail', detail, fix: 'make a new one with `appliance tls rotate --now`, then `appliance peer update NAME --fingerprint F` on the peer' }

@@ -330,9 +330,11 @@ export class Home {
     return { fingerprint: staged.fingerprint, previous };
   }
 
-  /** The peers that said they accept the staged certificate (POST /v1/tls/ack): {id, name, at}, one per appliance. */
-  tlsAcks(): Array<{ id: string; name: string; at: string }> {
-    const staged = this.stagedTls();
+  /**
+   * The peers that said they accept the staged certificate (POST /v1/tls/ack): {id, name, at},
+   * one per appliance. `staged`: {@link stagedTls}, when the caller has it already.
+   */
+  tlsAcks(staged = this.stagedTls()): Array<{ id: string; name: string; at: string }> {
     try {
       const acks = JSON.parse(readFileSync(this.tlsAcksPath(), 'utf8')) as { fingerprint?: string; peers?: Array<{ id: string; name: string; at: string }> };
       return staged && acks.fingerprint === staged.fingerprint && Array.isArray(acks.peers) ? acks.peers : [];
@@ -346,7 +348,7 @@ export class Home {
     const staged = this.stagedTls();
     if (!staged || staged.fingerprint !== fingerprint) return false;
     // The newest few: a peer token holder cannot grow the file without bound.
-    const others = this.tlsAcks().filter((a) => a.id !== peer.id).slice(-(MAX_TLS_ACKS - 1));
+    const others = this.tlsAcks(staged).filter((a) => a.id !== peer.id).slice(-(MAX_TLS_ACKS - 1));
     writeFileAtomic(this.tlsAcksPath(), JSON.stringify({ fingerprint, peers: [...others, { ...peer, at: new Date().toISOString() }] }) + '\n');
     return true;
   }

@@ -11,22 +11,29 @@ import { LOCAL_ONLY, inspect, type ForwardRequest, type ForwardResult } from './
  * `Home.openStore()` through `Home.shareStore`.
  */
 export async function executeForwarded(req: ForwardRequest): Promise<ForwardResult> {
+  const { command } = inspect(req.argv.slice(2));
+  if (command !== undefined && LOCAL_ONLY.has(command)) {
+    return { exitCode: 2, stdout: '', stderr: `error ERR_USAGE: \`appliance ${command}\` cannot be forwarded to a running server; run it where the home is not served\n` };
+  }
+  return runCaptured(req.argv, { argv: req.argv, user: req.user ?? 'unknown' });
+}
+
+/**
+ * Run a command line (process.argv form) in this process with its own captured output and exit
+ * code; the caller's output is untouched. `forwarded`: the CLI it came from (the audit log's).
+ */
+export async function runCaptured(argv: string[], forwarded?: { readonly argv: readonly string[]; readonly user: string }): Promise<ForwardResult> {
   const { withIO } = await import('./output.js');
   const { runCli } = await import('./main.js');
   let stdout = '';
   let stderr = '';
   let exitCode = 0;
-  const args = req.argv.slice(2);
-  const { command } = inspect(args);
-  if (command !== undefined && LOCAL_ONLY.has(command)) {
-    return { exitCode: 2, stdout: '', stderr: `error ERR_USAGE: \`appliance ${command}\` cannot be forwarded to a running server; run it where the home is not served\n` };
-  }
   await withIO({
     out: (s) => void (stdout += s),
     err: (s) => void (stderr += s),
     setExit: (c) => void (exitCode = c),
     isTTY: false,
-    forwarded: { argv: req.argv, user: req.user ?? 'unknown' },
-  }, () => runCli(req.argv));
+    ...(forwarded ? { forwarded } : {}),
+  }, () => runCli(argv));
   return { exitCode, stdout, stderr };
 }

@@ -16,8 +16,8 @@ export function define(program: Command): void {
     .action(run(async (g, cmd) => {
       const { Home } = await import('../../home.js');
       const { writeSupportBundle } = await import('../../support.js');
-      const { withIO, formatBytes } = await import('../output.js');
-      const { runCli, version } = await import('../main.js');
+      const { formatBytes } = await import('../output.js');
+      const { version } = await import('../main.js');
       const { resolve } = await import('node:path');
       const { existsSync } = await import('node:fs');
       const { TandemError } = await import('../../../common/errors.js');
@@ -26,14 +26,8 @@ export function define(program: Command): void {
       const to = resolve((cmd.opts() as { to?: string }).to ?? `tandem-support-${home.identity.name}-${stamp}.tar.gz`);
       if (existsSync(to)) throw new TandemError('ERR_USAGE', `${to} exists; name another file with --to (nothing was written)`);
       // Each command runs in this process (in the server when this one was forwarded to it), its output captured.
-      const runOne = async (args: string[]) => {
-        let stdout = '';
-        let stderr = '';
-        let exitCode = 0;
-        await withIO({ out: (s) => void (stdout += s), err: (s) => void (stderr += s), setExit: (c) => void (exitCode = c), isTTY: false }, () =>
-          runCli(['node', 'appliance', '--home', home.dir, '--json', ...args]));
-        return { exitCode, stdout, stderr };
-      };
+      const { runCaptured } = await import('../forward.js');
+      const runOne = (args: string[]) => runCaptured(['node', 'appliance', '--home', home.dir, '--json', ...args]);
       const r = await writeSupportBundle(home, to, runOne, version());
       return {
         json: { file: to, bytes: r.bytes, files: r.files },

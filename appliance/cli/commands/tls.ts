@@ -26,7 +26,7 @@ export function define(program: Command): void {
       const home = Home.load(g.home);
       const { certificateEnd } = await import('../../health.js');
       const staged = home.stagedTls();
-      const acks = staged ? home.tlsAcks() : [];
+      const acks = home.tlsAcks(staged);
       const lines = [home.fingerprint()];
       if (staged) {
         lines.push(`staged ${staged.fingerprint} since ${staged.since}; taken by ${acks.length === 0 ? 'no peer yet' : acks.map((a) => `${a.name} (${a.at})`).join(', ')}; serve it with \`appliance tls rotate --activate\``);
