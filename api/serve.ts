@@ -34,7 +34,7 @@ export interface ServedOptions {
  */
 export async function startServed(home: Home, listen: string, opts: ServedOptions = {}): Promise<Served> {
   const store = await home.openStore();
-  store.hashPools.keepWarm(); // scheduled and forwarded snapshots find the hash workers started
+  store.keepWarm(); // scheduled and forwarded snapshots find the hash workers started and write past the page cache
   const unshare = home.shareStore(store);
   let server;
   try {
