@@ -17,6 +17,7 @@
  * `VOLUME@PEER` ({snapshot, root, direction, at}); retention never deletes it
  * (appliance/policy/apply.ts), so the next sync in either direction is incremental.
  */
+import { readFile } from 'node:fs/promises';
 import { TandemError, isTandemError } from '../common/errors.js';
 import type { Store } from '../store/index.js';
 import type { Hash, SnapshotRecord, VolumeRecord } from '../store/types.js';
@@ -26,6 +27,7 @@ import type { LockAnswer, RemotePeer } from '../api/client.js';
 import type { Home } from './home.js';
 import { connectPeer, getPeer } from './peers.js';
 import { trace } from '../sync/trace.js';
+import type { Rate } from '../sync/bwlimit.js';
 import { releaseHold } from './scheduler/state.js';
 
 export const SYNC_BASE_NS = 'sync-base';
@@ -62,8 +64,8 @@ export interface SyncOptions {
    * e.g. a replacement disk full of unrelated data that the store has no room to keep.
    */
   readonly keep?: boolean;
-  /** Block stream bytes per second; 0/absent: unlimited. */
-  readonly bwlimit?: number;
+  /** Block stream bytes per second, or a function asked every second (a schedule); 0/absent: unlimited. */
+  readonly bwlimit?: Rate;
   readonly onProgress?: (p: SyncProgress) => void;
   readonly onNotice?: (message: string) => void;
   readonly signal?: AbortSignal;
@@ -501,4 +503,51 @@ async function keepBeforeApply(store: Store, vol: VolumeRecord, snap: SnapshotRe
     opts.signal?.removeEventListener('abort', follow);
     await reader.close();
   }
+}
+
+/** The cap config.yaml puts on block traffic with a peer ({@link configuredCap}). */
+export interface ConfiguredCap {
+  /** What the peer client follows: bytes a second, or the schedule's rate asked every second. */
+  readonly rate: Rate;
+  /** Bytes a second now (0: no cap now, while a schedule may set one later). */
+  readonly now: number;
+  /** `replication.schedule` is set: the cap changes as the sync runs. */
+  readonly scheduled: boolean;
+}
+
+/**
+ * The cap config.yaml gives this appliance's block traffic with `peerName`: `replication.bwlimit`
+ * and `replication.schedule`, when `peerName` is `replication.peer` (the WAN link they protect);
+ * null when there is none. A manual `sync` or `failback` follows it as the daemon's pushes do,
+ * unless `--bwlimit` is given. The file is parsed only when it names a cap at all: the parser's
+ * modules take ~0.1 s to load in a fresh process, and most appliances set none.
+ * ERR_CONFIG_INVALID (the file's problems, and the way around them) when it does not parse.
+ */
+export async function configuredCap(home: Home, peerName: string): Promise<ConfiguredCap | null> {
+  let text: string;
+  try {
+    text = await readFile(home.paths.config, 'utf8');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw new TandemError('ERR_CONFIG_INVALID', `${home.paths.config}: cannot read the config file (${(e as Error).message}) for the replication cap; fix its permissions, or give --bwlimit RATE (0: no cap), which does not read it`, { cause: e, details: { file: home.paths.config, line: 0, key: '' } });
+  }
+  if (!/\b(?:bwlimit|schedule)\b/.test(text)) return null;
+  const [{ parseConfig }, { replicationRate, hasSchedule }] = await Promise.all([import('./config/index.js'), import('./config/bwlimit.js')]);
+  let r;
+  try {
+    r = parseConfig(text, home.paths.config).replication;
+  } catch (e) {
+    if (!isTandemError(e, 'ERR_CONFIG_INVALID')) throw e;
+    throw new TandemError('ERR_CONFIG_INVALID', `${e.message}. This command reads it for the replication cap; with --bwlimit RATE (0: no cap) it runs without reading it`, { cause: e, details: e.details });
+  }
+  if (!r || r.peer !== peerName || (r.bwlimit === undefined && !hasSchedule(r))) return null;
+  const now = replicationRate(r, new Date());
+  if (!hasSchedule(r)) return now === 0 ? null : { rate: now, now, scheduled: false };
+  return { rate: () => replicationRate(r, new Date()), now, scheduled: true };
+}
+
+/** What an operator reads about a configured cap before a manual sync or failback starts. */
+export function describeCap(cap: ConfiguredCap, formatBytes: (n: number) => string): string {
+  const now = cap.now === 0 ? 'not capped now' : `capped at ${formatBytes(cap.now)}/s now`;
+  return `block traffic ${now} by config.yaml replication.${cap.scheduled ? 'schedule (followed as the sync runs)' : 'bwlimit'}; --bwlimit RATE sets this command's own cap (0: none)`;
 }

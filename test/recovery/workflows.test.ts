@@ -163,7 +163,12 @@ test('failover launches the plan with its IP, records the RTO; failback brings b
   }
   await emulator('/_emulator/stats/reset', {});
 
-  const fb = await ok(onprem, ['failback', VOL, '--peer', 'cloud', '--terminate']);
+  // The pull crosses the replication WAN: config.yaml's cap applies to it (announced), as to a sync.
+  writeFileSync(join(onprem, 'config.yaml'), 'appliance: { name: onprem }\nreplication: { peer: cloud, bwlimit: 1GiB }\n');
+  const run = await cliJson(['--home', onprem, 'failback', VOL, '--peer', 'cloud', '--terminate']);
+  assert.equal(run.code, 0, run.stderr);
+  assert.match(run.stderr, /failback: block traffic capped at 1\.0 GiB\/s now by config\.yaml replication\.bwlimit/);
+  const fb = run.json;
   const stats = await emulator('/_emulator/stats');
   const gets = stats.GetSnapshotBlock ?? stats.operations?.GetSnapshotBlock ?? 0;
   assert.equal(gets, 2, `only the 2 blocks changed in EC2 are read from EBS (stats ${JSON.stringify(stats)})`);

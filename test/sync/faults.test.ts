@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { execFileSync } from 'node:child_process';
-import { appendFileSync, existsSync, readFileSync, renameSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import { appendFileSync, closeSync, existsSync, openSync, readFileSync, renameSync, rmSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { createSecureContext } from 'node:tls';
 import { Home } from '../../appliance/home.js';
 import { createServer, request as httpsRequest, type Server } from 'node:https';
@@ -398,6 +398,57 @@ test('two concurrent syncs of one volume: the second gets ERR_VOLUME_LOCKED, loc
   const done = await first.done;
   assert.equal(done.code, 0, done.stderr);
   assert.ok(!existsSync(join(a.dir, 'locks', 'vol.lock')), 'the lock is released');
+});
+
+test("a manual sync to the replication peer follows config.yaml's cap unless --bwlimit is given; a config it cannot read stops it before anything is sent", async (t) => {
+  const { a, b, sb, img } = await pairedWithVolume(t, 48); // 3 MiB
+  await pair(a, 'cloud2', b, sb); // the same appliance under a name the config does not give the cap to
+  const config = join(a.dir, 'config.yaml');
+  writeFileSync(config, 'appliance: { name: onprem }\nreplication:\n  peer: cloud\n  bwlimit: 1MiB\n');
+  const snapshots = async (home: TestHome) => ((await cli(home, 'snapshots', 'vol')).json as unknown[]).length;
+  const change = (block: number) => {
+    const fd = openSync(img, 'r+');
+    writeSync(fd, randomBytes(4096), 0, 4096, block * BS);
+    closeSync(fd);
+  };
+
+  // 3 MiB at 1 MiB/s after the bucket's 256 KiB burst: 2.75 s at least.
+  const start = Date.now();
+  const capped = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  const took = (Date.now() - start) / 1000;
+  assert.equal(capped.code, 0, capped.stderr);
+  assert.equal(capped.json.blocksSent, 48);
+  assert.match(capped.stderr, /note: block traffic capped at 1\.0 MiB\/s now by config\.yaml replication\.bwlimit; --bwlimit RATE sets this command's own cap \(0: none\)/);
+  assert.ok(took >= 2.2, `the sync took ${took} s: the configured cap was not applied`);
+
+  // --bwlimit 0 lifts it; a peer other than replication.peer is not capped by it.
+  for (const [i, args] of [[1, ['--peer', 'cloud', '--bwlimit', '0']], [2, ['--peer', 'cloud2']]] as const) {
+    change(i);
+    const r = await cli(a, 'sync', 'vol', ...args);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.json.blocksSent, 1);
+    assert.doesNotMatch(r.stderr, /block traffic/, args.join(' '));
+  }
+
+  // A schedule: its window's cap now, followed as the sync runs.
+  writeFileSync(config, 'appliance: { name: onprem }\nreplication:\n  peer: cloud\n  schedule: [{ bwlimit: 2MiB }]\n');
+  change(3);
+  const scheduled = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(scheduled.code, 0, scheduled.stderr);
+  assert.match(scheduled.stderr, /capped at 2\.0 MiB\/s now by config\.yaml replication\.schedule \(followed as the sync runs\)/);
+
+  // A config that does not parse: refused before the snapshot, nothing sent; --bwlimit does not read it.
+  writeFileSync(config, 'appliance: { name: onprem }\nreplication:\n  peer: cloud\n  schedule: [{ days: [someday], bwlimit: 1MiB }]\n');
+  change(4);
+  const [mine, theirs] = [await snapshots(a), await snapshots(b)];
+  const refused = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.equal(refused.json.error.code, 'ERR_CONFIG_INVALID');
+  assert.match(refused.json.error.message, /config\.yaml:4: replication\.schedule\.0\.days: "someday" is not a day.*for the replication cap; with --bwlimit RATE \(0: no cap\) it runs without reading it/s);
+  assert.deepEqual([await snapshots(a), await snapshots(b)], [mine, theirs], 'no snapshot taken or sent');
+  const anyway = await cli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '0');
+  assert.equal(anyway.code, 0, anyway.stderr);
+  assert.equal(anyway.json.blocksSent, 1);
 });
 
 /** A TLS-terminating proxy (with the peer's own key, so pinning passes) that damages block uploads. */

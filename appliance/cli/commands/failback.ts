@@ -1,5 +1,5 @@
 /**
- * `appliance failback VOL [--peer NAME] [--terminate] [--force] [--no-keep]` (on-prem): bring the changes made in EC2
+ * `appliance failback VOL [--peer NAME] [--terminate] [--force] [--no-keep] [--bwlimit RATE]` (on-prem): bring the changes made in EC2
  * after a failover home. Steps (appliance/recovery/failback.ts):
  *
  * 1. ask the cloud appliance to snapshot the EC2 volume and import it incrementally
@@ -12,11 +12,11 @@
  * Replication then resumes incrementally from the applied snapshot.
  */
 import type { Command } from 'commander';
-import { run, currentIO, formatBytes } from '../output.js';
+import { run, currentIO, formatBytes, parseSize } from '../output.js';
 
 export const order = 62;
 
-interface Opts { peer?: string; terminate?: boolean; force?: boolean; keep?: boolean }
+interface Opts { peer?: string; terminate?: boolean; force?: boolean; keep?: boolean; bwlimit?: string }
 
 export function define(program: Command): void {
   program.command('failback <volume>')
@@ -25,18 +25,24 @@ export function define(program: Command): void {
     .option('--terminate', 'terminate the failover instances once the volume is home')
     .option('--force', 'the EC2 volume was resized: resize the local image to it (a larger device gets it on its first bytes)')
     .option('--no-keep', 'do not snapshot what the on-prem volume holds before writing over it')
+    .option('--bwlimit <rate>', "cap the pulled blocks at RATE bytes per second, e.g. 10MiB; 0: no cap (default: config.yaml's replication cap)")
     .action(run(async (g, cmd, [volume]) => {
       const o = cmd.opts() as Opts;
+      const optionCap = o.bwlimit === undefined ? undefined : parseSize(o.bwlimit);
       const vol = volume as string;
       const { Home } = await import('../../home.js');
       const { TandemError } = await import('../../../common/errors.js');
       const { loadConfig } = await import('../../config/index.js');
       const { getPeer, connectPeer } = await import('../../peers.js');
-      const { syncVolume } = await import('../../replicate.js');
+      const { syncVolume, configuredCap, describeCap } = await import('../../replicate.js');
       const io = currentIO();
       const home = Home.load(g.home);
       const peerName = o.peer ?? (await loadConfig(home)).replication?.peer;
       if (!peerName) throw new TandemError('ERR_USAGE', 'which appliance ran the failover? pass --peer NAME or set `replication.peer` in config.yaml');
+      // The pull crosses the same WAN as replication: its cap applies unless --bwlimit says otherwise.
+      const cap = optionCap === undefined ? await configuredCap(home, peerName) : null;
+      const bwlimit = cap?.rate ?? optionCap ?? 0;
+      if (cap) io.err(`failback: ${describeCap(cap, formatBytes)}\n`);
       const store = await home.openStore();
       try {
         const peer = await getPeer(store, peerName);
@@ -50,7 +56,7 @@ export function define(program: Command): void {
           await remote.close();
         }
         io.err(`failback: pulling and applying ${prepare.snapshot.id} onto the local volume\n`);
-        const sync = await syncVolume(home, store, vol, peerName, { reverse: true, apply: true, ...(o.force === true ? { force: true } : {}), ...(o.keep === false ? { keep: false } : {}), onNotice: (m) => io.err(`failback: ${m}\n`) });
+        const sync = await syncVolume(home, store, vol, peerName, { reverse: true, apply: true, ...(bwlimit !== 0 ? { bwlimit } : {}), ...(o.force === true ? { force: true } : {}), ...(o.keep === false ? { keep: false } : {}), onNotice: (m) => io.err(`failback: ${m}\n`) });
         if (sync.snapshot !== prepare.snapshot.id) {
           throw new TandemError('ERR_PEER_PROTOCOL', `the peer's latest snapshot of ${vol} is ${sync.snapshot}, not the failback snapshot ${prepare.snapshot.id}; something replicated to it meanwhile: rerun \`appliance failback ${vol}\``);
         }

@@ -5,6 +5,7 @@
  */
 import type { Command } from 'commander';
 import { formatBytes, parseSize, run } from '../output.js';
+import type { Rate } from '../../../sync/bwlimit.js';
 
 export const order = 80;
 
@@ -19,11 +20,12 @@ export function define(program: Command): void {
     .option('--no-keep', 'with --reverse --apply: do not snapshot what the volume holds before writing over it')
     .option('--dry-run', 'report what would be sent; change nothing on the receiving side')
     .option('--changed-blocks <file>', 'read only the blocks listed in FILE for the fresh snapshot (no full rescan)')
-    .option('--bwlimit <rate>', 'cap block traffic at RATE bytes per second, e.g. 10MiB')
+    .option('--bwlimit <rate>', "cap block traffic at RATE bytes per second, e.g. 10MiB; 0: no cap (default: config.yaml's replication cap when NAME is replication.peer)")
     .action(run(async (g, cmd, args) => {
       const volume = args[0] as string;
       const o = cmd.opts<{ peer: string; reverse?: boolean; apply?: boolean; force?: boolean; keep?: boolean; dryRun?: boolean; changedBlocks?: string; bwlimit?: string }>();
-      const bwlimit = o.bwlimit === undefined ? 0 : parseSize(o.bwlimit);
+      // --bwlimit: this sync's cap (0: none); absent: the cap config.yaml gives the replication peer.
+      const optionCap = o.bwlimit === undefined ? undefined : parseSize(o.bwlimit);
       const { Home } = await import('../../home.js');
       const { currentIO } = await import('../output.js');
       const { trace } = await import('../../../sync/trace.js');
@@ -43,15 +45,31 @@ export function define(program: Command): void {
       });
       trace('store open');
       let syncVolumeLocked: typeof import('../../replicate.js').syncVolumeLocked;
+      let configuredCap: typeof import('../../replicate.js').configuredCap;
+      let describeCap: typeof import('../../replicate.js').describeCap;
       let startProgress: typeof import('../progress.js').startProgress;
       try {
-        [{ syncVolumeLocked }, { startProgress }] = await modules;
+        [{ syncVolumeLocked, configuredCap, describeCap }, { startProgress }] = await modules;
       } catch (e) {
         await store.close();
         release();
         throw e;
       }
       trace('sync modules loaded');
+      let bwlimit: Rate = optionCap ?? 0;
+      if (optionCap === undefined && o.dryRun !== true) {
+        try {
+          const cap = await configuredCap(home, o.peer);
+          if (cap) {
+            bwlimit = cap.rate;
+            currentIO().err(`note: ${describeCap(cap, formatBytes)}\n`);
+          }
+        } catch (e) {
+          await store.close();
+          release();
+          throw e;
+        }
+      }
       let bar: ReturnType<typeof startProgress> | null = null;
       let phase = '';
       try {
@@ -62,7 +80,7 @@ export function define(program: Command): void {
           ...(o.keep === false ? { keep: false } : {}),
           dryRun: o.dryRun === true,
           ...(o.changedBlocks !== undefined ? { changedBlocksFile: o.changedBlocks } : {}),
-          ...(bwlimit > 0 ? { bwlimit } : {}),
+          ...(bwlimit !== 0 ? { bwlimit } : {}),
           onNotice: (m) => currentIO().err(`note: ${m}\n`),
           onProgress: (p) => {
             if (p.phase !== phase || bar === null) {
