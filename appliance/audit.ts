@@ -13,10 +13,12 @@
  * of `--token`) replaced by "…". `error` is the error code of a failed command. Commands that
  * only read (status, doctor, list, show, verify, `--dry-run`, ...) are not recorded; nor are
  * `serve` and `daemon`, whose start, stop and scheduled jobs are in their own log. At 16 MiB the log is renamed audit.log.1 (the one
- * before that is dropped). Lines are appended without fsync: a power cut may lose the last few.
+ * before that is dropped). Each line is on the disk (fdatasync) before the command returns, so a
+ * power cut right after a `volume remove` does not lose its record; a line torn by a crash
+ * mid-write is skipped by the reader, and the next record starts on a line of its own.
  * `appliance audit` prints it.
  */
-import { appendFileSync, existsSync, readFileSync, renameSync, statSync } from 'node:fs';
+import { closeSync, existsSync, fdatasyncSync, fsyncSync, openSync, readFileSync, readSync, renameSync, statSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 
 export const AUDIT_FILE = 'audit.log';
@@ -72,9 +74,30 @@ export function redactArgs(args: readonly string[]): string[] {
 export function appendAudit(homeDir: string, rec: AuditRecord): void {
   if (!existsSync(join(homeDir, 'appliance.json'))) return;
   const path = join(homeDir, AUDIT_FILE);
-  const size = statSync(path, { throwIfNoEntry: false })?.size ?? 0;
-  if (size >= AUDIT_ROTATE_BYTES) renameSync(path, `${path}.1`);
-  appendFileSync(path, JSON.stringify(rec) + '\n', { mode: 0o600 });
+  let size = statSync(path, { throwIfNoEntry: false })?.size ?? 0;
+  if (size >= AUDIT_ROTATE_BYTES) {
+    renameSync(path, `${path}.1`);
+    size = 0;
+  }
+  const fd = openSync(path, 'a+', 0o600);
+  try {
+    // A crash mid-write left a line without its end: the record starts on a new line.
+    const last = Buffer.alloc(1);
+    const torn = size > 0 && readSync(fd, last, 0, 1, size - 1) === 1 && last[0] !== 0x0a;
+    writeSync(fd, (torn ? '\n' : '') + JSON.stringify(rec) + '\n');
+    fdatasyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  // A new file (the first record, or after a rotation) is in its directory for good.
+  if (size === 0) {
+    const dir = openSync(homeDir, 'r');
+    try {
+      fsyncSync(dir);
+    } finally {
+      closeSync(dir);
+    }
+  }
 }
 
 /** The records of HOME/audit.log.1 then audit.log, oldest first; a line that is not a record (torn by a crash) is skipped. */

@@ -5,7 +5,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { userInfo } from 'node:os';
 import { join } from 'node:path';
@@ -162,5 +162,9 @@ test('the audit log records each command that may change the appliance, run here
   assert.deepEqual((await cli(a, 'audit', '--limit', '2')).json.entries.map((e: { command: string[] }) => words(e.command)), ['snapshots vol', 'peer add']);
   assert.equal((await cli(a, 'audit', '--limit', 'x')).code, 2);
   assert.equal((await cli(a, 'audit', '--since', 'soon')).code, 2);
+  // A line torn by a crash mid-write: skipped, and the next record is on a line of its own.
+  appendFileSync(join(a.dir, 'audit.log'), '{"at":"2026-12-05T00:00:00.000Z","user":"x","pid":1,"comm');
+  assert.equal((await cli(a, 'peer', 'remove', 'x')).code, 0);
+  assert.deepEqual((await cli(a, 'audit', '--limit', '2')).json.entries.map((e: { command: string[] }) => words(e.command)), ['peer add', 'peer remove']);
   await served.stop();
 });
