@@ -116,6 +116,8 @@ export interface LockAnswer {
   readonly upToDate: boolean;
   readonly lease: string | null;
   readonly latest: SnapshotRecord | null;
+  /** The certificate the peer staged (absent when none is, or from a peer that does not say). */
+  readonly nextFingerprint?: string;
 }
 
 interface WireNode {
@@ -185,6 +187,11 @@ export class RemotePeer implements ReplicaStore {
   private closed = false;
   /** The fingerprint of the certificate the peer presented last (null before a connection). */
   presentedFingerprint: string | null = null;
+  /**
+   * The certificate the peer said it staged in its last lock answer (null: none, or a peer too
+   * old to say), undefined before any lock answer (appliance/replicate.ts follows it).
+   */
+  peerStaged: string | null | undefined = undefined;
 
   constructor(opts: RemotePeerOptions) {
     let u: URL;
@@ -402,11 +409,17 @@ export class RemotePeer implements ReplicaStore {
    */
   async lockVolume(volume: string, holder: string, push?: { readonly ifRoot: string }): Promise<LockAnswer> {
     const a = await this.json<LockAnswer>('POST', `/v1/volumes/${encodeURIComponent(volume)}/lock`, { holder, ...(push ? { ifRoot: push.ifRoot } : {}) }, false);
+    this.noteLockAnswer(a);
     if (a.lease) {
       this.lease = a.lease;
       this.leaseVolume = volume;
     }
     return a;
+  }
+
+  /** Keep what a lock answer says of the peer's staged certificate ({@link peerStaged}). */
+  noteLockAnswer(a: LockAnswer): void {
+    this.peerStaged = a.nextFingerprint ?? null;
   }
 
   /** Release the lease, if any (idempotent; errors ignored: the lease times out anyway). */

@@ -91,6 +91,7 @@ export const LockAnswer = Type.Object({
   lease: Type.Union([Type.String(), Type.Null()]),
   expiresInMs: Type.Integer(),
   latest: Type.Union([Snapshot, Type.Null()]),
+  nextFingerprint: Type.Optional(Type.String({ description: 'the certificate this appliance staged (as GET /v1/health nextFingerprint); absent when none is' })),
 });
 
 export const TlsAckBody = Type.Object(

@@ -25,7 +25,7 @@ import { copySnapshot, type CopyResult } from '../sync/engine.js';
 import { EarlySender } from '../sync/early.js';
 import type { LockAnswer, RemotePeer } from '../api/client.js';
 import type { Home } from './home.js';
-import { connectPeer, getPeer } from './peers.js';
+import { connectPeer, followCertificate, getPeer, type PeerRecord, type PinChange } from './peers.js';
 import { trace } from '../sync/trace.js';
 import type { Rate } from '../sync/bwlimit.js';
 import { releaseHold } from './scheduler/state.js';
@@ -106,6 +106,8 @@ export interface SyncResult {
   readonly requests: number;
   readonly seconds: number;
   readonly applied?: ApplyResult;
+  /** The peer's certificate pins changed after the sync (it staged, activated or dropped a certificate: peers.ts followCertificate). */
+  readonly certificate?: Exclude<PinChange, 'none'>;
 }
 
 function baseKey(volume: string, peer: string): string {
@@ -154,7 +156,9 @@ export async function syncVolumeLocked(home: Home, store: Store, volume: string,
   trace('peer connected (lazy)');
   try {
     const r = opts.reverse ? await pull(home, store, remote, volume, peer.name, opts) : await push(home, store, remote, volume, peer.name, opts);
-    return { ...r, seconds: (performance.now() - started) / 1000, requests: remote.requests, wireBytes: remote.wireBytesSent + remote.wireBytesReceived };
+    const seconds = (performance.now() - started) / 1000;
+    const certificate = await followPeerCertificate(home, store, peer, remote, opts.onNotice);
+    return { ...r, seconds, requests: remote.requests, wireBytes: remote.wireBytesSent + remote.wireBytesReceived, ...(certificate ? { certificate } : {}) };
   } finally {
     await remote.releaseVolume();
     trace('lease released');
@@ -163,7 +167,31 @@ export async function syncVolumeLocked(home: Home, store: Store, volume: string,
   }
 }
 
-type Partial = Omit<SyncResult, 'seconds' | 'requests' | 'wireBytes'>;
+/**
+ * After a sync: when the peer's lock answer named another staged certificate than the record
+ * holds (`tls rotate` there, or its staging dropped), or the peer served the staged one (it
+ * activated it), follow it as the daemon does every 30 s (peers.ts followCertificate): a host
+ * synced by hand or from cron then never meets a refused certificate after the peer's
+ * `tls rotate --activate`. No request in the usual case, where nothing changed. A failure here
+ * leaves the pins as they were: the sync itself is done.
+ */
+async function followPeerCertificate(home: Home, store: Store, peer: PeerRecord, remote: RemotePeer, onNotice?: (m: string) => void): Promise<Exclude<PinChange, 'none'> | null> {
+  const seen = remote.peerStaged;
+  const presented = remote.presentedFingerprint;
+  const stagedNews = seen !== undefined && seen !== peer.fingerprint && (seen ?? undefined) !== peer.nextFingerprint;
+  if (!stagedNews && (presented === null || presented === peer.fingerprint)) return null;
+  try {
+    const r = await followCertificate(store, peer, home.identity);
+    if (r.change === 'learned') onNotice?.(`${peer.name} staged certificate ${r.peer.nextFingerprint}: taken as well from now on, so its activation breaks no sync${r.acknowledged ? ' (it was told)' : ''}`);
+    if (r.change === 'moved') onNotice?.(`${peer.name} now serves certificate ${r.peer.fingerprint}: pinned alone, the old one is taken no more`);
+    if (r.change === 'dropped') onNotice?.(`${peer.name} dropped the certificate it had staged: ${r.peer.fingerprint} alone is pinned`);
+    return r.change === 'none' ? null : r.change;
+  } catch {
+    return null; // unreachable now: the daemon, the next sync or `peer update` follows it
+  }
+}
+
+type Partial = Omit<SyncResult, 'seconds' | 'requests' | 'wireBytes' | 'certificate'>;
 
 function summary(volume: string, peer: string, direction: 'push' | 'pull', snap: SnapshotRecord, copy: CopyResult | null, dryRun: boolean): Partial {
   return {
@@ -291,6 +319,7 @@ const NO_ROOT = '0'.repeat(64);
 export async function askPushLock(remote: RemotePeer, volume: string, holder: string): Promise<SnapshotRecord | null> {
   const path = `/v1/volumes/${encodeURIComponent(volume)}/lock`;
   const a = await remote.request<LockAnswer>('POST', path, { holder, ifRoot: NO_ROOT });
+  remote.noteLockAnswer(a);
   if (a.lease) await remote.request('DELETE', `${path}/${a.lease}`, undefined, true).catch(() => undefined);
   return a.latest;
 }

@@ -152,13 +152,16 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     } else if (latest) {
       await recordPull(store, vol, body.holder, latest);
     }
-    if (body.ifRoot && latest && latest.root === body.ifRoot) return { upToDate: true, lease: null, expiresInMs: 0, latest };
+    // The certificate this appliance staged, if any: the sync's client learns it at once (appliance/replicate.ts).
+    const staged = home.stagedTls();
+    const next = staged ? { nextFingerprint: staged.fingerprint } : {};
+    if (body.ifRoot && latest && latest.root === body.ifRoot) return { upToDate: true, lease: null, expiresInMs: 0, latest, ...next };
     const v = await store.getVolume(vol);
     if (v?.materializing) {
       throw new TandemError('ERR_VOLUME_MATERIALIZING', `volume "${vol}" is being written on ${home.identity.name} (snapshot ${v.materializing.snapshot}); finish that restore first`, { details: { volume: vol } });
     }
     const { lease, expiresInMs } = leases.acquire(vol, body.holder);
-    return { upToDate: false, lease, expiresInMs, latest };
+    return { upToDate: false, lease, expiresInMs, latest, ...next };
   });
 
   app.delete('/v1/volumes/:vol/lock/:lease', { schema: { params: S.LeaseParams, summary: 'release a lease' } }, async (req) => {

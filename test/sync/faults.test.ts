@@ -96,8 +96,8 @@ test('wrong token gets 401 and changes nothing; a wrong fingerprint is refused b
 });
 
 /** `appliance sync vol --peer cloud` on `a`: 'ok', or the error code. */
-async function syncOutcome(a: TestHome): Promise<string> {
-  const r = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+async function syncOutcome(a: TestHome, ...more: string[]): Promise<string> {
+  const r = await cli(a, 'sync', 'vol', '--peer', 'cloud', ...more);
   return r.code === 0 ? 'ok' : r.json?.error?.code;
 }
 
@@ -140,7 +140,7 @@ test('a TLS rotation cut short between its renames is finished by the next comma
   assert.equal(existsSync(lone), false);
 });
 
-test('tls rotate stages a certificate the peer learns and takes with the old one; --activate breaks no sync; the peer then pins the new one alone', async (t) => {
+test('tls rotate stages a certificate the peer learns (peer update) and takes with the old one; --activate breaks no sync; the peer then pins the new one alone', async (t) => {
   const { a, b } = await pairedWithVolume(t, 16);
   assert.equal(await syncOutcome(a), 'ok');
   const oldPair = Home.load(b.dir).tls();
@@ -149,7 +149,8 @@ test('tls rotate stages a certificate the peer learns and takes with the old one
   assert.equal(staged.json.activated, false);
   assert.notEqual(staged.json.fingerprint, b.fingerprint);
   await delay(1300);
-  assert.equal(await syncOutcome(a), 'ok', 'b still serves the certificate a pins');
+  // (A dry run: a sync's lock answer would tell a of the staging, and a would follow it, as the next test shows.)
+  assert.equal(await syncOutcome(a, '--dry-run'), 'ok', 'b still serves the certificate a pins');
   let shown = (await cli(b, 'tls', 'show')).json;
   assert.equal(shown.fingerprint, b.fingerprint);
   assert.equal(shown.staged.fingerprint, staged.json.fingerprint);
@@ -170,7 +171,9 @@ test('tls rotate stages a certificate the peer learns and takes with the old one
   assert.equal(act.code, 0, act.stderr);
   assert.deepEqual([act.json.fingerprint, act.json.previous], [staged.json.fingerprint, b.fingerprint]);
   await delay(1300);
-  assert.equal(await syncOutcome(a), 'ok', 'the staged certificate is taken');
+  const taken = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(taken.code, 0, `the staged certificate is taken: ${taken.stderr}`);
+  assert.equal(taken.json.certificate, 'moved', 'and the sync pins it alone');
   shown = (await cli(b, 'tls', 'show')).json;
   assert.deepEqual([shown.fingerprint, shown.staged], [staged.json.fingerprint, null]);
   const again = await cli(b, 'tls', 'rotate', '--activate');
@@ -179,13 +182,44 @@ test('tls rotate stages a certificate the peer learns and takes with the old one
 
   // a pins the new certificate alone: the old pair served again is refused.
   const moved = await cli(a, 'peer', 'update', 'cloud');
-  assert.equal(moved.json.certificate, 'moved');
+  assert.equal(moved.json.certificate, 'none', 'moved by the sync already');
   pins = (await cli(a, 'peer', 'list')).json.peers[0];
   assert.deepEqual([pins.fingerprint, pins.nextFingerprint], [staged.json.fingerprint, undefined]);
   writeFileSync(join(b.dir, 'tls', 'key.pem'), oldPair.key);
   writeFileSync(join(b.dir, 'tls', 'cert.pem'), oldPair.cert);
   await delay(1300);
   assert.equal(await syncOutcome(a), 'ERR_PEER_FINGERPRINT', 'the old certificate is no longer taken');
+});
+
+test("a manual sync follows the peer's certificate rotation as the daemon does: the staging it learns from the lock answer, the activation from the certificate served", async (t) => {
+  const { a, b, img } = await pairedWithVolume(t, 16);
+  assert.equal(await syncOutcome(a), 'ok');
+  const staged = (await cli(b, 'tls', 'rotate')).json.fingerprint as string;
+  const learned = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(learned.code, 0, learned.stderr);
+  assert.equal(learned.json.certificate, 'learned');
+  assert.ok(learned.stderr.includes(`note: cloud staged certificate ${staged}: taken as well from now on, so its activation breaks no sync (it was told)`), learned.stderr);
+  let pins = (await cli(a, 'peer', 'list')).json.peers[0];
+  assert.deepEqual([pins.fingerprint, pins.nextFingerprint], [b.fingerprint, staged]);
+  assert.deepEqual((await cli(b, 'tls', 'show')).json.staged.takenBy.map((p: { name: string }) => p.name), ['onprem']);
+  const quiet = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(quiet.json.certificate, undefined, 'learned once');
+
+  assert.equal((await cli(b, 'tls', 'rotate', '--activate')).code, 0);
+  await delay(1300);
+  writeFileSync(img, randomBytes(BS), { flag: 'r+' });
+  const moved = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(moved.code, 0, moved.stderr);
+  assert.deepEqual([moved.json.certificate, moved.json.blocksSent], ['moved', 1]);
+  assert.match(moved.stderr, new RegExp(`note: cloud now serves certificate ${staged}: pinned alone`));
+  pins = (await cli(a, 'peer', 'list')).json.peers[0];
+  assert.deepEqual([pins.fingerprint, pins.nextFingerprint], [staged, undefined]);
+  // A pull follows the same way: b stages again, a's --reverse learns it.
+  const again = (await cli(b, 'tls', 'rotate')).json.fingerprint as string;
+  const pulled = await cli(a, 'sync', 'vol', '--peer', 'cloud', '--reverse');
+  assert.equal(pulled.code, 0, pulled.stderr);
+  assert.equal(pulled.json.certificate, 'learned');
+  assert.equal((await cli(a, 'peer', 'list')).json.peers[0].nextFingerprint, again);
 });
 
 test('a staged certificate the peer replaced or dropped is followed; an activation cut short is finished by the next command', async (t) => {
