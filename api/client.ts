@@ -542,7 +542,7 @@ export class RemotePeer implements ReplicaStore {
     if (tracing) frames = traced(frames);
     // Frames are encoded (and compressed) ahead of the socket so reading, deflating and sending overlap.
     const src: AsyncIterable<Buffer> = meter(readAhead(encodeFrames(frames), SEND_AHEAD_CHUNKS), (n) => (this.wireBytesSent += n));
-    // Under --bwlimit the chunks are sliced: their buffers are not given back (the rate is capped anyway).
+    // Under a cap the chunks are sliced and their buffers collected; while a schedule sets none, throttle gives them back as `releasing` does.
     const body = this.upBucket ? throttle(src, this.upBucket) : releasing(src);
     let res: Dispatcher.ResponseData;
     try {

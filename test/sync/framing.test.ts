@@ -109,6 +109,33 @@ test('a throttle whose rate is a schedule follows it as the stream runs: capped,
   assert.ok(after < 2.5, `the uncapped part took ${after} s`);
 });
 
+test("under a schedule, chunks go whole and give their pooled buffers back while no cap is in force, each once the next is asked; capped, they are sliced and kept", async () => {
+  // Two 512 KiB random blocks (not deflated: the payload is the frame's own buffer), each with a release.
+  const released: number[] = [];
+  const frames = () => from([0, 1].map((i) => {
+    const data = randomBytes(512 * 1024);
+    return { hash: hashBlock(data), data, release: () => void released.push(i) };
+  }));
+  let rate = 0;
+  const sizes: number[] = [];
+  /** How many payloads had been given back when each payload was yielded. */
+  const backBefore: number[] = [];
+  for await (const c of throttle(encodeFrames(frames()), () => rate)) {
+    sizes.push(c.length);
+    if (c.length === 512 * 1024) backBefore.push(released.length);
+  }
+  assert.equal(sizes.filter((n) => n === 512 * 1024).length, 2, `whole payloads: ${sizes.join()}`);
+  assert.deepEqual(backBefore, [0, 1], 'a payload is given back only once the chunk after it is asked');
+  assert.deepEqual(released, [0, 1]);
+  // A cap in force: 64 KiB slices, and the buffers are not given back.
+  released.length = 0;
+  rate = 64 * 1024 * 1024;
+  sizes.length = 0;
+  for await (const c of throttle(encodeFrames(frames()), () => rate)) sizes.push(c.length);
+  assert.ok(Math.max(...sizes) <= 64 * 1024, `sliced: ${Math.max(...sizes)}`);
+  assert.deepEqual(released, []);
+});
+
 test('readAhead keeps order, surfaces errors in place, and stops its source when the consumer stops', async () => {
   const { readAhead } = await import('../../sync/framing.js');
   const got: number[] = [];
