@@ -7,6 +7,11 @@ import { takeRelease } from './framing.js';
 
 /** Pieces larger than this are cut so the rate stays smooth (no 512 KiB bursts on a slow link). */
 const SLICE_BYTES = 64 * 1024;
+/**
+ * ...or larger than this many seconds of traffic at a high rate: a 512 KiB payload goes whole
+ * (and its buffer back to the pool) from 32 MiB/s. Always below the bucket's burst.
+ */
+const SLICE_SECONDS = 1 / 64;
 /** The bucket holds at most this many seconds of tokens: a short burst is fine, a long idle is not credit. */
 const BURST_SECONDS = 0.25;
 
@@ -72,11 +77,12 @@ export class TokenBucket {
 
 /**
  * Yield the chunks of `source` at no more than `limit` bytes per second on average (a rate, or a
- * shared bucket). While the bucket's rate is 0 (a schedule's window without a cap), a chunk goes
- * whole and its pooled payload buffer is given back once the consumer asks for the next chunk,
- * as api/client.ts `releasing` does without a cap: a 1 GiB transfer under `schedule: [{ bwlimit:
- * 0 }]` took 6.74-7.52 s sliced and unreleased, 3.83-4.93 s this way, 3.61-4.83 s with no
- * schedule (4 runs each, transfer only, cold CLI). A capped chunk is cut into slices, and its buffer is collected rather than given back:
+ * shared bucket). A chunk no larger than a slice (any chunk while the bucket's rate is 0: a
+ * schedule's window without a cap) goes whole, and its pooled payload buffer is given back once
+ * the consumer asks for the next chunk, as api/client.ts `releasing` does without a cap: a
+ * 1 GiB transfer under `schedule: [{ bwlimit: 0 }]` took 6.74-7.52 s sliced and unreleased, 3.83-4.93 s this way, 3.61-4.83 s with no
+ * schedule (4 runs each, transfer only, cold CLI); under `bwlimit: 200MiB` (5.12 s at least)
+ * 6.21-7.38 s in 64 KiB slices, 5.87-6.36 s whole. A larger chunk is cut into slices, and its buffer is collected rather than given back:
  * a slice smaller than the socket's high-water mark may still be queued when the next is asked.
  */
 export async function* throttle(source: AsyncIterable<Buffer>, limit: Rate | TokenBucket): AsyncGenerator<Buffer> {
@@ -89,14 +95,16 @@ export async function* throttle(source: AsyncIterable<Buffer>, limit: Rate | Tok
   for await (const chunk of source) {
     release?.();
     release = undefined;
-    if (bucket.bytesPerSecond === 0) {
-      await bucket.take(chunk.length); // keeps the bucket full for a cap that starts later
+    const rate = bucket.bytesPerSecond;
+    const slice = rate === 0 ? Infinity : Math.max(SLICE_BYTES, Math.floor(rate * SLICE_SECONDS));
+    if (chunk.length <= slice) {
+      await bucket.take(chunk.length); // with no cap now: keeps the bucket full for a cap that starts later
       release = takeRelease(chunk);
       yield chunk;
       continue;
     }
-    for (let off = 0; off < chunk.length; off += SLICE_BYTES) {
-      const piece = chunk.subarray(off, Math.min(chunk.length, off + SLICE_BYTES));
+    for (let off = 0; off < chunk.length; off += slice) {
+      const piece = chunk.subarray(off, Math.min(chunk.length, off + slice));
       await bucket.take(piece.length);
       yield piece;
     }

@@ -109,7 +109,7 @@ test('a throttle whose rate is a schedule follows it as the stream runs: capped,
   assert.ok(after < 2.5, `the uncapped part took ${after} s`);
 });
 
-test("under a schedule, chunks go whole and give their pooled buffers back while no cap is in force, each once the next is asked; capped, they are sliced and kept", async () => {
+test("throttle: chunks go whole and give their pooled buffers back while no cap is in force (a schedule) or under a high cap, each once the next is asked; under a low cap they are sliced and kept", async () => {
   // Two 512 KiB random blocks (not deflated: the payload is the frame's own buffer), each with a release.
   const released: number[] = [];
   const frames = () => from([0, 1].map((i) => {
@@ -127,13 +127,16 @@ test("under a schedule, chunks go whole and give their pooled buffers back while
   assert.equal(sizes.filter((n) => n === 512 * 1024).length, 2, `whole payloads: ${sizes.join()}`);
   assert.deepEqual(backBefore, [0, 1], 'a payload is given back only once the chunk after it is asked');
   assert.deepEqual(released, [0, 1]);
-  // A cap in force: 64 KiB slices, and the buffers are not given back.
-  released.length = 0;
-  rate = 64 * 1024 * 1024;
-  sizes.length = 0;
-  for await (const c of throttle(encodeFrames(frames()), () => rate)) sizes.push(c.length);
-  assert.ok(Math.max(...sizes) <= 64 * 1024, `sliced: ${Math.max(...sizes)}`);
-  assert.deepEqual(released, []);
+  // A cap of 4 MiB/s: 64 KiB slices (1/64 s of traffic is less), and the buffers are not given back.
+  for (const [cap, whole] of [[4 * 1024 * 1024, false], [64 * 1024 * 1024, true]] as const) {
+    released.length = 0;
+    rate = cap;
+    sizes.length = 0;
+    for await (const c of throttle(encodeFrames(frames()), () => rate)) sizes.push(c.length);
+    // At 64 MiB/s a slice is 1/64 s of traffic, 1 MiB: payloads go whole and are given back.
+    assert.equal(Math.max(...sizes), whole ? 512 * 1024 : 64 * 1024, `largest chunk at ${cap} B/s`);
+    assert.deepEqual(released, whole ? [0, 1] : []);
+  }
 });
 
 test('readAhead keeps order, surfaces errors in place, and stops its source when the consumer stops', async () => {
