@@ -79,11 +79,12 @@ export class TokenBucket {
  * Yield the chunks of `source` at no more than `limit` bytes per second on average (a rate, or a
  * shared bucket). A chunk no larger than a slice (any chunk while the bucket's rate is 0: a
  * schedule's window without a cap) goes whole, and its pooled payload buffer is given back once
- * the consumer asks for the next chunk, as api/client.ts `releasing` does without a cap: a
- * 1 GiB transfer under `schedule: [{ bwlimit: 0 }]` took 6.74-7.52 s sliced and unreleased, 3.83-4.93 s this way, 3.61-4.83 s with no
- * schedule (4 runs each, transfer only, cold CLI); under `bwlimit: 200MiB` (5.12 s at least)
- * 6.21-7.38 s in 64 KiB slices, 5.87-6.36 s whole. A larger chunk is cut into slices, and its buffer is collected rather than given back:
- * a slice smaller than the socket's high-water mark may still be queued when the next is asked.
+ * the consumer asks for the next chunk, as api/client.ts `releasing` does without a cap. A 1 GiB
+ * transfer (cold CLI, 4 runs each) under `schedule: [{ bwlimit: 0 }]` took 6.74-7.52 s sliced
+ * and unreleased, 3.83-4.93 s this way, 3.61-4.83 s with no schedule; under `bwlimit: 200MiB`
+ * (5.12 s at least) 6.21-7.38 s in 64 KiB slices, 5.87-6.36 s whole. A larger chunk is cut into
+ * slices, and its buffer is collected rather than given back: a slice smaller than the socket's
+ * high-water mark may still be queued when the next is asked.
  */
 export async function* throttle(source: AsyncIterable<Buffer>, limit: Rate | TokenBucket): AsyncGenerator<Buffer> {
   if (typeof limit === 'number' && !(limit > 0)) {
