@@ -128,6 +128,9 @@ export async function storeChecks(store: Store, config: Config | null): Promise<
   if (config !== null) {
     const { computeStatus } = await import('./status.js');
     for (const s of await computeStatus(store, config, Date.now())) {
+      if (s.paused) {
+        out.push({ check: `scheduled jobs of ${s.volume}`, status: 'warn', detail: `paused by ${s.paused.by} since ${s.paused.at}${s.paused.until ? ` until ${s.paused.until}` : ', until resumed'}${s.paused.reason ? ` (${s.paused.reason})` : ''}; the RPO keeps counting`, fix: `\`appliance resume ${s.volume}\` once the reason is gone` });
+      }
       if (s.replicationHeld) {
         out.push({ check: `replication of ${s.volume}`, status: 'warn', detail: `held since ${s.replicationHeld.since}: ${s.replicationHeld.code}`, fix: s.replicationHeld.message });
       } else if (s.rpoState === 'BREACHED') {

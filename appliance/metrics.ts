@@ -16,7 +16,7 @@ const STATES: readonly ObjectiveState[] = ['OK', 'AT_RISK', 'BREACHED', 'NONE'];
 export interface DaemonMetrics {
   readonly registry: Registry;
   /** Count a finished job (`held`: it only found the peer still refusing the unit's pushes). */
-  jobEnded(unit: string, result: 'ok' | 'failed' | 'held'): void;
+  jobEnded(unit: string, result: 'ok' | 'failed' | 'held' | 'paused'): void;
   /** The body and content type for GET /metrics. */
   render(): Promise<{ body: string; contentType: string }>;
 }
@@ -40,6 +40,7 @@ export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, 
   const lastRepl = g('tandem_last_replicated_timestamp_seconds', 'Time of the last replicated recovery point');
   const lastExport = g('tandem_last_ebs_export_timestamp_seconds', 'Completion time of the last EBS export');
   const drillPassed = g('tandem_last_drill_passed', '1 when the last drill involving the volume passed, 0 when it failed');
+  const paused = g('tandem_replication_paused', '1 while an operator paused the volume\'s scheduled jobs (`appliance pause`)');
   const held = g('tandem_replication_held', '1 while the peer refuses pushes of the volume (failed over there, or another source): no job is scheduled for it');
   const jobRunning = new Gauge({ name: 'tandem_jobs_running', help: 'Scheduler jobs running now', registers: [registry], collect() { this.set(running().length); } });
   const jobs = new Counter({ name: 'tandem_jobs_total', help: 'Scheduler jobs finished, by result', labelNames: ['unit', 'result'], registers: [registry] });
@@ -75,7 +76,7 @@ export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, 
   const fill = async () => {
     await fillVerify();
     await fillHealth();
-    for (const m of [rpoAge, rpo, rpoState, rtoEst, rto, rtoState, lastSnap, lastRepl, lastExport, drillPassed, held]) m.reset();
+    for (const m of [rpoAge, rpo, rpoState, rtoEst, rto, rtoState, lastSnap, lastRepl, lastExport, drillPassed, held, paused]) m.reset();
     for (const s of await statuses()) {
       const l = { volume: s.volume, policy: s.policy ?? '' };
       rpoAge.set(l, seconds(s.rpoAgeMs));
@@ -91,6 +92,7 @@ export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, 
       lastExport.set(l, epoch(s.lastExport?.created));
       if (s.lastDrill) drillPassed.set(l, s.lastDrill.passed ? 1 : 0);
       held.set(l, s.replicationHeld ? 1 : 0);
+      paused.set(l, s.paused ? 1 : 0);
     }
   };
 

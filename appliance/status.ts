@@ -15,6 +15,7 @@ import type { SnapshotRecord, VolumeRecord } from '../store/types.js';
 import { policyFor, type Config } from './config/index.js';
 import type { ApplianceHealth } from './health.js';
 import { readRates, readVolumeState, type VolumeState } from './scheduler/index.js';
+import { activePause } from './pause.js';
 
 /** AT RISK from this fraction of the objective on: time to look before it is breached. */
 export const AT_RISK_FRACTION = 0.8;
@@ -56,6 +57,8 @@ export interface VolumeStatus {
   readonly failedOver: FailedOver | null;
   /** The peer refuses pushes of the volume, so the daemon schedules no job for it (scheduler/runner.ts). */
   readonly replicationHeld: VolumeState['held'];
+  /** An operator paused the volume's scheduled jobs and the pause still holds (appliance/pause.ts). */
+  readonly paused: VolumeState['paused'];
 }
 
 /** The store surface status reads. */
@@ -127,6 +130,7 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
       lastJob: st.lastJob,
       failedOver: inEc2.get(v.name) ?? null,
       replicationHeld: replicates ? st.held : null,
+      paused: activePause(st.paused, now),
     });
   }
   return out;

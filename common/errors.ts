@@ -48,6 +48,7 @@ export const CATALOG = {
   ERR_VOLUME_NOT_FOUND: { http: 404, exit: 1, summary: 'no such volume' },
   ERR_VOLUME_EXISTS: { http: 409, exit: 1, summary: 'a volume with that name exists' },
   ERR_VOLUME_LOCKED: { http: 409, exit: 1, summary: 'another snapshot, sync or restore of this volume is running' },
+  ERR_VOLUME_PAUSED: { http: 409, exit: 1, summary: "the volume's scheduled jobs are paused (`appliance resume VOL`)" },
   ERR_VOLUME_UNREADABLE: { http: 400, exit: 1, summary: 'the volume path is missing or cannot be opened' },
   ERR_VOLUME_EMPTY: { http: 400, exit: 1, summary: 'the volume has size 0' },
   ERR_VOLUME_SIZE_MISMATCH: { http: 409, exit: 1, summary: 'the target has another size than the snapshot' },

@@ -78,7 +78,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
     log,
     steps: applianceSteps(home, store, () => config),
     loadConfig: async () => (config = await loadConfig(home)),
-    onJobEnd: (unit, o) => metrics.jobEnded(unit, o.ok ? 'ok' : o.held ? 'held' : 'failed'),
+    onJobEnd: (unit, o) => metrics.jobEnded(unit, o.ok ? 'ok' : o.held ? 'held' : o.paused ? 'paused' : 'failed'),
   });
   scheduler.current = sched;
   sched.start();

@@ -34,9 +34,10 @@ import { applyRetention, type RetentionStore } from '../policy/index.js';
 import type { Clock } from './clock.js';
 import { expectedDurationMs, nextStart, updateRates } from './deadline.js';
 import {
-  clearCheckpoint, listCheckpoints, readRates, readVolumeState, saveCheckpoint, updateVolumeState, RATES_NS,
+  clearCheckpoint, listCheckpoints, readRates, readVolumeState, saveCheckpoint, updateVolumeState, JOB_PREFIX, RATES_NS, STATE_NS,
   type HeldReplication, type JobCheckpoint, type MetaStore,
 } from './state.js';
+import { onPauseChange } from '../pause.js';
 
 /** What a job does to a volume; the daemon wires these to ops, replicate and ebs (steps.ts). */
 export interface JobSteps {
@@ -82,7 +83,7 @@ export interface SchedulerOptions {
    * Called after each job (tests and the daemon's alerting wait on this instead of sleeping).
    * `held`: the job only checked a held unit, and the peer still refuses it.
    */
-  readonly onJobEnd?: (unit: string, outcome: { ok: boolean; held?: boolean; error?: unknown }) => void;
+  readonly onJobEnd?: (unit: string, outcome: { ok: boolean; held?: boolean; paused?: boolean; error?: unknown }) => void;
 }
 
 export interface Unit {
@@ -152,6 +153,8 @@ export class Scheduler {
   private wake = new AbortController();
   private loopDone: Promise<void> | null = null;
   private lastConfig: Config | null = null;
+  /** Stops listening to pauses and resumes (appliance/pause.ts), which wake the loop. */
+  private unlistenPause: (() => void) | null = null;
 
   constructor(opts: SchedulerOptions) {
     this.o = { maxParallel: DEFAULT_MAX_PARALLEL, rescanMs: DEFAULT_RESCAN_MS, ...opts };
@@ -160,6 +163,7 @@ export class Scheduler {
   /** Start: resume checkpointed jobs, then schedule. Returns at once; `stop()` ends it. */
   start(): void {
     if (this.loopDone) return;
+    this.unlistenPause = onPauseChange(() => this.wake.abort());
     this.loopDone = this.loop();
   }
 
@@ -174,6 +178,7 @@ export class Scheduler {
    */
   async stop(graceMs = 30_000): Promise<void> {
     this.stopping = true;
+    this.unlistenPause?.();
     this.wake.abort();
     const all = () => Promise.allSettled([...this.running.values()].map((r) => r.promise));
     let timer: NodeJS.Timeout | undefined;
@@ -230,7 +235,14 @@ export class Scheduler {
     const now = clock.now();
     const due: Array<{ unit: Unit; at: number }> = [];
     for (const unit of planUnits(config, await store.listVolumes())) {
-      if (this.running.has(unit.key)) continue;
+      const running = this.running.get(unit.key);
+      if (running) {
+        if (!running.abort.signal.aborted && (await this.pausedUntil(unit, now)) !== null) {
+          this.o.log.info({ unit: unit.key }, 'the volume was paused: stopping its running job (it resumes from its checkpoint when the pause ends)');
+          running.abort.abort(new TandemError('ERR_VOLUME_PAUSED', `the scheduled jobs of ${unit.volumes.map((v) => v.name).join(', ')} were paused (\`appliance resume\`)`));
+        }
+        continue;
+      }
       const at = Math.max(await this.dueAt(unit, config, now), this.failures.get(unit.key)?.retryAt ?? -Infinity);
       due.push({ unit, at });
     }
@@ -242,7 +254,10 @@ export class Scheduler {
       }
       if (this.running.size >= this.o.maxParallel) break;
       if (d.unit.volumes.some((v) => this.busy(v.name))) continue;
-      this.launch(d.unit, null);
+      // A job stopped by a pause left its checkpoint: it goes on from there.
+      const cp = await store.getMeta<JobCheckpoint>(STATE_NS, JOB_PREFIX + d.unit.key);
+      if (cp) this.o.log.info({ unit: d.unit.key, job: cp.id, step: cp.step }, 'resuming a job a pause stopped');
+      this.launch(d.unit, cp ? { ...cp, resumes: cp.resumes + 1 } : null);
     }
     return sleepMs;
   }
@@ -258,6 +273,7 @@ export class Scheduler {
         await clearCheckpoint(store, cp.unit);
         continue;
       }
+      if ((await this.pausedUntil(unit, this.o.clock.now())) !== null) continue; // resumed when the pause ends (round)
       log.info({ unit: cp.unit, job: cp.id, step: cp.step }, 'resuming a job interrupted by a restart');
       this.launch(unit, { ...cp, resumes: cp.resumes + 1 });
     }
@@ -271,6 +287,8 @@ export class Scheduler {
   /** When `unit` should start next (ms since epoch). */
   private async dueAt(unit: Unit, config: Config, now: number): Promise<number> {
     const { store } = this.o;
+    const pausedUntil = await this.pausedUntil(unit, now);
+    if (pausedUntil !== null) return pausedUntil;
     if (unit.kind === 'replica') {
       const v = unit.volumes[0]!;
       const latest = await store.latestSnapshot(v.name);
@@ -288,6 +306,26 @@ export class Scheduler {
       expected += expectedDurationMs(await readRates(store, v.name), v.size, config.replication !== null && this.o.steps.replicate !== null);
     }
     return nextStart(lastGood, unit.policy.rpoMs, expected, now);
+  }
+
+  /**
+   * While a volume of `unit` is paused (`appliance pause`): when the last of their pauses ends
+   * (Infinity: one lasts until resumed). Null when none is; a pause that has ended is cleared.
+   */
+  private async pausedUntil(unit: Unit, now: number): Promise<number | null> {
+    let until: number | null = null;
+    for (const v of unit.volumes) {
+      const p = (await readVolumeState(this.o.store, v.name)).paused;
+      if (!p) continue;
+      const end = p.until === null ? Infinity : Date.parse(p.until);
+      if (end <= now) {
+        await updateVolumeState(this.o.store, v.name, { paused: null });
+        this.o.log.info({ volume: v.name, pausedBy: p.by, pausedAt: p.at }, 'pause ended: scheduled jobs resume');
+        continue;
+      }
+      until = Math.max(until ?? 0, end);
+    }
+    return until;
   }
 
   /** The held states of a protect unit's volumes that still apply (same peer, replication on). */
@@ -311,7 +349,7 @@ export class Scheduler {
       },
       (e) => {
         if (abort.signal.aborted) {
-          this.o.log.warn({ unit: unit.key }, 'job interrupted; checkpoint kept');
+          if (!isTandemError(abort.signal.reason, 'ERR_VOLUME_PAUSED')) this.o.log.warn({ unit: unit.key }, 'job interrupted; checkpoint kept');
         } else if (isTandemError(e) && HOLD_CODES.has(e.code)) {
           // Held (replicateStep recorded it): no backoff, the next check is HOLD_PROBE_MS away.
           this.failures.delete(unit.key);
@@ -321,7 +359,7 @@ export class Scheduler {
           this.failures.set(unit.key, { count, retryAt: this.o.clock.now() + delay });
           this.o.log.error({ unit: unit.key, err: errorInfo(e), retryInMs: delay }, 'job failed');
         }
-        this.o.onJobEnd?.(unit.key, { ok: false, error: e });
+        this.o.onJobEnd?.(unit.key, isTandemError(abort.signal.reason, 'ERR_VOLUME_PAUSED') ? { ok: false, paused: true } : { ok: false, error: e });
       },
     ).finally(() => {
       this.running.delete(unit.key);

@@ -4,7 +4,7 @@
  *
  * | key            | value |
  * | ---            | --- |
- * | `VOLUME`       | {@link VolumeState}: last good point, last snapshot/replication/export, last job |
+ * | `VOLUME`       | {@link VolumeState}: last good point, last snapshot/replication/export, last job, hold, pause |
  * | `#job/UNIT`    | {@link JobCheckpoint}: the job running on a unit (`volume:NAME` or `group:NAME`) and how far it got |
  *
  * Rates measured per volume live in namespace `rates` (key VOLUME, {@link Rates}).
@@ -38,6 +38,18 @@ export interface VolumeState {
   readonly lastJob: JobOutcome | null;
   /** Set while the replication peer refuses pushes of the volume (runner.ts, "held"). */
   readonly held: HeldReplication | null;
+  /** Set by `appliance pause` (appliance/pause.ts): no scheduled job for the volume until it ends. */
+  readonly paused: Pause | null;
+}
+
+/** An operator's pause of a volume's scheduled jobs (appliance/pause.ts). */
+export interface Pause {
+  /** Who paused it (the CLI's user, as the audit log has it). */
+  readonly by: string;
+  /** When, and until when (null: until `appliance resume`), ISO. */
+  readonly at: string;
+  readonly until: string | null;
+  readonly reason: string | null;
 }
 
 /**
@@ -56,7 +68,7 @@ export interface HeldReplication {
 }
 
 export const EMPTY_VOLUME_STATE: VolumeState = {
-  lastGood: null, lastSnapshot: null, lastReplicated: null, lastExported: null, lastSeen: null, lastJob: null, held: null,
+  lastGood: null, lastSnapshot: null, lastReplicated: null, lastExported: null, lastSeen: null, lastJob: null, held: null, paused: null,
 };
 
 export type JobStep = 'snapshot' | 'replicate' | 'export' | 'retention';

@@ -6,6 +6,8 @@ import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { initHome, cli, tempDir, pairedWithVolume } from '../helpers/appliance.js';
+import { cli as cliText } from '../helpers/cli.js';
+import { userInfo } from 'node:os';
 
 const MiB = 1024 * 1024;
 
@@ -217,4 +219,45 @@ test('support-bundle: a .tar.gz of doctor, status, volumes, snapshots, peers, co
   assert.ok(execFileSync('tar', ['-tzf', served], { encoding: 'utf8' }).includes('snapshots-vol.json'));
   const again = await cli(b, 'support-bundle', '--to', served);
   assert.equal(again.code, 2);
+});
+
+test('pause and resume: usage and unknown volumes change nothing; a pause is in status, doctor and the audit log until resumed', async (t) => {
+  const a = await initHome(t, 'paused');
+  const dir = tempDir(t, 'tandem-pause-');
+  for (const v of ['a1', 'a2']) {
+    writeFileSync(join(dir, `${v}.img`), randomBytes(MiB));
+    assert.equal((await cli(a, 'volume', 'add', v, '--path', join(dir, `${v}.img`))).code, 0);
+  }
+  for (const args of [[], ['a1', '--all'], ['a1', '--for', 'soon'], ['a1', '--for', '31d'], ['a1', '--reason', ' ']]) {
+    const r = await cli(a, 'pause', ...args);
+    assert.equal(r.code, 2, `pause ${args.join(' ')}: ${r.stderr}`);
+  }
+  const unknown = await cli(a, 'pause', 'a1', 'nope');
+  assert.equal(unknown.json.error.code, 'ERR_VOLUME_NOT_FOUND');
+  assert.ok((await cli(a, 'status')).json.volumes.every((v: { paused: unknown }) => v.paused === null), 'nothing paused');
+
+  const before = Date.now();
+  const p = await cli(a, 'pause', 'a1', '--for', '2h', '--reason', 'disk swap');
+  assert.equal(p.code, 0, p.stderr);
+  const got = p.json.paused[0];
+  assert.deepEqual([got.volume, got.paused.by, got.paused.reason], ['a1', userInfo().username, 'disk swap']);
+  assert.ok(Math.abs(Date.parse(got.paused.until) - (before + 2 * 3_600_000)) < 60_000);
+  const text = await cliText(['--home', a.dir, 'status']);
+  assert.match(text.stdout, new RegExp(`a1: scheduled jobs paused by ${userInfo().username} (just now|\\d+s ago), until ${got.paused.until}: disk swap`));
+  const status = await cli(a, 'status');
+  assert.deepEqual(status.json.volumes.map((v: { volume: string; paused: { reason: string } | null }) => [v.volume, v.paused?.reason ?? null]), [['a1', 'disk swap'], ['a2', null]]);
+  const doctor = await cli(a, 'doctor');
+  const check = doctor.json.checks.find((c: { check: string }) => c.check === 'scheduled jobs of a1');
+  assert.equal(check?.status, 'warn', JSON.stringify(doctor.json.checks));
+  assert.match(check.fix, /appliance resume a1/);
+
+  assert.deepEqual((await cli(a, 'pause', '--all')).json.paused.map((x: { volume: string }) => x.volume), ['a1', 'a2']);
+  const resumed = await cli(a, 'resume', '--all');
+  assert.deepEqual(resumed.json.resumed.map((x: { volume: string; paused: { until: string | null } }) => [x.volume, x.paused.until]), [['a1', null], ['a2', null]]);
+  assert.deepEqual((await cli(a, 'resume', 'a1')).json.resumed, [], 'nothing was paused');
+  assert.ok((await cli(a, 'status')).json.volumes.every((v: { paused: unknown }) => v.paused === null));
+  const audit = (await cli(a, 'audit')).json.entries
+    .filter((e: { exitCode: number }) => e.exitCode === 0)
+    .map((e: { command: string[] }) => e.command.filter((w) => !w.startsWith('/') && w !== '--home' && w !== '--json').slice(0, 2).join(' '));
+  assert.deepEqual(audit.filter((c: string) => /^(pause|resume)/.test(c)), ['pause a1', 'pause --all', 'resume --all', 'resume a1']);
 });

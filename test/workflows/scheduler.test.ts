@@ -352,3 +352,70 @@ test('a peer that refuses pushes holds the volume: no snapshot or push until it 
   assert.equal(s!.replicationHeld, null);
   assert.equal(s!.rpoState, 'OK');
 });
+
+test('a paused volume gets no scheduled job: a running one stops (checkpoint kept), a pause with an end lifts itself and the job goes on from its checkpoint, a resume runs an overdue job at once', async (t) => {
+  const { dir, home, store } = await setup(t, `policies:
+  p: { rpo: 1h }
+groups:
+  g:
+    volumes: [v]
+    hooks: { pre: "echo started > ${'$'}{PAUSEDIR}/pre; if [ ! -f ${'$'}{PAUSEDIR}/once ]; then touch ${'$'}{PAUSEDIR}/once; sleep 30; fi", post: "true", timeout: 60s }
+assign:
+  - match: "*"
+    policy: p
+`);
+  process.env.PAUSEDIR = dir;
+  t.after(() => { delete process.env.PAUSEDIR; });
+  await addVolume(store, { name: 'v', path: image(dir, 'v.img', MiB) });
+  const { clock, lines, ends, sched, idle, config } = onFakeClock(home, store);
+  t.after(() => sched.stop(1000));
+  const { pauseVolumes, resumeVolumes } = await import('../../appliance/pause.js');
+
+  // 1. The first job blocks in its pre hook; pausing the volume stops it, its checkpoint kept.
+  sched.start();
+  for (let i = 0; !existsSync(join(dir, 'pre')); i++) {
+    assert.ok(i < 400, `the job never reached its hook: ${lines.join('\n')}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const pausedAt = clock.now();
+  const stopped = idle();
+  await pauseVolumes(store, ['v'], { by: 'alice', now: pausedAt, forMs: 2 * H, reason: 'disk swap' });
+  let wake = await stopped;
+  assert.deepEqual(ends, ['group:g:false'], lines.join('\n'));
+  assert.ok(lines.some((l) => l.includes('the volume was paused: stopping its running job')), lines.join('\n'));
+  assert.ok(!lines.some((l) => l.includes('job interrupted')), 'not reported as an interruption');
+  assert.equal((await listCheckpoints(store)).length, 1, 'checkpoint kept');
+  assert.equal((await store.listSnapshots('v')).length, 0);
+  assert.equal(wake, pausedAt + 2 * H, 'the next look is when the pause ends, not before the RPO');
+  const [s] = await computeStatus(store, config()!, clock.now(), 'v');
+  assert.deepEqual(s!.paused, { by: 'alice', at: new Date(pausedAt).toISOString(), until: new Date(pausedAt + 2 * H).toISOString(), reason: 'disk swap' });
+  assert.match((await createMetrics(async () => [s!], () => []).render()).body, /tandem_replication_paused\{volume="v",policy="p"\} 1/);
+
+  // 2. The pause ends by itself: the job goes on from its checkpoint and snapshots.
+  let next = idle();
+  clock.advanceTo(wake);
+  wake = await next;
+  assert.deepEqual(ends, ['group:g:false', 'group:g:true'], lines.join('\n'));
+  assert.ok(lines.some((l) => l.includes('pause ended')) && lines.some((l) => l.includes('resuming a job a pause stopped')), lines.join('\n'));
+  assert.equal((await store.listSnapshots('v')).length, 1);
+  assert.equal((await readVolumeState(store, 'v')).paused, null);
+  assert.equal((await listCheckpoints(store)).length, 0);
+
+  // 3. Paused until resumed: three hours pass (the RPO is 1 h) without a job.
+  await pauseVolumes(store, ['v'], { by: 'bob', now: clock.now() });
+  next = idle();
+  clock.advanceTo(clock.now() + 3 * H);
+  await next;
+  assert.equal(ends.length, 2, lines.join('\n'));
+  assert.equal((await store.listSnapshots('v')).length, 1);
+  const [late] = await computeStatus(store, config()!, clock.now(), 'v');
+  assert.deepEqual([late!.paused?.by, late!.paused?.until, late!.rpoState], ['bob', null, 'BREACHED']);
+  // A resume wakes the scheduler: the overdue job runs at once.
+  next = idle();
+  assert.deepEqual((await resumeVolumes(store, ['v'], { now: clock.now() })).map((r) => [r.volume, r.paused.by]), [['v', 'bob']]);
+  await next;
+  assert.deepEqual(ends, ['group:g:false', 'group:g:true', 'group:g:true'], lines.join('\n'));
+  assert.equal((await store.listSnapshots('v')).length, 2);
+  await assert.rejects(pauseVolumes(store, ['v', 'nope'], { by: 'x', now: clock.now() }), { code: 'ERR_VOLUME_NOT_FOUND' });
+  assert.equal((await readVolumeState(store, 'v')).paused, null, 'nothing paused by a refused call');
+});

@@ -52,13 +52,16 @@ export function define(program: Command): void {
         const held = volumes.flatMap((v) => v.replicationHeld
           ? [`${v.volume}: replication to ${v.replicationHeld.peer} held since ${v.replicationHeld.since} (${v.replicationHeld.code}; asked again every minute, last ${formatAge(v.replicationHeld.checkedAt, now)}): ${v.replicationHeld.message}`]
           : []);
+        const paused = volumes.flatMap((v) => v.paused
+          ? [`${v.volume}: scheduled jobs paused by ${v.paused.by} ${formatAge(v.paused.at, now)}${v.paused.until ? `, until ${v.paused.until}` : ', until `appliance resume ' + v.volume + '`'}${v.paused.reason ? `: ${v.paused.reason}` : ''}`]
+          : []);
         const { applianceHealth } = await import('../../health.js');
         const health = await applianceHealth(home, now);
         const healthLines = [
           ...(health.diskLow ? [`the store's disk is low: ${formatBytes(health.storeFreeBytes)} free of ${formatBytes(health.storeDiskBytes)}; \`appliance doctor\` says what to do`] : []),
           ...(health.certificateExpiring ? [`the TLS certificate ends ${health.certificateNotAfter ?? '(unreadable)'}: \`appliance tls rotate\`, then \`appliance peer update NAME --fingerprint F\` on the peer`] : []),
         ];
-        const text = [table, ...failedOver, ...held, ...healthLines, ...(only === undefined ? [verifyLine(verify, now, formatAge, formatBytes)] : [])].join('\n');
+        const text = [table, ...failedOver, ...held, ...paused, ...healthLines, ...(only === undefined ? [verifyLine(verify, now, formatAge, formatBytes)] : [])].join('\n');
         return { json: { appliance: home.identity.name, at: new Date(now).toISOString(), volumes, verify, health }, text };
       });
     }));
