@@ -158,7 +158,7 @@ async function estimateRto(store: StatusStore, v: VolumeRecord, latest: Snapshot
 }
 
 export interface BreachAlert {
-  readonly event: 'rpo_breached' | 'rto_breached' | 'replication_held';
+  readonly event: 'rpo_breached' | 'rto_breached' | 'replication_held' | 'replication_paused';
   readonly appliance: string;
   readonly volume: string;
   readonly policy: string | null;
@@ -176,8 +176,10 @@ export interface HealthAlert {
 
 /**
  * Tracks states between rounds and POSTs the webhook when a volume's RPO or RTO state
- * becomes BREACHED, and when the peer starts refusing its pushes (`replication_held`: the
- * alert's status says why and what to do), once per transition, not on every round. Delivery
+ * becomes BREACHED, when the peer starts refusing its pushes (`replication_held`: the alert's
+ * status says why and what to do), and when an operator pauses its scheduled jobs
+ * (`replication_paused`: who, until when, why), once per transition (per pause), not on every
+ * round. Delivery
  * is best effort with a timeout; failures are returned for the log, never thrown.
  */
 export class BreachNotifier {
@@ -209,6 +211,13 @@ export class BreachNotifier {
           fresh.push({ event, appliance: this.appliance, volume: s.volume, policy: s.policy, at: new Date(now).toISOString(), status: s });
         }
       }
+      // Each pause once (a new pause of a paused volume is told too: its end or reason changed).
+      const pausedKey = `replication_paused:${s.volume}`;
+      const pause = s.paused ? `${s.paused.at} ${s.paused.until}` : 'NONE';
+      if (pause !== 'NONE' && this.last.get(pausedKey) !== pause) {
+        fresh.push({ event: 'replication_paused', appliance: this.appliance, volume: s.volume, policy: s.policy, at: new Date(now).toISOString(), status: s });
+      }
+      this.last.set(pausedKey, pause);
     }
     return this.post(fresh, webhook, (a) => `${a.event} of ${a.volume}`);
   }

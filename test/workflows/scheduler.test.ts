@@ -390,6 +390,21 @@ assign:
   const [s] = await computeStatus(store, config()!, clock.now(), 'v');
   assert.deepEqual(s!.paused, { by: 'alice', at: new Date(pausedAt).toISOString(), until: new Date(pausedAt + 2 * H).toISOString(), reason: 'disk swap' });
   assert.match((await createMetrics(async () => [s!], () => []).render()).body, /tandem_replication_paused\{volume="v",policy="p"\} 1/);
+  // The webhook is told once per pause: who, until when, why.
+  const hooks: Array<{ event: string; volume: string; status: { paused: { by: string; reason: string } } }> = [];
+  const webhook = createServer((req, res) => {
+    let body = '';
+    req.on('data', (c) => (body += c));
+    req.on('end', () => { hooks.push(JSON.parse(body)); res.end(); });
+  }).listen(0, '127.0.0.1');
+  await once(webhook, 'listening');
+  t.after(() => webhook.close());
+  const hookUrl = `http://127.0.0.1:${(webhook.address() as AddressInfo).port}/hook`;
+  const notifier = new BreachNotifier('onprem');
+  assert.deepEqual((await notifier.check([s!], hookUrl, clock.now())).errors, []);
+  assert.deepEqual((await notifier.check([s!], hookUrl, clock.now())).sent, [], 'once per pause');
+  const paused = hooks.filter((h) => h.event === 'replication_paused');
+  assert.deepEqual(paused.map((h) => [h.volume, h.status.paused.by, h.status.paused.reason]), [['v', 'alice', 'disk swap']]);
 
   // 2. The pause ends by itself: the job goes on from its checkpoint and snapshots.
   let next = idle();
