@@ -13,6 +13,7 @@
  */
 import { TandemError, isTandemError } from '../common/errors.js';
 import { IO_SKEW } from '../common/io-buffers.js';
+import { RECORD_HEADER_LENGTH } from './pack.js';
 import { hashBlock, isZeroHash, HASH_LENGTH, ZERO_HASH } from './hash.js';
 import { checkVolumeName } from './ids.js';
 import { checkBlockSize, checkSize, normalizeSnapshot } from './records.js';
@@ -55,6 +56,20 @@ const FLUSH_BYTES = 1024 * 1024 * 1024;
  * same size took as long either way (median 0.25 s of 36 each): A's CPU went down by a fifth.
  */
 const DIRECT_AFTER_BYTES = 64 * 1024 * 1024;
+
+/**
+ * Where a local volume's blocks are read into the slots: just under {@link IO_SKEW} bytes past a
+ * page boundary (reads into page-aligned memory are slow here), at the offset modulo 8 that a
+ * block's bytes have in its pack record, after the record's 44-byte header (store/pack.ts; a
+ * record of a 512 KiB block is a multiple of 8 long, so every one in a pack agrees). The store
+ * copies new blocks into page-aligned staging slots for their direct write (PackFiles), and V8
+ * copies out of a SharedArrayBuffer word by word only when source and destination agree modulo
+ * 8, else byte by byte (v8::internal::relaxed_memmove: a quarter of a first snapshot's CPU
+ * samples at +64). A 4 GiB first snapshot took 6.21-7.27 s and 3.11-3.95 user CPU s with the
+ * blocks at +64, 5.63-6.30 s and 2.11-2.76 s at +60 (3 alternated pairs, cold CLI); a
+ * re-snapshot reads as fast either way (0.97-1.08 s, 4 pairs).
+ */
+const SCAN_SKEW = IO_SKEW - (((IO_SKEW - RECORD_HEADER_LENGTH) % 8) + 8) % 8;
 
 /** onProgress is called at most this often (plus once at the end). */
 const PROGRESS_INTERVAL_MS = 100;
@@ -195,10 +210,10 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   const slots = pool ? SLOTS : Math.min(2, Math.ceil((changed?.length ?? 0) / chunkBlocks));
   const own = pool ? null : takeSpareSlots(IO_SKEW + slotBytes * 2);
   const sab: ArrayBufferLike = pool ? pool.sab : own!;
-  // A local file or device is read through the page cache (pread): its slots start IO_SKEW bytes
-  // past a page boundary (common/io-buffers.ts). Other readers get page-aligned slots, which they
+  // A local file or device is read through the page cache (pread): its slots start SCAN_SKEW bytes
+  // past a page boundary (common/io-buffers.ts, above). Other readers get page-aligned slots, which they
   // may read with O_DIRECT (a sparse image read that way needs no zero pages in the cache).
-  const skew = localPath !== undefined ? IO_SKEW : 0;
+  const skew = localPath !== undefined ? SCAN_SKEW : 0;
   /** Where a slot starts in `sab`. */
   const slotAt = (slot: number): number => skew + slot * slotBytes;
   const jobs = changed ? groups(changed, chunkBlocks) : all(blocks, chunkBlocks);
