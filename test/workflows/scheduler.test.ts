@@ -45,6 +45,40 @@ function image(dir: string, name: string, size: number): string {
 }
 
 /**
+ * Group g of one 1 MiB volume v under a 1 h RPO, whose pre hook writes \$ENV/pre (ENV: the
+ * temp dir, in the environment variable `env`) and then runs `then`.
+ */
+async function groupWithPreHook(t: { after(fn: () => unknown): void }, env: string, then: string) {
+  const made = await setup(t, `policies:
+  p: { rpo: 1h }
+groups:
+  g:
+    volumes: [v]
+    hooks: { pre: "echo started > ${'$'}{${env}}/pre; ${then}", post: "true", timeout: 60s }
+assign:
+  - match: "*"
+    policy: p
+`);
+  process.env[env] = made.dir;
+  t.after(() => { delete process.env[env]; });
+  await addVolume(made.store, { name: 'v', path: image(made.dir, 'v.img', MiB) });
+  return made;
+}
+
+/** A webhook on loopback that keeps every alert POSTed to it (closed after the test). */
+async function webhookSink<T>(t: { after(fn: () => unknown): void }): Promise<{ hooks: T[]; url: string }> {
+  const hooks: T[] = [];
+  const server = createServer((req, res) => {
+    let body = '';
+    req.on('data', (c) => (body += c));
+    req.on('end', () => { hooks.push(JSON.parse(body) as T); res.end(); });
+  }).listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  t.after(() => server.close());
+  return { hooks, url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/hook` };
+}
+
+/**
  * A scheduler on a fake clock at START with the appliance's real job steps. `ends` gets
  * `UNIT:true|false|held` per job; `idle()` waits until it sleeps with no job running and returns
  * its wake time.
@@ -223,19 +257,7 @@ assign:
 });
 
 test('stop() with a job blocked in its pre hook: bounded wait, hook killed, checkpoint kept for the next start', async (t) => {
-  const { dir, home, store } = await setup(t, `policies:
-  p: { rpo: 1h }
-groups:
-  g:
-    volumes: [v]
-    hooks: { pre: "echo started > ${'$'}{HOOKDIR2}/pre; sleep 30", post: "true", timeout: 60s }
-assign:
-  - match: "*"
-    policy: p
-`);
-  process.env.HOOKDIR2 = dir;
-  t.after(() => { delete process.env.HOOKDIR2; });
-  await addVolume(store, { name: 'v', path: image(dir, 'v.img', MiB) });
+  const { dir, home, store } = await groupWithPreHook(t, 'HOOKDIR2', 'sleep 30');
   const clock = new FakeClock(START);
   let config: Config | null = null;
   const lines: string[] = [];
@@ -281,15 +303,7 @@ test('a peer that refuses pushes holds the volume: no snapshot or push until it 
   const store = await home.openStore();
   t.after(() => store.close());
 
-  const hooks: Array<{ event: string; status: { replicationHeld: { code: string } | null } }> = [];
-  const webhook = createServer((req, res) => {
-    let body = '';
-    req.on('data', (c) => (body += c));
-    req.on('end', () => { hooks.push(JSON.parse(body)); res.end(); });
-  }).listen(0, '127.0.0.1');
-  await once(webhook, 'listening');
-  t.after(() => webhook.close());
-  const hookUrl = `http://127.0.0.1:${(webhook.address() as AddressInfo).port}/hook`;
+  const { hooks, url: hookUrl } = await webhookSink<{ event: string; status: { replicationHeld: { code: string } | null } }>(t);
   const notifier = new BreachNotifier('onprem');
 
   const { clock, lines, ends, sched, idle, config: current } = onFakeClock(home, store);
@@ -354,19 +368,8 @@ test('a peer that refuses pushes holds the volume: no snapshot or push until it 
 });
 
 test('a paused volume gets no scheduled job: a running one stops (checkpoint kept), a pause with an end lifts itself and the job goes on from its checkpoint, a resume runs an overdue job at once', async (t) => {
-  const { dir, home, store } = await setup(t, `policies:
-  p: { rpo: 1h }
-groups:
-  g:
-    volumes: [v]
-    hooks: { pre: "echo started > ${'$'}{PAUSEDIR}/pre; if [ ! -f ${'$'}{PAUSEDIR}/once ]; then touch ${'$'}{PAUSEDIR}/once; sleep 30; fi", post: "true", timeout: 60s }
-assign:
-  - match: "*"
-    policy: p
-`);
-  process.env.PAUSEDIR = dir;
-  t.after(() => { delete process.env.PAUSEDIR; });
-  await addVolume(store, { name: 'v', path: image(dir, 'v.img', MiB) });
+  // The hook blocks the first job only.
+  const { dir, home, store } = await groupWithPreHook(t, 'PAUSEDIR', `if [ ! -f ${'$'}{PAUSEDIR}/once ]; then touch ${'$'}{PAUSEDIR}/once; sleep 30; fi`);
   const { clock, lines, ends, sched, idle, config } = onFakeClock(home, store);
   t.after(() => sched.stop(1000));
   const { pauseVolumes, resumeVolumes } = await import('../../appliance/pause.js');
@@ -391,15 +394,7 @@ assign:
   assert.deepEqual(s!.paused, { by: 'alice', at: new Date(pausedAt).toISOString(), until: new Date(pausedAt + 2 * H).toISOString(), reason: 'disk swap' });
   assert.match((await createMetrics(async () => [s!], () => []).render()).body, /tandem_replication_paused\{volume="v",policy="p"\} 1/);
   // The webhook is told once per pause: who, until when, why.
-  const hooks: Array<{ event: string; volume: string; status: { paused: { by: string; reason: string } } }> = [];
-  const webhook = createServer((req, res) => {
-    let body = '';
-    req.on('data', (c) => (body += c));
-    req.on('end', () => { hooks.push(JSON.parse(body)); res.end(); });
-  }).listen(0, '127.0.0.1');
-  await once(webhook, 'listening');
-  t.after(() => webhook.close());
-  const hookUrl = `http://127.0.0.1:${(webhook.address() as AddressInfo).port}/hook`;
+  const { hooks, url: hookUrl } = await webhookSink<{ event: string; volume: string; status: { paused: { by: string; reason: string } } }>(t);
   const notifier = new BreachNotifier('onprem');
   assert.deepEqual((await notifier.check([s!], hookUrl, clock.now())).errors, []);
   assert.deepEqual((await notifier.check([s!], hookUrl, clock.now())).sent, [], 'once per pause');
