@@ -6,7 +6,7 @@
  * as the store): who paused it, when, until when (null: until `appliance resume`) and why. While
  * it holds, the daemon starts no job for the volume (on-prem: no snapshot or push; on the cloud
  * appliance: no EBS export or retention of its replicas), and a job running when it is paused is
- * stopped (its checkpoint is kept; the next job after the pause starts afresh). A volume of a
+ * stopped (its checkpoint is kept, and the job goes on from it when the pause ends). A volume of a
  * group pauses the group's jobs (its volumes are snapshotted together). A pause with an end
  * lifts itself. Manual commands (`snapshot`, `sync`, `failover`, ...) are not paused: the operator
  * who runs them means it. The RPO keeps counting: `status` shows the pause next to the age of the
