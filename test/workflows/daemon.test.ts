@@ -12,6 +12,7 @@ import { readFileSync, writeFileSync, existsSync, watch, rmSync, readdirSync, op
 import { createServer } from 'node:http';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
+import { userInfo } from 'node:os';
 import type { ChildProcess } from 'node:child_process';
 import { initHome, startServe, pair, pairedWithVolume, cli, damageBlock, tempDir, type TestHome } from '../helpers/appliance.js';
 import { spawnCli, cli as cliText, smallTmpfs } from '../helpers/cli.js';
@@ -463,4 +464,33 @@ test("daemon follows its peer's certificate rotation: a staged certificate is le
   assert.deepEqual(takenBy.map((p) => p.name), ['onprem']);
   d.child.kill('SIGTERM');
   assert.equal((await d.exited)[0], 0, d.stderr());
+});
+
+test('a daemon started with a volume paused runs no job for it; `appliance resume`, forwarded to it, runs the overdue job at once (not at the next rescan)', async (t) => {
+  const a = await initHome(t, 'onprem');
+  const work = tempDir(t, 'tandem-pause-');
+  const img = join(work, 'web.img');
+  writeFileSync(img, randomBytes(MiB));
+  assert.equal((await cli(a, 'volume', 'add', 'web', '--path', img)).code, 0);
+  writeFileSync(join(a.dir, 'config.yaml'), 'appliance: { name: onprem }\npolicies:\n  silver: { rpo: 2h }\nassign:\n  - match: "*"\n    policy: silver\n');
+  const paused = await cli(a, 'pause', 'web', '--reason', 'disk swap');
+  assert.equal(paused.code, 0, paused.stderr);
+  const d = await startDaemon(t, a);
+  // Its first round has run once the status says the volume is paused and no job started.
+  const status = JSON.parse((await get(a, d.url, '/v1/status', a.token)).body);
+  assert.equal(status.volumes[0].paused.reason, 'disk swap');
+  await sleep(1500);
+  assert.ok(!d.stderr().includes('job started'), d.stderr());
+  const metrics = (await get(a, d.url, '/metrics', a.token)).body;
+  assert.match(metrics, /tandem_replication_paused\{volume="web",policy="silver"\} 1/);
+  const asked = Date.now();
+  const resumed = await cli(a, 'resume', 'web'); // forwarded to the daemon
+  assert.equal(resumed.code, 0, resumed.stderr);
+  assert.equal(resumed.json.resumed[0].paused.by, userInfo().username);
+  const done = await d.logLine((o) => o.unit === 'volume:web' && (o.msg === 'job done' || o.msg === 'job failed'));
+  assert.equal(done.msg, 'job done', d.stderr());
+  assert.ok((done.time as number) - asked < 30_000, 'run on the resume, not at the next rescan (60 s)');
+  assert.equal((await cli(a, 'snapshots', 'web')).json.length, 1);
+  d.child.kill('SIGTERM');
+  assert.equal((await d.exited)[0], 0);
 });
