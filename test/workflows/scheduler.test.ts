@@ -253,6 +253,18 @@ assign:
   assert.deepEqual((await store.listSnapshots('db')).map((s) => s.id), [second.id], 'retention last: 1 after the export');
   const rates = await readRates(store, 'db');
   assert.ok((rates.exportBytesPerSec ?? 0) > 0, 'export rate measured');
+  // Paused here too (`appliance pause` on the cloud appliance): a new replica waits for the resume.
+  const { pauseVolumes, resumeVolumes } = await import('../../appliance/pause.js');
+  await pauseVolumes(store, ['db'], { by: 'ops', now: clock.now() });
+  const third = await replica(3);
+  let p3 = idle();
+  clock.advanceTo(clock.now() + 5 * 60_000);
+  await p3;
+  assert.equal((await readVolumeState(store, 'db')).lastExported, second.id, 'not exported while paused');
+  p3 = idle();
+  await resumeVolumes(store, ['db'], { now: clock.now() });
+  await p3;
+  assert.equal((await readVolumeState(store, 'db')).lastExported, third.id, lines.join('\n'));
   await sched.stop(1000);
 });
 
