@@ -17,7 +17,7 @@ import { Transform } from 'node:stream';
 import { setTimeout as delay } from 'node:timers/promises';
 import { HEADER_BYTES } from '../../sync/framing.js';
 import { blake3 } from '../../store/hash.js';
-import { collect, smallTmpfs, spawnCli } from '../helpers/cli.js';
+import { cli as cliText, collect, smallTmpfs, spawnCli } from '../helpers/cli.js';
 import { cli, diagnose, initHome, pair, pairedWithVolume, peerClient, startCli, startServe, tempDir, type TestHome } from '../helpers/appliance.js';
 
 const BS = 64 * 1024;
@@ -454,6 +454,7 @@ test("a manual sync to the replication peer follows config.yaml's cap unless --b
   assert.equal(capped.json.blocksSent, 48);
   assert.match(capped.stderr, /note: block traffic capped at 1\.0 MiB\/s now by config\.yaml replication\.bwlimit; --bwlimit RATE sets this command's own cap \(0: none\)/);
   assert.ok(took >= 2.2, `the sync took ${took} s: the configured cap was not applied`);
+  assert.deepEqual((await cli(a, 'status')).json.replication, { peer: 'cloud', capNow: 1024 * 1024, scheduled: false }, 'status says why');
 
   // --bwlimit 0 lifts it; a peer other than replication.peer is not capped by it.
   for (const [i, args] of [[1, ['--peer', 'cloud', '--bwlimit', '0']], [2, ['--peer', 'cloud2']]] as const) {
@@ -470,6 +471,7 @@ test("a manual sync to the replication peer follows config.yaml's cap unless --b
   const scheduled = await cli(a, 'sync', 'vol', '--peer', 'cloud');
   assert.equal(scheduled.code, 0, scheduled.stderr);
   assert.match(scheduled.stderr, /capped at 2\.0 MiB\/s now by config\.yaml replication\.schedule \(followed as the sync runs\)/);
+  assert.match((await cliText(['--home', a.dir, 'status'])).stdout, /replication to cloud: capped at 2\.0 MiB\/s now \(config\.yaml replication\.schedule\)/);
 
   // A config that does not parse: refused before the snapshot, nothing sent; --bwlimit does not read it.
   writeFileSync(config, 'appliance: { name: onprem }\nreplication:\n  peer: cloud\n  schedule: [{ days: [someday], bwlimit: 1MiB }]\n');

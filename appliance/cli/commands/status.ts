@@ -61,8 +61,15 @@ export function define(program: Command): void {
           ...(health.diskLow ? [`the store's disk is low: ${formatBytes(health.storeFreeBytes)} free of ${formatBytes(health.storeDiskBytes)}; \`appliance doctor\` says what to do`] : []),
           ...(health.certificateExpiring ? [`the TLS certificate ends ${health.certificateNotAfter ?? '(unreadable)'}: \`appliance tls rotate\`, then \`appliance peer update NAME --fingerprint F\` on the peer`] : []),
         ];
-        const text = [table, ...failedOver, ...held, ...paused, ...healthLines, ...(only === undefined ? [verifyLine(verify, now, formatAge, formatBytes)] : [])].join('\n');
-        return { json: { appliance: home.identity.name, at: new Date(now).toISOString(), volumes, verify, health }, text };
+        // Why replication may be slow now: the cap config.yaml puts on it (appliance/config/bwlimit.ts).
+        const { replicationRate, hasSchedule } = await import('../../config/bwlimit.js');
+        const r = config.replication;
+        const replication = r === null ? null : { peer: r.peer, capNow: replicationRate(r, new Date(now)), scheduled: hasSchedule(r) };
+        const capLine = replication && (replication.scheduled || replication.capNow > 0)
+          ? [`replication to ${replication.peer}: ${replication.capNow === 0 ? 'not capped now' : `capped at ${formatBytes(replication.capNow)}/s now`} (config.yaml replication.${replication.scheduled ? 'schedule' : 'bwlimit'})`]
+          : [];
+        const text = [table, ...failedOver, ...held, ...paused, ...capLine, ...healthLines, ...(only === undefined ? [verifyLine(verify, now, formatAge, formatBytes)] : [])].join('\n');
+        return { json: { appliance: home.identity.name, at: new Date(now).toISOString(), volumes, replication, verify, health }, text };
       });
     }));
 }
