@@ -13,6 +13,7 @@ import { existsSync } from 'node:fs';
 import { TandemError, diskFullError, fromSystemError, isTandemError } from '../common/errors.js';
 import type { Home } from './home.js';
 import { SOURCES_NS } from './sources.js';
+import { JOB_PREFIX, RATES_NS, STATE_NS } from './scheduler/state.js';
 import type { Hash, Store, SnapshotRecord, VolumeRecord, ScanProgress } from '../store/index.js';
 import { inspectVolume, openVolumeReader, openVolumeWriter, readChangedBlocksFile } from './volumes/index.js';
 import { materialize, type MaterializeProgress, type MaterializeResult } from '../sync/materialize.js';
@@ -126,6 +127,11 @@ export async function removeVolume(home: Home, store: Store, name: string, opts:
     await store.removeVolume(name);
     // A volume received from a peer: the next push of that name may come from any appliance.
     await store.deleteMeta(SOURCES_NS, name);
+    // The scheduler's state of it (points, hold, pause, measured rates, a checkpointed job) was
+    // about what is gone: a volume added again under the name starts afresh, not paused.
+    await store.deleteMeta(STATE_NS, name);
+    await store.deleteMeta(RATES_NS, name);
+    await store.deleteMeta(STATE_NS, `${JOB_PREFIX}volume:${name}`);
   } finally {
     release();
   }

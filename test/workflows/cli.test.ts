@@ -251,6 +251,10 @@ test('pause and resume: usage and unknown volumes change nothing; a pause is in 
   assert.equal(check?.status, 'warn', JSON.stringify(doctor.json.checks));
   assert.match(check.fix, /appliance resume a1/);
 
+  // A volume removed while paused and added again under its name starts afresh.
+  assert.equal((await cli(a, 'volume', 'remove', 'a1')).code, 0);
+  assert.equal((await cli(a, 'volume', 'add', 'a1', '--path', join(dir, 'a1.img'))).code, 0);
+  assert.equal((await cli(a, 'status', 'a1')).json.volumes[0].paused, null, 'not paused after remove and add');
   assert.deepEqual((await cli(a, 'pause', '--all')).json.paused.map((x: { volume: string }) => x.volume), ['a1', 'a2']);
   const resumed = await cli(a, 'resume', '--all');
   assert.deepEqual(resumed.json.resumed.map((x: { volume: string; paused: { until: string | null } }) => [x.volume, x.paused.until]), [['a1', null], ['a2', null]]);
