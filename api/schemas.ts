@@ -46,8 +46,21 @@ export const WireNode = Type.Object(
 );
 export type WireNodeT = Static<typeof WireNode>;
 
-/** A node to store, with the node at its position in the sync's base snapshot (store/types.ts NodeToPut). */
-export const WirePutNode = Type.Object({ ...WireNode.properties, base: Type.Optional(HexHash) }, { additionalProperties: false });
+/**
+ * A node to store, with the node at its position in the sync's base snapshot (store/types.ts
+ * NodeToPut), or as a change of that base node: `changed` ([index, child] pairs) instead of
+ * `children` (store/types.ts NodeChangeToPut). Exactly one of the two (checked by the route).
+ */
+export const WirePutNode = Type.Object(
+  {
+    hash: HexHash,
+    level: WireNode.properties.level,
+    children: Type.Optional(WireNode.properties.children),
+    base: Type.Optional(HexHash),
+    changed: Type.Optional(Type.Array(Type.Tuple([Type.Integer({ minimum: 0, maximum: MAX_CHILDREN - 1 }), HexHash]), { maxItems: MAX_CHILDREN })),
+  },
+  { additionalProperties: false },
+);
 export type WirePutNodeT = Static<typeof WirePutNode>;
 
 export const NodeList = Type.Object({ nodes: Type.Array(WirePutNode, { maxItems: MAX_NODES_PER_REQUEST }) }, { additionalProperties: false });

@@ -22,13 +22,13 @@ import { Mutex, SharedLock } from './mutex.js';
 import { CODEC_RAW, decodePayload, decodeRecord, decodeRecordHeader, encodeRecordParts, RECORD_HEADER_LENGTH, RECORD_TRAILER_LENGTH } from './pack.js';
 import { PackFiles, type RecoveryReport } from './pack-files.js';
 import { checkBlockSize, checkSize, normalizeSnapshot, normalizeVolume, sameJson } from './records.js';
-import { blockCount, buildTree, checkNode, decodeNode, diffTrees, encodeNode, walkBlocks, type BlockChange, type TreeShape } from './tree.js';
+import { applyNodeChange, blockCount, buildTree, checkNode, checkNodeChange, decodeNode, isNodeChange, diffTrees, encodeNode, walkBlocks, type BlockChange, type TreeShape } from './tree.js';
 import { scanVolume } from './scan.js';
 import { HashPools } from './hash-pool.js';
 import { verifyStore, type VerifyOptions } from './verify.js';
 import { collectGarbage } from './gc.js';
 import type {
-  BlockFrame, GcProgress, GcReport, GetBlocksOptions, Hash, NodeToPut, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyReport, VolumeReader, VolumeRecord,
+  BlockFrame, GcProgress, GcReport, GetBlocksOptions, Hash, NodeChangeToPut, NodeToPut, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyReport, VolumeReader, VolumeRecord,
 } from './types.js';
 
 /** A block read from a pack, with the function that gives its pooled buffer back (if pooled). */
@@ -636,7 +636,7 @@ export class Store implements ReplicaStore {
    * For each node to put, its base as this store holds it at the node's level, verified; else
    * undefined (absent, damaged or of another level: every child of that node is looked up).
    */
-  private async baseNodes(nodes: readonly NodeToPut[]): Promise<Array<TreeNode | undefined>> {
+  private async baseNodes(nodes: ReadonlyArray<NodeToPut | NodeChangeToPut>): Promise<Array<TreeNode | undefined>> {
     const asked = nodes.map((n) => (n.base !== undefined && !isZeroHash(n.base) ? n.base : undefined));
     const hashes = asked.filter((h): h is Hash => h !== undefined);
     if (hashes.length === 0) return nodes.map(() => undefined);
@@ -654,21 +654,24 @@ export class Store implements ReplicaStore {
   /**
    * Store verified nodes whose children are all present (blocks for level 1, nodes of the level
    * below otherwise; nodes in the same call count). Throws ERR_SNAPSHOT_INCOMPLETE naming the
-   * missing children, storing nothing. Idempotent.
+   * missing children, storing nothing. Idempotent. A node given as a change of its base
+   * (NodeChangeToPut) is rebuilt from this store's copy of the base, then verified as any.
    */
-  async putNodes(nodes: readonly NodeToPut[]): Promise<void> {
+  async putNodes(input: ReadonlyArray<NodeToPut | NodeChangeToPut>): Promise<void> {
     this.checkOpen();
-    if (!Array.isArray(nodes)) throw new TandemError('ERR_BAD_REQUEST', 'putNodes takes an array of nodes');
-    for (const n of nodes) {
-      checkNode(n);
+    if (!Array.isArray(input)) throw new TandemError('ERR_BAD_REQUEST', 'putNodes takes an array of nodes');
+    for (const n of input) {
+      if (isNodeChange(n)) checkNodeChange(n);
+      else checkNode(n);
       if (n.base !== undefined && !isHash(n.base)) throw new TandemError('ERR_BAD_REQUEST', 'a node\'s base must be a 32-byte hash');
     }
-    if (nodes.length === 0) return;
+    if (input.length === 0) return;
     await this.gcLock.shared(() => this.writeLock.run(async () => {
       await this.flushLocked();
       const batchLevels = new Map<string, number>();
-      for (const n of nodes) batchLevels.set(n.hash.toString('latin1'), n.level);
-      const bases = await this.baseNodes(nodes);
+      for (const n of input) batchLevels.set(n.hash.toString('latin1'), n.level);
+      const bases = await this.baseNodes(input);
+      const nodes = input.map((n, j) => (isNodeChange(n) ? applyNodeChange(n, bases[j]) : n));
       const blockAsk: Hash[] = [];
       const nodeAsk: Array<{ hash: Hash; level: number }> = [];
       const seen = new Set<string>();

@@ -14,7 +14,7 @@
  */
 import { TandemError } from '../common/errors.js';
 import { blake3, HASH_LENGTH, isZeroHash, toHex, ZERO_HASH } from './hash.js';
-import type { Hash, TreeNode } from './types.js';
+import type { Hash, NodeChangeToPut, TreeNode } from './types.js';
 
 /**
  * Children per node. With 512 KiB blocks a level-1 node covers 128 MiB, level 2 covers 32 GiB
@@ -99,6 +99,49 @@ export function checkNode(node: TreeNode): void {
   if (node.children.every(isZeroHash)) {
     throw new TandemError('ERR_NODE_CORRUPT', `tree node ${toHex(node.hash)} has only zero children; such a subtree must be ZERO_HASH`, { details: { hash: toHex(node.hash) } });
   }
+}
+
+/** A node given as a change of its base rather than with all its children. */
+export function isNodeChange(n: TreeNode | NodeChangeToPut): n is NodeChangeToPut {
+  return (n as Partial<TreeNode>).children === undefined && (n as Partial<NodeChangeToPut>).changed !== undefined;
+}
+
+/** The shape of a node change (its hash is checked once it is rebuilt: {@link applyNodeChange}). */
+export function checkNodeChange(n: NodeChangeToPut): void {
+  const ok =
+    Buffer.isBuffer(n.hash) && n.hash.length === HASH_LENGTH &&
+    Number.isInteger(n.level) && n.level >= 1 && n.level <= MAX_HEIGHT &&
+    Buffer.isBuffer(n.base) && n.base.length === HASH_LENGTH &&
+    Array.isArray(n.changed) && n.changed.length <= FANOUT &&
+    n.changed.every(([i, c], k) => Number.isInteger(i) && i >= 0 && i < FANOUT && (k === 0 || i > n.changed[k - 1]![0]) && Buffer.isBuffer(c) && c.length === HASH_LENGTH);
+  if (!ok) {
+    throw new TandemError('ERR_NODE_CORRUPT', 'a tree node sent as a change of its base is malformed (a base hash, [index, child] pairs with indices increasing below 256, children of 32 bytes); the sender is faulty', {
+      details: { hash: Buffer.isBuffer(n?.hash) ? toHex(n.hash) : undefined },
+    });
+  }
+}
+
+/**
+ * The node `n` describes, from `base` (the store's copy of n.base, read at n.level; undefined
+ * when the store lacks it): ERR_SNAPSHOT_INCOMPLETE when there is no base to build on, the
+ * node's errors (checkNode) when what is built is not the node named.
+ */
+export function applyNodeChange(n: NodeChangeToPut, base: TreeNode | undefined): TreeNode {
+  if (!base) {
+    throw new TandemError('ERR_SNAPSHOT_INCOMPLETE', `tree node ${toHex(n.hash)} was sent as a change of node ${toHex(n.base)}, which this store does not hold at level ${n.level}; send the node with all its children`, {
+      details: { missing: [toHex(n.base)], count: 1, base: toHex(n.base) },
+    });
+  }
+  const children = [...base.children];
+  for (const [i, c] of n.changed) {
+    if (i >= children.length) {
+      throw new TandemError('ERR_NODE_CORRUPT', `tree node ${toHex(n.hash)} changes child ${i} of a base node that has ${children.length}; the sender is faulty`, { details: { hash: toHex(n.hash) } });
+    }
+    children[i] = c;
+  }
+  const node = { hash: n.hash, level: n.level, children };
+  checkNode(node);
+  return node;
 }
 
 /** Reads a node by hash (throws ERR_NODE_MISSING / ERR_NODE_CORRUPT). */

@@ -131,14 +131,18 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
       const b = pairs.get(toHex(n.hash));
       return b && !isZero(b) ? { ...n, base: b } : n;
     });
-    /** The children of `nodes` that are not the base's child at the same position, and their new pairs. */
-    const changedChildren = async (nodes: NodeToPut[]): Promise<{ children: Hash[]; next: Map<string, Hash> }> => {
+    /**
+     * The children of `nodes` that are not the base's child at the same position, and their new
+     * pairs; and the nodes with their base's children, so that a peer is sent only what differs
+     * (api/client.ts putNodes).
+     */
+    const changedChildren = async (nodes: NodeToPut[]): Promise<{ nodes: NodeToPut[]; children: Hash[]; next: Map<string, Hash> }> => {
       const baseHashes = unique(nodes.map((n) => n.base).filter((h): h is Hash => h !== undefined));
       const baseNodes = new Map<string, TreeNode>();
       if (baseHashes.length > 0) for (const b of await getNodes(source, baseHashes, () => requests++)) baseNodes.set(toHex(b.hash), b);
       const children: Hash[] = [];
       const next = new Map<string, Hash>();
-      for (const n of nodes) {
+      const withBaseChildren = nodes.map((n) => {
         const b = n.base ? baseNodes.get(toHex(n.base)) : undefined;
         n.children.forEach((c, i) => {
           if (isZero(c)) return;
@@ -147,15 +151,15 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
           children.push(c);
           if (bc && !isZero(bc)) next.set(toHex(c), bc);
         });
-      }
-      return { children: unique(children), next };
+        return b ? { ...n, baseChildren: b.children } : n;
+      });
+      return { nodes: withBaseChildren, children: unique(children), next };
     };
     progress('walk');
     while (level > 1 && frontier.length > 0) {
       check();
-      const nodes = withBase(await getNodes(source, frontier, () => requests++));
+      const { nodes, children, next } = await changedChildren(withBase(await getNodes(source, frontier, () => requests++)));
       upper.push(nodes);
-      const { children, next } = await changedChildren(nodes);
       pairs = next;
       frontier = await missing(children, (b) => target.hasNodes(b), () => requests++);
       level--;
@@ -168,8 +172,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
     if (level === 1) {
       for (const window of batches(frontier, WINDOW_NODES)) {
         check();
-        const nodes = withBase(await getNodes(source, window, () => requests++));
-        const { children: blocks } = await changedChildren(nodes);
+        const { nodes, children: blocks } = await changedChildren(withBase(await getNodes(source, window, () => requests++)));
         const lacking = await missing(blocks, (b) => target.hasBlocks(b), () => requests++);
         trace(`engine: window of ${window.length} level-1 nodes: ${lacking.length} of ${blocks.length} blocks lacking`);
         unresolved -= window.length;

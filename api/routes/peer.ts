@@ -8,7 +8,7 @@ import { Readable } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
 import { TandemError } from '../../common/errors.js';
 import { DEFAULT_BLOCK_SIZE, type Store } from '../../store/index.js';
-import type { SnapshotRecord, TreeNode } from '../../store/types.js';
+import type { NodeChangeToPut, NodeToPut, SnapshotRecord, TreeNode } from '../../store/types.js';
 import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '../../sync/framing.js';
 import { trace } from '../../sync/trace.js';
 import { LEASE_HEADER, PROTOCOL_VERSION, fromHex, toHex } from '../../sync/protocol.js';
@@ -33,6 +33,19 @@ export function nodeToWire(n: TreeNode): S.WireNodeT {
 
 export function nodeFromWire(n: S.WireNodeT): TreeNode {
   return { hash: fromHex(n.hash), level: n.level, children: n.children.map(fromHex) };
+}
+
+/** A node of nodes/put: whole (`children`, with an optional `base`) or a change of its `base` (`changed`). */
+function putNodeFromWire(n: S.WirePutNodeT): NodeToPut | NodeChangeToPut {
+  if (n.changed !== undefined) {
+    if (n.children !== undefined || n.base === undefined) {
+      throw new TandemError('ERR_BAD_REQUEST', `node ${n.hash} in nodes/put: send either children, or base with changed (the base's children with these replaced), not both`);
+    }
+    return { hash: fromHex(n.hash), level: n.level, base: fromHex(n.base), changed: n.changed.map(([i, c]) => [i, fromHex(c)] as const) };
+  }
+  if (n.children === undefined) throw new TandemError('ERR_BAD_REQUEST', `node ${n.hash} in nodes/put has neither children nor changed`);
+  const node = { hash: fromHex(n.hash), level: n.level, children: n.children.map(fromHex) };
+  return n.base === undefined ? node : { ...node, base: fromHex(n.base) };
 }
 
 /**
@@ -183,7 +196,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
 
   app.post('/v1/nodes/put', { schema: { body: S.NodeList, summary: 'store nodes whose children are all present (else 409 ERR_SNAPSHOT_INCOMPLETE, nothing stored)' } }, async (req) => {
     const { nodes } = req.body as S.NodeListBody;
-    await store.putNodes(nodes.map((n) => (n.base === undefined ? nodeFromWire(n) : { ...nodeFromWire(n), base: fromHex(n.base) })));
+    await store.putNodes(nodes.map(putNodeFromWire));
     stats.nodesReceived += nodes.length;
     // A node put again replaces a damaged copy (the peer's `repair --push`): it leaves the damage list.
     await clearDamage(store, nodes.map((n) => n.hash));

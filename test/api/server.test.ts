@@ -72,6 +72,12 @@ test('bad requests get 400 ERR_BAD_REQUEST with a message; catalog errors keep t
   const badBase = await app.inject({ method: 'POST', url: '/v1/nodes/put', headers: auth, payload: { nodes: [{ hash: h, level: 1, children: [h], base: 'nothex' }] } });
   assert.equal(badBase.statusCode, 400);
   assert.match(badBase.json().error.message, /base/);
+  // A node goes whole (children) or as a change of its base (base + changed), never both or neither.
+  for (const node of [{ hash: h, level: 1, children: [h], base: h, changed: [[0, h]] }, { hash: h, level: 1, changed: [[0, h]] }, { hash: h, level: 1 }, { hash: h, level: 1, base: h, changed: [[-1, h]] }]) {
+    const r = await app.inject({ method: 'POST', url: '/v1/nodes/put', headers: auth, payload: { nodes: [node] } });
+    assert.equal(r.statusCode, 400, JSON.stringify(node));
+    assert.equal(r.json().error.code, 'ERR_BAD_REQUEST');
+  }
   const huge = await app.inject({ method: 'POST', url: '/v1/nodes/put', headers: { ...auth, 'content-type': 'application/json' }, payload: 'x'.repeat(9 * 1024 * 1024) });
   assert.equal(huge.statusCode, 413);
   assert.equal(huge.json().error.code, 'ERR_PAYLOAD_TOO_LARGE');

@@ -150,6 +150,42 @@ export function blockStoreSuite(name: string, factory: () => Promise<SuiteStore>
       assert.deepEqual(await s.hasNodes([claims.hash, posing.hash]), [false, false]);
     }));
 
+    it('putNodes takes a node as a change of a held base node, and refuses a bad change storing nothing', withStore(async (s) => {
+      const bs = Array.from({ length: 8 }, () => block());
+      await s.putBlocks(frames(bs));
+      const base = makeNode(1, bs.slice(0, 6).map((b) => b.hash));
+      await s.putNodes([base]);
+      // Children 1 and 4 replaced; the rest are the base's.
+      const next = makeNode(1, base.children.map((c, i) => (i === 1 ? bs[6]!.hash : i === 4 ? bs[7]!.hash : c)));
+      await s.putNodes([{ hash: next.hash, level: 1, base: base.hash, changed: [[1, bs[6]!.hash], [4, bs[7]!.hash]] }]);
+      assert.deepEqual((await s.getNodes([next.hash]))[0]!.children, next.children, 'rebuilt with every child');
+      // A whole node with its base's children (as the sync engine gives it) is stored the same way.
+      const third = makeNode(1, next.children.map((c, i) => (i === 0 ? bs[7]!.hash : c)));
+      await s.putNodes([{ ...third, base: next.hash, baseChildren: next.children }]);
+      assert.deepEqual((await s.getNodes([third.hash]))[0]!.children, third.children);
+      // Its base not held (gone, or never synced): a peer gets it whole at once after refusing the change.
+      const elsewhere = makeNode(1, [bs[0]!.hash, bs[1]!.hash, bs[2]!.hash]);
+      const onElsewhere = makeNode(1, [bs[0]!.hash, bs[1]!.hash, bs[3]!.hash]);
+      await s.putNodes([{ ...onElsewhere, base: elsewhere.hash, baseChildren: elsewhere.children }]);
+      assert.deepEqual(await s.hasNodes([onElsewhere.hash, elsewhere.hash]), [true, false]);
+      // Refused, nothing stored: a changed child absent, a base not held (a receiver cannot
+      // build on it: send the node whole), a change that does not give the node named, an
+      // index past the base's children, indices out of order.
+      const absent = block();
+      const lacking = makeNode(1, base.children.map((c, i) => (i === 2 ? absent.hash : c)));
+      await rejectsWith(s.putNodes([{ hash: lacking.hash, level: 1, base: base.hash, changed: [[2, absent.hash]] }]), 'ERR_SNAPSHOT_INCOMPLETE');
+      const unknownBase = makeNode(1, [bs[0]!.hash, bs[1]!.hash]);
+      const onUnknown = makeNode(1, [bs[0]!.hash, bs[2]!.hash]);
+      await rejectsWith(s.putNodes([{ hash: onUnknown.hash, level: 1, base: unknownBase.hash, changed: [[1, bs[2]!.hash]] }]), 'ERR_SNAPSHOT_INCOMPLETE');
+      const wrong = makeNode(1, base.children.map((c, i) => (i === 3 ? bs[7]!.hash : c)));
+      await rejectsWith(s.putNodes([{ hash: wrong.hash, level: 1, base: base.hash, changed: [[3, bs[6]!.hash]] }]), 'ERR_NODE_CORRUPT');
+      const longer = makeNode(1, [...base.children, bs[6]!.hash]);
+      await rejectsWith(s.putNodes([{ hash: longer.hash, level: 1, base: base.hash, changed: [[6, bs[6]!.hash]] }]), 'ERR_NODE_CORRUPT');
+      const swapped = makeNode(1, base.children.map((c, i) => (i === 1 ? bs[6]!.hash : i === 4 ? bs[7]!.hash : c)));
+      await rejectsWith(s.putNodes([{ hash: swapped.hash, level: 1, base: base.hash, changed: [[4, bs[7]!.hash], [1, bs[6]!.hash]] }]), 'ERR_NODE_CORRUPT');
+      assert.deepEqual(await s.hasNodes([lacking.hash, onUnknown.hash, wrong.hash, longer.hash]), [false, false, false, false]);
+    }));
+
     it('putNodes refuses a node that does not match its hash', withStore(async (s) => {
       const b = block();
       await s.putBlocks(frames([b]));
