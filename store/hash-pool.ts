@@ -198,6 +198,8 @@ export class HashPools {
   private closed = false;
   /** Keep one idle pool without a time limit ({@link keepWarm}). */
   private warm = false;
+  /** Pools lent by {@link borrow} so far (started or idle). */
+  lent = 0;
 
   /** @param idleMs how long an idle pool is kept ({@link POOL_IDLE_MS}) */
   constructor(private readonly idleMs = POOL_IDLE_MS) {}
@@ -212,6 +214,11 @@ export class HashPools {
    */
   keepWarm(): void {
     this.warm = true;
+  }
+
+  /** Whether {@link keepWarm} was called. */
+  get keptWarm(): boolean {
+    return this.warm;
   }
 
   /** Whether {@link borrow} of `bytes` would get a started pool rather than start one. */
@@ -231,6 +238,7 @@ export class HashPools {
       pool = new HashPool(new SharedArrayBuffer(bytes));
     }
     pool.setActive(true);
+    this.lent++;
     return pool;
   }
 

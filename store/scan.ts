@@ -79,6 +79,11 @@ const PROGRESS_INTERVAL_MS = 100;
  * snapshot of 82 listed blocks of a 2 GiB image took 0.13-0.16 s in the command this way and
  * 0.22-0.33 s with the pool started for it; 250 blocks 0.17-0.22 s against 0.24-0.70 s). The
  * thread stays responsive: it hashes 16 blocks (~3 ms) at a time between reads.
+ * A process that lives on (Store.keepWarm: `serve`, `daemon`) starts the pool at its first scan
+ * and keeps it, so its change lists go to the workers, and the calling thread, free of reads and
+ * hashing, stores and sends: a change-list sync of 82 blocks of a 4 GiB image in a running
+ * appliance, 20 in a row, 3 alternated rounds: medians 0.164, 0.165, 0.226 s with the workers,
+ * 0.220, 0.203, 0.206 s on the calling thread.
  */
 const MAIN_THREAD_MAX_BLOCKS = 256;
 
@@ -204,7 +209,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   // A local file or device is read by the hash workers themselves (see HashPool).
   const localPath = typeof reader.path === 'string' && (reader.kind === 'file' || reader.kind === 'device') ? reader.path : undefined;
   const poolBytes = IO_SKEW + slotBytes * SLOTS;
-  const onMainThread = changed !== undefined && changed.length <= MAIN_THREAD_MAX_BLOCKS && !store.hashPools.hasIdle(poolBytes);
+  const onMainThread = changed !== undefined && changed.length <= MAIN_THREAD_MAX_BLOCKS && !store.hashPools.hasIdle(poolBytes) && !store.hashPools.keptWarm;
   const pool = onMainThread ? null : store.hashPools.borrow(poolBytes);
   // On the calling thread, reads (libuv) overlap hashing with two slots; more would only hold memory.
   const slots = pool ? SLOTS : Math.min(2, Math.ceil((changed?.length ?? 0) / chunkBlocks));

@@ -235,6 +235,16 @@ describe('Store', () => {
     assert.deepEqual(again.recovery, { removed: [], truncated: [], short: [] });
     assert.ok((await readBack(again, warm.snap)).equals(img));
     assert.equal((await again.verify()).problems.length, 0);
+    // Reopened, no pool started: kept warm, even a short change list goes to the hash workers
+    // (a one-shot store hashes it on the calling thread rather than start them), and the pool stays.
+    again.keepWarm();
+    for (const i of [7, 8, 250]) img.fill(9, i * BS, i * BS + 50);
+    await writeImage(path, img);
+    const listed = await scanFile(again, path, 'vol', { parent: warm.snap, changedBlocks: [7, 8, 250] });
+    assert.equal(again.hashPools.lent, 1, 'the change list was hashed by the pool');
+    assert.equal((await scanFile(again, path, 'vol', { parent: listed })).root, listed.root, 'as a full rescan finds it');
+    assert.equal(again.hashPools.lent, 2);
+    assert.ok((await readBack(again, listed)).equals(img));
   });
 
   it('a long scattered change list (read by the hash workers, or through the reader) equals a full rescan', async (t) => {
