@@ -20,7 +20,7 @@ import type { Pool as PoolType, buildConnector as BuildConnectorType, Dispatcher
 import { createRequire } from 'node:module';
 import { TandemError, isErrorCode, isTandemError } from '../common/errors.js';
 import type { BlockFrame, GetBlocksOptions, Hash, NodeChangeToPut, NodeToPut, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
-import { isNodeChange } from '../store/tree.js';
+import { applyNodeChange, checkNodeChange, childChanges, isNodeChange } from '../store/tree.js';
 import type { WirePutNodeT } from './schemas.js';
 import { throttle, TokenBucket, type Rate } from '../sync/bwlimit.js';
 import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '../sync/framing.js';
@@ -122,10 +122,13 @@ export interface LockAnswer {
   readonly nextFingerprint?: string;
 }
 
+/** A node as nodes/get answers it: whole, or as the changes of the base the request named. */
 interface WireNode {
   hash: string;
   level: number;
-  children: string[];
+  children?: string[];
+  base?: string;
+  changed?: Array<[number, string]>;
 }
 
 /**
@@ -169,14 +172,8 @@ async function* traced(frames: AsyncIterable<BlockFrame>): AsyncGenerator<BlockF
 function wireNode(n: NodeToPut | NodeChangeToPut, changes: boolean): WirePutNodeT {
   if (isNodeChange(n)) return { hash: toHex(n.hash), level: n.level, base: toHex(n.base), changed: n.changed.map(([i, c]) => [i, toHex(c)]) };
   const base = n.base ? { base: toHex(n.base) } : {};
-  const theirs = n.baseChildren;
-  if (changes && n.base && theirs && theirs.length === n.children.length) {
-    const changed: Array<[number, string]> = [];
-    for (let i = 0; i < n.children.length && changed.length * 2 <= n.children.length; i++) {
-      if (!n.children[i]!.equals(theirs[i]!)) changed.push([i, toHex(n.children[i]!)]);
-    }
-    if (changed.length * 2 <= n.children.length) return { hash: toHex(n.hash), level: n.level, ...base, changed };
-  }
+  const changed = changes && n.base && n.baseChildren ? childChanges(n.children, n.baseChildren) : null;
+  if (changed) return { hash: toHex(n.hash), level: n.level, ...base, changed: changed.map(([i, c]) => [i, toHex(c)]) };
   return { hash: toHex(n.hash), level: n.level, children: n.children.map(toHex), ...base };
 }
 
@@ -185,7 +182,7 @@ export class RemotePeer implements ReplicaStore {
   readonly url: string;
   /** Requests sent (each attempt counts). */
   requests = 0;
-  /** Nodes go to the peer as changes of their base where that is shorter (false once it refused them: see putNodes). */
+  /** Nodes go to and come from the peer as changes of their base where that is shorter (false once it refused them: see putNodes, getNodes). */
   private nodeChanges = true;
   /** Block stream bytes on the wire (framed, compressed), up and down. */
   wireBytesSent = 0;
@@ -493,16 +490,40 @@ export class RemotePeer implements ReplicaStore {
     return out;
   }
 
-  async getNodes(hashes: readonly Hash[]): Promise<TreeNode[]> {
+  /**
+   * With `known` (a node this side holds at the same position of an earlier tree, per hash),
+   * the peer answers a node as the children that differ from it where that is shorter, as
+   * putNodes sends them; each is rebuilt here and checked against its hash. A peer of a release
+   * without changes refuses the field (ERR_BAD_REQUEST): asked again without, from then on.
+   */
+  async getNodes(hashes: readonly Hash[], known?: ReadonlyArray<TreeNode | undefined>): Promise<TreeNode[]> {
     const out: TreeNode[] = [];
-    for (const part of batches(hashes, MAX_NODES_PER_REQUEST)) {
-      const a = await this.json<{ nodes: WireNode[] }>('POST', '/v1/nodes/get', { hashes: part.map(toHex) }, true);
+    for (let at = 0; at < hashes.length; at += MAX_NODES_PER_REQUEST) {
+      const part = hashes.slice(at, at + MAX_NODES_PER_REQUEST);
+      const alike = known?.slice(at, at + MAX_NODES_PER_REQUEST) ?? [];
+      const bases = this.nodeChanges && alike.some((k) => k !== undefined) ? part.map((_, i) => (alike[i] ? toHex(alike[i]!.hash) : null)) : undefined;
+      let a: { nodes: WireNode[] };
+      try {
+        a = await this.json<{ nodes: WireNode[] }>('POST', '/v1/nodes/get', { hashes: part.map(toHex), ...(bases ? { bases } : {}) }, true);
+      } catch (e) {
+        if (!bases || !isTandemError(e, 'ERR_BAD_REQUEST')) throw e;
+        this.nodeChanges = false;
+        a = await this.json<{ nodes: WireNode[] }>('POST', '/v1/nodes/get', { hashes: part.map(toHex) }, true);
+      }
       if (!Array.isArray(a.nodes) || a.nodes.length !== part.length) throw new TandemError('ERR_PEER_PROTOCOL', `peer ${this.name} answered nodes/get with the wrong number of nodes`);
       a.nodes.forEach((n, i) => {
-        const node = { hash: fromHex(n.hash), level: n.level, children: n.children.map(fromHex) };
-        if (!node.hash.equals(part[i]!) || !Number.isInteger(node.level) || node.children.length === 0) {
-          throw new TandemError('ERR_NODE_CORRUPT', `peer ${this.name} answered nodes/get with a node other than the one asked (${n.hash})`);
+        const other = () => new TandemError('ERR_NODE_CORRUPT', `peer ${this.name} answered nodes/get with a node other than the one asked (${String(n?.hash).slice(0, 80)})`);
+        if (n?.changed !== undefined) {
+          // Built on the node named as its base, which must be the one this side offered.
+          const base = alike[i];
+          if (!base || n.base !== toHex(base.hash) || !Array.isArray(n.changed) || !fromHex(n.hash).equals(part[i]!)) throw other();
+          const change = { hash: part[i]!, level: n.level, base: base.hash, changed: n.changed.map(([j, c]) => [j, fromHex(c)] as const) };
+          checkNodeChange(change);
+          out.push(applyNodeChange(change, base));
+          return;
         }
+        const node = { hash: fromHex(n.hash), level: n.level, children: (n.children ?? []).map(fromHex) };
+        if (!node.hash.equals(part[i]!) || !Number.isInteger(node.level) || node.children.length === 0) throw other();
         out.push(node);
       });
     }

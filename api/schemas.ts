@@ -29,10 +29,19 @@ export const HashList = Type.Object(
 );
 export type HashListBody = Static<typeof HashList>;
 
+/**
+ * nodes/get: the nodes asked, and optionally for each a node the client holds at the same
+ * position of an earlier tree (`bases`, null where none): the answer gives a node as the
+ * children that differ from it where that is shorter.
+ */
 export const NodeHashList = Type.Object(
-  { hashes: Type.Array(HexHash, { maxItems: MAX_NODES_PER_REQUEST }) },
+  {
+    hashes: Type.Array(HexHash, { maxItems: MAX_NODES_PER_REQUEST }),
+    bases: Type.Optional(Type.Array(Type.Union([HexHash, Type.Null()]), { maxItems: MAX_NODES_PER_REQUEST })),
+  },
   { additionalProperties: false },
 );
+export type NodeHashListBody = Static<typeof NodeHashList>;
 
 export const PresentAnswer = Type.Object({ present: Type.Array(Type.Boolean()) });
 

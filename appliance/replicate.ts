@@ -409,7 +409,14 @@ async function pull(home: Home, store: Store, remote: RemotePeer, volume: string
   if (!latest) {
     throw new TandemError('ERR_NOTHING_TO_SYNC', `peer ${peer} has no snapshot of "${volume}"; sync it there first`, { details: { volume, peer } });
   }
-  const copy = await copySnapshot(remote, store, latest, { onProgress: transferProgress(opts), dryRun: opts.dryRun === true, ...(opts.signal ? { signal: opts.signal } : {}) });
+  // This store's latest snapshot of the volume is a base it holds in full (a failback's: the
+  // snapshot the failover started from): the engine reads its nodes here and asks about, fetches
+  // and checks only what differs from it (sync/README.md, "Base").
+  const base = await store.latestSnapshot(volume);
+  const copy = await copySnapshot(remote, store, latest, {
+    onProgress: transferProgress(opts), dryRun: opts.dryRun === true, ...(opts.signal ? { signal: opts.signal } : {}),
+    ...(base ? { base, baseFrom: 'target' as const } : {}),
+  });
   await remote.releaseVolume();
   if (opts.dryRun) return summary(volume, peer, 'pull', latest, copy, true);
   let applied: ApplyResult | undefined;

@@ -636,6 +636,21 @@ export class Store implements ReplicaStore {
    * For each node to put, its base as this store holds it at the node's level, verified; else
    * undefined (absent, damaged or of another level: every child of that node is looked up).
    */
+  /** The nodes held of `hashes`, verified; undefined for an absent one (or none asked), a damaged one, or ZERO_HASH. */
+  async nodesHeld(hashes: ReadonlyArray<Hash | undefined>): Promise<Array<TreeNode | undefined>> {
+    this.checkOpen();
+    const asked = hashes.filter((h): h is Hash => h !== undefined && isHash(h) && !isZeroHash(h));
+    if (asked.length === 0) return hashes.map(() => undefined);
+    const vals = await this.db.getMany(asked.map(nodeKey));
+    const found = new Map<string, TreeNode>();
+    asked.forEach((h, i) => {
+      const v = vals[i];
+      const n = v === undefined ? null : decodeNode(h, v);
+      if (n) found.set(h.toString('latin1'), n);
+    });
+    return hashes.map((h) => (h === undefined ? undefined : found.get(h.toString('latin1'))));
+  }
+
   private async baseNodes(nodes: ReadonlyArray<NodeToPut | NodeChangeToPut>): Promise<Array<TreeNode | undefined>> {
     const asked = nodes.map((n) => (n.base !== undefined && !isZeroHash(n.base) ? n.base : undefined));
     const hashes = asked.filter((h): h is Hash => h !== undefined);

@@ -101,6 +101,22 @@ export function checkNode(node: TreeNode): void {
   }
 }
 
+/**
+ * The children of a node that differ from its base's at the same index, when it has as many and
+ * at most half differ (else null: the node is as short whole). What a peer is sent instead of
+ * the children (NodeChangeToPut, nodes/put and nodes/get).
+ */
+export function childChanges(children: readonly Hash[], baseChildren: readonly Hash[]): Array<[number, Hash]> | null {
+  if (children.length !== baseChildren.length) return null;
+  const out: Array<[number, Hash]> = [];
+  for (let i = 0; i < children.length; i++) {
+    if (children[i]!.equals(baseChildren[i]!)) continue;
+    if ((out.length + 1) * 2 > children.length) return null;
+    out.push([i, children[i]!]);
+  }
+  return out;
+}
+
 /** A node given as a change of its base rather than with all its children. */
 export function isNodeChange(n: TreeNode | NodeChangeToPut): n is NodeChangeToPut {
   return (n as Partial<TreeNode>).children === undefined && (n as Partial<NodeChangeToPut>).changed !== undefined;

@@ -82,8 +82,12 @@ export interface BlockSink {
 
 export interface NodeSource {
   hasNodes(hashes: readonly Hash[]): Promise<boolean[]>;
-  /** Nodes in the order asked; throws ERR_NODE_MISSING for an absent one. */
-  getNodes(hashes: readonly Hash[]): Promise<TreeNode[]>;
+  /**
+   * Nodes in the order asked; throws ERR_NODE_MISSING for an absent one. `known`: for some of
+   * them, a node the caller holds at the same position of an earlier tree (its base), which a
+   * peer uses to send only the children that differ from it; a store ignores it.
+   */
+  getNodes(hashes: readonly Hash[], known?: ReadonlyArray<TreeNode | undefined>): Promise<TreeNode[]>;
 }
 
 /**

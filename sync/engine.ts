@@ -54,6 +54,12 @@ export interface CopyOptions {
    * block under a changed level-1 node. Ignored unless its tree has the same shape.
    */
   readonly base?: SnapshotRecord | null;
+  /**
+   * Where the base's nodes are read: the source (the default, a push's local store), or the
+   * target when it is the local one (a pull: the target holds its own snapshots in full, and the
+   * source may no longer hold the base).
+   */
+  readonly baseFrom?: 'source' | 'target';
   /** Walk and count, but put and commit nothing. */
   readonly dryRun?: boolean;
   readonly onProgress?: (p: CopyProgress) => void;
@@ -119,46 +125,52 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
     let frontier: Hash[] = [root];
     let level = snap.height;
     const base = opts.base && sameShape(opts.base, snap) ? opts.base : null;
+    const baseStore = opts.baseFrom === 'target' ? target : source;
     /** For a node of the frontier, the base's node at the same position (hex of the node → base node hash). */
     let pairs = new Map<string, Hash>();
     if (base) pairs.set(toHex(root), fromHex(base.root));
     /**
-     * Nodes with their base's node: the walk compares their children with it, and the target
-     * skips looking up the children the two share (its invariant: it holds the base node's whole
-     * subtree, when it holds the node).
+     * The source's nodes at `hashes`, each with its base's node (read from `baseStore` first, so
+     * that a peer source sends only the children that differ from it: api/client.ts getNodes).
+     * The walk compares their children with the base's, and the target skips looking up the
+     * children the two share (its invariant: it holds the base node's whole subtree, when it
+     * holds the node); a peer target is sent only the children that differ (putNodes).
      */
-    const withBase = (nodes: TreeNode[]): NodeToPut[] => nodes.map((n) => {
-      const b = pairs.get(toHex(n.hash));
-      return b && !isZero(b) ? { ...n, base: b } : n;
-    });
-    /**
-     * The children of `nodes` that are not the base's child at the same position, and their new
-     * pairs; and the nodes with their base's children, so that a peer is sent only what differs
-     * (api/client.ts putNodes).
-     */
-    const changedChildren = async (nodes: NodeToPut[]): Promise<{ nodes: NodeToPut[]; children: Hash[]; next: Map<string, Hash> }> => {
-      const baseHashes = unique(nodes.map((n) => n.base).filter((h): h is Hash => h !== undefined));
+    const fetchWithBase = async (hashes: Hash[]): Promise<NodeToPut[]> => {
+      const baseOf = hashes.map((h) => {
+        const b = pairs.get(toHex(h));
+        return b && !isZero(b) ? b : undefined;
+      });
+      const baseHashes = unique(baseOf.filter((h): h is Hash => h !== undefined));
       const baseNodes = new Map<string, TreeNode>();
-      if (baseHashes.length > 0) for (const b of await getNodes(source, baseHashes, () => requests++)) baseNodes.set(toHex(b.hash), b);
+      if (baseHashes.length > 0) for (const b of await getNodes(baseStore, baseHashes, () => requests++)) baseNodes.set(toHex(b.hash), b);
+      const known = baseOf.map((b) => (b ? baseNodes.get(toHex(b)) : undefined));
+      const nodes = await getNodes(source, hashes, () => requests++, known);
+      return nodes.map((n, i) => {
+        const b = known[i];
+        return b ? { ...n, base: b.hash, baseChildren: b.children } : n;
+      });
+    };
+    /** The children of `nodes` that are not the base's child at the same position, and their new pairs. */
+    const changedChildren = (nodes: NodeToPut[]): { children: Hash[]; next: Map<string, Hash> } => {
       const children: Hash[] = [];
       const next = new Map<string, Hash>();
-      const withBaseChildren = nodes.map((n) => {
-        const b = n.base ? baseNodes.get(toHex(n.base)) : undefined;
+      for (const n of nodes) {
         n.children.forEach((c, i) => {
           if (isZero(c)) return;
-          const bc = b?.children[i];
+          const bc = n.baseChildren?.[i];
           if (bc?.equals(c)) return; // part of the base, which the target holds in full
           children.push(c);
           if (bc && !isZero(bc)) next.set(toHex(c), bc);
         });
-        return b ? { ...n, baseChildren: b.children } : n;
-      });
-      return { nodes: withBaseChildren, children: unique(children), next };
+      }
+      return { children: unique(children), next };
     };
     progress('walk');
     while (level > 1 && frontier.length > 0) {
       check();
-      const { nodes, children, next } = await changedChildren(withBase(await getNodes(source, frontier, () => requests++)));
+      const nodes = await fetchWithBase(frontier);
+      const { children, next } = changedChildren(nodes);
       upper.push(nodes);
       pairs = next;
       frontier = await missing(children, (b) => target.hasNodes(b), () => requests++);
@@ -172,7 +184,8 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
     if (level === 1) {
       for (const window of batches(frontier, WINDOW_NODES)) {
         check();
-        const { nodes, children: blocks } = await changedChildren(withBase(await getNodes(source, window, () => requests++)));
+        const nodes = await fetchWithBase(window);
+        const { children: blocks } = changedChildren(nodes);
         const lacking = await missing(blocks, (b) => target.hasBlocks(b), () => requests++);
         trace(`engine: window of ${window.length} level-1 nodes: ${lacking.length} of ${blocks.length} blocks lacking`);
         unresolved -= window.length;
@@ -269,11 +282,14 @@ function unique(hashes: Hash[]): Hash[] {
   return out;
 }
 
-async function getNodes(source: ReplicaStore, hashes: Hash[], count: () => void): Promise<TreeNode[]> {
+/** `known`: for each hash, a node the caller holds that the one asked for may share children with (see ReplicaStore.getNodes). */
+async function getNodes(source: ReplicaStore, hashes: Hash[], count: () => void, known?: ReadonlyArray<TreeNode | undefined>): Promise<TreeNode[]> {
   const out: TreeNode[] = [];
-  for (const part of batches(hashes, MAX_NODES_PER_REQUEST)) {
+  for (let i = 0; i < hashes.length; i += MAX_NODES_PER_REQUEST) {
     count();
-    out.push(...(await source.getNodes(part)));
+    const part = hashes.slice(i, i + MAX_NODES_PER_REQUEST);
+    const alike = known?.slice(i, i + MAX_NODES_PER_REQUEST);
+    out.push(...(await (alike?.some((k) => k !== undefined) ? source.getNodes(part, alike) : source.getNodes(part))));
   }
   return out;
 }

@@ -8,6 +8,7 @@ import { Readable } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
 import { TandemError } from '../../common/errors.js';
 import { DEFAULT_BLOCK_SIZE, type Store } from '../../store/index.js';
+import { childChanges } from '../../store/tree.js';
 import type { NodeChangeToPut, NodeToPut, SnapshotRecord, TreeNode } from '../../store/types.js';
 import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '../../sync/framing.js';
 import { trace } from '../../sync/trace.js';
@@ -187,11 +188,20 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     return { present: await store.hasNodes(hashes.map(fromHex)) };
   });
 
-  app.post('/v1/nodes/get', { schema: { body: S.NodeHashList, summary: 'nodes in the order asked; 404 ERR_NODE_MISSING if one is absent' } }, async (req) => {
-    const { hashes } = req.body as S.HashListBody;
+  app.post('/v1/nodes/get', { schema: { body: S.NodeHashList, summary: 'nodes in the order asked (as changes of the bases named, where shorter); 404 ERR_NODE_MISSING if one is absent' } }, async (req) => {
+    const { hashes, bases } = req.body as S.NodeHashListBody;
+    if (bases !== undefined && bases.length !== hashes.length) throw new TandemError('ERR_BAD_REQUEST', `nodes/get names ${bases.length} bases for ${hashes.length} nodes; name one per node (null for none)`);
     const nodes = await store.getNodes(hashes.map(fromHex));
+    // A base this store does not hold (or of another level) is ignored: that node goes whole.
+    const held = bases ? await store.nodesHeld(bases.map((b) => (b === null ? undefined : fromHex(b)))) : [];
     stats.nodesSent += nodes.length;
-    return { nodes: nodes.map(nodeToWire) };
+    return {
+      nodes: nodes.map((n, i) => {
+        const b = held[i];
+        const changed = b && b.level === n.level ? childChanges(n.children, b.children) : null;
+        return changed ? { hash: toHex(n.hash), level: n.level, base: toHex(b!.hash), changed: changed.map(([j, c]) => [j, toHex(c)]) } : nodeToWire(n);
+      }),
+    };
   });
 
   app.post('/v1/nodes/put', { schema: { body: S.NodeList, summary: 'store nodes whose children are all present (else 409 ERR_SNAPSHOT_INCOMPLETE, nothing stored)' } }, async (req) => {

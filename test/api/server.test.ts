@@ -72,6 +72,9 @@ test('bad requests get 400 ERR_BAD_REQUEST with a message; catalog errors keep t
   const badBase = await app.inject({ method: 'POST', url: '/v1/nodes/put', headers: auth, payload: { nodes: [{ hash: h, level: 1, children: [h], base: 'nothex' }] } });
   assert.equal(badBase.statusCode, 400);
   assert.match(badBase.json().error.message, /base/);
+  const mismatch = await app.inject({ method: 'POST', url: '/v1/nodes/get', headers: auth, payload: { hashes: [h], bases: [h, null] } });
+  assert.equal(mismatch.statusCode, 400);
+  assert.match(mismatch.json().error.message, /one per node/);
   // A node goes whole (children) or as a change of its base (base + changed), never both or neither.
   for (const node of [{ hash: h, level: 1, children: [h], base: h, changed: [[0, h]] }, { hash: h, level: 1, changed: [[0, h]] }, { hash: h, level: 1 }, { hash: h, level: 1, base: h, changed: [[-1, h]] }]) {
     const r = await app.inject({ method: 'POST', url: '/v1/nodes/put', headers: auth, payload: { nodes: [node] } });

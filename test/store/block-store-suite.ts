@@ -186,6 +186,24 @@ export function blockStoreSuite(name: string, factory: () => Promise<SuiteStore>
       assert.deepEqual(await s.hasNodes([lacking.hash, onUnknown.hash, wrong.hash, longer.hash]), [false, false, false, false]);
     }));
 
+    it('getNodes with nodes the caller holds (an earlier tree) returns the same nodes', withStore(async (s) => {
+      const bs = Array.from({ length: 8 }, () => block());
+      await s.putBlocks(frames(bs));
+      const base = makeNode(1, bs.slice(0, 6).map((b) => b.hash));
+      const near = makeNode(1, base.children.map((c, i) => (i === 2 ? bs[6]!.hash : c)));
+      const far = makeNode(1, [bs[7]!.hash, bs[6]!.hash, bs[5]!.hash, bs[4]!.hash, bs[3]!.hash, bs[2]!.hash]);
+      const other = makeNode(1, [bs[0]!.hash, bs[7]!.hash]);
+      const top = makeNode(2, [near.hash, far.hash]);
+      await s.putNodes([base, near, far, other, top]);
+      // near differs from base in one child (a peer sends it so), far in all (whole), other has
+      // fewer children (whole), top's "base" is of another level, and one is offered nothing.
+      const got = await s.getNodes([near.hash, far.hash, other.hash, top.hash, base.hash], [base, base, base, base, undefined]);
+      assert.deepEqual(got.map((n) => [n.hash, n.level, n.children]), [near, far, other, top, base].map((n) => [n.hash, n.level, n.children]));
+      // A base the peer does not hold is ignored too.
+      const unknown = makeNode(1, [block().hash, ...base.children.slice(1)]);
+      assert.deepEqual((await s.getNodes([near.hash], [unknown]))[0]!.children, near.children);
+    }));
+
     it('putNodes refuses a node that does not match its hash', withStore(async (s) => {
       const b = block();
       await s.putBlocks(frames([b]));

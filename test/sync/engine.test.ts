@@ -172,6 +172,19 @@ test('with a base the target holds, only blocks that differ from it are asked ab
   assert.equal(r.blocksSent, 3);
   assert.deepEqual(asked, [3], 'one question, about the three changed blocks only (without a base: every block under the three changed level-1 nodes)');
   assert.ok((await readAll(b, s2)).equals(data));
+  // A pull's base is read from the target (the local store, which holds it in full): the source
+  // may no longer hold it, and the target is still asked about the changed blocks only.
+  for (const i of [9, 1500]) randomBytes(BS).copy(data, i * BS);
+  const s3 = await a.scanVolume(memReader(data), { volume: 'v', blockSize: BS, parent: s2 });
+  await a.deleteSnapshot('v', s2.id);
+  await a.deleteSnapshot('v', s1.id);
+  await a.gc();
+  await assert.rejects(copySnapshot(a, watched, s3, { base: s2 }), { code: 'ERR_NODE_MISSING' }, 'read from the source, the base is gone');
+  asked.length = 0;
+  const r3 = await copySnapshot(a, watched, s3, { base: s2, baseFrom: 'target' });
+  assert.equal(r3.blocksSent, 2);
+  assert.deepEqual(asked, [2]);
+  assert.ok((await readAll(b, s3)).equals(data));
   // A base of another shape is ignored, not trusted.
   const [c, d] = await stores(t);
   const small = await c.scanVolume(memReader(data.subarray(0, 10 * BS)), { volume: 'v', blockSize: BS });
