@@ -14,6 +14,7 @@
  * 4. Another change of the same size, synced from a change list (--changed-blocks: no rescan),
  *    straight to B like rsync to its daemon: the counting proxy of step 3 is a third process
  *    relaying every byte on the same 2 cores, which rsync's transfer does not pay for.
+ * 4b. C (holding the first snapshot) pulls B's latest, as failback does (`sync --reverse`).
  * 5. A no-op sync (empty change list), straight to B as well.
  * 6. WAN: another change synced through a proxy adding 50 ms round-trip time and a 100 Mbit/s cap.
  * 7. The same kinds of sync, straight to B, in a running appliance (`serve` on A's home: store open, modules
@@ -316,10 +317,7 @@ async function main(): Promise<void> {
   rssA = Math.max(rssA, xfer.rss);
   row('first full sync, transfer only (snapshot already taken)', `${xfer.secs.toFixed(2)} s`, `${formatBytes(SIZE / xfer.secs)}/s = ${(socatSecs / xfer.secs).toFixed(2)}x socat's throughput; ${xfer.json.blocksSent} blocks; ${cpuSince(cpu)}`);
   row('  CPU used by each appliance', `${xfer.cpu.toFixed(1)} s + ${cpuC.toFixed(1)} s`, `A (read, verify, send) + C (receive, verify, store): ${(xfer.cpu / (SIZE / 2 ** 30)).toFixed(2)} s and ${(cpuC / (SIZE / 2 ** 30)).toFixed(2)} s per GiB`);
-  const rssC = peakRss(serveC.pid!);
-  serveC.kill('SIGTERM');
-  await once(serveC, 'close');
-  rmSync(homeC, { recursive: true, force: true });
+  // C stays up: after the changes below it pulls them from B (step 4b).
 
   // 3. rsync baseline and incremental sync with rescan, same change.
   const mod = join(dir, 'rsync-module');
@@ -362,6 +360,17 @@ async function main(): Promise<void> {
   const fromList = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud-direct', '--changed-blocks', list]);
   rssA = Math.max(rssA, fromList.rss);
   row('incremental sync from a change list (no rescan)', `${fromList.secs.toFixed(2)} s`, `${(fromList.secs / rsyncSecs).toFixed(3)}x rsync (target <= 0.05); ${fromList.json.blocksSent} blocks; ${fromList.json.seconds.toFixed(2)} s in the command`);
+
+  // 4b. A pull, as failback runs it (`sync --reverse`): C, which holds the first snapshot, pulls
+  // B's latest (the changes of steps 3 and 4) in its running appliance.
+  await appliance(homeC, ['peer', 'add', 'cloud', '--url', url, '--token', b.token, '--fingerprint', b.fingerprint]);
+  settle();
+  const pulled = await appliance(homeC, ['sync', 'vol', '--peer', 'cloud', '--reverse']);
+  row('incremental pull (sync --reverse, as failback), C in a running appliance', `${pulled.secs.toFixed(2)} s`, `${pulled.json.blocksSent} blocks (two changes), ${pulled.json.nodesSent} nodes, ${pulled.json.requests} requests; ${pulled.json.seconds.toFixed(2)} s in the command`);
+  const rssC = peakRss(serveC.pid!);
+  serveC.kill('SIGTERM');
+  await once(serveC, 'close');
+  rmSync(homeC, { recursive: true, force: true });
 
   // 5. No-op.
   writeFileSync(list, '');
