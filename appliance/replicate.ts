@@ -28,7 +28,8 @@ import type { Home } from './home.js';
 import { connectPeer, followCertificate, getPeer, type PeerRecord, type PinChange } from './peers.js';
 import { trace } from '../sync/trace.js';
 import type { Rate } from '../sync/bwlimit.js';
-import { releaseHold } from './scheduler/state.js';
+import { readVolumeState, releaseHold, type Pause } from './scheduler/state.js';
+import { activePause } from './pause.js';
 
 export const SYNC_BASE_NS = 'sync-base';
 
@@ -108,6 +109,8 @@ export interface SyncResult {
   readonly applied?: ApplyResult;
   /** The peer's certificate pins changed after the sync (it staged, activated or dropped a certificate: peers.ts followCertificate). */
   readonly certificate?: Exclude<PinChange, 'none'>;
+  /** The volume's scheduled jobs are paused (`appliance pause`): this manual sync ran anyway, and said so. */
+  readonly paused?: Pause;
 }
 
 function baseKey(volume: string, peer: string): string {
@@ -151,6 +154,10 @@ export async function syncVolumeLocked(home: Home, store: Store, volume: string,
   if (opts.force && !opts.apply) throw new TandemError('ERR_USAGE', '--force lets --reverse --apply write onto a volume of another size: use it with --reverse --apply');
   if (opts.keep === false && !opts.apply) throw new TandemError('ERR_USAGE', '--no-keep skips the snapshot --reverse --apply takes of what it overwrites: use it with --reverse --apply');
   const peer = await getPeer(store, peerName);
+  // A manual sync runs whatever a pause says (the operator means it), but says so: a script's
+  // log then shows that the daemon's own syncs of the volume are held.
+  const paused = activePause((await readVolumeState(store, volume)).paused, Date.now()) ?? undefined;
+  if (paused) opts.onNotice?.(describePauseForSync(volume, paused));
   const started = performance.now();
   const remote = connectPeer(peer, opts.bwlimit ? { bwlimit: opts.bwlimit } : {});
   trace('peer connected (lazy)');
@@ -158,13 +165,19 @@ export async function syncVolumeLocked(home: Home, store: Store, volume: string,
     const r = opts.reverse ? await pull(home, store, remote, volume, peer.name, opts) : await push(home, store, remote, volume, peer.name, opts);
     const seconds = (performance.now() - started) / 1000;
     const certificate = await followPeerCertificate(home, store, peer, remote, opts.onNotice);
-    return { ...r, seconds, requests: remote.requests, wireBytes: remote.wireBytesSent + remote.wireBytesReceived, ...(certificate ? { certificate } : {}) };
+    return { ...r, seconds, requests: remote.requests, wireBytes: remote.wireBytesSent + remote.wireBytesReceived, ...(certificate ? { certificate } : {}), ...(paused ? { paused } : {}) };
   } finally {
     await remote.releaseVolume();
     trace('lease released');
     await remote.close();
     trace('peer closed');
   }
+}
+
+/** The notice of a manual sync of a paused volume. */
+function describePauseForSync(volume: string, p: Pause): string {
+  const until = p.until === null ? 'until `appliance resume`' : `until ${p.until}`;
+  return `the scheduled jobs of ${volume} are paused (by ${p.by} at ${p.at}, ${until}${p.reason ? `: ${p.reason}` : ''}); this manual sync runs anyway, and \`appliance resume ${volume}\` starts them again`;
 }
 
 /**

@@ -485,6 +485,22 @@ test("a manual sync to the replication peer follows config.yaml's cap unless --b
   const anyway = await cli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '0');
   assert.equal(anyway.code, 0, anyway.stderr);
   assert.equal(anyway.json.blocksSent, 1);
+  assert.equal(anyway.json.paused, undefined);
+  assert.doesNotMatch(anyway.stderr, /paused/);
+
+  // Paused, a manual sync runs anyway and says so (stderr and json.paused); resumed, it is quiet again.
+  assert.equal((await cli(a, 'pause', 'vol', '--reason', 'disk swap')).code, 0);
+  change(5);
+  const whilePaused = await cli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '0');
+  assert.equal(whilePaused.code, 0, whilePaused.stderr);
+  assert.equal(whilePaused.json.blocksSent, 1);
+  assert.equal(whilePaused.json.paused.reason, 'disk swap');
+  assert.match(whilePaused.stderr, /note: the scheduled jobs of vol are paused \(by .+ until `appliance resume`: disk swap\); this manual sync runs anyway, and `appliance resume vol` starts them again/);
+  assert.equal((await cli(a, 'resume', 'vol')).code, 0);
+  change(6);
+  const resumed = await cli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '0');
+  assert.equal(resumed.json.paused, undefined);
+  assert.doesNotMatch(resumed.stderr, /paused/);
 });
 
 /** A TLS-terminating proxy (with the peer's own key, so pinning passes) that damages block uploads. */
