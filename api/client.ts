@@ -516,7 +516,9 @@ export class RemotePeer implements ReplicaStore {
         if (n?.changed !== undefined) {
           // Built on the node named as its base, which must be the one this side offered.
           const base = alike[i];
-          if (!base || n.base !== toHex(base.hash) || !Array.isArray(n.changed) || !fromHex(n.hash).equals(part[i]!)) throw other();
+          const pairs = n.changed as unknown;
+          const wellFormed = Array.isArray(pairs) && pairs.every((p) => Array.isArray(p) && p.length === 2 && typeof p[1] === 'string' && /^[0-9a-f]{64}$/.test(p[1]));
+          if (!base || n.base !== toHex(base.hash) || n.hash !== toHex(part[i]!) || !wellFormed) throw other();
           const change = { hash: part[i]!, level: n.level, base: base.hash, changed: n.changed.map(([j, c]) => [j, fromHex(c)] as const) };
           checkNodeChange(change);
           out.push(applyNodeChange(change, base));
