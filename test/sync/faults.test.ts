@@ -539,6 +539,86 @@ async function damagingProxy(t: Parameters<typeof tempDir>[0], b: TestHome, upst
   return `https://127.0.0.1:${(server.address() as AddressInfo).port}`;
 }
 
+/**
+ * A TLS-terminating proxy (the peer's own key) that answers as an appliance of a release before
+ * node changes: nodes/put with `changed` and nodes/get with `bases` are refused as its schema
+ * refuses unknown fields (400 ERR_BAD_REQUEST); everything else goes through.
+ */
+async function earlierReleaseProxy(t: Parameters<typeof tempDir>[0], b: TestHome, upstream: string): Promise<{ url: string; refused: string[]; forwarded: string[] }> {
+  const tls = { key: readFileSync(join(b.dir, 'tls', 'key.pem')), cert: readFileSync(join(b.dir, 'tls', 'cert.pem')) };
+  const refused: string[] = [];
+  const forwarded: string[] = [];
+  const server: Server = createServer(tls, (req, res) => {
+    const forward = (body?: Buffer) => {
+      const up = httpsRequest(new URL(req.url!, upstream), { method: req.method, headers: { ...req.headers, host: new URL(upstream).host }, rejectUnauthorized: false }, (ur) => {
+        res.writeHead(ur.statusCode!, ur.headers);
+        ur.pipe(res);
+      });
+      up.on('error', () => res.destroy());
+      if (body) up.end(body);
+      else req.pipe(up);
+    };
+    if (req.url !== '/v1/nodes/put' && req.url !== '/v1/nodes/get') return forward();
+    const chunks: Buffer[] = [];
+    req.on('data', (c: Buffer) => chunks.push(c));
+    req.on('end', () => {
+      const body = Buffer.concat(chunks);
+      const field = req.url === '/v1/nodes/put' ? 'changed' : 'bases';
+      const parsed = JSON.parse(body.toString('utf8')) as { nodes?: Array<Record<string, unknown>>; bases?: unknown };
+      const unknown = field === 'bases' ? parsed.bases !== undefined : (parsed.nodes ?? []).some((n) => n.changed !== undefined);
+      forwarded.push(`${req.url} ${unknown ? 'with' : 'without'} ${field}`);
+      if (!unknown) return forward(body);
+      refused.push(req.url!);
+      forwarded.pop();
+      res.writeHead(400, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ error: { code: 'ERR_BAD_REQUEST', message: `body must NOT have additional properties (${field})` } }));
+    });
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  t.after(() => new Promise<void>((r) => { server.closeAllConnections(); server.close(() => r()); }));
+  return { url: `https://127.0.0.1:${(server.address() as AddressInfo).port}`, refused, forwarded };
+}
+
+test('a peer of an earlier release (no node changes) takes pushes and serves pulls: the client asks once, then sends and asks for whole nodes', async (t) => {
+  // 70 level-1 nodes under a root: a change in each is two nodes/put requests (64 nodes each at most).
+  const { a, b, sb, img } = await pairedWithVolume(t, 70 * 256, 4096);
+  const old = await earlierReleaseProxy(t, b, sb.url);
+  assert.equal((await cli(a, 'peer', 'add', 'old', '--url', old.url, '--token', b.token, '--fingerprint', b.fingerprint)).code, 0);
+  const change = (blocks: number[]) => {
+    const fd = openSync(img, 'r+');
+    for (const i of blocks) writeSync(fd, randomBytes(512), 0, 512, i * 4096);
+    closeSync(fd);
+  };
+  const first = await cli(a, 'sync', 'vol', '--peer', 'old');
+  assert.equal(first.code, 0, first.stderr);
+  assert.deepEqual(old.refused, [], 'no base yet: whole nodes');
+  old.forwarded.length = 0;
+  change(Array.from({ length: 70 }, (_, i) => i * 256 + 3));
+  const second = await cli(a, 'sync', 'vol', '--peer', 'old');
+  assert.equal(second.code, 0, second.stderr);
+  assert.equal(second.json.blocksSent, 70);
+  assert.deepEqual(old.refused, ['/v1/nodes/put'], 'the changes were refused once; both requests then went whole');
+  assert.deepEqual(old.forwarded.filter((f) => f.startsWith('/v1/nodes/put')), ['/v1/nodes/put without changed', '/v1/nodes/put without changed']);
+
+  // A pull by an appliance that holds the first snapshot: its nodes/get names bases, is refused
+  // once, and asks again without.
+  const c = await initHome(t, 'other');
+  assert.equal((await cli(c, 'peer', 'add', 'old', '--url', old.url, '--token', b.token, '--fingerprint', b.fingerprint)).code, 0);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0); // B's latest is the second snapshot
+  const firstPull = await cli(c, 'sync', 'vol', '--peer', 'old', '--reverse');
+  assert.equal(firstPull.code, 0, firstPull.stderr);
+  change([7, 70 * 256 - 1]);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'old')).code, 0);
+  old.refused.length = 0;
+  const pulled = await cli(c, 'sync', 'vol', '--peer', 'old', '--reverse');
+  assert.equal(pulled.code, 0, pulled.stderr);
+  assert.equal(pulled.json.blocksSent, 2);
+  assert.deepEqual(old.refused, ['/v1/nodes/get']);
+  assert.equal((await cli(a, 'snapshots', 'vol')).json.at(-1).root, (await cli(c, 'snapshots', 'vol')).json.at(-1).root);
+  assert.equal((await cli(c, 'verify')).code, 0);
+});
+
 test('a proxy that corrupts or truncates the block stream: ERR_BLOCK_CORRUPT, nothing stored', async (t) => {
   const { a, b, sb } = await pairedWithVolume(t, 8);
   const peerB = peerClient(b, sb);
