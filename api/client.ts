@@ -25,7 +25,7 @@ import type { WirePutNodeT } from './schemas.js';
 import { throttle, TokenBucket, type Rate } from '../sync/bwlimit.js';
 import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '../sync/framing.js';
 import { DEFAULT_BLOCK_SIZE } from '../store/index.js';
-import { LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, fromHex, toHex } from '../sync/protocol.js';
+import { LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, changesFromWire, changesToWire, fromHex, toHex } from '../sync/protocol.js';
 import type { ServerStats } from './stats.js';
 import { trace, tracing } from '../sync/trace.js';
 import { setFlagsFromString } from 'node:v8';
@@ -170,10 +170,10 @@ async function* traced(frames: AsyncIterable<BlockFrame>): AsyncGenerator<BlockF
 
 /** A node for nodes/put: whole, or (`changes`) as the children that differ from its base's (see RemotePeer.putNodes). */
 function wireNode(n: NodeToPut | NodeChangeToPut, changes: boolean): WirePutNodeT {
-  if (isNodeChange(n)) return { hash: toHex(n.hash), level: n.level, base: toHex(n.base), changed: n.changed.map(([i, c]) => [i, toHex(c)]) };
+  if (isNodeChange(n)) return { hash: toHex(n.hash), level: n.level, base: toHex(n.base), changed: changesToWire(n.changed) };
   const base = n.base ? { base: toHex(n.base) } : {};
   const changed = changes && n.base && n.baseChildren ? childChanges(n.children, n.baseChildren) : null;
-  if (changed) return { hash: toHex(n.hash), level: n.level, ...base, changed: changed.map(([i, c]) => [i, toHex(c)]) };
+  if (changed) return { hash: toHex(n.hash), level: n.level, ...base, changed: changesToWire(changed) };
   return { hash: toHex(n.hash), level: n.level, children: n.children.map(toHex), ...base };
 }
 
@@ -519,7 +519,7 @@ export class RemotePeer implements ReplicaStore {
           const pairs = n.changed as unknown;
           const wellFormed = Array.isArray(pairs) && pairs.every((p) => Array.isArray(p) && p.length === 2 && typeof p[1] === 'string' && /^[0-9a-f]{64}$/.test(p[1]));
           if (!base || n.base !== toHex(base.hash) || n.hash !== toHex(part[i]!) || !wellFormed) throw other();
-          const change = { hash: part[i]!, level: n.level, base: base.hash, changed: n.changed.map(([j, c]) => [j, fromHex(c)] as const) };
+          const change = { hash: part[i]!, level: n.level, base: base.hash, changed: changesFromWire(n.changed) };
           checkNodeChange(change);
           out.push(applyNodeChange(change, base));
           return;

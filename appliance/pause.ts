@@ -10,8 +10,9 @@
  * group pauses the group's jobs (its volumes are snapshotted together). A pause with an end
  * lifts itself. Manual commands (`snapshot`, `sync`, `failover`, ...) are not paused: the operator
  * who runs them means it. A manual `sync` of a paused volume says so (a note on stderr and
- * `paused` in its JSON: a script's log shows the daemon's syncs are held). The RPO keeps counting: `status` shows the pause next to the age of the
- * last replicated point, and `doctor` warns of it.
+ * `paused` in its JSON: a script's log shows the daemon's syncs are held). The RPO keeps
+ * counting: `status` shows the pause next to the age of the last replicated point, and `doctor`
+ * warns of it.
  */
 import { TandemError } from '../common/errors.js';
 import type { VolumeRecord } from '../store/types.js';

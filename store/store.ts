@@ -632,10 +632,6 @@ export class Store implements ReplicaStore {
   /** @internal One node, verified. */
   getNode = async (hash: Hash): Promise<TreeNode> => (await this.getNodes([hash]))[0]!;
 
-  /**
-   * For each node to put, its base as this store holds it at the node's level, verified; else
-   * undefined (absent, damaged or of another level: every child of that node is looked up).
-   */
   /** The nodes held of `hashes`, verified; undefined for an absent one (or none asked), a damaged one, or ZERO_HASH. */
   async nodesHeld(hashes: ReadonlyArray<Hash | undefined>): Promise<Array<TreeNode | undefined>> {
     this.checkOpen();
@@ -651,19 +647,13 @@ export class Store implements ReplicaStore {
     return hashes.map((h) => (h === undefined ? undefined : found.get(h.toString('latin1'))));
   }
 
+  /**
+   * For each node to put, its base as this store holds it at the node's level, verified; else
+   * undefined (absent, damaged or of another level: every child of that node is looked up).
+   */
   private async baseNodes(nodes: ReadonlyArray<NodeToPut | NodeChangeToPut>): Promise<Array<TreeNode | undefined>> {
-    const asked = nodes.map((n) => (n.base !== undefined && !isZeroHash(n.base) ? n.base : undefined));
-    const hashes = asked.filter((h): h is Hash => h !== undefined);
-    if (hashes.length === 0) return nodes.map(() => undefined);
-    const vals = await this.db.getMany(hashes.map(nodeKey));
-    let k = 0;
-    return nodes.map((n, i) => {
-      const h = asked[i];
-      if (h === undefined) return undefined;
-      const v = vals[k++];
-      const base = v === undefined ? null : decodeNode(h, v);
-      return base && base.level === n.level ? base : undefined;
-    });
+    const held = await this.nodesHeld(nodes.map((n) => n.base));
+    return held.map((b, i) => (b && b.level === nodes[i]!.level ? b : undefined));
   }
 
   /**

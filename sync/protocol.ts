@@ -36,6 +36,16 @@ export function fromHex(s: string): Hash {
   return Buffer.from(s, 'hex');
 }
 
+/** A node change's [index, child] pairs as they travel (nodes/put, nodes/get). */
+export function changesToWire(changed: ReadonlyArray<readonly [number, Hash]>): Array<[number, string]> {
+  return changed.map(([i, c]) => [i, toHex(c)]);
+}
+
+/** [index, child] pairs off the wire (hashes checked as fromHex does; indices by the store). */
+export function changesFromWire(changed: ReadonlyArray<readonly [number, string]>): Array<readonly [number, Hash]> {
+  return changed.map(([i, c]) => [i, fromHex(c)] as const);
+}
+
 /** Split `items` into consecutive batches of at most `size`. */
 export function* batches<T>(items: readonly T[], size: number): Generator<T[]> {
   for (let i = 0; i < items.length; i += size) yield items.slice(i, i + size);

@@ -12,7 +12,7 @@ import { childChanges } from '../../store/tree.js';
 import type { NodeChangeToPut, NodeToPut, SnapshotRecord, TreeNode } from '../../store/types.js';
 import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '../../sync/framing.js';
 import { trace } from '../../sync/trace.js';
-import { LEASE_HEADER, PROTOCOL_VERSION, fromHex, toHex } from '../../sync/protocol.js';
+import { LEASE_HEADER, PROTOCOL_VERSION, changesFromWire, changesToWire, fromHex, toHex } from '../../sync/protocol.js';
 import type { Home } from '../../appliance/home.js';
 import { clearDamage, readDamage } from '../../appliance/damage.js';
 import { failedOver } from '../../appliance/recovery/state.js';
@@ -42,7 +42,7 @@ function putNodeFromWire(n: S.WirePutNodeT): NodeToPut | NodeChangeToPut {
     if (n.children !== undefined || n.base === undefined) {
       throw new TandemError('ERR_BAD_REQUEST', `node ${n.hash} in nodes/put: send either children, or base with changed (the base's children with these replaced), not both`);
     }
-    return { hash: fromHex(n.hash), level: n.level, base: fromHex(n.base), changed: n.changed.map(([i, c]) => [i, fromHex(c)] as const) };
+    return { hash: fromHex(n.hash), level: n.level, base: fromHex(n.base), changed: changesFromWire(n.changed) };
   }
   if (n.children === undefined) throw new TandemError('ERR_BAD_REQUEST', `node ${n.hash} in nodes/put has neither children nor changed`);
   const node = { hash: fromHex(n.hash), level: n.level, children: n.children.map(fromHex) };
@@ -199,7 +199,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
       nodes: nodes.map((n, i) => {
         const b = held[i];
         const changed = b && b.level === n.level ? childChanges(n.children, b.children) : null;
-        return changed ? { hash: toHex(n.hash), level: n.level, base: toHex(b!.hash), changed: changed.map(([j, c]) => [j, toHex(c)]) } : nodeToWire(n);
+        return changed ? { hash: toHex(n.hash), level: n.level, base: toHex(b!.hash), changed: changesToWire(changed) } : nodeToWire(n);
       }),
     };
   });
