@@ -19,13 +19,13 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Pool as PoolType, buildConnector as BuildConnectorType, Dispatcher } from 'undici';
 import { createRequire } from 'node:module';
 import { TandemError, isErrorCode, isTandemError } from '../common/errors.js';
-import type { BlockFrame, GetBlocksOptions, Hash, NodeChangeToPut, NodeToPut, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
+import type { BlockFrame, GetBlocksOptions, Hash, NodeChangeToPut, NodeToPut, PutBlocksResult, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
 import { applyNodeChange, checkNodeChange, childChanges, isNodeChange } from '../store/tree.js';
 import type { WirePutNodeT } from './schemas.js';
 import { throttle, TokenBucket, type Rate } from '../sync/bwlimit.js';
 import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '../sync/framing.js';
 import { DEFAULT_BLOCK_SIZE } from '../store/index.js';
-import { LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, changesFromWire, changesToWire, fromHex, toHex } from '../sync/protocol.js';
+import { FEATURE_BLOCK_DELTA, FEATURES_HEADER, LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, changesFromWire, changesToWire, fromHex, toHex } from '../sync/protocol.js';
 import type { ServerStats } from './stats.js';
 import { trace, tracing } from '../sync/trace.js';
 import { setFlagsFromString } from 'node:v8';
@@ -184,6 +184,11 @@ export class RemotePeer implements ReplicaStore {
   requests = 0;
   /** Nodes go to and come from the peer as changes of their base where that is shorter (false once it refused them: see putNodes, getNodes). */
   private nodeChanges = true;
+  /**
+   * The peer takes and sends delta frames: it named `block-delta` in the features header of an
+   * answer (sync/protocol.ts). False until its first answer, and for an earlier release.
+   */
+  private deltaFrames = false;
   /** Block stream bytes on the wire (framed, compressed), up and down. */
   wireBytesSent = 0;
   wireBytesReceived = 0;
@@ -376,7 +381,10 @@ export class RemotePeer implements ReplicaStore {
           headers: this.headers(payload === undefined ? {} : { 'content-type': 'application/json' }),
           ...(payload === undefined ? {} : { body: payload }),
         });
-        if (res.statusCode < 300) return res;
+        if (res.statusCode < 300) {
+          this.noteFeatures(res.headers);
+          return res;
+        }
         const err = await this.answerError(res, what);
         if (!(idempotent && RETRYABLE_STATUS.has(res.statusCode) && attempt < MAX_ATTEMPTS)) throw err;
         const ra = Number(res.headers['retry-after']);
@@ -555,18 +563,50 @@ export class RemotePeer implements ReplicaStore {
     }
   }
 
+  /** The peer takes delta frames (ReplicaStore.deltas): known from its answers so far. */
+  get deltas(): boolean {
+    return this.deltaFrames;
+  }
+
+  /**
+   * The frames, without the bases a local store attached when the peer takes no deltas (an
+   * earlier release gets whole blocks). Decided frame by frame: early sending opens its upload
+   * before the peer's first answer.
+   */
+  private async *basesIfTaken(frames: AsyncIterable<BlockFrame>): AsyncGenerator<BlockFrame> {
+    for await (const f of frames) {
+      if (!f.base || this.deltaFrames) yield f;
+      else {
+        f.base.release?.();
+        const { base: _base, ...whole } = f;
+        yield whole;
+      }
+    }
+  }
+
+  /** Read what the peer says it takes (FEATURES_HEADER) off an answer. */
+  private noteFeatures(headers: Record<string, string | string[] | undefined>): void {
+    const f = headers[FEATURES_HEADER];
+    this.deltaFrames = typeof f === 'string' && f.split(',').some((x) => x.trim() === FEATURE_BLOCK_DELTA);
+  }
+
   /**
    * Blocks in the order asked; one request per {@link MAX_HASHES_PER_REQUEST}, streamed. Each is
    * verified against its hash as it is decoded, unless the consumer verifies it itself
    * (`consumerVerifies`: a pull into the local store, whose putBlocks hashes every block).
    */
   async *getBlocks(hashes: readonly Hash[], opts: GetBlocksOptions = {}): AsyncIterable<BlockFrame> {
-    for (const part of batches(hashes, MAX_HASHES_PER_REQUEST)) {
-      const res = await this.send('POST', '/v1/blocks/get', { hashes: part.map(toHex) }, true);
+    // Deltas only for a consumer that verifies (and so resolves) them: a store's putBlocks.
+    const deltas = this.deltaFrames && opts.consumerVerifies === true && opts.bases !== undefined;
+    for (let at = 0; at < hashes.length; at += MAX_HASHES_PER_REQUEST) {
+      const part = hashes.slice(at, at + MAX_HASHES_PER_REQUEST);
+      const bases = deltas ? opts.bases!.slice(at, at + MAX_HASHES_PER_REQUEST).map((b) => (b ? toHex(b) : null)) : undefined;
+      const body = bases?.some((b) => b !== null) ? { hashes: part.map(toHex), bases } : { hashes: part.map(toHex) };
+      const res = await this.send('POST', '/v1/blocks/get', body, true);
       let src: AsyncIterable<Buffer> = meter(res.body as AsyncIterable<Buffer>, (n) => (this.wireBytesReceived += n));
       if (this.downBucket) src = throttle(src, this.downBucket);
       try {
-        yield* decodeFrames(src, { verify: opts.consumerVerifies !== true, expect: part, pool: receivePool });
+        yield* decodeFrames(src, { verify: opts.consumerVerifies !== true, expect: part, pool: receivePool, deltas: 'bases' in body });
       } catch (e) {
         throw isTandemError(e) ? e : this.transportError(e, 'POST /v1/blocks/get');
       } finally {
@@ -576,10 +616,19 @@ export class RemotePeer implements ReplicaStore {
   }
 
   /** Stream blocks to the peer (one request, never replayed). The peer verifies each. */
-  async putBlocks(frames: AsyncIterable<BlockFrame>): Promise<{ stored: number; bytes: number }> {
-    const a = await this.streamBlocks<{ stored: number; bytes: number }>('/v1/blocks/put', frames);
+  /**
+   * Stream blocks to the peer (one request, never replayed). The peer verifies each. A frame with
+   * a `base` goes as a delta of it when that is shorter and the peer takes deltas; the answer's
+   * `needWhole` names those whose base the peer lacked (not stored: send them again without).
+   */
+  async putBlocks(frames: AsyncIterable<BlockFrame>): Promise<PutBlocksResult> {
+    const a = await this.streamBlocks<{ stored: number; bytes: number; needWhole?: unknown }>('/v1/blocks/put', this.basesIfTaken(frames));
     trace('client: blocks/put answered');
-    return { stored: a.stored, bytes: a.bytes };
+    if (a.needWhole === undefined) return { stored: a.stored, bytes: a.bytes };
+    if (!Array.isArray(a.needWhole) || !a.needWhole.every((h) => typeof h === 'string' && /^[0-9a-f]{64}$/.test(h))) {
+      throw new TandemError('ERR_PEER_PROTOCOL', `peer ${this.name} answered blocks/put with a malformed needWhole list`);
+    }
+    return { stored: a.stored, bytes: a.bytes, needWhole: (a.needWhole as string[]).map(fromHex) };
   }
 
   /** What the peer's last verify found damaged or missing (GET /v1/damage). */
@@ -610,6 +659,8 @@ export class RemotePeer implements ReplicaStore {
       throw this.transportError(e, `POST ${path}`);
     }
     if (res.statusCode >= 300) throw await this.answerError(res, `POST ${path}`);
+    this.noteFeatures(res.headers);
     return (await res.body.json()) as T;
   }
 }
+

@@ -30,6 +30,21 @@ export const HashList = Type.Object(
 export type HashListBody = Static<typeof HashList>;
 
 /**
+ * blocks/get: the blocks asked, and optionally for each a block the client holds that it may
+ * differ little from (`bases`, null where none): the answer sends such a block as a delta frame
+ * when the server holds that base too (sync/README.md, "Framing"). Only sent to a server that
+ * announces `block-delta` in `x-tandem-features`.
+ */
+export const BlockGetBody = Type.Object(
+  {
+    hashes: Type.Array(HexHash, { maxItems: MAX_HASHES_PER_REQUEST }),
+    bases: Type.Optional(Type.Array(Type.Union([HexHash, Type.Null()]), { maxItems: MAX_HASHES_PER_REQUEST })),
+  },
+  { additionalProperties: false },
+);
+export type BlockGetBodyType = Static<typeof BlockGetBody>;
+
+/**
  * nodes/get: the nodes asked, and optionally for each a node the client holds at the same
  * position of an earlier tree (`bases`, null where none): the answer gives a node as the
  * children that differ from it where that is shorter.

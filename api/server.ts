@@ -17,7 +17,7 @@ import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastif
 import { TandemError } from '../common/errors.js';
 import type { Home } from '../appliance/home.js';
 import type { Store } from '../store/index.js';
-import { LEASE_HEADER, MAX_JSON_BODY, PROTOCOL_VERSION } from '../sync/protocol.js';
+import { FEATURES_HEADER, LEASE_HEADER, MAX_JSON_BODY, PROTOCOL_VERSION, SERVER_FEATURES } from '../sync/protocol.js';
 import { errorAnswer, handleError, toTandemError } from './errors.js';
 import { LeaseTable } from './leases.js';
 import { peerRoutes } from './routes/peer.js';
@@ -159,6 +159,7 @@ export function buildServer(opts: BuildServerOptions): FastifyInstance {
   });
 
   app.addHook('onRequest', async (req, reply) => {
+    void reply.header(FEATURES_HEADER, SERVER_FEATURES);
     const path = req.url.split('?')[0]!;
     if (!(req.method === 'GET' && path === '/v1/stats')) {
       stats.requests++;

@@ -12,6 +12,8 @@ export interface ServerStats {
   bytesReceived: number;
   /** Blocks received that the store did not hold yet, counted when an upload completes (an aborted upload's blocks are stored but not counted here). */
   blocksStored: number;
+  /** Blocks received as deltas of a block held here (counted in blocksReceived and, whole, in bytesReceived). */
+  deltasReceived: number;
   blocksSent: number;
   bytesSent: number;
   nodesReceived: number;
@@ -26,6 +28,7 @@ export function newStats(): ServerStats {
     blocksReceived: 0,
     bytesReceived: 0,
     blocksStored: 0,
+    deltasReceived: 0,
     blocksSent: 0,
     bytesSent: 0,
     nodesReceived: 0,

@@ -143,7 +143,7 @@ export interface SnapshotVolumeOptions {
   readonly changedBlocksFile?: string;
   readonly onProgress?: (p: ScanProgress) => void;
   /** Told the hashes of blocks new to the store as the scan appends them (see SnapshotOptions). */
-  readonly onNewBlocks?: (hashes: Hash[], direct: boolean) => void;
+  readonly onNewBlocks?: (hashes: Hash[], direct: boolean, replaced: Array<Hash | null>) => void;
   /** Told when every block is read and appended, before the flush and commit (see SnapshotOptions). */
   readonly onScanned?: () => void;
   readonly labels?: Record<string, string>;

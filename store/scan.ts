@@ -14,10 +14,10 @@
 import { TandemError, isTandemError } from '../common/errors.js';
 import { IO_SKEW } from '../common/io-buffers.js';
 import { RECORD_HEADER_LENGTH } from './pack.js';
-import { hashBlock, isZeroHash, HASH_LENGTH, ZERO_HASH } from './hash.js';
+import { hashBlock, isZeroHash, HASH_LENGTH, parseHex, ZERO_HASH } from './hash.js';
 import { checkVolumeName } from './ids.js';
 import { checkBlockSize, checkSize, normalizeSnapshot } from './records.js';
-import { blockCount, type BlockChange } from './tree.js';
+import { blockCount, blockHashesAt, type BlockChange } from './tree.js';
 import type { Store } from './store.js';
 import type { Hash, SnapshotOptions, SnapshotRecord, VolumeReader } from './types.js';
 
@@ -117,6 +117,8 @@ interface Done extends Job {
   readonly hashes: Buffer;
   /** The parent's hashes of these blocks (a full scan with a parent of the same shape). */
   readonly expect?: Buffer;
+  /** The parent's hashes of a change list's blocks, for onNewBlocks (not given to the hash workers, which skip blocks equal to `expect`). */
+  readonly replaced?: Hash[];
 }
 
 /**
@@ -252,7 +254,17 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   /** New blocks stored so far: past DIRECT_AFTER_BYTES, the rest bypass the page cache. */
   let storedBytes = 0;
   const expected = onParent ? parentHashes(store, parent) : null;
+  // A change list's new blocks are told to onNewBlocks with the blocks they replace (a sync sends
+  // each as the bytes that differ where the peer holds that one): read from the parent's tree,
+  // the nodes on the blocks' paths only, while the blocks are read.
+  const replacedOf = changed && parent && opts.onNewBlocks ? (job: Job) => blockHashesAt({ root: parseHex(parent.root)!, height: parent.height, blocks: blockCount(parent.size, parent.blockSize) }, Array.from({ length: job.count }, (_, i) => blockOf(job, i)), store.getNode) : null;
   const readJob = async (job: Job, slot: number): Promise<Done> => {
+    const replacing = replacedOf?.(job);
+    replacing?.catch(() => undefined); // awaited below, after the read
+    const done = await readJobBlocks(job, slot);
+    return replacing ? { ...done, replaced: await replacing } : done;
+  };
+  const readJobBlocks = async (job: Job, slot: number): Promise<Done> => {
     const start = job.first * blockSize;
     const expect = expected ? { expect: await expected(job.first, job.count) } : {};
     // Blocks sit one after the other in the slot; only the volume's last block may be short.
@@ -309,12 +321,14 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
     }
   };
 
+  /** A block of a chunk that differs from the parent's: where it sits in the slot, and the parent's hash there (`was`) when known. */
+  type Item = BlockChange & { at: number; was?: Hash };
   /** A chunk handed to the store: its blocks the store lacks are being looked up and appended. */
   interface Put {
     readonly d: Done;
-    readonly items: Array<BlockChange & { at: number }>;
+    readonly items: Array<Item>;
     /** The items whose block is not all zeros. */
-    readonly nonZero: Array<BlockChange & { at: number }>;
+    readonly nonZero: Array<Item>;
     readonly frames: Array<{ hash: Hash; data: Buffer }>;
     readonly stored: Promise<boolean[]>;
     /** Written with O_DIRECT (past the page cache). */
@@ -323,11 +337,12 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   const puts: Put[] = [];
   const startPut = async (): Promise<void> => {
     const d = await inflight.shift()!;
-    const items: Array<BlockChange & { at: number }> = [];
+    const items: Item[] = [];
     for (let i = 0; i < d.count; i++) {
       const hash = d.hashes.subarray(i * HASH_LENGTH, (i + 1) * HASH_LENGTH);
       if (d.expect?.subarray(i * HASH_LENGTH, (i + 1) * HASH_LENGTH).equals(hash)) continue; // as in the parent
-      items.push({ index: blockOf(d, i), hash: Buffer.from(hash), at: i * blockSize });
+      const was = d.expect ? d.expect.subarray(i * HASH_LENGTH, (i + 1) * HASH_LENGTH) : d.replaced?.[i];
+      items.push({ index: blockOf(d, i), hash: Buffer.from(hash), at: i * blockSize, ...(was ? { was } : {}) });
     }
     // One index lookup and one pack write for the chunk's blocks the store lacks.
     const nonZero = items.filter((c) => !isZeroHash(c.hash));
@@ -348,14 +363,16 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
       while (puts.length < PUTS_AHEAD && inflight.length > 0) await startPut();
       const { d, items, nonZero, frames, stored, direct } = puts.shift()!;
       const fresh: Hash[] = [];
+      const replaced: Array<Hash | null> = [];
       (await stored).forEach((isNew, i) => {
         if (!isNew) return;
         progress.blocksStored++;
         unflushed += frames[i]!.data.length;
         storedBytes += frames[i]!.data.length;
         fresh.push(frames[i]!.hash);
+        replaced.push(nonZero[i]!.was ?? null);
       });
-      if (fresh.length > 0) opts.onNewBlocks?.(fresh, direct);
+      if (fresh.length > 0) opts.onNewBlocks?.(fresh, direct, replaced);
       progress.blocksDone += d.count;
       progress.bytesRead += d.length;
       free.push(d.slot);

@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { TandemError, diskFullError, fromSystemError, isTandemError } from '../common/errors.js';
 import { blake3, hashBlock, isHash, isZeroHash, MAX_BLOCK_SIZE, parseHex, toHex } from './hash.js';
+import { applyPatches } from './delta.js';
 import { checkSnapshotId, checkVolumeName, isValidSnapshotId, isValidVolumeName, newSnapshotId } from './ids.js';
 import {
   blockKey, decodeLocation, encodeLocation, encodeU64, decodeU64, metaKey, metaRange, namespaceRange, nodeKey, NS,
@@ -28,7 +29,7 @@ import { HashPools } from './hash-pool.js';
 import { verifyStore, type VerifyOptions } from './verify.js';
 import { collectGarbage } from './gc.js';
 import type {
-  BlockFrame, GcProgress, GcReport, GetBlocksOptions, Hash, NodeChangeToPut, NodeToPut, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyReport, VolumeReader, VolumeRecord,
+  BlockFrame, GcProgress, GcReport, GetBlocksOptions, Hash, NodeChangeToPut, NodeToPut, PutBlocksResult, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyReport, VolumeReader, VolumeRecord,
 } from './types.js';
 
 /** A block read from a pack, with the function that gives its pooled buffer back (if pooled). */
@@ -49,6 +50,8 @@ const LOCATE_BATCH = 32;
  */
 const REPAIR_BATCH_BYTES = 8 * 1024 * 1024;
 
+/** putBlocks reads this many bases of delta frames at once (4 MiB of 512 KiB blocks). */
+const DELTA_READS = 8;
 /** putBlocks writes verified blocks in batches of about this many bytes (8 blocks of 512 KiB). */
 const PUT_BATCH_BYTES = 4 * 1024 * 1024;
 
@@ -318,16 +321,43 @@ export class Store implements ReplicaStore {
         }
       }
     };
-    const read = async (i: number): Promise<ReadBlock> => {
-      const h = hashes[i]!;
-      const loc = locations.get(i);
-      locations.delete(i);
+    const readOne = async (h: Hash, loc: BlockLocation | undefined): Promise<ReadBlock> => {
       if (isZeroHash(h) || !loc) return { data: await this.getBlock(h) }; // zeros, or absent: getBlock answers (or throws ERR_BLOCK_MISSING)
       try {
         return await this.readBlockPooled(h, loc, crcOnly, direct);
       } catch {
         return { data: await this.getBlock(h) }; // moved by a concurrent gc: look it up again (a real failure throws there)
       }
+    };
+    const bases = opts.bases;
+    /** The block's base, for a delta (GetBlocksOptions.bases): read when held; else none (the block goes whole). */
+    const readBase = async (b: Hash): Promise<BlockFrame['base']> => {
+      try {
+        const loc = await this.locate(b);
+        if (!loc) return undefined;
+        const r = await this.readBlockPooled(b, loc, true, direct);
+        return { hash: b, data: r.data, ...(r.release ? { release: r.release } : {}) };
+      } catch {
+        return undefined; // unreadable here: the block goes whole
+      }
+    };
+    const read = async (i: number): Promise<ReadBlock> => {
+      const h = hashes[i]!;
+      const loc = locations.get(i);
+      locations.delete(i);
+      const b = bases?.[i];
+      if (!b || b.equals(h)) return readOne(h, loc);
+      if (isZeroHash(b)) {
+        const block = await readOne(h, loc);
+        return { ...block, base: { hash: b, data: Buffer.alloc(block.data.length) } };
+      }
+      const [block, base] = await Promise.allSettled([readOne(h, loc), readBase(b)]);
+      if (block.status === 'rejected') {
+        if (base.status === 'fulfilled') base.value?.release?.();
+        throw block.reason;
+      }
+      const got = base.status === 'fulfilled' ? base.value : undefined;
+      return got && got.data.length === block.value.data.length ? { ...block.value, base: got } : (got?.release?.(), block.value);
     };
     const inflight: Promise<ReadBlock>[] = [];
     let next = 0;
@@ -342,13 +372,13 @@ export class Store implements ReplicaStore {
     await fill();
     try {
       for (let i = 0; i < hashes.length; i++) {
-        const { data, release } = await inflight.shift()!;
+        const { data, release, base } = await inflight.shift()!;
         await fill();
-        yield { hash: hashes[i]!, data, ...(release ? { release } : {}) };
+        yield { hash: hashes[i]!, data, ...(release ? { release } : {}), ...(base ? { base } : {}) };
       }
     } finally {
       // Blocks read ahead and never handed out (the consumer stopped early) go back to the pool.
-      for (const p of inflight.splice(0)) void p.then((r) => r.release?.(), () => undefined);
+      for (const p of inflight.splice(0)) void p.then((r) => (r.release?.(), r.base?.release?.()), () => undefined);
     }
   }
 
@@ -475,8 +505,10 @@ export class Store implements ReplicaStore {
    * written the next is verified, so hashing and disk writes overlap. A block that fails its
    * hash stops the stream with ERR_BLOCK_CORRUPT; the blocks before it are kept (flushed).
    */
-  async putBlocks(frames: AsyncIterable<BlockFrame>): Promise<{ stored: number; bytes: number }> {
+  async putBlocks(input: AsyncIterable<BlockFrame>): Promise<PutBlocksResult> {
     this.checkOpen();
+    const needWhole: Hash[] = [];
+    const frames = this.resolveDeltas(input, needWhole);
     const discards = this.discards;
     let stored = 0;
     let bytes = 0;
@@ -536,7 +568,71 @@ export class Store implements ReplicaStore {
     // which may include blocks of this stream: it must not be acknowledged as stored.
     if (this.discards !== discards) failure ??= this.discardCause;
     if (failure !== null) throw failure;
-    return { stored, bytes };
+    return needWhole.length > 0 ? { stored, bytes, needWhole } : { stored, bytes };
+  }
+
+  /**
+   * The frames of a block stream with delta frames (BlockFrame.delta) turned into blocks: this
+   * store's copy of each base is read (its record's CRC checked; up to {@link DELTA_READS} at
+   * once, past the page cache: bases are old blocks) and patched. The result is verified against
+   * the frame's hash by the caller, as any block. A base this store lacks or cannot read leaves
+   * the block out, named in `needWhole` for the sender to send it whole. Other frames pass as
+   * they come (a `base` a sender attached is released: it is not needed here).
+   */
+  private async *resolveDeltas(frames: AsyncIterable<BlockFrame>, needWhole: Hash[]): AsyncGenerator<BlockFrame> {
+    const pending: Array<Promise<BlockFrame | null>> = [];
+    try {
+      for await (const f of frames) {
+        if (!f?.delta) {
+          f?.base?.release?.();
+          yield f;
+          continue;
+        }
+        const p = this.resolveDelta(f, needWhole);
+        p.catch(() => undefined); // observed in order below
+        pending.push(p);
+        while (pending.length >= DELTA_READS) {
+          const r = await pending.shift()!;
+          if (r) yield r;
+        }
+      }
+      while (pending.length > 0) {
+        const r = await pending.shift()!;
+        if (r) yield r;
+      }
+    } finally {
+      for (const p of pending.splice(0)) void p.then((r) => r?.release?.(), () => undefined);
+    }
+  }
+
+  private async resolveDelta(f: BlockFrame, needWhole: Hash[]): Promise<BlockFrame | null> {
+    const { base, length } = f.delta!;
+    checkHash(f.hash);
+    if (length === 0 || length > MAX_BLOCK_SIZE) throw new TandemError('ERR_BLOCK_CORRUPT', `the delta of block ${toHex(f.hash)} claims ${length} bytes`, { details: { hash: toHex(f.hash) } });
+    let block: ReadBlock | undefined;
+    if (isZeroHash(base)) block = { data: Buffer.alloc(length) };
+    else {
+      try {
+        const loc = await this.locate(base);
+        if (loc) block = await this.readBlockPooled(base, loc, true, true);
+      } catch {
+        block = undefined; // damaged or moved: the sender sends the block whole (verify reports the damage)
+      }
+    }
+    if (!block) {
+      needWhole.push(f.hash);
+      return null;
+    }
+    try {
+      if (block.data.length !== length) {
+        throw new TandemError('ERR_BLOCK_CORRUPT', `the delta of block ${toHex(f.hash)} names base ${toHex(base)} as ${length} bytes; it has ${block.data.length} here`, { details: { hash: toHex(f.hash), base: toHex(base) } });
+      }
+      applyPatches(block.data, f.data, f.hash);
+    } catch (e) {
+      block.release?.();
+      throw e;
+    }
+    return { hash: f.hash, data: block.data, ...(block.release ? { release: block.release } : {}) };
   }
 
   /** Throw ERR_BAD_REQUEST / ERR_BLOCK_CORRUPT unless `data` is a block whose BLAKE3 is `hash`. */

@@ -340,6 +340,32 @@ export async function* walkBlocks(tree: TreeShape, get: NodeGetter): AsyncGenera
 }
 
 /**
+ * The block hashes of a tree at `indices` (ascending; ZERO_HASH for zero blocks), reading only
+ * the nodes on their paths (each once while the indices stay under it): a change list of a few
+ * blocks costs a few node reads, not a walk of the tree.
+ */
+export async function blockHashesAt(tree: TreeShape, indices: readonly number[], get: NodeGetter): Promise<Hash[]> {
+  /** The node last read at each level, with its position. */
+  const path: Array<{ pos: number; node: TreeNode } | undefined> = [];
+  const out: Hash[] = [];
+  for (const i of indices) {
+    if (i >= tree.blocks) {
+      out.push(ZERO_HASH); // past the tree's end: the volume grew
+      continue;
+    }
+    let h = tree.root;
+    for (let k = tree.height; k >= 1 && !isZeroHash(h); k--) {
+      const pos = Math.floor(i / span(k));
+      let at = path[k];
+      if (!at || at.pos !== pos || !at.node.hash.equals(h)) path[k] = at = { pos, node: await getLevel(get, h, k) };
+      h = at.node.children[k === 1 ? i % FANOUT : Math.floor(i / span(k - 1)) % FANOUT] ?? ZERO_HASH;
+    }
+    out.push(isZeroHash(h) ? ZERO_HASH : h);
+  }
+  return out;
+}
+
+/**
  * Indices of `target` whose block hash differs from `base` (null: every non-zero block), in
  * order, with the target's hash. Subtrees equal in hash and coverage are skipped without reading.
  */

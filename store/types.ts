@@ -145,6 +145,32 @@ export interface BlockFrame {
    * calls it only costs an allocation.
    */
   readonly release?: () => void;
+  /**
+   * Sender side: the bytes of a block the receiver most likely holds (the block at the same
+   * position of the sync's base snapshot), handed out by getBlocks when asked (`bases`). A
+   * block stream to a peer sends the block as the ranges that differ from it (a delta frame,
+   * sync/README.md "Framing"); `base.release` as `release`. A consumer that stores the block
+   * ignores it (and releases it).
+   */
+  readonly base?: { readonly hash: Hash; readonly data: Buffer; readonly release?: () => void };
+  /**
+   * Receiver side: `data` is not the block but the patches of a delta frame, to be applied to
+   * this store's copy of the block `base`, which yields `length` bytes (Store.putBlocks does,
+   * then verifies the result against `hash`). Only a stream that asked for deltas carries these.
+   */
+  readonly delta?: { readonly base: Hash; readonly length: number };
+}
+
+/** What {@link ReplicaStore.putBlocks} did. */
+export interface PutBlocksResult {
+  /** Blocks new to the store, and their bytes. */
+  readonly stored: number;
+  readonly bytes: number;
+  /**
+   * Blocks that came as deltas of a base this store does not hold (or cannot read): not stored;
+   * send them whole. Absent or empty when there were none.
+   */
+  readonly needWhole?: Hash[];
 }
 
 /** How {@link ReplicaStore.getBlocks} checks the blocks it hands out. */
@@ -164,6 +190,14 @@ export interface GetBlocksOptions {
    * blocks written a moment ago in the cache (early sending of the blocks a scan just stored).
    */
   readonly direct?: boolean;
+  /**
+   * For each hash, a block the consumer holds that it may differ little from (the block at the
+   * same position of the sync's base snapshot; ZERO_HASH for an all-zero one), or null. A local
+   * store attaches those it holds to the frames (`BlockFrame.base`) for a peer's block stream to
+   * send deltas; a peer (api/client) asks for delta frames, which the consumer's store resolves.
+   * Only given when one side is a peer that takes them ({@link ReplicaStore.deltas}).
+   */
+  readonly bases?: ReadonlyArray<Hash | null>;
 }
 
 /**
@@ -175,7 +209,13 @@ export interface ReplicaStore extends NodeSource, NodeSink {
   /** Verified blocks (see {@link GetBlocksOptions}) in the order asked. Must not buffer more than a bounded window. */
   getBlocks(hashes: readonly Hash[], opts?: GetBlocksOptions): AsyncIterable<BlockFrame>;
   /** Store a stream of blocks (each verified on arrival) durably; returns what was new. */
-  putBlocks(frames: AsyncIterable<BlockFrame>): Promise<{ stored: number; bytes: number }>;
+  putBlocks(frames: AsyncIterable<BlockFrame>): Promise<PutBlocksResult>;
+  /**
+   * Set (true) by a peer that takes and sends delta frames (api/client.ts: it said so in its
+   * answers' `x-tandem-features`): the engine then names each block's base. A local store
+   * leaves it unset: between two local stores whole blocks are as cheap.
+   */
+  readonly deltas?: boolean;
   /** The latest snapshot of a volume, or null. */
   latestSnapshot(volume: string): Promise<SnapshotRecord | null>;
   getSnapshot(volume: string, id: string): Promise<SnapshotRecord | null>;
@@ -244,8 +284,10 @@ export interface SnapshotOptions {
    * durable, but readable through getBlocks). A sync uses it to start sending them to the peer
    * while the scan goes on. `direct`: they were written past the page cache (O_DIRECT, as a
    * scan's new blocks are past its first 64 MiB), so a reader should read them that way too.
+   * `replaced`: for each, the parent snapshot's block at its position (ZERO_HASH for zeros), or
+   * null when the scan did not compare with a parent: a sync sends a delta against it.
    */
-  readonly onNewBlocks?: (hashes: Hash[], direct: boolean) => void;
+  readonly onNewBlocks?: (hashes: Hash[], direct: boolean, replaced: Array<Hash | null>) => void;
   /**
    * Told once every block has been read and appended, before the flush and the commit (which
    * take a while: the new blocks are made durable). A sync then sends its last new blocks at once.

@@ -46,6 +46,8 @@ const TAIL_BLOCKS = 64;
 /** Hashes asked about and sent together, read from the packs one way (`direct`: O_DIRECT). */
 interface Batch {
   readonly hashes: Hash[];
+  /** For each hash, the block it replaced (the parent snapshot's at its position), when known: a peer that holds it gets a delta. */
+  readonly bases: Array<Hash | null>;
   readonly direct: boolean;
 }
 
@@ -56,6 +58,8 @@ export class EarlySender {
   /** The first failure, if early sending stopped because of one. */
   failure: unknown = null;
   private readonly queue: Hash[] = [];
+  /** The base of each queued hash (null: none known). */
+  private readonly queueBases: Array<Hash | null> = [];
   /** When the oldest queued hash was queued (or the last batch was taken). */
   private since = performance.now();
   private waiters: Array<() => void> = [];
@@ -88,7 +92,7 @@ export class EarlySender {
    * them past the page cache, so they are read that way (a scan writes its first 64 MiB of new
    * blocks through the cache and the rest directly, store/scan.ts: once direct, always direct).
    */
-  add(hashes: readonly Hash[], direct = false): void {
+  add(hashes: readonly Hash[], direct = false, bases?: ReadonlyArray<Hash | null>): void {
     if (this.stopped) return;
     if (this.queue.length + hashes.length > MAX_QUEUED) {
       trace(`early: over ${MAX_QUEUED} hashes queued; the engine sends the rest`);
@@ -99,6 +103,7 @@ export class EarlySender {
     if (direct && this.directFrom === Infinity) this.directFrom = this.added;
     this.added += hashes.length; // so added - queue.length hashes have been taken in batches
     this.queue.push(...hashes);
+    for (let i = 0; i < hashes.length; i++) this.queueBases.push(bases?.[i] ?? null);
     if (this.streams.length === 0) for (let i = 0; i < STREAMS; i++) this.streams.push(this.run());
     this.wake();
   }
@@ -124,6 +129,7 @@ export class EarlySender {
   private stop(): void {
     this.stopped = true;
     this.queue.length = 0;
+    this.queueBases.length = 0;
     this.wake();
   }
 
@@ -146,10 +152,12 @@ export class EarlySender {
         // A batch is read one way: it ends where the directly written blocks begin.
         const takenBefore = this.added - this.queue.length;
         const direct = takenBefore >= this.directFrom;
-        const batch = this.queue.splice(0, direct ? BATCH : Math.min(BATCH, this.directFrom - takenBefore));
+        const n = direct ? BATCH : Math.min(BATCH, this.directFrom - takenBefore);
+        const batch = this.queue.splice(0, n);
+        const bases = this.queueBases.splice(0, n);
         this.taken += batch.length;
         this.since = performance.now();
-        return { hashes: batch, direct };
+        return { hashes: batch, bases, direct };
       }
       if (this.inputDone) return null;
       await new Promise<void>((r) => {
@@ -167,7 +175,12 @@ export class EarlySender {
         const lacking = batch.hashes.filter((_, i) => !present[i]);
         self.taken -= batch.hashes.length - lacking.length;
         if (lacking.length === 0) continue;
-        for await (const f of self.source.getBlocks(lacking, { consumerVerifies: true, direct: batch.direct })) { // the target verifies each
+        // A peer that takes deltas gets each block as the bytes that differ from the one it
+        // replaced, where it holds that one (else it names the block in needWhole and the engine
+        // sends it whole).
+        const bases = self.target.deltas === true ? batch.bases.filter((_, i) => !present[i]) : [];
+        const opts = { consumerVerifies: true, direct: batch.direct, ...(bases.some((b) => b) ? { bases } : {}) };
+        for await (const f of self.source.getBlocks(lacking, opts)) { // the target verifies each
           if (self.stopped) return;
           self.taken--;
           self.blocks++;

@@ -6,7 +6,7 @@
  * ```
  * offset size field
  *  0     1    type     0x42 'B' block, 0x45 'E' end, 0x58 'X' error
- *  1     1    codec    0 raw, 1 deflate (raw deflate, RFC 1951)
+ *  1     1    codec    0 raw, 1 deflate (raw deflate, RFC 1951), 2 delta (patches of a base block)
  *  2     32   hash     BLAKE3-256 of the uncompressed block (end/error frames: zeros)
  * 34     4    rawLen   uncompressed length, u32 big-endian (end frame: number of block frames)
  * 38     4    payLen   payload length, u32 big-endian
@@ -23,7 +23,7 @@
 import { promisify } from 'node:util';
 import { deflateRaw, inflateRaw, constants as zc } from 'node:zlib';
 import { TandemError, isErrorCode } from '../common/errors.js';
-import { hashBlock } from '../store/index.js';
+import { diffBlock, hashBlock } from '../store/index.js';
 import type { BlockFrame, Hash } from '../store/types.js';
 
 export const FRAME_BLOCK = 0x42;
@@ -31,6 +31,15 @@ export const FRAME_END = 0x45;
 export const FRAME_ERROR = 0x58;
 export const CODEC_RAW = 0;
 export const CODEC_DEFLATE = 1;
+/**
+ * A block sent as the byte ranges where it differs from a block the receiver holds (its base).
+ * Payload: the base's BLAKE3-256 (32 bytes), then patches, each `offset u32 BE, length u32 BE,
+ * bytes`, in increasing offset order, not overlapping, inside rawLen; the base has rawLen bytes.
+ * The receiver builds the block from its copy of the base and verifies it against the frame's
+ * hash. Only in streams that asked for deltas (sync/README.md).
+ */
+export const CODEC_DELTA = 2;
+
 export const HEADER_BYTES = 42;
 /** The largest block any volume may use (block sizes are validated far below this); bounds memory per frame. */
 export const MAX_BLOCK_BYTES = 16 * 1024 * 1024;
@@ -125,6 +134,18 @@ export async function* encodeFrames(frames: AsyncIterable<BlockFrame>, opts: Enc
   try {
     for await (const f of frames) {
       if (f.data.length > MAX_BLOCK_BYTES) throw new TandemError('ERR_BAD_REQUEST', `block of ${f.data.length} bytes exceeds the ${MAX_BLOCK_BYTES}-byte frame limit`);
+      if (f.base) {
+        const delta = diffBlock(f.data, f.base.hash, f.base.data);
+        f.base.release?.();
+        if (delta) {
+          f.release?.(); // the patches are a copy
+          yield header(FRAME_BLOCK, CODEC_DELTA, f.hash, f.data.length, delta.length);
+          yield delta;
+          count++;
+          opts.onBlock?.(f.data.length);
+          continue;
+        }
+      }
       const packed = opts.compress === false ? null : await maybeCompress(f.data);
       const payload = packed ?? f.data;
       if (packed) f.release?.(); // the compressed copy is sent
@@ -250,6 +271,12 @@ export interface DecodeOptions {
   readonly expect?: readonly Hash[];
   /** Read raw payloads into buffers of this pool; each frame then carries `release`. */
   readonly pool?: BufferPool;
+  /**
+   * Take delta frames (the stream asked for them): each is yielded with `delta` set and its
+   * patches as `data`, for the consumer's store to resolve (Store.putBlocks). Otherwise a delta
+   * frame is refused as an unknown codec.
+   */
+  readonly deltas?: boolean;
 }
 
 /**
@@ -290,6 +317,9 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
       if (type !== FRAME_BLOCK) throw corrupt(`unknown frame type 0x${type.toString(16)} at block ${index}`, { index });
       if (rawLen > MAX_BLOCK_BYTES || payLen > MAX_BLOCK_BYTES + 1024) throw corrupt(`frame ${index} claims ${rawLen} bytes, over the ${MAX_BLOCK_BYTES}-byte limit`, { index });
       if (codec === CODEC_RAW && payLen !== rawLen) throw corrupt(`raw frame ${index} has payload ${payLen} != length ${rawLen}`, { index });
+      if (codec === CODEC_DELTA && (!opts.deltas || payLen < 36 || rawLen === 0)) {
+        throw corrupt(opts.deltas ? `delta frame ${index} is too short` : `unknown codec ${codec} in frame ${index} (a delta, not asked for)`, { index });
+      }
       const hash = Buffer.from(h.subarray(2, 34));
       if (opts.expect && !(index < opts.expect.length && opts.expect[index]!.equals(hash))) {
         throw corrupt(`block ${index} of the stream is not the block asked for`, { index, hash: hash.toString('hex') });
@@ -302,6 +332,11 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
       if (pooled) {
         if (payload === pooled.buf) release = pooled.release;
         else pooled.release?.(); // the payload came as a view of one chunk: the buffer went unused
+      }
+      if (codec === CODEC_DELTA) {
+        index++;
+        yield { hash, data: payload.subarray(32), delta: { base: Buffer.from(payload.subarray(0, 32)), length: rawLen } };
+        continue;
       }
       if (codec === CODEC_RAW) data = payload;
       else if (codec === CODEC_DEFLATE) {

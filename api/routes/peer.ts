@@ -12,7 +12,7 @@ import { childChanges } from '../../store/tree.js';
 import type { NodeChangeToPut, NodeToPut, SnapshotRecord, TreeNode } from '../../store/types.js';
 import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '../../sync/framing.js';
 import { trace } from '../../sync/trace.js';
-import { LEASE_HEADER, PROTOCOL_VERSION, changesFromWire, changesToWire, fromHex, toHex } from '../../sync/protocol.js';
+import { FEATURES_HEADER, LEASE_HEADER, PROTOCOL_VERSION, SERVER_FEATURES, changesFromWire, changesToWire, fromHex, toHex } from '../../sync/protocol.js';
 import type { Home } from '../../appliance/home.js';
 import { clearDamage, readDamage } from '../../appliance/damage.js';
 import { failedOver } from '../../appliance/recovery/state.js';
@@ -218,8 +218,11 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     return { present: await store.hasBlocks(hashes.map(fromHex)) };
   });
 
-  app.post('/v1/blocks/get', { schema: { body: S.HashList, summary: 'blocks as a framed application/octet-stream (sync/README.md, "Framing")' } }, async (req, reply) => {
-    const hashes = (req.body as S.HashListBody).hashes.map(fromHex);
+  app.post('/v1/blocks/get', { schema: { body: S.BlockGetBody, summary: 'blocks as a framed application/octet-stream (sync/README.md, "Framing"); as deltas of the bases named, where held' } }, async (req, reply) => {
+    const body = req.body as S.BlockGetBodyType;
+    const hashes = body.hashes.map(fromHex);
+    if (body.bases !== undefined && body.bases.length !== hashes.length) throw new TandemError('ERR_BAD_REQUEST', `blocks/get names ${body.bases.length} bases for ${hashes.length} blocks; name one per block (null for none)`);
+    const bases = body.bases?.map((b) => (b === null ? null : fromHex(b)));
     const present = await store.hasBlocks(hashes);
     const absent = hashes.filter((_, i) => !present[i]);
     if (absent.length > 0) {
@@ -231,7 +234,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     // The client verifies every block (as it decodes the stream, or in the store it puts them in).
     // Read past the page cache, as the engine's sends are (sync/engine.ts): received blocks went
     // to the disk directly and a failback pulls what the cache no longer holds.
-    const frames = encodeFrames(store.getBlocks(hashes, { consumerVerifies: true, direct: true }), {
+    const frames = encodeFrames(store.getBlocks(hashes, { consumerVerifies: true, direct: true, ...(bases ? { bases } : {}) }), {
       errorFrames: true,
       onBlock: (n) => {
         stats.blocksSent++;
@@ -243,7 +246,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     // with no sign of when the socket has taken a chunk, so its pooled buffers could not go back
     // (a 1 GiB pull spent ~27 % of the sender's CPU in garbage collection that way).
     reply.hijack();
-    reply.raw.writeHead(200, { 'content-type': 'application/octet-stream' });
+    reply.raw.writeHead(200, { 'content-type': 'application/octet-stream', [FEATURES_HEADER]: SERVER_FEATURES });
     await writeChunks(reply.raw, frames);
     trace('server: blocks/get answered');
   });
@@ -257,13 +260,15 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     const source = body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>;
     const lease = leaseOf(req.headers);
     async function* counted() {
-      for await (const f of readAhead(decodeFrames(source, { pool: receivePool }), RECEIVE_AHEAD_FRAMES)) {
+      for await (const f of readAhead(decodeFrames(source, { pool: receivePool, deltas: true }), RECEIVE_AHEAD_FRAMES)) {
         if (received === 0) trace('server: first block frame decoded');
         if (lease) leases.touch(lease); // a moving stream keeps its sync's lease (api/leases.ts)
+        const n = f.delta?.length ?? f.data.length;
         received++;
-        bytes += f.data.length;
+        bytes += n;
         stats.blocksReceived++;
-        stats.bytesReceived += f.data.length;
+        stats.bytesReceived += n;
+        if (f.delta) stats.deltasReceived++;
         yield f;
       }
     }
@@ -271,7 +276,8 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
       const r = await store.putBlocks(counted());
       trace(`server: ${received} blocks stored and flushed`);
       stats.blocksStored += r.stored;
-      return { received, bytesReceived: bytes, stored: r.stored, bytes: r.bytes };
+      if (r.needWhole) trace(`server: ${r.needWhole.length} deltas of bases not held here: to be sent whole`);
+      return { received, bytesReceived: bytes, stored: r.stored, bytes: r.bytes, ...(r.needWhole ? { needWhole: r.needWhole.map(toHex) } : {}) };
     } catch (e) {
       // Read on (bounded) so the client, still sending, gets this answer rather than a reset.
       await drain(body, DRAIN_LIMIT_BYTES);

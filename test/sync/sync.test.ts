@@ -74,6 +74,11 @@ test('push is byte-exact; an incremental push sends only the changed blocks; a n
   const s3 = await p.peerB.stats();
   assert.equal(s3.blocksReceived - s2.blocksReceived, 3, 'only the 3 changed blocks travel');
   assert.equal(inc.json.blocksSent, 3);
+  // Each as the bytes that differ from the block it replaced, which the receiver holds: a 4 KiB
+  // write at an offset of 1000 is 9 units of 512 bytes (4.5 KiB), not the 64 KiB block.
+  assert.equal(s3.deltasReceived - s2.deltasReceived, 3, 'the 3 blocks came as deltas');
+  assert.ok(inc.json.wireBytes < 3 * 6 * 1024, `block streams carried ${inc.json.wireBytes} bytes for 3 writes of 4 KiB`);
+  assert.equal(s3.bytesReceived - s2.bytesReceived, 3 * BS, 'the receiver counts whole blocks built');
   assert.ok((await restoredOnB(p, 'r2.img')).equals(readFileSync(p.img)));
 
   const before = await p.peerB.stats();
