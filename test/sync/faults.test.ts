@@ -551,19 +551,20 @@ async function earlierReleaseProxy(t: Parameters<typeof tempDir>[0], b: TestHome
   const server: Server = createServer(tls, (req, res) => {
     const forward = (body?: Buffer) => {
       const up = httpsRequest(new URL(req.url!, upstream), { method: req.method, headers: { ...req.headers, host: new URL(upstream).host }, rejectUnauthorized: false }, (ur) => {
-        res.writeHead(ur.statusCode!, ur.headers);
+        const { 'x-tandem-features': _features, ...headers } = ur.headers; // an earlier release names no features
+        res.writeHead(ur.statusCode!, headers);
         ur.pipe(res);
       });
       up.on('error', () => res.destroy());
       if (body) up.end(body);
       else req.pipe(up);
     };
-    if (req.url !== '/v1/nodes/put' && req.url !== '/v1/nodes/get') return forward();
+    if (req.url !== '/v1/nodes/put' && req.url !== '/v1/nodes/get' && req.url !== '/v1/blocks/get') return forward();
     const chunks: Buffer[] = [];
     req.on('data', (c: Buffer) => chunks.push(c));
     req.on('end', () => {
       const body = Buffer.concat(chunks);
-      const field = req.url === '/v1/nodes/put' ? 'changed' : 'bases';
+      const field = req.url === '/v1/nodes/put' ? 'changed' : 'bases'; // nodes/get and blocks/get: bases
       const parsed = JSON.parse(body.toString('utf8')) as { nodes?: Array<Record<string, unknown>>; bases?: unknown };
       const unknown = field === 'bases' ? parsed.bases !== undefined : (parsed.nodes ?? []).some((n) => n.changed !== undefined);
       forwarded.push(`${req.url} ${unknown ? 'with' : 'without'} ${field}`);
@@ -600,6 +601,11 @@ test('a peer of an earlier release (no node changes) takes pushes and serves pul
   assert.equal(second.json.blocksSent, 70);
   assert.deepEqual(old.refused, ['/v1/nodes/put'], 'the changes were refused once; both requests then went whole');
   assert.deepEqual(old.forwarded.filter((f) => f.startsWith('/v1/nodes/put')), ['/v1/nodes/put without changed', '/v1/nodes/put without changed']);
+  const peerB = peerClient(b, sb);
+  t.after(() => peerB.close());
+  const stats = await peerB.stats();
+  assert.equal(stats.deltasReceived, 0, 'a peer that names no block-delta feature gets whole blocks');
+  assert.ok(second.json.wireBytes >= 70 * 4096, 'whole blocks on the wire');
 
   // A pull by an appliance that holds the first snapshot: its nodes/get names bases, is refused
   // once, and asks again without.
@@ -614,7 +620,8 @@ test('a peer of an earlier release (no node changes) takes pushes and serves pul
   const pulled = await cli(c, 'sync', 'vol', '--peer', 'old', '--reverse');
   assert.equal(pulled.code, 0, pulled.stderr);
   assert.equal(pulled.json.blocksSent, 2);
-  assert.deepEqual(old.refused, ['/v1/nodes/get']);
+  assert.deepEqual(old.refused, ['/v1/nodes/get'], 'blocks/get never named bases: the peer names no block-delta feature');
+  assert.ok(old.forwarded.includes('/v1/blocks/get without bases'));
   assert.equal((await cli(a, 'snapshots', 'vol')).json.at(-1).root, (await cli(c, 'snapshots', 'vol')).json.at(-1).root);
   assert.equal((await cli(c, 'verify')).code, 0);
 });

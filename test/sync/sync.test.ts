@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { openSync, writeSync, closeSync, readFileSync, writeFileSync, rmSync, copyFileSync, truncateSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { RemotePeer } from '../../api/client.js';
-import { cli, initHome, pair, startServe, tempDir, type Served, type TestHome } from '../helpers/appliance.js';
+import { cli, damageBlock, initHome, pair, startServe, tempDir, type Served, type TestHome } from '../helpers/appliance.js';
 import { loopDevice, smallTmpfs } from '../helpers/cli.js';
 
 const BS = 64 * 1024;
@@ -270,6 +270,65 @@ test('failback to a rebuilt appliance: pull the replica, attach a new image to i
   assert.equal(s1.blocksReceived - s0.blocksReceived, 2, 'replication from the rebuilt appliance is incremental');
   const old = await cli(p.a, 'sync', 'vol', '--peer', 'cloud');
   assert.equal(old.json?.error?.code, 'ERR_VOLUME_NAME_TAKEN', 'the rebuilt appliance is the source now: the old one may not push over it');
+});
+
+test('a pull (failback) of a small change brings each changed block as the bytes that differ from the one the puller holds', async (t) => {
+  const p = await setup(t);
+  assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const c = await initHome(t, 'dr-copy');
+  await pair(c, 'cloud', p.b, p.sb);
+  const first = await cli(c, 'sync', 'vol', '--peer', 'cloud', '--reverse');
+  assert.equal(first.code, 0, first.stderr);
+  assert.ok(first.json.wireBytes > (BLOCKS - 8) * BS, 'nothing held yet: whole blocks');
+
+  scribble(p.img, [5, 33, 60]);
+  assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const s0 = await p.peerB.stats();
+  const pulled = await cli(c, 'sync', 'vol', '--peer', 'cloud', '--reverse');
+  assert.equal(pulled.code, 0, pulled.stderr);
+  const s1 = await p.peerB.stats();
+  assert.equal(pulled.json.blocksSent, 3);
+  assert.equal(s1.blocksSent - s0.blocksSent, 3, 'the peer served the 3 changed blocks');
+  assert.ok(pulled.json.wireBytes < 3 * 6 * 1024, `the block stream carried ${pulled.json.wireBytes} bytes for 3 writes of 4 KiB`);
+  const rootA = (await cli(p.a, 'snapshots', 'vol')).json.at(-1).root;
+  assert.equal((await cli(c, 'snapshots', 'vol')).json.at(-1).root, rootA, 'the pulled snapshot is the pushed one');
+  assert.equal((await cli(c, 'verify')).code, 0, 'every block built from a delta verifies');
+  const out = join(p.dir, 'pulled.img');
+  assert.equal((await cli(c, 'restore', 'vol', '--to', out)).code, 0);
+  assert.ok(readFileSync(out).equals(readFileSync(p.img)), 'byte for byte');
+});
+
+test('blocks sent as deltas of a block the receiver lacks (a local snapshot never synced) are named in needWhole and sent again: the replica is exact', async (t) => {
+  const p = await setup(t);
+  assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  scribble(p.img, [2, 30]);
+  assert.equal((await cli(p.a, 'snapshot', 'vol')).code, 0, 'a local snapshot: its blocks never reach the peer');
+  scribble(p.img, [2, 30]);
+  const s0 = await p.peerB.stats();
+  const r = await cli(p.a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(r.code, 0, r.stderr);
+  const s1 = await p.peerB.stats();
+  assert.equal(s1.blocksStored - s0.blocksStored, 2);
+  // Sent during the scan as deltas of the local snapshot's blocks (which the peer lacks), then by
+  // the engine as deltas of the last synced snapshot's (which it holds).
+  assert.equal(s1.deltasReceived - s0.deltasReceived, 4, 'twice each: against the base the peer lacked, then the one it holds');
+  assert.ok((await restoredOnB(p, 'r.img')).equals(readFileSync(p.img)), 'byte-exact');
+  assert.equal((await cli(p.b, 'verify')).code, 0);
+
+  // A base the peer holds damaged (disk corruption there) is no base: the block goes whole.
+  const img = readFileSync(p.img);
+  damageBlock(p.b, img.subarray(40 * BS, 41 * BS));
+  scribble(p.img, [40]);
+  const s2 = await p.peerB.stats();
+  const again = await cli(p.a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(again.code, 0, again.stderr);
+  const s3 = await p.peerB.stats();
+  assert.equal(s3.blocksStored - s2.blocksStored, 1);
+  assert.equal(s3.deltasReceived - s2.deltasReceived, 2, 'refused as a delta during the scan and by the engine; then sent whole');
+  assert.ok(again.json.wireBytes > BS, 'the block went whole');
+  const out = join(p.dir, 'r2.img');
+  assert.equal((await cli(p.b, 'restore', 'vol', '--to', out)).code, 0);
+  assert.ok(readFileSync(out).equals(readFileSync(p.img)), 'byte-exact');
 });
 
 test('two appliances with volumes of the same name: the second one\'s push is refused before anything is committed; volume remove on the receiver frees the name', async (t) => {

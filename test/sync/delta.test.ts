@@ -1,0 +1,168 @@
+/**
+ * Blocks as deltas of a block the receiver holds: the diff and its application (properties),
+ * delta frames on the wire, and a store resolving them where they enter it (Store.putBlocks):
+ * built from its copy of the base, verified against the block's hash, or named in needWhole
+ * when it lacks the base; malformed deltas refused with nothing stored.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import fc from 'fast-check';
+import { applyPatches, diffBlock, hashBlock, Store, ZERO_HASH } from '../../store/index.js';
+import type { BlockFrame, Hash } from '../../store/types.js';
+import { CODEC_DELTA, decodeFrames, encodeFrames } from '../../sync/framing.js';
+import { tempDir } from '../store/helpers.js';
+
+async function* from<T>(xs: readonly T[]): AsyncGenerator<T> {
+  for (const x of xs) yield x;
+}
+
+async function collect<T>(it: AsyncIterable<T>): Promise<T[]> {
+  const out: T[] = [];
+  for await (const x of it) out.push(x);
+  return out;
+}
+
+/** `base` with `writes` ([offset, bytes]) applied. */
+function written(base: Buffer, writes: Array<[number, Buffer]>): Buffer {
+  const b = Buffer.from(base);
+  for (const [off, bytes] of writes) bytes.copy(b, off, 0, Math.min(bytes.length, b.length - off));
+  return b;
+}
+
+/** The patches of a delta payload (what decodeFrames yields as `data`). */
+const patchesOf = (delta: Buffer) => delta.subarray(32);
+
+test('diffBlock + applyPatches rebuild the block from its base for any writes; a delta is at most half the block, else none', () => {
+  const size = 64 * 1024;
+  fc.assert(
+    fc.property(
+      fc.array(fc.tuple(fc.integer({ min: 0, max: size - 1 }), fc.integer({ min: 1, max: 9000 })), { maxLength: 8 }),
+      (ws) => {
+        const base = randomBytes(size);
+        const data = written(base, ws.map(([off, len]) => [off, randomBytes(len)]));
+        const delta = diffBlock(data, hashBlock(base), base);
+        if (delta === null) {
+          assert.ok(ws.reduce((n, [, len]) => n + len, 0) > size / 8, 'only large changes go whole');
+          return;
+        }
+        assert.ok(delta.length <= size / 2);
+        assert.ok(delta.subarray(0, 32).equals(hashBlock(base)), 'the payload starts with the base hash');
+        const rebuilt = applyPatches(Buffer.from(base), patchesOf(delta), hashBlock(data));
+        assert.ok(rebuilt.equals(data));
+      },
+    ),
+    { numRuns: 200 },
+  );
+  const base = randomBytes(size);
+  const one = written(base, [[1000, randomBytes(4096)]]);
+  const d = diffBlock(one, hashBlock(base), base)!;
+  assert.equal(d.length, 32 + 4 + 8 + 9 * 512, 'a 4 KiB write at offset 1000 is 9 units of 512 bytes in one patch');
+  assert.equal(diffBlock(randomBytes(size), hashBlock(base), base), null, 'a block unlike its base goes whole');
+  assert.equal(diffBlock(one, hashBlock(base), base.subarray(1)), null, 'a base of another length is no base');
+});
+
+test('applyPatches refuses patches out of order, overlapping, outside the block, cut short or followed by bytes: ERR_BLOCK_CORRUPT', () => {
+  const h = hashBlock(Buffer.from('x'));
+  const patches = (...ps: Array<[number, Buffer]>) => {
+    const parts: Buffer[] = [Buffer.alloc(4)];
+    parts[0]!.writeUInt32BE(ps.length);
+    for (const [off, b] of ps) {
+      const head = Buffer.alloc(8);
+      head.writeUInt32BE(off);
+      head.writeUInt32BE(b.length, 4);
+      parts.push(head, b);
+    }
+    return Buffer.concat(parts);
+  };
+  const ok = patches([0, Buffer.from('ab')], [10, Buffer.from('cd')]);
+  assert.equal(applyPatches(Buffer.alloc(16), ok, h).toString('latin1', 10, 12), 'cd');
+  const bad = [
+    patches([10, Buffer.from('ab')], [0, Buffer.from('cd')]), // out of order
+    patches([0, Buffer.from('abcd')], [2, Buffer.from('cd')]), // overlapping
+    patches([15, Buffer.from('ab')]), // past the end
+    patches([3, Buffer.alloc(0)]), // empty
+    ok.subarray(0, ok.length - 1), // cut short
+    Buffer.concat([ok, Buffer.from([0])]), // trailing byte
+    Buffer.from([0, 0]), // no count
+  ];
+  for (const [i, p] of bad.entries()) assert.throws(() => applyPatches(Buffer.alloc(16), p, h), { code: 'ERR_BLOCK_CORRUPT' }, `case ${i}`);
+});
+
+test('a frame with a base goes as a delta frame when that is shorter; a decoder takes it only when asked for deltas', async () => {
+  const base = randomBytes(65536);
+  const data = written(base, [[5000, randomBytes(4096)]]);
+  const other = randomBytes(65536);
+  const frames: BlockFrame[] = [
+    { hash: hashBlock(data), data, base: { hash: hashBlock(base), data: base } },
+    { hash: hashBlock(other), data: other, base: { hash: hashBlock(base), data: base } }, // unlike its base: raw
+    { hash: hashBlock(base), data: base },
+  ];
+  const wire = Buffer.concat(await collect(encodeFrames(from(frames))));
+  assert.ok(wire.length < 42 * 4 + 36 + 8 + 9 * 512 + 2 * 65536 + 1, `${wire.length} bytes`);
+  assert.equal(wire[1], CODEC_DELTA);
+  const got = await collect(decodeFrames(from([wire]), { deltas: true }));
+  assert.deepEqual(got.map((f) => f.delta?.length), [65536, undefined, undefined]);
+  assert.ok(got[0]!.delta!.base.equals(hashBlock(base)));
+  assert.ok(applyPatches(Buffer.from(base), got[0]!.data, got[0]!.hash).equals(data));
+  assert.ok(got[1]!.data.equals(other) && got[2]!.data.equals(base));
+  await assert.rejects(collect(decodeFrames(from([wire]))), { code: 'ERR_BLOCK_CORRUPT', message: /unknown codec 2/ }, 'a stream that did not ask for deltas refuses them');
+});
+
+test('a store builds delta frames from its copy of the base and verifies them; a base it lacks is named in needWhole; a bad delta stores nothing', async (t) => {
+  const dir = await tempDir(t);
+  const store = await Store.open(dir);
+  t.after(() => store.close());
+  const size = 65536;
+  const base = randomBytes(size);
+  await store.putBlocks(from([{ hash: hashBlock(base), data: base }]));
+  const delta = (data: Buffer, b: Buffer, bHash: Hash = hashBlock(b)): BlockFrame => {
+    const d = diffBlock(data, bHash, b)!;
+    return { hash: hashBlock(data), data: d.subarray(32), delta: { base: bHash, length: data.length } };
+  };
+
+  // Held base, zero base, and a base this store lacks, in one stream with a whole block.
+  const fromBase = written(base, [[100, randomBytes(3000)]]);
+  const fromZero = written(Buffer.alloc(size), [[60000, randomBytes(2000)]]);
+  const absentBase = randomBytes(size);
+  const fromAbsent = written(absentBase, [[0, randomBytes(100)]]);
+  const whole = randomBytes(size);
+  const r = await store.putBlocks(from([delta(fromBase, base), delta(fromZero, Buffer.alloc(size), ZERO_HASH), delta(fromAbsent, absentBase), { hash: hashBlock(whole), data: whole }]));
+  assert.equal(r.stored, 3);
+  assert.equal(r.bytes, 3 * size, 'whole blocks stored');
+  assert.deepEqual(r.needWhole?.map((h) => h.toString('hex')), [hashBlock(fromAbsent).toString('hex')]);
+  assert.ok((await store.getBlock(hashBlock(fromBase))).equals(fromBase));
+  assert.ok((await store.getBlock(hashBlock(fromZero))).equals(fromZero));
+  assert.deepEqual(await store.hasBlocks([hashBlock(fromAbsent)]), [false], 'not stored: to be sent whole');
+
+  // A delta that builds something else than its hash, one that names the base with another
+  // length, and malformed patches: ERR_BLOCK_CORRUPT, and that block is not stored.
+  const target = written(base, [[7, randomBytes(10)]]);
+  const good = delta(target, base);
+  const lying: BlockFrame = { ...good, hash: hashBlock(randomBytes(size)) };
+  const wrongLength: BlockFrame = { ...good, delta: { base: hashBlock(base), length: size - 1 } };
+  const cut: BlockFrame = { ...good, data: good.data.subarray(0, good.data.length - 1) };
+  for (const [what, f] of [['wrong result', lying], ['wrong length', wrongLength], ['cut short', cut]] as const) {
+    await assert.rejects(store.putBlocks(from([f])), { code: 'ERR_BLOCK_CORRUPT' }, what);
+    assert.deepEqual(await store.hasBlocks([f.hash]), [false], what);
+  }
+  assert.deepEqual(await store.hasBlocks([hashBlock(target)]), [false]);
+  assert.equal((await store.putBlocks(from([good]))).stored, 1, 'the same delta, whole, is stored');
+  assert.ok((await store.getBlock(hashBlock(target))).equals(target));
+  assert.ok((await store.getBlock(hashBlock(base))).equals(base), 'the base itself is untouched (patched in a copy)');
+});
+
+test('getBlocks attaches the bases it holds (zeros included) for a peer stream; one it lacks leaves the block whole', async (t) => {
+  const dir = await tempDir(t);
+  const store = await Store.open(dir);
+  t.after(() => store.close());
+  const a = randomBytes(65536);
+  const b = written(a, [[0, randomBytes(10)]]);
+  await store.putBlocks(from([a, b].map((data) => ({ hash: hashBlock(data), data }))));
+  const frames = await collect(store.getBlocks([hashBlock(b), hashBlock(b), hashBlock(a), hashBlock(a)], { bases: [hashBlock(a), ZERO_HASH, hashBlock(randomBytes(8)), null], consumerVerifies: true }));
+  assert.ok(frames[0]!.base!.data.equals(a) && frames[0]!.base!.hash.equals(hashBlock(a)));
+  assert.ok(frames[1]!.base!.data.equals(Buffer.alloc(65536)));
+  assert.equal(frames[2]!.base, undefined, 'a base not held: none');
+  assert.equal(frames[3]!.base, undefined);
+  for (const f of frames) f.base?.release?.(), f.release?.();
+});
