@@ -166,3 +166,80 @@ test('fuzzing every route with random bodies, headers, hashes and sizes never gi
   assert.equal(n, 400);
   assert.equal((await app.inject({ method: 'GET', url: '/v1/health' })).statusCode, 200, 'still alive');
 });
+
+test('fuzzing delta frames in blocks/put and bases in blocks/get never gives a 5xx; only blocks that verify are stored', async (t) => {
+  const { app, token, store } = await server(t);
+  const auth = { authorization: `Bearer ${token}` };
+  const held = Buffer.alloc(8192, 7);
+  await store.putBlocks((async function* () { yield { hash: hashBlock(held), data: held }; })());
+  const frame = (codec: number, hash: Buffer, rawLen: number, payload: Buffer) => {
+    const h = Buffer.alloc(42);
+    h[0] = 0x42;
+    h[1] = codec;
+    hash.copy(h, 2);
+    h.writeUInt32BE(rawLen, 34);
+    h.writeUInt32BE(payload.length, 38);
+    return Buffer.concat([h, payload]);
+  };
+  const end = (n: number) => frame(0, Buffer.alloc(32), n, Buffer.alloc(0)).fill(0x45, 0, 1);
+  const patch = fc.tuple(fc.integer({ min: 0, max: 9000 }), fc.uint8Array({ minLength: 0, maxLength: 40 }));
+  let stored = 0;
+  await fc.assert(
+    fc.asyncProperty(
+      fc.constantFrom('held', 'zero', 'absent'),
+      fc.array(patch, { maxLength: 4 }),
+      fc.oneof(fc.constant(8192), fc.integer({ min: 0, max: 20000 })),
+      fc.boolean(),
+      fc.uint8Array({ maxLength: 16 }),
+      async (which, patches, rawLen, truthful, junk) => {
+        const base = which === 'held' ? hashBlock(held) : which === 'zero' ? Buffer.alloc(32) : hashBlock(Buffer.from('absent'));
+        const count = Buffer.alloc(4);
+        count.writeUInt32BE(patches.length);
+        const body = Buffer.concat([base, count, ...patches.flatMap(([off, bytes]) => {
+          const head = Buffer.alloc(8);
+          head.writeUInt32BE(off);
+          head.writeUInt32BE(bytes.length, 4);
+          return [head, Buffer.from(bytes)];
+        }), Buffer.from(junk)]);
+        // Sometimes the hash the patches really build (from the held or zero base), else a random one.
+        let hash = hashBlock(Buffer.concat([Buffer.from('x'), Buffer.from(junk)])); // never the zero hash (always present)
+        if (truthful && which !== 'absent' && junk.length === 0) {
+          const built = which === 'held' ? Buffer.from(held) : Buffer.alloc(held.length);
+          let ok = rawLen === held.length;
+          let endAt = 0;
+          for (const [off, bytes] of patches) {
+            if (bytes.length === 0 || off < endAt || off + bytes.length > built.length) ok = false;
+            else Buffer.from(bytes).copy(built, off);
+            endAt = off + bytes.length;
+          }
+          if (ok) hash = hashBlock(built);
+        }
+        const r = await app.inject({ method: 'POST', url: '/v1/blocks/put', headers: { ...auth, 'content-type': 'application/octet-stream' }, payload: Buffer.concat([frame(2, hash, rawLen, body), end(1)]) });
+        assert.ok(r.statusCode < 500, `${r.statusCode} ${r.body.slice(0, 300)}`);
+        if (r.statusCode === 200) {
+          const a = r.json() as { stored: number; needWhole?: string[] };
+          if (which === 'absent') assert.deepEqual(a.needWhole, [hash.toString('hex')]);
+          else {
+            stored++;
+            // All zeros is never stored (ZERO_HASH stands for it); anything else was, and verifies.
+            if (!hash.equals(Buffer.alloc(32))) assert.ok((await store.getBlock(hash)).length === held.length, 'what was taken is stored and verifies (getBlock re-hashes it)');
+          }
+        } else {
+          assert.equal(r.json().error.code, r.statusCode === 422 ? 'ERR_BLOCK_CORRUPT' : r.json().error.code);
+          assert.deepEqual(await store.hasBlocks([hash]), [hash.equals(hashBlock(held))], 'nothing stored');
+        }
+      },
+    ),
+    { numRuns: 300 },
+  );
+  assert.ok(stored > 0, 'some deltas were well formed and taken');
+  const get = fc.record({ hashes: fc.array(fc.constantFrom(hashBlock(held).toString('hex'), '0'.repeat(64)), { maxLength: 4 }), bases: fc.array(fc.oneof(fc.constant(null), fc.stringMatching(/^[0-9a-f]{64}$/), fc.constant(hashBlock(held).toString('hex'))), { maxLength: 5 }) });
+  await fc.assert(
+    fc.asyncProperty(get, async (payload) => {
+      const r = await app.inject({ method: 'POST', url: '/v1/blocks/get', headers: auth, payload });
+      assert.ok(r.statusCode < 500, `${r.statusCode} ${r.body.slice(0, 300)}`);
+      if (payload.bases.length !== payload.hashes.length) assert.equal(r.statusCode, 400);
+    }),
+    { numRuns: 100 },
+  );
+});
