@@ -332,14 +332,8 @@ export class Store implements ReplicaStore {
     const bases = opts.bases;
     /** The block's base, for a delta (GetBlocksOptions.bases): read when held; else none (the block goes whole). */
     const readBase = async (b: Hash): Promise<BlockFrame['base']> => {
-      try {
-        const loc = await this.locate(b);
-        if (!loc) return undefined;
-        const r = await this.readBlockPooled(b, loc, true, direct);
-        return { hash: b, data: r.data, ...(r.release ? { release: r.release } : {}) };
-      } catch {
-        return undefined; // unreadable here: the block goes whole
-      }
+      const r = await this.readBaseBlock(b, direct);
+      return r && { hash: b, data: r.data, ...(r.release ? { release: r.release } : {}) };
     };
     const read = async (i: number): Promise<ReadBlock> => {
       const h = hashes[i]!;
@@ -605,20 +599,25 @@ export class Store implements ReplicaStore {
     }
   }
 
+  /**
+   * A block held here read as the base of a delta (its record's CRC checked), or undefined when
+   * it is absent, damaged or moved by a concurrent gc: the block made from it then goes whole
+   * (`verify` reports damage).
+   */
+  private async readBaseBlock(hash: Hash, direct: boolean): Promise<ReadBlock | undefined> {
+    try {
+      const loc = await this.locate(hash);
+      return loc ? await this.readBlockPooled(hash, loc, true, direct) : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
   private async resolveDelta(f: BlockFrame, needWhole: Hash[]): Promise<BlockFrame | null> {
     const { base, length } = f.delta!;
     checkHash(f.hash);
     if (length === 0 || length > MAX_BLOCK_SIZE) throw new TandemError('ERR_BLOCK_CORRUPT', `the delta of block ${toHex(f.hash)} claims ${length} bytes`, { details: { hash: toHex(f.hash) } });
-    let block: ReadBlock | undefined;
-    if (isZeroHash(base)) block = { data: Buffer.alloc(length) };
-    else {
-      try {
-        const loc = await this.locate(base);
-        if (loc) block = await this.readBlockPooled(base, loc, true, true);
-      } catch {
-        block = undefined; // damaged or moved: the sender sends the block whole (verify reports the damage)
-      }
-    }
+    const block = isZeroHash(base) ? { data: Buffer.alloc(length) } : await this.readBaseBlock(base, true);
     if (!block) {
       needWhole.push(f.hash);
       return null;
