@@ -239,7 +239,7 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   // Blocks new to the local store start travelling while the scan goes on (sync/early.ts).
   // Once the scan is over, what early sending still sends (its tail) shows as transfer progress.
   let tailFrom: { bytes: number; blocks: number } | null = null;
-  const tailSent = () => ({ bytes: early!.bytes - tailFrom!.bytes, blocks: early!.blocks - tailFrom!.blocks });
+  const tailSent = () => ({ bytes: Math.max(0, early!.bytes - tailFrom!.bytes), blocks: Math.max(0, early!.blocks - tailFrom!.blocks) }); // blocks refused for a lacking base come off afterwards
   const early = opts.dryRun
     ? null
     : new EarlySender(

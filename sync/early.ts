@@ -24,6 +24,7 @@
  * hashes, early sending stops and leaves the rest to the engine.
  */
 import type { BlockFrame, Hash, ReplicaStore } from '../store/types.js';
+import { toHex } from './protocol.js';
 import { trace } from './trace.js';
 
 /** Hashes per target question and per read batch at most: 64 blocks of 512 KiB are 32 MiB of data. */
@@ -169,6 +170,9 @@ export class EarlySender {
 
   private async run(): Promise<void> {
     const self = this;
+    // The sizes of blocks sent with a base, for those the receiver names because it lacks the base.
+    let full = 0;
+    const shortWithBase = new Map<string, number>();
     async function* frames(first: Batch): AsyncGenerator<BlockFrame> {
       for (let batch: Batch | null = first; batch; batch = await self.next()) {
         const present = await self.target.hasBlocks(batch.hashes);
@@ -185,6 +189,11 @@ export class EarlySender {
           self.taken--;
           self.blocks++;
           self.bytes += f.data.length;
+          if (f.base) {
+            // Every block but a volume's short last one has the same size: only the others are kept.
+            full = Math.max(full, f.data.length);
+            if (f.data.length < full) shortWithBase.set(toHex(f.hash), f.data.length);
+          }
           yield f;
           self.onSent?.();
         }
@@ -194,7 +203,13 @@ export class EarlySender {
       // Wait for the first batch before opening the request: a sync with nothing new sends nothing.
       const first = await this.next();
       if (!first) return;
-      await this.target.putBlocks(frames(first));
+      const r = await this.target.putBlocks(frames(first));
+      // Blocks the receiver could not build (it lacks their bases) are not stored: the engine finds
+      // them lacking and sends them. They count as sent once, there.
+      for (const h of r.needWhole ?? []) {
+        this.blocks--;
+        this.bytes -= shortWithBase.get(toHex(h)) ?? full;
+      }
     } catch (e) {
       this.failure ??= e;
       this.stop();

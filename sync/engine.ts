@@ -213,9 +213,14 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
               // With a peer on either side that takes deltas, each block names the base block it
               // replaced: it travels as the bytes that differ when the receiver holds that.
               const bases = deltas ? part.map((h) => replaced.get(toHex(h)) ?? null) : null;
+              // The sizes of blocks sent with a base: a receiver lacking the base names them in
+              // needWhole, and their resend whole must not count them twice.
+              const withBase = new Map<string, number>();
               const sent = (f: BlockFrame) => {
+                const length = f.delta?.length ?? f.data.length;
                 blocksSent++;
-                bytesSent += f.delta?.length ?? f.data.length;
+                bytesSent += length;
+                if (f.base || f.delta) withBase.set(toHex(f.hash), length);
                 if (blocksSent % 16 === 0) progress('blocks');
               };
               const r = await target.putBlocks(counted(source.getBlocks(part, { consumerVerifies: true, direct: true, ...(bases?.some((b) => b) ? { bases } : {}) }), sent));
@@ -223,7 +228,10 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
                 // The receiver lacks those bases (a gc there, a damaged copy): the blocks go whole.
                 trace(`engine: ${r.needWhole.length} blocks sent again whole (their bases are not on the receiver)`);
                 requests += 2;
-                blocksSent -= r.needWhole.length;
+                for (const h of r.needWhole) {
+                  blocksSent--;
+                  bytesSent -= withBase.get(toHex(h)) ?? 0;
+                }
                 await target.putBlocks(counted(source.getBlocks(r.needWhole, { consumerVerifies: true, direct: true }), sent));
               }
             }

@@ -312,6 +312,8 @@ test('blocks sent as deltas of a block the receiver lacks (a local snapshot neve
   // Sent during the scan as deltas of the local snapshot's blocks (which the peer lacks), then by
   // the engine as deltas of the last synced snapshot's (which it holds).
   assert.equal(s1.deltasReceived - s0.deltasReceived, 4, 'twice each: against the base the peer lacked, then the one it holds');
+  assert.equal(r.json.blocksSent, 2, 'a block refused for its base and sent again counts once');
+  assert.equal(r.json.bytesSent, 2 * BS);
   assert.ok((await restoredOnB(p, 'r.img')).equals(readFileSync(p.img)), 'byte-exact');
   assert.equal((await cli(p.b, 'verify')).code, 0);
 
@@ -326,6 +328,8 @@ test('blocks sent as deltas of a block the receiver lacks (a local snapshot neve
   assert.equal(s3.blocksStored - s2.blocksStored, 1);
   assert.equal(s3.deltasReceived - s2.deltasReceived, 2, 'refused as a delta during the scan and by the engine; then sent whole');
   assert.ok(again.json.wireBytes > BS, 'the block went whole');
+  assert.equal(again.json.blocksSent, 1, 'refused twice, sent whole: counted once');
+  assert.equal(again.json.bytesSent, BS);
   const out = join(p.dir, 'r2.img');
   assert.equal((await cli(p.b, 'restore', 'vol', '--to', out)).code, 0);
   assert.ok(readFileSync(out).equals(readFileSync(p.img)), 'byte-exact');
