@@ -296,6 +296,23 @@ test('a pull (failback) of a small change brings each changed block as the bytes
   const out = join(p.dir, 'pulled.img');
   assert.equal((await cli(c, 'restore', 'vol', '--to', out)).code, 0);
   assert.ok(readFileSync(out).equals(readFileSync(p.img)), 'byte for byte');
+
+  // A base the puller holds damaged (disk corruption here): the block it would build from it is
+  // refused where it enters the store and fetched again whole.
+  damageBlock(c, readFileSync(p.img).subarray(33 * BS, 34 * BS));
+  scribble(p.img, [33, 61]);
+  assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const s2 = await p.peerB.stats();
+  const again = await cli(c, 'sync', 'vol', '--peer', 'cloud', '--reverse');
+  assert.equal(again.code, 0, again.stderr);
+  const s3 = await p.peerB.stats();
+  assert.equal(again.json.blocksSent, 2, 'the block fetched again counts once');
+  assert.equal(again.json.bytesSent, 2 * BS);
+  assert.equal(s3.blocksSent - s2.blocksSent, 3, 'the peer served 2 blocks, then the refused one again');
+  assert.ok(again.json.wireBytes > BS, 'the block whose base is damaged came whole');
+  const out2 = join(p.dir, 'pulled2.img');
+  assert.equal((await cli(c, 'restore', 'vol', '--to', out2)).code, 0);
+  assert.ok(readFileSync(out2).equals(readFileSync(p.img)), 'byte for byte');
 });
 
 test('blocks sent as deltas of a block the receiver lacks (a local snapshot never synced) are named in needWhole and sent again: the replica is exact', async (t) => {
