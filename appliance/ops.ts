@@ -143,7 +143,9 @@ export interface SnapshotVolumeOptions {
   readonly changedBlocksFile?: string;
   readonly onProgress?: (p: ScanProgress) => void;
   /** Told the hashes of blocks new to the store as the scan appends them (see SnapshotOptions). */
-  readonly onNewBlocks?: (hashes: Hash[], direct: boolean, replaced: Array<Hash | null>) => void;
+  readonly onNewBlocks?: (hashes: Hash[], direct: boolean, replaced: Array<Hash | null>, views?: Buffer[]) => void;
+  /** Until when onNewBlocks' `views` may be read (see SnapshotOptions). */
+  readonly keepViewsUntil?: Promise<unknown>;
   /** Told when every block is read and appended, before the flush and commit (see SnapshotOptions). */
   readonly onScanned?: () => void;
   readonly labels?: Record<string, string>;
@@ -231,6 +233,7 @@ export async function snapshotVolumeLocked(store: Store, name: string, opts: Sna
       ...(opts.labels ? { labels: opts.labels } : {}),
       ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
       ...(opts.onNewBlocks ? { onNewBlocks: opts.onNewBlocks } : {}),
+      ...(opts.keepViewsUntil ? { keepViewsUntil: opts.keepViewsUntil } : {}),
       ...(opts.onScanned ? { onScanned: opts.onScanned } : {}),
       ...(opts.onNotice ? { onNotice: opts.onNotice } : {}),
       ...(opts.signal ? { signal: opts.signal } : {}),

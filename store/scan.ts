@@ -224,6 +224,9 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   /** Where a slot starts in `sab`. */
   const slotAt = (slot: number): number => skew + slot * slotBytes;
   const jobs = changed ? groups(changed, chunkBlocks) : all(blocks, chunkBlocks);
+  // A change list whose chunks all fit the slots at once leaves every slot to its one chunk: the
+  // new blocks' bytes can be lent out where they are (SnapshotOptions.keepViewsUntil).
+  const lendViews = opts.keepViewsUntil !== undefined && opts.onNewBlocks !== undefined && changed !== undefined && Math.ceil(changed.length / chunkBlocks) <= slots;
   const total = changed ? changed.length : blocks;
   const progress = { blocksDone: 0, blocksTotal: total, bytesRead: 0, blocksStored: 0 };
   let lastProgress = 0;
@@ -364,6 +367,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
       const { d, items, nonZero, frames, stored, direct } = puts.shift()!;
       const fresh: Hash[] = [];
       const replaced: Array<Hash | null> = [];
+      const views: Buffer[] = [];
       (await stored).forEach((isNew, i) => {
         if (!isNew) return;
         progress.blocksStored++;
@@ -371,8 +375,9 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
         storedBytes += frames[i]!.data.length;
         fresh.push(frames[i]!.hash);
         replaced.push(nonZero[i]!.was ?? null);
+        if (lendViews) views.push(frames[i]!.data);
       });
-      if (fresh.length > 0) opts.onNewBlocks?.(fresh, direct, replaced);
+      if (fresh.length > 0) opts.onNewBlocks?.(fresh, direct, replaced, lendViews ? views : undefined);
       progress.blocksDone += d.count;
       progress.bytesRead += d.length;
       free.push(d.slot);
@@ -403,7 +408,13 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   } finally {
     // Pack writes read from the slots: they end before the buffer can go to another scan.
     await Promise.allSettled([...inflight, ...puts.map((p) => p.stored)]);
-    if (pool) await store.hashPools.giveBack(pool);
-    else spareSlots = own;
+    const giveBack = async () => {
+      if (pool) await store.hashPools.giveBack(pool);
+      else spareSlots = own;
+    };
+    // Lent out: the buffer goes to another scan once the borrower is done with it (it finishes
+    // after this scan returns: a sync sends its last new blocks then).
+    if (lendViews) void opts.keepViewsUntil!.then(giveBack, giveBack).catch(() => undefined);
+    else await giveBack();
   }
 }

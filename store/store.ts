@@ -312,7 +312,7 @@ export class Store implements ReplicaStore {
         for (let i = from; i < to; i++) {
           const h = hashes[i]!;
           const p = isZeroHash(h) ? undefined : this.pending.get(h.toString('latin1'));
-          if (p || isZeroHash(h)) locations.set(i, p);
+          if (p || isZeroHash(h) || opts.held?.has(h.toString('latin1'))) locations.set(i, p);
           else ask.push(i);
         }
         if (ask.length > 0) {
@@ -321,7 +321,10 @@ export class Store implements ReplicaStore {
         }
       }
     };
+    const held = opts.held;
     const readOne = async (h: Hash, loc: BlockLocation | undefined): Promise<ReadBlock> => {
+      const kept = held?.get(h.toString('latin1'));
+      if (kept) return { data: kept };
       if (isZeroHash(h) || !loc) return { data: await this.getBlock(h) }; // zeros, or absent: getBlock answers (or throws ERR_BLOCK_MISSING)
       try {
         return await this.readBlockPooled(h, loc, crcOnly, direct);

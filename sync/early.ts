@@ -73,6 +73,11 @@ export class EarlySender {
   private added = 0;
   private directFrom = Infinity;
   private readonly streams: Promise<void>[] = [];
+  /** New blocks' bytes lent by the scan (its buffers), by the hash's latin1 string: sent from there, not read back from the packs. */
+  private readonly held = new Map<string, Buffer>();
+  private ended!: () => void;
+  /** Settles once early sending is over ({@link finish}) and reads none of the bytes the scan lent it any more. */
+  readonly done = new Promise<void>((resolve) => (this.ended = resolve));
 
   constructor(
     private readonly source: ReplicaStore,
@@ -93,8 +98,9 @@ export class EarlySender {
    * them past the page cache, so they are read that way (a scan writes its first 64 MiB of new
    * blocks through the cache and the rest directly, store/scan.ts: once direct, always direct).
    */
-  add(hashes: readonly Hash[], direct = false, bases?: ReadonlyArray<Hash | null>): void {
+  add(hashes: readonly Hash[], direct = false, bases?: ReadonlyArray<Hash | null>, views?: readonly Buffer[]): void {
     if (this.stopped) return;
+    if (views) hashes.forEach((h, i) => this.held.set(h.toString('latin1'), views[i]!));
     if (this.queue.length + hashes.length > MAX_QUEUED) {
       trace(`early: over ${MAX_QUEUED} hashes queued; the engine sends the rest`);
       this.stop();
@@ -124,6 +130,8 @@ export class EarlySender {
     if (ok && this.pending <= TAIL_BLOCKS) this.scanned();
     else this.stop();
     await Promise.all(this.streams);
+    this.held.clear();
+    this.ended();
     trace(`early: ${this.blocks} blocks sent during the scan${this.failure ? ` (stopped: ${String((this.failure as Error)?.message ?? this.failure)})` : ''}`);
   }
 
@@ -183,7 +191,7 @@ export class EarlySender {
         // replaced, where it holds that one (else it names the block in needWhole and the engine
         // sends it whole).
         const bases = self.target.deltas === true ? batch.bases.filter((_, i) => !present[i]) : [];
-        const opts = { consumerVerifies: true, direct: batch.direct, ...(bases.some((b) => b) ? { bases } : {}) };
+        const opts = { consumerVerifies: true, direct: batch.direct, held: self.held, ...(bases.some((b) => b) ? { bases } : {}) };
         for await (const f of self.source.getBlocks(lacking, opts)) { // the target verifies each
           if (self.stopped) return;
           self.taken--;

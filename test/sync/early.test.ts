@@ -227,3 +227,50 @@ test("past a scan's first 64 MiB of new blocks, the store writes them directly a
   assert.ok(back.equals(data));
   assert.equal((await a.verify()).problems.length, 0);
 });
+
+test("a change list that fits the scan's buffers lends its new blocks' bytes to early sending; no other scan takes those buffers until early sending is done; the copy is exact", async (t) => {
+  const [a, b] = await stores(t);
+  const blocks = 600;
+  const data = randomBytes(blocks * BS);
+  const base = await a.scanVolume(slowReader(data, 0), { volume: 'v', blockSize: BS });
+  await copySnapshot(a, b, base);
+  const listed = Array.from({ length: 40 }, (_, i) => i * 15);
+  for (const i of listed) randomBytes(BS).copy(data, i * BS);
+  // Slow frames: early sending goes on long after the scan returned.
+  const r = receiving(b, { frameDelayMs: 20 });
+  let asked = 0;
+  let lent = 0;
+  const source: ReplicaStore = {
+    ...r.target,
+    getBlocks: (h, opts) => {
+      asked += h.length;
+      lent += h.filter((x) => opts?.held?.has(x.toString('latin1'))).length;
+      return a.getBlocks(h, opts);
+    },
+  };
+  const early = new EarlySender(source, r.target);
+  const snap = await a.scanVolume(slowReader(data, 0), {
+    volume: 'v',
+    blockSize: BS,
+    parent: base,
+    changedBlocks: listed,
+    onNewBlocks: (h, direct, replaced, views) => early.add(h, direct, replaced, views),
+    keepViewsUntil: early.done,
+    onScanned: () => early.scanned(),
+  });
+  // Meanwhile another volume is scanned on the same store: given the lent buffers, it would write
+  // its own blocks over the bytes early sending still sends (the target refuses those).
+  const other = randomBytes(blocks * BS);
+  await a.scanVolume(slowReader(other, 0), { volume: 'w', blockSize: BS });
+  await a.scanVolume(slowReader(other, 0), { volume: 'w', blockSize: BS, parent: (await a.latestSnapshot('w'))!, changedBlocks: listed });
+  await early.finish();
+  assert.equal(early.failure, null);
+  assert.equal(early.blocks, listed.length, 'every new block went early');
+  assert.equal(asked, listed.length);
+  assert.equal(lent, asked, 'each was sent from the bytes the scan lent, not read back from the packs');
+  const copy = await copySnapshot(a, r.target, snap);
+  assert.equal(copy.blocksSent, 0);
+  const back = Buffer.alloc(data.length);
+  for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, BS)).copy(back, index * BS);
+  assert.ok(back.equals(data), 'byte-exact');
+});
