@@ -311,8 +311,9 @@ export class Store implements ReplicaStore {
         const ask: number[] = [];
         for (let i = from; i < to; i++) {
           const h = hashes[i]!;
-          const p = isZeroHash(h) ? undefined : this.pending.get(h.toString('latin1'));
-          if (p || isZeroHash(h) || opts.held?.has(h.toString('latin1'))) locations.set(i, p);
+          const key = h.toString('latin1');
+          const p = isZeroHash(h) ? undefined : this.pending.get(key);
+          if (p || isZeroHash(h) || opts.held?.has(key)) locations.set(i, p);
           else ask.push(i);
         }
         if (ask.length > 0) {

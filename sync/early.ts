@@ -24,7 +24,7 @@
  * hashes, early sending stops and leaves the rest to the engine.
  */
 import type { BlockFrame, Hash, ReplicaStore } from '../store/types.js';
-import { toHex } from './protocol.js';
+import { DeltaSizes } from './protocol.js';
 import { trace } from './trace.js';
 
 /** Hashes per target question and per read batch at most: 64 blocks of 512 KiB are 32 MiB of data. */
@@ -178,9 +178,7 @@ export class EarlySender {
 
   private async run(): Promise<void> {
     const self = this;
-    // The sizes of blocks sent with a base, for those the receiver names because it lacks the base.
-    let full = 0;
-    const shortWithBase = new Map<string, number>();
+    const deltaSizes = new DeltaSizes();
     async function* frames(first: Batch): AsyncGenerator<BlockFrame> {
       for (let batch: Batch | null = first; batch; batch = await self.next()) {
         const present = await self.target.hasBlocks(batch.hashes);
@@ -197,11 +195,7 @@ export class EarlySender {
           self.taken--;
           self.blocks++;
           self.bytes += f.data.length;
-          if (f.base) {
-            // Every block but a volume's short last one has the same size: only the others are kept.
-            full = Math.max(full, f.data.length);
-            if (f.data.length < full) shortWithBase.set(toHex(f.hash), f.data.length);
-          }
+          deltaSizes.note(f, f.data.length);
           yield f;
           self.onSent?.();
         }
@@ -216,7 +210,7 @@ export class EarlySender {
       // them lacking and sends them. They count as sent once, there.
       for (const h of r.needWhole ?? []) {
         this.blocks--;
-        this.bytes -= shortWithBase.get(toHex(h)) ?? full;
+        this.bytes -= deltaSizes.sizeOf(h);
       }
     } catch (e) {
       this.failure ??= e;

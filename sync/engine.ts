@@ -21,7 +21,7 @@
 import { TandemError } from '../common/errors.js';
 import { ZERO_HASH } from '../store/index.js';
 import type { BlockFrame, Hash, NodeToPut, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
-import { MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, fromHex, toHex } from './protocol.js';
+import { DeltaSizes, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, fromHex, toHex } from './protocol.js';
 import { trace } from './trace.js';
 
 /** Level-1 nodes per window: with a 256 fanout that is up to 256 Ki block hashes (8 MiB) in memory. */
@@ -213,14 +213,12 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
               // With a peer on either side that takes deltas, each block names the base block it
               // replaced: it travels as the bytes that differ when the receiver holds that.
               const bases = deltas ? part.map((h) => replaced.get(toHex(h)) ?? null) : null;
-              // The sizes of blocks sent with a base: a receiver lacking the base names them in
-              // needWhole, and their resend whole must not count them twice.
-              const withBase = new Map<string, number>();
+              const deltaSizes = new DeltaSizes();
               const sent = (f: BlockFrame) => {
                 const length = f.delta?.length ?? f.data.length;
                 blocksSent++;
                 bytesSent += length;
-                if (f.base || f.delta) withBase.set(toHex(f.hash), length);
+                deltaSizes.note(f, length);
                 if (blocksSent % 16 === 0) progress('blocks');
               };
               const r = await target.putBlocks(counted(source.getBlocks(part, { consumerVerifies: true, direct: true, ...(bases?.some((b) => b) ? { bases } : {}) }), sent));
@@ -230,7 +228,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
                 requests += 2;
                 for (const h of r.needWhole) {
                   blocksSent--;
-                  bytesSent -= withBase.get(toHex(h)) ?? 0;
+                  bytesSent -= deltaSizes.sizeOf(h);
                 }
                 await target.putBlocks(counted(source.getBlocks(r.needWhole, { consumerVerifies: true, direct: true }), sent));
               }

@@ -38,6 +38,29 @@ export function toHex(h: Hash): string {
   return h.toString('hex');
 }
 
+/**
+ * The sizes of blocks a stream sent as deltas (or with a base to make one), for those the
+ * receiver then names in `needWhole`: their resend whole must not count them twice. Every block
+ * but a volume's short last one has the same size, so only the others are kept: memory stays
+ * bounded however long the stream.
+ */
+export class DeltaSizes {
+  private full = 0;
+  private readonly short = new Map<string, number>();
+
+  /** A frame handed to the stream; `length`: the block's size. */
+  note(f: { readonly hash: Hash; readonly base?: unknown; readonly delta?: unknown }, length: number): void {
+    if (!f.base && !f.delta) return;
+    this.full = Math.max(this.full, length);
+    if (length < this.full) this.short.set(toHex(f.hash), length);
+  }
+
+  /** The size of a block noted before. */
+  sizeOf(hash: Hash): number {
+    return this.short.get(toHex(hash)) ?? this.full;
+  }
+}
+
 /** Parse a lowercase hex hash (callers validated the format; this re-checks as belt and braces). */
 export function fromHex(s: string): Hash {
   if (!/^[0-9a-f]{64}$/.test(s)) throw new TandemError('ERR_BAD_REQUEST', `"${s.slice(0, 80)}" is not a 64-digit lowercase hex hash`);
