@@ -11,13 +11,22 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { TandemError, fromSystemError } from '../common/errors.js';
 import { IO_SKEW } from '../common/io-buffers.js';
-import { BLAKE3_MODULE_PATH, HASH_LENGTH } from './hash.js';
+import { BLAKE3_MODULE_PATH, HASH_LENGTH, ZERO_HASH } from './hash.js';
+import { CODEC_RAW, CRC32_MODULE_PATH, recordHeader } from './pack.js';
 
 const WORKER_SOURCE = `
 const { parentPort, workerData } = require('node:worker_threads');
 const fs = require('node:fs');
 const native = require(workerData.modulePath);
+const { crc32 } = require(workerData.crcModulePath);
 const sab = workerData.sab;
+// A raw record's header (store/pack.ts): its length (offset 8) and hash (offset 12) are filled in per block.
+const header = Buffer.from(workerData.recordHeader);
+function recordCrc(v, h) {
+  header.writeUInt32BE(v.length, 8);
+  h.copy(header, 12);
+  return crc32(v, crc32(header)) >>> 0;
+}
 const zeros = Buffer.alloc(1048576);
 function isZero(v) {
   for (let off = 0; off < v.length; off += zeros.length) {
@@ -60,6 +69,10 @@ parentPort.on('message', (m) => {
   if (m.release) return release();
   const n = Math.ceil(m.length / m.blockSize);
   const out = Buffer.alloc(n * ${HASH_LENGTH});
+  // The pack record's CRC of each block that may be stored (not zero, not as in the parent),
+  // computed here while the block is in the core's cache: the store would read it from memory
+  // again for that (a fifth of a first scan's main thread).
+  const crcs = m.crcs ? Buffer.alloc(n * 4) : undefined;
   try {
     // Each block is hashed right after it is read, while it is still in the core's cache: one read
     // per 8 MiB chunk and then hashing took 0.89-0.98 s for a warm 2 GiB image on two threads,
@@ -73,15 +86,21 @@ parentPort.on('message', (m) => {
         const s = staging(len);
         readFully(s, m.path, m.position + i * m.blockSize);
         const h = out.subarray(i * ${HASH_LENGTH}, (i + 1) * ${HASH_LENGTH});
-        if (!isZero(s)) native.blake3(s).copy(h);
-        if (!h.equals(m.expect.subarray(i * ${HASH_LENGTH}, (i + 1) * ${HASH_LENGTH}))) s.copy(v);
+        const zero = isZero(s);
+        if (!zero) native.blake3(s).copy(h);
+        if (!h.equals(m.expect.subarray(i * ${HASH_LENGTH}, (i + 1) * ${HASH_LENGTH}))) {
+          if (crcs && !zero) crcs.writeUInt32BE(recordCrc(s, h), i * 4);
+          s.copy(v);
+        }
         continue;
       }
       if (m.path !== undefined) readFully(v, m.path, m.positions === undefined ? m.position + i * m.blockSize : m.positions[i]);
       if (isZero(v)) continue;
-      native.blake3(v).copy(out, i * ${HASH_LENGTH});
+      const h = out.subarray(i * ${HASH_LENGTH}, (i + 1) * ${HASH_LENGTH});
+      native.blake3(v).copy(h);
+      if (crcs) crcs.writeUInt32BE(recordCrc(v, h), i * 4);
     }
-    parentPort.postMessage({ id: m.id, hashes: out });
+    parentPort.postMessage({ id: m.id, hashes: out, crcs });
   } catch (e) {
     parentPort.postMessage({ id: m.id, error: String(e && e.message || e), code: e && e.code, short: e && e.short });
   }
@@ -89,8 +108,15 @@ parentPort.on('message', (m) => {
 process.on('exit', release);
 `;
 
+/** What a worker answers for a range: 32 bytes per block, and the pack record's CRC-32 (u32 BE) of each block it hashed that may be stored. */
+export interface Hashed {
+  readonly hashes: Buffer;
+  /** With `crcs` asked, 4 bytes per block: set for every block not all zeros and, with `expect`, not equal to it; else 0. */
+  readonly crcs?: Buffer;
+}
+
 interface Pending {
-  resolve(b: Buffer): void;
+  resolve(b: Hashed): void;
   reject(e: Error): void;
 }
 
@@ -114,9 +140,9 @@ export class HashPool {
     for (let i = 0; i < Math.max(1, threads); i++) {
       // execArgv [] : the worker is plain JavaScript, so loaders the parent runs under (tsx in
       // tests) need not start again in every worker, which cost ~0.3 s per scan.
-      const worker = new Worker(WORKER_SOURCE, { eval: true, execArgv: [], workerData: { sab, modulePath: BLAKE3_MODULE_PATH } });
+      const worker = new Worker(WORKER_SOURCE, { eval: true, execArgv: [], workerData: { sab, modulePath: BLAKE3_MODULE_PATH, crcModulePath: CRC32_MODULE_PATH, recordHeader: recordHeader(ZERO_HASH, CODEC_RAW, 0) } });
       const slot: Slot = { worker, outstanding: 0 };
-      worker.on('message', (m: { id: number; hashes?: Uint8Array; error?: string; code?: string; short?: number }) => {
+      worker.on('message', (m: { id: number; hashes?: Uint8Array; crcs?: Uint8Array; error?: string; code?: string; short?: number }) => {
         slot.outstanding--;
         const p = this.pending.get(m.id);
         if (!p) return;
@@ -126,7 +152,10 @@ export class HashPool {
         } else if (m.code !== undefined) {
           p.reject(fromSystemError(Object.assign(new Error(m.error), { code: m.code }), 'reading the volume'));
         } else if (m.error !== undefined || !m.hashes) p.reject(new TandemError('ERR_INTERNAL', `a hash worker failed: ${m.error}`));
-        else p.resolve(Buffer.from(m.hashes.buffer, m.hashes.byteOffset, m.hashes.byteLength));
+        else {
+          const hashes = Buffer.from(m.hashes.buffer, m.hashes.byteOffset, m.hashes.byteLength);
+          p.resolve(m.crcs ? { hashes, crcs: Buffer.from(m.crcs.buffer, m.crcs.byteOffset, m.crcs.byteLength) } : { hashes });
+        }
       });
       worker.on('error', (e) => this.fail(e));
       worker.on('exit', (code) => {
@@ -145,20 +174,21 @@ export class HashPool {
   }
 
   /**
-   * Hashes of the blocks in sab[offset, offset+length), 32 bytes each (ZERO_HASH for zeros).
-   * With `read`, the worker first reads those bytes from `read.path` at `read.position`, or,
+   * Hashes of the blocks in sab[offset, offset+length), 32 bytes each (ZERO_HASH for zeros), and
+   * with `crcs` (a scan, which stores new blocks) the CRC-32 of each one's pack record (see
+   * {@link Hashed}). With `read`, the worker first reads those bytes from `read.path` at `read.position`, or,
    * with `read.positions`, block i of the range from `read.positions[i]`. With `read.expect` (32
    * bytes per block: the hashes the blocks had in the parent snapshot), only blocks whose hash
    * differs are left in the shared buffer; the others' bytes there are undefined.
    */
-  hash(offset: number, length: number, blockSize: number, read?: { path: string; position: number; positions?: readonly number[]; expect?: Uint8Array }): Promise<Buffer> {
+  hash(offset: number, length: number, blockSize: number, read?: { path: string; position: number; positions?: readonly number[]; expect?: Uint8Array }, crcs = false): Promise<Hashed> {
     if (this.failure) return Promise.reject(this.failure);
     const slot = this.slots.reduce((a, b) => (b.outstanding < a.outstanding ? b : a));
     const id = this.nextId++;
     slot.outstanding++;
-    return new Promise<Buffer>((resolve, reject) => {
+    return new Promise<Hashed>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      slot.worker.postMessage({ id, offset, length, blockSize, path: read?.path, position: read?.position, positions: read?.positions, expect: read?.expect });
+      slot.worker.postMessage({ id, offset, length, blockSize, path: read?.path, position: read?.position, positions: read?.positions, expect: read?.expect, crcs });
     });
   }
 

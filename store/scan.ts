@@ -13,7 +13,7 @@
  */
 import { TandemError, isTandemError } from '../common/errors.js';
 import { IO_SKEW } from '../common/io-buffers.js';
-import { RECORD_HEADER_LENGTH } from './pack.js';
+import { CODEC_RAW, RECORD_HEADER_LENGTH, recordPartsWithCrc } from './pack.js';
 import { hashBlock, isZeroHash, HASH_LENGTH, parseHex, ZERO_HASH } from './hash.js';
 import { checkVolumeName } from './ids.js';
 import { checkBlockSize, checkSize, normalizeSnapshot } from './records.js';
@@ -115,6 +115,8 @@ interface Done extends Job {
   readonly slot: number;
   readonly length: number;
   readonly hashes: Buffer;
+  /** The pack record CRC of each block that may be stored, 4 bytes each, when hash workers hashed the chunk (HashPool). */
+  readonly crcs?: Buffer;
   /** The parent's hashes of these blocks (a full scan with a parent of the same shape). */
   readonly expect?: Buffer;
   /** The parent's hashes of a change list's blocks, for onNewBlocks (not given to the hash workers, which skip blocks equal to `expect`). */
@@ -277,7 +279,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
     if (!job.indices && inHole(start, start + length)) return { ...base, hashes: Buffer.alloc(job.count * HASH_LENGTH) };
     if (localPath !== undefined && pool) {
       const positions = job.indices?.map((i) => i * blockSize);
-      return { ...base, hashes: await pool.hash(slotAt(slot), length, blockSize, { path: localPath, position: start, ...(positions ? { positions } : {}), ...expect }) };
+      return { ...base, ...(await pool.hash(slotAt(slot), length, blockSize, { path: localPath, position: start, ...(positions ? { positions } : {}), ...expect }, true)) };
     }
     const buf = Buffer.from(sab, slotAt(slot), length);
     // A contiguous job is one range; a scattered one is a range per block.
@@ -309,7 +311,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
       }
       return { ...base, hashes };
     }
-    return { ...base, hashes: await pool.hash(slotAt(slot), length, blockSize) };
+    return { ...base, ...(await pool.hash(slotAt(slot), length, blockSize, undefined, true)) };
   };
 
   const inflight: Promise<Done>[] = [];
@@ -350,8 +352,11 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
     // One index lookup and one pack write for the chunk's blocks the store lacks.
     const nonZero = items.filter((c) => !isZeroHash(c.hash));
     const frames = nonZero.map((c) => ({ hash: c.hash, data: Buffer.from(sab, slotAt(d.slot) + c.at, Math.min(blockSize, size - c.index * blockSize)) }));
+    // The workers checksummed the records of the blocks that may be new while hashing them.
+    const crcs = d.crcs;
+    const parts = crcs && nonZero.map((c, i) => recordPartsWithCrc(c.hash, CODEC_RAW, frames[i]!.data.length, crcs.readUInt32BE((c.at / blockSize) * 4)));
     const direct = store.directFromStart || storedBytes >= DIRECT_AFTER_BYTES;
-    const stored = store.putVerifiedMany(frames, { direct });
+    const stored = store.putVerifiedMany(frames, { direct, ...(parts ? { parts } : {}) });
     stored.catch(() => undefined); // observed in order below
     puts.push({ d, items, nonZero, frames, stored, direct });
   };

@@ -20,7 +20,7 @@ import {
 } from './keys.js';
 import { busyError, acquireStoreLock } from './lock.js';
 import { Mutex, SharedLock } from './mutex.js';
-import { CODEC_RAW, decodePayload, decodeRecord, decodeRecordHeader, encodeRecordParts, RECORD_HEADER_LENGTH, RECORD_TRAILER_LENGTH } from './pack.js';
+import { CODEC_RAW, decodePayload, decodeRecord, decodeRecordHeader, encodeRecordParts, RECORD_HEADER_LENGTH, RECORD_TRAILER_LENGTH, type RecordParts } from './pack.js';
 import { PackFiles, type RecoveryReport } from './pack-files.js';
 import { checkBlockSize, checkSize, normalizeSnapshot, normalizeVolume, sameJson } from './records.js';
 import { applyNodeChange, blockCount, buildTree, checkNode, checkNodeChange, decodeNode, isNodeChange, diffTrees, encodeNode, walkBlocks, type BlockChange, type TreeShape } from './tree.js';
@@ -404,7 +404,7 @@ export class Store implements ReplicaStore {
    * batch's whole pages bypass the page cache (PackFiles.appendMany): for blocks nobody will read
    * soon, such as those a sync receives (a scan's new blocks stay cached: a push sends them next).
    */
-  async putVerifiedMany(items: readonly BlockFrame[], opts: { direct?: boolean } = {}): Promise<boolean[]> {
+  async putVerifiedMany(items: readonly BlockFrame[], opts: { direct?: boolean; parts?: ReadonlyArray<RecordParts | undefined> } = {}): Promise<boolean[]> {
     this.checkOpen();
     const out = items.map(() => false);
     // The index lookup and the record checksums happen before the write lock, so that parallel
@@ -427,7 +427,7 @@ export class Store implements ReplicaStore {
     const vals = await this.db.getMany(ask.map((i) => blockKey(items[i]!.hash)));
     const absent = ask.filter((_, n) => vals[n] === undefined);
     if (absent.length === 0) return out;
-    const parts = new Map(absent.map((i) => [i, encodeRecordParts(items[i]!.hash, CODEC_RAW, items[i]!.data)]));
+    const parts = new Map(absent.map((i) => [i, opts.parts?.[i] ?? encodeRecordParts(items[i]!.hash, CODEC_RAW, items[i]!.data)]));
     return this.writeLock.run(async () => {
       this.checkOpen();
       if (this.packs.failed) await this.discardFailedLocked();
@@ -512,11 +512,11 @@ export class Store implements ReplicaStore {
     let bytes = 0;
     let writing: Promise<void> = Promise.resolve();
     /** Hand a batch to the writer (writes stay in order); returns the write of the batch before. */
-    const write = (batch: BlockFrame[]): Promise<void> => {
+    const write = (batch: BlockFrame[], parts: RecordParts[]): Promise<void> => {
       const prev = writing;
       writing = (async () => {
         try {
-          const news = await this.putVerifiedMany(batch, { direct: true });
+          const news = await this.putVerifiedMany(batch, { direct: true, parts });
           news.forEach((isNew, i) => {
             if (!isNew) return;
             stored++;
@@ -531,6 +531,7 @@ export class Store implements ReplicaStore {
       return prev;
     };
     let batch: BlockFrame[] = [];
+    let batchParts: RecordParts[] = [];
     let batchBytes = 0;
     let failure: unknown = null;
     try {
@@ -542,11 +543,16 @@ export class Store implements ReplicaStore {
           throw e;
         }
         batch.push(f);
+        // The record's checksum now, while the block just hashed is in the CPU's cache: later,
+        // after a batch's index lookup, it is read from memory once more (~15 % of a receiving
+        // appliance's main thread).
+        batchParts.push(encodeRecordParts(f.hash, CODEC_RAW, f.data));
         batchBytes += f.data.length;
         if (batchBytes >= PUT_BATCH_BYTES) {
           // At most two batches in memory: wait for the one before the batch just handed over.
-          const older = write(batch);
+          const older = write(batch, batchParts);
           batch = [];
+          batchParts = [];
           batchBytes = 0;
           await older;
         }
@@ -555,7 +561,7 @@ export class Store implements ReplicaStore {
       failure = e;
     }
     // Blocks verified before a failure (a cut stream, a corrupt block) are kept: a rerun skips them.
-    if (batch.length > 0) write(batch);
+    if (batch.length > 0) write(batch, batchParts);
     try {
       await writing;
     } catch (e) {

@@ -252,7 +252,7 @@ export async function materialize(
         const per = Math.ceil(blocks / threads);
         const parts: Array<Promise<Buffer>> = [];
         for (let b = 0; b < blocks; b += per) {
-          parts.push(pool.hash(base + b * bs, Math.min(per * bs, length - b * bs), bs));
+          parts.push(pool.hash(base + b * bs, Math.min(per * bs, length - b * bs), bs).then((h) => h.hashes));
         }
         return { first: k * READ_CHUNK_BLOCKS, hashes: Buffer.concat(await Promise.all(parts)) };
       };
