@@ -14,7 +14,7 @@ import { TandemError, diskFullError, fromSystemError, isTandemError } from '../c
 import type { Home } from './home.js';
 import { SOURCES_NS } from './sources.js';
 import { JOB_PREFIX, RATES_NS, STATE_NS } from './scheduler/state.js';
-import type { Hash, Store, SnapshotRecord, VolumeRecord, ScanProgress } from '../store/index.js';
+import type { Hash, NewBlocksListener, Store, SnapshotRecord, VolumeRecord, ScanProgress } from '../store/index.js';
 import { inspectVolume, openVolumeReader, openVolumeWriter, readChangedBlocksFile } from './volumes/index.js';
 import { materialize, type MaterializeProgress, type MaterializeResult } from '../sync/materialize.js';
 
@@ -143,7 +143,7 @@ export interface SnapshotVolumeOptions {
   readonly changedBlocksFile?: string;
   readonly onProgress?: (p: ScanProgress) => void;
   /** Told the hashes of blocks new to the store as the scan appends them (see SnapshotOptions). */
-  readonly onNewBlocks?: (hashes: Hash[], direct: boolean, replaced: Array<Hash | null>, views?: Buffer[]) => void;
+  readonly onNewBlocks?: NewBlocksListener;
   /** Until when onNewBlocks' `views` may be read (see SnapshotOptions). */
   readonly keepViewsUntil?: Promise<unknown>;
   /** Told when every block is read and appended, before the flush and commit (see SnapshotOptions). */

@@ -226,9 +226,12 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   /** Where a slot starts in `sab`. */
   const slotAt = (slot: number): number => skew + slot * slotBytes;
   const jobs = changed ? groups(changed, chunkBlocks) : all(blocks, chunkBlocks);
-  // A change list whose chunks all fit the slots at once leaves every slot to its one chunk: the
-  // new blocks' bytes can be lent out where they are (SnapshotOptions.keepViewsUntil).
-  const lendViews = opts.keepViewsUntil !== undefined && opts.onNewBlocks !== undefined && changed !== undefined && Math.ceil(changed.length / chunkBlocks) <= slots;
+  // The caller wants the new blocks' bytes (SnapshotOptions.onNewBlocks' views). A change list
+  // whose chunks all fit the slots at once leaves every slot to its one chunk: the bytes can be
+  // lent out where they are until keepViewsUntil settles. Otherwise a slot is reused once the
+  // caller has copied what it wants (the promise onNewBlocks returns).
+  const wantViews = opts.keepViewsUntil !== undefined && opts.onNewBlocks !== undefined;
+  const lendViews = wantViews && changed !== undefined && Math.ceil(changed.length / chunkBlocks) <= slots;
   const total = changed ? changed.length : blocks;
   const progress = { blocksDone: 0, blocksTotal: total, bytesRead: 0, blocksStored: 0 };
   let lastProgress = 0;
@@ -380,9 +383,12 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
         storedBytes += frames[i]!.data.length;
         fresh.push(frames[i]!.hash);
         replaced.push(nonZero[i]!.was ?? null);
-        if (lendViews) views.push(frames[i]!.data);
+        if (wantViews) views.push(frames[i]!.data);
       });
-      if (fresh.length > 0) opts.onNewBlocks?.(fresh, direct, replaced, lendViews ? views : undefined);
+      if (fresh.length > 0) {
+        const copied = opts.onNewBlocks?.(fresh, direct, replaced, wantViews ? views : undefined, lendViews);
+        if (copied) await copied; // before the slot is read into again
+      }
       progress.blocksDone += d.count;
       progress.bytesRead += d.length;
       free.push(d.slot);

@@ -324,8 +324,8 @@ export class Store implements ReplicaStore {
     };
     const held = opts.held;
     const readOne = async (h: Hash, loc: BlockLocation | undefined): Promise<ReadBlock> => {
-      const kept = held?.get(h.toString('latin1'));
-      if (kept) return { data: kept };
+      const kept = held?.take(h.toString('latin1'));
+      if (kept) return kept;
       if (isZeroHash(h) || !loc) return { data: await this.getBlock(h) }; // zeros, or absent: getBlock answers (or throws ERR_BLOCK_MISSING)
       try {
         return await this.readBlockPooled(h, loc, crcOnly, direct);

@@ -200,10 +200,24 @@ export interface GetBlocksOptions {
   readonly bases?: ReadonlyArray<Hash | null>;
   /**
    * The bytes of blocks the caller holds in memory already, by the hash's latin1 string (a scan's
-   * buffers: SnapshotOptions.keepViewsUntil): handed out as they are rather than read from the
-   * packs. The consumer verifies them (a peer's store does). A peer (api/client) ignores it.
+   * buffers, or copies of them: SnapshotOptions.onNewBlocks): handed out as they are rather than
+   * read from the packs. The consumer verifies them (a peer's store does). A peer (api/client)
+   * ignores it.
    */
-  readonly held?: ReadonlyMap<string, Buffer>;
+  readonly held?: HeldBlocks;
+}
+
+/** Told the blocks a scan adds to the store, as it appends them (SnapshotOptions.onNewBlocks). */
+export type NewBlocksListener = (hashes: Hash[], direct: boolean, replaced: Array<Hash | null>, views?: Buffer[], kept?: boolean) => void | Promise<void>;
+
+/**
+ * Blocks a caller holds in memory, by the hash's latin1 string (GetBlocksOptions.held). `take`
+ * hands a block's bytes over: a `release` that comes with them is called once the consumer is
+ * done with the bytes (the holder may then reuse the buffer, and takes no block out twice).
+ */
+export interface HeldBlocks {
+  has(key: string): boolean;
+  take(key: string): { readonly data: Buffer; readonly release?: () => void } | undefined;
 }
 
 /**
@@ -292,10 +306,12 @@ export interface SnapshotOptions {
    * scan's new blocks are past its first 64 MiB), so a reader should read them that way too.
    * `replaced`: for each, the parent snapshot's block at its position (ZERO_HASH for zeros), or
    * null when the scan did not compare with a parent: a sync sends a delta against it.
-   * `views`: with {@link keepViewsUntil}, each block's bytes in the scan's own buffer, when the
-   * scan can leave that buffer alone until then (see there); else undefined.
+   * `views`: with {@link keepViewsUntil}, each block's bytes in the scan's own buffer. With
+   * `kept`, the scan leaves that buffer alone until keepViewsUntil settles (see there); else the
+   * bytes are the callee's to copy until the promise it returns settles: the scan reads nothing
+   * more into that part of its buffer until then (so a callee that waits paces the scan).
    */
-  readonly onNewBlocks?: (hashes: Hash[], direct: boolean, replaced: Array<Hash | null>, views?: Buffer[]) => void;
+  readonly onNewBlocks?: NewBlocksListener;
   /**
    * A promise of the caller that settles once it no longer reads the `views` onNewBlocks gave it.
    * A scan whose blocks all fit its buffers at once (a change list of up to 6 chunks of 8 MiB,

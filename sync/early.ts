@@ -23,7 +23,7 @@
  * the engine sends whatever is left. Memory is bounded: past {@link MAX_QUEUED} queued
  * hashes, early sending stops and leaves the rest to the engine.
  */
-import type { BlockFrame, Hash, ReplicaStore } from '../store/types.js';
+import type { BlockFrame, Hash, HeldBlocks, ReplicaStore } from '../store/types.js';
 import { DeltaSizes } from './protocol.js';
 import { trace } from './trace.js';
 
@@ -43,6 +43,130 @@ const STREAMS = 2;
 const MAX_QUEUED = 16384;
 /** At the end of the scan, this many blocks still to send are sent early rather than by the engine (32 MiB of 512 KiB blocks). */
 const TAIL_BLOCKS = 64;
+/**
+ * Copies of new blocks' bytes kept for sending (see {@link Held}), at most: 64 blocks of 512 KiB,
+ * two scan chunks in the queue and the blocks of both streams in flight.
+ */
+const LEND_BYTES = 32 * 1024 * 1024;
+/**
+ * How long the scan waits for a copy buffer to come back before early sending stops copying
+ * (and reads the rest back from the packs, as without copies): a block stream that keeps up
+ * frees a chunk's worth (8 MiB) in tens of milliseconds on a LAN. A link slower than ~30 MB/s
+ * lets the scan run ahead at once, rather than pacing it (and the snapshot of a live volume)
+ * to the link.
+ */
+const LEND_WAIT_MS = 250;
+
+/**
+ * The new blocks' bytes early sending holds, for Store.getBlocks to hand out instead of reading
+ * them back from the packs (sync/README.md, "Early blocks"). Two kinds:
+ * - *views* of the scan's own buffer, which the scan leaves alone until {@link EarlySender.done}
+ *   (a change list that fits its buffers): read as often as asked;
+ * - *copies*, into buffers of a bounded pool, of blocks whose place in the scan's buffer is read
+ *   into again once {@link EarlySender.add} returns (a full scan). A copy is handed out once, and
+ *   its buffer goes back to the pool when the consumer releases the frame (the socket has taken
+ *   the bytes, or a delta of them was made); one never released is simply collected. While the
+ *   pool is empty the scan waits (up to {@link LEND_WAIT_MS}): the scan then runs at the pace of
+ *   the transfer, and every block it stores travels from memory, once read.
+ */
+class Held implements HeldBlocks {
+  private readonly views = new Map<string, Buffer>();
+  private readonly copies = new Map<string, { data: Buffer; buf: Buffer }>();
+  /** Free copy buffers of the common block size, and the bytes of all copy buffers not free. */
+  private readonly free: Buffer[] = [];
+  private out = 0;
+  private waiters: Array<() => void> = [];
+
+  has(key: string): boolean {
+    return this.views.has(key) || this.copies.has(key);
+  }
+
+  take(key: string): { data: Buffer; release?: () => void } | undefined {
+    const view = this.views.get(key);
+    if (view) return { data: view };
+    const c = this.copies.get(key);
+    if (!c) return undefined;
+    this.copies.delete(key);
+    let released = false;
+    return {
+      data: c.data,
+      release: () => {
+        if (released) return;
+        released = true;
+        this.giveBack(c.buf);
+      },
+    };
+  }
+
+  view(key: string, data: Buffer): void {
+    this.views.set(key, data);
+  }
+
+  /**
+   * Copy `data` for `key`, waiting up to `waitMs` for a buffer while the pool is empty. False
+   * when none came back in that time (nothing is copied).
+   */
+  async copy(key: string, data: Buffer, waitMs: number): Promise<boolean> {
+    const deadline = performance.now() + waitMs;
+    for (;;) {
+      const buf = this.buffer(data.length + 8);
+      if (buf) {
+        // At the source's offset modulo 8: V8 copies out of a SharedArrayBuffer (the scan's) word
+        // by word only between equally aligned addresses, else byte by byte (4x the CPU here).
+        const at = data.byteOffset % 8;
+        const copy = buf.subarray(at, at + data.length);
+        data.copy(copy);
+        this.copies.set(key, { data: copy, buf });
+        return true;
+      }
+      const left = deadline - performance.now();
+      if (left <= 0) return false;
+      let timer: NodeJS.Timeout | undefined;
+      await new Promise<void>((resolve) => {
+        this.waiters.push(resolve);
+        timer = setTimeout(resolve, left);
+      });
+      clearTimeout(timer);
+    }
+  }
+
+  /** Drop the copy held for `key`, if it was not handed out: its buffer goes back to the pool. */
+  drop(key: string): void {
+    const c = this.copies.get(key);
+    if (!c) return;
+    this.copies.delete(key);
+    this.giveBack(c.buf);
+  }
+
+  /** Drop everything not handed out (early sending is over or stopped). */
+  clear(): void {
+    for (const key of [...this.copies.keys()]) this.drop(key);
+    this.views.clear();
+  }
+
+  private buffer(n: number): Buffer | undefined {
+    const size = this.free[0]?.length;
+    if (size === n) {
+      this.out += n;
+      return this.free.pop();
+    }
+    if (this.out + this.free.length * (size ?? 0) + n > LEND_BYTES) {
+      if (size === undefined) return undefined;
+      this.free.length = 0; // buffers of another size (a volume's short last block): make room
+      if (this.out + n > LEND_BYTES) return undefined;
+    }
+    this.out += n;
+    return Buffer.allocUnsafeSlow(n);
+  }
+
+  private giveBack(buf: Buffer): void {
+    this.out -= buf.length;
+    if (this.free.length === 0 || this.free[0]!.length === buf.length) this.free.push(buf);
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+  }
+}
 
 /** Hashes asked about and sent together, read from the packs one way (`direct`: O_DIRECT). */
 interface Batch {
@@ -73,8 +197,10 @@ export class EarlySender {
   private added = 0;
   private directFrom = Infinity;
   private readonly streams: Promise<void>[] = [];
-  /** New blocks' bytes lent by the scan (its buffers), by the hash's latin1 string: sent from there, not read back from the packs. */
-  private readonly held = new Map<string, Buffer>();
+  /** New blocks' bytes from the scan, by the hash's latin1 string: sent from there, not read back from the packs. */
+  private readonly held = new Held();
+  /** Copies are made (until a wait for a copy buffer times out). */
+  private copying = true;
   private ended!: () => void;
   /** Settles once early sending is over ({@link finish}) and reads none of the bytes the scan lent it any more. */
   readonly done = new Promise<void>((resolve) => (this.ended = resolve));
@@ -97,10 +223,32 @@ export class EarlySender {
    * Queue new blocks' hashes; starts the streams on the first call. `direct`: the store wrote
    * them past the page cache, so they are read that way (a scan writes its first 64 MiB of new
    * blocks through the cache and the rest directly, store/scan.ts: once direct, always direct).
+   * `views`: their bytes in the scan's buffer, there until {@link done} settles when `kept`, else
+   * only until the promise returned settles (copied meanwhile, see {@link Held}).
    */
-  add(hashes: readonly Hash[], direct = false, bases?: ReadonlyArray<Hash | null>, views?: readonly Buffer[]): void {
+  add(hashes: readonly Hash[], direct = false, bases?: ReadonlyArray<Hash | null>, views?: readonly Buffer[], kept = false): void | Promise<void> {
     if (this.stopped) return;
-    if (views) hashes.forEach((h, i) => this.held.set(h.toString('latin1'), views[i]!));
+    if (views && kept) hashes.forEach((h, i) => this.held.view(h.toString('latin1'), views[i]!));
+    if (!views || kept || !this.copying) return this.enqueue(hashes, direct, bases);
+    return this.copyAndEnqueue(hashes, direct, bases, views);
+  }
+
+  /** Each block copied (waiting for a buffer while the streams send: the scan's pace), then queued. */
+  private async copyAndEnqueue(hashes: readonly Hash[], direct: boolean, bases: ReadonlyArray<Hash | null> | undefined, views: readonly Buffer[]): Promise<void> {
+    for (let i = 0; i < hashes.length; i++) {
+      if (this.stopped) return;
+      const key = hashes[i]!.toString('latin1');
+      if (this.copying && !(await this.held.copy(key, views[i]!, LEND_WAIT_MS))) {
+        this.copying = false;
+        trace(`early: no copy buffer came back in ${LEND_WAIT_MS} ms; the rest is read back from the packs`);
+      }
+      if (this.stopped) return this.held.drop(key);
+      this.enqueue(hashes.slice(i, i + 1), direct, bases?.slice(i, i + 1));
+    }
+  }
+
+  private enqueue(hashes: readonly Hash[], direct: boolean, bases: ReadonlyArray<Hash | null> | undefined): void {
+    if (this.stopped) return;
     if (this.queue.length + hashes.length > MAX_QUEUED) {
       trace(`early: over ${MAX_QUEUED} hashes queued; the engine sends the rest`);
       this.stop();
@@ -139,6 +287,7 @@ export class EarlySender {
     this.stopped = true;
     this.queue.length = 0;
     this.queueBases.length = 0;
+    this.held.clear(); // what was handed out is released by its consumer
     this.wake();
   }
 
@@ -182,7 +331,7 @@ export class EarlySender {
     async function* frames(first: Batch): AsyncGenerator<BlockFrame> {
       for (let batch: Batch | null = first; batch; batch = await self.next()) {
         const present = await self.target.hasBlocks(batch.hashes);
-        const lacking = batch.hashes.filter((_, i) => !present[i]);
+        const lacking = batch.hashes.filter((h, i) => present[i] ? (self.held.drop(h.toString('latin1')), false) : true);
         self.taken -= batch.hashes.length - lacking.length;
         if (lacking.length === 0) continue;
         // A peer that takes deltas gets each block as the bytes that differ from the one it

@@ -254,7 +254,10 @@ test("a change list that fits the scan's buffers lends its new blocks' bytes to 
     blockSize: BS,
     parent: base,
     changedBlocks: listed,
-    onNewBlocks: (h, direct, replaced, views) => early.add(h, direct, replaced, views),
+    onNewBlocks: (h, direct, replaced, views, kept) => {
+      assert.equal(kept, true, 'lent where they are');
+      return early.add(h, direct, replaced, views, kept);
+    },
     keepViewsUntil: early.done,
     onScanned: () => early.scanned(),
   });
@@ -273,4 +276,81 @@ test("a change list that fits the scan's buffers lends its new blocks' bytes to 
   const back = Buffer.alloc(data.length);
   for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, BS)).copy(back, index * BS);
   assert.ok(back.equals(data), 'byte-exact');
+});
+
+/** A source that counts the blocks early sending asks for and how many of those it holds copies of (GetBlocksOptions.held). */
+function counting(a: Store, r: ReturnType<typeof receiving>) {
+  const counts = { asked: 0, held: 0 };
+  const source: ReplicaStore = {
+    ...r.target,
+    getBlocks: (h, opts) => {
+      counts.asked += h.length;
+      counts.held += h.filter((x) => opts?.held?.has(x.toString('latin1'))).length;
+      return a.getBlocks(h, opts);
+    },
+  };
+  return { source, counts };
+}
+
+test("a full scan that outruns the transfer waits for it: every new block travels from a copy of the scan's buffer, none is read back; the copy is exact", async (t) => {
+  const [a, b] = await stores(t);
+  const bs = 512 * 1024;
+  const blocks = 192; // 96 MiB: three times the copies early sending keeps
+  const data = randomBytes(blocks * bs);
+  const r = receiving(b, { frameDelayMs: 5 }); // a transfer slower than the scan
+  const { source, counts } = counting(a, r);
+  const early = new EarlySender(source, r.target);
+  const snap = await a.scanVolume(slowReader(data, 0), {
+    volume: 'v',
+    blockSize: bs,
+    onNewBlocks: (h, direct, replaced, views, kept) => {
+      assert.equal(kept, false, 'a full scan reads into its buffers again: they are copied');
+      return early.add(h, direct, replaced, views, kept);
+    },
+    keepViewsUntil: early.done,
+    onScanned: () => early.scanned(),
+  });
+  await early.finish();
+  assert.equal(early.failure, null);
+  assert.equal(early.blocks, blocks, 'every block went early (the scan kept pace with the transfer)');
+  assert.equal(counts.asked, blocks);
+  assert.equal(counts.held, blocks, 'each was sent from a copy, not read back from the packs');
+  assert.equal((await copySnapshot(a, r.target, snap)).blocksSent, 0);
+  assert.equal(r.total(), blocks, 'no block arrived twice');
+  const back = Buffer.alloc(data.length);
+  for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, bs)).copy(back, index * bs);
+  assert.ok(back.equals(data), 'byte-exact');
+});
+
+test('a consumer that never gives copies back does not hold the scan up: copying stops, the rest is read back from the packs; the copy is exact', async (t) => {
+  const [a, b] = await stores(t);
+  const bs = 512 * 1024;
+  const blocks = 160;
+  const data = randomBytes(blocks * bs);
+  const r = receiving(b);
+  // Frames pass on without their release: no copy buffer ever comes back.
+  const keeping: ReplicaStore = { ...r.target, putBlocks: (frames) => r.target.putBlocks((async function* () {
+    for await (const f of frames) yield { hash: f.hash, data: Buffer.from(f.data), ...(f.base ? { base: f.base } : {}) };
+  })()) };
+  const { source, counts } = counting(a, { ...r, target: keeping });
+  const early = new EarlySender(source, keeping);
+  const t0 = performance.now();
+  const snap = await a.scanVolume(slowReader(data, 0), {
+    volume: 'v',
+    blockSize: bs,
+    onNewBlocks: (h, direct, replaced, views, kept) => early.add(h, direct, replaced, views, kept),
+    keepViewsUntil: early.done,
+    onScanned: () => early.scanned(),
+  });
+  const scanMs = performance.now() - t0;
+  await early.finish();
+  assert.equal(early.failure, null);
+  assert.ok(scanMs < 10_000, `the scan took ${scanMs.toFixed(0)} ms`);
+  assert.ok(counts.held > 0 && counts.held <= 64, `${counts.held} blocks sent from copies (at most the 32 MiB kept)`);
+  const copy = await copySnapshot(a, keeping, snap);
+  assert.equal(copy.blocksSent + early.blocks, blocks);
+  const back = Buffer.alloc(data.length);
+  for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, bs)).copy(back, index * bs);
+  assert.ok(back.equals(data), 'byte-exact');
+  assert.equal((await b.verify()).problems.length, 0);
 });
