@@ -563,6 +563,11 @@ export class RemotePeer implements ReplicaStore {
     }
   }
 
+  /** Each frame putBlocks takes is released once the socket has its bytes, unless a cap slices them (ReplicaStore.releasesFrames). */
+  get releasesFrames(): boolean {
+    return this.upBucket === null;
+  }
+
   /** The peer takes delta frames (ReplicaStore.deltas): known from its answers so far. */
   get deltas(): boolean {
     return this.deltaFrames;

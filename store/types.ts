@@ -236,6 +236,12 @@ export interface ReplicaStore extends NodeSource, NodeSink {
    * leaves it unset: between two local stores whole blocks are as cheap.
    */
   readonly deltas?: boolean;
+  /**
+   * False when putBlocks may drop a frame's `release` (a peer under a bandwidth cap slices each
+   * payload and lets the buffer be collected): early sending then lends it no copies, which would
+   * not come back (sync/early.ts). A local store releases each frame once written.
+   */
+  readonly releasesFrames?: boolean;
   /** The latest snapshot of a volume, or null. */
   latestSnapshot(volume: string): Promise<SnapshotRecord | null>;
   getSnapshot(volume: string, id: string): Promise<SnapshotRecord | null>;

@@ -229,7 +229,7 @@ export class EarlySender {
   add(hashes: readonly Hash[], direct = false, bases?: ReadonlyArray<Hash | null>, views?: readonly Buffer[], kept = false): void | Promise<void> {
     if (this.stopped) return;
     if (views && kept) hashes.forEach((h, i) => this.held.view(h.toString('latin1'), views[i]!));
-    if (!views || kept || !this.copying) return this.enqueue(hashes, direct, bases);
+    if (!views || kept || !this.copying || this.target.releasesFrames === false) return this.enqueue(hashes, direct, bases);
     return this.copyAndEnqueue(hashes, direct, bases, views);
   }
 

@@ -354,3 +354,31 @@ test('a consumer that never gives copies back does not hold the scan up: copying
   assert.ok(back.equals(data), 'byte-exact');
   assert.equal((await b.verify()).problems.length, 0);
 });
+
+test('a target that says it may drop frames\' releases (a capped peer upload) gets no copies: the blocks are read back from the packs, and the scan is not held up', async (t) => {
+  const [a, b] = await stores(t);
+  const bs = 512 * 1024;
+  const blocks = 96;
+  const data = randomBytes(blocks * bs);
+  const r = receiving(b);
+  const capped: ReplicaStore = { ...r.target, releasesFrames: false };
+  const { source, counts } = counting(a, { ...r, target: capped });
+  const early = new EarlySender(source, capped);
+  const snap = await a.scanVolume(slowReader(data, 0), {
+    volume: 'v',
+    blockSize: bs,
+    onNewBlocks: (h, direct, replaced, views, kept) => {
+      assert.equal(early.add(h, direct, replaced, views, kept), undefined, 'nothing to wait for');
+    },
+    keepViewsUntil: early.done,
+    onScanned: () => early.scanned(),
+  });
+  await early.finish();
+  assert.equal(early.failure, null);
+  assert.equal(counts.held, 0, 'no copies');
+  const copy = await copySnapshot(a, capped, snap);
+  assert.equal(copy.blocksSent + early.blocks, blocks);
+  const back = Buffer.alloc(data.length);
+  for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, bs)).copy(back, index * bs);
+  assert.ok(back.equals(data), 'byte-exact');
+});
