@@ -68,6 +68,14 @@ const LEND_WAIT_MS = 250;
  */
 const COPY_MAX_ASK_MS = 40;
 const ASK_SAMPLES = 4;
+/**
+ * Blocks smaller than this are not copied: a copy's buffer is reused once its frame is released,
+ * and a peer's block upload releases a payload when the socket has taken it only for payloads
+ * above the socket's high-water mark (api/client.ts `releasing`; 16 KiB, 64 KiB from Node 22).
+ * A smaller one may still wait in the socket's queue: its buffer, copied over by the next block,
+ * went out damaged (the peer refused it). As for pooled reads (store/pack-files.ts).
+ */
+const COPY_MIN_BYTES = 256 * 1024;
 
 /**
  * The new blocks' bytes early sending holds, for Store.getBlocks to hand out instead of reading
@@ -241,7 +249,7 @@ export class EarlySender {
   add(hashes: readonly Hash[], direct = false, bases?: ReadonlyArray<Hash | null>, views?: readonly Buffer[], kept = false): void | Promise<void> {
     if (this.stopped) return;
     if (views && kept) hashes.forEach((h, i) => this.held.view(h.toString('latin1'), views[i]!));
-    if (!views || kept || !this.copying || this.target.releasesFrames === false) return this.enqueue(hashes, direct, bases);
+    if (!views || kept || !this.copying || this.target.releasesFrames === false || views[0]!.length < COPY_MIN_BYTES) return this.enqueue(hashes, direct, bases);
     return this.copyAndEnqueue(hashes, direct, bases, views);
   }
 
@@ -250,7 +258,7 @@ export class EarlySender {
     for (let i = 0; i < hashes.length; i++) {
       if (this.stopped) return;
       const key = hashes[i]!.toString('latin1');
-      if (this.copying && !(await this.held.copy(key, views[i]!, LEND_WAIT_MS))) {
+      if (this.copying && views[i]!.length >= COPY_MIN_BYTES && !(await this.held.copy(key, views[i]!, LEND_WAIT_MS))) {
         this.copying = false;
         trace(`early: no copy buffer came back in ${LEND_WAIT_MS} ms; the rest is read back from the packs`);
       }

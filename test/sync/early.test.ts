@@ -412,3 +412,29 @@ test('a peer that answers slowly (a long round trip) gets no copies after its fi
   for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, bs)).copy(back, index * bs);
   assert.ok(back.equals(data), 'byte-exact');
 });
+
+test('blocks under 256 KiB are not copied (a peer upload gives a small payload back before the socket has taken it): they are read back from the packs', async (t) => {
+  const [a, b] = await stores(t);
+  const blocks = 3000;
+  const data = randomBytes(blocks * BS);
+  const r = receiving(b);
+  const { source, counts } = counting(a, r);
+  const early = new EarlySender(source, r.target);
+  const snap = await a.scanVolume(slowReader(data, 0), {
+    volume: 'v',
+    blockSize: BS,
+    onNewBlocks: (h, direct, replaced, views, kept) => {
+      assert.equal(kept, false);
+      assert.equal(early.add(h, direct, replaced, views, kept), undefined, 'nothing to wait for');
+    },
+    keepViewsUntil: early.done,
+    onScanned: () => early.scanned(),
+  });
+  await early.finish();
+  assert.equal(early.failure, null);
+  assert.equal(counts.held, 0, 'no copies');
+  await copySnapshot(a, r.target, snap);
+  const back = Buffer.alloc(data.length);
+  for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, BS)).copy(back, index * BS);
+  assert.ok(back.equals(data), 'byte-exact');
+});
