@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { Store } from '../../store/index.js';
+import type { SnapshotRecord, Store } from '../../store/index.js';
 import { twoStores } from '../helpers/stores.js';
 import type { BlockFrame, ReplicaStore, VolumeReader } from '../../store/types.js';
 import { copySnapshot } from '../../sync/engine.js';
@@ -28,6 +28,32 @@ function slowReader(data: Buffer, delayMs: number): VolumeReader {
     },
     async close() {},
   };
+}
+
+/** The target's copy of the snapshot, read back block by block, is `data` byte for byte. */
+async function assertExact(b: Store, snap: SnapshotRecord, data: Buffer, bs: number): Promise<void> {
+  const back = Buffer.alloc(data.length);
+  for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, bs)).copy(back, index * bs);
+  assert.ok(back.equals(data), 'byte-exact');
+}
+
+/**
+ * A full scan of `data` into `a` whose new blocks go to `early` with their bytes, wired as a
+ * push wires it (appliance/replicate.ts); `check` sees what each onNewBlocks call was given and
+ * what early sending returned.
+ */
+function scanSending(a: Store, data: Buffer, bs: number, early: EarlySender, check?: (kept: boolean | undefined, returned: void | Promise<void>) => void): Promise<SnapshotRecord> {
+  return a.scanVolume(slowReader(data, 0), {
+    volume: 'v',
+    blockSize: bs,
+    onNewBlocks: (h, direct, replaced, views, kept) => {
+      const returned = early.add(h, direct, replaced, views, kept);
+      check?.(kept, returned);
+      return returned;
+    },
+    keepViewsUntil: early.done,
+    onScanned: () => early.scanned(),
+  });
 }
 
 function stores(t: { after(fn: () => Promise<void> | void): void }): Promise<[Store, Store]> {
@@ -82,9 +108,7 @@ test('blocks sent during the scan are not sent again by the engine; the copy is 
   assert.equal(copy.blocksSent + early.blocks, blocks, 'early and engine together sent each block once');
   assert.equal(r.seen.size, blocks);
   assert.equal(r.total(), blocks, 'no block arrived twice');
-  const back = Buffer.alloc(data.length);
-  for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, BS)).copy(back, index * BS);
-  assert.ok(back.equals(data));
+  await assertExact(b, snap, data, BS);
   assert.equal((await b.verify()).problems.length, 0);
 });
 
@@ -225,9 +249,7 @@ test("past a scan's first 64 MiB of new blocks, the store writes them directly a
   const copy = await copySnapshot(a, r.target, snap);
   assert.equal(copy.blocksSent + early.blocks, blocks);
   assert.equal(r.total(), blocks, 'no block arrived twice');
-  const back = Buffer.alloc(data.length);
-  for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, bs)).copy(back, index * bs);
-  assert.ok(back.equals(data));
+  await assertExact(b, snap, data, bs);
   assert.equal((await a.verify()).problems.length, 0);
 });
 
@@ -276,9 +298,7 @@ test("a change list that fits the scan's buffers lends its new blocks' bytes to 
   assert.equal(lent, asked, 'each was sent from the bytes the scan lent, not read back from the packs');
   const copy = await copySnapshot(a, r.target, snap);
   assert.equal(copy.blocksSent, 0);
-  const back = Buffer.alloc(data.length);
-  for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, BS)).copy(back, index * BS);
-  assert.ok(back.equals(data), 'byte-exact');
+  await assertExact(b, snap, data, BS);
 });
 
 /** A source that counts the blocks early sending asks for and how many of those it holds copies of (GetBlocksOptions.held). */
@@ -303,16 +323,7 @@ test("a full scan that outruns the transfer waits for it: every new block travel
   const r = receiving(b, { frameDelayMs: 5 }); // a transfer slower than the scan
   const { source, counts } = counting(a, r);
   const early = new EarlySender(source, r.target);
-  const snap = await a.scanVolume(slowReader(data, 0), {
-    volume: 'v',
-    blockSize: bs,
-    onNewBlocks: (h, direct, replaced, views, kept) => {
-      assert.equal(kept, false, 'a full scan reads into its buffers again: they are copied');
-      return early.add(h, direct, replaced, views, kept);
-    },
-    keepViewsUntil: early.done,
-    onScanned: () => early.scanned(),
-  });
+  const snap = await scanSending(a, data, bs, early, (kept) => assert.equal(kept, false, 'a full scan reads into its buffers again: they are copied'));
   await early.finish();
   assert.equal(early.failure, null);
   assert.equal(early.blocks, blocks, 'every block went early (the scan kept pace with the transfer)');
@@ -320,9 +331,7 @@ test("a full scan that outruns the transfer waits for it: every new block travel
   assert.equal(counts.held, blocks, 'each was sent from a copy, not read back from the packs');
   assert.equal((await copySnapshot(a, r.target, snap)).blocksSent, 0);
   assert.equal(r.total(), blocks, 'no block arrived twice');
-  const back = Buffer.alloc(data.length);
-  for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, bs)).copy(back, index * bs);
-  assert.ok(back.equals(data), 'byte-exact');
+  await assertExact(b, snap, data, bs);
 });
 
 test('a consumer that never gives copies back does not hold the scan up: copying stops, the rest is read back from the packs; the copy is exact', async (t) => {
@@ -338,13 +347,7 @@ test('a consumer that never gives copies back does not hold the scan up: copying
   const { source, counts } = counting(a, { ...r, target: keeping });
   const early = new EarlySender(source, keeping);
   const t0 = performance.now();
-  const snap = await a.scanVolume(slowReader(data, 0), {
-    volume: 'v',
-    blockSize: bs,
-    onNewBlocks: (h, direct, replaced, views, kept) => early.add(h, direct, replaced, views, kept),
-    keepViewsUntil: early.done,
-    onScanned: () => early.scanned(),
-  });
+  const snap = await scanSending(a, data, bs, early);
   const scanMs = performance.now() - t0;
   await early.finish();
   assert.equal(early.failure, null);
@@ -352,9 +355,7 @@ test('a consumer that never gives copies back does not hold the scan up: copying
   assert.ok(counts.held > 0 && counts.held <= 64, `${counts.held} blocks sent from copies (at most the 32 MiB kept)`);
   const copy = await copySnapshot(a, keeping, snap);
   assert.equal(copy.blocksSent + early.blocks, blocks);
-  const back = Buffer.alloc(data.length);
-  for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, bs)).copy(back, index * bs);
-  assert.ok(back.equals(data), 'byte-exact');
+  await assertExact(b, snap, data, bs);
   assert.equal((await b.verify()).problems.length, 0);
 });
 
@@ -367,23 +368,13 @@ test('a target that says it may drop frames\' releases (a capped peer upload) ge
   const capped: ReplicaStore = { ...r.target, releasesFrames: false };
   const { source, counts } = counting(a, { ...r, target: capped });
   const early = new EarlySender(source, capped);
-  const snap = await a.scanVolume(slowReader(data, 0), {
-    volume: 'v',
-    blockSize: bs,
-    onNewBlocks: (h, direct, replaced, views, kept) => {
-      assert.equal(early.add(h, direct, replaced, views, kept), undefined, 'nothing to wait for');
-    },
-    keepViewsUntil: early.done,
-    onScanned: () => early.scanned(),
-  });
+  const snap = await scanSending(a, data, bs, early, (_, returned) => assert.equal(returned, undefined, 'nothing to wait for'));
   await early.finish();
   assert.equal(early.failure, null);
   assert.equal(counts.held, 0, 'no copies');
   const copy = await copySnapshot(a, capped, snap);
   assert.equal(copy.blocksSent + early.blocks, blocks);
-  const back = Buffer.alloc(data.length);
-  for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, bs)).copy(back, index * bs);
-  assert.ok(back.equals(data), 'byte-exact');
+  await assertExact(b, snap, data, bs);
 });
 
 test('a peer that answers slowly (a long round trip) gets no copies after its first answers: the scan runs ahead, the rest is read back; the copy is exact', async (t) => {
@@ -394,13 +385,7 @@ test('a peer that answers slowly (a long round trip) gets no copies after its fi
   const r = receiving(b, { askDelayMs: 60, frameDelayMs: 2 });
   const { source, counts } = counting(a, r);
   const early = new EarlySender(source, r.target);
-  const snap = await a.scanVolume(slowReader(data, 0), {
-    volume: 'v',
-    blockSize: bs,
-    onNewBlocks: (h, direct, replaced, views, kept) => early.add(h, direct, replaced, views, kept),
-    keepViewsUntil: early.done,
-    onScanned: () => early.scanned(),
-  });
+  const snap = await scanSending(a, data, bs, early);
   for (let waited = 0; early.pending > 0 && early.failure === null && waited < 30_000; waited += 20) await sleep(20);
   await early.finish();
   assert.equal(early.failure, null);
@@ -408,9 +393,7 @@ test('a peer that answers slowly (a long round trip) gets no copies after its fi
   // Copies until the fourth answer came (the pool's 64 and what came back meanwhile), none after.
   assert.ok(counts.held > 0 && counts.held < blocks, `${counts.held} of ${blocks} blocks sent from copies`);
   assert.equal((await copySnapshot(a, r.target, snap)).blocksSent, 0);
-  const back = Buffer.alloc(data.length);
-  for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, bs)).copy(back, index * bs);
-  assert.ok(back.equals(data), 'byte-exact');
+  await assertExact(b, snap, data, bs);
 });
 
 test('blocks under 256 KiB are not copied (a peer upload gives a small payload back before the socket has taken it): they are read back from the packs', async (t) => {
@@ -420,21 +403,13 @@ test('blocks under 256 KiB are not copied (a peer upload gives a small payload b
   const r = receiving(b);
   const { source, counts } = counting(a, r);
   const early = new EarlySender(source, r.target);
-  const snap = await a.scanVolume(slowReader(data, 0), {
-    volume: 'v',
-    blockSize: BS,
-    onNewBlocks: (h, direct, replaced, views, kept) => {
-      assert.equal(kept, false);
-      assert.equal(early.add(h, direct, replaced, views, kept), undefined, 'nothing to wait for');
-    },
-    keepViewsUntil: early.done,
-    onScanned: () => early.scanned(),
+  const snap = await scanSending(a, data, BS, early, (kept, returned) => {
+    assert.equal(kept, false);
+    assert.equal(returned, undefined, 'nothing to wait for');
   });
   await early.finish();
   assert.equal(early.failure, null);
   assert.equal(counts.held, 0, 'no copies');
   await copySnapshot(a, r.target, snap);
-  const back = Buffer.alloc(data.length);
-  for await (const { index, hash } of b.blockHashes(snap)) (await b.getBlock(hash, BS)).copy(back, index * BS);
-  assert.ok(back.equals(data), 'byte-exact');
+  await assertExact(b, snap, data, BS);
 });
