@@ -92,7 +92,7 @@ const COPY_MIN_BYTES = 256 * 1024;
 class Held implements HeldBlocks {
   private readonly views = new Map<string, Buffer>();
   private readonly copies = new Map<string, { data: Buffer; buf: Buffer }>();
-  /** Free copy buffers of the common block size, and the bytes of all copy buffers not free. */
+  /** Copy buffers given back, all of one size; and the bytes of those handed out or holding a copy. */
   private readonly free: Buffer[] = [];
   private out = 0;
   private waiters: Array<() => void> = [];
@@ -164,19 +164,12 @@ class Held implements HeldBlocks {
     this.views.clear();
   }
 
+  /** A buffer of `n` bytes, reused or new, while at most LEND_BYTES are out (free ones came back from there). */
   private buffer(n: number): Buffer | undefined {
-    const size = this.free[0]?.length;
-    if (size === n) {
-      this.out += n;
-      return this.free.pop();
-    }
-    if (this.out + this.free.length * (size ?? 0) + n > LEND_BYTES) {
-      if (size === undefined) return undefined;
-      this.free.length = 0; // buffers of another size (a volume's short last block): make room
-      if (this.out + n > LEND_BYTES) return undefined;
-    }
-    this.out += n;
-    return Buffer.allocUnsafeSlow(n);
+    if (this.free.length > 0 && this.free[0]!.length !== n) this.free.length = 0; // another size (a volume's short last block)
+    const buf = this.free.pop() ?? (this.out + n <= LEND_BYTES ? Buffer.allocUnsafeSlow(n) : undefined);
+    if (buf) this.out += n;
+    return buf;
   }
 
   private giveBack(buf: Buffer): void {
@@ -366,7 +359,11 @@ export class EarlySender {
         const asked = performance.now();
         const present = await self.target.hasBlocks(batch.hashes);
         self.noteAsk(performance.now() - asked);
-        const lacking = batch.hashes.filter((h, i) => present[i] ? (self.held.drop(h.toString('latin1')), false) : true);
+        const lacking: Hash[] = [];
+        batch.hashes.forEach((h, i) => {
+          if (!present[i]) lacking.push(h);
+          else self.held.drop(h.toString('latin1')); // its copy is not needed
+        });
         self.taken -= batch.hashes.length - lacking.length;
         if (lacking.length === 0) continue;
         // A peer that takes deltas gets each block as the bytes that differ from the one it
