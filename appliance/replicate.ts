@@ -302,7 +302,13 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   // the engine then asks only about what differs from it.
   const theirs = lock.latest ? await store.getSnapshot(volume, lock.latest.id) : null;
   const base = theirs && theirs.root === lock.latest?.root ? theirs : null;
-  const engine = await copySnapshot(store, remote, snap, { ...copyOpts, ...(early ? { onProgress: transferProgress(opts, tailSent()) } : {}), base });
+  // The peer's lock answer named `base` its latest, and `snap` was taken just now: the engine need
+  // not ask whether the peer has the snapshot or its changed nodes, nor about the blocks early
+  // sending saw stored there (a round trip each; on a 50 ms link, 0.15 s of a small sync).
+  const engine = await copySnapshot(store, remote, snap, {
+    ...copyOpts, base,
+    ...(early ? { onProgress: transferProgress(opts, tailSent()), fresh: true, atTarget: early.atTarget } : {}),
+  });
   trace('copy done');
   await recordBase(store, volume, peer, snap, 'push');
   trace('sync base recorded');

@@ -76,6 +76,8 @@ const ASK_SAMPLES = 4;
  * went out damaged (the peer refused it). As for pooled reads (store/pack-files.ts).
  */
 const COPY_MIN_BYTES = 256 * 1024;
+/** Hashes kept in {@link EarlySender.atTarget}: 64 Ki (~8 MiB), the new blocks of a 32 GiB change. */
+const AT_TARGET_MAX = 65536;
 
 /**
  * The new blocks' bytes early sending holds, for Store.getBlocks to hand out instead of reading
@@ -214,6 +216,13 @@ export class EarlySender {
   private readonly held = new Held();
   /** Copies are made (until a wait for a copy buffer times out). */
   private copying = true;
+  /**
+   * Blocks the target is known to hold, by the hash's latin1 string: those it said it had, and
+   * those it stored (its blocks/put answered, needWhole aside). The engine does not ask about
+   * them again (sync/engine.ts CopyOptions.atTarget). At most {@link AT_TARGET_MAX} are kept: it
+   * asks about the others, as it would about any.
+   */
+  readonly atTarget = new Set<string>();
   private ended!: () => void;
   /** Settles once early sending is over ({@link finish}) and reads none of the bytes the scan lent it any more. */
   readonly done = new Promise<void>((resolve) => (this.ended = resolve));
@@ -296,6 +305,10 @@ export class EarlySender {
     trace(`early: ${this.blocks} blocks sent during the scan${this.failure ? ` (stopped: ${String((this.failure as Error)?.message ?? this.failure)})` : ''}`);
   }
 
+  private noteAtTarget(key: string): void {
+    if (this.atTarget.size < AT_TARGET_MAX) this.atTarget.add(key);
+  }
+
   /** The fastest hasBlocks answer so far, and how many there were. */
   private fastestAsk = Infinity;
   private asks = 0;
@@ -354,6 +367,8 @@ export class EarlySender {
   private async run(): Promise<void> {
     const self = this;
     const deltaSizes = new DeltaSizes();
+    /** Hashes of the frames handed to this stream's request: stored once it is answered. */
+    const sent: Hash[] = [];
     async function* frames(first: Batch): AsyncGenerator<BlockFrame> {
       for (let batch: Batch | null = first; batch; batch = await self.next()) {
         const asked = performance.now();
@@ -361,8 +376,13 @@ export class EarlySender {
         self.noteAsk(performance.now() - asked);
         const lacking: Hash[] = [];
         batch.hashes.forEach((h, i) => {
-          if (!present[i]) lacking.push(h);
-          else self.held.drop(h.toString('latin1')); // its copy is not needed
+          if (!present[i]) {
+            lacking.push(h);
+            return;
+          }
+          const key = h.toString('latin1');
+          self.held.drop(key); // its copy is not needed
+          self.noteAtTarget(key);
         });
         self.taken -= batch.hashes.length - lacking.length;
         if (lacking.length === 0) continue;
@@ -377,6 +397,7 @@ export class EarlySender {
           self.blocks++;
           self.bytes += f.data.length;
           deltaSizes.note(f, f.data.length);
+          sent.push(f.hash);
           yield f;
           self.onSent?.();
         }
@@ -389,9 +410,15 @@ export class EarlySender {
       const r = await this.target.putBlocks(frames(first));
       // Blocks the receiver could not build (it lacks their bases) are not stored: the engine finds
       // them lacking and sends them. They count as sent once, there.
+      const whole = new Set<string>();
       for (const h of r.needWhole ?? []) {
         this.blocks--;
         this.bytes -= deltaSizes.sizeOf(h);
+        whole.add(h.toString('latin1'));
+      }
+      for (const h of sent) {
+        const key = h.toString('latin1');
+        if (!whole.has(key)) this.noteAtTarget(key);
       }
     } catch (e) {
       this.failure ??= e;

@@ -13,6 +13,8 @@
  * 4. Level-1 nodes are handled in windows: ask which of their blocks the target lacks, stream
  *    exactly those (source.getBlocks → target.putBlocks, both bounded), then put the window's
  *    level-1 nodes. Upper nodes go last, bottom-up, then the snapshot is committed.
+ * A push of a snapshot just taken, to a target that holds the base (`fresh`), skips step 1 and the
+ * node questions of step 3; blocks early sending saw stored there (`atTarget`) are not asked about.
  *
  * Crash safety and resumption come from the target's invariant "a node is present only when its
  * whole subtree is": a rerun skips every complete subtree and every block already stored, so
@@ -60,6 +62,20 @@ export interface CopyOptions {
    * source may no longer hold the base).
    */
   readonly baseFrom?: 'source' | 'target';
+  /**
+   * The target lacks this snapshot and holds `base` in full, and the caller knows it without
+   * asking: a push of a snapshot just taken, whose base the target's lock answer named as its
+   * latest (appliance/replicate.ts). The engine then asks the target nothing about the snapshot or
+   * its nodes: the nodes that differ from the base's go (putting one it holds does no harm), a
+   * round trip saved per level and two at the start. Ignored without a usable base.
+   */
+  readonly fresh?: boolean;
+  /**
+   * Blocks known to be at the target already, by the hash's latin1 string (early sending's, sync/
+   * early.ts): not asked about. One it lacks after all makes its node's put fail
+   * (ERR_SNAPSHOT_INCOMPLETE), storing nothing: the target checks every node's children.
+   */
+  readonly atTarget?: ReadonlySet<string>;
   /** Walk and count, but put and commit nothing. */
   readonly dryRun?: boolean;
   readonly onProgress?: (p: CopyProgress) => void;
@@ -102,12 +118,18 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
     return { nodesSent, blocksSent, bytesSent, requests, alreadyPresent };
   };
 
-  // Both questions at once: one round trip instead of two (a peer serves them in parallel).
   const root = fromHex(snap.root);
-  requests += 2;
-  const [existing, [rootPresent]] = await Promise.all([target.getSnapshot(snap.volume, snap.id), target.hasNodes([root])]);
-  if (existing) return result(true);
-  trace(`engine: snapshot absent, root present=${rootPresent}`);
+  const base = opts.base && sameShape(opts.base, snap) ? opts.base : null;
+  const fresh = opts.fresh === true && base !== null && !opts.dryRun;
+  let rootPresent = false;
+  if (!fresh) {
+    // Both questions at once: one round trip instead of two (a peer serves them in parallel).
+    requests += 2;
+    const [existing, [present]] = await Promise.all([target.getSnapshot(snap.volume, snap.id), target.hasNodes([root])]);
+    if (existing) return result(true);
+    rootPresent = present === true;
+    trace(`engine: snapshot absent, root present=${rootPresent}`);
+  }
 
   /** Nodes whose subtrees are stored on the target, in bottom-up order, waiting to fill a putNodes request. */
   const queued: NodeToPut[] = [];
@@ -124,7 +146,6 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
     const upper: NodeToPut[][] = [];
     let frontier: Hash[] = [root];
     let level = snap.height;
-    const base = opts.base && sameShape(opts.base, snap) ? opts.base : null;
     const baseStore = opts.baseFrom === 'target' ? target : source;
     const deltas = base !== null && (source.deltas === true || target.deltas === true);
     /** For a node of the frontier, the base's node at the same position (hex of the node → base node hash). */
@@ -177,7 +198,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
       const { children, next } = changedChildren(nodes);
       upper.push(nodes);
       pairs = next;
-      frontier = await missing(children, (b) => target.hasNodes(b), () => requests++);
+      frontier = fresh ? children : await missing(children, (b) => target.hasNodes(b), () => requests++);
       level--;
       trace(`engine: walked to level ${level}: ${frontier.length} nodes missing`);
     }
@@ -190,7 +211,9 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
         check();
         const nodes = await fetchWithBase(window);
         const { children: blocks, replaced } = changedChildren(nodes);
-        const lacking = await missing(blocks, (b) => target.hasBlocks(b), () => requests++);
+        const atTarget = opts.atTarget;
+        const unknown = atTarget && atTarget.size > 0 ? blocks.filter((b) => !atTarget.has(b.toString('latin1'))) : blocks;
+        const lacking = await missing(unknown, (b) => target.hasBlocks(b), () => requests++);
         trace(`engine: window of ${window.length} level-1 nodes: ${lacking.length} of ${blocks.length} blocks lacking`);
         unresolved -= window.length;
         blocksTotal = blocksSent + lacking.length + unresolved * fanoutGuess;
