@@ -25,7 +25,7 @@ import type { WirePutNodeT } from './schemas.js';
 import { throttle, TokenBucket, type Rate } from '../sync/bwlimit.js';
 import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '../sync/framing.js';
 import { DEFAULT_BLOCK_SIZE } from '../store/index.js';
-import { FEATURE_BLOCK_DELTA, FEATURES_HEADER, LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, changesFromWire, changesToWire, fromHex, toHex } from '../sync/protocol.js';
+import { FEATURE_BLOCK_DELTA, FEATURE_COMMIT_NODES, FEATURES_HEADER, LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, changesFromWire, changesToWire, fromHex, toHex } from '../sync/protocol.js';
 import type { ServerStats } from './stats.js';
 import { trace, tracing } from '../sync/trace.js';
 import { setFlagsFromString } from 'node:v8';
@@ -189,6 +189,8 @@ export class RemotePeer implements ReplicaStore {
    * answer (sync/protocol.ts). False until its first answer, and for an earlier release.
    */
   private deltaFrames = false;
+  /** The peer takes a snapshot's last nodes with its commit: it named `commit-nodes` (sync/protocol.ts). */
+  private commitNodes = false;
   /** Block stream bytes on the wire (framed, compressed), up and down. */
   wireBytesSent = 0;
   wireBytesReceived = 0;
@@ -469,8 +471,30 @@ export class RemotePeer implements ReplicaStore {
   }
 
   async commitSnapshot(record: SnapshotRecord): Promise<void> {
+    await this.commit(record);
+  }
+
+  /**
+   * {@link putNodes} and {@link commitSnapshot} in one request, when the peer takes that
+   * (`commit-nodes`); else, or when it refuses the nodes (a node change whose base it lacks, say),
+   * as two: the nodes on their own (whole where changes are refused), then the commit.
+   */
+  async commitWithNodes(record: SnapshotRecord, nodes: ReadonlyArray<NodeToPut | NodeChangeToPut>): Promise<void> {
+    if (this.commitNodes && this.nodeChanges && nodes.length > 0 && nodes.length <= MAX_NODES_PER_REQUEST) {
+      try {
+        return await this.commit(record, nodes.map((n) => wireNode(n, true)));
+      } catch (e) {
+        if (!isTandemError(e, 'ERR_SNAPSHOT_INCOMPLETE')) throw e;
+        trace(`client: commit with ${nodes.length} nodes refused (${e.code}); nodes sent on their own`);
+      }
+    }
+    await this.putNodes(nodes);
+    await this.commit(record);
+  }
+
+  private async commit(record: SnapshotRecord, nodes?: WirePutNodeT[]): Promise<void> {
     const hadLease = this.lease !== null && this.leaseVolume === record.volume;
-    await this.json('POST', '/v1/snapshots/commit', { snapshot: record }, true);
+    await this.json('POST', '/v1/snapshots/commit', nodes ? { snapshot: record, nodes } : { snapshot: record }, true);
     if (hadLease) {
       // The peer released the lease with the commit.
       this.lease = null;
@@ -592,7 +616,9 @@ export class RemotePeer implements ReplicaStore {
   /** Read what the peer says it takes (FEATURES_HEADER) off an answer. */
   private noteFeatures(headers: Record<string, string | string[] | undefined>): void {
     const f = headers[FEATURES_HEADER];
-    this.deltaFrames = typeof f === 'string' && f.split(',').some((x) => x.trim() === FEATURE_BLOCK_DELTA);
+    const named = typeof f === 'string' ? f.split(',').map((x) => x.trim()) : [];
+    this.deltaFrames = named.includes(FEATURE_BLOCK_DELTA);
+    this.commitNodes = named.includes(FEATURE_COMMIT_NODES);
   }
 
   /**

@@ -108,7 +108,8 @@ export const Snapshot = Type.Object(
 );
 
 export const SnapshotAnswer = Type.Object({ snapshot: Type.Union([Snapshot, Type.Null()]) });
-export const CommitBody = Type.Object({ snapshot: Snapshot }, { additionalProperties: false });
+/** `nodes`: put first, as by `nodes/put`, with the commit (feature `commit-nodes`): one round trip for a small change's nodes and its commit. */
+export const CommitBody = Type.Object({ snapshot: Snapshot, nodes: Type.Optional(Type.Array(WirePutNode, { maxItems: MAX_NODES_PER_REQUEST })) }, { additionalProperties: false });
 export type CommitBodyT = Static<typeof CommitBody>;
 
 export const VolumeParams = Type.Object({ vol: VolumeName });

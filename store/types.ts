@@ -250,6 +250,12 @@ export interface ReplicaStore extends NodeSource, NodeSink {
    * if new. Idempotent for the same record. ERR_SNAPSHOT_INCOMPLETE if the root is absent.
    */
   commitSnapshot(record: SnapshotRecord): Promise<void>;
+  /**
+   * Optional: {@link NodeSink.putNodes} of the snapshot's last nodes (at most
+   * MAX_NODES_PER_REQUEST) and {@link commitSnapshot}, as one call. A peer makes it one request
+   * where it can (api/client.ts); the engine otherwise puts, then commits.
+   */
+  commitWithNodes?(record: SnapshotRecord, nodes: ReadonlyArray<NodeToPut | NodeChangeToPut>): Promise<void>;
 }
 
 /** A volume being read (image file, block device, EBS snapshot). */

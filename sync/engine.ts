@@ -279,14 +279,16 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
       if (!opts.dryRun) queued.push(...nodes);
       nodesSent += nodes.length;
     }
-    await putQueued(true);
+    // What is left of them (under a full request) goes with the commit where the target takes it so.
+    await putQueued(!target.commitWithNodes);
   }
   if (!opts.dryRun) {
     check();
     progress('commit');
-    trace('engine: upper nodes put');
+    trace(queued.length > 0 ? `engine: nodes put but ${queued.length}, which go with the commit` : 'engine: upper nodes put');
     requests++;
-    await target.commitSnapshot(snap);
+    if (queued.length > 0) await target.commitWithNodes!(snap, queued.splice(0));
+    else await target.commitSnapshot(snap);
     trace('engine: committed');
   }
   return result(false);

@@ -25,10 +25,12 @@ export const LEASE_HEADER = 'x-tandem-lease';
  * Response header in which a server names what it takes beyond protocol 1, comma-separated. A
  * client uses a feature only with a server that named it: an earlier release names none.
  * `block-delta`: block streams may carry delta frames (codec 2, sync/README.md "Framing").
+ * `commit-nodes`: `snapshots/commit` takes the snapshot's last nodes too (`nodes`, as `nodes/put`).
  */
 export const FEATURES_HEADER = 'x-tandem-features';
 export const FEATURE_BLOCK_DELTA = 'block-delta';
-export const SERVER_FEATURES = [FEATURE_BLOCK_DELTA].join(',');
+export const FEATURE_COMMIT_NODES = 'commit-nodes';
+export const SERVER_FEATURES = [FEATURE_BLOCK_DELTA, FEATURE_COMMIT_NODES].join(',');
 
 export const HEX_HASH_PATTERN = '^[0-9a-f]{64}$';
 export const VOLUME_PATTERN = '^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$';

@@ -114,6 +114,14 @@ function leaseOf(headers: Record<string, unknown>): string | undefined {
 export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
   const { home, store, leases, stats } = deps;
 
+  /** Store nodes as sent by nodes/put or with a commit (each child present, else nothing stored). */
+  const putWireNodes = async (nodes: S.WirePutNodeT[]): Promise<void> => {
+    await store.putNodes(nodes.map(putNodeFromWire));
+    stats.nodesReceived += nodes.length;
+    // A node put again replaces a damaged copy (the peer's `repair --push`): it leaves the damage list.
+    await clearDamage(store, nodes.map((n) => n.hash));
+  };
+
   app.get('/v1/health', { schema: { summary: 'liveness and identity (no authentication)', security: [] } }, async () => ({
     status: 'ok',
     name: home.identity.name,
@@ -206,10 +214,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
 
   app.post('/v1/nodes/put', { schema: { body: S.NodeList, summary: 'store nodes whose children are all present (else 409 ERR_SNAPSHOT_INCOMPLETE, nothing stored)' } }, async (req) => {
     const { nodes } = req.body as S.NodeListBody;
-    await store.putNodes(nodes.map(putNodeFromWire));
-    stats.nodesReceived += nodes.length;
-    // A node put again replaces a damaged copy (the peer's `repair --push`): it leaves the damage list.
-    await clearDamage(store, nodes.map((n) => n.hash));
+    await putWireNodes(nodes);
     return { stored: nodes.length };
   });
 
@@ -303,7 +308,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     }
   });
 
-  app.post('/v1/snapshots/commit', { schema: { body: S.CommitBody, summary: 'commit a snapshot whose root is present; releases the lease sent with it' } }, async (req) => {
+  app.post('/v1/snapshots/commit', { schema: { body: S.CommitBody, summary: 'commit a snapshot whose root is present (or among `nodes`, put first as by nodes/put); releases the lease sent with it' } }, async (req) => {
     const snap = (req.body as S.CommitBodyT).snapshot as SnapshotRecord;
     const lease = leaseOf(req.headers);
     if (leases.heldByOther(snap.volume, lease)) {
@@ -314,6 +319,11 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
       throw new TandemError('ERR_VOLUME_MATERIALIZING', `volume "${snap.volume}" is being written on ${home.identity.name}; finish that restore first`, { details: { volume: snap.volume } });
     }
     await refuseIfFailedOver(snap.volume);
+    // The snapshot's last nodes, sent with the commit: put as by nodes/put, before the lease is
+    // touched, so that a refusal (ERR_SNAPSHOT_INCOMPLETE: a child or base is missing) leaves the
+    // sync its lease to send them again on their own.
+    const nodes = (req.body as S.CommitBodyT).nodes;
+    if (nodes && nodes.length > 0) await putWireNodes(nodes);
     const owned = lease !== undefined && leases.volumeOf(lease) === snap.volume;
     const holder = owned ? leases.holderOf(lease) : undefined;
     const release = owned ? () => leases.release(lease) : home.lockVolume(snap.volume, 'commit');
