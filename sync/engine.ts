@@ -121,7 +121,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
   const root = fromHex(snap.root);
   const base = opts.base && sameShape(opts.base, snap) ? opts.base : null;
   const fresh = opts.fresh === true && base !== null && !opts.dryRun;
-  let rootPresent = false;
+  let rootPresent = isZero(root); // an all-zero volume's: no node to send
   if (!fresh) {
     // Both questions at once: one round trip instead of two (a peer serves them in parallel).
     requests += 2;

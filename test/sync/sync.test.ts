@@ -9,6 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { openSync, writeSync, closeSync, readFileSync, writeFileSync, rmSync, copyFileSync, truncateSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { RemotePeer } from '../../api/client.js';
+import { ZERO_HASH } from '../../store/index.js';
 import { cli, damageBlock, initHome, pair, startServe, tempDir, type Served, type TestHome } from '../helpers/appliance.js';
 import { loopDevice, smallTmpfs } from '../helpers/cli.js';
 
@@ -114,6 +115,14 @@ test('push is byte-exact; an incremental push sends only the changed blocks; a n
   const s7 = await p.peerB.stats();
   assert.equal(s7.blocksReceived - s6.blocksReceived, 1, 'blocks shared with another volume are not sent again');
   assert.ok((await restoredOnB(p, 'clone-r.img', 'clone')).equals(readFileSync(img2)));
+
+  // The clone wiped: its tree is the zero root, with no node to send; it commits all the same.
+  writeFileSync(img2, Buffer.alloc(BLOCKS * BS));
+  const wiped = await cli(p.a, 'sync', 'clone', '--peer', 'cloud');
+  assert.equal(wiped.code, 0, wiped.stderr);
+  assert.equal(wiped.json.nodesSent, 0);
+  assert.equal((await p.peerB.latestSnapshot('clone'))?.root, ZERO_HASH.toString('hex'));
+  assert.ok((await restoredOnB(p, 'clone-z.img', 'clone')).equals(readFileSync(img2)));
 });
 
 test('reverse + apply is byte-exact after the local copy diverged or was replaced; the next push is incremental again', async (t) => {
