@@ -275,7 +275,10 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   if (opts.dryRun) {
     const latest = await remote.latestSnapshot(volume);
     if (latest?.root === snap.root) return summary(volume, peer, 'push', snap, null, true);
-    return summary(volume, peer, 'push', snap, await copySnapshot(store, remote, snap, { ...copyOpts, dryRun: true }), true);
+    // As the sync would: blocks equal to the peer's latest are not asked about.
+    const theirs = latest ? await store.getSnapshot(volume, latest.id) : null;
+    const base = theirs && theirs.root === latest?.root ? theirs : null;
+    return summary(volume, peer, 'push', snap, await copySnapshot(store, remote, snap, { ...copyOpts, dryRun: true, base }), true);
   }
   // The peer's lease first, while early sending goes on: its tail is then sent under the lease,
   // as the engine's blocks are (a second sync of the volume meets ERR_VOLUME_LOCKED meanwhile).

@@ -27,10 +27,17 @@ export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecor
   try {
     const lock = await remote.lockVolume(snap.volume, home.identity.id, { ifRoot: snap.root });
     let bytesSent = 0;
-    let base = snap;
-    if (lock.upToDate && lock.latest) base = lock.latest;
-    else bytesSent = (await copySnapshot(store, remote, snap, opts.signal ? { signal: opts.signal } : {})).bytesSent;
-    await store.putMeta(SYNC_BASE_NS, `${snap.volume}@${peer.name}`, { snapshot: base.id, root: base.root, direction: 'push', at: new Date().toISOString() });
+    let held = snap;
+    if (lock.upToDate && lock.latest) held = lock.latest;
+    else {
+      // The peer's latest, when this store has it too, is the base `appliance sync` uses
+      // (replicate.ts): changed blocks go as deltas of the blocks they replaced, and the engine
+      // asks about nothing else. The peer lacks `snap` (the lock found its latest elsewhere).
+      const theirs = lock.latest ? await store.getSnapshot(snap.volume, lock.latest.id) : null;
+      const base = theirs && theirs.root === lock.latest?.root ? theirs : null;
+      bytesSent = (await copySnapshot(store, remote, snap, { base, fresh: true, ...(opts.signal ? { signal: opts.signal } : {}) })).bytesSent;
+    }
+    await store.putMeta(SYNC_BASE_NS, `${snap.volume}@${peer.name}`, { snapshot: held.id, root: held.root, direction: 'push', at: new Date().toISOString() });
     // What the peer's verify found damaged is healed with our copies on the same connection
     // (appliance/repair.ts): one request when there is nothing to heal. A failure here is not
     // the sync's: it is tried again with the next one.
@@ -44,7 +51,7 @@ export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecor
     } catch {
       /* an older peer without GET /v1/damage, or one that went away */
     }
-    return { bytesSent, upToDate: base !== snap, peerRepaired, peerNodesRepaired };
+    return { bytesSent, upToDate: held !== snap, peerRepaired, peerNodesRepaired };
   } finally {
     await remote.releaseVolume().catch(() => {});
     await remote.close();

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, writeFileSync, existsSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync, existsSync, openSync, writeSync, closeSync, readFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -440,4 +440,45 @@ test('a paused volume gets no scheduled job: a running one stops (checkpoint kep
   assert.equal((await store.listSnapshots('v')).length, 2);
   await assert.rejects(pauseVolumes(store, ['v', 'nope'], { by: 'x', now: clock.now() }), { code: 'ERR_VOLUME_NOT_FOUND' });
   assert.equal((await readVolumeState(store, 'v')).paused, null, 'nothing paused by a refused call');
+});
+
+test("the daemon's push step sends a new snapshot's changed blocks as deltas of the peer's latest, asking about nothing else", async (t) => {
+  const b = await initHome(t, 'cloud');
+  const sb = await startServe(t, b);
+  const a = await initHome(t, 'onprem');
+  await pair(a, 'cloud', b, sb);
+  const dir = tempDir(t, 'tandem-push-step-');
+  const img = image(dir, 'db.img', 4 * MiB);
+  assert.equal((await cli(a, 'volume', 'add', 'db', '--path', img, '--block-size', '64KiB')).code, 0);
+  const home = Home.load(a.dir);
+  const store = await home.openStore();
+  t.after(() => store.close());
+  const { snapshotVolume } = await import('../../appliance/ops.js');
+  const { RemotePeer } = await import('../../api/client.js');
+  const peerB = new RemotePeer({ url: sb.url, token: b.token, fingerprint: b.fingerprint, name: 'cloud' });
+  t.after(() => peerB.close());
+  const { pushSnapshot } = await import('../../appliance/scheduler/steps.js');
+
+  await pushSnapshot(home, store, await snapshotVolume(home, store, 'db'), 'cloud');
+  const fd = openSync(img, 'r+');
+  for (const blk of [5, 33, 60]) writeSync(fd, randomBytes(4096), 0, 4096, blk * 64 * 1024 + 2048);
+  closeSync(fd);
+  const snap = await snapshotVolume(home, store, 'db');
+  const s0 = await peerB.stats();
+  const r = await pushSnapshot(home, store, snap, 'cloud');
+  const s1 = await peerB.stats();
+  assert.equal(s1.blocksStored - s0.blocksStored, 3, 'the 3 changed blocks');
+  assert.equal(s1.deltasReceived - s0.deltasReceived, 3, 'each as a delta of the block it replaced');
+  assert.equal(r.bytesSent, 3 * 64 * 1024, 'counted as the blocks built there');
+  const asked = Object.fromEntries(Object.entries(s1.routes).map(([k, n]) => [k, n - (s0.routes[k] ?? 0)]).filter(([, n]) => n !== 0));
+  // Nothing about the snapshot or its nodes; the blocks asked about are the 3 changed ones.
+  assert.deepEqual(asked, {
+    'POST /v1/volumes/:vol/lock': 1, 'POST /v1/blocks/has': 1, 'POST /v1/blocks/put': 1,
+    'POST /v1/snapshots/commit': 1, // with the nodes
+    'GET /v1/damage': 1, // what the peer's verify found damaged, healed on the same connection: nothing
+  });
+  assert.equal((await peerB.latestSnapshot('db'))?.root, snap.root);
+  const out = join(dir, 'r.img');
+  assert.equal((await cli(b, 'restore', 'db', '--to', out)).code, 0);
+  assert.ok(readFileSync(out).equals(readFileSync(img)), 'byte-exact');
 });
