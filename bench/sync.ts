@@ -16,7 +16,8 @@
  *    relaying every byte on the same 2 cores, which rsync's transfer does not pay for.
  * 4b. C (holding the first snapshot) pulls B's latest, as failback does (`sync --reverse`).
  * 5. A no-op sync (empty change list), straight to B as well.
- * 6. WAN: another change synced through a proxy adding 50 ms round-trip time and a 100 Mbit/s cap.
+ * 6. WAN: another change synced through a proxy adding 50 ms round-trip time and a 100 Mbit/s cap;
+ *    then another change snapshotted and pushed as the daemon's jobs do (its push step, in process).
  * 7. The same kinds of sync, straight to B, in a running appliance (`serve` on A's home: store open, modules
  *    loaded, workers warm), as the daemon runs them: no-op, change list (five in a row: the
  *    first and the median), rescan.
@@ -385,6 +386,27 @@ async function main(): Promise<void> {
     const w = await appliance(homeA, ['sync', 'vol', '--peer', 'cloud-wan', '--changed-blocks', list]);
     const ideal = (changed3.length * BLOCK) / WAN_BYTES_PER_SEC + 10 * (2 * WAN_ONE_WAY_MS) / 1000;
     row('WAN sync (50 ms RTT, 100 Mbit/s), change list', `${w.json.seconds.toFixed(2)} s`, `${(w.json.seconds / ideal).toFixed(2)}x (changed bytes at 100 Mbit/s + 10 RTT = ${ideal.toFixed(2)} s) (target <= 1.5); ${w.json.requests} requests; ${formatBytes(wan.bytes())} on the wire`);
+
+    // 6b. The daemon's way over the same link: a job takes its snapshot (here from a change list),
+    // then its push step sends it (appliance/scheduler/steps.ts), run in this process on A's home
+    // as the daemon runs it (no process start, a new connection).
+    const changed4 = change(img, nChange, blocks);
+    writeFileSync(list, changed4.join('\n') + '\n');
+    await appliance(homeA, ['snapshot', 'vol', '--changed-blocks', list]);
+    const { Home } = await import('../appliance/home.js');
+    const { pushSnapshot } = await import('../appliance/scheduler/steps.js');
+    const home = Home.load(homeA);
+    const store = await home.openStore();
+    try {
+      const snap = (await store.latestSnapshot('vol'))!;
+      wan.reset();
+      const t0 = now();
+      const pushed = await pushSnapshot(home, store, snap, 'cloud-wan');
+      const secs = (now() - t0) / 1000;
+      row("  the daemon's push of such a snapshot (its job's push step)", `${secs.toFixed(2)} s`, `${(secs / ideal).toFixed(2)}x; ${formatBytes(wan.bytes())} on the wire for ${formatBytes(pushed.bytesSent)} of blocks`);
+    } finally {
+      await store.close();
+    }
   }
 
   // 7. In a running appliance: with `serve` (or `daemon`) on A's home, A's store is open, its
