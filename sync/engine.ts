@@ -294,6 +294,17 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
   return result(false);
 }
 
+/**
+ * The base of a push ({@link CopyOptions.base}): the target's latest snapshot `theirs` (as its
+ * lock answer or latestSnapshot names it), when the source holds it with the same root. Null when
+ * the target has none or the source lacks it (pruned by retention, say).
+ */
+export async function heldBase(source: ReplicaStore, theirs: SnapshotRecord | null | undefined): Promise<SnapshotRecord | null> {
+  if (!theirs) return null;
+  const mine = await source.getSnapshot(theirs.volume, theirs.id);
+  return mine && mine.root === theirs.root ? mine : null;
+}
+
 /** `items` cut into at most `n` contiguous slices of at least `min` items (one slice when few). */
 function slices<T>(items: readonly T[], n: number, min: number): T[][] {
   const count = Math.max(1, Math.min(n, Math.floor(items.length / min)));

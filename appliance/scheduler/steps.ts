@@ -20,7 +20,7 @@ const SYNC_BASE_NS = 'sync-base';
  */
 export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecord, peerName: string, opts: { bwlimit?: Rate; signal?: AbortSignal } = {}): Promise<{ bytesSent: number; upToDate: boolean; peerRepaired: number; peerNodesRepaired: number }> {
   const { getPeer, connectPeer } = await import('../peers.js');
-  const { copySnapshot } = await import('../../sync/engine.js');
+  const { copySnapshot, heldBase } = await import('../../sync/engine.js');
   const peer = await getPeer(store, peerName);
   const release = home.lockVolume(snap.volume, 'sync');
   const remote = connectPeer(peer, opts.bwlimit ? { bwlimit: opts.bwlimit } : {});
@@ -33,8 +33,7 @@ export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecor
       // The peer's latest, when this store has it too, is the base `appliance sync` uses
       // (replicate.ts): changed blocks go as deltas of the blocks they replaced, and the engine
       // asks about nothing else. The peer lacks `snap` (the lock found its latest elsewhere).
-      const theirs = lock.latest ? await store.getSnapshot(snap.volume, lock.latest.id) : null;
-      const base = theirs && theirs.root === lock.latest?.root ? theirs : null;
+      const base = await heldBase(store, lock.latest);
       bytesSent = (await copySnapshot(store, remote, snap, { base, fresh: true, ...(opts.signal ? { signal: opts.signal } : {}) })).bytesSent;
     }
     await store.putMeta(SYNC_BASE_NS, `${snap.volume}@${peer.name}`, { snapshot: held.id, root: held.root, direction: 'push', at: new Date().toISOString() });

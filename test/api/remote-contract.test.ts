@@ -3,48 +3,43 @@
  * RemotePeer over real HTTPS on 127.0.0.1 to a server holding a real Store. Then what only a
  * peer offers: commitWithNodes.
  */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Home } from '../../appliance/home.js';
 import { RemotePeer, startServer } from '../../api/index.js';
-import { Store } from '../../store/index.js';
-import { test } from 'node:test';
-import assert from 'node:assert/strict';
-import { hashBlock, makeNode, newSnapshotId, type SnapshotRecord, type TreeNode } from '../../store/index.js';
+import { Store, hashBlock, makeNode, newSnapshotId, type SnapshotRecord, type TreeNode } from '../../store/index.js';
 import { blockStoreSuite } from '../store/block-store-suite.js';
 
-blockStoreSuite('RemotePeer', async () => {
+/** A server on a fresh home and store, and `clients` RemotePeers of it; `close` ends them all. */
+async function served(clients = 1): Promise<{ peers: RemotePeer[]; close(): Promise<void> }> {
   const dir = await mkdtemp(join(tmpdir(), 'tandem-remote-'));
   const home = await Home.init(join(dir, 'home'), 'peer');
   const store = await Store.open(home.paths.store);
   const server = await startServer({ home, store, listen: '127.0.0.1:0', logger: false });
-  const peer = new RemotePeer({ url: server.url, token: home.token(), fingerprint: home.fingerprint(), name: 'peer' });
+  const peers = Array.from({ length: clients }, () => new RemotePeer({ url: server.url, token: home.token(), fingerprint: home.fingerprint(), name: 'peer' }));
   return {
-    store: peer,
+    peers,
     close: async () => {
-      await peer.close();
+      for (const p of peers) await p.close();
       await server.close();
       await store.close();
       await rm(dir, { recursive: true, force: true });
     },
   };
+}
+
+blockStoreSuite('RemotePeer', async () => {
+  const s = await served();
+  return { store: s.peers[0]!, close: s.close };
 });
 
 test('commitWithNodes to a peer is one request (commit-nodes); a node with a missing child stores and commits nothing, and the sync keeps its lease', async (t) => {
-  const dir = await mkdtemp(join(tmpdir(), 'tandem-remote-'));
-  const home = await Home.init(join(dir, 'home'), 'peer');
-  const store = await Store.open(home.paths.store);
-  const server = await startServer({ home, store, listen: '127.0.0.1:0', logger: false });
-  const peer = new RemotePeer({ url: server.url, token: home.token(), fingerprint: home.fingerprint(), name: 'peer' });
-  const other = new RemotePeer({ url: server.url, token: home.token(), fingerprint: home.fingerprint(), name: 'peer' });
-  t.after(async () => {
-    await peer.close();
-    await other.close();
-    await server.close();
-    await store.close();
-    await rm(dir, { recursive: true, force: true });
-  });
+  const s = await served(2);
+  t.after(s.close);
+  const [peer, other] = s.peers as [RemotePeer, RemotePeer];
   const blocks = [1, 2].map((seed) => Buffer.alloc(BS, seed)).map((data) => ({ hash: hashBlock(data), data }));
   await peer.putBlocks((async function* () { yield* blocks; })());
   const lock = await peer.lockVolume('vol', 'holder-a');
