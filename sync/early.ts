@@ -367,7 +367,7 @@ export class EarlySender {
   private async run(): Promise<void> {
     const self = this;
     const deltaSizes = new DeltaSizes();
-    /** Hashes of the frames handed to this stream's request: stored once it is answered. */
+    /** Hashes of the frames handed to this stream's request (while the set has room): stored once it is answered. */
     const sent: Hash[] = [];
     async function* frames(first: Batch): AsyncGenerator<BlockFrame> {
       for (let batch: Batch | null = first; batch; batch = await self.next()) {
@@ -397,7 +397,7 @@ export class EarlySender {
           self.blocks++;
           self.bytes += f.data.length;
           deltaSizes.note(f, f.data.length);
-          sent.push(f.hash);
+          if (self.atTarget.size + sent.length < AT_TARGET_MAX) sent.push(f.hash); // bounded, as the set
           yield f;
           self.onSent?.();
         }
