@@ -40,22 +40,23 @@ const PUTS_AHEAD = 2;
 /** During a long first scan, make new blocks durable every this many bytes (bounds writeback bursts). */
 const FLUSH_BYTES = 1024 * 1024 * 1024;
 
-/**
- * A scan's new blocks past this many bytes go to the disk directly (O_DIRECT, PackFiles): the
- * kernel's copy into the page cache was half the CPU of a first snapshot here, and a snapshot
- * of a large volume would evict everything else from the cache. A 4 GiB first snapshot took
- * 5.4-7.0 s this way against 11.8-13.4 s buffered (6 alternated pairs; 6.0-7.1 CPU s against
- * 14.1-15.5). Below it they stay buffered: a small change is not worth the staging slots a
- * process allocates for its first direct write (a 4 GiB re-snapshot storing 82 blocks took a
- * median 1.19 s direct against 1.14 s buffered, 5 alternated pairs), and a sync's early
- * sending finds them in the cache (it reads the direct ones directly: onNewBlocks says which).
- * A process that lives on (`serve`, `daemon`: Store.keepWarm) allocates the slots once, and
- * writes directly from the first block: a snapshot of 82 listed blocks (41 MiB) of a 1 GiB
- * image in a running appliance took 0.085-0.11 s and 77-96 ms of CPU this way against
- * 0.10-0.14 s and 124-145 ms buffered (3 alternated rounds of 8). A change-list sync of the
- * same size took as long either way (median 0.25 s of 36 each): A's CPU went down by a fifth.
+/*
+ * A scan's new blocks go to the disk directly (O_DIRECT, PackFiles), from the first one: the
+ * kernel's copy into the page cache was half the CPU of a first snapshot here, a snapshot of a
+ * large volume would evict everything else from the cache, and the commit's fsync then has no
+ * dirty pages to write. A 4 GiB first snapshot took 5.4-7.0 s this way against 11.8-13.4 s
+ * buffered (6 alternated pairs; 6.0-7.1 CPU s against 14.1-15.5). The first 64 MiB used to stay
+ * buffered, so that a one-shot command would not pay for the staging slots of a direct write for
+ * a small change; measured again (hyperfine, 12 runs each, the CLI on a 4 GiB image; in a
+ * running appliance the slots were already kept, Store.keepWarm):
+ * - snapshot --changed-blocks of 82 blocks (41 MiB): 234 +- 16 ms direct, 305 +- 21 buffered
+ *   (system CPU 73 against 171 ms); of 8 blocks: 151 +- 11 against 163 +- 21 ms; of 1 block:
+ *   140 +- 11 against 134 +- 11 ms;
+ * - a sync from that change list: 441 +- 26 against 515 +- 38 ms; with a rescan (8 runs each):
+ *   1.19 +- 0.03 s against 1.35 +- 0.06 s.
+ * A sync's early sending reads back the ones it holds no copy of past the cache as well
+ * (onNewBlocks says they went directly).
  */
-const DIRECT_AFTER_BYTES = 64 * 1024 * 1024;
 
 /**
  * Where a local volume's blocks are read into the slots: just under {@link IO_SKEW} bytes past a
@@ -259,8 +260,6 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
     return false;
   };
 
-  /** New blocks stored so far: past DIRECT_AFTER_BYTES, the rest bypass the page cache. */
-  let storedBytes = 0;
   const expected = onParent ? parentHashes(store, parent) : null;
   // A change list's new blocks are told to onNewBlocks with the blocks they replace (a sync sends
   // each as the bytes that differ where the peer holds that one): read from the parent's tree,
@@ -339,8 +338,6 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
     readonly nonZero: Array<Item>;
     readonly frames: Array<{ hash: Hash; data: Buffer }>;
     readonly stored: Promise<boolean[]>;
-    /** Written with O_DIRECT (past the page cache). */
-    readonly direct: boolean;
   }
   const puts: Put[] = [];
   const startPut = async (): Promise<void> => {
@@ -358,10 +355,9 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
     // The workers checksummed the records of the blocks that may be new while hashing them.
     const crcs = d.crcs;
     const parts = crcs && nonZero.map((c, i) => recordPartsWithCrc(c.hash, CODEC_RAW, frames[i]!.data.length, crcs.readUInt32BE((c.at / blockSize) * 4)));
-    const direct = store.directFromStart || storedBytes >= DIRECT_AFTER_BYTES;
-    const stored = store.putVerifiedMany(frames, { direct, ...(parts ? { parts } : {}) });
+    const stored = store.putVerifiedMany(frames, { direct: true, ...(parts ? { parts } : {}) });
     stored.catch(() => undefined); // observed in order below
-    puts.push({ d, items, nonZero, frames, stored, direct });
+    puts.push({ d, items, nonZero, frames, stored });
   };
 
   async function* changes(): AsyncGenerator<BlockChange> {
@@ -372,7 +368,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
       // and record checksums overlap the pack write (a 2 GiB first snapshot spent 0.44 s in
       // lookups, 0.47 s in checksums and 1.86 s in writes, one after the other).
       while (puts.length < PUTS_AHEAD && inflight.length > 0) await startPut();
-      const { d, items, nonZero, frames, stored, direct } = puts.shift()!;
+      const { d, items, nonZero, frames, stored } = puts.shift()!;
       const fresh: Hash[] = [];
       const replaced: Array<Hash | null> = [];
       const views: Buffer[] = [];
@@ -380,13 +376,12 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
         if (!isNew) return;
         progress.blocksStored++;
         unflushed += frames[i]!.data.length;
-        storedBytes += frames[i]!.data.length;
         fresh.push(frames[i]!.hash);
         replaced.push(nonZero[i]!.was ?? null);
         if (wantViews) views.push(frames[i]!.data);
       });
       if (fresh.length > 0) {
-        const copied = opts.onNewBlocks?.(fresh, direct, replaced, wantViews ? views : undefined, lendViews);
+        const copied = opts.onNewBlocks?.(fresh, true, replaced, wantViews ? views : undefined, lendViews);
         if (copied) await copied; // before the slot is read into again
       }
       progress.blocksDone += d.count;

@@ -92,8 +92,6 @@ export class Store implements ReplicaStore {
   /** @internal The old packs the last gc is deleting after its locks (store/gc.ts); close and the next gc wait for it. */
   reclaiming: Promise<void> = Promise.resolve();
   /** @internal hash workers kept between scans. */ readonly hashPools = new HashPools();
-  /** @internal A scan writes its new blocks past the page cache from the first one ({@link keepWarm}). */
-  directFromStart = false;
   /** Blocks appended but not yet durable, by hash (latin1 string of the 32 bytes). */
   private readonly pending = new Map<string, BlockLocation>();
   /** Times unflushed blocks were discarded after a failed direct write, and the last failure ({@link discardFailedLocked}). */
@@ -658,14 +656,11 @@ export class Store implements ReplicaStore {
 
   /**
    * For a process that lives on (`serve`, `daemon`): keep one hash pool started between scans
-   * (HashPools.keepWarm), and let a scan write its new blocks past the page cache from the first
-   * one (store/scan.ts DIRECT_AFTER_BYTES). Direct appends copy each batch into staging slots that
-   * the first one allocates (27 MiB, PackFiles); a long-lived process allocates them once and
-   * reuses them, where a one-shot command would pay their page faults for a small change.
+   * (HashPools.keepWarm). Its direct appends' staging slots (27 MiB, PackFiles) are allocated by
+   * the first and kept as well.
    */
   keepWarm(): void {
     this.hashPools.keepWarm();
-    this.directFromStart = true;
   }
 
   /** Make every block put so far durable: fsync packs, then write their index entries (one batch). */

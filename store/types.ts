@@ -315,7 +315,7 @@ export interface SnapshotOptions {
    * Told the hashes of blocks the store did not hold, as soon as they are appended (not yet
    * durable, but readable through getBlocks). A sync uses it to start sending them to the peer
    * while the scan goes on. `direct`: they were written past the page cache (O_DIRECT, as a
-   * scan's new blocks are past its first 64 MiB), so a reader should read them that way too.
+   * scan's new blocks are), so a reader should read them that way too.
    * `replaced`: for each, the parent snapshot's block at its position (ZERO_HASH for zeros), or
    * null when the scan did not compare with a parent: a sync sends a delta against it.
    * `views`: with {@link keepViewsUntil}, each block's bytes in the scan's own buffer. With

@@ -243,8 +243,8 @@ export class EarlySender {
 
   /**
    * Queue new blocks' hashes; starts the streams on the first call. `direct`: the store wrote
-   * them past the page cache, so they are read that way (a scan writes its first 64 MiB of new
-   * blocks through the cache and the rest directly, store/scan.ts: once direct, always direct).
+   * them past the page cache, so they are read that way (a scan writes all its new blocks
+   * directly, store/scan.ts; a batch is read one way, and once direct, always direct).
    * `views`: their bytes in the scan's buffer, there until {@link done} settles when `kept`, else
    * only until the promise returned settles (copied meanwhile, see {@link Held}).
    */

@@ -140,9 +140,9 @@ test('kill -9 during snapshot, many times: the store stays consistent and a reru
   });
 });
 
-test('kill -9 during a snapshot whose new blocks go past the page cache (past its first 64 MiB): the store stays consistent and a rerun succeeds', async (t) => {
-  // Every block new each trial: 32 MiB of each snapshot's new blocks are written with O_DIRECT,
-  // in the second half of the run, where the crash points are.
+test('kill -9 late in a snapshot of 96 MiB of new blocks (all written past the page cache): the store stays consistent and a rerun succeeds', async (t) => {
+  // Every block new each trial, each written with O_DIRECT; the crash points are in the second
+  // half of the run, where most of them have been written.
   await killDuringSnapshots(t, 96 * MiB, (img) => writeFileSync(img, randomBytes(96 * MiB)), true);
 });
 
