@@ -216,10 +216,13 @@ async function main(): Promise<void> {
   const sparseSize = parseSize(arg('sparse', '64GiB'));
   const dir = mkdtempSync(join(arg('dir', tmpdir()), 'tandem-bench-'));
   const home = join(dir, 'home');
+  let disk = '';
   const img = join(dir, 'vol.img');
   try {
     // The image, the store, a copy and a restored image: 4 images' worth at the peak.
-    const { bavail, bsize } = statfsSync(dir);
+    const { bavail, bfree, bsize, blocks: diskBlocks } = statfsSync(dir);
+    // A nearly full disk writes far slower: the rows that compare with cp say which disk they had.
+    disk = `disk ${fmt((bavail * bsize) / 1024 ** 3, 1)} GiB free of ${fmt((diskBlocks * bsize) / 1024 ** 3, 1)} GiB (${Math.round((100 * (diskBlocks - bfree)) / (diskBlocks - bfree + bavail))} % used, as df counts) at the start`;
     if (bavail * bsize < 4.5 * size) throw new Error(`bench/scan needs about ${fmt((4.5 * size) / 1024 ** 3, 1)} GiB free in ${dir}, and it has ${fmt((bavail * bsize) / 1024 ** 3, 1)} GiB: free space, or pass --dir DIR on a larger disk (or a smaller --size)`);
     console.error(`bench/scan: ${size} byte image in ${dir}`);
     makeImage(img, size);
@@ -336,7 +339,7 @@ async function main(): Promise<void> {
     const header: [string, string, string, string, string] = ['step', 'seconds', 'MB/s', 'peak RSS MB', 'vs target'];
     const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
     const line = (r: string[]) => r.map((c, i) => (i === 0 || i === 4 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ');
-    console.log(`image ${fmt(size / 1024 ** 3, 1)} GiB, blocks of 512 KiB, page cache warm; restored image identical: ${same}`);
+    console.log(`image ${fmt(size / 1024 ** 3, 1)} GiB, blocks of 512 KiB, page cache warm; restored image identical: ${same}; ${disk}`);
     console.log(line(header));
     for (const r of rows) console.log(line(r));
     console.log(`Node's own start, in every CLI figure above: ${describeNodeStart(start)}`);
