@@ -287,7 +287,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
     progress('commit');
     trace(queued.length > 0 ? `engine: nodes put but ${queued.length}, which go with the commit` : 'engine: upper nodes put');
     requests++;
-    if (queued.length > 0) await target.commitWithNodes!(snap, queued.splice(0));
+    if (queued.length > 0 && target.commitWithNodes) await target.commitWithNodes(snap, queued.splice(0));
     else await target.commitSnapshot(snap);
     trace('engine: committed');
   }

@@ -208,12 +208,16 @@ test('a failed snapshot sends no tail: finish(false) ends the streams after the 
   assert.ok(early.blocks > 0 && early.blocks < blocks, `${early.blocks} of ${blocks} blocks went before the stop`);
 });
 
-test("a scan's new blocks are written directly and said so, and early sending reads them directly; the copy is exact", async (t) => {
+/** Two stores, `blocks` random blocks of 512 KiB (a scan's full-size chunks) and a target receiving into b. */
+async function bigBlocks(t: { after(fn: () => Promise<void> | void): void }, blocks: number, opts?: Parameters<typeof receiving>[1]) {
   const [a, b] = await stores(t);
   const bs = 512 * 1024;
+  return { a, b, bs, data: randomBytes(blocks * bs), r: receiving(b, opts) };
+}
+
+test("a scan's new blocks are written directly and said so, and early sending reads them directly; the copy is exact", async (t) => {
   const blocks = 192; // 96 MiB
-  const data = randomBytes(blocks * bs);
-  const r = receiving(b);
+  const { a, b, bs, data, r } = await bigBlocks(t, blocks);
   // The source as early sending sees it: a's reads, with how each was asked for.
   const reads: boolean[] = [];
   const source: ReplicaStore = {
@@ -313,11 +317,8 @@ function counting(a: Store, r: ReturnType<typeof receiving>) {
 }
 
 test("a full scan that outruns the transfer waits for it: every new block travels from a copy of the scan's buffer, none is read back; the copy is exact", async (t) => {
-  const [a, b] = await stores(t);
-  const bs = 512 * 1024;
   const blocks = 192; // 96 MiB: three times the copies early sending keeps
-  const data = randomBytes(blocks * bs);
-  const r = receiving(b, { frameDelayMs: 5 }); // a transfer slower than the scan
+  const { a, b, bs, data, r } = await bigBlocks(t, blocks, { frameDelayMs: 5 }); // a transfer slower than the scan
   const { source, counts } = counting(a, r);
   const early = new EarlySender(source, r.target);
   const snap = await scanSending(a, data, bs, early, (kept) => assert.equal(kept, false, 'a full scan reads into its buffers again: they are copied'));
@@ -332,11 +333,8 @@ test("a full scan that outruns the transfer waits for it: every new block travel
 });
 
 test('a consumer that never gives copies back does not hold the scan up: copying stops, the rest is read back from the packs; the copy is exact', async (t) => {
-  const [a, b] = await stores(t);
-  const bs = 512 * 1024;
   const blocks = 160;
-  const data = randomBytes(blocks * bs);
-  const r = receiving(b);
+  const { a, b, bs, data, r } = await bigBlocks(t, blocks);
   // Frames pass on without their release: no copy buffer ever comes back.
   const keeping: ReplicaStore = { ...r.target, putBlocks: (frames) => r.target.putBlocks((async function* () {
     for await (const f of frames) yield { hash: f.hash, data: Buffer.from(f.data), ...(f.base ? { base: f.base } : {}) };
@@ -357,11 +355,8 @@ test('a consumer that never gives copies back does not hold the scan up: copying
 });
 
 test('a target that says it may drop frames\' releases (a capped peer upload) gets no copies: the blocks are read back from the packs, and the scan is not held up', async (t) => {
-  const [a, b] = await stores(t);
-  const bs = 512 * 1024;
   const blocks = 96;
-  const data = randomBytes(blocks * bs);
-  const r = receiving(b);
+  const { a, b, bs, data, r } = await bigBlocks(t, blocks);
   const capped: ReplicaStore = { ...r.target, releasesFrames: false };
   const { source, counts } = counting(a, { ...r, target: capped });
   const early = new EarlySender(source, capped);
@@ -375,11 +370,8 @@ test('a target that says it may drop frames\' releases (a capped peer upload) ge
 });
 
 test('a peer that answers slowly (a long round trip) gets no copies after its first answers: the scan runs ahead, the rest is read back; the copy is exact', async (t) => {
-  const [a, b] = await stores(t);
-  const bs = 512 * 1024;
   const blocks = 192;
-  const data = randomBytes(blocks * bs);
-  const r = receiving(b, { askDelayMs: 60, frameDelayMs: 2 });
+  const { a, b, bs, data, r } = await bigBlocks(t, blocks, { askDelayMs: 60, frameDelayMs: 2 });
   const { source, counts } = counting(a, r);
   const early = new EarlySender(source, r.target);
   const snap = await scanSending(a, data, bs, early);
