@@ -5,13 +5,15 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes, randomInt } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { once } from 'node:events';
+import { closeSync, openSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
+import { createServer, request as httpsRequest, type Server } from 'node:https';
+import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
+import type { ChildProcess } from 'node:child_process';
 import { setTimeout as delay } from 'node:timers/promises';
 import { untilWritten } from '../helpers/cli.js';
-import { cli, diagnose, pairedWithVolume, peerClient, startCli, startServe, type TestHome } from '../helpers/appliance.js';
-
-
+import { cli, diagnose, pairedWithVolume, peerClient, startCli, startServe, tempDir, type TestHome } from '../helpers/appliance.js';
 
 async function restoredOnB(b: TestHome, dir: string, name: string): Promise<Buffer> {
   const r = await cli(b, 'restore', 'vol', '--to', join(dir, name));
@@ -36,6 +38,65 @@ test('kill -9 of the client at random moments: the rerun completes, resends noth
   const s = await peerB.stats();
   assert.equal(s.blocksReceived, blocks, 'over all runs every block arrived exactly once: none the receiver had stored was sent again');
   assert.equal((await cli(a, 'verify')).code, 0);
+  assert.equal((await cli(b, 'verify')).code, 0);
+  assert.ok((await restoredOnB(b, dir, 'r.img')).equals(readFileSync(img)));
+});
+
+/**
+ * A TLS-terminating proxy (the peer's own key, so pinning passes) that forwards every request to
+ * `upstream` but, on the first snapshot commit, kills `victim()` with SIGKILL instead: the client
+ * dies with every block and the earlier nodes stored on the peer, and its commit never arrives.
+ */
+async function killAtCommitProxy(t: Parameters<typeof tempDir>[0], b: TestHome, upstream: string, victim: () => ChildProcess | undefined): Promise<{ url: string; killed: () => boolean }> {
+  const tls = { key: readFileSync(join(b.dir, 'tls', 'key.pem')), cert: readFileSync(join(b.dir, 'tls', 'cert.pem')) };
+  let killed = false;
+  const server: Server = createServer(tls, (req, res) => {
+    if (req.url === '/v1/snapshots/commit' && !killed) {
+      killed = victim()?.kill('SIGKILL') ?? false;
+      res.destroy();
+      return;
+    }
+    const up = httpsRequest(new URL(req.url!, upstream), { method: req.method, headers: { ...req.headers, host: new URL(upstream).host }, rejectUnauthorized: false }, (ur) => {
+      res.writeHead(ur.statusCode!, ur.headers);
+      ur.pipe(res);
+    });
+    up.on('error', () => res.destroy());
+    req.pipe(up);
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  t.after(() => new Promise<void>((r) => { server.closeAllConnections(); server.close(() => r()); }));
+  return { url: `https://127.0.0.1:${(server.address() as AddressInfo).port}`, killed: () => killed };
+}
+
+test('kill -9 of the client right before its commit, after nodes were put: the rerun sends no node or block the receiver stored', async (t) => {
+  // 70 level-1 nodes of 256 blocks of 4 KiB under one root: a change in each makes 71 nodes, of
+  // which the first 64 go in a nodes/put before the commit (which carries the rest).
+  const { a, b, sb, dir, img } = await pairedWithVolume(t, 70 * 256, 4096);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  let client: ChildProcess | undefined;
+  const proxy = await killAtCommitProxy(t, b, sb.url, () => client);
+  assert.equal((await cli(a, 'peer', 'add', 'via', '--url', proxy.url, '--token', b.token, '--fingerprint', b.fingerprint)).code, 0);
+  const fd = openSync(img, 'r+');
+  for (let n = 0; n < 70; n++) writeSync(fd, randomBytes(512), 0, 512, (n * 256 + 5) * 4096);
+  closeSync(fd);
+  const peerB = peerClient(b, sb);
+  t.after(() => peerB.close());
+  const before = await peerB.stats();
+  const run = startCli(a, 'sync', 'vol', '--peer', 'via');
+  client = run.child;
+  const r = await run.done;
+  assert.ok(proxy.killed() && r.signal === 'SIGKILL', `the sync was killed at its commit (exit ${r.code}, ${r.stderr})`);
+  const mid = await peerB.stats();
+  assert.equal(mid.snapshotsCommitted, before.snapshotsCommitted, 'nothing was committed');
+  assert.equal(mid.blocksReceived - before.blocksReceived, 70, 'the killed run sent the 70 changed blocks');
+  assert.equal(mid.nodesReceived - before.nodesReceived, 64, 'and put 64 of the 71 nodes');
+  const rerun = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(rerun.code, 0, rerun.stderr);
+  const after = await peerB.stats();
+  assert.equal(after.blocksReceived - mid.blocksReceived, 0, 'the rerun sent no block');
+  assert.equal(after.nodesReceived - mid.nodesReceived, 7, 'the rerun sent only the 7 nodes the receiver lacked');
+  assert.equal(after.snapshotsCommitted, before.snapshotsCommitted + 1);
   assert.equal((await cli(b, 'verify')).code, 0);
   assert.ok((await restoredOnB(b, dir, 'r.img')).equals(readFileSync(img)));
 });
