@@ -29,6 +29,7 @@ import { connectPeer, followCertificate, getPeer, type PeerRecord, type PinChang
 import { trace } from '../sync/trace.js';
 import type { Rate } from '../sync/bwlimit.js';
 import { readVolumeState, releaseHold, type Pause } from './scheduler/state.js';
+import { beginPush, endPush } from './push-attempts.js';
 import { activePause } from './pause.js';
 
 export const SYNC_BASE_NS = 'sync-base';
@@ -124,8 +125,11 @@ export async function getSyncBase(store: Pick<Store, 'getMeta'>, volume: string,
 async function recordBase(store: Store, volume: string, peer: string, snap: SnapshotRecord, direction: 'push' | 'pull'): Promise<void> {
   const base: SyncBase = { snapshot: snap.id, root: snap.root, direction, at: new Date().toISOString() };
   await store.putMeta(SYNC_BASE_NS, baseKey(volume, peer), base);
-  // The peer took this push: the daemon's jobs of the volume are no longer held (scheduler/runner.ts).
-  if (direction === 'push') await releaseHold(store, volume, peer);
+  if (direction !== 'push') return;
+  // The peer took this push: the daemon's jobs of the volume are no longer held (scheduler/runner.ts),
+  // and no push of it is unfinished (appliance/push-attempts.ts).
+  await releaseHold(store, volume, peer);
+  await endPush(store, volume, peer);
 }
 
 /** The lock operation name a sync takes (appliance/locks.ts). */
@@ -304,10 +308,13 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
   const base = await heldBase(store, lock.latest);
   // The peer's lock answer named `base` its latest, and `snap` was taken just now: the engine need
   // not ask whether the peer has the snapshot or its changed nodes, nor about the blocks early
-  // sending saw stored there (a round trip each; on a 50 ms link, 0.15 s of a small sync).
+  // sending saw stored there (a round trip each; on a 50 ms link, 0.15 s of a small sync). Unless
+  // a push before this one stopped midway: the nodes it put may be on the peer (push-attempts.ts).
+  const resumed = await beginPush(store, volume, peer, snap);
+  if (resumed) trace(`an earlier push (of ${resumed.snapshot}) stopped midway: nodes are asked about`);
   const engine = await copySnapshot(store, remote, snap, {
     ...copyOpts, base,
-    ...(early ? { onProgress: transferProgress(opts, tailSent()), fresh: true, atTarget: early.atTarget } : {}),
+    ...(early ? { onProgress: transferProgress(opts, tailSent()), fresh: resumed === undefined, atTarget: early.atTarget } : {}),
   });
   trace('copy done');
   await recordBase(store, volume, peer, snap, 'push');

@@ -1081,19 +1081,24 @@ export class Store implements ReplicaStore {
     return v === undefined ? undefined : parseJson<T>(v);
   }
 
-  /** Durable (synced) JSON value; `undefined` is refused (use deleteMeta). */
-  async putMeta(ns: string, key: string, value: unknown): Promise<void> {
+  /**
+   * Durable (synced) JSON value; `undefined` is refused (use deleteMeta). With `sync: false` the
+   * write survives the process being killed (the OS has it) but not a power loss: for hints whose
+   * loss costs a little work, never correctness.
+   */
+  async putMeta(ns: string, key: string, value: unknown, opts: { sync?: boolean } = {}): Promise<void> {
     this.checkOpen();
     checkMetaName(ns, key);
     if (value === undefined) throw new TandemError('ERR_BAD_REQUEST', `meta ${ns}/${key}: value is undefined; use deleteMeta`);
     const buf = json(value);
-    await this.writeLock.run(() => this.db.put(metaKey(ns, key), buf, { sync: true }));
+    await this.writeLock.run(() => this.db.put(metaKey(ns, key), buf, { sync: opts.sync !== false }));
   }
 
-  async deleteMeta(ns: string, key: string): Promise<void> {
+  /** Synced, as {@link putMeta} (and `sync: false` as there). */
+  async deleteMeta(ns: string, key: string, opts: { sync?: boolean } = {}): Promise<void> {
     this.checkOpen();
     checkMetaName(ns, key);
-    await this.writeLock.run(() => this.db.del(metaKey(ns, key), { sync: true }));
+    await this.writeLock.run(() => this.db.del(metaKey(ns, key), { sync: opts.sync !== false }));
   }
 
   /** Every [key, value] of a namespace in key order. */

@@ -13,9 +13,8 @@
  * 4. Level-1 nodes are handled in windows: ask which of their blocks the target lacks, stream
  *    exactly those (source.getBlocks → target.putBlocks, both bounded), then put the window's
  *    level-1 nodes. Upper nodes go last, bottom-up, then the snapshot is committed.
- * A push of a snapshot just taken on top of the base, to a target that holds the base (`fresh`),
- * skips step 1 and the node questions of step 3; blocks early sending saw stored there
- * (`atTarget`) are not asked about.
+ * A push of a snapshot just taken, to a target that holds the base (`fresh`), skips step 1 and the
+ * node questions of step 3; blocks early sending saw stored there (`atTarget`) are not asked about.
  *
  * Crash safety and resumption come from the target's invariant "a node is present only when its
  * whole subtree is": a rerun skips every complete subtree and every block already stored, so
@@ -68,10 +67,9 @@ export interface CopyOptions {
    * asking: a push of a snapshot just taken, whose base the target's lock answer named as its
    * latest (appliance/replicate.ts). The engine then asks the target nothing about the snapshot or
    * its nodes: the nodes that differ from the base's go (putting one it holds does no harm), a
-   * round trip saved per level and two at the start. Ignored without a usable base, and unless
-   * the snapshot's parent is the base: a snapshot taken after another one that did not reach the
-   * target (a sync killed before its commit) may have most of its nodes there already, put by
-   * that attempt, and the engine asks about them as usual so that none is sent twice.
+   * round trip saved per level and two at the start. Ignored without a usable base. Not for the
+   * rerun of a push that stopped midway: the nodes it put may be there, and asked about, none is
+   * sent twice (appliance/push-attempts.ts tells the two apart).
    */
   readonly fresh?: boolean;
   /**
@@ -124,7 +122,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
 
   const root = fromHex(snap.root);
   const base = opts.base && sameShape(opts.base, snap) ? opts.base : null;
-  const fresh = opts.fresh === true && base !== null && snap.parent === base.id && !opts.dryRun;
+  const fresh = opts.fresh === true && base !== null && !opts.dryRun;
   let rootPresent = isZero(root); // an all-zero volume's: no node to send
   if (!fresh) {
     // Both questions at once: one round trip instead of two (a peer serves them in parallel).

@@ -21,6 +21,7 @@ const SYNC_BASE_NS = 'sync-base';
 export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecord, peerName: string, opts: { bwlimit?: Rate; signal?: AbortSignal } = {}): Promise<{ bytesSent: number; upToDate: boolean; peerRepaired: number; peerNodesRepaired: number }> {
   const { getPeer, connectPeer } = await import('../peers.js');
   const { copySnapshot, heldBase } = await import('../../sync/engine.js');
+  const { beginPush, endPush } = await import('../push-attempts.js');
   const peer = await getPeer(store, peerName);
   const release = home.lockVolume(snap.volume, 'sync');
   const remote = connectPeer(peer, opts.bwlimit ? { bwlimit: opts.bwlimit } : {});
@@ -32,11 +33,14 @@ export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecor
     else {
       // The peer's latest, when this store has it too, is the base `appliance sync` uses
       // (replicate.ts): changed blocks go as deltas of the blocks they replaced, and the engine
-      // asks about nothing else. The peer lacks `snap` (the lock found its latest elsewhere).
+      // asks about nothing else: the peer lacks `snap` (the lock found its latest elsewhere).
+      // After a push that stopped midway it asks about nodes too (appliance/push-attempts.ts).
       const base = await heldBase(store, lock.latest);
-      bytesSent = (await copySnapshot(store, remote, snap, { base, fresh: true, ...(opts.signal ? { signal: opts.signal } : {}) })).bytesSent;
+      const resumed = await beginPush(store, snap.volume, peer.name, snap);
+      bytesSent = (await copySnapshot(store, remote, snap, { base, fresh: resumed === undefined, ...(opts.signal ? { signal: opts.signal } : {}) })).bytesSent;
     }
     await store.putMeta(SYNC_BASE_NS, `${snap.volume}@${peer.name}`, { snapshot: held.id, root: held.root, direction: 'push', at: new Date().toISOString() });
+    await endPush(store, snap.volume, peer.name);
     // What the peer's verify found damaged is healed with our copies on the same connection
     // (appliance/repair.ts): one request when there is nothing to heal. A failure here is not
     // the sync's: it is tried again with the next one.

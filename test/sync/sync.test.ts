@@ -103,8 +103,13 @@ test('push is byte-exact; an incremental push sends only the changed blocks; a n
   assert.equal(s5.blocksReceived, s4.blocksReceived, 'a dry run sends no block');
   assert.equal(s5.snapshotsCommitted, s4.snapshotsCommitted, 'a dry run commits nothing');
 
-  // Another volume sharing all but one block with the first: only that block travels.
+  // The no-op sync and the dry run put nothing on the peer: the push after them asks no more.
   assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const s5b = await p.peerB.stats();
+  assert.equal(s5b.requests - s5.requests, 4, 'lock, blocks/has, blocks/put, commit with the nodes');
+  assert.equal(s5b.blocksReceived - s5.blocksReceived, 2);
+
+  // Another volume sharing all but one block with the first: only that block travels.
   const img2 = join(p.dir, 'clone.img');
   copyFileSync(p.img, img2);
   scribble(img2, [40]);
