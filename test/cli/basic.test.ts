@@ -134,6 +134,27 @@ test('the launcher keeps NODE_EXTRA_CA_CERTS from Node\'s start and hands it to 
   assert.equal(launched.stderr, '');
 });
 
+test('the launcher starts servers (serve, daemon) with a small young generation, and one-shot commands with no V8 flag', async (t) => {
+  // A `node` first on PATH that prints the arguments the launcher gave it.
+  const dir = tempDir(t);
+  writeFileSync(join(dir, 'node'), '#!/bin/sh\nprintf "%s\\n" "$@"\n');
+  chmodSync(join(dir, 'node'), 0o755);
+  const argsOf = (...argv: string[]) => {
+    const r = spawnSync(BIN, argv, { env: { ...process.env, PATH: `${dir}:${process.env.PATH}` }, encoding: 'utf8' });
+    assert.equal(r.status, 0, r.stderr);
+    return r.stdout.trimEnd().split('\n');
+  };
+  const young = '--max-semi-space-size=4';
+  assert.equal(argsOf('serve', '--listen', '127.0.0.1:0')[0], young);
+  assert.equal(argsOf('--home', '/h', '--json', 'daemon')[0], young);
+  assert.equal(argsOf('--home=/h', 'serve')[0], young);
+  const once = argsOf('--json', 'sync', 'vol', '--peer', 'cloud');
+  assert.match(once[0]!, /dist\/appliance\/cli\/bin\.cjs$/, 'a one-shot command: the entry module comes first');
+  assert.deepEqual(once.slice(1), ['--json', 'sync', 'vol', '--peer', 'cloud']);
+  assert.notEqual(argsOf('--home', 'serve', 'volume', 'list')[0], young, "a home named serve is --home's value, not the command");
+  assert.notEqual(argsOf('snapshot', 'serve')[0], young, 'a volume named serve is not the command');
+});
+
 test('--version prints the package version and exits 0', async () => {
   const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
   const r = await cli(['--version']);
