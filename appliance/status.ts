@@ -7,7 +7,8 @@
  * - last local snapshot: the store; last replicated point: meta `scheduler` (the daemon's jobs)
  *   or meta `sync-base` (`appliance sync`); on the receiving appliance, the replica itself;
  * - last EBS export: meta `ebs-exports`; last drill: meta `drills`; measured failover/drill
- *   time: meta `rto`; measured rates: meta `rates`.
+ *   time: meta `rto`; measured rates: meta `rates`; pushes under way or stopped midway: meta
+ *   `push-attempt`.
  */
 import { failedOverVolumes, type FailedOver } from './recovery/state.js';
 import { extraCaDispatcher } from '../common/ca.js';
@@ -16,6 +17,7 @@ import { policyFor, type Config } from './config/index.js';
 import type { ApplianceHealth } from './health.js';
 import { readRates, readVolumeState, type VolumeState } from './scheduler/index.js';
 import { activePause } from './pause.js';
+import { PUSH_ATTEMPT_NS, type PushAttempt } from './push-attempts.js';
 
 /** AT RISK from this fraction of the objective on: time to look before it is breached. */
 export const AT_RISK_FRACTION = 0.8;
@@ -59,6 +61,12 @@ export interface VolumeStatus {
   readonly replicationHeld: VolumeState['held'];
   /** An operator paused the volume's scheduled jobs and the pause still holds (appliance/pause.ts). */
   readonly paused: VolumeState['paused'];
+  /**
+   * Pushes of the volume that started and have not finished, by peer (appliance/push-attempts.ts):
+   * one running now, or one that stopped midway (killed, the peer lost). The next sync to that
+   * peer resumes it, sending nothing the peer stored.
+   */
+  readonly pushesUnfinished: Array<{ readonly peer: string; readonly snapshot: string; readonly since: string }>;
 }
 
 /** The store surface status reads. */
@@ -86,6 +94,7 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
   const volumes = (await store.listVolumes()).filter((v) => only === undefined || v.name === only);
   const drills = (await store.listMeta<DrillRecord>('drills')).map(([, d]) => d).sort((a, b) => (a.at < b.at ? 1 : -1));
   const bases = await store.listMeta<SyncBase>('sync-base');
+  const attempts = await store.listMeta<PushAttempt>(PUSH_ATTEMPT_NS);
   const inEc2 = await failedOverVolumes(store);
   const out: VolumeStatus[] = [];
   for (const v of volumes) {
@@ -131,6 +140,7 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
       failedOver: inEc2.get(v.name) ?? null,
       replicationHeld: replicates ? st.held : null,
       paused: activePause(st.paused, now),
+      pushesUnfinished: attempts.filter(([k]) => k.startsWith(`${v.name}@`)).map(([k, a]) => ({ peer: k.slice(v.name.length + 1), snapshot: a.snapshot, since: a.at })),
     });
   }
   return out;

@@ -12,7 +12,7 @@ import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import { setTimeout as delay } from 'node:timers/promises';
-import { untilWritten } from '../helpers/cli.js';
+import { cli as cliText, untilWritten } from '../helpers/cli.js';
 import { cli, diagnose, pairedWithVolume, peerClient, startCli, startServe, tempDir, type TestHome } from '../helpers/appliance.js';
 
 async function restoredOnB(b: TestHome, dir: string, name: string): Promise<Buffer> {
@@ -91,8 +91,12 @@ test('kill -9 of the client right before its commit, after nodes were put: the r
   assert.equal(mid.snapshotsCommitted, before.snapshotsCommitted, 'nothing was committed');
   assert.equal(mid.blocksReceived - before.blocksReceived, 70, 'the killed run sent the 70 changed blocks');
   assert.equal(mid.nodesReceived - before.nodesReceived, 64, 'and put 64 of the 71 nodes');
+  const stopped = await cli(a, 'status', 'vol');
+  assert.deepEqual(stopped.json.volumes[0].pushesUnfinished.map((u: { peer: string }) => u.peer), ['via'], 'status names the push that stopped midway');
+  assert.match((await cliText(['--home', a.dir, 'status', 'vol'])).stdout, /vol: a push to via \(snapshot \S+\) started \d+s ago and has not finished/);
   const rerun = await cli(a, 'sync', 'vol', '--peer', 'via'); // the proxy kills only once
   assert.equal(rerun.code, 0, rerun.stderr);
+  assert.deepEqual((await cli(a, 'status', 'vol')).json.volumes[0].pushesUnfinished, [], 'the rerun finished it');
   const after = await peerB.stats();
   assert.equal(after.blocksReceived - mid.blocksReceived, 0, 'the rerun sent no block');
   assert.equal(after.nodesReceived - mid.nodesReceived, 7, 'the rerun sent only the 7 nodes the receiver lacked');

@@ -55,6 +55,8 @@ export function define(program: Command): void {
         const paused = volumes.flatMap((v) => v.paused
           ? [`${v.volume}: scheduled jobs paused by ${v.paused.by} ${formatAge(v.paused.at, now)}${v.paused.until ? `, until ${v.paused.until}` : ', until `appliance resume ' + v.volume + '`'}${v.paused.reason ? `: ${v.paused.reason}` : ''}`]
           : []);
+        const unfinished = volumes.flatMap((v) => v.pushesUnfinished.map((u) =>
+          `${v.volume}: a push to ${u.peer} (snapshot ${u.snapshot}) started ${formatAge(u.since, now)} and has not finished: it runs now, or it stopped midway and \`appliance sync ${v.volume} --peer ${u.peer}\` resumes it, sending nothing the peer stored`));
         const { applianceHealth } = await import('../../health.js');
         const health = await applianceHealth(home, now);
         const healthLines = [
@@ -68,7 +70,7 @@ export function define(program: Command): void {
         const capLine = replication && (replication.scheduled || replication.capNow > 0)
           ? [`replication to ${replication.peer}: ${replication.capNow === 0 ? 'not capped now' : `capped at ${formatBytes(replication.capNow)}/s now`} (config.yaml replication.${replication.scheduled ? 'schedule' : 'bwlimit'})`]
           : [];
-        const text = [table, ...failedOver, ...held, ...paused, ...capLine, ...healthLines, ...(only === undefined ? [verifyLine(verify, now, formatAge, formatBytes)] : [])].join('\n');
+        const text = [table, ...failedOver, ...held, ...paused, ...unfinished, ...capLine, ...healthLines, ...(only === undefined ? [verifyLine(verify, now, formatAge, formatBytes)] : [])].join('\n');
         return { json: { appliance: home.identity.name, at: new Date(now).toISOString(), volumes, replication, verify, health }, text };
       });
     }));
