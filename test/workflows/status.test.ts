@@ -77,6 +77,13 @@ assign:
   assert.deepEqual(s.get('db')!.lastDrill, { id: 'drill-1', at: new Date(t0).toISOString(), passed: true, rtoSeconds: 570 });
   assert.equal(s.get('db')!.lastExport!.ebsSnapshotId, 'snap-0abc');
 
+  // A push of db to the peer that started and has not finished (appliance/push-attempts.ts).
+  assert.deepEqual(s.get('db')!.pushesUnfinished, []);
+  await store.putMeta('push-attempt', 'db@cloud', { snapshot: snap.id, root: snap.root, at: new Date(t0 + 5 * MIN).toISOString() });
+  s = await at(10 * MIN);
+  assert.deepEqual(s.get('db')!.pushesUnfinished, [{ peer: 'cloud', snapshot: snap.id, since: new Date(t0 + 5 * MIN).toISOString() }]);
+  assert.deepEqual(s.get('db2')!.pushesUnfinished, [], 'another volume whose name starts the same is not concerned');
+
   // Metrics carry the same numbers.
   const metrics = createMetrics(async () => [...s.values()], () => []);
   const { body } = await metrics.render();
@@ -84,6 +91,8 @@ assign:
   assert.match(body, /tandem_rpo_state\{volume="db2",policy="gold",state="BREACHED"\} 1\n/);
   assert.match(body, /tandem_rto_estimate_seconds\{volume="db",policy="gold"\} 570\n/);
   assert.match(body, /tandem_last_drill_passed\{volume="db",policy="gold"\} 1\n/);
+  assert.match(body, new RegExp(`tandem_push_unfinished_since_timestamp_seconds\\{volume="db",policy="gold",peer="cloud"\\} ${(t0 + 5 * MIN) / 1000}\n`));
+  assert.doesNotMatch(body, /tandem_push_unfinished_since_timestamp_seconds\{volume="db2"/);
 
   // Webhook: one POST per transition to BREACHED.
   const received: Array<{ event: string; volume: string }> = [];
