@@ -95,6 +95,18 @@ export function acquireVolumeLock(dir: string, volume: string, op: string): () =
   throw locked(volume, holder ?? { pid: -1, op: 'unknown', since: '' });
 }
 
+/**
+ * Who holds the lock of `volume` now: this process, or another one that is alive. Null when the
+ * lock is free, or was left by a process that is gone (kill -9; the next acquire takes it over).
+ */
+export function volumeLockHolder(dir: string, volume: string): LockInfo | null {
+  const file = lockFile(dir, volume);
+  const mine = heldHere.get(file);
+  if (mine) return mine;
+  const holder = readInfo(file);
+  return holder && holder.pid !== process.pid && pidAlive(holder.pid) ? holder : null;
+}
+
 function locked(volume: string, h: LockInfo): TandemError {
   return new TandemError(
     'ERR_VOLUME_LOCKED',

@@ -18,6 +18,7 @@ import type { ApplianceHealth } from './health.js';
 import { readRates, readVolumeState, type VolumeState } from './scheduler/index.js';
 import { activePause } from './pause.js';
 import { PUSH_ATTEMPT_NS, type PushAttempt } from './push-attempts.js';
+import { volumeLockHolder } from './locks.js';
 
 /** AT RISK from this fraction of the objective on: time to look before it is breached. */
 export const AT_RISK_FRACTION = 0.8;
@@ -64,9 +65,10 @@ export interface VolumeStatus {
   /**
    * Pushes of the volume that started and have not finished, by peer (appliance/push-attempts.ts):
    * one running now, or one that stopped midway (killed, the peer lost). The next sync to that
-   * peer resumes it, sending nothing the peer stored.
+   * peer resumes it, sending nothing the peer stored. `running`: a live process holds the
+   * volume's lock for a sync (null when the caller gave no locks directory to look in).
    */
-  readonly pushesUnfinished: Array<{ readonly peer: string; readonly snapshot: string; readonly since: string }>;
+  readonly pushesUnfinished: Array<{ readonly peer: string; readonly snapshot: string; readonly since: string; readonly running: boolean | null }>;
 }
 
 /** The store surface status reads. */
@@ -89,8 +91,11 @@ interface RtoRecord { at: string; rtoSeconds: number | null; launchSeconds?: num
 interface ExportRecord { ebsSnapshotId: string; tandemSnapshot: string; created: string }
 interface SyncBase { snapshot: string; at: string; direction: string }
 
-/** Status of every volume (or only `only`), at time `now`. */
-export async function computeStatus(store: StatusStore, config: Config, now: number, only?: string): Promise<VolumeStatus[]> {
+/**
+ * Status of every volume (or only `only`), at time `now`. With `locksDir` (the home's, Home.paths),
+ * an unfinished push is told apart as running or stopped by the volume's lock.
+ */
+export async function computeStatus(store: StatusStore, config: Config, now: number, only?: string, locksDir?: string): Promise<VolumeStatus[]> {
   const volumes = (await store.listVolumes()).filter((v) => only === undefined || v.name === only);
   const drills = (await store.listMeta<DrillRecord>('drills')).map(([, d]) => d).sort((a, b) => (a.at < b.at ? 1 : -1));
   const bases = await store.listMeta<SyncBase>('sync-base');
@@ -140,7 +145,12 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
       failedOver: inEc2.get(v.name) ?? null,
       replicationHeld: replicates ? st.held : null,
       paused: activePause(st.paused, now),
-      pushesUnfinished: attempts.filter(([k]) => k.startsWith(`${v.name}@`)).map(([k, a]) => ({ peer: k.slice(v.name.length + 1), snapshot: a.snapshot, since: a.at })),
+      pushesUnfinished: attempts.filter(([k]) => k.startsWith(`${v.name}@`)).map(([k, a]) => ({
+        peer: k.slice(v.name.length + 1),
+        snapshot: a.snapshot,
+        since: a.at,
+        running: locksDir === undefined ? null : volumeLockHolder(locksDir, v.name)?.op === 'sync',
+      })),
     });
   }
   return out;

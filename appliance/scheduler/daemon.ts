@@ -57,14 +57,14 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
     logger: { level: 'warn', stream: process.stderr },
     routes: (store) => {
       const summary = () => verifySummary(store, config, verifier.current?.running ?? null);
-      metrics = createMetrics(async () => computeStatus(store, config, Date.now()), () => scheduler.current?.runningUnits() ?? [], summary, () => applianceHealth(home));
+      metrics = createMetrics(async () => computeStatus(store, config, Date.now(), undefined, home.paths.locks), () => scheduler.current?.runningUnits() ?? [], summary, () => applianceHealth(home));
       return (app: FastifyInstance) => {
         app.get('/metrics', async (_req, reply) => {
           const m = await metrics.render();
           return reply.type(m.contentType).send(m.body);
         });
         app.get<{ Querystring: { volume?: string } }>('/v1/status', async (req) => {
-          const volumes = await computeStatus(store, config, Date.now(), req.query.volume);
+          const volumes = await computeStatus(store, config, Date.now(), req.query.volume, home.paths.locks);
           return { appliance: home.identity.name, at: new Date().toISOString(), running: scheduler.current?.runningUnits() ?? [], volumes, verify: await summary(), health: await applianceHealth(home) };
         });
       };
@@ -134,7 +134,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   const checkBreaches = () => {
     if (checking) return; // a slow webhook must not pile up checks
     checking = (async () => {
-      const r = await notifier.check(await computeStatus(store, config, Date.now()), config.alerts.webhook, Date.now());
+      const r = await notifier.check(await computeStatus(store, config, Date.now(), undefined, home.paths.locks), config.alerts.webhook, Date.now());
       for (const a of r.sent) log.warn({ volume: a.volume, event: a.event }, 'breach alert sent');
       for (const e of r.errors) log.error({}, e);
       const health = await applianceHealth(home);

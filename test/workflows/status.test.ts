@@ -81,8 +81,17 @@ assign:
   assert.deepEqual(s.get('db')!.pushesUnfinished, []);
   await store.putMeta('push-attempt', 'db@cloud', { snapshot: snap.id, root: snap.root, at: new Date(t0 + 5 * MIN).toISOString() });
   s = await at(10 * MIN);
-  assert.deepEqual(s.get('db')!.pushesUnfinished, [{ peer: 'cloud', snapshot: snap.id, since: new Date(t0 + 5 * MIN).toISOString() }]);
+  assert.deepEqual(s.get('db')!.pushesUnfinished, [{ peer: 'cloud', snapshot: snap.id, since: new Date(t0 + 5 * MIN).toISOString(), running: null }], 'no locks directory given: running or not, unknown');
   assert.deepEqual(s.get('db2')!.pushesUnfinished, [], 'another volume whose name starts the same is not concerned');
+  // With the home's locks: running while a live process holds the volume for a sync, else stopped midway.
+  const running = async () => (await computeStatus(store, config, t0 + 10 * MIN, 'db', home.paths.locks))[0]!.pushesUnfinished[0]!.running;
+  assert.equal(await running(), false, 'nobody holds the volume: the push stopped midway');
+  const release = home.lockVolume('db', 'sync');
+  assert.equal(await running(), true, 'a sync holds the volume: the push runs');
+  release();
+  const releaseSnap = home.lockVolume('db', 'snapshot');
+  assert.equal(await running(), false, 'a snapshot holds the volume, not a push');
+  releaseSnap();
 
   // Metrics carry the same numbers.
   const metrics = createMetrics(async () => [...s.values()], () => []);

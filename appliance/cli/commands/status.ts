@@ -25,7 +25,7 @@ export function define(program: Command): void {
       return withHomeStore(g.home, async (home, store) => {
         const config = await loadConfig(home);
         const now = Date.now();
-        const volumes = await computeStatus(store, config, now, only);
+        const volumes = await computeStatus(store, config, now, only, home.paths.locks);
         if (only !== undefined && volumes.length === 0) {
           throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${only}" on this appliance; \`appliance volume list\` shows the volumes`, { details: { volume: only } });
         }
@@ -55,8 +55,9 @@ export function define(program: Command): void {
         const paused = volumes.flatMap((v) => v.paused
           ? [`${v.volume}: scheduled jobs paused by ${v.paused.by} ${formatAge(v.paused.at, now)}${v.paused.until ? `, until ${v.paused.until}` : ', until `appliance resume ' + v.volume + '`'}${v.paused.reason ? `: ${v.paused.reason}` : ''}`]
           : []);
-        const unfinished = volumes.flatMap((v) => v.pushesUnfinished.map((u) =>
-          `${v.volume}: a push to ${u.peer} (snapshot ${u.snapshot}) started ${formatAge(u.since, now)} and has not finished: it runs now, or it stopped midway and \`appliance sync ${v.volume} --peer ${u.peer}\` resumes it, sending nothing the peer stored`));
+        const unfinished = volumes.flatMap((v) => v.pushesUnfinished.map((u) => u.running
+          ? `${v.volume}: a push to ${u.peer} (snapshot ${u.snapshot}) runs, started ${formatAge(u.since, now)}`
+          : `${v.volume}: a push to ${u.peer} (snapshot ${u.snapshot}) started ${formatAge(u.since, now)} and stopped midway: \`appliance sync ${v.volume} --peer ${u.peer}\` resumes it, sending nothing the peer stored`));
         const { applianceHealth } = await import('../../health.js');
         const health = await applianceHealth(home, now);
         const healthLines = [
