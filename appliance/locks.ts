@@ -80,8 +80,8 @@ export function acquireVolumeLock(dir: string, volume: string, op: string): () =
       };
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(e, `cannot create the lock of volume "${volume}" (${file})`);
-      const holder = readInfo(file);
-      if (holder && holder.pid !== process.pid && pidAlive(holder.pid)) throw locked(volume, holder);
+      const holder = liveHolder(file);
+      if (holder) throw locked(volume, holder);
       // Stale: move it aside atomically so two processes cannot both "take over" the same file.
       try {
         renameSync(file, `${file}.stale-${process.pid}`);
@@ -101,8 +101,11 @@ export function acquireVolumeLock(dir: string, volume: string, op: string): () =
  */
 export function volumeLockHolder(dir: string, volume: string): LockInfo | null {
   const file = lockFile(dir, volume);
-  const mine = heldHere.get(file);
-  if (mine) return mine;
+  return heldHere.get(file) ?? liveHolder(file);
+}
+
+/** The holder a lock file names when it is another process that is alive; else null (stale, or gone). */
+function liveHolder(file: string): LockInfo | null {
   const holder = readInfo(file);
   return holder && holder.pid !== process.pid && pidAlive(holder.pid) ? holder : null;
 }

@@ -1,7 +1,7 @@
 /**
- * Pushes that stopped midway, in the store's meta namespace `push-attempt` (key `VOLUME@PEER`,
- * value `{snapshot, root, at}`): written just before the engine of a push may put nodes on the
- * peer, removed once the peer holds the snapshot (the sync base is recorded then).
+ * Pushes under way or stopped midway, in the store's meta namespace `push-attempt` (key
+ * `VOLUME@PEER`, value `{snapshot, at}`): written just before the engine of a push may put nodes
+ * on the peer, removed once the peer holds the snapshot (the sync base is recorded then).
  *
  * A push whose snapshot was just taken on the base the peer holds lets the engine ask nothing
  * about its nodes (CopyOptions.fresh). After a push that stopped before its commit (killed, the
@@ -22,7 +22,6 @@ type MetaStore = Pick<Store, 'getMeta' | 'putMeta' | 'deleteMeta'>;
 
 export interface PushAttempt {
   readonly snapshot: string;
-  readonly root: string;
   /** When the push's engine started, ISO. */
   readonly at: string;
 }
@@ -37,7 +36,7 @@ function key(volume: string, peer: string): string {
  */
 export async function beginPush(store: MetaStore, volume: string, peer: string, snap: SnapshotRecord): Promise<PushAttempt | undefined> {
   const earlier = await store.getMeta<PushAttempt>(PUSH_ATTEMPT_NS, key(volume, peer));
-  const now: PushAttempt = { snapshot: snap.id, root: snap.root, at: new Date().toISOString() };
+  const now: PushAttempt = { snapshot: snap.id, at: new Date().toISOString() };
   await store.putMeta(PUSH_ATTEMPT_NS, key(volume, peer), now, { sync: false });
   return earlier;
 }

@@ -91,6 +91,11 @@ interface RtoRecord { at: string; rtoSeconds: number | null; launchSeconds?: num
 interface ExportRecord { ebsSnapshotId: string; tandemSnapshot: string; created: string }
 interface SyncBase { snapshot: string; at: string; direction: string }
 
+/** The records of a meta namespace keyed `VOLUME@PEER` (sync-base, push-attempt) that are `volume`'s, as [peer, record]. */
+function ofVolume<T>(entries: ReadonlyArray<[string, T]>, volume: string): Array<[string, T]> {
+  return entries.filter(([k]) => k.startsWith(`${volume}@`)).map(([k, r]) => [k.slice(volume.length + 1), r]);
+}
+
 /**
  * Status of every volume (or only `only`), at time `now`. With `locksDir` (the home's, Home.paths),
  * an unfinished push is told apart as running or stopped by the volume's lock.
@@ -114,7 +119,7 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
     } else if (st.lastReplicated !== null && st.lastGood !== null) {
       replicated = { snapshot: st.lastReplicated, at: st.lastGood };
     } else {
-      const pushes = bases.filter(([k, b]) => k.startsWith(`${v.name}@`) && b.direction === 'push').map(([, b]) => b);
+      const pushes = ofVolume(bases, v.name).filter(([, b]) => b.direction === 'push').map(([, b]) => b);
       const newest = pushes.sort((a, b) => (a.at < b.at ? 1 : -1))[0];
       if (newest) {
         const snap = await store.getSnapshot(v.name, newest.snapshot);
@@ -145,8 +150,8 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
       failedOver: inEc2.get(v.name) ?? null,
       replicationHeld: replicates ? st.held : null,
       paused: activePause(st.paused, now),
-      pushesUnfinished: attempts.filter(([k]) => k.startsWith(`${v.name}@`)).map(([k, a]) => ({
-        peer: k.slice(v.name.length + 1),
+      pushesUnfinished: ofVolume(attempts, v.name).map(([peer, a]) => ({
+        peer,
         snapshot: a.snapshot,
         since: a.at,
         running: locksDir === undefined ? null : volumeLockHolder(locksDir, v.name)?.op === 'sync',
