@@ -13,9 +13,8 @@
  * tree root must equal the snapshot's (ERR_VERIFY_FAILED otherwise, and the mark stays). The mark
  * is then cleared.
  *
- * Either way the snapshot both sides now hold is recorded in meta 'sync-base' under
- * `VOLUME@PEER` ({snapshot, root, direction, at}); retention never deletes it
- * (appliance/policy/apply.ts), so the next sync in either direction is incremental.
+ * Either way the snapshot both sides now hold is recorded as the sync base (sync-base.ts), so
+ * the next sync in either direction is incremental.
  */
 import { readFile } from 'node:fs/promises';
 import { TandemError, isTandemError } from '../common/errors.js';
@@ -29,17 +28,9 @@ import { connectPeer, followCertificate, getPeer, type PeerRecord, type PinChang
 import { trace } from '../sync/trace.js';
 import type { Rate } from '../sync/bwlimit.js';
 import { readVolumeState, releaseHold, type Pause } from './scheduler/state.js';
-import { beginPush, endPush } from './push-attempts.js';
+import { beginPush } from './push-attempts.js';
+import { recordSyncBase } from './sync-base.js';
 import { activePause } from './pause.js';
-
-export const SYNC_BASE_NS = 'sync-base';
-
-export interface SyncBase {
-  readonly snapshot: string;
-  readonly root: string;
-  readonly direction: 'push' | 'pull';
-  readonly at: string;
-}
 
 export interface SyncProgress {
   readonly phase: 'scan' | 'transfer' | 'keep' | 'apply' | 'verify';
@@ -114,22 +105,10 @@ export interface SyncResult {
   readonly paused?: Pause;
 }
 
-function baseKey(volume: string, peer: string): string {
-  return `${volume}@${peer}`;
-}
-
-export async function getSyncBase(store: Pick<Store, 'getMeta'>, volume: string, peer: string): Promise<SyncBase | undefined> {
-  return store.getMeta<SyncBase>(SYNC_BASE_NS, baseKey(volume, peer));
-}
-
+/** Record the sync base; a push the peer took also releases the daemon's hold on the volume's jobs (scheduler/runner.ts). */
 async function recordBase(store: Store, volume: string, peer: string, snap: SnapshotRecord, direction: 'push' | 'pull'): Promise<void> {
-  const base: SyncBase = { snapshot: snap.id, root: snap.root, direction, at: new Date().toISOString() };
-  await store.putMeta(SYNC_BASE_NS, baseKey(volume, peer), base);
-  if (direction !== 'push') return;
-  // The peer took this push: the daemon's jobs of the volume are no longer held (scheduler/runner.ts),
-  // and no push of it is unfinished (appliance/push-attempts.ts).
-  await releaseHold(store, volume, peer);
-  await endPush(store, volume, peer);
+  await recordSyncBase(store, volume, peer, snap, direction);
+  if (direction === 'push') await releaseHold(store, volume, peer);
 }
 
 /** The lock operation name a sync takes (appliance/locks.ts). */

@@ -19,6 +19,7 @@ import { readRates, readVolumeState, type VolumeState } from './scheduler/index.
 import { activePause } from './pause.js';
 import { PUSH_ATTEMPT_NS, type PushAttempt } from './push-attempts.js';
 import { volumeLockHolder } from './locks.js';
+import { SYNC_BASE_NS, type SyncBase } from './sync-base.js';
 
 /** AT RISK from this fraction of the objective on: time to look before it is breached. */
 export const AT_RISK_FRACTION = 0.8;
@@ -89,7 +90,6 @@ export function objectiveState(valueMs: number | null, objectiveMs: number | nul
 interface DrillRecord { id: string; at: string; volumes: string[]; passed: boolean; rtoSeconds: number | null }
 interface RtoRecord { at: string; rtoSeconds: number | null; launchSeconds?: number | null }
 interface ExportRecord { ebsSnapshotId: string; tandemSnapshot: string; created: string }
-interface SyncBase { snapshot: string; at: string; direction: string }
 
 /** The records of a meta namespace keyed `VOLUME@PEER` (sync-base, push-attempt) that are `volume`'s, as [peer, record]. */
 function ofVolume<T>(entries: ReadonlyArray<[string, T]>, volume: string): Array<[string, T]> {
@@ -103,7 +103,7 @@ function ofVolume<T>(entries: ReadonlyArray<[string, T]>, volume: string): Array
 export async function computeStatus(store: StatusStore, config: Config, now: number, only?: string, locksDir?: string): Promise<VolumeStatus[]> {
   const volumes = (await store.listVolumes()).filter((v) => only === undefined || v.name === only);
   const drills = (await store.listMeta<DrillRecord>('drills')).map(([, d]) => d).sort((a, b) => (a.at < b.at ? 1 : -1));
-  const bases = await store.listMeta<SyncBase>('sync-base');
+  const bases = await store.listMeta<SyncBase>(SYNC_BASE_NS);
   const attempts = await store.listMeta<PushAttempt>(PUSH_ATTEMPT_NS);
   const inEc2 = await failedOverVolumes(store);
   const out: VolumeStatus[] = [];

@@ -10,9 +10,6 @@ import type { Config } from '../config/index.js';
 import type { JobSteps } from './runner.js';
 import type { Rate } from '../../sync/bwlimit.js';
 
-/** Meta namespace and key format of the sync base (appliance/replicate.ts). */
-const SYNC_BASE_NS = 'sync-base';
-
 /**
  * Push an existing snapshot to a peer, under the volume lock and the peer's lease, recording
  * the sync base like `appliance sync` does. Unlike `syncVolume` it does not take a snapshot of
@@ -21,7 +18,8 @@ const SYNC_BASE_NS = 'sync-base';
 export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecord, peerName: string, opts: { bwlimit?: Rate; signal?: AbortSignal } = {}): Promise<{ bytesSent: number; upToDate: boolean; peerRepaired: number; peerNodesRepaired: number }> {
   const { getPeer, connectPeer } = await import('../peers.js');
   const { copySnapshot, heldBase } = await import('../../sync/engine.js');
-  const { beginPush, endPush } = await import('../push-attempts.js');
+  const { beginPush } = await import('../push-attempts.js');
+  const { recordSyncBase } = await import('../sync-base.js');
   const peer = await getPeer(store, peerName);
   const release = home.lockVolume(snap.volume, 'sync');
   const remote = connectPeer(peer, opts.bwlimit ? { bwlimit: opts.bwlimit } : {});
@@ -39,8 +37,7 @@ export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecor
       const resumed = await beginPush(store, snap.volume, peer.name, snap);
       bytesSent = (await copySnapshot(store, remote, snap, { base, fresh: resumed === undefined, ...(opts.signal ? { signal: opts.signal } : {}) })).bytesSent;
     }
-    await store.putMeta(SYNC_BASE_NS, `${snap.volume}@${peer.name}`, { snapshot: held.id, root: held.root, direction: 'push', at: new Date().toISOString() });
-    await endPush(store, snap.volume, peer.name);
+    await recordSyncBase(store, snap.volume, peer.name, held, 'push');
     // What the peer's verify found damaged is healed with our copies on the same connection
     // (appliance/repair.ts): one request when there is nothing to heal. A failure here is not
     // the sync's: it is tried again with the next one.

@@ -1,0 +1,42 @@
+/**
+ * The sync base: the snapshot of a volume that this appliance and a peer both hold, recorded
+ * after each sync in the store's meta namespace `sync-base` under the key `VOLUME@PEER`
+ * ({snapshot, root, direction, at}). The next sync in either direction is incremental from it,
+ * and retention never deletes it (appliance/policy/apply.ts).
+ *
+ * One module for the record's namespace, key and shape: `appliance sync` (replicate.ts), the
+ * daemon's pushes (scheduler/steps.ts) and status (status.ts) all go through it.
+ */
+import type { Store } from '../store/index.js';
+import type { SnapshotRecord } from '../store/types.js';
+import { endPush } from './push-attempts.js';
+
+export const SYNC_BASE_NS = 'sync-base';
+
+export interface SyncBase {
+  readonly snapshot: string;
+  readonly root: string;
+  readonly direction: 'push' | 'pull';
+  readonly at: string;
+}
+
+type MetaStore = Pick<Store, 'getMeta' | 'putMeta' | 'deleteMeta'>;
+
+/** The meta key of `volume`'s records about `peer` (the sync base's, a push attempt's). */
+export function syncBaseKey(volume: string, peer: string): string {
+  return `${volume}@${peer}`;
+}
+
+export async function getSyncBase(store: Pick<Store, 'getMeta'>, volume: string, peer: string): Promise<SyncBase | undefined> {
+  return store.getMeta<SyncBase>(SYNC_BASE_NS, syncBaseKey(volume, peer));
+}
+
+/**
+ * Record `snap` as the sync base of `volume` with `peer` (a synced write). After a push the peer
+ * holds the snapshot: no push of the volume to it is unfinished any more (push-attempts.ts).
+ */
+export async function recordSyncBase(store: MetaStore, volume: string, peer: string, snap: Pick<SnapshotRecord, 'id' | 'root'>, direction: 'push' | 'pull'): Promise<void> {
+  const base: SyncBase = { snapshot: snap.id, root: snap.root, direction, at: new Date().toISOString() };
+  await store.putMeta(SYNC_BASE_NS, syncBaseKey(volume, peer), base);
+  if (direction === 'push') await endPush(store, volume, peer);
+}
