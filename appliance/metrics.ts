@@ -42,7 +42,7 @@ export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, 
   const drillPassed = g('tandem_last_drill_passed', '1 when the last drill involving the volume passed, 0 when it failed');
   const paused = g('tandem_replication_paused', '1 while an operator paused the volume\'s scheduled jobs (`appliance pause`)');
   const held = g('tandem_replication_held', '1 while the peer refuses pushes of the volume (failed over there, or another source): no job is scheduled for it');
-  const unfinished = g('tandem_push_unfinished_since_timestamp_seconds', 'Start of a push of the volume to the peer that has not finished: running now, or stopped midway (the next sync resumes it); absent when none', ['peer']);
+  const unfinished = g('tandem_push_unfinished_since_timestamp_seconds', 'Start of a push of the volume to the peer that has not finished; state: running (a live process holds the volume for it), stopped (midway: the next sync resumes it) or unknown; absent when none', ['peer', 'state']);
   const jobRunning = new Gauge({ name: 'tandem_jobs_running', help: 'Scheduler jobs running now', registers: [registry], collect() { this.set(running().length); } });
   const jobs = new Counter({ name: 'tandem_jobs_total', help: 'Scheduler jobs finished, by result', labelNames: ['unit', 'result'], registers: [registry] });
   void jobRunning;
@@ -94,7 +94,7 @@ export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, 
       if (s.lastDrill) drillPassed.set(l, s.lastDrill.passed ? 1 : 0);
       held.set(l, s.replicationHeld ? 1 : 0);
       paused.set(l, s.paused ? 1 : 0);
-      for (const u of s.pushesUnfinished) unfinished.set({ ...l, peer: u.peer }, epoch(u.since));
+      for (const u of s.pushesUnfinished) unfinished.set({ ...l, peer: u.peer, state: u.running === null ? 'unknown' : u.running ? 'running' : 'stopped' }, epoch(u.since));
     }
   };
 

@@ -100,8 +100,18 @@ assign:
   assert.match(body, /tandem_rpo_state\{volume="db2",policy="gold",state="BREACHED"\} 1\n/);
   assert.match(body, /tandem_rto_estimate_seconds\{volume="db",policy="gold"\} 570\n/);
   assert.match(body, /tandem_last_drill_passed\{volume="db",policy="gold"\} 1\n/);
-  assert.match(body, new RegExp(`tandem_push_unfinished_since_timestamp_seconds\\{volume="db",policy="gold",peer="cloud"\\} ${(t0 + 5 * MIN) / 1000}\n`));
+  assert.match(body, new RegExp(`tandem_push_unfinished_since_timestamp_seconds\\{volume="db",policy="gold",peer="cloud",state="unknown"\\} ${(t0 + 5 * MIN) / 1000}\n`));
   assert.doesNotMatch(body, /tandem_push_unfinished_since_timestamp_seconds\{volume="db2"/);
+  // With the home's locks (as the daemon computes it), the state label says running or stopped.
+  const unfinishedState = async (): Promise<string | undefined> => {
+    const withLocks = await computeStatus(store, config, t0 + 10 * MIN, undefined, home.paths.locks);
+    const text = (await createMetrics(async () => withLocks, () => []).render()).body;
+    return /tandem_push_unfinished_since_timestamp_seconds\{volume="db",policy="gold",peer="cloud",state="(\w+)"\} /.exec(text)?.[1];
+  };
+  assert.equal(await unfinishedState(), 'stopped');
+  const holding = home.lockVolume('db', 'sync');
+  assert.equal(await unfinishedState(), 'running');
+  holding();
 
   // Webhook: one POST per transition to BREACHED.
   const received: Array<{ event: string; volume: string }> = [];
