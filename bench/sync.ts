@@ -17,7 +17,8 @@
  * 4b. C (holding the first snapshot) pulls B's latest, as failback does (`sync --reverse`).
  * 5. A no-op sync (empty change list), straight to B as well.
  * 6. WAN: another change synced through a proxy adding 50 ms round-trip time and a 100 Mbit/s cap;
- *    then another change snapshotted and pushed as the daemon's jobs do (its push step, in process).
+ *    then another change snapshotted (a rescan) and pushed as the daemon's jobs do (its job steps,
+ *    in process).
  * 7. The same kinds of sync, straight to B, in a running appliance (`serve` on A's home: store open, modules
  *    loaded, workers warm), as the daemon runs them: no-op, change list (five in a row: the
  *    first and the median), rescan.
@@ -390,23 +391,31 @@ async function main(): Promise<void> {
     const ideal = (changed3.length * BLOCK) / WAN_BYTES_PER_SEC + 10 * (2 * WAN_ONE_WAY_MS) / 1000;
     row('WAN sync (50 ms RTT, 100 Mbit/s), change list', `${w.json.seconds.toFixed(2)} s`, `${(w.json.seconds / ideal).toFixed(2)}x (changed bytes at 100 Mbit/s + 10 RTT = ${ideal.toFixed(2)} s) (target <= 1.5); ${w.json.requests} requests; ${formatBytes(wan.bytes())} on the wire`);
 
-    // 6b. The daemon's way over the same link: a job takes its snapshot (here from a change list),
-    // then its push step sends it (appliance/scheduler/steps.ts), run in this process on A's home
-    // as the daemon runs it (no process start, a new connection).
+    // 6b. The daemon's way over the same link: a scheduled job of the volume takes its snapshot
+    // (a full rescan: the daemon has no change list) and then pushes it (its job steps,
+    // appliance/scheduler/steps.ts, run in this process on A's home as the daemon runs them: no
+    // process start). The new blocks travel while the volume is scanned, as with `appliance sync`.
     const changed4 = change(img, nChange, blocks);
-    writeFileSync(list, changed4.join('\n') + '\n');
-    await appliance(homeA, ['snapshot', 'vol', '--changed-blocks', list]);
+    settle();
     const { Home } = await import('../appliance/home.js');
-    const { pushSnapshot } = await import('../appliance/scheduler/steps.js');
+    const { applianceSteps } = await import('../appliance/scheduler/steps.js');
     const home = Home.load(homeA);
     const store = await home.openStore();
     try {
-      const snap = (await store.latestSnapshot('vol'))!;
+      const steps = applianceSteps(home, store, () => null);
+      const signal = new AbortController().signal;
       wan.reset();
       const t0 = now();
-      const pushed = await pushSnapshot(home, store, snap, 'cloud-wan');
+      const snap = await steps.snapshot('vol', { labels: {}, signal, replicateTo: 'cloud-wan' });
+      const scanned = (now() - t0) / 1000;
+      const pushed = await steps.replicate!('vol', snap, 'cloud-wan', signal);
       const secs = (now() - t0) / 1000;
-      row("  the daemon's push of such a snapshot (its job's push step)", `${secs.toFixed(2)} s`, `${(secs / ideal).toFixed(2)}x; ${formatBytes(wan.bytes())} on the wire for ${formatBytes(pushed.bytesSent)} of blocks`);
+      const idealJob = (changed4.length * BLOCK) / WAN_BYTES_PER_SEC + 10 * (2 * WAN_ONE_WAY_MS) / 1000;
+      row(
+        "  a daemon job over it: snapshot (rescan) + push",
+        `${secs.toFixed(2)} s`,
+        `${(secs / idealJob).toFixed(2)}x; the snapshot step ${scanned.toFixed(2)} s, ${pushed.blocksSentEarly} of ${changed4.length} blocks sent during it; ${formatBytes(wan.bytes())} on the wire for ${formatBytes(pushed.bytesSent)} of blocks`,
+      );
     } finally {
       await store.close();
     }

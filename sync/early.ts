@@ -294,9 +294,18 @@ export class EarlySender {
   /**
    * The snapshot is taken (`ok`) or failed. A tail of at most {@link TAIL_BLOCKS} blocks still to
    * send is sent; a longer one, or any after a failure, is left to the engine: the streams end
-   * after the frame they are sending. Resolves when they have ended (never rejects).
+   * after the frame they are sending. Resolves when they have ended (never rejects). Called
+   * again, it only waits for the first call's end.
    */
-  async finish(ok = true): Promise<void> {
+  finish(ok = true): Promise<void> {
+    this.finishing ??= this.finishOnce(ok);
+    return this.finishing;
+  }
+
+  /** The first {@link finish}: a later call only waits for it. */
+  private finishing: Promise<void> | null = null;
+
+  private async finishOnce(ok: boolean): Promise<void> {
     if (ok && this.pending <= TAIL_BLOCKS) this.scanned();
     else this.stop();
     await Promise.all(this.streams);

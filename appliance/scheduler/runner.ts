@@ -41,10 +41,18 @@ import { onPauseChange } from '../pause.js';
 
 /** What a job does to a volume; the daemon wires these to ops, replicate and ebs (steps.ts). */
 export interface JobSteps {
-  /** Take a snapshot of a local volume (takes the volume lock). */
-  snapshot(volume: string, opts: { labels: Record<string, string>; signal: AbortSignal }): Promise<SnapshotRecord>;
-  /** Push `snapshot` to peer `peer` (config `replication.peer`); null: this appliance does not replicate. Returns the bytes sent. */
-  replicate: ((volume: string, snapshot: SnapshotRecord, peer: string, signal: AbortSignal) => Promise<{ bytesSent: number; peerRepaired?: number; peerNodesRepaired?: number }>) | null;
+  /**
+   * Take a snapshot of a local volume (takes the volume lock). `replicateTo`: the job's replicate
+   * step pushes this snapshot to that peer next, so its new blocks may start travelling during
+   * the scan (steps.ts).
+   */
+  snapshot(volume: string, opts: { labels: Record<string, string>; signal: AbortSignal; replicateTo?: string }): Promise<SnapshotRecord>;
+  /**
+   * Push `snapshot` to peer `peer` (config `replication.peer`); null: this appliance does not
+   * replicate. Returns the bytes sent, of which `bytesSentEarly` (`blocksSentEarly` blocks) went
+   * from the snapshot step's scan.
+   */
+  replicate: ((volume: string, snapshot: SnapshotRecord, peer: string, signal: AbortSignal) => Promise<{ bytesSent: number; bytesSentEarly?: number; blocksSentEarly?: number; peerRepaired?: number; peerNodesRepaired?: number }>) | null;
   /**
    * Would peer `peer` take a push of `volume` now? null if so, else its refusal (a code of
    * {@link HOLD_CODES}); any other failure throws. Asked only of held volumes.
@@ -438,11 +446,15 @@ export class Scheduler {
     const { store, steps, clock } = this.o;
     const pointTime = new Date(clock.now()).toISOString();
     const labels: Record<string, string> = unit.group ? { group: unit.group, groupRun: cp.id } : {};
+    // A unit of one volume sends its new blocks while it is scanned; a group's snapshots are
+    // taken one after the other between its hooks and pushed afterwards, one at a time.
+    const peer = this.lastConfig?.replication?.peer;
+    const replicateTo = unit.kind === 'protect' && unit.volumes.length === 1 && steps.replicate !== null && peer !== undefined ? { replicateTo: peer } : {};
     const take = async () => {
       const snaps: Record<string, string> = {};
       for (const v of unit.volumes) {
         const t0 = performance.now();
-        const snap = await steps.snapshot(v.name, { labels, signal });
+        const snap = await steps.snapshot(v.name, { labels, signal, ...replicateTo });
         const secs = Math.max(0.001, (performance.now() - t0) / 1000);
         await store.putMeta(RATES_NS, v.name, updateRates(await readRates(store, v.name), { scanBytesPerSec: snap.size / secs }, new Date()));
         snaps[v.name] = snap.id;
@@ -490,7 +502,10 @@ export class Scheduler {
         throw e;
       }
       const secs = Math.max(0.001, (performance.now() - t0) / 1000);
-      await store.putMeta(RATES_NS, v.name, updateRates(await readRates(store, v.name), { syncBytesPerSec: r.bytesSent > 0 ? r.bytesSent / secs : undefined, changedBytes: r.bytesSent }, new Date()));
+      // The rate of this step's own sending: what went during the scan is not in its time.
+      const inStep = r.bytesSent - (r.bytesSentEarly ?? 0);
+      await store.putMeta(RATES_NS, v.name, updateRates(await readRates(store, v.name), { syncBytesPerSec: inStep > 0 ? inStep / secs : undefined, changedBytes: r.bytesSent }, new Date()));
+      this.o.log.info({ unit: unit.key, volume: v.name, peer, snapshot: snap.id, bytesSent: r.bytesSent, bytesSentEarly: r.bytesSentEarly ?? 0, blocksSentEarly: r.blocksSentEarly ?? 0, seconds: Number(secs.toFixed(3)) }, 'replicated');
       if (r.peerRepaired || r.peerNodesRepaired) {
         this.o.log.warn({ volume: v.name, peer, blocksRepaired: r.peerRepaired ?? 0, nodesRepaired: r.peerNodesRepaired ?? 0 }, "healed what the peer's verify found damaged, with this store's copies");
       }

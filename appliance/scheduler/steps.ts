@@ -2,6 +2,11 @@
  * The real job steps: snapshot through appliance/ops, push through the sync engine to the
  * configured peer, export through appliance/ebs. Kept apart from the runner so the runner can
  * be driven with any implementation of the same contract.
+ *
+ * A job's snapshot and its push overlap as in `appliance sync` (sync/early.ts): when the runner
+ * says the snapshot goes to a peer next (`replicateTo`), the snapshot step connects to the peer
+ * and sends the new blocks while the volume is scanned, and the replicate step that pushes that
+ * snapshot takes over the connection and what the peer is known to hold ({@link EarlyPush}).
  */
 import type { Store } from '../../store/index.js';
 import type { SnapshotRecord } from '../../store/types.js';
@@ -9,22 +14,77 @@ import type { Home } from '../home.js';
 import type { Config } from '../config/index.js';
 import type { JobSteps } from './runner.js';
 import type { Rate } from '../../sync/bwlimit.js';
+import type { RemotePeer } from '../../api/client.js';
+import type { EarlySender } from '../../sync/early.js';
+
+/**
+ * Early sending of a job's snapshot to the replication peer, started by its snapshot step: the
+ * connection (opened while the volume is scanned) and the sender, which the replicate step ends
+ * under the peer's lease before its engine runs.
+ */
+export interface EarlyPush {
+  readonly peer: string;
+  readonly remote: RemotePeer;
+  readonly sender: EarlySender;
+}
+
+/**
+ * How long an early push waits for the replicate step of its snapshot: that step follows the
+ * snapshot step at once, so only a job that stopped in between (the daemon stopping, a failure)
+ * leaves one, whose connection and lent scan buffer are then given up.
+ */
+const EARLY_PUSH_KEEP_MS = 60_000;
+
+/**
+ * Connect to `peerName` and start early sending into it. Null when the peer is not known here:
+ * the snapshot goes on, and the replicate step reports what is wrong.
+ */
+async function startEarlyPush(store: Store, peerName: string, bwlimit: Rate): Promise<EarlyPush | null> {
+  const { getPeer, connectPeer } = await import('../peers.js');
+  const { EarlySender } = await import('../../sync/early.js');
+  let remote: RemotePeer;
+  try {
+    remote = connectPeer(await getPeer(store, peerName), bwlimit ? { bwlimit } : {});
+  } catch {
+    return null;
+  }
+  // Failures stop early sending only (the peer refusing, gone): the push meets them itself.
+  remote.warmUp();
+  return { peer: peerName, remote, sender: new EarlySender(store, remote) };
+}
+
+/** Give an early push up: its streams stop after the frame in flight, its connection closes. */
+async function endEarlyPush(e: EarlyPush): Promise<void> {
+  await e.sender.finish(false);
+  await e.remote.close().catch(() => undefined);
+}
 
 /**
  * Push an existing snapshot to a peer, under the volume lock and the peer's lease, recording
  * the sync base like `appliance sync` does. Unlike `syncVolume` it does not take a snapshot of
  * its own: a group's snapshots must be the ones taken between the group's hooks.
  */
-export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecord, peerName: string, opts: { bwlimit?: Rate; signal?: AbortSignal } = {}): Promise<{ bytesSent: number; upToDate: boolean; peerRepaired: number; peerNodesRepaired: number }> {
+export async function pushSnapshot(
+  home: Home,
+  store: Store,
+  snap: SnapshotRecord,
+  peerName: string,
+  opts: { bwlimit?: Rate; signal?: AbortSignal; early?: EarlyPush } = {},
+): Promise<{ bytesSent: number; bytesSentEarly: number; blocksSentEarly: number; upToDate: boolean; peerRepaired: number; peerNodesRepaired: number }> {
   const { getPeer, connectPeer } = await import('../peers.js');
   const { copySnapshot, heldBase } = await import('../../sync/engine.js');
   const { beginPush } = await import('../push-attempts.js');
   const { recordSyncBase } = await import('../sync-base.js');
-  const peer = await getPeer(store, peerName);
-  const release = home.lockVolume(snap.volume, 'sync');
-  const remote = connectPeer(peer, opts.bwlimit ? { bwlimit: opts.bwlimit } : {});
+  const early = opts.early;
+  let release: (() => void) | undefined;
+  let remote: RemotePeer | undefined;
   try {
+    const peer = await getPeer(store, peerName);
+    release = home.lockVolume(snap.volume, 'sync');
+    remote = early?.remote ?? connectPeer(peer, opts.bwlimit ? { bwlimit: opts.bwlimit } : {});
     const lock = await remote.lockVolume(snap.volume, home.identity.id, { ifRoot: snap.root });
+    // Early sending's tail goes under the lease, before the engine (as in replicate.ts push).
+    await early?.sender.finish();
     let bytesSent = 0;
     let held = snap;
     if (lock.upToDate && lock.latest) held = lock.latest;
@@ -35,7 +95,7 @@ export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecor
       // After a push that stopped midway it asks about nodes too (appliance/push-attempts.ts).
       const base = await heldBase(store, lock.latest);
       const resumed = await beginPush(store, snap.volume, peer.name, snap);
-      bytesSent = (await copySnapshot(store, remote, snap, { base, fresh: resumed === undefined, ...(opts.signal ? { signal: opts.signal } : {}) })).bytesSent;
+      bytesSent = (await copySnapshot(store, remote, snap, { base, fresh: resumed === undefined, ...(early ? { atTarget: early.sender.atTarget } : {}), ...(opts.signal ? { signal: opts.signal } : {}) })).bytesSent;
     }
     await recordSyncBase(store, snap.volume, peer.name, held, 'push');
     // What the peer's verify found damaged is healed with our copies on the same connection
@@ -51,28 +111,67 @@ export async function pushSnapshot(home: Home, store: Store, snap: SnapshotRecor
     } catch {
       /* an older peer without GET /v1/damage, or one that went away */
     }
-    return { bytesSent, upToDate: held !== snap, peerRepaired, peerNodesRepaired };
+    const bytesSentEarly = early?.sender.bytes ?? 0;
+    return { bytesSent: bytesSent + bytesSentEarly, bytesSentEarly, blocksSentEarly: early?.sender.blocks ?? 0, upToDate: held !== snap, peerRepaired, peerNodesRepaired };
   } finally {
-    await remote.releaseVolume().catch(() => {});
-    await remote.close();
-    release();
+    if (early) await early.sender.finish(false); // given up if the push failed first
+    await remote?.releaseVolume().catch(() => {});
+    await (remote ?? early?.remote)?.close();
+    release?.();
   }
 }
 
 /** Job steps wired to this appliance. `config()` is the scheduler's current configuration. */
 export function applianceSteps(home: Home, store: Store, config: () => Config | null): JobSteps {
+  /** The cap of config replication.bwlimit, or of its schedule's window (followed as the push runs). */
+  const replicationCap = async (): Promise<Rate> => {
+    const { replicationRate, hasSchedule } = await import('../config/bwlimit.js');
+    const replication = config()?.replication;
+    return hasSchedule(replication) ? () => replicationRate(config()?.replication, new Date()) : replicationRate(replication, new Date());
+  };
+  /** Early pushes their snapshot steps started, by volume, until the replicate step of that snapshot takes one over. */
+  const earlyPushes = new Map<string, { push: EarlyPush; snapshot: string; expiry: NodeJS.Timeout }>();
+  const takeEarly = (volume: string) => {
+    const e = earlyPushes.get(volume);
+    if (!e) return undefined;
+    earlyPushes.delete(volume);
+    clearTimeout(e.expiry);
+    return e;
+  };
   return {
-    snapshot: async (volume, { labels, signal }) => {
+    snapshot: async (volume, { labels, signal, replicateTo }) => {
       const { snapshotVolume } = await import('../ops.js');
-      return snapshotVolume(home, store, volume, { labels, signal });
+      const stale = takeEarly(volume);
+      if (stale) await endEarlyPush(stale.push);
+      const early = replicateTo === undefined ? null : await startEarlyPush(store, replicateTo, await replicationCap());
+      const sender = early?.sender;
+      let snap: SnapshotRecord;
+      try {
+        snap = await snapshotVolume(home, store, volume, {
+          labels,
+          signal,
+          ...(sender ? { onNewBlocks: (h, direct, replaced, views, kept) => sender.add(h, direct, replaced, views, kept), keepViewsUntil: sender.done, onScanned: () => sender.scanned() } : {}),
+        });
+      } catch (e) {
+        if (early) await endEarlyPush(early);
+        throw e;
+      }
+      if (early) {
+        const expiry = setTimeout(() => {
+          const left = takeEarly(volume);
+          if (left) void endEarlyPush(left.push);
+        }, EARLY_PUSH_KEEP_MS);
+        expiry.unref();
+        earlyPushes.set(volume, { push: early, snapshot: snap.id, expiry });
+      }
+      return snap;
     },
-    replicate: async (_volume, snap, peer, signal) => {
-      // The cap of config replication.bwlimit, or of its schedule's window (followed as the push runs).
-      const { replicationRate, hasSchedule } = await import('../config/bwlimit.js');
-      const replication = config()?.replication;
-      const bwlimit: Rate = hasSchedule(replication) ? () => replicationRate(config()?.replication, new Date()) : replicationRate(replication, new Date());
-      const r = await pushSnapshot(home, store, snap, peer, { signal, bwlimit });
-      return { bytesSent: r.bytesSent, peerRepaired: r.peerRepaired, peerNodesRepaired: r.peerNodesRepaired };
+    replicate: async (volume, snap, peer, signal) => {
+      const e = takeEarly(volume);
+      const early = e && e.snapshot === snap.id && e.push.peer === peer ? e.push : undefined;
+      if (e && !early) await endEarlyPush(e.push); // for another snapshot or peer
+      const r = await pushSnapshot(home, store, snap, peer, { signal, bwlimit: await replicationCap(), ...(early ? { early } : {}) });
+      return { bytesSent: r.bytesSent, bytesSentEarly: r.bytesSentEarly, blocksSentEarly: r.blocksSentEarly, peerRepaired: r.peerRepaired, peerNodesRepaired: r.peerNodesRepaired };
     },
     pushRefusal: async (volume, peerName) => {
       const { getPeer, connectPeer } = await import('../peers.js');

@@ -253,6 +253,13 @@ alerts: { webhook: "${hookUrl}" }
   const started = await d.logLine((o) => o.unit === 'volume:web' && o.msg === 'job started');
   const took = ((done.time as number) - (started.time as number)) / 1000;
   assert.ok(took >= 2.2, `the push took ${took} s: the scheduled cap was not applied`);
+  // The job's blocks went while the volume was scanned (steps.ts EarlyPush), under the same cap:
+  // all 6 new blocks (3 MiB) by early sending, none left to the engine.
+  const replicated = await d.logLine((o) => o.unit === 'volume:web' && o.msg === 'replicated');
+  assert.equal(replicated.peer, 'cloud');
+  assert.equal(replicated.blocksSentEarly, 6, JSON.stringify(replicated));
+  assert.equal(replicated.bytesSentEarly, 3 * MiB);
+  assert.equal(replicated.bytesSent, 3 * MiB);
   assert.deepEqual(await alert.then((x) => [x.event, x.volume, x.appliance]), ['rpo_breached', 'lost', 'onprem']);
   const status = JSON.parse((await get(a, d.url, '/v1/status', a.token)).body);
   const vol = status.volumes.find((v: { volume: string }) => v.volume === 'web');
