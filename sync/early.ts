@@ -285,6 +285,17 @@ export class EarlySender {
     this.wake();
   }
 
+  /**
+   * Copy no more new blocks' bytes (those copied stay until sent): the blocks queued from now on
+   * are read back from the packs. For a sender that goes on while another scan runs (a group's
+   * next volume, scheduler/steps.ts), so that only one holds a pool of copies.
+   */
+  stopCopying(): void {
+    if (!this.copying) return;
+    this.copying = false;
+    trace('early: no more copies (another scan goes on)');
+  }
+
   /** The scan has read every block: what is queued goes without waiting for a full batch. */
   scanned(): void {
     this.inputDone = true;

@@ -58,6 +58,8 @@ export interface JobSteps {
    * {@link HOLD_CODES}); any other failure throws. Asked only of held volumes.
    */
   pushRefusal: ((volume: string, peer: string, signal: AbortSignal) => Promise<{ code: string; message: string } | null>) | null;
+  /** A job of these volumes ended (done, failed or stopped): what its steps still hold for it is given up. */
+  endJob?(volumes: readonly string[]): Promise<void>;
   /** Export a replica to EBS; null where EBS is not available. */
   exportEbs: ((volume: string, snapshot: SnapshotRecord, signal: AbortSignal) => Promise<{ ebsSnapshotId: string; bytesUploaded: number; seconds: number }>) | null;
 }
@@ -411,6 +413,8 @@ export class Scheduler {
         for (const v of cp.volumes) await updateVolumeState(store, v, { lastJob: { id: cp.id, ended: new Date(clock.now()).toISOString(), ok: false, error: errorInfo(e) } });
       }
       throw e;
+    } finally {
+      await this.o.steps.endJob?.(cp.volumes).catch(() => undefined);
     }
     for (const v of cp.volumes) {
       await updateVolumeState(store, v, { lastJob: { id: cp.id, ended: new Date(clock.now()).toISOString(), ok: true, ...(warning ? { warning } : {}) } });
@@ -446,10 +450,10 @@ export class Scheduler {
     const { store, steps, clock } = this.o;
     const pointTime = new Date(clock.now()).toISOString();
     const labels: Record<string, string> = unit.group ? { group: unit.group, groupRun: cp.id } : {};
-    // A unit of one volume sends its new blocks while it is scanned; a group's snapshots are
-    // taken one after the other between its hooks and pushed afterwards, one at a time.
+    // The new blocks of each snapshot start travelling while it is scanned (steps.ts); they are
+    // pushed, one snapshot at a time, once the unit's snapshots are taken between its hooks.
     const peer = this.lastConfig?.replication?.peer;
-    const replicateTo = unit.kind === 'protect' && unit.volumes.length === 1 && steps.replicate !== null && peer !== undefined ? { replicateTo: peer } : {};
+    const replicateTo = steps.replicate !== null && peer !== undefined ? { replicateTo: peer } : {};
     const take = async () => {
       const snaps: Record<string, string> = {};
       for (const v of unit.volumes) {

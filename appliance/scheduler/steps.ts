@@ -3,10 +3,11 @@
  * configured peer, export through appliance/ebs. Kept apart from the runner so the runner can
  * be driven with any implementation of the same contract.
  *
- * A job's snapshot and its push overlap as in `appliance sync` (sync/early.ts): when the runner
- * says the snapshot goes to a peer next (`replicateTo`), the snapshot step connects to the peer
+ * A job's snapshots and their pushes overlap as in `appliance sync` (sync/early.ts): when the
+ * runner says a snapshot goes to a peer (`replicateTo`), the snapshot step connects to the peer
  * and sends the new blocks while the volume is scanned, and the replicate step that pushes that
- * snapshot takes over the connection and what the peer is known to hold ({@link EarlyPush}).
+ * snapshot takes over the connection and what the peer is known to hold ({@link EarlyPush}). The
+ * runner's `endJob` closes those of a job that ends before its pushes.
  */
 import type { Store } from '../../store/index.js';
 import type { SnapshotRecord } from '../../store/types.js';
@@ -27,13 +28,6 @@ export interface EarlyPush {
   readonly remote: RemotePeer;
   readonly sender: EarlySender;
 }
-
-/**
- * How long an early push waits for the replicate step of its snapshot: that step follows the
- * snapshot step at once, so only a job that stopped in between (the daemon stopping, a failure)
- * leaves one, whose connection and lent scan buffer are then given up.
- */
-const EARLY_PUSH_KEEP_MS = 60_000;
 
 /**
  * Connect to `peerName` and start early sending into it. Null when the peer is not known here:
@@ -129,13 +123,14 @@ export function applianceSteps(home: Home, store: Store, config: () => Config | 
     const replication = config()?.replication;
     return hasSchedule(replication) ? () => replicationRate(config()?.replication, new Date()) : replicationRate(replication, new Date());
   };
-  /** Early pushes their snapshot steps started, by volume, until the replicate step of that snapshot takes one over. */
-  const earlyPushes = new Map<string, { push: EarlyPush; snapshot: string; expiry: NodeJS.Timeout }>();
+  /**
+   * Early pushes their snapshot steps started, by volume, until the replicate step of that
+   * snapshot takes one over, or its job ends without (stopped, failed: `endJob`).
+   */
+  const earlyPushes = new Map<string, { push: EarlyPush; snapshot: string }>();
   const takeEarly = (volume: string) => {
     const e = earlyPushes.get(volume);
-    if (!e) return undefined;
     earlyPushes.delete(volume);
-    clearTimeout(e.expiry);
     return e;
   };
   return {
@@ -143,6 +138,9 @@ export function applianceSteps(home: Home, store: Store, config: () => Config | 
       const { snapshotVolume } = await import('../ops.js');
       const stale = takeEarly(volume);
       if (stale) await endEarlyPush(stale.push);
+      // The early pushes still streaming (a group's volumes scanned before this one) go on from
+      // the packs: one pool of copies at a time.
+      if (replicateTo !== undefined) for (const e of earlyPushes.values()) e.push.sender.stopCopying();
       const early = replicateTo === undefined ? null : await startEarlyPush(store, replicateTo, await replicationCap());
       const sender = early?.sender;
       let snap: SnapshotRecord;
@@ -156,15 +154,14 @@ export function applianceSteps(home: Home, store: Store, config: () => Config | 
         if (early) await endEarlyPush(early);
         throw e;
       }
-      if (early) {
-        const expiry = setTimeout(() => {
-          const left = takeEarly(volume);
-          if (left) void endEarlyPush(left.push);
-        }, EARLY_PUSH_KEEP_MS);
-        expiry.unref();
-        earlyPushes.set(volume, { push: early, snapshot: snap.id, expiry });
-      }
+      if (early) earlyPushes.set(volume, { push: early, snapshot: snap.id });
       return snap;
+    },
+    endJob: async (volumes) => {
+      for (const v of volumes) {
+        const left = takeEarly(v);
+        if (left) await endEarlyPush(left.push);
+      }
     },
     replicate: async (volume, snap, peer, signal) => {
       const e = takeEarly(volume);

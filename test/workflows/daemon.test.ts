@@ -276,6 +276,50 @@ alerts: { webhook: "${hookUrl}" }
   assert.equal((await d.exited)[0], 0);
 });
 
+test("a group's job sends each volume's new blocks during its scan, between the group's hooks, and pushes both snapshots", async (t) => {
+  const work = tempDir(t, 'tandem-daemon-group-');
+  const a = await initHome(t, 'onprem');
+  const b = await initHome(t, 'cloud');
+  const served = await startServe(t, b);
+  await pair(a, 'cloud', b, served);
+  for (const [name, size] of [['db-data', 3], ['db-log', 2]] as const) {
+    const img = join(work, `${name}.img`);
+    writeFileSync(img, randomBytes(size * MiB));
+    assert.equal((await cli(a, 'volume', 'add', name, '--path', img)).code, 0);
+  }
+  writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
+policies:
+  gold: { rpo: 1h, retention: { last: 2 } }
+assign:
+  - match: "db-*"
+    policy: gold
+groups:
+  erp:
+    volumes: [db-data, db-log]
+    hooks:
+      pre: 'echo pre >> ${work}/hooks.log'
+      post: 'echo post >> ${work}/hooks.log'
+replication:
+  peer: cloud
+`);
+  const d = await startDaemon(t, a);
+  const done = await d.logLine((o) => o.unit === 'group:erp' && (o.msg === 'job done' || o.msg === 'job failed'));
+  assert.equal(done.msg, 'job done', d.stderr());
+  assert.deepEqual(readFileSync(join(work, 'hooks.log'), 'utf8').split('\n').filter(Boolean), ['pre', 'post']);
+  // Every block of both volumes went by early sending (the first job: all are new), none by the engine.
+  for (const [name, size] of [['db-data', 3], ['db-log', 2]] as const) {
+    const r = await d.logLine((o) => o.msg === 'replicated' && o.volume === name);
+    assert.equal(r.blocksSentEarly, (size * MiB) / (512 * 1024), JSON.stringify(r));
+    assert.equal(r.bytesSent, size * MiB);
+    const local = await cli(a, 'snapshots', name);
+    const remote = await cli(b, 'snapshots', name);
+    const ids = (x: typeof local) => ((Array.isArray(x.json) ? x.json : x.json.snapshots) as Array<{ id: string; root: string }>).map((s) => `${s.id} ${s.root}`);
+    assert.deepEqual(ids(remote), ids(local), `the peer holds ${name}'s snapshot`);
+  }
+  d.child.kill('SIGTERM');
+  assert.equal((await d.exited)[0], 0);
+});
+
 test('daemon verifies the store on schedule, at its byte rate: a damaged block calls the webhook and shows in metrics and status; SIGTERM stops a running verify', async (t) => {
   const work = tempDir(t, 'tandem-daemon-verify-');
   const a = await initHome(t, 'onprem');
