@@ -320,6 +320,51 @@ replication:
   assert.equal((await d.exited)[0], 0);
 });
 
+test('a daemon killed (kill -9) while its job sends early resumes the job, and no block the peer stored travels again', async (t) => {
+  const work = tempDir(t, 'tandem-daemon-kill-early-');
+  const a = await initHome(t, 'onprem');
+  const b = await initHome(t, 'cloud');
+  const served = await startServe(t, b);
+  await pair(a, 'cloud', b, served);
+  const img = join(work, 'web.img');
+  writeFileSync(img, randomBytes(4 * MiB));
+  assert.equal((await cli(a, 'volume', 'add', 'web', '--path', img)).code, 0);
+  // 1 MiB/s: the 8 blocks take ~4 s, long enough to stop the daemon partway.
+  writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
+policies:
+  silver: { rpo: 2h, retention: { last: 2 } }
+assign:
+  - match: "*"
+    policy: silver
+replication:
+  peer: cloud
+  bwlimit: 1MiB
+`);
+  const received = async (): Promise<number> => (JSON.parse((await get(b, served.url, '/v1/stats', b.token)).body) as { blocksReceived: number }).blocksReceived;
+  const d1 = await startDaemon(t, a);
+  await d1.logLine((o) => o.unit === 'volume:web' && o.msg === 'job started');
+  const deadline = Date.now() + WAIT_MS;
+  while ((await received()) < 2 && Date.now() < deadline) await sleep(20);
+  d1.child.kill('SIGKILL');
+  await d1.exited;
+  const before = await received();
+  assert.ok(before >= 2 && before < 8, `the peer received ${before} blocks before the kill`);
+
+  const d2 = await startDaemon(t, a);
+  const done = await d2.logLine((o) => o.unit === 'volume:web' && (o.msg === 'job done' || o.msg === 'job failed'));
+  assert.equal(done.msg, 'job done', d2.stderr());
+  const replicated = await d2.logLine((o) => o.unit === 'volume:web' && o.msg === 'replicated');
+  assert.ok((replicated.bytesSent as number) <= 4 * MiB - before * 512 * 1024, JSON.stringify(replicated));
+  assert.equal(await received(), 8, 'every block arrived at the peer once');
+  const local = await cli(a, 'snapshots', 'web');
+  const remote = await cli(b, 'snapshots', 'web');
+  const latest = (x: typeof local) => ((Array.isArray(x.json) ? x.json : x.json.snapshots) as Array<{ id: string; root: string }>).at(-1);
+  assert.deepEqual(latest(remote), latest(local));
+  assert.equal((await cli(b, 'verify')).code, 0);
+  d2.child.kill('SIGTERM');
+  assert.equal((await d2.exited)[0], 0);
+});
+
 test('daemon verifies the store on schedule, at its byte rate: a damaged block calls the webhook and shows in metrics and status; SIGTERM stops a running verify', async (t) => {
   const work = tempDir(t, 'tandem-daemon-verify-');
   const a = await initHome(t, 'onprem');
