@@ -120,6 +120,8 @@ export interface LockAnswer {
   readonly latest: SnapshotRecord | null;
   /** The certificate the peer staged (absent when none is, or from a peer that does not say). */
   readonly nextFingerprint?: string;
+  /** Blocks and nodes the peer's last verify found damaged (GET /v1/damage); absent from a peer that does not say. */
+  readonly damaged?: number;
 }
 
 /** A node as nodes/get answers it: whole, or as the changes of the base the request named. */

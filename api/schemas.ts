@@ -130,6 +130,7 @@ export const LockAnswer = Type.Object({
   expiresInMs: Type.Integer(),
   latest: Type.Union([Snapshot, Type.Null()]),
   nextFingerprint: Type.Optional(Type.String({ description: 'the certificate this appliance staged (as GET /v1/health nextFingerprint); absent when none is' })),
+  damaged: Type.Optional(Type.Integer({ minimum: 0, description: "blocks and tree nodes this store's last verify found damaged or missing (GET /v1/damage lists them); absent from older appliances" })),
 });
 
 export const TlsAckBody = Type.Object(

@@ -176,7 +176,10 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     }
     // The certificate this appliance staged, if any: the sync's client learns it at once (appliance/replicate.ts).
     const staged = home.stagedTls();
-    const next = staged ? { nextFingerprint: staged.fingerprint } : {};
+    // What this store's last verify found damaged (GET /v1/damage): a pusher that heals it asks for
+    // the list only when there is some (scheduler/steps.ts), one round trip less per push.
+    const damage = await readDamage(store);
+    const next = { ...(staged ? { nextFingerprint: staged.fingerprint } : {}), damaged: damage.blocks.length + damage.nodes.length };
     if (body.ifRoot && latest && latest.root === body.ifRoot) return { upToDate: true, lease: null, expiresInMs: 0, latest, ...next };
     const v = await store.getVolume(vol);
     if (v?.materializing) {

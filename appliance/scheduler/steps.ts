@@ -93,17 +93,20 @@ export async function pushSnapshot(
     }
     await recordSyncBase(store, snap.volume, peer.name, held, 'push');
     // What the peer's verify found damaged is healed with our copies on the same connection
-    // (appliance/repair.ts): one request when there is nothing to heal. A failure here is not
-    // the sync's: it is tried again with the next one.
+    // (appliance/repair.ts). The lock answer says whether there is any (`damaged`): no request
+    // when there is none; a peer that does not say is asked. A failure here is not the sync's:
+    // it is tried again with the next one.
     let peerRepaired = 0;
     let peerNodesRepaired = 0;
-    try {
-      const { pushRepairsTo } = await import('../repair.js');
-      const r = await pushRepairsTo(store, remote, peer.name);
-      peerRepaired = r.blocksRepaired;
-      peerNodesRepaired = r.nodesRepaired;
-    } catch {
-      /* an older peer without GET /v1/damage, or one that went away */
+    if (lock.damaged !== 0) {
+      try {
+        const { pushRepairsTo } = await import('../repair.js');
+        const r = await pushRepairsTo(store, remote, peer.name);
+        peerRepaired = r.blocksRepaired;
+        peerNodesRepaired = r.nodesRepaired;
+      } catch {
+        /* an older peer without GET /v1/damage, or one that went away */
+      }
     }
     const bytesSentEarly = early?.sender.bytes ?? 0;
     return { bytesSent: bytesSent + bytesSentEarly, bytesSentEarly, blocksSentEarly: early?.sender.blocks ?? 0, upToDate: held !== snap, peerRepaired, peerNodesRepaired };

@@ -260,6 +260,10 @@ alerts: { webhook: "${hookUrl}" }
   assert.equal(replicated.blocksSentEarly, 6, JSON.stringify(replicated));
   assert.equal(replicated.bytesSentEarly, 3 * MiB);
   assert.equal(replicated.bytesSent, 3 * MiB);
+  // The peer's lock answer said it holds no damage: the push did not ask for the list.
+  const routes = (JSON.parse((await get(b, served.url, '/v1/stats', b.token)).body) as { routes: Record<string, number> }).routes;
+  assert.equal(routes['GET /v1/damage'], undefined, JSON.stringify(routes));
+  assert.ok(routes['POST /v1/volumes/:vol/lock']! >= 1);
   assert.deepEqual(await alert.then((x) => [x.event, x.volume, x.appliance]), ['rpo_breached', 'lost', 'onprem']);
   const status = JSON.parse((await get(a, d.url, '/v1/status', a.token)).body);
   const vol = status.volumes.find((v: { volume: string }) => v.volume === 'web');
