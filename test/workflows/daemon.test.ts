@@ -97,6 +97,22 @@ function fileLines(dir: string, file: string, lines: number): Promise<string[]> 
   });
 }
 
+/** An on-prem home paired with a cloud home whose server runs (its URL in `served`). */
+async function pairedHomes(t: { after(fn: () => unknown): void }) {
+  const a = await initHome(t, 'onprem');
+  const b = await initHome(t, 'cloud');
+  const served = await startServe(t, b);
+  await pair(a, 'cloud', b, served);
+  return { a, b, served };
+}
+
+/** `appliance snapshots VOL` on `home` (forwarded to its daemon, if one runs), oldest first. */
+async function snapshotsOf(home: TestHome, volume: string): Promise<Array<{ id: string; root: string; labels?: Record<string, string> }>> {
+  const listed = await cli(home, 'snapshots', volume);
+  assert.equal(listed.code, 0, listed.stderr);
+  return (Array.isArray(listed.json) ? listed.json : listed.json.snapshots) as Array<{ id: string; root: string; labels?: Record<string, string> }>;
+}
+
 /**
  * A local webhook receiver: its URL and the first JSON body POSTed to it with event `event` (a
  * machine whose disk is low also gets disk_low, whatever the test is about).
@@ -207,9 +223,7 @@ groups:
   assert.equal(viaCli.json.volumes[0].lastSnapshot.id, vol.lastSnapshot.id);
 
   // The snapshot is labelled with its group run (CLI forwarded to the daemon, which holds the store).
-  const listed = await cli(a, 'snapshots', 'db-data');
-  assert.equal(listed.code, 0, listed.stderr);
-  const snaps = (Array.isArray(listed.json) ? listed.json : listed.json.snapshots) as Array<{ id: string; labels?: Record<string, string> }>;
+  const snaps = await snapshotsOf(a, 'db-data');
   assert.equal(snaps.length, 1, 'the killed attempt committed nothing');
   assert.deepEqual(snaps[0]!.labels, { group: 'erp', groupRun: jobId });
 
@@ -222,10 +236,7 @@ groups:
 
 test('daemon replicates to its peer before the RPO; the peer holds the snapshot; a breach calls the webhook', async (t) => {
   const work = tempDir(t, 'tandem-daemon-repl-');
-  const a = await initHome(t, 'onprem');
-  const b = await initHome(t, 'cloud');
-  const served = await startServe(t, b);
-  await pair(a, 'cloud', b, served);
+  const { a, b, served } = await pairedHomes(t);
   const img = join(work, 'web.img');
   writeFileSync(img, randomBytes(3 * MiB));
   assert.equal((await cli(a, 'volume', 'add', 'web', '--path', img)).code, 0);
@@ -272,20 +283,14 @@ alerts: { webhook: "${hookUrl}" }
   assert.equal(vol.volume, 'web');
   assert.equal(vol.rpoState, 'OK');
   assert.equal(vol.lastReplicated.snapshot, vol.lastSnapshot.id);
-  const remote = await cli(b, 'snapshots', 'web');
-  assert.equal(remote.code, 0, remote.stderr);
-  const ids = ((Array.isArray(remote.json) ? remote.json : remote.json.snapshots) as Array<{ id: string }>).map((s) => s.id);
-  assert.deepEqual(ids, [vol.lastSnapshot.id], 'the peer holds the replicated snapshot');
+  assert.deepEqual((await snapshotsOf(b, 'web')).map((s) => s.id), [vol.lastSnapshot.id], 'the peer holds the replicated snapshot');
   d.child.kill('SIGTERM');
   assert.equal((await d.exited)[0], 0);
 });
 
 test("a group's job sends each volume's new blocks during its scan, between the group's hooks, and pushes both snapshots", async (t) => {
   const work = tempDir(t, 'tandem-daemon-group-');
-  const a = await initHome(t, 'onprem');
-  const b = await initHome(t, 'cloud');
-  const served = await startServe(t, b);
-  await pair(a, 'cloud', b, served);
+  const { a, b, served } = await pairedHomes(t);
   for (const [name, size] of [['db-data', 3], ['db-log', 2]] as const) {
     const img = join(work, `${name}.img`);
     writeFileSync(img, randomBytes(size * MiB));
@@ -315,10 +320,8 @@ replication:
     const r = await d.logLine((o) => o.msg === 'replicated' && o.volume === name);
     assert.equal(r.blocksSentEarly, (size * MiB) / (512 * 1024), JSON.stringify(r));
     assert.equal(r.bytesSent, size * MiB);
-    const local = await cli(a, 'snapshots', name);
-    const remote = await cli(b, 'snapshots', name);
-    const ids = (x: typeof local) => ((Array.isArray(x.json) ? x.json : x.json.snapshots) as Array<{ id: string; root: string }>).map((s) => `${s.id} ${s.root}`);
-    assert.deepEqual(ids(remote), ids(local), `the peer holds ${name}'s snapshot`);
+    const ids = async (home: TestHome) => (await snapshotsOf(home, name)).map((s) => `${s.id} ${s.root}`);
+    assert.deepEqual(await ids(b), await ids(a), `the peer holds ${name}'s snapshot`);
   }
   d.child.kill('SIGTERM');
   assert.equal((await d.exited)[0], 0);
@@ -326,10 +329,7 @@ replication:
 
 test('a daemon killed (kill -9) while its job sends early resumes the job, and no block the peer stored travels again', async (t) => {
   const work = tempDir(t, 'tandem-daemon-kill-early-');
-  const a = await initHome(t, 'onprem');
-  const b = await initHome(t, 'cloud');
-  const served = await startServe(t, b);
-  await pair(a, 'cloud', b, served);
+  const { a, b, served } = await pairedHomes(t);
   const img = join(work, 'web.img');
   writeFileSync(img, randomBytes(4 * MiB));
   assert.equal((await cli(a, 'volume', 'add', 'web', '--path', img)).code, 0);
@@ -360,10 +360,8 @@ replication:
   const replicated = await d2.logLine((o) => o.unit === 'volume:web' && o.msg === 'replicated');
   assert.ok((replicated.bytesSent as number) <= 4 * MiB - before * 512 * 1024, JSON.stringify(replicated));
   assert.equal(await received(), 8, 'every block arrived at the peer once');
-  const local = await cli(a, 'snapshots', 'web');
-  const remote = await cli(b, 'snapshots', 'web');
-  const latest = (x: typeof local) => ((Array.isArray(x.json) ? x.json : x.json.snapshots) as Array<{ id: string; root: string }>).at(-1);
-  assert.deepEqual(latest(remote), latest(local));
+  const latest = async (home: TestHome) => (await snapshotsOf(home, 'web')).map((s) => `${s.id} ${s.root}`).at(-1);
+  assert.deepEqual(await latest(b), await latest(a));
   assert.equal((await cli(b, 'verify')).code, 0);
   d2.child.kill('SIGTERM');
   assert.equal((await d2.exited)[0], 0);
