@@ -20,7 +20,7 @@ import { readFile } from 'node:fs/promises';
 import { TandemError, isTandemError } from '../common/errors.js';
 import type { Store } from '../store/index.js';
 import type { Hash, SnapshotRecord, VolumeRecord } from '../store/types.js';
-import { copySnapshot, heldBase, type CopyResult } from '../sync/engine.js';
+import { copySnapshot, heldBase, type CopyOptions, type CopyResult } from '../sync/engine.js';
 import { EarlySender } from '../sync/early.js';
 import type { LockAnswer, RemotePeer } from '../api/client.js';
 import type { Home } from './home.js';
@@ -261,43 +261,14 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
     // As the sync would: blocks equal to the peer's latest are not asked about.
     return summary(volume, peer, 'push', snap, await copySnapshot(store, remote, snap, { ...copyOpts, dryRun: true, base: await heldBase(store, latest) }), true);
   }
-  // The peer's lease first, while early sending goes on: its tail is then sent under the lease,
-  // as the engine's blocks are (a second sync of the volume meets ERR_VOLUME_LOCKED meanwhile).
-  let lock: Awaited<ReturnType<RemotePeer['lockVolume']>>;
-  try {
-    lock = await remote.lockVolume(volume, home.identity.id, { ifRoot: snap.root });
-  } catch (e) {
-    await early?.finish(false);
-    throw e;
-  }
-  trace(`peer lock answered (upToDate=${lock.upToDate})`);
-  if (lock.latest && lock.latest.blockSize !== vol.blockSize) {
-    await early?.finish(false);
-    throw blockSizeMismatch(vol, peer, lock.latest);
-  }
-  await early?.finish();
-  trace('early sending ended');
-  if (lock.upToDate && lock.latest) {
-    await recordBase(store, volume, peer, lock.latest, 'push');
-    trace('sync base recorded');
-    return summary(volume, peer, 'push', snap, null, false);
-  }
-  // The peer's latest snapshot, when this store has it too, is a base the peer holds in full:
-  // the engine then asks only about what differs from it.
-  const base = await heldBase(store, lock.latest);
-  // The peer's lock answer named `base` its latest, and `snap` was taken just now: the engine need
-  // not ask whether the peer has the snapshot or its changed nodes, nor about the blocks early
-  // sending saw stored there (a round trip each; on a 50 ms link, 0.15 s of a small sync). Unless
-  // a push before this one stopped midway: the nodes it put may be on the peer (push-attempts.ts).
-  const resumed = await beginPush(store, volume, peer, snap);
-  if (resumed) trace(`an earlier push (of ${resumed.snapshot}) stopped midway: nodes are asked about`);
-  const engine = await copySnapshot(store, remote, snap, {
-    ...copyOpts, base,
-    ...(early ? { onProgress: transferProgress(opts, tailSent()), fresh: resumed === undefined, atTarget: early.atTarget } : {}),
+  const { held, copy: engine } = await pushTaken(home, store, remote, snap, peer, {
+    early,
+    ...(opts.signal ? { signal: opts.signal } : {}),
+    progress: () => (early ? transferProgress(opts, tailSent()) : copyOpts.onProgress),
   });
-  trace('copy done');
-  await recordBase(store, volume, peer, snap, 'push');
+  await recordBase(store, volume, peer, held, 'push');
   trace('sync base recorded');
+  if (!engine) return summary(volume, peer, 'push', snap, null, false);
   const copy = early ? { ...engine, blocksSent: engine.blocksSent + early.blocks, bytesSent: engine.bytesSent + early.bytes } : engine;
   return summary(volume, peer, 'push', snap, copy, false);
 }
@@ -329,12 +300,65 @@ export async function askPushLock(remote: RemotePeer, volume: string, holder: st
   return a.latest;
 }
 
-function blockSizeMismatch(vol: VolumeRecord, peer: string, theirs: SnapshotRecord): TandemError {
+function blockSizeMismatch(vol: Pick<VolumeRecord, 'name' | 'blockSize'>, peer: string, theirs: SnapshotRecord): TandemError {
   return new TandemError(
     'ERR_BLOCK_SIZE_MISMATCH',
     `peer ${peer} holds "${vol.name}" in blocks of ${theirs.blockSize} bytes, this appliance in blocks of ${vol.blockSize}: the trees cannot be compared and the peer would refuse the snapshot; nothing was committed. Register the volume here with \`--block-size ${theirs.blockSize}\`, or remove it on ${peer} (\`appliance volume remove ${vol.name}\` there) to replicate it anew`,
     { details: { volume: vol.name, peer, blockSize: vol.blockSize, peerBlockSize: theirs.blockSize } },
   );
+}
+
+/**
+ * The push of a snapshot already taken, after its scan: `appliance sync` (above) and the daemon's
+ * push step (scheduler/steps.ts). The peer's lease first (`ifRoot`: nothing more when the peer
+ * holds the root), while early sending goes on: its tail is then sent under the lease, as the
+ * engine's blocks are (a second sync of the volume meets ERR_VOLUME_LOCKED meanwhile). Then the
+ * engine, with the peer's latest snapshot as the base when this store holds it: it asks only
+ * about what differs from it. The lock answer named that base the peer's latest and `snap` was
+ * taken on it, so the engine need not ask whether the peer has the snapshot or its changed nodes,
+ * nor about the blocks early sending saw stored there (a round trip each; on a 50 ms link, 0.15 s
+ * of a small sync). Unless a push before this one stopped midway: the nodes it put may be on the
+ * peer (push-attempts.ts). Returns the lock answer, the snapshot both sides hold now (the peer's
+ * latest when it was up to date) and what the engine sent (null: nothing was to send). The caller
+ * records the sync base.
+ */
+export async function pushTaken(
+  home: Home,
+  store: Store,
+  remote: RemotePeer,
+  snap: SnapshotRecord,
+  peer: string,
+  opts: { early?: EarlySender | null; signal?: AbortSignal; progress?: () => CopyOptions['onProgress'] } = {},
+): Promise<{ lock: LockAnswer; held: SnapshotRecord; copy: CopyResult | null }> {
+  const early = opts.early ?? null;
+  let lock: LockAnswer;
+  try {
+    lock = await remote.lockVolume(snap.volume, home.identity.id, { ifRoot: snap.root });
+  } catch (e) {
+    await early?.finish(false);
+    throw e;
+  }
+  trace(`peer lock answered (upToDate=${lock.upToDate})`);
+  if (lock.latest && lock.latest.blockSize !== snap.blockSize) {
+    await early?.finish(false);
+    throw blockSizeMismatch({ name: snap.volume, blockSize: snap.blockSize }, peer, lock.latest);
+  }
+  await early?.finish();
+  trace('early sending ended');
+  if (lock.upToDate && lock.latest) return { lock, held: lock.latest, copy: null };
+  const base = await heldBase(store, lock.latest);
+  const resumed = await beginPush(store, snap.volume, peer, snap);
+  if (resumed) trace(`an earlier push (of ${resumed.snapshot}) stopped midway: nodes are asked about`);
+  const onProgress = opts.progress?.();
+  const copy = await copySnapshot(store, remote, snap, {
+    base,
+    fresh: resumed === undefined,
+    ...(early ? { atTarget: early.atTarget } : {}),
+    ...(onProgress ? { onProgress } : {}),
+    ...(opts.signal ? { signal: opts.signal } : {}),
+  });
+  trace('copy done');
+  return { lock, held: snap, copy };
 }
 
 /**

@@ -66,8 +66,7 @@ export async function pushSnapshot(
   opts: { bwlimit?: Rate; signal?: AbortSignal; early?: EarlyPush } = {},
 ): Promise<{ bytesSent: number; bytesSentEarly: number; blocksSentEarly: number; upToDate: boolean; peerRepaired: number; peerNodesRepaired: number }> {
   const { getPeer, connectPeer } = await import('../peers.js');
-  const { copySnapshot, heldBase } = await import('../../sync/engine.js');
-  const { beginPush } = await import('../push-attempts.js');
+  const { pushTaken } = await import('../replicate.js');
   const { recordSyncBase } = await import('../sync-base.js');
   const early = opts.early;
   let release: (() => void) | undefined;
@@ -76,21 +75,9 @@ export async function pushSnapshot(
     const peer = await getPeer(store, peerName);
     release = home.lockVolume(snap.volume, 'sync');
     remote = early?.remote ?? connectPeer(peer, opts.bwlimit ? { bwlimit: opts.bwlimit } : {});
-    const lock = await remote.lockVolume(snap.volume, home.identity.id, { ifRoot: snap.root });
-    // Early sending's tail goes under the lease, before the engine (as in replicate.ts push).
-    await early?.sender.finish();
-    let bytesSent = 0;
-    let held = snap;
-    if (lock.upToDate && lock.latest) held = lock.latest;
-    else {
-      // The peer's latest, when this store has it too, is the base `appliance sync` uses
-      // (replicate.ts): changed blocks go as deltas of the blocks they replaced, and the engine
-      // asks about nothing else: the peer lacks `snap` (the lock found its latest elsewhere).
-      // After a push that stopped midway it asks about nodes too (appliance/push-attempts.ts).
-      const base = await heldBase(store, lock.latest);
-      const resumed = await beginPush(store, snap.volume, peer.name, snap);
-      bytesSent = (await copySnapshot(store, remote, snap, { base, fresh: resumed === undefined, ...(early ? { atTarget: early.sender.atTarget } : {}), ...(opts.signal ? { signal: opts.signal } : {}) })).bytesSent;
-    }
+    // As `appliance sync` pushes once its scan is over: the lease, early sending's tail, the engine.
+    const { lock, held, copy } = await pushTaken(home, store, remote, snap, peer.name, { early: early?.sender ?? null, ...(opts.signal ? { signal: opts.signal } : {}) });
+    const bytesSent = copy?.bytesSent ?? 0;
     await recordSyncBase(store, snap.volume, peer.name, held, 'push');
     // What the peer's verify found damaged is healed with our copies on the same connection
     // (appliance/repair.ts). The lock answer says whether there is any (`damaged`): no request
