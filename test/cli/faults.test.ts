@@ -15,12 +15,13 @@ import { acquireVolumeLock } from '../../appliance/locks.js';
 import { Home } from '../../appliance/home.js';
 import { addVolume, removeVolume, snapshotVolume } from '../../appliance/ops.js';
 import type { Store } from '../../store/index.js';
+import { trials } from '../helpers/soak.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const BS = 512 * KiB;
 /** Trials per kill -9 loop: enough to land in different phases, cheap enough for CI. */
-const TRIALS = 6;
+const TRIALS = trials(6);
 
 function scribble(path: string, pos: number, len: number): void {
   const fd = openSync(path, 'r+');

@@ -13,9 +13,10 @@ import { decodeNode } from '../../store/tree.js';
 import { toHex } from '../../store/hash.js';
 import { Store, type SnapshotRecord } from '../../store/index.js';
 import { fileReader, makeImage, spawnFixture, tempDir, waitExit, writeImage } from './helpers.js';
+import { trials } from '../helpers/soak.js';
 
 const BS = 65536;
-const TRIALS = 8;
+const TRIALS = trials(8);
 /** Kill delays after gc started, in ms: spread over the few hundred ms a gc of this store takes. */
 const MAX_KILL_DELAY_MS = 120;
 

@@ -14,6 +14,7 @@ import type { ChildProcess } from 'node:child_process';
 import { setTimeout as delay } from 'node:timers/promises';
 import { cli as cliText, untilWritten } from '../helpers/cli.js';
 import { cli, diagnose, pairedWithVolume, peerClient, startCli, startServe, tempDir, type TestHome } from '../helpers/appliance.js';
+import { trials } from '../helpers/soak.js';
 
 async function restoredOnB(b: TestHome, dir: string, name: string): Promise<Buffer> {
   const r = await cli(b, 'restore', 'vol', '--to', join(dir, name));
@@ -26,7 +27,7 @@ test('kill -9 of the client at random moments: the rerun completes, resends noth
   const { a, b, sb, dir, img } = await pairedWithVolume(t, blocks);
   const peerB = peerClient(b, sb);
   t.after(() => peerB.close());
-  for (let trial = 0; trial < 5; trial++) {
+  for (let trial = 0; trial < trials(5); trial++) {
     const run = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '2MiB');
     await delay(randomInt(200, 2000));
     run.child.kill('SIGKILL');
@@ -111,7 +112,7 @@ test('kill -9 of the server at random moments: the rerun completes and the store
   const { a, b, sb: first, dir, img } = await pairedWithVolume(t, blocks);
   const port = new URL(first.url).port;
   let sb = first;
-  for (let trial = 0; trial < 3; trial++) {
+  for (let trial = 0; trial < trials(3); trial++) {
     const run = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '2MiB');
     await delay(randomInt(300, 2000));
     await sb.kill('SIGKILL');
@@ -132,7 +133,7 @@ test('kill -9 of either side while changed blocks travel as deltas: the reruns c
   assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
   const port = new URL(first.url).port;
   let sb = first;
-  for (let trial = 0; trial < 4; trial++) {
+  for (let trial = 0; trial < trials(4); trial++) {
     // 24 KiB written into each 64 KiB block: each goes as a ~24 KiB delta, ~1.5 MiB at 512 KiB/s.
     const data = readFileSync(img);
     for (let i = 0; i < blocks; i++) randomBytes(24 * 1024).copy(data, i * 64 * 1024 + randomInt(0, 40 * 1024));
@@ -167,7 +168,7 @@ test("kill -9 of the client during first syncs of 96 MiB (the scan's new blocks 
   const fullMs = Date.now() - started;
   let killed = 0;
   let to = fullMs; // crash points before this; a run that ends sooner brings it earlier
-  for (let trial = 0; trial < 4; trial++) {
+  for (let trial = 0; trial < trials(4); trial++) {
     writeFileSync(img, randomBytes(blocks * bs)); // every block new again
     const before = (await peerB.stats()).blocksReceived;
     const run = startCli(a, 'sync', 'vol', '--peer', 'cloud');

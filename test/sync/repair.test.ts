@@ -14,6 +14,7 @@ import { hashBlock } from '../../store/hash.js';
 import { cli, damageBlock as damage, pairedWithVolume, startCli, startServe } from '../helpers/appliance.js';
 import { randomInt } from 'node:crypto';
 import { setTimeout as delay } from 'node:timers/promises';
+import { trials } from '../helpers/soak.js';
 
 const BS = 64 * 1024;
 
@@ -145,7 +146,7 @@ test('kill -9 of repair at random moments: the store opens, verify finds nothing
   const damaged = Array.from({ length: 160 }, (_, i) => i).filter((i) => i % 8 < 5);
   damage(a, ...damaged.map((i) => data.subarray(i * bs, (i + 1) * bs)));
   let left = damaged.length;
-  for (let trial = 0; trial < 4; trial++) {
+  for (let trial = 0; trial < trials(4); trial++) {
     const run = startCli(a, 'repair', '--peer', 'cloud');
     await delay(randomInt(50, 700));
     run.child.kill('SIGKILL');
