@@ -37,23 +37,70 @@ function isZero(v) {
 }
 let fd;
 let fdPath;
+let fdDirect = false;
 function release() {
   if (fd !== undefined) fs.closeSync(fd);
   fd = undefined;
   fdPath = undefined;
 }
-function readFully(v, path, position) {
-  if (fdPath !== path) {
-    release();
-    fd = fs.openSync(path, 'r');
-    fdPath = path;
-  }
+// Volumes read with O_DIRECT (block devices: what they hold is not in the page cache, and a
+// scan must not evict what is), into this page-aligned buffer (WebAssembly memory: V8 maps it on
+// a page boundary). A volume that refuses direct reads (EINVAL) is read through the cache.
+let aligned;
+const noDirect = new Set();
+// Whether a direct read lands in the shared buffer itself (its slots page-aligned): learnt from
+// the first one; otherwise through the aligned buffer and a copy.
+let intoShared;
+function alignedStage(len) {
+  if (aligned === undefined || aligned.length < len) aligned = Buffer.from(new WebAssembly.Memory({ initial: Math.ceil(len / 65536) }).buffer);
+  return aligned.subarray(0, len);
+}
+function openVolume(path, direct) {
+  if (fdPath === path && fdDirect === direct) return;
+  release();
+  fd = fs.openSync(path, direct ? fs.constants.O_RDONLY | fs.constants.O_DIRECT : 'r');
+  fdPath = path;
+  fdDirect = direct;
+}
+function readLoop(v, position) {
   let done = 0;
   while (done < v.length) {
     const n = fs.readSync(fd, v, done, v.length - done, position + done);
     if (n === 0) throw Object.assign(new Error('the volume ended at byte ' + (position + done)), { short: position + done });
     done += n;
   }
+}
+// Read v.length bytes at position into v; returns whether they were read directly.
+function readFully(v, path, position, direct) {
+  if (direct && !noDirect.has(path)) {
+    try {
+      openVolume(path, true);
+      if (aligned !== undefined && v.buffer === aligned.buffer) {
+        readLoop(v, position);
+        return true;
+      }
+      if (intoShared !== false) {
+        try {
+          readLoop(v, position);
+          intoShared = true;
+          return true;
+        } catch (e) {
+          if (e.code !== 'EINVAL' || intoShared === true) throw e;
+          intoShared = false;
+        }
+      }
+      const into = alignedStage(v.length);
+      readLoop(into, position);
+      into.copy(v);
+      return true;
+    } catch (e) {
+      if (e.code !== 'EINVAL') throw e;
+      noDirect.add(path);
+    }
+  }
+  openVolume(path, false);
+  readLoop(v, position);
+  return false;
 }
 // With the hashes a range is expected to have (its parent snapshot's), each block is read into
 // this one buffer, warm in the core's cache (and ${IO_SKEW} bytes past a page boundary, see
@@ -73,6 +120,7 @@ parentPort.on('message', (m) => {
   // computed here while the block is in the core's cache: the store would read it from memory
   // again for that (a fifth of a first scan's main thread).
   const crcs = m.crcs ? Buffer.alloc(n * 4) : undefined;
+  let direct = false;
   try {
     // Each block is hashed right after it is read, while it is still in the core's cache: one read
     // per 8 MiB chunk and then hashing took 0.89-0.98 s for a warm 2 GiB image on two threads,
@@ -83,8 +131,8 @@ parentPort.on('message', (m) => {
       const len = Math.min(m.blockSize, m.offset + m.length - off);
       const v = Buffer.from(sab, off, len);
       if (m.path !== undefined && m.expect !== undefined) {
-        const s = staging(len);
-        readFully(s, m.path, m.position + i * m.blockSize);
+        const s = m.direct ? alignedStage(len) : staging(len);
+        if (readFully(s, m.path, m.position + i * m.blockSize, m.direct)) direct = true;
         const h = out.subarray(i * ${HASH_LENGTH}, (i + 1) * ${HASH_LENGTH});
         const zero = isZero(s);
         if (!zero) native.blake3(s).copy(h);
@@ -94,13 +142,13 @@ parentPort.on('message', (m) => {
         }
         continue;
       }
-      if (m.path !== undefined) readFully(v, m.path, m.positions === undefined ? m.position + i * m.blockSize : m.positions[i]);
+      if (m.path !== undefined && readFully(v, m.path, m.positions === undefined ? m.position + i * m.blockSize : m.positions[i], m.direct)) direct = true;
       if (isZero(v)) continue;
       const h = out.subarray(i * ${HASH_LENGTH}, (i + 1) * ${HASH_LENGTH});
       native.blake3(v).copy(h);
       if (crcs) crcs.writeUInt32BE(recordCrc(v, h), i * 4);
     }
-    parentPort.postMessage({ id: m.id, hashes: out, crcs });
+    parentPort.postMessage({ id: m.id, hashes: out, crcs, direct });
   } catch (e) {
     parentPort.postMessage({ id: m.id, error: String(e && e.message || e), code: e && e.code, short: e && e.short });
   }
@@ -113,6 +161,8 @@ export interface Hashed {
   readonly hashes: Buffer;
   /** With `crcs` asked, 4 bytes per block: set for every block not all zeros and, with `expect`, not equal to it; else 0. */
   readonly crcs?: Buffer;
+  /** The worker read the range with O_DIRECT (`read.direct` asked, and the volume took it). */
+  readonly direct?: boolean;
 }
 
 interface Pending {
@@ -142,7 +192,7 @@ export class HashPool {
       // tests) need not start again in every worker, which cost ~0.3 s per scan.
       const worker = new Worker(WORKER_SOURCE, { eval: true, execArgv: [], workerData: { sab, modulePath: BLAKE3_MODULE_PATH, crcModulePath: CRC32_MODULE_PATH, recordHeader: recordHeader(ZERO_HASH, CODEC_RAW, 0) } });
       const slot: Slot = { worker, outstanding: 0 };
-      worker.on('message', (m: { id: number; hashes?: Uint8Array; crcs?: Uint8Array; error?: string; code?: string; short?: number }) => {
+      worker.on('message', (m: { id: number; hashes?: Uint8Array; crcs?: Uint8Array; direct?: boolean; error?: string; code?: string; short?: number }) => {
         slot.outstanding--;
         const p = this.pending.get(m.id);
         if (!p) return;
@@ -154,7 +204,7 @@ export class HashPool {
         } else if (m.error !== undefined || !m.hashes) p.reject(new TandemError('ERR_INTERNAL', `a hash worker failed: ${m.error}`));
         else {
           const hashes = Buffer.from(m.hashes.buffer, m.hashes.byteOffset, m.hashes.byteLength);
-          p.resolve(m.crcs ? { hashes, crcs: Buffer.from(m.crcs.buffer, m.crcs.byteOffset, m.crcs.byteLength) } : { hashes });
+          p.resolve({ hashes, ...(m.crcs ? { crcs: Buffer.from(m.crcs.buffer, m.crcs.byteOffset, m.crcs.byteLength) } : {}), ...(m.direct ? { direct: true } : {}) });
         }
       });
       worker.on('error', (e) => this.fail(e));
@@ -179,16 +229,18 @@ export class HashPool {
    * {@link Hashed}). With `read`, the worker first reads those bytes from `read.path` at `read.position`, or,
    * with `read.positions`, block i of the range from `read.positions[i]`. With `read.expect` (32
    * bytes per block: the hashes the blocks had in the parent snapshot), only blocks whose hash
-   * differs are left in the shared buffer; the others' bytes there are undefined.
+   * differs are left in the shared buffer; the others' bytes there are undefined. With
+   * `read.direct` the worker reads with O_DIRECT (page-aligned offsets and lengths: blocks of a
+   * device), through the page cache if the volume refuses it; the answer says which (`direct`).
    */
-  hash(offset: number, length: number, blockSize: number, read?: { path: string; position: number; positions?: readonly number[]; expect?: Uint8Array }, crcs = false): Promise<Hashed> {
+  hash(offset: number, length: number, blockSize: number, read?: { path: string; position: number; positions?: readonly number[]; expect?: Uint8Array; direct?: boolean }, crcs = false): Promise<Hashed> {
     if (this.failure) return Promise.reject(this.failure);
     const slot = this.slots.reduce((a, b) => (b.outstanding < a.outstanding ? b : a));
     const id = this.nextId++;
     slot.outstanding++;
     return new Promise<Hashed>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      slot.worker.postMessage({ id, offset, length, blockSize, path: read?.path, position: read?.position, positions: read?.positions, expect: read?.expect, crcs });
+      slot.worker.postMessage({ id, offset, length, blockSize, path: read?.path, position: read?.position, positions: read?.positions, expect: read?.expect, direct: read?.direct === true, crcs });
     });
   }
 

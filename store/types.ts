@@ -298,6 +298,8 @@ export interface ScanProgress {
   readonly blocksDone: number;
   readonly blocksTotal: number;
   readonly bytesRead: number;
+  /** Of bytesRead, those read past the page cache (O_DIRECT: a block device). */
+  readonly bytesReadDirect: number;
   readonly blocksStored: number;
 }
 

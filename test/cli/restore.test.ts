@@ -241,12 +241,12 @@ function duBytes(dir: string): number {
   return total;
 }
 
-test('a block device: snapshot reads it read-only with its real size; restore writes back only the changed blocks', { skip: process.getuid?.() !== 0 ? 'needs root for losetup' : false }, async (t) => {
+test('a block device: snapshot reads it read-only with its real size, past the page cache; restore writes back only the changed blocks', { skip: process.getuid?.() !== 0 ? 'needs root for losetup' : false }, async (t) => {
   const dir = tempDir(t);
   const home = join(dir, 'home');
   assert.equal((await cli(['init', '--home', home])).code, 0);
   const backing = join(dir, 'backing.img');
-  const data = randomBytes(6 * BS);
+  const data = randomBytes(6 * BS + 8192); // a short last block, read directly too
   writeFileSync(backing, data);
   const dev = loopDevice(t, backing);
   if (dev === null) return;
@@ -255,9 +255,25 @@ test('a block device: snapshot reads it read-only with its real size; restore wr
   assert.equal(add.json.size, data.length);
   const s = await cliJson(['snapshot', 'disk', '--home', home]);
   assert.equal(s.code, 0, s.stderr);
+  assert.equal(s.json.bytesReadDirect, data.length, 'every byte of the device was read with O_DIRECT');
+  assert.match(s.stderr, /past the page cache/);
   const out = join(dir, 'out.img');
   assert.equal((await cli(['restore', 'disk', '--to', out, '--home', home])).code, 0);
   assert.ok(readFileSync(out).equals(data));
+
+  // A re-snapshot (compared with the parent's hashes as it reads) reads the device directly too.
+  const changed = randomBytes(4096);
+  changed.copy(data, 2 * BS + 4096);
+  const wfd = openSync(dev, 'r+');
+  writeSync(wfd, changed, 0, 4096, 2 * BS + 4096);
+  closeSync(wfd);
+  const again = await cliJson(['snapshot', 'disk', '--home', home]);
+  assert.equal(again.code, 0, again.stderr);
+  assert.equal(again.json.bytesReadDirect, data.length);
+  assert.equal(again.json.blocksStored, 1);
+  const out2 = join(dir, 'out2.img');
+  assert.equal((await cli(['restore', 'disk', '--to', out2, '--home', home])).code, 0);
+  assert.ok(readFileSync(out2).equals(data));
 
   // Damage two blocks on the device, then restore the snapshot onto the device itself.
   const fd = openSync(dev, 'r+');
@@ -266,7 +282,7 @@ test('a block device: snapshot reads it read-only with its real size; restore wr
   closeSync(fd);
   const r = await cliJson(['restore', 'disk', '--to', dev, '--home', home]);
   assert.equal(r.code, 0, r.stderr);
-  assert.equal(r.json.blocksCompared, 6);
+  assert.equal(r.json.blocksCompared, 7);
   assert.equal(r.json.blocksWritten, 2);
   assert.ok(readFileSync(dev).equals(data));
   const list = await cliJson(['volume', 'list', '--home', home]);
@@ -277,6 +293,7 @@ test('kill -9 during a restore onto the volume itself: the half-written volume s
   const { home, img } = await setup(t, 256 * BS); // 128 MiB: the restore writes for a few hundred ms
   const s1 = await cliJson(['snapshot', 'vol', '--home', home]);
   assert.equal(s1.code, 0, s1.stderr);
+  assert.equal(s1.json.bytesReadDirect, 0, 'an image file is read through the page cache');
   const want = readFileSync(img);
   let landed = false;
   for (let trial = 0; trial < 5 && !landed; trial++) {

@@ -16,7 +16,7 @@ export function define(program: Command): void {
       const { currentIO, formatBytes } = await import('../output.js');
       const io = currentIO();
       const notices: string[] = [];
-      let last = { blocksDone: 0, blocksTotal: 0, bytesRead: 0, blocksStored: 0 };
+      let last = { blocksDone: 0, blocksTotal: 0, bytesRead: 0, bytesReadDirect: 0, blocksStored: 0 };
       let bar: ReturnType<typeof startProgress> | null = null;
       const started = process.hrtime.bigint();
       const rec = await withHomeStore(g.home, async (home, store) => {
@@ -40,12 +40,15 @@ export function define(program: Command): void {
       const seconds = Number(process.hrtime.bigint() - started) / 1e9;
       const figures = {
         bytesRead: last.bytesRead,
+        /** Of bytesRead, read past the page cache (a block device, O_DIRECT). */
+        bytesReadDirect: last.bytesReadDirect,
         blocksRead: last.blocksDone,
         blocksStored: last.blocksStored,
         seconds: Math.round(seconds * 1000) / 1000,
         mbPerSecond: seconds > 0 ? Math.round((last.bytesRead / 1e6 / seconds) * 10) / 10 : 0,
       };
-      io.err(`snapshot ${rec.volume}@${rec.id}: read ${formatBytes(figures.bytesRead)} in ${figures.seconds}s (${figures.mbPerSecond} MB/s), stored ${figures.blocksStored} new blocks\n`);
+      const direct = figures.bytesReadDirect === 0 ? '' : figures.bytesReadDirect === figures.bytesRead ? ', past the page cache' : `, ${formatBytes(figures.bytesReadDirect)} of it past the page cache`;
+      io.err(`snapshot ${rec.volume}@${rec.id}: read ${formatBytes(figures.bytesRead)} in ${figures.seconds}s (${figures.mbPerSecond} MB/s${direct}), stored ${figures.blocksStored} new blocks\n`);
       return { json: { snapshot: rec, ...figures, notices }, text: rec.id };
     }));
 }
