@@ -46,11 +46,10 @@ function release() {
 // Volumes read with O_DIRECT (block devices: what they hold is not in the page cache, and a
 // scan must not evict what is), into this page-aligned buffer (WebAssembly memory: V8 maps it on
 // a page boundary). A volume that refuses direct reads (EINVAL) is read through the cache.
+// SharedArrayBuffers are not page-aligned (a direct read into the scan's slots gets EINVAL), so
+// a block read directly is copied into its slot from here when the slot must hold it.
 let aligned;
 const noDirect = new Set();
-// Whether a direct read lands in the shared buffer itself (its slots page-aligned): learnt from
-// the first one; otherwise through the aligned buffer and a copy.
-let intoShared;
 function alignedStage(len) {
   if (aligned === undefined || aligned.length < len) aligned = Buffer.from(new WebAssembly.Memory({ initial: Math.ceil(len / 65536) }).buffer);
   return aligned.subarray(0, len);
@@ -75,23 +74,9 @@ function readFully(v, path, position, direct) {
   if (direct && !noDirect.has(path)) {
     try {
       openVolume(path, true);
-      if (aligned !== undefined && v.buffer === aligned.buffer) {
-        readLoop(v, position);
-        return true;
-      }
-      if (intoShared !== false) {
-        try {
-          readLoop(v, position);
-          intoShared = true;
-          return true;
-        } catch (e) {
-          if (e.code !== 'EINVAL' || intoShared === true) throw e;
-          intoShared = false;
-        }
-      }
-      const into = alignedStage(v.length);
+      const into = aligned !== undefined && v.buffer === aligned.buffer ? v : alignedStage(v.length);
       readLoop(into, position);
-      into.copy(v);
+      if (into !== v) into.copy(v);
       return true;
     } catch (e) {
       if (e.code !== 'EINVAL') throw e;

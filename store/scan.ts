@@ -231,7 +231,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   // A local file or device is read through the page cache (pread): its slots start SCAN_SKEW bytes
   // past a page boundary (common/io-buffers.ts, above). Other readers get page-aligned slots, which they
   // may read with O_DIRECT (a sparse image read that way needs no zero pages in the cache).
-  const skew = localPath !== undefined && !readDirect ? SCAN_SKEW : 0;
+  const skew = localPath !== undefined ? SCAN_SKEW : 0;
   /** Where a slot starts in `sab`. */
   const slotAt = (slot: number): number => skew + slot * slotBytes;
   const jobs = changed ? groups(changed, chunkBlocks) : all(blocks, chunkBlocks);
