@@ -1,11 +1,12 @@
 /**
- * Idle hash-worker pools (store/hash-pool.ts): kept for the next scan for a while, then ended;
- * with keepWarm (a running appliance) one is kept for as long as the store is open.
+ * Hash-worker pools (store/hash-pool.ts): idle ones kept for the next scan for a while, then
+ * ended (with keepWarm, a running appliance, one for as long as the store is open); the record
+ * checksums the workers compute; their direct reads (a device's) against their buffered ones.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomFillSync } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, constants, mkdtempSync, openSync, readSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -81,4 +82,78 @@ test('the workers checksum the pack record of each block a scan may store, as th
   const read = await pool.hash(0, length, bs, { path, position: 0, expect }, true);
   assert.equal(read.crcs!.readUInt32BE(0), 0, 'as in the parent: not stored, no checksum');
   assert.deepEqual([2, 3].map((i) => read.crcs!.readUInt32BE(i * 4)), [2, 3].map(trailer));
+});
+
+/** Whether files in `dir` take O_DIRECT reads (ext4, xfs: yes; some tmpfs: no). */
+function takesDirect(dir: string): boolean {
+  const probe = join(dir, 'probe');
+  writeFileSync(probe, Buffer.alloc(8192, 1));
+  try {
+    const fd = openSync(probe, constants.O_RDONLY | constants.O_DIRECT);
+    try {
+      readSync(fd, Buffer.from(new WebAssembly.Memory({ initial: 1 }).buffer, 0, 4096), 0, 4096, 0);
+      return true;
+    } finally {
+      closeSync(fd);
+    }
+  } catch {
+    return false;
+  }
+}
+
+test("direct reads (a device's) answer as buffered ones, the next block read while one is hashed: in order, scattered, against a parent; a volume that refuses them is read through the cache", async (t) => {
+  const pools = new HashPools(IDLE_MS);
+  t.after(() => pools.close());
+  const pool = pools.borrow(2 * BYTES);
+  t.after(() => pools.giveBack(pool));
+  const bs = 65536;
+  const n = 12;
+  const data = Buffer.alloc(n * bs);
+  randomFillSync(data);
+  data.fill(0, 3 * bs, 4 * bs); // a zero block
+  data.fill(5, 7 * bs, 8 * bs);
+  const dir = mkdtempSync(join(tmpdir(), 'tandem-hash-pool-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const path = join(dir, 'image');
+  writeFileSync(path, data);
+  const direct = takesDirect(dir);
+  const hashesOf = (idx: number[]) => Buffer.concat(idx.map((i) => (i === 3 ? ZERO_HASH : hashBlock(data.subarray(i * bs, (i + 1) * bs)))));
+  const region = Buffer.from(pool.sab, 0, n * bs);
+  const all = Array.from({ length: n }, (_, i) => i);
+
+  for (const how of [{ direct: true }, { direct: false }]) {
+    region.fill(0xee);
+    const r = await pool.hash(0, n * bs, bs, { path, position: 0, ...how }, true);
+    assert.ok(r.hashes.equals(hashesOf(all)), `in order, direct ${how.direct}`);
+    assert.ok(region.equals(data), 'every block is left in the shared buffer');
+    assert.equal(r.direct === true, how.direct && direct);
+    assert.equal(r.crcs!.readUInt32BE(3 * 4), 0, 'a zero block: no checksum');
+  }
+  // Scattered blocks, each from its own position (a change list).
+  const picked = [9, 2, 7, 3, 11];
+  const scattered = await pool.hash(0, picked.length * bs, bs, { path, position: 0, positions: picked.map((i) => i * bs), direct: true }, true);
+  assert.ok(scattered.hashes.equals(hashesOf(picked)));
+  assert.ok(region.subarray(0, picked.length * bs).equals(Buffer.concat(picked.map((i) => data.subarray(i * bs, (i + 1) * bs)))));
+  // Against a parent that had blocks 0-5 as they are: the others differ, and only those are copied and checksummed.
+  const expect = Buffer.concat(all.map((i) => (i < 6 ? hashesOf([i]) : Buffer.alloc(32, 9))));
+  region.fill(0xee);
+  const rescan = await pool.hash(0, n * bs, bs, { path, position: 0, expect, direct: true }, true);
+  assert.ok(rescan.hashes.equals(hashesOf(all)));
+  for (const i of all) {
+    const block = region.subarray(i * bs, (i + 1) * bs);
+    assert.equal(block.equals(data.subarray(i * bs, (i + 1) * bs)), i >= 6, `block ${i} copied only if it changed`);
+    assert.equal(rescan.crcs!.readUInt32BE(i * 4) !== 0, i >= 6, `block ${i} checksummed only if it changed`);
+  }
+  // A short last block (1000 bytes: not a multiple of the sector size) refuses O_DIRECT: the
+  // job is read again through the cache, with the same answer, and so is the next one.
+  const shortPath = join(dir, 'short');
+  writeFileSync(shortPath, data.subarray(0, 2 * bs + 1000));
+  const short = await pool.hash(0, 2 * bs + 1000, bs, { path: shortPath, position: 0, direct: true });
+  assert.ok(short.hashes.equals(Buffer.concat([hashesOf([0, 1]), hashBlock(data.subarray(2 * bs, 2 * bs + 1000))])));
+  assert.equal(short.direct, undefined, 'read through the cache');
+  const again = await pool.hash(0, bs, bs, { path: shortPath, position: bs, direct: true });
+  assert.ok(again.hashes.equals(hashesOf([1])));
+  assert.equal(again.direct, undefined, 'the volume is remembered as refusing direct reads');
+  // A volume that ends early: the read's error, not a hang.
+  await assert.rejects(pool.hash(0, 4 * bs, bs, { path, position: (n - 2) * bs, direct: true }), /ended at byte|before its size/);
 });
