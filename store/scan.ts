@@ -11,7 +11,9 @@
  * Memory: SLOTS x CHUNK_BYTES of buffers (2 on the calling thread) plus one node per tree level,
  * whatever the volume size.
  */
-import { TandemError, isTandemError } from '../common/errors.js';
+import { constants } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
+import { TandemError, fromSystemError, isTandemError } from '../common/errors.js';
 import { IO_SKEW } from '../common/io-buffers.js';
 import { CODEC_RAW, RECORD_HEADER_LENGTH, recordPartsWithCrc } from './pack.js';
 import { hashBlock, isZeroHash, HASH_LENGTH, parseHex, ZERO_HASH } from './hash.js';
@@ -93,13 +95,17 @@ const MAIN_THREAD_MAX_BLOCKS = 256;
  * change-list syncs): fresh memory costs a page fault per 4 KiB on its first read, 9 ms of every
  * 12 ms spent reading 16 cached blocks into a new 8 MiB buffer, against 3 ms into a used one.
  */
-let spareSlots: ArrayBuffer | null = null;
+let spareSlots: { buf: ArrayBuffer; aligned: boolean } | null = null;
 
-/** The spare slots when they have this size, else new ones. */
-function takeSpareSlots(bytes: number): ArrayBuffer {
-  const spare = spareSlots?.byteLength === bytes ? spareSlots : null;
+/**
+ * The spare slots when they have this size (and are page-aligned if `aligned`: a device's
+ * direct reads go straight into them), else new ones. Aligned memory is WebAssembly memory,
+ * which V8 maps on a page boundary, rounded up to its 64 KiB pages.
+ */
+function takeSpareSlots(bytes: number, aligned: boolean): ArrayBuffer {
+  const spare = spareSlots && spareSlots.aligned === aligned && spareSlots.buf.byteLength >= bytes && spareSlots.buf.byteLength < bytes + 65536 ? spareSlots.buf : null;
   if (spare) spareSlots = null;
-  return spare ?? new ArrayBuffer(bytes);
+  return spare ?? (aligned ? new WebAssembly.Memory({ initial: Math.ceil(bytes / 65536) }).buffer : new ArrayBuffer(bytes));
 }
 
 /** Reads of one scattered job in flight at once (libuv's pool has 4 threads). */
@@ -226,12 +232,18 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   const pool = onMainThread ? null : store.hashPools.borrow(poolBytes);
   // On the calling thread, reads (libuv) overlap hashing with two slots; more would only hold memory.
   const slots = pool ? SLOTS : Math.min(2, Math.ceil((changed?.length ?? 0) / chunkBlocks));
-  const own = pool ? null : takeSpareSlots(IO_SKEW + slotBytes * 2);
+  // A device's change list read here goes past the page cache as the workers' reads do, straight
+  // into page-aligned slots (a pool's SharedArrayBuffer is not page-aligned: store/hash-pool.ts).
+  const directOpen = readDirect && !pool ? await open(localPath, constants.O_RDONLY | constants.O_DIRECT).catch(() => null) : null; // refused (EINVAL): read through the cache
+  /** Null once the device refused a direct read. */
+  let directFh: FileHandle | null = directOpen;
+  const own = pool ? null : takeSpareSlots(IO_SKEW + slotBytes * 2, directOpen !== null);
   const sab: ArrayBufferLike = pool ? pool.sab : own!;
   // A local file or device is read through the page cache (pread): its slots start SCAN_SKEW bytes
   // past a page boundary (common/io-buffers.ts, above). Other readers get page-aligned slots, which they
-  // may read with O_DIRECT (a sparse image read that way needs no zero pages in the cache).
-  const skew = localPath !== undefined ? SCAN_SKEW : 0;
+  // may read with O_DIRECT (a sparse image read that way needs no zero pages in the cache), and so
+  // does a device read directly here.
+  const skew = localPath !== undefined && directOpen === null ? SCAN_SKEW : 0;
   /** Where a slot starts in `sab`. */
   const slotAt = (slot: number): number => skew + slot * slotBytes;
   const jobs = changed ? groups(changed, chunkBlocks) : all(blocks, chunkBlocks);
@@ -296,10 +308,26 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
     const ranges = job.indices
       ? job.indices.map((b, i) => ({ at: i * blockSize, pos: b * blockSize, len: Math.min(blockSize, size - b * blockSize) }))
       : [{ at: 0, pos: start, len: length }];
+    let direct = directFh !== null;
+    /** Into `into` from `position`: past the page cache while the device takes it. */
+    const readInto = async (into: Buffer, position: number): Promise<number> => {
+      const fh = directFh;
+      if (fh) {
+        try {
+          return (await fh.read(into, 0, into.length, position)).bytesRead;
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw fromSystemError(e, `reading ${localPath} at byte ${position}`);
+          // Refused (an offset or length not aligned to the device's sectors): through the cache from now on.
+          directFh = null;
+        }
+      }
+      direct = false;
+      return reader.read(into, position);
+    };
     const readRange = async (r: (typeof ranges)[number]): Promise<void> => {
       let done = 0;
       while (done < r.len) {
-        const n = await reader.read(buf.subarray(r.at + done, r.at + r.len), r.pos + done);
+        const n = await readInto(buf.subarray(r.at + done, r.at + r.len), r.pos + done);
         if (n <= 0) {
           throw new TandemError('ERR_VOLUME_UNREADABLE', `volume ${volume} ended at byte ${r.pos + done}, before its size ${size}; it shrank during the snapshot, retry`, { details: { volume, offset: r.pos + done } });
         }
@@ -319,7 +347,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
       for (let i = 0; i < job.count; i++) {
         hashBlock(buf.subarray(i * blockSize, Math.min(length, (i + 1) * blockSize))).copy(hashes, i * HASH_LENGTH);
       }
-      return { ...base, hashes };
+      return { ...base, hashes, ...(direct ? { direct } : {}) };
     }
     return { ...base, ...(await pool.hash(slotAt(slot), length, blockSize, undefined, true)) };
   };
@@ -423,9 +451,10 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   } finally {
     // Pack writes read from the slots: they end before the buffer can go to another scan.
     await Promise.allSettled([...inflight, ...puts.map((p) => p.stored)]);
+    await directOpen?.close().catch(() => undefined);
     const giveBack = async () => {
       if (pool) await store.hashPools.giveBack(pool);
-      else spareSlots = own;
+      else spareSlots = { buf: own!, aligned: directOpen !== null };
     };
     // Lent out: the buffer goes to another scan once the borrower is done with it (it finishes
     // after this scan returns: a sync sends its last new blocks then).
