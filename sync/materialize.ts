@@ -229,32 +229,57 @@ export async function materialize(
     await flushPending();
     blocksDone = blocksTotal;
   } else {
-    // Read the target in large chunks into a shared buffer of two slots and hash each chunk on
-    // worker threads while the next one is read; compare with the snapshot's hashes in order.
+    // Read the target in large chunks and hash each on the worker threads while the next one is
+    // read; compare with the snapshot's hashes in order. A local file or device is read by the
+    // workers themselves (as a scan reads it, store/hash-pool.ts: each block hashed while it is in
+    // the CPU's cache, a device past the page cache), told the snapshot's hashes so that only
+    // blocks that differ reach the shared buffer; other targets are read here with writer.read.
+    // The chunks read are ahead of every write (a block is written once its chunk is compared),
+    // so no read meets a write in flight.
     const chunkBytes = READ_CHUNK_BLOCKS * bs;
     const sab = new SharedArrayBuffer(IO_SKEW + 2 * chunkBytes);
     // The pool starts one worker per core this process may use; split each chunk as many ways.
     const threads = Math.max(1, availableParallelism());
     const pool = new HashPool(sab);
+    const local = writer.path !== undefined && (writer.kind === 'file' || writer.kind === 'device') ? { path: writer.path, direct: writer.kind === 'device' } : null;
+    const wanted = store.blockHashes(snap)[Symbol.asyncIterator]();
     try {
+      /** The snapshot's hashes of chunk k (the walk's next ones: chunks are asked in order). */
+      const expected = async (k: number): Promise<Buffer> => {
+        const first = k * READ_CHUNK_BLOCKS;
+        const n = Math.min(READ_CHUNK_BLOCKS, blocksTotal - first);
+        const out = Buffer.alloc(n * HASH_BYTES);
+        for (let i = 0; i < n; i++) {
+          const r = await wanted.next();
+          if (r.done || r.value.index !== first + i) {
+            throw new TandemError('ERR_STORE_CORRUPT', `snapshot ${snap.volume}@${snap.id} lists ${r.done ? 'no' : `block ${r.value.index} as its`} block ${first + i}; run \`appliance verify\``);
+          }
+          r.value.hash.copy(out, i * HASH_BYTES);
+        }
+        return out;
+      };
       /** Read chunk k into slot k % 2 and hash it; the slot is free again once this resolves. */
-      const load = async (k: number): Promise<{ first: number; hashes: Buffer } | null> => {
+      const load = async (k: number): Promise<{ first: number; hashes: Buffer; expect: Buffer } | null> => {
         const pos = k * chunkBytes;
         if (pos >= snap.size) return null;
+        const expect = await expected(k);
         const length = Math.min(chunkBytes, snap.size - pos);
         const base = IO_SKEW + (k % 2) * chunkBytes;
-        const n = await writer.read(Buffer.from(sab, base, length), pos);
-        if (n !== length) {
-          throw new TandemError('ERR_IO', `the target returned ${n} bytes at ${pos} where ${length} were expected; check the device`);
+        if (!local) {
+          const n = await writer.read(Buffer.from(sab, base, length), pos);
+          if (n !== length) {
+            throw new TandemError('ERR_IO', `the target returned ${n} bytes at ${pos} where ${length} were expected; check the device`);
+          }
         }
         // Split the chunk between the workers on block boundaries.
         const blocks = Math.ceil(length / bs);
         const per = Math.ceil(blocks / threads);
         const parts: Array<Promise<Buffer>> = [];
         for (let b = 0; b < blocks; b += per) {
-          parts.push(pool.hash(base + b * bs, Math.min(per * bs, length - b * bs), bs).then((h) => h.hashes));
+          const read = local ? { ...local, position: pos + b * bs, expect: expect.subarray(b * HASH_BYTES, (b + per) * HASH_BYTES) } : undefined;
+          parts.push(pool.hash(base + b * bs, Math.min(per * bs, length - b * bs), bs, read).then((h) => h.hashes));
         }
-        return { first: k * READ_CHUNK_BLOCKS, hashes: Buffer.concat(await Promise.all(parts)) };
+        return { first: k * READ_CHUNK_BLOCKS, hashes: Buffer.concat(await Promise.all(parts)), expect };
       };
       // A load that fails is reported when awaited; the no-op handler only keeps Node from
       // calling it unhandled while the comparison is still busy with the chunk before.
@@ -263,29 +288,29 @@ export async function materialize(
         p.catch(() => undefined);
         return p;
       };
-      let k = 0;
-      let chunk = await load(0);
-      let next = ahead(1);
-      for await (const { index, hash } of store.blockHashes(snap)) {
-        opts.signal?.throwIfAborted();
-        while (chunk && index >= chunk.first + READ_CHUNK_BLOCKS) {
-          chunk = await next;
-          k++;
-          next = ahead(k + 1);
+      let next = ahead(0);
+      for (let k = 0; ; k++) {
+        const chunk = await next;
+        if (!chunk) break;
+        next = ahead(k + 1); // asks the walk for its hashes only now: this chunk's are all read
+        const n = chunk.expect.length / HASH_BYTES;
+        for (let i = 0; i < n; i++) {
+          opts.signal?.throwIfAborted();
+          const at = i * HASH_BYTES;
+          blocksCompared++;
+          blocksDone = chunk.first + i + 1;
+          if (!chunk.hashes.subarray(at, at + HASH_BYTES).equals(chunk.expect.subarray(at, at + HASH_BYTES))) {
+            await enqueue(chunk.first + i, Buffer.from(chunk.expect.subarray(at, at + HASH_BYTES)));
+          }
         }
-        if (!chunk || index < chunk.first) {
-          throw new TandemError('ERR_STORE_CORRUPT', `snapshot ${snap.volume}@${snap.id} lists block ${index} out of order or past its size; run \`appliance verify\``);
-        }
-        const i = index - chunk.first;
-        const current = chunk.hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES);
-        blocksCompared++;
-        blocksDone = index + 1;
-        if (!current.equals(hash)) await enqueue(index, hash);
-        if (blocksDone % READ_CHUNK_BLOCKS === 0) report();
+        report();
       }
-      await next;
+      if (!(await wanted.next()).done) {
+        throw new TandemError('ERR_STORE_CORRUPT', `snapshot ${snap.volume}@${snap.id} lists blocks past its size; run \`appliance verify\``);
+      }
       await flushPending();
     } finally {
+      await wanted.return?.(undefined);
       await pool.close();
     }
   }
