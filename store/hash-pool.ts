@@ -39,9 +39,14 @@ let fd;
 let fdPath;
 let fdDirect = false;
 function release() {
-  if (fd !== undefined) fs.closeSync(fd);
+  const was = fd;
   fd = undefined;
   fdPath = undefined;
+  try {
+    if (was !== undefined) fs.closeSync(was);
+  } catch {
+    // gone either way
+  }
 }
 // Volumes read with O_DIRECT (block devices: what they hold is not in the page cache, and a
 // scan must not evict what is), into two page-aligned buffers (WebAssembly memory: V8 maps it on
@@ -178,10 +183,11 @@ async function handle(m) {
     parentPort.postMessage({ id: m.id, error: String(e && e.message || e), code: e && e.code, short: e && e.short });
   }
 }
-// One job at a time, in order (a direct one awaits its reads).
+// One job at a time, in order (a direct one awaits its reads). handle answers every job, its
+// failures included; the catch only keeps one that threw anyway from stopping the jobs after it.
 let queue = Promise.resolve();
 parentPort.on('message', (m) => {
-  queue = queue.then(() => handle(m));
+  queue = queue.then(() => handle(m)).catch(() => undefined);
 });
 process.on('exit', release);
 `;
