@@ -49,10 +49,11 @@ function release() {
   }
 }
 // Volumes read with O_DIRECT (block devices: what they hold is not in the page cache, and a
-// scan must not evict what is), into two page-aligned buffers (WebAssembly memory: V8 maps it on
-// a page boundary; see hashDirect). A volume that refuses direct reads (EINVAL) is read through the cache.
-// SharedArrayBuffers are not page-aligned (a direct read into the scan's slots gets EINVAL), so
-// a block read directly is copied into its slot from there when the slot must hold it.
+// scan must not evict what is), into two page-aligned buffers (WebAssembly memory: V8 maps it
+// on a page boundary; see hashDirect). A volume that refuses direct reads (EINVAL) is read
+// through the cache. SharedArrayBuffers are not page-aligned (a direct read into the scan's
+// slots gets EINVAL), so a block read directly is copied into its slot from there when the slot
+// must hold it.
 const aligned = [];
 const noDirect = new Set();
 // Aligned buffer k (0 or 1: a direct job reads the next block into one while it hashes the other).
