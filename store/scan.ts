@@ -34,6 +34,17 @@ const CHUNK_BYTES = 8 * 1024 * 1024;
 const SLOTS = 6;
 
 /**
+ * How a scan of a volume of `blockSize` blocks lays out its hash pool: blocks per chunk (a read
+ * of {@link CHUNK_BYTES}, at least one block), bytes per slot, slots, and the pool's buffer size,
+ * by which idle pools are found again (HashPools.borrow). materialize borrows the same pools.
+ */
+export function scanLayout(blockSize: number): { chunkBlocks: number; slotBytes: number; slots: number; poolBytes: number } {
+  const chunkBlocks = Math.max(1, Math.floor(CHUNK_BYTES / blockSize));
+  const slotBytes = chunkBlocks * blockSize;
+  return { chunkBlocks, slotBytes, slots: SLOTS, poolBytes: IO_SKEW + slotBytes * SLOTS };
+}
+
+/**
  * Chunks handed to the store at once: the next one's lookup and checksums overlap this one's
  * write. A 4 GiB first snapshot took 10.4-11.5 s this way, 11.5-12.9 s one chunk at a time.
  */
@@ -217,8 +228,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   /** The tree is built on the parent's, from the blocks that differ (else from scratch, from every non-zero block). */
   const treeParent = changed || onParent ? parent : null;
 
-  const chunkBlocks = Math.max(1, Math.floor(CHUNK_BYTES / blockSize));
-  const slotBytes = chunkBlocks * blockSize;
+  const { chunkBlocks, slotBytes, poolBytes } = scanLayout(blockSize);
   // A local file or device is read by the hash workers themselves (see HashPool).
   const localPath = typeof reader.path === 'string' && (reader.kind === 'file' || reader.kind === 'device') ? reader.path : undefined;
   // A block device is read past the page cache (O_DIRECT): its data is seldom cached (guests and
@@ -227,7 +237,6 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   // direct reads 1.9-2.3 GB/s, buffered 0.46-0.85 GB/s. An image file is read through the
   // cache, where it often is (a test image, a VM's cached writes).
   const readDirect = localPath !== undefined && reader.kind === 'device';
-  const poolBytes = IO_SKEW + slotBytes * SLOTS;
   const onMainThread = changed !== undefined && changed.length <= MAIN_THREAD_MAX_BLOCKS && !store.hashPools.hasIdle(poolBytes) && !store.hashPools.keptWarm;
   const pool = onMainThread ? null : store.hashPools.borrow(poolBytes);
   // On the calling thread, reads (libuv) overlap hashing with two slots; more would only hold memory.

@@ -13,7 +13,8 @@
  *   the blocks from it on are left as they were.
  * - Zero blocks are never fetched: on a new target they are simply not written (holes); on an
  *   existing one `writer.zero()` makes them read as zeros.
- * - Memory is bounded by {@link READ_CHUNK_BLOCKS}, {@link WRITE_BATCH_BYTES} (hashes only) and
+ * - Memory is bounded by the scan's chunk (store/scan.ts scanLayout: 8 MiB, or one block of a larger
+ *   size), {@link WRITE_BATCH_BYTES} (hashes only) and
  *   {@link WRITES_IN_FLIGHT} blocks, whatever the volume size. Written data is flushed in the
  *   background as it goes and `writer.sync()` is awaited at the end: when materialize resolves,
  *   the target is durable. The caller closes the writer.
@@ -24,7 +25,8 @@ import { TandemError, isTandemError } from '../common/errors.js';
 import { IO_SKEW } from '../common/io-buffers.js';
 import { availableParallelism } from 'node:os';
 import { ZERO_HASH } from '../store/index.js';
-import { HashPool } from '../store/hash-pool.js';
+import { HashPool, type HashPools } from '../store/hash-pool.js';
+import { scanLayout } from '../store/scan.js';
 import type { BlockFrame, GetBlocksOptions, Hash, SnapshotRecord, VolumeWriter } from '../store/types.js';
 
 /** What materialize needs of a store: the snapshot's block hashes and verified blocks. */
@@ -32,6 +34,8 @@ export interface MaterializeSource {
   blockHashes(snap: SnapshotRecord): AsyncIterable<{ index: number; hash: Hash }>;
   diffSnapshots(base: SnapshotRecord | null, target: SnapshotRecord): AsyncIterable<{ index: number; hash: Hash }>;
   getBlocks(hashes: readonly Hash[], opts?: GetBlocksOptions): AsyncIterable<BlockFrame>;
+  /** The store's idle hash pools (a running appliance keeps one warm): borrowed rather than started, when given. */
+  readonly hashPools?: Pick<HashPools, 'borrow' | 'giveBack'>;
 }
 
 export interface MaterializeProgress {
@@ -66,8 +70,6 @@ export interface MaterializeResult {
   readonly bytesWritten: number;
 }
 
-/** Target reads of 16 blocks (8 MiB at the default block size): large sequential I/O. */
-const READ_CHUNK_BLOCKS = 16;
 /**
  * Written data is flushed in the background every this many bytes (the page cache would hold it
  * all): `writer.writeback()`, which for a file written directly (appliance/volumes/direct.ts) has
@@ -236,18 +238,27 @@ export async function materialize(
     // blocks that differ reach the shared buffer; other targets are read here with writer.read.
     // The chunks read are ahead of every write (a block is written once its chunk is compared),
     // so no read meets a write in flight.
-    const chunkBytes = READ_CHUNK_BLOCKS * bs;
-    const sab = new SharedArrayBuffer(IO_SKEW + 2 * chunkBytes);
-    // The pool starts one worker per core this process may use; split each chunk as many ways.
+    // Chunks of a scan's size, one per slot of a pool of a scan's shape (the store's idle one when
+    // there is one: a running appliance keeps one warm), as many in flight as there are slots:
+    // a chunk of one large block (16 MiB blocks) keeps one worker busy, so several must be.
+    const layout = scanLayout(bs);
+    const { chunkBlocks } = layout;
+    const chunkBytes = chunkBlocks * bs;
+    const pools = store.hashPools;
+    const pool = pools ? pools.borrow(layout.poolBytes) : new HashPool(new SharedArrayBuffer(IO_SKEW + layout.slots * chunkBytes));
+    const sab = pool.sab;
+    // The pool has one worker per core this process may use; split each chunk as many ways.
     const threads = Math.max(1, availableParallelism());
-    const pool = new HashPool(sab);
     const local = writer.path !== undefined && (writer.kind === 'file' || writer.kind === 'device') ? { path: writer.path, direct: writer.kind === 'device' } : null;
     const wanted = store.blockHashes(snap)[Symbol.asyncIterator]();
+    type Chunk = { first: number; hashes: Buffer; expect: Buffer };
+    /** Loads in flight, in chunk order: all settled before the pool goes back (their workers would still write into the slots). */
+    const inFlight: Array<Promise<Chunk | null>> = [];
     try {
-      /** The snapshot's hashes of chunk k (the walk's next ones: chunks are asked in order). */
+      /** The snapshot's hashes of chunk k: the walk's next ones (see `inOrder`). */
       const expected = async (k: number): Promise<Buffer> => {
-        const first = k * READ_CHUNK_BLOCKS;
-        const n = Math.min(READ_CHUNK_BLOCKS, blocksTotal - first);
+        const first = k * chunkBlocks;
+        const n = Math.min(chunkBlocks, blocksTotal - first);
         const out = Buffer.alloc(n * HASH_BYTES);
         for (let i = 0; i < n; i++) {
           const r = await wanted.next();
@@ -258,13 +269,17 @@ export async function materialize(
         }
         return out;
       };
-      /** Read chunk k into slot k % 2 and hash it; the slot is free again once this resolves. */
-      const load = async (k: number): Promise<{ first: number; hashes: Buffer; expect: Buffer } | null> => {
+      /** The walk is asked for one chunk at a time, in chunk order, however many loads run. */
+      let inOrder: Promise<unknown> = Promise.resolve();
+      /** Read chunk k into slot k % slots and hash it; the slot is free again once this resolves. */
+      const load = async (k: number): Promise<Chunk | null> => {
         const pos = k * chunkBytes;
         if (pos >= snap.size) return null;
-        const expect = await expected(k);
+        const asked = inOrder.then(() => expected(k));
+        inOrder = asked;
+        const expect = await asked;
         const length = Math.min(chunkBytes, snap.size - pos);
-        const base = IO_SKEW + (k % 2) * chunkBytes;
+        const base = IO_SKEW + (k % layout.slots) * chunkBytes;
         if (!local) {
           const n = await writer.read(Buffer.from(sab, base, length), pos);
           if (n !== length) {
@@ -279,20 +294,30 @@ export async function materialize(
           const read = local ? { ...local, position: pos + b * bs, expect: expect.subarray(b * HASH_BYTES, (b + per) * HASH_BYTES) } : undefined;
           parts.push(pool.hash(base + b * bs, Math.min(per * bs, length - b * bs), bs, read).then((h) => h.hashes));
         }
-        return { first: k * READ_CHUNK_BLOCKS, hashes: Buffer.concat(await Promise.all(parts)), expect };
+        // Every part settles before the load does: a worker still writing into the slot must not
+        // outlive it (the pool may go to another scan next).
+        const done = await Promise.allSettled(parts);
+        const failed = done.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+        if (failed) throw failed.reason;
+        return { first: k * chunkBlocks, hashes: Buffer.concat(done.map((r) => (r as PromiseFulfilledResult<Buffer>).value)), expect };
       };
-      // A load that fails is reported when awaited; the no-op handler only keeps Node from
-      // calling it unhandled while the comparison is still busy with the chunk before.
-      const ahead = (k: number) => {
-        const p = load(k);
-        p.catch(() => undefined);
-        return p;
+      let issued = 0;
+      /** Start loads until every slot has one. A load that fails is reported when awaited, in order. */
+      const fill = () => {
+        while (inFlight.length < layout.slots) {
+          const p = load(issued++);
+          p.catch(() => undefined);
+          inFlight.push(p);
+        }
       };
-      let next = ahead(0);
-      for (let k = 0; ; k++) {
-        const chunk = await next;
+      fill();
+      for (;;) {
+        const chunk = await inFlight[0]!;
         if (!chunk) break;
-        next = ahead(k + 1); // asks the walk for its hashes only now: this chunk's are all read
+        // Its slot is free at once: the comparison needs only the hashes (the blocks to write come
+        // from the store).
+        inFlight.shift();
+        fill();
         const n = chunk.expect.length / HASH_BYTES;
         for (let i = 0; i < n; i++) {
           opts.signal?.throwIfAborted();
@@ -304,14 +329,17 @@ export async function materialize(
           }
         }
         report();
+        opts.signal?.throwIfAborted(); // told during the report: nothing more is written
       }
       if (!(await wanted.next()).done) {
         throw new TandemError('ERR_STORE_CORRUPT', `snapshot ${snap.volume}@${snap.id} lists blocks past its size; run \`appliance verify\``);
       }
       await flushPending();
     } finally {
+      await Promise.allSettled(inFlight);
       await wanted.return?.(undefined);
-      await pool.close();
+      if (pools) await pools.giveBack(pool);
+      else await pool.close();
     }
   }
   while (writes.length > 0) await writes.shift();
