@@ -14,7 +14,7 @@
 import { constants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { TandemError, fromSystemError, isTandemError } from '../common/errors.js';
-import { IO_SKEW } from '../common/io-buffers.js';
+import { IO_SKEW, alignedSlots } from '../common/io-buffers.js';
 import { CODEC_RAW, RECORD_HEADER_LENGTH, recordPartsWithCrc } from './pack.js';
 import { hashBlock, isZeroHash, HASH_LENGTH, parseHex, ZERO_HASH } from './hash.js';
 import { checkVolumeName } from './ids.js';
@@ -32,6 +32,19 @@ const CHUNK_BYTES = 8 * 1024 * 1024;
  * 2.12-2.49 s with 4 (4 runs each).
  */
 const SLOTS = 6;
+
+/**
+ * The path a local file or device reader names (VolumeReader.path), which the hash workers read
+ * themselves, and whether they read it past the page cache: a block device is read with
+ * O_DIRECT, as its data is seldom cached (guests and filesystems keep their own), so a read
+ * through the cache would evict the host's hot pages for nothing, and the kernel's copy out of
+ * it costs CPU (cold, 2 GiB here: dd with 512 KiB direct reads 1.9-2.3 GB/s, buffered
+ * 0.46-0.85 GB/s). An image file is read through the cache, where it often is (a test image, a
+ * VM's cached writes). Null for other readers. materialize reads its target the same way.
+ */
+export function localSource(reader: Pick<VolumeReader, 'path' | 'kind'>): { path: string; direct: boolean } | null {
+  return typeof reader.path === 'string' && (reader.kind === 'file' || reader.kind === 'device') ? { path: reader.path, direct: reader.kind === 'device' } : null;
+}
 
 /**
  * How a scan of a volume of `blockSize` blocks lays out its hash pool: blocks per chunk (a read
@@ -116,7 +129,7 @@ let spareSlots: { buf: ArrayBuffer; aligned: boolean } | null = null;
 function takeSpareSlots(bytes: number, aligned: boolean): ArrayBuffer {
   const spare = spareSlots && spareSlots.aligned === aligned && spareSlots.buf.byteLength >= bytes && spareSlots.buf.byteLength < bytes + 65536 ? spareSlots.buf : null;
   if (spare) spareSlots = null;
-  return spare ?? (aligned ? new WebAssembly.Memory({ initial: Math.ceil(bytes / 65536) }).buffer : new ArrayBuffer(bytes));
+  return spare ?? (aligned ? (alignedSlots(1, bytes)[0]!.buffer as ArrayBuffer) : new ArrayBuffer(bytes));
 }
 
 /** Reads of one scattered job in flight at once (libuv's pool has 4 threads). */
@@ -229,21 +242,18 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   const treeParent = changed || onParent ? parent : null;
 
   const { chunkBlocks, slotBytes, poolBytes } = scanLayout(blockSize);
-  // A local file or device is read by the hash workers themselves (see HashPool).
-  const localPath = typeof reader.path === 'string' && (reader.kind === 'file' || reader.kind === 'device') ? reader.path : undefined;
-  // A block device is read past the page cache (O_DIRECT): its data is seldom cached (guests and
-  // filesystems keep their own), so a scan through the cache would evict the host's hot pages
-  // for nothing, and the kernel's copy out of it costs CPU. Cold, 2 GiB here: dd with 512 KiB
-  // direct reads 1.9-2.3 GB/s, buffered 0.46-0.85 GB/s. An image file is read through the
-  // cache, where it often is (a test image, a VM's cached writes).
-  const readDirect = localPath !== undefined && reader.kind === 'device';
+  // A local file or device is read by the hash workers themselves (see HashPool), a device past
+  // the page cache (see localSource).
+  const local = localSource(reader);
+  const localPath = local?.path;
+  const readDirect = local?.direct === true;
   const onMainThread = changed !== undefined && changed.length <= MAIN_THREAD_MAX_BLOCKS && !store.hashPools.hasIdle(poolBytes) && !store.hashPools.keptWarm;
   const pool = onMainThread ? null : store.hashPools.borrow(poolBytes);
   // On the calling thread, reads (libuv) overlap hashing with two slots; more would only hold memory.
   const slots = pool ? SLOTS : Math.min(2, Math.ceil((changed?.length ?? 0) / chunkBlocks));
   // A device's change list read here goes past the page cache as the workers' reads do, straight
   // into page-aligned slots (a pool's SharedArrayBuffer is not page-aligned: store/hash-pool.ts).
-  const directOpen = readDirect && !pool ? await open(localPath, constants.O_RDONLY | constants.O_DIRECT).catch(() => null) : null; // refused (EINVAL): read through the cache
+  const directOpen = readDirect && localPath !== undefined && !pool ? await open(localPath, constants.O_RDONLY | constants.O_DIRECT).catch(() => null) : null; // refused (EINVAL): read through the cache
   /** Null once the device refused a direct read. */
   let directFh: FileHandle | null = directOpen;
   const own = pool ? null : takeSpareSlots(IO_SKEW + slotBytes * 2, directOpen !== null);

@@ -26,7 +26,7 @@ import { IO_SKEW } from '../common/io-buffers.js';
 import { availableParallelism } from 'node:os';
 import { ZERO_HASH } from '../store/index.js';
 import { HashPool, type HashPools } from '../store/hash-pool.js';
-import { scanLayout } from '../store/scan.js';
+import { localSource, scanLayout } from '../store/scan.js';
 import type { BlockFrame, GetBlocksOptions, Hash, SnapshotRecord, VolumeWriter } from '../store/types.js';
 
 /** What materialize needs of a store: the snapshot's block hashes and verified blocks. */
@@ -231,16 +231,14 @@ export async function materialize(
     await flushPending();
     blocksDone = blocksTotal;
   } else {
-    // Read the target in large chunks and hash each on the worker threads while the next one is
-    // read; compare with the snapshot's hashes in order. A local file or device is read by the
-    // workers themselves (as a scan reads it, store/hash-pool.ts: each block hashed while it is in
-    // the CPU's cache, a device past the page cache), told the snapshot's hashes so that only
-    // blocks that differ reach the shared buffer; other targets are read here with writer.read.
-    // The chunks read are ahead of every write (a block is written once its chunk is compared),
-    // so no read meets a write in flight.
-    // Chunks of a scan's size, one per slot of a pool of a scan's shape (the store's idle one when
-    // there is one: a running appliance keeps one warm), as many in flight as there are slots:
-    // a chunk of one large block (16 MiB blocks) keeps one worker busy, so several must be.
+    // Read the target in chunks of a scan's size, one in flight per slot of a pool of a scan's
+    // shape (the store's idle one when there is one: a running appliance keeps one warm; a chunk
+    // of one 16 MiB block keeps one worker busy, so several must be), hash them on the workers
+    // and compare with the snapshot's hashes in order. A local file or device is read by the
+    // workers themselves, as a scan reads it (store/scan.ts localSource), told the snapshot's
+    // hashes so that only blocks that differ reach the shared buffer; other targets are read
+    // here with writer.read. The chunks read are ahead of every write (a block is written once
+    // its chunk is compared), so no read meets a write in flight.
     const layout = scanLayout(bs);
     const { chunkBlocks } = layout;
     const chunkBytes = chunkBlocks * bs;
@@ -249,7 +247,7 @@ export async function materialize(
     const sab = pool.sab;
     // The pool has one worker per core this process may use; split each chunk as many ways.
     const threads = Math.max(1, availableParallelism());
-    const local = writer.path !== undefined && (writer.kind === 'file' || writer.kind === 'device') ? { path: writer.path, direct: writer.kind === 'device' } : null;
+    const local = localSource(writer);
     const wanted = store.blockHashes(snap)[Symbol.asyncIterator]();
     type Chunk = { first: number; hashes: Buffer; expect: Buffer };
     /** Loads in flight, in chunk order: all settled before the pool goes back (their workers would still write into the slots). */
