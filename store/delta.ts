@@ -58,16 +58,23 @@ export function diffBlock(data: Buffer, baseHash: Hash, base: Buffer): Buffer | 
   return out;
 }
 
+/** One patch: bytes to put at `offset` (a view into the patches' buffer). */
+export interface Patch {
+  readonly offset: number;
+  readonly bytes: Buffer;
+}
+
 /**
- * Apply the patches of a delta frame (its payload after the base hash: the `data` decodeFrames
- * yields) to `block`, a copy of the base (changed in place). Throws ERR_BLOCK_CORRUPT for patches out of order,
- * overlapping, outside the block, or a payload of another length than they describe.
+ * The patches of a delta (its payload after the base hash) for a block of `blockLength` bytes.
+ * Throws ERR_BLOCK_CORRUPT for patches out of order, overlapping, outside the block, or a payload
+ * of another length than they describe.
  */
-export function applyPatches(block: Buffer, patches: Buffer, hash: Hash): Buffer {
+export function parsePatches(patches: Buffer, blockLength: number, hash: Hash): Patch[] {
   const bad = (why: string) =>
     new TandemError('ERR_BLOCK_CORRUPT', `the delta of block ${hash.toString('hex')} is malformed (${why}); nothing was committed, rerun the sync`, { details: { hash: hash.toString('hex') } });
   if (patches.length < 4) throw bad('no patch count');
   const n = patches.readUInt32BE(0);
+  const out: Patch[] = [];
   let at = 4;
   let end = 0;
   for (let i = 0; i < n; i++) {
@@ -75,12 +82,70 @@ export function applyPatches(block: Buffer, patches: Buffer, hash: Hash): Buffer
     const off = patches.readUInt32BE(at);
     const len = patches.readUInt32BE(at + 4);
     at += DELTA_PATCH_HEADER;
-    if (len === 0 || off < end || off + len > block.length) throw bad(`patch ${i} at ${off}+${len} is out of order or outside the ${block.length}-byte block`);
+    if (len === 0 || off < end || off + len > blockLength) throw bad(`patch ${i} at ${off}+${len} is out of order or outside the ${blockLength}-byte block`);
     if (at + len > patches.length) throw bad(`patch ${i} is cut short`);
-    patches.copy(block, off, at, at + len);
+    out.push({ offset: off, bytes: patches.subarray(at, at + len) });
     at += len;
     end = off + len;
   }
   if (at !== patches.length) throw bad(`${patches.length - at} bytes after the last patch`);
+  return out;
+}
+
+/**
+ * Apply the patches of a delta frame (its payload after the base hash: the `data` decodeFrames
+ * yields) to `block`, a copy of the base (changed in place). Throws ERR_BLOCK_CORRUPT as
+ * {@link parsePatches}, before changing anything.
+ */
+export function applyPatches(block: Buffer, patches: Buffer, hash: Hash): Buffer {
+  for (const p of parsePatches(patches, block.length, hash)) p.bytes.copy(block, p.offset);
   return block;
+}
+
+/**
+ * One delta payload (base hash, then patches) that does what `first` and then `second` do:
+ * the base of `first` patched by `first` is the base `second` patches. Where both write, `second`'s
+ * bytes win; adjacent ranges become one patch. So a block stored as a delta of a delta is stored
+ * as a delta of the first base instead (store/README.md, "Delta records"). Both are checked for a
+ * block of `blockLength` bytes (ERR_BLOCK_CORRUPT).
+ */
+export function composeDeltas(firstBase: Hash, first: Buffer, second: Buffer, blockLength: number, hash: Hash): Buffer {
+  const a = parsePatches(first, blockLength, hash);
+  const b = parsePatches(second, blockLength, hash);
+  const pieces: Patch[] = [];
+  let j = 0;
+  for (const p of a) {
+    // The parts of p that no patch of `second` covers.
+    let start = p.offset;
+    const end = p.offset + p.bytes.length;
+    while (j < b.length && b[j]!.offset + b[j]!.bytes.length <= start) j++;
+    for (let k = j; k < b.length && b[k]!.offset < end && start < end; k++) {
+      const q = b[k]!;
+      if (q.offset > start) pieces.push({ offset: start, bytes: p.bytes.subarray(start - p.offset, q.offset - p.offset) });
+      start = Math.max(start, q.offset + q.bytes.length);
+    }
+    if (start < end) pieces.push({ offset: start, bytes: p.bytes.subarray(start - p.offset) });
+  }
+  pieces.push(...b);
+  pieces.sort((x, y) => x.offset - y.offset);
+  const runs: Patch[][] = [];
+  for (const p of pieces) {
+    const last = runs[runs.length - 1];
+    const tail = last?.[last.length - 1];
+    if (tail && tail.offset + tail.bytes.length === p.offset) last!.push(p);
+    else runs.push([p]);
+  }
+  let bytes = 32 + 4;
+  for (const r of runs) bytes += DELTA_PATCH_HEADER + r.reduce((n, p) => n + p.bytes.length, 0);
+  const out = Buffer.allocUnsafe(bytes);
+  firstBase.copy(out, 0);
+  out.writeUInt32BE(runs.length, 32);
+  let at = 36;
+  for (const r of runs) {
+    out.writeUInt32BE(r[0]!.offset, at);
+    out.writeUInt32BE(r.reduce((n, p) => n + p.bytes.length, 0), at + 4);
+    at += DELTA_PATCH_HEADER;
+    for (const p of r) at += p.bytes.copy(out, at);
+  }
+  return out;
 }

@@ -2,7 +2,8 @@
  * gc: reclaim blocks and nodes that no snapshot reaches, by repacking.
  *
  * 1. Mark: walk every snapshot's tree. Live nodes go into a set (a node stands for up to 256
- *    blocks), live blocks into a {@link LiveBlocks} (8 bytes a block). A missing or damaged node
+ *    blocks), live blocks into a {@link LiveBlocks} (8 bytes a block), then the bases of live
+ *    delta records (store/README.md, "Delta records"). A missing or damaged node
  *    aborts gc before anything changes (run verify first). The dead nodes' entries are then
  *    deleted, in one synced batch, before any block's: a node in the index implies its whole
  *    subtree is there.
@@ -33,8 +34,8 @@
 import { TandemError } from '../common/errors.js';
 import { DIRECT_ALIGN, alignedSlots } from '../common/io-buffers.js';
 import { isZeroHash, toHex, blake3 } from './hash.js';
-import { blockKey, decodeLocation, encodeLocation, encodeU64, namespaceRange, nodeKey, NS, packKey, type BlockLocation } from './keys.js';
-import { decodePayload, decodeRecord, recordLength } from './pack.js';
+import { blockKey, decodeLocation, encodeLocation, encodeU64, LOCATION_LENGTH, namespaceRange, nodeKey, NS, packKey, type BlockLocation } from './keys.js';
+import { CODEC_DELTA, DELTA_PAYLOAD_MIN, decodePayload, decodeRecord, recordLength } from './pack.js';
 import { fsyncDir, type PackFiles } from './pack-files.js';
 import { decodeNode } from './tree.js';
 import type { Store } from './store.js';
@@ -147,6 +148,17 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
       await mark(Buffer.from(snap.root, 'hex'), snap.height, snap);
     }
     live.seal();
+    // The base of a live delta record is live too, snapshot or not (store/README.md, "Delta
+    // records"). A base is never a delta itself, so one pass finds them all.
+    {
+      const isLive = live.cursor();
+      const bases: Hash[] = [];
+      for await (const [k, v] of db.iterator(namespaceRange(NS.block))) {
+        if (v.length !== LOCATION_LENGTH && isLive(k.subarray(1))) bases.push(decodeLocation(v).base!);
+      }
+      for (const b of bases) live.add(b);
+      if (bases.length > 0) live.seal();
+    }
 
     // 2. per-pack statistics, and the packs to rewrite
     const stats = new Map<number, PackStats>();
@@ -212,7 +224,7 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
       const moved: Entry[] = [];
       for (const [id, list] of byPack) {
         list.sort((a, b) => a.loc.offset - b.loc.offset);
-        if (!(await copyLive(packs, id, list, spans, moved))) kept.add(id);
+        if (!(await copyLive(store, id, list, spans, moved))) kept.add(id);
       }
       const lengths = await packs.sync();
       const batch = db.batch();
@@ -278,7 +290,8 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
  * in batches of up to {@link COPY_BATCH_BYTES}. With one buffered record at a time, a gc moving
  * 1 GiB of live 512 KiB records took 4.1-5.7 s and 2.0-4.0 CPU s (store/README.md has the rest).
  */
-async function copyLive(packs: PackFiles, id: number, list: readonly Entry[], slots: readonly Buffer[], moved: Entry[]): Promise<boolean> {
+async function copyLive(store: Store, id: number, list: readonly Entry[], slots: readonly Buffer[], moved: Entry[]): Promise<boolean> {
+  const { packs } = store;
   const spans: Array<{ start: number; end: number; items: Entry[] }> = [];
   for (const it of list) {
     const start = it.loc.offset;
@@ -304,7 +317,7 @@ async function copyLive(packs: PackFiles, id: number, list: readonly Entry[], sl
     }
   };
   let ok = true;
-  let batch: Array<{ hash: Hash; codec: number; payload: Buffer }> = [];
+  let batch: Array<{ hash: Hash; codec: number; payload: Buffer; base?: Hash }> = [];
   let bytes = 0;
   /** Slots whose records are all in the batch: free again once it is written. */
   let done: Buffer[] = [];
@@ -312,7 +325,7 @@ async function copyLive(packs: PackFiles, id: number, list: readonly Entry[], sl
     if (batch.length > 0) {
       // appendMany has copied or written the payloads when it returns: the slots can be reused.
       const locs = await packs.appendMany(batch, { direct: true });
-      batch.forEach((r, i) => moved.push({ hash: r.hash, loc: locs[i]! }));
+      batch.forEach((r, i) => moved.push({ hash: r.hash, loc: r.base ? { ...locs[i]!, base: r.base } : locs[i]! }));
     }
     free.push(...done);
     batch = [];
@@ -326,13 +339,13 @@ async function copyLive(packs: PackFiles, id: number, list: readonly Entry[], sl
       for (const { hash, loc } of span.items) {
         const at = loc.offset - span.start;
         const rec = buf && decodeRecord(buf.subarray(at, at + recordLength(loc.length))); // undefined when short (a truncated pack)
-        const data = rec && rec.hash.equals(hash) ? decodePayload(rec.codec, rec.payload) : undefined;
-        if (!rec || !data || !blake3(data).equals(hash)) {
+        const good = rec && rec.hash.equals(hash) && rec.codec === loc.codec && (rec.codec === CODEC_DELTA ? await deltaHolds(store, hash, rec.payload, loc) : blake3Holds(hash, rec.codec, rec.payload));
+        if (!rec || !good) {
           ok = false; // this block stays where it is: verify reports it
           continue;
         }
         if (bytes + rec.payload.length > COPY_BATCH_BYTES) await write();
-        batch.push({ hash, codec: rec.codec, payload: rec.payload });
+        batch.push({ hash, codec: rec.codec, payload: rec.payload, ...(loc.base ? { base: loc.base } : {}) });
         bytes += rec.payload.length;
       }
       if (slot) done.push(slot);
@@ -342,6 +355,22 @@ async function copyLive(packs: PackFiles, id: number, list: readonly Entry[], sl
     return ok;
   } finally {
     await Promise.allSettled(reads); // nothing reads into a slot once this returns
+  }
+}
+
+function blake3Holds(hash: Hash, codec: number, payload: Buffer): boolean {
+  const data = decodePayload(codec, payload);
+  return data !== undefined && blake3(data).equals(hash);
+}
+
+/** A delta record's payload, applied to the store's copy of its base, gives the block (checked by its hash). */
+async function deltaHolds(store: Store, hash: Hash, payload: Buffer, loc: BlockLocation): Promise<boolean> {
+  if (payload.length < DELTA_PAYLOAD_MIN || !loc.base?.equals(payload.subarray(0, 32))) return false;
+  try {
+    (await store.applyDeltaPayload(hash, payload, true, true)).release?.();
+    return true;
+  } catch {
+    return false;
   }
 }
 

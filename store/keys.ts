@@ -2,6 +2,7 @@
  * Keys and binary values of the index (classic-level, binary keys and values).
  * Every key starts with a one-byte namespace; store/README.md lists them. Integers are big-endian.
  */
+import { CODEC_DELTA } from './pack.js';
 import type { Hash } from './types.js';
 
 export const NS = {
@@ -28,9 +29,13 @@ export interface BlockLocation {
   /** Payload length as stored (after the codec). */
   readonly length: number;
   readonly codec: number;
+  /** For a delta record (CODEC_DELTA): the raw block it patches, so gc keeps it without reading the record. */
+  readonly base?: Hash;
 }
 
 export const LOCATION_LENGTH = 17;
+/** A delta record's location: the 17 bytes, then its base's hash. */
+export const DELTA_LOCATION_LENGTH = LOCATION_LENGTH + 32;
 
 function prefixed(ns: number, rest: Buffer): Buffer {
   const k = Buffer.allocUnsafe(1 + rest.length);
@@ -83,17 +88,22 @@ export function namespaceRange(ns: number): { gte: Buffer; lt: Buffer } {
 }
 
 export function encodeLocation(loc: BlockLocation): Buffer {
-  const b = Buffer.allocUnsafe(LOCATION_LENGTH);
+  const delta = loc.codec === CODEC_DELTA;
+  if (delta !== (loc.base !== undefined)) throw new Error(`a block location has a base exactly when its codec is ${CODEC_DELTA}`);
+  const b = Buffer.allocUnsafe(delta ? DELTA_LOCATION_LENGTH : LOCATION_LENGTH);
   b.writeUInt32BE(loc.pack, 0);
   b.writeBigUInt64BE(BigInt(loc.offset), 4);
   b.writeUInt32BE(loc.length, 12);
   b[16] = loc.codec;
+  if (delta) loc.base!.copy(b, LOCATION_LENGTH);
   return b;
 }
 
 export function decodeLocation(b: Buffer): BlockLocation {
-  if (b.length !== LOCATION_LENGTH) throw new Error(`block location has ${b.length} bytes, expected ${LOCATION_LENGTH}`);
-  return { pack: b.readUInt32BE(0), offset: Number(b.readBigUInt64BE(4)), length: b.readUInt32BE(12), codec: b[16]! };
+  const delta = b[16] === CODEC_DELTA;
+  if (b.length !== (delta ? DELTA_LOCATION_LENGTH : LOCATION_LENGTH)) throw new Error(`block location has ${b.length} bytes, expected ${LOCATION_LENGTH} (${DELTA_LOCATION_LENGTH} for a delta)`);
+  const loc = { pack: b.readUInt32BE(0), offset: Number(b.readBigUInt64BE(4)), length: b.readUInt32BE(12), codec: b[16]! };
+  return delta ? { ...loc, base: Buffer.from(b.subarray(LOCATION_LENGTH)) } : loc;
 }
 
 export function encodeU64(n: number): Buffer {

@@ -5,7 +5,7 @@
  * offset size  field
  * 0      4     magic "TBLK"
  * 4      1     version (1)
- * 5      1     codec (0 = raw; other values reserved for compression)
+ * 5      1     codec (0 = raw, 2 = delta of a raw record; other values reserved)
  * 6      2     reserved, zero
  * 8      4     payload length L (u32 big-endian)
  * 12     32    block hash (BLAKE3-256 of the decoded block)
@@ -32,6 +32,14 @@ export const CRC32_MODULE_PATH: string = createRequire(import.meta.url).resolve(
 export const RECORD_MAGIC = Buffer.from('TBLK', 'latin1');
 export const RECORD_VERSION = 1;
 export const CODEC_RAW = 0;
+/**
+ * The payload is a delta (store/delta.ts): the 32-byte hash of a block this store holds as a raw
+ * record (its base), then patches that turn the base into this block. Never the base of another
+ * delta, so reading one costs at most one more record.
+ */
+export const CODEC_DELTA = 2;
+/** Base hash + patch count: the least a delta payload holds. */
+export const DELTA_PAYLOAD_MIN = 36;
 export const RECORD_HEADER_LENGTH = 44;
 export const RECORD_TRAILER_LENGTH = 4;
 export const RECORD_OVERHEAD = RECORD_HEADER_LENGTH + RECORD_TRAILER_LENGTH;
@@ -137,7 +145,10 @@ export function decodeRecord(b: Buffer): DecodedRecord | undefined {
   return { ...h, payload: b.subarray(RECORD_HEADER_LENGTH, RECORD_HEADER_LENGTH + h.length), size };
 }
 
-/** Decode a payload by its codec. Only raw exists today; an unknown codec is corruption. */
+/**
+ * Decode a payload that needs nothing else: a raw one. A delta needs its base
+ * (Store.readDeltaBlock); an unknown codec is corruption.
+ */
 export function decodePayload(codec: number, payload: Buffer): Buffer | undefined {
   return codec === CODEC_RAW ? payload : undefined;
 }

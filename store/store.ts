@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { TandemError, diskFullError, fromSystemError, isTandemError } from '../common/errors.js';
 import { blake3, hashBlock, isHash, isZeroHash, MAX_BLOCK_SIZE, parseHex, toHex } from './hash.js';
-import { applyPatches } from './delta.js';
+import { applyPatches, composeDeltas } from './delta.js';
 import { checkSnapshotId, checkVolumeName, isValidSnapshotId, isValidVolumeName, newSnapshotId } from './ids.js';
 import {
   blockKey, decodeLocation, encodeLocation, encodeU64, decodeU64, metaKey, metaRange, namespaceRange, nodeKey, NS,
@@ -20,7 +20,10 @@ import {
 } from './keys.js';
 import { busyError, acquireStoreLock } from './lock.js';
 import { Mutex, SharedLock } from './mutex.js';
-import { CODEC_RAW, decodePayload, decodeRecord, decodeRecordHeader, encodeRecordParts, RECORD_HEADER_LENGTH, RECORD_TRAILER_LENGTH, type RecordParts } from './pack.js';
+import {
+  CODEC_DELTA, CODEC_RAW, DELTA_PAYLOAD_MIN, decodePayload, decodeRecord, decodeRecordHeader, encodeRecordParts, recordLength, RECORD_HEADER_LENGTH, RECORD_TRAILER_LENGTH,
+  type RecordParts,
+} from './pack.js';
 import { PackFiles, type RecoveryReport } from './pack-files.js';
 import { checkBlockSize, checkSize, normalizeSnapshot, normalizeVolume, sameJson } from './records.js';
 import { applyNodeChange, blockCount, buildTree, checkNode, checkNodeChange, decodeNode, isNodeChange, diffTrees, encodeNode, walkBlocks, type BlockChange, type TreeShape } from './tree.js';
@@ -33,7 +36,17 @@ import type {
 } from './types.js';
 
 /** A block read from a pack, with the function that gives its pooled buffer back (if pooled). */
-type ReadBlock = Omit<BlockFrame, 'hash'>;
+type ReadBlock = Omit<BlockFrame, 'hash'> & {
+  /** Read from a delta record: its base (a raw record) and patches, for a delta of this block to be stored as a delta of that base. */
+  readonly stored?: StoredDelta;
+};
+/** A delta record's content: the raw block it patches and the patches (store/delta.ts). */
+interface StoredDelta {
+  readonly base: Hash;
+  readonly patches: Buffer;
+}
+/** A block of a stream to store (putBlocks), with the delta payload to store it as, if any. */
+type PutFrame = BlockFrame & { readonly asDelta?: { readonly base: Hash; readonly payload: Buffer } };
 
 /** 512 KiB: the EBS direct API block size, so EBS import/export maps blocks one to one. */
 export const DEFAULT_BLOCK_SIZE = 524288;
@@ -58,8 +71,19 @@ const PUT_BATCH_BYTES = 4 * 1024 * 1024;
 /** New nodes are written in batches of this many (each batch is one LevelDB write). */
 const NODE_BATCH = 512;
 
-/** Store format written in the 'f' key; a store of another format is refused. */
-const FORMAT = 1;
+/**
+ * Store format written in the 'f' key; a store of another format is refused. Format 2 added
+ * delta records (store/README.md, "Delta records"); a format-1 store is one without any, and is
+ * marked 2 when it is opened (a build that reads only format 1 then refuses it clearly).
+ */
+const FORMAT = 2;
+/** Formats this build opens as they are, and marks as {@link FORMAT}. */
+const UPGRADABLE_FORMATS: readonly number[] = [1];
+/**
+ * A block that arrives as a delta is stored as one when its payload is at most this fraction of
+ * the block: reading it then costs its base's record as well (store/README.md, "Delta records").
+ */
+const STORED_DELTA_DIVISOR = 4;
 
 type Db = ClassicLevel<Buffer, Buffer>;
 
@@ -150,10 +174,11 @@ export class Store implements ReplicaStore {
         }
       }
       const format = await db.get(Buffer.from([NS.format]));
-      if (format === undefined) {
+      const found = format === undefined ? undefined : (JSON.parse(format.toString('utf8')) as { format?: number }).format;
+      if (format === undefined || (found !== undefined && UPGRADABLE_FORMATS.includes(found))) {
         await db.put(Buffer.from([NS.format]), Buffer.from(JSON.stringify({ format: FORMAT })), { sync: true });
-      } else if ((JSON.parse(format.toString('utf8')) as { format?: number }).format !== FORMAT) {
-        throw new TandemError('ERR_STORE_CORRUPT', `the store ${dir} has format ${format.toString('utf8')}, this version reads format ${FORMAT}; use a matching appliance version`);
+      } else if (found !== FORMAT) {
+        throw new TandemError('ERR_STORE_CORRUPT', `the store ${dir} has format ${found ?? format.toString('utf8')}, this version reads formats ${[...UPGRADABLE_FORMATS, FORMAT].join(' and ')}; use a matching appliance version`, { details: { format: found ?? null } });
       }
       const durable = new Map<number, number>();
       for await (const [k, v] of db.iterator(namespaceRange(NS.pack))) durable.set(k.readUInt32BE(1), decodeU64(v));
@@ -234,7 +259,64 @@ export class Store implements ReplicaStore {
 
   /** @internal Read and verify the record at `loc`. */
   async readBlockAt(hash: Hash, loc: BlockLocation): Promise<Buffer> {
+    if (loc.codec === CODEC_DELTA) return (await this.readDeltaBlock(hash, loc, true, false)).data;
     return this.checkRecord(hash, loc, await this.packs.read(loc.pack, loc.offset, RECORD_HEADER_LENGTH + loc.length));
+  }
+
+  /**
+   * @internal The block a delta record stands for: the record is read and its CRC checked, then
+   * its base (a raw record, CRC-checked) is read and patched. With `verify` the result is
+   * re-hashed (ERR_BLOCK_CORRUPT); without, the consumer hashes it (as readBlockPooled's
+   * `crcOnly`). ERR_STORE_CORRUPT for a damaged record or a base that is missing or not raw.
+   * The result carries the record's base and patches (`stored`).
+   */
+  async readDeltaBlock(hash: Hash, loc: BlockLocation, verify: boolean, direct: boolean): Promise<ReadBlock> {
+    const rec = decodeRecord(await this.packs.read(loc.pack, loc.offset, recordLength(loc.length)));
+    if (!rec || rec.codec !== CODEC_DELTA || rec.length !== loc.length || !rec.hash.equals(hash) || rec.length < DELTA_PAYLOAD_MIN || (loc.base && !loc.base.equals(rec.payload.subarray(0, 32)))) {
+      throw new TandemError('ERR_STORE_CORRUPT', `the record of block ${toHex(hash)} in pack ${loc.pack} at offset ${loc.offset} is damaged or truncated; run \`appliance verify\``, {
+        details: { hash: toHex(hash), pack: loc.pack, offset: loc.offset },
+      });
+    }
+    return this.applyDeltaPayload(hash, rec.payload, verify, direct);
+  }
+
+  /**
+   * @internal The block that delta payload `payload` (base hash, then patches) makes of this
+   * store's raw copy of its base: see {@link readDeltaBlock}. gc checks a delta record it copies
+   * with it.
+   */
+  async applyDeltaPayload(hash: Hash, payload: Buffer, verify: boolean, direct: boolean): Promise<ReadBlock> {
+    const base = Buffer.from(payload.subarray(0, 32));
+    const patches = payload.subarray(32);
+    const baseGone = (why: string) =>
+      new TandemError('ERR_STORE_CORRUPT', `block ${toHex(hash)} is stored as a delta of block ${toHex(base)}, which ${why}; run \`appliance repair --peer NAME\` to fetch a whole copy`, {
+        details: { hash: toHex(hash), base: toHex(base) },
+      });
+    let loc = await this.locate(base);
+    if (!loc) throw baseGone('is missing');
+    if (loc.codec !== CODEC_RAW) throw baseGone('is not stored whole');
+    let block: ReadBlock;
+    try {
+      block = await this.readBlockPooled(base, loc, true, direct);
+    } catch (e) {
+      // A concurrent gc may have moved the base: read it at its new place.
+      const now = await this.locate(base);
+      if (!now || now.codec !== CODEC_RAW || (now.pack === loc.pack && now.offset === loc.offset)) throw e;
+      loc = now;
+      block = await this.readBlockPooled(base, loc, true, direct);
+    }
+    try {
+      applyPatches(block.data, patches, hash);
+      if (verify && !blake3(block.data).equals(hash)) {
+        throw new TandemError('ERR_BLOCK_CORRUPT', `block ${toHex(hash)}, stored as a delta of block ${toHex(base)}, does not match its hash (disk corruption); run \`appliance repair --peer NAME\` to verify the store and fetch good copies from the peer`, {
+          details: { hash: toHex(hash), base: toHex(base) },
+        });
+      }
+    } catch (e) {
+      block.release?.();
+      throw e;
+    }
+    return { data: block.data, ...(block.release ? { release: block.release } : {}), stored: { base, patches } };
   }
 
   /**
@@ -243,6 +325,7 @@ export class Store implements ReplicaStore {
    * (GetBlocksOptions.consumerVerifies).
    */
   private async readBlockPooled(hash: Hash, loc: BlockLocation, crcOnly: boolean, direct: boolean): Promise<ReadBlock> {
+    if (loc.codec === CODEC_DELTA) return this.readDeltaBlock(hash, loc, !crcOnly, direct);
     const length = RECORD_HEADER_LENGTH + loc.length + (crcOnly ? RECORD_TRAILER_LENGTH : 0);
     const { buf: rec, release } = await this.packs.readPooled(loc.pack, loc.offset, length, { direct });
     try {
@@ -402,7 +485,7 @@ export class Store implements ReplicaStore {
    * batch's whole pages bypass the page cache (PackFiles.appendMany): for blocks nobody will read
    * soon, such as those a sync receives (a scan's new blocks stay cached: a push sends them next).
    */
-  async putVerifiedMany(items: readonly BlockFrame[], opts: { direct?: boolean; parts?: ReadonlyArray<RecordParts | undefined> } = {}): Promise<boolean[]> {
+  async putVerifiedMany(items: readonly PutFrame[], opts: { direct?: boolean; parts?: ReadonlyArray<RecordParts | undefined> } = {}): Promise<boolean[]> {
     this.checkOpen();
     const out = items.map(() => false);
     // The index lookup and the record checksums happen before the write lock, so that parallel
@@ -425,21 +508,42 @@ export class Store implements ReplicaStore {
     const vals = await this.db.getMany(ask.map((i) => blockKey(items[i]!.hash)));
     const absent = ask.filter((_, n) => vals[n] === undefined);
     if (absent.length === 0) return out;
-    const parts = new Map(absent.map((i) => [i, opts.parts?.[i] ?? encodeRecordParts(items[i]!.hash, CODEC_RAW, items[i]!.data)]));
+    const parts = new Map(absent.map((i) => {
+      const it = items[i]!;
+      return [i, opts.parts?.[i] ?? (it.asDelta ? encodeRecordParts(it.hash, CODEC_DELTA, it.asDelta.payload) : encodeRecordParts(it.hash, CODEC_RAW, it.data))];
+    }));
     return this.writeLock.run(async () => {
       this.checkOpen();
       if (this.packs.failed) await this.discardFailedLocked();
       const fresh = absent.filter((i) => !this.pending.has(items[i]!.hash.toString('latin1')));
       if (fresh.length === 0) return out;
+      // A delta's base must be stored whole when the delta is appended: it was when the delta
+      // was made, but a gc may have collected it since (gc waits for this lock, and then keeps
+      // the bases of what it finds; store/README.md, "Delta records"). Otherwise the block is
+      // stored whole.
+      const deltas = fresh.filter((i) => items[i]!.asDelta);
+      const bases = deltas.length === 0 ? [] : await this.db.getMany(deltas.map((i) => blockKey(items[i]!.asDelta!.base)));
+      const whole = new Set(deltas.filter((i, n) => {
+        const base = items[i]!.asDelta!.base;
+        const loc = this.pending.get(base.toString('latin1')) ?? (bases[n] === undefined ? undefined : decodeLocation(bases[n]!));
+        return loc?.codec !== CODEC_RAW;
+      }));
+      const record = (i: number) => {
+        const it = items[i]!;
+        if (it.asDelta && !whole.has(i)) return { hash: it.hash, codec: CODEC_DELTA, payload: it.asDelta.payload, parts: parts.get(i)!, base: it.asDelta.base };
+        return { hash: it.hash, codec: CODEC_RAW, payload: it.data, parts: it.asDelta ? encodeRecordParts(it.hash, CODEC_RAW, it.data) : parts.get(i)! };
+      };
+      const records = fresh.map(record);
       let locs: BlockLocation[];
       try {
-        locs = await this.packs.appendMany(fresh.map((i) => ({ hash: items[i]!.hash, codec: CODEC_RAW, payload: items[i]!.data, parts: parts.get(i)! })), opts);
+        locs = await this.packs.appendMany(records, opts);
       } catch (e) {
         if (this.packs.failed) await this.discardFailedLocked();
         throw e;
       }
       fresh.forEach((i, n) => {
-        this.pending.set(items[i]!.hash.toString('latin1'), locs[n]!);
+        const base = records[n]!.base;
+        this.pending.set(items[i]!.hash.toString('latin1'), base ? { ...locs[n]!, base } : locs[n]!);
         out[i] = true;
       });
       return out;
@@ -510,7 +614,7 @@ export class Store implements ReplicaStore {
     let bytes = 0;
     let writing: Promise<void> = Promise.resolve();
     /** Hand a batch to the writer (writes stay in order); returns the write of the batch before. */
-    const write = (batch: BlockFrame[], parts: RecordParts[]): Promise<void> => {
+    const write = (batch: PutFrame[], parts: RecordParts[]): Promise<void> => {
       const prev = writing;
       writing = (async () => {
         try {
@@ -528,7 +632,7 @@ export class Store implements ReplicaStore {
       writing.catch(() => undefined); // observed below
       return prev;
     };
-    let batch: BlockFrame[] = [];
+    let batch: PutFrame[] = [];
     let batchParts: RecordParts[] = [];
     let batchBytes = 0;
     let failure: unknown = null;
@@ -544,7 +648,7 @@ export class Store implements ReplicaStore {
         // The record's checksum now, while the block just hashed is in the CPU's cache: later,
         // after a batch's index lookup, it is read from memory once more (~15 % of a receiving
         // appliance's main thread).
-        batchParts.push(encodeRecordParts(f.hash, CODEC_RAW, f.data));
+        batchParts.push(f.asDelta ? encodeRecordParts(f.hash, CODEC_DELTA, f.asDelta.payload) : encodeRecordParts(f.hash, CODEC_RAW, f.data));
         batchBytes += f.data.length;
         if (batchBytes >= PUT_BATCH_BYTES) {
           // At most two batches in memory: wait for the one before the batch just handed over.
@@ -581,8 +685,8 @@ export class Store implements ReplicaStore {
    * the block out, named in `needWhole` for the sender to send it whole. Other frames pass as
    * they come (a `base` a sender attached is released: it is not needed here).
    */
-  private async *resolveDeltas(frames: AsyncIterable<BlockFrame>, needWhole: Hash[]): AsyncGenerator<BlockFrame> {
-    const pending: Array<Promise<BlockFrame | null>> = [];
+  private async *resolveDeltas(frames: AsyncIterable<BlockFrame>, needWhole: Hash[]): AsyncGenerator<PutFrame> {
+    const pending: Array<Promise<PutFrame | null>> = [];
     try {
       for await (const f of frames) {
         if (!f?.delta) {
@@ -621,7 +725,7 @@ export class Store implements ReplicaStore {
     }
   }
 
-  private async resolveDelta(f: BlockFrame, needWhole: Hash[]): Promise<BlockFrame | null> {
+  private async resolveDelta(f: BlockFrame, needWhole: Hash[]): Promise<PutFrame | null> {
     const { base, length } = f.delta!;
     checkHash(f.hash);
     if (length === 0 || length > MAX_BLOCK_SIZE) throw new TandemError('ERR_BLOCK_CORRUPT', `the delta of block ${toHex(f.hash)} claims ${length} bytes`, { details: { hash: toHex(f.hash) } });
@@ -639,7 +743,12 @@ export class Store implements ReplicaStore {
       block.release?.();
       throw e;
     }
-    return { hash: f.hash, data: block.data, ...(block.release ? { release: block.release } : {}) };
+    // Stored as a delta too when small: of this base if it is stored whole, else of the base's
+    // own base (a delta is never the base of another). putVerifiedMany checks, under the write
+    // lock, that the base is still stored whole.
+    const payload = isZeroHash(base) ? undefined : block.stored ? composeDeltas(block.stored.base, block.stored.patches, f.data, length, f.hash) : Buffer.concat([base, f.data]);
+    const asDelta = payload && payload.length * STORED_DELTA_DIVISOR <= length ? { base: block.stored?.base ?? base, payload } : undefined;
+    return { hash: f.hash, data: block.data, ...(block.release ? { release: block.release } : {}), ...(asDelta ? { asDelta } : {}) };
   }
 
   /** Throw ERR_BAD_REQUEST / ERR_BLOCK_CORRUPT unless `data` is a block whose BLAKE3 is `hash`. */

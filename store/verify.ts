@@ -17,7 +17,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { TandemError, isTandemError } from '../common/errors.js';
 import { isZeroHash, toHex, blake3 } from './hash.js';
 import { blockKey, nodeKey, namespaceRange, NS, decodeLocation, snapshotKey } from './keys.js';
-import { decodePayload, decodeRecord, recordLength } from './pack.js';
+import { CODEC_DELTA, decodePayload, decodeRecord, recordLength } from './pack.js';
 import { decodeNode, FANOUT, span } from './tree.js';
 import type { Store } from './store.js';
 import { shapeOf } from './store.js';
@@ -111,6 +111,18 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
     const v = await store.db.get(blockKey(h));
     if (v === undefined) return 'ERR_BLOCK_MISSING';
     const loc = decodeLocation(v);
+    if (loc.codec === CODEC_DELTA) {
+      // Its record, then its base, patched and re-hashed: a damaged base makes this block bad too.
+      try {
+        const { data, release } = await store.readDeltaBlock(h, loc, true, true);
+        bytes += data.length;
+        release?.();
+        return null;
+      } catch (e) {
+        if (!isTandemError(e, 'ERR_STORE_CORRUPT') && !isTandemError(e, 'ERR_BLOCK_CORRUPT')) throw e;
+        return 'ERR_BLOCK_CORRUPT';
+      }
+    }
     try {
       // Past the page cache (PackFiles.readDirect): verify reads every block of the store once.
       const { buf: raw, release } = await store.packs.readPooled(loc.pack, loc.offset, recordLength(loc.length), { direct: true });

@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { openSync, writeSync, closeSync, readFileSync, writeFileSync, rmSync, copyFileSync, truncateSync, statSync } from 'node:fs';
+import { openSync, writeSync, closeSync, readdirSync, readFileSync, writeFileSync, rmSync, copyFileSync, truncateSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { RemotePeer } from '../../api/client.js';
 import { ZERO_HASH } from '../../store/index.js';
@@ -15,6 +15,12 @@ import { loopDevice, smallTmpfs } from '../helpers/cli.js';
 
 const BS = 64 * 1024;
 const BLOCKS = 64;
+
+/** Bytes in the pack files of a home's store. */
+function packBytes(home: TestHome): number {
+  const dir = join(home.dir, 'store', 'packs');
+  return readdirSync(dir).reduce((n, f) => n + statSync(join(dir, f)).size, 0);
+}
 
 /** Overwrite 4 KiB inside each listed block (a small write, as a database would). */
 function scribble(path: string, blocks: number[]): void {
@@ -299,15 +305,21 @@ test('a pull (failback) of a small change brings each changed block as the bytes
   assert.equal(first.code, 0, first.stderr);
   assert.ok(first.json.wireBytes > (BLOCKS - 8) * BS, 'nothing held yet: whole blocks');
 
+  const was33 = Buffer.from(readFileSync(p.img).subarray(33 * BS, 34 * BS));
   scribble(p.img, [5, 33, 60]);
   assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
   const s0 = await p.peerB.stats();
+  const packs0 = packBytes(c);
   const pulled = await cli(c, 'sync', 'vol', '--peer', 'cloud', '--reverse');
   assert.equal(pulled.code, 0, pulled.stderr);
   const s1 = await p.peerB.stats();
   assert.equal(pulled.json.blocksSent, 3);
   assert.equal(s1.blocksSent - s0.blocksSent, 3, 'the peer served the 3 changed blocks');
   assert.ok(pulled.json.wireBytes < 3 * 6 * 1024, `the block stream carried ${pulled.json.wireBytes} bytes for 3 writes of 4 KiB`);
+  // Stored as deltas too (store/README.md, "Delta records"): the puller's packs grew by about
+  // the writes and a snapshot's worth of records, not by 3 blocks.
+  const grew = packBytes(c) - packs0;
+  assert.ok(grew < 3 * 8 * 1024, `the puller's packs grew by ${grew} bytes for 3 writes of 4 KiB`);
   const rootA = (await cli(p.a, 'snapshots', 'vol')).json.at(-1).root;
   assert.equal((await cli(c, 'snapshots', 'vol')).json.at(-1).root, rootA, 'the pulled snapshot is the pushed one');
   assert.equal((await cli(c, 'verify')).code, 0, 'every block built from a delta verifies');
@@ -316,8 +328,9 @@ test('a pull (failback) of a small change brings each changed block as the bytes
   assert.ok(readFileSync(out).equals(readFileSync(p.img)), 'byte for byte');
 
   // A base the puller holds damaged (disk corruption here): the block it would build from it is
-  // refused where it enters the store and fetched again whole.
-  damageBlock(c, readFileSync(p.img).subarray(33 * BS, 34 * BS));
+  // refused where it enters the store and fetched again whole. The puller holds block 33 as a
+  // delta of what it was before: that earlier block, stored whole, is damaged.
+  damageBlock(c, was33);
   scribble(p.img, [33, 61]);
   assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
   const s2 = await p.peerB.stats();

@@ -1,0 +1,207 @@
+/**
+ * Delta records (store/README.md, "Delta records"): a block that arrives as a small delta of a
+ * block the store holds is stored as that delta, never as a delta of a delta; it reads back
+ * byte-exact through every read path; verify checks it through its base; gc keeps a base that
+ * only deltas need, and drops it with them; a base gone before the append makes the block go whole.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { open, readdir, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import fc from 'fast-check';
+import { ClassicLevel } from 'classic-level';
+import { applyPatches, composeDeltas, diffBlock, hashBlock, Store } from '../../store/index.js';
+import { packFileName } from '../../store/pack.js';
+import type { BlockFrame, SnapshotRecord } from '../../store/types.js';
+import { tempDir } from './helpers.js';
+
+const BS = 65536;
+
+async function* from<T>(xs: readonly T[]): AsyncGenerator<T> {
+  for (const x of xs) yield x;
+}
+
+async function collect<T>(it: AsyncIterable<T>): Promise<T[]> {
+  const out: T[] = [];
+  for await (const x of it) out.push(x);
+  return out;
+}
+
+function written(base: Buffer, writes: Array<[number, Buffer]>): Buffer {
+  const b = Buffer.from(base);
+  for (const [off, bytes] of writes) bytes.copy(b, off, 0, Math.min(bytes.length, b.length - off));
+  return b;
+}
+
+/** `data` as a delta frame of `base`, as a peer's block stream delivers it. */
+function deltaFrame(data: Buffer, base: Buffer): BlockFrame {
+  const d = diffBlock(data, hashBlock(base), base);
+  assert.ok(d, 'small enough to be a delta');
+  return { hash: hashBlock(data), data: d.subarray(32), delta: { base: hashBlock(base), length: data.length } };
+}
+
+async function packBytes(dir: string): Promise<number> {
+  let n = 0;
+  for (const f of await readdir(join(dir, 'packs'))) n += (await stat(join(dir, 'packs', f))).size;
+  return n;
+}
+
+test('composeDeltas: the base patched by the composed delta is the base patched by the first, then by the second', () => {
+  const writes = fc.array(fc.tuple(fc.nat(4095), fc.integer({ min: 1, max: 300 })), { maxLength: 6 });
+  fc.assert(
+    fc.property(writes, writes, fc.nat(), (w1, w2, seed) => {
+      const fill = (n: number, k: number) => Buffer.alloc(n, (seed + k) & 0xff);
+      const x0 = Buffer.alloc(4096, 7);
+      const x1 = written(x0, w1.map(([o, n], k) => [o, fill(n, k + 1)]));
+      const x2 = written(x1, w2.map(([o, n], k) => [o, fill(n, k + 101)]));
+      const p1 = diffBlock(x1, hashBlock(x0), x0);
+      const p2 = diffBlock(x2, hashBlock(x1), x1);
+      fc.pre(p1 !== null && p2 !== null);
+      const composed = composeDeltas(hashBlock(x0), p1!.subarray(32), p2!.subarray(32), 4096, hashBlock(x2));
+      assert.ok(composed.subarray(0, 32).equals(hashBlock(x0)), 'a delta of the first base');
+      assert.ok(applyPatches(Buffer.from(x0), composed.subarray(32), hashBlock(x2)).equals(x2));
+      // No longer than both deltas together: the ranges only merge or shrink.
+      assert.ok(composed.length <= p1!.length + p2!.length - 36 + 4);
+    }),
+    { numRuns: 300 },
+  );
+});
+
+test('a small delta is stored as one, of a base stored whole; it reads back through every path; a large one is stored whole', async (t) => {
+  const dir = await tempDir(t);
+  const store = await Store.open(dir);
+  t.after(() => store.close());
+  const x0 = randomBytes(BS);
+  await store.putBlocks(from([{ hash: hashBlock(x0), data: x0 }]));
+  const before = await packBytes(dir);
+
+  const x1 = written(x0, [[1000, randomBytes(4096)]]);
+  assert.equal((await store.putBlocks(from([deltaFrame(x1, x0)]))).stored, 1);
+  const grew = (await packBytes(dir)) - before;
+  assert.ok(grew < 8192, `stored as a delta: the packs grew by ${grew} bytes, not ${BS}`);
+  const loc1 = await store.locate(hashBlock(x1));
+  assert.equal(loc1?.codec, 2);
+  assert.ok(loc1.base!.equals(hashBlock(x0)));
+
+  // x2 arrives as a delta of x1 (itself a delta): stored as a delta of x0, with both changes.
+  const x2 = written(x1, [[40000, randomBytes(2048)], [1500, randomBytes(100)]]);
+  assert.equal((await store.putBlocks(from([deltaFrame(x2, x1)]))).stored, 1);
+  const loc2 = await store.locate(hashBlock(x2));
+  assert.equal(loc2?.codec, 2);
+  assert.ok(loc2.base!.equals(hashBlock(x0)), 'never a delta of a delta');
+
+  // Half the block rewritten: a delta on the wire, but stored whole.
+  const x3 = written(x0, [[0, randomBytes(BS / 2 - 4096)]]);
+  assert.equal((await store.putBlocks(from([deltaFrame(x3, x0)]))).stored, 1);
+  assert.equal((await store.locate(hashBlock(x3)))?.codec, 0);
+
+  const want = [x1, x2, x3, x0];
+  const hashes = want.map(hashBlock);
+  for (const [i, x] of want.entries()) assert.ok((await store.getBlock(hashes[i]!)).equals(x), `getBlock ${i}`);
+  for (const opts of [{}, { direct: true }, { consumerVerifies: true }, { direct: true, consumerVerifies: true }]) {
+    const got = await collect(store.getBlocks(hashes, opts));
+    for (const [i, f] of got.entries()) {
+      assert.ok(f.data.equals(want[i]!), `getBlocks ${JSON.stringify(opts)} ${i}`);
+      f.release?.();
+    }
+  }
+  // As the base of a peer's delta (a sync sending x1's successor), and as a delta's base here.
+  const [withBase] = await collect(store.getBlocks([hashBlock(x0)], { bases: [hashBlock(x2)] }));
+  assert.ok(withBase!.base!.data.equals(x2));
+  const x4 = written(x2, [[9000, randomBytes(512)]]);
+  assert.equal((await store.putBlocks(from([deltaFrame(x4, x2)]))).stored, 1);
+  assert.ok((await store.getBlock(hashBlock(x4))).equals(x4));
+  assert.ok((await store.locate(hashBlock(x4)))!.base!.equals(hashBlock(x0)));
+
+  // Reopened: the index keeps each delta's base.
+  await store.close();
+  const again = await Store.open(dir);
+  t.after(() => again.close());
+  assert.ok((await again.getBlock(hashBlock(x4))).equals(x4));
+  assert.ok((await again.locate(hashBlock(x1)))!.base!.equals(hashBlock(x0)));
+});
+
+test('a delta whose base is gone by the time it is appended is stored whole', async (t) => {
+  const dir = await tempDir(t);
+  const store = await Store.open(dir);
+  t.after(() => store.close());
+  const base = randomBytes(BS);
+  const x = written(base, [[10, randomBytes(100)]]);
+  const payload = diffBlock(x, hashBlock(base), base)!;
+  // What putBlocks hands over once it has built and verified the block, with its base absent.
+  const [stored] = await store.putVerifiedMany([{ hash: hashBlock(x), data: x, asDelta: { base: hashBlock(base), payload } } as BlockFrame]);
+  assert.equal(stored, true);
+  await store.flush();
+  assert.equal((await store.locate(hashBlock(x)))?.codec, 0);
+  assert.ok((await store.getBlock(hashBlock(x))).equals(x));
+});
+
+test('verify checks a delta through its base; gc keeps a base only deltas need and drops it with them', async (t) => {
+  const dir = await tempDir(t);
+  const store = await Store.open(dir);
+  t.after(() => store.close());
+  const blocks = 4;
+  const v0 = Array.from({ length: blocks }, () => randomBytes(BS));
+  const v1 = v0.map((b, i) => written(b, [[i * 1000, randomBytes(2000)]]));
+  await store.putVolume({ name: 'vol', blockSize: BS, size: blocks * BS, created: new Date().toISOString() });
+  await store.putBlocks(from(v0.map((d) => ({ hash: hashBlock(d), data: d }))));
+  const s0 = await store.buildSnapshot({ volume: 'vol', size: blocks * BS, blockSize: BS, parent: null, changes: v0.map((d, index) => ({ index, hash: hashBlock(d) })), origin: 'test' });
+  await store.putBlocks(from(v1.map((d, i) => deltaFrame(d, v0[i]!))));
+  const s1: SnapshotRecord = await store.buildSnapshot({ volume: 'vol', size: blocks * BS, blockSize: BS, parent: s0, changes: v1.map((d, index) => ({ index, hash: hashBlock(d) })), origin: 'test' });
+  for (const d of v1) assert.equal((await store.locate(hashBlock(d)))?.codec, 2);
+  assert.deepEqual((await store.verify()).problems, []);
+
+  // Only the deltas' snapshot left: gc keeps their bases, which nothing else reaches.
+  await store.deleteSnapshot('vol', s0.id);
+  const g = await store.gc();
+  assert.equal(g.blocksRemoved, 0, JSON.stringify(g));
+  const r = await store.verify();
+  assert.deepEqual(r.problems, []);
+  assert.equal(r.bytes, blocks * BS);
+  for (const [i, d] of v1.entries()) assert.ok((await store.getBlock(hashBlock(d))).equals(d), `block ${i}`);
+
+  // A damaged base: verify names the delta's block of s1 (its base is in no snapshot).
+  const loc = await store.locate(hashBlock(v0[2]!));
+  const packPath = join(dir, 'packs', packFileName(loc!.pack));
+  const at = loc!.offset + 44 + 100;
+  const byte = Buffer.alloc(1);
+  const fh = await open(packPath, 'r+');
+  await fh.read(byte, 0, 1, at);
+  await fh.write(Buffer.from([byte[0]! ^ 0xff]), 0, 1, at);
+  await fh.close();
+  const bad = await store.verify();
+  assert.deepEqual(bad.problems.map((p) => [p.code, p.snapshot, p.blockIndex]), [['ERR_BLOCK_CORRUPT', s1.id, 2]]);
+  await assert.rejects(store.getBlock(hashBlock(v1[2]!)), /damaged|does not match/);
+  const fix = await open(packPath, 'r+');
+  await fix.write(byte, 0, 1, at);
+  await fix.close();
+  assert.deepEqual((await store.verify()).problems, []);
+
+  // No snapshot left: the deltas and their bases all go.
+  await store.deleteSnapshot('vol', s1.id);
+  const g2 = await store.gc();
+  assert.equal(g2.blocksRemoved, 2 * blocks, JSON.stringify(g2));
+  assert.deepEqual(await store.hasBlocks([...v0, ...v1].map(hashBlock)), Array(2 * blocks).fill(false));
+});
+
+test('a store of format 1 opens and is marked format 2; a format this build does not know is refused', async (t) => {
+  const dir = await tempDir(t);
+  await (await Store.open(dir)).close();
+  const setFormat = async (f: number) => {
+    const db = new ClassicLevel<Buffer, Buffer>(join(dir, 'index'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+    await db.put(Buffer.from('f'), Buffer.from(JSON.stringify({ format: f })));
+    await db.close();
+  };
+  const getFormat = async () => {
+    const db = new ClassicLevel<Buffer, Buffer>(join(dir, 'index'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+    const v = (await db.get(Buffer.from('f')))!.toString();
+    await db.close();
+    return v;
+  };
+  await setFormat(1);
+  await (await Store.open(dir)).close();
+  assert.equal(await getFormat(), '{"format":2}');
+  await setFormat(3);
+  await assert.rejects(Store.open(dir), { code: 'ERR_STORE_CORRUPT', message: /format 3/ });
+});
