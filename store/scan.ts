@@ -20,7 +20,7 @@ import { hashBlock, isZeroHash, HASH_LENGTH, parseHex, ZERO_HASH } from './hash.
 import { checkVolumeName } from './ids.js';
 import { checkBlockSize, checkSize, normalizeSnapshot } from './records.js';
 import { blockCount, blockHashesAt, type BlockChange } from './tree.js';
-import type { Store } from './store.js';
+import type { PutFrame, Store } from './store.js';
 import type { Hash, SnapshotOptions, SnapshotRecord, VolumeReader } from './types.js';
 
 /** Bytes per read: large sequential reads keep disks and page cache streaming. */
@@ -65,6 +65,28 @@ const PUTS_AHEAD = 2;
 
 /** During a long first scan, make new blocks durable every this many bytes (bounds writeback bursts). */
 const FLUSH_BYTES = 1024 * 1024 * 1024;
+
+/**
+ * A scan stops trying to store changed blocks as deltas once at least this many tries were made
+ * and fewer than half gave one: each try reads the replaced block from the store, which a volume
+ * rewritten wholesale (a restored backup, a reformatted disk) would pay for nothing.
+ */
+const DELTA_TRIES_TO_JUDGE = 32;
+
+/** Whether deltas are still worth trying in a scan, judged by what the tries so far gave. */
+function deltaTries(): { worth(): boolean; tried<T>(p: Promise<T | undefined>): Promise<T | undefined> } {
+  let tries = 0;
+  let hits = 0;
+  return {
+    worth: () => tries < DELTA_TRIES_TO_JUDGE || hits * 2 >= tries,
+    tried: async (p) => {
+      tries++;
+      const r = await p;
+      if (r) hits++;
+      return r;
+    },
+  };
+}
 
 /*
  * A scan's new blocks go to the disk directly (O_DIRECT, PackFiles), from the first one: the
@@ -273,7 +295,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   const wantViews = opts.keepViewsUntil !== undefined && opts.onNewBlocks !== undefined;
   const lendViews = wantViews && changed !== undefined && Math.ceil(changed.length / chunkBlocks) <= slots;
   const total = changed ? changed.length : blocks;
-  const progress = { blocksDone: 0, blocksTotal: total, bytesRead: 0, bytesReadDirect: 0, blocksStored: 0 };
+  const progress = { blocksDone: 0, blocksTotal: total, bytesRead: 0, bytesReadDirect: 0, blocksStored: 0, blocksStoredAsDeltas: 0 };
   let lastProgress = 0;
   let unflushed = 0;
   const report = (force: boolean) => {
@@ -300,10 +322,11 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   };
 
   const expected = onParent ? parentHashes(store, parent) : null;
-  // A change list's new blocks are told to onNewBlocks with the blocks they replace (a sync sends
-  // each as the bytes that differ where the peer holds that one): read from the parent's tree,
-  // the nodes on the blocks' paths only, while the blocks are read.
-  const replacedOf = changed && parent && opts.onNewBlocks ? (job: Job) => blockHashesAt({ root: parseHex(parent.root)!, height: parent.height, blocks: blockCount(parent.size, parent.blockSize) }, Array.from({ length: job.count }, (_, i) => blockOf(job, i)), store.getNode) : null;
+  // A change list's new blocks are stored as deltas of the blocks they replace where small, and
+  // told to onNewBlocks with them (a sync sends each as the bytes that differ where the peer
+  // holds that one): read from the parent's tree, the nodes on the blocks' paths only, while the
+  // blocks are read.
+  const replacedOf = changed && parent ? (job: Job) => blockHashesAt({ root: parseHex(parent.root)!, height: parent.height, blocks: blockCount(parent.size, parent.blockSize) }, Array.from({ length: job.count }, (_, i) => blockOf(job, i)), store.getNode) : null;
   const readJob = async (job: Job, slot: number): Promise<Done> => {
     const replacing = replacedOf?.(job);
     replacing?.catch(() => undefined); // awaited below, after the read
@@ -391,10 +414,11 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
     readonly items: Array<Item>;
     /** The items whose block is not all zeros. */
     readonly nonZero: Array<Item>;
-    readonly frames: Array<{ hash: Hash; data: Buffer }>;
+    readonly frames: PutFrame[];
     readonly stored: Promise<boolean[]>;
   }
   const puts: Put[] = [];
+  const deltas = deltaTries();
   const startPut = async (): Promise<void> => {
     const d = await inflight.shift()!;
     const items: Item[] = [];
@@ -406,11 +430,18 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
     }
     // One index lookup and one pack write for the chunk's blocks the store lacks.
     const nonZero = items.filter((c) => !isZeroHash(c.hash));
-    const frames = nonZero.map((c) => ({ hash: c.hash, data: Buffer.from(sab, slotAt(d.slot) + c.at, Math.min(blockSize, size - c.index * blockSize)) }));
-    // The workers checksummed the records of the blocks that may be new while hashing them.
-    const crcs = d.crcs;
-    const parts = crcs && nonZero.map((c, i) => recordPartsWithCrc(c.hash, CODEC_RAW, frames[i]!.data.length, crcs.readUInt32BE((c.at / blockSize) * 4)));
-    const stored = store.putVerifiedMany(frames, { direct: true, ...(parts ? { parts } : {}) });
+    const frames: PutFrame[] = nonZero.map((c) => ({ hash: c.hash, data: Buffer.from(sab, slotAt(d.slot) + c.at, Math.min(blockSize, size - c.index * blockSize)) }));
+    const stored = (async () => {
+      // A block that replaced one the store holds is stored as a delta of it when the two differ
+      // in little (store/README.md, "Delta records"). The reads of those blocks overlap the next
+      // chunks' hashing.
+      const asDeltas = await Promise.all(nonZero.map((c, i) => (c.was && !isZeroHash(c.was) && deltas.worth() ? deltas.tried(store.deltaOf(c.hash, frames[i]!.data, c.was)) : undefined)));
+      asDeltas.forEach((asDelta, i) => asDelta && (frames[i] = { ...frames[i]!, asDelta }));
+      // The workers checksummed the records of the blocks that may be new while hashing them (raw ones).
+      const crcs = d.crcs;
+      const parts = crcs && nonZero.map((c, i) => (asDeltas[i] ? undefined : recordPartsWithCrc(c.hash, CODEC_RAW, frames[i]!.data.length, crcs.readUInt32BE((c.at / blockSize) * 4))));
+      return store.putVerifiedMany(frames, { direct: true, ...(parts ? { parts } : {}) });
+    })();
     stored.catch(() => undefined); // observed in order below
     puts.push({ d, items, nonZero, frames, stored });
   };
@@ -430,6 +461,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
       (await stored).forEach((isNew, i) => {
         if (!isNew) return;
         progress.blocksStored++;
+        if (frames[i]!.asDelta) progress.blocksStoredAsDeltas++; // its base stays whole: gc waits for the scan
         unflushed += frames[i]!.data.length;
         fresh.push(frames[i]!.hash);
         replaced.push(nonZero[i]!.was ?? null);

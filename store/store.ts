@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { TandemError, diskFullError, fromSystemError, isTandemError } from '../common/errors.js';
 import { blake3, hashBlock, isHash, isZeroHash, MAX_BLOCK_SIZE, parseHex, toHex } from './hash.js';
-import { applyPatches, composeDeltas } from './delta.js';
+import { applyPatches, composeDeltas, diffBlock } from './delta.js';
 import { checkSnapshotId, checkVolumeName, isValidSnapshotId, isValidVolumeName, newSnapshotId } from './ids.js';
 import {
   blockKey, decodeLocation, encodeLocation, encodeU64, decodeU64, metaKey, metaRange, namespaceRange, nodeKey, NS,
@@ -45,8 +45,26 @@ interface StoredDelta {
   readonly base: Hash;
   readonly patches: Buffer;
 }
-/** A block of a stream to store (putBlocks), with the delta payload to store it as, if any. */
-type PutFrame = BlockFrame & { readonly asDelta?: { readonly base: Hash; readonly payload: Buffer } };
+/** @internal A block to store (putVerifiedMany), with the delta payload to store it as, if any. */
+export type PutFrame = BlockFrame & { readonly asDelta?: AsDelta };
+interface AsDelta {
+  /** A block this store holds whole. */
+  readonly base: Hash;
+  /** The record's payload: the base's hash, then the patches. */
+  readonly payload: Buffer;
+}
+
+/**
+ * How a block that `patches` make of block `base` is stored: as a delta of `base`, or, when
+ * `base` is itself stored as a delta (`baseStored`), of that one's base, with the two composed
+ * (a delta is never the base of another); undefined when that is more than
+ * 1/{@link STORED_DELTA_DIVISOR} of the block (stored whole). putVerifiedMany checks, under the
+ * write lock, that the base is still stored whole.
+ */
+function storedDelta(base: Hash, baseStored: StoredDelta | undefined, patches: Buffer, length: number, hash: Hash): AsDelta | undefined {
+  const payload = baseStored ? composeDeltas(baseStored.base, baseStored.patches, patches, length, hash) : Buffer.concat([base, patches]);
+  return payload.length * STORED_DELTA_DIVISOR <= length ? { base: baseStored?.base ?? base, payload } : undefined;
+}
 
 /** 512 KiB: the EBS direct API block size, so EBS import/export maps blocks one to one. */
 export const DEFAULT_BLOCK_SIZE = 524288;
@@ -725,6 +743,26 @@ export class Store implements ReplicaStore {
     }
   }
 
+  /**
+   * @internal How a scan stores `data`, the new block `hash` at a position where the parent
+   * snapshot has block `was`: as a delta of it (storedDelta) when this store holds a readable
+   * copy (read past the page cache, its record's CRC checked) and the two differ in little;
+   * else undefined (whole).
+   */
+  async deltaOf(hash: Hash, data: Buffer, was: Hash): Promise<AsDelta | undefined> {
+    if (isZeroHash(was) || was.equals(hash)) return undefined;
+    const b = await this.readBaseBlock(was, true);
+    if (!b) return undefined;
+    try {
+      const d = diffBlock(data, was, b.data);
+      return d ? storedDelta(was, b.stored, d.subarray(32), data.length, hash) : undefined;
+    } catch {
+      return undefined; // a stored delta that does not compose: verify reports it; this block goes whole
+    } finally {
+      b.release?.();
+    }
+  }
+
   private async resolveDelta(f: BlockFrame, needWhole: Hash[]): Promise<PutFrame | null> {
     const { base, length } = f.delta!;
     checkHash(f.hash);
@@ -743,11 +781,7 @@ export class Store implements ReplicaStore {
       block.release?.();
       throw e;
     }
-    // Stored as a delta too when small: of this base if it is stored whole, else of the base's
-    // own base (a delta is never the base of another). putVerifiedMany checks, under the write
-    // lock, that the base is still stored whole.
-    const payload = isZeroHash(base) ? undefined : block.stored ? composeDeltas(block.stored.base, block.stored.patches, f.data, length, f.hash) : Buffer.concat([base, f.data]);
-    const asDelta = payload && payload.length * STORED_DELTA_DIVISOR <= length ? { base: block.stored?.base ?? base, payload } : undefined;
+    const asDelta = isZeroHash(base) ? undefined : storedDelta(base, block.stored, f.data, length, f.hash);
     return { hash: f.hash, data: block.data, ...(block.release ? { release: block.release } : {}), ...(asDelta ? { asDelta } : {}) };
   }
 

@@ -301,6 +301,8 @@ export interface ScanProgress {
   /** Of bytesRead, those read past the page cache (O_DIRECT: a block device). */
   readonly bytesReadDirect: number;
   readonly blocksStored: number;
+  /** Of blocksStored, those stored as deltas of the block they replaced (store/README.md, "Delta records"). */
+  readonly blocksStoredAsDeltas: number;
 }
 
 export interface SnapshotOptions {

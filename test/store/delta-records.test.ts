@@ -7,14 +7,14 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { open, readdir, stat } from 'node:fs/promises';
+import { open, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { ClassicLevel } from 'classic-level';
 import { applyPatches, composeDeltas, diffBlock, hashBlock, Store } from '../../store/index.js';
 import { packFileName } from '../../store/pack.js';
-import type { BlockFrame, SnapshotRecord } from '../../store/types.js';
-import { tempDir } from './helpers.js';
+import type { BlockFrame, ScanProgress, SnapshotRecord } from '../../store/types.js';
+import { fileReader, localFileReader, storeWithImage, tempDir } from './helpers.js';
 
 const BS = 65536;
 
@@ -183,6 +183,66 @@ test('verify checks a delta through its base; gc keeps a base only deltas need a
   const g2 = await store.gc();
   assert.equal(g2.blocksRemoved, 2 * blocks, JSON.stringify(g2));
   assert.deepEqual(await store.hasBlocks([...v0, ...v1].map(hashBlock)), Array(2 * blocks).fill(false));
+});
+
+test('a re-scan stores a block changed by a small write as a delta of the block it replaced (a change list too); one rewritten whole, whole; a run of whole rewrites stops the tries', async (t) => {
+  const blocks = 96;
+  const img = randomBytes(blocks * BS);
+  img.fill(0, 10 * BS, 11 * BS); // a zero block that becomes data: nothing to be a delta of
+  const { path, store } = await storeWithImage(t, img);
+  const scan = async (parent: SnapshotRecord | null, opts: { changedBlocks?: number[]; workers?: boolean } = {}) => {
+    await writeFile(path, img);
+    const reader = opts.workers ? await localFileReader(path) : await fileReader(path);
+    let last: ScanProgress | undefined;
+    try {
+      const snap = await store.scanVolume(reader, { volume: 'vol', blockSize: BS, parent, onProgress: (p) => (last = p), ...(opts.changedBlocks ? { changedBlocks: opts.changedBlocks } : {}) });
+      return { snap, progress: last! };
+    } finally {
+      await reader.close();
+    }
+  };
+  const hashAt = (i: number) => hashBlock(img.subarray(i * BS, (i + 1) * BS));
+  const readBack = async (snap: SnapshotRecord) => {
+    const out = Buffer.alloc(snap.size);
+    for await (const { index, hash } of store.blockHashes(snap)) (await store.getBlock(hash, BS)).copy(out, index * BS);
+    return out;
+  };
+  const s0 = (await scan(null)).snap;
+
+  const small = [3, 20, 21, 50];
+  const was = small.map(hashAt);
+  for (const b of small) randomBytes(4096).copy(img, b * BS + 777);
+  randomBytes(BS).copy(img, 40 * BS); // rewritten whole
+  randomBytes(100).copy(img, 10 * BS + 5); // was zeros
+  const r1 = await scan(s0, { workers: true });
+  assert.equal(r1.progress.blocksStored, 6);
+  assert.equal(r1.progress.blocksStoredAsDeltas, 4);
+  for (const [k, b] of small.entries()) {
+    const loc = await store.locate(hashAt(b));
+    assert.equal(loc?.codec, 2, `block ${b}`);
+    assert.ok(loc.base!.equals(was[k]!), `block ${b} is a delta of the block it replaced`);
+  }
+  assert.equal((await store.locate(hashAt(40)))?.codec, 0);
+  assert.equal((await store.locate(hashAt(10)))?.codec, 0);
+  assert.ok((await readBack(r1.snap)).equals(img), 'byte-exact');
+
+  // The same blocks written again, from a change list (read on the calling thread): deltas of
+  // the same whole blocks, both writes composed.
+  for (const b of small) randomBytes(512).copy(img, b * BS + 30000);
+  const r2 = await scan(r1.snap, { changedBlocks: small });
+  assert.equal(r2.progress.blocksStoredAsDeltas, 4);
+  for (const [k, b] of small.entries()) assert.ok((await store.locate(hashAt(b)))!.base!.equals(was[k]!), `block ${b}: never a delta of a delta`);
+  assert.ok((await readBack(r2.snap)).equals(img), 'byte-exact');
+
+  // 40 blocks rewritten whole, then small writes further on: after 32 tries that gave nothing,
+  // the scan stops reading replaced blocks, and the small changes are stored whole.
+  for (let b = 0; b < 40; b++) if (b !== 10) randomBytes(BS).copy(img, b * BS);
+  for (const b of [80, 90]) randomBytes(4096).copy(img, b * BS);
+  const r3 = await scan(r2.snap);
+  assert.equal(r3.progress.blocksStored, 41);
+  assert.equal(r3.progress.blocksStoredAsDeltas, 0);
+  assert.ok((await readBack(r3.snap)).equals(img), 'byte-exact');
+  assert.deepEqual((await store.verify()).problems, []);
 });
 
 test('a store of format 1 opens and is marked format 2; a format this build does not know is refused', async (t) => {

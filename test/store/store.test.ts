@@ -120,7 +120,7 @@ describe('Store', () => {
     assert.equal(snap.origin, 'scan');
     assert.equal(snap.parent, null);
     assert.equal(snap.height, 2);
-    assert.deepEqual(last, { blocksDone: 301, blocksTotal: 301, bytesRead: img.length, bytesReadDirect: 0, blocksStored: 201 });
+    assert.deepEqual(last, { blocksDone: 301, blocksTotal: 301, bytesRead: img.length, bytesReadDirect: 0, blocksStored: 201, blocksStoredAsDeltas: 0 });
     assert.ok((await readBack(store, snap)).equals(img));
     const report = await store.verify();
     assert.deepEqual({ ...report, problems: report.problems.length }, { snapshots: 1, nodes: 3, blocks: 201, bytes: 200 * BS + 1000, problems: 0 });
@@ -190,7 +190,7 @@ describe('Store', () => {
     let last: ScanProgress | undefined;
     const s2 = await scanFile(store, path, 'vol', { parent: s1, changedBlocks: [599, 10, 11, 10], onProgress: (p) => (last = p) });
     assert.equal(s2.origin, 'changed-blocks');
-    assert.deepEqual(last, { blocksDone: 3, blocksTotal: 3, bytesRead: 3 * BS, bytesReadDirect: 0, blocksStored: 2 });
+    assert.deepEqual(last, { blocksDone: 3, blocksTotal: 3, bytesRead: 3 * BS, bytesReadDirect: 0, blocksStored: 2, blocksStoredAsDeltas: 1 }, 'the last block, changed in 5 bytes, stored as a delta');
     const full = await scanFile(store, path, 'vol', { parent: s2 });
     assert.equal(s2.root, full.root);
     assert.equal(s2.nonZeroBlocks, full.nonZeroBlocks);

@@ -16,7 +16,7 @@ export function define(program: Command): void {
       const { currentIO, formatBytes } = await import('../output.js');
       const io = currentIO();
       const notices: string[] = [];
-      let last = { blocksDone: 0, blocksTotal: 0, bytesRead: 0, bytesReadDirect: 0, blocksStored: 0 };
+      let last = { blocksDone: 0, blocksTotal: 0, bytesRead: 0, bytesReadDirect: 0, blocksStored: 0, blocksStoredAsDeltas: 0 };
       let bar: ReturnType<typeof startProgress> | null = null;
       const started = process.hrtime.bigint();
       const rec = await withHomeStore(g.home, async (home, store) => {
@@ -44,11 +44,13 @@ export function define(program: Command): void {
         bytesReadDirect: last.bytesReadDirect,
         blocksRead: last.blocksDone,
         blocksStored: last.blocksStored,
+        /** Of blocksStored, stored as deltas of the blocks they replaced. */
+        blocksStoredAsDeltas: last.blocksStoredAsDeltas,
         seconds: Math.round(seconds * 1000) / 1000,
         mbPerSecond: seconds > 0 ? Math.round((last.bytesRead / 1e6 / seconds) * 10) / 10 : 0,
       };
       const direct = figures.bytesReadDirect === 0 ? '' : figures.bytesReadDirect === figures.bytesRead ? ', past the page cache' : `, ${formatBytes(figures.bytesReadDirect)} of it past the page cache`;
-      io.err(`snapshot ${rec.volume}@${rec.id}: read ${formatBytes(figures.bytesRead)} in ${figures.seconds}s (${figures.mbPerSecond} MB/s${direct}), stored ${figures.blocksStored} new blocks\n`);
+      io.err(`snapshot ${rec.volume}@${rec.id}: read ${formatBytes(figures.bytesRead)} in ${figures.seconds}s (${figures.mbPerSecond} MB/s${direct}), stored ${figures.blocksStored} new blocks${figures.blocksStoredAsDeltas > 0 ? ` (${figures.blocksStoredAsDeltas} as deltas of the blocks they replaced)` : ''}\n`);
       return { json: { snapshot: rec, ...figures, notices }, text: rec.id };
     }));
 }
