@@ -14,25 +14,9 @@ import { ClassicLevel } from 'classic-level';
 import { applyPatches, composeDeltas, diffBlock, hashBlock, Store } from '../../store/index.js';
 import { packFileName } from '../../store/pack.js';
 import type { BlockFrame, ScanProgress, SnapshotRecord } from '../../store/types.js';
-import { fileReader, localFileReader, storeWithImage, tempDir } from './helpers.js';
+import { collect, fileReader, from, localFileReader, storeWithImage, tempDir, written } from './helpers.js';
 
 const BS = 65536;
-
-async function* from<T>(xs: readonly T[]): AsyncGenerator<T> {
-  for (const x of xs) yield x;
-}
-
-async function collect<T>(it: AsyncIterable<T>): Promise<T[]> {
-  const out: T[] = [];
-  for await (const x of it) out.push(x);
-  return out;
-}
-
-function written(base: Buffer, writes: Array<[number, Buffer]>): Buffer {
-  const b = Buffer.from(base);
-  for (const [off, bytes] of writes) bytes.copy(b, off, 0, Math.min(bytes.length, b.length - off));
-  return b;
-}
 
 /** `data` as a delta frame of `base`, as a peer's block stream delivers it. */
 function deltaFrame(data: Buffer, base: Buffer): BlockFrame {

@@ -95,3 +95,21 @@ export async function waitExit(child: ChildProcess): Promise<number | null> {
 export async function localFileReader(path: string): Promise<VolumeReader> {
   return { ...(await fileReader(path)), path, kind: 'file' };
 }
+
+/** An async iterable of `xs` (a block stream for putBlocks). */
+export async function* from<T>(xs: readonly T[]): AsyncGenerator<T> {
+  for (const x of xs) yield x;
+}
+
+export async function collect<T>(it: AsyncIterable<T>): Promise<T[]> {
+  const out: T[] = [];
+  for await (const x of it) out.push(x);
+  return out;
+}
+
+/** A copy of `base` with `writes` ([offset, bytes]) applied (cut at its end). */
+export function written(base: Buffer, writes: Array<[number, Buffer]>): Buffer {
+  const b = Buffer.from(base);
+  for (const [off, bytes] of writes) bytes.copy(b, off, 0, Math.min(bytes.length, b.length - off));
+  return b;
+}

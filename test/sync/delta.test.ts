@@ -11,24 +11,7 @@ import fc from 'fast-check';
 import { applyPatches, diffBlock, hashBlock, Store, ZERO_HASH } from '../../store/index.js';
 import type { BlockFrame, Hash } from '../../store/types.js';
 import { CODEC_DELTA, decodeFrames, encodeFrames } from '../../sync/framing.js';
-import { tempDir } from '../store/helpers.js';
-
-async function* from<T>(xs: readonly T[]): AsyncGenerator<T> {
-  for (const x of xs) yield x;
-}
-
-async function collect<T>(it: AsyncIterable<T>): Promise<T[]> {
-  const out: T[] = [];
-  for await (const x of it) out.push(x);
-  return out;
-}
-
-/** `base` with `writes` ([offset, bytes]) applied. */
-function written(base: Buffer, writes: Array<[number, Buffer]>): Buffer {
-  const b = Buffer.from(base);
-  for (const [off, bytes] of writes) bytes.copy(b, off, 0, Math.min(bytes.length, b.length - off));
-  return b;
-}
+import { collect, from, tempDir, written } from '../store/helpers.js';
 
 /** The patches of a delta payload (what decodeFrames yields as `data`). */
 const patchesOf = (delta: Buffer) => delta.subarray(32);
