@@ -606,6 +606,12 @@ export class RemotePeer implements ReplicaStore {
    */
   private async *basesIfTaken(frames: AsyncIterable<BlockFrame>): AsyncGenerator<BlockFrame> {
     for await (const f of frames) {
+      if (f.delta && !this.deltaFrames) {
+        // A stored delta was asked for (GetBlocksOptions.storedDeltas) because the peer took
+        // deltas; it no longer does (an older release answers now). Nothing partial is kept.
+        f.release?.();
+        throw new TandemError('ERR_PEER_PROTOCOL', `peer ${this.name} stopped taking delta frames during the sync (an older release answers now?); run the sync again: it sends whole blocks to that release`);
+      }
       if (!f.base || this.deltaFrames) yield f;
       else {
         f.base.release?.();

@@ -289,13 +289,33 @@ export class Store implements ReplicaStore {
    * The result carries the record's base and patches (`stored`).
    */
   async readDeltaBlock(hash: Hash, loc: BlockLocation, verify: boolean, direct: boolean): Promise<ReadBlock> {
+    return this.applyDeltaPayload(hash, await this.readDeltaRecord(hash, loc), verify, direct);
+  }
+
+  /** The payload (base hash, then patches) of the delta record at `loc`, its CRC checked (ERR_STORE_CORRUPT). */
+  private async readDeltaRecord(hash: Hash, loc: BlockLocation): Promise<Buffer> {
     const rec = decodeRecord(await this.packs.read(loc.pack, loc.offset, recordLength(loc.length)));
     if (!rec || rec.codec !== CODEC_DELTA || rec.length !== loc.length || !rec.hash.equals(hash) || rec.length < DELTA_PAYLOAD_MIN || (loc.base && !loc.base.equals(rec.payload.subarray(0, 32)))) {
       throw new TandemError('ERR_STORE_CORRUPT', `the record of block ${toHex(hash)} in pack ${loc.pack} at offset ${loc.offset} is damaged or truncated; run \`appliance verify\``, {
         details: { hash: toHex(hash), pack: loc.pack, offset: loc.offset },
       });
     }
-    return this.applyDeltaPayload(hash, rec.payload, verify, direct);
+    return rec.payload;
+  }
+
+  /**
+   * Block `hash`, stored as a delta record at `loc`, as that delta (GetBlocksOptions.storedDeltas):
+   * `data` the patches, `delta` the base and the block's length (the base's, a raw record). Only
+   * the record is read, its CRC checked; the consumer's store builds the block and verifies it.
+   * Undefined when the base is not indexed as a raw record: the caller reads the block as usual
+   * (and reports the damage).
+   */
+  private async readStoredDelta(hash: Hash, loc: BlockLocation): Promise<ReadBlock | undefined> {
+    const payload = await this.readDeltaRecord(hash, loc);
+    const base = Buffer.from(payload.subarray(0, 32));
+    const baseLoc = await this.locate(base);
+    if (!baseLoc || baseLoc.codec !== CODEC_RAW) return undefined;
+    return { data: payload.subarray(32), delta: { base, length: baseLoc.length } };
   }
 
   /**
@@ -402,6 +422,8 @@ export class Store implements ReplicaStore {
     for (const h of hashes) checkHash(h);
     const locations = new Map<number, BlockLocation | undefined>();
     let located = 0;
+    const bases = opts.bases;
+    const storedDeltas = opts.storedDeltas === true;
     const locateUpTo = async (end: number) => {
       while (located < end) {
         const from = located;
@@ -412,7 +434,8 @@ export class Store implements ReplicaStore {
           const h = hashes[i]!;
           const key = h.toString('latin1');
           const p = isZeroHash(h) ? undefined : this.pending.get(key);
-          if (p || isZeroHash(h) || opts.held?.has(key)) locations.set(i, p);
+          // A held block is handed out from memory, unless it may go as a stored delta (looked up).
+          if (p || isZeroHash(h) || (opts.held?.has(key) && !(storedDeltas && bases?.[i]))) locations.set(i, p);
           else ask.push(i);
         }
         if (ask.length > 0) {
@@ -432,7 +455,6 @@ export class Store implements ReplicaStore {
         return { data: await this.getBlock(h) }; // moved by a concurrent gc: look it up again (a real failure throws there)
       }
     };
-    const bases = opts.bases;
     /** The block's base, for a delta (GetBlocksOptions.bases): read when held; else none (the block goes whole). */
     const readBase = async (b: Hash): Promise<BlockFrame['base']> => {
       const r = await this.readBaseBlock(b, direct);
@@ -444,6 +466,14 @@ export class Store implements ReplicaStore {
       locations.delete(i);
       const b = bases?.[i];
       if (!b || b.equals(h)) return readOne(h, loc);
+      // Stored as a delta of the very block the consumer holds: that delta goes as it is.
+      if (storedDeltas && loc?.codec === CODEC_DELTA && loc.base?.equals(b)) {
+        const d = await this.readStoredDelta(h, loc).catch(() => undefined); // moved by a gc, or damaged: read as usual below
+        if (d) {
+          held?.take(h.toString('latin1'))?.release?.(); // its copy is not needed
+          return d;
+        }
+      }
       if (isZeroHash(b)) {
         const block = await readOne(h, loc);
         return { ...block, base: { hash: b, data: Buffer.alloc(block.data.length) } };
@@ -469,9 +499,9 @@ export class Store implements ReplicaStore {
     await fill();
     try {
       for (let i = 0; i < hashes.length; i++) {
-        const { data, release, base } = await inflight.shift()!;
+        const { data, release, base, delta } = await inflight.shift()!;
         await fill();
-        yield { hash: hashes[i]!, data, ...(release ? { release } : {}), ...(base ? { base } : {}) };
+        yield { hash: hashes[i]!, data, ...(release ? { release } : {}), ...(base ? { base } : {}), ...(delta ? { delta } : {}) };
       }
     } finally {
       // Blocks read ahead and never handed out (the consumer stopped early) go back to the pool.

@@ -154,9 +154,11 @@ export interface BlockFrame {
    */
   readonly base?: { readonly hash: Hash; readonly data: Buffer; readonly release?: () => void };
   /**
-   * Receiver side: `data` is not the block but the patches of a delta frame, to be applied to
-   * this store's copy of the block `base`, which yields `length` bytes (Store.putBlocks does,
-   * then verifies the result against `hash`). Only a stream that asked for deltas carries these.
+   * `data` is not the block but the patches of a delta frame, to be applied to a copy of the
+   * block `base`, which yields `length` bytes. Receiver side: decoded from a stream that asked for
+   * deltas; this store's putBlocks builds the block and verifies it against `hash`. Sender side:
+   * a delta the store holds, handed out as it is (GetBlocksOptions.storedDeltas); a block stream
+   * to a peer sends it as a delta frame.
    */
   readonly delta?: { readonly base: Hash; readonly length: number };
 }
@@ -198,6 +200,13 @@ export interface GetBlocksOptions {
    * Only given when one side is a peer that takes them ({@link ReplicaStore.deltas}).
    */
   readonly bases?: ReadonlyArray<Hash | null>;
+  /**
+   * With `bases`: a block the local store holds as a delta of the very base named for it is
+   * handed out as that delta (`BlockFrame.delta`, `data` the patches), read without its base and
+   * not diffed again. Only for a consumer that sends it to a peer that takes delta frames (the
+   * peer's store builds the block from its own copy of the base and verifies it).
+   */
+  readonly storedDeltas?: boolean;
   /**
    * The bytes of blocks the caller holds in memory already, by the hash's latin1 string (a scan's
    * buffers, or copies of them: SnapshotOptions.onNewBlocks): handed out as they are rather than

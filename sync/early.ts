@@ -410,13 +410,14 @@ export class EarlySender {
         // replaced, where it holds that one (else it names the block in needWhole and the engine
         // sends it whole).
         const bases = self.target.deltas === true ? batch.bases.filter((_, i) => !present[i]) : [];
-        const opts = { consumerVerifies: true, direct: batch.direct, held: self.held, ...(bases.some((b) => b) ? { bases } : {}) };
+        const opts = { consumerVerifies: true, direct: batch.direct, held: self.held, ...(bases.some((b) => b) ? { bases, storedDeltas: true } : {}) };
         for await (const f of self.source.getBlocks(lacking, opts)) { // the target verifies each
           if (self.stopped) return;
           self.taken--;
           self.blocks++;
-          self.bytes += f.data.length;
-          deltaSizes.note(f, f.data.length);
+          const length = f.delta?.length ?? f.data.length; // a stored delta's data is its patches
+          self.bytes += length;
+          deltaSizes.note(f, length);
           if (self.atTarget.size + sent.length < AT_TARGET_MAX) sent.push(f.hash); // bounded, as the set
           yield f;
           self.onSent?.();

@@ -246,7 +246,10 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
                 deltaSizes.note(f, length);
                 if (blocksSent % 16 === 0) progress('blocks');
               };
-              const r = await target.putBlocks(counted(source.getBlocks(part, { consumerVerifies: true, direct: true, ...(bases?.some((b) => b) ? { bases } : {}) }), sent));
+              // A block the source holds as a delta of the very base named goes as that delta,
+              // read without its base (GetBlocksOptions.storedDeltas).
+              const withBases = bases?.some((b) => b) ? { bases, storedDeltas: target.deltas === true } : {};
+              const r = await target.putBlocks(counted(source.getBlocks(part, { consumerVerifies: true, direct: true, ...withBases }), sent));
               if (r.needWhole && r.needWhole.length > 0) {
                 // The receiver lacks those bases (a gc there, a damaged copy): the blocks go whole.
                 trace(`engine: ${r.needWhole.length} blocks sent again whole (their bases are not on the receiver)`);

@@ -134,6 +134,17 @@ export async function* encodeFrames(frames: AsyncIterable<BlockFrame>, opts: Enc
   try {
     for await (const f of frames) {
       if (f.data.length > MAX_BLOCK_BYTES) throw new TandemError('ERR_BAD_REQUEST', `block of ${f.data.length} bytes exceeds the ${MAX_BLOCK_BYTES}-byte frame limit`);
+      if (f.delta) {
+        // A delta the store holds (GetBlocksOptions.storedDeltas): its base's hash, then its patches.
+        f.base?.release?.();
+        if (f.release) payloadRelease.set(f.data, f.release);
+        yield header(FRAME_BLOCK, CODEC_DELTA, f.hash, f.delta.length, 32 + f.data.length);
+        yield f.delta.base;
+        yield f.data;
+        count++;
+        opts.onBlock?.(f.delta.length);
+        continue;
+      }
       if (f.base) {
         const delta = diffBlock(f.data, f.base.hash, f.base.data);
         f.base.release?.();

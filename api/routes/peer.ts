@@ -242,7 +242,8 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     // The client verifies every block (as it decodes the stream, or in the store it puts them in).
     // Read past the page cache, as the engine's sends are (sync/engine.ts): received blocks went
     // to the disk directly and a failback pulls what the cache no longer holds.
-    const frames = encodeFrames(store.getBlocks(hashes, { consumerVerifies: true, direct: true, ...(bases ? { bases } : {}) }), {
+    // The client asked for deltas (it named bases): a block held as a delta of the base named goes as it is.
+    const frames = encodeFrames(store.getBlocks(hashes, { consumerVerifies: true, direct: true, ...(bases ? { bases, storedDeltas: true } : {}) }), {
       errorFrames: true,
       onBlock: (n) => {
         stats.blocksSent++;

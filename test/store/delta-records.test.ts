@@ -13,6 +13,7 @@ import fc from 'fast-check';
 import { ClassicLevel } from 'classic-level';
 import { applyPatches, composeDeltas, diffBlock, hashBlock, Store } from '../../store/index.js';
 import { packFileName } from '../../store/pack.js';
+import { decodeFrames, encodeFrames } from '../../sync/framing.js';
 import type { BlockFrame, ScanProgress, SnapshotRecord } from '../../store/types.js';
 import { collect, fileReader, from, localFileReader, storeWithImage, tempDir, written } from './helpers.js';
 
@@ -119,6 +120,66 @@ test('a delta whose base is gone by the time it is appended is stored whole', as
   await store.flush();
   assert.equal((await store.locate(hashBlock(x)))?.codec, 0);
   assert.ok((await store.getBlock(hashBlock(x))).equals(x));
+});
+
+test('a block held as a delta of the base named goes out as that delta (storedDeltas), read without its base; through the framing a second store builds it', async (t) => {
+  const dir = await tempDir(t);
+  const store = await Store.open(dir);
+  t.after(() => store.close());
+  const x0 = randomBytes(BS);
+  const other = randomBytes(BS);
+  await store.putBlocks(from([{ hash: hashBlock(x0), data: x0 }, { hash: hashBlock(other), data: other }]));
+  const x1 = written(x0, [[2000, randomBytes(3000)]]);
+  await store.putBlocks(from([deltaFrame(x1, x0)]));
+  const [h0, h1] = [hashBlock(x0), hashBlock(x1)];
+
+  const [asDelta] = await collect(store.getBlocks([h1], { bases: [h0], storedDeltas: true, consumerVerifies: true, direct: true }));
+  assert.deepEqual(asDelta!.delta, { base: h0, length: BS });
+  assert.equal(asDelta!.base, undefined, 'no base read');
+  assert.ok(applyPatches(Buffer.from(x0), asDelta!.data, h1).equals(x1), 'the patches are the delta stored');
+  // Without the option, or with another base named, the block is read whole (with the base named).
+  const [plain] = await collect(store.getBlocks([h1], { bases: [h0], consumerVerifies: true }));
+  assert.ok(plain!.data.equals(x1) && plain!.base!.data.equals(x0) && plain!.delta === undefined);
+  const [another] = await collect(store.getBlocks([h1], { bases: [hashBlock(other)], storedDeltas: true }));
+  assert.ok(another!.data.equals(x1) && another!.base!.data.equals(other) && another!.delta === undefined);
+  for (const f of [plain!, another!]) (f.release?.(), f.base?.release?.());
+  // A copy held in memory (a scan's buffer lent for early sending) is given back, not sent.
+  let released = 0;
+  const held = { has: (k: string) => k === h1.toString('latin1'), take: () => ({ data: x1, release: () => void released++ }) };
+  const [fromHeld] = await collect(store.getBlocks([h1], { bases: [h0], storedDeltas: true, held, consumerVerifies: true }));
+  assert.ok(fromHeld!.delta?.base.equals(h0));
+  assert.equal(released, 1, 'the held copy was released');
+
+  // On the wire it is a delta frame of x0; a store holding x0 builds x1, verifies it, keeps it as a delta.
+  const wire = await collect(encodeFrames(store.getBlocks([h1], { bases: [h0], storedDeltas: true, consumerVerifies: true })));
+  const bytes = Buffer.concat(wire);
+  assert.equal(bytes.length, 42 + diffBlock(x1, h0, x0)!.length + 42, 'one delta frame (header, base hash, patches) and the end frame');
+  const dir2 = await tempDir(t);
+  const peer = await Store.open(dir2);
+  t.after(() => peer.close());
+  await peer.putBlocks(from([{ hash: h0, data: x0 }]));
+  const r = await peer.putBlocks(decodeFrames(from([bytes]), { deltas: true, expect: [h1] }));
+  assert.equal(r.stored, 1);
+  assert.ok((await peer.getBlock(h1)).equals(x1));
+  assert.equal((await peer.locate(h1))?.codec, 2);
+  // A receiver lacking the base names it in needWhole and stores nothing.
+  const dir3 = await tempDir(t);
+  const bare = await Store.open(dir3);
+  t.after(() => bare.close());
+  const none = await bare.putBlocks(decodeFrames(from([bytes]), { deltas: true, expect: [h1] }));
+  assert.equal(none.stored, 0);
+  assert.deepEqual(none.needWhole, [h1]);
+
+  // The sender's base damaged: its stored delta still goes (the receiver verifies what it builds);
+  // read whole (no option), the damage is reported.
+  const loc0 = (await store.locate(h0))!;
+  const fh = await open(join(dir, 'packs', packFileName(loc0.pack)), 'r+');
+  // The record's payload starts after its 44-byte header (store/README.md).
+  await fh.write(Buffer.from([0xff ^ x0[100]!]), 0, 1, loc0.offset + 44 + 100);
+  await fh.close();
+  const [still] = await collect(store.getBlocks([h1], { bases: [h0], storedDeltas: true, consumerVerifies: true, direct: true }));
+  assert.ok(applyPatches(Buffer.from(x0), still!.data, h1).equals(x1));
+  await assert.rejects(collect(store.getBlocks([h1], { consumerVerifies: true, direct: true })), /ERR_STORE_CORRUPT|damaged/);
 });
 
 test('verify checks a delta through its base; gc keeps a base only deltas need and drops it with them', async (t) => {

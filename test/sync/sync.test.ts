@@ -409,6 +409,28 @@ test('sync --changed-blocks reads only the listed blocks: from the CLI and in a 
   assert.equal((await cli(p.a, 'verify')).code, 0);
 });
 
+test('a push sends a block the sender holds as a delta of the block the peer holds as that delta, without reading the base: a damaged base there does not stop it', async (t) => {
+  const p = await setup(t);
+  assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const was20 = Buffer.from(readFileSync(p.img).subarray(20 * BS, 21 * BS));
+  scribble(p.img, [20]);
+  const snap = await cli(p.a, 'snapshot', 'vol');
+  assert.equal(snap.code, 0, snap.stderr);
+  assert.equal(snap.json.blocksStoredAsDeltas, 1, 'block 20 is held as a delta of what it was');
+  // The base, stored whole on the sender, is damaged: a block read whole from it would be refused.
+  damageBlock(p.a, was20);
+  const s0 = await p.peerB.stats();
+  const r = await cli(p.a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(r.code, 0, r.stderr);
+  const s1 = await p.peerB.stats();
+  assert.equal(r.json.blocksSent, 1);
+  assert.equal(s1.deltasReceived - s0.deltasReceived, 1, 'it went as the delta the sender holds');
+  assert.ok(r.json.wireBytes < 16 * 1024, `${r.json.wireBytes} bytes on the wire for a 4 KiB write`);
+  assert.ok((await restoredOnB(p, 'r20.img')).equals(readFileSync(p.img)), 'the peer built it from its own copy of the base: byte-exact');
+  const v = await cli(p.a, 'verify');
+  assert.notEqual(v.code, 0, 'the sender\'s damage is still found where it is');
+});
+
 test('two appliances with volumes of the same name: the second one\'s push is refused before anything is committed; volume remove on the receiver frees the name', async (t) => {
   const p = await setup(t);
   assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
