@@ -5,7 +5,7 @@
  * offset size  field
  * 0      4     magic "TBLK"
  * 4      1     version (1)
- * 5      1     codec (0 = raw, 2 = delta of a raw record; other values reserved)
+ * 5      1     codec (0 = raw, 2 = delta of a raw record, 3 = patches of the zero block; others reserved)
  * 6      2     reserved, zero
  * 8      4     payload length L (u32 big-endian)
  * 12     32    block hash (BLAKE3-256 of the decoded block)
@@ -17,7 +17,8 @@
  */
 import { createRequire } from 'node:module';
 import type { Hash } from './types.js';
-import { HASH_LENGTH, MAX_BLOCK_SIZE } from './hash.js';
+import { HASH_LENGTH, MAX_BLOCK_SIZE, ZERO_HASH } from './hash.js';
+import { applyPatches } from './delta.js';
 
 /**
  * CRC-32 (the zlib polynomial), `initial` continuing an earlier value. The native binding uses
@@ -40,6 +41,22 @@ export const CODEC_RAW = 0;
 export const CODEC_DELTA = 2;
 /** Base hash + patch count: the least a delta payload holds. */
 export const DELTA_PAYLOAD_MIN = 36;
+/**
+ * The payload is the block as patches of the zero block: the block's length (u32 BE), then
+ * patches (store/delta.ts). A block that replaced a zero block and holds little data (a write
+ * into an unused region of a thin volume) is stored so. It needs nothing else to decode.
+ */
+export const CODEC_SPARSE = 3;
+/** Block length + patch count: the least a sparse payload holds. */
+export const SPARSE_PAYLOAD_MIN = 8;
+
+/** The payload of a sparse record (CODEC_SPARSE) for a block of `length` bytes that `patches` make of zeros. */
+export function sparsePayload(length: number, patches: Buffer): Buffer {
+  const b = Buffer.allocUnsafe(4 + patches.length);
+  b.writeUInt32BE(length, 0);
+  patches.copy(b, 4);
+  return b;
+}
 export const RECORD_HEADER_LENGTH = 44;
 export const RECORD_TRAILER_LENGTH = 4;
 export const RECORD_OVERHEAD = RECORD_HEADER_LENGTH + RECORD_TRAILER_LENGTH;
@@ -146,9 +163,18 @@ export function decodeRecord(b: Buffer): DecodedRecord | undefined {
 }
 
 /**
- * Decode a payload that needs nothing else: a raw one. A delta needs its base
- * (Store.readDeltaBlock); an unknown codec is corruption.
+ * Decode a payload that needs nothing else: a raw one, or a sparse one (a new buffer). A delta
+ * needs its base (Store.readDeltaBlock); an unknown codec, or a malformed sparse payload, is
+ * corruption (undefined).
  */
 export function decodePayload(codec: number, payload: Buffer): Buffer | undefined {
-  return codec === CODEC_RAW ? payload : undefined;
+  if (codec === CODEC_RAW) return payload;
+  if (codec !== CODEC_SPARSE || payload.length < SPARSE_PAYLOAD_MIN) return undefined;
+  const length = payload.readUInt32BE(0);
+  if (length === 0 || length > MAX_BLOCK_SIZE) return undefined;
+  try {
+    return applyPatches(Buffer.alloc(length), payload.subarray(4), ZERO_HASH);
+  } catch {
+    return undefined;
+  }
 }

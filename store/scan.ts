@@ -419,6 +419,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   }
   const puts: Put[] = [];
   const deltas = deltaTries();
+  const sparse = deltaTries();
   const startPut = async (): Promise<void> => {
     const d = await inflight.shift()!;
     const items: Item[] = [];
@@ -435,7 +436,13 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
       // A block that replaced one the store holds is stored as a delta of it when the two differ
       // in little (store/README.md, "Delta records"). The reads of those blocks overlap the next
       // chunks' hashing.
-      const asDeltas = await Promise.all(nonZero.map((c, i) => (c.was && !isZeroHash(c.was) && deltas.worth() ? deltas.tried(store.deltaOf(c.hash, frames[i]!.data, c.was)) : undefined)));
+      // One that replaced a zero block is compared with zeros (no read: a sparse record when it
+      // holds little data), judged apart: a volume filled wholesale stops those tries alone.
+      const asDeltas = await Promise.all(nonZero.map((c, i) => {
+        if (!c.was) return undefined;
+        const judge = isZeroHash(c.was) ? sparse : deltas;
+        return judge.worth() ? judge.tried(store.deltaOf(c.hash, frames[i]!.data, c.was)) : undefined;
+      }));
       asDeltas.forEach((asDelta, i) => asDelta && (frames[i] = { ...frames[i]!, asDelta }));
       // The workers checksummed the records of the blocks that may be new while hashing them (raw ones).
       const crcs = d.crcs;

@@ -11,7 +11,7 @@ import { mkdir, rename, statfs, unlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { TandemError, diskFullError, fromSystemError, isTandemError } from '../common/errors.js';
-import { blake3, hashBlock, isHash, isZeroHash, MAX_BLOCK_SIZE, parseHex, toHex } from './hash.js';
+import { blake3, hashBlock, isHash, isZeroHash, MAX_BLOCK_SIZE, parseHex, toHex, ZERO_HASH } from './hash.js';
 import { applyPatches, composeDeltas, diffBlock } from './delta.js';
 import { checkSnapshotId, checkVolumeName, isValidSnapshotId, isValidVolumeName, newSnapshotId } from './ids.js';
 import {
@@ -21,7 +21,7 @@ import {
 import { busyError, acquireStoreLock } from './lock.js';
 import { Mutex, SharedLock } from './mutex.js';
 import {
-  CODEC_DELTA, CODEC_RAW, DELTA_PAYLOAD_MIN, decodePayload, decodeRecord, decodeRecordHeader, encodeRecordParts, recordLength, RECORD_HEADER_LENGTH, RECORD_TRAILER_LENGTH,
+  CODEC_DELTA, CODEC_RAW, CODEC_SPARSE, DELTA_PAYLOAD_MIN, decodePayload, sparsePayload, SPARSE_PAYLOAD_MIN, decodeRecord, decodeRecordHeader, encodeRecordParts, recordLength, RECORD_HEADER_LENGTH, RECORD_TRAILER_LENGTH,
   type RecordParts,
 } from './pack.js';
 import { PackFiles, type RecoveryReport } from './pack-files.js';
@@ -48,9 +48,9 @@ interface StoredDelta {
 /** @internal A block to store (putVerifiedMany), with the delta payload to store it as, if any. */
 export type PutFrame = BlockFrame & { readonly asDelta?: AsDelta };
 interface AsDelta {
-  /** A block this store holds whole. */
+  /** A block this store holds whole; ZERO_HASH for a sparse record (CODEC_SPARSE). */
   readonly base: Hash;
-  /** The record's payload: the base's hash, then the patches. */
+  /** The record's payload: the base's hash, then the patches (sparse: the block's length, then the patches). */
   readonly payload: Buffer;
 }
 
@@ -62,8 +62,23 @@ interface AsDelta {
  * write lock, that the base is still stored whole.
  */
 function storedDelta(base: Hash, baseStored: StoredDelta | undefined, patches: Buffer, length: number, hash: Hash): AsDelta | undefined {
-  const payload = baseStored ? composeDeltas(baseStored.base, baseStored.patches, patches, length, hash) : Buffer.concat([base, patches]);
-  return payload.length * STORED_DELTA_DIVISOR <= length ? { base: baseStored?.base ?? base, payload } : undefined;
+  const first = baseStored?.base ?? base;
+  let payload = baseStored ? composeDeltas(baseStored.base, baseStored.patches, patches, length, hash) : Buffer.concat([base, patches]);
+  // Patches of the zero block need no base: a sparse record, which carries the block's length.
+  if (isZeroHash(first)) payload = sparsePayload(length, payload.subarray(32));
+  return payload.length * STORED_DELTA_DIVISOR <= length ? { base: first, payload } : undefined;
+}
+
+/** The record codec of a block stored as `d`: a delta of a raw block, or patches of zeros. */
+function deltaCodec(d: AsDelta): number {
+  return isZeroHash(d.base) ? CODEC_SPARSE : CODEC_DELTA;
+}
+
+/** A zero buffer of `n` bytes to diff against (never written): the largest asked for so far. */
+let zeros = Buffer.alloc(0);
+function zeroBlock(n: number): Buffer {
+  if (zeros.length < n) zeros = Buffer.alloc(n);
+  return zeros.subarray(0, n);
 }
 
 /** 512 KiB: the EBS direct API block size, so EBS import/export maps blocks one to one. */
@@ -91,12 +106,13 @@ const NODE_BATCH = 512;
 
 /**
  * Store format written in the 'f' key; a store of another format is refused. Format 2 added
- * delta records (store/README.md, "Delta records"); a format-1 store is one without any, and is
- * marked 2 when it is opened (a build that reads only format 1 then refuses it clearly).
+ * delta records, format 3 sparse records (store/README.md, "Delta records"); a store of an
+ * earlier format holds none of the newer records, and is marked 3 when it is opened (a build that
+ * reads only an earlier format then refuses it clearly).
  */
-const FORMAT = 2;
+const FORMAT = 3;
 /** Formats this build opens as they are, and marks as {@link FORMAT}. */
-const UPGRADABLE_FORMATS: readonly number[] = [1];
+const UPGRADABLE_FORMATS: readonly number[] = [1, 2];
 /**
  * A block that arrives as a delta is stored as one when its payload is at most this fraction of
  * the block: reading it then costs its base's record as well (store/README.md, "Delta records").
@@ -318,6 +334,39 @@ export class Store implements ReplicaStore {
     return { data: payload.subarray(32), delta: { base, length: baseLoc.length } };
   }
 
+  /** Block `hash`, stored as a sparse record at `loc`, as a delta of the zero block (GetBlocksOptions.storedDeltas). */
+  private async readSparseAsDelta(hash: Hash, loc: BlockLocation): Promise<ReadBlock> {
+    const payload = await this.readSparseRecord(hash, loc);
+    return { data: payload.subarray(4), delta: { base: ZERO_HASH, length: payload.readUInt32BE(0) } };
+  }
+
+  /** The payload (block length, then patches) of the sparse record at `loc`, its CRC checked (ERR_STORE_CORRUPT). */
+  private async readSparseRecord(hash: Hash, loc: BlockLocation): Promise<Buffer> {
+    const rec = decodeRecord(await this.packs.read(loc.pack, loc.offset, recordLength(loc.length)));
+    if (!rec || rec.codec !== CODEC_SPARSE || rec.length !== loc.length || !rec.hash.equals(hash) || rec.length < SPARSE_PAYLOAD_MIN) {
+      throw new TandemError('ERR_STORE_CORRUPT', `the record of block ${toHex(hash)} in pack ${loc.pack} at offset ${loc.offset} is damaged or truncated; run \`appliance verify\``, {
+        details: { hash: toHex(hash), pack: loc.pack, offset: loc.offset },
+      });
+    }
+    return rec.payload;
+  }
+
+  /**
+   * The block a sparse record stands for (patches of zeros): built in a new buffer; with `verify`
+   * re-hashed (ERR_BLOCK_CORRUPT). Carries `stored` (base ZERO_HASH) so that a delta of it is
+   * stored sparse too.
+   */
+  private async readSparseBlock(hash: Hash, loc: BlockLocation, verify: boolean): Promise<ReadBlock> {
+    const payload = await this.readSparseRecord(hash, loc);
+    const data = decodePayload(CODEC_SPARSE, payload);
+    if (!data || (verify && !blake3(data).equals(hash))) {
+      throw new TandemError('ERR_BLOCK_CORRUPT', `block ${toHex(hash)}, stored as patches of zeros in pack ${loc.pack}, does not build its hash (disk corruption); run \`appliance repair --peer NAME\` to verify the store and fetch good copies from the peer`, {
+        details: { hash: toHex(hash), pack: loc.pack, offset: loc.offset },
+      });
+    }
+    return { data, stored: { base: ZERO_HASH, patches: payload.subarray(4) } };
+  }
+
   /**
    * @internal The block that delta payload `payload` (base hash, then patches) makes of this
    * store's raw copy of its base: see {@link readDeltaBlock}. gc checks a delta record it copies
@@ -364,6 +413,7 @@ export class Store implements ReplicaStore {
    */
   private async readBlockPooled(hash: Hash, loc: BlockLocation, crcOnly: boolean, direct: boolean): Promise<ReadBlock> {
     if (loc.codec === CODEC_DELTA) return this.readDeltaBlock(hash, loc, !crcOnly, direct);
+    if (loc.codec === CODEC_SPARSE) return this.readSparseBlock(hash, loc, !crcOnly);
     const length = RECORD_HEADER_LENGTH + loc.length + (crcOnly ? RECORD_TRAILER_LENGTH : 0);
     const { buf: rec, release } = await this.packs.readPooled(loc.pack, loc.offset, length, { direct });
     try {
@@ -467,8 +517,8 @@ export class Store implements ReplicaStore {
       const b = bases?.[i];
       if (!b || b.equals(h)) return readOne(h, loc);
       // Stored as a delta of the very block the consumer holds: that delta goes as it is.
-      if (storedDeltas && loc?.codec === CODEC_DELTA && loc.base?.equals(b)) {
-        const d = await this.readStoredDelta(h, loc).catch(() => undefined); // moved by a gc, or damaged: read as usual below
+      if (storedDeltas && ((loc?.codec === CODEC_DELTA && loc.base?.equals(b)) || (loc?.codec === CODEC_SPARSE && isZeroHash(b)))) {
+        const d = await (loc.codec === CODEC_SPARSE ? this.readSparseAsDelta(h, loc) : this.readStoredDelta(h, loc)).catch(() => undefined); // moved by a gc, or damaged: read as usual below
         if (d) {
           held?.take(h.toString('latin1'))?.release?.(); // its copy is not needed
           return d;
@@ -558,7 +608,7 @@ export class Store implements ReplicaStore {
     if (absent.length === 0) return out;
     const parts = new Map(absent.map((i) => {
       const it = items[i]!;
-      return [i, opts.parts?.[i] ?? (it.asDelta ? encodeRecordParts(it.hash, CODEC_DELTA, it.asDelta.payload) : encodeRecordParts(it.hash, CODEC_RAW, it.data))];
+      return [i, opts.parts?.[i] ?? (it.asDelta ? encodeRecordParts(it.hash, deltaCodec(it.asDelta), it.asDelta.payload) : encodeRecordParts(it.hash, CODEC_RAW, it.data))];
     }));
     return this.writeLock.run(async () => {
       this.checkOpen();
@@ -569,7 +619,7 @@ export class Store implements ReplicaStore {
       // was made, but a gc may have collected it since (gc waits for this lock, and then keeps
       // the bases of what it finds; store/README.md, "Delta records"). Otherwise the block is
       // stored whole.
-      const deltas = fresh.filter((i) => items[i]!.asDelta);
+      const deltas = fresh.filter((i) => items[i]!.asDelta && deltaCodec(items[i]!.asDelta!) === CODEC_DELTA); // a sparse record needs no base
       const bases = deltas.length === 0 ? [] : await this.db.getMany(deltas.map((i) => blockKey(items[i]!.asDelta!.base)));
       const whole = new Set(deltas.filter((i, n) => {
         const base = items[i]!.asDelta!.base;
@@ -578,6 +628,7 @@ export class Store implements ReplicaStore {
       }));
       const record = (i: number) => {
         const it = items[i]!;
+        if (it.asDelta && deltaCodec(it.asDelta) === CODEC_SPARSE) return { hash: it.hash, codec: CODEC_SPARSE, payload: it.asDelta.payload, parts: parts.get(i)! };
         if (it.asDelta && !whole.has(i)) return { hash: it.hash, codec: CODEC_DELTA, payload: it.asDelta.payload, parts: parts.get(i)!, base: it.asDelta.base };
         return { hash: it.hash, codec: CODEC_RAW, payload: it.data, parts: it.asDelta ? encodeRecordParts(it.hash, CODEC_RAW, it.data) : parts.get(i)! };
       };
@@ -696,7 +747,7 @@ export class Store implements ReplicaStore {
         // The record's checksum now, while the block just hashed is in the CPU's cache: later,
         // after a batch's index lookup, it is read from memory once more (~15 % of a receiving
         // appliance's main thread).
-        batchParts.push(f.asDelta ? encodeRecordParts(f.hash, CODEC_DELTA, f.asDelta.payload) : encodeRecordParts(f.hash, CODEC_RAW, f.data));
+        batchParts.push(f.asDelta ? encodeRecordParts(f.hash, deltaCodec(f.asDelta), f.asDelta.payload) : encodeRecordParts(f.hash, CODEC_RAW, f.data));
         batchBytes += f.data.length;
         if (batchBytes >= PUT_BATCH_BYTES) {
           // At most two batches in memory: wait for the one before the batch just handed over.
@@ -777,10 +828,15 @@ export class Store implements ReplicaStore {
    * @internal How a scan stores `data`, the new block `hash` at a position where the parent
    * snapshot has block `was`: as a delta of it (storedDelta) when this store holds a readable
    * copy (read past the page cache, its record's CRC checked) and the two differ in little;
-   * else undefined (whole).
+   * for a `was` of ZERO_HASH, as patches of zeros (a sparse record; nothing is read) when it
+   * holds little data; else undefined (whole).
    */
   async deltaOf(hash: Hash, data: Buffer, was: Hash): Promise<AsDelta | undefined> {
-    if (isZeroHash(was) || was.equals(hash)) return undefined;
+    if (was.equals(hash)) return undefined;
+    if (isZeroHash(was)) {
+      const d = diffBlock(data, ZERO_HASH, zeroBlock(data.length)); // nothing to read
+      return d ? storedDelta(ZERO_HASH, undefined, d.subarray(32), data.length, hash) : undefined;
+    }
     const b = await this.readBaseBlock(was, true);
     if (!b) return undefined;
     try {
@@ -811,7 +867,7 @@ export class Store implements ReplicaStore {
       block.release?.();
       throw e;
     }
-    const asDelta = isZeroHash(base) ? undefined : storedDelta(base, block.stored, f.data, length, f.hash);
+    const asDelta = storedDelta(base, block.stored, f.data, length, f.hash);
     return { hash: f.hash, data: block.data, ...(block.release ? { release: block.release } : {}), ...(asDelta ? { asDelta } : {}) };
   }
 

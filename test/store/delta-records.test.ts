@@ -11,7 +11,7 @@ import { open, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { ClassicLevel } from 'classic-level';
-import { applyPatches, composeDeltas, diffBlock, hashBlock, Store } from '../../store/index.js';
+import { applyPatches, composeDeltas, diffBlock, hashBlock, Store, ZERO_HASH } from '../../store/index.js';
 import { packFileName } from '../../store/pack.js';
 import { decodeFrames, encodeFrames } from '../../sync/framing.js';
 import type { BlockFrame, ScanProgress, SnapshotRecord } from '../../store/types.js';
@@ -230,10 +230,78 @@ test('verify checks a delta through its base; gc keeps a base only deltas need a
   assert.deepEqual(await store.hasBlocks([...v0, ...v1].map(hashBlock)), Array(2 * blocks).fill(false));
 });
 
+test('a block that replaced a zero block and holds little data is stored as patches of zeros (a sparse record): every read path, verify, gc, composition, sent as a delta of zeros', async (t) => {
+  const dir = await tempDir(t);
+  const store = await Store.open(dir);
+  t.after(() => store.close());
+  const zero = Buffer.alloc(BS);
+  const before = await packBytes(dir);
+  const x1 = written(zero, [[8192, randomBytes(4096)]]);
+  const h1 = hashBlock(x1);
+  assert.equal((await store.putBlocks(from([deltaFrame(x1, zero)]))).stored, 1);
+  const grew = (await packBytes(dir)) - before;
+  assert.ok(grew < 4096 + 200, `stored as patches of zeros: the packs grew by ${grew} bytes, not ${BS}`);
+  const loc = await store.locate(h1);
+  assert.equal(loc?.codec, 3);
+  assert.equal(loc.base, undefined, 'no base: nothing for gc to keep');
+
+  // A delta of it (a second write) is composed onto zeros: sparse again, with both writes.
+  const x2 = written(x1, [[30000, randomBytes(1000)]]);
+  const h2 = hashBlock(x2);
+  assert.equal((await store.putBlocks(from([deltaFrame(x2, x1)]))).stored, 1);
+  assert.equal((await store.locate(h2))?.codec, 3);
+  // A third of the block filled: whole.
+  const x3 = written(zero, [[0, randomBytes(BS / 3)]]); // a delta on the wire, more than a quarter of the block
+  assert.equal((await store.putBlocks(from([deltaFrame(x3, zero)]))).stored, 1);
+  assert.equal((await store.locate(hashBlock(x3)))?.codec, 0);
+
+  for (const [x, h] of [[x1, h1], [x2, h2]] as const) {
+    assert.ok((await store.getBlock(h)).equals(x));
+    for (const opts of [{}, { direct: true }, { consumerVerifies: true }, { direct: true, consumerVerifies: true }]) {
+      const [f] = await collect(store.getBlocks([h], opts));
+      assert.ok(f!.data.equals(x), JSON.stringify(opts));
+    }
+  }
+  // To a peer that holds zeros there: the stored patches as a delta of ZERO_HASH, nothing else read.
+  const [asDelta] = await collect(store.getBlocks([h2], { bases: [ZERO_HASH], storedDeltas: true, consumerVerifies: true }));
+  assert.deepEqual(asDelta!.delta, { base: ZERO_HASH, length: BS });
+  assert.ok(applyPatches(Buffer.alloc(BS), asDelta!.data, h2).equals(x2));
+  const dir2 = await tempDir(t);
+  const peer = await Store.open(dir2);
+  t.after(() => peer.close());
+  const wire = Buffer.concat(await collect(encodeFrames(store.getBlocks([h2], { bases: [ZERO_HASH], storedDeltas: true, consumerVerifies: true }))));
+  assert.equal((await peer.putBlocks(decodeFrames(from([wire]), { deltas: true, expect: [h2] }))).stored, 1);
+  assert.equal((await peer.locate(h2))?.codec, 3, 'the peer stores it sparse too');
+  assert.ok((await peer.getBlock(h2)).equals(x2));
+
+  // In a snapshot: verify checks it, gc copies it (checked) and it reads back after.
+  await store.putVolume({ name: 'vol', blockSize: BS, size: 2 * BS, created: new Date().toISOString() });
+  const s = await store.buildSnapshot({ volume: 'vol', size: 2 * BS, blockSize: BS, parent: null, changes: [{ index: 0, hash: h2 }], origin: 'test' });
+  assert.deepEqual((await store.verify()).problems, []);
+  const g = await store.gc();
+  assert.ok(g.blocksRemoved >= 2, JSON.stringify(g)); // x1 and x3: in no snapshot
+  assert.equal((await store.locate(h2))?.codec, 3);
+  assert.ok((await store.getBlock(h2)).equals(x2), 'after gc');
+  assert.deepEqual((await store.verify()).problems, []);
+
+  // A damaged sparse record: verify names the block, a read refuses it.
+  const l2 = (await store.locate(h2))!;
+  const fh = await open(join(dir, 'packs', packFileName(l2.pack)), 'r+');
+  const at = l2.offset + 44 + 20; // inside the first patch's bytes
+  const byte = Buffer.alloc(1);
+  await fh.read(byte, 0, 1, at);
+  await fh.write(Buffer.from([byte[0]! ^ 0xff]), 0, 1, at);
+  await fh.close();
+  const bad = await store.verify();
+  assert.deepEqual(bad.problems.map((p) => [p.code, p.snapshot, p.blockIndex]), [['ERR_BLOCK_CORRUPT', s.id, 0]]);
+  await assert.rejects(store.getBlock(h2), /damaged|does not/);
+  await assert.rejects(collect(store.getBlocks([h2], { consumerVerifies: true })), /damaged|does not/);
+});
+
 test('a re-scan stores a block changed by a small write as a delta of the block it replaced (a change list too); one rewritten whole, whole; a run of whole rewrites stops the tries', async (t) => {
   const blocks = 96;
   const img = randomBytes(blocks * BS);
-  img.fill(0, 10 * BS, 11 * BS); // a zero block that becomes data: nothing to be a delta of
+  img.fill(0, 10 * BS, 11 * BS); // a zero block that becomes data
   const { path, store } = await storeWithImage(t, img);
   const scan = async (parent: SnapshotRecord | null, opts: { changedBlocks?: number[]; workers?: boolean } = {}) => {
     await writeFile(path, img);
@@ -258,17 +326,17 @@ test('a re-scan stores a block changed by a small write as a delta of the block 
   const was = small.map(hashAt);
   for (const b of small) randomBytes(4096).copy(img, b * BS + 777);
   randomBytes(BS).copy(img, 40 * BS); // rewritten whole
-  randomBytes(100).copy(img, 10 * BS + 5); // was zeros
+  randomBytes(100).copy(img, 10 * BS + 5); // was zeros: patches of zeros (a sparse record), nothing read
   const r1 = await scan(s0, { workers: true });
   assert.equal(r1.progress.blocksStored, 6);
-  assert.equal(r1.progress.blocksStoredAsDeltas, 4);
+  assert.equal(r1.progress.blocksStoredAsDeltas, 5);
   for (const [k, b] of small.entries()) {
     const loc = await store.locate(hashAt(b));
     assert.equal(loc?.codec, 2, `block ${b}`);
     assert.ok(loc.base!.equals(was[k]!), `block ${b} is a delta of the block it replaced`);
   }
   assert.equal((await store.locate(hashAt(40)))?.codec, 0);
-  assert.equal((await store.locate(hashAt(10)))?.codec, 0);
+  assert.equal((await store.locate(hashAt(10)))?.codec, 3);
   assert.ok((await readBack(r1.snap)).equals(img), 'byte-exact');
 
   // The same blocks written again, from a change list (read on the calling thread): deltas of
@@ -290,7 +358,7 @@ test('a re-scan stores a block changed by a small write as a delta of the block 
   assert.deepEqual((await store.verify()).problems, []);
 });
 
-test('a store of format 1 opens and is marked format 2; a format this build does not know is refused', async (t) => {
+test('a store of format 1 or 2 opens and is marked format 3; a format this build does not know is refused', async (t) => {
   const dir = await tempDir(t);
   await (await Store.open(dir)).close();
   const setFormat = async (f: number) => {
@@ -304,9 +372,11 @@ test('a store of format 1 opens and is marked format 2; a format this build does
     await db.close();
     return v;
   };
-  await setFormat(1);
-  await (await Store.open(dir)).close();
-  assert.equal(await getFormat(), '{"format":2}');
-  await setFormat(3);
-  await assert.rejects(Store.open(dir), { code: 'ERR_STORE_CORRUPT', message: /format 3/ });
+  for (const old of [1, 2]) {
+    await setFormat(old);
+    await (await Store.open(dir)).close();
+    assert.equal(await getFormat(), '{"format":3}');
+  }
+  await setFormat(4);
+  await assert.rejects(Store.open(dir), { code: 'ERR_STORE_CORRUPT', message: /format 4/ });
 });
