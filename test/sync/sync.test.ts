@@ -431,6 +431,24 @@ test('a push sends a block the sender holds as a delta of the block the peer hol
   assert.notEqual(v.code, 0, 'the sender\'s damage is still found where it is');
 });
 
+test('a write into a zero block is stored as patches of zeros on both sides and travels as them', async (t) => {
+  const p = await setup(t);
+  assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const [a0, b0] = [packBytes(p.a), packBytes(p.b)];
+  scribble(p.img, [9, 12]); // blocks 8 to 15 were zeros
+  const r = await cli(p.a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.json.blocksSent, 2);
+  assert.ok(r.json.wireBytes < 2 * 8 * 1024 + 16 * 1024, `${r.json.wireBytes} bytes on the wire for two 4 KiB writes`);
+  // Each side keeps ~4 KiB a block and a snapshot's worth of records, not 2 x 64 KiB.
+  for (const [who, grew] of [['sender', packBytes(p.a) - a0], ['receiver', packBytes(p.b) - b0]] as const) {
+    assert.ok(grew < 2 * 8 * 1024, `the ${who}'s packs grew by ${grew} bytes for two 4 KiB writes into zero blocks`);
+  }
+  assert.ok((await restoredOnB(p, 'sparse.img')).equals(readFileSync(p.img)), 'byte-exact');
+  assert.equal((await cli(p.b, 'verify')).code, 0);
+  assert.equal((await cli(p.a, 'verify')).code, 0);
+});
+
 test('two appliances with volumes of the same name: the second one\'s push is refused before anything is committed; volume remove on the receiver frees the name', async (t) => {
   const p = await setup(t);
   assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
