@@ -57,9 +57,9 @@ interface AsDelta {
 /**
  * How a block that `patches` make of block `base` is stored: as a delta of `base`, or, when
  * `base` is itself stored as a delta (`baseStored`), of that one's base, with the two composed
- * (a delta is never the base of another); undefined when that is more than
- * 1/{@link STORED_DELTA_DIVISOR} of the block (stored whole). putVerifiedMany checks, under the
- * write lock, that the base is still stored whole.
+ * (a delta is never the base of another); as a sparse record when that base is the zero block;
+ * undefined when that is more than 1/{@link STORED_DELTA_DIVISOR} of the block (stored whole).
+ * putVerifiedMany checks, under the write lock, that a delta's base is still stored whole.
  */
 function storedDelta(base: Hash, baseStored: StoredDelta | undefined, patches: Buffer, length: number, hash: Hash): AsDelta | undefined {
   const first = baseStored?.base ?? base;
