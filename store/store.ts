@@ -63,10 +63,15 @@ interface AsDelta {
  */
 function storedDelta(base: Hash, baseStored: StoredDelta | undefined, patches: Buffer, length: number, hash: Hash): AsDelta | undefined {
   const first = baseStored?.base ?? base;
-  let payload = baseStored ? composeDeltas(baseStored.base, baseStored.patches, patches, length, hash) : Buffer.concat([base, patches]);
+  const delta = baseStored ? composeDeltas(baseStored.base, baseStored.patches, patches, length, hash) : Buffer.concat([base, patches]);
   // Patches of the zero block need no base: a sparse record, which carries the block's length.
-  if (isZeroHash(first)) payload = sparsePayload(length, payload.subarray(32));
+  const payload = isZeroHash(first) ? sparsePayload(length, delta.subarray(32)) : delta;
   return payload.length * STORED_DELTA_DIVISOR <= length ? { base: first, payload } : undefined;
+}
+
+/** The block a delta or sparse record at `loc` patches (ZERO_HASH for a sparse one); undefined for a raw record. */
+function storedBase(loc: BlockLocation): Hash | undefined {
+  return loc.codec === CODEC_SPARSE ? ZERO_HASH : loc.base;
 }
 
 /** The record codec of a block stored as `d`: a delta of a raw block, or patches of zeros. */
@@ -305,13 +310,17 @@ export class Store implements ReplicaStore {
    * The result carries the record's base and patches (`stored`).
    */
   async readDeltaBlock(hash: Hash, loc: BlockLocation, verify: boolean, direct: boolean): Promise<ReadBlock> {
-    return this.applyDeltaPayload(hash, await this.readDeltaRecord(hash, loc), verify, direct);
+    return this.applyDeltaPayload(hash, await this.readPatchRecord(hash, loc), verify, direct);
   }
 
-  /** The payload (base hash, then patches) of the delta record at `loc`, its CRC checked (ERR_STORE_CORRUPT). */
-  private async readDeltaRecord(hash: Hash, loc: BlockLocation): Promise<Buffer> {
+  /**
+   * The payload of the delta (base hash, then patches) or sparse (length, then patches) record
+   * at `loc`, its CRC and header checked against the index (ERR_STORE_CORRUPT).
+   */
+  private async readPatchRecord(hash: Hash, loc: BlockLocation): Promise<Buffer> {
     const rec = decodeRecord(await this.packs.read(loc.pack, loc.offset, recordLength(loc.length)));
-    if (!rec || rec.codec !== CODEC_DELTA || rec.length !== loc.length || !rec.hash.equals(hash) || rec.length < DELTA_PAYLOAD_MIN || (loc.base && !loc.base.equals(rec.payload.subarray(0, 32)))) {
+    const min = loc.codec === CODEC_SPARSE ? SPARSE_PAYLOAD_MIN : DELTA_PAYLOAD_MIN;
+    if (!rec || rec.codec !== loc.codec || rec.length !== loc.length || !rec.hash.equals(hash) || rec.length < min || (loc.base && !loc.base.equals(rec.payload.subarray(0, 32)))) {
       throw new TandemError('ERR_STORE_CORRUPT', `the record of block ${toHex(hash)} in pack ${loc.pack} at offset ${loc.offset} is damaged or truncated; run \`appliance verify\``, {
         details: { hash: toHex(hash), pack: loc.pack, offset: loc.offset },
       });
@@ -320,35 +329,20 @@ export class Store implements ReplicaStore {
   }
 
   /**
-   * Block `hash`, stored as a delta record at `loc`, as that delta (GetBlocksOptions.storedDeltas):
-   * `data` the patches, `delta` the base and the block's length (the base's, a raw record). Only
-   * the record is read, its CRC checked; the consumer's store builds the block and verifies it.
-   * Undefined when the base is not indexed as a raw record: the caller reads the block as usual
-   * (and reports the damage).
+   * Block `hash`, stored as a delta or sparse record at `loc`, as that delta
+   * (GetBlocksOptions.storedDeltas): `data` the patches, `delta` the base (ZERO_HASH for a sparse
+   * record) and the block's length (a delta's: its base's, a raw record). Only the record is
+   * read, its CRC checked; the consumer's store builds the block and verifies it. Undefined when a
+   * delta's base is not indexed as a raw record: the caller reads the block as usual (and
+   * reports the damage).
    */
   private async readStoredDelta(hash: Hash, loc: BlockLocation): Promise<ReadBlock | undefined> {
-    const payload = await this.readDeltaRecord(hash, loc);
+    const payload = await this.readPatchRecord(hash, loc);
+    if (loc.codec === CODEC_SPARSE) return { data: payload.subarray(4), delta: { base: ZERO_HASH, length: payload.readUInt32BE(0) } };
     const base = Buffer.from(payload.subarray(0, 32));
     const baseLoc = await this.locate(base);
     if (!baseLoc || baseLoc.codec !== CODEC_RAW) return undefined;
     return { data: payload.subarray(32), delta: { base, length: baseLoc.length } };
-  }
-
-  /** Block `hash`, stored as a sparse record at `loc`, as a delta of the zero block (GetBlocksOptions.storedDeltas). */
-  private async readSparseAsDelta(hash: Hash, loc: BlockLocation): Promise<ReadBlock> {
-    const payload = await this.readSparseRecord(hash, loc);
-    return { data: payload.subarray(4), delta: { base: ZERO_HASH, length: payload.readUInt32BE(0) } };
-  }
-
-  /** The payload (block length, then patches) of the sparse record at `loc`, its CRC checked (ERR_STORE_CORRUPT). */
-  private async readSparseRecord(hash: Hash, loc: BlockLocation): Promise<Buffer> {
-    const rec = decodeRecord(await this.packs.read(loc.pack, loc.offset, recordLength(loc.length)));
-    if (!rec || rec.codec !== CODEC_SPARSE || rec.length !== loc.length || !rec.hash.equals(hash) || rec.length < SPARSE_PAYLOAD_MIN) {
-      throw new TandemError('ERR_STORE_CORRUPT', `the record of block ${toHex(hash)} in pack ${loc.pack} at offset ${loc.offset} is damaged or truncated; run \`appliance verify\``, {
-        details: { hash: toHex(hash), pack: loc.pack, offset: loc.offset },
-      });
-    }
-    return rec.payload;
   }
 
   /**
@@ -357,7 +351,7 @@ export class Store implements ReplicaStore {
    * stored sparse too.
    */
   private async readSparseBlock(hash: Hash, loc: BlockLocation, verify: boolean): Promise<ReadBlock> {
-    const payload = await this.readSparseRecord(hash, loc);
+    const payload = await this.readPatchRecord(hash, loc);
     const data = decodePayload(CODEC_SPARSE, payload);
     if (!data || (verify && !blake3(data).equals(hash))) {
       throw new TandemError('ERR_BLOCK_CORRUPT', `block ${toHex(hash)}, stored as patches of zeros in pack ${loc.pack}, does not build its hash (disk corruption); run \`appliance repair --peer NAME\` to verify the store and fetch good copies from the peer`, {
@@ -517,8 +511,8 @@ export class Store implements ReplicaStore {
       const b = bases?.[i];
       if (!b || b.equals(h)) return readOne(h, loc);
       // Stored as a delta of the very block the consumer holds: that delta goes as it is.
-      if (storedDeltas && ((loc?.codec === CODEC_DELTA && loc.base?.equals(b)) || (loc?.codec === CODEC_SPARSE && isZeroHash(b)))) {
-        const d = await (loc.codec === CODEC_SPARSE ? this.readSparseAsDelta(h, loc) : this.readStoredDelta(h, loc)).catch(() => undefined); // moved by a gc, or damaged: read as usual below
+      if (storedDeltas && loc && storedBase(loc)?.equals(b)) {
+        const d = await this.readStoredDelta(h, loc).catch(() => undefined); // moved by a gc, or damaged: read as usual below
         if (d) {
           held?.take(h.toString('latin1'))?.release?.(); // its copy is not needed
           return d;

@@ -24,7 +24,7 @@
  * hashes, early sending stops and leaves the rest to the engine.
  */
 import type { BlockFrame, Hash, HeldBlocks, ReplicaStore } from '../store/types.js';
-import { DeltaSizes } from './protocol.js';
+import { DeltaSizes, frameBlockLength } from './protocol.js';
 import { trace } from './trace.js';
 
 /** Hashes per target question and per read batch at most: 64 blocks of 512 KiB are 32 MiB of data. */
@@ -415,7 +415,7 @@ export class EarlySender {
           if (self.stopped) return;
           self.taken--;
           self.blocks++;
-          const length = f.delta?.length ?? f.data.length; // a stored delta's data is its patches
+          const length = frameBlockLength(f);
           self.bytes += length;
           deltaSizes.note(f, length);
           if (self.atTarget.size + sent.length < AT_TARGET_MAX) sent.push(f.hash); // bounded, as the set

@@ -23,7 +23,7 @@
 import { TandemError } from '../common/errors.js';
 import { ZERO_HASH } from '../store/index.js';
 import type { BlockFrame, Hash, NodeToPut, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
-import { DeltaSizes, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, fromHex, toHex } from './protocol.js';
+import { DeltaSizes, frameBlockLength, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, fromHex, toHex } from './protocol.js';
 import { trace } from './trace.js';
 
 /** Level-1 nodes per window: with a 256 fanout that is up to 256 Ki block hashes (8 MiB) in memory. */
@@ -240,7 +240,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
               const bases = deltas ? part.map((h) => replaced.get(toHex(h)) ?? null) : null;
               const deltaSizes = new DeltaSizes();
               const sent = (f: BlockFrame) => {
-                const length = f.delta?.length ?? f.data.length;
+                const length = frameBlockLength(f);
                 blocksSent++;
                 bytesSent += length;
                 deltaSizes.note(f, length);

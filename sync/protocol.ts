@@ -40,6 +40,11 @@ export function toHex(h: Hash): string {
   return h.toString('hex');
 }
 
+/** The length of the block a frame carries: a delta frame's `data` holds its patches only. */
+export function frameBlockLength(f: { readonly data: Buffer; readonly delta?: { readonly length: number } }): number {
+  return f.delta?.length ?? f.data.length;
+}
+
 /**
  * The sizes of blocks a stream sent as deltas (or with a base to make one), for those the
  * receiver then names in `needWhole`: their resend whole must not count them twice. Every block

@@ -12,7 +12,7 @@ import { childChanges } from '../../store/tree.js';
 import type { NodeChangeToPut, NodeToPut, SnapshotRecord, TreeNode } from '../../store/types.js';
 import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '../../sync/framing.js';
 import { trace } from '../../sync/trace.js';
-import { FEATURES_HEADER, LEASE_HEADER, PROTOCOL_VERSION, SERVER_FEATURES, changesFromWire, changesToWire, fromHex, toHex } from '../../sync/protocol.js';
+import { FEATURES_HEADER, LEASE_HEADER, PROTOCOL_VERSION, SERVER_FEATURES, changesFromWire, changesToWire, frameBlockLength, fromHex, toHex } from '../../sync/protocol.js';
 import type { Home } from '../../appliance/home.js';
 import { clearDamage, readDamage } from '../../appliance/damage.js';
 import { failedOver } from '../../appliance/recovery/state.js';
@@ -272,7 +272,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
       for await (const f of readAhead(decodeFrames(source, { pool: receivePool, deltas: true }), RECEIVE_AHEAD_FRAMES)) {
         if (received === 0) trace('server: first block frame decoded');
         if (lease) leases.touch(lease); // a moving stream keeps its sync's lease (api/leases.ts)
-        const n = f.delta?.length ?? f.data.length;
+        const n = frameBlockLength(f);
         received++;
         bytes += n;
         stats.blocksReceived++;
