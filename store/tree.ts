@@ -46,8 +46,7 @@ export function span(level: number): number {
 }
 
 export function nodeHash(level: number, children: readonly Hash[]): Hash {
-  const buf = Buffer.allocUnsafe(NODE_DOMAIN.length + 1 + children.length * HASH_LENGTH);
-  NODE_DOMAIN.copy(buf, 0);
+  const buf = hashInput(NODE_DOMAIN.length + 1 + children.length * HASH_LENGTH);
   buf[NODE_DOMAIN.length] = level;
   let off = NODE_DOMAIN.length + 1;
   for (const c of children) {
@@ -55,6 +54,18 @@ export function nodeHash(level: number, children: readonly Hash[]): Hash {
     off += HASH_LENGTH;
   }
   return blake3(buf);
+}
+
+/** Reused for what a node's hash covers (a fresh 8 KiB buffer per node cost more than hashing it). */
+let scratch = Buffer.alloc(0);
+
+/** `length` bytes of the reused buffer, NODE_DOMAIN at its start; valid until the next call. */
+function hashInput(length: number): Buffer {
+  if (scratch.length < length) {
+    scratch = Buffer.allocUnsafe(Math.max(length, NODE_DOMAIN.length + 1 + FANOUT * HASH_LENGTH));
+    NODE_DOMAIN.copy(scratch, 0);
+  }
+  return scratch.subarray(0, length);
 }
 
 export function makeNode(level: number, children: readonly Hash[]): TreeNode {
@@ -73,16 +84,23 @@ export function encodeNode(node: TreeNode): Buffer {
   return buf;
 }
 
-/** Decode an index value; undefined when malformed or when it does not hash to `hash`. */
+/**
+ * Decode an index value; undefined when malformed or when it does not hash to `hash`. The value
+ * (level, then the children) is what the hash covers after NODE_DOMAIN, so it is hashed as it
+ * is; the children are views of it. 200 nodes of 256 children: 57-70 us each with a copy of
+ * every child and the node rebuilt for its hash, ~18 us this way.
+ */
 export function decodeNode(hash: Hash, value: Buffer): TreeNode | undefined {
   const n = (value.length - 1) / HASH_LENGTH;
   if (!Number.isInteger(n) || n < 1 || n > FANOUT) return undefined;
   const level = value[0]!;
   if (level < 1 || level > MAX_HEIGHT) return undefined;
-  const children: Hash[] = [];
-  for (let i = 0; i < n; i++) children.push(Buffer.from(value.subarray(1 + i * HASH_LENGTH, 1 + (i + 1) * HASH_LENGTH)));
-  const node: TreeNode = { hash, level, children };
-  return nodeHash(level, children).equals(hash) ? node : undefined;
+  const input = hashInput(NODE_DOMAIN.length + value.length);
+  value.copy(input, NODE_DOMAIN.length);
+  if (!blake3(input).equals(hash)) return undefined;
+  const children = new Array<Hash>(n);
+  for (let i = 0; i < n; i++) children[i] = value.subarray(1 + i * HASH_LENGTH, 1 + (i + 1) * HASH_LENGTH);
+  return { hash, level, children };
 }
 
 /** Structural check of a node received from elsewhere (hash, level, child count and sizes). */
