@@ -199,8 +199,10 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
           nodesRemoved++;
         }
       }
-      if (nodesRemoved > 0) await batch.write({ sync: true });
-      else await batch.close();
+      if (nodesRemoved > 0) {
+        await batch.write({ sync: true });
+        store.forgetNodes();
+      } else await batch.close();
     }
 
     // 3. copy, round by round

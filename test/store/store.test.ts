@@ -774,12 +774,18 @@ describe('Store', () => {
     const before = await packBytes(storeDir);
     assert.deepEqual(await store.gc().then((r) => r.blocksRemoved), 0);
     await store.deleteSnapshot('vol', s1.id);
+    // The deleted snapshot's root, read (and so kept in the store's node cache) before gc.
+    const root1 = Buffer.from(s1.root, 'hex');
+    assert.equal((await store.getNodes([root1]))[0]!.children.length, 64);
     // Reads running while gc moves blocks and deletes packs still succeed.
     const [report, during] = await Promise.all([store.gc(), readBack(store, s2)]);
     assert.ok(during.equals(img2));
     assert.equal(report.blocksRemoved, 3);
     assert.equal(report.blocksKept, 64);
     assert.equal(report.nodesRemoved, 1);
+    // The node gc deleted is gone for every reader, the cache included.
+    await assert.rejects(store.getNodes([root1]), { code: 'ERR_NODE_MISSING' });
+    assert.deepEqual(await store.nodesHeld([root1]), [undefined]);
     assert.ok(report.bytesReclaimed >= 3 * BS, `reclaimed ${report.bytesReclaimed}`);
     const after = await packBytes(storeDir);
     assert.ok(before - after >= 3 * BS);
