@@ -1108,6 +1108,8 @@ export class Store implements ReplicaStore {
       const batch = this.db.batch();
       for (const n of nodes) batch.put(nodeKey(n.hash), encodeNode(n));
       await batch.write();
+      // The next sync's nodes are sent as changes of these (gc waits for this lock).
+      for (const n of nodes) this.cacheNode(n, this.nodeEpoch);
     }));
   }
 
@@ -1249,6 +1251,8 @@ export class Store implements ReplicaStore {
           const b = this.db.batch();
           nodes.forEach((n, i) => present[i] === undefined && b.put(nodeKey(n.hash), encodeNode(n)));
           await b.write();
+          // A sync sends them next (gc waits for the scan's shared lock).
+          for (const n of nodes) this.cacheNode(n, this.nodeEpoch);
         });
       };
       const checked = this.checkChanges(opts.changes);
