@@ -1207,7 +1207,7 @@ export class Store implements ReplicaStore {
     checkSnapshotId(id);
     await this.writeLock.run(async () => {
       const key = snapshotKey(volume, id);
-      if ((this.lookupOne(key)) === undefined) {
+      if (this.lookupOne(key) === undefined) {
         throw new TandemError('ERR_SNAPSHOT_NOT_FOUND', `volume ${volume} has no snapshot ${id}; see \`appliance snapshots ${volume}\``, { details: { volume, snapshot: id } });
       }
       await this.db.del(key, { sync: true });
@@ -1368,7 +1368,7 @@ export class Store implements ReplicaStore {
         batch.del(k);
         n++;
       }
-      const had = (this.lookupOne(volumeKey(name))) !== undefined;
+      const had = this.lookupOne(volumeKey(name)) !== undefined;
       if (!had && n === 0) {
         await batch.close();
         throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume named ${name}; see \`appliance volume list\``, { details: { volume: name } });
