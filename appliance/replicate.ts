@@ -241,7 +241,7 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
       ...(opts.changedBlocksFile !== undefined ? { changedBlocksFile: opts.changedBlocksFile } : {}),
       ...(opts.onNotice ? { onNotice: opts.onNotice } : {}),
       signal: refusal.signal,
-      ...(early ? { onNewBlocks: (h: Hash[], direct: boolean, replaced: Array<Hash | null>, views?: Buffer[], kept?: boolean) => early.add(h, direct, replaced, views, kept), keepViewsUntil: early.done, onScanned: () => early.scanned() } : {}),
+      ...(early ? { onNewBlocks: (h: Hash[], direct: boolean, replaced: Array<Hash | null>, views?: Buffer[], kept?: boolean, patches?: Array<Buffer | undefined>) => early.add(h, direct, replaced, views, kept, patches), keepViewsUntil: early.done, onScanned: () => early.scanned() } : {}),
       onProgress: (p) => opts.onProgress?.({ phase: 'scan', done: p.blocksDone * vol.blockSize, total: p.blocksTotal * vol.blockSize, blocks: p.blocksDone }),
     });
     trace('local snapshot taken');

@@ -20,7 +20,7 @@ import { hashBlock, isZeroHash, HASH_LENGTH, parseHex, ZERO_HASH } from './hash.
 import { checkVolumeName } from './ids.js';
 import { checkBlockSize, checkSize, normalizeSnapshot } from './records.js';
 import { blockCount, blockHashesAt, type BlockChange } from './tree.js';
-import type { PutFrame, Store } from './store.js';
+import type { DeltaOf, PutFrame, Store } from './store.js';
 import type { Hash, SnapshotOptions, SnapshotRecord, VolumeReader } from './types.js';
 
 /** Bytes per read: large sequential reads keep disks and page cache streaming. */
@@ -73,8 +73,8 @@ const FLUSH_BYTES = 1024 * 1024 * 1024;
  */
 const DELTA_TRIES_TO_JUDGE = 32;
 
-/** Whether deltas are still worth trying in a scan, judged by what the tries so far gave. */
-function deltaTries(): { worth(): boolean; tried<T>(p: Promise<T | undefined>): Promise<T | undefined> } {
+/** Whether deltas are still worth trying in a scan, judged by what the tries so far gave (a block stored as one). */
+function deltaTries(): { worth(): boolean; tried(p: Promise<DeltaOf | undefined>): Promise<DeltaOf | undefined> } {
   let tries = 0;
   let hits = 0;
   return {
@@ -82,7 +82,7 @@ function deltaTries(): { worth(): boolean; tried<T>(p: Promise<T | undefined>): 
     tried: async (p) => {
       tries++;
       const r = await p;
-      if (r) hits++;
+      if (r?.stored) hits++;
       return r;
     },
   };
@@ -415,6 +415,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
     /** The items whose block is not all zeros. */
     readonly nonZero: Array<Item>;
     readonly frames: PutFrame[];
+    readonly patches: Array<Buffer | undefined>;
     readonly stored: Promise<boolean[]>;
   }
   const puts: Put[] = [];
@@ -432,25 +433,30 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
     // One index lookup and one pack write for the chunk's blocks the store lacks.
     const nonZero = items.filter((c) => !isZeroHash(c.hash));
     const frames: PutFrame[] = nonZero.map((c) => ({ hash: c.hash, data: Buffer.from(sab, slotAt(d.slot) + c.at, Math.min(blockSize, size - c.index * blockSize)) }));
+    /** For each of `frames`, the patches that make it of the block it replaced, where diffed. */
+    const patches: Array<Buffer | undefined> = nonZero.map(() => undefined);
     const stored = (async () => {
       // A block that replaced one the store holds is stored as a delta of it when the two differ
       // in little (store/README.md, "Delta records"). The reads of those blocks overlap the next
       // chunks' hashing.
       // One that replaced a zero block is compared with zeros (no read: a sparse record when it
       // holds little data), judged apart: a volume filled wholesale stops those tries alone.
-      const asDeltas = await Promise.all(nonZero.map((c, i) => {
+      const tries = await Promise.all(nonZero.map((c, i) => {
         if (!c.was) return undefined;
         const judge = isZeroHash(c.was) ? sparse : deltas;
         return judge.worth() ? judge.tried(store.deltaOf(c.hash, frames[i]!.data, c.was)) : undefined;
       }));
+      const asDeltas = tries.map((t) => t?.stored);
       asDeltas.forEach((asDelta, i) => asDelta && (frames[i] = { ...frames[i]!, asDelta }));
+      // Told to onNewBlocks: a sync sends these bytes rather than reading the block back.
+      tries.forEach((t, i) => (patches[i] = t?.patches));
       // The workers checksummed the records of the blocks that may be new while hashing them (raw ones).
       const crcs = d.crcs;
       const parts = crcs && nonZero.map((c, i) => (asDeltas[i] ? undefined : recordPartsWithCrc(c.hash, CODEC_RAW, frames[i]!.data.length, crcs.readUInt32BE((c.at / blockSize) * 4))));
       return store.putVerifiedMany(frames, { direct: true, ...(parts ? { parts } : {}) });
     })();
     stored.catch(() => undefined); // observed in order below
-    puts.push({ d, items, nonZero, frames, stored });
+    puts.push({ d, items, nonZero, frames, patches, stored });
   };
 
   async function* changes(): AsyncGenerator<BlockChange> {
@@ -461,10 +467,11 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
       // and record checksums overlap the pack write (a 2 GiB first snapshot spent 0.44 s in
       // lookups, 0.47 s in checksums and 1.86 s in writes, one after the other).
       while (puts.length < PUTS_AHEAD && inflight.length > 0) await startPut();
-      const { d, items, nonZero, frames, stored } = puts.shift()!;
+      const { d, items, nonZero, frames, patches, stored } = puts.shift()!;
       const fresh: Hash[] = [];
       const replaced: Array<Hash | null> = [];
       const views: Buffer[] = [];
+      const freshPatches: Array<Buffer | undefined> = [];
       (await stored).forEach((isNew, i) => {
         if (!isNew) return;
         progress.blocksStored++;
@@ -472,10 +479,11 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
         unflushed += frames[i]!.data.length;
         fresh.push(frames[i]!.hash);
         replaced.push(nonZero[i]!.was ?? null);
+        freshPatches.push(patches[i]);
         if (wantViews) views.push(frames[i]!.data);
       });
       if (fresh.length > 0) {
-        const copied = opts.onNewBlocks?.(fresh, true, replaced, wantViews ? views : undefined, lendViews);
+        const copied = opts.onNewBlocks?.(fresh, true, replaced, wantViews ? views : undefined, lendViews, freshPatches);
         if (copied) await copied; // before the slot is read into again
       }
       progress.blocksDone += d.count;

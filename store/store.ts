@@ -69,6 +69,20 @@ function storedDelta(base: Hash, baseStored: StoredDelta | undefined, patches: B
   return payload.length * STORED_DELTA_DIVISOR <= length ? { base: first, payload } : undefined;
 }
 
+/**
+ * What {@link Store.deltaOf} found: how to store the block (`stored`; undefined: whole), and the
+ * patches that make it of the block it replaced (at most half the block), which a sync sends a
+ * peer that holds that one (SnapshotOptions.onNewBlocks' `patches`).
+ */
+export interface DeltaOf {
+  readonly stored: AsDelta | undefined;
+  readonly patches: Buffer;
+}
+
+function withPatches(stored: AsDelta | undefined, patches: Buffer): DeltaOf {
+  return { stored, patches };
+}
+
 /** The block a delta or sparse record at `loc` patches (ZERO_HASH for a sparse one); undefined for a raw record. */
 function storedBase(loc: BlockLocation): Hash | undefined {
   return loc.codec === CODEC_SPARSE ? ZERO_HASH : loc.base;
@@ -516,8 +530,10 @@ export class Store implements ReplicaStore {
           const h = hashes[i]!;
           const key = h.toString('latin1');
           const p = isZeroHash(h) ? undefined : this.pending.get(key);
-          // A held block is handed out from memory, unless it may go as a stored delta (looked up).
-          if (p || isZeroHash(h) || (opts.held?.has(key) && !(storedDeltas && bases?.[i]))) locations.set(i, p);
+          const b = storedDeltas ? bases?.[i] : undefined;
+          // A held block is handed out from memory, unless it may go as a stored delta (looked up);
+          // so are patches of the very base named that the holder has.
+          if (p || isZeroHash(h) || (opts.held?.has(key) && !b) || (b && opts.held?.hasPatches?.(key, b))) locations.set(i, p);
           else ask.push(i);
         }
         if (ask.length > 0) {
@@ -548,6 +564,12 @@ export class Store implements ReplicaStore {
       locations.delete(i);
       const b = bases?.[i];
       if (!b || b.equals(h)) return readOne(h, loc);
+      // The holder has the patches of the very block the consumer holds (a scan diffed them): they go as they are.
+      const patches = storedDeltas ? held?.takePatches?.(h.toString('latin1'), b) : undefined;
+      if (patches) {
+        held?.take(h.toString('latin1'))?.release?.(); // its bytes are not needed
+        return { data: patches.patches, delta: { base: b, length: patches.length } };
+      }
       // Stored as a delta of the very block the consumer holds: that delta goes as it is.
       if (storedDeltas && loc && storedBase(loc)?.equals(b)) {
         const d = await this.readStoredDelta(h, loc).catch(() => undefined); // moved by a gc, or damaged: read as usual below
@@ -863,17 +885,17 @@ export class Store implements ReplicaStore {
    * for a `was` of ZERO_HASH, as patches of zeros (a sparse record; nothing is read) when it
    * holds little data; else undefined (whole).
    */
-  async deltaOf(hash: Hash, data: Buffer, was: Hash): Promise<AsDelta | undefined> {
+  async deltaOf(hash: Hash, data: Buffer, was: Hash): Promise<DeltaOf | undefined> {
     if (was.equals(hash)) return undefined;
     if (isZeroHash(was)) {
       const d = diffBlock(data, ZERO_HASH, zeroBlock(data.length)); // nothing to read
-      return d ? storedDelta(ZERO_HASH, undefined, d.subarray(32), data.length, hash) : undefined;
+      return d ? withPatches(storedDelta(ZERO_HASH, undefined, d.subarray(32), data.length, hash), d.subarray(32)) : undefined;
     }
     const b = await this.readBaseBlock(was, true);
     if (!b) return undefined;
     try {
       const d = diffBlock(data, was, b.data);
-      return d ? storedDelta(was, b.stored, d.subarray(32), data.length, hash) : undefined;
+      return d ? withPatches(storedDelta(was, b.stored, d.subarray(32), data.length, hash), d.subarray(32)) : undefined;
     } catch {
       return undefined; // a stored delta that does not compose: verify reports it; this block goes whole
     } finally {

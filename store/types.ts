@@ -217,7 +217,7 @@ export interface GetBlocksOptions {
 }
 
 /** Told the blocks a scan adds to the store, as it appends them (SnapshotOptions.onNewBlocks). */
-export type NewBlocksListener = (hashes: Hash[], direct: boolean, replaced: Array<Hash | null>, views?: Buffer[], kept?: boolean) => void | Promise<void>;
+export type NewBlocksListener = (hashes: Hash[], direct: boolean, replaced: Array<Hash | null>, views?: Buffer[], kept?: boolean, patches?: Array<Buffer | undefined>) => void | Promise<void>;
 
 /**
  * Blocks a caller holds in memory, by the hash's latin1 string (GetBlocksOptions.held). `take`
@@ -227,6 +227,13 @@ export type NewBlocksListener = (hashes: Hash[], direct: boolean, replaced: Arra
 export interface HeldBlocks {
   has(key: string): boolean;
   take(key: string): { readonly data: Buffer; readonly release?: () => void } | undefined;
+  /**
+   * The patches (store/delta.ts) that make the block of `base`, when the holder has them (a
+   * scan's diff against the block it replaced), and the block's length; handed over once.
+   */
+  takePatches?(key: string, base: Hash): { readonly patches: Buffer; readonly length: number } | undefined;
+  /** Whether {@link takePatches} would hand patches of `base` over. */
+  hasPatches?(key: string, base: Hash): boolean;
 }
 
 /**
@@ -331,6 +338,8 @@ export interface SnapshotOptions {
    * scan's new blocks are), so a reader should read them that way too.
    * `replaced`: for each, the parent snapshot's block at its position (ZERO_HASH for zeros), or
    * null when the scan did not compare with a parent: a sync sends a delta against it.
+   * `patches`: for each, where the scan diffed it against its `replaced` block, the patches that
+   * make it of that one (what a peer holding it needs; store/delta.ts).
    * `views`: with {@link keepViewsUntil}, each block's bytes in the scan's own buffer. With
    * `kept`, the scan leaves that buffer alone until keepViewsUntil settles (see there); else the
    * bytes are the callee's to copy until the promise it returns settles: the scan reads nothing

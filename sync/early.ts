@@ -78,6 +78,11 @@ const ASK_SAMPLES = 4;
 const COPY_MIN_BYTES = 256 * 1024;
 /** Hashes kept in {@link EarlySender.atTarget}: 64 Ki (~8 MiB), the new blocks of a 32 GiB change. */
 const AT_TARGET_MAX = 65536;
+/**
+ * Bytes of patches kept (see {@link Held}), at most: ~1,800 blocks changed by a 4 KiB write each.
+ * Past that a block's delta is read back or made again, as without them.
+ */
+const PATCH_BYTES = 8 * 1024 * 1024;
 
 /**
  * The new blocks' bytes early sending holds, for Store.getBlocks to hand out instead of reading
@@ -94,6 +99,9 @@ const AT_TARGET_MAX = 65536;
 class Held implements HeldBlocks {
   private readonly views = new Map<string, Buffer>();
   private readonly copies = new Map<string, { data: Buffer; buf: Buffer }>();
+  /** The scan's patches of a block against the one it replaced (onNewBlocks' `patches`), {@link PATCH_BYTES} at most. */
+  private readonly patches = new Map<string, { base: Hash; patches: Buffer; length: number }>();
+  private patchBytes = 0;
   /** Copy buffers given back, all of one size; and the bytes of those handed out or holding a copy. */
   private readonly free: Buffer[] = [];
   private out = 0;
@@ -122,6 +130,31 @@ class Held implements HeldBlocks {
 
   view(key: string, data: Buffer): void {
     this.views.set(key, data);
+  }
+
+  /** Keep the patches that make block `key` (`length` bytes) of block `base`, while there is room. */
+  keepPatches(key: string, base: Hash, patches: Buffer, length: number): void {
+    if (this.patchBytes + patches.length > PATCH_BYTES || this.patches.has(key)) return;
+    this.patches.set(key, { base, patches, length });
+    this.patchBytes += patches.length;
+  }
+
+  hasPatches(key: string, base: Hash): boolean {
+    return this.patches.get(key)?.base.equals(base) === true;
+  }
+
+  takePatches(key: string, base: Hash): { patches: Buffer; length: number } | undefined {
+    const p = this.patches.get(key);
+    if (!p || !p.base.equals(base)) return undefined;
+    this.dropPatches(key);
+    return p;
+  }
+
+  private dropPatches(key: string): void {
+    const p = this.patches.get(key);
+    if (!p) return;
+    this.patches.delete(key);
+    this.patchBytes -= p.patches.length;
   }
 
   /**
@@ -154,6 +187,7 @@ class Held implements HeldBlocks {
 
   /** Drop the copy held for `key`, if it was not handed out: its buffer goes back to the pool. */
   drop(key: string): void {
+    this.dropPatches(key);
     const c = this.copies.get(key);
     if (!c) return;
     this.copies.delete(key);
@@ -164,6 +198,8 @@ class Held implements HeldBlocks {
   clear(): void {
     for (const key of [...this.copies.keys()]) this.drop(key);
     this.views.clear();
+    this.patches.clear();
+    this.patchBytes = 0;
   }
 
   /** A buffer of `n` bytes, reused or new, while at most LEND_BYTES are out (free ones came back from there). */
@@ -248,9 +284,18 @@ export class EarlySender {
    * `views`: their bytes in the scan's buffer, there until {@link done} settles when `kept`, else
    * only until the promise returned settles (copied meanwhile, see {@link Held}).
    */
-  add(hashes: readonly Hash[], direct = false, bases?: ReadonlyArray<Hash | null>, views?: readonly Buffer[], kept = false): void | Promise<void> {
+  add(hashes: readonly Hash[], direct = false, bases?: ReadonlyArray<Hash | null>, views?: readonly Buffer[], kept = false, patches?: ReadonlyArray<Buffer | undefined>): void | Promise<void> {
     if (this.stopped) return;
     if (views && kept) hashes.forEach((h, i) => this.held.view(h.toString('latin1'), views[i]!));
+    // A block the scan diffed against the one it replaced goes as those patches to a peer that
+    // holds that one: nothing is read back from the packs for it.
+    if (views && patches && bases) {
+      hashes.forEach((h, i) => {
+        const p = patches[i];
+        const b = bases[i];
+        if (p && b) this.held.keepPatches(h.toString('latin1'), b, p, views[i]!.length);
+      });
+    }
     if (!views || kept || !this.copying || this.target.releasesFrames === false || views[0]!.length < COPY_MIN_BYTES) return this.enqueue(hashes, direct, bases);
     return this.copyAndEnqueue(hashes, direct, bases, views);
   }

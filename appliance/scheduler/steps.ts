@@ -138,7 +138,7 @@ export function applianceSteps(home: Home, store: Store, config: () => Config | 
         snap = await snapshotVolume(home, store, volume, {
           labels,
           signal,
-          ...(sender ? { onNewBlocks: (h, direct, replaced, views, kept) => sender.add(h, direct, replaced, views, kept), keepViewsUntil: sender.done, onScanned: () => sender.scanned() } : {}),
+          ...(sender ? { onNewBlocks: (h, direct, replaced, views, kept, patches) => sender.add(h, direct, replaced, views, kept, patches), keepViewsUntil: sender.done, onScanned: () => sender.scanned() } : {}),
         });
       } catch (e) {
         if (early) await endEarlyPush(early);

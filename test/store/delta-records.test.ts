@@ -149,6 +149,26 @@ test('a block held as a delta of the base named goes out as that delta (storedDe
   const [fromHeld] = await collect(store.getBlocks([h1], { bases: [h0], storedDeltas: true, held, consumerVerifies: true }));
   assert.ok(fromHeld!.delta?.base.equals(h0));
   assert.equal(released, 1, 'the held copy was released');
+  // Patches the holder has (a scan's diff against the block replaced) go as they are, for a block
+  // this store does not even hold: nothing is looked up or read. Of another base, or without
+  // storedDeltas, they are not used.
+  const x2 = written(x0, [[100, randomBytes(200)]]);
+  const h2 = hashBlock(x2);
+  const p2 = diffBlock(x2, h0, x0)!.subarray(32);
+  let given = 0;
+  const withPatches = {
+    has: () => false,
+    take: () => undefined,
+    hasPatches: (k: string, b: Buffer) => k === h2.toString('latin1') && b.equals(h0),
+    takePatches: (k: string, b: Buffer) => (k === h2.toString('latin1') && b.equals(h0) ? (given++, { patches: p2, length: BS }) : undefined),
+  };
+  const [sent] = await collect(store.getBlocks([h2], { bases: [h0], storedDeltas: true, held: withPatches, consumerVerifies: true }));
+  assert.deepEqual(sent!.delta, { base: h0, length: BS });
+  assert.ok(sent!.data.equals(p2) && applyPatches(Buffer.from(x0), sent!.data, h2).equals(x2));
+  assert.equal(given, 1);
+  await assert.rejects(collect(store.getBlocks([h2], { bases: [hashBlock(other)], storedDeltas: true, held: withPatches })), { code: 'ERR_BLOCK_MISSING' });
+  await assert.rejects(collect(store.getBlocks([h2], { bases: [h0], held: withPatches })), { code: 'ERR_BLOCK_MISSING' });
+  assert.equal(given, 1, 'only asked with storedDeltas and the base they patch');
 
   // On the wire it is a delta frame of x0; a store holding x0 builds x1, verifies it, keeps it as a delta.
   const wire = await collect(encodeFrames(store.getBlocks([h1], { bases: [h0], storedDeltas: true, consumerVerifies: true })));
@@ -303,12 +323,18 @@ test('a re-scan stores a block changed by a small write as a delta of the block 
   const img = randomBytes(blocks * BS);
   img.fill(0, 10 * BS, 11 * BS); // a zero block that becomes data
   const { path, store } = await storeWithImage(t, img);
+  /** What onNewBlocks was told, by block hash (hex): the block replaced and the patches of it. */
+  const told = new Map<string, { replaced: Buffer | null; patches: Buffer | undefined }>();
   const scan = async (parent: SnapshotRecord | null, opts: { changedBlocks?: number[]; workers?: boolean } = {}) => {
     await writeFile(path, img);
     const reader = opts.workers ? await localFileReader(path) : await fileReader(path);
     let last: ScanProgress | undefined;
+    told.clear();
+    const onNewBlocks = (hashes: Buffer[], _direct: boolean, replaced: Array<Buffer | null>, _views?: Buffer[], _kept?: boolean, patches?: Array<Buffer | undefined>) => {
+      hashes.forEach((h, i) => told.set(h.toString('hex'), { replaced: replaced[i] ?? null, patches: patches?.[i] }));
+    };
     try {
-      const snap = await store.scanVolume(reader, { volume: 'vol', blockSize: BS, parent, onProgress: (p) => (last = p), ...(opts.changedBlocks ? { changedBlocks: opts.changedBlocks } : {}) });
+      const snap = await store.scanVolume(reader, { volume: 'vol', blockSize: BS, parent, onProgress: (p) => (last = p), onNewBlocks, ...(opts.changedBlocks ? { changedBlocks: opts.changedBlocks } : {}) });
       return { snap, progress: last! };
     } finally {
       await reader.close();
@@ -341,10 +367,22 @@ test('a re-scan stores a block changed by a small write as a delta of the block 
 
   // The same blocks written again, from a change list (read on the calling thread): deltas of
   // the same whole blocks, both writes composed.
+  const before = Buffer.from(img);
   for (const b of small) randomBytes(512).copy(img, b * BS + 30000);
   const r2 = await scan(r1.snap, { changedBlocks: small });
   assert.equal(r2.progress.blocksStoredAsDeltas, 4);
   for (const [k, b] of small.entries()) assert.ok((await store.locate(hashAt(b)))!.base!.equals(was[k]!), `block ${b}: never a delta of a delta`);
+  // onNewBlocks is told the patches of the block each replaced (what a peer holding that one
+  // needs), not the composed delta stored: one 512-byte write each.
+  for (const b of small) {
+    const t = told.get(hashAt(b).toString('hex'))!;
+    const prev = before.subarray(b * BS, (b + 1) * BS);
+    assert.ok(t.replaced!.equals(hashBlock(prev)), `block ${b}: the block it replaced`);
+    assert.ok(applyPatches(Buffer.from(prev), t.patches!, hashAt(b)).equals(img.subarray(b * BS, (b + 1) * BS)), `block ${b}: its patches`);
+    // The write spans two 512-byte units; the composed delta stored holds the 4 KiB write too.
+    assert.equal(t.patches!.length, 4 + 8 + 2 * 512, `block ${b}: the patches of one write`);
+    assert.ok((await store.locate(hashAt(b)))!.length > 4096 + 1024, `block ${b}: the delta stored is the composed one`);
+  }
   assert.ok((await readBack(r2.snap)).equals(img), 'byte-exact');
 
   // 40 blocks rewritten whole, then small writes further on: after 32 tries that gave nothing,
