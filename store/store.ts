@@ -79,10 +79,6 @@ export interface DeltaOf {
   readonly patches: Buffer;
 }
 
-function withPatches(stored: AsDelta | undefined, patches: Buffer): DeltaOf {
-  return { stored, patches };
-}
-
 /** The block a delta or sparse record at `loc` patches (ZERO_HASH for a sparse one); undefined for a raw record. */
 function storedBase(loc: BlockLocation): Hash | undefined {
   return loc.codec === CODEC_SPARSE ? ZERO_HASH : loc.base;
@@ -565,16 +561,17 @@ export class Store implements ReplicaStore {
       const b = bases?.[i];
       if (!b || b.equals(h)) return readOne(h, loc);
       // The holder has the patches of the very block the consumer holds (a scan diffed them): they go as they are.
-      const patches = storedDeltas ? held?.takePatches?.(h.toString('latin1'), b) : undefined;
+      const key = h.toString('latin1');
+      const patches = storedDeltas ? held?.takePatches?.(key, b) : undefined;
       if (patches) {
-        held?.take(h.toString('latin1'))?.release?.(); // its bytes are not needed
+        held?.take(key)?.release?.(); // its bytes are not needed
         return { data: patches.patches, delta: { base: b, length: patches.length } };
       }
       // Stored as a delta of the very block the consumer holds: that delta goes as it is.
       if (storedDeltas && loc && storedBase(loc)?.equals(b)) {
         const d = await this.readStoredDelta(h, loc).catch(() => undefined); // moved by a gc, or damaged: read as usual below
         if (d) {
-          held?.take(h.toString('latin1'))?.release?.(); // its copy is not needed
+          held?.take(key)?.release?.(); // its copy is not needed
           return d;
         }
       }
@@ -888,14 +885,14 @@ export class Store implements ReplicaStore {
   async deltaOf(hash: Hash, data: Buffer, was: Hash): Promise<DeltaOf | undefined> {
     if (was.equals(hash)) return undefined;
     if (isZeroHash(was)) {
-      const d = diffBlock(data, ZERO_HASH, zeroBlock(data.length)); // nothing to read
-      return d ? withPatches(storedDelta(ZERO_HASH, undefined, d.subarray(32), data.length, hash), d.subarray(32)) : undefined;
+      const patches = diffBlock(data, ZERO_HASH, zeroBlock(data.length))?.subarray(32); // nothing to read
+      return patches && { stored: storedDelta(ZERO_HASH, undefined, patches, data.length, hash), patches };
     }
     const b = await this.readBaseBlock(was, true);
     if (!b) return undefined;
     try {
-      const d = diffBlock(data, was, b.data);
-      return d ? withPatches(storedDelta(was, b.stored, d.subarray(32), data.length, hash), d.subarray(32)) : undefined;
+      const patches = diffBlock(data, was, b.data)?.subarray(32);
+      return patches && { stored: storedDelta(was, b.stored, patches, data.length, hash), patches };
     } catch {
       return undefined; // a stored delta that does not compose: verify reports it; this block goes whole
     } finally {
@@ -1049,12 +1046,13 @@ export class Store implements ReplicaStore {
   async nodesHeld(hashes: ReadonlyArray<Hash | undefined>): Promise<Array<TreeNode | undefined>> {
     this.checkOpen();
     const found = new Map<string, TreeNode>();
-    const asked = hashes.filter((h): h is Hash => {
-      if (h === undefined || !isHash(h) || isZeroHash(h)) return false;
+    const asked: Hash[] = [];
+    for (const h of hashes) {
+      if (h === undefined || !isHash(h) || isZeroHash(h)) continue;
       const n = this.cachedNode(h);
       if (n) found.set(h.toString('latin1'), n);
-      return !n;
-    });
+      else asked.push(h);
+    }
     const epoch = this.nodeEpoch;
     const vals = asked.length === 0 ? [] : await this.lookup(asked.map(nodeKey));
     asked.forEach((h, i) => {
