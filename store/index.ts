@@ -2,7 +2,7 @@
  * The block store's public surface (see store/README.md for the on-disk format).
  */
 export * from './types.js';
-export { diffBlock, applyPatches, composeDeltas } from './delta.js';
+export { diffBlock, applyPatches, composeDeltas, mayBeSparse } from './delta.js';
 export { hashBlock, isZeroBlock, ZERO_HASH, HASH_LENGTH, toHex, parseHex } from './hash.js';
 export { newSnapshotId, isValidVolumeName, isValidSnapshotId } from './ids.js';
 export { FANOUT, treeHeight, blockCount, nodeHash, makeNode } from './tree.js';

@@ -16,6 +16,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { TandemError, fromSystemError, isTandemError } from '../common/errors.js';
 import { IO_SKEW, alignedSlots } from '../common/io-buffers.js';
 import { CODEC_RAW, RECORD_HEADER_LENGTH, recordPartsWithCrc } from './pack.js';
+import { STORED_DELTA_DIVISOR, mayBeSparse } from './delta.js';
 import { hashBlock, isZeroHash, HASH_LENGTH, parseHex, ZERO_HASH } from './hash.js';
 import { checkVolumeName } from './ids.js';
 import { checkBlockSize, checkSize, normalizeSnapshot } from './records.js';
@@ -439,12 +440,16 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
       // A block that replaced one the store holds is stored as a delta of it when the two differ
       // in little (store/README.md, "Delta records"). The reads of those blocks overlap the next
       // chunks' hashing.
-      // One that replaced a zero block is compared with zeros (no read: a sparse record when it
-      // holds little data), judged apart: a volume filled wholesale stops those tries alone.
+      // One that replaced a zero block, or with nothing before it (a first snapshot), is compared
+      // with zeros (no read: a sparse record when it holds little data), judged apart: a volume
+      // filled wholesale stops those tries alone. Only blocks that may be mostly zeros are tried
+      // (mayBeSparse): a block of data throughout costs no diff and is not counted.
       const tries = await Promise.all(nonZero.map((c, i) => {
-        if (!c.was) return undefined;
-        const judge = isZeroHash(c.was) ? sparse : deltas;
-        return judge.worth() ? judge.tried(store.deltaOf(c.hash, frames[i]!.data, c.was)) : undefined;
+        const base = c.was ?? ZERO_HASH;
+        const data = frames[i]!.data;
+        if (isZeroHash(base) && !mayBeSparse(data, STORED_DELTA_DIVISOR)) return undefined;
+        const judge = isZeroHash(base) ? sparse : deltas;
+        return judge.worth() ? judge.tried(store.deltaOf(c.hash, data, base)) : undefined;
       }));
       const asDeltas = tries.map((t) => t?.stored);
       asDeltas.forEach((asDelta, i) => asDelta && (frames[i] = { ...frames[i]!, asDelta }));
@@ -478,7 +483,8 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
         if (frames[i]!.asDelta) progress.blocksStoredAsDeltas++; // its base stays whole: gc waits for the scan
         unflushed += frames[i]!.data.length;
         fresh.push(frames[i]!.hash);
-        replaced.push(nonZero[i]!.was ?? null);
+        // A block stored sparse with nothing before it names the zero block: a peer builds it from its patches.
+        replaced.push(nonZero[i]!.was ?? (patches[i] ? ZERO_HASH : null));
         freshPatches.push(patches[i]);
         if (wantViews) views.push(frames[i]!.data);
       });

@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { TandemError, diskFullError, fromSystemError, isTandemError } from '../common/errors.js';
 import { blake3, hashBlock, isHash, isZeroHash, MAX_BLOCK_SIZE, parseHex, toHex, ZERO_HASH } from './hash.js';
-import { applyPatches, composeDeltas, diffBlock } from './delta.js';
+import { STORED_DELTA_DIVISOR, applyPatches, composeDeltas, diffBlock, mayBeSparse } from './delta.js';
 import { checkSnapshotId, checkVolumeName, isValidSnapshotId, isValidVolumeName, newSnapshotId } from './ids.js';
 import {
   blockKey, decodeLocation, encodeLocation, encodeU64, decodeU64, metaKey, metaRange, namespaceRange, nodeKey, NS,
@@ -146,11 +146,6 @@ const NODE_CACHE_MAX = 256;
 const FORMAT = 3;
 /** Formats this build opens as they are, and marks as {@link FORMAT}. */
 const UPGRADABLE_FORMATS: readonly number[] = [1, 2];
-/**
- * A block that arrives as a delta is stored as one when its payload is at most this fraction of
- * the block: reading it then costs its base's record as well (store/README.md, "Delta records").
- */
-const STORED_DELTA_DIVISOR = 4;
 
 type Db = ClassicLevel<Buffer, Buffer>;
 
@@ -576,8 +571,10 @@ export class Store implements ReplicaStore {
         }
       }
       if (isZeroHash(b)) {
+        // Diffed against zeros only when it may be mostly zeros: a block of data throughout (a
+        // first sync names the zero block as every block's base) goes whole at once.
         const block = await readOne(h, loc);
-        return { ...block, base: { hash: b, data: Buffer.alloc(block.data.length) } };
+        return mayBeSparse(block.data) ? { ...block, base: { hash: b, data: zeroBlock(block.data.length) } } : block;
       }
       const [block, base] = await Promise.allSettled([readOne(h, loc), readBase(b)]);
       if (block.status === 'rejected') {

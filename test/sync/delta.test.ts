@@ -8,7 +8,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import fc from 'fast-check';
-import { applyPatches, diffBlock, hashBlock, Store, ZERO_HASH } from '../../store/index.js';
+import { applyPatches, diffBlock, hashBlock, mayBeSparse, Store, ZERO_HASH } from '../../store/index.js';
 import type { BlockFrame, Hash } from '../../store/types.js';
 import { CODEC_DELTA, decodeFrames, encodeFrames } from '../../sync/framing.js';
 import { collect, from, tempDir, written } from '../store/helpers.js';
@@ -43,6 +43,29 @@ test('diffBlock + applyPatches rebuild the block from its base for any writes; a
   assert.equal(d.length, 32 + 4 + 8 + 9 * 512, 'a 4 KiB write at offset 1000 is 9 units of 512 bytes in one patch');
   assert.equal(diffBlock(randomBytes(size), hashBlock(base), base), null, 'a block unlike its base goes whole');
   assert.equal(diffBlock(one, hashBlock(base), base.subarray(1)), null, 'a base of another length is no base');
+});
+
+test('mayBeSparse: a zero block with one write of up to an eighth of it may be sparse at either limit; data throughout may not; a small block is always tried', () => {
+  for (const size of [64 * 1024, 512 * 1024]) {
+    fc.assert(
+      fc.property(fc.integer({ min: 0, max: size - 1 }), fc.integer({ min: 1, max: size / 8 }), (off, len) => {
+        const data = written(Buffer.alloc(size), [[Math.min(off, size - len), randomBytes(len)]]);
+        assert.ok(mayBeSparse(data, 2) && mayBeSparse(data, 4), `a write of ${len} bytes at ${off}`);
+        // What the check lets through, a diff against zeros encodes (it only ever saves the diff).
+        const d = diffBlock(data, ZERO_HASH, Buffer.alloc(size));
+        assert.ok(d !== null && applyPatches(Buffer.alloc(size), patchesOf(d), hashBlock(data)).equals(data));
+      }),
+      { numRuns: 100 },
+    );
+    assert.equal(mayBeSparse(randomBytes(size)), false);
+    assert.equal(mayBeSparse(randomBytes(size), 4), false);
+    // Small files: each 4 KiB page holds 3,000 bytes of data, then zeros. Half the block is
+    // data: it may be sent as a delta (at most half), not stored as one (at most a quarter).
+    const pages = Buffer.alloc(size);
+    for (let p = 0; p < size; p += 4096) randomBytes(3000).copy(pages, p);
+    assert.equal(mayBeSparse(pages, 4), false);
+  }
+  assert.equal(mayBeSparse(randomBytes(8 * 1024)), true, 'fewer than 32 units: the diff decides');
 });
 
 test('applyPatches refuses patches out of order, overlapping, outside the block, cut short or followed by bytes: ERR_BLOCK_CORRUPT', () => {
@@ -141,11 +164,13 @@ test('getBlocks attaches the bases it holds (zeros included) for a peer stream; 
   t.after(() => store.close());
   const a = randomBytes(65536);
   const b = written(a, [[0, randomBytes(10)]]);
-  await store.putBlocks(from([a, b].map((data) => ({ hash: hashBlock(data), data }))));
-  const frames = await collect(store.getBlocks([hashBlock(b), hashBlock(b), hashBlock(a), hashBlock(a)], { bases: [hashBlock(a), ZERO_HASH, hashBlock(randomBytes(8)), null], consumerVerifies: true }));
+  const little = written(Buffer.alloc(65536), [[5000, randomBytes(3000)]]);
+  await store.putBlocks(from([a, b, little].map((data) => ({ hash: hashBlock(data), data }))));
+  const frames = await collect(store.getBlocks([hashBlock(b), hashBlock(b), hashBlock(a), hashBlock(a), hashBlock(little)], { bases: [hashBlock(a), ZERO_HASH, hashBlock(randomBytes(8)), null, ZERO_HASH], consumerVerifies: true }));
   assert.ok(frames[0]!.base!.data.equals(a) && frames[0]!.base!.hash.equals(hashBlock(a)));
-  assert.ok(frames[1]!.base!.data.equals(Buffer.alloc(65536)));
+  assert.equal(frames[1]!.base, undefined, 'zeros for a block of data throughout: no diff would come of it (mayBeSparse)');
   assert.equal(frames[2]!.base, undefined, 'a base not held: none');
   assert.equal(frames[3]!.base, undefined);
+  assert.ok(frames[4]!.base!.hash.equals(ZERO_HASH) && frames[4]!.base!.data.equals(Buffer.alloc(65536)), 'zeros for a block of little data');
   for (const f of frames) f.base?.release?.(), f.release?.();
 });

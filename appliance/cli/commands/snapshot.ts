@@ -44,13 +44,13 @@ export function define(program: Command): void {
         bytesReadDirect: last.bytesReadDirect,
         blocksRead: last.blocksDone,
         blocksStored: last.blocksStored,
-        /** Of blocksStored, stored as deltas of the blocks they replaced. */
+        /** Of blocksStored, stored as the bytes that differ from the blocks they replaced, or from zeros (store/README.md, "Delta records"). */
         blocksStoredAsDeltas: last.blocksStoredAsDeltas,
         seconds: Math.round(seconds * 1000) / 1000,
         mbPerSecond: seconds > 0 ? Math.round((last.bytesRead / 1e6 / seconds) * 10) / 10 : 0,
       };
       const direct = figures.bytesReadDirect === 0 ? '' : figures.bytesReadDirect === figures.bytesRead ? ', past the page cache' : `, ${formatBytes(figures.bytesReadDirect)} of it past the page cache`;
-      io.err(`snapshot ${rec.volume}@${rec.id}: read ${formatBytes(figures.bytesRead)} in ${figures.seconds}s (${figures.mbPerSecond} MB/s${direct}), stored ${figures.blocksStored} new blocks${figures.blocksStoredAsDeltas > 0 ? ` (${figures.blocksStoredAsDeltas} as deltas of the blocks they replaced)` : ''}\n`);
+      io.err(`snapshot ${rec.volume}@${rec.id}: read ${formatBytes(figures.bytesRead)} in ${figures.seconds}s (${figures.mbPerSecond} MB/s${direct}), stored ${figures.blocksStored} new blocks${figures.blocksStoredAsDeltas > 0 ? ` (${figures.blocksStoredAsDeltas} as only the bytes that differ from the blocks they replaced or from zeros)` : ''}\n`);
       return { json: { snapshot: rec, ...figures, notices }, text: rec.id };
     }));
 }
