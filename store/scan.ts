@@ -483,8 +483,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
         if (frames[i]!.asDelta) progress.blocksStoredAsDeltas++; // its base stays whole: gc waits for the scan
         unflushed += frames[i]!.data.length;
         fresh.push(frames[i]!.hash);
-        // A block stored sparse with nothing before it names the zero block: a peer builds it from its patches.
-        replaced.push(nonZero[i]!.was ?? (patches[i] ? ZERO_HASH : null));
+        replaced.push(nonZero[i]!.was ?? null);
         freshPatches.push(patches[i]);
         if (wantViews) views.push(frames[i]!.data);
       });

@@ -96,6 +96,12 @@ function zeroBlock(n: number): Buffer {
   return zeros.subarray(0, n);
 }
 
+/** `data` as patches of zeros ({@link Store.deltaOf} against the zero block); `stored` when they make a sparse record. */
+function sparseOf(hash: Hash, data: Buffer): DeltaOf | undefined {
+  const patches = diffBlock(data, ZERO_HASH, zeroBlock(data.length))?.subarray(32);
+  return patches && { stored: storedDelta(ZERO_HASH, undefined, patches, data.length, hash), patches };
+}
+
 /** 512 KiB: the EBS direct API block size, so EBS import/export maps blocks one to one. */
 export const DEFAULT_BLOCK_SIZE = 524288;
 
@@ -784,12 +790,20 @@ export class Store implements ReplicaStore {
     let batchBytes = 0;
     let failure: unknown = null;
     try {
-      for await (const f of frames) {
+      for await (const received of frames) {
+        let f = received;
         try {
           this.checkBlock(f?.hash, f?.data);
         } catch (e) {
           f?.release?.();
           throw e;
+        }
+        // A whole block of little data is stored as patches of zeros (a sparse record), as a
+        // scan stores it: a sender deflates such a block on the wire, which is smaller than its
+        // patches, so it arrives whole.
+        if (!f.asDelta && mayBeSparse(f.data, STORED_DELTA_DIVISOR)) {
+          const asDelta = sparseOf(f.hash, f.data)?.stored;
+          if (asDelta) f = { ...f, asDelta };
         }
         batch.push(f);
         // The record's checksum now, while the block just hashed is in the CPU's cache: later,
@@ -881,10 +895,7 @@ export class Store implements ReplicaStore {
    */
   async deltaOf(hash: Hash, data: Buffer, was: Hash): Promise<DeltaOf | undefined> {
     if (was.equals(hash)) return undefined;
-    if (isZeroHash(was)) {
-      const patches = diffBlock(data, ZERO_HASH, zeroBlock(data.length))?.subarray(32); // nothing to read
-      return patches && { stored: storedDelta(ZERO_HASH, undefined, patches, data.length, hash), patches };
-    }
+    if (isZeroHash(was)) return sparseOf(hash, data); // nothing to read
     const b = await this.readBaseBlock(was, true);
     if (!b) return undefined;
     try {

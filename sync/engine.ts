@@ -149,8 +149,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
     let frontier: Hash[] = [root];
     let level = snap.height;
     const baseStore = opts.baseFrom === 'target' ? target : source;
-    // Without a base, a block can still go as a delta of the zero block (changedChildren).
-    const deltas = source.deltas === true || target.deltas === true;
+    const deltas = base !== null && (source.deltas === true || target.deltas === true);
     /** For a node of the frontier, the base's node at the same position (hex of the node → base node hash). */
     let pairs = new Map<string, Hash>();
     if (base) pairs.set(toHex(root), fromHex(base.root));
@@ -188,9 +187,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
           const bc = n.baseChildren?.[i];
           if (bc?.equals(c)) return; // part of the base, which the target holds in full
           children.push(c);
-          // With no base block here (a first sync, a region that was zeros), the zero block is
-          // named: any receiver builds from it, so a mostly-zero block goes as its few bytes.
-          replaced.set(toHex(c), bc ?? ZERO_HASH);
+          if (bc) replaced.set(toHex(c), bc);
           if (bc && !isZero(bc)) next.set(toHex(c), bc);
         });
       }
