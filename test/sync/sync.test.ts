@@ -9,7 +9,8 @@ import { randomBytes } from 'node:crypto';
 import { openSync, writeSync, closeSync, readdirSync, readFileSync, writeFileSync, rmSync, copyFileSync, truncateSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { RemotePeer } from '../../api/client.js';
-import { ZERO_HASH } from '../../store/index.js';
+import { diffBlock, hashBlock, ZERO_HASH } from '../../store/index.js';
+import { from } from '../store/helpers.js';
 import { cli, damageBlock, initHome, pair, startServe, tempDir, type Served, type TestHome } from '../helpers/appliance.js';
 import { loopDevice, smallTmpfs } from '../helpers/cli.js';
 
@@ -478,6 +479,35 @@ test('a mostly empty volume: its first snapshot stores blocks of little data as 
   assert.ok(packBytes(p.b) - b0 < 4 * BS + little.length * 4 * 1024, `the receiver's packs grew by ${packBytes(p.b) - b0} bytes`);
   assert.ok((await restoredOnB(p, 'thin.img', 'thin')).equals(data), 'byte-exact');
   assert.equal((await cli(p.b, 'verify')).code, 0);
+});
+
+test('a peer not known to take delta frames (no answer yet, or an older release) gets a block with a base whole, and a stored delta is refused before it is sent: ERR_PEER_PROTOCOL', async (t) => {
+  const p = await setup(t);
+  // A client that has had no answer yet does not know what the peer takes: as after an answer
+  // of a release without block deltas.
+  const fresh = () => {
+    const c = new RemotePeer({ url: p.sb.url, token: p.b.token, fingerprint: p.b.fingerprint, name: 'cloud' });
+    t.after(() => c.close());
+    return c;
+  };
+  const base = randomBytes(BS);
+  const block = Buffer.from(base);
+  randomBytes(100).copy(block, 5000);
+  const s0 = await p.peerB.stats();
+  const r = await fresh().putBlocks(from([{ hash: hashBlock(block), data: block, base: { hash: hashBlock(base), data: base } }]));
+  assert.equal(r.stored, 1);
+  const s1 = await p.peerB.stats();
+  assert.equal(s1.blocksReceived - s0.blocksReceived, 1);
+  assert.equal(s1.deltasReceived - s0.deltasReceived, 0, 'sent whole: the peer may not build it');
+
+  const other = Buffer.from(base);
+  randomBytes(100).copy(other, 9000);
+  const patches = diffBlock(other, hashBlock(base), base)!.subarray(32);
+  const stored = { hash: hashBlock(other), data: patches, delta: { base: hashBlock(base), length: BS } };
+  await assert.rejects(fresh().putBlocks(from([stored])), { code: 'ERR_PEER_PROTOCOL', message: /stopped taking delta frames/ });
+  const s2 = await p.peerB.stats();
+  assert.equal(s2.blocksReceived - s1.blocksReceived, 0, 'nothing of it stored');
+  assert.equal((await fresh().hasBlocks([hashBlock(other)]))[0], false);
 });
 
 test('two appliances with volumes of the same name: the second one\'s push is refused before anything is committed; volume remove on the receiver frees the name', async (t) => {
