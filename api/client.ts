@@ -25,7 +25,7 @@ import type { WirePutNodeT } from './schemas.js';
 import { throttle, TokenBucket, type Rate } from '../sync/bwlimit.js';
 import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '../sync/framing.js';
 import { DEFAULT_BLOCK_SIZE } from '../store/index.js';
-import { FEATURE_BLOCK_DELTA, FEATURE_COMMIT_NODES, FEATURES_HEADER, LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, changesFromWire, changesToWire, fromHex, toHex } from '../sync/protocol.js';
+import { FEATURE_BLOCK_DELTA, FEATURE_COMMIT_NODES, FEATURE_DELTA_DEFLATE, FEATURES_HEADER, LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, changesFromWire, changesToWire, fromHex, toHex } from '../sync/protocol.js';
 import type { ServerStats } from './stats.js';
 import { trace, tracing } from '../sync/trace.js';
 import { setFlagsFromString } from 'node:v8';
@@ -193,6 +193,8 @@ export class RemotePeer implements ReplicaStore {
   private deltaFrames = false;
   /** The peer takes a snapshot's last nodes with its commit: it named `commit-nodes` (sync/protocol.ts). */
   private commitNodes = false;
+  /** The peer takes and sends deflated delta frames (codec 3): it named `delta-deflate` (sync/protocol.ts). */
+  private deltasDeflated = false;
   /** Block stream bytes on the wire (framed, compressed), up and down. */
   wireBytesSent = 0;
   wireBytesReceived = 0;
@@ -626,6 +628,7 @@ export class RemotePeer implements ReplicaStore {
     const f = headers[FEATURES_HEADER];
     const named = typeof f === 'string' ? f.split(',').map((x) => x.trim()) : [];
     this.deltaFrames = named.includes(FEATURE_BLOCK_DELTA);
+    this.deltasDeflated = named.includes(FEATURE_DELTA_DEFLATE);
     this.commitNodes = named.includes(FEATURE_COMMIT_NODES);
   }
 
@@ -640,7 +643,7 @@ export class RemotePeer implements ReplicaStore {
     for (let at = 0; at < hashes.length; at += MAX_HASHES_PER_REQUEST) {
       const part = hashes.slice(at, at + MAX_HASHES_PER_REQUEST);
       const bases = deltas ? opts.bases!.slice(at, at + MAX_HASHES_PER_REQUEST).map((b) => (b ? toHex(b) : null)) : undefined;
-      const body = bases?.some((b) => b !== null) ? { hashes: part.map(toHex), bases } : { hashes: part.map(toHex) };
+      const body = bases?.some((b) => b !== null) ? { hashes: part.map(toHex), bases, ...(this.deltasDeflated ? { deflateDeltas: true } : {}) } : { hashes: part.map(toHex) };
       const res = await this.send('POST', '/v1/blocks/get', body, true);
       let src: AsyncIterable<Buffer> = meter(res.body as AsyncIterable<Buffer>, (n) => (this.wireBytesReceived += n));
       if (this.downBucket) src = throttle(src, this.downBucket);
@@ -687,7 +690,7 @@ export class RemotePeer implements ReplicaStore {
   private async streamBlocks<T>(path: string, frames: AsyncIterable<BlockFrame>): Promise<T> {
     if (tracing) frames = traced(frames);
     // Frames are encoded (and compressed) ahead of the socket so reading, deflating and sending overlap.
-    const src: AsyncIterable<Buffer> = meter(readAhead(encodeFrames(frames), SEND_AHEAD_CHUNKS), (n) => (this.wireBytesSent += n));
+    const src: AsyncIterable<Buffer> = meter(readAhead(encodeFrames(frames, { deflateDeltas: () => this.deltasDeflated }), SEND_AHEAD_CHUNKS), (n) => (this.wireBytesSent += n));
     // Under a cap the chunks are sliced and their buffers collected; while a schedule sets none, throttle gives them back as `releasing` does.
     const body = this.upBucket ? throttle(src, this.upBucket) : releasing(src);
     let res: Dispatcher.ResponseData;

@@ -39,6 +39,8 @@ export const BlockGetBody = Type.Object(
   {
     hashes: Type.Array(HexHash, { maxItems: MAX_HASHES_PER_REQUEST }),
     bases: Type.Optional(Type.Array(Type.Union([HexHash, Type.Null()]), { maxItems: MAX_HASHES_PER_REQUEST })),
+    /** With bases: deltas may come deflated (codec 3, sync/README.md "Framing"). */
+    deflateDeltas: Type.Optional(Type.Boolean()),
   },
   { additionalProperties: false },
 );

@@ -39,6 +39,12 @@ export const CODEC_DEFLATE = 1;
  * hash. Only in streams that asked for deltas (sync/README.md).
  */
 export const CODEC_DELTA = 2;
+/**
+ * A delta frame whose payload (the base's hash, then the patches, as {@link CODEC_DELTA}) is
+ * raw DEFLATE: the patches of compressible writes (text, database pages, filesystem metadata).
+ * Only to a receiver that takes it (`delta-deflate`, sync/protocol.ts), when it saves 1/8.
+ */
+export const CODEC_DELTA_DEFLATE = 3;
 
 export const HEADER_BYTES = 42;
 /** The largest block any volume may use (block sizes are validated far below this); bounds memory per frame. */
@@ -105,9 +111,17 @@ async function maybeCompress(data: Buffer): Promise<Buffer | null> {
   return out.length <= data.length - Math.floor(data.length / MIN_SAVING_DIVISOR) ? out : null;
 }
 
+/** A delta payload (`parts`: the base's hash and the patches) deflated, when the receiver takes that and it pays; else null. */
+async function deflatedDelta(parts: readonly Buffer[], opts: EncodeOptions): Promise<Buffer | null> {
+  if (opts.compress === false || opts.deflateDeltas?.() !== true) return null;
+  return maybeCompress(parts.length === 1 ? parts[0]! : Buffer.concat(parts));
+}
+
 export interface EncodeOptions {
   /** Try deflate on each block (default true). */
   readonly compress?: boolean;
+  /** Whether the receiver takes deflated delta frames ({@link CODEC_DELTA_DEFLATE}), asked frame by frame (default: no). */
+  readonly deflateDeltas?: () => boolean;
   /** Turn a failure of the source into an error frame instead of throwing (server side). */
   readonly errorFrames?: boolean;
   /** Called with the uncompressed size of each block as it is framed. */
@@ -137,10 +151,17 @@ export async function* encodeFrames(frames: AsyncIterable<BlockFrame>, opts: Enc
       if (f.delta) {
         // A delta the store holds (GetBlocksOptions.storedDeltas): its base's hash, then its patches.
         f.base?.release?.();
-        if (f.release) payloadRelease.set(f.data, f.release);
-        yield header(FRAME_BLOCK, CODEC_DELTA, f.hash, f.delta.length, 32 + f.data.length);
-        yield f.delta.base;
-        yield f.data;
+        const packed = await deflatedDelta([f.delta.base, f.data], opts);
+        if (packed) {
+          f.release?.(); // the compressed copy is sent
+          yield header(FRAME_BLOCK, CODEC_DELTA_DEFLATE, f.hash, f.delta.length, packed.length);
+          yield packed;
+        } else {
+          if (f.release) payloadRelease.set(f.data, f.release);
+          yield header(FRAME_BLOCK, CODEC_DELTA, f.hash, f.delta.length, 32 + f.data.length);
+          yield f.delta.base;
+          yield f.data;
+        }
         count++;
         opts.onBlock?.(f.delta.length);
         continue;
@@ -150,8 +171,9 @@ export async function* encodeFrames(frames: AsyncIterable<BlockFrame>, opts: Enc
         f.base.release?.();
         if (delta) {
           f.release?.(); // the patches are a copy
-          yield header(FRAME_BLOCK, CODEC_DELTA, f.hash, f.data.length, delta.length);
-          yield delta;
+          const packed = await deflatedDelta([delta], opts);
+          yield header(FRAME_BLOCK, packed ? CODEC_DELTA_DEFLATE : CODEC_DELTA, f.hash, f.data.length, (packed ?? delta).length);
+          yield packed ?? delta;
           count++;
           opts.onBlock?.(f.data.length);
           continue;
@@ -283,9 +305,9 @@ export interface DecodeOptions {
   /** Read raw payloads into buffers of this pool; each frame then carries `release`. */
   readonly pool?: BufferPool;
   /**
-   * Take delta frames (the stream asked for them): each is yielded with `delta` set and its
-   * patches as `data`, for the consumer's store to resolve (Store.putBlocks). Otherwise a delta
-   * frame is refused as an unknown codec.
+   * Take delta frames, deflated or not (the stream asked for them): each is yielded with `delta`
+   * set and its patches as `data`, for the consumer's store to resolve (Store.putBlocks).
+   * Otherwise a delta frame is refused as an unknown codec.
    */
   readonly deltas?: boolean;
 }
@@ -328,7 +350,8 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
       if (type !== FRAME_BLOCK) throw corrupt(`unknown frame type 0x${type.toString(16)} at block ${index}`, { index });
       if (rawLen > MAX_BLOCK_BYTES || payLen > MAX_BLOCK_BYTES + 1024) throw corrupt(`frame ${index} claims ${rawLen} bytes, over the ${MAX_BLOCK_BYTES}-byte limit`, { index });
       if (codec === CODEC_RAW && payLen !== rawLen) throw corrupt(`raw frame ${index} has payload ${payLen} != length ${rawLen}`, { index });
-      if (codec === CODEC_DELTA && (!opts.deltas || payLen < 36 || rawLen === 0)) {
+      const isDelta = codec === CODEC_DELTA || codec === CODEC_DELTA_DEFLATE;
+      if (isDelta && (!opts.deltas || (codec === CODEC_DELTA && payLen < 36) || rawLen === 0)) {
         throw corrupt(opts.deltas ? `delta frame ${index} is too short` : `unknown codec ${codec} in frame ${index} (a delta, not asked for)`, { index });
       }
       const hash = Buffer.from(h.subarray(2, 34));
@@ -344,9 +367,19 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
         if (payload === pooled.buf) release = pooled.release;
         else pooled.release?.(); // the payload came as a view of one chunk: the buffer went unused
       }
-      if (codec === CODEC_DELTA) {
+      if (isDelta) {
+        let delta = payload;
+        if (codec === CODEC_DELTA_DEFLATE) {
+          try {
+            // A delta is at most half its block (a stored one a quarter): more is not one.
+            delta = await inflateAsync(payload, { maxOutputLength: rawLen + 36 });
+          } catch (e) {
+            throw corrupt(`delta frame ${index} does not inflate (${(e as Error).message})`, { index, hash: hash.toString('hex') });
+          }
+          if (delta.length < 36) throw corrupt(`delta frame ${index} is too short`, { index });
+        }
         index++;
-        yield { hash, data: payload.subarray(32), delta: { base: Buffer.from(payload.subarray(0, 32)), length: rawLen } };
+        yield { hash, data: delta.subarray(32), delta: { base: Buffer.from(delta.subarray(0, 32)), length: rawLen } };
         continue;
       }
       if (codec === CODEC_RAW) data = payload;

@@ -26,11 +26,14 @@ export const LEASE_HEADER = 'x-tandem-lease';
  * client uses a feature only with a server that named it: an earlier release names none.
  * `block-delta`: block streams may carry delta frames (codec 2, sync/README.md "Framing").
  * `commit-nodes`: `snapshots/commit` takes the snapshot's last nodes too (`nodes`, as `nodes/put`).
+ * `delta-deflate`: block streams may carry deflated delta frames (codec 3), and `blocks/get`
+ * takes `deflateDeltas: true` to answer with them.
  */
 export const FEATURES_HEADER = 'x-tandem-features';
 export const FEATURE_BLOCK_DELTA = 'block-delta';
 export const FEATURE_COMMIT_NODES = 'commit-nodes';
-export const SERVER_FEATURES = [FEATURE_BLOCK_DELTA, FEATURE_COMMIT_NODES].join(',');
+export const FEATURE_DELTA_DEFLATE = 'delta-deflate';
+export const SERVER_FEATURES = [FEATURE_BLOCK_DELTA, FEATURE_COMMIT_NODES, FEATURE_DELTA_DEFLATE].join(',');
 
 export const HEX_HASH_PATTERN = '^[0-9a-f]{64}$';
 export const VOLUME_PATTERN = '^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$';

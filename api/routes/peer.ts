@@ -243,8 +243,10 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     // Read past the page cache, as the engine's sends are (sync/engine.ts): received blocks went
     // to the disk directly and a failback pulls what the cache no longer holds.
     // The client asked for deltas (it named bases): a block held as a delta of the base named goes as it is.
+    const deflateDeltas = bases !== undefined && body.deflateDeltas === true;
     const frames = encodeFrames(store.getBlocks(hashes, { consumerVerifies: true, direct: true, ...(bases ? { bases, storedDeltas: true } : {}) }), {
       errorFrames: true,
+      deflateDeltas: () => deflateDeltas,
       onBlock: (n) => {
         stats.blocksSent++;
         stats.bytesSent += n;

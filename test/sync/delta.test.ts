@@ -7,10 +7,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { deflateRawSync } from 'node:zlib';
 import fc from 'fast-check';
 import { applyPatches, diffBlock, hashBlock, mayBeSparse, Store, ZERO_HASH } from '../../store/index.js';
 import type { BlockFrame, Hash } from '../../store/types.js';
-import { CODEC_DELTA, decodeFrames, encodeFrames } from '../../sync/framing.js';
+import { CODEC_DELTA, CODEC_DELTA_DEFLATE, decodeFrames, encodeFrames } from '../../sync/framing.js';
 import { collect, from, tempDir, written } from '../store/helpers.js';
 
 /** The patches of a delta payload (what decodeFrames yields as `data`). */
@@ -113,6 +114,51 @@ test('a frame with a base goes as a delta frame when that is shorter; a decoder 
   assert.ok(applyPatches(Buffer.from(base), got[0]!.data, got[0]!.hash).equals(data));
   assert.ok(got[1]!.data.equals(other) && got[2]!.data.equals(base));
   await assert.rejects(collect(decodeFrames(from([wire]))), { code: 'ERR_BLOCK_CORRUPT', message: /unknown codec 2/ }, 'a stream that did not ask for deltas refuses them');
+});
+
+test('deflated delta frames: a compressible delta goes deflated only to a receiver that takes it, decodes to the same patches; a random one, or a stored one, as it pays; malformed ones are refused', async () => {
+  const base = randomBytes(65536);
+  const text = Buffer.from('INSERT INTO orders VALUES (1042, "pending", 12.50);\n'.repeat(80)); // 4,160 bytes
+  const data = written(base, [[5000, text]]);
+  const random = written(base, [[20000, randomBytes(4096)]]);
+  const stored = written(base, [[30000, text]]);
+  const storedPatches = diffBlock(stored, hashBlock(base), base)!.subarray(32);
+  const frames = (): BlockFrame[] => [
+    { hash: hashBlock(data), data, base: { hash: hashBlock(base), data: base } },
+    { hash: hashBlock(random), data: random, base: { hash: hashBlock(base), data: base } },
+    { hash: hashBlock(stored), data: storedPatches, delta: { base: hashBlock(base), length: 65536 } },
+  ];
+  /** Each frame's codec and payload length, walking the headers. */
+  const framesOf = (wire: Buffer) => {
+    const out: Array<[number, number]> = [];
+    for (let at = 0; wire[at] === 0x42; at += 42 + wire.readUInt32BE(at + 38)) out.push([wire[at + 1]!, wire.readUInt32BE(at + 38)]);
+    return out;
+  };
+  const plain = Buffer.concat(await collect(encodeFrames(from(frames()))));
+  assert.deepEqual(framesOf(plain).map(([c]) => c), [CODEC_DELTA, CODEC_DELTA, CODEC_DELTA], 'not asked: plain deltas');
+  const wire = Buffer.concat(await collect(encodeFrames(from(frames()), { deflateDeltas: () => true })));
+  const codecs = framesOf(wire);
+  assert.deepEqual(codecs.map(([c]) => c), [CODEC_DELTA_DEFLATE, CODEC_DELTA, CODEC_DELTA_DEFLATE], 'random patches do not deflate');
+  assert.ok(codecs[0]![1] < 1024 && codecs[2]![1] < 1024, `deflated payloads of ${codecs[0]![1]} and ${codecs[2]![1]} bytes for 4,160 bytes of text`);
+  const got = await collect(decodeFrames(from([wire]), { deltas: true }));
+  for (const [i, want] of [data, random, stored].entries()) {
+    assert.ok(got[i]!.delta!.base.equals(hashBlock(base)) && got[i]!.delta!.length === 65536);
+    assert.ok(applyPatches(Buffer.from(base), got[i]!.data, got[i]!.hash).equals(want), `frame ${i} rebuilds its block`);
+  }
+  await assert.rejects(collect(decodeFrames(from([wire]))), { code: 'ERR_BLOCK_CORRUPT', message: /unknown codec 3/ }, 'a stream that did not ask for deltas refuses them');
+
+  // A deflated delta whose payload is not DEFLATE, or inflates past its block: refused.
+  const first = wire.subarray(0, 42 + codecs[0]![1]);
+  const end = Buffer.alloc(42);
+  end[0] = 0x45;
+  end.writeUInt32BE(1, 34);
+  const garbled = Buffer.from(first);
+  garbled.fill(0xff, 42, 52);
+  await assert.rejects(collect(decodeFrames(from([garbled, end]), { deltas: true })), { code: 'ERR_BLOCK_CORRUPT', message: /does not inflate/ });
+  const bomb = deflateRawSync(Buffer.alloc(65536 + 37));
+  const big = Buffer.concat([first.subarray(0, 42), bomb]);
+  big.writeUInt32BE(bomb.length, 38);
+  await assert.rejects(collect(decodeFrames(from([big, end]), { deltas: true })), { code: 'ERR_BLOCK_CORRUPT', message: /does not inflate/ });
 });
 
 test('a store builds delta frames from its copy of the base and verifies them; a base it lacks is named in needWhole; a bad delta stores nothing', async (t) => {

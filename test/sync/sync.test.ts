@@ -6,6 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { deflateRawSync } from 'node:zlib';
 import { openSync, writeSync, closeSync, readdirSync, readFileSync, writeFileSync, rmSync, copyFileSync, truncateSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { RemotePeer } from '../../api/client.js';
@@ -345,6 +346,40 @@ test('a pull (failback) of a small change brings each changed block as the bytes
   const out2 = join(p.dir, 'pulled2.img');
   assert.equal((await cli(c, 'restore', 'vol', '--to', out2)).code, 0);
   assert.ok(readFileSync(out2).equals(readFileSync(p.img)), 'byte for byte');
+});
+
+test('writes of compressible data travel as deflated deltas both ways: a push and a pull (failback) carry about the deflated writes, not the patches', async (t) => {
+  const p = await setup(t);
+  assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const c = await initHome(t, 'dr-copy');
+  await pair(c, 'cloud', p.b, p.sb);
+  assert.equal((await cli(c, 'sync', 'vol', '--peer', 'cloud', '--reverse')).code, 0);
+
+  // A database's rows: a page of text written into each of 3 blocks (whole units of 512 bytes:
+  // the patches hold the rows only).
+  const rows = (b: number) => Buffer.from(Array.from({ length: 200 }, (_, i) => `${b * 1000 + i},pending,${(i * 3.25).toFixed(2)},2026-12-06\n`).join('')).subarray(0, 4096);
+  const fd = openSync(p.img, 'r+');
+  for (const b of [5, 33, 60]) writeSync(fd, rows(b), 0, 4096, b * BS + 8192);
+  closeSync(fd);
+  const deflated = [5, 33, 60].reduce((n, b) => n + deflateRawSync(rows(b), { level: 1 }).length, 0);
+  const patches = 3 * (32 + 4 + 8 + 4096); // what the plain delta frames' payloads would be
+  assert.ok(deflated * 2 < patches, `the rows deflate to ${deflated} bytes`);
+
+  const s0 = await p.peerB.stats();
+  const push = await cli(p.a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(push.code, 0, push.stderr);
+  const s1 = await p.peerB.stats();
+  assert.equal(s1.deltasReceived - s0.deltasReceived, 3);
+  assert.ok(push.json.wireBytes < deflated + 3 * 200, `the push carried ${push.json.wireBytes} bytes (deflated rows ${deflated}, patches ${patches})`);
+  const pull = await cli(c, 'sync', 'vol', '--peer', 'cloud', '--reverse');
+  assert.equal(pull.code, 0, pull.stderr);
+  assert.equal(pull.json.blocksSent, 3);
+  assert.ok(pull.json.wireBytes < deflated + 3 * 200, `the pull carried ${pull.json.wireBytes} bytes (deflated rows ${deflated}, patches ${patches})`);
+  for (const [home, name] of [[p.b, 'b.img'], [c, 'c.img']] as const) {
+    const out = join(p.dir, name);
+    assert.equal((await cli(home, 'restore', 'vol', '--to', out)).code, 0);
+    assert.ok(readFileSync(out).equals(readFileSync(p.img)), `${name}: byte for byte`);
+  }
 });
 
 test('blocks sent as deltas of a block the receiver lacks (a local snapshot never synced) are named in needWhole and sent again: the replica is exact', async (t) => {
