@@ -578,7 +578,7 @@ export class Store implements ReplicaStore {
       }
       if (isZeroHash(b)) {
         // Diffed against zeros only when it may be mostly zeros: a block of data throughout (a
-        // first sync names the zero block as every block's base) goes whole at once.
+        // region of zeros filled wholesale) goes whole at once, without a ~70 us diff.
         const block = await readOne(h, loc);
         return mayBeSparse(block.data) ? { ...block, base: { hash: b, data: zeroBlock(block.data.length) } } : block;
       }
