@@ -124,6 +124,8 @@ const PUT_BATCH_BYTES = 4 * 1024 * 1024;
 
 /** New nodes are written in batches of this many (each batch is one LevelDB write). */
 const NODE_BATCH = 512;
+/** Index bytes of nodes written without a sync that the store keeps to put again ({@link Store.unsyncedNodes}); past it, a node write is synced. */
+const UNSYNCED_NODE_BYTES = 8 * 1024 * 1024;
 
 /**
  * Index lookups of at most this many keys are made on the calling thread (LevelDB's synchronous
@@ -195,6 +197,16 @@ export class Store implements ReplicaStore {
   private readonly nodeCache = new Map<string, TreeNode>();
   /** Counts {@link forgetNodes}: a node looked up before one is not cached after it (gc may have deleted it in between). */
   private nodeEpoch = 0;
+  /**
+   * Index entries of the nodes written without a sync since the last synced batch (key as
+   * latin1, value), {@link UNSYNCED_NODE_BYTES} at most. LevelDB does not fsync a log file it
+   * leaves for a new one (when its memtable fills), so a later synced write makes only the new
+   * log durable, not the writes before it. Every synced batch of blocks or of a snapshot record
+   * puts these again (a node's value never changes): a record is durable only with its tree,
+   * even across a power loss. gc, which deletes nodes, empties it ({@link forgetNodes}).
+   */
+  private readonly unsyncedNodes = new Map<string, Buffer>();
+  private unsyncedNodeBytes = 0;
   /** Times unflushed blocks were discarded after a failed direct write, and the last failure ({@link discardFailedLocked}). */
   private discards = 0;
   private discardCause: unknown = null;
@@ -982,7 +994,7 @@ export class Store implements ReplicaStore {
     const batch = this.db.batch();
     for (const [k, loc] of this.pending) batch.put(blockKey(Buffer.from(k, 'latin1')), encodeLocation(loc));
     for (const [id, n] of lengths) batch.put(packKey(id), encodeU64(n));
-    await batch.write({ sync: true });
+    await this.writeSynced(batch);
     this.packs.markDurable(lengths);
     this.pending.clear();
   }
@@ -1041,10 +1053,43 @@ export class Store implements ReplicaStore {
     if (this.nodeCache.size > NODE_CACHE_MAX) this.nodeCache.delete(this.nodeCache.keys().next().value!);
   }
 
-  /** @internal gc, once it deleted nodes: the cache holds only nodes the index holds. */
+  /** @internal gc, once it deleted nodes: the cache holds only nodes the index holds, and no deleted node is put again. */
   forgetNodes(): void {
     this.nodeEpoch++;
     this.nodeCache.clear();
+    this.unsyncedNodes.clear();
+    this.unsyncedNodeBytes = 0;
+  }
+
+  /**
+   * Under the write lock: write nodes' index entries without a sync, kept to be put again by the
+   * next synced batch ({@link unsyncedNodes}); synced, with those kept, once they would pass
+   * {@link UNSYNCED_NODE_BYTES}.
+   */
+  private async writeNodesLocked(nodes: readonly TreeNode[]): Promise<void> {
+    if (nodes.length === 0) return;
+    const batch = this.db.batch();
+    const entries = nodes.map((n) => [nodeKey(n.hash), encodeNode(n)] as const);
+    let bytes = 0;
+    for (const [k, v] of entries) {
+      batch.put(k, v);
+      bytes += k.length + v.length;
+    }
+    if (this.unsyncedNodeBytes + bytes <= UNSYNCED_NODE_BYTES) {
+      await batch.write();
+      for (const [k, v] of entries) this.unsyncedNodes.set(k.toString('latin1'), v);
+      this.unsyncedNodeBytes += bytes;
+      return;
+    }
+    await this.writeSynced(batch);
+  }
+
+  /** Write `batch` synced, with the nodes written unsynced before it put again ({@link unsyncedNodes}). */
+  private async writeSynced(batch: ReturnType<Db['batch']>): Promise<void> {
+    for (const [k, v] of this.unsyncedNodes) batch.put(Buffer.from(k, 'latin1'), v);
+    await batch.write({ sync: true });
+    this.unsyncedNodes.clear();
+    this.unsyncedNodeBytes = 0;
   }
 
   /** @internal One node, verified. */
@@ -1133,9 +1178,7 @@ export class Store implements ReplicaStore {
           details: { missing: missing.slice(0, 16), count: missing.length },
         });
       }
-      const batch = this.db.batch();
-      for (const n of nodes) batch.put(nodeKey(n.hash), encodeNode(n));
-      await batch.write();
+      await this.writeNodesLocked(nodes);
       // The next sync's nodes are sent as changes of these (gc waits for this lock).
       for (const n of nodes) this.cacheNode(n, this.nodeEpoch);
     }));
@@ -1224,7 +1267,7 @@ export class Store implements ReplicaStore {
         if (!latest || latest.id < r.id) batch.put(volumeKey(r.volume), json({ ...vol, size: r.size }));
       }
       batch.put(snapshotKey(r.volume, r.id), json(r));
-      await batch.write({ sync: true });
+      await this.writeSynced(batch);
     });
   }
 
@@ -1276,9 +1319,7 @@ export class Store implements ReplicaStore {
           // Blocks first: a durable node implies its blocks are durable.
           await this.flushLocked();
           const present = await this.lookup(nodes.map((n) => nodeKey(n.hash)));
-          const b = this.db.batch();
-          nodes.forEach((n, i) => present[i] === undefined && b.put(nodeKey(n.hash), encodeNode(n)));
-          await b.write();
+          await this.writeNodesLocked(nodes.filter((_, i) => present[i] === undefined));
           // A sync sends them next (gc waits for the scan's shared lock).
           for (const n of nodes) this.cacheNode(n, this.nodeEpoch);
         });

@@ -11,7 +11,7 @@ import { blockKey, encodeU64, packKey } from '../../store/keys.js';
 import { CODEC_RAW, recordLength } from '../../store/pack.js';
 import type { PackFiles } from '../../store/pack-files.js';
 import { smallTmpfs } from '../helpers/cli.js';
-import { fileReader, localFileReader, makeImage, spawnFixture, storeWithImage, tempDir, waitExit, writeImage } from './helpers.js';
+import { fileReader, from, localFileReader, makeImage, spawnFixture, storeWithImage, tempDir, waitExit, writeImage } from './helpers.js';
 
 const BS = 65536;
 
@@ -795,6 +795,26 @@ describe('Store', () => {
     // New writes after gc land in a fresh pack and survive a reopen.
     const s3 = await scanFile(store, path, 'vol2');
     assert.ok((await readBack(store, s3)).equals(img2));
+  });
+
+  it('nodes put without a commit (a sync that stopped before it) and collected by gc are not written again by a later commit', async (t) => {
+    const { path, store } = await openStore(t);
+    const img = makeImage(4, BS);
+    await writeImage(path, img);
+    // A receiver's view: blocks and a node of a snapshot whose commit never came.
+    const orphanBlock = Buffer.alloc(BS, 7);
+    await store.putBlocks(from([{ hash: hashBlock(orphanBlock), data: orphanBlock }]));
+    const orphan = makeNode(1, [hashBlock(orphanBlock)]);
+    await store.putNodes([orphan]);
+    assert.deepEqual(await store.hasNodes([orphan.hash]), [true]);
+    assert.equal((await store.gc()).nodesRemoved, 1);
+    // The next commit puts the nodes written without a sync again, with its record (they are
+    // made durable by it): not this one, which gc deleted with its block.
+    const snap = await scanFile(store, path, 'vol');
+    assert.deepEqual(await store.hasNodes([orphan.hash]), [false]);
+    assert.deepEqual(await store.hasBlocks([hashBlock(orphanBlock)]), [false]);
+    assert.ok((await readBack(store, snap)).equals(img));
+    assert.deepEqual((await store.verify()).problems, []);
   });
 
   it('gc reclaims a record no index entry points at (a block two writers stored at once)', async (t) => {
