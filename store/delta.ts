@@ -75,9 +75,9 @@ const ZERO_UNIT = Buffer.alloc(DELTA_UNIT);
  * {@link SPARSE_SAMPLES} units spread over it, at least 7/8 of the share of zero units such a
  * block has must be zero: in two ext4 images, every block a diff stored sparse had at least 22
  * zero samples of 32, and 21 are asked for. A diff against zeros of a block that is data
- * throughout compares half of it before giving up (~70 us for 512 KiB); this answers in 1.5-3 us,
- * so a first snapshot or a first sync can ask it of every block. Only a choice of encoding: a
- * block it lets through still goes whole when the diff says so.
+ * throughout compares half of it before giving up (~70 us for 512 KiB); this answers in 1.5-3
+ * us, so a first snapshot, and a store receiving blocks, ask it of every block. Only a choice of
+ * encoding: a block it lets through still goes whole when the diff says so.
  */
 export function mayBeSparse(data: Buffer, divisor = MAX_DELTA_DIVISOR): boolean {
   const units = Math.floor(data.length / DELTA_UNIT);
