@@ -351,7 +351,7 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
       if (rawLen > MAX_BLOCK_BYTES || payLen > MAX_BLOCK_BYTES + 1024) throw corrupt(`frame ${index} claims ${rawLen} bytes, over the ${MAX_BLOCK_BYTES}-byte limit`, { index });
       if (codec === CODEC_RAW && payLen !== rawLen) throw corrupt(`raw frame ${index} has payload ${payLen} != length ${rawLen}`, { index });
       const isDelta = codec === CODEC_DELTA || codec === CODEC_DELTA_DEFLATE;
-      if (isDelta && (!opts.deltas || (codec === CODEC_DELTA && payLen < 36) || rawLen === 0)) {
+      if (isDelta && (!opts.deltas || rawLen === 0)) {
         throw corrupt(opts.deltas ? `delta frame ${index} is too short` : `unknown codec ${codec} in frame ${index} (a delta, not asked for)`, { index });
       }
       const hash = Buffer.from(h.subarray(2, 34));
@@ -376,8 +376,8 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
           } catch (e) {
             throw corrupt(`delta frame ${index} does not inflate (${(e as Error).message})`, { index, hash: hash.toString('hex') });
           }
-          if (delta.length < 36) throw corrupt(`delta frame ${index} is too short`, { index });
         }
+        if (delta.length < 36) throw corrupt(`delta frame ${index} is too short`, { index }); // the base's hash and a patch count at least
         index++;
         yield { hash, data: delta.subarray(32), delta: { base: Buffer.from(delta.subarray(0, 32)), length: rawLen } };
         continue;
