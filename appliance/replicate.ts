@@ -106,8 +106,8 @@ export interface SyncResult {
 }
 
 /** Record the sync base; a push the peer took also releases the daemon's hold on the volume's jobs (scheduler/runner.ts). */
-async function recordBase(store: Store, volume: string, peer: string, snap: SnapshotRecord, direction: 'push' | 'pull'): Promise<void> {
-  await recordSyncBase(store, volume, peer, snap, direction);
+async function recordBase(store: Store, volume: string, peer: string, snap: SnapshotRecord, direction: 'push' | 'pull', taken?: SnapshotRecord): Promise<void> {
+  await recordSyncBase(store, volume, peer, snap, direction, taken);
   if (direction === 'push') await releaseHold(store, volume, peer);
 }
 
@@ -266,7 +266,7 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
     ...(opts.signal ? { signal: opts.signal } : {}),
     progress: () => (early ? transferProgress(opts, tailSent()) : copyOpts.onProgress),
   });
-  await recordBase(store, volume, peer, held, 'push');
+  await recordBase(store, volume, peer, held, 'push', snap);
   trace('sync base recorded');
   if (!engine) return summary(volume, peer, 'push', snap, null, false);
   const copy = early ? { ...engine, blocksSent: engine.blocksSent + early.blocks, bytesSent: engine.bytesSent + early.bytes } : engine;

@@ -116,15 +116,21 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
     let replicated: PointInfo | null = null;
     if (v.path === undefined) {
       replicated = latest ? { snapshot: latest.id, at: latest.created } : null;
-    } else if (st.lastReplicated !== null && st.lastGood !== null) {
-      replicated = { snapshot: st.lastReplicated, at: st.lastGood };
     } else {
+      // The newer of the daemon's last good push and the newest sync base of a push: a sync by
+      // hand (`appliance sync`, which records only its base) after the daemon's last job counts.
+      const points: PointInfo[] = [];
+      if (st.lastReplicated !== null && st.lastGood !== null) points.push({ snapshot: st.lastReplicated, at: st.lastGood });
       const pushes = ofVolume(bases, v.name).filter(([, b]) => b.direction === 'push').map(([, b]) => b);
       const newest = pushes.sort((a, b) => (a.at < b.at ? 1 : -1))[0];
-      if (newest) {
+      if (newest?.point) {
+        // The push found the peer up to date: it holds the volume as the snapshot taken then found it.
+        points.push({ snapshot: newest.point.snapshot, at: newest.point.created });
+      } else if (newest) {
         const snap = await store.getSnapshot(v.name, newest.snapshot);
-        replicated = { snapshot: newest.snapshot, at: snap?.created ?? newest.at };
+        points.push({ snapshot: newest.snapshot, at: snap?.created ?? newest.at });
       }
+      replicated = points.sort((a, b) => Date.parse(b.at) - Date.parse(a.at))[0] ?? null;
     }
     const point = replicates || v.path === undefined ? replicated?.at ?? null : st.lastGood ?? latest?.created ?? null;
     const rpoAgeMs = point === null ? null : Math.max(0, now - Date.parse(point));

@@ -1,7 +1,7 @@
 /**
  * The sync base: the snapshot of a volume that this appliance and a peer both hold, recorded
  * after each sync in the store's meta namespace `sync-base` under the key `VOLUME@PEER`
- * ({snapshot, root, direction, at}). The next sync in either direction is incremental from it,
+ * ({snapshot, root, direction, at, point?}). The next sync in either direction is incremental from it,
  * and retention never deletes it (appliance/policy/apply.ts).
  *
  * One module for the record's namespace, key and shape: `appliance sync` (replicate.ts), the
@@ -18,6 +18,12 @@ export interface SyncBase {
   readonly root: string;
   readonly direction: 'push' | 'pull';
   readonly at: string;
+  /**
+   * A push that found the peer up to date (its latest has the tree of the snapshot the push took
+   * here, under another id): that local snapshot, whose time is the recovery point the peer
+   * holds. Absent when it is `snapshot` itself, and in records of earlier versions.
+   */
+  readonly point?: { readonly snapshot: string; readonly created: string };
 }
 
 type MetaStore = Pick<Store, 'getMeta' | 'putMeta' | 'deleteMeta'>;
@@ -34,9 +40,19 @@ export async function getSyncBase(store: Pick<Store, 'getMeta'>, volume: string,
 /**
  * Record `snap` as the sync base of `volume` with `peer` (a synced write). After a push the peer
  * holds the snapshot: no push of the volume to it is unfinished any more (push-attempts.ts).
+ * `taken`: the snapshot the push took here, when the peer was up to date with it (`snap` is then
+ * the peer's, of the same tree): recorded as the base's {@link SyncBase.point}.
  */
-export async function recordSyncBase(store: MetaStore, volume: string, peer: string, snap: Pick<SnapshotRecord, 'id' | 'root'>, direction: 'push' | 'pull'): Promise<void> {
-  const base: SyncBase = { snapshot: snap.id, root: snap.root, direction, at: new Date().toISOString() };
+export async function recordSyncBase(
+  store: MetaStore,
+  volume: string,
+  peer: string,
+  snap: Pick<SnapshotRecord, 'id' | 'root'>,
+  direction: 'push' | 'pull',
+  taken?: Pick<SnapshotRecord, 'id' | 'root' | 'created'>,
+): Promise<void> {
+  const point = taken && taken.id !== snap.id && taken.root === snap.root ? { point: { snapshot: taken.id, created: taken.created } } : {};
+  const base: SyncBase = { snapshot: snap.id, root: snap.root, direction, at: new Date().toISOString(), ...point };
   await store.putMeta(SYNC_BASE_NS, syncBaseKey(volume, peer), base);
   if (direction === 'push') await endPush(store, volume, peer);
 }

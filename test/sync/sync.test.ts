@@ -101,6 +101,14 @@ test('push is byte-exact; an incremental push sends only the changed blocks; a n
   assert.equal(noop.json.upToDate, true);
   assert.equal(s4.requests - before.requests, 1, 'a no-op sync is one request (GET /v1/stats is not counted)');
   assert.equal(s4.blocksReceived, s3.blocksReceived);
+  // The peer holds the volume as the no-op sync's own snapshot found it (the same tree as the
+  // peer's latest, taken later): that is the recovery point status reports, not the peer's older one.
+  assert.notEqual(noop.json.snapshot, inc.json.snapshot);
+  const status = await cli(p.a, 'status', 'vol');
+  assert.equal(status.code, 0, status.stderr);
+  const point = status.json.volumes[0].lastReplicated;
+  assert.equal(point.snapshot, noop.json.snapshot, 'the recovery point is the no-op sync\'s snapshot');
+  assert.equal(point.at, (await cli(p.a, 'snapshots', 'vol')).json.find((x: { id: string }) => x.id === noop.json.snapshot).created);
 
   scribble(p.img, [30, 31]);
   const dry = await cli(p.a, 'sync', 'vol', '--peer', 'cloud', '--dry-run');

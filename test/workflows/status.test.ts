@@ -11,6 +11,8 @@ import { addVolume, snapshotVolume } from '../../appliance/ops.js';
 import { loadConfig } from '../../appliance/config/index.js';
 import { computeStatus, objectiveState, BreachNotifier, DEFAULT_LAUNCH_MS, type VolumeStatus } from '../../appliance/status.js';
 import { createMetrics } from '../../appliance/metrics.js';
+import { recordSyncBase, SYNC_BASE_NS, type SyncBase } from '../../appliance/sync-base.js';
+import { updateVolumeState } from '../../appliance/scheduler/state.js';
 
 const MIN = 60_000;
 const MiB = 1024 * 1024;
@@ -140,4 +142,60 @@ assign:
   const down = await new BreachNotifier('onprem').check([...(await at(61 * MIN)).values()], 'http://127.0.0.1:9/closed', t0);
   assert.equal(down.sent.length, 0);
   assert.equal(down.errors.length, 3, 'delivery failures are reported, not thrown');
+});
+
+test('the recovery point the peer holds: the newer of the daemon\'s last push and a push by hand; one that found the peer up to date counts from the snapshot it took', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'tandem-status-'));
+  const home = await Home.init(join(dir, 'home'), 'onprem');
+  writeFileSync(home.paths.config, `appliance: { name: onprem }
+policies:
+  gold: { rpo: 1h }
+assign:
+  - match: "*"
+    policy: gold
+replication: { peer: cloud }
+`);
+  const store = await home.openStore();
+  t.after(async () => {
+    await store.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const img = join(dir, 'db.img');
+  writeFileSync(img, randomBytes(MiB));
+  await addVolume(store, { name: 'db', path: img });
+  const config = await loadConfig(home);
+  const point = async (now: number) => {
+    const [s] = await computeStatus(store, config, now, 'db');
+    return { ...s!.lastReplicated!, age: s!.rpoAgeMs };
+  };
+
+  // A push that sent s1.
+  const s1 = await snapshotVolume(home, store, 'db');
+  await recordSyncBase(store, 'db', 'cloud', s1, 'push', s1);
+  const t1 = Date.parse(s1.created);
+  assert.deepEqual(await point(t1 + 10 * MIN), { snapshot: s1.id, at: s1.created, age: 10 * MIN });
+
+  // Nothing changed: the next push takes s2 (the same tree) and finds the peer up to date. Its
+  // base stays the peer's s1, but the peer holds the volume as s2 found it.
+  await new Promise((r) => setTimeout(r, 5));
+  const s2 = await snapshotVolume(home, store, 'db');
+  assert.equal(s2.root, s1.root);
+  assert.ok(s2.created > s1.created);
+  await recordSyncBase(store, 'db', 'cloud', s1, 'push', s2);
+  assert.equal((await store.getMeta<SyncBase>(SYNC_BASE_NS, 'db@cloud'))!.snapshot, s1.id, 'the base is what both hold');
+  const t2 = Date.parse(s2.created);
+  assert.deepEqual(await point(t2 + 10 * MIN), { snapshot: s2.id, at: s2.created, age: 10 * MIN });
+
+  // The daemon's last good push, older than the push by hand: the push by hand counts.
+  await updateVolumeState(store, 'db', { lastReplicated: s1.id, lastGood: s1.created });
+  assert.deepEqual(await point(t2 + 10 * MIN), { snapshot: s2.id, at: s2.created, age: 10 * MIN });
+  // A newer one of the daemon's counts.
+  const later = new Date(t2 + MIN).toISOString();
+  await updateVolumeState(store, 'db', { lastReplicated: s2.id, lastGood: later });
+  assert.deepEqual(await point(t2 + 10 * MIN), { snapshot: s2.id, at: later, age: 9 * MIN });
+
+  // A record written before `point` existed: the base's own snapshot time.
+  await updateVolumeState(store, 'db', { lastReplicated: null, lastGood: null });
+  await store.putMeta(SYNC_BASE_NS, 'db@cloud', { snapshot: s1.id, root: s1.root, direction: 'push', at: new Date(t2).toISOString() });
+  assert.deepEqual(await point(t1 + 10 * MIN), { snapshot: s1.id, at: s1.created, age: 10 * MIN });
 });
