@@ -7,6 +7,18 @@
 import { writeSync } from 'node:fs';
 import { forwardIfServed } from './forward-client.cjs';
 
+/**
+ * A reader that leaves early (`appliance snapshots VOL --json | head`) closes its pipe. The rest
+ * of the output is then not wanted, but the command still finishes what it does (a sync or a
+ * snapshot is not cut short by a progress line that found nobody reading) and exits with its
+ * own code. Node would otherwise end the process with an unhandled EPIPE and a stack trace.
+ */
+for (const stream of [process.stdout, process.stderr]) {
+  stream.on('error', (e: NodeJS.ErrnoException) => {
+    if (e.code !== 'EPIPE' && e.code !== 'ERR_STREAM_DESTROYED') throw e;
+  });
+}
+
 async function run(argv: string[]): Promise<void> {
   if (await forwardIfServed(argv)) return;
   const { runCli } = await import('./main.js');

@@ -5,7 +5,8 @@ import { readFileSync, writeFileSync, chmodSync, statSync, symlinkSync } from 'n
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
-import { BIN, DIST_MAIN, cli, cliCommand, cliJson, tempDir } from '../helpers/cli.js';
+import { once } from 'node:events';
+import { BIN, DIST_MAIN, cli, cliCommand, cliJson, spawnCli, tempDir } from '../helpers/cli.js';
 
 test('init prints name, token and fingerprint; a second init is refused', async (t) => {
   const home = join(tempDir(t), 'home');
@@ -190,4 +191,34 @@ test('an option value that starts with a dash is the value, not a flag: a token 
   const held = await cliJson(['--home', home, 'snapshots', 'nope', '--hold', 'x', '--reason', '-h: before the upgrade']);
   assert.equal(held.json.error.code, 'ERR_VOLUME_NOT_FOUND');
   assert.match((await cli(['--version'])).stdout, /^\d+\.\d+\.\d+/);
+});
+
+test('a reader that leaves early (`| head`) cuts nothing short: the snapshot commits, the exit code is the command\'s, no stack trace', async (t) => {
+  const dir = tempDir(t, 'tandem-pipe-');
+  const home = join(dir, 'home');
+  assert.equal((await cli(['init', '--home', home])).code, 0);
+  const img = join(dir, 'disk.img');
+  writeFileSync(img, randomBytes(3 * 1024 * 1024));
+  assert.equal((await cli(['--home', home, 'volume', 'add', 'vol', '--path', img])).code, 0);
+  /** Run the CLI with both of its pipes' readers gone before it writes a byte. */
+  const unread = async (args: string[]): Promise<{ code: number | null; stderr: string }> => {
+    const child = spawnCli(['--home', home, ...args]);
+    child.stdout!.destroy();
+    const err: Buffer[] = [];
+    child.stderr!.once('data', (d: Buffer) => {
+      err.push(d); // the first line, then the reader leaves
+      child.stderr!.destroy();
+    });
+    const [code] = (await once(child, 'close')) as [number | null];
+    return { code, stderr: Buffer.concat(err).toString() };
+  };
+  const snap = await unread(['snapshot', 'vol', '--json']);
+  assert.equal(snap.code, 0, snap.stderr);
+  const listed = await cliJson(['--home', home, 'snapshots', 'vol']);
+  assert.equal(listed.json.length, 1, 'the snapshot was committed');
+  const list = await unread(['snapshots', 'vol', '--json']);
+  assert.equal(list.code, 0, list.stderr);
+  assert.doesNotMatch(list.stderr, /EPIPE|Unhandled/);
+  const missing = await unread(['snapshots', 'nope', '--json']);
+  assert.equal(missing.code, 1, 'a failure keeps its exit code');
 });
