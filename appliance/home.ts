@@ -394,15 +394,55 @@ export class Home {
   }
 
   /**
-   * Open this home's store (ERR_STORE_BUSY when another process holds it). In a process that
-   * serves this home (see {@link Home.shareStore}) it returns the server's open store, whose
-   * close() is then a no-op: commands can always `try { ... } finally { await store.close() }`.
+   * Open this home's store. In a process that serves this home (see {@link Home.shareStore}) it
+   * returns the server's open store, whose close() is then a no-op: commands can always
+   * `try { ... } finally { await store.close() }`.
+   *
+   * One process at a time holds the store. A command that finds it held by another command (a
+   * snapshot, gc or restore of another volume: the volume lock, taken first, already refused
+   * one of the same volume) waits for it to end, as cron jobs of two volumes must, telling
+   * `onWait` (default: a note on stderr) once; after {@link STORE_WAIT_MS}, ERR_STORE_BUSY.
+   * Held by this home's server (started after the command looked for one to forward to):
+   * ERR_STORE_BUSY at once, since a server does not let go (run again, the command is forwarded).
    */
-  async openStore(): Promise<Store> {
+  async openStore(opts: { readonly onWait?: (message: string) => void } = {}): Promise<Store> {
     const shared = sharedStores.get(this.paths.store);
     if (shared) return shared;
     const { Store } = await import('../store/index.js');
-    return Store.open(this.paths.store);
+    const started = Date.now();
+    let told = false;
+    for (;;) {
+      try {
+        return await Store.open(this.paths.store);
+      } catch (e) {
+        if (!(e instanceof TandemError) || e.code !== 'ERR_STORE_BUSY') throw e;
+        const pid = typeof e.details.pid === 'number' ? e.details.pid : undefined;
+        if (pid !== undefined && pid === this.serverPid()) {
+          throw new TandemError('ERR_STORE_BUSY', `the store ${this.paths.store} is held by this home's server (pid ${pid}), which started after this command looked for one; run the command again: it is sent to the server`, { cause: e, details: e.details });
+        }
+        const who = describeProcess(pid);
+        const waited = Date.now() - started;
+        if (waited >= STORE_WAIT_MS) {
+          throw new TandemError('ERR_STORE_BUSY', `the store ${this.paths.store} is still held by ${who} after ${Math.round(waited / 60_000)} min of waiting; let it finish${pid === undefined ? '' : ` or stop it (kill ${pid})`}, then rerun. Running \`appliance daemon\` on this home lets commands run side by side`, { cause: e, details: e.details });
+        }
+        if (!told) {
+          told = true;
+          const say = opts.onWait ?? ((m: string) => void process.stderr.write(`note: ${m}\n`));
+          say(`the store is in use by ${who}: waiting for it to finish (up to ${STORE_WAIT_MS / 60_000} min; Ctrl-C stops waiting)`);
+        }
+        await new Promise((r) => setTimeout(r, STORE_POLL_MS));
+      }
+    }
+  }
+
+  /** The pid of this home's running server (run/server.json), if it names one. */
+  private serverPid(): number | undefined {
+    try {
+      const pid = (JSON.parse(readFileSync(join(this.paths.run, 'server.json'), 'utf8')) as { pid?: unknown }).pid;
+      return typeof pid === 'number' ? pid : undefined;
+    } catch {
+      return undefined;
+    }
   }
 
   /**
@@ -428,6 +468,28 @@ export class Home {
   /** Take the per-volume lock; returns the release function (appliance/locks.ts). */
   lockVolume(volume: string, op: string): () => void {
     return acquireVolumeLock(this.paths.locks, volume, op);
+  }
+}
+
+/** How long {@link Home.openStore} waits for another command to let go of the store. */
+export const STORE_WAIT_MS = 10 * 60_000;
+/** How often it tries again meanwhile. */
+const STORE_POLL_MS = 200;
+
+/** `pid 123 (appliance snapshot db)`, from its command line where /proc tells it; else `pid 123`. */
+function describeProcess(pid: number | undefined): string {
+  if (pid === undefined) return 'another appliance process';
+  try {
+    const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter((a) => a !== '');
+    const at = argv.findIndex((a) => /[\\/]bin\.c?[jt]s$|[\\/]appliance$/.test(a));
+    const words: string[] = [];
+    for (let i = at + 1; at >= 0 && i < argv.length; i++) {
+      if (argv[i] === '--home') i++;
+      else if (argv[i] !== '--json' && !argv[i]!.startsWith('--home=')) words.push(argv[i]!);
+    }
+    return words.length > 0 ? `pid ${pid} (appliance ${words.join(' ')})` : `pid ${pid}`;
+  } catch {
+    return `pid ${pid}`;
   }
 }
 

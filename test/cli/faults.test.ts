@@ -292,6 +292,43 @@ test('a second snapshot of a locked volume fails with ERR_VOLUME_LOCKED and chan
   await assertConsistent(home, 'vol');
 });
 
+test('a command that finds the store held by another command waits for it and says so; held by a server, it is told to run again', async (t) => {
+  const dir = tempDir(t);
+  const home = join(dir, 'home');
+  assert.equal((await cli(['init', '--home', home])).code, 0);
+  const img = join(dir, 'disk.img');
+  writeFileSync(img, randomBytes(2 * BS));
+  assert.equal((await cli(['volume', 'add', 'vol', '--path', img, '--home', home])).code, 0);
+  assert.equal((await cli(['snapshot', 'vol', '--home', home])).code, 0);
+  // This test process stands for a long command (a gc, a snapshot of another volume): it holds the store.
+  const { Store } = await import('../../store/index.js');
+  let held = await Store.open(join(home, 'store'));
+  const child = spawnCli(['snapshots', 'vol', '--home', home, '--json']);
+  const done = collect(child);
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => void (stderr += d.toString()));
+  for (let i = 0; i < 100 && !stderr.includes('waiting'); i++) await new Promise((r) => setTimeout(r, 100));
+  assert.match(stderr, new RegExp(`note: the store is in use by pid ${process.pid}\\b.*waiting for it to finish`));
+  assert.equal(child.exitCode, null, 'still waiting');
+  await held.close();
+  const r = await done;
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(JSON.parse(r.stdout).length, 1, 'it ran once the store was free');
+
+  // A server of the home (run/server.json) holds the store, started after the command looked for
+  // one to forward to (here: its listener is gone, so the command runs locally): a server does not
+  // let go, so the command does not wait for it.
+  held = await Store.open(join(home, 'store'));
+  t.after(() => held.close());
+  writeFileSync(join(home, 'run', 'server.json'), JSON.stringify({ pid: process.pid, url: 'https://127.0.0.1:1' }));
+  const started = Date.now();
+  const busy = await cliJson(['snapshots', 'vol', '--home', home]);
+  assert.equal(busy.code, 1);
+  assert.equal(busy.json.error.code, 'ERR_STORE_BUSY');
+  assert.match(busy.json.error.message, /held by this home's server .*run the command again/);
+  assert.ok(Date.now() - started < 5000, 'no wait');
+});
+
 /** Fill the filesystem at `mnt` with one file, until ENOSPC; returns the file (truncate it for space). */
 function fillDisk(mnt: string): string {
   const filler = join(mnt, 'filler');
