@@ -6,6 +6,8 @@
 import { TandemError } from '../common/errors.js';
 import { RemotePeer, normalizeFingerprint } from '../api/client.js';
 import type { Rate } from '../sync/bwlimit.js';
+import { PUSH_ATTEMPT_NS } from './push-attempts.js';
+import { SYNC_BASE_NS } from './sync-base.js';
 
 export const PEERS_NS = 'peers';
 const PEER_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
@@ -99,8 +101,18 @@ export async function listPeers(store: PeerStore): Promise<PeerRecord[]> {
   return (await store.listMeta<PeerRecord>(PEERS_NS)).map(([, v]) => v).sort((a, b) => a.name.localeCompare(b.name));
 }
 
+/**
+ * Forget a peer, and what this appliance recorded of its volumes there (keys `VOL@PEER`): their
+ * sync bases, which would keep their snapshots from retention for good and have `status` count
+ * the removed peer's copies as replicated (a new appliance added under the name holds none of
+ * them), and unfinished pushes to it. The records go first: a crash midway leaves the peer,
+ * and `peer remove` again finishes.
+ */
 export async function removePeer(store: PeerStore, name: string): Promise<PeerRecord> {
   const p = await getPeer(store, name);
+  for (const ns of [SYNC_BASE_NS, PUSH_ATTEMPT_NS]) {
+    for (const [key] of await store.listMeta<unknown>(ns)) if (key.endsWith(`@${name}`)) await store.deleteMeta(ns, key);
+  }
   await store.deleteMeta(PEERS_NS, name);
   return p;
 }

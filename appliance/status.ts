@@ -125,7 +125,7 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
       const newest = pushes.sort((a, b) => (a.at < b.at ? 1 : -1))[0];
       if (newest?.point) {
         // The push found the peer up to date: it holds the volume as the snapshot taken then found it.
-        points.push({ snapshot: newest.point.snapshot, at: newest.point.created });
+        points.push({ snapshot: newest.point.id, at: newest.point.created });
       } else if (newest) {
         const snap = await store.getSnapshot(v.name, newest.snapshot);
         points.push({ snapshot: newest.snapshot, at: snap?.created ?? newest.at });

@@ -23,7 +23,7 @@ export interface SyncBase {
    * here, under another id): that local snapshot, whose time is the recovery point the peer
    * holds. Absent when it is `snapshot` itself, and in records of earlier versions.
    */
-  readonly point?: { readonly snapshot: string; readonly created: string };
+  readonly point?: { readonly id: string; readonly created: string };
 }
 
 type MetaStore = Pick<Store, 'getMeta' | 'putMeta' | 'deleteMeta'>;
@@ -51,7 +51,8 @@ export async function recordSyncBase(
   direction: 'push' | 'pull',
   taken?: Pick<SnapshotRecord, 'id' | 'root' | 'created'>,
 ): Promise<void> {
-  const point = taken && taken.id !== snap.id && taken.root === snap.root ? { point: { snapshot: taken.id, created: taken.created } } : {};
+  // Not a pin (policy/apply.ts PIN_FIELD): retention may delete that snapshot; its time stays true.
+  const point = taken && taken.id !== snap.id && taken.root === snap.root ? { point: { id: taken.id, created: taken.created } } : {};
   const base: SyncBase = { snapshot: snap.id, root: snap.root, direction, at: new Date().toISOString(), ...point };
   await store.putMeta(SYNC_BASE_NS, syncBaseKey(volume, peer), base);
   if (direction === 'push') await endPush(store, volume, peer);

@@ -10,7 +10,8 @@ import { deflateRawSync } from 'node:zlib';
 import { openSync, writeSync, closeSync, readdirSync, readFileSync, writeFileSync, rmSync, copyFileSync, truncateSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { RemotePeer } from '../../api/client.js';
-import { diffBlock, hashBlock, ZERO_HASH } from '../../store/index.js';
+import { Store, diffBlock, hashBlock, ZERO_HASH } from '../../store/index.js';
+import { snapshotPins } from '../../appliance/policy/apply.js';
 import { from } from '../store/helpers.js';
 import { cli, damageBlock, initHome, pair, startServe, tempDir, type Served, type TestHome } from '../helpers/appliance.js';
 import { loopDevice, smallTmpfs } from '../helpers/cli.js';
@@ -144,6 +145,23 @@ test('push is byte-exact; an incremental push sends only the changed blocks; a n
   assert.equal(wiped.json.nodesSent, 0);
   assert.equal((await p.peerB.latestSnapshot('clone'))?.root, ZERO_HASH.toString('hex'));
   assert.ok((await restoredOnB(p, 'clone-z.img', 'clone')).equals(readFileSync(img2)));
+
+  // The peer removed: what this appliance recorded of its copies goes with it. Status counts no
+  // replica there, and the snapshots its sync bases kept are left to retention.
+  const BASE = 'the common base of the next incremental sync with a peer';
+  const reasons = async (): Promise<string[]> => {
+    const store = await Store.open(join(p.a.dir, 'store'));
+    try {
+      return [...(await snapshotPins(store, 'vol')).values()].flat();
+    } finally {
+      await store.close();
+    }
+  };
+  assert.ok((await reasons()).includes(BASE));
+  assert.equal((await cli(p.a, 'peer', 'remove', 'cloud')).code, 0);
+  const after = await cli(p.a, 'status');
+  assert.deepEqual(after.json.volumes.map((v: { volume: string; lastReplicated: unknown }) => [v.volume, v.lastReplicated]), [['clone', null], ['vol', null]]);
+  assert.ok(!(await reasons()).includes(BASE), 'no snapshot is kept for the removed peer');
 });
 
 test('reverse + apply is byte-exact after the local copy diverged or was replaced; the next push is incremental again', async (t) => {

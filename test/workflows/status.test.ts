@@ -13,6 +13,7 @@ import { computeStatus, objectiveState, BreachNotifier, DEFAULT_LAUNCH_MS, type 
 import { createMetrics } from '../../appliance/metrics.js';
 import { recordSyncBase, SYNC_BASE_NS, type SyncBase } from '../../appliance/sync-base.js';
 import { updateVolumeState } from '../../appliance/scheduler/state.js';
+import { pinnedSnapshots } from '../../appliance/policy/apply.js';
 
 const MIN = 60_000;
 const MiB = 1024 * 1024;
@@ -183,6 +184,8 @@ replication: { peer: cloud }
   assert.ok(s2.created > s1.created);
   await recordSyncBase(store, 'db', 'cloud', s1, 'push', s2);
   assert.equal((await store.getMeta<SyncBase>(SYNC_BASE_NS, 'db@cloud'))!.snapshot, s1.id, 'the base is what both hold');
+  const pins = await pinnedSnapshots(store, 'db');
+  assert.ok(pins.has(s1.id) && !pins.has(s2.id), 'the base is kept from retention, the point is not');
   const t2 = Date.parse(s2.created);
   assert.deepEqual(await point(t2 + 10 * MIN), { snapshot: s2.id, at: s2.created, age: 10 * MIN });
 
