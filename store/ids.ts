@@ -15,6 +15,14 @@ export function newSnapshotId(at: Date = new Date()): string {
   return `${compact}-${randomBytes(3).toString('hex')}`;
 }
 
+/** The time a {@link newSnapshotId} id was made from (ms since the epoch), or undefined for an id of another form. */
+export function snapshotIdTime(id: string): number | undefined {
+  const m = /^(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})\.(\d{3})Z-/.exec(id);
+  if (!m) return undefined;
+  const t = Date.parse(`${m[1]}-${m[2]}-${m[3]}T${m[4]}:${m[5]}:${m[6]}.${m[7]}Z`);
+  return Number.isNaN(t) ? undefined : t;
+}
+
 /** Volume names and snapshot ids: printable, no separators used in specs, keys or URLs. */
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$/;
 

@@ -13,7 +13,7 @@ import { ClassicLevel } from 'classic-level';
 import { TandemError, diskFullError, fromSystemError, isTandemError } from '../common/errors.js';
 import { blake3, hashBlock, isHash, isZeroHash, MAX_BLOCK_SIZE, parseHex, toHex, ZERO_HASH } from './hash.js';
 import { STORED_DELTA_DIVISOR, applyPatches, composeDeltas, diffBlock, mayBeSparse } from './delta.js';
-import { checkSnapshotId, checkVolumeName, isValidSnapshotId, isValidVolumeName, newSnapshotId } from './ids.js';
+import { checkSnapshotId, checkVolumeName, isValidSnapshotId, isValidVolumeName, newSnapshotId, snapshotIdTime } from './ids.js';
 import {
   blockKey, decodeLocation, encodeLocation, encodeU64, decodeU64, metaKey, metaRange, namespaceRange, nodeKey, NS,
   packKey, snapshotKey, snapshotRange, volumeKey, type BlockLocation,
@@ -1305,7 +1305,7 @@ export class Store implements ReplicaStore {
       throw new TandemError('ERR_BLOCK_SIZE_INVALID', `the parent snapshot ${parent.volume}@${parent.id} has block size ${parent.blockSize}, not ${blockSize}`, { details: { volume } });
     }
     const id = opts.id === undefined ? undefined : checkSnapshotId(opts.id);
-    const created = opts.created ?? new Date().toISOString();
+    const created = id === undefined ? await this.laterThanLatest(volume, opts.created ?? new Date().toISOString()) : opts.created ?? new Date().toISOString();
     // The tree is built on `treeParent` when given (a full scan passes null: every block is
     // listed), while the record names opts.parent as its parent either way.
     const base = treeParent === undefined ? parent : treeParent;
@@ -1346,6 +1346,21 @@ export class Store implements ReplicaStore {
       await this.commitUnderGcLock(r);
       return r;
     }
+  }
+
+  /**
+   * `created`, or 1 ms past the volume's latest snapshot when that one is not older. A snapshot's
+   * id is made from its time and the latest snapshot is the greatest id: a clock set back (an NTP
+   * step, a resumed VM) or running behind the peer's (whose snapshots this store holds, and
+   * which a failback pulls back) would otherwise give a new snapshot an id below the latest, so
+   * that it would not be the latest: a change-list snapshot would then build on the wrong parent
+   * and a sync send an older state.
+   */
+  private async laterThanLatest(volume: string, created: string): Promise<string> {
+    const latest = await this.latestSnapshot(volume);
+    if (!latest) return created;
+    const floor = Math.max(Date.parse(latest.created) || 0, snapshotIdTime(latest.id) ?? 0) + 1;
+    return Date.parse(created) >= floor ? created : new Date(floor).toISOString();
   }
 
   /** Pass changes through, checking in batches that their blocks are held (node invariant). */

@@ -368,6 +368,34 @@ describe('Store', () => {
     assert.ok(seconds < 60, `took ${seconds} s`);
   });
 
+  it('a snapshot taken after the clock was set back, or after a peer\'s from a clock ahead, is still the latest', async (t) => {
+    const dir = await tempDir(t);
+    const store = await Store.open(join(dir, 'store'));
+    t.after(() => store.close());
+    await store.putVolume({ name: 'db', blockSize: BS, size: 2 * BS, created: new Date().toISOString() });
+    const block = Buffer.alloc(BS, 7);
+    const h = hashBlock(block);
+    await store.putBlock(h, block);
+    const build = (parent: SnapshotRecord | null, created: string, changes: Array<{ index: number; hash: Buffer }> = []) =>
+      store.buildSnapshot({ volume: 'db', size: 2 * BS, blockSize: BS, parent, changes, origin: 'test', created });
+    const a = await build(null, '2026-06-01T12:00:00.000Z');
+    // An NTP step sets the clock back an hour; the next scan finds block 0 changed.
+    const b = await build(a, '2026-06-01T11:00:00.000Z', [{ index: 0, hash: h }]);
+    assert.ok(b.id > a.id, `${b.id} after ${a.id}`);
+    assert.equal(b.created, '2026-06-01T12:00:00.001Z', '1 ms past the one before');
+    assert.equal((await store.latestSnapshot('db'))!.id, b.id, 'the change is the latest state');
+    // A replica committed from a peer whose clock runs a day ahead, then a local snapshot (a
+    // failback's pre-apply snapshot, an EBS import) on the same volume.
+    const ahead = { ...b, id: '20260602T120000.000Z-abcdef', created: '2026-06-02T12:00:00.000Z', parent: b.id };
+    await store.commitSnapshot(ahead);
+    const c = await build(ahead, '2026-06-01T13:00:00.000Z');
+    assert.ok(c.id > ahead.id);
+    assert.equal((await store.latestSnapshot('db'))!.id, c.id);
+    // A clock that is right keeps its own time.
+    const now = new Date(Date.parse(c.created) + 60_000).toISOString();
+    assert.equal((await build(c, now)).created, now);
+  });
+
   it('snapshot, volume and meta records: resolve, delete, remove, validation', async (t) => {
     const dir = await tempDir(t);
     const store = await Store.open(join(dir, 'store'));
