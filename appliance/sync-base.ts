@@ -1,8 +1,8 @@
 /**
  * The sync base: the snapshot of a volume that this appliance and a peer both hold, recorded
  * after each sync in the store's meta namespace `sync-base` under the key `VOLUME@PEER`
- * ({snapshot, root, direction, at, point?}). The next sync in either direction is incremental from it,
- * and retention never deletes it (appliance/policy/apply.ts).
+ * ({snapshot, root, direction, at, point?}). The next sync in either direction is incremental
+ * from it, and retention never deletes it (appliance/policy/apply.ts).
  *
  * One module for the record's namespace, key and shape: `appliance sync` (replicate.ts), the
  * daemon's pushes (scheduler/steps.ts) and status (status.ts) all go through it.
