@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Home } from '../../appliance/home.js';
-import { addVolume, snapshotVolume } from '../../appliance/ops.js';
+import { addVolume, removeVolume, snapshotVolume } from '../../appliance/ops.js';
 import { loadConfig } from '../../appliance/config/index.js';
 import { computeStatus, objectiveState, BreachNotifier, DEFAULT_LAUNCH_MS, type VolumeStatus } from '../../appliance/status.js';
 import { createMetrics } from '../../appliance/metrics.js';
@@ -197,8 +197,16 @@ replication: { peer: cloud }
   await updateVolumeState(store, 'db', { lastReplicated: s2.id, lastGood: later });
   assert.deepEqual(await point(t2 + 10 * MIN), { snapshot: s2.id, at: later, age: 9 * MIN });
 
+  // The volume removed and added again under its name: nothing of it is replicated any more.
+  await removeVolume(home, store, 'db');
+  await addVolume(store, { name: 'db', path: img });
+  const [fresh] = await computeStatus(store, config, t2 + 10 * MIN, 'db');
+  assert.equal(fresh!.lastReplicated, null);
+  assert.equal(fresh!.rpoState, 'BREACHED', 'never protected');
+
   // A record written before `point` existed: the base's own snapshot time.
-  await updateVolumeState(store, 'db', { lastReplicated: null, lastGood: null });
-  await store.putMeta(SYNC_BASE_NS, 'db@cloud', { snapshot: s1.id, root: s1.root, direction: 'push', at: new Date(t2).toISOString() });
-  assert.deepEqual(await point(t1 + 10 * MIN), { snapshot: s1.id, at: s1.created, age: 10 * MIN });
+  const s3 = await snapshotVolume(home, store, 'db');
+  await store.putMeta(SYNC_BASE_NS, 'db@cloud', { snapshot: s3.id, root: s3.root, direction: 'push', at: new Date().toISOString() });
+  const t3 = Date.parse(s3.created);
+  assert.deepEqual(await point(t3 + 10 * MIN), { snapshot: s3.id, at: s3.created, age: 10 * MIN });
 });
