@@ -25,6 +25,7 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync, renameSync, openSyn
 import { join, resolve } from 'node:path';
 import { TandemError, diskFullError } from '../common/errors.js';
 import { acquireVolumeLock } from './locks.js';
+import { pidAlive } from '../common/pid.cjs';
 import type { Store } from '../store/index.js';
 
 /** A new key without its certificate older than this is a rotation cut short (Home.finishTlsRotation). */
@@ -417,7 +418,7 @@ export class Home {
       } catch (e) {
         if (!(e instanceof TandemError) || e.code !== 'ERR_STORE_BUSY') throw e;
         const pid = typeof e.details.pid === 'number' ? e.details.pid : undefined;
-        if (pid !== undefined && pid === this.serverPid()) {
+        if (pid !== undefined && pid === this.runningServer()?.pid) {
           throw new TandemError('ERR_STORE_BUSY', `the store ${this.paths.store} is held by this home's server (pid ${pid}), which started after this command looked for one; run the command again: it is sent to the server`, { cause: e, details: e.details });
         }
         const who = describeProcess(pid);
@@ -435,13 +436,13 @@ export class Home {
     }
   }
 
-  /** The pid of this home's running server (run/server.json), if it names one. */
-  private serverPid(): number | undefined {
+  /** This home's running server, as run/server.json names it (null: none, or its pid is gone). */
+  runningServer(): { pid: number; url: string } | null {
     try {
-      const pid = (JSON.parse(readFileSync(join(this.paths.run, 'server.json'), 'utf8')) as { pid?: unknown }).pid;
-      return typeof pid === 'number' ? pid : undefined;
+      const s = JSON.parse(readFileSync(join(this.paths.run, 'server.json'), 'utf8')) as { pid?: unknown; url?: unknown };
+      return typeof s.pid === 'number' && typeof s.url === 'string' && pidAlive(s.pid) ? { pid: s.pid, url: s.url } : null;
     } catch {
-      return undefined;
+      return null; // none, or a file being rewritten: as if no server ran
     }
   }
 

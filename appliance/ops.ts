@@ -14,8 +14,7 @@ import { TandemError, diskFullError, fromSystemError, isTandemError } from '../c
 import type { Home } from './home.js';
 import { SOURCES_NS } from './sources.js';
 import { JOB_PREFIX, RATES_NS, STATE_NS } from './scheduler/state.js';
-import { PUSH_ATTEMPT_NS } from './push-attempts.js';
-import { SYNC_BASE_NS } from './sync-base.js';
+import { forgetSyncRecords } from './sync-base.js';
 import type { Hash, NewBlocksListener, Store, SnapshotRecord, VolumeRecord, ScanProgress } from '../store/index.js';
 import { inspectVolume, openVolumeReader, openVolumeWriter, readChangedBlocksFile } from './volumes/index.js';
 import { materialize, type MaterializeProgress, type MaterializeResult } from '../sync/materialize.js';
@@ -136,9 +135,7 @@ export async function removeVolume(home: Home, store: Store, name: string, opts:
     await store.deleteMeta(STATE_NS, `${JOB_PREFIX}volume:${name}`);
     // Its sync bases and unfinished pushes (keys VOL@PEER) name snapshots that are gone: status
     // would count a volume added again under the name as replicated when that sync was.
-    for (const ns of [SYNC_BASE_NS, PUSH_ATTEMPT_NS]) {
-      for (const [key] of await store.listMeta<unknown>(ns)) if (key.startsWith(`${name}@`)) await store.deleteMeta(ns, key);
-    }
+    await forgetSyncRecords(store, (volume) => volume === name);
   } finally {
     release();
   }

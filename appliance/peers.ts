@@ -6,8 +6,7 @@
 import { TandemError } from '../common/errors.js';
 import { RemotePeer, normalizeFingerprint } from '../api/client.js';
 import type { Rate } from '../sync/bwlimit.js';
-import { PUSH_ATTEMPT_NS } from './push-attempts.js';
-import { SYNC_BASE_NS } from './sync-base.js';
+import { forgetSyncRecords } from './sync-base.js';
 
 export const PEERS_NS = 'peers';
 const PEER_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
@@ -110,9 +109,7 @@ export async function listPeers(store: PeerStore): Promise<PeerRecord[]> {
  */
 export async function removePeer(store: PeerStore, name: string): Promise<PeerRecord> {
   const p = await getPeer(store, name);
-  for (const ns of [SYNC_BASE_NS, PUSH_ATTEMPT_NS]) {
-    for (const [key] of await store.listMeta<unknown>(ns)) if (key.endsWith(`@${name}`)) await store.deleteMeta(ns, key);
-  }
+  await forgetSyncRecords(store, (_volume, peer) => peer === name);
   await store.deleteMeta(PEERS_NS, name);
   return p;
 }

@@ -9,7 +9,7 @@
  */
 import type { Store } from '../store/index.js';
 import type { SnapshotRecord } from '../store/types.js';
-import { endPush } from './push-attempts.js';
+import { PUSH_ATTEMPT_NS, endPush } from './push-attempts.js';
 
 export const SYNC_BASE_NS = 'sync-base';
 
@@ -56,4 +56,18 @@ export async function recordSyncBase(
   const base: SyncBase = { snapshot: snap.id, root: snap.root, direction, at: new Date().toISOString(), ...point };
   await store.putMeta(SYNC_BASE_NS, syncBaseKey(volume, peer), base);
   if (direction === 'push') await endPush(store, volume, peer);
+}
+
+/**
+ * Delete the records keyed `VOL@PEER` (sync bases, unfinished pushes) whose volume and peer
+ * `matches` accepts: what `peer remove` and `volume remove` leave behind would name snapshots
+ * and copies that are gone.
+ */
+export async function forgetSyncRecords(store: Pick<Store, 'listMeta' | 'deleteMeta'>, matches: (volume: string, peer: string) => boolean): Promise<void> {
+  for (const ns of [SYNC_BASE_NS, PUSH_ATTEMPT_NS]) {
+    for (const [key] of await store.listMeta<unknown>(ns)) {
+      const at = key.indexOf('@');
+      if (at > 0 && matches(key.slice(0, at), key.slice(at + 1))) await store.deleteMeta(ns, key);
+    }
+  }
 }

@@ -18,9 +18,6 @@ export function define(program: Command): void {
       const { applianceHealth } = await import('../../health.js');
       const { withHomeStore } = await import('../../ops.js');
       const { formatTable } = await import('../table.js');
-      const { existsSync, readFileSync } = await import('node:fs');
-      const { join } = await import('node:path');
-      const { pidAlive } = await import('../../../common/pid.cjs');
       const home = Home.load(g.home);
       let config: Awaited<ReturnType<typeof loadConfig>> | null = null;
       let configError: unknown = null;
@@ -29,16 +26,7 @@ export function define(program: Command): void {
       } catch (e) {
         configError = e;
       }
-      let server: { pid: number; url: string } | null = null;
-      const info = join(home.paths.run, 'server.json');
-      if (existsSync(info)) {
-        try {
-          const s = JSON.parse(readFileSync(info, 'utf8')) as { pid: number; url: string };
-          if (pidAlive(s.pid)) server = s;
-        } catch {
-          // a file being rewritten: as if no server ran
-        }
-      }
+      const server = home.runningServer();
       const checks = homeChecks(home, config, configError, server, await applianceHealth(home));
       try {
         checks.push(...(await withHomeStore(g.home, (_h, store) => storeChecks(store, config))));
