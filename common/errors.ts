@@ -52,6 +52,7 @@ export const CATALOG = {
   ERR_VOLUME_UNREADABLE: { http: 400, exit: 1, summary: 'the volume path is missing or cannot be opened' },
   ERR_VOLUME_EMPTY: { http: 400, exit: 1, summary: 'the volume has size 0' },
   ERR_VOLUME_SIZE_MISMATCH: { http: 409, exit: 1, summary: 'the target has another size than the snapshot' },
+  ERR_VOLUME_IN_USE: { http: 409, exit: 1, summary: 'the target device is mounted or held by another program (a file system, LVM, RAID, a VM): unmount or stop it, then run again' },
   ERR_VOLUME_MATERIALIZING: { http: 409, exit: 1, summary: 'the volume is being written and cannot be a sync source' },
   ERR_VOLUME_NAME_TAKEN: { http: 409, exit: 1, summary: 'the peer replicates a volume of that name from another appliance' },
   ERR_VOLUME_FAILED_OVER: { http: 409, exit: 1, summary: 'the volume runs in EC2 after a failover: no push of it and no second failover until failback or `failover VOL --end`' },

@@ -13,7 +13,8 @@
  * Sizes: a regular file's size is its stat size; a block device's size comes from
  * /sys/dev/block/MAJ:MIN/size (512-byte sectors), else `blockdev --getsize64`.
  */
-import { open, stat, readFile, type FileHandle } from 'node:fs/promises';
+import { open, stat, readFile, readdir, type FileHandle } from 'node:fs/promises';
+import { constants } from 'node:fs';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { TandemError, fromSystemError } from '../../common/errors.js';
@@ -76,6 +77,59 @@ async function deviceSize(path: string, rdev: bigint): Promise<number> {
     } catch (e) {
       throw unreadable(path, 'the size of the block device cannot be found (no /sys entry, blockdev failed); run as root', e);
     }
+  }
+}
+
+/**
+ * What uses block device `path`, for ERR_VOLUME_IN_USE: the mount points of it and of its
+ * partitions (/proc/self/mountinfo) and the devices stacked on it (/sys/.../holders: LVM's
+ * device-mapper volumes, md RAID). Empty when nothing is found (swap, a VM, another program's
+ * exclusive open): the message then names the usual suspects.
+ */
+async function deviceUsers(path: string): Promise<string[]> {
+  const users: string[] = [];
+  try {
+    const { major, minor } = devNumbers((await stat(path, { bigint: true })).rdev);
+    const sys = `/sys/dev/block/${major}:${minor}`;
+    const devs = new Map<string, string>([[`${major}:${minor}`, path]]);
+    for (const entry of await readdir(sys).catch(() => [] as string[])) {
+      const dev = await readFile(`${sys}/${entry}/dev`, 'utf8').catch(() => null);
+      if (dev !== null && (await stat(`${sys}/${entry}/partition`).catch(() => null))) devs.set(dev.trim(), `/dev/${entry}`);
+    }
+    const mountinfo = await readFile('/proc/self/mountinfo', 'utf8').catch(() => '');
+    for (const line of mountinfo.split('\n')) {
+      const f = line.split(' ');
+      const dev = f[2] === undefined ? undefined : devs.get(f[2]);
+      if (dev !== undefined && f[4] !== undefined) {
+        const at = f[4].replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+        users.push(`${dev} is mounted at ${at}`);
+      }
+    }
+    for (const holder of await readdir(`${sys}/holders`).catch(() => [] as string[])) {
+      const name = (await readFile(`/sys/block/${holder}/dm/name`, 'utf8').catch(() => '')).trim();
+      users.push(`held by ${name ? `/dev/mapper/${name} (${holder})` : `/dev/${holder}`}`);
+    }
+  } catch {
+    // Only the message gets poorer.
+  }
+  return users;
+}
+
+/**
+ * Open a block device for writing exclusively (O_EXCL). Linux refuses that with EBUSY while
+ * the device or one of its partitions is mounted, or is claimed by LVM, md RAID, swap or any other
+ * exclusive opener: writing blocks under a mounted file system corrupts it, so the write is
+ * refused (ERR_VOLUME_IN_USE) before anything is written. While the handle is open, nothing else
+ * can claim the device: a mount attempted during the restore fails.
+ */
+async function openDeviceExclusive(path: string): Promise<FileHandle> {
+  try {
+    return await open(path, constants.O_RDWR | constants.O_EXCL);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EBUSY') throw e;
+    const users = await deviceUsers(path);
+    const what = users.length > 0 ? users.join('; ') : 'mounted, or held by LVM, RAID, swap, a VM or another program';
+    throw new TandemError('ERR_VOLUME_IN_USE', `device ${path} is in use (${what}): writing under it would corrupt it; unmount it or stop what holds it, then run again; nothing was written`, { cause: e, details: { path, users } });
   }
 }
 
@@ -241,7 +295,10 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
       created = true;
       await fh.truncate(size); // sparse: reads as zeros, allocates nothing
     } else if (existing.kind === 'device') {
+      // Opened first: a device in use is refused as such, whatever its size.
+      fh = await openDeviceExclusive(path);
       if (existing.size < size || (existing.size > size && !opts.force)) {
+        await fh.close();
         throw new TandemError(
           'ERR_VOLUME_SIZE_MISMATCH',
           existing.size < size
@@ -250,7 +307,6 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
           { details: { path, size: existing.size, expected: size } },
         );
       }
-      fh = await open(path, 'r+');
     } else {
       if (existing.size !== size && !opts.force) {
         throw new TandemError(

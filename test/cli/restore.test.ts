@@ -344,3 +344,51 @@ test('kill -9 during a restore onto the volume itself: the half-written volume s
   assert.equal(again.json.snapshot.root, s1.json.snapshot.root, 'the volume is s1 again');
   assert.equal((await cli(['verify', '--home', home])).code, 0);
 });
+
+test('a mounted block device is not written: restore refuses it with ERR_VOLUME_IN_USE, naming the mount point, and writes it once unmounted', { skip: process.getuid?.() !== 0 ? 'needs root for losetup and mount' : false }, async (t) => {
+  const dir = tempDir(t);
+  const home = join(dir, 'home');
+  assert.equal((await cli(['init', '--home', home])).code, 0);
+  const backing = join(dir, 'backing.img');
+  writeFileSync(backing, Buffer.alloc(16 * 1024 * 1024));
+  try {
+    execFileSync('mkfs.ext4', ['-q', '-F', backing], { stdio: 'pipe' });
+  } catch (e) {
+    t.skip(`mkfs.ext4 failed (${(e as Error).message.split('\n')[0]}): cannot make a file system to mount`);
+    return;
+  }
+  const dev = loopDevice(t, backing);
+  if (dev === null) return;
+  assert.equal((await cli(['volume', 'add', 'disk', '--path', dev, '--home', home])).code, 0);
+  const s = await cliJson(['snapshot', 'disk', '--home', home]);
+  assert.equal(s.code, 0, s.stderr);
+
+  const mnt = join(dir, 'mnt point'); // a space: mountinfo escapes it as \040
+  execFileSync('mkdir', [mnt]);
+  execFileSync('mount', [dev, mnt], { stdio: 'pipe' });
+  let mounted = true;
+  t.after(() => {
+    if (mounted) execFileSync('umount', ['-l', mnt]);
+  });
+  writeFileSync(join(mnt, 'written-after-the-snapshot'), 'the restore must not clobber this');
+  execFileSync('sync');
+  const before = readFileSync(dev);
+
+  const refused = await cliJson(['restore', 'disk', '--to', dev, '--home', home]);
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.equal(refused.json.error.code, 'ERR_VOLUME_IN_USE');
+  assert.ok(refused.json.error.message.includes(`is mounted at ${mnt}`), refused.json.error.message);
+  assert.match(refused.json.error.message, /unmount it .*nothing was written/);
+  assert.ok(readFileSync(dev).equals(before), 'the refused restore wrote nothing');
+  const vols = await cliJson(['volume', 'list', '--home', home]);
+  assert.equal(vols.json[0].name, 'disk');
+  assert.equal(vols.json[0].materializing, undefined, 'the volume is not left marked');
+
+  execFileSync('umount', [mnt]);
+  mounted = false;
+  const ok = await cliJson(['restore', 'disk', '--to', dev, '--home', home]);
+  assert.equal(ok.code, 0, ok.stderr);
+  assert.ok(ok.json.blocksWritten > 0, 'the blocks the mount changed are written back');
+  const again = await cliJson(['snapshot', 'disk', '--home', home]);
+  assert.equal(again.json.root, s.json.root, 'the device holds the snapshot again');
+});
