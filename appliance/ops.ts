@@ -7,7 +7,7 @@
  * at a time), takes the lock first and calls the `...Locked` variants, so that a second
  * snapshot of the same volume fails with ERR_VOLUME_LOCKED rather than ERR_STORE_BUSY.
  */
-import { rename, rm, open, statfs, readFile } from 'node:fs/promises';
+import { rename, rm, open, statfs, readFile, stat } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { existsSync } from 'node:fs';
 import { TandemError, diskFullError, fromSystemError, isTandemError } from '../common/errors.js';
@@ -28,6 +28,31 @@ export const MIN_BLOCK_SIZE = 4 * 1024;
 export const MAX_BLOCK_SIZE = 16 * 1024 * 1024;
 /** Suffix of the file a restore to a new path writes before renaming it into place. */
 export const PARTIAL_SUFFIX = '.tandem-partial';
+
+/** What a path is on the disk: the same device under another node, or the same file under another name (symlink, hard link), gets the same string. Null when it does not exist. */
+async function fileIdentity(path: string): Promise<string | null> {
+  try {
+    const st = await stat(path, { bigint: true });
+    return st.isBlockDevice() ? `device ${st.rdev}` : `file ${st.dev}:${st.ino}`;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The registered volume whose device or image `path` is: the same path, or the same block
+ * device or file reached through another name (/dev/disk/by-id/..., a symlink, a hard link).
+ */
+export async function volumeAtPath(store: Store, path: string): Promise<VolumeRecord | undefined> {
+  const abs = resolve(path);
+  const id = await fileIdentity(abs);
+  for (const v of await store.listVolumes()) {
+    if (v.path === undefined) continue;
+    if (resolve(v.path) === abs) return v;
+    if (id !== null && (await fileIdentity(v.path)) === id) return v;
+  }
+  return undefined;
+}
 
 export function checkVolumeName(name: string): void {
   if (!VOLUME_NAME.test(name) || name === '.' || name === '..') {
@@ -88,6 +113,14 @@ export async function addVolume(store: Store, opts: AddVolumeOptions): Promise<V
   const blockSize = existing?.blockSize ?? opts.blockSize ?? DEFAULT_VOLUME_BLOCK_SIZE;
   checkBlockSize(blockSize);
   const path = resolve(opts.path);
+  // Two volumes on one disk would each snapshot and replicate it, and a restore or failback of
+  // one would overwrite the other's data under it.
+  const other = await volumeAtPath(store, path);
+  if (other !== undefined && other.name !== opts.name) {
+    throw new TandemError('ERR_VOLUME_EXISTS', `${path} is already protected as volume "${other.name}" (${other.path}); give another path, or \`appliance volume remove ${other.name}\` first`, {
+      details: { volume: other.name, path: other.path },
+    });
+  }
   let size: number;
   if (existing && !existsSync(path)) {
     if (!existsSync(dirname(path))) {
@@ -251,8 +284,13 @@ export async function snapshotVolumeLocked(store: Store, name: string, opts: Sna
 }
 
 export interface RestoreOptions {
-  /** Resize an existing image of another size, or write onto a larger device. */
+  /**
+   * Resize an existing image of another size, or write onto a larger device; and write onto
+   * another registered volume's device or image (its lock is then taken through `lockVolume`).
+   */
   readonly force?: boolean;
+  /** Takes another volume's lock (Home.lockVolume): needed to restore onto its path with `force`. */
+  readonly lockVolume?: (volume: string, op: string) => () => void;
   readonly onProgress?: (p: MaterializeProgress) => void;
   readonly signal?: AbortSignal;
 }
@@ -280,7 +318,7 @@ export async function restoreVolume(home: Home, store: Store, spec: string, to: 
   const { volume } = parseSnapshotSpec(spec);
   const release = home.lockVolume(volume, 'restore');
   try {
-    return await restoreVolumeLocked(store, spec, to, opts);
+    return await restoreVolumeLocked(store, spec, to, { lockVolume: (v, op) => home.lockVolume(v, op), ...opts });
   } finally {
     release();
   }
@@ -297,12 +335,36 @@ export async function restoreVolume(home: Home, store: Store, spec: string, to: 
  *   ERR_BLOCK_CORRUPT) the blocks before the failing one are written, the rest are as they were.
  * - `to` is the volume's own registered path: the volume is marked materializing for the
  *   duration (no snapshot or sync from it); a failed restore leaves the mark, and a rerun clears it.
+ * - `to` is another registered volume's device or image: refused with ERR_VOLUME_IN_USE (a typo
+ *   would overwrite a protected volume), unless `force`; then that volume's lock is taken too and
+ *   it is marked materializing the same way.
  */
 export async function restoreVolumeLocked(store: Store, spec: string, to: string, opts: RestoreOptions = {}): Promise<RestoreResult> {
   const snap = await store.resolveSnapshot(spec);
   const path = resolve(to);
-  const vol = await store.getVolume(snap.volume);
-  const ownPath = vol?.path !== undefined && resolve(vol.path) === path;
+  // The volume whose device or image `to` is, if any: it is marked while it is written.
+  let vol = (await volumeAtPath(store, path)) ?? null;
+  let releaseOther: (() => void) | null = null;
+  if (vol !== null && vol.name !== snap.volume) {
+    if (!opts.force || !opts.lockVolume) {
+      throw new TandemError('ERR_VOLUME_IN_USE', `${path} is the ${vol.path === path ? 'path' : `path (as ${vol.path})`} of volume "${vol.name}": restoring ${snap.volume}@${snap.id} onto it would replace ${vol.name}'s data; nothing was written. Restore to another path, or pass --force to overwrite ${vol.name} (its snapshots are kept)`, {
+        details: { path, volume: vol.name },
+      });
+    }
+    releaseOther = opts.lockVolume(vol.name, 'restore');
+    // Read again under its lock: a job that held it may have changed the record.
+    vol = await store.getVolume(vol.name);
+  }
+  try {
+    return await restoreOnto(store, snap, path, vol, opts);
+  } finally {
+    releaseOther?.();
+  }
+}
+
+/** {@link restoreVolumeLocked} once the target is known: `vol` is the volume whose path it is, if any. */
+async function restoreOnto(store: Store, snap: SnapshotRecord, path: string, vol: VolumeRecord | null, opts: RestoreOptions): Promise<RestoreResult> {
+  const ownPath = vol !== null;
   const exists = existsSync(path);
   const target = exists ? path : path + PARTIAL_SUFFIX;
   if (!exists) {

@@ -46,13 +46,13 @@ export const CATALOG = {
 
   // --- volumes --------------------------------------------------------------------------
   ERR_VOLUME_NOT_FOUND: { http: 404, exit: 1, summary: 'no such volume' },
-  ERR_VOLUME_EXISTS: { http: 409, exit: 1, summary: 'a volume with that name exists' },
+  ERR_VOLUME_EXISTS: { http: 409, exit: 1, summary: 'a volume with that name, or on that device or image, exists' },
   ERR_VOLUME_LOCKED: { http: 409, exit: 1, summary: 'another snapshot, sync or restore of this volume is running' },
   ERR_VOLUME_PAUSED: { http: 409, exit: 1, summary: "the volume's scheduled jobs are paused (`appliance resume VOL`)" },
   ERR_VOLUME_UNREADABLE: { http: 400, exit: 1, summary: 'the volume path is missing or cannot be opened' },
   ERR_VOLUME_EMPTY: { http: 400, exit: 1, summary: 'the volume has size 0' },
   ERR_VOLUME_SIZE_MISMATCH: { http: 409, exit: 1, summary: 'the target has another size than the snapshot' },
-  ERR_VOLUME_IN_USE: { http: 409, exit: 1, summary: 'the target device is mounted or held by another program (a file system, LVM, RAID, a VM): unmount or stop it, then run again' },
+  ERR_VOLUME_IN_USE: { http: 409, exit: 1, summary: "the target is mounted, held by another program (LVM, RAID, a VM), or another volume's device or image: unmount or stop it, or choose another target" },
   ERR_VOLUME_MATERIALIZING: { http: 409, exit: 1, summary: 'the volume is being written and cannot be a sync source' },
   ERR_VOLUME_NAME_TAKEN: { http: 409, exit: 1, summary: 'the peer replicates a volume of that name from another appliance' },
   ERR_VOLUME_FAILED_OVER: { http: 409, exit: 1, summary: 'the volume runs in EC2 after a failover: no push of it and no second failover until failback or `failover VOL --end`' },

@@ -1,7 +1,7 @@
 /** Snapshot and restore through the real CLI: byte-exact, sparse, incremental in both directions. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { writeFileSync, readFileSync, openSync, writeSync, closeSync, statSync, existsSync, truncateSync, readSync, readdirSync, lstatSync } from 'node:fs';
+import { writeFileSync, readFileSync, openSync, writeSync, closeSync, statSync, existsSync, truncateSync, readSync, readdirSync, lstatSync, symlinkSync, linkSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
@@ -132,6 +132,47 @@ test('restore onto an existing file writes only the differing blocks; other size
   const badSnap = await cliJson(['restore', 'vol@nope', '--to', join(dir, 'y.img'), '--home', home]);
   assert.equal(badSnap.json.error.code, 'ERR_SNAPSHOT_NOT_FOUND');
   assert.equal(existsSync(join(dir, 'y.img')), false);
+});
+
+test("another volume's image is not overwritten by a restore, nor registered twice: under any name it has, unless --force", async (t) => {
+  const { dir, home, img } = await setup(t, 4 * BS);
+  assert.equal((await cli(['snapshot', 'vol', '--home', home])).code, 0);
+  const other = join(dir, 'other.img');
+  const otherData = randomBytes(4 * BS);
+  writeFileSync(other, otherData);
+  assert.equal((await cli(['volume', 'add', 'other', '--path', other, '--home', home])).code, 0);
+  const s = await cliJson(['snapshot', 'other', '--home', home]);
+  assert.equal(s.code, 0, s.stderr);
+  const link = join(dir, 'by-id-other');
+  symlinkSync(other, link);
+  const hard = join(dir, 'other-hardlink.img');
+  linkSync(other, hard);
+
+  for (const to of [other, link, hard]) {
+    const refused = await cliJson(['restore', 'vol', '--to', to, '--home', home]);
+    assert.equal(refused.code, 1, refused.stderr);
+    assert.equal(refused.json.error.code, 'ERR_VOLUME_IN_USE');
+    assert.match(refused.json.error.message, /of volume "other": restoring vol@\S+ onto it would replace other's data; nothing was written.*--force/);
+    assert.ok(readFileSync(other).equals(otherData), `a restore to ${to} wrote nothing`);
+  }
+  for (const path of [other, link, img]) {
+    const twice = await cliJson(['volume', 'add', 'again', '--path', path, '--home', home]);
+    assert.equal(twice.code, 1, twice.stderr);
+    assert.equal(twice.json.error.code, 'ERR_VOLUME_EXISTS');
+    assert.match(twice.json.error.message, /is already protected as volume "(other|vol)"/);
+  }
+  assert.deepEqual((await cliJson(['volume', 'list', '--home', home])).json.map((v: { name: string }) => v.name).sort(), ['other', 'vol']);
+
+  // With --force the operator means it: written, and marked while it is, under other's lock.
+  const forced = await cliJson(['restore', 'vol', '--to', link, '--force', '--home', home]);
+  assert.equal(forced.code, 0, forced.stderr);
+  assert.ok(readFileSync(other).equals(readFileSync(img)));
+  const vols = (await cliJson(['volume', 'list', '--home', home])).json as { name: string; materializing?: unknown; snapshots: number }[];
+  assert.equal(vols.find((v) => v.name === 'other')?.materializing, undefined, 'the mark is cleared');
+  assert.equal(vols.find((v) => v.name === 'other')?.snapshots, 1, "other's snapshots are kept");
+  const back = await cliJson(['restore', `other@${s.json.snapshot.id}`, '--to', other, '--home', home]);
+  assert.equal(back.code, 0, back.stderr);
+  assert.ok(readFileSync(other).equals(otherData));
 });
 
 test('--changed-blocks reads only the listed blocks; a malformed file changes nothing', async (t) => {
@@ -291,7 +332,8 @@ test('a block device: snapshot reads it read-only with its real size, past the p
   assert.equal(listed.json.bytesReadDirect, BS + 8192, 'both listed blocks were read with O_DIRECT');
   assert.equal(listed.json.blocksStored, 2);
   const full = await cliJson(['snapshot', 'disk', '--home', home]);
-  assert.equal(full.json.root, listed.json.root, 'a full re-scan agrees with the change list');
+  assert.match(listed.json.snapshot.root, /^[0-9a-f]{64}$/);
+  assert.equal(full.json.snapshot.root, listed.json.snapshot.root, 'a full re-scan agrees with the change list');
 
   // Damage two blocks on the device, then restore the snapshot onto the device itself.
   const fd = openSync(dev, 'r+');
@@ -390,5 +432,6 @@ test('a mounted block device is not written: restore refuses it with ERR_VOLUME_
   assert.equal(ok.code, 0, ok.stderr);
   assert.ok(ok.json.blocksWritten > 0, 'the blocks the mount changed are written back');
   const again = await cliJson(['snapshot', 'disk', '--home', home]);
-  assert.equal(again.json.root, s.json.root, 'the device holds the snapshot again');
+  assert.match(s.json.snapshot.root, /^[0-9a-f]{64}$/);
+  assert.equal(again.json.snapshot.root, s.json.snapshot.root, 'the device holds the snapshot again');
 });

@@ -9,7 +9,7 @@ export function define(program: Command): void {
     .command('restore <spec>')
     .description('write snapshot VOL[@SNAP] (default: the latest) to PATH: a new sparse image, or only the differing blocks of an existing one')
     .requiredOption('--to <path>', 'image file or device to write')
-    .option('--force', 'resize an existing image of another size, or write onto a larger device')
+    .option('--force', "resize an existing image of another size, write onto a larger device, or overwrite another volume's device or image")
     .action(run(async (g, cmd, [spec]) => {
       const o = cmd.opts<{ to: string; force?: boolean }>();
       const { withHomeStore, restoreVolumeLocked, parseSnapshotSpec } = await import('../../ops.js');
@@ -18,10 +18,11 @@ export function define(program: Command): void {
       const { volume } = parseSnapshotSpec(spec as string);
       let bar: ReturnType<typeof startProgress> | null = null;
       const started = process.hrtime.bigint();
-      const r = await withHomeStore(g.home, async (_home, store) => {
+      const r = await withHomeStore(g.home, async (home, store) => {
         try {
           return await restoreVolumeLocked(store, spec as string, o.to, {
             ...(o.force ? { force: true } : {}),
+            lockVolume: (v, op) => home.lockVolume(v, op),
             onProgress: (p) => {
               bar ??= startProgress(g, { total: p.blocksTotal, unit: 'blocks', label: `restore ${volume}` });
               bar.update(p.blocksDone, { written: formatBytes(p.bytesWritten) });
