@@ -137,6 +137,10 @@ export async function storeChecks(store: Store, config: Config | null): Promise<
         out.push({ check: `RPO of ${s.volume}`, status: 'warn', detail: s.lastReplicated ? `the last replicated point is from ${s.lastReplicated.at}, older than the policy's RPO` : 'never replicated', fix: s.lastJob && !s.lastJob.ok ? `the last job failed: ${s.lastJob.error?.code ?? ''} ${s.lastJob.error?.message ?? ''}` : 'see `appliance status`; the daemon replicates before the RPO when it runs' });
       }
     }
+    const { interruptedDrills } = await import('./recovery/state.js');
+    for (const run of await interruptedDrills(store)) {
+      out.push({ check: `drill ${run.id}`, status: 'warn', detail: `interrupted before its teardown (started ${run.started}): its instances may still run in the drill subnet and cost money`, fix: 'the next `appliance drill`, or `appliance daemon` when it starts, terminates them and deregisters their images' });
+    }
     const { verifySummary, unhealed } = await import('./scheduler/verify.js');
     const v = await verifySummary(store, config);
     if (v.last && unhealed(v.last) > 0) {

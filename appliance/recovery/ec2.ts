@@ -11,6 +11,7 @@ import {
   DeregisterImageCommand,
   RunInstancesCommand,
   DescribeInstancesCommand,
+  DescribeImagesCommand,
   TerminateInstancesCommand,
   CreateSnapshotCommand,
   waitUntilInstanceRunning,
@@ -88,6 +89,23 @@ export async function registerImage(
     return r.ImageId;
   } catch (e) {
     throw awsError(e, 'RegisterImage');
+  }
+}
+
+/**
+ * What a recovery run left in EC2, found by its tag `tandem:run` (set atomically by RunInstances
+ * and RegisterImage): instances not yet terminated, and images.
+ */
+export async function resourcesOfRun(ec2: EC2Client, runId: string): Promise<{ instances: string[]; images: string[] }> {
+  const byRun = { Name: 'tag:tandem:run', Values: [runId] };
+  try {
+    const r = await ec2.send(new DescribeInstancesCommand({ Filters: [byRun, { Name: 'instance-state-name', Values: ['pending', 'running', 'stopping', 'stopped'] }] }));
+    const instances = (r.Reservations ?? []).flatMap((res) => res.Instances ?? []).map((i) => i.InstanceId).filter((id): id is string => id !== undefined);
+    const img = await ec2.send(new DescribeImagesCommand({ Owners: ['self'], Filters: [byRun] }));
+    const images = (img.Images ?? []).map((i) => i.ImageId).filter((id): id is string => id !== undefined);
+    return { instances, images };
+  } catch (e) {
+    throw awsError(e, `finding the instances and images of ${runId}`);
   }
 }
 

@@ -57,10 +57,17 @@ export async function prepareFailback(deps: { store: Store; ec2: EC2Client; impo
     throw new TandemError('ERR_NOTHING_TO_SYNC', `no active failover runs volume "${volume}" on this appliance; failback brings back changes made by a failover (see \`appliance failover\`)`, { details: { volume } });
   }
   const { run, server, disk } = active;
-  if (!disk.ec2VolumeId) {
+  let ec2VolumeId = disk.ec2VolumeId;
+  if (!ec2VolumeId) {
+    // A failover interrupted while its instance started recorded it before EC2 said which volume
+    // each device got: ask now.
+    const [inst] = await ec2.describeInstances(deps.ec2, [server.instanceId]);
+    ec2VolumeId = inst?.BlockDeviceMappings?.find((m) => m.DeviceName === disk.device)?.Ebs?.VolumeId ?? null;
+  }
+  if (!ec2VolumeId) {
     throw new TandemError('ERR_FAILOVER_FAILED', `failover ${run.id} recorded no EC2 volume for ${volume} (${disk.device} of ${server.instanceId}); check the instance's block devices`);
   }
-  const ec2SnapshotId = await ec2.snapshotVolume(deps.ec2, disk.ec2VolumeId, `Tandem failback of ${volume} from ${server.instanceId}`, {
+  const ec2SnapshotId = await ec2.snapshotVolume(deps.ec2, ec2VolumeId, `Tandem failback of ${volume} from ${server.instanceId}`, {
     'tandem:appliance': deps.applianceName,
     'tandem:run': run.id,
     'tandem:volume': volume,
@@ -72,7 +79,7 @@ export async function prepareFailback(deps: { store: Store; ec2: EC2Client; impo
     volume,
     run: run.id,
     instanceId: server.instanceId,
-    ec2VolumeId: disk.ec2VolumeId,
+    ec2VolumeId: ec2VolumeId,
     ec2SnapshotId,
     baseEbsSnapshotId: disk.ebsSnapshotId,
     snapshot: imported.snapshot,

@@ -60,6 +60,17 @@ export async function recover(home: Home, store: Store, req: RecoverRequest, ste
   return launch(await launchDeps(home, store, step), { mode: req.mode, plans, point: req.point, keepMinutes: req.keepMinutes, signal: req.signal });
 }
 
+/**
+ * Tear down the drills an interrupted process left in EC2 (launch.ts tearDownInterruptedDrills),
+ * if there are any: without them, no AWS client is made.
+ */
+export async function tearDownInterrupted(home: Home, store: Store, step?: (line: string) => void): Promise<RecoveryRun[]> {
+  const { interruptedDrills } = await import('./state.js');
+  if ((await interruptedDrills(store)).length === 0) return [];
+  const { tearDownInterruptedDrills } = await import('./launch.js');
+  return tearDownInterruptedDrills(await launchDeps(home, store, step));
+}
+
 /** Failback step 1 on the cloud appliance: snapshot the EC2 volume and import it incrementally. */
 export async function prepare(home: Home, store: Store, volume: string): Promise<PrepareResult> {
   const ebs = await import('../ebs/index.js');

@@ -16,14 +16,22 @@
  *
  * A drill reads exports only: it takes no volume lock, writes no snapshot, and so leaves
  * production and replication untouched (tested by hashing both before and after).
+ *
+ * Interruptions (kill -9, a reboot, a lost session during `--keep`): the run is recorded as
+ * active, with `owner` naming this process, before anything is created in EC2, and again after
+ * each image and instance. A failover killed while its instances start is so still known as
+ * failed over: no second copy is launched. A drill recorded as active by another process was
+ * interrupted (only one process opens the store at a time): the next drill, and the daemon when
+ * it starts, tear it down ({@link tearDownInterruptedDrills}): its instances and images are
+ * found by their tag `tandem:run`, so those made after the last record are found too.
  */
 import { randomBytes } from 'node:crypto';
-import type { EC2Client } from '@aws-sdk/client-ec2';
+import type { EC2Client, Instance } from '@aws-sdk/client-ec2';
 import { TandemError } from '../../common/errors.js';
 import type { Store, SnapshotRecord } from '../../store/index.js';
 import * as ec2 from './ec2.js';
 import { choosePoint, sizeGiB, type ExportEntry, type RecoveryPoint } from './points.js';
-import { RUNS_NS } from './state.js';
+import { RUNS_NS, RUN_OWNER, interruptedDrills } from './state.js';
 import type { RecoveryPlan } from './plan.js';
 
 export type RunMode = 'failover' | 'drill';
@@ -73,6 +81,10 @@ export interface RecoveryRun {
   checks: DrillCheck[];
   tornDown: string | null;
   error: string | null;
+  /** The process that runs it (state.ts RUN_OWNER); absent in runs recorded by earlier versions. */
+  owner?: string;
+  /** Images registered for it so far (each also tagged `tandem:run`). */
+  images?: string[];
 }
 
 export { RUNS_NS } from './state.js';
@@ -132,6 +144,8 @@ export function drillReport(run: RecoveryRun): Record<string, unknown> {
  */
 export async function launch(deps: LaunchDeps, opts: LaunchOptions): Promise<RecoveryRun> {
   const { store, step = () => {} } = deps;
+  // Before anything else a drill creates: what an interrupted one left in the drill subnet.
+  if (opts.mode === 'drill') await tearDownInterruptedDrills(deps);
   const t0 = performance.now();
   const run: RecoveryRun = {
     id: runId(opts.mode),
@@ -146,6 +160,8 @@ export async function launch(deps: LaunchDeps, opts: LaunchOptions): Promise<Rec
     checks: [],
     tornDown: null,
     error: null,
+    owner: RUN_OWNER,
+    images: [],
   };
 
   // 1. One recovery point per volume, all against the same moment.
@@ -165,6 +181,8 @@ export async function launch(deps: LaunchDeps, opts: LaunchOptions): Promise<Rec
 
   const images: string[] = [];
   const instances: string[] = [];
+  // Recorded before anything exists in EC2: an interruption from here on is found later.
+  await save(store, run);
   try {
     // 2. One AMI and one instance per plan.
     const baseTags = { 'tandem:appliance': deps.applianceName, 'tandem:run': run.id, 'tandem:mode': opts.mode };
@@ -183,6 +201,8 @@ export async function launch(deps: LaunchDeps, opts: LaunchOptions): Promise<Rec
         tags: { ...baseTags, 'tandem:plan': plan.name },
       });
       images.push(imageId);
+      run.images = [...images];
+      await save(store, run);
       step(`${plan.name}: registered image ${imageId}`);
       const drill = opts.mode === 'drill';
       if (drill && !plan.raw.drill) {
@@ -201,9 +221,11 @@ export async function launch(deps: LaunchDeps, opts: LaunchOptions): Promise<Rec
       });
       instances.push(instanceId);
       launched.push({ plan, imageId, instanceId });
+      // Known before it runs: a failover killed while waiting counts as failed over.
+      run.servers.push(serverOf(plan, imageId, instanceId, undefined, points));
+      await save(store, run);
       step(`${plan.name}: launched ${instanceId}`);
     }
-    await save(store, run);
 
     // 3. Wait until every instance runs: that moment is the recovery time.
     const tWait = performance.now();
@@ -211,25 +233,7 @@ export async function launch(deps: LaunchDeps, opts: LaunchOptions): Promise<Rec
     run.launchSeconds = round((performance.now() - tWait) / 1000);
     run.rtoSeconds = round((performance.now() - t0) / 1000);
     const described = new Map((await ec2.describeInstances(deps.ec2, instances)).map((i) => [i.InstanceId!, i]));
-    run.servers = launched.map(({ plan, imageId, instanceId }) => {
-      const inst = described.get(instanceId);
-      const byDevice = new Map((inst?.BlockDeviceMappings ?? []).map((m) => [m.DeviceName, m.Ebs?.VolumeId ?? null]));
-      return {
-        plan: plan.name,
-        imageId,
-        instanceId,
-        state: inst?.State?.Name ?? 'unknown',
-        subnetId: inst?.SubnetId ?? null,
-        privateIp: inst?.PrivateIpAddress ?? null,
-        disks: plan.disks.map((d) => ({
-          device: d.device,
-          volume: d.volume,
-          ebsSnapshotId: points.get(d.volume)!.ebsSnapshotId,
-          tandemSnapshot: points.get(d.volume)!.tandemSnapshot,
-          ec2VolumeId: byDevice.get(d.device) ?? null,
-        })),
-      };
-    });
+    run.servers = launched.map(({ plan, imageId, instanceId }) => serverOf(plan, imageId, instanceId, described.get(instanceId), points));
     step(`all ${instances.length} instance(s) running after ${run.rtoSeconds} s`);
     for (const v of volumes) {
       await store.putMeta(RTO_NS, v, { mode: opts.mode, run: run.id, at: new Date().toISOString(), rtoSeconds: run.rtoSeconds, launchSeconds: run.launchSeconds });
@@ -290,6 +294,55 @@ export function drillChecks(plans: readonly RecoveryPlan[], servers: readonly La
 }
 
 /** Terminate the run's instances (waiting for it) and deregister its images. */
+/** A launched server as recorded: `inst` is what DescribeInstances said of it (absent while it starts). */
+function serverOf(plan: RecoveryPlan, imageId: string, instanceId: string, inst: Instance | undefined, points: ReadonlyMap<string, RecoveryPoint>): LaunchedServer {
+  const byDevice = new Map((inst?.BlockDeviceMappings ?? []).map((m) => [m.DeviceName, m.Ebs?.VolumeId ?? null]));
+  return {
+    plan: plan.name,
+    imageId,
+    instanceId,
+    state: inst?.State?.Name ?? 'pending',
+    subnetId: inst?.SubnetId ?? null,
+    privateIp: inst?.PrivateIpAddress ?? null,
+    disks: plan.disks.map((d) => ({
+      device: d.device,
+      volume: d.volume,
+      ebsSnapshotId: points.get(d.volume)!.ebsSnapshotId,
+      tandemSnapshot: points.get(d.volume)!.tandemSnapshot,
+      ec2VolumeId: byDevice.get(d.device) ?? null,
+    })),
+  };
+}
+
+/**
+ * Tear down every drill that another process recorded as active and did not finish: it was
+ * interrupted (killed, the machine restarted) and may have left instances running in the drill
+ * subnet, and images. They are found by their tag `tandem:run` and by the run's record, then
+ * terminated and deregistered; the run is recorded as failed, saying so. A teardown that fails
+ * is reported through `step` and tried again next time. Returns the runs torn down.
+ */
+export async function tearDownInterruptedDrills(deps: LaunchDeps): Promise<RecoveryRun[]> {
+  const step = deps.step ?? (() => {});
+  const done: RecoveryRun[] = [];
+  const ids = new Set((await interruptedDrills(deps.store)).map((r) => r.id));
+  for (const run of (await listRuns(deps.store)).filter((r) => ids.has(r.id))) {
+    try {
+      // By tag only: an id recorded long ago may be unknown to EC2 by now, which would fail the
+      // teardown every time; every instance and image of the run carries the tag from its creation.
+      const found = await ec2.resourcesOfRun(deps.ec2, run.id);
+      step(`drill ${run.id} (started ${run.started}) was interrupted before its teardown: tearing it down`);
+      await teardown(deps, run, found.instances, found.images);
+      run.status = 'failed';
+      run.error = `interrupted: the process that ran it ended before its teardown; torn down at ${run.tornDown}`;
+      await save(deps.store, run);
+      done.push(run);
+    } catch (e) {
+      step(`could not tear down the interrupted drill ${run.id}: ${(e as Error).message}; the next drill tries again`);
+    }
+  }
+  return done;
+}
+
 export async function teardown(deps: LaunchDeps, run: RecoveryRun, instances: readonly string[], images: readonly string[]): Promise<void> {
   const step = deps.step ?? (() => {});
   await ec2.terminateInstances(deps.ec2, instances, true);

@@ -12,16 +12,24 @@
  * failover of the volume is refused too (appliance/recovery/index.ts recover): the same server
  * would run twice in EC2.
  */
+import { randomUUID } from 'node:crypto';
 import type { Store } from '../../store/index.js';
 
 export const RUNS_NS = 'recovery-runs';
 export const FAILBACKS_NS = 'failbacks';
+
+/**
+ * This process, in the runs it records (launch.ts): only one process opens a store at a time, so
+ * a drill recorded as active by another owner was interrupted before its teardown.
+ */
+export const RUN_OWNER = randomUUID();
 
 /** The parts of a recorded run (launch.ts RecoveryRun) this module reads. */
 interface RunRecord {
   readonly id: string;
   readonly mode: string;
   readonly status: string;
+  readonly owner?: string;
   readonly started: string;
   readonly servers: ReadonlyArray<{ readonly instanceId: string; readonly disks: ReadonlyArray<{ readonly volume: string }> }>;
 }
@@ -54,4 +62,9 @@ export async function failedOverVolumes(store: Pick<Store, 'listMeta' | 'getMeta
 /** The failover `volume` runs in, if it is failed over and not yet back (see above). */
 export async function failedOver(store: Pick<Store, 'listMeta' | 'getMeta'>, volume: string): Promise<FailedOver | null> {
   return (await failedOverVolumes(store)).get(volume) ?? null;
+}
+
+/** Drills recorded as active by another process: interrupted before their teardown, their instances perhaps still running. */
+export async function interruptedDrills(store: Pick<Store, 'listMeta'>): Promise<RunRecord[]> {
+  return (await store.listMeta<RunRecord>(RUNS_NS)).map(([, r]) => r).filter((r) => r.mode === 'drill' && r.status === 'active' && r.owner !== RUN_OWNER);
 }

@@ -107,6 +107,16 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   verifier.current = verify;
   verify.start();
 
+  // A drill interrupted with this appliance (killed, the machine restarted) may have left
+  // instances running in the drill subnet: they are torn down now rather than at the next drill.
+  // The AWS SDK is loaded only when there is one (an on-prem appliance never has one).
+  void (async () => {
+    const { interruptedDrills } = await import('../recovery/state.js');
+    if ((await interruptedDrills(store)).length === 0) return;
+    const { tearDownInterrupted } = await import('../recovery/index.js');
+    for (const run of await tearDownInterrupted(home, store, (line) => log.warn({}, line))) log.warn({ run: run.id }, 'interrupted drill torn down');
+  })().catch((e: unknown) => log.error({ err: String(e) }, 'interrupted drills not torn down'));
+
   // A peer's certificate rotation (`appliance tls rotate` there) is followed so that it breaks no
   // sync (appliance/peers.ts followCertificate). An unreachable peer is the replication's news.
   // Apart from the checks above: a peer that does not answer takes seconds of retries, and a

@@ -1,0 +1,154 @@
+/**
+ * A drill or a failover killed (kill -9) while it has things in EC2: the drill's instances and
+ * image are torn down by the next drill, and a failover killed while its instance starts still
+ * counts as failed over, so a rerun launches no second copy. The cloud appliance's CLI runs them
+ * itself (no server), against the AWS emulator through the real SDK clients.
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { cliJson, collect, spawnCli } from '../helpers/cli.js';
+import { startAwsEmulator } from '../../emulators/aws/index.js';
+
+const MiB = 1024 * 1024;
+const VOL = 'app-root';
+
+let work: string;
+let home: string;
+let aws: Awaited<ReturnType<typeof startAwsEmulator>>;
+let env: Record<string, string>;
+
+interface EmulatedInstance { id: string; state: string; imageId: string; tags: Array<{ Key: string; Value: string }> }
+
+async function ec2State(): Promise<{ instances: EmulatedInstance[]; images: Array<{ id: string }> }> {
+  const r = await fetch(`${aws.url}/_emulator/state`);
+  assert.ok(r.ok);
+  return r.json() as never;
+}
+
+function tag(i: EmulatedInstance, key: string): string | undefined {
+  return i.tags.find((t) => t.Key === key)?.Value;
+}
+
+async function ok(args: string[]): Promise<any> {
+  const r = await cliJson(['--home', home, ...args], { env });
+  assert.equal(r.code, 0, `appliance ${args.join(' ')} failed: ${r.stderr}`);
+  return r.json;
+}
+
+/** Start `args`, wait until EC2 holds an instance of a new run of `mode`, then kill -9 the command. */
+async function killOnceLaunched(args: string[], mode: string): Promise<EmulatedInstance> {
+  const known = new Set((await ec2State()).instances.map((i) => i.id));
+  const child = spawnCli(['--home', home, ...args], { env });
+  const done = collect(child);
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    const inst = (await ec2State()).instances.find((i) => !known.has(i.id) && tag(i, 'tandem:mode') === mode);
+    if (inst) {
+      child.kill('SIGKILL');
+      const r = await done;
+      assert.equal(r.signal, 'SIGKILL', `the ${mode} ended before it was killed: ${r.stderr}`);
+      return inst;
+    }
+    assert.ok(Date.now() < deadline, `no ${mode} instance appeared`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+before(async () => {
+  work = mkdtempSync(join(tmpdir(), 'tandem-interrupted-'));
+  // Instances stay pending for 1.5 s: the kill lands while the command waits for them.
+  aws = await startAwsEmulator({ host: '127.0.0.1', port: 0, instanceDelayMs: 1500 });
+  env = { AWS_REGION: 'us-east-1', AWS_ACCESS_KEY_ID: 'test', AWS_SECRET_ACCESS_KEY: 'test', AWS_ENDPOINT_URL_EBS: aws.url, AWS_ENDPOINT_URL_EC2: aws.url };
+  home = join(work, 'cloud');
+  await ok(['init', '--name', 'cloud']);
+  writeFileSync(join(home, 'config.yaml'), `appliance:
+  name: cloud
+recovery:
+  app:
+    instanceType: t3.small
+    subnet: subnet-0a1b2c3d4e5f60001
+    securityGroups: [sg-0a1b2c3d]
+    privateIp: 10.0.1.30
+    rootVolume: { volume: ${VOL}, device: /dev/xvda }
+    drill: { subnet: subnet-0a1b2c3d4e5f60002, securityGroups: [sg-0d1e2f3a] }
+`);
+  const image = join(work, 'app-root.img');
+  writeFileSync(image, randomBytes(4 * MiB));
+  await ok(['volume', 'add', VOL, '--path', image]);
+  await ok(['snapshot', VOL]);
+  await ok(['ebs', 'export', VOL]);
+});
+
+after(async () => {
+  await aws?.close();
+  rmSync(work, { recursive: true, force: true });
+});
+
+test('a drill killed with its instance up is torn down by the next drill, once', async () => {
+  const left = await killOnceLaunched(['drill', VOL, '--keep', '30'], 'drill');
+  const run = tag(left, 'tandem:run')!;
+  let s = await ec2State();
+  assert.match(s.instances.find((i) => i.id === left.id)!.state, /pending|running/, 'the killed drill left its instance');
+  assert.ok(s.images.some((i) => i.id === left.imageId), 'and its image');
+
+  const next = await cliJson(['--home', home, 'drill', VOL], { env });
+  assert.equal(next.code, 0, next.stderr);
+  assert.equal(next.json.status, 'torn-down');
+  assert.ok(next.stderr.includes(`drill ${run} `) && next.stderr.includes('was interrupted before its teardown: tearing it down'), next.stderr);
+  s = await ec2State();
+  assert.equal(s.instances.find((i) => i.id === left.id)!.state, 'terminated');
+  assert.ok(!s.images.some((i) => i.id === left.imageId), 'its image is deregistered');
+  assert.equal(s.instances.filter((i) => tag(i, 'tandem:mode') === 'drill' && i.state !== 'terminated').length, 0, 'no drill instance is left running');
+
+  // Recorded as torn down: the drill after that has nothing to tear down.
+  const third = await cliJson(['--home', home, 'drill', VOL], { env });
+  assert.equal(third.code, 0, third.stderr);
+  assert.doesNotMatch(third.stderr, /interrupted/);
+});
+
+test('a failover killed while its instance starts counts as failed over: the rerun launches no second copy', async () => {
+  const first = await killOnceLaunched(['failover', VOL], 'failover');
+  const again = await cliJson(['--home', home, 'failover', VOL], { env });
+  assert.equal(again.code, 1, again.stderr);
+  assert.equal(again.json.error.code, 'ERR_VOLUME_FAILED_OVER');
+  assert.ok(again.json.error.message.includes(first.id), again.json.error.message);
+  const running = (await ec2State()).instances.filter((i) => tag(i, 'tandem:mode') === 'failover' && i.state !== 'terminated');
+  assert.deepEqual(running.map((i) => i.id), [first.id], 'one copy of the server runs in EC2');
+
+  const status = await ok(['status', VOL]);
+  assert.ok(JSON.stringify(status).includes(first.id), 'status names the instance the volume runs in');
+  const end = await ok(['failover', VOL, '--end', '--terminate']);
+  assert.deepEqual(end.terminated, [first.id]);
+  assert.match((await ec2State()).instances.find((i) => i.id === first.id)!.state, /shutting-down|terminated/);
+});
+
+test('doctor names a killed drill; the daemon, when it starts, tears it down', async () => {
+  const left = await killOnceLaunched(['drill', VOL, '--keep', '30'], 'drill');
+  const doctor = await cliJson(['--home', home, 'doctor'], { env });
+  const check = JSON.stringify(doctor.json);
+  assert.ok(check.includes(`drill ${tag(left, 'tandem:run')}`) && check.includes('interrupted before its teardown'), check);
+  const daemon = spawnCli(['--home', home, 'daemon', '--listen', '127.0.0.1:0'], { env });
+  const exited = collect(daemon);
+  try {
+    const deadline = Date.now() + 60_000;
+    let state = '';
+    let imageLeft = true;
+    while (Date.now() < deadline) {
+      const s = await ec2State();
+      state = s.instances.find((i) => i.id === left.id)!.state;
+      imageLeft = s.images.some((i) => i.id === left.imageId);
+      if (state === 'terminated' && !imageLeft) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(state, 'terminated', 'the daemon terminated the drill instance');
+    assert.equal(imageLeft, false, 'and deregistered its image');
+  } finally {
+    daemon.kill('SIGTERM');
+    const r = await exited;
+    assert.match(r.stderr, /was interrupted before its teardown: tearing it down/);
+  }
+});
