@@ -152,3 +152,24 @@ test('doctor names a killed drill; the daemon, when it starts, tears it down', a
     assert.match(r.stderr, /was interrupted before its teardown: tearing it down/);
   }
 });
+
+test('Ctrl-C during a drill --keep ends it now: torn down before the command exits', async () => {
+  const child = spawnCli(['--home', home, 'drill', VOL, '--keep', '30', '--json'], { env });
+  const done = collect(child);
+  let err = '';
+  child.stderr!.on('data', (d) => (err += d));
+  const deadline = Date.now() + 60_000;
+  while (!err.includes('keeping the drill instances')) {
+    assert.ok(Date.now() < deadline, `the drill never reached --keep: ${err}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  child.kill('SIGINT');
+  const r = await done;
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stderr, /SIGINT: ending the drill now/);
+  const run = JSON.parse(r.stdout) as { status: string; servers: Array<{ instanceId: string; imageId: string }> };
+  assert.equal(run.status, 'torn-down');
+  const s = await ec2State();
+  assert.equal(s.instances.find((i) => i.id === run.servers[0]!.instanceId)!.state, 'terminated');
+  assert.ok(!s.images.some((i) => i.id === run.servers[0]!.imageId));
+});

@@ -51,8 +51,22 @@ async function execute(g: GlobalOptions, mode: 'failover' | 'drill', volume: str
   const home = Home.load(g.home);
   const store = await home.openStore();
   const io = currentIO();
+  // Ctrl-C (or SIGTERM) ends a drill now, --keep or not: it is torn down before the command
+  // exits. A second one exits at once and leaves the teardown to the next drill or the daemon.
+  // Not in a server running a forwarded drill: its signals are its own.
+  const stop = new AbortController();
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (stop.signal.aborted) process.exit(130);
+    stop.abort();
+    io.err(`drill: ${signal}: ending the drill now; its instances are being torn down (${signal} again leaves them to the next drill)\n`);
+  };
+  const own = mode === 'drill' && !io.forwarded;
+  if (own) {
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+  }
   try {
-    const r = await recover(home, store, { mode, ...selector(volume, o), point: parsePoint(o.point), keepMinutes }, (line) => io.err(`${mode}: ${line}\n`));
+    const r = await recover(home, store, { mode, ...selector(volume, o), point: parsePoint(o.point), keepMinutes, signal: stop.signal }, (line) => io.err(`${mode}: ${line}\n`));
     const lines = [`${mode} ${r.id}: ${r.status}${r.rtoSeconds !== null ? `, every instance running after ${r.rtoSeconds} s (measured RTO)` : ''}`];
     for (const p of r.points) lines.push(`  ${p.volume}: point ${p.pointTime} from ${p.ebsSnapshotId}${p.exportedNow ? ' (exported now)' : ''}`);
     for (const s of r.servers) {
@@ -62,6 +76,8 @@ async function execute(g: GlobalOptions, mode: 'failover' | 'drill', volume: str
     if (r.tornDown) lines.push(`  torn down at ${r.tornDown}`);
     return { json: r, text: lines.join('\n') };
   } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
     await store.close();
   }
 }
