@@ -85,7 +85,7 @@ export async function startServed(home: Home, listen: string, opts: ServedOption
  * It must return (not wait for the signal): the CLI entry module is still evaluating until the
  * command's action ends, and forwarded commands import it (appliance/cli/forward.ts), so a
  * command that never returns would block every forwarded command. On SIGTERM/SIGINT: close the
- * server, flush and close the store, remove server.json, exit 0.
+ * server, flush and close the store, remove server.json, exit 0. SIGHUP is ignored (said on stderr).
  */
 export async function serve(g: GlobalOptions, listen: string, out: (s: string) => void, err: (s: string) => void): Promise<void> {
   const served = await startServed(Home.load(g.home), listen);
@@ -106,4 +106,7 @@ export async function serve(g: GlobalOptions, listen: string, out: (s: string) =
   };
   process.once('SIGTERM', (s) => void shutdown(s));
   process.once('SIGINT', (s) => void shutdown(s));
+  // `kill -HUP` (the habit for "reload", or a closed terminal) must not end the server: each
+  // command it runs reads config.yaml itself, so there is nothing to reload.
+  process.on('SIGHUP', (s) => err(`${s}: nothing to reload (each command reads config.yaml when it runs); still serving\n`));
 }

@@ -21,7 +21,7 @@ import { loadConfig, type Config } from '../config/index.js';
 import { computeStatus, BreachNotifier, postWebhook } from '../status.js';
 import { applianceHealth } from '../health.js';
 import { createMetrics } from '../metrics.js';
-import { Scheduler } from './runner.js';
+import { Scheduler, errorInfo } from './runner.js';
 import { realClock } from './clock.js';
 import { applianceSteps } from './steps.js';
 import { ScheduledVerify, verifySummary } from './verify.js';
@@ -42,6 +42,11 @@ export interface RunningDaemon {
   readonly url: string;
   /** Graceful stop (see the module comment); `why` is logged. Idempotent. */
   stop(why: string): Promise<void>;
+  /**
+   * SIGHUP: re-read config.yaml now (an invalid one is logged and the last valid one kept) and
+   * run a scheduling round with it, rather than at the next rescan (60 s).
+   */
+  reload(why: string): Promise<void>;
 }
 
 export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
@@ -172,5 +177,15 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
     })();
     return stopping;
   };
-  return { url: served.url, stop };
+  const reload = async (why: string): Promise<void> => {
+    if (stopping) return;
+    try {
+      config = await loadConfig(home);
+      log.info({ signal: why }, 'config.yaml re-read');
+    } catch (e) {
+      log.error({ signal: why, err: errorInfo(e) }, 'config.yaml is invalid: keeping the last valid configuration');
+    }
+    sched.wakeUp();
+  };
+  return { url: served.url, stop, reload };
 }

@@ -145,7 +145,8 @@ function newJobId(now: number): string {
   return `job-${new Date(now).toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z')}-${randomBytes(3).toString('hex')}`;
 }
 
-function errorInfo(e: unknown): { code: string; message: string } {
+/** A failure as the log records it: its stable code and message. */
+export function errorInfo(e: unknown): { code: string; message: string } {
   return isTandemError(e) ? { code: e.code, message: e.message } : { code: 'ERR_INTERNAL', message: (e as Error)?.message ?? String(e) };
 }
 
@@ -203,6 +204,11 @@ export class Scheduler {
       await all();
     }
     await this.loopDone;
+  }
+
+  /** Run a scheduling round now (config.yaml re-read: `kill -HUP` of the daemon) instead of at the next rescan. */
+  wakeUp(): void {
+    this.wake.abort();
   }
 
   private async loadConfig(): Promise<Config | null> {

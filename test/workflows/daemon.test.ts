@@ -592,3 +592,38 @@ test('a daemon started with a volume paused runs no job for it; `appliance resum
   d.child.kill('SIGTERM');
   assert.equal((await d.exited)[0], 0);
 });
+
+test('kill -HUP re-reads config.yaml at once (a volume given a policy gets its job now, not at the next rescan); an invalid config is logged and kept running; serve ignores SIGHUP', async (t) => {
+  const a = await initHome(t, 'onprem');
+  const work = tempDir(t, 'tandem-hup-');
+  const img = join(work, 'web.img');
+  writeFileSync(img, randomBytes(MiB));
+  assert.equal((await cli(a, 'volume', 'add', 'web', '--path', img)).code, 0);
+  const d = await startDaemon(t, a);
+  await sleep(1000); // its first round: no policy, no job
+  assert.ok(!d.stderr().includes('job started'), d.stderr());
+
+  writeFileSync(join(a.dir, 'config.yaml'), 'appliance: { name: onprem }\npolicies:\n  silver: { rpo: 2h }\nassign:\n  - match: "*"\n    policy: silver\n');
+  const asked = Date.now();
+  d.child.kill('SIGHUP');
+  await d.logLine((o) => o.msg === 'config.yaml re-read');
+  const done = await d.logLine((o) => o.unit === 'volume:web' && (o.msg === 'job done' || o.msg === 'job failed'));
+  assert.equal(done.msg, 'job done', d.stderr());
+  assert.ok((done.time as number) - asked < 30_000, 'run on the SIGHUP, not at the next rescan (60 s)');
+
+  writeFileSync(join(a.dir, 'config.yaml'), 'policies: [not, a, map]\n');
+  d.child.kill('SIGHUP');
+  const bad = await d.logLine((o) => o.msg === 'config.yaml is invalid: keeping the last valid configuration');
+  assert.equal((bad.err as { code: string }).code, 'ERR_CONFIG_INVALID');
+  const status = JSON.parse((await get(a, d.url, '/v1/status', a.token)).body);
+  assert.equal(status.volumes[0].policy, 'silver', 'the last valid configuration is kept');
+  d.child.kill('SIGTERM');
+  assert.equal((await d.exited)[0], 0);
+
+  const s = await startServe(t, a);
+  s.child.kill('SIGHUP');
+  await sleep(500);
+  assert.equal(s.child.exitCode, null, 'serve is still running');
+  assert.equal((await cli(a, 'volume', 'list')).code, 0, 'and answers (the command is forwarded to it)');
+  assert.equal(await s.stop(), 0);
+});

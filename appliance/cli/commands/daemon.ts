@@ -1,7 +1,8 @@
 /**
  * `appliance daemon [--listen HOST:PORT]`: `serve` plus the scheduler (replicate per policy,
  * export, retention, gc), GET /metrics and GET /v1/status, and the breach webhook. Runs until
- * SIGTERM/SIGINT (see appliance/scheduler/daemon.ts for the shutdown contract).
+ * SIGTERM/SIGINT (see appliance/scheduler/daemon.ts for the shutdown contract); SIGHUP re-reads
+ * config.yaml at once.
  */
 import type { Command } from 'commander';
 import { currentIO, globalOptions, reportError } from '../output.js';
@@ -31,6 +32,8 @@ export function define(program: Command): void {
         };
         process.once('SIGTERM', onSignal);
         process.once('SIGINT', onSignal);
+        // `kill -HUP` (the habit for "reload"; also a closed terminal) re-reads config.yaml instead of ending the daemon.
+        process.on('SIGHUP', (signal) => void daemon.reload(signal));
         io.setExit(0);
       } catch (e) {
         reportError(e, g.json);
