@@ -89,7 +89,6 @@ export async function startServed(home: Home, listen: string, opts: ServedOption
  */
 export async function serve(g: GlobalOptions, listen: string, out: (s: string) => void, err: (s: string) => void): Promise<void> {
   const served = await startServed(Home.load(g.home), listen);
-  out(served.announcement(g.json, 'listening on'));
   let stopping = false;
   const shutdown = async (signal: NodeJS.Signals) => {
     if (stopping) return;
@@ -109,4 +108,6 @@ export async function serve(g: GlobalOptions, listen: string, out: (s: string) =
   // `kill -HUP` (the habit for "reload", or a closed terminal) must not end the server: each
   // command it runs reads config.yaml itself, so there is nothing to reload.
   process.on('SIGHUP', (s) => err(`${s}: nothing to reload (each command reads config.yaml when it runs); still serving\n`));
+  // Announced once the signals are handled: whoever starts it may signal it as soon as it reads this.
+  out(served.announcement(g.json, 'listening on'));
 }

@@ -151,3 +151,15 @@ export async function storeChecks(store: Store, config: Config | null): Promise<
   }
   return out;
 }
+
+/** Post hooks that snapshots killed between their hooks still owe (hooks.ts runOwedPostHooks): what they froze may be frozen still. */
+export async function hookChecks(home: Home): Promise<Check[]> {
+  const { runOwedPostHooks } = await import('./hooks.js');
+  const { hookLedger } = await import('./ops.js');
+  return (await runOwedPostHooks(hookLedger(home), true)).filter((o) => o.outcome === 'ran').map((o) => ({
+    check: 'snapshot hooks',
+    status: 'fail',
+    detail: `a snapshot interrupted at ${o.since} did not run its post hook \`${o.post}\`: what its pre hook froze may still be frozen`,
+    fix: 'run it by hand now; else the next `appliance snapshot` or `sync` of a volume with hooks, or the daemon when it starts, runs it',
+  }));
+}

@@ -8,10 +8,19 @@
  * - post always runs once pre was attempted (a half-done freeze must be undone), whether the
  *   snapshot succeeded or not;
  * - a failing post after a successful snapshot throws ERR_HOOK_FAILED too, but the snapshot
- *   stays committed: the error says so and carries the snapshot result in `details.result`.
+ *   stays committed: the error says so and carries the snapshot result in `details.result`;
+ * - a signal that ends the process (SIGINT, SIGTERM, SIGHUP: Ctrl-C, a closed ssh session) from
+ *   the pre hook on runs the post hook first (after the pre hook ends), then ends the process as
+ *   the signal would have; a snapshot not yet started is not taken. A process that handles the
+ *   signal itself (the daemon) is left to do so.
  */
 import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
 import { childEnv } from '../common/ca.js';
+import { pidAlive } from '../common/pid.cjs';
+import { writeFileAtomic } from './home.js';
 import { TandemError } from '../common/errors.js';
 import type { Hooks } from './config/index.js';
 
@@ -37,6 +46,12 @@ export interface HookOptions {
   readonly onHook?: (run: HookRun) => void;
   /** Aborting kills a running pre hook (the daemon is stopping, a sync's peer refused it) and skips the snapshot; post still runs, and the abort's reason is what is thrown. */
   readonly signal?: AbortSignal;
+  /**
+   * Directory of the post hooks owed (HOME/run/hooks): one file per snapshot between its hooks,
+   * from before the pre hook until the post hook ran. What a process killed with kill -9 (or
+   * lost) owed is run by {@link runOwedPostHooks}.
+   */
+  readonly ledger?: string;
 }
 
 /** Run one hook command to completion (never throws: the outcome is in the result). */
@@ -99,14 +114,150 @@ function describe(r: HookRun, timeoutMs: number): string {
  */
 export async function withHooks<T>(hooks: Hooks | null, fn: () => Promise<T>, opts: HookOptions = {}): Promise<T> {
   if (hooks === null || (hooks.pre === null && hooks.post === null)) return fn();
-  const runPost = async (): Promise<HookRun | null> => {
+  // Once only, whoever asks first: the snapshot's end or a signal. Never while the pre hook still
+  // runs (a thaw before the freeze would leave the file system frozen): the pre hook has its timeout.
+  let preDone!: () => void;
+  const preSettled = new Promise<void>((resolve) => (preDone = resolve));
+  let postRun: Promise<HookRun | null> | null = null;
+  const runPost = (): Promise<HookRun | null> => (postRun ??= (async () => {
+    await preSettled;
     if (hooks.post === null) return null;
     const r = await runHook('post', hooks.post, hooks.timeoutMs, opts.env);
     opts.onHook?.(r);
     return r;
+  })());
+  const release = hooks.post === null ? () => {} : postOnSignals(runPost);
+  const entry = hooks.post !== null && opts.ledger !== undefined ? owe(opts.ledger, hooks.post, hooks.timeoutMs, opts.env ?? {}) : null;
+  try {
+    return await hooked(hooks, fn, runPost, () => postRun !== null, preDone, opts);
+  } finally {
+    release();
+    if (entry !== null) rmSync(entry, { force: true });
+  }
+}
+
+/** A post hook owed, as the ledger keeps it. */
+interface OwedPost {
+  readonly pid: number;
+  /** The process's start time (/proc/PID/stat, field 22): a pid reused by another process is told apart. */
+  readonly pidStart: string | null;
+  /** The kernel's boot id: a freeze does not outlive a restart of the machine. */
+  readonly bootId: string | null;
+  readonly post: string;
+  readonly timeoutMs: number;
+  readonly env: Record<string, string>;
+  readonly since: string;
+}
+
+function procStart(pid: number): string | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] ?? null;
+  } catch {
+    return null;
+  }
+}
+
+function bootId(): string | null {
+  try {
+    return readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+  } catch {
+    return null;
+  }
+}
+
+/** Record the post hook this process owes from now on; returns the entry's path. */
+function owe(ledger: string, post: string, timeoutMs: number, env: Record<string, string>): string {
+  mkdirSync(ledger, { recursive: true, mode: 0o750 });
+  const path = join(ledger, `${Date.now()}-${randomBytes(4).toString('hex')}.json`);
+  const owed: OwedPost = { pid: process.pid, pidStart: procStart(process.pid), bootId: bootId(), post, timeoutMs, env, since: new Date().toISOString() };
+  writeFileAtomic(path, JSON.stringify(owed) + '\n', 0o600);
+  return path;
+}
+
+export interface OwedPostOutcome {
+  readonly since: string;
+  readonly post: string;
+  /** ran: run now, on behalf of the process that died; restarted: the machine restarted since, nothing to undo. */
+  readonly outcome: 'ran' | 'restarted';
+  readonly run?: HookRun;
+}
+
+/**
+ * Run the post hooks that processes which ended between their hooks (kill -9, a crash) owed, so
+ * that what their pre hooks froze is thawed; entries of processes still running are left alone,
+ * and those from before a restart of the machine are dropped (nothing of a freeze survives it).
+ * Each entry is removed once handled. `dryRun` only lists them (doctor).
+ */
+export async function runOwedPostHooks(ledger: string, dryRun = false): Promise<OwedPostOutcome[]> {
+  let names: string[];
+  try {
+    names = readdirSync(ledger).filter((n) => n.endsWith('.json'));
+  } catch {
+    return [];
+  }
+  const out: OwedPostOutcome[] = [];
+  const boot = bootId();
+  for (const name of names.sort()) {
+    const path = join(ledger, name);
+    let owed: OwedPost;
+    try {
+      owed = JSON.parse(readFileSync(path, 'utf8')) as OwedPost;
+    } catch {
+      continue; // being written (atomically: never half) or gone
+    }
+    if (owed.bootId !== null && boot !== null && owed.bootId !== boot) {
+      if (!dryRun) rmSync(path, { force: true });
+      out.push({ since: owed.since, post: owed.post, outcome: 'restarted' });
+      continue;
+    }
+    if (pidAlive(owed.pid) && (owed.pidStart === null || procStart(owed.pid) === owed.pidStart)) continue; // still between its hooks
+    if (dryRun) {
+      out.push({ since: owed.since, post: owed.post, outcome: 'ran' });
+      continue;
+    }
+    const run = await runHook('post', owed.post, owed.timeoutMs, owed.env);
+    rmSync(path, { force: true });
+    out.push({ since: owed.since, post: owed.post, outcome: 'ran', run });
+  }
+  return out;
+}
+
+/** Signals that end a process by default, and that an operator or a closed terminal sends. */
+const ENDING_SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
+/** Post hooks owed by the snapshots running between their hooks in this process. */
+const owed = new Set<() => Promise<HookRun | null>>();
+
+function onEndingSignal(sig: NodeJS.Signals): void {
+  // Another listener (the daemon, a server) owns this signal: it stops its jobs, whose post
+  // hooks then run. This one is first in line (prepended), so theirs are still counted.
+  if (process.listenerCount(sig) > 1) return;
+  process.stderr.write(`${sig}: running the post hook before exiting\n`);
+  void Promise.allSettled([...owed].map((post) => post())).finally(() => {
+    for (const s of ENDING_SIGNALS) process.off(s, onEndingSignal);
+    process.kill(process.pid, sig); // now with no listener: ends the process as the signal does
+  });
+}
+
+/**
+ * From the pre hook on, a signal that would end this process (Ctrl-C, a closed ssh session,
+ * `kill`) runs the post hook first, then ends the process as the signal would have: otherwise
+ * `fsfreeze -f` would leave the production file system frozen. A process that handles the signal
+ * itself is left to do so. Returns the function that withdraws this post hook.
+ */
+function postOnSignals(runPost: () => Promise<HookRun | null>): () => void {
+  if (owed.size === 0) for (const s of ENDING_SIGNALS) process.prependListener(s, onEndingSignal);
+  owed.add(runPost);
+  return () => {
+    owed.delete(runPost);
+    if (owed.size === 0) for (const s of ENDING_SIGNALS) process.off(s, onEndingSignal);
   };
+}
+
+async function hooked<T>(hooks: Hooks, fn: () => Promise<T>, runPost: () => Promise<HookRun | null>, posted: () => boolean, preDone: () => void, opts: HookOptions): Promise<T> {
+  if (hooks.pre === null) preDone();
   if (hooks.pre !== null) {
-    const pre = await runHook('pre', hooks.pre, hooks.timeoutMs, opts.env, opts.signal);
+    const pre = await runHook('pre', hooks.pre, hooks.timeoutMs, opts.env, opts.signal).finally(preDone);
     opts.onHook?.(pre);
     if (failed(pre)) {
       const post = await runPost();
@@ -121,6 +272,8 @@ export async function withHooks<T>(hooks: Hooks | null, fn: () => Promise<T>, op
   }
   let result: T;
   try {
+    // A signal during the pre hook ran the post hook already: the snapshot would not be consistent.
+    if (posted()) throw new TandemError('ERR_HOOK_FAILED', 'a signal arrived while the pre hook ran: the post hook ran, no snapshot was taken');
     result = await fn();
   } catch (e) {
     const post = await runPost();

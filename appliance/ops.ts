@@ -8,7 +8,7 @@
  * snapshot of the same volume fails with ERR_VOLUME_LOCKED rather than ERR_STORE_BUSY.
  */
 import { rename, rm, open, statfs, readFile, stat } from 'node:fs/promises';
-import { dirname, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { existsSync } from 'node:fs';
 import { TandemError, diskFullError, fromSystemError, isTandemError } from '../common/errors.js';
 import type { Home } from './home.js';
@@ -216,13 +216,26 @@ export async function snapshotVolumeHooked(home: Home, store: Store, name: strin
   const text = await readFile(home.paths.config, 'utf8').catch(() => '');
   if (!/\bhooks\s*:/.test(text)) return snapshotVolumeLocked(store, name, opts);
   const { loadConfig, hooksForVolume } = await import('./config/index.js');
-  const { withHooks } = await import('./hooks.js');
+  const { withHooks, runOwedPostHooks } = await import('./hooks.js');
+  // A snapshot killed between its hooks (kill -9) left its post hook owed: the thaw comes first.
+  const ledger = hookLedger(home);
+  for (const o of await runOwedPostHooks(ledger)) {
+    opts.onNotice?.(o.outcome === 'restarted'
+      ? `the post hook \`${o.post}\` owed by a snapshot interrupted at ${o.since} was dropped: the machine restarted since`
+      : `ran the post hook \`${o.post}\` that a snapshot interrupted at ${o.since} owed: exited ${o.run?.exitCode ?? o.run?.signal}`);
+  }
   const hooks = hooksForVolume(await loadConfig(home), name);
   return withHooks(hooks, () => snapshotVolumeLocked(store, name, opts), {
+    ledger,
     env: { TANDEM_VOLUME: name, TANDEM_VOLUMES: name },
     ...(opts.onNotice ? { onHook: (r) => opts.onNotice!(`${r.phase} hook \`${r.command}\` exited ${r.exitCode ?? r.signal} in ${r.durationMs} ms`) } : {}),
     ...(opts.signal ? { signal: opts.signal } : {}),
   });
+}
+
+/** Where the post hooks owed by snapshots between their hooks are kept (hooks.ts runOwedPostHooks). */
+export function hookLedger(home: Home): string {
+  return join(home.paths.run, 'hooks');
 }
 
 /**

@@ -77,10 +77,20 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   });
   const store = served.store;
 
+  // A daemon (or a command) killed between a snapshot's hooks left the post hook owed: what its
+  // pre hook froze is thawed before any job runs.
+  const { hookLedger } = await import('../ops.js');
+  const { runOwedPostHooks } = await import('../hooks.js');
+  for (const o of await runOwedPostHooks(hookLedger(home))) {
+    if (o.outcome === 'restarted') log.warn({ post: o.post, since: o.since }, 'post hook owed by an interrupted snapshot dropped: the machine restarted since');
+    else log.warn({ post: o.post, since: o.since, exitCode: o.run?.exitCode ?? null, output: o.run?.output }, 'ran the post hook an interrupted snapshot owed');
+  }
+
   const sched = new Scheduler({
     store,
     clock: realClock,
     log,
+    hookLedger: hookLedger(home),
     steps: applianceSteps(home, store, () => config),
     loadConfig: async () => (config = await loadConfig(home)),
     onJobEnd: (unit, o) => metrics.jobEnded(unit, o.ok ? 'ok' : o.held ? 'held' : o.paused ? 'paused' : 'failed'),

@@ -83,6 +83,8 @@ export interface SchedulerOptions {
   readonly steps: JobSteps;
   /** Called every round: the daemon re-reads config.yaml so edits apply without a restart. */
   readonly loadConfig: () => Promise<Config>;
+  /** The hooks' ledger (hooks.ts HookOptions.ledger): what a job killed between its hooks owes. */
+  readonly hookLedger?: string;
   readonly clock: Clock;
   readonly log: Log;
   /** Jobs at once (on different volumes). */
@@ -157,7 +159,7 @@ interface Running {
 }
 
 export class Scheduler {
-  private readonly o: Required<Omit<SchedulerOptions, 'onJobEnd'>> & Pick<SchedulerOptions, 'onJobEnd'>;
+  private readonly o: Required<Omit<SchedulerOptions, 'onJobEnd' | 'hookLedger'>> & Pick<SchedulerOptions, 'onJobEnd' | 'hookLedger'>;
   private readonly running = new Map<string, Running>();
   private readonly failures = new Map<string, { count: number; retryAt: number }>();
   private stopping = false;
@@ -474,7 +476,7 @@ export class Scheduler {
     let snaps: Record<string, string>;
     let warning: string | undefined;
     try {
-      snaps = await withHooks(unit.hooks, take, { env: { TANDEM_GROUP: unit.group ?? '', TANDEM_VOLUMES: unit.volumes.map((v) => v.name).join(' '), TANDEM_JOB: cp.id }, signal });
+      snaps = await withHooks(unit.hooks, take, { env: { TANDEM_GROUP: unit.group ?? '', TANDEM_VOLUMES: unit.volumes.map((v) => v.name).join(' '), TANDEM_JOB: cp.id }, signal, ...(this.o.hookLedger ? { ledger: this.o.hookLedger } : {}) });
     } catch (e) {
       // A post hook that failed after the snapshots were taken: the snapshots stand.
       if (isTandemError(e, 'ERR_HOOK_FAILED') && e.details.snapshotTaken === true) {

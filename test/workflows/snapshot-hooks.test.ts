@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync, appendFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { rootCertificates } from 'node:tls';
-import { cliJson, tempDir } from '../helpers/cli.js';
+import { cliJson, collect, spawnCli, tempDir } from '../helpers/cli.js';
 
 /** A home in `dir` with volume db (a 192 KiB image) in group erp, whose hooks are `hooks` (YAML lines). */
 async function homeWithHooks(dir: string, hooks: string): Promise<string> {
@@ -53,4 +53,66 @@ test('hooks see NODE_EXTRA_CA_CERTS as the operator set it, though the launcher 
   const ok = await cliJson(['--home', home, 'snapshot', 'db'], { env: { NODE_EXTRA_CA_CERTS: ca } });
   assert.equal(ok.code, 0, ok.stderr);
   assert.equal(readFileSync(log, 'utf8'), `${ca}|unset\n`);
+});
+
+test('Ctrl-C, a closed terminal or kill during a hooked snapshot runs the post hook (the thaw) before the command ends', async (t) => {
+  for (const sig of ['SIGINT', 'SIGHUP', 'SIGTERM'] as const) {
+    const dir = tempDir(t);
+    const log = join(dir, 'hooks.log');
+    const frozen = join(dir, 'FROZEN');
+    // The signal arrives while the pre hook runs: the thaw waits for the freeze to end.
+    const home = await homeWithHooks(dir, `      pre: "touch ${frozen}; kill -${sig.slice(3)} $PPID; sleep 0.3; echo pre >> ${log}"
+      post: "rm ${frozen} && echo post >> ${log}"
+      timeout: 10s
+`);
+    const r = await collect(spawnCli(['--home', home, 'snapshot', 'db']));
+    assert.equal(r.signal, sig, `ended by ${sig} as it would have been: ${r.stderr}`);
+    assert.match(r.stderr, new RegExp(`${sig}: running the post hook before exiting`));
+    assert.equal(readFileSync(log, 'utf8'), 'pre\npost\n', 'post ran once, after pre');
+    assert.ok(!existsSync(frozen), 'the file system was thawed');
+    const snaps = await cliJson(['--home', home, 'snapshots', 'db']);
+    assert.deepEqual(snaps.json, [], 'no snapshot was taken');
+  }
+});
+
+test('kill -9 between the hooks: doctor says the post hook is owed; the next snapshot, or the daemon when it starts, runs it first', async (t) => {
+  for (const by of ['snapshot', 'daemon'] as const) {
+    const dir = tempDir(t);
+    const log = join(dir, 'hooks.log');
+    const frozen = join(dir, 'FROZEN');
+    const kill = join(dir, 'KILL');
+    const home = await homeWithHooks(dir, `      pre: "touch ${frozen}; echo pre >> ${log}; if [ -e ${kill} ]; then rm ${kill}; kill -9 $PPID; sleep 5; fi"
+      post: "rm ${frozen} && echo post >> ${log}"
+      timeout: 10s
+`);
+    writeFileSync(kill, '');
+    const killed = await collect(spawnCli(['--home', home, 'snapshot', 'db']));
+    assert.equal(killed.signal, 'SIGKILL');
+    assert.ok(existsSync(frozen), 'the killed snapshot left the file system frozen');
+
+    const doctor = await cliJson(['--home', home, 'doctor']);
+    assert.equal(doctor.code, 1);
+    assert.match(JSON.stringify(doctor.json), /did not run its post hook `rm [^`]*FROZEN/);
+    assert.ok(existsSync(frozen), 'doctor only reads');
+
+    if (by === 'snapshot') {
+      const next = await cliJson(['--home', home, 'snapshot', 'db']);
+      assert.equal(next.code, 0, next.stderr);
+      assert.match(next.stderr, /ran the post hook `rm [^`]*` that a snapshot interrupted at \S+ owed: exited 0/);
+      assert.equal(readFileSync(log, 'utf8'), 'pre\npost\npre\npost\n', 'the owed post ran before the new pre');
+    } else {
+      const d = spawnCli(['--home', home, 'daemon', '--listen', '127.0.0.1:0']);
+      const ended = collect(d);
+      const deadline = Date.now() + 30_000;
+      while (existsSync(frozen) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      d.kill('SIGTERM');
+      const r = await ended;
+      assert.ok(!existsSync(frozen), `the daemon thawed at its start: ${r.stderr}`);
+      assert.match(r.stderr, /ran the post hook an interrupted snapshot owed/);
+      assert.equal(readFileSync(log, 'utf8'), 'pre\npost\n');
+    }
+    assert.ok(!existsSync(frozen));
+    const after = await cliJson(['--home', home, 'doctor']);
+    assert.doesNotMatch(JSON.stringify(after.json), /did not run its post hook/, 'nothing is owed any more');
+  }
 });
