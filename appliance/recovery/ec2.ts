@@ -96,14 +96,15 @@ export async function registerImage(
  * What a recovery run left in EC2, found by its tag `tandem:run` (set atomically by RunInstances
  * and RegisterImage): instances not yet terminated, and images.
  */
-export async function resourcesOfRun(ec2: EC2Client, runId: string): Promise<{ instances: string[]; images: string[] }> {
+export async function resourcesOfRun(ec2: EC2Client, runId: string): Promise<{ instances: string[]; images: string[]; described: Instance[] }> {
   const byRun = { Name: 'tag:tandem:run', Values: [runId] };
   try {
     const r = await ec2.send(new DescribeInstancesCommand({ Filters: [byRun, { Name: 'instance-state-name', Values: ['pending', 'running', 'stopping', 'stopped'] }] }));
-    const instances = (r.Reservations ?? []).flatMap((res) => res.Instances ?? []).map((i) => i.InstanceId).filter((id): id is string => id !== undefined);
+    const described = (r.Reservations ?? []).flatMap((res) => res.Instances ?? []).filter((i) => i.InstanceId !== undefined);
+    const instances = described.map((i) => i.InstanceId!);
     const img = await ec2.send(new DescribeImagesCommand({ Owners: ['self'], Filters: [byRun] }));
     const images = (img.Images ?? []).map((i) => i.ImageId).filter((id): id is string => id !== undefined);
-    return { instances, images };
+    return { instances, images, described };
   } catch (e) {
     throw awsError(e, `finding the instances and images of ${runId}`);
   }

@@ -8,7 +8,7 @@ import type { Home } from '../home.js';
 import type { Store } from '../../store/index.js';
 import { loadConfig } from '../config/index.js';
 import { ec2Client } from './ec2.js';
-import { launch, type LaunchDeps, type RecoveryRun, type RunMode } from './launch.js';
+import { launch, settleInterruptedFailovers, type LaunchDeps, type RecoveryRun, type RunMode } from './launch.js';
 import { prepareFailback, completeFailback, endFailover, type PrepareResult } from './failback.js';
 import { selectPlans, type PlanSelector } from './plan.js';
 import { failedOverVolumes } from './state.js';
@@ -45,7 +45,10 @@ export interface RecoverRequest extends PlanSelector {
 export async function recover(home: Home, store: Store, req: RecoverRequest, step?: (line: string) => void): Promise<RecoveryRun> {
   const config = await loadConfig(home);
   const plans = selectPlans(config, req);
+  const deps = await launchDeps(home, store, step);
   if (req.mode === 'failover') {
+    // A failover killed before it recorded its instances: EC2 tells which it launched.
+    await settleInterruptedFailovers(deps, selectPlans(config, {}));
     // A second copy of a server that already runs in EC2 would be a split brain there.
     const inEc2 = await failedOverVolumes(store);
     for (const plan of plans) {
@@ -57,7 +60,7 @@ export async function recover(home: Home, store: Store, req: RecoverRequest, ste
       }
     }
   }
-  return launch(await launchDeps(home, store, step), { mode: req.mode, plans, point: req.point, keepMinutes: req.keepMinutes, signal: req.signal });
+  return launch(deps, { mode: req.mode, plans, point: req.point, keepMinutes: req.keepMinutes, signal: req.signal });
 }
 
 /**

@@ -343,6 +343,36 @@ export async function tearDownInterruptedDrills(deps: LaunchDeps): Promise<Recov
   return done;
 }
 
+/**
+ * Complete the records of failovers another process left unfinished (killed between RunInstances
+ * and its record, or while its instances started): each instance EC2 holds with the run's tag
+ * `tandem:run` is recorded as one of its servers, so the volume counts as failed over and no
+ * second copy is launched; a run that launched nothing is recorded as failed. `plans`: the
+ * configured recovery plans (an instance's plan is its tag `tandem:plan`).
+ */
+export async function settleInterruptedFailovers(deps: LaunchDeps, plans: readonly RecoveryPlan[]): Promise<void> {
+  const step = deps.step ?? (() => {});
+  for (const run of await listRuns(deps.store)) {
+    if (run.mode !== 'failover' || run.status !== 'active' || run.rtoSeconds !== null || run.owner === undefined || run.owner === RUN_OWNER) continue;
+    const found = await ec2.resourcesOfRun(deps.ec2, run.id);
+    const points = new Map(run.points.map((p) => [p.volume, p]));
+    for (const inst of found.described) {
+      if (run.servers.some((s) => s.instanceId === inst.InstanceId)) continue;
+      const name = inst.Tags?.find((t) => t.Key === 'tandem:plan')?.Value;
+      const plan = plans.find((p) => p.name === name);
+      if (plan === undefined || !plan.disks.every((d) => points.has(d.volume))) continue;
+      run.servers.push(serverOf(plan, inst.ImageId ?? '', inst.InstanceId!, inst, points));
+      step(`failover ${run.id} was interrupted after it launched ${inst.InstanceId} (plan ${plan.name}): recorded`);
+    }
+    if (run.servers.length === 0) {
+      run.status = 'failed';
+      run.error = `interrupted before any instance was launched${found.images.length > 0 ? `; its images ${found.images.join(', ')} are left (tagged tandem:run=${run.id})` : ''}`;
+      step(`failover ${run.id} was interrupted before it launched anything: recorded as failed`);
+    }
+    await save(deps.store, run);
+  }
+}
+
 export async function teardown(deps: LaunchDeps, run: RecoveryRun, instances: readonly string[], images: readonly string[]): Promise<void> {
   const step = deps.step ?? (() => {});
   await ec2.terminateInstances(deps.ec2, instances, true);

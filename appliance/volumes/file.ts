@@ -134,6 +134,40 @@ async function openDeviceExclusive(path: string): Promise<FileHandle> {
 }
 
 /**
+ * What uses image file `path`, for ERR_VOLUME_IN_USE: loop devices it backs (and where they are
+ * mounted), and locks on it in /proc/locks (QEMU locks the disk images of a running VM; any
+ * other program that locks it is using it too). Empty when nothing is found.
+ */
+async function fileUsers(path: string): Promise<string[]> {
+  const users = new Set<string>();
+  try {
+    const st = await stat(path, { bigint: true });
+    for (const dev of await readdir('/sys/block').catch(() => [] as string[])) {
+      if (!dev.startsWith('loop')) continue;
+      const backing = await readFile(`/sys/block/${dev}/loop/backing_file`, 'utf8').catch(() => null);
+      if (backing === null) continue;
+      const b = await stat(backing.trim(), { bigint: true }).catch(() => null);
+      if (b === null || b.ino !== st.ino || b.dev !== st.dev) continue;
+      const on = await deviceUsers(`/dev/${dev}`);
+      users.add(`attached as /dev/${dev}${on.length > 0 ? `, which ${on.join(', ').replace(/^\/dev\/\S+ is /, 'is ')}` : ''}`);
+    }
+    const { major, minor } = devNumbers(st.dev);
+    for (const line of (await readFile('/proc/locks', 'utf8').catch(() => '')).split('\n')) {
+      if (line.includes('->')) continue; // a waiter, not a holder
+      const f = line.trim().split(/\s+/);
+      const id = f[5]?.split(':');
+      if (id?.length !== 3 || BigInt(`0x${id[0]}`) !== major || BigInt(`0x${id[1]}`) !== minor || id[2] !== String(st.ino)) continue;
+      const pid = Number(f[4]);
+      const comm = pid > 0 ? (await readFile(`/proc/${pid}/comm`, 'utf8').catch(() => '')).trim() : '';
+      users.add(pid > 0 ? `locked by pid ${pid}${comm ? ` (${comm})` : ''}` : 'locked by a running program (QEMU locks the disks of a running VM so)');
+    }
+  } catch {
+    // Only the check gets poorer.
+  }
+  return [...users];
+}
+
+/**
  * What a path is and how large. ERR_VOLUME_UNREADABLE for a missing path, a path that is
  * neither a regular file nor a block device; ERR_VOLUME_EMPTY for size 0.
  */
@@ -308,6 +342,12 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
         );
       }
     } else {
+      // An image that a running VM, a loop device or another program uses would be corrupted
+      // under it: refused as a device in use is.
+      const users = await fileUsers(path);
+      if (users.length > 0) {
+        throw new TandemError('ERR_VOLUME_IN_USE', `${path} is in use (${users.join('; ')}): writing under it would corrupt it; stop the VM or program, or detach the loop device (\`losetup -d\`), then run again; nothing was written`, { details: { path, users } });
+      }
       if (existing.size !== size && !opts.force) {
         throw new TandemError(
           'ERR_VOLUME_SIZE_MISMATCH',

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { writeFileSync, readFileSync, openSync, writeSync, closeSync, statSync, existsSync, truncateSync, readSync, readdirSync, lstatSync, symlinkSync, linkSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { cli, cliJson, collect, loopDevice, spawnCli, tempDir, untilWritten } from '../helpers/cli.js';
 
 const KiB = 1024;
@@ -434,4 +434,47 @@ test('a mounted block device is not written: restore refuses it with ERR_VOLUME_
   const again = await cliJson(['snapshot', 'disk', '--home', home]);
   assert.match(s.json.snapshot.root, /^[0-9a-f]{64}$/);
   assert.equal(again.json.snapshot.root, s.json.snapshot.root, 'the device holds the snapshot again');
+});
+
+test('an image in use is not written: one a program holds locked (as QEMU locks a running VM\'s disks) or attached as a loop device is refused with ERR_VOLUME_IN_USE', async (t) => {
+  const { dir, home, img } = await setup(t, 4 * BS);
+  assert.equal((await cli(['snapshot', 'vol', '--home', home])).code, 0);
+  const out = join(dir, 'vm-disk.img');
+  const held = randomBytes(4 * BS);
+  writeFileSync(out, held);
+
+  // flock(1) holds the lock while its child sleeps; /proc/locks names the holder.
+  const locker = spawn('flock', [out, 'sleep', '60'], { stdio: 'ignore', detached: true });
+  const unlock = () => {
+    try {
+      process.kill(-locker.pid!, 'SIGKILL'); // flock and the sleep that holds its lock
+    } catch { /* gone */ }
+  };
+  t.after(unlock);
+  const deadline = Date.now() + 10_000;
+  while (!readFileSync('/proc/locks', 'utf8').includes(`:${statSync(out).ino} `)) {
+    assert.ok(Date.now() < deadline, 'flock took no lock');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const locked = await cliJson(['restore', 'vol', '--to', out, '--home', home]);
+  assert.equal(locked.code, 1, locked.stderr);
+  assert.equal(locked.json.error.code, 'ERR_VOLUME_IN_USE');
+  assert.match(locked.json.error.message, /is in use \(locked by pid \d+ \((flock|sleep)\)\).*nothing was written/);
+  assert.ok(readFileSync(out).equals(held));
+  unlock();
+  while (readFileSync('/proc/locks', 'utf8').includes(`:${statSync(out).ino} `)) await new Promise((r) => setTimeout(r, 20));
+
+  const ok = await cliJson(['restore', 'vol', '--to', out, '--home', home]);
+  assert.equal(ok.code, 0, ok.stderr);
+  assert.ok(readFileSync(out).equals(readFileSync(img)));
+
+  if (process.getuid?.() === 0) {
+    writeFileSync(out, held);
+    const dev = loopDevice(t, out);
+    if (dev === null) return;
+    const attached = await cliJson(['restore', 'vol', '--to', out, '--home', home]);
+    assert.equal(attached.json.error?.code, 'ERR_VOLUME_IN_USE', attached.stderr);
+    assert.ok(attached.json.error.message.includes(`attached as ${dev}`), attached.json.error.message);
+    assert.ok(readFileSync(out).equals(held));
+  }
 });
