@@ -12,6 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cliJson, collect, spawnCli } from '../helpers/cli.js';
 import { startAwsEmulator } from '../../emulators/aws/index.js';
+import { cloudConfig } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const VOL = 'app-root';
@@ -65,17 +66,7 @@ before(async () => {
   env = { AWS_REGION: 'us-east-1', AWS_ACCESS_KEY_ID: 'test', AWS_SECRET_ACCESS_KEY: 'test', AWS_ENDPOINT_URL_EBS: aws.url, AWS_ENDPOINT_URL_EC2: aws.url };
   home = join(work, 'cloud');
   await ok(['init', '--name', 'cloud']);
-  writeFileSync(join(home, 'config.yaml'), `appliance:
-  name: cloud
-recovery:
-  app:
-    instanceType: t3.small
-    subnet: subnet-0a1b2c3d4e5f60001
-    securityGroups: [sg-0a1b2c3d]
-    privateIp: 10.0.1.30
-    rootVolume: { volume: ${VOL}, device: /dev/xvda }
-    drill: { subnet: subnet-0a1b2c3d4e5f60002, securityGroups: [sg-0d1e2f3a] }
-`);
+  writeFileSync(join(home, 'config.yaml'), cloudConfig(VOL));
   const image = join(work, 'app-root.img');
   writeFileSync(image, randomBytes(4 * MiB));
   await ok(['volume', 'add', VOL, '--path', image]);

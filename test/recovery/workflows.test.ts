@@ -12,6 +12,7 @@ import { createInterface } from 'node:readline';
 import type { ChildProcess } from 'node:child_process';
 import { cliJson, spawnCli } from '../helpers/cli.js';
 import { startAwsEmulator } from '../../emulators/aws/index.js';
+import { cloudConfig } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const BLOCK = 512 * 1024;
@@ -76,18 +77,7 @@ before(async () => {
   cloud = join(work, 'cloud');
   const on = await ok(onprem, ['init', '--name', 'onprem']);
   const cl = await ok(cloud, ['init', '--name', 'cloud']);
-  writeFileSync(join(cloud, 'config.yaml'), `appliance:
-  name: cloud
-recovery:
-  app:
-    instanceType: t3.small
-    subnet: subnet-0a1b2c3d4e5f60001
-    securityGroups: [sg-0a1b2c3d]
-    privateIp: 10.0.1.30
-    rootVolume: { volume: ${VOL}, device: /dev/xvda }
-    tags: { Role: app }
-    drill: { subnet: subnet-0a1b2c3d4e5f60002, securityGroups: [sg-0d1e2f3a] }
-`);
+  writeFileSync(join(cloud, 'config.yaml'), cloudConfig(VOL));
   const onUrl = await serve(onprem);
   const clUrl = await serve(cloud, cloudEnv);
   await ok(onprem, ['peer', 'add', 'cloud', '--url', clUrl, '--token', cl.token, '--fingerprint', cl.fingerprint]);
