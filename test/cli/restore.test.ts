@@ -408,26 +408,24 @@ test('a mounted block device is not written: restore refuses it with ERR_VOLUME_
   const mnt = join(dir, 'mnt point'); // a space: mountinfo escapes it as \040
   execFileSync('mkdir', [mnt]);
   execFileSync('mount', [dev, mnt], { stdio: 'pipe' });
-  let mounted = true;
-  t.after(() => {
-    if (mounted) execFileSync('umount', ['-l', mnt]);
-  });
-  writeFileSync(join(mnt, 'written-after-the-snapshot'), 'the restore must not clobber this');
-  execFileSync('sync');
-  const before = readFileSync(dev);
+  // Unmounted here whatever happens: the temporary directory cannot be removed under a mount.
+  try {
+    writeFileSync(join(mnt, 'written-after-the-snapshot'), 'the restore must not clobber this');
+    execFileSync('sync');
+    const before = readFileSync(dev);
 
-  const refused = await cliJson(['restore', 'disk', '--to', dev, '--home', home]);
-  assert.equal(refused.code, 1, refused.stderr);
-  assert.equal(refused.json.error.code, 'ERR_VOLUME_IN_USE');
-  assert.ok(refused.json.error.message.includes(`is mounted at ${mnt}`), refused.json.error.message);
-  assert.match(refused.json.error.message, /unmount it .*nothing was written/);
-  assert.ok(readFileSync(dev).equals(before), 'the refused restore wrote nothing');
-  const vols = await cliJson(['volume', 'list', '--home', home]);
-  assert.equal(vols.json[0].name, 'disk');
-  assert.equal(vols.json[0].materializing, undefined, 'the volume is not left marked');
-
-  execFileSync('umount', [mnt]);
-  mounted = false;
+    const refused = await cliJson(['restore', 'disk', '--to', dev, '--home', home]);
+    assert.equal(refused.code, 1, refused.stderr);
+    assert.equal(refused.json.error.code, 'ERR_VOLUME_IN_USE');
+    assert.ok(refused.json.error.message.includes(`is mounted at ${mnt}`), refused.json.error.message);
+    assert.match(refused.json.error.message, /unmount it .*nothing was written/);
+    assert.ok(readFileSync(dev).equals(before), 'the refused restore wrote nothing');
+    const vols = await cliJson(['volume', 'list', '--home', home]);
+    assert.equal(vols.json[0].name, 'disk');
+    assert.equal(vols.json[0].materializing, undefined, 'the volume is not left marked');
+  } finally {
+    execFileSync('umount', ['-l', mnt]);
+  }
   const ok = await cliJson(['restore', 'disk', '--to', dev, '--home', home]);
   assert.equal(ok.code, 0, ok.stderr);
   assert.ok(ok.json.blocksWritten > 0, 'the blocks the mount changed are written back');
