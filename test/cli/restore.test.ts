@@ -11,6 +11,14 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 const BS = 512 * KiB;
 
+function readdirSafe(path: string): string[] {
+  try {
+    return readdirSync(path);
+  } catch {
+    return [];
+  }
+}
+
 /**
  * Change `len` bytes at `pos` in a file: each is inverted, so every one of them differs (random
  * bytes would leave a 1-byte change the same one time in 256).
@@ -434,12 +442,27 @@ test('a mounted block device is not written: restore refuses it with ERR_VOLUME_
   assert.equal(again.json.snapshot.root, s.json.snapshot.root, 'the device holds the snapshot again');
 });
 
-test('an image in use is not written: one a program holds locked (as QEMU locks a running VM\'s disks) or attached as a loop device is refused with ERR_VOLUME_IN_USE', async (t) => {
+test('an image in use is not written: one a program has open for writing, holds locked (as QEMU locks a running VM\'s disks) or attached as a loop device is refused with ERR_VOLUME_IN_USE', async (t) => {
   const { dir, home, img } = await setup(t, 4 * BS);
   assert.equal((await cli(['snapshot', 'vol', '--home', home])).code, 0);
   const out = join(dir, 'vm-disk.img');
   const held = randomBytes(4 * BS);
   writeFileSync(out, held);
+
+  // A program that has it open for writing (as a hypervisor that takes no lock would).
+  const writer = spawn('sh', ['-c', `exec 3<>'${out}'; exec sleep 60`], { stdio: 'ignore' });
+  t.after(() => writer.kill('SIGKILL'));
+  const until = Date.now() + 10_000;
+  while (!readdirSafe(`/proc/${writer.pid}/fd`).includes('3') || readFileSync(`/proc/${writer.pid}/comm`, 'utf8').trim() !== 'sleep') {
+    assert.ok(Date.now() < until, 'the writer never opened the image');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const writing = await cliJson(['restore', 'vol', '--to', out, '--home', home]);
+  assert.equal(writing.json.error?.code, 'ERR_VOLUME_IN_USE', writing.stderr);
+  assert.ok(writing.json.error.message.includes(`open for writing by pid ${writer.pid} (sleep)`), writing.json.error.message);
+  assert.ok(readFileSync(out).equals(held));
+  writer.kill('SIGKILL');
+  await new Promise((r) => writer.once('exit', r));
 
   // flock(1) holds the lock while its child sleeps; /proc/locks names the holder.
   const locker = spawn('flock', [out, 'sleep', '60'], { stdio: 'ignore', detached: true });
