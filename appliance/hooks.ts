@@ -10,9 +10,9 @@
  * - a failing post after a successful snapshot throws ERR_HOOK_FAILED too, but the snapshot
  *   stays committed: the error says so and carries the snapshot result in `details.result`;
  * - a signal that ends the process (SIGINT, SIGTERM, SIGHUP: Ctrl-C, a closed ssh session) from
- *   the pre hook on runs the post hook first (after the pre hook ends), then ends the process as
- *   the signal would have; a snapshot not yet started is not taken. A process that handles the
- *   signal itself (the daemon) is left to do so.
+ *   the pre hook on runs the post hook first (after the pre hook, which it kills if it still
+ *   runs), then ends the process as the signal would have; a snapshot not yet started is not
+ *   taken. A process that handles the signal itself (the daemon) is left to do so.
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -126,10 +126,17 @@ export async function withHooks<T>(hooks: Hooks | null, fn: () => Promise<T>, op
     opts.onHook?.(r);
     return r;
   })());
-  const release = hooks.post === null ? () => {} : postOnSignals(runPost);
+  // A signal also stops a pre hook still running (killed, as on its timeout): the thaw need not
+  // wait for a freeze that hangs.
+  const stopPre = new AbortController();
+  const release = hooks.post === null ? () => {} : postOnSignals(() => {
+    stopPre.abort();
+    return runPost();
+  });
   const entry = hooks.post !== null && opts.ledger !== undefined ? owe(opts.ledger, hooks.post, hooks.timeoutMs, opts.env ?? {}) : null;
   try {
-    return await hooked(hooks, fn, runPost, () => postRun !== null, preDone, opts);
+    const preSignal = opts.signal ? AbortSignal.any([opts.signal, stopPre.signal]) : stopPre.signal;
+    return await hooked(hooks, fn, runPost, () => postRun !== null, preDone, preSignal, opts);
   } finally {
     release();
     if (entry !== null) rmSync(entry, { force: true });
@@ -254,10 +261,10 @@ function postOnSignals(runPost: () => Promise<HookRun | null>): () => void {
   };
 }
 
-async function hooked<T>(hooks: Hooks, fn: () => Promise<T>, runPost: () => Promise<HookRun | null>, posted: () => boolean, preDone: () => void, opts: HookOptions): Promise<T> {
+async function hooked<T>(hooks: Hooks, fn: () => Promise<T>, runPost: () => Promise<HookRun | null>, posted: () => boolean, preDone: () => void, preSignal: AbortSignal, opts: HookOptions): Promise<T> {
   if (hooks.pre === null) preDone();
   if (hooks.pre !== null) {
-    const pre = await runHook('pre', hooks.pre, hooks.timeoutMs, opts.env, opts.signal).finally(preDone);
+    const pre = await runHook('pre', hooks.pre, hooks.timeoutMs, opts.env, preSignal).finally(preDone);
     opts.onHook?.(pre);
     if (failed(pre)) {
       const post = await runPost();

@@ -60,7 +60,7 @@ test('Ctrl-C, a closed terminal or kill during a hooked snapshot runs the post h
     const dir = tempDir(t);
     const log = join(dir, 'hooks.log');
     const frozen = join(dir, 'FROZEN');
-    // The signal arrives while the pre hook runs: the thaw waits for the freeze to end.
+    // The signal arrives while the pre hook runs: it is killed (so it logs nothing), then the thaw runs.
     const home = await homeWithHooks(dir, `      pre: "touch ${frozen}; kill -${sig.slice(3)} $PPID; sleep 0.3; echo pre >> ${log}"
       post: "rm ${frozen} && echo post >> ${log}"
       timeout: 10s
@@ -68,7 +68,7 @@ test('Ctrl-C, a closed terminal or kill during a hooked snapshot runs the post h
     const r = await collect(spawnCli(['--home', home, 'snapshot', 'db']));
     assert.equal(r.signal, sig, `ended by ${sig} as it would have been: ${r.stderr}`);
     assert.match(r.stderr, new RegExp(`${sig}: running the post hook before exiting`));
-    assert.equal(readFileSync(log, 'utf8'), 'pre\npost\n', 'post ran once, after pre');
+    assert.equal(readFileSync(log, 'utf8'), 'post\n', 'post ran once, after the pre hook ended');
     assert.ok(!existsSync(frozen), 'the file system was thawed');
     const snaps = await cliJson(['--home', home, 'snapshots', 'db']);
     assert.deepEqual(snaps.json, [], 'no snapshot was taken');
@@ -115,4 +115,20 @@ test('kill -9 between the hooks: doctor says the post hook is owed; the next sna
     const after = await cliJson(['--home', home, 'doctor']);
     assert.doesNotMatch(JSON.stringify(after.json), /did not run its post hook/, 'nothing is owed any more');
   }
+});
+
+test('Ctrl-C while the pre hook hangs: the pre hook is killed and the post hook runs at once, not after the timeout', async (t) => {
+  const dir = tempDir(t);
+  const log = join(dir, 'hooks.log');
+  const frozen = join(dir, 'FROZEN');
+  const home = await homeWithHooks(dir, `      pre: "touch ${frozen}; kill -INT $PPID; sleep 30; echo pre >> ${log}"
+      post: "rm ${frozen} && echo post >> ${log}"
+      timeout: 60s
+`);
+  const started = Date.now();
+  const r = await collect(spawnCli(['--home', home, 'snapshot', 'db']));
+  assert.equal(r.signal, 'SIGINT', r.stderr);
+  assert.ok(Date.now() - started < 20_000, `took ${Date.now() - started} ms: the hanging pre hook was waited for`);
+  assert.equal(readFileSync(log, 'utf8'), 'post\n', 'the pre hook was killed before it finished; post ran');
+  assert.ok(!existsSync(frozen));
 });
