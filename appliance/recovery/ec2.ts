@@ -13,9 +13,11 @@ import {
   DescribeInstancesCommand,
   DescribeImagesCommand,
   TerminateInstancesCommand,
+  StopInstancesCommand,
   CreateSnapshotCommand,
   waitUntilInstanceRunning,
   waitUntilInstanceTerminated,
+  waitUntilInstanceStopped,
   waitUntilSnapshotCompleted,
   type BlockDeviceMapping,
   type Instance,
@@ -28,6 +30,8 @@ import { TandemError } from '../../common/errors.js';
 export const RUNNING_WAIT_SECONDS = 600;
 /** Terminations complete within a few minutes; a drill teardown waits at most this long. */
 export const TERMINATED_WAIT_SECONDS = 600;
+/** A stop waits for the OS to shut down: usually under a minute. */
+export const STOPPED_WAIT_SECONDS = 600;
 /** CreateSnapshot of a volume changed in EC2 completes in minutes for incremental data. */
 export const SNAPSHOT_WAIT_SECONDS = 1800;
 
@@ -172,6 +176,17 @@ export async function describeInstances(ec2: EC2Client, ids: readonly string[]):
     return (r.Reservations ?? []).flatMap((res) => res.Instances ?? []);
   } catch (e) {
     throw awsError(e, 'DescribeInstances');
+  }
+}
+
+/** StopInstances, then wait until each is `stopped`: its OS has shut down and flushed its disks. */
+export async function stopInstances(ec2: EC2Client, ids: readonly string[]): Promise<void> {
+  if (ids.length === 0) return;
+  try {
+    await ec2.send(new StopInstancesCommand({ InstanceIds: [...ids] }));
+    await waitUntilInstanceStopped({ client: ec2, maxWaitTime: STOPPED_WAIT_SECONDS, minDelay: 1, maxDelay: 5 }, { InstanceIds: [...ids] });
+  } catch (e) {
+    throw awsError(e, `StopInstances ${ids.join(', ')}`);
   }
 }
 

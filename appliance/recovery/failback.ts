@@ -4,8 +4,9 @@
  * It runs in three steps across the two appliances; the on-prem `appliance failback VOL`
  * drives them:
  *
- * 1. **prepare** (cloud appliance, {@link prepareFailback}): CreateSnapshot of the EC2 volume
- *    the failover launched for VOL, then import it into the cloud store incrementally:
+ * 1. **prepare** (cloud appliance, {@link prepareFailback}): with `stop` (a failback that
+ *    terminates the instances), StopInstances and wait until stopped, so the snapshot holds every
+ *    write made in EC2; CreateSnapshot of the EC2 volume the failover launched for VOL, then import it into the cloud store incrementally:
  *    ListChangedBlocks against the EBS snapshot the instance was launched from, GetSnapshotBlock
  *    of those blocks only (appliance/ebs importSnapshot). The result is a Tandem snapshot of VOL.
  * 2. **apply** (on-prem): `sync VOL --reverse --apply`: pull that snapshot (only the blocks the
@@ -28,6 +29,8 @@ export interface PrepareResult {
   readonly volume: string;
   readonly run: string;
   readonly instanceId: string;
+  /** The instance this prepare stopped before its snapshot (`stop`), or null. */
+  readonly stopped: string | null;
   readonly ec2VolumeId: string;
   readonly ec2SnapshotId: string;
   readonly baseEbsSnapshotId: string;
@@ -50,7 +53,7 @@ export interface FailbackState {
 }
 
 /** Cloud side, step 1. */
-export async function prepareFailback(deps: { store: Store; ec2: EC2Client; importSnapshot: ImportFn; applianceName: string }, volume: string): Promise<PrepareResult> {
+export async function prepareFailback(deps: { store: Store; ec2: EC2Client; importSnapshot: ImportFn; applianceName: string }, volume: string, opts: { stop?: boolean } = {}): Promise<PrepareResult> {
   const t0 = performance.now();
   const active = await activeFailover(deps.store, volume);
   if (!active) {
@@ -67,6 +70,18 @@ export async function prepareFailback(deps: { store: Store; ec2: EC2Client; impo
   if (!ec2VolumeId) {
     throw new TandemError('ERR_FAILOVER_FAILED', `failover ${run.id} recorded no EC2 volume for ${volume} (${disk.device} of ${server.instanceId}); check the instance's block devices`);
   }
+  // The final failback (the instances are terminated after it): stopped first, so that the
+  // snapshot holds every write the server made in EC2. A snapshot of a running instance misses
+  // what it writes after, which the termination would then destroy.
+  let stopped: string | null = null;
+  if (opts.stop) {
+    const [inst] = await ec2.describeInstances(deps.ec2, [server.instanceId]);
+    const state = inst?.State?.Name;
+    if (state !== 'stopped' && state !== 'terminated') {
+      await ec2.stopInstances(deps.ec2, [server.instanceId]);
+      stopped = server.instanceId;
+    }
+  }
   const ec2SnapshotId = await ec2.snapshotVolume(deps.ec2, ec2VolumeId, `Tandem failback of ${volume} from ${server.instanceId}`, {
     'tandem:appliance': deps.applianceName,
     'tandem:run': run.id,
@@ -79,6 +94,7 @@ export async function prepareFailback(deps: { store: Store; ec2: EC2Client; impo
     volume,
     run: run.id,
     instanceId: server.instanceId,
+    stopped,
     ec2VolumeId: ec2VolumeId,
     ec2SnapshotId,
     baseEbsSnapshotId: disk.ebsSnapshotId,

@@ -75,7 +75,7 @@ export async function tearDownInterrupted(home: Home, store: Store, step?: (line
 }
 
 /** Failback step 1 on the cloud appliance: snapshot the EC2 volume and import it incrementally. */
-export async function prepare(home: Home, store: Store, volume: string): Promise<PrepareResult> {
+export async function prepare(home: Home, store: Store, volume: string, opts: { stop?: boolean } = {}): Promise<PrepareResult> {
   const ebs = await import('../ebs/index.js');
   return prepareFailback({
     store,
@@ -85,7 +85,7 @@ export async function prepare(home: Home, store: Store, volume: string): Promise
       const r = await ebs.importSnapshot(store, snapId, vol, { baseEbsSnapshotId: base });
       return { snapshot: r.snapshot, blocksFetched: r.blocksFetched, bytesFetched: r.bytesFetched };
     },
-  }, volume);
+  }, volume, opts);
 }
 
 /** Failback step 3 on the cloud appliance. */

@@ -5,7 +5,7 @@
  * | route | does |
  * | --- | --- |
  * | GET /v1/recovery/runs | failovers and drills recorded here, newest first |
- * | POST /v1/recovery/failback/prepare {volume} | failback step 1: snapshot the EC2 volume, import it incrementally; answers the new snapshot |
+ * | POST /v1/recovery/failback/prepare {volume, stop} | failback step 1: (stop: stop the instance first) snapshot the EC2 volume, import it incrementally; answers the new snapshot |
  * | POST /v1/recovery/failback/complete {volume, snapshot, terminate} | failback step 3 |
  *
  * Authentication and error answers are the server's (bearer token, catalog statuses).
@@ -16,7 +16,7 @@ import type { Home } from '../home.js';
 import type { Store } from '../../store/index.js';
 
 const VolumeName = Type.String({ pattern: '^[A-Za-z0-9._-]{1,64}$' });
-const PrepareBody = Type.Object({ volume: VolumeName }, { additionalProperties: false });
+const PrepareBody = Type.Object({ volume: VolumeName, stop: Type.Optional(Type.Boolean()) }, { additionalProperties: false });
 const CompleteBody = Type.Object({
   volume: VolumeName,
   snapshot: Type.String({ minLength: 1, maxLength: 128 }),
@@ -35,7 +35,7 @@ export function recoveryRoutes(home: Home, store: Store) {
       const { prepare } = await import('./index.js');
       const release = home.lockVolume(req.body.volume, 'failback-prepare');
       try {
-        return await prepare(home, store, req.body.volume);
+        return await prepare(home, store, req.body.volume, { stop: req.body.stop === true });
       } finally {
         release();
       }

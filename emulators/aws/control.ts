@@ -32,6 +32,12 @@ export function registerControl(app: FastifyInstance, ctx: EmulatorContext): voi
     if (typeof offset !== 'number' || typeof dataBase64 !== 'string') {
       throw Object.assign(new Error('body must be {offset: number, dataBase64: string}'), { statusCode: 400 });
     }
+    // A write stands for the recovered server's own: an instance that is not running writes nothing.
+    state.tickInstances();
+    const inst = v.attachedTo ? state.instances.get(v.attachedTo) : undefined;
+    if (inst && inst.state !== 'running' && inst.state !== 'pending') {
+      throw Object.assign(new Error(`volume ${v.id} belongs to instance ${inst.id}, which is ${inst.state}: nothing writes to it`), { statusCode: 409 });
+    }
     const data = Buffer.from(dataBase64, 'base64');
     try {
       const r = await writeVolume(state, v, offset, data);

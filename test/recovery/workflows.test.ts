@@ -155,8 +155,25 @@ test('failover launches the plan with its IP, records the RTO; failback brings b
 
   // The pull crosses the replication WAN: config.yaml's cap applies to it (announced), as to a sync.
   writeFileSync(join(onprem, 'config.yaml'), 'appliance: { name: onprem }\nreplication: { peer: cloud, bwlimit: 1GiB }\n');
-  const run = await cliJson(['--home', onprem, 'failback', VOL, '--peer', 'cloud', '--terminate']);
+  // The server keeps working in EC2 while the failback starts: it writes (into the two blocks
+  // already changed) until its instance is stopped. --terminate stops it before the snapshot, so
+  // every one of those writes comes home; none is lost with the terminated instance.
+  const failback = cliJson(['--home', onprem, 'failback', VOL, '--peer', 'cloud', '--terminate']);
+  let writes = 0;
+  for (const deadline = Date.now() + 120_000; Date.now() < deadline; writes++) {
+    const w = await fetch(`${aws.url}/_emulator/volumes/${ec2Volume}/write`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ offset: (writes % 2 === 0 ? 2 * BLOCK : 12 * BLOCK) + (writes % 100) * 4096, dataBase64: randomBytes(4096).toString('base64') }),
+    });
+    if (w.status === 409) break; // the instance is stopping: its workload writes no more
+    assert.ok(w.ok, await w.text());
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  const run = await failback;
+  assert.ok(writes > 0, 'the server wrote while the failback ran');
   assert.equal(run.code, 0, run.stderr);
+  assert.match(run.stderr, /failback: i-\S+ is stopped/);
   assert.match(run.stderr, /failback: block traffic capped at 1\.0 GiB\/s now by config\.yaml replication\.bwlimit/);
   const fb = run.json;
   const stats = await emulator('/_emulator/stats');

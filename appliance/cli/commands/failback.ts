@@ -22,7 +22,7 @@ export function define(program: Command): void {
   program.command('failback <volume>')
     .description('after a failover: import the EC2 volume incrementally on the cloud appliance, pull and apply only the changed blocks here, verify, resume replication')
     .option('--peer <name>', 'the cloud appliance (default: config `replication.peer`)')
-    .option('--terminate', 'terminate the failover instances once the volume is home')
+    .option('--terminate', 'the last failback: stop the failover instance before its snapshot (so every write made in EC2 comes home), terminate it once the volume is home')
     .option('--force', 'the EC2 volume was resized: resize the local image to it (a larger device gets it on its first bytes)')
     .option('--no-keep', 'do not snapshot what the on-prem volume holds before writing over it')
     .option('--bwlimit <rate>', "cap the pulled blocks at RATE bytes per second, e.g. 10MiB; 0: no cap (default: config.yaml's replication cap)")
@@ -49,8 +49,11 @@ export function define(program: Command): void {
         const remote = connectPeer(peer);
         let prepare: any;
         try {
-          io.err(`failback: ${peerName} snapshots the EC2 volume of ${vol} and imports the changes\n`);
-          prepare = await remote.request('POST', '/v1/recovery/failback/prepare', { volume: vol }, false);
+          // --terminate: the last failback. The instance is stopped before its snapshot, or the
+          // writes it makes after the snapshot would be lost with it.
+          io.err(`failback: ${peerName} ${o.terminate ? 'stops the instance of' : 'snapshots the EC2 volume of'} ${vol}${o.terminate ? ' (so that its snapshot holds every write), snapshots its EC2 volume' : ''} and imports the changes\n`);
+          prepare = await remote.request('POST', '/v1/recovery/failback/prepare', { volume: vol, ...(o.terminate ? { stop: true } : {}) }, false);
+          if (prepare.stopped) io.err(`failback: ${prepare.stopped} is stopped; should this failback fail, rerun it, or start the instance again to keep running in EC2\n`);
           io.err(`failback: ${prepare.blocksFetched} changed block(s) read from EBS into snapshot ${prepare.snapshot.id}\n`);
         } finally {
           await remote.close();
