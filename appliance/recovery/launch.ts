@@ -30,7 +30,7 @@ import type { EC2Client, Instance } from '@aws-sdk/client-ec2';
 import { TandemError } from '../../common/errors.js';
 import type { Store, SnapshotRecord } from '../../store/index.js';
 import * as ec2 from './ec2.js';
-import { choosePoint, sizeGiB, type ExportEntry, type RecoveryPoint } from './points.js';
+import { choosePoint, commonGroupRun, sizeGiB, type ExportEntry, type RecoveryPoint } from './points.js';
 import { RUNS_NS, RUN_OWNER, interruptedDrills } from './state.js';
 import type { RecoveryPlan } from './plan.js';
 
@@ -164,16 +164,29 @@ export async function launch(deps: LaunchDeps, opts: LaunchOptions): Promise<Rec
     images: [],
   };
 
-  // 1. One recovery point per volume, all against the same moment.
+  // 1. One recovery point per volume, all against the same moment; a server's disks that are
+  // snapshotted together come back from one group run (points.ts commonGroupRun).
   const volumes = [...new Set(opts.plans.flatMap((p) => p.disks.map((d) => d.volume)))];
+  const exportsOf = new Map<string, readonly ExportEntry[]>();
+  for (const volume of volumes) exportsOf.set(volume, await deps.listExports(volume));
+  const wanted = new Map<string, SnapshotRecord>();
+  for (const plan of opts.plans) {
+    const disks = [...new Set(plan.disks.map((d) => d.volume))];
+    const common = await commonGroupRun(store, disks, opts.point, exportsOf, opts.mode === 'failover');
+    if (common === null) continue;
+    for (const [v, snap] of common.snapshots) wanted.set(v, snap);
+    if (common.newer.length > 0) {
+      step(`${plan.name}: its disks come back from group run ${common.groupRun}, the newest that all of ${disks.join(', ')} hold: ${common.newer.join(', ')} ${common.newer.length === 1 ? 'has a newer snapshot' : 'have newer snapshots'} that the others lack (replication cut short), not used so that the disks agree`);
+    }
+  }
   const points = new Map<string, RecoveryPoint>();
   for (const volume of volumes) {
-    const exports = await deps.listExports(volume);
+    const exports = exportsOf.get(volume)!;
     const exportNow = opts.mode === 'failover' ? async (snap: SnapshotRecord) => {
-      step(`exporting the newest snapshot of ${volume} (${snap.id}) to EBS`);
+      step(`exporting snapshot ${snap.id} of ${volume} to EBS`);
       return deps.exportNow(snap);
     } : null;
-    const p = await choosePoint(store, volume, exports, opts.point, exportNow);
+    const p = await choosePoint(store, volume, exports, opts.point, exportNow, wanted.get(volume));
     points.set(volume, p);
     step(`${volume}: recovery point ${p.pointTime} (${p.ebsSnapshotId})`);
   }

@@ -54,7 +54,14 @@ export async function choosePoint(
   exports: readonly ExportEntry[],
   at: Date | undefined,
   exportNow: ((snap: SnapshotRecord) => Promise<ExportEntry>) | null,
+  want?: SnapshotRecord,
 ): Promise<RecoveryPoint> {
+  if (want !== undefined) {
+    // The snapshot of a group run all the server's disks share (commonGroupRun).
+    const e = exports.find((x) => x.tandemSnapshot === want.id) ?? (exportNow ? await exportNow(want) : undefined);
+    if (e === undefined) throw new TandemError('ERR_EBS_NOT_EXPORTED', `snapshot ${volume}@${want.id} has no EBS export; run \`appliance ebs export ${volume} --snapshot ${want.id}\``, { details: { volume } });
+    return { volume, ebsSnapshotId: e.ebsSnapshotId, tandemSnapshot: want.id, pointTime: want.created, size: want.size, exportedNow: !exports.includes(e) };
+  }
   const vol = await store.getVolume(volume);
   const candidates: Array<{ e: ExportEntry; snap: SnapshotRecord | null; time: number }> = [];
   for (const e of exports) {
@@ -91,4 +98,51 @@ export async function choosePoint(
     size,
     exportedNow: false,
   };
+}
+
+/**
+ * The disks of one server that are snapshotted together (a config group: the scheduler labels
+ * each snapshot of one group run with `groupRun`) must come back from one group run, or the
+ * server would boot with disks of different moments: a database's data from one, its log from
+ * another. That happens when a disaster cuts a group's replication short: one volume's snapshot
+ * of the last run arrived, the other's did not.
+ *
+ * While the newest snapshot (at or before `at`) of every volume is a group snapshot, returns the
+ * newest group run they all have a snapshot of, exported (or, `canExport`, exportable now), with
+ * those snapshots. Null otherwise: volumes not snapshotted as a group each take their own newest
+ * point. `exportsOf`: each volume's EBS exports.
+ */
+export async function commonGroupRun(
+  store: Store,
+  volumes: readonly string[],
+  at: Date | undefined,
+  exportsOf: ReadonlyMap<string, readonly ExportEntry[]>,
+  canExport: boolean,
+): Promise<{ groupRun: string; snapshots: Map<string, SnapshotRecord>; newer: string[] } | null> {
+  if (volumes.length < 2) return null;
+  const limit = at?.getTime() ?? Infinity;
+  const runs = new Map<string, Map<string, SnapshotRecord>>(); // volume → group run → snapshot
+  const newest = new Map<string, SnapshotRecord>();
+  for (const v of volumes) {
+    const byRun = new Map<string, SnapshotRecord>();
+    for (const s of await store.listSnapshots(v)) {
+      if (Date.parse(s.created) > limit) continue;
+      if (s.labels?.groupRun) byRun.set(s.labels.groupRun, s);
+      const n = newest.get(v);
+      if (n === undefined || s.created > n.created || (s.created === n.created && s.id > n.id)) newest.set(v, s);
+    }
+    if (!newest.get(v)?.labels?.groupRun) return null; // not (or no longer) snapshotted as a group
+    runs.set(v, byRun);
+  }
+  const first = runs.get(volumes[0]!)!;
+  const shared = [...first.keys()]
+    .filter((g) => volumes.every((v) => runs.get(v)!.has(g)))
+    .sort((a, b) => (first.get(b)!.created > first.get(a)!.created ? 1 : -1));
+  for (const g of shared) {
+    const snapshots = new Map(volumes.map((v) => [v, runs.get(v)!.get(g)!]));
+    if (canExport || volumes.every((v) => (exportsOf.get(v) ?? []).some((e) => e.tandemSnapshot === snapshots.get(v)!.id))) {
+      return { groupRun: g, snapshots, newer: volumes.filter((v) => newest.get(v)!.id !== snapshots.get(v)!.id) };
+    }
+  }
+  return null;
 }
