@@ -330,8 +330,7 @@ function serverOf(plan: RecoveryPlan, imageId: string, instanceId: string, inst:
 /**
  * Tear down every drill that another process recorded as active and did not finish: it was
  * interrupted (killed, the machine restarted) and may have left instances running in the drill
- * subnet, and images. They are found by their tag `tandem:run` and by the run's record, then
- * terminated and deregistered; the run is recorded as failed, saying so. A teardown that fails
+ * subnet, and images. They are found by their tag `tandem:run`, then terminated and deregistered; the run is recorded as failed, saying so. A teardown that fails
  * is reported through `step` and tried again next time. Returns the runs torn down.
  */
 export async function tearDownInterruptedDrills(deps: LaunchDeps): Promise<RecoveryRun[]> {
