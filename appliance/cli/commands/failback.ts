@@ -79,7 +79,7 @@ export function define(program: Command): void {
           `  EC2 snapshot ${prepare.ec2SnapshotId} of ${prepare.ec2VolumeId}: ${prepare.blocksFetched} changed block(s) (${formatBytes(prepare.bytesFetched)}) read from EBS`,
           `  pulled ${sync.blocksSent} block(s) (${formatBytes(sync.bytesSent)}); wrote ${a?.blocksWritten ?? 0} block(s) (${formatBytes(a?.bytesWritten ?? 0)}) of ${a?.blocksCompared ?? 0} compared`,
           ...(a?.keptAs ? [`  what the on-prem volume held before is kept as snapshot ${vol}@${a.keptAs}`] : []),
-          complete.terminated.length ? `  terminated ${complete.terminated.join(', ')}` : `  failover instances left running (pass --terminate to stop them)`,
+          complete.terminated.length ? `  terminated ${complete.terminated.join(', ')}` : o.terminate ? `  ${prepare.instanceId} is stopped; it is terminated with the failback of the last of its server's disks` : `  ${prepare.instanceId} left running: what it writes from now on stays in EC2 (a last failback passes --terminate: the instance is stopped before its snapshot, then terminated); terminate it in EC2 once it is not needed`,
           `  replication resumes incrementally from ${prepare.snapshot.id}`,
         ].join('\n');
         return { json: { volume: vol, peer: peerName, prepare, sync, complete }, text };
