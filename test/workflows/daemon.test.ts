@@ -187,6 +187,8 @@ groups:
   // thawed before anything else), then the resumed job's own.
   await d2.logLine((o) => o.msg === 'ran the post hook an interrupted snapshot owed');
   assert.deepEqual(readFileSync(join(work, 'post.log'), 'utf8').split('\n').filter(Boolean), [jobId, jobId]);
+  // The listing names each snapshot's group run (to restore a server's disks from one run).
+  assert.match((await cliText(['--home', a.dir, 'snapshots', 'db-data'])).stdout, new RegExp(`\\bscan\\s+erp ${jobId}\\s`));
 
   // 3. Status and metrics over the API (token required), and the CLI forwarded to the daemon.
   assert.equal((await get(a, d2.url, '/metrics', null)).status, 401);

@@ -62,8 +62,9 @@ export function define(program: Command): void {
       const text = snaps.length === 0
         ? `volume "${volume}" has no snapshots; take one with \`appliance snapshot ${volume}\``
         : formatTable(
-          ['ID', 'CREATED', 'AGE', 'SIZE', 'DATA', 'ORIGIN', 'HELD'],
-          listed.map((s) => [s.id, s.created, formatAge(s.created), formatBytes(s.size), formatBytes(s.nonZeroBlocks * s.blockSize), s.origin, s.held ? (s.held.reason || 'yes') : '-']),
+          // A group's snapshots name their group run: restore the disks of a server from one run.
+          ['ID', 'CREATED', 'AGE', 'SIZE', 'DATA', 'ORIGIN', 'GROUP RUN', 'HELD'],
+          listed.map((s) => [s.id, s.created, formatAge(s.created), formatBytes(s.size), formatBytes(s.nonZeroBlocks * s.blockSize), s.origin, s.labels?.groupRun ? `${s.labels.group ?? ''} ${s.labels.groupRun}`.trim() : '-', s.held ? (s.held.reason || 'yes') : '-']),
         );
       return { json: listed, text };
     }));
