@@ -21,6 +21,21 @@ async function homeWithHooks(dir: string, hooks: string): Promise<string> {
   return home;
 }
 
+/**
+ * A home whose volume's hooks stand for a freeze: the pre hook creates FROZEN and runs `pre`
+ * (shell, with $FROZEN and $LOG set), the post hook removes FROZEN and logs "post".
+ */
+async function freezingHome(t: { after(fn: () => void): void }, pre: string, timeout = '10s'): Promise<{ home: string; log: string; frozen: string }> {
+  const dir = tempDir(t);
+  const log = join(dir, 'hooks.log');
+  const frozen = join(dir, 'FROZEN');
+  const home = await homeWithHooks(dir, `      pre: "touch ${frozen}; ${pre.replaceAll('$LOG', log)}"
+      post: "rm ${frozen} && echo post >> ${log}"
+      timeout: ${timeout}
+`);
+  return { home, log, frozen };
+}
+
 test('manual snapshots run the group hooks; a failing pre hook takes no snapshot and still runs post', async (t) => {
   const dir = tempDir(t);
   const log = join(dir, 'hooks.log');
@@ -57,14 +72,8 @@ test('hooks see NODE_EXTRA_CA_CERTS as the operator set it, though the launcher 
 
 test('Ctrl-C, a closed terminal or kill during a hooked snapshot runs the post hook (the thaw) before the command ends', async (t) => {
   for (const sig of ['SIGINT', 'SIGHUP', 'SIGTERM'] as const) {
-    const dir = tempDir(t);
-    const log = join(dir, 'hooks.log');
-    const frozen = join(dir, 'FROZEN');
     // The signal arrives while the pre hook runs: it is killed (so it logs nothing), then the thaw runs.
-    const home = await homeWithHooks(dir, `      pre: "touch ${frozen}; kill -${sig.slice(3)} $PPID; sleep 0.3; echo pre >> ${log}"
-      post: "rm ${frozen} && echo post >> ${log}"
-      timeout: 10s
-`);
+    const { home, log, frozen } = await freezingHome(t, `kill -${sig.slice(3)} $PPID; sleep 0.3; echo pre >> $LOG`);
     const r = await collect(spawnCli(['--home', home, 'snapshot', 'db']));
     assert.equal(r.signal, sig, `ended by ${sig} as it would have been: ${r.stderr}`);
     assert.match(r.stderr, new RegExp(`${sig}: running the post hook before exiting`));
@@ -77,14 +86,8 @@ test('Ctrl-C, a closed terminal or kill during a hooked snapshot runs the post h
 
 test('kill -9 between the hooks: doctor says the post hook is owed; the next snapshot, or the daemon when it starts, runs it first', async (t) => {
   for (const by of ['snapshot', 'daemon'] as const) {
-    const dir = tempDir(t);
-    const log = join(dir, 'hooks.log');
-    const frozen = join(dir, 'FROZEN');
-    const kill = join(dir, 'KILL');
-    const home = await homeWithHooks(dir, `      pre: "touch ${frozen}; echo pre >> ${log}; if [ -e ${kill} ]; then rm ${kill}; kill -9 $PPID; sleep 5; fi"
-      post: "rm ${frozen} && echo post >> ${log}"
-      timeout: 10s
-`);
+    const kill = join(tempDir(t), 'KILL');
+    const { home, log, frozen } = await freezingHome(t, `echo pre >> $LOG; if [ -e ${kill} ]; then rm ${kill}; kill -9 $PPID; sleep 5; fi`);
     writeFileSync(kill, '');
     const killed = await collect(spawnCli(['--home', home, 'snapshot', 'db']));
     assert.equal(killed.signal, 'SIGKILL');
@@ -118,13 +121,7 @@ test('kill -9 between the hooks: doctor says the post hook is owed; the next sna
 });
 
 test('Ctrl-C while the pre hook hangs: the pre hook is killed and the post hook runs at once, not after the timeout', async (t) => {
-  const dir = tempDir(t);
-  const log = join(dir, 'hooks.log');
-  const frozen = join(dir, 'FROZEN');
-  const home = await homeWithHooks(dir, `      pre: "touch ${frozen}; kill -INT $PPID; sleep 30; echo pre >> ${log}"
-      post: "rm ${frozen} && echo post >> ${log}"
-      timeout: 60s
-`);
+  const { home, log, frozen } = await freezingHome(t, 'kill -INT $PPID; sleep 30; echo pre >> $LOG', '60s');
   const started = Date.now();
   const r = await collect(spawnCli(['--home', home, 'snapshot', 'db']));
   assert.equal(r.signal, 'SIGINT', r.stderr);
