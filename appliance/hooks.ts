@@ -232,15 +232,15 @@ export async function runOwedPostHooks(ledger: string, dryRun = false): Promise<
 
 /** Signals that end a process by default, and that an operator or a closed terminal sends. */
 const ENDING_SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
-/** Post hooks owed by the snapshots running between their hooks in this process. */
-const owed = new Set<() => Promise<HookRun | null>>();
+/** The post hooks of the snapshots between their hooks in this process, run on a signal. */
+const postsOnSignal = new Set<() => Promise<HookRun | null>>();
 
 function onEndingSignal(sig: NodeJS.Signals): void {
   // Another listener (the daemon, a server) owns this signal: it stops its jobs, whose post
   // hooks then run. This one is first in line (prepended), so theirs are still counted.
   if (process.listenerCount(sig) > 1) return;
   process.stderr.write(`${sig}: running the post hook before exiting\n`);
-  void Promise.allSettled([...owed].map((post) => post())).finally(() => {
+  void Promise.allSettled([...postsOnSignal].map((post) => post())).finally(() => {
     for (const s of ENDING_SIGNALS) process.off(s, onEndingSignal);
     process.kill(process.pid, sig); // now with no listener: ends the process as the signal does
   });
@@ -253,11 +253,11 @@ function onEndingSignal(sig: NodeJS.Signals): void {
  * itself is left to do so. Returns the function that withdraws this post hook.
  */
 function postOnSignals(runPost: () => Promise<HookRun | null>): () => void {
-  if (owed.size === 0) for (const s of ENDING_SIGNALS) process.prependListener(s, onEndingSignal);
-  owed.add(runPost);
+  if (postsOnSignal.size === 0) for (const s of ENDING_SIGNALS) process.prependListener(s, onEndingSignal);
+  postsOnSignal.add(runPost);
   return () => {
-    owed.delete(runPost);
-    if (owed.size === 0) for (const s of ENDING_SIGNALS) process.off(s, onEndingSignal);
+    postsOnSignal.delete(runPost);
+    if (postsOnSignal.size === 0) for (const s of ENDING_SIGNALS) process.off(s, onEndingSignal);
   };
 }
 

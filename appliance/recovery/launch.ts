@@ -336,8 +336,7 @@ function serverOf(plan: RecoveryPlan, imageId: string, instanceId: string, inst:
 export async function tearDownInterruptedDrills(deps: LaunchDeps): Promise<RecoveryRun[]> {
   const step = deps.step ?? (() => {});
   const done: RecoveryRun[] = [];
-  const ids = new Set((await interruptedDrills(deps.store)).map((r) => r.id));
-  for (const run of (await listRuns(deps.store)).filter((r) => ids.has(r.id))) {
+  for (const run of await interruptedDrills<RecoveryRun>(deps.store)) {
     try {
       // By tag only: an id recorded long ago may be unknown to EC2 by now, which would fail the
       // teardown every time; every instance and image of the run carries the tag from its creation.

@@ -25,7 +25,7 @@ export const FAILBACKS_NS = 'failbacks';
 export const RUN_OWNER = randomUUID();
 
 /** The parts of a recorded run (launch.ts RecoveryRun) this module reads. */
-interface RunRecord {
+export interface RunRecord {
   readonly id: string;
   readonly mode: string;
   readonly status: string;
@@ -64,7 +64,10 @@ export async function failedOver(store: Pick<Store, 'listMeta' | 'getMeta'>, vol
   return (await failedOverVolumes(store)).get(volume) ?? null;
 }
 
-/** Drills recorded as active by another process: interrupted before their teardown, their instances perhaps still running. */
-export async function interruptedDrills(store: Pick<Store, 'listMeta'>): Promise<RunRecord[]> {
-  return (await store.listMeta<RunRecord>(RUNS_NS)).map(([, r]) => r).filter((r) => r.mode === 'drill' && r.status === 'active' && r.owner !== RUN_OWNER);
+/**
+ * Drills recorded as active by another process: interrupted before their teardown, their
+ * instances perhaps still running. `T`: the caller's view of the record (launch.ts RecoveryRun).
+ */
+export async function interruptedDrills<T extends RunRecord = RunRecord>(store: Pick<Store, 'listMeta'>): Promise<T[]> {
+  return (await store.listMeta<T>(RUNS_NS)).map(([, r]) => r).filter((r) => r.mode === 'drill' && r.status === 'active' && r.owner !== RUN_OWNER);
 }

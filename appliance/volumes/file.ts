@@ -159,23 +159,31 @@ async function fileUsers(path: string): Promise<string[]> {
       const id = f[5]?.split(':');
       if (id?.length !== 3 || BigInt(`0x${id[0]}`) !== major || BigInt(`0x${id[1]}`) !== minor || id[2] !== String(st.ino)) continue;
       const pid = Number(f[4]);
-      const comm = pid > 0 ? (await readFile(`/proc/${pid}/comm`, 'utf8').catch(() => '')).trim() : '';
-      users.add(pid > 0 ? `locked by pid ${pid}${comm ? ` (${comm})` : ''}` : 'locked by a running program (QEMU locks the disks of a running VM so)');
+      users.add(pid > 0 ? `locked by ${processName(pid)}` : 'locked by a running program (QEMU locks the disks of a running VM so)');
     }
-    for (const writer of writersOf(await realpath(path))) users.add(`open for writing by pid ${writer.pid}${writer.comm ? ` (${writer.comm})` : ''}`);
+    for (const pid of writersOf(await realpath(path))) users.add(`open for writing by ${processName(pid)}`);
   } catch {
     // Only the check gets poorer.
   }
   return [...users];
 }
 
+/** `pid 123 (qemu-system-x86)`: the program's name from /proc when it is still there. */
+function processName(pid: number): string {
+  try {
+    return `pid ${pid} (${readFileSync(`/proc/${pid}/comm`, 'utf8').trim()})`;
+  } catch {
+    return `pid ${pid}`;
+  }
+}
+
 /**
- * The other processes that hold file `real` (a real path) open for writing, from /proc/PID/fd
+ * The other processes (pids) that hold file `real` (a real path) open for writing, from /proc/PID/fd
  * and the flags in /proc/PID/fdinfo (a VM, a database, any program writing it). Processes this
  * user cannot look into are not seen. Synchronous: some thousands of links are read in a few ms.
  */
-function writersOf(real: string): Array<{ pid: number; comm: string }> {
-  const out: Array<{ pid: number; comm: string }> = [];
+function writersOf(real: string): number[] {
+  const out: number[] = [];
   let pids: string[];
   try {
     pids = readdirSync('/proc').filter((p) => /^\d+$/.test(p) && Number(p) !== process.pid);
@@ -194,11 +202,7 @@ function writersOf(real: string): Array<{ pid: number; comm: string }> {
         if (readlinkSync(`/proc/${pid}/fd/${fd}`) !== real) continue;
         const flags = /^flags:\s*([0-7]+)/m.exec(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'))?.[1];
         if (flags === undefined || (parseInt(flags, 8) & 3) === 0) continue; // read-only
-        let comm = '';
-        try {
-          comm = readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
-        } catch { /* gone */ }
-        out.push({ pid: Number(pid), comm });
+        out.push(Number(pid));
         break;
       } catch {
         // closed meanwhile
