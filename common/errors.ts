@@ -89,6 +89,7 @@ export const CATALOG = {
   ERR_POLICY_NOT_FOUND: { http: 404, exit: 1, summary: 'no such policy' },
   ERR_PLAN_INVALID: { http: 400, exit: 1, summary: 'the recovery plan in the config is incomplete' },
   ERR_FAILOVER_FAILED: { http: 500, exit: 1, summary: 'failover could not launch the recovery instances' },
+  ERR_FAILOVER_PARTIAL: { http: 500, exit: 1, summary: 'failover brought some recovery plans up and not others' },
   ERR_DRILL_FAILED: { http: 500, exit: 1, summary: 'the drill did not pass its checks' },
 } as const satisfies Record<string, CatalogEntry>;
 

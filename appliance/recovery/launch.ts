@@ -17,6 +17,16 @@
  * A drill reads exports only: it takes no volume lock, writes no snapshot, and so leaves
  * production and replication untouched (tested by hashing both before and after).
  *
+ * A plan that does not come up in a failover (RunInstances refused: no capacity for its instance
+ * type, its fixed IP taken; or its instance terminated instead of running) does not stop the
+ * others: in a disaster every server that can run should. Its image is deregistered, and the run
+ * stays active with the servers that are up (they count as failed over; `failedPlans` and `error`
+ * say what did not come up), answered by ERR_FAILOVER_PARTIAL naming the command that launches the
+ * rest (`failover --plan NAME`). A failover that brings nothing up is failed, with nothing left in
+ * EC2 (ERR_FAILOVER_FAILED). An instance still `pending` when the wait for `running` ends counts
+ * as failed over: a rerun must not start a second copy of it. A drill stops at its first failure
+ * and tears down.
+ *
  * Interruptions (kill -9, a reboot, a lost session during `--keep`): the run is recorded as
  * active, with `owner` naming this process, before anything is created in EC2, and again after
  * each image and instance. A failover killed while its instances start is so still known as
@@ -85,6 +95,8 @@ export interface RecoveryRun {
   owner?: string;
   /** Images registered for it so far (each also tagged `tandem:run`). */
   images?: string[];
+  /** Plans of a failover that did not come up (with `error` saying why); its other servers run. */
+  failedPlans?: string[];
 }
 
 export { RUNS_NS } from './state.js';
@@ -196,71 +208,96 @@ export async function launch(deps: LaunchDeps, opts: LaunchOptions): Promise<Rec
   const instances: string[] = [];
   // Recorded before anything exists in EC2: an interruption from here on is found later.
   await save(store, run);
+  const drill = opts.mode === 'drill';
+  // A failover goes on with the other plans when one cannot launch (no capacity for its instance
+  // type, its fixed IP taken...): in a disaster, every server that can run should. A drill stops
+  // at the first failure and tears down.
+  const failures: PlanFailure[] = [];
   try {
     // 2. One AMI and one instance per plan.
     const baseTags = { 'tandem:appliance': deps.applianceName, 'tandem:run': run.id, 'tandem:mode': opts.mode };
-    const launched: Array<{ plan: RecoveryPlan; imageId: string; instanceId: string }> = [];
+    const launched: Launched[] = [];
     for (const plan of opts.plans) {
       if (opts.signal?.aborted) throw new TandemError('ERR_FAILOVER_FAILED', `${opts.mode} interrupted`);
-      const arch = plan.raw.architecture ?? 'x86_64';
-      const imageId = await ec2.registerImage(deps.ec2, {
-        name: `tandem-${plan.name}-${run.id}`,
-        description: `Tandem ${opts.mode} of ${plan.name} at ${points.get(plan.disks[0]!.volume)!.pointTime}`,
-        architecture: arch,
-        disks: plan.disks.map((d) => {
-          const p = points.get(d.volume)!;
-          return { device: d.device, snapshotId: p.ebsSnapshotId, sizeGiB: sizeGiB(p.size) };
-        }),
-        tags: { ...baseTags, 'tandem:plan': plan.name },
-      });
-      images.push(imageId);
-      run.images = [...images];
-      await save(store, run);
-      step(`${plan.name}: registered image ${imageId}`);
-      const drill = opts.mode === 'drill';
-      if (drill && !plan.raw.drill) {
-        throw new TandemError('ERR_PLAN_INVALID', `recovery plan "${plan.name}" has no \`drill\` section; add drill.subnet (an isolated subnet) and drill.securityGroups so a drill cannot reach production`);
+      let imageId: string | undefined;
+      try {
+        const arch = plan.raw.architecture ?? 'x86_64';
+        imageId = await ec2.registerImage(deps.ec2, {
+          name: `tandem-${plan.name}-${run.id}`,
+          description: `Tandem ${opts.mode} of ${plan.name} at ${points.get(plan.disks[0]!.volume)!.pointTime}`,
+          architecture: arch,
+          disks: plan.disks.map((d) => {
+            const p = points.get(d.volume)!;
+            return { device: d.device, snapshotId: p.ebsSnapshotId, sizeGiB: sizeGiB(p.size) };
+          }),
+          tags: { ...baseTags, 'tandem:plan': plan.name },
+        });
+        images.push(imageId);
+        run.images = [...images];
+        await save(store, run);
+        step(`${plan.name}: registered image ${imageId}`);
+        if (drill && !plan.raw.drill) {
+          throw new TandemError('ERR_PLAN_INVALID', `recovery plan "${plan.name}" has no \`drill\` section; add drill.subnet (an isolated subnet) and drill.securityGroups so a drill cannot reach production`);
+        }
+        const instanceId = await ec2.runInstance(deps.ec2, {
+          imageId,
+          instanceType: plan.raw.instanceType,
+          subnetId: drill ? plan.raw.drill!.subnet : plan.raw.subnet,
+          securityGroupIds: drill ? plan.raw.drill!.securityGroups : plan.raw.securityGroups,
+          privateIp: drill ? undefined : plan.raw.privateIp,
+          userData: plan.raw.userData,
+          keyName: plan.raw.keyName,
+          tags: { ...(plan.raw.tags ?? {}), ...baseTags, 'tandem:plan': plan.name, Name: `${plan.name}${drill ? ' (drill)' : ''}` },
+          clientToken: `${run.id}-${plan.name}`.slice(0, 64),
+        });
+        instances.push(instanceId);
+        launched.push({ plan, imageId, instanceId });
+        // Known before it runs: a failover killed while waiting counts as failed over.
+        run.servers.push(serverOf(plan, imageId, instanceId, undefined, points));
+        await save(store, run);
+        step(`${plan.name}: launched ${instanceId}`);
+      } catch (e) {
+        if (drill) throw e;
+        failures.push({ plan: plan.name, imageId, error: errorText(e) });
+        step(`${plan.name}: could not launch: ${errorText(e)}${opts.plans.length > 1 ? '; the other plans go on' : ''}`);
       }
-      const instanceId = await ec2.runInstance(deps.ec2, {
-        imageId,
-        instanceType: plan.raw.instanceType,
-        subnetId: drill ? plan.raw.drill!.subnet : plan.raw.subnet,
-        securityGroupIds: drill ? plan.raw.drill!.securityGroups : plan.raw.securityGroups,
-        privateIp: drill ? undefined : plan.raw.privateIp,
-        userData: plan.raw.userData,
-        keyName: plan.raw.keyName,
-        tags: { ...(plan.raw.tags ?? {}), ...baseTags, 'tandem:plan': plan.name, Name: `${plan.name}${drill ? ' (drill)' : ''}` },
-        clientToken: `${run.id}-${plan.name}`.slice(0, 64),
-      });
-      instances.push(instanceId);
-      launched.push({ plan, imageId, instanceId });
-      // Known before it runs: a failover killed while waiting counts as failed over.
-      run.servers.push(serverOf(plan, imageId, instanceId, undefined, points));
-      await save(store, run);
-      step(`${plan.name}: launched ${instanceId}`);
     }
 
     // 3. Wait until every instance runs: that moment is the recovery time.
     const tWait = performance.now();
-    await ec2.waitRunning(deps.ec2, instances);
-    run.launchSeconds = round((performance.now() - tWait) / 1000);
-    run.rtoSeconds = round((performance.now() - t0) / 1000);
-    const described = new Map((await ec2.describeInstances(deps.ec2, instances)).map((i) => [i.InstanceId!, i]));
-    run.servers = launched.map(({ plan, imageId, instanceId }) => serverOf(plan, imageId, instanceId, described.get(instanceId), points));
-    step(`all ${instances.length} instance(s) running after ${run.rtoSeconds} s`);
-    for (const v of volumes) {
-      await store.putMeta(RTO_NS, v, { mode: opts.mode, run: run.id, at: new Date().toISOString(), rtoSeconds: run.rtoSeconds, launchSeconds: run.launchSeconds });
+    let waitError: unknown = null;
+    if (instances.length > 0) {
+      try {
+        await ec2.waitRunning(deps.ec2, instances);
+      } catch (e) {
+        // The waiter gives up when an instance terminates instead of running (its launch failed)
+        // or after RUNNING_WAIT_SECONDS: which instances are up is read below.
+        if (drill) throw e;
+        waitError = e;
+      }
+    }
+    const described = await describeLaunched(deps, instances, waitError !== null);
+    if (waitError === null && failures.length === 0) {
+      run.launchSeconds = round((performance.now() - tWait) / 1000);
+      run.rtoSeconds = round((performance.now() - t0) / 1000);
+      run.servers = launched.map(({ plan, imageId, instanceId }) => serverOf(plan, imageId, instanceId, described.get(instanceId), points));
+      step(`all ${instances.length} instance(s) running after ${run.rtoSeconds} s`);
+      for (const v of volumes) {
+        await store.putMeta(RTO_NS, v, { mode: opts.mode, run: run.id, at: new Date().toISOString(), rtoSeconds: run.rtoSeconds, launchSeconds: run.launchSeconds });
+      }
+    } else {
+      await settleFailedLaunch(deps, run, launched, described, failures, waitError, points);
     }
 
-    if (opts.mode === 'drill') {
+    if (drill) {
       run.checks = drillChecks(opts.plans, run.servers);
       for (const c of run.checks) step(`check ${c.ok ? 'passed' : 'FAILED'}: ${c.name}: ${c.detail}`);
     }
     await save(store, run);
   } catch (e) {
     run.status = 'failed';
-    run.error = e instanceof TandemError ? `${e.code}: ${e.message}` : String((e as Error)?.message ?? e);
-    if (opts.mode === 'drill') {
+    run.error = errorText(e);
+    if (drill) {
       await teardown(deps, run, instances, images).catch(() => {});
       await save(store, run);
       throw new TandemError('ERR_DRILL_FAILED', `drill ${run.id} failed and was torn down: ${run.error}`, { cause: e, details: { run: run.id } });
@@ -272,6 +309,7 @@ export async function launch(deps: LaunchDeps, opts: LaunchOptions): Promise<Rec
       { cause: e, details: { run: run.id, images, instances } },
     );
   }
+  if (run.error !== null) throw failedLaunchError(run, failures);
 
   if (opts.mode === 'drill') {
     if (opts.keepMinutes && opts.keepMinutes > 0) {
@@ -304,6 +342,102 @@ export function drillChecks(plans: readonly RecoveryPlan[], servers: readonly La
     checks.push({ name: `${plan.name} disks attached`, ok: attached === plan.disks.length, detail: `${attached} of ${plan.disks.length} disks` });
   }
   return checks;
+}
+
+interface Launched { readonly plan: RecoveryPlan; readonly imageId: string; readonly instanceId: string }
+
+/** A plan of a failover that did not come up: why, and the image registered for it, if any. */
+export interface PlanFailure {
+  readonly plan: string;
+  readonly imageId?: string;
+  readonly error: string;
+}
+
+function errorText(e: unknown): string {
+  return e instanceof TandemError ? `${e.code}: ${e.message}` : String((e as Error)?.message ?? e);
+}
+
+/**
+ * DescribeInstances of what was launched. After a failed wait (`lenient`) a describe that fails
+ * too leaves the instances unknown: they are then taken as starting, so that they count as
+ * failed over rather than be launched a second time.
+ */
+async function describeLaunched(deps: LaunchDeps, ids: readonly string[], lenient: boolean): Promise<Map<string, Instance>> {
+  if (ids.length === 0) return new Map();
+  try {
+    return new Map((await ec2.describeInstances(deps.ec2, ids)).map((i) => [i.InstanceId!, i]));
+  } catch (e) {
+    if (!lenient) throw e;
+    (deps.step ?? (() => {}))(`could not read the state of ${ids.join(', ')} (${errorText(e)}): taken as starting`);
+    return new Map();
+  }
+}
+
+/** States of an instance that holds the server's disks: it counts as failed over. */
+const ALIVE = new Set(['pending', 'running', 'stopping', 'stopped']);
+
+/**
+ * A failover in which some plan did not come up: a plan whose instance terminated instead of
+ * running (or never launched) joins `failures`, its image is deregistered, and the run keeps the
+ * instances that are alive. With any alive it stays active (those volumes run in EC2, so a second
+ * launch of them is refused); with none it is failed, and nothing of it is left in EC2.
+ */
+async function settleFailedLaunch(
+  deps: LaunchDeps,
+  run: RecoveryRun,
+  launched: readonly Launched[],
+  described: ReadonlyMap<string, Instance>,
+  failures: PlanFailure[],
+  waitError: unknown,
+  points: ReadonlyMap<string, RecoveryPoint>,
+): Promise<void> {
+  const step = deps.step ?? (() => {});
+  const alive: LaunchedServer[] = [];
+  for (const { plan, imageId, instanceId } of launched) {
+    const inst = described.get(instanceId);
+    const state = inst?.State?.Name ?? 'pending';
+    if (ALIVE.has(state)) {
+      alive.push(serverOf(plan, imageId, instanceId, inst, points));
+      if (state !== 'running') step(`${plan.name}: ${instanceId} is ${state}${waitError !== null ? ` after the wait ended (${errorText(waitError)})` : ''}; it counts as failed over`);
+      continue;
+    }
+    const why = inst?.StateReason?.Message ?? (waitError !== null ? errorText(waitError) : 'unknown');
+    failures.push({ plan: plan.name, imageId, error: `its instance ${instanceId} is ${state} instead of running: ${why}` });
+    step(`${plan.name}: ${instanceId} is ${state} instead of running: ${why}`);
+  }
+  run.servers = alive;
+  for (const f of failures) {
+    if (f.imageId === undefined) continue;
+    try {
+      await ec2.deregisterImage(deps.ec2, f.imageId);
+      run.images = (run.images ?? []).filter((i) => i !== f.imageId);
+    } catch (e) {
+      step(`${f.plan}: could not deregister its image ${f.imageId}: ${errorText(e)}`);
+    }
+  }
+  run.error = failures.length > 0
+    ? failures.map((f) => `${f.plan}: ${f.error}`).join('; ')
+    : `not every instance reported running: ${errorText(waitError)}`;
+  if (alive.length === 0) run.status = 'failed';
+  run.failedPlans = failures.map((f) => f.plan);
+}
+
+/** The error of a failover that did not bring every plan up (settleFailedLaunch). */
+function failedLaunchError(run: RecoveryRun, failures: readonly PlanFailure[]): TandemError {
+  const failed = failures.map((f) => `${f.plan}: ${f.error}`);
+  const details = { run: run.id, running: run.servers.map((s) => ({ plan: s.plan, instanceId: s.instanceId, state: s.state })), failed: failures };
+  if (run.servers.length === 0) {
+    const left = run.images ?? [];
+    const inEc2 = left.length === 0 ? 'Nothing of it is left in EC2' : `Its images ${left.join(', ')} are left (tagged tandem:run=${run.id}; deregister them)`;
+    return new TandemError('ERR_FAILOVER_FAILED', `failover ${run.id} brought no server up: ${failed.join('; ')}. ${inEc2}, and no volume counts as failed over: fix the cause and rerun the failover`, { details });
+  }
+  const up = run.servers.map((s) => `${s.plan} (${s.instanceId}, ${s.state})`).join(', ');
+  const rerun = failures.map((f) => `\`appliance failover --plan ${f.plan}\``).join(', ');
+  return new TandemError(
+    'ERR_FAILOVER_PARTIAL',
+    `failover ${run.id} came up in part: ${up} ${run.servers.length === 1 ? 'runs' : 'run'} in EC2 and ${run.servers.length === 1 ? 'counts' : 'count'} as failed over. ${failed.length > 0 ? `Not up: ${failed.join('; ')}. Fix the cause and run ${rerun || 'the failover of those plans'} (its volumes are not failed over)` : `Not every instance reported running: ${run.error}; check ${run.servers.map((s) => s.instanceId).join(', ')} in EC2`}; \`appliance status\` shows what runs`,
+    { details },
+  );
 }
 
 /** Terminate the run's instances (waiting for it) and deregister its images. */
@@ -364,7 +498,7 @@ export async function tearDownInterruptedDrills(deps: LaunchDeps): Promise<Recov
 export async function settleInterruptedFailovers(deps: LaunchDeps, plans: readonly RecoveryPlan[]): Promise<void> {
   const step = deps.step ?? (() => {});
   for (const run of await listRuns(deps.store)) {
-    if (run.mode !== 'failover' || run.status !== 'active' || run.rtoSeconds !== null || run.owner === undefined || run.owner === RUN_OWNER) continue;
+    if (run.mode !== 'failover' || run.status !== 'active' || run.rtoSeconds !== null || run.error !== null || run.owner === undefined || run.owner === RUN_OWNER) continue;
     const found = await ec2.resourcesOfRun(deps.ec2, run.id);
     const points = new Map(run.points.map((p) => [p.volume, p]));
     for (const inst of found.described) {

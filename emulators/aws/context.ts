@@ -14,4 +14,12 @@ export interface EmulatorContext {
   readonly pendingTimeoutMinutes: number;
   /** How long an instance stays `pending` / `shutting-down` before `running` / `terminated`. */
   readonly instanceDelayMs: number;
+  /**
+   * Launch faults by instance type (POST /_emulator/launch-faults): `capacity` refuses RunInstances
+   * with InsufficientInstanceCapacity; `fail` launches the instance, which then terminates
+   * instead of running (state reason Server.InternalError), as EC2 does when a launch fails.
+   */
+  readonly launchFaults: Map<string, LaunchFault>;
 }
+
+export type LaunchFault = 'capacity' | 'fail';

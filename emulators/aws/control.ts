@@ -5,7 +5,7 @@
  */
 import type { FastifyInstance } from 'fastify';
 import { EBS_BLOCK_SIZE } from './blobs.js';
-import type { EmulatorContext } from './context.js';
+import type { EmulatorContext, LaunchFault } from './context.js';
 import { readVolume, writeVolume } from './volumes.js';
 
 export function registerControl(app: FastifyInstance, ctx: EmulatorContext): void {
@@ -13,6 +13,19 @@ export function registerControl(app: FastifyInstance, ctx: EmulatorContext): voi
 
   app.post('/_emulator/faults', async (req) => ctx.faults.configure((req.body ?? {}) as Record<string, unknown>));
   app.get('/_emulator/faults', async () => ctx.faults.settings);
+
+  // Launch faults by instance type: `{"r5.large": "capacity", "t3.small": "fail"}` replaces them all; `{}` clears.
+  app.post('/_emulator/launch-faults', async (req) => {
+    const body = (req.body ?? {}) as Record<string, unknown>;
+    if (typeof body !== 'object' || Array.isArray(body)) throw Object.assign(new Error('body must be {instanceType: "capacity" | "fail"}'), { statusCode: 400 });
+    for (const [type, how] of Object.entries(body)) {
+      if (how !== 'capacity' && how !== 'fail') throw Object.assign(new Error(`launch fault of ${type} must be "capacity" or "fail"`), { statusCode: 400 });
+    }
+    ctx.launchFaults.clear();
+    for (const [type, how] of Object.entries(body)) ctx.launchFaults.set(type, how as LaunchFault);
+    return Object.fromEntries(ctx.launchFaults);
+  });
+  app.get('/_emulator/launch-faults', async () => Object.fromEntries(ctx.launchFaults));
 
   app.get('/_emulator/stats', async () => ctx.stats.toJSON());
   app.post('/_emulator/stats/reset', async () => {

@@ -194,7 +194,8 @@ export function registerEc2(app: FastifyInstance, ctx: EmulatorContext): void {
       instanceState: { code: INSTANCE_STATE_CODES[i.state], name: i.state },
       privateDnsName: `ip-${i.privateIp.replace(/\./g, '-')}.ec2.internal`,
       dnsName: '',
-      reason: i.state === 'terminated' || i.state === 'shutting-down' ? 'User initiated' : '',
+      reason: i.stateReason?.message ?? (i.state === 'terminated' || i.state === 'shutting-down' ? 'User initiated' : ''),
+      stateReason: i.stateReason,
       keyName: i.keyName ?? undefined,
       amiLaunchIndex: 0,
       instanceType: i.instanceType,
@@ -424,6 +425,11 @@ export function registerEc2(app: FastifyInstance, ctx: EmulatorContext): void {
       for (const g of groups) if (!/^sg-[0-9a-z]+$/.test(g)) throw new Ec2Error('InvalidGroup.NotFound', `The security group '${g}' does not exist`);
       const userData = f.get('UserData') ?? null;
       if (userData !== null && !/^[A-Za-z0-9+/=\s]*$/.test(userData)) throw new Ec2Error('InvalidParameterValue', 'Invalid BASE64 encoding of user data.');
+      const instanceType = f.get('InstanceType') ?? DEFAULT_INSTANCE_TYPE;
+      const launchFault = ctx.launchFaults.get(instanceType);
+      if (launchFault === 'capacity') {
+        throw new Ec2Error('InsufficientInstanceCapacity', `We currently do not have sufficient ${instanceType} capacity in the Availability Zone you requested (${subnet.availabilityZone}). Our system will be working on provisioning additional capacity. You can currently get ${instanceType} capacity by not specifying an Availability Zone in your request or choosing a different one.`, 500);
+      }
       const reservationId = newId('r');
       const now = Date.now();
       const created: InstanceRec[] = [];
@@ -454,7 +460,7 @@ export function registerEc2(app: FastifyInstance, ctx: EmulatorContext): void {
           id,
           reservationId,
           imageId: image.id,
-          instanceType: f.get('InstanceType') ?? DEFAULT_INSTANCE_TYPE,
+          instanceType,
           subnetId: subnet.id,
           vpcId: subnet.vpcId,
           privateIp: privateIp ?? freeIp(subnet),
@@ -469,6 +475,7 @@ export function registerEc2(app: FastifyInstance, ctx: EmulatorContext): void {
           rootDeviceName: image.rootDeviceName,
           architecture: image.architecture,
           tags: f.tagSpec('instance'),
+          ...(launchFault === 'fail' ? { failsOnLaunch: true } : {}),
         };
         state.instances.set(id, inst);
         created.push(inst);
@@ -506,6 +513,7 @@ export function registerEc2(app: FastifyInstance, ctx: EmulatorContext): void {
           const previous = i.state;
           if (i.state !== 'terminated' && i.state !== 'shutting-down') {
             i.state = 'shutting-down';
+            i.stateReason = { code: 'Client.UserInitiatedShutdown', message: 'Client.UserInitiatedShutdown: User initiated shutdown' };
             i.transitionAt = now + ctx.instanceDelayMs;
           }
           return { instanceId: i.id, currentState: stateXml(i.state), previousState: stateXml(previous) };

@@ -43,6 +43,7 @@ export async function buildAwsEmulator(opts: AwsEmulatorOptions = {}): Promise<F
     nextTokenTtlMs: opts.nextTokenTtlMs ?? DEFAULT_TOKEN_TTL_MS,
     pendingTimeoutMinutes: opts.pendingTimeoutMinutes ?? DEFAULT_PENDING_TIMEOUT_MINUTES,
     instanceDelayMs: opts.instanceDelayMs ?? DEFAULT_INSTANCE_DELAY_MS,
+    launchFaults: new Map(),
   };
   const app = await buildApp(ctx, opts.logger ?? false);
   app.addHook('onClose', async () => {

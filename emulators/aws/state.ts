@@ -103,6 +103,10 @@ export interface InstanceRec {
   rootDeviceName: string;
   architecture: string;
   tags: Tag[];
+  /** Set by a `fail` launch fault: the instance goes from `pending` to `terminated`, as one whose launch failed. */
+  failsOnLaunch?: boolean;
+  /** Why the instance last changed state, when EC2 says (DescribeInstances `stateReason`). */
+  stateReason?: { code: string; message: string };
 }
 
 export interface SubnetRec {
@@ -301,7 +305,12 @@ export class EmulatorState {
   tickInstances(now = Date.now()): void {
     for (const inst of this.instances.values()) {
       if (now < inst.transitionAt) continue;
-      if (inst.state === 'pending') {
+      if (inst.state === 'pending' && inst.failsOnLaunch) {
+        inst.state = 'terminated';
+        inst.stateReason = { code: 'Server.InternalError', message: 'Server.InternalError: Internal error on launch' };
+        this.#releaseVolumes(inst);
+        this.changed();
+      } else if (inst.state === 'pending') {
         inst.state = 'running';
         this.changed();
       } else if (inst.state === 'stopping') {
@@ -309,14 +318,19 @@ export class EmulatorState {
         this.changed();
       } else if (inst.state === 'shutting-down') {
         inst.state = 'terminated';
-        for (const v of inst.volumes) {
-          const vol = this.volumes.get(v.volumeId);
-          if (!vol) continue;
-          vol.attachedTo = null;
-          vol.state = v.deleteOnTermination ? 'deleted' : 'available';
-        }
+        this.#releaseVolumes(inst);
         this.changed();
       }
+    }
+  }
+
+  /** A terminated instance's volumes: deleted with DeleteOnTermination, else `available`. */
+  #releaseVolumes(inst: InstanceRec): void {
+    for (const v of inst.volumes) {
+      const vol = this.volumes.get(v.volumeId);
+      if (!vol) continue;
+      vol.attachedTo = null;
+      vol.state = v.deleteOnTermination ? 'deleted' : 'available';
     }
   }
 }
