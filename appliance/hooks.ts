@@ -12,7 +12,9 @@
  * - a signal that ends the process (SIGINT, SIGTERM, SIGHUP: Ctrl-C, a closed ssh session) from
  *   the pre hook on runs the post hook first (after the pre hook, which it kills if it still
  *   runs), then ends the process as the signal would have; a snapshot not yet started is not
- *   taken. A process that handles the signal itself (the daemon) is left to do so.
+ *   taken, and one under way is stopped before it commits: `fn`'s signal is aborted before the
+ *   post hook starts, so a snapshot that commits read nothing after the thaw. A process that
+ *   handles the signal itself (the daemon) is left to do so.
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -112,8 +114,10 @@ function describe(r: HookRun, timeoutMs: number): string {
 /**
  * Run `fn` between the pre and post hooks (see the module contract). `hooks` null runs `fn` alone.
  */
-export async function withHooks<T>(hooks: Hooks | null, fn: () => Promise<T>, opts: HookOptions = {}): Promise<T> {
-  if (hooks === null || (hooks.pre === null && hooks.post === null)) return fn();
+export async function withHooks<T>(hooks: Hooks | null, fn: (thawing: AbortSignal) => Promise<T>, opts: HookOptions = {}): Promise<T> {
+  // Aborted when a signal runs the post hook early: the snapshot under way must not commit.
+  const thawing = new AbortController();
+  if (hooks === null || (hooks.pre === null && hooks.post === null)) return fn(thawing.signal);
   // Once only, whoever asks first: the snapshot's end or a signal. Never while the pre hook still
   // runs (a thaw before the freeze would leave the file system frozen): the pre hook has its timeout.
   let preDone!: () => void;
@@ -129,14 +133,15 @@ export async function withHooks<T>(hooks: Hooks | null, fn: () => Promise<T>, op
   // A signal also stops a pre hook still running (killed, as on its timeout): the thaw need not
   // wait for a freeze that hangs.
   const stopPre = new AbortController();
-  const release = hooks.post === null ? () => {} : postOnSignals(() => {
+  const release = hooks.post === null ? () => {} : postOnSignals((sig) => {
     stopPre.abort();
+    thawing.abort(new TandemError('ERR_HOOK_FAILED', `${sig} arrived between the hooks: the post hook ran, no snapshot was taken`));
     return runPost();
   });
   const entry = hooks.post !== null && opts.ledger !== undefined ? owe(opts.ledger, hooks.post, hooks.timeoutMs, opts.env ?? {}) : null;
   try {
     const preSignal = opts.signal ? AbortSignal.any([opts.signal, stopPre.signal]) : stopPre.signal;
-    return await hooked(hooks, fn, runPost, () => postRun !== null, preDone, preSignal, opts);
+    return await hooked(hooks, () => fn(thawing.signal), runPost, () => postRun !== null, preDone, preSignal, opts);
   } finally {
     release();
     if (entry !== null) rmSync(entry, { force: true });
@@ -233,14 +238,14 @@ export async function runOwedPostHooks(ledger: string, dryRun = false): Promise<
 /** Signals that end a process by default, and that an operator or a closed terminal sends. */
 const ENDING_SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
 /** The post hooks of the snapshots between their hooks in this process, run on a signal. */
-const postsOnSignal = new Set<() => Promise<HookRun | null>>();
+const postsOnSignal = new Set<(sig: NodeJS.Signals) => Promise<HookRun | null>>();
 
 function onEndingSignal(sig: NodeJS.Signals): void {
   // Another listener (the daemon, a server) owns this signal: it stops its jobs, whose post
   // hooks then run. This one is first in line (prepended), so theirs are still counted.
   if (process.listenerCount(sig) > 1) return;
   process.stderr.write(`${sig}: running the post hook before exiting\n`);
-  void Promise.allSettled([...postsOnSignal].map((post) => post())).finally(() => {
+  void Promise.allSettled([...postsOnSignal].map((post) => post(sig))).finally(() => {
     for (const s of ENDING_SIGNALS) process.off(s, onEndingSignal);
     process.kill(process.pid, sig); // now with no listener: ends the process as the signal does
   });
@@ -252,7 +257,7 @@ function onEndingSignal(sig: NodeJS.Signals): void {
  * `fsfreeze -f` would leave the production file system frozen. A process that handles the signal
  * itself is left to do so. Returns the function that withdraws this post hook.
  */
-function postOnSignals(runPost: () => Promise<HookRun | null>): () => void {
+function postOnSignals(runPost: (sig: NodeJS.Signals) => Promise<HookRun | null>): () => void {
   if (postsOnSignal.size === 0) for (const s of ENDING_SIGNALS) process.prependListener(s, onEndingSignal);
   postsOnSignal.add(runPost);
   return () => {

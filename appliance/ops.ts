@@ -225,7 +225,8 @@ export async function snapshotVolumeHooked(home: Home, store: Store, name: strin
       : `ran the post hook \`${o.post}\` that a snapshot interrupted at ${o.since} owed: exited ${o.run?.exitCode ?? o.run?.signal}`);
   }
   const hooks = hooksForVolume(await loadConfig(home), name);
-  return withHooks(hooks, () => snapshotVolumeLocked(store, name, opts), {
+  // A signal that runs the post hook early stops the scan before it commits (hooks.ts).
+  return withHooks(hooks, (thawing) => snapshotVolumeLocked(store, name, { ...opts, signal: opts.signal ? AbortSignal.any([opts.signal, thawing]) : thawing }), {
     ledger,
     env: { TANDEM_VOLUME: name, TANDEM_VOLUMES: name },
     ...(opts.onNotice ? { onHook: (r) => opts.onNotice!(`${r.phase} hook \`${r.command}\` exited ${r.exitCode ?? r.signal} in ${r.durationMs} ms`) } : {}),

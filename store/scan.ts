@@ -507,6 +507,9 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
       // checks they are held.
       yield* (treeParent ? items : nonZero).map((c) => ({ index: c.index, hash: isZeroHash(c.hash) ? ZERO_HASH : c.hash }));
     }
+    // Every block is read: aborted until now (a hook's thaw begun, the daemon stopping), the
+    // snapshot is not committed.
+    opts.signal?.throwIfAborted();
     opts.onScanned?.();
   }
 

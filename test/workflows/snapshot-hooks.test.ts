@@ -84,6 +84,32 @@ test('Ctrl-C, a closed terminal or kill during a hooked snapshot runs the post h
   }
 });
 
+test('a signal while the snapshot reads the volume: the scan stops before it commits, so no snapshot holds data read after the thaw', async (t) => {
+  const dir = tempDir(t);
+  const log = join(dir, 'hooks.log');
+  const frozen = join(dir, 'FROZEN');
+  const home = join(dir, 'home');
+  const img = join(dir, 'big.img');
+  // Large enough that the scan is under way when the signal comes; the post hook is slow, so the
+  // scan would finish and commit while it runs, if nothing stopped it.
+  writeFileSync(img, randomBytes(256 * 1024 * 1024));
+  assert.equal((await cliJson(['--home', home, 'init', '--name', 'h'])).code, 0);
+  assert.equal((await cliJson(['--home', home, 'volume', 'add', 'big', '--path', img])).code, 0);
+  // The pre hook leaves a watcher behind: once the CLI has the image open (the scan began), it
+  // sends SIGTERM. Bounded: it gives up after ~5 s.
+  const watch = `(n=0; while [ $n -lt 500 ] && ! ls -l /proc/$PPID/fd 2>/dev/null | grep -q big.img; do n=$((n+1)); sleep 0.01; done; kill -TERM $PPID) >/dev/null 2>&1 &`;
+  appendFileSync(join(home, 'config.yaml'), `groups:\n  g:\n    volumes: [big]\n    hooks:\n      pre: "touch ${frozen}; ${watch}"\n      post: "sleep 2; rm ${frozen} && echo post >> ${log}"\n      timeout: 10s\n`);
+  const r = await collect(spawnCli(['--home', home, 'snapshot', 'big']));
+  assert.equal(r.signal, 'SIGTERM', r.stderr);
+  assert.match(r.stderr, /SIGTERM: running the post hook before exiting/);
+  assert.equal(readFileSync(log, 'utf8'), 'post\n');
+  assert.ok(!existsSync(frozen));
+  const snaps = await cliJson(['--home', home, 'snapshots', 'big']);
+  assert.deepEqual(snaps.json, [], 'the scan under way when the post hook began did not commit');
+  const v = await cliJson(['--home', home, 'verify']);
+  assert.equal(v.code, 0, v.stderr);
+});
+
 test('kill -9 between the hooks: doctor says the post hook is owed; the next snapshot, or the daemon when it starts, runs it first', async (t) => {
   for (const by of ['snapshot', 'daemon'] as const) {
     const kill = join(tempDir(t), 'KILL');
