@@ -119,9 +119,14 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
     } else {
       // The newer of the daemon's last good push and the newest sync base of a push: a sync by
       // hand (`appliance sync`, which records only its base) after the daemon's last job counts.
+      // With replication configured, only pushes to its peer count: a push to a lab or a second
+      // site is no recovery point at the DR site.
       const points: PointInfo[] = [];
-      if (st.lastReplicated !== null && st.lastGood !== null) points.push({ snapshot: st.lastReplicated, at: st.lastGood });
-      const pushes = ofVolume(bases, v.name).filter(([, b]) => b.direction === 'push').map(([, b]) => b);
+      const toPeer = (peer: string) => config.replication === null || peer === config.replication.peer;
+      const pushes = ofVolume(bases, v.name).filter(([peer, b]) => b.direction === 'push' && toPeer(peer)).map(([, b]) => b);
+      // The daemon's point is its push to the replication peer of its time: counted while that peer
+      // holds a base of the volume (a peer named in config.yaml since has none).
+      if (st.lastReplicated !== null && st.lastGood !== null && (config.replication === null || pushes.length > 0)) points.push({ snapshot: st.lastReplicated, at: st.lastGood });
       const newest = pushes.sort((a, b) => (a.at < b.at ? 1 : -1))[0];
       if (newest?.point) {
         // The push found the peer up to date: it holds the volume as the snapshot taken then found it.

@@ -192,10 +192,21 @@ replication: { peer: cloud }
   // The daemon's last good push, older than the push by hand: the push by hand counts.
   await updateVolumeState(store, 'db', { lastReplicated: s1.id, lastGood: s1.created });
   assert.deepEqual(await point(t2 + 10 * MIN), { snapshot: s2.id, at: s2.created, age: 10 * MIN });
+  // A push to another peer (a lab, a second site) is no point at the replication peer.
+  await new Promise((r) => setTimeout(r, 5));
+  const lab = await snapshotVolume(home, store, 'db');
+  await recordSyncBase(store, 'db', 'lab', lab, 'push', lab);
+  assert.deepEqual(await point(t2 + 10 * MIN), { snapshot: s2.id, at: s2.created, age: 10 * MIN });
   // A newer one of the daemon's counts.
   const later = new Date(t2 + MIN).toISOString();
   await updateVolumeState(store, 'db', { lastReplicated: s2.id, lastGood: later });
   assert.deepEqual(await point(t2 + 10 * MIN), { snapshot: s2.id, at: later, age: 9 * MIN });
+
+  // Nor does the daemon's last push once replication goes to a peer that holds nothing of the volume.
+  const moved = await loadConfig(home).then((c) => ({ ...c, replication: { ...c.replication!, peer: 'cloud2' } }));
+  const [elsewhere] = await computeStatus(store, moved, t2 + 10 * MIN, 'db');
+  assert.equal(elsewhere!.lastReplicated, null);
+  assert.equal(elsewhere!.rpoState, 'BREACHED');
 
   // The volume removed and added again under its name: nothing of it is replicated any more.
   await removeVolume(home, store, 'db');
