@@ -292,12 +292,12 @@ export function registerEc2(app: FastifyInstance, ctx: EmulatorContext): void {
       const s = snapshotOf(f.required('SnapshotId'));
       const image = [...state.images.values()].find((i) => i.mappings.some((m) => m.snapshotId === s.id));
       if (image) throw new Ec2Error('InvalidSnapshot.InUse', `The snapshot ${s.id} is currently in use by ${image.id}`);
-      const child = [...state.snapshots.values()].find((c) => c.parentId === s.id);
-      if (child) {
-        // EBS keeps the data a child still needs: fold the parent's blocks into the child.
+      // EBS keeps the data a child still needs: fold the parent's blocks into each child (an
+      // export's successor and a snapshot of a volume created from it are both its children).
+      for (const child of state.snapshots.values()) {
+        if (child.parentId !== s.id) continue;
         for (const [i, d] of s.blocks) if (!child.blocks.has(i)) child.blocks.set(i, d);
         child.parentId = s.parentId;
-        for (const other of state.snapshots.values()) if (other !== child && other.parentId === s.id) other.parentId = child.id;
       }
       state.snapshots.delete(s.id);
       for (const v of state.volumes.values()) if (v.lastSnapshotId === s.id) v.lastSnapshotId = s.parentId;

@@ -19,7 +19,8 @@ import {
   waitUntilSnapshotCompleted,
   type EC2Client,
 } from '@aws-sdk/client-ec2';
-import { GetSnapshotBlockCommand, ListChangedBlocksCommand, StartSnapshotCommand } from '@aws-sdk/client-ebs';
+import { GetSnapshotBlockCommand, ListChangedBlocksCommand, ListSnapshotBlocksCommand, StartSnapshotCommand } from '@aws-sdk/client-ebs';
+import { createHash } from 'node:crypto';
 import { BLOCK, block, emulator, rejects, writeSnapshot } from './helpers.js';
 
 async function registerImage(ec2: EC2Client, name: string, rootSnap: string, dataSnap?: string): Promise<string> {
@@ -148,6 +149,26 @@ test('CreateSnapshot of an instance volume after a write in EC2: ListChangedBloc
   await ec2.send(new DeleteSnapshotCommand({ SnapshotId: snap2.SnapshotId! }));
   const deleted = await rejects(ec2.send(new DescribeSnapshotsCommand({ SnapshotIds: [snap2.SnapshotId!] })));
   assert.equal(deleted.name, 'InvalidSnapshot.NotFound');
+});
+
+test('DeleteSnapshot of a parent with two children: each child keeps every block it read through it', async (t) => {
+  const { ebs, ec2 } = await emulator(t, { instanceDelayMs: 0 });
+  const parent = await writeSnapshot(ebs, 1, new Map([[0, block(1)], [1, block(2)]]));
+  const left = await writeSnapshot(ebs, 1, new Map([[1, block(3)]]), parent);
+  const right = await writeSnapshot(ebs, 1, new Map([[0, block(4)]]), parent);
+  await ec2.send(new DeleteSnapshotCommand({ SnapshotId: parent }));
+  const read = async (snapshotId: string): Promise<Map<number, string>> => {
+    const out = new Map<number, string>();
+    const list = await ebs.send(new ListSnapshotBlocksCommand({ SnapshotId: snapshotId }));
+    for (const b of list.Blocks ?? []) {
+      const r = await ebs.send(new GetSnapshotBlockCommand({ SnapshotId: snapshotId, BlockIndex: b.BlockIndex!, BlockToken: b.BlockToken! }));
+      out.set(b.BlockIndex!, createHash('sha256').update(await r.BlockData!.transformToByteArray()).digest('hex'));
+    }
+    return out;
+  };
+  const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+  assert.deepEqual(await read(left), new Map([[0, sha(block(1))], [1, sha(block(3))]]));
+  assert.deepEqual(await read(right), new Map([[0, sha(block(4))], [1, sha(block(2))]]));
 });
 
 test('unknown ids and bad requests answer with EC2’s error codes', async (t) => {
