@@ -141,6 +141,10 @@ export async function storeChecks(store: Store, config: Config | null): Promise<
     for (const run of await interruptedDrills(store)) {
       out.push({ check: `drill ${run.id}`, status: 'warn', detail: `interrupted before its teardown (started ${run.started}): its instances may still run in the drill subnet and cost money`, fix: 'the next `appliance drill`, or `appliance daemon` when it starts, terminates them and deregisters their images' });
     }
+    for (const [volume, left] of await store.listMeta<Array<{ ebsSnapshotId: string }>>('ebs-deleting')) {
+      if (left.length === 0) continue;
+      out.push({ check: `EBS exports of ${volume}`, status: 'warn', detail: `retention took ${left.map((e) => e.ebsSnapshotId).join(', ')} out of the recovery points, but could not delete ${left.length === 1 ? 'it' : 'them'} in EBS yet: ${left.length === 1 ? 'it is' : 'they are'} still billed`, fix: '`appliance retention ' + volume + '` tries again and says why it fails (an image that maps the snapshot, or the IAM policy lacking ec2:DeleteSnapshot); the daemon retries after each job' });
+    }
     const { verifySummary, unhealed } = await import('./scheduler/verify.js');
     const v = await verifySummary(store, config);
     if (v.last && unhealed(v.last) > 0) {

@@ -7,6 +7,7 @@
  * | `ebs-exports` | volume | {@link ExportRecord}[], oldest first: Tandem snapshot → EBS snapshot |
  * | `ebs-pending` | volume | {@link PendingExport}: the export in progress, for resume after a crash |
  * | `ebs-imports` | volume | {@link ImportRecord}[], oldest first: EBS snapshot → Tandem snapshot |
+ * | `ebs-deleting` | volume | {@link ExportRecord}[]: exports retention took out of `ebs-exports`, not yet deleted in EBS (retention.ts) |
  *
  * Exports and imports together are the volume's EBS lineage: an export's parent is the latest
  * export; an import reads only what changed since the newest export or import it can diff against.
@@ -16,6 +17,7 @@ import type { EbsStore } from './types.js';
 export const NS_EXPORTS = 'ebs-exports';
 export const NS_PENDING = 'ebs-pending';
 export const NS_IMPORTS = 'ebs-imports';
+export const NS_DELETING = 'ebs-deleting';
 
 export interface ExportRecord {
   readonly ebsSnapshotId: string;
@@ -70,11 +72,29 @@ export async function listImportRecords(store: Pick<EbsStore, 'getMeta'>, volume
   return (await store.getMeta<ImportRecord[]>(NS_IMPORTS, volume)) ?? [];
 }
 
+/** Per volume: the read-modify-writes of its export list, one after the other (an export and retention). */
+const exportListTails = new Map<string, Promise<unknown>>();
+
+/** Change the export list of `volume` with no other change of it in between; returns the list written. */
+export async function updateExportRecords(store: Pick<EbsStore, 'getMeta' | 'putMeta'>, volume: string, change: (list: ExportRecord[]) => ExportRecord[]): Promise<ExportRecord[]> {
+  const update = async () => {
+    const list = change(await listExportRecords(store, volume));
+    await store.putMeta(NS_EXPORTS, volume, list);
+    return list;
+  };
+  const prior = exportListTails.get(volume) ?? Promise.resolve();
+  const result = prior.then(update, update);
+  const tail = result.catch(() => undefined);
+  exportListTails.set(volume, tail);
+  void tail.then(() => {
+    if (exportListTails.get(volume) === tail) exportListTails.delete(volume);
+  });
+  return result;
+}
+
 /** Append (or replace, for the same EBS snapshot id) an export record. Idempotent. */
 export async function recordExport(store: EbsStore, volume: string, rec: ExportRecord): Promise<void> {
-  const list = (await listExportRecords(store, volume)).filter((r) => r.ebsSnapshotId !== rec.ebsSnapshotId);
-  list.push(rec);
-  await store.putMeta(NS_EXPORTS, volume, list);
+  await updateExportRecords(store, volume, (list) => [...list.filter((r) => r.ebsSnapshotId !== rec.ebsSnapshotId), rec]);
 }
 
 export async function recordImport(store: EbsStore, volume: string, rec: ImportRecord): Promise<void> {

@@ -15,6 +15,7 @@ import {
   TerminateInstancesCommand,
   StopInstancesCommand,
   CreateSnapshotCommand,
+  DeleteSnapshotCommand,
   waitUntilInstanceRunning,
   waitUntilInstanceTerminated,
   waitUntilInstanceStopped,
@@ -215,5 +216,34 @@ export async function snapshotVolume(ec2: EC2Client, volumeId: string, descripti
     return r.SnapshotId;
   } catch (e) {
     throw awsError(e, `CreateSnapshot of ${volumeId}`);
+  }
+}
+
+/** Of `snapshotIds`, those an image of this account maps (DeleteSnapshot would refuse them: InvalidSnapshot.InUse). */
+export async function snapshotsInImages(ec2: EC2Client, snapshotIds: readonly string[]): Promise<Set<string>> {
+  const out = new Set<string>();
+  // DescribeImages filters take up to 200 values.
+  for (let i = 0; i < snapshotIds.length; i += 200) {
+    const ids = snapshotIds.slice(i, i + 200);
+    try {
+      const r = await ec2.send(new DescribeImagesCommand({ Owners: ['self'], Filters: [{ Name: 'block-device-mapping.snapshot-id', Values: [...ids] }] }));
+      for (const img of r.Images ?? []) for (const m of img.BlockDeviceMappings ?? []) if (m.Ebs?.SnapshotId && ids.includes(m.Ebs.SnapshotId)) out.add(m.Ebs.SnapshotId);
+    } catch (e) {
+      throw awsError(e, 'DescribeImages');
+    }
+  }
+  return out;
+}
+
+/** DeleteSnapshot: `gone` when EBS no longer has it, `in-use` when an image maps it (it stays). */
+export async function deleteEbsSnapshot(ec2: EC2Client, snapshotId: string): Promise<'deleted' | 'gone' | 'in-use'> {
+  try {
+    await ec2.send(new DeleteSnapshotCommand({ SnapshotId: snapshotId }));
+    return 'deleted';
+  } catch (e) {
+    const name = (e as { name?: string }).name ?? '';
+    if (name === 'InvalidSnapshot.NotFound') return 'gone';
+    if (name === 'InvalidSnapshot.InUse') return 'in-use';
+    throw awsError(e, `DeleteSnapshot ${snapshotId}`);
   }
 }

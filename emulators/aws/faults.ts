@@ -14,9 +14,11 @@ export interface FaultSettings {
   errorPercent: number;
   /** Seed of the pseudo-random choice, so a fault run can be replayed. */
   seed: number;
+  /** Operations (e.g. `DeleteSnapshot`) the throttling and errors apply to; empty: all of them. */
+  actions: string[];
 }
 
-export const NO_FAULTS: FaultSettings = { throttlePercent: 0, latencyMs: 0, errorPercent: 0, seed: 1 };
+export const NO_FAULTS: FaultSettings = { throttlePercent: 0, latencyMs: 0, errorPercent: 0, seed: 1, actions: [] };
 
 /** What the injector decided for one request. */
 export type FaultDecision = { kind: 'none' } | { kind: 'throttle'; n: number } | { kind: 'error'; n: number };
@@ -40,7 +42,7 @@ export class Faults {
   #injected = 0;
 
   get settings(): FaultSettings {
-    return { ...this.#settings };
+    return { ...this.#settings, actions: [...this.#settings.actions] };
   }
 
   /** Replace the settings (missing fields keep their defaults: no fault). Validates first: bad input changes nothing. */
@@ -57,6 +59,11 @@ export class Faults {
       if (typeof v !== 'number' || !(v >= 0 && v <= 60_000)) throw new RangeError('latencyMs must be a number from 0 to 60000');
       next.latencyMs = v;
     }
+    if (input.actions !== undefined) {
+      const v = input.actions;
+      if (!Array.isArray(v) || !v.every((a) => typeof a === 'string' && /^[A-Za-z]+$/.test(a))) throw new RangeError('actions must be a list of operation names');
+      next.actions = [...v] as string[];
+    }
     if (input.seed !== undefined) {
       if (typeof input.seed !== 'number' || !Number.isInteger(input.seed)) throw new RangeError('seed must be an integer');
       next.seed = input.seed;
@@ -67,9 +74,11 @@ export class Faults {
     return this.settings;
   }
 
-  decide(): FaultDecision {
-    const { throttlePercent, errorPercent } = this.#settings;
+  /** For a request of operation `action`. */
+  decide(action?: string): FaultDecision {
+    const { throttlePercent, errorPercent, actions } = this.#settings;
     if (throttlePercent === 0 && errorPercent === 0) return { kind: 'none' };
+    if (actions.length > 0 && (action === undefined || !actions.includes(action))) return { kind: 'none' };
     const r = this.#rand() * 100;
     if (r < throttlePercent) return { kind: 'throttle', n: this.#injected++ };
     if (r < throttlePercent + errorPercent) return { kind: 'error', n: this.#injected++ };

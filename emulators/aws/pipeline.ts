@@ -49,7 +49,7 @@ export async function prepare(ctx: EmulatorContext, req: FastifyRequest, service
   }
   const f = ctx.faults.settings;
   if (f.latencyMs > 0) await new Promise((r) => setTimeout(r, f.latencyMs));
-  const d = ctx.faults.decide();
+  const d = ctx.faults.decide(op);
   if (d.kind === 'throttle') {
     ctx.stats.throttled++;
     if (service === 'ebs') throw EBS_THROTTLES[d.n % EBS_THROTTLES.length]!();

@@ -1,7 +1,8 @@
 /**
  * `appliance retention [VOL] [--dry-run]`: apply each volume's retention policy now (what the
  * daemon does after every job), then reclaim space with gc. Pinned snapshots (sync bases, the
- * last EBS export) and the newest snapshot are always kept. `--dry-run` lists what would go.
+ * last EBS export) and the newest snapshot are always kept. The volume's EBS exports (cloud
+ * appliance) get the same policy (appliance/ebs/retention.ts). `--dry-run` lists what would go.
  */
 import type { Command } from 'commander';
 import { formatBytes, run } from '../output.js';
@@ -24,7 +25,9 @@ export function define(program: Command): void {
         const config = await loadConfig(home);
         const volumes = (await store.listVolumes()).filter((v) => only === undefined || v.name === only);
         if (only !== undefined && volumes.length === 0) throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${only}"; \`appliance volume list\` shows the volumes`, { details: { volume: only } });
-        const results: Array<{ volume: string; policy: string | null; kept: string[]; deleted: string[] }> = [];
+        const { retainExports } = await import('../../ebs/retention.js');
+        type EbsOutcome = { kept: string[]; deleted: string[]; inImages: string[]; failed: Array<{ ebsSnapshotId: string; error: string }> };
+        const results: Array<{ volume: string; policy: string | null; kept: string[]; deleted: string[]; ebs?: EbsOutcome }> = [];
         for (const v of volumes) {
           const policy = policyFor(config, v);
           const snaps = await store.listSnapshots(v.name);
@@ -39,10 +42,24 @@ export function define(program: Command): void {
             const r = await applyRetention(store, v.name, policy);
             results.push({ volume: v.name, policy: policy.name, kept: r.kept, deleted: r.deleted });
           }
+          // Its EBS exports too (cloud appliance): the same policy, applied to the EBS snapshots.
+          let ebs: EbsOutcome | null = null;
+          try {
+            const r = await retainExports(store, v.name, policy.retention, { dryRun });
+            ebs = r && { kept: r.kept, deleted: r.deleted, inImages: r.inImages, failed: r.failed };
+          } catch (e) {
+            ebs = { kept: [], deleted: [], inImages: [], failed: [{ ebsSnapshotId: '-', error: (e as Error).message }] };
+          }
+          if (ebs !== null) results[results.length - 1]!.ebs = ebs;
         }
         const deleted = results.reduce((a, r) => a + r.deleted.length, 0);
         const gc = !dryRun && deleted > 0 ? await store.gc() : null;
-        const lines = results.map((r) => `${r.volume}: ${r.policy === null ? 'no policy, all kept' : `${r.deleted.length} ${dryRun ? 'would be deleted' : 'deleted'}, ${r.kept.length} kept (policy ${r.policy})`}${r.deleted.length > 0 ? `\n  ${r.deleted.join('\n  ')}` : ''}`);
+        const ebsLines = (e: EbsOutcome | undefined) => e === undefined ? '' : [
+          `\n  EBS exports: ${e.deleted.length} ${dryRun ? 'would be deleted' : 'deleted'}, ${e.kept.length} kept${e.inImages.length > 0 ? ` (${e.inImages.join(', ')} kept: an image maps ${e.inImages.length === 1 ? 'it' : 'them'})` : ''}`,
+          ...e.deleted.map((id) => `\n    ${id}`),
+          ...e.failed.map((f) => `\n  EBS: could not delete ${f.ebsSnapshotId}: ${f.error}; the next retention run tries again (\`appliance doctor\` lists what is left)`),
+        ].join('');
+        const lines = results.map((r) => `${r.volume}: ${r.policy === null ? 'no policy, all kept' : `${r.deleted.length} ${dryRun ? 'would be deleted' : 'deleted'}, ${r.kept.length} kept (policy ${r.policy})`}${r.deleted.length > 0 ? `\n  ${r.deleted.join('\n  ')}` : ''}${ebsLines(r.ebs)}`);
         if (gc) lines.push(`gc: ${formatBytes(gc.bytesReclaimed)} reclaimed`);
         return { json: { dryRun, volumes: results, ...(gc ? { gc } : {}) }, text: lines.join('\n') || 'no volumes' };
       });
