@@ -39,8 +39,19 @@ const PENDING_SAVE_INTERVAL_MS = 500;
 const ZERO_BLOCK = Buffer.alloc(EBS_BLOCK_SIZE);
 const ZERO_DIGEST = sha256(ZERO_BLOCK);
 
-export function ebsTags(volume: string, snapshot: string): Record<string, string> {
-  return { 'tandem:volume': volume, 'tandem:snapshot': snapshot, Name: `tandem ${volume} ${snapshot}` };
+/**
+ * The tags of an export: the volume, the Tandem snapshot (its id, time-sortable, is the point in
+ * time), its byte size (EBS knows whole GiB only) and the appliance that made it. From them a new
+ * cloud appliance adopts the exports a lost one made (adopt.ts).
+ */
+export function ebsTags(snap: Pick<SnapshotRecord, 'volume' | 'id' | 'size'>, appliance?: string): Record<string, string> {
+  return {
+    'tandem:volume': snap.volume,
+    'tandem:snapshot': snap.id,
+    'tandem:size': String(snap.size),
+    ...(appliance !== undefined ? { 'tandem:appliance': appliance } : {}),
+    Name: `tandem ${snap.volume} ${snap.id}`,
+  };
 }
 
 export async function exportSnapshot(store: EbsStore, snap: SnapshotRecord, opts: EbsExportOptions = {}): Promise<EbsExportResult> {
@@ -101,7 +112,7 @@ interface Plan {
   readonly resumed: boolean;
 }
 
-function startParams(snap: SnapshotRecord, p: PendingExport) {
+function startParams(snap: SnapshotRecord, p: PendingExport, appliance?: string) {
   return {
     volumeSizeGiB: p.volumeSizeGiB,
     parentSnapshotId: p.parentEbsSnapshotId,
@@ -109,7 +120,7 @@ function startParams(snap: SnapshotRecord, p: PendingExport) {
     timeoutMinutes: p.timeoutMinutes,
     description: p.description,
     kmsKeyArn: p.kmsKeyArn,
-    tags: ebsTags(snap.volume, snap.id),
+    tags: ebsTags(snap, appliance),
   };
 }
 
@@ -121,7 +132,7 @@ async function planExport(store: EbsStore, ctx: CallContext, snap: SnapshotRecor
     if (pending.baseTandemSnapshot === null || base) {
       // Re-issuing StartSnapshot with the same ClientToken and parameters returns the same
       // snapshot and its status (idempotency): the one way the EBS API tells "still pending".
-      const again = await startSnapshot(ctx, startParams(snap, pending)).catch((e: unknown) => {
+      const again = await startSnapshot(ctx, startParams(snap, pending, opts.appliance)).catch((e: unknown) => {
         if (e instanceof TandemError && (e.code === 'ERR_AWS_VALIDATION' || e.code === 'ERR_AWS_NOT_FOUND')) return null;
         throw e;
       });
@@ -169,7 +180,7 @@ async function planExport(store: EbsStore, ctx: CallContext, snap: SnapshotRecor
     description: opts.description ?? `Tandem export of volume ${snap.volume}, snapshot ${snap.id}`,
   };
   await putPending(store, snap.volume, draft);
-  const started = await startSnapshot(ctx, startParams(snap, draft));
+  const started = await startSnapshot(ctx, startParams(snap, draft, opts.appliance));
   const p = { ...draft, ebsSnapshotId: started.snapshotId };
   await putPending(store, snap.volume, p);
   return { pending: p, base, resumed: false };

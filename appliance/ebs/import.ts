@@ -81,7 +81,7 @@ export async function importSnapshot(store: EbsStore, ebsSnapshotId: string, vol
     throw new TandemError('ERR_AWS_FAILED', `EBS reports ${first.blockSize}-byte blocks for ${ebsSnapshotId}, not ${EBS_BLOCK_SIZE}; check AWS_ENDPOINT_URL_EBS`);
   }
   if (first.volumeSizeGiB === null) throw new TandemError('ERR_AWS_FAILED', `EBS did not report the volume size of ${ebsSnapshotId}; rerun the import`);
-  const size = await chooseSize(ctx, ebsSnapshotId, first.volumeSizeGiB, ownExport?.size ?? base?.snap.size ?? null);
+  const size = await chooseSize(ctx, ebsSnapshotId, first.volumeSizeGiB, opts.as?.size ?? ownExport?.size ?? base?.snap.size ?? null);
 
   let fetched = 0;
   let listed = 0;
@@ -104,6 +104,7 @@ export async function importSnapshot(store: EbsStore, ebsSnapshotId: string, vol
     changes: changes(),
     origin: `ebs:${ebsSnapshotId}`,
     labels: { 'ebs-snapshot': ebsSnapshotId },
+    ...(opts.as ? { id: opts.as.id, created: opts.as.created } : {}),
   });
   await recordImport(store, volume, { ebsSnapshotId, tandemSnapshot: snapshot.id, created: new Date().toISOString(), baseEbsSnapshotId: base?.ebsSnapshotId ?? null, size });
   return {

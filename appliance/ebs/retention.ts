@@ -24,7 +24,7 @@ import type { RawRetention } from '../config/schema.js';
 import { selectRetained } from '../policy/retention.js';
 import { listExportRecords, NS_DELETING, updateExportRecords, type ExportRecord } from './lineage.js';
 import type { EbsStore } from './types.js';
-import type { Store } from '../../store/index.js';
+import { snapshotIdTime, type Store } from '../../store/index.js';
 
 /** What deleting EBS snapshots needs from EC2 (appliance/recovery/ec2.ts). */
 export interface EbsSnapshotDeleter {
@@ -119,7 +119,8 @@ async function chooseDoomed(store: DeletingStore, volume: string, exports: reado
   const dated = [];
   for (const e of exports) {
     const snap = await store.getSnapshot(volume, e.tandemSnapshot);
-    dated.push({ id: e.ebsSnapshotId, created: snap?.created ?? e.created });
+    const t = snapshotIdTime(e.tandemSnapshot);
+    dated.push({ id: e.ebsSnapshotId, created: snap?.created ?? (t !== undefined ? new Date(t).toISOString() : e.created) });
   }
   const pinned = new Set<string>([exports[exports.length - 1]!.ebsSnapshotId]);
   for (const e of exports) {

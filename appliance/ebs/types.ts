@@ -38,6 +38,8 @@ export interface EbsExportResult {
 }
 
 export interface EbsExportOptions {
+  /** This appliance's name, tagged `tandem:appliance` on the EBS snapshot (adopt.ts tells lineages apart by it). */
+  readonly appliance?: string;
   readonly kmsKeyArn?: string;
   readonly description?: string;
   /** Called with (blocks done, blocks to do). */
@@ -65,6 +67,11 @@ export interface EbsImportOptions {
   readonly client?: EBSClient;
   /** Diff against this EBS snapshot (it must map to a Tandem snapshot of the volume). */
   readonly baseEbsSnapshotId?: string;
+  /**
+   * The snapshot the export was made from, as its tags tell (adopt.ts): the import takes its id,
+   * time and byte size, so that it is that snapshot, root included, rather than a new one.
+   */
+  readonly as?: { readonly id: string; readonly created: string; readonly size: number | null };
 }
 
 export interface EbsMapping {

@@ -28,7 +28,7 @@ async function launchDeps(home: Home, store: Store, step?: (line: string) => voi
     step,
     listExports: (volume) => ebs.listExports(store, volume),
     exportNow: async (snap) => {
-      const r = await ebs.exportSnapshot(store, snap);
+      const r = await ebs.exportSnapshot(store, snap, { appliance: home.identity.name });
       return { ebsSnapshotId: r.ebsSnapshotId, tandemSnapshot: r.tandemSnapshot, created: new Date().toISOString() };
     },
   };

@@ -7,7 +7,7 @@
  * one moment (group snapshots are taken together, see the scheduler).
  */
 import { TandemError } from '../../common/errors.js';
-import type { Store, SnapshotRecord } from '../../store/index.js';
+import { snapshotIdTime, type Store, type SnapshotRecord } from '../../store/index.js';
 
 export interface ExportEntry {
   readonly ebsSnapshotId: string;
@@ -66,7 +66,9 @@ export async function choosePoint(
   const candidates: Array<{ e: ExportEntry; snap: SnapshotRecord | null; time: number }> = [];
   for (const e of exports) {
     const snap = await store.getSnapshot(volume, e.tandemSnapshot);
-    candidates.push({ e, snap, time: Date.parse(snap?.created ?? e.created) });
+    // A snapshot this store lacks (deleted by retention, or an export adopted from a lost
+    // appliance, appliance/ebs/adopt.ts): the time in its id is the point's time.
+    candidates.push({ e, snap, time: snap ? Date.parse(snap.created) : snapshotIdTime(e.tandemSnapshot) ?? Date.parse(e.created) });
   }
   candidates.sort((a, b) => a.time - b.time);
 

@@ -178,7 +178,7 @@ export function applianceSteps(home: Home, store: Store, config: () => Config | 
     },
     exportEbs: async (_volume, snap, signal) => {
       const { exportSnapshot } = await import('../ebs/index.js');
-      const r = await exportSnapshot(store, snap, { signal });
+      const r = await exportSnapshot(store, snap, { signal, appliance: home.identity.name });
       return { ebsSnapshotId: r.ebsSnapshotId, bytesUploaded: r.bytesUploaded, seconds: r.seconds };
     },
   };

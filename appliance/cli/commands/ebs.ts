@@ -24,11 +24,12 @@ export function define(program: Command): void {
       const { exportSnapshot } = await import('../../ebs/index.js');
       const { startProgress } = await import('../progress.js');
       const { currentIO, formatBytes } = await import('../output.js');
-      const r = await withHomeStore(g.home, async (_home, store) => {
+      const r = await withHomeStore(g.home, async (home, store) => {
         const snap = await store.resolveSnapshot(o.snapshot !== undefined ? `${volume}@${o.snapshot}` : volume);
         let bar = null as Progress | null;
         try {
           return await exportSnapshot(store, snap, {
+            appliance: home.identity.name,
             ...(o.kmsKey !== undefined ? { kmsKeyArn: o.kmsKey } : {}),
             ...(o.description !== undefined ? { description: o.description } : {}),
             onProgress: (done, total) => {
@@ -74,6 +75,41 @@ export function define(program: Command): void {
       const mbps = r.seconds > 0 ? Math.round((r.bytesFetched / 1e6 / r.seconds) * 10) / 10 : 0;
       currentIO().err(`ebs import ${r.ebsSnapshotId} -> ${o.volume}@${r.snapshot.id}${r.baseEbsSnapshotId ? ` (changes since ${r.baseEbsSnapshotId})` : ''}: fetched ${r.blocksFetched} blocks (${formatBytes(r.bytesFetched)}) in ${r.seconds.toFixed(1)}s (${mbps} MB/s)\n`);
       return { json: { ...r, mbPerSecond: mbps }, text: r.snapshot.id };
+    }));
+
+  ebs
+    .command('adopt <vol>')
+    .description("a new cloud appliance, after the old one was lost: take over VOL's EBS exports (the recovery points) and import the newest, so the next push and export are incremental")
+    .option('--appliance <name>', 'only the exports made by this appliance (when EBS holds exports of VOL from several)')
+    .option('--dry-run', 'list the exports found; import and record nothing')
+    .action(run(async (g, cmd, [vol]) => {
+      const volume = vol as string;
+      const o = cmd.opts<{ appliance?: string; dryRun?: boolean }>();
+      const { withHomeStore } = await import('../../ops.js');
+      const { adoptExports } = await import('../../ebs/adopt.js');
+      const { ec2Client } = await import('../../recovery/ec2.js');
+      const { startProgress } = await import('../progress.js');
+      const { formatBytes } = await import('../output.js');
+      const ec2 = ec2Client();
+      let bar = null as Progress | null;
+      try {
+        const r = await withHomeStore(g.home, async (_home, store) => adoptExports(store, ec2, volume, {
+          ...(o.appliance !== undefined ? { appliance: o.appliance } : {}),
+          dryRun: o.dryRun === true,
+          onProgress: (done) => {
+            bar ??= startProgress(g, { total: Number.MAX_SAFE_INTEGER, unit: 'blocks', label: `ebs adopt ${volume}` });
+            bar.update(done);
+          },
+        }), { volume, op: 'ebs-import' });
+        const lines = r.adopted.map((f) => `${o.dryRun ? 'found  ' : 'adopted'}  ${f.tandemSnapshot}  ${f.ebsSnapshotId}${f.appliance ? `  (made by ${f.appliance})` : ''}`);
+        if (r.imported) {
+          lines.push(`${volume}@${r.imported.snapshot.id}: ${r.imported.blocksFetched > 0 ? `imported from ${r.imported.ebsSnapshotId}, ${r.imported.blocksFetched} blocks (${formatBytes(r.imported.bytesFetched)}) in ${r.imported.seconds.toFixed(1)}s` : 'already here'}; the next push of ${volume} and its next export are incremental`);
+        }
+        return { json: r, text: lines.join('\n') };
+      } finally {
+        bar?.stop();
+        ec2.destroy();
+      }
     }));
 
   ebs
