@@ -6,17 +6,16 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cliJson } from '../helpers/cli.js';
-import { startAwsEmulator } from '../../emulators/aws/index.js';
+import { startCloud, type CloudSetup } from './helpers.js';
 
 const MiB = 1024 * 1024;
 
 let work: string;
 let home: string;
-let aws: Awaited<ReturnType<typeof startAwsEmulator>>;
+let aws: CloudSetup['aws'];
 let env: Record<string, string>;
 
 async function ok(args: string[]): Promise<any> {
@@ -26,11 +25,7 @@ async function ok(args: string[]): Promise<any> {
 }
 
 before(async () => {
-  work = mkdtempSync(join(tmpdir(), 'tandem-group-'));
-  aws = await startAwsEmulator({ host: '127.0.0.1', port: 0 });
-  env = { AWS_REGION: 'us-east-1', AWS_ACCESS_KEY_ID: 'test', AWS_SECRET_ACCESS_KEY: 'test', AWS_ENDPOINT_URL_EBS: aws.url, AWS_ENDPOINT_URL_EC2: aws.url };
-  home = join(work, 'cloud');
-  await ok(['init', '--name', 'cloud']);
+  ({ work, home, aws, env } = await startCloud('tandem-group-'));
   writeFileSync(join(home, 'config.yaml'), `appliance:
   name: cloud
 recovery:

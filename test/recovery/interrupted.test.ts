@@ -7,19 +7,17 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cliJson, collect, spawnCli } from '../helpers/cli.js';
-import { startAwsEmulator } from '../../emulators/aws/index.js';
-import { cloudConfig } from './helpers.js';
+import { cloudConfig, startCloud, type CloudSetup } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const VOL = 'app-root';
 
 let work: string;
 let home: string;
-let aws: Awaited<ReturnType<typeof startAwsEmulator>>;
+let aws: CloudSetup['aws'];
 let env: Record<string, string>;
 
 interface EmulatedInstance { id: string; state: string; imageId: string; tags: Array<{ Key: string; Value: string }> }
@@ -60,12 +58,8 @@ async function killOnceLaunched(args: string[], mode: string): Promise<EmulatedI
 }
 
 before(async () => {
-  work = mkdtempSync(join(tmpdir(), 'tandem-interrupted-'));
   // Instances stay pending for 1.5 s: the kill lands while the command waits for them.
-  aws = await startAwsEmulator({ host: '127.0.0.1', port: 0, instanceDelayMs: 1500 });
-  env = { AWS_REGION: 'us-east-1', AWS_ACCESS_KEY_ID: 'test', AWS_SECRET_ACCESS_KEY: 'test', AWS_ENDPOINT_URL_EBS: aws.url, AWS_ENDPOINT_URL_EC2: aws.url };
-  home = join(work, 'cloud');
-  await ok(['init', '--name', 'cloud']);
+  ({ work, home, aws, env } = await startCloud('tandem-interrupted-', 1500));
   writeFileSync(join(home, 'config.yaml'), cloudConfig(VOL));
   const image = join(work, 'app-root.img');
   writeFileSync(image, randomBytes(4 * MiB));
