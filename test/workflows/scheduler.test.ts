@@ -198,6 +198,7 @@ test('receiving side: each new replica is exported to EBS (incrementally) when t
   const { openVolumeReader } = await import('../../appliance/volumes/index.js');
   const before = { ...process.env };
   const emu = await emulator(); // points this process's AWS SDK environment at the emulator
+  process.env.AWS_ENDPOINT_URL_EC2 = emu.url; // retention deletes exports with EC2 DeleteSnapshot
   t.after(async () => {
     await emu.close();
     for (const k of Object.keys(process.env)) if (!(k in before)) delete process.env[k];
@@ -247,9 +248,13 @@ assign:
   await p2;
   st = await readVolumeState(store, 'db');
   assert.equal(st.lastExported, second.id, lines.join('\n'));
-  const exports = (await store.getMeta<Array<{ tandemSnapshot: string; parentEbsSnapshotId: string | null }>>('ebs-exports', 'db'))!;
-  assert.deepEqual(exports.map((e) => e.tandemSnapshot), [first.id, second.id]);
-  assert.ok(exports[1]!.parentEbsSnapshotId, 'incremental: the second export has the first as parent');
+  const exports = (await store.getMeta<Array<{ ebsSnapshotId: string; tandemSnapshot: string; parentEbsSnapshotId: string | null }>>('ebs-exports', 'db'))!;
+  assert.deepEqual(exports.map((e) => e.tandemSnapshot), [second.id], 'retention last: 1 applies to the exports too');
+  const firstExport = exports[0]!.parentEbsSnapshotId;
+  assert.ok(firstExport, 'incremental: the second export has the first as parent');
+  const ebsState = await (await fetch(`${emu.url}/_emulator/state`)).json() as { snapshots: Array<{ id: string }> };
+  assert.ok(!ebsState.snapshots.some((x) => x.id === firstExport), 'the first export is deleted in EBS');
+  assert.ok(ebsState.snapshots.some((x) => x.id === exports[0]!.ebsSnapshotId));
   assert.deepEqual((await store.listSnapshots('db')).map((s) => s.id), [second.id], 'retention last: 1 after the export');
   const rates = await readRates(store, 'db');
   assert.ok((rates.exportBytesPerSec ?? 0) > 0, 'export rate measured');
