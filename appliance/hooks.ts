@@ -32,7 +32,8 @@ const OUTPUT_TAIL_BYTES = 4096;
 const KILL_GRACE_MS = 2000;
 
 export interface HookRun {
-  readonly phase: 'pre' | 'post';
+  /** pre/post: snapshot hooks; check: a drill's check of the recovered server (recovery/drill-check.ts). */
+  readonly phase: 'pre' | 'post' | 'check';
   readonly command: string;
   readonly exitCode: number | null;
   readonly signal: string | null;
@@ -57,7 +58,7 @@ export interface HookOptions {
 }
 
 /** Run one hook command to completion (never throws: the outcome is in the result). */
-export function runHook(phase: 'pre' | 'post', command: string, timeoutMs: number, env: Record<string, string> = {}, signal?: AbortSignal): Promise<HookRun> {
+export function runHook(phase: HookRun['phase'], command: string, timeoutMs: number, env: Record<string, string> = {}, signal?: AbortSignal): Promise<HookRun> {
   const started = Date.now();
   return new Promise((resolve) => {
     // Own process group, so a timeout kills the whole pipeline the shell started.

@@ -188,6 +188,10 @@ function semanticChecks(raw: RawConfig, doc: Document, lc: LineCounter, problems
     if ((rule.match === undefined) === (rule.tag === undefined)) at(['assign', i], 'give exactly one of `match` (a name glob) or `tag`');
     if (!(rule.policy in policies)) at(['assign', i, 'policy'], `policy "${rule.policy}" is not defined under policies:`);
   });
+  for (const [name, plan] of Object.entries(raw.recovery ?? {})) {
+    duration(['recovery', name, 'drill', 'check', 'timeout'], plan.drill?.check?.timeout);
+    duration(['recovery', name, 'drill', 'check', 'interval'], plan.drill?.check?.interval);
+  }
   const groupOf = new Map<string, string>();
   for (const [name, g] of Object.entries(raw.groups ?? {})) {
     duration(['groups', name, 'hooks', 'timeout'], g.hooks?.timeout);

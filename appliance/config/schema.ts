@@ -53,10 +53,22 @@ export const DiskMappingSchema = Type.Object({
   device: DeviceName,
 }, closed);
 
+/**
+ * A drill's own check of the recovered server (appliance/recovery/drill-check.ts): a shell
+ * command run on the cloud appliance once the instance runs, tried every `interval` until it
+ * exits 0 or `timeout` has passed.
+ */
+export const DrillCheckSchema = Type.Object({
+  command: Type.String({ minLength: 1 }),
+  timeout: Type.Optional(Duration),
+  interval: Type.Optional(Duration),
+}, closed);
+
 export const DrillSchema = Type.Object({
   subnet: Type.String({ pattern: '^subnet-[0-9a-zA-Z]+$' }),
   securityGroups: Type.Array(Type.String({ pattern: '^sg-[0-9a-zA-Z]+$' }), { minItems: 1 }),
   keepMinutes: Type.Optional(Type.Integer({ minimum: 0 })),
+  check: Type.Optional(DrillCheckSchema),
 }, closed);
 
 export const RecoveryPlanSchema = Type.Object({
@@ -134,3 +146,4 @@ export type RawAssignRule = Static<typeof AssignRuleSchema>;
 export type RawHooks = Static<typeof HooksSchema>;
 export type RawPrices = Static<typeof PricesSchema>;
 export type RawRecoveryPlan = Static<typeof RecoveryPlanSchema>;
+export type RawDrillCheck = Static<typeof DrillCheckSchema>;

@@ -60,7 +60,9 @@ export async function recover(home: Home, store: Store, req: RecoverRequest, ste
       }
     }
   }
-  return launch(deps, { mode: req.mode, plans, point: req.point, keepMinutes: req.keepMinutes, signal: req.signal });
+  // A drill keeps its instances --keep minutes, else as long as its plans ask (drill.keepMinutes).
+  const keepMinutes = req.mode !== 'drill' ? undefined : req.keepMinutes ?? Math.max(0, ...plans.map((p) => p.raw.drill?.keepMinutes ?? 0));
+  return launch(deps, { mode: req.mode, plans, point: req.point, keepMinutes, signal: req.signal });
 }
 
 /**

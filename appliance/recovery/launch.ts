@@ -291,6 +291,19 @@ export async function launch(deps: LaunchDeps, opts: LaunchOptions): Promise<Rec
 
     if (drill) {
       run.checks = drillChecks(opts.plans, run.servers);
+      // The operator's own check of each server (drill-check.ts), once it runs isolated.
+      for (const plan of opts.plans) {
+        const check = plan.raw.drill?.check;
+        const server = run.servers.find((s) => s.plan === plan.name);
+        if (check === undefined || server === undefined) continue;
+        if (run.checks.some((c) => c.name.startsWith(`${plan.name} `) && !c.ok)) {
+          run.checks.push({ name: `${plan.name} check`, ok: false, detail: 'not run: the instance did not come up isolated with its disks' });
+          continue;
+        }
+        step(`${plan.name}: running its check \`${check.command}\``);
+        const { runDrillCheck } = await import('./drill-check.js');
+        run.checks.push(await runDrillCheck(check, server, run.id, opts.signal, step));
+      }
       for (const c of run.checks) step(`check ${c.ok ? 'passed' : 'FAILED'}: ${c.name}: ${c.detail}`);
     }
     await save(store, run);
