@@ -141,6 +141,17 @@ export async function storeChecks(store: Store, config: Config | null): Promise<
     for (const run of await interruptedDrills(store)) {
       out.push({ check: `drill ${run.id}`, status: 'warn', detail: `interrupted before its teardown (started ${run.started}): its instances may still run in the drill subnet and cost money`, fix: 'the next `appliance drill`, or `appliance daemon` when it starts, terminates them and deregisters their images' });
     }
+    // Scheduled drills (recovery.PLAN.drill.every): the last one failed, or none for two periods.
+    const { scheduledPlans, newestDrillOf } = await import('./scheduler/drills.js');
+    const reports = (await store.listMeta<import('./scheduler/drills.js').DrillReport>('drills')).map(([, r]) => r);
+    for (const plan of config ? scheduledPlans(config) : []) {
+      const last = newestDrillOf(reports, plan.plan, plan.volumes);
+      if (last !== null && !last.passed) {
+        out.push({ check: `drill of ${plan.plan}`, status: 'warn', detail: `the last drill (${last.id}, ${last.at}) failed${last.error ? `: ${last.error}` : `: ${(last.checks ?? []).filter((c) => !c.ok).map((c) => `${c.name}: ${c.detail}`).join('; ')}`}`, fix: `fix what failed, then \`appliance drill --plan ${plan.plan}\` to prove it; until then a failover of it may not come back` });
+      } else if (last === null || Date.parse(last.at) + 2 * plan.everyMs < Date.now()) {
+        out.push({ check: `drill of ${plan.plan}`, status: 'warn', detail: last === null ? 'never drilled, though config.yaml asks for it' : `last drilled ${last.at}, more than twice drill.every ago`, fix: 'the daemon drills it once each of its volumes has an EBS export; is `appliance daemon` running here?' });
+      }
+    }
     for (const [volume, left] of await store.listMeta<Array<{ ebsSnapshotId: string }>>('ebs-deleting')) {
       if (left.length === 0) continue;
       out.push({ check: `EBS exports of ${volume}`, status: 'warn', detail: `retention took ${left.map((e) => e.ebsSnapshotId).join(', ')} out of the recovery points, but could not delete ${left.length === 1 ? 'it' : 'them'} in EBS yet: ${left.length === 1 ? 'it is' : 'they are'} still billed`, fix: '`appliance retention ' + volume + '` tries again and says why it fails (an image that maps the snapshot, or the IAM policy lacking ec2:DeleteSnapshot); the daemon retries after each job' });

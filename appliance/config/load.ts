@@ -191,6 +191,7 @@ function semanticChecks(raw: RawConfig, doc: Document, lc: LineCounter, problems
   for (const [name, plan] of Object.entries(raw.recovery ?? {})) {
     duration(['recovery', name, 'drill', 'check', 'timeout'], plan.drill?.check?.timeout);
     duration(['recovery', name, 'drill', 'check', 'interval'], plan.drill?.check?.interval);
+    duration(['recovery', name, 'drill', 'every'], plan.drill?.every);
   }
   const groupOf = new Map<string, string>();
   for (const [name, g] of Object.entries(raw.groups ?? {})) {

@@ -69,6 +69,8 @@ export const DrillSchema = Type.Object({
   securityGroups: Type.Array(Type.String({ pattern: '^sg-[0-9a-zA-Z]+$' }), { minItems: 1 }),
   keepMinutes: Type.Optional(Type.Integer({ minimum: 0 })),
   check: Type.Optional(DrillCheckSchema),
+  /** The cloud daemon drills the plan this often (appliance/scheduler/drills.ts). */
+  every: Type.Optional(Duration),
 }, closed);
 
 export const RecoveryPlanSchema = Type.Object({

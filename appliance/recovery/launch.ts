@@ -97,6 +97,8 @@ export interface RecoveryRun {
   images?: string[];
   /** Plans of a failover that did not come up (with `error` saying why); its other servers run. */
   failedPlans?: string[];
+  /** The plans asked for (absent in runs recorded by earlier versions). */
+  plans?: string[];
 }
 
 export { RUNS_NS } from './state.js';
@@ -140,6 +142,7 @@ export function drillReport(run: RecoveryRun): Record<string, unknown> {
     id: run.id,
     at: run.started,
     volumes: run.points.map((p) => p.volume),
+    plans: run.plans ?? [...new Set(run.servers.map((s) => s.plan))],
     points: run.points.map((p) => ({ volume: p.volume, pointTime: p.pointTime, ebsSnapshotId: p.ebsSnapshotId })),
     passed: run.error === null && run.checks.length > 0 && run.checks.every((c) => c.ok),
     rtoSeconds: run.rtoSeconds,
@@ -174,6 +177,7 @@ export async function launch(deps: LaunchDeps, opts: LaunchOptions): Promise<Rec
     error: null,
     owner: RUN_OWNER,
     images: [],
+    plans: opts.plans.map((p) => p.name),
   };
 
   // 1. One recovery point per volume, all against the same moment; a server's disks that are

@@ -1,7 +1,8 @@
 /**
  * `appliance daemon`: the API server (peer protocol, management routes, forwarded CLI
  * commands) plus the scheduler, the breach webhook and Prometheus metrics, in one process that
- * holds the store; and the scheduled verify of the whole store (./verify.ts).
+ * holds the store; the scheduled verify of the whole store (./verify.ts) and the scheduled drills
+ * of the recovery plans that ask for them (./drills.ts).
  *
  * Adds to the API (behind the bearer token): GET /metrics (Prometheus text) and
  * GET /v1/status[?volume=NAME] (the same document as `appliance status --json`).
@@ -122,6 +123,28 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   verifier.current = verify;
   verify.start();
 
+  // Scheduled drills (recovery.PLAN.drill.every, cloud appliance): the AWS SDK is loaded only
+  // when a drill runs.
+  const { ScheduledDrills } = await import('./drills.js');
+  const drills = new ScheduledDrills({
+    store,
+    appliance: home.identity.name,
+    config: () => config,
+    clock: realClock,
+    log,
+    drill: async (plan, signal) => {
+      const { recover } = await import('../recovery/index.js');
+      return recover(home, store, { mode: 'drill', plan, signal }, (line) => log.info({ plan }, `drill: ${line}`));
+    },
+    alert: async (a) => {
+      const webhook = config.alerts.webhook;
+      const error = webhook === null ? null : await postWebhook(webhook, a);
+      if (error) log.error({}, `${error} (drill_failed)`);
+      else if (webhook !== null) log.warn({ event: a.event, plan: a.plan }, 'drill alert sent');
+    },
+  });
+  drills.start();
+
   // A drill interrupted with this appliance (killed, the machine restarted) may have left
   // instances running in the drill subnet: they are torn down now rather than at the next drill.
   // The AWS SDK is loaded only when there is one (an on-prem appliance never has one).
@@ -180,7 +203,8 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
       log.info({ signal: why }, 'stopping: no new jobs; waiting for the running one');
       clearInterval(alerts);
       await checking;
-      await Promise.all([sched.stop(STOP_GRACE_MS), verify.stop()]);
+      // A drill stopped midway tears down; past the grace the next start tears it down (launch.ts).
+      await Promise.all([sched.stop(STOP_GRACE_MS), verify.stop(), Promise.race([drills.stop(), new Promise((r) => setTimeout(r, STOP_GRACE_MS).unref())])]);
       await served.close();
       log.info({}, 'daemon stopped');
       log.flush();
