@@ -19,7 +19,7 @@
  */
 import type { EC2Client, Snapshot } from '@aws-sdk/client-ec2';
 import { TandemError } from '../../common/errors.js';
-import { snapshotIdTime } from '../../store/index.js';
+import { isValidSnapshotId, snapshotIdTime } from '../../store/index.js';
 import { importSnapshot } from './import.js';
 import { listExportRecords, updateExportRecords, type ExportRecord } from './lineage.js';
 import type { EbsImportResult, EbsStore } from './types.js';
@@ -80,7 +80,8 @@ export async function findExports(ec2: EC2Client, volume: string): Promise<Found
 function asExport(s: Snapshot, volume: string): FoundExport | null {
   const tag = (k: string) => s.Tags?.find((t) => t.Key === k)?.Value;
   const id = tag('tandem:snapshot');
-  if (!s.SnapshotId || tag('tandem:volume') !== volume || id === undefined || idTime(id) === null || !s.VolumeSize) return null;
+  // A tag anyone with the account's access may have written: only a well-formed snapshot id counts.
+  if (!s.SnapshotId || tag('tandem:volume') !== volume || !isValidSnapshotId(id) || idTime(id) === null || !s.VolumeSize) return null;
   const size = Number(tag('tandem:size'));
   return {
     ebsSnapshotId: s.SnapshotId,
