@@ -24,8 +24,9 @@
  * say what did not come up), answered by ERR_FAILOVER_PARTIAL naming the command that launches the
  * rest (`failover --plan NAME`). A failover that brings nothing up is failed, with nothing left in
  * EC2 (ERR_FAILOVER_FAILED). An instance still `pending` when the wait for `running` ends counts
- * as failed over: a rerun must not start a second copy of it. A drill stops at its first failure
- * and tears down.
+ * as failed over: a rerun must not start a second copy of it. So does an instance EC2 launched
+ * for a plan whose RunInstances failed (its answers lost; found by the run's tag): it is that
+ * plan's server. A drill stops at its first failure and tears down.
  *
  * Interruptions (kill -9, a reboot, a lost session during `--keep`): the run is recorded as
  * active, with `owner` naming this process, before anything is created in EC2, and again after
@@ -267,6 +268,8 @@ export async function launch(deps: LaunchDeps, opts: LaunchOptions): Promise<Rec
       }
     }
 
+    if (failures.length > 0) await adoptLostLaunches(deps, run, opts.plans, launched, instances, failures, points);
+
     // 3. Wait until every instance runs: that moment is the recovery time.
     const tWait = performance.now();
     let waitError: unknown = null;
@@ -388,6 +391,44 @@ async function describeLaunched(deps: LaunchDeps, ids: readonly string[], lenien
     (deps.step ?? (() => {}))(`could not read the state of ${ids.join(', ')} (${errorText(e)}): taken as starting`);
     return new Map();
   }
+}
+
+/**
+ * A RunInstances that failed may still have launched (its answers lost on the way back, the SDK's
+ * retries with its client token too): EC2 knows the run's instances by their tag. One found for a
+ * plan recorded as failed becomes its server, waited for like the others, and the plan did not
+ * fail: a rerun of the plan would otherwise start a second copy.
+ */
+async function adoptLostLaunches(
+  deps: LaunchDeps,
+  run: RecoveryRun,
+  plans: readonly RecoveryPlan[],
+  launched: Launched[],
+  instances: string[],
+  failures: PlanFailure[],
+  points: ReadonlyMap<string, RecoveryPoint>,
+): Promise<void> {
+  const step = deps.step ?? (() => {});
+  let found;
+  try {
+    found = await ec2.resourcesOfRun(deps.ec2, run.id);
+  } catch (e) {
+    step(`could not look for instances of the plans that failed (${errorText(e)}); check EC2 for instances tagged tandem:run=${run.id}`);
+    return;
+  }
+  for (const inst of found.described) {
+    const name = inst.Tags?.find((t) => t.Key === 'tandem:plan')?.Value;
+    const plan = plans.find((p) => p.name === name);
+    const i = failures.findIndex((f) => f.plan === name);
+    if (plan === undefined || i < 0 || instances.includes(inst.InstanceId!)) continue;
+    step(`${plan.name}: EC2 launched ${inst.InstanceId} though RunInstances failed (${failures[i]!.error}): it is this plan's server`);
+    failures.splice(i, 1);
+    const imageId = inst.ImageId ?? '';
+    instances.push(inst.InstanceId!);
+    launched.push({ plan, imageId, instanceId: inst.InstanceId! });
+    run.servers.push(serverOf(plan, imageId, inst.InstanceId!, undefined, points));
+  }
+  await save(deps.store, run);
 }
 
 /** States of an instance that holds the server's disks: it counts as failed over. */

@@ -17,9 +17,11 @@ export interface EmulatorContext {
   /**
    * Launch faults by instance type (POST /_emulator/launch-faults): `capacity` refuses RunInstances
    * with InsufficientInstanceCapacity; `fail` launches the instance, which then terminates
-   * instead of running (state reason Server.InternalError), as EC2 does when a launch fails.
+   * instead of running (state reason Server.InternalError), as EC2 does when a launch fails;
+   * `lost` launches the instance but answers InternalError (500), the retries with its client
+   * token too, as when EC2's answers never reach the caller.
    */
   readonly launchFaults: Map<string, LaunchFault>;
 }
 
-export type LaunchFault = 'capacity' | 'fail';
+export type LaunchFault = 'capacity' | 'fail' | 'lost';

@@ -14,12 +14,12 @@ export function registerControl(app: FastifyInstance, ctx: EmulatorContext): voi
   app.post('/_emulator/faults', async (req) => ctx.faults.configure((req.body ?? {}) as Record<string, unknown>));
   app.get('/_emulator/faults', async () => ctx.faults.settings);
 
-  // Launch faults by instance type: `{"r5.large": "capacity", "t3.small": "fail"}` replaces them all; `{}` clears.
+  // Launch faults by instance type: `{"r5.large": "capacity", "t3.small": "fail", "m5.large": "lost"}` replaces them all; `{}` clears.
   app.post('/_emulator/launch-faults', async (req) => {
     const body = (req.body ?? {}) as Record<string, unknown>;
     if (typeof body !== 'object' || Array.isArray(body)) throw Object.assign(new Error('body must be {instanceType: "capacity" | "fail"}'), { statusCode: 400 });
     for (const [type, how] of Object.entries(body)) {
-      if (how !== 'capacity' && how !== 'fail') throw Object.assign(new Error(`launch fault of ${type} must be "capacity" or "fail"`), { statusCode: 400 });
+      if (how !== 'capacity' && how !== 'fail' && how !== 'lost') throw Object.assign(new Error(`launch fault of ${type} must be "capacity", "fail" or "lost"`), { statusCode: 400 });
     }
     ctx.launchFaults.clear();
     for (const [type, how] of Object.entries(body)) ctx.launchFaults.set(type, how as LaunchFault);

@@ -407,6 +407,7 @@ export function registerEc2(app: FastifyInstance, ctx: EmulatorContext): void {
           if (prior[0]!.imageId !== image.id) {
             throw new Ec2Error('IdempotentParameterMismatch', `The client token ${clientToken} was used with other parameters; use a new token`);
           }
+          if (ctx.launchFaults.get(prior[0]!.instanceType) === 'lost') throw answerLost();
           return reservationBody(prior);
         }
       }
@@ -481,6 +482,7 @@ export function registerEc2(app: FastifyInstance, ctx: EmulatorContext): void {
         created.push(inst);
       }
       state.changed();
+      if (launchFault === 'lost') throw answerLost();
       return reservationBody(created);
     },
 
@@ -599,6 +601,10 @@ export function registerEc2(app: FastifyInstance, ctx: EmulatorContext): void {
     },
   };
 
+  /** A `lost` launch fault: the instances are launched, but the answer does not come back. */
+  function answerLost(): Ec2Error {
+    return new Ec2Error('InternalError', 'An internal error has occurred; retry the request', 500);
+  }
   function stateXml(s: InstanceRec['state']): XmlObject {
     return { code: INSTANCE_STATE_CODES[s], name: s };
   }

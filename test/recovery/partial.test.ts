@@ -165,6 +165,22 @@ test('an instance that terminates instead of running: its plan is not failed ove
   }
 });
 
+test('RunInstances launched db but its answers were lost: the instance EC2 holds is the db server, not a failure, and no second copy starts', async () => {
+  await launchFaults({ 'r5.large': 'lost' });
+  const r = await cliJson(['--home', home, 'failover'], { env });
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.json.status, 'active');
+  assert.match(r.stderr, /db: EC2 launched i-[0-9a-f]+ though RunInstances failed \(.*InternalError.*\): it is this plan's server/);
+  const up = await alive();
+  assert.deepEqual([...up.keys()].sort(), ['db', 'web']);
+  assert.equal(up.get('db')!.length, 1, 'the retries with the client token launched no second db');
+  assert.deepEqual(r.json.servers.map((x: { plan: string; instanceId: string }) => [x.plan, x.instanceId]).sort(), [['db', up.get('db')![0]], ['web', up.get('web')![0]]]);
+  assert.equal((await failedOver('db-root'))?.instanceId, up.get('db')![0]);
+  await launchFaults({});
+  const again = await cliJson(['--home', home, 'failover', '--plan', 'db'], { env });
+  assert.equal(again.json.error.code, 'ERR_VOLUME_FAILED_OVER', 'a rerun of db would start a second copy: refused');
+});
+
 test('no plan comes up: the failover is failed, nothing of it is left in EC2, and a rerun launches every plan', async () => {
   await launchFaults({ 't3.small': 'capacity', 'r5.large': 'fail' });
   const r = await cliJson(['--home', home, 'failover'], { env });
