@@ -22,7 +22,7 @@
  */
 import type { RawRetention } from '../config/schema.js';
 import { selectRetained } from '../policy/retention.js';
-import { listExportRecords, NS_DELETING, updateExportRecords, type ExportRecord } from './lineage.js';
+import { listExportRecords, NS_DELETING, NS_IMPORTS, updateExportRecords, type ExportRecord, type ImportRecord } from './lineage.js';
 import type { EbsStore } from './types.js';
 import { snapshotIdTime, type Store } from '../../store/index.js';
 
@@ -90,6 +90,21 @@ export async function applyExportRetention(
     ? await updateExportRecords(store, volume, (list) => list.filter((e) => !out.has(e.ebsSnapshotId)))
     : exports;
   // 3. Deleted in EBS; 4. what is done leaves the list.
+  const { deleted, failed } = await deletePending(store, ec2, volume, pending);
+  return { volume, kept: kept.map((e) => e.ebsSnapshotId), deleted, inImages, failed };
+}
+
+/**
+ * Delete in EBS the snapshots named in `ebs-deleting` for `volume` (`pending`: that list as read),
+ * and take those done out of it. A snapshot EBS no longer has counts as deleted; one that an image
+ * maps, or whose DeleteSnapshot fails, stays listed for the next run.
+ */
+export async function deletePending(
+  store: Pick<EbsStore, 'putMeta' | 'deleteMeta'>,
+  ec2: EbsSnapshotDeleter,
+  volume: string,
+  pending: readonly ExportRecord[],
+): Promise<{ deleted: string[]; failed: Array<{ ebsSnapshotId: string; error: string }> }> {
   const deleted: string[] = [];
   const failed: Array<{ ebsSnapshotId: string; error: string }> = [];
   const left: ExportRecord[] = [];
@@ -110,7 +125,38 @@ export async function applyExportRetention(
   }
   if (left.length > 0) await store.putMeta(NS_DELETING, volume, left);
   else if (pending.length > 0) await store.deleteMeta(NS_DELETING, volume);
-  return { volume, kept: kept.map((e) => e.ebsSnapshotId), deleted, inImages, failed };
+  return { deleted, failed };
+}
+
+/**
+ * After the last failback of a failover (its run `failed-back`): the EBS snapshots the failbacks
+ * took of the EC2 volumes (CreateSnapshot, tagged `tandem:run`) have been imported, and nothing
+ * builds on them any more (a failback diffs against the failover's point; replication and exports
+ * against Tandem snapshots). They are named in `ebs-deleting`, taken out of `ebs-imports`, and
+ * deleted, as retention deletes exports: what fails stays listed, for the next retention run.
+ */
+export async function deleteFailbackSnapshots(
+  store: Pick<EbsStore, 'getMeta' | 'putMeta' | 'deleteMeta'>,
+  ec2: EbsSnapshotDeleter,
+  taken: ReadonlyArray<{ readonly ebsSnapshotId: string; readonly volume: string; readonly volumeSizeGiB: number }>,
+): Promise<{ deleted: string[]; failed: Array<{ ebsSnapshotId: string; error: string }> }> {
+  const out = { deleted: [] as string[], failed: [] as Array<{ ebsSnapshotId: string; error: string }> };
+  for (const volume of new Set(taken.map((t) => t.volume))) {
+    const imports = (await store.getMeta<ImportRecord[]>(NS_IMPORTS, volume)) ?? [];
+    const mine = taken.filter((t) => t.volume === volume);
+    const ids = new Set(mine.map((t) => t.ebsSnapshotId));
+    const deleting = (await store.getMeta<ExportRecord[]>(NS_DELETING, volume)) ?? [];
+    const pending: ExportRecord[] = [...deleting.filter((d) => !ids.has(d.ebsSnapshotId)), ...mine.map((t) => {
+      const imp = imports.find((i) => i.ebsSnapshotId === t.ebsSnapshotId);
+      return { ebsSnapshotId: t.ebsSnapshotId, tandemSnapshot: imp?.tandemSnapshot ?? '', created: imp?.created ?? new Date().toISOString(), parentEbsSnapshotId: null, size: imp?.size ?? 0, volumeSizeGiB: t.volumeSizeGiB };
+    })];
+    await store.putMeta(NS_DELETING, volume, pending);
+    if (imports.some((i) => ids.has(i.ebsSnapshotId))) await store.putMeta(NS_IMPORTS, volume, imports.filter((i) => !ids.has(i.ebsSnapshotId)));
+    const r = await deletePending(store, ec2, volume, pending);
+    out.deleted.push(...r.deleted);
+    out.failed.push(...r.failed);
+  }
+  return out;
 }
 
 /** The exports the policy does not keep, oldest first (see the module comment for what always stays). */

@@ -16,6 +16,7 @@ import {
   StopInstancesCommand,
   CreateSnapshotCommand,
   DeleteSnapshotCommand,
+  DescribeSnapshotsCommand,
   waitUntilInstanceRunning,
   waitUntilInstanceTerminated,
   waitUntilInstanceStopped,
@@ -246,4 +247,25 @@ export async function deleteEbsSnapshot(ec2: EC2Client, snapshotId: string): Pro
     if (name === 'InvalidSnapshot.InUse') return 'in-use';
     throw awsError(e, `DeleteSnapshot ${snapshotId}`);
   }
+}
+
+/** The EBS snapshots of this account tagged with recovery run `runId` (failback's snapshots of the EC2 volumes). */
+export async function snapshotsOfRun(ec2: EC2Client, runId: string): Promise<Array<{ ebsSnapshotId: string; volume: string; volumeSizeGiB: number }>> {
+  const out: Array<{ ebsSnapshotId: string; volume: string; volumeSizeGiB: number }> = [];
+  let token: string | undefined;
+  for (let page = 0; page < 100; page++) {
+    let r;
+    try {
+      r = await ec2.send(new DescribeSnapshotsCommand({ OwnerIds: ['self'], Filters: [{ Name: 'tag:tandem:run', Values: [runId] }], NextToken: token }));
+    } catch (e) {
+      throw awsError(e, 'DescribeSnapshots');
+    }
+    for (const snap of r.Snapshots ?? []) {
+      const volume = snap.Tags?.find((t) => t.Key === 'tandem:volume')?.Value;
+      if (snap.SnapshotId && volume) out.push({ ebsSnapshotId: snap.SnapshotId, volume, volumeSizeGiB: snap.VolumeSize ?? 0 });
+    }
+    token = r.NextToken;
+    if (!token) break;
+  }
+  return out;
 }

@@ -111,7 +111,7 @@ export async function completeFailback(
   volume: string,
   snapshot: string,
   terminate: boolean,
-): Promise<{ run: string; terminated: string[]; runStatus: RecoveryRun['status'] }> {
+): Promise<{ run: string; terminated: string[]; runStatus: RecoveryRun['status']; ebsSnapshotsDeleted: string[]; ebsSnapshotsLeft: Array<{ ebsSnapshotId: string; error: string }> }> {
   const active = await activeFailover(deps.store, volume);
   if (!active) throw new TandemError('ERR_NOTHING_TO_SYNC', `no active failover runs volume "${volume}"; nothing to complete`);
   const { run } = active;
@@ -137,7 +137,22 @@ export async function completeFailback(
   }
   if (allHome) run.status = 'failed-back';
   await deps.store.putMeta(RUNS_NS, run.id, run);
-  return { run: run.id, terminated, runStatus: run.status };
+  // Every disk is home: the EBS snapshots the failbacks took of the EC2 volumes are imported and
+  // nothing builds on them; they would stay billed (appliance/ebs/retention.ts).
+  let ebsSnapshotsDeleted: string[] = [];
+  let ebsSnapshotsLeft: Array<{ ebsSnapshotId: string; error: string }> = [];
+  if (allHome) {
+    try {
+      const { deleteFailbackSnapshots } = await import('../ebs/retention.js');
+      const taken = await ec2.snapshotsOfRun(deps.ec2, run.id);
+      const r = await deleteFailbackSnapshots(deps.store, { inImages: async () => new Set(), delete: (id) => ec2.deleteEbsSnapshot(deps.ec2, id) }, taken);
+      ebsSnapshotsDeleted = r.deleted;
+      ebsSnapshotsLeft = r.failed;
+    } catch (e) {
+      ebsSnapshotsLeft = [{ ebsSnapshotId: '-', error: `could not list them: ${(e as Error).message}` }];
+    }
+  }
+  return { run: run.id, terminated, runStatus: run.status, ebsSnapshotsDeleted, ebsSnapshotsLeft };
 }
 
 

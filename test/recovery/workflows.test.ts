@@ -185,6 +185,14 @@ test('failover launches the plan with its IP, records the RTO; failback brings b
   const inCloud = await readEc2Volume(ec2Volume);
   assert.equal(sha(home), sha(inCloud.subarray(0, SIZE)), 'on-prem equals the EC2 volume after failback');
 
+  // The EBS snapshot the failback took of the EC2 volume is imported and nothing builds on it:
+  // deleted, not left billed.
+  assert.deepEqual(fb.complete.ebsSnapshotsDeleted, [fb.prepare.ec2SnapshotId]);
+  assert.deepEqual(fb.complete.ebsSnapshotsLeft, []);
+  const snaps = (await emulator('/_emulator/state')).snapshots as Array<{ id: string }>;
+  assert.ok(!snaps.some((x) => x.id === fb.prepare.ec2SnapshotId), 'gone from EBS');
+  assert.ok(snaps.some((x) => x.id === fb.prepare.baseEbsSnapshotId), 'the failover point, an export, stays');
+
   // Back into normal replication: the next sync is incremental (nothing to send).
   const next = await ok(onprem, ['sync', VOL, '--peer', 'cloud']);
   assert.equal(next.blocksSent, 0);

@@ -80,6 +80,8 @@ export function define(program: Command): void {
           `  pulled ${sync.blocksSent} block(s) (${formatBytes(sync.bytesSent)}); wrote ${a?.blocksWritten ?? 0} block(s) (${formatBytes(a?.bytesWritten ?? 0)}) of ${a?.blocksCompared ?? 0} compared`,
           ...(a?.keptAs ? [`  what the on-prem volume held before is kept as snapshot ${vol}@${a.keptAs}`] : []),
           complete.terminated.length ? `  terminated ${complete.terminated.join(', ')}` : o.terminate ? `  ${prepare.instanceId} is stopped; it is terminated with the failback of the last of its server's disks` : `  ${prepare.instanceId} left running: what it writes from now on stays in EC2 (a last failback passes --terminate: the instance is stopped before its snapshot, then terminated); terminate it in EC2 once it is not needed`,
+          ...((complete.ebsSnapshotsDeleted ?? []).length > 0 ? [`  deleted the EBS snapshots the failbacks took of the EC2 volumes, now imported: ${complete.ebsSnapshotsDeleted.join(', ')}`] : []),
+          ...((complete.ebsSnapshotsLeft ?? []) as Array<{ ebsSnapshotId: string; error: string }>).map((l) => `  could not delete EBS snapshot ${l.ebsSnapshotId} on the cloud appliance: ${l.error}; its next \`appliance retention\` tries again`),
           `  replication resumes incrementally from ${prepare.snapshot.id}`,
         ].join('\n');
         return { json: { volume: vol, peer: peerName, prepare, sync, complete }, text };
