@@ -22,6 +22,7 @@ export async function listExports(store: Pick<EbsStore, 'getMeta'>, volume: stri
     tandemSnapshot: r.tandemSnapshot,
     created: r.created,
     parentEbsSnapshotId: r.parentEbsSnapshotId,
+    size: r.size,
   }));
 }
 

@@ -79,6 +79,8 @@ export interface EbsMapping {
   readonly tandemSnapshot: string;
   readonly created: string;
   readonly parentEbsSnapshotId: string | null;
+  /** The Tandem volume's byte size at that point. */
+  readonly size: number;
 }
 
 /** The hash that stands for an all-zero block in a tree: 32 zero bytes (the store's ZERO_HASH). */

@@ -13,6 +13,8 @@ export interface ExportEntry {
   readonly ebsSnapshotId: string;
   readonly tandemSnapshot: string;
   readonly created: string;
+  /** The volume's byte size at that point, as the export recorded it. */
+  readonly size?: number;
 }
 
 export interface RecoveryPoint {
@@ -88,7 +90,7 @@ export async function choosePoint(
       : `volume "${volume}" has no EBS export at or before ${at!.toISOString()}; the oldest is from ${new Date(candidates[0]!.time).toISOString()}`;
     throw new TandemError('ERR_EBS_NOT_EXPORTED', why, { details: { volume } });
   }
-  const size = pick.snap?.size ?? vol?.size;
+  const size = pick.snap?.size ?? pick.e.size ?? vol?.size;
   if (size === undefined) {
     throw new TandemError('ERR_SNAPSHOT_NOT_FOUND', `the size of volume "${volume}" is unknown (snapshot ${pick.e.tandemSnapshot} was deleted); export a newer snapshot`);
   }

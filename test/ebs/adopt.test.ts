@@ -36,12 +36,16 @@ test('a new cloud appliance adopts the exports of the lost one: same snapshot an
   const lostServed = await startServe(t, lost);
   await pair(onprem, 'cloud', lost, lostServed);
   const points: string[] = [];
+  const sizes: number[] = [];
   for (let i = 0; i < 3; i++) {
     if (i > 0) {
       img = Buffer.from(img);
       fillBlock(img, 3 * i, 70 + i);
+      // The disk grows before the last export: the older points keep their own size.
+      if (i === 2) img = Buffer.concat([img, makeImage(1, { seed: 77 })]);
       writeFileSync(image, img);
     }
+    sizes.push(img.length);
     const pushed = await ok(onprem, 'sync', 'db', '--peer', 'cloud');
     points.push(pushed.snapshot);
     await ok(lost, 'ebs', 'export', 'db');
@@ -92,6 +96,8 @@ test('a new cloud appliance adopts the exports of the lost one: same snapshot an
   const drill = await ok(cloud, 'drill', 'db', '--point', at);
   assert.equal(drill.points[0].ebsSnapshotId, exported[0]);
   assert.equal(drill.points[0].pointTime, at, 'its time is the snapshot it was made from');
+  assert.equal(drill.points[0].size, sizes[0], 'and its size, not the volume size of today');
+  assert.notEqual(sizes[0], sizes[2]);
   assert.equal(drill.status, 'torn-down');
 });
 
