@@ -39,7 +39,7 @@ export interface ExportRetentionOptions {
   /** EBS snapshot ids recovery runs use (active failovers and drills): they stay. */
   readonly inUse?: ReadonlySet<string>;
   readonly now?: number;
-  /** Say what would go; change nothing, call nothing in EC2. */
+  /** Say what would go; change nothing, delete nothing (EC2 is only asked which an image maps). */
   readonly dryRun?: boolean;
 }
 
@@ -71,7 +71,7 @@ export async function applyExportRetention(
   const doomed = await chooseDoomed(store, volume, exports, retention, now, opts);
   let inImages: string[] = [];
   let going = doomed;
-  if (doomed.length > 0 && ec2 !== null && !opts.dryRun) {
+  if (doomed.length > 0 && ec2 !== null) {
     const mapped = await ec2.inImages(doomed.map((e) => e.ebsSnapshotId));
     inImages = [...mapped];
     going = doomed.filter((e) => !mapped.has(e.ebsSnapshotId));
@@ -198,14 +198,10 @@ export async function retainExports(
     if (run.status !== 'active') continue;
     for (const p of run.points ?? []) if (typeof p.ebsSnapshotId === 'string') inUse.add(p.ebsSnapshotId);
   }
-  let deleter: EbsSnapshotDeleter | null = null;
-  let destroy = () => {};
-  if (!opts.dryRun) {
-    const ec2 = await import('../recovery/ec2.js');
-    const client = ec2.ec2Client();
-    destroy = () => client.destroy();
-    deleter = { inImages: (ids) => ec2.snapshotsInImages(client, ids), delete: (id) => ec2.deleteEbsSnapshot(client, id) };
-  }
+  const ec2 = await import('../recovery/ec2.js');
+  const client = ec2.ec2Client();
+  const destroy = () => client.destroy();
+  const deleter: EbsSnapshotDeleter = { inImages: (ids) => ec2.snapshotsInImages(client, ids), delete: (id) => ec2.deleteEbsSnapshot(client, id) };
   try {
     return await applyExportRetention(store, deleter, volume, retention, { held, inUse, ...opts });
   } finally {

@@ -67,7 +67,8 @@ test('retention deletes in EBS the exports the policy does not keep; the newest,
   await ec2.send(new RegisterImageCommand({ Name: 'operator-ami', RootDeviceName: '/dev/xvda', Architecture: 'x86_64', VirtualizationType: 'hvm', BlockDeviceMappings: [{ DeviceName: '/dev/xvda', Ebs: { SnapshotId: exports[1] } }] }));
 
   const dry = await ok(home, ['retention', 'db', '--dry-run']);
-  assert.deepEqual(dry.volumes[0].ebs.deleted, [exports[1], exports[2], exports[3]], 'a dry run asks nothing of EC2, so the mapped one is listed too');
+  assert.deepEqual(dry.volumes[0].ebs.deleted, [exports[2], exports[3]], 'a dry run lists what would go');
+  assert.deepEqual(dry.volumes[0].ebs.inImages, [exports[1]], 'and what an image keeps');
   for (const id of exports) assert.ok(await inEbs(ec2, id), 'a dry run deletes nothing');
 
   // DeleteSnapshot fails (EC2 keeps answering 500): the exports leave the recovery points, stay
