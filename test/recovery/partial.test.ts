@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { cliJson } from '../helpers/cli.js';
+import { cli, cliJson } from '../helpers/cli.js';
 import { startCloud, type CloudSetup } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -118,6 +118,8 @@ test('no capacity for one plan: the other comes up and counts as failed over; `f
   assert.ok(!(await ec2State()).images.some((i) => i.name === `tandem-db-${runId}`), "db's image is deregistered");
   assert.equal((await failedOver('web-root'))?.instanceId, up.get('web')![0]);
   assert.equal(await failedOver('db-root'), null, 'db-root is not failed over');
+  const text = await cli(['--home', home, 'status'], { env });
+  assert.match(text.stdout, new RegExp(`failover ${runId} came up in part: db did not \\(db: .*InsufficientInstanceCapacity.*\\); \`appliance failover --plan db\` brings it up`));
 
   // Rerunning the whole failover would start a second web: refused, nothing launched.
   const again = await cliJson(['--home', home, 'failover'], { env });
@@ -134,6 +136,7 @@ test('no capacity for one plan: the other comes up and counts as failed over; `f
   assert.equal(after.get('web')!.length, 1);
   assert.equal(after.get('db')!.length, 1);
   assert.equal((await failedOver('db-root'))?.instanceId, after.get('db')![0]);
+  assert.doesNotMatch((await cli(['--home', home, 'status'], { env })).stdout, /came up in part/, 'nothing is missing any more');
 });
 
 test('an instance that terminates instead of running: its plan is not failed over and its image is gone; the other plan is', async () => {

@@ -49,6 +49,17 @@ export function define(program: Command): void {
         const failedOver = volumes.flatMap((v) => v.failedOver
           ? [`${v.volume} runs in EC2 since ${v.failedOver.since} (failover ${v.failedOver.run}, instance ${v.failedOver.instanceId}): pushes of it are refused until \`appliance failback ${v.volume}\` on-prem, or \`appliance failover ${v.volume} --end\` here`]
           : []);
+        // A failover that came up in part (appliance/recovery/launch.ts): what did not, and how to bring it up.
+        const { RUNS_NS } = await import('../../recovery/state.js');
+        const active = (await store.listMeta<{ id: string; mode: string; status: string; failedPlans?: string[]; error: string | null; servers: Array<{ plan: string }> }>(RUNS_NS))
+          .map(([, r]) => r)
+          .filter((r) => r.mode === 'failover' && r.status === 'active');
+        const up = new Set(active.flatMap((r) => r.servers.map((x) => x.plan)));
+        const partial = active.flatMap((r) => {
+          // A plan brought up since by another failover is no longer missing.
+          const missing = (r.failedPlans ?? []).filter((p) => !up.has(p));
+          return missing.length === 0 ? [] : [`failover ${r.id} came up in part: ${missing.join(', ')} did not (${r.error ?? 'see the run'}); ${missing.map((p) => `\`appliance failover --plan ${p}\``).join(', ')} brings ${missing.length === 1 ? 'it' : 'them'} up`];
+        });
         const held = volumes.flatMap((v) => v.replicationHeld
           ? [`${v.volume}: replication to ${v.replicationHeld.peer} held since ${v.replicationHeld.since} (${v.replicationHeld.code}; asked again every minute, last ${formatAge(v.replicationHeld.checkedAt, now)}): ${v.replicationHeld.message}`]
           : []);
@@ -71,7 +82,7 @@ export function define(program: Command): void {
         const capLine = replication && (replication.scheduled || replication.capNow > 0)
           ? [`replication to ${replication.peer}: ${replication.capNow === 0 ? 'not capped now' : `capped at ${formatBytes(replication.capNow)}/s now`} (config.yaml replication.${replication.scheduled ? 'schedule' : 'bwlimit'})`]
           : [];
-        const text = [table, ...failedOver, ...held, ...paused, ...unfinished, ...capLine, ...healthLines, ...(only === undefined ? [verifyLine(verify, now, formatAge, formatBytes)] : [])].join('\n');
+        const text = [table, ...failedOver, ...partial, ...held, ...paused, ...unfinished, ...capLine, ...healthLines, ...(only === undefined ? [verifyLine(verify, now, formatAge, formatBytes)] : [])].join('\n');
         return { json: { appliance: home.identity.name, at: new Date(now).toISOString(), volumes, replication, verify, health }, text };
       });
     }));
