@@ -62,13 +62,14 @@ export async function applyExportRetention(
   store: DeletingStore,
   ec2: EbsSnapshotDeleter | null,
   volume: string,
-  retention: RawRetention,
+  retention: RawRetention | null,
   opts: ExportRetentionOptions = {},
 ): Promise<ExportRetentionResult> {
   const now = opts.now ?? Date.now();
   const exports = await listExportRecords(store, volume);
   const deleting = (await store.getMeta<ExportRecord[]>(NS_DELETING, volume)) ?? [];
-  const doomed = await chooseDoomed(store, volume, exports, retention, now, opts);
+  // No retention policy: every export stays; only what an earlier run left to delete is finished.
+  const doomed = retention === null ? [] : await chooseDoomed(store, volume, exports, retention, now, opts);
   let inImages: string[] = [];
   let going = doomed;
   if (doomed.length > 0 && ec2 !== null) {
@@ -184,12 +185,12 @@ async function chooseDoomed(store: DeletingStore, volume: string, exports: reado
 export async function retainExports(
   store: DeletingStore & Pick<Store, 'listMeta'>,
   volume: string,
-  retention: RawRetention,
+  retention: RawRetention | null,
   opts: { now?: number; dryRun?: boolean } = {},
 ): Promise<ExportRetentionResult | null> {
   const exports = await listExportRecords(store, volume);
   const deleting = (await store.getMeta<ExportRecord[]>(NS_DELETING, volume)) ?? [];
-  if (exports.length <= 1 && deleting.length === 0) return null;
+  if (deleting.length === 0 && (retention === null || exports.length <= 1)) return null;
   const { listHolds } = await import('../snapshot-admin.js');
   const { RUNS_NS } = await import('../recovery/state.js');
   const held = new Set((await listHolds(store, volume)).keys());

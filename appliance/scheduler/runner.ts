@@ -570,15 +570,17 @@ export class Scheduler {
     let deleted = 0;
     for (const v of unit.volumes) {
       const policy = config ? policyFor(config, v) : null;
-      if (policy === null || policy.retention === null) continue;
-      const r = await applyRetention(store, v.name, policy, undefined, clock.now());
-      deleted += r.deleted.length;
-      if (r.deleted.length > 0) log.info({ volume: v.name, deleted: r.deleted, kept: r.kept.length }, 'retention applied');
+      if (policy !== null && policy.retention !== null) {
+        const r = await applyRetention(store, v.name, policy, undefined, clock.now());
+        deleted += r.deleted.length;
+        if (r.deleted.length > 0) log.info({ volume: v.name, deleted: r.deleted, kept: r.kept.length }, 'retention applied');
+      }
       // The volume's EBS exports (cloud appliance) under the same policy; a failure there is
       // retried at the next job's retention and does not fail this one.
       try {
         const { retainExports } = await import('../ebs/retention.js');
-        const e = await retainExports(store, v.name, policy.retention, { now: clock.now() });
+        // Without a retention policy, only what an earlier run could not delete in EBS is finished.
+        const e = await retainExports(store, v.name, policy?.retention ?? null, { now: clock.now() });
         if (e !== null && (e.deleted.length > 0 || e.failed.length > 0)) {
           log[e.failed.length > 0 ? 'warn' : 'info']({ volume: v.name, deleted: e.deleted, kept: e.kept.length, inImages: e.inImages, failed: e.failed }, 'retention applied to the EBS exports');
         }

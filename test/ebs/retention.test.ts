@@ -85,8 +85,11 @@ test('retention deletes in EBS the exports the policy does not keep; the newest,
   const doctor = await cliJson(['doctor', '--home', home], { env: env() });
   assert.match(JSON.stringify(doctor.json), new RegExp(`could not delete them in EBS yet.*${exports[2]}|${exports[2]}.*could not delete them in EBS yet`));
 
-  // The next run deletes them first.
+  // The next run deletes them first; it does so even once the volume has no retention policy any
+  // more (which then keeps every export).
+  writeFileSync(join(home, 'config.yaml'), readFileSync(join(home, 'config.yaml'), 'utf8').replace(/assign:[\s\S]*$/, ''));
   const done = await ok(home, ['retention', 'db']);
+  assert.equal(done.volumes[0].policy, null);
   assert.deepEqual(done.volumes[0].ebs.deleted, [exports[2], exports[3]]);
   assert.deepEqual(done.volumes[0].ebs.failed, []);
   assert.ok(!(await inEbs(ec2, exports[2]!)) && !(await inEbs(ec2, exports[3]!)), 'deleted in EBS');

@@ -33,9 +33,7 @@ export function define(program: Command): void {
           const snaps = await store.listSnapshots(v.name);
           if (policy === null || policy.retention === null) {
             results.push({ volume: v.name, policy: policy?.name ?? null, kept: snaps.map((s) => s.id), deleted: [] });
-            continue;
-          }
-          if (dryRun) {
+          } else if (dryRun) {
             const keep = selectRetained(snaps, policy.retention, Date.now(), await pinnedSnapshots(store, v.name));
             results.push({ volume: v.name, policy: policy.name, kept: snaps.filter((s) => keep.has(s.id)).map((s) => s.id), deleted: snaps.filter((s) => !keep.has(s.id)).map((s) => s.id) });
           } else {
@@ -45,7 +43,8 @@ export function define(program: Command): void {
           // Its EBS exports too (cloud appliance): the same policy, applied to the EBS snapshots.
           let ebs: EbsOutcome | null = null;
           try {
-            const r = await retainExports(store, v.name, policy.retention, { dryRun });
+            // Without a retention policy, only what an earlier run could not delete in EBS is finished.
+            const r = await retainExports(store, v.name, policy?.retention ?? null, { dryRun });
             ebs = r && { kept: r.kept, deleted: r.deleted, inImages: r.inImages, failed: r.failed };
           } catch (e) {
             ebs = { kept: [], deleted: [], inImages: [], failed: [{ ebsSnapshotId: '-', error: (e as Error).message }] };
