@@ -21,7 +21,7 @@ import type { EC2Client, Snapshot } from '@aws-sdk/client-ec2';
 import { TandemError } from '../../common/errors.js';
 import { isValidSnapshotId, snapshotIdTime } from '../../store/index.js';
 import { importSnapshot } from './import.js';
-import { listExportRecords, updateExportRecords, type ExportRecord } from './lineage.js';
+import { exportPointTime, listExportRecords, updateExportRecords, type ExportRecord } from './lineage.js';
 import type { EbsImportResult, EbsStore } from './types.js';
 import { GiB } from './api.js';
 
@@ -43,36 +43,13 @@ export interface AdoptResult {
   readonly imported: EbsImportResult | null;
 }
 
-/** The time in a snapshot id (`20261125T093012.345Z-3fa9c1`), as ISO-8601, or null. */
-function idTime(id: string): string | null {
-  const t = snapshotIdTime(id);
-  return t === undefined ? null : new Date(t).toISOString();
-}
-
 /** The exports of `volume` EBS holds for this account (see the module comment, step 1), oldest first. */
 export async function findExports(ec2: EC2Client, volume: string): Promise<FoundExport[]> {
-  const { DescribeSnapshotsCommand } = await import('@aws-sdk/client-ec2');
-  const { awsError } = await import('../recovery/ec2.js');
+  const { describeSnapshots } = await import('../recovery/ec2.js');
   const out: FoundExport[] = [];
-  let token: string | undefined;
-  for (let page = 0; page < 1000; page++) {
-    let r;
-    try {
-      r = await ec2.send(new DescribeSnapshotsCommand({
-        OwnerIds: ['self'],
-        Filters: [{ Name: 'tag:tandem:volume', Values: [volume] }, { Name: 'status', Values: ['completed'] }],
-        MaxResults: 1000,
-        NextToken: token,
-      }));
-    } catch (e) {
-      throw awsError(e, 'DescribeSnapshots');
-    }
-    for (const s of r.Snapshots ?? []) {
-      const found = asExport(s, volume);
-      if (found) out.push(found);
-    }
-    token = r.NextToken;
-    if (!token) break;
+  for (const s of await describeSnapshots(ec2, [{ Name: 'tag:tandem:volume', Values: [volume] }, { Name: 'status', Values: ['completed'] }])) {
+    const found = asExport(s, volume);
+    if (found) out.push(found);
   }
   return out.sort((a, b) => a.tandemSnapshot.localeCompare(b.tandemSnapshot) || a.started.localeCompare(b.started));
 }
@@ -81,7 +58,7 @@ function asExport(s: Snapshot, volume: string): FoundExport | null {
   const tag = (k: string) => s.Tags?.find((t) => t.Key === k)?.Value;
   const id = tag('tandem:snapshot');
   // A tag anyone with the account's access may have written: only a well-formed snapshot id counts.
-  if (!s.SnapshotId || tag('tandem:volume') !== volume || !isValidSnapshotId(id) || idTime(id) === null || !s.VolumeSize) return null;
+  if (!s.SnapshotId || tag('tandem:volume') !== volume || !isValidSnapshotId(id) || snapshotIdTime(id) === undefined || !s.VolumeSize) return null;
   const size = Number(tag('tandem:size'));
   return {
     ebsSnapshotId: s.SnapshotId,
@@ -122,7 +99,7 @@ export async function adoptExports(
   const imported: EbsImportResult = held
     ? { snapshot: held, ebsSnapshotId: newest.ebsSnapshotId, baseEbsSnapshotId: null, blocksFetched: 0, bytesFetched: 0, requests: 0, seconds: 0 }
     : await importSnapshot(store, newest.ebsSnapshotId, volume, {
-      as: { id: newest.tandemSnapshot, created: idTime(newest.tandemSnapshot)!, size: newest.size },
+      as: { id: newest.tandemSnapshot, created: exportPointTime({ tandemSnapshot: newest.tandemSnapshot, created: newest.started }, null), size: newest.size },
       ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
     });
   const records: ExportRecord[] = found.map((f) => ({

@@ -12,6 +12,7 @@
  * Exports and imports together are the volume's EBS lineage: an export's parent is the latest
  * export; an import reads only what changed since the newest export or import it can diff against.
  */
+import { snapshotIdTime } from '../../store/index.js';
 import type { EbsStore } from './types.js';
 
 export const NS_EXPORTS = 'ebs-exports';
@@ -70,6 +71,17 @@ export async function listExportRecords(store: Pick<EbsStore, 'getMeta'>, volume
 
 export async function listImportRecords(store: Pick<EbsStore, 'getMeta'>, volume: string): Promise<ImportRecord[]> {
   return (await store.getMeta<ImportRecord[]>(NS_IMPORTS, volume)) ?? [];
+}
+
+/**
+ * The point in time an export holds: its Tandem snapshot's time, or, when this store lacks that
+ * snapshot (deleted by retention, or an export adopted from a lost appliance), the time in its id,
+ * else the export's own.
+ */
+export function exportPointTime(e: { readonly tandemSnapshot: string; readonly created: string }, snap: { readonly created: string } | null): string {
+  if (snap) return snap.created;
+  const t = snapshotIdTime(e.tandemSnapshot);
+  return t === undefined ? e.created : new Date(t).toISOString();
 }
 
 /** Per volume: the read-modify-writes of its export list, one after the other (an export and retention). */

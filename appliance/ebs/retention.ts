@@ -22,9 +22,9 @@
  */
 import type { RawRetention } from '../config/schema.js';
 import { selectRetained } from '../policy/retention.js';
-import { listExportRecords, NS_DELETING, NS_IMPORTS, updateExportRecords, type ExportRecord, type ImportRecord } from './lineage.js';
+import { exportPointTime, listExportRecords, NS_DELETING, NS_IMPORTS, updateExportRecords, type ExportRecord, type ImportRecord } from './lineage.js';
 import type { EbsStore } from './types.js';
-import { snapshotIdTime, type Store } from '../../store/index.js';
+import type { Store } from '../../store/index.js';
 
 /** What deleting EBS snapshots needs from EC2 (appliance/recovery/ec2.ts). */
 export interface EbsSnapshotDeleter {
@@ -102,7 +102,7 @@ export async function applyExportRetention(
  */
 export async function deletePending(
   store: Pick<EbsStore, 'putMeta' | 'deleteMeta'>,
-  ec2: EbsSnapshotDeleter,
+  ec2: Pick<EbsSnapshotDeleter, 'delete'>,
   volume: string,
   pending: readonly ExportRecord[],
 ): Promise<{ deleted: string[]; failed: Array<{ ebsSnapshotId: string; error: string }> }> {
@@ -138,7 +138,7 @@ export async function deletePending(
  */
 export async function deleteFailbackSnapshots(
   store: Pick<EbsStore, 'getMeta' | 'putMeta' | 'deleteMeta'>,
-  ec2: EbsSnapshotDeleter,
+  ec2: Pick<EbsSnapshotDeleter, 'delete'>,
   taken: ReadonlyArray<{ readonly ebsSnapshotId: string; readonly volume: string; readonly volumeSizeGiB: number }>,
 ): Promise<{ deleted: string[]; failed: Array<{ ebsSnapshotId: string; error: string }> }> {
   const out = { deleted: [] as string[], failed: [] as Array<{ ebsSnapshotId: string; error: string }> };
@@ -165,9 +165,7 @@ async function chooseDoomed(store: DeletingStore, volume: string, exports: reado
   if (exports.length <= 1) return [];
   const dated = [];
   for (const e of exports) {
-    const snap = await store.getSnapshot(volume, e.tandemSnapshot);
-    const t = snapshotIdTime(e.tandemSnapshot);
-    dated.push({ id: e.ebsSnapshotId, created: snap?.created ?? (t !== undefined ? new Date(t).toISOString() : e.created) });
+    dated.push({ id: e.ebsSnapshotId, created: exportPointTime(e, await store.getSnapshot(volume, e.tandemSnapshot)) });
   }
   const pinned = new Set<string>([exports[exports.length - 1]!.ebsSnapshotId]);
   for (const e of exports) {

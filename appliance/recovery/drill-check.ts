@@ -14,6 +14,7 @@
 import type { RawDrillCheck } from '../config/schema.js';
 import { parseDuration } from '../config/duration.js';
 import { runHook, type HookRun } from '../hooks.js';
+import { realClock } from '../scheduler/clock.js';
 import type { DrillCheck, LaunchedServer } from './launch.js';
 
 export const DEFAULT_CHECK_TIMEOUT_MS = 10 * 60_000;
@@ -52,12 +53,6 @@ export async function runDrillCheck(check: RawDrillCheck, server: LaunchedServer
       return { name, ok: false, detail: `\`${check.command}\` did not pass in ${attempt} attempt(s) over ${secs} s (timeout ${check.timeout ?? '10m'}); the last ${outcome(r)}` };
     }
     step(`${name}: attempt ${attempt} ${outcome(r)}; again in ${Math.round(intervalMs / 1000)} s`);
-    await new Promise<void>((resolve) => {
-      const t = setTimeout(resolve, intervalMs);
-      signal?.addEventListener('abort', () => {
-        clearTimeout(t);
-        resolve();
-      }, { once: true });
-    });
+    await realClock.sleep(intervalMs, signal);
   }
 }

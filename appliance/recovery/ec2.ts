@@ -23,6 +23,7 @@ import {
   waitUntilSnapshotCompleted,
   type BlockDeviceMapping,
   type Instance,
+  type Snapshot,
   type Tag,
 } from '@aws-sdk/client-ec2';
 import { awsClientOptions } from '../../common/ca.js';
@@ -249,23 +250,30 @@ export async function deleteEbsSnapshot(ec2: EC2Client, snapshotId: string): Pro
   }
 }
 
-/** The EBS snapshots of this account tagged with recovery run `runId` (failback's snapshots of the EC2 volumes). */
-export async function snapshotsOfRun(ec2: EC2Client, runId: string): Promise<Array<{ ebsSnapshotId: string; volume: string; volumeSizeGiB: number }>> {
-  const out: Array<{ ebsSnapshotId: string; volume: string; volumeSizeGiB: number }> = [];
+/** DescribeSnapshots of this account with `filters`, every page. */
+export async function describeSnapshots(ec2: EC2Client, filters: Array<{ Name: string; Values: string[] }>): Promise<Snapshot[]> {
+  const out: Snapshot[] = [];
   let token: string | undefined;
-  for (let page = 0; page < 100; page++) {
+  for (let page = 0; page < 1000; page++) {
     let r;
     try {
-      r = await ec2.send(new DescribeSnapshotsCommand({ OwnerIds: ['self'], Filters: [{ Name: 'tag:tandem:run', Values: [runId] }], NextToken: token }));
+      r = await ec2.send(new DescribeSnapshotsCommand({ OwnerIds: ['self'], Filters: filters, MaxResults: 1000, NextToken: token }));
     } catch (e) {
       throw awsError(e, 'DescribeSnapshots');
     }
-    for (const snap of r.Snapshots ?? []) {
-      const volume = snap.Tags?.find((t) => t.Key === 'tandem:volume')?.Value;
-      if (snap.SnapshotId && volume) out.push({ ebsSnapshotId: snap.SnapshotId, volume, volumeSizeGiB: snap.VolumeSize ?? 0 });
-    }
+    out.push(...(r.Snapshots ?? []));
     token = r.NextToken;
     if (!token) break;
+  }
+  return out;
+}
+
+/** The EBS snapshots of this account tagged with recovery run `runId` (failback's snapshots of the EC2 volumes). */
+export async function snapshotsOfRun(ec2: EC2Client, runId: string): Promise<Array<{ ebsSnapshotId: string; volume: string; volumeSizeGiB: number }>> {
+  const out: Array<{ ebsSnapshotId: string; volume: string; volumeSizeGiB: number }> = [];
+  for (const snap of await describeSnapshots(ec2, [{ Name: 'tag:tandem:run', Values: [runId] }])) {
+    const volume = snap.Tags?.find((t) => t.Key === 'tandem:volume')?.Value;
+    if (snap.SnapshotId && volume) out.push({ ebsSnapshotId: snap.SnapshotId, volume, volumeSizeGiB: snap.VolumeSize ?? 0 });
   }
   return out;
 }

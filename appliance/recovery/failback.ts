@@ -145,7 +145,7 @@ export async function completeFailback(
     try {
       const { deleteFailbackSnapshots } = await import('../ebs/retention.js');
       const taken = await ec2.snapshotsOfRun(deps.ec2, run.id);
-      const r = await deleteFailbackSnapshots(deps.store, { inImages: async () => new Set(), delete: (id) => ec2.deleteEbsSnapshot(deps.ec2, id) }, taken);
+      const r = await deleteFailbackSnapshots(deps.store, { delete: (id) => ec2.deleteEbsSnapshot(deps.ec2, id) }, taken);
       ebsSnapshotsDeleted = r.deleted;
       ebsSnapshotsLeft = r.failed;
     } catch (e) {

@@ -7,7 +7,8 @@
  * one moment (group snapshots are taken together, see the scheduler).
  */
 import { TandemError } from '../../common/errors.js';
-import { snapshotIdTime, type Store, type SnapshotRecord } from '../../store/index.js';
+import type { Store, SnapshotRecord } from '../../store/index.js';
+import { exportPointTime } from '../ebs/lineage.js';
 
 export interface ExportEntry {
   readonly ebsSnapshotId: string;
@@ -68,9 +69,7 @@ export async function choosePoint(
   const candidates: Array<{ e: ExportEntry; snap: SnapshotRecord | null; time: number }> = [];
   for (const e of exports) {
     const snap = await store.getSnapshot(volume, e.tandemSnapshot);
-    // A snapshot this store lacks (deleted by retention, or an export adopted from a lost
-    // appliance, appliance/ebs/adopt.ts): the time in its id is the point's time.
-    candidates.push({ e, snap, time: snap ? Date.parse(snap.created) : snapshotIdTime(e.tandemSnapshot) ?? Date.parse(e.created) });
+    candidates.push({ e, snap, time: Date.parse(exportPointTime(e, snap)) });
   }
   candidates.sort((a, b) => a.time - b.time);
 

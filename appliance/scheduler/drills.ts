@@ -89,8 +89,6 @@ export class ScheduledDrills {
   private loop: Promise<void> | null = null;
   /** Plans whose last scheduled attempt failed before it recorded a report: when it was. */
   private readonly failedEarly = new Map<string, number>();
-  /** The plan being drilled now, if any. */
-  running: string | null = null;
 
   constructor(o: ScheduledDrillsOptions) {
     this.o = o;
@@ -145,7 +143,6 @@ export class ScheduledDrills {
 
   private async drillNow(plan: string, signal: AbortSignal): Promise<void> {
     const { log, clock } = this.o;
-    this.running = plan;
     log.info({ plan }, 'scheduled drill started');
     try {
       const run = await this.o.drill(plan, signal);
@@ -163,8 +160,6 @@ export class ScheduledDrills {
       const message = e instanceof Error ? e.message : String(e);
       log.error({ plan, run, err: errorInfo(e) }, 'scheduled drill failed');
       await this.o.alert({ event: 'drill_failed', appliance: this.o.appliance, plan, at: new Date(clock.now()).toISOString(), run, error: message, checks: details.report?.checks ?? [] });
-    } finally {
-      this.running = null;
     }
   }
 }
