@@ -17,7 +17,6 @@ import type { Readable } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Pool as PoolType, buildConnector as BuildConnectorType, Dispatcher } from 'undici';
-import { createRequire } from 'node:module';
 import { TandemError, isErrorCode, isTandemError } from '../common/errors.js';
 import type { BlockFrame, GetBlocksOptions, Hash, NodeChangeToPut, NodeToPut, PutBlocksResult, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
 import { applyNodeChange, checkNodeChange, childChanges, isNodeChange } from '../store/tree.js';
@@ -43,10 +42,9 @@ setFlagsFromString('--liftoff-only');
 // below 45-67 ms). The client needs only the connection pool, the TLS connector and the request
 // API, which the entry point adds to Dispatcher.prototype; we do the same. The paths are those of
 // undici 7 (package-lock.json pins the version; every sync test goes through them).
-const undici = createRequire(import.meta.url);
-const Pool = undici('undici/lib/dispatcher/pool') as typeof PoolType;
-const buildConnector = undici('undici/lib/core/connect') as typeof BuildConnectorType;
-Object.assign((undici('undici/lib/dispatcher/dispatcher') as { prototype: object }).prototype, undici('undici/lib/api'));
+const Pool = require('undici/lib/dispatcher/pool') as typeof PoolType;
+const buildConnector = require('undici/lib/core/connect') as typeof BuildConnectorType;
+Object.assign((require('undici/lib/dispatcher/dispatcher') as { prototype: object }).prototype, require('undici/lib/api'));
 
 /** Parallel connections to one peer: enough to overlap a block stream with tree requests, few enough for a small appliance. */
 const DEFAULT_CONNECTIONS = 4;

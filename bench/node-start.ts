@@ -10,10 +10,9 @@
  */
 import { spawnSync } from 'node:child_process';
 import { join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
 
 export const EXTRA_CA_VAR = 'NODE_EXTRA_CA_CERTS';
-const ROOT = resolve(fileURLToPath(new URL('..', import.meta.url)));
+const ROOT = resolve(__dirname, '..');
 /** The `appliance` command (package.json "bin"). */
 export const APPLIANCE = join(ROOT, 'bin', 'appliance');
 /** What the launcher starts: it must be built (`npm run build`). */

@@ -34,12 +34,11 @@ import { mkdtempSync, rmSync, openSync, writeSync, closeSync, writeFileSync, sta
 import { randomFillSync, randomInt } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { BLAKE3_MODULE_PATH } from '../store/hash.js';
 import { IO_SKEW } from '../common/io-buffers.js';
 import { APPLIANCE, DIST_MAIN, childEnv, describeNodeStart, nodeStart } from './node-start.js';
 
-const ROOT = resolve(fileURLToPath(new URL('..', import.meta.url)));
+const ROOT = resolve(__dirname, '..');
 const BS = 512 * 1024;
 /** Image writes go out in 64 MiB pieces: fast to fill, small next to the image. */
 const FILL_CHUNK = 64 * 1024 * 1024;
@@ -398,4 +397,7 @@ async function main(): Promise<void> {
   }
 }
 
-await main();
+main().catch((e: unknown) => {
+  console.error(e);
+  process.exitCode = 1;
+});

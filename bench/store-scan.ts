@@ -10,9 +10,8 @@ import { mkdtempSync, openSync, closeSync, writeSync, ftruncateSync, rmSync } fr
 import { randomFillSync } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 
-const self = fileURLToPath(import.meta.url);
+const self = __filename;
 
 async function child(kind: string, storeDir: string, image: string): Promise<void> {
   const { Store } = await import('../store/index.js');
@@ -80,5 +79,7 @@ async function main(): Promise<void> {
   }
 }
 
-if (process.argv[2] === '--child') await child(process.argv[3]!, process.argv[4]!, process.argv[5]!);
-else await main();
+(process.argv[2] === '--child' ? child(process.argv[3]!, process.argv[4]!, process.argv[5]!) : main()).catch((e: unknown) => {
+  console.error(e);
+  process.exitCode = 1;
+});

@@ -39,11 +39,10 @@ import { createServer, connect, type Socket, type AddressInfo } from 'node:net';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { parseSize, formatBytes } from '../appliance/cli/output.js';
 import { APPLIANCE, DIST_MAIN, childEnv, describeNodeStart, nodeStart } from './node-start.js';
 
-const ROOT = resolve(fileURLToPath(new URL('..', import.meta.url)));
+const ROOT = resolve(__dirname, '..');
 const BLOCK = 512 * 1024;
 const WRITE = 4096;
 /** WAN emulation: 50 ms round trip (25 ms each way) and 100 Mbit/s each way. */
@@ -556,8 +555,9 @@ function cleanup(children: ChildProcess[]): void {
   rmSync(dir, { recursive: true, force: true });
 }
 
-try {
-  await main();
-} finally {
-  cleanup(started);
-}
+main()
+  .catch((e: unknown) => {
+    console.error(e);
+    process.exitCode = 1;
+  })
+  .finally(() => cleanup(started));

@@ -1,7 +1,6 @@
 /**
  * Process liveness, shared by the volume locks (appliance/locks.ts) and the CLI's check for a
- * running server (appliance/cli/forward-client.cts). CommonJS, so that the CLI's forwarding path
- * can load it without Node's ES module loader.
+ * running server (appliance/cli/forward-client.cts), which loads it and nothing else of ours.
  */
 
 /** Whether a process with this pid exists (EPERM: it exists but belongs to another user). */

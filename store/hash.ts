@@ -4,13 +4,11 @@
  * The zero block (all zeros, of any length) is represented by {@link ZERO_HASH} instead of its
  * real BLAKE3 digest, so it is recognised without hashing, never stored and never sent.
  */
-import { createRequire } from 'node:module';
 import type { Hash } from './types.js';
 
 /** Path of the native BLAKE3 binding; hash workers load the same module by this name. */
 export const BLAKE3_MODULE = '@napi-rs/blake-hash-linux-x64-gnu';
 
-const require = createRequire(import.meta.url);
 const native = require(BLAKE3_MODULE) as { blake3(data: Buffer): Buffer };
 
 /** Resolved file of the native binding (hash workers are started from code, not a file). */

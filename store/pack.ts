@@ -15,7 +15,6 @@
  * The CRC detects a torn or garbled record without knowing the codec; the hash additionally
  * proves the decoded block is the one the index names.
  */
-import { createRequire } from 'node:module';
 import type { Hash } from './types.js';
 import { HASH_LENGTH, MAX_BLOCK_SIZE, ZERO_HASH } from './hash.js';
 import { applyPatches } from './delta.js';
@@ -26,9 +25,9 @@ import { applyPatches } from './delta.js';
  * crc32 (Node 20's zlib has no SIMD CRC). Same values: the pack format does not change.
  */
 const CRC32_MODULE = '@node-rs/crc32-linux-x64-gnu';
-const crc32 = (createRequire(import.meta.url)(CRC32_MODULE) as { crc32(data: Buffer, initial?: number): number }).crc32;
+const crc32 = (require(CRC32_MODULE) as { crc32(data: Buffer, initial?: number): number }).crc32;
 /** Where the CRC-32 binding is, for the hash workers (store/hash-pool.ts), which checksum new blocks' records too. */
-export const CRC32_MODULE_PATH: string = createRequire(import.meta.url).resolve(CRC32_MODULE);
+export const CRC32_MODULE_PATH: string = require.resolve(CRC32_MODULE);
 
 export const RECORD_MAGIC = Buffer.from('TBLK', 'latin1');
 export const RECORD_VERSION = 1;

@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 /**
- * The `appliance` binary (package.json "bin"). CommonJS, so that a command a running server of
- * its home takes over (forward-client.cts) is sent and answered before Node's ES module loader
- * or any other module of ours is loaded. Any other command line runs here, through main.js.
+ * The `appliance` binary (package.json "bin"). A command a running server of its home takes over
+ * (forward-client.cts) is sent and answered before any other module of ours is loaded. Any other
+ * command line runs here, through main.js.
  */
 import { writeSync } from 'node:fs';
 import { forwardIfServed } from './forward-client.cjs';

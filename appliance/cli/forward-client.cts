@@ -6,10 +6,9 @@
  * any time. The server side is forward.ts (`POST /v1/cli`), which takes the home's admin token
  * (HOME/admin.token) and refuses the peer token.
  *
- * This module is CommonJS on purpose, as is the one module of ours it needs (common/pid.cts):
- * the binary (bin.cts) loads it first, and a forwarded command then finishes without starting
- * Node's ES module loader or loading any other module of ours. A forwarded no-op sync took
- * 92.7 ms through the ES module entry and 73.6 ms this way (median of 15 runs each, `node -e 0`:
+ * The binary (bin.cts) loads this module first, and a forwarded command then finishes without
+ * loading any other module of ours than the one it needs (common/pid.cts). A forwarded no-op sync
+ * took 92.7 ms through the full CLI and 73.6 ms this way (median of 15 runs each, `node -e 0`:
  * 32 ms); with NODE_EXTRA_CA_CERTS set, as on the development machine, 122-128 ms against
  * 105-121 ms.
  *
@@ -151,7 +150,7 @@ export async function forwardIfServed(argv: string[]): Promise<boolean> {
  * answer is not a result with status 200.
  */
 async function postLocal(socket: string, headers: Record<string, string>, body: string): Promise<ForwardResult | 'unreachable' | null> {
-  // require, not import(): a dynamic import() starts Node's ES module loader (7-12 ms against 3-5).
+  // Loaded here, only when a server runs: a command run in this process does not need it.
   const { connect } = require('node:net') as typeof import('node:net');
   return new Promise((resolvePromise) => {
     let connected = false;

@@ -11,7 +11,6 @@
  * bar.stop();
  * ```
  */
-import { createRequire } from 'node:module';
 import { interactive, formatBytes, type GlobalOptions } from './output.js';
 
 export interface ProgressOptions {
@@ -41,7 +40,6 @@ const ETA_BUFFER = 50;
 
 export function startProgress(g: GlobalOptions, opts: ProgressOptions): Progress {
   if (!interactive(g) || opts.total <= 0) return SILENT;
-  const require = createRequire(import.meta.url);
   const cliProgress = require('cli-progress') as typeof import('cli-progress');
   const fmt = (n: number) => (opts.unit === 'bytes' ? formatBytes(n) : String(Math.round(n)));
   const bar = new cliProgress.SingleBar(

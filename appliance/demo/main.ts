@@ -15,11 +15,10 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync, openSync, writeSync, closeSync, readFileSync, appendFileSync, readdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { createInterface } from 'node:readline';
 
 /** The `appliance` command as operators run it (bin/appliance, package.json's "bin"). */
-const CLI = resolve(fileURLToPath(import.meta.url), '../../../../bin/appliance');
+const CLI = resolve(__dirname, '../../../bin/appliance');
 const MiB = 1024 * 1024;
 const BLOCK = 512 * 1024;
 /** Small enough to run in seconds, large enough that "only what changed travels" shows. */
@@ -282,13 +281,15 @@ async function cleanup(): Promise<void> {
   if (process.exitCode === 0 || process.exitCode === undefined) rmSync(work, { recursive: true, force: true });
 }
 
-try {
-  await main();
-  process.exitCode = 0;
-} catch (e) {
-  process.exitCode = 1;
-  say(`\nDEMO FAILED at step ${stepNo}: ${e instanceof DemoFailure ? e.message : (e as Error).stack}`);
-  say(`(kept ${work} for inspection)`);
-} finally {
-  await cleanup();
-}
+void (async () => {
+  try {
+    await main();
+    process.exitCode = 0;
+  } catch (e) {
+    process.exitCode = 1;
+    say(`\nDEMO FAILED at step ${stepNo}: ${e instanceof DemoFailure ? e.message : (e as Error).stack}`);
+    say(`(kept ${work} for inspection)`);
+  } finally {
+    await cleanup();
+  }
+})();

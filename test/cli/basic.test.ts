@@ -157,7 +157,7 @@ test('the launcher starts servers (serve, daemon) with a small young generation,
 });
 
 test('--version prints the package version and exits 0', async () => {
-  const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+  const pkg = JSON.parse(readFileSync(join(__dirname, '../../package.json'), 'utf8')) as { version: string };
   const r = await cli(['--version']);
   assert.equal(r.code, 0, r.stderr);
   assert.equal(r.stdout.trim(), pkg.version);

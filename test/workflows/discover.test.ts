@@ -7,8 +7,8 @@ import { join } from 'node:path';
 import { parseLsblk, parseLvs, parseVirshList, parseDomblklist, discover, writeDiscovered, estimateNonZero, type CommandRunner } from '../../appliance/discover/index.js';
 import { parseConfig } from '../../appliance/config/index.js';
 
-const FIX = new URL('./fixtures/', import.meta.url);
-const fixture = (name: string) => readFileSync(new URL(name, FIX), 'utf8');
+const FIX = join(__dirname, 'fixtures');
+const fixture = (name: string) => readFileSync(join(FIX, name), 'utf8');
 const MiB = 1024 * 1024;
 
 test('lsblk: whole disks with the mounts under them; rom, loop, zram and read-only are not proposed', () => {
