@@ -19,7 +19,7 @@ import { readRates, readVolumeState, type VolumeState } from './scheduler/index.
 import { activePause } from './pause.js';
 import { PUSH_ATTEMPT_NS, type PushAttempt } from './push-attempts.js';
 import { volumeLockHolder } from './locks.js';
-import { SYNC_BASE_NS, type SyncBase } from './sync-base.js';
+import { SYNC_BASE_NS, pushPoint, type SyncBase } from './sync-base.js';
 
 /** AT RISK from this fraction of the objective on: time to look before it is breached. */
 export const AT_RISK_FRACTION = 0.8;
@@ -128,13 +128,8 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
       // holds a base of the volume (a peer named in config.yaml since has none).
       if (st.lastReplicated !== null && st.lastGood !== null && (config.replication === null || pushes.length > 0)) points.push({ snapshot: st.lastReplicated, at: st.lastGood });
       const newest = pushes.sort((a, b) => (a.at < b.at ? 1 : -1))[0];
-      if (newest?.point) {
-        // The push found the peer up to date: it holds the volume as the snapshot taken then found it.
-        points.push({ snapshot: newest.point.id, at: newest.point.created });
-      } else if (newest) {
-        const snap = await store.getSnapshot(v.name, newest.snapshot);
-        points.push({ snapshot: newest.snapshot, at: snap?.created ?? newest.at });
-      }
+      const pushed = newest ? await pushPoint(store, v.name, newest) : null;
+      if (pushed) points.push(pushed);
       replicated = points.sort((a, b) => Date.parse(b.at) - Date.parse(a.at))[0] ?? null;
     }
     const point = replicates || v.path === undefined ? replicated?.at ?? null : st.lastGood ?? latest?.created ?? null;

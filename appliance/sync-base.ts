@@ -59,6 +59,19 @@ export async function recordSyncBase(
 }
 
 /**
+ * The recovery point a push's base stands for: the snapshot the peer holds of `volume`, at the
+ * time it was taken here (the local snapshot the push found the peer up to date with, when it
+ * did). Null for a pull's base. `status` counts it, and so does the daemon's scheduler: a push
+ * by hand (`appliance sync`) to the replication peer meets the RPO as a scheduled one does.
+ */
+export async function pushPoint(store: Pick<Store, 'getSnapshot'>, volume: string, base: SyncBase): Promise<{ snapshot: string; at: string } | null> {
+  if (base.direction !== 'push') return null;
+  if (base.point) return { snapshot: base.point.id, at: base.point.created };
+  const snap = await store.getSnapshot(volume, base.snapshot);
+  return { snapshot: base.snapshot, at: snap?.created ?? base.at };
+}
+
+/**
  * Delete the records keyed `VOL@PEER` (sync bases, unfinished pushes) whose volume and peer
  * `matches` accepts: what `peer remove` and `volume remove` leave behind would name snapshots
  * and copies that are gone.

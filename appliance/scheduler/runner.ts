@@ -38,6 +38,7 @@ import {
   type HeldReplication, type JobCheckpoint, type MetaStore,
 } from './state.js';
 import { onPauseChange } from '../pause.js';
+import { getSyncBase, pushPoint } from '../sync-base.js';
 
 /** What a job does to a volume; the daemon wires these to ops, replicate and ebs (steps.ts). */
 export interface JobSteps {
@@ -317,9 +318,15 @@ export class Scheduler {
     if (held.length > 0) return Math.min(...held.map((h) => Date.parse(h.checkedAt))) + HOLD_PROBE_MS;
     let lastGood: number | null = Infinity;
     let expected = 0;
+    // A push by hand to the replication peer (`appliance sync`, also forwarded into this process)
+    // made a recovery point as a job does: the next job is due an RPO after the newer of the two.
+    const peer = config.replication !== null && this.o.steps.replicate !== null ? config.replication.peer : null;
     for (const v of unit.volumes) {
       const st = await readVolumeState(store, v.name);
-      const t = st.lastGood === null ? null : Date.parse(st.lastGood);
+      let t = st.lastGood === null ? null : Date.parse(st.lastGood);
+      const base = peer === null ? undefined : await getSyncBase(store, v.name, peer);
+      const pushed = base === undefined ? null : await pushPoint(store, v.name, base);
+      if (pushed !== null) t = Math.max(t ?? -Infinity, Date.parse(pushed.at));
       lastGood = t === null || lastGood === null ? null : Math.min(lastGood, t);
       expected += expectedDurationMs(await readRates(store, v.name), v.size, config.replication !== null && this.o.steps.replicate !== null);
     }

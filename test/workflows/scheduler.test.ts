@@ -487,3 +487,44 @@ test("the daemon's push step sends a new snapshot's changed blocks as deltas of 
   assert.equal((await cli(b, 'restore', 'db', '--to', out)).code, 0);
   assert.ok(readFileSync(out).equals(readFileSync(img)), 'byte-exact');
 });
+
+test('a push by hand to the replication peer counts as the recovery point: the next job is due an RPO after it, not at once', async (t) => {
+  const b = await initHome(t, 'cloud');
+  const sb = await startServe(t, b);
+  const lab = await initHome(t, 'lab');
+  const sl = await startServe(t, lab);
+  const a = await initHome(t, 'onprem');
+  await pair(a, 'cloud', b, sb);
+  await pair(a, 'lab', lab, sl);
+  const dir = tempDir(t, 'tandem-manual-push-');
+  assert.equal((await cli(a, 'volume', 'add', 'db', '--path', image(dir, 'db.img', 2 * MiB))).code, 0);
+  assert.equal((await cli(a, 'volume', 'add', 'web', '--path', image(dir, 'web.img', MiB))).code, 0);
+  const home = Home.load(a.dir);
+  writeFileSync(home.paths.config, 'appliance:\n  name: onprem\npolicies:\n  p: { rpo: 1h }\nassign:\n  - match: "*"\n    policy: p\nreplication: { peer: cloud }\n');
+  // db is pushed by hand to the replication peer; web only to the lab, which is no recovery point
+  // at the DR site.
+  assert.equal((await cli(a, 'sync', 'db', '--peer', 'cloud')).code, 0);
+  assert.equal((await cli(a, 'sync', 'web', '--peer', 'lab')).code, 0);
+  const store = await home.openStore();
+  t.after(() => store.close());
+  const pushed = (await store.listSnapshots('db')).at(-1)!;
+  const { clock, lines, ends, sched, idle } = onFakeClock(home, store);
+  t.after(() => sched.stop(1000));
+  const first = idle();
+  sched.start();
+  let wake = await first;
+  assert.deepEqual(ends, ['volume:web:true'], `web at once, db not: its point is fresh\n${lines.join('\n')}`);
+  const due = nextStart(Date.parse(pushed.created), H, expectedDurationMs(await readRates(store, 'db'), 2 * MiB, true), START);
+  assert.ok(due > START + H / 2);
+  // db's job runs when an RPO (less its expected duration) has passed since the pushed snapshot.
+  for (let i = 0; i < 5 && !ends.includes('volume:db:true'); i++) {
+    assert.ok(wake <= due, `the scheduler slept past db's due time: ${wake} > ${due}`);
+    const next = idle();
+    clock.advanceTo(wake);
+    const at = clock.now();
+    wake = await next;
+    if (ends.includes('volume:db:true')) assert.equal(at, due, "db's job ran at its due time");
+  }
+  assert.ok(ends.includes('volume:db:true'), lines.join('\n'));
+  assert.equal((await readVolumeState(store, 'db')).lastReplicated, (await store.listSnapshots('db')).at(-1)!.id);
+});
