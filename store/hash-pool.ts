@@ -303,6 +303,25 @@ export class HashPool {
 }
 
 /**
+ * A pool started by {@link prestartHashPool} before the store that will use it was open: the
+ * first {@link HashPools.borrow} of its size takes it.
+ */
+let early: HashPool | null = null;
+
+/**
+ * Start the hash workers of a scan this process is about to run, before its store is open: their
+ * threads start Node and load the native hashes (40-47 ms here) while the calling thread loads
+ * the store's modules and opens its index, instead of after. For a one-shot command
+ * (`appliance snapshot`, a sync that rescans); a process that lives on keeps a pool warm
+ * (HashPools.keepWarm). Unused, the pool keeps nothing alive and ends with the process.
+ */
+export function prestartHashPool(bytes: number): void {
+  if (early !== null) return;
+  early = new HashPool(new SharedArrayBuffer(bytes));
+  early.setActive(false);
+}
+
+/**
  * Idle pools kept for the next scan: starting workers costs 50-300 ms, which would dominate a
  * small or incremental snapshot. An idle pool is terminated after {@link POOL_IDLE_MS}, so a
  * long-running daemon does not hold the buffers and threads between scheduled snapshots.
@@ -342,14 +361,17 @@ export class HashPools {
 
   /** Whether {@link borrow} of `bytes` would get a started pool rather than start one. */
   hasIdle(bytes: number): boolean {
-    return this.idle.some((e) => e.pool.sab.byteLength === bytes);
+    return this.idle.some((e) => e.pool.sab.byteLength === bytes) || early?.sab.byteLength === bytes;
   }
 
   /** A pool whose shared buffer has exactly `bytes` bytes, for the caller's exclusive use. */
   borrow(bytes: number): HashPool {
     const i = this.idle.findIndex((e) => e.pool.sab.byteLength === bytes);
     let pool: HashPool;
-    if (i >= 0) {
+    if (early !== null && early.sab.byteLength === bytes && !early.failed) {
+      pool = early;
+      early = null;
+    } else if (i >= 0) {
       const [e] = this.idle.splice(i, 1);
       if (e!.timer) clearTimeout(e!.timer);
       pool = e!.pool;

@@ -8,6 +8,10 @@ import { checkSnapshotId, checkVolumeName } from './ids.js';
 import { blockCount, treeHeight } from './tree.js';
 import type { SnapshotRecord, VolumeRecord } from './types.js';
 
+
+/** 512 KiB: the EBS direct API block size, so EBS import/export maps blocks one to one. */
+export const DEFAULT_BLOCK_SIZE = 524288;
+
 /** Smallest block size: one disk sector. */
 export const MIN_BLOCK_SIZE = 512;
 

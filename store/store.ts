@@ -25,7 +25,9 @@ import {
   type RecordParts,
 } from './pack.js';
 import { PackFiles, type RecoveryReport } from './pack-files.js';
-import { checkBlockSize, checkSize, normalizeSnapshot, normalizeVolume, sameJson } from './records.js';
+import { DEFAULT_BLOCK_SIZE, checkBlockSize, checkSize, normalizeSnapshot, normalizeVolume, sameJson } from './records.js';
+
+export { DEFAULT_BLOCK_SIZE };
 import { applyNodeChange, blockCount, buildTree, checkNode, checkNodeChange, decodeNode, isNodeChange, diffTrees, encodeNode, walkBlocks, type BlockChange, type TreeShape } from './tree.js';
 import { scanVolume } from './scan.js';
 import { HashPools } from './hash-pool.js';
@@ -102,8 +104,6 @@ function sparseOf(hash: Hash, data: Buffer): DeltaOf | undefined {
   return patches && { stored: storedDelta(ZERO_HASH, undefined, patches, data.length, hash), patches };
 }
 
-/** 512 KiB: the EBS direct API block size, so EBS import/export maps blocks one to one. */
-export const DEFAULT_BLOCK_SIZE = 524288;
 
 /** Blocks read ahead by getBlocks: 8 x 512 KiB = 4 MiB in memory per stream. */
 const READ_AHEAD = 8;

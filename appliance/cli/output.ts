@@ -42,6 +42,14 @@ export function currentIO(): CommandIO {
   return ioContext.getStore() ?? processIO;
 }
 
+/**
+ * Whether the running command is this process's own command line (a one-shot CLI), not one a
+ * server runs for a CLI (forwarded) or for itself (support-bundle) with captured IO.
+ */
+export function ownCommandLine(): boolean {
+  return ioContext.getStore() === undefined;
+}
+
 /** Run `fn` with `io` as the current command IO. */
 export function withIO<T>(io: CommandIO, fn: () => Promise<T>): Promise<T> {
   return ioContext.run(io, fn);

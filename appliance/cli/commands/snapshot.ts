@@ -11,10 +11,12 @@ export function define(program: Command): void {
     .option('--changed-blocks <file>', 'read only the blocks listed in FILE (format: appliance/volumes/README.md)')
     .action(run(async (g, cmd, [name]) => {
       const o = cmd.opts<{ changedBlocks?: string }>();
+      const { currentIO, formatBytes, ownCommandLine } = await import('../output.js');
+      const io = currentIO();
+      // A full scan by a one-shot CLI (a server keeps its hash workers warm).
+      if (o.changedBlocks === undefined && ownCommandLine()) (await import('../../../store/scan.js')).prestartScan();
       const { withHomeStore, snapshotVolumeHooked } = await import('../../ops.js');
       const { startProgress } = await import('../progress.js');
-      const { currentIO, formatBytes } = await import('../output.js');
-      const io = currentIO();
       const notices: string[] = [];
       let last = { blocksDone: 0, blocksTotal: 0, bytesRead: 0, bytesReadDirect: 0, blocksStored: 0, blocksStoredAsDeltas: 0 };
       let bar: ReturnType<typeof startProgress> | null = null;

@@ -26,8 +26,11 @@ export function define(program: Command): void {
       const o = cmd.opts<{ peer: string; reverse?: boolean; apply?: boolean; force?: boolean; keep?: boolean; dryRun?: boolean; changedBlocks?: string; bwlimit?: string }>();
       // --bwlimit: this sync's cap (0: none); absent: the cap config.yaml gives the replication peer.
       const optionCap = o.bwlimit === undefined ? undefined : parseSize(o.bwlimit);
+      const { currentIO, ownCommandLine } = await import('../output.js');
+      // A push that rescans the volume, or a failback that rescans it before writing: a one-shot
+      // CLI starts the scan's hash workers now (store/scan.ts prestartScan).
+      if ((o.reverse === true ? o.apply === true : o.changedBlocks === undefined) && ownCommandLine()) (await import('../../../store/scan.js')).prestartScan();
       const { Home } = await import('../../home.js');
-      const { currentIO } = await import('../output.js');
       const { trace } = await import('../../../sync/trace.js');
       trace('sync command: home module loaded');
       // The engine, the peer client (undici) and the progress bar load while the store opens
