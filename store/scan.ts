@@ -21,6 +21,7 @@ import { hashBlock, isZeroHash, HASH_LENGTH, parseHex, ZERO_HASH } from './hash.
 import { checkVolumeName } from './ids.js';
 import { DEFAULT_BLOCK_SIZE, checkBlockSize, checkSize, normalizeSnapshot } from './records.js';
 import { prestartHashPool } from './hash-pool.js';
+import { trace } from '../sync/trace.js';
 import { blockCount, blockHashesAt, type BlockChange } from './tree.js';
 import type { DeltaOf, PutFrame, Store } from './store.js';
 import type { Hash, SnapshotOptions, SnapshotRecord, VolumeReader } from './types.js';
@@ -503,6 +504,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
         const copied = opts.onNewBlocks?.(fresh, true, replaced, wantViews ? views : undefined, lendViews, freshPatches);
         if (copied) await copied; // before the slot is read into again
       }
+      if (progress.blocksDone === 0) trace('scan: first chunk stored');
       progress.blocksDone += d.count;
       progress.bytesRead += d.length;
       if (d.direct) progress.bytesReadDirect += d.length;
@@ -522,6 +524,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
     // Every block is read: aborted until now (a hook's thaw begun, the daemon stopping), the
     // snapshot is not committed.
     opts.signal?.throwIfAborted();
+    trace('scan: every block read and stored');
     opts.onScanned?.();
   }
 
@@ -532,6 +535,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
         treeParent,
       );
       report(true);
+      trace('scan: snapshot committed');
       return snap;
     });
   } finally {

@@ -21,7 +21,10 @@ export function define(program: Command): void {
       let last = { blocksDone: 0, blocksTotal: 0, bytesRead: 0, bytesReadDirect: 0, blocksStored: 0, blocksStoredAsDeltas: 0 };
       let bar: ReturnType<typeof startProgress> | null = null;
       const started = process.hrtime.bigint();
+      const { trace } = await import('../../../sync/trace.js');
+      trace('snapshot command: modules loaded');
       const rec = await withHomeStore(g.home, async (home, store) => {
+        trace('store open');
         try {
           return await snapshotVolumeHooked(home, store, name as string, {
             ...(o.changedBlocks !== undefined ? { changedBlocksFile: o.changedBlocks } : {}),
