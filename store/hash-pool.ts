@@ -368,7 +368,11 @@ export class HashPools {
   borrow(bytes: number): HashPool {
     const i = this.idle.findIndex((e) => e.pool.sab.byteLength === bytes);
     let pool: HashPool;
-    if (early !== null && early.sab.byteLength === bytes && !early.failed) {
+    if (early?.failed) {
+      void early.close();
+      early = null;
+    }
+    if (early !== null && early.sab.byteLength === bytes) {
       pool = early;
       early = null;
     } else if (i >= 0) {
