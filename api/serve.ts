@@ -16,9 +16,18 @@ export interface Served {
   readonly url: string;
   /** One line (or JSON document) announcing the URL and certificate fingerprint. */
   announcement(json: boolean, label: string): string;
-  /** Remove server.json, close the server, stop sharing, flush and close the store. */
+  /**
+   * Refuse forwarded commands from now on and let those running finish, within
+   * {@link STOP_GRACE_MS} (then their owed post hooks run: appliance/cli/forward.ts
+   * stopForwarding). close() does this first; the daemon starts it with its jobs' stop.
+   */
+  stopForwarding(): Promise<void>;
+  /** Stop forwarding, remove server.json, close the server, stop sharing, flush and close the store. */
   close(): Promise<void>;
 }
+
+/** A running job or forwarded command gets this long to finish after SIGTERM (systemd's default stop timeout is 90 s). */
+export const STOP_GRACE_MS = 30_000;
 
 export interface ServedOptions {
   /** Routes beyond the peer protocol and the appliance's management routes (the daemon's). */
@@ -60,6 +69,10 @@ export async function startServed(home: Home, listen: string, opts: ServedOption
   const runFile = join(home.paths.run, 'server.json');
   writeFileAtomic(runFile, JSON.stringify({ pid: process.pid, url: server.url, ...(local ? { socket: local.path } : {}) }) + '\n');
   const running = server;
+  const stopForwarding = async () => {
+    const forward = await import('../appliance/cli/forward.js');
+    await forward.stopForwarding(STOP_GRACE_MS);
+  };
   return {
     store,
     url: running.url,
@@ -69,7 +82,9 @@ export async function startServed(home: Home, listen: string, opts: ServedOption
         ? JSON.stringify({ url: running.url, fingerprint, pid: process.pid, name: home.identity.name }) + '\n'
         : `${label} ${running.url}\nfingerprint ${fingerprint}\n`;
     },
+    stopForwarding,
     async close() {
+      await stopForwarding();
       rmSync(runFile, { force: true });
       await local?.close();
       await running.close();
@@ -84,11 +99,23 @@ export async function startServed(home: Home, listen: string, opts: ServedOption
  * Start serving and return once listening; the process then lives on the server's handles.
  * It must return (not wait for the signal): the CLI entry module is still evaluating until the
  * command's action ends, and forwarded commands import it (appliance/cli/forward.ts), so a
- * command that never returns would block every forwarded command. On SIGTERM/SIGINT: close the
- * server, flush and close the store, remove server.json, exit 0. SIGHUP is ignored (said on stderr).
+ * command that never returns would block every forwarded command. At the start it runs the post
+ * hooks that snapshots killed between their hooks owe. On SIGTERM/SIGINT: refuse new forwarded
+ * commands, give those running STOP_GRACE_MS (then run their owed post hooks), close the server,
+ * flush and close the store, remove server.json, exit 0. SIGHUP is ignored (said on stderr).
  */
 export async function serve(g: GlobalOptions, listen: string, out: (s: string) => void, err: (s: string) => void): Promise<void> {
-  const served = await startServed(Home.load(g.home), listen);
+  const home = Home.load(g.home);
+  const served = await startServed(home, listen);
+  // A server (or a command) killed between a snapshot's hooks left its post hook owed: what the
+  // pre hook froze is thawed now, as the daemon does at its start.
+  const { hookLedger } = await import('../appliance/ops.js');
+  const { runOwedPostHooks } = await import('../appliance/hooks.js');
+  for (const o of await runOwedPostHooks(hookLedger(home))) {
+    err(o.outcome === 'restarted'
+      ? `dropped the post hook \`${o.post}\` an interrupted snapshot owed since ${o.since}: the machine restarted since\n`
+      : `ran the post hook \`${o.post}\` an interrupted snapshot owed since ${o.since}: ${o.run?.exitCode === 0 ? 'exited 0' : `exit code ${o.run?.exitCode ?? 'none'}${o.run?.output ? `, output: ${o.run.output}` : ''}`}\n`);
+  }
   let stopping = false;
   const shutdown = async (signal: NodeJS.Signals) => {
     if (stopping) return;

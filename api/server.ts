@@ -278,6 +278,9 @@ function watchTls(home: Home, server: TlsServer): NodeJS.Timeout {
   return timer;
 }
 
+/** How long closing the Unix socket waits for an answer still being written. */
+const LOCAL_CLOSE_MS = 2000;
+
 /**
  * Serve `app` on a Unix socket as well (plain HTTP, the same routes, token check and hooks): a
  * CLI command forwarded on this machine (appliance/cli/forward.ts) then skips the TCP and TLS
@@ -305,10 +308,17 @@ export async function listenLocal(app: FastifyInstance, path: string): Promise<{
   }
   return {
     path,
+    // An answer being written (a forwarded command that just finished) goes out whole: the
+    // connection ends with it (the client sends Connection: close). Any still open after
+    // LOCAL_CLOSE_MS (a command that outlived the server's grace) is cut.
     close: () =>
       new Promise<void>((resolve) => {
-        server.close(() => resolve());
-        server.closeAllConnections();
+        const cut = setTimeout(() => server.closeAllConnections(), LOCAL_CLOSE_MS);
+        server.close(() => {
+          clearTimeout(cut);
+          resolve();
+        });
+        server.closeIdleConnections();
         rmSync(path, { force: true });
       }),
   };

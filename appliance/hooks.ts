@@ -253,6 +253,16 @@ function onEndingSignal(sig: NodeJS.Signals): void {
 }
 
 /**
+ * Run now the post hooks owed by every snapshot of this process that is between its hooks; each
+ * such snapshot stops before it commits. A server that stops (serve, daemon) calls this once its
+ * forwarded commands had their time to finish: it owns the ending signals, and must not exit
+ * with a file system frozen by a command it ran for a CLI.
+ */
+export function thawHookedSnapshots(sig: NodeJS.Signals): Promise<unknown> {
+  return Promise.allSettled([...postsOnSignal].map((post) => post(sig)));
+}
+
+/**
  * From the pre hook on, a signal that would end this process (Ctrl-C, a closed ssh session,
  * `kill`) runs the post hook first, then ends the process as the signal would have: otherwise
  * `fsfreeze -f` would leave the production file system frozen. A process that handles the signal

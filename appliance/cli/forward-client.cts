@@ -135,7 +135,18 @@ export async function forwardIfServed(argv: string[]): Promise<boolean> {
   // cannot be connected to (a request that reached the server is never sent twice).
   let result = server.socket !== undefined ? await postLocal(server.socket, headers, body) : 'unreachable';
   if (result === 'unreachable') result = await postHttps(homeDir, server.url, headers, body);
-  if (result === null) return false;
+  // Nothing reached a server of this home (server.json outlived it), or it refused the request:
+  // the command runs here (and meets ERR_STORE_BUSY if a server does hold the store).
+  if (result === 'unreachable' || result === 'refused') return false;
+  if (result === 'lost') {
+    // The server took the command and never answered (it stopped, was killed, or crashed): the
+    // command may have done all or part of its work, so it is not run a second time here.
+    const message = `the server of this home (pid ${server.pid}) stopped answering while it ran \`appliance ${command}\`: the command may have finished or stopped midway, and it was not run again here. See what it did (\`appliance status\`, \`appliance snapshots VOL\`, the server's log), then run it again if it is still needed`;
+    if (args.includes('--json')) process.stdout.write(JSON.stringify({ error: { code: 'ERR_FORWARD_LOST', message, details: { pid: server.pid } } }, null, 2) + '\n');
+    process.stderr.write(`error ERR_FORWARD_LOST: ${message}\n`);
+    process.exitCode = 1;
+    return true;
+  }
   process.stderr.write(result.stderr);
   process.stdout.write(result.stdout);
   process.exitCode = result.exitCode;
@@ -146,10 +157,11 @@ export async function forwardIfServed(argv: string[]): Promise<boolean> {
  * POST a forwarded command over the server's Unix socket, as one HTTP/1.1 exchange written by
  * hand on a `node:net` connection (`Connection: close`: the answer ends with the stream).
  * node:http's client costs ~10 ms of a forwarded command's start here, for one request and one
- * answer. 'unreachable' when no connection could be made; null when it failed later or the
- * answer is not a result with status 200.
+ * answer. 'unreachable' when no connection could be made; 'refused' when the answer is not status
+ * 200; 'lost' when the connection failed or ended before a whole answer (the server may have run
+ * the command).
  */
-async function postLocal(socket: string, headers: Record<string, string>, body: string): Promise<ForwardResult | 'unreachable' | null> {
+async function postLocal(socket: string, headers: Record<string, string>, body: string): Promise<Forwarded> {
   // Loaded here, only when a server runs: a command run in this process does not need it.
   const { connect } = require('node:net') as typeof import('node:net');
   return new Promise((resolvePromise) => {
@@ -157,12 +169,22 @@ async function postLocal(socket: string, headers: Record<string, string>, body: 
     const chunks: Buffer[] = [];
     const conn = connect(socket, () => (connected = true));
     conn.on('data', (c: Buffer) => chunks.push(c));
-    conn.on('error', () => resolvePromise(connected ? null : 'unreachable'));
-    conn.on('end', () => resolvePromise(parseAnswer(Buffer.concat(chunks))));
+    conn.on('error', () => resolvePromise(connected ? 'lost' : 'unreachable'));
+    conn.on('end', () => resolvePromise(answerOf(Buffer.concat(chunks))));
     const head = Object.entries({ host: 'localhost', connection: 'close', ...headers }).map(([k, v]) => `${k}: ${v}\r\n`).join('');
     // write, not end: the server answers a request whose sender has half-closed with nothing.
     conn.write(`POST /v1/cli HTTP/1.1\r\n${head}\r\n${body}`);
   });
+}
+
+/** What a forwarded command came to: its result, or why there is none (see postLocal). */
+type Forwarded = ForwardResult | 'unreachable' | 'refused' | 'lost';
+
+/** An answer read to the end of its stream: the result; 'refused' (another status); 'lost' (cut short). */
+function answerOf(raw: Buffer): Forwarded {
+  const status = /^HTTP\/1\.[01] (\d{3}) /.exec(raw.subarray(0, 16).toString('latin1'));
+  if (status && status[1] !== '200') return 'refused';
+  return parseAnswer(raw) ?? 'lost';
 }
 
 /** A complete HTTP/1.1 answer (status 200, a body by length, chunks or the stream's end) → the result, or null. */
@@ -204,13 +226,13 @@ function resultOf(body: Buffer): ForwardResult | null {
   }
 }
 
-/** POST a forwarded command to the server's HTTPS listener: its result, or null. */
-async function postHttps(homeDir: string, serverUrl: string, headers: Record<string, string>, body: string): Promise<ForwardResult | null> {
+/** POST a forwarded command to the server's HTTPS listener (what it came to: see postLocal). */
+async function postHttps(homeDir: string, serverUrl: string, headers: Record<string, string>, body: string): Promise<Forwarded> {
   let cert: string;
   try {
     cert = readFileSync(join(homeDir, 'tls', 'cert.pem'), 'utf8');
   } catch {
-    return null;
+    return 'unreachable';
   }
   const url = new URL('/v1/cli', serverUrl);
   if (url.hostname === '0.0.0.0' || url.hostname === '::') url.hostname = '127.0.0.1';
@@ -220,10 +242,14 @@ async function postHttps(homeDir: string, serverUrl: string, headers: Record<str
     const req = request(url, { method: 'POST', headers, ca: cert, checkServerIdentity: () => undefined, timeout: FORWARD_TIMEOUT_MS }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () => resolvePromise(res.statusCode === 200 ? resultOf(Buffer.concat(chunks)) : null));
-      res.on('error', () => resolvePromise(null));
+      res.on('end', () => resolvePromise(res.statusCode === 200 ? resultOf(Buffer.concat(chunks)) ?? 'lost' : 'refused'));
+      res.on('error', () => resolvePromise('lost'));
     });
-    req.on('error', () => resolvePromise(null));
+    // Before the TLS handshake completes nothing was sent: the server was not reached (gone, or
+    // another program on its port). After it, the request may have run.
+    let sent = false;
+    req.on('socket', (s) => s.once('secureConnect', () => (sent = true)));
+    req.on('error', () => resolvePromise(sent ? 'lost' : 'unreachable'));
     req.end(body);
   });
 }

@@ -15,7 +15,54 @@ export async function executeForwarded(req: ForwardRequest): Promise<ForwardResu
   if (command !== undefined && LOCAL_ONLY.has(command)) {
     return { exitCode: 2, stdout: '', stderr: `error ERR_USAGE: \`appliance ${command}\` cannot be forwarded to a running server; run it where the home is not served\n` };
   }
-  return runCaptured(req.argv, { argv: req.argv, user: req.user ?? 'unknown' });
+  if (stopping !== null) return refusal(req.argv);
+  const run = runCaptured(req.argv, { argv: req.argv, user: req.user ?? 'unknown' });
+  inFlight.add(run);
+  try {
+    return await run;
+  } finally {
+    inFlight.delete(run);
+  }
+}
+
+/** Forwarded commands running now. */
+const inFlight = new Set<Promise<ForwardResult>>();
+/** Set once this server stops: forwarded commands that arrive then are refused. */
+let stopping: Promise<void> | null = null;
+
+function refusal(argv: readonly string[]): ForwardResult {
+  const message = 'the server of this home is stopping: the command was not run. Run it again once the server has stopped (it then runs in your process) or started again';
+  const json = argv.includes('--json');
+  return {
+    exitCode: 1,
+    stdout: json ? JSON.stringify({ error: { code: 'ERR_SERVER_STOPPING', message, details: {} } }, null, 2) + '\n' : '',
+    stderr: `error ERR_SERVER_STOPPING: ${message}\n`,
+  };
+}
+
+/**
+ * A server that stops (serve, daemon; Served.close): refuse forwarded commands from now on, give
+ * those running `graceMs` to finish, then run the post hooks that any still owes (their
+ * snapshots stop before committing) and wait for them to end. Their CLIs get their answers before
+ * the server closes its connections, and no file system stays frozen. Idempotent.
+ */
+export function stopForwarding(graceMs: number): Promise<void> {
+  stopping ??= (async () => {
+    if (inFlight.size === 0) return;
+    let timer: NodeJS.Timeout | undefined;
+    const grace = new Promise<void>((resolve) => (timer = setTimeout(resolve, graceMs)));
+    await Promise.race([Promise.allSettled([...inFlight]), grace]);
+    clearTimeout(timer);
+    if (inFlight.size === 0) return;
+    const { thawHookedSnapshots } = await import('../hooks.js');
+    await thawHookedSnapshots('SIGTERM');
+    // Stopped before committing, each answers at once; a command without hooks may run on (a
+    // long sync): it gets as long again, then the store closes under it (a sync resumes).
+    const more = new Promise<void>((resolve) => (timer = setTimeout(resolve, graceMs)));
+    await Promise.race([Promise.allSettled([...inFlight]), more]);
+    clearTimeout(timer);
+  })();
+  return stopping;
 }
 
 /**

@@ -7,7 +7,7 @@
  * Adds to the API (behind the bearer token): GET /metrics (Prometheus text) and
  * GET /v1/status[?volume=NAME] (the same document as `appliance status --json`).
  * Logs are pino JSON lines on stderr. `stop()` (the command calls it on SIGTERM/SIGINT): stop
- * scheduling, give the running job {@link STOP_GRACE_MS} to finish, else abort it (its
+ * scheduling, give the running job STOP_GRACE_MS (api/serve.ts) to finish, else abort it (its
  * checkpoint makes the next start resume it), close the server, flush and close the store,
  * remove run/server.json.
  *
@@ -27,8 +27,6 @@ import { realClock } from './clock.js';
 import { applianceSteps } from './steps.js';
 import { ScheduledVerify, verifySummary } from './verify.js';
 
-/** A running job gets this long to finish after SIGTERM (systemd's default stop timeout is 90 s). */
-export const STOP_GRACE_MS = 30_000;
 /** How often RPO/RTO states are recomputed for the breach webhook (and peers' certificates followed). */
 export const ALERT_INTERVAL_MS = 30_000;
 
@@ -58,7 +56,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   const scheduler: { current: Scheduler | null } = { current: null };
   const verifier: { current: ScheduledVerify | null } = { current: null };
   let metrics!: ReturnType<typeof createMetrics>;
-  const { startServed } = await import('../../api/serve.js');
+  const { startServed, STOP_GRACE_MS } = await import('../../api/serve.js');
   const served = await startServed(home, opts.listen, {
     logger: { level: 'warn', stream: process.stderr },
     routes: (store) => {
@@ -204,7 +202,8 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
       clearInterval(alerts);
       await checking;
       // A drill stopped midway tears down; past the grace the next start tears it down (launch.ts).
-      await Promise.all([sched.stop(STOP_GRACE_MS), verify.stop(), Promise.race([drills.stop(), new Promise((r) => setTimeout(r, STOP_GRACE_MS).unref())])]);
+      // Commands forwarded from CLIs get the same grace as the jobs, and their owed post hooks run.
+      await Promise.all([sched.stop(STOP_GRACE_MS), verify.stop(), served.stopForwarding(), Promise.race([drills.stop(), new Promise((r) => setTimeout(r, STOP_GRACE_MS).unref())])]);
       await served.close();
       log.info({}, 'daemon stopped');
       log.flush();

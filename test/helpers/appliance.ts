@@ -76,6 +76,8 @@ export interface Served {
   stop(): Promise<number | null>;
   /** Send a signal (e.g. SIGKILL) and wait for the process to end. */
   kill(signal?: NodeJS.Signals): Promise<void>;
+  /** What it wrote on stderr so far. */
+  stderr(): string;
 }
 
 /** Longest a server may take to print its URL (a cold start on a loaded 2-core machine). */
@@ -123,6 +125,7 @@ export async function startServe(t: TestCtx, home: TestHome | string, listen = '
       const [code] = await exited;
       return code;
     },
+    stderr: () => stderr,
   };
 }
 

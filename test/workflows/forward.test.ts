@@ -9,7 +9,7 @@ import { appendFileSync, existsSync, readFileSync, statSync, writeFileSync } fro
 import { connect } from 'node:net';
 import { userInfo } from 'node:os';
 import { join } from 'node:path';
-import { cli, initHome, startServe, tempDir } from '../helpers/appliance.js';
+import { cli, initHome, startCli, startServe, tempDir } from '../helpers/appliance.js';
 import { parseAnswer } from '../../appliance/cli/forward-client.cjs';
 
 function serverInfo(home: string): { pid: number; url: string; socket?: string } {
@@ -167,4 +167,69 @@ test('the audit log records each command that may change the appliance, run here
   assert.equal((await cli(a, 'peer', 'remove', 'x')).code, 0);
   assert.deepEqual((await cli(a, 'audit', '--limit', '2')).json.entries.map((e: { command: string[] }) => words(e.command)), ['peer add', 'peer remove']);
   await served.stop();
+});
+
+/** A home whose volume v (1 MiB) has hooks that log to LOG: the pre hook sleeps `preSleep` seconds after logging. */
+async function hookedHome(t: Parameters<typeof initHome>[0], preSleep: number): Promise<{ a: Awaited<ReturnType<typeof initHome>>; log: string }> {
+  const a = await initHome(t, 'fwdhook');
+  const dir = tempDir(t, 'tandem-fwd-hook-');
+  const img = join(dir, 'v.img');
+  writeFileSync(img, Buffer.alloc(1024 * 1024, 3));
+  assert.equal((await cli(a, 'volume', 'add', 'v', '--path', img)).code, 0);
+  const log = join(dir, 'hook.log');
+  writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: fwdhook }
+groups:
+  g:
+    volumes: [v]
+    hooks: { pre: "echo pre >> ${log}; sleep ${preSleep}", post: "echo post >> ${log}", timeout: 60s }
+`);
+  return { a, log };
+}
+
+async function until(what: string, cond: () => boolean): Promise<void> {
+  for (let i = 0; i < 300 && !cond(); i++) await new Promise((r) => setTimeout(r, 50));
+  assert.ok(cond(), `never: ${what}`);
+}
+
+const logLines = (log: string) => (existsSync(log) ? readFileSync(log, 'utf8').trim().split('\n') : []);
+
+test('serve stopped (SIGTERM) during a forwarded hooked snapshot: the snapshot finishes, its post hook runs, the CLI gets its answer; a command sent meanwhile is refused', async (t) => {
+  const { a, log } = await hookedHome(t, 2);
+  const served = await startServe(t, a);
+  const snap = startCli(a, 'snapshot', 'v');
+  await until('the pre hook ran', () => logLines(log).includes('pre'));
+  const stopped = served.stop();
+  // Stopping: a command that arrives now is not run (and not run by the CLI either).
+  await until('the server is stopping', () => served.stderr().includes('SIGTERM: shutting down'));
+  const late = await cli(a, 'volume', 'list');
+  assert.equal(late.code, 1, late.stderr);
+  assert.equal(late.json?.error?.code, 'ERR_SERVER_STOPPING', late.stdout);
+  const r = await snap.done;
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(await stopped, 0, served.stderr());
+  assert.deepEqual(logLines(log), ['pre', 'post'], 'thawed once, before the server ended');
+  // Run here now that no server holds the home: exactly the one snapshot, the one the CLI was told of.
+  const list = await cli(a, 'snapshots', 'v');
+  assert.equal(list.code, 0, list.stderr);
+  assert.deepEqual(list.json.map((s: { id: string }) => s.id), [r.json.snapshot.id]);
+});
+
+test('serve killed (-9) during a forwarded hooked snapshot: the CLI says the answer was lost and does not run it again; the next serve runs the owed post hook', async (t) => {
+  const { a, log } = await hookedHome(t, 5);
+  const served = await startServe(t, a);
+  const snap = startCli(a, 'snapshot', 'v');
+  await until('the pre hook ran', () => logLines(log).includes('pre'));
+  await served.kill('SIGKILL');
+  const r = await snap.done;
+  assert.equal(r.code, 1, r.stderr);
+  assert.equal(r.json?.error?.code, 'ERR_FORWARD_LOST', r.stdout);
+  assert.match(r.stderr, /was not run again here/);
+  const list = await cli(a, 'snapshots', 'v');
+  assert.equal(list.code, 0, list.stderr);
+  assert.deepEqual(list.json, [], 'no snapshot: the server died before committing and the CLI ran none');
+  assert.deepEqual(logLines(log), ['pre'], 'still frozen');
+  const again = await startServe(t, a);
+  assert.match(again.stderr(), /ran the post hook `echo post >> .*` an interrupted snapshot owed/);
+  assert.deepEqual(logLines(log), ['pre', 'post']);
+  assert.equal(await again.stop(), 0);
 });

@@ -2,7 +2,8 @@
  * `appliance serve [--listen HOST:PORT]`: the HTTPS API and peer protocol of this appliance.
  * Prints `listening on https://HOST:PORT` and the certificate fingerprint, writes
  * HOME/run/server.json {pid, url} (so CLI commands on this home are forwarded here), and on
- * SIGTERM/SIGINT closes the server, flushes and closes the store, removes server.json, exits 0.
+ * SIGTERM/SIGINT: forwarded commands get up to 30 s to finish (then the post hooks they owe run),
+ * then the server closes, flushes and closes the store, removes server.json, exits 0.
  */
 import type { Command } from 'commander';
 import { currentIO, globalOptions, reportError } from '../output.js';
