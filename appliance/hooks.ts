@@ -135,8 +135,9 @@ export async function withHooks<T>(hooks: Hooks | null, fn: (thawing: AbortSigna
   // wait for a freeze that hangs.
   const stopPre = new AbortController();
   const release = hooks.post === null ? () => {} : postOnSignals((sig) => {
-    stopPre.abort();
-    thawing.abort(new TandemError('ERR_HOOK_FAILED', `${sig} arrived between the hooks: the post hook ran, no snapshot was taken`));
+    const why = new TandemError('ERR_HOOK_FAILED', `${sig} arrived between the hooks: the post hook ran, no snapshot was taken`);
+    stopPre.abort(why);
+    thawing.abort(why);
     return runPost();
   });
   const entry = hooks.post !== null && opts.ledger !== undefined ? owe(opts.ledger, hooks.post, hooks.timeoutMs, opts.env ?? {}) : null;
@@ -284,9 +285,9 @@ async function hooked<T>(hooks: Hooks, fn: () => Promise<T>, runPost: () => Prom
     opts.onHook?.(pre);
     if (failed(pre)) {
       const post = await runPost();
-      // Stopped from outside (the sync's peer refused it, the daemon stopping): that is the
-      // reason to report, not the hook killed by it.
-      if (opts.signal?.aborted) throw opts.signal.reason;
+      // Stopped from outside (the sync's peer refused it, the daemon stopping, a signal or a
+      // server stopping while it ran): that is the reason to report, not the hook killed by it.
+      if (preSignal.aborted) throw preSignal.reason;
       const postNote = post === null ? '' : failed(post) ? `; the ${describe(post, hooks.timeoutMs)} as well` : '; the post hook ran';
       throw new TandemError('ERR_HOOK_FAILED', `${describe(pre, hooks.timeoutMs)}: no snapshot was taken${postNote}. Fix the command (or its timeout) in config.yaml and rerun`, {
         details: { phase: 'pre', command: pre.command, exitCode: pre.exitCode, timedOut: pre.timedOut, output: pre.output, snapshotTaken: false },

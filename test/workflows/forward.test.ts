@@ -233,3 +233,22 @@ test('serve killed (-9) during a forwarded hooked snapshot: the CLI says the ans
   assert.deepEqual(logLines(log), ['pre', 'post']);
   assert.equal(await again.stop(), 0);
 });
+
+test('serve stopped during a forwarded hooked snapshot that outlasts the 30 s grace: the pre hook is stopped, the post hook runs, the CLI is told, nothing is committed', async (t) => {
+  const { a, log } = await hookedHome(t, 120);
+  const served = await startServe(t, a);
+  const snap = startCli(a, 'snapshot', 'v');
+  await until('the pre hook ran', () => logLines(log).includes('pre'));
+  const t0 = Date.now();
+  const stopped = served.stop();
+  const r = await snap.done;
+  const waited = Date.now() - t0;
+  assert.equal(r.code, 1, r.stderr);
+  assert.equal(r.json?.error?.code, 'ERR_HOOK_FAILED', r.stdout);
+  assert.match(r.json.error.message, /SIGTERM arrived between the hooks: the post hook ran, no snapshot was taken/);
+  assert.ok(waited >= 29_000 && waited < 60_000, `answered after the grace: ${waited} ms`);
+  assert.equal(await stopped, 0, served.stderr());
+  assert.deepEqual(logLines(log), ['pre', 'post']);
+  const list = await cli(a, 'snapshots', 'v');
+  assert.deepEqual(list.json, []);
+});
