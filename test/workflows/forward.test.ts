@@ -193,11 +193,17 @@ async function until(what: string, cond: () => boolean): Promise<void> {
 
 const logLines = (log: string) => (existsSync(log) ? readFileSync(log, 'utf8').trim().split('\n') : []);
 
-test('serve stopped (SIGTERM) during a forwarded hooked snapshot: the snapshot finishes, its post hook runs, the CLI gets its answer; a command sent meanwhile is refused', async (t) => {
-  const { a, log } = await hookedHome(t, 2);
+/** A served hooked home whose CLI snapshot of v is forwarded and has run its pre hook (which then sleeps `preSleep` s). */
+async function forwardedHookedSnapshot(t: Parameters<typeof initHome>[0], preSleep: number) {
+  const { a, log } = await hookedHome(t, preSleep);
   const served = await startServe(t, a);
   const snap = startCli(a, 'snapshot', 'v');
   await until('the pre hook ran', () => logLines(log).includes('pre'));
+  return { a, log, served, snap };
+}
+
+test('serve stopped (SIGTERM) during a forwarded hooked snapshot: the snapshot finishes, its post hook runs, the CLI gets its answer; a command sent meanwhile is refused', async (t) => {
+  const { a, log, served, snap } = await forwardedHookedSnapshot(t, 2);
   const stopped = served.stop();
   // Stopping: a command that arrives now is not run (and not run by the CLI either).
   await until('the server is stopping', () => served.stderr().includes('SIGTERM: shutting down'));
@@ -215,10 +221,7 @@ test('serve stopped (SIGTERM) during a forwarded hooked snapshot: the snapshot f
 });
 
 test('serve killed (-9) during a forwarded hooked snapshot: the CLI says the answer was lost and does not run it again; the next serve runs the owed post hook', async (t) => {
-  const { a, log } = await hookedHome(t, 5);
-  const served = await startServe(t, a);
-  const snap = startCli(a, 'snapshot', 'v');
-  await until('the pre hook ran', () => logLines(log).includes('pre'));
+  const { a, log, served, snap } = await forwardedHookedSnapshot(t, 5);
   await served.kill('SIGKILL');
   const r = await snap.done;
   assert.equal(r.code, 1, r.stderr);
@@ -235,10 +238,7 @@ test('serve killed (-9) during a forwarded hooked snapshot: the CLI says the ans
 });
 
 test('serve stopped during a forwarded hooked snapshot that outlasts the 30 s grace: the pre hook is stopped, the post hook runs, the CLI is told, nothing is committed', async (t) => {
-  const { a, log } = await hookedHome(t, 120);
-  const served = await startServe(t, a);
-  const snap = startCli(a, 'snapshot', 'v');
-  await until('the pre hook ran', () => logLines(log).includes('pre'));
+  const { a, log, served, snap } = await forwardedHookedSnapshot(t, 120);
   const t0 = Date.now();
   const stopped = served.stop();
   const r = await snap.done;
