@@ -9,6 +9,7 @@ import { listenLocal, startServer } from './server.js';
 import { Home, writeFileAtomic } from '../appliance/home.js';
 import type { GlobalOptions } from '../appliance/cli/output.js';
 import type { Store } from '../store/index.js';
+import type { OwedPostOutcome } from '../appliance/hooks.js';
 
 /** A home being served: its store held open for the process, the server, run/server.json. */
 export interface Served {
@@ -30,6 +31,11 @@ export interface Served {
 export const STOP_GRACE_MS = 30_000;
 
 export interface ServedOptions {
+  /**
+   * Told of each post hook that a snapshot killed between its hooks owed (appliance/hooks.ts
+   * runOwedPostHooks), which startServed runs before anything else does: what it froze is thawed.
+   */
+  readonly onOwedPost?: (o: OwedPostOutcome) => void;
   /** Routes beyond the peer protocol and the appliance's management routes (the daemon's). */
   readonly routes?: (store: Store) => (app: FastifyInstance) => void | Promise<void>;
   readonly logger?: FastifyServerOptions['logger'];
@@ -65,6 +71,10 @@ export async function startServed(home: Home, listen: string, opts: ServedOption
     await store.close();
     throw e;
   }
+  // A server or a command killed between a snapshot's hooks left its post hook owed.
+  const { hookLedger } = await import('../appliance/ops.js');
+  const { runOwedPostHooks } = await import('../appliance/hooks.js');
+  for (const o of await runOwedPostHooks(hookLedger(home))) opts.onOwedPost?.(o);
   const local = await listenLocal(server.app, join(home.paths.run, 'cli.sock'));
   const runFile = join(home.paths.run, 'server.json');
   writeFileAtomic(runFile, JSON.stringify({ pid: process.pid, url: server.url, ...(local ? { socket: local.path } : {}) }) + '\n');
@@ -99,23 +109,17 @@ export async function startServed(home: Home, listen: string, opts: ServedOption
  * Start serving and return once listening; the process then lives on the server's handles.
  * It must return (not wait for the signal): the CLI entry module is still evaluating until the
  * command's action ends, and forwarded commands import it (appliance/cli/forward.ts), so a
- * command that never returns would block every forwarded command. At the start it runs the post
- * hooks that snapshots killed between their hooks owe. On SIGTERM/SIGINT: refuse new forwarded
+ * command that never returns would block every forwarded command. At the start (startServed) it
+ * runs the post hooks that snapshots killed between their hooks owe. On SIGTERM/SIGINT: refuse new forwarded
  * commands, give those running STOP_GRACE_MS (then run their owed post hooks), close the server,
  * flush and close the store, remove server.json, exit 0. SIGHUP is ignored (said on stderr).
  */
 export async function serve(g: GlobalOptions, listen: string, out: (s: string) => void, err: (s: string) => void): Promise<void> {
-  const home = Home.load(g.home);
-  const served = await startServed(home, listen);
-  // A server (or a command) killed between a snapshot's hooks left its post hook owed: what the
-  // pre hook froze is thawed now, as the daemon does at its start.
-  const { hookLedger } = await import('../appliance/ops.js');
-  const { runOwedPostHooks } = await import('../appliance/hooks.js');
-  for (const o of await runOwedPostHooks(hookLedger(home))) {
-    err(o.outcome === 'restarted'
+  const served = await startServed(Home.load(g.home), listen, {
+    onOwedPost: (o) => err(o.outcome === 'restarted'
       ? `dropped the post hook \`${o.post}\` an interrupted snapshot owed since ${o.since}: the machine restarted since\n`
-      : `ran the post hook \`${o.post}\` an interrupted snapshot owed since ${o.since}: ${o.run?.exitCode === 0 ? 'exited 0' : `exit code ${o.run?.exitCode ?? 'none'}${o.run?.output ? `, output: ${o.run.output}` : ''}`}\n`);
-  }
+      : `ran the post hook \`${o.post}\` an interrupted snapshot owed since ${o.since}: ${o.run?.exitCode === 0 ? 'exited 0' : `exit code ${o.run?.exitCode ?? 'none'}${o.run?.output ? `, output: ${o.run.output}` : ''}`}\n`),
+  });
   let stopping = false;
   const shutdown = async (signal: NodeJS.Signals) => {
     if (stopping) return;

@@ -15,8 +15,14 @@ export async function executeForwarded(req: ForwardRequest): Promise<ForwardResu
   if (command !== undefined && LOCAL_ONLY.has(command)) {
     return { exitCode: 2, stdout: '', stderr: `error ERR_USAGE: \`appliance ${command}\` cannot be forwarded to a running server; run it where the home is not served\n` };
   }
-  if (stopping !== null) return refusal(req.argv);
-  const run = runCaptured(req.argv, { argv: req.argv, user: req.user ?? 'unknown' });
+  const forwarded = { argv: req.argv, user: req.user ?? 'unknown' };
+  if (stopping !== null) {
+    const { reportError } = await import('./output.js');
+    const { TandemError } = await import('../../common/errors.js');
+    const refused = new TandemError('ERR_SERVER_STOPPING', 'the server of this home is stopping: the command was not run. Run it again once the server has stopped (it then runs in your process) or started again');
+    return captured(() => void reportError(refused, req.argv.includes('--json')), forwarded);
+  }
+  const run = runCaptured(req.argv, forwarded);
   inFlight.add(run);
   try {
     return await run;
@@ -30,16 +36,6 @@ const inFlight = new Set<Promise<ForwardResult>>();
 /** Set once this server stops: forwarded commands that arrive then are refused. */
 let stopping: Promise<void> | null = null;
 
-function refusal(argv: readonly string[]): ForwardResult {
-  const message = 'the server of this home is stopping: the command was not run. Run it again once the server has stopped (it then runs in your process) or started again';
-  const json = argv.includes('--json');
-  return {
-    exitCode: 1,
-    stdout: json ? JSON.stringify({ error: { code: 'ERR_SERVER_STOPPING', message, details: {} } }, null, 2) + '\n' : '',
-    stderr: `error ERR_SERVER_STOPPING: ${message}\n`,
-  };
-}
-
 /**
  * A server that stops (serve, daemon; Served.close): refuse forwarded commands from now on, give
  * those running `graceMs` to finish, then run the post hooks that any still owes (their
@@ -48,19 +44,20 @@ function refusal(argv: readonly string[]): ForwardResult {
  */
 export function stopForwarding(graceMs: number): Promise<void> {
   stopping ??= (async () => {
+    // Until the commands running now have ended, or `graceMs` has passed.
+    const settled = async () => {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([Promise.allSettled([...inFlight]), new Promise<void>((resolve) => (timer = setTimeout(resolve, graceMs)))]);
+      clearTimeout(timer);
+    };
     if (inFlight.size === 0) return;
-    let timer: NodeJS.Timeout | undefined;
-    const grace = new Promise<void>((resolve) => (timer = setTimeout(resolve, graceMs)));
-    await Promise.race([Promise.allSettled([...inFlight]), grace]);
-    clearTimeout(timer);
+    await settled();
     if (inFlight.size === 0) return;
     const { thawHookedSnapshots } = await import('../hooks.js');
     await thawHookedSnapshots('SIGTERM');
     // Stopped before committing, each answers at once; a command without hooks may run on (a
     // long sync): it gets as long again, then the store closes under it (a sync resumes).
-    const more = new Promise<void>((resolve) => (timer = setTimeout(resolve, graceMs)));
-    await Promise.race([Promise.allSettled([...inFlight]), more]);
-    clearTimeout(timer);
+    await settled();
   })();
   return stopping;
 }
@@ -70,8 +67,13 @@ export function stopForwarding(graceMs: number): Promise<void> {
  * code; the caller's output is untouched. `forwarded`: the CLI it came from (the audit log's).
  */
 export async function runCaptured(argv: string[], forwarded?: { readonly argv: readonly string[]; readonly user: string }): Promise<ForwardResult> {
-  const { withIO } = await import('./output.js');
   const { runCli } = await import('./main.js');
+  return captured(() => runCli(argv), forwarded);
+}
+
+/** Run `fn` with its own captured output and exit code (see runCaptured). */
+async function captured(fn: () => Promise<void> | void, forwarded?: { readonly argv: readonly string[]; readonly user: string }): Promise<ForwardResult> {
+  const { withIO } = await import('./output.js');
   let stdout = '';
   let stderr = '';
   let exitCode = 0;
@@ -81,6 +83,6 @@ export async function runCaptured(argv: string[], forwarded?: { readonly argv: r
     setExit: (c) => void (exitCode = c),
     isTTY: false,
     ...(forwarded ? { forwarded } : {}),
-  }, () => runCli(argv));
+  }, async () => fn());
   return { exitCode, stdout, stderr };
 }

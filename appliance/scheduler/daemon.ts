@@ -59,6 +59,11 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   const { startServed, STOP_GRACE_MS } = await import('../../api/serve.js');
   const served = await startServed(home, opts.listen, {
     logger: { level: 'warn', stream: process.stderr },
+    // What a daemon (or a command) killed between a snapshot's hooks froze is thawed before any job runs.
+    onOwedPost: (o) => {
+      if (o.outcome === 'restarted') log.warn({ post: o.post, since: o.since }, 'post hook owed by an interrupted snapshot dropped: the machine restarted since');
+      else log.warn({ post: o.post, since: o.since, exitCode: o.run?.exitCode ?? null, output: o.run?.output }, 'ran the post hook an interrupted snapshot owed');
+    },
     routes: (store) => {
       const summary = () => verifySummary(store, config, verifier.current?.running ?? null);
       metrics = createMetrics(async () => computeStatus(store, config, Date.now(), undefined, home.paths.locks), () => scheduler.current?.runningUnits() ?? [], summary, () => applianceHealth(home));
@@ -76,14 +81,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   });
   const store = served.store;
 
-  // A daemon (or a command) killed between a snapshot's hooks left the post hook owed: what its
-  // pre hook froze is thawed before any job runs.
   const { hookLedger } = await import('../ops.js');
-  const { runOwedPostHooks } = await import('../hooks.js');
-  for (const o of await runOwedPostHooks(hookLedger(home))) {
-    if (o.outcome === 'restarted') log.warn({ post: o.post, since: o.since }, 'post hook owed by an interrupted snapshot dropped: the machine restarted since');
-    else log.warn({ post: o.post, since: o.since, exitCode: o.run?.exitCode ?? null, output: o.run?.output }, 'ran the post hook an interrupted snapshot owed');
-  }
 
   const sched = new Scheduler({
     store,
