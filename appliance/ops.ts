@@ -15,7 +15,7 @@ import type { Home } from './home.js';
 import { SOURCES_NS } from './sources.js';
 import { JOB_PREFIX, RATES_NS, STATE_NS } from './scheduler/state.js';
 import { forgetSyncRecords } from './sync-base.js';
-import type { Hash, NewBlocksListener, Store, SnapshotRecord, VolumeRecord, ScanProgress } from '../store/index.js';
+import type { BlockRanges, Hash, NewBlocksListener, Store, SnapshotRecord, VolumeRecord, ScanProgress } from '../store/index.js';
 import { inspectVolume, openVolumeReader, openVolumeWriter, readChangedBlocksFile } from './volumes/index.js';
 import { materialize, type MaterializeProgress, type MaterializeResult } from '../sync/materialize.js';
 
@@ -271,7 +271,7 @@ export async function snapshotVolumeLocked(store: Store, name: string, opts: Sna
       opts.onNotice?.(`volume "${name}" changed size (${parent.size} -> ${reader.size} bytes): reading it all`);
       parent = null;
     }
-    let changedBlocks: number[] | undefined;
+    let changedBlocks: BlockRanges | undefined;
     if (opts.changedBlocksFile !== undefined) {
       // Parse first: a malformed file must change nothing.
       const listed = await readChangedBlocksFile(opts.changedBlocksFile, reader.size, vol.blockSize);
@@ -388,12 +388,18 @@ async function restoreOnto(store: Store, snap: SnapshotRecord, path: string, vol
     // A partial file is only ever left by an earlier failed restore to the same path.
     await rm(target, { force: true });
   }
-  const writer = await openVolumeWriter(target, snap.size, opts.force ? { force: true } : {});
+  // The volume is marked before its image changes: before a forced resize (beforeResize), else
+  // before the first block is written. A restore killed at any point after leaves the mark.
+  let marked = false;
+  const mark = async (): Promise<void> => {
+    if (!ownPath || !vol || marked) return;
+    await store.putVolume({ ...vol, materializing: { snapshot: snap.id, since: new Date().toISOString() } });
+    marked = true;
+  };
+  const writer = await openVolumeWriter(target, snap.size, opts.force ? { force: true, beforeResize: mark } : {});
   let ok = false;
   try {
-    if (ownPath && vol) {
-      await store.putVolume({ ...vol, materializing: { snapshot: snap.id, since: new Date().toISOString() } });
-    }
+    await mark();
     const result = await materialize(store, snap, writer, {
       assumeZero: writer.created,
       ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),

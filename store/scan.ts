@@ -21,6 +21,7 @@ import { hashBlock, isZeroHash, HASH_LENGTH, parseHex, ZERO_HASH } from './hash.
 import { checkVolumeName } from './ids.js';
 import { DEFAULT_BLOCK_SIZE, checkBlockSize, checkSize, normalizeSnapshot } from './records.js';
 import { prestartHashPool } from './hash-pool.js';
+import { partsOf, rangesOf, type BlockRanges } from './block-ranges.js';
 import { trace } from '../sync/trace.js';
 import { blockCount, blockHashesAt, type BlockChange } from './tree.js';
 import type { DeltaOf, PutFrame, Store } from './store.js';
@@ -215,20 +216,6 @@ function parentHashes(store: Store, parent: SnapshotRecord): (first: number, cou
   };
 }
 
-/**
- * The sorted indices, `max` at a time: a run of consecutive blocks is one read, scattered ones
- * are read one by one but still hashed, looked up and stored as one job (a change list of 82
- * blocks spread over a volume is 6 jobs, not 82).
- */
-function* groups(indices: readonly number[], max: number): Generator<Job> {
-  for (let i = 0; i < indices.length; i += max) {
-    const part = indices.slice(i, i + max);
-    const first = part[0]!;
-    const contiguous = part[part.length - 1]! - first === part.length - 1;
-    yield contiguous ? { first, count: part.length } : { first, count: part.length, indices: part };
-  }
-}
-
 /** The volume's index of block i of a job. */
 function blockOf(job: Job, i: number): number {
   return job.indices ? job.indices[i]! : job.first + i;
@@ -258,16 +245,19 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   const size = checkSize(reader.size);
   const blocks = blockCount(size, blockSize);
   const parent = opts.parent ? normalizeSnapshot(opts.parent) : null;
-  let changed: number[] | undefined;
+  let changed: BlockRanges | undefined;
   if (opts.changedBlocks) {
     if (!parent) throw new TandemError('ERR_CHANGED_BLOCKS_INVALID', `a changed-blocks list needs a parent snapshot of ${volume}; take a full snapshot first`, { details: { volume } });
     if (parent.blockSize !== blockSize) throw new TandemError('ERR_BLOCK_SIZE_INVALID', `the parent snapshot has block size ${parent.blockSize}, not ${blockSize}`, { details: { volume } });
-    for (const i of opts.changedBlocks) {
-      if (!Number.isInteger(i) || i < 0 || i >= blocks) {
-        throw new TandemError('ERR_CHANGED_BLOCKS_INVALID', `changed block index ${i} is outside the volume (0..${blocks - 1})`, { details: { volume, index: i } });
+    changed = 'ranges' in opts.changedBlocks ? opts.changedBlocks : rangesOf(opts.changedBlocks);
+    for (const { first, last } of changed.ranges) {
+      for (const i of [first, last]) {
+        if (!Number.isSafeInteger(i) || i < 0 || i >= blocks) {
+          throw new TandemError('ERR_CHANGED_BLOCKS_INVALID', `changed block index ${i} is outside the volume (0..${blocks - 1})`, { details: { volume, index: i } });
+        }
       }
+      if (last < first) throw new TandemError('ERR_CHANGED_BLOCKS_INVALID', `changed block range ${first}-${last} ends before it starts`, { details: { volume, first, last } });
     }
-    changed = [...new Set(opts.changedBlocks)].sort((a, b) => a - b);
   }
   opts.signal?.throwIfAborted();
   // A full scan with a parent of the same shape compares each block's hash with the parent's:
@@ -284,10 +274,10 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   const local = localSource(reader);
   const localPath = local?.path;
   const readDirect = local?.direct === true;
-  const onMainThread = changed !== undefined && changed.length <= MAIN_THREAD_MAX_BLOCKS && !store.hashPools.hasIdle(poolBytes) && !store.hashPools.keptWarm;
+  const onMainThread = changed !== undefined && changed.count <= MAIN_THREAD_MAX_BLOCKS && !store.hashPools.hasIdle(poolBytes) && !store.hashPools.keptWarm;
   const pool = onMainThread ? null : store.hashPools.borrow(poolBytes);
   // On the calling thread, reads (libuv) overlap hashing with two slots; more would only hold memory.
-  const slots = pool ? SLOTS : Math.min(2, Math.ceil((changed?.length ?? 0) / chunkBlocks));
+  const slots = pool ? SLOTS : Math.min(2, Math.ceil((changed?.count ?? 0) / chunkBlocks));
   // A device's change list read here goes past the page cache as the workers' reads do, straight
   // into page-aligned slots (a pool's SharedArrayBuffer is not page-aligned: store/hash-pool.ts).
   const directOpen = readDirect && localPath !== undefined && !pool ? await open(localPath, constants.O_RDONLY | constants.O_DIRECT).catch(() => null) : null; // refused (EINVAL): read through the cache
@@ -302,14 +292,17 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   const skew = localPath !== undefined && directOpen === null ? SCAN_SKEW : 0;
   /** Where a slot starts in `sab`. */
   const slotAt = (slot: number): number => skew + slot * slotBytes;
-  const jobs = changed ? groups(changed, chunkBlocks) : all(blocks, chunkBlocks);
+  // A change list's blocks, chunkBlocks at a time: a run of consecutive blocks is one read,
+  // scattered ones are read one by one but still hashed, looked up and stored as one job (a
+  // change list of 82 blocks spread over a volume is 6 jobs, not 82).
+  const jobs: Iterator<Job> = changed ? partsOf(changed, chunkBlocks) : all(blocks, chunkBlocks);
   // The caller wants the new blocks' bytes (SnapshotOptions.onNewBlocks' views). A change list
   // whose chunks all fit the slots at once leaves every slot to its one chunk: the bytes can be
   // lent out where they are until keepViewsUntil settles. Otherwise a slot is reused once the
   // caller has copied what it wants (the promise onNewBlocks returns).
   const wantViews = opts.keepViewsUntil !== undefined && opts.onNewBlocks !== undefined;
-  const lendViews = wantViews && changed !== undefined && Math.ceil(changed.length / chunkBlocks) <= slots;
-  const total = changed ? changed.length : blocks;
+  const lendViews = wantViews && changed !== undefined && Math.ceil(changed.count / chunkBlocks) <= slots;
+  const total = changed ? changed.count : blocks;
   const progress = { blocksDone: 0, blocksTotal: total, bytesRead: 0, bytesReadDirect: 0, blocksStored: 0, blocksStoredAsDeltas: 0 };
   let lastProgress = 0;
   let unflushed = 0;

@@ -11,6 +11,8 @@
  * - snapshot: a tree root plus metadata ({@link SnapshotRecord}).
  */
 
+import type { BlockRanges } from './block-ranges.js';
+
 /** A 32-byte BLAKE3-256 digest. Keys and wire formats use the raw bytes; JSON uses lowercase hex. */
 export type Hash = Buffer;
 
@@ -326,8 +328,8 @@ export interface SnapshotOptions {
   readonly blockSize: number;
   /** Snapshot to build from (reuse subtrees; required with changedBlocks). */
   readonly parent?: SnapshotRecord | null;
-  /** Only these block indices changed since parent; read only them. */
-  readonly changedBlocks?: readonly number[];
+  /** Only these blocks changed since parent (indices in any order, or ranges): read only them. */
+  readonly changedBlocks?: readonly number[] | BlockRanges;
   readonly origin?: string;
   readonly labels?: Record<string, string>;
   readonly onProgress?: (p: ScanProgress) => void;

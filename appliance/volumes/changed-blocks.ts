@@ -4,13 +4,14 @@
  * `100-199` (inclusive), or a byte range `bytes 4096+8192` (offset+length) or
  * `bytes 4096-12287` (inclusive); `#` starts a comment; blank lines are ignored.
  *
- * The result is sorted and deduplicated. Anything malformed or outside the volume is
+ * The result is merged ranges (store/block-ranges.ts): memory follows the number of lines, not
+ * of blocks (one line `0-16777215` is one range). Anything malformed or outside the volume is
  * ERR_CHANGED_BLOCKS_INVALID naming the line; nothing is snapshotted then.
  */
 import { readFile } from 'node:fs/promises';
 import { TandemError } from '../../common/errors.js';
+import { mergeRanges, type BlockRanges } from '../../store/block-ranges.js';
 
-/** Ranges are merged as intervals, so memory follows the number of lines, not of blocks. */
 interface Interval {
   first: number;
   last: number;
@@ -31,9 +32,9 @@ function parseNumber(s: string, source: string, line: number): number {
 
 /**
  * Parse the text of a changed-blocks file for a volume of `size` bytes in blocks of
- * `blockSize`. Returns the sorted, deduplicated block indices.
+ * `blockSize`. Returns the blocks listed, as merged ranges.
  */
-export function parseChangedBlocks(text: string, size: number, blockSize: number, source = 'changed-blocks file'): number[] {
+export function parseChangedBlocks(text: string, size: number, blockSize: number, source = 'changed-blocks file'): BlockRanges {
   const blocks = Math.ceil(size / blockSize);
   const intervals: Interval[] = [];
   const lines = text.split(/\r?\n/);
@@ -68,18 +69,11 @@ export function parseChangedBlocks(text: string, size: number, blockSize: number
     if (last >= blocks) throw invalid(source, lineNo, `block ${last} is past the last block of the volume (${blocks - 1})`);
     intervals.push({ first, last });
   }
-  intervals.sort((a, b) => a.first - b.first);
-  const out: number[] = [];
-  let next = 0; // first block index not yet emitted
-  for (const iv of intervals) {
-    for (let b = Math.max(iv.first, next); b <= iv.last; b++) out.push(b);
-    next = Math.max(next, iv.last + 1);
-  }
-  return out;
+  return mergeRanges(intervals);
 }
 
 /** Read and parse a changed-blocks file; ERR_CHANGED_BLOCKS_INVALID if it cannot be read. */
-export async function readChangedBlocksFile(path: string, size: number, blockSize: number): Promise<number[]> {
+export async function readChangedBlocksFile(path: string, size: number, blockSize: number): Promise<BlockRanges> {
   let text: string;
   try {
     text = await readFile(path, 'utf8');

@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { inspectVolume, openVolumeReader, openVolumeWriter, parseChangedBlocks, readChangedBlocksFile } from '../../appliance/volumes/index.js';
 import { loopDevice, tempDir } from '../helpers/cli.js';
+import { indicesIn } from '../../store/index.js';
 
 const KiB = 1024;
 
@@ -110,8 +111,18 @@ test('changed-blocks: indices, ranges, byte ranges, comments; sorted and dedupli
     `bytes ${10 * bs}-${10 * bs + 99}`, // the short last block
     '3',
   ].join('\n');
-  assert.deepEqual(parseChangedBlocks(text, size, bs), [0, 1, 2, 3, 4, 7, 10]);
-  assert.deepEqual(parseChangedBlocks('\r\n# nothing\r\n', size, bs), []);
+  const listed = parseChangedBlocks(text, size, bs);
+  assert.deepEqual([...indicesIn(listed)], [0, 1, 2, 3, 4, 7, 10]);
+  assert.deepEqual(listed, { ranges: [{ first: 0, last: 4 }, { first: 7, last: 7 }, { first: 10, last: 10 }], count: 7 });
+  assert.deepEqual(parseChangedBlocks('\r\n# nothing\r\n', size, bs), { ranges: [], count: 0 });
+});
+
+test('changed-blocks: a range is kept as one, whatever the number of blocks it covers', () => {
+  // A 64 TiB volume of 4 KiB blocks: 2^34 blocks, more than any array or Set can hold.
+  const bs = 4 * KiB;
+  const size = 2 ** 46;
+  const listed = parseChangedBlocks(`0-${2 ** 34 - 1}\n5\nbytes ${2 ** 40}+1\n`, size, bs);
+  assert.deepEqual(listed, { ranges: [{ first: 0, last: 2 ** 34 - 1 }], count: 2 ** 34 });
 });
 
 test('changed-blocks: malformed or out-of-range entries name the line', async (t) => {
@@ -133,7 +144,7 @@ test('changed-blocks: malformed or out-of-range entries name the line', async (t
   await rejectsWith(readChangedBlocksFile(join(dir, 'missing.txt'), size, bs), 'ERR_CHANGED_BLOCKS_INVALID');
   mkdirSync(join(dir, 'd'));
   writeFileSync(join(dir, 'ok.txt'), '0\n2\n');
-  assert.deepEqual(await readChangedBlocksFile(join(dir, 'ok.txt'), size, bs), [0, 2]);
+  assert.deepEqual([...indicesIn(await readChangedBlocksFile(join(dir, 'ok.txt'), size, bs))], [0, 2]);
   truncateSync(join(dir, 'ok.txt'), 0);
-  assert.deepEqual(await readChangedBlocksFile(join(dir, 'ok.txt'), size, bs), []);
+  assert.deepEqual((await readChangedBlocksFile(join(dir, 'ok.txt'), size, bs)).count, 0);
 });
