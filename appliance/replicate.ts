@@ -486,8 +486,15 @@ async function applySnapshot(store: Store, vol: VolumeRecord, snap: SnapshotReco
   try {
     // A volume still marked holds a half-written apply: the first attempt kept what it replaced.
     if (opts.keep !== false && !vol.materializing && !writer?.created) kept = await keepBeforeApply(store, vol, snap, opts);
-    writer ??= await openVolumeWriter(path, snap.size, { force: true });
-    await store.putVolume({ ...clean, materializing: { snapshot: snap.id, since: new Date().toISOString() } });
+    // Marked before the volume changes: before a forced resize, else before the first write.
+    let marked = false;
+    const mark = async (): Promise<void> => {
+      if (marked) return;
+      await store.putVolume({ ...clean, materializing: { snapshot: snap.id, since: new Date().toISOString() } });
+      marked = true;
+    };
+    writer ??= await openVolumeWriter(path, snap.size, { force: true, beforeResize: mark });
+    await mark();
     m = await materialize(store, snap, writer, {
       assumeZero: writer.created,
       ...(kept ? { targetIs: kept } : {}),

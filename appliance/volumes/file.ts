@@ -51,6 +51,12 @@ export interface LocalVolumeWriter extends VolumeWriter {
 export interface OpenWriterOptions {
   /** Resize an existing image of another size (or write onto a larger device). */
   readonly force?: boolean;
+  /**
+   * Awaited once the target is found writable, just before an existing image is resized (the
+   * first change made to it): a caller that marks the volume as being written (materializing)
+   * makes the mark durable there, so a crash right after the resize leaves the mark.
+   */
+  readonly beforeResize?: () => Promise<void>;
 }
 
 function unreadable(path: string, why: string, cause?: unknown, details: Record<string, unknown> = {}): TandemError {
@@ -401,7 +407,15 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
         );
       }
       fh = await open(path, 'r+');
-      if (existing.size !== size) await fh.truncate(size);
+      if (existing.size !== size) {
+        try {
+          await opts.beforeResize?.();
+        } catch (e) {
+          await fh.close();
+          throw e;
+        }
+        await fh.truncate(size);
+      }
     }
   } catch (e) {
     throw fromSystemError(e, `opening ${path} for writing`);

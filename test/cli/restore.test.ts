@@ -395,6 +395,40 @@ test('kill -9 during a restore onto the volume itself: the half-written volume s
   assert.equal((await cli(['verify', '--home', home])).code, 0);
 });
 
+test('kill -9 the moment restore --force resizes the volume\'s own image: the volume is already marked, so the cut image is not snapshotted; the rerun completes it', async (t) => {
+  const { home, img } = await setup(t, 64 * BS);
+  const s1 = await cliJson(['snapshot', 'vol', '--home', home]);
+  assert.equal(s1.code, 0, s1.stderr);
+  const want = readFileSync(img);
+  let landed = false;
+  for (let trial = 0; trial < 3 && !landed; trial++) {
+    writeFileSync(img, Buffer.concat([randomBytes(want.length), randomBytes(32 * BS)])); // grown since s1
+    const child = spawnCli(['restore', `vol@${s1.json.snapshot.id}`, '--to', img, '--force', '--home', home, '--json']);
+    const done = collect(child);
+    // Watched without yielding, so that the kill lands within microseconds of the resize.
+    const deadline = Date.now() + 20_000;
+    while (Date.now() < deadline && statSync(img).size !== want.length);
+    if (statSync(img).size === want.length) child.kill('SIGKILL');
+    const r = await done;
+    if (r.signal !== 'SIGKILL') {
+      assert.equal(r.code, 0, r.stderr); // not seen in time: try again
+      continue;
+    }
+    landed = true;
+    const vols = await cliJson(['volume', 'list', '--home', home]);
+    assert.ok(vols.json.find((v: { name: string }) => v.name === 'vol').materializing, 'the volume was marked before its image was cut');
+    const snap = await cliJson(['snapshot', 'vol', '--home', home]);
+    assert.equal(snap.code, 1, 'the cut image is not snapshotted');
+    assert.equal(snap.json.error.code, 'ERR_VOLUME_MATERIALIZING');
+  }
+  assert.ok(landed, 'a restore was killed right after the resize');
+  const rerun = await cliJson(['restore', `vol@${s1.json.snapshot.id}`, '--to', img, '--home', home]);
+  assert.equal(rerun.code, 0, rerun.stderr);
+  assert.ok(readFileSync(img).equals(want), 'the rerun wrote the snapshot, byte for byte');
+  const vols = await cliJson(['volume', 'list', '--home', home]);
+  assert.equal(vols.json.find((v: { name: string }) => v.name === 'vol').materializing, undefined, 'the mark is cleared');
+});
+
 test('a mounted block device is not written: restore refuses it with ERR_VOLUME_IN_USE, naming the mount point, and writes it once unmounted', { skip: process.getuid?.() !== 0 ? 'needs root for losetup and mount' : false }, async (t) => {
   const dir = tempDir(t);
   const home = join(dir, 'home');
