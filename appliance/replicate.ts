@@ -350,13 +350,40 @@ export async function pushTaken(
   const resumed = await beginPush(store, snap.volume, peer, snap);
   if (resumed) trace(`an earlier push (of ${resumed.snapshot}) stopped midway: nodes are asked about`);
   const onProgress = opts.progress?.();
-  const copy = await copySnapshot(store, remote, snap, {
+  const copyOpts = {
     base,
-    fresh: resumed === undefined,
-    ...(early ? { atTarget: early.atTarget } : {}),
     ...(onProgress ? { onProgress } : {}),
     ...(opts.signal ? { signal: opts.signal } : {}),
-  });
+  };
+  let copy: CopyResult;
+  /** What the first attempt sent, as it last told. */
+  let sent = { blocksSent: 0, bytesSent: 0 };
+  try {
+    copy = await copySnapshot(store, remote, snap, {
+      ...copyOpts,
+      fresh: resumed === undefined,
+      ...(early ? { atTarget: early.atTarget } : {}),
+      onProgress: (p) => {
+        sent = { blocksSent: p.blocksSent, bytesSent: p.bytesSent };
+        onProgress?.(p);
+      },
+    });
+  } catch (e) {
+    // The peer lacks blocks or nodes this push counted on: a gc or retention there reclaimed
+    // what the push had sent and not yet committed (unreachable until the commit: store/gc.ts).
+    // Nothing was committed. Once more, asking the peer about every node and block: only what
+    // it lacks now travels again.
+    if (!isTandemError(e, 'ERR_SNAPSHOT_INCOMPLETE')) throw e;
+    trace(`the peer lost what the push sent (${e.message}): asking it again`);
+    let again: CopyResult;
+    try {
+      again = await copySnapshot(store, remote, snap, copyOpts);
+    } catch (e2) {
+      if (!isTandemError(e2, 'ERR_SNAPSHOT_INCOMPLETE')) throw e2;
+      throw new TandemError('ERR_SNAPSHOT_INCOMPLETE', `peer ${peer} twice reclaimed blocks this push of ${snap.volume} had sent before it could commit them (a gc or retention running there); nothing was committed. Rerun \`appliance sync ${snap.volume} --peer ${peer}\` once it has finished: only what the peer lacks is sent`, { cause: e2, details: e2.details });
+    }
+    copy = { ...again, blocksSent: sent.blocksSent + again.blocksSent, bytesSent: sent.bytesSent + again.bytesSent };
+  }
   trace('copy done');
   return { lock, held: snap, copy };
 }

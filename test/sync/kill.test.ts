@@ -107,6 +107,49 @@ test('kill -9 of the client right before its commit, after nodes were put: the r
   assert.ok((await restoredOnB(b, dir, 'r.img')).equals(readFileSync(img)));
 });
 
+test("a gc on the peer reclaims a push's blocks before its commit: the push asks again, resends only those, and commits", async (t) => {
+  const blocks = 64;
+  const { a, b, sb, dir, img } = await pairedWithVolume(t, blocks);
+  // A proxy (the peer's own key, so pinning passes) that runs gc on the peer, through its server,
+  // before it forwards the first commit: every block of the push is then unreachable, and reclaimed.
+  const tls = { key: readFileSync(join(b.dir, 'tls', 'key.pem')), cert: readFileSync(join(b.dir, 'tls', 'cert.pem')) };
+  let gc: ReturnType<typeof cli> | null = null;
+  const server: Server = createServer(tls, (req, res) => {
+    const forward = () => {
+      const up = httpsRequest(new URL(req.url!, sb.url), { method: req.method, headers: { ...req.headers, host: new URL(sb.url).host }, rejectUnauthorized: false }, (ur) => {
+        res.writeHead(ur.statusCode!, ur.headers);
+        ur.pipe(res);
+      });
+      up.on('error', () => res.destroy());
+      req.pipe(up);
+    };
+    if (req.url === '/v1/snapshots/commit' && gc === null) {
+      gc = cli(b, 'gc');
+      gc.then(forward, () => res.destroy());
+      return;
+    }
+    forward();
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  t.after(() => new Promise<void>((r) => { server.closeAllConnections(); server.close(() => r()); }));
+  const url = `https://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  assert.equal((await cli(a, 'peer', 'add', 'via', '--url', url, '--token', b.token, '--fingerprint', b.fingerprint)).code, 0);
+  const peerB = peerClient(b, sb);
+  t.after(() => peerB.close());
+  const r = await cli(a, 'sync', 'vol', '--peer', 'via');
+  assert.ok(gc !== null, 'the push reached its commit');
+  const g = await (gc as ReturnType<typeof cli>);
+  assert.equal(g.code, 0, g.stderr);
+  assert.equal(g.json.blocksRemoved, blocks, "gc reclaimed every block of the push, which no snapshot reached yet");
+  assert.equal(r.code, 0, r.stderr);
+  const s = await peerB.stats();
+  assert.equal(s.blocksReceived, 2 * blocks, 'every block was sent twice: before the gc, and again after it reclaimed them');
+  assert.equal(r.json.blocksSent, 2 * blocks, 'the result counts both');
+  assert.equal((await cli(b, 'verify')).code, 0);
+  assert.ok((await restoredOnB(b, dir, 'r.img')).equals(readFileSync(img)));
+});
+
 test('kill -9 of the server at random moments: the rerun completes and the store verifies', async (t) => {
   const blocks = 64;
   const { a, b, sb: first, dir, img } = await pairedWithVolume(t, blocks);
