@@ -57,10 +57,17 @@ export type HealReport = Pick<RepairReport, 'blocksRepaired' | 'nodesRepaired' |
  */
 export async function healProblems(store: Store, peerName: string, problems: readonly VerifyProblem[], opts: { onNotice?: (m: string) => void } = {}): Promise<HealReport> {
   const peerRecord = await getPeer(store, peerName);
-  const unique = (kind: VerifyProblem['kind']) => [...new Map(problems.filter((p) => p.kind === kind).map((p) => [p.hash, Buffer.from(p.hash, 'hex')])).values()];
+  const unrepaired: Array<RepairReport['unrepaired'][number]> = [];
+  // A good block in the wrong place (a tree that does not fit its snapshot's size) has no better
+  // copy to fetch: the snapshot is the fault.
+  for (const p of problems) {
+    if (p.code !== 'ERR_SNAPSHOT_INVALID') continue;
+    unrepaired.push({ kind: p.kind, hash: p.hash, code: p.code, message: `${p.volume}@${p.snapshot}, block ${p.blockIndex}: ${p.detail ?? 'a block of the wrong length for its place'}; no copy heals that: delete the snapshot (\`appliance snapshots ${p.volume} --delete ${p.snapshot}\`) and sync again from a sound appliance` });
+  }
+  const healable = problems.filter((p) => p.code !== 'ERR_SNAPSHOT_INVALID');
+  const unique = (kind: VerifyProblem['kind']) => [...new Map(healable.filter((p) => p.kind === kind).map((p) => [p.hash, Buffer.from(p.hash, 'hex')])).values()];
   const blocks = unique('block');
   const nodes = unique('node');
-  const unrepaired: Array<RepairReport['unrepaired'][number]> = [];
   let blocksRepaired = 0;
   let nodesRepaired = 0;
   if (blocks.length + nodes.length === 0) return { blocksRepaired, nodesRepaired, unrepaired };

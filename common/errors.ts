@@ -42,6 +42,7 @@ export const CATALOG = {
   ERR_NODE_MISSING: { http: 404, exit: 1, summary: 'a tree node is not in the store' },
   ERR_SNAPSHOT_NOT_FOUND: { http: 404, exit: 1, summary: 'no such snapshot' },
   ERR_SNAPSHOT_INCOMPLETE: { http: 409, exit: 1, summary: 'a snapshot references nodes or blocks the store lacks' },
+  ERR_SNAPSHOT_INVALID: { http: 422, exit: 1, summary: "a snapshot's tree names a block of the wrong length for its place: it does not fit the snapshot's size" },
   ERR_SNAPSHOT_HELD: { http: 409, exit: 1, summary: 'the snapshot is held: release it with `appliance snapshots VOL --release ID` before deleting it' },
   ERR_SNAPSHOT_IN_USE: { http: 409, exit: 1, summary: 'the snapshot is the newest, or a base the next sync or EBS export builds on: --force deletes it anyway' },
   ERR_VERIFY_FAILED: { http: 500, exit: 1, summary: '`verify` found bad blocks or nodes' },

@@ -369,12 +369,18 @@ export interface SnapshotOptions {
 
 export interface VerifyProblem {
   readonly kind: 'block' | 'node';
-  readonly code: 'ERR_BLOCK_CORRUPT' | 'ERR_BLOCK_MISSING' | 'ERR_NODE_CORRUPT' | 'ERR_NODE_MISSING';
+  /**
+   * ERR_SNAPSHOT_INVALID: a good block of the wrong length for its place (the snapshot's tree
+   * does not fit its size: a faulty peer built it). No good copy heals that: the snapshot goes.
+   */
+  readonly code: 'ERR_BLOCK_CORRUPT' | 'ERR_BLOCK_MISSING' | 'ERR_NODE_CORRUPT' | 'ERR_NODE_MISSING' | 'ERR_SNAPSHOT_INVALID';
   readonly hash: string;
   readonly volume: string;
   readonly snapshot: string;
   /** Block index for blocks; first block index covered for nodes. */
   readonly blockIndex: number;
+  /** What is wrong, where the code alone does not say (a good block of the wrong length for its place). */
+  readonly detail?: string;
 }
 
 export interface VerifyReport {

@@ -18,7 +18,7 @@ import { TandemError, isTandemError } from '../common/errors.js';
 import { isZeroHash, toHex, blake3 } from './hash.js';
 import { blockKey, nodeKey, namespaceRange, NS, decodeLocation, snapshotKey } from './keys.js';
 import { CODEC_DELTA, decodePayload, decodeRecord, recordLength } from './pack.js';
-import { decodeNode, FANOUT, span } from './tree.js';
+import { blockCount, decodeNode, FANOUT, span } from './tree.js';
 import type { Store } from './store.js';
 import { shapeOf } from './store.js';
 import { HashTable } from './hash-table.js';
@@ -64,10 +64,18 @@ export interface VerifyOptions {
 export async function verifyStore(store: Store, filter: { volume?: string; snapshot?: string } = {}, opts: VerifyOptions = {}): Promise<VerifyReport> {
   const { onProgress, signal, bytesPerSecond } = opts;
   const snaps = await selectSnapshots(store, filter, opts.after);
-  /** Good blocks. */
-  const goodBlocks = new HashTable(MAX_REMEMBERED_BLOCKS);
-  /** Nodes whose subtree is all good, with the number of non-zero blocks under each. */
-  const cleanNodes = new HashTable(MAX_REMEMBERED_NODES, true);
+  /** Good blocks, with their length. */
+  const goodBlocks = new HashTable(MAX_REMEMBERED_BLOCKS, true);
+  /**
+   * By block size: nodes whose subtree is all good, every block of that length (so good at any
+   * place but a volume's end), with the number of non-zero blocks under each.
+   */
+  const cleanNodesBySize = new Map<number, HashTable>();
+  const cleanNodesOf = (blockSize: number): HashTable => {
+    let t = cleanNodesBySize.get(blockSize);
+    if (!t) cleanNodesBySize.set(blockSize, (t = new HashTable(MAX_REMEMBERED_NODES, true)));
+    return t;
+  };
   // Bad blocks and nodes, and the good nodes above them, are few: kept exactly, so each
   // (volume, snapshot, block index) that reaches one is reported.
   const badBlocks = new Map<string, Code>();
@@ -106,8 +114,8 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
     return { code };
   };
 
-  /** The block's problem, read at the place the index names now. */
-  const readBlock = async (h: Hash): Promise<Code | null> => {
+  /** The block's problem, or its length when it is good, read at the place the index names now. */
+  const readBlock = async (h: Hash): Promise<Code | number> => {
     const v = await store.db.get(blockKey(h));
     if (v === undefined) return 'ERR_BLOCK_MISSING';
     const loc = decodeLocation(v);
@@ -117,7 +125,7 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
         const { data, release } = await store.readDeltaBlock(h, loc, true, true);
         bytes += data.length;
         release?.();
-        return null;
+        return data.length;
       } catch (e) {
         if (!isTandemError(e, 'ERR_STORE_CORRUPT') && !isTandemError(e, 'ERR_BLOCK_CORRUPT')) throw e;
         return 'ERR_BLOCK_CORRUPT';
@@ -131,7 +139,7 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
         const data = rec && rec.hash.equals(h) ? decodePayload(rec.codec, rec.payload) : undefined;
         if (!data || !blake3(data).equals(h)) return 'ERR_BLOCK_CORRUPT';
         bytes += data.length;
-        return null;
+        return data.length;
       } finally {
         release?.();
       }
@@ -142,8 +150,10 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
   };
 
   const started = performance.now();
-  const checkBlock = async (h: Hash): Promise<Code | null> => {
-    if (goodBlocks.has(h)) return null;
+  /** The block's problem, or its length when it is good. */
+  const checkBlock = async (h: Hash): Promise<Code | number> => {
+    const length = goodBlocks.get(h);
+    if (length !== undefined) return length;
     const key = h.toString('latin1');
     const bad = badBlocks.get(key);
     if (bad) return bad;
@@ -151,10 +161,10 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
     // Without the gc lock, a failure may be gc's doing (the block moved, its pack deleted): it
     // counts only if the block fails again under the lock.
     const code = await readBlock(h).catch(() => 'retry' as const);
-    const confirmed = code === null ? null : await store.gcLock.shared(() => readBlock(h));
+    const confirmed = typeof code === 'number' ? code : await store.gcLock.shared(() => readBlock(h));
     blocks++;
-    if (confirmed) badBlocks.set(key, confirmed);
-    else goodBlocks.set(h);
+    if (typeof confirmed === 'number') goodBlocks.set(h, confirmed);
+    else badBlocks.set(key, confirmed);
     if (bytesPerSecond !== undefined && bytesPerSecond > 0) {
       const wait = started + (bytes / bytesPerSecond) * 1000 - performance.now();
       if (wait > 1) await sleep(wait, undefined, { signal }).catch(() => signal?.throwIfAborted());
@@ -163,16 +173,23 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
   };
 
   for (const snap of snaps) {
-    const problem = (kind: 'block' | 'node', code: Code, h: Hash, blockIndex: number) =>
-      problems.push({ kind, code, hash: toHex(h), volume: snap.volume, snapshot: snap.id, blockIndex });
+    const problem = (kind: 'block' | 'node', code: Code, h: Hash, blockIndex: number, detail?: string) =>
+      problems.push({ kind, code, hash: toHex(h), volume: snap.volume, snapshot: snap.id, blockIndex, ...(detail !== undefined ? { detail } : {}) });
     const shape = shapeOf(snap);
+    // Every block has the snapshot's block size but the last, which has what is left of the
+    // volume: a good block of another length (a tree a faulty peer sent) is no restore's.
+    const lastBlock = blockCount(snap.size, snap.blockSize) - 1;
+    const lengthAt = (i: number): number => (i === lastBlock ? snap.size - lastBlock * snap.blockSize : snap.blockSize);
+    const cleanNodes = cleanNodesOf(snap.blockSize);
     /** Walk the subtree of node h (level k, j-th of its level): its non-zero blocks, and whether all is good under it. */
     const walk = async (h: Hash, k: number, j: number): Promise<{ nonZero: number; clean: boolean }> => {
       if (isZeroHash(h)) return { nonZero: 0, clean: true };
       signal?.throwIfAborted();
-      const remembered = cleanNodes.get(h);
-      if (remembered !== undefined) return { nonZero: remembered, clean: true };
       const first = j * span(k);
+      // The node over the volume's last block is not remembered: that block's length is its own.
+      const atEnd = first + span(k) > lastBlock;
+      const remembered = atEnd ? undefined : cleanNodes.get(h);
+      if (remembered !== undefined) return { nonZero: remembered, clean: true };
       const node = await readNode(h, k);
       if ('code' in node) {
         problem('node', node.code, h, first);
@@ -186,11 +203,15 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
           const part = children.slice(i, i + VERIFY_CONCURRENCY);
           const codes = await Promise.all(part.map((c) => (isZeroHash(c) ? null : checkBlock(c))));
           codes.forEach((c, n) => {
-            if (isZeroHash(part[n]!)) return;
+            if (c === null) return; // the zero block, of any length
             nonZero++;
-            if (c) {
+            const index = first + i + n;
+            if (typeof c !== 'number') {
               clean = false;
-              problem('block', c, part[n]!, first + i + n);
+              problem('block', c, part[n]!, index);
+            } else if (c !== lengthAt(index)) {
+              clean = false;
+              problem('block', 'ERR_SNAPSHOT_INVALID', part[n]!, index, `a block of ${c} bytes, good, where ${lengthAt(index)} belong: the tree does not fit the snapshot's size`);
             }
           });
           report(false);
@@ -202,7 +223,7 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
           clean &&= r.clean;
         }
       }
-      if (clean) cleanNodes.set(h, nonZero);
+      if (clean && !atEnd) cleanNodes.set(h, nonZero);
       else dirtyNodes.add(h.toString('latin1'));
       return { nonZero, clean };
     };

@@ -17,6 +17,7 @@ import { Transform } from 'node:stream';
 import { setTimeout as delay } from 'node:timers/promises';
 import { HEADER_BYTES } from '../../sync/framing.js';
 import { blake3 } from '../../store/hash.js';
+import { makeNode } from '../../store/tree.js';
 import { cli as cliText, collect, smallTmpfs, spawnCli } from '../helpers/cli.js';
 import { cli, diagnose, initHome, pair, pairedWithVolume, peerClient, startCli, startServe, tempDir, type TestHome } from '../helpers/appliance.js';
 
@@ -648,6 +649,26 @@ test('a proxy that corrupts or truncates the block stream: ERR_BLOCK_CORRUPT, no
     assert.equal(await peerB.latestSnapshot('vol'), null);
   }
   assert.equal((await cli(b, 'verify')).code, 0);
+});
+
+test('a peer that sends a tree naming a block of the wrong length for its place (a 1-byte block for a 512 KiB one) gets ERR_SNAPSHOT_INVALID at its commit: nothing committed, verify stays clean', async (t) => {
+  const { b, sb } = await pairedWithVolume(t, 8);
+  const peerB = peerClient(b, sb);
+  t.after(() => peerB.close());
+  const tiny = Buffer.from([7]);
+  const h = blake3(tiny);
+  await peerB.putBlocks((async function* () {
+    yield { hash: h, data: tiny };
+  })());
+  const node = makeNode(1, [h, h]);
+  await peerB.putNodes([node]);
+  const lock = await peerB.lockVolume('odd', 'a-faulty-peer');
+  assert.ok(lock.lease);
+  const snap = { id: '20260101T000000.000Z-aaaaaa', volume: 'odd', size: 2 * 512 * 1024, blockSize: 512 * 1024, root: node.hash.toString('hex'), height: 1, created: '2026-01-01T00:00:00.000Z', parent: null, origin: 'scan', nonZeroBlocks: 2 };
+  await assert.rejects(peerB.commitSnapshot(snap), (e: any) => e.code === 'ERR_SNAPSHOT_INVALID' && /block 0 a block of 1 bytes where 524288 belong/.test(e.message));
+  assert.equal(await peerB.latestSnapshot('odd'), null, 'nothing committed');
+  const v = await cli(b, 'verify');
+  assert.equal(v.code, 0, v.stdout);
 });
 
 test("the receiver's disk fills up: ERR_DISK_FULL from the peer, its store intact; with space again the same server takes the rerun, which sends only the blocks it lacks", async (t) => {

@@ -41,8 +41,10 @@ export function define(program: Command): void {
       const ok = report.problems.length === 0;
       const lines = [
         `checked ${report.snapshots} snapshots, ${report.nodes} nodes, ${report.blocks} blocks (${formatBytes(report.bytes)})`,
-        ...report.problems.map((p) => `${p.code}: ${p.kind} ${p.hash} of ${p.volume}@${p.snapshot}, block index ${p.blockIndex}`),
-        ok ? 'ok' : `FAILED: ${report.problems.length} problems (ERR_VERIFY_FAILED); heal them with good copies from the paired appliance: \`appliance repair${spec === undefined ? '' : ` ${spec as string}`} --peer NAME\` here, or \`appliance repair --peer THIS --push\` on the appliance that replicates here`,
+        ...report.problems.map((p) => `${p.code}: ${p.kind} ${p.hash} of ${p.volume}@${p.snapshot}, block index ${p.blockIndex}${p.detail !== undefined ? ` (${p.detail})` : ''}`),
+        ...(ok ? ['ok'] : []),
+        ...(report.problems.some((p) => p.code !== 'ERR_SNAPSHOT_INVALID') ? [`FAILED: ${report.problems.length} problems (ERR_VERIFY_FAILED); heal them with good copies from the paired appliance: \`appliance repair${spec === undefined ? '' : ` ${spec as string}`} --peer NAME\` here, or \`appliance repair --peer THIS --push\` on the appliance that replicates here`] : []),
+        ...[...new Set(report.problems.filter((p) => p.code === 'ERR_SNAPSHOT_INVALID').map((p) => `${p.volume}@${p.snapshot}`))].map((s) => `FAILED: snapshot ${s} names blocks of the wrong length for their place (ERR_SNAPSHOT_INVALID): no restore can write it and no copy heals it; delete it (\`appliance snapshots ${s.replace('@', ' --delete ')}\`) and sync again from a sound appliance`),
       ];
       return { json: { ok, ...report }, text: lines.join('\n'), exitCode: ok ? 0 : 1 };
     }));
