@@ -421,7 +421,7 @@ async function restoreOnto(store: Store, snap: SnapshotRecord, path: string, vol
     ok = true;
     return { ...result, snapshot: snap, path, created: !exists };
   } catch (e) {
-    if (isTandemError(e, 'ERR_BLOCK_CORRUPT') || isTandemError(e, 'ERR_BLOCK_MISSING')) {
+    if (isTandemError(e, 'ERR_BLOCK_CORRUPT') || isTandemError(e, 'ERR_BLOCK_MISSING') || isTandemError(e, 'ERR_STORE_CORRUPT')) {
       const where = exists
         ? `${path} is partly restored: the blocks before block ${String(e.details.index ?? '?')} hold the snapshot, the rest are as they were`
         : `nothing was written to ${path}`;

@@ -235,6 +235,18 @@ class ByteReader {
   private have = 0;
   private readonly it: AsyncIterator<Buffer | Uint8Array | string>;
   private done = false;
+  /** Chunks taken from the source so far (a stall watchdog compares it between its ticks). */
+  arrived = 0;
+  /** Set by the decoder between a frame's header and the end of its payload. */
+  inFrame = false;
+
+  /** Waiting for the source's next chunk (not for the consumer). */
+  waiting = false;
+
+  /** Waiting for the rest of a frame the sender began: the sender owes it. */
+  get owed(): boolean {
+    return this.waiting && (this.inFrame || this.have > 0);
+  }
 
   constructor(source: AsyncIterable<Buffer | Uint8Array | string>) {
     this.it = source[Symbol.asyncIterator]();
@@ -247,12 +259,19 @@ class ByteReader {
    */
   async read(n: number, into?: Buffer): Promise<Buffer | null> {
     while (this.have < n && !this.done) {
-      const r = await this.it.next();
+      this.waiting = true;
+      let r: IteratorResult<Buffer | Uint8Array | string>;
+      try {
+        r = await this.it.next();
+      } finally {
+        this.waiting = false;
+      }
       if (r.done) {
         this.done = true;
         break;
       }
       const c = typeof r.value === 'string' ? Buffer.from(r.value) : Buffer.isBuffer(r.value) ? r.value : Buffer.from(r.value);
+      this.arrived++;
       if (c.length > 0) {
         this.chunks.push(c);
         this.have += c.length;
@@ -310,6 +329,15 @@ export interface DecodeOptions {
    * Otherwise a delta frame is refused as an unknown codec.
    */
   readonly deltas?: boolean;
+  /**
+   * A frame begun must go on arriving: when no byte came for `ms` (checked every `ms`, so
+   * between `ms` and twice that) while a frame is incomplete, `onStall` is called (it should end
+   * the source: destroy the request) and the stream fails with ERR_BLOCK_CORRUPT
+   * (`details.stalled`). Between frames a stream may wait as long as it likes (early sending
+   * keeps its streams open while the scan looks for new blocks). A receiver so holds no
+   * incomplete frame (up to 16 MiB) of a sender that went silent.
+   */
+  readonly stall?: { readonly ms: number; readonly onStall: () => void };
 }
 
 /**
@@ -320,10 +348,32 @@ export interface DecodeOptions {
 export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | string>, opts: DecodeOptions = {}): AsyncGenerator<BlockFrame> {
   const r = new ByteReader(source);
   let index = 0;
+  let stalled = false;
+  let watchdog: ReturnType<typeof setInterval> | undefined;
+  if (opts.stall) {
+    const { ms, onStall } = opts.stall;
+    let seen = -1;
+    watchdog = setInterval(() => {
+      if (r.owed && r.arrived === seen && !stalled) {
+        stalled = true;
+        clearInterval(watchdog);
+        onStall();
+      }
+      seen = r.owed ? r.arrived : -1;
+    }, ms);
+    watchdog.unref();
+  }
+  /** The stream's failure: a stall, when the watchdog ended it, else what the reader found. */
+  const failed = (e: TandemError): TandemError =>
+    stalled ? corrupt(`block stream stalled: no byte for ${((opts.stall?.ms ?? 0) / 1000).toFixed(0)} s or more in the middle of frame ${index}`, { index, stalled: true }) : e;
   try {
     for (;;) {
-      const h = await r.read(HEADER_BYTES);
-      if (!h) throw corrupt(`block stream truncated after ${index} blocks (no end frame)`, { blocks: index });
+      r.inFrame = false;
+      const h = await r.read(HEADER_BYTES).catch((e: unknown) => {
+        throw stalled ? failed(corrupt('')) : e;
+      });
+      if (!h) throw failed(corrupt(`block stream truncated after ${index} blocks (no end frame)`, { blocks: index }));
+      r.inFrame = true;
       const type = h[0]!;
       const codec = h[1]!;
       const rawLen = h.readUInt32BE(34);
@@ -359,8 +409,15 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
         throw corrupt(`block ${index} of the stream is not the block asked for`, { index, hash: hash.toString('hex') });
       }
       const pooled = codec === CODEC_RAW && opts.pool ? opts.pool.take(payLen) : undefined;
-      const payload = await r.read(payLen, pooled?.buf);
-      if (!payload) throw corrupt(`block stream truncated inside block ${index}`, { index, hash: hash.toString('hex') });
+      const payload = await r.read(payLen, pooled?.buf).catch((e: unknown) => {
+        pooled?.release?.();
+        throw stalled ? failed(corrupt('')) : e;
+      });
+      if (!payload) {
+        pooled?.release?.();
+        throw failed(corrupt(`block stream truncated inside block ${index}`, { index, hash: hash.toString('hex') }));
+      }
+      r.inFrame = false;
       let data: Buffer;
       let release: (() => void) | undefined;
       if (pooled) {
@@ -398,6 +455,7 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
       yield release ? { hash, data, release } : { hash, data };
     }
   } finally {
+    clearInterval(watchdog);
     await r.cancel();
   }
 }

@@ -65,8 +65,65 @@ const RECEIVE_AHEAD_FRAMES = 8;
  */
 const receivePool = new BufferPool(DEFAULT_BLOCK_SIZE, 64);
 
+/**
+ * A block stream whose sender goes silent in the middle of a frame is ended after this long
+ * (between 60 and 120 s of silence: sync/framing.ts DecodeOptions.stall), so that it holds no
+ * incomplete frame (up to 16 MiB) for ever. Between frames a stream may wait: early sending keeps
+ * its streams open while the scan looks for new blocks. A sender capped by --bwlimit sends its
+ * frames in pieces well under a second apart. `TANDEM_STALL_MS` sets it (tests).
+ */
+const STALL_MS = Number(process.env.TANDEM_STALL_MS ?? 60_000);
+/**
+ * Block streams this server receives at once (blocks/put and blocks/repair). Each holds up to
+ * RECEIVE_AHEAD_FRAMES decoded frames and one incomplete frame: with it, the memory of uploads is
+ * bounded whatever the senders do (8 x 4.5 MiB with 512 KiB blocks; 8 x 16 MiB of incomplete
+ * frames at the largest block size). A sync sends on up to 3 streams and a daemon runs 2 jobs
+ * at once (appliance/scheduler/runner.ts); a stream past them waits for a slot.
+ */
+const MAX_BLOCK_STREAMS = 8;
+/** A stream past {@link MAX_BLOCK_STREAMS} waits this long for one to end, then gets 503 ERR_SERVER_BUSY. `TANDEM_STREAM_WAIT_MS` sets it (tests). */
+const STREAM_WAIT_MS = Number(process.env.TANDEM_STREAM_WAIT_MS ?? 60_000);
+
+/** Slots for the block streams being received, taken in arrival order. */
+class StreamSlots {
+  private used = 0;
+  private readonly waiting: Array<() => void> = [];
+
+  constructor(private readonly max: number) {}
+
+  /** A slot within `ms` (its release function), or null. */
+  async take(ms: number): Promise<(() => void) | null> {
+    if (this.used >= this.max) {
+      const got = await new Promise<boolean>((resolve) => {
+        const wake = () => {
+          clearTimeout(timer);
+          resolve(true);
+        };
+        const timer = setTimeout(() => {
+          this.waiting.splice(this.waiting.indexOf(wake), 1);
+          resolve(false);
+        }, ms);
+        this.waiting.push(wake);
+      });
+      if (!got) return null;
+    } else this.used++;
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const next = this.waiting.shift();
+      if (next) next(); // the slot passes on
+      else this.used--;
+    };
+  }
+}
+
+/** How long an upload is read on after a refusal at most (a silent sender is not waited for). */
+const DRAIN_MS = 10_000;
+
 async function drain(stream: Readable, limit: number): Promise<void> {
   let n = 0;
+  const timer = setTimeout(() => stream.destroy(), DRAIN_MS);
   try {
     for await (const c of stream.iterator({ destroyOnReturn: true })) {
       n += (c as Buffer).length;
@@ -74,6 +131,8 @@ async function drain(stream: Readable, limit: number): Promise<void> {
     }
   } catch {
     /* the client went away: nothing to answer */
+  } finally {
+    clearTimeout(timer);
   }
 }
 
@@ -113,6 +172,25 @@ function leaseOf(headers: Record<string, unknown>): string | undefined {
 
 export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
   const { home, store, leases, stats } = deps;
+  const slots = new StreamSlots(MAX_BLOCK_STREAMS);
+  /** A slot for an upload, or ERR_SERVER_BUSY (its body read and dropped, bounded, so that the sender gets the answer). */
+  const takeSlot = async (body: Readable, reply: { header(k: string, v: string): unknown; log: { warn(msg: string): void } }): Promise<() => void> => {
+    const release = await slots.take(STREAM_WAIT_MS);
+    if (release) return release;
+    reply.log.warn(`a block stream waited ${STREAM_WAIT_MS / 1000} s for one of the ${MAX_BLOCK_STREAMS} being received to end: refused (ERR_SERVER_BUSY)`);
+    await drain(body, DRAIN_LIMIT_BYTES);
+    reply.header('connection', 'close');
+    reply.header('retry-after', '30');
+    throw new TandemError('ERR_SERVER_BUSY', `${home.identity.name} is receiving ${MAX_BLOCK_STREAMS} block streams, as many as it takes at once, and none ended within ${STREAM_WAIT_MS / 1000} s; nothing of this one was stored. Rerun the sync shortly (it sends only what is missing)`);
+  };
+  /** Ends an upload whose sender went silent mid-frame (DecodeOptions.stall). */
+  const stallOf = (req: { raw: { destroy(): unknown }; ip: string; url: string; log: { warn(msg: string): void } }) => ({
+    ms: STALL_MS,
+    onStall: () => {
+      req.log.warn(`${req.url} from ${req.ip} ended: its sender sent no byte for ${STALL_MS / 1000} s or more in the middle of a block frame (stalled); nothing of that frame was stored`);
+      req.raw.destroy();
+    },
+  });
 
   /** Store nodes as sent by nodes/put or with a commit (each child present, else nothing stored). */
   const putWireNodes = async (nodes: S.WirePutNodeT[]): Promise<void> => {
@@ -268,10 +346,11 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     let received = 0;
     let bytes = 0;
     // Not destroying the request stream on a decode error lets the 422 answer reach the client.
+    const release = await takeSlot(body, reply);
     const source = body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>;
     const lease = leaseOf(req.headers);
     async function* counted() {
-      for await (const f of readAhead(decodeFrames(source, { pool: receivePool, deltas: true }), RECEIVE_AHEAD_FRAMES)) {
+      for await (const f of readAhead(decodeFrames(source, { pool: receivePool, deltas: true, stall: stallOf(req) }), RECEIVE_AHEAD_FRAMES)) {
         if (received === 0) trace('server: first block frame decoded');
         if (lease) leases.touch(lease); // a moving stream keeps its sync's lease (api/leases.ts)
         const n = frameBlockLength(f);
@@ -294,6 +373,8 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
       await drain(body, DRAIN_LIMIT_BYTES);
       reply.header('connection', 'close');
       throw e;
+    } finally {
+      release();
     }
   });
 
@@ -302,15 +383,18 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
   app.post('/v1/blocks/repair', { schema: { summary: 'good copies of blocks the store holds damaged or lacks (framed like blocks/put), each verified, written anew and indexed in place of the old record' } }, async (req, reply) => {
     const body = req.body as Readable | undefined;
     if (!(body instanceof Readable)) throw new TandemError('ERR_BAD_REQUEST', 'send the blocks as Content-Type: application/octet-stream in the framing of sync/README.md');
+    const release = await takeSlot(body, reply);
     const source = body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>;
     try {
       // Each batch, once durable, leaves the damage list.
-      const repaired = await store.repairBlocks(decodeFrames(source), (hashes) => clearDamage(store, hashes.map(toHex)));
+      const repaired = await store.repairBlocks(decodeFrames(source, { stall: stallOf(req) }), (hashes) => clearDamage(store, hashes.map(toHex)));
       return { repaired };
     } catch (e) {
       await drain(body, DRAIN_LIMIT_BYTES);
       reply.header('connection', 'close');
       throw e;
+    } finally {
+      release();
     }
   });
 

@@ -84,9 +84,9 @@ export interface Served {
 const SERVE_START_TIMEOUT_MS = 30_000;
 
 /** `appliance serve --listen 127.0.0.1:0`; resolves once it printed the URL it bound. Stopped after the test. */
-export async function startServe(t: TestCtx, home: TestHome | string, listen = '127.0.0.1:0'): Promise<Served> {
+export async function startServe(t: TestCtx, home: TestHome | string, listen = '127.0.0.1:0', env: Record<string, string> = {}): Promise<Served> {
   const dir = typeof home === 'string' ? home : home.dir;
-  const child = spawnCli(['--home', dir, '--json', 'serve', '--listen', listen]);
+  const child = spawnCli(['--home', dir, '--json', 'serve', '--listen', listen], { env });
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => void (stderr += d.toString()));
   const exited = once(child, 'exit') as Promise<[number | null, NodeJS.Signals | null]>;

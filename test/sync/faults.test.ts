@@ -671,6 +671,64 @@ test('a peer that sends a tree naming a block of the wrong length for its place 
   assert.equal(v.code, 0, v.stdout);
 });
 
+/**
+ * An upload that begins a 16 MiB frame, sends 1 MiB of it and goes silent (a sender that hung, or
+ * one that means to hold the receiver's memory). Resolves `closed` when the server ends it.
+ */
+function stalledUpload(sb: { url: string }, token: string): { closed: Promise<void>; destroy: () => void } {
+  const u = new URL(sb.url);
+  const req = httpsRequest({ host: u.hostname, port: u.port, path: '/v1/blocks/put', method: 'POST', rejectUnauthorized: false, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/octet-stream' } });
+  req.on('response', (res) => res.resume());
+  const closed = new Promise<void>((resolve) => {
+    req.on('error', () => resolve());
+    req.on('close', () => resolve());
+  });
+  const h = Buffer.alloc(HEADER_BYTES);
+  h[0] = 0x42; // a block frame, raw
+  randomBytes(32).copy(h, 2);
+  h.writeUInt32BE(16 * 1024 * 1024, 34);
+  h.writeUInt32BE(16 * 1024 * 1024, 38);
+  req.write(h);
+  req.write(randomBytes(1024 * 1024));
+  return { closed, destroy: () => req.destroy() };
+}
+
+test('uploads whose senders go silent mid-frame are ended, and take at most 8 block streams meanwhile: a sync waits for one of them (or, past its wait, gets ERR_SERVER_BUSY) and the memory they hold stays bounded', async (t) => {
+  const { b, sb: first } = await pairedWithVolume(t, 8);
+  await first.stop();
+  const block = randomBytes(64 * 1024);
+  const frames = () => (async function* () {
+    yield { hash: blake3(block), data: block };
+  })();
+
+  // Silent mid-frame for 0.5 s: ended. A ninth upload waits for a slot, then gets through.
+  const sb = await startServe(t, b, '127.0.0.1:0', { TANDEM_STALL_MS: '500', TANDEM_STREAM_WAIT_MS: '20000' });
+  const peerB = peerClient(b, sb);
+  t.after(() => peerB.close());
+  const stalled = Array.from({ length: 8 }, () => stalledUpload(sb, b.token));
+  await delay(300); // each has its slot
+  const started = Date.now();
+  const r = await peerB.putBlocks(frames());
+  assert.equal(r.stored, 1, 'the ninth upload got a slot once the silent ones were ended');
+  await Promise.race([Promise.all(stalled.map((s) => s.closed)), delay(5000).then(() => assert.fail('the server did not end every silent upload within 5 s'))]);
+  assert.ok(Date.now() - started < 5000);
+  assert.match(sb.stderr(), /stalled/, 'the server says why it ended them');
+  await sb.stop();
+
+  // Silent uploads that hold every slot past a waiting sync's patience: ERR_SERVER_BUSY, nothing stored.
+  const busy = await startServe(t, b, '127.0.0.1:0', { TANDEM_STALL_MS: '60000', TANDEM_STREAM_WAIT_MS: '300' });
+  const peerBusy = peerClient(b, busy);
+  t.after(() => peerBusy.close());
+  const holding = Array.from({ length: 8 }, () => stalledUpload(busy, b.token));
+  await delay(300);
+  const before = await peerBusy.stats();
+  await assert.rejects(peerBusy.putBlocks(frames()), (e: any) => e.code === 'ERR_SERVER_BUSY' && /Rerun the sync shortly/.test(e.message));
+  assert.equal((await peerBusy.stats()).blocksReceived, before.blocksReceived);
+  for (const h of holding) h.destroy();
+  await Promise.all(holding.map((h) => h.closed));
+  assert.equal((await peerBusy.putBlocks(frames())).stored, 0, 'slots come back when their uploads end (the block was stored before)');
+});
+
 test("the receiver's disk fills up: ERR_DISK_FULL from the peer, its store intact; with space again the same server takes the rerun, which sends only the blocks it lacks", async (t) => {
   const mnt = smallTmpfs(t, '8m');
   if (!mnt) return;
