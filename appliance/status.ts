@@ -16,6 +16,7 @@ import type { SnapshotRecord, VolumeRecord } from '../store/types.js';
 import { policyFor, type Config } from './config/index.js';
 import type { ApplianceHealth } from './health.js';
 import { readRates, readVolumeState, type VolumeState } from './scheduler/index.js';
+import { believable } from './scheduler/deadline.js';
 import { activePause } from './pause.js';
 import { PUSH_ATTEMPT_NS, type PushAttempt } from './push-attempts.js';
 import { volumeLockHolder } from './locks.js';
@@ -48,8 +49,14 @@ export interface VolumeStatus {
   readonly lastReplicated: PointInfo | null;
   /** Age of the point that counts against the RPO (the replicated one when this appliance replicates). */
   readonly rpoAgeMs: number | null;
-  /** OK, AT_RISK (age > 80 % of RPO), BREACHED (age > RPO or never protected), NONE (no policy). */
+  /** OK, AT_RISK (age > 80 % of RPO), BREACHED (age > RPO, never protected, or dated in the future), NONE (no policy). */
   readonly rpoState: ObjectiveState;
+  /**
+   * The time of the point that counts, when it lies in the future by more than a minute
+   * (scheduler/deadline.ts CLOCK_STEP_MS): the clock was set back since it was taken, or the
+   * appliance that dated it runs ahead. Its age is then unknown (rpoAgeMs null, BREACHED).
+   */
+  readonly pointAhead?: string;
   readonly lastExport: { readonly ebsSnapshotId: string; readonly tandemSnapshot: string; readonly created: string } | null;
   readonly rtoEstimateMs: number | null;
   /** How the estimate was made, for the operator. */
@@ -133,7 +140,9 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
       replicated = points.sort((a, b) => Date.parse(b.at) - Date.parse(a.at))[0] ?? null;
     }
     const point = replicates || v.path === undefined ? replicated?.at ?? null : st.lastGood ?? latest?.created ?? null;
-    const rpoAgeMs = point === null ? null : Math.max(0, now - Date.parse(point));
+    // A point dated past now (the clock was set back since): its age is unknown, counted as breached.
+    const pointAhead = point !== null && believable(Date.parse(point), now) === null;
+    const rpoAgeMs = point === null || pointAhead ? null : Math.max(0, now - Date.parse(point));
     const exports = (await store.getMeta<ExportRecord[]>('ebs-exports', v.name)) ?? [];
     const lastExport = exports.length > 0 ? exports[exports.length - 1]! : null;
     const rto = await estimateRto(store, v, latest, lastExport);
@@ -147,6 +156,7 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
       lastReplicated: replicated,
       rpoAgeMs,
       rpoState: policy === null ? 'NONE' : objectiveState(rpoAgeMs, policy.rpoMs),
+      ...(pointAhead ? { pointAhead: point } : {}),
       lastExport: lastExport ? { ebsSnapshotId: lastExport.ebsSnapshotId, tandemSnapshot: lastExport.tandemSnapshot, created: lastExport.created } : null,
       rtoEstimateMs: rto.ms,
       rtoBasis: rto.basis,

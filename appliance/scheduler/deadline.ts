@@ -51,6 +51,19 @@ export function expectedDurationMs(rates: Rates, sizeBytes: number, replicate: b
 }
 
 /**
+ * A recovery point dated later than now by more than this was not made at the time it says:
+ * the clock was set back since (an NTP step, a VM resumed from a snapshot), or the appliance that
+ * dated it runs ahead. Its age is unknown: the scheduler runs the next job at once and `status`
+ * counts it as breached, rather than waiting for the clock to catch up with it.
+ */
+export const CLOCK_STEP_MS = 60_000;
+
+/** `at` (ms), unless it lies past `now` by more than {@link CLOCK_STEP_MS}: then null (its age is unknown). */
+export function believable(at: number | null, now: number): number | null {
+  return at !== null && at - now > CLOCK_STEP_MS ? null : at;
+}
+
+/**
  * When to start the next job. `lastGood` is the time of the last good recovery point (null:
  * never protected). Guarantees: the result is >= now; if expected <= rpo and the result is
  * > now then result + expected <= lastGood + rpo (the job ends by the deadline); if

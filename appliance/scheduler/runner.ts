@@ -32,7 +32,7 @@ import { groupOf, policyFor, type Config, type Hooks, type Policy } from '../con
 import { withHooks } from '../hooks.js';
 import { applyRetention, type RetentionStore } from '../policy/index.js';
 import type { Clock } from './clock.js';
-import { expectedDurationMs, nextStart, updateRates } from './deadline.js';
+import { believable, expectedDurationMs, nextStart, updateRates } from './deadline.js';
 import {
   clearCheckpoint, listCheckpoints, readRates, readVolumeState, saveCheckpoint, updateVolumeState, JOB_PREFIX, RATES_NS, STATE_NS,
   type HeldReplication, type JobCheckpoint, type MetaStore,
@@ -323,10 +323,12 @@ export class Scheduler {
     const peer = config.replication !== null && this.o.steps.replicate !== null ? config.replication.peer : null;
     for (const v of unit.volumes) {
       const st = await readVolumeState(store, v.name);
-      let t = st.lastGood === null ? null : Date.parse(st.lastGood);
+      // A point dated in the future (the clock was set back since) does not put the job off.
+      let t = believable(st.lastGood === null ? null : Date.parse(st.lastGood), now);
       const base = peer === null ? undefined : await getSyncBase(store, v.name, peer);
-      const pushed = base === undefined ? null : await pushPoint(store, v.name, base);
-      if (pushed !== null) t = Math.max(t ?? -Infinity, Date.parse(pushed.at));
+      const pushedPoint = base === undefined ? null : await pushPoint(store, v.name, base);
+      const pushed = pushedPoint === null ? null : believable(Date.parse(pushedPoint.at), now);
+      if (pushed !== null) t = Math.max(t ?? -Infinity, pushed);
       lastGood = t === null || lastGood === null ? null : Math.min(lastGood, t);
       expected += expectedDurationMs(await readRates(store, v.name), v.size, config.replication !== null && this.o.steps.replicate !== null);
     }
@@ -344,7 +346,8 @@ export class Scheduler {
       if (!p) continue;
       const end = p.until === null ? Infinity : Date.parse(p.until);
       if (end <= now) {
-        await updateVolumeState(this.o.store, v.name, { paused: null });
+        // Only that pause: one set meanwhile (a forwarded `appliance pause`) stays.
+        await updateVolumeState(this.o.store, v.name, (st) => (st.paused?.at === p.at && st.paused.until === p.until ? { paused: null } : null));
         this.o.log.info({ volume: v.name, pausedBy: p.by, pausedAt: p.at }, 'pause ended: scheduled jobs resume');
         continue;
       }

@@ -103,16 +103,41 @@ export async function readVolumeState(store: Pick<MetaStore, 'getMeta'>, volume:
   return { ...EMPTY_VOLUME_STATE, ...(await store.getMeta<VolumeState>(STATE_NS, volume)) };
 }
 
-export async function updateVolumeState(store: MetaStore, volume: string, patch: Partial<VolumeState>): Promise<VolumeState> {
-  const next = { ...(await readVolumeState(store, volume)), ...patch };
-  await store.putMeta(STATE_NS, volume, next);
-  return next;
+/**
+ * Updates of each volume's state in progress, by store: each reads the record, patches it and
+ * writes it back, so two at once (a job's end and a forwarded `appliance pause`, both in the
+ * daemon's process) would each write back a copy read before the other's write, and one change
+ * would be lost: a pause acknowledged and gone. They run one after the other instead.
+ */
+const updating = new WeakMap<MetaStore, Map<string, Promise<unknown>>>();
+
+/**
+ * Patch the volume's state: `patch`, or what `patch(current)` returns (null: leave it), applied to
+ * the record as it is once every earlier update of the volume in this process is written.
+ */
+export async function updateVolumeState(store: MetaStore, volume: string, patch: Partial<VolumeState> | ((st: VolumeState) => Partial<VolumeState> | null)): Promise<VolumeState> {
+  let chains = updating.get(store);
+  if (!chains) updating.set(store, (chains = new Map()));
+  const prev = chains.get(volume) ?? Promise.resolve();
+  const run = prev.then(async () => {
+    const st = await readVolumeState(store, volume);
+    const p = typeof patch === 'function' ? patch(st) : patch;
+    if (p === null) return st;
+    const next = { ...st, ...p };
+    await store.putMeta(STATE_NS, volume, next);
+    return next;
+  });
+  const tail = run.catch(() => undefined);
+  chains.set(volume, tail);
+  void tail.then(() => {
+    if (chains.get(volume) === tail) chains.delete(volume);
+  });
+  return run;
 }
 
 /** The peer took a push of `volume` (or its failback completed): it is no longer held for `peer`. */
 export async function releaseHold(store: MetaStore, volume: string, peer: string): Promise<void> {
-  const st = await readVolumeState(store, volume);
-  if (st.held !== null && st.held.peer === peer) await updateVolumeState(store, volume, { held: null });
+  await updateVolumeState(store, volume, (st) => (st.held !== null && st.held.peer === peer ? { held: null } : null));
 }
 
 export async function readRates(store: Pick<MetaStore, 'getMeta'>, volume: string): Promise<Rates> {

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { Home } from '../../appliance/home.js';
 import { addVolume } from '../../appliance/ops.js';
 import { loadConfig, type Config } from '../../appliance/config/index.js';
-import { FakeClock, Scheduler, applianceSteps, HOLD_PROBE_MS, expectedDurationMs, nextStart, readRates, readVolumeState, listCheckpoints, type Log } from '../../appliance/scheduler/index.js';
+import { FakeClock, Scheduler, applianceSteps, HOLD_PROBE_MS, expectedDurationMs, nextStart, readRates, readVolumeState, listCheckpoints, updateVolumeState, type Log } from '../../appliance/scheduler/index.js';
 import { computeStatus, BreachNotifier } from '../../appliance/status.js';
 import { createMetrics } from '../../appliance/metrics.js';
 import { cli, initHome, pair, startServe, tempDir } from '../helpers/appliance.js';
@@ -148,6 +148,50 @@ assign:
   assert.equal(s!.rpoState, 'OK');
   assert.equal(s!.policy, 'hourly');
   await sched.stop(1000);
+});
+
+test('a recovery point dated in the future (the clock was set back since) does not put the next job off: it runs at once, and until then status counts the RPO as breached and says why', async (t) => {
+  const { dir, home, store } = await setup(t, `policies:
+  hourly:
+    rpo: 1h
+assign:
+  - match: "db-*"
+    policy: hourly
+`);
+  await addVolume(store, { name: 'db-a', path: image(dir, 'a.img', MiB) });
+  // Taken while the clock ran 2 h ahead, then set right.
+  const ahead = new Date(START + 2 * H).toISOString();
+  await updateVolumeState(store, 'db-a', { lastGood: ahead });
+  const { ends, sched, idle, lines } = onFakeClock(home, store);
+  const [before] = await computeStatus(store, await loadConfig(home), START, 'db-a');
+  assert.equal(before!.rpoState, 'BREACHED');
+  assert.equal(before!.rpoAgeMs, null, 'its age is unknown');
+  assert.equal(before!.pointAhead, ahead);
+  const first = idle();
+  sched.start();
+  await first;
+  assert.deepEqual(ends, ['volume:db-a:true'], `the job ran at once: ${lines.join('\n')}`);
+  assert.equal((await readVolumeState(store, 'db-a')).lastGood, new Date(START).toISOString());
+  const [after] = await computeStatus(store, await loadConfig(home), START, 'db-a');
+  assert.equal(after!.rpoState, 'OK');
+  assert.equal(after!.pointAhead, undefined);
+  await sched.stop(1000);
+});
+
+test('updates of a volume\'s state at once (a job ending while `appliance pause` runs in the same daemon) each apply to the record as the other left it: none is lost', async (t) => {
+  const { dir, store } = await setup(t, '');
+  await addVolume(store, { name: 'v', path: image(dir, 'v.img', MiB) });
+  const paused = { by: 'ops', at: new Date(START).toISOString(), until: null, reason: 'maintenance' };
+  await Promise.all([
+    updateVolumeState(store, 'v', { lastJob: { id: 'j1', ended: new Date(START).toISOString(), ok: true } }),
+    updateVolumeState(store, 'v', { paused }),
+    updateVolumeState(store, 'v', { lastGood: new Date(START).toISOString(), lastSnapshot: 's1' }),
+    updateVolumeState(store, 'v', (st) => (st.paused ? null : { held: null })),
+  ]);
+  const st = await readVolumeState(store, 'v');
+  assert.deepEqual(st.paused, paused, 'the pause was kept');
+  assert.equal(st.lastJob?.id, 'j1');
+  assert.equal(st.lastSnapshot, 's1');
 });
 
 test('a failing group pre hook aborts the job cleanly: no snapshot, post hook ran, error recorded', async (t) => {
