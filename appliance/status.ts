@@ -57,6 +57,8 @@ export interface VolumeStatus {
    * appliance that dated it runs ahead. Its age is then unknown (rpoAgeMs null, BREACHED).
    */
   readonly pointAhead?: string;
+  /** The volume names a policy (`policy`) that config.yaml does not define: nothing protects it (BREACHED). */
+  readonly policyMissing?: true;
   readonly lastExport: { readonly ebsSnapshotId: string; readonly tandemSnapshot: string; readonly created: string } | null;
   readonly rtoEstimateMs: number | null;
   /** How the estimate was made, for the operator. */
@@ -116,6 +118,9 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
   const out: VolumeStatus[] = [];
   for (const v of volumes) {
     const policy = policyFor(config, v);
+    // Given a policy (volume add --policy) that config.yaml no longer defines (renamed, removed):
+    // the volume is not protected, which is not the same as never having asked to be.
+    const policyMissing = policy === null && v.policy !== undefined;
     const st = await readVolumeState(store, v.name);
     const latest = await store.latestSnapshot(v.name);
     const replicates = config.replication !== null && v.path !== undefined;
@@ -149,14 +154,15 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
     const drill = drills.find((d) => Array.isArray(d.volumes) && d.volumes.includes(v.name));
     out.push({
       volume: v.name,
-      policy: policy?.name ?? null,
+      policy: policy?.name ?? v.policy ?? null,
       rpoMs: policy?.rpoMs ?? null,
       rtoMs: policy?.rtoMs ?? null,
       lastSnapshot: latest ? { id: latest.id, created: latest.created, origin: latest.origin } : null,
       lastReplicated: replicated,
       rpoAgeMs,
-      rpoState: policy === null ? 'NONE' : objectiveState(rpoAgeMs, policy.rpoMs),
+      rpoState: policyMissing ? 'BREACHED' : policy === null ? 'NONE' : objectiveState(rpoAgeMs, policy.rpoMs),
       ...(pointAhead ? { pointAhead: point } : {}),
+      ...(policyMissing ? { policyMissing: true } : {}),
       lastExport: lastExport ? { ebsSnapshotId: lastExport.ebsSnapshotId, tandemSnapshot: lastExport.tandemSnapshot, created: lastExport.created } : null,
       rtoEstimateMs: rto.ms,
       rtoBasis: rto.basis,

@@ -167,6 +167,8 @@ export class Scheduler {
   private wake = new AbortController();
   private loopDone: Promise<void> | null = null;
   private lastConfig: Config | null = null;
+  /** Volumes already told to name a policy config.yaml lacks (`volume@policy`): told once each. */
+  private readonly toldMissing = new Set<string>();
   /** Stops listening to pauses and resumes (appliance/pause.ts), which wake the loop. */
   private unlistenPause: (() => void) | null = null;
 
@@ -253,7 +255,14 @@ export class Scheduler {
     let sleepMs = this.o.rescanMs;
     const now = clock.now();
     const due: Array<{ unit: Unit; at: number }> = [];
-    for (const unit of planUnits(config, await store.listVolumes())) {
+    const volumes = await store.listVolumes();
+    for (const v of volumes) {
+      const key = `${v.name}@${v.policy ?? ''}`;
+      if (v.policy === undefined || config.policies[v.policy] !== undefined || this.toldMissing.has(key)) continue;
+      this.toldMissing.add(key);
+      this.o.log.error({ volume: v.name, policy: v.policy }, `volume ${v.name} names policy "${v.policy}", which config.yaml does not define (renamed or removed?): no job protects it; define it again or give the volume another (status shows it BREACHED)`);
+    }
+    for (const unit of planUnits(config, volumes)) {
       const running = this.running.get(unit.key);
       if (running) {
         if (!running.abort.signal.aborted && (await this.pausedUntil(unit, now)) !== null) {

@@ -221,3 +221,29 @@ replication: { peer: cloud }
   const t3 = Date.parse(s3.created);
   assert.deepEqual(await point(t3 + 10 * MIN), { snapshot: s3.id, at: s3.created, age: 10 * MIN });
 });
+
+test('a policy config.yaml does not define: `volume add --policy` refuses it, and a volume whose policy was renamed away shows BREACHED and says why, not unprotected by choice', async (t) => {
+  const { cli: cliText } = await import('../helpers/cli.js');
+  const dir = mkdtempSync(join(tmpdir(), 'tandem-policy-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const home = join(dir, 'home');
+  assert.equal((await cliText(['init', '--home', home])).code, 0);
+  writeFileSync(join(home, 'config.yaml'), 'appliance:\n  name: onprem\npolicies:\n  gold:\n    rpo: 15m\n');
+  const img = join(dir, 'v.img');
+  writeFileSync(img, randomBytes(1024 * 1024));
+  const typo = await cliText(['volume', 'add', 'v', '--path', img, '--policy', 'glod', '--home', home, '--json']);
+  assert.equal(typo.code, 1, typo.stdout);
+  const err = JSON.parse(typo.stdout).error;
+  assert.equal(err.code, 'ERR_POLICY_NOT_FOUND');
+  assert.match(err.message, /no policy "glod" \(its policies: gold\)/);
+  assert.equal(JSON.parse((await cliText(['volume', 'list', '--home', home, '--json'])).stdout).length, 0, 'nothing was registered');
+  assert.equal((await cliText(['volume', 'add', 'v', '--path', img, '--policy', 'gold', '--home', home])).code, 0);
+  // The operator renames the policy: the volume still names the old one.
+  writeFileSync(join(home, 'config.yaml'), 'appliance:\n  name: onprem\npolicies:\n  gold-15m:\n    rpo: 15m\n');
+  const st = await cliText(['status', '--home', home, '--json']);
+  const v = JSON.parse(st.stdout).volumes[0];
+  assert.equal(v.rpoState, 'BREACHED');
+  assert.equal(v.policy, 'gold');
+  assert.equal(v.policyMissing, true);
+  assert.match((await cliText(['status', '--home', home])).stdout, /v: its policy "gold" is not defined in config\.yaml/);
+});

@@ -82,10 +82,13 @@ export function define(program: Command): void {
         const capLine = replication && (replication.scheduled || replication.capNow > 0)
           ? [`replication to ${replication.peer}: ${replication.capNow === 0 ? 'not capped now' : `capped at ${formatBytes(replication.capNow)}/s now`} (config.yaml replication.${replication.scheduled ? 'schedule' : 'bwlimit'})`]
           : [];
+        const missing = volumes.flatMap((v) => v.policyMissing
+          ? [`${v.volume}: its policy "${v.policy}" is not defined in config.yaml (renamed or removed?): no job protects it. Define it again, or give the volume another one`]
+          : []);
         const ahead = volumes.flatMap((v) => v.pointAhead
           ? [`${v.volume}: its recovery point is dated ${v.pointAhead}, later than this appliance's clock (${new Date(now).toISOString()}): the clock was set back since, or the appliance that dated it runs ahead (\`appliance doctor\` compares the two). Its age is unknown, so the RPO counts as breached; the daemon runs the next job now`]
           : []);
-        const text = [table, ...ahead, ...failedOver, ...partial, ...held, ...paused, ...unfinished, ...capLine, ...healthLines, ...(only === undefined ? [verifyLine(verify, now, formatAge, formatBytes)] : [])].join('\n');
+        const text = [table, ...missing, ...ahead, ...failedOver, ...partial, ...held, ...paused, ...unfinished, ...capLine, ...healthLines, ...(only === undefined ? [verifyLine(verify, now, formatAge, formatBytes)] : [])].join('\n');
         return { json: { appliance: home.identity.name, at: new Date(now).toISOString(), volumes, replication, verify, health }, text };
       });
     }));

@@ -21,7 +21,16 @@ export function define(program: Command): void {
       const { withHomeStore, addVolume } = await import('../../ops.js');
       const { formatBytes } = await import('../output.js');
       const { existsSync } = await import('node:fs');
-      const { rec, snapshots } = await withHomeStore(g.home, async (_home, store) => {
+      const { rec, snapshots } = await withHomeStore(g.home, async (home, store) => {
+        if (o.policy !== undefined) {
+          // A policy config.yaml does not define would leave the volume unprotected, silently.
+          const { loadConfig } = await import('../../config/index.js');
+          const { TandemError } = await import('../../../common/errors.js');
+          const defined = Object.keys((await loadConfig(home)).policies);
+          if (!defined.includes(o.policy)) {
+            throw new TandemError('ERR_POLICY_NOT_FOUND', `config.yaml defines no policy "${o.policy}" (${defined.length > 0 ? `its policies: ${defined.join(', ')}` : 'it defines none'}); nothing was registered. Define it under \`policies:\` first (\`appliance config check\`), or give one of those`, { details: { policy: o.policy, defined } });
+          }
+        }
         const snaps = (await store.getVolume(name as string)) ? (await store.listSnapshots(name as string)).length : 0;
         const added = await addVolume(store, {
           name: name as string,
