@@ -138,7 +138,13 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
       const pushes = ofVolume(bases, v.name).filter(([peer, b]) => b.direction === 'push' && toPeer(peer)).map(([, b]) => b);
       // The daemon's point is its push to the replication peer of its time: counted while that peer
       // holds a base of the volume (a peer named in config.yaml since has none).
-      if (st.lastReplicated !== null && st.lastGood !== null && (config.replication === null || pushes.length > 0)) points.push({ snapshot: st.lastReplicated, at: st.lastGood });
+      // Dated by its own push's time (lastGood moves on with local snapshots while replication is
+      // off), and only when it went to the replication peer of now (records of earlier releases
+      // do not say: then while that peer holds a base).
+      const daemonPoint = st.lastReplicatedTo === undefined
+        ? (config.replication === null || pushes.length > 0) && st.lastGood !== null ? { at: st.lastGood } : null
+        : (config.replication === null || st.lastReplicatedTo === config.replication.peer) && st.lastReplicatedAt !== undefined ? { at: st.lastReplicatedAt } : null;
+      if (st.lastReplicated !== null && daemonPoint !== null) points.push({ snapshot: st.lastReplicated, at: daemonPoint.at });
       const newest = pushes.sort((a, b) => (a.at < b.at ? 1 : -1))[0];
       const pushed = newest ? await pushPoint(store, v.name, newest) : null;
       if (pushed) points.push(pushed);

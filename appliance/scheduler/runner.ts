@@ -332,8 +332,11 @@ export class Scheduler {
     const peer = config.replication !== null && this.o.steps.replicate !== null ? config.replication.peer : null;
     for (const v of unit.volumes) {
       const st = await readVolumeState(store, v.name);
-      // A point dated in the future (the clock was set back since) does not put the job off.
-      let t = believable(st.lastGood === null ? null : Date.parse(st.lastGood), now);
+      // Replicating: the point the peer holds (lastGood moved on with local snapshots while
+      // replication was off; a push to another peer is none). A point dated in the future (the
+      // clock was set back since) does not put the job off.
+      const own = peer === null ? st.lastGood : st.lastReplicatedTo === undefined ? st.lastGood : st.lastReplicatedTo === peer ? st.lastReplicatedAt ?? null : null;
+      let t = believable(own === null ? null : Date.parse(own), now);
       const base = peer === null ? undefined : await getSyncBase(store, v.name, peer);
       const pushedPoint = base === undefined ? null : await pushPoint(store, v.name, base);
       const pushed = pushedPoint === null ? null : believable(Date.parse(pushedPoint.at), now);
@@ -540,7 +543,7 @@ export class Scheduler {
       if (r.peerRepaired || r.peerNodesRepaired) {
         this.o.log.warn({ volume: v.name, peer, blocksRepaired: r.peerRepaired ?? 0, nodesRepaired: r.peerNodesRepaired ?? 0 }, "healed what the peer's verify found damaged, with this store's copies");
       }
-      await updateVolumeState(store, v.name, { lastGood: cur.pointTime, lastReplicated: snap.id, held: null });
+      await updateVolumeState(store, v.name, { lastGood: cur.pointTime, lastReplicated: snap.id, ...(cur.pointTime ? { lastReplicatedAt: cur.pointTime } : {}), lastReplicatedTo: peer, held: null });
       cur = { ...cur, done: [...cur.done, v.name] };
       await saveCheckpoint(store, cur);
     }

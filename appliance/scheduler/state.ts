@@ -32,6 +32,14 @@ export interface VolumeState {
   readonly lastSnapshot: string | null;
   /** Snapshot id last pushed to the peer (kept by retention: the next sync builds on it). */
   readonly lastReplicated: string | null;
+  /**
+   * The time of the point {@link lastReplicated} stands for (its snapshot's start), and the peer
+   * it went to. `lastGood` moves on with local snapshots while replication is off in config.yaml,
+   * so it does not date what the peer holds once replication is back, or what a new peer holds.
+   * Absent in records of earlier releases: `lastGood` stands for it there.
+   */
+  readonly lastReplicatedAt?: string;
+  readonly lastReplicatedTo?: string;
   /** Cloud side: the snapshot last exported to EBS, and the latest replica handled. */
   readonly lastExported: string | null;
   readonly lastSeen: string | null;

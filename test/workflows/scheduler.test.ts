@@ -572,3 +572,33 @@ test('a push by hand to the replication peer counts as the recovery point: the n
   assert.ok(ends.includes('volume:db:true'), lines.join('\n'));
   assert.equal((await readVolumeState(store, 'db')).lastReplicated, (await store.listSnapshots('db')).at(-1)!.id);
 });
+
+test("the daemon's point is what it last pushed, dated by that push: local snapshots taken while replication was off in config.yaml do not make the replica look fresh, and a job runs at once when replication is back", async (t) => {
+  const b = await initHome(t, 'cloud');
+  const sb = await startServe(t, b);
+  const a = await initHome(t, 'onprem');
+  await pair(a, 'cloud', b, sb);
+  const dir = tempDir(t, 'tandem-repl-back-');
+  assert.equal((await cli(a, 'volume', 'add', 'db', '--path', image(dir, 'db.img', MiB))).code, 0);
+  const home = Home.load(a.dir);
+  writeFileSync(home.paths.config, 'appliance:\n  name: onprem\npolicies:\n  p: { rpo: 1h }\nassign:\n  - match: "*"\n    policy: p\nreplication: { peer: cloud }\n');
+  const store = await home.openStore();
+  t.after(() => store.close());
+  // Pushed 2 h ago; local snapshots since, with replication off, moved lastGood to now.
+  const pushedAt = new Date(START - 2 * H).toISOString();
+  await updateVolumeState(store, 'db', { lastGood: new Date(START).toISOString(), lastReplicated: '20260101T000000.000Z-000001', lastReplicatedAt: pushedAt, lastReplicatedTo: 'cloud' });
+  const [s] = await computeStatus(store, await loadConfig(home), START, 'db');
+  assert.equal(s!.lastReplicated?.at, pushedAt, 'dated by its push');
+  assert.equal(s!.rpoState, 'BREACHED');
+  const { ends, sched, idle, lines } = onFakeClock(home, store);
+  t.after(() => sched.stop(1000));
+  const first = idle();
+  sched.start();
+  await first;
+  assert.deepEqual(ends, ['volume:db:true'], `the job ran at once: ${lines.join('\n')}`);
+  const st = await readVolumeState(store, 'db');
+  assert.equal(st.lastReplicatedAt, new Date(START).toISOString());
+  assert.equal(st.lastReplicatedTo, 'cloud');
+  const [after] = await computeStatus(store, await loadConfig(home), START, 'db');
+  assert.equal(after!.rpoState, 'OK');
+});
