@@ -16,7 +16,7 @@ import { SOURCES_NS } from './sources.js';
 import { JOB_PREFIX, RATES_NS, STATE_NS } from './scheduler/state.js';
 import { forgetSyncRecords } from './sync-base.js';
 import type { BlockRanges, Hash, NewBlocksListener, Store, SnapshotRecord, VolumeRecord, ScanProgress } from '../store/index.js';
-import { inspectVolume, openVolumeReader, openVolumeWriter, readChangedBlocksFile } from './volumes/index.js';
+import { inspectVolume, loopBackingFile, openVolumeReader, openVolumeWriter, readChangedBlocksFile } from './volumes/index.js';
 import { materialize, type MaterializeProgress, type MaterializeResult } from '../sync/materialize.js';
 
 /** Volume names end up in file names, URLs and EBS tags: keep them to a safe alphabet. */
@@ -29,11 +29,18 @@ export const MAX_BLOCK_SIZE = 16 * 1024 * 1024;
 /** Suffix of the file a restore to a new path writes before renaming it into place. */
 export const PARTIAL_SUFFIX = '.tandem-partial';
 
-/** What a path is on the disk: the same device under another node, or the same file under another name (symlink, hard link), gets the same string. Null when it does not exist. */
+/**
+ * What a path is on the disk: the same device under another node, or the same file under another
+ * name (symlink, hard link), gets the same string; so does a loop device and the image file it
+ * reads and writes (`losetup`). Null when it does not exist.
+ */
 async function fileIdentity(path: string): Promise<string | null> {
   try {
     const st = await stat(path, { bigint: true });
-    return st.isBlockDevice() ? `device ${st.rdev}` : `file ${st.dev}:${st.ino}`;
+    if (!st.isBlockDevice()) return `file ${st.dev}:${st.ino}`;
+    const backing = await loopBackingFile(st.rdev);
+    const b = backing === null ? null : await stat(backing, { bigint: true }).catch(() => null);
+    return b !== null ? `file ${b.dev}:${b.ino}` : `device ${st.rdev}`;
   } catch {
     return null;
   }
@@ -388,7 +395,7 @@ async function restoreOnto(store: Store, snap: SnapshotRecord, path: string, vol
     // A partial file is only ever left by an earlier failed restore to the same path.
     await rm(target, { force: true });
   }
-  // The volume is marked before its image changes: before a forced resize (beforeResize), else
+  // The volume is marked before its image changes: before it is created or resized (beforeChange), else
   // before the first block is written. A restore killed at any point after leaves the mark.
   let marked = false;
   const mark = async (): Promise<void> => {
@@ -396,7 +403,7 @@ async function restoreOnto(store: Store, snap: SnapshotRecord, path: string, vol
     await store.putVolume({ ...vol, materializing: { snapshot: snap.id, since: new Date().toISOString() } });
     marked = true;
   };
-  const writer = await openVolumeWriter(target, snap.size, opts.force ? { force: true, beforeResize: mark } : {});
+  const writer = await openVolumeWriter(target, snap.size, { ...(opts.force ? { force: true } : {}), beforeChange: mark });
   let ok = false;
   try {
     await mark();

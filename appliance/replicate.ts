@@ -497,11 +497,20 @@ async function applySnapshot(store: Store, vol: VolumeRecord, snap: SnapshotReco
   const { openVolumeReader, openVolumeWriter } = await import('./volumes/index.js');
   const path = vol.path!;
   const { materializing: _previous, ...clean } = vol;
+  // Marked before the volume changes (created, resized: openVolumeWriter's beforeChange; else
+  // before the first write), so a crash at any point after leaves the mark: a half-made volume is
+  // not snapshotted or pushed (an image just created reads as zeros).
+  let marked = false;
+  const mark = async (): Promise<void> => {
+    if (marked) return;
+    await store.putVolume({ ...clean, materializing: { snapshot: snap.id, since: new Date().toISOString() } });
+    marked = true;
+  };
   // Opened (and its size checked) before the volume is marked: a refused apply changes nothing.
   // A forced resize waits for the pre-apply snapshot: it would cut what lies past the new size.
   let writer: Awaited<ReturnType<typeof openVolumeWriter>> | null = null;
   try {
-    writer = await openVolumeWriter(path, snap.size);
+    writer = await openVolumeWriter(path, snap.size, { beforeChange: mark });
   } catch (e) {
     if (!isTandemError(e, 'ERR_VOLUME_SIZE_MISMATCH')) throw e;
     if (!opts.force) {
@@ -513,14 +522,7 @@ async function applySnapshot(store: Store, vol: VolumeRecord, snap: SnapshotReco
   try {
     // A volume still marked holds a half-written apply: the first attempt kept what it replaced.
     if (opts.keep !== false && !vol.materializing && !writer?.created) kept = await keepBeforeApply(store, vol, snap, opts);
-    // Marked before the volume changes: before a forced resize, else before the first write.
-    let marked = false;
-    const mark = async (): Promise<void> => {
-      if (marked) return;
-      await store.putVolume({ ...clean, materializing: { snapshot: snap.id, since: new Date().toISOString() } });
-      marked = true;
-    };
-    writer ??= await openVolumeWriter(path, snap.size, { force: true, beforeResize: mark });
+    writer ??= await openVolumeWriter(path, snap.size, { force: true, beforeChange: mark });
     await mark();
     m = await materialize(store, snap, writer, {
       assumeZero: writer.created,
@@ -550,7 +552,11 @@ async function applySnapshot(store: Store, vol: VolumeRecord, snap: SnapshotReco
     await reader.close();
   }
   if (check.root !== snap.root) {
-    throw new TandemError('ERR_VERIFY_FAILED', `after writing snapshot ${snap.id} onto ${path}, the volume reads back with root ${check.root}, not ${snap.root}; the volume stays marked materializing: check the device and rerun the sync --reverse --apply`, {
+    // What was read back is no point of the volume (something else wrote it meanwhile, or the
+    // device returns other data): it must not be the volume's latest snapshot, which `restore
+    // VOL` and the next sync would take.
+    await store.deleteSnapshot(vol.name, check.id).catch(() => undefined);
+    throw new TandemError('ERR_VERIFY_FAILED', `after writing snapshot ${snap.id} onto ${path}, the volume reads back with root ${check.root}, not ${snap.root} (something else wrote it meanwhile, or the device returns other data); the volume stays marked materializing: check the device and rerun the sync --reverse --apply`, {
       details: { volume: vol.name, expected: snap.root, got: check.root },
     });
   }

@@ -12,7 +12,8 @@
  *   never written. On such a failure the blocks before it in volume order have been written,
  *   the blocks from it on are left as they were.
  * - Zero blocks are never fetched: on a new target they are simply not written (holes); on an
- *   existing one `writer.zero()` makes them read as zeros.
+ *   existing one `writer.zero()` makes them read as zeros, in volume order with the data blocks
+ *   (so a failure leaves the zero blocks after it as they were, too).
  * - Memory is bounded by the scan's chunk (store/scan.ts scanLayout: 8 MiB, or one block of a larger
  *   size), {@link WRITE_BATCH_BYTES} (hashes only) and
  *   {@link WRITES_IN_FLIGHT} blocks, whatever the volume size. Written data is flushed in the
@@ -151,13 +152,18 @@ export async function materialize(
     const batch = pending;
     pending = [];
     const data = batch.filter((p) => !p.hash.equals(ZERO_HASH));
-    for (const p of batch) {
-      if (!p.hash.equals(ZERO_HASH)) continue;
-      const len = blockLength(p.index);
-      await queue(() => writer.zero(p.index * bs, len));
-      blocksZeroed++;
-      bytesWritten += len;
-    }
+    const zeros = batch.filter((p) => p.hash.equals(ZERO_HASH));
+    let z = 0;
+    /** Zero the batch's zero blocks before `index`: in volume order with the data blocks, so that a block that cannot be had leaves every block from it on as it was. */
+    const zeroBefore = async (index: number): Promise<void> => {
+      while (z < zeros.length && zeros[z]!.index < index) {
+        const p = zeros[z++]!;
+        const len = blockLength(p.index);
+        await queue(() => writer.zero(p.index * bs, len));
+        blocksZeroed++;
+        bytesWritten += len;
+      }
+    };
     if (data.length > 0) {
       let i = 0;
       try {
@@ -169,6 +175,7 @@ export async function materialize(
               details: { index: p.index, hash: p.hash.toString('hex') },
             });
           }
+          await zeroBefore(p.index);
           const len = blockLength(p.index);
           if (frame.data.length !== len) {
             throw new TandemError('ERR_BLOCK_CORRUPT', `block ${p.index} of ${snap.volume}@${snap.id} has ${frame.data.length} bytes where ${len} are expected; run \`appliance verify\``, {
@@ -200,6 +207,7 @@ export async function materialize(
         throw new TandemError('ERR_BLOCK_MISSING', `the store returned ${i} of ${data.length} blocks asked for ${snap.volume}@${snap.id}; run \`appliance verify\``);
       }
     }
+    await zeroBefore(Infinity);
     report();
   };
 

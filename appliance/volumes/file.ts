@@ -52,11 +52,11 @@ export interface OpenWriterOptions {
   /** Resize an existing image of another size (or write onto a larger device). */
   readonly force?: boolean;
   /**
-   * Awaited once the target is found writable, just before an existing image is resized (the
-   * first change made to it): a caller that marks the volume as being written (materializing)
-   * makes the mark durable there, so a crash right after the resize leaves the mark.
+   * Awaited once the target is found writable, just before the first change made to it: a
+   * missing image created, an existing one resized. A caller that marks the volume as being
+   * written (materializing) makes the mark durable there, so a crash right after leaves the mark.
    */
-  readonly beforeResize?: () => Promise<void>;
+  readonly beforeChange?: () => Promise<void>;
 }
 
 function unreadable(path: string, why: string, cause?: unknown, details: Record<string, unknown> = {}): TandemError {
@@ -68,6 +68,13 @@ function devNumbers(rdev: bigint): { major: bigint; minor: bigint } {
   const major = ((rdev >> 8n) & 0xfffn) | ((rdev >> 32n) & ~0xfffn);
   const minor = (rdev & 0xffn) | ((rdev >> 12n) & ~0xffn);
   return { major, minor };
+}
+
+/** The file a loop device (by its device number) reads and writes, or null (not a loop device, or detached). */
+export async function loopBackingFile(rdev: bigint): Promise<string | null> {
+  const { major, minor } = devNumbers(rdev);
+  const backing = await readFile(`/sys/dev/block/${major}:${minor}/loop/backing_file`, 'utf8').catch(() => null);
+  return backing === null || backing.trim() === '' ? null : backing.trim();
 }
 
 async function deviceSize(path: string, rdev: bigint): Promise<number> {
@@ -376,12 +383,21 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
   const kind: VolumeKind = existing?.kind ?? 'file';
   try {
     if (existing === null) {
+      await opts.beforeChange?.();
       fh = await open(path, 'wx+', 0o600);
       created = true;
       await fh.truncate(size); // sparse: reads as zeros, allocates nothing
     } else if (existing.kind === 'device') {
       // Opened first: a device in use is refused as such, whatever its size.
       fh = await openDeviceExclusive(path);
+      // O_EXCL keeps out mounts and exclusive holders only: a VM or a program writing the raw
+      // device holds it open without it, and is refused as it is for an image file.
+      const writers = writersOf(await realpath(path));
+      if (writers.length > 0) {
+        await fh.close();
+        const users = writers.map((pid) => `open for writing by ${processName(pid)}`);
+        throw new TandemError('ERR_VOLUME_IN_USE', `${path} is in use (${users.join('; ')}): writing under it would corrupt it; stop the VM or program, then run again; nothing was written`, { details: { path, users } });
+      }
       if (existing.size < size || (existing.size > size && !opts.force)) {
         await fh.close();
         throw new TandemError(
@@ -399,7 +415,8 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
       if (users.length > 0) {
         throw new TandemError('ERR_VOLUME_IN_USE', `${path} is in use (${users.join('; ')}): writing under it would corrupt it; stop the VM or program, or detach the loop device (\`losetup -d\`), then run again; nothing was written`, { details: { path, users } });
       }
-      if (existing.size !== size && !opts.force) {
+      // An empty image holds nothing a resize could lose (a failback killed as it created it).
+      if (existing.size !== size && existing.size !== 0 && !opts.force) {
         throw new TandemError(
           'ERR_VOLUME_SIZE_MISMATCH',
           `${path} holds ${existing.size} bytes but the snapshot has ${size}; pass --force to resize it, or restore to a new path`,
@@ -409,12 +426,13 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
       fh = await open(path, 'r+');
       if (existing.size !== size) {
         try {
-          await opts.beforeResize?.();
+          await opts.beforeChange?.();
         } catch (e) {
           await fh.close();
           throw e;
         }
         await fh.truncate(size);
+        created = existing.size === 0; // an empty image made larger reads as zeros, as a new one
       }
     }
   } catch (e) {

@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { execFileSync, spawn } from 'node:child_process';
 import { cli, cliJson, collect, loopDevice, spawnCli, tempDir, untilWritten } from '../helpers/cli.js';
+import { damageBlock } from '../helpers/appliance.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -427,6 +428,46 @@ test('kill -9 the moment restore --force resizes the volume\'s own image: the vo
   assert.ok(readFileSync(img).equals(want), 'the rerun wrote the snapshot, byte for byte');
   const vols = await cliJson(['volume', 'list', '--home', home]);
   assert.equal(vols.json.find((v: { name: string }) => v.name === 'vol').materializing, undefined, 'the mark is cleared');
+});
+
+test('a restore that meets a corrupt block leaves every block from it on as it was, zero blocks of the snapshot included', async (t) => {
+  const dir = tempDir(t);
+  const home = join(dir, 'home');
+  assert.equal((await cli(['init', '--home', home])).code, 0);
+  const img = join(dir, 'vol.img');
+  const snapData = Buffer.concat([randomBytes(4 * BS), Buffer.alloc(4 * BS)]); // data, then zero blocks
+  writeFileSync(img, snapData);
+  assert.equal((await cli(['volume', 'add', 'vol', '--path', img, '--home', home])).code, 0);
+  const s1 = await cliJson(['snapshot', 'vol', '--home', home]);
+  assert.equal(s1.code, 0, s1.stderr);
+  const other = randomBytes(8 * BS);
+  writeFileSync(img, other); // the volume changed everywhere since
+  damageBlock({ dir: home } as Parameters<typeof damageBlock>[0], snapData.subarray(2 * BS, 3 * BS));
+  const r = await cliJson(['restore', `vol@${s1.json.snapshot.id}`, '--to', img, '--home', home]);
+  assert.equal(r.code, 1);
+  assert.equal(r.json.error.code, 'ERR_BLOCK_CORRUPT');
+  assert.match(r.json.error.message, /the blocks before block 2 hold the snapshot, the rest are as they were/);
+  const now = readFileSync(img);
+  for (let b = 0; b < 8; b++) {
+    const want = b < 2 ? snapData : other;
+    assert.ok(now.subarray(b * BS, (b + 1) * BS).equals(want.subarray(b * BS, (b + 1) * BS)), `block ${b} ${b < 2 ? 'holds the snapshot' : 'is as it was'}`);
+  }
+});
+
+test('a loop device is the image it reads: restore onto the loop device of a volume\'s image is refused as onto the image (ERR_VOLUME_IN_USE)', { skip: process.getuid?.() !== 0 ? 'needs root for losetup' : false }, async (t) => {
+  const { dir, home, img } = await setup(t, 4 * BS);
+  const w = join(dir, 'w.img');
+  writeFileSync(w, randomBytes(4 * BS));
+  assert.equal((await cli(['volume', 'add', 'w', '--path', w, '--home', home])).code, 0);
+  assert.equal((await cli(['snapshot', 'w', '--home', home])).code, 0);
+  const before = readFileSync(img);
+  const dev = loopDevice(t, img);
+  if (dev === null) return;
+  const r = await cliJson(['restore', 'w', '--to', dev, '--home', home]);
+  assert.equal(r.code, 1, r.stdout);
+  assert.equal(r.json.error.code, 'ERR_VOLUME_IN_USE');
+  assert.match(r.json.error.message, /of volume "vol"/);
+  assert.ok(readFileSync(img).equals(before), 'vol was not written');
 });
 
 test('a mounted block device is not written: restore refuses it with ERR_VOLUME_IN_USE, naming the mount point, and writes it once unmounted', { skip: process.getuid?.() !== 0 ? 'needs root for losetup and mount' : false }, async (t) => {

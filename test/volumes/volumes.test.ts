@@ -1,6 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { writeFileSync, statSync, readFileSync, mkdirSync, truncateSync } from 'node:fs';
+import { writeFileSync, statSync, readFileSync, mkdirSync, truncateSync, existsSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { inspectVolume, openVolumeReader, openVolumeWriter, parseChangedBlocks, readChangedBlocksFile } from '../../appliance/volumes/index.js';
@@ -80,6 +82,45 @@ test('writer: an existing image of another size needs force; zero() clears a ran
   await grown.close();
   assert.equal(statSync(path).size, 512 * KiB);
   await rejectsWith(openVolumeWriter(join(dir, 'no-such-dir', 'x.img'), 4096), 'ERR_VOLUME_UNREADABLE');
+});
+
+test('writer: beforeChange is awaited before the first change (a new image created, an existing one resized), never for one left as it is; an empty image is taken as new, without force', async (t) => {
+  const dir = tempDir(t);
+  const seen: string[] = [];
+  const path = join(dir, 'v.img');
+  const w1 = await openVolumeWriter(path, 64 * KiB, { beforeChange: async () => void seen.push(`create: exists=${existsSync(path)}`) });
+  await w1.close();
+  const w2 = await openVolumeWriter(path, 64 * KiB, { beforeChange: async () => void seen.push('same size') });
+  await w2.close();
+  const w3 = await openVolumeWriter(path, 128 * KiB, { force: true, beforeChange: async () => void seen.push(`resize: size=${statSync(path).size}`) });
+  await w3.close();
+  assert.deepEqual(seen, ['create: exists=false', 'resize: size=65536']);
+  // A hook that fails stops the change: nothing is created.
+  await assert.rejects(openVolumeWriter(join(dir, 'w.img'), 64 * KiB, { beforeChange: async () => { throw new Error('mark failed'); } }), /mark failed/);
+  assert.equal(existsSync(join(dir, 'w.img')), false);
+  // An empty image (a failback killed as it created it) holds nothing a resize could lose.
+  const empty = join(dir, 'empty.img');
+  writeFileSync(empty, '');
+  const w4 = await openVolumeWriter(empty, 64 * KiB);
+  assert.equal(w4.created, true, 'it reads as zeros, as a new image');
+  await w4.close();
+  assert.equal(statSync(empty).size, 64 * KiB);
+});
+
+test('block device: held open for writing by another program (a VM on the raw device), it is not written: ERR_VOLUME_IN_USE naming the program', { skip: process.getuid?.() !== 0 ? 'needs root for losetup' : false }, async (t) => {
+  const dir = tempDir(t);
+  const img = join(dir, 'backing.img');
+  writeFileSync(img, randomBytes(1024 * KiB));
+  const dev = loopDevice(t, img);
+  if (dev === null) return;
+  const holder = spawn('sh', ['-c', `exec 3<>${dev}; echo ready; exec sleep 30`], { stdio: ['ignore', 'pipe', 'ignore'] });
+  t.after(() => holder.kill('SIGKILL'));
+  await once(holder.stdout!, 'data');
+  await assert.rejects(openVolumeWriter(dev, 1024 * KiB), (e: any) => e.code === 'ERR_VOLUME_IN_USE' && /open for writing by pid \d+ \(sleep\)/.test(e.message));
+  holder.kill('SIGKILL');
+  await once(holder, 'exit');
+  const w = await openVolumeWriter(dev, 1024 * KiB);
+  await w.close();
 });
 
 test('block device: size found from /sys, opened read-only for reading', { skip: process.getuid?.() !== 0 ? 'needs root for losetup' : false }, async (t) => {
