@@ -1250,8 +1250,9 @@ export class Store implements ReplicaStore {
    * tree name it anywhere. A peer that sent such a tree (a fault, or a peer that means harm) would
    * leave a snapshot that no restore can write and that `verify` must then report; it is refused
    * with ERR_SNAPSHOT_INVALID, nothing committed. Snapshots this store builds (buildSnapshot)
-   * fit by construction. Cost: one index lookup per block that changed since that snapshot (8,192
-   * for a first sync of 4 GiB in 512 KiB blocks, a few ms).
+   * fit by construction. Cost: one index lookup per block that changed since that snapshot, with
+   * the walk of the changed paths: 2,048 blocks took 32-60 ms (so ~0.1-0.25 s for a first sync of
+   * 4 GiB, 1-2 % of its transfer; an incremental sync's 82 blocks, 1-3 ms).
    */
   private async checkBlockLengths(r: SnapshotRecord): Promise<void> {
     const root = parseHex(r.root)!;
