@@ -243,6 +243,11 @@ class ByteReader {
   /** Waiting for the source's next chunk (not for the consumer). */
   waiting = false;
 
+  /** Bytes taken from the source and not yet read. */
+  get buffered(): boolean {
+    return this.have > 0;
+  }
+
   /** Waiting for the rest of a frame the sender began: the sender owes it. */
   get owed(): boolean {
     return this.waiting && (this.inFrame || this.have > 0);
@@ -338,6 +343,14 @@ export interface DecodeOptions {
    * incomplete frame (up to 16 MiB) of a sender that went silent.
    */
   readonly stall?: { readonly ms: number; readonly onStall: () => void };
+  /**
+   * Held while a frame is being received: taken when a frame's first bytes arrive, given back
+   * when the stream is idle between frames (nothing of the next one buffered). A receiver so
+   * bounds how many incomplete frames all its streams hold at once, without counting streams that
+   * wait for their sender (early sending's, between a scan's batches). `take` may wait, and
+   * throws to refuse the stream.
+   */
+  readonly slot?: { take(): Promise<void>; give(): void };
 }
 
 /**
@@ -366,13 +379,22 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
   /** The stream's failure: a stall, when the watchdog ended it, else what the reader found. */
   const failed = (e: TandemError): TandemError =>
     stalled ? corrupt(`block stream stalled: no byte for ${((opts.stall?.ms ?? 0) / 1000).toFixed(0)} s or more in the middle of frame ${index}`, { index, stalled: true }) : e;
+  let holding = false;
   try {
     for (;;) {
       r.inFrame = false;
+      if (holding && !r.buffered) {
+        opts.slot!.give();
+        holding = false;
+      }
       const h = await r.read(HEADER_BYTES).catch((e: unknown) => {
         throw stalled ? failed(corrupt('')) : e;
       });
       if (!h) throw failed(corrupt(`block stream truncated after ${index} blocks (no end frame)`, { blocks: index }));
+      if (!holding && opts.slot && h[0] !== FRAME_END) {
+        await opts.slot.take();
+        holding = true;
+      }
       r.inFrame = true;
       const type = h[0]!;
       const codec = h[1]!;
@@ -456,6 +478,7 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
     }
   } finally {
     clearInterval(watchdog);
+    if (holding) opts.slot!.give();
     await r.cancel();
   }
 }

@@ -74,14 +74,17 @@ const receivePool = new BufferPool(DEFAULT_BLOCK_SIZE, 64);
  */
 const STALL_MS = Number(process.env.TANDEM_STALL_MS ?? 60_000);
 /**
- * Block streams this server receives at once (blocks/put and blocks/repair). Each holds up to
- * RECEIVE_AHEAD_FRAMES decoded frames and one incomplete frame: with it, the memory of uploads is
- * bounded whatever the senders do (8 x 4.5 MiB with 512 KiB blocks; 8 x 16 MiB of incomplete
- * frames at the largest block size). A sync sends on up to 3 streams and a daemon runs 2 jobs
- * at once (appliance/scheduler/runner.ts); a stream past them waits for a slot.
+ * Block streams (blocks/put, blocks/repair) receiving a frame at once: a stream holds a slot from
+ * a frame's first bytes until it is idle between frames (sync/framing.ts DecodeOptions.slot), so
+ * streams that wait for their sender (early sending's, open while the scans of a group's other
+ * volumes run) hold none. A stream with a slot holds up to RECEIVE_AHEAD_FRAMES decoded frames
+ * and one incomplete frame: the memory of uploads is bounded whatever the senders do (8 x 4.5 MiB
+ * with 512 KiB blocks; 8 x 16 MiB of incomplete frames at the largest block size). A sync sends
+ * on up to 3 streams and a daemon runs 2 jobs at once (appliance/scheduler/runner.ts); a frame
+ * past them waits for a slot.
  */
 const MAX_BLOCK_STREAMS = 8;
-/** A stream past {@link MAX_BLOCK_STREAMS} waits this long for one to end, then gets 503 ERR_SERVER_BUSY. `TANDEM_STREAM_WAIT_MS` sets it (tests). */
+/** A frame past {@link MAX_BLOCK_STREAMS} waits this long for a slot, then its stream gets 503 ERR_SERVER_BUSY. `TANDEM_STREAM_WAIT_MS` sets it (tests). */
 const STREAM_WAIT_MS = Number(process.env.TANDEM_STREAM_WAIT_MS ?? 60_000);
 
 /** Slots for the block streams being received, taken in arrival order. */
@@ -173,15 +176,22 @@ function leaseOf(headers: Record<string, unknown>): string | undefined {
 export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
   const { home, store, leases, stats } = deps;
   const slots = new StreamSlots(MAX_BLOCK_STREAMS);
-  /** A slot for an upload, or ERR_SERVER_BUSY (its body read and dropped, bounded, so that the sender gets the answer). */
-  const takeSlot = async (body: Readable, reply: { header(k: string, v: string): unknown; log: { warn(msg: string): void } }): Promise<() => void> => {
-    const release = await slots.take(STREAM_WAIT_MS);
-    if (release) return release;
-    reply.log.warn(`a block stream waited ${STREAM_WAIT_MS / 1000} s for one of the ${MAX_BLOCK_STREAMS} being received to end: refused (ERR_SERVER_BUSY)`);
-    await drain(body, DRAIN_LIMIT_BYTES);
-    reply.header('connection', 'close');
-    reply.header('retry-after', '30');
-    throw new TandemError('ERR_SERVER_BUSY', `${home.identity.name} is receiving ${MAX_BLOCK_STREAMS} block streams, as many as it takes at once, and none ended within ${STREAM_WAIT_MS / 1000} s; nothing of this one was stored. Rerun the sync shortly (it sends only what is missing)`);
+  /** An upload's slot (DecodeOptions.slot): ERR_SERVER_BUSY when none came free within STREAM_WAIT_MS. */
+  const slotOf = (reply: { header(k: string, v: string): unknown; log: { warn(msg: string): void } }) => {
+    let release: (() => void) | null = null;
+    return {
+      async take(): Promise<void> {
+        release = await slots.take(STREAM_WAIT_MS);
+        if (release) return;
+        reply.log.warn(`a block stream waited ${STREAM_WAIT_MS / 1000} s for one of the ${MAX_BLOCK_STREAMS} frames being received to end: refused (ERR_SERVER_BUSY)`);
+        reply.header('retry-after', '30');
+        throw new TandemError('ERR_SERVER_BUSY', `${home.identity.name} is receiving ${MAX_BLOCK_STREAMS} block streams' frames, as many as it takes at once, and none ended within ${STREAM_WAIT_MS / 1000} s; the blocks before were stored. Rerun the sync shortly (it sends only what is missing)`);
+      },
+      give(): void {
+        release?.();
+        release = null;
+      },
+    };
   };
   /** Ends an upload whose sender went silent mid-frame (DecodeOptions.stall). */
   const stallOf = (req: { raw: { destroy(): unknown }; ip: string; url: string; log: { warn(msg: string): void } }) => ({
@@ -346,11 +356,10 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     let received = 0;
     let bytes = 0;
     // Not destroying the request stream on a decode error lets the 422 answer reach the client.
-    const release = await takeSlot(body, reply);
     const source = body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>;
     const lease = leaseOf(req.headers);
     async function* counted() {
-      for await (const f of readAhead(decodeFrames(source, { pool: receivePool, deltas: true, stall: stallOf(req) }), RECEIVE_AHEAD_FRAMES)) {
+      for await (const f of readAhead(decodeFrames(source, { pool: receivePool, deltas: true, stall: stallOf(req), slot: slotOf(reply) }), RECEIVE_AHEAD_FRAMES)) {
         if (received === 0) trace('server: first block frame decoded');
         if (lease) leases.touch(lease); // a moving stream keeps its sync's lease (api/leases.ts)
         const n = frameBlockLength(f);
@@ -373,8 +382,6 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
       await drain(body, DRAIN_LIMIT_BYTES);
       reply.header('connection', 'close');
       throw e;
-    } finally {
-      release();
     }
   });
 
@@ -383,18 +390,15 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
   app.post('/v1/blocks/repair', { schema: { summary: 'good copies of blocks the store holds damaged or lacks (framed like blocks/put), each verified, written anew and indexed in place of the old record' } }, async (req, reply) => {
     const body = req.body as Readable | undefined;
     if (!(body instanceof Readable)) throw new TandemError('ERR_BAD_REQUEST', 'send the blocks as Content-Type: application/octet-stream in the framing of sync/README.md');
-    const release = await takeSlot(body, reply);
     const source = body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>;
     try {
       // Each batch, once durable, leaves the damage list.
-      const repaired = await store.repairBlocks(decodeFrames(source, { stall: stallOf(req) }), (hashes) => clearDamage(store, hashes.map(toHex)));
+      const repaired = await store.repairBlocks(decodeFrames(source, { stall: stallOf(req), slot: slotOf(reply) }), (hashes) => clearDamage(store, hashes.map(toHex)));
       return { repaired };
     } catch (e) {
       await drain(body, DRAIN_LIMIT_BYTES);
       reply.header('connection', 'close');
       throw e;
-    } finally {
-      release();
     }
   });
 

@@ -693,7 +693,16 @@ function stalledUpload(sb: { url: string }, token: string): { closed: Promise<vo
   return { closed, destroy: () => req.destroy() };
 }
 
-test('uploads whose senders go silent mid-frame are ended, and take at most 8 block streams meanwhile: a sync waits for one of them (or, past its wait, gets ERR_SERVER_BUSY) and the memory they hold stays bounded', async (t) => {
+/** An upload opened with no frame sent yet (as an early-sending stream waiting for its first batch). */
+function idleUpload(sb: { url: string }, token: string): { destroy: () => void } {
+  const u = new URL(sb.url);
+  const req = httpsRequest({ host: u.hostname, port: u.port, path: '/v1/blocks/put', method: 'POST', rejectUnauthorized: false, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/octet-stream' } });
+  req.on('error', () => undefined);
+  req.flushHeaders();
+  return { destroy: () => req.destroy() };
+}
+
+test('uploads whose senders go silent mid-frame are ended, and take at most 8 slots meanwhile: a sync waits for one (or, past its wait, gets ERR_SERVER_BUSY); uploads idle between frames take none; the memory they hold stays bounded', async (t) => {
   const { b, sb: first } = await pairedWithVolume(t, 8);
   await first.stop();
   const block = randomBytes(64 * 1024);
@@ -719,6 +728,11 @@ test('uploads whose senders go silent mid-frame are ended, and take at most 8 bl
   const busy = await startServe(t, b, '127.0.0.1:0', { TANDEM_STALL_MS: '60000', TANDEM_STREAM_WAIT_MS: '300' });
   const peerBusy = peerClient(b, busy);
   t.after(() => peerBusy.close());
+  // Uploads open but between frames (an early-sending stream waiting for the scan) hold no slot.
+  const idle = Array.from({ length: 12 }, () => idleUpload(busy, b.token));
+  await delay(300);
+  assert.equal((await peerBusy.putBlocks(frames())).stored, 0, 'with 12 uploads idle between frames, a sync is not kept waiting (the block was stored before)');
+  for (const i of idle) i.destroy();
   const holding = Array.from({ length: 8 }, () => stalledUpload(busy, b.token));
   await delay(300);
   const before = await peerBusy.stats();
