@@ -60,6 +60,9 @@ export async function exportSnapshot(store: EbsStore, snap: SnapshotRecord, opts
     throw new TandemError('ERR_BLOCK_SIZE_INVALID', `volume "${snap.volume}" has ${snap.blockSize}-byte blocks; EBS snapshots need ${EBS_BLOCK_SIZE} (512KiB): register the volume again with --block-size 512KiB to export it`, { details: { volume: snap.volume, blockSize: snap.blockSize } });
   }
   const done = (await listExportRecords(store, snap.volume)).find((r) => r.tandemSnapshot === snap.id);
+  if (done && opts.kmsKeyArn !== undefined && opts.kmsKeyArn !== done.kmsKeyArn) {
+    throw new TandemError('ERR_USAGE', `${snap.volume}@${snap.id} is exported already as ${done.ebsSnapshotId}, ${done.kmsKeyArn ? `encrypted with ${done.kmsKeyArn}` : 'with the default encryption'}, not with --kms-key ${opts.kmsKeyArn}; nothing was done. Take a new snapshot and export that with the key, or copy the EBS snapshot with the key (aws ec2 copy-snapshot --kms-key-id)`, { details: { volume: snap.volume, snapshot: snap.id, ebsSnapshotId: done.ebsSnapshotId } });
+  }
   if (done) {
     return { ebsSnapshotId: done.ebsSnapshotId, tandemSnapshot: snap.id, parentEbsSnapshotId: done.parentEbsSnapshotId, blocksUploaded: 0, bytesUploaded: 0, requests: 0, resumed: false, seconds: (Date.now() - started) / 1000 };
   }
@@ -73,8 +76,13 @@ export async function exportSnapshot(store: EbsStore, snap: SnapshotRecord, opts
   for (let round = 0; ; round++) {
     const plan = await planExport(store, ctx, snap, opts);
     try {
-      const up = await upload(store, ctx, snap, plan, opts);
-      await completeSnapshot(ctx, plan.pending.ebsSnapshotId, up.changedBlocks, up.aggregate);
+      // Completed already: an earlier run was stopped after CompleteSnapshot, before recording it.
+      let blocksUploaded = 0;
+      if (!plan.completed) {
+        const up = await upload(store, ctx, snap, plan, opts);
+        await completeSnapshot(ctx, plan.pending.ebsSnapshotId, up.changedBlocks, up.aggregate);
+        blocksUploaded = up.blocksUploaded;
+      }
       await recordExport(store, snap.volume, {
         ebsSnapshotId: plan.pending.ebsSnapshotId,
         tandemSnapshot: snap.id,
@@ -89,8 +97,8 @@ export async function exportSnapshot(store: EbsStore, snap: SnapshotRecord, opts
         ebsSnapshotId: plan.pending.ebsSnapshotId,
         tandemSnapshot: snap.id,
         parentEbsSnapshotId: plan.pending.parentEbsSnapshotId,
-        blocksUploaded: up.blocksUploaded,
-        bytesUploaded: up.blocksUploaded * EBS_BLOCK_SIZE,
+        blocksUploaded,
+        bytesUploaded: blocksUploaded * EBS_BLOCK_SIZE,
         requests,
         resumed: plan.resumed,
         seconds: (Date.now() - started) / 1000,
@@ -110,6 +118,8 @@ interface Plan {
   readonly pending: PendingExport & { ebsSnapshotId: string };
   readonly base: SnapshotRecord | null;
   readonly resumed: boolean;
+  /** EBS completed the pending snapshot already (a run stopped after CompleteSnapshot): it is only to be recorded. */
+  readonly completed?: true;
 }
 
 function startParams(snap: SnapshotRecord, p: PendingExport, appliance?: string) {
@@ -127,6 +137,9 @@ function startParams(snap: SnapshotRecord, p: PendingExport, appliance?: string)
 /** Resume the pending export of this snapshot if EBS still holds it, else start a new EBS snapshot. */
 async function planExport(store: EbsStore, ctx: CallContext, snap: SnapshotRecord, opts: EbsExportOptions): Promise<Plan> {
   const pending = await getPending(store, snap.volume);
+  if (pending && pending.tandemSnapshot === snap.id && opts.kmsKeyArn !== undefined && opts.kmsKeyArn !== pending.kmsKeyArn) {
+    throw new TandemError('ERR_USAGE', `the export of ${snap.volume}@${snap.id} in progress (${pending.ebsSnapshotId || 'starting'}) uses ${pending.kmsKeyArn ? `the key ${pending.kmsKeyArn}` : 'the default encryption'}, not --kms-key ${opts.kmsKeyArn}; nothing was done. Rerun it without --kms-key (or with that key) to finish it, or take a new snapshot and export that with the key`, { details: { volume: snap.volume, snapshot: snap.id } });
+  }
   if (pending && pending.tandemSnapshot === snap.id && !pendingExpired(pending)) {
     const base = pending.baseTandemSnapshot === null ? null : await store.getSnapshot(snap.volume, pending.baseTandemSnapshot);
     if (pending.baseTandemSnapshot === null || base) {
@@ -140,6 +153,12 @@ async function planExport(store: EbsStore, ctx: CallContext, snap: SnapshotRecor
         const p = { ...pending, ebsSnapshotId: again.snapshotId, lastProgress: new Date().toISOString() };
         await putPending(store, snap.volume, p);
         return { pending: p, base, resumed: true };
+      }
+      // Completed: only this export completes it, after every block went up (EBS checks their
+      // count and aggregate checksum). A run stopped before recording it is finished by recording
+      // it; starting anew would leave it billed and untracked, and upload the volume again.
+      if (again && again.status === 'completed' && pending.ebsSnapshotId !== '' && again.snapshotId === pending.ebsSnapshotId) {
+        return { pending: { ...pending, ebsSnapshotId: again.snapshotId }, base, resumed: true, completed: true };
       }
     }
   }
@@ -159,8 +178,10 @@ async function planExport(store: EbsStore, ctx: CallContext, snap: SnapshotRecor
     }
   }
   const volumeSizeGiB = Math.max(1, Math.ceil(snap.size / GiB));
-  if (base && Math.ceil(base.size / GiB) > volumeSizeGiB) {
-    // EBS refuses a child smaller than its parent: export in full, as a new lineage.
+  if (base && (Math.ceil(base.size / GiB) > volumeSizeGiB || base.size > snap.size)) {
+    // EBS refuses a child smaller than its parent; and a child of a larger volume would keep the
+    // parent's data past the new end, which the tree diff does not name: export in full, as a
+    // new lineage.
     base = null;
     parentEbs = null;
   }

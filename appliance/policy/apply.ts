@@ -64,6 +64,17 @@ export async function snapshotPins(store: Pick<RetentionStore, 'listMeta'>, volu
     }
     for (const id of ids) out.set(id, [...(out.get(id) ?? []), why]);
   }
+  // The point an active failover or drill runs from (keyed by run, not by volume): failback
+  // imports what EC2 changed on top of it, and cannot without it.
+  type Run = { id?: string; mode?: string; status?: string; points?: Array<{ volume?: unknown; tandemSnapshot?: unknown }> };
+  for (const [, run] of await store.listMeta<Run>('recovery-runs')) {
+    if (run?.status !== 'active') continue;
+    for (const p of run.points ?? []) {
+      if (p.volume !== volume || typeof p.tandemSnapshot !== 'string') continue;
+      const why = `the point ${run.mode ?? 'recovery'} ${run.id ?? ''} runs from (failback builds on it)`;
+      out.set(p.tandemSnapshot, [...(out.get(p.tandemSnapshot) ?? []), why]);
+    }
+  }
   return out;
 }
 

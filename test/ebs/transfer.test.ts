@@ -10,6 +10,7 @@ import { EBSClient, StartSnapshotCommand, PutSnapshotBlockCommand, CompleteSnaps
 import { Store } from '../../store/index.js';
 import { isTandemError } from '../../common/errors.js';
 import { exportSnapshot, importSnapshot, listExports, lastExport, getPending } from '../../appliance/ebs/index.js';
+import { NS_EXPORTS, putPending } from '../../appliance/ebs/lineage.js';
 import { sha256Base64, LinearChecksum } from '../../appliance/ebs/checksum.js';
 import { sha256 } from '../../appliance/ebs/checksum.js';
 import { BS, emulator, makeImage, fillBlock, nonZeroBlocks, snapshotImage, assertSnapshotBytes, tmp, type Emulator } from './helpers.js';
@@ -175,6 +176,45 @@ test('an interrupted export resumes into the same pending EBS snapshot and never
   assert.equal(await getPending(store, 'res'), null);
   const other = await openStore(t, dir, 'other');
   await assertSnapshotBytes(other, (await importSnapshot(other, r.ebsSnapshotId, 'res')).snapshot, img);
+});
+
+test('an export stopped after CompleteSnapshot, before it was recorded, is recorded by the rerun: nothing uploaded again, no second EBS snapshot', async (t) => {
+  const dir = tmp(t);
+  const store = await openStore(t, dir);
+  const img = makeImage(12, { seed: 21, zeroEvery: 1000 });
+  const snap = await snapshotImage(store, dir, 'cmp', img);
+  let captured: ReturnType<typeof getPending> | null = null;
+  const first = await exportSnapshot(store, snap, { onProgress: () => void (captured ??= getPending(store, 'cmp')) });
+  const pending = await captured!;
+  assert.equal(pending?.ebsSnapshotId, first.ebsSnapshotId);
+  // The state a kill right after CompleteSnapshot leaves: the export pending, not recorded.
+  await putPending(store, 'cmp', pending!);
+  await store.deleteMeta(NS_EXPORTS, 'cmp');
+  await emu.resetStats();
+  const again = await exportSnapshot(store, snap);
+  assert.equal(again.ebsSnapshotId, first.ebsSnapshotId, 'the completed EBS snapshot is the export');
+  assert.equal(again.blocksUploaded, 0);
+  const stats = await emu.stats();
+  assert.equal(stats.operations.PutSnapshotBlock ?? 0, 0, 'nothing uploaded again');
+  assert.equal(stats.operations.CompleteSnapshot ?? 0, 0);
+  assert.deepEqual((await listExports(store, 'cmp')).map((e) => e.ebsSnapshotId), [first.ebsSnapshotId]);
+  assert.equal(await getPending(store, 'cmp'), null);
+  // A key given now is not silently ignored.
+  await assert.rejects(exportSnapshot(store, snap, { kmsKeyArn: 'arn:aws:kms:us-east-1:123456789012:key/other' }), (e: any) => e.code === 'ERR_USAGE' && /not with --kms-key/.test(e.message));
+});
+
+test('an export after the volume shrank is a full one: the parent\'s blocks past the new end do not show through', async (t) => {
+  const dir = tmp(t);
+  const store = await openStore(t, dir);
+  const img = makeImage(16, { seed: 23, zeroEvery: 1000 });
+  const first = await exportSnapshot(store, await snapshotImage(store, dir, 'shr', img));
+  const small = Buffer.from(img.subarray(0, 8 * BS));
+  const second = await exportSnapshot(store, await snapshotImage(store, dir, 'shr', small));
+  assert.equal(second.parentEbsSnapshotId, null, 'a new lineage, not a child of the larger one');
+  assert.notEqual(second.ebsSnapshotId, first.ebsSnapshotId);
+  const other = await openStore(t, dir, 'other');
+  const imp = await importSnapshot(other, second.ebsSnapshotId, 'shr');
+  await assertSnapshotBytes(other, imp.snapshot, small);
 });
 
 test('a block whose checksum from the server is wrong is rejected and nothing is committed', async (t) => {

@@ -95,13 +95,18 @@ test('applyRetention on a real store deletes what the policy drops and never the
   await store.putMeta('sync-base', 'v@cloud', { snapshot: ids[1], root: 'x', direction: 'push', at: new Date().toISOString() });
   await store.putMeta('ebs-exports', 'v', [{ ebsSnapshotId: 'snap-1', tandemSnapshot: ids[0] }, { ebsSnapshotId: 'snap-2', tandemSnapshot: ids[2] }]);
   await store.putMeta('sync-base', 'vx@cloud', { snapshot: ids[3], root: 'y', direction: 'push', at: new Date().toISOString() });
-  assert.deepEqual([...await pinnedSnapshots(store, 'v')].sort(), [ids[1], ids[2]].sort(), 'only v, only the newest export');
+  // The point an active failover runs from (appliance/recovery/launch.ts): failback builds on it.
+  // One of a failover ended, and one of another volume, pin nothing.
+  await store.putMeta('recovery-runs', 'run-1', { id: 'run-1', mode: 'failover', status: 'active', points: [{ volume: 'v', tandemSnapshot: ids[3], ebsSnapshotId: 'snap-3' }, { volume: 'w', tandemSnapshot: ids[0] }] });
+  await store.putMeta('recovery-runs', 'run-0', { id: 'run-0', mode: 'failover', status: 'failed-back', points: [{ volume: 'v', tandemSnapshot: ids[0], ebsSnapshotId: 'snap-1' }] });
+  assert.deepEqual([...await pinnedSnapshots(store, 'v')].sort(), [ids[1], ids[2], ids[3]].sort(), 'only v, only the newest export, only the active failover');
   const why = await snapshotPins(store, 'v');
   assert.match(why.get(ids[1]!)!.join(), /next incremental sync/);
   assert.match(why.get(ids[2]!)!.join(), /next incremental EBS export/);
+  assert.match(why.get(ids[3]!)!.join(), /the point failover run-1 runs from/);
   const policy = { name: 'p', rpoMs: 3_600_000, rtoMs: null, retention: { last: 1 }, export: null };
   const r = await applyRetention(store, 'v', policy);
-  assert.deepEqual(r.deleted.sort(), [ids[0], ids[3]].sort());
-  assert.deepEqual((await store.listSnapshots('v')).map((s) => s.id), [ids[1], ids[2], ids[4]]);
+  assert.deepEqual(r.deleted.sort(), [ids[0]].sort());
+  assert.deepEqual((await store.listSnapshots('v')).map((s) => s.id), [ids[1], ids[2], ids[3], ids[4]]);
   assert.deepEqual((await applyRetention(store, 'v', policy)).deleted, [], 'idempotent');
 });
