@@ -567,9 +567,15 @@ export async function settleInterruptedFailovers(deps: LaunchDeps, plans: readon
       run.servers.push(serverOf(plan, inst.ImageId ?? '', inst.InstanceId!, inst, points));
       step(`failover ${run.id} was interrupted after it launched ${inst.InstanceId} (plan ${plan.name}): recorded`);
     }
+    // Images it registered that no instance of it runs from: nothing will (the run is over), and
+    // an image keeps EBS retention from deleting the export it maps.
+    const used = new Set([...run.servers.map((s) => s.imageId), ...found.described.map((i) => i.ImageId)]);
+    const orphans = found.images.filter((img) => !used.has(img));
+    for (const img of orphans) await ec2.deregisterImage(deps.ec2, img);
+    if (orphans.length > 0) step(`failover ${run.id} was interrupted with image(s) ${orphans.join(', ')} registered and no instance from them: deregistered`);
     if (run.servers.length === 0) {
       run.status = 'failed';
-      run.error = `interrupted before any instance was launched${found.images.length > 0 ? `; its images ${found.images.join(', ')} are left (tagged tandem:run=${run.id})` : ''}`;
+      run.error = `interrupted before any instance was launched${orphans.length > 0 ? `; its images ${orphans.join(', ')} were deregistered` : ''}`;
       step(`failover ${run.id} was interrupted before it launched anything: recorded as failed`);
     }
     await save(deps.store, run);

@@ -196,3 +196,34 @@ test('a failover killed between RunInstances and its record: the rerun finds the
   const end = await ok(['failover', VOL, '--end', '--terminate']);
   assert.deepEqual(end.terminated, [instanceId]);
 });
+
+test('a failover killed between RegisterImage and RunInstances: the rerun deregisters the image it left (it would keep its export from retention), records it failed, and fails over', async () => {
+  const { Home } = await import('../../appliance/home.js');
+  const { RUNS_NS } = await import('../../appliance/recovery/state.js');
+  const { EC2Client, RegisterImageCommand } = await import('@aws-sdk/client-ec2');
+  const runId = `failover-20261206T000001Z-${randomBytes(3).toString('hex')}`;
+  const ec2 = new EC2Client({ region: 'us-east-1', endpoint: aws.url, credentials: { accessKeyId: 'test', secretAccessKey: 'test' } });
+  const store = await Home.load(home).openStore();
+  let imageId: string;
+  try {
+    const exported = (await store.getMeta<Array<{ ebsSnapshotId: string }>>('ebs-exports', VOL))?.at(-1)?.ebsSnapshotId;
+    assert.ok(exported, 'the volume was exported');
+    const tags = [{ Key: 'tandem:run', Value: runId }, { Key: 'tandem:mode', Value: 'failover' }, { Key: 'tandem:plan', Value: 'app' }];
+    const image = await ec2.send(new RegisterImageCommand({ Name: runId, RootDeviceName: '/dev/xvda', Architecture: 'x86_64', VirtualizationType: 'hvm', BlockDeviceMappings: [{ DeviceName: '/dev/xvda', Ebs: { SnapshotId: exported } }], TagSpecifications: [{ ResourceType: 'image', Tags: tags }] }));
+    imageId = image.ImageId!;
+    await store.putMeta(RUNS_NS, runId, {
+      id: runId, mode: 'failover', status: 'active', started: new Date().toISOString(), requestedPoint: null,
+      points: [{ volume: VOL, ebsSnapshotId: exported, tandemSnapshot: 'x', pointTime: new Date().toISOString(), size: 4 * MiB }],
+      servers: [], rtoSeconds: null, launchSeconds: null, checks: [], tornDown: null, error: null, owner: 'a process that was killed', images: [imageId],
+    });
+  } finally {
+    await store.close();
+    ec2.destroy();
+  }
+  const again = await cliJson(['--home', home, 'failover', VOL], { env });
+  assert.equal(again.code, 0, again.stderr);
+  assert.match(again.stderr, new RegExp(`failover ${runId} was interrupted with image\\(s\\) ${imageId} registered and no instance from them: deregistered`));
+  assert.ok(!(await ec2State()).images.some((i) => i.id === imageId), 'the image is deregistered');
+  const runs = await cliJson(['--home', home, 'failover', VOL, '--end', '--terminate'], { env });
+  assert.equal(runs.code, 0, runs.stderr);
+});
