@@ -31,6 +31,13 @@ const PUBLIC_PREFIXES = ['/v1/health', '/docs'];
 const KEEP_ALIVE_MS = 65_000;
 /** A request must be fully received within this; block streams of a big sync can take hours, so 0 (off) there. */
 const REQUEST_TIMEOUT_MS = 0;
+/**
+ * A body other than a block stream (JSON, at most 8 MiB) must arrive whole within this, or the
+ * connection is closed: with no request timeout, a sender that stopped midway held its partial
+ * body for ever (120 such requests took a server from 125 MiB to 1.1 GiB of RSS). The answer may
+ * take as long as it takes (a forwarded command runs for hours). `TANDEM_BODY_MS` sets it (tests).
+ */
+const BODY_MS = Number(process.env.TANDEM_BODY_MS ?? 60_000);
 
 export interface BuildServerOptions {
   readonly home: Home;
@@ -158,9 +165,30 @@ export function buildServer(opts: BuildServerOptions): FastifyInstance {
     void reply.status(404).send(errorAnswer(err));
   });
 
+  const bodyTimers = new WeakMap<object, ReturnType<typeof setTimeout>>();
+  const bodyDone = (req: { raw: object }) => {
+    clearTimeout(bodyTimers.get(req.raw));
+    bodyTimers.delete(req.raw);
+  };
+  app.addHook('onRequest', async (req) => {
+    const hasBody = req.headers['transfer-encoding'] !== undefined || Number(req.headers['content-length'] ?? 0) > 0;
+    if (!hasBody || String(req.headers['content-type'] ?? '').startsWith('application/octet-stream')) return;
+    const timer = setTimeout(() => {
+      req.log.warn(`${req.method} ${req.url} from ${req.ip}: its body did not arrive whole within ${BODY_MS / 1000} s; connection closed`);
+      req.raw.destroy();
+    }, BODY_MS);
+    timer.unref();
+    bodyTimers.set(req.raw, timer);
+  });
+  app.addHook('preValidation', async (req) => bodyDone(req)); // the body is parsed: it arrived whole
+  app.addHook('onResponse', async (req) => bodyDone(req));
+  app.addHook('onRequestAbort', async (req) => bodyDone(req));
   app.addHook('onRequest', async (req, reply) => {
     void reply.header(FEATURES_HEADER, SERVER_FEATURES);
-    const path = req.url.split('?')[0]!;
+    // What the router matched, not the raw URL: it decodes %XX and cuts at '#' before matching,
+    // so "/v1/%63li" and "/v1/cli#x" are /v1/cli, and a check of the raw URL let a peer's token
+    // through to it. The raw path only where no route matched (answered 404, or 401 first).
+    const path = req.routeOptions.url ?? req.url.split('?')[0]!;
     if (!(req.method === 'GET' && path === '/v1/stats')) {
       stats.requests++;
       const key = `${req.method} ${req.routeOptions.url ?? '(unknown)'}`;

@@ -257,6 +257,25 @@ test("a peer's token opens the peer protocol, not the other appliance's commands
     peerB.request('POST', '/v1/cli', { argv: ['node', 'appliance', '--home', b.dir, 'volume', 'remove', 'vol'] }),
     (e: { code?: string; message?: string }) => e.code === 'ERR_FORBIDDEN' && /admin token/.test(e.message ?? ''),
   );
+  // Nor by another spelling of the path: the router decodes %XX and cuts at '#' before matching.
+  const raw = (token: string, method: string, path: string, body?: unknown) =>
+    new Promise<{ status: number; body: string }>((resolve, reject) => {
+      const u = new URL(sb.url);
+      const req = httpsRequest({ host: u.hostname, port: u.port, path, method, rejectUnauthorized: false, headers: { authorization: `Bearer ${token}`, ...(body ? { 'content-type': 'application/json' } : {}) } }, (res) => {
+        let text = '';
+        res.on('data', (d) => (text += d));
+        res.on('end', () => resolve({ status: res.statusCode!, body: text }));
+      });
+      req.on('error', reject);
+      req.end(body ? JSON.stringify(body) : undefined);
+    });
+  for (const path of ['/v1/%63li', '/v1/cl%69', '/v1/cli#x', '/v1/cli?x=1']) {
+    const r = await raw(b.token, 'POST', path, { argv: ['node', 'appliance', '--home', b.dir, 'volume', 'remove', 'vol'] });
+    assert.equal(r.status, 403, `${path}: ${r.body}`);
+    assert.match(r.body, /ERR_FORBIDDEN/);
+  }
+  const monitor = readFileSync(join(b.dir, 'monitor.token'), 'utf8').trim();
+  for (const path of ['/v1/stats', '/v1/%73tats']) assert.equal((await raw(monitor, 'GET', path)).status, 403, path);
   const snaps = await cli(b, 'snapshots', 'vol'); // b's own CLI sends the admin token: forwarded as before
   assert.equal(snaps.code, 0, snaps.stderr);
   assert.equal(snaps.json.length, 1, 'the volume and its snapshot are still there');
@@ -711,7 +730,20 @@ test('uploads whose senders go silent mid-frame are ended, and take at most 8 sl
   })();
 
   // Silent mid-frame for 0.5 s: ended. A ninth upload waits for a slot, then gets through.
-  const sb = await startServe(t, b, '127.0.0.1:0', { TANDEM_STALL_MS: '500', TANDEM_STREAM_WAIT_MS: '20000' });
+  const sb = await startServe(t, b, '127.0.0.1:0', { TANDEM_STALL_MS: '500', TANDEM_STREAM_WAIT_MS: '20000', TANDEM_BODY_MS: '500' });
+  {
+    // A JSON body that never arrives whole (8 MiB allowed) is not held: the connection is closed.
+    const u = new URL(sb.url);
+    const req = httpsRequest({ host: u.hostname, port: u.port, path: '/v1/nodes/has', method: 'POST', rejectUnauthorized: false, headers: { authorization: `Bearer ${b.token}`, 'content-type': 'application/json', 'content-length': '1000000' } });
+    const closed = new Promise<void>((resolve) => {
+      req.on('error', () => resolve());
+      req.on('close', () => resolve());
+    });
+    req.on('response', (res) => res.resume());
+    req.write('{"hashes": ["');
+    await Promise.race([closed, delay(5000).then(() => assert.fail('a JSON body that stopped midway was held past 5 s'))]);
+    assert.match(sb.stderr(), /its body did not arrive whole within 0\.5 s/);
+  }
   const peerB = peerClient(b, sb);
   t.after(() => peerB.close());
   const stalled = Array.from({ length: 8 }, () => stalledUpload(sb, b.token));
