@@ -231,6 +231,9 @@ async function deviceRescan(img: string, home: string, size: number): Promise<st
   if (made.status !== 0) return `block device step skipped: losetup failed (${made.stderr.trim()})`;
   const dev = made.stdout.trim();
   try {
+    // The loop device is the image volume "vol" reads (a second volume of it is refused): that
+    // volume goes first. Its blocks stay in the store until a gc, so the device's scan finds them stored.
+    await appliance(['volume', 'remove', 'vol', '--force', '--home', home]);
     await appliance(['volume', 'add', 'dev', '--path', dev, '--home', home]);
     spawnSync('blockdev', ['--flushbufs', dev]);
     const dd = await timed('dd', [`if=${dev}`, 'of=/dev/null', `bs=${BS}`, 'iflag=direct', 'status=none']);
