@@ -19,7 +19,7 @@
  * still incremental), resumes the pull, and re-applies (only differing blocks are written).
  */
 import type { EC2Client } from '@aws-sdk/client-ec2';
-import { TandemError } from '../../common/errors.js';
+import { TandemError, isTandemError } from '../../common/errors.js';
 import type { Store, SnapshotRecord } from '../../store/index.js';
 import * as ec2 from './ec2.js';
 import { activeFailover, RUNS_NS, type RecoveryRun } from './launch.js';
@@ -87,9 +87,23 @@ export async function prepareFailback(deps: { store: Store; ec2: EC2Client; impo
     'tandem:run': run.id,
     'tandem:volume': volume,
   });
-  const imported = await deps.importSnapshot(ec2SnapshotId, volume, disk.ebsSnapshotId);
+  // Imported on top of what an earlier prepare of this failover imported, while the store holds
+  // it (a rerun after a failed pull): only what changed in EC2 since is read from EBS, not every
+  // block changed since the failover again. Else, or if EBS cannot compare the two, on the point.
+  const key = `${run.id}/${volume}`;
+  const prev = await deps.store.getMeta<FailbackState>(FAILBACKS_NS, key);
+  const prevBase = prev && !prev.completed && prev.ec2SnapshotId !== ec2SnapshotId && (await deps.store.getSnapshot(volume, prev.snapshot)) ? prev.ec2SnapshotId : null;
+  let base = prevBase ?? disk.ebsSnapshotId;
+  let imported: Awaited<ReturnType<ImportFn>>;
+  try {
+    imported = await deps.importSnapshot(ec2SnapshotId, volume, base);
+  } catch (e) {
+    if (prevBase === null || !isTandemError(e)) throw e;
+    base = disk.ebsSnapshotId;
+    imported = await deps.importSnapshot(ec2SnapshotId, volume, base);
+  }
   const state: FailbackState = { volume, snapshot: imported.snapshot.id, ec2SnapshotId, prepared: new Date().toISOString() };
-  await deps.store.putMeta(FAILBACKS_NS, `${run.id}/${volume}`, state);
+  await deps.store.putMeta(FAILBACKS_NS, key, state);
   return {
     volume,
     run: run.id,
@@ -97,7 +111,7 @@ export async function prepareFailback(deps: { store: Store; ec2: EC2Client; impo
     stopped,
     ec2VolumeId: ec2VolumeId,
     ec2SnapshotId,
-    baseEbsSnapshotId: disk.ebsSnapshotId,
+    baseEbsSnapshotId: base,
     snapshot: imported.snapshot,
     blocksFetched: imported.blocksFetched,
     bytesFetched: imported.bytesFetched,

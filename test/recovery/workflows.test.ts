@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import type { ChildProcess } from 'node:child_process';
+import { request as httpsRequest } from 'node:https';
 import { cliJson, spawnCli } from '../helpers/cli.js';
 import { startAwsEmulator } from '../../emulators/aws/index.js';
 import { cloudConfig } from './helpers.js';
@@ -285,4 +286,41 @@ test('a failover given up with --end: pushes are refused until then and taken ag
   assert.ok(push.blocksSent <= 1, 'only that block travels (the refused push may have sent it early)');
   const latest = (await ok(cloud, ['snapshots', VOL])).at(-1);
   assert.equal(latest.root, push.root);
+});
+
+test('a failback prepared again (a rerun after a failed pull) reads from EBS only what changed in EC2 since the last prepare, not every block changed since the failover', async () => {
+  await ok(onprem, ['sync', VOL, '--peer', 'cloud']);
+  await ok(cloud, ['ebs', 'export', VOL], cloudEnv);
+  const fo = await ok(cloud, ['failover', VOL], cloudEnv);
+  const ec2Volume: string = fo.servers[0].disks[0].ec2VolumeId;
+  const peers = await ok(onprem, ['peer', 'list']);
+  const url = new URL(peers.peers.find((p: { name: string }) => p.name === 'cloud').url);
+  const token = readFileSync(join(cloud, 'token'), 'utf8').trim();
+  const prepare = () =>
+    new Promise<any>((resolve, reject) => {
+      const req = httpsRequest({ host: url.hostname, port: url.port, path: '/v1/recovery/failback/prepare', method: 'POST', rejectUnauthorized: false, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' } }, (res) => {
+        let text = '';
+        res.on('data', (d) => (text += d));
+        res.on('end', () => (res.statusCode === 200 ? resolve(JSON.parse(text)) : reject(new Error(`${res.statusCode} ${text}`))));
+      });
+      req.on('error', reject);
+      req.end(JSON.stringify({ volume: VOL }));
+    });
+  for (const b of [1, 5, 9, 13]) await emulator(`/_emulator/volumes/${ec2Volume}/write`, { offset: b * BLOCK, dataBase64: randomBytes(4096).toString('base64') });
+  const first = await prepare();
+  assert.equal(first.blocksFetched, 4);
+  assert.equal(first.baseEbsSnapshotId, fo.points[0].ebsSnapshotId, 'the first builds on the failover point');
+  await emulator(`/_emulator/volumes/${ec2Volume}/write`, { offset: 7 * BLOCK, dataBase64: randomBytes(4096).toString('base64') });
+  const second = await prepare();
+  assert.equal(second.baseEbsSnapshotId, first.ec2SnapshotId, 'the second on the first');
+  assert.equal(second.blocksFetched, 1, 'only the block written since');
+  await ok(cloud, ['restore', `${VOL}@${second.snapshot.id}`, '--to', join(work, 'second.img')]);
+  const restored = readFileSync(join(work, 'second.img')); // the volume's size (an earlier test grew it)
+  for (let off = 0; off < restored.length; off += 64 * MiB) {
+    const len = Math.min(64 * MiB, restored.length - off);
+    const r = await emulator(`/_emulator/volumes/${ec2Volume}/read?offset=${off}&length=${len}`);
+    const inEc2 = Buffer.isBuffer(r) ? r : Buffer.from(r.dataBase64 ?? r.data, 'base64');
+    assert.ok(inEc2.equals(restored.subarray(off, off + len)), `the snapshot is the EC2 volume, byte for byte (at ${off})`);
+  }
+  await ok(cloud, ['failover', VOL, '--end', '--terminate'], cloudEnv);
 });
