@@ -383,6 +383,20 @@ export async function restoreVolumeLocked(store: Store, spec: string, to: string
   }
 }
 
+/**
+ * Mark `vol` as being written with `snapshot` (materializing: no snapshot or sync of it until the
+ * mark is cleared), once however often it is called: given to openVolumeWriter as `beforeChange`
+ * and called again before the first write, so the mark is durable before the volume changes.
+ */
+export function materializingMark(store: Store, vol: VolumeRecord, snapshot: string): () => Promise<void> {
+  let marked = false;
+  return async () => {
+    if (marked) return;
+    await store.putVolume({ ...vol, materializing: { snapshot, since: new Date().toISOString() } });
+    marked = true;
+  };
+}
+
 /** {@link restoreVolumeLocked} once the target is known: `vol` is the volume whose path it is, if any. */
 async function restoreOnto(store: Store, snap: SnapshotRecord, path: string, vol: VolumeRecord | null, opts: RestoreOptions): Promise<RestoreResult> {
   const ownPath = vol !== null;
@@ -397,12 +411,7 @@ async function restoreOnto(store: Store, snap: SnapshotRecord, path: string, vol
   }
   // The volume is marked before its image changes: before it is created or resized (beforeChange), else
   // before the first block is written. A restore killed at any point after leaves the mark.
-  let marked = false;
-  const mark = async (): Promise<void> => {
-    if (!ownPath || !vol || marked) return;
-    await store.putVolume({ ...vol, materializing: { snapshot: snap.id, since: new Date().toISOString() } });
-    marked = true;
-  };
+  const mark = vol ? materializingMark(store, vol, snap.id) : async () => undefined;
   const writer = await openVolumeWriter(target, snap.size, { ...(opts.force ? { force: true } : {}), beforeChange: mark });
   let ok = false;
   try {

@@ -500,12 +500,7 @@ async function applySnapshot(store: Store, vol: VolumeRecord, snap: SnapshotReco
   // Marked before the volume changes (created, resized: openVolumeWriter's beforeChange; else
   // before the first write), so a crash at any point after leaves the mark: a half-made volume is
   // not snapshotted or pushed (an image just created reads as zeros).
-  let marked = false;
-  const mark = async (): Promise<void> => {
-    if (marked) return;
-    await store.putVolume({ ...clean, materializing: { snapshot: snap.id, since: new Date().toISOString() } });
-    marked = true;
-  };
+  const mark = (await import('./ops.js')).materializingMark(store, clean, snap.id);
   // Opened (and its size checked) before the volume is marked: a refused apply changes nothing.
   // A forced resize waits for the pre-apply snapshot: it would cut what lies past the new size.
   let writer: Awaited<ReturnType<typeof openVolumeWriter>> | null = null;

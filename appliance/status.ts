@@ -15,7 +15,7 @@ import { extraCaDispatcher } from '../common/ca.js';
 import type { SnapshotRecord, VolumeRecord } from '../store/types.js';
 import { policyFor, type Config } from './config/index.js';
 import type { ApplianceHealth } from './health.js';
-import { readRates, readVolumeState, type VolumeState } from './scheduler/index.js';
+import { pushedPointAt, readRates, readVolumeState, type VolumeState } from './scheduler/index.js';
 import { believable } from './scheduler/deadline.js';
 import { activePause } from './pause.js';
 import { PUSH_ATTEMPT_NS, type PushAttempt } from './push-attempts.js';
@@ -141,10 +141,9 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
       // Dated by its own push's time (lastGood moves on with local snapshots while replication is
       // off), and only when it went to the replication peer of now (records of earlier releases
       // do not say: then while that peer holds a base).
-      const daemonPoint = st.lastReplicatedTo === undefined
-        ? (config.replication === null || pushes.length > 0) && st.lastGood !== null ? { at: st.lastGood } : null
-        : (config.replication === null || st.lastReplicatedTo === config.replication.peer) && st.lastReplicatedAt !== undefined ? { at: st.lastReplicatedAt } : null;
-      if (st.lastReplicated !== null && daemonPoint !== null) points.push({ snapshot: st.lastReplicated, at: daemonPoint.at });
+      const daemonAt = config.replication === null ? st.lastReplicatedAt ?? st.lastGood : pushedPointAt(st, config.replication.peer);
+      const counts = st.lastReplicatedTo !== undefined || config.replication === null || pushes.length > 0;
+      if (st.lastReplicated !== null && daemonAt !== null && counts) points.push({ snapshot: st.lastReplicated, at: daemonAt });
       const newest = pushes.sort((a, b) => (a.at < b.at ? 1 : -1))[0];
       const pushed = newest ? await pushPoint(store, v.name, newest) : null;
       if (pushed) points.push(pushed);

@@ -376,9 +376,10 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
     }, ms);
     watchdog.unref();
   }
-  /** The stream's failure: a stall, when the watchdog ended it, else what the reader found. */
-  const failed = (e: TandemError): TandemError =>
-    stalled ? corrupt(`block stream stalled: no byte for ${((opts.stall?.ms ?? 0) / 1000).toFixed(0)} s or more in the middle of frame ${index}`, { index, stalled: true }) : e;
+  /** The stream's failure when the watchdog ended it (the reader then finds the source ended or failed). */
+  const stallError = (): TandemError => corrupt(`block stream stalled: no byte for ${((opts.stall?.ms ?? 0) / 1000).toFixed(0)} s or more in the middle of frame ${index}`, { index, stalled: true });
+  /** What a read that failed or found the stream ended means: a stall, or `e`. */
+  const failed = (e: unknown): unknown => (stalled ? stallError() : e);
   let holding = false;
   try {
     for (;;) {
@@ -388,7 +389,7 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
         holding = false;
       }
       const h = await r.read(HEADER_BYTES).catch((e: unknown) => {
-        throw stalled ? failed(corrupt('')) : e;
+        throw failed(e);
       });
       if (!h) throw failed(corrupt(`block stream truncated after ${index} blocks (no end frame)`, { blocks: index }));
       if (!holding && opts.slot && h[0] !== FRAME_END) {
@@ -433,7 +434,7 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
       const pooled = codec === CODEC_RAW && opts.pool ? opts.pool.take(payLen) : undefined;
       const payload = await r.read(payLen, pooled?.buf).catch((e: unknown) => {
         pooled?.release?.();
-        throw stalled ? failed(corrupt('')) : e;
+        throw failed(e);
       });
       if (!payload) {
         pooled?.release?.();

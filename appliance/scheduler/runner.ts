@@ -34,7 +34,7 @@ import { applyRetention, type RetentionStore } from '../policy/index.js';
 import type { Clock } from './clock.js';
 import { believable, expectedDurationMs, nextStart, updateRates } from './deadline.js';
 import {
-  clearCheckpoint, listCheckpoints, readRates, readVolumeState, saveCheckpoint, updateVolumeState, JOB_PREFIX, RATES_NS, STATE_NS,
+  clearCheckpoint, listCheckpoints, pushedPointAt, readRates, readVolumeState, saveCheckpoint, updateVolumeState, JOB_PREFIX, RATES_NS, STATE_NS,
   type HeldReplication, type JobCheckpoint, type MetaStore,
 } from './state.js';
 import { onPauseChange } from '../pause.js';
@@ -335,7 +335,7 @@ export class Scheduler {
       // Replicating: the point the peer holds (lastGood moved on with local snapshots while
       // replication was off; a push to another peer is none). A point dated in the future (the
       // clock was set back since) does not put the job off.
-      const own = peer === null ? st.lastGood : st.lastReplicatedTo === undefined ? st.lastGood : st.lastReplicatedTo === peer ? st.lastReplicatedAt ?? null : null;
+      const own = peer === null ? st.lastGood : pushedPointAt(st, peer);
       let t = believable(own === null ? null : Date.parse(own), now);
       const base = peer === null ? undefined : await getSyncBase(store, v.name, peer);
       const pushedPoint = base === undefined ? null : await pushPoint(store, v.name, base);

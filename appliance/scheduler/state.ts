@@ -12,6 +12,7 @@
  */
 import type { Rates } from './deadline.js';
 import { DEFAULT_RATES } from './deadline.js';
+import { Mutex } from '../../store/mutex.js';
 
 export const STATE_NS = 'scheduler';
 export const RATES_NS = 'rates';
@@ -107,6 +108,15 @@ export interface MetaStore {
   listMeta<T>(ns: string): Promise<Array<[string, T]>>;
 }
 
+/**
+ * When the point the daemon last pushed to `peer` was taken (ISO), or null when its last push
+ * went to another peer. A record of an earlier release does not say: its `lastGood` stands for it.
+ */
+export function pushedPointAt(st: VolumeState, peer: string): string | null {
+  if (st.lastReplicatedTo === undefined) return st.lastGood;
+  return st.lastReplicatedTo === peer ? st.lastReplicatedAt ?? null : null;
+}
+
 export async function readVolumeState(store: Pick<MetaStore, 'getMeta'>, volume: string): Promise<VolumeState> {
   return { ...EMPTY_VOLUME_STATE, ...(await store.getMeta<VolumeState>(STATE_NS, volume)) };
 }
@@ -117,17 +127,18 @@ export async function readVolumeState(store: Pick<MetaStore, 'getMeta'>, volume:
  * daemon's process) would each write back a copy read before the other's write, and one change
  * would be lost: a pause acknowledged and gone. They run one after the other instead.
  */
-const updating = new WeakMap<MetaStore, Map<string, Promise<unknown>>>();
+const updating = new WeakMap<MetaStore, Map<string, Mutex>>();
 
 /**
  * Patch the volume's state: `patch`, or what `patch(current)` returns (null: leave it), applied to
  * the record as it is once every earlier update of the volume in this process is written.
  */
 export async function updateVolumeState(store: MetaStore, volume: string, patch: Partial<VolumeState> | ((st: VolumeState) => Partial<VolumeState> | null)): Promise<VolumeState> {
-  let chains = updating.get(store);
-  if (!chains) updating.set(store, (chains = new Map()));
-  const prev = chains.get(volume) ?? Promise.resolve();
-  const run = prev.then(async () => {
+  let locks = updating.get(store);
+  if (!locks) updating.set(store, (locks = new Map()));
+  let lock = locks.get(volume);
+  if (!lock) locks.set(volume, (lock = new Mutex()));
+  return lock.run(async () => {
     const st = await readVolumeState(store, volume);
     const p = typeof patch === 'function' ? patch(st) : patch;
     if (p === null) return st;
@@ -135,12 +146,6 @@ export async function updateVolumeState(store: MetaStore, volume: string, patch:
     await store.putMeta(STATE_NS, volume, next);
     return next;
   });
-  const tail = run.catch(() => undefined);
-  chains.set(volume, tail);
-  void tail.then(() => {
-    if (chains.get(volume) === tail) chains.delete(volume);
-  });
-  return run;
 }
 
 /** The peer took a push of `volume` (or its failback completed): it is no longer held for `peer`. */
