@@ -33,9 +33,19 @@ import { setFlagsFromString } from 'node:v8';
 // functions of that module in the background, and a process cannot exit before those jobs end:
 // ~150 ms added to every short sync on this hardware, for code the parser barely needs (block
 // payloads pass through it as slices). The baseline compiler alone measured the same 1 GiB pull
-// time (9.0-9.7 s either way) and a no-op sync ended 0.72 s -> 0.56 s after its start. Set before
-// the first connection compiles the module; it affects WebAssembly only.
-setFlagsFromString('--liftoff-only');
+// time (9.0-9.7 s either way) and a no-op sync ended 0.72 s -> 0.56 s after its start. It affects
+// WebAssembly only, but any change of V8's flags also makes V8 refuse Node's cached code for its
+// own modules (the flags' hash no longer matches): each one loaded afterwards is compiled from
+// source (require of https, zlib and worker_threads: 7-8 ms before, 18-22 ms after). So the flag
+// is set at the first connection, which compiles llhttp, when the command's modules are loaded,
+// not when this module is (loading the sync engine took 108.7 +- 12.8 ms with it set here,
+// 89.5 +- 8.1 ms without, hyperfine, 40 runs each).
+let baselineWasm = false;
+function useBaselineWasm(): void {
+  if (baselineWasm) return;
+  baselineWasm = true;
+  setFlagsFromString('--liftoff-only');
+}
 
 // undici's entry point loads all of undici (fetch, WebSocket, mock agents, caches, proxies):
 // 90-100 ms of every CLI start on this hardware (require('undici') 136-170 ms, the three modules
@@ -255,6 +265,7 @@ export class RemotePeer implements ReplicaStore {
       });
     };
     const connect: BuildConnectorType.connector = (o, cb) => {
+      useBaselineWasm(); // undici compiles llhttp once this connection is made
       const warm = this.warm;
       this.warm = null;
       const fresh = () =>
