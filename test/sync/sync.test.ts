@@ -7,6 +7,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { deflateRawSync } from 'node:zlib';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
 import { openSync, writeSync, closeSync, readdirSync, readFileSync, writeFileSync, rmSync, copyFileSync, truncateSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { RemotePeer } from '../../api/client.js';
@@ -203,6 +205,62 @@ test('reverse + apply is byte-exact after the local copy diverged or was replace
   assert.equal(fwd.json.upToDate, true);
   const s1 = await p.peerB.stats();
   assert.equal(s1.requests - s0.requests, 1, 'after failback the forward sync finds the common base at once');
+});
+
+/**
+ * A program that writes the image through a shared mapping (mmap'd, its file descriptor closed:
+ * no open file shows it in /proc, so the apply's in-use check passes) keeps writing random bytes
+ * into block `block` until `seconds` have passed or it is killed. Python (ctypes): Node cannot map files.
+ */
+function startMappedWriter(t: Parameters<typeof tempDir>[0], path: string, block: number, seconds: number): ChildProcess {
+  const script = [
+    // libc's mmap through ctypes: Python's mmap module keeps a duplicate of the descriptor open.
+    'import ctypes, os, time',
+    'libc = ctypes.CDLL(None, use_errno=True)',
+    'libc.mmap.restype = ctypes.c_void_p',
+    'libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]',
+    `fd = os.open(${JSON.stringify(path)}, os.O_RDWR)`,
+    `size = ${(block + 1) * BS}`,
+    'addr = libc.mmap(None, size, 3, 1, fd, 0)  # PROT_READ | PROT_WRITE, MAP_SHARED',
+    'assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())',
+    'os.close(fd)',
+    'print("mapped", flush=True)',
+    `end = time.time() + ${seconds}`,
+    'while time.time() < end:',
+    `    ctypes.memmove(addr + ${block * BS}, os.urandom(4096), 4096)`,
+  ].join('\n');
+  const child = spawn('python3', ['-c', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+  t.after(() => void child.kill('SIGKILL'));
+  return child;
+}
+
+test('reverse + apply whose read-back differs (a program writes the image meanwhile): ERR_VERIFY_FAILED, the read-back is not kept as a snapshot and the volume stays marked; a rerun once it stopped completes', { skip: spawnSync('python3', ['-c', 'import ctypes']).status !== 0 ? 'needs python3 (ctypes) for the writer' : false }, async (t) => {
+  const p = await setup(t);
+  assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const replica = readFileSync(p.img);
+  scribble(p.img, [3, 40]);
+  const snapsOf = async () => ((await cli(p.a, 'snapshots', 'vol')).json as Array<{ id: string; origin: string }>);
+  const before = await snapsOf();
+
+  const writer = startMappedWriter(t, p.img, 3, 60);
+  await once(writer.stdout!, 'data'); // mapped: writing from now on
+  const failed = await cli(p.a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
+  writer.kill('SIGKILL');
+  await once(writer, 'close');
+  assert.equal(failed.code, 1, failed.stderr);
+  assert.equal(failed.json.error.code, 'ERR_VERIFY_FAILED', failed.stderr);
+  const after = await snapsOf();
+  assert.equal(after.filter((s) => s.origin === 'apply-verify').length, 0, 'the read-back is no point of the volume: not kept');
+  assert.deepEqual(after.filter((s) => s.origin !== 'pre-apply').map((s) => s.id), before.map((s) => s.id), 'the latest snapshot is still the last real one');
+  assert.ok((await localVolume(p)).materializing, 'the volume stays marked: no snapshot or push takes what it holds');
+  const push = await cli(p.a, 'sync', 'vol', '--peer', 'cloud');
+  assert.notEqual(push.code, 0, 'a push of a volume marked materializing is refused');
+
+  const rerun = await cli(p.a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
+  assert.equal(rerun.code, 0, rerun.stderr);
+  assert.equal(rerun.json.applied.verified, true);
+  assert.ok(readFileSync(p.img).equals(replica), 'the rerun writes the replica, byte for byte');
+  assert.equal((await localVolume(p)).materializing, undefined, 'and clears the mark');
 });
 
 /** The local volume's record as `volume list` shows it. */
