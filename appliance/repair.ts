@@ -58,11 +58,11 @@ export type HealReport = Pick<RepairReport, 'blocksRepaired' | 'nodesRepaired' |
 export async function healProblems(store: Store, peerName: string, problems: readonly VerifyProblem[], opts: { onNotice?: (m: string) => void } = {}): Promise<HealReport> {
   const peerRecord = await getPeer(store, peerName);
   const unrepaired: Array<RepairReport['unrepaired'][number]> = [];
-  // A good block in the wrong place (a tree that does not fit its snapshot's size) has no better
-  // copy to fetch: the snapshot is the fault.
+  // A tree that does not fit its snapshot (a good block in the wrong place, a node of the wrong
+  // width, a wrong count of non-zero blocks) has no better copy to fetch: the snapshot is the fault.
   for (const p of problems) {
     if (p.code !== 'ERR_SNAPSHOT_INVALID') continue;
-    unrepaired.push({ kind: p.kind, hash: p.hash, code: p.code, message: `${p.volume}@${p.snapshot}, block ${p.blockIndex}: ${p.detail ?? 'a block of the wrong length for its place'}; no copy heals that: delete the snapshot (\`appliance snapshots ${p.volume} --delete ${p.snapshot}\`) and sync again from a sound appliance` });
+    unrepaired.push({ kind: p.kind, hash: p.hash, code: p.code, message: `${p.volume}@${p.snapshot}, block ${p.blockIndex}: ${p.detail ?? 'its tree does not fit the snapshot'}; no copy heals that: delete the snapshot (\`appliance snapshots ${p.volume} --delete ${p.snapshot}\`) and sync again from a sound appliance` });
   }
   const healable = problems.filter((p) => p.code !== 'ERR_SNAPSHOT_INVALID');
   const unique = (kind: VerifyProblem['kind']) => [...new Map(healable.filter((p) => p.kind === kind).map((p) => [p.hash, Buffer.from(p.hash, 'hex')])).values()];

@@ -102,12 +102,14 @@ export class PackFiles {
     await mkdir(dir, { recursive: true });
     const recovery: RecoveryReport = { removed: [], truncated: [], short: [] };
     let maxId = 0;
+    const seen = new Set<number>();
     for (const name of await readdir(dir)) {
       const id = parsePackFileName(name);
       if (id === undefined) {
         if (name.endsWith('.pack.tmp')) await unlink(join(dir, name)).catch(() => undefined);
         continue;
       }
+      seen.add(id);
       maxId = Math.max(maxId, id);
       const path = join(dir, name);
       const want = durable.get(id);
@@ -124,6 +126,9 @@ export class PackFiles {
         recovery.short.push({ pack: id, size, durable: want });
       }
     }
+    // A durable pack with no file lost everything it held: the store opens (reads of its records
+    // fail with ERR_STORE_CORRUPT, verify names the snapshots), as for a pack cut short.
+    for (const [id, want] of durable) if (!seen.has(id)) recovery.short.push({ pack: id, size: 0, durable: want });
     for (const id of durable.keys()) maxId = Math.max(maxId, id);
     if (recovery.removed.length > 0 || recovery.truncated.length > 0) await fsyncDir(dir);
     const packs = new PackFiles(dir, durable, maxId + 1);

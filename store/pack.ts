@@ -70,9 +70,12 @@ export function packFileName(id: number): string {
   return `${id.toString().padStart(8, '0')}.pack`;
 }
 
+/** The pack id a file name gives (8 digits, more past id 99,999,999: ids are u32 and only grow, gc takes new ones); undefined for any other name. */
 export function parsePackFileName(name: string): number | undefined {
-  const m = /^(\d{8})\.pack$/.exec(name);
-  return m ? Number(m[1]) : undefined;
+  const m = /^(\d{8,10})\.pack$/.exec(name);
+  if (!m || (m[1]!.length > 8 && m[1]!.startsWith('0'))) return undefined;
+  const id = Number(m[1]);
+  return id <= 0xffffffff ? id : undefined;
 }
 
 export function recordLength(payloadLength: number): number {

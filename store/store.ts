@@ -28,7 +28,7 @@ import { PackFiles, type RecoveryReport } from './pack-files.js';
 import { DEFAULT_BLOCK_SIZE, checkBlockSize, checkSize, normalizeSnapshot, normalizeVolume, sameJson } from './records.js';
 
 export { DEFAULT_BLOCK_SIZE };
-import { applyNodeChange, blockCount, buildTree, checkNode, checkNodeChange, decodeNode, isNodeChange, diffTrees, encodeNode, walkBlocks, type BlockChange, type TreeShape } from './tree.js';
+import { applyNodeChange, blockCount, buildTree, checkNode, checkNodeChange, childCount, countNonZero, decodeNode, isNodeChange, diffTrees, encodeNode, walkBlocks, type BlockChange, type TreeShape } from './tree.js';
 import { scanVolume } from './scan.js';
 import { HashPools } from './hash-pool.js';
 import { verifyStore, type VerifyOptions } from './verify.js';
@@ -1243,20 +1243,30 @@ export class Store implements ReplicaStore {
   }
 
   /**
-   * A snapshot built elsewhere (a peer's push, a pull from a peer) fits its size: every block its
-   * tree reaches that the volume's latest snapshot here does not reach at the same place has the
-   * length of its place, the block size, or what is left of the volume for the last block.
-   * Hashes cannot tell: a short block is as well-formed as any, and content addressing lets a
-   * tree name it anywhere. A peer that sent such a tree (a fault, or a peer that means harm) would
-   * leave a snapshot that no restore can write and that `verify` must then report; it is refused
-   * with ERR_SNAPSHOT_INVALID, nothing committed. Snapshots this store builds (buildSnapshot)
-   * fit by construction. Cost: one index lookup per block that changed since that snapshot, with
-   * the walk of the changed paths: 2,048 blocks took 32-60 ms (so ~0.1-0.25 s for a first sync of
-   * 4 GiB, 1-2 % of its transfer; an incremental sync's 82 blocks, 1-3 ms).
+   * A snapshot built elsewhere (a peer's push, a pull from a peer) fits its size and says what it
+   * holds. Hashes cannot tell: a short block is as well-formed as any, content addressing lets a
+   * tree name it anywhere, and a node may name more or fewer children than its place has. A peer
+   * that sent such a tree (a fault, or a peer that means harm) would leave a snapshot that no
+   * restore can write, whose root differs from the same content built here, and that `verify`
+   * must then report; it is refused with ERR_SNAPSHOT_INVALID, nothing committed. Checked on the
+   * tree diff against the volume's latest snapshot here (snapshots this store builds,
+   * buildSnapshot, are so by construction):
+   * - every block it reaches that the latest does not reach at the same place has the length of
+   *   its place: the block size, or what is left of the volume for the last block;
+   * - every node read on the way has the children of its place (store/tree.ts childCount);
+   * - its nonZeroBlocks is the latest's plus the non-zero blocks gained less those lost (when it
+   *   is not, the whole tree is counted before it is refused: the latest may be the one that is
+   *   wrong, committed before this check).
+   * Cost: one index lookup per block that changed since that snapshot, with the walk of the
+   * changed paths: 2,048 blocks took 32-60 ms (so ~0.1-0.25 s for a first sync of 4 GiB, 1-2 %
+   * of its transfer; an incremental sync's 82 blocks, 1-3 ms).
    */
   private async checkBlockLengths(r: SnapshotRecord): Promise<void> {
     const root = parseHex(r.root)!;
-    if (isZeroHash(root)) return;
+    if (isZeroHash(root)) {
+      if (r.nonZeroBlocks !== 0) throw this.invalid(r, `says it holds ${r.nonZeroBlocks} non-zero blocks; its root is the zero tree, which holds none`, { nonZeroBlocks: r.nonZeroBlocks, counted: 0 });
+      return;
+    }
     const v = this.lookupOne(nodeKey(root));
     // An absent root or one of another level, or a snapshot committed already: commitUnderGcLock says so.
     if (v === undefined || v[0] !== r.height || this.lookupOne(snapshotKey(r.volume, r.id)) !== undefined) return;
@@ -1265,7 +1275,15 @@ export class Store implements ReplicaStore {
     const base = latest && latest.blockSize === r.blockSize && latest.size === r.size ? latest : null;
     const blocks = blockCount(r.size, r.blockSize);
     const tail = r.size - (blocks - 1) * r.blockSize;
-    for await (const c of this.diffSnapshots(base, r)) {
+    const shape = (node: TreeNode, level: number, j: number): void => {
+      const want = childCount(blocks, level, j);
+      if (node.children.length !== want) {
+        throw this.invalid(r, `has at level ${level}, place ${j}, a node of ${node.children.length} children where ${want} belong`, { node: toHex(node.hash), level, place: j, children: node.children.length, expected: want });
+      }
+    };
+    let nonZero = base ? base.nonZeroBlocks : 0;
+    for await (const c of diffTrees(base ? shapeOf(base) : null, shapeOf(r), this.getNode, shape)) {
+      nonZero += (isZeroHash(c.hash) ? 0 : 1) - (isZeroHash(c.was) ? 0 : 1);
       if (isZeroHash(c.hash)) continue;
       const want = c.index === blocks - 1 ? tail : r.blockSize;
       const got = await this.blockLength(c.hash);
@@ -1273,11 +1291,18 @@ export class Store implements ReplicaStore {
         throw new TandemError('ERR_SNAPSHOT_INCOMPLETE', `snapshot ${r.volume}@${r.id}: block ${c.index} (${toHex(c.hash)}) is not in the store; send it first`, { details: { volume: r.volume, snapshot: r.id, missing: [toHex(c.hash)] } });
       }
       if (got !== want) {
-        throw new TandemError('ERR_SNAPSHOT_INVALID', `snapshot ${r.volume}@${r.id} (${r.size} bytes in blocks of ${r.blockSize}) names at block ${c.index} a block of ${got} bytes where ${want} belong; its tree does not fit its size and no restore could write it. Nothing was committed: the appliance that built it must be checked (\`appliance verify\` there)`, {
-          details: { volume: r.volume, snapshot: r.id, blockIndex: c.index, hash: toHex(c.hash), length: got, expected: want },
-        });
+        throw this.invalid(r, `names at block ${c.index} a block of ${got} bytes where ${want} belong`, { blockIndex: c.index, hash: toHex(c.hash), length: got, expected: want });
       }
     }
+    if (nonZero !== r.nonZeroBlocks && base) nonZero = await countNonZero(root, r.height, this.getNode);
+    if (nonZero !== r.nonZeroBlocks) throw this.invalid(r, `says it holds ${r.nonZeroBlocks} non-zero blocks; its tree holds ${nonZero}`, { nonZeroBlocks: r.nonZeroBlocks, counted: nonZero });
+  }
+
+  /** ERR_SNAPSHOT_INVALID: snapshot `r` (built elsewhere) does not fit its size or record; `what` says how. */
+  private invalid(r: SnapshotRecord, what: string, details: Record<string, unknown>): TandemError {
+    return new TandemError('ERR_SNAPSHOT_INVALID', `snapshot ${r.volume}@${r.id} (${r.size} bytes in blocks of ${r.blockSize}) ${what}: its tree does not fit its record and no restore could trust it. Nothing was committed: the appliance that built it must be checked (\`appliance verify\` there)`, {
+      details: { volume: r.volume, snapshot: r.id, ...details },
+    });
   }
 
   /**

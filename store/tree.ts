@@ -45,6 +45,16 @@ export function span(level: number): number {
   return FANOUT ** level;
 }
 
+/**
+ * The children of node `j` of `level` in the tree over `blocks` blocks: one per block it covers
+ * (level 1), or per subtree of the level below. Only the last node of a level has fewer than
+ * {@link FANOUT}; buildTree makes every node so, and a tree from elsewhere must be so.
+ */
+export function childCount(blocks: number, level: number, j: number): number {
+  const first = j * span(level);
+  return Math.ceil((Math.min(blocks, first + span(level)) - first) / span(level - 1));
+}
+
 export function nodeHash(level: number, children: readonly Hash[]): Hash {
   const buf = hashInput(NODE_DOMAIN.length + 1 + children.length * HASH_LENGTH);
   buf[NODE_DOMAIN.length] = level;
@@ -383,14 +393,21 @@ export async function blockHashesAt(tree: TreeShape, indices: readonly number[],
   return out;
 }
 
+/** A block that differs between two trees: its hash in the target and in the base (`was`). */
+export interface BlockDiff extends BlockChange {
+  readonly was: Hash;
+}
+
 /**
  * Indices of `target` whose block hash differs from `base` (null: every non-zero block), in
- * order, with the target's hash. Subtrees equal in hash and coverage are skipped without reading.
+ * order, with the target's hash and the base's. Subtrees equal in hash and coverage are skipped
+ * without reading. `onNode` is told every node of the target read on the way, with its place
+ * (level, and index within the level).
  */
-export async function* diffTrees(base: TreeShape | null, target: TreeShape, get: NodeGetter): AsyncGenerator<BlockChange> {
+export async function* diffTrees(base: TreeShape | null, target: TreeShape, get: NodeGetter, onNode?: (node: TreeNode, level: number, j: number) => void): AsyncGenerator<BlockDiff> {
   const N = target.blocks;
   const Nb = base ? base.blocks : 0;
-  async function* walk(k: number, j: number, th: Hash, ref: OldRef): AsyncGenerator<BlockChange> {
+  async function* walk(k: number, j: number, th: Hash, ref: OldRef): AsyncGenerator<BlockDiff> {
     const a = j * span(k);
     const end = (j + 1) * span(k);
     const b = Math.min(N, end);
@@ -399,12 +416,13 @@ export async function* diffTrees(base: TreeShape | null, target: TreeShape, get:
       if (th.equals(ref) && Math.min(Nb, end) === b) return;
     }
     const tn = isZeroHash(th) ? undefined : await getLevel(get, th, k);
+    if (tn) onNode?.(tn, k, j);
     if (k === 1) {
       const bc = ref === VIRTUAL || isZeroHash(ref) ? [] : (await getLevel(get, ref, 1)).children;
       for (let i = 0; i < b - a; i++) {
         const t = tn?.children[i] ?? ZERO_HASH;
         const o = a + i < Nb ? bc[i] ?? ZERO_HASH : ZERO_HASH;
-        if (!t.equals(o)) yield { index: a + i, hash: t };
+        if (!t.equals(o)) yield { index: a + i, hash: t, was: o };
       }
       return;
     }

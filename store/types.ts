@@ -370,8 +370,10 @@ export interface SnapshotOptions {
 export interface VerifyProblem {
   readonly kind: 'block' | 'node';
   /**
-   * ERR_SNAPSHOT_INVALID: a good block of the wrong length for its place (the snapshot's tree
-   * does not fit its size: a faulty peer built it). No good copy heals that: the snapshot goes.
+   * ERR_SNAPSHOT_INVALID: the snapshot's tree does not fit its record (a faulty peer built it):
+   * a good block of the wrong length for its place, a node with more or fewer children than its
+   * place has, or a count of non-zero blocks the tree does not hold (`detail` says which). No good
+   * copy heals that: the snapshot goes.
    */
   readonly code: 'ERR_BLOCK_CORRUPT' | 'ERR_BLOCK_MISSING' | 'ERR_NODE_CORRUPT' | 'ERR_NODE_MISSING' | 'ERR_SNAPSHOT_INVALID';
   readonly hash: string;

@@ -18,7 +18,7 @@ import { TandemError, isTandemError } from '../common/errors.js';
 import { isZeroHash, toHex, blake3 } from './hash.js';
 import { blockKey, nodeKey, namespaceRange, NS, decodeLocation, snapshotKey } from './keys.js';
 import { CODEC_DELTA, decodePayload, decodeRecord, recordLength } from './pack.js';
-import { blockCount, decodeNode, FANOUT, span } from './tree.js';
+import { blockCount, childCount, decodeNode, FANOUT, span } from './tree.js';
 import type { Store } from './store.js';
 import { shapeOf } from './store.js';
 import { HashTable } from './hash-table.js';
@@ -197,6 +197,11 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
       }
       let nonZero = 0;
       let clean = true;
+      const want = childCount(lastBlock + 1, k, j);
+      if (node.children.length !== want) {
+        clean = false;
+        problem('node', 'ERR_SNAPSHOT_INVALID', h, first, `a node of ${node.children.length} children at level ${k} where ${want} belong: the tree does not fit the snapshot's size`);
+      }
       if (k === 1) {
         const { children } = node;
         for (let i = 0; i < children.length; i += VERIFY_CONCURRENCY) {
@@ -227,7 +232,11 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
       else dirtyNodes.add(h.toString('latin1'));
       return { nonZero, clean };
     };
-    await walk(shape.root, shape.height, 0);
+    const all = await walk(shape.root, shape.height, 0);
+    // Counted only over a whole tree: a missing or damaged node is reported as such.
+    if (all.clean && all.nonZero !== snap.nonZeroBlocks) {
+      problem('node', 'ERR_SNAPSHOT_INVALID', shape.root, 0, `the snapshot says it holds ${snap.nonZeroBlocks} non-zero blocks; its tree holds ${all.nonZero}`);
+    }
     await opts.onSnapshot?.(snap, { snapshots: snaps.indexOf(snap) + 1, nodes, blocks, bytes, problems: [...problems] });
   }
   // A snapshot deleted during the run may have lost its nodes and blocks to gc: its problems are

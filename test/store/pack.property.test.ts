@@ -3,7 +3,7 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { crc32 } from 'node:zlib';
-import { decodeRecord, encodeRecord, RECORD_OVERHEAD } from '../../store/pack.js';
+import { decodeRecord, encodeRecord, packFileName, parsePackFileName, RECORD_OVERHEAD } from '../../store/pack.js';
 import { blake3 } from '../../store/hash.js';
 
 const recordArb = fc.record({ payload: fc.uint8Array({ minLength: 1, maxLength: 5000 }).map((a) => Buffer.from(a)), codec: fc.integer({ min: 0, max: 255 }) });
@@ -34,6 +34,11 @@ describe('pack record properties', () => {
       }),
       { numRuns: 300 },
     );
+  });
+
+  it('a pack file name gives back its id, for every u32 id (past 99,999,999 the name has more than 8 digits); other names give none', () => {
+    fc.assert(fc.property(fc.integer({ min: 1, max: 0xffffffff }), (id) => assert.equal(parsePackFileName(packFileName(id)), id)));
+    for (const name of ['1.pack', '00000001.pack.tmp', '00000001.pac', '4294967296.pack', '012345678.pack', 'x0000001.pack', '00000001.pack/']) assert.equal(parsePackFileName(name), undefined, name);
   });
 
   it('any truncation is detected', () => {

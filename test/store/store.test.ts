@@ -455,6 +455,44 @@ describe('Store', () => {
     assert.match(report.problems[0]!.detail!, /100 bytes, good, where 65536 belong/);
   });
 
+  it('a tree received with a node of the wrong width for its place, or a record with a wrong count of non-zero blocks, is refused at commit (ERR_SNAPSHOT_INVALID); verify reports those that got in; a later good snapshot is taken even over a latest that lied', async (t) => {
+    const dir = await tempDir(t);
+    const store = await Store.open(join(dir, 'store'));
+    t.after(() => store.close());
+    const data = [randomBytes(BS), randomBytes(BS), randomBytes(BS)];
+    const h = data.map((d) => hashBlock(d));
+    await store.putBlocks(from(data.map((d, i) => ({ hash: h[i]!, data: d }))));
+    // A volume of 3 blocks: its root has 3 children. With 2, block 2 would read as zeros; with 20,
+    // the root names blocks past the end. Either one's root differs from the same content built here.
+    const good = makeNode(1, h);
+    const narrow = makeNode(1, [h[0]!, h[1]!]);
+    const wide = makeNode(1, [...h, ...Array.from({ length: 17 }, () => ZERO_HASH)]);
+    await store.putNodes([good, narrow, wide]);
+    let n = 0;
+    const rec = (root: Buffer, nonZeroBlocks: number): SnapshotRecord => ({ id: `20260101T000000.000Z-00000${++n}`, volume: 'v', size: 3 * BS, blockSize: BS, root: root.toString('hex'), height: 1, created: '2026-01-01T00:00:00.000Z', parent: null, origin: 'pull', nonZeroBlocks });
+    await assert.rejects(store.commitSnapshot(rec(narrow.hash, 2)), (e: any) => e.code === 'ERR_SNAPSHOT_INVALID' && e.details.children === 2 && e.details.expected === 3);
+    await assert.rejects(store.commitSnapshot(rec(wide.hash, 3)), (e: any) => e.code === 'ERR_SNAPSHOT_INVALID' && e.details.children === 20 && e.details.expected === 3);
+    await assert.rejects(store.commitSnapshot(rec(good.hash, 2)), (e: any) => e.code === 'ERR_SNAPSHOT_INVALID' && e.details.nonZeroBlocks === 2 && e.details.counted === 3);
+    await assert.rejects(store.commitSnapshot(rec(ZERO_HASH, 1)), (e: any) => e.code === 'ERR_SNAPSHOT_INVALID' && e.details.counted === 0, 'the zero tree holds no non-zero block');
+    assert.equal(await store.latestSnapshot('v'), null, 'nothing was committed');
+    // Committed around the check (as by a release without it): verify names each.
+    const lied = rec(good.hash, 1);
+    const narrowIn = rec(narrow.hash, 2);
+    for (const r of [lied, narrowIn]) await store.gcLock.shared(() => store.commitUnderGcLock(r));
+    const report = await store.verify({});
+    assert.deepEqual(report.problems.map((p) => [p.code, p.kind, p.snapshot]).sort(), [['ERR_SNAPSHOT_INVALID', 'node', lied.id], ['ERR_SNAPSHOT_INVALID', 'node', narrowIn.id]].sort());
+    assert.match(report.problems.find((p) => p.snapshot === lied.id)!.detail!, /says it holds 1 non-zero blocks; its tree holds 3/);
+    assert.match(report.problems.find((p) => p.snapshot === narrowIn.id)!.detail!, /2 children at level 1 where 3 belong/);
+    await store.deleteSnapshot('v', narrowIn.id);
+    // The latest (`lied`) says 1: a good snapshot with block 2 zeroed holds 2, which its diff
+    // against the latest would put at 0; the whole tree is counted before anything is refused.
+    const next = makeNode(1, [h[0]!, h[1]!, ZERO_HASH]);
+    await store.putNodes([next]);
+    const taken = rec(next.hash, 2);
+    await store.commitSnapshot(taken);
+    assert.equal((await store.latestSnapshot('v'))!.id, taken.id);
+  });
+
   it('a second process gets ERR_STORE_BUSY naming the pid; a killed holder is taken over', async (t) => {
     const dir = await tempDir(t);
     const storeDir = join(dir, 'store');
@@ -513,6 +551,17 @@ describe('Store', () => {
     assert.deepEqual(store.recovery.short.map((s) => s.pack), [1]);
     for (const b of blocks) assert.ok((await store.getBlock(hashBlock(b), BS)).equals(b));
     await assert.rejects(store.getBlock(hashBlock(more)), { code: 'ERR_STORE_CORRUPT' });
+    // The newest pack lost altogether: the store still opens (new blocks go to a new pack), and
+    // its blocks read as damaged records of this store, not as an unreadable volume.
+    await store.close();
+    await rm(pack!);
+    store = await Store.open(storeDir);
+    assert.deepEqual(store.recovery.short, [{ pack: 1, size: 0, durable: store.packs.durable.get(1)! }]);
+    await assert.rejects(store.getBlock(hashBlock(blocks[0]!)), { code: 'ERR_STORE_CORRUPT' });
+    const after = Buffer.alloc(BS, 5);
+    await store.putBlock(hashBlock(after), after);
+    assert.ok((await store.getBlock(hashBlock(after), BS)).equals(after));
+    await store.close();
   });
 
   it('received blocks whose pages go to the disk directly read back exactly: during the stream, after it, mixed with buffered appends, and after reopening', async (t) => {

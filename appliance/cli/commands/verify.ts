@@ -44,7 +44,7 @@ export function define(program: Command): void {
         ...report.problems.map((p) => `${p.code}: ${p.kind} ${p.hash} of ${p.volume}@${p.snapshot}, block index ${p.blockIndex}${p.detail !== undefined ? ` (${p.detail})` : ''}`),
         ...(ok ? ['ok'] : []),
         ...(report.problems.some((p) => p.code !== 'ERR_SNAPSHOT_INVALID') ? [`FAILED: ${report.problems.length} problems (ERR_VERIFY_FAILED); heal them with good copies from the paired appliance: \`appliance repair${spec === undefined ? '' : ` ${spec as string}`} --peer NAME\` here, or \`appliance repair --peer THIS --push\` on the appliance that replicates here`] : []),
-        ...[...new Set(report.problems.filter((p) => p.code === 'ERR_SNAPSHOT_INVALID').map((p) => `${p.volume}@${p.snapshot}`))].map((s) => `FAILED: snapshot ${s} names blocks of the wrong length for their place (ERR_SNAPSHOT_INVALID): no restore can write it and no copy heals it; delete it (\`appliance snapshots ${s.replace('@', ' --delete ')}\`) and sync again from a sound appliance`),
+        ...[...new Set(report.problems.filter((p) => p.code === 'ERR_SNAPSHOT_INVALID').map((p) => `${p.volume}@${p.snapshot}`))].map((s) => `FAILED: snapshot ${s} has a tree that does not fit its size or record (ERR_SNAPSHOT_INVALID): no restore can trust it and no copy heals it; delete it (\`appliance snapshots ${s.replace('@', ' --delete ')}\`) and sync again from a sound appliance`),
       ];
       return { json: { ok, ...report }, text: lines.join('\n'), exitCode: ok ? 0 : 1 };
     }));
