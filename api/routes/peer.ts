@@ -16,7 +16,7 @@ import { FEATURES_HEADER, LEASE_HEADER, PROTOCOL_VERSION, SERVER_FEATURES, chang
 import type { Home } from '../../appliance/home.js';
 import { clearDamage, readDamage } from '../../appliance/damage.js';
 import { failedOver } from '../../appliance/recovery/state.js';
-import { checkPushSource, recordPull, recordPushSource } from '../../appliance/sources.js';
+import { SOURCES_NS, checkPushSource, recordPull, recordPushSource, type VolumeSource } from '../../appliance/sources.js';
 import type { LeaseTable } from '../leases.js';
 import type { ServerStats } from '../stats.js';
 import * as S from '../schemas.js';
@@ -241,6 +241,21 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     );
   };
 
+  /**
+   * A commit without its lease (`lease`: the one sent, expired or released since, if any) of a
+   * volume an appliance already pushes: ERR_VOLUME_NAME_TAKEN, as it cannot show it is that one
+   * (the source rule, appliance/sources.ts, goes by the lease's holder).
+   */
+  const refuseWithoutLease = async (vol: string, lease: string | undefined): Promise<void> => {
+    const src = await store.getMeta<VolumeSource>(SOURCES_NS, vol);
+    if (!src) return;
+    throw new TandemError(
+      'ERR_VOLUME_NAME_TAKEN',
+      `volume "${vol}" on ${home.identity.name} is replicated from appliance ${src.id}, and this commit ${lease === undefined ? 'carries no lease' : 'carries a lease that is no longer held (expired or released)'}, so it cannot show it comes from there; nothing was committed. Take the volume's lock (POST /v1/volumes/${vol}/lock) and commit with its lease`,
+      { details: { volume: vol, source: src.id } },
+    );
+  };
+
   app.get('/v1/volumes/:vol/snapshots/latest', { schema: { params: S.VolumeParams, summary: 'the latest snapshot of a volume, or null' } }, async (req) => {
     const { vol } = req.params as { vol: string };
     return { snapshot: await store.latestSnapshot(vol) };
@@ -402,7 +417,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     }
   });
 
-  app.post('/v1/snapshots/commit', { schema: { body: S.CommitBody, summary: 'commit a snapshot whose root is present (or among `nodes`, put first as by nodes/put); releases the lease sent with it' } }, async (req) => {
+  app.post('/v1/snapshots/commit', { schema: { body: S.CommitBody, summary: 'commit a snapshot whose root is present (or among `nodes`, put first as by nodes/put); once committed, releases the lease sent with it' } }, async (req) => {
     const snap = (req.body as S.CommitBodyT).snapshot as SnapshotRecord;
     const lease = leaseOf(req.headers);
     if (leases.heldByOther(snap.volume, lease)) {
@@ -420,14 +435,20 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     if (nodes && nodes.length > 0) await putWireNodes(nodes);
     const owned = lease !== undefined && leases.volumeOf(lease) === snap.volume;
     const holder = owned ? leases.holderOf(lease) : undefined;
-    const release = owned ? () => leases.release(lease) : home.lockVolume(snap.volume, 'commit');
+    // Without its lease (none sent, or one expired or released) a commit cannot show which
+    // appliance pushes the volume: it is taken only for a volume no appliance pushes yet.
+    if (holder === undefined) await refuseWithoutLease(snap.volume, lease);
+    const unlock = owned ? null : home.lockVolume(snap.volume, 'commit');
     try {
       const source = holder !== undefined ? await checkPushSource(store, snap.volume, holder, await store.latestSnapshot(snap.volume)) : undefined;
       await store.commitSnapshot(snap);
       if (holder !== undefined) await recordPushSource(store, snap.volume, holder, source);
     } finally {
-      release();
+      unlock?.();
     }
+    // Released once committed: a refused commit (a node or block missing, a tree that does not
+    // fit) leaves the sync its lease to send what is missing and commit again, or to give it up.
+    if (owned) leases.release(lease);
     stats.snapshotsCommitted++;
     return { committed: true };
   });
