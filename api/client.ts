@@ -22,7 +22,7 @@ import type { BlockFrame, GetBlocksOptions, Hash, NodeChangeToPut, NodeToPut, Pu
 import { applyNodeChange, checkNodeChange, childChanges, isNodeChange } from '../store/tree.js';
 import type { WirePutNodeT } from './schemas.js';
 import { throttle, TokenBucket, type Rate } from '../sync/bwlimit.js';
-import { BufferPool, decodeFrames, encodeFrames, readAhead, takeRelease } from '../sync/framing.js';
+import { BufferPool, coalesce, decodeFrames, encodeFrames, readAhead, takeRelease } from '../sync/framing.js';
 import { DEFAULT_BLOCK_SIZE } from '../store/index.js';
 import { FEATURE_BLOCK_DELTA, FEATURE_COMMIT_NODES, FEATURE_DELTA_DEFLATE, FEATURES_HEADER, LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, changesFromWire, changesToWire, fromHex, toHex } from '../sync/protocol.js';
 import type { ServerStats } from './stats.js';
@@ -699,7 +699,8 @@ export class RemotePeer implements ReplicaStore {
   private async streamBlocks<T>(path: string, frames: AsyncIterable<BlockFrame>): Promise<T> {
     if (tracing) frames = traced(frames);
     // Frames are encoded (and compressed) ahead of the socket so reading, deflating and sending overlap.
-    const src: AsyncIterable<Buffer> = meter(readAhead(encodeFrames(frames, { deflateDeltas: () => this.deltasDeflated }), SEND_AHEAD_CHUNKS), (n) => (this.wireBytesSent += n));
+    // Small chunks ready together (a job's delta frames) go out as one write (coalesce).
+    const src: AsyncIterable<Buffer> = meter(coalesce(readAhead(encodeFrames(frames, { deflateDeltas: () => this.deltasDeflated }), SEND_AHEAD_CHUNKS)), (n) => (this.wireBytesSent += n));
     // Under a cap the chunks are sliced and their buffers collected; while a schedule sets none, throttle gives them back as `releasing` does.
     const body = this.upBucket ? throttle(src, this.upBucket) : releasing(src);
     let res: Dispatcher.ResponseData;

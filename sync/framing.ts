@@ -484,6 +484,61 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
   }
 }
 
+/** Chunks below this many bytes are sent together with the ones next to them ({@link coalesce}). */
+const SMALL_CHUNK = 16 * 1024;
+/** A run of small chunks is sent once it reaches this many bytes. */
+const COALESCED_MAX = 64 * 1024;
+const NOT_YET = Symbol('not yet');
+
+/**
+ * The chunks of `source` with runs of small ones joined into one, so that a stream of small
+ * frames (delta patches, frame headers: 2-3 chunks a frame) reaches the socket as a few writes,
+ * not one each. Each write to a TLS socket is a record encrypted and a system call, and on
+ * loopback the receiver's side of TCP runs in that call too. Joined are only chunks that are
+ * ready at once: when the next one is not (the sender waits for a scan), what is held goes out
+ * after one turn of the event loop (setImmediate), so nothing waits on the next job's chunks.
+ * Chunks of {@link SMALL_CHUNK} bytes or more pass through as they are (no copy); a small chunk
+ * copied into a joined one is released at once (its pooled buffer, takeRelease).
+ */
+export async function* coalesce(source: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
+  const it = source[Symbol.asyncIterator]();
+  const parts: Buffer[] = [];
+  let bytes = 0;
+  const joined = (): Buffer => {
+    const out = parts.length === 1 ? parts[0]! : Buffer.concat(parts, bytes);
+    if (parts.length > 1) for (const p of parts) takeRelease(p)?.();
+    parts.length = 0;
+    bytes = 0;
+    return out;
+  };
+  const turn = (): Promise<typeof NOT_YET> => new Promise((resolve) => setImmediate(resolve, NOT_YET));
+  try {
+    let next = it.next();
+    for (;;) {
+      const r = parts.length === 0 ? await next : await Promise.race([next, turn()]);
+      if (r === NOT_YET) {
+        yield joined(); // `next` is still on its way
+        continue;
+      }
+      if (r.done) break;
+      next = it.next();
+      next.catch(() => undefined); // observed above, in order
+      const chunk = r.value;
+      if (chunk.length >= SMALL_CHUNK) {
+        if (parts.length > 0) yield joined();
+        yield chunk;
+        continue;
+      }
+      parts.push(chunk);
+      bytes += chunk.length;
+      if (bytes >= COALESCED_MAX) yield joined();
+    }
+    if (parts.length > 0) yield joined();
+  } finally {
+    await it.return?.(undefined).catch(() => {});
+  }
+}
+
 /**
  * Pull up to `depth` items of `source` ahead of the consumer, so producing (reading a socket,
  * inflating, reading packs) overlaps with consuming (writing a store, a socket). Memory: `depth`

@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import fc from 'fast-check';
 import { hashBlock } from '../../store/index.js';
 import type { BlockFrame } from '../../store/types.js';
-import { BufferPool, decodeFrames, encodeFrames, sampleEntropy, takeRelease, CODEC_DEFLATE, HEADER_BYTES } from '../../sync/framing.js';
+import { BufferPool, coalesce, decodeFrames, encodeFrames, sampleEntropy, takeRelease, CODEC_DEFLATE, HEADER_BYTES } from '../../sync/framing.js';
 import { Store } from '../../store/index.js';
 import { tempDir } from '../store/helpers.js';
 import { throttle } from '../../sync/bwlimit.js';
@@ -137,6 +137,63 @@ test("throttle: chunks go whole and give their pooled buffers back while no cap 
     assert.equal(Math.max(...sizes), whole ? 512 * 1024 : 64 * 1024, `largest chunk at ${cap} B/s`);
     assert.deepEqual(released, whole ? [0, 1] : []);
   }
+});
+
+test('coalesce joins small chunks that are ready together (up to 64 KiB), passes large ones through uncopied, sends what it holds when the source waits, and keeps the bytes and their order', async () => {
+  const small = (n: number, i: number) => Buffer.alloc(n, i);
+  const big = Buffer.alloc(300 * 1024, 7);
+  const t0 = performance.now();
+  let resumed = Infinity;
+  async function* source(): AsyncGenerator<Buffer> {
+    // A job's frames at once: header and patches, header and patches...
+    for (let i = 0; i < 30; i++) {
+      yield small(44, i);
+      yield small(4200, i);
+    }
+    yield big; // a whole block: through as it is
+    yield small(44, 99);
+    await new Promise((r) => setTimeout(r, 30)); // the next job is not ready: what is held goes now
+    resumed = performance.now() - t0;
+    yield small(44, 100);
+  }
+  const input: Buffer[] = [];
+  async function* recorded(): AsyncGenerator<Buffer> {
+    for await (const c of source()) {
+      input.push(c);
+      yield c;
+    }
+  }
+  const out: Array<{ chunk: Buffer; at: number }> = [];
+  for await (const chunk of coalesce(recorded())) out.push({ chunk, at: performance.now() - t0 });
+  assert.ok(Buffer.concat(out.map((o) => o.chunk)).equals(Buffer.concat(input)), 'the same bytes in the same order');
+  assert.ok(out.some((o) => o.chunk === big), 'the large chunk is not copied');
+  assert.ok(out.every((o) => o.chunk === big || o.chunk.length <= 64 * 1024 + 4200), 'joined runs stop at about 64 KiB');
+  assert.ok(out.length <= 8, `${input.length} chunks went out as ${out.length} writes`);
+  const held = out.findIndex((o) => o.chunk.length === 44 && o.chunk[0] === 99);
+  assert.ok(held > 0 && out[held]!.at < resumed, `the chunk before the pause went out before the source went on (${out[held]?.at.toFixed(1)} ms, ${resumed.toFixed(1)} ms)`);
+});
+
+test('coalesce gives a pooled chunk back once it is copied into a joined one', async () => {
+  const pool = new BufferPool(1000);
+  const frames: BlockFrame[] = [0, 1, 2].map(() => {
+    const { buf, release } = pool.take(1000);
+    buf.fill(5);
+    return { hash: hashBlock(buf), data: buf, release: release! };
+  });
+  let given = 0;
+  for (const f of frames) {
+    const r = f.release!;
+    (f as { release: () => void }).release = () => {
+      given++;
+      r();
+    };
+  }
+  const chunks: Buffer[] = [];
+  for await (const c of coalesce(encodeFrames(from(frames), { compress: false }))) chunks.push(c);
+  assert.equal(given, 3, 'each payload copied into the joined chunk was released');
+  let decoded = 0;
+  for await (const f of decodeFrames(from(chunks), { verify: true })) decoded += f.data.length;
+  assert.equal(decoded, 3000);
 });
 
 test('readAhead keeps order, surfaces errors in place, and stops its source when the consumer stops', async () => {
