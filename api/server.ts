@@ -70,7 +70,7 @@ function digest(s: string): Buffer {
 /** How often the token files are looked at again: a rotation takes effect within this. */
 const TOKEN_RECHECK_MS = 1000;
 
-/** Routes that run commands on this appliance: the admin token only, never a peer's. */
+/** Routes that run commands on this appliance: the admin token only, never a peer's (and the admin token opens nothing else). */
 const ADMIN_ROUTES = new Set(['/v1/cli']);
 /** What the monitor token reads (the daemon's routes): nothing else. */
 const MONITOR_ROUTES = new Set(['GET /metrics', 'GET /v1/status']);
@@ -201,6 +201,13 @@ export function buildServer(opts: BuildServerOptions): FastifyInstance {
     if (who === null) {
       const err = new TandemError('ERR_UNAUTHORIZED', 'missing or wrong API token; send "Authorization: Bearer <token>" with the token `appliance init` printed for this appliance');
       return reply.status(401).send(errorAnswer(err));
+    }
+    if (who === 'admin' && !ADMIN_ROUTES.has(path)) {
+      // A peer that was given this appliance's admin token (the wrong file pasted at `peer add`)
+      // would hold a token that runs any command here: it opens nothing a peer uses.
+      const me = opts.home.identity.name;
+      const err = new TandemError('ERR_FORBIDDEN', `that is the admin token of appliance "${me}" (its HOME/admin.token), which runs commands there through POST /v1/cli only and never leaves that machine; ${req.method} ${path} takes the API token a peer is given: \`appliance token show\` on "${me}" prints it`);
+      return reply.status(403).send(errorAnswer(err));
     }
     if (who === 'peer' && ADMIN_ROUTES.has(path)) {
       const err = new TandemError('ERR_FORBIDDEN', `${path} runs commands on this appliance and takes its admin token (HOME/admin.token), which the \`appliance\` command on this machine sends; a peer's token opens the peer protocol only`);

@@ -23,8 +23,8 @@
 import { randomBytes, randomUUID, X509Certificate } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync, renameSync, openSync, fsyncSync, closeSync, rmSync, linkSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { TandemError, diskFullError } from '../common/errors.js';
-import { acquireVolumeLock } from './locks.js';
+import { TandemError, diskFullError, fromSystemError } from '../common/errors.js';
+import { acquireVolumeLock, withHomeLock } from './locks.js';
 import { pidAlive } from '../common/pid.cjs';
 import type { Store } from '../store/index.js';
 
@@ -186,13 +186,28 @@ export class Home {
   static async init(dir: string, name: string): Promise<Home> {
     const abs = resolve(dir);
     const p = homePaths(abs);
-    if (existsSync(p.identity)) {
+    const refuseInitialized = () => {
+      if (!existsSync(p.identity)) return;
       throw new TandemError('ERR_ALREADY_INITIALIZED', `${abs} already holds appliance "${(JSON.parse(readFileSync(p.identity, 'utf8')) as Identity).name}"; use another --home or remove it`);
-    }
+    };
+    refuseInitialized();
     if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/.test(name)) {
       throw new TandemError('ERR_USAGE', `appliance name "${name}" is not valid; use letters, digits, '.', '_' and '-' (up to 63)`);
     }
-    for (const d of [abs, join(abs, 'tls'), p.store, p.locks, p.run]) mkdirSync(d, { recursive: true, mode: 0o750 });
+    try {
+      for (const d of [abs, join(abs, 'tls'), p.store, p.locks, p.run]) mkdirSync(d, { recursive: true, mode: 0o750 });
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'EEXIST' || code === 'ENOTDIR') throw new TandemError('ERR_USAGE', `${abs} is not a directory (or holds a file where the home keeps one); choose another --home`, { cause: e });
+      throw fromSystemError(e, `cannot create the home ${abs}`);
+    }
+    // Two inits of one home at once: the second waits for the first, then finds it initialized
+    // (each would otherwise print a token and fingerprint, and one of them be overwritten).
+    return withHomeLock(p.locks, 'init', 'init', () => Home.initLocked(abs, p, name, refuseInitialized));
+  }
+
+  private static async initLocked(abs: string, p: HomePaths, name: string, refuseInitialized: () => void): Promise<Home> {
+    refuseInitialized();
     const pems = await newKeyAndCertificate(name);
     writeFileAtomic(p.tlsKey, pems.key, 0o600);
     writeFileAtomic(p.tlsCert, pems.cert, 0o644);
@@ -243,30 +258,42 @@ export class Home {
    * grace period ends.
    */
   acceptedTokens(now = Date.now()): string[] {
-    const out = [this.token()];
+    return [this.token(), ...this.previousTokens(now).map((p) => p.token)];
+  }
+
+  /**
+   * The tokens rotations replaced that are still in their grace period at `now` (HOME/token.previous:
+   * a list, or the one object releases before it wrote; unreadable: none).
+   */
+  private previousTokens(now: number): Array<{ token: string; until: string }> {
     try {
-      const prev = JSON.parse(readFileSync(this.paths.previousToken, 'utf8')) as { token?: unknown; until?: unknown };
-      if (typeof prev.token === 'string' && typeof prev.until === 'string' && Date.parse(prev.until) > now) out.push(prev.token);
+      const v = JSON.parse(readFileSync(this.paths.previousToken, 'utf8')) as unknown;
+      return (Array.isArray(v) ? v : [v]).filter((p): p is { token: string; until: string } => typeof p?.token === 'string' && typeof p?.until === 'string' && Date.parse(p.until) > now);
     } catch {
-      // none (or unreadable: no previous token is taken)
+      return [];
     }
-    return out;
   }
 
   /**
    * Replace the API token with a new one. The old one is still taken for `graceMs` (so the peer
    * can be given the new one with `appliance peer update` without a failed sync meanwhile); 0
-   * revokes it at once (a token that leaked). The new token is written last: a crash leaves the
-   * old one in force. Returns it and when the old one stops being taken.
+   * revokes it at once (a token that leaked), and with it every earlier one still in its grace.
+   * Another rotation's grace goes on (a second rotation does not cut the first one's short).
+   * Rotations run one at a time (a home lock): two at once each replaced the token the other
+   * had just written. The new token is written last: a crash leaves the old one in force.
+   * Returns it and when the old one stops being taken.
    */
-  rotateToken(graceMs: number): { token: string; previousUntil: string | null } {
-    const old = this.token();
-    const token = randomBytes(32).toString('base64url');
-    const until = graceMs > 0 ? new Date(Date.now() + graceMs).toISOString() : null;
-    if (until !== null) writeFileAtomic(this.paths.previousToken, JSON.stringify({ token: old, until }) + '\n', 0o600);
-    else rmSync(this.paths.previousToken, { force: true });
-    writeFileAtomic(this.paths.token, token + '\n', 0o600);
-    return { token, previousUntil: until };
+  async rotateToken(graceMs: number): Promise<{ token: string; previousUntil: string | null }> {
+    return withHomeLock(this.paths.locks, 'token', 'token rotate', () => {
+      const now = Date.now();
+      const old = this.token();
+      const token = randomBytes(32).toString('base64url');
+      const until = graceMs > 0 ? new Date(now + graceMs).toISOString() : null;
+      if (until !== null) writeFileAtomic(this.paths.previousToken, JSON.stringify([...this.previousTokens(now), { token: old, until }]) + '\n', 0o600);
+      else rmSync(this.paths.previousToken, { force: true });
+      writeFileAtomic(this.paths.token, token + '\n', 0o600);
+      return { token, previousUntil: until };
+    });
   }
 
   tls(): { key: string; cert: string } {

@@ -40,15 +40,19 @@ function lockFile(dir: string, volume: string): string {
  * @param dir the home's locks directory
  */
 export function acquireVolumeLock(dir: string, volume: string, op: string): () => void {
+  return acquire(dir, lockFile(dir, volume), op, `volume "${volume}"`, (h) => locked(volume, h));
+}
+
+/** Take lock file `file` in `dir` for `op` (`what` it guards, for messages), or throw `busy(holder)`. */
+function acquire(dir: string, file: string, op: string, what: string, busy: (h: LockInfo) => TandemError): () => void {
   try {
     mkdirSync(dir, { recursive: true });
   } catch (e) {
     throw fromSystemError(e, `cannot create the locks directory ${dir}`);
   }
-  const file = lockFile(dir, volume);
   const key = file;
   const mine = heldHere.get(key);
-  if (mine) throw locked(volume, mine);
+  if (mine) throw busy(mine);
   for (let attempt = 0; attempt < 3; attempt++) {
     const info: LockInfo = { pid: process.pid, op, since: new Date().toISOString() };
     try {
@@ -63,7 +67,7 @@ export function acquireVolumeLock(dir: string, volume: string, op: string): () =
         } catch {
           /* gone already */
         }
-        throw fromSystemError(e, `cannot write the lock of volume "${volume}" (${file})`);
+        throw fromSystemError(e, `cannot write the lock of ${what} (${file})`);
       }
       closeSync(fd);
       heldHere.set(key, info);
@@ -79,9 +83,9 @@ export function acquireVolumeLock(dir: string, volume: string, op: string): () =
         }
       };
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(e, `cannot create the lock of volume "${volume}" (${file})`);
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(e, `cannot create the lock of ${what} (${file})`);
       const holder = liveHolder(file);
-      if (holder) throw locked(volume, holder);
+      if (holder) throw busy(holder);
       // Stale: move it aside atomically so two processes cannot both "take over" the same file.
       try {
         renameSync(file, `${file}.stale-${process.pid}`);
@@ -92,7 +96,33 @@ export function acquireVolumeLock(dir: string, volume: string, op: string): () =
     }
   }
   const holder = readInfo(file);
-  throw locked(volume, holder ?? { pid: -1, op: 'unknown', since: '' });
+  throw busy(holder ?? { pid: -1, op: 'unknown', since: '' });
+}
+
+/**
+ * Run `fn` holding lock `name` of the home (`init`, `token`: what two commands must not change
+ * at once), waiting up to `waitMs` for another process (or call) that holds it, then
+ * ERR_HOME_BUSY. Its file starts with '.', which no volume name does.
+ */
+export async function withHomeLock<T>(dir: string, name: string, op: string, fn: () => Promise<T> | T, waitMs = 10_000): Promise<T> {
+  const file = join(dir, `.home-${name}.lock`);
+  const busy = (h: LockInfo) => new TandemError('ERR_HOME_BUSY', `${op} waited ${waitMs / 1000} s for another ${h.op} in this home (pid ${h.pid}, since ${h.since}); let it finish, then retry`, { details: { holder: h } });
+  const until = Date.now() + waitMs;
+  let release: () => void;
+  for (;;) {
+    try {
+      release = acquire(dir, file, op, `the home's ${name}`, busy);
+      break;
+    } catch (e) {
+      if (!(e instanceof TandemError) || e.code !== 'ERR_HOME_BUSY' || Date.now() >= until) throw e;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+  try {
+    return await fn();
+  } finally {
+    release();
+  }
 }
 
 /**

@@ -27,6 +27,7 @@ export const CATALOG = {
   ERR_INTERNAL: { http: 500, exit: 1, summary: 'an unexpected failure; report it with the log' },
   ERR_NOT_INITIALIZED: { http: 409, exit: 1, summary: 'the home directory has no appliance; run `appliance init`' },
   ERR_ALREADY_INITIALIZED: { http: 409, exit: 1, summary: 'the home directory already holds an appliance' },
+  ERR_HOME_BUSY: { http: 409, exit: 1, summary: 'another command is changing the same part of the home (init, token rotation) and did not finish in time; retry' },
   ERR_CONFIG_INVALID: { http: 400, exit: 1, summary: 'the configuration file does not validate' },
   ERR_DISK_FULL: { http: 507, exit: 1, summary: 'no space left on the store or target device' },
   ERR_IO: { http: 500, exit: 1, summary: 'an I/O operation failed' },

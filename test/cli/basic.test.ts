@@ -25,6 +25,27 @@ test('init prints name, token and fingerprint; a second init is refused', async 
   assert.match(text.stdout, /fingerprint: +[0-9A-F:]+/);
 });
 
+test('two inits of one home at once: one makes it, the other gets ERR_ALREADY_INITIALIZED, and the home is the winner\'s throughout; init where a file is: ERR_USAGE', async (t) => {
+  for (let round = 0; round < 3; round++) {
+    const home = join(tempDir(t), 'home');
+    const [x, y] = await Promise.all([cliJson(['init', '--name', 'ra', '--home', home]), cliJson(['init', '--name', 'rb', '--home', home])]);
+    const won = [x, y].filter((r) => r.code === 0);
+    assert.equal(won.length, 1, `exactly one init succeeds: ${x.stderr} ${y.stderr}`);
+    const lost = x.code === 0 ? y : x;
+    assert.equal(lost.json.error.code, 'ERR_ALREADY_INITIALIZED', lost.stderr);
+    const w = won[0]!.json;
+    assert.equal(readFileSync(join(home, 'token'), 'utf8').trim(), w.token, 'the token the winner printed is the home\'s');
+    assert.equal(JSON.parse(readFileSync(join(home, 'appliance.json'), 'utf8')).name, w.name);
+    assert.match(readFileSync(join(home, 'config.yaml'), 'utf8'), new RegExp(`\\b${w.name}\\b`), 'config.yaml names the winner');
+  }
+  const file = join(tempDir(t), 'afile');
+  writeFileSync(file, 'x');
+  const onFile = await cliJson(['init', '--name', 'x', '--home', file]);
+  assert.equal(onFile.code, 2, onFile.stderr);
+  assert.equal(onFile.json.error.code, 'ERR_USAGE');
+  assert.equal(readFileSync(file, 'utf8'), 'x', 'the file is left as it was');
+});
+
 test('commands on an uninitialized home say to run init', async (t) => {
   const r = await cliJson(['volume', 'list', '--home', tempDir(t)]);
   assert.equal(r.code, 1);

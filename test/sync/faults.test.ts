@@ -279,6 +279,59 @@ test("a peer's token opens the peer protocol, not the other appliance's commands
   const snaps = await cli(b, 'snapshots', 'vol'); // b's own CLI sends the admin token: forwarded as before
   assert.equal(snaps.code, 0, snaps.stderr);
   assert.equal(snaps.json.length, 1, 'the volume and its snapshot are still there');
+  // b's admin token (the wrong file pasted at a `peer add`) opens nothing a peer uses, so it is
+  // never kept by a peer, which could then run commands on b.
+  const admin = readFileSync(join(b.dir, 'admin.token'), 'utf8').trim();
+  for (const [method, path] of [['GET', '/v1/stats'], ['POST', '/v1/volumes/vol/lock'], ['GET', '/v1/volumes/vol/snapshots/latest']] as const) {
+    const r = await raw(admin, method, path, method === 'POST' ? { holder: 'x' } : undefined);
+    assert.equal(r.status, 403, `${method} ${path}: ${r.body}`);
+    assert.match(r.body, /ERR_FORBIDDEN.*admin token/);
+  }
+  for (const token of [admin, monitor]) {
+    const added = await cli(a, 'peer', 'add', 'wrong', '--url', sb.url, '--token', token, '--fingerprint', b.fingerprint);
+    assert.notEqual(added.code, 0, 'refused');
+    assert.equal(added.json.error.code, 'ERR_FORBIDDEN', added.stderr);
+  }
+  assert.ok(!JSON.stringify((await cli(a, 'peer', 'list')).json).includes('"wrong"'), 'no peer record was kept');
+});
+
+test('token rotations at once run one after the other: each replaced token stays taken through its grace (a second rotation does not cut the first one\'s short); --grace 0 revokes them all; a grace over a year is refused', async (t) => {
+  const b = await initHome(t, 'cloud');
+  // Two CLI processes at once (no server yet: each runs its rotation itself), three times.
+  const given = [b.token];
+  for (let round = 0; round < 3; round++) {
+    const runs = await Promise.all([0, 1].map(() => cli(b, 'token', 'rotate', '--grace', '24h')));
+    for (const r of runs) {
+      assert.equal(r.code, 0, r.stderr);
+      given.push(r.json.token);
+    }
+  }
+  assert.equal(new Set(given).size, 7);
+  const sb = await startServe(t, b);
+  /** Whether the running server takes `token` (GET /v1/stats with it). */
+  const taken = async (token: string): Promise<boolean> => {
+    const p = peerClient({ ...b, token }, sb);
+    try {
+      await p.stats();
+      return true;
+    } catch (e) {
+      if ((e as { code?: string }).code !== 'ERR_UNAUTHORIZED') throw e;
+      return false;
+    } finally {
+      await p.close();
+    }
+  };
+  for (const token of given) assert.ok(await taken(token), `a token printed or replaced is taken: ${token.slice(0, 6)}`);
+  const revoke = await cli(b, 'token', 'rotate', '--grace', '0'); // sent to the server
+  assert.equal(revoke.code, 0, revoke.stderr);
+  await delay(1500); // the server reads the token files again within a second
+  for (const token of given) assert.equal(await taken(token), false, 'revoked');
+  assert.ok(await taken(revoke.json.token));
+  const tooLong = await cli(b, 'token', 'rotate', '--grace', '99999999999999d');
+  assert.equal(tooLong.code, 2, tooLong.stderr);
+  assert.equal(tooLong.json.error.code, 'ERR_USAGE');
+  await delay(1500);
+  assert.ok(await taken(revoke.json.token), 'the refused rotation changed nothing');
 });
 
 test('token rotate: the old token is taken through its grace period, then refused; peer update gives the peer the new one, checked first; --grace 0 revokes at once', async (t) => {

@@ -60,10 +60,12 @@ export function define(program: Command): void {
         } catch {
           throw new TandemError('ERR_USAGE', `--grace "${o.grace}" is not a duration; write e.g. 1h, 24h or 7d, or 0 to revoke the old token at once`);
         }
+        // An old token taken for longer is no rotation (and past ~270,000 years no date at all).
+        if (graceMs > 365 * 86_400_000) throw new TandemError('ERR_USAGE', `--grace ${o.grace} is longer than a year: the old token would stay in force; give the other appliance the new one within days (e.g. --grace 7d)`);
       }
       const { Home } = await import('../../home.js');
       const home = Home.load(g.home);
-      const r = home.rotateToken(graceMs);
+      const r = await home.rotateToken(graceMs);
       const next = `give it to the other appliance: \`appliance peer update PEER --token ${r.token}\` there`;
       const text = [
         r.token,
