@@ -109,6 +109,8 @@ export interface RemotePeerOptions {
   /** Cap on block stream bytes per second, each direction; 0 or absent: none. A function is a cap that changes as the sync runs (a schedule), asked every second. */
   readonly bwlimit?: Rate;
   readonly connections?: number;
+  /** Aborts the block uploads in flight (a sync stopped: Ctrl-C); other requests are short and go on (a lease's release). */
+  readonly signal?: AbortSignal;
 }
 
 export interface PeerHealth {
@@ -209,6 +211,7 @@ export class RemotePeer implements ReplicaStore {
   private readonly pool: PoolType;
   private readonly token: string;
   private readonly bwlimit: Rate;
+  private readonly signal: AbortSignal | undefined;
   /** One bucket per direction, shared by parallel streams (null: no cap). */
   private readonly upBucket: TokenBucket | null;
   private readonly downBucket: TokenBucket | null;
@@ -240,6 +243,7 @@ export class RemotePeer implements ReplicaStore {
     this.name = opts.name ?? u.host;
     this.token = opts.token;
     this.bwlimit = opts.bwlimit ?? 0;
+    this.signal = opts.signal;
     const capped = typeof this.bwlimit === 'function' || this.bwlimit > 0;
     this.upBucket = capped ? new TokenBucket(this.bwlimit) : null;
     this.downBucket = capped ? new TokenBucket(this.bwlimit) : null;
@@ -706,7 +710,7 @@ export class RemotePeer implements ReplicaStore {
     let res: Dispatcher.ResponseData;
     try {
       this.requests++;
-      res = await this.pool.request({ method: 'POST', path, headers: this.headers({ 'content-type': 'application/octet-stream' }), body: body as unknown as Readable }); // undici takes async iterables (writeIterable); its types omit them
+      res = await this.pool.request({ method: 'POST', path, headers: this.headers({ 'content-type': 'application/octet-stream' }), body: body as unknown as Readable, ...(this.signal ? { signal: this.signal } : {}) }); // undici takes async iterables (writeIterable); its types omit them
     } catch (e) {
       throw this.transportError(e, `POST ${path}`);
     }

@@ -120,7 +120,7 @@ export function redactPeer(p: PeerRecord): Omit<PeerRecord, 'token'> & { token: 
 }
 
 /** A client for a peer, pinned to its fingerprint (and to the one it staged, when known). */
-export function connectPeer(p: PeerRecord, opts: { bwlimit?: Rate } = {}): RemotePeer {
+export function connectPeer(p: PeerRecord, opts: { bwlimit?: Rate; signal?: AbortSignal } = {}): RemotePeer {
   return new RemotePeer({
     url: p.url,
     token: p.token,
@@ -128,6 +128,7 @@ export function connectPeer(p: PeerRecord, opts: { bwlimit?: Rate } = {}): Remot
     ...(p.nextFingerprint ? { nextFingerprint: p.nextFingerprint } : {}),
     name: p.name,
     ...(opts.bwlimit ? { bwlimit: opts.bwlimit } : {}),
+    ...(opts.signal ? { signal: opts.signal } : {}),
   });
 }
 

@@ -142,7 +142,7 @@ export async function syncVolumeLocked(home: Home, store: Store, volume: string,
   const paused = activePause((await readVolumeState(store, volume)).paused, Date.now()) ?? undefined;
   if (paused) opts.onNotice?.(describePauseForSync(volume, paused));
   const started = performance.now();
-  const remote = connectPeer(peer, opts.bwlimit ? { bwlimit: opts.bwlimit } : {});
+  const remote = connectPeer(peer, { ...(opts.bwlimit ? { bwlimit: opts.bwlimit } : {}), ...(opts.signal ? { signal: opts.signal } : {}) });
   trace('peer connected (lazy)');
   try {
     const r = opts.reverse ? await pull(home, store, remote, volume, peer.name, opts) : await push(home, store, remote, volume, peer.name, opts);

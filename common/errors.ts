@@ -14,8 +14,8 @@
 export interface CatalogEntry {
   /** HTTP status the API answers with. */
   readonly http: number;
-  /** Exit code of the CLI: 1 failed, 2 bad usage. */
-  readonly exit: 1 | 2;
+  /** Exit code of the CLI: 1 failed, 2 bad usage, 130 interrupted (Ctrl-C, as a shell reports it). */
+  readonly exit: 1 | 2 | 130;
   /** One line on what it means, for docs and `--help`. */
   readonly summary: string;
 }
@@ -25,6 +25,7 @@ export const CATALOG = {
   ERR_USAGE: { http: 400, exit: 2, summary: 'the command line is malformed' },
   ERR_BAD_REQUEST: { http: 400, exit: 2, summary: 'a request or argument failed validation' },
   ERR_INTERNAL: { http: 500, exit: 1, summary: 'an unexpected failure; report it with the log' },
+  ERR_INTERRUPTED: { http: 409, exit: 130, summary: 'the operator stopped the command (Ctrl-C, SIGTERM, or the CLI of a forwarded command went away); it stopped at a safe point' },
   ERR_NOT_INITIALIZED: { http: 409, exit: 1, summary: 'the home directory has no appliance; run `appliance init`' },
   ERR_ALREADY_INITIALIZED: { http: 409, exit: 1, summary: 'the home directory already holds an appliance' },
   ERR_HOME_BUSY: { http: 409, exit: 1, summary: 'another command is changing the same part of the home (init, token rotation) and did not finish in time; retry' },
@@ -122,7 +123,7 @@ export class TandemError extends Error {
     return CATALOG[this.code].http;
   }
 
-  get exitCode(): 1 | 2 {
+  get exitCode(): 1 | 2 | 130 {
     return CATALOG[this.code].exit;
   }
 

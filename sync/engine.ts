@@ -104,6 +104,17 @@ function isZero(h: Hash): boolean {
  * either side. Not safe to run twice at once for the same volume (callers hold the volume lock).
  */
 export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, snap: SnapshotRecord, opts: CopyOptions = {}): Promise<CopyResult> {
+  try {
+    return await copyOnce(source, target, snap, opts);
+  } catch (e) {
+    // Stopped (`signal`): whatever the stream cut short says, the reason is the stop.
+    const why: unknown = opts.signal?.aborted ? opts.signal.reason : undefined;
+    if (why === undefined) throw e;
+    throw why instanceof TandemError ? why : new TandemError('ERR_INTERRUPTED', 'sync stopped before its commit; rerun it to resume', { cause: why });
+  }
+}
+
+async function copyOnce(source: ReplicaStore, target: ReplicaStore, snap: SnapshotRecord, opts: CopyOptions): Promise<CopyResult> {
   let requests = 0;
   let nodesSent = 0;
   let blocksSent = 0;
@@ -111,7 +122,9 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
   let blocksTotal = 0;
   const blockSize = snap.blockSize;
   const check = () => {
-    if (opts.signal?.aborted) throw new TandemError('ERR_INTERNAL', 'sync cancelled; rerun it to resume', { cause: opts.signal.reason });
+    if (!opts.signal?.aborted) return;
+    const why: unknown = opts.signal.reason;
+    throw why instanceof TandemError ? why : new TandemError('ERR_INTERRUPTED', 'sync stopped before its commit; rerun it to resume', { cause: why });
   };
   const progress = (phase: CopyProgress['phase']) =>
     opts.onProgress?.({ phase, blocksSent, bytesSent, blocksTotal, bytesTotal: blocksTotal * blockSize });
@@ -240,6 +253,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
               const bases = deltas ? part.map((h) => replaced.get(toHex(h)) ?? null) : null;
               const deltaSizes = new DeltaSizes();
               const sent = (f: BlockFrame) => {
+                check(); // a stop ends the stream (the request fails, and copySnapshot says why)
                 const length = frameBlockLength(f);
                 blocksSent++;
                 bytesSent += length;

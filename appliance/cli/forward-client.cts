@@ -131,10 +131,24 @@ export async function forwardIfServed(argv: string[]): Promise<boolean> {
   }
   const body = JSON.stringify({ argv: ['node', 'appliance', ...absolutize(args, process.cwd())], user: localUser() } satisfies ForwardRequest);
   const headers = { 'content-type': 'application/json', authorization: `Bearer ${token}`, 'content-length': String(Buffer.byteLength(body)) };
+  // Ctrl-C (or SIGTERM) while the server runs the command: the connection is closed, which the
+  // server takes as the order to stop the command at its next safe point (ERR_INTERRUPTED
+  // there); its answer is not waited for. A second signal ends this process at once as well.
+  const onSignal = (sig: NodeJS.Signals) => {
+    cancelForwarded?.();
+    cancelForwarded = null;
+    process.stderr.write(`\n${sig}: the server of this home (pid ${server.pid}) was told to stop \`appliance ${command}\` at its next safe point (a snapshot or sync not finished is not committed; a restore onto an existing target leaves it partly written). What it did is in \`appliance audit\`\n`);
+    process.exit(130);
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
   // The Unix socket first (no TCP or TLS handshake); the HTTPS listener only if the socket
   // cannot be connected to (a request that reached the server is never sent twice).
   let result = server.socket !== undefined ? await postLocal(server.socket, headers, body) : 'unreachable';
   if (result === 'unreachable') result = await postHttps(homeDir, server.url, headers, body);
+  process.off('SIGINT', onSignal);
+  process.off('SIGTERM', onSignal);
+  cancelForwarded = null;
   // Nothing reached a server of this home (server.json outlived it), or it refused the request:
   // the command runs here (and meets ERR_STORE_BUSY if a server does hold the store).
   if (result === 'unreachable' || result === 'refused') return false;
@@ -168,6 +182,7 @@ async function postLocal(socket: string, headers: Record<string, string>, body: 
     let connected = false;
     const chunks: Buffer[] = [];
     const conn = connect(socket, () => (connected = true));
+    cancelForwarded = () => void conn.destroy();
     conn.on('data', (c: Buffer) => chunks.push(c));
     conn.on('error', () => resolvePromise(connected ? 'lost' : 'unreachable'));
     conn.on('end', () => resolvePromise(answerOf(Buffer.concat(chunks))));
@@ -176,6 +191,9 @@ async function postLocal(socket: string, headers: Record<string, string>, body: 
     conn.write(`POST /v1/cli HTTP/1.1\r\n${head}\r\n${body}`);
   });
 }
+
+/** Closes the connection of the forwarded command in flight (see forwardIfServed's signal handler). */
+let cancelForwarded: (() => void) | null = null;
 
 /** What a forwarded command came to: its result, or why there is none (see postLocal). */
 type Forwarded = ForwardResult | 'unreachable' | 'refused' | 'lost';
@@ -250,6 +268,7 @@ async function postHttps(homeDir: string, serverUrl: string, headers: Record<str
     let sent = false;
     req.on('socket', (s) => s.once('secureConnect', () => (sent = true)));
     req.on('error', () => resolvePromise(sent ? 'lost' : 'unreachable'));
+    cancelForwarded = () => void req.destroy();
     req.end(body);
   });
 }

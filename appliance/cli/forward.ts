@@ -10,7 +10,7 @@ import { LOCAL_ONLY, inspect, type ForwardRequest, type ForwardResult } from './
  * (the API route) has authenticated the request and made the open store available to
  * `Home.openStore()` through `Home.shareStore`.
  */
-export async function executeForwarded(req: ForwardRequest): Promise<ForwardResult> {
+export async function executeForwarded(req: ForwardRequest, signal?: AbortSignal): Promise<ForwardResult> {
   const { command } = inspect(req.argv.slice(2));
   if (command !== undefined && LOCAL_ONLY.has(command)) {
     return { exitCode: 2, stdout: '', stderr: `error ERR_USAGE: \`appliance ${command}\` cannot be forwarded to a running server; run it where the home is not served\n` };
@@ -22,7 +22,7 @@ export async function executeForwarded(req: ForwardRequest): Promise<ForwardResu
     const refused = new TandemError('ERR_SERVER_STOPPING', 'the server of this home is stopping: the command was not run. Run it again once the server has stopped (it then runs in your process) or started again');
     return captured(() => void reportError(refused, req.argv.includes('--json')), forwarded);
   }
-  const run = runCaptured(req.argv, forwarded);
+  const run = runCaptured(req.argv, forwarded, signal);
   inFlight.add(run);
   try {
     return await run;
@@ -66,13 +66,13 @@ export function stopForwarding(graceMs: number): Promise<void> {
  * Run a command line (process.argv form) in this process with its own captured output and exit
  * code; the caller's output is untouched. `forwarded`: the CLI it came from (the audit log's).
  */
-export async function runCaptured(argv: string[], forwarded?: { readonly argv: readonly string[]; readonly user: string }): Promise<ForwardResult> {
+export async function runCaptured(argv: string[], forwarded?: { readonly argv: readonly string[]; readonly user: string }, signal?: AbortSignal): Promise<ForwardResult> {
   const { runCli } = await import('./main.js');
-  return captured(() => runCli(argv), forwarded);
+  return captured(() => runCli(argv), forwarded, signal);
 }
 
 /** Run `fn` with its own captured output and exit code (see runCaptured). */
-async function captured(fn: () => Promise<void> | void, forwarded?: { readonly argv: readonly string[]; readonly user: string }): Promise<ForwardResult> {
+async function captured(fn: () => Promise<void> | void, forwarded?: { readonly argv: readonly string[]; readonly user: string }, signal?: AbortSignal): Promise<ForwardResult> {
   const { withIO } = await import('./output.js');
   let stdout = '';
   let stderr = '';
@@ -83,6 +83,7 @@ async function captured(fn: () => Promise<void> | void, forwarded?: { readonly a
     setExit: (c) => void (exitCode = c),
     isTTY: false,
     ...(forwarded ? { forwarded } : {}),
+    ...(signal ? { signal } : {}),
   }, async () => fn());
   return { exitCode, stdout, stderr };
 }

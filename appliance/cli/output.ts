@@ -24,6 +24,8 @@ export interface CommandIO {
   readonly isTTY: boolean;
   /** A command forwarded from a CLI on the same home: its command line and who ran it (for the audit log). */
   readonly forwarded?: { readonly argv: readonly string[]; readonly user: string };
+  /** Aborted when the command is to stop (a forwarded one: its CLI went away, Ctrl-C there). */
+  readonly signal?: AbortSignal;
 }
 
 const processIO: CommandIO = {
@@ -48,6 +50,41 @@ export function currentIO(): CommandIO {
  */
 export function ownCommandLine(): boolean {
   return ioContext.getStore() === undefined;
+}
+
+/** The process's own command's stop signal (one-shot CLI), made by the first {@link commandSignal}. */
+let processStop: AbortController | null = null;
+
+/**
+ * The signal that stops the running command at its next safe point (a scan before it commits,
+ * a restore between blocks, a sync before it commits on the peer), with ERR_INTERRUPTED: for a
+ * forwarded command, its CLI going away (Ctrl-C there); for this process's own command, the
+ * first SIGINT or SIGTERM (a second one ends the process at once). Asked by the commands that
+ * can run long and stop cleanly (snapshot, sync, restore, verify); a command that never asks
+ * keeps Node's default (the process ends), as `serve` and `daemon` handle their signals themselves.
+ */
+export function commandSignal(): AbortSignal | undefined {
+  const io = ioContext.getStore();
+  if (io) return io.signal;
+  if (!processStop) {
+    const ctl = (processStop = new AbortController());
+    const stop = (sig: NodeJS.Signals) => {
+      if (ctl.signal.aborted) {
+        process.stderr.write(`${sig} again: stopping at once\n`);
+        process.exit(130);
+      }
+      process.stderr.write(`\n${sig}: stopping at the next safe point (${sig === 'SIGINT' ? 'Ctrl-C' : sig} again to stop at once)\n`);
+      ctl.abort(interrupted(`${sig === 'SIGINT' ? 'Ctrl-C' : sig}`));
+    };
+    process.on('SIGINT', stop);
+    process.on('SIGTERM', stop);
+  }
+  return processStop.signal;
+}
+
+/** ERR_INTERRUPTED for a command stopped by `by`. */
+export function interrupted(by: string): TandemError {
+  return new TandemError('ERR_INTERRUPTED', `stopped by ${by} at a safe point: a snapshot or sync not finished is not committed; a restore to a new image removed it, one onto an existing target left it partly written (restore it again before use). Run the command again to do it`);
 }
 
 /** Run `fn` with `io` as the current command IO. */

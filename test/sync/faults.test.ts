@@ -891,3 +891,33 @@ test('peer add of the appliance itself is refused, with or without contacting it
   const list = await cli(a, 'peer', 'list');
   assert.deepEqual(list.json.peers, [], 'nothing was added');
 });
+
+test('Ctrl-C stops a sync at a safe point: from a one-shot CLI and from a CLI whose command a running server runs; exit 130, ERR_INTERRUPTED in the audit log, nothing committed on the peer; the next sync completes', async (t) => {
+  const { a, b, sb } = await pairedWithVolume(t, 128); // 8 MiB at 1 MiB/s: a sync of ~8 s
+  const peerB = peerClient(b, sb);
+  t.after(() => peerB.close());
+  /** Start a capped sync, Ctrl-C it once it has sent blocks for a while, and wait for its end. */
+  const interrupt = async () => {
+    const run = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '1MiB');
+    await delay(2000);
+    run.child.kill('SIGINT');
+    return run.done;
+  };
+  const oneShot = await interrupt();
+  assert.equal(oneShot.code, 130, oneShot.stderr);
+  assert.equal(oneShot.json.error.code, 'ERR_INTERRUPTED', oneShot.stderr);
+  assert.equal(await peerB.latestSnapshot('vol'), null, 'nothing committed on the peer');
+  const sa = await startServe(t, a);
+  const forwarded = await interrupt();
+  assert.equal(forwarded.code, 130, forwarded.stderr);
+  assert.match(forwarded.stderr, /was told to stop `appliance sync`/);
+  await delay(1000); // the server stops it at its next check
+  assert.equal(await peerB.latestSnapshot('vol'), null, 'nothing committed on the peer');
+  const audit = await cli(a, 'audit');
+  const entries = (audit.json.entries as Array<{ command: string[]; exitCode: number; error?: string; forwarded?: boolean }>).filter((e) => e.command.includes('sync'));
+  assert.deepEqual(entries.map((e) => [e.exitCode, e.error, e.forwarded === true]), [[130, "ERR_INTERRUPTED", false], [130, "ERR_INTERRUPTED", true]], JSON.stringify(entries) + sa.stderr().slice(-3000));
+  await sa.stop();
+  const done = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(done.code, 0, done.stderr);
+  assert.ok(await peerB.latestSnapshot('vol'));
+});

@@ -14,14 +14,16 @@ export function define(program: Command): void {
       const o = cmd.opts<{ to: string; force?: boolean }>();
       const { withHomeStore, restoreVolumeLocked, parseSnapshotSpec } = await import('../../ops.js');
       const { startProgress } = await import('../progress.js');
-      const { currentIO, formatBytes } = await import('../output.js');
+      const { commandSignal, currentIO, formatBytes } = await import('../output.js');
       const { volume } = parseSnapshotSpec(spec as string);
       let bar: ReturnType<typeof startProgress> | null = null;
       const started = process.hrtime.bigint();
       const r = await withHomeStore(g.home, async (home, store) => {
         try {
+          const signal = commandSignal();
           return await restoreVolumeLocked(store, spec as string, o.to, {
             ...(o.force ? { force: true } : {}),
+            ...(signal ? { signal } : {}),
             lockVolume: (v, op) => home.lockVolume(v, op),
             onProgress: (p) => {
               bar ??= startProgress(g, { total: p.blocksTotal, unit: 'blocks', label: `restore ${volume}` });

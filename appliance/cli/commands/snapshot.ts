@@ -11,7 +11,7 @@ export function define(program: Command): void {
     .option('--changed-blocks <file>', 'read only the blocks listed in FILE (format: appliance/volumes/README.md)')
     .action(run(async (g, cmd, [name]) => {
       const o = cmd.opts<{ changedBlocks?: string }>();
-      const { currentIO, formatBytes, ownCommandLine } = await import('../output.js');
+      const { commandSignal, currentIO, formatBytes, ownCommandLine } = await import('../output.js');
       const io = currentIO();
       // A full scan by a one-shot CLI (a server keeps its hash workers warm).
       if (o.changedBlocks === undefined && ownCommandLine()) (await import('../../../store/scan.js')).prestartScan();
@@ -26,8 +26,10 @@ export function define(program: Command): void {
       const rec = await withHomeStore(g.home, async (home, store) => {
         trace('store open');
         try {
+          const signal = commandSignal();
           return await snapshotVolumeHooked(home, store, name as string, {
             ...(o.changedBlocks !== undefined ? { changedBlocksFile: o.changedBlocks } : {}),
+            ...(signal ? { signal } : {}),
             onNotice: (m) => {
               notices.push(m);
               io.err(`note: ${m}\n`);

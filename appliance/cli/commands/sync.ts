@@ -26,7 +26,7 @@ export function define(program: Command): void {
       const o = cmd.opts<{ peer: string; reverse?: boolean; apply?: boolean; force?: boolean; keep?: boolean; dryRun?: boolean; changedBlocks?: string; bwlimit?: string }>();
       // --bwlimit: this sync's cap (0: none); absent: the cap config.yaml gives the replication peer.
       const optionCap = o.bwlimit === undefined ? undefined : parseSize(o.bwlimit);
-      const { currentIO, ownCommandLine } = await import('../output.js');
+      const { commandSignal, currentIO, ownCommandLine } = await import('../output.js');
       // A push that rescans the volume, or a failback that rescans it before writing: a one-shot
       // CLI starts the scan's hash workers now (store/scan.ts prestartScan).
       if ((o.reverse === true ? o.apply === true : o.changedBlocks === undefined) && ownCommandLine()) (await import('../../../store/scan.js')).prestartScan();
@@ -76,7 +76,9 @@ export function define(program: Command): void {
       let bar: ReturnType<typeof startProgress> | null = null;
       let phase = '';
       try {
+        const signal = commandSignal();
         const r = await syncVolumeLocked(home, store, volume, o.peer, {
+          ...(signal ? { signal } : {}),
           reverse: o.reverse === true,
           apply: o.apply === true,
           ...(o.force === true ? { force: true } : {}),

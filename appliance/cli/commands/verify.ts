@@ -11,7 +11,7 @@ export function define(program: Command): void {
     .option('--bwlimit <rate>', 'read at most RATE a second (e.g. 100MiB), to leave the disk to replication')
     .action(run(async (g, cmd, [spec]) => {
       const { withHomeStore, parseSnapshotSpec } = await import('../../ops.js');
-      const { formatBytes, parseSize } = await import('../output.js');
+      const { commandSignal, formatBytes, parseSize } = await import('../output.js');
       const { startProgress } = await import('../progress.js');
       const { TandemError } = await import('../../../common/errors.js');
       const filter: { volume?: string; snapshot?: string } = spec === undefined ? {} : parseSnapshotSpec(spec as string);
@@ -23,8 +23,10 @@ export function define(program: Command): void {
       const report = await withHomeStore(g.home, async (_home, store) => {
         const { recordDamage } = await import('../../damage.js');
         try {
+          const signal = commandSignal();
           const r = await store.verify(filter, {
             ...(bytesPerSecond ? { bytesPerSecond } : {}),
+            ...(signal ? { signal } : {}),
             onProgress: (p) => {
               bar ??= startProgress(g, { total: p.blocksTotal, unit: 'blocks', label: 'verify' });
               bar.setTotal(p.blocksTotal); // an estimate until the end
