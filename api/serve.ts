@@ -48,7 +48,7 @@ export interface ServedOptions {
  * appliance/cli/forward.ts reads.
  */
 export async function startServed(home: Home, listen: string, opts: ServedOptions = {}): Promise<Served> {
-  const store = await home.openStore();
+  const store = await home.openStore({ server: true });
   store.keepWarm(); // scheduled and forwarded snapshots find the hash workers started and write past the page cache
   const unshare = home.shareStore(store);
   let server;

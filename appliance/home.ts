@@ -433,7 +433,7 @@ export class Home {
    * Held by this home's server (started after the command looked for one to forward to):
    * ERR_STORE_BUSY at once, since a server does not let go (run again, the command is forwarded).
    */
-  async openStore(opts: { readonly onWait?: (message: string) => void } = {}): Promise<Store> {
+  async openStore(opts: { readonly onWait?: (message: string) => void; /** For `serve` or `daemon`, which are never sent to a running server. */ readonly server?: boolean } = {}): Promise<Store> {
     const shared = sharedStores.get(this.paths.store);
     if (shared) return shared;
     const { Store } = await import('../store/index.js');
@@ -445,6 +445,9 @@ export class Home {
       } catch (e) {
         if (!(e instanceof TandemError) || e.code !== 'ERR_STORE_BUSY') throw e;
         const pid = typeof e.details.pid === 'number' ? e.details.pid : undefined;
+        if (pid !== undefined && pid === this.runningServer()?.pid && opts.server) {
+          throw new TandemError('ERR_STORE_BUSY', `a server of this home is running already (pid ${pid}): one serve or daemon per home. Use it (commands on this home are sent to it), or stop it (kill -TERM ${pid}) before starting another`, { cause: e, details: e.details });
+        }
         if (pid !== undefined && pid === this.runningServer()?.pid) {
           throw new TandemError('ERR_STORE_BUSY', `the store ${this.paths.store} is held by this home's server (pid ${pid}), which started after this command looked for one; run the command again: it is sent to the server`, { cause: e, details: e.details });
         }

@@ -26,7 +26,8 @@ const DEFAULT_HOME = '/var/lib/tandem';
 
 /** The home a command line works on: --home, else $TANDEM_HOME, else {@link DEFAULT_HOME}. */
 export function resolveHome(flag: string | undefined): string {
-  return flag ?? process.env.TANDEM_HOME ?? DEFAULT_HOME;
+  // An empty TANDEM_HOME is unset (an empty --home is refused: the CLI's globalOptions).
+  return flag ?? (process.env.TANDEM_HOME || DEFAULT_HOME);
 }
 
 /** Commands that must run in the calling process. */
@@ -101,10 +102,12 @@ function absolutize(args: string[], cwd: string): string[] {
   for (let i = 0; i < args.length; i++) {
     const a = args[i]!;
     const eq = a.indexOf('=');
+    // An empty path stays empty (the command refuses it), rather than naming the directory here.
+    const abs = (p: string) => (p.trim() === '' ? p : resolve(cwd, p));
     if (a.startsWith('--') && eq > 0 && PATH_OPTIONS.has(a.slice(0, eq))) {
-      out.push(`${a.slice(0, eq)}=${resolve(cwd, a.slice(eq + 1))}`);
+      out.push(`${a.slice(0, eq)}=${abs(a.slice(eq + 1))}`);
     } else if (PATH_OPTIONS.has(a) && i + 1 < args.length) {
-      out.push(a, resolve(cwd, args[++i]!));
+      out.push(a, abs(args[++i]!));
     } else out.push(a);
   }
   return out;
@@ -117,7 +120,7 @@ function absolutize(args: string[], cwd: string): string[] {
 export async function forwardIfServed(argv: string[]): Promise<boolean> {
   const args = argv.slice(2);
   const { home, command } = inspect(args);
-  if (command === undefined || LOCAL_ONLY.has(command)) return false;
+  if (command === undefined || LOCAL_ONLY.has(command) || home === '') return false;
   const homeDir = resolve(resolveHome(home));
   const server = runningServer(homeDir);
   if (!server) return false;

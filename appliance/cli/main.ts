@@ -135,7 +135,13 @@ export async function runCli(argv: string[]): Promise<void> {
     await program.parseAsync(glueDashValues(program, argv));
   } catch (e) {
     if (e instanceof CommanderError) {
-      // --help and --version exit 0; usage errors exit 2 (DESIGN.md).
+      // --help and --version exit 0; usage errors exit 2 (DESIGN.md). commander printed the
+      // error and the help on stderr; with --json, stdout gets the error document every command's
+      // failure prints there.
+      if (e.exitCode !== 0 && argv.includes('--json')) {
+        const message = e.message.replace(/^error: /, '');
+        io.out(JSON.stringify({ error: { code: 'ERR_USAGE', message: `${message}; see \`appliance --help\``, details: { commander: e.code } } }, null, 2) + '\n');
+      }
       io.setExit(e.exitCode === 0 ? 0 : 2);
       return;
     }

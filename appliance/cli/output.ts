@@ -54,12 +54,14 @@ export function ownCommandLine(): boolean {
 
 /** The process's own command's stop signal (one-shot CLI), made by the first {@link commandSignal}. */
 let processStop: AbortController | null = null;
+/** The signal that stopped this process's own command, which then ends the process by it ({@link run}). */
+let stoppedBy: NodeJS.Signals | null = null;
 
 /**
  * The signal that stops the running command at its next safe point (a scan before it commits,
  * a restore between blocks, a sync before it commits on the peer), with ERR_INTERRUPTED: for a
  * forwarded command, its CLI going away (Ctrl-C there); for this process's own command, the
- * first SIGINT or SIGTERM (a second one ends the process at once). Asked by the commands that
+ * first SIGINT, SIGTERM or SIGHUP (a second one ends the process at once). Asked by the commands that
  * can run long and stop cleanly (snapshot, sync, restore, verify); a command that never asks
  * keeps Node's default (the process ends), as `serve` and `daemon` handle their signals themselves.
  */
@@ -74,10 +76,12 @@ export function commandSignal(): AbortSignal | undefined {
         process.exit(130);
       }
       process.stderr.write(`\n${sig}: stopping at the next safe point (${sig === 'SIGINT' ? 'Ctrl-C' : sig} again to stop at once)\n`);
+      stoppedBy = sig;
       ctl.abort(interrupted(`${sig === 'SIGINT' ? 'Ctrl-C' : sig}`));
     };
     process.on('SIGINT', stop);
     process.on('SIGTERM', stop);
+    process.on('SIGHUP', stop); // a closed terminal or ssh session
   }
   return processStop.signal;
 }
@@ -109,6 +113,7 @@ export interface CommandResult {
 /** Options of the root program (global flags) merged for a subcommand. */
 export function globalOptions(cmd: Command): GlobalOptions {
   const all = cmd.optsWithGlobals() as { home?: string; json?: boolean };
+  if (all.home !== undefined && all.home.trim() === '') throw new TandemError('ERR_USAGE', '--home is empty: name the appliance home directory (or leave --home out for $TANDEM_HOME, else /var/lib/tandem)');
   return { home: resolveHome(all.home), json: all.json === true };
 }
 
@@ -140,6 +145,12 @@ export function run(body: (g: GlobalOptions, cmd: Command, args: unknown[]) => P
       error = err.code;
     }
     audit(g, cmd, io, exitCode, error);
+    // Stopped by a signal (its error and audit record written): the process ends by that signal,
+    // as a shell expects of a command it sent Ctrl-C (a script's loop stops too), not with a code.
+    if (stoppedBy !== null && ioContext.getStore() === undefined) {
+      process.removeAllListeners(stoppedBy);
+      process.kill(process.pid, stoppedBy);
+    }
   };
 }
 

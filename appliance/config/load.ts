@@ -92,7 +92,7 @@ export async function loadConfigFile(path: string): Promise<Config> {
   try {
     text = await readFile(path, 'utf8');
   } catch (e) {
-    throw new TandemError('ERR_CONFIG_INVALID', `${path}: cannot read the config file (${(e as Error).message}); run \`appliance init\` or restore the file`, { cause: e, details: { file: path, line: 0, key: '' } });
+    throw new TandemError('ERR_CONFIG_INVALID', `${path}: cannot read the config file (${(e as Error).message}); restore it from a backup, or write one (\`appliance init --home NEW --name X\` makes a default config.yaml to copy and edit); do not re-initialize this home, which would replace its identity and tokens`, { cause: e, details: { file: path, line: 0, key: '' } });
   }
   return parseConfig(text, path);
 }

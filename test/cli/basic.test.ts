@@ -1,7 +1,7 @@
 /** The CLI's surface: init, volume add|list|remove, exit codes and errors for bad input. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync, writeFileSync, chmodSync, statSync, symlinkSync } from 'node:fs';
+import { readFileSync, readdirSync, writeFileSync, chmodSync, statSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
@@ -44,6 +44,26 @@ test('two inits of one home at once: one makes it, the other gets ERR_ALREADY_IN
   assert.equal(onFile.code, 2, onFile.stderr);
   assert.equal(onFile.json.error.code, 'ERR_USAGE');
   assert.equal(readFileSync(file, 'utf8'), 'x', 'the file is left as it was');
+});
+
+test('--json usage errors print ERR_USAGE on stdout; an empty --home, --to or --path is refused, an empty TANDEM_HOME is unset; support-bundle into a missing directory is ERR_USAGE', async (t) => {
+  const dir = tempDir(t);
+  const home = join(dir, 'home');
+  assert.equal((await cli(['init', '--name', 'u', '--home', home])).code, 0);
+  for (const args of [['status', '--home', home, '--bogus'], ['snapshot', '--home', home], ['bogus']]) {
+    const r = await cliJson(args);
+    assert.equal(r.code, 2, r.stderr);
+    assert.equal(r.json.error.code, 'ERR_USAGE', JSON.stringify(args));
+  }
+  for (const args of [['init', '--name', 'x', '--home', ''], ['status', '--home', ''], ['restore', 'vol', '--to', '', '--home', home], ['volume', 'add', 'v', '--path', '', '--home', home], ['support-bundle', '--to', join(dir, 'missing', 'b.tgz'), '--home', home]]) {
+    const r = await cliJson(args, { cwd: dir });
+    assert.equal(r.code, 2, `${JSON.stringify(args)}: ${r.stderr}`);
+    assert.equal(r.json.error.code, 'ERR_USAGE', JSON.stringify(args));
+  }
+  assert.deepEqual(readdirSync(dir), ['home'], 'nothing was written where the commands ran');
+  const unset = await cliJson(['status'], { env: { TANDEM_HOME: '' }, cwd: dir });
+  assert.equal(unset.json.error.code, 'ERR_NOT_INITIALIZED');
+  assert.match(unset.json.error.message, /\/var\/lib\/tandem/, 'the default home, not the current directory');
 });
 
 test('commands on an uninitialized home say to run init', async (t) => {

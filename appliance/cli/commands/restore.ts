@@ -1,6 +1,7 @@
 /** `appliance restore VOL[@SNAP] --to PATH [--force]`: write a snapshot out as an image or onto a device. */
 import type { Command } from 'commander';
 import { run } from '../output.js';
+import { TandemError } from '../../../common/errors.js';
 
 export const order = 40;
 
@@ -12,6 +13,7 @@ export function define(program: Command): void {
     .option('--force', "resize an existing image of another size, write onto a larger device, or overwrite another volume's device or image")
     .action(run(async (g, cmd, [spec]) => {
       const o = cmd.opts<{ to: string; force?: boolean }>();
+      if (o.to.trim() === '') throw new TandemError('ERR_USAGE', '--to is empty: name the image file or device to write');
       const { withHomeStore, restoreVolumeLocked, parseSnapshotSpec } = await import('../../ops.js');
       const { startProgress } = await import('../progress.js');
       const { commandSignal, currentIO, formatBytes } = await import('../output.js');

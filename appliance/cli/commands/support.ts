@@ -18,13 +18,15 @@ export function define(program: Command): void {
       const { writeSupportBundle } = await import('../../support.js');
       const { formatBytes } = await import('../output.js');
       const { version } = await import('../main.js');
-      const { resolve } = await import('node:path');
+      const { dirname, resolve } = await import('node:path');
       const { existsSync } = await import('node:fs');
       const { TandemError } = await import('../../../common/errors.js');
       const home = Home.load(g.home);
       const stamp = new Date().toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
       const to = resolve((cmd.opts() as { to?: string }).to ?? `tandem-support-${home.identity.name}-${stamp}.tar.gz`);
+      if ((cmd.opts() as { to?: string }).to?.trim() === '') throw new TandemError('ERR_USAGE', '--to is empty: name the file to write (or leave --to out)');
       if (existsSync(to)) throw new TandemError('ERR_USAGE', `${to} exists; name another file with --to (nothing was written)`);
+      if (!existsSync(dirname(to))) throw new TandemError('ERR_USAGE', `the directory ${dirname(to)} does not exist; name a file in an existing directory with --to (nothing was written)`);
       // Each command runs in this process (in the server when this one was forwarded to it), its output captured.
       const { runCaptured } = await import('../forward.js');
       const runOne = (args: string[]) => runCaptured(['node', 'appliance', '--home', home.dir, '--json', ...args]);

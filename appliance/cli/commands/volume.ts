@@ -1,6 +1,7 @@
 /** `appliance volume add|list|remove`: register local devices and image files. */
 import type { Command } from 'commander';
 import { run, parseSize } from '../output.js';
+import { TandemError } from '../../../common/errors.js';
 
 export const order = 20;
 
@@ -16,6 +17,7 @@ export function define(program: Command): void {
     .option('--tag <tag...>', 'tags (policies may match on them)')
     .action(run(async (g, cmd, [name]) => {
       const o = cmd.opts<{ path: string; blockSize: string; policy?: string; tag?: string[] }>();
+      if (o.path.trim() === '') throw new TandemError('ERR_USAGE', '--path is empty: name the device or image file to protect');
       // Given or defaulted: a replica being adopted keeps its own unless one is given.
       const blockSize = cmd.getOptionValueSource('blockSize') === 'default' ? undefined : parseSize(o.blockSize);
       const { withHomeStore, addVolume } = await import('../../ops.js');
