@@ -128,6 +128,9 @@ export async function storeChecks(store: Store, config: Config | null): Promise<
   if (config !== null) {
     const { computeStatus } = await import('./status.js');
     for (const s of await computeStatus(store, config, Date.now())) {
+      if (s.local && s.policy === null) {
+        out.push({ check: `policy of ${s.volume}`, status: 'warn', detail: 'no policy: no job snapshots or replicates it', fix: `give it one: an \`assign\` rule in config.yaml that matches it, or \`appliance volume remove ${s.volume}\` and add it again with --policy NAME` });
+      }
       if (s.paused) {
         out.push({ check: `scheduled jobs of ${s.volume}`, status: 'warn', detail: `paused by ${s.paused.by} since ${s.paused.at}${s.paused.until ? ` until ${s.paused.until}` : ', until resumed'}${s.paused.reason ? ` (${s.paused.reason})` : ''}; the RPO keeps counting`, fix: `\`appliance resume ${s.volume}\` once the reason is gone` });
       }

@@ -22,6 +22,8 @@ export interface PeerRecord {
   /** A certificate the peer staged (`appliance tls rotate` there), taken as well until it serves it ({@link followCertificate}). */
   readonly nextFingerprint?: string;
   readonly added: string;
+  /** The identity id the peer answered with when it was last contacted by `peer add` or `peer update` (absent: never contacted so). */
+  readonly id?: string;
 }
 
 /** What {@link followCertificate} did to a peer's pins. */
@@ -109,9 +111,26 @@ export async function listPeers(store: PeerStore): Promise<PeerRecord[]> {
  */
 export async function removePeer(store: PeerStore, name: string): Promise<PeerRecord> {
   const p = await getPeer(store, name);
-  await forgetSyncRecords(store, (_volume, peer) => peer === name);
+  await forgetPeerPoints(store, name);
   await store.deleteMeta(PEERS_NS, name);
   return p;
+}
+
+/**
+ * Forget what was replicated to peer `name`: its sync bases and pushes under way, and the
+ * daemon's last push to it. A peer removed, or re-paired under its name with another appliance
+ * (a new cloud appliance), holds none of it: status must not count those points, and the
+ * daemon's next job pushes at once, not an RPO later.
+ */
+export async function forgetPeerPoints(store: PeerStore, name: string): Promise<void> {
+  await forgetSyncRecords(store, (_volume, peer) => peer === name);
+  const { STATE_NS, updateVolumeState } = await import('./scheduler/state.js');
+  for (const [volume, st] of await store.listMeta<{ lastReplicated?: string | null; lastReplicatedTo?: string }>(STATE_NS)) {
+    // Records of earlier releases do not name the peer: their point is dropped too (the next job pushes again).
+    const toIt = (s: { lastReplicated?: string | null; lastReplicatedTo?: string }) => s.lastReplicatedTo === name || (s.lastReplicatedTo === undefined && (s.lastReplicated ?? null) !== null);
+    // lastReplicatedTo '' names no peer: no point counts (scheduler/state.ts pushedPointAt).
+    if (toIt(st)) await updateVolumeState(store, volume, (s) => (toIt(s) ? { lastReplicated: null, lastReplicatedAt: undefined, lastReplicatedTo: '' } : null));
+  }
 }
 
 /** A peer record without its secret, for listings. */

@@ -42,6 +42,8 @@ export interface PointInfo {
 
 export interface VolumeStatus {
   readonly volume: string;
+  /** A volume of this machine (a device or image it reads), not a replica another appliance pushes here. */
+  readonly local: boolean;
   readonly policy: string | null;
   readonly rpoMs: number | null;
   readonly rtoMs: number | null;
@@ -147,7 +149,10 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
       const newest = pushes.sort((a, b) => (a.at < b.at ? 1 : -1))[0];
       const pushed = newest ? await pushPoint(store, v.name, newest) : null;
       if (pushed) points.push(pushed);
-      replicated = points.sort((a, b) => Date.parse(b.at) - Date.parse(a.at))[0] ?? null;
+      // The newest point dated no later than now: one dated ahead (the clock was set back since
+      // it was taken) does not hide a later push dated right (the daemon's own time of it).
+      const sorted = points.sort((a, b) => Date.parse(b.at) - Date.parse(a.at));
+      replicated = sorted.find((p) => believable(Date.parse(p.at), now) !== null) ?? sorted[0] ?? null;
     }
     const point = replicates || v.path === undefined ? replicated?.at ?? null : st.lastGood ?? latest?.created ?? null;
     // A point dated past now (the clock was set back since): its age is unknown, counted as breached.
@@ -155,10 +160,12 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
     const rpoAgeMs = point === null || pointAhead ? null : Math.max(0, now - Date.parse(point));
     const exports = (await store.getMeta<ExportRecord[]>('ebs-exports', v.name)) ?? [];
     const lastExport = exports.length > 0 ? exports[exports.length - 1]! : null;
-    const rto = await estimateRto(store, v, latest, lastExport);
+    // Nothing at the DR site yet: nothing to fail over, whatever this appliance holds.
+    const rto = replicates && replicated === null ? { ms: null, basis: 'no recovery point at the DR site yet: nothing to fail over' } : await estimateRto(store, v, latest, lastExport);
     const drill = drills.find((d) => Array.isArray(d.volumes) && d.volumes.includes(v.name));
     out.push({
       volume: v.name,
+      local: v.path !== undefined,
       policy: policy?.name ?? v.policy ?? null,
       rpoMs: policy?.rpoMs ?? null,
       rtoMs: policy?.rtoMs ?? null,

@@ -13,9 +13,9 @@ export function formatTable(header: readonly string[], rows: ReadonlyArray<Reado
 /** "3m ago", "2h ago", "5d ago" for an ISO time; "never" for none. */
 export function formatAge(iso: string | undefined, now = Date.now()): string {
   if (!iso) return 'never';
-  const s = Math.max(0, Math.round((now - Date.parse(iso)) / 1000));
-  if (s < 60) return `${s}s ago`;
-  if (s < 3600) return `${Math.floor(s / 60)}m ago`;
-  if (s < 86400) return `${Math.floor(s / 3600)}h ago`;
-  return `${Math.floor(s / 86400)}d ago`;
+  const d = Math.round((now - Date.parse(iso)) / 1000);
+  // Dated ahead of this clock by more than a moment (a clock set back, a peer's clock ahead): said so.
+  const s = Math.abs(d);
+  const span = s < 60 ? `${s}s` : s < 3600 ? `${Math.floor(s / 60)}m` : s < 86400 ? `${Math.floor(s / 3600)}h` : `${Math.floor(s / 86400)}d`;
+  return d < -1 ? `in ${span} (ahead)` : `${Math.max(0, d) === 0 ? '0s' : span} ago`;
 }

@@ -66,6 +66,22 @@ test('--json usage errors print ERR_USAGE on stdout; an empty --home, --to or --
   assert.match(unset.json.error.message, /\/var\/lib\/tandem/, 'the default home, not the current directory');
 });
 
+test('a volume no policy matches: volume add, status and doctor say that no job protects it', async (t) => {
+  const dir = tempDir(t);
+  const home = join(dir, 'home');
+  assert.equal((await cli(['init', '--name', 'np', '--home', home])).code, 0);
+  const img = join(dir, 'disk.img');
+  writeFileSync(img, randomBytes(1024 * 1024));
+  const add = await cli(['volume', 'add', 'orphan', '--path', img, '--home', home]);
+  assert.equal(add.code, 0, add.stderr);
+  assert.match(add.stderr, /no policy matches volume "orphan": no job snapshots or replicates it/);
+  const status = await cli(['status', '--home', home]);
+  assert.match(status.stdout, /orphan: no policy: no job snapshots or replicates it/);
+  const doctor = await cliJson(['doctor', '--home', home]);
+  const check = (doctor.json.checks as Array<{ check: string; status: string }>).find((c) => c.check === 'policy of orphan');
+  assert.equal(check?.status, 'warn', JSON.stringify(doctor.json.checks));
+});
+
 test('commands on an uninitialized home say to run init', async (t) => {
   const r = await cliJson(['volume', 'list', '--home', tempDir(t)]);
   assert.equal(r.code, 1);

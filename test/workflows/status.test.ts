@@ -247,3 +247,59 @@ test('a policy config.yaml does not define: `volume add --policy` refuses it, an
   assert.equal(v.policyMissing, true);
   assert.match((await cliText(['status', '--home', home])).stdout, /v: its policy "gold" is not defined in config\.yaml/);
 });
+
+test('status from the audit: a point dated ahead does not hide a later push dated right; no RTO while the DR site holds nothing; a peer removed or re-paired with another appliance holds no point, and the daemon is due at once', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'tandem-status-'));
+  const home = await Home.init(join(dir, 'home'), 'onprem');
+  writeFileSync(home.paths.config, `appliance: { name: onprem }
+policies:
+  gold: { rpo: 1h, rto: 1h }
+assign:
+  - match: "db*"
+    policy: gold
+replication: { peer: cloud }
+`);
+  const store = await home.openStore();
+  t.after(async () => {
+    await store.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const img = join(dir, 'db.img');
+  writeFileSync(img, randomBytes(MiB));
+  await addVolume(store, { name: 'db', path: img });
+  const config = await loadConfig(home);
+  const status = async (now: number) => (await computeStatus(store, config, now, 'db'))[0]!;
+
+  // Taken, not replicated: nothing to fail over, so no RTO, whatever this appliance holds.
+  const s1 = await snapshotVolume(home, store, 'db');
+  const t1 = Date.parse(s1.created);
+  const none = await status(t1 + MIN);
+  assert.equal(none.lastReplicated, null);
+  assert.equal(none.rtoEstimateMs, null);
+  assert.equal(none.rtoState, 'BREACHED');
+  assert.equal(none.local, true);
+
+  // A push by hand dated an hour ahead (taken while the clock ran ahead), then the daemon's push
+  // dated by this clock: the right one counts.
+  const ahead = new Date(t1 + 60 * MIN).toISOString();
+  await store.putMeta(SYNC_BASE_NS, 'db@cloud', { snapshot: s1.id, root: s1.root, direction: 'push', at: ahead, point: { snapshot: s1.id, at: ahead } });
+  const pushedAt = new Date(t1 + 2 * MIN).toISOString();
+  await updateVolumeState(store, 'db', { lastReplicated: s1.id, lastGood: pushedAt, lastReplicatedAt: pushedAt, lastReplicatedTo: 'cloud' });
+  const right = await status(t1 + 3 * MIN);
+  assert.equal(right.lastReplicated!.at, pushedAt);
+  assert.equal(right.rpoAgeMs, MIN);
+  assert.equal(right.rpoState, 'OK');
+  assert.equal(right.pointAhead, undefined);
+  assert.notEqual(right.rtoEstimateMs, null);
+
+  // The peer removed (or re-paired under its name with another appliance): none of it counts.
+  const { addPeer, forgetPeerPoints, removePeer, validatePeer } = await import('../../appliance/peers.js');
+  await addPeer(store, validatePeer({ name: 'cloud', url: 'https://127.0.0.1:9', token: 'x'.repeat(32), fingerprint: 'AB'.repeat(32) }));
+  await forgetPeerPoints(store, 'cloud');
+  const gone = await status(t1 + 3 * MIN);
+  assert.equal(gone.lastReplicated, null, 'status counts no point of the old peer');
+  assert.equal(gone.rpoState, 'BREACHED');
+  const { pushedPointAt, readVolumeState } = await import('../../appliance/scheduler/state.js');
+  assert.equal(pushedPointAt(await readVolumeState(store, 'db'), 'cloud'), null, 'the daemon finds no push: its job is due now');
+  await removePeer(store, 'cloud');
+});

@@ -34,7 +34,7 @@ export function define(program: Command): void {
         await assertNoPeer(store, name); // before contacting the peer: bad input changes nothing
         const remote = o.check ? await contactPeer(rec) : null;
         if (remote?.id === home.identity.id) throw self();
-        await addPeer(store, rec);
+        await addPeer(store, remote ? { ...rec, id: remote.id } : rec);
         const shown = redactPeer(rec);
         return {
           json: { peer: shown, checked: o.check, remote },
@@ -51,7 +51,7 @@ export function define(program: Command): void {
       const name = args[0] as string;
       const o = cmd.opts<{ url?: string; token?: string; fingerprint?: string; check: boolean }>();
       const { TandemError } = await import('../../../common/errors.js');
-      const { validatePeer, getPeer, updatePeer, contactPeer, redactPeer, followCertificate } = await import('../../peers.js');
+      const { validatePeer, getPeer, updatePeer, contactPeer, redactPeer, followCertificate, forgetPeerPoints } = await import('../../peers.js');
       const { Home } = await import('../../home.js');
       const home = Home.load(g.home);
       if (o.url === undefined && o.token === undefined && o.fingerprint === undefined) {
@@ -86,11 +86,16 @@ export function define(program: Command): void {
         // Checked with the new values before anything is written: a wrong one changes nothing.
         const remote = o.check ? await contactPeer(rec) : null;
         if (remote?.id === home.identity.id) throw new TandemError('ERR_USAGE', `the peer given is this appliance itself ("${home.identity.name}"); nothing was changed`, { details: { peer: name } });
-        await updatePeer(store, rec);
+        // Another appliance under the same name (a rebuilt cloud appliance): what the old one held does not count.
+        const replaced = remote !== null && old.id !== undefined && remote.id !== old.id;
+        if (replaced) await forgetPeerPoints(store, name);
+        const known = remote ? { id: remote.id } : old.id !== undefined ? { id: old.id } : {};
+        await updatePeer(store, { ...rec, ...known });
         const changed = (['url', 'token', 'fingerprint'] as const).filter((k) => rec[k] !== old[k]);
+        const replacedNote = replaced ? `\n  "${name}" is now another appliance (id ${remote!.id}, was ${old.id}): what was replicated to the old one no longer counts; the next job (or \`appliance sync VOL --peer ${name}\`) sends it what it lacks` : '';
         return {
-          json: { peer: redactPeer(rec), changed, checked: o.check, remote },
-          text: `updated peer "${name}": ${changed.length > 0 ? changed.join(', ') : 'nothing changed'}${remote ? ` (appliance "${remote.name}", reachable, token accepted)` : ' (not contacted: --no-check)'}`,
+          json: { peer: redactPeer(rec), changed, checked: o.check, remote, replaced },
+          text: `updated peer "${name}": ${changed.length > 0 ? changed.join(', ') : 'nothing changed'}${remote ? ` (appliance "${remote.name}", reachable, token accepted)` : ' (not contacted: --no-check)'}${replacedNote}`,
         };
       } finally {
         await store.close();

@@ -84,7 +84,9 @@ export function define(program: Command): void {
           : [];
         const missing = volumes.flatMap((v) => v.policyMissing
           ? [`${v.volume}: its policy "${v.policy}" is not defined in config.yaml (renamed or removed?): no job protects it. Define it again, or give the volume another one`]
-          : []);
+          : v.policy === null && v.local
+            ? [`${v.volume}: no policy: no job snapshots or replicates it. Give it one (\`appliance volume add ${v.volume} --policy NAME\` when adding, or an \`assign\` rule in config.yaml)`]
+            : []);
         const ahead = volumes.flatMap((v) => v.pointAhead
           ? [`${v.volume}: its recovery point is dated ${v.pointAhead}, later than this appliance's clock (${new Date(now).toISOString()}): the clock was set back since, or the appliance that dated it runs ahead (\`appliance doctor\` compares the two). Its age is unknown, so the RPO counts as breached; the daemon runs the next job now`]
           : []);

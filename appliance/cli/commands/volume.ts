@@ -21,9 +21,15 @@ export function define(program: Command): void {
       // Given or defaulted: a replica being adopted keeps its own unless one is given.
       const blockSize = cmd.getOptionValueSource('blockSize') === 'default' ? undefined : parseSize(o.blockSize);
       const { withHomeStore, addVolume } = await import('../../ops.js');
-      const { formatBytes } = await import('../output.js');
+      const { currentIO, formatBytes } = await import('../output.js');
       const { existsSync } = await import('node:fs');
+      let unprotected = false;
       const { rec, snapshots } = await withHomeStore(g.home, async (home, store) => {
+        if (o.policy === undefined) {
+          // No policy given and no assign rule that matches: no job will snapshot or replicate it.
+          const { loadConfig, policyFor } = await import('../../config/index.js');
+          unprotected = policyFor(await loadConfig(home), { name: name as string, ...(o.tag !== undefined ? { tags: o.tag } : {}) }) === null;
+        }
         if (o.policy !== undefined) {
           // A policy config.yaml does not define would leave the volume unprotected, silently.
           const { loadConfig } = await import('../../config/index.js');
@@ -52,6 +58,7 @@ export function define(program: Command): void {
             ? `  write its latest snapshot onto it with \`appliance sync ${rec.name} --peer PEER --reverse --apply\` (or \`appliance restore ${rec.name} --to ${path}\`)`
             : `  ${path} does not exist yet: \`appliance sync ${rec.name} --peer PEER --reverse --apply\` (or \`appliance restore ${rec.name} --to ${path}\`) creates it`,
         ].join('\n');
+      if (unprotected) currentIO().err(`note: no policy matches volume "${rec.name}": no job snapshots or replicates it until one does (an \`assign\` rule in config.yaml, or --policy NAME when adding it)\n`);
       return { json: { ...rec, snapshotsKept: snapshots }, text };
     }));
 
