@@ -24,7 +24,7 @@ import type { WirePutNodeT } from './schemas.js';
 import { throttle, TokenBucket, type Rate } from '../sync/bwlimit.js';
 import { BufferPool, coalesce, decodeFrames, encodeFrames, readAhead, takeRelease } from '../sync/framing.js';
 import { DEFAULT_BLOCK_SIZE } from '../store/index.js';
-import { FEATURE_BLOCK_DELTA, FEATURE_COMMIT_NODES, FEATURE_DELTA_DEFLATE, FEATURES_HEADER, LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, changesFromWire, changesToWire, fromHex, toHex } from '../sync/protocol.js';
+import { FEATURE_BLOCK_DELTA, FEATURE_COMMIT_NODES, POINT_AT_HEADER, FEATURE_DELTA_DEFLATE, FEATURES_HEADER, LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, changesFromWire, changesToWire, fromHex, toHex } from '../sync/protocol.js';
 import type { ServerStats } from './stats.js';
 import { trace, tracing } from '../sync/trace.js';
 import { setFlagsFromString } from 'node:v8';
@@ -203,6 +203,7 @@ export class RemotePeer implements ReplicaStore {
   private deltaFrames = false;
   /** The peer takes a snapshot's last nodes with its commit: it named `commit-nodes` (sync/protocol.ts). */
   private commitNodes = false;
+
   /** The peer takes and sends deflated delta frames (codec 3): it named `delta-deflate` (sync/protocol.ts). */
   private deltasDeflated = false;
   /** Block stream bytes on the wire (framed, compressed), up and down. */
@@ -377,8 +378,8 @@ export class RemotePeer implements ReplicaStore {
   }
 
   /** One request with JSON in and out; retried when `idempotent`. */
-  private async json<T>(method: 'GET' | 'POST' | 'DELETE', path: string, body: unknown, idempotent: boolean): Promise<T> {
-    const res = await this.send(method, path, body, idempotent);
+  private async json<T>(method: 'GET' | 'POST' | 'DELETE', path: string, body: unknown, idempotent: boolean, extraHeaders: Record<string, string> = {}): Promise<T> {
+    const res = await this.send(method, path, body, idempotent, extraHeaders);
     try {
       return (await res.body.json()) as T;
     } catch (e) {
@@ -387,7 +388,7 @@ export class RemotePeer implements ReplicaStore {
   }
 
   /** Send a request with a JSON body (or none); returns a 2xx response whose body the caller consumes. */
-  private async send(method: 'GET' | 'POST' | 'DELETE', path: string, body: unknown, idempotent: boolean): Promise<Dispatcher.ResponseData> {
+  private async send(method: 'GET' | 'POST' | 'DELETE', path: string, body: unknown, idempotent: boolean, extraHeaders: Record<string, string> = {}): Promise<Dispatcher.ResponseData> {
     const what = `${method} ${path}`;
     const payload = body === undefined ? undefined : JSON.stringify(body);
     for (let attempt = 1; ; attempt++) {
@@ -397,7 +398,7 @@ export class RemotePeer implements ReplicaStore {
         const res = await this.pool.request({
           method,
           path,
-          headers: this.headers(payload === undefined ? {} : { 'content-type': 'application/json' }),
+          headers: this.headers(payload === undefined ? extraHeaders : { 'content-type': 'application/json', ...extraHeaders }),
           ...(payload === undefined ? {} : { body: payload }),
         });
         if (res.statusCode < 300) {
@@ -450,8 +451,8 @@ export class RemotePeer implements ReplicaStore {
    * `ifRoot` (its snapshot's root) and a pull none: the peer refuses a push of a volume that runs
    * in EC2 after a failover (ERR_VOLUME_FAILED_OVER).
    */
-  async lockVolume(volume: string, holder: string, push?: { readonly ifRoot: string }): Promise<LockAnswer> {
-    const a = await this.json<LockAnswer>('POST', `/v1/volumes/${encodeURIComponent(volume)}/lock`, { holder, ...(push ? { ifRoot: push.ifRoot } : {}) }, false);
+  async lockVolume(volume: string, holder: string, push?: { readonly ifRoot: string; /** When the snapshot of that root was taken: an up-to-date peer dates its point by it (POINT_AT_HEADER). */ readonly pointAt?: string }): Promise<LockAnswer> {
+    const a = await this.json<LockAnswer>('POST', `/v1/volumes/${encodeURIComponent(volume)}/lock`, { holder, ...(push ? { ifRoot: push.ifRoot } : {}) }, false, push?.pointAt ? { [POINT_AT_HEADER]: push.pointAt } : {});
     this.noteLockAnswer(a);
     if (a.lease) {
       this.lease = a.lease;

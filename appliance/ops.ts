@@ -10,6 +10,7 @@
 import { rename, rm, open, statfs, readFile, stat } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { existsSync } from 'node:fs';
+import { CONFIRMED_NS } from '../sync/protocol.js';
 import { TandemError, diskFullError, fromSystemError, isTandemError } from '../common/errors.js';
 import type { Home } from './home.js';
 import { SOURCES_NS } from './sources.js';
@@ -168,6 +169,7 @@ export async function removeVolume(home: Home, store: Store, name: string, opts:
     await store.removeVolume(name);
     // A volume received from a peer: the next push of that name may come from any appliance.
     await store.deleteMeta(SOURCES_NS, name);
+    await store.deleteMeta(CONFIRMED_NS, name);
     // The scheduler's state of it (points, hold, pause, measured rates, a checkpointed job) was
     // about what is gone: a volume added again under the name starts afresh, not paused.
     await store.deleteMeta(STATE_NS, name);

@@ -333,7 +333,7 @@ export async function pushTaken(
   const early = opts.early ?? null;
   let lock: LockAnswer;
   try {
-    lock = await remote.lockVolume(snap.volume, home.identity.id, { ifRoot: snap.root });
+    lock = await remote.lockVolume(snap.volume, home.identity.id, { ifRoot: snap.root, pointAt: snap.created });
   } catch (e) {
     await early?.finish(false);
     throw e;

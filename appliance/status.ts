@@ -21,6 +21,7 @@ import { activePause } from './pause.js';
 import { PUSH_ATTEMPT_NS, type PushAttempt } from './push-attempts.js';
 import { volumeLockHolder } from './locks.js';
 import { SYNC_BASE_NS, pushPoint, type SyncBase } from './sync-base.js';
+import { CONFIRMED_NS } from '../sync/protocol.js';
 
 /** AT RISK from this fraction of the objective on: time to look before it is breached. */
 export const AT_RISK_FRACTION = 0.8;
@@ -129,7 +130,11 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
     // The recovery point that counts: what the other site has (or, without replication, what this one has).
     let replicated: PointInfo | null = null;
     if (v.path === undefined) {
-      replicated = latest ? { snapshot: latest.id, at: latest.created } : null;
+      // A replica: its latest, dated by the newest point its source confirmed it holds (a push
+      // that found it up to date: the volume did not change), else by when it was taken.
+      const confirmed = latest ? await store.getMeta<{ root: string; at: string }>(CONFIRMED_NS, v.name) : undefined;
+      const at = latest && confirmed?.root === latest.root && confirmed.at > latest.created ? confirmed.at : latest?.created;
+      replicated = latest ? { snapshot: latest.id, at: at! } : null;
     } else {
       // The newer of the daemon's last good push and the newest sync base of a push: a sync by
       // hand (`appliance sync`, which records only its base) after the daemon's last job counts.

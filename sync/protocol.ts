@@ -34,6 +34,14 @@ export const FEATURE_BLOCK_DELTA = 'block-delta';
 export const FEATURE_COMMIT_NODES = 'commit-nodes';
 export const FEATURE_DELTA_DEFLATE = 'delta-deflate';
 export const SERVER_FEATURES = [FEATURE_BLOCK_DELTA, FEATURE_COMMIT_NODES, FEATURE_DELTA_DEFLATE].join(',');
+/**
+ * On a push's lock request: when the pusher took the snapshot whose root it names (`ifRoot`). A
+ * server that finds itself up to date records it (meta {@link CONFIRMED_NS}), which dates its
+ * recovery point; a header, so that a server of an earlier release ignores it.
+ */
+export const POINT_AT_HEADER = 'x-tandem-point-at';
+/** Meta namespace, by volume, on the receiving appliance: `{root, at, by}`, the last point a source confirmed it holds (its latest), when that push sent nothing. */
+export const CONFIRMED_NS = 'volume-confirmed';
 
 export const HEX_HASH_PATTERN = '^[0-9a-f]{64}$';
 export const VOLUME_PATTERN = '^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$';

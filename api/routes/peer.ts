@@ -12,7 +12,7 @@ import { childChanges } from '../../store/tree.js';
 import type { NodeChangeToPut, NodeToPut, SnapshotRecord, TreeNode } from '../../store/types.js';
 import { BufferPool, coalesce, decodeFrames, encodeFrames, readAhead, takeRelease } from '../../sync/framing.js';
 import { trace } from '../../sync/trace.js';
-import { FEATURES_HEADER, LEASE_HEADER, PROTOCOL_VERSION, SERVER_FEATURES, changesFromWire, changesToWire, frameBlockLength, fromHex, toHex } from '../../sync/protocol.js';
+import { CONFIRMED_NS, FEATURES_HEADER, LEASE_HEADER, POINT_AT_HEADER, PROTOCOL_VERSION, SERVER_FEATURES, changesFromWire, changesToWire, frameBlockLength, fromHex, toHex } from '../../sync/protocol.js';
 import type { Home } from '../../appliance/home.js';
 import { clearDamage, readDamage } from '../../appliance/damage.js';
 import { failedOver } from '../../appliance/recovery/state.js';
@@ -256,6 +256,21 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     );
   };
 
+  /**
+   * A push found this appliance up to date: its source holds nothing newer than `latest` as of
+   * `pointAt` (POINT_AT_HEADER: when it took its snapshot of that root), which dates the recovery
+   * point here (meta CONFIRMED_NS; appliance/status.ts). Taken only from the volume's source
+   * (checkPushSource passed: `holder` is it, or may take it over), dated between `latest` and a
+   * minute past now, and newer than what was recorded; anything else is ignored.
+   */
+  const confirmPoint = async (vol: string, holder: string, latest: SnapshotRecord, pointAt: string | string[] | undefined): Promise<void> => {
+    const at = typeof pointAt === 'string' && pointAt.length <= 64 ? Date.parse(pointAt) : NaN;
+    if (!Number.isFinite(at) || at < Date.parse(latest.created) || at > Date.now() + 60_000) return;
+    const prior = await store.getMeta<{ root: string; at: string }>(CONFIRMED_NS, vol);
+    if (prior && prior.root === latest.root && Date.parse(prior.at) >= at) return;
+    await store.putMeta(CONFIRMED_NS, vol, { root: latest.root, at: new Date(at).toISOString(), by: holder });
+  };
+
   app.get('/v1/volumes/:vol/snapshots/latest', { schema: { params: S.VolumeParams, summary: 'the latest snapshot of a volume, or null' } }, async (req) => {
     const { vol } = req.params as { vol: string };
     return { snapshot: await store.latestSnapshot(vol) };
@@ -283,7 +298,10 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     // the list only when there is some (scheduler/steps.ts), one round trip less per push.
     const damage = await readDamage(store);
     const next = { ...(staged ? { nextFingerprint: staged.fingerprint } : {}), damaged: damage.blocks.length + damage.nodes.length };
-    if (body.ifRoot && latest && latest.root === body.ifRoot) return { upToDate: true, lease: null, expiresInMs: 0, latest, ...next };
+    if (body.ifRoot && latest && latest.root === body.ifRoot) {
+      await confirmPoint(vol, body.holder, latest, req.headers[POINT_AT_HEADER]);
+      return { upToDate: true, lease: null, expiresInMs: 0, latest, ...next };
+    }
     const v = await store.getVolume(vol);
     if (v?.materializing) {
       throw new TandemError('ERR_VOLUME_MATERIALIZING', `volume "${vol}" is being written on ${home.identity.name} (snapshot ${v.materializing.snapshot}); finish that restore first`, { details: { volume: vol } });

@@ -689,3 +689,26 @@ test('failback onto a disk of unrelated data with no room to keep it: refused wi
   const misuse = await cli(a, 'sync', 'vol', '--peer', 'cloud', '--no-keep');
   assert.equal(misuse.json.error.code, 'ERR_USAGE');
 });
+
+test('a push that finds the peer up to date dates the recovery point there: the receiver\'s status counts from the snapshot the source took, not from the last change; a date ahead of the receiver or before its snapshot is ignored', async (t) => {
+  const p = await setup(t);
+  assert.equal((await cli(p.a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const first = ((await cli(p.b, 'status', 'vol')).json.volumes as Array<{ lastReplicated: { at: string } }>)[0]!.lastReplicated.at;
+  await new Promise((r) => setTimeout(r, 1100));
+  const again = await cli(p.a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(again.code, 0, again.stderr);
+  assert.equal(again.json.upToDate, true);
+  const taken = ((await cli(p.a, 'snapshots', 'vol')).json as Array<{ created: string }>).at(-1)!.created;
+  const st = ((await cli(p.b, 'status', 'vol')).json.volumes as Array<{ lastReplicated: { at: string }; rpoAgeMs: number | null }>)[0]!;
+  assert.equal(st.lastReplicated.at, taken, 'dated by the no-op push\'s snapshot');
+  assert.ok(st.lastReplicated.at > first);
+  // A date past the receiver's clock (by more than a minute) or before the snapshot it has is ignored.
+  const latest = (await p.peerB.latestSnapshot('vol'))!;
+  const aId = (JSON.parse(readFileSync(join(p.a.dir, 'appliance.json'), 'utf8')) as { id: string }).id;
+  for (const pointAt of [new Date(Date.now() + 3_600_000).toISOString(), new Date(Date.parse(latest.created) - 1000).toISOString(), 'yesterday']) {
+    const lock = await p.peerB.lockVolume('vol', aId, { ifRoot: latest.root, pointAt });
+    assert.equal(lock.upToDate, true);
+  }
+  const unchanged = ((await cli(p.b, 'status', 'vol')).json.volumes as Array<{ lastReplicated: { at: string } }>)[0]!.lastReplicated.at;
+  assert.equal(unchanged, taken);
+});
