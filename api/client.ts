@@ -265,7 +265,7 @@ export class RemotePeer implements ReplicaStore {
         return null;
       }
       socket.destroy();
-      return new TandemError('ERR_PEER_FINGERPRINT', `peer ${name} at ${u.origin} presented certificate ${got}, not the pinned ${pinned}; nothing was sent. If the peer was re-initialized, pair again with \`appliance peer add\``, {
+      return new TandemError('ERR_PEER_FINGERPRINT', `peer ${name} at ${u.origin} presented certificate ${got}, not the pinned ${pinned}; nothing was sent. If the peer was re-initialized, pin its new certificate: \`appliance peer update ${name} --fingerprint F\` (and --token T if it has a new token)`, {
         details: { expected: pinned, got },
       });
     };
@@ -371,7 +371,7 @@ export class RemotePeer implements ReplicaStore {
     const msg = typeof body.error?.message === 'string' ? body.error.message : `HTTP ${res.statusCode}`;
     const details = (typeof body.error?.details === 'object' && body.error?.details !== null ? body.error.details : {}) as Record<string, unknown>;
     if (res.statusCode === 401) {
-      return new TandemError('ERR_UNAUTHORIZED', `peer ${this.name} refused our token (${what}); pair again with the token \`appliance init\` printed there: \`appliance peer add ${this.name} --url ... --token T --fingerprint F\``, { details });
+      return new TandemError('ERR_UNAUTHORIZED', `peer ${this.name} refused our token (${what}): it was rotated there (\`appliance token rotate\`) or the peer was re-initialized. Give this appliance the token \`appliance token show\` prints there: \`appliance peer update ${this.name} --token T\` (checked before it is written)`, { details });
     }
     if (isErrorCode(code)) return new TandemError(code, `peer ${this.name}: ${msg}`, { details: { ...details, status: res.statusCode } });
     return new TandemError('ERR_PEER_PROTOCOL', `peer ${this.name} answered ${what} with HTTP ${res.statusCode} and no error code; is it a Tandem appliance of a compatible version?`, { details: { status: res.statusCode } });

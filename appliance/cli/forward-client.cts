@@ -96,6 +96,17 @@ function runningServer(homeDir: string): ServerInfo | null {
   }
 }
 
+/** support-bundle's default file name for the home in `homeDir` (appliance/cli/commands/support.ts gives the same). */
+export function defaultBundleName(homeDir: string, now = new Date()): string {
+  let name = 'appliance';
+  try {
+    name = (JSON.parse(readFileSync(join(homeDir, 'appliance.json'), 'utf8')) as { name?: string }).name ?? name;
+  } catch {
+    // unreadable: the command reports it
+  }
+  return `tandem-support-${name}-${now.toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z')}.tar.gz`;
+}
+
 /** Make path-valued option values absolute so they mean the same thing in the server. */
 function absolutize(args: string[], cwd: string): string[] {
   const out: string[] = [];
@@ -132,7 +143,12 @@ export async function forwardIfServed(argv: string[]): Promise<boolean> {
   } catch {
     return false;
   }
-  const body = JSON.stringify({ argv: ['node', 'appliance', ...absolutize(args, process.cwd())], user: localUser() } satisfies ForwardRequest);
+  // The home this process resolved goes with the command: without --home, the server would
+  // resolve it from its own environment ($TANDEM_HOME there, or the default), another home.
+  const forwarded = [...absolutize(args, process.cwd()), ...(home === undefined ? ['--home', homeDir] : [])];
+  // support-bundle writes into the caller's directory by default, not the server's.
+  if (command === 'support-bundle' && !args.some((a) => a === '--to' || a.startsWith('--to='))) forwarded.push('--to', join(process.cwd(), defaultBundleName(homeDir)));
+  const body = JSON.stringify({ argv: ['node', 'appliance', ...forwarded], user: localUser() } satisfies ForwardRequest);
   const headers = { 'content-type': 'application/json', authorization: `Bearer ${token}`, 'content-length': String(Buffer.byteLength(body)) };
   // Ctrl-C (or SIGTERM) while the server runs the command: the connection is closed, which the
   // server takes as the order to stop the command at its next safe point (ERR_INTERRUPTED

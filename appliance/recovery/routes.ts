@@ -33,18 +33,43 @@ export function recoveryRoutes(home: Home, store: Store) {
       schema: { tags: ['recovery'], summary: 'Failback step 1: snapshot the EC2 volume and import it incrementally', body: PrepareBody },
     }, async (req) => {
       const { prepare } = await import('./index.js');
-      const release = home.lockVolume(req.body.volume, 'failback-prepare');
-      try {
-        return await prepare(home, store, req.body.volume, { stop: req.body.stop === true });
-      } finally {
-        release();
-      }
+      return audited(['failback', 'prepare', req.body.volume, ...(req.body.stop === true ? ['--stop'] : [])], async () => {
+        const release = home.lockVolume(req.body.volume, 'failback-prepare');
+        try {
+          return await prepare(home, store, req.body.volume, { stop: req.body.stop === true });
+        } finally {
+          release();
+        }
+      });
     });
     app.post<{ Body: Static<typeof CompleteBody> }>('/v1/recovery/failback/complete', {
       schema: { tags: ['recovery'], summary: 'Failback step 3: mark the volume home, optionally terminate the instances', body: CompleteBody },
     }, async (req) => {
       const { complete } = await import('./index.js');
-      return complete(store, req.body.volume, req.body.snapshot, req.body.terminate === true);
+      return audited(['failback', 'complete', req.body.volume, req.body.snapshot, ...(req.body.terminate === true ? ['--terminate'] : [])], () => complete(store, req.body.volume, req.body.snapshot, req.body.terminate === true));
     });
   };
+
+  /**
+   * Run a failback step a peer asked for and record it in this appliance's audit log (it stops
+   * or terminates instances and deletes EBS snapshots: `appliance audit` here must show it).
+   */
+  async function audited<T>(command: string[], fn: () => Promise<T>): Promise<T> {
+    const { appendAudit } = await import('../audit.js');
+    const record = (exitCode: number, error?: string) => {
+      try {
+        appendAudit(home.dir, { at: new Date().toISOString(), user: 'peer (API)', pid: process.pid, command: ['(peer API)', ...command], exitCode, ...(error ? { error } : {}) });
+      } catch {
+        // the audit log could not be written: the step's own answer stands
+      }
+    };
+    try {
+      const r = await fn();
+      record(0);
+      return r;
+    } catch (e) {
+      record(1, (e as { code?: string }).code ?? 'ERR_INTERNAL');
+      throw e;
+    }
+  }
 }

@@ -242,6 +242,10 @@ test('failback after the server in EC2 wrote past the protected size: refused an
   assert.ok(st.blocks * 512 <= home.length, 'past that the grown image is a hole (reads as zeros), as the EC2 volume is');
   const next = await ok(onprem, ['sync', VOL, '--peer', 'cloud']);
   assert.equal(next.blocksSent, 0, 'replication resumes incrementally at the new size');
+  // The cloud appliance's audit log shows the steps the on-prem appliance had it run.
+  const audit = await ok(cloud, ['audit', '--since', '1h']);
+  const steps = (audit.entries as Array<{ command: string[]; exitCode: number }>).filter((e) => e.command[0] === '(peer API)').map((e) => e.command.slice(1, 3).join(' '));
+  assert.ok(steps.includes('failback prepare') && steps.includes('failback complete'), JSON.stringify(steps));
 });
 
 test('a failover given up with --end: pushes are refused until then and taken again after; --terminate stops its instance', async () => {

@@ -12,6 +12,7 @@ import { Store } from '../../store/index.js';
 import { blockKey, nodeKey } from '../../store/keys.js';
 import { hashBlock } from '../../store/hash.js';
 import { cli, damageBlock as damage, pairedWithVolume, startCli, startServe } from '../helpers/appliance.js';
+import { cli as cliText } from '../helpers/cli.js';
 import { randomInt } from 'node:crypto';
 import { setTimeout as delay } from 'node:timers/promises';
 import { trials } from '../helpers/soak.js';
@@ -78,6 +79,11 @@ test('repair heals a damaged block, a lost block entry and a missing tree node w
 test('repair --push heals the peer\'s store with this store\'s copies of what the peer\'s last verify found; a block damaged on both sides is named and exits 1', async (t) => {
   const { a, b, img } = await pairedWithVolume(t, 100);
   assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  // The cloud never verified: it knows of nothing to heal, and says so (not "nothing left" of a verify in 1970).
+  const early = await cli(a, 'repair', '--peer', 'cloud', '--push');
+  assert.equal(early.code, 1, early.stderr);
+  assert.equal(early.json.neverVerified, true);
+  assert.match((await cliText(['--home', a.dir, 'repair', '--peer', 'cloud', '--push'])).stdout, /has not verified its store yet/);
   const data = readFileSync(img);
   const bytes = (i: number) => data.subarray(i * BS, (i + 1) * BS);
   // The cloud's store (its server runs) has blocks 30 and 70 damaged; ours has 70 damaged too.

@@ -11,6 +11,7 @@ import { userInfo } from 'node:os';
 import { join } from 'node:path';
 import { cli, initHome, startCli, startServe, tempDir } from '../helpers/appliance.js';
 import { parseAnswer } from '../../appliance/cli/forward-client.cjs';
+import { cliJson } from '../helpers/cli.js';
 
 function serverInfo(home: string): { pid: number; url: string; socket?: string } {
   return JSON.parse(readFileSync(join(home, 'run', 'server.json'), 'utf8'));
@@ -251,4 +252,23 @@ test('serve stopped during a forwarded hooked snapshot that outlasts the 30 s gr
   assert.deepEqual(logLines(log), ['pre', 'post']);
   const list = await cli(a, 'snapshots', 'v');
   assert.deepEqual(list.json, []);
+});
+
+test('a command sent to a running server runs on the home this CLI resolved ($TANDEM_HOME, not the server\'s own environment); support-bundle writes into the caller\'s directory', async (t) => {
+  const a = await initHome(t, 'onprem');
+  const other = await initHome(t, 'other');
+  // The server's environment names another home: a command without --home must not reach it.
+  await startServe(t, a, '127.0.0.1:0', { TANDEM_HOME: other.dir });
+  const img = join(tempDir(t), 'v.img');
+  writeFileSync(img, Buffer.alloc(1024 * 1024, 1));
+  const added = await cliJson(['volume', 'add', 'only-in-a', '--path', img], { env: { TANDEM_HOME: a.dir } });
+  assert.equal(added.code, 0, added.stderr);
+  const listed = await cliJson(['volume', 'list'], { env: { TANDEM_HOME: a.dir } });
+  assert.deepEqual((listed.json as Array<{ name: string }>).map((v) => v.name), ['only-in-a']);
+  assert.deepEqual((await cli(other, 'volume', 'list')).json, [], 'the other home is untouched');
+  const here = tempDir(t);
+  const bundle = await cliJson(['support-bundle'], { env: { TANDEM_HOME: a.dir }, cwd: here });
+  assert.equal(bundle.code, 0, bundle.stderr);
+  assert.ok(existsSync(bundle.json.file) && bundle.json.file.startsWith(here), `written into the caller's directory: ${bundle.json.file}`);
+  assert.ok(statSync(bundle.json.file).size > 0);
 });

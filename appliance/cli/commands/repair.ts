@@ -25,6 +25,11 @@ export function define(program: Command): void {
         const left = p.notHeld.length + p.damagedHere.length;
         const nodesLeft = p.peerDamagedNodes - p.nodesRepaired;
         const ok = left === 0 && nodesLeft <= 0;
+        // The epoch: the peer keeps no verify record (GET /v1/damage of a store never verified).
+        if (Date.parse(p.peerVerifiedAt) === 0) {
+          const text = `${peer} has not verified its store yet, so it knows of nothing to heal and nothing was sent. Run \`appliance verify\` on ${peer} (its daemon also verifies on schedule), then this again`;
+          return { json: { ok: false, neverVerified: true, ...p }, text, exitCode: 1 };
+        }
         const lines = [
           `${peer}'s last verify (${p.peerVerifiedAt}) found ${p.peerDamagedBlocks} damaged blocks and ${p.peerDamagedNodes} damaged tree nodes; sent ${p.blocksSent} good copies of blocks, ${p.blocksRepaired} repaired there, and put back ${p.nodesRepaired} tree nodes`,
           ...p.notHeld.map((h) => `not held here: block ${h}`),

@@ -22,8 +22,8 @@ export function define(program: Command): void {
       const { existsSync } = await import('node:fs');
       const { TandemError } = await import('../../../common/errors.js');
       const home = Home.load(g.home);
-      const stamp = new Date().toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
-      const to = resolve((cmd.opts() as { to?: string }).to ?? `tandem-support-${home.identity.name}-${stamp}.tar.gz`);
+      const { defaultBundleName } = await import('../forward-client.cjs');
+      const to = resolve((cmd.opts() as { to?: string }).to ?? defaultBundleName(home.dir));
       if ((cmd.opts() as { to?: string }).to?.trim() === '') throw new TandemError('ERR_USAGE', '--to is empty: name the file to write (or leave --to out)');
       if (existsSync(to)) throw new TandemError('ERR_USAGE', `${to} exists; name another file with --to (nothing was written)`);
       if (!existsSync(dirname(to))) throw new TandemError('ERR_USAGE', `the directory ${dirname(to)} does not exist; name a file in an existing directory with --to (nothing was written)`);
