@@ -89,6 +89,7 @@ export interface StatusStore {
   listVolumes(): Promise<VolumeRecord[]>;
   latestSnapshot(volume: string): Promise<SnapshotRecord | null>;
   getSnapshot(volume: string, id: string): Promise<SnapshotRecord | null>;
+  diffSnapshots(base: SnapshotRecord | null, target: SnapshotRecord): AsyncIterable<{ index: number; hash: Buffer }>;
   getMeta<T>(ns: string, key: string): Promise<T | undefined>;
   listMeta<T>(ns: string): Promise<Array<[string, T]>>;
 }
@@ -215,8 +216,16 @@ async function estimateRto(store: StatusStore, v: VolumeRecord, latest: Snapshot
   if (!pending) return { ms: launchMs, basis: `${launchBasis}; newest point already exported` };
   const rates = await readRates(store, v.name);
   const exportRate = rates.exportBytesPerSec ?? DEFAULT_EXPORT_BYTES_PER_SEC;
-  // First export uploads every non-zero block; later ones the change since the last.
-  const bytes = lastExport === null ? latest!.nonZeroBlocks * latest!.blockSize : rates.samples > 0 ? rates.lastChangedBytes : latest!.nonZeroBlocks * latest!.blockSize;
+  // First export uploads every non-zero block; later ones what changed since the last export
+  // (the tree diff of the two snapshots: what the next export uploads; where the exported one is
+  // gone, every non-zero block).
+  const exported = lastExport === null ? null : await store.getSnapshot(v.name, lastExport.tandemSnapshot);
+  let bytes = latest!.nonZeroBlocks * latest!.blockSize;
+  if (exported !== null && exported.blockSize === latest!.blockSize) {
+    let changed = 0;
+    for await (const _ of store.diffSnapshots(exported, latest!)) changed++;
+    bytes = changed * latest!.blockSize;
+  }
   const exportMs = Math.ceil((bytes / exportRate) * 1000);
   return { ms: launchMs + exportMs, basis: `${launchBasis} + export of ${bytes} bytes at ${Math.round(exportRate / 1048576)} MiB/s${rates.exportBytesPerSec ? ' (measured)' : ' (default)'}` };
 }

@@ -303,3 +303,29 @@ replication: { peer: cloud }
   assert.equal(pushedPointAt(await readVolumeState(store, 'db'), 'cloud'), null, 'the daemon finds no push: its job is due now');
   await removePeer(store, 'cloud');
 });
+
+test('the RTO estimate counts the export still to do: what changed since the last export (a tree diff), not the last export\'s size', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'tandem-status-'));
+  const home = await Home.init(join(dir, 'home'), 'cloud');
+  writeFileSync(home.paths.config, `appliance: { name: cloud }\npolicies:\n  gold: { rpo: 1h, rto: 1h }\nassign:\n  - match: "*"\n    policy: gold\n`);
+  const store = await home.openStore();
+  t.after(async () => {
+    await store.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const img = join(dir, 'db.img');
+  const data = randomBytes(8 * 512 * 1024);
+  writeFileSync(img, data);
+  await addVolume(store, { name: 'db', path: img });
+  const config = await loadConfig(home);
+  const s1 = await snapshotVolume(home, store, 'db');
+  await store.putMeta('ebs-exports', 'db', [{ ebsSnapshotId: 'snap-0123456789abcdef0', tandemSnapshot: s1.id, created: s1.created }]);
+  const [exported] = await computeStatus(store, config, Date.now(), 'db');
+  assert.match(exported!.rtoBasis, /newest point already exported/);
+  for (const b of [1, 4, 6]) data.fill(b, b * 512 * 1024, b * 512 * 1024 + 100);
+  writeFileSync(img, data);
+  await new Promise((r) => setTimeout(r, 5));
+  await snapshotVolume(home, store, 'db');
+  const [pending] = await computeStatus(store, config, Date.now(), 'db');
+  assert.match(pending!.rtoBasis, new RegExp(`export of ${3 * 512 * 1024} bytes`), pending!.rtoBasis);
+});
