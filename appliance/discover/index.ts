@@ -90,9 +90,15 @@ export async function discover(config: Config, volumes: readonly VolumeRecord[],
   const assets: Asset[] = [];
   for (const f of found) {
     let size = f.size;
-    let format: Asset['format'] = f.kind === 'disk' || f.kind === 'lvm' ? 'device' : 'raw';
+    let format: Asset['format'] = f.kind === 'disk' || f.kind === 'lvm' || f.kind === 'loop' ? 'device' : 'raw';
     let nonZero: number | null = null;
     let note: string | null = f.skip ? `not proposed: ${f.skip}` : null;
+    if (f.kind === 'loop') {
+      // The file it reads: protected as an image where discovery finds it (one copy of the data, and
+      // a restore onto either is refused while the other is in use), else as the device.
+      const backing = await readFile(`/sys/block/${f.name}/loop/backing_file`, 'utf8').then((s) => s.trim(), () => null);
+      if (backing !== null && found.some((o) => o.kind === 'image' && o.path === backing)) note = `not proposed: loop device of ${backing}, which is listed: protect the image`;
+    }
     if (f.kind === 'image' || f.kind === 'libvirt') {
       try {
         const st = await stat(f.path);

@@ -5,7 +5,7 @@
 
 /** A device or volume found by a tool, before sizing and policy proposal. */
 export interface Found {
-  readonly kind: 'disk' | 'lvm' | 'image' | 'libvirt';
+  readonly kind: 'disk' | 'lvm' | 'loop' | 'image' | 'libvirt';
   readonly name: string;
   readonly path: string;
   readonly size: number;
@@ -50,6 +50,11 @@ export function parseLsblk(json: string, includeLvm: boolean): Found[] {
       const skip = ro ? 'read-only' : size === 0 ? 'empty' : d.name.startsWith('zram') || d.fstype === 'swap' ? 'swap/zram' : undefined;
       const mounts = mountsUnder(d);
       out.push({ kind: 'disk', name: d.name, path, size, mountpoint: mounts.length > 0 ? mounts.join(',') : null, fstype: d.fstype ?? null, ...(skip ? { skip } : {}) });
+    } else if (d.type === 'loop' && !ro && size > 0 && d.fstype !== 'squashfs') {
+      // A writable loop device (an image attached with losetup, a VM's or a test's disk); the
+      // read-only ones (snap packages' squashfs) are nothing to protect.
+      const mounts = mountsUnder(d);
+      out.push({ kind: 'loop', name: d.name, path, size, mountpoint: mounts.length > 0 ? mounts.join(',') : null, fstype: d.fstype ?? null });
     } else if (d.type === 'lvm' && includeLvm) {
       out.push({ kind: 'lvm', name: d.name, path, size, mountpoint: d.mountpoint ?? null, fstype: d.fstype ?? null, ...(ro ? { skip: 'read-only' } : {}) });
     }

@@ -24,6 +24,15 @@ test('lsblk: whole disks with the mounts under them; rom, loop, zram and read-on
   assert.deepEqual(withLvm.filter((f) => f.kind === 'lvm').map((f) => f.path), ['/dev/mapper/vg0-root', '/dev/mapper/vg0-pgdata']);
 });
 
+test('lsblk: a writable loop device (an image attached with losetup) is listed as one; a read-only squashfs one is not', () => {
+  const json = JSON.stringify({ blockdevices: [
+    { name: 'loop0', path: '/dev/loop0', size: 67108864, type: 'loop', mountpoint: '/snap/core20/1', fstype: 'squashfs', ro: true },
+    { name: 'loop3', path: '/dev/loop3', size: 50331648, type: 'loop', mountpoint: null, fstype: null, ro: false },
+    { name: 'loop4', path: '/dev/loop4', size: 0, type: 'loop', mountpoint: null, fstype: null, ro: false },
+  ] });
+  assert.deepEqual(parseLsblk(json, false).map((f) => [f.kind, f.name, f.path, f.size]), [['loop', 'loop3', '/dev/loop3', 50331648]]);
+});
+
 test('lvs: logical volumes without snapshots and thin pools', () => {
   assert.deepEqual(parseLvs(fixture('lvs.json')).map((f) => [f.name, f.path, f.size]), [
     ['vg0-pgdata', '/dev/vg0/pgdata', 42949672960],
