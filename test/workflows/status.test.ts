@@ -18,6 +18,23 @@ import { pinnedSnapshots } from '../../appliance/policy/apply.js';
 const MIN = 60_000;
 const MiB = 1024 * 1024;
 
+/** A home named `name` with `yaml` as its config.yaml and volume `db` on a random image of `bytes`; its store open (closed, and everything removed, after the test). */
+async function homeWithDb(t: { after(fn: () => Promise<void>): void }, name: string, yaml: string, bytes = MiB) {
+  const dir = mkdtempSync(join(tmpdir(), 'tandem-status-'));
+  const home = await Home.init(join(dir, 'home'), name);
+  writeFileSync(home.paths.config, yaml);
+  const store = await home.openStore();
+  t.after(async () => {
+    await store.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const img = join(dir, 'db.img');
+  const data = randomBytes(bytes);
+  writeFileSync(img, data);
+  await addVolume(store, { name: 'db', path: img });
+  return { dir, home, store, img, data, config: await loadConfig(home) };
+}
+
 test('objective states: OK up to 80 %, AT RISK above, BREACHED past the objective or with no point', () => {
   assert.equal(objectiveState(48 * MIN, 60 * MIN), 'OK');
   assert.equal(objectiveState(48 * MIN + 1, 60 * MIN), 'AT_RISK');
@@ -146,9 +163,7 @@ assign:
 });
 
 test('the recovery point the peer holds: the newer of the daemon\'s last push and a push by hand; one that found the peer up to date counts from the snapshot it took', async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'tandem-status-'));
-  const home = await Home.init(join(dir, 'home'), 'onprem');
-  writeFileSync(home.paths.config, `appliance: { name: onprem }
+  const { home, store, img, config } = await homeWithDb(t, 'onprem', `appliance: { name: onprem }
 policies:
   gold: { rpo: 1h }
 assign:
@@ -156,15 +171,6 @@ assign:
     policy: gold
 replication: { peer: cloud }
 `);
-  const store = await home.openStore();
-  t.after(async () => {
-    await store.close();
-    rmSync(dir, { recursive: true, force: true });
-  });
-  const img = join(dir, 'db.img');
-  writeFileSync(img, randomBytes(MiB));
-  await addVolume(store, { name: 'db', path: img });
-  const config = await loadConfig(home);
   const point = async (now: number) => {
     const [s] = await computeStatus(store, config, now, 'db');
     return { ...s!.lastReplicated!, age: s!.rpoAgeMs };
@@ -249,9 +255,7 @@ test('a policy config.yaml does not define: `volume add --policy` refuses it, an
 });
 
 test('status from the audit: a point dated ahead does not hide a later push dated right; no RTO while the DR site holds nothing; a peer removed or re-paired with another appliance holds no point, and the daemon is due at once', async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'tandem-status-'));
-  const home = await Home.init(join(dir, 'home'), 'onprem');
-  writeFileSync(home.paths.config, `appliance: { name: onprem }
+  const { home, store, config } = await homeWithDb(t, 'onprem', `appliance: { name: onprem }
 policies:
   gold: { rpo: 1h, rto: 1h }
 assign:
@@ -259,15 +263,6 @@ assign:
     policy: gold
 replication: { peer: cloud }
 `);
-  const store = await home.openStore();
-  t.after(async () => {
-    await store.close();
-    rmSync(dir, { recursive: true, force: true });
-  });
-  const img = join(dir, 'db.img');
-  writeFileSync(img, randomBytes(MiB));
-  await addVolume(store, { name: 'db', path: img });
-  const config = await loadConfig(home);
   const status = async (now: number) => (await computeStatus(store, config, now, 'db'))[0]!;
 
   // Taken, not replicated: nothing to fail over, so no RTO, whatever this appliance holds.
@@ -305,19 +300,7 @@ replication: { peer: cloud }
 });
 
 test('the RTO estimate counts the export still to do: what changed since the last export (a tree diff), not the last export\'s size', async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'tandem-status-'));
-  const home = await Home.init(join(dir, 'home'), 'cloud');
-  writeFileSync(home.paths.config, `appliance: { name: cloud }\npolicies:\n  gold: { rpo: 1h, rto: 1h }\nassign:\n  - match: "*"\n    policy: gold\n`);
-  const store = await home.openStore();
-  t.after(async () => {
-    await store.close();
-    rmSync(dir, { recursive: true, force: true });
-  });
-  const img = join(dir, 'db.img');
-  const data = randomBytes(8 * 512 * 1024);
-  writeFileSync(img, data);
-  await addVolume(store, { name: 'db', path: img });
-  const config = await loadConfig(home);
+  const { home, store, img, data, config } = await homeWithDb(t, 'cloud', `appliance: { name: cloud }\npolicies:\n  gold: { rpo: 1h, rto: 1h }\nassign:\n  - match: "*"\n    policy: gold\n`, 8 * 512 * 1024);
   const s1 = await snapshotVolume(home, store, 'db');
   await store.putMeta('ebs-exports', 'db', [{ ebsSnapshotId: 'snap-0123456789abcdef0', tandemSnapshot: s1.id, created: s1.created }]);
   const [exported] = await computeStatus(store, config, Date.now(), 'db');
