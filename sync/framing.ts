@@ -512,6 +512,7 @@ export async function* coalesce(source: AsyncIterable<Buffer>): AsyncGenerator<B
     return out;
   };
   const turn = (): Promise<typeof NOT_YET> => new Promise((resolve) => setImmediate(resolve, NOT_YET));
+  let lastBig = false;
   try {
     let next = it.next();
     for (;;) {
@@ -526,6 +527,14 @@ export async function* coalesce(source: AsyncIterable<Buffer>): AsyncGenerator<B
       const chunk = r.value;
       if (chunk.length >= SMALL_CHUNK) {
         if (parts.length > 0) yield joined();
+        yield chunk;
+        lastBig = true;
+        continue;
+      }
+      // A small chunk after a large one (a whole block's frame header): whole blocks go one write
+      // each anyway, so it is not held (no wait on the event loop per block).
+      if (lastBig) {
+        lastBig = false;
         yield chunk;
         continue;
       }
