@@ -253,6 +253,11 @@ function onEndingSignal(sig: NodeJS.Signals): void {
   });
 }
 
+/** Whether a snapshot of this process is between its hooks (its post hook, the thaw, still to run). */
+export function thawPending(): boolean {
+  return postsOnSignal.size > 0;
+}
+
 /**
  * Run now the post hooks owed by every snapshot of this process that is between its hooks; each
  * such snapshot stops before it commits. A server that stops (serve, daemon) calls this once its

@@ -72,6 +72,12 @@ export function commandSignal(): AbortSignal | undefined {
     const ctl = (processStop = new AbortController());
     const stop = (sig: NodeJS.Signals) => {
       if (ctl.signal.aborted) {
+        // Never with a file system frozen by a pre hook: its post hook (the thaw) runs first.
+        const { thawPending } = require('../hooks.js') as typeof import('../hooks.js');
+        if (thawPending()) {
+          process.stderr.write(`${sig} again: the post hook (the thaw) runs first, then the command ends\n`);
+          return;
+        }
         process.stderr.write(`${sig} again: stopping at once\n`);
         process.exit(130);
       }

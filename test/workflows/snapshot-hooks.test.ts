@@ -155,3 +155,19 @@ test('Ctrl-C while the pre hook hangs: the pre hook is killed and the post hook 
   assert.equal(readFileSync(log, 'utf8'), 'post\n', 'the pre hook was killed before it finished; post ran');
   assert.ok(!existsSync(frozen));
 });
+
+test('Ctrl-C again while the post hook (the thaw) runs does not end the command before it: the file system is never left frozen', async (t) => {
+  const dir = tempDir(t);
+  const log = join(dir, 'hooks.log');
+  const frozen = join(dir, 'FROZEN');
+  // Ctrl-C during the pre hook, and again as the post hook starts.
+  const home = await homeWithHooks(dir, `      pre: "touch ${frozen}; kill -INT $PPID; sleep 30"
+      post: "kill -INT $PPID; sleep 1; rm ${frozen} && echo post >> ${log}"
+      timeout: 60s
+`);
+  const r = await collect(spawnCli(['--home', home, 'snapshot', 'db']));
+  assert.ok(!existsSync(frozen), `thawed before the command ended: ${r.stderr}`);
+  assert.equal(readFileSync(log, 'utf8'), 'post\n');
+  assert.match(r.stderr, /SIGINT again: the post hook \(the thaw\) runs first/);
+  assert.equal(r.signal, 'SIGINT', r.stderr);
+});
