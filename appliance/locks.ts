@@ -2,14 +2,16 @@
  * Per-volume locks: one snapshot, sync or materialize per volume at a time, across every
  * process that shares a home directory (CLI commands, `serve`, `daemon`).
  *
- * A lock is a file `locks/<volume>.lock` created with O_EXCL holding {pid, op, since}.
+ * A lock is a file `locks/<volume>.lock` holding {pid, op, since}, written whole and linked into
+ * place (link fails when the name exists).
  * A lock whose process is gone (kill -9) is stale and is taken over. Within one process a
  * second acquire of the same volume fails too (the server handles concurrent requests).
  *
  * Contract: acquire() either returns a release function or throws ERR_VOLUME_LOCKED naming
  * the holder; release() is idempotent. Safe to call concurrently.
  */
-import { mkdirSync, openSync, writeSync, closeSync, readFileSync, unlinkSync, renameSync } from 'node:fs';
+import { mkdirSync, readFileSync, unlinkSync, renameSync, writeFileSync, linkSync, rmSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { TandemError, fromSystemError } from '../common/errors.js';
 import { pidAlive } from '../common/pid.cjs';
@@ -55,34 +57,21 @@ function acquire(dir: string, file: string, op: string, what: string, busy: (h: 
   if (mine) throw busy(mine);
   for (let attempt = 0; attempt < 3; attempt++) {
     const info: LockInfo = { pid: process.pid, op, since: new Date().toISOString() };
+    // Written whole to a file of our own, then linked under the lock's name (link fails when the
+    // name exists): a lock file always holds its holder. Created empty and then written, another
+    // process could read it between the two, take it for a crashed holder's and take it over.
+    const tmp = `${file}.${process.pid}-${randomBytes(4).toString('hex')}.tmp`;
     try {
-      const fd = openSync(file, 'wx', 0o644);
-      try {
-        writeSync(fd, JSON.stringify(info));
-      } catch (e) {
-        // A full disk takes the file but not its bytes: leave no empty lock behind.
-        closeSync(fd);
-        try {
-          unlinkSync(file);
-        } catch {
-          /* gone already */
-        }
-        throw fromSystemError(e, `cannot write the lock of ${what} (${file})`);
-      }
-      closeSync(fd);
-      heldHere.set(key, info);
-      let released = false;
-      return () => {
-        if (released) return;
-        released = true;
-        heldHere.delete(key);
-        try {
-          unlinkSync(file);
-        } catch {
-          /* already gone */
-        }
-      };
+      writeFileSync(tmp, JSON.stringify(info), { mode: 0o644, flag: 'wx' });
     } catch (e) {
+      // A full disk takes the file but not its bytes: leave nothing behind.
+      rmSync(tmp, { force: true });
+      throw fromSystemError(e, `cannot write the lock of ${what} (${file})`);
+    }
+    try {
+      linkSync(tmp, file);
+    } catch (e) {
+      rmSync(tmp, { force: true });
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(e, `cannot create the lock of ${what} (${file})`);
       const holder = liveHolder(file);
       if (holder) throw busy(holder);
@@ -93,7 +82,21 @@ function acquire(dir: string, file: string, op: string, what: string, busy: (h: 
       } catch {
         /* someone else took it over first; loop and try again */
       }
+      continue;
     }
+    rmSync(tmp, { force: true });
+    heldHere.set(key, info);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      heldHere.delete(key);
+      try {
+        unlinkSync(file);
+      } catch {
+        /* already gone */
+      }
+    };
   }
   const holder = readInfo(file);
   throw busy(holder ?? { pid: -1, op: 'unknown', since: '' });
