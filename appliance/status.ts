@@ -221,13 +221,24 @@ async function estimateRto(store: StatusStore, v: VolumeRecord, latest: Snapshot
   // gone, every non-zero block).
   const exported = lastExport === null ? null : await store.getSnapshot(v.name, lastExport.tandemSnapshot);
   let bytes = latest!.nonZeroBlocks * latest!.blockSize;
-  if (exported !== null && exported.blockSize === latest!.blockSize) {
-    let changed = 0;
-    for await (const _ of store.diffSnapshots(exported, latest!)) changed++;
-    bytes = changed * latest!.blockSize;
-  }
+  if (exported !== null && exported.blockSize === latest!.blockSize) bytes = (await changedSince(store, exported, latest!)) * latest!.blockSize;
   const exportMs = Math.ceil((bytes / exportRate) * 1000);
   return { ms: launchMs + exportMs, basis: `${launchBasis} + export of ${bytes} bytes at ${Math.round(exportRate / 1048576)} MiB/s${rates.exportBytesPerSec ? ' (measured)' : ' (default)'}` };
+}
+
+/**
+ * Blocks of `latest` that differ from `exported`, by volume for the last pair asked: snapshots
+ * never change, and status runs every daemon round and every /metrics scrape, so the tree diff is
+ * walked once per new snapshot or export, not each time.
+ */
+const changedCounts = new Map<string, { exported: string; latest: string; changed: number }>();
+async function changedSince(store: StatusStore, exported: SnapshotRecord, latest: SnapshotRecord): Promise<number> {
+  const known = changedCounts.get(latest.volume);
+  if (known?.exported === exported.id && known.latest === latest.id) return known.changed;
+  let changed = 0;
+  for await (const _ of store.diffSnapshots(exported, latest)) changed++;
+  changedCounts.set(latest.volume, { exported: exported.id, latest: latest.id, changed });
+  return changed;
 }
 
 export interface BreachAlert {

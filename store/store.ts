@@ -1237,7 +1237,7 @@ export class Store implements ReplicaStore {
     this.checkOpen();
     const r = normalizeSnapshot(record);
     await this.gcLock.shared(async () => {
-      await this.checkBlockLengths(r);
+      await this.checkReceivedTree(r);
       await this.commitUnderGcLock(r);
     });
   }
@@ -1261,7 +1261,7 @@ export class Store implements ReplicaStore {
    * changed paths: 2,048 blocks took 32-60 ms (so ~0.1-0.25 s for a first sync of 4 GiB, 1-2 %
    * of its transfer; an incremental sync's 82 blocks, 1-3 ms).
    */
-  private async checkBlockLengths(r: SnapshotRecord): Promise<void> {
+  private async checkReceivedTree(r: SnapshotRecord): Promise<void> {
     const root = parseHex(r.root)!;
     if (isZeroHash(root)) {
       if (r.nonZeroBlocks !== 0) throw this.invalid(r, `says it holds ${r.nonZeroBlocks} non-zero blocks; its root is the zero tree, which holds none`, { nonZeroBlocks: r.nonZeroBlocks, counted: 0 });

@@ -108,10 +108,14 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
     return await copyOnce(source, target, snap, opts);
   } catch (e) {
     // Stopped (`signal`): whatever the stream cut short says, the reason is the stop.
-    const why: unknown = opts.signal?.aborted ? opts.signal.reason : undefined;
-    if (why === undefined) throw e;
-    throw why instanceof TandemError ? why : new TandemError('ERR_INTERRUPTED', 'sync stopped before its commit; rerun it to resume', { cause: why });
+    throw opts.signal?.aborted ? stopError(opts.signal) : e;
   }
+}
+
+/** The error a stopped copy ends with: the stop's own reason when it is one of ours, else ERR_INTERRUPTED. */
+function stopError(signal: AbortSignal): TandemError {
+  const why: unknown = signal.reason;
+  return why instanceof TandemError ? why : new TandemError('ERR_INTERRUPTED', 'sync stopped before its commit; rerun it to resume', { cause: why });
 }
 
 async function copyOnce(source: ReplicaStore, target: ReplicaStore, snap: SnapshotRecord, opts: CopyOptions): Promise<CopyResult> {
@@ -122,9 +126,7 @@ async function copyOnce(source: ReplicaStore, target: ReplicaStore, snap: Snapsh
   let blocksTotal = 0;
   const blockSize = snap.blockSize;
   const check = () => {
-    if (!opts.signal?.aborted) return;
-    const why: unknown = opts.signal.reason;
-    throw why instanceof TandemError ? why : new TandemError('ERR_INTERRUPTED', 'sync stopped before its commit; rerun it to resume', { cause: why });
+    if (opts.signal?.aborted) throw stopError(opts.signal);
   };
   const progress = (phase: CopyProgress['phase']) =>
     opts.onProgress?.({ phase, blocksSent, bytesSent, blocksTotal, bytesTotal: blocksTotal * blockSize });

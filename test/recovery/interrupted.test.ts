@@ -159,32 +159,42 @@ test('Ctrl-C during a drill --keep ends it now: torn down before the command exi
   assert.ok(!s.images.some((i) => i.id === run.servers[0]!.imageId));
 });
 
-test('a failover killed between RunInstances and its record: the rerun finds the instance by its tag, records it and launches no second copy', async () => {
-  // The state a kill at that moment leaves: the run recorded by another process with no server,
-  // and an instance in EC2 carrying the run's tags.
+/**
+ * What a failover killed midway leaves, made by hand: its run recorded as active by a process
+ * that is gone, its image registered from the volume's last export and, with `launched`, an
+ * instance running from it; both tagged with the run.
+ */
+async function failoverLeftByKill(stamp: string, launched: boolean): Promise<{ runId: string; imageId: string; instanceId: string | null }> {
   const { Home } = await import('../../appliance/home.js');
   const { RUNS_NS } = await import('../../appliance/recovery/state.js');
   const { EC2Client, RunInstancesCommand, RegisterImageCommand } = await import('@aws-sdk/client-ec2');
-  const runId = `failover-20261206T000000Z-${randomBytes(3).toString('hex')}`;
+  const runId = `failover-${stamp}-${randomBytes(3).toString('hex')}`;
   const ec2 = new EC2Client({ region: 'us-east-1', endpoint: aws.url, credentials: { accessKeyId: 'test', secretAccessKey: 'test' } });
   const store = await Home.load(home).openStore();
-  let instanceId: string;
   try {
     const exported = (await store.getMeta<Array<{ ebsSnapshotId: string }>>('ebs-exports', VOL))?.at(-1)?.ebsSnapshotId;
     assert.ok(exported, 'the volume was exported');
     const tags = [{ Key: 'tandem:run', Value: runId }, { Key: 'tandem:mode', Value: 'failover' }, { Key: 'tandem:plan', Value: 'app' }];
     const image = await ec2.send(new RegisterImageCommand({ Name: runId, RootDeviceName: '/dev/xvda', Architecture: 'x86_64', VirtualizationType: 'hvm', BlockDeviceMappings: [{ DeviceName: '/dev/xvda', Ebs: { SnapshotId: exported } }], TagSpecifications: [{ ResourceType: 'image', Tags: tags }] }));
-    const r = await ec2.send(new RunInstancesCommand({ ImageId: image.ImageId, InstanceType: 't3.small', MinCount: 1, MaxCount: 1, SubnetId: 'subnet-0a1b2c3d4e5f60001', TagSpecifications: [{ ResourceType: 'instance', Tags: tags }] }));
-    instanceId = r.Instances![0]!.InstanceId!;
+    const instanceId = launched
+      ? (await ec2.send(new RunInstancesCommand({ ImageId: image.ImageId, InstanceType: 't3.small', MinCount: 1, MaxCount: 1, SubnetId: 'subnet-0a1b2c3d4e5f60001', TagSpecifications: [{ ResourceType: 'instance', Tags: tags }] }))).Instances![0]!.InstanceId!
+      : null;
     await store.putMeta(RUNS_NS, runId, {
       id: runId, mode: 'failover', status: 'active', started: new Date().toISOString(), requestedPoint: null,
       points: [{ volume: VOL, ebsSnapshotId: exported, tandemSnapshot: 'x', pointTime: new Date().toISOString(), size: 4 * MiB }],
       servers: [], rtoSeconds: null, launchSeconds: null, checks: [], tornDown: null, error: null, owner: 'a process that was killed', images: [image.ImageId],
     });
+    return { runId, imageId: image.ImageId!, instanceId };
   } finally {
     await store.close();
     ec2.destroy();
   }
+}
+
+test('a failover killed between RunInstances and its record: the rerun finds the instance by its tag, records it and launches no second copy', async () => {
+  // The state a kill at that moment leaves: the run recorded by another process with no server,
+  // and an instance in EC2 carrying the run's tags.
+  const { runId, instanceId } = await failoverLeftByKill('20261206T000000Z', true);
 
   const again = await cliJson(['--home', home, 'failover', VOL], { env });
   assert.equal(again.code, 1, again.stderr);
@@ -198,28 +208,7 @@ test('a failover killed between RunInstances and its record: the rerun finds the
 });
 
 test('a failover killed between RegisterImage and RunInstances: the rerun deregisters the image it left (it would keep its export from retention), records it failed, and fails over', async () => {
-  const { Home } = await import('../../appliance/home.js');
-  const { RUNS_NS } = await import('../../appliance/recovery/state.js');
-  const { EC2Client, RegisterImageCommand } = await import('@aws-sdk/client-ec2');
-  const runId = `failover-20261206T000001Z-${randomBytes(3).toString('hex')}`;
-  const ec2 = new EC2Client({ region: 'us-east-1', endpoint: aws.url, credentials: { accessKeyId: 'test', secretAccessKey: 'test' } });
-  const store = await Home.load(home).openStore();
-  let imageId: string;
-  try {
-    const exported = (await store.getMeta<Array<{ ebsSnapshotId: string }>>('ebs-exports', VOL))?.at(-1)?.ebsSnapshotId;
-    assert.ok(exported, 'the volume was exported');
-    const tags = [{ Key: 'tandem:run', Value: runId }, { Key: 'tandem:mode', Value: 'failover' }, { Key: 'tandem:plan', Value: 'app' }];
-    const image = await ec2.send(new RegisterImageCommand({ Name: runId, RootDeviceName: '/dev/xvda', Architecture: 'x86_64', VirtualizationType: 'hvm', BlockDeviceMappings: [{ DeviceName: '/dev/xvda', Ebs: { SnapshotId: exported } }], TagSpecifications: [{ ResourceType: 'image', Tags: tags }] }));
-    imageId = image.ImageId!;
-    await store.putMeta(RUNS_NS, runId, {
-      id: runId, mode: 'failover', status: 'active', started: new Date().toISOString(), requestedPoint: null,
-      points: [{ volume: VOL, ebsSnapshotId: exported, tandemSnapshot: 'x', pointTime: new Date().toISOString(), size: 4 * MiB }],
-      servers: [], rtoSeconds: null, launchSeconds: null, checks: [], tornDown: null, error: null, owner: 'a process that was killed', images: [imageId],
-    });
-  } finally {
-    await store.close();
-    ec2.destroy();
-  }
+  const { runId, imageId } = await failoverLeftByKill('20261206T000001Z', false);
   const again = await cliJson(['--home', home, 'failover', VOL], { env });
   assert.equal(again.code, 0, again.stderr);
   assert.match(again.stderr, new RegExp(`failover ${runId} was interrupted with image\\(s\\) ${imageId} registered and no instance from them: deregistered`));

@@ -25,12 +25,12 @@ async function homeWithHooks(dir: string, hooks: string): Promise<string> {
  * A home whose volume's hooks stand for a freeze: the pre hook creates FROZEN and runs `pre`
  * (shell, with $FROZEN and $LOG set), the post hook removes FROZEN and logs "post".
  */
-async function freezingHome(t: { after(fn: () => void): void }, pre: string, timeout = '10s'): Promise<{ home: string; log: string; frozen: string }> {
+async function freezingHome(t: { after(fn: () => void): void }, pre: string, timeout = '10s', beforeThaw = ''): Promise<{ home: string; log: string; frozen: string }> {
   const dir = tempDir(t);
   const log = join(dir, 'hooks.log');
   const frozen = join(dir, 'FROZEN');
   const home = await homeWithHooks(dir, `      pre: "touch ${frozen}; ${pre.replaceAll('$LOG', log)}"
-      post: "rm ${frozen} && echo post >> ${log}"
+      post: "${beforeThaw.replaceAll('$LOG', log)}rm ${frozen} && echo post >> ${log}"
       timeout: ${timeout}
 `);
   return { home, log, frozen };
@@ -157,14 +157,8 @@ test('Ctrl-C while the pre hook hangs: the pre hook is killed and the post hook 
 });
 
 test('Ctrl-C again while the post hook (the thaw) runs does not end the command before it: the file system is never left frozen', async (t) => {
-  const dir = tempDir(t);
-  const log = join(dir, 'hooks.log');
-  const frozen = join(dir, 'FROZEN');
   // Ctrl-C during the pre hook, and again as the post hook starts.
-  const home = await homeWithHooks(dir, `      pre: "touch ${frozen}; kill -INT $PPID; sleep 30"
-      post: "kill -INT $PPID; sleep 1; rm ${frozen} && echo post >> ${log}"
-      timeout: 60s
-`);
+  const { home, log, frozen } = await freezingHome(t, 'kill -INT $PPID; sleep 30', '60s', 'kill -INT $PPID; sleep 1; ');
   const r = await collect(spawnCli(['--home', home, 'snapshot', 'db']));
   assert.ok(!existsSync(frozen), `thawed before the command ended: ${r.stderr}`);
   assert.equal(readFileSync(log, 'utf8'), 'post\n');

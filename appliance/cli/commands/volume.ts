@@ -25,16 +25,14 @@ export function define(program: Command): void {
       const { existsSync } = await import('node:fs');
       let unprotected = false;
       const { rec, snapshots } = await withHomeStore(g.home, async (home, store) => {
+        const { loadConfig, policyFor } = await import('../../config/index.js');
+        const config = await loadConfig(home);
         if (o.policy === undefined) {
           // No policy given and no assign rule that matches: no job will snapshot or replicate it.
-          const { loadConfig, policyFor } = await import('../../config/index.js');
-          unprotected = policyFor(await loadConfig(home), { name: name as string, ...(o.tag !== undefined ? { tags: o.tag } : {}) }) === null;
-        }
-        if (o.policy !== undefined) {
+          unprotected = policyFor(config, { name: name as string, ...(o.tag !== undefined ? { tags: o.tag } : {}) }) === null;
+        } else {
           // A policy config.yaml does not define would leave the volume unprotected, silently.
-          const { loadConfig } = await import('../../config/index.js');
-          const { TandemError } = await import('../../../common/errors.js');
-          const defined = Object.keys((await loadConfig(home)).policies);
+          const defined = Object.keys(config.policies);
           if (!defined.includes(o.policy)) {
             throw new TandemError('ERR_POLICY_NOT_FOUND', `config.yaml defines no policy "${o.policy}" (${defined.length > 0 ? `its policies: ${defined.join(', ')}` : 'it defines none'}); nothing was registered. Define it under \`policies:\` first (\`appliance config check\`), or give one of those`, { details: { policy: o.policy, defined } });
           }
