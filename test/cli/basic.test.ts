@@ -192,7 +192,7 @@ test('the launcher keeps NODE_EXTRA_CA_CERTS from Node\'s start and hands it to 
   assert.equal(launched.stderr, '');
 });
 
-test('the launcher starts servers (serve, daemon) with a small young generation, and one-shot commands with no V8 flag', async (t) => {
+test('the launcher starts servers (serve, daemon) with their heap settings, and one-shot commands with no V8 flag', async (t) => {
   // A `node` first on PATH that prints the arguments the launcher gave it.
   const dir = tempDir(t);
   writeFileSync(join(dir, 'node'), '#!/bin/sh\nprintf "%s\\n" "$@"\n');
@@ -202,10 +202,11 @@ test('the launcher starts servers (serve, daemon) with a small young generation,
     assert.equal(r.status, 0, r.stderr);
     return r.stdout.trimEnd().split('\n');
   };
-  const young = '--max-semi-space-size=4';
-  assert.equal(argsOf('serve', '--listen', '127.0.0.1:0')[0], young);
-  assert.equal(argsOf('--home', '/h', '--json', 'daemon')[0], young);
-  assert.equal(argsOf('--home=/h', 'serve')[0], young);
+  const heap = ['--max-semi-space-size=4', '--initial-old-space-size=64'];
+  assert.deepEqual(argsOf('serve', '--listen', '127.0.0.1:0').slice(0, 2), heap);
+  assert.deepEqual(argsOf('--home', '/h', '--json', 'daemon').slice(0, 2), heap);
+  assert.deepEqual(argsOf('--home=/h', 'serve').slice(0, 2), heap);
+  const young = heap[0];
   const once = argsOf('--json', 'sync', 'vol', '--peer', 'cloud');
   assert.match(once[0]!, /dist\/appliance\/cli\/bin\.cjs$/, 'a one-shot command: the entry module comes first');
   assert.deepEqual(once.slice(1), ['--json', 'sync', 'vol', '--peer', 'cloud']);
