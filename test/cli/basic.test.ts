@@ -192,7 +192,7 @@ test('the launcher keeps NODE_EXTRA_CA_CERTS from Node\'s start and hands it to 
   assert.equal(launched.stderr, '');
 });
 
-test('the launcher starts servers (serve, daemon) with their heap settings, and one-shot commands with no V8 flag', async (t) => {
+test('the launcher starts servers (serve, daemon) and pulls with their heap settings, and other one-shot commands with no V8 flag', async (t) => {
   // A `node` first on PATH that prints the arguments the launcher gave it.
   const dir = tempDir(t);
   writeFileSync(join(dir, 'node'), '#!/bin/sh\nprintf "%s\\n" "$@"\n');
@@ -210,6 +210,7 @@ test('the launcher starts servers (serve, daemon) with their heap settings, and 
   const once = argsOf('--json', 'sync', 'vol', '--peer', 'cloud');
   assert.match(once[0]!, /dist\/appliance\/cli\/bin\.cjs$/, 'a one-shot command: the entry module comes first');
   assert.deepEqual(once.slice(1), ['--json', 'sync', 'vol', '--peer', 'cloud']);
+  assert.deepEqual(argsOf('sync', 'vol', '--peer', 'cloud', '--reverse', '--apply').slice(0, 1), [heap[1]], 'a pull receives blocks: the old-generation setting');
   assert.notEqual(argsOf('--home', 'serve', 'volume', 'list')[0], young, "a home named serve is --home's value, not the command");
   assert.notEqual(argsOf('snapshot', 'serve')[0], young, 'a volume named serve is not the command');
 });
