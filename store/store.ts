@@ -28,7 +28,7 @@ import { PackFiles, type RecoveryReport } from './pack-files.js';
 import { DEFAULT_BLOCK_SIZE, checkBlockSize, checkSize, normalizeSnapshot, normalizeVolume, sameJson } from './records.js';
 
 export { DEFAULT_BLOCK_SIZE };
-import { applyNodeChange, blockCount, buildTree, checkNode, checkNodeChange, childCount, countNonZero, decodeNode, isNodeChange, diffTrees, encodeNode, walkBlocks, type BlockChange, type TreeShape } from './tree.js';
+import { applyNodeChange, blockCount, buildTree, checkNode, checkNodeChange, checkTreeOnce, childCount, countNonZero, decodeNode, isNodeChange, diffTrees, encodeNode, walkBlocks, type BlockChange, type TreeShape } from './tree.js';
 import { scanVolume } from './scan.js';
 import { HashPools } from './hash-pool.js';
 import { verifyStore, type VerifyOptions } from './verify.js';
@@ -1281,11 +1281,8 @@ export class Store implements ReplicaStore {
         throw this.invalid(r, `has at level ${level}, place ${j}, a node of ${node.children.length} children where ${want} belong`, { node: toHex(node.hash), level, place: j, children: node.children.length, expected: want });
       }
     };
-    let nonZero = base ? base.nonZeroBlocks : 0;
-    for await (const c of diffTrees(base ? shapeOf(base) : null, shapeOf(r), this.getNode, shape)) {
-      nonZero += (isZeroHash(c.hash) ? 0 : 1) - (isZeroHash(c.was) ? 0 : 1);
-      if (isZeroHash(c.hash)) continue;
-      const want = c.index === blocks - 1 ? tail : r.blockSize;
+    const delta = await checkTreeOnce(base ? shapeOf(base) : null, shapeOf(r), this.getNode, shape, async (c) => {
+      const want = c.last ? tail : r.blockSize;
       const got = await this.blockLength(c.hash);
       if (got === undefined) {
         throw new TandemError('ERR_SNAPSHOT_INCOMPLETE', `snapshot ${r.volume}@${r.id}: block ${c.index} (${toHex(c.hash)}) is not in the store; send it first`, { details: { volume: r.volume, snapshot: r.id, missing: [toHex(c.hash)] } });
@@ -1293,7 +1290,8 @@ export class Store implements ReplicaStore {
       if (got !== want) {
         throw this.invalid(r, `names at block ${c.index} a block of ${got} bytes where ${want} belong`, { blockIndex: c.index, hash: toHex(c.hash), length: got, expected: want });
       }
-    }
+    });
+    let nonZero = (base ? base.nonZeroBlocks : 0) + delta;
     if (nonZero !== r.nonZeroBlocks && base) nonZero = await countNonZero(root, r.height, this.getNode);
     if (nonZero !== r.nonZeroBlocks) throw this.invalid(r, `says it holds ${r.nonZeroBlocks} non-zero blocks; its tree holds ${nonZero}`, { nonZeroBlocks: r.nonZeroBlocks, counted: nonZero });
   }
