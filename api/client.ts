@@ -64,6 +64,21 @@ const MAX_ATTEMPTS = 5;
 const BACKOFF_BASE_MS = 200;
 /** Never wait longer than this between attempts, even if Retry-After asks for more. */
 const BACKOFF_MAX_MS = 10_000;
+/**
+ * The largest JSON answer taken from a peer. The protocol's largest are a nodes/get of
+ * MAX_NODES_PER_REQUEST whole nodes (~1 MiB) and management listings; a peer that sends more is
+ * broken or hostile, and reading it whole would exhaust this process's memory (3 GB of JSON ended
+ * a CLI in a V8 crash).
+ */
+const MAX_ANSWER_BYTES = 32 * 1024 * 1024;
+/** An error answer's body is read up to this much (its message and details). */
+const MAX_ERROR_ANSWER_BYTES = 1024 * 1024;
+/**
+ * Time for a JSON answer's body once its headers arrived. undici's body timeout is per chunk, so
+ * a peer sending one byte every few seconds held a sync, or a daemon's job, for good.
+ */
+const ANSWER_BODY_MS = 60_000;
+
 /** A peer that does not complete a TCP+TLS handshake in this time is unreachable. */
 const CONNECT_TIMEOUT_MS = 10_000;
 /** Encoded chunks (a header or a payload each) prepared ahead of the socket: 8 blocks' worth. */
@@ -109,8 +124,10 @@ export interface RemotePeerOptions {
   /** Cap on block stream bytes per second, each direction; 0 or absent: none. A function is a cap that changes as the sync runs (a schedule), asked every second. */
   readonly bwlimit?: Rate;
   readonly connections?: number;
-  /** Aborts the block uploads in flight (a sync stopped: Ctrl-C); other requests are short and go on (a lease's release). */
+  /** Aborts the requests in flight (a sync stopped: Ctrl-C, a daemon stopping) but a lease's release, which goes on. */
   readonly signal?: AbortSignal;
+  /** Time for a JSON answer's body once its headers came (default {@link ANSWER_BODY_MS}). */
+  readonly answerTimeoutMs?: number;
 }
 
 export interface PeerHealth {
@@ -213,6 +230,7 @@ export class RemotePeer implements ReplicaStore {
   private readonly token: string;
   private readonly bwlimit: Rate;
   private readonly signal: AbortSignal | undefined;
+  private readonly answerTimeoutMs: number;
   /** One bucket per direction, shared by parallel streams (null: no cap). */
   private readonly upBucket: TokenBucket | null;
   private readonly downBucket: TokenBucket | null;
@@ -245,6 +263,7 @@ export class RemotePeer implements ReplicaStore {
     this.token = opts.token;
     this.bwlimit = opts.bwlimit ?? 0;
     this.signal = opts.signal;
+    this.answerTimeoutMs = opts.answerTimeoutMs ?? ANSWER_BODY_MS;
     const capped = typeof this.bwlimit === 'function' || this.bwlimit > 0;
     this.upBucket = capped ? new TokenBucket(this.bwlimit) : null;
     this.downBucket = capped ? new TokenBucket(this.bwlimit) : null;
@@ -350,6 +369,12 @@ export class RemotePeer implements ReplicaStore {
     return h;
   }
 
+  /** What a request stopped by {@link signal} throws: the stop's own reason when it is one of ours, else ERR_INTERRUPTED. */
+  private stopReason(): TandemError {
+    const why: unknown = this.signal?.reason;
+    return why instanceof TandemError ? why : new TandemError('ERR_INTERRUPTED', `stopped while waiting for peer ${this.name}; rerun to resume`, { cause: why });
+  }
+
   /** Map a transport failure to a catalog error. */
   private transportError(e: unknown, what: string): TandemError {
     if (isTandemError(e)) return e;
@@ -359,14 +384,57 @@ export class RemotePeer implements ReplicaStore {
     return new TandemError('ERR_PEER_UNREACHABLE', `peer ${this.name} (${this.url}) failed during ${what}: ${(e as Error)?.message ?? String(e)} [${code}]; check that it runs (\`appliance serve\`) and the network, then rerun`, { cause: e, details: { code } });
   }
 
+  /**
+   * A JSON answer's body, parsed: at most `limit` bytes, read within {@link answerTimeoutMs}
+   * (ERR_PEER_PROTOCOL otherwise; the connection is dropped).
+   */
+  private async readAnswer<T>(res: Dispatcher.ResponseData, what: string, limit = MAX_ANSWER_BYTES): Promise<T> {
+    const declared = Number(res.headers['content-length']);
+    const tooLarge = () => new TandemError('ERR_PEER_PROTOCOL', `peer ${this.name} answered ${what} with more than ${limit / 1024 / 1024} MiB of JSON, more than any answer of the protocol; nothing of it was used. Check the peer's version and health (\`appliance doctor\`)`, { details: { limit } });
+    if (Number.isFinite(declared) && declared > limit) {
+      res.body.destroy();
+      throw tooLarge();
+    }
+    let slow = false;
+    const timer = setTimeout(() => {
+      slow = true;
+      res.body.destroy();
+    }, this.answerTimeoutMs);
+    const chunks: Buffer[] = [];
+    let n = 0;
+    try {
+      for await (const c of res.body as AsyncIterable<Buffer>) {
+        n += c.length;
+        if (n > limit) {
+          res.body.destroy();
+          throw tooLarge();
+        }
+        chunks.push(c);
+      }
+    } catch (e) {
+      if (isTandemError(e)) throw e;
+      if (this.signal?.aborted) throw this.stopReason();
+      if (slow) throw new TandemError('ERR_PEER_PROTOCOL', `peer ${this.name} did not finish its answer to ${what} within ${this.answerTimeoutMs / 1000} s of starting it (${n} bytes came); the connection was dropped. Check the peer's load and the network, then rerun`, { details: { bytes: n } });
+      throw this.transportError(e, what);
+    } finally {
+      clearTimeout(timer);
+    }
+    try {
+      return JSON.parse(Buffer.concat(chunks, n).toString('utf8')) as T;
+    } catch (e) {
+      throw new TandemError('ERR_PEER_PROTOCOL', `peer ${this.name} sent a malformed answer to ${what}`, { cause: e });
+    }
+  }
+
   /** Turn an error answer into the peer's catalog error. */
   private async answerError(res: Dispatcher.ResponseData, what: string): Promise<TandemError> {
     let body: { error?: { code?: unknown; message?: unknown; details?: unknown } } = {};
     try {
-      body = (await res.body.json()) as typeof body;
+      body = (await this.readAnswer<typeof body>(res, what, MAX_ERROR_ANSWER_BYTES)) ?? {};
     } catch {
-      /* not JSON */
+      /* not JSON, too large or too slow */
     }
+    if (typeof body !== 'object' || body === null) body = {};
     const code = body.error?.code;
     const msg = typeof body.error?.message === 'string' ? body.error.message : `HTTP ${res.statusCode}`;
     const details = (typeof body.error?.details === 'object' && body.error?.details !== null ? body.error.details : {}) as Record<string, unknown>;
@@ -378,21 +446,19 @@ export class RemotePeer implements ReplicaStore {
   }
 
   /** One request with JSON in and out; retried when `idempotent`. */
-  private async json<T>(method: 'GET' | 'POST' | 'DELETE', path: string, body: unknown, idempotent: boolean, extraHeaders: Record<string, string> = {}): Promise<T> {
-    const res = await this.send(method, path, body, idempotent, extraHeaders);
-    try {
-      return (await res.body.json()) as T;
-    } catch (e) {
-      throw new TandemError('ERR_PEER_PROTOCOL', `peer ${this.name} sent a malformed answer to ${method} ${path}`, { cause: e });
-    }
+  private async json<T>(method: 'GET' | 'POST' | 'DELETE', path: string, body: unknown, idempotent: boolean, extraHeaders: Record<string, string> = {}, abortable = true): Promise<T> {
+    const res = await this.send(method, path, body, idempotent, extraHeaders, abortable);
+    return this.readAnswer<T>(res, `${method} ${path}`);
   }
 
   /** Send a request with a JSON body (or none); returns a 2xx response whose body the caller consumes. */
-  private async send(method: 'GET' | 'POST' | 'DELETE', path: string, body: unknown, idempotent: boolean, extraHeaders: Record<string, string> = {}): Promise<Dispatcher.ResponseData> {
+  private async send(method: 'GET' | 'POST' | 'DELETE', path: string, body: unknown, idempotent: boolean, extraHeaders: Record<string, string> = {}, abortable = true): Promise<Dispatcher.ResponseData> {
     const what = `${method} ${path}`;
     const payload = body === undefined ? undefined : JSON.stringify(body);
+    const signal = abortable ? this.signal : undefined;
     for (let attempt = 1; ; attempt++) {
       let wait: number | null = null;
+      if (signal?.aborted) throw this.stopReason();
       try {
         this.requests++;
         const res = await this.pool.request({
@@ -400,6 +466,7 @@ export class RemotePeer implements ReplicaStore {
           path,
           headers: this.headers(payload === undefined ? extraHeaders : { 'content-type': 'application/json', ...extraHeaders }),
           ...(payload === undefined ? {} : { body: payload }),
+          ...(signal ? { signal } : {}),
         });
         if (res.statusCode < 300) {
           this.noteFeatures(res.headers);
@@ -410,6 +477,7 @@ export class RemotePeer implements ReplicaStore {
         const ra = Number(res.headers['retry-after']);
         wait = Number.isFinite(ra) && ra >= 0 ? Math.min(BACKOFF_MAX_MS, ra * 1000) : null;
       } catch (e) {
+        if (signal?.aborted) throw this.stopReason();
         if (isTandemError(e) && e.code !== 'ERR_PEER_UNREACHABLE') throw e;
         const err = this.transportError(e, what);
         if (err.code !== 'ERR_PEER_UNREACHABLE' || !idempotent || attempt >= MAX_ATTEMPTS || !RETRYABLE_CODES.has(String(err.details.code))) throw err;
@@ -473,7 +541,7 @@ export class RemotePeer implements ReplicaStore {
     this.lease = null;
     this.leaseVolume = null;
     if (!lease || !vol) return;
-    await this.json('DELETE', `/v1/volumes/${encodeURIComponent(vol)}/lock/${lease}`, undefined, true).catch(() => {});
+    await this.json('DELETE', `/v1/volumes/${encodeURIComponent(vol)}/lock/${lease}`, undefined, true, {}, false).catch(() => {});
   }
 
   // --- ReplicaStore -----------------------------------------------------------------------
@@ -717,7 +785,7 @@ export class RemotePeer implements ReplicaStore {
     }
     if (res.statusCode >= 300) throw await this.answerError(res, `POST ${path}`);
     this.noteFeatures(res.headers);
-    return (await res.body.json()) as T;
+    return this.readAnswer<T>(res, `POST ${path}`);
   }
 }
 

@@ -19,6 +19,7 @@
 import { readFile } from 'node:fs/promises';
 import { TandemError, isTandemError } from '../common/errors.js';
 import type { Store } from '../store/index.js';
+import { checkReceivedSnapshotId } from '../store/ids.js';
 import type { Hash, SnapshotRecord, VolumeRecord } from '../store/types.js';
 import { copySnapshot, heldBase, type CopyOptions, type CopyResult } from '../sync/engine.js';
 import { EarlySender } from '../sync/early.js';
@@ -464,6 +465,18 @@ async function pull(home: Home, store: Store, remote: RemotePeer, volume: string
   const latest = opts.dryRun ? await remote.latestSnapshot(volume) : (await remote.lockVolume(volume, home.identity.id)).latest;
   if (!latest) {
     throw new TandemError('ERR_NOTHING_TO_SYNC', `peer ${peer} has no snapshot of "${volume}"; sync it there first`, { details: { volume, peer } });
+  }
+  // The record is committed here as the peer gave it: it must be the volume asked for, and dated
+  // so that it does not stay this store's latest whatever is taken after it.
+  if (latest.volume !== volume) {
+    await remote.releaseVolume();
+    throw new TandemError('ERR_PEER_PROTOCOL', `peer ${peer} answered the latest snapshot of "${volume}" with one of volume ${JSON.stringify(latest.volume)}; nothing was pulled. Check the peer's version and health (\`appliance doctor\`)`, { details: { volume, peer, answered: latest.volume } });
+  }
+  try {
+    checkReceivedSnapshotId(latest.id);
+  } catch (e) {
+    await remote.releaseVolume();
+    throw e;
   }
   // This store's latest snapshot of the volume is a base it holds in full (a failback's: the
   // snapshot the failover started from): the engine reads its nodes here and asks about, fetches

@@ -23,6 +23,29 @@ export function snapshotIdTime(id: string): number | undefined {
   return Number.isNaN(t) ? undefined : t;
 }
 
+/**
+ * How far ahead of this appliance's clock a snapshot received from a peer may be dated. The
+ * latest snapshot of a volume is the one whose id sorts last: a snapshot dated ahead (a peer's
+ * clock set wrong, even once) would stay the latest, and the one a restore or failover takes,
+ * until this clock passed its date, whatever was replicated after it.
+ */
+export const MAX_SNAPSHOT_AHEAD_MS = 10 * 60_000;
+
+/**
+ * Check a snapshot record that a peer sent (pushed to this appliance, or pulled from it): its id
+ * is a {@link newSnapshotId} id dated at most {@link MAX_SNAPSHOT_AHEAD_MS} after `now`.
+ */
+export function checkReceivedSnapshotId(id: string, now: number = Date.now()): void {
+  const at = snapshotIdTime(id);
+  if (at === undefined) {
+    throw new TandemError('ERR_SNAPSHOT_INVALID', `snapshot id ${JSON.stringify(id)} is not a time-based id (e.g. 20261125T093012.345Z-3fa9c1, as appliances make them): snapshots are ordered by their ids, so one of another form is refused; nothing was committed`, { details: { snapshot: id } });
+  }
+  if (at > now + MAX_SNAPSHOT_AHEAD_MS) {
+    const minutes = Math.round((at - now) / 60_000);
+    throw new TandemError('ERR_SNAPSHOT_INVALID', `snapshot ${id} is dated ${new Date(at).toISOString()}, ${minutes} min ahead of this appliance's clock (${new Date(now).toISOString()}); it would stay the volume's latest until then. The clock of the appliance that took it is ahead, or this one is behind: set both by NTP (\`appliance doctor\` shows the difference), take a new snapshot there, and rerun; nothing was committed`, { details: { snapshot: id, aheadMs: at - now } });
+  }
+}
+
 /** Volume names and snapshot ids: printable, no separators used in specs, keys or URLs. */
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$/;
 

@@ -9,6 +9,7 @@ import type { FastifyInstance } from 'fastify';
 import { TandemError } from '../../common/errors.js';
 import { DEFAULT_BLOCK_SIZE, type Store } from '../../store/index.js';
 import { childChanges } from '../../store/tree.js';
+import { checkReceivedSnapshotId } from '../../store/ids.js';
 import type { NodeChangeToPut, NodeToPut, SnapshotRecord, TreeNode } from '../../store/types.js';
 import { BufferPool, coalesce, decodeFrames, encodeFrames, readAhead, takeRelease } from '../../sync/framing.js';
 import { trace } from '../../sync/trace.js';
@@ -437,6 +438,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
 
   app.post('/v1/snapshots/commit', { schema: { body: S.CommitBody, summary: 'commit a snapshot whose root is present (or among `nodes`, put first as by nodes/put); once committed, releases the lease sent with it' } }, async (req) => {
     const snap = (req.body as S.CommitBodyT).snapshot as SnapshotRecord;
+    checkReceivedSnapshotId(snap.id);
     const lease = leaseOf(req.headers);
     if (leases.heldByOther(snap.volume, lease)) {
       throw new TandemError('ERR_VOLUME_LOCKED', `volume "${snap.volume}" is leased by another sync; wait for it to finish and retry`, { details: { volume: snap.volume } });
