@@ -313,7 +313,7 @@ export class PackFiles {
     if (this.directFailure !== null) throw this.directFailure;
   }
 
-  /** A direct write failed: appends and syncs throw until {@link discardUnsynced}. */
+  /** A direct write, a background writeback or an fsync failed: appends and syncs throw until {@link discardUnsynced}. */
   get failed(): boolean {
     return this.directFailure !== null;
   }
@@ -358,13 +358,20 @@ export class PackFiles {
    * Start writing a pack's dirty pages to disk without waiting for it (one at a time). This is
    * not durability, which only {@link sync} gives; it keeps a long run of appends (a first
    * snapshot, a full sync received) streaming to the disk instead of piling gigabytes into the
-   * page cache for the next sync to write while everything waits. A failure here is ignored:
-   * the sync that follows meets it again and reports it.
+   * page cache for the next sync to write while everything waits. A failure fails the store's
+   * appends and its next flush, as a failed direct write does ({@link failed}): Linux reports a
+   * writeback error once per open file, so the fsync that follows on the same handle returned 0
+   * and a snapshot whose pages never reached the disk was committed (EIO injected into this
+   * fdatasync, 3 of 3 runs).
    */
   private startWriteback(fh: FileHandle): void {
     if (this.writeback) return;
     this.sinceWriteback = 0;
-    this.writeback = fh.datasync().catch(() => undefined).finally(() => void (this.writeback = null));
+    const id = this.writer?.id;
+    this.writeback = fh
+      .datasync()
+      .catch((e: unknown) => void (this.directFailure ??= fromSystemError(e, `cannot write pack ${id === undefined ? this.dir : this.path(id)} to the disk`)))
+      .finally(() => void (this.writeback = null));
   }
 
   /**
@@ -379,7 +386,12 @@ export class PackFiles {
       try {
         await d.fh.sync();
       } catch (e) {
-        throw fromSystemError(e, `cannot fsync pack ${this.path(id)}`);
+        // What was appended since the last sync may not be on the disk, and a second fsync of
+        // this handle would not say so (Linux reports a writeback error once): it is discarded as
+        // after a failed direct write ({@link discardUnsynced}), never recorded as durable.
+        const err = fromSystemError(e, `cannot fsync pack ${this.path(id)}`);
+        this.directFailure ??= err;
+        throw err;
       }
       created ||= d.created;
       out.set(id, d.size);

@@ -22,7 +22,7 @@
  * - Not idempotent in effect, but safe to rerun: a rerun after a crash writes only what still
  *   differs.
  */
-import { TandemError, isTandemError } from '../common/errors.js';
+import { TandemError, fromSystemError, isTandemError } from '../common/errors.js';
 import { IO_SKEW } from '../common/io-buffers.js';
 import { availableParallelism } from 'node:os';
 import { ZERO_HASH } from '../store/index.js';
@@ -133,6 +133,7 @@ export async function materialize(
   };
   let writeback: Promise<void> = Promise.resolve();
   let writebackRunning = false;
+  let writebackFailure: unknown = undefined;
   let sinceWriteback = 0;
   /** Start flushing written data while the restore goes on, so the final sync finds little to do. */
   const startWriteback = (len: number) => {
@@ -140,8 +141,11 @@ export async function materialize(
     if (sinceWriteback < WRITEBACK_BYTES || writebackRunning) return;
     sinceWriteback = 0;
     writebackRunning = true;
-    writeback = (writer.writeback ? writer.writeback() : writer.sync()).finally(() => void (writebackRunning = false));
-    writeback.catch(() => undefined); // observed at the end
+    // A failure is kept for the end (the first one): Linux reports a writeback error once per
+    // open file, so the writer's final sync may not meet it again.
+    writeback = (writer.writeback ? writer.writeback() : writer.sync())
+      .catch((e: unknown) => void (writebackFailure ??= e))
+      .finally(() => void (writebackRunning = false));
   };
   const blockLength = (index: number) => Math.min(bs, snap.size - index * bs);
   const report = () => opts.onProgress?.({ blocksDone, blocksTotal, blocksWritten, bytesWritten });
@@ -350,6 +354,7 @@ export async function materialize(
   }
   while (writes.length > 0) await writes.shift();
   await writeback;
+  if (writebackFailure !== undefined) throw isTandemError(writebackFailure) ? writebackFailure : fromSystemError(writebackFailure, `cannot write snapshot ${snap.volume}@${snap.id} to the disk`);
   await writer.sync();
   report();
   return { blocksCompared, blocksWritten, blocksZeroed, bytesWritten };
