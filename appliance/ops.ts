@@ -15,7 +15,7 @@ import { TandemError, diskFullError, fromSystemError, isTandemError } from '../c
 import type { Home } from './home.js';
 import { SOURCES_NS } from './sources.js';
 import { JOB_PREFIX, RATES_NS, STATE_NS } from './scheduler/state.js';
-import { forgetSyncRecords } from './sync-base.js';
+import { syncRecordKeys } from './sync-base.js';
 import type { BlockRanges, Hash, NewBlocksListener, Store, SnapshotRecord, VolumeRecord, ScanProgress } from '../store/index.js';
 import { inspectVolume, loopBackingFile, openVolumeReader, openVolumeWriter, readChangedBlocksFile } from './volumes/index.js';
 import { materialize, type MaterializeProgress, type MaterializeResult } from '../sync/materialize.js';
@@ -166,18 +166,20 @@ export async function removeVolume(home: Home, store: Store, name: string, opts:
     // Held snapshots stay unless the operator says so (appliance/snapshot-admin.ts).
     const { releaseHoldsOfRemoved } = await import('./snapshot-admin.js');
     await releaseHoldsOfRemoved(store, name, opts.force === true);
-    await store.removeVolume(name);
-    // A volume received from a peer: the next push of that name may come from any appliance.
-    await store.deleteMeta(SOURCES_NS, name);
-    await store.deleteMeta(CONFIRMED_NS, name);
-    // The scheduler's state of it (points, hold, pause, measured rates, a checkpointed job) was
-    // about what is gone: a volume added again under the name starts afresh, not paused.
-    await store.deleteMeta(STATE_NS, name);
-    await store.deleteMeta(RATES_NS, name);
-    await store.deleteMeta(STATE_NS, `${JOB_PREFIX}volume:${name}`);
-    // Its sync bases and unfinished pushes (keys VOL@PEER) name snapshots that are gone: status
-    // would count a volume added again under the name as replicated when that sync was.
-    await forgetSyncRecords(store, (volume) => volume === name);
+    // With the volume and its snapshots, in one batch (all or none under a crash):
+    await store.removeVolume(name, [
+      // a volume received from a peer: the next push of that name may come from any appliance;
+      [SOURCES_NS, name],
+      [CONFIRMED_NS, name],
+      // the scheduler's state of it (points, hold, pause, measured rates, a checkpointed job) was
+      // about what is gone: a volume added again under the name starts afresh, not paused;
+      [STATE_NS, name],
+      [RATES_NS, name],
+      [STATE_NS, `${JOB_PREFIX}volume:${name}`],
+      // its sync bases and unfinished pushes (keys VOL@PEER) name snapshots that are gone: status
+      // would count a volume added again under the name as replicated when that sync was.
+      ...(await syncRecordKeys(store, (volume) => volume === name)),
+    ]);
   } finally {
     release();
   }

@@ -129,12 +129,8 @@ export async function deleteSnapshots(home: Home, store: Store, volume: string, 
         );
       }
     }
-    const deleted: string[] = [];
-    for (const id of unique) {
-      await store.deleteSnapshot(volume, id);
-      deleted.push(id);
-    }
-    return { volume, deleted };
+    await store.deleteSnapshots(volume, unique); // all or none, also under a crash
+    return { volume, deleted: unique };
   } finally {
     release();
   }

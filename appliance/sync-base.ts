@@ -77,10 +77,17 @@ export async function pushPoint(store: Pick<Store, 'getSnapshot'>, volume: strin
  * and copies that are gone.
  */
 export async function forgetSyncRecords(store: Pick<Store, 'listMeta' | 'deleteMeta'>, matches: (volume: string, peer: string) => boolean): Promise<void> {
+  for (const [ns, key] of await syncRecordKeys(store, matches)) await store.deleteMeta(ns, key);
+}
+
+/** The [namespace, key] of the sync bases and push attempts whose VOL@PEER `matches`. */
+export async function syncRecordKeys(store: Pick<Store, 'listMeta'>, matches: (volume: string, peer: string) => boolean): Promise<Array<readonly [string, string]>> {
+  const out: Array<readonly [string, string]> = [];
   for (const ns of [SYNC_BASE_NS, PUSH_ATTEMPT_NS]) {
     for (const [key] of await store.listMeta<unknown>(ns)) {
       const at = key.indexOf('@');
-      if (at > 0 && matches(key.slice(0, at), key.slice(at + 1))) await store.deleteMeta(ns, key);
+      if (at > 0 && matches(key.slice(0, at), key.slice(at + 1))) out.push([ns, key]);
     }
   }
+  return out;
 }

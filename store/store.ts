@@ -1353,15 +1353,28 @@ export class Store implements ReplicaStore {
 
   /** Delete a snapshot record; its blocks and nodes come back at gc(). ERR_SNAPSHOT_NOT_FOUND. */
   async deleteSnapshot(volume: string, id: string): Promise<void> {
+    await this.deleteSnapshots(volume, [id]);
+  }
+
+  /**
+   * Delete snapshots of `volume`: all of them in one synced index batch, or none (a crash
+   * between two deletions left some deleted, and the rerun of the same command met
+   * ERR_SNAPSHOT_NOT_FOUND). ERR_SNAPSHOT_NOT_FOUND, nothing deleted, if one is absent.
+   */
+  async deleteSnapshots(volume: string, ids: readonly string[]): Promise<void> {
     this.checkOpen();
     checkVolumeName(volume);
-    checkSnapshotId(id);
+    for (const id of ids) checkSnapshotId(id);
     await this.writeLock.run(async () => {
-      const key = snapshotKey(volume, id);
-      if (this.lookupOne(key) === undefined) {
-        throw new TandemError('ERR_SNAPSHOT_NOT_FOUND', `volume ${volume} has no snapshot ${id}; see \`appliance snapshots ${volume}\``, { details: { volume, snapshot: id } });
+      const batch = this.db.batch();
+      for (const id of ids) {
+        const key = snapshotKey(volume, id);
+        if (this.lookupOne(key) === undefined) {
+          throw new TandemError('ERR_SNAPSHOT_NOT_FOUND', `volume ${volume} has no snapshot ${id}; see \`appliance snapshots ${volume}\``, { details: { volume, snapshot: id } });
+        }
+        batch.del(key);
       }
-      await this.db.del(key, { sync: true });
+      await this.writeSynced(batch);
     });
   }
 
@@ -1522,11 +1535,19 @@ export class Store implements ReplicaStore {
   }
 
   /** Remove a volume and all its snapshots in one batch (space comes back at gc()). */
-  async removeVolume(name: string): Promise<void> {
+  /**
+   * Remove volume `name` and its snapshots, and the `meta` entries given ([namespace, key]; the
+   * caller's records of the volume), in one synced batch: a crash leaves all or none (a removal
+   * killed between its steps left a record that refused the next push of the name, with no
+   * volume left for \`volume remove\` to find).
+   */
+  async removeVolume(name: string, meta: ReadonlyArray<readonly [string, string]> = []): Promise<void> {
     this.checkOpen();
     checkVolumeName(name);
+    for (const [ns, key] of meta) checkMetaName(ns, key);
     await this.writeLock.run(async () => {
       const batch = this.db.batch();
+      for (const [ns, key] of meta) batch.del(metaKey(ns, key));
       let n = 0;
       for await (const k of this.db.keys(snapshotRange(name))) {
         batch.del(k);
@@ -1538,7 +1559,7 @@ export class Store implements ReplicaStore {
         throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume named ${name}; see \`appliance volume list\``, { details: { volume: name } });
       }
       batch.del(volumeKey(name));
-      await batch.write({ sync: true });
+      await this.writeSynced(batch);
     });
   }
 

@@ -6,8 +6,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { execFileSync } from 'node:child_process';
-import { appendFileSync, closeSync, existsSync, openSync, readFileSync, renameSync, rmSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { appendFileSync, closeSync, cpSync, existsSync, openSync, readFileSync, renameSync, rmSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { createSecureContext } from 'node:tls';
 import { Home } from '../../appliance/home.js';
 import { createServer, request as httpsRequest, type Server } from 'node:https';
@@ -18,7 +18,8 @@ import { setTimeout as delay } from 'node:timers/promises';
 import { HEADER_BYTES } from '../../sync/framing.js';
 import { blake3 } from '../../store/hash.js';
 import { makeNode } from '../../store/tree.js';
-import { cli as cliText, collect, smallTmpfs, spawnCli } from '../helpers/cli.js';
+import { DIST_MAIN, cli as cliText, collect, smallTmpfs, spawnCli } from '../helpers/cli.js';
+import { SOURCES_NS } from '../../appliance/sources.js';
 import { cli, diagnose, initHome, pair, pairedWithVolume, peerClient, startCli, startServe, tempDir, type TestHome } from '../helpers/appliance.js';
 
 const BS = 64 * 1024;
@@ -574,6 +575,41 @@ test("a manual sync to the replication peer follows config.yaml's cap unless --b
   const resumed = await cli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '0');
   assert.equal(resumed.json.paused, undefined);
   assert.doesNotMatch(resumed.stderr, /paused/);
+});
+
+test('volume remove of a received volume, killed at each of its synced index writes, leaves the volume and its source record both or neither; the rerun ends it', async (t) => {
+  // strace kills the CLI at its Nth fdatasync (LevelDB's synced writes). Killed between the
+  // removal and the deletion of the source record, a removal used to leave a record that refused
+  // the next push of the name (ERR_VOLUME_NAME_TAKEN), with no volume left to remove.
+  if (spawnSync('strace', ['-V']).status !== 0) return t.skip('strace is not installed (apt-get install -y strace)');
+  const { a, b, sb } = await pairedWithVolume(t, 4);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  await sb.stop();
+  const template = join(tempDir(t), 'template');
+  cpSync(b.dir, template, { recursive: true });
+  const { NODE_EXTRA_CA_CERTS: _slow, ...env } = process.env;
+  const states = new Set<string>();
+  for (let n = 1; n <= 6; n++) {
+    rmSync(b.dir, { recursive: true, force: true });
+    cpSync(template, b.dir, { recursive: true });
+    const run = spawnSync('strace', ['-f', '-o', '/dev/null', '-e', 'trace=fdatasync', '-e', `inject=fdatasync:signal=SIGKILL:when=${n}`, process.execPath, DIST_MAIN, 'volume', 'remove', 'vol', '--home', b.dir, '--json'], { encoding: 'utf8', env });
+    const home = Home.load(b.dir);
+    const store = await home.openStore();
+    let volume: unknown, source: unknown;
+    try {
+      volume = await store.getVolume('vol');
+      source = await store.getMeta(SOURCES_NS, 'vol');
+    } finally {
+      await store.close();
+    }
+    assert.equal(volume === undefined || volume === null, source === undefined, `fdatasync ${n} (exit ${run.status}): the volume ${volume ? 'stays' : 'is gone'} and its source record ${source ? 'stays' : 'is gone'}`);
+    states.add(volume ? 'kept' : 'removed');
+    if (volume) {
+      const rerun = await cli(b, 'volume', 'remove', 'vol');
+      assert.equal(rerun.code, 0, rerun.stderr);
+    }
+  }
+  assert.deepEqual([...states].sort(), ['kept', 'removed'], 'the kills landed before and after the removal');
 });
 
 /** A TLS-terminating proxy (with the peer's own key, so pinning passes) that damages block uploads. */
