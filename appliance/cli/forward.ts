@@ -73,13 +73,13 @@ export async function runCaptured(argv: string[], forwarded?: { readonly argv: r
 
 /** Run `fn` with its own captured output and exit code (see runCaptured). */
 async function captured(fn: () => Promise<void> | void, forwarded?: { readonly argv: readonly string[]; readonly user: string }, signal?: AbortSignal): Promise<ForwardResult> {
-  const { withIO } = await import('./output.js');
+  const { printable, withIO } = await import('./output.js');
   let stdout = '';
   let stderr = '';
   let exitCode = 0;
   await withIO({
-    out: (s) => void (stdout += s),
-    err: (s) => void (stderr += s),
+    out: (s) => void (stdout += printable(s)),
+    err: (s) => void (stderr += printable(s)),
     setExit: (c) => void (exitCode = c),
     isTTY: false,
     ...(forwarded ? { forwarded } : {}),

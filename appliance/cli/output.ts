@@ -28,9 +28,21 @@ export interface CommandIO {
   readonly signal?: AbortSignal;
 }
 
+/**
+ * `s` with its control characters but newline and tab shown as escapes (`\x1b`): text that
+ * reaches the operator's terminal carries strings from peers and files (a snapshot's origin and
+ * labels, a peer's error message, a volume's path), and a peer that put ESC sequences there
+ * cleared the screen and retitled the terminal of whoever listed them. JSON output escapes them
+ * already; the progress bar draws on stderr itself, not through this.
+ */
+export function printable(s: string): string {
+  // eslint-disable-next-line no-control-regex
+  return s.replace(/[\x00-\x08\x0b-\x1f\x7f-\x9f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
+}
+
 const processIO: CommandIO = {
-  out: (s) => void process.stdout.write(s),
-  err: (s) => void process.stderr.write(s),
+  out: (s) => void process.stdout.write(printable(s)),
+  err: (s) => void process.stderr.write(printable(s)),
   setExit: (code) => void (process.exitCode = code),
   get isTTY() {
     return process.stderr.isTTY === true;

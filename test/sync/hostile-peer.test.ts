@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import { RemotePeer } from '../../api/client.js';
 import { newSnapshotId } from '../../store/ids.js';
 import { cli, initHome, pairedWithVolume, peerClient, tempDir, type TestHome } from '../helpers/appliance.js';
+import { cli as cliText } from '../helpers/cli.js';
 
 type Answer = (res: import('node:http').ServerResponse, upstream: { status: number; headers: import('node:http').IncomingHttpHeaders; body: Buffer }) => void;
 
@@ -97,8 +98,15 @@ test('a receiving appliance refuses a pushed snapshot whose id is not time-based
   assert.equal((await peer.latestSnapshot('vol'))!.id, latest.id, 'the latest is still the last real push');
   const soon = newSnapshotId(new Date(Date.now() + 60_000));
   await peer.lockVolume('vol', holder);
-  await peer.commitSnapshot({ ...latest, id: soon, parent: latest.id });
+  // Its origin and a label carry terminal escapes (clear the screen, retitle the terminal): the
+  // listing shows them as text.
+  await peer.commitSnapshot({ ...latest, id: soon, parent: latest.id, origin: 'scan\x1b[2J\x1b]0;PWNED\x07', labels: { note: 'a\rb\x9bc' } });
   assert.equal((await peer.latestSnapshot('vol'))!.id, soon);
+  const listed = await cliText(['--home', b.dir, 'snapshots', 'vol']); // text, as an operator reads it
+  assert.equal(listed.code, 0, listed.stderr);
+  const text = listed.stdout;
+  assert.doesNotMatch(text, /[\x00-\x08\x0b-\x1f\x7f-\x9f]/, 'no control character reaches the terminal');
+  assert.match(text, /scan\\x1b\[2J\\x1b\]0;PWNED\\x07/);
 });
 
 test("the client reads a peer's JSON answer up to 32 MiB and for a bounded time: larger or slower answers are ERR_PEER_PROTOCOL, and a stop aborts a request still waiting", async (t) => {
