@@ -85,6 +85,13 @@ const STALL_MS = Number(process.env.TANDEM_STALL_MS ?? 60_000);
  * past them waits for a slot.
  */
 const MAX_BLOCK_STREAMS = 8;
+/**
+ * blocks/get answers being sent at once. Each holds up to ~10 MiB (blocks read ahead, a chunk the
+ * socket has not taken): 300 requests whose answers were never read took a server from 99 MiB to
+ * 2.8 GiB of RSS. A pull reads on up to 4 connections; past this, a request waits for a slot as an
+ * upload does ({@link STREAM_WAIT_MS}, then 503 ERR_SERVER_BUSY).
+ */
+const MAX_GET_STREAMS = 8;
 /** A frame past {@link MAX_BLOCK_STREAMS} waits this long for a slot, then its stream gets 503 ERR_SERVER_BUSY. `TANDEM_STREAM_WAIT_MS` sets it (tests). */
 const STREAM_WAIT_MS = Number(process.env.TANDEM_STREAM_WAIT_MS ?? 60_000);
 
@@ -145,14 +152,22 @@ async function drain(stream: Readable, limit: number): Promise<void> {
  * in the write's callback, once the socket has taken it; waits for 'drain' when the response
  * says so; stops when the client goes away.
  */
-async function writeChunks(res: ServerResponse, chunks: AsyncIterable<Buffer>): Promise<void> {
+async function writeChunks(res: ServerResponse, chunks: AsyncIterable<Buffer>, stallMs: number, onStall: () => void): Promise<void> {
+  // A client that takes nothing for stallMs is gone or hostile: the answer is cut (its slot and
+  // buffers freed) rather than held for ever.
   const waitDrain = () =>
     new Promise<void>((resolve) => {
       const done = () => {
+        clearTimeout(timer);
         res.off('drain', done);
         res.off('close', done);
         resolve();
       };
+      const timer = setTimeout(() => {
+        onStall();
+        res.destroy();
+        done();
+      }, stallMs);
       res.on('drain', done);
       res.on('close', done);
     });
@@ -177,6 +192,7 @@ function leaseOf(headers: Record<string, unknown>): string | undefined {
 export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
   const { home, store, leases, stats } = deps;
   const slots = new StreamSlots(MAX_BLOCK_STREAMS);
+  const getSlots = new StreamSlots(MAX_GET_STREAMS);
   /** An upload's slot (DecodeOptions.slot): ERR_SERVER_BUSY when none came free within STREAM_WAIT_MS. */
   const slotOf = (reply: { header(k: string, v: string): unknown; log: { warn(msg: string): void } }) => {
     let release: (() => void) | null = null;
@@ -378,9 +394,20 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     // Written here, not through reply.send(stream): a stream piped into the response is read ahead
     // with no sign of when the socket has taken a chunk, so its pooled buffers could not go back
     // (a 1 GiB pull spent ~27 % of the sender's CPU in garbage collection that way).
-    reply.hijack();
-    reply.raw.writeHead(200, { 'content-type': 'application/octet-stream', [FEATURES_HEADER]: SERVER_FEATURES });
-    await writeChunks(reply.raw, coalesce(frames)); // small frames ready together: one write
+    const release = await getSlots.take(STREAM_WAIT_MS);
+    if (!release) {
+      req.log.warn(`a blocks/get answer waited ${STREAM_WAIT_MS / 1000} s for one of the ${MAX_GET_STREAMS} being sent to end: refused (ERR_SERVER_BUSY)`);
+      reply.header('retry-after', '30');
+      throw new TandemError('ERR_SERVER_BUSY', `${home.identity.name} is sending ${MAX_GET_STREAMS} blocks/get answers, as many as it sends at once, and none ended within ${STREAM_WAIT_MS / 1000} s; rerun the sync shortly (it fetches only what is missing)`);
+    }
+    try {
+      reply.hijack();
+      reply.raw.writeHead(200, { 'content-type': 'application/octet-stream', [FEATURES_HEADER]: SERVER_FEATURES });
+      // Small frames ready together: one write.
+      await writeChunks(reply.raw, coalesce(frames), STALL_MS, () => req.log.warn(`blocks/get from ${req.ip} ended: its client took no byte for ${STALL_MS / 1000} s (stalled)`));
+    } finally {
+      release();
+    }
     trace('server: blocks/get answered');
   });
 

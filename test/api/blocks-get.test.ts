@@ -16,6 +16,9 @@ import { startServer } from '../../api/index.js';
 import { Store, hashBlock } from '../../store/index.js';
 import { decodeFrames } from '../../sync/framing.js';
 import type { IncomingMessage } from 'node:http';
+import { writeFileSync } from 'node:fs';
+import { setTimeout as delay } from 'node:timers/promises';
+import { cli, initHome, pair, startServe, tempDir } from '../helpers/appliance.js';
 
 const BS = 512 * 1024;
 
@@ -67,3 +70,53 @@ test('blocks/get over a socket: exact blocks answer after answer; a client gone 
     assert.equal(i, blocks.length);
   }
 });
+
+test('blocks/get answers are sent 8 at a time: a 9th waits for a slot, then gets 503 ERR_SERVER_BUSY; an answer its client does not read is cut after the stall time, freeing its slot', async (t) => {
+  const [a, b] = await Promise.all([initHome(t, 'onprem'), initHome(t, 'cloud')]);
+  // Stalled answers are cut after 3 s here (60 s by default); a request waits 1 s for a slot.
+  const sb = await startServe(t, b, '127.0.0.1:0', { TANDEM_STALL_MS: '3000', TANDEM_STREAM_WAIT_MS: '1000' });
+  await pair(a, 'cloud', b, sb);
+  const img = join(tempDir(t), 'disk.img');
+  const blocks = Array.from({ length: 64 }, () => randomBytes(BS)); // 32 MiB: more than the sockets buffer
+  writeFileSync(img, Buffer.concat(blocks));
+  assert.equal((await cli(a, 'volume', 'add', 'vol', '--path', img)).code, 0);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const hashes = blocks.map((d) => hashBlock(d).toString('hex'));
+  // 8 answers whose client reads nothing past their headers.
+  const stalled = await Promise.all(Array.from({ length: 8 }, () => post(sb.url, b.token, { hashes })));
+  for (const r of stalled) {
+    assert.equal(r.statusCode, 200);
+    r.pause();
+  }
+  const ninth = await post(sb.url, b.token, { hashes: hashes.slice(0, 1) });
+  assert.equal(ninth.statusCode, 503);
+  assert.equal(JSON.parse(await text(ninth)).error.code, 'ERR_SERVER_BUSY');
+  // Cut after the stall time: each stalled answer ends short, and the server answers again.
+  await delay(4500);
+  let complete = 0;
+  await Promise.all(stalled.map(async (r) => {
+    try {
+      let got = 0;
+      for await (const c of r) got += (c as Buffer).length;
+      if (got >= blocks.length * BS) complete++;
+    } catch {
+      /* cut */
+    }
+  }));
+  assert.equal(complete, 0, 'every stalled answer was cut short');
+  const again = await post(sb.url, b.token, { hashes: hashes.slice(0, 2) });
+  assert.equal(again.statusCode, 200);
+  let n = 0;
+  for await (const f of decodeFrames(again, { verify: true })) {
+    assert.ok(f.data.equals(blocks[n]!));
+    n++;
+  }
+  assert.equal(n, 2);
+  assert.match(sb.stderr(), /blocks\/get from .* ended: its client took no byte for 3 s \(stalled\)/);
+});
+
+async function text(res: IncomingMessage): Promise<string> {
+  let s = '';
+  for await (const c of res) s += (c as Buffer).toString();
+  return s;
+}
