@@ -750,9 +750,23 @@ export class Store implements ReplicaStore {
       repaired += items.length;
       await onRepaired?.(items.map((it) => it.hash));
     };
+    // A block this store holds whole and readable, or that came earlier in the stream, is not
+    // written again: each copy was appended (a peer sending one block 32 times added 512 MiB).
+    const seen = new Set<string>();
     for await (const f of frames) {
       if (!isHash(f.hash) || isZeroHash(f.hash) || !blake3(f.data).equals(f.hash)) {
         throw new TandemError('ERR_BLOCK_CORRUPT', `the copy of block ${isHash(f.hash) ? toHex(f.hash) : '?'} to repair with does not match its hash; it was not written`, { details: { hash: isHash(f.hash) ? toHex(f.hash) : null } });
+      }
+      const key = f.hash.toString('latin1');
+      if (seen.has(key)) {
+        f.release?.();
+        continue;
+      }
+      seen.add(key);
+      if (await this.holdsGoodCopy(f.hash)) {
+        f.release?.();
+        await onRepaired?.([Buffer.from(f.hash)]); // a damage record of it is stale: cleared as if repaired
+        continue;
       }
       // A copy of its own: the frame's buffer may be a pooled one the producer reuses.
       batch.push({ hash: Buffer.from(f.hash), data: Buffer.from(f.data) });
@@ -762,6 +776,19 @@ export class Store implements ReplicaStore {
     }
     if (batch.length > 0) await write();
     return repaired;
+  }
+
+  /** Whether block `hash` is held here and its record reads back whole (hash and CRC checked). */
+  private async holdsGoodCopy(hash: Hash): Promise<boolean> {
+    const loc = await this.locate(hash);
+    if (!loc) return false;
+    try {
+      const b = await this.readBlockPooled(hash, loc, false, true);
+      b.release?.();
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   /**

@@ -6,12 +6,13 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { readFileSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { Store } from '../../store/index.js';
 import { blockKey, nodeKey } from '../../store/keys.js';
 import { hashBlock } from '../../store/hash.js';
-import { cli, damageBlock as damage, pairedWithVolume, startCli, startServe } from '../helpers/appliance.js';
+import { cli, damageBlock as damage, pairedWithVolume, peerClient, startCli, startServe } from '../helpers/appliance.js';
+import type { BlockFrame } from '../../store/types.js';
 import { cli as cliText } from '../helpers/cli.js';
 import { randomInt } from 'node:crypto';
 import { setTimeout as delay } from 'node:timers/promises';
@@ -107,6 +108,24 @@ test('repair --push heals the peer\'s store with this store\'s copies of what th
   assert.deepEqual([again.json.peerDamagedBlocks, again.json.blocksSent], [1, 0]);
 });
 
+test('blocks/repair writes a block only when the store lacks it or holds it damaged, once a stream: a peer repeating a good block adds nothing to the packs', async (t) => {
+  const { a, b, sb, img } = await pairedWithVolume(t, 8);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const data = readFileSync(img);
+  const bytes = (i: number) => data.subarray(i * BS, (i + 1) * BS);
+  const packsSize = () => readdirSync(join(b.dir, 'store', 'packs')).reduce((n, f) => n + statSync(join(b.dir, 'store', 'packs', f)).size, 0);
+  const peer = peerClient(b, sb);
+  t.after(() => peer.close());
+  const copies = (i: number, n: number) => Array.from({ length: n }, () => ({ hash: hashBlock(bytes(i)), data: Buffer.from(bytes(i)) }));
+  const before = packsSize();
+  assert.deepEqual(await peer.repairBlocks(from(copies(2, 32))), { repaired: 0 });
+  assert.equal(packsSize(), before, 'a good block sent 32 times: nothing appended');
+  damage(b, bytes(5));
+  assert.deepEqual(await peer.repairBlocks(from(copies(5, 3))), { repaired: 1 });
+  assert.ok(packsSize() <= before + BS + 4096, 'the damaged block written once');
+  assert.deepEqual((await cli(b, 'verify')).json.problems, []);
+});
+
 test("repair --push puts back the tree nodes the peer's verify found damaged or missing, after what the peer lacks under them", async (t) => {
   const { a, b, sb, img } = await pairedWithVolume(t, 600);
   assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
@@ -175,3 +194,7 @@ test('kill -9 of repair at random moments: the store opens, verify finds nothing
   assert.ok(gc.json.bytesReclaimed >= damaged.length * bs, `reclaimed ${gc.json.bytesReclaimed}`);
   assert.equal((await cli(a, 'verify')).code, 0);
 });
+
+async function* from(frames: BlockFrame[]): AsyncIterable<BlockFrame> {
+  yield* frames;
+}
