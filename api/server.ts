@@ -151,6 +151,21 @@ export function buildServer(opts: BuildServerOptions): FastifyInstance {
       const err = toTandemError(error);
       reply.status(err.http).send(errorAnswer(err));
     },
+    // Requests Node's HTTP parser refuses (headers over its 16 KiB, malformed ones) answer in the
+    // catalog's shape too; fastify's own answer was {"error": "Request Header Fields Too Large"}.
+    clientErrorHandler: (error: NodeJS.ErrnoException, socket: import('node:net').Socket) => {
+      if (error.code === 'ECONNRESET' || !socket.writable) return void socket.destroy();
+      const big = error.code === 'HPE_HEADER_OVERFLOW';
+      const timeout = error.code === 'ERR_HTTP_REQUEST_TIMEOUT';
+      const err = new TandemError('ERR_BAD_REQUEST', big ? 'the request headers are larger than this server takes (16 KiB); send them shorter' : timeout ? 'the request did not arrive in time' : `malformed HTTP request (${error.code ?? error.message}); send HTTP/1.1`);
+      const body = JSON.stringify(errorAnswer(err));
+      const status = big ? '431 Request Header Fields Too Large' : timeout ? '408 Request Timeout' : '400 Bad Request';
+      socket.end(`HTTP/1.1 ${status}\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+      // What the client sent past the refused part is read and dropped (closed with it unread, the
+      // socket would reset, and the client could lose the answer), for 5 s at most.
+      socket.resume();
+      setTimeout(() => socket.destroy(), 5_000).unref();
+    },
   } as FastifyServerOptions) as unknown as FastifyInstance;
   const stats = newStats();
   const leases = new LeaseTable(opts.home, opts.leaseIdleMs);

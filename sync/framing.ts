@@ -351,6 +351,12 @@ export interface DecodeOptions {
    * throws to refuse the stream.
    */
   readonly slot?: { take(): Promise<void>; give(): void };
+  /**
+   * The stream is an upload this appliance receives: an error frame is the sender's own failure,
+   * answered as ERR_BAD_REQUEST naming it, not taken as this appliance's (a sender's
+   * ERR_DISK_FULL was answered 507 "free space here" by a server whose disk was fine).
+   */
+  readonly upload?: boolean;
 }
 
 /**
@@ -418,7 +424,9 @@ export async function* decodeFrames(source: AsyncIterable<Buffer | Uint8Array | 
           /* reported below as a generic failure */
         }
         const code = isErrorCode(parsed.code) ? parsed.code : 'ERR_PEER_PROTOCOL';
-        throw new TandemError(code, `sender failed mid-stream: ${typeof parsed.message === 'string' ? parsed.message : 'no reason given'}`);
+        const why = typeof parsed.message === 'string' ? parsed.message.slice(0, MAX_ERROR_PAYLOAD) : 'no reason given';
+        if (opts.upload) throw new TandemError('ERR_BAD_REQUEST', `the sender ended its block stream with its own error (${code}: ${why}); the frames before it were stored`, { details: { senderCode: code } });
+        throw new TandemError(code, `sender failed mid-stream: ${why}`);
       }
       if (type !== FRAME_BLOCK) throw corrupt(`unknown frame type 0x${type.toString(16)} at block ${index}`, { index });
       if (rawLen > MAX_BLOCK_BYTES || payLen > MAX_BLOCK_BYTES + 1024) throw corrupt(`frame ${index} claims ${rawLen} bytes, over the ${MAX_BLOCK_BYTES}-byte limit`, { index });

@@ -420,7 +420,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     const source = body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>;
     const lease = leaseOf(req.headers);
     async function* counted() {
-      for await (const f of readAhead(decodeFrames(source, { pool: receivePool, deltas: true, stall: stallOf(req), slot: slotOf(reply) }), RECEIVE_AHEAD_FRAMES)) {
+      for await (const f of readAhead(decodeFrames(source, { pool: receivePool, deltas: true, upload: true, stall: stallOf(req), slot: slotOf(reply) }), RECEIVE_AHEAD_FRAMES)) {
         if (received === 0) trace('server: first block frame decoded');
         if (lease) leases.touch(lease); // a moving stream keeps its sync's lease (api/leases.ts)
         const n = frameBlockLength(f);
@@ -454,7 +454,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     const source = body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>;
     try {
       // Each batch, once durable, leaves the damage list.
-      const repaired = await store.repairBlocks(decodeFrames(source, { stall: stallOf(req), slot: slotOf(reply) }), (hashes) => clearDamage(store, hashes.map(toHex)));
+      const repaired = await store.repairBlocks(decodeFrames(source, { upload: true, stall: stallOf(req), slot: slotOf(reply) }), (hashes) => clearDamage(store, hashes.map(toHex)));
       return { repaired };
     } catch (e) {
       await drain(body, DRAIN_LIMIT_BYTES);

@@ -14,6 +14,8 @@ import { Home } from '../../appliance/home.js';
 import { buildServer, parseListen } from '../../api/index.js';
 import { toTandemError } from '../../api/errors.js';
 import { Store, hashBlock } from '../../store/index.js';
+import { encodeFrames } from '../../sync/framing.js';
+import { TandemError } from '../../common/errors.js';
 
 async function server(t: { after(fn: () => Promise<void>): void }): Promise<{ app: FastifyInstance; token: string; store: Store }> {
   const dir = await mkdtemp(join(tmpdir(), 'tandem-api-'));
@@ -93,6 +95,20 @@ test('bad requests get 400 ERR_BAD_REQUEST with a message; catalog errors keep t
   const damage = await app.inject({ method: 'GET', url: '/v1/damage', headers: auth });
   const listed = damage.json() as { blocks: unknown[]; nodes: unknown[] };
   assert.deepEqual([listed.blocks, listed.nodes], [[], []]);
+});
+
+test("an upload that ends with the sender's own error frame is answered 400 ERR_BAD_REQUEST naming it, not as this appliance's error", async (t) => {
+  const { app, token } = await server(t);
+  const block = Buffer.alloc(4096, 9);
+  const chunks: Buffer[] = [];
+  for await (const c of encodeFrames((async function* () {
+    yield { hash: hashBlock(block), data: block };
+    throw new TandemError('ERR_DISK_FULL', 'no space left on the sender');
+  })(), { errorFrames: true })) chunks.push(Buffer.from(c));
+  const r = await app.inject({ method: 'POST', url: '/v1/blocks/put', headers: { authorization: `Bearer ${token}`, 'content-type': 'application/octet-stream' }, payload: Buffer.concat(chunks) });
+  assert.equal(r.statusCode, 400);
+  assert.equal(r.json().error.code, 'ERR_BAD_REQUEST');
+  assert.match(r.json().error.message, /the sender ended its block stream with its own error \(ERR_DISK_FULL: no space left on the sender\)/);
 });
 
 test('a full disk met anywhere in a route is ERR_DISK_FULL (507), not an internal error', () => {

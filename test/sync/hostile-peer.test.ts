@@ -13,7 +13,8 @@ import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { RemotePeer } from '../../api/client.js';
 import { newSnapshotId } from '../../store/ids.js';
-import { cli, initHome, pairedWithVolume, peerClient, tempDir, type TestHome } from '../helpers/appliance.js';
+import { cli, initHome, pairedWithVolume, peerClient, startServe, tempDir, type TestHome } from '../helpers/appliance.js';
+import { connect as tlsConnect } from 'node:tls';
 import { cli as cliText } from '../helpers/cli.js';
 
 type Answer = (res: import('node:http').ServerResponse, upstream: { status: number; headers: import('node:http').IncomingHttpHeaders; body: Buffer }) => void;
@@ -156,4 +157,22 @@ test("the client reads a peer's JSON answer up to 32 MiB and for a bounded time:
   const t0 = Date.now();
   await assert.rejects(waiting, { code: 'ERR_INTERRUPTED' });
   assert.ok(Date.now() - t0 < 5_000, 'aborted at once');
+});
+
+test('a request whose headers Node refuses (over 16 KiB) is answered 431 in the error catalog\'s shape', async (t) => {
+  const b = await initHome(t, 'cloud');
+  const sb = await startServe(t, b);
+  const url = new URL(sb.url);
+  const socket = tlsConnect({ host: url.hostname, port: Number(url.port), rejectUnauthorized: false });
+  t.after(() => socket.destroy());
+  await once(socket, 'secureConnect');
+  socket.write(`POST /v1/volumes/vol/lock HTTP/1.1\r\nhost: x\r\nauthorization: Bearer ${b.token}\r\nx-tandem-lease: ${'x'.repeat(100_000)}\r\ncontent-length: 2\r\n\r\n{}`);
+  let answer = '';
+  socket.on('data', (c: Buffer) => void (answer += c.toString()));
+  socket.on('error', () => undefined); // the server closes with the rest of the headers unread: a reset after its answer
+  await new Promise((resolve) => socket.on('close', resolve));
+  assert.match(answer, /^HTTP\/1\.1 431 /);
+  const body = JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4)) as { error: { code: string; message: string } };
+  assert.equal(body.error.code, 'ERR_BAD_REQUEST');
+  assert.match(body.error.message, /headers are larger than this server takes/);
 });
