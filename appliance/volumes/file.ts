@@ -320,8 +320,15 @@ export interface Hole {
 
 /** Below this many unallocated bytes a file is read as it is: a hole map would not pay. */
 const SPARSE_SLACK = 64 * 1024 * 1024;
-/** A map of more holes than this is not kept (memory bound); the file is then read in full. */
+/**
+ * At most this many holes are mapped (memory bound), from the start of the file: past the last
+ * one mapped the file is read as it is. It was all or nothing: 101,000 holes (a file of 4 KiB
+ * extents 4 KiB apart, then one hole of 256 GiB) dropped the whole map and read 256 GiB, 104 s
+ * against 3.6 s at 99,000.
+ */
 const MAX_HOLES = 100_000;
+/** Holes shorter than this are not mapped: they spare no read, and count against {@link MAX_HOLES}. The map stops after 10 x MAX_HOLES extents looked at. */
+const MIN_HOLE_BYTES = 64 * 1024;
 /** The hole map must come quickly; past this the file is read in full. */
 const HOLE_MAP_TIMEOUT_MS = 10_000;
 
@@ -333,17 +340,17 @@ const HOLE_MAP_TIMEOUT_MS = 10_000;
 async function findHoles(path: string): Promise<Hole[]> {
   const script = [
     'import os, sys',
-    'fd = os.open(sys.argv[1], os.O_RDONLY); size = os.fstat(fd).st_size; pos = 0; n = 0',
-    'while pos < size and n < int(sys.argv[2]):',
+    'fd = os.open(sys.argv[1], os.O_RDONLY); size = os.fstat(fd).st_size; pos = 0; n = 0; i = 0',
+    'while pos < size and n < int(sys.argv[2]) and i < 10 * int(sys.argv[2]):',
+    '    i += 1',
     '    try: d = os.lseek(fd, pos, os.SEEK_DATA)',
     '    except OSError: d = size',
-    '    if d > pos: print(pos, d); n += 1',
+    '    if d - pos >= int(sys.argv[3]): print(pos, d); n += 1',
     '    if d >= size: break',
     '    pos = os.lseek(fd, d, os.SEEK_HOLE)',
-    'if pos < size and n >= int(sys.argv[2]): sys.exit(3)',
   ].join('\n');
   try {
-    const { stdout } = await promisify(execFile)('python3', ['-c', script, path, String(MAX_HOLES)], {
+    const { stdout } = await promisify(execFile)('python3', ['-c', script, path, String(MAX_HOLES), String(MIN_HOLE_BYTES)], {
       timeout: HOLE_MAP_TIMEOUT_MS,
       maxBuffer: MAX_HOLES * 48,
     });
