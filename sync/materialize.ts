@@ -61,8 +61,10 @@ export interface MaterializeOptions {
 }
 
 export interface MaterializeResult {
-  /** Target blocks read and hashed (0 with assumeZero). */
+  /** Target blocks compared with the snapshot's (0 with assumeZero). */
   readonly blocksCompared: number;
+  /** Bytes of the target read to compare them: those in the target's holes are not read. */
+  readonly bytesRead: number;
   /** Blocks written with snapshot data. */
   readonly blocksWritten: number;
   /** Blocks made to read as zeros on an existing target. */
@@ -115,6 +117,7 @@ export async function materialize(
   let blocksCompared = 0;
   let blocksWritten = 0;
   let blocksZeroed = 0;
+  let bytesRead = 0;
   let bytesWritten = 0;
   let pending: Pending[] = [];
 
@@ -260,6 +263,20 @@ export async function materialize(
     // The pool has one worker per core this process may use; split each chunk as many ways.
     const threads = Math.max(1, availableParallelism());
     const local = localSource(writer);
+    const holes = writer.holes ?? [];
+    /** Whether [start, end) lies in one hole of the target (binary search: holes ascend). */
+    const inTargetHole = (start: number, end: number): boolean => {
+      let lo = 0;
+      let hi = holes.length - 1;
+      while (lo <= hi) {
+        const mid = (lo + hi) >> 1;
+        const h = holes[mid]!;
+        if (h.end <= start) lo = mid + 1;
+        else if (h.start > start) hi = mid - 1;
+        else return end <= h.end;
+      }
+      return false;
+    };
     const wanted = store.blockHashes(snap)[Symbol.asyncIterator]();
     type Chunk = { first: number; hashes: Buffer; expect: Buffer };
     /** Loads in flight, in chunk order: all settled before the pool goes back (their workers would still write into the slots). */
@@ -289,7 +306,12 @@ export async function materialize(
         inOrder = asked;
         const expect = await asked;
         const length = Math.min(chunkBytes, snap.size - pos);
+        // A chunk in a hole of the target (as it was opened: chunks are compared before any
+        // write into them) reads as zeros: not read, its blocks' hashes are ZERO_HASH. A restore
+        // onto an existing 1 TiB image with 4 MiB of data read it all through the kernel (231 s).
+        if (inTargetHole(pos, pos + length)) return { first: k * chunkBlocks, hashes: Buffer.alloc(Math.ceil(length / bs) * HASH_BYTES), expect };
         const base = IO_SKEW + (k % layout.slots) * chunkBytes;
+        bytesRead += length;
         if (!local) {
           const n = await writer.read(Buffer.from(sab, base, length), pos);
           if (n !== length) {
@@ -357,5 +379,5 @@ export async function materialize(
   if (writebackFailure !== undefined) throw isTandemError(writebackFailure) ? writebackFailure : fromSystemError(writebackFailure, `cannot write snapshot ${snap.volume}@${snap.id} to the disk`);
   await writer.sync();
   report();
-  return { blocksCompared, blocksWritten, blocksZeroed, bytesWritten };
+  return { blocksCompared, bytesRead, blocksWritten, blocksZeroed, bytesWritten };
 }

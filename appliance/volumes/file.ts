@@ -445,6 +445,12 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
   } catch (e) {
     throw fromSystemError(e, `opening ${path} for writing`);
   }
+  // An existing sparse image: its holes, which a restore onto it need not read (materialize).
+  let holes: Hole[] = [];
+  if (!created && kind === 'file') {
+    const st = await fh.stat();
+    if (st.blocks * 512 + SPARSE_SLACK < size) holes = await findHoles(path);
+  }
   // Whole blocks go to the disk directly (direct.ts); the rest through the page cache.
   const direct = await openDirect(path);
   /** Bytes written through the page cache since the last writeback or sync. */
@@ -473,6 +479,7 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
     kind,
     size,
     created,
+    holes,
     async read(buf, position) {
       const want = Math.max(0, Math.min(buf.length, size - position));
       if (direct?.overlaps(position, want)) await direct.settle().catch(() => undefined); // a failed write is thrown by the next write or sync

@@ -38,7 +38,7 @@ export function define(program: Command): void {
       }, { volume, op: 'restore' });
       const seconds = Math.round(Number(process.hrtime.bigint() - started) / 1e6) / 1000;
       const { snapshot, ...figures } = r;
-      currentIO().err(`restored ${snapshot.volume}@${snapshot.id} to ${r.path}: ${r.created ? 'new image' : `compared ${r.blocksCompared} blocks`}, wrote ${r.blocksWritten} blocks${r.blocksZeroed ? ` and zeroed ${r.blocksZeroed}` : ''} (${formatBytes(r.bytesWritten)}) in ${seconds}s\n`);
+      currentIO().err(`restored ${snapshot.volume}@${snapshot.id} to ${r.path}: ${r.created ? 'new image' : `compared ${r.blocksCompared} blocks (read ${formatBytes(r.bytesRead)}: the target's holes are not read)`}, wrote ${r.blocksWritten} blocks${r.blocksZeroed ? ` and zeroed ${r.blocksZeroed}` : ''} (${formatBytes(r.bytesWritten)}) in ${seconds}s\n`);
       return { json: { snapshot: { volume: snapshot.volume, id: snapshot.id, size: snapshot.size }, ...figures, seconds }, text: r.path };
     }));
 }
