@@ -12,8 +12,12 @@
  * (`forwarded: true`). `command` is the command line after `appliance`, with secrets (the value
  * of `--token`) replaced by "…". `error` is the error code of a failed command. Commands that
  * only read (status, doctor, list, show, verify, `--dry-run`, ...) are not recorded; nor are
- * `serve` and `daemon`, whose start, stop and scheduled jobs are in their own log. At 16 MiB the log is renamed audit.log.1 (the one
- * before that is dropped). Each line is on the disk (fdatasync) before the command returns, so a
+ * `serve` and `daemon`, whose start, stop and scheduled jobs are in their own log. A command is
+ * recorded twice: as it starts (`"started": true`, no exitCode; written, not synced: a `kill -9`
+ * keeps it) and as it ends. `appliance audit` lists a start only while no end of it follows, so a
+ * command killed midway (after it may have removed a volume or replaced a token) shows as
+ * "started, no end recorded" instead of not at all. At 16 MiB the log is renamed audit.log.1 (the one
+ * before that is dropped). Each end record is on the disk (fdatasync) before the command returns, so a
  * power cut right after a `volume remove` does not lose its record; a line torn by a crash
  * mid-write is skipped by the reader, and the next record starts on a line of its own.
  * `appliance audit` prints it.
@@ -31,8 +35,11 @@ export interface AuditRecord {
   readonly pid: number;
   readonly forwarded?: true;
   readonly command: readonly string[];
-  readonly exitCode: number;
+  /** How it ended; absent in the record of its start. */
+  readonly exitCode?: number;
   readonly error?: string;
+  /** The record written as the command starts (its end has exitCode): a command killed midway leaves this one alone. */
+  readonly started?: true;
 }
 
 /** Commands (their words before any operand) that only read: not recorded. */
@@ -71,7 +78,7 @@ export function redactArgs(args: readonly string[]): string[] {
  * Append `rec` to HOME/audit.log, rotating it first when it is full. Nothing is written for a
  * directory that holds no appliance (a command that failed before `init`).
  */
-export function appendAudit(homeDir: string, rec: AuditRecord): void {
+export function appendAudit(homeDir: string, rec: AuditRecord, opts: { sync?: boolean } = {}): void {
   if (!existsSync(join(homeDir, 'appliance.json'))) return;
   const path = join(homeDir, AUDIT_FILE);
   let size = statSync(path, { throwIfNoEntry: false })?.size ?? 0;
@@ -85,7 +92,7 @@ export function appendAudit(homeDir: string, rec: AuditRecord): void {
     const last = Buffer.alloc(1);
     const torn = size > 0 && readSync(fd, last, 0, 1, size - 1) === 1 && last[0] !== 0x0a;
     writeSync(fd, (torn ? '\n' : '') + JSON.stringify(rec) + '\n');
-    fdatasyncSync(fd);
+    if (opts.sync !== false) fdatasyncSync(fd);
   } finally {
     closeSync(fd);
   }
@@ -98,6 +105,26 @@ export function appendAudit(homeDir: string, rec: AuditRecord): void {
       closeSync(dir);
     }
   }
+}
+
+/**
+ * The records as `appliance audit` lists them: a start record is dropped once the end record of
+ * its command follows (same process and command line); one left has no end: the command was
+ * killed, or the machine stopped, after it may have changed something.
+ */
+export function auditEntries(records: readonly AuditRecord[]): AuditRecord[] {
+  const key = (r: AuditRecord) => `${r.pid} ${JSON.stringify(r.command)}`;
+  const open = new Map<string, number[]>();
+  const ended = new Set<number>();
+  records.forEach((r, i) => {
+    const k = key(r);
+    if (r.started) open.set(k, [...(open.get(k) ?? []), i]);
+    else {
+      const first = open.get(k)?.shift();
+      if (first !== undefined) ended.add(first);
+    }
+  });
+  return records.filter((r, i) => !(r.started && ended.has(i)));
 }
 
 /** The records of HOME/audit.log.1 then audit.log, oldest first; a line that is not a record (torn by a crash) is skipped. */

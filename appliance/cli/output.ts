@@ -151,6 +151,7 @@ export function run(body: (g: GlobalOptions, cmd: Command, args: unknown[]) => P
     const io = currentIO();
     let exitCode = 0;
     let error: string | undefined;
+    audit(g, cmd, io, undefined, undefined); // its start: a command killed midway is still on record
     try {
       const r = await body(g, cmd, args.slice(0, -2));
       if (g.json) io.out(JSON.stringify(r.json, null, 2) + '\n');
@@ -172,8 +173,12 @@ export function run(body: (g: GlobalOptions, cmd: Command, args: unknown[]) => P
   };
 }
 
-/** Record the command in the home's audit log when it may have changed something (appliance/audit.ts). */
-function audit(g: GlobalOptions, cmd: Command, io: CommandIO, exitCode: number, error: string | undefined): void {
+/**
+ * Record the command in the home's audit log when it may have changed something
+ * (appliance/audit.ts): as it starts (exitCode undefined; written, not synced: a kill -9 keeps it,
+ * and the end record is synced) and as it ends.
+ */
+function audit(g: GlobalOptions, cmd: Command, io: CommandIO, exitCode: number | undefined, error: string | undefined): void {
   const words: string[] = [];
   for (let c: Command | null = cmd; c?.parent; c = c.parent) words.unshift(c.name());
   if (!audited(words.join(' '), cmd.opts())) return;
@@ -184,9 +189,9 @@ function audit(g: GlobalOptions, cmd: Command, io: CommandIO, exitCode: number, 
       pid: process.pid,
       ...(io.forwarded ? { forwarded: true as const } : {}),
       command: redactArgs((io.forwarded?.argv ?? process.argv).slice(2)),
-      exitCode,
+      ...(exitCode === undefined ? { started: true as const } : { exitCode }),
       ...(error !== undefined ? { error } : {}),
-    });
+    }, { sync: exitCode !== undefined });
   } catch (e) {
     io.err(`note: the audit log (${g.home}/audit.log) could not be written: ${(e as Error).message}\n`);
   }

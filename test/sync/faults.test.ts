@@ -957,3 +957,18 @@ test('Ctrl-C stops a sync at a safe point: from a one-shot CLI and from a CLI wh
   assert.equal(done.code, 0, done.stderr);
   assert.ok(await peerB.latestSnapshot('vol'));
 });
+
+test('a command killed (kill -9) after it started stays in the audit log, as started with no end; a later run of it ends on record', async (t) => {
+  const { a } = await pairedWithVolume(t, 128); // 8 MiB at 1 MiB/s: a sync of ~8 s
+  const run = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '1MiB');
+  await delay(1500);
+  run.child.kill('SIGKILL');
+  await run.done;
+  type Entry = { command: string[]; exitCode?: number; started?: boolean };
+  const syncs = async () => ((await cli(a, 'audit')).json.entries as Entry[]).filter((e) => e.command.includes('sync'));
+  assert.deepEqual((await syncs()).map((e) => [e.started, e.exitCode]), [[true, undefined]]);
+  assert.match((await cliText(['--home', a.dir, 'audit'])).stdout, /started, no end recorded \(killed, or the machine stopped\) {2}appliance .*sync vol --peer cloud --bwlimit 1MiB/);
+  const done = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(done.code, 0, done.stderr);
+  assert.deepEqual((await syncs()).map((e) => [e.started, e.exitCode]), [[true, undefined], [undefined, 0]], 'its start record is not listed once it ended');
+});

@@ -28,12 +28,13 @@ export function define(program: Command): void {
         }
       }
       const { Home } = await import('../../home.js');
-      const { readAudit } = await import('../../audit.js');
+      const { auditEntries, readAudit } = await import('../../audit.js');
       const home = Home.load(g.home);
-      const entries = readAudit(home.dir).filter((r) => Date.parse(r.at) >= since).slice(-limit);
+      const entries = auditEntries(readAudit(home.dir)).filter((r) => Date.parse(r.at) >= since).slice(-limit);
+      const ended = (r: (typeof entries)[number]) => (r.started ? 'started, no end recorded (killed, or the machine stopped)' : r.exitCode === 0 ? 'ok' : `exit ${r.exitCode}${r.error ? ` ${r.error}` : ''}`);
       const text = entries.length === 0
         ? 'no recorded command'
-        : entries.map((r) => `${r.at}  ${r.user}${r.forwarded ? ' (via the server)' : ''}  ${r.exitCode === 0 ? 'ok' : `exit ${r.exitCode}${r.error ? ` ${r.error}` : ''}`}  appliance ${r.command.join(' ')}`).join('\n');
+        : entries.map((r) => `${r.at}  ${r.user}${r.forwarded ? ' (via the server)' : ''}  ${ended(r)}  appliance ${r.command.join(' ')}`).join('\n');
       return { json: { entries }, text };
     }));
 }
