@@ -5,7 +5,7 @@
  * mapped onto catalog codes too, so a peer only ever sees catalog codes.
  */
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
-import { TandemError, diskFullError, isTandemError } from '../common/errors.js';
+import { TandemError, diskFullError, indexError, isTandemError } from '../common/errors.js';
 
 export interface ErrorAnswer {
   readonly error: { readonly code: string; readonly message: string; readonly details: Record<string, unknown> };
@@ -36,7 +36,7 @@ export function toTandemError(e: unknown): TandemError {
   }
   if (e instanceof SyntaxError) return new TandemError('ERR_BAD_REQUEST', `bad request body: ${e.message}`);
   // A full disk met anywhere (a lock file, the index, a pack) is the operator's to fix, not a bug.
-  return diskFullError(e, "this appliance's disk", 'free space here, then rerun (nothing was committed)') ?? new TandemError('ERR_INTERNAL', `unexpected server error: ${(e as Error)?.message ?? String(e)}; see the server log`, { cause: e });
+  return indexError(e) ?? diskFullError(e, "this appliance's disk", 'free space here, then rerun (nothing was committed)') ?? new TandemError('ERR_INTERNAL', `unexpected server error: ${(e as Error)?.message ?? String(e)}; see the server log`, { cause: e });
 }
 
 export function errorAnswer(err: TandemError): ErrorAnswer {

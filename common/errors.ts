@@ -156,6 +156,24 @@ export function diskFullError(e: unknown, what: string, next = 'free space, then
 }
 
 /**
+ * An error of the store's index (LevelDB: classic-level's LEVEL_IO_ERROR, itself or as the
+ * cause) met where no code expected one, as ERR_IO or ERR_DISK_FULL with what to do. LevelDB
+ * keeps the first error of a write (a failed log sync) and refuses every write after it until
+ * the index is reopened: a running server answered each push with ERR_INTERNAL (EIO), or with
+ * "free space, then rerun" (ENOSPC) that no rerun could follow, until it was restarted.
+ */
+export function indexError(e: unknown): TandemError | undefined {
+  if (e instanceof TandemError) return undefined;
+  const err = e as { code?: string; message?: string; cause?: { code?: string; message?: string } } | undefined;
+  if (err?.code !== 'LEVEL_IO_ERROR' && err?.cause?.code !== 'LEVEL_IO_ERROR') return undefined;
+  const restart = "the index takes no write until it is reopened: restart the appliance (`systemctl restart tandem`, or stop and start `appliance serve`/`daemon`); a one-shot command reopens it when run again";
+  const full = diskFullError(e, "the store's index", `free space on that disk, then ${restart}`);
+  if (full) return full;
+  const detail = err?.cause?.message ?? err?.message ?? String(e);
+  return new TandemError('ERR_IO', `the store's index failed a write (${detail}): check the disk (\`dmesg\`), then ${restart}`, { cause: e });
+}
+
+/**
  * Turn a system error (ENOSPC, EACCES, ...) into a TandemError with advice; anything already
  * a TandemError passes through. Used at the boundaries where file I/O happens.
  */

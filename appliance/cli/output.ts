@@ -8,7 +8,7 @@
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type { Command } from 'commander';
-import { TandemError, diskFullError } from '../../common/errors.js';
+import { TandemError, diskFullError, indexError } from '../../common/errors.js';
 import { localUser, resolveHome } from './forward-client.cjs';
 import { appendAudit, audited, redactArgs } from '../audit.js';
 
@@ -201,7 +201,7 @@ export function reportError(e: unknown, json: boolean): TandemError {
   const err = e instanceof TandemError
     ? e
     // A full disk met where no command expected it is still the operator's to fix, not a bug.
-    : diskFullError(e, 'the disk') ?? new TandemError('ERR_INTERNAL', `unexpected error: ${(e as Error)?.stack ?? String(e)}`, { cause: e });
+    : indexError(e) ?? diskFullError(e, 'the disk') ?? new TandemError('ERR_INTERNAL', `unexpected error: ${(e as Error)?.stack ?? String(e)}`, { cause: e });
   const io = currentIO();
   if (json) io.out(JSON.stringify({ error: err.toJSON() }, null, 2) + '\n');
   io.err(`error ${err.code}: ${err.message}\n`);

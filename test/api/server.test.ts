@@ -123,6 +123,18 @@ test('a full disk met anywhere in a route is ERR_DISK_FULL (507), not an interna
   assert.equal(toTandemError(new Error('something else')).code, 'ERR_INTERNAL');
 });
 
+test("an error of the store's index met in a route is ERR_IO (or ERR_DISK_FULL) that says to restart the appliance, not an internal error", () => {
+  // classic-level's error for a write after LevelDB kept a failed log sync (its bg_error).
+  const eio = Object.assign(new Error('Corruption: IO error: /h/store/index/000003.log: Input/output error'), { code: 'LEVEL_IO_ERROR' });
+  const full = Object.assign(new Error('Failed to write batch'), { code: 'LEVEL_IO_ERROR', cause: Object.assign(new Error('IO error: /h/store/index/000003.log: No space left on device'), { code: 'LEVEL_IO_ERROR' }) });
+  const a = toTandemError(eio);
+  assert.equal(a.code, 'ERR_IO');
+  assert.match(a.message, /failed a write .*Input\/output error.*restart the appliance/);
+  const b = toTandemError(full);
+  assert.equal(b.code, 'ERR_DISK_FULL');
+  assert.match(b.message, /free space on that disk, then the index takes no write until it is reopened: restart the appliance/);
+});
+
 test('parseListen takes HOST:PORT, [IPv6]:PORT and :PORT and refuses the rest', () => {
   assert.deepEqual(parseListen('127.0.0.1:0'), { host: '127.0.0.1', port: 0 });
   assert.deepEqual(parseListen('[::1]:7443'), { host: '::1', port: 7443 });
