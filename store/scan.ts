@@ -37,6 +37,23 @@ const CHUNK_BYTES = 8 * 1024 * 1024;
  */
 const SLOTS = 6;
 
+/** Whether [start, end) lies inside one of `holes` (ascending, disjoint: VolumeReader.holes), by binary search. */
+export function holeTest(holes: VolumeReader['holes']): (start: number, end: number) => boolean {
+  const hs = holes ?? [];
+  return (start, end) => {
+    let lo = 0;
+    let hi = hs.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      const h = hs[mid]!;
+      if (h.end <= start) lo = mid + 1;
+      else if (h.start > start) hi = mid - 1;
+      else return end <= h.end;
+    }
+    return false;
+  };
+}
+
 /**
  * The path a local file or device reader names (VolumeReader.path), which the hash workers read
  * themselves, and whether they read it past the page cache: a block device is read with
@@ -314,20 +331,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
     opts.onProgress({ ...progress });
   };
 
-  const holes = reader.holes ?? [];
-  /** True when [start, end) lies inside one hole (binary search: holes are sorted). */
-  const inHole = (start: number, end: number): boolean => {
-    let lo = 0;
-    let hi = holes.length - 1;
-    while (lo <= hi) {
-      const mid = (lo + hi) >> 1;
-      const h = holes[mid]!;
-      if (h.end <= start) lo = mid + 1;
-      else if (h.start > start) hi = mid - 1;
-      else return end <= h.end;
-    }
-    return false;
-  };
+  const inHole = holeTest(reader.holes);
 
   const expected = onParent ? parentHashes(store, parent) : null;
   // A change list's new blocks are stored as deltas of the blocks they replace where small, and

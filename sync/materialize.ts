@@ -27,7 +27,7 @@ import { IO_SKEW } from '../common/io-buffers.js';
 import { availableParallelism } from 'node:os';
 import { ZERO_HASH } from '../store/index.js';
 import { HashPool, type HashPools } from '../store/hash-pool.js';
-import { localSource, scanLayout } from '../store/scan.js';
+import { holeTest, localSource, scanLayout } from '../store/scan.js';
 import type { BlockFrame, GetBlocksOptions, Hash, SnapshotRecord, VolumeWriter } from '../store/types.js';
 
 /** What materialize needs of a store: the snapshot's block hashes and verified blocks. */
@@ -263,20 +263,7 @@ export async function materialize(
     // The pool has one worker per core this process may use; split each chunk as many ways.
     const threads = Math.max(1, availableParallelism());
     const local = localSource(writer);
-    const holes = writer.holes ?? [];
-    /** Whether [start, end) lies in one hole of the target (binary search: holes ascend). */
-    const inTargetHole = (start: number, end: number): boolean => {
-      let lo = 0;
-      let hi = holes.length - 1;
-      while (lo <= hi) {
-        const mid = (lo + hi) >> 1;
-        const h = holes[mid]!;
-        if (h.end <= start) lo = mid + 1;
-        else if (h.start > start) hi = mid - 1;
-        else return end <= h.end;
-      }
-      return false;
-    };
+    const inTargetHole = holeTest(writer.holes);
     const wanted = store.blockHashes(snap)[Symbol.asyncIterator]();
     type Chunk = { first: number; hashes: Buffer; expect: Buffer };
     /** Loads in flight, in chunk order: all settled before the pool goes back (their workers would still write into the slots). */
