@@ -212,6 +212,25 @@ export class Store implements ReplicaStore {
   private discardCause: unknown = null;
   private readonly release: () => Promise<void>;
   private closed = false;
+  /**
+   * The first write the index refused with an I/O error (LEVEL_IO_ERROR), or null. LevelDB keeps
+   * such an error and refuses every later write until the index is reopened: `doctor` says to
+   * restart the appliance.
+   */
+  indexFailure: { readonly at: string; readonly message: string } | null = null;
+
+  /** Run an index write; an I/O error it meets is kept in {@link indexFailure} (and thrown). */
+  private async indexWrite<T>(fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (e) {
+      const err = e as { code?: string; message?: string; cause?: { code?: string; message?: string } };
+      if (this.indexFailure === null && (err?.code === 'LEVEL_IO_ERROR' || err?.cause?.code === 'LEVEL_IO_ERROR')) {
+        this.indexFailure = { at: new Date().toISOString(), message: err.cause?.message ?? err.message ?? String(e) };
+      }
+      throw e;
+    }
+  }
 
   private constructor(dir: string, db: Db, packs: PackFiles, recovery: RecoveryReport, release: () => Promise<void>) {
     this.dir = dir;
@@ -1114,7 +1133,7 @@ export class Store implements ReplicaStore {
   /** Write `batch` synced, with the nodes written unsynced before it put again ({@link unsyncedNodes}). */
   private async writeSynced(batch: ReturnType<Db['batch']>): Promise<void> {
     for (const [k, v] of this.unsyncedNodes) batch.put(Buffer.from(k, 'latin1'), v);
-    await batch.write({ sync: true });
+    await this.indexWrite(() => batch.write({ sync: true }));
     this.unsyncedNodes.clear();
     this.unsyncedNodeBytes = 0;
   }
@@ -1558,7 +1577,7 @@ export class Store implements ReplicaStore {
   async putVolume(v: VolumeRecord): Promise<void> {
     this.checkOpen();
     const r = normalizeVolume(v);
-    await this.writeLock.run(() => this.db.put(volumeKey(r.name), json(r), { sync: true }));
+    await this.writeLock.run(() => this.indexWrite(() => this.db.put(volumeKey(r.name), json(r), { sync: true })));
   }
 
   /** Remove a volume and all its snapshots in one batch (space comes back at gc()). */
@@ -1609,14 +1628,14 @@ export class Store implements ReplicaStore {
     checkMetaName(ns, key);
     if (value === undefined) throw new TandemError('ERR_BAD_REQUEST', `meta ${ns}/${key}: value is undefined; use deleteMeta`);
     const buf = json(value);
-    await this.writeLock.run(() => this.db.put(metaKey(ns, key), buf, { sync: opts.sync !== false }));
+    await this.writeLock.run(() => this.indexWrite(() => this.db.put(metaKey(ns, key), buf, { sync: opts.sync !== false })));
   }
 
   /** Synced, as {@link putMeta} (and `sync: false` as there). */
   async deleteMeta(ns: string, key: string, opts: { sync?: boolean } = {}): Promise<void> {
     this.checkOpen();
     checkMetaName(ns, key);
-    await this.writeLock.run(() => this.db.del(metaKey(ns, key), { sync: opts.sync !== false }));
+    await this.writeLock.run(() => this.indexWrite(() => this.db.del(metaKey(ns, key), { sync: opts.sync !== false })));
   }
 
   /** Every [key, value] of a namespace in key order. */

@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { appendFileSync, closeSync, cpSync, existsSync, openSync, readFileSync, renameSync, rmSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { createSecureContext } from 'node:tls';
 import { Home } from '../../appliance/home.js';
@@ -971,4 +971,34 @@ test('a command killed (kill -9) after it started stays in the audit log, as sta
   const done = await cli(a, 'sync', 'vol', '--peer', 'cloud');
   assert.equal(done.code, 0, done.stderr);
   assert.deepEqual((await syncs()).map((e) => [e.started, e.exitCode]), [[true, undefined], [undefined, 0]], 'its start record is not listed once it ended');
+});
+
+test("an index write the disk fails (EIO) on a running server: pushes get ERR_IO saying to restart it, doctor names the failed index until then, and after a restart the push completes", async (t) => {
+  if (spawnSync('strace', ['-V']).status !== 0) return t.skip('strace is not installed (apt-get install -y strace)');
+  const { a, b, sb } = await pairedWithVolume(t, 8);
+  // Every fdatasync of the server from now on fails: LevelDB's first synced write meets EIO and
+  // it refuses every later write until the index is reopened.
+  const tracer = spawn('strace', ['-f', '-p', String(sb.child.pid), '-o', '/dev/null', '-e', 'trace=fdatasync', '-e', 'inject=fdatasync:error=EIO:when=1+'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  t.after(() => void tracer.kill('SIGKILL'));
+  let traced = '';
+  tracer.stderr!.on('data', (d: Buffer) => void (traced += d.toString()));
+  await until(() => /attached/.test(traced), 'strace to attach');
+  const push = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(push.code, 1, push.stderr);
+  assert.equal(push.json.error.code, 'ERR_IO', JSON.stringify(push.json));
+  assert.match(push.json.error.message, /index failed a write .*restart the appliance/);
+  tracer.kill('SIGKILL');
+  await once(tracer, 'exit');
+  const doctor = await cli(b, 'doctor'); // run by b's server, which holds the store
+  const index = (doctor.json.checks as Array<{ check: string; status: string; fix?: string }>).find((c) => c.check === 'store index');
+  assert.equal(index?.status, 'fail', JSON.stringify(doctor.json));
+  assert.match(index!.fix!, /restart the appliance/);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).json.error.code, 'ERR_IO', 'still refused: the index keeps the error until reopened');
+  await sb.stop();
+  const sb2 = await startServe(t, b);
+  assert.equal((await cli(a, 'peer', 'update', 'cloud', '--url', sb2.url)).code, 0);
+  const again = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(again.code, 0, again.stderr);
+  assert.equal((await cli(b, 'doctor')).json.checks.find((c: { check: string }) => c.check === 'store index'), undefined);
+  assert.equal((await cli(b, 'verify')).code, 0);
 });
