@@ -23,7 +23,7 @@ import { DEFAULT_BLOCK_SIZE, checkBlockSize, checkSize, normalizeSnapshot } from
 import { prestartHashPool } from './hash-pool.js';
 import { partsOf, rangesOf, type BlockRanges } from './block-ranges.js';
 import { trace } from '../sync/trace.js';
-import { blockCount, blockHashesAt, type BlockChange } from './tree.js';
+import { blockCount, blockHashRanges, blockHashesAt, type BlockChange } from './tree.js';
 import type { DeltaOf, PutFrame, Store } from './store.js';
 import type { Hash, SnapshotOptions, SnapshotRecord, VolumeReader } from './types.js';
 
@@ -216,18 +216,10 @@ interface Done extends Job {
  * volume order (calls are chained, so concurrent jobs get consecutive ranges).
  */
 function parentHashes(store: Store, parent: SnapshotRecord): (first: number, count: number) => Promise<Buffer> {
-  const it = store.blockHashes(parent)[Symbol.asyncIterator]();
+  const read = blockHashRanges({ root: parseHex(parent.root)!, height: parent.height, blocks: blockCount(parent.size, parent.blockSize) }, store.getNode);
   let chain: Promise<unknown> = Promise.resolve();
   return (first, count) => {
-    const p = chain.then(async () => {
-      const out = Buffer.alloc(count * HASH_LENGTH);
-      for (let i = 0; i < count; i++) {
-        const r = await it.next();
-        if (r.done || r.value.index !== first + i) throw new TandemError('ERR_INTERNAL', `the parent snapshot ${parent.id} has no block ${first + i} where the scan expected it`);
-        r.value.hash.copy(out, i * HASH_LENGTH);
-      }
-      return out;
-    });
+    const p = chain.then(() => read(first, count));
     chain = p.catch(() => undefined);
     return p;
   };

@@ -473,6 +473,50 @@ export async function blockHashesAt(tree: TreeShape, indices: readonly number[],
   return out;
 }
 
+/**
+ * The block hashes of `tree` in [first, first + count), 32 bytes each (zeros for zero blocks and
+ * past the tree's end), read along the nodes that cover the range (each read once while the
+ * range stays under it: the path is kept between calls). A zero subtree costs nothing: the
+ * output starts as zeros. A scan asks its parent's hashes chunk by chunk this way; walked block
+ * by block (walkBlocks, one async step each), a re-snapshot of a 1 TiB sparse volume with 4 MiB
+ * of data took 2.99-3.95 s in the command, 1.53-1.66 s this way (a 2 GiB dense one: 0.43-0.51 s
+ * against 0.42-0.49 s, alternated).
+ */
+export function blockHashRanges(tree: TreeShape, get: NodeGetter): (first: number, count: number) => Promise<Buffer> {
+  /** The node last read at each level, with its position. */
+  const path: Array<{ pos: number; node: TreeNode } | undefined> = [];
+  return async (first, count) => {
+    const out = Buffer.alloc(count * HASH_LENGTH);
+    const end = Math.min(first + count, tree.blocks);
+    // Per level-1 node under the range: the copy of its children that fall in it.
+    for (let i = first; i < end; ) {
+      const leafPos = Math.floor(i / FANOUT);
+      const leafEnd = Math.min(end, (leafPos + 1) * FANOUT);
+      let h = tree.root;
+      let k = tree.height;
+      let skipTo = leafEnd;
+      for (; k >= 1 && !isZeroHash(h); k--) {
+        const pos = Math.floor(i / span(k));
+        let at = path[k];
+        if (!at || at.pos !== pos || !at.node.hash.equals(h)) path[k] = at = { pos, node: await getLevel(get, h, k) };
+        if (k === 1) break;
+        h = at.node.children[Math.floor(i / span(k - 1)) % FANOUT] ?? ZERO_HASH;
+        // A zero subtree below: nothing to copy up to its end.
+        if (isZeroHash(h)) skipTo = Math.min(end, (Math.floor(i / span(k - 1)) + 1) * span(k - 1));
+      }
+      if (k === 1 && !isZeroHash(h)) {
+        const children = path[1]!.node.children;
+        for (let b = i; b < leafEnd; b++) {
+          const c = children[b % FANOUT];
+          if (c && !isZeroHash(c)) c.copy(out, (b - first) * HASH_LENGTH);
+        }
+      }
+      i = skipTo;
+    }
+    return out;
+  };
+}
+
 /** A block that differs between two trees: its hash in the target and in the base (`was`). */
 export interface BlockDiff extends BlockChange {
   readonly was: Hash;

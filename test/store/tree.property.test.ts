@@ -6,7 +6,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { buildTree, diffTrees, walkBlocks, treeHeight, type BlockChange, type TreeShape } from '../../store/tree.js';
+import { blockHashRanges, buildTree, diffTrees, walkBlocks, treeHeight, type BlockChange, type TreeShape } from '../../store/tree.js';
 import { ZERO_HASH, blake3 } from '../../store/hash.js';
 import type { Hash, TreeNode } from '../../store/types.js';
 import { TandemError } from '../../common/errors.js';
@@ -114,6 +114,33 @@ describe('tree properties', () => {
         walked.forEach((c, i) => assert.ok(c.index === i && c.hash.equals(POOL[valueAt(next, i)]!)));
       }),
       { numRuns: 150 },
+    );
+  });
+
+  it('blockHashRanges gives the vector, in consecutive ranges of any lengths (two- and three-level trees, sparse)', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.integer({ min: 1, max: 70_000 }).chain((n) => fc.tuple(
+          fc.constant(n),
+          fc.array(fc.tuple(fc.integer({ min: 0, max: n - 1 }), fc.integer({ min: 1, max: 4 })), { maxLength: 200 }),
+          fc.array(fc.integer({ min: 1, max: 5000 }), { minLength: 1, maxLength: 40 }),
+        )),
+        async ([n, entries, lengths]) => {
+          const v: Vec = { n, at: new Map(entries) };
+          const s = nodeStore();
+          const t = await build(v, s);
+          const read = blockHashRanges(t, s.get);
+          let first = 0;
+          for (let k = 0; first < n; k++) {
+            const count = Math.min(lengths[k % lengths.length]!, n - first);
+            const got = await read(first, count);
+            assert.equal(got.length, count * 32);
+            for (let i = 0; i < count; i++) assert.ok(got.subarray(i * 32, (i + 1) * 32).equals(POOL[valueAt(v, first + i)]!), `block ${first + i}`);
+            first += count;
+          }
+        },
+      ),
+      { numRuns: 60 },
     );
   });
 
