@@ -84,7 +84,7 @@ export async function storeChecks(store: Store, config: Config | null): Promise<
       continue;
     }
     try {
-      const r = await openVolumeReader(v.path);
+      const r = await openVolumeReader(v.path, { holeMap: false });
       const actual = r.size;
       await r.close();
       out.push(actual === v.size

@@ -138,7 +138,7 @@ export async function addVolume(store: Store, opts: AddVolumeOptions): Promise<V
   } else {
     size = (await inspectVolume(path)).size;
     // Opening proves the appliance can read it (stat alone does not check permissions).
-    const reader = await openVolumeReader(path);
+    const reader = await openVolumeReader(path, { holeMap: false });
     await reader.close();
   }
   const record: VolumeRecord = {
@@ -271,7 +271,8 @@ export async function snapshotVolumeLocked(store: Store, name: string, opts: Sna
       details: { volume: name },
     });
   }
-  const reader = await openVolumeReader(vol.path);
+  // A change list reads only its blocks: no hole map, unless the snapshot reads the whole volume after all (below).
+  let reader = await openVolumeReader(vol.path, { holeMap: opts.changedBlocksFile === undefined });
   try {
     let parent = await store.latestSnapshot(name);
     if (reader.size !== vol.size) {
@@ -301,6 +302,11 @@ export async function snapshotVolumeLocked(store: Store, name: string, opts: Sna
       ...(opts.signal ? { signal: opts.signal } : {}),
     };
     if (changedBlocks !== undefined) return await store.scanVolume(reader, { ...common, parent, changedBlocks, origin: 'changed-blocks' });
+    if (opts.changedBlocksFile !== undefined) {
+      const whole = await openVolumeReader(reader.path);
+      await reader.close();
+      reader = whole;
+    }
     // A sparse image's holes (reader.holes) are not read: the scan takes them as zero blocks.
     return await store.scanVolume(reader, { ...common, parent, origin: 'scan' });
   } finally {

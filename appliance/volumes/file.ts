@@ -269,7 +269,7 @@ async function readFull(fh: FileHandle, buf: Buffer, position: number): Promise<
  * fills a hole after the open is seen as it was at the open, like any block read before a
  * concurrent write.
  */
-export async function openVolumeReader(path: string): Promise<LocalVolumeReader> {
+export async function openVolumeReader(path: string, opts: { readonly holeMap?: boolean } = {}): Promise<LocalVolumeReader> {
   const info = await inspectVolume(path);
   let fh: FileHandle;
   try {
@@ -279,7 +279,9 @@ export async function openVolumeReader(path: string): Promise<LocalVolumeReader>
   }
   const size = info.size;
   let holes: Hole[] = [];
-  if (info.kind === 'file') {
+  // The map costs a python3 start (350-650 ms where python3 is a pyenv shim): not for a reader
+  // that reads no range whole (its size, a change list's blocks).
+  if (info.kind === 'file' && opts.holeMap !== false) {
     const st = await fh.stat();
     if (st.blocks * 512 + SPARSE_SLACK < size) holes = await findHoles(path);
   }

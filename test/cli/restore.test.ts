@@ -1,7 +1,7 @@
 /** Snapshot and restore through the real CLI: byte-exact, sparse, incremental in both directions. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { writeFileSync, readFileSync, openSync, writeSync, closeSync, statSync, existsSync, truncateSync, readSync, readdirSync, lstatSync, symlinkSync, linkSync } from 'node:fs';
+import { writeFileSync, readFileSync, openSync, writeSync, closeSync, statSync, existsSync, truncateSync, readSync, readdirSync, lstatSync, symlinkSync, linkSync, mkdirSync, chmodSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { execFileSync, spawn } from 'node:child_process';
@@ -210,6 +210,43 @@ test('--changed-blocks reads only the listed blocks; a malformed file changes no
   assert.equal(bad.json.error.code, 'ERR_CHANGED_BLOCKS_INVALID');
   assert.match(bad.json.error.message, /line 2/);
   assert.equal((await cliJson(['snapshots', 'vol', '--home', home])).json.length, 2, 'no snapshot was added');
+});
+
+test('a sparse image\'s hole map (a python3 start) is made only for a snapshot that reads the volume whole: not for volume add, a change list, or doctor', async (t) => {
+  const real = execFileSync('sh', ['-c', 'command -v python3 || true'], { encoding: 'utf8' }).trim();
+  if (real === '') return t.skip('no python3: no hole map is made here');
+  const dir = tempDir(t);
+  // A python3 first on PATH that notes each start, then runs the real one.
+  const bin = join(dir, 'bin');
+  const log = join(dir, 'python3.log');
+  mkdirSync(bin);
+  writeFileSync(join(bin, 'python3'), `#!/bin/sh\necho start >> "${log}"\nexec "${real}" "$@"\n`);
+  chmodSync(join(bin, 'python3'), 0o755);
+  const env = { PATH: `${bin}:${process.env.PATH}` };
+  const starts = () => (existsSync(log) ? readFileSync(log, 'utf8').split('\n').filter(Boolean).length : 0);
+  const home = join(dir, 'home');
+  assert.equal((await cli(['init', '--home', home])).code, 0);
+  const img = join(dir, 'sparse.img');
+  writeFileSync(img, '');
+  truncateSync(img, 1024 * MiB);
+  scribble(img, 3 * BS, 100);
+  assert.equal((await cli(['volume', 'add', 'v', '--path', img, '--home', home], { env })).code, 0);
+  assert.equal(starts(), 0, 'volume add reads the size only');
+  const first = await cliJson(['snapshot', 'v', '--home', home], { env });
+  assert.equal(first.code, 0, first.stderr);
+  assert.equal(starts(), 1, 'a full scan maps the holes');
+  const cb = join(dir, 'changed.txt');
+  scribble(img, 5 * BS, 100);
+  writeFileSync(cb, '5\n');
+  const listed = await cliJson(['snapshot', 'v', '--changed-blocks', cb, '--home', home], { env });
+  assert.equal(listed.code, 0, listed.stderr);
+  assert.equal(listed.json.bytesRead, BS);
+  assert.equal(starts(), 1, 'a change list reads its blocks only');
+  assert.equal((await cli(['doctor', '--home', home], { env })).code === 2, false);
+  assert.equal(starts(), 1, 'doctor reads the size only');
+  const out = join(dir, 'out.img');
+  assert.equal((await cli(['restore', 'v', '--to', out, '--home', home])).code, 0);
+  assert.ok(readFileSync(out).equals(readFileSync(img)));
 });
 
 test('a 64 GiB sparse volume with a few non-zero blocks snapshots fast, stores only those blocks and restores sparse', async (t) => {
