@@ -468,11 +468,10 @@ async function pull(home: Home, store: Store, remote: RemotePeer, volume: string
   }
   // The record is committed here as the peer gave it: it must be the volume asked for, and dated
   // so that it does not stay this store's latest whatever is taken after it.
-  if (latest.volume !== volume) {
-    await remote.releaseVolume();
-    throw new TandemError('ERR_PEER_PROTOCOL', `peer ${peer} answered the latest snapshot of "${volume}" with one of volume ${JSON.stringify(latest.volume)}; nothing was pulled. Check the peer's version and health (\`appliance doctor\`)`, { details: { volume, peer, answered: latest.volume } });
-  }
   try {
+    if (latest.volume !== volume) {
+      throw new TandemError('ERR_PEER_PROTOCOL', `peer ${peer} answered the latest snapshot of "${volume}" with one of volume ${JSON.stringify(latest.volume)}; nothing was pulled. Check the peer's version and health (\`appliance doctor\`)`, { details: { volume, peer, answered: latest.volume } });
+    }
     checkReceivedSnapshotId(latest.id);
   } catch (e) {
     await remote.releaseVolume();

@@ -155,6 +155,12 @@ export function diskFullError(e: unknown, what: string, next = 'free space, then
   return new TandemError('ERR_DISK_FULL', `${what}: no space left on device (${detail}); ${next}`, { cause: e });
 }
 
+/** Whether `e` is an I/O error of the store's index (classic-level's LEVEL_IO_ERROR, itself or as the cause). */
+export function isIndexIoError(e: unknown): boolean {
+  const err = e as { code?: unknown; cause?: { code?: unknown } } | undefined;
+  return err?.code === 'LEVEL_IO_ERROR' || err?.cause?.code === 'LEVEL_IO_ERROR';
+}
+
 /**
  * An error of the store's index (LevelDB: classic-level's LEVEL_IO_ERROR, itself or as the
  * cause) met where no code expected one, as ERR_IO or ERR_DISK_FULL with what to do. LevelDB
@@ -163,9 +169,8 @@ export function diskFullError(e: unknown, what: string, next = 'free space, then
  * "free space, then rerun" (ENOSPC) that no rerun could follow, until it was restarted.
  */
 export function indexError(e: unknown): TandemError | undefined {
-  if (e instanceof TandemError) return undefined;
-  const err = e as { code?: string; message?: string; cause?: { code?: string; message?: string } } | undefined;
-  if (err?.code !== 'LEVEL_IO_ERROR' && err?.cause?.code !== 'LEVEL_IO_ERROR') return undefined;
+  if (e instanceof TandemError || !isIndexIoError(e)) return undefined;
+  const err = e as { message?: string; cause?: { message?: string } };
   const restart = "the index takes no write until it is reopened: restart the appliance (`systemctl restart tandem`, or stop and start `appliance serve`/`daemon`); a one-shot command reopens it when run again";
   const full = diskFullError(e, "the store's index", `free space on that disk, then ${restart}`);
   if (full) return full;

@@ -10,7 +10,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, rename, statfs, unlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ClassicLevel } from 'classic-level';
-import { TandemError, diskFullError, fromSystemError, isTandemError } from '../common/errors.js';
+import { TandemError, diskFullError, fromSystemError, isIndexIoError, isTandemError } from '../common/errors.js';
 import { blake3, hashBlock, isHash, isZeroHash, MAX_BLOCK_SIZE, parseHex, toHex, ZERO_HASH } from './hash.js';
 import { STORED_DELTA_DIVISOR, applyPatches, composeDeltas, diffBlock, mayBeSparse } from './delta.js';
 import { checkSnapshotId, checkVolumeName, isValidSnapshotId, isValidVolumeName, newSnapshotId, snapshotIdTime } from './ids.js';
@@ -224,8 +224,8 @@ export class Store implements ReplicaStore {
     try {
       return await fn();
     } catch (e) {
-      const err = e as { code?: string; message?: string; cause?: { code?: string; message?: string } };
-      if (this.indexFailure === null && (err?.code === 'LEVEL_IO_ERROR' || err?.cause?.code === 'LEVEL_IO_ERROR')) {
+      if (this.indexFailure === null && isIndexIoError(e)) {
+        const err = e as { message?: string; cause?: { message?: string } };
         this.indexFailure = { at: new Date().toISOString(), message: err.cause?.message ?? err.message ?? String(e) };
       }
       throw e;
@@ -772,6 +772,8 @@ export class Store implements ReplicaStore {
     // A block this store holds whole and readable, or that came earlier in the stream, is not
     // written again: each copy was appended (a peer sending one block 32 times added 512 MiB).
     const seen = new Set<string>();
+    /** Blocks found good here: a damage record of them is stale, cleared with the last batch. */
+    const good: Hash[] = [];
     for await (const f of frames) {
       if (!isHash(f.hash) || isZeroHash(f.hash) || !blake3(f.data).equals(f.hash)) {
         throw new TandemError('ERR_BLOCK_CORRUPT', `the copy of block ${isHash(f.hash) ? toHex(f.hash) : '?'} to repair with does not match its hash; it was not written`, { details: { hash: isHash(f.hash) ? toHex(f.hash) : null } });
@@ -783,8 +785,8 @@ export class Store implements ReplicaStore {
       }
       seen.add(key);
       if (await this.holdsGoodCopy(f.hash)) {
+        good.push(Buffer.from(f.hash));
         f.release?.();
-        await onRepaired?.([Buffer.from(f.hash)]); // a damage record of it is stale: cleared as if repaired
         continue;
       }
       // A copy of its own: the frame's buffer may be a pooled one the producer reuses.
@@ -794,6 +796,7 @@ export class Store implements ReplicaStore {
       if (bytes >= REPAIR_BATCH_BYTES) await write();
     }
     if (batch.length > 0) await write();
+    if (good.length > 0) await onRepaired?.(good);
     return repaired;
   }
 
@@ -1580,10 +1583,10 @@ export class Store implements ReplicaStore {
     await this.writeLock.run(() => this.indexWrite(() => this.db.put(volumeKey(r.name), json(r), { sync: true })));
   }
 
-  /** Remove a volume and all its snapshots in one batch (space comes back at gc()). */
   /**
-   * Remove volume `name` and its snapshots, and the `meta` entries given ([namespace, key]; the
-   * caller's records of the volume), in one synced batch: a crash leaves all or none (a removal
+   * Remove volume `name` and its snapshots (space comes back at gc()), and the `meta` entries
+   * given ([namespace, key]; the caller's records of the volume), in one synced batch: a crash
+   * leaves all or none (a removal
    * killed between its steps left a record that refused the next push of the name, with no
    * volume left for \`volume remove\` to find).
    */

@@ -193,16 +193,21 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
   const { home, store, leases, stats } = deps;
   const slots = new StreamSlots(MAX_BLOCK_STREAMS);
   const getSlots = new StreamSlots(MAX_GET_STREAMS);
+  type BusyReply = { header(k: string, v: string): unknown; log: { warn(msg: string): void } };
+  /** A slot of `from` within STREAM_WAIT_MS (its release function), else 503 ERR_SERVER_BUSY (logged, Retry-After 30) saying `busy`. */
+  const slotWithin = async (from: StreamSlots, reply: BusyReply, logged: string, busy: string): Promise<() => void> => {
+    const release = await from.take(STREAM_WAIT_MS);
+    if (release) return release;
+    reply.log.warn(`${logged} waited ${STREAM_WAIT_MS / 1000} s for a slot: refused (ERR_SERVER_BUSY)`);
+    reply.header('retry-after', '30');
+    throw new TandemError('ERR_SERVER_BUSY', `${home.identity.name} is ${busy}, and none ended within ${STREAM_WAIT_MS / 1000} s. Rerun the sync shortly (it moves only what is missing)`);
+  };
   /** An upload's slot (DecodeOptions.slot): ERR_SERVER_BUSY when none came free within STREAM_WAIT_MS. */
-  const slotOf = (reply: { header(k: string, v: string): unknown; log: { warn(msg: string): void } }) => {
+  const slotOf = (reply: BusyReply) => {
     let release: (() => void) | null = null;
     return {
       async take(): Promise<void> {
-        release = await slots.take(STREAM_WAIT_MS);
-        if (release) return;
-        reply.log.warn(`a block stream waited ${STREAM_WAIT_MS / 1000} s for one of the ${MAX_BLOCK_STREAMS} frames being received to end: refused (ERR_SERVER_BUSY)`);
-        reply.header('retry-after', '30');
-        throw new TandemError('ERR_SERVER_BUSY', `${home.identity.name} is receiving ${MAX_BLOCK_STREAMS} block streams' frames, as many as it takes at once, and none ended within ${STREAM_WAIT_MS / 1000} s; the blocks before were stored. Rerun the sync shortly (it sends only what is missing)`);
+        release = await slotWithin(slots, reply, 'a block stream', `receiving ${MAX_BLOCK_STREAMS} block streams' frames, as many as it takes at once (the blocks before were stored)`);
       },
       give(): void {
         release?.();
@@ -394,12 +399,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     // Written here, not through reply.send(stream): a stream piped into the response is read ahead
     // with no sign of when the socket has taken a chunk, so its pooled buffers could not go back
     // (a 1 GiB pull spent ~27 % of the sender's CPU in garbage collection that way).
-    const release = await getSlots.take(STREAM_WAIT_MS);
-    if (!release) {
-      req.log.warn(`a blocks/get answer waited ${STREAM_WAIT_MS / 1000} s for one of the ${MAX_GET_STREAMS} being sent to end: refused (ERR_SERVER_BUSY)`);
-      reply.header('retry-after', '30');
-      throw new TandemError('ERR_SERVER_BUSY', `${home.identity.name} is sending ${MAX_GET_STREAMS} blocks/get answers, as many as it sends at once, and none ended within ${STREAM_WAIT_MS / 1000} s; rerun the sync shortly (it fetches only what is missing)`);
-    }
+    const release = await slotWithin(getSlots, reply, 'a blocks/get answer', `sending ${MAX_GET_STREAMS} blocks/get answers, as many as it sends at once`);
     try {
       reply.hijack();
       reply.raw.writeHead(200, { 'content-type': 'application/octet-stream', [FEATURES_HEADER]: SERVER_FEATURES });
