@@ -37,6 +37,20 @@ export function failure(e: unknown): string {
 }
 
 /**
+ * Each `discovery.paths` entry that cannot be searched (missing, not a directory, unreadable):
+ * `appliance discover` would list no image from it and say nothing else.
+ */
+export async function discoveryChecks(config: Config): Promise<Check[]> {
+  const { discoveryPathProblems } = await import('./discover/images.js');
+  return (await discoveryPathProblems(config.discovery.paths)).map((u) => ({
+    check: `discovery path ${u.path}`,
+    status: 'warn' as const,
+    detail: `${u.path} ${u.problem}: discover finds no image there`,
+    fix: 'correct or remove the entry under discovery.paths in config.yaml (or create the directory)',
+  }));
+}
+
+/**
  * The checks that need no store: configuration, certificate, server, the store's disk.
  * `config` null: it did not load (its error is `configError`).
  */

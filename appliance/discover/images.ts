@@ -34,7 +34,28 @@ export async function imageFormat(path: string): Promise<ImageFormat> {
   }
 }
 
-/** Image files under `dirs` (depth-limited, unreadable directories skipped). */
+/**
+ * Each of `dirs` (config `discovery.paths`) that cannot be searched, with why: missing, not a
+ * directory, or unreadable. discover and doctor name them: a typo in the path would otherwise
+ * look like a directory holding no images.
+ */
+export async function discoveryPathProblems(dirs: readonly string[]): Promise<Array<{ path: string; problem: string }>> {
+  const out: Array<{ path: string; problem: string }> = [];
+  for (const path of dirs) {
+    const st = await stat(path).catch((e: NodeJS.ErrnoException) => e);
+    if (st instanceof Error) {
+      out.push({ path, problem: st.code === 'ENOENT' ? 'does not exist' : `cannot be read (${st.code ?? st.message})` });
+    } else if (!st.isDirectory()) {
+      out.push({ path, problem: 'is not a directory' });
+    } else {
+      const e = await readdir(path).then(() => null, (err: NodeJS.ErrnoException) => err);
+      if (e) out.push({ path, problem: `cannot be read (${e.code ?? e.message})` });
+    }
+  }
+  return out;
+}
+
+/** Image files under `dirs` (depth-limited, unreadable directories skipped: see {@link discoveryPathProblems}). */
 export async function findImages(dirs: readonly string[]): Promise<Array<{ path: string; size: number; allocated: number; format: ImageFormat }>> {
   const out: Array<{ path: string; size: number; allocated: number; format: ImageFormat }> = [];
   const walk = async (dir: string, depth: number) => {

@@ -17,7 +17,7 @@ import { estimateNonZero, findImages, imageFormat, type ImageFormat } from './im
 import { parseDomblklist, parseLsblk, parseLvs, parseVirshList, type Found } from './parse.js';
 
 export { parseLsblk, parseLvs, parseVirshList, parseDomblklist, type Found } from './parse.js';
-export { findImages, estimateNonZero, imageFormat, SAMPLE_COUNT, SAMPLE_BYTES } from './images.js';
+export { discoveryPathProblems, findImages, estimateNonZero, imageFormat, SAMPLE_COUNT, SAMPLE_BYTES } from './images.js';
 
 /** Runs a tool; resolves its stdout, or null when the tool is absent or fails. */
 export type CommandRunner = (cmd: string, args: readonly string[]) => Promise<string | null>;

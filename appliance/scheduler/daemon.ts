@@ -17,6 +17,7 @@
  */
 import type { FastifyInstance } from 'fastify';
 import { pino } from 'pino';
+import { TandemError } from '../../common/errors.js';
 import { Home } from '../home.js';
 import { loadConfig, type Config } from '../config/index.js';
 import { computeStatus, BreachNotifier, postWebhook } from '../status.js';
@@ -74,6 +75,11 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
         });
         app.get<{ Querystring: { volume?: string } }>('/v1/status', async (req) => {
           const volumes = await computeStatus(store, config, Date.now(), req.query.volume, home.paths.locks);
+          // As `appliance status VOL`: a volume asked for by name that is not here is an error (a
+          // monitor polling a misspelt or removed volume must not read an empty, healthy answer).
+          if (req.query.volume !== undefined && volumes.length === 0) {
+            throw new TandemError('ERR_VOLUME_NOT_FOUND', `no volume "${req.query.volume}" on this appliance; \`appliance volume list\` shows the volumes`, { details: { volume: req.query.volume } });
+          }
           return { appliance: home.identity.name, at: new Date().toISOString(), running: scheduler.current?.runningUnits() ?? [], volumes, verify: await summary(), health: await applianceHealth(home) };
         });
       };

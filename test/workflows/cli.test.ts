@@ -43,6 +43,25 @@ test('config check, status, retention, discover --write and cost from the comman
   assert.equal(app.proposedPolicy, 'standard');
   assert.ok(disc.json.written.commands.includes(`appliance volume add app --path ${join(images, 'app.img')}`));
   assert.equal((await cli(a, 'config', 'check')).code, 0);
+  assert.deepEqual(disc.json.unsearched, []);
+
+  // A discovery path that is missing or not a directory is named by discover and doctor (it
+  // would otherwise look like a directory with no images in it), and the others still searched.
+  const withImages = readFileSync(cfg, 'utf8');
+  const searched = `paths: [${images}, ${join(work, 'typo')}, ${join(images, 'app.img')}]`;
+  writeFileSync(cfg, withImages.replace(/paths:.*\n(\s+- .*\n)*/, `${searched}\n`));
+  assert.match(readFileSync(cfg, 'utf8'), new RegExp(searched.replace(/[[\]]/g, '\\$&')));
+  const unsearched = await cli(a, 'discover');
+  assert.equal(unsearched.code, 0, unsearched.stderr);
+  assert.ok(unsearched.json.assets.some((x: { path: string }) => x.path === join(images, 'app.img')));
+  assert.deepEqual(unsearched.json.unsearched, [{ path: join(work, 'typo'), problem: 'does not exist' }, { path: join(images, 'app.img'), problem: 'is not a directory' }]);
+  assert.match((await cliText(['--home', a.dir, 'discover'])).stdout, new RegExp(`not searched: discovery.paths entry ${join(work, 'typo')} does not exist \\(fix the path in config.yaml\\)`));
+  const doc = await cli(a, 'doctor');
+  const typo = doc.json.checks.find((c: { check: string }) => c.check === `discovery path ${join(work, 'typo')}`);
+  assert.equal(typo?.status, 'warn', JSON.stringify(doc.json.checks));
+  assert.match(typo.fix, /discovery\.paths in config\.yaml/);
+  assert.ok(!doc.json.checks.some((c: { check: string }) => c.check === `discovery path ${images}`), 'a good path is not listed');
+  writeFileSync(cfg, withImages);
 
   assert.equal((await cli(a, 'volume', 'add', 'app', '--path', join(images, 'app.img'))).code, 0);
   let st = await cli(a, 'status');

@@ -198,6 +198,11 @@ groups:
   assert.equal(vol.lastJob.id, jobId);
   assert.equal(vol.lastJob.ok, true);
   assert.ok(vol.lastSnapshot.id);
+  assert.equal(JSON.parse((await get(a, d2.url, '/v1/status?volume=db-data', a.token)).body).volumes.length, 1);
+  // A volume asked for by name that is not here: 404, as `appliance status VOL` exits 1.
+  const nosuch = await get(a, d2.url, '/v1/status?volume=nosuch', a.token);
+  assert.equal(nosuch.status, 404);
+  assert.equal(JSON.parse(nosuch.body).error.code, 'ERR_VOLUME_NOT_FOUND');
   const metrics = await get(a, d2.url, '/metrics', a.token);
   assert.equal(metrics.status, 200);
   assert.match(metrics.body, /tandem_rpo_state\{volume="db-data",policy="gold",state="OK"\} 1/);

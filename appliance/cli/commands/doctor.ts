@@ -14,7 +14,7 @@ export function define(program: Command): void {
     .action(run(async (g) => {
       const { Home } = await import('../../home.js');
       const { loadConfig } = await import('../../config/index.js');
-      const { homeChecks, storeChecks, hookChecks, failure } = await import('../../doctor.js');
+      const { homeChecks, storeChecks, hookChecks, discoveryChecks, failure } = await import('../../doctor.js');
       const { applianceHealth } = await import('../../health.js');
       const { withHomeStore } = await import('../../ops.js');
       const { formatTable } = await import('../table.js');
@@ -29,6 +29,7 @@ export function define(program: Command): void {
       const server = home.runningServer();
       const checks = homeChecks(home, config, configError, server, await applianceHealth(home));
       checks.push(...(await hookChecks(home)));
+      if (config) checks.push(...(await discoveryChecks(config)));
       try {
         checks.push(...(await withHomeStore(g.home, (_h, store) => storeChecks(store, config))));
       } catch (e) {
