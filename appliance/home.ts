@@ -446,6 +446,12 @@ export class Home {
         if (!(e instanceof TandemError) || e.code !== 'ERR_STORE_BUSY') throw e;
         const pid = typeof e.details.pid === 'number' ? e.details.pid : undefined;
         if (pid !== undefined && pid === this.runningServer()?.pid && opts.server) {
+          // A server killed a moment ago (kill -9, then a restart) still holds the store until the
+          // kernel has torn it down: give it that long before calling it running.
+          if (Date.now() - started < SERVER_EXIT_GRACE_MS) {
+            await new Promise((r) => setTimeout(r, 50));
+            continue;
+          }
           throw new TandemError('ERR_STORE_BUSY', `a server of this home is running already (pid ${pid}): one serve or daemon per home. Use it (commands on this home are sent to it), or stop it (kill -TERM ${pid}) before starting another`, { cause: e, details: e.details });
         }
         if (pid !== undefined && pid === this.runningServer()?.pid) {
@@ -506,6 +512,12 @@ export class Home {
 export const STORE_WAIT_MS = 10 * 60_000;
 /** How often it tries again meanwhile. */
 const STORE_POLL_MS = 200;
+/**
+ * How long a `serve` or `daemon` waits for a server of its home that holds the store to be gone
+ * before refusing to start: a restart right after `kill -9` of the last one met ERR_STORE_BUSY twice
+ * in an audit's runs, the killed process still exiting.
+ */
+const SERVER_EXIT_GRACE_MS = 2000;
 
 /** `pid 123 (appliance snapshot db)`, from its command line where /proc tells it; else `pid 123`. */
 function describeProcess(pid: number | undefined): string {

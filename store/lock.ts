@@ -4,12 +4,14 @@
  * name, which fails when the lock exists. (Created with O_EXCL and then written, a lock of a
  * process killed in between was empty, and an empty lock must be taken as held for a while: a
  * command run right after such a kill got ERR_STORE_BUSY.) A lock whose pid is no longer running
- * is stale (the owner was killed) and is taken over. classic-level additionally locks index/,
+ * is stale (the owner was killed, including one left a zombie by a parent that does not reap it:
+ * common/pid.cts) and is taken over. classic-level additionally locks index/,
  * which catches the rare race of two takeovers.
  */
 import { link, open, readFile, readdir, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TandemError, fromSystemError } from '../common/errors.js';
+import { pidAlive as alive } from '../common/pid.cjs';
 
 export const LOCK_FILE = 'store.lock';
 
@@ -18,15 +20,6 @@ const EMPTY_LOCK_STALE_MS = 10_000;
 
 /** Attempts at taking a stale lock over before giving up (another process raced us). */
 const TAKEOVER_ATTEMPTS = 3;
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 export function busyError(dir: string, pid: number | undefined): TandemError {
   return new TandemError(

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { readFileSync, readdirSync, writeFileSync, chmodSync, statSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { once } from 'node:events';
 import { BIN, DIST_MAIN, cli, cliCommand, cliJson, spawnCli, tempDir } from '../helpers/cli.js';
 
@@ -280,4 +280,37 @@ test('a reader that leaves early (`| head`) cuts nothing short: the snapshot com
   assert.doesNotMatch(list.stderr, /EPIPE|Unhandled/);
   const missing = await unread(['snapshots', 'nope', '--json']);
   assert.equal(missing.code, 1, 'a failure keeps its exit code');
+});
+
+test('a server killed with -9 and left a zombie by a parent that does not reap it holds nothing: a new serve starts on its home and commands reach the new one', async (t) => {
+  const home = tempDir(t, 'tandem-zombie-');
+  assert.equal((await cli(['--home', home, 'init', '--name', 'site'])).code, 0);
+  const { file, args } = cliCommand();
+  const start = [file, ...args, '--home', home, '--json', 'serve', '--listen', '127.0.0.1:0'].map((a) => `'${a}'`).join(' ');
+  // The shell starts serve, then becomes `sleep`, which never waits for its children.
+  const parent = spawn('sh', ['-c', `${start} & exec sleep 120`], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, CI: 'true' } });
+  t.after(() => void parent.kill('SIGKILL'));
+  const [line] = (await once(parent.stdout!, 'data')) as [Buffer];
+  const old = JSON.parse(line.toString().split('\n')[0]!) as { pid: number; url: string };
+  process.kill(old.pid, 'SIGKILL');
+  const state = () => {
+    const stat = readFileSync(`/proc/${old.pid}/stat`, 'latin1');
+    return stat.charAt(stat.lastIndexOf(')') + 2);
+  };
+  for (let i = 0; i < 100 && state() !== 'Z'; i++) await new Promise((r) => setTimeout(r, 20));
+  assert.equal(state(), 'Z', 'the killed server is a zombie of sleep');
+
+  const next = spawnCli(['--home', home, '--json', 'serve', '--listen', '127.0.0.1:0']);
+  t.after(() => void next.kill('SIGKILL'));
+  const exited = once(next, 'exit');
+  const first = await Promise.race([once(next.stdout!, 'data').then(([d]) => String(d)), exited.then(() => null)]);
+  assert.ok(first !== null, 'the new serve started');
+  assert.doesNotMatch(first, /ERR_STORE_BUSY/, first);
+  const served = JSON.parse(first.split('\n')[0]!) as { pid: number; url: string };
+  assert.equal(served.pid, next.pid);
+  // A command is forwarded to the new server, not to the zombie's closed port.
+  const list = await cliJson(['--home', home, 'volume', 'list']);
+  assert.equal(list.code, 0, list.stderr);
+  next.kill('SIGTERM');
+  await exited;
 });
