@@ -157,6 +157,10 @@ export async function storeChecks(store: Store, config: Config | null): Promise<
         out.push({ check: `RPO of ${s.volume}`, status: 'warn', detail: s.lastReplicated ? `the last replicated point is from ${s.lastReplicated.at}, older than the policy's RPO` : 'never replicated', fix: s.lastJob && !s.lastJob.ok ? `the last job failed: ${s.lastJob.error?.code ?? ''} ${s.lastJob.error?.message ?? ''}` : 'see `appliance status`; the daemon replicates before the RPO when it runs' });
       }
     }
+    const { RESTORING_NS } = await import('./ops.js');
+    for (const [, r] of await store.listMeta<import('./ops.js').InterruptedRestore>(RESTORING_NS)) {
+      out.push({ check: `restore onto ${r.path}`, status: 'warn', detail: `a restore of ${r.volume}@${r.snapshot} started ${r.since} did not complete: ${r.path} is partly written (some blocks of the snapshot, the rest as they were)`, fix: `rerun \`appliance restore ${r.volume}@${r.snapshot} --to ${r.path}\` (it writes only what still differs), or restore another snapshot onto it` });
+    }
     const { interruptedDrills } = await import('./recovery/state.js');
     for (const run of await interruptedDrills(store)) {
       out.push({ check: `drill ${run.id}`, status: 'warn', detail: `interrupted before its teardown (started ${run.started}): its instances may still run in the drill subnet and cost money`, fix: 'the next `appliance drill`, or `appliance daemon` when it starts, terminates them and deregisters their images' });

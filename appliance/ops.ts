@@ -10,6 +10,7 @@
 import { rename, rm, open, statfs, readFile, stat } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { existsSync } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { CONFIRMED_NS } from '../sync/protocol.js';
 import { TandemError, diskFullError, fromSystemError, isTandemError } from '../common/errors.js';
 import type { Home } from './home.js';
@@ -124,6 +125,12 @@ export async function addVolume(store: Store, opts: AddVolumeOptions): Promise<V
   // Two volumes on one disk would each snapshot and replicate it, and a restore or failback of
   // one would overwrite the other's data under it.
   const other = await volumeAtPath(store, path);
+  const restoring = await interruptedRestore(store, path);
+  if (restoring !== undefined) {
+    throw new TandemError('ERR_VOLUME_MATERIALIZING', `${path} is partly written: a restore of ${restoring.volume}@${restoring.snapshot} onto it started ${restoring.since} and did not complete; protecting it now would snapshot a mix of two disks. Rerun \`appliance restore ${restoring.volume}@${restoring.snapshot} --to ${path}\` (it writes only what still differs), then add it`, {
+      details: { ...restoring },
+    });
+  }
   if (other !== undefined && other.name !== opts.name) {
     throw new TandemError('ERR_VOLUME_EXISTS', `${path} is already protected as volume "${other.name}" (${other.path}); give another path, or \`appliance volume remove ${other.name}\` first`, {
       details: { volume: other.name, path: other.path },
@@ -407,6 +414,33 @@ export function materializingMark(store: Store, vol: VolumeRecord, snapshot: str
   };
 }
 
+/**
+ * Meta namespace of restores writing in place onto an existing image or device that is no
+ * volume's: keyed by the SHA-256 of the path (meta keys are at most 512 characters), the value an
+ * {@link InterruptedRestore}. Written (synced) before the first byte of the target changes and
+ * deleted when a restore onto that path completes, so one that is left names a target that a
+ * killed or failed restore left partly written: doctor says so, and `volume add` refuses to
+ * protect it until a restore onto it completes.
+ */
+export const RESTORING_NS = 'restoring';
+
+/** A restore in place that has not completed (see {@link RESTORING_NS}). */
+export interface InterruptedRestore {
+  readonly path: string;
+  readonly volume: string;
+  readonly snapshot: string;
+  readonly since: string;
+}
+
+function restoringKey(path: string): string {
+  return createHash('sha256').update(path).digest('hex');
+}
+
+/** The restore in place onto `path` that has not completed, if any. */
+export async function interruptedRestore(store: Pick<Store, 'getMeta'>, path: string): Promise<InterruptedRestore | undefined> {
+  return store.getMeta<InterruptedRestore>(RESTORING_NS, restoringKey(resolve(path)));
+}
+
 /** {@link restoreVolumeLocked} once the target is known: `vol` is the volume whose path it is, if any. */
 async function restoreOnto(store: Store, snap: SnapshotRecord, path: string, vol: VolumeRecord | null, opts: RestoreOptions): Promise<RestoreResult> {
   const ownPath = vol !== null;
@@ -421,7 +455,18 @@ async function restoreOnto(store: Store, snap: SnapshotRecord, path: string, vol
   }
   // The volume is marked before its image changes: before it is created or resized (beforeChange), else
   // before the first block is written. A restore killed at any point after leaves the mark.
-  const mark = vol ? materializingMark(store, vol, snap.id) : async () => undefined;
+  // An existing image or device that is no volume's is written in place too: the mark is a meta record.
+  const restoring: InterruptedRestore = { path, volume: snap.volume, snapshot: snap.id, since: new Date().toISOString() };
+  let pathMarked = false;
+  const mark = vol
+    ? materializingMark(store, vol, snap.id)
+    : exists
+      ? async () => {
+          if (pathMarked) return;
+          await store.putMeta(RESTORING_NS, restoringKey(path), restoring);
+          pathMarked = true;
+        }
+      : async () => undefined;
   const writer = await openVolumeWriter(target, snap.size, { ...(opts.force ? { force: true } : {}), beforeChange: mark });
   let ok = false;
   try {
@@ -444,6 +489,8 @@ async function restoreOnto(store: Store, snap: SnapshotRecord, path: string, vol
       const { materializing: _done, ...rest } = vol;
       await store.putVolume(rest);
     }
+    // Complete: the record of this restore, or of an earlier one onto the path that did not finish.
+    if (pathMarked || (exists && (await interruptedRestore(store, path)) !== undefined)) await store.deleteMeta(RESTORING_NS, restoringKey(path));
     ok = true;
     return { ...result, snapshot: snap, path, created: !exists };
   } catch (e) {

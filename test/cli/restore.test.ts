@@ -456,6 +456,45 @@ test('kill -9 during a restore onto the volume itself: the half-written volume s
   assert.equal((await cli(['verify', '--home', home])).code, 0);
 });
 
+test('kill -9 during a restore in place onto an image that is no volume\'s: doctor names the partly written image and volume add refuses it; a completed restore onto it clears both', async (t) => {
+  const { home, img } = await setup(t, 256 * BS);
+  const s1 = await cliJson(['snapshot', 'vol', '--home', home]);
+  assert.equal(s1.code, 0, s1.stderr);
+  const want = readFileSync(img);
+  const other = join(home, '..', 'other.img');
+  let landed = false;
+  for (let trial = 0; trial < 5 && !landed; trial++) {
+    writeFileSync(other, randomBytes(want.length)); // an existing image: written in place, only where it differs
+    const child = spawnCli(['restore', `vol@${s1.json.snapshot.id}`, '--to', other, '--home', home, '--json']);
+    const done = collect(child);
+    await untilWritten(other, want.subarray(0, BS), done);
+    child.kill('SIGKILL');
+    const r = await done;
+    if (r.signal !== 'SIGKILL') {
+      assert.equal(r.code, 0, r.stderr);
+      continue;
+    }
+    if (readFileSync(other).equals(want)) continue;
+    landed = true;
+  }
+  assert.ok(landed, 'one of the restores was killed while the image was half-written');
+  const doc = await cliJson(['doctor', '--home', home]);
+  const check = doc.json.checks.find((c: { check: string }) => c.check === `restore onto ${other}`);
+  assert.equal(check?.status, 'warn', JSON.stringify(doc.json.checks));
+  assert.match(check.fix, new RegExp(`appliance restore vol@${s1.json.snapshot.id} --to `));
+  const add = await cliJson(['volume', 'add', 'other', '--path', other, '--home', home]);
+  assert.equal(add.code, 1, 'a partly written image is not protected');
+  assert.equal(add.json.error.code, 'ERR_VOLUME_MATERIALIZING');
+  assert.match(add.json.error.message, /partly written/);
+
+  const rerun = await cliJson(['restore', `vol@${s1.json.snapshot.id}`, '--to', other, '--home', home]);
+  assert.equal(rerun.code, 0, rerun.stderr);
+  assert.ok(readFileSync(other).equals(want));
+  const after = await cliJson(['doctor', '--home', home]);
+  assert.ok(!after.json.checks.some((c: { check: string }) => c.check.startsWith('restore onto')), 'the record is gone');
+  assert.equal((await cliJson(['volume', 'add', 'other', '--path', other, '--home', home])).code, 0);
+});
+
 test('kill -9 the moment restore --force resizes the volume\'s own image: the volume is already marked, so the cut image is not snapshotted; the rerun completes it', async (t) => {
   const { home, img } = await setup(t, 64 * BS);
   const s1 = await cliJson(['snapshot', 'vol', '--home', home]);
