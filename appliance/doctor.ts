@@ -89,7 +89,7 @@ export function homeChecks(home: Home, config: Config | null, configError: unkno
 export async function storeChecks(store: Store, config: Config | null): Promise<Check[]> {
   const out: Check[] = [];
   if (store.indexFailure) {
-    out.push({ check: 'store index', status: 'fail', detail: `a write failed at ${store.indexFailure.at}: ${store.indexFailure.message}; the index takes no write until it is reopened`, fix: 'check the disk (`dmesg`), then restart the appliance (`systemctl restart tandem`, or stop and start `appliance serve`/`daemon`)' });
+    out.push({ check: 'store index', status: 'fail', detail: `a write failed at ${store.indexFailure.at}: ${store.indexFailure.message}; the index takes no write until it is reopened, which the appliance tries (every minute at most) once the disk takes a synced write again`, fix: 'check the disk (`dmesg`) and free space on it; if this stays after that, restart the appliance (`systemctl restart tandem`, or stop and start `appliance serve`/`daemon`)' });
   }
   const { openVolumeReader } = await import('./volumes/index.js');
   for (const v of await store.listVolumes()) {

@@ -166,12 +166,13 @@ export function isIndexIoError(e: unknown): boolean {
  * cause) met where no code expected one, as ERR_IO or ERR_DISK_FULL with what to do. LevelDB
  * keeps the first error of a write (a failed log sync) and refuses every write after it until
  * the index is reopened: a running server answered each push with ERR_INTERNAL (EIO), or with
- * "free space, then rerun" (ENOSPC) that no rerun could follow, until it was restarted.
+ * "free space, then rerun" (ENOSPC) that no rerun could follow, until it was restarted. The store
+ * now reopens it by itself (Store.reopenIndex).
  */
 export function indexError(e: unknown): TandemError | undefined {
   if (e instanceof TandemError || !isIndexIoError(e)) return undefined;
   const err = e as { message?: string; cause?: { message?: string } };
-  const restart = "the index takes no write until it is reopened: restart the appliance (`systemctl restart tandem`, or stop and start `appliance serve`/`daemon`); a one-shot command reopens it when run again";
+  const restart = "the index takes no write until it is reopened, which a running appliance tries by itself (at once after the disk takes a write again, then every minute at most) and a one-shot command does when run again; if it persists, restart the appliance (`systemctl restart tandem`, or stop and start `appliance serve`/`daemon`)";
   const full = diskFullError(e, "the store's index", `free space on that disk, then ${restart}`);
   if (full) return full;
   const detail = err?.cause?.message ?? err?.message ?? String(e);

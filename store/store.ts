@@ -7,7 +7,7 @@
  * alone (snapshot builds share a lock that gc takes exclusively).
  */
 import { existsSync } from 'node:fs';
-import { mkdir, rename, statfs, unlink, writeFile } from 'node:fs/promises';
+import { mkdir, open, rename, statfs, unlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { TandemError, diskFullError, fromSystemError, isIndexIoError, isTandemError } from '../common/errors.js';
@@ -157,6 +157,10 @@ const UPGRADABLE_FORMATS: readonly number[] = [1, 2];
 
 type Db = ClassicLevel<Buffer, Buffer>;
 
+/** The first try at reopening the index after a failed write ({@link Store.reopenIndex}); each next one waits twice as long, up to {@link REOPEN_MAX_MS}. */
+const REOPEN_FIRST_MS = Number(process.env.TANDEM_INDEX_REOPEN_MS ?? 1000);
+const REOPEN_MAX_MS = 60_000;
+
 export interface BuildSnapshotOptions {
   readonly volume: string;
   readonly size: number;
@@ -214,10 +218,12 @@ export class Store implements ReplicaStore {
   private closed = false;
   /**
    * The first write the index refused with an I/O error (LEVEL_IO_ERROR), or null. LevelDB keeps
-   * such an error and refuses every later write until the index is reopened: `doctor` says to
-   * restart the appliance.
+   * such an error and refuses every later write until the index is reopened, which the store
+   * then tries by itself ({@link reopenIndex}); `doctor` names the failure meanwhile.
    */
   indexFailure: { readonly at: string; readonly message: string } | null = null;
+  /** The next {@link reopenIndex} try, while {@link indexFailure} is set. */
+  private reopenTimer: NodeJS.Timeout | null = null;
 
   /** Run an index write; an I/O error it meets is kept in {@link indexFailure} (and thrown). */
   private async indexWrite<T>(fn: () => Promise<T>): Promise<T> {
@@ -227,9 +233,63 @@ export class Store implements ReplicaStore {
       if (this.indexFailure === null && isIndexIoError(e)) {
         const err = e as { message?: string; cause?: { message?: string } };
         this.indexFailure = { at: new Date().toISOString(), message: err.cause?.message ?? err.message ?? String(e) };
+        this.scheduleReopen(REOPEN_FIRST_MS);
       }
       throw e;
     }
+  }
+
+  /** Try {@link reopenIndex} after `delay` ms, then again at twice the delay (at most {@link REOPEN_MAX_MS}) until it works. */
+  private scheduleReopen(delay: number): void {
+    if (this.reopenTimer !== null || this.closed) return;
+    this.reopenTimer = setTimeout(() => {
+      this.reopenTimer = null;
+      void this.reopenIndex().then(
+        (ok) => void (ok || this.scheduleReopen(Math.min(2 * delay, REOPEN_MAX_MS))),
+        () => this.scheduleReopen(Math.min(2 * delay, REOPEN_MAX_MS)),
+      );
+    }, delay);
+    this.reopenTimer.unref();
+  }
+
+  /**
+   * After {@link indexFailure}: reopen the index once the disk takes a synced write again (space
+   * freed, a fault gone), so that a long-running server heals without a restart; true when the
+   * index takes writes again (or never failed). Runs alone (the gc lock shared, the write lock
+   * held: no write or gc is under way, no chained batch open). The disk is probed first with a
+   * small synced file next to the index: closing the index drops its reads in flight (an
+   * iterator, a lookup on this thread) and an open that fails leaves it closed until the next
+   * try, so it is not closed while the disk still refuses writes. LevelDB replays its log on
+   * open: a write whose sync failed may be there or not, as after a crash, which every write's
+   * order allows for (blocks and nodes before the records that name them).
+   */
+  async reopenIndex(): Promise<boolean> {
+    if (this.indexFailure === null || this.closed) return true;
+    return this.gcLock.shared(() => this.writeLock.run(async () => {
+      if (this.indexFailure === null || this.closed) return true;
+      const probe = join(this.dir, 'index-probe.tmp');
+      try {
+        const fh = await open(probe, 'w');
+        try {
+          await fh.write(Buffer.alloc(4096));
+          await fh.datasync();
+        } finally {
+          await fh.close();
+        }
+      } catch {
+        return false;
+      } finally {
+        await unlink(probe).catch(() => undefined);
+      }
+      try {
+        await this.db.close();
+        await this.db.open();
+      } catch {
+        return false;
+      }
+      this.indexFailure = null;
+      return true;
+    }));
   }
 
   private constructor(dir: string, db: Db, packs: PackFiles, recovery: RecoveryReport, release: () => Promise<void>) {
@@ -305,6 +365,8 @@ export class Store implements ReplicaStore {
   /** Flush pending blocks and release the store. Idempotent. */
   async close(): Promise<void> {
     if (this.closed) return;
+    if (this.reopenTimer !== null) clearTimeout(this.reopenTimer);
+    this.reopenTimer = null;
     try {
       await this.flush();
     } finally {
