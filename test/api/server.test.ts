@@ -123,7 +123,7 @@ test('a full disk met anywhere in a route is ERR_DISK_FULL (507), not an interna
   assert.equal(toTandemError(new Error('something else')).code, 'ERR_INTERNAL');
 });
 
-test("an error of the store's index met in a route is ERR_IO (or ERR_DISK_FULL) that says to restart the appliance, not an internal error", () => {
+test("an error of the store's index met in a route is ERR_IO (or ERR_DISK_FULL) that says the appliance reopens the index (restart if it persists), not an internal error", () => {
   // classic-level's error for a write after LevelDB kept a failed log sync (its bg_error).
   const eio = Object.assign(new Error('Corruption: IO error: /h/store/index/000003.log: Input/output error'), { code: 'LEVEL_IO_ERROR' });
   const full = Object.assign(new Error('Failed to write batch'), { code: 'LEVEL_IO_ERROR', cause: Object.assign(new Error('IO error: /h/store/index/000003.log: No space left on device'), { code: 'LEVEL_IO_ERROR' }) });
@@ -132,7 +132,7 @@ test("an error of the store's index met in a route is ERR_IO (or ERR_DISK_FULL) 
   assert.match(a.message, /failed a write .*Input\/output error.*restart the appliance/);
   const b = toTandemError(full);
   assert.equal(b.code, 'ERR_DISK_FULL');
-  assert.match(b.message, /free space on that disk, then the index takes no write until it is reopened: restart the appliance/);
+  assert.match(b.message, /free space on that disk, then the index takes no write until it is reopened, which a running appliance tries by itself .*if it persists, restart the appliance/);
 });
 
 test('parseListen takes HOST:PORT, [IPv6]:PORT and :PORT and refuses the rest', () => {
