@@ -149,6 +149,8 @@ export interface LockAnswer {
   readonly nextFingerprint?: string;
   /** Blocks and nodes the peer's last verify found damaged (GET /v1/damage); absent from a peer that does not say. */
   readonly damaged?: number;
+  /** What a recovery of the volume there would take, unchecked (appliance/recovery-facts.ts checkRecoveryFacts); absent from a peer that does not say. */
+  readonly recovery?: unknown;
 }
 
 /** A node as nodes/get answers it: whole, or as the changes of the base the request named. */

@@ -133,6 +133,13 @@ export const LockAnswer = Type.Object({
   latest: Type.Union([Snapshot, Type.Null()]),
   nextFingerprint: Type.Optional(Type.String({ description: 'the certificate this appliance staged (as GET /v1/health nextFingerprint); absent when none is' })),
   damaged: Type.Optional(Type.Integer({ minimum: 0, description: "blocks and tree nodes this store's last verify found damaged or missing (GET /v1/damage lists them); absent from older appliances" })),
+  recovery: Type.Optional(Type.Object({
+    lastExport: Type.Union([Type.Object({ ebsSnapshotId: Type.String(), tandemSnapshot: Type.String(), created: Type.String() }), Type.Null()]),
+    exportBytesPerSec: Type.Union([Type.Number(), Type.Null()]),
+    launchSeconds: Type.Union([Type.Number(), Type.Null()]),
+    launchMeasuredAt: Type.Union([Type.String(), Type.Null()]),
+    lastDrill: Type.Union([Type.Object({ id: Type.String(), at: Type.String(), passed: Type.Boolean(), rtoSeconds: Type.Union([Type.Number(), Type.Null()]) }), Type.Null()]),
+  }, { description: "what a recovery of the volume here would take: its last EBS export, the export rate and launch time measured here, its last drill (appliance/recovery-facts.ts); the pusher's status estimates the RTO from it. Absent from older appliances" })),
 });
 
 export const TlsAckBody = Type.Object(

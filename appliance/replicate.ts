@@ -24,6 +24,7 @@ import type { Hash, SnapshotRecord, VolumeRecord } from '../store/types.js';
 import { copySnapshot, heldBase, type CopyOptions, type CopyResult } from '../sync/engine.js';
 import { EarlySender } from '../sync/early.js';
 import type { LockAnswer, RemotePeer } from '../api/client.js';
+import { checkRecoveryFacts } from './recovery-facts.js';
 import type { Home } from './home.js';
 import { connectPeer, followCertificate, getPeer, type PeerRecord, type PinChange } from './peers.js';
 import { trace } from '../sync/trace.js';
@@ -107,8 +108,8 @@ export interface SyncResult {
 }
 
 /** Record the sync base; a push the peer took also releases the daemon's hold on the volume's jobs (scheduler/runner.ts). */
-async function recordBase(store: Store, volume: string, peer: string, snap: SnapshotRecord, direction: 'push' | 'pull', taken?: SnapshotRecord): Promise<void> {
-  await recordSyncBase(store, volume, peer, snap, direction, taken);
+async function recordBase(store: Store, volume: string, peer: string, snap: SnapshotRecord, direction: 'push' | 'pull', taken?: SnapshotRecord, lock?: LockAnswer): Promise<void> {
+  await recordSyncBase(store, volume, peer, snap, direction, taken, lock ? checkRecoveryFacts(lock.recovery) : null);
   if (direction === 'push') await releaseHold(store, volume, peer);
 }
 
@@ -262,12 +263,12 @@ async function push(home: Home, store: Store, remote: RemotePeer, volume: string
     // As the sync would: blocks equal to the peer's latest are not asked about.
     return summary(volume, peer, 'push', snap, await copySnapshot(store, remote, snap, { ...copyOpts, dryRun: true, base: await heldBase(store, latest) }), true);
   }
-  const { held, copy: engine } = await pushTaken(home, store, remote, snap, peer, {
+  const { lock, held, copy: engine } = await pushTaken(home, store, remote, snap, peer, {
     early,
     ...(opts.signal ? { signal: opts.signal } : {}),
     progress: () => (early ? transferProgress(opts, tailSent()) : copyOpts.onProgress),
   });
-  await recordBase(store, volume, peer, held, 'push', snap);
+  await recordBase(store, volume, peer, held, 'push', snap, lock);
   trace('sync base recorded');
   if (!engine) return summary(volume, peer, 'push', snap, null, false);
   const copy = early ? { ...engine, blocksSent: engine.blocksSent + early.blocks, bytesSent: engine.bytesSent + early.bytes } : engine;

@@ -21,6 +21,7 @@ import { activePause } from './pause.js';
 import { PUSH_ATTEMPT_NS, type PushAttempt } from './push-attempts.js';
 import { volumeLockHolder } from './locks.js';
 import { SYNC_BASE_NS, pushPoint, type SyncBase } from './sync-base.js';
+import type { RecoveryFacts } from './recovery-facts.js';
 import { CONFIRMED_NS } from '../sync/protocol.js';
 
 /** AT RISK from this fraction of the objective on: time to look before it is breached. */
@@ -164,11 +165,16 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
     // A point dated past now (the clock was set back since): its age is unknown, counted as breached.
     const pointAhead = point !== null && believable(Date.parse(point), now) === null;
     const rpoAgeMs = point === null || pointAhead ? null : Math.max(0, now - Date.parse(point));
+    // A replicated volume recovers at the DR site: its exports, drills and measured rates are the
+    // replication peer's, as its last lock answer to a push said (appliance/recovery-facts.ts).
+    const dr = replicates ? drFacts(bases, v.name, config.replication!.peer) : null;
     const exports = (await store.getMeta<ExportRecord[]>('ebs-exports', v.name)) ?? [];
-    const lastExport = exports.length > 0 ? exports[exports.length - 1]! : null;
+    const lastExport = dr ? dr.facts.lastExport : exports.length > 0 ? exports[exports.length - 1]! : null;
+    // The point a failover would take there: the replicated snapshot (when this store has it).
+    const recovered = dr && replicated?.snapshot ? (await store.getSnapshot(v.name, replicated.snapshot)) ?? latest : latest;
     // Nothing at the DR site yet: nothing to fail over, whatever this appliance holds.
-    const rto = replicates && replicated === null ? { ms: null, basis: 'no recovery point at the DR site yet: nothing to fail over' } : await estimateRto(store, v, latest, lastExport);
-    const drill = drills.find((d) => Array.isArray(d.volumes) && d.volumes.includes(v.name));
+    const rto = replicates && replicated === null ? { ms: null, basis: 'no recovery point at the DR site yet: nothing to fail over' } : await estimateRto(store, v, recovered, lastExport, dr);
+    const drill = drills.find((d) => Array.isArray(d.volumes) && d.volumes.includes(v.name)) ?? dr?.facts.lastDrill ?? undefined;
     out.push({
       volume: v.name,
       local: v.path !== undefined,
@@ -207,15 +213,17 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
  * drill, else {@link DEFAULT_LAUNCH_MS}) plus, when the newest recovery point is not yet
  * exported, the time to export what changed since (measured export rate, else the default).
  */
-async function estimateRto(store: StatusStore, v: VolumeRecord, latest: SnapshotRecord | null, lastExport: ExportRecord | null): Promise<{ ms: number | null; basis: string }> {
+async function estimateRto(store: StatusStore, v: VolumeRecord, latest: SnapshotRecord | null, lastExport: ExportRecord | null, dr: DrFacts | null = null): Promise<{ ms: number | null; basis: string }> {
   if (latest === null && lastExport === null) return { ms: null, basis: 'no recovery point yet' };
-  const measured = await store.getMeta<RtoRecord>('rto', v.name);
-  const launchMs = measured?.rtoSeconds != null ? measured.rtoSeconds * 1000 : DEFAULT_LAUNCH_MS;
-  const launchBasis = measured?.rtoSeconds != null ? `launch ${measured.rtoSeconds}s measured ${measured.at}` : `launch ${DEFAULT_LAUNCH_MS / 1000}s (default until a drill measures it)`;
+  const local = await store.getMeta<RtoRecord>('rto', v.name);
+  const measured = dr ? (dr.facts.launchSeconds !== null ? { rtoSeconds: dr.facts.launchSeconds, at: dr.facts.launchMeasuredAt! } : null) : local?.rtoSeconds != null ? { rtoSeconds: local.rtoSeconds, at: local.at } : null;
+  const launchMs = measured ? measured.rtoSeconds * 1000 : DEFAULT_LAUNCH_MS;
+  const launchBasis = (measured ? `launch ${measured.rtoSeconds}s measured ${measured.at}` : `launch ${DEFAULT_LAUNCH_MS / 1000}s (default until a drill measures it)`) + (dr ? ` (as ${dr.peer} reported at ${dr.at})` : '');
   const pending = latest !== null && (lastExport === null || lastExport.tandemSnapshot !== latest.id);
   if (!pending) return { ms: launchMs, basis: `${launchBasis}; newest point already exported` };
   const rates = await readRates(store, v.name);
-  const exportRate = rates.exportBytesPerSec ?? DEFAULT_EXPORT_BYTES_PER_SEC;
+  const measuredRate = dr ? dr.facts.exportBytesPerSec : rates.exportBytesPerSec ?? null;
+  const exportRate = measuredRate ?? DEFAULT_EXPORT_BYTES_PER_SEC;
   // First export uploads every non-zero block; later ones what changed since the last export
   // (the tree diff of the two snapshots: what the next export uploads; where the exported one is
   // gone, every non-zero block).
@@ -223,7 +231,15 @@ async function estimateRto(store: StatusStore, v: VolumeRecord, latest: Snapshot
   let bytes = latest!.nonZeroBlocks * latest!.blockSize;
   if (exported !== null && exported.blockSize === latest!.blockSize) bytes = (await changedSince(store, exported, latest!)) * latest!.blockSize;
   const exportMs = Math.ceil((bytes / exportRate) * 1000);
-  return { ms: launchMs + exportMs, basis: `${launchBasis} + export of ${bytes} bytes at ${Math.round(exportRate / 1048576)} MiB/s${rates.exportBytesPerSec ? ' (measured)' : ' (default)'}` };
+  return { ms: launchMs + exportMs, basis: `${launchBasis} + export of ${bytes} bytes at ${Math.round(exportRate / 1048576)} MiB/s${measuredRate !== null ? ' (measured)' : ' (default)'}` };
+}
+
+/** The replication peer's {@link RecoveryFacts} of a volume, from the newest push's sync base that carries them. */
+interface DrFacts { readonly peer: string; readonly at: string; readonly facts: RecoveryFacts }
+
+function drFacts(bases: ReadonlyArray<[string, SyncBase]>, volume: string, peer: string): DrFacts | null {
+  const base = ofVolume(bases, volume).find(([p, b]) => p === peer && b.direction === 'push' && b.recovery !== undefined)?.[1];
+  return base?.recovery ? { peer, at: base.at, facts: base.recovery } : null;
 }
 
 /**

@@ -10,6 +10,7 @@
 import type { Store } from '../store/index.js';
 import type { SnapshotRecord } from '../store/types.js';
 import { PUSH_ATTEMPT_NS, endPush } from './push-attempts.js';
+import type { RecoveryFacts } from './recovery-facts.js';
 
 export const SYNC_BASE_NS = 'sync-base';
 
@@ -24,6 +25,12 @@ export interface SyncBase {
    * holds. Absent when it is `snapshot` itself, and in records of earlier versions.
    */
   readonly point?: { readonly id: string; readonly created: string };
+  /**
+   * After a push: what a recovery of the volume at the peer would take, as its lock answer said
+   * (appliance/recovery-facts.ts); absent after a pull, from a peer that does not say, and in
+   * records of earlier versions.
+   */
+  readonly recovery?: RecoveryFacts;
 }
 
 type MetaStore = Pick<Store, 'getMeta' | 'putMeta' | 'deleteMeta'>;
@@ -41,7 +48,8 @@ export async function getSyncBase(store: Pick<Store, 'getMeta'>, volume: string,
  * Record `snap` as the sync base of `volume` with `peer` (a synced write). After a push the peer
  * holds the snapshot: no push of the volume to it is unfinished any more (push-attempts.ts).
  * `taken`: the snapshot the push took here, when the peer was up to date with it (`snap` is then
- * the peer's, of the same tree): recorded as the base's {@link SyncBase.point}.
+ * the peer's, of the same tree): recorded as the base's {@link SyncBase.point}. `recovery`: what
+ * the peer's lock answer said of a recovery there ({@link SyncBase.recovery}).
  */
 export async function recordSyncBase(
   store: MetaStore,
@@ -50,10 +58,11 @@ export async function recordSyncBase(
   snap: Pick<SnapshotRecord, 'id' | 'root'>,
   direction: 'push' | 'pull',
   taken?: Pick<SnapshotRecord, 'id' | 'root' | 'created'>,
+  recovery?: RecoveryFacts | null,
 ): Promise<void> {
   // Not a pin (policy/apply.ts PIN_FIELD): retention may delete that snapshot; its time stays true.
   const point = taken && taken.id !== snap.id && taken.root === snap.root ? { point: { id: taken.id, created: taken.created } } : {};
-  const base: SyncBase = { snapshot: snap.id, root: snap.root, direction, at: new Date().toISOString(), ...point };
+  const base: SyncBase = { snapshot: snap.id, root: snap.root, direction, at: new Date().toISOString(), ...point, ...(recovery ? { recovery } : {}) };
   await store.putMeta(SYNC_BASE_NS, syncBaseKey(volume, peer), base);
   if (direction === 'push') await endPush(store, volume, peer);
 }

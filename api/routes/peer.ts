@@ -17,6 +17,7 @@ import { CONFIRMED_NS, FEATURES_HEADER, LEASE_HEADER, POINT_AT_HEADER, PROTOCOL_
 import type { Home } from '../../appliance/home.js';
 import { clearDamage, readDamage } from '../../appliance/damage.js';
 import { failedOver } from '../../appliance/recovery/state.js';
+import { recoveryFacts } from '../../appliance/recovery-facts.js';
 import { SOURCES_NS, checkPushSource, recordPull, recordPushSource, type VolumeSource } from '../../appliance/sources.js';
 import type { LeaseTable } from '../leases.js';
 import type { ServerStats } from '../stats.js';
@@ -319,7 +320,8 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     // What this store's last verify found damaged (GET /v1/damage): a pusher that heals it asks for
     // the list only when there is some (scheduler/steps.ts), one round trip less per push.
     const damage = await readDamage(store);
-    const next = { ...(staged ? { nextFingerprint: staged.fingerprint } : {}), damaged: damage.blocks.length + damage.nodes.length };
+    // What a recovery of the volume here would take (appliance/recovery-facts.ts): the pusher's status estimates its RTO from it.
+    const next = { ...(staged ? { nextFingerprint: staged.fingerprint } : {}), damaged: damage.blocks.length + damage.nodes.length, recovery: await recoveryFacts(store, vol) };
     if (body.ifRoot && latest && latest.root === body.ifRoot) {
       await confirmPoint(vol, body.holder, latest, req.headers[POINT_AT_HEADER]);
       return { upToDate: true, lease: null, expiresInMs: 0, latest, ...next };

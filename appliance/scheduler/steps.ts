@@ -78,7 +78,8 @@ export async function pushSnapshot(
     // As `appliance sync` pushes once its scan is over: the lease, early sending's tail, the engine.
     const { lock, held, copy } = await pushTaken(home, store, remote, snap, peer.name, { early: early?.sender ?? null, ...(opts.signal ? { signal: opts.signal } : {}) });
     const bytesSent = copy?.bytesSent ?? 0;
-    await recordSyncBase(store, snap.volume, peer.name, held, 'push', snap);
+    const { checkRecoveryFacts } = await import('../recovery-facts.js');
+    await recordSyncBase(store, snap.volume, peer.name, held, 'push', snap, checkRecoveryFacts(lock.recovery));
     // What the peer's verify found damaged is healed with our copies on the same connection
     // (appliance/repair.ts). The lock answer says whether there is any (`damaged`): no request
     // when there is none; a peer that does not say is asked. A failure here is not the sync's:

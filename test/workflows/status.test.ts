@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -13,6 +13,10 @@ import { computeStatus, objectiveState, BreachNotifier, DEFAULT_LAUNCH_MS, type 
 import { createMetrics } from '../../appliance/metrics.js';
 import { recordSyncBase, SYNC_BASE_NS, type SyncBase } from '../../appliance/sync-base.js';
 import { updateVolumeState } from '../../appliance/scheduler/state.js';
+import { DEFAULT_RATES, updateRates } from '../../appliance/scheduler/index.js';
+import { RATES_NS } from '../../appliance/scheduler/state.js';
+import { cli, pairedWithVolume, startServe } from '../helpers/appliance.js';
+import { cli as cliText } from '../helpers/cli.js';
 import { pinnedSnapshots } from '../../appliance/policy/apply.js';
 
 const MIN = 60_000;
@@ -311,4 +315,44 @@ test('the RTO estimate counts the export still to do: what changed since the las
   await snapshotVolume(home, store, 'db');
   const [pending] = await computeStatus(store, config, Date.now(), 'db');
   assert.match(pending!.rtoBasis, new RegExp(`export of ${3 * 512 * 1024} bytes`), pending!.rtoBasis);
+});
+
+test('on-prem status estimates the RTO from the DR site\'s facts, as its lock answers give them: its last EBS export, measured launch and export rate, last drill; not a full first export at default rates', async (t) => {
+  const { a, b, sb, img } = await pairedWithVolume(t, 16); // 16 blocks of 64 KiB
+  const cfg = join(a.dir, 'config.yaml');
+  writeFileSync(cfg, `${readFileSync(cfg, 'utf8')}policies:\n  gold: { rpo: 1h, rto: 1h }\nassign:\n  - match: "*"\n    policy: gold\nreplication: { peer: cloud }\n`);
+  const s1 = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(s1.code, 0, s1.stderr);
+  let st = (await cli(a, 'status', 'vol')).json.volumes[0];
+  assert.equal(st.lastExport, null, 'nothing exported at the DR site yet');
+  assert.match(st.rtoBasis, new RegExp(`launch ${DEFAULT_LAUNCH_MS / 1000}s \\(default until a drill measures it\\) \\(as cloud reported at .*\\) \\+ export of ${16 * 65536} bytes at 50 MiB/s \\(default\\)`), st.rtoBasis);
+
+  // The DR site exports that point, measures a launch and an export rate, passes a drill (its
+  // records, as `appliance ebs export`, a drill and a failover leave them).
+  await sb.stop();
+  const cloud = Home.load(b.dir);
+  const store = await cloud.openStore();
+  const exportedAt = new Date().toISOString();
+  await store.putMeta('ebs-exports', 'vol', [{ ebsSnapshotId: 'snap-0123456789abcdef0', tandemSnapshot: s1.json.snapshot, created: exportedAt, parentEbsSnapshotId: null }]);
+  await store.putMeta('rto', 'vol', { at: exportedAt, rtoSeconds: 42 });
+  await store.putMeta(RATES_NS, 'vol', updateRates(DEFAULT_RATES, { exportBytesPerSec: 100 * MiB }, new Date()));
+  await store.putMeta('drills', 'drill-1', { id: 'drill-1', at: exportedAt, volumes: ['vol'], passed: true, rtoSeconds: 42 });
+  await store.close();
+  const sb2 = await startServe(t, b);
+  assert.equal((await cli(a, 'peer', 'update', 'cloud', '--url', sb2.url)).code, 0);
+
+  // One block changes and is pushed: the estimate is the DR site's launch plus the export of that block.
+  const fd = openSync(img, 'r+');
+  writeSync(fd, randomBytes(4096), 0, 4096, 3 * 65536);
+  closeSync(fd);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  st = (await cli(a, 'status', 'vol')).json.volumes[0];
+  assert.equal(st.lastExport.tandemSnapshot, s1.json.snapshot);
+  assert.equal(st.lastExport.ebsSnapshotId, 'snap-0123456789abcdef0');
+  assert.match(st.rtoBasis, new RegExp(`^launch 42s measured ${exportedAt} \\(as cloud reported at .*\\) \\+ export of 65536 bytes at 100 MiB/s \\(measured\\)$`), st.rtoBasis);
+  assert.equal(st.rtoEstimateMs, 42_000 + Math.ceil((65536 / (100 * MiB)) * 1000));
+  assert.equal(st.rtoState, 'OK');
+  assert.deepEqual([st.lastDrill.id, st.lastDrill.passed], ['drill-1', true]);
+  const text = (await cliText(['--home', a.dir, 'status'])).stdout;
+  assert.match(text, /passed/, text);
 });
