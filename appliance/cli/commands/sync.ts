@@ -100,19 +100,26 @@ export function define(program: Command): void {
         (bar as ReturnType<typeof startProgress> | null)?.stop();
         const rate = r.seconds > 0 ? r.bytesSent / r.seconds : 0;
         const dir = r.direction === 'push' ? `${volume} -> ${r.peer}` : `${r.peer} -> ${volume}`;
+        // A dry run sends no block: its time says nothing of a transfer's, so instead of a rate it
+        // gives how long the blocks would take at this volume's measured replication rate (the
+        // daemon's pushes, appliance/scheduler/deadline.ts), or --bwlimit's if lower.
+        const { formatDuration } = await import('../../config/index.js');
+        const estimate = r.dryRun ? await dryRunEstimate(store, volume, r.bytesSent, typeof optionCap === 'number' && optionCap > 0 ? optionCap : null) : null;
         const lines = [
           r.dryRun
             ? `dry run ${dir}: would send ${r.blocksSent} blocks (${formatBytes(r.bytesSent)} at most) and ${r.nodesSent} nodes of snapshot ${r.snapshot}`
             : r.upToDate
               ? `${dir}: up to date (snapshot ${r.snapshot}, root ${r.root.slice(0, 16)}...)`
               : `${dir}: sent ${r.blocksSent} blocks (${formatBytes(r.bytesSent)}, ${formatBytes(r.wireBytes)} on the wire) and ${r.nodesSent} nodes of snapshot ${r.snapshot}`,
-          `${r.requests} requests in ${r.seconds.toFixed(2)} s (${formatBytes(rate)}/s)`,
+          estimate
+            ? `${r.requests} requests in ${r.seconds.toFixed(2)} s, no block sent; the blocks would take about ${estimate.seconds < 1 ? 'under a second' : formatDuration(estimate.seconds * 1000)} at ${formatBytes(estimate.bytesPerSec)}/s (${estimate.basis})`
+            : `${r.requests} requests in ${r.seconds.toFixed(2)} s (${formatBytes(rate)}/s)`,
         ];
         if (r.applied) {
           lines.push(`applied onto the local volume: ${r.applied.blocksCompared} blocks compared, ${r.applied.blocksWritten} written, ${r.applied.blocksZeroed} zeroed (${formatBytes(r.applied.bytesWritten)}); verified: the volume's tree equals the snapshot`);
           if (r.applied.keptAs) lines.push(`what the volume held before is kept as snapshot ${volume}@${r.applied.keptAs} (\`appliance restore ${volume}@${r.applied.keptAs} --to PATH\`)`);
         }
-        return { json: r, text: lines.join('\n') };
+        return { json: estimate ? { ...r, estimate } : r, text: lines.join('\n') };
       } finally {
         (bar as ReturnType<typeof startProgress> | null)?.stop();
         await store.close();
@@ -121,3 +128,15 @@ export function define(program: Command): void {
       }
     }));
 }
+
+/** How long `bytes` would take to send: at the volume's measured replication rate, or `cap` if lower; the default rate until one is measured. */
+async function dryRunEstimate(store: import('../../../store/index.js').Store, volume: string, bytes: number, cap: number | null): Promise<{ seconds: number; bytesPerSec: number; basis: string }> {
+  const { readRates } = await import('../../scheduler/state.js');
+  const rates = await readRates(store, volume);
+  const measured = rates.samples > 0;
+  const capped = cap !== null && cap < rates.syncBytesPerSec;
+  const bytesPerSec = capped ? cap : rates.syncBytesPerSec;
+  const basis = capped ? '--bwlimit' : measured ? `the rate measured over ${rates.samples} replication(s) of ${volume}, the last ${rates.updated}` : 'a default rate: no replication of this volume has been measured yet';
+  return { seconds: bytes / bytesPerSec, bytesPerSec, basis };
+}
+
