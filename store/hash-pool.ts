@@ -338,6 +338,8 @@ export class HashPools {
   private warm = false;
   /** Pools lent by {@link borrow} so far (started or idle). */
   lent = 0;
+  /** Pools lent and not given back yet: scans running now. */
+  inUse = 0;
 
   /** @param idleMs how long an idle pool is kept ({@link POOL_IDLE_MS}) */
   constructor(private readonly idleMs = POOL_IDLE_MS) {}
@@ -364,8 +366,11 @@ export class HashPools {
     return this.idle.some((e) => e.pool.sab.byteLength === bytes) || early?.sab.byteLength === bytes;
   }
 
-  /** A pool whose shared buffer has exactly `bytes` bytes, for the caller's exclusive use. */
-  borrow(bytes: number): HashPool {
+  /**
+   * A pool whose shared buffer has exactly `bytes` bytes, for the caller's exclusive use; one
+   * started for it has `threads` workers (default: one per core).
+   */
+  borrow(bytes: number, threads?: number): HashPool {
     const i = this.idle.findIndex((e) => e.pool.sab.byteLength === bytes);
     let pool: HashPool;
     if (early?.failed) {
@@ -380,15 +385,17 @@ export class HashPools {
       if (e!.timer) clearTimeout(e!.timer);
       pool = e!.pool;
     } else {
-      pool = new HashPool(new SharedArrayBuffer(bytes));
+      pool = new HashPool(new SharedArrayBuffer(bytes), threads === undefined ? {} : { threads });
     }
     pool.setActive(true);
     this.lent++;
+    this.inUse++;
     return pool;
   }
 
   /** Give a pool back (a failed one is terminated). */
   async giveBack(pool: HashPool): Promise<void> {
+    this.inUse--;
     if (this.closed || pool.failed || this.idle.length >= MAX_IDLE_POOLS) return pool.close();
     pool.setActive(false);
     if (this.warm && !this.idle.some((e) => e.timer === null)) {

@@ -36,6 +36,14 @@ const CHUNK_BYTES = 8 * 1024 * 1024;
  * 2.12-2.49 s with 4 (4 runs each).
  */
 const SLOTS = 6;
+/**
+ * The slots and workers of a scan that starts while another runs in the process (a daemon runs
+ * two jobs at once, scheduler/runner.ts): 16 MiB and one worker thread instead of 48 MiB and one
+ * per core. Two 512 MiB volumes replicated at once by a daemon peaked at 395 MB of RSS with two
+ * full pools (and a pool of early copies each, sync/early.ts).
+ */
+const LEAN_SLOTS = 2;
+const LEAN_THREADS = 1;
 
 /** Whether [start, end) lies inside one of `holes` (ascending, disjoint: VolumeReader.holes), by binary search. */
 export function holeTest(holes: VolumeReader['holes']): (start: number, end: number) => boolean {
@@ -70,12 +78,13 @@ export function localSource(reader: Pick<VolumeReader, 'path' | 'kind'>): { path
 /**
  * How a scan of a volume of `blockSize` blocks lays out its hash pool: blocks per chunk (a read
  * of {@link CHUNK_BYTES}, at least one block), bytes per slot, slots, and the pool's buffer size,
- * by which idle pools are found again (HashPools.borrow). materialize borrows the same pools.
+ * by which idle pools are found again (HashPools.borrow), and that of a lean pool (a scan that starts
+ * while another runs: {@link LEAN_SLOTS}). materialize borrows the same pools.
  */
-export function scanLayout(blockSize: number): { chunkBlocks: number; slotBytes: number; slots: number; poolBytes: number } {
+export function scanLayout(blockSize: number): { chunkBlocks: number; slotBytes: number; slots: number; poolBytes: number; leanPoolBytes: number } {
   const chunkBlocks = Math.max(1, Math.floor(CHUNK_BYTES / blockSize));
   const slotBytes = chunkBlocks * blockSize;
-  return { chunkBlocks, slotBytes, slots: SLOTS, poolBytes: IO_SKEW + slotBytes * SLOTS };
+  return { chunkBlocks, slotBytes, slots: SLOTS, poolBytes: IO_SKEW + slotBytes * SLOTS, leanPoolBytes: IO_SKEW + slotBytes * LEAN_SLOTS };
 }
 
 /**
@@ -277,16 +286,19 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   /** The tree is built on the parent's, from the blocks that differ (else from scratch, from every non-zero block). */
   const treeParent = changed || onParent ? parent : null;
 
-  const { chunkBlocks, slotBytes, poolBytes } = scanLayout(blockSize);
+  const { chunkBlocks, slotBytes, poolBytes, leanPoolBytes } = scanLayout(blockSize);
   // A local file or device is read by the hash workers themselves (see HashPool), a device past
   // the page cache (see localSource).
   const local = localSource(reader);
   const localPath = local?.path;
   const readDirect = local?.direct === true;
   const onMainThread = changed !== undefined && changed.count <= MAIN_THREAD_MAX_BLOCKS && !store.hashPools.hasIdle(poolBytes) && !store.hashPools.keptWarm;
-  const pool = onMainThread ? null : store.hashPools.borrow(poolBytes);
+  // A scan that starts while another runs in this process (a daemon's second job) takes a lean pool:
+  // the two share the cores anyway, and each full pool holds its slots and a worker per core.
+  const lean = !onMainThread && store.hashPools.inUse > 0;
+  const pool = onMainThread ? null : lean ? store.hashPools.borrow(leanPoolBytes, LEAN_THREADS) : store.hashPools.borrow(poolBytes);
   // On the calling thread, reads (libuv) overlap hashing with two slots; more would only hold memory.
-  const slots = pool ? SLOTS : Math.min(2, Math.ceil((changed?.count ?? 0) / chunkBlocks));
+  const slots = pool ? (lean ? LEAN_SLOTS : SLOTS) : Math.min(2, Math.ceil((changed?.count ?? 0) / chunkBlocks));
   // A device's change list read here goes past the page cache as the workers' reads do, straight
   // into page-aligned slots (a pool's SharedArrayBuffer is not page-aligned: store/hash-pool.ts).
   const directOpen = readDirect && localPath !== undefined && !pool ? await open(localPath, constants.O_RDONLY | constants.O_DIRECT).catch(() => null) : null; // refused (EINVAL): read through the cache

@@ -194,9 +194,10 @@ class Held implements HeldBlocks {
     this.giveBack(c.buf);
   }
 
-  /** Drop everything not handed out (early sending is over or stopped). */
+  /** Drop everything not handed out (early sending is over or stopped), and the free buffers. */
   clear(): void {
     for (const key of [...this.copies.keys()]) this.drop(key);
+    this.free.length = 0;
     this.views.clear();
     this.patches.clear();
     this.patchBytes = 0;
@@ -226,6 +227,15 @@ interface Batch {
   readonly bases: Array<Hash | null>;
   readonly direct: boolean;
 }
+
+/**
+ * The early sender whose scan may copy new blocks ({@link Held}): one per process at a time, so
+ * that a daemon running two jobs at once holds one pool of copies ({@link LEND_BYTES}), not one
+ * per push. The other reads its blocks back from the packs, as a group's next volume does
+ * ({@link EarlySender.stopCopying}). Two 512 MiB volumes replicated at once by a daemon peaked at
+ * 395 MB of RSS with a pool each (stop 44, with the hash pools' slots, store/hash-pool.ts).
+ */
+let copyPoolHolder: EarlySender | null = null;
 
 export class EarlySender {
   /** Blocks and uncompressed bytes sent so far. */
@@ -302,6 +312,10 @@ export class EarlySender {
 
   /** Each block copied (waiting for a buffer while the streams send: the scan's pace), then queued. */
   private async copyAndEnqueue(hashes: readonly Hash[], direct: boolean, bases: ReadonlyArray<Hash | null> | undefined, views: readonly Buffer[]): Promise<void> {
+    if (this.copying && !this.holdsCopyPool()) {
+      this.copying = false;
+      trace('early: another sync holds the pool of copies; the blocks are read back from the packs');
+    }
     for (let i = 0; i < hashes.length; i++) {
       if (this.stopped) return;
       const key = hashes[i]!.toString('latin1');
@@ -341,6 +355,12 @@ export class EarlySender {
     trace('early: no more copies (another scan goes on)');
   }
 
+  /** Take the process's pool of copies ({@link copyPoolHolder}) if it is free (or its holder has ended); whether this sender holds it. */
+  private holdsCopyPool(): boolean {
+    if (copyPoolHolder === null || copyPoolHolder.stopped || copyPoolHolder.finishing !== null) copyPoolHolder = this;
+    return copyPoolHolder === this;
+  }
+
   /** The scan has read every block: what is queued goes without waiting for a full batch. */
   scanned(): void {
     this.inputDone = true;
@@ -366,6 +386,7 @@ export class EarlySender {
     else this.stop();
     await Promise.all(this.streams);
     this.held.clear();
+    if (copyPoolHolder === this) copyPoolHolder = null;
     this.ended();
     trace(`early: ${this.blocks} blocks sent during the scan${this.failure ? ` (stopped: ${String((this.failure as Error)?.message ?? this.failure)})` : ''}`);
   }

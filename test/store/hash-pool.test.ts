@@ -11,7 +11,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { HashPools } from '../../store/hash-pool.js';
-import { hashBlock, ZERO_HASH } from '../../store/index.js';
+import { Store, hashBlock, ZERO_HASH } from '../../store/index.js';
+import { scanLayout } from '../../store/scan.js';
+import { localFileReader, makeImage, storeWithImage, writeImage } from './helpers.js';
 import { CODEC_RAW, encodeRecordParts } from '../../store/pack.js';
 
 const BYTES = 1024 * 1024;
@@ -156,4 +158,35 @@ test("direct reads (a device's) answer as buffered ones, the next block read whi
   assert.equal(again.direct, undefined, 'the volume is remembered as refusing direct reads');
   // A volume that ends early: the read's error, not a hang.
   await assert.rejects(pool.hash(0, 4 * bs, bs, { path, position: (n - 2) * bs, direct: true }), /ended at byte|before its size/);
+});
+
+test('a scan that starts while another runs in the process takes a lean pool (fewer slots, one worker); both snapshots are those of a scan alone', async (t) => {
+  const bs = 512 * 1024;
+  const a = makeImage(96, bs, { zeroEvery: 7 }); // 48 MiB: six chunks
+  const b = makeImage(80, bs, { zeroEvery: 5, tail: 1000 });
+  const { dir, path: pathA, store } = await storeWithImage(t, a);
+  const pathB = join(dir, 'img-b');
+  await writeImage(pathB, b);
+  // The first scan's reads are slowed so that the second starts while it runs.
+  const slowA = await localFileReader(pathA);
+  const slowRead = slowA.read;
+  const first = store.scanVolume({ ...slowA, read: async (buf, pos) => (await sleep(20), slowRead(buf, pos)) }, { volume: 'a', blockSize: bs });
+  while (store.hashPools.inUse === 0) await sleep(5);
+  const readerB = await localFileReader(pathB);
+  const second = store.scanVolume(readerB, { volume: 'b', blockSize: bs });
+  const [sa, sb] = await Promise.all([first, second]);
+  await Promise.all([slowA.close(), readerB.close()]);
+  const { poolBytes, leanPoolBytes } = scanLayout(bs);
+  assert.ok(store.hashPools.hasIdle(leanPoolBytes), 'the second scan borrowed a lean pool');
+  assert.ok(store.hashPools.hasIdle(poolBytes), 'the first a full one');
+  assert.ok(leanPoolBytes < poolBytes / 2);
+  // Each as a scan of its image alone would make it (a fresh store, one scan at a time).
+  const alone = await Store.open(join(dir, 'alone'));
+  t.after(() => alone.close());
+  for (const [snap, path, volume] of [[sa, pathA, 'a'], [sb, pathB, 'b']] as const) {
+    const reader = await localFileReader(path);
+    assert.equal(snap.root, (await alone.scanVolume(reader, { volume, blockSize: bs })).root);
+    await reader.close();
+  }
+  assert.equal((await store.verify()).problems.length, 0);
 });

@@ -402,3 +402,29 @@ test('blocks under 256 KiB are not copied (a peer upload gives a small payload b
   await copySnapshot(a, r.target, snap);
   await assertExact(b, snap, data, BS);
 });
+
+test('one pool of copies per process: a second early sender while the first goes on reads its blocks back from the packs; once the first is done, the next one copies again; every copy is exact', async (t) => {
+  const blocks = 48;
+  const runs = await Promise.all([bigBlocks(t, blocks), bigBlocks(t, blocks), bigBlocks(t, blocks)]);
+  const senders = runs.map(({ a, r }) => {
+    const c = counting(a, r);
+    return { early: new EarlySender(c.source, r.target), counts: c.counts };
+  });
+  // The first scans and copies; its sender has not finished when the second scans.
+  const s0 = await scanSending(runs[0]!.a, runs[0]!.data, runs[0]!.bs, senders[0]!.early);
+  const s1 = await scanSending(runs[1]!.a, runs[1]!.data, runs[1]!.bs, senders[1]!.early);
+  await senders[1]!.early.finish();
+  await senders[0]!.early.finish();
+  assert.ok(senders[0]!.counts.held > 0, 'the first sent from copies');
+  assert.equal(senders[1]!.counts.held, 0, 'the second, while the first went on, read every block back from the packs');
+  // The first is done: the next sender copies again.
+  const s2 = await scanSending(runs[2]!.a, runs[2]!.data, runs[2]!.bs, senders[2]!.early);
+  await senders[2]!.early.finish();
+  assert.ok(senders[2]!.counts.held > 0, 'the pool was given back');
+  for (const [i, snap] of [s0, s1, s2].entries()) {
+    const { a, b, bs, data, r } = runs[i]!;
+    assert.equal(senders[i]!.early.failure, null);
+    assert.equal((await copySnapshot(a, r.target, snap)).blocksSent + senders[i]!.early.blocks, blocks);
+    await assertExact(b, snap, data, bs);
+  }
+});
