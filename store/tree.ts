@@ -233,10 +233,16 @@ async function oldChildren(ref: OldRef, level: number, old: TreeShape | null, ge
   return (await getLevel(get, ref, level)).children;
 }
 
-/** One change for {@link buildTree}: block `index` now has `hash`. */
+/**
+ * One change for {@link buildTree}: block `index` now has `hash`; or, with `end`, every block
+ * of [index, end) is now zero (`hash` is ZERO_HASH): a hole of a sparse volume, given as one
+ * change however long it is (scanVolume), which the builder applies a subtree at a time.
+ */
 export interface BlockChange {
   readonly index: number;
   readonly hash: Hash;
+  /** The run of zero blocks ends before this block (> index); only with `hash` ZERO_HASH. */
+  readonly end?: number;
 }
 
 export interface BuildTreeInput {
@@ -275,7 +281,10 @@ class ChangeCursor {
     if (!c || !Number.isInteger(c.index) || c.index <= this.last || c.index >= this.blocks || !Buffer.isBuffer(c.hash) || c.hash.length !== HASH_LENGTH) {
       throw new TandemError('ERR_BAD_REQUEST', `block changes must have strictly ascending integer indices below ${this.blocks} and 32-byte hashes (got index ${c?.index} after ${this.last})`, { details: { index: c?.index } });
     }
-    this.last = c.index;
+    if (c.end !== undefined && (!Number.isInteger(c.end) || c.end <= c.index || c.end > this.blocks || !isZeroHash(c.hash))) {
+      throw new TandemError('ERR_BAD_REQUEST', `a run of zero blocks must end after it starts and at most at block ${this.blocks}, with the zero hash (got ${c.index}-${c.end})`, { details: { index: c.index } });
+    }
+    this.last = (c.end ?? c.index + 1) - 1;
     this.head = c;
     return c;
   }
@@ -303,6 +312,9 @@ export async function buildTree(input: BuildTreeInput): Promise<BuiltTree> {
     return node.hash;
   };
 
+  /** Non-zero blocks the parent has under `ref` (a node of level k). */
+  const nonZeroUnder = (ref: OldRef, k: number): Promise<number> => (ref === VIRTUAL ? countNonZero(parent!.root, parent!.height, get) : countNonZero(ref, k, get));
+
   const build = async (k: number, j: number, ref: OldRef): Promise<Hash> => {
     const a = j * span(k);
     const end = (j + 1) * span(k);
@@ -313,14 +325,27 @@ export async function buildTree(input: BuildTreeInput): Promise<BuiltTree> {
       if (isZeroHash(ref)) return ZERO_HASH;
       if (Math.min(Np, end) === b) return ref;
     }
+    // A run of zero blocks over the whole subtree: zero, without a visit below (its blocks the
+    // parent had are counted, node by node: a run over a parent's zero subtree costs nothing).
+    if (next?.end !== undefined && next.index <= a && next.end >= b) {
+      if (next.end === b) cursor.take();
+      if (ref !== VIRTUAL && isZeroHash(ref)) return ZERO_HASH;
+      delta -= await nonZeroUnder(ref, k);
+      return ZERO_HASH;
+    }
     if (k === 1) {
       const base = ref === VIRTUAL || isZeroHash(ref) ? [] : (await getLevel(get, ref, 1)).children;
       const children: Hash[] = [];
       for (let i = 0; i < b - a; i++) children.push(base[i] ?? ZERO_HASH);
       for (let c = await cursor.peek(); c !== undefined && c.index < b; c = await cursor.peek()) {
-        const old = children[c.index - a]!;
-        delta += (isZeroHash(c.hash) ? 0 : 1) - (isZeroHash(old) ? 0 : 1);
-        children[c.index - a] = c.hash;
+        // A run: its blocks in this node (it may start before it and go on past it).
+        const to = Math.min(b, c.end ?? c.index + 1);
+        for (let i = Math.max(a, c.index); i < to; i++) {
+          const old = children[i - a]!;
+          delta += (isZeroHash(c.hash) ? 0 : 1) - (isZeroHash(old) ? 0 : 1);
+          children[i - a] = c.hash;
+        }
+        if ((c.end ?? c.index + 1) > b) break; // the run goes on in the next node
         cursor.take();
       }
       return finish(1, children);

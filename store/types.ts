@@ -290,7 +290,9 @@ export interface VolumeReader {
   /**
    * Byte ranges [start, end) known to read as zeros (the holes of a sparse file), ascending and
    * disjoint. scanVolume does not read a chunk that lies inside one: reading holes through the
-   * page cache is slow (the kernel fills the cache with zero pages).
+   * page cache is slow (the kernel fills the cache with zero pages). The whole blocks of a hole of
+   * a chunk or more are one job of the scan, taken as zero blocks without a look at each: a hole
+   * must read as zeros for the whole scan (a write into it after the reader was opened is not seen).
    */
   readonly holes?: ReadonlyArray<{ readonly start: number; readonly end: number }>;
   /** Fill buf from byte offset `position`; returns bytes read (short only at end of volume). */

@@ -164,6 +164,85 @@ describe('tree properties', () => {
     );
   });
 
+  /**
+   * Changes with runs of zero blocks (BlockChange.end: a hole of a sparse volume, scanVolume)
+   * among single blocks, from a parent of any size: `steps` walk the new vector, each a gap
+   * (blocks kept), a block changed to a pool value, or a run of zeros.
+   */
+  const withRuns = (v: Vec, n: number, steps: ReadonlyArray<readonly [number, number, number]>): { next: Vec; changes: BlockChange[] } => {
+    const at = new Map<number, number>();
+    for (let i = 0; i < n; i++) if (valueAt(v, i) !== 0) at.set(i, valueAt(v, i));
+    const changes: BlockChange[] = [];
+    let pos = 0;
+    for (const [kind, len, x] of steps) {
+      if (pos >= n) break;
+      if (kind === 0) pos += len;
+      else if (kind === 1) {
+        changes.push({ index: pos, hash: POOL[x]! });
+        if (x === 0) at.delete(pos);
+        else at.set(pos, x);
+        pos++;
+      } else {
+        const end = Math.min(n, pos + len);
+        changes.push({ index: pos, hash: ZERO_HASH, end });
+        for (let i = pos; i < end; i++) at.delete(i);
+        pos = end;
+      }
+    }
+    return { next: { n, at }, changes };
+  };
+  const stepsArb = (maxLen: number) => fc.array(fc.tuple(fc.integer({ min: 0, max: 2 }), fc.integer({ min: 1, max: maxLen }), fc.integer({ min: 0, max: 4 })), { maxLength: 60 });
+
+  it('runs of zero blocks among changes: incremental equals scratch, nonZeroBlocks exact (sizes across levels, grown or shrunk)', async () => {
+    await fc.assert(
+      fc.asyncProperty(vecArb(1500), fc.integer({ min: 1, max: 1500 }), stepsArb(1200), async (v, n, steps) => {
+        const s = nodeStore();
+        const t1 = await build(v, s);
+        const { next, changes } = withRuns(v, n, steps);
+        const incremental = await build(next, s, t1, changes);
+        const scratch = await build(next, nodeStore());
+        assert.equal(incremental.root.toString('hex'), scratch.root.toString('hex'));
+        assert.equal(incremental.nonZeroBlocks, nonZero(next));
+      }),
+      { numRuns: 300 },
+    );
+  });
+
+  it('runs of zero blocks over three-level trees, and a run over zero subtrees reads no node below them', async () => {
+    const big = fc.integer({ min: 65_000, max: 140_000 }).chain((n) =>
+      fc.array(fc.tuple(fc.integer({ min: 0, max: n - 1 }), fc.integer({ min: 1, max: 4 })), { maxLength: 40 }).map((e) => ({ n, at: new Map(e) })),
+    );
+    await fc.assert(
+      fc.asyncProperty(big, fc.integer({ min: 60_000, max: 140_000 }), stepsArb(90_000), async (v, n, steps) => {
+        const s = nodeStore();
+        const t1 = await build(v, s);
+        const { next, changes } = withRuns(v, n, steps);
+        const inc = await build(next, s, t1, changes);
+        const scratch = await build(next, nodeStore());
+        assert.equal(inc.root.toString('hex'), scratch.root.toString('hex'));
+        assert.equal(inc.nonZeroBlocks, nonZero(next));
+      }),
+      { numRuns: 25 },
+    );
+    // 2^24 blocks (8 TiB of 512 KiB blocks) with data in blocks 5 and 2^24 - 1: a run over
+    // everything between reads the root and the nodes down to those two blocks only.
+    const s = nodeStore();
+    const n = 2 ** 24;
+    const t1 = await build({ n, at: new Map([[5, 1], [n - 1, 2]]) }, s);
+    let reads = 0;
+    const counted = { ...s, get: async (h: Hash) => (reads++, s.get(h)) };
+    const t2 = await build({ n, at: new Map([[5, 1], [n - 1, 2]]) }, counted, t1, [{ index: 6, hash: ZERO_HASH, end: n - 1 }]);
+    assert.ok(t2.root.equals(t1.root));
+    assert.ok(reads <= 2 * t1.height, `${reads} node reads`);
+  });
+
+  it('refuses a run of zero blocks that is empty, past the end, or not zero', async () => {
+    const s = nodeStore();
+    for (const changes of [[{ index: 3, hash: ZERO_HASH, end: 3 }], [{ index: 3, hash: ZERO_HASH, end: 11 }], [{ index: 3, hash: POOL[1]!, end: 5 }], [{ index: 2, hash: ZERO_HASH, end: 5 }, { index: 4, hash: POOL[1]! }]]) {
+      await assert.rejects(buildTree({ blocks: 10, parent: null, changes, get: s.get, emit: s.emit }), { code: 'ERR_BAD_REQUEST' });
+    }
+  });
+
   it('an all-zero volume has root ZERO_HASH and no nodes, whatever its size', async () => {
     const s = nodeStore();
     const t = await build({ n: 131072, at: new Map() }, s);
