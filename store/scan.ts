@@ -555,7 +555,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
       }
       if (progress.blocksDone === 0) trace('scan: first chunk stored');
       progress.blocksDone += d.count;
-      progress.bytesRead += d.length;
+      if (!d.hole) progress.bytesRead += d.length; // a hole is not read
       if (d.direct) progress.bytesReadDirect += d.length;
       free.push(d.slot);
       if (unflushed >= FLUSH_BYTES) {

@@ -317,6 +317,7 @@ export interface VolumeWriter extends VolumeReader {
 export interface ScanProgress {
   readonly blocksDone: number;
   readonly blocksTotal: number;
+  /** Bytes read from the volume: a hole of a sparse image that the scan skips is not counted. */
   readonly bytesRead: number;
   /** Of bytesRead, those read past the page cache (O_DIRECT: a block device). */
   readonly bytesReadDirect: number;

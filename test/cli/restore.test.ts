@@ -267,6 +267,7 @@ test('a 64 GiB sparse volume with a few non-zero blocks snapshots fast, stores o
   assert.equal(s.json.blocksStored, 3);
   assert.equal(s.json.snapshot.nonZeroBlocks, 3);
   assert.ok(secs < 120, `64 GiB sparse snapshot took ${secs}s`);
+  assert.ok(s.json.bytesRead <= 6 * 8 * MiB, `read ${s.json.bytesRead} bytes: the chunks with data, not the holes`);
   const storeBytes = duBytes(join(home, 'store'));
   assert.ok(storeBytes < 32 * MiB, `store holds ${storeBytes} bytes for 3 blocks`);
 
