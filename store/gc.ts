@@ -31,6 +31,7 @@
  * and may be reclaimed; that sync then gets ERR_SNAPSHOT_INCOMPLETE and its rerun sends them
  * again.
  */
+import { statfs } from 'node:fs/promises';
 import { TandemError } from '../common/errors.js';
 import { DIRECT_ALIGN, alignedSlots } from '../common/io-buffers.js';
 import { isZeroHash, toHex, blake3 } from './hash.js';
@@ -205,8 +206,9 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
       } else await batch.close();
     }
 
-    // 3. copy, round by round
+    // 3. copy, a group of packs at a time (most dead first), round by round
     const roundEntries = Number(process.env.TANDEM_GC_ROUND_ENTRIES) || ROUND_ENTRIES;
+    const groupBytes = Number(process.env.TANDEM_GC_GROUP_BYTES) || 0;
     await packs.rollover();
     const spans = alignedSlots(SPANS_AHEAD, SPAN_BYTES + 2 * DIRECT_ALIGN);
     /** Packs kept as they are: one of their live records is damaged. */
@@ -245,36 +247,61 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
       moves = [];
       dead = [];
     };
-    {
-      // Writing behind the iterator is safe: it reads the index as it was when it began.
-      const isLive = live.cursor();
-      for await (const [k, v] of db.iterator(namespaceRange(NS.block))) {
-        const loc = decodeLocation(v);
-        if (!rewrite.has(loc.pack)) continue;
-        const hash = Buffer.from(k.subarray(1));
-        if (isLive(hash)) moves.push({ hash, loc });
-        else dead.push(hash);
-        if (moves.length + dead.length >= roundEntries) await round();
-      }
-      await round();
-    }
-
-    // 4. switch: the old packs go, in one synced batch
-    const batch = db.batch();
-    const old = [...rewrite].filter((id) => !kept.has(id));
+    // The packs that free the most for what they copy go first (the smallest live share), so on a
+    // nearly full disk the first groups make room for the next.
+    const liveShare = (id: number) => (stats.get(id)?.liveBytes ?? 0) / Math.max(1, packs.durable.get(id) ?? 0);
+    const order = [...rewrite].sort((a, b) => liveShare(a) - liveShare(b) || a - b);
+    const old: number[] = [];
     let oldBytes = 0;
-    for (const id of old) {
-      oldBytes += packs.durable.get(id) ?? 0;
-      batch.del(packKey(id));
+    let last: number[] = [];
+    for (let i = 0; i < order.length; ) {
+      // A group: packs whose live records add up to at most half the free space (at least one
+      // pack; every pack left when the disk has room for all of them: one pass, as before).
+      const budget = groupBytes || (await freeBytes(packs.dir)) / 2;
+      const group = new Set<number>();
+      let groupEntries = 0;
+      for (let bytes = 0; i < order.length; i++) {
+        const s = stats.get(order[i]!);
+        if (group.size > 0 && bytes + (s?.liveBytes ?? 0) > budget) break;
+        group.add(order[i]!);
+        bytes += s?.liveBytes ?? 0;
+        groupEntries += s ? s.live + s.dead : 0;
+      }
+      if (groupEntries > 0) {
+        // Writing behind the iterator is safe: it reads the index as it was when it began.
+        const isLive = live.cursor();
+        for await (const [k, v] of db.iterator(namespaceRange(NS.block))) {
+          const loc = decodeLocation(v);
+          if (!group.has(loc.pack)) continue;
+          const hash = Buffer.from(k.subarray(1));
+          if (isLive(hash)) moves.push({ hash, loc });
+          else dead.push(hash);
+          if (moves.length + dead.length >= roundEntries) await round();
+        }
+        await round();
+      }
+      // 4. switch: no entry points into the group's packs any more; one synced batch deletes
+      // their 'p' entries, then (5) their files go at once, so the next group has their space.
+      const gone = [...group].filter((id) => !kept.has(id));
+      if (gone.length === 0) continue;
+      const batch = db.batch();
+      for (const id of gone) {
+        oldBytes += packs.durable.get(id) ?? 0;
+        batch.del(packKey(id));
+      }
+      await batch.write({ sync: true });
+      old.push(...gone);
+      if (i < order.length) await removePacks(packs, gone);
+      else last = gone;
     }
-    await batch.write({ sync: true });
     await packs.rollover();
     const newBytes = [...newLengths.values()].reduce((a, b) => a + b, 0);
 
-    // 5. delete the old packs. Nothing refers to them any more, so this goes on after the locks
-    // are released: snapshots and commits need not wait for the filesystem to free the space
-    // (~1 s for 2 GiB on a disk mounted with discard). The next gc, and close, wait for it.
-    store.reclaiming = removePacks(packs, old);
+    // 5. delete the last group's packs. Nothing refers to them any more, so this goes on after
+    // the locks are released: snapshots and commits need not wait for the filesystem to free
+    // the space (~1 s for 2 GiB on a disk mounted with discard). The next gc, and close, wait
+    // for it.
+    store.reclaiming = removePacks(packs, last);
     return { blocksKept, blocksRemoved, bytesReclaimed: Math.max(0, oldBytes - newBytes), nodesRemoved, packsRewritten: old.length };
   }));
   await store.reclaiming; // a failure to delete is this gc's; the next open deletes what is left
@@ -374,6 +401,12 @@ async function deltaHolds(store: Store, hash: Hash, payload: Buffer, loc: BlockL
   } catch {
     return false;
   }
+}
+
+/** The bytes free to an unprivileged writer on the filesystem holding `dir`. */
+async function freeBytes(dir: string): Promise<number> {
+  const s = await statfs(dir).catch(() => undefined);
+  return s ? s.bavail * s.bsize : Infinity; // unknown: one group, as if there were room
 }
 
 /** Delete packs the index no longer names (gc step 5), then make that durable in the directory. */
