@@ -10,24 +10,36 @@
  * 2. Choose the packs to rewrite: those with a dead record, or with bytes no index entry
  *    accounts for (a block two writers stored at once, copies a crashed gc made), or with no
  *    entry at all.
- * 3. Copy, in rounds of at most {@link ROUND_ENTRIES} index entries of those packs (memory stays
- *    bounded whatever the store's size): the round's live records are copied (CRC and hash
- *    checked) into new packs under fresh ids, which are fsync'd; then one synced index batch
- *    moves their entries to the new packs, names the new packs ('p' entries) and deletes the
- *    round's dead entries. A batch is atomic, and each leaves a valid store: every entry points
- *    at an intact record of a pack the index names (an old one, or a new one synced before).
- * 4. Switch: one synced batch deletes the old packs' 'p' entries (no entry points into them
- *    any more).
- * 5. Delete the old pack files, once the locks are released. A crash before that leaves files
- *    without a 'p' entry, which open() deletes. A crash between rounds leaves old packs that
- *    hold only moved or dead records, which the rerun rewrites to nothing. So a crash at any
- *    point leaves a valid store, and rerunning gc finishes the job.
+ * 3. Copy, a group of packs at a time: the packs with the smallest live share first, as many as
+ *    have live records adding up to at most half the free space on the store's disk (at least one
+ *    pack; all of them on a disk with room, which makes one group, one pass over the index). A
+ *    group's entries are found in one pass over the index and handled in rounds of at most
+ *    {@link ROUND_ENTRIES} index entries (memory stays bounded whatever the store's size): the
+ *    round's live records are copied (CRC and hash checked) into new packs under fresh ids,
+ *    which are fsync'd; then one synced index batch moves their entries to the new packs, names
+ *    the new packs ('p' entries) and deletes the round's dead entries. A batch is atomic, and
+ *    each leaves a valid store: every entry points at an intact record of a pack the index names
+ *    (an old one, or a new one synced before).
+ * 4. Switch, once a group is done: one synced batch deletes its packs' 'p' entries (no entry
+ *    points into them any more).
+ * 5. Delete the group's pack files at once, so the next group has their space: gc needs free
+ *    space for about one group, not for every live record it moves (with every pack copied
+ *    before any was deleted, a disk with less free space than the live records to move refused
+ *    gc with ERR_DISK_FULL every time). The last group's files go once the locks are released:
+ *    nothing refers to them, and snapshots need not wait for the filesystem to free the space.
+ *    Earlier groups' go under the locks (there are several groups only on a disk without room
+ *    for all): the next group needs that space. Readers take no lock and may race a deletion
+ *    either way; one that read a moved block's old place looks it up again (Store.getBlock).
+ *    A crash before a deletion leaves files without a 'p' entry, which open() deletes. A crash
+ *    between rounds leaves old packs that hold only moved or dead records, which the rerun
+ *    rewrites to nothing (first: their live share is 0). So a crash at any point leaves a valid
+ *    store, and rerunning gc finishes the job.
  *
  * A live record that fails its check stays where it is: its entry keeps pointing into its old
  * pack, which is kept (verify reports the block); the pack's other records move out.
  *
- * gc runs alone for steps 1-4 (exclusive gc lock + the write lock): snapshot builds and commits
- * wait. Blocks and nodes put by a sync that has not committed its snapshot yet are unreachable
+ * gc runs alone until its last group is switched (exclusive gc lock + the write lock): snapshot
+ * builds and commits wait. Blocks and nodes put by a sync that has not committed its snapshot yet are unreachable
  * and may be reclaimed; that sync then gets ERR_SNAPSHOT_INCOMPLETE and its rerun sends them
  * again.
  */
@@ -208,6 +220,8 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
 
     // 3. copy, a group of packs at a time (most dead first), round by round
     const roundEntries = Number(process.env.TANDEM_GC_ROUND_ENTRIES) || ROUND_ENTRIES;
+    // `TANDEM_GC_GROUP_BYTES` caps a group's live bytes instead of the free space (the crash tests
+    // make groups of one pack, so kills fall between and inside their deletions).
     const groupBytes = Number(process.env.TANDEM_GC_GROUP_BYTES) || 0;
     await packs.rollover();
     const spans = alignedSlots(SPANS_AHEAD, SPAN_BYTES + 2 * DIRECT_ALIGN);
