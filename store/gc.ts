@@ -30,6 +30,9 @@
  *    Earlier groups' go under the locks (there are several groups only on a disk without room
  *    for all): the next group needs that space. Readers take no lock and may race a deletion
  *    either way; one that read a moved block's old place looks it up again (Store.getBlock).
+ *    A pack whose live records need more than is free is not started: the others are
+ *    rewritten, then gc fails with ERR_DISK_FULL naming it (a copy bound to fail would only fill
+ *    the disk). A pack write that fails anyway gives back the copies not yet synced at once.
  *    A crash before a deletion leaves files without a 'p' entry, which open() deletes. A crash
  *    between rounds leaves old packs that hold only moved or dead records, which the rerun
  *    rewrites to nothing (first: their live share is 0). So a crash at any point leaves a valid
@@ -70,6 +73,13 @@ const SPAN_BYTES = 4 * 1024 * 1024;
 const SPANS_AHEAD = 4;
 /** Payload bytes copied per pack write: a direct-append staging slot's worth (store/pack-files.ts). */
 const COPY_BATCH_BYTES = 8 * 1024 * 1024;
+/**
+ * Free space a pack's copy needs beyond its live records: the index's log for the round's batch
+ * (~100 bytes an entry) and the filesystem's own blocks; the store's reserve's size. A pack that
+ * needs more than is free is left as it is (ERR_DISK_FULL at the end), not copied until the disk
+ * is full.
+ */
+const COPY_SLACK_BYTES = 8 * 1024 * 1024;
 
 type Entry = { hash: Hash; loc: BlockLocation };
 
@@ -127,7 +137,7 @@ interface PackStats {
 }
 
 export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) => void): Promise<GcReport> {
-  const report = await store.gcLock.exclusive(() => store.writeLock.run(async () => {
+  const report = await store.gcLock.exclusive(() => store.writeLock.run(() => givingBackOnFailure(store.packs, async () => {
     // The packs an earlier gc was still deleting are gone before their ids are looked at.
     await store.reclaiming.catch(() => undefined);
     await store.flushLocked();
@@ -268,14 +278,23 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
     const old: number[] = [];
     let oldBytes = 0;
     let last: number[] = [];
+    /** Packs left as they are: the disk has not the room to copy their live records. */
+    const tooBig: Array<{ pack: number; needBytes: number; freeBytes: number }> = [];
     for (let i = 0; i < order.length; ) {
       // A group: packs whose live records add up to at most half the free space (at least one
-      // pack; every pack left when the disk has room for all of them: one pass, as before).
-      const budget = groupBytes || (await freeBytes(packs.dir)) / 2;
+      // pack; every pack left when the disk has room for all of them: one pass, as before). A
+      // pack that alone needs more than is free is not started: it would fill the disk and fail.
+      const free = await freeBytes(packs.dir);
+      const budget = groupBytes || free / 2;
       const group = new Set<number>();
       let groupEntries = 0;
       for (let bytes = 0; i < order.length; i++) {
         const s = stats.get(order[i]!);
+        const need = (s?.liveBytes ?? 0) + COPY_SLACK_BYTES;
+        if (group.size === 0 && s && s.live > 0 && need > free) {
+          tooBig.push({ pack: order[i]!, needBytes: need, freeBytes: free });
+          continue;
+        }
         if (group.size > 0 && bytes + (s?.liveBytes ?? 0) > budget) break;
         group.add(order[i]!);
         bytes += s?.liveBytes ?? 0;
@@ -316,8 +335,15 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
     // the space (~1 s for 2 GiB on a disk mounted with discard). The next gc, and close, wait
     // for it.
     store.reclaiming = removePacks(packs, last);
+    if (tooBig.length > 0) {
+      const first = tooBig[0]!;
+      const mib = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
+      throw new TandemError('ERR_DISK_FULL', `gc rewrote ${old.length} packs but left ${tooBig.length} with dead records as they are, for lack of space: pack ${first.pack} needs ${mib(first.needBytes)} free to copy its live records and ${mib(first.freeBytes)} were free; free space on the store's disk or grow it, then run gc again (the store is valid)`, {
+        details: { packs: tooBig.map((p) => p.pack), needBytes: first.needBytes, freeBytes: first.freeBytes, packsRewritten: old.length },
+      });
+    }
     return { blocksKept, blocksRemoved, bytesReclaimed: Math.max(0, oldBytes - newBytes), nodesRemoved, packsRewritten: old.length };
-  }));
+  })));
   await store.reclaiming; // a failure to delete is this gc's; the next open deletes what is left
   return report;
 }
@@ -417,10 +443,29 @@ async function deltaHolds(store: Store, hash: Hash, payload: Buffer, loc: BlockL
   }
 }
 
-/** The bytes free to an unprivileged writer on the filesystem holding `dir`. */
+/**
+ * `fn`, and when it fails after a pack write failed (a full disk), the copies it had not synced
+ * are given back at once (PackFiles.discardUnsynced: the packs cut back to their durable length,
+ * one never made durable deleted), as the store does for its own writes: the disk is left as gc
+ * found it apart from the rounds it completed, not full until the next write or open.
+ */
+async function givingBackOnFailure<T>(packs: PackFiles, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (e) {
+    if (packs.failed) await packs.discardUnsynced().catch(() => undefined);
+    throw e;
+  }
+}
+
+/**
+ * The bytes this process may still write on the filesystem holding `dir`: root may use the blocks
+ * ext4 reserves for it (5 % by default), others may not.
+ */
 async function freeBytes(dir: string): Promise<number> {
   const s = await statfs(dir).catch(() => undefined);
-  return s ? s.bavail * s.bsize : Infinity; // unknown: one group, as if there were room
+  if (!s) return Infinity; // unknown: one group, as if there were room
+  return (process.getuid?.() === 0 ? s.bfree : s.bavail) * s.bsize;
 }
 
 /** Delete packs the index no longer names (gc step 5), then make that durable in the directory. */
