@@ -44,9 +44,9 @@
  * pack, which is kept (verify reports the block); the pack's other records move out.
  *
  * gc runs alone until its last group is switched (exclusive gc lock + the write lock): snapshot
- * builds and commits wait. Blocks and nodes put by a sync that has not committed its snapshot yet are unreachable
- * and may be reclaimed; that sync then gets ERR_SNAPSHOT_INCOMPLETE and its rerun sends them
- * again.
+ * builds and commits wait. Blocks and nodes put by a sync that has not committed its snapshot
+ * yet are unreachable and may be reclaimed; that sync then gets ERR_SNAPSHOT_INCOMPLETE and its
+ * rerun sends them again.
  */
 import { statfs } from 'node:fs/promises';
 import { TandemError } from '../common/errors.js';
@@ -364,14 +364,15 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
     // the locks are released: snapshots and commits need not wait for the filesystem to free
     // the space (~1 s for 2 GiB on a disk mounted with discard). The next gc, and close, wait
     // for it.
-    store.reclaiming = removePacks(packs, last);
     if (tooBig.length > 0) {
+      await removePacks(packs, last); // here: nothing would wait for it after the throw
       const first = tooBig[0]!;
       const mib = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
       throw new TandemError('ERR_DISK_FULL', `gc rewrote ${old.length} packs but left ${tooBig.length} with dead records as they are, for lack of space: pack ${first.pack} needs ${mib(first.needBytes)} free to copy its live records and ${mib(first.freeBytes)} were free; free space on the store's disk or grow it, then run gc again (the store is valid)`, {
         details: { packs: tooBig.map((p) => p.pack), needBytes: first.needBytes, freeBytes: first.freeBytes, packsRewritten: old.length },
       });
     }
+    store.reclaiming = removePacks(packs, last);
     return { blocksKept, blocksRemoved, bytesReclaimed: Math.max(0, oldBytes - newBytes), nodesRemoved, packsRewritten: old.length };
   })));
   await store.reclaiming; // a failure to delete is this gc's; the next open deletes what is left
