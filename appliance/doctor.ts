@@ -78,7 +78,7 @@ export function homeChecks(home: Home, config: Config | null, configError: unkno
     : { check: 'server', status: scheduled ? 'warn' : 'ok', detail: 'no `appliance daemon` or `serve` runs on this home', ...(scheduled ? { fix: 'policies are configured but nothing schedules them: start `appliance daemon` (deploy/ has a systemd unit)' } : {}) });
   const diskDetail = `${formatBytes(health.storeFreeBytes)} free of ${formatBytes(health.storeDiskBytes)} on the store's disk`;
   out.push(health.diskCritical
-    ? { check: 'store disk', status: 'fail', detail: diskDetail, fix: 'grow the disk or free space on it (outside the store); `appliance retention` then `appliance gc` reclaim old snapshots, but gc copies the live records of the packs it rewrites before it deletes them, so it needs free space of its own (a disk this full may refuse it: ERR_DISK_FULL)' }
+    ? { check: 'store disk', status: 'fail', detail: diskDetail, fix: '`appliance retention` then `appliance gc` reclaim old snapshots (gc deletes each old pack once its live records have moved, so it needs room for about one pack; ERR_DISK_FULL when even that is missing), or grow the disk or free space on it outside the store' }
     : health.diskLow
       ? { check: 'store disk', status: 'warn', detail: diskDetail, fix: `less than ${DISK_LOW_FRACTION * 100} % free: plan space, or tighten retention and run \`appliance gc\`` }
       : { check: 'store disk', status: 'ok', detail: diskDetail });

@@ -9,33 +9,51 @@
  *    subtree is there.
  * 2. Choose the packs to rewrite: those with a dead record, or with bytes no index entry
  *    accounts for (a block two writers stored at once, copies a crashed gc made), or with no
- *    entry at all.
- * 3. Copy, in rounds of at most {@link ROUND_ENTRIES} index entries of those packs (memory stays
- *    bounded whatever the store's size): the round's live records are copied (CRC and hash
- *    checked) into new packs under fresh ids, which are fsync'd; then one synced index batch
- *    moves their entries to the new packs, names the new packs ('p' entries) and deletes the
- *    round's dead entries. A batch is atomic, and each leaves a valid store: every entry points
- *    at an intact record of a pack the index names (an old one, or a new one synced before).
- * 4. Switch: one synced batch deletes the old packs' 'p' entries (no entry points into them
- *    any more).
- * 5. Delete the old pack files, once the locks are released. A crash before that leaves files
- *    without a 'p' entry, which open() deletes. A crash between rounds leaves old packs that
- *    hold only moved or dead records, which the rerun rewrites to nothing. So a crash at any
- *    point leaves a valid store, and rerunning gc finishes the job.
+ *    entry at all; and, once there are {@link MERGE_MIN_PACKS} packs below
+ *    {@link SMALL_PACK_BYTES} with nothing to reclaim, those, the smallest first, up to
+ *    {@link MERGE_BYTES} a run: their records go into the packs gc writes, which merges them.
+ * 3. Copy, a group of packs at a time: the packs with the smallest live share first, as many as
+ *    have live records adding up to at most half the free space on the store's disk (at least one
+ *    pack; all of them on a disk with room, which makes one group, one pass over the index). A
+ *    group's entries are found in one pass over the index and handled in rounds of at most
+ *    {@link ROUND_ENTRIES} index entries (memory stays bounded whatever the store's size): the
+ *    round's live records are copied (CRC and hash checked) into new packs under fresh ids,
+ *    which are fsync'd; then one synced index batch moves their entries to the new packs, names
+ *    the new packs ('p' entries) and deletes the round's dead entries. A batch is atomic, and
+ *    each leaves a valid store: every entry points at an intact record of a pack the index names
+ *    (an old one, or a new one synced before).
+ * 4. Switch, once a group is done: one synced batch deletes its packs' 'p' entries (no entry
+ *    points into them any more).
+ * 5. Delete the group's pack files at once, so the next group has their space: gc needs free
+ *    space for about one group, not for every live record it moves (with every pack copied
+ *    before any was deleted, a disk with less free space than the live records to move refused
+ *    gc with ERR_DISK_FULL every time). The last group's files go once the locks are released:
+ *    nothing refers to them, and snapshots need not wait for the filesystem to free the space.
+ *    Earlier groups' go under the locks (there are several groups only on a disk without room
+ *    for all): the next group needs that space. Readers take no lock and may race a deletion
+ *    either way; one that read a moved block's old place looks it up again (Store.getBlock).
+ *    A pack whose live records need more than is free is not started: the others are
+ *    rewritten, then gc fails with ERR_DISK_FULL naming it (a copy bound to fail would only fill
+ *    the disk). A pack write that fails anyway gives back the copies not yet synced at once.
+ *    A crash before a deletion leaves files without a 'p' entry, which open() deletes. A crash
+ *    between rounds leaves old packs that hold only moved or dead records, which the rerun
+ *    rewrites to nothing (first: their live share is 0). So a crash at any point leaves a valid
+ *    store, and rerunning gc finishes the job.
  *
  * A live record that fails its check stays where it is: its entry keeps pointing into its old
  * pack, which is kept (verify reports the block); the pack's other records move out.
  *
- * gc runs alone for steps 1-4 (exclusive gc lock + the write lock): snapshot builds and commits
- * wait. Blocks and nodes put by a sync that has not committed its snapshot yet are unreachable
- * and may be reclaimed; that sync then gets ERR_SNAPSHOT_INCOMPLETE and its rerun sends them
- * again.
+ * gc runs alone until its last group is switched (exclusive gc lock + the write lock): snapshot
+ * builds and commits wait. Blocks and nodes put by a sync that has not committed its snapshot
+ * yet are unreachable and may be reclaimed; that sync then gets ERR_SNAPSHOT_INCOMPLETE and its
+ * rerun sends them again.
  */
+import { statfs } from 'node:fs/promises';
 import { TandemError } from '../common/errors.js';
 import { DIRECT_ALIGN, alignedSlots } from '../common/io-buffers.js';
 import { isZeroHash, toHex, blake3 } from './hash.js';
 import { blockKey, decodeLocation, encodeLocation, encodeU64, LOCATION_LENGTH, namespaceRange, nodeKey, NS, packKey, type BlockLocation } from './keys.js';
-import { CODEC_DELTA, DELTA_PAYLOAD_MIN, decodePayload, decodeRecord, recordLength } from './pack.js';
+import { CODEC_DELTA, DELTA_PAYLOAD_MIN, decodePayload, decodeRecord, PACK_TARGET_SIZE, recordLength } from './pack.js';
 import { fsyncDir, type PackFiles } from './pack-files.js';
 import { decodeNode } from './tree.js';
 import type { Store } from './store.js';
@@ -57,6 +75,23 @@ const SPAN_BYTES = 4 * 1024 * 1024;
 const SPANS_AHEAD = 4;
 /** Payload bytes copied per pack write: a direct-append staging slot's worth (store/pack-files.ts). */
 const COPY_BATCH_BYTES = 8 * 1024 * 1024;
+/**
+ * Packs smaller than this (an eighth of the target size) with nothing to reclaim are merged. A
+ * store gets them because gc starts a new pack when it runs, and the next snapshot appends there
+ * (an audit saw a daemon's store go from 1 to 32 packs in 15 minutes).
+ */
+const SMALL_PACK_BYTES = PACK_TARGET_SIZE / 8;
+/** Small packs there must be before gc merges them: fewer cost little (an open file and a 'p' entry each) and merging them would copy the same records every run. */
+const MERGE_MIN_PACKS = 4;
+/** Bytes of small packs merged a run at most: one pack's worth (31 packs of 8 MiB took 0.62-0.67 s, 0.27-0.31 CPU s, here). */
+const MERGE_BYTES = PACK_TARGET_SIZE;
+/**
+ * Free space a pack's copy needs beyond its live records: the index's log for the round's batch
+ * (~100 bytes an entry) and the filesystem's own blocks; the store's reserve's size. A pack that
+ * needs more than is free is left as it is (ERR_DISK_FULL at the end), not copied until the disk
+ * is full.
+ */
+const COPY_SLACK_BYTES = 8 * 1024 * 1024;
 
 type Entry = { hash: Hash; loc: BlockLocation };
 
@@ -114,7 +149,7 @@ interface PackStats {
 }
 
 export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) => void): Promise<GcReport> {
-  const report = await store.gcLock.exclusive(() => store.writeLock.run(async () => {
+  const report = await store.gcLock.exclusive(() => store.writeLock.run(() => givingBackOnFailure(store.packs, async () => {
     // The packs an earlier gc was still deleting are gone before their ids are looked at.
     await store.reclaiming.catch(() => undefined);
     await store.flushLocked();
@@ -187,6 +222,23 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
         progress.entriesTotal += s ? s.live + s.dead : 0;
       }
     }
+    // Small packs with nothing to reclaim are merged, the smallest first, a bounded amount a run.
+    const merge = new Set<number>();
+    {
+      const size = (id: number) => packs.durable.get(id) ?? 0;
+      const small = packs.ids().filter((id) => !rewrite.has(id) && size(id) < SMALL_PACK_BYTES).sort((a, b) => size(a) - size(b) || a - b);
+      if (small.length >= MERGE_MIN_PACKS) {
+        for (let i = 0, bytes = 0; i < small.length && bytes + size(small[i]!) <= MERGE_BYTES; i++) {
+          merge.add(small[i]!);
+          bytes += size(small[i]!);
+        }
+        if (merge.size < 2) merge.clear(); // one pack alone would only be copied
+        for (const id of merge) {
+          rewrite.add(id);
+          progress.entriesTotal += stats.get(id)!.live;
+        }
+      }
+    }
 
     // The dead nodes go first, in a synced batch of their own: a node in the index implies its
     // whole subtree is there (store/README.md), and the rounds below delete dead blocks.
@@ -205,8 +257,11 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
       } else await batch.close();
     }
 
-    // 3. copy, round by round
+    // 3. copy, a group of packs at a time (most dead first), round by round
     const roundEntries = Number(process.env.TANDEM_GC_ROUND_ENTRIES) || ROUND_ENTRIES;
+    // `TANDEM_GC_GROUP_BYTES` caps a group's live bytes instead of the free space (the crash tests
+    // make groups of one pack, so kills fall between and inside their deletions).
+    const groupBytes = Number(process.env.TANDEM_GC_GROUP_BYTES) || 0;
     await packs.rollover();
     const spans = alignedSlots(SPANS_AHEAD, SPAN_BYTES + 2 * DIRECT_ALIGN);
     /** Packs kept as they are: one of their live records is damaged. */
@@ -245,38 +300,81 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
       moves = [];
       dead = [];
     };
-    {
-      // Writing behind the iterator is safe: it reads the index as it was when it began.
-      const isLive = live.cursor();
-      for await (const [k, v] of db.iterator(namespaceRange(NS.block))) {
-        const loc = decodeLocation(v);
-        if (!rewrite.has(loc.pack)) continue;
-        const hash = Buffer.from(k.subarray(1));
-        if (isLive(hash)) moves.push({ hash, loc });
-        else dead.push(hash);
-        if (moves.length + dead.length >= roundEntries) await round();
-      }
-      await round();
-    }
-
-    // 4. switch: the old packs go, in one synced batch
-    const batch = db.batch();
-    const old = [...rewrite].filter((id) => !kept.has(id));
+    // The packs that free the most for what they copy go first (the smallest live share), so on a
+    // nearly full disk the first groups make room for the next.
+    const liveShare = (id: number) => (stats.get(id)?.liveBytes ?? 0) / Math.max(1, packs.durable.get(id) ?? 0);
+    const order = [...rewrite].sort((a, b) => liveShare(a) - liveShare(b) || a - b);
+    const old: number[] = [];
     let oldBytes = 0;
-    for (const id of old) {
-      oldBytes += packs.durable.get(id) ?? 0;
-      batch.del(packKey(id));
+    let last: number[] = [];
+    /** Packs left as they are: the disk has not the room to copy their live records. */
+    const tooBig: Array<{ pack: number; needBytes: number; freeBytes: number }> = [];
+    for (let i = 0; i < order.length; ) {
+      // A group: packs whose live records add up to at most half the free space (at least one
+      // pack; every pack left when the disk has room for all of them: one pass, as before). A
+      // pack that alone needs more than is free is not started: it would fill the disk and fail.
+      const free = await freeBytes(packs.dir);
+      const budget = groupBytes || free / 2;
+      const group = new Set<number>();
+      let groupEntries = 0;
+      for (let bytes = 0; i < order.length; i++) {
+        const s = stats.get(order[i]!);
+        const need = (s?.liveBytes ?? 0) + COPY_SLACK_BYTES;
+        if (group.size === 0 && s && s.live > 0 && need > free) {
+          // A pack only to merge has nothing to reclaim: left as it is without a word.
+          if (!merge.has(order[i]!)) tooBig.push({ pack: order[i]!, needBytes: need, freeBytes: free });
+          continue;
+        }
+        if (group.size > 0 && bytes + (s?.liveBytes ?? 0) > budget) break;
+        group.add(order[i]!);
+        bytes += s?.liveBytes ?? 0;
+        groupEntries += s ? s.live + s.dead : 0;
+      }
+      if (groupEntries > 0) {
+        // Writing behind the iterator is safe: it reads the index as it was when it began.
+        const isLive = live.cursor();
+        for await (const [k, v] of db.iterator(namespaceRange(NS.block))) {
+          const loc = decodeLocation(v);
+          if (!group.has(loc.pack)) continue;
+          const hash = Buffer.from(k.subarray(1));
+          if (isLive(hash)) moves.push({ hash, loc });
+          else dead.push(hash);
+          if (moves.length + dead.length >= roundEntries) await round();
+        }
+        await round();
+      }
+      // 4. switch: no entry points into the group's packs any more; one synced batch deletes
+      // their 'p' entries, then (5) their files go at once, so the next group has their space.
+      const gone = [...group].filter((id) => !kept.has(id));
+      if (gone.length === 0) continue;
+      const batch = db.batch();
+      for (const id of gone) {
+        oldBytes += packs.durable.get(id) ?? 0;
+        batch.del(packKey(id));
+      }
+      await batch.write({ sync: true });
+      old.push(...gone);
+      if (i < order.length) await removePacks(packs, gone);
+      else last = gone;
     }
-    await batch.write({ sync: true });
     await packs.rollover();
     const newBytes = [...newLengths.values()].reduce((a, b) => a + b, 0);
 
-    // 5. delete the old packs. Nothing refers to them any more, so this goes on after the locks
-    // are released: snapshots and commits need not wait for the filesystem to free the space
-    // (~1 s for 2 GiB on a disk mounted with discard). The next gc, and close, wait for it.
-    store.reclaiming = removePacks(packs, old);
+    // 5. delete the last group's packs. Nothing refers to them any more, so this goes on after
+    // the locks are released: snapshots and commits need not wait for the filesystem to free
+    // the space (~1 s for 2 GiB on a disk mounted with discard). The next gc, and close, wait
+    // for it.
+    if (tooBig.length > 0) {
+      await removePacks(packs, last); // here: nothing would wait for it after the throw
+      const first = tooBig[0]!;
+      const mib = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
+      throw new TandemError('ERR_DISK_FULL', `gc rewrote ${old.length} packs but left ${tooBig.length} with dead records as they are, for lack of space: pack ${first.pack} needs ${mib(first.needBytes)} free to copy its live records and ${mib(first.freeBytes)} were free; free space on the store's disk or grow it, then run gc again (the store is valid)`, {
+        details: { packs: tooBig.map((p) => p.pack), needBytes: first.needBytes, freeBytes: first.freeBytes, packsRewritten: old.length },
+      });
+    }
+    store.reclaiming = removePacks(packs, last);
     return { blocksKept, blocksRemoved, bytesReclaimed: Math.max(0, oldBytes - newBytes), nodesRemoved, packsRewritten: old.length };
-  }));
+  })));
   await store.reclaiming; // a failure to delete is this gc's; the next open deletes what is left
   return report;
 }
@@ -374,6 +472,31 @@ async function deltaHolds(store: Store, hash: Hash, payload: Buffer, loc: BlockL
   } catch {
     return false;
   }
+}
+
+/**
+ * `fn`, and when it fails after a pack write failed (a full disk), the copies it had not synced
+ * are given back at once (PackFiles.discardUnsynced: the packs cut back to their durable length,
+ * one never made durable deleted), as the store does for its own writes: the disk is left as gc
+ * found it apart from the rounds it completed, not full until the next write or open.
+ */
+async function givingBackOnFailure<T>(packs: PackFiles, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (e) {
+    if (packs.failed) await packs.discardUnsynced().catch(() => undefined);
+    throw e;
+  }
+}
+
+/**
+ * The bytes this process may still write on the filesystem holding `dir`: root may use the blocks
+ * ext4 reserves for it (5 % by default), others may not.
+ */
+async function freeBytes(dir: string): Promise<number> {
+  const s = await statfs(dir).catch(() => undefined);
+  if (!s) return Infinity; // unknown: one group, as if there were room
+  return (process.getuid?.() === 0 ? s.bfree : s.bavail) * s.bsize;
 }
 
 /** Delete packs the index no longer names (gc step 5), then make that durable in the directory. */

@@ -123,6 +123,38 @@ export function smallTmpfs(t: { after(fn: () => void): void; skip(message?: stri
 }
 
 /**
+ * A fresh ext4 filesystem of `mib` MiB (an image file on a loop device: `mkfs.ext4`, `mount -o
+ * loop`), unmounted when the test ends; null, the test skipped with the reason, when this is not
+ * root or mkfs.ext4 / loop devices are missing. For a full disk that behaves as a real one does
+ * (O_DIRECT, ext4 freeing a deleted file's blocks only once its journal commits), where a tmpfs
+ * does neither.
+ */
+export function smallExt4(t: { after(fn: () => void): void; skip(message?: string): void }, mib: number): string | null {
+  if (process.getuid?.() !== 0) {
+    t.skip('not root: mounting a small ext4 filesystem needs root (run the tests as root to cover a full disk)');
+    return null;
+  }
+  const dir = mkdtempSync(join(tmpdir(), 'tandem-ext4-'));
+  const image = `${dir}.img`;
+  try {
+    execFileSync('truncate', ['-s', `${mib}M`, image], { stdio: 'pipe' });
+    execFileSync('mkfs.ext4', ['-q', '-F', '-m', '0', image], { stdio: 'pipe' }); // no blocks reserved for root: free is free
+    execFileSync('mount', ['-o', 'loop', image, dir], { stdio: 'pipe' });
+  } catch (e) {
+    rmSync(dir, { recursive: true, force: true });
+    rmSync(image, { force: true });
+    t.skip(`cannot make and mount a small ext4 filesystem here (${(e as Error).message.split('\n')[0]}): needs mkfs.ext4 and loop devices`);
+    return null;
+  }
+  t.after(() => {
+    execFileSync('umount', ['-l', dir]); // lazily: a store the test closes later may still hold it
+    rmSync(dir, { recursive: true, force: true });
+    rmSync(image, { force: true });
+  });
+  return dir;
+}
+
+/**
  * `backing` attached as a loop block device (losetup), detached when the test ends. Needs root
  * and loop devices; otherwise the test is skipped and null returned.
  */
