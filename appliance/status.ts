@@ -219,7 +219,10 @@ async function estimateRto(store: StatusStore, v: VolumeRecord, latest: Snapshot
   const measured = dr ? (dr.facts.launchSeconds !== null ? { rtoSeconds: dr.facts.launchSeconds, at: dr.facts.launchMeasuredAt! } : null) : local?.rtoSeconds != null ? { rtoSeconds: local.rtoSeconds, at: local.at } : null;
   const launchMs = measured ? measured.rtoSeconds * 1000 : DEFAULT_LAUNCH_MS;
   const launchBasis = (measured ? `launch ${measured.rtoSeconds}s measured ${measured.at}` : `launch ${DEFAULT_LAUNCH_MS / 1000}s (default until a drill measures it)`) + (dr ? ` (as ${dr.peer} reported at ${dr.at})` : '');
-  const pending = latest !== null && (lastExport === null || lastExport.tandemSnapshot !== latest.id);
+  const exported = lastExport === null ? null : await store.getSnapshot(v.name, lastExport.tandemSnapshot);
+  // Exported already: that snapshot, or one of the same tree (on-prem, the snapshot a push took of
+  // an unchanged volume: the DR site holds and exported its tree under the earlier id).
+  const pending = latest !== null && (lastExport === null || (lastExport.tandemSnapshot !== latest.id && exported?.root !== latest.root));
   if (!pending) return { ms: launchMs, basis: `${launchBasis}; newest point already exported` };
   const rates = await readRates(store, v.name);
   const measuredRate = dr ? dr.facts.exportBytesPerSec : rates.exportBytesPerSec ?? null;
@@ -227,7 +230,6 @@ async function estimateRto(store: StatusStore, v: VolumeRecord, latest: Snapshot
   // First export uploads every non-zero block; later ones what changed since the last export
   // (the tree diff of the two snapshots: what the next export uploads; where the exported one is
   // gone, every non-zero block).
-  const exported = lastExport === null ? null : await store.getSnapshot(v.name, lastExport.tandemSnapshot);
   let bytes = latest!.nonZeroBlocks * latest!.blockSize;
   if (exported !== null && exported.blockSize === latest!.blockSize) bytes = (await changedSince(store, exported, latest!)) * latest!.blockSize;
   const exportMs = Math.ceil((bytes / exportRate) * 1000);

@@ -165,6 +165,16 @@ recovery:
       securityGroups: [sg-0d1e2f3a]
 `);
   await appliance(cloud, ['config', 'check']);
+  // On-prem: a policy for the server's disk, replicated to the cloud appliance.
+  writeFileSync(join(onprem, 'config.yaml'), `appliance:
+  name: onprem
+policies:
+  web: { rpo: 15m, rto: 1h }
+assign:
+  - { match: "*", policy: web }
+replication: { peer: cloud }
+`);
+  await appliance(onprem, ['config', 'check']);
   const onUrl = await serve(onprem);
   const clUrl = await serve(cloud, cloudEnv);
   await appliance(onprem, ['peer', 'add', 'cloud', '--url', clUrl, '--token', clInit.token, '--fingerprint', clInit.fingerprint]);
@@ -205,6 +215,10 @@ recovery:
   const s3 = await appliance(onprem, ['sync', VOLUME, '--peer', 'cloud']);
   check(s3.blocksSent === 0, `replication after the drill should find nothing to send, sent ${s3.blocksSent}`);
   detail('production volume unchanged; replication after the drill: nothing to send');
+  // The push learned the DR site's export, measured launch and drill: on-prem status estimates from them.
+  const status = (await appliance(onprem, ['status', VOLUME])).volumes[0];
+  check(status.lastDrill?.id === drill.id && status.lastExport?.ebsSnapshotId === ex.ebsSnapshotId, `on-prem status should show the cloud's drill and export: ${JSON.stringify(status)}`);
+  detail(`on-prem status: RPO ${status.rpoState}, RTO ${status.rtoState}: estimate ${seconds(status.rtoEstimateMs)} (${status.rtoBasis})`);
 
   step('Bit rot in the cloud store: verify finds it, on-prem heals it with its copy');
   {
