@@ -11,8 +11,9 @@ import { request as httpsRequest } from 'node:https';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { HEADER_BYTES } from '../../sync/framing.js';
+import { RemotePeer } from '../../api/client.js';
 import { blake3 } from '../../store/hash.js';
-import { cli, initHome, pair, peerClient, startServe, tempDir, type Served } from '../helpers/appliance.js';
+import { cli, initHome, pair, peerClient, startCli, startServe, tempDir, type Served } from '../helpers/appliance.js';
 
 const MiB = 1024 * 1024;
 const BIG = 16 * MiB;
@@ -137,4 +138,102 @@ test('uploads that send 7 deltas of 16 MiB blocks and then wait between frames d
     }
     await delay(1000); // each has built its 7 blocks (112 MiB each, 448 MiB asked of a 128 MiB budget)
   });
+});
+
+/**
+ * An upload that begins a raw frame of 16 MiB and then sends `piece` bytes of it every `everyMs` (never
+ * silent long enough to be stalled): it holds an upload slot for as long as it goes on. `answer`
+ * resolves with the server's answer (status and error code) or null when the connection is cut.
+ */
+function tricklingUpload(s: Served, token: string, everyMs: number, piece = 1): { answer: Promise<{ status: number; code?: string } | null>; destroy: () => void } {
+  const u = new URL(s.url);
+  const req = httpsRequest({ host: u.hostname, port: u.port, path: '/v1/blocks/put', method: 'POST', rejectUnauthorized: false, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/octet-stream' } });
+  const answer = new Promise<{ status: number; code?: string } | null>((resolve) => {
+    req.on('response', (res) => {
+      let text = '';
+      res.on('data', (c: Buffer) => void (text += c.toString()));
+      res.on('end', () => resolve({ status: res.statusCode!, code: (JSON.parse(text) as { error?: { code: string } }).error?.code }));
+      res.on('error', () => resolve(null));
+    });
+    req.on('error', () => resolve(null));
+  });
+  req.write(frameHeader(0x42, 0, randomBytes(32), 16 * MiB, 16 * MiB));
+  const timer = setInterval(() => req.write(Buffer.alloc(piece, 0x55)), everyMs);
+  void answer.finally(() => clearInterval(timer));
+  return { answer, destroy: () => (clearInterval(timer), req.destroy()) };
+}
+
+test('8 uploads that trickle 1 byte every 0.5 s inside a frame hold every slot only until a frame waits: the slowest are ended (ERR_SERVER_BUSY, logged) and real pushes complete, one of them under --bwlimit; a push slower than the floor is not cut while nobody waits', async (t) => {
+  // Two appliances push to cloud (one appliance's syncs run one at a time).
+  const [a, c, b] = await Promise.all([initHome(t, 'onprem'), initHome(t, 'branch'), initHome(t, 'cloud')]);
+  // Senders measured over 2 s of waiting (30 s by default); a frame waits up to 10 s for a slot (60 s).
+  const sb = await startServe(t, b, '127.0.0.1:0', { TANDEM_SLOW_WINDOW_MS: '2000', TANDEM_STREAM_WAIT_MS: '10000' });
+  await pair(a, 'cloud', b, sb);
+  await pair(c, 'cloud', b, sb);
+  const dir = tempDir(t, 'tandem-trickle-');
+  const volumes = { vol: randomBytes(16 * 64 * 1024), capped: randomBytes(2 * MiB), slow: randomBytes(64 * 1024) };
+  for (const [name, data] of Object.entries(volumes)) {
+    writeFileSync(join(dir, `${name}.img`), data);
+    assert.equal((await cli(name === 'vol' ? c : a, 'volume', 'add', name, '--path', join(dir, `${name}.img`), '--block-size', '64KiB')).code, 0);
+  }
+
+  // A push capped at 8 KiB/s (under the floor of 16 KiB/s) with no frame waiting: never cut.
+  const slow = await cli(a, 'sync', 'slow', '--peer', 'cloud', '--bwlimit', '8KiB');
+  assert.equal(slow.code, 0, slow.stderr);
+  assert.doesNotMatch(sb.stderr(), /ended: its sender sent/);
+
+  const trickling = Array.from({ length: 8 }, () => tricklingUpload(sb, b.token, 500));
+  t.after(() => trickling.forEach((u) => u.destroy()));
+  await delay(3000); // each holds a slot, and has held it for more than the window
+  // A push capped at 256 KiB/s (~85 KiB/s a stream) takes slots from the trickling uploads, then
+  // moves data at its cap for ~8 s while an uncapped push waits for slots: only trickling ones are ended.
+  const started = Date.now();
+  const capped = startCli(a, 'sync', 'capped', '--peer', 'cloud', '--bwlimit', '256KiB');
+  await delay(1500);
+  const push = await cli(c, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(push.code, 0, `the push completes while trickling uploads hold the slots: ${push.stdout} ${push.stderr}`);
+  t.diagnostic(`the uncapped push took ${((Date.now() - started) / 1000 - 1.5).toFixed(1)} s`);
+  const cappedRun = await capped.done;
+  assert.equal(cappedRun.code, 0, `the capped push is not ended: ${cappedRun.stdout} ${cappedRun.stderr}`);
+  t.diagnostic(`the capped push took ${((Date.now() - started) / 1000).toFixed(1)} s`);
+  const evictions = [...sb.stderr().matchAll(/ended: its sender sent (\d+) bytes in the last (\d+) s the server waited for it in the middle of a block frame \(([\d.]+) B\/s, under the 16 KiB\/s.*?ERR_SERVER_BUSY/g)];
+  t.diagnostic(`${evictions.length} uploads ended: ${evictions.map((m) => `${m[3]} B/s`).join(', ')}`);
+  assert.ok(evictions.length >= 1);
+  for (const m of evictions) assert.ok(Number(m[3]) < 16, `only trickling uploads (2 B/s) are ended, not ${m[3]} B/s`);
+    const answers = await Promise.all(trickling.map((u) => Promise.race([u.answer, delay(2000).then(() => 'none' as const)])));
+  t.diagnostic(`the trickling uploads got: ${answers.map((r) => (r === 'none' ? 'nothing yet' : r === null ? 'cut' : `${r.status} ${r.code}`)).join(', ')}`);
+  // Each one ended is answered at once: 503 ERR_SERVER_BUSY.
+  assert.deepEqual(answers.filter((r) => r !== 'none'), evictions.map(() => ({ status: 503, code: 'ERR_SERVER_BUSY' })));
+  for (const [name, data] of Object.entries(volumes)) {
+    const out = join(dir, `${name}.out`);
+    assert.equal((await cli(b, 'restore', name, '--to', out)).code, 0);
+    assert.ok(readFileSync(out).equals(data), `${name} restores byte-exact`);
+  }
+});
+
+test('an upload under --bwlimit that is the slowest holder, under the floor, while a frame waits, is ended: the client gets ERR_SERVER_BUSY saying why and what cap to give; uploads above the floor go on', async (t) => {
+  const b = await initHome(t, 'cloud');
+  const sb = await startServe(t, b, '127.0.0.1:0', { TANDEM_SLOW_WINDOW_MS: '2000', TANDEM_STREAM_WAIT_MS: '10000' });
+  // 7 uploads moving 80 KiB/s each (above the floor) hold 7 slots; a client capped at 2 KiB/s takes the 8th.
+  const steady = Array.from({ length: 7 }, () => tricklingUpload(sb, b.token, 100, 8 * 1024));
+  t.after(() => steady.forEach((u) => u.destroy()));
+  await delay(500);
+  const capped = new RemotePeer({ url: sb.url, token: b.token, fingerprint: b.fingerprint, name: 'cloud', bwlimit: 2048 });
+  t.after(() => capped.close());
+  const block = randomBytes(512 * 1024);
+  const put = capped.putBlocks((async function* () {
+    yield { hash: blake3(block), data: block };
+  })());
+  put.catch(() => undefined);
+  await delay(4000); // its frame has held its slot for more than the window
+  // A ninth upload's frame waits: the slowest holder under the floor is the capped client.
+  const ninth = tricklingUpload(sb, b.token, 100, 8 * 1024);
+  t.after(() => ninth.destroy());
+  await assert.rejects(put, (e: any) => {
+    assert.equal(e.code, 'ERR_SERVER_BUSY', e.message);
+    assert.match(e.message, /ended this block stream: it sent \d+ bytes in the last \d+ s .*under --bwlimit, give at least 48 KiB\/s/);
+    return true;
+  });
+  assert.match(sb.stderr(), /blocks\/put from .* ended: its sender sent \d+ bytes .* its slot went to a waiting block stream/);
+  for (const u of steady) assert.equal(await Promise.race([u.answer, delay(100).then(() => 'running')]), 'running', 'the uploads above the floor go on');
 });
