@@ -321,13 +321,16 @@ async function writeChunks(res: ServerResponse, chunks: AsyncIterable<Buffer>, s
 
 /**
  * The rest of a refused upload read and dropped (bounded) before its answer, and the connection
- * closed after it. A stream ended for its slowness is answered at once and its connection kept:
- * its sender would take the whole drain, and a client still sending reads an answer only while
- * the connection stays open (undici saw "other side closed" instead of the 503); Node reads and
- * drops the rest of the body after the answer.
+ * closed after it. A stream ended for its slowness is answered at once (its sender would take
+ * the whole drain) with the connection kept open while the rest is read and dropped behind the
+ * answer, as bounded: a client still sending reads the answer (undici does), and the connection
+ * of a sender that goes on trickling is closed after DRAIN_MS.
  */
 async function drainUnless(meter: UploadMeter, body: Readable, reply: { header(k: string, v: string): unknown }): Promise<void> {
-  if (meter.wasEnded) return;
+  if (meter.wasEnded) {
+    void drain(body, DRAIN_LIMIT_BYTES);
+    return;
+  }
   await drain(body, DRAIN_LIMIT_BYTES);
   reply.header('connection', 'close');
 }
