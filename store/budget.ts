@@ -2,7 +2,8 @@
  * A byte budget shared by a store's block streams: the memory of the blocks they build from
  * delta frames (Store.putBlocks). A delta frame is a few bytes on the wire but names a block of up
  * to 16 MiB; without a bound across streams, 12 uploads of 2.3 KB each (24 deltas of a 16 MiB
- * block) took a server from 119 MiB to 1,510 MiB of peak RSS (test/sync/hostile-upload.test.ts).
+ * block) took a server from 119 MiB to 1,510-1,639 MiB of peak RSS (3 runs; 230-232 MiB with this
+ * budget: test/sync/hostile-upload.test.ts).
  *
  * Takers wait in arrival order (a large take is not passed over by small ones for ever). A holder
  * that is idle (waiting for its sender) while someone waits is told so ({@link onContended}) and

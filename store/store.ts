@@ -126,10 +126,12 @@ const PUT_BATCH_BYTES = 4 * 1024 * 1024;
  * Bytes of blocks built from delta frames that all of a store's putBlocks streams hold at once
  * (store/budget.ts): taken before a delta's base is read, given back when the block is written or
  * dropped. 12 uploads of 24 deltas of 16 MiB blocks (2.3 KB each on the wire) took a server's peak
- * RSS from 119 MiB to 1,510 MiB without it, to 119 + 190 MiB with it (hostile-upload.test.ts). A
- * stream holds at most DELTA_READS being built, a batch and one being written (24 blocks): 6
- * streams of 512 KiB blocks (two jobs of 3 streams) need 72 MiB and never wait; at 16 MiB blocks 8
- * are built at once, which keeps a disk busy.
+ * RSS from 119 MiB to 1,510-1,639 MiB without it (3 runs), to 230-232 MiB with it (6 runs;
+ * hostile-upload.test.ts). A stream holds at most DELTA_READS being built, a batch and one being
+ * written (24 blocks): 6 streams of 512 KiB blocks (two jobs of 3 streams) need 72 MiB and never
+ * wait; at 16 MiB blocks 8 are built at once, which keeps a disk busy. One stream of 4096 deltas
+ * of 512 KiB blocks costs putBlocks the same CPU with it as without (1.22-1.42 s against
+ * 1.15-1.37 s in process, 3 alternated pairs of 2 runs on 2 shared cores).
  */
 const DELTA_BUDGET_BYTES = 128 * 1024 * 1024;
 /** Yielded by resolveDeltas to have putBlocks write the batch it holds now (the budget is wanted). */
