@@ -32,7 +32,7 @@ export const CATALOG = {
   ERR_CONFIG_INVALID: { http: 400, exit: 1, summary: 'the configuration file does not validate' },
   ERR_DISK_FULL: { http: 507, exit: 1, summary: 'no space left on the store or target device' },
   ERR_IO: { http: 500, exit: 1, summary: 'an I/O operation failed' },
-  ERR_SERVER_BUSY: { http: 503, exit: 1, summary: 'the peer is receiving as many block streams as it takes at once: rerun the sync shortly' },
+  ERR_SERVER_BUSY: { http: 503, exit: 1, summary: 'the peer is receiving as many block streams as it takes at once, or ended this one for sending under 16 KiB/s while another waited: rerun the sync shortly (under --bwlimit, with at least 48 KiB/s)' },
   ERR_SERVER_STOPPING: { http: 503, exit: 1, summary: 'the server of the home is stopping: the forwarded command was not run; run it again' },
   ERR_FORWARD_LOST: { http: 502, exit: 1, summary: 'the server of the home stopped answering while it ran the forwarded command: it may have finished or stopped midway, and was not run again' },
 

@@ -20,6 +20,7 @@ import {
 } from './keys.js';
 import { busyError, acquireStoreLock } from './lock.js';
 import { Mutex, SharedLock } from './mutex.js';
+import { ByteBudget } from './budget.js';
 import {
   CODEC_DELTA, CODEC_RAW, CODEC_SPARSE, DELTA_PAYLOAD_MIN, decodePayload, sparsePayload, SPARSE_PAYLOAD_MIN, decodeRecord, decodeRecordHeader, encodeRecordParts, recordLength, RECORD_HEADER_LENGTH, RECORD_TRAILER_LENGTH,
   type RecordParts,
@@ -121,6 +122,22 @@ const REPAIR_BATCH_BYTES = 8 * 1024 * 1024;
 const DELTA_READS = 8;
 /** putBlocks writes verified blocks in batches of about this many bytes (8 blocks of 512 KiB). */
 const PUT_BATCH_BYTES = 4 * 1024 * 1024;
+/**
+ * Bytes of blocks built from delta frames that all of a store's putBlocks streams hold at once
+ * (store/budget.ts): taken before a delta's base is read, given back when the block is written or
+ * dropped. 12 uploads of 24 deltas of 16 MiB blocks (2.3 KB each on the wire) took a server's peak
+ * RSS from 119 MiB to 1,510-1,639 MiB without it (3 runs), to 230-232 MiB with it (6 runs;
+ * hostile-upload.test.ts). A stream holds at most DELTA_READS being built, a batch and one being
+ * written (24 blocks): 6 streams of 512 KiB blocks (two jobs of 3 streams) need 72 MiB and never
+ * wait; at 16 MiB blocks 8 are built at once, which keeps a disk busy. One stream of 4096 deltas
+ * of 512 KiB blocks costs putBlocks the same CPU with it as without (1.22-1.42 s against
+ * 1.15-1.37 s in process, 3 alternated pairs of 2 runs on 2 shared cores).
+ */
+const DELTA_BUDGET_BYTES = 128 * 1024 * 1024;
+/** Yielded by resolveDeltas to have putBlocks write the batch it holds now (the budget is wanted). */
+const FLUSH = Symbol('flush');
+/** onContended's answer in resolveDeltas' race with the next frame. */
+const CONTENDED = Symbol('contended');
 
 /** New nodes are written in batches of this many (each batch is one LevelDB write). */
 const NODE_BATCH = 512;
@@ -190,6 +207,8 @@ export class Store implements ReplicaStore {
   /** @internal The old packs the last gc is deleting after its locks (store/gc.ts); close and the next gc wait for it. */
   reclaiming: Promise<void> = Promise.resolve();
   /** @internal hash workers kept between scans. */ readonly hashPools = new HashPools();
+  /** @internal The memory of blocks putBlocks builds from deltas, shared by its streams ({@link DELTA_BUDGET_BYTES}). */
+  readonly deltaBudget = new ByteBudget(DELTA_BUDGET_BYTES);
   /** Blocks appended but not yet durable, by hash (latin1 string of the 32 bytes). */
   private readonly pending = new Map<string, BlockLocation>();
   /**
@@ -914,6 +933,17 @@ export class Store implements ReplicaStore {
     let failure: unknown = null;
     try {
       for await (const received of frames) {
+        if (received === FLUSH) {
+          // The delta budget is wanted: the blocks held go to the writer now, not when the batch is full.
+          if (batch.length > 0) {
+            const older = write(batch, batchParts);
+            batch = [];
+            batchParts = [];
+            batchBytes = 0;
+            await older;
+          }
+          continue;
+        }
         let f = received;
         try {
           this.checkBlock(f?.hash, f?.data);
@@ -968,30 +998,106 @@ export class Store implements ReplicaStore {
    * the frame's hash by the caller, as any block. A base this store lacks or cannot read leaves
    * the block out, named in `needWhole` for the sender to send it whole. Other frames pass as
    * they come (a `base` a sender attached is released: it is not needed here).
+   *
+   * Each block built takes its length of the store's {@link deltaBudget} first, given back by its
+   * `release` (putBlocks calls it once the block is written). When the budget is short, or another
+   * stream waits for it while this one waits for its next frame, the blocks built are handed over
+   * and FLUSH has putBlocks write its batch at once: a stream waiting for budget or for its sender
+   * holds none but what is being written, so streams never wait on each other's budget.
    */
-  private async *resolveDeltas(frames: AsyncIterable<BlockFrame>, needWhole: Hash[]): AsyncGenerator<PutFrame> {
+  private async *resolveDeltas(input: AsyncIterable<BlockFrame>, needWhole: Hash[]): AsyncGenerator<PutFrame | typeof FLUSH> {
+    const budget = this.deltaBudget;
     const pending: Array<Promise<PutFrame | null>> = [];
+    /** Blocks built from deltas handed to putBlocks since its last FLUSH: its batch holds their budget. */
+    let unflushed = false;
+    /** Everything built so far to putBlocks, then FLUSH: this stream then holds budget only for writes under way. */
+    async function* flushOut(): AsyncGenerator<PutFrame | typeof FLUSH> {
+      while (pending.length > 0) {
+        const r = await pending.shift()!;
+        if (r) yield r;
+      }
+      unflushed = false;
+      yield FLUSH;
+    }
+    const it = input[Symbol.asyncIterator]();
+    let next: Promise<IteratorResult<BlockFrame>> | undefined;
     try {
-      for await (const f of frames) {
+      for (;;) {
+        if (!next) {
+          next = it.next();
+          next.catch(() => undefined); // observed below
+        }
+        let r: IteratorResult<BlockFrame>;
+        if (pending.length === 0 && !unflushed) r = await next;
+        else {
+          // Holding budget while the sender is slow: given up as soon as another stream wants it.
+          let cancel = (): void => undefined;
+          const wanted = new Promise<typeof CONTENDED>((resolve) => {
+            cancel = budget.onContended(() => resolve(CONTENDED));
+          });
+          const got = await Promise.race([next, wanted]);
+          cancel();
+          if (got === CONTENDED) {
+            yield* flushOut();
+            continue;
+          }
+          r = got;
+        }
+        next = undefined;
+        if (r.done) break;
+        const f = r.value;
         if (!f?.delta) {
           f?.base?.release?.();
           yield f;
           continue;
         }
-        const p = this.resolveDelta(f, needWhole);
+        const { length } = f.delta;
+        const n = Number.isInteger(length) && length > 0 && length <= MAX_BLOCK_SIZE ? length : 0; // resolveDelta refuses the rest
+        if (!budget.tryTake(n)) {
+          if (pending.length > 0 || unflushed) yield* flushOut();
+          await budget.take(n);
+        }
+        const p = this.resolveDelta(f, needWhole).then(
+          (b) => {
+            if (!b) {
+              budget.give(n);
+              return null;
+            }
+            let given = false;
+            const release = () => {
+              b.release?.();
+              if (!given) budget.give(n);
+              given = true;
+            };
+            return { ...b, release };
+          },
+          (e: unknown) => {
+            budget.give(n);
+            throw e;
+          },
+        );
         p.catch(() => undefined); // observed in order below
         pending.push(p);
         while (pending.length >= DELTA_READS) {
-          const r = await pending.shift()!;
-          if (r) yield r;
+          const b = await pending.shift()!;
+          if (b) {
+            unflushed = true;
+            yield b;
+          }
         }
       }
       while (pending.length > 0) {
-        const r = await pending.shift()!;
-        if (r) yield r;
+        const b = await pending.shift()!;
+        if (b) yield b;
       }
     } finally {
-      for (const p of pending.splice(0)) void p.then((r) => r?.release?.(), () => undefined);
+      for (const p of pending.splice(0)) void p.then((b) => b?.release?.(), () => undefined);
+      // Not awaited when a frame is still on its way: the sender may never send it (the request
+      // is ended by its route), and this stream's failure must not wait for it.
+      if (next) {
+        void next.then((r) => void (!r.done && r.value?.release?.()), () => undefined);
+        void it.return?.(undefined).catch(() => undefined);
+      } else await it.return?.(undefined).catch(() => undefined);
     }
   }
 

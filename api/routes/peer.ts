@@ -96,33 +96,168 @@ const MAX_GET_STREAMS = 8;
 /** A frame past {@link MAX_BLOCK_STREAMS} waits this long for a slot, then its stream gets 503 ERR_SERVER_BUSY. `TANDEM_STREAM_WAIT_MS` sets it (tests). */
 const STREAM_WAIT_MS = Number(process.env.TANDEM_STREAM_WAIT_MS ?? 60_000);
 
+/**
+ * A holder of an upload slot is measured over this much of the time the server waited for its
+ * bytes within the frame it holds the slot for (time the server spent writing, with the sender
+ * held back by TCP, does not count). `TANDEM_SLOW_WINDOW_MS` sets it (tests).
+ */
+const SLOW_WINDOW_MS = Number(process.env.TANDEM_SLOW_WINDOW_MS ?? 30_000);
+/**
+ * While a frame waits for a slot, the slowest holder that sent less than this over the last
+ * {@link SLOW_WINDOW_MS} is ended (ERR_SERVER_BUSY) and its slot passed on: 8 uploads that each
+ * sent 1 byte every 30 s inside a frame held every slot for as long as they liked (the stall
+ * check wants 60 s of silence), and each push meanwhile got 503 after its minute of waiting.
+ * 16 KiB/s is a 512 KiB frame in 32 s; a push capped by --bwlimit shares its cap among its up to
+ * 3 streams, so only a cap under 48 KiB/s can fall below it, and then only a stream that is the
+ * slowest while another waits is cut. Nobody is cut while no frame waits.
+ */
+const SLOW_FLOOR_BYTES_PER_S = 16 * 1024;
+
+/**
+ * An upload's body as the decoder reads it, measured: bytes, and the time the route waited for
+ * them. {@link rate} is the rate over the last {@link SLOW_WINDOW_MS} of that waiting within the
+ * current slot hold; {@link end} makes the read under way (or the next) fail with `err`.
+ */
+class UploadMeter {
+  private bytes = 0;
+  /** ms waited for the sender in waits that ended. */
+  private waited = 0;
+  /** Start of the wait under way, if any. */
+  private since: number | null = null;
+  /** (waited, bytes) at the slot's taking and then every quarter window at most: the window's start is found among them. */
+  private marks: Array<{ readonly waited: number; readonly bytes: number }> = [];
+  private ended: Promise<never> | null = null;
+  private fail: (e: Error) => void = () => undefined;
+
+  private waitedNow(): number {
+    return this.waited + (this.since === null ? 0 : performance.now() - this.since);
+  }
+
+  async *chunks(source: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
+    const it = source[Symbol.asyncIterator]();
+    this.ended ??= new Promise<never>((_, reject) => (this.fail = reject));
+    this.ended.catch(() => undefined);
+    for (;;) {
+      this.since = performance.now();
+      let r: IteratorResult<Buffer>;
+      try {
+        r = await Promise.race([it.next(), this.ended]);
+      } finally {
+        this.waited += performance.now() - this.since;
+        this.since = null;
+      }
+      if (r.done) return;
+      this.bytes += r.value.length;
+      const last = this.marks[this.marks.length - 1];
+      if (last && this.waited - last.waited >= SLOW_WINDOW_MS / 4) {
+        this.marks.push({ waited: this.waited, bytes: this.bytes });
+        // Marks older than the newest one a full window back are not needed.
+        while (this.marks.length > 1 && this.marks[1]!.waited <= this.waited - SLOW_WINDOW_MS) this.marks.shift();
+      }
+      yield r.value;
+    }
+  }
+
+  /** A slot was taken: measured from now. */
+  hold(): void {
+    this.marks = [{ waited: this.waitedNow(), bytes: this.bytes }];
+  }
+
+  /** The slot was given back. */
+  unhold(): void {
+    this.marks = [];
+  }
+
+  /** Bytes a second over at least the last SLOW_WINDOW_MS of waiting in this hold, with that many bytes; undefined while it held for less. */
+  rate(): { perSecond: number; bytes: number; seconds: number } | undefined {
+    const now = this.waitedNow();
+    let m: { waited: number; bytes: number } | undefined;
+    for (const x of this.marks) if (x.waited <= now - SLOW_WINDOW_MS) m = x;
+    if (!m) return undefined;
+    const seconds = (now - m.waited) / 1000;
+    return { perSecond: (this.bytes - m.bytes) / seconds, bytes: this.bytes - m.bytes, seconds };
+  }
+
+  /** Whether {@link end} was called. */
+  wasEnded = false;
+
+  /** End the stream: its read fails with `err`. */
+  end(err: Error): void {
+    this.wasEnded = true;
+    this.fail(err);
+  }
+}
+
+/** A slot holder that may be ended for a waiting frame (an upload); blocks/get answers have none. */
+interface SlotHolder {
+  rate(): { perSecond: number; bytes: number; seconds: number } | undefined;
+  evict(rate: { perSecond: number; bytes: number; seconds: number }): void;
+}
+
 /** Slots for the block streams being received, taken in arrival order. */
 class StreamSlots {
   private used = 0;
   private readonly waiting: Array<() => void> = [];
+  private readonly holders = new Set<{ readonly holder: SlotHolder; evicted: boolean }>();
+  /** Holders ended for a waiter whose slots have not come back yet: one per waiter. */
+  private evicting = 0;
 
   constructor(private readonly max: number) {}
 
-  /** A slot within `ms` (its release function), or null. */
-  async take(ms: number): Promise<(() => void) | null> {
+  /**
+   * While frames wait, the slowest holders under {@link SLOW_FLOOR_BYTES_PER_S} (one per waiter
+   * not yet served by an eviction) are ended; their slots pass on as they come back.
+   */
+  private evictSlow(): void {
+    while (this.evicting < this.waiting.length) {
+      let slowest: { holder: SlotHolder; evicted: boolean } | undefined;
+      let rate: ReturnType<SlotHolder['rate']>;
+      for (const h of this.holders) {
+        if (h.evicted) continue;
+        const r = h.holder.rate();
+        if (r && r.perSecond < SLOW_FLOOR_BYTES_PER_S && (!rate || r.perSecond < rate.perSecond)) {
+          slowest = h;
+          rate = r;
+        }
+      }
+      if (!slowest || !rate) return;
+      slowest.evicted = true;
+      this.evicting++;
+      slowest.holder.evict(rate);
+    }
+  }
+
+  /** A slot within `ms` (its release function), or null. A `holder` may be ended for a frame that waits. */
+  async take(ms: number, holder?: SlotHolder): Promise<(() => void) | null> {
     if (this.used >= this.max) {
       const got = await new Promise<boolean>((resolve) => {
         const wake = () => {
           clearTimeout(timer);
+          clearInterval(check);
           resolve(true);
         };
         const timer = setTimeout(() => {
+          clearInterval(check);
           this.waiting.splice(this.waiting.indexOf(wake), 1);
           resolve(false);
         }, ms);
+        // A holder becomes slow enough to end only as its window fills: looked at again meanwhile.
+        const check = setInterval(() => this.evictSlow(), Math.min(1000, SLOW_WINDOW_MS / 4));
         this.waiting.push(wake);
+        this.evictSlow();
       });
       if (!got) return null;
     } else this.used++;
+    const entry = holder ? { holder, evicted: false } : undefined;
+    if (entry) this.holders.add(entry);
     let released = false;
     return () => {
       if (released) return;
       released = true;
+      if (entry) {
+        this.holders.delete(entry);
+        if (entry.evicted) this.evicting--;
+      }
       const next = this.waiting.shift();
       if (next) next(); // the slot passes on
       else this.used--;
@@ -185,6 +320,22 @@ async function writeChunks(res: ServerResponse, chunks: AsyncIterable<Buffer>, s
   }
 }
 
+/**
+ * The rest of a refused upload read and dropped (bounded) before its answer, and the connection
+ * closed after it. A stream ended for its slowness is answered at once (its sender would take
+ * the whole drain) with the connection kept open while the rest is read and dropped behind the
+ * answer, as bounded: a client still sending reads the answer (undici does), and the connection
+ * of a sender that goes on trickling is closed after DRAIN_MS.
+ */
+async function drainUnless(meter: UploadMeter, body: Readable, reply: { header(k: string, v: string): unknown }): Promise<void> {
+  if (meter.wasEnded) {
+    void drain(body, DRAIN_LIMIT_BYTES);
+    return;
+  }
+  await drain(body, DRAIN_LIMIT_BYTES);
+  reply.header('connection', 'close');
+}
+
 function leaseOf(headers: Record<string, unknown>): string | undefined {
   const v = headers[LEASE_HEADER];
   return typeof v === 'string' && v.length <= 64 ? v : undefined;
@@ -196,21 +347,36 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
   const getSlots = new StreamSlots(MAX_GET_STREAMS);
   type BusyReply = { header(k: string, v: string): unknown; log: { warn(msg: string): void } };
   /** A slot of `from` within STREAM_WAIT_MS (its release function), else 503 ERR_SERVER_BUSY (logged, Retry-After 30) saying `busy`. */
-  const slotWithin = async (from: StreamSlots, reply: BusyReply, logged: string, busy: string): Promise<() => void> => {
-    const release = await from.take(STREAM_WAIT_MS);
+  const slotWithin = async (from: StreamSlots, reply: BusyReply, logged: string, busy: string, holder?: SlotHolder): Promise<() => void> => {
+    const release = await from.take(STREAM_WAIT_MS, holder);
     if (release) return release;
     reply.log.warn(`${logged} waited ${STREAM_WAIT_MS / 1000} s for a slot: refused (ERR_SERVER_BUSY)`);
     reply.header('retry-after', '30');
     throw new TandemError('ERR_SERVER_BUSY', `${home.identity.name} is ${busy}, and none ended within ${STREAM_WAIT_MS / 1000} s. Rerun the sync shortly (it moves only what is missing)`);
   };
-  /** An upload's slot (DecodeOptions.slot): ERR_SERVER_BUSY when none came free within STREAM_WAIT_MS. */
-  const slotOf = (reply: BusyReply) => {
+  /**
+   * An upload's slot (DecodeOptions.slot): ERR_SERVER_BUSY when none came free within
+   * STREAM_WAIT_MS. While it holds one and a frame waits, an upload whose sender is the slowest
+   * under SLOW_FLOOR_BYTES_PER_S is ended with ERR_SERVER_BUSY (logged).
+   */
+  const slotOf = (req: { ip: string; url: string; log: { warn(msg: string): void } }, reply: BusyReply, meter: UploadMeter) => {
     let release: (() => void) | null = null;
+    const holder: SlotHolder = {
+      rate: () => meter.rate(),
+      evict: ({ perSecond, bytes, seconds }) => {
+        const what = `${bytes} bytes in the last ${seconds.toFixed(0)} s the server waited for it in the middle of a block frame (${perSecond.toFixed(1)} B/s, under the ${SLOW_FLOOR_BYTES_PER_S / 1024} KiB/s a stream keeps its slot at while another waits for one)`;
+        req.log.warn(`${req.url} from ${req.ip} ended: its sender sent ${what}; its slot went to a waiting block stream (ERR_SERVER_BUSY); nothing of that frame was stored`);
+        reply.header('retry-after', '30');
+        meter.end(new TandemError('ERR_SERVER_BUSY', `${home.identity.name} ended this block stream: it sent ${what}, and all ${MAX_BLOCK_STREAMS} slots were taken; the blocks before this frame were stored. Rerun the sync (it moves only what is missing); under --bwlimit, give at least ${(3 * SLOW_FLOOR_BYTES_PER_S) / 1024} KiB/s (a sync sends on up to 3 streams)`, { details: { bytesPerSecond: Math.round(perSecond), floor: SLOW_FLOOR_BYTES_PER_S } }));
+      },
+    };
     return {
       async take(): Promise<void> {
-        release = await slotWithin(slots, reply, 'a block stream', `receiving ${MAX_BLOCK_STREAMS} block streams' frames, as many as it takes at once (the blocks before were stored)`);
+        release = await slotWithin(slots, reply, 'a block stream', `receiving ${MAX_BLOCK_STREAMS} block streams' frames, as many as it takes at once (the blocks before were stored)`, holder);
+        meter.hold();
       },
       give(): void {
+        meter.unhold();
         release?.();
         release = null;
       },
@@ -419,10 +585,11 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     let received = 0;
     let bytes = 0;
     // Not destroying the request stream on a decode error lets the 422 answer reach the client.
-    const source = body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>;
+    const meter = new UploadMeter();
+    const source = meter.chunks(body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>);
     const lease = leaseOf(req.headers);
     async function* counted() {
-      for await (const f of readAhead(decodeFrames(source, { pool: receivePool, deltas: true, upload: true, stall: stallOf(req), slot: slotOf(reply) }), RECEIVE_AHEAD_FRAMES)) {
+      for await (const f of readAhead(decodeFrames(source, { pool: receivePool, deltas: true, upload: true, stall: stallOf(req), slot: slotOf(req, reply, meter) }), RECEIVE_AHEAD_FRAMES)) {
         if (received === 0) trace('server: first block frame decoded');
         if (lease) leases.touch(lease); // a moving stream keeps its sync's lease (api/leases.ts)
         const n = frameBlockLength(f);
@@ -441,9 +608,9 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
       if (r.needWhole) trace(`server: ${r.needWhole.length} deltas of bases not held here: to be sent whole`);
       return { received, bytesReceived: bytes, stored: r.stored, bytes: r.bytes, ...(r.needWhole ? { needWhole: r.needWhole.map(toHex) } : {}) };
     } catch (e) {
-      // Read on (bounded) so the client, still sending, gets this answer rather than a reset.
-      await drain(body, DRAIN_LIMIT_BYTES);
-      reply.header('connection', 'close');
+      // Read on (bounded) so the client, still sending, gets this answer rather than a reset; a
+      // stream ended for its slowness is answered at once (its sender would take the whole drain).
+      await drainUnless(meter, body, reply);
       throw e;
     }
   });
@@ -453,14 +620,14 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
   app.post('/v1/blocks/repair', { schema: { summary: 'good copies of blocks the store holds damaged or lacks (framed like blocks/put), each verified, written anew and indexed in place of the old record' } }, async (req, reply) => {
     const body = req.body as Readable | undefined;
     if (!(body instanceof Readable)) throw new TandemError('ERR_BAD_REQUEST', 'send the blocks as Content-Type: application/octet-stream in the framing of sync/README.md');
-    const source = body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>;
+    const meter = new UploadMeter();
+    const source = meter.chunks(body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>);
     try {
       // Each batch, once durable, leaves the damage list.
-      const repaired = await store.repairBlocks(decodeFrames(source, { upload: true, stall: stallOf(req), slot: slotOf(reply) }), (hashes) => clearDamage(store, hashes.map(toHex)));
+      const repaired = await store.repairBlocks(decodeFrames(source, { upload: true, stall: stallOf(req), slot: slotOf(req, reply, meter) }), (hashes) => clearDamage(store, hashes.map(toHex)));
       return { repaired };
     } catch (e) {
-      await drain(body, DRAIN_LIMIT_BYTES);
-      reply.header('connection', 'close');
+      await drainUnless(meter, body, reply);
       throw e;
     }
   });
