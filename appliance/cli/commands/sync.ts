@@ -103,7 +103,6 @@ export function define(program: Command): void {
         // A dry run sends no block: its time says nothing of a transfer's, so instead of a rate it
         // gives how long the blocks would take at this volume's measured replication rate (the
         // daemon's pushes, appliance/scheduler/deadline.ts), or --bwlimit's if lower.
-        const { formatDuration } = await import('../../config/index.js');
         const estimate = r.dryRun ? await dryRunEstimate(store, volume, r.bytesSent, typeof optionCap === 'number' && optionCap > 0 ? optionCap : null) : null;
         const lines = [
           r.dryRun
@@ -112,7 +111,7 @@ export function define(program: Command): void {
               ? `${dir}: up to date (snapshot ${r.snapshot}, root ${r.root.slice(0, 16)}...)`
               : `${dir}: sent ${r.blocksSent} blocks (${formatBytes(r.bytesSent)}, ${formatBytes(r.wireBytes)} on the wire) and ${r.nodesSent} nodes of snapshot ${r.snapshot}`,
           estimate
-            ? `${r.requests} requests in ${r.seconds.toFixed(2)} s, no block sent; the blocks would take about ${estimate.seconds < 1 ? 'under a second' : formatDuration(estimate.seconds * 1000)} at ${formatBytes(estimate.bytesPerSec)}/s (${estimate.basis})`
+            ? `${r.requests} requests in ${r.seconds.toFixed(2)} s, no block sent; the blocks would take about ${estimate.duration} at ${formatBytes(estimate.bytesPerSec)}/s (${estimate.basis})`
             : `${r.requests} requests in ${r.seconds.toFixed(2)} s (${formatBytes(rate)}/s)`,
         ];
         if (r.applied) {
@@ -130,13 +129,17 @@ export function define(program: Command): void {
 }
 
 /** How long `bytes` would take to send: at the volume's measured replication rate, or `cap` if lower; the default rate until one is measured. */
-async function dryRunEstimate(store: import('../../../store/index.js').Store, volume: string, bytes: number, cap: number | null): Promise<{ seconds: number; bytesPerSec: number; basis: string }> {
+async function dryRunEstimate(store: import('../../../store/index.js').Store, volume: string, bytes: number, cap: number | null): Promise<{ seconds: number; duration: string; bytesPerSec: number; basis: string }> {
+  // Loaded here, for dry runs only: a sync's path loads no config module (config/index.js, with
+  // its YAML parser and schemas, took a cold no-op sync from 151 to 250 ms).
   const { readRates } = await import('../../scheduler/state.js');
+  const { formatDuration } = await import('../../config/duration.js');
   const rates = await readRates(store, volume);
   const measured = rates.samples > 0;
   const capped = cap !== null && cap < rates.syncBytesPerSec;
   const bytesPerSec = capped ? cap : rates.syncBytesPerSec;
   const basis = capped ? '--bwlimit' : measured ? `the rate measured over ${rates.samples} replication(s) of ${volume}, the last ${rates.updated}` : 'a default rate: no replication of this volume has been measured yet';
-  return { seconds: bytes / bytesPerSec, bytesPerSec, basis };
+  const seconds = bytes / bytesPerSec;
+  return { seconds, duration: seconds < 1 ? 'under a second' : formatDuration(seconds * 1000), bytesPerSec, basis };
 }
 
