@@ -4,7 +4,6 @@
  * back exactly. Each trial first adds garbage (a snapshot that is then deleted) so gc has work.
  */
 import { it } from 'node:test';
-import { execFileSync, spawn } from 'node:child_process';
 import assert from 'node:assert/strict';
 import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -13,22 +12,13 @@ import { namespaceRange, NS } from '../../store/keys.js';
 import { decodeNode } from '../../store/tree.js';
 import { toHex } from '../../store/hash.js';
 import { Store, type SnapshotRecord } from '../../store/index.js';
-import { fileReader, makeImage, spawnFixture, tempDir, waitExit, writeImage } from './helpers.js';
+import { gcKilledAtUnlink, makeImage, readBack, scanFile, skipWithoutStrace, spawnFixture, tempDir, waitExit, writeImage } from './helpers.js';
 import { trials } from '../helpers/soak.js';
 
 const BS = 65536;
 const TRIALS = trials(8);
 /** Kill delays after gc started, in ms: spread over the few hundred ms a gc of this store takes. */
 const MAX_KILL_DELAY_MS = 120;
-
-async function scan(store: Store, path: string, volume: string): Promise<SnapshotRecord> {
-  const r = await fileReader(path);
-  try {
-    return await store.scanVolume(r, { volume, blockSize: BS });
-  } finally {
-    await r.close();
-  }
-}
 
 /** Nodes in the index whose subtree is not all there (the node invariant, store/README.md). */
 async function incompleteNodes(store: Store): Promise<string[]> {
@@ -40,12 +30,6 @@ async function incompleteNodes(store: Store): Promise<string[]> {
     if (present.some((p) => !p)) bad.push(toHex(k.subarray(1)));
   }
   return bad;
-}
-
-async function image(store: Store, snap: SnapshotRecord): Promise<Buffer> {
-  const out = Buffer.alloc(snap.size);
-  for await (const { index, hash } of store.blockHashes(snap)) (await store.getBlock(hash, BS)).copy(out, index * BS);
-  return out;
 }
 
 it('gc killed at random moments, between its rounds too, leaves a valid store with intact snapshots; the next gc finishes the job', async (t) => {
@@ -61,14 +45,14 @@ it('gc killed at random moments, between its rounds too, leaves a valid store wi
   const kept = makeImage(96, BS, { zeroEvery: 4 });
   await writeImage(path, kept);
   let store = await Store.open(storeDir);
-  const keep = await scan(store, path, 'keep');
+  const keep = await scanFile(store, path, 'keep', BS);
   await store.close();
   let completed = 0;
   let recovered = 0;
   for (let trial = 0; trial < TRIALS; trial++) {
     store = await Store.open(storeDir);
     await writeImage(path, makeImage(64, BS));
-    const doomed = await scan(store, path, 'doomed');
+    const doomed = await scanFile(store, path, 'doomed', BS);
     await store.deleteSnapshot('doomed', doomed.id);
     await store.close();
 
@@ -84,7 +68,7 @@ it('gc killed at random moments, between its rounds too, leaves a valid store wi
       const report = await store.verify();
       assert.deepEqual(report.problems, [], `trial ${trial}`);
       assert.deepEqual(await incompleteNodes(store), [], `trial ${trial}: every node in the index has its whole subtree`);
-      assert.ok((await image(store, keep)).equals(kept), `trial ${trial}: kept snapshot differs`);
+      assert.ok((await readBack(store, keep, BS)).equals(kept), `trial ${trial}: kept snapshot differs`);
     } finally {
       await store.close();
     }
@@ -96,7 +80,7 @@ it('gc killed at random moments, between its rounds too, leaves a valid store wi
   const report = await store.gc();
   assert.equal(report.blocksKept, 72);
   assert.equal((await store.verify()).problems.length, 0);
-  assert.ok((await image(store, keep)).equals(kept));
+  assert.ok((await readBack(store, keep, BS)).equals(kept));
   // Nothing is left to reclaim: no pack holds a record the index does not point at (records a
   // killed round had copied or moved are gone too).
   const second = await store.gc();
@@ -111,12 +95,7 @@ const PACKS = 4;
 const PACK_BLOCKS = 16;
 
 it('gc killed as it deletes an old pack (at the 1st, 2nd... pack file it unlinks): the store is valid, the pack is gone at the next open, and gc reruns to completion', async (t) => {
-  try {
-    execFileSync('strace', ['-f', '-qq', '-o', '/dev/null', 'true'], { stdio: 'pipe' });
-  } catch (e) {
-    t.skip(`strace cannot trace here (${(e as Error).message.split('\n')[0]}): it stops gc exactly at a pack's deletion`);
-    return;
-  }
+  if (skipWithoutStrace(t, 'it stops gc exactly at a pack\'s deletion')) return;
   const dir = await tempDir(t);
   const path = join(dir, 'img');
   for (let k = 1; k <= PACKS; k++) {
@@ -130,9 +109,9 @@ it('gc killed as it deletes an old pack (at the 1st, 2nd... pack file it unlinks
     for (let i = 0; i < PACKS; i++) {
       const img = makeImage(PACK_BLOCKS, BS);
       await writeImage(path, img);
-      kept.push({ snap: await scan(store, path, `k${i}`), img });
+      kept.push({ snap: await scanFile(store, path, `k${i}`, BS), img });
       await writeImage(path, makeImage(PACK_BLOCKS, BS));
-      doomed.push(await scan(store, path, `d${i}`));
+      doomed.push(await scanFile(store, path, `d${i}`, BS));
       // Nothing to collect yet: the next pair goes to a new pack (not after the last, where four
       // small packs with nothing dead would be merged).
       if (i < PACKS - 1) await store.gc();
@@ -144,14 +123,8 @@ it('gc killed as it deletes an old pack (at the 1st, 2nd... pack file it unlinks
     assert.equal(oldPacks.length, PACKS);
 
     // SIGKILL at the entry of the k-th unlink of an old pack: the packs before it are deleted,
-    // that one's 'p' entry is gone but its file is not. strace counts per thread, so libuv's
-    // pool has one thread, which makes every unlink of a pack.
-    const child = spawn('strace', ['-f', '-qq', '-o', '/dev/null', ...oldPacks.flatMap((p) => ['-P', p]), '-e', 'trace=unlink,unlinkat', '-e', `inject=unlink,unlinkat:signal=KILL:when=${k}`,
-      process.execPath, '--import', 'tsx', join('test', 'store', 'fixtures', 'gc-child.ts'), storeDir], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, TANDEM_GC_GROUP_BYTES: '1', UV_THREADPOOL_SIZE: '1' } });
-    let out = '';
-    child.stdout.on('data', (d) => (out += d));
-    child.stderr.on('data', (d) => (out += d));
-    await waitExit(child);
+    // that one's 'p' entry is gone but its file is not.
+    const out = await gcKilledAtUnlink(storeDir, oldPacks, k);
     assert.ok(out.includes('ready') && !out.includes('done'), `killed during gc: ${out}`);
     const left = (await readdir(packDir)).map((f) => join(packDir, f)).filter((p) => oldPacks.includes(p));
     assert.equal(left.length, PACKS - k + 1, `packs deleted before the kill: ${k - 1}`);
@@ -161,11 +134,11 @@ it('gc killed as it deletes an old pack (at the 1st, 2nd... pack file it unlinks
       assert.equal(store.recovery.removed.length, 1, 'the pack whose deletion was cut short is deleted at open');
       assert.deepEqual((await store.verify()).problems, [], `kill at unlink ${k}`);
       assert.deepEqual(await incompleteNodes(store), []);
-      for (const { snap, img } of kept) assert.ok((await image(store, snap)).equals(img), `kill at unlink ${k}: ${snap.volume} reads back`);
+      for (const { snap, img } of kept) assert.ok((await readBack(store, snap, BS)).equals(img), `kill at unlink ${k}: ${snap.volume} reads back`);
       const report = await store.gc(); // the rerun finishes the job
       assert.equal(report.blocksKept, PACKS * PACK_BLOCKS);
       assert.deepEqual((await store.verify()).problems, []);
-      for (const { snap, img } of kept) assert.ok((await image(store, snap)).equals(img));
+      for (const { snap, img } of kept) assert.ok((await readBack(store, snap, BS)).equals(img));
       const second = await store.gc();
       assert.deepEqual([second.packsRewritten, second.blocksRemoved, second.bytesReclaimed], [0, 0, 0]);
       const bytes = (await Promise.all((await readdir(packDir)).map((f) => stat(join(packDir, f))))).reduce((n, s) => n + s.size, 0);

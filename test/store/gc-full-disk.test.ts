@@ -13,28 +13,13 @@ import { join } from 'node:path';
 import { recordLength } from '../../store/pack.js';
 import { Store, type SnapshotRecord } from '../../store/index.js';
 import { smallExt4 } from '../helpers/cli.js';
-import { fileReader, makeImage, tempDir, waitExit, writeImage } from './helpers.js';
+import { makeImage, readBack, scanFile, skipWithoutStrace, tempDir, waitExit, writeImage } from './helpers.js';
 
 const BS = 65536;
 const MiB = 1024 * 1024;
 /** Blocks of each image: 8 MiB. */
 const BLOCKS = 128;
 const PACKS = 4;
-
-async function scan(store: Store, path: string, volume: string): Promise<SnapshotRecord> {
-  const r = await fileReader(path);
-  try {
-    return await store.scanVolume(r, { volume, blockSize: BS });
-  } finally {
-    await r.close();
-  }
-}
-
-async function image(store: Store, snap: SnapshotRecord): Promise<Buffer> {
-  const out = Buffer.alloc(snap.size);
-  for await (const { index, hash } of store.blockHashes(snap)) (await store.getBlock(hash, BS)).copy(out, index * BS);
-  return out;
-}
 
 async function free(dir: string): Promise<number> {
   const s = await statfs(dir);
@@ -51,9 +36,9 @@ async function halfDeadPacks(store: Store, imgPath: string): Promise<Array<{ sna
   for (let i = 0; i < PACKS; i++) {
     const img = makeImage(BLOCKS, BS);
     await writeImage(imgPath, img);
-    kept.push({ snap: await scan(store, imgPath, `k${i}`), img });
+    kept.push({ snap: await scanFile(store, imgPath, `k${i}`, BS), img });
     await writeImage(imgPath, makeImage(BLOCKS, BS));
-    doomed.push(await scan(store, imgPath, `d${i}`));
+    doomed.push(await scanFile(store, imgPath, `d${i}`, BS));
     // Nothing to collect yet: gc only starts a new pack for the next pair (not after the last,
     // where four small packs with nothing dead would be merged).
     if (i < PACKS - 1) await store.gc();
@@ -89,7 +74,7 @@ it('gc on a disk with less free space than the live data it moves, but more than
   assert.equal(report.blocksRemoved, PACKS * BLOCKS);
   assert.equal(report.packsRewritten, PACKS);
   assert.deepEqual((await store.verify()).problems, []);
-  for (const { snap, img } of kept) assert.ok((await image(store, snap)).equals(img), `${snap.volume} reads back`);
+  for (const { snap, img } of kept) assert.ok((await readBack(store, snap, BS)).equals(img), `${snap.volume} reads back`);
   assert.equal(await packBytes(), live, 'the packs hold the live records and nothing else');
   const after = await free(mnt);
   t.diagnostic(`${(after / MiB).toFixed(1)} MiB free after gc`);
@@ -117,7 +102,7 @@ it('gc on a disk with less free space than any pack it would rewrite needs: ERR_
   const after = await free(mnt);
   assert.ok(after >= before - MiB, `the failed gc left the disk as it was: ${before} then ${after} bytes free`);
   assert.deepEqual((await store.verify()).problems, []);
-  for (const { snap, img } of kept) assert.ok((await image(store, snap)).equals(img));
+  for (const { snap, img } of kept) assert.ok((await readBack(store, snap, BS)).equals(img));
   await rm(filler);
   const report = await store.gc();
   assert.deepEqual([report.packsRewritten, report.blocksRemoved], [PACKS, PACKS * BLOCKS]);
@@ -125,12 +110,7 @@ it('gc on a disk with less free space than any pack it would rewrite needs: ERR_
 });
 
 it('gc whose pack write fails (ENOSPC injected by strace): ERR_DISK_FULL, and the copy it had not synced is deleted at once, not left on the disk until the next open', async (t) => {
-  try {
-    execFileSync('strace', ['-f', '-qq', '-o', '/dev/null', 'true'], { stdio: 'pipe' });
-  } catch (e) {
-    t.skip(`strace cannot trace here (${(e as Error).message.split('\n')[0]}): it makes gc's pack writes fail`);
-    return;
-  }
+  if (skipWithoutStrace(t, 'it makes gc\'s pack writes fail')) return;
   const dir = await tempDir(t);
   const storeDir = join(dir, 'store');
   let store = await Store.open(storeDir);

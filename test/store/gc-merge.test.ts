@@ -5,29 +5,13 @@
  */
 import { it } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawn } from 'node:child_process';
 import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { recordLength } from '../../store/pack.js';
 import { Store, type SnapshotRecord } from '../../store/index.js';
-import { fileReader, makeImage, tempDir, waitExit, writeImage } from './helpers.js';
+import { gcKilledAtUnlink, makeImage, readBack, scanFile, skipWithoutStrace, tempDir, writeImage } from './helpers.js';
 
 const BS = 65536;
-
-async function scan(store: Store, path: string, volume: string): Promise<SnapshotRecord> {
-  const r = await fileReader(path);
-  try {
-    return await store.scanVolume(r, { volume, blockSize: BS });
-  } finally {
-    await r.close();
-  }
-}
-
-async function image(store: Store, snap: SnapshotRecord): Promise<Buffer> {
-  const out = Buffer.alloc(snap.size);
-  for await (const { index, hash } of store.blockHashes(snap)) (await store.getBlock(hash, BS)).copy(out, index * BS);
-  return out;
-}
 
 /** `n` packs of `blocks` live blocks each, nothing dead: a snapshot, then a gc (which starts a new pack). */
 async function smallPacks(store: Store, path: string, n: number, blocks: number): Promise<Array<{ snap: SnapshotRecord; img: Buffer }>> {
@@ -35,7 +19,7 @@ async function smallPacks(store: Store, path: string, n: number, blocks: number)
   for (let i = 0; i < n; i++) {
     const img = makeImage(blocks, BS);
     await writeImage(path, img);
-    kept.push({ snap: await scan(store, path, `v${i}`), img });
+    kept.push({ snap: await scanFile(store, path, `v${i}`, BS), img });
     assert.equal((await store.gc()).packsRewritten, 0, 'fewer than 4 small packs are left alone');
   }
   return kept;
@@ -56,21 +40,16 @@ it('gc merges small packs with nothing dead into one once there are four; three 
   assert.equal((await packSizes(storeDir)).length, 3);
   const img = makeImage(16, BS);
   await writeImage(path, img);
-  kept.push({ snap: await scan(store, path, 'v3'), img });
+  kept.push({ snap: await scanFile(store, path, 'v3', BS), img });
   const report = await store.gc();
   assert.deepEqual([report.packsRewritten, report.blocksRemoved, report.bytesReclaimed], [4, 0, 0]);
   assert.deepEqual(await packSizes(storeDir), [4 * 16 * recordLength(BS)], 'one pack holds each live record once');
   assert.deepEqual((await store.verify()).problems, []);
-  for (const { snap, img } of kept) assert.ok((await image(store, snap)).equals(img), `${snap.volume} reads back`);
+  for (const { snap, img } of kept) assert.ok((await readBack(store, snap, BS)).equals(img), `${snap.volume} reads back`);
 });
 
 it('gc merging small packs killed as it deletes one (strace, at its 1st to 5th pack unlink): the store is valid, and after the rerun each live record is in the packs once', async (t) => {
-  try {
-    execFileSync('strace', ['-f', '-qq', '-o', '/dev/null', 'true'], { stdio: 'pipe' });
-  } catch (e) {
-    t.skip(`strace cannot trace here (${(e as Error).message.split('\n')[0]}): it stops gc exactly at a pack's deletion`);
-    return;
-  }
+  if (skipWithoutStrace(t, 'it stops gc exactly at a pack\'s deletion')) return;
   const dir = await tempDir(t);
   const path = join(dir, 'img');
   for (let k = 1; k <= 5; k++) {
@@ -80,23 +59,18 @@ it('gc merging small packs killed as it deletes one (strace, at its 1st to 5th p
     // The fourth: gc in the child merges them.
     const img = makeImage(16, BS);
     await writeImage(path, img);
-    kept.push({ snap: await scan(store, path, 'v3'), img });
+    kept.push({ snap: await scanFile(store, path, 'v3', BS), img });
     await store.close();
     const packDir = join(storeDir, 'packs');
     const oldPacks = (await readdir(packDir)).map((f) => join(packDir, f));
     assert.equal(oldPacks.length, 4);
-    const child = spawn('strace', ['-f', '-qq', '-o', '/dev/null', ...oldPacks.flatMap((p) => ['-P', p]), '-e', 'trace=unlink,unlinkat', '-e', `inject=unlink,unlinkat:signal=KILL:when=${k}`,
-      process.execPath, '--import', 'tsx', join('test', 'store', 'fixtures', 'gc-child.ts'), storeDir], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, TANDEM_GC_GROUP_BYTES: '1', UV_THREADPOOL_SIZE: '1' } });
-    let out = '';
-    child.stdout.on('data', (d) => (out += d));
-    child.stderr.on('data', (d) => (out += d));
-    await waitExit(child);
+    const out = await gcKilledAtUnlink(storeDir, oldPacks, k);
     // k = 5: no fifth unlink, gc completes.
     assert.equal(out.includes('done'), k === 5, out);
     store = await Store.open(storeDir);
     try {
       assert.deepEqual((await store.verify()).problems, [], `kill at unlink ${k}`);
-      for (const { snap, img } of kept) assert.ok((await image(store, snap)).equals(img), `kill at unlink ${k}: ${snap.volume}`);
+      for (const { snap, img } of kept) assert.ok((await readBack(store, snap, BS)).equals(img), `kill at unlink ${k}: ${snap.volume}`);
       await store.gc();
       const sizes = await packSizes(storeDir);
       assert.equal(sizes.reduce((a, b) => a + b, 0), 4 * 16 * recordLength(BS), `kill at unlink ${k}: each live record once (${sizes.join(', ')})`);

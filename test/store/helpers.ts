@@ -4,10 +4,10 @@ import { constants } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import type { TestContext } from 'node:test';
-import { Store, type VolumeReader } from '../../store/index.js';
+import { Store, type SnapshotRecord, type VolumeReader } from '../../store/index.js';
 
 export async function tempDir(t: TestContext): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), 'tandem-store-test-'));
@@ -112,4 +112,48 @@ export function written(base: Buffer, writes: Array<[number, Buffer]>): Buffer {
   const b = Buffer.from(base);
   for (const [off, bytes] of writes) bytes.copy(b, off, 0, Math.min(bytes.length, b.length - off));
   return b;
+}
+
+/** Snapshot the image file at `path` as `volume`, in blocks of `blockSize`. */
+export async function scanFile(store: Store, path: string, volume: string, blockSize: number): Promise<SnapshotRecord> {
+  const r = await fileReader(path);
+  try {
+    return await store.scanVolume(r, { volume, blockSize });
+  } finally {
+    await r.close();
+  }
+}
+
+/** A snapshot's bytes, read back block by block from the store (blocks of `blockSize`). */
+export async function readBack(store: Store, snap: SnapshotRecord, blockSize: number): Promise<Buffer> {
+  const out = Buffer.alloc(snap.size);
+  for await (const { index, hash } of store.blockHashes(snap)) (await store.getBlock(hash, blockSize)).copy(out, index * blockSize);
+  return out;
+}
+
+/** Skip `t` when strace cannot trace here (missing, or ptrace refused), saying what strace was for; true when skipped. */
+export function skipWithoutStrace(t: TestContext, forWhat: string): boolean {
+  try {
+    execFileSync('strace', ['-f', '-qq', '-o', '/dev/null', 'true'], { stdio: 'pipe' });
+    return false;
+  } catch (e) {
+    t.skip(`strace cannot trace here (${(e as Error).message.split('\n')[0]}): ${forWhat}`);
+    return true;
+  }
+}
+
+/**
+ * Run gc on the store in `storeDir` in a child (fixtures/gc-child.ts) under strace, which kills
+ * it (SIGKILL) at the entry of its `k`-th unlink of one of `oldPacks`; returns the child's output
+ * ('ready' once gc starts, 'done' if it finished). One pack a group (TANDEM_GC_GROUP_BYTES), and
+ * one libuv thread: strace counts per thread, and that one makes every unlink.
+ */
+export async function gcKilledAtUnlink(storeDir: string, oldPacks: readonly string[], k: number): Promise<string> {
+  const child = spawn('strace', ['-f', '-qq', '-o', '/dev/null', ...oldPacks.flatMap((p) => ['-P', p]), '-e', 'trace=unlink,unlinkat', '-e', `inject=unlink,unlinkat:signal=KILL:when=${k}`,
+    process.execPath, '--import', 'tsx', join('test', 'store', 'fixtures', 'gc-child.ts'), storeDir], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, TANDEM_GC_GROUP_BYTES: '1', UV_THREADPOOL_SIZE: '1' } });
+  let out = '';
+  child.stdout!.on('data', (d) => (out += d));
+  child.stderr!.on('data', (d) => (out += d));
+  await waitExit(child);
+  return out;
 }
