@@ -77,8 +77,9 @@ const SPANS_AHEAD = 4;
 const COPY_BATCH_BYTES = 8 * 1024 * 1024;
 /**
  * Packs smaller than this (an eighth of the target size) with nothing to reclaim are merged. A
- * store gets them because gc starts a new pack when it runs, and the next snapshot appends there
- * (an audit saw a daemon's store go from 1 to 32 packs in 15 minutes).
+ * store got them because gc started a new pack on every run, and the next snapshot appended
+ * there (an audit saw a daemon's store go from 1 to 32 packs in 15 minutes); gc now starts one
+ * only when it rewrites something, after which they still come.
  */
 const SMALL_PACK_BYTES = PACK_TARGET_SIZE / 8;
 /** Small packs there must be before gc merges them: fewer cost little (an open file and a 'p' entry each) and merging them would copy the same records every run. */
@@ -262,7 +263,10 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
     // `TANDEM_GC_GROUP_BYTES` caps a group's live bytes instead of the free space (the crash tests
     // make groups of one pack, so kills fall between and inside their deletions).
     const groupBytes = Number(process.env.TANDEM_GC_GROUP_BYTES) || 0;
-    await packs.rollover();
+    // Copies go to new packs. With nothing to rewrite, the pack being appended to stays open: a
+    // new pack on every run (a daemon runs gc after its jobs' retention) left small packs that the
+    // merges then copied again.
+    if (rewrite.size > 0) await packs.rollover();
     const spans = alignedSlots(SPANS_AHEAD, SPAN_BYTES + 2 * DIRECT_ALIGN);
     /** Packs kept as they are: one of their live records is damaged. */
     const kept = new Set<number>();
@@ -357,7 +361,7 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
       if (i < order.length) await removePacks(packs, gone);
       else last = gone;
     }
-    await packs.rollover();
+    if (rewrite.size > 0) await packs.rollover();
     const newBytes = [...newLengths.values()].reduce((a, b) => a + b, 0);
 
     // 5. delete the last group's packs. Nothing refers to them any more, so this goes on after

@@ -12,7 +12,7 @@ import { namespaceRange, NS } from '../../store/keys.js';
 import { decodeNode } from '../../store/tree.js';
 import { toHex } from '../../store/hash.js';
 import { Store, type SnapshotRecord } from '../../store/index.js';
-import { gcKilledAtUnlink, makeImage, readBack, scanFile, skipWithoutStrace, spawnFixture, tempDir, waitExit, writeImage } from './helpers.js';
+import { gcKilledAtUnlink, makeImage, readBack, scanFile, skipWithoutStrace, spawnFixture, startNewPack, tempDir, waitExit, writeImage } from './helpers.js';
 import { trials } from '../helpers/soak.js';
 
 const BS = 65536;
@@ -112,9 +112,8 @@ it('gc killed as it deletes an old pack (at the 1st, 2nd... pack file it unlinks
       kept.push({ snap: await scanFile(store, path, `k${i}`, BS), img });
       await writeImage(path, makeImage(PACK_BLOCKS, BS));
       doomed.push(await scanFile(store, path, `d${i}`, BS));
-      // Nothing to collect yet: the next pair goes to a new pack (not after the last, where four
-      // small packs with nothing dead would be merged).
-      if (i < PACKS - 1) await store.gc();
+      // The next pair in a pack of its own.
+      await startNewPack(store);
     }
     for (const d of doomed) await store.deleteSnapshot(d.volume, d.id);
     await store.close();

@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { recordLength } from '../../store/pack.js';
 import { Store, type SnapshotRecord } from '../../store/index.js';
 import { smallExt4 } from '../helpers/cli.js';
-import { makeImage, readBack, scanFile, skipWithoutStrace, tempDir, waitExit, writeImage } from './helpers.js';
+import { makeImage, readBack, scanFile, skipWithoutStrace, startNewPack, tempDir, waitExit, writeImage } from './helpers.js';
 
 const BS = 65536;
 const MiB = 1024 * 1024;
@@ -39,9 +39,8 @@ async function halfDeadPacks(store: Store, imgPath: string): Promise<Array<{ sna
     kept.push({ snap: await scanFile(store, imgPath, `k${i}`, BS), img });
     await writeImage(imgPath, makeImage(BLOCKS, BS));
     doomed.push(await scanFile(store, imgPath, `d${i}`, BS));
-    // Nothing to collect yet: gc only starts a new pack for the next pair (not after the last,
-    // where four small packs with nothing dead would be merged).
-    if (i < PACKS - 1) await store.gc();
+    // The next pair in a pack of its own.
+    await startNewPack(store);
   }
   for (const d of doomed) await store.deleteSnapshot(d.volume, d.id);
   await rm(imgPath);

@@ -9,11 +9,11 @@ import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { recordLength } from '../../store/pack.js';
 import { Store, type SnapshotRecord } from '../../store/index.js';
-import { gcKilledAtUnlink, makeImage, readBack, scanFile, skipWithoutStrace, tempDir, writeImage } from './helpers.js';
+import { gcKilledAtUnlink, makeImage, readBack, scanFile, skipWithoutStrace, startNewPack, tempDir, writeImage } from './helpers.js';
 
 const BS = 65536;
 
-/** `n` packs of `blocks` live blocks each, nothing dead: a snapshot, then a gc (which starts a new pack). */
+/** `n` packs of `blocks` live blocks each, nothing dead: a snapshot, a gc (which rewrites nothing), then a new pack. */
 async function smallPacks(store: Store, path: string, n: number, blocks: number): Promise<Array<{ snap: SnapshotRecord; img: Buffer }>> {
   const kept: Array<{ snap: SnapshotRecord; img: Buffer }> = [];
   for (let i = 0; i < n; i++) {
@@ -21,6 +21,7 @@ async function smallPacks(store: Store, path: string, n: number, blocks: number)
     await writeImage(path, img);
     kept.push({ snap: await scanFile(store, path, `v${i}`, BS), img });
     assert.equal((await store.gc()).packsRewritten, 0, 'fewer than 4 small packs are left alone');
+    await startNewPack(store);
   }
   return kept;
 }
@@ -81,4 +82,23 @@ it('gc merging small packs killed as it deletes one (strace, at its 1st to 5th p
       await store.close();
     }
   }
+});
+
+it('gc with nothing to rewrite starts no pack: the next snapshot appends to the pack it found open', async (t) => {
+  const dir = await tempDir(t);
+  const storeDir = join(dir, 'store');
+  const path = join(dir, 'img');
+  const store = await Store.open(storeDir);
+  t.after(() => store.close());
+  const kept: Array<{ snap: SnapshotRecord; img: Buffer }> = [];
+  for (let i = 0; i < 3; i++) {
+    const img = makeImage(16, BS);
+    await writeImage(path, img);
+    kept.push({ snap: await scanFile(store, path, `v${i}`, BS), img });
+    const report = await store.gc();
+    assert.deepEqual([report.packsRewritten, report.blocksRemoved], [0, 0]);
+  }
+  assert.equal((await packSizes(storeDir)).length, 1, 'three snapshots and three gc runs: one pack');
+  assert.deepEqual((await store.verify()).problems, []);
+  for (const { snap, img } of kept) assert.ok((await readBack(store, snap, BS)).equals(img));
 });

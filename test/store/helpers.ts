@@ -157,3 +157,8 @@ export async function gcKilledAtUnlink(storeDir: string, oldPacks: readonly stri
   await waitExit(child);
   return out;
 }
+
+/** Start a new pack for the store's next appends, as one that reached its target size does (tests that need several packs). */
+export async function startNewPack(store: Store): Promise<void> {
+  await store.writeLock.run(() => store.packs.rollover());
+}

@@ -11,7 +11,7 @@ import { blockKey, encodeU64, packKey } from '../../store/keys.js';
 import { CODEC_RAW, recordLength } from '../../store/pack.js';
 import type { PackFiles } from '../../store/pack-files.js';
 import { smallTmpfs } from '../helpers/cli.js';
-import { fileReader, from, localFileReader, makeImage, spawnFixture, storeWithImage, tempDir, waitExit, writeImage } from './helpers.js';
+import { fileReader, from, localFileReader, makeImage, spawnFixture, startNewPack, storeWithImage, tempDir, waitExit, writeImage } from './helpers.js';
 
 const BS = 65536;
 
@@ -816,8 +816,8 @@ describe('Store', () => {
   it('verify runs beside gc: a snapshot deleted and collected meanwhile is not reported, blocks gc moved are not either, a damaged one is; it keeps to its byte rate and stops when aborted', async (t) => {
     const range = (from: number) => Array.from({ length: 100 }, (_, i) => from + i);
     const { dir, storeDir, store, snaps } = await threeSnapshots(t, range(0), range(100));
-    // Another volume, in a pack of its own (gc ends the pack being written), has a damaged block.
-    await store.gc();
+    // Another volume, in a pack of its own, has a damaged block.
+    await startNewPack(store);
     const otherImg = makeImage(40, BS);
     await writeImage(join(dir, 'other'), otherImg);
     const other = await scanFile(store, join(dir, 'other'), 'other');
