@@ -109,37 +109,97 @@ const SLOW_WINDOW_MS = Number(process.env.TANDEM_SLOW_WINDOW_MS ?? 30_000);
  * check wants 60 s of silence), and each push meanwhile got 503 after its minute of waiting.
  * 16 KiB/s is a 512 KiB frame in 32 s; a push capped by --bwlimit shares its cap among its up to
  * 3 streams, so only a cap under 48 KiB/s can fall below it, and then only a stream that is the
- * slowest while another waits is cut. Nobody is cut while no frame waits.
+ * slowest while another waits is cut. Nobody is cut while no frame waits. blocks/get answers
+ * keep their slots by the same rule, measured over the time the server waited for their client
+ * to take what it wrote.
  */
 const SLOW_FLOOR_BYTES_PER_S = 16 * 1024;
 
 /**
- * An upload's body as the decoder reads it, measured: bytes, and the time the route waited for
- * them. {@link rate} is the rate over the last {@link SLOW_WINDOW_MS} of that waiting within the
- * current slot hold; {@link end} makes the read under way (or the next) fail with `err`.
+ * Bytes moved, and the time the route waited on the other side for them (a sender's bytes, a
+ * reader taking an answer's). {@link rate} is the rate over the last {@link SLOW_WINDOW_MS} of that
+ * waiting within the current slot hold ({@link hold}).
  */
-class UploadMeter {
+class WaitedRate {
   private bytes = 0;
-  /** ms waited for the sender in waits that ended. */
+  /** ms waited on the other side in waits that ended. */
   private waited = 0;
   /** Start of the wait under way, if any. */
   private since: number | null = null;
   /** (waited, bytes) at the slot's taking and then every quarter window at most: the window's start is found among them. */
   private marks: Array<{ readonly waited: number; readonly bytes: number }> = [];
-  /** The error {@link end} gave, once called. */
-  private endedWith: Error | null = null;
-  /** Fails the read under way, while one is. */
-  private fail: (e: Error) => void = () => undefined;
+  /** (waited, bytes) at the last bytes moved in this hold: if that is a window back or more, nothing moved since. */
+  private last: { readonly waited: number; readonly bytes: number } | null = null;
 
   private waitedNow(): number {
     return this.waited + (this.since === null ? 0 : performance.now() - this.since);
   }
 
+  /** A wait on the other side begins. */
+  waitBegins(): void {
+    this.since = performance.now();
+  }
+
+  /** The wait under way, if any, is over. */
+  waitEnds(): void {
+    if (this.since === null) return;
+    this.waited += performance.now() - this.since;
+    this.since = null;
+  }
+
+  /** `n` bytes moved. */
+  moved(n: number): void {
+    this.bytes += n;
+    if (this.marks.length > 0) this.last = { waited: this.waited, bytes: this.bytes };
+    const last = this.marks[this.marks.length - 1];
+    if (last && this.waited - last.waited >= SLOW_WINDOW_MS / 4) {
+      this.marks.push({ waited: this.waited, bytes: this.bytes });
+      // Marks older than the newest one a full window back are not needed.
+      while (this.marks.length > 1 && this.marks[1]!.waited <= this.waited - SLOW_WINDOW_MS) this.marks.shift();
+    }
+  }
+
+  /** A slot was taken: measured from now. */
+  hold(): void {
+    this.marks = [{ waited: this.waitedNow(), bytes: this.bytes }];
+    this.last = null;
+  }
+
+  /** The slot was given back. */
+  unhold(): void {
+    this.marks = [];
+    this.last = null;
+  }
+
+  /** Bytes a second over at least the last SLOW_WINDOW_MS of waiting in this hold, with that many bytes; undefined while it held for less. */
+  rate(): { perSecond: number; bytes: number; seconds: number } | undefined {
+    const now = this.waitedNow();
+    let m: { waited: number; bytes: number } | undefined;
+    for (const x of this.marks) if (x.waited <= now - SLOW_WINDOW_MS) m = x;
+    // Nothing moved for a window or more (a reader that stopped taking an answer after the socket
+    // took a burst): the rate over the window is nil, however much moved before it.
+    if (m && this.last && this.last.waited <= now - SLOW_WINDOW_MS && this.last.waited >= m.waited) m = this.last;
+    if (!m) return undefined;
+    const seconds = (now - m.waited) / 1000;
+    return { perSecond: (this.bytes - m.bytes) / seconds, bytes: this.bytes - m.bytes, seconds };
+  }
+}
+
+/**
+ * An upload's body as the decoder reads it, measured ({@link WaitedRate}: the time the route
+ * waited for the sender's bytes); {@link end} makes the read under way (or the next) fail with `err`.
+ */
+class UploadMeter extends WaitedRate {
+  /** The error {@link end} gave, once called. */
+  private endedWith: Error | null = null;
+  /** Fails the read under way, while one is. */
+  private fail: (e: Error) => void = () => undefined;
+
   async *chunks(source: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
     const it = source[Symbol.asyncIterator]();
     for (;;) {
       if (this.endedWith) throw this.endedWith;
-      this.since = performance.now();
+      this.waitBegins();
       let r: IteratorResult<Buffer>;
       try {
         // Each read gets a promise of its own that end() can fail. (A race of every read with one
@@ -151,39 +211,12 @@ class UploadMeter {
         });
       } finally {
         this.fail = () => undefined;
-        this.waited += performance.now() - this.since;
-        this.since = null;
+        this.waitEnds();
       }
       if (r.done) return;
-      this.bytes += r.value.length;
-      const last = this.marks[this.marks.length - 1];
-      if (last && this.waited - last.waited >= SLOW_WINDOW_MS / 4) {
-        this.marks.push({ waited: this.waited, bytes: this.bytes });
-        // Marks older than the newest one a full window back are not needed.
-        while (this.marks.length > 1 && this.marks[1]!.waited <= this.waited - SLOW_WINDOW_MS) this.marks.shift();
-      }
+      this.moved(r.value.length);
       yield r.value;
     }
-  }
-
-  /** A slot was taken: measured from now. */
-  hold(): void {
-    this.marks = [{ waited: this.waitedNow(), bytes: this.bytes }];
-  }
-
-  /** The slot was given back. */
-  unhold(): void {
-    this.marks = [];
-  }
-
-  /** Bytes a second over at least the last SLOW_WINDOW_MS of waiting in this hold, with that many bytes; undefined while it held for less. */
-  rate(): { perSecond: number; bytes: number; seconds: number } | undefined {
-    const now = this.waitedNow();
-    let m: { waited: number; bytes: number } | undefined;
-    for (const x of this.marks) if (x.waited <= now - SLOW_WINDOW_MS) m = x;
-    if (!m) return undefined;
-    const seconds = (now - m.waited) / 1000;
-    return { perSecond: (this.bytes - m.bytes) / seconds, bytes: this.bytes - m.bytes, seconds };
   }
 
   /** Whether {@link end} was called. */
@@ -197,7 +230,7 @@ class UploadMeter {
   }
 }
 
-/** A slot holder that may be ended for a waiting frame (an upload); blocks/get answers have none. */
+/** A slot holder that may be ended for a waiting request: an upload, or a blocks/get answer. */
 interface SlotHolder {
   rate(): { perSecond: number; bytes: number; seconds: number } | undefined;
   evict(rate: { perSecond: number; bytes: number; seconds: number }): void;
@@ -297,7 +330,7 @@ async function drain(stream: Readable, limit: number): Promise<void> {
  * in the write's callback, once the socket has taken it; waits for 'drain' when the response
  * says so; stops when the client goes away.
  */
-async function writeChunks(res: ServerResponse, chunks: AsyncIterable<Buffer>, stallMs: number, onStall: () => void): Promise<void> {
+async function writeChunks(res: ServerResponse, chunks: AsyncIterable<Buffer>, stallMs: number, onStall: () => void, meter?: WaitedRate): Promise<void> {
   // A client that takes nothing for stallMs is gone or hostile: the answer is cut (its slot and
   // buffers freed) rather than held for ever.
   const waitDrain = () =>
@@ -316,12 +349,22 @@ async function writeChunks(res: ServerResponse, chunks: AsyncIterable<Buffer>, s
       res.on('drain', done);
       res.on('close', done);
     });
+  let waitedOnce = false;
   try {
     for await (const chunk of chunks) {
       if (res.destroyed) return;
       const release = takeRelease(chunk);
       const more = res.write(chunk, release ? (err) => void (err ?? release()) : undefined);
-      if (!more) await waitDrain();
+      meter?.moved(chunk.length);
+      if (!more) {
+        // Measured from the first wait on: what the socket took before it is no sign of how
+        // fast the client reads.
+        if (!waitedOnce) meter?.hold();
+        waitedOnce = true;
+        meter?.waitBegins();
+        await waitDrain();
+        meter?.waitEnds();
+      }
     }
     if (!res.destroyed) res.end();
   } catch {
@@ -576,12 +619,24 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     // Written here, not through reply.send(stream): a stream piped into the response is read ahead
     // with no sign of when the socket has taken a chunk, so its pooled buffers could not go back
     // (a 1 GiB pull spent ~27 % of the sender's CPU in garbage collection that way).
-    const release = await slotWithin(getSlots, reply, 'a blocks/get answer', `sending ${MAX_GET_STREAMS} blocks/get answers, as many as it sends at once`);
+    // While another request waits for a slot, the answer whose client takes it slowest, under
+    // SLOW_FLOOR_BYTES_PER_S over the last SLOW_WINDOW_MS the server waited for it, is cut and its
+    // slot passes on: 8 clients reading a byte now and then held every slot (the stall check
+    // wants STALL_MS of no reading at all), and each pull meanwhile got 503.
+    const meter = new WaitedRate();
+    const holder: SlotHolder = {
+      rate: () => meter.rate(),
+      evict: ({ perSecond, bytes, seconds }) => {
+        req.log.warn(`blocks/get from ${req.ip} ended: its client took ${bytes} bytes in the last ${seconds.toFixed(0)} s the server waited for it (${perSecond.toFixed(1)} B/s, under the ${SLOW_FLOOR_BYTES_PER_S / 1024} KiB/s an answer keeps its slot at while another waits for one); its slot went to a waiting request`);
+        reply.raw.destroy();
+      },
+    };
+    const release = await slotWithin(getSlots, reply, 'a blocks/get answer', `sending ${MAX_GET_STREAMS} blocks/get answers, as many as it sends at once`, holder);
     try {
       reply.hijack();
       reply.raw.writeHead(200, { 'content-type': 'application/octet-stream', [FEATURES_HEADER]: SERVER_FEATURES });
       // Small frames ready together: one write.
-      await writeChunks(reply.raw, coalesce(frames), STALL_MS, () => req.log.warn(`blocks/get from ${req.ip} ended: its client took no byte for ${STALL_MS / 1000} s (stalled)`));
+      await writeChunks(reply.raw, coalesce(frames), STALL_MS, () => req.log.warn(`blocks/get from ${req.ip} ended: its client took no byte for ${STALL_MS / 1000} s (stalled)`), meter);
     } finally {
       release();
     }

@@ -115,6 +115,48 @@ test('blocks/get answers are sent 8 at a time: a 9th waits for a slot, then gets
   assert.match(sb.stderr(), /blocks\/get from .* ended: its client took no byte for 3 s \(stalled\)/);
 });
 
+test('while a request waits for a blocks/get slot, the answer whose client takes it slowest (under 16 KiB/s) is cut and the slot passes on; readers that keep up, and slow ones while nobody waits, are not cut', async (t) => {
+  const [a, b] = await Promise.all([initHome(t, 'onprem'), initHome(t, 'cloud')]);
+  // Rates over 2 s of waiting here (30 s by default); a request waits up to 20 s for a slot.
+  const sb = await startServe(t, b, '127.0.0.1:0', { TANDEM_SLOW_WINDOW_MS: '2000', TANDEM_STREAM_WAIT_MS: '20000' });
+  await pair(a, 'cloud', b, sb);
+  const img = join(tempDir(t), 'disk.img');
+  const blocks = Array.from({ length: 64 }, () => randomBytes(BS)); // 32 MiB: more than the sockets buffer
+  writeFileSync(img, Buffer.concat(blocks));
+  assert.equal((await cli(a, 'volume', 'add', 'vol', '--path', img)).code, 0);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const hashes = blocks.map((d) => hashBlock(d).toString('hex'));
+  // 8 answers whose clients take 2 KiB every 200 ms (10 KB/s: under the 16 KiB/s floor).
+  const slow = await Promise.all(Array.from({ length: 8 }, () => post(sb.url, b.token, { hashes })));
+  const ticks = slow.map((r) => {
+    assert.equal(r.statusCode, 200);
+    r.pause();
+    r.on('error', () => undefined); // the cut one
+    return setInterval(() => r.read(2048), 200);
+  });
+  t.after(() => {
+    for (const tick of ticks) clearInterval(tick);
+    for (const r of slow) r.destroy();
+  });
+  // Nobody waits: 3 s on, no slow answer has been cut.
+  await delay(3000);
+  assert.doesNotMatch(sb.stderr(), /blocks\/get from .* ended: its client took/);
+  // A 9th request (a pull's) waits, one slow answer is cut, and it is answered in full.
+  const t0 = Date.now();
+  const ninth = await post(sb.url, b.token, { hashes: hashes.slice(0, 2) });
+  assert.equal(ninth.statusCode, 200);
+  let n = 0;
+  for await (const f of decodeFrames(ninth, { verify: true })) {
+    assert.ok(f.data.equals(blocks[n]!));
+    n++;
+  }
+  assert.equal(n, 2);
+  assert.ok(Date.now() - t0 < 15_000, `answered after ${Date.now() - t0} ms`);
+  assert.match(sb.stderr(), /blocks\/get from .* ended: its client took \d+ bytes in the last \d+ s the server waited for it \([\d.]+ B\/s, under the 16 KiB\/s/);
+  // Exactly one was cut for it (its client learns it once it has read what its socket holds).
+  assert.equal(sb.stderr().match(/blocks\/get from .* ended: its client took/g)?.length, 1);
+});
+
 async function text(res: IncomingMessage): Promise<string> {
   let s = '';
   for await (const c of res) s += (c as Buffer).toString();
