@@ -71,17 +71,22 @@ test('blocks/get over a socket: exact blocks answer after answer; a client gone 
   }
 });
 
-test('blocks/get answers are sent 8 at a time: a 9th waits for a slot, then gets 503 ERR_SERVER_BUSY; an answer its client does not read is cut after the stall time, freeing its slot', async (t) => {
+/** A cloud appliance (its server started with `env`) holding 64 random blocks of BS (32 MiB: more than the sockets buffer) pushed to it, and their hashes. */
+async function servingBlocks(t: Parameters<typeof initHome>[0], env: Record<string, string>) {
   const [a, b] = await Promise.all([initHome(t, 'onprem'), initHome(t, 'cloud')]);
-  // Stalled answers are cut after 3 s here (60 s by default); a request waits 1 s for a slot.
-  const sb = await startServe(t, b, '127.0.0.1:0', { TANDEM_STALL_MS: '3000', TANDEM_STREAM_WAIT_MS: '1000' });
+  const sb = await startServe(t, b, '127.0.0.1:0', env);
   await pair(a, 'cloud', b, sb);
   const img = join(tempDir(t), 'disk.img');
-  const blocks = Array.from({ length: 64 }, () => randomBytes(BS)); // 32 MiB: more than the sockets buffer
+  const blocks = Array.from({ length: 64 }, () => randomBytes(BS));
   writeFileSync(img, Buffer.concat(blocks));
   assert.equal((await cli(a, 'volume', 'add', 'vol', '--path', img)).code, 0);
   assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
-  const hashes = blocks.map((d) => hashBlock(d).toString('hex'));
+  return { b, sb, blocks, hashes: blocks.map((d) => hashBlock(d).toString('hex')) };
+}
+
+test('blocks/get answers are sent 8 at a time: a 9th waits for a slot, then gets 503 ERR_SERVER_BUSY; an answer its client does not read is cut after the stall time, freeing its slot', async (t) => {
+  // Stalled answers are cut after 3 s here (60 s by default); a request waits 1 s for a slot.
+  const { b, sb, blocks, hashes } = await servingBlocks(t, { TANDEM_STALL_MS: '3000', TANDEM_STREAM_WAIT_MS: '1000' });
   // 8 answers whose client reads nothing past their headers.
   const stalled = await Promise.all(Array.from({ length: 8 }, () => post(sb.url, b.token, { hashes })));
   for (const r of stalled) {
@@ -116,16 +121,8 @@ test('blocks/get answers are sent 8 at a time: a 9th waits for a slot, then gets
 });
 
 test('while a request waits for a blocks/get slot, the answer whose client takes it slowest (under 16 KiB/s) is cut and the slot passes on; readers that keep up, and slow ones while nobody waits, are not cut', async (t) => {
-  const [a, b] = await Promise.all([initHome(t, 'onprem'), initHome(t, 'cloud')]);
   // Rates over 2 s of waiting here (30 s by default); a request waits up to 20 s for a slot.
-  const sb = await startServe(t, b, '127.0.0.1:0', { TANDEM_SLOW_WINDOW_MS: '2000', TANDEM_STREAM_WAIT_MS: '20000' });
-  await pair(a, 'cloud', b, sb);
-  const img = join(tempDir(t), 'disk.img');
-  const blocks = Array.from({ length: 64 }, () => randomBytes(BS)); // 32 MiB: more than the sockets buffer
-  writeFileSync(img, Buffer.concat(blocks));
-  assert.equal((await cli(a, 'volume', 'add', 'vol', '--path', img)).code, 0);
-  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
-  const hashes = blocks.map((d) => hashBlock(d).toString('hex'));
+  const { b, sb, blocks, hashes } = await servingBlocks(t, { TANDEM_SLOW_WINDOW_MS: '2000', TANDEM_STREAM_WAIT_MS: '20000' });
   // 8 answers whose clients take 2 KiB every 200 ms (10 KB/s: under the 16 KiB/s floor).
   const slow = await Promise.all(Array.from({ length: 8 }, () => post(sb.url, b.token, { hashes })));
   const ticks = slow.map((r) => {
