@@ -22,9 +22,10 @@ export interface RecoveryFacts {
   readonly lastDrill: { readonly id: string; readonly at: string; readonly passed: boolean; readonly rtoSeconds: number | null } | null;
 }
 
-interface DrillRecord { id: string; at: string; volumes: string[]; passed: boolean; rtoSeconds: number | null }
-interface RtoRecord { at: string; rtoSeconds: number | null }
-interface ExportRecord { ebsSnapshotId: string; tandemSnapshot: string; created: string }
+/** Meta records the recovery facts are read from (status.ts reads them too): a drill (`drills`), the measured RTO (`rto`), an EBS export (`ebs-exports`). */
+export interface DrillRecord { id: string; at: string; volumes: string[]; passed: boolean; rtoSeconds: number | null }
+export interface RtoRecord { at: string; rtoSeconds: number | null; launchSeconds?: number | null }
+export interface ExportRecord { ebsSnapshotId: string; tandemSnapshot: string; created: string }
 
 /** This appliance's {@link RecoveryFacts} of `volume`. */
 export async function recoveryFacts(store: Pick<Store, 'getMeta' | 'listMeta'>, volume: string): Promise<RecoveryFacts> {

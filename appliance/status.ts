@@ -21,7 +21,7 @@ import { activePause } from './pause.js';
 import { PUSH_ATTEMPT_NS, type PushAttempt } from './push-attempts.js';
 import { volumeLockHolder } from './locks.js';
 import { SYNC_BASE_NS, pushPoint, type SyncBase } from './sync-base.js';
-import type { RecoveryFacts } from './recovery-facts.js';
+import type { DrillRecord, ExportRecord, RecoveryFacts, RtoRecord } from './recovery-facts.js';
 import { CONFIRMED_NS } from '../sync/protocol.js';
 
 /** AT RISK from this fraction of the objective on: time to look before it is breached. */
@@ -101,9 +101,6 @@ export function objectiveState(valueMs: number | null, objectiveMs: number | nul
   return valueMs > AT_RISK_FRACTION * objectiveMs ? 'AT_RISK' : 'OK';
 }
 
-interface DrillRecord { id: string; at: string; volumes: string[]; passed: boolean; rtoSeconds: number | null }
-interface RtoRecord { at: string; rtoSeconds: number | null; launchSeconds?: number | null }
-interface ExportRecord { ebsSnapshotId: string; tandemSnapshot: string; created: string }
 
 /** The records of a meta namespace keyed `VOLUME@PEER` (sync-base, push-attempt) that are `volume`'s, as [peer, record]. */
 function ofVolume<T>(entries: ReadonlyArray<[string, T]>, volume: string): Array<[string, T]> {
@@ -174,7 +171,7 @@ export async function computeStatus(store: StatusStore, config: Config, now: num
     const recovered = dr && replicated?.snapshot ? (await store.getSnapshot(v.name, replicated.snapshot)) ?? latest : latest;
     // Nothing at the DR site yet: nothing to fail over, whatever this appliance holds.
     const rto = replicates && replicated === null ? { ms: null, basis: 'no recovery point at the DR site yet: nothing to fail over' } : await estimateRto(store, v, recovered, lastExport, dr);
-    const drill = drills.find((d) => Array.isArray(d.volumes) && d.volumes.includes(v.name)) ?? dr?.facts.lastDrill ?? undefined;
+    const drill = drills.find((d) => Array.isArray(d.volumes) && d.volumes.includes(v.name)) ?? dr?.facts.lastDrill;
     out.push({
       volume: v.name,
       local: v.path !== undefined,
