@@ -243,6 +243,27 @@ export class Store implements ReplicaStore {
   indexFailure: { readonly at: string; readonly message: string } | null = null;
   /** The next {@link reopenIndex} try, while {@link indexFailure} is set. */
   private reopenTimer: NodeJS.Timeout | null = null;
+  /** Set while {@link reopenIndex} closes and opens the index: reads wait for it ({@link indexRead}). */
+  private reopening: Promise<void> | null = null;
+  /** Reads of the index under way ({@link indexRead}); a reopen waits until none is. */
+  private readsUnderWay = 0;
+  private readsDrained: (() => void) | null = null;
+
+  /**
+   * @internal Run a read of the index (a lookup off this thread, an iterator). While
+   * {@link reopenIndex} swaps the index it waits, and the swap waits for the reads under way, so
+   * no read meets a closed index. Lookups on this thread ({@link lookupOne}) cannot overlap a swap:
+   * they only wait before it.
+   */
+  async indexRead<T>(fn: () => Promise<T>): Promise<T> {
+    while (this.reopening !== null) await this.reopening;
+    this.readsUnderWay++;
+    try {
+      return await fn();
+    } finally {
+      if (--this.readsUnderWay === 0 && this.readsDrained !== null) this.readsDrained();
+    }
+  }
 
   /** Run an index write; an I/O error it meets is kept in {@link indexFailure} (and thrown). */
   private async indexWrite<T>(fn: () => Promise<T>): Promise<T> {
@@ -275,10 +296,11 @@ export class Store implements ReplicaStore {
    * After {@link indexFailure}: reopen the index once the disk takes a synced write again (space
    * freed, a fault gone), so that a long-running server heals without a restart; true when the
    * index takes writes again (or never failed). Runs alone (the gc lock shared, the write lock
-   * held: no write or gc is under way, no chained batch open). The disk is probed first with a
-   * small synced file next to the index: closing the index drops its reads in flight (an
-   * iterator, a lookup on this thread) and an open that fails leaves it closed until the next
-   * try, so it is not closed while the disk still refuses writes. LevelDB replays its log on
+   * held: no write or gc is under way, no chained batch open), and once the reads under way have
+   * ended, new ones waiting for it ({@link indexRead}). The disk is probed first with a small
+   * synced file next to the index: an open that fails leaves the index closed until the next try
+   * (reads then fail, as writes already do), so it is not closed while the disk still refuses
+   * writes. LevelDB replays its log on
    * open: a write whose sync failed may be there or not, as after a crash, which every write's
    * order allows for (blocks and nodes before the records that name them).
    */
@@ -300,11 +322,18 @@ export class Store implements ReplicaStore {
       } finally {
         await unlink(probe).catch(() => undefined);
       }
+      let swapped!: () => void;
+      this.reopening = new Promise<void>((resolve) => (swapped = resolve));
       try {
+        if (this.readsUnderWay > 0) await new Promise<void>((resolve) => (this.readsDrained = resolve));
+        this.readsDrained = null;
         await this.db.close();
         await this.db.open();
       } catch {
         return false;
+      } finally {
+        this.reopening = null;
+        swapped();
       }
       this.indexFailure = null;
       return true;
@@ -421,18 +450,20 @@ export class Store implements ReplicaStore {
   async locate(hash: Hash): Promise<BlockLocation | undefined> {
     const p = this.pending.get(hash.toString('latin1'));
     if (p) return p;
+    while (this.reopening !== null) await this.reopening;
     const v = this.lookupOne(blockKey(hash));
     return v === undefined ? undefined : decodeLocation(v);
   }
 
-  /** The index's value of `key`, looked up on this thread (see {@link SYNC_LOOKUP_MAX}). */
+  /** The index's value of `key`, looked up on this thread (see {@link SYNC_LOOKUP_MAX}); callers wait out a {@link reopening} first, or hold the write lock. */
   private lookupOne(key: Buffer): Buffer | undefined {
     return this.db.getSync(key);
   }
 
   /** The index's values of `keys` (undefined where absent): few on this thread, else on the pool ({@link SYNC_LOOKUP_MAX}). */
   private async lookup(keys: Buffer[]): Promise<Array<Buffer | undefined>> {
-    if (keys.length > SYNC_LOOKUP_MAX) return this.db.getMany(keys);
+    if (keys.length > SYNC_LOOKUP_MAX) return this.indexRead(() => this.db.getMany(keys));
+    while (this.reopening !== null) await this.reopening;
     return keys.map((k) => this.lookupOne(k));
   }
 
@@ -1408,20 +1439,25 @@ export class Store implements ReplicaStore {
     this.checkOpen();
     checkVolumeName(volume);
     const out: SnapshotRecord[] = [];
-    for await (const v of this.db.values(snapshotRange(volume))) out.push(parseJson<SnapshotRecord>(v));
+    await this.indexRead(async () => {
+      for await (const v of this.db.values(snapshotRange(volume))) out.push(parseJson<SnapshotRecord>(v));
+    });
     return out;
   }
 
   async latestSnapshot(volume: string): Promise<SnapshotRecord | null> {
     this.checkOpen();
     if (!isValidVolumeName(volume)) return null;
-    for await (const v of this.db.values({ ...snapshotRange(volume), reverse: true, limit: 1 })) return parseJson<SnapshotRecord>(v);
-    return null;
+    return this.indexRead(async () => {
+      for await (const v of this.db.values({ ...snapshotRange(volume), reverse: true, limit: 1 })) return parseJson<SnapshotRecord>(v);
+      return null;
+    });
   }
 
   async getSnapshot(volume: string, id: string): Promise<SnapshotRecord | null> {
     this.checkOpen();
     if (!isValidVolumeName(volume) || !isValidSnapshotId(id)) return null;
+    while (this.reopening !== null) await this.reopening;
     const v = this.lookupOne(snapshotKey(volume, id));
     return v === undefined ? null : parseJson<SnapshotRecord>(v);
   }
@@ -1733,6 +1769,7 @@ export class Store implements ReplicaStore {
   async getVolume(name: string): Promise<VolumeRecord | null> {
     this.checkOpen();
     if (!isValidVolumeName(name)) return null;
+    while (this.reopening !== null) await this.reopening;
     const v = this.lookupOne(volumeKey(name));
     return v === undefined ? null : parseJson<VolumeRecord>(v);
   }
@@ -1740,7 +1777,9 @@ export class Store implements ReplicaStore {
   async listVolumes(): Promise<VolumeRecord[]> {
     this.checkOpen();
     const out: VolumeRecord[] = [];
-    for await (const v of this.db.values(namespaceRange(NS.volume))) out.push(parseJson<VolumeRecord>(v));
+    await this.indexRead(async () => {
+      for await (const v of this.db.values(namespaceRange(NS.volume))) out.push(parseJson<VolumeRecord>(v));
+    });
     return out;
   }
 
@@ -1785,6 +1824,7 @@ export class Store implements ReplicaStore {
   async getMeta<T>(ns: string, key: string): Promise<T | undefined> {
     this.checkOpen();
     checkMetaName(ns, key);
+    while (this.reopening !== null) await this.reopening;
     const v = this.lookupOne(metaKey(ns, key));
     return v === undefined ? undefined : parseJson<T>(v);
   }
@@ -1815,7 +1855,9 @@ export class Store implements ReplicaStore {
     checkMetaName(ns, 'x');
     const out: Array<[string, T]> = [];
     const prefix = Buffer.byteLength(ns) + 2;
-    for await (const [k, v] of this.db.iterator(metaRange(ns))) out.push([k.subarray(prefix).toString('utf8'), parseJson<T>(v)]);
+    await this.indexRead(async () => {
+      for await (const [k, v] of this.db.iterator(metaRange(ns))) out.push([k.subarray(prefix).toString('utf8'), parseJson<T>(v)]);
+    });
     return out;
   }
 

@@ -105,7 +105,7 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
     const key = h.toString('latin1');
     const known = badNodes.get(key);
     if (known) return { code: known };
-    const v = await store.db.get(nodeKey(h));
+    const v = await store.indexRead(() => store.db.get(nodeKey(h)));
     const n = v === undefined ? undefined : decodeNode(h, v);
     if (!dirtyNodes.has(key)) nodes++;
     if (n && n.level === level) return { children: n.children };
@@ -116,7 +116,7 @@ export async function verifyStore(store: Store, filter: { volume?: string; snaps
 
   /** The block's problem, or its length when it is good, read at the place the index names now. */
   const readBlock = async (h: Hash): Promise<Code | number> => {
-    const v = await store.db.get(blockKey(h));
+    const v = await store.indexRead(() => store.db.get(blockKey(h)));
     if (v === undefined) return 'ERR_BLOCK_MISSING';
     const loc = decodeLocation(v);
     if (loc.codec === CODEC_DELTA) {
@@ -284,6 +284,8 @@ async function selectSnapshots(store: Store, filter: { volume?: string; snapshot
   }
   const range = namespaceRange(NS.snapshot);
   const out: SnapshotRecord[] = [];
-  for await (const v of store.db.values(after ? { gt: snapshotKey(after.volume, after.id), lt: range.lt } : range)) out.push(JSON.parse(v.toString('utf8')) as SnapshotRecord);
+  await store.indexRead(async () => {
+    for await (const v of store.db.values(after ? { gt: snapshotKey(after.volume, after.id), lt: range.lt } : range)) out.push(JSON.parse(v.toString('utf8')) as SnapshotRecord);
+  });
   return out;
 }
