@@ -212,16 +212,18 @@ test('--changed-blocks reads only the listed blocks; a malformed file changes no
   assert.equal((await cliJson(['snapshots', 'vol', '--home', home])).json.length, 2, 'no snapshot was added');
 });
 
-test('a sparse image\'s hole map (a python3 start) is made only for a snapshot that reads the volume whole: not for volume add, a change list, or doctor', async (t) => {
-  const real = execFileSync('sh', ['-c', 'command -v python3 || true'], { encoding: 'utf8' }).trim();
-  if (real === '') return t.skip('no python3: no hole map is made here');
+test('a sparse image\'s hole map (a perl or python3 start) is made only for a snapshot that reads the volume whole: not for volume add, a change list, or doctor', async (t) => {
+  const programs = ['perl', 'python3'].map((p) => [p, execFileSync('sh', ['-c', `command -v ${p} || true`], { encoding: 'utf8' }).trim()] as const).filter(([, real]) => real !== '');
+  if (programs.length === 0) return t.skip('neither perl nor python3: no hole map is made here');
   const dir = tempDir(t);
-  // A python3 first on PATH that notes each start, then runs the real one.
+  // A perl and a python3 first on PATH that note each start, then run the real one.
   const bin = join(dir, 'bin');
-  const log = join(dir, 'python3.log');
+  const log = join(dir, 'starts.log');
   mkdirSync(bin);
-  writeFileSync(join(bin, 'python3'), `#!/bin/sh\necho start >> "${log}"\nexec "${real}" "$@"\n`);
-  chmodSync(join(bin, 'python3'), 0o755);
+  for (const [name, real] of programs) {
+    writeFileSync(join(bin, name), `#!/bin/sh\necho ${name} >> "${log}"\nexec "${real}" "$@"\n`);
+    chmodSync(join(bin, name), 0o755);
+  }
   const env = { PATH: `${bin}:${process.env.PATH}` };
   const starts = () => (existsSync(log) ? readFileSync(log, 'utf8').split('\n').filter(Boolean).length : 0);
   const home = join(dir, 'home');

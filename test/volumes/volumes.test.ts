@@ -1,11 +1,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { writeFileSync, statSync, readFileSync, mkdirSync, truncateSync, existsSync, openSync, writeSync, closeSync } from 'node:fs';
-import { spawn } from 'node:child_process';
+import { writeFileSync, statSync, readFileSync, mkdirSync, truncateSync, existsSync, openSync, writeSync, closeSync, symlinkSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { inspectVolume, openVolumeReader, openVolumeWriter, parseChangedBlocks, readChangedBlocksFile } from '../../appliance/volumes/index.js';
+import { findHoles } from '../../appliance/volumes/file.js';
 import { loopDevice, tempDir } from '../helpers/cli.js';
 import { indicesIn } from '../../store/index.js';
 
@@ -205,10 +206,57 @@ test('reader: a sparse image of 101,000 small extents keeps its large hole mappe
   t.after(() => r.close());
   const holes = r.holes ?? [];
   const last = holes.at(-1);
-  if (holes.length === 0 && !existsSync('/usr/bin/python3')) return t.skip('no python3: no hole map here');
+  if (holes.length === 0 && whereIs('perl') === '' && whereIs('python3') === '') return t.skip('neither perl nor python3: no hole map here');
   assert.ok(last && last.end === size && last.start === 101_000 * 8 * KiB - 4 * KiB, `the large hole is mapped: ${JSON.stringify(last)}`);
   assert.ok(holes.every((h) => h.end - h.start >= 64 * KiB), 'no small hole is mapped');
   const buf = Buffer.alloc(8 * 1024 * KiB, 1);
   assert.equal(await r.read(buf, size - buf.length), buf.length);
   assert.ok(buf.every((b) => b === 0));
+});
+
+/** The program itself, not a shim that needs the PATH (pyenv's python3). */
+function realProgram(program: string): string {
+  if (program !== 'python3') return whereIs(program);
+  return execFileSync('python3', ['-c', 'import sys; print(sys.executable)'], { encoding: 'utf8' }).trim();
+}
+
+/** The program's path on PATH, or ''. */
+function whereIs(program: string): string {
+  return execFileSync('sh', ['-c', `command -v ${program} || true`], { encoding: 'utf8' }).trim();
+}
+
+test('hole map: perl and python3 each map the same holes, and with neither the map is empty (the image is read in full)', async (t) => {
+  const dir = tempDir(t);
+  const path = join(dir, 'img');
+  const size = 256 * 1024 * KiB + 3 * KiB; // not a multiple of the block or page size
+  writeFileSync(path, '');
+  truncateSync(path, size);
+  const fd = openSync(path, 'r+');
+  // Data at the start, a short hole (not mapped), data, a long hole, data, and a hole to the end.
+  for (const [at, len] of [[0, 64 * KiB], [96 * KiB, 4 * KiB], [100 * 1024 * KiB, 1024 * KiB], [200 * 1024 * KiB + 5, 17]] as const) writeSync(fd, randomBytes(len), 0, len, at);
+  closeSync(fd);
+  const mappers = ['perl', 'python3'].filter((p) => whereIs(p) !== '');
+  if (mappers.length === 0) return t.skip('neither perl nor python3 here');
+  const savedPath = process.env.PATH;
+  t.after(() => void (process.env.PATH = savedPath));
+  const maps: Record<string, Array<{ start: number; end: number }>> = {};
+  for (const only of [...mappers, 'none']) {
+    // A PATH that holds only that program.
+    const bin = join(dir, `bin-${only}`);
+    mkdirSync(bin);
+    if (only !== 'none') symlinkSync(realProgram(only), join(bin, only));
+    process.env.PATH = bin;
+    maps[only] = await findHoles(path);
+    process.env.PATH = savedPath;
+  }
+  const want = maps[mappers[0]!]!;
+  // The filesystem decides the exact edges (its allocation unit): check the shape, then that
+  // every mapped byte reads as zero and every byte written lies outside the holes.
+  assert.ok(want.length >= 3, `the long holes are mapped: ${JSON.stringify(want)}`);
+  assert.equal(want.at(-1)!.end, size, 'the last hole runs to the end');
+  assert.ok(want.every((h) => h.end - h.start >= 64 * KiB), 'no short hole is mapped');
+  const img = readFileSync(path);
+  for (const h of want) assert.ok(img.subarray(h.start, h.end).equals(Buffer.alloc(h.end - h.start)), `hole ${h.start}-${h.end} reads as zeros`);
+  for (const p of mappers) assert.deepEqual(maps[p], want, `${p} maps what ${mappers[0]} maps`);
+  assert.deepEqual(maps.none, [], 'with no program the map is empty');
 });
