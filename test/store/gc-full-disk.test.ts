@@ -132,3 +132,62 @@ it('gc whose pack write fails (ENOSPC injected by strace): ERR_DISK_FULL, and th
   assert.deepEqual((await store.verify()).problems, []);
   assert.equal((await store.gc()).packsRewritten, PACKS);
 });
+
+/** A pack of `live` blocks a snapshot keeps and `dead` blocks of a deleted one (volumes `name` and `name`-dead); the next pair starts a pack of its own. */
+async function packOf(store: Store, imgPath: string, name: string, live: number, dead: number): Promise<{ snap: SnapshotRecord; img: Buffer }> {
+  const img = makeImage(live, BS);
+  await writeImage(imgPath, img);
+  const snap = await scanFile(store, imgPath, name, BS);
+  await writeImage(imgPath, makeImage(dead, BS));
+  const doomed = await scanFile(store, imgPath, `${name}-dead`, BS);
+  await store.deleteSnapshot(doomed.volume, doomed.id);
+  await rm(imgPath);
+  await startNewPack(store);
+  return { snap, img };
+}
+
+it('gc on a disk with room for some packs but not for the last: those that fit are rewritten and their old packs deleted, then ERR_DISK_FULL names the one left and the space it needs; the store verifies, every snapshot reads back, and a rerun with space finishes', async (t) => {
+  const mnt = smallExt4(t, 160);
+  if (!mnt) return;
+  const storeDir = join(mnt, 'store');
+  const packDir = join(storeDir, 'packs');
+  const store = await Store.open(storeDir);
+  t.after(() => store.close());
+  // Three packs of 2 MiB live and 6 MiB dead (a quarter live: they go first), then one of 40 MiB
+  // live and 8 MiB dead.
+  const kept = [];
+  for (const name of ['a', 'b', 'c']) kept.push(await packOf(store, join(mnt, 'img'), name, 32, 96));
+  kept.push(await packOf(store, join(mnt, 'img'), 'big', 640, 128));
+  const packs = (await readdir(packDir)).sort();
+  assert.equal(packs.length, 4);
+  const bigPack = Number(packs[3]!.slice(0, 8));
+  const bigNeeds = 640 * recordLength(BS) + 8 * MiB; // its live records and the copy's slack (store/gc.ts COPY_SLACK_BYTES)
+
+  // 12 MiB free: room to copy a small pack's 2 MiB, not the big one's 40 MiB even once the small
+  // ones' 18 MiB of dead records are freed.
+  const filler = join(mnt, 'filler');
+  execFileSync('fallocate', ['-l', String((await free(mnt)) - 12 * MiB), filler]);
+  await assert.rejects(store.gc(), (e: Error & { code?: string; details?: { packs: number[]; needBytes: number; freeBytes: number; packsRewritten: number } }) => {
+    assert.equal(e.code, 'ERR_DISK_FULL', e.message);
+    assert.equal(e.details?.packsRewritten, 3, e.message);
+    assert.deepEqual(e.details?.packs, [bigPack]);
+    assert.equal(e.details?.needBytes, bigNeeds);
+    assert.ok(e.details!.freeBytes < bigNeeds && e.details!.freeBytes > 12 * MiB, `free when gc came to it: ${e.details?.freeBytes}`);
+    assert.match(e.message, new RegExp(`gc rewrote 3 packs but left 1 .* pack ${bigPack} needs ${(bigNeeds / MiB).toFixed(1)} MiB free .* free space on the store's disk or grow it, then run gc again`));
+    return true;
+  });
+  const after = (await readdir(packDir)).sort();
+  assert.deepEqual(after.filter((f) => packs.includes(f)), [packs[3]], 'the old small packs are gone, the big one is left as it was');
+  assert.equal((await stat(join(packDir, packs[3]!))).size, 768 * recordLength(BS));
+  assert.deepEqual((await Promise.all(after.filter((f) => !packs.includes(f)).map((f) => stat(join(packDir, f))))).map((s) => s.size), [3 * 32 * recordLength(BS)], 'one new pack holds the small packs\' live records');
+  assert.deepEqual((await store.verify()).problems, []);
+  for (const { snap, img } of kept) assert.ok((await readBack(store, snap, BS)).equals(img), `${snap.volume} reads back`);
+
+  await rm(filler);
+  const report = await store.gc();
+  assert.deepEqual([report.packsRewritten, report.blocksRemoved, report.blocksKept], [1, 128, 3 * 32 + 640]);
+  assert.ok(!existsSync(join(packDir, packs[3]!)));
+  assert.deepEqual((await store.verify()).problems, []);
+  for (const { snap, img } of kept) assert.ok((await readBack(store, snap, BS)).equals(img), `${snap.volume} reads back after the rerun`);
+});
+
