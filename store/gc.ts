@@ -34,7 +34,8 @@
  *    either way; one that read a moved block's old place looks it up again (Store.getBlock).
  *    A pack whose live records need more than is free is not started: the others are
  *    rewritten, then gc fails with ERR_DISK_FULL naming it (a copy bound to fail would only fill
- *    the disk). A pack write that fails anyway gives back the copies not yet synced at once.
+ *    the disk); a pack only to merge (nothing dead in it) is named in the report's
+ *    `packsNotMerged` instead, and the run does not fail for it. A pack write that fails anyway gives back the copies not yet synced at once.
  *    A crash before a deletion leaves files without a 'p' entry, which open() deletes. A crash
  *    between rounds leaves old packs that hold only moved or dead records, which the rerun
  *    rewrites to nothing (first: their live share is 0). So a crash at any point leaves a valid
