@@ -777,17 +777,26 @@ export class RemotePeer implements ReplicaStore {
     // Small chunks ready together (a job's delta frames) go out as one write (coalesce).
     const src: AsyncIterable<Buffer> = meter(coalesce(readAhead(encodeFrames(frames, { deflateDeltas: () => this.deltasDeflated }), SEND_AHEAD_CHUNKS)), (n) => (this.wireBytesSent += n));
     // Under a cap the chunks are sliced and their buffers collected; while a schedule sets none, throttle gives them back as `releasing` does.
-    const body = this.upBucket ? throttle(src, this.upBucket) : releasing(src);
-    let res: Dispatcher.ResponseData;
+    // Once the request is over, undici reads the body no more, but a throttled body waiting for
+    // tokens would wait on (the process kept alive, the shared bucket drained for nothing): 16 s
+    // after a sync under --bwlimit 12KiB had failed, before this stop.
+    const over = new AbortController();
+    const body = this.upBucket ? throttle(src, this.upBucket, over.signal) : releasing(src);
     try {
-      this.requests++;
-      res = await this.pool.request({ method: 'POST', path, headers: this.headers({ 'content-type': 'application/octet-stream' }), body: body as unknown as Readable, ...(this.signal ? { signal: this.signal } : {}) }); // undici takes async iterables (writeIterable); its types omit them
-    } catch (e) {
-      throw this.transportError(e, `POST ${path}`);
+      let res: Dispatcher.ResponseData;
+      try {
+        this.requests++;
+        res = await this.pool.request({ method: 'POST', path, headers: this.headers({ 'content-type': 'application/octet-stream' }), body: body as unknown as Readable, ...(this.signal ? { signal: this.signal } : {}) }); // undici takes async iterables (writeIterable); its types omit them
+      } catch (e) {
+        throw this.transportError(e, `POST ${path}`);
+      }
+      // An answer other than 2xx may come before the whole body was sent (503 ERR_SERVER_BUSY).
+      if (res.statusCode >= 300) throw await this.answerError(res, `POST ${path}`);
+      this.noteFeatures(res.headers);
+      return await this.readAnswer<T>(res, `POST ${path}`);
+    } finally {
+      over.abort();
     }
-    if (res.statusCode >= 300) throw await this.answerError(res, `POST ${path}`);
-    this.noteFeatures(res.headers);
-    return this.readAnswer<T>(res, `POST ${path}`);
   }
 }
 

@@ -34,7 +34,8 @@
  *    either way; one that read a moved block's old place looks it up again (Store.getBlock).
  *    A pack whose live records need more than is free is not started: the others are
  *    rewritten, then gc fails with ERR_DISK_FULL naming it (a copy bound to fail would only fill
- *    the disk). A pack write that fails anyway gives back the copies not yet synced at once.
+ *    the disk); a pack only to merge (nothing dead in it) is named in the report's
+ *    `packsNotMerged` instead, and the run does not fail for it. A pack write that fails anyway gives back the copies not yet synced at once.
  *    A crash before a deletion leaves files without a 'p' entry, which open() deletes. A crash
  *    between rounds leaves old packs that hold only moved or dead records, which the rerun
  *    rewrites to nothing (first: their live share is 0). So a crash at any point leaves a valid
@@ -57,7 +58,7 @@ import { CODEC_DELTA, DELTA_PAYLOAD_MIN, decodePayload, decodeRecord, PACK_TARGE
 import { fsyncDir, type PackFiles } from './pack-files.js';
 import { decodeNode } from './tree.js';
 import type { Store } from './store.js';
-import type { GcProgress, GcReport, Hash, SnapshotRecord } from './types.js';
+import type { GcProgress, GcReport, Hash, PackLeft, SnapshotRecord } from './types.js';
 
 /**
  * Index entries (live and dead) of the packs being rewritten handled per round (~8 MiB of them).
@@ -263,10 +264,11 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
     // `TANDEM_GC_GROUP_BYTES` caps a group's live bytes instead of the free space (the crash tests
     // make groups of one pack, so kills fall between and inside their deletions).
     const groupBytes = Number(process.env.TANDEM_GC_GROUP_BYTES) || 0;
-    // Copies go to new packs. With nothing to rewrite, the pack being appended to stays open: a
-    // new pack on every run (a daemon runs gc after its jobs' retention) left small packs that the
-    // merges then copied again.
-    if (rewrite.size > 0) await packs.rollover();
+    // Copies go to new packs, started before the first copy. With nothing copied (nothing to
+    // rewrite, or no room for any of it), the pack being appended to stays open: a new pack on
+    // every run (a daemon runs gc after its jobs' retention) left small packs that the merges
+    // then copied again.
+    let rolledOver = false;
     const spans = alignedSlots(SPANS_AHEAD, SPAN_BYTES + 2 * DIRECT_ALIGN);
     /** Packs kept as they are: one of their live records is damaged. */
     const kept = new Set<number>();
@@ -311,8 +313,10 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
     const old: number[] = [];
     let oldBytes = 0;
     let last: number[] = [];
-    /** Packs left as they are: the disk has not the room to copy their live records. */
-    const tooBig: Array<{ pack: number; needBytes: number; freeBytes: number }> = [];
+    /** Packs with dead records left as they are: the disk has not the room to copy their live records (ERR_DISK_FULL). */
+    const tooBig: PackLeft[] = [];
+    /** Packs only to merge left as they are for the same reason: nothing is lost, the report names them. */
+    const notMerged: PackLeft[] = [];
     for (let i = 0; i < order.length; ) {
       // A group: packs whose live records add up to at most half the free space (at least one
       // pack; every pack left when the disk has room for all of them: one pass, as before). A
@@ -325,14 +329,19 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
         const s = stats.get(order[i]!);
         const need = (s?.liveBytes ?? 0) + COPY_SLACK_BYTES;
         if (group.size === 0 && s && s.live > 0 && need > free) {
-          // A pack only to merge has nothing to reclaim: left as it is without a word.
-          if (!merge.has(order[i]!)) tooBig.push({ pack: order[i]!, needBytes: need, freeBytes: free });
+          // A pack only to merge has nothing to reclaim: the run does not fail for it.
+          (merge.has(order[i]!) ? notMerged : tooBig).push({ pack: order[i]!, needBytes: need, freeBytes: free });
           continue;
         }
         if (group.size > 0 && bytes + (s?.liveBytes ?? 0) > budget) break;
         group.add(order[i]!);
         bytes += s?.liveBytes ?? 0;
         groupEntries += s ? s.live + s.dead : 0;
+      }
+      // Started before the first group, whatever it holds: a pack the group deletes may be the one being appended to.
+      if (group.size > 0 && !rolledOver) {
+        await packs.rollover();
+        rolledOver = true;
       }
       if (groupEntries > 0) {
         // Writing behind the iterator is safe: it reads the index as it was when it began.
@@ -361,7 +370,7 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
       if (i < order.length) await removePacks(packs, gone);
       else last = gone;
     }
-    if (rewrite.size > 0) await packs.rollover();
+    if (rolledOver) await packs.rollover();
     const newBytes = [...newLengths.values()].reduce((a, b) => a + b, 0);
 
     // 5. delete the last group's packs. Nothing refers to them any more, so this goes on after
@@ -373,11 +382,11 @@ export async function collectGarbage(store: Store, onProgress?: (p: GcProgress) 
       const first = tooBig[0]!;
       const mib = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
       throw new TandemError('ERR_DISK_FULL', `gc rewrote ${old.length} packs but left ${tooBig.length} with dead records as they are, for lack of space: pack ${first.pack} needs ${mib(first.needBytes)} free to copy its live records and ${mib(first.freeBytes)} were free; free space on the store's disk or grow it, then run gc again (the store is valid)`, {
-        details: { packs: tooBig.map((p) => p.pack), needBytes: first.needBytes, freeBytes: first.freeBytes, packsRewritten: old.length },
+        details: { packs: tooBig.map((p) => p.pack), needBytes: first.needBytes, freeBytes: first.freeBytes, packsRewritten: old.length, packsNotMerged: notMerged },
       });
     }
     store.reclaiming = removePacks(packs, last);
-    return { blocksKept, blocksRemoved, bytesReclaimed: Math.max(0, oldBytes - newBytes), nodesRemoved, packsRewritten: old.length };
+    return { blocksKept, blocksRemoved, bytesReclaimed: Math.max(0, oldBytes - newBytes), nodesRemoved, packsRewritten: old.length, packsNotMerged: notMerged };
   })));
   await store.reclaiming; // a failure to delete is this gc's; the next open deletes what is left
   return report;

@@ -426,4 +426,18 @@ export interface GcReport {
   readonly bytesReclaimed: number;
   readonly nodesRemoved: number;
   readonly packsRewritten: number;
+  /**
+   * Small packs gc was to merge (nothing to reclaim in them) but left as they are: copying one's
+   * live records needs `needBytes` free and `freeBytes` were. Nothing is lost; empty when none.
+   */
+  readonly packsNotMerged: readonly PackLeft[];
+}
+
+/** A pack gc left as it is for lack of free space (GcReport.packsNotMerged, ERR_DISK_FULL's details). */
+export interface PackLeft {
+  readonly pack: number;
+  /** Free bytes copying its live records needs (those records, plus room for the index's log and the filesystem's own blocks). */
+  readonly needBytes: number;
+  /** Free bytes there were when gc came to it. */
+  readonly freeBytes: number;
 }

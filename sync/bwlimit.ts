@@ -53,8 +53,8 @@ export class TokenBucket {
     return this.rate;
   }
 
-  /** Wait until `n` bytes (at most one slice) may pass, and take them. */
-  async take(n: number): Promise<void> {
+  /** Wait until `n` bytes (at most one slice) may pass, and take them; a wait `signal` stops rejects (AbortError). */
+  async take(n: number, signal?: AbortSignal): Promise<void> {
     for (;;) {
       const now = performance.now();
       const rate = this.current(now);
@@ -69,7 +69,7 @@ export class TokenBucket {
       this.last = now;
       if (this.tokens >= n) break;
       // Waking at least every RATE_RECHECK_MS lets a rate that changed meanwhile take effect.
-      await sleep(Math.min(RATE_RECHECK_MS, Math.ceil(((n - this.tokens) / rate) * 1000)));
+      await sleep(Math.min(RATE_RECHECK_MS, Math.ceil(((n - this.tokens) / rate) * 1000)), undefined, signal ? { signal } : undefined);
     }
     this.tokens -= n;
   }
@@ -85,8 +85,12 @@ export class TokenBucket {
  * (5.12 s at least) 6.21-7.38 s in 64 KiB slices, 5.87-6.36 s whole. A larger chunk is cut into
  * slices, and its buffer is collected rather than given back: a slice smaller than the socket's
  * high-water mark may still be queued when the next is asked.
+ *
+ * `signal` ends a wait for tokens (the generator throws AbortError): an upload body whose request
+ * is over (its answer came early, or its connection failed) is no longer read, and a wait of its
+ * would keep the process alive, and the shared bucket's tokens taken, for nothing.
  */
-export async function* throttle(source: AsyncIterable<Buffer>, limit: Rate | TokenBucket): AsyncGenerator<Buffer> {
+export async function* throttle(source: AsyncIterable<Buffer>, limit: Rate | TokenBucket, signal?: AbortSignal): AsyncGenerator<Buffer> {
   if (typeof limit === 'number' && !(limit > 0)) {
     yield* source;
     return;
@@ -99,14 +103,14 @@ export async function* throttle(source: AsyncIterable<Buffer>, limit: Rate | Tok
     const rate = bucket.bytesPerSecond;
     const slice = rate === 0 ? Infinity : Math.max(SLICE_BYTES, Math.floor(rate * SLICE_SECONDS));
     if (chunk.length <= slice) {
-      await bucket.take(chunk.length); // with no cap now: keeps the bucket full for a cap that starts later
+      await bucket.take(chunk.length, signal); // with no cap now: keeps the bucket full for a cap that starts later
       release = takeRelease(chunk);
       yield chunk;
       continue;
     }
     for (let off = 0; off < chunk.length; off += slice) {
       const piece = chunk.subarray(off, Math.min(chunk.length, off + slice));
-      await bucket.take(piece.length);
+      await bucket.take(piece.length, signal);
       yield piece;
     }
   }

@@ -335,11 +335,16 @@ function slices<T>(items: readonly T[], n: number, min: number): T[][] {
   return out;
 }
 
-/** Wait for every task (none is left running behind the caller's back), then throw the first failure. */
+/**
+ * Wait for every task (none is left running behind the caller's back), then throw the failure
+ * that came first in time: a later one is often its consequence. (The first in the tasks' order
+ * was thrown before: a stream the peer turned away with ERR_SERVER_BUSY was reported as the
+ * ERR_PEER_UNREACHABLE of an earlier slice's stream whose connection was cut after it.)
+ */
 async function allOrFirstError(tasks: Promise<void>[]): Promise<void> {
-  const results = await Promise.allSettled(tasks);
-  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-  if (failed) throw failed.reason;
+  let first: { reason: unknown } | undefined;
+  await Promise.all(tasks.map((task) => task.catch((reason: unknown) => void (first ??= { reason }))));
+  if (first) throw first.reason;
 }
 
 /** Trees of the same height and block size pair up position by position. */

@@ -221,6 +221,8 @@ class UploadMeter extends WaitedRate {
 
   /** Whether {@link end} was called. */
   wasEnded = false;
+  /** Whether the stream was refused a slot (ERR_SERVER_BUSY): answered at once, as an ended one. */
+  wasRefused = false;
 
   /** End the stream: its read fails with `err`. */
   end(err: Error): void {
@@ -373,14 +375,16 @@ async function writeChunks(res: ServerResponse, chunks: AsyncIterable<Buffer>, s
 }
 
 /**
- * The rest of a refused upload read and dropped (bounded) before its answer, and the connection
- * closed after it. A stream ended for its slowness is answered at once (its sender would take
- * the whole drain) with the connection kept open while the rest is read and dropped behind the
- * answer, as bounded: a client still sending reads the answer (undici does), and the connection
- * of a sender that goes on trickling is closed after DRAIN_MS.
+ * The rest of a failed upload read and dropped (bounded) before its answer, and the connection
+ * closed after it. A stream ended for its slowness, or refused a slot, is answered at once, with
+ * the connection kept open while the rest is read and dropped behind the answer, as bounded: a
+ * client still sending reads the answer (undici does, and stops sending), and the connection of
+ * a sender that goes on trickling is closed after DRAIN_MS. A refused sender under --bwlimit
+ * that was made to wait for the drain got no answer at all: the drain's timer closed its
+ * connection first, and it reported the peer unreachable instead of busy.
  */
 async function drainUnless(meter: UploadMeter, body: Readable, reply: { header(k: string, v: string): unknown }): Promise<void> {
-  if (meter.wasEnded) {
+  if (meter.wasEnded || meter.wasRefused) {
     void drain(body, DRAIN_LIMIT_BYTES);
     return;
   }
@@ -424,7 +428,12 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     };
     return {
       async take(): Promise<void> {
-        release = await slotWithin(slots, reply, 'a block stream', `receiving ${MAX_BLOCK_STREAMS} block streams' frames, as many as it takes at once (the blocks before were stored)`, holder);
+        try {
+          release = await slotWithin(slots, reply, 'a block stream', `receiving ${MAX_BLOCK_STREAMS} block streams' frames, as many as it takes at once (the blocks before were stored)`, holder);
+        } catch (e) {
+          meter.wasRefused = true;
+          throw e;
+        }
         meter.hold();
       },
       give(): void {

@@ -9,6 +9,7 @@ import type { Store } from '../../store/index.js';
 import { twoStores } from '../helpers/stores.js';
 import type { BlockFrame, Hash, ReplicaStore, SnapshotRecord, VolumeReader } from '../../store/types.js';
 import { copySnapshot } from '../../sync/engine.js';
+import { TandemError } from '../../common/errors.js';
 
 const BS = 4096;
 
@@ -194,4 +195,35 @@ test('with a base the target holds, only blocks that differ from it are asked ab
   const r2 = await copySnapshot(c, d, full, { base: small });
   assert.equal(r2.blocksSent, 3000 - 10);
   assert.ok((await readAll(d, full)).equals(data));
+});
+
+test('streams that fail at different times: the copy raises the failure that came first, whichever stream had it', async (t) => {
+  const [a, b] = await stores(t);
+  const data = randomBytes(48 * BS); // 3 streams of 16 blocks
+  const s1 = await a.scanVolume(memReader(data), { volume: 'v', blockSize: BS });
+  // The first stream's connection is cut 300 ms after it sent its blocks; the second is turned
+  // away at its first block (as a busy peer answers); the third goes through.
+  const target: ReplicaStore = Object.create(b) as ReplicaStore;
+  let calls = 0;
+  target.putBlocks = async (frames) => {
+    const call = ++calls;
+    if (call === 1) {
+      for await (const f of frames) f.release?.();
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      throw new TandemError('ERR_PEER_UNREACHABLE', 'other side closed');
+    }
+    if (call === 2) {
+      for await (const f of frames) {
+        f.release?.();
+        throw new TandemError('ERR_SERVER_BUSY', 'peer is busy: rerun the sync shortly');
+      }
+    }
+    return b.putBlocks(frames);
+  };
+  target.hasBlocks = (h) => b.hasBlocks(h);
+  target.hasNodes = (h) => b.hasNodes(h);
+  target.getSnapshot = (v, id) => b.getSnapshot(v, id);
+  await assert.rejects(copySnapshot(a, target, s1), (e: TandemError) => e.code === 'ERR_SERVER_BUSY');
+  assert.equal(calls, 3, 'three streams');
+  assert.equal(await b.getSnapshot('v', s1.id), null, 'nothing is committed');
 });

@@ -88,6 +88,19 @@ test('throttle keeps a stream near its rate', async () => {
   assert.ok(secs >= 0.2 && secs < 2, `took ${secs} s`);
 });
 
+test("a throttle's wait for tokens ends when its signal is aborted (an upload whose request is over): at once, not when the cap would have let the bytes through", async () => {
+  const over = new AbortController();
+  // 1 KiB/s: the first 64 KiB slice goes (a bucket starts full), the next would wait ~64 s.
+  const it = throttle(from(Array.from({ length: 4 }, () => Buffer.alloc(64 * 1024))), 1024, over.signal)[Symbol.asyncIterator]();
+  assert.equal((await it.next()).value?.length, 64 * 1024);
+  const started = performance.now();
+  const next = it.next();
+  setTimeout(() => over.abort(), 100);
+  await assert.rejects(next, (e: Error) => e.name === 'AbortError');
+  const ms = performance.now() - started;
+  assert.ok(ms < 1000, `stopped after ${ms.toFixed(0)} ms`);
+});
+
 test('a throttle whose rate is a schedule follows it as the stream runs: capped, then uncapped within a second', async () => {
   let rate = 256 * 1024;
   const started = performance.now();

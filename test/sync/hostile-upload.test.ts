@@ -253,3 +253,46 @@ test('a server receiving a 384 MiB first sync holds no more than a bounded windo
   // Received frames are written and let go as they come (a chunk kept per read held a 4 GiB upload whole).
   assert.ok(grew < 192, `the server's peak RSS grew by ${grew.toFixed(0)} MiB receiving 384 MiB`);
 });
+
+test('a CLI sync under --bwlimit whose uploads the server ends for their slowness (a frame waits) or refuses (no slot came free) reports ERR_SERVER_BUSY with what to do, and exits 1 at once; the rerun on an idle server completes', async (t) => {
+  const [a, b] = await Promise.all([initHome(t, 'onprem'), initHome(t, 'cloud')]);
+  // Senders measured over 2 s of waiting (30 s by default); a frame waits up to 3 s for a slot (60 s).
+  const sb = await startServe(t, b, '127.0.0.1:0', { TANDEM_SLOW_WINDOW_MS: '2000', TANDEM_STREAM_WAIT_MS: '3000' });
+  await pair(a, 'cloud', b, sb);
+  const dir = tempDir(t, 'tandem-cut-');
+  const data = randomBytes(24 * 64 * 1024);
+  writeFileSync(join(dir, 'vol.img'), data);
+  assert.equal((await cli(a, 'volume', 'add', 'vol', '--path', join(dir, 'vol.img'), '--block-size', '64KiB')).code, 0);
+  // 7 uploads above the floor (80 KiB/s each) hold 7 slots; the capped sync (12 KiB/s over its
+  // streams, under the floor each) takes the 8th, its other streams wait, and so does a ninth upload.
+  const others = Array.from({ length: 7 }, () => tricklingUpload(sb, b.token, 100, 8 * 1024));
+  t.after(() => others.forEach((u) => u.destroy()));
+  await delay(500);
+  const started = Date.now();
+  const sync = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--bwlimit', '12KiB');
+  let stderr = '';
+  let errorAt = 0;
+  sync.child.stderr!.on('data', (d: Buffer) => {
+    stderr += d.toString();
+    if (!errorAt && /error ERR_/.test(stderr)) errorAt = Date.now();
+  });
+  await delay(2500);
+  others.push(tricklingUpload(sb, b.token, 100, 8 * 1024));
+  const r = await sync.done;
+  const exitedAt = Date.now();
+  const log = sb.stderr();
+  t.diagnostic(`the sync printed its error after ${((errorAt - started) / 1000).toFixed(1)} s and exited after ${((exitedAt - started) / 1000).toFixed(1)} s: ${r.json?.error?.code}; the server ended ${[...log.matchAll(/ended: its sender sent/g)].length} of its streams and refused ${[...log.matchAll(/waited 3 s for a slot: refused/g)].length}`);
+  assert.equal(r.code, 1, r.stdout + r.stderr);
+  // Its throttled streams stop waiting for their cap's tokens once their requests are over.
+  assert.ok(errorAt > 0 && exitedAt - errorAt < 3000, `the sync exited ${exitedAt - errorAt} ms after it printed its error`);
+  assert.equal(r.json?.error?.code, 'ERR_SERVER_BUSY', r.stdout);
+  assert.match(r.json.error.message, /^peer cloud: cloud (ended this block stream|is receiving 8 block streams' frames).* Rerun the sync/);
+  assert.match(r.stderr, /ERR_SERVER_BUSY/);
+  assert.match(log, /ended: its sender sent|refused \(ERR_SERVER_BUSY\)/);
+  others.forEach((u) => u.destroy());
+  const rerun = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(rerun.code, 0, rerun.stderr);
+  const out = join(dir, 'vol.out');
+  assert.equal((await cli(b, 'restore', 'vol', '--to', out)).code, 0);
+  assert.ok(readFileSync(out).equals(data), 'the volume restores byte-exact');
+});

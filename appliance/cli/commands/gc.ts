@@ -26,9 +26,12 @@ export function define(program: Command): void {
           bar?.stop();
         }
       });
-      return {
-        json: r,
-        text: `removed ${r.blocksRemoved} blocks (${formatBytes(r.bytesReclaimed)}) and ${r.nodesRemoved} nodes, kept ${r.blocksKept} blocks, rewrote ${r.packsRewritten} packs`,
-      };
+      const text = `removed ${r.blocksRemoved} blocks (${formatBytes(r.bytesReclaimed)}) and ${r.nodesRemoved} nodes, kept ${r.blocksKept} blocks, rewrote ${r.packsRewritten} packs`;
+      const left = r.packsNotMerged[0];
+      // Not a failure (nothing is lost), but the operator should know the packs were not merged, and why.
+      const notMerged = left
+        ? `\nleft ${r.packsNotMerged.length} small packs unmerged for lack of space (nothing is lost): pack ${left.pack} needs ${formatBytes(left.needBytes)} free to be copied and ${formatBytes(left.freeBytes)} were free; free space on the store's disk or grow it, then run gc again to merge them`
+        : '';
+      return { json: r, text: text + notMerged };
     }));
 }
