@@ -1,7 +1,8 @@
 /**
  * Hash-worker pools (store/hash-pool.ts): idle ones kept for the next scan for a while, then
  * ended (with keepWarm, a running appliance, one for as long as the store is open); the record
- * checksums the workers compute; their direct reads (a device's) against their buffered ones.
+ * checksums the workers compute; their direct reads (a device's) against their buffered ones;
+ * one pool shared by the scans running at once, and left to the others by one that fails.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
