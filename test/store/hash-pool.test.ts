@@ -292,8 +292,11 @@ test('a scan that fails or is aborted while it shares the pool leaves it to the 
   const holder = store.scanVolume(slowed(readerA, 0, { gate: held.opened, started }), { volume: 'a2', blockSize: bs });
   await readsStarted(started, slots);
   const abort = new AbortController();
-  const waiter = store.scanVolume(readerB, { volume: 'b3', blockSize: bs, signal: abort.signal });
+  let waiting = true;
+  const waiter = store.scanVolume(readerB, { volume: 'b3', blockSize: bs, signal: abort.signal }).finally(() => (waiting = false));
   await scansSharing(store, 2);
+  await sleep(200); // it waits for a slot by now
+  assert.ok(waiting);
   abort.abort();
   await assert.rejects(waiter, (e: Error) => e.name === 'AbortError');
   assert.equal(store.hashPools.scans, 1, 'the holder goes on');
