@@ -160,7 +160,7 @@ async function hashDirect(m, n, out, crcs) {
   }
 }
 async function handle(m) {
-  if (m.release) return release();
+  if (m.release) return m.path === undefined || m.path === fdPath ? release() : undefined;
   const n = Math.ceil(m.length / m.blockSize);
   const out = Buffer.alloc(n * ${HASH_LENGTH});
   // The pack record's CRC of each block that may be stored (not zero, not as in the parent),
@@ -281,6 +281,20 @@ export class HashPool {
     });
   }
 
+  /** Worker threads hashing for this pool. */
+  get threads(): number {
+    return this.slots.length;
+  }
+
+  /**
+   * Each worker closes its descriptor of the volume at `path` once the jobs it was given before
+   * are done (a scan sharing the pool ended: its volume is not kept open while another scan goes
+   * on). A later job of that volume opens it again.
+   */
+  closeVolume(path: string): void {
+    for (const s of this.slots) s.worker.postMessage({ release: true, path });
+  }
+
   /** Workers keep the process alive only while the pool is in use. */
   setActive(active: boolean): void {
     for (const s of this.slots) {
@@ -328,8 +342,141 @@ export function prestartHashPool(bytes: number): void {
  */
 const POOL_IDLE_MS = 30_000;
 
-/** At most this many idle pools are kept (concurrent scans each need their own). */
+/** At most this many idle pools are kept (scans share one, {@link HashPools.share}; a restore borrows its own). */
 const MAX_IDLE_POOLS = 2;
+
+/**
+ * The slots of a buffer a scan reads its chunks into: slot i is its own from {@link take} until
+ * {@link give}.
+ */
+export interface Slots {
+  /** A free slot's index, or undefined when none may be taken now ({@link onFree} tells when one may). */
+  take(): number | undefined;
+  /** `n` slots at once, or null (none taken) when that many may not be taken now. */
+  takeAll(n: number): number[] | null;
+  give(slot: number): void;
+  /** Called when a slot may be taken after {@link take} returned undefined: another scan gave one back or ended. */
+  onFree: (() => void) | null;
+}
+
+/**
+ * A scan's part of the pool that the scans running in the process share ({@link HashPools.share}):
+ * the pool's workers hash its chunks, read into the slots it takes. While n scans share the pool
+ * each may hold floor(slots / n) slots (at least one): a scan alone takes them all, as it did with
+ * a pool of its own, and one that joins gets its share as the others give slots back, each once
+ * the chunk in it is stored (they take no more than their new share). Not for use after {@link end}.
+ */
+export interface PoolShare extends Slots {
+  readonly pool: HashPool;
+  /**
+   * Leave the pool: every slot still held is given back, and the workers close the scan's
+   * volume (`path`). For when nothing reads or writes the scan's slots any more (a scan that
+   * failed or was aborted first waits for its chunks in flight: workers write into their slots).
+   * The last scan to leave gives the pool back for the next ({@link HashPools.giveBack}).
+   * Idempotent.
+   */
+  end(path?: string): Promise<void>;
+}
+
+/** One pool shared by the scans running now (a {@link PoolShare} each), with its free slots. */
+class SharedPool {
+  private readonly free: number[];
+  private readonly members: Member[] = [];
+
+  constructor(
+    readonly pool: HashPool,
+    private readonly slots: number,
+    private readonly left: (s: SharedPool) => Promise<void>,
+  ) {
+    // Lowest slot first: a scan alone uses the slots in the order a pool of its own did.
+    this.free = Array.from({ length: slots }, (_, i) => slots - 1 - i);
+  }
+
+  get scans(): number {
+    return this.members.length;
+  }
+
+  /** What each scan may hold now. */
+  private get quota(): number {
+    return Math.max(1, Math.floor(this.slots / Math.max(1, this.members.length)));
+  }
+
+  join(): PoolShare {
+    const m = new Member(this);
+    this.members.push(m);
+    return m;
+  }
+
+  take(m: Member, n: number): number[] | null {
+    if (this.free.length < n || m.held + n > this.quota) return null;
+    return this.free.splice(this.free.length - n, n).reverse();
+  }
+
+  give(m: Member, slot: number): void {
+    this.free.push(slot);
+    this.wake(m);
+  }
+
+  /** Members below their share are told of free slots, in the order they joined; not `from`, which gave one back and takes what it may itself next. */
+  private wake(from: Member | null): void {
+    for (const m of this.members) {
+      if (this.free.length === 0) return;
+      if (m !== from && m.held < this.quota) m.onFree?.();
+    }
+  }
+
+  async leave(m: Member, slots: number[], path: string | undefined): Promise<void> {
+    const i = this.members.indexOf(m);
+    if (i < 0) return;
+    this.members.splice(i, 1);
+    this.free.push(...slots);
+    if (this.members.length === 0) return this.left(this);
+    if (path !== undefined) this.pool.closeVolume(path);
+    this.wake(null);
+  }
+}
+
+class Member implements PoolShare {
+  onFree: (() => void) | null = null;
+  /** Slots taken and not given back. */
+  private readonly mine = new Set<number>();
+  private ended = false;
+
+  constructor(private readonly shared: SharedPool) {}
+
+  get held(): number {
+    return this.mine.size;
+  }
+
+  get pool(): HashPool {
+    return this.shared.pool;
+  }
+
+  take(): number | undefined {
+    return this.takeAll(1)?.[0];
+  }
+
+  takeAll(n: number): number[] | null {
+    if (this.ended) return null;
+    const got = this.shared.take(this, n);
+    for (const s of got ?? []) this.mine.add(s);
+    return got;
+  }
+
+  give(slot: number): void {
+    if (this.ended || !this.mine.delete(slot)) return;
+    this.shared.give(this, slot);
+  }
+
+  async end(path?: string): Promise<void> {
+    if (this.ended) return;
+    this.ended = true;
+    this.onFree = null;
+    const slots = [...this.mine];
+    this.mine.clear();
+    await this.shared.leave(this, slots, path);
+  }
+}
 
 export class HashPools {
   private readonly idle: Array<{ pool: HashPool; timer: NodeJS.Timeout | null }> = [];
@@ -338,8 +485,10 @@ export class HashPools {
   private warm = false;
   /** Pools lent by {@link borrow} so far (started or idle). */
   lent = 0;
-  /** Pools lent and not given back yet: scans running now. */
+  /** Pools lent and not given back yet: one shared by the scans running now, restores' own. */
   inUse = 0;
+  /** The pool scans share now, by the size of its buffer. */
+  private readonly shared = new Map<number, SharedPool>();
 
   /** @param idleMs how long an idle pool is kept ({@link POOL_IDLE_MS}) */
   constructor(private readonly idleMs = POOL_IDLE_MS) {}
@@ -366,11 +515,42 @@ export class HashPools {
     return this.idle.some((e) => e.pool.sab.byteLength === bytes) || early?.sab.byteLength === bytes;
   }
 
+  /** Whether {@link share} of `bytes` would get started workers: scans share such a pool now, or one is idle. */
+  hasStarted(bytes: number): boolean {
+    return this.hasIdle(bytes) || this.shared.has(bytes);
+  }
+
+  /** Scans sharing a pool now. */
+  get scans(): number {
+    let n = 0;
+    for (const s of this.shared.values()) n += s.scans;
+    return n;
+  }
+
   /**
-   * A pool whose shared buffer has exactly `bytes` bytes, for the caller's exclusive use; one
-   * started for it has `threads` workers (default: one per core).
+   * A share of the pool whose buffer has `bytes` bytes in `slots` slots, which every scan
+   * running in the process with that layout shares ({@link PoolShare}): one set of workers (one
+   * per core) and one buffer, however many scans run at once. The first scan borrows it
+   * ({@link borrow}: an idle one, or a new one), the last gives it back. Two 512 MiB volumes
+   * replicated at once by a daemon held a pool each (the second had 2 slots, 16 MiB, and one
+   * worker of its own): bench/daemon-rss.ts.
    */
-  borrow(bytes: number, threads?: number): HashPool {
+  share(bytes: number, slots: number): PoolShare {
+    let s = this.shared.get(bytes);
+    // A pool whose worker failed fails the scans on it; the next scan gets a new one (the failed
+    // one is ended once its scans have left it).
+    if (s === undefined || s.pool.failed) {
+      s = new SharedPool(this.borrow(bytes), slots, async (done) => {
+        if (this.shared.get(bytes) === done) this.shared.delete(bytes);
+        await this.giveBack(done.pool);
+      });
+      this.shared.set(bytes, s);
+    }
+    return s.join();
+  }
+
+  /** A pool whose shared buffer has exactly `bytes` bytes, for the caller's exclusive use (a restore; scans {@link share} one). */
+  borrow(bytes: number): HashPool {
     const i = this.idle.findIndex((e) => e.pool.sab.byteLength === bytes);
     let pool: HashPool;
     if (early?.failed) {
@@ -385,7 +565,7 @@ export class HashPools {
       if (e!.timer) clearTimeout(e!.timer);
       pool = e!.pool;
     } else {
-      pool = new HashPool(new SharedArrayBuffer(bytes), threads === undefined ? {} : { threads });
+      pool = new HashPool(new SharedArrayBuffer(bytes));
     }
     pool.setActive(true);
     this.lent++;

@@ -23,7 +23,7 @@ import { STORED_DELTA_DIVISOR, mayBeSparse } from './delta.js';
 import { hashBlock, isZeroHash, HASH_LENGTH, parseHex, ZERO_HASH } from './hash.js';
 import { checkVolumeName } from './ids.js';
 import { DEFAULT_BLOCK_SIZE, checkBlockSize, checkSize, normalizeSnapshot } from './records.js';
-import { prestartHashPool } from './hash-pool.js';
+import { prestartHashPool, type Slots } from './hash-pool.js';
 import { partsOf, rangesOf, type BlockRanges } from './block-ranges.js';
 import { trace } from '../sync/trace.js';
 import { blockCount, blockHashRanges, blockHashesAt, type BlockChange } from './tree.js';
@@ -36,17 +36,19 @@ const CHUNK_BYTES = 8 * 1024 * 1024;
 /**
  * Chunks in flight (being read, hashed or written): 6 x 8 MiB keeps 2 hash workers busy while
  * {@link PUTS_AHEAD} chunks are being stored. A warm re-scan of 4 GiB took 2.07-2.23 s with 6,
- * 2.12-2.49 s with 4 (4 runs each).
+ * 2.12-2.49 s with 4 (4 runs each). Scans running at once in a process (a daemon runs two jobs
+ * at once, scheduler/runner.ts) share one pool of these slots and its workers (HashPools.share):
+ * three slots each while two run.
  */
 const SLOTS = 6;
+
 /**
- * The slots and workers of a scan that starts while another runs in the process (a daemon runs
- * two jobs at once, scheduler/runner.ts): 16 MiB and one worker thread instead of 48 MiB and one
- * per core. Two 512 MiB volumes replicated at once by a daemon peaked at 395 MB of RSS with two
- * full pools (and a pool of early copies each, sync/early.ts).
+ * Slots of a pool start this far apart (a chunk's bytes and a page): scans sharing the pool
+ * start their chunks at different offsets in their slots (SCAN_SKEW or 0, below), and one's
+ * full slot must not reach into the next, while every slot keeps the offset in its page that
+ * its scan chose.
  */
-const LEAN_SLOTS = 2;
-const LEAN_THREADS = 1;
+const SLOT_GAP = 4096;
 
 /** Whether [start, end) lies inside one of `holes` (ascending, disjoint: VolumeReader.holes), by binary search. */
 export function holeTest(holes: VolumeReader['holes']): (start: number, end: number) => boolean {
@@ -80,14 +82,16 @@ export function localSource(reader: Pick<VolumeReader, 'path' | 'kind'>): { path
 
 /**
  * How a scan of a volume of `blockSize` blocks lays out its hash pool: blocks per chunk (a read
- * of {@link CHUNK_BYTES}, at least one block), bytes per slot, slots, and the pool's buffer size,
- * by which idle pools are found again (HashPools.borrow), and that of a lean pool (a scan that starts
- * while another runs: {@link LEAN_SLOTS}). materialize borrows the same pools.
+ * of {@link CHUNK_BYTES}, at least one block), bytes per slot, how far apart slots start
+ * ({@link SLOT_GAP}), slots, and the pool's buffer size, by which the pool that scans share and
+ * idle pools are found again (HashPools.share, HashPools.borrow). materialize borrows the same
+ * pools (slots of its own layout: IO_SKEW + slot x slotBytes).
  */
-export function scanLayout(blockSize: number): { chunkBlocks: number; slotBytes: number; slots: number; poolBytes: number; leanPoolBytes: number } {
+export function scanLayout(blockSize: number): { chunkBlocks: number; slotBytes: number; slotStride: number; slots: number; poolBytes: number } {
   const chunkBlocks = Math.max(1, Math.floor(CHUNK_BYTES / blockSize));
   const slotBytes = chunkBlocks * blockSize;
-  return { chunkBlocks, slotBytes, slots: SLOTS, poolBytes: IO_SKEW + slotBytes * SLOTS, leanPoolBytes: IO_SKEW + slotBytes * LEAN_SLOTS };
+  const slotStride = slotBytes + SLOT_GAP;
+  return { chunkBlocks, slotBytes, slotStride, slots: SLOTS, poolBytes: slotStride * SLOTS };
 }
 
 /**
@@ -197,6 +201,17 @@ function takeSpareSlots(bytes: number, aligned: boolean): ArrayBuffer {
   const spare = spareSlots && spareSlots.aligned === aligned && spareSlots.buf.byteLength >= bytes && spareSlots.buf.byteLength < bytes + 65536 ? spareSlots.buf : null;
   if (spare) spareSlots = null;
   return spare ?? (aligned ? (alignedSlots(1, bytes)[0]!.buffer as ArrayBuffer) : new ArrayBuffer(bytes));
+}
+
+/** The `n` slots of a scan's own buffer (a change list hashed on the calling thread). */
+function ownSlots(n: number): Slots {
+  const free = Array.from({ length: n }, (_, i) => n - 1 - i);
+  return {
+    take: () => free.pop(),
+    takeAll: (k) => (free.length >= k ? free.splice(free.length - k, k).reverse() : null),
+    give: (slot) => void free.push(slot),
+    onFree: null,
+  };
 }
 
 /** Reads of one scattered job in flight at once (libuv's pool has 4 threads). */
@@ -331,19 +346,18 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   /** The tree is built on the parent's, from the blocks that differ (else from scratch, from every non-zero block). */
   const treeParent = changed || onParent ? parent : null;
 
-  const { chunkBlocks, slotBytes, poolBytes, leanPoolBytes } = scanLayout(blockSize);
+  const { chunkBlocks, slotBytes, slotStride, poolBytes } = scanLayout(blockSize);
   // A local file or device is read by the hash workers themselves (see HashPool), a device past
   // the page cache (see localSource).
   const local = localSource(reader);
   const localPath = local?.path;
   const readDirect = local?.direct === true;
-  const onMainThread = changed !== undefined && changed.count <= MAIN_THREAD_MAX_BLOCKS && !store.hashPools.hasIdle(poolBytes) && !store.hashPools.keptWarm;
-  // A scan that starts while another runs in this process (a daemon's second job) takes a lean pool:
-  // the two share the cores anyway, and each full pool holds its slots and a worker per core.
-  const lean = !onMainThread && store.hashPools.inUse > 0;
-  const pool = onMainThread ? null : lean ? store.hashPools.borrow(leanPoolBytes, LEAN_THREADS) : store.hashPools.borrow(poolBytes);
+  const onMainThread = changed !== undefined && changed.count <= MAIN_THREAD_MAX_BLOCKS && !store.hashPools.hasStarted(poolBytes) && !store.hashPools.keptWarm;
+  // Scans running at once in this process (a daemon's jobs) share one pool: its workers and its slots.
+  const share = onMainThread ? null : store.hashPools.share(poolBytes, SLOTS);
+  const pool = share?.pool ?? null;
   // On the calling thread, reads (libuv) overlap hashing with two slots; more would only hold memory.
-  const slots = pool ? (lean ? LEAN_SLOTS : SLOTS) : Math.min(2, Math.ceil((changed?.count ?? 0) / chunkBlocks));
+  const slots = pool ? SLOTS : Math.min(2, Math.ceil((changed?.count ?? 0) / chunkBlocks));
   // A device's change list read here goes past the page cache as the workers' reads do, straight
   // into page-aligned slots (a pool's SharedArrayBuffer is not page-aligned: store/hash-pool.ts).
   const directOpen = readDirect && localPath !== undefined && !pool ? await open(localPath, constants.O_RDONLY | constants.O_DIRECT).catch(() => null) : null; // refused (EINVAL): read through the cache
@@ -357,7 +371,9 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   // does a device read directly here.
   const skew = localPath !== undefined && directOpen === null ? SCAN_SKEW : 0;
   /** Where a slot starts in `sab`. */
-  const slotAt = (slot: number): number => skew + slot * slotBytes;
+  const slotAt = (slot: number): number => skew + slot * (pool ? slotStride : slotBytes);
+  /** This scan's slots: of the pool it shares, else of its own buffer. */
+  const slotSource: Slots = share ?? ownSlots(slots);
   // A change list's blocks, chunkBlocks at a time: a run of consecutive blocks is one read,
   // scattered ones are read one by one but still hashed, looked up and stored as one job (a
   // change list of 82 blocks spread over a volume is 6 jobs, not 82).
@@ -367,7 +383,10 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   // lent out where they are until keepViewsUntil settles. Otherwise a slot is reused once the
   // caller has copied what it wants (the promise onNewBlocks returns).
   const wantViews = opts.keepViewsUntil !== undefined && opts.onNewBlocks !== undefined;
-  const lendViews = wantViews && changed !== undefined && Math.ceil(changed.count / chunkBlocks) <= slots;
+  // Lent views keep their slots until keepViewsUntil: the scan takes one per chunk now (within its
+  // share of a shared pool: when the other scans hold more, it copies, as for a longer list).
+  const lent = wantViews && changed !== undefined && Math.ceil(changed.count / chunkBlocks) <= slots ? slotSource.takeAll(Math.ceil(changed.count / chunkBlocks)) : null;
+  const lendViews = lent !== null;
   const total = changed ? changed.count : blocks;
   const progress = { blocksDone: 0, blocksTotal: total, bytesRead: 0, bytesReadDirect: 0, blocksStored: 0, blocksStoredAsDeltas: 0 };
   let lastProgress = 0;
@@ -458,15 +477,26 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
   };
 
   const inflight: Promise<Done>[] = [];
-  const free = Array.from({ length: slots }, (_, i) => slots - 1 - i);
+  /** The next job to start (done: every one is started). */
+  let nextJob = jobs.next();
+  /** The scan is over (it failed or was aborted): no job is started any more. */
+  let over = false;
+  /** Start jobs while this scan may take slots. */
   const fill = () => {
-    while (free.length > 0) {
-      const next = jobs.next();
-      if (next.done) return;
-      const p = readJob(next.value, free.pop()!);
+    while (!nextJob.done && !over) {
+      const slot = lent?.pop() ?? slotSource.take();
+      if (slot === undefined) return;
+      const p = readJob(nextJob.value, slot);
       p.catch(() => undefined); // observed in order below
       inflight.push(p);
+      nextJob = jobs.next();
     }
+  };
+  /** Resolves the wait of a scan with nothing in flight for a slot of the shared pool. */
+  let slotFreed: (() => void) | null = null;
+  slotSource.onFree = () => {
+    fill();
+    slotFreed?.();
   };
 
   /** A block of a chunk that differs from the parent's: where it sits in the slot, and the parent's hash there (`was`) when known. */
@@ -528,8 +558,18 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
 
   async function* changes(): AsyncGenerator<BlockChange> {
     fill();
-    while (inflight.length > 0 || puts.length > 0) {
+    while (inflight.length > 0 || puts.length > 0 || !nextJob.done) {
       opts.signal?.throwIfAborted();
+      if (inflight.length === 0 && puts.length === 0) {
+        // Every slot this scan may take is held by the other scans sharing the pool: each gives
+        // one back once the chunk in it is stored (onFree); an abort ends the wait.
+        const aborted = () => slotFreed?.();
+        opts.signal?.addEventListener('abort', aborted, { once: true });
+        await new Promise<void>((resolve) => (slotFreed = resolve));
+        slotFreed = null;
+        opts.signal?.removeEventListener('abort', aborted);
+        continue;
+      }
       // The next chunk goes to the store before this one's write is awaited: its index lookup
       // and record checksums overlap the pack write (a 2 GiB first snapshot spent 0.44 s in
       // lookups, 0.47 s in checksums and 1.86 s in writes, one after the other).
@@ -557,7 +597,7 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
       progress.blocksDone += d.count;
       if (!d.hole) progress.bytesRead += d.length; // a hole is not read
       if (d.direct) progress.bytesReadDirect += d.length;
-      free.push(d.slot);
+      if (!lendViews) slotSource.give(d.slot); // lent ones are given back at the end
       if (unflushed >= FLUSH_BYTES) {
         await store.flush();
         unflushed = 0;
@@ -594,11 +634,12 @@ async function scanOnce(store: Store, reader: VolumeReader, opts: SnapshotOption
       return snap;
     });
   } finally {
-    // Pack writes read from the slots: they end before the buffer can go to another scan.
+    over = true;
+    // Pack writes read from the slots: they end before the slots can go to another scan.
     await Promise.allSettled([...inflight, ...puts.map((p) => p.stored)]);
     await directOpen?.close().catch(() => undefined);
     const giveBack = async () => {
-      if (pool) await store.hashPools.giveBack(pool);
+      if (share) await share.end(localPath);
       else spareSlots = { buf: own!, aligned: directOpen !== null };
     };
     // Lent out: the buffer goes to another scan once the borrower is done with it (it finishes

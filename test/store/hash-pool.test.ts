@@ -1,19 +1,20 @@
 /**
  * Hash-worker pools (store/hash-pool.ts): idle ones kept for the next scan for a while, then
  * ended (with keepWarm, a running appliance, one for as long as the store is open); the record
- * checksums the workers compute; their direct reads (a device's) against their buffered ones.
+ * checksums the workers compute; their direct reads (a device's) against their buffered ones;
+ * one pool shared by the scans running at once, and left to the others by one that fails.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomFillSync } from 'node:crypto';
 import { closeSync, constants, mkdtempSync, openSync, readSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { HashPools } from '../../store/hash-pool.js';
-import { Store, hashBlock, ZERO_HASH } from '../../store/index.js';
+import { Store, hashBlock, ZERO_HASH, type SnapshotRecord, type VolumeReader } from '../../store/index.js';
 import { scanLayout } from '../../store/scan.js';
-import { localFileReader, makeImage, storeWithImage, writeImage } from './helpers.js';
+import { fileReader, localFileReader, makeImage, storeWithImage, writeImage } from './helpers.js';
 import { CODEC_RAW, encodeRecordParts } from '../../store/pack.js';
 
 const BYTES = 1024 * 1024;
@@ -160,33 +161,146 @@ test("direct reads (a device's) answer as buffered ones, the next block read whi
   await assert.rejects(pool.hash(0, 4 * bs, bs, { path, position: (n - 2) * bs, direct: true }), /ended at byte|before its size/);
 });
 
-test('a scan that starts while another runs in the process takes a lean pool (fewer slots, one worker); both snapshots are those of a scan alone', async (t) => {
+/**
+ * `reader` with every read first waiting for `gate` and then `ms`; then failing with the abort of
+ * `signal`, or with an error from byte `failFrom` on.
+ */
+function slowed(reader: VolumeReader, ms: number, opts: { gate?: Promise<unknown>; signal?: AbortSignal; failFrom?: number; started?: { reads: number } } = {}): VolumeReader {
+  return {
+    ...reader,
+    read: async (buf, pos) => {
+      if (opts.started) opts.started.reads++;
+      await opts.gate;
+      await sleep(ms);
+      opts.signal?.throwIfAborted();
+      if (pos >= (opts.failFrom ?? Infinity)) throw new Error('the disk went away');
+      return reader.read(buf, pos);
+    },
+  };
+}
+
+/** Wait (bounded) until `n` reads of a {@link slowed} reader have started. */
+async function readsStarted(started: { reads: number }, n: number): Promise<void> {
+  for (let i = 0; started.reads < n; i++) {
+    assert.ok(i < 2000, `${n} reads started within 10 s`);
+    await sleep(5);
+  }
+}
+
+/** A promise and what settles it. */
+function gate(): { opened: Promise<void>; open(): void } {
+  let open!: () => void;
+  const opened = new Promise<void>((resolve) => (open = resolve));
+  return { opened, open };
+}
+
+/** Each of `snaps` equals a scan of its image alone (a fresh store, one scan at a time). */
+async function sameAsAlone(dir: string, bs: number, snaps: Array<[SnapshotRecord, string]>): Promise<void> {
+  const alone = await Store.open(join(dir, `alone-${snaps.length}-${Date.now()}`));
+  try {
+    for (const [snap, path] of snaps) {
+      const reader = await localFileReader(path);
+      try {
+        assert.equal(snap.root, (await alone.scanVolume(reader, { volume: snap.volume, blockSize: bs })).root, `${snap.volume} as a scan alone`);
+      } finally {
+        await reader.close();
+      }
+    }
+  } finally {
+    await alone.close();
+  }
+}
+
+/** Wait (bounded) until `store` has `n` scans sharing its pool. */
+async function scansSharing(store: Store, n: number): Promise<void> {
+  for (let i = 0; store.hashPools.scans !== n; i++) {
+    assert.ok(i < 2000, `${n} scan(s) sharing the pool within 10 s`);
+    await sleep(5);
+  }
+}
+
+test('scans running at once in a process share one pool, its workers (one per core) and its slots; the one that joins gets its share while the other goes on; both snapshots are those of a scan alone', { timeout: 120_000 }, async (t) => {
   const bs = 512 * 1024;
-  const a = makeImage(96, bs, { zeroEvery: 7 }); // 48 MiB: six chunks
+  const a = makeImage(192, bs, { zeroEvery: 7 }); // 96 MiB: twelve chunks
   const b = makeImage(80, bs, { zeroEvery: 5, tail: 1000 });
   const { dir, path: pathA, store } = await storeWithImage(t, a);
   const pathB = join(dir, 'img-b');
   await writeImage(pathB, b);
-  // The first scan's reads are slowed so that the second starts while it runs.
-  const slowA = await localFileReader(pathA);
-  const slowRead = slowA.read;
-  const first = store.scanVolume({ ...slowA, read: async (buf, pos) => (await sleep(20), slowRead(buf, pos)) }, { volume: 'a', blockSize: bs });
-  while (store.hashPools.inUse === 0) await sleep(5);
+  // The first scan reads on the calling thread (a reader without a path), each chunk slowly, so
+  // the second starts while it runs; the second's workers read its file themselves (its slots
+  // start at another offset in their pages: store/scan.ts SLOT_GAP).
+  const readerA = await fileReader(pathA);
   const readerB = await localFileReader(pathB);
-  const second = store.scanVolume(readerB, { volume: 'b', blockSize: bs });
+  t.after(() => Promise.all([readerA.close(), readerB.close()]));
+  const ended: string[] = [];
+  const first = store.scanVolume(slowed(readerA, 150), { volume: 'a', blockSize: bs }).finally(() => ended.push('a'));
+  await scansSharing(store, 1);
+  const second = store.scanVolume(readerB, { volume: 'b', blockSize: bs }).finally(() => ended.push('b'));
+  await scansSharing(store, 2);
   const [sa, sb] = await Promise.all([first, second]);
-  await Promise.all([slowA.close(), readerB.close()]);
-  const { poolBytes, leanPoolBytes } = scanLayout(bs);
-  assert.ok(store.hashPools.hasIdle(leanPoolBytes), 'the second scan borrowed a lean pool');
-  assert.ok(store.hashPools.hasIdle(poolBytes), 'the first a full one');
-  assert.ok(leanPoolBytes < poolBytes / 2);
-  // Each as a scan of its image alone would make it (a fresh store, one scan at a time).
-  const alone = await Store.open(join(dir, 'alone'));
-  t.after(() => alone.close());
-  for (const [snap, path, volume] of [[sa, pathA, 'a'], [sb, pathB, 'b']] as const) {
-    const reader = await localFileReader(path);
-    assert.equal(snap.root, (await alone.scanVolume(reader, { volume, blockSize: bs })).root);
-    await reader.close();
-  }
+  // The second took slots as the first gave them back, not once it had ended.
+  assert.deepEqual(ended, ['b', 'a']);
+  assert.equal(store.hashPools.lent, 1, 'one pool for both scans');
+  assert.equal(store.hashPools.scans, 0);
+  const { poolBytes } = scanLayout(bs);
+  const pool = store.hashPools.borrow(poolBytes);
+  assert.equal(pool.threads, availableParallelism(), 'one worker per core, not one more for the second scan');
+  await store.hashPools.giveBack(pool);
+  await sameAsAlone(dir, bs, [[sa, pathA], [sb, pathB]]);
+  assert.equal((await store.verify()).problems.length, 0);
+});
+
+test('a scan that fails or is aborted while it shares the pool leaves it to the others: one waiting for a slot gets them once it has ended; one aborted while it waits ends at once', { timeout: 120_000 }, async (t) => {
+  const bs = 512 * 1024;
+  const a = makeImage(192, bs, { zeroEvery: 9 });
+  const b = makeImage(64, bs, { zeroEvery: 4 });
+  const { dir, path: pathA, store } = await storeWithImage(t, a);
+  const pathB = join(dir, 'img-b');
+  await writeImage(pathB, b);
+  const readerA = await fileReader(pathA);
+  const readerB = await localFileReader(pathB);
+  t.after(() => Promise.all([readerA.close(), readerB.close()]));
+  const { slots } = scanLayout(bs);
+  // The first holds every slot (its reads wait) when the second starts and waits for one; then
+  // the first fails, none of its chunks stored: the slots come back when it ends.
+  const fails = async (how: 'aborted' | 'failed', volume: string): Promise<SnapshotRecord> => {
+    const lent = store.hashPools.lent;
+    const held = gate();
+    const abort = new AbortController();
+    const started = { reads: 0 };
+    const first = store.scanVolume(slowed(readerA, 0, { gate: held.opened, signal: abort.signal, failFrom: 0, started }), { volume: 'a', blockSize: bs, signal: abort.signal });
+    await readsStarted(started, slots); // a chunk is one read (a reader without a path is read on the calling thread)
+    let waited = true;
+    const second = store.scanVolume(readerB, { volume, blockSize: bs }).finally(() => (waited = false));
+    await scansSharing(store, 2);
+    await sleep(200);
+    assert.ok(waited, 'the second waits for a slot');
+    if (how === 'aborted') abort.abort();
+    held.open();
+    await assert.rejects(first, how === 'aborted' ? (e: Error) => e.name === 'AbortError' : /the disk went away/);
+    const snap = await second;
+    assert.equal(store.hashPools.scans, 0);
+    assert.equal(store.hashPools.lent, lent + 1, 'both on one pool');
+    return snap;
+  };
+  const sb = await fails('aborted', 'b');
+  await sameAsAlone(dir, bs, [[sb, pathB]]);
+  assert.equal((await fails('failed', 'b2')).root, sb.root);
+  // A scan aborted while it waits for a slot ends then, not when a slot comes.
+  const held = gate();
+  const started = { reads: 0 };
+  const holder = store.scanVolume(slowed(readerA, 0, { gate: held.opened, started }), { volume: 'a2', blockSize: bs });
+  await readsStarted(started, slots);
+  const abort = new AbortController();
+  let waiting = true;
+  const waiter = store.scanVolume(readerB, { volume: 'b3', blockSize: bs, signal: abort.signal }).finally(() => (waiting = false));
+  await scansSharing(store, 2);
+  await sleep(200); // it waits for a slot by now
+  assert.ok(waiting);
+  abort.abort();
+  await assert.rejects(waiter, (e: Error) => e.name === 'AbortError');
+  assert.equal(store.hashPools.scans, 1, 'the holder goes on');
+  held.open();
+  await sameAsAlone(dir, bs, [[await holder, pathA]]);
   assert.equal((await store.verify()).problems.length, 0);
 });
