@@ -50,6 +50,15 @@ interface StoredDelta {
 }
 /** @internal A block to store (putVerifiedMany), with the delta payload to store it as, if any. */
 export type PutFrame = BlockFrame & { readonly asDelta?: AsDelta };
+
+/** A byte budget as putBlocks watches it: told when someone waits for it (store/budget.ts). */
+type ContendedBudget = Pick<ByteBudget, 'onContended'>;
+
+/** How {@link Store.putBlocks} takes its input. */
+export interface PutBlocksOptions {
+  /** The byte budget the input's frames hold until released, shared with other streams (sync/framing.ts DecodeOptions.budget). */
+  readonly budget?: ContendedBudget;
+}
 interface AsDelta {
   /** A block this store holds whole; ZERO_HASH for a sparse record (CODEC_SPARSE). */
   readonly base: Hash;
@@ -899,11 +908,17 @@ export class Store implements ReplicaStore {
    * they arrive and written in batches of about {@link PUT_BATCH_BYTES}; while one batch is being
    * written the next is verified, so hashing and disk writes overlap. A block that fails its
    * hash stops the stream with ERR_BLOCK_CORRUPT; the blocks before it are kept (flushed).
+   * Each frame's `release` is called once its bytes are written or dropped.
+   *
+   * `opts.budget`: the byte budget `input`'s frames hold until released (sync/framing.ts
+   * DecodeOptions.budget). While someone waits for it and this stream waits for its next frame,
+   * the frames held go to the writer at once, as for the delta budget ({@link resolveDeltas}):
+   * a stream waiting for its sender, or for that budget, holds none of it but writes under way.
    */
-  async putBlocks(input: AsyncIterable<BlockFrame>): Promise<PutBlocksResult> {
+  async putBlocks(input: AsyncIterable<BlockFrame>, opts: PutBlocksOptions = {}): Promise<PutBlocksResult> {
     this.checkOpen();
     const needWhole: Hash[] = [];
-    const frames = this.resolveDeltas(input, needWhole);
+    const frames = this.resolveDeltas(input, needWhole, opts.budget);
     const discards = this.discards;
     let stored = 0;
     let bytes = 0;
@@ -1001,14 +1016,18 @@ export class Store implements ReplicaStore {
    *
    * Each block built takes its length of the store's {@link deltaBudget} first, given back by its
    * `release` (putBlocks calls it once the block is written). When the budget is short, or another
-   * stream waits for it while this one waits for its next frame, the blocks built are handed over
-   * and FLUSH has putBlocks write its batch at once: a stream waiting for budget or for its sender
-   * holds none but what is being written, so streams never wait on each other's budget.
+   * stream waits for it (or for `held`, the budget the input's frames hold) while this one waits
+   * for its next frame, the blocks built and frames passed on are handed over and FLUSH has
+   * putBlocks write its batch at once: a stream waiting for budget or for its sender holds none
+   * but what is being written, so streams never wait on each other's budget. (The two budgets are
+   * apart: a stream whose frames decoded ahead hold `held` may wait for the delta budget, whose
+   * holders need nothing of `held` to write theirs.) A delta frame's `release` is called with the
+   * block built from it, whose stored record may be its patches.
    */
-  private async *resolveDeltas(input: AsyncIterable<BlockFrame>, needWhole: Hash[]): AsyncGenerator<PutFrame | typeof FLUSH> {
+  private async *resolveDeltas(input: AsyncIterable<BlockFrame>, needWhole: Hash[], held?: ContendedBudget): AsyncGenerator<PutFrame | typeof FLUSH> {
     const budget = this.deltaBudget;
     const pending: Array<Promise<PutFrame | null>> = [];
-    /** Blocks built from deltas handed to putBlocks since its last FLUSH: its batch holds their budget. */
+    /** Frames handed to putBlocks since its last FLUSH that hold budget (built from deltas, or holding `held`). */
     let unflushed = false;
     /** Everything built so far to putBlocks, then FLUSH: this stream then holds budget only for writes under way. */
     async function* flushOut(): AsyncGenerator<PutFrame | typeof FLUSH> {
@@ -1032,11 +1051,14 @@ export class Store implements ReplicaStore {
         else {
           // Holding budget while the sender is slow: given up as soon as another stream wants it.
           let cancel = (): void => undefined;
+          let cancelHeld = (): void => undefined;
           const wanted = new Promise<typeof CONTENDED>((resolve) => {
             cancel = budget.onContended(() => resolve(CONTENDED));
+            if (held) cancelHeld = held.onContended(() => resolve(CONTENDED));
           });
           const got = await Promise.race([next, wanted]);
           cancel();
+          cancelHeld();
           if (got === CONTENDED) {
             yield* flushOut();
             continue;
@@ -1048,6 +1070,7 @@ export class Store implements ReplicaStore {
         const f = r.value;
         if (!f?.delta) {
           f?.base?.release?.();
+          if (held) unflushed = true;
           yield f;
           continue;
         }
@@ -1060,18 +1083,21 @@ export class Store implements ReplicaStore {
         const p = this.resolveDelta(f, needWhole).then(
           (b) => {
             if (!b) {
+              f.release?.();
               budget.give(n);
               return null;
             }
             let given = false;
             const release = () => {
               b.release?.();
+              f.release?.();
               if (!given) budget.give(n);
               given = true;
             };
             return { ...b, release };
           },
           (e: unknown) => {
+            f.release?.();
             budget.give(n);
             throw e;
           },
