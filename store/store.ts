@@ -832,9 +832,12 @@ export class Store implements ReplicaStore {
    * records, in one synced batch, so a repair stopped midway keeps what its batches wrote. The
    * damaged records' bytes are no longer referenced, and gc reclaims them. A copy that does not
    * match its hash stops the stream with ERR_BLOCK_CORRUPT; the batches before its own stay.
-   * `onRepaired` is told the hashes of each batch once it is durable.
+   * `onRepaired` is told the hashes of each batch once it is durable. Each frame is held until
+   * its batch is written (no copy) and its `release` called then, or when it is dropped.
+   * `opts.budget`: as {@link putBlocks}' (a receiving server's budget of decoded frames): while
+   * someone waits for it and this stream waits for its next frame, the batch is written at once.
    */
-  async repairBlocks(frames: Iterable<BlockFrame> | AsyncIterable<BlockFrame>, onRepaired?: (hashes: readonly Hash[]) => void | Promise<void>): Promise<number> {
+  async repairBlocks(frames: Iterable<BlockFrame> | AsyncIterable<BlockFrame>, onRepaired?: (hashes: readonly Hash[]) => void | Promise<void>, opts: PutBlocksOptions = {}): Promise<number> {
     this.checkOpen();
     let repaired = 0;
     let batch: BlockFrame[] = [];
@@ -843,19 +846,23 @@ export class Store implements ReplicaStore {
       const items = batch;
       batch = [];
       bytes = 0;
-      await this.gcLock.shared(() => this.writeLock.run(async () => {
-        this.checkOpen();
-        await this.flushLocked();
-        let locs: BlockLocation[];
-        try {
-          locs = await this.packs.appendMany(items.map((it) => ({ hash: it.hash, codec: CODEC_RAW, payload: it.data })));
-        } catch (e) {
-          if (this.packs.failed) await this.discardFailedLocked();
-          throw e;
-        }
-        items.forEach((it, i) => this.pending.set(it.hash.toString('latin1'), locs[i]!));
-        await this.flushLocked();
-      }));
+      try {
+        await this.gcLock.shared(() => this.writeLock.run(async () => {
+          this.checkOpen();
+          await this.flushLocked();
+          let locs: BlockLocation[];
+          try {
+            locs = await this.packs.appendMany(items.map((it) => ({ hash: it.hash, codec: CODEC_RAW, payload: it.data })));
+          } catch (e) {
+            if (this.packs.failed) await this.discardFailedLocked();
+            throw e;
+          }
+          items.forEach((it, i) => this.pending.set(it.hash.toString('latin1'), locs[i]!));
+          await this.flushLocked();
+        }));
+      } finally {
+        for (const it of items) it.release?.(); // written (or failed): the bytes are no longer needed
+      }
       repaired += items.length;
       await onRepaired?.(items.map((it) => it.hash));
     };
@@ -864,26 +871,63 @@ export class Store implements ReplicaStore {
     const seen = new Set<string>();
     /** Blocks found good here: a damage record of them is stale, cleared with the last batch. */
     const good: Hash[] = [];
-    for await (const f of frames) {
-      if (!isHash(f.hash) || isZeroHash(f.hash) || !blake3(f.data).equals(f.hash)) {
-        throw new TandemError('ERR_BLOCK_CORRUPT', `the copy of block ${isHash(f.hash) ? toHex(f.hash) : '?'} to repair with does not match its hash; it was not written`, { details: { hash: isHash(f.hash) ? toHex(f.hash) : null } });
+    const it = (async function* () {
+      yield* frames;
+    })();
+    /** The next frame while it is on its way (not awaited on a failure: the sender may never send it). */
+    let inFlight: Promise<IteratorResult<BlockFrame>> | undefined;
+    let failed = true;
+    try {
+      for (;;) {
+        const next = it.next();
+        inFlight = next;
+        let r: IteratorResult<BlockFrame>;
+        if (opts.budget && batch.length > 0) {
+          // Holding budget while the sender is slow: the batch is written as soon as another stream wants it.
+          next.catch(() => undefined); // observed below
+          let cancel = (): void => undefined;
+          const wanted = new Promise<typeof CONTENDED>((resolve) => {
+            cancel = opts.budget!.onContended(() => resolve(CONTENDED));
+          });
+          const got = await Promise.race([next, wanted]);
+          cancel();
+          if (got === CONTENDED) {
+            await write();
+            r = await next;
+          } else r = got;
+        } else r = await next;
+        inFlight = undefined;
+        if (r.done) break;
+        const f = r.value;
+        if (!isHash(f.hash) || isZeroHash(f.hash) || !blake3(f.data).equals(f.hash)) {
+          f.release?.();
+          throw new TandemError('ERR_BLOCK_CORRUPT', `the copy of block ${isHash(f.hash) ? toHex(f.hash) : '?'} to repair with does not match its hash; it was not written`, { details: { hash: isHash(f.hash) ? toHex(f.hash) : null } });
+        }
+        const key = f.hash.toString('latin1');
+        if (seen.has(key)) {
+          f.release?.();
+          continue;
+        }
+        seen.add(key);
+        if (await this.holdsGoodCopy(f.hash)) {
+          good.push(Buffer.from(f.hash));
+          f.release?.();
+          continue;
+        }
+        // Held until written (its buffer may be a pooled one, or hold budget), then released.
+        batch.push({ ...f, hash: Buffer.from(f.hash) });
+        bytes += f.data.length;
+        if (bytes >= REPAIR_BATCH_BYTES) await write();
       }
-      const key = f.hash.toString('latin1');
-      if (seen.has(key)) {
-        f.release?.();
-        continue;
+      failed = false;
+    } finally {
+      if (failed) {
+        for (const f of batch.splice(0)) f.release?.(); // not written: a rerun sends them again
+        if (inFlight) {
+          void inFlight.then((r) => void (!r.done && r.value?.release?.()), () => undefined);
+          void it.return(undefined).catch(() => undefined);
+        } else await it.return(undefined).catch(() => undefined);
       }
-      seen.add(key);
-      if (await this.holdsGoodCopy(f.hash)) {
-        good.push(Buffer.from(f.hash));
-        f.release?.();
-        continue;
-      }
-      // A copy of its own: the frame's buffer may be a pooled one the producer reuses.
-      batch.push({ hash: Buffer.from(f.hash), data: Buffer.from(f.data) });
-      bytes += f.data.length;
-      f.release?.();
-      if (bytes >= REPAIR_BATCH_BYTES) await write();
     }
     if (batch.length > 0) await write();
     if (good.length > 0) await onRepaired?.(good);

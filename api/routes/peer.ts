@@ -64,8 +64,8 @@ const DRAIN_LIMIT_BYTES = 64 * 1024 * 1024;
  */
 const RECEIVE_AHEAD_FRAMES = 8;
 /**
- * Bytes of decoded frames that all uploads (blocks/put) hold at once, from a frame's decoding to
- * its block's write (sync/framing.ts DecodeOptions.budget, store/budget.ts): a frame takes its
+ * Bytes of decoded frames that all uploads (blocks/put, blocks/repair) hold at once, from a
+ * frame's decoding to its block's write (sync/framing.ts DecodeOptions.budget, store/budget.ts): a frame takes its
  * decoded length before its payload is read or inflated. A deflated frame of a 16 MiB block of
  * zeros is 16 KB on the wire: 12 uploads of 24 such frames (390 KB each) took a server's peak RSS
  * up by 378-396 MiB before it and {@link receivePool}'s buffers of every size (4 runs), by
@@ -707,7 +707,8 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     const source = meter.chunks(body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>);
     try {
       // Each batch, once durable, leaves the damage list.
-      const repaired = await store.repairBlocks(decodeFrames(source, { upload: true, stall: stallOf(req), slot: slotOf(req, reply, meter) }), (hashes) => clearDamage(store, hashes.map(toHex)));
+      const decoded = decodeFrames(source, { budget: receiveBudget, upload: true, stall: stallOf(req), slot: slotOf(req, reply, meter) });
+      const repaired = await store.repairBlocks(decoded, (hashes) => clearDamage(store, hashes.map(toHex)), { budget: receiveBudget });
       return { repaired };
     } catch (e) {
       await drainUnless(meter, body, reply);

@@ -174,6 +174,38 @@ test('deflate bombs do not expand past the budget of received frames: 12 uploads
   assert.ok(peak - before < 288, `peak RSS grew by ${Math.round(peak - before)} MiB`);
 });
 
+test('repair streams that each send 7 deflated frames of 1 MiB blocks and then wait hold them within the budget of received frames: 40 of them (280 MiB of blocks, 200 KB on the wire) keep the server\'s peak RSS bounded, and it goes on storing', async (t) => {
+  const b = await initHome(t, 'cloud');
+  const sb = await startServe(t, b);
+  const u = new URL(sb.url);
+  const open: Array<() => void> = [];
+  t.after(() => open.forEach((end) => end()));
+  const streams = 40;
+  const before = peakRssKiB(sb.child.pid!);
+  for (let n = 0; n < streams; n++) {
+    const frames = Array.from({ length: 7 }, () => {
+      const data = Buffer.alloc(MiB, 1 + n);
+      randomBytes(8).copy(data, 4096);
+      return deflateFrame(data);
+    });
+    const req = httpsRequest({ host: u.hostname, port: u.port, path: '/v1/blocks/repair', method: 'POST', rejectUnauthorized: false, headers: { authorization: `Bearer ${b.token}`, 'content-type': 'application/octet-stream' } });
+    req.on('error', () => undefined);
+    req.on('response', (res) => res.resume());
+    req.write(Buffer.concat(frames)); // and no end frame: the stream waits for its sender
+    open.push(() => req.destroy());
+  }
+  await delay(3000); // each has sent its 7 frames (a repair writes its batch at 8 MiB)
+  const grew = (peakRssKiB(sb.child.pid!) - before) / 1024;
+  t.diagnostic(`server peak RSS grew by ${grew.toFixed(0)} MiB with ${streams} repair streams holding 7 MiB each`);
+  // The budget is 128 MiB of received frames; the rest is the server's own.
+  assert.ok(grew < 240, `peak RSS grew by ${grew.toFixed(0)} MiB`);
+  // The budget is not held up by them: an upload of blocks completes.
+  const block = randomBytes(MiB);
+  const r = await upload(sb, b.token, Buffer.concat([frameHeader(0x42, 0, blake3(block), MiB, MiB), block, endFrame(1)]));
+  assert.equal(r.status, 200, JSON.stringify(r.json));
+  assert.equal(r.json.stored, 1);
+});
+
 /**
  * An upload that begins a raw frame of 16 MiB and then sends `piece` bytes of it every `everyMs` (never
  * silent long enough to be stalled): it holds an upload slot for as long as it goes on. `answer`

@@ -120,3 +120,21 @@ test('frames of a stream that fails give their bytes back: those read ahead, tho
   const r = await within(20_000, 'the budget was not given back', receive(store, budget, pool, sender(bs)));
   assert.equal(r.stored, 10 - 4); // blocks 0-3 were stored by the first stream, before its bad frame
 });
+
+test('repair streams hold received frames in their write batch within the budget too: two that each fill half of it and want more complete, and a failed one gives its bytes back', async (t) => {
+  const { store, budget } = await setup(t);
+  const [a, b] = [blocks(6), blocks(6).map((d) => Buffer.from(d.map((x) => x ^ 0x80)))];
+  // A repair's batch is written at 8 MiB: without the handover, each would hold its 2.5 MiB and wait for more.
+  const repair = (source: AsyncIterable<Buffer>) => store.repairBlocks(decodeFrames(source, { budget, upload: true }), undefined, { budget });
+  const results = await within(20_000, 'two repair streams waited on each other\'s budget for 20 s', Promise.all([repair(sender(a)), repair(sender(b))]));
+  assert.deepEqual(results, [6, 6]);
+  assert.equal(budget.inUse, 0);
+  for (const d of [...a, ...b]) assert.ok((await store.getBlock(hashBlock(d), SIZE)).equals(d));
+  const c = blocks(3).map((d) => Buffer.from(d.map((x) => x ^ 0x40)));
+  await assert.rejects(repair((async function* () {
+    yield frame(c[0]!);
+    yield frame(c[1]!);
+    yield frame(c[2]!).subarray(0, 100);
+  })()), { code: 'ERR_BLOCK_CORRUPT' });
+  assert.equal(budget.inUse, 0, 'the frames of its unwritten batch gave their bytes back');
+});
