@@ -9,5 +9,6 @@ export { mergeRanges, rangesOf, indicesIn, type BlockRanges } from './block-rang
 export { FANOUT, treeHeight, blockCount, nodeHash, makeNode } from './tree.js';
 export type { BlockChange } from './tree.js';
 export { Store, DEFAULT_BLOCK_SIZE, RESERVE_BYTES } from './store.js';
-export type { BuildSnapshotOptions } from './store.js';
+export type { BuildSnapshotOptions, PutBlocksOptions } from './store.js';
+export { ByteBudget } from './budget.js';
 export type { VerifyOptions } from './verify.js';

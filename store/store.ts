@@ -50,6 +50,15 @@ interface StoredDelta {
 }
 /** @internal A block to store (putVerifiedMany), with the delta payload to store it as, if any. */
 export type PutFrame = BlockFrame & { readonly asDelta?: AsDelta };
+
+/** A byte budget as putBlocks watches it: told when someone waits for it (store/budget.ts). */
+type ContendedBudget = Pick<ByteBudget, 'onContended'>;
+
+/** How {@link Store.putBlocks} takes its input. */
+export interface PutBlocksOptions {
+  /** The byte budget the input's frames hold until released, shared with other streams (sync/framing.ts DecodeOptions.budget). */
+  readonly budget?: ContendedBudget;
+}
 interface AsDelta {
   /** A block this store holds whole; ZERO_HASH for a sparse record (CODEC_SPARSE). */
   readonly base: Hash;
@@ -854,9 +863,12 @@ export class Store implements ReplicaStore {
    * records, in one synced batch, so a repair stopped midway keeps what its batches wrote. The
    * damaged records' bytes are no longer referenced, and gc reclaims them. A copy that does not
    * match its hash stops the stream with ERR_BLOCK_CORRUPT; the batches before its own stay.
-   * `onRepaired` is told the hashes of each batch once it is durable.
+   * `onRepaired` is told the hashes of each batch once it is durable. Each frame is held until
+   * its batch is written (no copy) and its `release` called then, or when it is dropped.
+   * `opts.budget`: as {@link putBlocks}' (a receiving server's budget of decoded frames): while
+   * someone waits for it and this stream waits for its next frame, the batch is written at once.
    */
-  async repairBlocks(frames: Iterable<BlockFrame> | AsyncIterable<BlockFrame>, onRepaired?: (hashes: readonly Hash[]) => void | Promise<void>): Promise<number> {
+  async repairBlocks(frames: Iterable<BlockFrame> | AsyncIterable<BlockFrame>, onRepaired?: (hashes: readonly Hash[]) => void | Promise<void>, opts: PutBlocksOptions = {}): Promise<number> {
     this.checkOpen();
     let repaired = 0;
     let batch: BlockFrame[] = [];
@@ -865,19 +877,23 @@ export class Store implements ReplicaStore {
       const items = batch;
       batch = [];
       bytes = 0;
-      await this.gcLock.shared(() => this.writeLock.run(async () => {
-        this.checkOpen();
-        await this.flushLocked();
-        let locs: BlockLocation[];
-        try {
-          locs = await this.packs.appendMany(items.map((it) => ({ hash: it.hash, codec: CODEC_RAW, payload: it.data })));
-        } catch (e) {
-          if (this.packs.failed) await this.discardFailedLocked();
-          throw e;
-        }
-        items.forEach((it, i) => this.pending.set(it.hash.toString('latin1'), locs[i]!));
-        await this.flushLocked();
-      }));
+      try {
+        await this.gcLock.shared(() => this.writeLock.run(async () => {
+          this.checkOpen();
+          await this.flushLocked();
+          let locs: BlockLocation[];
+          try {
+            locs = await this.packs.appendMany(items.map((it) => ({ hash: it.hash, codec: CODEC_RAW, payload: it.data })));
+          } catch (e) {
+            if (this.packs.failed) await this.discardFailedLocked();
+            throw e;
+          }
+          items.forEach((it, i) => this.pending.set(it.hash.toString('latin1'), locs[i]!));
+          await this.flushLocked();
+        }));
+      } finally {
+        for (const it of items) it.release?.(); // written (or failed): the bytes are no longer needed
+      }
       repaired += items.length;
       await onRepaired?.(items.map((it) => it.hash));
     };
@@ -886,26 +902,63 @@ export class Store implements ReplicaStore {
     const seen = new Set<string>();
     /** Blocks found good here: a damage record of them is stale, cleared with the last batch. */
     const good: Hash[] = [];
-    for await (const f of frames) {
-      if (!isHash(f.hash) || isZeroHash(f.hash) || !blake3(f.data).equals(f.hash)) {
-        throw new TandemError('ERR_BLOCK_CORRUPT', `the copy of block ${isHash(f.hash) ? toHex(f.hash) : '?'} to repair with does not match its hash; it was not written`, { details: { hash: isHash(f.hash) ? toHex(f.hash) : null } });
+    const it = (async function* () {
+      yield* frames;
+    })();
+    /** The next frame while it is on its way (not awaited on a failure: the sender may never send it). */
+    let inFlight: Promise<IteratorResult<BlockFrame>> | undefined;
+    let failed = true;
+    try {
+      for (;;) {
+        const next = it.next();
+        inFlight = next;
+        let r: IteratorResult<BlockFrame>;
+        if (opts.budget && batch.length > 0) {
+          // Holding budget while the sender is slow: the batch is written as soon as another stream wants it.
+          next.catch(() => undefined); // observed below
+          let cancel = (): void => undefined;
+          const wanted = new Promise<typeof CONTENDED>((resolve) => {
+            cancel = opts.budget!.onContended(() => resolve(CONTENDED));
+          });
+          const got = await Promise.race([next, wanted]);
+          cancel();
+          if (got === CONTENDED) {
+            await write();
+            r = await next;
+          } else r = got;
+        } else r = await next;
+        inFlight = undefined;
+        if (r.done) break;
+        const f = r.value;
+        if (!isHash(f.hash) || isZeroHash(f.hash) || !blake3(f.data).equals(f.hash)) {
+          f.release?.();
+          throw new TandemError('ERR_BLOCK_CORRUPT', `the copy of block ${isHash(f.hash) ? toHex(f.hash) : '?'} to repair with does not match its hash; it was not written`, { details: { hash: isHash(f.hash) ? toHex(f.hash) : null } });
+        }
+        const key = f.hash.toString('latin1');
+        if (seen.has(key)) {
+          f.release?.();
+          continue;
+        }
+        seen.add(key);
+        if (await this.holdsGoodCopy(f.hash)) {
+          good.push(Buffer.from(f.hash));
+          f.release?.();
+          continue;
+        }
+        // Held until written (its buffer may be a pooled one, or hold budget), then released.
+        batch.push({ ...f, hash: Buffer.from(f.hash) });
+        bytes += f.data.length;
+        if (bytes >= REPAIR_BATCH_BYTES) await write();
       }
-      const key = f.hash.toString('latin1');
-      if (seen.has(key)) {
-        f.release?.();
-        continue;
+      failed = false;
+    } finally {
+      if (failed) {
+        for (const f of batch.splice(0)) f.release?.(); // not written: a rerun sends them again
+        if (inFlight) {
+          void inFlight.then((r) => void (!r.done && r.value?.release?.()), () => undefined);
+          void it.return(undefined).catch(() => undefined);
+        } else await it.return(undefined).catch(() => undefined);
       }
-      seen.add(key);
-      if (await this.holdsGoodCopy(f.hash)) {
-        good.push(Buffer.from(f.hash));
-        f.release?.();
-        continue;
-      }
-      // A copy of its own: the frame's buffer may be a pooled one the producer reuses.
-      batch.push({ hash: Buffer.from(f.hash), data: Buffer.from(f.data) });
-      bytes += f.data.length;
-      f.release?.();
-      if (bytes >= REPAIR_BATCH_BYTES) await write();
     }
     if (batch.length > 0) await write();
     if (good.length > 0) await onRepaired?.(good);
@@ -930,11 +983,17 @@ export class Store implements ReplicaStore {
    * they arrive and written in batches of about {@link PUT_BATCH_BYTES}; while one batch is being
    * written the next is verified, so hashing and disk writes overlap. A block that fails its
    * hash stops the stream with ERR_BLOCK_CORRUPT; the blocks before it are kept (flushed).
+   * Each frame's `release` is called once its bytes are written or dropped.
+   *
+   * `opts.budget`: the byte budget `input`'s frames hold until released (sync/framing.ts
+   * DecodeOptions.budget). While someone waits for it and this stream waits for its next frame,
+   * the frames held go to the writer at once, as for the delta budget ({@link resolveDeltas}):
+   * a stream waiting for its sender, or for that budget, holds none of it but writes under way.
    */
-  async putBlocks(input: AsyncIterable<BlockFrame>): Promise<PutBlocksResult> {
+  async putBlocks(input: AsyncIterable<BlockFrame>, opts: PutBlocksOptions = {}): Promise<PutBlocksResult> {
     this.checkOpen();
     const needWhole: Hash[] = [];
-    const frames = this.resolveDeltas(input, needWhole);
+    const frames = this.resolveDeltas(input, needWhole, opts.budget);
     const discards = this.discards;
     let stored = 0;
     let bytes = 0;
@@ -1032,14 +1091,18 @@ export class Store implements ReplicaStore {
    *
    * Each block built takes its length of the store's {@link deltaBudget} first, given back by its
    * `release` (putBlocks calls it once the block is written). When the budget is short, or another
-   * stream waits for it while this one waits for its next frame, the blocks built are handed over
-   * and FLUSH has putBlocks write its batch at once: a stream waiting for budget or for its sender
-   * holds none but what is being written, so streams never wait on each other's budget.
+   * stream waits for it (or for `held`, the budget the input's frames hold) while this one waits
+   * for its next frame, the blocks built and frames passed on are handed over and FLUSH has
+   * putBlocks write its batch at once: a stream waiting for budget or for its sender holds none
+   * but what is being written, so streams never wait on each other's budget. (The two budgets are
+   * apart: a stream whose frames decoded ahead hold `held` may wait for the delta budget, whose
+   * holders need nothing of `held` to write theirs.) A delta frame's `release` is called with the
+   * block built from it, whose stored record may be its patches.
    */
-  private async *resolveDeltas(input: AsyncIterable<BlockFrame>, needWhole: Hash[]): AsyncGenerator<PutFrame | typeof FLUSH> {
+  private async *resolveDeltas(input: AsyncIterable<BlockFrame>, needWhole: Hash[], held?: ContendedBudget): AsyncGenerator<PutFrame | typeof FLUSH> {
     const budget = this.deltaBudget;
     const pending: Array<Promise<PutFrame | null>> = [];
-    /** Blocks built from deltas handed to putBlocks since its last FLUSH: its batch holds their budget. */
+    /** Frames handed to putBlocks since its last FLUSH that hold budget (built from deltas, or holding `held`). */
     let unflushed = false;
     /** Everything built so far to putBlocks, then FLUSH: this stream then holds budget only for writes under way. */
     async function* flushOut(): AsyncGenerator<PutFrame | typeof FLUSH> {
@@ -1063,11 +1126,14 @@ export class Store implements ReplicaStore {
         else {
           // Holding budget while the sender is slow: given up as soon as another stream wants it.
           let cancel = (): void => undefined;
+          let cancelHeld = (): void => undefined;
           const wanted = new Promise<typeof CONTENDED>((resolve) => {
             cancel = budget.onContended(() => resolve(CONTENDED));
+            if (held) cancelHeld = held.onContended(() => resolve(CONTENDED));
           });
           const got = await Promise.race([next, wanted]);
           cancel();
+          cancelHeld();
           if (got === CONTENDED) {
             yield* flushOut();
             continue;
@@ -1079,6 +1145,7 @@ export class Store implements ReplicaStore {
         const f = r.value;
         if (!f?.delta) {
           f?.base?.release?.();
+          if (held) unflushed = true;
           yield f;
           continue;
         }
@@ -1091,18 +1158,21 @@ export class Store implements ReplicaStore {
         const p = this.resolveDelta(f, needWhole).then(
           (b) => {
             if (!b) {
+              f.release?.();
               budget.give(n);
               return null;
             }
             let given = false;
             const release = () => {
               b.release?.();
+              f.release?.();
               if (!given) budget.give(n);
               given = true;
             };
             return { ...b, release };
           },
           (e: unknown) => {
+            f.release?.();
             budget.give(n);
             throw e;
           },

@@ -7,7 +7,7 @@ import type { ServerResponse } from 'node:http';
 import { Readable } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
 import { TandemError } from '../../common/errors.js';
-import { DEFAULT_BLOCK_SIZE, type Store } from '../../store/index.js';
+import { ByteBudget, DEFAULT_BLOCK_SIZE, type Store } from '../../store/index.js';
 import { childChanges } from '../../store/tree.js';
 import { checkReceivedSnapshotId } from '../../store/ids.js';
 import type { NodeChangeToPut, NodeToPut, SnapshotRecord, TreeNode } from '../../store/types.js';
@@ -58,12 +58,29 @@ function putNodeFromWire(n: S.WirePutNodeT): NodeToPut | NodeChangeToPut {
  */
 const DRAIN_LIMIT_BYTES = 64 * 1024 * 1024;
 
-/** Frames decoded ahead of the store's writes (8 x 512 KiB = 4 MiB per upload): the network keeps flowing while a block is written. */
+/**
+ * Frames decoded ahead of the store's writes (8 x 512 KiB = 4 MiB per upload): the network keeps
+ * flowing while a block is written. What they hold counts in {@link RECEIVE_BUDGET_BYTES}.
+ */
 const RECEIVE_AHEAD_FRAMES = 8;
 /**
- * Payload buffers of the default block size reused by every block stream this server receives
- * (the store releases each after writing it). 64 cover three parallel streams in flight
- * (read ahead plus two write batches each); at most 32 MiB stays allocated between syncs.
+ * Bytes of decoded frames that all uploads (blocks/put, blocks/repair) hold at once, from a
+ * frame's decoding to its block's write (sync/framing.ts DecodeOptions.budget, store/budget.ts): a frame takes its
+ * decoded length before its payload is read or inflated. A deflated frame of a 16 MiB block of
+ * zeros is 16 KB on the wire: 12 uploads of 24 such frames (390 KB each) took a server's peak RSS
+ * up by 378-396 MiB before it and {@link receivePool}'s buffers of every size (4 runs), by
+ * 212-229 MiB with both (3 runs; 295-311 MiB with the buffers alone; test/sync/hostile-upload.test.ts).
+ * A stream holds at most {@link RECEIVE_AHEAD_FRAMES} read ahead, a write batch and one being
+ * written (~12 MiB of 512 KiB blocks): 6 streams (two jobs of 3) need 72 MiB and never wait.
+ * Blocks built from deltas count apart (the store's delta budget: Store.putBlocks may wait for it
+ * while its stream's read-ahead holds this one).
+ */
+const RECEIVE_BUDGET_BYTES = 128 * 1024 * 1024;
+/**
+ * Payload buffers (raw and inflated) reused by every block stream this server receives (the
+ * store releases each after writing it). 64 of the default block size cover three parallel
+ * streams in flight (read ahead plus two write batches each); buffers of other sizes are kept
+ * within the same 32 MiB, which is all that stays allocated between syncs.
  */
 const receivePool = new BufferPool(DEFAULT_BLOCK_SIZE, 64);
 
@@ -79,9 +96,9 @@ const STALL_MS = Number(process.env.TANDEM_STALL_MS ?? 60_000);
  * Block streams (blocks/put, blocks/repair) receiving a frame at once: a stream holds a slot from
  * a frame's first bytes until it is idle between frames (sync/framing.ts DecodeOptions.slot), so
  * streams that wait for their sender (early sending's, open while the scans of a group's other
- * volumes run) hold none. A stream with a slot holds up to RECEIVE_AHEAD_FRAMES decoded frames
- * and one incomplete frame: the memory of uploads is bounded whatever the senders do (8 x 4.5 MiB
- * with 512 KiB blocks; 8 x 16 MiB of incomplete frames at the largest block size). A sync sends
+ * volumes run) hold none. A stream with a slot holds one incomplete frame, and decoded frames
+ * count in {@link RECEIVE_BUDGET_BYTES}: the memory of uploads is bounded whatever the senders do
+ * (8 x 16 MiB of incomplete frames at the largest block size). A sync sends
  * on up to 3 streams and a daemon runs 2 jobs at once (appliance/scheduler/runner.ts); a frame
  * past them waits for a slot.
  */
@@ -401,6 +418,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
   const { home, store, leases, stats } = deps;
   const slots = new StreamSlots(MAX_BLOCK_STREAMS);
   const getSlots = new StreamSlots(MAX_GET_STREAMS);
+  const receiveBudget = new ByteBudget(RECEIVE_BUDGET_BYTES);
   type BusyReply = { header(k: string, v: string): unknown; log: { warn(msg: string): void } };
   /** A slot of `from` within STREAM_WAIT_MS (its release function), else 503 ERR_SERVER_BUSY (logged, Retry-After 30) saying `busy`. */
   const slotWithin = async (from: StreamSlots, reply: BusyReply, logged: string, busy: string, holder?: SlotHolder): Promise<() => void> => {
@@ -662,7 +680,8 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     const source = meter.chunks(body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>);
     const lease = leaseOf(req.headers);
     async function* counted() {
-      for await (const f of readAhead(decodeFrames(source, { pool: receivePool, deltas: true, upload: true, stall: stallOf(req), slot: slotOf(req, reply, meter) }), RECEIVE_AHEAD_FRAMES)) {
+      const decoded = decodeFrames(source, { pool: receivePool, budget: receiveBudget, deltas: true, upload: true, stall: stallOf(req), slot: slotOf(req, reply, meter) });
+      for await (const f of readAhead(decoded, RECEIVE_AHEAD_FRAMES, (dropped) => dropped.release?.())) {
         if (received === 0) trace('server: first block frame decoded');
         if (lease) leases.touch(lease); // a moving stream keeps its sync's lease (api/leases.ts)
         const n = frameBlockLength(f);
@@ -675,7 +694,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
       }
     }
     try {
-      const r = await store.putBlocks(counted());
+      const r = await store.putBlocks(counted(), { budget: receiveBudget });
       trace(`server: ${received} blocks stored and flushed`);
       stats.blocksStored += r.stored;
       if (r.needWhole) trace(`server: ${r.needWhole.length} deltas of bases not held here: to be sent whole`);
@@ -697,7 +716,8 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     const source = meter.chunks(body.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>);
     try {
       // Each batch, once durable, leaves the damage list.
-      const repaired = await store.repairBlocks(decodeFrames(source, { upload: true, stall: stallOf(req), slot: slotOf(req, reply, meter) }), (hashes) => clearDamage(store, hashes.map(toHex)));
+      const decoded = decodeFrames(source, { budget: receiveBudget, upload: true, stall: stallOf(req), slot: slotOf(req, reply, meter) });
+      const repaired = await store.repairBlocks(decoded, (hashes) => clearDamage(store, hashes.map(toHex)), { budget: receiveBudget });
       return { repaired };
     } catch (e) {
       await drainUnless(meter, body, reply);

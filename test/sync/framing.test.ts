@@ -306,3 +306,29 @@ test('pooled pack reads: getBlocks frames carry release; a buffer is read into a
   r[0]!();
   assert.equal(given, 1);
 });
+
+test('deflated frames are inflated into the pool\'s buffers, of any size, reused once released; one that would inflate past its length is refused', async () => {
+  const pool = new BufferPool(512 * 1024, 8);
+  const block = Buffer.alloc(3 * 1024 * 1024, 7); // not the pool's common size
+  randomBytes(64).copy(block, 1000);
+  const wire = await encode([block]);
+  assert.equal(wire[1], CODEC_DEFLATE);
+  const once = async () => {
+    const got: BlockFrame[] = [];
+    for await (const f of decodeFrames(from([wire]), { verify: true, pool })) got.push(f);
+    assert.equal(got.length, 1);
+    assert.ok(got[0]!.data.equals(block));
+    assert.ok(got[0]!.release, 'an inflated frame carries the release of its pooled buffer');
+    return got[0]!;
+  };
+  const first = await once();
+  first.release!();
+  const second = await once();
+  assert.equal(second.data.buffer, first.data.buffer, 'inflated into the buffer the first frame gave back');
+  // The same payload under a rawLen one byte short: the inflate stops there.
+  const short = Buffer.from(wire);
+  short.writeUInt32BE(block.length - 1, 34);
+  await assert.rejects(async () => {
+    for await (const _ of decodeFrames(from([short]), { pool })) void _;
+  }, { code: 'ERR_BLOCK_CORRUPT', message: /does not inflate \(inflates past 3145727 bytes\)/ });
+});

@@ -7,13 +7,14 @@ import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
+import { deflateRawSync } from 'node:zlib';
 import { request as httpsRequest } from 'node:https';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { HEADER_BYTES } from '../../sync/framing.js';
 import { RemotePeer } from '../../api/client.js';
 import { blake3 } from '../../store/hash.js';
-import { cli, initHome, pair, peerClient, startCli, startServe, tempDir, type Served } from '../helpers/appliance.js';
+import { cli, initHome, pair, peerClient, startCli, startServe, tempDir, type Served, type TestHome } from '../helpers/appliance.js';
 
 const MiB = 1024 * 1024;
 const BIG = 16 * MiB;
@@ -62,6 +63,37 @@ function peakRssKiB(pid: number): number {
 }
 
 /**
+ * `uploads` uploads at once of `body` (`frames` block frames of the blocks `hashes`, each stored
+ * once). Checks each completes, every block is held and the store verifies; returns the server's
+ * peak RSS (MiB) before and after.
+ */
+async function flood(t: TestContext, b: TestHome, sb: Served, body: Buffer, frames: number, hashes: Buffer[], uploads: number, meanwhile = false): Promise<{ before: number; peak: number }> {
+  const before = peakRssKiB(sb.child.pid!);
+  const started = Date.now();
+  const timeout = new AbortController();
+  const answers = await Promise.race([
+    Promise.all(Array.from({ length: uploads }, () => upload(sb, b.token, body))),
+    delay(120_000, undefined, { signal: timeout.signal }).then(() => assert.fail(`${uploads} uploads did not all complete within 120 s (streams waiting on each other's budget)`)),
+  ]).finally(() => timeout.abort());
+  t.diagnostic(`${uploads} uploads completed in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+  for (const a of answers) {
+    assert.equal(a.status, 200, JSON.stringify(a.json));
+    assert.equal(a.json.received, frames);
+  }
+  // Each distinct block stored once (some by the uploads begun `meanwhile`, when there were).
+  const stored = answers.reduce((n, a) => n + a.json.stored, 0);
+  if (meanwhile) assert.ok(stored <= hashes.length);
+  else assert.equal(stored, hashes.length);
+  const peer = peerClient(b, sb);
+  assert.deepEqual(await peer.hasBlocks(hashes), hashes.map(() => true));
+  peer.close();
+  const peak = peakRssKiB(sb.child.pid!);
+  t.diagnostic(`server peak RSS ${Math.round(before / 1024)} MiB before the uploads, ${Math.round(peak / 1024)} MiB after`);
+  assert.equal((await cli(b, 'verify')).code, 0);
+  return { before: before / 1024, peak: peak / 1024 };
+}
+
+/**
  * `uploads` uploads at once, each of `frames` delta frames of blocks of `size` bytes made of one
  * random base the server holds (8 distinct blocks, an 8-byte write each). Checks each completes
  * and returns the server's peak RSS (MiB) before and after.
@@ -89,29 +121,7 @@ async function deltaFlood(t: TestContext, size: number, uploads: number, frames:
   const body = Buffer.concat([...Array.from({ length: frames }, (_, i) => frame(i)), endFrame(frames)]);
   await meanwhile?.(sb, b.token, frame);
   t.diagnostic(`each upload is ${body.length} bytes for ${frames} blocks of ${size / MiB} MiB`);
-  const before = peakRssKiB(sb.child.pid!);
-  const started = Date.now();
-  const timeout = new AbortController();
-  const answers = await Promise.race([
-    Promise.all(Array.from({ length: uploads }, () => upload(sb, b.token, body))),
-    delay(120_000, undefined, { signal: timeout.signal }).then(() => assert.fail(`${uploads} uploads of deltas did not all complete within 120 s (streams waiting on each other's budget)`)),
-  ]).finally(() => timeout.abort());
-  t.diagnostic(`${uploads} uploads completed in ${((Date.now() - started) / 1000).toFixed(1)} s`);
-  for (const a of answers) {
-    assert.equal(a.status, 200, JSON.stringify(a.json));
-    assert.equal(a.json.received, frames);
-  }
-  // Each distinct block stored once (some by the uploads `meanwhile` began, when it did).
-  const stored = answers.reduce((n, a) => n + a.json.stored, 0);
-  if (meanwhile) assert.ok(stored <= variants.length);
-  else assert.equal(stored, variants.length);
-  const peer = peerClient(b, sb);
-  assert.deepEqual(await peer.hasBlocks(variants.map((v) => v.hash)), variants.map(() => true));
-  peer.close();
-  const peak = peakRssKiB(sb.child.pid!);
-  t.diagnostic(`server peak RSS ${Math.round(before / 1024)} MiB before the uploads, ${Math.round(peak / 1024)} MiB after`);
-  assert.equal((await cli(b, 'verify')).code, 0);
-  return { before: before / 1024, peak: peak / 1024 };
+  return flood(t, b, sb, body, frames, variants.map((v) => v.hash), uploads, meanwhile !== undefined);
 }
 
 test('delta frames tiny on the wire do not expand past the store-wide budget of blocks built from them: 12 uploads of 2.3 KB (24 deltas of 16 MiB blocks each) keep the server\'s peak RSS bounded, and all complete', async (t) => {
@@ -138,6 +148,62 @@ test('uploads that send 7 deltas of 16 MiB blocks and then wait between frames d
     }
     await delay(1000); // each has built its 7 blocks (112 MiB each, 448 MiB asked of a 128 MiB budget)
   });
+});
+
+/** A codec-1 frame of `data`, deflated at level 9 (a block of zeros inflates about 1,000-fold). */
+function deflateFrame(data: Buffer): Buffer {
+  const payload = deflateRawSync(data, { level: 9 });
+  return Buffer.concat([frameHeader(0x42, 1, blake3(data), data.length, payload.length), payload]);
+}
+
+test('deflate bombs do not expand past the budget of received frames: 12 uploads of 24 deflated frames of 16 MiB blocks (390 KB each on the wire, 384 MiB inflated) keep the server\'s peak RSS bounded, and all complete', async (t) => {
+  const b = await initHome(t, 'cloud');
+  const sb = await startServe(t, b);
+  // 8 distinct blocks of zeros but for 8 random bytes each.
+  const blocks = Array.from({ length: 8 }, (_, i) => {
+    const data = Buffer.alloc(BIG);
+    randomBytes(8).copy(data, i * (BIG / 8));
+    return data;
+  });
+  const frames = blocks.map(deflateFrame);
+  const body = Buffer.concat([...Array.from({ length: 24 }, (_, i) => frames[i % frames.length]!), endFrame(24)]);
+  t.diagnostic(`each upload is ${body.length} bytes for 24 blocks of 16 MiB`);
+  const { before, peak } = await flood(t, b, sb, body, 24, blocks.map((d) => blake3(d)), 12);
+  // Received frames hold at most 128 MiB, in reused buffers; the rest is the server's own. It grew
+  // by 378-394 MiB when they were decoded ahead as they came, into fresh buffers (212-229 MiB now).
+  assert.ok(peak - before < 288, `peak RSS grew by ${Math.round(peak - before)} MiB`);
+});
+
+test('repair streams that each send 7 deflated frames of 1 MiB blocks and then wait hold them within the budget of received frames: 40 of them (280 MiB of blocks, 200 KB on the wire) keep the server\'s peak RSS bounded, and it goes on storing', async (t) => {
+  const b = await initHome(t, 'cloud');
+  const sb = await startServe(t, b);
+  const u = new URL(sb.url);
+  const open: Array<() => void> = [];
+  t.after(() => open.forEach((end) => end()));
+  const streams = 40;
+  const before = peakRssKiB(sb.child.pid!);
+  for (let n = 0; n < streams; n++) {
+    const frames = Array.from({ length: 7 }, () => {
+      const data = Buffer.alloc(MiB, 1 + n);
+      randomBytes(8).copy(data, 4096);
+      return deflateFrame(data);
+    });
+    const req = httpsRequest({ host: u.hostname, port: u.port, path: '/v1/blocks/repair', method: 'POST', rejectUnauthorized: false, headers: { authorization: `Bearer ${b.token}`, 'content-type': 'application/octet-stream' } });
+    req.on('error', () => undefined);
+    req.on('response', (res) => res.resume());
+    req.write(Buffer.concat(frames)); // and no end frame: the stream waits for its sender
+    open.push(() => req.destroy());
+  }
+  await delay(3000); // each has sent its 7 frames (a repair writes its batch at 8 MiB)
+  const grew = (peakRssKiB(sb.child.pid!) - before) / 1024;
+  t.diagnostic(`server peak RSS grew by ${grew.toFixed(0)} MiB with ${streams} repair streams holding 7 MiB each`);
+  // The budget is 128 MiB of received frames; the rest is the server's own.
+  assert.ok(grew < 240, `peak RSS grew by ${grew.toFixed(0)} MiB`);
+  // The budget is not held up by them: an upload of blocks completes.
+  const block = randomBytes(MiB);
+  const r = await upload(sb, b.token, Buffer.concat([frameHeader(0x42, 0, blake3(block), MiB, MiB), block, endFrame(1)]));
+  assert.equal(r.status, 200, JSON.stringify(r.json));
+  assert.equal(r.json.stored, 1);
 });
 
 /**
