@@ -352,7 +352,7 @@ async function main(): Promise<void> {
   writeFileSync(join(dir, 'rsyncd.conf'), `use chroot = no\n[mod]\n  path = ${mod}\n  read only = no\n  uid = root\n  gid = root\n`);
   const rsyncd = spawn('rsync', ['--daemon', '--no-detach', `--config=${join(dir, 'rsyncd.conf')}`, `--port=${rport}`, '--address=127.0.0.1'], { stdio: 'ignore' });
   started.push(rsyncd);
-  await new Promise((r) => setTimeout(r, 500));
+  await listening(rport);
   const changed1 = change(img, nChange, blocks);
   const payload = changed1.length * BLOCK;
   settle();
@@ -446,7 +446,7 @@ async function main(): Promise<void> {
     copyFileSync(img, join(mod, 'disk.img'));
     const rsyncdZ = spawn('rsync', ['--daemon', '--no-detach', `--config=${join(dir, 'rsyncd.conf')}`, `--port=${rport}`, '--address=127.0.0.1'], { stdio: 'ignore' });
     started.push(rsyncdZ);
-    await new Promise((r) => setTimeout(r, 500));
+    await listening(rport);
     const changed5 = change(img, nChange, blocks, textRows);
     writeFileSync(list, changed5.join('\n') + '\n');
     settle();
@@ -547,6 +547,23 @@ async function main(): Promise<void> {
   for (const [a, v, n] of rows) console.log(`${a.padEnd(w0)}  ${v.padStart(w1)}  ${n}`);
 }
 
+/**
+ * Resolves once something accepts connections on 127.0.0.1:`port` (an rsync daemon just started:
+ * a fixed 0.5 s wait was not always enough while the disk flushed a copied image); fails after 20 s.
+ */
+async function listening(port: number): Promise<void> {
+  for (let i = 0; i < 200; i++) {
+    const ok = await new Promise<boolean>((res) => {
+      const sock = connect(port, '127.0.0.1');
+      sock.once('connect', () => (sock.destroy(), res(true)));
+      sock.once('error', () => res(false));
+    });
+    if (ok) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`nothing listens on 127.0.0.1:${port} after 20 s (the rsync daemon did not start)`);
+}
+
 /** Child processes to stop whatever happens (a failed step must not leave a server running). */
 const started: ChildProcess[] = [];
 
@@ -560,4 +577,8 @@ main()
     console.error(e);
     process.exitCode = 1;
   })
-  .finally(() => cleanup(started));
+  .finally(() => {
+    cleanup(started);
+    // A failed step leaves the loopback proxies listening: exit rather than wait on them.
+    if (process.exitCode === 1) process.exit(1);
+  });
