@@ -258,7 +258,7 @@ async function main(): Promise<void> {
   // in two runs of one session, with the same disk use).
   const socat = async (): Promise<{ secs: number; cpu: string }> => {
     const sock = join(dir, 'socat.out');
-    const lport = 20000 + randomInt(0, 20000);
+    const lport = await freePort();
     const rx = spawn('socat', ['-u', `TCP-LISTEN:${lport},bind=127.0.0.1,reuseaddr`, `OPEN:${sock},creat,trunc`]);
     await new Promise((r) => setTimeout(r, 300));
     settle();
@@ -348,7 +348,7 @@ async function main(): Promise<void> {
   const mod = join(dir, 'rsync-module');
   mkdirSync(mod);
   copyFileSync(img, join(mod, 'disk.img'));
-  const rport = 20000 + randomInt(20000, 40000);
+  const rport = await freePort();
   writeFileSync(join(dir, 'rsyncd.conf'), `use chroot = no\n[mod]\n  path = ${mod}\n  read only = no\n  uid = root\n  gid = root\n`);
   const rsyncd = spawn('rsync', ['--daemon', '--no-detach', `--config=${join(dir, 'rsyncd.conf')}`, `--port=${rport}`, '--address=127.0.0.1'], { stdio: 'ignore' });
   started.push(rsyncd);
@@ -545,6 +545,19 @@ async function main(): Promise<void> {
   const w1 = Math.max(...rows.map((r) => r[1].length));
   console.log(`\nTandem sync benchmark: ${formatBytes(SIZE)} image, ${CHANGE_PCT} % of 512 KiB blocks changed by 4 KiB writes per step; ${disk}\n`);
   for (const [a, v, n] of rows) console.log(`${a.padEnd(w0)}  ${v.padStart(w1)}  ${n}`);
+}
+
+/**
+ * A port nothing listens on now (the kernel's pick for a listener closed at once), for socat and
+ * the rsync daemon, which take a port number: a random one could be the port of a server or
+ * proxy of this run (rsync then met an HTTPS server: 'did not see server greeting').
+ */
+async function freePort(): Promise<number> {
+  const srv = createServer();
+  await new Promise<void>((res) => srv.listen(0, '127.0.0.1', res));
+  const { port } = srv.address() as AddressInfo;
+  await new Promise((res) => srv.close(res));
+  return port;
 }
 
 /**
