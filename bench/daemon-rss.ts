@@ -22,7 +22,7 @@ import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writ
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseSize } from '../appliance/cli/output.js';
-import { APPLIANCE, childEnv } from './node-start.js';
+import { APPLIANCE, childEnv, peakRss } from './node-start.js';
 
 function arg(name: string, def: string): string {
   const i = process.argv.indexOf(`--${name}`);
@@ -39,16 +39,6 @@ const TARGET_MB = 256;
 /** Images are written in pieces of this size. */
 const FILL_CHUNK = 64 * 1024 * 1024;
 const MB = 1e6;
-
-/** Peak RSS (VmHWM) of a live process, in bytes (0 once it is gone). */
-function peakRss(pid: number): number {
-  try {
-    const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-    return m ? Number(m[1]) * 1024 : 0;
-  } catch {
-    return 0;
-  }
-}
 
 /** RssAnon and RssFile of a live process now, in bytes (null once it is gone). */
 function rssParts(pid: number): { anon: number; file: number } | null {

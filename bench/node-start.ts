@@ -1,6 +1,6 @@
 /**
- * The `appliance` command the benches run, and what starting Node costs on this machine apart
- * from anything Tandem does.
+ * The `appliance` command the benches run, what starting Node costs on this machine apart
+ * from anything Tandem does, and a process's peak RSS as the benches read it.
  *
  * The benches run bin/appliance, the launcher package.json's "bin" names, as an operator does.
  * NODE_EXTRA_CA_CERTS, when set, makes Node 20 read and parse that certificate file at every
@@ -9,6 +9,7 @@
  * against CAs (common/ca.ts). The Node-start line shows `node -e 0` with and without it.
  */
 import { spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 
 export const EXTRA_CA_VAR = 'NODE_EXTRA_CA_CERTS';
@@ -51,4 +52,14 @@ export function nodeStart(): { ms: number; withoutExtraCaMs: number | null } {
 export function describeNodeStart(s: { ms: number; withoutExtraCaMs: number | null }): string {
   if (s.withoutExtraCaMs === null) return `node -e 0: ${s.ms.toFixed(0)} ms (median of ${RUNS})`;
   return `node -e 0 (median of ${RUNS}): ${s.ms.toFixed(0)} ms here, ${s.withoutExtraCaMs.toFixed(0)} ms without ${EXTRA_CA_VAR} (set in this environment: Node reads that file at every start; bin/appliance keeps it from Node's start)`;
+}
+
+/** Peak RSS (VmHWM) of a live process, in bytes (0 once it is gone). */
+export function peakRss(pid: number): number {
+  try {
+    const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) * 1024 : 0;
+  } catch {
+    return 0;
+  }
 }

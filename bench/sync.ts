@@ -40,7 +40,7 @@ import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseSize, formatBytes } from '../appliance/cli/output.js';
-import { APPLIANCE, DIST_MAIN, childEnv, describeNodeStart, nodeStart } from './node-start.js';
+import { APPLIANCE, DIST_MAIN, childEnv, describeNodeStart, nodeStart, peakRss } from './node-start.js';
 
 const ROOT = resolve(__dirname, '..');
 const BLOCK = 512 * 1024;
@@ -69,16 +69,6 @@ function row(what: string, value: string, note = ''): void {
 
 function now(): number {
   return performance.now();
-}
-
-/** Peak RSS (VmHWM) of a live process, in bytes. */
-function peakRss(pid: number): number {
-  try {
-    const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-    return m ? Number(m[1]) * 1024 : 0;
-  } catch {
-    return 0;
-  }
 }
 
 /** CPU seconds (user + kernel) a live process has used so far, from /proc (0 once it is gone). */

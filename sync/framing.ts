@@ -94,7 +94,8 @@ export function sampleEntropy(data: Buffer): number {
 const deflateAsync = promisify(deflateRaw);
 const inflateAsync = promisify(inflateRaw);
 
-function header(type: number, codec: number, hash: Hash | null, rawLen: number, payLen: number): Buffer {
+/** A frame's header (the layout in sync/README.md); tests build hostile frames with it. */
+export function frameHeader(type: number, codec: number, hash: Hash | null, rawLen: number, payLen: number): Buffer {
   const h = Buffer.alloc(HEADER_BYTES);
   h[0] = type;
   h[1] = codec;
@@ -154,11 +155,11 @@ export async function* encodeFrames(frames: AsyncIterable<BlockFrame>, opts: Enc
         const packed = await deflatedDelta([f.delta.base, f.data], opts);
         if (packed) {
           f.release?.(); // the compressed copy is sent
-          yield header(FRAME_BLOCK, CODEC_DELTA_DEFLATE, f.hash, f.delta.length, packed.length);
+          yield frameHeader(FRAME_BLOCK, CODEC_DELTA_DEFLATE, f.hash, f.delta.length, packed.length);
           yield packed;
         } else {
           if (f.release) payloadRelease.set(f.data, f.release);
-          yield header(FRAME_BLOCK, CODEC_DELTA, f.hash, f.delta.length, 32 + f.data.length);
+          yield frameHeader(FRAME_BLOCK, CODEC_DELTA, f.hash, f.delta.length, 32 + f.data.length);
           yield f.delta.base;
           yield f.data;
         }
@@ -172,7 +173,7 @@ export async function* encodeFrames(frames: AsyncIterable<BlockFrame>, opts: Enc
         if (delta) {
           f.release?.(); // the patches are a copy
           const packed = await deflatedDelta([delta], opts);
-          yield header(FRAME_BLOCK, packed ? CODEC_DELTA_DEFLATE : CODEC_DELTA, f.hash, f.data.length, (packed ?? delta).length);
+          yield frameHeader(FRAME_BLOCK, packed ? CODEC_DELTA_DEFLATE : CODEC_DELTA, f.hash, f.data.length, (packed ?? delta).length);
           yield packed ?? delta;
           count++;
           opts.onBlock?.(f.data.length);
@@ -183,7 +184,7 @@ export async function* encodeFrames(frames: AsyncIterable<BlockFrame>, opts: Enc
       const payload = packed ?? f.data;
       if (packed) f.release?.(); // the compressed copy is sent
       else if (f.release) payloadRelease.set(payload, f.release);
-      yield header(FRAME_BLOCK, packed ? CODEC_DEFLATE : CODEC_RAW, f.hash, f.data.length, payload.length);
+      yield frameHeader(FRAME_BLOCK, packed ? CODEC_DEFLATE : CODEC_RAW, f.hash, f.data.length, payload.length);
       yield payload;
       count++;
       opts.onBlock?.(f.data.length);
@@ -192,11 +193,11 @@ export async function* encodeFrames(frames: AsyncIterable<BlockFrame>, opts: Enc
     if (!opts.errorFrames) throw e;
     const err = e instanceof TandemError ? e : new TandemError('ERR_INTERNAL', `sending blocks failed: ${(e as Error)?.message ?? String(e)}`);
     const body = Buffer.from(JSON.stringify({ code: err.code, message: err.message }).slice(0, MAX_ERROR_PAYLOAD));
-    yield header(FRAME_ERROR, CODEC_RAW, null, body.length, body.length);
+    yield frameHeader(FRAME_ERROR, CODEC_RAW, null, body.length, body.length);
     yield body;
     return;
   }
-  yield header(FRAME_END, CODEC_RAW, null, count, 0);
+  yield frameHeader(FRAME_END, CODEC_RAW, null, count, 0);
 }
 
 /**

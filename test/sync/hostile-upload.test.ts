@@ -11,7 +11,7 @@ import { deflateRawSync } from 'node:zlib';
 import { request as httpsRequest } from 'node:https';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
-import { HEADER_BYTES } from '../../sync/framing.js';
+import { frameHeader } from '../../sync/framing.js';
 import { RemotePeer } from '../../api/client.js';
 import { blake3 } from '../../store/hash.js';
 import { cli, initHome, pair, peerClient, startCli, startServe, tempDir, type Served, type TestHome } from '../helpers/appliance.js';
@@ -19,15 +19,6 @@ import { cli, initHome, pair, peerClient, startCli, startServe, tempDir, type Se
 const MiB = 1024 * 1024;
 const BIG = 16 * MiB;
 
-function frameHeader(type: number, codec: number, hash: Buffer | null, rawLen: number, payLen: number): Buffer {
-  const h = Buffer.alloc(HEADER_BYTES);
-  h[0] = type;
-  h[1] = codec;
-  hash?.copy(h, 2);
-  h.writeUInt32BE(rawLen, 34);
-  h.writeUInt32BE(payLen, 38);
-  return h;
-}
 
 /** A codec-2 frame: block `hash` of `length` bytes is `base` with `bytes` written at `offset`. */
 function deltaFrame(hash: Buffer, base: Buffer, length: number, offset: number, bytes: Buffer): Buffer {

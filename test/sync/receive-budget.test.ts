@@ -10,7 +10,7 @@ import { randomBytes } from 'node:crypto';
 import { setTimeout as delay } from 'node:timers/promises';
 import { deflateRawSync } from 'node:zlib';
 import { ByteBudget, hashBlock, Store } from '../../store/index.js';
-import { BufferPool, HEADER_BYTES, decodeFrames, readAhead } from '../../sync/framing.js';
+import { BufferPool, decodeFrames, frameHeader, readAhead } from '../../sync/framing.js';
 import { tempDir } from '../store/helpers.js';
 
 const MiB = 1024 * 1024;
@@ -19,15 +19,6 @@ const SIZE = 1.25 * MiB;
 /** Four blocks' worth: two streams holding two each (or one holding three) have most of it. */
 const LIMIT = 5 * MiB;
 
-function header(type: number, codec: number, hash: Buffer | null, rawLen: number, payLen: number): Buffer {
-  const h = Buffer.alloc(HEADER_BYTES);
-  h[0] = type;
-  h[1] = codec;
-  hash?.copy(h, 2);
-  h.writeUInt32BE(rawLen, 34);
-  h.writeUInt32BE(payLen, 38);
-  return h;
-}
 
 /** `n` distinct blocks of SIZE bytes, each one byte value but for 8 random bytes (~1.3 KB deflated). */
 function blocks(n: number): Buffer[] {
@@ -41,10 +32,10 @@ function blocks(n: number): Buffer[] {
 /** The deflated (codec 1) frame of `data`. */
 function frame(data: Buffer): Buffer {
   const payload = deflateRawSync(data);
-  return Buffer.concat([header(0x42, 1, hashBlock(data), data.length, payload.length), payload]);
+  return Buffer.concat([frameHeader(0x42, 1, hashBlock(data), data.length, payload.length), payload]);
 }
 
-const end = (count: number) => header(0x45, 0, null, count, 0);
+const end = (count: number) => frameHeader(0x45, 0, null, count, 0);
 
 /** A sender: its frames, then (after `wait`, when given) the end frame. */
 async function* sender(bs: Buffer[], wait?: Promise<unknown>): AsyncGenerator<Buffer> {
@@ -99,7 +90,7 @@ test('frames of a stream that fails give their bytes back: those read ahead, tho
   const bs = blocks(10);
   const bad = Buffer.from(bs[4]!);
   bad[0]! ^= 1; // frame 4 inflates to a block that does not match its hash
-  const framesOf = (i: number) => (i === 4 ? Buffer.concat([header(0x42, 1, hashBlock(bs[4]!), SIZE, deflateRawSync(bad).length), deflateRawSync(bad)]) : frame(bs[i]!));
+  const framesOf = (i: number) => (i === 4 ? Buffer.concat([frameHeader(0x42, 1, hashBlock(bs[4]!), SIZE, deflateRawSync(bad).length), deflateRawSync(bad)]) : frame(bs[i]!));
   await assert.rejects(receive(store, budget, pool, (async function* () {
     for (let i = 0; i < bs.length; i++) yield framesOf(i);
     yield end(bs.length);
@@ -111,7 +102,7 @@ test('frames of a stream that fails give their bytes back: those read ahead, tho
   })()), { code: 'ERR_BLOCK_CORRUPT' });
   await assert.rejects(receive(store, budget, pool, (async function* () {
     yield frame(bs[0]!);
-    yield Buffer.concat([header(0x42, 1, hashBlock(bs[1]!), SIZE, 64), randomBytes(64)]);
+    yield Buffer.concat([frameHeader(0x42, 1, hashBlock(bs[1]!), SIZE, 64), randomBytes(64)]);
     yield end(2);
   })()), { code: 'ERR_BLOCK_CORRUPT' });
   await delay(50); // frames dropped from the read-ahead are released as their decoding settles
