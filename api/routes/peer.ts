@@ -236,14 +236,8 @@ class UploadMeter extends WaitedRate {
     }
   }
 
-  /** Whether {@link end} was called. */
-  wasEnded = false;
-  /** Whether the stream was refused a slot (ERR_SERVER_BUSY): answered at once, as an ended one. */
-  wasRefused = false;
-
   /** End the stream: its read fails with `err`. */
   end(err: Error): void {
-    this.wasEnded = true;
     this.endedWith ??= err;
     this.fail(err);
   }
@@ -392,21 +386,17 @@ async function writeChunks(res: ServerResponse, chunks: AsyncIterable<Buffer>, s
 }
 
 /**
- * The rest of a failed upload read and dropped (bounded) before its answer, and the connection
- * closed after it. A stream ended for its slowness, or refused a slot, is answered at once, with
- * the connection kept open while the rest is read and dropped behind the answer, as bounded: a
- * client still sending reads the answer (undici does, and stops sending), and the connection of
- * a sender that goes on trickling is closed after DRAIN_MS. A refused sender under --bwlimit
- * that was made to wait for the drain got no answer at all: the drain's timer closed its
- * connection first, and it reported the peer unreachable instead of busy.
+ * A failed upload (a bad frame, a stream ended for its slowness or refused a slot, a store error)
+ * is answered at once, and the rest of its body is read and dropped behind the answer, as bounded
+ * ({@link DRAIN_LIMIT_BYTES}, {@link DRAIN_MS}; past either the connection is closed): a client
+ * still sending reads the answer (undici does, and stops sending), and a body read to its end
+ * leaves the connection usable. The answer used to wait for the drain when the frame was bad:
+ * the drain's timer then closed the connection of a sender under --bwlimit before it finished its
+ * body, no answer reached it, and it reported the peer unreachable instead of ERR_BLOCK_CORRUPT
+ * (the same held for a refused sender, answered at once since).
  */
-async function drainUnless(meter: UploadMeter, body: Readable, reply: { header(k: string, v: string): unknown }): Promise<void> {
-  if (meter.wasEnded || meter.wasRefused) {
-    void drain(body, DRAIN_LIMIT_BYTES);
-    return;
-  }
-  await drain(body, DRAIN_LIMIT_BYTES);
-  reply.header('connection', 'close');
+function drainBehind(body: Readable): void {
+  void drain(body, DRAIN_LIMIT_BYTES);
 }
 
 function leaseOf(headers: Record<string, unknown>): string | undefined {
@@ -446,12 +436,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     };
     return {
       async take(): Promise<void> {
-        try {
-          release = await slotWithin(slots, reply, 'a block stream', `receiving ${MAX_BLOCK_STREAMS} block streams' frames, as many as it takes at once (the blocks before were stored)`, holder);
-        } catch (e) {
-          meter.wasRefused = true;
-          throw e;
-        }
+        release = await slotWithin(slots, reply, 'a block stream', `receiving ${MAX_BLOCK_STREAMS} block streams' frames, as many as it takes at once (the blocks before were stored)`, holder);
         meter.hold();
       },
       give(): void {
@@ -700,9 +685,9 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
       if (r.needWhole) trace(`server: ${r.needWhole.length} deltas of bases not held here: to be sent whole`);
       return { received, bytesReceived: bytes, stored: r.stored, bytes: r.bytes, ...(r.needWhole ? { needWhole: r.needWhole.map(toHex) } : {}) };
     } catch (e) {
-      // Read on (bounded) so the client, still sending, gets this answer rather than a reset; a
-      // stream ended for its slowness is answered at once (its sender would take the whole drain).
-      await drainUnless(meter, body, reply);
+      // Answered at once, the rest read on behind it (bounded), so that a client still sending gets
+      // this answer rather than a reset.
+      drainBehind(body);
       throw e;
     }
   });
@@ -720,7 +705,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
       const repaired = await store.repairBlocks(decoded, (hashes) => clearDamage(store, hashes.map(toHex)), { budget: receiveBudget });
       return { repaired };
     } catch (e) {
-      await drainUnless(meter, body, reply);
+      drainBehind(body);
       throw e;
     }
   });

@@ -759,6 +759,23 @@ test('a proxy that corrupts or truncates the block stream: ERR_BLOCK_CORRUPT, no
   assert.equal((await cli(b, 'verify')).code, 0);
 });
 
+test('a corrupt block stream from a sender under --bwlimit is answered ERR_BLOCK_CORRUPT, not cut by the drain (reported as ERR_PEER_UNREACHABLE before)', async (t) => {
+  // 3 MiB at 64 KiB/s: the sender is still sending after the server's 10 s drain (1 and 2 MiB
+  // were not enough). The server used to read the rest of a failed upload first and answer
+  // after; the drain's timer closed the connection before, and the sender saw the peer go away.
+  const { a, b, sb } = await pairedWithVolume(t, 48);
+  const peerB = peerClient(b, sb);
+  t.after(() => peerB.close());
+  const proxy = await damagingProxy(t, b, sb.url, 'corrupt');
+  assert.equal((await cli(a, 'peer', 'add', 'corrupt', '--url', proxy, '--token', b.token, '--fingerprint', b.fingerprint)).code, 0);
+  const r = await cli(a, 'sync', 'vol', '--peer', 'corrupt', '--bwlimit', '64KiB');
+  assert.equal(r.code, 1, r.stdout);
+  assert.equal(r.json.error.code, 'ERR_BLOCK_CORRUPT', r.stderr);
+  assert.equal((await peerB.stats()).snapshotsCommitted, 0);
+  assert.equal(await peerB.latestSnapshot('vol'), null);
+  assert.equal((await cli(b, 'verify')).code, 0);
+});
+
 test('a peer that sends a tree naming a block of the wrong length for its place (a 1-byte block for a 512 KiB one) gets ERR_SNAPSHOT_INVALID at its commit: nothing committed, verify stays clean', async (t) => {
   const { b, sb } = await pairedWithVolume(t, 8);
   const peerB = peerClient(b, sb);
