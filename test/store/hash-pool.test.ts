@@ -4,7 +4,7 @@
  * checksums the workers compute; their direct reads (a device's) against their buffered ones;
  * one pool shared by the scans running at once, and left to the others by one that fails.
  */
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomFillSync } from 'node:crypto';
 import { closeSync, constants, mkdtempSync, openSync, readSync, rmSync, writeFileSync } from 'node:fs';
@@ -211,6 +211,20 @@ async function sameAsAlone(dir: string, bs: number, snaps: Array<[SnapshotRecord
   }
 }
 
+/**
+ * Two images in one store's temp dir: `a` read on the calling thread (a reader without a path),
+ * `b` by the pool's workers (a reader with its path). Readers closed after the test.
+ */
+async function twoImages(t: TestContext, a: Buffer, b: Buffer): Promise<{ dir: string; store: Store; pathA: string; pathB: string; readerA: VolumeReader; readerB: VolumeReader }> {
+  const { dir, path: pathA, store } = await storeWithImage(t, a);
+  const pathB = join(dir, 'img-b');
+  await writeImage(pathB, b);
+  const readerA = await fileReader(pathA);
+  const readerB = await localFileReader(pathB);
+  t.after(() => Promise.all([readerA.close(), readerB.close()]));
+  return { dir, store, pathA, pathB, readerA, readerB };
+}
+
 /** Wait (bounded) until `store` has `n` scans sharing its pool. */
 async function scansSharing(store: Store, n: number): Promise<void> {
   for (let i = 0; store.hashPools.scans !== n; i++) {
@@ -223,15 +237,10 @@ test('scans running at once in a process share one pool, its workers (one per co
   const bs = 512 * 1024;
   const a = makeImage(192, bs, { zeroEvery: 7 }); // 96 MiB: twelve chunks
   const b = makeImage(80, bs, { zeroEvery: 5, tail: 1000 });
-  const { dir, path: pathA, store } = await storeWithImage(t, a);
-  const pathB = join(dir, 'img-b');
-  await writeImage(pathB, b);
   // The first scan reads on the calling thread (a reader without a path), each chunk slowly, so
   // the second starts while it runs; the second's workers read its file themselves (its slots
   // start at another offset in their pages: store/scan.ts SLOT_GAP).
-  const readerA = await fileReader(pathA);
-  const readerB = await localFileReader(pathB);
-  t.after(() => Promise.all([readerA.close(), readerB.close()]));
+  const { dir, store, pathA, pathB, readerA, readerB } = await twoImages(t, a, b);
   const ended: string[] = [];
   const first = store.scanVolume(slowed(readerA, 150), { volume: 'a', blockSize: bs }).finally(() => ended.push('a'));
   await scansSharing(store, 1);
@@ -254,12 +263,7 @@ test('a scan that fails or is aborted while it shares the pool leaves it to the 
   const bs = 512 * 1024;
   const a = makeImage(192, bs, { zeroEvery: 9 });
   const b = makeImage(64, bs, { zeroEvery: 4 });
-  const { dir, path: pathA, store } = await storeWithImage(t, a);
-  const pathB = join(dir, 'img-b');
-  await writeImage(pathB, b);
-  const readerA = await fileReader(pathA);
-  const readerB = await localFileReader(pathB);
-  t.after(() => Promise.all([readerA.close(), readerB.close()]));
+  const { dir, store, pathA, pathB, readerA, readerB } = await twoImages(t, a, b);
   const { slots } = scanLayout(bs);
   // The first holds every slot (its reads wait) when the second starts and waits for one; then
   // the first fails, none of its chunks stored: the slots come back when it ends.
