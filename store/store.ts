@@ -265,7 +265,7 @@ export class Store implements ReplicaStore {
    * they only wait before it.
    */
   async indexRead<T>(fn: () => Promise<T>): Promise<T> {
-    while (this.reopening !== null) await this.reopening;
+    await this.reopened();
     this.readsUnderWay++;
     try {
       return await fn();
@@ -459,9 +459,19 @@ export class Store implements ReplicaStore {
   async locate(hash: Hash): Promise<BlockLocation | undefined> {
     const p = this.pending.get(hash.toString('latin1'));
     if (p) return p;
-    while (this.reopening !== null) await this.reopening;
-    const v = this.lookupOne(blockKey(hash));
+    const v = this.reopening === null ? this.lookupOne(blockKey(hash)) : await this.lookupSettled(blockKey(hash)); // no await on this hot path unless a reopen runs
     return v === undefined ? undefined : decodeLocation(v);
+  }
+
+  /** Resolves once no {@link reopenIndex} swaps the index (at once when none does). */
+  private async reopened(): Promise<void> {
+    while (this.reopening !== null) await this.reopening;
+  }
+
+  /** {@link lookupOne} once a reopen under way has ended: for callers that hold no lock. */
+  private async lookupSettled(key: Buffer): Promise<Buffer | undefined> {
+    await this.reopened();
+    return this.lookupOne(key);
   }
 
   /** The index's value of `key`, looked up on this thread (see {@link SYNC_LOOKUP_MAX}); callers wait out a {@link reopening} first, or hold the write lock. */
@@ -472,7 +482,7 @@ export class Store implements ReplicaStore {
   /** The index's values of `keys` (undefined where absent): few on this thread, else on the pool ({@link SYNC_LOOKUP_MAX}). */
   private async lookup(keys: Buffer[]): Promise<Array<Buffer | undefined>> {
     if (keys.length > SYNC_LOOKUP_MAX) return this.indexRead(() => this.db.getMany(keys));
-    while (this.reopening !== null) await this.reopening;
+    await this.reopened();
     return keys.map((k) => this.lookupOne(k));
   }
 
@@ -1527,8 +1537,7 @@ export class Store implements ReplicaStore {
   async getSnapshot(volume: string, id: string): Promise<SnapshotRecord | null> {
     this.checkOpen();
     if (!isValidVolumeName(volume) || !isValidSnapshotId(id)) return null;
-    while (this.reopening !== null) await this.reopening;
-    const v = this.lookupOne(snapshotKey(volume, id));
+    const v = await this.lookupSettled(snapshotKey(volume, id));
     return v === undefined ? null : parseJson<SnapshotRecord>(v);
   }
 
@@ -1839,8 +1848,7 @@ export class Store implements ReplicaStore {
   async getVolume(name: string): Promise<VolumeRecord | null> {
     this.checkOpen();
     if (!isValidVolumeName(name)) return null;
-    while (this.reopening !== null) await this.reopening;
-    const v = this.lookupOne(volumeKey(name));
+    const v = await this.lookupSettled(volumeKey(name));
     return v === undefined ? null : parseJson<VolumeRecord>(v);
   }
 
@@ -1894,8 +1902,7 @@ export class Store implements ReplicaStore {
   async getMeta<T>(ns: string, key: string): Promise<T | undefined> {
     this.checkOpen();
     checkMetaName(ns, key);
-    while (this.reopening !== null) await this.reopening;
-    const v = this.lookupOne(metaKey(ns, key));
+    const v = await this.lookupSettled(metaKey(ns, key));
     return v === undefined ? undefined : parseJson<T>(v);
   }
 
