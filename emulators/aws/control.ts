@@ -6,7 +6,7 @@
 import type { FastifyInstance } from 'fastify';
 import { EBS_BLOCK_SIZE } from './blobs.js';
 import type { EmulatorContext, LaunchFault } from './context.js';
-import { readVolume, writeVolume } from './volumes.js';
+import { readVolume, volumeDigests, writeVolume } from './volumes.js';
 
 export function registerControl(app: FastifyInstance, ctx: EmulatorContext): void {
   const { state } = ctx;
@@ -76,6 +76,17 @@ export function registerControl(app: FastifyInstance, ctx: EmulatorContext): voi
       return { volumeId: v.id, offset, length, dataBase64: data.toString('base64') };
     },
   );
+
+  app.get<{ Params: { volumeId: string }; Querystring: { first?: string; count?: string } }>('/_emulator/volumes/:volumeId/digests', async (req) => {
+    const v = volume(req.params.volumeId);
+    const first = Number(req.query.first ?? 0);
+    const count = req.query.count === undefined ? (v.sizeGiB * 1024 * 1024 * 1024) / EBS_BLOCK_SIZE - first : Number(req.query.count);
+    try {
+      return { volumeId: v.id, blockSize: EBS_BLOCK_SIZE, first, digests: volumeDigests(v, first, count) };
+    } catch (e) {
+      throw e instanceof RangeError ? Object.assign(e, { statusCode: 400 }) : e;
+    }
+  });
 
   app.get('/_emulator/state', async () => {
     state.tickInstances();

@@ -1,5 +1,6 @@
 /** The emulator's control routes: bad input changes nothing; latency is applied; reads match writes. */
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import { test } from 'node:test';
 import { RegisterImageCommand, RunInstancesCommand, DescribeSubnetsCommand } from '@aws-sdk/client-ec2';
 import { BLOCK, block, emulator, writeSnapshot } from './helpers.js';
@@ -24,6 +25,16 @@ test('volume writes: bad input is refused and changes nothing; raw reads match',
   assert.ok(Buffer.from(zeros.dataBase64, 'base64').equals(Buffer.alloc(16)));
   const w = await control(`/_emulator/volumes/${vol}/write`, { offset: BLOCK - 2, dataBase64: Buffer.from('abcd').toString('base64') });
   assert.equal(w.blocksChanged, 2, 'a write across a block boundary changes two blocks');
+
+  const d = await control(`/_emulator/volumes/${vol}/digests?first=0&count=3`);
+  for (const [i, digest] of d.digests.entries()) {
+    const bytes = Buffer.from(await (await fetch(`${url}/_emulator/volumes/${vol}/read?offset=${i * BLOCK}&length=${BLOCK}&format=raw`)).arrayBuffer());
+    assert.equal(digest, createHash('sha256').update(bytes).digest('hex'), `block ${i}'s digest is its bytes'`);
+  }
+  assert.equal(new Set(d.digests).size, 3, 'the written blocks 0 and 1 and the unwritten block 2 differ');
+  assert.equal((await control(`/_emulator/volumes/${vol}/digests`)).digests.length, gib / BLOCK, 'by default to the end of the volume');
+  assert.equal((await fetch(`${url}/_emulator/volumes/${vol}/digests?first=${gib / BLOCK}&count=1`)).status, 400);
+  assert.equal((await fetch(`${url}/_emulator/volumes/${vol}/digests?first=-1`)).status, 400);
 
   const state = await control('/_emulator/state');
   assert.equal(state.instances.length, 1);

@@ -5,7 +5,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -55,7 +55,7 @@ async function ok(home: string, args: string[], env: Record<string, string> = {}
 
 async function emulator(path: string, body?: unknown): Promise<any> {
   const r = await fetch(`${aws.url}${path}`, body === undefined ? {} : { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
-  assert.ok(r.ok, `${path}: ${r.status} ${await r.clone().text()}`);
+  if (!r.ok) assert.fail(`${path}: ${r.status} ${await r.text()}`);
   const type = r.headers.get('content-type') ?? '';
   return type.includes('json') ? r.json() : Buffer.from(await r.arrayBuffer());
 }
@@ -319,12 +319,19 @@ test('a failback prepared again (a rerun after a failed pull) reads from EBS onl
   assert.equal(second.baseEbsSnapshotId, first.ec2SnapshotId, 'the second on the first');
   assert.equal(second.blocksFetched, 1, 'only the block written since');
   await ok(cloud, ['restore', `${VOL}@${second.snapshot.id}`, '--to', join(work, 'second.img')]);
-  const restored = readFileSync(join(work, 'second.img')); // the volume's size (an earlier test grew it)
-  for (let off = 0; off < restored.length; off += 64 * MiB) {
-    const len = Math.min(64 * MiB, restored.length - off);
-    const r = await emulator(`/_emulator/volumes/${ec2Volume}/read?offset=${off}&length=${len}`);
-    const inEc2 = Buffer.isBuffer(r) ? r : Buffer.from(r.dataBase64 ?? r.data, 'base64');
-    assert.ok(inEc2.equals(restored.subarray(off, off + len)), `the snapshot is the EC2 volume, byte for byte (at ${off})`);
+  // The volume's size (an earlier test grew it), compared block by block with the SHA-256 the
+  // emulator keeps each block of the EC2 volume under (reading 1 GiB through HTTP took 25-70 s).
+  const { blockSize, digests } = await emulator(`/_emulator/volumes/${ec2Volume}/digests`);
+  const restored = openSync(join(work, 'second.img'), 'r');
+  try {
+    assert.equal(fstatSync(restored).size, digests.length * blockSize, 'the snapshot has the EC2 volume\'s size');
+    const chunk = Buffer.alloc(blockSize);
+    digests.forEach((digest: string, i: number) => {
+      assert.equal(readSync(restored, chunk, 0, blockSize, i * blockSize), blockSize);
+      assert.equal(createHash('sha256').update(chunk).digest('hex'), digest, `the snapshot is the EC2 volume, byte for byte (block ${i})`);
+    });
+  } finally {
+    closeSync(restored);
   }
   await ok(cloud, ['failover', VOL, '--end', '--terminate'], cloudEnv);
 });
