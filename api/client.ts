@@ -17,8 +17,8 @@ import type { Readable } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Pool as PoolType, buildConnector as BuildConnectorType, Dispatcher } from 'undici';
-import { TandemError, isErrorCode, isTandemError } from '../common/errors.js';
-import type { BlockFrame, GetBlocksOptions, Hash, NodeChangeToPut, NodeToPut, PutBlocksResult, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
+import { TandemError, abortError, isErrorCode, isTandemError } from '../common/errors.js';
+import type { BlockFrame, GetBlocksOptions, Hash, NodeChangeToPut, NodeToPut, PutBlocksCallOptions, PutBlocksResult, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
 import { applyNodeChange, checkNodeChange, childChanges, isNodeChange } from '../store/tree.js';
 import type { WirePutNodeT } from './schemas.js';
 import { throttle, TokenBucket, type Rate } from '../sync/bwlimit.js';
@@ -372,9 +372,8 @@ export class RemotePeer implements ReplicaStore {
   }
 
   /** What a request stopped by {@link signal} throws: the stop's own reason when it is one of ours, else ERR_INTERRUPTED. */
-  private stopReason(): TandemError {
-    const why: unknown = this.signal?.reason;
-    return why instanceof TandemError ? why : new TandemError('ERR_INTERRUPTED', `stopped while waiting for peer ${this.name}; rerun to resume`, { cause: why });
+  private stopReason(signal = this.signal): TandemError {
+    return abortError(signal ?? AbortSignal.abort(), `stopped while waiting for peer ${this.name}; rerun to resume`);
   }
 
   /** Map a transport failure to a catalog error. */
@@ -728,14 +727,21 @@ export class RemotePeer implements ReplicaStore {
       const part = hashes.slice(at, at + MAX_HASHES_PER_REQUEST);
       const bases = deltas ? opts.bases!.slice(at, at + MAX_HASHES_PER_REQUEST).map((b) => (b ? toHex(b) : null)) : undefined;
       const body = bases?.some((b) => b !== null) ? { hashes: part.map(toHex), bases, ...(this.deltasDeflated ? { deflateDeltas: true } : {}) } : { hashes: part.map(toHex) };
+      const signal = opts.signal;
+      if (signal?.aborted) throw this.stopReason(signal);
       const res = await this.send('POST', '/v1/blocks/get', body, true);
+      // Ended early (GetBlocksOptions.signal): the answer is dropped, even while a cap holds it.
+      const drop = () => res.body.destroy();
+      signal?.addEventListener('abort', drop, { once: true });
       let src: AsyncIterable<Buffer> = meter(res.body as AsyncIterable<Buffer>, (n) => (this.wireBytesReceived += n));
-      if (this.downBucket) src = throttle(src, this.downBucket);
+      if (this.downBucket) src = throttle(src, this.downBucket, signal);
       try {
         yield* decodeFrames(src, { verify: opts.consumerVerifies !== true, expect: part, pool: receivePool, deltas: 'bases' in body });
       } catch (e) {
+        if (signal?.aborted) throw this.stopReason(signal);
         throw isTandemError(e) ? e : this.transportError(e, 'POST /v1/blocks/get');
       } finally {
+        signal?.removeEventListener('abort', drop);
         if (!res.body.destroyed) res.body.destroy();
       }
     }
@@ -747,8 +753,8 @@ export class RemotePeer implements ReplicaStore {
    * a `base` goes as a delta of it when that is shorter and the peer takes deltas; the answer's
    * `needWhole` names those whose base the peer lacked (not stored: send them again without).
    */
-  async putBlocks(frames: AsyncIterable<BlockFrame>): Promise<PutBlocksResult> {
-    const a = await this.streamBlocks<{ stored: number; bytes: number; needWhole?: unknown }>('/v1/blocks/put', this.basesIfTaken(frames));
+  async putBlocks(frames: AsyncIterable<BlockFrame>, opts: PutBlocksCallOptions = {}): Promise<PutBlocksResult> {
+    const a = await this.streamBlocks<{ stored: number; bytes: number; needWhole?: unknown }>('/v1/blocks/put', this.basesIfTaken(frames), opts.signal);
     trace('client: blocks/put answered');
     if (a.needWhole === undefined) return { stored: a.stored, bytes: a.bytes };
     if (!Array.isArray(a.needWhole) || !a.needWhole.every((h) => typeof h === 'string' && /^[0-9a-f]{64}$/.test(h))) {
@@ -770,8 +776,9 @@ export class RemotePeer implements ReplicaStore {
     return { repaired: a.repaired };
   }
 
-  /** POST a framed block stream to `path` and parse the JSON answer. */
-  private async streamBlocks<T>(path: string, frames: AsyncIterable<BlockFrame>): Promise<T> {
+  /** POST a framed block stream to `path` and parse the JSON answer; `ended` drops the request early (PutBlocksCallOptions.signal). */
+  private async streamBlocks<T>(path: string, frames: AsyncIterable<BlockFrame>, ended?: AbortSignal): Promise<T> {
+    if (ended?.aborted) throw this.stopReason(ended);
     if (tracing) frames = traced(frames);
     // Frames are encoded (and compressed) ahead of the socket so reading, deflating and sending overlap.
     // Small chunks ready together (a job's delta frames) go out as one write (coalesce).
@@ -781,13 +788,17 @@ export class RemotePeer implements ReplicaStore {
     // tokens would wait on (the process kept alive, the shared bucket drained for nothing): 16 s
     // after a sync under --bwlimit 12KiB had failed, before this stop.
     const over = new AbortController();
+    const end = () => over.abort();
+    ended?.addEventListener('abort', end, { once: true });
     const body = this.upBucket ? throttle(src, this.upBucket, over.signal) : releasing(src);
+    const signal = this.signal && ended ? AbortSignal.any([this.signal, ended]) : (this.signal ?? ended);
     try {
       let res: Dispatcher.ResponseData;
       try {
         this.requests++;
-        res = await this.pool.request({ method: 'POST', path, headers: this.headers({ 'content-type': 'application/octet-stream' }), body: body as unknown as Readable, ...(this.signal ? { signal: this.signal } : {}) }); // undici takes async iterables (writeIterable); its types omit them
+        res = await this.pool.request({ method: 'POST', path, headers: this.headers({ 'content-type': 'application/octet-stream' }), body: body as unknown as Readable, ...(signal ? { signal } : {}) }); // undici takes async iterables (writeIterable); its types omit them
       } catch (e) {
+        if (ended?.aborted && !this.signal?.aborted) throw this.stopReason(ended);
         throw this.transportError(e, `POST ${path}`);
       }
       // An answer other than 2xx may come before the whole body was sent (503 ERR_SERVER_BUSY).
@@ -796,6 +807,7 @@ export class RemotePeer implements ReplicaStore {
       return await this.readAnswer<T>(res, `POST ${path}`);
     } finally {
       over.abort();
+      ended?.removeEventListener('abort', end);
     }
   }
 }

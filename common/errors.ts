@@ -136,6 +136,15 @@ export function isTandemError(e: unknown, code?: ErrorCode): e is TandemError {
   return e instanceof TandemError && (code === undefined || e.code === code);
 }
 
+/**
+ * What work stopped by `signal` throws: the abort's own reason when it is a TandemError (a
+ * stop of ours that says why), else ERR_INTERRUPTED with `message`.
+ */
+export function abortError(signal: AbortSignal, message: string): TandemError {
+  const why: unknown = signal.reason;
+  return why instanceof TandemError ? why : new TandemError('ERR_INTERRUPTED', message, { cause: why });
+}
+
 export function isErrorCode(s: unknown): s is ErrorCode {
   return typeof s === 'string' && Object.prototype.hasOwnProperty.call(CATALOG, s);
 }

@@ -10,7 +10,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, open, rename, statfs, unlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ClassicLevel } from 'classic-level';
-import { TandemError, diskFullError, fromSystemError, isIndexIoError, isTandemError } from '../common/errors.js';
+import { TandemError, abortError, diskFullError, fromSystemError, isIndexIoError, isTandemError } from '../common/errors.js';
 import { blake3, hashBlock, isHash, isZeroHash, MAX_BLOCK_SIZE, parseHex, toHex, ZERO_HASH } from './hash.js';
 import { STORED_DELTA_DIVISOR, applyPatches, composeDeltas, diffBlock, mayBeSparse } from './delta.js';
 import { checkSnapshotId, checkVolumeName, isValidSnapshotId, isValidVolumeName, newSnapshotId, snapshotIdTime } from './ids.js';
@@ -35,7 +35,7 @@ import { HashPools } from './hash-pool.js';
 import { verifyStore, type VerifyOptions } from './verify.js';
 import { collectGarbage } from './gc.js';
 import type {
-  BlockFrame, GcProgress, GcReport, GetBlocksOptions, Hash, NodeChangeToPut, NodeToPut, PutBlocksResult, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyReport, VolumeReader, VolumeRecord,
+  BlockFrame, GcProgress, GcReport, GetBlocksOptions, Hash, NodeChangeToPut, NodeToPut, PutBlocksCallOptions, PutBlocksResult, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyReport, VolumeReader, VolumeRecord,
 } from './types.js';
 
 /** A block read from a pack, with the function that gives its pooled buffer back (if pooled). */
@@ -55,7 +55,7 @@ export type PutFrame = BlockFrame & { readonly asDelta?: AsDelta };
 type ContendedBudget = Pick<ByteBudget, 'onContended'>;
 
 /** How {@link Store.putBlocks} takes its input. */
-export interface PutBlocksOptions {
+export interface PutBlocksOptions extends PutBlocksCallOptions {
   /** The byte budget the input's frames hold until released, shared with other streams (sync/framing.ts DecodeOptions.budget). */
   readonly budget?: ContendedBudget;
 }
@@ -766,6 +766,11 @@ export class Store implements ReplicaStore {
     try {
       for (let i = 0; i < hashes.length; i++) {
         const { data, release, base, delta } = await inflight.shift()!;
+        if (opts.signal?.aborted) {
+          release?.();
+          base?.release?.();
+          throw abortError(opts.signal, 'block read stopped');
+        }
         await fill();
         yield { hash: hashes[i]!, data, ...(release ? { release } : {}), ...(base ? { base } : {}), ...(delta ? { delta } : {}) };
       }
@@ -1046,6 +1051,7 @@ export class Store implements ReplicaStore {
         }
         let f = received;
         try {
+          if (opts.signal?.aborted) throw abortError(opts.signal, 'block upload stopped');
           this.checkBlock(f?.hash, f?.data);
         } catch (e) {
           f?.release?.();

@@ -216,6 +216,22 @@ export interface GetBlocksOptions {
    * ignores it.
    */
   readonly held?: HeldBlocks;
+  /**
+   * Ends the stream early when aborted: a peer (api/client) drops its request, even one waiting
+   * for a bandwidth cap's tokens; a local store hands out no further frame. The iteration then
+   * throws the signal's reason (a TandemError) or ERR_INTERRUPTED.
+   */
+  readonly signal?: AbortSignal;
+}
+
+/** Options of {@link ReplicaStore.putBlocks}. */
+export interface PutBlocksCallOptions {
+  /**
+   * Ends the upload early when aborted (the sync engine's other streams failed): a peer drops
+   * its request, even one waiting for a bandwidth cap's tokens; nothing is committed by it, and
+   * blocks stored before stay (each was verified). Throws the signal's reason or ERR_INTERRUPTED.
+   */
+  readonly signal?: AbortSignal;
 }
 
 /** Told the blocks a scan adds to the store, as it appends them (SnapshotOptions.onNewBlocks). */
@@ -247,7 +263,7 @@ export interface ReplicaStore extends NodeSource, NodeSink {
   /** Verified blocks (see {@link GetBlocksOptions}) in the order asked. Must not buffer more than a bounded window. */
   getBlocks(hashes: readonly Hash[], opts?: GetBlocksOptions): AsyncIterable<BlockFrame>;
   /** Store a stream of blocks (each verified on arrival) durably; returns what was new. */
-  putBlocks(frames: AsyncIterable<BlockFrame>): Promise<PutBlocksResult>;
+  putBlocks(frames: AsyncIterable<BlockFrame>, opts?: PutBlocksCallOptions): Promise<PutBlocksResult>;
   /**
    * Set (true) by a peer that takes and sends delta frames (api/client.ts: it said so in its
    * answers' `x-tandem-features`): the engine then names each block's base. A local store

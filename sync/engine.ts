@@ -20,7 +20,7 @@
  * whole subtree is": a rerun skips every complete subtree and every block already stored, so
  * nothing stored is sent twice. Memory is bounded by the window, not by the volume.
  */
-import { TandemError } from '../common/errors.js';
+import { abortError, TandemError } from '../common/errors.js';
 import { ZERO_HASH } from '../store/index.js';
 import type { BlockFrame, Hash, NodeToPut, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
 import { DeltaSizes, frameBlockLength, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, fromHex, toHex } from './protocol.js';
@@ -114,8 +114,7 @@ export async function copySnapshot(source: ReplicaStore, target: ReplicaStore, s
 
 /** The error a stopped copy ends with: the stop's own reason when it is one of ours, else ERR_INTERRUPTED. */
 function stopError(signal: AbortSignal): TandemError {
-  const why: unknown = signal.reason;
-  return why instanceof TandemError ? why : new TandemError('ERR_INTERRUPTED', 'sync stopped before its commit; rerun it to resume', { cause: why });
+  return abortError(signal, 'sync stopped before its commit; rerun it to resume');
 }
 
 async function copyOnce(source: ReplicaStore, target: ReplicaStore, snap: SnapshotRecord, opts: CopyOptions): Promise<CopyResult> {
@@ -241,9 +240,17 @@ async function copyOnce(source: ReplicaStore, target: ReplicaStore, snap: Snapsh
         } else if (lacking.length > 0) {
           // Parallel streams, each a contiguous slice of the lacking blocks: one stream leaves
           // each side idle while the other works (reading packs, TLS, verifying, writing).
+          // The first stream to fail ends the others at once (`halt`): under a low bandwidth cap
+          // they would otherwise run to their end first (a corrupt frame answered after 31-37 s).
+          const halt = new AbortController();
+          const signal = opts.signal ? AbortSignal.any([opts.signal, halt.signal]) : halt.signal;
+          const halted = () => {
+            if (halt.signal.aborted) throw halt.signal.reason;
+          };
           await allOrFirstError(slices(lacking, BLOCK_STREAMS, MIN_BLOCKS_PER_STREAM).map(async (slice) => {
             for (const part of batches(slice, MAX_HASHES_PER_REQUEST)) {
               check();
+              halted();
               requests += 2;
               // The target verifies every block it stores: the source need not hash them too.
               // Read past the page cache: what the engine sends is mostly not cached (blocks new
@@ -256,6 +263,7 @@ async function copyOnce(source: ReplicaStore, target: ReplicaStore, snap: Snapsh
               const deltaSizes = new DeltaSizes();
               const sent = (f: BlockFrame) => {
                 check(); // a stop ends the stream (the request fails, and copySnapshot says why)
+                halted();
                 const length = frameBlockLength(f);
                 blocksSent++;
                 bytesSent += length;
@@ -265,7 +273,7 @@ async function copyOnce(source: ReplicaStore, target: ReplicaStore, snap: Snapsh
               // A block the source holds as a delta of the very base named goes as that delta,
               // read without its base (GetBlocksOptions.storedDeltas).
               const withBases = bases?.some((b) => b) ? { bases, storedDeltas: target.deltas === true } : {};
-              const r = await target.putBlocks(counted(source.getBlocks(part, { consumerVerifies: true, direct: true, ...withBases }), sent));
+              const r = await target.putBlocks(counted(source.getBlocks(part, { consumerVerifies: true, direct: true, signal, ...withBases }), sent), { signal });
               if (r.needWhole && r.needWhole.length > 0) {
                 // The receiver lacks those bases (a gc there, a damaged copy): the blocks go whole.
                 trace(`engine: ${r.needWhole.length} blocks sent again whole (their bases are not on the receiver)`);
@@ -274,10 +282,13 @@ async function copyOnce(source: ReplicaStore, target: ReplicaStore, snap: Snapsh
                   blocksSent--;
                   bytesSent -= deltaSizes.sizeOf(h);
                 }
-                await target.putBlocks(counted(source.getBlocks(r.needWhole, { consumerVerifies: true, direct: true }), sent));
+                await target.putBlocks(counted(source.getBlocks(r.needWhole, { consumerVerifies: true, direct: true, signal }), sent), { signal });
               }
             }
-          }));
+          }), (e) => {
+            trace(`engine: a block stream failed (${(e as Error)?.message ?? String(e)}); the others are ended`);
+            halt.abort(new TandemError('ERR_INTERRUPTED', 'another block stream of this sync failed'));
+          });
         }
         trace(`engine: blocks sent (${blocksSent})`);
         if (!opts.dryRun) {
@@ -340,10 +351,19 @@ function slices<T>(items: readonly T[], n: number, min: number): T[][] {
  * that came first in time: a later one is often its consequence. (The first in the tasks' order
  * was thrown before: a stream the peer turned away with ERR_SERVER_BUSY was reported as the
  * ERR_PEER_UNREACHABLE of an earlier slice's stream whose connection was cut after it.)
+ * `onFirstError` is called at the first failure, to end the other tasks early.
  */
-async function allOrFirstError(tasks: Promise<void>[]): Promise<void> {
+async function allOrFirstError(tasks: Promise<void>[], onFirstError?: (reason: unknown) => void): Promise<void> {
   let first: { reason: unknown } | undefined;
-  await Promise.all(tasks.map((task) => task.catch((reason: unknown) => void (first ??= { reason }))));
+  await Promise.all(
+    tasks.map((task) =>
+      task.catch((reason: unknown) => {
+        if (first) return;
+        first = { reason };
+        onFirstError?.(reason);
+      }),
+    ),
+  );
   if (first) throw first.reason;
 }
 

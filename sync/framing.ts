@@ -654,16 +654,27 @@ export async function* coalesce(source: AsyncIterable<Buffer>): AsyncGenerator<B
  * items. Errors surface in order; items left when the consumer stops are dropped, each passed to
  * `drop` (to release it) as it comes, before the source is stopped: a source that waits for a
  * budget those items hold is not waited for with them held.
+ *
+ * A consumer that stops while reads of the source are under way is not held up by them: the
+ * source's return() settles only after those reads, which for a source reading a socket means
+ * after the sender's next frames. The source is then stopped behind the consumer. (A server's
+ * answer to a bad frame waited for the 8 more frames its read-ahead had asked for: 22 s for a
+ * corrupt first frame from a sender under --bwlimit 64KiB.)
  */
 export async function* readAhead<T>(source: AsyncIterable<T>, depth: number, drop?: (item: T) => void): AsyncGenerator<T> {
   const it = source[Symbol.asyncIterator]();
   const queue: Array<Promise<IteratorResult<T>>> = [];
   let ended = false;
+  let underWay = 0;
   try {
     for (;;) {
       while (!ended && queue.length < depth) {
         const p = it.next();
-        p.then((r) => void (r.done && (ended = true)), () => void (ended = true)); // also marks the rejection handled
+        underWay++;
+        p.then(
+          (r) => void (underWay--, r.done && (ended = true)),
+          () => void (underWay--, (ended = true)), // also marks the rejection handled
+        );
         queue.push(p);
       }
       const r = await queue.shift()!;
@@ -672,6 +683,7 @@ export async function* readAhead<T>(source: AsyncIterable<T>, depth: number, dro
     }
   } finally {
     if (drop) for (const p of queue.splice(0)) p.then((r) => void (!r.done && drop(r.value)), () => undefined);
-    await it.return?.(undefined as never).catch(() => {});
+    const stopped = it.return?.(undefined as never).catch(() => {});
+    if (underWay === 0) await stopped;
   }
 }

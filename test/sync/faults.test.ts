@@ -15,7 +15,7 @@ import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { Transform } from 'node:stream';
 import { setTimeout as delay } from 'node:timers/promises';
-import { HEADER_BYTES } from '../../sync/framing.js';
+import { CODEC_RAW, FRAME_BLOCK, HEADER_BYTES, frameHeader } from '../../sync/framing.js';
 import { blake3 } from '../../store/hash.js';
 import { makeNode } from '../../store/tree.js';
 import { DIST_MAIN, cli as cliText, collect, smallTmpfs, spawnCli } from '../helpers/cli.js';
@@ -613,15 +613,17 @@ test('volume remove of a received volume, killed at each of its synced index wri
 });
 
 /** A TLS-terminating proxy (with the peer's own key, so pinning passes) that damages block uploads. */
-async function damagingProxy(t: Parameters<typeof tempDir>[0], b: TestHome, upstream: string, mode: 'corrupt' | 'truncate'): Promise<string> {
+/** `only`: damage the first frame of that blocks/put request alone (1 for the first), not of each. */
+async function damagingProxy(t: Parameters<typeof tempDir>[0], b: TestHome, upstream: string, mode: 'corrupt' | 'truncate', only?: number): Promise<string> {
   const tls = { key: readFileSync(join(b.dir, 'tls', 'key.pem')), cert: readFileSync(join(b.dir, 'tls', 'cert.pem')) };
+  let puts = 0;
   const server: Server = createServer(tls, (req, res) => {
     const up = httpsRequest(new URL(req.url!, upstream), { method: req.method, headers: { ...req.headers, host: new URL(upstream).host }, rejectUnauthorized: false }, (ur) => {
       res.writeHead(ur.statusCode!, ur.headers);
       ur.pipe(res);
     });
     up.on('error', () => res.destroy());
-    if (req.url === '/v1/blocks/put') {
+    if (req.url === '/v1/blocks/put' && (only === undefined || ++puts === only)) {
       delete (up as unknown as { _headers?: unknown })._headers;
       let seen = 0;
       const cut = HEADER_BYTES + 1000;
@@ -773,6 +775,56 @@ test('a corrupt block stream from a sender under --bwlimit is answered ERR_BLOCK
   assert.equal(r.json.error.code, 'ERR_BLOCK_CORRUPT', r.stderr);
   assert.equal((await peerB.stats()).snapshotsCommitted, 0);
   assert.equal(await peerB.latestSnapshot('vol'), null);
+  assert.equal((await cli(b, 'verify')).code, 0);
+});
+
+test('a bad frame is answered at once while its sender sends nothing more: the server does not wait for the frames its read-ahead asked for (it did, up to 8 more)', async (t) => {
+  const { b, sb } = await pairedWithVolume(t, 1);
+  const u = new URL(sb.url);
+  const req = httpsRequest({ host: u.hostname, port: u.port, path: '/v1/blocks/put', method: 'POST', rejectUnauthorized: false, headers: { authorization: `Bearer ${b.token}`, 'content-type': 'application/octet-stream' } });
+  t.after(() => req.destroy());
+  const answered = new Promise<{ status: number; body: string }>((resolve, reject) => {
+    req.on('response', (res) => {
+      let body = '';
+      res.on('data', (d) => (body += d));
+      res.on('end', () => resolve({ status: res.statusCode!, body }));
+    });
+    req.on('error', reject);
+  });
+  const data = randomBytes(64 * 1024);
+  req.write(Buffer.concat([frameHeader(FRAME_BLOCK, CODEC_RAW, blake3(randomBytes(16)), data.length, data.length), data])); // a hash the data does not have
+  // Then nothing: the request stays open, as for a sender under a low cap between two frames.
+  const late = delay(15_000).then(() => null);
+  const r = await Promise.race([answered, late]);
+  assert.ok(r, 'answered within 15 s of the bad frame, with no byte sent after it');
+  assert.equal(r.status, 422);
+  assert.equal(JSON.parse(r.body).error.code, 'ERR_BLOCK_CORRUPT');
+  const peerB = peerClient(b, sb);
+  t.after(() => peerB.close());
+  assert.equal((await peerB.stats()).blocksStored, 0);
+});
+
+test('the first block stream of a sync to fail ends the others at once: a push under --bwlimit whose one stream gets a corrupt frame stops within a frame or two, not after the other streams sent their slices', async (t) => {
+  // The blocks are stored by a snapshot first: the sync's scan finds nothing new, so nothing goes
+  // early and the engine sends all 48 blocks on 3 streams of 16; the proxy damages the first only.
+  const { a, b, sb } = await pairedWithVolume(t, 48);
+  assert.equal((await cli(a, 'snapshot', 'vol')).code, 0);
+  const peerB = peerClient(b, sb);
+  t.after(() => peerB.close());
+  const proxy = await damagingProxy(t, b, sb.url, 'corrupt', 1);
+  assert.equal((await cli(a, 'peer', 'add', 'corrupt', '--url', proxy, '--token', b.token, '--fingerprint', b.fingerprint)).code, 0);
+  const r = await cli(a, 'sync', 'vol', '--peer', 'corrupt', '--bwlimit', '64KiB');
+  assert.equal(r.code, 1, r.stdout);
+  assert.equal(r.json.error.code, 'ERR_BLOCK_CORRUPT', r.stderr);
+  // The other two streams' 32 blocks take 32 s at 64 KiB/s: had they run to their end, the peer
+  // would have received them all.
+  const stats = await peerB.stats();
+  assert.ok(stats.blocksReceived < 16, `the other streams were ended: the peer received ${stats.blocksReceived} blocks (their 32 alone, sent to the end, make 32 or more)`);
+  assert.equal(stats.snapshotsCommitted, 0);
+  // The rerun through the peer itself completes: only what it lacks travels.
+  const again = await cli(a, 'sync', 'vol', '--peer', 'cloud');
+  assert.equal(again.code, 0, again.stderr);
+  assert.equal(again.json.blocksSent, 48 - stats.blocksStored);
   assert.equal((await cli(b, 'verify')).code, 0);
 });
 
