@@ -211,6 +211,17 @@ export function reportError(e: unknown, json: boolean): TandemError {
 
 export { parseSize } from '../config/size.js';
 
+/**
+ * The line that tells the operator gc left small packs unmerged for lack of free space (not a
+ * failure: nothing is lost), and what to do; empty when it merged them all. For `gc` and
+ * `retention`, which runs gc.
+ */
+export function packsNotMergedText(r: { readonly packsNotMerged: ReadonlyArray<{ readonly pack: number; readonly needBytes: number; readonly freeBytes: number }> }): string {
+  const left = r.packsNotMerged[0];
+  if (!left) return '';
+  return `left ${r.packsNotMerged.length} small packs unmerged for lack of space (nothing is lost): pack ${left.pack} needs ${formatBytes(left.needBytes)} free to be copied and ${formatBytes(left.freeBytes)} were free; free space on the store's disk or grow it, then run gc again to merge them`;
+}
+
 export function formatBytes(n: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
   let i = 0;

@@ -8,7 +8,7 @@ import { it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { readdir, rm, stat, statfs } from 'node:fs/promises';
+import { appendFile, readdir, rm, stat, statfs } from 'node:fs/promises';
 import { join } from 'node:path';
 import { recordLength } from '../../store/pack.js';
 import { Store, type SnapshotRecord } from '../../store/index.js';
@@ -271,4 +271,49 @@ it('`appliance gc` with no room to merge small packs exits 0 and tells the opera
   } finally {
     await check.close();
   }
+});
+
+it('`appliance retention` whose gc has no room to merge small packs exits 0 and says so as gc does; --json carries gc.packsNotMerged', async (t) => {
+  const mnt = smallExt4(t, 160);
+  if (!mnt) return;
+  const home = join(mnt, 'home');
+  assert.equal((await cli(['init', '--name', 'onprem', '--home', home])).code, 0);
+  const store = await Store.open(join(home, 'store'));
+  let kept: Array<{ snap: SnapshotRecord; img: Buffer }>;
+  try {
+    kept = await smallLivePacks(store, join(mnt, 'img'), 4, BLOCKS);
+    // m3 snapshotted again, unchanged: a policy keeping the last one deletes the first, whose
+    // blocks the second still holds, and runs gc.
+    const img = join(mnt, 'img');
+    await writeImage(img, kept[3]!.img);
+    await scanFile(store, img, 'm3', BS);
+    await rm(img);
+  } finally {
+    await store.close();
+  }
+  const cfg = join(home, 'config.yaml');
+  await appendFile(cfg, 'policies:\n  p:\n    rpo: 1h\n    retention: { last: 1 }\nassign:\n  - match: "*"\n    policy: p\n');
+  const filler = join(mnt, 'filler');
+  execFileSync('fallocate', ['-l', String((await free(mnt)) - 10 * MiB), filler]);
+  const r = await cliJson(['retention', '--home', home]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.deepEqual(r.json.volumes.find((v: { volume: string }) => v.volume === 'm3').deleted, [kept[3]!.snap.id]);
+  assert.equal(r.json.gc.packsRewritten, 0);
+  assert.equal(r.json.gc.packsNotMerged.length, 4);
+  // The text names it too (the next run deletes nothing, so it runs no gc: once more with one to delete).
+  const again = join(mnt, 'img');
+  await rm(filler);
+  const s2 = await Store.open(join(home, 'store'));
+  try {
+    await writeImage(again, kept[2]!.img);
+    await scanFile(s2, again, 'm2', BS);
+    await rm(again);
+  } finally {
+    await s2.close();
+  }
+  execFileSync('fallocate', ['-l', String((await free(mnt)) - 10 * MiB), filler]);
+  const text = await cli(['retention', '--home', home]);
+  assert.equal(text.code, 0, text.stderr);
+  assert.match(text.stdout, /\ngc: left 4 small packs unmerged for lack of space \(nothing is lost\): pack \d+ needs [\d.]+ MiB free to be copied and [\d.]+ MiB were free; free space on the store's disk or grow it, then run gc again to merge them/);
+  assert.equal((await cli(['verify', '--home', home])).code, 0);
 });

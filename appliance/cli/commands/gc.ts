@@ -10,7 +10,7 @@ export function define(program: Command): void {
     .description('reclaim blocks and tree nodes that no snapshot references (rewrites packs)')
     .action(run(async (g) => {
       const { withHomeStore } = await import('../../ops.js');
-      const { formatBytes } = await import('../output.js');
+      const { formatBytes, packsNotMergedText } = await import('../output.js');
       const { startProgress } = await import('../progress.js');
       // The copy is what takes long on a large store: a bar of index entries handled (on a TTY).
       let bar: ReturnType<typeof startProgress> | null = null;
@@ -27,11 +27,8 @@ export function define(program: Command): void {
         }
       });
       const text = `removed ${r.blocksRemoved} blocks (${formatBytes(r.bytesReclaimed)}) and ${r.nodesRemoved} nodes, kept ${r.blocksKept} blocks, rewrote ${r.packsRewritten} packs`;
-      const left = r.packsNotMerged[0];
       // Not a failure (nothing is lost), but the operator should know the packs were not merged, and why.
-      const notMerged = left
-        ? `\nleft ${r.packsNotMerged.length} small packs unmerged for lack of space (nothing is lost): pack ${left.pack} needs ${formatBytes(left.needBytes)} free to be copied and ${formatBytes(left.freeBytes)} were free; free space on the store's disk or grow it, then run gc again to merge them`
-        : '';
-      return { json: r, text: text + notMerged };
+      const notMerged = packsNotMergedText(r);
+      return { json: r, text: notMerged ? `${text}\n${notMerged}` : text };
     }));
 }

@@ -5,7 +5,7 @@
  * appliance) get the same policy (appliance/ebs/retention.ts). `--dry-run` lists what would go.
  */
 import type { Command } from 'commander';
-import { formatBytes, run } from '../output.js';
+import { formatBytes, packsNotMergedText, run } from '../output.js';
 
 export const order = 62;
 
@@ -59,7 +59,7 @@ export function define(program: Command): void {
           ...e.failed.map((f) => `\n  EBS: could not delete ${f.ebsSnapshotId}: ${f.error}; the next retention run tries again (\`appliance doctor\` lists what is left)`),
         ].join('');
         const lines = results.map((r) => `${r.volume}: ${r.policy === null ? 'no policy, all kept' : `${r.deleted.length} ${dryRun ? 'would be deleted' : 'deleted'}, ${r.kept.length} kept (policy ${r.policy})`}${r.deleted.length > 0 ? `\n  ${r.deleted.join('\n  ')}` : ''}${ebsLines(r.ebs)}`);
-        if (gc) lines.push(`gc: ${formatBytes(gc.bytesReclaimed)} reclaimed`);
+        if (gc) lines.push(`gc: ${formatBytes(gc.bytesReclaimed)} reclaimed`, ...(packsNotMergedText(gc) ? [`gc: ${packsNotMergedText(gc)}`] : []));
         return { json: { dryRun, volumes: results, ...(gc ? { gc } : {}) }, text: lines.join('\n') || 'no volumes' };
       });
     }));
