@@ -17,6 +17,7 @@ import type { Readable } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Pool as PoolType, buildConnector as BuildConnectorType, Dispatcher } from 'undici';
+import { linkedAbort } from '../common/abort.js';
 import { TandemError, abortError, isErrorCode, isTandemError } from '../common/errors.js';
 import type { BlockFrame, GetBlocksOptions, Hash, NodeChangeToPut, NodeToPut, PutBlocksCallOptions, PutBlocksResult, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
 import { applyNodeChange, checkNodeChange, childChanges, isNodeChange } from '../store/tree.js';
@@ -787,11 +788,11 @@ export class RemotePeer implements ReplicaStore {
     // Once the request is over, undici reads the body no more, but a throttled body waiting for
     // tokens would wait on (the process kept alive, the shared bucket drained for nothing): 16 s
     // after a sync under --bwlimit 12KiB had failed, before this stop.
-    const over = new AbortController();
-    const end = () => over.abort();
-    ended?.addEventListener('abort', end, { once: true });
-    const body = this.upBucket ? throttle(src, this.upBucket, over.signal) : releasing(src);
-    const signal = this.signal && ended ? AbortSignal.any([this.signal, ended]) : (this.signal ?? ended);
+    const over = linkedAbort(ended);
+    const body = this.upBucket ? throttle(src, this.upBucket, over.controller.signal) : releasing(src);
+    // The request stops on the client's signal or on `ended`, whichever comes first.
+    const stop = this.signal || ended ? linkedAbort(this.signal, ended) : null;
+    const signal = stop?.controller.signal;
     try {
       let res: Dispatcher.ResponseData;
       try {
@@ -806,8 +807,9 @@ export class RemotePeer implements ReplicaStore {
       this.noteFeatures(res.headers);
       return await this.readAnswer<T>(res, `POST ${path}`);
     } finally {
-      over.abort();
-      ended?.removeEventListener('abort', end);
+      over.controller.abort();
+      over.unlink();
+      stop?.unlink();
     }
   }
 }

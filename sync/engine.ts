@@ -20,6 +20,7 @@
  * whole subtree is": a rerun skips every complete subtree and every block already stored, so
  * nothing stored is sent twice. Memory is bounded by the window, not by the volume.
  */
+import { linkedAbort } from '../common/abort.js';
 import { abortError, TandemError } from '../common/errors.js';
 import { ZERO_HASH } from '../store/index.js';
 import type { BlockFrame, Hash, NodeToPut, ReplicaStore, SnapshotRecord, TreeNode } from '../store/types.js';
@@ -242,53 +243,57 @@ async function copyOnce(source: ReplicaStore, target: ReplicaStore, snap: Snapsh
           // each side idle while the other works (reading packs, TLS, verifying, writing).
           // The first stream to fail ends the others at once (`halt`): under a low bandwidth cap
           // they would otherwise run to their end first (a corrupt frame answered after 31-37 s).
-          const halt = new AbortController();
-          const signal = opts.signal ? AbortSignal.any([opts.signal, halt.signal]) : halt.signal;
+          const { controller: halt, unlink } = linkedAbort(opts.signal);
+          const signal = halt.signal;
           const halted = () => {
-            if (halt.signal.aborted) throw halt.signal.reason;
+            if (halt.signal.aborted && !opts.signal?.aborted) throw halt.signal.reason;
           };
-          await allOrFirstError(slices(lacking, BLOCK_STREAMS, MIN_BLOCKS_PER_STREAM).map(async (slice) => {
-            for (const part of batches(slice, MAX_HASHES_PER_REQUEST)) {
-              check();
-              halted();
-              requests += 2;
-              // The target verifies every block it stores: the source need not hash them too.
-              // Read past the page cache: what the engine sends is mostly not cached (blocks new
-              // to the store during this sync went early, from the cache, sync/early.ts), and a
-              // 4 GiB transfer-only push took 14.9-15.0 s this way against 17.7-18.6 s (sender
-              // CPU 8.4-8.6 s against 15.3-16.8, 2 alternated pairs).
-              // With a peer on either side that takes deltas, each block names the base block it
-              // replaced: it travels as the bytes that differ when the receiver holds that.
-              const bases = deltas ? part.map((h) => replaced.get(toHex(h)) ?? null) : null;
-              const deltaSizes = new DeltaSizes();
-              const sent = (f: BlockFrame) => {
-                check(); // a stop ends the stream (the request fails, and copySnapshot says why)
+          try {
+            await allOrFirstError(slices(lacking, BLOCK_STREAMS, MIN_BLOCKS_PER_STREAM).map(async (slice) => {
+              for (const part of batches(slice, MAX_HASHES_PER_REQUEST)) {
+                check();
                 halted();
-                const length = frameBlockLength(f);
-                blocksSent++;
-                bytesSent += length;
-                deltaSizes.note(f, length);
-                if (blocksSent % 16 === 0) progress('blocks');
-              };
-              // A block the source holds as a delta of the very base named goes as that delta,
-              // read without its base (GetBlocksOptions.storedDeltas).
-              const withBases = bases?.some((b) => b) ? { bases, storedDeltas: target.deltas === true } : {};
-              const r = await target.putBlocks(counted(source.getBlocks(part, { consumerVerifies: true, direct: true, signal, ...withBases }), sent), { signal });
-              if (r.needWhole && r.needWhole.length > 0) {
-                // The receiver lacks those bases (a gc there, a damaged copy): the blocks go whole.
-                trace(`engine: ${r.needWhole.length} blocks sent again whole (their bases are not on the receiver)`);
                 requests += 2;
-                for (const h of r.needWhole) {
-                  blocksSent--;
-                  bytesSent -= deltaSizes.sizeOf(h);
+                // The target verifies every block it stores: the source need not hash them too.
+                // Read past the page cache: what the engine sends is mostly not cached (blocks new
+                // to the store during this sync went early, from the cache, sync/early.ts), and a
+                // 4 GiB transfer-only push took 14.9-15.0 s this way against 17.7-18.6 s (sender
+                // CPU 8.4-8.6 s against 15.3-16.8, 2 alternated pairs).
+                // With a peer on either side that takes deltas, each block names the base block it
+                // replaced: it travels as the bytes that differ when the receiver holds that.
+                const bases = deltas ? part.map((h) => replaced.get(toHex(h)) ?? null) : null;
+                const deltaSizes = new DeltaSizes();
+                const sent = (f: BlockFrame) => {
+                  check(); // a stop ends the stream (the request fails, and copySnapshot says why)
+                  halted();
+                  const length = frameBlockLength(f);
+                  blocksSent++;
+                  bytesSent += length;
+                  deltaSizes.note(f, length);
+                  if (blocksSent % 16 === 0) progress('blocks');
+                };
+                // A block the source holds as a delta of the very base named goes as that delta,
+                // read without its base (GetBlocksOptions.storedDeltas).
+                const withBases = bases?.some((b) => b) ? { bases, storedDeltas: target.deltas === true } : {};
+                const r = await target.putBlocks(counted(source.getBlocks(part, { consumerVerifies: true, direct: true, signal, ...withBases }), sent), { signal });
+                if (r.needWhole && r.needWhole.length > 0) {
+                  // The receiver lacks those bases (a gc there, a damaged copy): the blocks go whole.
+                  trace(`engine: ${r.needWhole.length} blocks sent again whole (their bases are not on the receiver)`);
+                  requests += 2;
+                  for (const h of r.needWhole) {
+                    blocksSent--;
+                    bytesSent -= deltaSizes.sizeOf(h);
+                  }
+                  await target.putBlocks(counted(source.getBlocks(r.needWhole, { consumerVerifies: true, direct: true, signal }), sent), { signal });
                 }
-                await target.putBlocks(counted(source.getBlocks(r.needWhole, { consumerVerifies: true, direct: true, signal }), sent), { signal });
               }
-            }
-          }), (e) => {
-            trace(`engine: a block stream failed (${(e as Error)?.message ?? String(e)}); the others are ended`);
-            halt.abort(new TandemError('ERR_INTERRUPTED', 'another block stream of this sync failed'));
-          });
+            }), (e) => {
+              trace(`engine: a block stream failed (${(e as Error)?.message ?? String(e)}); the others are ended`);
+              halt.abort(new TandemError('ERR_INTERRUPTED', 'another block stream of this sync failed'));
+            });
+          } finally {
+            unlink();
+          }
         }
         trace(`engine: blocks sent (${blocksSent})`);
         if (!opts.dryRun) {
