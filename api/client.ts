@@ -25,6 +25,7 @@ import type { WirePutNodeT } from './schemas.js';
 import { throttle, TokenBucket, type Rate } from '../sync/bwlimit.js';
 import { BufferPool, coalesce, decodeFrames, encodeFrames, readAhead, takeRelease } from '../sync/framing.js';
 import { DEFAULT_BLOCK_SIZE } from '../store/index.js';
+import { AheadBudget } from '../store/ahead-budget.js';
 import { FEATURE_BLOCK_DELTA, FEATURE_COMMIT_NODES, POINT_AT_HEADER, FEATURE_DELTA_DEFLATE, FEATURES_HEADER, LEASE_HEADER, MAX_HASHES_PER_REQUEST, MAX_NODES_PER_REQUEST, batches, changesFromWire, changesToWire, fromHex, toHex } from '../sync/protocol.js';
 import type { ServerStats } from './stats.js';
 import { trace, tracing } from '../sync/trace.js';
@@ -84,6 +85,11 @@ const ANSWER_BODY_MS = 60_000;
 const CONNECT_TIMEOUT_MS = 10_000;
 /** Encoded chunks (a header or a payload each) prepared ahead of the socket: 8 blocks' worth. */
 const SEND_AHEAD_CHUNKS = 16;
+/**
+ * Chunks prepared ahead by every block upload of this process together: a sync's three streams
+ * at full depth; more uploads at once (a daemon's two jobs) share it (store/ahead-budget.ts).
+ */
+export const sendAheadBudget = new AheadBudget(3 * SEND_AHEAD_CHUNKS, SEND_AHEAD_CHUNKS);
 /**
  * Payload buffers of the default block size for blocks this process pulls, as the server has
  * for blocks it receives: the store they go to releases each after writing it.
@@ -783,7 +789,7 @@ export class RemotePeer implements ReplicaStore {
     if (tracing) frames = traced(frames);
     // Frames are encoded (and compressed) ahead of the socket so reading, deflating and sending overlap.
     // Small chunks ready together (a job's delta frames) go out as one write (coalesce).
-    const src: AsyncIterable<Buffer> = meter(coalesce(readAhead(encodeFrames(frames, { deflateDeltas: () => this.deltasDeflated }), SEND_AHEAD_CHUNKS)), (n) => (this.wireBytesSent += n));
+    const src: AsyncIterable<Buffer> = meter(coalesce(readAhead(encodeFrames(frames, { deflateDeltas: () => this.deltasDeflated }), sendAheadBudget)), (n) => (this.wireBytesSent += n));
     // Under a cap the chunks are sliced and their buffers collected; while a schedule sets none, throttle gives them back as `releasing` does.
     // Once the request is over, undici reads the body no more, but a throttled body waiting for
     // tokens would wait on (the process kept alive, the shared bucket drained for nothing): 16 s

@@ -16,7 +16,7 @@ import { constants } from 'node:fs';
 import { mkdir, open, readdir, stat, truncate, unlink, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { TandemError, fromSystemError } from '../common/errors.js';
-import { DIRECT_ALIGN, alignedSlots, ioBuffer } from '../common/io-buffers.js';
+import { DIRECT_ALIGN, alignedBuffers, alignedSlots, ioBuffer } from '../common/io-buffers.js';
 import type { Hash } from './types.js';
 import type { BlockLocation } from './keys.js';
 import { encodeRecordParts, packFileName, type RecordParts, parsePackFileName, PACK_TARGET_SIZE, recordLength } from './pack.js';
@@ -65,8 +65,6 @@ export class PackFiles {
   private readonly freeReads = new Map<number, Buffer[]>();
   /** Handles for direct reads ({@link readPooled} `direct`); null once the filesystem refused one. */
   private directReaders: Map<number, FileHandle> | null = new Map();
-  /** Released page-aligned buffers of direct reads, by size. */
-  private readonly freeDirectReads = new Map<number, Buffer[]>();
   private writer: { id: number; fh: FileHandle; size: number; direct?: FileHandle } | undefined;
   /**
    * Free page-aligned staging slots of direct appends ({@link appendMany} `direct`), made on
@@ -441,17 +439,12 @@ export class PackFiles {
    * the cache with pages that were then copied once more and thrown away: a 4 GiB restore from
    * packs not in the cache took 8.3-9.0 s (5.1 CPU s in the kernel). The kernel writes dirty
    * cached pages of the range out first, so the bytes read are those last written either way.
-   * Null when direct I/O does not work here (then every later call goes buffered).
+   * The buffer comes from the process's pool (common/io-buffers.ts alignedBuffers), which early
+   * sending's copies share. Null when direct I/O does not work here (then every later call goes
+   * buffered).
    */
   private async readDirect(id: number, offset: number, length: number): Promise<PooledRead | null> {
-    const want = directSpan(offset, length).want;
-    let free = this.freeDirectReads.get(want);
-    if (!free) {
-      if (this.freeDirectReads.size >= POOLED_READ_LENGTHS) return null;
-      this.freeDirectReads.set(want, (free = []));
-    }
-    const whole = free.pop() ?? alignedSlots(1, want)[0]!;
-    const release = giveBack(free, whole);
+    const { buf: whole, release } = alignedBuffers.take(directSpan(offset, length).want);
     try {
       const buf = await this.readDirectInto(id, offset, length, whole);
       if (buf) return { buf, release };

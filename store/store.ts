@@ -34,6 +34,7 @@ import { scanVolume } from './scan.js';
 import { HashPools } from './hash-pool.js';
 import { verifyStore, type VerifyOptions } from './verify.js';
 import { collectGarbage } from './gc.js';
+import { AheadBudget } from './ahead-budget.js';
 import type {
   BlockFrame, GcProgress, GcReport, GetBlocksOptions, Hash, NodeChangeToPut, NodeToPut, PutBlocksCallOptions, PutBlocksResult, ReplicaStore, SnapshotOptions, SnapshotRecord, TreeNode, VerifyReport, VolumeReader, VolumeRecord,
 } from './types.js';
@@ -115,8 +116,14 @@ function sparseOf(hash: Hash, data: Buffer): DeltaOf | undefined {
 }
 
 
-/** Blocks read ahead by getBlocks: 8 x 512 KiB = 4 MiB in memory per stream. */
+/** Blocks read ahead by getBlocks: 8 x 512 KiB = 4 MiB in memory per stream, while few streams run (below). */
 const READ_AHEAD = 8;
+/**
+ * Blocks read ahead by every getBlocks of this process together: a sync's three block streams
+ * (sync/engine.ts BLOCK_STREAMS) at full depth. More streams at once (a daemon's two jobs, a peer
+ * serving several pulls) share it: six read 4 ahead each (store/ahead-budget.ts).
+ */
+export const readAheadBudget = new AheadBudget(3 * READ_AHEAD, READ_AHEAD);
 
 /** getBlocks looks up block locations this many at a time. */
 const LOCATE_BATCH = 32;
@@ -663,7 +670,8 @@ export class Store implements ReplicaStore {
   }
 
   /**
-   * Verified blocks in the order asked, at most {@link READ_AHEAD} read ahead. Locations are
+   * Verified blocks in the order asked, at most {@link READ_AHEAD} read ahead, fewer while many
+   * streams of this process read at once ({@link readAheadBudget}). Locations are
    * looked up {@link LOCATE_BATCH} at a time (one index request each), not one by one. Frames
    * read into pooled buffers carry `release` (BlockFrame.release): a consumer done with the
    * bytes gives the buffer back for the next read. With `consumerVerifies`, records are checked
@@ -754,18 +762,21 @@ export class Store implements ReplicaStore {
     };
     const inflight: Promise<ReadBlock>[] = [];
     let next = 0;
+    // Each block read ahead holds room in the process-wide budget until it is handed out.
+    const share = readAheadBudget.join();
     const fill = async () => {
-      while (next < hashes.length && inflight.length < READ_AHEAD) {
-        if (next >= located) await locateUpTo(next + 1);
+      while (next < hashes.length && share.tryTake()) {
+        if (next >= located) await locateUpTo(next + 1); // a failure: the share is left below, with what it holds
         const p = read(next++);
         p.catch(() => undefined); // observed when its turn comes
         inflight.push(p);
       }
     };
-    await fill();
     try {
+      await fill();
       for (let i = 0; i < hashes.length; i++) {
         const { data, release, base, delta } = await inflight.shift()!;
+        share.give();
         if (opts.signal?.aborted) {
           release?.();
           base?.release?.();
@@ -777,6 +788,7 @@ export class Store implements ReplicaStore {
     } finally {
       // Blocks read ahead and never handed out (the consumer stopped early) go back to the pool.
       for (const p of inflight.splice(0)) void p.then((r) => (r.release?.(), r.base?.release?.()), () => undefined);
+      share.leave();
     }
   }
 

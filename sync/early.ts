@@ -26,6 +26,7 @@
 import { TandemError } from '../common/errors.js';
 import type { BlockFrame, Hash, HeldBlocks, ReplicaStore } from '../store/types.js';
 import { DeltaSizes, frameBlockLength } from './protocol.js';
+import { alignedBuffers } from '../common/io-buffers.js';
 import { trace } from './trace.js';
 
 /** Hashes per target question and per read batch at most: 64 blocks of 512 KiB are 32 MiB of data. */
@@ -99,12 +100,11 @@ const PATCH_BYTES = 8 * 1024 * 1024;
  */
 class Held implements HeldBlocks {
   private readonly views = new Map<string, Buffer>();
-  private readonly copies = new Map<string, { data: Buffer; buf: Buffer }>();
+  private readonly copies = new Map<string, { data: Buffer; lent: Lent }>();
   /** The scan's patches of a block against the one it replaced (onNewBlocks' `patches`), {@link PATCH_BYTES} at most. */
   private readonly patches = new Map<string, { base: Hash; patches: Buffer; length: number }>();
   private patchBytes = 0;
-  /** Copy buffers given back, all of one size; and the bytes of those handed out or holding a copy. */
-  private readonly free: Buffer[] = [];
+  /** The bytes of copy buffers handed out or holding a copy (they come from and go back to the process's alignedBuffers). */
   private out = 0;
   private waiters: Array<() => void> = [];
 
@@ -124,7 +124,7 @@ class Held implements HeldBlocks {
       release: () => {
         if (released) return;
         released = true;
-        this.giveBack(c.buf);
+        this.giveBack(c.lent);
       },
     };
   }
@@ -165,14 +165,14 @@ class Held implements HeldBlocks {
   async copy(key: string, data: Buffer, waitMs: number): Promise<boolean> {
     const deadline = performance.now() + waitMs;
     for (;;) {
-      const buf = this.buffer(data.length + 8);
-      if (buf) {
+      const lent = this.buffer(data.length + 8);
+      if (lent) {
         // At the source's offset modulo 8: V8 copies out of a SharedArrayBuffer (the scan's) word
         // by word only between equally aligned addresses, else byte by byte (4x the CPU here).
         const at = data.byteOffset % 8;
-        const copy = buf.subarray(at, at + data.length);
+        const copy = lent.buf.subarray(at, at + data.length);
         data.copy(copy);
-        this.copies.set(key, { data: copy, buf });
+        this.copies.set(key, { data: copy, lent });
         return true;
       }
       const left = deadline - performance.now();
@@ -192,33 +192,42 @@ class Held implements HeldBlocks {
     const c = this.copies.get(key);
     if (!c) return;
     this.copies.delete(key);
-    this.giveBack(c.buf);
+    this.giveBack(c.lent);
   }
 
-  /** Drop everything not handed out (early sending is over or stopped), and the free buffers. */
+  /** Drop everything not handed out (early sending is over or stopped): their buffers go back to the process's pool, for the engine's reads. */
   clear(): void {
     for (const key of [...this.copies.keys()]) this.drop(key);
-    this.free.length = 0;
     this.views.clear();
     this.patches.clear();
     this.patchBytes = 0;
   }
 
-  /** A buffer of `n` bytes, reused or new, while at most LEND_BYTES are out (free ones came back from there). */
-  private buffer(n: number): Buffer | undefined {
-    if (this.free.length > 0 && this.free[0]!.length !== n) this.free.length = 0; // another size (a volume's short last block)
-    const buf = this.free.pop() ?? (this.out + n <= LEND_BYTES ? Buffer.allocUnsafeSlow(n) : undefined);
-    if (buf) this.out += n;
-    return buf;
+  /**
+   * A buffer of `n` bytes while at most LEND_BYTES are out: from the process's pool of aligned
+   * buffers (common/io-buffers.ts), which the store's direct reads share, so those the copies
+   * leave when early sending ends serve the engine's reads.
+   */
+  private buffer(n: number): Lent | undefined {
+    if (this.out + n > LEND_BYTES) return undefined;
+    this.out += n;
+    return { ...alignedBuffers.take(n), n };
   }
 
-  private giveBack(buf: Buffer): void {
-    this.out -= buf.length;
-    if (this.free.length === 0 || this.free[0]!.length === buf.length) this.free.push(buf);
+  private giveBack(lent: Lent): void {
+    this.out -= lent.n;
+    lent.release();
     const w = this.waiters;
     this.waiters = [];
     for (const f of w) f();
   }
+}
+
+/** A copy buffer lent by the process's pool: `n` bytes counted against LEND_BYTES. */
+interface Lent {
+  readonly buf: Buffer;
+  readonly release: () => void;
+  readonly n: number;
 }
 
 /** Hashes asked about and sent together, read from the packs one way (`direct`: O_DIRECT). */

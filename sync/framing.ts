@@ -24,6 +24,7 @@ import { promisify } from 'node:util';
 import { createInflateRaw, deflateRaw, inflateRaw, constants as zc } from 'node:zlib';
 import { TandemError, isErrorCode } from '../common/errors.js';
 import { diffBlock, hashBlock } from '../store/index.js';
+import type { AheadBudget } from '../store/ahead-budget.js';
 import type { BlockFrame, Hash } from '../store/types.js';
 
 export const FRAME_BLOCK = 0x42;
@@ -651,24 +652,28 @@ export async function* coalesce(source: AsyncIterable<Buffer>): AsyncGenerator<B
 /**
  * Pull up to `depth` items of `source` ahead of the consumer, so producing (reading a socket,
  * inflating, reading packs) overlaps with consuming (writing a store, a socket). Memory: `depth`
- * items. Errors surface in order; items left when the consumer stops are dropped, each passed to
- * `drop` (to release it) as it comes, before the source is stopped: a source that waits for a
- * budget those items hold is not waited for with them held.
+ * items; with an {@link AheadBudget} instead of a number, this stream's share of it (fewer while
+ * many streams of the process run: store/ahead-budget.ts). Errors surface in order; items left
+ * when the consumer stops are dropped, each passed to `drop` (to release it) as it comes, before
+ * the source is stopped: a source that waits for a budget those items hold is not waited for with
+ * them held.
  *
- * A consumer that stops while reads of the source are under way is not held up by them: the
- * source's return() settles only after those reads, which for a source reading a socket means
- * after the sender's next frames. The source is then stopped behind the consumer. (A server's
- * answer to a bad frame waited for the 8 more frames its read-ahead had asked for: 22 s for a
- * corrupt first frame from a sender under --bwlimit 64KiB.)
+ * `stopBehind`: a consumer that stops while reads of the source are under way is not held up by
+ * them, the source is stopped behind it. Its return() settles only after those reads, which for
+ * a source reading a socket means after the sender's next frames: a server's answer to a bad
+ * frame waited for the 8 more frames its read-ahead had asked for (22 s for a corrupt first frame
+ * from a sender under --bwlimit 64KiB; for ever from one that sent nothing more).
  */
-export async function* readAhead<T>(source: AsyncIterable<T>, depth: number, drop?: (item: T) => void): AsyncGenerator<T> {
+export async function* readAhead<T>(source: AsyncIterable<T>, depth: number | AheadBudget, drop?: (item: T) => void, opts: { readonly stopBehind?: boolean } = {}): AsyncGenerator<T> {
   const it = source[Symbol.asyncIterator]();
   const queue: Array<Promise<IteratorResult<T>>> = [];
+  const share = typeof depth === 'number' ? null : depth.join();
+  const room = share ? () => share.tryTake() : () => queue.length < (depth as number);
   let ended = false;
   let underWay = 0;
   try {
     for (;;) {
-      while (!ended && queue.length < depth) {
+      while (!ended && room()) {
         const p = it.next();
         underWay++;
         p.then(
@@ -678,12 +683,14 @@ export async function* readAhead<T>(source: AsyncIterable<T>, depth: number, dro
         queue.push(p);
       }
       const r = await queue.shift()!;
+      share?.give();
       if (r.done) return;
       yield r.value;
     }
   } finally {
+    share?.leave();
     if (drop) for (const p of queue.splice(0)) p.then((r) => void (!r.done && drop(r.value)), () => undefined);
     const stopped = it.return?.(undefined as never).catch(() => {});
-    if (underWay === 0) await stopped;
+    if (!opts.stopBehind || underWay === 0) await stopped;
   }
 }
