@@ -18,17 +18,30 @@ export interface Served {
   /** One line (or JSON document) announcing the URL and certificate fingerprint. */
   announcement(json: boolean, label: string): string;
   /**
-   * Refuse forwarded commands from now on and let those running finish, within
-   * {@link STOP_GRACE_MS} (then their owed post hooks run: appliance/cli/forward.ts
-   * stopForwarding). close() does this first; the daemon starts it with its jobs' stop.
+   * Refuse forwarded commands from now on and let those running finish, within `graceMs`
+   * (config.yaml `shutdown.grace`, default 30 s: {@link stopGraceMs}; then their owed post hooks
+   * run: appliance/cli/forward.ts stopForwarding). close() does this first; the daemon starts it
+   * with its jobs' stop. Idempotent: the first call's grace holds.
    */
-  stopForwarding(): Promise<void>;
-  /** Stop forwarding, remove server.json, close the server, stop sharing, flush and close the store. */
-  close(): Promise<void>;
+  stopForwarding(graceMs: number): Promise<void>;
+  /** Stop forwarding (`graceMs` as above), remove server.json, close the server, stop sharing, flush and close the store. */
+  close(graceMs: number): Promise<void>;
 }
 
-/** A running job or forwarded command gets this long to finish after SIGTERM (systemd's default stop timeout is 90 s). */
-export const STOP_GRACE_MS = 30_000;
+/**
+ * The grace a stopping server gives the work running in it: config.yaml's `shutdown.grace`,
+ * read when the stop begins (serve reads config.yaml for nothing else); an unreadable or
+ * invalid config.yaml gives the default (30 s) and `warn` says so: the stop goes on.
+ */
+export async function stopGraceMs(home: Home, warn: (s: string) => void): Promise<number> {
+  const { loadConfig, DEFAULT_SHUTDOWN_GRACE_MS } = await import('../appliance/config/index.js');
+  try {
+    return (await loadConfig(home)).shutdown.graceMs;
+  } catch (e) {
+    warn(`config.yaml: ${(e as Error).message.split('\n')[0]}; stopping with the default grace of ${DEFAULT_SHUTDOWN_GRACE_MS / 1000} s\n`);
+    return DEFAULT_SHUTDOWN_GRACE_MS;
+  }
+}
 
 export interface ServedOptions {
   /**
@@ -79,9 +92,9 @@ export async function startServed(home: Home, listen: string, opts: ServedOption
   const runFile = join(home.paths.run, 'server.json');
   writeFileAtomic(runFile, JSON.stringify({ pid: process.pid, url: server.url, ...(local ? { socket: local.path } : {}) }) + '\n');
   const running = server;
-  const stopForwarding = async () => {
+  const stopForwarding = async (graceMs: number) => {
     const forward = await import('../appliance/cli/forward.js');
-    await forward.stopForwarding(STOP_GRACE_MS);
+    await forward.stopForwarding(graceMs);
   };
   return {
     store,
@@ -93,8 +106,8 @@ export async function startServed(home: Home, listen: string, opts: ServedOption
         : `${label} ${running.url}\nfingerprint ${fingerprint}\n`;
     },
     stopForwarding,
-    async close() {
-      await stopForwarding();
+    async close(graceMs) {
+      await stopForwarding(graceMs);
       rmSync(runFile, { force: true });
       await local?.close();
       await running.close();
@@ -111,11 +124,13 @@ export async function startServed(home: Home, listen: string, opts: ServedOption
  * command's action ends, and forwarded commands import it (appliance/cli/forward.ts), so a
  * command that never returns would block every forwarded command. At the start (startServed) it
  * runs the post hooks that snapshots killed between their hooks owe. On SIGTERM/SIGINT: refuse new forwarded
- * commands, give those running STOP_GRACE_MS (then run their owed post hooks), close the server,
+ * commands, give those running config.yaml's `shutdown.grace` (30 s by default; then run their
+ * owed post hooks), close the server,
  * flush and close the store, remove server.json, exit 0. SIGHUP is ignored (said on stderr).
  */
 export async function serve(g: GlobalOptions, listen: string, out: (s: string) => void, err: (s: string) => void): Promise<void> {
-  const served = await startServed(Home.load(g.home), listen, {
+  const home = Home.load(g.home);
+  const served = await startServed(home, listen, {
     onOwedPost: (o) => err(o.outcome === 'restarted'
       ? `dropped the post hook \`${o.post}\` an interrupted snapshot owed since ${o.since}: the machine restarted since\n`
       : `ran the post hook \`${o.post}\` an interrupted snapshot owed since ${o.since}: ${o.run?.exitCode === 0 ? 'exited 0' : `exit code ${o.run?.exitCode ?? 'none'}${o.run?.output ? `, output: ${o.run.output}` : ''}`}\n`),
@@ -127,7 +142,7 @@ export async function serve(g: GlobalOptions, listen: string, out: (s: string) =
     err(`${signal}: shutting down\n`);
     let code = 0;
     try {
-      await served.close();
+      await served.close(await stopGraceMs(home, err));
     } catch (e) {
       err(`error during shutdown: ${(e as Error).message}\n`);
       code = 1;

@@ -9,7 +9,7 @@ import { homePaths } from '../home.js';
 import { loadConfigFile } from './load.js';
 import type { AssignRule, Config, Group, Hooks, Policy } from './load.js';
 
-export { parseConfig, loadConfigFile, DEFAULT_HOOK_TIMEOUT_MS, DEFAULT_VERIFY_EVERY_MS, DEFAULT_VERIFY_BYTES_PER_SEC } from './load.js';
+export { parseConfig, loadConfigFile, DEFAULT_HOOK_TIMEOUT_MS, DEFAULT_SHUTDOWN_GRACE_MS, DEFAULT_VERIFY_EVERY_MS, DEFAULT_VERIFY_BYTES_PER_SEC } from './load.js';
 export { parseSize } from './size.js';
 export type { Config, Policy, Group, Hooks, AssignRule } from './load.js';
 export { parseDuration, formatDuration } from './duration.js';

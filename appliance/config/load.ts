@@ -65,6 +65,11 @@ export interface Config {
   readonly prices: RawPrices;
   /** Recovery plans by name, as written (read by appliance/recovery). */
   readonly recovery: Readonly<Record<string, RawRecoveryPlan>>;
+  /**
+   * How long a stopping `serve` or `daemon` gives its running jobs and forwarded commands to
+   * finish before it stops them (their owed post hooks then run); `shutdown.grace`.
+   */
+  readonly shutdown: { readonly graceMs: number };
   /** The validated document as written. */
   readonly raw: RawConfig;
 }
@@ -79,6 +84,14 @@ export const DEFAULT_VERIFY_BYTES_PER_SEC = 100 * 1024 * 1024;
 
 /** A hook that hangs must not stall the schedule forever; operators raise it per group. */
 export const DEFAULT_HOOK_TIMEOUT_MS = 60_000;
+
+/**
+ * A running job or forwarded command gets this long to finish after SIGTERM: well inside
+ * systemd's default stop timeout (90 s; deploy/tandem.service gives 120 s), with time left for
+ * the post hooks it owes. Under a supervisor that kills sooner (Docker's 10 s, Kubernetes' 30 s
+ * by default) operators set `shutdown.grace` below that supervisor's timeout.
+ */
+export const DEFAULT_SHUTDOWN_GRACE_MS = 30_000;
 
 interface Problem {
   line: number;
@@ -193,6 +206,7 @@ function semanticChecks(raw: RawConfig, doc: Document, lc: LineCounter, problems
     duration(['recovery', name, 'drill', 'check', 'interval'], plan.drill?.check?.interval);
     duration(['recovery', name, 'drill', 'every'], plan.drill?.every);
   }
+  duration(['shutdown', 'grace'], raw.shutdown?.grace);
   const groupOf = new Map<string, string>();
   for (const [name, g] of Object.entries(raw.groups ?? {})) {
     duration(['groups', name, 'hooks', 'timeout'], g.hooks?.timeout);
@@ -243,6 +257,7 @@ function normalize(raw: RawConfig, file: string): Config {
     discovery: { paths: raw.discovery?.paths ?? [], lvm: raw.discovery?.lvm ?? true, libvirt: raw.discovery?.libvirt ?? true },
     prices: raw.prices ?? {},
     recovery: raw.recovery ?? {},
+    shutdown: { graceMs: raw.shutdown?.grace === undefined ? DEFAULT_SHUTDOWN_GRACE_MS : parseDuration(raw.shutdown.grace) },
     raw,
   };
 }

@@ -138,6 +138,11 @@ export const ConfigSchema = Type.Object({
   }, closed)),
   prices: Type.Optional(PricesSchema),
   recovery: Type.Optional(Type.Record(Type.String(), RecoveryPlanSchema)),
+  /** How `serve` and `daemon` stop on SIGTERM. */
+  shutdown: Type.Optional(Type.Object({
+    /** How long running jobs and forwarded commands get to finish (then owed post hooks run). */
+    grace: Type.Optional(Duration),
+  }, closed)),
 }, closed);
 
 /** The config file as written (after schema validation, before defaults and parsing). */

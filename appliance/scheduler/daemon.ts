@@ -7,7 +7,7 @@
  * Adds to the API (behind the bearer token): GET /metrics (Prometheus text) and
  * GET /v1/status[?volume=NAME] (the same document as `appliance status --json`).
  * Logs are pino JSON lines on stderr. `stop()` (the command calls it on SIGTERM/SIGINT): stop
- * scheduling, give the running job STOP_GRACE_MS (api/serve.ts) to finish, else abort it (its
+ * scheduling, give the running job config.yaml's `shutdown.grace` (30 s by default) to finish, else abort it (its
  * checkpoint makes the next start resume it), close the server, flush and close the store,
  * remove run/server.json.
  *
@@ -57,7 +57,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   const scheduler: { current: Scheduler | null } = { current: null };
   const verifier: { current: ScheduledVerify | null } = { current: null };
   let metrics!: ReturnType<typeof createMetrics>;
-  const { startServed, STOP_GRACE_MS } = await import('../../api/serve.js');
+  const { startServed } = await import('../../api/serve.js');
   const served = await startServed(home, opts.listen, {
     logger: { level: 'warn', stream: process.stderr },
     // What a daemon (or a command) killed between a snapshot's hooks froze is thawed before any job runs.
@@ -207,8 +207,10 @@ export async function runDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
       await checking;
       // A drill stopped midway tears down; past the grace the next start tears it down (launch.ts).
       // Commands forwarded from CLIs get the same grace as the jobs, and their owed post hooks run.
-      await Promise.all([sched.stop(STOP_GRACE_MS), verify.stop(), served.stopForwarding(), Promise.race([drills.stop(), new Promise((r) => setTimeout(r, STOP_GRACE_MS).unref())])]);
-      await served.close();
+      // The config as last read (at the start or the last SIGHUP) says how long.
+      const graceMs = config.shutdown.graceMs;
+      await Promise.all([sched.stop(graceMs), verify.stop(), served.stopForwarding(graceMs), Promise.race([drills.stop(), new Promise((r) => setTimeout(r, graceMs).unref())])]);
+      await served.close(graceMs);
       log.info({}, 'daemon stopped');
       log.flush();
     })();

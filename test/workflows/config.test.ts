@@ -102,6 +102,16 @@ test('cross references are checked: unknown policy, volume in two groups, assign
   assert.equal(hook.details.key, 'groups.erp.hooks.timeout');
 });
 
+test('shutdown.grace: 30 s by default, a duration otherwise; anything else is refused with its key', () => {
+  assert.equal(parseConfig(GOOD, 'config.yaml').shutdown.graceMs, 30_000);
+  assert.equal(parseConfig(`${GOOD}shutdown: { grace: 1m30s }\n`, 'config.yaml').shutdown.graceMs, 90_000);
+  const bad = invalid(`${GOOD}shutdown: { grace: soon }\n`);
+  assert.equal(bad.details.key, 'shutdown.grace');
+  assert.match(bad.message, /"soon" is not a duration/);
+  assert.equal(invalid(`${GOOD}shutdown: { grace: 0s }\n`).details.key, 'shutdown.grace');
+  assert.equal(invalid(`${GOOD}shutdown: { timeout: 10s }\n`).details.key, 'shutdown.timeout');
+});
+
 test('verify: defaults to a weekly scheduled verify at 100 MiB/s healing from the replication peer; every, off, bwlimit and repair are checked; so is replication.bwlimit', () => {
   // It heals from the replication peer unless told otherwise.
   assert.deepEqual(parseConfig(GOOD, 'config.yaml').verify, { everyMs: 7 * 86_400_000, bytesPerSecond: 100 * 1024 * 1024, repairPeer: 'cloud' });
