@@ -657,29 +657,18 @@ export async function* coalesce(source: AsyncIterable<Buffer>): AsyncGenerator<B
  * when the consumer stops are dropped, each passed to `drop` (to release it) as it comes, before
  * the source is stopped: a source that waits for a budget those items hold is not waited for with
  * them held.
- *
- * `stopBehind`: a consumer that stops while reads of the source are under way is not held up by
- * them, the source is stopped behind it. Its return() settles only after those reads, which for
- * a source reading a socket means after the sender's next frames: a server's answer to a bad
- * frame waited for the 8 more frames its read-ahead had asked for (22 s for a corrupt first frame
- * from a sender under --bwlimit 64KiB; for ever from one that sent nothing more).
  */
-export async function* readAhead<T>(source: AsyncIterable<T>, depth: number | AheadBudget, drop?: (item: T) => void, opts: { readonly stopBehind?: boolean } = {}): AsyncGenerator<T> {
+export async function* readAhead<T>(source: AsyncIterable<T>, depth: number | AheadBudget, drop?: (item: T) => void): AsyncGenerator<T> {
   const it = source[Symbol.asyncIterator]();
   const queue: Array<Promise<IteratorResult<T>>> = [];
   const share = typeof depth === 'number' ? null : depth.join();
   const room = share ? () => share.tryTake() : () => queue.length < (depth as number);
   let ended = false;
-  let underWay = 0;
   try {
     for (;;) {
       while (!ended && room()) {
         const p = it.next();
-        underWay++;
-        p.then(
-          (r) => void (underWay--, r.done && (ended = true)),
-          () => void (underWay--, (ended = true)), // also marks the rejection handled
-        );
+        p.then((r) => void (r.done && (ended = true)), () => void (ended = true)); // also marks the rejection handled
         queue.push(p);
       }
       const r = await queue.shift()!;
@@ -690,7 +679,6 @@ export async function* readAhead<T>(source: AsyncIterable<T>, depth: number | Ah
   } finally {
     share?.leave();
     if (drop) for (const p of queue.splice(0)) p.then((r) => void (!r.done && drop(r.value)), () => undefined);
-    const stopped = it.return?.(undefined as never).catch(() => {});
-    if (!opts.stopBehind || underWay === 0) await stopped;
+    await it.return?.(undefined as never).catch(() => {});
   }
 }

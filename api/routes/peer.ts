@@ -666,7 +666,7 @@ export function peerRoutes(app: FastifyInstance, deps: PeerRouteDeps): void {
     const lease = leaseOf(req.headers);
     async function* counted() {
       const decoded = decodeFrames(source, { pool: receivePool, budget: receiveBudget, deltas: true, upload: true, stall: stallOf(req), slot: slotOf(req, reply, meter) });
-      for await (const f of readAhead(decoded, RECEIVE_AHEAD_FRAMES, (dropped) => dropped.release?.(), { stopBehind: true })) {
+      for await (const f of readAhead(decoded, RECEIVE_AHEAD_FRAMES, (dropped) => dropped.release?.())) {
         if (received === 0) trace('server: first block frame decoded');
         if (lease) leases.touch(lease); // a moving stream keeps its sync's lease (api/leases.ts)
         const n = frameBlockLength(f);
