@@ -204,6 +204,20 @@ async function smallLivePacks(store: Store, imgPath: string, n: number, blocks: 
   return kept;
 }
 
+/** A home on a 160 MiB ext4 disk whose store has 4 small live packs (smallLivePacks); null where no such disk can be made. */
+async function homeWithSmallPacks(t: Parameters<typeof smallExt4>[0]): Promise<{ mnt: string; home: string; kept: Array<{ snap: SnapshotRecord; img: Buffer }> } | null> {
+  const mnt = smallExt4(t, 160);
+  if (!mnt) return null;
+  const home = join(mnt, 'home');
+  assert.equal((await cli(['init', '--name', 'onprem', '--home', home])).code, 0);
+  const store = await Store.open(join(home, 'store'));
+  try {
+    return { mnt, home, kept: await smallLivePacks(store, join(mnt, 'img'), 4, BLOCKS) };
+  } finally {
+    await store.close();
+  }
+}
+
 it('gc that has no room to merge small packs merges nothing and says so in its report (packsNotMerged: each pack, the space it needs and what was free) without failing; it starts no new pack; with space, the next gc merges them', async (t) => {
   const mnt = smallExt4(t, 160);
   if (!mnt) return;
@@ -239,17 +253,9 @@ it('gc that has no room to merge small packs merges nothing and says so in its r
 });
 
 it('`appliance gc` with no room to merge small packs exits 0 and tells the operator which pack needs how much space and what to do; --json carries packsNotMerged', async (t) => {
-  const mnt = smallExt4(t, 160);
-  if (!mnt) return;
-  const home = join(mnt, 'home');
-  assert.equal((await cli(['init', '--name', 'onprem', '--home', home])).code, 0);
-  const store = await Store.open(join(home, 'store'));
-  let kept: Array<{ snap: SnapshotRecord; img: Buffer }>;
-  try {
-    kept = await smallLivePacks(store, join(mnt, 'img'), 4, BLOCKS);
-  } finally {
-    await store.close();
-  }
+  const made = await homeWithSmallPacks(t);
+  if (!made) return;
+  const { mnt, home, kept } = made;
   const filler = join(mnt, 'filler');
   execFileSync('fallocate', ['-l', String((await free(mnt)) - 10 * MiB), filler]);
   const text = await cli(['gc', '--home', home]);
@@ -274,16 +280,13 @@ it('`appliance gc` with no room to merge small packs exits 0 and tells the opera
 });
 
 it('`appliance retention` whose gc has no room to merge small packs exits 0 and says so as gc does; --json carries gc.packsNotMerged', async (t) => {
-  const mnt = smallExt4(t, 160);
-  if (!mnt) return;
-  const home = join(mnt, 'home');
-  assert.equal((await cli(['init', '--name', 'onprem', '--home', home])).code, 0);
+  const made = await homeWithSmallPacks(t);
+  if (!made) return;
+  const { mnt, home, kept } = made;
+  // m3 snapshotted again, unchanged: a policy keeping the last one deletes the first, whose
+  // blocks the second still holds, and runs gc.
   const store = await Store.open(join(home, 'store'));
-  let kept: Array<{ snap: SnapshotRecord; img: Buffer }>;
   try {
-    kept = await smallLivePacks(store, join(mnt, 'img'), 4, BLOCKS);
-    // m3 snapshotted again, unchanged: a policy keeping the last one deletes the first, whose
-    // blocks the second still holds, and runs gc.
     const img = join(mnt, 'img');
     await writeImage(img, kept[3]!.img);
     await scanFile(store, img, 'm3', BS);
