@@ -794,16 +794,15 @@ export class RemotePeer implements ReplicaStore {
     // Once the request is over, undici reads the body no more, but a throttled body waiting for
     // tokens would wait on (the process kept alive, the shared bucket drained for nothing): 16 s
     // after a sync under --bwlimit 12KiB had failed, before this stop.
-    const over = linkedAbort(ended);
-    const body = this.upBucket ? throttle(src, this.upBucket, over.controller.signal) : releasing(src);
-    // The request stops on the client's signal or on `ended`, whichever comes first.
-    const stop = this.signal || ended ? linkedAbort(this.signal, ended) : null;
-    const signal = stop?.controller.signal;
+    // One signal ends the request and the cap's wait: the client's stop, `ended`, or the request being over.
+    const over = linkedAbort(this.signal, ended);
+    const signal = over.controller.signal;
+    const body = this.upBucket ? throttle(src, this.upBucket, signal) : releasing(src);
     try {
       let res: Dispatcher.ResponseData;
       try {
         this.requests++;
-        res = await this.pool.request({ method: 'POST', path, headers: this.headers({ 'content-type': 'application/octet-stream' }), body: body as unknown as Readable, ...(signal ? { signal } : {}) }); // undici takes async iterables (writeIterable); its types omit them
+        res = await this.pool.request({ method: 'POST', path, headers: this.headers({ 'content-type': 'application/octet-stream' }), body: body as unknown as Readable, signal }); // undici takes async iterables (writeIterable); its types omit them
       } catch (e) {
         if (ended?.aborted && !this.signal?.aborted) throw this.stopReason(ended);
         throw this.transportError(e, `POST ${path}`);
@@ -815,7 +814,6 @@ export class RemotePeer implements ReplicaStore {
     } finally {
       over.controller.abort();
       over.unlink();
-      stop?.unlink();
     }
   }
 }

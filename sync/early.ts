@@ -421,7 +421,7 @@ export class EarlySender {
   /**
    * Aborted at the first failure (or a failed scan): the other streams' requests are dropped at
    * once instead of ending after the frame they send, which under a low bandwidth cap took them
-   * tens of seconds (a corrupt frame's ERR_BLOCK_CORRUPT came 31-37 s late).
+   * tens of seconds.
    */
   private readonly halt = new AbortController();
 

@@ -241,17 +241,18 @@ async function copyOnce(source: ReplicaStore, target: ReplicaStore, snap: Snapsh
         } else if (lacking.length > 0) {
           // Parallel streams, each a contiguous slice of the lacking blocks: one stream leaves
           // each side idle while the other works (reading packs, TLS, verifying, writing).
-          // The first stream to fail ends the others at once (`halt`): under a low bandwidth cap
-          // they would otherwise run to their end first (a corrupt frame answered after 31-37 s).
+          // The first stream to fail ends the others at once (`halt`, which follows the stop too):
+          // under a low bandwidth cap they would otherwise send their slices to the end first.
           const { controller: halt, unlink } = linkedAbort(opts.signal);
           const signal = halt.signal;
+          /** A stop ends the stream (copySnapshot says why); so does another stream's failure. */
           const halted = () => {
-            if (halt.signal.aborted && !opts.signal?.aborted) throw halt.signal.reason;
+            check();
+            if (signal.aborted) throw signal.reason;
           };
           try {
             await allOrFirstError(slices(lacking, BLOCK_STREAMS, MIN_BLOCKS_PER_STREAM).map(async (slice) => {
               for (const part of batches(slice, MAX_HASHES_PER_REQUEST)) {
-                check();
                 halted();
                 requests += 2;
                 // The target verifies every block it stores: the source need not hash them too.
@@ -264,8 +265,7 @@ async function copyOnce(source: ReplicaStore, target: ReplicaStore, snap: Snapsh
                 const bases = deltas ? part.map((h) => replaced.get(toHex(h)) ?? null) : null;
                 const deltaSizes = new DeltaSizes();
                 const sent = (f: BlockFrame) => {
-                  check(); // a stop ends the stream (the request fails, and copySnapshot says why)
-                  halted();
+                  halted(); // the request fails
                   const length = frameBlockLength(f);
                   blocksSent++;
                   bytesSent += length;
