@@ -24,6 +24,7 @@ import { randomBytes, randomUUID, X509Certificate } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync, renameSync, openSync, fsyncSync, closeSync, rmSync, linkSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { TandemError, diskFullError, fromSystemError } from '../common/errors.js';
+import { selfSignedCertificate } from '../common/certificate.js';
 import { acquireVolumeLock, withHomeLock } from './locks.js';
 import { pidAlive } from '../common/pid.cjs';
 import type { Store } from '../store/index.js';
@@ -37,23 +38,9 @@ const MAX_TLS_ACKS = 32;
 /** How long a certificate made here is valid. */
 export const CERTIFICATE_DAYS = 3650;
 
-/**
- * A P-256 key and a self-signed certificate for `localhost` and 127.0.0.1, valid ten years.
- * (selfsigned 5 ignores a `days` option and makes it a year: the end is given as a date.)
- */
+/** A P-256 key and a self-signed certificate for `localhost` and 127.0.0.1, valid ten years. */
 async function newKeyAndCertificate(name: string): Promise<{ key: string; cert: string }> {
-  const { default: selfsigned } = await import('selfsigned');
-  const notBeforeDate = new Date();
-  const notAfterDate = new Date(notBeforeDate.getTime() + CERTIFICATE_DAYS * 86_400_000);
-  const pems = await selfsigned.generate([{ name: 'commonName', value: `tandem-${name}` }], {
-    keyType: 'ec',
-    curve: 'P-256',
-    notBeforeDate,
-    notAfterDate,
-    algorithm: 'sha256',
-    extensions: [{ name: 'subjectAltName', altNames: [{ type: 2, value: 'localhost' }, { type: 7, ip: '127.0.0.1' }] }],
-  } as Parameters<typeof selfsigned.generate>[1]);
-  return { key: pems.private, cert: pems.cert };
+  return selfSignedCertificate(`tandem-${name}`, ['localhost', '127.0.0.1'], CERTIFICATE_DAYS);
 }
 
 /** fsync a directory, so the renames in it are durable (best effort where it cannot be opened). */

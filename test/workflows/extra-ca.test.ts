@@ -15,7 +15,6 @@ import { writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
-import selfsigned from 'selfsigned';
 import { EBSClient, ListSnapshotBlocksCommand } from '@aws-sdk/client-ebs';
 import { DescribeInstancesCommand } from '@aws-sdk/client-ec2';
 import { EXTRA_CA_VAR, childEnv } from '../../common/ca.js';
@@ -23,6 +22,7 @@ import { ebsClient } from '../../appliance/ebs/client.js';
 import { ec2Client } from '../../appliance/recovery/ec2.js';
 import { BreachNotifier, type VolumeStatus } from '../../appliance/status.js';
 import { tempDir } from '../helpers/cli.js';
+import { selfSignedCertificate } from '../../common/certificate.js';
 
 const dir = tempDir({ after });
 let server: Server;
@@ -30,18 +30,12 @@ let url: string;
 const seen: string[] = [];
 
 before(async () => {
-  const pems = await selfsigned.generate([{ name: 'commonName', value: 'tandem-test-private-ca' }], {
-    keyType: 'ec',
-    curve: 'P-256',
-    days: 1,
-    algorithm: 'sha256',
-    extensions: [{ name: 'subjectAltName', altNames: [{ type: 7, ip: '127.0.0.1' }] }],
-  } as Parameters<typeof selfsigned.generate>[1]);
+  const pems = selfSignedCertificate('tandem-test-private-ca', ['127.0.0.1'], 1);
   const caFile = join(dir, 'private-ca.pem');
   writeFileSync(caFile, pems.cert);
   process.env[EXTRA_CA_VAR] = caFile;
   Object.assign(process.env, { AWS_REGION: 'us-east-1', AWS_ACCESS_KEY_ID: 'test', AWS_SECRET_ACCESS_KEY: 'test' });
-  server = createServer({ key: pems.private, cert: pems.cert }, (req, res) => {
+  server = createServer({ key: pems.key, cert: pems.cert }, (req, res) => {
     seen.push(`${req.method} ${req.url}`);
     req.resume();
     req.on('end', () => {
