@@ -14,6 +14,7 @@ import { chmodSync, rmSync, statSync } from 'node:fs';
 import { createServer } from 'node:http';
 import type { Server as TlsServer } from 'node:tls';
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import AjvCompiler from '@fastify/ajv-compiler';
 import { TandemError } from '../common/errors.js';
 import type { Home } from '../appliance/home.js';
 import type { Store } from '../store/index.js';
@@ -137,6 +138,41 @@ class TokenCheck {
   }
 }
 
+/** Fastify's `ajv` server option: how request bodies, queries and parameters are validated. */
+export const AJV_OPTIONS = { customOptions: { allErrors: false, coerceTypes: false, removeAdditional: false }, plugins: [] };
+
+type BuildValidator = ReturnType<typeof AjvCompiler>;
+type Validate = ((data: unknown, ctx?: unknown) => unknown) & { errors?: unknown; schemaEnv?: unknown };
+
+/**
+ * Fastify's own validators (Ajv), each compiled at its route's first request rather than when the
+ * server starts. Compiling all of them at start took ~150 ms of CPU, a fifth of a server's start
+ * (`serve` ready in ~0.7 s); a server answers a handful of its ~60 routes in most of its runs (a
+ * peer's syncs, forwarded commands). The Ajv instance is made at the first compile too. A schema
+ * Ajv refuses fails its route's requests (500) instead of the start: test/api/schemas.test.ts
+ * compiles every route's schemas.
+ */
+export function compiledAtFirstUse(build: BuildValidator): BuildValidator {
+  return ((externalSchemas: unknown, options: unknown) => {
+    let compiler: ReturnType<BuildValidator> | undefined;
+    return (route: Parameters<ReturnType<BuildValidator>>[0]) => {
+      let compiled: Validate | undefined;
+      const validate: Validate = (data, ctx) => {
+        if (!compiled) {
+          compiler ??= (build as (e: unknown, o: unknown) => ReturnType<BuildValidator>)(externalSchemas, options);
+          compiled = compiler(route) as unknown as Validate;
+          // As fastify reads it from Ajv's own functions: from the next call on, a root value can be replaced.
+          validate.schemaEnv = compiled.schemaEnv;
+        }
+        const ok = ctx === undefined ? compiled(data) : compiled(data, ctx);
+        validate.errors = compiled.errors;
+        return ok;
+      };
+      return validate as unknown as ReturnType<ReturnType<BuildValidator>>;
+    };
+  }) as unknown as BuildValidator;
+}
+
 /** Build the API (not listening). */
 export function buildServer(opts: BuildServerOptions): FastifyInstance {
   const app = Fastify({
@@ -145,7 +181,8 @@ export function buildServer(opts: BuildServerOptions): FastifyInstance {
     keepAliveTimeout: KEEP_ALIVE_MS,
     requestTimeout: REQUEST_TIMEOUT_MS,
     ...(opts.https ? { https: { key: opts.https.key, cert: opts.https.cert } } : {}),
-    ajv: { customOptions: { allErrors: false, coerceTypes: false, removeAdditional: false } },
+    ajv: AJV_OPTIONS,
+    schemaController: { compilersFactory: { buildValidator: compiledAtFirstUse(AjvCompiler()) } },
     // Router-level failures (bad URL encoding, over-long parameters) answer in the catalog's shape too.
     frameworkErrors: (error: unknown, _req: unknown, reply: { status(n: number): { send(b: unknown): void } }) => {
       const err = toTandemError(error);
