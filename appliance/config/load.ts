@@ -15,6 +15,9 @@ import { parseDuration } from './duration.js';
 import { parseSize } from './size.js';
 import { windowProblems, type RawWindow } from './bwlimit.js';
 import { ConfigSchema, type RawConfig, type RawPrices, type RawRecoveryPlan, type RawRetention } from './schema.js';
+import { DEFAULT_HOOK_TIMEOUT_MS, DEFAULT_SHUTDOWN_GRACE_MS, DEFAULT_VERIFY_BYTES_PER_SEC, DEFAULT_VERIFY_EVERY_MS } from './defaults.js';
+
+export { DEFAULT_HOOK_TIMEOUT_MS, DEFAULT_SHUTDOWN_GRACE_MS, DEFAULT_VERIFY_BYTES_PER_SEC, DEFAULT_VERIFY_EVERY_MS };
 
 /** A named protection tier (normalized). */
 export interface Policy {
@@ -74,24 +77,6 @@ export interface Config {
   readonly raw: RawConfig;
 }
 
-/**
- * The daemon verifies the whole store this often unless the config says otherwise: silent
- * corruption of the DR copy is found within a week, not at failover.
- */
-export const DEFAULT_VERIFY_EVERY_MS = 7 * 86_400_000;
-/** ... reading at most this fast, so replication keeps most of the disk. */
-export const DEFAULT_VERIFY_BYTES_PER_SEC = 100 * 1024 * 1024;
-
-/** A hook that hangs must not stall the schedule forever; operators raise it per group. */
-export const DEFAULT_HOOK_TIMEOUT_MS = 60_000;
-
-/**
- * A running job or forwarded command gets this long to finish after SIGTERM: well inside
- * systemd's default stop timeout (90 s; deploy/tandem.service gives 120 s), with time left for
- * the post hooks it owes. Under a supervisor that kills sooner (Docker's 10 s, Kubernetes' 30 s
- * by default) operators set `shutdown.grace` below that supervisor's timeout.
- */
-export const DEFAULT_SHUTDOWN_GRACE_MS = 30_000;
 
 interface Problem {
   line: number;

@@ -1,11 +1,13 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseConfig, loadConfig, policyFor, hooksForVolume, groupOf, globMatch } from '../../appliance/config/index.js';
 import { isTandemError, type TandemError } from '../../common/errors.js';
 import { replicationRate, hasSchedule } from '../../appliance/config/bwlimit.js';
+import { ROOT } from '../helpers/cli.js';
 
 const GOOD = `# comment
 appliance:
@@ -165,6 +167,39 @@ test('loadConfig reads HOME/config.yaml; the default config written by init vali
   writeFileSync(home.paths.config, GOOD);
   assert.equal((await loadConfig(home.dir)).policies.gold!.rpoMs, 900_000);
   await assert.rejects(loadConfig(join(dir, 'absent')), (e: unknown) => isTandemError(e, 'ERR_CONFIG_INVALID'));
+});
+
+test('a validated config is kept parsed in HOME/run/config.json: a command with config.yaml unchanged loads no parser; an edit, an invalid edit or a damaged copy is parsed anew', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'tandem-cfg-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const { Home } = await import('../../appliance/home.js');
+  const home = await Home.init(join(dir, 'h'), 'onprem');
+  writeFileSync(home.paths.config, GOOD);
+  const kept = join(home.paths.run, 'config.json');
+  const first = await loadConfig(home);
+  assert.ok(existsSync(kept), 'kept after the first load');
+  assert.deepEqual(await loadConfig(home), first, 'the kept copy reads back equal');
+  // A new process (the CLI's case): the kept copy is used and neither YAML nor TypeBox is loaded.
+  const probe = `const { loadConfig } = require(${JSON.stringify(join(ROOT, 'dist/appliance/config/index.js'))});
+    loadConfig(process.argv[1]).then((c) => console.log(JSON.stringify({ rpo: c.policies.gold?.rpoMs ?? null, parsers: Object.keys(require.cache).filter((k) => /node_modules[/](yaml|@sinclair)[/]/.test(k)).length })));`;
+  const run = () => JSON.parse(execFileSync(process.execPath, ['-e', probe, home.dir], { encoding: 'utf8' })) as { rpo: number | null; parsers: number };
+  const distKept = run(); // the build's parser has its own fingerprint: parsed once more, then kept
+  assert.equal(distKept.rpo, 900_000);
+  assert.deepEqual(run(), { rpo: 900_000, parsers: 0 });
+  // An edit is seen at once.
+  writeFileSync(home.paths.config, GOOD.replace('rpo: 15m', 'rpo: 5m'));
+  assert.equal((await loadConfig(home)).policies.gold!.rpoMs, 300_000);
+  const edited = run();
+  assert.equal(edited.rpo, 300_000);
+  assert.ok(edited.parsers > 0, 'the edit was parsed');
+  // An invalid edit is refused, never answered from the kept copy.
+  writeFileSync(home.paths.config, GOOD.replace('rpo: 15m', 'rpo: soon'));
+  await assert.rejects(loadConfig(home), (e: unknown) => isTandemError(e, 'ERR_CONFIG_INVALID'));
+  // A damaged copy is parsed over.
+  writeFileSync(home.paths.config, GOOD);
+  writeFileSync(kept, '{"key": "trunc');
+  assert.equal((await loadConfig(home)).policies.gold!.rpoMs, 900_000);
+  assert.equal(JSON.parse(readFileSync(kept, 'utf8')).config.policies.gold.rpoMs, 900_000);
 });
 
 test('replication.schedule: the first window holding the local time gives the cap, windows run past midnight, 0 lifts the cap; bad days, times and rates are named', () => {
