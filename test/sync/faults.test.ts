@@ -614,16 +614,29 @@ test('volume remove of a received volume, killed at each of its synced index wri
 
 /** A TLS-terminating proxy (with the peer's own key, so pinning passes) that damages block uploads. */
 /** `only`: damage the first frame of that blocks/put request alone (1 for the first), not of each. */
-async function damagingProxy(t: Parameters<typeof tempDir>[0], b: TestHome, upstream: string, mode: 'corrupt' | 'truncate', only?: number): Promise<string> {
+async function damagingProxy(t: Parameters<typeof tempDir>[0], b: TestHome, upstream: string, mode: 'corrupt' | 'truncate' | 'truncate-answer', only?: number): Promise<string> {
   const tls = { key: readFileSync(join(b.dir, 'tls', 'key.pem')), cert: readFileSync(join(b.dir, 'tls', 'cert.pem')) };
   let puts = 0;
+  let gets = 0;
   const server: Server = createServer(tls, (req, res) => {
+    // 'truncate-answer': the `only`-th blocks/get answer ends (cleanly) in its first frame.
+    const cutAnswer = mode === 'truncate-answer' && req.url === '/v1/blocks/get' && ++gets === only;
     const up = httpsRequest(new URL(req.url!, upstream), { method: req.method, headers: { ...req.headers, host: new URL(upstream).host }, rejectUnauthorized: false }, (ur) => {
       res.writeHead(ur.statusCode!, ur.headers);
-      ur.pipe(res);
+      if (!cutAnswer) return void ur.pipe(res);
+      let seen = 0;
+      ur.on('data', (c: Buffer) => {
+        if (seen >= HEADER_BYTES + 1000) return;
+        res.write(c.subarray(0, HEADER_BYTES + 1000 - seen));
+        seen += c.length;
+        if (seen >= HEADER_BYTES + 1000) {
+          res.end();
+          ur.destroy();
+        }
+      });
     });
     up.on('error', () => res.destroy());
-    if (req.url === '/v1/blocks/put' && (only === undefined || ++puts === only)) {
+    if (mode !== 'truncate-answer' && req.url === '/v1/blocks/put' && (only === undefined || ++puts === only)) {
       delete (up as unknown as { _headers?: unknown })._headers;
       let seen = 0;
       const cut = HEADER_BYTES + 1000;
@@ -807,6 +820,29 @@ test('the first block stream of a sync to fail ends the others at once: a push u
   assert.equal(again.code, 0, again.stderr);
   assert.equal(again.json.blocksSent, 48 - stats.blocksStored);
   assert.equal((await cli(b, 'verify')).code, 0);
+});
+
+test('the first block stream of a pull to fail ends the others at once: a failback pull under --bwlimit whose one answer is cut short stops, not after the other answers arrived', async (t) => {
+  // B holds the volume; C, rebuilt, pulls it through a proxy that ends the first blocks/get
+  // answer in its first frame. 48 blocks of 64 KiB on 3 streams of 16: at 64 KiB/s the other
+  // two answers take 32 s to arrive whole.
+  const { a, b, sb } = await pairedWithVolume(t, 48);
+  assert.equal((await cli(a, 'sync', 'vol', '--peer', 'cloud')).code, 0);
+  const c = await initHome(t, 'rebuilt');
+  const proxy = await damagingProxy(t, b, sb.url, 'truncate-answer', 1);
+  assert.equal((await cli(c, 'peer', 'add', 'cut', '--url', proxy, '--token', b.token, '--fingerprint', b.fingerprint)).code, 0);
+  const started = Date.now();
+  const r = await cli(c, 'sync', 'vol', '--peer', 'cut', '--reverse', '--bwlimit', '64KiB');
+  const took = (Date.now() - started) / 1000;
+  assert.equal(r.code, 1, r.stdout);
+  assert.ok(took < 16, `the pull reported its failure after ${took.toFixed(1)} s: the other streams ran on (their 2 MiB alone take 32 s)`);
+  // Nothing half-pulled is committed; the pull through the peer itself then completes.
+  assert.equal(r.json.error.code, 'ERR_BLOCK_CORRUPT', r.stderr);
+  assert.equal((await cli(c, 'snapshots', 'vol')).json.error.code, 'ERR_VOLUME_NOT_FOUND', 'nothing of the pull was committed');
+  await pair(c, 'cloud', b, sb);
+  const again = await cli(c, 'sync', 'vol', '--peer', 'cloud', '--reverse');
+  assert.equal(again.code, 0, again.stderr);
+  assert.equal((await cli(c, 'verify')).code, 0);
 });
 
 test('a peer that sends a tree naming a block of the wrong length for its place (a 1-byte block for a 512 KiB one) gets ERR_SNAPSHOT_INVALID at its commit: nothing committed, verify stays clean', async (t) => {
