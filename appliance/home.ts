@@ -201,7 +201,11 @@ export class Home {
     writeFileAtomic(p.token, randomBytes(32).toString('base64url') + '\n', 0o600);
     writeFileAtomic(p.adminToken, randomBytes(32).toString('base64url') + '\n', 0o600);
     writeFileAtomic(p.monitorToken, randomBytes(32).toString('base64url') + '\n', 0o600);
-    if (!existsSync(p.config)) writeFileAtomic(p.config, defaultConfig(name));
+    if (!existsSync(p.config)) {
+      const text = defaultConfig(name);
+      writeFileAtomic(p.config, text);
+      (await import('./config/index.js')).keepDefaultConfig(abs, text, name);
+    }
     const identity: Identity = { name, id: randomUUID(), created: new Date().toISOString() };
     writeFileAtomic(p.identity, JSON.stringify(identity, null, 2) + '\n');
     return new Home(abs, identity);
@@ -523,7 +527,7 @@ function describeProcess(pid: number | undefined): string {
   }
 }
 
-function defaultConfig(name: string): string {
+export function defaultConfig(name: string): string {
   return `# Tandem appliance configuration (validated by \`appliance config check\`).
 # See README.md, "Configuration", for every key.
 appliance:

@@ -13,6 +13,8 @@ import type { Home } from '../home.js';
 import { homePaths } from '../home.js';
 import type { AssignRule, Config, Group, Hooks, Policy } from './load.js';
 
+import { DEFAULT_SHUTDOWN_GRACE_MS, DEFAULT_VERIFY_BYTES_PER_SEC, DEFAULT_VERIFY_EVERY_MS } from './defaults.js';
+
 export { DEFAULT_HOOK_TIMEOUT_MS, DEFAULT_SHUTDOWN_GRACE_MS, DEFAULT_VERIFY_EVERY_MS, DEFAULT_VERIFY_BYTES_PER_SEC } from './defaults.js';
 export { parseSize } from './size.js';
 export type { Config, Policy, Group, Hooks, AssignRule } from './load.js';
@@ -52,7 +54,7 @@ export async function loadConfig(home: Home | string): Promise<Config> {
   } catch {
     return loadConfigFile(paths.config); // its error says what to do
   }
-  const key = createHash('sha256').update(parserFingerprint()).update('\0').update(paths.config).update('\0').update(text).digest('hex');
+  const key = keyOf(paths.config, text);
   const kept = join(paths.run, 'config.json');
   try {
     const c = JSON.parse(readFileSync(kept, 'utf8')) as { key?: string; config?: Config };
@@ -63,6 +65,42 @@ export async function loadConfig(home: Home | string): Promise<Config> {
   const config = parseConfig(text, paths.config);
   keep(kept, key, config);
   return config;
+}
+
+/** What a kept config is filed under: the parser's source, the file's path and its text. */
+function keyOf(file: string, text: string): string {
+  return createHash('sha256').update(parserFingerprint()).update('\0').update(file).update('\0').update(text).digest('hex');
+}
+
+/**
+ * `appliance init`: keeps the Config of the default config.yaml it wrote (`text`, naming the
+ * appliance `name`), made here without the parser, so that the home's first commands need none
+ * either. Not for a name YAML reads as something else than that string (a number, true, null):
+ * that config is parsed, and refused, as written. config.test.ts checks it equals the parser's.
+ */
+export function keepDefaultConfig(homeDir: string, text: string, name: string): void {
+  if (!/^[A-Za-z][A-Za-z0-9._-]*$/.test(name) || /^(null|true|false)$/i.test(name)) return;
+  const paths = homePaths(homeDir);
+  keep(join(paths.run, 'config.json'), keyOf(paths.config, text), defaultParsed(name, paths.config));
+}
+
+/** The Config of a file that names the appliance and sets nothing else (load.ts normalize, by hand). */
+export function defaultParsed(name: string, file: string): Config {
+  return {
+    file,
+    appliance: { name },
+    policies: {},
+    assign: [],
+    groups: {},
+    replication: null,
+    alerts: { webhook: null },
+    verify: { everyMs: DEFAULT_VERIFY_EVERY_MS, bytesPerSecond: DEFAULT_VERIFY_BYTES_PER_SEC, repairPeer: null },
+    discovery: { paths: [], lvm: true, libvirt: true },
+    prices: {},
+    recovery: {},
+    shutdown: { graceMs: DEFAULT_SHUTDOWN_GRACE_MS },
+    raw: { appliance: { name } } as Config['raw'],
+  };
 }
 
 /** Writes the parsed config for the next command (best effort: a home it cannot write parses each time). */

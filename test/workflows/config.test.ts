@@ -4,7 +4,7 @@ import { execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { parseConfig, loadConfig, policyFor, hooksForVolume, groupOf, globMatch } from '../../appliance/config/index.js';
+import { parseConfig, loadConfig, policyFor, hooksForVolume, groupOf, globMatch, defaultParsed, keepDefaultConfig } from '../../appliance/config/index.js';
 import { isTandemError, type TandemError } from '../../common/errors.js';
 import { replicationRate, hasSchedule } from '../../appliance/config/bwlimit.js';
 import { ROOT } from '../helpers/cli.js';
@@ -200,6 +200,24 @@ test('a validated config is kept parsed in HOME/run/config.json: a command with 
   writeFileSync(kept, '{"key": "trunc');
   assert.equal((await loadConfig(home)).policies.gold!.rpoMs, 900_000);
   assert.equal(JSON.parse(readFileSync(kept, 'utf8')).config.policies.gold.rpoMs, 900_000);
+});
+
+test("init keeps the default config.yaml's Config, made without the parser: it equals the parser's, and a new home's first command loads no parser", async (t) => {
+  const { defaultConfig } = await import('../../appliance/home.js');
+  for (const name of ['onprem', 'vm', 'cloud-2', 'a.b_c', 'Site1']) {
+    assert.deepEqual(defaultParsed(name, '/h/config.yaml'), parseConfig(defaultConfig(name), '/h/config.yaml'), name);
+  }
+  const dir = mkdtempSync(join(tmpdir(), 'tandem-cfg-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  // A name YAML reads as another value is not kept: its file is parsed (and refused) as written.
+  keepDefaultConfig(join(dir, 'n'), defaultConfig('123'), '123');
+  assert.ok(!existsSync(join(dir, 'n', 'run', 'config.json')));
+  // The CLI's init and a later process of the same build: the kept copy's key matches.
+  const home = join(dir, 'h');
+  execFileSync(join(ROOT, 'bin', 'appliance'), ['--home', home, 'init', '--name', 'fresh'], { stdio: 'ignore' });
+  const probe = `const { loadConfig } = require(${JSON.stringify(join(ROOT, 'dist/appliance/config/index.js'))});
+    loadConfig(process.argv[1]).then((c) => console.log(JSON.stringify({ name: c.appliance.name, parsers: Object.keys(require.cache).filter((k) => /node_modules[/](yaml|@sinclair)[/]/.test(k)).length })));`;
+  assert.deepEqual(JSON.parse(execFileSync(process.execPath, ['-e', probe, home], { encoding: 'utf8' })), { name: 'fresh', parsers: 0 });
 });
 
 test('replication.schedule: the first window holding the local time gives the cap, windows run past midnight, 0 lifts the cap; bad days, times and rates are named', () => {
