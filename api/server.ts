@@ -147,7 +147,7 @@ type Validate = ((data: unknown, ctx?: unknown) => unknown) & { errors?: unknown
 /**
  * Fastify's own validators (Ajv), each compiled at its route's first request rather than when the
  * server starts. Compiling all of them at start took ~150 ms of CPU, a fifth of a server's start
- * (`serve` ready in ~0.7 s); a server answers a handful of its ~60 routes in most of its runs (a
+ * (`serve` ready in ~0.7 s); a server answers a handful of its routes in most of its runs (a
  * peer's syncs, forwarded commands). The Ajv instance is made at the first compile too. A schema
  * Ajv refuses fails its route's requests (500) instead of the start: test/api/schemas.test.ts
  * compiles every route's schemas.
