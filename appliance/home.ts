@@ -17,7 +17,8 @@
  *                       while it is put in place key.pem.next and cert.pem.next (Home.finishTlsRotation)
  * HOME/store/           the block store (store/README.md)
  * HOME/locks/           per-volume lock files (appliance/locks.ts)
- * HOME/run/             runtime files of a running server (server.json: pid, url, socket; cli.sock)
+ * HOME/run/             runtime files of a running server (server.json: pid, url, socket; cli.sock),
+ *                       and config.json: config.yaml as last parsed (appliance/config/index.ts loadConfig)
  * ```
  */
 import { randomBytes, randomUUID, X509Certificate } from 'node:crypto';
