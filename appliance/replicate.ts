@@ -633,7 +633,7 @@ export interface ConfiguredCap {
  * and `replication.schedule`, when `peerName` is `replication.peer` (the WAN link they protect);
  * null when there is none. A manual `sync` or `failback` follows it as the daemon's pushes do,
  * unless `--bwlimit` is given. The file is read as config only when it names a cap at all, and
- * then parsed once per edit (loadConfig's kept copy): the parser's modules take ~0.1 s to load
+ * then parsed once per edit (the kept copy, config/index.ts homeConfigOf): the parser's modules take ~0.1 s to load
  * in a fresh process, and most appliances set none.
  * ERR_CONFIG_INVALID (the file's problems, and the way around them) when it does not parse.
  */
@@ -646,10 +646,10 @@ export async function configuredCap(home: Home, peerName: string): Promise<Confi
     throw new TandemError('ERR_CONFIG_INVALID', `${home.paths.config}: cannot read the config file (${(e as Error).message}) for the replication cap; fix its permissions, or give --bwlimit RATE (0: no cap), which does not read it`, { cause: e, details: { file: home.paths.config, line: 0, key: '' } });
   }
   if (!/\b(?:bwlimit|schedule)\b/.test(text)) return null;
-  const [{ loadConfig }, { replicationRate, hasSchedule }] = await Promise.all([import('./config/index.js'), import('./config/bwlimit.js')]);
+  const [{ homeConfigOf }, { replicationRate, hasSchedule }] = await Promise.all([import('./config/index.js'), import('./config/bwlimit.js')]);
   let r;
   try {
-    r = (await loadConfig(home)).replication; // the kept parsed copy when the file is unchanged
+    r = homeConfigOf(home.paths, text).replication; // the kept parsed copy when the file is unchanged
   } catch (e) {
     if (!isTandemError(e, 'ERR_CONFIG_INVALID')) throw e;
     throw new TandemError('ERR_CONFIG_INVALID', `${e.message}. This command reads it for the replication cap; with --bwlimit RATE (0: no cap) it runs without reading it`, { cause: e, details: e.details });

@@ -3,14 +3,14 @@
  * modules need (which policy protects a volume, which group and hooks it belongs to).
  * Keys are documented in ./README.md.
  */
-import { createHash, randomBytes } from 'node:crypto';
-import { mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { mkdirSync, readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { extname, join } from 'node:path';
 import { isDeepStrictEqual } from 'node:util';
 import type { VolumeRecord } from '../../store/types.js';
-import type { Home } from '../home.js';
-import { homePaths } from '../home.js';
+import type { Home, HomePaths } from '../home.js';
+import { homePaths, writeFileAtomic } from '../home.js';
 import type { AssignRule, Config, Group, Hooks, Policy } from './load.js';
 
 import { DEFAULT_SHUTDOWN_GRACE_MS, DEFAULT_VERIFY_BYTES_PER_SEC, DEFAULT_VERIFY_EVERY_MS } from './defaults.js';
@@ -54,6 +54,14 @@ export async function loadConfig(home: Home | string): Promise<Config> {
   } catch {
     return loadConfigFile(paths.config); // its error says what to do
   }
+  return homeConfigOf(paths, text);
+}
+
+/**
+ * The Config of `text`, HOME/config.yaml as the caller just read it: the kept copy when it is of
+ * this text, else parsed (and kept). ERR_CONFIG_INVALID as parseConfig.
+ */
+export function homeConfigOf(paths: HomePaths, text: string): Config {
   const key = keyOf(paths.config, text);
   const kept = join(paths.run, 'config.json');
   try {
@@ -108,13 +116,11 @@ function keep(file: string, key: string, config: Config): void {
   const json = JSON.stringify({ key, config });
   // Only what reads back the same: JSON has no undefined, Infinity or Date.
   if (!isDeepStrictEqual((JSON.parse(json) as { config: Config }).config, config)) return;
-  const tmp = `${file}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
   try {
     mkdirSync(join(file, '..'), { recursive: true });
-    writeFileSync(tmp, json, { mode: 0o600 });
-    renameSync(tmp, file);
+    writeFileAtomic(file, json, 0o600);
   } catch {
-    rmSync(tmp, { force: true });
+    // not kept: parsed again next time
   }
 }
 
