@@ -14,14 +14,21 @@ export interface FaultSettings {
   errorPercent: number;
   /** Seed of the pseudo-random choice, so a fault run can be replayed. */
   seed: number;
-  /** Operations (e.g. `DeleteSnapshot`) the throttling and errors apply to; empty: all of them. */
+  /** Operations (e.g. `DeleteSnapshot`) the faults apply to; empty: all of them. */
   actions: string[];
+  /**
+   * Let this many requests (of `actions`) through after the settings are made, then hold every
+   * further one unanswered until the settings are replaced; a held request is then answered
+   * with a server error, having changed nothing. null: no hold. For stopping a client at a
+   * known point (kill -9 tests) without racing it.
+   */
+  holdAfter: number | null;
 }
 
-export const NO_FAULTS: FaultSettings = { throttlePercent: 0, latencyMs: 0, errorPercent: 0, seed: 1, actions: [] };
+export const NO_FAULTS: FaultSettings = { throttlePercent: 0, latencyMs: 0, errorPercent: 0, seed: 1, actions: [], holdAfter: null };
 
-/** What the injector decided for one request. */
-export type FaultDecision = { kind: 'none' } | { kind: 'throttle'; n: number } | { kind: 'error'; n: number };
+/** What the injector decided for one request. `hold`: wait for `released`, then answer a server error. */
+export type FaultDecision = { kind: 'none' } | { kind: 'throttle'; n: number } | { kind: 'error'; n: number } | { kind: 'hold'; released: Promise<void> };
 
 /** mulberry32: a tiny seeded PRNG; quality is ample for picking which requests fail. */
 function mulberry32(seed: number): () => number {
@@ -40,6 +47,10 @@ export class Faults {
   #rand = mulberry32(NO_FAULTS.seed);
   /** Counts injected faults so the kinds of throttling error rotate. */
   #injected = 0;
+  /** Requests let through under `holdAfter` since the settings were made. */
+  #passed = 0;
+  /** Resolved (releasing the held requests) when the settings are replaced. */
+  #release: { promise: Promise<void>; resolve: () => void } = released();
 
   get settings(): FaultSettings {
     return { ...this.#settings, actions: [...this.#settings.actions] };
@@ -68,22 +79,40 @@ export class Faults {
       if (typeof input.seed !== 'number' || !Number.isInteger(input.seed)) throw new RangeError('seed must be an integer');
       next.seed = input.seed;
     }
+    if (input.holdAfter !== undefined && input.holdAfter !== null) {
+      const v = input.holdAfter;
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < 0) throw new RangeError('holdAfter must be a whole number of requests (0 or more), or null');
+      next.holdAfter = v;
+    }
     this.#settings = next;
     this.#rand = mulberry32(next.seed);
     this.#injected = 0;
+    this.#passed = 0;
+    this.#release.resolve();
+    this.#release = released();
     return this.settings;
   }
 
   /** For a request of operation `action`. */
   decide(action?: string): FaultDecision {
-    const { throttlePercent, errorPercent, actions } = this.#settings;
-    if (throttlePercent === 0 && errorPercent === 0) return { kind: 'none' };
+    const { throttlePercent, errorPercent, actions, holdAfter } = this.#settings;
+    if (throttlePercent === 0 && errorPercent === 0 && holdAfter === null) return { kind: 'none' };
     if (actions.length > 0 && (action === undefined || !actions.includes(action))) return { kind: 'none' };
+    if (holdAfter !== null) {
+      if (this.#passed >= holdAfter) return { kind: 'hold', released: this.#release.promise };
+      this.#passed++;
+    }
     const r = this.#rand() * 100;
     if (r < throttlePercent) return { kind: 'throttle', n: this.#injected++ };
     if (r < throttlePercent + errorPercent) return { kind: 'error', n: this.#injected++ };
     return { kind: 'none' };
   }
+}
+
+function released(): { promise: Promise<void>; resolve: () => void } {
+  let resolve!: () => void;
+  const promise = new Promise<void>((r) => { resolve = r; });
+  return { promise, resolve };
 }
 
 /**
@@ -96,6 +125,8 @@ export class Stats {
   errors: Record<string, number> = {};
   throttled = 0;
   injectedErrors = 0;
+  /** Requests a `holdAfter` fault has held (counted when held, not when released). */
+  held = 0;
   blockBytesIn = 0;
   blockBytesOut = 0;
 
@@ -109,6 +140,7 @@ export class Stats {
     this.errors = {};
     this.throttled = 0;
     this.injectedErrors = 0;
+    this.held = 0;
     this.blockBytesIn = 0;
     this.blockBytesOut = 0;
   }
@@ -120,6 +152,7 @@ export class Stats {
       errors: { ...this.errors },
       throttled: this.throttled,
       injectedErrors: this.injectedErrors,
+      held: this.held,
       blockBytesIn: this.blockBytesIn,
       blockBytesOut: this.blockBytesOut,
     };

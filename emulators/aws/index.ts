@@ -46,6 +46,10 @@ export async function buildAwsEmulator(opts: AwsEmulatorOptions = {}): Promise<F
     launchFaults: new Map(),
   };
   const app = await buildApp(ctx, opts.logger ?? false);
+  // Held requests (a holdAfter fault) are answered before the server waits for its connections.
+  app.addHook('preClose', async () => {
+    ctx.faults.configure({});
+  });
   app.addHook('onClose', async () => {
     await state.flush();
   });

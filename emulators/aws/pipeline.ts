@@ -1,7 +1,7 @@
 /**
  * What happens to every AWS request before its operation runs, in this order: remember the
  * operation (for statistics), check the SigV4 header, add the configured latency, then maybe
- * answer with an injected throttling or server error. Control routes (/_emulator) skip all of it.
+ * hold the request, or answer with an injected throttling or server error. Control routes (/_emulator) skip all of it.
  */
 import type { FastifyReply, FastifyRequest, preHandlerAsyncHookHandler } from 'fastify';
 import { checkSigV4 } from './auth.js';
@@ -50,6 +50,12 @@ export async function prepare(ctx: EmulatorContext, req: FastifyRequest, service
   const f = ctx.faults.settings;
   if (f.latencyMs > 0) await new Promise((r) => setTimeout(r, f.latencyMs));
   const d = ctx.faults.decide(op);
+  if (d.kind === 'hold') {
+    ctx.stats.held++;
+    await d.released;
+    if (service === 'ebs') throw new EbsError('InternalServerException', 500, 'An internal error occurred; retry the request');
+    throw new Ec2Error('InternalError', 'An internal error has occurred; retry the request', 500);
+  }
   if (d.kind === 'throttle') {
     ctx.stats.throttled++;
     if (service === 'ebs') throw EBS_THROTTLES[d.n % EBS_THROTTLES.length]!();

@@ -17,7 +17,7 @@ export interface Emulator {
   close(): Promise<void>;
   stats(): Promise<Record<string, any>>;
   resetStats(): Promise<void>;
-  faults(f: { throttlePercent?: number; latencyMs?: number; errorPercent?: number; seed?: number; actions?: string[] }): Promise<void>;
+  faults(f: { throttlePercent?: number; latencyMs?: number; errorPercent?: number; seed?: number; actions?: string[]; holdAfter?: number }): Promise<void>;
 }
 
 /** Start the emulator and point this process's AWS environment at it (the SDK's standard chain). */

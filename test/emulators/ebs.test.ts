@@ -253,6 +253,46 @@ test('throttling and server-error faults surface as the SDK’s exceptions', asy
   assert.equal(bad.status, 400);
 });
 
+test('holdAfter lets N requests through, holds the next unanswered, and answers it with a server error that changed nothing when the settings change', async (t) => {
+  const { ebs, control, url } = await emulator(t, {}, { maxAttempts: 1 });
+  const s = await ebs.send(new StartSnapshotCommand({ VolumeSize: 1 }));
+  await control('/_emulator/faults', { holdAfter: 1, actions: ['PutSnapshotBlock'] });
+  await put(ebs, s.SnapshotId!, 0, block(1));
+  let settled = false;
+  const second = put(ebs, s.SnapshotId!, 2, block(2)).finally(() => { settled = true; });
+  second.catch(() => undefined);
+  for (let i = 0; i < 200 && (await control('/_emulator/stats')).held < 1; i++) await new Promise((r) => setTimeout(r, 10));
+  assert.equal((await control('/_emulator/stats')).held, 1);
+  // Other operations are not held.
+  await ebs.send(new StartSnapshotCommand({ VolumeSize: 1 }));
+  await new Promise((r) => setTimeout(r, 50));
+  assert.equal(settled, false, 'the held request is not answered while the hold stands');
+  await control('/_emulator/faults', {});
+  const e = await rejects(second);
+  assert.equal(e.name, 'InternalServerException');
+  // CompleteSnapshot checks the count of written blocks: 1, so the held block 2 was not written.
+  await ebs.send(new CompleteSnapshotCommand({ SnapshotId: s.SnapshotId!, ChangedBlocksCount: 1 }));
+  const after = await ebs.send(new ListSnapshotBlocksCommand({ SnapshotId: s.SnapshotId! }));
+  assert.deepEqual(after.Blocks!.map((b) => b.BlockIndex), [0], 'the held block was not written');
+  const bad = await fetch(`${url}/_emulator/faults`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"holdAfter":-1}' });
+  assert.equal(bad.status, 400);
+  // A request held when the emulator closes is answered, so closing does not wait for it.
+  const other = await startAwsEmulator();
+  const c = new EBSClient({ endpoint: other.url, maxAttempts: 1 });
+  t.after(() => c.destroy());
+  const o = await c.send(new StartSnapshotCommand({ VolumeSize: 1 }));
+  await fetch(`${other.url}/_emulator/faults`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"holdAfter":0}' });
+  const held = put(c, o.SnapshotId!, 0, block(3));
+  held.catch(() => undefined);
+  const heldCount = async () => ((await (await fetch(`${other.url}/_emulator/stats`)).json()) as { held: number }).held;
+  for (let i = 0; i < 200 && (await heldCount()) < 1; i++) await new Promise((r) => setTimeout(r, 10));
+  assert.equal(await heldCount(), 1);
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([other.close(), new Promise((_, reject) => { timer = setTimeout(() => reject(new Error('close waited for the held request')), 5000); })]);
+  clearTimeout(timer);
+  assert.equal((await rejects(held)).name, 'InternalServerException');
+});
+
 test('a pending snapshot past its timeout goes to error', async (t) => {
   // 0.002 minutes = 120 ms.
   const { ebs, ec2 } = await emulator(t, { pendingTimeoutMinutes: 0.002 });
