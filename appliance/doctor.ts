@@ -161,9 +161,9 @@ export async function storeChecks(store: Store, config: Config | null): Promise<
     for (const [, r] of await store.listMeta<import('./ops.js').InterruptedRestore>(RESTORING_NS)) {
       out.push({ check: `restore onto ${r.path}`, status: 'warn', detail: `a restore of ${r.volume}@${r.snapshot} started ${r.since} did not complete: ${r.path} is partly written (some blocks of the snapshot, the rest as they were)`, fix: `rerun \`appliance restore ${r.volume}@${r.snapshot} --to ${r.path}\` (it writes only what still differs), or restore another snapshot onto it` });
     }
-    const { interruptedDrills } = await import('./recovery/state.js');
+    const { interruptedDrills, unfinishedDrillText } = await import('./recovery/state.js');
     for (const run of await interruptedDrills(store)) {
-      out.push({ check: `drill ${run.id}`, status: 'warn', detail: `interrupted before its teardown (started ${run.started}): its instances may still run in the drill subnet and cost money`, fix: 'the next `appliance drill`, or `appliance daemon` when it starts, terminates them and deregisters their images' });
+      out.push({ check: `drill ${run.id}`, status: 'warn', detail: `${unfinishedDrillText(run).replace(/^was /, '')} (started ${run.started}): its instances may still run in the drill subnet and cost money`, fix: 'the next `appliance drill`, or `appliance daemon` when it starts, terminates them and deregisters their images' });
     }
     // Scheduled drills (recovery.PLAN.drill.every): the last one failed, or none for two periods.
     const { scheduledPlans, newestDrillOf } = await import('./scheduler/drills.js');

@@ -38,6 +38,53 @@ import { TandemError } from '../../common/errors.js';
  */
 const POLL = { minDelay: 0.25, maxDelay: 5 } as const;
 
+/**
+ * Whether an error met while polling is a refusal that no later poll can change: access denied,
+ * credentials gone, a request EC2 calls invalid. The SDK's waiters retry on every error until
+ * their time limit, so an IAM role taken away during a failover's wait would be reported only
+ * after 10 minutes (30 for a snapshot). Worth retrying: a server error (5xx), throttling, a
+ * network failure, and `*.NotFound` (EC2 is eventually consistent: an instance just launched
+ * may not be described yet).
+ */
+export function isRefusal(e: unknown): boolean {
+  const err = e as { name?: string; message?: string; $metadata?: { httpStatusCode?: number } };
+  const name = err.name ?? '';
+  if (name === 'CredentialsProviderError') return true;
+  const status = err.$metadata?.httpStatusCode;
+  if (status === undefined || status < 400 || status >= 500) return false;
+  return !/NotFound|Throttl|RequestLimitExceeded|LimitExceeded|TooManyRequests|RequestTimeout/.test(name);
+}
+
+type Waiter<I> = (params: { client: EC2Client; maxWaitTime: number; minDelay: number; maxDelay: number; abortSignal: AbortSignal }, input: I) => Promise<unknown>;
+
+/**
+ * Run one of the SDK's waiters, polling as POLL says, but stop at the first refusal (isRefusal)
+ * and throw it, instead of polling on until `maxWaitTime`.
+ */
+async function waitFor<I>(ec2: EC2Client, until: Waiter<I>, input: I, maxWaitTime: number, maxDelay: number = POLL.maxDelay): Promise<void> {
+  const abort = new AbortController();
+  let refusal: unknown;
+  const client = {
+    config: ec2.config,
+    send: async (command: Parameters<EC2Client['send']>[0]) => {
+      try {
+        return await ec2.send(command);
+      } catch (e) {
+        if (isRefusal(e)) {
+          refusal = e;
+          abort.abort();
+        }
+        throw e;
+      }
+    },
+  } as unknown as EC2Client;
+  try {
+    await until({ client, maxWaitTime, minDelay: POLL.minDelay, maxDelay, abortSignal: abort.signal }, input);
+  } catch (e) {
+    throw refusal ?? e;
+  }
+}
+
 /** How long to wait for instances to reach `running`: EC2 usually takes 30-90 s; 10 min covers slow AMIs. */
 export const RUNNING_WAIT_SECONDS = 600;
 /** Terminations complete within a few minutes; a drill teardown waits at most this long. */
@@ -176,7 +223,7 @@ export async function runInstance(ec2: EC2Client, s: LaunchSpec): Promise<string
 
 export async function waitRunning(ec2: EC2Client, ids: readonly string[]): Promise<void> {
   try {
-    await waitUntilInstanceRunning({ client: ec2, maxWaitTime: RUNNING_WAIT_SECONDS, ...POLL }, { InstanceIds: [...ids] });
+    await waitFor(ec2, waitUntilInstanceRunning, { InstanceIds: [...ids] }, RUNNING_WAIT_SECONDS);
   } catch (e) {
     throw awsError(e, `waiting for ${ids.join(', ')} to run`);
   }
@@ -196,7 +243,7 @@ export async function stopInstances(ec2: EC2Client, ids: readonly string[]): Pro
   if (ids.length === 0) return;
   try {
     await ec2.send(new StopInstancesCommand({ InstanceIds: [...ids] }));
-    await waitUntilInstanceStopped({ client: ec2, maxWaitTime: STOPPED_WAIT_SECONDS, ...POLL }, { InstanceIds: [...ids] });
+    await waitFor(ec2, waitUntilInstanceStopped, { InstanceIds: [...ids] }, STOPPED_WAIT_SECONDS);
   } catch (e) {
     throw awsError(e, `StopInstances ${ids.join(', ')}`);
   }
@@ -206,11 +253,19 @@ export async function terminateInstances(ec2: EC2Client, ids: readonly string[],
   if (ids.length === 0) return;
   try {
     await ec2.send(new TerminateInstancesCommand({ InstanceIds: [...ids] }));
-    if (wait) {
-      await waitUntilInstanceTerminated({ client: ec2, maxWaitTime: TERMINATED_WAIT_SECONDS, ...POLL }, { InstanceIds: [...ids] });
-    }
   } catch (e) {
     throw awsError(e, `TerminateInstances ${ids.join(', ')}`);
+  }
+  if (wait) await waitTerminated(ec2, ids);
+}
+
+/** Wait until each instance is `terminated`. */
+export async function waitTerminated(ec2: EC2Client, ids: readonly string[]): Promise<void> {
+  if (ids.length === 0) return;
+  try {
+    await waitFor(ec2, waitUntilInstanceTerminated, { InstanceIds: [...ids] }, TERMINATED_WAIT_SECONDS);
+  } catch (e) {
+    throw awsError(e, `waiting for ${ids.join(', ')} to terminate`);
   }
 }
 
@@ -223,7 +278,7 @@ export async function snapshotVolume(ec2: EC2Client, volumeId: string, descripti
       TagSpecifications: [{ ResourceType: 'snapshot', Tags: tags(t) }],
     }));
     if (!r.SnapshotId) throw new TandemError('ERR_AWS_FAILED', 'CreateSnapshot returned no SnapshotId');
-    await waitUntilSnapshotCompleted({ client: ec2, maxWaitTime: SNAPSHOT_WAIT_SECONDS, ...POLL, maxDelay: 10 }, { SnapshotIds: [r.SnapshotId] });
+    await waitFor(ec2, waitUntilSnapshotCompleted, { SnapshotIds: [r.SnapshotId] }, SNAPSHOT_WAIT_SECONDS, 10);
     return r.SnapshotId;
   } catch (e) {
     throw awsError(e, `CreateSnapshot of ${volumeId}`);

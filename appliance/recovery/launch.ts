@@ -42,7 +42,7 @@ import { TandemError } from '../../common/errors.js';
 import type { Store, SnapshotRecord } from '../../store/index.js';
 import * as ec2 from './ec2.js';
 import { choosePoint, commonGroupRun, sizeGiB, type ExportEntry, type RecoveryPoint } from './points.js';
-import { RUNS_NS, RUN_OWNER, interruptedDrills } from './state.js';
+import { RUNS_NS, RUN_OWNER, interruptedDrills, unfinishedDrillText } from './state.js';
 import type { RecoveryPlan } from './plan.js';
 
 export type RunMode = 'failover' | 'drill';
@@ -318,8 +318,15 @@ export async function launch(deps: LaunchDeps, opts: LaunchOptions): Promise<Rec
     run.status = 'failed';
     run.error = errorText(e);
     if (drill) {
-      await teardown(deps, run, instances, images).catch(() => {});
+      const teardownError = await teardown(deps, run, instances, images).then(() => null, (t: unknown) => t);
       await save(store, run);
+      if (teardownError !== null) {
+        throw new TandemError(
+          'ERR_DRILL_FAILED',
+          `drill ${run.id} failed: ${run.error}; its teardown failed too: ${errorText(teardownError)}; the next drill or the daemon tears it down (instances [${instances.join(', ')}], tagged tandem:run=${run.id})`,
+          { cause: e, details: { run: run.id, instances } },
+        );
+      }
       throw new TandemError('ERR_DRILL_FAILED', `drill ${run.id} failed and was torn down: ${run.error}`, { cause: e, details: { run: run.id } });
     }
     await save(store, run);
@@ -533,10 +540,13 @@ export async function tearDownInterruptedDrills(deps: LaunchDeps): Promise<Recov
       // By tag only: an id recorded long ago may be unknown to EC2 by now, which would fail the
       // teardown every time; every instance and image of the run carries the tag from its creation.
       const found = await ec2.resourcesOfRun(deps.ec2, run.id);
-      step(`drill ${run.id} (started ${run.started}) was interrupted before its teardown: tearing it down`);
+      step(`drill ${run.id} (started ${run.started}) ${unfinishedDrillText(run)}: tearing it down`);
+      const failed = run.status === 'failed';
       await teardown(deps, run, found.instances, found.images);
       run.status = 'failed';
-      run.error = `interrupted: the process that ran it ended before its teardown; torn down at ${run.tornDown}`;
+      run.error = failed
+        ? `${run.error ?? 'failed'}; its teardown failed, and was finished at ${run.tornDown}`
+        : `interrupted: the process that ran it ended before its teardown; torn down at ${run.tornDown}`;
       await save(deps.store, run);
       done.push(run);
     } catch (e) {
@@ -584,8 +594,11 @@ export async function settleInterruptedFailovers(deps: LaunchDeps, plans: readon
 
 export async function teardown(deps: LaunchDeps, run: RecoveryRun, instances: readonly string[], images: readonly string[]): Promise<void> {
   const step = deps.step ?? (() => {});
-  await ec2.terminateInstances(deps.ec2, instances, true);
+  // Images are deregistered before the wait for termination (EC2 allows it while instances run
+  // from them), so a wait that fails leaves no image behind.
+  await ec2.terminateInstances(deps.ec2, instances, false);
   for (const img of images) await ec2.deregisterImage(deps.ec2, img);
+  await ec2.waitTerminated(deps.ec2, instances);
   step(`torn down: terminated ${instances.length} instance(s), deregistered ${images.length} image(s)`);
   run.tornDown = new Date().toISOString();
   if (run.status !== 'failed') run.status = 'torn-down';

@@ -31,6 +31,8 @@ export interface RunRecord {
   readonly status: string;
   readonly owner?: string;
   readonly started: string;
+  /** When its instances were terminated and images deregistered (drills; null until then). */
+  readonly tornDown?: string | null;
   readonly servers: ReadonlyArray<{ readonly instanceId: string; readonly disks: ReadonlyArray<{ readonly volume: string }> }>;
 }
 
@@ -65,9 +67,17 @@ export async function failedOver(store: Pick<Store, 'listMeta' | 'getMeta'>, vol
 }
 
 /**
- * Drills recorded as active by another process: interrupted before their teardown, their
- * instances perhaps still running. `T`: the caller's view of the record (launch.ts RecoveryRun).
+ * Drills whose teardown did not finish, their instances perhaps still running: recorded as
+ * active by another process (interrupted: killed, the machine restarted), or failed with a
+ * teardown that failed too (EC2 refused or did not answer). `T`: the caller's view of the record
+ * (launch.ts RecoveryRun).
  */
 export async function interruptedDrills<T extends RunRecord = RunRecord>(store: Pick<Store, 'listMeta'>): Promise<T[]> {
-  return (await store.listMeta<T>(RUNS_NS)).map(([, r]) => r).filter((r) => r.mode === 'drill' && r.status === 'active' && r.owner !== RUN_OWNER);
+  return (await store.listMeta<T>(RUNS_NS)).map(([, r]) => r).filter((r) => r.mode === 'drill' && !r.tornDown
+    && ((r.status === 'active' && r.owner !== RUN_OWNER) || r.status === 'failed'));
+}
+
+/** How doctor and the teardown name a drill interruptedDrills returned. */
+export function unfinishedDrillText(run: RunRecord): string {
+  return run.status === 'failed' ? 'failed, and its teardown did not finish' : 'was interrupted before its teardown';
 }

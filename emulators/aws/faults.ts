@@ -12,6 +12,11 @@ export interface FaultSettings {
   latencyMs: number;
   /** Percent (0-100) of requests answered with an internal server error (5xx). */
   errorPercent: number;
+  /**
+   * Percent (0-100) of requests refused as not authorized (EBS AccessDeniedException, EC2
+   * UnauthorizedOperation, 403): an IAM policy without the action, or a role taken away.
+   */
+  denyPercent: number;
   /** Seed of the pseudo-random choice, so a fault run can be replayed. */
   seed: number;
   /** Operations (e.g. `DeleteSnapshot`) the faults apply to; empty: all of them. */
@@ -25,10 +30,10 @@ export interface FaultSettings {
   holdAfter: number | null;
 }
 
-export const NO_FAULTS: FaultSettings = { throttlePercent: 0, latencyMs: 0, errorPercent: 0, seed: 1, actions: [], holdAfter: null };
+export const NO_FAULTS: FaultSettings = { throttlePercent: 0, latencyMs: 0, errorPercent: 0, denyPercent: 0, seed: 1, actions: [], holdAfter: null };
 
 /** What the injector decided for one request. `hold`: wait for `released`, then answer a server error. */
-export type FaultDecision = { kind: 'none' } | { kind: 'throttle'; n: number } | { kind: 'error'; n: number } | { kind: 'hold'; released: Promise<void> };
+export type FaultDecision = { kind: 'none' } | { kind: 'throttle'; n: number } | { kind: 'error'; n: number } | { kind: 'deny' } | { kind: 'hold'; released: Promise<void> };
 
 /** mulberry32: a tiny seeded PRNG; quality is ample for picking which requests fail. */
 function mulberry32(seed: number): () => number {
@@ -59,7 +64,7 @@ export class Faults {
   /** Replace the settings (missing fields keep their defaults: no fault). Validates first: bad input changes nothing. */
   configure(input: Partial<Record<keyof FaultSettings, unknown>>): FaultSettings {
     const next: FaultSettings = { ...NO_FAULTS };
-    for (const key of ['throttlePercent', 'errorPercent'] as const) {
+    for (const key of ['throttlePercent', 'errorPercent', 'denyPercent'] as const) {
       const v = input[key];
       if (v === undefined) continue;
       if (typeof v !== 'number' || !(v >= 0 && v <= 100)) throw new RangeError(`${key} must be a number from 0 to 100`);
@@ -95,8 +100,8 @@ export class Faults {
 
   /** For a request of operation `action`. */
   decide(action?: string): FaultDecision {
-    const { throttlePercent, errorPercent, actions, holdAfter } = this.#settings;
-    if (throttlePercent === 0 && errorPercent === 0 && holdAfter === null) return { kind: 'none' };
+    const { throttlePercent, errorPercent, denyPercent, actions, holdAfter } = this.#settings;
+    if (throttlePercent === 0 && errorPercent === 0 && denyPercent === 0 && holdAfter === null) return { kind: 'none' };
     if (actions.length > 0 && (action === undefined || !actions.includes(action))) return { kind: 'none' };
     if (holdAfter !== null) {
       if (this.#passed >= holdAfter) return { kind: 'hold', released: this.#release.promise };
@@ -105,6 +110,7 @@ export class Faults {
     const r = this.#rand() * 100;
     if (r < throttlePercent) return { kind: 'throttle', n: this.#injected++ };
     if (r < throttlePercent + errorPercent) return { kind: 'error', n: this.#injected++ };
+    if (r < throttlePercent + errorPercent + denyPercent) return { kind: 'deny' };
     return { kind: 'none' };
   }
 }
@@ -125,6 +131,8 @@ export class Stats {
   errors: Record<string, number> = {};
   throttled = 0;
   injectedErrors = 0;
+  /** Requests refused by `denyPercent`. */
+  denied = 0;
   /** Requests a `holdAfter` fault has held (counted when held, not when released). */
   held = 0;
   blockBytesIn = 0;
@@ -140,6 +148,7 @@ export class Stats {
     this.errors = {};
     this.throttled = 0;
     this.injectedErrors = 0;
+    this.denied = 0;
     this.held = 0;
     this.blockBytesIn = 0;
     this.blockBytesOut = 0;
@@ -152,6 +161,7 @@ export class Stats {
       errors: { ...this.errors },
       throttled: this.throttled,
       injectedErrors: this.injectedErrors,
+      denied: this.denied,
       held: this.held,
       blockBytesIn: this.blockBytesIn,
       blockBytesOut: this.blockBytesOut,

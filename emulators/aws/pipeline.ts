@@ -61,6 +61,11 @@ export async function prepare(ctx: EmulatorContext, req: FastifyRequest, service
     if (service === 'ebs') throw EBS_THROTTLES[d.n % EBS_THROTTLES.length]!();
     throw new Ec2Error('RequestLimitExceeded', 'Request limit exceeded.', 503);
   }
+  if (d.kind === 'deny') {
+    ctx.stats.denied++;
+    if (service === 'ebs') throw new EbsError('AccessDeniedException', 403, 'You do not have sufficient access to perform this action', 'UNAUTHORIZED_ACCOUNT');
+    throw new Ec2Error('UnauthorizedOperation', 'You are not authorized to perform this operation.', 403);
+  }
   if (d.kind === 'error') {
     ctx.stats.injectedErrors++;
     if (service === 'ebs') throw new EbsError('InternalServerException', 500, 'An internal error occurred; retry the request');

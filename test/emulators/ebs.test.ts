@@ -227,8 +227,8 @@ test('a request without Authorization is refused with 403', async (t) => {
   assert.equal(state.snapshots.length, 0, 'the refused request created nothing');
 });
 
-test('throttling and server-error faults surface as the SDK’s exceptions', async (t) => {
-  const { ebs, control, url } = await emulator(t, {}, { maxAttempts: 1 });
+test('throttling, server-error and refusal faults surface as the SDK’s exceptions', async (t) => {
+  const { ebs, ec2, control, url } = await emulator(t, {}, { maxAttempts: 1 });
   await control('/_emulator/faults', { throttlePercent: 100, seed: 7 });
   const names = new Set<string>();
   for (let i = 0; i < 4; i++) {
@@ -241,14 +241,23 @@ test('throttling and server-error faults surface as the SDK’s exceptions', asy
   const e = await rejects(ebs.send(new StartSnapshotCommand({ VolumeSize: 1 })));
   assert.equal(e.name, 'InternalServerException');
   assert.equal(e.$fault, 'server');
+  await control('/_emulator/faults', { denyPercent: 100, actions: ['StartSnapshot', 'DescribeSnapshots'] });
+  const denied = await rejects(ebs.send(new StartSnapshotCommand({ VolumeSize: 1 })));
+  assert.equal(denied.name, 'AccessDeniedException');
+  assert.equal(denied.$metadata.httpStatusCode, 403);
+  assert.equal(denied.Reason, 'UNAUTHORIZED_ACCOUNT');
+  const deniedEc2 = await rejects(ec2.send(new DescribeSnapshotsCommand({ OwnerIds: ['self'] })));
+  assert.equal(deniedEc2.name, 'UnauthorizedOperation');
+  assert.equal(deniedEc2.$metadata.httpStatusCode, 403);
   await control('/_emulator/faults', {});
   const ok = await ebs.send(new StartSnapshotCommand({ VolumeSize: 1 }));
   assert.equal(ok.Status, 'pending');
   const stats = await control('/_emulator/stats');
   assert.equal(stats.throttled, 4);
   assert.equal(stats.injectedErrors, 1);
+  assert.equal(stats.denied, 2);
   assert.equal(stats.StartSnapshot, 1);
-  assert.equal(stats.errors.StartSnapshot, 5);
+  assert.equal(stats.errors.StartSnapshot, 6);
   const bad = await fetch(`${url}/_emulator/faults`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"throttlePercent":150}' });
   assert.equal(bad.status, 400);
 });
