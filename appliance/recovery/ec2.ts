@@ -40,7 +40,7 @@ const POLL = { minDelay: 0.25, maxDelay: 5 } as const;
 
 /**
  * Whether an error met while polling is a refusal that no later poll can change: access denied,
- * credentials gone, a request EC2 calls invalid. The SDK's waiters retry on every error until
+ * credentials EC2 no longer accepts, a request EC2 calls invalid. The SDK's waiters retry on every error until
  * their time limit, so an IAM role taken away during a failover's wait would be reported only
  * after 10 minutes (30 for a snapshot). Worth retrying: a server error (5xx), throttling, a
  * network failure, and `*.NotFound` (EC2 is eventually consistent: an instance just launched
@@ -49,7 +49,8 @@ const POLL = { minDelay: 0.25, maxDelay: 5 } as const;
 export function isRefusal(e: unknown): boolean {
   const err = e as { name?: string; message?: string; $metadata?: { httpStatusCode?: number } };
   const name = err.name ?? '';
-  if (name === 'CredentialsProviderError') return true;
+  // Not a CredentialsProviderError: the instance role's credentials come from the instance
+  // metadata service, whose hiccups pass; credentials that really expired draw a 4xx from EC2.
   const status = err.$metadata?.httpStatusCode;
   if (status === undefined || status < 400 || status >= 500) return false;
   return !/NotFound|Throttl|RequestLimitExceeded|LimitExceeded|TooManyRequests|RequestTimeout/.test(name);

@@ -11,6 +11,7 @@ import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cliJson, collect, spawnCli } from '../helpers/cli.js';
 import { cloudConfig, startCloud, type CloudSetup } from './helpers.js';
+import { isRefusal } from '../../appliance/recovery/ec2.js';
 
 const MiB = 1024 * 1024;
 const VOL = 'app-root';
@@ -259,4 +260,10 @@ test('a drill whose EC2 polls are refused (the role lost DescribeInstances) stop
   assert.ok(next.stderr.includes('failed, and its teardown did not finish: tearing it down'), next.stderr);
   assert.equal((await ec2State()).instances.find((i) => i.id === launched!.id)!.state, 'terminated');
   assert.equal((await ec2State()).instances.find((i) => i.id === launched!.id)!.state, 'terminated');
+});
+
+test('what stops an EC2 wait: refusals do; NotFound (eventual consistency), throttling, server and network errors are polled through', () => {
+  const err = (name: string, status?: number) => Object.assign(new Error(name), { name, $metadata: status === undefined ? {} : { httpStatusCode: status } });
+  for (const e of [err('UnauthorizedOperation', 403), err('AuthFailure', 401), err('Blocked', 403), err('InvalidInstanceID.Malformed', 400), err('ExpiredToken', 400)]) assert.equal(isRefusal(e), true, e.name);
+  for (const e of [err('InvalidInstanceID.NotFound', 400), err('InvalidSnapshot.NotFound', 400), err('RequestLimitExceeded', 503), err('Throttling', 400), err('InternalError', 500), err('Unavailable', 503), err('ECONNRESET'), err('CredentialsProviderError')]) assert.equal(isRefusal(e), false, e.name);
 });
