@@ -1,9 +1,11 @@
 /**
- * Request and answer schemas of the peer protocol (TypeBox → JSON Schema). Fastify validates
+ * Request and answer schemas of the peer protocol (JSON Schema, built as TypeBox would by
+ * ./json-schema.ts, with TypeBox's static types). Fastify validates
  * every request against them, so a malformed request gets 400 ERR_BAD_REQUEST and changes
  * nothing; @fastify/swagger publishes them at /docs.
  */
-import { Type, type Static } from '@sinclair/typebox';
+import type { Static } from '@sinclair/typebox';
+import { Type } from './json-schema.js';
 import {
   HEX_HASH_PATTERN,
   MAX_CHILDREN,

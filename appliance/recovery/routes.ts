@@ -10,7 +10,8 @@
  *
  * Authentication and error answers are the server's (bearer token, catalog statuses).
  */
-import { Type, type Static } from '@sinclair/typebox';
+import type { Static } from '@sinclair/typebox';
+import { Type } from '../../api/json-schema.js';
 import type { FastifyInstance } from 'fastify';
 import type { Home } from '../home.js';
 import type { Store } from '../../store/index.js';
@@ -22,6 +23,8 @@ const CompleteBody = Type.Object({
   snapshot: Type.String({ minLength: 1, maxLength: 128 }),
   terminate: Type.Optional(Type.Boolean()),
 }, { additionalProperties: false });
+/** For test/api/schemas.test.ts, which checks them against TypeBox's. */
+export const RECOVERY_SCHEMAS = { VolumeName, PrepareBody, CompleteBody };
 
 export function recoveryRoutes(home: Home, store: Store) {
   return async (app: FastifyInstance): Promise<void> => {

@@ -58,3 +58,38 @@ test("every route's request schemas compile with the server's Ajv options; a bad
   const good = await app.inject({ method: 'POST', url: '/v1/blocks/has', headers: auth, payload: { hashes: ['ab'.repeat(32)] } });
   assert.equal(good.statusCode, 200, good.body);
 });
+
+test('every schema api/json-schema.ts builds is the JSON TypeBox builds from the same definitions', () => {
+  // Load the schema modules a second time with TypeBox's `Type` in place of ours, and compare.
+  const builderPath = require.resolve('../../api/json-schema.js');
+  const modulePaths = [require.resolve('../../api/schemas.js'), require.resolve('../../appliance/recovery/routes.js')];
+  const ours = modulePaths.map((p) => require(p) as Record<string, unknown>);
+  const builder = require.cache[builderPath]!;
+  const saved = builder.exports;
+  const saveModules = modulePaths.map((p) => require.cache[p]);
+  let theirs: Array<Record<string, unknown>>;
+  try {
+    builder.exports = { ...saved, Type: require('@sinclair/typebox').Type };
+    for (const p of modulePaths) delete require.cache[p];
+    theirs = modulePaths.map((p) => require(p) as Record<string, unknown>);
+  } finally {
+    builder.exports = saved;
+    modulePaths.forEach((p, i) => { require.cache[p] = saveModules[i]; });
+  }
+  const json = (x: unknown) => JSON.parse(JSON.stringify(x)) as unknown;
+  const kind = Symbol.for('TypeBox.Kind');
+  let compared = 0;
+  modulePaths.forEach((path, i) => {
+    for (const [name, value] of Object.entries(ours[i]!)) {
+      if (typeof value !== 'object' || value === null) continue;
+      const other = theirs[i]![name];
+      assert.deepEqual(json(value), json(other), `${path}: ${name}`);
+      compared++;
+      // The second load really was TypeBox's: its schemas carry TypeBox's Kind marker, ours do not.
+      const first = (name === 'RECOVERY_SCHEMAS' ? (other as Record<string, object>).PrepareBody : other) as Record<symbol, unknown>;
+      assert.ok(first[kind] !== undefined, `${name} of the second load was built by TypeBox`);
+      assert.equal(((name === 'RECOVERY_SCHEMAS' ? (value as Record<string, object>).PrepareBody : value) as Record<symbol, unknown>)[kind], undefined);
+    }
+  });
+  assert.ok(compared >= 20, `${compared} schemas compared`);
+});
