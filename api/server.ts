@@ -14,7 +14,7 @@ import { chmodSync, rmSync, statSync } from 'node:fs';
 import { createServer } from 'node:http';
 import type { Server as TlsServer } from 'node:tls';
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
-import AjvCompiler from '@fastify/ajv-compiler';
+import type AjvCompiler from '@fastify/ajv-compiler';
 import { TandemError } from '../common/errors.js';
 import type { Home } from '../appliance/home.js';
 import type { Store } from '../store/index.js';
@@ -148,18 +148,40 @@ type Validate = ((data: unknown, ctx?: unknown) => unknown) & { errors?: unknown
  * Fastify's own validators (Ajv), each compiled at its route's first request rather than when the
  * server starts. Compiling all of them at start took ~150 ms of CPU, a fifth of a server's start
  * (`serve` ready in ~0.7 s); a server answers a handful of its routes in most of its runs (a
- * peer's syncs, forwarded commands). The Ajv instance is made at the first compile too. A schema
- * Ajv refuses fails its route's requests (500) instead of the start: test/api/schemas.test.ts
- * compiles every route's schemas.
+ * peer's syncs, forwarded commands). The Ajv instance is made at the first compile too, and Ajv
+ * itself (88 modules, with @fastify/ajv-compiler) is loaded then: `load` gives the compiler. A
+ * schema Ajv refuses fails its route's requests (500) instead of the start:
+ * test/api/schemas.test.ts compiles every route's schemas.
  */
-export function compiledAtFirstUse(build: BuildValidator): BuildValidator {
+type BuildSerializer = (externalSchemas: unknown, options: unknown) => (route: unknown) => (data: unknown) => string;
+
+/**
+ * Fastify's response serializer compiler (fast-json-stringify, which loads Ajv too), loaded at
+ * its first use only. No route has a response schema, so a server never loads it; fastify
+ * required it when it started.
+ */
+const serializerAtFirstUse: BuildSerializer = (externalSchemas, options) => {
+  let compiler: ReturnType<BuildSerializer> | undefined;
+  return (route) => {
+    compiler ??= (require('@fastify/fast-json-stringify-compiler') as () => BuildSerializer)()(externalSchemas, options);
+    return compiler(route);
+  };
+};
+
+let selector: BuildValidator | undefined;
+/** @fastify/ajv-compiler's selector, loaded once, at the first compile; one for all contexts, as fastify's own (it keeps their Ajv instances). */
+function validatorSelector(): BuildValidator {
+  return (selector ??= (require('@fastify/ajv-compiler') as typeof AjvCompiler)());
+}
+
+export function compiledAtFirstUse(load: () => BuildValidator): BuildValidator {
   return ((externalSchemas: unknown, options: unknown) => {
     let compiler: ReturnType<BuildValidator> | undefined;
     return (route: Parameters<ReturnType<BuildValidator>>[0]) => {
       let compiled: Validate | undefined;
       const validate: Validate = (data, ctx) => {
         if (!compiled) {
-          compiler ??= (build as (e: unknown, o: unknown) => ReturnType<BuildValidator>)(externalSchemas, options);
+          compiler ??= (load() as (e: unknown, o: unknown) => ReturnType<BuildValidator>)(externalSchemas, options);
           compiled = compiler(route) as unknown as Validate;
           // As fastify reads it from Ajv's own functions: from the next call on, a root value can be replaced.
           validate.schemaEnv = compiled.schemaEnv;
@@ -182,7 +204,7 @@ export function buildServer(opts: BuildServerOptions): FastifyInstance {
     requestTimeout: REQUEST_TIMEOUT_MS,
     ...(opts.https ? { https: { key: opts.https.key, cert: opts.https.cert } } : {}),
     ajv: AJV_OPTIONS,
-    schemaController: { compilersFactory: { buildValidator: compiledAtFirstUse(AjvCompiler()) } },
+    schemaController: { compilersFactory: { buildValidator: compiledAtFirstUse(validatorSelector), buildSerializer: serializerAtFirstUse } },
     // Router-level failures (bad URL encoding, over-long parameters) answer in the catalog's shape too.
     frameworkErrors: (error: unknown, _req: unknown, reply: { status(n: number): { send(b: unknown): void } }) => {
       const err = toTandemError(error);
