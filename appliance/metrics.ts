@@ -5,8 +5,12 @@
  * The per-volume gauges carry the same numbers as `appliance status`, computed at scrape time;
  * job counters are incremented by the scheduler. Names use the `tandem_` prefix and base units
  * (seconds, bytes).
+ *
+ * prom-client (with @opentelemetry/api, 83 modules: a sixth of what a daemon loads) is loaded at
+ * the first scrape, not when the daemon starts; jobs that end before it are counted meanwhile
+ * and carried into its counter.
  */
-import { Counter, Gauge, Registry } from 'prom-client';
+import type { Counter, Gauge, Registry } from 'prom-client';
 import type { ObjectiveState, VolumeStatus } from './status.js';
 import { unhealed, type VerifySummary } from './scheduler/verify.js';
 import type { ApplianceHealth } from './health.js';
@@ -14,7 +18,6 @@ import type { ApplianceHealth } from './health.js';
 const STATES: readonly ObjectiveState[] = ['OK', 'AT_RISK', 'BREACHED', 'NONE'];
 
 export interface DaemonMetrics {
-  readonly registry: Registry;
   /** Count a finished job (`held`: it only found the peer still refusing the unit's pushes). */
   jobEnded(unit: string, result: 'ok' | 'failed' | 'held' | 'paused'): void;
   /** The body and content type for GET /metrics. */
@@ -24,8 +27,33 @@ export interface DaemonMetrics {
 const seconds = (ms: number | null) => (ms === null ? NaN : ms / 1000);
 const epoch = (iso: string | null | undefined) => (iso ? Date.parse(iso) / 1000 : NaN);
 
-/** A registry whose gauges are filled from `statuses()` at each scrape. */
+/** Metrics whose gauges are filled from `statuses()` at each scrape. */
 export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, running: () => readonly string[], verify?: () => Promise<VerifySummary>, health?: () => Promise<ApplianceHealth>): DaemonMetrics {
+  let made: ReturnType<typeof registryOf> | undefined;
+  /** Jobs ended before the first scrape, by unit and result (JSON of the labels). */
+  const ended = new Map<string, number>();
+  return {
+    jobEnded: (unit, result) => {
+      if (made) made.jobs.inc({ unit, result });
+      else ended.set(JSON.stringify([unit, result]), (ended.get(JSON.stringify([unit, result])) ?? 0) + 1);
+    },
+    render: async () => {
+      if (!made) {
+        made = registryOf(statuses, running, verify, health);
+        for (const [key, n] of ended) {
+          const [unit, result] = JSON.parse(key) as [string, string];
+          made.jobs.inc({ unit, result }, n);
+        }
+        ended.clear();
+      }
+      await made.fill();
+      return { body: await made.registry.metrics(), contentType: made.registry.contentType };
+    },
+  };
+}
+
+function registryOf(statuses: () => Promise<readonly VolumeStatus[]>, running: () => readonly string[], verify?: () => Promise<VerifySummary>, health?: () => Promise<ApplianceHealth>): { registry: Registry; jobs: Counter; fill(): Promise<void> } {
+  const { Counter, Gauge, Registry } = require('prom-client') as typeof import('prom-client');
   const registry = new Registry();
   const labelNames = ['volume', 'policy'] as const;
   const g = (name: string, help: string, extra: readonly string[] = []) =>
@@ -98,12 +126,5 @@ export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, 
     }
   };
 
-  return {
-    registry,
-    jobEnded: (unit, result) => jobs.inc({ unit, result }),
-    render: async () => {
-      await fill();
-      return { body: await registry.metrics(), contentType: registry.contentType };
-    },
-  };
+  return { registry, jobs, fill };
 }

@@ -117,9 +117,17 @@ assign:
   assert.equal(await running(), false, 'a snapshot holds the volume, not a push');
   releaseSnap();
 
-  // Metrics carry the same numbers.
+  // Metrics carry the same numbers. Jobs that end before the first scrape (prom-client is
+  // loaded at it) are counted, and so are those after it.
   const metrics = createMetrics(async () => [...s.values()], () => []);
+  metrics.jobEnded('db', 'ok');
+  metrics.jobEnded('db', 'ok');
+  metrics.jobEnded('db2', 'failed');
   const { body } = await metrics.render();
+  assert.match(body, /tandem_jobs_total\{unit="db",result="ok"\} 2\n/);
+  assert.match(body, /tandem_jobs_total\{unit="db2",result="failed"\} 1\n/);
+  metrics.jobEnded('db', 'ok');
+  assert.match((await metrics.render()).body, /tandem_jobs_total\{unit="db",result="ok"\} 3\n/);
   assert.match(body, /tandem_rpo_age_seconds\{volume="db",policy="gold"\} 600\n/);
   assert.match(body, /tandem_rpo_state\{volume="db2",policy="gold",state="BREACHED"\} 1\n/);
   assert.match(body, /tandem_rto_estimate_seconds\{volume="db",policy="gold"\} 570\n/);
