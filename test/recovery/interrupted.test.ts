@@ -218,29 +218,38 @@ test('a failover killed between RegisterImage and RunInstances: the rerun deregi
   assert.equal(runs.code, 0, runs.stderr);
 });
 
-test('a drill whose EC2 polls are refused (the role lost DescribeInstances) stops at the first refusal with ERR_AWS_ACCESS_DENIED, not at the wait\'s 10-minute limit', async (t) => {
-  const faults = (body: unknown) => fetch(`${aws.url}/_emulator/faults`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+const faults = (body: unknown) => fetch(`${aws.url}/_emulator/faults`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+
+/**
+ * Start `args` (a drill or a failover), and once EC2 holds its instance (pending for 1.5 s: the
+ * command is polling for `running`), refuse every DescribeInstances; resolves when the command
+ * ended, which must be by itself and soon.
+ */
+async function refusedWhileStarting(t: { after(fn: () => unknown): void }, args: string[], mode: string): Promise<{ r: Awaited<ReturnType<typeof collect>>; out: any; launched: EmulatedInstance }> {
   t.after(() => faults({}));
   const known = new Set((await ec2State()).instances.map((i) => i.id));
-  const child = spawnCli(['--home', home, 'drill', VOL, '--json'], { env });
+  const child = spawnCli(['--home', home, ...args, '--json'], { env });
   const done = collect(child);
   t.after(() => { if (child.exitCode === null) child.kill('SIGKILL'); });
   let launched: EmulatedInstance | undefined;
   for (let i = 0; i < 3000 && !launched && child.exitCode === null; i++) {
-    launched = (await ec2State()).instances.find((x) => !known.has(x.id) && tag(x, 'tandem:mode') === 'drill');
+    launched = (await ec2State()).instances.find((x) => !known.has(x.id) && tag(x, 'tandem:mode') === mode);
     if (!launched) await new Promise((r) => setTimeout(r, 20));
   }
-  assert.ok(launched, 'the drill launched its instance');
-  // The instance is still pending (1.5 s): the drill is polling for `running` when the refusals start.
+  assert.ok(launched, `the ${mode} launched its instance`);
   assert.equal((await faults({ denyPercent: 100, actions: ['DescribeInstances'] })).status, 200);
   const t0 = Date.now();
   const limit = setTimeout(() => child.kill('SIGKILL'), 60_000);
   const r = await done;
   clearTimeout(limit);
-  assert.equal(r.signal, null, 'the drill ended by itself, before the 60 s limit of this test');
-  assert.ok(Date.now() - t0 < 20_000, `the drill stopped ${Date.now() - t0} ms after the refusals began`);
+  assert.equal(r.signal, null, `the ${mode} ended by itself, before the 60 s limit of this test`);
+  assert.ok(Date.now() - t0 < 20_000, `the ${mode} stopped ${Date.now() - t0} ms after the refusals began`);
   assert.equal(r.code, 1, r.stderr);
-  const out = JSON.parse(r.stdout);
+  return { r, out: JSON.parse(r.stdout), launched };
+}
+
+test('a drill whose EC2 polls are refused (the role lost DescribeInstances) stops at the first refusal with ERR_AWS_ACCESS_DENIED, not at the wait\'s 10-minute limit', async (t) => {
+  const { r, out, launched } = await refusedWhileStarting(t, ['drill', VOL], 'drill');
   assert.equal(out.error.code, 'ERR_DRILL_FAILED', r.stdout);
   assert.match(out.error.message, /ERR_AWS_ACCESS_DENIED: waiting for i-[0-9a-f]+ to run: UnauthorizedOperation.*IAM/);
   // Its teardown terminated the instance and deregistered the image (neither needs
@@ -248,8 +257,8 @@ test('a drill whose EC2 polls are refused (the role lost DescribeInstances) stop
   assert.match(out.error.message, /its teardown failed too: ERR_AWS_ACCESS_DENIED: waiting for i-[0-9a-f]+ to terminate/);
   assert.doesNotMatch(out.error.message, /was torn down/);
   const s = await ec2State();
-  assert.match(s.instances.find((i) => i.id === launched!.id)!.state, /shutting-down|terminated/);
-  assert.ok(!s.images.some((i) => i.id === launched!.imageId), 'its image is deregistered');
+  assert.match(s.instances.find((i) => i.id === launched.id)!.state, /shutting-down|terminated/);
+  assert.ok(!s.images.some((i) => i.id === launched.imageId), 'its image is deregistered');
   const doctor = await cliJson(['--home', home, 'doctor'], { env });
   assert.ok(JSON.stringify(doctor.json).includes('failed, and its teardown did not finish'), JSON.stringify(doctor.json));
 
@@ -258,8 +267,22 @@ test('a drill whose EC2 polls are refused (the role lost DescribeInstances) stop
   const next = await cliJson(['--home', home, 'drill', VOL], { env });
   assert.equal(next.code, 0, next.stderr);
   assert.ok(next.stderr.includes('failed, and its teardown did not finish: tearing it down'), next.stderr);
-  assert.equal((await ec2State()).instances.find((i) => i.id === launched!.id)!.state, 'terminated');
-  assert.equal((await ec2State()).instances.find((i) => i.id === launched!.id)!.state, 'terminated');
+  assert.equal((await ec2State()).instances.find((i) => i.id === launched.id)!.state, 'terminated');
+});
+
+test('a failover whose wait for `running` is refused stops at once; its instance counts as failed over, so the rerun launches no second copy', async (t) => {
+  const { r, out, launched } = await refusedWhileStarting(t, ['failover', VOL], 'failover');
+  assert.match(out.error.message, /ERR_AWS_ACCESS_DENIED: waiting for i-[0-9a-f]+ to run: UnauthorizedOperation/, r.stdout);
+  assert.match(r.stderr, new RegExp(`${launched.id} is pending .*; it counts as failed over`));
+  await faults({});
+  const again = await cliJson(['--home', home, 'failover', VOL], { env });
+  assert.equal(again.code, 1, again.stderr);
+  assert.equal(again.json.error.code, 'ERR_VOLUME_FAILED_OVER');
+  assert.ok(again.json.error.message.includes(launched.id), again.json.error.message);
+  const running = (await ec2State()).instances.filter((i) => tag(i, 'tandem:mode') === 'failover' && i.state !== 'terminated');
+  assert.deepEqual(running.map((i) => i.id), [launched.id], 'one copy of the server runs in EC2');
+  const end = await ok(['failover', VOL, '--end', '--terminate']);
+  assert.deepEqual(end.terminated, [launched.id]);
 });
 
 test('what stops an EC2 wait: refusals do; NotFound (eventual consistency), throttling, server and network errors are polled through', () => {
