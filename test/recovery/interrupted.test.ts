@@ -220,23 +220,25 @@ test('a failover killed between RegisterImage and RunInstances: the rerun deregi
 
 const faults = (body: unknown) => fetch(`${aws.url}/_emulator/faults`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
 
+const held = async (): Promise<number> => ((await (await fetch(`${aws.url}/_emulator/stats`)).json()) as { held: number }).held;
+
 /**
- * Start `args` (a drill or a failover), and once EC2 holds its instance (pending for 1.5 s: the
- * command is polling for `running`), refuse every DescribeInstances; resolves when the command
- * ended, which must be by itself and soon.
+ * Run `args` (a drill or a failover) with every DescribeInstances refused from its RunInstances
+ * on: the emulator holds the RunInstances unanswered, the refusals are switched on, and that
+ * answers the held request with a server error, which the SDK retries (same client token), so
+ * the instance is launched with the command's wait for `running` certain to meet refusals (no
+ * race with the instance's 1.5 s start). The command must end by itself, and soon.
  */
 async function refusedWhileStarting(t: { after(fn: () => unknown): void }, args: string[], mode: string): Promise<{ r: Awaited<ReturnType<typeof collect>>; out: any; launched: EmulatedInstance }> {
   t.after(() => faults({}));
   const known = new Set((await ec2State()).instances.map((i) => i.id));
+  const heldBefore = await held();
+  assert.equal((await faults({ holdAfter: 0, actions: ['RunInstances'] })).status, 200);
   const child = spawnCli(['--home', home, ...args, '--json'], { env });
   const done = collect(child);
   t.after(() => { if (child.exitCode === null) child.kill('SIGKILL'); });
-  let launched: EmulatedInstance | undefined;
-  for (let i = 0; i < 3000 && !launched && child.exitCode === null; i++) {
-    launched = (await ec2State()).instances.find((x) => !known.has(x.id) && tag(x, 'tandem:mode') === mode);
-    if (!launched) await new Promise((r) => setTimeout(r, 20));
-  }
-  assert.ok(launched, `the ${mode} launched its instance`);
+  for (let i = 0; i < 3000 && child.exitCode === null && (await held()) === heldBefore; i++) await new Promise((r) => setTimeout(r, 20));
+  assert.equal(await held(), heldBefore + 1, `the ${mode} reached RunInstances`);
   assert.equal((await faults({ denyPercent: 100, actions: ['DescribeInstances'] })).status, 200);
   const t0 = Date.now();
   const limit = setTimeout(() => child.kill('SIGKILL'), 60_000);
@@ -245,6 +247,8 @@ async function refusedWhileStarting(t: { after(fn: () => unknown): void }, args:
   assert.equal(r.signal, null, `the ${mode} ended by itself, before the 60 s limit of this test`);
   assert.ok(Date.now() - t0 < 20_000, `the ${mode} stopped ${Date.now() - t0} ms after the refusals began`);
   assert.equal(r.code, 1, r.stderr);
+  const launched = (await ec2State()).instances.find((x) => !known.has(x.id) && tag(x, 'tandem:mode') === mode);
+  assert.ok(launched, `the ${mode} launched its instance: ${r.stderr}`);
   return { r, out: JSON.parse(r.stdout), launched };
 }
 
