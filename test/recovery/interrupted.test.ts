@@ -1,8 +1,10 @@
 /**
  * A drill or a failover killed (kill -9) while it has things in EC2: the drill's instances and
  * image are torn down by the next drill, and a failover killed while its instance starts still
- * counts as failed over, so a rerun launches no second copy. The cloud appliance's CLI runs them
- * itself (no server), against the AWS emulator through the real SDK clients.
+ * counts as failed over, so a rerun launches no second copy; and one whose waits EC2 refuses
+ * (the role lost DescribeInstances) stops at once instead of polling to its time limit. The cloud
+ * appliance's CLI runs them itself (no server), against the AWS emulator through the real SDK
+ * clients; the emulator's holdAfter fault stops a command at a known point.
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -39,27 +41,44 @@ async function ok(args: string[]): Promise<any> {
   return r.json;
 }
 
-/** Start `args`, wait until EC2 holds an instance of a new run of `mode`, then kill -9 the command. */
+/**
+ * Start `args` and kill -9 it once EC2 holds an instance of a new run of `mode` and the command
+ * waits for it to run. At known points, not by racing the instance's start: the emulator holds
+ * the command's RunInstances, then (answering it with a server error the SDK retries, same client
+ * token: the instance is launched) holds its first DescribeInstances after it, and the kill
+ * lands there.
+ */
 async function killOnceLaunched(args: string[], mode: string): Promise<EmulatedInstance> {
   const known = new Set((await ec2State()).instances.map((i) => i.id));
+  const heldBefore = await held();
+  assert.equal((await faults({ holdAfter: 0, actions: ['RunInstances'] })).status, 200);
   const child = spawnCli(['--home', home, ...args], { env });
   const done = collect(child);
-  const deadline = Date.now() + 60_000;
-  for (;;) {
-    const inst = (await ec2State()).instances.find((i) => !known.has(i.id) && tag(i, 'tandem:mode') === mode);
-    if (inst) {
-      child.kill('SIGKILL');
-      const r = await done;
-      assert.equal(r.signal, 'SIGKILL', `the ${mode} ended before it was killed: ${r.stderr}`);
-      return inst;
-    }
-    assert.ok(Date.now() < deadline, `no ${mode} instance appeared`);
-    await new Promise((r) => setTimeout(r, 20));
+  try {
+    const heldAt = async (n: number, what: string) => {
+      for (let i = 0; i < 3000 && child.exitCode === null && (await held()) < heldBefore + n; i++) await new Promise((r) => setTimeout(r, 20));
+      assert.equal(await held(), heldBefore + n, `the ${mode} reached ${what}`);
+    };
+    await heldAt(1, 'RunInstances');
+    assert.equal((await faults({ holdAfter: 0, actions: ['DescribeInstances'] })).status, 200);
+    await heldAt(2, 'its wait for the instance');
+    child.kill('SIGKILL');
+    const r = await done;
+    assert.equal(r.signal, 'SIGKILL', `the ${mode} ended before it was killed: ${r.stderr}`);
+  } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+    await faults({});
   }
+  const inst = (await ec2State()).instances.find((i) => !known.has(i.id) && tag(i, 'tandem:mode') === mode);
+  assert.ok(inst, `no ${mode} instance appeared`);
+  return inst;
 }
 
+const faults = (body: unknown) => fetch(`${aws.url}/_emulator/faults`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+const held = async (): Promise<number> => ((await (await fetch(`${aws.url}/_emulator/stats`)).json()) as { held: number }).held;
+
 before(async () => {
-  // Instances stay pending for 1.5 s: the kill lands while the command waits for them.
+  // Instances stay pending for 1.5 s, as EC2's do for a while.
   ({ work, home, aws, env } = await startCloud('tandem-interrupted-', 1500));
   writeFileSync(join(home, 'config.yaml'), cloudConfig(VOL));
   const image = join(work, 'app-root.img');
@@ -217,10 +236,6 @@ test('a failover killed between RegisterImage and RunInstances: the rerun deregi
   const runs = await cliJson(['--home', home, 'failover', VOL, '--end', '--terminate'], { env });
   assert.equal(runs.code, 0, runs.stderr);
 });
-
-const faults = (body: unknown) => fetch(`${aws.url}/_emulator/faults`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
-
-const held = async (): Promise<number> => ((await (await fetch(`${aws.url}/_emulator/stats`)).json()) as { held: number }).held;
 
 /**
  * Run `args` (a drill or a failover) with every DescribeInstances refused from its RunInstances
