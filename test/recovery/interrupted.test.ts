@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { cliJson, collect, spawnCli } from '../helpers/cli.js';
+import { cliJson, collect, spawnCli, type CliResult } from '../helpers/cli.js';
 import { cloudConfig, startCloud, type CloudSetup } from './helpers.js';
 import { isRefusal } from '../../appliance/recovery/ec2.js';
 
@@ -77,6 +77,17 @@ async function killOnceLaunched(args: string[], mode: string): Promise<EmulatedI
 const faults = (body: unknown) => fetch(`${aws.url}/_emulator/faults`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
 const held = async (): Promise<number> => ((await (await fetch(`${aws.url}/_emulator/stats`)).json()) as { held: number }).held;
 
+/** A rerun of the failover refuses (ERR_VOLUME_FAILED_OVER, naming `instanceId`) and launches no second copy. */
+async function rerunFindsFailedOver(instanceId: string): Promise<CliResult & { json: any }> {
+  const again = await cliJson(['--home', home, 'failover', VOL], { env });
+  assert.equal(again.code, 1, again.stderr);
+  assert.equal(again.json.error.code, 'ERR_VOLUME_FAILED_OVER');
+  assert.ok(again.json.error.message.includes(instanceId), again.json.error.message);
+  const running = (await ec2State()).instances.filter((i) => tag(i, 'tandem:mode') === 'failover' && i.state !== 'terminated');
+  assert.deepEqual(running.map((i) => i.id), [instanceId], 'one copy of the server runs in EC2');
+  return again;
+}
+
 before(async () => {
   // Instances stay pending for 1.5 s, as EC2's do for a while.
   ({ work, home, aws, env } = await startCloud('tandem-interrupted-', 1500));
@@ -117,12 +128,7 @@ test('a drill killed with its instance up is torn down by the next drill, once',
 
 test('a failover killed while its instance starts counts as failed over: the rerun launches no second copy', async () => {
   const first = await killOnceLaunched(['failover', VOL], 'failover');
-  const again = await cliJson(['--home', home, 'failover', VOL], { env });
-  assert.equal(again.code, 1, again.stderr);
-  assert.equal(again.json.error.code, 'ERR_VOLUME_FAILED_OVER');
-  assert.ok(again.json.error.message.includes(first.id), again.json.error.message);
-  const running = (await ec2State()).instances.filter((i) => tag(i, 'tandem:mode') === 'failover' && i.state !== 'terminated');
-  assert.deepEqual(running.map((i) => i.id), [first.id], 'one copy of the server runs in EC2');
+  await rerunFindsFailedOver(first.id);
 
   const status = await ok(['status', VOL]);
   assert.ok(JSON.stringify(status).includes(first.id), 'status names the instance the volume runs in');
@@ -215,14 +221,9 @@ test('a failover killed between RunInstances and its record: the rerun finds the
   // The state a kill at that moment leaves: the run recorded by another process with no server,
   // and an instance in EC2 carrying the run's tags.
   const { runId, instanceId } = await failoverLeftByKill('20261206T000000Z', true);
-
-  const again = await cliJson(['--home', home, 'failover', VOL], { env });
-  assert.equal(again.code, 1, again.stderr);
+  assert.ok(instanceId);
+  const again = await rerunFindsFailedOver(instanceId);
   assert.match(again.stderr, new RegExp(`failover ${runId} was interrupted after it launched ${instanceId} \\(plan app\\): recorded`));
-  assert.equal(again.json.error.code, 'ERR_VOLUME_FAILED_OVER');
-  assert.ok(again.json.error.message.includes(instanceId), again.json.error.message);
-  const running = (await ec2State()).instances.filter((i) => tag(i, 'tandem:mode') === 'failover' && i.state !== 'terminated');
-  assert.deepEqual(running.map((i) => i.id), [instanceId], 'no second copy');
   const end = await ok(['failover', VOL, '--end', '--terminate']);
   assert.deepEqual(end.terminated, [instanceId]);
 });
@@ -294,12 +295,7 @@ test('a failover whose wait for `running` is refused stops at once; its instance
   assert.match(out.error.message, /ERR_AWS_ACCESS_DENIED: waiting for i-[0-9a-f]+ to run: UnauthorizedOperation/, r.stdout);
   assert.match(r.stderr, new RegExp(`${launched.id} is pending .*; it counts as failed over`));
   await faults({});
-  const again = await cliJson(['--home', home, 'failover', VOL], { env });
-  assert.equal(again.code, 1, again.stderr);
-  assert.equal(again.json.error.code, 'ERR_VOLUME_FAILED_OVER');
-  assert.ok(again.json.error.message.includes(launched.id), again.json.error.message);
-  const running = (await ec2State()).instances.filter((i) => tag(i, 'tandem:mode') === 'failover' && i.state !== 'terminated');
-  assert.deepEqual(running.map((i) => i.id), [launched.id], 'one copy of the server runs in EC2');
+  await rerunFindsFailedOver(launched.id);
   const end = await ok(['failover', VOL, '--end', '--terminate']);
   assert.deepEqual(end.terminated, [launched.id]);
 });
