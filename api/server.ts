@@ -144,15 +144,6 @@ export const AJV_OPTIONS = { customOptions: { allErrors: false, coerceTypes: fal
 type BuildValidator = ReturnType<typeof AjvCompiler>;
 type Validate = ((data: unknown, ctx?: unknown) => unknown) & { errors?: unknown; schemaEnv?: unknown };
 
-/**
- * Fastify's own validators (Ajv), each compiled at its route's first request rather than when the
- * server starts. Compiling all of them at start took ~150 ms of CPU, a fifth of a server's start
- * (`serve` ready in ~0.7 s); a server answers a handful of its routes in most of its runs (a
- * peer's syncs, forwarded commands). The Ajv instance is made at the first compile too, and Ajv
- * itself (88 modules, with @fastify/ajv-compiler) is loaded then: `load` gives the compiler. A
- * schema Ajv refuses fails its route's requests (500) instead of the start:
- * test/api/schemas.test.ts compiles every route's schemas.
- */
 type BuildSerializer = (externalSchemas: unknown, options: unknown) => (route: unknown) => (data: unknown) => string;
 
 /**
@@ -174,6 +165,15 @@ function validatorSelector(): BuildValidator {
   return (selector ??= (require('@fastify/ajv-compiler') as typeof AjvCompiler)());
 }
 
+/**
+ * Fastify's own validators (Ajv), each compiled at its route's first request rather than when the
+ * server starts. Compiling all of them at start took ~150 ms of CPU, a fifth of a server's start
+ * (`serve` ready in ~0.7 s); a server answers a handful of its routes in most of its runs (a
+ * peer's syncs, forwarded commands). The Ajv instance is made at the first compile too, and Ajv
+ * itself (88 modules, with @fastify/ajv-compiler) is loaded then: `load` gives the compiler. A
+ * schema Ajv refuses fails its route's requests (500) instead of the start:
+ * test/api/schemas.test.ts compiles every route's schemas.
+ */
 export function compiledAtFirstUse(load: () => BuildValidator): BuildValidator {
   return ((externalSchemas: unknown, options: unknown) => {
     let compiler: ReturnType<BuildValidator> | undefined;

@@ -10,7 +10,7 @@
  * the first scrape, not when the daemon starts; jobs that end before it are counted meanwhile
  * and carried into its counter.
  */
-import type { Counter, Gauge, Registry } from 'prom-client';
+import type { Counter, Registry } from 'prom-client';
 import type { ObjectiveState, VolumeStatus } from './status.js';
 import { unhealed, type VerifySummary } from './scheduler/verify.js';
 import type { ApplianceHealth } from './health.js';
@@ -34,8 +34,9 @@ export function createMetrics(statuses: () => Promise<readonly VolumeStatus[]>, 
   const ended = new Map<string, number>();
   return {
     jobEnded: (unit, result) => {
-      if (made) made.jobs.inc({ unit, result });
-      else ended.set(JSON.stringify([unit, result]), (ended.get(JSON.stringify([unit, result])) ?? 0) + 1);
+      if (made) return made.jobs.inc({ unit, result });
+      const key = JSON.stringify([unit, result]);
+      ended.set(key, (ended.get(key) ?? 0) + 1);
     },
     render: async () => {
       if (!made) {

@@ -633,8 +633,8 @@ export interface ConfiguredCap {
  * and `replication.schedule`, when `peerName` is `replication.peer` (the WAN link they protect);
  * null when there is none. A manual `sync` or `failback` follows it as the daemon's pushes do,
  * unless `--bwlimit` is given. The file is read as config only when it names a cap at all, and
- * then parsed once per edit (the kept copy, config/index.ts homeConfigOf): the parser's modules take ~0.1 s to load
- * in a fresh process, and most appliances set none.
+ * then parsed once per edit (the kept copy, config/index.ts homeConfigOf): the parser's modules
+ * take ~0.1 s to load in a fresh process, and most appliances set none.
  * ERR_CONFIG_INVALID (the file's problems, and the way around them) when it does not parse.
  */
 export async function configuredCap(home: Home, peerName: string): Promise<ConfiguredCap | null> {

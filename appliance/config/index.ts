@@ -6,7 +6,7 @@
 import { createHash } from 'node:crypto';
 import { mkdirSync, readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import { extname, join } from 'node:path';
+import { dirname, extname, join } from 'node:path';
 import { isDeepStrictEqual } from 'node:util';
 import type { VolumeRecord } from '../../store/types.js';
 import type { Home, HomePaths } from '../home.js';
@@ -117,7 +117,7 @@ function keep(file: string, key: string, config: Config): void {
   // Only what reads back the same: JSON has no undefined, Infinity or Date.
   if (!isDeepStrictEqual((JSON.parse(json) as { config: Config }).config, config)) return;
   try {
-    mkdirSync(join(file, '..'), { recursive: true });
+    mkdirSync(dirname(file), { recursive: true });
     writeFileAtomic(file, json, 0o600);
   } catch {
     // not kept: parsed again next time

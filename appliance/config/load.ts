@@ -17,8 +17,6 @@ import { windowProblems, type RawWindow } from './bwlimit.js';
 import { ConfigSchema, type RawConfig, type RawPrices, type RawRecoveryPlan, type RawRetention } from './schema.js';
 import { DEFAULT_HOOK_TIMEOUT_MS, DEFAULT_SHUTDOWN_GRACE_MS, DEFAULT_VERIFY_BYTES_PER_SEC, DEFAULT_VERIFY_EVERY_MS } from './defaults.js';
 
-export { DEFAULT_HOOK_TIMEOUT_MS, DEFAULT_SHUTDOWN_GRACE_MS, DEFAULT_VERIFY_BYTES_PER_SEC, DEFAULT_VERIFY_EVERY_MS };
-
 /** A named protection tier (normalized). */
 export interface Policy {
   readonly name: string;
