@@ -202,6 +202,8 @@ export function fromSystemError(e: unknown, what: string): TandemError {
     case 'EACCES':
     case 'EPERM':
       return new TandemError('ERR_VOLUME_UNREADABLE', `${what}: permission denied; run as a user that can read it`, { cause: e });
+    case 'EIO':
+      return new TandemError('ERR_IO', `${what}: ${(e as Error).message}: the disk reported an error; check it (\`dmesg\`), then rerun`, { cause: e });
     default:
       return new TandemError('ERR_IO', `${what}: ${(e as Error)?.message ?? String(e)}`, { cause: e });
   }

@@ -404,6 +404,22 @@ export async function findHoles(path: string): Promise<Hole[]> {
 }
 
 /**
+ * The error of a failed flush of a restore target. An EIO there has two causes: the disk failed a
+ * write, or a program wrote the image through the page cache (a write, or a shared mapping)
+ * while the restore wrote the same range directly. Linux cannot drop the cached pages of such a
+ * range, logs "Page cache invalidation failure on direct I/O" and reports EIO at the next fsync of
+ * the file (seen with a program writing the image during a failback's apply).
+ */
+export function flushError(e: unknown, path: string, wroteDirectly: boolean): TandemError {
+  if (!wroteDirectly || (e as NodeJS.ErrnoException | undefined)?.code !== 'EIO') return fromSystemError(e, `flushing ${path}`);
+  return new TandemError(
+    'ERR_IO',
+    `flushing ${path}: EIO: the disk failed a write, or a program wrote the image while it was being written (\`dmesg\` then says "Page cache invalidation failure on direct I/O"). Stop anything that uses it and check \`dmesg\`, then rerun: what was written is not verified`,
+    { cause: e, details: { path } },
+  );
+}
+
+/**
  * Open (or create) a restore target of exactly `size` bytes. See the module comment for the
  * rules on existing files and devices; ERR_VOLUME_SIZE_MISMATCH when they are not met.
  */
@@ -546,7 +562,7 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
       try {
         await fh.datasync();
       } catch (e) {
-        throw fromSystemError(e, `flushing ${path}`);
+        throw flushError(e, path, direct !== null);
       }
     },
     async sync() {
@@ -555,7 +571,7 @@ export async function openVolumeWriter(path: string, size: number, opts: OpenWri
         await direct?.settle();
         await fh.sync();
       } catch (e) {
-        throw fromSystemError(e, `flushing ${path}`);
+        throw flushError(e, path, direct !== null);
       }
     },
     async close() {

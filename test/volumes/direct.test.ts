@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { openVolumeWriter } from '../../appliance/volumes/index.js';
 import { openDirect } from '../../appliance/volumes/direct.js';
+import { flushError } from '../../appliance/volumes/file.js';
 import { tempDir } from '../store/helpers.js';
 
 const KiB = 1024;
@@ -83,4 +84,16 @@ test('direct writes leave unaligned pieces to the caller and refuse none of an a
   assert.ok(!d.overlaps(12 * KiB, 4 * KiB));
   await d.settle();
   assert.ok(!d.overlaps(6 * KiB, 1), 'settled: nothing staged');
+});
+
+test("a flush's EIO after direct writes names both causes (the disk, or a program writing the image: Linux reports that collision as EIO); without direct writes, the disk", () => {
+  const eio = Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO', errno: -5, syscall: 'fsync' });
+  const direct = flushError(eio, '/srv/disk.img', true);
+  assert.equal(direct.code, 'ERR_IO');
+  assert.match(direct.message, /^flushing \/srv\/disk\.img: EIO: the disk failed a write, or a program wrote the image while it was being written .*Page cache invalidation failure on direct I\/O.*Stop anything that uses it and check `dmesg`, then rerun/);
+  const buffered = flushError(eio, '/srv/disk.img', false);
+  assert.equal(buffered.code, 'ERR_IO');
+  assert.equal(buffered.message, 'flushing /srv/disk.img: EIO: i/o error, fsync: the disk reported an error; check it (`dmesg`), then rerun');
+  const full = flushError(Object.assign(new Error('ENOSPC: no space left on device, fsync'), { code: 'ENOSPC' }), '/srv/disk.img', true);
+  assert.equal(full.code, 'ERR_DISK_FULL', 'only EIO has the second meaning');
 });
