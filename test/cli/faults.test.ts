@@ -6,6 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { writeFileSync, readFileSync, openSync, writeSync, closeSync, existsSync, readdirSync, statSync } from 'node:fs';
+import { sameBytes } from '../helpers/files.js';
 import { join } from 'node:path';
 import { randomBytes, randomInt } from 'node:crypto';
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -134,7 +135,7 @@ async function killDuringSnapshots(t: { after(fn: () => void): void }, size: num
   assert.ok(killed >= 1, 'at least one trial killed a running snapshot');
   const out = join(dir, 'out.img');
   assert.equal((await cli(['restore', 'vol', '--to', out, '--home', home])).code, 0);
-  assert.ok(readFileSync(out).equals(readFileSync(img)));
+  assert.ok(sameBytes(out, img));
 }
 
 test('kill -9 during snapshot, many times: the store stays consistent and a rerun succeeds', async (t) => {
@@ -192,7 +193,7 @@ test('kill -9 during gc, many times: retained snapshots stay whole and a rerun s
   const snaps = (await cliJson(['snapshots', 'keep', '--home', home])).json as Array<{ id: string }>;
   const out = join(dir, 'first.img');
   assert.equal((await cli(['restore', `keep@${snaps[0]!.id}`, '--to', out, '--home', home])).code, 0);
-  assert.ok(readFileSync(out).equals(want), 'the first snapshot survives every gc');
+  assert.ok(sameBytes(out, want), 'the first snapshot survives every gc');
 });
 
 /** Pack files under the store, largest first. */
@@ -232,7 +233,7 @@ test('an I/O error from a pack\'s background writeback (fdatasync) or its flush 
     assert.equal(await assertConsistent(home, 'v'), 1);
     const out = join(dir, 'out.img');
     assert.equal((await cli(['restore', 'v', '--to', out, '--home', home])).code, 0);
-    assert.ok(readFileSync(out).equals(readFileSync(img)), `${call}: the snapshot taken on the rerun restores byte for byte`);
+    assert.ok(sameBytes(out, img), `${call}: the snapshot taken on the rerun restores byte for byte`);
   }
 });
 
@@ -431,7 +432,7 @@ test('a full disk: ERR_DISK_FULL, an intact store, and a rerun succeeds once the
   assert.equal(again.code, 0, again.stderr);
   const out = join(dir, 'out.img');
   assert.equal((await cli(['restore', 'vol', '--to', out, '--home', home])).code, 0);
-  assert.ok(readFileSync(out).equals(readFileSync(img)));
+  assert.ok(sameBytes(out, img));
 
   // A restore target on a full disk: a clear error, and no file left behind under any name.
   const targetDir = smallTmpfs(t, '4m')!;

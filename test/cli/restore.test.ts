@@ -2,6 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { writeFileSync, readFileSync, openSync, writeSync, closeSync, statSync, existsSync, truncateSync, readSync, readdirSync, lstatSync, symlinkSync, linkSync, mkdirSync, chmodSync } from 'node:fs';
+import { sameBytes } from '../helpers/files.js';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { execFileSync, spawn } from 'node:child_process';
@@ -91,7 +92,7 @@ test('snapshot then restore is byte-exact (size not a multiple of the block size
     const r = await cliJson(['restore', spec, '--to', out, '--home', home]);
     assert.equal(r.code, 0, r.stderr);
     assert.equal(r.json.blocksCompared, 0, 'a new file is not read');
-    assert.ok(readFileSync(out).equals(want), `${spec} restores byte-exact`);
+    assert.ok(sameBytes(out, want), `${spec} restores byte-exact`);
     assert.ok(statSync(out).blocks * 512 <= want.length - 2 * BS + 64 * KiB, 'zero blocks are holes');
   }
   const verify = await cliJson(['verify', '--home', home]);
@@ -120,7 +121,7 @@ test('restore onto an existing file writes only the differing blocks; other size
   assert.equal(r.json.blocksCompared, 8);
   assert.equal(r.json.blocksWritten, 2);
   assert.equal(r.json.blocksZeroed, 1);
-  assert.ok(readFileSync(out).equals(want));
+  assert.ok(sameBytes(out, want));
   const again = await cliJson(['restore', 'vol', '--to', out, '--home', home]);
   assert.equal(again.json.blocksWritten + again.json.blocksZeroed, 0, 'nothing differs any more');
 
@@ -131,7 +132,7 @@ test('restore onto an existing file writes only the differing blocks; other size
   assert.equal(statSync(out).size, 3 * BS, 'a refused restore changes nothing');
   const forced = await cliJson(['restore', 'vol', '--to', out, '--force', '--home', home]);
   assert.equal(forced.code, 0, forced.stderr);
-  assert.ok(readFileSync(out).equals(want));
+  assert.ok(sameBytes(out, want));
 
   const missingDir = await cliJson(['restore', 'vol', '--to', join(dir, 'nope', 'x.img'), '--home', home]);
   assert.equal(missingDir.json.error.code, 'ERR_VOLUME_UNREADABLE');
@@ -162,7 +163,7 @@ test("another volume's image is not overwritten by a restore, nor registered twi
     assert.equal(refused.code, 1, refused.stderr);
     assert.equal(refused.json.error.code, 'ERR_VOLUME_IN_USE');
     assert.match(refused.json.error.message, /of volume "other": restoring vol@\S+ onto it would replace other's data; nothing was written.*--force/);
-    assert.ok(readFileSync(other).equals(otherData), `a restore to ${to} wrote nothing`);
+    assert.ok(sameBytes(other, otherData), `a restore to ${to} wrote nothing`);
   }
   for (const path of [other, link, img]) {
     const twice = await cliJson(['volume', 'add', 'again', '--path', path, '--home', home]);
@@ -175,13 +176,13 @@ test("another volume's image is not overwritten by a restore, nor registered twi
   // With --force the operator means it: written, and marked while it is, under other's lock.
   const forced = await cliJson(['restore', 'vol', '--to', link, '--force', '--home', home]);
   assert.equal(forced.code, 0, forced.stderr);
-  assert.ok(readFileSync(other).equals(readFileSync(img)));
+  assert.ok(sameBytes(other, img));
   const vols = (await cliJson(['volume', 'list', '--home', home])).json as { name: string; materializing?: unknown; snapshots: number }[];
   assert.equal(vols.find((v) => v.name === 'other')?.materializing, undefined, 'the mark is cleared');
   assert.equal(vols.find((v) => v.name === 'other')?.snapshots, 1, "other's snapshots are kept");
   const back = await cliJson(['restore', `other@${s.json.snapshot.id}`, '--to', other, '--home', home]);
   assert.equal(back.code, 0, back.stderr);
-  assert.ok(readFileSync(other).equals(otherData));
+  assert.ok(sameBytes(other, otherData));
 });
 
 test('--changed-blocks reads only the listed blocks; a malformed file changes nothing', async (t) => {
@@ -202,7 +203,7 @@ test('--changed-blocks reads only the listed blocks; a malformed file changes no
   assert.equal(inc.json.bytesRead, 3 * BS, 'only blocks 7, 8 and 9 were read');
   const out = join(dir, 'out.img');
   assert.equal((await cli(['restore', 'vol', '--to', out, '--home', home])).code, 0);
-  assert.ok(readFileSync(out).equals(readFileSync(img)));
+  assert.ok(sameBytes(out, img));
 
   writeFileSync(cb, '3\n10\n');
   const bad = await cliJson(['snapshot', 'vol', '--changed-blocks', cb, '--home', home]);
@@ -250,7 +251,7 @@ test('a sparse image\'s hole map (a perl or python3 start) is made only for a sn
   assert.equal(starts(), 1, 'doctor reads the size only');
   const out = join(dir, 'out.img');
   assert.equal((await cli(['restore', 'v', '--to', out, '--home', home])).code, 0);
-  assert.ok(readFileSync(out).equals(readFileSync(img)));
+  assert.ok(sameBytes(out, img));
 });
 
 test('a 64 GiB sparse volume with a few non-zero blocks snapshots fast, stores only those blocks and restores sparse', async (t) => {
@@ -374,7 +375,7 @@ test('a block device: snapshot reads it read-only with its real size, past the p
   assert.match(s.stderr, /past the page cache/);
   const out = join(dir, 'out.img');
   assert.equal((await cli(['restore', 'disk', '--to', out, '--home', home])).code, 0);
-  assert.ok(readFileSync(out).equals(data));
+  assert.ok(sameBytes(out, data));
 
   // A re-snapshot (compared with the parent's hashes as it reads) reads the device directly too.
   const changed = randomBytes(4096);
@@ -388,7 +389,7 @@ test('a block device: snapshot reads it read-only with its real size, past the p
   assert.equal(again.json.blocksStored, 1);
   const out2 = join(dir, 'out2.img');
   assert.equal((await cli(['restore', 'disk', '--to', out2, '--home', home])).code, 0);
-  assert.ok(readFileSync(out2).equals(data));
+  assert.ok(sameBytes(out2, data));
 
   // A change list (read on the calling thread: too short to start the hash workers for) is read
   // past the page cache too, the short last block included.
@@ -418,7 +419,7 @@ test('a block device: snapshot reads it read-only with its real size, past the p
   assert.equal(r.code, 0, r.stderr);
   assert.equal(r.json.blocksCompared, 7);
   assert.equal(r.json.blocksWritten, 2);
-  assert.ok(readFileSync(dev).equals(data));
+  assert.ok(sameBytes(dev, data));
   const list = await cliJson(['volume', 'list', '--home', home]);
   assert.equal(list.json[0].materializing, undefined, 'the device is a sync source again');
 });
@@ -441,7 +442,7 @@ test('kill -9 during a restore onto the volume itself: the half-written volume s
       assert.equal(r.code, 0, r.stderr); // finished before the kill: try again
       continue;
     }
-    if (readFileSync(img).equals(want)) continue; // killed after its last write
+    if (sameBytes(img, want)) continue; // killed after its last write
     landed = true;
     const vols = await cliJson(['volume', 'list', '--home', home]);
     assert.ok(vols.json.find((v: { name: string }) => v.name === 'vol').materializing, 'the half-written volume is marked');
@@ -452,7 +453,7 @@ test('kill -9 during a restore onto the volume itself: the half-written volume s
   assert.ok(landed, 'one of the restores was killed while the volume was half-written');
   const rerun = await cliJson(['restore', `vol@${s1.json.snapshot.id}`, '--to', img, '--home', home]);
   assert.equal(rerun.code, 0, rerun.stderr);
-  assert.ok(readFileSync(img).equals(want), 'the rerun wrote the snapshot, byte for byte');
+  assert.ok(sameBytes(img, want), 'the rerun wrote the snapshot, byte for byte');
   const vols = await cliJson(['volume', 'list', '--home', home]);
   assert.equal(vols.json.find((v: { name: string }) => v.name === 'vol').materializing, undefined, 'the mark is cleared');
   const again = await cliJson(['snapshot', 'vol', '--home', home]);
@@ -479,7 +480,7 @@ test('kill -9 during a restore in place onto an image that is no volume\'s: doct
       assert.equal(r.code, 0, r.stderr);
       continue;
     }
-    if (readFileSync(other).equals(want)) continue;
+    if (sameBytes(other, want)) continue;
     landed = true;
   }
   assert.ok(landed, 'one of the restores was killed while the image was half-written');
@@ -494,7 +495,7 @@ test('kill -9 during a restore in place onto an image that is no volume\'s: doct
 
   const rerun = await cliJson(['restore', `vol@${s1.json.snapshot.id}`, '--to', other, '--home', home]);
   assert.equal(rerun.code, 0, rerun.stderr);
-  assert.ok(readFileSync(other).equals(want));
+  assert.ok(sameBytes(other, want));
   const after = await cliJson(['doctor', '--home', home]);
   assert.ok(!after.json.checks.some((c: { check: string }) => c.check.startsWith('restore onto')), 'the record is gone');
   assert.equal((await cliJson(['volume', 'add', 'other', '--path', other, '--home', home])).code, 0);
@@ -529,7 +530,7 @@ test('kill -9 the moment restore --force resizes the volume\'s own image: the vo
   assert.ok(landed, 'a restore was killed right after the resize');
   const rerun = await cliJson(['restore', `vol@${s1.json.snapshot.id}`, '--to', img, '--home', home]);
   assert.equal(rerun.code, 0, rerun.stderr);
-  assert.ok(readFileSync(img).equals(want), 'the rerun wrote the snapshot, byte for byte');
+  assert.ok(sameBytes(img, want), 'the rerun wrote the snapshot, byte for byte');
   const vols = await cliJson(['volume', 'list', '--home', home]);
   assert.equal(vols.json.find((v: { name: string }) => v.name === 'vol').materializing, undefined, 'the mark is cleared');
 });
@@ -571,7 +572,7 @@ test('a loop device is the image it reads: restore onto the loop device of a vol
   assert.equal(r.code, 1, r.stdout);
   assert.equal(r.json.error.code, 'ERR_VOLUME_IN_USE');
   assert.match(r.json.error.message, /of volume "vol"/);
-  assert.ok(readFileSync(img).equals(before), 'vol was not written');
+  assert.ok(sameBytes(img, before), 'vol was not written');
 });
 
 test('a mounted block device is not written: restore refuses it with ERR_VOLUME_IN_USE, naming the mount point, and writes it once unmounted', { skip: process.getuid?.() !== 0 ? 'needs root for losetup and mount' : false }, async (t) => {
@@ -606,7 +607,7 @@ test('a mounted block device is not written: restore refuses it with ERR_VOLUME_
     assert.equal(refused.json.error.code, 'ERR_VOLUME_IN_USE');
     assert.ok(refused.json.error.message.includes(`is mounted at ${mnt}`), refused.json.error.message);
     assert.match(refused.json.error.message, /unmount it .*nothing was written/);
-    assert.ok(readFileSync(dev).equals(before), 'the refused restore wrote nothing');
+    assert.ok(sameBytes(dev, before), 'the refused restore wrote nothing');
     const vols = await cliJson(['volume', 'list', '--home', home]);
     assert.equal(vols.json[0].name, 'disk');
     assert.equal(vols.json[0].materializing, undefined, 'the volume is not left marked');
@@ -639,7 +640,7 @@ test('an image in use is not written: one a program has open for writing, holds 
   const writing = await cliJson(['restore', 'vol', '--to', out, '--home', home]);
   assert.equal(writing.json.error?.code, 'ERR_VOLUME_IN_USE', writing.stderr);
   assert.ok(writing.json.error.message.includes(`open for writing by pid ${writer.pid} (sleep)`), writing.json.error.message);
-  assert.ok(readFileSync(out).equals(held));
+  assert.ok(sameBytes(out, held));
   writer.kill('SIGKILL');
   await new Promise((r) => writer.once('exit', r));
 
@@ -660,13 +661,13 @@ test('an image in use is not written: one a program has open for writing, holds 
   assert.equal(locked.code, 1, locked.stderr);
   assert.equal(locked.json.error.code, 'ERR_VOLUME_IN_USE');
   assert.match(locked.json.error.message, /is in use \(locked by pid \d+ \((flock|sleep)\)\).*nothing was written/);
-  assert.ok(readFileSync(out).equals(held));
+  assert.ok(sameBytes(out, held));
   unlock();
   while (readFileSync('/proc/locks', 'utf8').includes(`:${statSync(out).ino} `)) await new Promise((r) => setTimeout(r, 20));
 
   const ok = await cliJson(['restore', 'vol', '--to', out, '--home', home]);
   assert.equal(ok.code, 0, ok.stderr);
-  assert.ok(readFileSync(out).equals(readFileSync(img)));
+  assert.ok(sameBytes(out, img));
 
   if (process.getuid?.() === 0) {
     writeFileSync(out, held);
@@ -675,6 +676,6 @@ test('an image in use is not written: one a program has open for writing, holds 
     const attached = await cliJson(['restore', 'vol', '--to', out, '--home', home]);
     assert.equal(attached.json.error?.code, 'ERR_VOLUME_IN_USE', attached.stderr);
     assert.ok(attached.json.error.message.includes(`attached as ${dev}`), attached.json.error.message);
-    assert.ok(readFileSync(out).equals(held));
+    assert.ok(sameBytes(out, held));
   }
 });

@@ -8,6 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { appendFileSync, closeSync, cpSync, existsSync, openSync, readFileSync, renameSync, rmSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
+import { sameBytes } from '../helpers/files.js';
 import { createSecureContext } from 'node:tls';
 import { Home } from '../../appliance/home.js';
 import { createServer, request as httpsRequest, type Server } from 'node:https';
@@ -983,7 +984,7 @@ test("the receiver's disk fills up: ERR_DISK_FULL from the peer, its store intac
   assert.equal((await cli(b, 'verify')).code, 0, 'the full store verifies');
   const smallOut = join(tempDir(t, 'tandem-full-out-'), 'small.img');
   assert.equal((await cli(b, 'restore', 'small', '--to', smallOut)).code, 0);
-  assert.ok(readFileSync(smallOut).equals(small), 'what the peer held before restores byte-exact');
+  assert.ok(sameBytes(smallOut, small), 'what the peer held before restores byte-exact');
   // Blocks of batches it flushed before the disk filled stay (often some, none if the first failed).
   const held = (await peerB.hasBlocks(hashes)).filter(Boolean).length;
   assert.ok(held < blocks);
@@ -998,7 +999,7 @@ test("the receiver's disk fills up: ERR_DISK_FULL from the peer, its store intac
   assert.equal((await cli(b, 'verify')).code, 0);
   const out = join(tempDir(t, 'tandem-full-out-'), 'r.img');
   assert.equal((await cli(b, 'restore', 'vol', '--to', out)).code, 0);
-  assert.ok(readFileSync(out).equals(data), 'the peer restores the volume byte-exact');
+  assert.ok(sameBytes(out, data), 'the peer restores the volume byte-exact');
 });
 
 test('peer add of the appliance itself is refused, with or without contacting it: it would report volumes replicated with no second copy', async (t) => {

@@ -7,6 +7,7 @@ import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
+import { sameBytes } from '../helpers/files.js';
 import { deflateRawSync } from 'node:zlib';
 import { request as httpsRequest } from 'node:https';
 import { join } from 'node:path';
@@ -264,7 +265,7 @@ test('8 uploads that trickle 1 byte every 0.5 s inside a frame hold every slot o
   for (const [name, data] of Object.entries(volumes)) {
     const out = join(dir, `${name}.out`);
     assert.equal((await cli(b, 'restore', name, '--to', out)).code, 0);
-    assert.ok(readFileSync(out).equals(data), `${name} restores byte-exact`);
+    assert.ok(sameBytes(out, data), `${name} restores byte-exact`);
   }
 });
 
@@ -351,5 +352,5 @@ test('a CLI sync under --bwlimit whose uploads the server ends for their slownes
   assert.equal(rerun.code, 0, rerun.stderr);
   const out = join(dir, 'vol.out');
   assert.equal((await cli(b, 'restore', 'vol', '--to', out)).code, 0);
-  assert.ok(readFileSync(out).equals(data), 'the volume restores byte-exact');
+  assert.ok(sameBytes(out, data), 'the volume restores byte-exact');
 });

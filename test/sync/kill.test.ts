@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { randomBytes, randomInt } from 'node:crypto';
 import { once } from 'node:events';
 import { closeSync, openSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
+import { sameBytes } from '../helpers/files.js';
 import { createServer, request as httpsRequest, type Server } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -250,7 +251,7 @@ test('kill -9 during failback (sync --reverse --apply) while it writes the local
       assert.equal(r.code, 0, r.stderr); // finished before the kill: try again from a new divergence
       continue;
     }
-    if (readFileSync(img).equals(replica)) continue; // killed after its last write: not half-written
+    if (sameBytes(img, replica)) continue; // killed after its last write: not half-written
     landed = true;
     const vols = await cli(a, 'volume', 'list');
     assert.ok(vols.json.find((v: { name: string }) => v.name === 'vol').materializing, 'the half-written volume is marked');
@@ -264,7 +265,7 @@ test('kill -9 during failback (sync --reverse --apply) while it writes the local
   const rerun = await cli(a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
   assert.equal(rerun.code, 0, rerun.stderr);
   assert.equal(rerun.json.applied.verified, true);
-  assert.ok(readFileSync(img).equals(replica), 'the rerun made the local volume the replica, byte for byte');
+  assert.ok(sameBytes(img, replica), 'the rerun made the local volume the replica, byte for byte');
   const vols = await cli(a, 'volume', 'list');
   assert.equal(vols.json.find((v: { name: string }) => v.name === 'vol').materializing, undefined, 'the mark is cleared');
   const fwd = await cli(a, 'sync', 'vol', '--peer', 'cloud');

@@ -6,7 +6,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
+import { sameBytes } from '../helpers/files.js';
 import { join } from 'node:path';
 import { openVolumeWriter } from '../../appliance/volumes/index.js';
 import { materialize } from '../../sync/materialize.js';
@@ -53,7 +54,7 @@ for (const bs of [64 * 1024, 2 * 1024 * 1024]) {
     writeFileSync(onFile, target);
     const fileWriter = await openVolumeWriter(onFile, img.length);
     const viaWorkers = await materialize(store, snap, fileWriter).finally(() => fileWriter.close());
-    assert.ok(readFileSync(onFile).equals(img), 'the file is the snapshot again');
+    assert.ok(sameBytes(onFile, img), 'the file is the snapshot again');
 
     const mem = memoryWriter(Buffer.from(target));
     const viaRead = await materialize(store, snap, mem);

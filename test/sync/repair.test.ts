@@ -7,6 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, readdirSync, statSync } from 'node:fs';
+import { sameBytes } from '../helpers/files.js';
 import { join } from 'node:path';
 import { Store } from '../../store/index.js';
 import { blockKey, nodeKey } from '../../store/keys.js';
@@ -59,7 +60,7 @@ test('repair heals a damaged block, a lost block entry and a missing tree node w
   assert.equal((await cli(a, 'verify')).code, 0);
   const out = join(a.dir, 'restored.img');
   assert.equal((await cli(a, 'restore', 'vol', '--to', out)).code, 0);
-  assert.ok(readFileSync(out).equals(data), 'restored byte-exact');
+  assert.ok(sameBytes(out, data), 'restored byte-exact');
 
   // Block 20 damaged on both sides: nothing is written for it; it is named; exit 1.
   damage(a, bytes(20));
@@ -156,7 +157,7 @@ test("repair --push puts back the tree nodes the peer's verify found damaged or 
   assert.equal(after.code, 0, after.stdout);
   const out = join(b.dir, 'restored.img');
   assert.equal((await cli(b, 'restore', 'vol', '--to', out)).code, 0);
-  assert.ok(readFileSync(out).equals(data), 'the cloud restores byte-exact');
+  assert.ok(sameBytes(out, data), 'the cloud restores byte-exact');
   // The damage list is empty: a second push has nothing to do.
   const again = await cli(a, 'repair', '--peer', 'cloud', '--push');
   assert.deepEqual([again.code, again.json.peerDamagedNodes, again.json.nodesRepaired], [0, 0, 0]);
@@ -187,7 +188,7 @@ test('kill -9 of repair at random moments: the store opens, verify finds nothing
   assert.equal((await cli(a, 'verify')).code, 0);
   const out = join(dir, 'restored.img');
   assert.equal((await cli(a, 'restore', 'vol', '--to', out)).code, 0);
-  assert.ok(readFileSync(out).equals(data));
+  assert.ok(sameBytes(out, data));
   // The damaged records' bytes are no longer referenced: gc reclaims them.
   const gc = await cli(a, 'gc');
   assert.equal(gc.code, 0, gc.stderr);

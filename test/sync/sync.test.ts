@@ -10,6 +10,7 @@ import { deflateRawSync } from 'node:zlib';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { openSync, writeSync, closeSync, readdirSync, readFileSync, writeFileSync, rmSync, copyFileSync, truncateSync, statSync } from 'node:fs';
+import { sameBytes } from '../helpers/files.js';
 import { join } from 'node:path';
 import { RemotePeer } from '../../api/client.js';
 import { Store, diffBlock, hashBlock, ZERO_HASH } from '../../store/index.js';
@@ -185,21 +186,21 @@ test('reverse + apply is byte-exact after the local copy diverged or was replace
   assert.equal(back.json.direction, 'pull');
   assert.equal(back.json.applied.verified, true);
   assert.equal(back.json.applied.blocksWritten, 5, 'only the diverged blocks are written');
-  assert.ok(readFileSync(p.img).equals(replica), 'the local volume is the replica again, byte for byte');
+  assert.ok(sameBytes(p.img, replica), 'the local volume is the replica again, byte for byte');
   // What the apply overwrote is kept: the volume as it was, restorable.
   const kept = back.json.applied.keptAs as string;
   assert.match(kept, /^\d{8}T/);
   const keptOut = join(p.dir, 'kept.img');
   const restored = await cli(p.a, 'restore', `vol@${kept}`, '--to', keptOut);
   assert.equal(restored.code, 0, restored.stderr);
-  assert.ok(readFileSync(keptOut).equals(diverged), 'the pre-apply snapshot holds the diverged volume, byte for byte');
+  assert.ok(sameBytes(keptOut, diverged), 'the pre-apply snapshot holds the diverged volume, byte for byte');
   const snaps = await cli(p.a, 'snapshots', 'vol');
   assert.equal((snaps.json as Array<{ id: string; origin: string }>).find((x) => x.id === kept)?.origin, 'pre-apply');
 
   rmSync(p.img);
   const again = await cli(p.a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
   assert.equal(again.code, 0, again.stderr);
-  assert.ok(readFileSync(p.img).equals(replica), 'a replaced (missing) volume is recreated exactly');
+  assert.ok(sameBytes(p.img, replica), 'a replaced (missing) volume is recreated exactly');
   assert.equal(again.json.applied.keptAs, null, 'a missing volume had nothing to keep');
 
   const vols = await cli(p.a, 'volume', 'list');
@@ -279,7 +280,7 @@ test('reverse + apply whose read-back differs (a program writes the image meanwh
   const rerun = await cli(p.a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
   assert.equal(rerun.code, 0, rerun.stderr);
   assert.equal(rerun.json.applied.verified, true);
-  assert.ok(readFileSync(p.img).equals(replica), 'the rerun writes the replica, byte for byte');
+  assert.ok(sameBytes(p.img, replica), 'the rerun writes the replica, byte for byte');
   assert.equal((await localVolume(p)).materializing, undefined, 'and clears the mark');
 });
 
@@ -306,7 +307,7 @@ test('reverse + apply onto a volume of another size is refused before anything i
   assert.equal(refused.code, 1, refused.stderr);
   assert.equal(refused.json.error.code, 'ERR_VOLUME_SIZE_MISMATCH');
   assert.match(refused.json.error.message, /nothing was written.*--force/);
-  assert.ok(readFileSync(p.img).equals(local), 'the volume is untouched');
+  assert.ok(sameBytes(p.img, local), 'the volume is untouched');
   assert.equal((await localVolume(p)).materializing, undefined, 'a refused apply leaves no materializing mark');
   const usage = await cli(p.a, 'sync', 'vol', '--peer', 'cloud', '--force');
   assert.equal(usage.code, 2, usage.stderr);
@@ -315,10 +316,10 @@ test('reverse + apply onto a volume of another size is refused before anything i
   const forced = await cli(p.a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply', '--force');
   assert.equal(forced.code, 0, forced.stderr);
   assert.equal(forced.json.applied.verified, true);
-  assert.ok(readFileSync(p.img).equals(replica), 'the image is resized and holds the replica, byte for byte');
+  assert.ok(sameBytes(p.img, replica), 'the image is resized and holds the replica, byte for byte');
   const keptOut = join(p.dir, 'kept.img');
   assert.equal((await cli(p.a, 'restore', `vol@${forced.json.applied.keptAs}`, '--to', keptOut)).code, 0);
-  assert.ok(readFileSync(keptOut).equals(local), 'the volume as it was before the resize is kept');
+  assert.ok(sameBytes(keptOut, local), 'the volume as it was before the resize is kept');
   const vol = await localVolume(p);
   assert.equal(vol.size, replica.length, 'the volume is registered with its new size');
   assert.equal(vol.materializing, undefined);
@@ -345,7 +346,7 @@ test('reverse + apply onto a block device larger than the snapshot: refused, the
   const refused = await cli(p.a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
   assert.equal(refused.code, 1, refused.stderr);
   assert.equal(refused.json.error.code, 'ERR_VOLUME_SIZE_MISMATCH');
-  assert.ok(readFileSync(dev).equals(other), 'the device is untouched');
+  assert.ok(sameBytes(dev, other), 'the device is untouched');
   assert.equal((await localVolume(p)).materializing, undefined);
 
   const forced = await cli(p.a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply', '--force');
@@ -387,7 +388,7 @@ test('failback to a rebuilt appliance: pull the replica, attach a new image to i
   const applied = await cli(c, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
   assert.equal(applied.code, 0, applied.stderr);
   assert.equal(applied.json.applied.verified, true);
-  assert.ok(readFileSync(img).equals(replica), 'the new image holds the replica, byte for byte');
+  assert.ok(sameBytes(img, replica), 'the new image holds the replica, byte for byte');
 
   const noop = await cli(c, 'sync', 'vol', '--peer', 'cloud');
   assert.equal(noop.code, 0, noop.stderr);
@@ -431,7 +432,7 @@ test('a pull (failback) of a small change brings each changed block as the bytes
   assert.equal((await cli(c, 'verify')).code, 0, 'every block built from a delta verifies');
   const out = join(p.dir, 'pulled.img');
   assert.equal((await cli(c, 'restore', 'vol', '--to', out)).code, 0);
-  assert.ok(readFileSync(out).equals(readFileSync(p.img)), 'byte for byte');
+  assert.ok(sameBytes(out, p.img), 'byte for byte');
 
   // A base the puller holds damaged (disk corruption here): the block it would build from it is
   // refused where it enters the store and fetched again whole. The puller holds block 33 as a
@@ -449,7 +450,7 @@ test('a pull (failback) of a small change brings each changed block as the bytes
   assert.ok(again.json.wireBytes > BS, 'the block whose base is damaged came whole');
   const out2 = join(p.dir, 'pulled2.img');
   assert.equal((await cli(c, 'restore', 'vol', '--to', out2)).code, 0);
-  assert.ok(readFileSync(out2).equals(readFileSync(p.img)), 'byte for byte');
+  assert.ok(sameBytes(out2, p.img), 'byte for byte');
 });
 
 test('writes of compressible data travel as deflated deltas both ways: a push and a pull (failback) carry about the deflated writes, not the patches', async (t) => {
@@ -482,7 +483,7 @@ test('writes of compressible data travel as deflated deltas both ways: a push an
   for (const [home, name] of [[p.b, 'b.img'], [c, 'c.img']] as const) {
     const out = join(p.dir, name);
     assert.equal((await cli(home, 'restore', 'vol', '--to', out)).code, 0);
-    assert.ok(readFileSync(out).equals(readFileSync(p.img)), `${name}: byte for byte`);
+    assert.ok(sameBytes(out, p.img), `${name}: byte for byte`);
   }
 });
 
@@ -520,7 +521,7 @@ test('blocks sent as deltas of a block the receiver lacks (a local snapshot neve
   assert.equal(again.json.bytesSent, BS);
   const out = join(p.dir, 'r2.img');
   assert.equal((await cli(p.b, 'restore', 'vol', '--to', out)).code, 0);
-  assert.ok(readFileSync(out).equals(readFileSync(p.img)), 'byte-exact');
+  assert.ok(sameBytes(out, p.img), 'byte-exact');
 });
 
 test('sync --changed-blocks reads only the listed blocks: from the CLI and in a running appliance, the changed ones travel as deltas and the replica is exact', async (t) => {
@@ -696,7 +697,7 @@ test('failback onto a disk of unrelated data with no room to keep it: refused wi
   assert.equal(full.code, 1, full.stderr);
   assert.equal(full.json.error.code, 'ERR_DISK_FULL');
   assert.match(full.json.error.message, /nothing was written.*--no-keep/);
-  assert.ok(readFileSync(img).equals(other), 'the volume is untouched');
+  assert.ok(sameBytes(img, other), 'the volume is untouched');
   const list = await cli(a, 'volume', 'list');
   assert.equal(list.code, 0, `${list.stderr} ${list.stdout}`);
   assert.equal((list.json as Array<{ materializing?: unknown }>)[0]!.materializing, undefined);
@@ -705,7 +706,7 @@ test('failback onto a disk of unrelated data with no room to keep it: refused wi
   const noKeep = await cli(a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply', '--no-keep');
   assert.equal(noKeep.code, 0, noKeep.stderr);
   assert.equal(noKeep.json.applied.keptAs, null);
-  assert.ok(readFileSync(img).equals(replica), 'the replica is written over it, byte for byte');
+  assert.ok(sameBytes(img, replica), 'the replica is written over it, byte for byte');
   const misuse = await cli(a, 'sync', 'vol', '--peer', 'cloud', '--no-keep');
   assert.equal(misuse.json.error.code, 'ERR_USAGE');
 });

@@ -9,6 +9,7 @@ import { request } from 'node:https';
 import { once } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { readFileSync, writeFileSync, existsSync, watch, rmSync, readdirSync, openSync, readSync, writeSync, closeSync } from 'node:fs';
+import { sameBytes } from '../helpers/files.js';
 import { createServer } from 'node:http';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
@@ -452,7 +453,7 @@ alerts: { webhook: "${hookUrl}" }
   assert.equal(verify.code, 0, verify.stderr);
   const restored = join(a.dir, 'out.img');
   assert.equal((await cli(a, 'restore', 'vol', '--to', restored)).code, 0);
-  assert.ok(readFileSync(restored).equals(readFileSync(img)));
+  assert.ok(sameBytes(restored, img));
   d.child.kill('SIGTERM');
   assert.equal((await d.exited)[0], 0);
 });

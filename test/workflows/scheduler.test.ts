@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, writeFileSync, existsSync, openSync, writeSync, closeSync, readFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync, existsSync, openSync, writeSync, closeSync } from 'node:fs';
+import { sameBytes } from '../helpers/files.js';
 import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -529,7 +530,7 @@ test("the daemon's push step sends a new snapshot's changed blocks as deltas of 
   assert.equal((await peerB.latestSnapshot('db'))?.root, snap.root);
   const out = join(dir, 'r.img');
   assert.equal((await cli(b, 'restore', 'db', '--to', out)).code, 0);
-  assert.ok(readFileSync(out).equals(readFileSync(img)), 'byte-exact');
+  assert.ok(sameBytes(out, img), 'byte-exact');
 });
 
 test('a push by hand to the replication peer counts as the recovery point: the next job is due an RPO after it, not at once', async (t) => {
