@@ -2,8 +2,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, readdirSync, writeFileSync, chmodSync, statSync, symlinkSync } from 'node:fs';
+import { writeRandom } from '../helpers/files.js';
 import { join } from 'node:path';
-import { randomBytes } from 'node:crypto';
 import { spawn, spawnSync } from 'node:child_process';
 import { once } from 'node:events';
 import { BIN, DIST_MAIN, cli, cliCommand, cliJson, spawnCli, tempDir } from '../helpers/cli.js';
@@ -71,7 +71,7 @@ test('a volume no policy matches: volume add, status and doctor say that no job 
   const home = join(dir, 'home');
   assert.equal((await cli(['init', '--name', 'np', '--home', home])).code, 0);
   const img = join(dir, 'disk.img');
-  writeFileSync(img, randomBytes(1024 * 1024));
+  writeRandom(img, 1024 * 1024);
   const add = await cli(['volume', 'add', 'orphan', '--path', img, '--home', home]);
   assert.equal(add.code, 0, add.stderr);
   assert.match(add.stderr, /no policy matches volume "orphan": no job snapshots or replicates it/);
@@ -94,7 +94,7 @@ test('volume add, list and remove; duplicates, unknown volumes and bad input cha
   const home = join(dir, 'home');
   assert.equal((await cli(['init', '--home', home])).code, 0);
   const img = join(dir, 'disk.img');
-  writeFileSync(img, randomBytes(1024 * 1024 + 5));
+  writeRandom(img, 1024 * 1024 + 5);
 
   const add = await cliJson(['volume', 'add', 'db', '--path', img, '--block-size', '64KiB', '--tag', 'prod', 'sql', '--home', home]);
   assert.equal(add.code, 0, add.stderr);
@@ -152,7 +152,7 @@ test('an unreadable volume path is refused (permission)', { skip: process.getuid
   const home = join(dir, 'home');
   assert.equal((await cli(['init', '--home', home])).code, 0);
   const img = join(dir, 'secret.img');
-  writeFileSync(img, randomBytes(4096));
+  writeRandom(img, 4096);
   chmodSync(img, 0);
   const r = await cliJson(['volume', 'add', 'x', '--path', img, '--home', home]);
   assert.equal(r.json.error.code, 'ERR_VOLUME_UNREADABLE');
@@ -257,7 +257,7 @@ test('a reader that leaves early (`| head`) cuts nothing short: the snapshot com
   const home = join(dir, 'home');
   assert.equal((await cli(['init', '--home', home])).code, 0);
   const img = join(dir, 'disk.img');
-  writeFileSync(img, randomBytes(3 * 1024 * 1024));
+  writeRandom(img, 3 * 1024 * 1024);
   assert.equal((await cli(['--home', home, 'volume', 'add', 'vol', '--path', img])).code, 0);
   /** Run the CLI with both of its pipes' readers gone before it writes a byte. */
   const unread = async (args: string[]): Promise<{ code: number | null; stderr: string }> => {

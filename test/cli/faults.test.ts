@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { writeFileSync, readFileSync, openSync, writeSync, closeSync, existsSync, readdirSync, statSync } from 'node:fs';
-import { sameBytes } from '../helpers/files.js';
+import { sameBytes, writeRandom } from '../helpers/files.js';
 import { join } from 'node:path';
 import { randomBytes, randomInt } from 'node:crypto';
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -110,7 +110,7 @@ async function startupMs(home: string): Promise<number> {
 async function killDuringSnapshots(t: { after(fn: () => void): void }, size: number, change: (img: string) => void, late = false): Promise<void> {
   const { dir, home } = await initHome(t);
   const img = join(dir, 'vol.img');
-  writeFileSync(img, randomBytes(size));
+  writeRandom(img, size);
   assert.equal((await cli(['volume', 'add', 'vol', '--path', img, '--home', home])).code, 0);
   const started = Date.now();
   assert.equal((await cli(['snapshot', 'vol', '--home', home])).code, 0);
@@ -148,20 +148,20 @@ test('kill -9 during snapshot, many times: the store stays consistent and a reru
 test('kill -9 late in a snapshot of 96 MiB of new blocks (all written past the page cache): the store stays consistent and a rerun succeeds', async (t) => {
   // Every block new each trial, each written with O_DIRECT; the crash points are in the second
   // half of the run, where most of them have been written.
-  await killDuringSnapshots(t, 96 * MiB, (img) => writeFileSync(img, randomBytes(96 * MiB)), true);
+  await killDuringSnapshots(t, 96 * MiB, (img) => writeRandom(img, 96 * MiB), true);
 });
 
 test('kill -9 during gc, many times: retained snapshots stay whole and a rerun succeeds', async (t) => {
   const { dir, home } = await initHome(t);
   const img = join(dir, 'keep.img');
-  writeFileSync(img, randomBytes(16 * MiB));
+  writeRandom(img, 16 * MiB);
   assert.equal((await cli(['volume', 'add', 'keep', '--path', img, '--home', home])).code, 0);
   assert.equal((await cli(['snapshot', 'keep', '--home', home])).code, 0);
   const want = readFileSync(img);
   const junk = join(dir, 'junk.img');
   // A gc with garbage, to time one: the first window ends there.
   const startup = await startupMs(home);
-  writeFileSync(junk, randomBytes(32 * MiB));
+  writeRandom(junk, 32 * MiB);
   await withStore(home, async (store, h) => {
     await addVolume(store, { name: 'junk', path: junk });
     await snapshotVolume(h, store, 'junk');
@@ -173,7 +173,7 @@ test('kill -9 during gc, many times: retained snapshots stay whole and a rerun s
   let killed = 0;
   for (let i = 0; i < TRIALS; i++) {
     // Garbage interleaved with retained blocks in the packs: a removed volume's snapshot.
-    writeFileSync(junk, randomBytes(32 * MiB));
+    writeRandom(junk, 32 * MiB);
     scribble(img, randomInt(0, 16 * MiB - 4096), 4096);
     await withStore(home, async (store, h) => {
       await addVolume(store, { name: 'junk', path: junk });
@@ -216,7 +216,7 @@ test('an I/O error from a pack\'s background writeback (fdatasync) or its flush 
   // and the snapshot was committed over pages that may never have reached the disk.
   if (spawnSyncStatus('strace', ['-V']) !== 0) return t.skip('strace is not installed (apt-get install -y strace)');
   const img = join(tempDir(t), 'v.img');
-  writeFileSync(img, randomBytes(112 * MiB));
+  writeRandom(img, 112 * MiB);
   for (const call of ['fdatasync', 'fsync']) {
     const { dir, home } = await initHome(t);
     // Blocks of 16 MiB are appended through the page cache (past the direct-write slots), with a
@@ -307,7 +307,7 @@ test('bytes flipped in a pack: verify names the block and exits 1; restore refus
 test('a second snapshot of a locked volume fails with ERR_VOLUME_LOCKED and changes nothing', async (t) => {
   const { dir, home } = await initHome(t);
   const img = join(dir, 'vol.img');
-  writeFileSync(img, randomBytes(2 * BS));
+  writeRandom(img, 2 * BS);
   assert.equal((await cli(['volume', 'add', 'vol', '--path', img, '--home', home])).code, 0);
   // This test process stands for the first, still running snapshot: it holds the real lock.
   const release = acquireVolumeLock(join(home, 'locks'), 'vol', 'snapshot');
@@ -325,7 +325,7 @@ test('a second snapshot of a locked volume fails with ERR_VOLUME_LOCKED and chan
   assert.equal((await cli(['snapshot', 'vol', '--home', home])).code, 0, 'free again once released');
 
   // Two real CLI processes at once: exactly one snapshot wins, the other gets a clear error.
-  writeFileSync(img, randomBytes(2 * BS));
+  writeRandom(img, 2 * BS);
   const [a, b] = await Promise.all([cliJson(['snapshot', 'vol', '--home', home]), cliJson(['snapshot', 'vol', '--home', home])]);
   const codes = [a, b].map((r) => (r.code === 0 ? 'ok' : r.json.error.code)).sort();
   assert.ok(codes.includes('ok') || codes.every((c) => c === 'ERR_VOLUME_LOCKED' || c === 'ERR_STORE_BUSY'), codes.join());
@@ -338,7 +338,7 @@ test('a command that finds the store held by another command waits for it and sa
   const home = join(dir, 'home');
   assert.equal((await cli(['init', '--home', home])).code, 0);
   const img = join(dir, 'disk.img');
-  writeFileSync(img, randomBytes(2 * BS));
+  writeRandom(img, 2 * BS);
   assert.equal((await cli(['volume', 'add', 'vol', '--path', img, '--home', home])).code, 0);
   assert.equal((await cli(['snapshot', 'vol', '--home', home])).code, 0);
   // This test process stands for a long command (a gc, a snapshot of another volume): it holds the store.
@@ -420,7 +420,7 @@ test('a full disk: ERR_DISK_FULL, an intact store, and a rerun succeeds once the
   const home = join(mnt, 'home');
   assert.equal((await cli(['init', '--home', home])).code, 0);
   const img = join(dir, 'vol.img');
-  writeFileSync(img, randomBytes(24 * MiB));
+  writeRandom(img, 24 * MiB);
   assert.equal((await cli(['volume', 'add', 'vol', '--path', img, '--home', home])).code, 0);
   const r = await cliJson(['snapshot', 'vol', '--home', home]);
   assert.equal(r.code, 1, r.stdout);

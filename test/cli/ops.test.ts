@@ -2,7 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { writeFileSync, readFileSync, openSync, writeSync, closeSync } from 'node:fs';
-import { sameBytes } from '../helpers/files.js';
+import { sameBytes, writeRandom } from '../helpers/files.js';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Home } from '../../appliance/home.js';
@@ -59,7 +59,7 @@ test('a volume that changed size is scanned in full and its new size recorded', 
   const store = await home.openStore();
   t.after(() => store.close());
   const img = join(dir, 'vol.img');
-  writeFileSync(img, randomBytes(10 * BS));
+  writeRandom(img, 10 * BS);
   await addVolume(store, { name: 'vol', path: img, blockSize: BS });
   const s1 = await snapshotVolume(home, store, 'vol');
   const grown = Buffer.concat([readFileSync(img), randomBytes(3 * BS + 7)]);

@@ -2,7 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { writeFileSync, readFileSync, openSync, writeSync, closeSync, statSync, existsSync, truncateSync, readSync, readdirSync, lstatSync, symlinkSync, linkSync, mkdirSync, chmodSync } from 'node:fs';
-import { sameBytes } from '../helpers/files.js';
+import { sameBytes, writeRandom } from '../helpers/files.js';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { execFileSync, spawn } from 'node:child_process';
@@ -79,7 +79,7 @@ test('snapshot then restore is byte-exact (size not a multiple of the block size
 
   // Garbage from another volume, then gc: the retained snapshots must not lose a block.
   const other = join(dir, 'other.img');
-  writeFileSync(other, randomBytes(3 * BS));
+  writeRandom(other, 3 * BS);
   assert.equal((await cli(['volume', 'add', 'other', '--path', other, '--home', home])).code, 0);
   assert.equal((await cli(['snapshot', 'other', '--home', home])).code, 0);
   assert.equal((await cli(['volume', 'remove', 'other', '--home', home])).code, 0);
@@ -432,7 +432,7 @@ test('kill -9 during a restore onto the volume itself: the half-written volume s
   const want = readFileSync(img);
   let landed = false;
   for (let trial = 0; trial < 5 && !landed; trial++) {
-    writeFileSync(img, randomBytes(want.length)); // changed everywhere since s1: the restore rolls it back
+    writeRandom(img, want.length); // changed everywhere since s1: the restore rolls it back
     const child = spawnCli(['restore', `vol@${s1.json.snapshot.id}`, '--to', img, '--home', home, '--json']);
     const done = collect(child);
     await untilWritten(img, want.subarray(0, BS), done); // the restore has begun
@@ -470,7 +470,7 @@ test('kill -9 during a restore in place onto an image that is no volume\'s: doct
   const other = join(home, '..', 'other.img');
   let landed = false;
   for (let trial = 0; trial < 5 && !landed; trial++) {
-    writeFileSync(other, randomBytes(want.length)); // an existing image: written in place, only where it differs
+    writeRandom(other, want.length); // an existing image: written in place, only where it differs
     const child = spawnCli(['restore', `vol@${s1.json.snapshot.id}`, '--to', other, '--home', home, '--json']);
     const done = collect(child);
     await untilWritten(other, want.subarray(0, BS), done);
@@ -562,7 +562,7 @@ test('a restore that meets a corrupt block leaves every block from it on as it w
 test('a loop device is the image it reads: restore onto the loop device of a volume\'s image is refused as onto the image (ERR_VOLUME_IN_USE)', { skip: process.getuid?.() !== 0 ? 'needs root for losetup' : false }, async (t) => {
   const { dir, home, img } = await setup(t, 4 * BS);
   const w = join(dir, 'w.img');
-  writeFileSync(w, randomBytes(4 * BS));
+  writeRandom(w, 4 * BS);
   assert.equal((await cli(['volume', 'add', 'w', '--path', w, '--home', home])).code, 0);
   assert.equal((await cli(['snapshot', 'w', '--home', home])).code, 0);
   const before = readFileSync(img);

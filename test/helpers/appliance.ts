@@ -11,13 +11,13 @@
  */
 import type { ChildProcess } from 'node:child_process';
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
-import { closeSync, cpSync, mkdtempSync, openSync, readFileSync, readdirSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, cpSync, mkdtempSync, openSync, readFileSync, readdirSync, statSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { once } from 'node:events';
 import { RemotePeer } from '../../api/client.js';
 import { spawnCli, collect, tempDir } from './cli.js';
+import { writeRandom } from './files.js';
 
 export { tempDir } from './cli.js';
 
@@ -145,7 +145,7 @@ export async function pairedWithVolume(t: TestCtx, blocks: number, blockSize = 6
   await pair(a, 'cloud', b, sb);
   const dir = tempDir(t, 'tandem-faults-');
   const img = join(dir, 'disk.img');
-  writeFileSync(img, randomBytes(blocks * blockSize));
+  writeRandom(img, blocks * blockSize);
   const add = await cli(a, 'volume', 'add', 'vol', '--path', img, '--block-size', `${blockSize / 1024}KiB`);
   assert.equal(add.code, 0, add.stderr);
   return { a, b, sb, dir, img };

@@ -10,6 +10,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { rmSync, writeFileSync } from 'node:fs';
+import { writeRandom } from '../helpers/files.js';
 import { join } from 'node:path';
 import { cliJson, collect, spawnCli, type CliResult } from '../helpers/cli.js';
 import { cloudConfig, startCloud, type CloudSetup } from './helpers.js';
@@ -93,7 +94,7 @@ before(async () => {
   ({ work, home, aws, env } = await startCloud('tandem-interrupted-', 1500));
   writeFileSync(join(home, 'config.yaml'), cloudConfig(VOL));
   const image = join(work, 'app-root.img');
-  writeFileSync(image, randomBytes(4 * MiB));
+  writeRandom(image, 4 * MiB);
   await ok(['volume', 'add', VOL, '--path', image]);
   await ok(['snapshot', VOL]);
   await ok(['ebs', 'export', VOL]);

@@ -7,8 +7,8 @@
  */
 import { test, before, after, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
 import { rmSync, writeFileSync } from 'node:fs';
+import { writeRandom } from '../helpers/files.js';
 import { join } from 'node:path';
 import { cli, cliJson } from '../helpers/cli.js';
 import { startCloud, type CloudSetup } from './helpers.js';
@@ -81,7 +81,7 @@ recovery:
 `);
   for (const v of ['web-root', 'db-root']) {
     const image = join(work, `${v}.img`);
-    writeFileSync(image, randomBytes(2 * MiB));
+    writeRandom(image, 2 * MiB);
     await ok(['volume', 'add', v, '--path', image]);
     await ok(['snapshot', v]);
     await ok(['ebs', 'export', v]);

@@ -6,9 +6,9 @@
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
 import { createServer, type Server } from 'node:http';
 import { rmSync, writeFileSync } from 'node:fs';
+import { writeRandom } from '../helpers/files.js';
 import { join } from 'node:path';
 import type { AddressInfo } from 'node:net';
 import { cliJson, collect, spawnCli } from '../helpers/cli.js';
@@ -23,7 +23,7 @@ const received: any[] = [];
 before(async () => {
   setup = await startCloud('tandem-scheduled-drills-', 300);
   const image = join(setup.work, 'app-root.img');
-  writeFileSync(image, randomBytes(2 * 1024 * 1024));
+  writeRandom(image, 2 * 1024 * 1024);
   for (const args of [['volume', 'add', VOL, '--path', image], ['snapshot', VOL], ['ebs', 'export', VOL]]) {
     const r = await cliJson(['--home', setup.home, ...args], { env: setup.env });
     assert.equal(r.code, 0, r.stderr);

@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { appendFileSync, closeSync, cpSync, existsSync, openSync, readFileSync, renameSync, rmSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
-import { sameBytes } from '../helpers/files.js';
+import { sameBytes, writeRandom } from '../helpers/files.js';
 import { createSecureContext } from 'node:tls';
 import { Home } from '../../appliance/home.js';
 import { createServer, request as httpsRequest, type Server } from 'node:https';
@@ -449,7 +449,7 @@ test('a push the peer would refuse for this volume (another appliance is its sou
   const site2 = await initHome(t, 'site2');
   await pair(site2, 'cloud', b, sb);
   const img2 = join(dir, 'site2.img');
-  writeFileSync(img2, randomBytes(16 * 64 * 1024));
+  writeRandom(img2, 16 * 64 * 1024);
   assert.equal((await cli(site2, 'volume', 'add', 'vol', '--path', img2, '--block-size', '64KiB')).code, 0);
   assert.equal((await cli(site2, 'sync', 'vol', '--peer', 'cloud')).code, 0);
   const before = await peerB.stats();
@@ -488,7 +488,7 @@ test('two concurrent syncs of one volume: the second gets ERR_VOLUME_LOCKED, loc
   const c = await initHome(t, 'branch');
   await pair(c, 'cloud', b, sb);
   const img = join(dir, 'other.img');
-  writeFileSync(img, randomBytes(2 * BS));
+  writeRandom(img, 2 * BS);
   assert.equal((await cli(c, 'volume', 'add', 'vol', '--path', img, '--block-size', '64KiB')).code, 0);
   // A slow first sync (256 KiB/s for 4 MiB) holds both locks for ~16 s: long enough for two more
   // CLI processes to start on a loaded machine before it ends.

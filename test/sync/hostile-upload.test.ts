@@ -7,7 +7,7 @@ import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
-import { sameBytes } from '../helpers/files.js';
+import { sameBytes, writeRandom } from '../helpers/files.js';
 import { deflateRawSync } from 'node:zlib';
 import { request as httpsRequest } from 'node:https';
 import { join } from 'node:path';
@@ -301,7 +301,7 @@ test('a server receiving a 384 MiB first sync holds no more than a bounded windo
   const sb = await startServe(t, b);
   await pair(a, 'cloud', b, sb);
   const img = join(tempDir(t, 'tandem-bounded-'), 'disk.img');
-  writeFileSync(img, randomBytes(384 * MiB));
+  writeRandom(img, 384 * MiB);
   assert.equal((await cli(a, 'volume', 'add', 'vol', '--path', img)).code, 0);
   const before = peakRssKiB(sb.child.pid!);
   const push = await cli(a, 'sync', 'vol', '--peer', 'cloud');

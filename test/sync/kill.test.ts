@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { randomBytes, randomInt } from 'node:crypto';
 import { once } from 'node:events';
 import { closeSync, openSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
-import { sameBytes } from '../helpers/files.js';
+import { sameBytes, writeRandom } from '../helpers/files.js';
 import { createServer, request as httpsRequest, type Server } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -213,7 +213,7 @@ test("kill -9 of the client during first syncs of 96 MiB (the scan's new blocks 
   let killed = 0;
   let to = fullMs; // crash points before this; a run that ends sooner brings it earlier
   for (let trial = 0; trial < trials(4); trial++) {
-    writeFileSync(img, randomBytes(blocks * bs)); // every block new again
+    writeRandom(img, blocks * bs); // every block new again
     const before = (await peerB.stats()).blocksReceived;
     const run = startCli(a, 'sync', 'vol', '--peer', 'cloud');
     const t0 = Date.now();
@@ -242,7 +242,7 @@ test('kill -9 during failback (sync --reverse --apply) while it writes the local
   const before = await peerB.latestSnapshot('vol');
   let landed = false;
   for (let trial = 0; trial < 5 && !landed; trial++) {
-    writeFileSync(img, randomBytes(blocks * bs)); // the local volume diverged everywhere
+    writeRandom(img, blocks * bs); // the local volume diverged everywhere
     const run = startCli(a, 'sync', 'vol', '--peer', 'cloud', '--reverse', '--apply');
     await untilWritten(img, replica.subarray(0, bs), run.done); // the apply has begun
     run.child.kill('SIGKILL');

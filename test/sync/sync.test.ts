@@ -10,7 +10,7 @@ import { deflateRawSync } from 'node:zlib';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { openSync, writeSync, closeSync, readdirSync, readFileSync, writeFileSync, rmSync, copyFileSync, truncateSync, statSync } from 'node:fs';
-import { sameBytes } from '../helpers/files.js';
+import { sameBytes, writeRandom } from '../helpers/files.js';
 import { join } from 'node:path';
 import { RemotePeer } from '../../api/client.js';
 import { Store, diffBlock, hashBlock, ZERO_HASH } from '../../store/index.js';
@@ -656,7 +656,7 @@ test('two appliances with volumes of the same name: the second one\'s push is re
   const site2 = await initHome(t, 'site2');
   await pair(site2, 'cloud', p.b, p.sb);
   const img2 = join(p.dir, 'site2.img');
-  writeFileSync(img2, randomBytes(BLOCKS * BS));
+  writeRandom(img2, BLOCKS * BS);
   assert.equal((await cli(site2, 'volume', 'add', 'vol', '--path', img2, '--block-size', '64KiB')).code, 0);
   const before = await cli(p.b, 'snapshots', 'vol');
   const taken = await cli(site2, 'sync', 'vol', '--peer', 'cloud');

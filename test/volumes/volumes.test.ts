@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { writeFileSync, statSync, readFileSync, mkdirSync, truncateSync, existsSync, openSync, writeSync, closeSync, symlinkSync } from 'node:fs';
+import { writeRandom } from '../helpers/files.js';
 import { execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { join } from 'node:path';
@@ -111,7 +112,7 @@ test('writer: beforeChange is awaited before the first change (a new image creat
 test('block device: held open for writing by another program (a VM on the raw device), it is not written: ERR_VOLUME_IN_USE naming the program', { skip: process.getuid?.() !== 0 ? 'needs root for losetup' : false }, async (t) => {
   const dir = tempDir(t);
   const img = join(dir, 'backing.img');
-  writeFileSync(img, randomBytes(1024 * KiB));
+  writeRandom(img, 1024 * KiB);
   const dev = loopDevice(t, img);
   if (dev === null) return;
   const holder = spawn('sh', ['-c', `exec 3<>${dev}; echo ready; exec sleep 30`], { stdio: ['ignore', 'pipe', 'ignore'] });

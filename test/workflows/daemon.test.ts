@@ -9,7 +9,7 @@ import { request } from 'node:https';
 import { once } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { readFileSync, writeFileSync, existsSync, watch, rmSync, readdirSync, openSync, readSync, writeSync, closeSync } from 'node:fs';
-import { sameBytes } from '../helpers/files.js';
+import { sameBytes, writeRandom } from '../helpers/files.js';
 import { createServer } from 'node:http';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
@@ -141,7 +141,7 @@ test('daemon: group snapshotted between hooks, kill -9 mid-job resumes the same 
   const work = tempDir(t, 'tandem-daemon-');
   const a = await initHome(t, 'onprem');
   const img = join(work, 'db-data.img');
-  writeFileSync(img, randomBytes(4 * MiB));
+  writeRandom(img, 4 * MiB);
   assert.equal((await cli(a, 'volume', 'add', 'db-data', '--path', img)).code, 0);
   // The pre hook records the job id and its process group, then blocks until `go` exists.
   const pre = `echo $TANDEM_JOB >> ${work}/pre.log; echo $$ > ${work}/hook.pid; [ -f ${work}/go ] || sleep 30`;
@@ -249,11 +249,11 @@ test('daemon replicates to its peer before the RPO; the peer holds the snapshot;
   const work = tempDir(t, 'tandem-daemon-repl-');
   const { a, b, served } = await pairedHomes(t);
   const img = join(work, 'web.img');
-  writeFileSync(img, randomBytes(3 * MiB));
+  writeRandom(img, 3 * MiB);
   assert.equal((await cli(a, 'volume', 'add', 'web', '--path', img)).code, 0);
   // A volume whose image disappeared: its jobs fail, its RPO is breached, the webhook is called.
   const lost = join(work, 'lost.img');
-  writeFileSync(lost, randomBytes(MiB));
+  writeRandom(lost, MiB);
   assert.equal((await cli(a, 'volume', 'add', 'lost', '--path', lost)).code, 0);
   rmSync(lost);
   const { url: hookUrl, first: alert } = await webhook<{ event: string; volume: string; appliance: string }>(t, 'rpo_breached');
@@ -304,7 +304,7 @@ test("a group's job sends each volume's new blocks during its scan, between the 
   const { a, b, served } = await pairedHomes(t);
   for (const [name, size] of [['db-data', 3], ['db-log', 2]] as const) {
     const img = join(work, `${name}.img`);
-    writeFileSync(img, randomBytes(size * MiB));
+    writeRandom(img, size * MiB);
     assert.equal((await cli(a, 'volume', 'add', name, '--path', img)).code, 0);
   }
   writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
@@ -342,7 +342,7 @@ test('a daemon killed (kill -9) while its job sends early resumes the job, and n
   const work = tempDir(t, 'tandem-daemon-kill-early-');
   const { a, b, served } = await pairedHomes(t);
   const img = join(work, 'web.img');
-  writeFileSync(img, randomBytes(4 * MiB));
+  writeRandom(img, 4 * MiB);
   assert.equal((await cli(a, 'volume', 'add', 'web', '--path', img)).code, 0);
   // 1 MiB/s: the 8 blocks take ~4 s, long enough to stop the daemon partway.
   writeFileSync(join(a.dir, 'config.yaml'), `appliance: { name: onprem }
@@ -382,7 +382,7 @@ test('daemon verifies the store on schedule, at its byte rate: a damaged block c
   const work = tempDir(t, 'tandem-daemon-verify-');
   const a = await initHome(t, 'onprem');
   const img = join(work, 'v.img');
-  writeFileSync(img, randomBytes(8 * MiB));
+  writeRandom(img, 8 * MiB);
   assert.equal((await cli(a, 'volume', 'add', 'v', '--path', img)).code, 0);
   const snap = await cli(a, 'snapshot', 'v');
   assert.equal(snap.code, 0, snap.stderr);
@@ -581,7 +581,7 @@ test('a daemon started with a volume paused runs no job for it; `appliance resum
   const a = await initHome(t, 'onprem');
   const work = tempDir(t, 'tandem-pause-');
   const img = join(work, 'web.img');
-  writeFileSync(img, randomBytes(MiB));
+  writeRandom(img, MiB);
   assert.equal((await cli(a, 'volume', 'add', 'web', '--path', img)).code, 0);
   writeFileSync(join(a.dir, 'config.yaml'), 'appliance: { name: onprem }\npolicies:\n  silver: { rpo: 2h }\nassign:\n  - match: "*"\n    policy: silver\n');
   const paused = await cli(a, 'pause', 'web', '--reason', 'disk swap');
@@ -610,7 +610,7 @@ test('kill -HUP re-reads config.yaml at once (a volume given a policy gets its j
   const a = await initHome(t, 'onprem');
   const work = tempDir(t, 'tandem-hup-');
   const img = join(work, 'web.img');
-  writeFileSync(img, randomBytes(MiB));
+  writeRandom(img, MiB);
   assert.equal((await cli(a, 'volume', 'add', 'web', '--path', img)).code, 0);
   const d = await startDaemon(t, a);
   await sleep(1000); // its first round: no policy, no job

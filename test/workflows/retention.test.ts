@@ -1,5 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { writeRandom } from '../helpers/files.js';
 import fc from 'fast-check';
 import { selectRetained } from '../../appliance/policy/index.js';
 
@@ -70,10 +71,9 @@ test('property: the newest and the pinned are always kept; more retention never 
 });
 
 test('applyRetention on a real store deletes what the policy drops and never the sync base or the last EBS export', async (t) => {
-  const { mkdtempSync, rmSync, writeFileSync } = await import('node:fs');
+  const { mkdtempSync, rmSync } = await import('node:fs');
   const { tmpdir } = await import('node:os');
   const { join } = await import('node:path');
-  const { randomBytes } = await import('node:crypto');
   const { Home } = await import('../../appliance/home.js');
   const { addVolume, snapshotVolume } = await import('../../appliance/ops.js');
   const { applyRetention, pinnedSnapshots, snapshotPins } = await import('../../appliance/policy/index.js');
@@ -87,7 +87,7 @@ test('applyRetention on a real store deletes what the policy drops and never the
   const img = join(dir, 'v.img');
   const ids: string[] = [];
   for (let i = 0; i < 5; i++) {
-    writeFileSync(img, randomBytes(256 * 1024));
+    writeRandom(img, 256 * 1024);
     if (i === 0) await addVolume(store, { name: 'v', path: img });
     ids.push((await snapshotVolume(home, store, 'v')).id);
   }

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync, writeFileSync, existsSync, openSync, writeSync, closeSync } from 'node:fs';
-import { sameBytes } from '../helpers/files.js';
+import { sameBytes, writeRandom } from '../helpers/files.js';
 import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -41,7 +41,7 @@ async function setup(t: { after(fn: () => unknown): void }, configTail: string) 
 
 function image(dir: string, name: string, size: number): string {
   const p = join(dir, name);
-  writeFileSync(p, randomBytes(size));
+  writeRandom(p, size);
   return p;
 }
 

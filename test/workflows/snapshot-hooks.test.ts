@@ -4,8 +4,8 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync, appendFileSync } from 'node:fs';
+import { writeRandom } from '../helpers/files.js';
 import { join } from 'node:path';
 import { rootCertificates } from 'node:tls';
 import { cliJson, collect, spawnCli, tempDir } from '../helpers/cli.js';
@@ -14,7 +14,7 @@ import { cliJson, collect, spawnCli, tempDir } from '../helpers/cli.js';
 async function homeWithHooks(dir: string, hooks: string): Promise<string> {
   const home = join(dir, 'home');
   const img = join(dir, 'db.img');
-  writeFileSync(img, randomBytes(3 * 65536));
+  writeRandom(img, 3 * 65536);
   assert.equal((await cliJson(['--home', home, 'init', '--name', 'h'])).code, 0);
   assert.equal((await cliJson(['--home', home, 'volume', 'add', 'db', '--path', img, '--block-size', '64KiB'])).code, 0);
   appendFileSync(join(home, 'config.yaml'), `groups:\n  erp:\n    volumes: [db]\n    hooks:\n${hooks}`);
@@ -92,7 +92,7 @@ test('a signal while the snapshot reads the volume: the scan stops before it com
   const img = join(dir, 'big.img');
   // Large enough that the scan is under way when the signal comes; the post hook is slow, so the
   // scan would finish and commit while it runs, if nothing stopped it.
-  writeFileSync(img, randomBytes(256 * 1024 * 1024));
+  writeRandom(img, 256 * 1024 * 1024);
   assert.equal((await cliJson(['--home', home, 'init', '--name', 'h'])).code, 0);
   assert.equal((await cliJson(['--home', home, 'volume', 'add', 'big', '--path', img])).code, 0);
   // The pre hook leaves a watcher behind: once the CLI has the image open (the scan began), it

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
 import { once } from 'node:events';
 import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { writeRandom } from '../helpers/files.js';
 import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -65,7 +66,7 @@ assign:
   });
   for (const name of ['db', 'db2', 'misc']) {
     const p = join(dir, `${name}.img`);
-    writeFileSync(p, randomBytes(MiB));
+    writeRandom(p, MiB);
     await addVolume(store, { name, path: p });
   }
   const snap = await snapshotVolume(home, store, 'db');
@@ -248,7 +249,7 @@ test('a policy config.yaml does not define: `volume add --policy` refuses it, an
   assert.equal((await cliText(['init', '--home', home])).code, 0);
   writeFileSync(join(home, 'config.yaml'), 'appliance:\n  name: onprem\npolicies:\n  gold:\n    rpo: 15m\n');
   const img = join(dir, 'v.img');
-  writeFileSync(img, randomBytes(1024 * 1024));
+  writeRandom(img, 1024 * 1024);
   const typo = await cliText(['volume', 'add', 'v', '--path', img, '--policy', 'glod', '--home', home, '--json']);
   assert.equal(typo.code, 1, typo.stdout);
   const err = JSON.parse(typo.stdout).error;

@@ -1,14 +1,15 @@
 /**
- * The tests' byte comparison of files (test/helpers/files.ts), which the restore, failback and
- * repair tests rely on to tell a byte-exact image from one that is not: it must find every
- * difference, wherever it lies in its 8 MiB pieces, and any extra or missing byte.
+ * The tests' file helpers (test/helpers/files.ts). The byte comparison, which the restore,
+ * failback and repair tests rely on to tell a byte-exact image from one that is not, must find
+ * every difference, wherever it lies in its 8 MiB pieces, and any extra or missing byte; the
+ * random images must be new bytes of the size asked.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { sameBytes } from '../helpers/files.js';
+import { sameBytes, writeRandom } from '../helpers/files.js';
 import { tempDir } from '../helpers/cli.js';
 
 const PIECE = 8 * 1024 * 1024;
@@ -32,6 +33,23 @@ test('sameBytes finds a differing byte anywhere, a longer or shorter file, again
       const otherPath = join(dir, `other-${size}-${at}`);
       writeFileSync(otherPath, other);
       assert.ok(!sameBytes(path, otherPath), `${size}: byte ${at} differs from the other file`);
+    }
+  }
+});
+
+test('writeRandom writes exactly the size asked, new bytes each time, over a longer file too', (t) => {
+  const dir = tempDir(t, 'tandem-random-');
+  const path = join(dir, 'img');
+  writeFileSync(path, Buffer.alloc(3 * PIECE, 7));
+  for (const size of [0, 5, PIECE, 2 * PIECE + 3]) {
+    const before = readFileSync(path);
+    writeRandom(path, size);
+    const data = readFileSync(path);
+    assert.equal(data.length, size);
+    if (size >= PIECE) {
+      assert.ok(!data.subarray(0, PIECE).equals(data.subarray(PIECE, 2 * PIECE)), 'each piece is new');
+      assert.ok(!data.equals(before.subarray(0, size)), 'and differs from the last write');
+      assert.ok(!data.subarray(0, 4096).equals(Buffer.alloc(4096, 7)), 'no old bytes remain');
     }
   }
 });
