@@ -2,7 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { writeFileSync, readFileSync, openSync, writeSync, closeSync, statSync, existsSync, truncateSync, readSync, readdirSync, lstatSync, symlinkSync, linkSync, mkdirSync, chmodSync } from 'node:fs';
-import { sameBytes, writeRandom } from '../helpers/files.js';
+import { readFull, sameBytes, writeRandom } from '../helpers/files.js';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { execFileSync, spawn } from 'node:child_process';
@@ -304,8 +304,8 @@ test('a 64 GiB sparse volume with a few non-zero blocks snapshots fast, stores o
       const start = Math.floor(p / BS) * BS;
       const x = Buffer.alloc(Math.min(BS, size - start));
       const y = Buffer.alloc(x.length);
-      readSyncAll(a, x, start);
-      readSyncAll(b, y, start);
+      readFull(a, x, start);
+      readFull(b, y, start);
       assert.ok(x.equals(y), `block at ${start}`);
     }
   } finally {
@@ -328,23 +328,14 @@ test('a 64 GiB sparse volume with a few non-zero blocks snapshots fast, stores o
   const fa = openSync(out, 'r');
   const fb = openSync(img, 'r');
   try {
-    readSyncAll(fa, x, 50_000 * BS);
-    readSyncAll(fb, y, 50_000 * BS);
+    readFull(fa, x, 50_000 * BS);
+    readFull(fb, y, 50_000 * BS);
   } finally {
     closeSync(fa);
     closeSync(fb);
   }
   assert.ok(x.equals(y), 'the changed block was written');
 });
-
-function readSyncAll(fd: number, buf: Buffer, pos: number): void {
-  let done = 0;
-  while (done < buf.length) {
-    const n = readSync(fd, buf, done, buf.length - done, pos + done);
-    if (n === 0) break;
-    done += n;
-  }
-}
 
 /** Bytes allocated under a directory (like du). */
 function duBytes(dir: string): number {

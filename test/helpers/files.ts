@@ -10,7 +10,7 @@ const PIECE = 8 * 1024 * 1024;
 let buffers: [Buffer, Buffer] | null = null;
 
 /** Read from `position` until `buf` is full or the file ends; the bytes read. */
-function readFull(fd: number, buf: Buffer, position: number): number {
+export function readFull(fd: number, buf: Buffer, position: number): number {
   let done = 0;
   while (done < buf.length) {
     const n = readSync(fd, buf, done, buf.length - done, position + done);
