@@ -7,7 +7,8 @@
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { appendFileSync, closeSync, fstatSync, openSync, readFileSync, readSync, writeFileSync } from 'node:fs';
+import { appendFileSync, closeSync, fstatSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { readFull } from '../helpers/files.js';
 import { join } from 'node:path';
 import { DescribeSnapshotsCommand, EC2Client, RegisterImageCommand } from '@aws-sdk/client-ec2';
 import { cliJson } from '../helpers/cli.js';
@@ -106,14 +107,14 @@ test('retention deletes in EBS the exports the policy does not keep; the newest,
   const fd = openSync(restored, 'r');
   t.after(() => closeSync(fd));
   const head = Buffer.alloc(images[4]!.length);
-  assert.equal(readSync(fd, head, 0, head.length, 0), head.length);
+  assert.equal(readFull(fd, head, 0), head.length);
   assert.ok(head.equals(images[4]!), 'the export kept restores the volume exactly');
   const zeros = Buffer.alloc(8 * 1024 * 1024);
   const piece = Buffer.alloc(zeros.length);
   const size = fstatSync(fd).size;
   assert.ok(size > head.length);
   for (let pos = head.length; pos < size; pos += piece.length) {
-    const n = readSync(fd, piece, 0, Math.min(piece.length, size - pos), pos);
-    assert.ok(n > 0 && piece.subarray(0, n).equals(zeros.subarray(0, n)), `past the volume, EBS holds zeros (at byte ${pos})`);
+    const n = readFull(fd, piece, pos);
+    assert.ok(n === Math.min(piece.length, size - pos) && piece.subarray(0, n).equals(zeros.subarray(0, n)), `past the volume, EBS holds zeros (at byte ${pos})`);
   }
 });
